@@ -1,0 +1,1 @@
+"""moed.attention."""

@@ -1,0 +1,124 @@
+"""GLM-5.1's MoE block pieces: the router, the MoE runner interface, and the plain-torch runner.
+
+The router (sigmoid scores; `e_score_correction_bias` added for the choice only; grouped top-k over
+n_group/topk_group; top-k weights normalised and scaled by routed_scaling_factor) runs in fp32
+as the reference does. Routed-expert compute goes through a `MoERunner`: it receives each
+(layer, expert)'s weights once at load, one at a time, so a runner can place them anywhere
+(pinned host slab, GPU cache) without staging the layer anywhere else; then per step it maps
+`hidden, topk_ids, topk_weights` to the weighted sum of the chosen experts' outputs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+
+from moed.model.config import GlmMoeDsaConfig
+from moed.model.fp8 import dequantize_block_fp8
+
+
+@dataclasses.dataclass
+class ExpertWeights:
+    """One routed expert as stored: each projection in its checkpoint dtype, FP8 ones with block scales."""
+
+    gate_proj: torch.Tensor  # [moe_intermediate_size, hidden_size]
+    up_proj: torch.Tensor  # [moe_intermediate_size, hidden_size]
+    down_proj: torch.Tensor  # [hidden_size, moe_intermediate_size]
+    gate_scale_inv: torch.Tensor | None = None  # fp32 [ceil(I / bn), ceil(H / bk)] when FP8
+    up_scale_inv: torch.Tensor | None = None
+    down_scale_inv: torch.Tensor | None = None
+
+    @property
+    def is_fp8(self) -> bool:
+        return self.gate_proj.dtype == torch.float8_e4m3fn
+
+    @property
+    def nbytes(self) -> int:
+        ts = [self.gate_proj, self.up_proj, self.down_proj, self.gate_scale_inv, self.up_scale_inv,
+              self.down_scale_inv]
+        return sum(t.numel() * t.element_size() for t in ts if t is not None)
+
+    def dequantized(self, block: tuple[int, int] | None, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+        """(gate, up, down) in `dtype`, dequantised exactly as the reference does when FP8."""
+        out = []
+        for w, s in ((self.gate_proj, self.gate_scale_inv), (self.up_proj, self.up_scale_inv),
+                     (self.down_proj, self.down_scale_inv)):
+            if w.dtype == torch.float8_e4m3fn:
+                assert s is not None and block is not None
+                out.append(dequantize_block_fp8(w, s, *block, dtype=dtype))
+            else:
+                out.append(w.to(dtype))
+        return tuple(out)
+
+
+def route(hidden: torch.Tensor, gate_weight: torch.Tensor, correction_bias: torch.Tensor,
+          cfg: GlmMoeDsaConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """hidden: [tokens, hidden_size] -> (topk_weights fp32 [tokens, k], topk_ids int32 [tokens, k])."""
+    logits = F.linear(hidden.float(), gate_weight.float())  # [tokens, E]
+    scores = logits.sigmoid()
+    choice = scores + correction_bias.float()
+    E, G = cfg.n_routed_experts, cfg.n_group
+    if G > 1:
+        group_scores = choice.view(-1, G, E // G).topk(2, dim=-1)[0].sum(dim=-1)  # [tokens, G]
+        group_idx = group_scores.topk(cfg.topk_group, dim=-1, sorted=False)[1]
+        group_mask = torch.zeros_like(group_scores).scatter_(1, group_idx, 1.0)
+        expert_mask = group_mask[:, :, None].expand(-1, G, E // G).reshape(-1, E)
+        choice = choice.masked_fill(expert_mask == 0, float("-inf"))
+    topk_ids = choice.topk(cfg.num_experts_per_tok, dim=-1, sorted=False)[1]
+    topk_weights = scores.gather(1, topk_ids)
+    if cfg.norm_topk_prob:
+        topk_weights = topk_weights / (topk_weights.sum(dim=-1, keepdim=True) + 1e-20)
+    return topk_weights * cfg.routed_scaling_factor, topk_ids.to(torch.int32)
+
+
+class MoERunner(Protocol):
+    def load_expert(self, layer: int, expert: int, weights: ExpertWeights) -> None:
+        """Take one routed expert's weights (called once per (layer, expert) at load)."""
+        ...
+
+    def finish_loading(self) -> None:
+        """Every expert has been handed over; raise if one is missing."""
+        ...
+
+    def run(self, layer: int, hidden: torch.Tensor, topk_ids: torch.Tensor,
+            topk_weights: torch.Tensor) -> torch.Tensor:
+        """hidden: [tokens, hidden_size], topk_ids int32 / topk_weights fp32: [tokens, k] -> [tokens, hidden_size]."""
+        ...
+
+
+class TorchMoERunner:
+    """Per-expert loop in plain torch, as the reference computes it; FP8 experts dequantised at load."""
+
+    def __init__(self, cfg: GlmMoeDsaConfig, dtype: torch.dtype, device: torch.device | str = "cpu") -> None:
+        self.cfg, self.dtype, self.device = cfg, dtype, torch.device(device)
+        q = cfg.quantization
+        self.block = (q.block_n, q.block_k) if q is not None else None
+        self.experts: dict[int, list[tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None]] = {}
+
+    def load_expert(self, layer: int, expert: int, weights: ExpertWeights) -> None:
+        slots = self.experts.setdefault(layer, [None] * self.cfg.n_routed_experts)
+        gate, up, down = weights.dequantized(self.block, self.dtype)
+        slots[expert] = (gate.to(self.device), up.to(self.device), down.to(self.device))
+
+    def finish_loading(self) -> None:
+        for layer, slots in self.experts.items():
+            missing = [e for e, s in enumerate(slots) if s is None]
+            if missing:
+                raise ValueError(f"MoE layer {layer}: experts {missing[:8]} were never loaded")
+
+    def run(self, layer: int, hidden: torch.Tensor, topk_ids: torch.Tensor,
+            topk_weights: torch.Tensor) -> torch.Tensor:
+        out = torch.zeros_like(hidden)
+        slots = self.experts[layer]
+        flat_ids = topk_ids.reshape(-1)
+        for e in torch.unique(flat_ids).tolist():
+            token_idx, k_pos = torch.where(topk_ids == e)
+            gate, up, down = slots[e]
+            x = hidden[token_idx]
+            h = F.silu(F.linear(x, gate)) * F.linear(x, up)
+            y = F.linear(h, down) * topk_weights[token_idx, k_pos, None]
+            out.index_add_(0, token_idx, y.to(out.dtype))
+        return out

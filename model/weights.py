@@ -1,0 +1,260 @@
+"""Reading HF-layout checkpoints: `model.safetensors.index.json` + shards, memory-mapped.
+
+`Checkpoint` validates the index and every shard's header up front (a missing or truncated shard
+fails before any weight is read, naming the file), then serves tensors one at a time from the
+memory map. `load_model` builds the network with each tensor's shape checked against the config,
+dequantises FP8 block-quantised non-expert weights for the torch path, and hands routed experts
+to the MoE runner one (layer, expert) at a time, as stored (FP8 stays FP8), so no layer of experts
+is ever staged anywhere but where the runner puts it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import struct
+import sys
+import time
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from moed.model.config import GlmMoeDsaConfig
+from moed.model.fp8 import dequantize_block_fp8, scale_shape
+from moed.model.glm import GlmMoeDsaForCausalLM
+from moed.model.moe import ExpertWeights, MoERunner
+
+log = logging.getLogger(__name__)
+
+INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+_FP32_PARAMS = ("indexer.weights_proj.weight", "mlp.gate.e_score_correction_bias")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be loaded; the message names the tensor and file."""
+
+
+class Checkpoint:
+    """Name -> shard map of a safetensors checkpoint directory, with headers validated."""
+
+    def __init__(self, directory: str | Path) -> None:
+        self.dir = Path(directory)
+        index_path = self.dir / INDEX_FILE
+        if index_path.exists():
+            try:
+                weight_map = json.loads(index_path.read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError, TypeError) as e:
+                raise CheckpointError(f"{index_path}: not a safetensors index ({e!r})") from None
+        elif (self.dir / SINGLE_FILE).exists():
+            weight_map = {name: SINGLE_FILE for name in _read_header(self.dir / SINGLE_FILE)}
+        else:
+            raise CheckpointError(f"{self.dir}: neither {INDEX_FILE} nor {SINGLE_FILE} found")
+        self.weight_map: dict[str, str] = weight_map
+        self.headers: dict[str, dict] = {}
+        for shard in sorted(set(weight_map.values())):
+            path = self.dir / shard
+            if not path.exists():
+                names = [n for n, s in weight_map.items() if s == shard]
+                raise CheckpointError(f"{path}: shard listed in {INDEX_FILE} (for {names[0]} and "
+                                      f"{len(names) - 1} more) is missing")
+            self.headers[shard] = _read_header(path)
+        for name, shard in weight_map.items():
+            if name not in self.headers[shard]:
+                raise CheckpointError(f"{self.dir / shard}: tensor {name} listed in {INDEX_FILE} is not in "
+                                      "the shard")
+        self._open: dict[str, object] = {}
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.weight_map
+
+    def file_of(self, name: str) -> Path:
+        return self.dir / self.weight_map[name]
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self.headers[self.weight_map[name]][name]["shape"])
+
+    def nbytes(self, name: str) -> int:
+        begin, end = self.headers[self.weight_map[name]][name]["data_offsets"]
+        return end - begin
+
+    def get(self, name: str) -> torch.Tensor:
+        if name not in self.weight_map:
+            raise CheckpointError(f"{self.dir}: tensor {name} is missing from the checkpoint")
+        shard = self.weight_map[name]
+        handle = self._open.get(shard)
+        if handle is None:
+            handle = self._open[shard] = safe_open(str(self.dir / shard), framework="pt")
+        try:
+            return handle.get_tensor(name)  # type: ignore[attr-defined]
+        except Exception as e:  # safetensors raises its own types; name the tensor and file
+            raise CheckpointError(f"{self.dir / shard}: cannot read tensor {name}: {e}") from None
+
+    def close(self) -> None:
+        self._open.clear()
+
+
+def _read_header(path: Path) -> dict[str, dict]:
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        raw = f.read(8)
+        if len(raw) < 8:
+            raise CheckpointError(f"{path}: truncated shard ({size} bytes, no safetensors header)")
+        (n,) = struct.unpack("<Q", raw)
+        if n > size - 8:
+            raise CheckpointError(f"{path}: truncated shard (header says {n} bytes, file has {size})")
+        try:
+            header = json.loads(f.read(n))
+        except json.JSONDecodeError as e:
+            raise CheckpointError(f"{path}: corrupt safetensors header ({e})") from None
+    header.pop("__metadata__", None)
+    end = max((v["data_offsets"][1] for v in header.values()), default=0)
+    if 8 + n + end > size:
+        raise CheckpointError(f"{path}: truncated shard: tensors need {8 + n + end} bytes, file has {size}")
+    return header
+
+
+class LoadProgress:
+    """Bytes and rate: a tqdm bar on a terminal, a log line every few seconds otherwise."""
+
+    def __init__(self, total_bytes: int, what: str) -> None:
+        self.total, self.done, self.what = total_bytes, 0, what
+        self.t0 = self._last = time.monotonic()
+        self.bar = None
+        if sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total_bytes, unit="B", unit_scale=True, desc=what)
+
+    def advance(self, nbytes: int) -> None:
+        self.done += nbytes
+        if self.bar is not None:
+            self.bar.update(nbytes)
+            return
+        now = time.monotonic()
+        if now - self._last >= 5.0 or self.done >= self.total:
+            self._last = now
+            rate = self.done / max(now - self.t0, 1e-9)
+            log.info("%s: %.2f / %.2f GB (%.2f GB/s)", self.what, self.done / 1e9, self.total / 1e9, rate / 1e9)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        dt = time.monotonic() - self.t0
+        log.info("%s: %.2f GB in %.1f s (%.2f GB/s)", self.what, self.done / 1e9, dt, self.done / 1e9 / max(dt, 1e-9))
+
+
+def expert_names(layer: int, expert: int) -> dict[str, str]:
+    p = f"model.layers.{layer}.mlp.experts.{expert}"
+    return {"gate_proj": f"{p}.gate_proj.weight", "up_proj": f"{p}.up_proj.weight", "down_proj": f"{p}.down_proj.weight"}
+
+
+def moe_layers(cfg: GlmMoeDsaConfig, mtp: bool) -> list[int]:
+    main = list(range(cfg.first_k_dense_replace, cfg.num_hidden_layers))
+    return main + (cfg.mtp_layer_ids if mtp else [])
+
+
+def load_model(
+    directory: str | Path,
+    runner: MoERunner,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
+    mtp: bool = True,
+    config: GlmMoeDsaConfig | None = None,
+) -> GlmMoeDsaForCausalLM:
+    """Build the network from a checkpoint directory; routed experts go to `runner`."""
+    cfg = config or GlmMoeDsaConfig.from_file(Path(directory) / "config.json")
+    ckpt = Checkpoint(directory)
+    if not mtp and cfg.num_nextn_predict_layers:
+        # A config without MTP layers: the network is built without them.
+        from dataclasses import replace
+
+        cfg = replace(cfg, num_nextn_predict_layers=0)
+    model = GlmMoeDsaForCausalLM(cfg)
+    for layer in cfg.mtp_layer_ids:
+        mtp_layer = model.model.layers[layer]
+        if f"model.layers.{layer}.embed_tokens.weight" in ckpt:
+            mtp_layer.embed_tokens = torch.nn.Embedding(cfg.vocab_size, cfg.hidden_size, device="meta")
+        if f"model.layers.{layer}.shared_head.head.weight" in ckpt:
+            mtp_layer.shared_head.head = torch.nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False, device="meta")
+
+    params = dict(model.named_parameters())
+    if cfg.tie_word_embeddings:
+        params.pop("lm_head.weight")
+    expert_layers = moe_layers(cfg, mtp)
+    total = sum(ckpt.nbytes(n) for n in params if n in ckpt)
+    total += sum(ckpt.nbytes(t) for layer in expert_layers for e in range(cfg.n_routed_experts)
+                 for t in expert_names(layer, e).values() if t in ckpt)
+    progress = LoadProgress(total, f"loading {Path(directory).name}")
+    try:
+        for name, p in params.items():
+            src = name
+            value = _read_weight(ckpt, src, tuple(p.shape), cfg)
+            keep_fp32 = name.endswith(_FP32_PARAMS)
+            value = value.to(device=device, dtype=torch.float32 if keep_fp32 else dtype)
+            _set_param(model, name, value)
+            progress.advance(ckpt.nbytes(src))
+        if cfg.tie_word_embeddings:
+            model.lm_head.weight = model.model.embed_tokens.weight
+        for layer in expert_layers:
+            for e in range(cfg.n_routed_experts):
+                weights, nbytes = read_expert(ckpt, cfg, layer, e)
+                runner.load_expert(layer, e, weights)
+                progress.advance(nbytes)
+        runner.finish_loading()
+    finally:
+        progress.close()
+        ckpt.close()
+    model.inv_freq = model.inv_freq.to(device)
+    return model.eval()
+
+
+def _read_weight(ckpt: Checkpoint, name: str, expected: tuple[int, ...], cfg: GlmMoeDsaConfig,
+                 dequantize: bool = True) -> torch.Tensor:
+    if name not in ckpt:
+        raise CheckpointError(f"{ckpt.dir}: tensor {name} is missing (expected shape {list(expected)})")
+    shape = ckpt.shape(name)
+    if shape != expected:
+        raise CheckpointError(f"{ckpt.file_of(name)}: tensor {name} has shape {list(shape)}, expected "
+                              f"{list(expected)}")
+    t = ckpt.get(name)
+    if t.dtype != torch.float8_e4m3fn:
+        return t
+    if cfg.quantization is None:
+        raise CheckpointError(f"{ckpt.file_of(name)}: tensor {name} is float8_e4m3fn but config.json has no "
+                              "quantization_config")
+    bn, bk = cfg.quantization.block_n, cfg.quantization.block_k
+    sname = name.removesuffix(".weight") + ".weight_scale_inv"
+    sexp = scale_shape(*expected, bn, bk)
+    if sname not in ckpt:
+        raise CheckpointError(f"{ckpt.dir}: tensor {sname} is missing (FP8 weight {name} needs shape "
+                              f"{list(sexp)})")
+    if ckpt.shape(sname) != sexp:
+        raise CheckpointError(f"{ckpt.file_of(sname)}: tensor {sname} has shape {list(ckpt.shape(sname))}, "
+                              f"expected {list(sexp)}")
+    scale = ckpt.get(sname)
+    return dequantize_block_fp8(t, scale, bn, bk) if dequantize else t
+
+
+def read_expert(ckpt: Checkpoint, cfg: GlmMoeDsaConfig, layer: int, expert: int) -> tuple[ExpertWeights, int]:
+    """One routed expert as stored (FP8 with scales, or bf16), shapes checked; and its bytes."""
+    I, H = cfg.moe_intermediate_size, cfg.hidden_size
+    shapes = {"gate_proj": (I, H), "up_proj": (I, H), "down_proj": (H, I)}
+    parts: dict[str, torch.Tensor | None] = {}
+    nbytes = 0
+    for proj, name in expert_names(layer, expert).items():
+        w = _read_weight(ckpt, name, shapes[proj], cfg, dequantize=False)
+        parts[proj] = w
+        nbytes += ckpt.nbytes(name)
+        sname = name.removesuffix(".weight") + ".weight_scale_inv"
+        if w.dtype == torch.float8_e4m3fn:
+            parts[proj.removesuffix("_proj") + "_scale_inv"] = ckpt.get(sname).float()
+            nbytes += ckpt.nbytes(sname)
+    return ExpertWeights(**parts), nbytes  # type: ignore[arg-type]
+
+
+def _set_param(model: torch.nn.Module, name: str, value: torch.Tensor) -> None:
+    mod_name, _, attr = name.rpartition(".")
+    mod = model.get_submodule(mod_name)
+    setattr(mod, attr, torch.nn.Parameter(value, requires_grad=False))

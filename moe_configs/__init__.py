@@ -1,0 +1,1 @@
+"""moed.moe_configs: tuned fused-MoE configs."""

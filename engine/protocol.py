@@ -1,0 +1,154 @@
+"""Messages between the daemon and an engine worker (ZMQ ipc, msgspec msgpack; never pickle).
+
+This module imports only msgspec, so the daemon can use it without importing torch. Each direction
+has one tagged union; a frame is one encoded message. Token ids, never text, cross this boundary:
+tokenisation, detokenisation and stop strings are the daemon's (it holds the text), so the engine
+learns of a stop string through an `Abort` with reason "stop".
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import msgspec
+
+PROTOCOL_VERSION = 1
+
+FinishReason = Literal["stop", "length", "abort", "error"]
+
+
+class SamplingParams(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
+    temperature: float = 0.0  # 0 = greedy
+    top_k: int = 0  # 0 = off
+    top_p: float = 1.0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    seed: int | None = None  # per-request generator: same seed, same prompt -> same tokens
+    max_tokens: int = 256
+    stop_token_ids: list[int] = []
+    ignore_eos: bool = False
+    logprobs: int | None = None  # None: none; n >= 0: the sampled token's logprob and the top n
+
+
+# daemon -> worker
+
+
+class AddRequest(msgspec.Struct, tag="add", forbid_unknown_fields=True):
+    request_id: str
+    prompt_token_ids: list[int]
+    sampling: SamplingParams
+
+
+class Abort(msgspec.Struct, tag="abort", forbid_unknown_fields=True):
+    request_ids: list[str]
+    reason: FinishReason = "abort"
+
+
+class GetStats(msgspec.Struct, tag="get_stats", forbid_unknown_fields=True):
+    pass
+
+
+class Placement(msgspec.Struct, tag="placement", forbid_unknown_fields=True):
+    op: Literal["get", "pin", "unpin", "reset"]
+    layer: int | None = None
+    expert: int | None = None
+    token: int = 0  # echoed in the reply so the daemon can match it
+
+
+class Shutdown(msgspec.Struct, tag="shutdown", forbid_unknown_fields=True):
+    pass
+
+
+ToWorker = AddRequest | Abort | GetStats | Placement | Shutdown
+
+
+# worker -> daemon
+
+
+class TokenLogprobs(msgspec.Struct, array_like=True):
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]]  # (token id, logprob), best first
+
+
+class RequestOutput(msgspec.Struct, array_like=True, omit_defaults=True):
+    request_id: str
+    new_token_ids: list[int]
+    finish_reason: FinishReason | None = None
+    logprobs: list[TokenLogprobs] | None = None
+    num_prompt_tokens: int = 0
+    num_output_tokens: int = 0
+    error: str | None = None
+
+
+class StepOutputs(msgspec.Struct, tag="outputs"):
+    outputs: list[RequestOutput]
+    step_time_s: float
+
+
+class LayerExpertStats(msgspec.Struct, array_like=True):
+    layer: int
+    hits: int
+    misses: int
+    bytes_copied: int
+    bytes_cpu: int
+    evictions: int
+    stall_s: float
+    cpu_experts: int
+    prefetch_precision: float | None = None
+    prefetch_recall: float | None = None
+
+
+class EngineStats(msgspec.Struct, tag="stats"):
+    running: int
+    waiting: int
+    kv_usage: float  # 0..1
+    num_steps: int
+    prompt_tokens: int  # cumulative
+    generation_tokens: int  # cumulative
+    preemptions: int  # cumulative
+    step_time_s: dict[str, float] = {}  # breakdown of the last window (e.g. "forward", "sample", "schedule")
+    spec_draft_tokens: int = 0  # cumulative
+    spec_accepted_tokens: int = 0  # cumulative
+    experts: list[LayerExpertStats] = []
+    expert_counts: dict[str, list[int]] = {}  # layer -> per-expert activation counts since the last stats
+
+
+class PlacementReply(msgspec.Struct, tag="placement_reply"):
+    token: int
+    ok: bool
+    message: str = ""
+    pinned: dict[str, list[int]] = {}  # layer -> pinned experts
+
+
+class WorkerReady(msgspec.Struct, tag="ready"):
+    protocol_version: int
+    model: str
+    max_model_len: int
+    vocab_size: int
+    eos_token_ids: list[int]
+
+
+class WorkerFatal(msgspec.Struct, tag="fatal"):
+    message: str
+
+
+FromWorker = StepOutputs | EngineStats | PlacementReply | WorkerReady | WorkerFatal
+
+_to_worker_decoder = msgspec.msgpack.Decoder(ToWorker)
+_from_worker_decoder = msgspec.msgpack.Decoder(FromWorker)
+_encoder = msgspec.msgpack.Encoder()
+
+
+def encode(msg: ToWorker | FromWorker) -> bytes:
+    return _encoder.encode(msg)
+
+
+def decode_to_worker(frame: bytes) -> ToWorker:
+    return _to_worker_decoder.decode(frame)
+
+
+def decode_from_worker(frame: bytes) -> FromWorker:
+    return _from_worker_decoder.decode(frame)

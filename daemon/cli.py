@@ -1,2 +1,99 @@
-def main():
-    print("hi")
+"""The `moed` command line.
+
+Subcommands that need torch import it inside their handler, so `moed serve` and `moed client`
+stay light (the daemon process never imports torch).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+
+def _cmd_checkpoint_make(args: argparse.Namespace) -> int:
+    from moed.model.checkpoint import make_checkpoint
+
+    out = make_checkpoint(args.out, preset=args.preset, dtype=args.dtype, seed=args.seed, layers=args.layers,
+                          experts=args.experts, mtp_layers=args.mtp_layers,
+                          shard_bytes=int(args.shard_gib * (1 << 30)) if args.shard_gib else None,
+                          device=args.device)
+    print(out)
+    return 0
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    import torch
+    from tokenizers import Tokenizer
+
+    from moed.engine.generate import generate_ids, load, stream_text
+    from moed.model.checkpoint import builtin_checkpoint
+    from moed.model.tokenizer import render_chat
+
+    if args.model in ("tiny", "small") and not Path(args.model).is_dir():
+        args.model = str(builtin_checkpoint(args.model))
+    dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}
+    m = load(args.model, device=args.device, dtype=dtypes[args.dtype] if args.dtype else None)
+    tok = Tokenizer.from_file(str(Path(args.model) / "tokenizer.json"))
+    prompt = args.prompt
+    if args.chat:
+        tcfg = json.loads((Path(args.model) / "tokenizer_config.json").read_text())
+        prompt = render_chat(tcfg["chat_template"], [{"role": "user", "content": prompt}])
+    ids = tok.encode(prompt, add_special_tokens=False).ids
+    stop = set() if args.ignore_eos else set(m.cfg.eos_token_ids)
+    tokens = generate_ids(m, ids, args.max_tokens, args.temperature, args.seed, stop)
+    for delta in stream_text(lambda x: tok.decode(x, skip_special_tokens=True), tokens):
+        sys.stdout.write(delta)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="moed", description="Expert-offload MoE runtime for GLM-5.1")
+    p.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    ck = sub.add_parser("checkpoint", help="checkpoint tools").add_subparsers(dest="checkpoint_cmd", required=True)
+    mk = ck.add_parser("make", help="write a random-weight GLM-5.1-architecture checkpoint")
+    mk.add_argument("--preset", choices=["tiny", "small", "glm51-slice"], default="tiny")
+    mk.add_argument("--out", required=True, help="output directory")
+    mk.add_argument("--dtype", choices=["bf16", "fp8"], default="bf16")
+    mk.add_argument("--seed", type=int, default=0)
+    mk.add_argument("--layers", type=int, help="num_hidden_layers (main stack)")
+    mk.add_argument("--experts", type=int, help="routed experts per MoE layer")
+    mk.add_argument("--mtp-layers", type=int, help="MTP (NextN) layers")
+    mk.add_argument("--shard-gib", type=float, help="shard size in GiB")
+    mk.add_argument("--device", help="where random weights are drawn (default: cuda if present)")
+    mk.set_defaults(func=_cmd_checkpoint_make)
+
+    g = sub.add_parser("generate", help="generate text from a prompt with an incremental KV cache")
+    g.add_argument("--model", required=True, help="checkpoint directory, or 'tiny' / 'small' (built in)")
+    g.add_argument("--max-tokens", type=int, default=32)
+    g.add_argument("--temperature", type=float, default=0.0)
+    g.add_argument("--seed", type=int)
+    g.add_argument("--chat", action="store_true", help="wrap the prompt in the checkpoint's chat template")
+    g.add_argument("--ignore-eos", action="store_true")
+    g.add_argument("--device", help="cpu or cuda (default: cuda if present)")
+    g.add_argument("--dtype", choices=["fp32", "bf16"], help="default: bf16 on cuda, fp32 on cpu")
+    g.add_argument("prompt")
+    g.set_defaults(func=_cmd_generate)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError) as e:
+        # ConfigError and CheckpointError are ValueErrors whose message names the file and field.
+        print(f"moed: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -180,12 +180,14 @@ def _draw(spec: TensorSpec, seed: int, device: torch.device) -> torch.Tensor:
 
 def make_checkpoint(out_dir: str | Path, preset: str = "tiny", dtype: str = "bf16", seed: int = 0,
                     layers: int | None = None, experts: int | None = None, mtp_layers: int | None = None,
-                    shard_bytes: int | None = None, device: str | None = None) -> Path:
+                    shard_bytes: int | None = None, device: str | None = None,
+                    config_overrides: dict | None = None) -> Path:
     if dtype not in ("bf16", "fp8"):
         raise ValueError(f"--dtype must be bf16 or fp8, got '{dtype}'")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     raw = make_config(preset, layers, experts, mtp_layers, fp8=dtype == "fp8")
+    raw.update(config_overrides or {})
     cfg = GlmMoeDsaConfig.from_dict(raw, source=f"preset {preset}")
     gen_device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     ids = write_tokenizer(out, min(TOKENIZER_VOCAB[preset], cfg.vocab_size), cfg.max_position_embeddings)
@@ -234,3 +236,33 @@ def make_checkpoint(out_dir: str | Path, preset: str = "tiny", dtype: str = "bf1
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
     return out
+
+
+def builtin_checkpoint(name: str) -> Path:
+    """A built-in preset checkpoint ('tiny' or 'small'), generated once into the cache directory.
+
+    The cache is $MOED_CACHE or ~/.cache/moed; the directory is written under a temporary name and
+    renamed, so a concurrent or interrupted generation never leaves a half-written checkpoint.
+    """
+    import os
+    import shutil
+    import tempfile
+
+    if name not in ("tiny", "small"):
+        raise ValueError(f"'{name}' is not a built-in checkpoint (built-in: tiny, small)")
+    root = Path(os.environ.get("MOED_CACHE", Path.home() / ".cache" / "moed"))
+    target = root / f"{name}-bf16-seed0"
+    if (target / "model.safetensors.index.json").exists():
+        return target
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=root))
+    try:
+        make_checkpoint(tmp, name, dtype="bf16", seed=0, device="cpu")
+        try:
+            tmp.rename(target)
+        except OSError:
+            if not (target / "model.safetensors.index.json").exists():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target

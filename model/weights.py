@@ -136,18 +136,26 @@ class LoadProgress:
         if now - self._last >= 5.0 or self.done >= self.total:
             self._last = now
             rate = self.done / max(now - self.t0, 1e-9)
-            log.info("%s: %.2f / %.2f GB (%.2f GB/s)", self.what, self.done / 1e9, self.total / 1e9, rate / 1e9)
+            log.info("%s: %s / %s (%s/s)", self.what, _fmt_bytes(self.done), _fmt_bytes(self.total), _fmt_bytes(rate))
 
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
         dt = time.monotonic() - self.t0
-        log.info("%s: %.2f GB in %.1f s (%.2f GB/s)", self.what, self.done / 1e9, dt, self.done / 1e9 / max(dt, 1e-9))
+        log.info("%s: %s in %.1f s (%s/s)", self.what, _fmt_bytes(self.done), dt, _fmt_bytes(self.done / max(dt, 1e-9)))
+
+
+def _fmt_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1000
+    return f"{n:.1f} TB"
 
 
 def expert_names(layer: int, expert: int) -> dict[str, str]:
     p = f"model.layers.{layer}.mlp.experts.{expert}"
-    return {"gate_proj": f"{p}.gate_proj.weight", "up_proj": f"{p}.up_proj.weight", "down_proj": f"{p}.down_proj.weight"}
+    return {proj: f"{p}.{proj}.weight" for proj in ("gate_proj", "up_proj", "down_proj")}
 
 
 def moe_layers(cfg: GlmMoeDsaConfig, mtp: bool) -> list[int]:

@@ -52,6 +52,12 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_tune_moe(args: argparse.Namespace) -> int:
+    from moed.ops.tune_moe import main as tune_main
+
+    return tune_main(args.tune_args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="moed", description="Expert-offload MoE runtime for GLM-5.1")
     p.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR")
@@ -81,6 +87,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--dtype", choices=["fp32", "bf16"], help="default: bf16 on cuda, fp32 on cpu")
     g.add_argument("prompt")
     g.set_defaults(func=_cmd_generate)
+
+    t = sub.add_parser("tune-moe", help="tune fused-MoE kernel configs on this GPU (see --help of the tuner)",
+                       add_help=False)
+    t.add_argument("tune_args", nargs=argparse.REMAINDER)
+    t.set_defaults(func=_cmd_tune_moe)
     return p
 
 

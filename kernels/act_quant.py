@@ -1,0 +1,107 @@
+"""Per-token-group FP8 e4m3 activation quantisation (Triton) and its plain-torch reference.
+
+Buffers (`x: [M, K]` bf16/fp16/fp32, row-major with unit stride along K, group size G, 128 for GLM-5.1-FP8):
+- `q: float8_e4m3fn [M, K]`, contiguous;
+- `scale: fp32 [M, ceil(K / G)]`, contiguous; `x[m, k] ~= q[m, k] * scale[m, k // G]`.
+`scale = max(amax(|x| over the group), 1e-10) / 448` and `q = clamp(x / scale, -448, 448)` rounded to nearest
+even, the w8a8 block format's activation side (weights use `moed.model.fp8`).
+
+`quantize_groups_fp8` is the in-register form the fused-MoE GEMMs call on a tile when they quantise in the
+kernel. The Triton interpreter's fp32 -> fp8 cast drops the carry when rounding crosses a power of two
+(126.4 -> 64); under the interpreter (`exact_cast=True`) values are first rounded onto the e4m3 grid in fp32
+so the cast is exact. On a GPU the hardware cast rounds correctly and that step is skipped.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+FP8_E4M3_MAX = 448.0
+AMAX_MIN = 1e-10
+
+
+def interpreting() -> bool:
+    """True when Triton kernels run in the CPU interpreter (TRITON_INTERPRET=1)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+@triton.jit
+def round_to_e4m3_grid(v):
+    """Round fp32 values inside [-448, 448] to the nearest e4m3 value (ties to even), staying in fp32."""
+    bits = v.to(tl.int32, bitcast=True)
+    # Normal range: keep 3 of the 23 mantissa bits, round to nearest even on the 20 dropped ones.
+    lsb = (bits >> 20) & 1
+    normal = ((bits + 0x7FFFF + lsb) & -1048576).to(tl.float32, bitcast=True)  # -1048576 == 0xFFF00000
+    # Subnormal range (|v| < 2^-6): multiples of 2^-9; adding 1.5 * 2^14 makes fp32 rounding do it.
+    sub = (v + 24576.0) - 24576.0
+    return tl.where(tl.abs(v) < 0.015625, sub, normal)
+
+
+@triton.jit
+def quantize_groups_fp8(x, EXACT_CAST: tl.constexpr):
+    """x: fp32 [R, G] tile, one group per row -> (q float8e4nv [R, G], scale fp32 [R])."""
+    amax = tl.max(tl.abs(x), axis=1)
+    scale = tl.maximum(amax, 1e-10) / 448.0
+    y = tl.minimum(tl.maximum(x / scale[:, None], -448.0), 448.0)
+    if EXACT_CAST:
+        y = round_to_e4m3_grid(y)
+    return y.to(tl.float8e4nv), scale
+
+
+@triton.jit(do_not_specialize=["M"])
+def _act_quant_kernel(x_ptr, q_ptr, s_ptr, M, K, stride_xm, stride_qm, stride_sm,
+                      GROUP: tl.constexpr, BLOCK_M: tl.constexpr, EXACT_CAST: tl.constexpr):
+    pid_m = tl.program_id(0)
+    pid_g = tl.program_id(1)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = pid_g * GROUP + tl.arange(0, GROUP)
+    mask = (rows[:, None] < M) & (cols[None, :] < K)
+    x = tl.load(x_ptr + rows[:, None].to(tl.int64) * stride_xm + cols[None, :], mask=mask, other=0.0)
+    q, scale = quantize_groups_fp8(x.to(tl.float32), EXACT_CAST)
+    tl.store(q_ptr + rows[:, None].to(tl.int64) * stride_qm + cols[None, :], q, mask=mask)
+    tl.store(s_ptr + rows.to(tl.int64) * stride_sm + pid_g, scale, mask=rows < M)
+
+
+def per_token_group_quant_fp8(x: torch.Tensor, group_size: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
+    """x: [M, K] float -> (q float8_e4m3fn [M, K], scale fp32 [M, ceil(K / group_size)]); no host sync."""
+    if x.dim() != 2:
+        raise ValueError(f"per_token_group_quant_fp8: x must be [M, K], got shape {tuple(x.shape)}")
+    if x.dtype not in (torch.bfloat16, torch.float16, torch.float32):
+        raise ValueError(f"per_token_group_quant_fp8: x dtype {x.dtype} unsupported; use bf16, fp16 or fp32")
+    if group_size < 16 or group_size & (group_size - 1):
+        raise ValueError(f"per_token_group_quant_fp8: group_size {group_size} must be a power of two >= 16")
+    if x.stride(1) != 1:
+        x = x.contiguous()
+    M, K = x.shape
+    groups = triton.cdiv(K, group_size)
+    q = torch.empty((M, K), dtype=torch.float8_e4m3fn, device=x.device)
+    scale = torch.empty((M, groups), dtype=torch.float32, device=x.device)
+    if M == 0 or K == 0:
+        return q, scale
+    block_m = 16
+    grid = (triton.cdiv(M, block_m), groups)
+    _act_quant_kernel[grid](x, q, scale, M, K, x.stride(0), q.stride(0), scale.stride(0),
+                            GROUP=group_size, BLOCK_M=block_m, EXACT_CAST=interpreting(), num_warps=4)
+    return q, scale
+
+
+def per_token_group_quant_fp8_reference(x: torch.Tensor, group_size: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
+    """Plain-torch twin of `per_token_group_quant_fp8` (same formula, same layout)."""
+    M, K = x.shape
+    groups = -(-K // group_size)
+    padded = x.float().new_zeros(M, groups * group_size)
+    padded[:, :K] = x.float()
+    g = padded.view(M, groups, group_size)
+    scale = g.abs().amax(dim=-1).clamp(min=AMAX_MIN) / FP8_E4M3_MAX
+    q = (g / scale[..., None]).clamp(-FP8_E4M3_MAX, FP8_E4M3_MAX).view(M, -1)[:, :K].to(torch.float8_e4m3fn)
+    return q.contiguous(), scale.contiguous()
+
+
+def dequantize_groups_fp8(q: torch.Tensor, scale: torch.Tensor, group_size: int = 128) -> torch.Tensor:
+    """(q [M, K], scale [M, ceil(K / G)]) -> fp32 [M, K]: the value the GEMMs multiply with."""
+    K = q.shape[1]
+    return q.float() * scale.repeat_interleave(group_size, dim=1)[:, :K]

@@ -1,0 +1,415 @@
+"""Expert-cache miss service on the GPU without a host round trip: claim slots, copy experts by SM loads.
+
+Three Triton kernels and their plain-torch references:
+
+- `claim_slots`: one program. Maps a step's routed expert ids to slots, picks victims for the
+  missing experts by the eviction policy, updates the tables and writes the copy list. A slot is
+  never claimed while it is pinned or holds an expert this round computes with. When a step needs
+  more experts than there are unpinned slots, it is served in rounds (`round_idx` 0, 1, ...): each
+  round serves what fits, writes `round_ids` (the expert id for routes served this round, the dummy
+  id E otherwise) and a route mask; later rounds may evict experts earlier rounds already used.
+- `copy_experts`: many programs. Copies the listed experts' bytes from the host slab (pinned,
+  read through UVA) into their slots; the count is read on the device, so neither kernel needs a
+  host sync and both can be captured in a CUDA graph.
+- `upload_no_ce`: copies a small pinned buffer to the device by SM loads, so per-step metadata
+  never queues behind bulk copies on the copy engine.
+
+Buffers (`SlotTables`, one set per MoE layer; E experts, S slots):
+  expert_to_slot [E + 1] int32   slot of each expert, -1 = absent; entry E (the dummy id) is slot 0
+  slot_to_expert [S] int32       expert in each slot, -1 = empty
+  slot_last_use  [S] int64       step that last used the slot (LRU key)
+  slot_pinned    [S] int8        1 = never evicted
+  expert_freq    [E] fp32        decayed activation count (decayed-LFU key): f = f * decay + count
+  expert_count   [E] int64       activations since the placement manager last read them
+  step           [1] int64       steps served (incremented by round 0)
+  counts         [E] int32       this step's routes per expert (scratch written by round 0)
+  served         [E] int8        experts served in an earlier round of this step (scratch)
+  prefetched     [E] int8        experts a prefetch predicted for the coming step
+  copy_expert / copy_slot [S] int32, n_copy [1] int32: the current copy list
+  stats          [8] int64       hits, misses copied, evictions, prefetch copies, prefetch true
+                                 positives, predicted, actual (in predicted steps), steps
+Victim order: empty slots, then slots unused this step by policy key (LRU: last use; LFU: decayed
+frequency), then slots an earlier round of this step used; ties by slot index.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+import triton
+import triton.language as tl
+
+LRU, LFU = 0, 1
+POLICIES = {"lru": LRU, "lfu": LFU}
+STATS = ("hits", "misses", "evictions", "prefetch_copies", "prefetch_tp", "prefetch_predicted",
+         "prefetch_actual", "steps")
+_LOCKED = tl.constexpr((1 << 63) - 1)  # key of a slot that cannot be evicted
+
+
+@dataclasses.dataclass
+class SlotTables:
+    """The device-side state of one layer's slot pool (see the module docstring for each buffer)."""
+
+    expert_to_slot: torch.Tensor
+    slot_to_expert: torch.Tensor
+    slot_last_use: torch.Tensor
+    slot_pinned: torch.Tensor
+    expert_freq: torch.Tensor
+    expert_count: torch.Tensor
+    step: torch.Tensor
+    counts: torch.Tensor
+    served: torch.Tensor
+    prefetched: torch.Tensor
+    copy_expert: torch.Tensor
+    copy_slot: torch.Tensor
+    n_copy: torch.Tensor
+    stats: torch.Tensor
+    sort_scratch: torch.Tensor
+    flag_scratch: torch.Tensor
+
+    @classmethod
+    def allocate(cls, num_experts: int, num_slots: int, device: torch.device | str) -> SlotTables:
+        if num_slots < 1 or num_experts < 1:
+            raise ValueError(f"slot pool needs >= 1 expert and slot, got {num_experts} experts, {num_slots} slots")
+        if num_slots > num_experts:
+            raise ValueError(f"{num_slots} slots for {num_experts} experts: at most one slot per expert")
+        if num_slots >= 1 << 16:
+            raise ValueError(f"{num_slots} slots: the victim key holds slot indices below 65536")
+        E, S, d = num_experts, num_slots, device
+        i32 = dict(dtype=torch.int32, device=d)
+        e2s = torch.full((E + 1,), -1, **i32)
+        e2s[E] = 0
+        return cls(
+            expert_to_slot=e2s, slot_to_expert=torch.full((S,), -1, **i32),
+            slot_last_use=torch.zeros(S, dtype=torch.int64, device=d), slot_pinned=torch.zeros(S, dtype=torch.int8,
+                                                                                               device=d),
+            expert_freq=torch.zeros(E, dtype=torch.float32, device=d),
+            expert_count=torch.zeros(E, dtype=torch.int64, device=d), step=torch.zeros(1, dtype=torch.int64, device=d),
+            counts=torch.zeros(E, **i32), served=torch.zeros(E, dtype=torch.int8, device=d),
+            prefetched=torch.zeros(E, dtype=torch.int8, device=d),
+            copy_expert=torch.zeros(S, **i32), copy_slot=torch.zeros(S, **i32), n_copy=torch.zeros(1, **i32),
+            stats=torch.zeros(len(STATS), dtype=torch.int64, device=d),
+            sort_scratch=torch.zeros(triton.next_power_of_2(S), dtype=torch.int64, device=d),
+            flag_scratch=torch.zeros(E + 1, dtype=torch.int8, device=d),
+        )
+
+    @property
+    def num_experts(self) -> int:
+        return self.expert_freq.numel()
+
+    @property
+    def num_slots(self) -> int:
+        return self.slot_to_expert.numel()
+
+    def clone(self) -> SlotTables:
+        return SlotTables(**{f.name: getattr(self, f.name).clone() for f in dataclasses.fields(self)})
+
+
+# ---------------------------------------------------------------------------------------------- claim
+
+
+@triton.jit
+def _route_counts(ids_ptr, R, offs_e, BLOCK_E: tl.constexpr, BLOCK_R: tl.constexpr):
+    counts = tl.zeros([BLOCK_E], dtype=tl.int32)
+    for r0 in range(0, R, BLOCK_R):
+        offs_r = r0 + tl.arange(0, BLOCK_R)
+        ids = tl.load(ids_ptr + offs_r, mask=offs_r < R, other=-1)
+        counts += tl.sum((ids[None, :] == offs_e[:, None]).to(tl.int32), axis=1)
+    return counts
+
+
+@triton.jit(do_not_specialize=["R", "E", "S", "round_idx"])
+def _claim_kernel(ids_ptr, R, E, S, round_idx, decay,
+                  e2s_ptr, s2e_ptr, last_ptr, pinned_ptr, freq_ptr, ecount_ptr, step_ptr, counts_ptr, served_ptr,
+                  pf_ptr, exclude_ptr, sort_ptr, flag_ptr, copy_e_ptr, copy_s_ptr, n_copy_ptr, stats_ptr,
+                  round_ids_ptr, route_mask_ptr,
+                  PREFETCH: tl.constexpr, POLICY: tl.constexpr, HAS_EXCLUDE: tl.constexpr,
+                  BLOCK_E: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_R: tl.constexpr):
+    offs_e = tl.arange(0, BLOCK_E)
+    emask = offs_e < E
+    offs_s = tl.arange(0, BLOCK_S)
+    smask = offs_s < S
+    first = round_idx == 0
+    step = tl.load(step_ptr)
+    if not PREFETCH:
+        step = step + first.to(tl.int64)
+
+    # Routes per expert: computed once per step (round 0), reused by later rounds.
+    if PREFETCH:
+        counts = _route_counts(ids_ptr, R, offs_e, BLOCK_E, BLOCK_R)
+    else:
+        if first:
+            counts = _route_counts(ids_ptr, R, offs_e, BLOCK_E, BLOCK_R)
+        else:
+            counts = tl.load(counts_ptr + offs_e, mask=emask, other=0)
+    if PREFETCH:
+        served = tl.zeros([BLOCK_E], dtype=tl.int32)
+    else:
+        served = tl.load(served_ptr + offs_e, mask=emask, other=1).to(tl.int32)
+        served = tl.where(first, 0, served)
+    needed = (counts > 0) & (served == 0) & emask
+    if HAS_EXCLUDE:
+        needed = needed & (tl.load(exclude_ptr + offs_e, mask=emask, other=0) == 0)
+    slot = tl.load(e2s_ptr + offs_e, mask=emask, other=-1)
+    hit = needed & (slot >= 0)
+    miss = needed & (slot < 0)
+
+    # Victim keys: (tier, policy score, slot); slots holding an expert of this round are locked.
+    tl.store(flag_ptr + offs_e, hit.to(tl.int8), mask=emask)
+    tl.debug_barrier()
+    s2e = tl.load(s2e_ptr + offs_s, mask=smask, other=-1)
+    holds = s2e >= 0
+    locked = tl.load(flag_ptr + s2e, mask=smask & holds, other=0) != 0
+    pinned = tl.load(pinned_ptr + offs_s, mask=smask, other=1) != 0
+    last = tl.load(last_ptr + offs_s, mask=smask, other=0)
+    evictable = smask & (pinned == 0) & (locked == 0)
+    tier = tl.where(holds, tl.where(last < step, 1, 2), 0).to(tl.int64)
+    if POLICY == 0:
+        score = last
+    else:
+        f = tl.load(freq_ptr + s2e, mask=smask & holds, other=0.0)
+        score = f.to(tl.int32, bitcast=True).to(tl.int64)
+    score = tl.where(holds, score, 0)
+    key = (tier << 56) | (score << 16) | offs_s.to(tl.int64)
+    key = tl.where(evictable, key, _LOCKED)
+    tl.store(sort_ptr + offs_s, tl.sort(key))
+    n_evictable = tl.sum(evictable.to(tl.int32))
+    tl.debug_barrier()
+
+    rank = tl.cumsum(miss.to(tl.int32), axis=0) - 1
+    take = miss & (rank < n_evictable)
+    victim = (tl.load(sort_ptr + rank, mask=take, other=0) & 0xFFFF).to(tl.int32)
+    old = tl.load(s2e_ptr + victim, mask=take, other=-1)
+    tl.store(e2s_ptr + old, -1, mask=take & (old >= 0))
+    tl.store(e2s_ptr + offs_e, victim, mask=take)
+    tl.store(s2e_ptr + victim, offs_e, mask=take)
+    tl.store(last_ptr + victim, step, mask=take)
+    tl.store(copy_e_ptr + rank, offs_e, mask=take)
+    tl.store(copy_s_ptr + rank, victim, mask=take)
+    n_take = tl.sum(take.to(tl.int32))
+    n_evicted = tl.sum((take & (old >= 0)).to(tl.int64))
+    tl.store(n_copy_ptr, n_take)
+    tl.store(stats_ptr + 2, tl.load(stats_ptr + 2) + n_evicted)
+
+    if PREFETCH:
+        tl.store(pf_ptr + offs_e, (counts > 0).to(tl.int8), mask=emask)
+        tl.store(stats_ptr + 3, tl.load(stats_ptr + 3) + n_take)
+    else:
+        tl.store(last_ptr + slot, step, mask=hit)
+        in_round = hit | take
+        tl.store(served_ptr + offs_e, ((served != 0) | in_round).to(tl.int8), mask=emask)
+        tl.store(flag_ptr + offs_e, in_round.to(tl.int8), mask=emask)
+        tl.store(stats_ptr + 1, tl.load(stats_ptr + 1) + n_take)
+        tl.debug_barrier()
+        for r0 in range(0, R, BLOCK_R):
+            offs_r = r0 + tl.arange(0, BLOCK_R)
+            rmask = offs_r < R
+            ids = tl.load(ids_ptr + offs_r, mask=rmask, other=0)
+            flag = tl.load(flag_ptr + ids, mask=rmask, other=0)
+            tl.store(round_ids_ptr + offs_r, tl.where(flag != 0, ids, E), mask=rmask)
+            tl.store(route_mask_ptr + offs_r, flag, mask=rmask)
+        if first:
+            tl.store(step_ptr, step)
+            tl.store(counts_ptr + offs_e, counts, mask=emask)
+            act = counts > 0
+            freq = tl.load(freq_ptr + offs_e, mask=emask, other=0.0)
+            tl.store(freq_ptr + offs_e, freq * decay + counts.to(tl.float32), mask=emask)
+            ec = tl.load(ecount_ptr + offs_e, mask=emask, other=0)
+            tl.store(ecount_ptr + offs_e, ec + counts.to(tl.int64), mask=emask)
+            pf = (tl.load(pf_ptr + offs_e, mask=emask, other=0) != 0) & emask
+            n_pf = tl.sum(pf.to(tl.int64))
+            tl.store(stats_ptr + 0, tl.load(stats_ptr + 0) + tl.sum(hit.to(tl.int64)))
+            tl.store(stats_ptr + 4, tl.load(stats_ptr + 4) + tl.sum((pf & act).to(tl.int64)))
+            tl.store(stats_ptr + 5, tl.load(stats_ptr + 5) + n_pf)
+            tl.store(stats_ptr + 6, tl.load(stats_ptr + 6) + tl.where(n_pf > 0, tl.sum(act.to(tl.int64)), 0))
+            tl.store(stats_ptr + 7, tl.load(stats_ptr + 7) + 1)
+            tl.store(pf_ptr + offs_e, tl.zeros([BLOCK_E], dtype=tl.int8), mask=emask)
+
+
+def claim_slots(t: SlotTables, topk_ids: torch.Tensor, round_idx: int, round_ids: torch.Tensor | None,
+                route_mask: torch.Tensor | None, policy: int = LRU, decay: float = 0.95,
+                exclude: torch.Tensor | None = None, prefetch: bool = False) -> None:
+    """Claim slots for the experts of `topk_ids` ([tokens, k] int32, on the tables' device).
+
+    Writes `t.copy_expert/copy_slot/n_copy` and, unless `prefetch`, `round_ids` ([tokens, k] int32)
+    and `route_mask` ([tokens, k] int8). `exclude` ([E] int8): experts served elsewhere (the CPU).
+    A prefetch claims slots for predicted experts without counting a step.
+    """
+    ids = topk_ids.reshape(-1)
+    if ids.dtype != torch.int32:
+        raise TypeError(f"topk_ids must be int32, got {ids.dtype}")
+    E, S = t.num_experts, t.num_slots
+    dummy = ids if prefetch else round_ids
+    _claim_kernel[(1,)](
+        ids, ids.numel(), E, S, round_idx, decay,
+        t.expert_to_slot, t.slot_to_expert, t.slot_last_use, t.slot_pinned, t.expert_freq, t.expert_count, t.step,
+        t.counts, t.served, t.prefetched, exclude if exclude is not None else t.served, t.sort_scratch,
+        t.flag_scratch, t.copy_expert, t.copy_slot, t.n_copy, t.stats,
+        dummy, route_mask if route_mask is not None else t.flag_scratch,
+        PREFETCH=prefetch, POLICY=policy, HAS_EXCLUDE=exclude is not None,
+        BLOCK_E=triton.next_power_of_2(E + 1), BLOCK_S=triton.next_power_of_2(S),
+        BLOCK_R=max(16, min(64, triton.next_power_of_2(ids.numel()))), num_warps=4,
+    )
+
+
+def claim_slots_reference(t: SlotTables, topk_ids: torch.Tensor, round_idx: int, round_ids: torch.Tensor | None,
+                          route_mask: torch.Tensor | None, policy: int = LRU, decay: float = 0.95,
+                          exclude: torch.Tensor | None = None, prefetch: bool = False) -> None:
+    """Plain-torch `claim_slots`: same semantics, same victim order, same buffers updated."""
+    ids = topk_ids.reshape(-1).long()
+    E, S = t.num_experts, t.num_slots
+    first = round_idx == 0
+    step = int(t.step.item()) + (1 if first and not prefetch else 0)
+    if prefetch or first:
+        counts = torch.bincount(ids, minlength=E).to(torch.int32)
+    else:
+        counts = t.counts.clone()
+    served = torch.zeros(E, dtype=torch.bool) if prefetch or first else t.served.cpu().bool()
+    counts_c = counts.cpu()
+    needed = (counts_c > 0) & ~served
+    if exclude is not None:
+        needed &= exclude.cpu() == 0
+    e2s = t.expert_to_slot.cpu()
+    s2e = t.slot_to_expert.cpu()
+    hit = needed & (e2s[:E] >= 0)
+    miss = needed & (e2s[:E] < 0)
+    locked = torch.tensor([bool(s2e[s] >= 0 and hit[s2e[s]]) for s in range(S)], dtype=torch.bool)
+    pinned = t.slot_pinned.cpu() != 0
+    last = t.slot_last_use.cpu()
+    freq = t.expert_freq.cpu()
+    keys = []
+    for s in range(S):
+        if pinned[s] or locked[s]:
+            continue
+        e = int(s2e[s])
+        if e < 0:
+            keys.append((0, 0, s))
+            continue
+        tier = 1 if last[s] < step else 2
+        score = int(last[s]) if policy == LRU else int(freq[e:e + 1].view(torch.int32))
+        keys.append((tier, score, s))
+    victims = [k[2] for k in sorted(keys)]
+    copies = []
+    for e in miss.nonzero().flatten().tolist():
+        if len(copies) == len(victims):
+            break
+        copies.append((e, victims[len(copies)]))
+    dev = t.step.device
+    evicted = 0
+    for e, s in copies:
+        old = int(t.slot_to_expert[s])
+        if old >= 0:
+            t.expert_to_slot[old] = -1
+            evicted += 1
+        t.expert_to_slot[e] = s
+        t.slot_to_expert[s] = e
+        t.slot_last_use[s] = step
+    for j, (e, s) in enumerate(copies):
+        t.copy_expert[j], t.copy_slot[j] = e, s
+    t.n_copy.fill_(len(copies))
+    t.stats[2] += evicted
+    if prefetch:
+        t.prefetched.copy_((counts > 0).to(torch.int8).to(dev))
+        t.stats[3] += len(copies)
+        return
+    hit_slots = e2s[:E][hit].long()
+    t.slot_last_use[hit_slots.to(dev)] = step
+    in_round = hit.clone()
+    for e, _ in copies:
+        in_round[e] = True
+    t.served.copy_((served | in_round).to(torch.int8).to(dev))
+    t.stats[1] += len(copies)
+    flag = in_round[ids.cpu()]
+    assert round_ids is not None and route_mask is not None
+    round_ids.view(-1).copy_(torch.where(flag, ids.cpu(), E).to(torch.int32).to(dev))
+    route_mask.view(-1).copy_(flag.to(torch.int8).to(dev))
+    if first:
+        t.step.fill_(step)
+        t.counts.copy_(counts.to(dev))
+        act = counts_c > 0
+        t.expert_freq.copy_((freq * decay + counts_c.float()).to(dev))
+        t.expert_count += counts.to(torch.int64).to(dev)
+        pf = t.prefetched.cpu() != 0
+        t.stats[0] += int(hit.sum())
+        t.stats[4] += int((pf & act).sum())
+        t.stats[5] += int(pf.sum())
+        t.stats[6] += int(act.sum()) if pf.any() else 0
+        t.stats[7] += 1
+        t.prefetched.zero_()
+
+
+# ---------------------------------------------------------------------------------------------- copy
+
+
+@triton.jit
+def _copy_section(n, copy_e_ptr, copy_s_ptr, src, dst, nbytes, pid, nprog, CHUNK: tl.constexpr):
+    chunks = tl.cdiv(nbytes, CHUNK)
+    for c in range(pid, n * chunks, nprog):
+        j = c // chunks
+        off = (c % chunks) * CHUNK + tl.arange(0, CHUNK)
+        e = tl.load(copy_e_ptr + j).to(tl.int64)
+        s = tl.load(copy_s_ptr + j).to(tl.int64)
+        m = off < nbytes
+        v = tl.load(src + e * nbytes + off, mask=m)
+        tl.store(dst + s * nbytes + off, v, mask=m)
+
+
+@triton.jit
+def _copy_kernel(n_copy_ptr, copy_e_ptr, copy_s_ptr, src0, dst0, bytes0, src1, dst1, bytes1, src2, dst2, bytes2,
+                 src3, dst3, bytes3, NSEC: tl.constexpr, CHUNK: tl.constexpr):
+    pid = tl.program_id(0)
+    nprog = tl.num_programs(0)
+    n = tl.load(n_copy_ptr)
+    _copy_section(n, copy_e_ptr, copy_s_ptr, src0, dst0, bytes0, pid, nprog, CHUNK)
+    _copy_section(n, copy_e_ptr, copy_s_ptr, src1, dst1, bytes1, pid, nprog, CHUNK)
+    if NSEC > 2:
+        _copy_section(n, copy_e_ptr, copy_s_ptr, src2, dst2, bytes2, pid, nprog, CHUNK)
+        _copy_section(n, copy_e_ptr, copy_s_ptr, src3, dst3, bytes3, pid, nprog, CHUNK)
+
+
+def copy_experts(t: SlotTables, src: list[torch.Tensor], dst: list[torch.Tensor], num_programs: int = 32,
+                 chunk: int = 8192) -> None:
+    """Copy the experts of `t`'s copy list: section i of expert e (`src[i]`: [E, bytes_i] uint8, pinned
+    host memory read through UVA) into slot s (`dst[i]`: [S, bytes_i] uint8 on the device)."""
+    if len(src) != len(dst) or len(src) not in (2, 4):
+        raise ValueError(f"copy_experts takes 2 or 4 sections (bf16 or FP8), got {len(src)} src, {len(dst)} dst")
+    args = []
+    for s, d in zip(src, dst):
+        if s.dtype != torch.uint8 or d.dtype != torch.uint8 or s.shape[1] != d.shape[1]:
+            raise ValueError(f"section views must be uint8 with equal row bytes, got {s.dtype}{list(s.shape)} -> "
+                             f"{d.dtype}{list(d.shape)}")
+        args += [s, d, s.shape[1]]
+    while len(args) < 12:
+        args += [src[0], dst[0], 0]
+    if dst[0].device.type == "cpu":
+        num_programs = min(num_programs, 2)  # the interpreter pays per program, not per byte
+    _copy_kernel[(num_programs,)](t.n_copy, t.copy_expert, t.copy_slot, *args, NSEC=len(src), CHUNK=chunk,
+                                  num_warps=8)
+
+
+def copy_experts_reference(t: SlotTables, src: list[torch.Tensor], dst: list[torch.Tensor]) -> None:
+    n = int(t.n_copy.item())
+    for j in range(n):
+        e, s = int(t.copy_expert[j]), int(t.copy_slot[j])
+        for a, b in zip(src, dst):
+            b[s].copy_(a[e])
+
+
+# ---------------------------------------------------------------------------------------------- small upload
+
+
+@triton.jit
+def _upload_kernel(src, dst, n, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    m = offs < n
+    tl.store(dst + offs, tl.load(src + offs, mask=m), mask=m)
+
+
+def upload_no_ce(src: torch.Tensor, dst: torch.Tensor) -> None:
+    """dst[:] = src for a small pinned host tensor, by SM loads through UVA (never the copy engine)."""
+    if src.numel() != dst.numel() or src.dtype != dst.dtype:
+        raise ValueError(f"upload_no_ce: {src.dtype}{list(src.shape)} -> {dst.dtype}{list(dst.shape)} mismatch")
+    n = src.numel()
+    BLOCK = 1024
+    _upload_kernel[(triton.cdiv(n, BLOCK),)](src, dst, n, BLOCK=BLOCK)

@@ -1,0 +1,299 @@
+"""The GPU expert cache: per-layer slot pools sized from a memory budget, their slot tables, pins, copies.
+
+Each cached layer owns `S` slots holding experts in the host store's layout (see host_store.py):
+  w13 [S, 2N, K], w2 [S, K, N] (fp8 e4m3 or bf16); w13_scale [S, 2N/bn, ceil(K/bk)],
+  w2_scale [S, ceil(K/bn), N/bk] fp32 (FP8 only); all zero-initialised, so every slot always holds
+  finite weights (slot 0 serves the dummy id E of routes a round does not compute).
+The slot tables (`kernels.expert_copy.SlotTables`) live on the device and are read directly by the
+fused-MoE kernel (`expert_to_slot`) and by the claim kernel. When a layer's experts all fit (S == E)
+they are all loaded at start, the table is the identity and never changes: no claim, no copy.
+
+Misses are copied by one of two paths: "sm" (the claim + UVA copy kernels, no host sync, CUDA-graph
+capturable) or "ce" (the copy engine: the host reads the copy list, which syncs, and queues
+cudaMemcpyAsync on a side stream; the main stream waits on an event). Bulk loads (start-up, pins,
+copy-engine prefetch) always take the copy engine on the side stream.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+
+import torch
+
+from moed.kernels.expert_copy import (
+    POLICIES,
+    SlotTables,
+    claim_slots,
+    claim_slots_reference,
+    copy_experts,
+    copy_experts_reference,
+)
+from moed.offload.host_store import ExpertLayout, HostExpertStore
+
+log = logging.getLogger(__name__)
+
+COPY_PATHS = ("sm", "ce")
+
+
+class CacheConfigError(ValueError):
+    """A cache setting that cannot work; the message names the value and what is accepted."""
+
+
+@dataclasses.dataclass(frozen=True)
+class CacheConfig:
+    policy: str = "lru"  # "lru" | "lfu" (decayed-LFU)
+    lfu_decay: float = 0.95  # per-step decay of the LFU frequency
+    copy_path: str = "sm"  # per-step misses: "sm" (UVA kernel) | "ce" (copy engine, host sync)
+    copy_programs: int = 32  # CTAs of the UVA copy kernel (51 GB/s measured with 32 on the H100)
+    use_kernels: bool | None = None  # Triton kernels (default) or their torch references (None: kernels)
+
+    def __post_init__(self) -> None:
+        if self.policy not in POLICIES:
+            raise CacheConfigError(f"eviction policy '{self.policy}' unknown (choose from {', '.join(POLICIES)})")
+        if self.copy_path not in COPY_PATHS:
+            raise CacheConfigError(f"copy path '{self.copy_path}' unknown (choose from {', '.join(COPY_PATHS)})")
+        if not 0.0 < self.lfu_decay <= 1.0:
+            raise CacheConfigError(f"lfu_decay {self.lfu_decay} must be in (0, 1]")
+
+
+def slots_for_budget(budget_bytes: int, layout: ExpertLayout, num_layers: int) -> int:
+    """Slots per layer that `budget_bytes` buys for `num_layers` layers (at least 1, at most E)."""
+    per_layer = budget_bytes // max(num_layers, 1)
+    slots = min(layout.num_experts, per_layer // layout.expert_bytes)
+    if slots < 1:
+        raise CacheConfigError(f"expert cache budget {budget_bytes / 2**30:.2f} GiB buys no slot for {num_layers} "
+                               f"layers: one expert needs {layout.expert_bytes / 2**20:.1f} MiB per layer; raise "
+                               "expert_cache_gib")
+    return slots
+
+
+def cache_budget_bytes(expert_cache_gib: float | None, device: torch.device, margin_gib: float = 2.0) -> int:
+    """The configured budget, or what is free on `device` now (after weights and KV cache) less a margin."""
+    if expert_cache_gib is not None:
+        if expert_cache_gib <= 0:
+            raise CacheConfigError(f"expert_cache_gib {expert_cache_gib} must be > 0")
+        return int(expert_cache_gib * 2**30)
+    free, _ = torch.cuda.mem_get_info(device)
+    budget = free - int(margin_gib * 2**30)
+    if budget <= 0:
+        raise CacheConfigError(f"only {free / 2**30:.2f} GiB free on {device}, below the {margin_gib} GiB margin: "
+                               "set expert_cache_gib or lower the KV cache size")
+    return budget
+
+
+class LayerCache:
+    """One MoE layer's slot pool on the device, its tables, and its copy paths."""
+
+    def __init__(self, layer: int, store: HostExpertStore, num_slots: int, device: torch.device,
+                 cfg: CacheConfig, copy_stream: torch.cuda.Stream | None) -> None:
+        L = store.layout
+        self.layer, self.layout, self.cfg, self.device = layer, L, cfg, device
+        self.num_slots = num_slots
+        self.tables = SlotTables.allocate(L.num_experts, num_slots, device)
+        self.weights = {n: torch.zeros(num_slots, *shape, dtype=L.section_dtype(n), device=device)
+                        for n, shape in L.shapes.items()}
+        self.src = list(store.section_bytes_of(layer).values())
+        self.dst = [w.view(num_slots, -1).view(torch.uint8) for w in self.weights.values()]
+        self.copy_stream = copy_stream
+        self.pinned: set[int] = set()
+        self.static = num_slots == L.num_experts  # everything resident: the table never changes
+        self.bytes_ce = 0
+        use = cfg.use_kernels if cfg.use_kernels is not None else True
+        self._claim = claim_slots if use else claim_slots_reference
+        self._copy = copy_experts if use else copy_experts_reference
+        self._policy = POLICIES[cfg.policy]
+        self.prefetch_event: torch.cuda.Event | None = None
+
+    @property
+    def w13(self) -> torch.Tensor:
+        return self.weights["w13"]
+
+    @property
+    def w2(self) -> torch.Tensor:
+        return self.weights["w2"]
+
+    @property
+    def w13_scale(self) -> torch.Tensor | None:
+        return self.weights.get("w13_scale")
+
+    @property
+    def w2_scale(self) -> torch.Tensor | None:
+        return self.weights.get("w2_scale")
+
+    @property
+    def unpinned_slots(self) -> int:
+        return self.num_slots - len(self.pinned)
+
+    def rounds_for(self, distinct: int) -> int:
+        """Rounds a step needing up to `distinct` experts takes: ceil(distinct / unpinned slots)."""
+        if self.static:
+            return 1
+        U = self.unpinned_slots
+        return max(1, math.ceil(distinct / U))
+
+    # ------------------------------------------------------------------ host-decided bulk loads (copy engine)
+
+    def _ce_copy(self, pairs: list[tuple[int, int]]) -> None:
+        """Copy (expert, slot) pairs by the copy engine on the side stream; the caller's stream waits."""
+        if not pairs:
+            return
+        main = torch.cuda.current_stream(self.device) if self.device.type == "cuda" else None
+        stream = self.copy_stream if self.copy_stream is not None else main
+        if stream is not None and stream is not main:
+            stream.wait_stream(main)  # slots being overwritten may still be read by queued work
+        ctx = torch.cuda.stream(stream) if stream is not None else _nullcontext()
+        with ctx:
+            for e, s in pairs:
+                for a, b in zip(self.src, self.dst):
+                    b[s].copy_(a[e], non_blocking=True)
+        if stream is not None and stream is not main:
+            main.wait_stream(stream)
+        self.bytes_ce += len(pairs) * self.layout.expert_bytes
+
+    def load_initial(self, experts: list[int]) -> None:
+        """Fill slots 0.. with `experts` (start-up or a warm restart); tables set to match."""
+        if len(experts) > self.num_slots:
+            raise CacheConfigError(f"layer {self.layer}: {len(experts)} initial experts for {self.num_slots} slots")
+        pairs = list(zip(experts, range(len(experts))))
+        self._ce_copy(pairs)
+        t = self.tables
+        for e, s in pairs:
+            t.expert_to_slot[e] = s
+            t.slot_to_expert[s] = e
+
+    def set_pins(self, experts: set[int]) -> None:
+        """Make exactly `experts` pinned (resident, never evicted); call between steps (it syncs)."""
+        E = self.layout.num_experts
+        bad = [e for e in experts if not 0 <= e < E]
+        if bad:
+            raise CacheConfigError(f"layer {self.layer}: cannot pin experts {bad[:8]}: ids are in [0, {E})")
+        if len(experts) >= self.num_slots and not (self.static and len(experts) == self.num_slots):
+            raise CacheConfigError(f"layer {self.layer}: {len(experts)} pins for {self.num_slots} slots; at least "
+                                   "one slot must stay unpinned to serve misses (lower the pin budget)")
+        t = self.tables
+        e2s = t.expert_to_slot[:E].cpu()
+        s2e = t.slot_to_expert.cpu()
+        last = t.slot_last_use.cpu()
+        pinned_slots = {int(e2s[e]) for e in experts if e2s[e] >= 0}
+        free = sorted((s for s in range(self.num_slots) if s not in pinned_slots),
+                      key=lambda s: (s2e[s] >= 0, int(last[s]), s))
+        pairs = []
+        for e in sorted(experts):
+            if e2s[e] < 0:
+                s = free.pop(0)
+                old = int(s2e[s])
+                if old >= 0:
+                    t.expert_to_slot[old] = -1
+                t.expert_to_slot[e] = s
+                t.slot_to_expert[s] = e
+                pairs.append((e, s))
+                pinned_slots.add(s)
+        self._ce_copy(pairs)
+        flags = torch.zeros(self.num_slots, dtype=torch.int8)
+        flags[list(pinned_slots)] = 1
+        t.slot_pinned.copy_(flags)
+        self.pinned = set(experts)
+
+    # ------------------------------------------------------------------ per-step miss service
+
+    def serve_round(self, topk_ids: torch.Tensor, round_idx: int, round_ids: torch.Tensor, route_mask: torch.Tensor,
+                    exclude: torch.Tensor | None = None) -> None:
+        """Claim slots for this round's experts and copy the missing ones in (see kernels/expert_copy.py)."""
+        self._claim(self.tables, topk_ids, round_idx, round_ids, route_mask, policy=self._policy,
+                    decay=self.cfg.lfu_decay, exclude=exclude)
+        if self.cfg.copy_path == "sm":
+            if self._copy is copy_experts:
+                copy_experts(self.tables, self.src, self.dst, num_programs=self.cfg.copy_programs)
+            else:
+                copy_experts_reference(self.tables, self.src, self.dst)
+        else:
+            n = int(self.tables.n_copy.item())  # the copy engine needs the list on the host: a sync
+            e = self.tables.copy_expert[:n].tolist()
+            s = self.tables.copy_slot[:n].tolist()
+            self._ce_copy(list(zip(e, s)))
+
+    def prefetch(self, predicted_ids: torch.Tensor, path: str) -> None:
+        """Claim slots for predicted experts and start their copies on the side stream."""
+        if self.static:
+            return
+        main = torch.cuda.current_stream(self.device) if self.device.type == "cuda" else None
+        stream = self.copy_stream if self.copy_stream is not None else main
+        if stream is not None and stream is not main:
+            stream.wait_stream(main)
+        ids = predicted_ids.to(torch.int32).contiguous()
+        if stream is not None and stream is not main:
+            ids.record_stream(stream)  # allocated on the main stream, read on the side stream
+        ctx = torch.cuda.stream(stream) if stream is not None else _nullcontext()
+        with ctx:
+            self._claim(self.tables, ids, 0, None, None, policy=self._policy, decay=self.cfg.lfu_decay,
+                        prefetch=True)
+            if path == "sm":
+                if self._copy is copy_experts:
+                    copy_experts(self.tables, self.src, self.dst, num_programs=self.cfg.copy_programs)
+                else:
+                    copy_experts_reference(self.tables, self.src, self.dst)
+            else:
+                n = int(self.tables.n_copy.item())
+                pairs = list(zip(self.tables.copy_expert[:n].tolist(), self.tables.copy_slot[:n].tolist()))
+                for e, s in pairs:
+                    for a, b in zip(self.src, self.dst):
+                        b[s].copy_(a[e], non_blocking=True)
+                self.bytes_ce += len(pairs) * self.layout.expert_bytes
+        if stream is not None and stream is not main:
+            ev = torch.cuda.Event()
+            ev.record(stream)
+            self.prefetch_event = ev
+
+    def wait_prefetch(self) -> None:
+        if self.prefetch_event is not None:
+            torch.cuda.current_stream(self.device).wait_event(self.prefetch_event)
+            self.prefetch_event = None
+
+    def resident(self) -> dict[int, int]:
+        """expert -> slot of every resident expert (reads the device table: a sync)."""
+        e2s = self.tables.expert_to_slot[: self.layout.num_experts].cpu()
+        return {e: int(s) for e, s in enumerate(e2s.tolist()) if s >= 0}
+
+
+class _nullcontext:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+class ExpertCache:
+    """Slot pools for a set of MoE layers, sized from one budget; its own state, never shared."""
+
+    def __init__(self, store: HostExpertStore, device: torch.device | str, cfg: CacheConfig,
+                 slots: int | dict[int, int] | None = None, budget_bytes: int | None = None,
+                 initial: dict[int, list[int]] | None = None) -> None:
+        self.store, self.cfg = store, cfg
+        self.device = torch.device(device)
+        L = store.layout
+        if slots is None:
+            if budget_bytes is None:
+                raise CacheConfigError("ExpertCache needs slots= or budget_bytes=")
+            slots = slots_for_budget(budget_bytes, L, len(store.layers))
+        per_layer = slots if isinstance(slots, dict) else dict.fromkeys(store.layers, slots)
+        self.copy_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        self.layers: dict[int, LayerCache] = {}
+        for layer in store.layers:
+            S = per_layer.get(layer)
+            if S is None or not 1 <= S <= L.num_experts:
+                raise CacheConfigError(f"layer {layer}: {S} slots; need 1..{L.num_experts}")
+            lc = LayerCache(layer, store, S, self.device, cfg, self.copy_stream)
+            first = (initial or {}).get(layer, [])
+            first = list(dict.fromkeys(first))[:S]
+            rest = [e for e in range(L.num_experts) if e not in set(first)]
+            lc.load_initial(first + rest[: S - len(first)])
+            self.layers[layer] = lc
+        total = sum(lc.num_slots for lc in self.layers.values()) * L.expert_bytes
+        log.info("expert cache on %s: %s slots per layer (%.2f GB), policy %s, copy path %s", self.device,
+                 sorted({lc.num_slots for lc in self.layers.values()}), total / 1e9, cfg.policy, cfg.copy_path)
+
+    def __getitem__(self, layer: int) -> LayerCache:
+        return self.layers[layer]

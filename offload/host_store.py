@@ -1,0 +1,236 @@
+"""The host expert store: every offloaded MoE layer's routed experts in one pinned host slab per layer.
+
+An expert is stored in the layout the fused-MoE kernel reads from a GPU slot, so a miss is a plain
+byte copy (by SM loads through UVA, or by the copy engine) with no repacking:
+
+    w13:       [2 * N, K]  gate rows 0..N-1, then up rows N..2N-1   (fp8 e4m3 or bf16)
+    w2:        [K, N]                                               (same dtype)
+    w13_scale: [2N / block_n, ceil(K / block_k)] fp32               (FP8 only)
+    w2_scale:  [ceil(K / block_n), N / block_k] fp32                (FP8 only)
+
+K = hidden_size; N = moe_intermediate_size rounded up to a multiple of lcm(block_n, block_k) for
+FP8 (so gate and up never share a scale block); padded rows/columns hold zero weights and scale
+1.0, which adds exact zeros to every sum. bf16 layers are not padded.
+
+One layer's slab is one pinned uint8 buffer of four sections, each holding all E experts back to
+back (section starts aligned to 4 KiB):
+
+    [w13 x E][w2 x E][w13_scale x E][w2_scale x E]
+
+so expert e's part of section s starts at `section_offset[s] + e * section_bytes[s]`. Slabs are
+filled one expert at a time (`load_expert`, as `model.weights.load_model` hands experts over) or
+shard by shard from a checkpoint (`fill_from_checkpoint`), never staging a layer anywhere else.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import resource
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+from moed.model.config import GlmMoeDsaConfig
+from moed.model.moe import ExpertWeights
+from moed.model.weights import Checkpoint, expert_names, read_expert
+
+log = logging.getLogger(__name__)
+
+SECTION_ALIGN = 4096
+SECTIONS = ("w13", "w2", "w13_scale", "w2_scale")
+
+
+class HostStoreError(RuntimeError):
+    """The host store cannot be built or filled; the message names the size, layer or expert."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ExpertLayout:
+    """Shapes and byte layout of one layer's experts (identical for every layer of a model)."""
+
+    num_experts: int
+    hidden: int  # K
+    inter: int  # N as stored (padded for FP8)
+    inter_real: int  # moe_intermediate_size
+    dtype: torch.dtype  # torch.float8_e4m3fn or torch.bfloat16
+    block: tuple[int, int] | None  # (block_n, block_k) when FP8
+
+    @classmethod
+    def for_config(cls, cfg: GlmMoeDsaConfig, fp8: bool) -> ExpertLayout:
+        K, I = cfg.hidden_size, cfg.moe_intermediate_size
+        if not fp8:
+            return cls(cfg.n_routed_experts, K, I, I, torch.bfloat16, None)
+        if cfg.quantization is None:
+            raise HostStoreError(f"{cfg.source}: FP8 experts need quantization_config.weight_block_size")
+        bn, bk = cfg.quantization.block_n, cfg.quantization.block_k
+        step = math.lcm(bn, bk)
+        return cls(cfg.n_routed_experts, K, -(-I // step) * step, I, torch.float8_e4m3fn, (bn, bk))
+
+    @property
+    def is_fp8(self) -> bool:
+        return self.block is not None
+
+    @property
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        K, N = self.hidden, self.inter
+        out: dict[str, tuple[int, ...]] = {"w13": (2 * N, K), "w2": (K, N)}
+        if self.block is not None:
+            bn, bk = self.block
+            out["w13_scale"] = (2 * N // bn, -(-K // bk))
+            out["w2_scale"] = (-(-K // bn), N // bk)
+        return out
+
+    def section_dtype(self, name: str) -> torch.dtype:
+        return torch.float32 if name.endswith("scale") else self.dtype
+
+    @property
+    def section_bytes(self) -> dict[str, int]:
+        return {n: math.prod(s) * self.section_dtype(n).itemsize for n, s in self.shapes.items()}
+
+    @property
+    def expert_bytes(self) -> int:
+        """Bytes one expert occupies in a slab and in a GPU slot (padding included)."""
+        return sum(self.section_bytes.values())
+
+    @property
+    def section_offsets(self) -> dict[str, int]:
+        offs, pos = {}, 0
+        for name, nbytes in self.section_bytes.items():
+            offs[name] = pos
+            pos += -(-nbytes * self.num_experts // SECTION_ALIGN) * SECTION_ALIGN
+        return offs
+
+    @property
+    def slab_bytes(self) -> int:
+        last = list(self.section_bytes)[-1]
+        return self.section_offsets[last] + self.section_bytes[last] * self.num_experts
+
+
+def _memlock_text() -> str:
+    soft, hard = resource.getrlimit(resource.RLIMIT_MEMLOCK)
+
+    def fmt(v: int) -> str:
+        return "unlimited" if v == resource.RLIM_INFINITY else f"{v / 2**30:.2f} GiB"
+
+    return f"RLIMIT_MEMLOCK soft {fmt(soft)}, hard {fmt(hard)}"
+
+
+def allocate_pinned(nbytes: int, what: str, pin: bool) -> torch.Tensor:
+    """A uint8 host buffer, page-locked when `pin`; a clear error when the OS refuses."""
+    try:
+        return torch.empty(nbytes, dtype=torch.uint8, pin_memory=pin)
+    except RuntimeError as e:
+        raise HostStoreError(
+            f"cannot {'pin' if pin else 'allocate'} {nbytes / 2**30:.2f} GiB of host memory for {what} ({e}); "
+            f"{_memlock_text()}. Raise the limit (`ulimit -l unlimited`, or LimitMEMLOCK=infinity in the systemd "
+            "unit) or lower the need: serve the FP8 checkpoint (half the bytes of bf16) or give this rank fewer "
+            "offloaded layers (HostExpertStore(layers=...), i.e. more tensor/pipeline-parallel ranks)") from None
+
+
+class HostExpertStore:
+    """Pinned host slabs, one per MoE layer; views of each expert's sections."""
+
+    def __init__(self, layout: ExpertLayout, layers: list[int], pin: bool | None = None) -> None:
+        if pin is None:
+            pin = torch.cuda.is_available()
+        self.layout, self.layers, self.pinned = layout, list(layers), pin
+        total = layout.slab_bytes * len(self.layers)
+        log.info("host expert store: %d layers x %.2f GB = %.2f GB %s", len(self.layers), layout.slab_bytes / 1e9,
+                 total / 1e9, "pinned" if pin else "pageable")
+        self.slabs: dict[int, torch.Tensor] = {}
+        self._views: dict[int, dict[str, torch.Tensor]] = {}
+        for layer in self.layers:
+            slab = allocate_pinned(layout.slab_bytes, f"MoE layer {layer}'s experts (of {len(self.layers)} layers, "
+                                   f"{total / 2**30:.2f} GiB in all)", pin)
+            self.slabs[layer] = slab
+            self._views[layer] = self._section_views(slab)
+        self._loaded = {layer: torch.zeros(layout.num_experts, dtype=torch.bool) for layer in self.layers}
+
+    def _section_views(self, slab: torch.Tensor) -> dict[str, torch.Tensor]:
+        L, views = self.layout, {}
+        for name, shape in L.shapes.items():
+            nbytes = L.section_bytes[name] * L.num_experts
+            off = L.section_offsets[name]
+            views[name] = slab[off:off + nbytes].view(L.section_dtype(name)).view(L.num_experts, *shape)
+        return views
+
+    def sections(self, layer: int) -> dict[str, torch.Tensor]:
+        """Section name -> [E, ...] view of the layer's slab (see the module docstring)."""
+        return self._views[layer]
+
+    def section_bytes_of(self, layer: int) -> dict[str, torch.Tensor]:
+        """Section name -> [E, section_bytes] uint8 view (what the copy kernels read)."""
+        L = self.layout
+        return {n: v.view(L.num_experts, -1).view(torch.uint8) for n, v in self._views[layer].items()}
+
+    def load_expert(self, layer: int, expert: int, weights: ExpertWeights) -> None:
+        if layer not in self.slabs:
+            raise HostStoreError(f"MoE layer {layer} is not offloaded by this store (layers {self.layers})")
+        L = self.layout
+        if not 0 <= expert < L.num_experts:
+            raise HostStoreError(f"layer {layer}: expert {expert} out of range [0, {L.num_experts})")
+        if weights.is_fp8 != L.is_fp8:
+            raise HostStoreError(f"layer {layer} expert {expert}: weights are "
+                                 f"{weights.gate_proj.dtype}, store holds {L.dtype}")
+        I, N, K = L.inter_real, L.inter, L.hidden
+        for name, w, shape in (("gate_proj", weights.gate_proj, (I, K)), ("up_proj", weights.up_proj, (I, K)),
+                               ("down_proj", weights.down_proj, (K, I))):
+            if tuple(w.shape) != shape:
+                raise HostStoreError(f"layer {layer} expert {expert}: {name} has shape {list(w.shape)}, "
+                                     f"expected {list(shape)}")
+        v = self._views[layer]
+        w13, w2 = v["w13"][expert], v["w2"][expert]
+        if N != I:
+            w13.view(torch.uint8).zero_()
+            w2.view(torch.uint8).zero_()
+        w13[:I].copy_(weights.gate_proj.to(L.dtype))
+        w13[N:N + I].copy_(weights.up_proj.to(L.dtype))
+        w2[:, :I].copy_(weights.down_proj.to(L.dtype))
+        if L.block is not None:
+            bn = L.block[0]
+            s13, s2 = v["w13_scale"][expert], v["w2_scale"][expert]
+            s13.fill_(1.0)
+            s2.fill_(1.0)
+            gs, us, ds = weights.gate_scale_inv, weights.up_scale_inv, weights.down_scale_inv
+            rows = -(-I // bn)
+            assert gs is not None and us is not None and ds is not None
+            s13[:rows].copy_(gs)
+            s13[N // bn:N // bn + rows].copy_(us)
+            s2[:, :ds.shape[1]].copy_(ds)
+        self._loaded[layer][expert] = True
+
+    def finish_loading(self) -> None:
+        for layer, done in self._loaded.items():
+            missing = (~done).nonzero().flatten().tolist()
+            if missing:
+                raise HostStoreError(f"MoE layer {layer}: experts {missing[:8]} ({len(missing)} in all) were never "
+                                     "loaded into the host store")
+
+    def expert(self, layer: int, expert: int) -> dict[str, torch.Tensor]:
+        return {n: t[expert] for n, t in self._views[layer].items()}
+
+    def fill_from_checkpoint(self, directory: str | Path, cfg: GlmMoeDsaConfig) -> int:
+        """Fill every slab from a checkpoint, one shard file after another; returns bytes read."""
+        ckpt = Checkpoint(directory)
+        by_shard: dict[str, list[tuple[int, int]]] = defaultdict(list)
+        for layer in self.layers:
+            for e in range(self.layout.num_experts):
+                name = expert_names(layer, e)["gate_proj"]
+                if name not in ckpt:
+                    raise HostStoreError(f"{ckpt.dir}: tensor {name} is missing (layer {layer} expert {e})")
+                by_shard[ckpt.weight_map[name]].append((layer, e))
+        total = 0
+        try:
+            for shard in sorted(by_shard):
+                for layer, e in by_shard[shard]:
+                    weights, nbytes = read_expert(ckpt, cfg, layer, e)
+                    self.load_expert(layer, e, weights)
+                    total += nbytes
+                ckpt.close()  # drop this shard's memory map before the next one
+        finally:
+            ckpt.close()
+        self.finish_loading()
+        return total

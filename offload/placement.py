@@ -1,0 +1,164 @@
+"""Placement: which experts are pinned (resident, never evicted), from activation counts over time.
+
+`PlacementManager` keeps a decayed activation count per (layer, expert), recomputes pins within a
+per-layer pin budget every `interval_s` seconds in an asyncio loop, and persists the counts and
+operator pins to a JSON state file (written atomically) so a restart starts warm. It talks to the
+engine only through two callables: `read_counts()` -> {layer: [count per expert]} (activations
+since the last read) and `apply(pins)` -> None, which queues {layer: set(experts)} for the engine
+to apply between steps (OffloadMoERunner.request_pins). Operator pins are always kept and count
+against the budget; the hottest other experts fill the rest. Eviction among unpinned experts
+(LRU or decayed-LFU) is the claim kernel's (kernels/expert_copy.py), chosen by CacheConfig.policy.
+
+State file (JSON): {"version": 1, "decay": float, "counts": {"<layer>": [float, ...]},
+                    "operator_pins": {"<layer>": [int, ...]}}
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+STATE_VERSION = 1
+
+
+class PlacementError(ValueError):
+    """A bad pin request or state file; the message names the value and what is accepted."""
+
+
+class PlacementManager:
+    def __init__(self, num_experts: int, layers: list[int], pin_budget: int, *,
+                 read_counts: Callable[[], dict[int, list[int]]], apply: Callable[[dict[int, set[int]]], None],
+                 interval_s: float = 30.0, decay: float = 0.5, state_path: str | Path | None = None) -> None:
+        if pin_budget < 0:
+            raise PlacementError(f"pin budget {pin_budget} must be >= 0 experts per layer")
+        if not 0.0 <= decay <= 1.0:
+            raise PlacementError(f"decay {decay} must be in [0, 1] (weight of the older counts at each update)")
+        self.num_experts, self.layers, self.pin_budget = num_experts, list(layers), pin_budget
+        self.read_counts, self.apply = read_counts, apply
+        self.interval_s, self.decay = interval_s, decay
+        self.state_path = Path(state_path) if state_path is not None else None
+        self.counts: dict[int, list[float]] = {layer: [0.0] * num_experts for layer in self.layers}
+        self.operator_pins: dict[int, set[int]] = {layer: set() for layer in self.layers}
+        self.pins: dict[int, set[int]] = {layer: set() for layer in self.layers}
+        if self.state_path is not None and self.state_path.exists():
+            self.load(self.state_path)
+
+    # ------------------------------------------------------------------ operator commands
+
+    def _check(self, layer: int, expert: int) -> None:
+        if layer not in self.counts:
+            raise PlacementError(f"layer {layer} is not an offloaded MoE layer (layers {self.layers})")
+        if not 0 <= expert < self.num_experts:
+            raise PlacementError(f"expert {expert} out of range [0, {self.num_experts})")
+
+    def pin(self, layer: int, expert: int) -> dict[int, set[int]]:
+        self._check(layer, expert)
+        if expert not in self.operator_pins[layer] and len(self.operator_pins[layer]) >= self.pin_budget:
+            raise PlacementError(f"layer {layer}: {len(self.operator_pins[layer])} operator pins already fill the "
+                                 f"pin budget of {self.pin_budget}; unpin one first")
+        self.operator_pins[layer].add(expert)
+        return self.replan()
+
+    def unpin(self, layer: int, expert: int) -> dict[int, set[int]]:
+        self._check(layer, expert)
+        if expert not in self.operator_pins[layer]:
+            raise PlacementError(f"layer {layer}: expert {expert} is not operator-pinned "
+                                 f"(operator pins: {sorted(self.operator_pins[layer])})")
+        self.operator_pins[layer].discard(expert)
+        return self.replan()
+
+    # ------------------------------------------------------------------ planning
+
+    def update(self, fresh: dict[int, list[int]]) -> None:
+        """Fold activation counts since the last read into the decayed counts."""
+        for layer, row in fresh.items():
+            if layer not in self.counts:
+                continue
+            if len(row) != self.num_experts:
+                raise PlacementError(f"layer {layer}: {len(row)} counts, expected {self.num_experts}")
+            old = self.counts[layer]
+            self.counts[layer] = [self.decay * o + c for o, c in zip(old, row)]
+
+    def plan(self) -> dict[int, set[int]]:
+        """Pins per layer: operator pins, then the hottest experts up to the budget (ties: lower id)."""
+        out = {}
+        for layer in self.layers:
+            pins = set(self.operator_pins[layer])
+            ranked = sorted(range(self.num_experts), key=lambda e: (-self.counts[layer][e], e))
+            for e in ranked:
+                if len(pins) >= self.pin_budget:
+                    break
+                if self.counts[layer][e] > 0:
+                    pins.add(e)
+            out[layer] = pins
+        return out
+
+    def replan(self) -> dict[int, set[int]]:
+        new = self.plan()
+        if new != self.pins:
+            self.pins = new
+            self.apply(new)
+        return new
+
+    def tick(self) -> dict[int, set[int]]:
+        """One iteration of the loop: read, fold, replan, persist."""
+        self.update(self.read_counts())
+        pins = self.replan()
+        if self.state_path is not None:
+            self.save(self.state_path)
+        return pins
+
+    async def run(self, stop: asyncio.Event | None = None) -> None:
+        """Recompute pins every interval_s until `stop` is set (or the task is cancelled)."""
+        stop = stop or asyncio.Event()
+        self.replan()  # warm start: pins from the persisted counts before the first interval
+        while not stop.is_set():
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(stop.wait(), timeout=self.interval_s)
+            try:
+                self.tick()
+            except Exception:  # a failed read must not end placement; the next tick retries
+                log.exception("placement update failed")
+
+    # ------------------------------------------------------------------ persistence
+
+    def save(self, path: str | Path) -> None:
+        path = Path(path)
+        state = {"version": STATE_VERSION, "decay": self.decay,
+                 "counts": {str(k): v for k, v in self.counts.items()},
+                 "operator_pins": {str(k): sorted(v) for k, v in self.operator_pins.items()}}
+        tmp = path.with_suffix(path.suffix + ".tmp")
+        tmp.write_text(json.dumps(state))
+        os.replace(tmp, path)
+
+    def load(self, path: str | Path) -> None:
+        path = Path(path)
+        try:
+            state = json.loads(path.read_text())
+            if state.get("version") != STATE_VERSION:
+                raise PlacementError(f"{path}: state version {state.get('version')!r}, expected {STATE_VERSION}")
+            counts = {int(k): [float(x) for x in v] for k, v in state["counts"].items()}
+            op = {int(k): {int(x) for x in v} for k, v in state["operator_pins"].items()}
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+            if isinstance(e, PlacementError):
+                raise
+            raise PlacementError(f"{path}: not a placement state file ({e!r})") from None
+        for layer, row in counts.items():
+            if layer in self.counts:
+                if len(row) != self.num_experts:
+                    raise PlacementError(f"{path}: layer {layer} has {len(row)} counts, model has "
+                                         f"{self.num_experts} experts")
+                self.counts[layer] = row
+        for layer, pins in op.items():
+            if layer in self.operator_pins:
+                for e in pins:
+                    self._check(layer, e)
+                self.operator_pins[layer] = set(list(sorted(pins))[: self.pin_budget])
+        log.info("placement state loaded from %s (%d layers)", path, len(counts))

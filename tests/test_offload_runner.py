@@ -1,0 +1,263 @@
+"""OffloadMoERunner on CPU: bit-exact against the all-resident runner, CPU experts, slot safety."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from moed.model.checkpoint import make_config
+from moed.model.config import GlmMoeDsaConfig
+from moed.model.fp8 import quantize_block_fp8
+from moed.model.moe import ExpertWeights
+from moed.offload.expert_cache import CacheConfig, CacheConfigError
+from moed.offload.runner import CpuConfig, OffloadMoERunner, slot_moe_torch
+
+LAYERS = [1, 2]
+
+
+def small_config(experts: int = 16, fp8: bool = True, inter: int = 64, block: int = 32) -> GlmMoeDsaConfig:
+    raw = make_config("tiny", experts=experts, fp8=fp8)
+    raw["moe_intermediate_size"] = inter
+    if fp8:
+        raw["quantization_config"]["weight_block_size"] = [block, block]
+    return GlmMoeDsaConfig.from_dict(raw, source="offload test config")
+
+
+def random_experts(cfg: GlmMoeDsaConfig, seed: int = 0) -> list[ExpertWeights]:
+    g = torch.Generator().manual_seed(seed)
+    H, I = cfg.hidden_size, cfg.moe_intermediate_size
+    out = []
+    for _ in range(cfg.n_routed_experts):
+        parts = {}
+        for name, shape in (("gate", (I, H)), ("up", (I, H)), ("down", (H, I))):
+            w = torch.randn(*shape, generator=g) / shape[1] ** 0.5
+            if cfg.quantization is not None:
+                q = cfg.quantization
+                parts[f"{name}_proj"], parts[f"{name}_scale_inv"] = quantize_block_fp8(w, q.block_n, q.block_k)
+            else:
+                parts[f"{name}_proj"] = w.bfloat16()
+        out.append(ExpertWeights(**parts))
+    return out
+
+
+def build_runner(cfg: GlmMoeDsaConfig, experts: list[ExpertWeights], layers: list[int], device: str = "cpu",
+                 **kw) -> OffloadMoERunner:
+    r = OffloadMoERunner(cfg, layers=layers, device=device, **kw)
+    for layer in layers:
+        for e, w in enumerate(experts):
+            r.load_expert(layer, e, w)
+    r.finish_loading()
+    return r
+
+
+def random_routing(tokens: int, num_experts: int, k: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    ids = torch.stack([torch.randperm(num_experts, generator=gen)[:k] for _ in range(tokens)]).to(torch.int32)
+    return ids, torch.rand(tokens, k, generator=gen)
+
+
+@pytest.fixture(scope="module")
+def fp8_setup():
+    cfg = small_config(experts=16, fp8=True, inter=48)  # 48 % 32 != 0: gate/up padding is exercised
+    experts = random_experts(cfg, seed=1)
+    ref = build_runner(cfg, experts, LAYERS, slots=cfg.n_routed_experts)
+    return cfg, experts, ref
+
+
+@pytest.mark.parametrize("slots", [1, 2, 5, 11, 16])
+@pytest.mark.parametrize("policy,copy_path", [("lru", "sm"), ("lfu", "ce")])
+def test_offload_equals_all_resident_bit_for_bit(fp8_setup, slots, policy, copy_path):
+    cfg, experts, ref = fp8_setup
+    assert ref.cache[1].static
+    r = build_runner(cfg, experts, LAYERS, slots=slots, cache=CacheConfig(policy=policy, copy_path=copy_path))
+    g = torch.Generator().manual_seed(slots)
+    k = cfg.num_experts_per_tok
+    for step in range(3):
+        tokens = (1, 3, 2)[step]
+        h = torch.randn(tokens, cfg.hidden_size, generator=g).bfloat16()
+        ids, w = random_routing(tokens, cfg.n_routed_experts, k, g)
+        for layer in LAYERS:
+            a = ref.run(layer, h, ids, w)
+            b = r.run(layer, h, ids, w)
+            assert torch.equal(a, b), (slots, step, layer, (a.float() - b.float()).abs().max())
+    s = r.stats()[0]
+    if slots < cfg.n_routed_experts:
+        assert s.steps == 3 and s.misses > 0
+    else:
+        assert s.steps == 0 and s.bytes_copied_sm == 0  # all resident: no claim, no copy
+
+
+def test_offload_with_pins_bit_for_bit_and_pins_stay_resident(fp8_setup):
+    cfg, experts, ref = fp8_setup
+    r = build_runner(cfg, experts, LAYERS, slots=4)
+    pins = {1: {3, 7}, 2: {0}}
+    r.request_pins(pins)
+    assert r.apply_pending()
+    g = torch.Generator().manual_seed(5)
+    for _ in range(3):
+        h = torch.randn(2, cfg.hidden_size, generator=g).bfloat16()
+        ids, w = random_routing(2, cfg.n_routed_experts, cfg.num_experts_per_tok, g)
+        for layer in LAYERS:
+            assert torch.equal(ref.run(layer, h, ids, w), r.run(layer, h, ids, w))
+            resident = r.cache[layer].resident()
+            assert pins[layer] <= set(resident)
+    with pytest.raises(CacheConfigError, match="unpinned"):
+        r.cache[1].set_pins({0, 1, 2, 3})
+
+
+def test_offload_bf16_matches_torch_reference():
+    cfg = small_config(experts=8, fp8=False, inter=32)
+    experts = random_experts(cfg, seed=2)
+    r = build_runner(cfg, experts, [1], slots=3)
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(3, cfg.hidden_size, generator=g).bfloat16()
+    ids, w = random_routing(3, 8, cfg.num_experts_per_tok, g)
+    out = r.run(1, h, ids, w)
+    # Independent reference: per-expert fp32 loop over the original (unpacked) weights.
+    ref = torch.zeros(3, cfg.hidden_size)
+    for t in range(3):
+        for j in range(ids.shape[1]):
+            e = experts[int(ids[t, j])]
+            x = h[t].float()
+            y = (torch.nn.functional.silu(e.gate_proj.float() @ x) * (e.up_proj.float() @ x)) @ e.down_proj.float().T
+            ref[t] += w[t, j] * y.bfloat16().float()
+    assert torch.allclose(out.float(), ref, rtol=2e-2, atol=2e-2)
+
+
+def test_offload_no_slot_in_use_is_evicted(fp8_setup):
+    """After every round, each expert the round computes with sits in its slot, byte for byte."""
+    cfg, experts, _ = fp8_setup
+    r = build_runner(cfg, experts, [1], slots=3)
+    lc = r.cache[1]
+    g = torch.Generator().manual_seed(9)
+    host = r.store.sections(1)
+    for _ in range(4):
+        ids, _ = random_routing(3, cfg.n_routed_experts, cfg.num_experts_per_tok, g)
+        round_ids = torch.empty_like(ids)
+        mask = torch.empty(ids.shape, dtype=torch.int8)
+        served: set[int] = set()
+        for rnd in range(lc.rounds_for(ids.numel())):
+            lc.serve_round(ids, rnd, round_ids, mask)
+            used = set(ids.flatten()[mask.flatten() != 0].tolist())
+            assert not used & served, "an expert was served twice in one step"
+            served |= used
+            e2s = lc.tables.expert_to_slot
+            for e in used:
+                s = int(e2s[e])
+                assert s >= 0 and int(lc.tables.slot_to_expert[s]) == e
+                for name, w in lc.weights.items():
+                    assert torch.equal(w[s].view(torch.uint8), host[name][e].view(torch.uint8)), (e, s, name)
+        assert served == set(ids.flatten().tolist())
+
+
+def test_offload_cpu_experts_within_accumulation_tolerance(fp8_setup, monkeypatch):
+    """CPU-computed routes vs the same routes on the slot path.
+
+    Both compute one expert in fp32 from the same FP8 bytes and scales; they differ only in
+    summation order (the CPU keeps two 16-lane chains per 128-column block, torch sums its own way), so
+    each route output differs by at most a few fp32 ulps before both are rounded to bf16: the
+    per-route outputs agree to 1 bf16 ulp (2^-8 relative), and the weighted sum (fp32, k terms) to
+    k * 2^-8 * max|route| in absolute terms. Checked here with that bound.
+    """
+    cfg, experts, ref = fp8_setup
+    r = build_runner(cfg, experts, LAYERS, slots=4, cpu=CpuConfig(threads=1, cpu_rate=1e9, copy_rate=1e9))
+    calls = []
+    real = r.cpu_kernel.forward_many
+
+    def spy(experts, xs):
+        calls.append(len(experts))
+        return real(experts, xs)
+
+    monkeypatch.setattr(r.cpu_kernel, "forward_many", spy)
+    g = torch.Generator().manual_seed(11)
+    k = cfg.num_experts_per_tok
+    for _ in range(3):
+        h = torch.randn(3, cfg.hidden_size, generator=g).bfloat16()
+        ids, w = random_routing(3, cfg.n_routed_experts, k, g)
+        a = ref.run(1, h, ids, w).float()
+        b = r.run(1, h, ids, w).float()
+        route_max = 0.0
+        for t in range(3):  # magnitude bound of the route outputs (fp32 reference)
+            route_max = max(route_max, float(a[t].abs().max()))
+        assert (a - b).abs().max() <= k * 2**-8 * max(route_max, 1.0) + 2**-8 * float(a.abs().max())
+    assert calls, "no expert was computed on the CPU"
+    assert r.split_log and all(s["cpu"] + s["copy"] == s["misses"] for s in r.split_log)
+    st = r.stats()[0]
+    assert st.cpu_experts == sum(s["cpu"] for s in r.split_log if s["layer"] == 1) and st.bytes_cpu > 0
+    r.close()
+
+
+def test_slot_moe_torch_rejects_missing_slot(fp8_setup):
+    cfg, _, ref = fp8_setup
+    lc = ref.cache[1]
+    table = lc.tables.expert_to_slot.clone()
+    table[2] = -1
+    with pytest.raises(ValueError, match="expert 2 has no slot"):
+        slot_moe_torch(torch.zeros(1, cfg.hidden_size), lc.w13, lc.w2, torch.tensor([[2]], dtype=torch.int32),
+                       torch.ones(1, 1), table, w13_scale=lc.w13_scale, w2_scale=lc.w2_scale,
+                       block_shape=ref.layout.block)
+
+
+def test_offload_runner_rejects_bad_layers_and_config():
+    cfg = small_config()
+    with pytest.raises(ValueError, match="not MoE layers"):
+        build_runner(cfg, [], [0])
+    with pytest.raises(CacheConfigError, match="policy"):
+        CacheConfig(policy="fifo")
+    with pytest.raises(CacheConfigError, match="copy path"):
+        CacheConfig(copy_path="dma")
+
+
+def test_offload_with_fused_moe_kernel_bit_for_bit():
+    """The same property through the Triton fused-MoE kernel (interpreter, bf16: its FP8 path needs block_k 128)."""
+    from moed.kernels.fused_moe import fused_moe
+
+    cfg = small_config(experts=8, fp8=False, inter=32)
+    experts = random_experts(cfg, seed=2)
+    ref = build_runner(cfg, experts, [1], slots=8, moe_fn=fused_moe)
+    r = build_runner(cfg, experts, [1], slots=3, moe_fn=fused_moe)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(2):
+        h = torch.randn(3, cfg.hidden_size, generator=g).bfloat16()
+        ids, w = random_routing(3, 8, cfg.num_experts_per_tok, g)
+        assert torch.equal(ref.run(1, h, ids, w), r.run(1, h, ids, w))
+
+
+def test_offload_prefetch_counts_precision_recall_and_turns_misses_into_hits(fp8_setup):
+    from moed.offload.prefetch import Prefetcher
+
+    cfg, experts, _ = fp8_setup
+    r = build_runner(cfg, experts, [1], slots=12)
+    g = torch.Generator().manual_seed(4)
+    gate = torch.randn(cfg.n_routed_experts, cfg.hidden_size, generator=g)
+    bias = torch.zeros(cfg.n_routed_experts)
+    pre = Prefetcher(r, cfg, {1: (gate, bias)})
+    from moed.model.moe import route
+
+    for _ in range(3):
+        h = torch.randn(1, cfg.hidden_size, generator=g)
+        before = r.stats()[0]
+        pred = pre(1, h)  # exact prediction: the same hidden state
+        w, ids = route(h, gate, bias, cfg)
+        assert torch.equal(pred.sort(dim=1).values, ids.sort(dim=1).values)
+        r.run(1, h.bfloat16(), ids, w)
+        after = r.stats()[0]
+        assert after.misses == before.misses  # every expert was prefetched
+    s = r.stats()[0]
+    assert s.prefetch_precision == 1.0 and s.prefetch_recall == 1.0
+    assert pre(2, h) is None  # a layer this runner does not serve: no prediction
+
+
+def test_offload_stats_match_protocol_fields(fp8_setup):
+    from moed.engine.protocol import LayerExpertStats
+
+    cfg, experts, _ = fp8_setup
+    r = build_runner(cfg, experts, [1], slots=3)
+    g = torch.Generator().manual_seed(1)
+    ids, w = random_routing(2, cfg.n_routed_experts, cfg.num_experts_per_tok, g)
+    r.run(1, torch.randn(2, cfg.hidden_size, generator=g).bfloat16(), ids, w)
+    s = r.stats()[0]
+    msg = LayerExpertStats(**s.as_protocol_fields())
+    # bytes copied: the misses (UVA kernel) plus the 3 experts loaded at start-up (copy engine)
+    assert msg.misses == s.misses > 0 and msg.bytes_copied == (s.misses + 3) * r.layout.expert_bytes
+    counts = r.read_counts()[1]
+    assert sum(counts) == ids.numel() and sum(r.read_counts()[1]) == 0

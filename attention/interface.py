@@ -7,7 +7,9 @@ the per-head attention result before `o_proj`. Backends: `reference` (plain torc
 the CPU path and the test oracle) and the kernel backends of later modules.
 
 Tokens of all sequences in a step are packed along one axis (`tokens`), sequence by sequence, in
-the order of `StepContext.seqs`.
+the order of `StepContext.seqs`. Paged backends also read `StepContext.paged`: explicit per-step
+tensors (page table, lengths, offsets) that the runner builds once per step, e.g. in CUDA-graph
+static buffers; a backend never reads host copies of them on the decode path.
 """
 
 from __future__ import annotations
@@ -47,11 +49,30 @@ class SequenceStep:
 
 
 @dataclasses.dataclass
+class PagedStep:
+    """The per-step inputs of a paged backend, as device tensors (row b = `StepContext.seqs[b]`).
+
+    Host ints here are upper bounds used only to size kernel grids and scratch buffers; a CUDA-graph
+    runner may round them up to its capture bucket and pad rows (padded rows point at page 0, which
+    pools reserve as a scratch page, and have zero new tokens).
+    """
+
+    page_table: torch.Tensor  # [batch, max_pages] int32: pool page holding positions [i*page, (i+1)*page)
+    seq_lens: torch.Tensor  # [batch] int32: context length after this step (num_cached + num_new)
+    query_start: torch.Tensor  # [batch + 1] int32: offset of each sequence's first new token (cumulative)
+    token_seq: torch.Tensor  # [tokens] int32: row of page_table that each packed token belongs to
+    max_context: int  # >= every seq_len
+    max_new: int  # >= every num_new
+    derived: dict[str, Any] = dataclasses.field(default_factory=dict)  # backend values computed once per step
+
+
+@dataclasses.dataclass
 class StepContext:
     """Built once per step by the runner; read by every layer's attention."""
 
     positions: torch.Tensor  # [tokens] int64, position of each token in its sequence
     seqs: list[SequenceStep]
+    paged: PagedStep | None = None  # set by a runner driving a paged backend; None: the backend builds it
 
     @property
     def num_tokens(self) -> int:

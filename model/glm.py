@@ -209,12 +209,15 @@ class GlmMoeDsaForCausalLM(nn.Module):
         return self.lm_head(hidden)
 
     def mtp_forward(self, index: int, input_ids: torch.Tensor, prev_hidden: torch.Tensor, ctx: StepContext,
-                    backend: AttentionBackend, runner: MoERunner) -> tuple[torch.Tensor, torch.Tensor]:
+                    backend: AttentionBackend, runner: MoERunner, logit_rows: torch.Tensor | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Draft step `index` of the MTP stack.
 
         input_ids: [tokens] (the token after each position), prev_hidden: [tokens, hidden_size] (the
-        target's final-normed hidden state at that position) -> (draft logits [tokens, vocab],
-        hidden [tokens, hidden_size] before the shared head's norm, fed to the next draft step).
+        target's final-normed hidden state at that position) -> (draft logits [rows, vocab] for
+        `logit_rows` (default: every token; a drafter needs only each sequence's last row, which
+        saves a vocabulary-sized matmul per prefill token), hidden [tokens, hidden_size] before the
+        shared head's norm, fed to the next draft step).
         """
         mtp: MTPLayer = self.model.layers[self.cfg.num_hidden_layers + index]  # type: ignore[assignment]
         embed = mtp.embed_tokens if mtp.embed_tokens is not None else self.model.embed_tokens
@@ -222,4 +225,5 @@ class GlmMoeDsaForCausalLM(nn.Module):
         cos, sin = self._rope(ctx)
         x = mtp.eh_proj(torch.cat([mtp.enorm(embed(input_ids)), mtp.hnorm(prev_hidden)], dim=-1))
         x, _ = DecoderLayer.forward(mtp, x, cos, sin, backend, runner, ctx, None)
-        return head(mtp.shared_head.norm(x)), x
+        rows = x if logit_rows is None else x[logit_rows]
+        return head(mtp.shared_head.norm(rows)), x

@@ -109,6 +109,12 @@ class CpuConfig:
 class OffloadMoERunner:
     """Routed experts of `layers` held in pinned host slabs and served through a GPU slot cache."""
 
+    @property
+    def supports_cuda_graphs(self) -> bool:
+        """Capturable when no step reads host state: no CPU experts (they sync once per layer to read the
+        step's ids) and misses served by the SM copy kernel (copy-engine misses wait on host events)."""
+        return self.cpu_kernel is None and self.cache_cfg.copy_path == "sm"
+
     def __init__(self, cfg: GlmMoeDsaConfig, layers: list[int] | None = None, *, device: torch.device | str = "cuda",
                  fp8: bool | None = None, slots: int | dict[int, int] | None = None,
                  budget_bytes: int | None = None, cache: CacheConfig | None = None, cpu: CpuConfig | None = None,

@@ -1,0 +1,607 @@
+"""The in-process engine: requests in, token outputs out, one `step()` at a time.
+
+Owns the loaded model, the scheduler and KV page accounting, the model runner, the sampler and
+(with `spec_steps > 0`) the MTP draft worker. The worker process (`moed.engine.worker`) wraps it
+with sockets; tests drive it directly. Inputs and outputs are the protocol's own structs
+(`SamplingParams`, `RequestOutput`, `EngineStats`), so nothing is translated at the boundary.
+
+Pieces, chosen by the config: the attention backend (`attention.select` picks reference / triton /
+trtllm; the paged ones get one pool for the main layers and the MTP draft its own pool of the MTP
+layer, both indexed by the engine's page lists, page 0 reserved as scratch), and the MoE runner
+("torch": every expert resident; "offload": a host store and a GPU expert cache per role, the draft
+with its own budget). Expert statistics and placement (pin / unpin / reset / get) go to the offload
+runners; pins are queued and applied between steps.
+
+A step: schedule -> forward (packed tokens of every scheduled sequence) -> logits of the sampled
+rows -> sample (plain rows) / verify (rows with drafts) -> commit tokens, check stops -> draft
+worker extends its cache and proposes -> outputs for sequences that got tokens or finished.
+Timing breakdown per step (host wall time; on CUDA the host waits on the GPU only at the token
+read-back, so "sample" includes the tail of the forward): schedule, forward, sample, commit, draft,
+total.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from moed.attention.interface import AttentionBackend
+from moed.attention.nsa import TritonSparseAttention
+from moed.attention.paged_kv import PagedKVPool
+from moed.attention.reference import ReferenceAttention
+from moed.attention.select import choose_backend, probe_platform
+from moed.engine.cuda_graphs import DecodeGraphs, graph_capable
+from moed.engine.kv_pages import KVPages
+from moed.engine.model_runner import ModelRunner
+from moed.engine.protocol import (
+    EngineStats,
+    FinishReason,
+    LayerExpertStats,
+    RequestOutput,
+    SamplingParams,
+    TokenLogprobs,
+)
+from moed.engine.sampler import Sampler, SampleResult, SamplingRow, SamplingTensors, with_logprobs
+from moed.engine.scheduler import Batch, ScheduledSeq, Scheduler, SchedulerConfig
+from moed.engine.sequence import Sequence
+from moed.engine.spec_decode import DraftInput, MTPDrafter, verify_drafts
+from moed.model.config import GlmMoeDsaConfig
+from moed.model.moe import ExpertWeights, MoERunner, TorchMoERunner
+from moed.model.weights import load_model
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+MOE_RUNNERS = ("torch", "offload")
+MAX_LOGPROBS = 20
+
+
+
+class RequestError(ValueError):
+    """A request the engine refuses; the message names the request and the bad field."""
+
+
+@dataclasses.dataclass
+class EngineConfig:
+    model: str  # checkpoint directory
+    device: str = "cpu"
+    dtype: str = "fp32"  # fp32 | bf16
+    max_running: int = 64
+    max_tokens_per_step: int = 2048
+    kv_pages: int | None = None  # None: reference backend: room for max_running sequences of max_model_len;
+    #                              paged backend: kv_memory_fraction of the device memory free after loading
+    kv_memory_fraction: float = 0.9
+    page_size: int = 64
+    spec_steps: int = 0  # MTP draft tokens per decode step (0: off)
+    max_model_len: int | None = None  # None: the config's max_position_embeddings
+    attention: str = "auto"  # auto | reference | triton | trtllm (attention.select picks and logs)
+    kv_latent_dtype: str | None = None  # paged pools; None: bf16 when the model is bf16, else fp32
+    kv_index_dtype: str | None = None  # paged pools; None: fp8 on CUDA, else the latent dtype
+    moe: str = "torch"  # torch (every expert resident) | offload (host store + GPU expert cache)
+    expert_cache_gb: float | None = None  # offload: the target's expert cache budget (None: what is free)
+    draft_expert_cache_gb: float | None = None  # offload: the draft's own budget (None: the target's per-layer share)
+    cuda_graphs: bool = True  # decode through CUDA graphs when on CUDA with capturable backends
+    graph_max_batch: int = 128
+    graph_max_context: int = 8192  # contexts longer than this decode eagerly
+    seed: int | None = None  # seeds the draw of noise keys for requests without one
+
+
+class _ExpertsByLayer:
+    """Hands each layer's experts to the runner that owns the layer (the MTP layers go to the draft's)."""
+
+    def __init__(self, target: MoERunner, draft: MoERunner | None, draft_layers: list[int]) -> None:
+        self.target, self.draft, self.draft_layers = target, draft, set(draft_layers)
+
+    def _owner(self, layer: int) -> MoERunner:
+        return self.draft if self.draft is not None and layer in self.draft_layers else self.target
+
+    def load_expert(self, layer: int, expert: int, weights: ExpertWeights) -> None:
+        self._owner(layer).load_expert(layer, expert, weights)
+
+    def finish_loading(self) -> None:
+        self.target.finish_loading()
+        if self.draft is not None:
+            self.draft.finish_loading()
+
+    def run(self, layer: int, hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
+        return self._owner(layer).run(layer, hidden, topk_ids, topk_weights)
+
+
+class _StepTimes:
+    PHASES = ("schedule", "forward", "sample", "commit", "draft", "total")
+
+    def __init__(self) -> None:
+        self.sums = dict.fromkeys(self.PHASES, 0.0)
+        self.steps = 0
+
+    def add(self, **phases: float) -> None:
+        for k, v in phases.items():
+            self.sums[k] += v
+        self.steps += 1
+
+    def take_means(self) -> dict[str, float]:
+        out = {k: v / self.steps for k, v in self.sums.items()} if self.steps else {}
+        self.sums = dict.fromkeys(self.PHASES, 0.0)
+        self.steps = 0
+        return out
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        if config.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {list(DTYPES)}, got {config.dtype!r}")
+        if config.moe not in MOE_RUNNERS:
+            raise ValueError(f"moe runner must be one of {list(MOE_RUNNERS)}, got {config.moe!r}")
+        self.device = torch.device(config.device)
+        dtype = DTYPES[config.dtype]
+        cfg = GlmMoeDsaConfig.from_file(Path(config.model) / "config.json")
+        spec = config.spec_steps > 0
+        if spec and cfg.num_nextn_predict_layers < 1:
+            raise ValueError(f"--spec-steps {config.spec_steps} needs an MTP layer, but {cfg.source} has "
+                             "num_nextn_predict_layers = 0")
+        latent_dtype = config.kv_latent_dtype or ("bf16" if dtype == torch.bfloat16 else "fp32")
+        index_dtype = config.kv_index_dtype or ("fp8" if self.device.type == "cuda" else latent_dtype)
+        self.attention = choose_backend(config.attention, probe_platform(self.device), cfg, config.page_size,
+                                        latent_dtype)
+        log.info("attention backend: %s (%s)", self.attention.name, self.attention.reason)
+        paged = self.attention.name != "reference"
+
+        target_moe, draft_moe = self._moe_runners(cfg, dtype, spec)
+        self.experts = _ExpertsByLayer(target_moe, draft_moe, cfg.mtp_layer_ids)
+        self.model = load_model(config.model, self.experts, dtype=dtype, device=self.device, mtp=spec, config=cfg)
+        self.cfg = self.model.cfg
+        self.max_model_len = min(config.max_model_len or self.cfg.max_position_embeddings,
+                                 self.cfg.max_position_embeddings)
+
+        main_layers = list(range(self.cfg.num_hidden_layers))
+        kv_pages = config.kv_pages or self._auto_kv_pages(paged, latent_dtype, index_dtype,
+                                                          main_layers + (self.cfg.mtp_layer_ids if spec else []))
+        # Paged pools reserve page 0 as the scratch page; the engine hands out 1 .. kv_pages.
+        self.kv = KVPages(kv_pages, config.page_size, first_page=1 if paged else 0)
+
+        def backend(layers: list[int]) -> AttentionBackend:
+            if not paged:
+                return ReferenceAttention(self.cfg)
+            pool = PagedKVPool(self.cfg, kv_pages + 1, config.page_size, latent_dtype, index_dtype, self.device,
+                               layers=layers)
+            if self.attention.name == "trtllm":
+                from moed.attention.trtllm import TrtllmAttention
+
+                return TrtllmAttention(self.cfg, pool)
+            return TritonSparseAttention(self.cfg, pool)
+
+        self.runner = ModelRunner(self.model, backend(main_layers), target_moe, self.device)
+        self.sampler = Sampler()
+        self.drafter = None
+        if spec:
+            assert draft_moe is not None
+            # The draft's own pool (the MTP layer only), indexed by the same page lists as the target's.
+            self.drafter = MTPDrafter(self.model, backend(self.cfg.mtp_layer_ids), draft_moe, self.device,
+                                      config.spec_steps, self.sampler)
+        self.scheduler = Scheduler(
+            SchedulerConfig(max_running=config.max_running, max_tokens_per_step=config.max_tokens_per_step,
+                            num_spec_tokens=config.spec_steps, max_model_len=self.max_model_len),
+            self.kv, self._release_cache)
+        self.eos_token_ids = frozenset(self.cfg.eos_token_ids) | _generation_eos(Path(config.model))
+        self._rng = random.Random(config.seed)
+        self._arrivals = 0
+        self._pin_plans: dict[int, set[int]] = {}  # layer -> pins requested since the last step
+
+        self.num_steps = 0
+        self.prompt_tokens = 0
+        self.generation_tokens = 0
+        self.spec_draft_tokens = 0
+        self.spec_accepted_tokens = 0
+        self.step_errors = 0
+        self._times = _StepTimes()
+
+    def _moe_runners(self, cfg: GlmMoeDsaConfig, dtype: torch.dtype, spec: bool
+                     ) -> tuple[MoERunner, MoERunner | None]:
+        if self.config.moe == "torch":
+            return (TorchMoERunner(cfg, dtype, self.device),
+                    TorchMoERunner(cfg, dtype, self.device) if spec else None)
+        from moed.offload.runner import OffloadMoERunner
+
+        main = list(range(cfg.first_k_dense_replace, cfg.num_hidden_layers))
+        gb = self.config.expert_cache_gb
+        target_budget = int(gb * 2**30) if gb is not None else _free_bytes(self.device)
+        target = OffloadMoERunner(cfg, main, device=self.device, budget_bytes=target_budget, name="target")
+        draft = None
+        if spec:
+            dgb = self.config.draft_expert_cache_gb
+            draft_budget = int(dgb * 2**30) if dgb is not None else target_budget // max(len(main), 1)
+            draft = OffloadMoERunner(cfg, cfg.mtp_layer_ids, device=self.device, budget_bytes=draft_budget,
+                                     name="draft")
+        return target, draft
+
+    def _auto_kv_pages(self, paged: bool, latent_dtype: str, index_dtype: str, layers: list[int]) -> int:
+        pages_per_seq = -(-self.max_model_len // self.config.page_size)
+        if not paged or self.device.type != "cuda":
+            return self.config.max_running * pages_per_seq
+        lat, idx = PagedKVPool.bytes_per_token(self.cfg, latent_dtype, index_dtype)
+        n_index = sum(1 for layer in layers
+                      if layer >= self.cfg.num_hidden_layers or self.cfg.indexer_types[layer] == "full")
+        page_bytes = self.config.page_size * (len(layers) * lat + n_index * idx)
+        free = _free_bytes(self.device)
+        pages = int(free * self.config.kv_memory_fraction) // page_bytes - 1
+        if pages < 1:
+            raise ValueError(f"no device memory left for the KV pool: {free / 2**30:.2f} GiB free after loading, "
+                             f"one page needs {page_bytes / 2**20:.2f} MiB (lower expert_cache_gb or set kv_pages)")
+        return min(pages, self.config.max_running * pages_per_seq)
+
+    # Requests.
+
+    def add_request(self, request_id: str, prompt_token_ids: list[int], sampling: SamplingParams) -> None:
+        """Queue a request; raises RequestError naming the bad field."""
+        self._validate(request_id, prompt_token_ids, sampling)
+        seed = sampling.seed if sampling.seed is not None else self._rng.getrandbits(63)
+        self._arrivals += 1
+        seq = Sequence(request_id, prompt_token_ids, sampling, seed & ((1 << 63) - 1), self._arrivals)
+        try:
+            self.scheduler.add(seq)
+        except ValueError as e:
+            raise RequestError(str(e)) from None
+
+    def abort(self, request_ids: list[str], reason: FinishReason = "abort") -> list[RequestOutput]:
+        """Finish requests wherever they are (queued, mid-prefill, decoding); unknown ids are ignored."""
+        outputs = []
+        for rid in request_ids:
+            seq = self.scheduler.abort(rid, reason)
+            if seq is not None:
+                outputs.append(self._output(seq))
+        return outputs
+
+    @property
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_work
+
+    def _validate(self, rid: str, prompt: list[int], sp: SamplingParams) -> None:
+        def bad(field: str, value: Any, accepted: str) -> RequestError:
+            return RequestError(f"request {rid!r}: {field} = {value!r} is invalid ({accepted})")
+
+        if not isinstance(rid, str) or not rid:
+            raise RequestError(f"request id must be a non-empty string, got {rid!r}")
+        if not prompt:
+            raise bad("prompt_token_ids", prompt, "at least one token is needed")
+        V = self.cfg.vocab_size
+        for t in prompt:
+            if not isinstance(t, int) or not 0 <= t < V:
+                raise bad("prompt_token_ids", t, f"token ids are integers in [0, {V})")
+        if len(prompt) >= self.scheduler.max_seq_len:
+            raise bad("len(prompt_token_ids)", len(prompt),
+                      f"prompt must be shorter than {self.scheduler.max_seq_len} tokens: the model serves "
+                      f"{self.max_model_len} and the KV pool holds {self.kv.capacity_tokens}")
+        if not (math.isfinite(sp.temperature) and sp.temperature >= 0):
+            raise bad("sampling.temperature", sp.temperature, "a finite number >= 0; 0 is greedy")
+        if sp.top_k < 0:
+            raise bad("sampling.top_k", sp.top_k, ">= 0; 0 is off")
+        if not 0 < sp.top_p <= 1:
+            raise bad("sampling.top_p", sp.top_p, "in (0, 1]")
+        if not 0 <= sp.min_p <= 1:
+            raise bad("sampling.min_p", sp.min_p, "in [0, 1]")
+        if not (math.isfinite(sp.repetition_penalty) and sp.repetition_penalty > 0):
+            raise bad("sampling.repetition_penalty", sp.repetition_penalty, "a finite number > 0; 1 is off")
+        for name in ("frequency_penalty", "presence_penalty"):
+            v = getattr(sp, name)
+            if not (math.isfinite(v) and -2 <= v <= 2):
+                raise bad(f"sampling.{name}", v, "in [-2, 2]; 0 is off")
+        if sp.max_tokens < 1:
+            raise bad("sampling.max_tokens", sp.max_tokens, ">= 1")
+        for t in sp.stop_token_ids:
+            if not 0 <= t < V:
+                raise bad("sampling.stop_token_ids", t, f"token ids are in [0, {V})")
+        if sp.logprobs is not None and not 0 <= sp.logprobs <= MAX_LOGPROBS:
+            raise bad("sampling.logprobs", sp.logprobs, f"None, or 0 to {MAX_LOGPROBS} top logprobs")
+
+    # The step.
+
+    def step(self) -> list[RequestOutput]:
+        t0 = time.perf_counter()
+        self._apply_pins()
+        batch = self.scheduler.schedule()
+        if not batch.items:
+            return []
+        try:
+            return self._run(batch, t0)
+        except Exception as e:  # a failed step fails its requests, never the engine
+            log.exception("step failed; its %d requests get error outputs", len(batch.items))
+            self.step_errors += 1
+            outputs = []
+            for it in batch.items:
+                if not it.seq.is_finished:
+                    self.scheduler.finish(it.seq, "error")
+                outputs.append(self._output(it.seq, error=f"engine step failed: {type(e).__name__}: {e}"))
+            return outputs
+
+    def _run(self, batch: Batch, t0: float) -> list[RequestOutput]:
+        t1 = time.perf_counter()
+        hidden = self.runner.forward(batch.items)
+        t2 = time.perf_counter()
+
+        plain: list[tuple[ScheduledSeq, int]] = []  # (item, row in hidden)
+        verify: list[tuple[ScheduledSeq, int]] = []  # (item, first row in hidden)
+        off = 0
+        for it in batch.items:
+            if it.samples:
+                (verify if it.num_draft else plain).append((it, off if it.num_draft else off + it.num_new - 1))
+            off += it.num_new
+        sampled: dict[int, tuple[list[int], list[TokenLogprobs]]] = {}  # id(item) -> (tokens, logprobs)
+        if plain:
+            sampled.update(self._sample_plain(hidden, plain))
+        if verify:
+            sampled.update(self._verify(hidden, verify))
+        t3 = time.perf_counter()
+
+        outputs: list[RequestOutput] = []
+        drafts: list[DraftInput] = []
+        off = 0
+        for it in batch.items:
+            seq, start, first_row = it.seq, it.seq.num_computed, off
+            off += it.num_new
+            tokens, logprobs = sampled.get(id(it), ([], []))
+            committed = it.num_prompt_chunk + (len(tokens) - 1 if it.num_draft else 0)
+            seq.num_computed += committed
+            if it.num_draft:
+                self.spec_draft_tokens += it.num_draft
+                self.spec_accepted_tokens += len(tokens) - 1
+                _truncate(seq.kv, seq.num_computed)
+            seq.draft_token_ids, seq.draft_probs = [], None
+            if tokens:
+                if seq.num_output_tokens == 0:
+                    self.prompt_tokens += seq.num_prompt_tokens
+                kept = self.scheduler.append_tokens(seq, tokens, self.eos_token_ids)
+                self.generation_tokens += kept
+                seq.pending_logprobs += logprobs[:kept]
+                outputs.append(self._output(seq))
+            if self.drafter is not None and not seq.is_finished:
+                # Propose only after a sampled token, never after a prompt chunk that happens to leave one
+                # token: so the first output token always comes from plain sampling, whatever the chunking,
+                # and a seeded request draws the same noise alone or in any batch.
+                drafts.append(DraftInput(seq, start, hidden[first_row: first_row + committed], bool(tokens)))
+        t4 = time.perf_counter()
+        if self.drafter is not None:
+            self.drafter.run(drafts)
+        t5 = time.perf_counter()
+        self.num_steps += 1
+        self._times.add(schedule=t1 - t0, forward=t2 - t1, sample=t3 - t2, commit=t4 - t3, draft=t5 - t4, total=t5 - t0)
+        return outputs
+
+    def _sample_plain(self, hidden: torch.Tensor, plain: list[tuple[ScheduledSeq, int]]
+                      ) -> dict[int, tuple[list[int], list[TokenLogprobs]]]:
+        logits = self.runner.logits(hidden[_index([row for _, row in plain], self.device)])
+        rows = [_row(it.seq, []) for it, _ in plain]
+        t = SamplingTensors.build(rows, self.cfg.vocab_size, self.device)
+        res = self.sampler(logits, t)
+        tokens = res.token_ids.tolist()
+        lps = _logprob_rows(res, [it.seq.sampling.logprobs for it, _ in plain])
+        return {id(it): ([tok], [lp] if lp else []) for (it, _), tok, lp in zip(plain, tokens, lps)}
+
+    def _verify(self, hidden: torch.Tensor, verify: list[tuple[ScheduledSeq, int]]
+                ) -> dict[int, tuple[list[int], list[TokenLogprobs]]]:
+        rows_idx: list[int] = []
+        rows: list[SamplingRow] = []
+        for it, first in verify:
+            rows_idx += range(first, first + it.num_new)
+            drafts = it.seq.draft_token_ids[: it.num_draft]
+            rows += [_row(it.seq, drafts[:i]) for i in range(it.num_new)]
+        logits = self.runner.logits(hidden[_index(rows_idx, self.device)])
+        t = SamplingTensors.build(rows, self.cfg.vocab_size, self.device)
+        seqs = [it.seq for it, _ in verify]
+        res = verify_drafts(self.sampler, logits, t, [it.num_draft for it, _ in verify],
+                            [s.draft_token_ids[: it.num_draft] for s, (it, _) in zip(seqs, verify)],
+                            [s.draft_probs for s in seqs], [s.sampling.temperature <= 0 for s in seqs])
+        lp_rows = _logprob_rows(with_logprobs(SampleResult(res.row_tokens), logits, t.max_logprobs),
+                                [r.params.logprobs for r in rows])
+        out = {}
+        first = 0
+        for (it, _), n, final in zip(verify, res.num_accepted, res.final_token):
+            tokens = [*it.seq.draft_token_ids[:n], final]
+            out[id(it)] = (tokens, [lp for lp in lp_rows[first: first + n + 1] if lp is not None])
+            first += it.num_new
+        return out
+
+    def _output(self, seq: Sequence, error: str | None = None) -> RequestOutput:
+        new = seq.token_ids[seq.num_prompt_tokens + seq.num_sent:]
+        seq.num_sent = seq.num_output_tokens
+        logprobs = None
+        if seq.sampling.logprobs is not None and seq.pending_logprobs:
+            logprobs, seq.pending_logprobs = seq.pending_logprobs, []
+        return RequestOutput(request_id=seq.request_id, new_token_ids=new, finish_reason=seq.finish_reason,
+                             logprobs=logprobs, num_prompt_tokens=seq.num_prompt_tokens,
+                             num_output_tokens=seq.num_output_tokens, error=error)
+
+    def _release_cache(self, seq: Sequence) -> None:
+        seq.kv = None
+        if self.drafter is not None:
+            self.drafter.release(seq)
+
+    # Warm-up, graphs, stats.
+
+    def warmup(self) -> None:
+        """Run one short request end to end (and capture decode graphs when enabled), then reset the counters."""
+        self.generate([self._warmup_prompt()], SamplingParams(max_tokens=4, ignore_eos=True))
+        if self.config.cuda_graphs and self.device.type == "cuda":
+            self._capture_graphs()
+        self.num_steps = self.prompt_tokens = self.generation_tokens = 0
+        self.spec_draft_tokens = self.spec_accepted_tokens = 0
+        self.scheduler.num_preemptions = 0
+        self.runner.graph_steps = 0
+        self._times = _StepTimes()
+
+    def _warmup_prompt(self) -> list[int]:
+        return [t % self.cfg.vocab_size for t in range(1, 9)]
+
+    def _capture_graphs(self) -> None:
+        ok, why = graph_capable(self.runner.backend, self.runner.moe)
+        if not ok:
+            log.warning("CUDA graphs off: %s", why)
+            return
+        max_context = min(self.config.graph_max_context, self.max_model_len)
+        threshold = getattr(self.runner.backend, "dense_threshold", 0)
+        if self.config.spec_steps and max_context <= threshold:
+            # Several tokens per sequence within the dense threshold take the dense prefill path, which
+            # reads host lengths: verify graphs must be captured on the (exact) selection path instead.
+            max_context = threshold + 1
+        graphs = DecodeGraphs(self.model, self.runner.backend, self.runner.moe, self.device,
+                              max_batch=min(self.config.graph_max_batch, self.config.max_running),
+                              tokens_per_seq=1 + self.config.spec_steps, max_context=max_context,
+                              page_size=self.config.page_size)
+        graphs.capture()
+        # Check one real decode step (a warm-up request's) replayed against the same step run eagerly.
+        rid = "__graph_check__"
+        self.add_request(rid, self._warmup_prompt(), SamplingParams(max_tokens=8, ignore_eos=True))
+        while self.scheduler.by_id[rid].num_output_tokens == 0:
+            self.step()
+        batch = self.scheduler.schedule()
+        input_ids, ctx = self.runner.pack(batch.items)
+        problem = graphs.check_against_eager(input_ids, ctx)
+        self.abort([rid])
+        if problem is not None:
+            log.warning("CUDA graphs off: %s", problem)
+            return
+        self.runner.graphs = graphs
+
+    def _offload_runners(self) -> list[Any]:
+        """The MoE runners with an expert cache (target first, then the draft's)."""
+        runners = [self.runner.moe, self.drafter.moe if self.drafter is not None else None]
+        return [r for r in runners if r is not None and getattr(r, "cache", None) is not None]
+
+    def stats(self) -> EngineStats:
+        """Counters (cumulative) and the mean step-time breakdown since the previous call."""
+        layers: list[LayerExpertStats] = []
+        counts: dict[str, list[int]] = {}
+        for runner in self._offload_runners():
+            layers += [LayerExpertStats(**s.as_protocol_fields()) for s in runner.stats()]
+            counts.update({str(layer): c for layer, c in runner.read_counts().items()})
+        return EngineStats(running=len(self.scheduler.running), waiting=len(self.scheduler.waiting),
+                           kv_usage=self.kv.usage, num_steps=self.num_steps, prompt_tokens=self.prompt_tokens,
+                           generation_tokens=self.generation_tokens, preemptions=self.scheduler.num_preemptions,
+                           step_time_s=self._times.take_means(), spec_draft_tokens=self.spec_draft_tokens,
+                           spec_accepted_tokens=self.spec_accepted_tokens, experts=layers, expert_counts=counts)
+
+    def placement(self, op: str, layer: int | None, expert: int | None) -> tuple[bool, str, dict[str, list[int]]]:
+        """Pin / unpin / reset / get experts of the expert caches; changes apply before the next step."""
+        runners = self._offload_runners()
+        if not runners:
+            return False, (f"expert placement is not available: the MoE runner {type(self.runner.moe).__name__} "
+                           "keeps every expert resident (no expert cache to pin into; run with moe=offload)"), {}
+        owner = {lay: r for r in runners for lay in r.cache.layers}
+
+        def pinned() -> dict[str, list[int]]:
+            return {str(lay): sorted(self._pin_plans.get(lay, r.cache[lay].pinned)) for lay, r in owner.items()}
+
+        if op == "get":
+            return True, "", pinned()
+        if layer is not None and layer not in owner:
+            return False, f"layer {layer} has no expert cache (cached MoE layers: {sorted(owner)})", pinned()
+        touched = [layer] if layer is not None else sorted(owner)
+        if op == "reset":
+            plans = {lay: set() for lay in touched}
+        elif op in ("pin", "unpin"):
+            if layer is None or expert is None:
+                return False, f"placement {op} needs a layer and an expert", pinned()
+            E = self.cfg.n_routed_experts
+            if not 0 <= expert < E:
+                return False, f"expert {expert} is out of range [0, {E})", pinned()
+            plan = set(self._pin_plans.get(layer, owner[layer].cache[layer].pinned))
+            plan = plan | {expert} if op == "pin" else plan - {expert}
+            lc = owner[layer].cache[layer]
+            if len(plan) >= lc.num_slots and not lc.static:
+                return False, (f"layer {layer}: {len(plan)} pins for {lc.num_slots} cache slots; one slot must stay "
+                               "unpinned to serve misses"), pinned()
+            plans = {layer: plan}
+        else:
+            return False, f"unknown placement op {op!r} (get, pin, unpin, reset)", pinned()
+        self._pin_plans.update(plans)
+        for r in runners:
+            mine = {lay: p for lay, p in self._pin_plans.items() if owner[lay] is r}
+            if mine:
+                r.request_pins(mine)
+        return True, "queued; applied before the next step", pinned()
+
+    def _apply_pins(self) -> None:
+        if self._pin_plans:
+            for r in self._offload_runners():
+                try:
+                    r.apply_pending()
+                except ValueError:  # validated when queued; a cache that changed since only loses the plan
+                    log.exception("applying expert pins failed; the plan is dropped")
+            self._pin_plans.clear()
+
+    # Convenience for tests and scripts.
+
+    def generate(self, prompts: list[list[int]], sampling: SamplingParams | list[SamplingParams]
+                 ) -> list[list[int]]:
+        """Run prompts to completion together; returns each one's output token ids."""
+        params = sampling if isinstance(sampling, list) else [sampling] * len(prompts)
+        ids = [f"gen-{self._arrivals + i}" for i in range(len(prompts))]
+        for rid, p, sp in zip(ids, prompts, params):
+            self.add_request(rid, p, sp)
+        out: dict[str, list[int]] = {rid: [] for rid in ids}
+        while self.has_unfinished:
+            for o in self.step():
+                if o.request_id in out:
+                    out[o.request_id] += o.new_token_ids
+        return [out[rid] for rid in ids]
+
+
+def _row(seq: Sequence, drafts: list[int]) -> SamplingRow:
+    out = seq.output_token_ids
+    return SamplingRow(seq.sampling, seq.seed, len(out) + len(drafts), seq.prompt_token_ids,
+                       out + drafts if drafts else out)
+
+
+def _index(rows: list[int], device: torch.device) -> torch.Tensor:
+    return torch.tensor(rows, dtype=torch.int64).to(device)
+
+
+def _truncate(kv: object, length: int) -> None:
+    truncate = getattr(kv, "truncate", None)
+    if truncate is not None:
+        truncate(length)
+
+
+def _logprob_rows(res: SampleResult, wanted: list[int | None]) -> list[TokenLogprobs | None]:
+    """Per row: the chosen token's logprobs when the row's request asked for them, else None."""
+    if res.logprobs is None:
+        return [None for _ in wanted]
+    tokens, lps = res.token_ids.tolist(), res.logprobs.tolist()
+    top_ids = res.top_ids.tolist() if res.top_ids is not None else None
+    top_lps = res.top_logprobs.tolist() if res.top_logprobs is not None else None
+    out = []
+    for i, n in enumerate(wanted):
+        if n is None:
+            out.append(None)
+            continue
+        top = [(top_ids[i][j], top_lps[i][j]) for j in range(n)] if n and top_ids and top_lps else []
+        out.append(TokenLogprobs(token_id=tokens[i], logprob=lps[i], top=top))
+    return out
+
+
+def _free_bytes(device: torch.device) -> int:
+    if device.type != "cuda":
+        raise ValueError("expert_cache_gb must be given off CUDA (there is no device memory to size it from)")
+    return torch.cuda.mem_get_info(device)[0]
+
+
+def _generation_eos(model_dir: Path) -> frozenset[int]:
+    """EOS ids generation_config.json adds to config.json's (HF merges both the same way)."""
+    path = model_dir / "generation_config.json"
+    if not path.exists():
+        return frozenset()
+    try:
+        eos = json.loads(path.read_text()).get("eos_token_id")
+    except (json.JSONDecodeError, AttributeError) as e:
+        raise ValueError(f"{path}: not a JSON object ({e})") from None
+    if eos is None:
+        return frozenset()
+    return frozenset([eos] if isinstance(eos, int) else eos)

@@ -1,0 +1,262 @@
+"""Engine benchmark (GPU): throughput and per-token latency of the whole engine, with ceilings measured in this run.
+
+    python -m moed.ops.bench.engine --ckpt /dev/shm/moed-glm51-slice --out $OUT/engine.json
+
+Builds (or reuses) a `glm51-slice` FP8 checkpoint (GLM-5.1's real layer widths, 2 MoE layers + the
+MTP layer), serves it with the offload MoE runner (an expert cache of `--expert-cache-gb`, so
+decode steps miss) and the paged attention backend, and measures:
+  ceilings   device copy bandwidth (HBM, read + write) and pinned host -> GPU copy-engine bandwidth;
+  load       for MTP off / on (`--spec-steps`) x CUDA graphs on / off x concurrency {1, 8, 32, 128}:
+             prefill time, decode throughput (generated tokens / decode wall time), per-token latency
+             (decode wall time / tokens per request), mean decode step, MTP acceptance, expert-cache
+             hit rate and miss bytes per step, and the step time against the bound
+             miss bytes / copy-engine GB/s + (resident expert bytes touched + dense weight bytes) / HBM GB/s;
+  overhead   batch 1 with graphs: host wall time of an engine decode step against the GPU time of its
+             graph replay (CUDA events); the CPU-side overhead is (wall - GPU) / wall (target < 5%).
+Random weights route tokens with no learned structure and the MTP layer predicts nothing: acceptance
+is ~0 here, so MTP rows measure its cost, not its benefit on GLM-5.1. Prints a table last and writes
+every figure to --out (JSON). `--preset tiny --device cpu` runs the same code as a smoke test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import logging
+import time
+from pathlib import Path
+
+import torch
+
+from moed.engine.llm_engine import EngineConfig, LLMEngine
+from moed.engine.protocol import SamplingParams
+
+log = logging.getLogger("bench.engine")
+
+
+def ceilings(device: torch.device) -> dict[str, float]:
+    if device.type != "cuda":
+        return {}
+    n = 1 << 30
+    src = torch.empty(n, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    host = torch.empty(256 << 20, dtype=torch.uint8).pin_memory()
+    dev = torch.empty(host.numel(), dtype=torch.uint8, device=device)
+
+    def timed(fn, reps: int = 5) -> float:
+        fn()
+        torch.cuda.synchronize()
+        best = float("inf")
+        for _ in range(reps):
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            fn()
+            b.record()
+            b.synchronize()
+            best = min(best, a.elapsed_time(b) / 1e3)
+        return best
+
+    hbm = 2 * n / timed(lambda: dst.copy_(src))
+    h2d = host.numel() / timed(lambda: dev.copy_(host, non_blocking=True))
+    return {"hbm_gbs": hbm / 1e9, "h2d_ce_gbs": h2d / 1e9}
+
+
+def _offload_totals(engine: LLMEngine) -> dict[str, int]:
+    runner = engine.runner.moe
+    if getattr(runner, "cache", None) is None:
+        return {"hits": 0, "misses": 0}
+    s = runner.stats()
+    return {"hits": sum(x.hits for x in s), "misses": sum(x.misses for x in s)}
+
+
+def run_load(engine: LLMEngine, concurrency: int, prompt_len: int, gen_len: int, seed: int) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    V = engine.cfg.vocab_size
+    sp = SamplingParams(max_tokens=gen_len, ignore_eos=True)
+    ids = [f"c{concurrency}-{i}" for i in range(concurrency)]
+    for rid in ids:
+        engine.add_request(rid, torch.randint(10, V, (prompt_len,), generator=g).tolist(), sp)
+    engine.stats()  # opens a fresh step-time window
+    sync = torch.cuda.synchronize if engine.device.type == "cuda" else (lambda: None)
+    sync()
+    t0 = time.perf_counter()
+    produced = dict.fromkeys(ids, 0)
+
+    def step() -> None:
+        for o in engine.step():
+            if o.error is not None:
+                raise RuntimeError(f"request {o.request_id} failed: {o.error}")
+            produced[o.request_id] += len(o.new_token_ids)
+
+    while min(produced.values()) == 0:  # prefill: until every request has its first token
+        step()
+    sync()
+    t1 = time.perf_counter()
+    first = sum(produced.values())
+    steps0, drafts0, acc0 = engine.num_steps, engine.spec_draft_tokens, engine.spec_accepted_tokens
+    graph0 = engine.runner.graph_steps
+    cache0 = _offload_totals(engine)
+    while engine.has_unfinished:
+        step()
+    sync()
+    t2 = time.perf_counter()
+    cache1 = _offload_totals(engine)
+    steps = engine.num_steps - steps0
+    decode_tokens = sum(produced.values()) - first
+    drafts = engine.spec_draft_tokens - drafts0
+    hits, misses = cache1["hits"] - cache0["hits"], cache1["misses"] - cache0["misses"]
+    return {
+        "concurrency": concurrency, "prefill_s": t1 - t0, "decode_s": t2 - t1, "decode_steps": steps,
+        "graph_steps": engine.runner.graph_steps - graph0,
+        "decode_tok_s": decode_tokens / (t2 - t1), "ms_per_token": 1e3 * (t2 - t1) / max(gen_len - 1, 1),
+        "step_ms": 1e3 * (t2 - t1) / max(steps, 1),
+        "acceptance": (engine.spec_accepted_tokens - acc0) / drafts if drafts else None,
+        "hit_rate": hits / (hits + misses) if hits + misses else None,
+        "misses_per_step": misses / max(steps, 1), "hits_per_step": hits / max(steps, 1),
+    }
+
+
+def overhead_batch1(engine: LLMEngine, prompt_len: int, steps: int = 20) -> dict | None:
+    """Host wall time of decode steps at batch 1 vs the GPU time of their graph replays."""
+    graphs = engine.runner.graphs
+    if graphs is None or engine.device.type != "cuda":
+        return None
+    gpu_times: list[float] = []
+    real_run = graphs.run
+
+    def timed_run(input_ids, ctx):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        out = real_run(input_ids, ctx)
+        b.record()
+        if out is not None:
+            gpu_times.append((a, b))  # type: ignore[arg-type]
+        return out
+
+    graphs.run = timed_run  # type: ignore[method-assign]
+    try:
+        engine.add_request("overhead", list(range(10, 10 + prompt_len)),
+                           SamplingParams(max_tokens=steps + 2, ignore_eos=True))
+        engine.step()  # prefill
+        gpu_times.clear()
+        walls = []
+        while engine.has_unfinished:
+            t0 = time.perf_counter()
+            engine.step()
+            walls.append(time.perf_counter() - t0)
+        torch.cuda.synchronize()
+    finally:
+        graphs.run = real_run  # type: ignore[method-assign]
+    gpu = [a.elapsed_time(b) / 1e3 for a, b in gpu_times]  # type: ignore[misc]
+    if not gpu:
+        return None
+    wall = sorted(walls)[len(walls) // 2]
+    g = sorted(gpu)[len(gpu) // 2]
+    return {"step_wall_ms": 1e3 * wall, "replay_gpu_ms": 1e3 * g, "cpu_overhead": (wall - g) / wall}
+
+
+def bound_ms(row: dict, expert_bytes: int, dense_bytes: int, ceil: dict) -> float | None:
+    if not ceil or row["hit_rate"] is None:
+        return None
+    miss = row["misses_per_step"] * expert_bytes / (ceil["h2d_ce_gbs"] * 1e9)
+    resident = (row["hits_per_step"] * expert_bytes + dense_bytes) / (ceil["hbm_gbs"] * 1e9)
+    return 1e3 * (miss + resident)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--ckpt", default="/dev/shm/moed-glm51-slice", help="checkpoint dir (made if missing)")
+    p.add_argument("--preset", default="glm51-slice")
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--dtype", default=None, help="bf16 on cuda, fp32 on cpu")
+    p.add_argument("--concurrency", default="1,8,32,128")
+    p.add_argument("--prompt-len", type=int, default=64)
+    p.add_argument("--gen-len", type=int, default=32)
+    p.add_argument("--spec-steps", type=int, default=2)
+    p.add_argument("--moe", default="offload")
+    p.add_argument("--expert-cache-gb", type=float, default=4.0)
+    p.add_argument("--draft-expert-cache-gb", type=float, default=2.0)
+    p.add_argument("--page-size", type=int, default=64)
+    p.add_argument("--max-model-len", type=int, default=4096)
+    p.add_argument("--out", default=None, help="JSON file for every figure")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    device = torch.device(args.device)
+    dtype = args.dtype or ("bf16" if device.type == "cuda" else "fp32")
+    conc = [int(c) for c in args.concurrency.split(",")]
+
+    ckpt = Path(args.ckpt)
+    if not (ckpt / "config.json").exists():
+        from moed.model.checkpoint import make_checkpoint
+
+        t = time.perf_counter()
+        make_checkpoint(ckpt, args.preset, dtype="fp8" if device.type == "cuda" else "bf16", seed=0,
+                        device=args.device)
+        log.info("made %s checkpoint in %.0f s", args.preset, time.perf_counter() - t)
+
+    ceil = ceilings(device)
+    if device.type == "cuda":
+        torch.cuda.empty_cache()  # the ceiling buffers are gone
+    log.info("ceilings: %s", ceil)
+    rows: list[dict] = []
+    overhead = None
+    for spec in sorted({0, args.spec_steps}):
+        cfg = EngineConfig(model=str(ckpt), device=args.device, dtype=dtype, max_running=max(conc),
+                           max_tokens_per_step=max(2048, max(conc) * (1 + spec)), page_size=args.page_size,
+                           spec_steps=spec, max_model_len=args.max_model_len, moe=args.moe,
+                           expert_cache_gb=args.expert_cache_gb if args.moe == "offload" else None,
+                           draft_expert_cache_gb=args.draft_expert_cache_gb if args.moe == "offload" else None,
+                           graph_max_batch=max(conc), seed=0)
+        t = time.perf_counter()
+        engine = LLMEngine(cfg)
+        engine.warmup()
+        log.info("engine (spec_steps=%d) loaded and warmed up in %.0f s; graphs: %s", spec,
+                 time.perf_counter() - t, engine.runner.graphs is not None)
+        layout = getattr(engine.runner.moe, "layout", None)
+        expert_bytes = layout.expert_bytes if layout is not None else 0
+        dense_bytes = sum(p.numel() * p.element_size() for n, p in engine.model.named_parameters()
+                          if "embed_tokens" not in n)
+        graphs = engine.runner.graphs
+        for use_graphs in ([True, False] if graphs is not None else [False]):
+            engine.runner.graphs = graphs if use_graphs else None
+            for c in conc:
+                row = run_load(engine, c, args.prompt_len, args.gen_len, seed=c)
+                row.update(spec_steps=spec, graphs=use_graphs)
+                row["bound_ms"] = bound_ms(row, expert_bytes, dense_bytes, ceil)
+                row["step_vs_bound"] = row["step_ms"] / row["bound_ms"] if row["bound_ms"] else None
+                rows.append(row)
+                log.info("%s", row)
+        engine.runner.graphs = graphs
+        if spec == 0:
+            overhead = overhead_batch1(engine, args.prompt_len)
+        del engine, graphs
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    result = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+              "date": time.strftime("%Y-%m-%d"), "preset": args.preset, "args": vars(args), "ceilings": ceil,
+              "rows": rows, "overhead_batch1": overhead}
+    if args.out:
+        Path(args.out).write_text(json.dumps(result, indent=1))
+    print(f"\nengine benchmark on {result['device']} ({args.preset}, prompt {args.prompt_len}, "
+          f"gen {args.gen_len}, expert cache {args.expert_cache_gb} GB); ceilings {ceil}")
+    print(f"{'mtp':>3} {'graph':>5} {'conc':>4} {'prefill s':>9} {'tok/s':>9} {'ms/tok':>8} {'step ms':>8} "
+          f"{'bound ms':>8} {'x bound':>7} {'hit':>5} {'accept':>6} {'graphed':>7}")
+    for r in rows:
+        def f(v, fmt):
+            return format(v, fmt) if v is not None else "-"
+        print(f"{r['spec_steps']:>3} {('on' if r['graphs'] else 'off'):>5} {r['concurrency']:>4} "
+              f"{r['prefill_s']:>9.2f} {r['decode_tok_s']:>9.1f} {r['ms_per_token']:>8.2f} {r['step_ms']:>8.2f} "
+              f"{f(r['bound_ms'], '8.2f'):>8} {f(r['step_vs_bound'], '7.2f'):>7} {f(r['hit_rate'], '5.2f'):>5} "
+              f"{f(r['acceptance'], '6.2f'):>6} {r['graph_steps']:>7}")
+    if overhead:
+        print(f"batch-1 graph decode step: wall {overhead['step_wall_ms']:.3f} ms, replay GPU "
+              f"{overhead['replay_gpu_ms']:.3f} ms, CPU-side overhead {100 * overhead['cpu_overhead']:.1f}% "
+              "(target < 5%)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,71 @@
+"""The engine over the kernel backends: the paged Triton attention (interpreted on CPU) and the offload
+MoE runner (host store + expert cache smaller than the experts), each against the reference engine."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from moed.engine.llm_engine import EngineConfig, LLMEngine
+from moed.engine.protocol import SamplingParams
+
+SP = SamplingParams(max_tokens=4, ignore_eos=True)
+BASE = {"max_running": 4, "max_tokens_per_step": 16, "page_size": 4}
+
+
+def _prompts() -> list[list[int]]:
+    g = torch.Generator().manual_seed(0)
+    return [torch.randint(10, 1000, (n,), generator=g).tolist() for n in (6, 20)]  # 20 > index_topk: sparse
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_checkpoint) -> list[list[int]]:
+    e = LLMEngine(EngineConfig(model=tiny_checkpoint, **BASE))
+    return [e.generate([p], SP)[0] for p in _prompts()]
+
+
+def test_engine_paged_triton_backend_matches_reference(tiny_checkpoint, reference):
+    # Target and MTP draft each get their own paged pool, both indexed by the engine's page lists.
+    e = LLMEngine(EngineConfig(model=tiny_checkpoint, attention="triton", spec_steps=2, **BASE))
+    assert e.runner.paged and e.drafter is not None and e.drafter.backend.pool is not e.runner.backend.pool
+    assert e.runner.backend.pool.layers == list(range(e.cfg.num_hidden_layers))
+    assert e.drafter.backend.pool.layers == e.cfg.mtp_layer_ids
+    assert e.generate(_prompts(), SP) == reference
+    assert e.kv.num_free == e.kv.num_pages and e.kv.first_page == 1  # page 0 stays the pools' scratch page
+
+
+def test_engine_offload_runner_matches_reference_and_takes_placement(tiny_checkpoint, reference):
+    per_layer = 8 * 49152  # 8 of the tiny model's 16 experts (bf16 gate, up, down of 64 x 128)
+    e = LLMEngine(EngineConfig(model=tiny_checkpoint, moe="offload", expert_cache_gb=3 * per_layer / 2**30,
+                               spec_steps=1, draft_expert_cache_gb=per_layer / 2**30, **BASE))
+    target, draft = e.runner.moe, e.drafter.moe
+    assert sorted(target.cache.layers) == [1, 2, 3] and sorted(draft.cache.layers) == e.cfg.mtp_layer_ids
+    assert e.generate(_prompts(), SP) == reference
+    stats = e.stats()
+    by_layer = {s.layer: s for s in stats.experts}
+    assert set(by_layer) == {1, 2, 3, 4} and sum(s.misses for s in stats.experts) > 0
+    assert set(stats.expert_counts) == {"1", "2", "3", "4"} and sum(stats.expert_counts["1"]) > 0
+
+    ok, _, pinned = e.placement("pin", 2, 5)
+    assert ok and pinned["2"] == [5] and 5 not in target.cache[2].pinned  # queued until the next step
+    e.generate([_prompts()[0]], SP)
+    assert target.cache[2].pinned == {5}
+    assert e.placement("get", None, None)[2]["2"] == [5]
+    assert e.placement("pin", 4, 1)[0]  # the draft's own cache takes its own pins
+    assert not e.placement("pin", 0, 1)[0]  # layer 0 is dense: no cache
+    assert not e.placement("pin", 2, 99)[0]
+    assert not e.placement("shuffle", 2, 1)[0]
+    ok, _, pinned = e.placement("reset", None, None)
+    assert ok and all(v == [] for v in pinned.values())
+    e.generate([_prompts()[0]], SP)
+    assert target.cache[2].pinned == set() and draft.cache[4].pinned == set()
+
+
+def test_engine_reference_moe_refuses_placement(tiny_checkpoint):
+    e = LLMEngine(EngineConfig(model=tiny_checkpoint, **BASE))
+    ok, msg, pinned = e.placement("pin", 1, 1)
+    assert not ok and "moe=offload" in msg and pinned == {}
+    with pytest.raises(ValueError, match="expert_cache_gb must be given"):
+        LLMEngine(EngineConfig(model=tiny_checkpoint, moe="offload", **BASE))
+    with pytest.raises(ValueError, match="moe runner must be one of"):
+        LLMEngine(EngineConfig(model=tiny_checkpoint, moe="fast", **BASE))

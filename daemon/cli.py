@@ -88,6 +88,21 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("prompt")
     g.set_defaults(func=_cmd_generate)
 
+    # Daemon and client subcommands: their modules import no torch.
+    from moed.client.cli import add_client_arguments, client_main
+    from moed.daemon.service import add_config_check_arguments, add_serve_arguments, config_check_main, serve_main
+
+    s = sub.add_parser("serve", help="run the daemon: ZMQ service, engine worker, metrics")
+    add_serve_arguments(s)
+    s.set_defaults(func=serve_main)
+    c = sub.add_parser("client", help="send a prompt or a health/stats/placement request to a daemon")
+    add_client_arguments(c)
+    c.set_defaults(func=client_main)
+    cf = sub.add_parser("config", help="configuration tools").add_subparsers(dest="config_cmd", required=True)
+    chk = cf.add_parser("check", help="validate a daemon TOML file and print the effective configuration")
+    add_config_check_arguments(chk)
+    chk.set_defaults(func=config_check_main)
+
     t = sub.add_parser("tune-moe", help="tune fused-MoE kernel configs on this GPU (see --help of the tuner)",
                        add_help=False)
     t.add_argument("tune_args", nargs=argparse.REMAINDER)

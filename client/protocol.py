@@ -1,0 +1,330 @@
+"""The client protocol: typed msgspec messages between clients and the moed daemon over ZMQ.
+
+Shared by the daemon (`moed.daemon`) and the client library (`moed.client`); imports only msgspec.
+Wire format, both directions, one message = two ZMQ frames:
+
+  frame 0  protocol header: ASCII b"moed:" + decimal version, e.g. b"moed:1"
+  frame 1  body: one msgpack map, a message of the request union (client -> daemon) or of the reply
+           union (daemon -> client), tagged by its "type" key
+
+Clients use DEALER sockets; the daemon's ROUTER prepends the client's routing id. The header is
+checked before the body is decoded, so a later version may change the body entirely and an older
+daemon still answers it with an Error (code "unsupported_version") instead of a decode failure.
+Bodies are decoded by msgspec into the Structs below and nothing else: no pickle, no extension types.
+
+Request lifecycle: a Generate is answered by zero or more Chunk messages (only when stream=True),
+then exactly one terminal message: a Final or an Error. The Final carries whatever was not sent in
+chunks (everything when stream=False), so the full text is always the chunks' text + the Final's.
+Chunks, Finals and Errors that one engine step produced for several of a client's streams may
+arrive together in one Batch.
+Request ids are chosen by the client and must be unique among its in-flight requests.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Literal
+
+import msgspec
+from msgspec import Meta, Struct, field
+
+PROTOCOL_VERSION = 1
+HEADER_PREFIX = b"moed:"
+HEADER = HEADER_PREFIX + str(PROTOCOL_VERSION).encode()
+
+RequestId = Annotated[str, Meta(min_length=1, max_length=256)]
+NonEmptyStr = Annotated[str, Meta(min_length=1)]
+TokenId = Annotated[int, Meta(ge=0)]
+
+# Final.finish_reason: "stop" (eos, a stop token id or a stop string), "length" (max_tokens),
+# "abort" (client abort, disconnect, drain), "deadline" (the request's deadline passed).
+FinishReason = Literal["stop", "length", "abort", "deadline"]
+
+ErrorCode = Literal[
+    "invalid_request",  # a field failed validation; Error.field names it
+    "malformed",  # the frames or the msgpack could not be read at all
+    "unsupported_version",  # the header names a protocol version this daemon does not speak
+    "message_too_large",  # body longer than the daemon's max_message_bytes
+    "duplicate_id",  # a request with this id is already in flight for this client
+    "too_many_requests",  # the client's concurrency limit is reached
+    "unavailable",  # engine loading, restarting, crash-looped, or the daemon is draining
+    "unknown_request",  # a heartbeat named a request the daemon does not hold (daemon restarted?)
+    "engine_error",  # the engine failed the request or its worker died
+    "internal",  # a daemon bug; the message says what
+]
+
+
+class SamplingParams(Struct, forbid_unknown_fields=True, omit_defaults=True):
+    """Sampling and stopping. Stop strings are matched by the daemon on the detokenised text."""
+
+    temperature: Annotated[float, Meta(ge=0.0, le=100.0)] = 0.0  # 0 = greedy
+    top_k: Annotated[int, Meta(ge=0)] = 0  # 0 = off
+    top_p: Annotated[float, Meta(gt=0.0, le=1.0)] = 1.0
+    min_p: Annotated[float, Meta(ge=0.0, le=1.0)] = 0.0
+    repetition_penalty: Annotated[float, Meta(gt=0.0, le=100.0)] = 1.0
+    frequency_penalty: Annotated[float, Meta(ge=-2.0, le=2.0)] = 0.0
+    presence_penalty: Annotated[float, Meta(ge=-2.0, le=2.0)] = 0.0
+    seed: Annotated[int, Meta(ge=0, le=2**63 - 1)] | None = None
+    max_tokens: Annotated[int, Meta(ge=1)] = 256
+    stop: Annotated[list[Annotated[str, Meta(min_length=1, max_length=1024)]], Meta(max_length=16)] = []
+    stop_token_ids: Annotated[list[TokenId], Meta(max_length=64)] = []
+    ignore_eos: bool = False
+    logprobs: Annotated[int, Meta(ge=0, le=20)] | None = None  # None: none; n: sampled token + top n
+
+
+class ChatMessage(Struct, forbid_unknown_fields=True):
+    role: NonEmptyStr
+    content: str
+
+
+# client -> daemon
+
+
+class Generate(Struct, tag="generate", tag_field="type", forbid_unknown_fields=True, omit_defaults=True):
+    """Exactly one of prompt, prompt_token_ids, messages (rendered with the checkpoint's chat template)."""
+
+    id: RequestId
+    prompt: str | None = None
+    prompt_token_ids: list[TokenId] | None = None
+    messages: list[ChatMessage] | None = None
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    stream: bool = True
+    deadline_s: Annotated[float, Meta(gt=0.0)] | None = None  # seconds after the daemon receives it
+    model: str | None = None  # when set, must name the served model
+    skip_special_tokens: bool = True
+    add_generation_prompt: bool = True  # chat only
+
+
+class Abort(Struct, tag="abort", tag_field="type", forbid_unknown_fields=True):
+    id: RequestId
+
+
+class Heartbeat(Struct, tag="heartbeat", tag_field="type", forbid_unknown_fields=True):
+    """Sent while a client waits; answered by a Pong, and by an Error for each id the daemon does not hold."""
+
+    ids: Annotated[list[RequestId], Meta(max_length=4096)] = []
+
+
+class Health(Struct, tag="health", tag_field="type", forbid_unknown_fields=True):
+    id: RequestId
+
+
+class Ready(Struct, tag="ready", tag_field="type", forbid_unknown_fields=True):
+    id: RequestId
+
+
+class Stats(Struct, tag="stats", tag_field="type", forbid_unknown_fields=True):
+    id: RequestId
+
+
+class Models(Struct, tag="models", tag_field="type", forbid_unknown_fields=True):
+    id: RequestId
+
+
+class Placement(Struct, tag="placement", tag_field="type", forbid_unknown_fields=True):
+    """Expert placement: get the pinned experts, pin or unpin one (layer, expert), or reset all pins."""
+
+    id: RequestId
+    op: Literal["get", "pin", "unpin", "reset"]
+    layer: Annotated[int, Meta(ge=0)] | None = None
+    expert: Annotated[int, Meta(ge=0)] | None = None
+
+
+Request = Generate | Abort | Heartbeat | Health | Ready | Stats | Models | Placement
+
+
+# daemon -> client
+
+
+class TokenLogprob(Struct, array_like=True):
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]]  # (token id, logprob), best first
+
+
+class Chunk(Struct, tag="chunk", tag_field="type", omit_defaults=True):
+    id: str
+    text: str = ""
+    token_ids: list[int] = []
+    logprobs: list[TokenLogprob] | None = None
+
+
+class Final(Struct, tag="final", tag_field="type", omit_defaults=True):
+    id: str
+    finish_reason: FinishReason
+    prompt_tokens: int
+    completion_tokens: int
+    e2e_s: float  # daemon receipt -> this message
+    ttft_s: float | None = None  # daemon receipt -> first generated token (None: none generated)
+    text: str = ""  # what no Chunk carried
+    token_ids: list[int] = []
+    logprobs: list[TokenLogprob] | None = None
+    stop: str | None = None  # the stop string that ended the request, if one did
+
+
+class Error(Struct, tag="error", tag_field="type", omit_defaults=True):
+    id: str  # "" when the request's id could not be read
+    code: ErrorCode
+    message: str
+    field: str | None = None  # dotted path of the offending field, e.g. "sampling.top_p"
+
+
+class Pong(Struct, tag="pong", tag_field="type"):
+    daemon_id: str  # random per daemon start: a change means in-flight requests were lost
+
+
+class HealthStatus(Struct, tag="health_status", tag_field="type"):
+    id: str
+    ok: bool
+    state: str  # engine state: starting, loading, ready, restarting, crash_loop, stopping
+    uptime_s: float
+
+
+class ReadyStatus(Struct, tag="ready_status", tag_field="type"):
+    id: str
+    ready: bool
+    reason: str  # "" when ready
+
+
+class StatsReport(Struct, tag="stats_report", tag_field="type"):
+    id: str
+    ready: bool
+    state: str
+    requests_in_flight: int
+    clients: int
+    running: int
+    waiting: int
+    kv_usage: float
+    prompt_tokens: int
+    generation_tokens: int
+    worker_restarts: int
+    engine_stats_age_s: float | None  # seconds since the engine's last stats (None: none yet)
+    uptime_s: float
+
+
+class ModelInfo(Struct, array_like=False):
+    name: str
+    path: str
+    max_model_len: int
+    vocab_size: int
+
+
+class ModelList(Struct, tag="model_list", tag_field="type"):
+    id: str
+    models: list[ModelInfo]
+
+
+class PlacementResult(Struct, tag="placement_result", tag_field="type"):
+    id: str
+    ok: bool
+    message: str = ""
+    pinned: dict[str, list[int]] = {}  # layer -> pinned experts
+
+
+class Batch(Struct, tag="batch", tag_field="type"):
+    """Several replies for one client from one engine step, in order: read as if they came one by one.
+    The daemon sends this instead of one message per stream when a client holds several streams."""
+
+    items: list[Chunk | Final | Error]
+
+
+Reply = Chunk | Final | Error | Pong | HealthStatus | ReadyStatus | StatsReport | ModelList | PlacementResult | Batch
+
+
+class ProtocolError(Exception):
+    """A message that cannot be accepted; becomes an Error reply with the same code and field."""
+
+    def __init__(self, code: str, message: str, field: str | None = None, request_id: str = ""):
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.field = field
+        self.request_id = request_id
+
+    def to_reply(self) -> Error:
+        return Error(id=self.request_id, code=self.code, message=self.message, field=self.field)  # type: ignore[arg-type]
+
+
+_encoder = msgspec.msgpack.Encoder()
+_request_decoder = msgspec.msgpack.Decoder(Request)
+_reply_decoder = msgspec.msgpack.Decoder(Reply)
+
+
+class _AnyId(Struct):
+    id: str = ""
+
+
+_id_decoder = msgspec.msgpack.Decoder(_AnyId)
+
+_PATH = re.compile(r" - at `\$\.?(.*)`$")
+_NAMED = re.compile(r"(?:unknown|missing required) field `([^`]*)`")
+
+
+def error_field(err: msgspec.ValidationError) -> str | None:
+    """The dotted field path a msgspec validation error points at, e.g. 'sampling.stop[0]'."""
+    text = str(err)
+    m = _PATH.search(text)
+    path = m.group(1) if m else ""
+    n = _NAMED.search(text)
+    if n:
+        path = f"{path}.{n.group(1)}" if path else n.group(1)
+    return path or None
+
+
+def encode(msg: Request | Reply) -> list[bytes]:
+    """The two frames of one message."""
+    return [HEADER, _encoder.encode(msg)]
+
+
+def check_header(frame: bytes | memoryview) -> None:
+    """Raise ProtocolError unless the frame is this version's header."""
+    head = bytes(frame)
+    if head == HEADER:
+        return
+    if not head.startswith(HEADER_PREFIX) or len(head) > 16:
+        raise ProtocolError("malformed", f"first frame must be the protocol header {HEADER!r}, got {head[:16]!r}")
+    raise ProtocolError(
+        "unsupported_version",
+        f"protocol version {head[len(HEADER_PREFIX):].decode(errors='replace')!r} is not supported; "
+        f"this side speaks version {PROTOCOL_VERSION} (header {HEADER!r})",
+    )
+
+
+def _decode(body: bytes | memoryview, decoder: msgspec.msgpack.Decoder, what: str):
+    try:
+        return decoder.decode(body)
+    except msgspec.ValidationError as e:
+        try:
+            rid = _id_decoder.decode(body).id
+        except (msgspec.ValidationError, msgspec.DecodeError):
+            rid = ""
+        raise ProtocolError("invalid_request", f"invalid {what}: {e}", error_field(e), rid) from None
+    except msgspec.DecodeError as e:
+        raise ProtocolError("malformed", f"{what} is not valid msgpack: {e}") from None
+
+
+def decode_request(body: bytes | memoryview) -> Request:
+    msg = _decode(body, _request_decoder, "request")
+    if isinstance(msg, Generate):
+        check_generate(msg)
+    return msg
+
+
+def decode_reply(body: bytes | memoryview) -> Reply:
+    return _decode(body, _reply_decoder, "reply")
+
+
+def check_generate(msg: Generate) -> None:
+    """Checks msgspec's types cannot express; raises ProtocolError naming the field."""
+    given = [n for n in ("prompt", "prompt_token_ids", "messages") if getattr(msg, n) is not None]
+    if len(given) != 1:
+        raise ProtocolError(
+            "invalid_request",
+            f"exactly one of prompt, prompt_token_ids, messages must be given (got {', '.join(given) or 'none'})",
+            given[1] if len(given) > 1 else "prompt",
+            msg.id,
+        )
+    if msg.prompt_token_ids is not None and not msg.prompt_token_ids:
+        raise ProtocolError("invalid_request", "prompt_token_ids is empty", "prompt_token_ids", msg.id)
+    if msg.messages is not None and not msg.messages:
+        raise ProtocolError("invalid_request", "messages is empty", "messages", msg.id)

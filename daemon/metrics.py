@@ -1,0 +1,228 @@
+"""Prometheus metrics of the daemon and its engine, and the HTTP endpoint that serves them.
+
+Names carry the `moed_` prefix and base units (seconds, bytes, ratios 0..1); counters end in
+`_total`. The engine reports cumulative counts since its worker started; they become counters here
+by adding the increase since the previous report, so a worker restart (counts back to zero) never
+makes a counter go down. The HTTP server (asyncio, in the daemon's loop) answers
+`GET /metrics` (text exposition), `/health` (200 while the daemon runs) and `/ready` (200 when the
+engine is ready and the daemon is not draining, else 503 with the reason as the body).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import bisect
+import itertools
+import logging
+from collections.abc import Callable, Iterator
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.metrics_core import HistogramMetricFamily
+
+from moed.engine.protocol import EngineStats
+
+log = logging.getLogger(__name__)
+disable_created_metrics()  # `_created` series double the exposition and no dashboard reads them
+
+TTFT_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1, 2.5, 5, 7.5, 10, 20, 40, 80, 160, 640)
+ITL_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4,
+               0.5, 0.75, 1, 2.5, 5, 10)
+E2E_BUCKETS = (0.1, 0.3, 0.5, 0.8, 1, 1.5, 2, 2.5, 5, 10, 15, 20, 30, 40, 50, 60, 120, 240, 480, 960, 1920, 7680)
+STEP_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 1, 2, 5, 10)
+DISPATCH_BUCKETS = (1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 5e-2, 0.1)
+FINISH_REASONS = ("stop", "length", "abort", "deadline", "error")
+ENGINE_STATES = ("starting", "loading", "ready", "restarting", "crash_loop", "stopping", "stopped")
+
+
+class LoopHistogram:
+    """A histogram for the per-token path: bucket counts in a list and no lock, because the daemon's
+    event loop is its only writer (prometheus_client's Histogram takes a lock per observation).
+    Exported in the same form, `<name>_bucket{le}`, `_sum`, `_count`, by a registry collector."""
+
+    def __init__(self, name: str, documentation: str, buckets: tuple[float, ...], registry: CollectorRegistry):
+        self.name, self.documentation = name, documentation
+        self.bounds = [float(b) for b in buckets]
+        self.counts = [0] * (len(self.bounds) + 1)  # the last one is +Inf
+        self.sum = 0.0
+        registry.register(self)
+
+    def observe(self, value: float, n: int = 1) -> None:
+        """Record `n` observations of `value`."""
+        self.counts[bisect.bisect_left(self.bounds, value)] += n
+        self.sum += value * n
+
+    @property
+    def count(self) -> int:
+        return sum(self.counts)
+
+    def collect(self) -> Iterator[HistogramMetricFamily]:
+        family = HistogramMetricFamily(self.name, self.documentation)
+        cumulative = list(itertools.accumulate(self.counts))
+        buckets = [(repr(b), c) for b, c in zip(self.bounds, cumulative)] + [("+Inf", cumulative[-1])]
+        family.add_metric([], buckets, sum_value=self.sum)
+        yield family
+
+    def describe(self) -> Iterator[HistogramMetricFamily]:
+        yield HistogramMetricFamily(self.name, self.documentation)
+
+
+class Metrics:
+    def __init__(self, model_name: str):
+        r = self.registry = CollectorRegistry(auto_describe=True)
+        self.model_name = model_name
+        self.requests = Counter("moed_requests", "Generate requests finished, by finish reason",
+                                ["finish_reason"], registry=r)
+        for reason in FINISH_REASONS:
+            self.requests.labels(reason)
+        self.rejected = Counter("moed_requests_rejected", "Generate requests refused at admission, by error code",
+                                ["code"], registry=r)
+        self.protocol_errors = Counter("moed_protocol_errors", "Client messages refused: malformed, "
+                                       "unsupported version, too large, or an invalid field", ["code"], registry=r)
+        self.ttft = Histogram("moed_time_to_first_token_seconds", "Request receipt to first generated token",
+                              buckets=TTFT_BUCKETS, registry=r)
+        self.itl = LoopHistogram("moed_inter_token_latency_seconds", "Time between generated tokens of a request",
+                                 ITL_BUCKETS, r)
+        self.e2e = Histogram("moed_e2e_request_latency_seconds", "Request receipt to its final reply",
+                             buckets=E2E_BUCKETS, registry=r)
+        self.prompt_tokens = Counter("moed_prompt_tokens", "Prompt tokens of admitted requests", registry=r)
+        self.generation_tokens = Counter("moed_generation_tokens", "Tokens generated", registry=r)
+        self.in_flight = Gauge("moed_requests_in_flight", "Generate requests the daemon holds", registry=r)
+        self.running = Gauge("moed_requests_running", "Requests running in the engine", registry=r)
+        self.waiting = Gauge("moed_requests_waiting", "Requests waiting in the engine", registry=r)
+        self.kv_usage = Gauge("moed_kv_cache_usage_ratio", "Fraction of KV pages in use (0..1)", registry=r)
+        self.step = LoopHistogram("moed_step_duration_seconds", "Engine step time (steps that produced tokens)",
+                                  STEP_BUCKETS, r)
+        self.step_phase = Gauge("moed_step_phase_seconds", "Engine step time breakdown over the last stats window",
+                                ["phase"], registry=r)
+        self.preemptions = Counter("moed_preemptions", "Sequences preempted for KV space", registry=r)
+        self.spec_draft = Counter("moed_spec_draft_tokens", "Draft tokens proposed by MTP", registry=r)
+        self.spec_accepted = Counter("moed_spec_accepted_tokens", "Draft tokens accepted", registry=r)
+        layer = ["layer"]
+        self.expert_hits = Counter("moed_expert_cache_hits", "Expert lookups served from the GPU cache", layer,
+                                   registry=r)
+        self.expert_misses = Counter("moed_expert_cache_misses", "Expert lookups missing the GPU cache", layer,
+                                     registry=r)
+        self.expert_copy_bytes = Counter("moed_expert_copy_bytes", "Expert bytes copied host to GPU", layer,
+                                         registry=r)
+        self.expert_cpu_bytes = Counter("moed_expert_cpu_bytes", "Expert bytes read by CPU-computed experts",
+                                        layer, registry=r)
+        self.expert_evictions = Counter("moed_expert_cache_evictions", "Experts evicted from the GPU cache", layer,
+                                        registry=r)
+        self.expert_stall = Counter("moed_expert_stall_seconds", "Time steps waited for expert copies", layer,
+                                    registry=r)
+        self.expert_cpu = Counter("moed_expert_cpu_computed", "Experts computed on the CPU", layer, registry=r)
+        self.prefetch_precision = Gauge("moed_expert_prefetch_precision_ratio",
+                                        "Prefetched experts that were used, since the worker started", layer,
+                                        registry=r)
+        self.prefetch_recall = Gauge("moed_expert_prefetch_recall_ratio",
+                                     "Used experts that had been prefetched, since the worker started", layer,
+                                     registry=r)
+        self.worker_restarts = Counter("moed_worker_restarts", "Engine worker restarts after a crash or stall",
+                                       registry=r)
+        self.ready = Gauge("moed_ready", "1 when the daemon accepts generate requests", registry=r)
+        self.engine_state = Gauge("moed_engine_state", "1 for the engine's current state", ["state"], registry=r)
+        self.clients = Gauge("moed_clients_connected", "Client connections", registry=r)
+        self.backlog = Gauge("moed_client_backlog_messages", "Replies queued for clients that read slowly",
+                             registry=r)
+        self.clients_dropped = Counter("moed_clients_dropped", "Clients dropped: queue overflow or heartbeat timeout",
+                                       ["reason"], registry=r)
+        self.dispatch = LoopHistogram("moed_daemon_dispatch_seconds", "Engine output frame receipt to every reply "
+                                      "it caused being handed to ZMQ", DISPATCH_BUCKETS, r)
+        self.dispatch_tokens = Counter("moed_daemon_dispatch_tokens", "Tokens in engine output frames dispatched",
+                                       registry=r)
+        self.set_state("starting")
+        self._last: dict[tuple, float] = {}
+        self._generation = -1
+
+    def set_state(self, state: str) -> None:
+        for s in ENGINE_STATES:
+            self.engine_state.labels(s).set(1.0 if s == state else 0.0)
+
+    def _increase(self, counter: Counter, key: tuple, value: float) -> None:
+        last = self._last.get(key, 0.0)
+        if value > last:
+            counter.inc(value - last)
+        self._last[key] = value
+
+    def observe_engine_stats(self, stats: EngineStats, generation: int) -> None:
+        """Update gauges and counters from one EngineStats of worker incarnation `generation`."""
+        if generation != self._generation:  # a new worker counts from zero
+            self._last.clear()
+            self._generation = generation
+        self.running.set(stats.running)
+        self.waiting.set(stats.waiting)
+        self.kv_usage.set(stats.kv_usage)
+        for phase, seconds in stats.step_time_s.items():
+            self.step_phase.labels(phase).set(seconds)
+        self._increase(self.preemptions, ("preemptions",), stats.preemptions)
+        self._increase(self.spec_draft, ("spec_draft",), stats.spec_draft_tokens)
+        self._increase(self.spec_accepted, ("spec_accepted",), stats.spec_accepted_tokens)
+        for e in stats.experts:
+            layer = str(e.layer)
+            for counter, name, value in (
+                (self.expert_hits, "hits", e.hits), (self.expert_misses, "misses", e.misses),
+                (self.expert_copy_bytes, "copy", e.bytes_copied), (self.expert_cpu_bytes, "cpu_bytes", e.bytes_cpu),
+                (self.expert_evictions, "evictions", e.evictions), (self.expert_stall, "stall", e.stall_s),
+                (self.expert_cpu, "cpu", e.cpu_experts),
+            ):
+                self._increase(counter.labels(layer), (name, layer), value)
+            if e.prefetch_precision is not None:
+                self.prefetch_precision.labels(layer).set(e.prefetch_precision)
+            if e.prefetch_recall is not None:
+                self.prefetch_recall.labels(layer).set(e.prefetch_recall)
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class MetricsServer:
+    """A minimal HTTP/1.1 server (one request per connection) for /metrics, /health and /ready."""
+
+    def __init__(self, metrics: Metrics, readiness: Callable[[], tuple[bool, str]]):
+        self.metrics = metrics
+        self.readiness = readiness
+        self._server: asyncio.Server | None = None
+        self.port = 0
+
+    async def start(self, address: str) -> None:
+        host, _, port = address.rpartition(":")
+        self._server = await asyncio.start_server(self._handle, host.strip("[]"), int(port))
+        self.port = self._server.sockets[0].getsockname()[1]
+        log.info("metrics on http://%s:%d/metrics", host, self.port)
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+            self._server = None
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            line = await asyncio.wait_for(reader.readline(), 10.0)
+            while True:  # headers are not needed; read them so the client is not reset
+                h = await asyncio.wait_for(reader.readline(), 10.0)
+                if h in (b"\r\n", b"\n", b""):
+                    break
+            parts = line.decode("latin-1").split()
+            method, path = (parts[0], parts[1].split("?")[0]) if len(parts) >= 2 else ("", "")
+            if method not in ("GET", "HEAD"):
+                status, ctype, body = "405 Method Not Allowed", "text/plain", b"only GET and HEAD\n"
+            elif path == "/metrics":
+                status, ctype, body = "200 OK", CONTENT_TYPE_LATEST, self.metrics.exposition()
+            elif path == "/health":
+                status, ctype, body = "200 OK", "text/plain", b"ok\n"
+            elif path == "/ready":
+                ok, reason = self.readiness()
+                status = "200 OK" if ok else "503 Service Unavailable"
+                ctype, body = "text/plain", (b"ready\n" if ok else f"not ready: {reason}\n".encode())
+            else:
+                status, ctype, body = "404 Not Found", "text/plain", b"paths: /metrics /health /ready\n"
+            head = (f"HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {len(body)}\r\n"
+                    "Connection: close\r\n\r\n").encode()
+            writer.write(head if method == "HEAD" else head + body)
+            await writer.drain()
+        except (TimeoutError, ConnectionError):
+            pass
+        finally:
+            writer.close()

@@ -1,0 +1,740 @@
+"""The daemon: a ZMQ ROUTER for clients, the request table, and the glue to the engine worker.
+
+Everything runs in one asyncio loop and nothing in it waits on compute: tokenising a long prompt
+goes to a thread, the engine is another process. Per client (ROUTER routing id) the daemon keeps
+its in-flight requests, the time it was last heard from, and an outbox. Replies are handed to ZMQ
+without blocking; when a client's ZMQ queue is full (it reads slowly) replies wait in its outbox,
+where consecutive chunks of one request merge into one, so the outbox is bounded by the client's
+requests, not by its tokens. An outbox past `client_queue_limit` drops the client. Nothing a slow
+or broken client does can delay replies to others.
+
+A client loses its requests (engine Abort, no reply) when its connection drops: the socket
+monitor reports a disconnect, and sending it a Pong then fails with EHOSTUNREACH; or when it sends
+nothing (heartbeats included) for `client_timeout_s` while it has requests in flight.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import errno
+import itertools
+import logging
+import os
+import secrets
+import time
+from pathlib import Path
+
+import msgspec
+import zmq
+import zmq.asyncio
+from zmq.utils.monitor import parse_monitor_message
+
+from moed.client import protocol as cp
+from moed.daemon.config import ServeConfig
+from moed.daemon.detokenizer import IncrementalDetokenizer
+from moed.daemon.metrics import Metrics, MetricsServer
+from moed.daemon.placement import PlacementChannel, PlacementFactory, PlacementManager, PlacementUnavailable
+from moed.daemon.request import EngineUpdate, GenerateRequest
+from moed.daemon.sdnotify import Notifier
+from moed.daemon.supervisor import WorkerSupervisor
+from moed.daemon.tokenizer import TemplateError, TextTokenizer
+from moed.engine import protocol as ep
+
+log = logging.getLogger(__name__)
+
+_encoder = msgspec.msgpack.Encoder()
+THREAD_TOKENIZE_CHARS = 32768  # prompts longer than this are tokenised off the loop
+FLUSH_INTERVAL_S = 0.002  # retry period for outboxes of slow clients
+HOUSEKEEPING_S = 0.25
+PROBE_INTERVAL_S = 2.0  # Pong probe of clients with requests: a gone one fails with EHOSTUNREACH
+
+
+class ClientState:
+    __slots__ = ("cancelled", "gone", "identity", "last_seen", "outbox", "pending_chunks", "requests")
+
+    def __init__(self, identity: bytes, now: float):
+        self.identity = identity
+        self.requests: dict[str, GenerateRequest | None] = {}  # None: admission in progress (tokenising)
+        self.cancelled: set[str] = set()  # aborted while tokenising
+        self.last_seen = now
+        self.outbox: collections.deque[cp.Reply] = collections.deque()
+        self.pending_chunks: dict[str, cp.Chunk] = {}  # request id -> its chunk waiting in the outbox
+        self.gone = False
+
+
+class Daemon:
+    def __init__(self, cfg: ServeConfig, model_dir: str, *, notifier: Notifier | None = None,
+                 placement_factory: PlacementFactory | None = None):
+        self.cfg = cfg
+        self.model_dir = model_dir
+        self.notifier = notifier or Notifier(env={})
+        self.daemon_id = secrets.token_hex(8)
+        self.metrics = Metrics(cfg.served_name)
+        self.tokenizer: TextTokenizer | None = None
+        self.clients: dict[bytes, ClientState] = {}
+        self.by_engine_id: dict[str, GenerateRequest] = {}
+        self.endpoints: list[str] = []
+        self.metrics_port = 0
+        self.draining = False
+        self.started_at = time.monotonic()
+        self.last_stats: ep.EngineStats | None = None
+        self.last_stats_at: float | None = None
+        self.prompt_tokens_total = 0
+        self.generation_tokens_total = 0
+        self._ids = itertools.count(1)
+        self._ctx: zmq.asyncio.Context | None = None
+        self._router: zmq.asyncio.Socket | None = None
+        self._raw_router: zmq.Socket | None = None
+        self._monitor_sock: zmq.asyncio.Socket | None = None
+        self._auth = None
+        self.allow_list = None
+        self._tasks: list[asyncio.Task] = []
+        self._deadlines: dict[str, asyncio.TimerHandle] = {}
+        self._backlogged: set[bytes] = set()
+        self._backlog_event = asyncio.Event()
+        self._idle = asyncio.Event()  # set while no request is in flight
+        self._idle.set()
+        self._stopped = asyncio.Event()
+        self._drain_task: asyncio.Task | None = None
+        self._drain_now = asyncio.Event()
+        self._notified_ready = False
+        self._last_watchdog = 0.0
+        self._metrics_server: MetricsServer | None = None
+        self.supervisor: WorkerSupervisor | None = None
+        self.placement = PlacementChannel(self._send_to_engine)
+        self._placement_factory = placement_factory
+        self.placement_manager: PlacementManager | None = None
+
+    # --- lifecycle ------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Load the tokenizer, bind sockets and the metrics port, start the worker. Raises on bad setup."""
+        self.tokenizer = TextTokenizer(self.model_dir)
+        self._ctx = zmq.asyncio.Context()
+        router = self._router = self._ctx.socket(zmq.ROUTER)
+        router.setsockopt(zmq.ROUTER_MANDATORY, 1)  # full or gone peers raise instead of dropping silently
+        router.setsockopt(zmq.LINGER, 1000)
+        router.setsockopt(zmq.SNDHWM, self.cfg.client_send_hwm)
+        router.setsockopt(zmq.MAXMSGSIZE, 4 * self.cfg.max_message_bytes)  # beyond this, the peer is cut off
+        router.setsockopt(zmq.HEARTBEAT_IVL, 5000)  # ZMTP pings find peers that vanished without a FIN
+        router.setsockopt(zmq.HEARTBEAT_TIMEOUT, 15000)
+        if self.cfg.curve_secret_key:
+            from moed.daemon.auth import enable_curve
+
+            self._auth, self.allow_list = enable_curve(self._ctx, router, self.cfg.curve_secret_key,
+                                                       self.cfg.curve_allowed_clients)
+        for endpoint in self.cfg.listen:
+            if endpoint.startswith("ipc://"):
+                Path(endpoint[6:]).parent.mkdir(parents=True, exist_ok=True)
+            try:
+                router.bind(endpoint)
+            except zmq.ZMQError as e:
+                raise OSError(f"cannot listen on {endpoint}: {e}") from e
+            self.endpoints.append(router.getsockopt(zmq.LAST_ENDPOINT).decode())
+        self._raw_router = zmq.Socket.shadow(router.underlying)
+        monitor = self._monitor_sock = router.get_monitor_socket(
+            zmq.EVENT_DISCONNECTED | zmq.EVENT_HANDSHAKE_FAILED_AUTH)
+        if self.cfg.metrics_address:
+            self._metrics_server = MetricsServer(self.metrics, self.readiness)
+            await self._metrics_server.start(self.cfg.metrics_address)
+            self.metrics_port = self._metrics_server.port
+        self.supervisor = WorkerSupervisor(
+            self.cfg, self.model_dir, self._ctx, on_message=self._on_engine_message, on_ready=self._on_engine_ready,
+            on_lost=self._on_engine_lost, on_state=self._on_engine_state, on_restart=self.metrics.worker_restarts.inc)
+        self.supervisor.start()
+        loop = asyncio.get_running_loop()
+        self._tasks += [loop.create_task(self._frontend(), name="moed-frontend"),
+                        loop.create_task(self._monitor(monitor), name="moed-monitor"),
+                        loop.create_task(self._housekeeping(), name="moed-housekeeping"),
+                        loop.create_task(self._flush_outboxes(), name="moed-flush")]
+        if self._placement_factory is not None:
+            self.placement_manager = self._placement_factory(self.placement)
+            self._tasks.append(loop.create_task(self.placement_manager.run(), name="moed-placement"))
+        log.info("moed daemon %s listening on %s", self.daemon_id, ", ".join(self.endpoints))
+
+    def request_drain(self) -> None:
+        """Signal handler target: stop accepting, let in-flight requests finish, then stop. A second
+        signal during the drain aborts what is left at once."""
+        if self._drain_task is None:
+            self._drain_task = asyncio.get_running_loop().create_task(self.drain())
+        else:
+            log.warning("second stop signal: aborting the requests still in flight")
+            self._drain_now.set()
+
+    async def wait_stopped(self) -> None:
+        await self._stopped.wait()
+
+    async def drain(self) -> None:
+        self.draining = True
+        n = len(self.by_engine_id) + sum(1 for c in self.clients.values() for r in c.requests.values() if r is None)
+        log.info("draining: %d request(s) in flight, up to %.0f s", n, self.cfg.drain_timeout_s)
+        self.notifier.stopping(f"draining {n} request(s)")
+        self.metrics.ready.set(0)
+        waits = [asyncio.ensure_future(self._idle.wait()), asyncio.ensure_future(self._drain_now.wait())]
+        await asyncio.wait(waits, timeout=self.cfg.drain_timeout_s, return_when=asyncio.FIRST_COMPLETED)
+        for w in waits:
+            w.cancel()
+        leftover = list(self.by_engine_id.values())
+        if leftover:
+            log.warning("drain timeout: aborting %d request(s)", len(leftover))
+            self._send_to_engine(ep.Abort(request_ids=[r.engine_id for r in leftover]))
+            now = time.monotonic()
+            for req in leftover:
+                self._finish(req, "abort", now)
+        await self.stop()
+
+    async def stop(self) -> None:
+        if self._stopped.is_set():
+            return
+        deadline = time.monotonic() + 2.0  # last replies of slow clients get a moment to leave
+        while self._backlogged and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        if self._router is not None and self._monitor_sock is not None:
+            # Stop the monitor while its PAIR socket is open: libzmq blocks sending the stop event otherwise.
+            with contextlib.suppress(zmq.ZMQError):
+                self._router.disable_monitor()
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self.supervisor is not None:
+            await self.supervisor.stop()
+        if self._metrics_server is not None:
+            await self._metrics_server.stop()
+        if self._auth is not None:
+            self._auth.stop()
+        for handle in self._deadlines.values():
+            handle.cancel()
+        if self._monitor_sock is not None:
+            self._monitor_sock.close(linger=0)
+        if self._router is not None:
+            self._router.close(linger=1000)
+        for endpoint in self.endpoints:
+            if endpoint.startswith("ipc://"):
+                with contextlib.suppress(OSError):
+                    os.unlink(endpoint[6:])
+        if self._ctx is not None:
+            self._ctx.term()
+        self.notifier.close()
+        self._stopped.set()
+        log.info("moed daemon stopped")
+
+    def readiness(self) -> tuple[bool, str]:
+        if self.draining:
+            return False, "draining (shutting down)"
+        if self.supervisor is None:
+            return False, "starting"
+        if not self.supervisor.ready:
+            return False, f"{self.supervisor.state}: {self.supervisor.reason}"
+        return True, ""
+
+    # --- engine side ----------------------------------------------------------------------------
+
+    def _send_to_engine(self, msg: ep.ToWorker) -> bool:
+        return self.supervisor is not None and self.supervisor.send(msg)
+
+    def _on_engine_state(self, state: str, reason: str) -> None:
+        self.metrics.set_state(state)
+        self.metrics.ready.set(1.0 if state == "ready" and not self.draining else 0.0)
+        if state == "ready":
+            if not self._notified_ready:
+                self._notified_ready = True
+                self.notifier.ready(f"ready: serving {self.cfg.served_name}")
+            else:
+                self.notifier.status(f"ready: serving {self.cfg.served_name}")
+        elif state not in ("stopping", "stopped"):
+            self.notifier.status(f"{state}: {reason}"[:1000])
+
+    def _on_engine_ready(self, info: ep.WorkerReady) -> None:
+        log.info("engine ready: %s, max_model_len %d, vocab %d", info.model, info.max_model_len, info.vocab_size)
+
+    def _on_engine_lost(self, reason: str) -> None:
+        """The worker incarnation ended: every request it held gets an error."""
+        now = time.monotonic()
+        lost = list(self.by_engine_id.values())
+        for req in lost:
+            self._fail(req, "engine_error", f"engine worker failed: {reason}", now)
+        self.placement.fail_all(f"engine worker failed: {reason}")
+        self.metrics.running.set(0)
+        self.metrics.waiting.set(0)
+        if lost:
+            log.error("engine worker failed with %d request(s) in flight: %s", len(lost), reason)
+
+    def _on_engine_message(self, msg: ep.FromWorker, generation: int) -> None:
+        if isinstance(msg, ep.StepOutputs):
+            self._on_step(msg, generation)
+        elif isinstance(msg, ep.EngineStats):
+            self.last_stats, self.last_stats_at = msg, time.monotonic()
+            self.metrics.observe_engine_stats(msg, generation)
+            if self.placement_manager is not None:
+                self.placement_manager.on_engine_stats(msg)
+        elif isinstance(msg, ep.PlacementReply):
+            self.placement.on_reply(msg)
+
+    def _on_step(self, msg: ep.StepOutputs, generation: int) -> None:
+        t0 = time.perf_counter()
+        now = time.monotonic()
+        self.metrics.step.observe(msg.step_time_s)
+        tokens = 0
+        stop_ids = []
+        replies: dict[bytes, list[cp.Chunk | cp.Final | cp.Error]] = {}  # per client: one send per step
+        for out in msg.outputs:
+            req = self.by_engine_id.get(out.request_id)
+            if req is None or req.generation != generation:
+                continue  # finished or aborted here already
+            tokens += len(out.new_token_ids)
+            upd = req.on_output(out, now)
+            self._observe(upd)
+            if upd.replies:
+                replies.setdefault(req.client, []).extend(upd.replies)
+            if upd.abort_engine:
+                stop_ids.append(req.engine_id)
+            if upd.done:
+                self._retire(req, upd.finish_reason or "error", now)
+        for identity, items in replies.items():
+            client = self.clients.get(identity)
+            if client is not None:
+                self._send(client, items[0] if len(items) == 1 else cp.Batch(items=items))
+        if stop_ids:
+            self._send_to_engine(ep.Abort(request_ids=stop_ids, reason="stop"))
+        self.generation_tokens_total += tokens
+        self.metrics.generation_tokens.inc(tokens)
+        self.metrics.dispatch_tokens.inc(tokens)
+        self.metrics.dispatch.observe(time.perf_counter() - t0)
+
+    def _observe(self, upd: EngineUpdate) -> None:
+        if upd.ttft is not None:
+            self.metrics.ttft.observe(upd.ttft)
+        if upd.itl is not None:
+            seconds, n = upd.itl
+            self.metrics.itl.observe(seconds / n, n)
+
+    # --- request table ------------------------------------------------------------------------
+
+    def _retire(self, req: GenerateRequest, reason: str, now: float) -> None:
+        self.by_engine_id.pop(req.engine_id, None)
+        handle = self._deadlines.pop(req.engine_id, None)
+        if handle is not None:
+            handle.cancel()
+        client = self.clients.get(req.client)
+        if client is not None and client.requests.get(req.id) is req:
+            del client.requests[req.id]
+        self.metrics.requests.labels(reason).inc()
+        self.metrics.e2e.observe(now - req.received_at)
+        self._update_in_flight()
+
+    def _update_in_flight(self) -> None:
+        n = len(self.by_engine_id)
+        self.metrics.in_flight.set(n)
+        pending = any(r is None for c in self.clients.values() for r in c.requests.values()) if not n else True
+        if n == 0 and not pending:
+            self._idle.set()
+        else:
+            self._idle.clear()
+
+    def _finish(self, req: GenerateRequest, reason: str, now: float) -> None:
+        """End a request from the daemon side with a Final (the caller tells the engine)."""
+        final = req.finish(reason, now)
+        client = self.clients.get(req.client)
+        if client is not None:
+            self._send(client, final)
+        self._retire(req, reason, now)
+
+    def _fail(self, req: GenerateRequest, code: str, message: str, now: float) -> None:
+        client = self.clients.get(req.client)
+        if client is not None:
+            self._send(client, cp.Error(id=req.id, code=code, message=message))  # type: ignore[arg-type]
+        self._retire(req, "error", now)
+
+    def _on_deadline(self, engine_id: str) -> None:
+        self._deadlines.pop(engine_id, None)
+        req = self.by_engine_id.get(engine_id)
+        if req is not None:
+            self._send_to_engine(ep.Abort(request_ids=[engine_id]))
+            self._finish(req, "deadline", time.monotonic())
+
+    def _abort_client_requests(self, client: ClientState, reply: bool) -> None:
+        now = time.monotonic()
+        reqs = [r for r in client.requests.values() if r is not None]
+        client.cancelled.update(k for k, r in client.requests.items() if r is None)
+        if reqs:
+            self._send_to_engine(ep.Abort(request_ids=[r.engine_id for r in reqs]))
+        for req in reqs:
+            if reply:
+                self._finish(req, "abort", now)
+            else:
+                self._retire(req, "abort", now)
+
+    def _drop_client(self, client: ClientState, reason: str) -> None:
+        if client.gone:
+            return
+        log.warning("dropping client %s (%s) with %d request(s)", client.identity.hex(), reason, len(client.requests))
+        self.metrics.clients_dropped.labels(reason).inc()
+        client.gone = True
+        self._abort_client_requests(client, reply=False)
+        client.outbox.clear()
+        client.pending_chunks.clear()
+        self._backlogged.discard(client.identity)
+        self.clients.pop(client.identity, None)
+        self.metrics.clients.set(len(self.clients))
+
+    # --- sending to clients -------------------------------------------------------------------
+
+    def _send(self, client: ClientState, reply: cp.Reply) -> None:
+        if client.gone:
+            return
+        if client.outbox:
+            self._enqueue(client, reply)
+            return
+        fut = self._router.send_multipart([client.identity, cp.HEADER, _encoder.encode(reply)], flags=zmq.DONTWAIT)
+        exc = fut.exception()
+        if exc is None:
+            return
+        if isinstance(exc, zmq.Again):
+            self._enqueue(client, reply)
+        elif isinstance(exc, zmq.ZMQError) and exc.errno == errno.EHOSTUNREACH:
+            self._drop_client(client, "disconnected")
+        else:
+            log.error("sending to client %s failed: %s", client.identity.hex(), exc)
+
+    def _enqueue(self, client: ClientState, reply: cp.Reply) -> None:
+        if isinstance(reply, cp.Batch):  # queued item by item, so its chunks can merge with later ones
+            for item in reply.items:
+                if not client.gone:
+                    self._enqueue(client, item)
+            return
+        if isinstance(reply, cp.Chunk):
+            pending = client.pending_chunks.get(reply.id)
+            if pending is not None:  # merge into the chunk still waiting: the outbox does not grow
+                pending.text += reply.text
+                pending.token_ids.extend(reply.token_ids)
+                if reply.logprobs:
+                    pending.logprobs = (pending.logprobs or []) + reply.logprobs
+                return
+            client.pending_chunks[reply.id] = reply
+        elif isinstance(reply, cp.Final | cp.Error):
+            client.pending_chunks.pop(reply.id, None)
+        client.outbox.append(reply)
+        if len(client.outbox) > self.cfg.client_queue_limit:
+            self._drop_client(client, "queue_overflow")
+            return
+        if client.identity not in self._backlogged:
+            self._backlogged.add(client.identity)
+            self._backlog_event.set()
+        self.metrics.backlog.inc()
+
+    def _flush(self, client: ClientState) -> None:
+        # Sends go through the asyncio socket (DONTWAIT completes at once): a send on the raw shadow could
+        # consume the edge that wakes the frontend's pending receive.
+        router = self._router
+        while client.outbox:
+            reply = client.outbox[0]
+            exc = router.send_multipart([client.identity, cp.HEADER, _encoder.encode(reply)],
+                                        flags=zmq.DONTWAIT).exception()
+            if isinstance(exc, zmq.Again):
+                return
+            if exc is not None:
+                if isinstance(exc, zmq.ZMQError) and exc.errno == errno.EHOSTUNREACH:
+                    self._drop_client(client, "disconnected")
+                    return
+                raise exc
+            client.outbox.popleft()
+            self.metrics.backlog.dec()
+            if isinstance(reply, cp.Chunk) and client.pending_chunks.get(reply.id) is reply:
+                del client.pending_chunks[reply.id]
+        self._backlogged.discard(client.identity)
+
+    async def _flush_outboxes(self) -> None:
+        while True:
+            await self._backlog_event.wait()
+            for identity in list(self._backlogged):
+                client = self.clients.get(identity)
+                if client is None:
+                    self._backlogged.discard(identity)
+                else:
+                    self._flush(client)
+            if not self._backlogged:
+                self._backlog_event.clear()
+                self.metrics.backlog.set(0)
+            else:
+                await asyncio.sleep(FLUSH_INTERVAL_S)
+
+    def _reply(self, identity: bytes, reply: cp.Reply) -> None:
+        client = self.clients.get(identity)
+        if client is not None:
+            self._send(client, reply)
+
+    # --- receiving from clients ---------------------------------------------------------------
+
+    async def _frontend(self) -> None:
+        router, raw = self._router, self._raw_router
+        while True:
+            frames = await router.recv_multipart(copy=False)
+            self._on_frames(frames)
+            # Drain what is already queued without a loop round-trip per message (receives only: the next
+            # await re-checks the socket's events, so no wake-up is lost).
+            for _ in range(256):
+                try:
+                    frames = raw.recv_multipart(flags=zmq.DONTWAIT, copy=False)
+                except zmq.Again:
+                    break
+                self._on_frames(frames)
+
+    def _on_frames(self, frames: list[zmq.Frame]) -> None:
+        now = time.monotonic()
+        identity = frames[0].bytes
+        client = self.clients.get(identity)
+        if client is None:
+            client = self.clients[identity] = ClientState(identity, now)
+            self.metrics.clients.set(len(self.clients))
+        client.last_seen = now
+        try:
+            if len(frames) != 3:
+                raise cp.ProtocolError("malformed", f"a message is 2 frames (header, body), got {len(frames) - 1}")
+            cp.check_header(frames[1].buffer)
+            body = frames[2]
+            if len(body) > self.cfg.max_message_bytes:
+                raise cp.ProtocolError("message_too_large", f"message of {len(body)} bytes exceeds the daemon's "
+                                       f"max_message_bytes={self.cfg.max_message_bytes}")
+            msg = cp.decode_request(body.buffer)
+        except cp.ProtocolError as e:
+            self.metrics.protocol_errors.labels(e.code).inc()
+            self._send(client, e.to_reply())
+            return
+        try:
+            self._dispatch(client, msg, now)
+        except cp.ProtocolError as e:
+            if e.code == "invalid_request":
+                self.metrics.protocol_errors.labels(e.code).inc()
+            else:
+                self.metrics.rejected.labels(e.code).inc()
+            self._send(client, e.to_reply())
+        except Exception as e:  # a bug here must cost one request, not the daemon
+            log.exception("handling %s failed", type(msg).__name__)
+            self._send(client, cp.Error(id=getattr(msg, "id", ""), code="internal", message=f"daemon error: {e}"))
+
+    def _dispatch(self, client: ClientState, msg: cp.Request, now: float) -> None:
+        if isinstance(msg, cp.Generate):
+            self._admit(client, msg, now)
+        elif isinstance(msg, cp.Abort):
+            self._on_abort(client, msg.id)
+        elif isinstance(msg, cp.Heartbeat):
+            self._send(client, cp.Pong(daemon_id=self.daemon_id))
+            for rid in msg.ids:
+                if rid not in client.requests:
+                    self._send(client, cp.Error(id=rid, code="unknown_request",
+                                                message=f"the daemon holds no request {rid!r} for this client "
+                                                f"(daemon {self.daemon_id}; restarted or already finished)"))
+        elif isinstance(msg, cp.Health):
+            self._send(client, cp.HealthStatus(id=msg.id, ok=True, state=self.supervisor.state,
+                                               uptime_s=now - self.started_at))
+        elif isinstance(msg, cp.Ready):
+            ok, reason = self.readiness()
+            self._send(client, cp.ReadyStatus(id=msg.id, ready=ok, reason=reason))
+        elif isinstance(msg, cp.Stats):
+            self._send(client, self._stats(msg.id, now))
+        elif isinstance(msg, cp.Models):
+            self._send(client, cp.ModelList(id=msg.id, models=[self._model_info()]))
+        elif isinstance(msg, cp.Placement):
+            if msg.op in ("pin", "unpin"):
+                for name in ("layer", "expert"):
+                    if getattr(msg, name) is None:
+                        raise cp.ProtocolError("invalid_request", f"placement {msg.op} needs {name}", name, msg.id)
+            asyncio.get_running_loop().create_task(self._placement_request(client, msg))
+
+    def _model_info(self) -> cp.ModelInfo:
+        info = self.supervisor.info if self.supervisor else None
+        return cp.ModelInfo(name=self.cfg.served_name, path=self.model_dir,
+                            max_model_len=info.max_model_len if info else 0,
+                            vocab_size=info.vocab_size if info else self.tokenizer.vocab_size)
+
+    def _stats(self, rid: str, now: float) -> cp.StatsReport:
+        s = self.last_stats
+        ok, _ = self.readiness()
+        return cp.StatsReport(
+            id=rid, ready=ok, state=self.supervisor.state, requests_in_flight=len(self.by_engine_id),
+            clients=len(self.clients), running=s.running if s else 0, waiting=s.waiting if s else 0,
+            kv_usage=s.kv_usage if s else 0.0, prompt_tokens=self.prompt_tokens_total,
+            generation_tokens=self.generation_tokens_total,
+            worker_restarts=self.supervisor.restarts,
+            engine_stats_age_s=None if self.last_stats_at is None else now - self.last_stats_at,
+            uptime_s=now - self.started_at)
+
+    async def _placement_request(self, client: ClientState, msg: cp.Placement) -> None:
+        try:
+            if self.placement_manager is not None:
+                reply = await self.placement_manager.handle(msg.op, msg.layer, msg.expert)
+            else:
+                reply = await self.placement.request(msg.op, msg.layer, msg.expert)
+            self._send(client, cp.PlacementResult(id=msg.id, ok=reply.ok, message=reply.message, pinned=reply.pinned))
+        except PlacementUnavailable as e:
+            self._send(client, cp.Error(id=msg.id, code="unavailable", message=f"placement: {e}"))
+
+    def _on_abort(self, client: ClientState, rid: str) -> None:
+        if rid not in client.requests:
+            return  # finished already, or never existed: abort is idempotent
+        req = client.requests[rid]
+        if req is None:
+            client.cancelled.add(rid)
+            return
+        self._send_to_engine(ep.Abort(request_ids=[req.engine_id]))
+        self._finish(req, "abort", time.monotonic())
+
+    # --- admission ----------------------------------------------------------------------------
+
+    def _admit(self, client: ClientState, msg: cp.Generate, now: float) -> None:
+        def refuse(code: str, message: str) -> None:
+            raise cp.ProtocolError(code, message, None, msg.id)
+
+        if self.draining:
+            refuse("unavailable", "the daemon is draining (shutting down); no new requests")
+        if not self.supervisor.ready:
+            refuse("unavailable", f"engine not ready ({self.supervisor.state}): {self.supervisor.reason}")
+        if msg.id in client.requests:
+            refuse("duplicate_id", f"request id {msg.id!r} is already in flight for this client")
+        if len(client.requests) >= self.cfg.client_concurrency:
+            refuse("too_many_requests", f"this client already has {len(client.requests)} requests in flight "
+                   f"(client_concurrency={self.cfg.client_concurrency})")
+        if msg.model is not None and msg.model != self.cfg.served_name:
+            raise cp.ProtocolError("invalid_request", f"model {msg.model!r} is not served here; this daemon serves "
+                                   f"{self.cfg.served_name!r}", "model", msg.id)
+        size = len(msg.prompt or "") + sum(len(m.content) for m in msg.messages or ())
+        if size > THREAD_TOKENIZE_CHARS:
+            client.requests[msg.id] = None
+            self._idle.clear()
+            asyncio.get_running_loop().create_task(self._admit_in_thread(client, msg, now))
+        else:
+            self._start(client, msg, self._tokenize(msg), now)
+
+    async def _admit_in_thread(self, client: ClientState, msg: cp.Generate, now: float) -> None:
+        try:
+            ids = await asyncio.to_thread(self._tokenize, msg)
+        except cp.ProtocolError as e:
+            ids, error = None, e
+        if client.requests.get(msg.id, False) is None:
+            del client.requests[msg.id]
+        cancelled = msg.id in client.cancelled
+        client.cancelled.discard(msg.id)
+        try:
+            if client.gone or cancelled:
+                if not client.gone:
+                    self._send(client, cp.Final(id=msg.id, finish_reason="abort", prompt_tokens=len(ids or ()),
+                                                completion_tokens=0, e2e_s=time.monotonic() - now))
+                return
+            if ids is None:
+                raise error
+            if not self.supervisor.ready or self.draining:
+                raise cp.ProtocolError("unavailable", "engine became unavailable while the prompt was tokenised",
+                                       None, msg.id)
+            self._start(client, msg, ids, now)
+        except cp.ProtocolError as e:
+            self.metrics.protocol_errors.labels(e.code).inc()
+            self._send(client, e.to_reply())
+        finally:
+            self._update_in_flight()
+
+    def _tokenize(self, msg: cp.Generate) -> list[int]:
+        tok = self.tokenizer
+        if msg.prompt is not None:
+            ids = tok.encode(msg.prompt, add_special_tokens=True)
+            where = "prompt"
+        elif msg.messages is not None:
+            where = "messages"
+            try:
+                ids = tok.encode_chat([{"role": m.role, "content": m.content} for m in msg.messages],
+                                      msg.add_generation_prompt)
+            except TemplateError as e:
+                raise cp.ProtocolError("invalid_request", str(e), "messages", msg.id) from None
+        else:
+            ids, where = list(msg.prompt_token_ids), "prompt_token_ids"
+        if not ids:
+            raise cp.ProtocolError("invalid_request", f"{where} encodes to no tokens", where, msg.id)
+        return ids
+
+    def _start(self, client: ClientState, msg: cp.Generate, ids: list[int], now: float) -> None:
+        info = self.supervisor.info
+        vocab = info.vocab_size if info else self.tokenizer.vocab_size
+        s = msg.sampling
+        if msg.prompt_token_ids is not None:
+            for i, t in enumerate(ids):
+                if t >= vocab:
+                    raise cp.ProtocolError("invalid_request", f"token id {t} is outside the vocabulary "
+                                           f"(0..{vocab - 1})", f"prompt_token_ids[{i}]", msg.id)
+        for i, t in enumerate(s.stop_token_ids):
+            if t >= vocab:
+                raise cp.ProtocolError("invalid_request", f"token id {t} is outside the vocabulary (0..{vocab - 1})",
+                                       f"sampling.stop_token_ids[{i}]", msg.id)
+        max_len = info.max_model_len if info else 0
+        if max_len:
+            if len(ids) >= max_len:
+                raise cp.ProtocolError("invalid_request", f"the prompt has {len(ids)} tokens; the model takes at most "
+                                       f"{max_len} including generated ones", "prompt", msg.id)
+            if len(ids) + s.max_tokens > max_len:
+                raise cp.ProtocolError("invalid_request", f"prompt ({len(ids)} tokens) + max_tokens ({s.max_tokens}) "
+                                       f"exceeds the model's max_model_len {max_len}", "sampling.max_tokens", msg.id)
+        engine_id = f"{next(self._ids):x}"
+        deadline_s = msg.deadline_s or self.cfg.default_deadline_s or None
+        req = GenerateRequest(client.identity, msg, engine_id, ids,
+                              IncrementalDetokenizer(self.tokenizer, ids, msg.skip_special_tokens), now,
+                              now + deadline_s if deadline_s else None, self.supervisor.generation)
+        sampling = ep.SamplingParams(
+            temperature=s.temperature, top_k=s.top_k, top_p=s.top_p, min_p=s.min_p,
+            repetition_penalty=s.repetition_penalty, frequency_penalty=s.frequency_penalty,
+            presence_penalty=s.presence_penalty, seed=s.seed, max_tokens=s.max_tokens,
+            stop_token_ids=list(s.stop_token_ids), ignore_eos=s.ignore_eos, logprobs=s.logprobs)
+        if not self._send_to_engine(ep.AddRequest(request_id=engine_id, prompt_token_ids=ids, sampling=sampling)):
+            raise cp.ProtocolError("unavailable", f"engine not ready: {self.supervisor.reason}", None, msg.id)
+        client.requests[msg.id] = req
+        self.by_engine_id[engine_id] = req
+        if req.deadline_at is not None:
+            loop = asyncio.get_running_loop()
+            self._deadlines[engine_id] = loop.call_at(loop.time() + deadline_s - (time.monotonic() - now),
+                                                      self._on_deadline, engine_id)
+        self.prompt_tokens_total += len(ids)
+        self.metrics.prompt_tokens.inc(len(ids))
+        self._update_in_flight()
+
+    # --- background -----------------------------------------------------------------------------
+
+    async def _monitor(self, monitor: zmq.asyncio.Socket) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            event = parse_monitor_message(await monitor.recv_multipart())
+            if event["event"] == zmq.EVENT_DISCONNECTED:
+                # The routing table drops the peer shortly after the event: probe then, and again later.
+                loop.call_later(0.02, self._probe_clients)
+                loop.call_later(0.25, self._probe_clients)
+            elif event["event"] == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
+                log.warning("refused a client on %s: Curve authentication failed",
+                            event["endpoint"].decode(errors="replace"))
+
+    def _probe_clients(self) -> None:
+        for client in list(self.clients.values()):
+            if client.requests and not client.outbox:
+                self._send(client, cp.Pong(daemon_id=self.daemon_id))
+
+    async def _housekeeping(self) -> None:
+        last_probe = time.monotonic()
+        wd = self.notifier.watchdog_interval_s
+        tick = min(HOUSEKEEPING_S, wd / 2) if wd else HOUSEKEEPING_S
+        while True:
+            await asyncio.sleep(tick)
+            now = time.monotonic()
+            for client in list(self.clients.values()):
+                silent = now - client.last_seen
+                if client.requests and silent > self.cfg.client_timeout_s:
+                    log.warning("client %s silent for %.1f s with %d request(s): aborting them",
+                                client.identity.hex(), silent, len(client.requests))
+                    self.metrics.clients_dropped.labels("heartbeat_timeout").inc()
+                    self._abort_client_requests(client, reply=True)
+                elif not client.requests and not client.outbox and silent > self.cfg.client_timeout_s:
+                    del self.clients[client.identity]  # idle connections cost nothing but memory
+                    self.metrics.clients.set(len(self.clients))
+            if now - last_probe > PROBE_INTERVAL_S:
+                last_probe = now
+                self._probe_clients()
+            if wd is not None and now - self._last_watchdog >= wd and self.supervisor.responsive(now):
+                self._last_watchdog = now
+                self.notifier.watchdog()
+

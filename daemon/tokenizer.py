@@ -1,0 +1,99 @@
+"""Prompt rendering and tokenisation for the daemon, from a checkpoint's own files, without torch.
+
+Reads `tokenizer.json` (the `tokenizers` library) and the chat template: `chat_template.jinja` if
+present, else `tokenizer_config.json`'s "chat_template" (a string, or a list of {name, template}
+where "default" is used). Templates are data shipped with a checkpoint, so they are rendered in
+jinja2's immutable sandbox with the settings HF transformers uses (trim_blocks, lstrip_blocks,
+loop controls, `raise_exception`), so a prompt renders to the same text as `apply_chat_template`.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from datetime import datetime
+from pathlib import Path
+
+from tokenizers import Tokenizer
+
+
+class TokenizerError(Exception):
+    pass
+
+
+class TemplateError(Exception):
+    pass
+
+
+def _raise_exception(message: str):
+    raise TemplateError(message)
+
+
+class TextTokenizer:
+    def __init__(self, model_dir: str | Path):
+        self.model_dir = Path(model_dir)
+        path = self.model_dir / "tokenizer.json"
+        if not path.is_file():
+            raise TokenizerError(f"no tokenizer.json in model directory '{self.model_dir}' (the daemon tokenises "
+                                 "with the checkpoint's own tokenizer.json)")
+        try:
+            self.tokenizer = Tokenizer.from_file(str(path))
+        except Exception as e:
+            raise TokenizerError(f"cannot load '{path}': {e}") from e
+        self.vocab_size = self.tokenizer.get_vocab_size(with_added_tokens=True)
+        self.chat_template = self._load_chat_template()
+        self._template = None
+
+    def _load_chat_template(self) -> str | None:
+        jinja = self.model_dir / "chat_template.jinja"
+        if jinja.is_file():
+            return jinja.read_text()
+        cfg_path = self.model_dir / "tokenizer_config.json"
+        if not cfg_path.is_file():
+            return None
+        try:
+            cfg = json.loads(cfg_path.read_text())
+        except json.JSONDecodeError as e:
+            raise TokenizerError(f"'{cfg_path}' is not valid JSON: {e}") from e
+        tpl = cfg.get("chat_template")
+        if isinstance(tpl, list):  # named templates: [{"name": "default", "template": "..."}, ...]
+            named = {t.get("name"): t.get("template") for t in tpl if isinstance(t, dict)}
+            tpl = named.get("default")
+        if tpl is not None and not isinstance(tpl, str):
+            raise TokenizerError(f"'{cfg_path}': chat_template must be a string or a list of named templates")
+        return tpl
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+        return self.tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def render_chat(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
+        if self.chat_template is None:
+            raise TemplateError(f"model '{self.model_dir}' has no chat template (tokenizer_config.json has no "
+                                "chat_template and there is no chat_template.jinja); send prompt or prompt_token_ids")
+        if self._template is None:
+            import jinja2.ext
+            from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+            env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                                extensions=[jinja2.ext.loopcontrols])
+            env.globals["raise_exception"] = _raise_exception
+            env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+            try:
+                self._template = env.from_string(self.chat_template)
+            except jinja2.TemplateError as e:
+                raise TemplateError(f"chat template of '{self.model_dir}' does not compile: {e}") from e
+        import jinja2
+
+        try:
+            return self._template.render(messages=messages, add_generation_prompt=add_generation_prompt)
+        except TemplateError:
+            raise
+        except (jinja2.TemplateError, TypeError, ValueError, KeyError) as e:
+            raise TemplateError(f"chat template failed on these messages: {e}") from e
+
+    def encode_chat(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> list[int]:
+        # The template writes the special tokens itself (as apply_chat_template does).
+        return self.encode(self.render_chat(messages, add_generation_prompt), add_special_tokens=False)

@@ -78,12 +78,31 @@ class ServeConfig:
                                   min=1)
     crash_loop_window_s: float = _f(600.0, "window for crash_loop_restarts", gt=0)
     log_level: str = _f("info", "debug, info, warning, error", choices=LOG_LEVELS)
+    placement: str = _f("off", "expert placement manager (needs engine_args --moe offload): on, off",
+                        choices=("on", "off"))
+    placement_pin_budget: int = _f(4, "experts pinned per cached MoE layer, operator pins included (must stay "
+                                      "below the layer's cache slots)", min=0)
+    placement_interval_s: float = _f(30.0, "seconds between pin recomputations from the engine's expert counts",
+                                     gt=0)
+    placement_state_file: str = _f("", "expert counts and operator pins kept across restarts; empty = "
+                                       "$STATE_DIRECTORY (else ~/.local/state/moed)/placement-NAME.json; "
+                                       "none = not kept")
 
     @property
     def served_name(self) -> str:
         if self.model_name:
             return self.model_name
         return builtin_name(self.model) or Path(self.model).name or self.model
+
+    @property
+    def placement_state_path(self) -> Path | None:
+        """Where the placement manager keeps its state (None: not kept)."""
+        if self.placement_state_file == "none":
+            return None
+        if self.placement_state_file:
+            return Path(self.placement_state_file)
+        base = os.environ.get("STATE_DIRECTORY") or Path.home() / ".local" / "state" / "moed"
+        return Path(base) / f"placement-{self.served_name.replace('/', '_')}.json"
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(ServeConfig)}

@@ -1,21 +1,39 @@
-"""Expert placement requests: the channel to the engine, and where a placement manager plugs in.
+"""Expert placement requests: the channel to the engine, and the placement manager run in the daemon.
 
 Clients send Placement requests (get, pin, unpin, reset). Without a placement manager they are
 forwarded to the engine as `engine.protocol.Placement` and answered from its PlacementReply,
-matched by token. The offload placement manager (DESIGN.md §4; its code belongs to offload/) runs
-inside the daemon as an asyncio task: pass a factory to `Daemon(placement_factory=...)`. The
-factory receives the `PlacementChannel` (to apply plans to the engine); the manager then gets every
-EngineStats (per-expert counts) and answers clients' placement requests itself.
+matched by token. A placement manager runs inside the daemon as an asyncio task: pass a factory to
+`Daemon(placement_factory=...)`, or set `placement = "on"` in the configuration, which runs
+`DaemonPlacement`. The factory receives the `PlacementChannel` (to apply plans to the engine); the
+manager then gets every EngineStats (per-expert counts) and answers clients' placement requests.
+
+`DaemonPlacement` wraps offload's `PlacementManager` (decayed counts, pins within a per-layer budget,
+JSON state file). Dependency rule exception (DESIGN.md): the daemon imports `moed.offload.placement`,
+which imports no torch (tests/test_daemon_imports.py checks that nothing heavy comes with it); every
+other offload module stays out of the daemon. The adapter from the manager's `apply(pins)` to the
+engine: each interval the daemon asks the engine for its pins (`get`) and sends `unpin` for the
+extra ones, then `pin` for the missing ones, so a restarted worker gets its pins back within one
+interval. Operator pins are the manager's `operator_pins`: kept by every recomputation, counted
+against the budget, persisted in the state file. An operator `unpin` only removes operator pins;
+`reset` (of a layer, or of all) drops that layer's operator pins and its counts, so pins come back
+only as new counts arrive.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
+import logging
 from collections.abc import Callable
+from pathlib import Path
 from typing import Protocol
 
 from moed.engine import protocol as ep
+from moed.offload.placement import PlacementError
+from moed.offload.placement import PlacementManager as Planner
+
+log = logging.getLogger(__name__)
 
 
 class PlacementUnavailable(Exception):
@@ -70,3 +88,155 @@ class PlacementManager(Protocol):
 
 
 PlacementFactory = Callable[[PlacementChannel], PlacementManager]
+
+
+class DaemonPlacement:
+    """Runs the offload placement planner against the engine through a PlacementChannel.
+
+    The planner is built once the engine first answers a `get` (which names its cached layers);
+    until then, and when the engine has no expert cache (moe=torch), requests go to the engine as is.
+    """
+
+    def __init__(self, channel: PlacementChannel, num_experts: int, pin_budget: int, interval_s: float,
+                 state_path: str | Path | None, decay: float = 0.5, attach_retry_s: float = 0.5):
+        if pin_budget < 0:
+            raise PlacementError(f"pin budget {pin_budget} must be >= 0 experts per layer")
+        self.channel = channel
+        self.num_experts, self.pin_budget, self.interval_s = num_experts, pin_budget, interval_s
+        self.state_path = Path(state_path) if state_path is not None else None
+        self.decay, self.attach_retry_s = decay, attach_retry_s
+        self.planner: Planner | None = None
+        self.unsupported = ""  # the engine's reason when it has no expert cache
+        self._fresh: dict[int, list[int]] = {}  # counts since the planner's last read
+        self._wanted: dict[int, set[int]] = {}
+        self._sync_lock = asyncio.Lock()  # one pin/unpin sequence at a time (periodic and operator)
+
+    # --- fed by the daemon ----------------------------------------------------------------------
+
+    def on_engine_stats(self, stats: ep.EngineStats) -> None:
+        for key, row in stats.expert_counts.items():
+            layer = int(key)
+            if len(row) != self.num_experts:
+                log.warning("placement: layer %s reports %d expert counts, model has %d; ignored",
+                            key, len(row), self.num_experts)
+                continue
+            acc = self._fresh.get(layer)
+            self._fresh[layer] = list(row) if acc is None else [a + c for a, c in zip(acc, row)]
+
+    def _read_counts(self) -> dict[int, list[int]]:
+        fresh, self._fresh = self._fresh, {}
+        return fresh
+
+    def _apply(self, pins: dict[int, set[int]]) -> None:
+        self._wanted = {layer: set(p) for layer, p in pins.items()}  # sent by the next _sync
+
+    # --- the task -------------------------------------------------------------------------------
+
+    async def _attach(self) -> bool:
+        """Build the planner from the engine's cached layers; False while the engine cannot say."""
+        try:
+            reply = await self.channel.request("get")
+        except PlacementUnavailable:
+            return False
+        if not reply.ok:
+            if not self.unsupported:
+                log.warning("placement manager idle: %s", reply.message)
+            self.unsupported = reply.message
+            return False
+        self.unsupported = ""
+        layers = sorted(int(k) for k in reply.pinned)
+        def planner(state_path: Path | None) -> Planner:
+            return Planner(self.num_experts, layers, self.pin_budget, read_counts=self._read_counts,
+                           apply=self._apply, interval_s=self.interval_s, decay=self.decay, state_path=state_path)
+        try:
+            self.planner = planner(self.state_path)
+        except PlacementError as e:  # keep the operator's file for inspection; start cold, persist nothing
+            log.error("placement: %s; starting without it and not writing it", e)
+            self.state_path = None
+            self.planner = planner(None)
+        self._wanted = {layer: set(p) for layer, p in self.planner.pins.items()}
+        self.planner.replan()  # warm start from the state file
+        log.info("placement manager: layers %s, %d experts, budget %d per layer, every %.0f s, state %s",
+                 layers, self.num_experts, self.pin_budget, self.interval_s, self.state_path or "not kept")
+        return True
+
+    async def _sync(self) -> ep.PlacementReply:
+        """Make the engine's pins the planner's: unpin the extra, then pin the missing. Returns the
+        engine's pins after the change."""
+        async with self._sync_lock:
+            have = await self.channel.request("get")
+            if not have.ok:
+                return have
+            for layer, want in sorted(self._wanted.items()):
+                cur = set(have.pinned.get(str(layer), []))
+                ops = [("unpin", e) for e in sorted(cur - want)] + [("pin", e) for e in sorted(want - cur)]
+                for op, e in ops:
+                    r = await self.channel.request(op, layer, e)
+                    if not r.ok:
+                        log.warning("placement: engine refused %s layer %d expert %d: %s", op, layer, e, r.message)
+                    have = r
+            return have
+
+    def _save(self) -> None:
+        if self.planner is not None and self.state_path is not None:
+            try:
+                self.state_path.parent.mkdir(parents=True, exist_ok=True)
+                self.planner.save(self.state_path)
+            except OSError as e:
+                log.warning("placement: cannot write state file %s: %s", self.state_path, e)
+
+    async def run(self) -> None:
+        try:
+            while self.planner is None:
+                if not await self._attach():
+                    await asyncio.sleep(self.attach_retry_s if not self.unsupported else self.interval_s)
+            while True:
+                try:
+                    await self._sync()
+                except PlacementUnavailable as e:  # worker restarting: the next interval re-sends the pins
+                    log.info("placement: engine unavailable (%s); retrying next interval", e)
+                await asyncio.sleep(self.interval_s)
+                try:
+                    self.planner.update(self._read_counts())
+                    self.planner.replan()
+                except PlacementError:
+                    log.exception("placement update failed")
+                self._save()
+        finally:
+            self._save()
+
+    # --- operator requests ----------------------------------------------------------------------
+
+    async def handle(self, op: str, layer: int | None, expert: int | None) -> ep.PlacementReply:
+        if self.planner is None and not await self._attach():
+            return await self.channel.request(op, layer, expert)  # the engine says why (or it is starting)
+        planner = self.planner
+        assert planner is not None
+        try:
+            if op == "pin" or op == "unpin":
+                if layer is None or expert is None:
+                    raise PlacementError(f"placement {op} needs a layer and an expert")
+                (planner.pin if op == "pin" else planner.unpin)(layer, expert)
+            elif op == "reset":
+                if layer is not None and layer not in planner.counts:
+                    raise PlacementError(f"layer {layer} is not an offloaded MoE layer (layers {planner.layers})")
+                for lay in [layer] if layer is not None else planner.layers:
+                    planner.operator_pins[lay] = set()
+                    planner.counts[lay] = [0.0] * self.num_experts
+                planner.replan()
+            elif op != "get":
+                raise PlacementError(f"unknown placement op {op!r} (get, pin, unpin, reset)")
+        except PlacementError as e:
+            return ep.PlacementReply(token=0, ok=False, message=str(e), pinned=await self._pinned())
+        if op != "get":
+            self._save()
+        reply = await self._sync() if op != "get" else await self.channel.request("get")
+        ops = {str(k): sorted(v) for k, v in planner.operator_pins.items() if v}
+        note = f"operator pins {ops}, budget {self.pin_budget} per layer"
+        return ep.PlacementReply(token=0, ok=reply.ok, pinned=reply.pinned,
+                                 message=f"{reply.message}; {note}" if reply.message else note)
+
+    async def _pinned(self) -> dict[str, list[int]]:
+        with contextlib.suppress(PlacementUnavailable):
+            return (await self.channel.request("get")).pinned
+        return {}

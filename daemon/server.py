@@ -20,6 +20,7 @@ import collections
 import contextlib
 import errno
 import itertools
+import json
 import logging
 import os
 import secrets
@@ -35,7 +36,13 @@ from moed.client import protocol as cp
 from moed.daemon.config import ServeConfig
 from moed.daemon.detokenizer import IncrementalDetokenizer
 from moed.daemon.metrics import Metrics, MetricsServer
-from moed.daemon.placement import PlacementChannel, PlacementFactory, PlacementManager, PlacementUnavailable
+from moed.daemon.placement import (
+    DaemonPlacement,
+    PlacementChannel,
+    PlacementFactory,
+    PlacementManager,
+    PlacementUnavailable,
+)
 from moed.daemon.request import EngineUpdate, GenerateRequest
 from moed.daemon.sdnotify import Notifier
 from moed.daemon.supervisor import WorkerSupervisor
@@ -47,6 +54,9 @@ log = logging.getLogger(__name__)
 _encoder = msgspec.msgpack.Encoder()
 THREAD_TOKENIZE_CHARS = 32768  # prompts longer than this are tokenised off the loop
 FLUSH_INTERVAL_S = 0.002  # retry period for outboxes of slow clients
+# A client's replies of one step go out in messages of this many, as soon as they are ready, so its first
+# streams do not wait for the step's last token to be handled (docs/benchmarks.md "Serving").
+STEP_SEND_EVERY = 16
 HOUSEKEEPING_S = 0.25
 PROBE_INTERVAL_S = 2.0  # Pong probe of clients with requests: a gone one fails with EHOSTUNREACH
 
@@ -104,6 +114,8 @@ class Daemon:
         self._metrics_server: MetricsServer | None = None
         self.supervisor: WorkerSupervisor | None = None
         self.placement = PlacementChannel(self._send_to_engine)
+        if placement_factory is None and cfg.placement == "on":
+            placement_factory = self._default_placement
         self._placement_factory = placement_factory
         self.placement_manager: PlacementManager | None = None
 
@@ -153,6 +165,15 @@ class Daemon:
             self.placement_manager = self._placement_factory(self.placement)
             self._tasks.append(loop.create_task(self.placement_manager.run(), name="moed-placement"))
         log.info("moed daemon %s listening on %s", self.daemon_id, ", ".join(self.endpoints))
+
+    def _default_placement(self, channel: PlacementChannel) -> DaemonPlacement:
+        config = Path(self.model_dir) / "config.json"
+        try:
+            num_experts = int(json.loads(config.read_text())["n_routed_experts"])
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise OSError(f"placement: cannot read n_routed_experts from {config}: {e!r}") from e
+        return DaemonPlacement(channel, num_experts, self.cfg.placement_pin_budget, self.cfg.placement_interval_s,
+                               self.cfg.placement_state_path)
 
     def request_drain(self) -> None:
         """Signal handler target: stop accepting, let in-flight requests finish, then stop. A second
@@ -278,7 +299,7 @@ class Daemon:
         self.metrics.step.observe(msg.step_time_s)
         tokens = 0
         stop_ids = []
-        replies: dict[bytes, list[cp.Chunk | cp.Final | cp.Error]] = {}  # per client: one send per step
+        replies: dict[bytes, list[cp.Chunk | cp.Final | cp.Error]] = {}  # per client: sent every STEP_SEND_EVERY
         for out in msg.outputs:
             req = self.by_engine_id.get(out.request_id)
             if req is None or req.generation != generation:
@@ -287,21 +308,28 @@ class Daemon:
             upd = req.on_output(out, now)
             self._observe(upd)
             if upd.replies:
-                replies.setdefault(req.client, []).extend(upd.replies)
+                items = replies.setdefault(req.client, [])
+                items.extend(upd.replies)
+                if len(items) >= STEP_SEND_EVERY:
+                    self._send_items(req.client, items)
+                    replies[req.client] = []
             if upd.abort_engine:
                 stop_ids.append(req.engine_id)
             if upd.done:
                 self._retire(req, upd.finish_reason or "error", now)
         for identity, items in replies.items():
-            client = self.clients.get(identity)
-            if client is not None:
-                self._send(client, items[0] if len(items) == 1 else cp.Batch(items=items))
+            self._send_items(identity, items)
         if stop_ids:
             self._send_to_engine(ep.Abort(request_ids=stop_ids, reason="stop"))
         self.generation_tokens_total += tokens
         self.metrics.generation_tokens.inc(tokens)
         self.metrics.dispatch_tokens.inc(tokens)
         self.metrics.dispatch.observe(time.perf_counter() - t0)
+
+    def _send_items(self, identity: bytes, items: list[cp.Chunk | cp.Final | cp.Error]) -> None:
+        client = self.clients.get(identity)
+        if client is not None and items:
+            self._send(client, items[0] if len(items) == 1 else cp.Batch(items=items))
 
     def _observe(self, upd: EngineUpdate) -> None:
         if upd.ttft is not None:

@@ -29,6 +29,7 @@ from moed.client.calls import (
     MoedError,
     RequestIds,
     RequestTimeout,
+    advance_stream,
     build_generate,
 )
 from moed.client.keys import CurveKeys
@@ -295,19 +296,9 @@ class AsyncStream:
         try:
             while self._open:
                 reply = await self.client._next(self.id, self._deadline)
-                if isinstance(reply, cp.Chunk):
-                    yield self._acc.add(reply.text, reply.token_ids, reply.logprobs)
-                elif isinstance(reply, cp.Final):
-                    self._open = False
-                    self.client._finished(self.id)
-                    n_text, n_ids = len(reply.text), len(reply.token_ids)
-                    self.completion = self._acc.complete(reply)
-                    if n_text or n_ids:
-                        yield Delta(reply.text, reply.token_ids, reply.logprobs)
-                elif isinstance(reply, cp.Error):
-                    self._open = False
-                    self.client._finished(self.id)
-                    raise MoedError.from_reply(reply)
+                delta = advance_stream(self, reply)
+                if delta is not None:
+                    yield delta
         finally:
             self.close()
 

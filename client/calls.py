@@ -90,6 +90,25 @@ class Accumulator:
                           logprobs=self.logprobs, stop=final.stop)
 
 
+def advance_stream(stream: Any, reply: Any) -> Delta | None:
+    """One reply of a streaming request, shared by the sync and async streams.
+
+    Returns the delta to yield (None: nothing to yield); a Final or Error closes the stream, and an
+    Error raises. `stream` has `_acc`, `_open`, `id`, `completion` and `client._finished`.
+    """
+    if isinstance(reply, cp.Chunk):
+        return stream._acc.add(reply.text, reply.token_ids, reply.logprobs)
+    if not isinstance(reply, (cp.Final, cp.Error)):
+        return None
+    stream._open = False
+    stream.client._finished(stream.id)
+    if isinstance(reply, cp.Error):
+        raise MoedError.from_reply(reply)
+    has_tail = bool(reply.text or reply.token_ids)
+    stream.completion = stream._acc.complete(reply)
+    return Delta(reply.text, reply.token_ids, reply.logprobs) if has_tail else None
+
+
 class RequestIds:
     def __init__(self) -> None:
         self._prefix = secrets.token_hex(4)

@@ -274,18 +274,23 @@ def fused_moe(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_id
     return out
 
 
+def _gemm_input(x: torch.Tensor, fp8: bool, quant_in_kernel: bool, block_k: int
+                ) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """(A operand, its scales, A_MODE): bf16 as is; FP8 quantised in the GEMM or by a separate pass first."""
+    if not fp8:
+        return x, x, A_BF16
+    if quant_in_kernel:
+        return x, x, A_QUANT_IN_KERNEL
+    a, a_scale = per_token_group_quant_fp8(x, block_k)
+    return a, a_scale, A_FP8
+
+
 def launch_gate_up(hidden: torch.Tensor, w13: torch.Tensor, w13_scale: torch.Tensor | None, h: torch.Tensor,
                    align, top_k: int, config: dict, fp8: bool, quant_in_kernel: bool, scale_n: int) -> None:
     """Step 2 alone (the tuner times it by itself): h [T, N] from hidden [M, K] and w13 [S, 2N, K]."""
     K = hidden.shape[1]
     N = h.shape[1]
-    if not fp8:
-        a, a_scale, mode = hidden, hidden, A_BF16
-    elif quant_in_kernel:
-        a, a_scale, mode = hidden, hidden, A_QUANT_IN_KERNEL
-    else:
-        a, a_scale = per_token_group_quant_fp8(hidden, config["BLOCK_SIZE_K"])
-        mode = A_FP8
+    a, a_scale, mode = _gemm_input(hidden, fp8, quant_in_kernel, config["BLOCK_SIZE_K"])
     ws = w13_scale if fp8 else w13
     bm, bn = config["BLOCK_SIZE_M"], config["BLOCK_SIZE_N"]
     num_blocks_m = align.sorted_ids.numel() // bm
@@ -305,13 +310,7 @@ def launch_down(h: torch.Tensor, w2: torch.Tensor, w2_scale: torch.Tensor | None
     """Step 3 alone: partial [T, K] = router weight * (h [T, N] . w2[slot] [K, N]^T)."""
     T, N = h.shape
     H = partial.shape[1]
-    if not fp8:
-        a, a_scale, mode = h, h, A_BF16
-    elif quant_in_kernel:
-        a, a_scale, mode = h, h, A_QUANT_IN_KERNEL
-    else:
-        a, a_scale = per_token_group_quant_fp8(h, config["BLOCK_SIZE_K"])
-        mode = A_FP8
+    a, a_scale, mode = _gemm_input(h, fp8, quant_in_kernel, config["BLOCK_SIZE_K"])
     ws = w2_scale if fp8 else w2
     bm, bn = config["BLOCK_SIZE_M"], config["BLOCK_SIZE_N"]
     num_blocks_m = align.sorted_ids.numel() // bm

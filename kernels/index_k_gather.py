@@ -18,6 +18,8 @@ import torch
 import triton
 import triton.language as tl
 
+from moed.kernels.launch import vec
+
 
 @triton.jit
 def _cast(v, dtype: tl.constexpr, INTERP: tl.constexpr):
@@ -82,16 +84,9 @@ def gather_paged_rows(src: torch.Tensor, scale: torch.Tensor | None, page_table:
                          src.stride(0), src.stride(1), ss[0], ss[1], page_table.stride(0), out.stride(0),
                          D=D, PAGE=page, BLOCK_N=block_n, BLOCK_D=triton.next_power_of_2(D),
                          HAS_SCALE=scale is not None, INTERP=os.environ.get("TRITON_INTERPRET") == "1",
-                         VEC_S=_vec(src, src.stride(0), src.stride(1)), VEC_O=_vec(out, out.stride(0)))
+                         VEC_S=vec(src, src.stride(0), src.stride(1)), VEC_O=vec(out, out.stride(0)))
     return out
 
-
-def _vec(t: torch.Tensor, *strides: int) -> int:
-    # Elements per 16 bytes, halved until it divides every row stride (a vectorisation hint).
-    v = 16 // t.element_size()
-    while v > 1 and any(s % v for s in strides):
-        v //= 2
-    return v
 
 
 def gather_paged_rows_reference(src: torch.Tensor, scale: torch.Tensor | None, page_table: torch.Tensor,

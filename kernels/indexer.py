@@ -23,12 +23,13 @@ Both read only device tensors; host ints only size grids and buffers (no sync).
 from __future__ import annotations
 
 import dataclasses
-import functools
 import os
 
 import torch
 import triton
 import triton.language as tl
+
+from moed.kernels.launch import sm_count, vec
 
 _SCORE_BUFFER_BYTES = 512 << 20
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -248,7 +249,7 @@ def indexer_scores(q: torch.Tensor, weights: torch.Tensor, k: torch.Tensor, k_sc
     n_tiles = triton.cdiv(max_context, block_n)
     t_tiles = triton.cdiv(max_new, block_t)
     batch = page_table.shape[0]
-    tiles_per_prog = max(1, min(16, batch * t_tiles * n_tiles // (4 * _sm_count(q.device))))
+    tiles_per_prog = max(1, min(16, batch * t_tiles * n_tiles // (4 * sm_count(q.device))))
     fp8 = k_scale is not None
     ks = k_scale if fp8 else k
     ks_stride = k_scale.stride() if fp8 else (0, 0)
@@ -280,17 +281,6 @@ def topk_from_scores(scores: torch.Tensor, positions: torch.Tensor, topk: int, o
     return out
 
 
-def vec(t: torch.Tensor, *strides: int) -> int:
-    """Elements per 16 bytes of t's dtype, halved until it divides every row stride (a vectorisation hint)."""
-    v = 16 // t.element_size()
-    while v > 1 and any(s % v for s in strides):
-        v //= 2
-    return v
-
-
-@functools.cache
-def _sm_count(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
 
 
 def _check(q: torch.Tensor, weights: torch.Tensor, k: torch.Tensor, page_table: torch.Tensor) -> None:

@@ -20,12 +20,13 @@ each writes a normalised partial output and its base-2 log-sum-exp; `_combine_ke
 from __future__ import annotations
 
 import dataclasses
-import functools
 import os
 
 import torch
 import triton
 import triton.language as tl
+
+from moed.kernels.launch import sm_count, vec
 
 LOG2E = 1.4426950408889634
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -186,19 +187,6 @@ def _combine_kernel(part_ptr, lse_ptr, o_ptr, stride_pt, stride_ps, stride_ph, s
     tl.store(o_ptr + t * stride_ot + h * stride_oh + c, _cast(o, o_ptr.dtype.element_ty, INTERP), mask=c < C)
 
 
-def vec(t: torch.Tensor, *strides: int) -> int:
-    """Elements per 16 bytes of t's dtype, halved until it divides every row stride (a vectorisation hint)."""
-    v = 16 // t.element_size()
-    while v > 1 and any(s % v for s in strides):
-        v //= 2
-    return v
-
-
-@functools.cache
-def _sm_count(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return 4
 
 
 def sparse_mla(q_lat: torch.Tensor, q_rope: torch.Tensor, nope: torch.Tensor, rope: torch.Tensor,
@@ -231,7 +219,7 @@ def sparse_mla(q_lat: torch.Tensor, q_rope: torch.Tensor, nope: torch.Tensor, ro
     slots = indices.shape[1] if indices is not None else max_context
     head_blocks = triton.cdiv(H, cfg.block_h)
     if num_splits is None:
-        want = triton.cdiv(2 * _sm_count(q_lat.device), T * head_blocks)
+        want = triton.cdiv(2 * sm_count(q_lat.device), T * head_blocks)
         num_splits = max(1, min(want, triton.cdiv(slots, 128)))
     num_splits = min(num_splits, 16)  # the combine kernel merges up to 16
     chunk = triton.cdiv(triton.cdiv(slots, num_splits), cfg.block_n) * cfg.block_n

@@ -111,7 +111,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    # argparse's REMAINDER cannot start with an option (`moed tune-moe --E 256`): the tuner's options arrive as
+    # unknown arguments and are handed to it whole; any other command with unknown arguments is an error.
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        if args.command != "tune-moe":
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        raw = list(sys.argv[1:] if argv is None else argv)
+        args.tune_args = raw[raw.index("tune-moe") + 1:]
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         return args.func(args)

@@ -18,6 +18,7 @@ import itertools
 import json
 import multiprocessing as mp
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -313,7 +314,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--time-budget", type=float, default=0.0, help="seconds; stop starting new sizes after this")
     p.add_argument("--workers", type=int, default=min(16, os.cpu_count() or 1), help="compile processes")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--from-log", metavar="LOG", help="write the tables a saved tuner log printed (no GPU needed)")
     args = p.parse_args(argv)
+    if args.from_log:
+        return _write_from_log(Path(args.from_log), args)
 
     if not torch.cuda.is_available():
         print("tune-moe: needs a CUDA GPU (torch.cuda.is_available() is False)", file=sys.stderr)
@@ -390,10 +394,77 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _write_from_log(path: Path, args: argparse.Namespace) -> int:
+    from moed.moe_configs import lookup
+
+    try:
+        text = path.read_text()
+    except OSError as e:
+        print(f"tune-moe: cannot read --from-log {path}: {e}", file=sys.stderr)
+        return 2
+    device = re.search(r"^tune-moe on (.+?), Triton (\S+?),", text, re.M)
+    if device is None:
+        print(f"tune-moe: {path} is not a tune-moe log (no 'tune-moe on <device>, Triton <version>' line)",
+              file=sys.stderr)
+        return 2
+    device_name, triton_version = device.group(1), device.group(2)
+    out_dir = Path(args.out_dir) if args.out_dir else lookup.PACKAGE_DIR / lookup.triton_dir_name(triton_version)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    batch_sizes = {int(v) for v in args.batch_sizes.split(",") if v.strip()}
+    written = 0
+    for (dtype, E, N, _K), done in tables_from_log(text).items():
+        missing = sorted(batch_sizes - {int(m) for m in done})
+        if missing:
+            print(f"tune-moe: {path}: {dtype} E={E} N={N} lacks M={missing}; not written", file=sys.stderr)
+            continue
+        dname = "fp8_w8a8" if dtype == "fp8_w8a8" else None
+        bshape = [128, 128] if dname else None
+        order = sorted(done, key=int)
+        for down in (False, True):
+            name = lookup.file_name(E, N, device_name, dname, bshape, down=down)
+            (out_dir / name).write_text(_table_json({m: done[m]["down" if down else "up"] for m in order}))
+        written += 1
+        print(f"  wrote {out_dir / lookup.file_name(E, N, device_name, dname, bshape)} and its _down twin")
+    return 0 if written else 3
+
+
 def _short(cfg: dict) -> str:
     return (f"M{cfg['BLOCK_SIZE_M']} N{cfg['BLOCK_SIZE_N']} K{cfg['BLOCK_SIZE_K']} G{cfg['GROUP_SIZE_M']} "
             f"w{cfg['num_warps']} s{cfg['num_stages']}" + {True: " qGEMM", False: " qPass", None: ""}[
                 cfg.get("A_QUANT_IN_GEMM")])
+
+
+_SHORT = re.compile(r"M(\d+) N(\d+) K(\d+) G(\d+) w(\d+) s(\d+)( qGEMM| qPass)?")
+_HEADER = re.compile(r"^\[(\w+) E=(\d+) N=(\d+) K=(\d+)\]")
+_ROW = re.compile(r"^\s+M=\s*(\d+): gate_up\s+[\d.]+ us (.+?) \| down\s+[\d.]+ us (.+?)\s+\(")
+
+
+def _parse_short(text: str) -> dict:
+    m = _SHORT.fullmatch(text.strip())
+    if m is None:
+        raise ValueError(f"not a tuner config: {text!r}")
+    keys = ("BLOCK_SIZE_M", "BLOCK_SIZE_N", "BLOCK_SIZE_K", "GROUP_SIZE_M", "num_warps", "num_stages")
+    cfg: dict = dict(zip(keys, map(int, m.groups()[:6])))
+    if m.group(7):
+        cfg["A_QUANT_IN_GEMM"] = m.group(7) == " qGEMM"
+    return cfg
+
+
+def tables_from_log(text: str) -> dict[tuple[str, int, int, int], dict[str, dict]]:
+    """The per-M winners a tuner run printed, keyed (dtype, E, N, K): rebuilds the tables when a run's output
+    folder was lost but its log was kept (the log line carries every field the table stores)."""
+    out: dict[tuple[str, int, int, int], dict[str, dict]] = {}
+    job = None
+    for line in text.splitlines():
+        h = _HEADER.match(line)
+        if h:
+            job = (h.group(1), int(h.group(2)), int(h.group(3)), int(h.group(4)))
+            out.setdefault(job, {})
+            continue
+        r = _ROW.match(line)
+        if r and job is not None:
+            out[job][r.group(1)] = {"up": _parse_short(r.group(2)), "down": _parse_short(r.group(3))}
+    return out
 
 
 def _table_json(table: dict[str, dict]) -> str:

@@ -1,0 +1,63 @@
+"""`moed tune-moe` hands its options to the tuner unchanged (the issue's own command line starts with one)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from moed.daemon.cli import main
+
+
+def test_moe_tune_cli_passes_options_to_the_tuner(capsys):
+    # An invalid --dtype is rejected by the tuner's own parser, which proves --E/--N reached it.
+    with pytest.raises(SystemExit) as e:
+        main(["tune-moe", "--E", "256", "--N", "1024", "512", "--dtype", "fp9"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "moed tune-moe" in err and "fp9" in err
+
+
+def test_moe_tune_cli_help_is_the_tuners(capsys):
+    with pytest.raises(SystemExit):
+        main(["tune-moe", "--help"])
+    assert "--batch-sizes" in capsys.readouterr().out
+
+
+def test_moe_tune_cli_other_commands_still_reject_unknown_options(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["config", "check", "x.toml", "--bogus"])
+    assert e.value.code == 2
+    assert "--bogus" in capsys.readouterr().err
+
+
+def test_moe_tune_tables_from_log_round_trip(tmp_path):
+    from moed.moe_configs import lookup
+    from moed.ops.tune_moe import _short, tables_from_log
+    from moed.ops.tune_moe import main as tune_main
+
+    up = {"BLOCK_SIZE_M": 16, "BLOCK_SIZE_N": 64, "BLOCK_SIZE_K": 128, "GROUP_SIZE_M": 1, "num_warps": 4,
+          "num_stages": 4, "A_QUANT_IN_GEMM": False}
+    down = {**up, "BLOCK_SIZE_N": 128, "num_stages": 3, "A_QUANT_IN_GEMM": True}
+    big = {"BLOCK_SIZE_M": 64, "BLOCK_SIZE_N": 128, "BLOCK_SIZE_K": 64, "GROUP_SIZE_M": 16, "num_warps": 8,
+           "num_stages": 3}
+    log = "\n".join([
+        "tune-moe on NVIDIA H100 80GB HBM3, Triton 3.6.0, torch 2.11.0+cu130; writing /x",
+        "[fp8_w8a8 E=256 N=512 K=6144] 2 of 2 batch sizes to tune",
+        "  compiled 98 kernel variants in 9.7s with 16 processes (0 unusable)",
+        f"  M=    1: gate_up     28.6 us {_short(up)} | down     13.8 us {_short(down)}  (0.9s)",
+        f"  M= 4096: gate_up    921.8 us {_short(up)} | down    717.0 us {_short(down)}  (0.8s)",
+        "[bf16 E=257 N=256 K=6144] 2 of 2 batch sizes to tune",
+        f"  M=    1: gate_up     75.2 us {_short(big)} | down     38.6 us {_short(big)}  (1.5s)",
+    ])
+    tables = tables_from_log(log)
+    assert tables[("fp8_w8a8", 256, 512, 6144)] == {"1": {"up": up, "down": down}, "4096": {"up": up, "down": down}}
+    assert tables[("bf16", 257, 256, 6144)] == {"1": {"up": big, "down": big}}
+    path = tmp_path / "tune.log"
+    path.write_text(log)
+    # The bf16 job lacks M=4096: only the complete fp8 table is written.
+    assert tune_main(["--from-log", str(path), "--batch-sizes", "1,4096", "--out-dir", str(tmp_path)]) == 0
+    name = lookup.file_name(256, 512, "NVIDIA H100 80GB HBM3", "fp8_w8a8", [128, 128])
+    assert json.loads((tmp_path / name).read_text())["4096"] == up
+    assert json.loads((tmp_path / name.replace(".json", "_down.json")).read_text())["1"] == down
+    assert not list(tmp_path.glob("E=257*"))

@@ -33,6 +33,7 @@ import math
 import time
 from collections.abc import Callable
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -95,12 +96,30 @@ def default_moe_fn(device: torch.device) -> MoEFn:
     return slot_moe_torch
 
 
+class _HostStaging:
+    """Host buffers of the hybrid path, reused every layer: pinned on CUDA so the copies are asynchronous.
+    ids [R] int32 (R = tokens x k routes), x [R, K] fp32 activations, e2s [E] int32 slot table, freq [E] fp32
+    use counts, flags [E] int8 CPU-served marks, y [R, K] fp32 CPU route outputs, rows [R] int64 their routes."""
+
+    def __init__(self, routes: int, num_experts: int, hidden: int, pin: bool) -> None:
+        def buf(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+            return torch.empty(shape, dtype=dtype, pin_memory=pin)
+
+        self.ids = buf((routes,), torch.int32)
+        self.x = buf((routes, hidden), torch.float32)
+        self.e2s = buf((num_experts,), torch.int32)
+        self.freq = buf((num_experts,), torch.float32)
+        self.flags = buf((num_experts,), torch.int8)
+        self.y = buf((routes, hidden), torch.float32)
+        self.rows = buf((routes,), torch.int64)
+
+
 @dataclasses.dataclass(frozen=True)
 class CpuConfig:
     """Hybrid miss service: CPU experts next to copies. `enabled=False` keeps results exact FP8."""
 
     enabled: bool = True
-    threads: int = 0  # 0: OpenMP's default
+    threads: int = 0  # 0: every core this process may use
     max_tokens: int = 8  # above this many tokens a step copies and computes on the GPU (prefill)
     cpu_rate: float | None = None  # bytes/s; None: measured at start-up
     copy_rate: float | None = None  # bytes/s; None: measured at start-up
@@ -144,7 +163,7 @@ class OffloadMoERunner:
         self.cpu_kernel: CpuExpertKernel | None = None
         self._pending_pins: dict[int, set[int]] | None = None
         self._ones: dict[int, torch.Tensor] = {}
-        self._cpu_flags: dict[int, torch.Tensor] = {}
+        self._stage: _HostStaging | None = None
         self.host_stats = {layer: {"cpu_experts": 0, "bytes_cpu": 0, "stall_s": 0.0} for layer in self.layers}
         self.split_log: list[dict] = []
         self.cpu_rate = self.copy_rate = 0.0
@@ -290,25 +309,40 @@ class OffloadMoERunner:
 
     # ------------------------------------------------------------------ hybrid CPU service
 
+    def _staging(self, M: int, k: int) -> _HostStaging:
+        st = self._stage
+        if st is None or st.ids.shape[0] < M * k:
+            st = self._stage = _HostStaging(M * k, self.layout.num_experts, self.layout.hidden,
+                                            pin=self.device.type == "cuda")
+        return st
+
     def _start_cpu(self, layer: int, lc: LayerCache, hidden: torch.Tensor, ids: torch.Tensor):
+        """Read the step's ids, the slot table, the use counts and the activations in one sync; pick the CPU's
+        experts; mark them for the claim kernel. Returns (job, exclude) or (None, None)."""
         t0 = time.perf_counter()
-        ids_host = ids.cpu()  # the host needs the step's ids to split misses: one sync per layer
+        M, k = ids.shape
         E = self.layout.num_experts
-        e2s = lc.tables.expert_to_slot[:E].cpu()
-        needed = torch.unique(ids_host.flatten()).tolist()
-        misses = [e for e in needed if e2s[e] < 0]
+        st = self._staging(M, k)
+        # Every earlier copy out of the staging buffers (the previous layer's CPU results) was queued before
+        # these on the same stream, so the one sync below also makes the buffers free to overwrite.
+        ids_h, x_h = st.ids[: M * k].view(M, k), st.x[:M]
+        ids_h.copy_(ids, non_blocking=True)
+        st.e2s.copy_(lc.tables.expert_to_slot[:E], non_blocking=True)
+        st.freq.copy_(lc.tables.expert_freq[:E], non_blocking=True)
+        x_h.copy_(hidden, non_blocking=True)  # bf16 -> fp32 on the way
+        if self.device.type == "cuda":
+            torch.cuda.current_stream(self.device).synchronize()  # the one host sync of this layer
+        ids_np, e2s = ids_h.numpy(), st.e2s.numpy()
+        needed = np.unique(ids_np)
+        misses = needed[e2s[needed] < 0]
         n_cpu = round(len(misses) * self.cpu_share)
-        self.host_stats[layer]["stall_s"] += time.perf_counter() - t0
         if n_cpu == 0:
+            self.host_stats[layer]["stall_s"] += time.perf_counter() - t0
             return None, None
         # Only copied experts enter the cache: send the least-used ones to the CPU.
-        freq = lc.tables.expert_freq.cpu()
-        cpu_experts = sorted(misses, key=lambda e: (float(freq[e]), e))[:n_cpu]
-        x = hidden.float().cpu()
-        # Per-layer pinned flags: reusing them is safe because this path syncs on every step's ids.
-        flags = self._cpu_flags.get(layer)
-        if flags is None:
-            flags = self._cpu_flags[layer] = torch.zeros(E, dtype=torch.int8, pin_memory=self.device.type == "cuda")
+        freq = st.freq.numpy()
+        cpu_experts = sorted(misses.tolist(), key=lambda e: (float(freq[e]), e))[:n_cpu]
+        flags = st.flags
         flags.zero_()
         flags[cpu_experts] = 1
         exclude = torch.empty(E, dtype=torch.int8, device=self.device)
@@ -316,38 +350,41 @@ class OffloadMoERunner:
             upload_no_ce(flags, exclude)  # never behind a copy-engine prefetch
         else:
             exclude.copy_(flags)
-        assert self.cpu_kernel is not None
-        routes = {e: (ids_host == e).nonzero() for e in cpu_experts}  # [n, 2] (token, j)
-        experts = list(routes)
-        views = [self.store.expert(layer, e) for e in experts]
-        xs = [x[routes[e][:, 0]].contiguous() for e in experts]
-        rows: list[int] = []
-        for e in experts:
-            rows += (routes[e][:, 0] * ids_host.shape[1] + routes[e][:, 1]).tolist()
+        x_np = x_h.numpy()
+        views, xs, outs = [], [], []
+        rows = st.rows.numpy()
+        n = 0
+        for e in cpu_experts:
+            tok, j = np.nonzero(ids_np == e)
+            views.append(self.store.expert(layer, e))
+            xs.append(torch.from_numpy(np.ascontiguousarray(x_np[tok])))
+            outs.append(st.y[n: n + len(tok)])  # contiguous rows of the pinned result buffer
+            rows[n: n + len(tok)] = tok * k + j
+            n += len(tok)
         self.split_log.append({"layer": layer, "misses": len(misses), "cpu": n_cpu, "copy": len(misses) - n_cpu,
                                "cpu_share": self.cpu_share})
         h = self.host_stats[layer]
         h["cpu_experts"] += n_cpu
         h["bytes_cpu"] += n_cpu * self.layout.expert_bytes
-        return (views, xs, rows), exclude
+        h["stall_s"] += time.perf_counter() - t0
+        return (views, xs, outs, n), exclude
 
     def _join_cpu(self, layer: int, job: tuple, route_out: torch.Tensor) -> torch.Tensor:
-        """Compute the CPU's experts on this thread (the GPU rounds are already queued and run meanwhile)."""
-        views, xs, rows = job
-        assert self.cpu_kernel is not None
+        """Compute the CPU's experts on this thread (the GPU rounds are already queued and run meanwhile), then
+        copy their rows into the route outputs (one upload of results, one of row indices)."""
+        views, xs, outs, n = job
+        assert self.cpu_kernel is not None and self._stage is not None
         t0 = time.perf_counter()
-        y = torch.cat(self.cpu_kernel.forward_many(views, xs))  # releases the GIL while it runs
+        self.cpu_kernel.forward_many(views, xs, outs)  # releases the GIL while it runs
         busy_s = time.perf_counter() - t0
         self.host_stats[layer]["stall_s"] += busy_s
         if self.cpu_cfg.cpu_rate is None and busy_s > 0:
             # Re-measured under load: the CPU shares memory bandwidth with the copies running beside it.
             self.cpu_rate = 0.8 * self.cpu_rate + 0.2 * len(views) * self.layout.expert_bytes / busy_s
-        idx = torch.tensor(rows, dtype=torch.long)
-        if self.device.type == "cuda":
-            y = y.pin_memory()
-            idx = idx.pin_memory()
-        route_out = route_out.clone()
-        route_out[idx.to(self.device, non_blocking=True)] = y.to(self.device, non_blocking=True).to(route_out.dtype)
+        st = self._stage
+        y = st.y[:n].to(self.device, non_blocking=True)
+        idx = st.rows[:n].to(self.device, non_blocking=True)
+        route_out.index_copy_(0, idx, y.to(route_out.dtype))  # route_out is this step's own tensor
         return route_out
 
     def close(self) -> None:

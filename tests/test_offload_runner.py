@@ -163,9 +163,9 @@ def test_offload_cpu_experts_within_accumulation_tolerance(fp8_setup, monkeypatc
     calls = []
     real = r.cpu_kernel.forward_many
 
-    def spy(experts, xs):
+    def spy(experts, xs, outs=None):
         calls.append(len(experts))
-        return real(experts, xs)
+        return real(experts, xs, outs)
 
     monkeypatch.setattr(r.cpu_kernel, "forward_many", spy)
     g = torch.Generator().manual_seed(11)

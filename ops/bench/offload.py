@@ -67,11 +67,12 @@ def ceilings(store: HostExpertStore) -> dict:
     slab = store.slabs[LAYER]
     out["host_read_GBps"] = _host_read_GBps(1 << 30)
     blk = 38 << 20
-    src = slab[: 32 * blk].view(32, blk)
-    dst = torch.empty(32, blk, dtype=torch.uint8, device="cuda")
+    nblk = min(32, slab.numel() // blk)
+    src = slab[: nblk * blk].view(nblk, blk)
+    dst = torch.empty(nblk, blk, dtype=torch.uint8, device="cuda")
 
     def ce_blocks():
-        for i in range(32):
+        for i in range(nblk):
             dst[i].copy_(src[i], non_blocking=True)
 
     ce_blocks()
@@ -282,6 +283,102 @@ def hybrid_runs(cfg, store, ceil: dict, cpu_measure: dict, args) -> dict:
     return out
 
 
+def cpu_diag(cfg, store, ceil: dict, args) -> dict:
+    """Where the CPU experts lose speed inside the runner: the kernel back to back, after idle gaps (OpenMP
+    threads asleep), after a small torch CPU op (torch's own thread pool), beside the UVA copy kernel (DRAM
+    shared with PCIe), and the all-CPU runner step split into its host phases."""
+    import re
+
+    L = store.layout
+    E, k, K = cfg.n_routed_experts, cfg.num_experts_per_tok, cfg.hidden_size
+    maps = Path("/proc/self/maps").read_text() if Path("/proc/self/maps").exists() else ""
+    out: dict = {"omp_libs": sorted({m for m in re.findall(r"\S*gomp\S*|\S*libiomp\S*", maps)}),
+                 "torch_threads": torch.get_num_threads(),
+                 "env": {v: os.environ.get(v) for v in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT",
+                                                        "OMP_PROC_BIND")}}
+    experts = list(range(k))
+    views = [store.expert(LAYER, e) for e in experts]
+    xs = [torch.randn(1, K) for _ in experts]
+    nbytes = len(experts) * L.expert_bytes
+
+    def gbps(ts: list[float]) -> dict:
+        return {"min_ms": min(ts) * 1e3, "median_ms": float(np.median(ts)) * 1e3,
+                "median_GBps": nbytes / float(np.median(ts)) / 1e9}
+
+    for threads in sorted({args.cpu_threads, os.cpu_count() or 1, max(1, (os.cpu_count() or 2) - 2), 8}):
+        kern = CpuExpertKernel(L, threads=threads)
+        kern.forward_many(views, xs)
+        back = [_wall(lambda kern=kern: kern.forward_many(views, xs)) for _ in range(10)]
+        gaps = []
+        for _ in range(10):
+            time.sleep(0.003)
+            gaps.append(_wall(lambda kern=kern: kern.forward_many(views, xs)))
+        after_op = []
+        small = torch.randn(64, 64)
+        for _ in range(10):
+            torch.unique(torch.randint(0, E, (k,)))
+            (small @ small).sum()
+            after_op.append(_wall(lambda kern=kern: kern.forward_many(views, xs)))
+        out[f"threads{threads}"] = {"back_to_back": gbps(back), "after_3ms_idle": gbps(gaps),
+                                    "after_torch_op": gbps(after_op)}
+    # Beside the copy kernel: 16 other experts streamed by UVA loads while the CPU computes.
+    kern = CpuExpertKernel(L, threads=args.cpu_threads)
+    n_copy = min(16, L.num_experts - k)
+    if n_copy > 0:
+        tables = SlotTables.allocate(L.num_experts, n_copy, "cuda")
+        secs = list(store.section_bytes_of(LAYER).values())
+        dsts = [torch.empty(n_copy, s.shape[1], dtype=torch.uint8, device="cuda") for s in secs]
+        tables.copy_expert[:n_copy] = torch.arange(k, k + n_copy, dtype=torch.int32, device="cuda")
+        tables.copy_slot[:n_copy] = torch.arange(n_copy, dtype=torch.int32, device="cuda")
+        tables.n_copy.fill_(n_copy)
+        copy_experts(tables, secs, dsts)
+        torch.cuda.synchronize()
+        cpu_t, copy_t = [], []
+        for _ in range(5):
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            copy_experts(tables, secs, dsts)
+            b.record()
+            cpu_t.append(_wall(lambda kern=kern: kern.forward_many(views, xs)))
+            b.synchronize()
+            copy_t.append(a.elapsed_time(b) / 1e3)
+        out["beside_uva_copy"] = {**gbps(cpu_t), "copy_GBps": n_copy * L.expert_bytes / float(np.median(copy_t)) / 1e9,
+                                  "copy_ms": float(np.median(copy_t)) * 1e3}
+    # The all-CPU runner step, phase by phase.
+    trace = torch.from_numpy(uniform_trace(args.steps + 2, 1, E, k, seed=11)).cuda()
+    w = torch.rand(1, k, device="cuda")
+    h = torch.randn(1, K, device="cuda").bfloat16()
+    r = make_runner(cfg, store, k, cpu=CpuConfig(threads=args.cpu_threads, cpu_rate=1.0, copy_rate=1e-12))
+    phases = {"start_cpu": 0.0, "cpu_kernel": 0.0}
+    start, fwd = r._start_cpu, r.cpu_kernel.forward_many
+
+    def timed(name, fn):
+        def wrapper(*a, **kw):
+            t0 = time.perf_counter()
+            try:
+                return fn(*a, **kw)
+            finally:
+                phases[name] += time.perf_counter() - t0
+        return wrapper
+
+    r._start_cpu = timed("start_cpu", start)
+    r.cpu_kernel.forward_many = timed("cpu_kernel", fwd)
+    for s in range(2):
+        r.run(LAYER, h, trace[s], w)
+    torch.cuda.synchronize()
+    phases.update(start_cpu=0.0, cpu_kernel=0.0)
+    t0 = time.perf_counter()
+    for s in range(2, args.steps + 2):
+        r.run(LAYER, h, trace[s], w)
+    torch.cuda.synchronize()
+    total = (time.perf_counter() - t0) / args.steps
+    out["runner_all_cpu"] = {"step_ms": total * 1e3, "start_cpu_ms": phases["start_cpu"] / args.steps * 1e3,
+                             "cpu_kernel_ms": phases["cpu_kernel"] / args.steps * 1e3,
+                             "cpu_experts_per_step": r.split_log[-1]["cpu"] if r.split_log else 0}
+    r.close()
+    return out
+
+
 def prefetch_runs(cfg, store, args) -> dict:
     E, k, K = cfg.n_routed_experts, cfg.num_experts_per_tok, cfg.hidden_size
     g = torch.Generator(device="cuda").manual_seed(0)
@@ -373,7 +470,8 @@ def main() -> None:
     p.add_argument("--warm-steps", type=int, default=8)
     p.add_argument("--cpu-threads", type=int, default=max(1, (os.cpu_count() or 2) - 1))
     p.add_argument("--out", default="offload_bench.json")
-    p.add_argument("--only", default="ceil,cpu,hybrid,decode,prefetch,noce,graph")
+    p.add_argument("--only", default="ceil,cpu,hybrid,decode,prefetch,noce,graph",
+                   help="comma list; add diag for the CPU-expert slowdown breakdown")
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     torch.manual_seed(0)
@@ -409,6 +507,10 @@ def main() -> None:
     if "hybrid" in only and "cpu" in results:
         results["hybrid"] = hybrid_runs(cfg, store, ceil, results["cpu"], args)
         save()
+    if "diag" in only:
+        results["cpu_diag"] = cpu_diag(cfg, store, results["ceilings"], args)
+        save()
+        print(json.dumps(results["cpu_diag"], indent=1))
     if "noce" in only:
         results["no_ce_upload"] = no_ce_upload(store)
         save()

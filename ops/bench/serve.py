@@ -201,7 +201,10 @@ async def _bench(args: argparse.Namespace, model_dir: str, runtime: str) -> dict
             row = await _measure(daemon, address, n, args.max_tokens, procs)
             log.info("%d streams: %s", n, row)
             rows.append(row)
+        from moed.daemon import server
+
         return {"model": model_dir, "device": args.device, "max_tokens": args.max_tokens,
+                "send_every": server.STEP_SEND_EVERY,
                 "health_round_trip_median_s": rtt, "cpus": os.cpu_count(), "rows": rows}
     finally:
         await daemon.stop()
@@ -217,8 +220,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--worker-threads", type=int, default=1,
                    help="CPU threads of the worker's torch (OMP_NUM_THREADS), so that on a small CPU the "
                         "daemon and the load generators keep a core; 0 = torch's default")
+    p.add_argument("--send-every", type=int, default=0,
+                   help="A/B the daemon's replies per message within a step (server.STEP_SEND_EVERY); 0 = as shipped")
     p.add_argument("--out", help="write the figures here as JSON")
     args = p.parse_args(argv)
+    if args.send_every:
+        from moed.daemon import server
+
+        server.STEP_SEND_EVERY = args.send_every
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     model_dir = resolve_model(args.model)
     if args.worker_threads:

@@ -193,6 +193,16 @@ class OffloadMoERunner:
             return 0.0
         return self.cpu_rate / (self.cpu_rate + self.copy_rate)
 
+    def _cpu_count(self, misses: int) -> int:
+        """How many of `misses` experts the CPU computes: the split (whole experts) whose slower side ends first."""
+        if self.cpu_kernel is None or self.cpu_rate <= 0:
+            return 0
+        if self.copy_rate <= 0:
+            return misses
+        ideal = misses * self.cpu_share
+        return min({math.floor(ideal), math.ceil(ideal)},
+                   key=lambda c: (max(c / self.cpu_rate, (misses - c) / self.copy_rate), -c))
+
     def _measure_cpu_rate(self) -> float:
         assert self.cpu_kernel is not None
         layer = self.layers[0]
@@ -335,7 +345,7 @@ class OffloadMoERunner:
         ids_np, e2s = ids_h.numpy(), st.e2s.numpy()
         needed = np.unique(ids_np)
         misses = needed[e2s[needed] < 0]
-        n_cpu = round(len(misses) * self.cpu_share)
+        n_cpu = self._cpu_count(len(misses))
         if n_cpu == 0:
             self.host_stats[layer]["stall_s"] += time.perf_counter() - t0
             return None, None

@@ -305,7 +305,8 @@ def cpu_diag(cfg, store, ceil: dict, args) -> dict:
         return {"min_ms": min(ts) * 1e3, "median_ms": float(np.median(ts)) * 1e3,
                 "median_GBps": nbytes / float(np.median(ts)) / 1e9}
 
-    for threads in sorted({args.cpu_threads, os.cpu_count() or 1, max(1, (os.cpu_count() or 2) - 2), 8}):
+    cores = len(os.sched_getaffinity(0))
+    for threads in sorted({cores, max(1, cores - 1), max(1, cores - 2), 8}):
         kern = CpuExpertKernel(L, threads=threads)
         kern.forward_many(views, xs)
         back = [_wall(lambda kern=kern: kern.forward_many(views, xs)) for _ in range(10)]
@@ -468,7 +469,7 @@ def main() -> None:
     p.add_argument("--experts", type=int, default=128)
     p.add_argument("--steps", type=int, default=12)
     p.add_argument("--warm-steps", type=int, default=8)
-    p.add_argument("--cpu-threads", type=int, default=max(1, (os.cpu_count() or 2) - 1))
+    p.add_argument("--cpu-threads", type=int, default=0, help="CPU expert threads; 0 = every core")
     p.add_argument("--out", default="offload_bench.json")
     p.add_argument("--only", default="ceil,cpu,hybrid,decode,prefetch,noce,graph",
                    help="comma list; add diag for the CPU-expert slowdown breakdown")

@@ -118,6 +118,11 @@ class Metrics:
         self.prefetch_recall = Gauge("moed_expert_prefetch_recall_ratio",
                                      "Used experts that had been prefetched, since the worker started", layer,
                                      registry=r)
+        self.expert_pinned = Gauge("moed_expert_pinned", "Experts pinned in the GPU cache (placement manager)",
+                                   layer, registry=r)
+        self.placement_changes = Counter("moed_placement_pin_changes", "Pins and unpins the placement manager "
+                                         "applied in the engine", registry=r)
+        self.placement_syncs = Counter("moed_placement_syncs", "Placement plans sent to the engine", registry=r)
         self.worker_restarts = Counter("moed_worker_restarts", "Engine worker restarts after a crash or stall",
                                        registry=r)
         self.ready = Gauge("moed_ready", "1 when the daemon accepts generate requests", registry=r)
@@ -171,6 +176,13 @@ class Metrics:
                 self.prefetch_precision.labels(layer).set(e.prefetch_precision)
             if e.prefetch_recall is not None:
                 self.prefetch_recall.labels(layer).set(e.prefetch_recall)
+
+    def observe_placement(self, pinned: dict[str, list[int]], changes: int) -> None:
+        """After the placement manager made the engine's pins its plan: pins per layer, pins changed."""
+        for layer, experts in pinned.items():
+            self.expert_pinned.labels(layer).set(len(experts))
+        self.placement_changes.inc(changes)
+        self.placement_syncs.inc()
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)

@@ -110,6 +110,7 @@ class DaemonPlacement:
         self._fresh: dict[int, list[int]] = {}  # counts since the planner's last read
         self._wanted: dict[int, set[int]] = {}
         self._sync_lock = asyncio.Lock()  # one pin/unpin sequence at a time (periodic and operator)
+        self.on_synced: Callable[[dict[str, list[int]], int], None] | None = None  # (engine pins, changes): metrics
 
     # --- fed by the daemon ----------------------------------------------------------------------
 
@@ -167,6 +168,7 @@ class DaemonPlacement:
             have = await self.channel.request("get")
             if not have.ok:
                 return have
+            changes = 0
             for layer, want in sorted(self._wanted.items()):
                 cur = set(have.pinned.get(str(layer), []))
                 ops = [("unpin", e) for e in sorted(cur - want)] + [("pin", e) for e in sorted(want - cur)]
@@ -174,7 +176,11 @@ class DaemonPlacement:
                     r = await self.channel.request(op, layer, e)
                     if not r.ok:
                         log.warning("placement: engine refused %s layer %d expert %d: %s", op, layer, e, r.message)
+                    else:
+                        changes += 1
                     have = r
+            if self.on_synced is not None:
+                self.on_synced(have.pinned, changes)
             return have
 
     def _save(self) -> None:

@@ -163,6 +163,8 @@ class Daemon:
                         loop.create_task(self._flush_outboxes(), name="moed-flush")]
         if self._placement_factory is not None:
             self.placement_manager = self._placement_factory(self.placement)
+            if isinstance(self.placement_manager, DaemonPlacement):
+                self.placement_manager.on_synced = self.metrics.observe_placement
             self._tasks.append(loop.create_task(self.placement_manager.run(), name="moed-placement"))
         log.info("moed daemon %s listening on %s", self.daemon_id, ", ".join(self.endpoints))
 

@@ -17,7 +17,16 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-from daemon_harness import HAVE_REAL_WORKER, NO_REAL_WORKER, REAL_WORKER, DaemonThread, hang_guard, make_config  # noqa: F401
+from daemon_harness import (  # noqa: F401
+    HAVE_REAL_WORKER,
+    NO_REAL_WORKER,
+    REAL_WORKER,
+    DaemonThread,
+    hang_guard,
+    make_config,
+    metric_value,
+    scrape,
+)
 
 from moed.client import Client
 from moed.offload.placement import PlacementManager as Planner
@@ -66,6 +75,15 @@ def test_daemon_placement_counts_pins_and_state_file(tiny_checkpoint, tmp_path):
             time.sleep(0.1)
         assert _engine_pins(d) == want
         assert 15 in want["1"]
+        # The manager's syncs are exported: pins per layer and the pins/unpins it applied.
+        end = time.monotonic() + 10  # scraped from this thread: the metrics server runs on the daemon's loop
+        while metric_value(scrape(d.metrics_url + "/metrics")[1], "moed_expert_pinned", {"layer": "2"}) \
+                != len(want["2"]) and time.monotonic() < end:
+            time.sleep(0.1)
+        text = scrape(d.metrics_url + "/metrics")[1]
+        assert all(metric_value(text, "moed_expert_pinned", {"layer": k}) == len(v) for k, v in want.items())
+        assert metric_value(text, "moed_placement_pin_changes_total") >= sum(len(v) for v in want.values())
+        assert metric_value(text, "moed_placement_syncs_total") >= 1
         hottest = max(range(16), key=lambda e: (planner.counts[2][e], -e))
         assert hottest in want["2"]
         r = c.placement("get")

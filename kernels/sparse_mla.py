@@ -15,6 +15,9 @@ Grid: (token, head block, split). A program keeps [BLOCK_H, C] fp32 accumulators
 (heads beyond H are masked rows: the in-kernel form of padding a TP shard's 8 heads to 16) and walks
 its split's share of the positions in tiles of BLOCK_N with an online softmax. With several splits,
 each writes a normalised partial output and its base-2 log-sum-exp; `_combine_kernel` merges them.
+`MLAConfig.swap` computes the score tile transposed ([positions, heads]), so that 64 positions fill the
+rows of a Hopper wgmma when a shard has few heads (measured slower on the H100 than the default layout;
+kept selectable and tested).
 """
 
 from __future__ import annotations
@@ -38,13 +41,18 @@ class MLAConfig:
     block_n: int = 64
     num_warps: int = 4
     num_stages: int = 2
+    programs_per_sm: int = 2  # the selection is split until the grid has about this many programs per SM
+    swap: bool = False  # scores as [positions, heads]: positions fill the MMA's rows (Hopper's wgmma needs 64)
 
 
-def default_config(heads: int, tokens: int) -> MLAConfig:
-    # Chosen from ptxas reports (sm_90, Triton 3.6): no spills for bf16 and FP8 caches at C=512, R=64.
+def default_config(heads: int, tokens: int, fp8: bool = False) -> MLAConfig:
+    # Measured on the H100 (ops/bench/attention.py sweep, batch 16 and 64): 64-head tiles use Hopper's wgmma and
+    # double-buffer the latents (247 registers, no spills); 16-head tiles run best at 4 warps with more splits
+    # for bf16 latents (FP8 latents spill there: 8 warps, not timed). No spills in the ptxas reports (sm_90,
+    # Triton 3.6) for bf16 and FP8 pools.
     if heads <= 16:
-        return MLAConfig(block_h=16, block_n=32, num_warps=8, num_stages=2)
-    return MLAConfig(block_h=32, block_n=32, num_warps=8, num_stages=2)
+        return MLAConfig(block_h=16, block_n=32, num_warps=8 if fp8 else 4, num_stages=2, programs_per_sm=4)
+    return MLAConfig(block_h=64, block_n=32, num_warps=8, num_stages=4)
 
 
 @triton.jit
@@ -77,7 +85,7 @@ def _sparse_mla_kernel(q_ptr, qr_ptr, nope_ptr, rope_ptr, scale_ptr, idx_ptr, to
                        K, chunk, num_splits, sm_scale_log2,
                        H: tl.constexpr, C: tl.constexpr, R: tl.constexpr,
                        PAGE: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
-                       BLOCK_R: tl.constexpr, FP8: tl.constexpr, DENSE: tl.constexpr,
+                       BLOCK_R: tl.constexpr, FP8: tl.constexpr, DENSE: tl.constexpr, SWAP: tl.constexpr,
                        IEEE: tl.constexpr, F32DOT: tl.constexpr, INTERP: tl.constexpr,
                        VEC_Q: tl.constexpr, VEC_QR: tl.constexpr, VEC_KV: tl.constexpr, VEC_KR: tl.constexpr,
                        VEC_O: tl.constexpr, VEC_X: tl.constexpr):
@@ -118,7 +126,11 @@ def _sparse_mla_kernel(q_ptr, qr_ptr, nope_ptr, rope_ptr, scale_ptr, idx_ptr, to
         qr = _cast(qr, tl.bfloat16, INTERP)
     m = tl.full([BLOCK_H], float("-inf"), dtype=tl.float32)
     l = tl.zeros([BLOCK_H], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_H, BLOCK_C], dtype=tl.float32)
+    if SWAP:
+        acc = tl.zeros([BLOCK_C, BLOCK_H], dtype=tl.float32)
+    else:
+        acc = tl.zeros([BLOCK_H, BLOCK_C], dtype=tl.float32)
+    PA: tl.constexpr = 0 if SWAP else 1
     for n0 in range(lo, hi, BLOCK_N):
         slot = n0 + tl.arange(0, BLOCK_N)
         smask = slot < hi
@@ -140,22 +152,32 @@ def _sparse_mla_kernel(q_ptr, qr_ptr, nope_ptr, rope_ptr, scale_ptr, idx_ptr, to
         else:
             kv = kv.to(tl.bfloat16)
             kr = kr.to(tl.bfloat16)
-        s = _dot(q, tl.trans(kv), F32DOT)
-        s_rope = _dot(qr, tl.trans(kr), F32DOT)
+        # PA: the axis of the score tile that runs over positions (SWAP: scores^T [BLOCK_N, BLOCK_H]).
+        if SWAP:
+            s = _dot(kv, tl.trans(q), F32DOT)
+            s_rope = _dot(kr, tl.trans(qr), F32DOT)
+        else:
+            s = _dot(q, tl.trans(kv), F32DOT)
+            s_rope = _dot(qr, tl.trans(kr), F32DOT)
         if FP8:
             ks = tl.load(scale_ptr + page * stride_sp + off * stride_so, mask=valid, other=0.0)
-            s = s * ks[None, :]
+            s = s * tl.expand_dims(ks, 1 - PA)
         s = (s + s_rope) * sm_scale_log2
-        s = tl.where(valid[None, :], s, float("-inf"))
-        m_new = tl.maximum(m, tl.max(s, axis=1))
+        s = tl.where(tl.expand_dims(valid, 1 - PA), s, float("-inf"))
+        m_new = tl.maximum(m, tl.max(s, axis=PA))
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
         alpha = tl.exp2(m - m_use)
-        p = tl.exp2(s - m_use[:, None])
-        l = l * alpha + tl.sum(p, axis=1)
+        p = tl.exp2(s - tl.expand_dims(m_use, PA))
+        l = l * alpha + tl.sum(p, axis=PA)
         if FP8:
-            p = p * ks[None, :]
-        acc = acc * alpha[:, None] + _dot(_cast(p, kv.dtype, INTERP), kv, F32DOT)
+            p = p * tl.expand_dims(ks, 1 - PA)
+        if SWAP:
+            acc = acc * alpha[None, :] + _dot(tl.trans(kv), _cast(p, kv.dtype, INTERP), F32DOT)
+        else:
+            acc = acc * alpha[:, None] + _dot(_cast(p, kv.dtype, INTERP), kv, F32DOT)
         m = m_new
+    if SWAP:
+        acc = tl.trans(acc)
     o = acc / tl.where(l > 0.0, l, 1.0)[:, None]
     omask = hmask[:, None] & cmask[None, :]
     if num_splits > 1:  # a runtime branch: batch sizes that split and that do not share one compiled kernel
@@ -215,11 +237,11 @@ def sparse_mla(q_lat: torch.Tensor, q_rope: torch.Tensor, nope: torch.Tensor, ro
         raise ValueError(f"sparse_mla: indices must be int32 [tokens, k] with contiguous rows, got {indices.dtype}")
     if indices is None and max_context <= 0:
         raise ValueError("sparse_mla: dense mode (indices=None) needs max_context > 0")
-    cfg = config or default_config(H, T)
+    cfg = config or default_config(H, T, fp8=scale is not None)
     slots = indices.shape[1] if indices is not None else max_context
     head_blocks = triton.cdiv(H, cfg.block_h)
     if num_splits is None:
-        want = triton.cdiv(2 * sm_count(q_lat.device), T * head_blocks)
+        want = triton.cdiv(cfg.programs_per_sm * sm_count(q_lat.device), T * head_blocks)
         num_splits = max(1, min(want, triton.cdiv(slots, 128)))
     num_splits = min(num_splits, 16)  # the combine kernel merges up to 16
     chunk = triton.cdiv(triton.cdiv(slots, num_splits), cfg.block_n) * cfg.block_n
@@ -232,7 +254,7 @@ def sparse_mla(q_lat: torch.Tensor, q_rope: torch.Tensor, nope: torch.Tensor, ro
     ieee = q_lat.dtype == torch.float32 and nope.dtype == torch.float32
     page = nope.shape[1]
     common = dict(PAGE=page, BLOCK_H=cfg.block_h, BLOCK_N=cfg.block_n, BLOCK_C=triton.next_power_of_2(C),
-                  BLOCK_R=max(16, triton.next_power_of_2(R)), FP8=fp8, DENSE=indices is None,
+                  BLOCK_R=max(16, triton.next_power_of_2(R)), FP8=fp8, DENSE=indices is None, SWAP=cfg.swap,
                   IEEE=ieee, F32DOT=ieee or INTERPRET, INTERP=INTERPRET,
                   num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     # Partials [T, splits, H, C] fp32 and base-2 LSE [T, splits, H]; a 1-element dummy when nothing splits.

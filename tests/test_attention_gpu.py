@@ -158,8 +158,8 @@ def test_attention_gpu_one_compilation_across_batch_shapes():
     pool = PagedKVPool(cfg, 1024, 16, "bf16", "fp8", DEV)
     H, C, R, HI, D = (cfg.num_attention_heads, cfg.kv_lora_rank, cfg.qk_rope_head_dim, cfg.index_n_heads,
                       cfg.index_head_dim)
-    kernels = [index_k_gather._gather_kernel, indexer._scores_kernel, indexer._topk_kernel,
-               sparse_mla._sparse_mla_kernel, sparse_mla._combine_kernel]
+    kernels = [index_k_gather._gather_kernel, indexer._scores_kernel, indexer._topk_hist_kernel,
+               indexer._topk_select_kernel, sparse_mla._sparse_mla_kernel, sparse_mla._combine_kernel]
     rng = random.Random(0)
     shapes = [[rng.randint(1, 700) for _ in range(rng.randint(1, 9))] for _ in range(10)]
     shapes[3] = [10]  # one page, no padding: a page table of width 1 (row stride 1)
@@ -188,6 +188,41 @@ def test_attention_gpu_one_compilation_across_batch_shapes():
         if i == 0:
             first = counts
         assert counts == first, (i, lens, counts, first)
+
+
+def test_indexer_gpu_topk_long_rows_match_torch():
+    """The multi-program top-2048 on rows up to 128k (decode shapes), heavy ties included: a valid top-k of each
+    prefix, the same output on every run and every split, and the same when replayed from a CUDA graph."""
+    K, width = 2048, 131072
+    g = torch.Generator(device=DEV).manual_seed(5)
+    lens = [1, K, K + 1, 5000, 40000, width, width, 70000]
+    scores = torch.randn(len(lens), width, device=DEV, generator=g)
+    scores[6] = torch.where(scores[6] > 0, 1.0, scores[6])  # half the row tied at the threshold
+    scores[7] = scores[7].round(decimals=2)  # ties spread over many values
+    positions = torch.tensor(lens, device=DEV) - 1
+    scratch = torch.empty(len(lens), width, dtype=torch.int32, device=DEV)
+    out = torch.empty(len(lens), K, dtype=torch.int32, device=DEV)
+    indexer.topk_from_scores(scores, positions, K, out, scratch)
+    for r, n in enumerate(lens):
+        got = out[r].long()
+        if n <= K:
+            assert torch.equal(got[:n], torch.arange(n, device=DEV)) and (got[n:] == -1).all()
+            continue
+        row = scores[r, :n]
+        assert (got >= 0).all() and (got < n).all() and got.unique().numel() == K
+        assert torch.equal(row[got].sort().values, row.topk(K).values.sort().values), r
+    for chunks in (1, 7, 64):
+        other = torch.empty_like(out)
+        indexer.topk_from_scores(scores, positions, K, other, scratch, chunks=chunks)
+        assert torch.equal(other, out), chunks
+    graph_out = torch.empty_like(out)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        indexer.topk_from_scores(scores, positions, K, graph_out, scratch)
+    for _ in range(3):
+        graph_out.fill_(-5)
+        graph.replay()
+        assert torch.equal(graph_out, out)
 
 
 def test_attention_gpu_decode_step_captures_in_a_cuda_graph(small):

@@ -16,8 +16,8 @@ from moed.attention.interface import PagedStep, SequenceStep
 from moed.attention.paged_kv import PagedKVPool, PagedSequence, build_paged_step
 from moed.attention.trtllm import decode_args, emulate_decode, pad_heads, physical_slots
 from moed.kernels.index_k_gather import gather_paged_rows, gather_paged_rows_reference
-from moed.kernels.indexer import indexer_scores, indexer_scores_reference, indexer_topk, topk_from_scores
-from moed.kernels.sparse_mla import sparse_mla, sparse_mla_reference
+from moed.kernels.indexer import ScoresConfig, indexer_scores, indexer_scores_reference, indexer_topk, topk_from_scores
+from moed.kernels.sparse_mla import MLAConfig, sparse_mla, sparse_mla_reference
 from moed.model.checkpoint import make_config
 from moed.model.config import GlmMoeDsaConfig
 
@@ -74,8 +74,9 @@ def _sorted(x: torch.Tensor) -> torch.Tensor:
     return torch.sort(x.long(), dim=-1).values
 
 
-@pytest.mark.parametrize("index_dtype,page_size", [("fp8", 8), ("bf16", 4), ("fp32", 16)])
-def test_indexer_scores_and_topk_match_reference(index_dtype, page_size):
+@pytest.mark.parametrize("index_dtype,page_size,block_n", [("fp8", 8, 64), ("bf16", 4, 64), ("fp32", 16, 64),
+                                                            ("fp8", 16, 16)])
+def test_indexer_scores_and_topk_match_reference(index_dtype, page_size, block_n):
     cfg = small_config()
     f = fill(cfg, MIXED, page_size, "bf16", index_dtype, seed=11)
     g = torch.Generator().manual_seed(12)
@@ -87,7 +88,7 @@ def test_indexer_scores_and_topk_match_reference(index_dtype, page_size):
     max_ctx, max_new = f.paged.max_context, f.paged.max_new
     scores = torch.full((T, max_ctx + 16), float("nan"), device=DEV)
     indexer_scores(q, w, iv.k, iv.scale, f.paged.page_table, f.paged.query_start, f.positions, max_new, max_ctx,
-                   scores)
+                   scores, config=ScoresConfig(block_n=block_n))  # block_n <= page: one page-table read per tile
     topk = indexer_topk(q, w, iv.k, iv.scale, f.paged.page_table, f.paged.query_start, f.positions, max_new,
                         max_ctx, cfg.index_topk)
     t = 0
@@ -105,36 +106,53 @@ def test_indexer_scores_and_topk_match_reference(index_dtype, page_size):
         t += s.num_new
 
 
-def test_topk_from_scores_ties_zeros_and_long_rows():
-    """Exact ties at the threshold, +-0.0, negatives, and rows longer than one kernel block (4096)."""
+@pytest.mark.parametrize("chunks", [None, 1, 5])
+def test_topk_from_scores_ties_zeros_and_long_rows(chunks):
+    """Exact ties at the threshold, +-0.0, negatives, rows of exactly k and k + 1 positions, and rows longer than
+    one kernel block (1024), split over several programs per row or not: the same selection every way."""
     g = torch.Generator().manual_seed(3)
-    K, width = 64, 9000
+    K, width = 64, 6000
     rows = [
         torch.randn(width, generator=g),  # plain
         torch.where(torch.rand(width, generator=g) < 0.5, 1.0, torch.randn(width, generator=g) - 5),  # many ties
         torch.cat([torch.zeros(width // 2), -torch.zeros(width - width // 2)]),  # all (+-)zero
         -torch.rand(width, generator=g) * 1e-30,  # tiny negatives
+        torch.randn(width, generator=g).round(decimals=1),  # ties in the low bits only
+        torch.randn(width, generator=g),
+        torch.randn(width, generator=g),
     ]
     scores = torch.stack(rows).to(DEV)
-    positions = torch.tensor([width - 1, 4999, width - 1, 700], device=DEV)
-    buf = torch.full((4, K + 8), -7, dtype=torch.int32, device=DEV)
+    positions = torch.tensor([width - 1, 4999, width - 1, 700, 3000, K - 1, K], device=DEV)
+    buf = torch.full((len(rows), K + 8), -7, dtype=torch.int32, device=DEV)
     out = buf[:, :K]  # strided rows: a write past slot K would land in the guard columns
-    topk_from_scores(scores, positions, K, out, torch.empty(4, width, dtype=torch.int32, device=DEV))
+    topk_from_scores(scores, positions, K, out, torch.empty(len(rows), width, dtype=torch.int32, device=DEV),
+                     chunks=chunks)
     assert (buf[:, K:] == -7).all()
-    for r in range(4):
+    for r in range(len(rows)):
         n = int(positions[r]) + 1
         row, got = scores[r, :n], out[r].long()
+        if n <= K:
+            assert torch.equal(got[:n], torch.arange(n, device=DEV)) and (got[n:] == -1).all()
+            continue
         assert (got >= 0).all() and got.unique().numel() == K and (got < n).all()
         kth = torch.topk(row, K).values[-1]
         assert (row[got] >= kth).all()  # every pick is at least the k-th value
         assert (row > kth).sum() <= K and set(torch.where(row > kth)[0].tolist()) <= set(got.tolist())
-        if r == 2:  # +0.0 and -0.0 are one value: the lowest positions win the tie
+        tied = torch.where(row == kth)[0]  # ties at the threshold go to the lowest positions
+        assert torch.equal(_sorted(got[row[got] == kth]), tied[:int((row[got] == kth).sum())])
+        if r == 2:  # +0.0 and -0.0 are one value
             assert torch.equal(_sorted(got), torch.arange(K, device=DEV))
+    # Output order does not depend on the split (no order comes from atomics).
+    again = torch.empty_like(out)
+    topk_from_scores(scores, positions, K, again, torch.empty(len(rows), width, dtype=torch.int32, device=DEV),
+                     chunks=3)
+    assert torch.equal(again, out)
 
 
-@pytest.mark.parametrize("latent_dtype,heads,splits,page_size", [
-    ("fp32", 4, 1, 8), ("bf16", 8, 3, 4), ("fp8", 4, 2, 16), ("bf16", 20, 1, 8)])
-def test_sparse_mla_matches_reference(latent_dtype, heads, splits, page_size):
+@pytest.mark.parametrize("latent_dtype,heads,splits,page_size,swap", [
+    ("fp32", 4, 1, 8, False), ("bf16", 8, 3, 4, False), ("fp8", 4, 2, 16, False), ("bf16", 20, 1, 8, False),
+    ("bf16", 8, 2, 8, True), ("fp8", 20, 1, 4, True), ("fp32", 4, 3, 16, True)])
+def test_sparse_mla_matches_reference(latent_dtype, heads, splits, page_size, swap):
     cfg = small_config()
     f = fill(cfg, MIXED, page_size, latent_dtype, "fp8", seed=21)
     g = torch.Generator().manual_seed(22)
@@ -157,7 +175,8 @@ def test_sparse_mla_matches_reference(latent_dtype, heads, splits, page_size):
     for dense in (False, True):
         out = torch.full((T, heads, C), float("nan"), dtype=dt, device=DEV)
         sparse_mla(q_lat, q_rope, lv.nope, lv.rope, lv.scale, f.paged.page_table, f.paged.token_seq, f.positions,
-                   None if dense else idx, scale, max_context=f.paged.max_context, num_splits=splits, out=out)
+                   None if dense else idx, scale, max_context=f.paged.max_context, num_splits=splits, out=out,
+                   config=MLAConfig(16, 16, 4, 2, swap=True) if swap else None)  # swap: scores^T in the kernel
         t = 0
         for s in f.seqs:
             lat, kr = f.pool.read_latent(0, s.kv.pages, s.context_len)

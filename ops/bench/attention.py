@@ -10,7 +10,11 @@ bytes that must be read, index K of every position + latent rows of the top-2048
 the copy bandwidth; the indexer's (scores + top-k) share of the chain.
 Prefill: 4096 new tokens on an empty and on a 28k-token context (indexer and sparse MLA TFLOP/s, ratio to the
 GEMM rate), and the dense short-context MHA path at 2048 tokens.
-Run: `python -m moed.ops.bench.attention [--quick] [--out DIR]` (needs a CUDA device).
+Tile configs: a sweep first times the candidates below (scores at batch 16 x 32k, sparse MLA summed over
+batch 16 and 64, top-k programs per SM for the record) and the decode rows use its picks; every decode point
+spot-checks its first and last sequence against torch.
+Run: `python -m moed.ops.bench.attention [--quick] [--no-sweep] [--no-fp8] [--no-prefill] [--out DIR]`
+(needs a CUDA device).
 """
 
 from __future__ import annotations
@@ -112,7 +116,8 @@ def _fp8_bytes(shape) -> torch.Tensor:
     return torch.where((x & 0x7F) == 0x7F, x ^ 1, x)  # 0x7F / 0xFF are NaN in e4m3fn
 
 
-def decode_fns(cfg: GlmMoeDsaConfig, pt: Point, heads: int, scores_cfg: ScoresConfig, mla_cfg: MLAConfig):
+def decode_fns(cfg: GlmMoeDsaConfig, pt: Point, heads: int, scores_cfg: ScoresConfig, mla_cfg: MLAConfig,
+               topk_chunks: int | None = None):
     B, K = pt.paged.page_table.shape[0], cfg.index_topk
     HI, D, C, R = cfg.index_n_heads, cfg.index_head_dim, cfg.kv_lora_rank, cfg.qk_rope_head_dim
     q = torch.randn(B, HI, D, device=DEVICE).bfloat16()
@@ -131,7 +136,7 @@ def decode_fns(cfg: GlmMoeDsaConfig, pt: Point, heads: int, scores_cfg: ScoresCo
                        pt.paged.max_context, scores, config=scores_cfg)
 
     def f_topk():
-        topk_from_scores(scores, pt.positions, K, topk, scratch)
+        topk_from_scores(scores, pt.positions, K, topk, scratch, chunks=topk_chunks)
 
     def f_mla():
         sparse_mla.sparse_mla(q_lat, q_rope, lv.nope, lv.rope, lv.scale, pt.paged.page_table, pt.paged.token_seq,
@@ -147,25 +152,28 @@ def decode_fns(cfg: GlmMoeDsaConfig, pt: Point, heads: int, scores_cfg: ScoresCo
 
 
 def check_decode(cfg, pt: Point, fns, heads: int) -> dict:
-    """Spot check of the timed kernels on this data: row 0's top-k and sparse MLA output vs torch."""
+    """Spot check of the timed kernels on this data: the first and last rows' top-k and sparse MLA vs torch."""
     fns["chain"]()
     v = fns["vars"]
-    L = int(pt.paged.seq_lens[0])
-    pos = torch.arange(L, device=pt.positions.device)
-    page = pt.paged.page_table[0, pos // PAGE].long()
     iv, lv = pt.pool.index_view(0), pt.pool.latent_view(0)
-    keys = iv.k[page, pos % PAGE].float() * iv.scale[page, pos % PAGE][:, None]
-    scores = indexer.indexer_scores_reference(v["q"][:1], v["w"][:1], keys)[0]
-    want = scores.topk(min(L, cfg.index_topk)).values
-    sel = v["topk"][0].long()
-    got = scores[sel[sel >= 0]].sort(descending=True).values
-    topk_ok = got.shape == want.shape and torch.allclose(got, want, rtol=1e-4, atol=1e-5)
-    lat = lv.nope[page, pos % PAGE].float()
-    if lv.scale is not None:
-        lat = lat * lv.scale[page, pos % PAGE][:, None]
-    ref = sparse_mla.sparse_mla_reference(v["q_lat"][:1], v["q_rope"][:1], lat, lv.rope[page, pos % PAGE].float(),
-                                          pt.positions[:1], v["topk"][:1], cfg.softmax_scale)
-    err = ((v["o_lat"][:1].float() - ref).norm() / ref.norm()).item()
+    topk_ok, err = True, 0.0
+    for b in sorted({0, pt.paged.page_table.shape[0] - 1}):
+        L = int(pt.paged.seq_lens[b])
+        pos = torch.arange(L, device=pt.positions.device)
+        page = pt.paged.page_table[b, pos // PAGE].long()
+        keys = iv.k[page, pos % PAGE].float() * iv.scale[page, pos % PAGE][:, None]
+        scores = indexer.indexer_scores_reference(v["q"][b:b + 1], v["w"][b:b + 1], keys)[0]
+        want = scores.topk(min(L, cfg.index_topk)).values
+        sel = v["topk"][b].long()
+        got = scores[sel[sel >= 0]].sort(descending=True).values
+        topk_ok &= got.shape == want.shape and torch.allclose(got, want, rtol=1e-4, atol=1e-5)
+        lat = lv.nope[page, pos % PAGE].float()
+        if lv.scale is not None:
+            lat = lat * lv.scale[page, pos % PAGE][:, None]
+        ref = sparse_mla.sparse_mla_reference(v["q_lat"][b:b + 1], v["q_rope"][b:b + 1], lat,
+                                              lv.rope[page, pos % PAGE].float(), pt.positions[b:b + 1],
+                                              v["topk"][b:b + 1], cfg.softmax_scale)
+        err = max(err, ((v["o_lat"][b:b + 1].float() - ref).norm() / ref.norm()).item())
     return {"topk_ok": bool(topk_ok), "mla_rel_err": err}
 
 
@@ -181,7 +189,7 @@ def bench_decode(cfg, ceil, batches, contexts, heads_list, latent_dtype, scores_
             pt = make_point(cfg, batch, context, latent_dtype)
             for heads in heads_list:
                 fns = decode_fns(cfg, pt, heads, scores_cfg, mla_cfgs[heads])
-                check = check_decode(cfg, pt, fns, heads) if batch == batches[0] else {}
+                check = check_decode(cfg, pt, fns, heads)
                 ms = {name: time_graph(fn, 25) for name, fn in fns.items() if name != "vars"}
                 idx_bytes = batch * context * 132
                 lat_bytes = batch * min(context, cfg.index_topk) * lat_row
@@ -206,34 +214,66 @@ def bench_decode(cfg, ceil, batches, contexts, heads_list, latent_dtype, scores_
     return rows
 
 
+SCORES_CANDIDATES = [ScoresConfig(64, 4, 5, programs_per_sm=8), ScoresConfig(64, 4, 3, programs_per_sm=4),
+                     ScoresConfig(64, 4, 5, programs_per_sm=16)]
+MLA_CANDIDATES = {
+    64: [MLAConfig(64, 32, 8, 4), MLAConfig(64, 32, 8, 4, programs_per_sm=4), MLAConfig(64, 32, 8, 2),
+         MLAConfig(32, 64, 8, 2)],
+    8: [MLAConfig(16, 32, 4, 2), MLAConfig(16, 32, 4, 2, programs_per_sm=4), MLAConfig(16, 16, 4, 2),
+        MLAConfig(16, 16, 4, 2, programs_per_sm=4), MLAConfig(16, 64, 8, 3, swap=True)],
+}
+TOPK_PROGRAMS_PER_SM = (1, 2, 4, 8)
+
+
 def sweep(cfg, ceil, log) -> tuple[ScoresConfig, dict[int, MLAConfig], list[dict]]:
-    """Pick tile configs by measurement at a representative point."""
+    """Pick tile configs by measurement: scores at batch 16 x 32k; sparse MLA by its summed time at batch 16 and 64
+    (4k contexts); the top-k's programs per SM are timed for the record (the default stays unless changed)."""
     out = []
+
+    def timed(name, fn, config) -> float:
+        try:
+            ms = time_graph(fn, 25)
+        except Exception as e:  # a config the device cannot run (shared memory, registers) is skipped
+            log(f"sweep {name} {config}: FAILED {type(e).__name__}: {str(e)[:200]}")
+            return float("inf")
+        out.append({"kernel": name, "config": dataclasses.asdict(config) if dataclasses.is_dataclass(config)
+                    else config, "us": ms * 1e3})
+        log(f"sweep {name} {config}: {ms * 1e3:.1f} us")
+        return ms
+
     pt = make_point(cfg, 16, 32768, "bf16")
-    best_s, best_ms = None, float("inf")
-    for c in [ScoresConfig(64, 4, 3), ScoresConfig(64, 8, 3), ScoresConfig(128, 8, 3), ScoresConfig(128, 4, 3)]:
-        ms = time_graph(decode_fns(cfg, pt, 64, c, MLAConfig(32, 32, 8, 2))["scores"], 25)
-        out.append({"kernel": "scores", "config": dataclasses.asdict(c), "us": ms * 1e3})
-        log(f"sweep scores {c}: {ms * 1e3:.1f} us")
-        if ms < best_ms:
-            best_s, best_ms = c, ms
-    del pt
-    pt = make_point(cfg, 64, 4096, "bf16")
+    best_s = min(SCORES_CANDIDATES, key=lambda c: timed("scores B=16 32k", decode_fns(
+        cfg, pt, 64, c, MLAConfig(32, 32, 8, 2))["scores"], c))
+    fns = decode_fns(cfg, pt, 64, best_s, MLAConfig(32, 32, 8, 2))
+    fns["scores"]()
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    for pps in TOPK_PROGRAMS_PER_SM:
+        chunks = triton.cdiv(pps * sms, 16)
+        timed("topk B=16 32k", decode_fns(cfg, pt, 64, best_s, MLAConfig(), topk_chunks=chunks)["topk"],
+              {"programs_per_sm": pps, "chunks": chunks})
+    del pt, fns
+    pt1 = make_point(cfg, 1, 131072, "bf16")
+    for pps in TOPK_PROGRAMS_PER_SM:
+        chunks = pps * sms
+        f = decode_fns(cfg, pt1, 64, best_s, MLAConfig(), topk_chunks=chunks)
+        f["scores"]()
+        timed("topk B=1 128k", f["topk"], {"programs_per_sm": pps, "chunks": chunks})
+    del pt1
+    torch.cuda.empty_cache()
+    points = [make_point(cfg, b, 4096, "bf16") for b in (16, 64)]
     best_m = {}
-    cands = {64: [MLAConfig(32, 32, 8, 2), MLAConfig(16, 32, 8, 2), MLAConfig(64, 16, 8, 2), MLAConfig(32, 64, 8, 2)],
-             8: [MLAConfig(16, 32, 8, 2), MLAConfig(16, 32, 4, 2)]}
-    for heads, configs in cands.items():
+    for heads, configs in MLA_CANDIDATES.items():
         best_ms = float("inf")
         for c in configs:
-            fns = decode_fns(cfg, pt, heads, best_s, c)
-            fns["scores"]()
-            fns["topk"]()
-            ms = time_graph(fns["mla"], 25)
-            out.append({"kernel": f"mla H={heads}", "config": dataclasses.asdict(c), "us": ms * 1e3})
-            log(f"sweep mla H={heads} {c}: {ms * 1e3:.1f} us")
-            if ms < best_ms:
-                best_m[heads], best_ms = c, ms
-    del pt
+            total = 0.0
+            for b, pt in zip((16, 64), points):
+                fns = decode_fns(cfg, pt, heads, best_s, c)
+                fns["scores"]()
+                fns["topk"]()
+                total += timed(f"mla H={heads} B={b}", fns["mla"], c)
+            if total < best_ms:
+                best_m[heads], best_ms = c, total
+    del points
     torch.cuda.empty_cache()
     return best_s, best_m, out
 
@@ -293,7 +333,8 @@ def bench_prefill(cfg, ceil, mla_cfg: MLAConfig, log, sizes=((0, 4096), (28672, 
 def kernel_resources() -> dict[str, list]:
     """Registers / spills of every compiled variant (occupancy evidence)."""
     out = {}
-    for name, fn in [("scores", indexer._scores_kernel), ("topk", indexer._topk_kernel),
+    for name, fn in [("scores", indexer._scores_kernel), ("topk hist", indexer._topk_hist_kernel),
+                     ("topk select", indexer._topk_select_kernel),
                      ("mla", sparse_mla._sparse_mla_kernel), ("combine", sparse_mla._combine_kernel),
                      ("gather", index_k_gather._gather_kernel)]:
         found = []
@@ -321,6 +362,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="batch {1,16} x context {4k, 32k} only")
     ap.add_argument("--out", default=None, help="directory for attention.json and attention.md")
     ap.add_argument("--no-sweep", action="store_true", help="use the built-in tile configs")
+    ap.add_argument("--no-prefill", action="store_true", help="skip the prefill section")
+    ap.add_argument("--no-fp8", action="store_true", help="skip the FP8-latent decode rows")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("needs a CUDA device", file=sys.stderr)
@@ -361,19 +404,25 @@ def main(argv: list[str] | None = None) -> int:
     with _section("decode bf16 latent", log):
         results["decode"] = bench_decode(cfg, ceil, batches, contexts, (64, 8), "bf16", scores_cfg, mla_cfgs, log)
     save()
-    with _section("decode fp8 latent", log):
-        results["decode_fp8_latent"] = bench_decode(cfg, ceil, (16, 64), (32768,), (64,), "fp8", scores_cfg,
-                                                    mla_cfgs, log)
-    save()
-    with _section("prefill", log):
-        results["prefill"] = bench_prefill(cfg, ceil, mla_cfgs[64], log)
+    if not args.no_fp8:
+        # The swapped layout converts FP8 latents in registers and spills: FP8 pools keep the default layout.
+        fp8_cfgs = {h: c if not c.swap else sparse_mla.default_config(h, 64, fp8=True) for h, c in mla_cfgs.items()}
+        with _section("decode fp8 latent", log):
+            results["decode_fp8_latent"] = bench_decode(cfg, ceil, (16, 64), (32768,), (64,), "fp8", scores_cfg,
+                                                        fp8_cfgs, log)
+        save()
+    if not args.no_prefill:
+        with _section("prefill", log):
+            results["prefill"] = bench_prefill(cfg, ceil, mla_cfgs[64], log)
     results["kernels"] = kernel_resources()
     save()
-    log("\n| heads | batch | context | chain us | MB read | % copy BW | scores us | topk us | mla us | indexer share |")
-    for r in results["decode"]:
-        log(f"| {r['heads']} | {r['batch']} | {r['context'] // 1024}k | {r['chain_us']:.1f} | "
-            f"{(r['index_bytes'] + r['latent_bytes']) / 1e6:.1f} | {r['chain_vs_copy']:.0%} | {r['scores_us']:.1f} | "
-            f"{r['topk_us']:.1f} | {r['mla_us']:.1f} | {r['indexer_share']:.0%} |")
+    log("\n| heads | batch | context | chain us | MB read | % copy BW | scores us (% copy) | topk us | mla us (% copy) "
+        "| indexer share |")
+    for r in results["decode"] + results.get("decode_fp8_latent", []):
+        log(f"| {r['heads']}{' fp8' if r['latent'] == 'fp8' else ''} | {r['batch']} | {r['context'] // 1024}k | "
+            f"{r['chain_us']:.1f} | {(r['index_bytes'] + r['latent_bytes']) / 1e6:.1f} | {r['chain_vs_copy']:.0%} | "
+            f"{r['scores_us']:.1f} ({r['scores_vs_copy']:.0%}) | {r['topk_us']:.1f} | {r['mla_us']:.1f} "
+            f"({r['mla_vs_copy']:.0%}) | {r['indexer_share']:.0%} |")
     save()
     return 0
 

@@ -12,12 +12,26 @@ layer, both indexed by the engine's page lists, page 0 reserved as scratch), and
 with its own budget). Expert statistics and placement (pin / unpin / reset / get) go to the offload
 runners; pins are queued and applied between steps.
 
-A step: schedule -> forward (packed tokens of every scheduled sequence) -> logits of the sampled
-rows -> sample (plain rows) / verify (rows with drafts) -> commit tokens, check stops -> draft
-worker extends its cache and proposes -> outputs for sequences that got tokens or finished.
-Timing breakdown per step (host wall time; on CUDA the host waits on the GPU only at the token
-read-back, so "sample" includes the tail of the forward): schedule, forward, sample, commit, draft,
-total.
+A plain step (no MTP): schedule -> prepare (pack inputs and page tables on the host) -> launch
+(upload, forward or CUDA-graph replay, logits of the sampled rows, sampling, an asynchronous copy of
+the tokens to pinned host memory; nothing waits for the device) -> read back (wait for the copy)
+-> commit (tokens, stops, outputs). With `overlap` (`EngineConfig.overlap`; never with speculative
+decoding) a `step()` call schedules and launches step n + 1 *before* reading back step n: sequences that
+sample in step n carry a PENDING placeholder, step n + 1 takes their input token straight from
+step n's token tensor on the device, and the host work of a step runs while the previous one
+computes, so the host reads tokens back one step late and the device never waits on it. Outputs
+are those of the step launched by the previous call; `flush()` reads back the step in flight now.
+Stops under the lag (see scheduler.py): a sequence at its length limit is not scheduled again; one
+that resolves to a stop token or is aborted may already be in the step in flight, whose token for
+it is then dropped; outputs are token for token those of the engine without overlap.
+A step with the MTP draft worker runs synchronously: forward -> sample (plain rows) / verify (rows
+with drafts) -> commit -> the draft worker extends its cache and proposes.
+Timing breakdown per step (host wall time per phase, means over a stats window): schedule; prepare
+(packing ids, positions and page tables on the host, the sampling rows, and `_sample_device`: the
+logits and sampler launches with the sampling-parameter uploads between them); launch (input
+uploads, forward or graph replay, the token copy to the host); wait (blocked on the device at the
+read-back); commit; with MTP, sample (sampling and verification, their waits included) and draft;
+total is the `step()` call.
 """
 
 from __future__ import annotations
@@ -40,7 +54,7 @@ from moed.attention.reference import ReferenceAttention
 from moed.attention.select import choose_backend, probe_platform
 from moed.engine.cuda_graphs import DecodeGraphs, graph_capable
 from moed.engine.kv_pages import KVPages
-from moed.engine.model_runner import ModelRunner
+from moed.engine.model_runner import ModelRunner, PendingTokens
 from moed.engine.protocol import (
     EngineStats,
     FinishReason,
@@ -49,9 +63,9 @@ from moed.engine.protocol import (
     SamplingParams,
     TokenLogprobs,
 )
-from moed.engine.sampler import Sampler, SampleResult, SamplingRow, SamplingTensors, with_logprobs
+from moed.engine.sampler import Sampler, SampleResult, SamplingRow, SamplingTensors, uses_penalties, with_logprobs
 from moed.engine.scheduler import Batch, ScheduledSeq, Scheduler, SchedulerConfig
-from moed.engine.sequence import Sequence
+from moed.engine.sequence import PENDING, Sequence
 from moed.engine.spec_decode import DraftInput, MTPDrafter, verify_drafts
 from moed.model.config import GlmMoeDsaConfig
 from moed.model.moe import ExpertWeights, MoERunner, TorchMoERunner
@@ -89,6 +103,9 @@ class EngineConfig:
     expert_cache_gb: float | None = None  # offload: the target's expert cache budget (None: what is free)
     draft_expert_cache_gb: float | None = None  # offload: the draft's own budget (None: the target's per-layer share)
     cuda_graphs: bool = True  # decode through CUDA graphs when on CUDA with capturable backends
+    # Plan and launch step n + 1 before reading step n's tokens back (never with spec_steps). Off by default until
+    # the GPU engine tests have run with it on (see docs/benchmarks.md, Engine).
+    overlap: bool = False
     graph_max_batch: int = 128
     graph_max_context: int = 8192  # contexts longer than this decode eagerly
     seed: int | None = None  # seeds the draw of noise keys for requests without one
@@ -116,22 +133,49 @@ class _ExpertsByLayer:
 
 
 class _StepTimes:
-    PHASES = ("schedule", "forward", "sample", "commit", "draft", "total")
+    """Host wall time per step phase: laps within a step, means over the steps of a stats window."""
 
     def __init__(self) -> None:
-        self.sums = dict.fromkeys(self.PHASES, 0.0)
+        self.sums: dict[str, float] = {}
         self.steps = 0
+        self._current: dict[str, float] = {}
+        self._t0 = self._t = 0.0
 
-    def add(self, **phases: float) -> None:
-        for k, v in phases.items():
-            self.sums[k] += v
+    def start(self) -> None:
+        self._current = {}
+        self._t0 = self._t = time.perf_counter()
+
+    def lap(self, phase: str) -> None:
+        """Charge the time since the previous lap (or the start) to `phase`."""
+        now = time.perf_counter()
+        self._current[phase] = self._current.get(phase, 0.0) + now - self._t
+        self._t = now
+
+    def end(self) -> None:
+        self._current["total"] = time.perf_counter() - self._t0
+        for k, v in self._current.items():
+            self.sums[k] = self.sums.get(k, 0.0) + v
         self.steps += 1
 
     def take_means(self) -> dict[str, float]:
         out = {k: v / self.steps for k, v in self.sums.items()} if self.steps else {}
-        self.sums = dict.fromkeys(self.PHASES, 0.0)
-        self.steps = 0
+        self.sums, self.steps = {}, 0
         return out
+
+
+@dataclasses.dataclass
+class _InFlight:
+    """A launched plain step whose sampled tokens are not read back yet."""
+
+    samples: list[tuple[Sequence, int]]  # per sampled row: the sequence, the index of its placeholder in token_ids
+    pending: PendingTokens  # the rows' tokens on the device: inputs of the next step
+    host: SampleResult  # the same tokens (and logprobs) in pinned host memory, complete once `done` fires
+    wanted_logprobs: list[int | None]
+    done: torch.cuda.Event | None  # recorded after the copies; None off CUDA (the step ran synchronously)
+
+    @property
+    def live(self) -> bool:
+        return any(not seq.is_finished for seq, _ in self.samples)
 
 
 class LLMEngine:
@@ -203,6 +247,12 @@ class LLMEngine:
         self.spec_accepted_tokens = 0
         self.step_errors = 0
         self._times = _StepTimes()
+        # Overlap needs the next step's shape before this one's tokens are known: not so when verifying drafts.
+        self.overlap = config.overlap and self.drafter is None
+        self._inflight: _InFlight | None = None
+        self.discarded_tokens = 0  # sampled in flight for sequences that finished first (overlap; never output)
+        # Benchmarks set a list: each plain step then appends CUDA events (start, end) around its device work.
+        self.gpu_step_times: list[tuple[torch.cuda.Event, torch.cuda.Event]] | None = None
 
     def _moe_runners(self, cfg: GlmMoeDsaConfig, dtype: torch.dtype, spec: bool
                      ) -> tuple[MoERunner, MoERunner | None]:
@@ -305,27 +355,147 @@ class LLMEngine:
     # The step.
 
     def step(self) -> list[RequestOutput]:
-        t0 = time.perf_counter()
+        """Schedule and launch one step. Without overlap it runs to the end and returns its outputs; with
+        overlap it returns the outputs of the step the previous call launched, read back after this one is
+        queued behind it on the device."""
+        times = self._times
+        times.start()
+        outputs: list[RequestOutput] = []
+        prev, self._inflight = self._inflight, None
+        worked = prev is not None
+        if prev is not None and (self._pin_plans or not self.overlap):
+            outputs += self._read_back(prev)  # pins move expert slots that the step in flight reads
+            prev = None
         self._apply_pins()
         batch = self.scheduler.schedule()
-        if not batch.items:
-            return []
-        try:
-            return self._run(batch, t0)
-        except Exception as e:  # a failed step fails its requests, never the engine
-            log.exception("step failed; its %d requests get error outputs", len(batch.items))
-            self.step_errors += 1
-            outputs = []
-            for it in batch.items:
-                if not it.seq.is_finished:
-                    self.scheduler.finish(it.seq, "error")
-                outputs.append(self._output(it.seq, error=f"engine step failed: {type(e).__name__}: {e}"))
-            return outputs
+        times.lap("schedule")
+        launched: _InFlight | None = None
+        if batch.items:
+            try:
+                if self.drafter is not None:
+                    outputs += self._run_spec(batch)
+                else:
+                    launched = self._launch(batch, prev.pending if prev is not None else None)
+                self.num_steps += 1
+            except Exception as e:  # a failed step fails its requests, never the engine
+                outputs += self._fail([it.seq for it in batch.items], e)
+        if prev is not None:
+            outputs += self._read_back(prev)
+        if launched is not None:
+            if not self.overlap:
+                outputs += self._read_back(launched)
+            elif launched.live:
+                self._inflight = launched
+            else:  # every sequence in it finished meanwhile: nothing to read back
+                self.discarded_tokens += len(launched.samples)
+        if worked or batch.items:
+            times.end()
+        return outputs
 
-    def _run(self, batch: Batch, t0: float) -> list[RequestOutput]:
-        t1 = time.perf_counter()
-        hidden = self.runner.forward(batch.items)
-        t2 = time.perf_counter()
+    def flush(self) -> list[RequestOutput]:
+        """Read back the step in flight now (waits for the device); its outputs. Afterwards nothing is pending."""
+        step, self._inflight = self._inflight, None
+        return self._read_back(step) if step is not None else []
+
+    @torch.inference_mode()
+    def _launch(self, batch: Batch, pending: PendingTokens | None) -> _InFlight | None:
+        """Queue a plain step on the device: forward, logits, sampling, and the copy of its tokens to pinned host
+        memory; never waits for the device. The host state then advances as if the step were done: computed
+        counts move, and each sampling sequence gets a PENDING placeholder for its token (None: nothing samples)."""
+        times = self._times
+        items = batch.items
+        host = self.runner.prepare(items, pending)
+        sampled: list[tuple[Sequence, int]] = []  # (sequence, its last row in the packed step)
+        off = 0
+        for it in items:
+            off += it.num_new
+            if it.samples:
+                sampled.append((it.seq, off - 1))
+        rows = [_row(seq, []) for seq, _ in sampled]
+        times.lap("prepare")
+        marks = self.gpu_step_times if self.device.type == "cuda" else None
+        start = _event(timing=True) if marks is not None else None
+        input_ids, ctx = self.runner.upload(host, pending)
+        hidden = self.runner.run(input_ids, ctx)
+        times.lap("launch")
+        res = None
+        if sampled:
+            pending_output = None
+            if pending is not None and any(uses_penalties(r.params) for r in rows):
+                pending_output = pending.gather([seq for seq, _ in sampled], self.cfg.vocab_size, self.runner.index)
+            res = self._sample_device(hidden, [row for _, row in sampled], rows, pending_output)
+            times.lap("prepare")
+            host_res = _to_host(res)
+        done = _event() if self.device.type == "cuda" else None
+        if marks is not None:
+            marks.append((start, _event(timing=True)))
+        times.lap("launch")
+        for it in items:
+            it.seq.num_computed += it.num_prompt_chunk
+        if res is None:
+            return None
+        samples = []
+        for seq, _ in sampled:
+            samples.append((seq, seq.num_tokens))
+            seq.token_ids.append(PENDING)
+            seq.num_pending += 1
+        return _InFlight(samples, PendingTokens(res.token_ids, {id(seq): i for i, (seq, _) in enumerate(samples)}),
+                         host_res, [seq.sampling.logprobs for seq, _ in samples], done)
+
+    def _read_back(self, step: _InFlight) -> list[RequestOutput]:
+        """Wait for a launched step's tokens and commit them (stops, outputs). A sequence that finished after the
+        step was launched (a stop resolved just before, an abort, an error) drops its token."""
+        times = self._times
+        try:
+            if step.done is not None:
+                step.done.synchronize()
+            times.lap("wait")
+            tokens = step.host.token_ids.tolist()
+            lps = _logprob_rows(step.host, step.wanted_logprobs)
+        except Exception as e:  # the device failed the step: its requests fail, the engine goes on
+            return self._fail([seq for seq, _ in step.samples if not seq.is_finished], e)
+        outputs: list[RequestOutput] = []
+        for (seq, index), token, lp in zip(step.samples, tokens, lps):
+            if seq.is_finished:
+                self.discarded_tokens += 1
+                continue
+            if index == seq.num_prompt_tokens:
+                self.prompt_tokens += seq.num_prompt_tokens
+            self.scheduler.resolve_token(seq, index, token, self.eos_token_ids)
+            self.generation_tokens += 1
+            if lp is not None:
+                seq.pending_logprobs.append(lp)
+            outputs.append(self._output(seq))
+        times.lap("commit")
+        return outputs
+
+    def _fail(self, seqs: list[Sequence], e: Exception) -> list[RequestOutput]:
+        if not seqs:
+            return []
+        log.error("step failed; its %d requests get error outputs", len(seqs), exc_info=e)
+        self.step_errors += 1
+        outputs = []
+        for seq in seqs:
+            if not seq.is_finished:
+                self.scheduler.finish(seq, "error")
+            outputs.append(self._output(seq, error=f"engine step failed: {type(e).__name__}: {e}"))
+        return outputs
+
+    def _sample_device(self, hidden: torch.Tensor, last_rows: list[int], rows: list[SamplingRow],
+                       pending_output: torch.Tensor | None = None) -> SampleResult:
+        """Sample `rows` from the logits of `hidden[last_rows]`; everything stays on the device."""
+        h = hidden if len(last_rows) == hidden.shape[0] else hidden[self.runner.index(last_rows)]
+        logits = self.runner.logits(h)
+        t = SamplingTensors.build(rows, self.cfg.vocab_size, self.device, pending_output)
+        return self.sampler(logits, t)
+
+    def _run_spec(self, batch: Batch) -> list[RequestOutput]:
+        """A step with the MTP draft worker, synchronously: verify, commit, draft the next tokens."""
+        times = self._times
+        host = self.runner.prepare(batch.items)
+        times.lap("prepare")
+        hidden = self.runner.run(*self.runner.upload(host))
+        times.lap("launch")
 
         plain: list[tuple[ScheduledSeq, int]] = []  # (item, row in hidden)
         verify: list[tuple[ScheduledSeq, int]] = []  # (item, first row in hidden)
@@ -339,7 +509,7 @@ class LLMEngine:
             sampled.update(self._sample_plain(hidden, plain))
         if verify:
             sampled.update(self._verify(hidden, verify))
-        t3 = time.perf_counter()
+        times.lap("sample")
 
         outputs: list[RequestOutput] = []
         drafts: list[DraftInput] = []
@@ -367,20 +537,15 @@ class LLMEngine:
                 # token: so the first output token always comes from plain sampling, whatever the chunking,
                 # and a seeded request draws the same noise alone or in any batch.
                 drafts.append(DraftInput(seq, start, hidden[first_row: first_row + committed], bool(tokens)))
-        t4 = time.perf_counter()
+        times.lap("commit")
         if self.drafter is not None:
             self.drafter.run(drafts)
-        t5 = time.perf_counter()
-        self.num_steps += 1
-        self._times.add(schedule=t1 - t0, forward=t2 - t1, sample=t3 - t2, commit=t4 - t3, draft=t5 - t4, total=t5 - t0)
+        times.lap("draft")
         return outputs
 
     def _sample_plain(self, hidden: torch.Tensor, plain: list[tuple[ScheduledSeq, int]]
                       ) -> dict[int, tuple[list[int], list[TokenLogprobs]]]:
-        logits = self.runner.logits(hidden[_index([row for _, row in plain], self.device)])
-        rows = [_row(it.seq, []) for it, _ in plain]
-        t = SamplingTensors.build(rows, self.cfg.vocab_size, self.device)
-        res = self.sampler(logits, t)
+        res = self._sample_device(hidden, [row for _, row in plain], [_row(it.seq, []) for it, _ in plain])
         tokens = res.token_ids.tolist()
         lps = _logprob_rows(res, [it.seq.sampling.logprobs for it, _ in plain])
         return {id(it): ([tok], [lp] if lp else []) for (it, _), tok, lp in zip(plain, tokens, lps)}
@@ -393,7 +558,7 @@ class LLMEngine:
             rows_idx += range(first, first + it.num_new)
             drafts = it.seq.draft_token_ids[: it.num_draft]
             rows += [_row(it.seq, drafts[:i]) for i in range(it.num_new)]
-        logits = self.runner.logits(hidden[_index(rows_idx, self.device)])
+        logits = self.runner.logits(hidden[self.runner.index(rows_idx)])
         t = SamplingTensors.build(rows, self.cfg.vocab_size, self.device)
         seqs = [it.seq for it, _ in verify]
         res = verify_drafts(self.sampler, logits, t, [it.num_draft for it, _ in verify],
@@ -410,14 +575,15 @@ class LLMEngine:
         return out
 
     def _output(self, seq: Sequence, error: str | None = None) -> RequestOutput:
-        new = seq.token_ids[seq.num_prompt_tokens + seq.num_sent:]
-        seq.num_sent = seq.num_output_tokens
+        known = seq.num_known  # tokens still being sampled are sent once read back
+        new = seq.token_ids[seq.num_prompt_tokens + seq.num_sent: known]
+        seq.num_sent = known - seq.num_prompt_tokens
         logprobs = None
         if seq.sampling.logprobs is not None and seq.pending_logprobs:
             logprobs, seq.pending_logprobs = seq.pending_logprobs, []
         return RequestOutput(request_id=seq.request_id, new_token_ids=new, finish_reason=seq.finish_reason,
                              logprobs=logprobs, num_prompt_tokens=seq.num_prompt_tokens,
-                             num_output_tokens=seq.num_output_tokens, error=error)
+                             num_output_tokens=known - seq.num_prompt_tokens, error=error)
 
     def _release_cache(self, seq: Sequence) -> None:
         seq.kv = None
@@ -461,6 +627,7 @@ class LLMEngine:
         self.add_request(rid, self._warmup_prompt(), SamplingParams(max_tokens=8, ignore_eos=True))
         while self.scheduler.by_id[rid].num_output_tokens == 0:
             self.step()
+        self.flush()  # the check step's input token must be known
         batch = self.scheduler.schedule()
         input_ids, ctx = self.runner.pack(batch.items)
         problem = graphs.check_against_eager(input_ids, ctx)
@@ -555,13 +722,32 @@ class LLMEngine:
 
 
 def _row(seq: Sequence, drafts: list[int]) -> SamplingRow:
-    out = seq.output_token_ids
-    return SamplingRow(seq.sampling, seq.seed, len(out) + len(drafts), seq.prompt_token_ids,
+    """The next token's sampling row; its noise index counts pending tokens, its penalties only known ones."""
+    out = seq.known_output_ids
+    return SamplingRow(seq.sampling, seq.seed, seq.num_output_tokens + len(drafts), seq.prompt_token_ids,
                        out + drafts if drafts else out)
 
 
-def _index(rows: list[int], device: torch.device) -> torch.Tensor:
-    return torch.tensor(rows, dtype=torch.int64).to(device)
+def _event(timing: bool = False) -> torch.cuda.Event:
+    """A CUDA event recorded now on the current stream."""
+    event = torch.cuda.Event(enable_timing=timing)
+    event.record()
+    return event
+
+
+def _to_host(res: SampleResult) -> SampleResult:
+    """Start copying a sample result to pinned host memory (complete once an event recorded after it fires)."""
+    if res.token_ids.device.type != "cuda":
+        return res
+
+    def copy(t: torch.Tensor | None) -> torch.Tensor | None:
+        if t is None:
+            return None
+        host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+        return host.copy_(t, non_blocking=True)
+
+    return SampleResult(copy(res.token_ids), copy(res.logprobs), copy(res.top_ids),  # type: ignore[arg-type]
+                        copy(res.top_logprobs))
 
 
 def _truncate(kv: object, length: int) -> None:

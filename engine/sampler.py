@@ -117,7 +117,10 @@ class SamplingTensors:
     max_logprobs: int  # -1: no row wants logprobs
 
     @classmethod
-    def build(cls, rows: Seq[SamplingRow], vocab: int, device: torch.device) -> SamplingTensors:
+    def build(cls, rows: Seq[SamplingRow], vocab: int, device: torch.device,
+              pending_output: torch.Tensor | None = None) -> SamplingTensors:
+        """`pending_output`: [R] int64 on the device, each row's last output token when it is still being
+        sampled by the step in flight (overlapped steps; `vocab` where none), counted by the penalties."""
         ps = [r.params for r in rows]
         greedy = [p.temperature <= 0.0 for p in ps]
         top_k = [p.top_k if 0 < p.top_k < vocab else vocab for p in ps]
@@ -129,7 +132,7 @@ class SamplingTensors:
         any_freq = any(f != 0.0 for f in freq) or any(p != 0.0 for p in pres)
         seen = counts = None
         if any_rep or any_freq:
-            seen, counts = _token_tables(rows, vocab, device, any_rep)
+            seen, counts = _token_tables(rows, vocab, device, any_rep, pending_output)
         # Two uploads per step: every float parameter in one tensor, every integer one in another.
         floats = _upload([[1.0 if g else p.temperature for g, p in zip(greedy, ps)], [p.top_p for p in ps],
                           [p.min_p for p in ps], rep, freq, pres, [float(g) for g in greedy]], torch.float32, device)
@@ -149,14 +152,22 @@ class SamplingTensors:
 
 
 def _upload(values: list[list], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    host = torch.tensor(values, dtype=dtype)
+    return _to_device(torch.tensor(values, dtype=dtype), device)
+
+
+def _to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """From pinned memory without blocking the host (a pageable copy would wait for the device)."""
     if device.type == "cuda":
         return host.pin_memory().to(device, non_blocking=True)
     return host.to(device)
 
 
-def _token_tables(rows: Seq[SamplingRow], vocab: int, device: torch.device, need_seen: bool
-                  ) -> tuple[torch.Tensor | None, torch.Tensor]:
+def uses_penalties(p: SamplingParams) -> bool:
+    return p.repetition_penalty != 1.0 or p.frequency_penalty != 0.0 or p.presence_penalty != 0.0
+
+
+def _token_tables(rows: Seq[SamplingRow], vocab: int, device: torch.device, need_seen: bool,
+                  pending_output: torch.Tensor | None) -> tuple[torch.Tensor | None, torch.Tensor]:
     """Output token counts [R, vocab] and the prompt-or-output mask, by scatter from padded id lists."""
     R = len(rows)
     width = max(1, max(len(r.output_token_ids) for r in rows))
@@ -164,7 +175,9 @@ def _token_tables(rows: Seq[SamplingRow], vocab: int, device: torch.device, need
     for i, r in enumerate(rows):
         if r.output_token_ids:
             out[i, : len(r.output_token_ids)] = torch.as_tensor(list(r.output_token_ids), dtype=torch.int64)
-    out = out.to(device)
+    out = _to_device(out, device)
+    if pending_output is not None:
+        out = torch.cat([out, pending_output[:, None]], dim=1)
     counts = torch.zeros(R, vocab + 1, dtype=torch.float32, device=device)
     counts.scatter_add_(1, out, torch.ones_like(out, dtype=torch.float32))
     counts = counts[:, :vocab]
@@ -175,7 +188,7 @@ def _token_tables(rows: Seq[SamplingRow], vocab: int, device: torch.device, need
         for i, r in enumerate(rows):
             prompt[i, : len(r.prompt_token_ids)] = torch.as_tensor(list(r.prompt_token_ids), dtype=torch.int64)
         seen_full = torch.zeros(R, vocab + 1, dtype=torch.bool, device=device)
-        seen_full.scatter_(1, prompt.to(device), True)
+        seen_full.scatter_(1, _to_device(prompt, device), True)
         seen = seen_full[:, :vocab] | (counts > 0)
     return seen, counts
 

@@ -20,6 +20,16 @@ Stops: max_tokens, max_seq_len, stop token ids, and EOS unless `ignore_eos`; a s
 the output. Stop STRINGS are not checked here: the daemon holds the text (tokenisation and
 incremental detokenisation are its job), finds stop strings there, including ones that span token
 boundaries, and sends `Abort(reason="stop")`, which frees the sequence like any abort.
+
+Overlapped steps (sequence.py): step n + 1 is scheduled before step n's tokens are read back, so
+decoding sequences carry one pending token. A sequence whose pending tokens already reach
+max_tokens or max_seq_len is not scheduled again (it finishes when they resolve, whatever their
+values); one that resolves to a stop token or is aborted may already be in the step in flight: that
+step's token for it is discarded (`finish` drops trailing placeholders) and its pages are freed at
+once. Freeing is safe while the GPU still writes them: every step runs on one stream, so a later
+owner's writes land after the in-flight step's. A sequence preempted while it has a pending token
+is not re-admitted until the token resolves (its recompute needs the value); it blocks the queue
+head for that one step.
 """
 
 from __future__ import annotations
@@ -128,6 +138,7 @@ class Scheduler:
         elif seq.status is SequenceStatus.WAITING:
             self.waiting.remove(seq)
         self._drop_state(seq)
+        seq.drop_pending()
         seq.status, seq.finish_reason = SequenceStatus.FINISHED, reason
         self.by_id.pop(seq.request_id, None)
 
@@ -137,8 +148,8 @@ class Scheduler:
         preempted: list[Sequence] = []
 
         for seq in [s for s in self.running if s.in_decode]:
-            if seq.status is not SequenceStatus.RUNNING:
-                continue  # preempted earlier in this loop
+            if seq.status is not SequenceStatus.RUNNING or self.will_finish(seq):
+                continue  # preempted earlier in this loop, or finishes when its pending token resolves
             n = 1 + len(seq.draft_token_ids)
             if n > budget:
                 break
@@ -158,6 +169,8 @@ class Scheduler:
 
         while self.waiting and budget > 0 and len(self.running) < self.config.max_running:
             seq = self.waiting[0]
+            if seq.num_pending:
+                break  # preempted while its last token was in flight: recompute needs its value
             chunk = min(seq.num_tokens - seq.num_computed, budget)
             if not self.kv.reserve(seq, seq.num_computed + chunk + self._after_prefill(seq, chunk)):
                 break
@@ -218,15 +231,36 @@ class Scheduler:
 
     def append_tokens(self, seq: Sequence, tokens: list[int], eos_token_ids: frozenset[int]) -> int:
         """Append `tokens` to `seq` up to the first stop; returns how many were kept."""
-        sp = seq.sampling
         for i, t in enumerate(tokens):
             seq.token_ids.append(t)
-            reason: FinishReason | None = None
-            if t in sp.stop_token_ids or (not sp.ignore_eos and t in eos_token_ids):
-                reason = "stop"
-            elif seq.num_output_tokens >= sp.max_tokens or seq.num_tokens >= self.max_seq_len:
-                reason = "length"
+            reason = self._stop_reason(seq, t, seq.num_tokens, eos_token_ids)
             if reason is not None:
                 self.finish(seq, reason)
                 return i + 1
         return len(tokens)
+
+    def resolve_token(self, seq: Sequence, index: int, token: int, eos_token_ids: frozenset[int]) -> bool:
+        """Fill the placeholder at `token_ids[index]` with the token read back; True if that finished `seq`."""
+        if seq.num_pending == 0 or index != seq.num_known:
+            raise RuntimeError(f"{seq}: token {index} is not its first pending token")
+        seq.token_ids[index] = token
+        seq.num_pending -= 1
+        reason = self._stop_reason(seq, token, index + 1, eos_token_ids)
+        if reason is not None:
+            self.finish(seq, reason)  # drops the tokens sampled after this one
+        return reason is not None
+
+    def will_finish(self, seq: Sequence) -> bool:
+        """The pending tokens of `seq` reach its length limits: it stops when they resolve, whatever they are."""
+        return seq.num_pending > 0 and (seq.num_output_tokens >= seq.sampling.max_tokens
+                                        or seq.num_tokens >= self.max_seq_len)
+
+    def _stop_reason(self, seq: Sequence, token: int, length: int, eos_token_ids: frozenset[int]
+                     ) -> FinishReason | None:
+        """Why `seq` stops at `token`, its `length`-th token (prompt included); None if it goes on."""
+        sp = seq.sampling
+        if token in sp.stop_token_ids or (not sp.ignore_eos and token in eos_token_ids):
+            return "stop"
+        if length - seq.num_prompt_tokens >= sp.max_tokens or length >= self.max_seq_len:
+            return "length"
+        return None

@@ -2,10 +2,17 @@
 
 A sequence's tokens are `prompt + output` in one list. `num_computed` counts the leading tokens
 whose keys and values are in the cache; a step feeds `token_ids[num_computed:]` (a prefill chunk, or
-the one token sampled last) plus, with speculative decoding, the pending draft tokens, which are
+the one token sampled last) plus, with speculative decoding, the draft tokens awaiting verification, which are
 never in `token_ids` until the target accepts them. Preemption by recompute only resets
 `num_computed` to 0 and drops the cache: the generated tokens stay, so re-admission prefills
 prompt and output together and continues exactly where it stopped.
+
+Overlapped steps (the engine reads sampled tokens back one step late): when a step that samples is
+launched, the sequence's `num_computed` advances and a `PENDING` placeholder is appended to
+`token_ids` for the token the GPU is still drawing; the next step may already feed it (from the
+device). Placeholders are always the trailing `num_pending` entries and are filled in order when
+the step is read back, or dropped when the sequence finishes first (its later tokens are discarded).
+`num_known` counts the tokens the host knows; outputs and penalties use only those.
 """
 
 from __future__ import annotations
@@ -16,6 +23,8 @@ from typing import Any
 import torch
 
 from moed.engine.protocol import FinishReason, SamplingParams, TokenLogprobs
+
+PENDING = -1  # token_ids entry of a token sampled on the device and not read back yet
 
 
 class SequenceStatus(enum.Enum):
@@ -45,6 +54,7 @@ class Sequence:
         self.num_sent = 0  # output tokens already handed to the caller
         self.pending_logprobs: list[TokenLogprobs] = []
         self.num_preemptions = 0
+        self.num_pending = 0  # trailing PENDING placeholders in token_ids
 
     @property
     def num_tokens(self) -> int:
@@ -53,6 +63,21 @@ class Sequence:
     @property
     def num_output_tokens(self) -> int:
         return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def num_known(self) -> int:
+        """Tokens whose values the host has (all but the trailing placeholders)."""
+        return len(self.token_ids) - self.num_pending
+
+    @property
+    def known_output_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens: self.num_known]
+
+    def drop_pending(self) -> None:
+        """Forget the tokens still being sampled (the sequence finished before they were read back)."""
+        if self.num_pending:
+            del self.token_ids[-self.num_pending:]
+            self.num_pending = 0
 
     @property
     def prompt_token_ids(self) -> list[int]:
@@ -73,4 +98,4 @@ class Sequence:
 
     def __repr__(self) -> str:
         return (f"Sequence({self.request_id!r}, {self.status.value}, tokens={self.num_tokens}, "
-                f"computed={self.num_computed}, pages={len(self.pages)})")
+                f"computed={self.num_computed}, pending={self.num_pending}, pages={len(self.pages)})")

@@ -88,6 +88,7 @@ def test_engine_cuda_graph_replay_has_no_host_sync(tiny_checkpoint):
     e.add_request("a", _prompts()[0], SP)
     while e.scheduler.by_id["a"].num_output_tokens == 0:
         e.step()
+    e.flush()  # with overlap the first token is still in flight; the step below feeds it from the host
     batch = e.scheduler.schedule()
     input_ids, ctx = e.runner.pack(batch.items)
     torch.cuda.synchronize()

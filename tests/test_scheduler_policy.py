@@ -7,7 +7,7 @@ import pytest
 from moed.engine.kv_pages import KVPages
 from moed.engine.protocol import SamplingParams
 from moed.engine.scheduler import Scheduler, SchedulerConfig
-from moed.engine.sequence import Sequence, SequenceStatus
+from moed.engine.sequence import PENDING, Sequence, SequenceStatus
 
 
 def _seq(i: int, prompt_len: int, **sampling) -> Sequence:
@@ -178,3 +178,66 @@ def test_scheduler_reserves_draft_lookahead():
     batch = s.schedule()
     assert batch.items[0].num_new == 4 and batch.items[0].input_token_ids() == [7, 1, 2, 3]
     assert len(a.pages) == 5 + 6  # 1 + k verified, then up to k - 1 drafted past the accepted ones
+
+
+def _launch(sched: Scheduler, batch) -> None:
+    """What the overlapped engine does at launch: commit the chunk, a placeholder where the step samples."""
+    for it in batch.items:
+        it.seq.num_computed += it.num_prompt_chunk
+        if it.seq.num_computed == it.seq.num_tokens:
+            it.seq.token_ids.append(PENDING)
+            it.seq.num_pending += 1
+
+
+def test_scheduler_pending_tokens_resolve_in_order_and_stop_drops_later_ones():
+    s, _ = _sched(max_tokens_per_step=64)
+    eos = frozenset({9})
+    a = _seq(1, 3, max_tokens=10, stop_token_ids=[42])
+    s.add(a)
+    _launch(s, s.schedule())
+    assert a.in_decode and a.num_pending == 1 and a.num_known == 3
+    batch = s.schedule()  # decodes on the pending token before it is known
+    assert batch.items[0].input_token_ids() == [PENDING]
+    _launch(s, batch)
+    assert a.num_pending == 2 and a.num_output_tokens == 2
+    with pytest.raises(RuntimeError, match="first pending"):
+        s.resolve_token(a, 4, 5, eos)
+    assert not s.resolve_token(a, 3, 11, eos) and a.num_known == 4 and a.token_ids[-1] == PENDING
+    _launch(s, s.schedule())
+    assert s.resolve_token(a, 4, 42, eos) and a.finish_reason == "stop"
+    assert a.output_token_ids == [11, 42] and a.num_pending == 0 and a.pages == [] and s.kv.num_free == 64
+
+
+def test_scheduler_does_not_schedule_a_sequence_its_pending_tokens_finish():
+    s, _ = _sched(max_tokens_per_step=64)
+    a, b = _seq(1, 3, max_tokens=2), _seq(2, 3, max_tokens=5)
+    s.add(a)
+    s.add(b)
+    _launch(s, s.schedule())
+    _launch(s, s.schedule())  # a's second (last) token is now pending
+    assert s.will_finish(a) and not s.will_finish(b)
+    assert [it.seq.request_id for it in s.schedule().items] == ["r2"]
+    s.resolve_token(a, 3, 7, frozenset())
+    assert not a.is_finished
+    s.resolve_token(a, 4, 8, frozenset())
+    assert a.finish_reason == "length" and a.output_token_ids == [7, 8]
+
+
+def test_scheduler_holds_back_a_preempted_sequence_until_its_token_resolves():
+    s, _ = _sched(pages=4, page_size=4, max_running=4, max_tokens_per_step=64)
+    a, b = _seq(1, 8), _seq(2, 7)
+    s.add(a)
+    s.add(b)
+    _launch(s, s.schedule())  # 2 pages each: the pool is full; both have a pending token
+    s.finish(a, "abort")
+    a2 = _seq(3, 8)
+    s.add(a2)
+    _launch(s, s.schedule())  # a2 takes a's pages; b decodes into its second page
+    batch = s.schedule()  # b needs a third page: a2, the latest arrival, is preempted with its token in flight
+    assert batch.preempted == [a2] and a2.num_pending == 1 and a2.status is SequenceStatus.WAITING
+    s.finish(b, "stop")
+    assert s.schedule().items == []  # a2 waits at the head until its token is read back
+    s.resolve_token(a2, 8, 5, frozenset())
+    batch = s.schedule()
+    assert [(it.seq.request_id, it.num_new) for it in batch.items] == [("r3", 9)]
+    assert batch.items[0].input_token_ids()[-1] == 5

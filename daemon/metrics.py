@@ -118,6 +118,10 @@ class Metrics:
         self.prefetch_recall = Gauge("moed_expert_prefetch_recall_ratio",
                                      "Used experts that had been prefetched, since the worker started", layer,
                                      registry=r)
+        self.miss_service = Gauge("moed_expert_miss_service", "1 for the policy serving expert misses in decode "
+                                  "(copy, hybrid, cpu)", ["policy"], registry=r)
+        self.miss_service_rate = Gauge("moed_expert_miss_service_rate_bytes_per_second", "Rates the hybrid split "
+                                       "uses: CPU experts (re-measured under load) and copies", ["path"], registry=r)
         self.expert_pinned = Gauge("moed_expert_pinned", "Experts pinned in the GPU cache (placement manager)",
                                    layer, registry=r)
         self.placement_changes = Counter("moed_placement_pin_changes", "Pins and unpins the placement manager "
@@ -163,6 +167,11 @@ class Metrics:
         self._increase(self.preemptions, ("preemptions",), stats.preemptions)
         self._increase(self.spec_draft, ("spec_draft",), stats.spec_draft_tokens)
         self._increase(self.spec_accepted, ("spec_accepted",), stats.spec_accepted_tokens)
+        if stats.miss_service:
+            for policy in ("copy", "hybrid", "cpu"):
+                self.miss_service.labels(policy).set(1 if policy == stats.miss_service else 0)
+        for path, rate in stats.miss_service_rates_Bps.items():
+            self.miss_service_rate.labels(path).set(rate)
         for e in stats.experts:
             layer = str(e.layer)
             for counter, name, value in (

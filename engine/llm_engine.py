@@ -75,6 +75,7 @@ log = logging.getLogger(__name__)
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 MOE_RUNNERS = ("torch", "offload")
+MISS_SERVICES = ("copy", "hybrid", "cpu")
 MAX_LOGPROBS = 20
 
 
@@ -102,6 +103,9 @@ class EngineConfig:
     moe: str = "torch"  # torch (every expert resident) | offload (host store + GPU expert cache)
     expert_cache_gb: float | None = None  # offload: the target's expert cache budget (None: what is free)
     draft_expert_cache_gb: float | None = None  # offload: the draft's own budget (None: the target's per-layer share)
+    # offload: how decode steps serve expert misses: copy (to the GPU cache; exact, graph-capturable), hybrid (split
+    # between CPU experts and copies by measured rates; one host sync per layer, so decode runs eagerly), cpu
+    miss_service: str = "copy"
     cuda_graphs: bool = True  # decode through CUDA graphs when on CUDA with capturable backends
     # Plan and launch step n + 1 before reading step n's tokens back (never with spec_steps). Off by default until
     # the GPU engine tests have run with it on (see docs/benchmarks.md, Engine).
@@ -185,6 +189,11 @@ class LLMEngine:
             raise ValueError(f"dtype must be one of {list(DTYPES)}, got {config.dtype!r}")
         if config.moe not in MOE_RUNNERS:
             raise ValueError(f"moe runner must be one of {list(MOE_RUNNERS)}, got {config.moe!r}")
+        if config.miss_service not in MISS_SERVICES:
+            raise ValueError(f"miss_service must be one of {list(MISS_SERVICES)}, got {config.miss_service!r}")
+        if config.miss_service != "copy" and config.moe != "offload":
+            raise ValueError(f"miss_service {config.miss_service!r} needs moe='offload' (with moe={config.moe!r} "
+                             "every expert is resident and nothing misses)")
         self.device = torch.device(config.device)
         dtype = DTYPES[config.dtype]
         cfg = GlmMoeDsaConfig.from_file(Path(config.model) / "config.json")
@@ -259,18 +268,20 @@ class LLMEngine:
         if self.config.moe == "torch":
             return (TorchMoERunner(cfg, dtype, self.device),
                     TorchMoERunner(cfg, dtype, self.device) if spec else None)
-        from moed.offload.runner import OffloadMoERunner
+        from moed.offload.runner import CpuConfig, OffloadMoERunner
 
         main = list(range(cfg.first_k_dense_replace, cfg.num_hidden_layers))
         gb = self.config.expert_cache_gb
         target_budget = int(gb * 2**30) if gb is not None else _free_bytes(self.device)
-        target = OffloadMoERunner(cfg, main, device=self.device, budget_bytes=target_budget, name="target")
+        ms = self.config.miss_service
+        cpu = CpuConfig(policy=ms) if ms != "copy" else None
+        target = OffloadMoERunner(cfg, main, device=self.device, budget_bytes=target_budget, name="target", cpu=cpu)
         draft = None
         if spec:
             dgb = self.config.draft_expert_cache_gb
             draft_budget = int(dgb * 2**30) if dgb is not None else target_budget // max(len(main), 1)
             draft = OffloadMoERunner(cfg, cfg.mtp_layer_ids, device=self.device, budget_bytes=draft_budget,
-                                     name="draft")
+                                     name="draft", cpu=cpu)
         return target, draft
 
     def _auto_kv_pages(self, paged: bool, latent_dtype: str, index_dtype: str, layers: list[int]) -> int:
@@ -646,14 +657,21 @@ class LLMEngine:
         """Counters (cumulative) and the mean step-time breakdown since the previous call."""
         layers: list[LayerExpertStats] = []
         counts: dict[str, list[int]] = {}
+        service: dict[str, float] = {}
+        policy = ""
         for runner in self._offload_runners():
             layers += [LayerExpertStats(**s.as_protocol_fields()) for s in runner.stats()]
             counts.update({str(layer): c for layer, c in runner.read_counts().items()})
+            if runner.name == "target":
+                policy = runner.miss_service
+                if policy != "copy":  # the rates the split uses; the CPU's follows its load
+                    service = {"cpu": runner.cpu_rate, "copy": runner.copy_rate}
         return EngineStats(running=len(self.scheduler.running), waiting=len(self.scheduler.waiting),
                            kv_usage=self.kv.usage, num_steps=self.num_steps, prompt_tokens=self.prompt_tokens,
                            generation_tokens=self.generation_tokens, preemptions=self.scheduler.num_preemptions,
                            step_time_s=self._times.take_means(), spec_draft_tokens=self.spec_draft_tokens,
-                           spec_accepted_tokens=self.spec_accepted_tokens, experts=layers, expert_counts=counts)
+                           spec_accepted_tokens=self.spec_accepted_tokens, experts=layers, expert_counts=counts,
+                           miss_service=policy, miss_service_rates_Bps=service)
 
     def placement(self, op: str, layer: int | None, expert: int | None) -> tuple[bool, str, dict[str, list[int]]]:
         """Pin / unpin / reset / get experts of the expert caches; changes apply before the next step."""

@@ -114,6 +114,8 @@ class EngineStats(msgspec.Struct, tag="stats"):
     spec_accepted_tokens: int = 0  # cumulative
     experts: list[LayerExpertStats] = []
     expert_counts: dict[str, list[int]] = {}  # layer -> per-expert activation counts since the last stats
+    miss_service: str = ""  # copy, hybrid or cpu ("" without an expert cache)
+    miss_service_rates_Bps: dict[str, float] = {}  # "cpu" / "copy": the rates the hybrid split uses (bytes/s)
 
 
 class PlacementReply(msgspec.Struct, tag="placement_reply"):

@@ -174,6 +174,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--expert-cache-gb", type=float, default=None, help="offload: target expert cache budget")
     p.add_argument("--draft-expert-cache-gb", type=float, default=None, help="offload: the MTP draft's own budget")
     p.add_argument("--no-cuda-graphs", action="store_true")
+    p.add_argument("--miss-service", choices=("copy", "hybrid", "cpu"), default="copy",
+                   help="offload: serve decode misses by copies (exact, graph-capturable), split between CPU "
+                        "experts and copies (hybrid), or on the CPU alone")
     p.add_argument("--overlap", action="store_true",
                    help="plan and launch each step before reading the previous one's tokens back (no MTP)")
     p.add_argument("--graph-max-batch", type=int, default=128)
@@ -213,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
                               page_size=args.page_size, spec_steps=args.spec_steps, max_model_len=args.max_model_len,
                               attention=args.attention, moe=args.moe, expert_cache_gb=args.expert_cache_gb,
                               draft_expert_cache_gb=args.draft_expert_cache_gb, cuda_graphs=not args.no_cuda_graphs,
-                              overlap=args.overlap,
+                              overlap=args.overlap, miss_service=args.miss_service,
                               graph_max_batch=args.graph_max_batch, seed=args.seed)
         engine = LLMEngine(config)
         engine.warmup()

@@ -61,6 +61,37 @@ def test_engine_offload_runner_matches_reference_and_takes_placement(tiny_checkp
     assert target.cache[2].pinned == set() and draft.cache[4].pinned == set()
 
 
+@pytest.mark.parametrize("policy", ["hybrid", "cpu"])
+def test_engine_offload_cpu_miss_service_matches_reference(tiny_checkpoint, reference, policy):
+    # CPU experts differ from the GPU path only in fp32 summation order (tests/test_offload_runner.py states the
+    # bound); on this fp32 model that never moves a greedy token.
+    per_layer = 8 * 49152
+    from moed.offload.cpu_experts import CpuKernelUnavailable
+
+    try:
+        e = LLMEngine(EngineConfig(model=tiny_checkpoint, moe="offload", expert_cache_gb=3 * per_layer / 2**30,
+                                   miss_service=policy, **BASE))
+    except CpuKernelUnavailable as err:
+        pytest.skip(str(err))
+    target = e.runner.moe
+    assert target.miss_service == policy and not target.supports_cuda_graphs
+    # Without a GPU the copy rate is a placeholder and the tiny experts' CPU rate is all overhead: make the two
+    # equal so the hybrid split gives the CPU a share here as it does on the GPU machine.
+    target.cpu_rate = target.copy_rate
+    assert e.generate(_prompts(), SP) == reference
+    stats = e.stats()
+    assert stats.miss_service == policy and set(stats.miss_service_rates_Bps) == {"cpu", "copy"}
+    cpu = sum(s.cpu_experts for s in stats.experts)
+    assert cpu > 0 and (policy == "hybrid" or all(s["copy"] == 0 for s in target.split_log))
+
+
+def test_engine_miss_service_config_errors(tiny_checkpoint):
+    with pytest.raises(ValueError, match="miss_service must be one of"):
+        LLMEngine(EngineConfig(model=tiny_checkpoint, moe="offload", miss_service="gpu", **BASE))
+    with pytest.raises(ValueError, match="needs moe='offload'"):
+        LLMEngine(EngineConfig(model=tiny_checkpoint, miss_service="hybrid", **BASE))
+
+
 def test_engine_reference_moe_refuses_placement(tiny_checkpoint):
     e = LLMEngine(EngineConfig(model=tiny_checkpoint, **BASE))
     ok, msg, pinned = e.placement("pin", 1, 1)

@@ -206,6 +206,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-model-len", type=int, default=4096)
     p.add_argument("--overlap", choices=("both", "on", "off"), default="both",
                    help="overlapped steps (plain decoding only): measure with, without, or both")
+    p.add_argument("--miss-service", choices=("copy", "hybrid", "cpu"), default="copy",
+                   help="offload: how decode serves expert misses (hybrid and cpu decode eagerly)")
     p.add_argument("--out", default=None, help="JSON file for every figure")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -235,7 +237,8 @@ def main(argv: list[str] | None = None) -> int:
                            spec_steps=spec, max_model_len=args.max_model_len, moe=args.moe,
                            expert_cache_gb=args.expert_cache_gb if args.moe == "offload" else None,
                            draft_expert_cache_gb=args.draft_expert_cache_gb if args.moe == "offload" else None,
-                           graph_max_batch=max(conc), seed=0)
+                           graph_max_batch=max(conc), seed=0,
+                           miss_service=args.miss_service if args.moe == "offload" else "copy")
         t = time.perf_counter()
         engine = LLMEngine(cfg)
         engine.warmup()
@@ -277,7 +280,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=1))
     print(f"\nengine benchmark on {result['device']} ({args.preset}, prompt {args.prompt_len}, "
-          f"gen {args.gen_len}, expert cache {args.expert_cache_gb} GB); ceilings {ceil}")
+          f"gen {args.gen_len}, expert cache {args.expert_cache_gb} GB, miss service {args.miss_service}); "
+          f"ceilings {ceil}")
     print(f"{'mtp':>3} {'graph':>5} {'ovl':>3} {'conc':>4} {'prefill s':>9} {'tok/s':>9} {'ms/tok':>8} {'step ms':>8} "
           f"{'bound ms':>8} {'x bound':>7} {'hit':>5} {'accept':>6} {'graphed':>7}")
     for r in rows:

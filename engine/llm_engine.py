@@ -107,9 +107,8 @@ class EngineConfig:
     # between CPU experts and copies by measured rates; one host sync per layer, so decode runs eagerly), cpu
     miss_service: str = "copy"
     cuda_graphs: bool = True  # decode through CUDA graphs when on CUDA with capturable backends
-    # Plan and launch step n + 1 before reading step n's tokens back (never with spec_steps). Off by default until
-    # the GPU engine tests have run with it on (see docs/benchmarks.md, Engine).
-    overlap: bool = False
+    # Plan and launch step n + 1 before reading step n's tokens back (ignored with spec_steps: MTP steps stay in step).
+    overlap: bool = True
     graph_max_batch: int = 128
     graph_max_context: int = 8192  # contexts longer than this decode eagerly
     seed: int | None = None  # seeds the draw of noise keys for requests without one

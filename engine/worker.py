@@ -177,8 +177,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--miss-service", choices=("copy", "hybrid", "cpu"), default="copy",
                    help="offload: serve decode misses by copies (exact, graph-capturable), split between CPU "
                         "experts and copies (hybrid), or on the CPU alone")
-    p.add_argument("--overlap", action="store_true",
-                   help="plan and launch each step before reading the previous one's tokens back (no MTP)")
+    p.add_argument("--overlap", action=argparse.BooleanOptionalAction, default=True,
+                   help="plan and launch each step before reading the previous one's tokens back (not with MTP)")
     p.add_argument("--graph-max-batch", type=int, default=128)
     p.add_argument("--seed", type=int, default=None, help="seeds the noise keys of requests without a seed")
     p.add_argument("--log-level", default="INFO")

@@ -32,6 +32,7 @@ import tempfile
 import threading
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -375,6 +376,44 @@ class CpuExpertKernel:
             (ctypes.c_int * n)(*[x.shape[0] for x in xs]), ptrs(gus), ptrs(hs), ptrs(ys), K, N, bn, bk,
             int(L.is_fp8), self.threads)
         return ys
+
+
+    def forward_grouped(self, sections: dict[str, torch.Tensor], experts: np.ndarray, counts: np.ndarray,
+                        x: torch.Tensor, y: torch.Tensor) -> None:
+        """The hybrid path's call, with no per-expert tensor work: `sections` are one layer's [E, ...] host views
+        (HostExpertStore.sections), x / y fp32 [R, K] hold the routes grouped by expert in `experts` order,
+        counts[i] rows for experts[i]; y receives every route's expert output."""
+        L = self.layout
+        K, N = L.hidden, L.inter
+        n = len(experts)
+        R = int(counts.sum())
+        if (not 0 < n <= 256 or len(counts) != n or x.shape != (R, K) or y.shape != (R, K)
+                or x.dtype != torch.float32 or y.dtype != torch.float32 or not x.is_contiguous()
+                or not y.is_contiguous() or x.device.type != "cpu" or y.device.type != "cpu"):
+            raise ValueError(f"forward_grouped: 1..256 experts with fp32 host rows [{R}, {K}] in and out, got "
+                             f"{n} experts, x {x.dtype}{list(x.shape)}, y {y.dtype}{list(y.shape)}")
+        gu = torch.empty(R, 2 * N, dtype=torch.float32)
+        h = torch.empty(R, N, dtype=torch.float32)
+        starts = np.concatenate(([0], np.cumsum(counts)[:-1])).astype(np.int64)
+        e = np.asarray(experts, dtype=np.int64)
+
+        def ptrs(base: int, stride: int) -> ctypes.Array:
+            return (ctypes.c_void_p * n)(*(base + stride * e).tolist())
+
+        def rows(t: torch.Tensor, width: int) -> ctypes.Array:
+            return (ctypes.c_void_p * n)(*(t.data_ptr() + starts * (width * 4)).tolist())
+
+        def section(name: str) -> ctypes.Array | None:
+            t = sections.get(name)
+            if t is None:
+                return (ctypes.c_void_p * n)()
+            return ptrs(t.data_ptr(), t[0].numel() * t.element_size())
+
+        bn, bk = L.block or (1, 1)
+        self.lib.experts_forward(
+            n, section("w13"), section("w13_scale"), section("w2"), section("w2_scale"), rows(x, K),
+            (ctypes.c_int * n)(*counts.tolist()), rows(gu, 2 * N), rows(h, N), rows(y, K), K, N, bn, bk,
+            int(L.is_fp8), self.threads)
 
 
 def expert_forward_reference(expert: dict[str, torch.Tensor], x: torch.Tensor, layout: ExpertLayout) -> torch.Tensor:

@@ -11,14 +11,13 @@ Every route's output depends only on its token and its expert's weights, and eac
 whole in one round, so the result is bit-identical whatever the cache size, pins, policy or copy
 path (the all-resident runner computes the same function).
 
-Hybrid miss service (`cpu=CpuConfig(...)`, eager mode only): the host reads the step's ids and the
-table (one sync per layer), splits the missing experts between the CPU kernel and copies in
-proportion to rates measured at start-up (the CPU's refreshed from each job's own time, i.e. under
-load) so both finish together; the experts the placement statistics say are least used go to the
-CPU (only copied experts enter the cache). It marks those experts served-elsewhere for the claim
-kernel (uploaded by SM loads, not the copy engine), queues the GPU rounds, then computes the CPU
-experts on the calling thread while the GPU copies and computes the rest, and joins the CPU's
-route outputs before the weighted sum.
+Hybrid miss service (`cpu=CpuConfig(...)`, eager mode only): the host reads the step's ids, the
+table, the use counts and the activations in one sync, splits the missing experts (whole experts)
+between the CPU kernel and copies by rates measured at start-up (the CPU's refreshed from each job's
+own time, i.e. under load) so the slower side ends first; the least-used misses go to the CPU (only
+copied experts enter the cache). It marks those experts served-elsewhere for the claim kernel, starts
+the CPU experts on the runner's worker thread, queues the GPU rounds meanwhile, and joins the CPU's
+route outputs (one upload) before the weighted sum.
 
 The draft (MTP) worker builds its own runner over the MTP layers (`layers=cfg.mtp_layer_ids`) with
 its own store, cache and budget; `LayerSplitRunner` hands each layer's experts to the runner that
@@ -27,6 +26,7 @@ owns it at load, so neither runner's post-init (cache build, pins) ever touches 
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import logging
 import math
@@ -37,7 +37,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from moed.kernels.expert_copy import STATS, upload_no_ce
+from moed.kernels.expert_copy import STATS
 from moed.model.config import GlmMoeDsaConfig
 from moed.model.fp8 import dequantize_block_fp8
 from moed.model.moe import ExpertWeights
@@ -99,7 +99,8 @@ def default_moe_fn(device: torch.device) -> MoEFn:
 class _HostStaging:
     """Host buffers of the hybrid path, reused every layer: pinned on CUDA so the copies are asynchronous.
     ids [R] int32 (R = tokens x k routes), x [R, K] fp32 activations, e2s [E] int32 slot table, freq [E] fp32
-    use counts, flags [E] int8 CPU-served marks, y [R, K] fp32 CPU route outputs, rows [R] int64 their routes."""
+    use counts, flags [E] int8 CPU-served marks, xr [R, K] fp32 the CPU routes' rows grouped by expert (never
+    copied, not pinned), y [R, K] fp32 their outputs, rows [R] int64 their route indices."""
 
     def __init__(self, routes: int, num_experts: int, hidden: int, pin: bool) -> None:
         def buf(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
@@ -110,6 +111,7 @@ class _HostStaging:
         self.e2s = buf((num_experts,), torch.int32)
         self.freq = buf((num_experts,), torch.float32)
         self.flags = buf((num_experts,), torch.int8)
+        self.xr = torch.empty((routes, hidden), dtype=torch.float32)  # the CPU routes' rows, grouped by expert
         self.y = buf((routes, hidden), torch.float32)
         self.rows = buf((routes,), torch.int64)
 
@@ -125,6 +127,9 @@ class CpuConfig:
     enabled: bool = True
     policy: str = "hybrid"  # hybrid: misses split between CPU and copies; cpu: every miss on the CPU
     threads: int = 0  # 0: every core this process may use
+    # Run the CPU experts on a worker thread started before the GPU rounds are queued, so the host's kernel
+    # launches overlap them; False runs them on the calling thread after the launches.
+    worker_thread: bool = True
     max_tokens: int = 8  # above this many tokens a step copies and computes on the GPU (prefill)
     cpu_rate: float | None = None  # bytes/s; None: measured at start-up
     copy_rate: float | None = None  # bytes/s; None: measured at start-up
@@ -169,6 +174,7 @@ class OffloadMoERunner:
         self._pending_pins: dict[int, set[int]] | None = None
         self._ones: dict[int, torch.Tensor] = {}
         self._stage: _HostStaging | None = None
+        self._worker: concurrent.futures.ThreadPoolExecutor | None = None
         self.host_stats = {layer: {"cpu_experts": 0, "bytes_cpu": 0, "stall_s": 0.0} for layer in self.layers}
         self.split_log: list[dict] = []
         self.cpu_rate = self.copy_rate = 0.0
@@ -185,6 +191,8 @@ class OffloadMoERunner:
                                  budget_bytes=self._budget, initial=self._initial)
         if self.cpu_cfg.enabled:
             self.cpu_kernel = CpuExpertKernel(self.layout, threads=self.cpu_cfg.threads)
+            if self.cpu_cfg.worker_thread:  # one thread for the runner's life: its OpenMP team is kept
+                self._worker = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=f"moed-cpu-{self.name}")
             self.cpu_rate = self.cpu_cfg.cpu_rate or self._measure_cpu_rate()
             self.copy_rate = self.cpu_cfg.copy_rate or self._measure_copy_rate()
             log.info("%s: miss service %s, rates measured at start-up: CPU experts %.1f GB/s, copies %.1f GB/s -> "
@@ -317,10 +325,11 @@ class OffloadMoERunner:
             route_out = self._route_outputs(lc, hidden_rep, ids)
         else:
             lc.wait_prefetch()
-            cpu_job = None
-            exclude = None
+            cpu_job = pending = exclude = None
             if self.cpu_kernel is not None and M <= self.cpu_cfg.max_tokens:
                 cpu_job, exclude = self._start_cpu(layer, lc, hidden, ids)
+                if cpu_job is not None and self._worker is not None:
+                    pending = self._worker.submit(self._cpu_job, cpu_job)  # runs while the GPU rounds are queued
             distinct = min(self.layout.num_experts, M * k)
             round_ids = torch.empty_like(ids)
             mask = torch.empty(M, k, dtype=torch.int8, device=self.device)
@@ -331,7 +340,7 @@ class OffloadMoERunner:
                 route_out = y if route_out is None else torch.where(mask.view(-1, 1) != 0, y, route_out)
             assert route_out is not None
             if cpu_job is not None:
-                route_out = self._join_cpu(layer, cpu_job, route_out)
+                route_out = self._join_cpu(layer, cpu_job, pending, route_out)
         y = route_out.view(M, k, -1).float() * topk_weights.float()[..., None]
         return y.sum(dim=1).to(hidden.dtype)
 
@@ -346,7 +355,8 @@ class OffloadMoERunner:
 
     def _start_cpu(self, layer: int, lc: LayerCache, hidden: torch.Tensor, ids: torch.Tensor):
         """Read the step's ids, the slot table, the use counts and the activations in one sync; pick the CPU's
-        experts; mark them for the claim kernel. Returns (job, exclude) or (None, None)."""
+        experts; mark them for the claim kernel; gather their routes' rows. Returns (job, exclude) or
+        (None, None). Vectorised: the host work does not grow with the number of CPU experts."""
         t0 = time.perf_counter()
         M, k = ids.shape
         E = self.layout.num_experts
@@ -360,62 +370,66 @@ class OffloadMoERunner:
         x_h.copy_(hidden, non_blocking=True)  # bf16 -> fp32 on the way
         if self.device.type == "cuda":
             torch.cuda.current_stream(self.device).synchronize()  # the one host sync of this layer
-        ids_np, e2s = ids_h.numpy(), st.e2s.numpy()
-        needed = np.unique(ids_np)
+        flat, e2s = st.ids[: M * k].numpy(), st.e2s.numpy()
+        needed = np.unique(flat)
         misses = needed[e2s[needed] < 0]
         n_cpu = self._cpu_count(len(misses))
         if n_cpu == 0:
             self.host_stats[layer]["stall_s"] += time.perf_counter() - t0
             return None, None
         # Only copied experts enter the cache: send the least-used ones to the CPU.
-        freq = st.freq.numpy()
-        cpu_experts = sorted(misses.tolist(), key=lambda e: (float(freq[e]), e))[:n_cpu]
-        flags = st.flags
-        flags.zero_()
+        cpu_experts = misses[np.lexsort((misses, st.freq.numpy()[misses]))][:n_cpu]
+        flags = st.flags.numpy()
+        flags[:] = 0
         flags[cpu_experts] = 1
         exclude = torch.empty(E, dtype=torch.int8, device=self.device)
-        if self.device.type == "cuda":
-            upload_no_ce(flags, exclude)  # never behind a copy-engine prefetch
-        else:
-            exclude.copy_(flags)
-        x_np = x_h.numpy()
-        views, xs, outs = [], [], []
-        rows = st.rows.numpy()
-        n = 0
-        for e in cpu_experts:
-            tok, j = np.nonzero(ids_np == e)
-            views.append(self.store.expert(layer, e))
-            xs.append(torch.from_numpy(np.ascontiguousarray(x_np[tok])))
-            outs.append(st.y[n: n + len(tok)])  # contiguous rows of the pinned result buffer
-            rows[n: n + len(tok)] = tok * k + j
-            n += len(tok)
+        # A copy-engine upload: on the lent H100 a small copy did not queue behind a bulk one (docs/benchmarks.md).
+        exclude.copy_(st.flags, non_blocking=True)
+        rank = np.full(E, n_cpu, dtype=np.int64)
+        rank[cpu_experts] = np.arange(n_cpu)
+        sel = np.nonzero(rank[flat] < n_cpu)[0]  # routes r = token * k + j served here
+        sel = sel[np.argsort(rank[flat[sel]], kind="stable")]  # grouped by expert, in cpu_experts order
+        counts = np.bincount(rank[flat[sel]], minlength=n_cpu)
+        R = len(sel)
+        st.rows.numpy()[:R] = sel
+        np.take(x_h.numpy(), sel // k, axis=0, out=st.xr.numpy()[:R])
         self.split_log.append({"layer": layer, "misses": len(misses), "cpu": n_cpu, "copy": len(misses) - n_cpu,
                                "cpu_share": self.cpu_share})
         h = self.host_stats[layer]
         h["cpu_experts"] += n_cpu
         h["bytes_cpu"] += n_cpu * self.layout.expert_bytes
         h["stall_s"] += time.perf_counter() - t0
-        return (views, xs, outs, n), exclude
+        return (layer, cpu_experts, counts, R), exclude
 
-    def _join_cpu(self, layer: int, job: tuple, route_out: torch.Tensor) -> torch.Tensor:
-        """Compute the CPU's experts on this thread (the GPU rounds are already queued and run meanwhile), then
-        copy their rows into the route outputs (one upload of results, one of row indices)."""
-        views, xs, outs, n = job
+    def _cpu_job(self, job: tuple) -> float:
+        """Run the CPU experts of `job` into the staging buffer; returns the seconds it took."""
+        layer, experts, counts, R = job
         assert self.cpu_kernel is not None and self._stage is not None
         t0 = time.perf_counter()
-        self.cpu_kernel.forward_many(views, xs, outs)  # releases the GIL while it runs
-        busy_s = time.perf_counter() - t0
-        self.host_stats[layer]["stall_s"] += busy_s
+        self.cpu_kernel.forward_grouped(self.store.sections(layer), experts, counts, self._stage.xr[:R],
+                                        self._stage.y[:R])  # releases the GIL while it runs
+        return time.perf_counter() - t0
+
+    def _join_cpu(self, layer: int, job: tuple, pending, route_out: torch.Tensor) -> torch.Tensor:
+        """Finish the CPU's experts (on the worker thread, started before the GPU rounds were queued, or here),
+        then copy their rows into the route outputs: one upload of results, one of row indices."""
+        t0 = time.perf_counter()
+        busy_s = pending.result() if pending is not None else self._cpu_job(job)
+        self.host_stats[layer]["stall_s"] += time.perf_counter() - t0
         if self.cpu_cfg.cpu_rate is None and busy_s > 0:
             # Re-measured under load: the CPU shares memory bandwidth with the copies running beside it.
-            self.cpu_rate = 0.8 * self.cpu_rate + 0.2 * len(views) * self.layout.expert_bytes / busy_s
-        st = self._stage
-        y = st.y[:n].to(self.device, non_blocking=True)
-        idx = st.rows[:n].to(self.device, non_blocking=True)
+            self.cpu_rate = 0.8 * self.cpu_rate + 0.2 * len(job[1]) * self.layout.expert_bytes / busy_s
+        st, R = self._stage, job[3]
+        assert st is not None
+        y = st.y[:R].to(self.device, non_blocking=True)
+        idx = st.rows[:R].to(self.device, non_blocking=True)
         route_out.index_copy_(0, idx, y.to(route_out.dtype))  # route_out is this step's own tensor
         return route_out
 
     def close(self) -> None:
+        if self._worker is not None:
+            self._worker.shutdown(wait=True)
+            self._worker = None
         self.cpu_kernel = None
 
 

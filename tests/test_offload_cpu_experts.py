@@ -61,3 +61,24 @@ def test_offload_cpu_experts_reject_bad_inputs():
         kern.forward_many([ex, ex], [torch.zeros(1, 64)])
     with pytest.raises(ValueError, match="outs must be contiguous fp32"):
         kern.forward_many([ex], [torch.zeros(2, 64)], [torch.zeros(1, 64)])
+
+
+def test_offload_cpu_experts_grouped_call_matches_per_expert_call():
+    """forward_grouped (the runner's call: a layer's section views, expert ids, row counts) == forward_many."""
+    import numpy as np
+
+    layout = ExpertLayout(6, 256, 128, 128, torch.float8_e4m3fn, (128, 128))
+    kern = _kernel(layout)
+    g = torch.Generator().manual_seed(3)
+    experts = [_expert(layout, g) for _ in range(layout.num_experts)]
+    sections = {name: torch.stack([e[name] for e in experts]) for name in experts[0]}
+    ids = np.array([4, 1, 5])
+    counts = np.array([2, 1, 3])
+    x = torch.randn(int(counts.sum()), layout.hidden, generator=g)
+    y = torch.empty_like(x)
+    kern.forward_grouped(sections, ids, counts, x, y)
+    xs = list(x.split(counts.tolist()))
+    ref = kern.forward_many([experts[i] for i in ids], [t.contiguous() for t in xs])
+    assert torch.equal(y, torch.cat(ref))
+    with pytest.raises(ValueError, match="forward_grouped"):
+        kern.forward_grouped(sections, ids, counts, x[:2], y)

@@ -149,7 +149,8 @@ def test_offload_no_slot_in_use_is_evicted(fp8_setup):
         assert served == set(ids.flatten().tolist())
 
 
-def test_offload_cpu_experts_within_accumulation_tolerance(fp8_setup, monkeypatch):
+@pytest.mark.parametrize("worker_thread", [True, False])
+def test_offload_cpu_experts_within_accumulation_tolerance(fp8_setup, monkeypatch, worker_thread):
     """CPU-computed routes vs the same routes on the slot path.
 
     Both compute one expert in fp32 from the same FP8 bytes and scales; they differ only in
@@ -159,15 +160,17 @@ def test_offload_cpu_experts_within_accumulation_tolerance(fp8_setup, monkeypatc
     k * 2^-8 * max|route| in absolute terms. Checked here with that bound.
     """
     cfg, experts, ref = fp8_setup
-    r = build_runner(cfg, experts, LAYERS, slots=4, cpu=CpuConfig(threads=1, cpu_rate=1e9, copy_rate=1e9))
+    r = build_runner(cfg, experts, LAYERS, slots=4, cpu=CpuConfig(threads=1, cpu_rate=1e9, copy_rate=1e9,
+                                                                     worker_thread=worker_thread))
+    assert (r._worker is not None) == worker_thread
     calls = []
-    real = r.cpu_kernel.forward_many
+    real = r.cpu_kernel.forward_grouped
 
-    def spy(experts, xs, outs=None):
+    def spy(sections, experts, counts, x, y):
         calls.append(len(experts))
-        return real(experts, xs, outs)
+        return real(sections, experts, counts, x, y)
 
-    monkeypatch.setattr(r.cpu_kernel, "forward_many", spy)
+    monkeypatch.setattr(r.cpu_kernel, "forward_grouped", spy)
     g = torch.Generator().manual_seed(11)
     k = cfg.num_experts_per_tok
     for _ in range(3):

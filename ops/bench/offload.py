@@ -253,6 +253,11 @@ def hybrid_runs(cfg, store, ceil: dict, cpu_measure: dict, args) -> dict:
         "all_copy": None,
         "all_cpu": CpuConfig(threads=args.cpu_threads, cpu_rate=1.0, copy_rate=1e-12),
         "hybrid": CpuConfig(threads=args.cpu_threads, cpu_rate=cpu_rate, copy_rate=copy_rate),
+        # The same split with the CPU experts run on the calling thread after the GPU rounds are queued.
+        "hybrid_caller_thread": CpuConfig(threads=args.cpu_threads, cpu_rate=cpu_rate, copy_rate=copy_rate,
+                                          worker_thread=False),
+        # Rates as the engine gets them: measured by the runner at start-up, the CPU's re-measured under load.
+        "hybrid_measured_rates": CpuConfig(threads=args.cpu_threads),
     }
     out = {}
     for name, cpu in modes.items():
@@ -275,7 +280,8 @@ def hybrid_runs(cfg, store, ceil: dict, cpu_measure: dict, args) -> dict:
         out[name] = {"ms": t * 1e3, "misses_per_step": miss, "miss_GBps": miss_bytes / t / 1e9,
                      "vs_host_read": miss_bytes / t / 1e9 / ceil["host_read_GBps"],
                      "bound_ms": miss_bytes / rate * 1e3, "cpu_share": r.cpu_share,
-                     "cpu_experts_per_step": (after["cpu_experts"] - before["cpu_experts"]) / steps}
+                     "cpu_experts_per_step": (after["cpu_experts"] - before["cpu_experts"]) / steps,
+                     "runner_cpu_GBps": r.cpu_rate / 1e9, "runner_copy_GBps": r.copy_rate / 1e9}
         log.info("%s %s", name, out[name])
         r.close()
     joint = min(cpu_rate + copy_rate, ceil["host_read_GBps"] * 1e9)
@@ -351,7 +357,7 @@ def cpu_diag(cfg, store, ceil: dict, args) -> dict:
     h = torch.randn(1, K, device="cuda").bfloat16()
     r = make_runner(cfg, store, k, cpu=CpuConfig(threads=args.cpu_threads, cpu_rate=1.0, copy_rate=1e-12))
     phases = {"start_cpu": 0.0, "cpu_kernel": 0.0}
-    start, fwd = r._start_cpu, r.cpu_kernel.forward_many
+    start, fwd = r._start_cpu, r.cpu_kernel.forward_grouped
 
     def timed(name, fn):
         def wrapper(*a, **kw):
@@ -363,7 +369,7 @@ def cpu_diag(cfg, store, ceil: dict, args) -> dict:
         return wrapper
 
     r._start_cpu = timed("start_cpu", start)
-    r.cpu_kernel.forward_many = timed("cpu_kernel", fwd)
+    r.cpu_kernel.forward_grouped = timed("cpu_kernel", fwd)
     for s in range(2):
         r.run(LAYER, h, trace[s], w)
     torch.cuda.synchronize()
@@ -546,9 +552,9 @@ def print_table(res: dict) -> None:
         print(f"cpu experts rel. error vs FP8: {cp['rel_error_vs_fp8']:.2e}; int8pack candidate: {cp['int8pack']}")
     if "hybrid" in res:
         hy = res["hybrid"]
-        for m in ("all_copy", "all_cpu", "hybrid"):
+        for m in [m for m in hy if isinstance(hy[m], dict)]:
             r = hy[m]
-            print(f"no-cache batch-1 layer {m:8s}: {r['ms']:.2f} ms, misses {r['misses_per_step']:.1f}, "
+            print(f"no-cache batch-1 layer {m:22s}: {r['ms']:.2f} ms, misses {r['misses_per_step']:.1f}, "
                   f"{r['miss_GBps']:.1f} GB/s = {r['vs_host_read']:.0%} of host read, cpu share "
                   f"{r['cpu_share']:.2f}, bound {r['bound_ms']:.2f} ms")
         print(f"joint bound (min(CPU+copy, host read)): {hy['bound_joint_ms']:.2f} ms")

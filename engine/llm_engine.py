@@ -273,7 +273,8 @@ class LLMEngine:
         gb = self.config.expert_cache_gb
         target_budget = int(gb * 2**30) if gb is not None else _free_bytes(self.device)
         ms = self.config.miss_service
-        cpu = CpuConfig(policy=ms) if ms != "copy" else None
+        # cpu: every miss of every decode step on the CPU; hybrid: batch-1 steps keep the graph-captured copy path
+        cpu = CpuConfig(policy=ms, min_tokens=1 if ms == "cpu" else 2) if ms != "copy" else None
         target = OffloadMoERunner(cfg, main, device=self.device, budget_bytes=target_budget, name="target", cpu=cpu)
         draft = None
         if spec:
@@ -627,8 +628,16 @@ class LLMEngine:
             # Several tokens per sequence within the dense threshold take the dense prefill path, which
             # reads host lengths: verify graphs must be captured on the (exact) selection path instead.
             max_context = threshold + 1
+        max_batch = min(self.config.graph_max_batch, self.config.max_running)
+        limit = getattr(self.runner.moe, "graph_max_tokens", None)
+        if limit is not None:  # the hybrid miss service: only its copy-only steps (few tokens) are capturable
+            max_batch = min(max_batch, limit // (1 + self.config.spec_steps))
+            if max_batch < 1:
+                log.warning("CUDA graphs off: the MoE runner takes host-synced steps from %d tokens", limit + 1)
+                return
+            log.info("CUDA graphs up to batch %d: larger decode steps take the hybrid miss service eagerly", max_batch)
         graphs = DecodeGraphs(self.model, self.runner.backend, self.runner.moe, self.device,
-                              max_batch=min(self.config.graph_max_batch, self.config.max_running),
+                              max_batch=max_batch,
                               tokens_per_seq=1 + self.config.spec_steps, max_context=max_context,
                               page_size=self.config.page_size)
         graphs.capture()

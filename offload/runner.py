@@ -131,6 +131,9 @@ class CpuConfig:
     # launches overlap them; False runs them on the calling thread after the launches.
     worker_thread: bool = True
     max_tokens: int = 8  # above this many tokens a step copies and computes on the GPU (prefill)
+    # Below this many tokens a step copies too, so those steps stay capturable in CUDA graphs: at batch 1 the
+    # hybrid path's per-layer host sync costs more than the CPU saves (docs/benchmarks.md, Engine).
+    min_tokens: int = 2
     cpu_rate: float | None = None  # bytes/s; None: measured at start-up
     copy_rate: float | None = None  # bytes/s; None: measured at start-up
 
@@ -140,9 +143,16 @@ class OffloadMoERunner:
 
     @property
     def supports_cuda_graphs(self) -> bool:
-        """Capturable when no step reads host state: no CPU experts (they sync once per layer to read the
-        step's ids) and misses served by the SM copy kernel (copy-engine misses wait on host events)."""
-        return self.cpu_kernel is None and self.cache_cfg.copy_path == "sm"
+        """Capturable when a step reads no host state: misses served by the SM copy kernel (copy-engine misses
+        wait on host events) and no CPU experts (they sync once per layer), which holds for steps of fewer
+        than `cpu.min_tokens` tokens: see `graph_max_tokens`."""
+        return self.cache_cfg.copy_path == "sm" and (self.graph_max_tokens is None or self.graph_max_tokens > 0)
+
+    @property
+    def graph_max_tokens(self) -> int | None:
+        """The most tokens a captured step may have (None: no limit): with CPU experts, steps below
+        `cpu.min_tokens` never take the CPU path."""
+        return None if self.cpu_kernel is None else self.cpu_cfg.min_tokens - 1
 
     def __init__(self, cfg: GlmMoeDsaConfig, layers: list[int] | None = None, *, device: torch.device | str = "cuda",
                  fp8: bool | None = None, slots: int | dict[int, int] | None = None,
@@ -326,7 +336,7 @@ class OffloadMoERunner:
         else:
             lc.wait_prefetch()
             cpu_job = pending = exclude = None
-            if self.cpu_kernel is not None and M <= self.cpu_cfg.max_tokens:
+            if self.cpu_kernel is not None and self.cpu_cfg.min_tokens <= M <= self.cpu_cfg.max_tokens:
                 cpu_job, exclude = self._start_cpu(layer, lc, hidden, ids)
                 if cpu_job is not None and self._worker is not None:
                     pending = self._worker.submit(self._cpu_job, cpu_job)  # runs while the GPU rounds are queued

@@ -264,3 +264,21 @@ def test_offload_stats_match_protocol_fields(fp8_setup):
     assert msg.misses == s.misses > 0 and msg.bytes_copied == (s.misses + 3) * r.layout.expert_bytes
     counts = r.read_counts()[1]
     assert sum(counts) == ids.numel() and sum(r.read_counts()[1]) == 0
+
+
+def test_offload_cpu_experts_skip_steps_below_min_tokens(fp8_setup):
+    """Steps of fewer than cpu.min_tokens tokens copy every miss (so they stay capturable in CUDA graphs)."""
+    cfg, experts, _ = fp8_setup
+    r = build_runner(cfg, experts, LAYERS, slots=4, cpu=CpuConfig(threads=1, cpu_rate=1e9, copy_rate=1e9))
+    assert r.graph_max_tokens == 1
+    g = torch.Generator().manual_seed(5)
+    k = cfg.num_experts_per_tok
+    for _ in range(3):
+        ids, w = random_routing(1, cfg.n_routed_experts, k, g)
+        r.run(1, torch.randn(1, cfg.hidden_size, generator=g).bfloat16(), ids, w)
+    assert r.split_log == [] and r.stats()[0].misses > 0
+    for _ in range(3):
+        ids, w = random_routing(2, cfg.n_routed_experts, k, g)
+        r.run(1, torch.randn(2, cfg.hidden_size, generator=g).bfloat16(), ids, w)
+    assert r.split_log and all(s["cpu"] > 0 for s in r.split_log)
+    r.close()

@@ -251,13 +251,13 @@ def hybrid_runs(cfg, store, ceil: dict, cpu_measure: dict, args) -> dict:
     copy_rate = ceil["uva_GBps"] * 1e9
     modes = {
         "all_copy": None,
-        "all_cpu": CpuConfig(threads=args.cpu_threads, cpu_rate=1.0, copy_rate=1e-12),
-        "hybrid": CpuConfig(threads=args.cpu_threads, cpu_rate=cpu_rate, copy_rate=copy_rate),
+        "all_cpu": CpuConfig(min_tokens=1, threads=args.cpu_threads, cpu_rate=1.0, copy_rate=1e-12),
+        "hybrid": CpuConfig(min_tokens=1, threads=args.cpu_threads, cpu_rate=cpu_rate, copy_rate=copy_rate),
         # The same split with the CPU experts run on the calling thread after the GPU rounds are queued.
-        "hybrid_caller_thread": CpuConfig(threads=args.cpu_threads, cpu_rate=cpu_rate, copy_rate=copy_rate,
-                                          worker_thread=False),
+        "hybrid_caller_thread": CpuConfig(min_tokens=1, threads=args.cpu_threads, cpu_rate=cpu_rate,
+                                          copy_rate=copy_rate, worker_thread=False),
         # Rates as the engine gets them: measured by the runner at start-up, the CPU's re-measured under load.
-        "hybrid_measured_rates": CpuConfig(threads=args.cpu_threads),
+        "hybrid_measured_rates": CpuConfig(min_tokens=1, threads=args.cpu_threads),
     }
     out = {}
     for name, cpu in modes.items():
@@ -355,7 +355,7 @@ def cpu_diag(cfg, store, ceil: dict, args) -> dict:
     trace = torch.from_numpy(uniform_trace(args.steps + 2, 1, E, k, seed=11)).cuda()
     w = torch.rand(1, k, device="cuda")
     h = torch.randn(1, K, device="cuda").bfloat16()
-    r = make_runner(cfg, store, k, cpu=CpuConfig(threads=args.cpu_threads, cpu_rate=1.0, copy_rate=1e-12))
+    r = make_runner(cfg, store, k, cpu=CpuConfig(min_tokens=1, threads=args.cpu_threads, cpu_rate=1.0, copy_rate=1e-12))
     phases = {"start_cpu": 0.0, "cpu_kernel": 0.0}
     start, fwd = r._start_cpu, r.cpu_kernel.forward_grouped
 

@@ -75,7 +75,7 @@ log = logging.getLogger(__name__)
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 MOE_RUNNERS = ("torch", "offload")
-MISS_SERVICES = ("copy", "hybrid", "cpu")
+MISS_SERVICES = ("auto", "copy", "hybrid", "cpu")
 MAX_LOGPROBS = 20
 
 
@@ -103,9 +103,10 @@ class EngineConfig:
     moe: str = "torch"  # torch (every expert resident) | offload (host store + GPU expert cache)
     expert_cache_gb: float | None = None  # offload: the target's expert cache budget (None: what is free)
     draft_expert_cache_gb: float | None = None  # offload: the draft's own budget (None: the target's per-layer share)
-    # offload: how decode steps serve expert misses: copy (to the GPU cache; exact, graph-capturable), hybrid (split
-    # between CPU experts and copies by measured rates; one host sync per layer, so decode runs eagerly), cpu
-    miss_service: str = "copy"
+    # offload: how decode steps serve expert misses: copy (to the GPU cache; exact FP8, graph-capturable), hybrid
+    # (steps of 2..8 tokens split their misses between CPU experts and copies by measured rates, eagerly; batch-1
+    # steps copy, in graphs), cpu (every decode miss on the CPU), auto (hybrid on CUDA, copy on a CPU device)
+    miss_service: str = "auto"
     cuda_graphs: bool = True  # decode through CUDA graphs when on CUDA with capturable backends
     # Plan and launch step n + 1 before reading step n's tokens back (ignored with spec_steps: MTP steps stay in step).
     overlap: bool = True
@@ -190,7 +191,7 @@ class LLMEngine:
             raise ValueError(f"moe runner must be one of {list(MOE_RUNNERS)}, got {config.moe!r}")
         if config.miss_service not in MISS_SERVICES:
             raise ValueError(f"miss_service must be one of {list(MISS_SERVICES)}, got {config.miss_service!r}")
-        if config.miss_service != "copy" and config.moe != "offload":
+        if config.miss_service in ("hybrid", "cpu") and config.moe != "offload":
             raise ValueError(f"miss_service {config.miss_service!r} needs moe='offload' (with moe={config.moe!r} "
                              "every expert is resident and nothing misses)")
         self.device = torch.device(config.device)
@@ -273,8 +274,13 @@ class LLMEngine:
         gb = self.config.expert_cache_gb
         target_budget = int(gb * 2**30) if gb is not None else _free_bytes(self.device)
         ms = self.config.miss_service
+        if ms == "auto":  # on a CPU device the "copies" are host memcpys: nothing for CPU experts to beat
+            ms = "hybrid" if self.device.type == "cuda" else "copy"
         # cpu: every miss of every decode step on the CPU; hybrid: batch-1 steps keep the graph-captured copy path
-        cpu = CpuConfig(policy=ms, min_tokens=1 if ms == "cpu" else 2) if ms != "copy" else None
+        cpu = None
+        if ms != "copy":  # auto falls back to copies where the CPU kernel cannot be built; an explicit choice fails
+            cpu = CpuConfig(policy=ms, min_tokens=1 if ms == "cpu" else 2,
+                            fallback_to_copy=self.config.miss_service == "auto")
         target = OffloadMoERunner(cfg, main, device=self.device, budget_bytes=target_budget, name="target", cpu=cpu)
         draft = None
         if spec:

@@ -174,9 +174,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--expert-cache-gb", type=float, default=None, help="offload: target expert cache budget")
     p.add_argument("--draft-expert-cache-gb", type=float, default=None, help="offload: the MTP draft's own budget")
     p.add_argument("--no-cuda-graphs", action="store_true")
-    p.add_argument("--miss-service", choices=("copy", "hybrid", "cpu"), default="copy",
-                   help="offload: serve decode misses by copies (exact, graph-capturable), split between CPU "
-                        "experts and copies (hybrid), or on the CPU alone")
+    p.add_argument("--miss-service", choices=("auto", "copy", "hybrid", "cpu"), default="auto",
+                   help="offload: serve decode misses by copies (exact FP8, graph-capturable), split between CPU "
+                        "experts and copies for steps of 2-8 tokens (hybrid), or on the CPU alone; auto = hybrid "
+                        "on CUDA, copy on a CPU device")
     p.add_argument("--overlap", action=argparse.BooleanOptionalAction, default=True,
                    help="plan and launch each step before reading the previous one's tokens back (not with MTP)")
     p.add_argument("--graph-max-batch", type=int, default=128)

@@ -41,7 +41,7 @@ from moed.kernels.expert_copy import STATS
 from moed.model.config import GlmMoeDsaConfig
 from moed.model.fp8 import dequantize_block_fp8
 from moed.model.moe import ExpertWeights
-from moed.offload.cpu_experts import CpuExpertKernel
+from moed.offload.cpu_experts import CpuExpertKernel, CpuKernelUnavailable
 from moed.offload.expert_cache import CacheConfig, ExpertCache, LayerCache
 from moed.offload.host_store import ExpertLayout, HostExpertStore
 from moed.offload.stats import OffloadLayerStats
@@ -130,6 +130,7 @@ class CpuConfig:
     # Run the CPU experts on a worker thread started before the GPU rounds are queued, so the host's kernel
     # launches overlap them; False runs them on the calling thread after the launches.
     worker_thread: bool = True
+    fallback_to_copy: bool = False  # without a C compiler: copy every miss (logged) instead of failing at load
     max_tokens: int = 8  # above this many tokens a step copies and computes on the GPU (prefill)
     # Below this many tokens a step copies too, so those steps stay capturable in CUDA graphs: at batch 1 the
     # hybrid path's per-layer host sync costs more than the CPU saves (docs/benchmarks.md, Engine).
@@ -200,15 +201,22 @@ class OffloadMoERunner:
         self.cache = ExpertCache(self.store, self.device, self.cache_cfg, slots=self._slots,
                                  budget_bytes=self._budget, initial=self._initial)
         if self.cpu_cfg.enabled:
-            self.cpu_kernel = CpuExpertKernel(self.layout, threads=self.cpu_cfg.threads)
+            try:
+                self.cpu_kernel = CpuExpertKernel(self.layout, threads=self.cpu_cfg.threads)
+            except CpuKernelUnavailable as e:
+                if not self.cpu_cfg.fallback_to_copy:
+                    raise
+                log.warning("%s: CPU experts unavailable (%s); every miss is copied", self.name, e)
+        if self.cpu_kernel is not None:
             if self.cpu_cfg.worker_thread:  # one thread for the runner's life: its OpenMP team is kept
                 self._worker = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=f"moed-cpu-{self.name}")
             self.cpu_rate = self.cpu_cfg.cpu_rate or self._measure_cpu_rate()
             self.copy_rate = self.cpu_cfg.copy_rate or self._measure_copy_rate()
             log.info("%s: miss service %s, rates measured at start-up: CPU experts %.1f GB/s, copies %.1f GB/s -> "
-                     "%.0f%% of missed bytes on the CPU (up to %d tokens a step; above, all copied)", self.name,
+                     "%.0f%% of missed bytes on the CPU in steps of %d to %d tokens (other steps copy)", self.name,
                      self.cpu_cfg.policy, self.cpu_rate / 1e9, self.copy_rate / 1e9,
-                     100 * (1.0 if self.cpu_cfg.policy == "cpu" else self.cpu_share), self.cpu_cfg.max_tokens)
+                     100 * (1.0 if self.cpu_cfg.policy == "cpu" else self.cpu_share), self.cpu_cfg.min_tokens,
+                     self.cpu_cfg.max_tokens)
         else:
             log.info("%s: miss service copy (every miss copied to the GPU; results exact)", self.name)
 

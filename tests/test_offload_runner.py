@@ -282,3 +282,18 @@ def test_offload_cpu_experts_skip_steps_below_min_tokens(fp8_setup):
         r.run(1, torch.randn(2, cfg.hidden_size, generator=g).bfloat16(), ids, w)
     assert r.split_log and all(s["cpu"] > 0 for s in r.split_log)
     r.close()
+
+
+def test_offload_cpu_experts_unavailable_falls_back_only_when_asked(fp8_setup, monkeypatch):
+    from moed.offload import runner as runner_mod
+    from moed.offload.cpu_experts import CpuKernelUnavailable
+
+    def no_compiler(*a, **kw):
+        raise CpuKernelUnavailable("no C compiler (gcc) to build the CPU expert kernel")
+
+    monkeypatch.setattr(runner_mod, "CpuExpertKernel", no_compiler)
+    cfg, experts, _ = fp8_setup
+    with pytest.raises(CpuKernelUnavailable, match="no C compiler"):
+        build_runner(cfg, experts, LAYERS, slots=4, cpu=CpuConfig(threads=1))
+    r = build_runner(cfg, experts, LAYERS, slots=4, cpu=CpuConfig(threads=1, fallback_to_copy=True))
+    assert r.miss_service == "copy" and r.cpu_kernel is None and r.graph_max_tokens is None

@@ -206,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-model-len", type=int, default=4096)
     p.add_argument("--overlap", choices=("both", "on", "off"), default="both",
                    help="overlapped steps (plain decoding only): measure with, without, or both")
-    p.add_argument("--miss-service", choices=("copy", "hybrid", "cpu"), default="copy",
+    p.add_argument("--miss-service", choices=("auto", "copy", "hybrid", "cpu"), default="copy",
                    help="offload: how decode serves expert misses (hybrid and cpu decode eagerly)")
     p.add_argument("--out", default=None, help="JSON file for every figure")
     args = p.parse_args(argv)

@@ -276,10 +276,12 @@ class LLMEngine:
         ms = self.config.miss_service
         if ms == "auto":  # on a CPU device the "copies" are host memcpys: nothing for CPU experts to beat
             ms = "hybrid" if self.device.type == "cuda" else "copy"
-        # cpu: every miss of every decode step on the CPU; hybrid: batch-1 steps keep the graph-captured copy path
+        # cpu: every miss of every decode step on the CPU; hybrid: a single sequence's steps (1 + spec_steps tokens)
+        # keep the graph-captured copy path, larger decode steps split their misses
         cpu = None
         if ms != "copy":  # auto falls back to copies where the CPU kernel cannot be built; an explicit choice fails
-            cpu = CpuConfig(policy=ms, min_tokens=1 if ms == "cpu" else 2,
+            cpu = CpuConfig(policy=ms, min_tokens=1 if ms == "cpu" else 2 * (1 + self.config.spec_steps),
+                            max_tokens=max(8, 2 * (1 + self.config.spec_steps)),
                             fallback_to_copy=self.config.miss_service == "auto")
         target = OffloadMoERunner(cfg, main, device=self.device, budget_bytes=target_budget, name="target", cpu=cpu)
         draft = None

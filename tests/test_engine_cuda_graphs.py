@@ -38,6 +38,7 @@ def _prompts() -> list[list[int]]:
 def _gpu_engine(path: str, **kw) -> LLMEngine:
     base = {"device": "cuda", "dtype": "bf16", "max_running": 4, "max_tokens_per_step": 64, "page_size": 4,
             "moe": "offload", "expert_cache_gb": 3 * 8 * EXPERT_BYTES / 2**30,  # half the experts: misses in-graph
+            "miss_service": "copy",  # every step capturable (hybrid keeps only batch-1 steps in graphs)
             "draft_expert_cache_gb": 8 * EXPERT_BYTES / 2**30, "graph_max_batch": 4,
             # Contexts <= index_topk (16): plain decode graphs take the dense decode path, as eager steps do.
             "graph_max_context": 16}
@@ -99,3 +100,22 @@ def test_engine_cuda_graph_replay_has_no_host_sync(tiny_checkpoint):
         torch.cuda.set_sync_debug_mode("default")
     assert out is not None and out.shape[0] == 1
     e.abort(["a"])
+
+
+@pytest.mark.gpu
+def test_engine_hybrid_miss_service_graphs_batch1_and_splits_larger_steps(tiny_checkpoint):
+    # The default on CUDA: one-token steps copy inside graphs (same tokens as the copy path), steps of 2-8
+    # tokens run eagerly with part of their misses on the CPU.
+    hybrid = _gpu_engine(tiny_checkpoint, cuda_graphs=True, miss_service="auto")
+    copy = _gpu_engine(tiny_checkpoint, cuda_graphs=True)
+    target = hybrid.runner.moe
+    assert target.miss_service == "hybrid" and hybrid.runner.graphs is not None
+    assert hybrid.runner.graphs.max_batch == 1
+    sp = SamplingParams(max_tokens=6, ignore_eos=True)
+    prompt = _prompts()[:1]
+    assert hybrid.generate(prompt, sp) == copy.generate(prompt, sp)
+    assert hybrid.runner.graph_steps > 0 and target.split_log == []
+    target.cpu_rate = target.copy_rate  # a share for the CPU whatever the tiny experts' measured rate
+    out = hybrid.generate(_prompts(), sp)
+    assert all(len(o) == 6 for o in out) and target.split_log
+    assert hybrid.stats().miss_service == "hybrid"

@@ -281,7 +281,7 @@ EXPERT_BYTES = 49152  # the tiny model's bf16 expert
 def _gpu_engine(path: str, overlap: bool) -> LLMEngine:
     e = LLMEngine(EngineConfig(model=path, device="cuda", dtype="bf16", max_running=4, max_tokens_per_step=64,
                                page_size=4, moe="offload", expert_cache_gb=3 * 8 * EXPERT_BYTES / 2**30,
-                               graph_max_batch=4, graph_max_context=16, overlap=overlap))
+                               graph_max_batch=4, graph_max_context=16, overlap=overlap, miss_service="copy"))
     e.warmup()
     assert e.runner.graphs is not None
     return e

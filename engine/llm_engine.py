@@ -9,7 +9,9 @@ Pieces, chosen by the config: the attention backend (`attention.select` picks re
 trtllm; the paged ones get one pool for the main layers and the MTP draft its own pool of the MTP
 layer, both indexed by the engine's page lists, page 0 reserved as scratch), and the MoE runner
 ("torch": every expert resident; "offload": a host store and a GPU expert cache per role, the draft
-with its own budget). Expert statistics and placement (pin / unpin / reset / get) go to the offload
+with its own budget; `miss_service` says how decode misses are served: copies, or on CUDA by default
+(auto = hybrid) copies plus CPU experts in steps of 2-8 tokens, which then run outside CUDA graphs while
+one-sequence steps stay captured). Expert statistics and placement (pin / unpin / reset / get) go to the offload
 runners; pins are queued and applied between steps.
 
 A plain step (no MTP): schedule -> prepare (pack inputs and page tables on the host) -> launch

@@ -341,10 +341,8 @@ class CpuExpertKernel:
         """expert: one expert's section views (host, see module doc); x: [M, K] fp32 -> y [M, K] fp32."""
         return self.forward_many([expert], [x])[0]
 
-    def forward_many(self, experts: list[dict[str, torch.Tensor]], xs: list[torch.Tensor],
-                     outs: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
-        """Several experts in one parallel region: experts[i] applied to xs[i] ([M_i, K] fp32) -> [M_i, K] fp32,
-        written into outs[i] when given (contiguous fp32 [M_i, K] host tensors, e.g. rows of a pinned buffer)."""
+    def forward_many(self, experts: list[dict[str, torch.Tensor]], xs: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Several experts in one parallel region: experts[i] applied to xs[i] ([M_i, K] fp32) -> [M_i, K] fp32."""
         L = self.layout
         n = len(experts)
         if n != len(xs) or not 0 < n <= 256:
@@ -355,14 +353,7 @@ class CpuExpertKernel:
                 raise ValueError(f"CPU experts take contiguous fp32 host activations [M, {L.hidden}], got "
                                  f"{x.dtype}{list(x.shape)} on {x.device}")
         K, N = L.hidden, L.inter
-        if outs is None:
-            ys = [torch.empty(x.shape[0], K, dtype=torch.float32) for x in xs]
-        else:
-            ys = outs
-            if len(outs) != n or any(o.shape != (x.shape[0], K) or o.dtype != torch.float32 or not o.is_contiguous()
-                                     or o.device.type != "cpu" for o, x in zip(outs, xs)):
-                raise ValueError("forward_many: outs must be contiguous fp32 host tensors shaped like the inputs "
-                                 f"([M_i, {K}])")
+        ys = [torch.empty(x.shape[0], K, dtype=torch.float32) for x in xs]
         gus = [torch.empty(x.shape[0], 2 * N, dtype=torch.float32) for x in xs]
         hs = [torch.empty(x.shape[0], N, dtype=torch.float32) for x in xs]
 

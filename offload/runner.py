@@ -15,9 +15,9 @@ Hybrid miss service (`cpu=CpuConfig(...)`, eager mode only): the host reads the 
 table, the use counts and the activations in one sync, splits the missing experts (whole experts)
 between the CPU kernel and copies by rates measured at start-up (the CPU's refreshed from each job's
 own time, i.e. under load) so the slower side ends first; the least-used misses go to the CPU (only
-copied experts enter the cache). It marks those experts served-elsewhere for the claim kernel, starts
-the CPU experts on the runner's worker thread, queues the GPU rounds meanwhile, and joins the CPU's
-route outputs (one upload) before the weighted sum.
+copied experts enter the cache). It marks those experts served-elsewhere for the claim kernel,
+queues the GPU rounds, computes the CPU experts on the calling thread while the GPU copies and computes
+the rest, and joins the CPU's route outputs (one upload) before the weighted sum.
 
 The draft (MTP) worker builds its own runner over the MTP layers (`layers=cfg.mtp_layer_ids`) with
 its own store, cache and budget; `LayerSplitRunner` hands each layer's experts to the runner that
@@ -26,7 +26,6 @@ owns it at load, so neither runner's post-init (cache build, pins) ever touches 
 
 from __future__ import annotations
 
-import concurrent.futures
 import dataclasses
 import logging
 import math
@@ -127,9 +126,6 @@ class CpuConfig:
     enabled: bool = True
     policy: str = "hybrid"  # hybrid: misses split between CPU and copies; cpu: every miss on the CPU
     threads: int = 0  # 0: every core this process may use
-    # Run the CPU experts on a worker thread started before the GPU rounds are queued, so the host's kernel
-    # launches overlap them; False runs them on the calling thread after the launches.
-    worker_thread: bool = True
     fallback_to_copy: bool = False  # without a C compiler: copy every miss (logged) instead of failing at load
     max_tokens: int = 8  # above this many tokens a step copies and computes on the GPU (prefill)
     # Below this many tokens a step copies too, so those steps stay capturable in CUDA graphs: at batch 1 the
@@ -185,7 +181,6 @@ class OffloadMoERunner:
         self._pending_pins: dict[int, set[int]] | None = None
         self._ones: dict[int, torch.Tensor] = {}
         self._stage: _HostStaging | None = None
-        self._worker: concurrent.futures.ThreadPoolExecutor | None = None
         self.host_stats = {layer: {"cpu_experts": 0, "bytes_cpu": 0, "stall_s": 0.0} for layer in self.layers}
         self.split_log: list[dict] = []
         self.cpu_rate = self.copy_rate = 0.0
@@ -208,8 +203,6 @@ class OffloadMoERunner:
                     raise
                 log.warning("%s: CPU experts unavailable (%s); every miss is copied", self.name, e)
         if self.cpu_kernel is not None:
-            if self.cpu_cfg.worker_thread:  # one thread for the runner's life: its OpenMP team is kept
-                self._worker = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=f"moed-cpu-{self.name}")
             self.cpu_rate = self.cpu_cfg.cpu_rate or self._measure_cpu_rate()
             self.copy_rate = self.cpu_cfg.copy_rate or self._measure_copy_rate()
             log.info("%s: miss service %s, rates measured at start-up: CPU experts %.1f GB/s, copies %.1f GB/s -> "
@@ -343,11 +336,9 @@ class OffloadMoERunner:
             route_out = self._route_outputs(lc, hidden_rep, ids)
         else:
             lc.wait_prefetch()
-            cpu_job = pending = exclude = None
+            cpu_job = exclude = None
             if self.cpu_kernel is not None and self.cpu_cfg.min_tokens <= M <= self.cpu_cfg.max_tokens:
                 cpu_job, exclude = self._start_cpu(layer, lc, hidden, ids)
-                if cpu_job is not None and self._worker is not None:
-                    pending = self._worker.submit(self._cpu_job, cpu_job)  # runs while the GPU rounds are queued
             distinct = min(self.layout.num_experts, M * k)
             round_ids = torch.empty_like(ids)
             mask = torch.empty(M, k, dtype=torch.int8, device=self.device)
@@ -358,7 +349,7 @@ class OffloadMoERunner:
                 route_out = y if route_out is None else torch.where(mask.view(-1, 1) != 0, y, route_out)
             assert route_out is not None
             if cpu_job is not None:
-                route_out = self._join_cpu(layer, cpu_job, pending, route_out)
+                route_out = self._join_cpu(layer, cpu_job, route_out)
         y = route_out.view(M, k, -1).float() * topk_weights.float()[..., None]
         return y.sum(dim=1).to(hidden.dtype)
 
@@ -417,37 +408,29 @@ class OffloadMoERunner:
         h["cpu_experts"] += n_cpu
         h["bytes_cpu"] += n_cpu * self.layout.expert_bytes
         h["stall_s"] += time.perf_counter() - t0
-        return (layer, cpu_experts, counts, R), exclude
+        return (cpu_experts, counts, R), exclude
 
-    def _cpu_job(self, job: tuple) -> float:
-        """Run the CPU experts of `job` into the staging buffer; returns the seconds it took."""
-        layer, experts, counts, R = job
-        assert self.cpu_kernel is not None and self._stage is not None
+    def _join_cpu(self, layer: int, job: tuple, route_out: torch.Tensor) -> torch.Tensor:
+        """Compute the CPU's experts on this thread (the GPU rounds are already queued and run meanwhile; a worker
+        thread started before the launches measured no faster), then copy their rows into the route outputs:
+        one upload of results, one of row indices."""
+        experts, counts, R = job
+        st = self._stage
+        assert self.cpu_kernel is not None and st is not None
         t0 = time.perf_counter()
-        self.cpu_kernel.forward_grouped(self.store.sections(layer), experts, counts, self._stage.xr[:R],
-                                        self._stage.y[:R])  # releases the GIL while it runs
-        return time.perf_counter() - t0
-
-    def _join_cpu(self, layer: int, job: tuple, pending, route_out: torch.Tensor) -> torch.Tensor:
-        """Finish the CPU's experts (on the worker thread, started before the GPU rounds were queued, or here),
-        then copy their rows into the route outputs: one upload of results, one of row indices."""
-        t0 = time.perf_counter()
-        busy_s = pending.result() if pending is not None else self._cpu_job(job)
-        self.host_stats[layer]["stall_s"] += time.perf_counter() - t0
+        # Releases the GIL while it runs.
+        self.cpu_kernel.forward_grouped(self.store.sections(layer), experts, counts, st.xr[:R], st.y[:R])
+        busy_s = time.perf_counter() - t0
+        self.host_stats[layer]["stall_s"] += busy_s
         if self.cpu_cfg.cpu_rate is None and busy_s > 0:
             # Re-measured under load: the CPU shares memory bandwidth with the copies running beside it.
-            self.cpu_rate = 0.8 * self.cpu_rate + 0.2 * len(job[1]) * self.layout.expert_bytes / busy_s
-        st, R = self._stage, job[3]
-        assert st is not None
+            self.cpu_rate = 0.8 * self.cpu_rate + 0.2 * len(experts) * self.layout.expert_bytes / busy_s
         y = st.y[:R].to(self.device, non_blocking=True)
         idx = st.rows[:R].to(self.device, non_blocking=True)
         route_out.index_copy_(0, idx, y.to(route_out.dtype))  # route_out is this step's own tensor
         return route_out
 
     def close(self) -> None:
-        if self._worker is not None:
-            self._worker.shutdown(wait=True)
-            self._worker = None
         self.cpu_kernel = None
 
 

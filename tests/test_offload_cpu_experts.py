@@ -44,11 +44,6 @@ def test_offload_cpu_experts_match_reference(K, N, block):
     for ex, x, y in zip(experts, xs, ys):
         ref = expert_forward_reference(ex, x, layout)
         assert float((y.double() - ref).norm() / ref.norm()) < 1e-5
-    # Results written into caller-given rows (the runner's pinned buffer) are the same numbers.
-    buf = torch.full((10, K), float("nan"))
-    outs = [buf[0:1], buf[1:4], buf[4:10]]
-    kern.forward_many(experts, xs, outs)
-    assert torch.equal(buf, torch.cat(ys))
 
 
 def test_offload_cpu_experts_reject_bad_inputs():
@@ -59,8 +54,6 @@ def test_offload_cpu_experts_reject_bad_inputs():
         kern.forward_many([ex], [torch.zeros(1, 64, dtype=torch.bfloat16)])
     with pytest.raises(ValueError, match=r"1\.\.256 experts"):
         kern.forward_many([ex, ex], [torch.zeros(1, 64)])
-    with pytest.raises(ValueError, match="outs must be contiguous fp32"):
-        kern.forward_many([ex], [torch.zeros(2, 64)], [torch.zeros(1, 64)])
 
 
 def test_offload_cpu_experts_grouped_call_matches_per_expert_call():

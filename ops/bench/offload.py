@@ -253,9 +253,6 @@ def hybrid_runs(cfg, store, ceil: dict, cpu_measure: dict, args) -> dict:
         "all_copy": None,
         "all_cpu": CpuConfig(min_tokens=1, threads=args.cpu_threads, cpu_rate=1.0, copy_rate=1e-12),
         "hybrid": CpuConfig(min_tokens=1, threads=args.cpu_threads, cpu_rate=cpu_rate, copy_rate=copy_rate),
-        # The same split with the CPU experts run on the calling thread after the GPU rounds are queued.
-        "hybrid_caller_thread": CpuConfig(min_tokens=1, threads=args.cpu_threads, cpu_rate=cpu_rate,
-                                          copy_rate=copy_rate, worker_thread=False),
         # Rates as the engine gets them: measured by the runner at start-up, the CPU's re-measured under load.
         "hybrid_measured_rates": CpuConfig(min_tokens=1, threads=args.cpu_threads),
     }

@@ -19,15 +19,7 @@ import triton
 import triton.language as tl
 
 from moed.kernels.launch import vec
-
-
-@triton.jit
-def _cast(v, dtype: tl.constexpr, INTERP: tl.constexpr):
-    # The interpreter's fp32 -> bf16 cast truncates; round to nearest even on the bits there, as the GPU does.
-    if INTERP and dtype == tl.bfloat16:
-        bits = v.to(tl.float32).to(tl.int32, bitcast=True)
-        v = ((bits + 0x7FFF + ((bits >> 16) & 1)) & -65536).to(tl.float32, bitcast=True)
-    return v.to(dtype)
+from moed.kernels.tl_helpers import cast_rne
 
 
 @triton.jit(do_not_specialize=["stride_pt", "stride_sp", "stride_so", "stride_ss", "stride_sr", "stride_out"])
@@ -54,7 +46,7 @@ def _gather_kernel(src_ptr, scale_ptr, page_table_ptr, seq_lens_ptr, out_start_p
             s = tl.load(scale_ptr + page * stride_ss + (j % PAGE) * stride_sr, mask=jmask, other=0.0)
             x = x * s[:, None]
         dst = tl.multiple_of((tl.load(out_start_ptr + b) + j).to(tl.int64) * stride_out, VEC_O)
-        tl.store(out_ptr + dst[:, None] + d[None, :], _cast(x, out_ptr.dtype.element_ty, INTERP), mask=m2)
+        tl.store(out_ptr + dst[:, None] + d[None, :], cast_rne(x, out_ptr.dtype.element_ty, INTERP), mask=m2)
 
 
 def gather_paged_rows(src: torch.Tensor, scale: torch.Tensor | None, page_table: torch.Tensor,

@@ -41,6 +41,7 @@ import triton
 import triton.language as tl
 
 from moed.kernels.launch import sm_count, vec
+from moed.kernels.tl_helpers import dot
 
 _SCORE_BUFFER_BYTES = 512 << 20
 # Top-k launch shape: keys per loop step, the smallest chunk worth a program, chunks per row at most (the
@@ -51,15 +52,6 @@ _TOPK_MAX_CHUNKS = 64
 _TOPK_PROGRAMS_PER_SM = 4
 _TOPK_WORK_ROW = 528
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-
-
-@triton.jit
-def _dot(a, b, F32: tl.constexpr):
-    # F32: fp32 operands, IEEE products (exact-mode pools, and the CPU interpreter, whose bf16 dot is wrong).
-    if F32:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
-    else:
-        return tl.dot(a, b)
 
 
 @triton.jit(do_not_specialize=["stride_qt", "stride_qh", "stride_wt", "stride_kp", "stride_ko", "stride_sp",
@@ -111,7 +103,7 @@ def _scores_kernel(q_ptr, w_ptr, k_ptr, ks_ptr, page_table_ptr, query_start_ptr,
                 page = tl.load(page_table_ptr + b * stride_pt + j // PAGE, mask=jmask, other=0).to(tl.int64)
             k_row = tl.multiple_of(page * stride_kp + (j % PAGE) * stride_ko, VEC_K)
             k = tl.load(k_ptr + k_row[:, None] + d[None, :], mask=jmask[:, None] & dmask[None, :], other=0.0)
-            s = _dot(q, tl.trans(k.to(q.dtype)), F32DOT)
+            s = dot(q, tl.trans(k.to(q.dtype)), F32DOT)
             if FP8:
                 ks = tl.load(ks_ptr + page * stride_sp + (j % PAGE) * stride_so, mask=jmask, other=0.0)
                 s = s * ks[None, :]

@@ -30,6 +30,7 @@ import triton
 import triton.language as tl
 
 from moed.kernels.launch import sm_count, vec
+from moed.kernels.tl_helpers import cast_rne, dot
 
 LOG2E = 1.4426950408889634
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -53,24 +54,6 @@ def default_config(heads: int, tokens: int, fp8: bool = False) -> MLAConfig:
     if heads <= 16:
         return MLAConfig(block_h=16, block_n=32, num_warps=8 if fp8 else 4, num_stages=2, programs_per_sm=4)
     return MLAConfig(block_h=64, block_n=32, num_warps=8, num_stages=4)
-
-
-@triton.jit
-def _dot(a, b, F32: tl.constexpr):
-    # F32: fp32 operands, IEEE products (exact-mode pools, and the CPU interpreter, whose bf16 dot is wrong).
-    if F32:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
-    else:
-        return tl.dot(a, b)
-
-
-@triton.jit
-def _cast(v, dtype: tl.constexpr, INTERP: tl.constexpr):
-    # The interpreter's fp32 -> bf16 cast truncates; round to nearest even on the bits there, as the GPU does.
-    if INTERP and dtype == tl.bfloat16:
-        bits = v.to(tl.float32).to(tl.int32, bitcast=True)
-        v = ((bits + 0x7FFF + ((bits >> 16) & 1)) & -65536).to(tl.float32, bitcast=True)
-    return v.to(dtype)
 
 
 @triton.jit(do_not_specialize=["stride_qt", "stride_qh", "stride_rt", "stride_rh", "stride_np", "stride_no",
@@ -122,8 +105,8 @@ def _sparse_mla_kernel(q_ptr, qr_ptr, nope_ptr, rope_ptr, scale_ptr, idx_ptr, to
         q = q.to(tl.float32)
         qr = qr.to(tl.float32)
     else:
-        q = _cast(q, tl.bfloat16, INTERP)
-        qr = _cast(qr, tl.bfloat16, INTERP)
+        q = cast_rne(q, tl.bfloat16, INTERP)
+        qr = cast_rne(qr, tl.bfloat16, INTERP)
     m = tl.full([BLOCK_H], float("-inf"), dtype=tl.float32)
     l = tl.zeros([BLOCK_H], dtype=tl.float32)
     if SWAP:
@@ -154,11 +137,11 @@ def _sparse_mla_kernel(q_ptr, qr_ptr, nope_ptr, rope_ptr, scale_ptr, idx_ptr, to
             kr = kr.to(tl.bfloat16)
         # PA: the axis of the score tile that runs over positions (SWAP: scores^T [BLOCK_N, BLOCK_H]).
         if SWAP:
-            s = _dot(kv, tl.trans(q), F32DOT)
-            s_rope = _dot(kr, tl.trans(qr), F32DOT)
+            s = dot(kv, tl.trans(q), F32DOT)
+            s_rope = dot(kr, tl.trans(qr), F32DOT)
         else:
-            s = _dot(q, tl.trans(kv), F32DOT)
-            s_rope = _dot(qr, tl.trans(kr), F32DOT)
+            s = dot(q, tl.trans(kv), F32DOT)
+            s_rope = dot(qr, tl.trans(kr), F32DOT)
         if FP8:
             ks = tl.load(scale_ptr + page * stride_sp + off * stride_so, mask=valid, other=0.0)
             s = s * tl.expand_dims(ks, 1 - PA)
@@ -172,9 +155,9 @@ def _sparse_mla_kernel(q_ptr, qr_ptr, nope_ptr, rope_ptr, scale_ptr, idx_ptr, to
         if FP8:
             p = p * tl.expand_dims(ks, 1 - PA)
         if SWAP:
-            acc = acc * alpha[None, :] + _dot(tl.trans(kv), _cast(p, kv.dtype, INTERP), F32DOT)
+            acc = acc * alpha[None, :] + dot(tl.trans(kv), cast_rne(p, kv.dtype, INTERP), F32DOT)
         else:
-            acc = acc * alpha[:, None] + _dot(_cast(p, kv.dtype, INTERP), kv, F32DOT)
+            acc = acc * alpha[:, None] + dot(cast_rne(p, kv.dtype, INTERP), kv, F32DOT)
         m = m_new
     if SWAP:
         acc = tl.trans(acc)
@@ -187,7 +170,7 @@ def _sparse_mla_kernel(q_ptr, qr_ptr, nope_ptr, rope_ptr, scale_ptr, idx_ptr, to
         tl.store(lse_ptr + t64 * stride_lt + split * stride_ls + heads, lse, mask=hmask)
     else:
         out_row = tl.multiple_of(t64 * stride_ot + heads * stride_oh, VEC_O)
-        tl.store(o_ptr + out_row[:, None] + c[None, :], _cast(o, o_ptr.dtype.element_ty, INTERP), mask=omask)
+        tl.store(o_ptr + out_row[:, None] + c[None, :], cast_rne(o, o_ptr.dtype.element_ty, INTERP), mask=omask)
 
 
 @triton.jit(do_not_specialize=["stride_pt", "stride_ps", "stride_ph", "stride_lt", "stride_ls", "stride_ot",
@@ -206,7 +189,7 @@ def _combine_kernel(part_ptr, lse_ptr, o_ptr, stride_pt, stride_ps, stride_ph, s
     part = tl.load(part_ptr + t * stride_pt + s[:, None] * stride_ps + h * stride_ph + c[None, :],
                    mask=(s[:, None] < S) & (c[None, :] < C), other=0.0)
     o = tl.sum(part * w[:, None], axis=0)
-    tl.store(o_ptr + t * stride_ot + h * stride_oh + c, _cast(o, o_ptr.dtype.element_ty, INTERP), mask=c < C)
+    tl.store(o_ptr + t * stride_ot + h * stride_oh + c, cast_rne(o, o_ptr.dtype.element_ty, INTERP), mask=c < C)
 
 
 

@@ -66,14 +66,19 @@ def _act_quant_kernel(x_ptr, q_ptr, s_ptr, M, K, stride_xm, stride_qm, stride_sm
     tl.store(s_ptr + rows.to(tl.int64) * stride_sm + pid_g, scale, mask=rows < M)
 
 
+def check_group_quant_input(x: torch.Tensor, group_size: int, who: str = "per_token_group_quant_fp8") -> None:
+    """The inputs the activation quant takes (shared with its custom op, so every path rejects the same)."""
+    if x.dim() != 2:
+        raise ValueError(f"{who}: x must be [M, K], got shape {tuple(x.shape)}")
+    if x.dtype not in (torch.bfloat16, torch.float16, torch.float32):
+        raise ValueError(f"{who}: x dtype {x.dtype} unsupported; use bf16, fp16 or fp32")
+    if group_size < 16 or group_size & (group_size - 1):
+        raise ValueError(f"{who}: group_size {group_size} must be a power of two >= 16")
+
+
 def per_token_group_quant_fp8(x: torch.Tensor, group_size: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
     """x: [M, K] float -> (q float8_e4m3fn [M, K], scale fp32 [M, ceil(K / group_size)]); no host sync."""
-    if x.dim() != 2:
-        raise ValueError(f"per_token_group_quant_fp8: x must be [M, K], got shape {tuple(x.shape)}")
-    if x.dtype not in (torch.bfloat16, torch.float16, torch.float32):
-        raise ValueError(f"per_token_group_quant_fp8: x dtype {x.dtype} unsupported; use bf16, fp16 or fp32")
-    if group_size < 16 or group_size & (group_size - 1):
-        raise ValueError(f"per_token_group_quant_fp8: group_size {group_size} must be a power of two >= 16")
+    check_group_quant_input(x, group_size)
     if x.stride(1) != 1:
         x = x.contiguous()
     M, K = x.shape
@@ -97,7 +102,8 @@ def per_token_group_quant_fp8_reference(x: torch.Tensor, group_size: int = 128) 
     padded[:, :K] = x.float()
     g = padded.view(M, groups, group_size)
     scale = g.abs().amax(dim=-1).clamp(min=AMAX_MIN) / FP8_E4M3_MAX
-    q = (g / scale[..., None]).clamp(-FP8_E4M3_MAX, FP8_E4M3_MAX).view(M, -1)[:, :K].to(torch.float8_e4m3fn)
+    q = (g / scale[..., None]).clamp(-FP8_E4M3_MAX, FP8_E4M3_MAX).view(M, groups * group_size)[:, :K]
+    q = q.to(torch.float8_e4m3fn)  # (the explicit width keeps M = 0 viewable)
     return q.contiguous(), scale.contiguous()
 
 

@@ -94,12 +94,7 @@ def _pair(block_shape: Sequence[int] | None) -> tuple[int, int] | None:
 
 def _act_quant_check(x: torch.Tensor, group_size: int) -> None:
     # The kernel wrapper's own checks, here so CPU calls and tracing reject the same inputs.
-    if x.dim() != 2:
-        raise ValueError(f"act_quant_fp8: x must be [M, K], got shape {tuple(x.shape)}")
-    if x.dtype not in (torch.bfloat16, torch.float16, torch.float32):
-        raise ValueError(f"act_quant_fp8: x dtype {x.dtype} unsupported; use bf16, fp16 or fp32")
-    if group_size < 16 or group_size & (group_size - 1):
-        raise ValueError(f"act_quant_fp8: group_size {group_size} must be a power of two >= 16")
+    act_quant.check_group_quant_input(x, group_size, "act_quant_fp8")
 
 
 def _act_quant_cuda(x: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -108,8 +103,6 @@ def _act_quant_cuda(x: torch.Tensor, group_size: int) -> tuple[torch.Tensor, tor
 
 def _act_quant_cpu(x: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     _act_quant_check(x, group_size)
-    if x.numel() == 0:  # the reference cannot view an empty x into groups; the kernel wrapper returns empties
-        return _act_quant_fake(x, group_size)
     return act_quant.per_token_group_quant_fp8_reference(x, group_size)
 
 

@@ -29,7 +29,7 @@ from moed.client.calls import (
     MoedError,
     RequestIds,
     RequestTimeout,
-    advance_stream,
+    StreamState,
     build_generate,
 )
 from moed.client.keys import CurveKeys
@@ -281,30 +281,20 @@ class AsyncClient:
         raise RequestTimeout(f"daemon at {self.address} not ready within {timeout:.0f} s: {reason}")
 
 
-class AsyncStream:
+class AsyncStream(StreamState):
     """`async for delta in stream`; cancelling or leaving early aborts the request."""
 
-    def __init__(self, client: AsyncClient, request_id: str, deadline: float | None):
-        self.client = client
-        self.id = request_id
-        self._deadline = deadline
-        self._acc = Accumulator()
-        self.completion: Completion | None = None
-        self._open = True
+    client: AsyncClient
 
     async def __aiter__(self) -> AsyncIterator[Delta]:
         try:
             while self._open:
                 reply = await self.client._next(self.id, self._deadline)
-                delta = advance_stream(self, reply)
+                delta = self._advance(reply)
                 if delta is not None:
                     yield delta
         finally:
             self.close()
-
-    @property
-    def text(self) -> str:
-        return "".join(self._acc.text)
 
     def close(self) -> None:
         if self._open:

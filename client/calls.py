@@ -90,23 +90,35 @@ class Accumulator:
                           logprobs=self.logprobs, stop=final.stop)
 
 
-def advance_stream(stream: Any, reply: Any) -> Delta | None:
-    """One reply of a streaming request, shared by the sync and async streams.
+class StreamState:
+    """What the sync and async streams share: the request, its accumulated output, and one reply's effect."""
 
-    Returns the delta to yield (None: nothing to yield); a Final or Error closes the stream, and an
-    Error raises. `stream` has `_acc`, `_open`, `id`, `completion` and `client._finished`.
-    """
-    if isinstance(reply, cp.Chunk):
-        return stream._acc.add(reply.text, reply.token_ids, reply.logprobs)
-    if not isinstance(reply, (cp.Final, cp.Error)):
-        return None
-    stream._open = False
-    stream.client._finished(stream.id)
-    if isinstance(reply, cp.Error):
-        raise MoedError.from_reply(reply)
-    has_tail = bool(reply.text or reply.token_ids)
-    stream.completion = stream._acc.complete(reply)
-    return Delta(reply.text, reply.token_ids, reply.logprobs) if has_tail else None
+    def __init__(self, client: Any, request_id: str, deadline: float | None):
+        self.client = client
+        self.id = request_id
+        self._deadline = deadline
+        self._acc = Accumulator()
+        self.completion: Completion | None = None
+        self._open = True
+
+    @property
+    def text(self) -> str:
+        return "".join(self._acc.text)
+
+    def _advance(self, reply: Any) -> Delta | None:
+        """Returns the delta to yield (None: nothing to yield); a Final or Error closes the stream, and an
+        Error raises."""
+        if isinstance(reply, cp.Chunk):
+            return self._acc.add(reply.text, reply.token_ids, reply.logprobs)
+        if not isinstance(reply, (cp.Final, cp.Error)):
+            return None
+        self._open = False
+        self.client._finished(self.id)
+        if isinstance(reply, cp.Error):
+            raise MoedError.from_reply(reply)
+        has_tail = bool(reply.text or reply.token_ids)
+        self.completion = self._acc.complete(reply)
+        return Delta(reply.text, reply.token_ids, reply.logprobs) if has_tail else None
 
 
 class RequestIds:

@@ -31,7 +31,7 @@ from moed.client.calls import (
     MoedError,
     RequestIds,
     RequestTimeout,
-    advance_stream,
+    StreamState,
     build_generate,
 )
 from moed.client.keys import CurveKeys
@@ -307,30 +307,20 @@ class Client:
         raise RequestTimeout(f"daemon at {self.address} not ready within {timeout:.0f} s: {reason}")
 
 
-class Stream:
+class Stream(StreamState):
     """Iterate for Deltas. Closing it, or leaving the loop early, aborts the request."""
 
-    def __init__(self, client: Client, request_id: str, deadline: float | None):
-        self.client = client
-        self.id = request_id
-        self._deadline = deadline
-        self._acc = Accumulator()
-        self.completion: Completion | None = None
-        self._open = True
+    client: Client
 
     def __iter__(self) -> Iterator[Delta]:
         try:
             while self._open:
                 reply = self.client._next(self.id, self._deadline)
-                delta = advance_stream(self, reply)
+                delta = self._advance(reply)
                 if delta is not None:
                     yield delta
         finally:
             self.close()
-
-    @property
-    def text(self) -> str:
-        return "".join(self._acc.text)
 
     def close(self) -> None:
         if self._open:

@@ -54,7 +54,7 @@ from moed.attention.nsa import TritonSparseAttention
 from moed.attention.paged_kv import PagedKVPool
 from moed.attention.reference import ReferenceAttention
 from moed.attention.select import choose_backend, probe_platform
-from moed.engine.cuda_graphs import DecodeGraphs, graph_capable
+from moed.engine.cuda_graphs import DecodeGraphs, graph_batch_limit, graph_capable
 from moed.engine.kv_pages import KVPages
 from moed.engine.model_runner import ModelRunner, PendingTokens
 from moed.engine.protocol import (
@@ -638,14 +638,11 @@ class LLMEngine:
             # Several tokens per sequence within the dense threshold take the dense prefill path, which
             # reads host lengths: verify graphs must be captured on the (exact) selection path instead.
             max_context = threshold + 1
-        max_batch = min(self.config.graph_max_batch, self.config.max_running)
-        limit = getattr(self.runner.moe, "graph_max_tokens", None)
-        if limit is not None:  # the hybrid miss service: only its copy-only steps (few tokens) are capturable
-            max_batch = min(max_batch, limit // (1 + self.config.spec_steps))
-            if max_batch < 1:
-                log.warning("CUDA graphs off: the MoE runner takes host-synced steps from %d tokens", limit + 1)
-                return
-            log.info("CUDA graphs up to batch %d: larger decode steps take the hybrid miss service eagerly", max_batch)
+        max_batch = graph_batch_limit(self.runner.moe, min(self.config.graph_max_batch, self.config.max_running),
+                                      1 + self.config.spec_steps)
+        if max_batch < 1:
+            log.warning("CUDA graphs off: the MoE runner syncs with the host on every decode step")
+            return
         graphs = DecodeGraphs(self.model, self.runner.backend, self.runner.moe, self.device,
                               max_batch=max_batch,
                               tokens_per_seq=1 + self.config.spec_steps, max_context=max_context,

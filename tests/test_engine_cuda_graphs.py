@@ -119,3 +119,15 @@ def test_engine_hybrid_miss_service_graphs_batch1_and_splits_larger_steps(tiny_c
     out = hybrid.generate(_prompts(), sp)
     assert all(len(o) == 6 for o in out) and target.split_log
     assert hybrid.stats().miss_service == "hybrid"
+
+
+def test_engine_graph_batch_limit_follows_the_runner():
+    from types import SimpleNamespace
+
+    from moed.engine.cuda_graphs import graph_batch_limit
+
+    assert graph_batch_limit(SimpleNamespace(), 128, 3) == 128  # no limit declared (torch runner)
+    assert graph_batch_limit(SimpleNamespace(graph_max_tokens=None), 128, 1) == 128
+    assert graph_batch_limit(SimpleNamespace(graph_max_tokens=1), 128, 1) == 1  # hybrid: one-token steps only
+    assert graph_batch_limit(SimpleNamespace(graph_max_tokens=5), 128, 3) == 1  # MTP: one verify step of 3 tokens
+    assert graph_batch_limit(SimpleNamespace(graph_max_tokens=0), 128, 1) == 0  # cpu policy: nothing capturable

@@ -12,12 +12,14 @@ whole in one round, so the result is bit-identical whatever the cache size, pins
 path (the all-resident runner computes the same function).
 
 Hybrid miss service (`cpu=CpuConfig(...)`, eager mode only): the host reads the step's ids, the
-table, the use counts and the activations in one sync, splits the missing experts (whole experts)
-between the CPU kernel and copies by rates measured at start-up (the CPU's refreshed from each job's
-own time, i.e. under load) so the slower side ends first; the least-used misses go to the CPU (only
-copied experts enter the cache). It marks those experts served-elsewhere for the claim kernel,
-queues the GPU rounds, computes the CPU experts on the calling thread while the GPU copies and computes
-the rest, and joins the CPU's route outputs (one upload) before the weighted sum.
+table, the use counts, the routing weights and the activations in one sync, splits the missing experts
+(whole experts) between the CPU kernel and copies by rates measured at start-up (the CPU's refreshed from
+each job's own time, i.e. under load; the copies' late start, the host time to queue them, counted) so the
+slower side ends first; the least-used misses go to the CPU (only copied experts enter the cache). One
+upload sends the claim kernel the CPU's experts (served elsewhere) and the GPU its routing weights (0 on
+the CPU's routes). The CPU job starts first, on the kernel's own worker thread (no GIL), computing its
+routes and their weighted per-token sum; meanwhile this thread queues the GPU rounds and the GPU routes'
+weighted sum; the CPU's sum is then uploaded and added (fp32) before the cast to the hidden dtype.
 
 The draft (MTP) worker builds its own runner over the MTP layers (`layers=cfg.mtp_layer_ids`) with
 its own store, cache and budget; `LayerSplitRunner` hands each layer's experts to the runner that
@@ -26,6 +28,7 @@ owns it at load, so neither runner's post-init (cache build, pins) ever touches 
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import logging
 import math
@@ -97,22 +100,43 @@ def default_moe_fn(device: torch.device) -> MoEFn:
 
 class _HostStaging:
     """Host buffers of the hybrid path, reused every layer: pinned on CUDA so the copies are asynchronous.
-    ids [R] int32 (R = tokens x k routes), x [R, K] fp32 activations, e2s [E] int32 slot table, freq [E] fp32
-    use counts, flags [E] int8 CPU-served marks, xr [R, K] fp32 the CPU routes' rows grouped by expert (never
-    copied, not pinned), y [R, K] fp32 their outputs, rows [R] int64 their route indices."""
+    Read back (one sync): ids [R] int32 (R = tokens x k routes), w [R] fp32 routing weights, x [M, K] fp32
+    activations, e2s [E] int32 slot table, freq [E] fp32 use counts. Sent (one upload): up, bytes
+    [4 R + E]: the GPU's routing weights fp32 [R] (0 on the CPU's routes), then the CPU-served flags int8 [E].
+    The CPU's own: xr [R, K] fp32 its routes' rows grouped by expert, y [R, K] their outputs, tok [R] int64 and
+    wr [R] fp32 their tokens and weights; out [M, K] fp32 the weighted per-token sum it returns (uploaded)."""
 
-    def __init__(self, routes: int, num_experts: int, hidden: int, pin: bool) -> None:
-        def buf(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-            return torch.empty(shape, dtype=dtype, pin_memory=pin)
+    def __init__(self, tokens: int, k: int, num_experts: int, hidden: int, pin: bool) -> None:
+        def buf(shape: tuple[int, ...], dtype: torch.dtype, pinned: bool = pin) -> torch.Tensor:
+            return torch.empty(shape, dtype=dtype, pin_memory=pinned)
 
-        self.ids = buf((routes,), torch.int32)
-        self.x = buf((routes, hidden), torch.float32)
+        R = tokens * k
+        self.tokens = tokens
+        self.ids = buf((R,), torch.int32)
+        self.w = buf((R,), torch.float32)
+        self.x = buf((tokens, hidden), torch.float32)
         self.e2s = buf((num_experts,), torch.int32)
         self.freq = buf((num_experts,), torch.float32)
-        self.flags = buf((num_experts,), torch.int8)
-        self.xr = torch.empty((routes, hidden), dtype=torch.float32)  # the CPU routes' rows, grouped by expert
-        self.y = buf((routes, hidden), torch.float32)
-        self.rows = buf((routes,), torch.int64)
+        self.up = buf((4 * R + num_experts,), torch.uint8)
+        self.xr = buf((R, hidden), torch.float32, False)  # never copied: not pinned
+        self.y = buf((R, hidden), torch.float32, False)
+        self.tok = buf((R,), torch.int64, False)
+        self.wr = buf((R,), torch.float32, False)
+        self.out = buf((tokens, hidden), torch.float32)
+        # numpy views made once: the split runs on these every layer
+        self.np = {n: getattr(self, n).numpy() for n in ("ids", "w", "x", "e2s", "freq", "up", "xr", "tok", "wr")}
+
+
+@dataclasses.dataclass
+class _CpuPlan:
+    """One layer's hybrid split (`OffloadMoERunner._plan_cpu`)."""
+
+    experts: np.ndarray  # the CPU's experts, in the order their routes are grouped
+    counts: np.ndarray  # routes per CPU expert
+    routes: int  # R: rows in the staging's xr / y / tok / wr
+    tokens: int
+    exclude: torch.Tensor  # [E] int8 on the device: 1 = served by the CPU (the claim kernel skips it)
+    gpu_weights: torch.Tensor  # [M, k] fp32 on the device: the routing weights, 0 on the CPU's routes
 
 
 @dataclasses.dataclass(frozen=True)
@@ -182,8 +206,9 @@ class OffloadMoERunner:
         self._ones: dict[int, torch.Tensor] = {}
         self._stage: _HostStaging | None = None
         self.host_stats = {layer: {"cpu_experts": 0, "bytes_cpu": 0, "stall_s": 0.0} for layer in self.layers}
-        self.split_log: list[dict] = []
+        self.split_log: collections.deque[dict] = collections.deque(maxlen=1024)  # the last splits (tests, bench)
         self.cpu_rate = self.copy_rate = 0.0
+        self.launch_delay_s = 0.0  # host time from the CPU's start to the copies' launch (EMA over hybrid steps)
 
     # ------------------------------------------------------------------ loading (MoERunner)
 
@@ -221,16 +246,18 @@ class OffloadMoERunner:
         return self.cpu_rate / (self.cpu_rate + self.copy_rate)
 
     def _cpu_count(self, misses: int) -> int:
-        """How many of `misses` experts the CPU computes: the split (whole experts) whose slower side ends first."""
+        """How many of `misses` experts the CPU computes: the split (whole experts) whose slower side ends first.
+        The copies start `launch_delay_s` after the CPU (the host queues the claim and copy kernels after handing
+        the CPU its job), so that delay counts on the copy side."""
         if self.cpu_kernel is None:
             return 0
         if self.cpu_cfg.policy == "cpu" or self.copy_rate <= 0:
             return misses
         if self.cpu_rate <= 0:
             return 0
-        ideal = misses * self.cpu_share
-        return min({math.floor(ideal), math.ceil(ideal)},
-                   key=lambda c: (max(c / self.cpu_rate, (misses - c) / self.copy_rate), -c))
+        eb = self.layout.expert_bytes
+        return min(range(misses + 1), key=lambda c: (max(c * eb / self.cpu_rate,
+                                                         self.launch_delay_s + (misses - c) * eb / self.copy_rate), -c))
 
     @property
     def miss_service(self) -> str:
@@ -336,20 +363,28 @@ class OffloadMoERunner:
             route_out = self._route_outputs(lc, hidden_rep, ids)
         else:
             lc.wait_prefetch()
-            cpu_job = exclude = None
+            plan = None
             if self.cpu_kernel is not None and self.cpu_cfg.min_tokens <= M <= self.cpu_cfg.max_tokens:
-                cpu_job, exclude = self._start_cpu(layer, lc, hidden, ids)
+                plan = self._plan_cpu(layer, lc, hidden, ids, topk_weights)
             distinct = min(self.layout.num_experts, M * k)
             round_ids = torch.empty_like(ids)
             mask = torch.empty(M, k, dtype=torch.int8, device=self.device)
             route_out = None
+            if plan is not None:
+                t0 = time.perf_counter()
+                self._submit_cpu(layer, plan)  # first: the CPU computes while this thread queues the GPU's work
             for r in range(lc.rounds_for(distinct)):
-                lc.serve_round(ids, r, round_ids, mask, exclude=exclude)
+                lc.serve_round(ids, r, round_ids, mask, exclude=None if plan is None else plan.exclude)
+                if r == 0 and plan is not None:
+                    self.launch_delay_s = 0.8 * self.launch_delay_s + 0.2 * (time.perf_counter() - t0)
                 y = self._route_outputs(lc, hidden_rep, round_ids)
                 route_out = y if route_out is None else torch.where(mask.view(-1, 1) != 0, y, route_out)
             assert route_out is not None
-            if cpu_job is not None:
-                route_out = self._join_cpu(layer, cpu_job, route_out)
+            if plan is not None:
+                # The GPU's routes summed while the CPU computes (its routes weigh 0: their outputs were computed
+                # against the dummy slot, finite), then the CPU's per-token sum added.
+                gpu = (route_out.view(M, k, -1).float() * plan.gpu_weights[..., None]).sum(dim=1)
+                return self._join_cpu(layer, plan, gpu).to(hidden.dtype)
         y = route_out.view(M, k, -1).float() * topk_weights.float()[..., None]
         return y.sum(dim=1).to(hidden.dtype)
 
@@ -357,80 +392,92 @@ class OffloadMoERunner:
 
     def _staging(self, M: int, k: int) -> _HostStaging:
         st = self._stage
-        if st is None or st.ids.shape[0] < M * k:
-            st = self._stage = _HostStaging(M * k, self.layout.num_experts, self.layout.hidden,
-                                            pin=self.device.type == "cuda")
+        if st is None or st.tokens < M or st.ids.shape[0] < M * k:
+            st = self._stage = _HostStaging(max(M, self.cpu_cfg.max_tokens), k, self.layout.num_experts,
+                                            self.layout.hidden, pin=self.device.type == "cuda")
         return st
 
-    def _start_cpu(self, layer: int, lc: LayerCache, hidden: torch.Tensor, ids: torch.Tensor):
-        """Read the step's ids, the slot table, the use counts and the activations in one sync; pick the CPU's
-        experts; mark them for the claim kernel; gather their routes' rows. Returns (job, exclude) or
-        (None, None). Vectorised: the host work does not grow with the number of CPU experts."""
+    def _plan_cpu(self, layer: int, lc: LayerCache, hidden: torch.Tensor, ids: torch.Tensor,
+                  topk_weights: torch.Tensor) -> _CpuPlan | None:
+        """Read the step's ids, weights, activations, the slot table and the use counts in one sync; pick the
+        CPU's experts; gather their routes' rows; send the claim kernel its flags and the GPU its weights in one
+        upload. None when the CPU gets nothing. Vectorised: the host work does not grow with the CPU's experts."""
         t0 = time.perf_counter()
         M, k = ids.shape
         E = self.layout.num_experts
+        R = M * k
         st = self._staging(M, k)
-        # Every earlier copy out of the staging buffers (the previous layer's CPU results) was queued before
-        # these on the same stream, so the one sync below also makes the buffers free to overwrite.
-        ids_h, x_h = st.ids[: M * k].view(M, k), st.x[:M]
-        ids_h.copy_(ids, non_blocking=True)
+        # Every earlier copy out of or into the staging buffers (the previous layer's) was queued before these on
+        # the same stream, so the one sync below also makes the buffers free to overwrite.
+        ids_h, w_h, x_h = st.ids[:R], st.w[:R], st.x[:M]
+        ids_h.copy_(ids.view(-1), non_blocking=True)
+        w_h.copy_(topk_weights.reshape(-1).float(), non_blocking=True)
+        x_h.copy_(hidden.float(), non_blocking=True)
         st.e2s.copy_(lc.tables.expert_to_slot[:E], non_blocking=True)
         st.freq.copy_(lc.tables.expert_freq[:E], non_blocking=True)
-        x_h.copy_(hidden, non_blocking=True)  # bf16 -> fp32 on the way
         if self.device.type == "cuda":
             torch.cuda.current_stream(self.device).synchronize()  # the one host sync of this layer
-        flat, e2s = st.ids[: M * k].numpy(), st.e2s.numpy()
+        a = st.np
+        flat, e2s = a["ids"][:R], a["e2s"]
         needed = np.unique(flat)
         misses = needed[e2s[needed] < 0]
         n_cpu = self._cpu_count(len(misses))
         if n_cpu == 0:
             self.host_stats[layer]["stall_s"] += time.perf_counter() - t0
-            return None, None
+            return None
         # Only copied experts enter the cache: send the least-used ones to the CPU.
-        cpu_experts = misses[np.lexsort((misses, st.freq.numpy()[misses]))][:n_cpu]
-        flags = st.flags.numpy()
-        flags[:] = 0
-        flags[cpu_experts] = 1
-        exclude = torch.empty(E, dtype=torch.int8, device=self.device)
-        # A copy-engine upload: on the lent H100 a small copy did not queue behind a bulk one (docs/benchmarks.md).
-        exclude.copy_(st.flags, non_blocking=True)
+        cpu_experts = misses[np.lexsort((misses, a["freq"][misses]))][:n_cpu]
         rank = np.full(E, n_cpu, dtype=np.int64)
         rank[cpu_experts] = np.arange(n_cpu)
-        sel = np.nonzero(rank[flat] < n_cpu)[0]  # routes r = token * k + j served here
-        sel = sel[np.argsort(rank[flat[sel]], kind="stable")]  # grouped by expert, in cpu_experts order
-        counts = np.bincount(rank[flat[sel]], minlength=n_cpu)
-        R = len(sel)
-        st.rows.numpy()[:R] = sel
-        np.take(x_h.numpy(), sel // k, axis=0, out=st.xr.numpy()[:R])
+        route_rank = rank[flat]
+        sel = np.nonzero(route_rank < n_cpu)[0]  # routes r = token * k + j served here
+        sel = sel[np.argsort(route_rank[sel], kind="stable")]  # grouped by expert, in cpu_experts order
+        counts = np.bincount(route_rank[sel], minlength=n_cpu)
+        n = len(sel)
+        w = a["w"][:R]
+        tok = np.floor_divide(sel, k, out=a["tok"][:n])
+        np.take(w, sel, out=a["wr"][:n])
+        np.take(a["x"][:M], tok, axis=0, out=a["xr"][:n])
+        gw = a["up"][: 4 * R].view(np.float32)
+        gw[:] = w
+        gw[sel] = 0.0
+        flags = a["up"][4 * R: 4 * R + E]
+        flags[:] = 0
+        flags[cpu_experts] = 1
+        # One copy-engine upload: on the lent H100 a small copy did not queue behind a bulk one (docs/benchmarks.md).
+        dev = st.up[: 4 * R + E].to(self.device, non_blocking=True)
+        plan = _CpuPlan(cpu_experts, counts, n, M, exclude=dev[4 * R:].view(torch.int8),
+                        gpu_weights=dev[: 4 * R].view(torch.float32).view(M, k))
         self.split_log.append({"layer": layer, "misses": len(misses), "cpu": n_cpu, "copy": len(misses) - n_cpu,
                                "cpu_share": self.cpu_share})
         h = self.host_stats[layer]
         h["cpu_experts"] += n_cpu
         h["bytes_cpu"] += n_cpu * self.layout.expert_bytes
         h["stall_s"] += time.perf_counter() - t0
-        return (cpu_experts, counts, R), exclude
+        return plan
 
-    def _join_cpu(self, layer: int, job: tuple, route_out: torch.Tensor) -> torch.Tensor:
-        """Compute the CPU's experts on this thread (the GPU rounds are already queued and run meanwhile; a worker
-        thread started before the launches measured no faster), then copy their rows into the route outputs:
-        one upload of results, one of row indices."""
-        experts, counts, R = job
+    def _submit_cpu(self, layer: int, plan: _CpuPlan) -> None:
+        """Start the CPU's experts on the kernel's worker thread (no GIL), weighted and summed per token there."""
         st = self._stage
         assert self.cpu_kernel is not None and st is not None
+        R = plan.routes
+        self.cpu_kernel.submit_grouped(self.store.sections(layer), plan.experts, plan.counts, st.xr[:R], st.y[:R],
+                                       tok=st.tok[:R], w=st.wr[:R], out=st.out[: plan.tokens])
+
+    def _join_cpu(self, layer: int, plan: _CpuPlan, gpu: torch.Tensor) -> torch.Tensor:
+        """Wait for the CPU's per-token sum (the GPU's work is queued and runs meanwhile), add it in: one upload."""
+        assert self.cpu_kernel is not None and self._stage is not None
         t0 = time.perf_counter()
-        # Releases the GIL while it runs.
-        self.cpu_kernel.forward_grouped(self.store.sections(layer), experts, counts, st.xr[:R], st.y[:R])
-        busy_s = time.perf_counter() - t0
-        self.host_stats[layer]["stall_s"] += busy_s
+        busy_s = self.cpu_kernel.wait()
+        self.host_stats[layer]["stall_s"] += time.perf_counter() - t0
         if self.cpu_cfg.cpu_rate is None and busy_s > 0:
             # Re-measured under load: the CPU shares memory bandwidth with the copies running beside it.
-            self.cpu_rate = 0.8 * self.cpu_rate + 0.2 * len(experts) * self.layout.expert_bytes / busy_s
-        y = st.y[:R].to(self.device, non_blocking=True)
-        idx = st.rows[:R].to(self.device, non_blocking=True)
-        route_out.index_copy_(0, idx, y.to(route_out.dtype))  # route_out is this step's own tensor
-        return route_out
+            self.cpu_rate = 0.8 * self.cpu_rate + 0.2 * len(plan.experts) * self.layout.expert_bytes / busy_s
+        return gpu.add_(self._stage.out[: plan.tokens].to(self.device, non_blocking=True))
 
     def close(self) -> None:
+        if self.cpu_kernel is not None:
+            self.cpu_kernel.close()
         self.cpu_kernel = None
 
 

@@ -75,3 +75,38 @@ def test_offload_cpu_experts_grouped_call_matches_per_expert_call():
     assert torch.equal(y, torch.cat(ref))
     with pytest.raises(ValueError, match="forward_grouped"):
         kern.forward_grouped(sections, ids, counts, x[:2], y)
+
+
+def test_offload_cpu_experts_worker_sums_routes_per_token():
+    """submit_grouped on the worker thread with the per-token reduction: out[m] = sum of w[r] * y[r] over m's routes
+    (row order), the runner's hybrid call; the worker refuses a second job before wait()."""
+    import numpy as np
+
+    layout = ExpertLayout(6, 256, 128, 128, torch.float8_e4m3fn, (128, 128))
+    kern = _kernel(layout)
+    g = torch.Generator().manual_seed(5)
+    experts = [_expert(layout, g) for _ in range(layout.num_experts)]
+    sections = {name: torch.stack([e[name] for e in experts]) for name in experts[0]}
+    ids, counts = np.array([2, 0, 5]), np.array([3, 1, 2])
+    R, M = int(counts.sum()), 4
+    x = torch.randn(R, layout.hidden, generator=g)
+    y = torch.empty_like(x)
+    tok = torch.tensor([0, 2, 3, 2, 0, 3])  # token 1 has no CPU route: its row of out is 0
+    w = torch.rand(R, generator=g)
+    out = torch.full((M, layout.hidden), float("nan"))
+    kern.submit_grouped(sections, ids, counts, x, y, tok=tok, w=w, out=out)
+    with pytest.raises(RuntimeError, match="already queued"):
+        kern.submit_grouped(sections, ids, counts, x, y, tok=tok, w=w, out=out)
+    assert kern.wait() > 0
+    with pytest.raises(RuntimeError, match="without a submitted job"):
+        kern.wait()
+    ref = torch.zeros(M, layout.hidden)
+    for r in range(R):
+        ref[tok[r]] += w[r] * y[r]
+    assert torch.allclose(out, ref, rtol=1e-6, atol=1e-6) and not out[1].any()
+    rows = list(x.split(counts.tolist()))
+    per_expert = kern.forward_many([experts[i] for i in ids], [t.contiguous() for t in rows])
+    assert torch.equal(y, torch.cat(per_expert))
+    with pytest.raises(ValueError, match="per-token sum"):
+        kern.submit_grouped(sections, ids, counts, x, y, tok=tok.clamp(max=M), w=w, out=out[:3])
+    kern.close()

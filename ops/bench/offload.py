@@ -353,8 +353,8 @@ def cpu_diag(cfg, store, ceil: dict, args) -> dict:
     w = torch.rand(1, k, device="cuda")
     h = torch.randn(1, K, device="cuda").bfloat16()
     r = make_runner(cfg, store, k, cpu=CpuConfig(min_tokens=1, threads=args.cpu_threads, cpu_rate=1.0, copy_rate=1e-12))
-    phases = {"start_cpu": 0.0, "cpu_kernel": 0.0}
-    start, fwd = r._start_cpu, r.cpu_kernel.forward_grouped
+    phases = {"plan_cpu": 0.0, "cpu_wait": 0.0}
+    plan, wait = r._plan_cpu, r.cpu_kernel.wait
 
     def timed(name, fn):
         def wrapper(*a, **kw):
@@ -365,22 +365,102 @@ def cpu_diag(cfg, store, ceil: dict, args) -> dict:
                 phases[name] += time.perf_counter() - t0
         return wrapper
 
-    r._start_cpu = timed("start_cpu", start)
-    r.cpu_kernel.forward_grouped = timed("cpu_kernel", fwd)
+    r._plan_cpu = timed("plan_cpu", plan)
+    r.cpu_kernel.wait = timed("cpu_wait", wait)
     for s in range(2):
         r.run(LAYER, h, trace[s], w)
     torch.cuda.synchronize()
-    phases.update(start_cpu=0.0, cpu_kernel=0.0)
+    phases.update(plan_cpu=0.0, cpu_wait=0.0)
     t0 = time.perf_counter()
     for s in range(2, args.steps + 2):
         r.run(LAYER, h, trace[s], w)
     torch.cuda.synchronize()
     total = (time.perf_counter() - t0) / args.steps
-    out["runner_all_cpu"] = {"step_ms": total * 1e3, "start_cpu_ms": phases["start_cpu"] / args.steps * 1e3,
-                             "cpu_kernel_ms": phases["cpu_kernel"] / args.steps * 1e3,
+    out["runner_all_cpu"] = {"step_ms": total * 1e3, "plan_cpu_ms": phases["plan_cpu"] / args.steps * 1e3,
+                             "cpu_wait_ms": phases["cpu_wait"] / args.steps * 1e3,
                              "cpu_experts_per_step": r.split_log[-1]["cpu"] if r.split_log else 0}
     r.close()
+    out.update(timelines(cfg, store, args))
     return out
+
+
+def timelines(cfg, store, args) -> dict:
+    cores = len(os.sched_getaffinity(0))
+    out = {"copy_only_timeline": hybrid_timeline(cfg, store, None, args)}
+    for threads in sorted({args.cpu_threads or cores, cores - 1}):
+        out[f"runner_hybrid_timeline_threads{threads}"] = hybrid_timeline(cfg, store, threads, args)
+    return out
+
+
+def hybrid_timeline(cfg, store, threads: int | None, args) -> dict:
+    """The hybrid runner step (batch 1, nothing cached) as host timestamps, median over steps, in ms from run()'s
+    start: the wait for the GPU before the step's ids can be read, the split (one sync + numpy + one upload),
+    the claim + copy launches and the CPU job's submission, the MoE and GPU-sum launches, the wait for the CPU
+    (its own compute time beside it), when the GPU's copies + MoE were done (an event after the last MoE launch,
+    waited on after the CPU), and the GPU idle at the end. threads None: the copy-only runner, for comparison."""
+    E, k, K = cfg.n_routed_experts, cfg.num_experts_per_tok, cfg.hidden_size
+    trace = torch.from_numpy(uniform_trace(args.steps + 2, 1, E, k, seed=11)).cuda()
+    w = torch.rand(1, k, device="cuda")
+    h = torch.randn(1, K, device="cuda").bfloat16()
+    r = make_runner(cfg, store, k, cpu=None if threads is None else CpuConfig(min_tokens=1, threads=threads))
+    marks: dict[str, float] = {}
+    plan, submit, route_out, join = r._plan_cpu, r._submit_cpu, r._route_outputs, r._join_cpu
+    wait = r.cpu_kernel.wait if r.cpu_kernel is not None else None
+    ev: list = []
+
+    def plan_w(*a, **kw):
+        marks["enter_plan"] = time.perf_counter()
+        torch.cuda.current_stream().synchronize()
+        marks["gpu_idle"] = time.perf_counter()
+        res = plan(*a, **kw)
+        marks["plan_done"] = time.perf_counter()
+        return res
+
+    def submit_w(*a, **kw):
+        submit(*a, **kw)
+        marks["cpu_submitted"] = time.perf_counter()
+
+    def route_w(*a, **kw):
+        y = route_out(*a, **kw)
+        e = torch.cuda.Event()
+        e.record()
+        ev.append(e)
+        marks["moe_launched"] = time.perf_counter()
+        return y
+
+    def wait_w():
+        marks["wait_start"] = time.perf_counter()
+        busy = wait()
+        marks["cpu_done"] = time.perf_counter()
+        marks["cpu_compute"] = busy * 1e3  # a duration, not a timestamp
+        ev[-1].synchronize()
+        marks["gpu_moe_done"] = time.perf_counter()
+        return busy
+
+    def join_w(*a, **kw):
+        res = join(*a, **kw)
+        marks["join_launched"] = time.perf_counter()
+        return res
+
+    r._plan_cpu, r._submit_cpu, r._route_outputs, r._join_cpu = plan_w, submit_w, route_w, join_w
+    if r.cpu_kernel is not None:
+        r.cpu_kernel.wait = wait_w
+    rows = []
+    for s in range(args.steps + 2):
+        marks.clear()
+        t0 = time.perf_counter()
+        r.run(LAYER, h, trace[s], w)
+        marks["run_return"] = time.perf_counter()
+        torch.cuda.synchronize()
+        marks["gpu_done"] = time.perf_counter()
+        if s >= 2:
+            rows.append({m: (t if m == "cpu_compute" else (t - t0) * 1e3) for m, t in marks.items()})
+    r.close()
+    keys = rows[-1].keys()
+    return {"ms_from_run_start": {m: float(np.median([row[m] for row in rows if m in row])) for m in keys},
+            "threads": threads, "cpu_experts_per_step": r.split_log[-1]["cpu"] if r.split_log else 0,
+            "copied_per_step": r.split_log[-1]["copy"] if r.split_log else 0,
+            "runner_cpu_GBps": r.cpu_rate / 1e9, "runner_copy_GBps": r.copy_rate / 1e9}
 
 
 def prefetch_runs(cfg, store, args) -> dict:
@@ -475,7 +555,7 @@ def main() -> None:
     p.add_argument("--cpu-threads", type=int, default=0, help="CPU expert threads; 0 = every core")
     p.add_argument("--out", default="offload_bench.json")
     p.add_argument("--only", default="ceil,cpu,hybrid,decode,prefetch,noce,graph",
-                   help="comma list; add diag for the CPU-expert slowdown breakdown")
+                   help="comma list; add diag for the CPU-expert slowdown breakdown, timeline for the hybrid step's")
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     torch.manual_seed(0)
@@ -511,6 +591,10 @@ def main() -> None:
     if "hybrid" in only and "cpu" in results:
         results["hybrid"] = hybrid_runs(cfg, store, ceil, results["cpu"], args)
         save()
+    if "timeline" in only:
+        results["timelines"] = timelines(cfg, store, args)
+        save()
+        print(json.dumps(results["timelines"]))
     if "diag" in only:
         results["cpu_diag"] = cpu_diag(cfg, store, results["ceilings"], args)
         save()

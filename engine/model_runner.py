@@ -13,7 +13,9 @@ row, uploaded in one host-to-device copy. There `seq.kv` is only a marker that t
 begun (pages need no rollback: rejected draft positions are overwritten later).
 
 A decode step (every sequence feeds `tokens_per_seq` tokens) goes through a captured CUDA graph
-when `DecodeGraphs` was set up and covers the batch; everything else runs eagerly.
+when `DecodeGraphs` was set up and covers the batch; any other step of at least `compiled.min_tokens`
+tokens runs its decoder layers through torch.compile when `CompiledPrefill` was set up
+(engine/compiled.py); everything else runs eagerly.
 
 Packing is split in two so the engine can time (and overlap) them apart: `prepare` builds the step
 on the host (no device work), `upload` sends it in two copies from pinned memory (never blocking
@@ -35,6 +37,7 @@ import torch
 
 from moed.attention.interface import AttentionBackend, PagedStep, SequenceStep, StepContext
 from moed.attention.paged_kv import PagedKVPool
+from moed.engine.compiled import CompiledPrefill
 from moed.engine.cuda_graphs import DecodeGraphs
 from moed.engine.scheduler import ScheduledSeq
 from moed.engine.sequence import PENDING, Sequence
@@ -130,6 +133,7 @@ class ModelRunner:
         self.paged = is_paged(backend)
         self.graphs: DecodeGraphs | None = None
         self.graph_steps = 0  # steps served by a CUDA graph (stats, tests)
+        self.compiled: CompiledPrefill | None = None
 
     def prepare(self, items: list[ScheduledSeq], pending: PendingTokens | None = None) -> HostStep:
         """Pack the step on the host (caches created for sequences that have none); no device work."""
@@ -182,6 +186,10 @@ class ModelRunner:
             hidden = self.graphs.run(input_ids, ctx)
             if hidden is not None:
                 self.graph_steps += 1
+                return hidden
+        if self.compiled is not None and self.compiled.covers(input_ids.shape[0]):
+            hidden = self.compiled.forward(self.model, input_ids, ctx, self.backend, self.moe)
+            if hidden is not None:  # None: compiling failed (logged once): this and later steps run eagerly
                 return hidden
         return self.model(input_ids, ctx, self.backend, self.moe)
 

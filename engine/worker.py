@@ -181,6 +181,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overlap", action=argparse.BooleanOptionalAction, default=True,
                    help="plan and launch each step before reading the previous one's tokens back (not with MTP)")
     p.add_argument("--graph-max-batch", type=int, default=128)
+    p.add_argument("--compile-prefill", action=argparse.BooleanOptionalAction, default=False,
+                   help="run eager steps of >= --compile-min-tokens tokens through torch.compile'd decoder layers")
+    p.add_argument("--compile-min-tokens", type=int, default=EngineConfig.compile_min_tokens)
     p.add_argument("--seed", type=int, default=None, help="seeds the noise keys of requests without a seed")
     p.add_argument("--log-level", default="INFO")
     return p
@@ -218,7 +221,8 @@ def main(argv: list[str] | None = None) -> int:
                               attention=args.attention, moe=args.moe, expert_cache_gb=args.expert_cache_gb,
                               draft_expert_cache_gb=args.draft_expert_cache_gb, cuda_graphs=not args.no_cuda_graphs,
                               overlap=args.overlap, miss_service=args.miss_service,
-                              graph_max_batch=args.graph_max_batch, seed=args.seed)
+                              graph_max_batch=args.graph_max_batch, compile_prefill=args.compile_prefill,
+                              compile_min_tokens=args.compile_min_tokens, seed=args.seed)
         engine = LLMEngine(config)
         engine.warmup()
     except Exception as e:

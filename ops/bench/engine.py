@@ -19,6 +19,14 @@ decode steps miss) and the paged attention backend, and measures:
              alone (the figure earlier runs reported); CPU-side overhead = (wall - GPU) / wall, the time
              the GPU waits for the host (target < 5%). Also the host time per step phase (schedule,
              prepare, launch, wait for the device, commit; `EngineStats.step_time_s`).
+  prefill compile  (`--prefill-compile`, instead of the above) one engine (MTP off, graphs off, max_tokens_per_step
+             = the longest prompt so each prompt is one step) serving single prompts of `--prefill-lens` tokens
+             for one output token, its decoder layers eager and then compiled (engine/compiled.py:
+             `runner.compiled` set on the same loaded engine): median prefill time over `--reps` and tokens/s,
+             the compiled/eager ratio, the first compiled call's wall time (dynamo + Inductor, at the shortest
+             length) against the same length's steady time, and dynamo's graph and compile counts after every
+             length (one per layer kind expected: no recompile per length or per layer). Whether the first
+             token agreed is reported (bf16: Inductor's fused rounding may flip a near tie).
 Each (MTP, graphs) setting first serves every concurrency for 3 tokens untimed, so no row is charged with
 first-use compilation (Triton specialises on shapes such as the prefill's token count and context bounds).
 Random weights route tokens with no learned structure and the MTP layer predicts nothing: acceptance
@@ -181,6 +189,71 @@ def overhead_batch1(engine: LLMEngine, prompt_len: int, overlap: bool, steps: in
             "host_ms": {k: 1e3 * v for k, v in phases.items()}}
 
 
+def _timed_prefill(engine: LLMEngine, prompt: list[int]) -> tuple[float, int]:
+    """Wall seconds from adding one prompt to its first token (device synced), and that token."""
+    sync = torch.cuda.synchronize if engine.device.type == "cuda" else (lambda: None)
+    rid = f"prefill-{time.perf_counter_ns()}"
+    sync()
+    t0 = time.perf_counter()
+    engine.add_request(rid, prompt, SamplingParams(max_tokens=1, ignore_eos=True))
+    token = None
+    while engine.has_unfinished:
+        for o in engine.step():
+            if o.error is not None:
+                raise RuntimeError(f"prefill of {len(prompt)} tokens failed: {o.error}")
+            token = o.new_token_ids[0] if o.new_token_ids else token
+    engine.flush()
+    sync()
+    assert token is not None
+    return time.perf_counter() - t0, token
+
+
+def prefill_compile(engine: LLMEngine, lengths: list[int], reps: int, min_tokens: int) -> dict:
+    """Prefill of single prompts, eager vs compiled decoder layers, on one loaded engine (module docstring)."""
+    from torch._dynamo.utils import counters
+
+    from moed.engine.compiled import CompiledPrefill, layer_kinds
+
+    g = torch.Generator().manual_seed(0)
+    prompts = {n: torch.randint(10, engine.cfg.vocab_size, (n,), generator=g).tolist() for n in lengths}
+    rows: dict[int, dict] = {n: {"tokens": n} for n in lengths}
+    engine.runner.compiled = None
+    for n in lengths:  # eager; the first pass specialises Triton kernels on the step's shapes
+        _timed_prefill(engine, prompts[n])
+        times, token = zip(*(_timed_prefill(engine, prompts[n]) for _ in range(reps)))
+        rows[n].update(eager_s=sorted(times)[len(times) // 2], eager_token=token[0])
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = engine.runner.compiled = CompiledPrefill(min_tokens)
+    first_s, _ = _timed_prefill(engine, prompts[lengths[0]])
+    for n in lengths:
+        _timed_prefill(engine, prompts[n])
+        times, token = zip(*(_timed_prefill(engine, prompts[n]) for _ in range(reps)))
+        r = rows[n]
+        r.update(compiled_s=sorted(times)[len(times) // 2], compiled_token=token[0])
+        r.update(eager_tok_s=n / r["eager_s"], compiled_tok_s=n / r["compiled_s"],
+                 speedup=r["eager_s"] / r["compiled_s"], same_token=r["eager_token"] == r["compiled_token"])
+    engine.runner.compiled = None
+    return {"rows": list(rows.values()), "first_compiled_call_s": first_s,
+            "compile_s": first_s - rows[lengths[0]]["compiled_s"], "compiled_failed": compiled.failed,
+            "compiled_steps": compiled.steps, "unique_graphs": int(counters["stats"]["unique_graphs"]),
+            "frames_compiled": int(counters["frames"]["total"]), "layer_kinds": len(layer_kinds(engine.model)),
+            "graph_breaks": int(sum(counters["graph_break"].values()))}
+
+
+def print_prefill_compile(res: dict, device: str, args) -> None:
+    print(f"\ncompiled prefill on {device} ({args.preset}, experts {args.experts or 'preset'}, moe {args.moe}, "
+          f"expert cache {args.expert_cache_gb} GB): first compiled call {res['first_compiled_call_s']:.1f} s "
+          f"(compile ~{res['compile_s']:.1f} s), graphs {res['unique_graphs']}, compiles {res['frames_compiled']} "
+          f"(layer kinds {res['layer_kinds']}), "
+          f"graph breaks {res['graph_breaks']}, failed: {res['compiled_failed']}")
+    print(f"{'tokens':>6} {'eager ms':>9} {'compiled ms':>11} {'eager tok/s':>11} {'compiled tok/s':>14} "
+          f"{'x eager':>7} {'same 1st token':>14}")
+    for r in res["rows"]:
+        print(f"{r['tokens']:>6} {1e3 * r['eager_s']:>9.1f} {1e3 * r['compiled_s']:>11.1f} {r['eager_tok_s']:>11.0f} "
+              f"{r['compiled_tok_s']:>14.0f} {r['speedup']:>7.3f} {r['same_token']!s:>14}")
+
+
 def bound_ms(row: dict, expert_bytes: int, dense_bytes: int, ceil: dict) -> float | None:
     if not ceil or row["hit_rate"] is None:
         return None
@@ -208,6 +281,12 @@ def main(argv: list[str] | None = None) -> int:
                    help="overlapped steps (plain decoding only): measure with, without, or both")
     p.add_argument("--miss-service", choices=("auto", "copy", "hybrid", "cpu"), default="copy",
                    help="offload: how decode serves expert misses (hybrid and cpu decode eagerly)")
+    p.add_argument("--experts", type=int, default=None, help="routed experts per layer of a new checkpoint "
+                   "(default: the preset's)")
+    p.add_argument("--prefill-compile", action="store_true",
+                   help="measure only prefill with compiled vs eager decoder layers (module docstring)")
+    p.add_argument("--prefill-lens", default="512,2048,8192")
+    p.add_argument("--reps", type=int, default=3, help="--prefill-compile: timed prefills per length and mode")
     p.add_argument("--out", default=None, help="JSON file for every figure")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -221,9 +300,26 @@ def main(argv: list[str] | None = None) -> int:
 
         t = time.perf_counter()
         make_checkpoint(ckpt, args.preset, dtype="fp8" if device.type == "cuda" else "bf16", seed=0,
-                        device=args.device)
+                        experts=args.experts, device=args.device)
         log.info("made %s checkpoint in %.0f s", args.preset, time.perf_counter() - t)
 
+    if args.prefill_compile:
+        lengths = [int(n) for n in args.prefill_lens.split(",")]
+        t = time.perf_counter()
+        engine = LLMEngine(EngineConfig(
+            model=str(ckpt), device=args.device, dtype=dtype, max_running=1, max_tokens_per_step=max(lengths),
+            page_size=args.page_size, max_model_len=max(max(lengths) + 64, args.max_model_len), moe=args.moe,
+            expert_cache_gb=args.expert_cache_gb if args.moe == "offload" else None, cuda_graphs=False,
+            compile_prefill=False, seed=0, miss_service=args.miss_service if args.moe == "offload" else "copy"))
+        log.info("engine loaded in %.0f s", time.perf_counter() - t)
+        res = prefill_compile(engine, lengths, args.reps, min(lengths))
+        name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+        if args.out:
+            Path(args.out).write_text(json.dumps({"device": name, "date": time.strftime("%Y-%m-%d"),
+                                                  "torch": torch.__version__, "args": vars(args),
+                                                  "prefill_compile": res}, indent=1))
+        print_prefill_compile(res, name, args)
+        return 0
     ceil = ceilings(device)
     if device.type == "cuda":
         torch.cuda.empty_cache()  # the ceiling buffers are gone

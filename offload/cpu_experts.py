@@ -543,7 +543,7 @@ class CpuExpertKernel:
         if reduce and (tok is None or w is None or tok.shape != (R,) or w.shape != (R,) or tok.dtype != torch.int64
                        or w.dtype != torch.float32 or out.dim() != 2 or out.shape[1] != K
                        or out.dtype != torch.float32 or not out.is_contiguous() or not tok.is_contiguous()
-                       or not w.is_contiguous() or int(tok.max()) >= out.shape[0] or int(tok.min()) < 0):
+                       or not w.is_contiguous() or not 0 <= tok.numpy().min() <= tok.numpy().max() < out.shape[0]):
             raise ValueError(f"forward_grouped: the per-token sum takes tok int64 [{R}] in [0, M_out), w fp32 [{R}] "
                              f"and out fp32 [M_out, {K}]")
         if self._pending is not None:

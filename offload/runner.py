@@ -132,9 +132,7 @@ class _CpuPlan:
     """One layer's hybrid split (`OffloadMoERunner._plan_cpu`)."""
 
     experts: np.ndarray  # the CPU's experts, in the order their routes are grouped
-    counts: np.ndarray  # routes per CPU expert
-    routes: int  # R: rows in the staging's xr / y / tok / wr
-    tokens: int
+    counts: np.ndarray  # routes per CPU expert (they fill rows 0..sum(counts) of the staging's xr / y / tok / wr)
     exclude: torch.Tensor  # [E] int8 on the device: 1 = served by the CPU (the claim kernel skips it)
     gpu_weights: torch.Tensor  # [M, k] fp32 on the device: the routing weights, 0 on the CPU's routes
 
@@ -392,7 +390,7 @@ class OffloadMoERunner:
 
     def _staging(self, M: int, k: int) -> _HostStaging:
         st = self._stage
-        if st is None or st.tokens < M or st.ids.shape[0] < M * k:
+        if st is None or st.tokens < M:  # k is the model's, fixed
             st = self._stage = _HostStaging(max(M, self.cpu_cfg.max_tokens), k, self.layout.num_experts,
                                             self.layout.hidden, pin=self.device.type == "cuda")
         return st
@@ -446,7 +444,7 @@ class OffloadMoERunner:
         flags[cpu_experts] = 1
         # One copy-engine upload: on the lent H100 a small copy did not queue behind a bulk one (docs/benchmarks.md).
         dev = st.up[: 4 * R + E].to(self.device, non_blocking=True)
-        plan = _CpuPlan(cpu_experts, counts, n, M, exclude=dev[4 * R:].view(torch.int8),
+        plan = _CpuPlan(cpu_experts, counts, exclude=dev[4 * R:].view(torch.int8),
                         gpu_weights=dev[: 4 * R].view(torch.float32).view(M, k))
         self.split_log.append({"layer": layer, "misses": len(misses), "cpu": n_cpu, "copy": len(misses) - n_cpu,
                                "cpu_share": self.cpu_share})
@@ -460,9 +458,9 @@ class OffloadMoERunner:
         """Start the CPU's experts on the kernel's worker thread (no GIL), weighted and summed per token there."""
         st = self._stage
         assert self.cpu_kernel is not None and st is not None
-        R = plan.routes
+        R, M = int(plan.counts.sum()), plan.gpu_weights.shape[0]
         self.cpu_kernel.submit_grouped(self.store.sections(layer), plan.experts, plan.counts, st.xr[:R], st.y[:R],
-                                       tok=st.tok[:R], w=st.wr[:R], out=st.out[: plan.tokens])
+                                       tok=st.tok[:R], w=st.wr[:R], out=st.out[:M])
 
     def _join_cpu(self, layer: int, plan: _CpuPlan, gpu: torch.Tensor) -> torch.Tensor:
         """Wait for the CPU's per-token sum (the GPU's work is queued and runs meanwhile), add it in: one upload."""
@@ -473,7 +471,7 @@ class OffloadMoERunner:
         if self.cpu_cfg.cpu_rate is None and busy_s > 0:
             # Re-measured under load: the CPU shares memory bandwidth with the copies running beside it.
             self.cpu_rate = 0.8 * self.cpu_rate + 0.2 * len(plan.experts) * self.layout.expert_bytes / busy_s
-        return gpu.add_(self._stage.out[: plan.tokens].to(self.device, non_blocking=True))
+        return gpu.add_(self._stage.out[: gpu.shape[0]].to(self.device, non_blocking=True))
 
     def close(self) -> None:
         if self.cpu_kernel is not None:

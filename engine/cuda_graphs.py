@@ -53,18 +53,6 @@ def graph_capable(backend: Any, moe: Any) -> tuple[bool, str]:
     return True, ""
 
 
-def graph_batch_limit(moe: Any, max_batch: int, tokens_per_seq: int) -> int:
-    """The largest batch whose steps the MoE runner can have captured: a runner with `graph_max_tokens` (the
-    hybrid miss service: steps of more tokens sync with the host) caps it; 0 means none."""
-    limit = getattr(moe, "graph_max_tokens", None)
-    if limit is None:
-        return max_batch
-    capped = min(max_batch, limit // tokens_per_seq)
-    if 0 < capped < max_batch:
-        log.info("CUDA graphs up to batch %d: larger decode steps take the hybrid miss service eagerly", capped)
-    return capped
-
-
 def bucket_sizes(max_batch: int) -> list[int]:
     sizes = [b for b in (1, 2, 4) if b < max_batch] + list(range(8, max_batch + 1, 8))
     if not sizes or sizes[-1] != max_batch:

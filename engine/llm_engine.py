@@ -55,7 +55,7 @@ from moed.attention.paged_kv import PagedKVPool
 from moed.attention.reference import ReferenceAttention
 from moed.attention.select import choose_backend, probe_platform
 from moed.engine.compiled import CompiledPrefill
-from moed.engine.cuda_graphs import DecodeGraphs, graph_batch_limit, graph_capable
+from moed.engine.cuda_graphs import DecodeGraphs, graph_capable
 from moed.engine.kv_pages import KVPages
 from moed.engine.model_runner import ModelRunner, PendingTokens
 from moed.engine.protocol import (
@@ -286,12 +286,11 @@ class LLMEngine:
         ms = self.config.miss_service
         if ms == "auto":  # on a CPU device the "copies" are host memcpys: nothing for CPU experts to beat
             ms = "hybrid" if self.device.type == "cuda" else "copy"
-        # cpu: every miss of every decode step on the CPU; hybrid: a single sequence's steps (1 + spec_steps tokens)
-        # keep the graph-captured copy path, larger decode steps split their misses
+        # cpu: every miss of every decode step on the CPU; hybrid: decode steps split their misses between the CPU
+        # and copies (both in CUDA graphs too: the hand-over is stream memory operations); prefill steps copy
         cpu = None
         if ms != "copy":  # auto falls back to copies where the CPU kernel cannot be built; an explicit choice fails
-            cpu = CpuConfig(policy=ms, min_tokens=1 if ms == "cpu" else 2 * (1 + self.config.spec_steps),
-                            max_tokens=max(8, 2 * (1 + self.config.spec_steps)),
+            cpu = CpuConfig(policy=ms, max_tokens=max(8, 2 * (1 + self.config.spec_steps)),
                             fallback_to_copy=self.config.miss_service == "auto")
         target = OffloadMoERunner(cfg, main, device=self.device, budget_bytes=target_budget, name="target", cpu=cpu)
         draft = None
@@ -666,11 +665,7 @@ class LLMEngine:
             # Several tokens per sequence within the dense threshold take the dense prefill path, which
             # reads host lengths: verify graphs must be captured on the (exact) selection path instead.
             max_context = threshold + 1
-        max_batch = graph_batch_limit(self.runner.moe, min(self.config.graph_max_batch, self.config.max_running),
-                                      1 + self.config.spec_steps)
-        if max_batch < 1:
-            log.warning("CUDA graphs off: the MoE runner syncs with the host on every decode step")
-            return
+        max_batch = min(self.config.graph_max_batch, self.config.max_running)
         graphs = DecodeGraphs(self.model, self.runner.backend, self.runner.moe, self.device,
                               max_batch=max_batch,
                               tokens_per_seq=1 + self.config.spec_steps, max_context=max_context,
@@ -684,7 +679,11 @@ class LLMEngine:
         self.flush()  # the check step's input token must be known
         batch = self.scheduler.schedule()
         input_ids, ctx = self.runner.pack(batch.items)
-        problem = graphs.check_against_eager(input_ids, ctx)
+        # With CPU experts the two runs meet different cache states and split their misses differently; a CPU route
+        # uses fp32 activations where the GPU's w8a8 kernel quantises them (3-5% per layer output on random weights,
+        # tests/test_expert_cache_gpu.py). A stale or wrong graph is off by ~100%.
+        cpu = any(r.miss_service != "copy" for r in self._offload_runners())
+        problem = graphs.check_against_eager(input_ids, ctx, rtol=0.05 if cpu else 1e-2)
         self.abort([rid])
         if problem is not None:
             log.warning("CUDA graphs off: %s", problem)

@@ -337,71 +337,149 @@ void experts_run(job_t* j) {
     j->seconds = now_s() - t0;
 }
 
-/* A worker thread that runs one job at a time, so the caller (holding Python's GIL) can queue GPU work while
-   the experts compute: the handoff is a condition variable, never the GIL. States: 0 idle, 1 queued,
-   2 done, 3 exiting. The job's arrays must stay alive until worker_wait returns. */
-typedef struct { pthread_t th; pthread_mutex_t mu; pthread_cond_t cv; int state; job_t job; } worker_t;
-
-static void* worker_main(void* arg) {
-    worker_t* w = (worker_t*)arg;
-    for (;;) {
-        pthread_mutex_lock(&w->mu);
-        while (w->state != 1 && w->state != 3) pthread_cond_wait(&w->cv, &w->mu);
-        int quit = w->state == 3;
-        pthread_mutex_unlock(&w->mu);
-        if (quit) return NULL;
-        experts_run(&w->job);
-        pthread_mutex_lock(&w->mu);
-        w->state = 2;
-        pthread_cond_broadcast(&w->cv);
-        pthread_mutex_unlock(&w->mu);
+/* Host memory read ceiling: `threads` threads stream n bytes (64-byte lines, work-shared), as the experts' weights
+   are streamed; returns the wall seconds. The xor keeps the loads alive. */
+static volatile uint64_t read_sink;
+double read_bytes(const uint8_t* p, size_t n, int threads) {
+    double t0 = now_s();
+    size_t lines = n / 64;
+    uint64_t acc = 0;
+    #pragma omp parallel for num_threads(threads) schedule(static) reduction(^:acc)
+    for (size_t i = 0; i < lines; i += 4) {
+#ifdef VEC
+        __m512i a = _mm512_loadu_si512((const void*)(p + i * 64));
+        if (i + 4 <= lines) {
+            a = _mm512_xor_si512(a, _mm512_loadu_si512((const void*)(p + (i + 1) * 64)));
+            a = _mm512_xor_si512(a, _mm512_loadu_si512((const void*)(p + (i + 2) * 64)));
+            a = _mm512_xor_si512(a, _mm512_loadu_si512((const void*)(p + (i + 3) * 64)));
+        }
+        acc ^= (uint64_t)_mm512_reduce_add_epi64(a);
+#else
+        for (size_t q = i; q < i + 4 && q < lines; q++) acc ^= *(const uint64_t*)(p + q * 64);
+#endif
     }
+    read_sink = acc;
+    return now_s() - t0;
 }
 
-void* worker_new(void) {
-    worker_t* w = (worker_t*)calloc(1, sizeof(worker_t));
-    if (!w) return NULL;
-    pthread_mutex_init(&w->mu, NULL);
-    pthread_cond_init(&w->cv, NULL);
-    if (pthread_create(&w->th, NULL, worker_main, w) != 0) { free(w); return NULL; }
-    return w;
-}
-
-/* Returns 0, or -1 when the last job was not waited for (the caller must wait first). */
-int worker_submit(void* p, const job_t* j) {
-    worker_t* w = (worker_t*)p;
-    pthread_mutex_lock(&w->mu);
-    if (w->state != 0) { pthread_mutex_unlock(&w->mu); return -1; }
-    w->job = *j;
-    w->state = 1;
-    pthread_cond_broadcast(&w->cv);
-    pthread_mutex_unlock(&w->mu);
+/* Wait until *p == v (the host device's side of the stream signals): spin, then sleep. 0, or -1 on timeout. */
+int wait_u32(volatile uint32_t* p, uint32_t v, double timeout_s) {
+    double t0 = now_s();
+    for (long i = 0; *p != v; i++) {
+        if (i < 4096) { __builtin_ia32_pause(); continue; }
+        if (now_s() - t0 > timeout_s) return -1;
+        struct timespec ts = {0, 20000};
+        nanosleep(&ts, NULL);
+    }
+    __atomic_thread_fence(__ATOMIC_ACQUIRE);
     return 0;
 }
 
-/* Blocks until the queued job is done; returns its wall time in seconds (-1 when nothing was queued). */
-double worker_wait(void* p) {
-    worker_t* w = (worker_t*)p;
-    pthread_mutex_lock(&w->mu);
-    if (w->state == 0) { pthread_mutex_unlock(&w->mu); return -1.0; }
-    while (w->state != 2) pthread_cond_wait(&w->cv, &w->mu);
-    w->state = 0;
-    double s = w->job.seconds;
-    pthread_mutex_unlock(&w->mu);
+/* The expert server: a thread that takes jobs the GPU posts in a host mailbox, with no host code in between.
+   The GPU's split kernel writes the header and arrays through UVA, then a stream write sets *ready = 1 (ordered
+   after the kernel's writes); the server clears it, computes the CPU's experts and their weighted per-token sum
+   into `out`, and sets *done = 1, which a stream wait on the GPU blocks on. A job it cannot read (a header out of
+   range: a bug, never a user input) is counted in errors[0] and answered with out = 0, so the GPU never hangs.
+   Header: layer index, n_cpu, n_miss, M, R, k. Arrays: experts [n_cpu] (in the order their routes are grouped),
+   ids [R] and w [R] (route r = token * k + j), x [M, K] fp32. Per-layer stats [L, 4]: jobs, experts, routes,
+   seconds; the log ring [cap, 7]: layer, n_miss, n_cpu, M, rows, t_start, t_end (CLOCK_MONOTONIC seconds). */
+typedef struct {
+    volatile uint32_t* ready; volatile uint32_t* done; const volatile int32_t* hdr;
+    const int32_t* experts; const int32_t* ids; const float* w; const float* x; float* out;
+    int R_max, M_max, E, L;
+    const uint8_t** w13; const uint8_t** s13; const uint8_t** w2; const uint8_t** s2;  /* [L] section bases */
+    int64_t st13, sts13, st2, sts2;  /* bytes per expert in each section */
+    int K, N, bn, bk, fp8, threads;
+    float* xr; float* gu; float* hbuf; float* y; int64_t* tok; float* wr;  /* scratch for R_max rows */
+    double spin_s;
+    double* layer_stats; double* log; int64_t log_cap; volatile int64_t* log_n; volatile int64_t* errors;
+} server_cfg_t;
+
+typedef struct { pthread_t th; server_cfg_t c; volatile int quit; } server_t;
+
+static void serve_one(server_cfg_t* c) {
+    double t0 = now_s();
+    int layer = c->hdr[0], n = c->hdr[1], n_miss = c->hdr[2], M = c->hdr[3], R = c->hdr[4], k = c->hdr[5];
+    int K = c->K, N = c->N;
+    int ok = layer >= 0 && layer < c->L && n >= 0 && n <= n_miss && n <= 256 && M >= 1 && M <= c->M_max && k >= 1
+             && R == M * k && R <= c->R_max;
+    for (int i = 0; ok && i < n; i++) ok = c->experts[i] >= 0 && c->experts[i] < c->E;
+    if (!ok) {
+        __atomic_fetch_add(c->errors, 1, __ATOMIC_RELAXED);
+        for (size_t i = 0; i < (size_t)c->M_max * K; i++) c->out[i] = 0.0f;
+        return;
+    }
+    int rows = 0;
+    if (n == 0) {
+        for (size_t i = 0; i < (size_t)M * K; i++) c->out[i] = 0.0f;
+    } else {
+        const void *w13[256], *s13[256], *w2[256], *s2[256];
+        const float* xs[256]; float *gus[256], *hs[256], *ys[256]; int Ms[256];
+        for (int i = 0; i < n; i++) {
+            int e = c->experts[i], start = rows;
+            for (int r = 0; r < R; r++) {
+                if (c->ids[r] != e) continue;
+                c->tok[rows] = r / k;
+                c->wr[rows] = c->w[r];
+                const float* src = c->x + (size_t)(r / k) * K;
+                float* dst = c->xr + (size_t)rows * K;
+                for (int q = 0; q < K; q++) dst[q] = src[q];
+                rows++;
+            }
+            Ms[i] = rows - start;
+            xs[i] = c->xr + (size_t)start * K; gus[i] = c->gu + (size_t)start * 2 * N;
+            hs[i] = c->hbuf + (size_t)start * N; ys[i] = c->y + (size_t)start * K;
+            w13[i] = c->w13[layer] + e * c->st13; w2[i] = c->w2[layer] + e * c->st2;
+            s13[i] = c->fp8 ? (const void*)(c->s13[layer] + e * c->sts13) : NULL;
+            s2[i] = c->fp8 ? (const void*)(c->s2[layer] + e * c->sts2) : NULL;
+        }
+        job_t j = {n, w13, (const float**)s13, w2, (const float**)s2, xs, Ms, gus, hs, ys, K, N, c->bn, c->bk,
+                   c->fp8, c->threads, rows, M, c->tok, c->wr, c->out, 0.0};
+        experts_run(&j);
+    }
+    double t1 = now_s();
+    double* ls = c->layer_stats + 4 * layer;
+    ls[0] += 1; ls[1] += n; ls[2] += rows; ls[3] += t1 - t0;
+    int64_t at = *c->log_n;
+    double* rec = c->log + 7 * (at % c->log_cap);
+    rec[0] = layer; rec[1] = n_miss; rec[2] = n; rec[3] = M; rec[4] = rows; rec[5] = t0; rec[6] = t1;
+    __atomic_store_n(c->log_n, at + 1, __ATOMIC_RELEASE);
+}
+
+static void* server_main(void* arg) {
+    server_t* s = (server_t*)arg;
+    double last = now_s();
+    while (!s->quit) {
+        if (*s->c.ready == 1) {
+            *s->c.ready = 0;
+            __atomic_thread_fence(__ATOMIC_ACQUIRE);
+            serve_one(&s->c);
+            __atomic_thread_fence(__ATOMIC_RELEASE);
+            *s->c.done = 1;
+            last = now_s();
+        } else if (now_s() - last < s->c.spin_s) {
+            for (int i = 0; i < 16; i++) __builtin_ia32_pause();
+        } else {  /* idle: poll gently (the first job after a pause waits up to ~50 us) */
+            struct timespec ts = {0, 20000};
+            nanosleep(&ts, NULL);
+        }
+    }
+    return NULL;
+}
+
+void* server_new(const server_cfg_t* cfg) {
+    server_t* s = (server_t*)calloc(1, sizeof(server_t));
+    if (!s) return NULL;
+    s->c = *cfg;
+    if (pthread_create(&s->th, NULL, server_main, s) != 0) { free(s); return NULL; }
     return s;
 }
 
-void worker_free(void* p) {
-    worker_t* w = (worker_t*)p;
-    pthread_mutex_lock(&w->mu);
-    while (w->state == 1) pthread_cond_wait(&w->cv, &w->mu);
-    w->state = 3;
-    pthread_cond_broadcast(&w->cv);
-    pthread_mutex_unlock(&w->mu);
-    pthread_join(w->th, NULL);
-    pthread_cond_destroy(&w->cv);
-    pthread_mutex_destroy(&w->mu);
-    free(w);
+void server_free(void* p) {
+    server_t* s = (server_t*)p;
+    s->quit = 1;
+    pthread_join(s->th, NULL);
+    free(s);
 }
 """
 
@@ -420,6 +498,20 @@ class _Job(ctypes.Structure):
                 ("y", ctypes.POINTER(_P)), ("K", ctypes.c_int), ("N", ctypes.c_int), ("bn", ctypes.c_int),
                 ("bk", ctypes.c_int), ("fp8", ctypes.c_int), ("threads", ctypes.c_int), ("R", ctypes.c_int),
                 ("M_out", ctypes.c_int), ("tok", _P), ("w", _P), ("out", _P), ("seconds", ctypes.c_double)]
+
+
+class _ServerCfg(ctypes.Structure):
+    """Mirror of the C `server_cfg_t` (field order and types must match)."""
+
+    _fields_ = [("ready", _P), ("done", _P), ("hdr", _P), ("experts", _P), ("ids", _P), ("w", _P), ("x", _P),
+                ("out", _P), ("R_max", ctypes.c_int), ("M_max", ctypes.c_int), ("E", ctypes.c_int),
+                ("L", ctypes.c_int), ("w13", ctypes.POINTER(_P)), ("s13", ctypes.POINTER(_P)),
+                ("w2", ctypes.POINTER(_P)), ("s2", ctypes.POINTER(_P)), ("st13", ctypes.c_int64),
+                ("sts13", ctypes.c_int64), ("st2", ctypes.c_int64), ("sts2", ctypes.c_int64), ("K", ctypes.c_int),
+                ("N", ctypes.c_int), ("bn", ctypes.c_int), ("bk", ctypes.c_int), ("fp8", ctypes.c_int),
+                ("threads", ctypes.c_int), ("xr", _P), ("gu", _P), ("hbuf", _P), ("y", _P), ("tok", _P), ("wr", _P),
+                ("spin_s", ctypes.c_double), ("layer_stats", _P), ("log", _P), ("log_cap", ctypes.c_int64),
+                ("log_n", _P), ("errors", _P)]
 
 
 class CpuKernelUnavailable(RuntimeError):
@@ -454,10 +546,10 @@ def _build() -> ctypes.CDLL:
         lib = ctypes.CDLL(str(so))
         job_p = ctypes.POINTER(_Job)
         lib.experts_run.argtypes, lib.experts_run.restype = [job_p], None
-        lib.worker_new.argtypes, lib.worker_new.restype = [], _P
-        lib.worker_submit.argtypes, lib.worker_submit.restype = [_P, job_p], ctypes.c_int
-        lib.worker_wait.argtypes, lib.worker_wait.restype = [_P], ctypes.c_double
-        lib.worker_free.argtypes, lib.worker_free.restype = [_P], None
+        lib.server_new.argtypes, lib.server_new.restype = [ctypes.POINTER(_ServerCfg)], _P
+        lib.server_free.argtypes, lib.server_free.restype = [_P], None
+        lib.wait_u32.argtypes, lib.wait_u32.restype = [_P, ctypes.c_uint32, ctypes.c_double], ctypes.c_int
+        lib.read_bytes.argtypes, lib.read_bytes.restype = [_P, ctypes.c_size_t, ctypes.c_int], ctypes.c_double
         _lib = lib
         return lib
 
@@ -469,18 +561,15 @@ def _ptrs(values: list[int]) -> ctypes.Array:
 class CpuExpertKernel:
     """Computes routed experts on the CPU from host-store views; releases the GIL while it runs.
 
-    `forward_many` / `forward_grouped` compute on the calling thread's OpenMP team; `submit_grouped` hands the
-    same work to this kernel's own worker thread and returns at once (`wait` collects it), so the caller can
-    queue GPU work meanwhile. One submitted job at a time per kernel."""
+    `forward_many` computes on the calling thread's OpenMP team; `serve` starts an `ExpertServer`, a thread of the
+    library's own that computes the jobs a GPU posts in a host mailbox (the hybrid miss service)."""
 
     def __init__(self, layout: ExpertLayout, threads: int = 0) -> None:
         # 0: every core this process may run on but one, which the runner's thread keeps to queue GPU work while
-        # the job runs (a hybrid batch-1 layer on the lent 16-core host: 3.85 ms with 15 threads, 4.10 with 16).
+        # a job runs (a hybrid batch-1 layer on the lent 16-core host: 3.85 ms with 15 threads, 4.10 with 16).
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
         self.layout, self.threads = layout, threads or max(1, cores - 1)
         self.lib = _build()
-        self._worker: int | None = None
-        self._pending: tuple | None = None  # the submitted job and every array it points into
 
     def _job(self, n: int, w13: list[int], s13: list[int], w2: list[int], s2: list[int], x: list[int],
              M: list[int], gu: list[int], h: list[int], y: list[int]) -> tuple[_Job, tuple]:
@@ -521,83 +610,109 @@ class CpuExpertKernel:
         self.lib.experts_run(ctypes.byref(job))
         return ys
 
-    def submit_grouped(self, sections: dict[str, torch.Tensor], experts: np.ndarray, counts: np.ndarray,
-                       x: torch.Tensor, y: torch.Tensor, *, tok: torch.Tensor | None = None,
-                       w: torch.Tensor | None = None, out: torch.Tensor | None = None) -> None:
-        """Queue the hybrid path's call on the worker thread, with no per-expert tensor work: `sections` are one
-        layer's [E, ...] host views (HostExpertStore.sections), x / y fp32 [R, K] hold the routes grouped by
-        expert in `experts` order, counts[i] rows for experts[i]; y receives every route's expert output. With
-        tok / w (int64 / fp32 [R]) and out (fp32 [M_out, K]) the routes are also reduced per token:
-        out[m] = sum of w[r] * y[r] over the routes r of token m, in row order. Every tensor must stay alive and
-        untouched until `wait` returns."""
-        L = self.layout
+    def serve(self, sections: list[dict[str, torch.Tensor]], max_tokens: int, k: int, pin: bool,
+              spin_s: float = 0.05) -> ExpertServer:
+        """Start a server thread computing the jobs a GPU posts for layers `sections[i]` (HostExpertStore.sections
+        views, one dict per layer index i) in steps of up to `max_tokens` tokens with k routes each."""
+        return ExpertServer(self, sections, max_tokens, k, pin, spin_s)
+
+
+class ExpertServer:
+    """The CPU's side of the hybrid miss service (C thread `server_main`): one mailbox in host memory, pinned when a
+    GPU posts into it. Word layout of `words` (int32): ready [0], done [16] (their own cache lines), header [32:38]
+    (layer index, n_cpu, n_miss, M, R, k), then experts [R_max], ids [R_max], w [R_max] (fp32), x [M_max, K] and
+    out [M_max, K] (fp32, 64-byte aligned). Jobs come from `kernels.miss_split.split_misses` plus a stream write of
+    ready = 1; the answer is done = 1 and `out`, the CPU routes' weighted sum per token."""
+
+    HEADER = 6
+    LOG_CAP = 1024
+
+    def __init__(self, kernel: CpuExpertKernel, sections: list[dict[str, torch.Tensor]], max_tokens: int, k: int,
+                 pin: bool, spin_s: float) -> None:
+        L = kernel.layout
         K, N = L.hidden, L.inter
-        n = len(experts)
-        R = int(counts.sum())
-        if (not 0 < n <= 256 or len(counts) != n or x.shape != (R, K) or y.shape != (R, K)
-                or x.dtype != torch.float32 or y.dtype != torch.float32 or not x.is_contiguous()
-                or not y.is_contiguous() or x.device.type != "cpu" or y.device.type != "cpu"):
-            raise ValueError(f"forward_grouped: 1..256 experts with fp32 host rows [{R}, {K}] in and out, got "
-                             f"{n} experts, x {x.dtype}{list(x.shape)}, y {y.dtype}{list(y.shape)}")
-        reduce = out is not None
-        if reduce and (tok is None or w is None or tok.shape != (R,) or w.shape != (R,) or tok.dtype != torch.int64
-                       or w.dtype != torch.float32 or out.dim() != 2 or out.shape[1] != K
-                       or out.dtype != torch.float32 or not out.is_contiguous() or not tok.is_contiguous()
-                       or not w.is_contiguous() or not 0 <= tok.numpy().min() <= tok.numpy().max() < out.shape[0]):
-            raise ValueError(f"forward_grouped: the per-token sum takes tok int64 [{R}] in [0, M_out), w fp32 [{R}] "
-                             f"and out fp32 [M_out, {K}]")
-        if self._pending is not None:
-            raise RuntimeError("CPU experts: a job is already queued; wait() for it first")
-        gu = torch.empty(R, 2 * N, dtype=torch.float32)
-        h = torch.empty(R, N, dtype=torch.float32)
-        starts = np.concatenate(([0], np.cumsum(counts)[:-1])).astype(np.int64)
-        e = np.asarray(experts, dtype=np.int64)
+        if not sections or max_tokens < 1 or k < 1:
+            raise ValueError(f"expert server: needs >= 1 layer, max_tokens >= 1 and k >= 1, got {len(sections)}, "
+                             f"{max_tokens}, {k}")
+        self.kernel, self.layout, self.k, self.max_tokens = kernel, L, k, max_tokens
+        R = self.R_max = max_tokens * k
+        arrays = 3 * R
+        x0 = -(-(48 + arrays) // 16) * 16  # x starts on a 64-byte line
+        self._x0, self._out0 = x0, x0 + max_tokens * K
+        self.words = torch.zeros(self._out0 + max_tokens * K, dtype=torch.int32, pin_memory=pin)
+        w = self.words
+        self.header = w[32:32 + self.HEADER]
+        self.experts, self.ids = w[48:48 + R], w[48 + R:48 + 2 * R]
+        self.w = w[48 + 2 * R:48 + 3 * R].view(torch.float32)
+        self.x = w[x0:self._out0].view(torch.float32).view(max_tokens, K)
+        self.out = w[self._out0:].view(torch.float32).view(max_tokens, K)
+        self.ready_addr, self.done_addr = w.data_ptr(), w.data_ptr() + 16 * 4
+        f32 = dict(dtype=torch.float32)
+        self._scratch = [torch.empty(R, K, **f32), torch.empty(R, 2 * N, **f32), torch.empty(R, N, **f32),
+                         torch.empty(R, K, **f32), torch.empty(R, dtype=torch.int64), torch.empty(R, **f32)]
+        self.layer_stats = np.zeros((len(sections), 4))
+        self.log = np.zeros((self.LOG_CAP, 7))
+        self._counters = np.zeros(2, dtype=np.int64)  # log_n, errors
+        self._read = 0
 
-        def rows(t: torch.Tensor, width: int) -> list[int]:
-            return (t.data_ptr() + starts * (width * 4)).tolist()
+        def bases(name: str) -> ctypes.Array:
+            return _ptrs([sec[name].data_ptr() if name in sec else 0 for sec in sections])
 
-        def section(name: str) -> list[int]:
-            t = sections.get(name)
-            if t is None:
-                return [0] * n
-            return (t.data_ptr() + t[0].numel() * t.element_size() * e).tolist()
+        def stride(name: str) -> int:
+            t = sections[0].get(name)
+            return 0 if t is None else t[0].numel() * t.element_size()
 
-        job, arrays = self._job(n, section("w13"), section("w13_scale"), section("w2"), section("w2_scale"),
-                                rows(x, K), counts.tolist(), rows(gu, 2 * N), rows(h, N), rows(y, K))
-        if reduce:
-            assert tok is not None and w is not None and out is not None
-            job.R, job.M_out, job.tok, job.w, job.out = R, out.shape[0], tok.data_ptr(), w.data_ptr(), out.data_ptr()
-        if self._worker is None:
-            self._worker = self.lib.worker_new()
-            if not self._worker:
-                raise CpuKernelUnavailable("CPU experts: could not start the worker thread")
-        if self.lib.worker_submit(self._worker, ctypes.byref(job)) != 0:
-            raise RuntimeError("CPU experts: the worker still holds a job that was not waited for")
-        self._pending = (job, arrays, gu, h, x, y, tok, w, out)
+        self._bases = [bases(n) for n in ("w13", "w13_scale", "w2", "w2_scale")]
+        bn, bk = L.block or (1, 1)
+        cnt = self._counters.ctypes.data
+        self._cfg = _ServerCfg(
+            w.data_ptr(), w.data_ptr() + 64, self.header.data_ptr(), self.experts.data_ptr(), self.ids.data_ptr(),
+            self.w.data_ptr(), self.x.data_ptr(), self.out.data_ptr(), R, max_tokens, L.num_experts, len(sections),
+            *self._bases, stride("w13"), stride("w13_scale"), stride("w2"), stride("w2_scale"), K, N, bn, bk,
+            int(L.is_fp8), kernel.threads, *(t.data_ptr() for t in self._scratch), spin_s,
+            self.layer_stats.ctypes.data, self.log.ctypes.data, self.LOG_CAP, cnt, cnt + 8)
+        self._sections = sections  # the bases point into these views
+        self._handle = kernel.lib.server_new(ctypes.byref(self._cfg))
+        if not self._handle:
+            raise CpuKernelUnavailable("CPU experts: could not start the expert server thread")
 
-    def wait(self) -> float:
-        """Block (GIL released) until the submitted job is done; returns its compute time in seconds."""
-        if self._pending is None or self._worker is None:
-            raise RuntimeError("CPU experts: wait() without a submitted job")
-        seconds = self.lib.worker_wait(self._worker)
-        self._pending = None
-        return seconds
+    @property
+    def errors(self) -> int:
+        """Jobs the server could not read (answered with zeros); nonzero means a bug upstream."""
+        return int(self._counters[1])
 
-    def forward_grouped(self, sections: dict[str, torch.Tensor], experts: np.ndarray, counts: np.ndarray,
-                        x: torch.Tensor, y: torch.Tensor, **reduce: torch.Tensor) -> float:
-        """`submit_grouped` then `wait`: the same call, finished on return; returns the compute seconds."""
-        self.submit_grouped(sections, experts, counts, x, y, **reduce)
-        return self.wait()
+    def new_records(self) -> np.ndarray:
+        """The jobs logged since the last call, oldest first: rows of (layer index, n_miss, n_cpu, M, rows,
+        t_start, t_end); at most the last LOG_CAP. The newest record may be read while a later one is written:
+        only records before the count are returned, and the count is published after its record."""
+        n = int(self._counters[0])
+        lo = max(self._read, n - self.LOG_CAP + 1)  # the slot at n % cap may be under rewrite
+        self._read = n
+        if n <= lo:
+            return np.zeros((0, 7))
+        idx = np.arange(lo, n) % self.LOG_CAP
+        return self.log[idx].copy()
 
     def close(self) -> None:
-        """Stop the worker thread (after its job, if one is queued)."""
-        if self._worker is not None:
-            self.lib.worker_free(self._worker)
-            self._worker, self._pending = None, None
+        if self._handle:
+            self.kernel.lib.server_free(self._handle)
+            self._handle = None
 
     def __del__(self) -> None:
-        with contextlib.suppress(Exception):  # interpreter shutdown: the library may already be gone
+        with contextlib.suppress(Exception):
             self.close()
+
+
+def host_read_GBps(t: torch.Tensor, threads: int, reps: int = 3) -> float:
+    """Read bandwidth of host memory `t` (any dtype, contiguous, on the CPU) by `threads` threads streaming it with
+    wide loads, as the expert kernel streams weights: the best of `reps` passes, GB/s. A benchmark ceiling."""
+    if t.device.type != "cpu" or not t.is_contiguous():
+        raise ValueError(f"host_read_GBps takes a contiguous host tensor, got a "
+                         f"{'contiguous' if t.is_contiguous() else 'strided'} one on {t.device}")
+    lib = _build()
+    n = t.numel() * t.element_size()
+    lib.read_bytes(t.data_ptr(), n, threads)  # first touch, threads woken
+    return n / min(lib.read_bytes(t.data_ptr(), n, threads) for _ in range(reps)) / 1e9
 
 
 def expert_forward_reference(expert: dict[str, torch.Tensor], x: torch.Tensor, layout: ExpertLayout) -> torch.Tensor:

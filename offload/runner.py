@@ -11,15 +11,16 @@ Every route's output depends only on its token and its expert's weights, and eac
 whole in one round, so the result is bit-identical whatever the cache size, pins, policy or copy
 path (the all-resident runner computes the same function).
 
-Hybrid miss service (`cpu=CpuConfig(...)`, eager mode only): the host reads the step's ids, the
-table, the use counts, the routing weights and the activations in one sync, splits the missing experts
-(whole experts) between the CPU kernel and copies by rates measured at start-up (the CPU's refreshed from
-each job's own time, i.e. under load; the copies' late start, the host time to queue them, counted) so the
-slower side ends first; the least-used misses go to the CPU (only copied experts enter the cache). One
-upload sends the claim kernel the CPU's experts (served elsewhere) and the GPU its routing weights (0 on
-the CPU's routes). The CPU job starts first, on the kernel's own worker thread (no GIL), computing its
-routes and their weighted per-token sum; meanwhile this thread queues the GPU rounds and the GPU routes'
-weighted sum; the CPU's sum is then uploaded and added (fp32) before the cast to the hidden dtype.
+Hybrid miss service (`cpu=CpuConfig(...)`): the CPU computes some of a step's missing experts while the
+rest are copied, and the host takes no part in the hand-over, so the step needs no host sync and can be
+captured in a CUDA graph. Per layer, on the GPU stream: the split kernel (kernels/miss_split.py) counts the
+misses, takes the CPU's share from a table of counts the host keeps current from measured rates (the CPU's
+re-measured from each job, i.e. under load, per step size), gives the CPU the least-used misses (only copied
+experts enter the cache) and writes the job into the CPU's host mailbox; a stream write sets `ready`; the
+expert server (a C thread, cpu_experts.ExpertServer) sees it, computes its routes and their weighted sum
+per token, and sets `done`; meanwhile the claim kernel skips the CPU's experts, the copies and the fused-MoE
+kernel serve the rest and the GPU sums its routes (weights 0 on the CPU's routes); a stream wait on `done`
+then lets the CPU's sum be uploaded and added (fp32) before the cast to the hidden dtype.
 
 The draft (MTP) worker builds its own runner over the MTP layers (`layers=cfg.mtp_layer_ids`) with
 its own store, cache and budget; `LayerSplitRunner` hands each layer's experts to the runner that
@@ -40,13 +41,15 @@ import torch
 import torch.nn.functional as F
 
 from moed.kernels.expert_copy import STATS
+from moed.kernels.miss_split import split_misses, split_misses_reference
 from moed.model.config import GlmMoeDsaConfig
 from moed.model.fp8 import dequantize_block_fp8
 from moed.model.moe import ExpertWeights
-from moed.offload.cpu_experts import CpuExpertKernel, CpuKernelUnavailable
+from moed.offload.cpu_experts import CpuExpertKernel, CpuKernelUnavailable, ExpertServer
 from moed.offload.expert_cache import CacheConfig, ExpertCache, LayerCache
 from moed.offload.host_store import ExpertLayout, HostExpertStore
 from moed.offload.stats import OffloadLayerStats
+from moed.offload.stream_signals import CudaStreamSignals, HostSignals, StreamSignals, StreamSignalsUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -98,43 +101,17 @@ def default_moe_fn(device: torch.device) -> MoEFn:
     return slot_moe_torch
 
 
-class _HostStaging:
-    """Host buffers of the hybrid path, reused every layer: pinned on CUDA so the copies are asynchronous.
-    Read back (one sync): ids [R] int32 (R = tokens x k routes), w [R] fp32 routing weights, x [M, K] fp32
-    activations, e2s [E] int32 slot table, freq [E] fp32 use counts. Sent (one upload): up, bytes
-    [4 R + E]: the GPU's routing weights fp32 [R] (0 on the CPU's routes), then the CPU-served flags int8 [E].
-    The CPU's own: xr [R, K] fp32 its routes' rows grouped by expert, y [R, K] their outputs, tok [R] int64 and
-    wr [R] fp32 their tokens and weights; out [M, K] fp32 the weighted per-token sum it returns (uploaded)."""
-
-    def __init__(self, tokens: int, k: int, num_experts: int, hidden: int, pin: bool) -> None:
-        def buf(shape: tuple[int, ...], dtype: torch.dtype, pinned: bool = pin) -> torch.Tensor:
-            return torch.empty(shape, dtype=dtype, pin_memory=pinned)
-
-        R = tokens * k
-        self.tokens = tokens
-        self.ids = buf((R,), torch.int32)
-        self.w = buf((R,), torch.float32)
-        self.x = buf((tokens, hidden), torch.float32)
-        self.e2s = buf((num_experts,), torch.int32)
-        self.freq = buf((num_experts,), torch.float32)
-        self.up = buf((4 * R + num_experts,), torch.uint8)
-        self.xr = buf((R, hidden), torch.float32, False)  # never copied: not pinned
-        self.y = buf((R, hidden), torch.float32, False)
-        self.tok = buf((R,), torch.int64, False)
-        self.wr = buf((R,), torch.float32, False)
-        self.out = buf((tokens, hidden), torch.float32)
-        # numpy views made once: the split runs on these every layer
-        self.np = {n: getattr(self, n).numpy() for n in ("ids", "w", "x", "e2s", "freq", "up", "xr", "tok", "wr")}
-
-
 @dataclasses.dataclass
-class _CpuPlan:
-    """One layer's hybrid split (`OffloadMoERunner._plan_cpu`)."""
+class _Hybrid:
+    """The hybrid service's buffers: the server and its mailbox, the signals, the table of CPU counts
+    (`counts[M, n_miss]`, host memory read by the split kernel), and the split's device outputs."""
 
-    experts: np.ndarray  # the CPU's experts, in the order their routes are grouped
-    counts: np.ndarray  # routes per CPU expert (they fill rows 0..sum(counts) of the staging's xr / y / tok / wr)
-    exclude: torch.Tensor  # [E] int8 on the device: 1 = served by the CPU (the claim kernel skips it)
-    gpu_weights: torch.Tensor  # [M, k] fp32 on the device: the routing weights, 0 on the CPU's routes
+    server: ExpertServer
+    signals: StreamSignals
+    counts: torch.Tensor  # [max_tokens + 1, R_max + 1] int32
+    exclude: torch.Tensor  # [E] int8: 1 = served by the CPU (the claim kernel skips it)
+    gpu_weights: torch.Tensor  # [R_max] fp32: the routing weights, 0 on the CPU's routes
+    sort: torch.Tensor  # [next_pow2(E)] int64 scratch
 
 
 @dataclasses.dataclass(frozen=True)
@@ -144,15 +121,18 @@ class CpuConfig:
     def __post_init__(self) -> None:
         if self.policy not in ("hybrid", "cpu"):
             raise ValueError(f"CPU miss-service policy {self.policy!r}: expected hybrid or cpu")
+        if not 1 <= self.min_tokens <= self.max_tokens:
+            raise ValueError(f"CPU experts: need 1 <= min_tokens <= max_tokens, got {self.min_tokens}, "
+                             f"{self.max_tokens}")
 
     enabled: bool = True
     policy: str = "hybrid"  # hybrid: misses split between CPU and copies; cpu: every miss on the CPU
     threads: int = 0  # 0: every core this process may use
-    fallback_to_copy: bool = False  # without a C compiler: copy every miss (logged) instead of failing at load
+    # without a C compiler or stream memory operations: copy every miss (logged) instead of failing at load
+    fallback_to_copy: bool = False
     max_tokens: int = 8  # above this many tokens a step copies and computes on the GPU (prefill)
-    # Below this many tokens a step copies too, so those steps stay capturable in CUDA graphs: at batch 1 the
-    # hybrid path's per-layer host sync costs more than the CPU saves (docs/benchmarks.md, Engine).
-    min_tokens: int = 2
+    min_tokens: int = 1  # below this many tokens a step copies every miss
+    spin_s: float = 0.05  # the server polls its mailbox without sleeping for this long after a job
     cpu_rate: float | None = None  # bytes/s; None: measured at start-up
     copy_rate: float | None = None  # bytes/s; None: measured at start-up
 
@@ -162,16 +142,9 @@ class OffloadMoERunner:
 
     @property
     def supports_cuda_graphs(self) -> bool:
-        """Capturable when a step reads no host state: misses served by the SM copy kernel (copy-engine misses
-        wait on host events) and no CPU experts (they sync once per layer), which holds for steps of fewer
-        than `cpu.min_tokens` tokens: see `graph_max_tokens`."""
-        return self.cache_cfg.copy_path == "sm" and (self.graph_max_tokens is None or self.graph_max_tokens > 0)
-
-    @property
-    def graph_max_tokens(self) -> int | None:
-        """The most tokens a captured step may have (None: no limit): with CPU experts, steps below
-        `cpu.min_tokens` never take the CPU path."""
-        return None if self.cpu_kernel is None else self.cpu_cfg.min_tokens - 1
+        """Capturable when a step reads no host state: misses served by the SM copy kernel (copy-engine misses wait on
+        host events). CPU experts are: their hand-over is stream memory operations, captured as graph nodes."""
+        return self.cache_cfg.copy_path == "sm"
 
     def __init__(self, cfg: GlmMoeDsaConfig, layers: list[int] | None = None, *, device: torch.device | str = "cuda",
                  fp8: bool | None = None, slots: int | dict[int, int] | None = None,
@@ -202,11 +175,13 @@ class OffloadMoERunner:
         self.cpu_kernel: CpuExpertKernel | None = None
         self._pending_pins: dict[int, set[int]] | None = None
         self._ones: dict[int, torch.Tensor] = {}
-        self._stage: _HostStaging | None = None
-        self.host_stats = {layer: {"cpu_experts": 0, "bytes_cpu": 0, "stall_s": 0.0} for layer in self.layers}
+        self._hybrid: _Hybrid | None = None
+        self._layer_index = {layer: i for i, layer in enumerate(self.layers)}
         self.split_log: collections.deque[dict] = collections.deque(maxlen=1024)  # the last splits (tests, bench)
-        self.cpu_rate = self.copy_rate = 0.0
-        self.launch_delay_s = 0.0  # host time from the CPU's start to the copies' launch (EMA over hybrid steps)
+        self.copy_rate = 0.0
+        self._cpu_rates = np.zeros(self.cpu_cfg.max_tokens + 1)  # bytes/s per step size, re-measured under load
+        self._table_rates: np.ndarray | None = None  # the rates the counts table was built from
+        self._errors_seen = 0
 
     # ------------------------------------------------------------------ loading (MoERunner)
 
@@ -226,8 +201,18 @@ class OffloadMoERunner:
                     raise
                 log.warning("%s: CPU experts unavailable (%s); every miss is copied", self.name, e)
         if self.cpu_kernel is not None:
-            self.cpu_rate = self.cpu_cfg.cpu_rate or self._measure_cpu_rate()
+            try:
+                signals: StreamSignals = (CudaStreamSignals(self.device) if self.device.type == "cuda"
+                                          else HostSignals(self.cpu_kernel.lib.wait_u32))
+            except StreamSignalsUnavailable as e:
+                if not self.cpu_cfg.fallback_to_copy:
+                    raise
+                log.warning("%s: CPU experts need stream memory operations (%s); every miss is copied", self.name, e)
+                self.cpu_kernel = None
+        if self.cpu_kernel is not None:
+            self._cpu_rates[:] = self.cpu_cfg.cpu_rate or self._measure_cpu_rate()
             self.copy_rate = self.cpu_cfg.copy_rate or self._measure_copy_rate()
+            self._hybrid = self._start_hybrid(signals)
             log.info("%s: miss service %s, rates measured at start-up: CPU experts %.1f GB/s, copies %.1f GB/s -> "
                      "%.0f%% of missed bytes on the CPU in steps of %d to %d tokens (other steps copy)", self.name,
                      self.cpu_cfg.policy, self.cpu_rate / 1e9, self.copy_rate / 1e9,
@@ -236,26 +221,87 @@ class OffloadMoERunner:
         else:
             log.info("%s: miss service copy (every miss copied to the GPU; results exact)", self.name)
 
+    def _start_hybrid(self, signals: StreamSignals) -> _Hybrid:
+        assert self.cpu_kernel is not None
+        k, E, T = self.cfg.num_experts_per_tok, self.layout.num_experts, self.cpu_cfg.max_tokens
+        cuda = self.device.type == "cuda"
+        server = self.cpu_kernel.serve([self.store.sections(layer) for layer in self.layers], T, k, pin=cuda,
+                                       spin_s=self.cpu_cfg.spin_s)
+        d = self.device
+        h = _Hybrid(server, signals, counts=torch.zeros(T + 1, T * k + 1, dtype=torch.int32, pin_memory=cuda),
+                    exclude=torch.zeros(E, dtype=torch.int8, device=d),
+                    gpu_weights=torch.zeros(T * k, dtype=torch.float32, device=d),
+                    sort=torch.zeros(_next_pow2(E), dtype=torch.int64, device=d))
+        self._hybrid = h
+        self._build_counts()
+        return h
+
+    @property
+    def cpu_rate(self) -> float:
+        """The CPU experts' rate (bytes/s) in batch-1 steps, as last measured."""
+        return float(self._cpu_rates[1]) if self.cpu_kernel is not None else 0.0
+
+    @cpu_rate.setter
+    def cpu_rate(self, rate: float) -> None:
+        """Set the CPU's rate for every step size (later jobs re-measure it unless CpuConfig.cpu_rate is set)."""
+        self._cpu_rates[:] = rate
+        if self._hybrid is not None:
+            self._build_counts()
+
     @property
     def cpu_share(self) -> float:
-        """Fraction of missed bytes given to the CPU so that CPU and copies finish together."""
+        """Fraction of missed bytes given to the CPU in batch-1 steps so that CPU and copies finish together."""
         if self.cpu_kernel is None or self.cpu_rate <= 0:
             return 0.0
         return self.cpu_rate / (self.cpu_rate + self.copy_rate)
 
-    def _cpu_count(self, misses: int) -> int:
-        """How many of `misses` experts the CPU computes: the split (whole experts) whose slower side ends first.
-        The copies start `launch_delay_s` after the CPU (the host queues the claim and copy kernels after handing
-        the CPU its job), so that delay counts on the copy side."""
-        if self.cpu_kernel is None:
-            return 0
+    def _cpu_counts(self, rate: float, max_misses: int) -> np.ndarray:
+        """For 0..max_misses misses, how many experts the CPU computes at `rate` bytes/s: the split (whole experts)
+        whose slower side ends first (both sides start as soon as the split kernel has run); ties go to the CPU."""
+        n = np.arange(max_misses + 1)
         if self.cpu_cfg.policy == "cpu" or self.copy_rate <= 0:
-            return misses
-        if self.cpu_rate <= 0:
-            return 0
+            return n
+        if rate <= 0:
+            return np.zeros_like(n)
+        c = n[:, None]  # candidate CPU counts (rows) per miss count (columns)
+        t = np.maximum(c / rate, (n[None, :] - c) / self.copy_rate)
+        t = np.where(c <= n[None, :], t, np.inf)
+        return c.shape[0] - 1 - np.argmin(t[::-1], axis=0)  # the largest c among the fastest
+
+    def _build_counts(self) -> None:
+        """Refill the split kernel's table from the current rates (host memory: the next split reads it)."""
+        h = self._hybrid
+        assert h is not None
+        rates = self._cpu_rates.copy()
+        table = h.counts.numpy()
+        for M in range(table.shape[0]):
+            table[M] = self._cpu_counts(float(rates[M]), table.shape[1] - 1)
+        self._table_rates = rates
+
+    def _refresh(self) -> None:
+        """Take in the server's new job records: the split log, and the CPU's rate per step size measured under load
+        (an EMA); refill the counts table when a rate moved by more than 5%."""
+        h = self._hybrid
+        if h is None:
+            return
+        if h.server.errors != self._errors_seen:
+            self._errors_seen = h.server.errors
+            log.error("%s: the CPU expert server got %d unreadable jobs (answered with zeros)", self.name,
+                      self._errors_seen)
+        recs = h.server.new_records()
+        if not len(recs):
+            return
         eb = self.layout.expert_bytes
-        return min(range(misses + 1), key=lambda c: (max(c * eb / self.cpu_rate,
-                                                         self.launch_delay_s + (misses - c) * eb / self.copy_rate), -c))
+        for li, n_miss, n_cpu, M, _rows, t0, t1 in recs.tolist():
+            self.split_log.append({"layer": self.layers[int(li)], "tokens": int(M), "misses": int(n_miss),
+                                   "cpu": int(n_cpu), "copy": int(n_miss - n_cpu), "cpu_s": t1 - t0,
+                                   "t_start": t0, "t_end": t1})
+            if n_cpu > 0 and t1 > t0 and self.cpu_cfg.cpu_rate is None:
+                m = int(M)
+                self._cpu_rates[m] = 0.8 * self._cpu_rates[m] + 0.2 * n_cpu * eb / (t1 - t0)
+        assert self._table_rates is not None
+        if np.any(np.abs(self._cpu_rates - self._table_rates) > 0.05 * self._table_rates):
+            self._build_counts()
 
     @property
     def miss_service(self) -> str:
@@ -314,18 +360,23 @@ class OffloadMoERunner:
         return out
 
     def stats(self) -> list[OffloadLayerStats]:
+        """Per-layer counters (a sync: off the step path). The CPU's come from the expert server's own counts, so
+        they may trail steps still in flight."""
         assert self.cache is not None
+        self._refresh()
         out = []
+        eb = self.layout.expert_bytes
+        cpu = self._hybrid.server.layer_stats if self._hybrid is not None else None
         for layer, lc in self.cache.layers.items():
             s = dict(zip(STATS, lc.tables.stats.tolist()))
-            eb = self.layout.expert_bytes
             sm_bytes = (s["misses"] + s["prefetch_copies"]) * eb if self.cache_cfg.copy_path == "sm" else 0
-            h = self.host_stats[layer]
+            n_cpu, cpu_s = (0, 0.0) if cpu is None else (int(cpu[self._layer_index[layer], 1]),
+                                                          float(cpu[self._layer_index[layer], 3]))
             out.append(OffloadLayerStats(
-                layer=layer, hits=s["hits"], misses=s["misses"] + h["cpu_experts"], bytes_copied_sm=sm_bytes,
-                bytes_copied_ce=lc.bytes_ce, bytes_cpu=h["bytes_cpu"], evictions=s["evictions"],
-                stall_s=h["stall_s"], cpu_experts=h["cpu_experts"], prefetch_tp=s["prefetch_tp"],
-                prefetch_predicted=s["prefetch_predicted"], prefetch_actual=s["prefetch_actual"], steps=s["steps"]))
+                layer=layer, hits=s["hits"], misses=s["misses"] + n_cpu, bytes_copied_sm=sm_bytes,
+                bytes_copied_ce=lc.bytes_ce, bytes_cpu=n_cpu * eb, evictions=s["evictions"], stall_s=cpu_s,
+                cpu_experts=n_cpu, prefetch_tp=s["prefetch_tp"], prefetch_predicted=s["prefetch_predicted"],
+                prefetch_actual=s["prefetch_actual"], steps=s["steps"]))
         return out
 
     # ------------------------------------------------------------------ the step
@@ -359,123 +410,63 @@ class OffloadMoERunner:
         hidden_rep = hidden[:, None, :].expand(M, k, hidden.shape[1]).reshape(M * k, -1)  # route r = m * k + j
         if lc.static:
             route_out = self._route_outputs(lc, hidden_rep, ids)
+        elif self._hybrid is not None and self.cpu_cfg.min_tokens <= M <= self.cpu_cfg.max_tokens:
+            return self._run_hybrid(layer, lc, hidden, hidden_rep, ids, topk_weights)
         else:
             lc.wait_prefetch()
-            plan = None
-            if self.cpu_kernel is not None and self.cpu_cfg.min_tokens <= M <= self.cpu_cfg.max_tokens:
-                plan = self._plan_cpu(layer, lc, hidden, ids, topk_weights)
-            distinct = min(self.layout.num_experts, M * k)
-            round_ids = torch.empty_like(ids)
-            mask = torch.empty(M, k, dtype=torch.int8, device=self.device)
-            route_out = None
-            if plan is not None:
-                t0 = time.perf_counter()
-                self._submit_cpu(layer, plan)  # first: the CPU computes while this thread queues the GPU's work
-            for r in range(lc.rounds_for(distinct)):
-                lc.serve_round(ids, r, round_ids, mask, exclude=None if plan is None else plan.exclude)
-                if r == 0 and plan is not None:
-                    self.launch_delay_s = 0.8 * self.launch_delay_s + 0.2 * (time.perf_counter() - t0)
-                y = self._route_outputs(lc, hidden_rep, round_ids)
-                route_out = y if route_out is None else torch.where(mask.view(-1, 1) != 0, y, route_out)
-            assert route_out is not None
-            if plan is not None:
-                # The GPU's routes summed while the CPU computes (its routes weigh 0: their outputs were computed
-                # against the dummy slot, finite), then the CPU's per-token sum added.
-                gpu = (route_out.view(M, k, -1).float() * plan.gpu_weights[..., None]).sum(dim=1)
-                return self._join_cpu(layer, plan, gpu).to(hidden.dtype)
+            route_out = self._serve_gpu(lc, hidden_rep, ids, None)
         y = route_out.view(M, k, -1).float() * topk_weights.float()[..., None]
         return y.sum(dim=1).to(hidden.dtype)
 
-    # ------------------------------------------------------------------ hybrid CPU service
-
-    def _staging(self, M: int, k: int) -> _HostStaging:
-        st = self._stage
-        if st is None or st.tokens < M:  # k is the model's, fixed
-            st = self._stage = _HostStaging(max(M, self.cpu_cfg.max_tokens), k, self.layout.num_experts,
-                                            self.layout.hidden, pin=self.device.type == "cuda")
-        return st
-
-    def _plan_cpu(self, layer: int, lc: LayerCache, hidden: torch.Tensor, ids: torch.Tensor,
-                  topk_weights: torch.Tensor) -> _CpuPlan | None:
-        """Read the step's ids, weights, activations, the slot table and the use counts in one sync; pick the
-        CPU's experts; gather their routes' rows; send the claim kernel its flags and the GPU its weights in one
-        upload. None when the CPU gets nothing. Vectorised: the host work does not grow with the CPU's experts."""
-        t0 = time.perf_counter()
+    def _serve_gpu(self, lc: LayerCache, hidden_rep: torch.Tensor, ids: torch.Tensor,
+                   exclude: torch.Tensor | None) -> torch.Tensor:
+        """Every route's expert output on the GPU, in rounds of what fits the cache (routes of `exclude`d experts:
+        computed against the dummy slot, finite, to be weighed 0)."""
         M, k = ids.shape
-        E = self.layout.num_experts
-        R = M * k
-        st = self._staging(M, k)
-        # Every earlier copy out of or into the staging buffers (the previous layer's) was queued before these on
-        # the same stream, so the one sync below also makes the buffers free to overwrite.
-        ids_h, w_h, x_h = st.ids[:R], st.w[:R], st.x[:M]
-        ids_h.copy_(ids.view(-1), non_blocking=True)
-        w_h.copy_(topk_weights.reshape(-1).float(), non_blocking=True)
-        x_h.copy_(hidden.float(), non_blocking=True)
-        st.e2s.copy_(lc.tables.expert_to_slot[:E], non_blocking=True)
-        st.freq.copy_(lc.tables.expert_freq[:E], non_blocking=True)
-        if self.device.type == "cuda":
-            torch.cuda.current_stream(self.device).synchronize()  # the one host sync of this layer
-        a = st.np
-        flat, e2s = a["ids"][:R], a["e2s"]
-        needed = np.unique(flat)
-        misses = needed[e2s[needed] < 0]
-        n_cpu = self._cpu_count(len(misses))
-        if n_cpu == 0:
-            self.host_stats[layer]["stall_s"] += time.perf_counter() - t0
-            return None
-        # Only copied experts enter the cache: send the least-used ones to the CPU.
-        cpu_experts = misses[np.lexsort((misses, a["freq"][misses]))][:n_cpu]
-        rank = np.full(E, n_cpu, dtype=np.int64)
-        rank[cpu_experts] = np.arange(n_cpu)
-        route_rank = rank[flat]
-        sel = np.nonzero(route_rank < n_cpu)[0]  # routes r = token * k + j served here
-        sel = sel[np.argsort(route_rank[sel], kind="stable")]  # grouped by expert, in cpu_experts order
-        counts = np.bincount(route_rank[sel], minlength=n_cpu)
-        n = len(sel)
-        w = a["w"][:R]
-        tok = np.floor_divide(sel, k, out=a["tok"][:n])
-        np.take(w, sel, out=a["wr"][:n])
-        np.take(a["x"][:M], tok, axis=0, out=a["xr"][:n])
-        gw = a["up"][: 4 * R].view(np.float32)
-        gw[:] = w
-        gw[sel] = 0.0
-        flags = a["up"][4 * R: 4 * R + E]
-        flags[:] = 0
-        flags[cpu_experts] = 1
-        # One copy-engine upload: on the lent H100 a small copy did not queue behind a bulk one (docs/benchmarks.md).
-        dev = st.up[: 4 * R + E].to(self.device, non_blocking=True)
-        plan = _CpuPlan(cpu_experts, counts, exclude=dev[4 * R:].view(torch.int8),
-                        gpu_weights=dev[: 4 * R].view(torch.float32).view(M, k))
-        self.split_log.append({"layer": layer, "misses": len(misses), "cpu": n_cpu, "copy": len(misses) - n_cpu,
-                               "cpu_share": self.cpu_share})
-        h = self.host_stats[layer]
-        h["cpu_experts"] += n_cpu
-        h["bytes_cpu"] += n_cpu * self.layout.expert_bytes
-        h["stall_s"] += time.perf_counter() - t0
-        return plan
+        round_ids = torch.empty_like(ids)
+        mask = torch.empty(M, k, dtype=torch.int8, device=self.device)
+        route_out = None
+        for r in range(lc.rounds_for(min(self.layout.num_experts, M * k))):
+            lc.serve_round(ids, r, round_ids, mask, exclude=exclude)
+            y = self._route_outputs(lc, hidden_rep, round_ids)
+            route_out = y if route_out is None else torch.where(mask.view(-1, 1) != 0, y, route_out)
+        assert route_out is not None
+        return route_out
 
-    def _submit_cpu(self, layer: int, plan: _CpuPlan) -> None:
-        """Start the CPU's experts on the kernel's worker thread (no GIL), weighted and summed per token there."""
-        st = self._stage
-        assert self.cpu_kernel is not None and st is not None
-        R, M = int(plan.counts.sum()), plan.gpu_weights.shape[0]
-        self.cpu_kernel.submit_grouped(self.store.sections(layer), plan.experts, plan.counts, st.xr[:R], st.y[:R],
-                                       tok=st.tok[:R], w=st.wr[:R], out=st.out[:M])
-
-    def _join_cpu(self, layer: int, plan: _CpuPlan, gpu: torch.Tensor) -> torch.Tensor:
-        """Wait for the CPU's per-token sum (the GPU's work is queued and runs meanwhile), add it in: one upload."""
-        assert self.cpu_kernel is not None and self._stage is not None
-        t0 = time.perf_counter()
-        busy_s = self.cpu_kernel.wait()
-        self.host_stats[layer]["stall_s"] += time.perf_counter() - t0
-        if self.cpu_cfg.cpu_rate is None and busy_s > 0:
-            # Re-measured under load: the CPU shares memory bandwidth with the copies running beside it.
-            self.cpu_rate = 0.8 * self.cpu_rate + 0.2 * len(plan.experts) * self.layout.expert_bytes / busy_s
-        return gpu.add_(self._stage.out[: gpu.shape[0]].to(self.device, non_blocking=True))
+    def _run_hybrid(self, layer: int, lc: LayerCache, hidden: torch.Tensor, hidden_rep: torch.Tensor,
+                    ids: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
+        """Split the misses on the device, hand the CPU its job through the mailbox, serve the rest on the GPU, and
+        add the CPU's per-token sum after the stream has waited for it. Queues work only: no host sync."""
+        h = self._hybrid
+        assert h is not None
+        self._refresh()
+        M, k = ids.shape
+        mb, sig = h.server, h.signals
+        use = self.cache_cfg.use_kernels if self.cache_cfg.use_kernels is not None else True
+        split = split_misses if use else split_misses_reference
+        lc.wait_prefetch()
+        # A stale done (a job whose step failed between the hand-over and the wait) must not answer this one.
+        sig.write(mb.done_addr, 0)
+        split(ids, topk_weights.contiguous(), hidden, lc.tables.expert_to_slot, lc.tables.expert_freq, h.counts[M],
+              header=mb.header, cpu_experts=mb.experts, ids_out=mb.ids, w_out=mb.w, x_out=mb.x, exclude=h.exclude,
+              gpu_weights=h.gpu_weights, sort_scratch=h.sort, layer_index=self._layer_index[layer])
+        sig.write(mb.ready_addr, 1)
+        try:
+            route_out = self._serve_gpu(lc, hidden_rep, ids, h.exclude)
+            # The GPU's routes summed while the CPU computes (its routes weigh 0).
+            gw = h.gpu_weights[: M * k].view(M, k, 1)
+            gpu = (route_out.view(M, k, -1).float() * gw).sum(dim=1)
+        finally:  # the stream waits for the server whatever happened above, so the mailbox stays in step
+            sig.wait_eq(mb.done_addr, 1)
+        return gpu.add_(mb.out[:M].to(self.device, non_blocking=True)).to(hidden.dtype)
 
     def close(self) -> None:
-        if self.cpu_kernel is not None:
-            self.cpu_kernel.close()
+        """Stop the CPU expert server once the device has drained (a stream may still wait on it)."""
+        if self._hybrid is not None:
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            self._hybrid.server.close()
+            self._hybrid = None
         self.cpu_kernel = None
 
 
@@ -504,6 +495,10 @@ class LayerSplitRunner:
     def run(self, layer: int, hidden: torch.Tensor, topk_ids: torch.Tensor,
             topk_weights: torch.Tensor) -> torch.Tensor:
         return self.by_layer[layer].run(layer, hidden, topk_ids, topk_weights)
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, n - 1).bit_length()
 
 
 def rounds_bound(num_experts: int, tokens: int, k: int, unpinned: int) -> int:

@@ -103,32 +103,21 @@ def test_engine_cuda_graph_replay_has_no_host_sync(tiny_checkpoint):
 
 
 @pytest.mark.gpu
-def test_engine_hybrid_miss_service_graphs_batch1_and_splits_larger_steps(tiny_checkpoint):
-    # The default on CUDA: one-token steps copy inside graphs (same tokens as the copy path), steps of 2-8
-    # tokens run eagerly with part of their misses on the CPU.
+def test_engine_hybrid_miss_service_runs_in_graphs(tiny_checkpoint):
+    # The default on CUDA: decode steps split their misses between the CPU and copies inside CUDA graphs (the
+    # hand-over is stream memory operations). Accuracy against the FP8 reference is checked per layer in
+    # tests/test_expert_cache_gpu.py; here the engine runs graphed steps that give the CPU work, without errors.
     hybrid = _gpu_engine(tiny_checkpoint, cuda_graphs=True, miss_service="auto")
-    copy = _gpu_engine(tiny_checkpoint, cuda_graphs=True)
     target = hybrid.runner.moe
     assert target.miss_service == "hybrid" and hybrid.runner.graphs is not None
-    assert hybrid.runner.graphs.max_batch == 1
-    sp = SamplingParams(max_tokens=6, ignore_eos=True)
-    prompt = [_prompts()[0][:1]]  # one token: its prefill is a one-token step too, so everything copies
-    target.split_log.clear()  # warmup's 8-token prefill took the CPU path
-    assert hybrid.generate(prompt, sp) == copy.generate(prompt, sp)
-    assert hybrid.runner.graph_steps > 0 and len(target.split_log) == 0
+    assert hybrid.runner.graphs.max_batch == 4
     target.cpu_rate = target.copy_rate  # a share for the CPU whatever the tiny experts' measured rate
+    sp = SamplingParams(max_tokens=6, ignore_eos=True)
+    hybrid.stats()
+    target.split_log.clear()
+    steps = hybrid.runner.graph_steps
     out = hybrid.generate(_prompts(), sp)
-    assert all(len(o) == 6 for o in out) and target.split_log
-    assert hybrid.stats().miss_service == "hybrid"
-
-
-def test_engine_graph_batch_limit_follows_the_runner():
-    from types import SimpleNamespace
-
-    from moed.engine.cuda_graphs import graph_batch_limit
-
-    assert graph_batch_limit(SimpleNamespace(), 128, 3) == 128  # no limit declared (torch runner)
-    assert graph_batch_limit(SimpleNamespace(graph_max_tokens=None), 128, 1) == 128
-    assert graph_batch_limit(SimpleNamespace(graph_max_tokens=1), 128, 1) == 1  # hybrid: one-token steps only
-    assert graph_batch_limit(SimpleNamespace(graph_max_tokens=5), 128, 3) == 1  # MTP: one verify step of 3 tokens
-    assert graph_batch_limit(SimpleNamespace(graph_max_tokens=0), 128, 1) == 0  # cpu policy: nothing capturable
+    assert all(len(o) == 6 for o in out)
+    hybrid.stats()
+    assert hybrid.runner.graph_steps > steps and any(s["cpu"] > 0 for s in target.split_log)
+    assert hybrid.stats().miss_service == "hybrid" and target._hybrid.server.errors == 0

@@ -56,57 +56,64 @@ def test_offload_cpu_experts_reject_bad_inputs():
         kern.forward_many([ex, ex], [torch.zeros(1, 64)])
 
 
-def test_offload_cpu_experts_grouped_call_matches_per_expert_call():
-    """forward_grouped (the runner's call: a layer's section views, expert ids, row counts) == forward_many."""
-    import numpy as np
-
-    layout = ExpertLayout(6, 256, 128, 128, torch.float8_e4m3fn, (128, 128))
-    kern = _kernel(layout)
-    g = torch.Generator().manual_seed(3)
-    experts = [_expert(layout, g) for _ in range(layout.num_experts)]
-    sections = {name: torch.stack([e[name] for e in experts]) for name in experts[0]}
-    ids = np.array([4, 1, 5])
-    counts = np.array([2, 1, 3])
-    x = torch.randn(int(counts.sum()), layout.hidden, generator=g)
-    y = torch.empty_like(x)
-    kern.forward_grouped(sections, ids, counts, x, y)
-    xs = list(x.split(counts.tolist()))
-    ref = kern.forward_many([experts[i] for i in ids], [t.contiguous() for t in xs])
-    assert torch.equal(y, torch.cat(ref))
-    with pytest.raises(ValueError, match="forward_grouped"):
-        kern.forward_grouped(sections, ids, counts, x[:2], y)
+def _post(server, signals, header: list[int], experts: list[int], ids: list[int], w: torch.Tensor,
+          x: torch.Tensor) -> None:
+    """What the GPU does for one job: write the mailbox, clear done, set ready; then wait for the answer."""
+    R, M = len(ids), x.shape[0]
+    server.header.copy_(torch.tensor(header, dtype=torch.int32))
+    server.experts[: len(experts)] = torch.tensor(experts, dtype=torch.int32)
+    server.ids[:R] = torch.tensor(ids, dtype=torch.int32)
+    server.w[:R] = w
+    server.x[:M] = x
+    signals.write(server.done_addr, 0)
+    signals.write(server.ready_addr, 1)
+    signals.wait_eq(server.done_addr, 1)
 
 
-def test_offload_cpu_experts_worker_sums_routes_per_token():
-    """submit_grouped on the worker thread with the per-token reduction: out[m] = sum of w[r] * y[r] over m's routes
-    (row order), the runner's hybrid call; the worker refuses a second job before wait()."""
-    import numpy as np
+def test_offload_cpu_experts_server_answers_posted_jobs():
+    """The expert server (the hybrid path's CPU side): for a job posted in its mailbox it computes the listed experts'
+    routes and their weighted per-token sum (route order within each expert, experts in the listed order), logs it,
+    counts it per layer; a job with no CPU expert answers zeros; an unreadable job (a bug upstream) is counted and
+    answered with zeros instead of hanging the stream that waits on it."""
+    from moed.offload.stream_signals import HostSignals
 
     layout = ExpertLayout(6, 256, 128, 128, torch.float8_e4m3fn, (128, 128))
     kern = _kernel(layout)
     g = torch.Generator().manual_seed(5)
-    experts = [_expert(layout, g) for _ in range(layout.num_experts)]
-    sections = {name: torch.stack([e[name] for e in experts]) for name in experts[0]}
-    ids, counts = np.array([2, 0, 5]), np.array([3, 1, 2])
-    R, M = int(counts.sum()), 4
-    x = torch.randn(R, layout.hidden, generator=g)
-    y = torch.empty_like(x)
-    tok = torch.tensor([0, 2, 3, 2, 0, 3])  # token 1 has no CPU route: its row of out is 0
-    w = torch.rand(R, generator=g)
-    out = torch.full((M, layout.hidden), float("nan"))
-    kern.submit_grouped(sections, ids, counts, x, y, tok=tok, w=w, out=out)
-    with pytest.raises(RuntimeError, match="already queued"):
-        kern.submit_grouped(sections, ids, counts, x, y, tok=tok, w=w, out=out)
-    assert kern.wait() > 0
-    with pytest.raises(RuntimeError, match="without a submitted job"):
-        kern.wait()
-    ref = torch.zeros(M, layout.hidden)
-    for r in range(R):
-        ref[tok[r]] += w[r] * y[r]
-    assert torch.allclose(out, ref, rtol=1e-6, atol=1e-6) and not out[1].any()
-    rows = list(x.split(counts.tolist()))
-    per_expert = kern.forward_many([experts[i] for i in ids], [t.contiguous() for t in rows])
-    assert torch.equal(y, torch.cat(per_expert))
-    with pytest.raises(ValueError, match="per-token sum"):
-        kern.submit_grouped(sections, ids, counts, x, y, tok=tok.clamp(max=M), w=w, out=out[:3])
-    kern.close()
+    layers = [[_expert(layout, g) for _ in range(layout.num_experts)] for _ in range(2)]
+    sections = [{name: torch.stack([e[name] for e in experts]) for name in experts[0]} for experts in layers]
+    server = kern.serve(sections, max_tokens=4, k=2, pin=False, spin_s=0.01)
+    signals = HostSignals(kern.lib.wait_u32, timeout_s=30)
+    M, k = 3, 2
+    ids = [4, 1, 0, 4, 1, 5]  # routes r = token * k + j; token 1's routes (0, 4) leave out one CPU expert
+    w = torch.rand(M * k, generator=g)
+    x = torch.randn(M, layout.hidden, generator=g)
+    _post(server, signals, [1, 2, 3, M, M * k, k], [4, 1], ids, w, x)
+    ref = torch.zeros(M, layout.hidden, dtype=torch.float64)
+    for r, e in enumerate(ids):
+        if e in (4, 1):
+            ref[r // k] += float(w[r]) * expert_forward_reference(layers[1][e], x[r // k: r // k + 1], layout)[0]
+    assert float((server.out[:M].double() - ref).norm() / ref.norm()) < 1e-5
+    rec = server.new_records()
+    assert rec.shape == (1, 7) and list(rec[0, :5]) == [1, 3, 2, M, 4] and rec[0, 6] > rec[0, 5]
+    assert list(server.layer_stats[1, :3]) == [1, 2, 4] and server.layer_stats[0, 0] == 0
+
+    server.out.fill_(float("nan"))
+    _post(server, signals, [0, 0, 2, M, M * k, k], [], ids, w, x)
+    assert not server.out[:M].any() and server.errors == 0
+    _post(server, signals, [0, 3, 2, M, M * k, k], [4, 1, 0], ids, w, x)  # more CPU experts than misses
+    _post(server, signals, [0, 1, 1, M, M * k, k], [9], ids, w, x)  # an expert id out of range
+    assert server.errors == 2 and not server.out.any()
+    assert len(server.new_records()) == 1  # only the readable job is logged
+    server.close()
+    with pytest.raises(ValueError, match="max_tokens >= 1"):
+        kern.serve(sections, max_tokens=0, k=2, pin=False)
+
+
+def test_offload_host_read_ceiling_measures_and_rejects_bad_input():
+    from moed.offload.cpu_experts import host_read_GBps
+
+    _kernel(ExpertLayout(2, 64, 32, 32, torch.bfloat16, None))  # skips without a compiler
+    assert host_read_GBps(torch.ones(1 << 22, dtype=torch.uint8), threads=2, reps=2) > 0.1
+    with pytest.raises(ValueError, match="contiguous host tensor"):
+        host_read_GBps(torch.ones(8, 8)[:, 0], threads=1)

@@ -106,10 +106,11 @@ class EngineConfig:
     moe: str = "torch"  # torch (every expert resident) | offload (host store + GPU expert cache)
     expert_cache_gb: float | None = None  # offload: the target's expert cache budget (None: what is free)
     draft_expert_cache_gb: float | None = None  # offload: the draft's own budget (None: the target's per-layer share)
-    # offload: how decode steps serve expert misses: copy (to the GPU cache; exact FP8, graph-capturable), hybrid
-    # (steps of 2..8 tokens split their misses between CPU experts and copies by measured rates, eagerly; batch-1
-    # steps copy, in graphs), cpu (every decode miss on the CPU), auto (hybrid on CUDA, copy on a CPU device)
+    # offload: how decode steps serve expert misses: copy (to the GPU cache; exact FP8), hybrid (decode steps split
+    # their misses between CPU experts and copies by measured rates), cpu (every decode miss on the CPU), auto
+    # (hybrid on CUDA, copy on a CPU device). All three run inside CUDA graphs; prefill steps always copy.
     miss_service: str = "auto"
+    cpu_expert_threads: int = 0  # CPU experts' threads; 0: every core but one
     cuda_graphs: bool = True  # decode through CUDA graphs when on CUDA with capturable backends
     # Plan and launch step n + 1 before reading step n's tokens back (ignored with spec_steps: MTP steps stay in step).
     overlap: bool = True
@@ -291,6 +292,7 @@ class LLMEngine:
         cpu = None
         if ms != "copy":  # auto falls back to copies where the CPU kernel cannot be built; an explicit choice fails
             cpu = CpuConfig(policy=ms, max_tokens=max(8, 2 * (1 + self.config.spec_steps)),
+                            threads=self.config.cpu_expert_threads,
                             fallback_to_copy=self.config.miss_service == "auto")
         target = OffloadMoERunner(cfg, main, device=self.device, budget_bytes=target_budget, name="target", cpu=cpu)
         draft = None

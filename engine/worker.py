@@ -175,9 +175,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--draft-expert-cache-gb", type=float, default=None, help="offload: the MTP draft's own budget")
     p.add_argument("--no-cuda-graphs", action="store_true")
     p.add_argument("--miss-service", choices=("auto", "copy", "hybrid", "cpu"), default="auto",
-                   help="offload: serve decode misses by copies (exact FP8, graph-capturable), split between CPU "
-                        "experts and copies for steps of 2-8 tokens (hybrid), or on the CPU alone; auto = hybrid "
-                        "on CUDA, copy on a CPU device")
+                   help="offload: serve decode misses by copies (exact FP8), split between CPU experts and copies "
+                        "(hybrid), or on the CPU alone; auto = hybrid on CUDA, copy on a CPU device")
+    p.add_argument("--cpu-expert-threads", type=int, default=0, help="CPU experts' threads; 0 = every core but one")
     p.add_argument("--overlap", action=argparse.BooleanOptionalAction, default=True,
                    help="plan and launch each step before reading the previous one's tokens back (not with MTP)")
     p.add_argument("--graph-max-batch", type=int, default=128)
@@ -221,6 +221,7 @@ def main(argv: list[str] | None = None) -> int:
                               attention=args.attention, moe=args.moe, expert_cache_gb=args.expert_cache_gb,
                               draft_expert_cache_gb=args.draft_expert_cache_gb, cuda_graphs=not args.no_cuda_graphs,
                               overlap=args.overlap, miss_service=args.miss_service,
+                              cpu_expert_threads=args.cpu_expert_threads,
                               graph_max_batch=args.graph_max_batch, compile_prefill=args.compile_prefill,
                               compile_min_tokens=args.compile_min_tokens, seed=args.seed)
         engine = LLMEngine(config)

@@ -43,6 +43,7 @@ import logging
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from moed.engine.llm_engine import EngineConfig, LLMEngine
@@ -86,6 +87,20 @@ def _offload_totals(engine: LLMEngine) -> dict[str, int]:
     return {"hits": sum(x.hits for x in s), "misses": sum(x.misses for x in s)}
 
 
+def _job_summary(jobs: list[dict]) -> dict | None:
+    """The hybrid service's decode jobs (one per MoE layer and step): how many gave the CPU work, how many experts,
+    and the CPU's time per job (its own clock), with and without work."""
+    if not jobs:
+        return None
+    busy = [j for j in jobs if j["cpu"] > 0]
+    idle = [j for j in jobs if j["cpu"] == 0]
+    return {"jobs": len(jobs), "with_cpu_work": len(busy),
+            "cpu_experts_per_busy_job": float(np.mean([j["cpu"] for j in busy])) if busy else 0.0,
+            "misses_per_job": float(np.mean([j["misses"] for j in jobs])),
+            "busy_job_ms": float(np.mean([j["cpu_s"] for j in busy])) * 1e3 if busy else None,
+            "idle_job_us": float(np.mean([j["cpu_s"] for j in idle])) * 1e6 if idle else None}
+
+
 def run_load(engine: LLMEngine, concurrency: int, prompt_len: int, gen_len: int, seed: int) -> dict:
     g = torch.Generator().manual_seed(seed)
     V = engine.cfg.vocab_size
@@ -116,12 +131,16 @@ def run_load(engine: LLMEngine, concurrency: int, prompt_len: int, gen_len: int,
     steps0, drafts0, acc0 = engine.num_steps, engine.spec_draft_tokens, engine.spec_accepted_tokens
     graph0 = engine.runner.graph_steps
     cache0 = _offload_totals(engine)
+    moe = engine.runner.moe
+    if getattr(moe, "split_log", None) is not None:
+        moe.split_log.clear()
     while engine.has_unfinished:
         step()
     sync()
     t2 = time.perf_counter()
-    cache1 = _offload_totals(engine)
+    cache1 = _offload_totals(engine)  # takes in the CPU server's job records too
     steps = engine.num_steps - steps0
+    jobs = list(getattr(moe, "split_log", []))
     decode_tokens = sum(produced.values()) - first
     drafts = engine.spec_draft_tokens - drafts0
     hits, misses = cache1["hits"] - cache0["hits"], cache1["misses"] - cache0["misses"]
@@ -133,6 +152,7 @@ def run_load(engine: LLMEngine, concurrency: int, prompt_len: int, gen_len: int,
         "acceptance": (engine.spec_accepted_tokens - acc0) / drafts if drafts else None,
         "hit_rate": hits / (hits + misses) if hits + misses else None,
         "misses_per_step": misses / max(steps, 1), "hits_per_step": hits / max(steps, 1),
+        "cpu_jobs": _job_summary(jobs),
     }
 
 
@@ -281,6 +301,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="overlapped steps (plain decoding only): measure with, without, or both")
     p.add_argument("--miss-service", choices=("auto", "copy", "hybrid", "cpu"), default="copy",
                    help="offload: how decode serves expert misses (hybrid and cpu decode eagerly)")
+    p.add_argument("--cpu-threads", type=int, default=0, help="CPU expert threads (hybrid, cpu); 0 = cores - 1")
     p.add_argument("--experts", type=int, default=None, help="routed experts per layer of a new checkpoint "
                    "(default: the preset's)")
     p.add_argument("--prefill-compile", action="store_true",
@@ -334,7 +355,8 @@ def main(argv: list[str] | None = None) -> int:
                            expert_cache_gb=args.expert_cache_gb if args.moe == "offload" else None,
                            draft_expert_cache_gb=args.draft_expert_cache_gb if args.moe == "offload" else None,
                            graph_max_batch=max(conc), seed=0,
-                           miss_service=args.miss_service if args.moe == "offload" else "copy")
+                           miss_service=args.miss_service if args.moe == "offload" else "copy",
+                           cpu_expert_threads=args.cpu_threads)
         t = time.perf_counter()
         engine = LLMEngine(cfg)
         engine.warmup()

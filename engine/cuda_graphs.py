@@ -48,7 +48,7 @@ def graph_capable(backend: Any, moe: Any) -> tuple[bool, str]:
     if not is_paged(backend) or getattr(backend, "supports_cuda_graphs", True) is False:
         return False, f"attention backend {type(backend).__name__} is not a paged backend"
     if not getattr(moe, "supports_cuda_graphs", False):
-        return False, (f"MoE runner {type(moe).__name__} syncs on its step path (CPU experts, copy-engine misses, "
+        return False, (f"MoE runner {type(moe).__name__} syncs on its step path (copy-engine misses "
                        "or per-expert host loops)")
     return True, ""
 

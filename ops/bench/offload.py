@@ -4,16 +4,19 @@
 
 Builds (or reuses) a `glm51-slice` FP8 checkpoint with GLM-5.1's real layer widths (one MoE layer,
 `--experts` routed experts), fills the pinned host store from it once, then measures:
-  ceilings   host memory read (torch int32 sum over the slab, all threads), pinned->GPU copy-engine
-             bandwidth (38 MB blocks), UVA copy-kernel bandwidth, device copy bandwidth (HBM);
+  ceilings   host memory read (the best of torch's sum over 4 GiB and wide loads streaming the pinned slab with
+             every core and with every core but one), pinned->GPU copy-engine bandwidth (38 MB blocks), UVA
+             copy-kernel bandwidth, device copy bandwidth (HBM);
   decode     per-layer time at batch {1, 8, 32} x cache {100, 50, 25, 10}% x trace {uniform, skewed}
              (offload/traces.py; its four statistics printed), hit rate, miss bytes, achieved miss
              GB/s vs the copy-engine peak, and time vs the bound miss bytes / copy peak + resident
              bytes / HBM;
   cpu        the CPU expert kernel alone per MoE layer at batch 1 and 8 vs host read bandwidth; its
              error vs the FP8 reference; torch `_weight_int8pack_mm` as the candidate it replaces;
-  hybrid     batch-1 layer with nothing cached: all-copy vs all-CPU vs the measured split, against the
+  hybrid     batch-1 layer with nothing cached: all-copy vs all-CPU vs the device-side split (rates fixed
+             from this run, and as the runner measures them), eager and replayed from a CUDA graph, against the
              bound miss bytes / min(CPU + copy rate, host read);
+  timeline   (opt-in) the hybrid step's GPU events and the CPU job's start and end, from run()'s call;
   prefetch   precision/recall of a router prediction from a perturbed hidden state (random weights carry
              no real correlation between layers: this measures the mechanism, not GLM-5.1);
   no-CE      latency of a 1 KiB per-step upload while a 1 GB copy-engine copy is in flight, by SM loads vs

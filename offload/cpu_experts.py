@@ -457,11 +457,14 @@ static void* server_main(void* arg) {
             __atomic_thread_fence(__ATOMIC_RELEASE);
             *s->c.done = 1;
             last = now_s();
-        } else if (now_s() - last < s->c.spin_s) {
-            for (int i = 0; i < 16; i++) __builtin_ia32_pause();
-        } else {  /* idle: poll gently (the first job after a pause waits up to ~50 us) */
-            struct timespec ts = {0, 20000};
-            nanosleep(&ts, NULL);
+        } else {
+            double idle = now_s() - last;
+            if (idle < s->c.spin_s) {
+                for (int i = 0; i < 16; i++) __builtin_ia32_pause();
+            } else {  /* between bursts poll every ~20 us; after a second idle every ~1 ms (an idle daemon) */
+                struct timespec ts = {0, idle < 1.0 ? 20000 : 1000000};
+                nanosleep(&ts, NULL);
+            }
         }
     }
     return NULL;

@@ -669,7 +669,7 @@ class ExpertServer:
         bn, bk = L.block or (1, 1)
         cnt = self._counters.ctypes.data
         self._cfg = _ServerCfg(
-            w.data_ptr(), w.data_ptr() + 64, self.header.data_ptr(), self.experts.data_ptr(), self.ids.data_ptr(),
+            self.ready_addr, self.done_addr, self.header.data_ptr(), self.experts.data_ptr(), self.ids.data_ptr(),
             self.w.data_ptr(), self.x.data_ptr(), self.out.data_ptr(), R, max_tokens, L.num_experts, len(sections),
             *self._bases, stride("w13"), stride("w13_scale"), stride("w2"), stride("w2_scale"), K, N, bn, bk,
             int(L.is_fp8), kernel.threads, *(t.data_ptr() for t in self._scratch), spin_s,

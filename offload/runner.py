@@ -39,6 +39,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 import torch.nn.functional as F
+import triton
 
 from moed.kernels.expert_copy import STATS
 from moed.kernels.miss_split import split_misses, split_misses_reference
@@ -108,6 +109,7 @@ class _Hybrid:
 
     server: ExpertServer
     signals: StreamSignals
+    split: Callable[..., None]  # kernels.miss_split.split_misses, or its reference (CacheConfig.use_kernels)
     counts: torch.Tensor  # [max_tokens + 1, R_max + 1] int32
     exclude: torch.Tensor  # [E] int8: 1 = served by the CPU (the claim kernel skips it)
     gpu_weights: torch.Tensor  # [R_max] fp32: the routing weights, 0 on the CPU's routes
@@ -212,7 +214,7 @@ class OffloadMoERunner:
         if self.cpu_kernel is not None:
             self._cpu_rates[:] = self.cpu_cfg.cpu_rate or self._measure_cpu_rate()
             self.copy_rate = self.cpu_cfg.copy_rate or self._measure_copy_rate()
-            self._hybrid = self._start_hybrid(signals)
+            self._start_hybrid(signals)
             log.info("%s: miss service %s, rates measured at start-up: CPU experts %.1f GB/s, copies %.1f GB/s -> "
                      "%.0f%% of missed bytes on the CPU in steps of %d to %d tokens (other steps copy)", self.name,
                      self.cpu_cfg.policy, self.cpu_rate / 1e9, self.copy_rate / 1e9,
@@ -221,20 +223,20 @@ class OffloadMoERunner:
         else:
             log.info("%s: miss service copy (every miss copied to the GPU; results exact)", self.name)
 
-    def _start_hybrid(self, signals: StreamSignals) -> _Hybrid:
+    def _start_hybrid(self, signals: StreamSignals) -> None:
         assert self.cpu_kernel is not None
         k, E, T = self.cfg.num_experts_per_tok, self.layout.num_experts, self.cpu_cfg.max_tokens
         cuda = self.device.type == "cuda"
         server = self.cpu_kernel.serve([self.store.sections(layer) for layer in self.layers], T, k, pin=cuda,
                                        spin_s=self.cpu_cfg.spin_s)
         d = self.device
-        h = _Hybrid(server, signals, counts=torch.zeros(T + 1, T * k + 1, dtype=torch.int32, pin_memory=cuda),
-                    exclude=torch.zeros(E, dtype=torch.int8, device=d),
-                    gpu_weights=torch.zeros(T * k, dtype=torch.float32, device=d),
-                    sort=torch.zeros(_next_pow2(E), dtype=torch.int64, device=d))
-        self._hybrid = h
+        use = self.cache_cfg.use_kernels if self.cache_cfg.use_kernels is not None else True
+        self._hybrid = _Hybrid(server, signals, split=split_misses if use else split_misses_reference,
+                               counts=torch.zeros(T + 1, T * k + 1, dtype=torch.int32, pin_memory=cuda),
+                               exclude=torch.zeros(E, dtype=torch.int8, device=d),
+                               gpu_weights=torch.zeros(T * k, dtype=torch.float32, device=d),
+                               sort=torch.zeros(triton.next_power_of_2(E), dtype=torch.int64, device=d))
         self._build_counts()
-        return h
 
     @property
     def cpu_rate(self) -> float:
@@ -442,12 +444,10 @@ class OffloadMoERunner:
         self._refresh()
         M, k = ids.shape
         mb, sig = h.server, h.signals
-        use = self.cache_cfg.use_kernels if self.cache_cfg.use_kernels is not None else True
-        split = split_misses if use else split_misses_reference
         lc.wait_prefetch()
         # A stale done (a job whose step failed between the hand-over and the wait) must not answer this one.
         sig.write(mb.done_addr, 0)
-        split(ids, topk_weights.contiguous(), hidden, lc.tables.expert_to_slot, lc.tables.expert_freq, h.counts[M],
+        h.split(ids, topk_weights.contiguous(), hidden, lc.tables.expert_to_slot, lc.tables.expert_freq, h.counts[M],
               header=mb.header, cpu_experts=mb.experts, ids_out=mb.ids, w_out=mb.w, x_out=mb.x, exclude=h.exclude,
               gpu_weights=h.gpu_weights, sort_scratch=h.sort, layer_index=self._layer_index[layer])
         sig.write(mb.ready_addr, 1)
@@ -495,10 +495,6 @@ class LayerSplitRunner:
     def run(self, layer: int, hidden: torch.Tensor, topk_ids: torch.Tensor,
             topk_weights: torch.Tensor) -> torch.Tensor:
         return self.by_layer[layer].run(layer, hidden, topk_ids, topk_weights)
-
-
-def _next_pow2(n: int) -> int:
-    return 1 << max(0, n - 1).bit_length()
 
 
 def rounds_bound(num_experts: int, tokens: int, k: int, unpinned: int) -> int:

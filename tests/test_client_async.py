@@ -12,7 +12,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 from daemon_harness import DOUBLE, DaemonThread, hang_guard, make_config  # noqa: F401
 
-from moed.client import AsyncClient, AuthenticationError, Client, DaemonUnavailable, MoedError, curve_keys, keygen
+from moed.client.api import AsyncClient, AuthenticationError, Client, DaemonUnavailable, MoedError, curve_keys, keygen
 
 SLOW = (*DOUBLE, "--double-step-s", "0.02")
 

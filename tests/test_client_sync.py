@@ -16,7 +16,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 from daemon_harness import DOUBLE, DaemonThread, hang_guard, make_config  # noqa: F401
 
-from moed.client import Client, DaemonUnavailable, MoedError, RequestTimeout
+from moed.client.api import Client, DaemonUnavailable, MoedError, RequestTimeout
 from moed.client.cli import add_client_arguments, client_main
 
 SLOW = (*DOUBLE, "--double-step-s", "0.02")

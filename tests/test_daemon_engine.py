@@ -28,7 +28,7 @@ from daemon_harness import (  # noqa: F401
     scrape,
 )
 
-from moed.client import AsyncClient, Client, MoedError
+from moed.client.api import AsyncClient, Client, MoedError
 
 pytestmark = pytest.mark.skipif(not HAVE_REAL_WORKER, reason=NO_REAL_WORKER)
 

@@ -28,7 +28,7 @@ from daemon_harness import (  # noqa: F401
     scrape,
 )
 
-from moed.client import Client
+from moed.client.api import Client
 from moed.offload.placement import PlacementManager as Planner
 
 pytestmark = pytest.mark.skipif(not HAVE_REAL_WORKER, reason=NO_REAL_WORKER)

@@ -16,7 +16,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 from daemon_harness import DOUBLE, hang_guard, short_dir  # noqa: F401
 
-from moed.client import Client, MoedError
+from moed.client.api import Client, MoedError
 
 
 def _toml(**kv) -> str:

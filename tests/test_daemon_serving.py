@@ -21,8 +21,8 @@ import zmq
 sys.path.insert(0, str(Path(__file__).parent))
 from daemon_harness import DOUBLE, DaemonThread, hang_guard, make_config, metric_value, scrape, short_dir  # noqa: F401
 
-from moed.client import AsyncClient, Client, MoedError
 from moed.client import protocol as cp
+from moed.client.api import AsyncClient, Client, MoedError
 
 SLOW = (*DOUBLE, "--double-step-s", "0.02")
 enc = msgspec.msgpack.Encoder()

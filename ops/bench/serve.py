@@ -83,7 +83,7 @@ class RecordingDaemon(Daemon):
 
 def _load_process(address: str, prompts: list[str], max_tokens: int, start_at: float, conn) -> None:
     """One load generator: all its streams at once; sends back (request id, [(t, tokens)]) per stream."""
-    from moed.client import AsyncClient
+    from moed.client.api import AsyncClient
 
     async def run():
         client = AsyncClient(address, timeout=900)
@@ -119,7 +119,7 @@ def _quantile(xs: list[float], q: float) -> float:
 
 
 async def _round_trip(address: str, n: int = 200) -> float:
-    from moed.client import AsyncClient
+    from moed.client.api import AsyncClient
 
     async with AsyncClient(address, timeout=30) as c:
         await c.health()

@@ -1,6 +1,8 @@
-"""moed.client: the ZMQ client library for the moed daemon (needs pyzmq and msgspec, never torch).
+"""The client library's public names: the sync and asyncio clients, their results and errors, CurveZMQ keys.
 
-    from moed.client import Client
+Needs pyzmq and msgspec, never torch:
+
+    from moed.client.api import Client
     with Client("tcp://127.0.0.1:5710") as c:
         print(c.generate("Hello", max_tokens=32).text)
         for delta in c.stream("Hello", max_tokens=32):

@@ -1,4 +1,0 @@
-"""moed.daemon: the serving daemon (ZMQ service, tokenisation, metrics, systemd, worker supervision).
-
-Never imports torch: the engine runs in worker processes (moed.engine.worker).
-"""

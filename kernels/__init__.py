@@ -1,1 +1,0 @@
-"""moed.kernels."""

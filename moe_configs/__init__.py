@@ -1,1 +1,0 @@
-"""moed.moe_configs: tuned fused-MoE configs."""

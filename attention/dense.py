@@ -21,9 +21,9 @@ import os
 import torch
 import torch.nn.functional as F
 
-from moed.attention.interface import MLAInputs, PagedStep, SequenceStep
 from moed.attention.paged_kv import LatentView
 from moed.kernels.index_k_gather import gather_paged_rows
+from moed.model.attention_interface import MLAInputs, PagedStep, SequenceStep
 from moed.model.config import GlmMoeDsaConfig
 
 log = logging.getLogger(__name__)

@@ -20,10 +20,10 @@ from __future__ import annotations
 import torch
 
 from moed.attention.dense import mha_prefill, resolve_dense_threshold
-from moed.attention.interface import IndexerInputs, LayerWeights, MLAInputs, PagedStep, StepContext
 from moed.attention.paged_kv import LatentView, PagedKVPool, PagedSequence, build_paged_step
 from moed.kernels.indexer import indexer_topk
 from moed.kernels.sparse_mla import MLAConfig, sparse_mla
+from moed.model.attention_interface import IndexerInputs, LayerWeights, MLAInputs, PagedStep, StepContext
 from moed.model.config import GlmMoeDsaConfig
 
 

@@ -33,7 +33,7 @@ import dataclasses
 
 import torch
 
-from moed.attention.interface import PagedStep, SequenceStep
+from moed.model.attention_interface import PagedStep, SequenceStep
 from moed.model.config import GlmMoeDsaConfig
 
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
@@ -217,6 +217,11 @@ class PagedKVPool:
         pos = torch.arange(length, device=self.device)
         table = torch.tensor(pages, dtype=torch.long, device=self.device)
         return table[pos // self.page_size], pos % self.page_size
+
+
+def is_paged(backend: object) -> bool:
+    """Whether an attention backend keeps its KV cache in a PagedKVPool (and so reads `StepContext.paged`)."""
+    return isinstance(getattr(backend, "pool", None), PagedKVPool)
 
 
 class PagedSequence:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from moed.attention.interface import IndexerInputs, LayerWeights, MLAInputs, StepContext
+from moed.model.attention_interface import IndexerInputs, LayerWeights, MLAInputs, StepContext
 from moed.model.config import GlmMoeDsaConfig
 
 

@@ -23,6 +23,7 @@ import torch
 from moed.attention.paged_kv import LATENT_DTYPES, PagedKVPool
 from moed.attention.reference import ReferenceAttention
 from moed.attention.trtllm import unsupported_reason
+from moed.model.attention_interface import AttentionBackend
 from moed.model.config import GlmMoeDsaConfig
 
 log = logging.getLogger(__name__)
@@ -110,21 +111,25 @@ def _trtllm_problem(p: Platform, cfg: GlmMoeDsaConfig, page_size: int, latent_dt
     return unsupported_reason(cfg, page_size, latent_dtype)
 
 
-def make_attention_backend(cfg: GlmMoeDsaConfig, device: torch.device | str, requested: str = "auto", *,
-                           num_pages: int | None = None, page_size: int = 64, latent_dtype: str = "bf16",
-                           index_dtype: str = "fp8", dense_threshold: int | None = None,
-                           platform: Platform | None = None):
-    """Build the chosen backend (with its KV pool of `num_pages` pages for the paged ones)."""
+def make_attention_backend(cfg: GlmMoeDsaConfig, device: torch.device | str, requested: str | BackendChoice = "auto",
+                           *, num_pages: int | None = None, page_size: int = 64, latent_dtype: str = "bf16",
+                           index_dtype: str = "fp8", layers: list[int] | None = None,
+                           dense_threshold: int | None = None, platform: Platform | None = None) -> AttentionBackend:
+    """Build a backend (the paged ones with a KV pool of `num_pages` pages for `layers`, default every layer).
+
+    `requested` is a backend name to choose from (the choice is logged here) or a choice already made and logged:
+    the engine chooses once, sizes its KV pages by it, then builds one backend per layer set."""
     if latent_dtype not in LATENT_DTYPES:
         raise ValueError(f"latent KV dtype '{latent_dtype}' is not supported (choose from {LATENT_DTYPES})")
-    platform = platform or probe_platform(device)
-    choice = choose_backend(requested, platform, cfg, page_size, latent_dtype)
-    log.info("attention backend: %s (%s)", choice.name, choice.reason)
+    choice = requested
+    if not isinstance(choice, BackendChoice):
+        choice = choose_backend(choice, platform or probe_platform(device), cfg, page_size, latent_dtype)
+        log.info("attention backend: %s (%s)", choice.name, choice.reason)
     if choice.name == "reference":
         return ReferenceAttention(cfg)
     if num_pages is None:
         raise ValueError(f"attention backend '{choice.name}' needs num_pages for its paged KV pool")
-    pool = PagedKVPool(cfg, num_pages, page_size, latent_dtype, index_dtype, device)
+    pool = PagedKVPool(cfg, num_pages, page_size, latent_dtype, index_dtype, device, layers=layers)
     if choice.name == "trtllm":
         from moed.attention.trtllm import TrtllmAttention
 

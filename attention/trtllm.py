@@ -22,9 +22,9 @@ from __future__ import annotations
 
 import torch
 
-from moed.attention.interface import LayerWeights, MLAInputs, PagedStep, StepContext
 from moed.attention.nsa import TritonSparseAttention
 from moed.attention.paged_kv import LatentView, PagedKVPool
+from moed.model.attention_interface import LayerWeights, MLAInputs, PagedStep, StepContext
 from moed.model.config import GlmMoeDsaConfig
 
 TRTLLM_PAGE_SIZES = (32, 64)

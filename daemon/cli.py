@@ -53,7 +53,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
 
 def _cmd_tune_moe(args: argparse.Namespace) -> int:
-    from moed.ops.tune_moe import main as tune_main
+    from moed.kernels.fused_moe_tuner import main as tune_main
 
     return tune_main(args.tune_args)
 

@@ -35,7 +35,7 @@ from typing import Any
 
 import torch
 
-from moed.attention.interface import AttentionBackend, IndexerInputs, LayerWeights, MLAInputs, StepContext
+from moed.model.attention_interface import AttentionBackend, IndexerInputs, LayerWeights, MLAInputs, StepContext
 from moed.model.glm import GlmMoeDsaForCausalLM
 from moed.model.moe import MoERunner
 

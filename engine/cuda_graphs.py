@@ -36,15 +36,14 @@ from typing import Any
 
 import torch
 
-from moed.attention.interface import PagedStep, SequenceStep, StepContext
+from moed.attention.paged_kv import is_paged
+from moed.model.attention_interface import PagedStep, SequenceStep, StepContext
 
 log = logging.getLogger(__name__)
 
 
 def graph_capable(backend: Any, moe: Any) -> tuple[bool, str]:
     """(capturable, why not) for this attention backend and MoE runner."""
-    from moed.engine.model_runner import is_paged
-
     if not is_paged(backend) or getattr(backend, "supports_cuda_graphs", True) is False:
         return False, f"attention backend {type(backend).__name__} is not a paged backend"
     if not getattr(moe, "supports_cuda_graphs", False):

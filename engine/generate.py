@@ -14,8 +14,8 @@ from pathlib import Path
 
 import torch
 
-from moed.attention.interface import SequenceStep, StepContext
 from moed.attention.reference import ReferenceAttention
+from moed.model.attention_interface import SequenceStep, StepContext
 from moed.model.config import GlmMoeDsaConfig
 from moed.model.glm import GlmMoeDsaForCausalLM
 from moed.model.moe import TorchMoERunner

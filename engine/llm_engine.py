@@ -49,11 +49,8 @@ from typing import Any
 
 import torch
 
-from moed.attention.interface import AttentionBackend
-from moed.attention.nsa import TritonSparseAttention
 from moed.attention.paged_kv import PagedKVPool
-from moed.attention.reference import ReferenceAttention
-from moed.attention.select import choose_backend, probe_platform
+from moed.attention.select import choose_backend, make_attention_backend, probe_platform
 from moed.engine.compiled import CompiledPrefill
 from moed.engine.cuda_graphs import DecodeGraphs, graph_capable
 from moed.engine.kv_pages import KVPages
@@ -70,6 +67,7 @@ from moed.engine.sampler import Sampler, SampleResult, SamplingRow, SamplingTens
 from moed.engine.scheduler import Batch, ScheduledSeq, Scheduler, SchedulerConfig
 from moed.engine.sequence import PENDING, Sequence
 from moed.engine.spec_decode import DraftInput, MTPDrafter, verify_drafts
+from moed.model.attention_interface import AttentionBackend
 from moed.model.config import GlmMoeDsaConfig
 from moed.model.moe import ExpertWeights, MoERunner, TorchMoERunner
 from moed.model.weights import load_model
@@ -231,15 +229,9 @@ class LLMEngine:
         self.kv = KVPages(kv_pages, config.page_size, first_page=1 if paged else 0)
 
         def backend(layers: list[int]) -> AttentionBackend:
-            if not paged:
-                return ReferenceAttention(self.cfg)
-            pool = PagedKVPool(self.cfg, kv_pages + 1, config.page_size, latent_dtype, index_dtype, self.device,
-                               layers=layers)
-            if self.attention.name == "trtllm":
-                from moed.attention.trtllm import TrtllmAttention
-
-                return TrtllmAttention(self.cfg, pool)
-            return TritonSparseAttention(self.cfg, pool)
+            return make_attention_backend(self.cfg, self.device, self.attention, num_pages=kv_pages + 1,
+                                          page_size=config.page_size, latent_dtype=latent_dtype,
+                                          index_dtype=index_dtype, layers=layers)
 
         self.runner = ModelRunner(self.model, backend(main_layers), target_moe, self.device)
         if config.compile_prefill:

@@ -35,18 +35,14 @@ from typing import Any
 
 import torch
 
-from moed.attention.interface import AttentionBackend, PagedStep, SequenceStep, StepContext
-from moed.attention.paged_kv import PagedKVPool
+from moed.attention.paged_kv import is_paged
 from moed.engine.compiled import CompiledPrefill
 from moed.engine.cuda_graphs import DecodeGraphs
 from moed.engine.scheduler import ScheduledSeq
 from moed.engine.sequence import PENDING, Sequence
+from moed.model.attention_interface import AttentionBackend, PagedStep, SequenceStep, StepContext
 from moed.model.glm import GlmMoeDsaForCausalLM
 from moed.model.moe import MoERunner
-
-
-def is_paged(backend: Any) -> bool:
-    return isinstance(getattr(backend, "pool", None), PagedKVPool)
 
 
 def new_cache(backend: Any, seq: Sequence) -> Any:

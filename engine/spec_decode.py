@@ -30,8 +30,8 @@ import dataclasses
 
 import torch
 
-from moed.attention.interface import AttentionBackend, SequenceStep, StepContext
-from moed.engine.model_runner import build_paged_step, is_paged, new_cache
+from moed.attention.paged_kv import is_paged
+from moed.engine.model_runner import build_paged_step, new_cache
 from moed.engine.sampler import (
     STREAM_ACCEPT,
     STREAM_DRAFT,
@@ -45,6 +45,7 @@ from moed.engine.sampler import (
     uniform_rows,
 )
 from moed.engine.sequence import Sequence
+from moed.model.attention_interface import AttentionBackend, SequenceStep, StepContext
 from moed.model.glm import GlmMoeDsaForCausalLM
 from moed.model.moe import MoERunner
 

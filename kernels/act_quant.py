@@ -4,7 +4,7 @@ Buffers (`x: [M, K]` bf16/fp16/fp32, row-major with unit stride along K, group s
 - `q: float8_e4m3fn [M, K]`, contiguous;
 - `scale: fp32 [M, ceil(K / G)]`, contiguous; `x[m, k] ~= q[m, k] * scale[m, k // G]`.
 `scale = max(amax(|x| over the group), 1e-10) / 448` and `q = clamp(x / scale, -448, 448)` rounded to nearest
-even, the w8a8 block format's activation side (weights use `moed.model.fp8`).
+even, the w8a8 block format's activation side (weights use `moed.formats.fp8`).
 
 `quantize_groups_fp8` is the in-register form the fused-MoE GEMMs call on a tile when they quantise in the
 kernel. The Triton interpreter's fp32 -> fp8 cast drops the carry when rounding crosses a power of two

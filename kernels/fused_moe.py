@@ -15,7 +15,7 @@ Weights (`S` slots; gate rows [0, N), up rows [N, 2N) of `w13`):
 - bf16: `w13 [S, 2N, K]`, `w2 [S, K, N]`.
 - FP8 w8a8 block (GLM-5.1-FP8): float8_e4m3fn weights and fp32 block scales `w13_scale [S, 2N/bn, cdiv(K, bk)]`,
   `w2_scale [S, cdiv(K, bn), N/bk]` (checkpoint `weight_scale_inv`, gate blocks then up blocks), dequantised
-  exactly as `moed.model.fp8.dequantize_block_fp8`. Activations are quantised per token and 128-wide group
+  exactly as `moed.formats.fp8.dequantize_block_fp8`. Activations are quantised per token and 128-wide group
   (`act_quant`): for small batches inside the GEMMs while loading A (one launch less each, and re-quantising
   a few rows per tile is free next to streaming weights); for large batches by a separate pass, so the
   compute-bound GEMMs see FP8 A tiles. Each K step of 128 adds `dot(a_q, w_q) * a_scale * w_scale` in fp32.
@@ -35,6 +35,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from moed.formats.fp8 import dequantize_block_fp8
 from moed.kernels.act_quant import (
     dequantize_groups_fp8,
     interpreting,
@@ -43,7 +44,6 @@ from moed.kernels.act_quant import (
     quantize_groups_fp8,
 )
 from moed.kernels.moe_align import moe_align_block_size
-from moed.model.fp8 import dequantize_block_fp8
 from moed.moe_configs import lookup
 
 # A modes of the GEMMs: bf16 activations x bf16 weights; FP8 activations already quantised; bf16 activations

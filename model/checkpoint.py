@@ -24,8 +24,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from moed.formats.fp8 import quantize_block_fp8
 from moed.model.config import GlmMoeDsaConfig
-from moed.model.fp8 import quantize_block_fp8
 from moed.model.tokenizer import EOS_TOKENS, write_tokenizer
 
 log = logging.getLogger(__name__)

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moed.attention.interface import AttentionBackend, IndexerInputs, LayerWeights, MLAInputs, StepContext
+from moed.model.attention_interface import AttentionBackend, IndexerInputs, LayerWeights, MLAInputs, StepContext
 from moed.model.config import GlmMoeDsaConfig
 from moed.model.moe import MoERunner, route
 from moed.model.rope import apply_rope_interleaved, rope_cos_sin, rope_inv_freq

@@ -16,8 +16,8 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 
+from moed.formats.fp8 import dequantize_block_fp8
 from moed.model.config import GlmMoeDsaConfig
-from moed.model.fp8 import dequantize_block_fp8
 
 
 @dataclasses.dataclass

@@ -20,8 +20,8 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from moed.formats.fp8 import dequantize_block_fp8, scale_shape
 from moed.model.config import GlmMoeDsaConfig
-from moed.model.fp8 import dequantize_block_fp8, scale_shape
 from moed.model.glm import GlmMoeDsaForCausalLM
 from moed.model.moe import ExpertWeights, MoERunner
 

@@ -37,7 +37,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from moed.model.fp8 import dequantize_block_fp8
+from moed.formats.fp8 import dequantize_block_fp8
 from moed.offload.host_store import ExpertLayout
 
 log = logging.getLogger(__name__)

@@ -41,10 +41,10 @@ import torch
 import torch.nn.functional as F
 import triton
 
+from moed.formats.fp8 import dequantize_block_fp8
 from moed.kernels.expert_copy import STATS
 from moed.kernels.miss_split import split_misses, split_misses_reference
 from moed.model.config import GlmMoeDsaConfig
-from moed.model.fp8 import dequantize_block_fp8
 from moed.model.moe import ExpertWeights
 from moed.offload.cpu_experts import CpuExpertKernel, CpuKernelUnavailable, ExpertServer
 from moed.offload.expert_cache import CacheConfig, ExpertCache, LayerCache

@@ -9,11 +9,11 @@ import pytest
 import torch
 
 from moed.attention.dense import DENSE_THRESHOLD_ENV, resolve_dense_threshold
-from moed.attention.interface import SequenceStep, StepContext
 from moed.attention.nsa import TritonSparseAttention
 from moed.attention.paged_kv import PagedKVPool, PagedSequence, PoolExhausted, fp8_row_bytes
 from moed.attention.reference import ReferenceAttention
 from moed.attention.select import BackendUnavailable, Platform, choose_backend, make_attention_backend
+from moed.model.attention_interface import SequenceStep, StepContext
 from moed.model.checkpoint import make_checkpoint, make_config
 from moed.model.config import GlmMoeDsaConfig
 from moed.model.moe import TorchMoERunner

@@ -15,13 +15,13 @@ import random
 import pytest
 import torch
 
-from moed.attention.interface import IndexerInputs, LayerWeights, MLAInputs, SequenceStep, StepContext
 from moed.attention.nsa import TritonSparseAttention
 from moed.attention.paged_kv import PagedKVPool, PagedSequence, build_paged_step
 from moed.attention.reference import ReferenceAttention
 from moed.attention.select import BackendUnavailable, make_attention_backend, probe_platform
 from moed.kernels import index_k_gather, indexer, sparse_mla
 from moed.kernels.indexer import indexer_scores_reference
+from moed.model.attention_interface import IndexerInputs, LayerWeights, MLAInputs, SequenceStep, StepContext
 from moed.model.checkpoint import make_checkpoint, make_config
 from moed.model.config import GlmMoeDsaConfig
 from moed.model.moe import TorchMoERunner

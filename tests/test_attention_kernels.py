@@ -12,12 +12,12 @@ import dataclasses
 import pytest
 import torch
 
-from moed.attention.interface import PagedStep, SequenceStep
 from moed.attention.paged_kv import PagedKVPool, PagedSequence, build_paged_step
 from moed.attention.trtllm import decode_args, emulate_decode, pad_heads, physical_slots
 from moed.kernels.index_k_gather import gather_paged_rows, gather_paged_rows_reference
 from moed.kernels.indexer import ScoresConfig, indexer_scores, indexer_scores_reference, indexer_topk, topk_from_scores
 from moed.kernels.sparse_mla import MLAConfig, sparse_mla, sparse_mla_reference
+from moed.model.attention_interface import PagedStep, SequenceStep
 from moed.model.checkpoint import make_config
 from moed.model.config import GlmMoeDsaConfig
 

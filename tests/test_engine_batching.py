@@ -9,9 +9,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from moed.attention.interface import SequenceStep, StepContext
 from moed.engine.llm_engine import EngineConfig, LLMEngine, RequestError
 from moed.engine.protocol import SamplingParams
+from moed.model.attention_interface import SequenceStep, StepContext
 
 GREEDY = SamplingParams(max_tokens=10, ignore_eos=True)
 LENGTHS = (3, 9, 14, 21, 30, 6)

@@ -7,10 +7,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+from moed.formats.fp8 import quantize_block_fp8
 from moed.kernels.expert_copy import SlotTables, claim_slots, copy_experts, copy_experts_reference, upload_no_ce
 from moed.model.checkpoint import make_config
 from moed.model.config import GlmMoeDsaConfig
-from moed.model.fp8 import quantize_block_fp8
 from moed.model.moe import ExpertWeights
 from moed.offload.runner import CpuConfig, OffloadMoERunner
 

@@ -17,10 +17,10 @@ import re
 import pytest
 import torch
 
-from moed.attention.interface import PagedStep, SequenceStep
 from moed.attention.paged_kv import PagedKVPool, PagedSequence, build_paged_step
 from moed.kernels import index_k_gather, indexer, torch_ops
 from moed.kernels import sparse_mla as mla
+from moed.model.attention_interface import PagedStep, SequenceStep
 from moed.model.checkpoint import make_config
 from moed.model.config import GlmMoeDsaConfig
 

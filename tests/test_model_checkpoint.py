@@ -14,11 +14,11 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from moed.attention.interface import SequenceStep, StepContext
 from moed.attention.reference import ReferenceAttention
+from moed.formats.fp8 import dequantize_block_fp8, quantize_block_fp8
+from moed.model.attention_interface import SequenceStep, StepContext
 from moed.model.checkpoint import make_checkpoint, make_config, tensor_specs
 from moed.model.config import GlmMoeDsaConfig
-from moed.model.fp8 import dequantize_block_fp8, quantize_block_fp8
 from moed.model.moe import TorchMoERunner
 from moed.model.weights import CheckpointError, load_model
 

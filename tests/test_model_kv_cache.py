@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from moed.attention.interface import SequenceStep, StepContext
 from moed.attention.reference import ReferenceAttention
+from moed.model.attention_interface import SequenceStep, StepContext
 from moed.model.checkpoint import make_checkpoint
 from moed.model.config import GlmMoeDsaConfig
 from moed.model.moe import TorchMoERunner

@@ -8,6 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from moed.formats.fp8 import quantize_block_fp8
 from moed.kernels import fused_moe as fm
 from moed.kernels.act_quant import (
     dequantize_groups_fp8,
@@ -15,7 +16,6 @@ from moed.kernels.act_quant import (
     per_token_group_quant_fp8_reference,
 )
 from moed.kernels.moe_align import moe_align_block_size, moe_align_block_size_reference
-from moed.model.fp8 import quantize_block_fp8
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 SMALL = {"BLOCK_SIZE_M": 16, "BLOCK_SIZE_N": 64, "BLOCK_SIZE_K": 128, "GROUP_SIZE_M": 1, "num_warps": 4,
@@ -27,7 +27,7 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def make_weights(S: int, N: int, K: int, fp8: bool, seed: int, device: str = DEV):
-    """Random experts drawn on `device` (fast on a GPU at GLM widths); FP8 ones block-quantised by moed.model.fp8."""
+    """Random experts drawn on `device` (fast on a GPU at GLM widths); FP8 ones block-quantised by moed.formats.fp8."""
     gen = torch.Generator(device=device).manual_seed(seed)
     w13 = torch.randn((S, 2 * N, K), generator=gen, device=device) / K ** 0.5
     w2 = torch.randn((S, K, N), generator=gen, device=device) / N ** 0.5
@@ -169,7 +169,7 @@ def test_moe_fp8_gate_up_stage_is_tight():
     h = torch.empty((3, N), dtype=torch.bfloat16, device=DEV)
     fm.launch_gate_up(x, w13, s13, h, align, 1, SMALL, True, True, 128)
     xq = dequantize_groups_fp8(*per_token_group_quant_fp8_reference(x))
-    from moed.model.fp8 import dequantize_block_fp8
+    from moed.formats.fp8 import dequantize_block_fp8
     for t in range(3):
         wgu = dequantize_block_fp8(w13[int(ids[t, 0])], s13[int(ids[t, 0])], 128, 128)
         g, u = xq[t] @ wgu[:N].T, xq[t] @ wgu[N:].T

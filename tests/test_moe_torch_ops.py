@@ -14,9 +14,9 @@ import inspect
 import pytest
 import torch
 
+from moed.formats.fp8 import quantize_block_fp8
 from moed.kernels import act_quant, torch_ops
 from moed.kernels import fused_moe as fm
-from moed.model.fp8 import quantize_block_fp8
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"  # where the Triton kernel itself runs (interpreted on a CPU)
 SMALL_BF16 = {"BLOCK_SIZE_M": 16, "BLOCK_SIZE_N": 32, "BLOCK_SIZE_K": 32, "GROUP_SIZE_M": 1, "num_warps": 4,
@@ -28,7 +28,7 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def experts(S: int, N: int, K: int, fp8: bool, seed: int, device: str = "cpu") -> dict:
-    """Weights of S slots as fused_moe's keyword arguments (FP8: block-quantised by moed.model.fp8)."""
+    """Weights of S slots as fused_moe's keyword arguments (FP8: block-quantised by moed.formats.fp8)."""
     gen = torch.Generator(device=device).manual_seed(seed)
     w13 = torch.randn((S, 2 * N, K), generator=gen, device=device) / K ** 0.5
     w2 = torch.randn((S, K, N), generator=gen, device=device) / N ** 0.5

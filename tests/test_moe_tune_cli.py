@@ -32,9 +32,9 @@ def test_moe_tune_cli_other_commands_still_reject_unknown_options(capsys):
 
 
 def test_moe_tune_tables_from_log_round_trip(tmp_path):
+    from moed.kernels.fused_moe_tuner import _short, tables_from_log
+    from moed.kernels.fused_moe_tuner import main as tune_main
     from moed.moe_configs import lookup
-    from moed.ops.tune_moe import _short, tables_from_log
-    from moed.ops.tune_moe import main as tune_main
 
     up = {"BLOCK_SIZE_M": 16, "BLOCK_SIZE_N": 64, "BLOCK_SIZE_K": 128, "GROUP_SIZE_M": 1, "num_warps": 4,
           "num_stages": 4, "A_QUANT_IN_GEMM": False}

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from moed.model.fp8 import quantize_block_fp8
+from moed.formats.fp8 import quantize_block_fp8
 from moed.offload.cpu_experts import CpuExpertKernel, CpuKernelUnavailable, expert_forward_reference
 from moed.offload.host_store import ExpertLayout
 

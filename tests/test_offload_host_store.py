@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from moed.formats.fp8 import dequantize_block_fp8
 from moed.model.config import GlmMoeDsaConfig
-from moed.model.fp8 import dequantize_block_fp8
 from moed.model.weights import Checkpoint, read_expert
 from moed.offload import host_store
 from moed.offload.host_store import ExpertLayout, HostExpertStore, HostStoreError

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
+from moed.formats.fp8 import quantize_block_fp8
 from moed.model.checkpoint import make_config
 from moed.model.config import GlmMoeDsaConfig
-from moed.model.fp8 import quantize_block_fp8
 from moed.model.moe import ExpertWeights
 from moed.offload.expert_cache import CacheConfig, CacheConfigError
 from moed.offload.runner import CpuConfig, OffloadMoERunner, slot_moe_torch

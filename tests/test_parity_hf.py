@@ -9,9 +9,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from moed.attention.interface import SequenceStep, StepContext
 from moed.attention.reference import ReferenceAttention
 from moed.engine.generate import LoadedModel, generate_ids
+from moed.model.attention_interface import SequenceStep, StepContext
 from moed.model.config import GlmMoeDsaConfig
 from moed.model.moe import TorchMoERunner
 from moed.model.weights import load_model

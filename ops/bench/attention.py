@@ -33,11 +33,11 @@ import triton
 import triton.testing
 
 from moed.attention.dense import mha_prefill
-from moed.attention.interface import MLAInputs, PagedStep, SequenceStep
 from moed.attention.paged_kv import PagedKVPool
 from moed.kernels import index_k_gather, indexer, sparse_mla
 from moed.kernels.indexer import ScoresConfig, indexer_scores, topk_from_scores
 from moed.kernels.sparse_mla import MLAConfig
+from moed.model.attention_interface import MLAInputs, PagedStep, SequenceStep
 from moed.model.checkpoint import make_config
 from moed.model.config import GlmMoeDsaConfig
 

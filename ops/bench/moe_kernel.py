@@ -20,7 +20,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from moed.ops.tune_moe import make_experts, make_routing, precompile, time_graph
+from moed.kernels.fused_moe_tuner import make_experts, make_routing, precompile, time_graph
 
 DEFAULT_M = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
 

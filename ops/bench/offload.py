@@ -37,9 +37,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from moed.formats.fp8 import dequantize_block_fp8
 from moed.kernels.expert_copy import SlotTables, copy_experts, upload_no_ce
 from moed.model.config import GlmMoeDsaConfig
-from moed.model.fp8 import dequantize_block_fp8
 from moed.model.moe import route
 from moed.offload.cpu_experts import CpuExpertKernel, expert_forward_reference, host_read_GBps
 from moed.offload.expert_cache import CacheConfig

@@ -192,7 +192,7 @@ def register_attend_op(index_topk: int) -> None:
     -> (out [T, H * v_head_dim], topk [T, index_topk] int32, -1 rows on the dense path)`: backend.attend as one op.
     The pool it writes is not an argument (as vLLM's attention op keeps its KV cache in a forward context), so
     nothing of it reaches the compiler; prev_topk is not passed (one layer with its own indexer here)."""
-    from moed.attention.interface import IndexerInputs, LayerWeights, MLAInputs
+    from moed.model.attention_interface import IndexerInputs, LayerWeights, MLAInputs
 
     if hasattr(torch.ops, "moed_bench") and hasattr(torch.ops.moed_bench, "attend"):
         return
@@ -260,8 +260,8 @@ class Prefill:
 
 
 def make_prefill(cfg, backend, T: int, device: torch.device, seed: int) -> Prefill:
-    from moed.attention.interface import SequenceStep, StepContext
     from moed.attention.paged_kv import PagedSequence, build_paged_step
+    from moed.model.attention_interface import SequenceStep, StepContext
     from moed.model.rope import rope_cos_sin, rope_inv_freq
 
     seq = SequenceStep(num_cached=0, num_new=T, kv=PagedSequence(backend.pool))

@@ -1,10 +1,10 @@
 """The attention backend interface: what the GLM-5.1 network hands attention, and what it gets back.
 
-The network computes every projection (q_a/q_b, kv_a, the indexer's wq_b/wk/weights_proj), the
-norms and the rotary embedding; a backend owns the KV cache and computes, per layer:
-the DSA indexer's top-`index_topk` selection and MLA attention restricted to it. The output is
-the per-head attention result before `o_proj`. Backends: `reference` (plain torch, this package,
-the CPU path and the test oracle) and the kernel backends of later modules.
+It lives with the network that calls it (as the MoE runner interface does, model/moe.py); the backends in
+attention/ implement it. The network computes every projection (q_a/q_b, kv_a, the indexer's
+wq_b/wk/weights_proj), the norms and the rotary embedding; a backend owns the KV cache and computes, per
+layer: the DSA indexer's top-`index_topk` selection and MLA attention restricted to it. The output is the
+per-head attention result before `o_proj`.
 
 Tokens of all sequences in a step are packed along one axis (`tokens`), sequence by sequence, in
 the order of `StepContext.seqs`. Paged backends also read `StepContext.paged`: explicit per-step

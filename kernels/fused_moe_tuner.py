@@ -205,8 +205,8 @@ def precompile(dtype: str, N: int, K: int, items: list[tuple[str, dict]], worker
 
 def _reference_rows(hidden, w13, w2, s13, s2, ids, weights, fp8: bool, tokens: int, h_in=None):
     """Torch h rows and down rows for the first `tokens` tokens (all their assignments), fp32."""
+    from moed.formats.fp8 import dequantize_block_fp8
     from moed.kernels.act_quant import dequantize_groups_fp8, per_token_group_quant_fp8_reference
-    from moed.model.fp8 import dequantize_block_fp8
 
     N = w2.shape[2]
     top_k = ids.shape[1]

@@ -7,16 +7,13 @@ matched by token. A placement manager runs inside the daemon as an asyncio task:
 `DaemonPlacement`. The factory receives the `PlacementChannel` (to apply plans to the engine); the
 manager then gets every EngineStats (per-expert counts) and answers clients' placement requests.
 
-`DaemonPlacement` wraps offload's `PlacementManager` (decayed counts, pins within a per-layer budget,
-JSON state file). Dependency rule exception (DESIGN.md): the daemon imports `moed.offload.placement`,
-which imports no torch (tests/test_daemon_imports.py checks that nothing heavy comes with it); every
-other offload module stays out of the daemon. The adapter from the manager's `apply(pins)` to the
-engine: each interval the daemon asks the engine for its pins (`get`) and sends `unpin` for the
-extra ones, then `pin` for the missing ones, so a restarted worker gets its pins back within one
-interval. Operator pins are the manager's `operator_pins`: kept by every recomputation, counted
-against the budget, persisted in the state file. An operator `unpin` only removes operator pins;
-`reset` (of a layer, or of all) drops that layer's operator pins and its counts, so pins come back
-only as new counts arrive.
+`DaemonPlacement` drives the `PinPlanner` (daemon/pin_planner.py: decayed counts, pins within a per-layer
+budget, JSON state file) and makes the engine's pins the planner's: each interval it asks the engine for its
+pins (`get`), sends `unpin` for the extra ones, then `pin` for the missing ones, so a restarted worker gets its
+pins back within one interval. Operator pins are the planner's `operator_pins`: kept by every recomputation,
+counted against the budget, persisted in the state file. An operator `unpin` only removes operator pins;
+`reset` (of a layer, or of all) drops that layer's operator pins and its counts, so pins come back only as
+new counts arrive.
 """
 
 from __future__ import annotations
@@ -29,9 +26,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol
 
+from moed.daemon.pin_planner import PinPlanner, PlacementError
 from moed.engine import protocol as ep
-from moed.offload.placement import PlacementError
-from moed.offload.placement import PlacementManager as Planner
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +87,7 @@ PlacementFactory = Callable[[PlacementChannel], PlacementManager]
 
 
 class DaemonPlacement:
-    """Runs the offload placement planner against the engine through a PlacementChannel.
+    """Runs the pin planner against the engine through a PlacementChannel.
 
     The planner is built once the engine first answers a `get` (which names its cached layers);
     until then, and when the engine has no expert cache (moe=torch), requests go to the engine as is.
@@ -105,7 +101,7 @@ class DaemonPlacement:
         self.num_experts, self.pin_budget, self.interval_s = num_experts, pin_budget, interval_s
         self.state_path = Path(state_path) if state_path is not None else None
         self.decay, self.attach_retry_s = decay, attach_retry_s
-        self.planner: Planner | None = None
+        self.planner: PinPlanner | None = None
         self.unsupported = ""  # the engine's reason when it has no expert cache
         self._fresh: dict[int, list[int]] = {}  # counts since the planner's last read
         self._wanted: dict[int, set[int]] = {}
@@ -146,8 +142,8 @@ class DaemonPlacement:
             return False
         self.unsupported = ""
         layers = sorted(int(k) for k in reply.pinned)
-        def planner(state_path: Path | None) -> Planner:
-            return Planner(self.num_experts, layers, self.pin_budget, read_counts=self._read_counts,
+        def planner(state_path: Path | None) -> PinPlanner:
+            return PinPlanner(self.num_experts, layers, self.pin_budget, read_counts=self._read_counts,
                            apply=self._apply, interval_s=self.interval_s, decay=self.decay, state_path=state_path)
         try:
             self.planner = planner(self.state_path)

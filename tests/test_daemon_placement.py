@@ -29,7 +29,7 @@ from daemon_harness import (  # noqa: F401
 )
 
 from moed.client.api import Client
-from moed.offload.placement import PlacementManager as Planner
+from moed.daemon.pin_planner import PinPlanner
 
 pytestmark = pytest.mark.skipif(not HAVE_REAL_WORKER, reason=NO_REAL_WORKER)
 
@@ -99,7 +99,7 @@ def test_daemon_placement_counts_pins_and_state_file(tiny_checkpoint, tmp_path):
 
     # Restart: the planner starts from the file; with a long interval no recomputation happens, so the
     # engine's pins are exactly the plan of the saved counts and operator pins.
-    offline = Planner(16, [1, 2, 3], BUDGET, read_counts=dict, apply=lambda pins: None, state_path=state)
+    offline = PinPlanner(16, [1, 2, 3], BUDGET, read_counts=dict, apply=lambda pins: None, state_path=state)
     expected = {str(k): sorted(v) for k, v in offline.plan().items()}
     assert 15 in expected["1"] and all(len(p) == BUDGET for p in expected.values())
     with _daemon(tiny_checkpoint, state, interval_s=600) as d, Client(d.address, timeout=60) as c:

@@ -1,4 +1,4 @@
-"""Placement manager: pins within a budget, operator pin/unpin, state file round trip, async loop."""
+"""The pin planner: pins within a budget, operator pin/unpin, state file round trip, async loop."""
 
 from __future__ import annotations
 
@@ -7,15 +7,15 @@ import json
 
 import pytest
 
-from moed.offload.placement import PlacementError, PlacementManager
+from moed.daemon.pin_planner import PinPlanner, PlacementError
 
 
 def _manager(tmp_path, feed, applied, **kw):
-    return PlacementManager(8, [1, 2], pin_budget=3, read_counts=lambda: feed.pop(0) if feed else {},
+    return PinPlanner(8, [1, 2], pin_budget=3, read_counts=lambda: feed.pop(0) if feed else {},
                             apply=applied.append, state_path=tmp_path / "placement.json", **kw)
 
 
-def test_offload_placement_pins_hottest_within_budget_and_operator_pins(tmp_path):
+def test_pin_planner_pins_hottest_within_budget_and_operator_pins(tmp_path):
     feed = [{1: [0, 9, 1, 7, 0, 0, 5, 0], 2: [1] * 8}]
     applied: list = []
     m = _manager(tmp_path, feed, applied, decay=0.5)
@@ -41,7 +41,7 @@ def test_offload_placement_pins_hottest_within_budget_and_operator_pins(tmp_path
     assert len(applied) == n
 
 
-def test_offload_placement_state_round_trips_and_restart_is_warm(tmp_path):
+def test_pin_planner_state_round_trips_and_restart_is_warm(tmp_path):
     applied: list = []
     m = _manager(tmp_path, [{1: [5, 0, 0, 0, 0, 0, 0, 9], 2: [0] * 7 + [2]}], applied)
     m.pin(2, 3)
@@ -61,7 +61,7 @@ def test_offload_placement_state_round_trips_and_restart_is_warm(tmp_path):
         _manager(tmp_path, [], [])
 
 
-def test_offload_placement_async_loop_updates_and_stops(tmp_path):
+def test_pin_planner_async_loop_updates_and_stops(tmp_path):
     feed = [{1: [0, 0, 3, 0, 0, 0, 0, 0]}, {1: [0, 0, 0, 0, 0, 0, 0, 4]}]
     applied: list = []
     m = _manager(tmp_path, feed, applied, interval_s=0.01)
@@ -80,4 +80,4 @@ def test_offload_placement_async_loop_updates_and_stops(tmp_path):
     asyncio.run(go())
     assert m.pins[1] == {2, 7} and (tmp_path / "placement.json").exists()
     with pytest.raises(PlacementError, match="pin budget"):
-        PlacementManager(8, [1], pin_budget=-1, read_counts=dict, apply=print)
+        PinPlanner(8, [1], pin_budget=-1, read_counts=dict, apply=print)

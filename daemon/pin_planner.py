@@ -1,13 +1,12 @@
-"""Placement: which experts are pinned (resident, never evicted), from activation counts over time.
+"""The pin planner: which experts to pin (resident, never evicted), from activation counts over time.
 
-`PlacementManager` keeps a decayed activation count per (layer, expert), recomputes pins within a
-per-layer pin budget every `interval_s` seconds in an asyncio loop, and persists the counts and
-operator pins to a JSON state file (written atomically) so a restart starts warm. It talks to the
-engine only through two callables: `read_counts()` -> {layer: [count per expert]} (activations
-since the last read) and `apply(pins)` -> None, which queues {layer: set(experts)} for the engine
-to apply between steps (OffloadMoERunner.request_pins). Operator pins are always kept and count
-against the budget; the hottest other experts fill the rest. Eviction among unpinned experts
-(LRU or decayed-LFU) is the claim kernel's (kernels/expert_copy.py), chosen by CacheConfig.policy.
+`PinPlanner` keeps a decayed activation count per (layer, expert), recomputes pins within a per-layer pin
+budget, and persists the counts and operator pins to a JSON state file (written atomically) so a restart
+starts warm. It runs in the daemon (daemon/placement.py drives it and imports no torch) and talks to the
+engine only through two callables: `read_counts()` -> {layer: [count per expert]} (activations since the
+last read) and `apply(pins)` -> None, which hands {layer: set(experts)} on; the engine's expert offload
+applies pins between steps. Operator pins are always kept and count against the budget; the hottest other
+experts fill the rest. Eviction among unpinned experts is the claim kernel's (kernels/expert_copy.py).
 
 State file (JSON): {"version": 1, "decay": float, "counts": {"<layer>": [float, ...]},
                     "operator_pins": {"<layer>": [int, ...]}}
@@ -32,7 +31,7 @@ class PlacementError(ValueError):
     """A bad pin request or state file; the message names the value and what is accepted."""
 
 
-class PlacementManager:
+class PinPlanner:
     def __init__(self, num_experts: int, layers: list[int], pin_budget: int, *,
                  read_counts: Callable[[], dict[int, list[int]]], apply: Callable[[dict[int, set[int]]], None],
                  interval_s: float = 30.0, decay: float = 0.5, state_path: str | Path | None = None) -> None:

@@ -69,8 +69,8 @@ from moed.engine.sequence import PENDING, Sequence
 from moed.engine.spec_decode import DraftInput, MTPDrafter, verify_drafts
 from moed.model.attention_interface import AttentionBackend
 from moed.model.config import GlmMoeDsaConfig
-from moed.model.moe import ExpertWeights, MoERunner, TorchMoERunner
 from moed.model.weights import load_model
+from moed.offload.routed_experts import RoutedExperts
 
 log = logging.getLogger(__name__)
 
@@ -120,27 +120,6 @@ class EngineConfig:
     compile_prefill: bool = False
     compile_min_tokens: int = 2048
     seed: int | None = None  # seeds the draw of noise keys for requests without one
-
-
-class _ExpertsByLayer:
-    """Hands each layer's experts to the runner that owns the layer (the MTP layers go to the draft's)."""
-
-    def __init__(self, target: MoERunner, draft: MoERunner | None, draft_layers: list[int]) -> None:
-        self.target, self.draft, self.draft_layers = target, draft, set(draft_layers)
-
-    def _owner(self, layer: int) -> MoERunner:
-        return self.draft if self.draft is not None and layer in self.draft_layers else self.target
-
-    def load_expert(self, layer: int, expert: int, weights: ExpertWeights) -> None:
-        self._owner(layer).load_expert(layer, expert, weights)
-
-    def finish_loading(self) -> None:
-        self.target.finish_loading()
-        if self.draft is not None:
-            self.draft.finish_loading()
-
-    def run(self, layer: int, hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
-        return self._owner(layer).run(layer, hidden, topk_ids, topk_weights)
 
 
 class _StepTimes:
@@ -215,8 +194,7 @@ class LLMEngine:
         log.info("attention backend: %s (%s)", self.attention.name, self.attention.reason)
         paged = self.attention.name != "reference"
 
-        target_moe, draft_moe = self._moe_runners(cfg, dtype, spec)
-        self.experts = _ExpertsByLayer(target_moe, draft_moe, cfg.mtp_layer_ids)
+        self.experts = RoutedExperts(cfg, config, self.device, dtype)
         self.model = load_model(config.model, self.experts, dtype=dtype, device=self.device, mtp=spec, config=cfg)
         self.cfg = self.model.cfg
         self.max_model_len = min(config.max_model_len or self.cfg.max_position_embeddings,
@@ -233,15 +211,14 @@ class LLMEngine:
                                           page_size=config.page_size, latent_dtype=latent_dtype,
                                           index_dtype=index_dtype, layers=layers)
 
-        self.runner = ModelRunner(self.model, backend(main_layers), target_moe, self.device)
+        self.runner = ModelRunner(self.model, backend(main_layers), self.experts.target, self.device)
         if config.compile_prefill:
             self.runner.compiled = CompiledPrefill(config.compile_min_tokens)
         self.sampler = Sampler()
         self.drafter = None
-        if spec:
-            assert draft_moe is not None
+        if self.experts.draft is not None:
             # The draft's own pool (the MTP layer only), indexed by the same page lists as the target's.
-            self.drafter = MTPDrafter(self.model, backend(self.cfg.mtp_layer_ids), draft_moe, self.device,
+            self.drafter = MTPDrafter(self.model, backend(self.cfg.mtp_layer_ids), self.experts.draft, self.device,
                                       config.spec_steps, self.sampler)
         self.scheduler = Scheduler(
             SchedulerConfig(max_running=config.max_running, max_tokens_per_step=config.max_tokens_per_step,
@@ -250,7 +227,6 @@ class LLMEngine:
         self.eos_token_ids = frozenset(self.cfg.eos_token_ids) | _generation_eos(Path(config.model))
         self._rng = random.Random(config.seed)
         self._arrivals = 0
-        self._pin_plans: dict[int, set[int]] = {}  # layer -> pins requested since the last step
 
         self.num_steps = 0
         self.prompt_tokens = 0
@@ -266,35 +242,6 @@ class LLMEngine:
         # Benchmarks set a list: each plain step then appends CUDA events (start, end) around its device work.
         self.gpu_step_times: list[tuple[torch.cuda.Event, torch.cuda.Event]] | None = None
 
-    def _moe_runners(self, cfg: GlmMoeDsaConfig, dtype: torch.dtype, spec: bool
-                     ) -> tuple[MoERunner, MoERunner | None]:
-        if self.config.moe == "torch":
-            return (TorchMoERunner(cfg, dtype, self.device),
-                    TorchMoERunner(cfg, dtype, self.device) if spec else None)
-        from moed.offload.runner import CpuConfig, OffloadMoERunner
-
-        main = list(range(cfg.first_k_dense_replace, cfg.num_hidden_layers))
-        gb = self.config.expert_cache_gb
-        target_budget = int(gb * 2**30) if gb is not None else _free_bytes(self.device)
-        ms = self.config.miss_service
-        if ms == "auto":  # on a CPU device the "copies" are host memcpys: nothing for CPU experts to beat
-            ms = "hybrid" if self.device.type == "cuda" else "copy"
-        # cpu: every miss of every decode step on the CPU; hybrid: decode steps split their misses between the CPU
-        # and copies (both in CUDA graphs too: the hand-over is stream memory operations); prefill steps copy
-        cpu = None
-        if ms != "copy":  # auto falls back to copies where the CPU kernel cannot be built; an explicit choice fails
-            cpu = CpuConfig(policy=ms, max_tokens=max(8, 2 * (1 + self.config.spec_steps)),
-                            threads=self.config.cpu_expert_threads,
-                            fallback_to_copy=self.config.miss_service == "auto")
-        target = OffloadMoERunner(cfg, main, device=self.device, budget_bytes=target_budget, name="target", cpu=cpu)
-        draft = None
-        if spec:
-            dgb = self.config.draft_expert_cache_gb
-            draft_budget = int(dgb * 2**30) if dgb is not None else target_budget // max(len(main), 1)
-            draft = OffloadMoERunner(cfg, cfg.mtp_layer_ids, device=self.device, budget_bytes=draft_budget,
-                                     name="draft", cpu=cpu)
-        return target, draft
-
     def _auto_kv_pages(self, paged: bool, latent_dtype: str, index_dtype: str, layers: list[int]) -> int:
         pages_per_seq = -(-self.max_model_len // self.config.page_size)
         if not paged or self.device.type != "cuda":
@@ -303,7 +250,7 @@ class LLMEngine:
         n_index = sum(1 for layer in layers
                       if layer >= self.cfg.num_hidden_layers or self.cfg.indexer_types[layer] == "full")
         page_bytes = self.config.page_size * (len(layers) * lat + n_index * idx)
-        free = _free_bytes(self.device)
+        free = torch.cuda.mem_get_info(self.device)[0]
         pages = int(free * self.config.kv_memory_fraction) // page_bytes - 1
         if pages < 1:
             raise ValueError(f"no device memory left for the KV pool: {free / 2**30:.2f} GiB free after loading, "
@@ -385,10 +332,10 @@ class LLMEngine:
         outputs: list[RequestOutput] = []
         prev, self._inflight = self._inflight, None
         worked = prev is not None
-        if prev is not None and (self._pin_plans or not self.overlap):
+        if prev is not None and (self.experts.pins_pending or not self.overlap):
             outputs += self._read_back(prev)  # pins move expert slots that the step in flight reads
             prev = None
-        self._apply_pins()
+        self.experts.apply_pins()
         batch = self.scheduler.schedule()
         times.lap("schedule")
         launched: _InFlight | None = None
@@ -676,87 +623,28 @@ class LLMEngine:
         # With CPU experts the two runs meet different cache states and split their misses differently; a CPU route
         # uses fp32 activations where the GPU's w8a8 kernel quantises them (3-5% per layer output on random weights,
         # tests/test_expert_cache_gpu.py). A stale or wrong graph is off by ~100%.
-        cpu = any(r.miss_service != "copy" for r in self._offload_runners())
-        problem = graphs.check_against_eager(input_ids, ctx, rtol=0.05 if cpu else 1e-2)
+        problem = graphs.check_against_eager(input_ids, ctx, rtol=0.05 if self.experts.cpu_serves_misses else 1e-2)
         self.abort([rid])
         if problem is not None:
             log.warning("CUDA graphs off: %s", problem)
             return
         self.runner.graphs = graphs
 
-    def _offload_runners(self) -> list[Any]:
-        """The MoE runners with an expert cache (target first, then the draft's)."""
-        runners = [self.runner.moe, self.drafter.moe if self.drafter is not None else None]
-        return [r for r in runners if r is not None and getattr(r, "cache", None) is not None]
-
     def stats(self) -> EngineStats:
         """Counters (cumulative) and the mean step-time breakdown since the previous call."""
-        layers: list[LayerExpertStats] = []
-        counts: dict[str, list[int]] = {}
-        service: dict[str, float] = {}
-        policy = ""
-        for runner in self._offload_runners():
-            layers += [LayerExpertStats(**s.as_protocol_fields()) for s in runner.stats()]
-            counts.update({str(layer): c for layer, c in runner.read_counts().items()})
-            if runner.name == "target":
-                policy = runner.miss_service
-                if policy != "copy":  # the rates the split uses; the CPU's follows its load
-                    service = {"cpu": runner.cpu_rate, "copy": runner.copy_rate}
+        ex = self.experts.stats()
         return EngineStats(running=len(self.scheduler.running), waiting=len(self.scheduler.waiting),
                            kv_usage=self.kv.usage, num_steps=self.num_steps, prompt_tokens=self.prompt_tokens,
                            generation_tokens=self.generation_tokens, preemptions=self.scheduler.num_preemptions,
                            step_time_s=self._times.take_means(), spec_draft_tokens=self.spec_draft_tokens,
-                           spec_accepted_tokens=self.spec_accepted_tokens, experts=layers, expert_counts=counts,
-                           miss_service=policy, miss_service_rates_Bps=service)
+                           spec_accepted_tokens=self.spec_accepted_tokens,
+                           experts=[LayerExpertStats(**s.as_protocol_fields()) for s in ex.layers],
+                           expert_counts={str(layer): c for layer, c in ex.counts.items()},
+                           miss_service=ex.miss_service, miss_service_rates_Bps=ex.rates_Bps)
 
     def placement(self, op: str, layer: int | None, expert: int | None) -> tuple[bool, str, dict[str, list[int]]]:
         """Pin / unpin / reset / get experts of the expert caches; changes apply before the next step."""
-        runners = self._offload_runners()
-        if not runners:
-            return False, (f"expert placement is not available: the MoE runner {type(self.runner.moe).__name__} "
-                           "keeps every expert resident (no expert cache to pin into; run with moe=offload)"), {}
-        owner = {lay: r for r in runners for lay in r.cache.layers}
-
-        def pinned() -> dict[str, list[int]]:
-            return {str(lay): sorted(self._pin_plans.get(lay, r.cache[lay].pinned)) for lay, r in owner.items()}
-
-        if op == "get":
-            return True, "", pinned()
-        if layer is not None and layer not in owner:
-            return False, f"layer {layer} has no expert cache (cached MoE layers: {sorted(owner)})", pinned()
-        touched = [layer] if layer is not None else sorted(owner)
-        if op == "reset":
-            plans = {lay: set() for lay in touched}
-        elif op in ("pin", "unpin"):
-            if layer is None or expert is None:
-                return False, f"placement {op} needs a layer and an expert", pinned()
-            E = self.cfg.n_routed_experts
-            if not 0 <= expert < E:
-                return False, f"expert {expert} is out of range [0, {E})", pinned()
-            plan = set(self._pin_plans.get(layer, owner[layer].cache[layer].pinned))
-            plan = plan | {expert} if op == "pin" else plan - {expert}
-            lc = owner[layer].cache[layer]
-            if len(plan) >= lc.num_slots and not lc.static:
-                return False, (f"layer {layer}: {len(plan)} pins for {lc.num_slots} cache slots; one slot must stay "
-                               "unpinned to serve misses"), pinned()
-            plans = {layer: plan}
-        else:
-            return False, f"unknown placement op {op!r} (get, pin, unpin, reset)", pinned()
-        self._pin_plans.update(plans)
-        for r in runners:
-            mine = {lay: p for lay, p in self._pin_plans.items() if owner[lay] is r}
-            if mine:
-                r.request_pins(mine)
-        return True, "queued; applied before the next step", pinned()
-
-    def _apply_pins(self) -> None:
-        if self._pin_plans:
-            for r in self._offload_runners():
-                try:
-                    r.apply_pending()
-                except ValueError:  # validated when queued; a cache that changed since only loses the plan
-                    log.exception("applying expert pins failed; the plan is dropped")
-            self._pin_plans.clear()
+        return self.experts.placement(op, layer, expert)
 
     # Convenience for tests and scripts.
 
@@ -825,12 +713,6 @@ def _logprob_rows(res: SampleResult, wanted: list[int | None]) -> list[TokenLogp
         top = [(top_ids[i][j], top_lps[i][j]) for j in range(n)] if n and top_ids and top_lps else []
         out.append(TokenLogprobs(token_id=tokens[i], logprob=lps[i], top=top))
     return out
-
-
-def _free_bytes(device: torch.device) -> int:
-    if device.type != "cuda":
-        raise ValueError("expert_cache_gb must be given off CUDA (there is no device memory to size it from)")
-    return torch.cuda.mem_get_info(device)[0]
 
 
 def _generation_eos(model_dir: Path) -> frozenset[int]:

@@ -427,7 +427,7 @@ def fused_moe_reference(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tenso
             raise ValueError(f"fused_moe_reference: expert id {e} outside [0, {expert_to_slot.numel()})")
         slot = int(expert_to_slot[e])
         if slot < 0:
-            raise ValueError(f"fused_moe_reference: expert {e} is routed but has no slot")
+            raise ValueError(f"fused_moe_reference: routed expert {e} has no slot (expert_to_slot[{e}] == -1)")
         tok, j = torch.where(ids == e)
         if w13.dtype == torch.float8_e4m3fn:
             w_gu = dequantize_block_fp8(w13[slot], w13_scale[slot], *block_shape)

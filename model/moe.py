@@ -1,11 +1,12 @@
-"""GLM-5.1's MoE block pieces: the router, the MoE runner interface, and the plain-torch runner.
+"""GLM-5.1's MoE block pieces: the router, an expert's weights as stored, and the MoE runner interface.
 
 The router (sigmoid scores; `e_score_correction_bias` added for the choice only; grouped top-k over
 n_group/topk_group; top-k weights normalised and scaled by routed_scaling_factor) runs in fp32
 as the reference does. Routed-expert compute goes through a `MoERunner`: it receives each
 (layer, expert)'s weights once at load, one at a time, so a runner can place them anywhere
 (pinned host slab, GPU cache) without staging the layer anywhere else; then per step it maps
-`hidden, topk_ids, topk_weights` to the weighted sum of the chosen experts' outputs.
+`hidden, topk_ids, topk_weights` to the weighted sum of the chosen experts' outputs. The runners live in
+offload/ (routed_experts.py builds them: every expert resident, or offloaded).
 """
 
 from __future__ import annotations
@@ -87,38 +88,3 @@ class MoERunner(Protocol):
             topk_weights: torch.Tensor) -> torch.Tensor:
         """hidden: [tokens, hidden_size], topk_ids int32 / topk_weights fp32: [tokens, k] -> [tokens, hidden_size]."""
         ...
-
-
-class TorchMoERunner:
-    """Per-expert loop in plain torch, as the reference computes it; FP8 experts dequantised at load."""
-
-    def __init__(self, cfg: GlmMoeDsaConfig, dtype: torch.dtype, device: torch.device | str = "cpu") -> None:
-        self.cfg, self.dtype, self.device = cfg, dtype, torch.device(device)
-        q = cfg.quantization
-        self.block = (q.block_n, q.block_k) if q is not None else None
-        self.experts: dict[int, list[tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None]] = {}
-
-    def load_expert(self, layer: int, expert: int, weights: ExpertWeights) -> None:
-        slots = self.experts.setdefault(layer, [None] * self.cfg.n_routed_experts)
-        gate, up, down = weights.dequantized(self.block, self.dtype)
-        slots[expert] = (gate.to(self.device), up.to(self.device), down.to(self.device))
-
-    def finish_loading(self) -> None:
-        for layer, slots in self.experts.items():
-            missing = [e for e, s in enumerate(slots) if s is None]
-            if missing:
-                raise ValueError(f"MoE layer {layer}: experts {missing[:8]} were never loaded")
-
-    def run(self, layer: int, hidden: torch.Tensor, topk_ids: torch.Tensor,
-            topk_weights: torch.Tensor) -> torch.Tensor:
-        out = torch.zeros_like(hidden)
-        slots = self.experts[layer]
-        flat_ids = topk_ids.reshape(-1)
-        for e in torch.unique(flat_ids).tolist():
-            token_idx, k_pos = torch.where(topk_ids == e)
-            gate, up, down = slots[e]
-            x = hidden[token_idx]
-            h = F.silu(F.linear(x, gate)) * F.linear(x, up)
-            y = F.linear(h, down) * topk_weights[token_idx, k_pos, None]
-            out.index_add_(0, token_idx, y.to(out.dtype))
-        return out

@@ -69,20 +69,6 @@ def slots_for_budget(budget_bytes: int, layout: ExpertLayout, num_layers: int) -
     return slots
 
 
-def cache_budget_bytes(expert_cache_gib: float | None, device: torch.device, margin_gib: float = 2.0) -> int:
-    """The configured budget, or what is free on `device` now (after weights and KV cache) less a margin."""
-    if expert_cache_gib is not None:
-        if expert_cache_gib <= 0:
-            raise CacheConfigError(f"expert_cache_gib {expert_cache_gib} must be > 0")
-        return int(expert_cache_gib * 2**30)
-    free, _ = torch.cuda.mem_get_info(device)
-    budget = free - int(margin_gib * 2**30)
-    if budget <= 0:
-        raise CacheConfigError(f"only {free / 2**30:.2f} GiB free on {device}, below the {margin_gib} GiB margin: "
-                               "set expert_cache_gib or lower the KV cache size")
-    return budget
-
-
 class LayerCache:
     """One MoE layer's slot pool on the device, its tables, and its copy paths."""
 
@@ -163,15 +149,21 @@ class LayerCache:
             t.expert_to_slot[e] = s
             t.slot_to_expert[s] = e
 
-    def set_pins(self, experts: set[int]) -> None:
-        """Make exactly `experts` pinned (resident, never evicted); call between steps (it syncs)."""
+    def check_pins(self, experts: set[int]) -> None:
+        """Raise CacheConfigError unless `experts` can be this layer's pin set: ids in range, and one slot left
+        unpinned to serve misses (unless every expert is resident)."""
         E = self.layout.num_experts
         bad = [e for e in experts if not 0 <= e < E]
         if bad:
             raise CacheConfigError(f"layer {self.layer}: cannot pin experts {bad[:8]}: ids are in [0, {E})")
-        if len(experts) >= self.num_slots and not (self.static and len(experts) == self.num_slots):
-            raise CacheConfigError(f"layer {self.layer}: {len(experts)} pins for {self.num_slots} slots; at least "
-                                   "one slot must stay unpinned to serve misses (lower the pin budget)")
+        if len(experts) >= self.num_slots and not self.static:
+            raise CacheConfigError(f"layer {self.layer}: {len(experts)} pins for {self.num_slots} cache slots; one "
+                                   "slot must stay unpinned to serve misses (lower the pin budget)")
+
+    def set_pins(self, experts: set[int]) -> None:
+        """Make exactly `experts` pinned (resident, never evicted); call between steps (it syncs)."""
+        self.check_pins(experts)
+        E = self.layout.num_experts
         t = self.tables
         e2s = t.expert_to_slot[:E].cpu()
         s2e = t.slot_to_expert.cpu()

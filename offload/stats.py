@@ -1,6 +1,6 @@
-"""Per-layer offload statistics, in the fields of `engine.protocol.LayerExpertStats`.
+"""Offload statistics: per layer in the fields of `engine.protocol.LayerExpertStats`, and per engine.
 
-offload/ sits below engine/ in the dependency order, so this module defines its own dataclass;
+offload/ sits below engine/ in the dependency order, so this module defines its own dataclasses;
 `as_protocol_fields()` gives exactly the keyword arguments LayerExpertStats takes.
 """
 
@@ -45,6 +45,16 @@ class OffloadLayerStats:
             "evictions": self.evictions, "stall_s": self.stall_s, "cpu_experts": self.cpu_experts,
             "prefetch_precision": self.prefetch_precision, "prefetch_recall": self.prefetch_recall,
         }
+
+
+@dataclasses.dataclass
+class ExpertStats:
+    """What `RoutedExperts.stats()` reports: every cached layer's counters, target's then draft's."""
+
+    layers: list[OffloadLayerStats]
+    counts: dict[int, list[int]]  # layer -> activations per expert since the last read
+    miss_service: str  # copy | hybrid | cpu as the target runs it; "" with every expert resident
+    rates_Bps: dict[str, float]  # {"cpu", "copy"}: the rates the hybrid split uses; empty without CPU experts
 
 
 def summarize(stats: list[OffloadLayerStats]) -> dict:

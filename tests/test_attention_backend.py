@@ -16,8 +16,8 @@ from moed.attention.select import BackendUnavailable, Platform, choose_backend, 
 from moed.model.attention_interface import SequenceStep, StepContext
 from moed.model.checkpoint import make_checkpoint, make_config
 from moed.model.config import GlmMoeDsaConfig
-from moed.model.moe import TorchMoERunner
 from moed.model.weights import load_model
+from moed.offload.torch_runner import TorchMoERunner
 
 TOL = 1e-4
 DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # compiled kernels where there is a GPU

@@ -24,8 +24,8 @@ from moed.kernels.indexer import indexer_scores_reference
 from moed.model.attention_interface import IndexerInputs, LayerWeights, MLAInputs, SequenceStep, StepContext
 from moed.model.checkpoint import make_checkpoint, make_config
 from moed.model.config import GlmMoeDsaConfig
-from moed.model.moe import TorchMoERunner
 from moed.model.weights import load_model
+from moed.offload.torch_runner import TorchMoERunner
 
 pytestmark = pytest.mark.gpu
 DEV = torch.device("cuda")

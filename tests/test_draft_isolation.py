@@ -2,23 +2,39 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
 from moed.model.config import GlmMoeDsaConfig
 from moed.model.weights import load_model
 from moed.offload.expert_cache import slots_for_budget
-from moed.offload.runner import LayerSplitRunner, OffloadMoERunner
+from moed.offload.routed_experts import RoutedExperts
+from moed.offload.runner import OffloadMoERunner
+
+
+@dataclasses.dataclass
+class _Settings:  # the fields of EngineConfig that RoutedExperts reads
+    expert_cache_gb: float
+    draft_expert_cache_gb: float
+    moe: str = "offload"
+    miss_service: str = "copy"
+    cpu_expert_threads: int = 0
+    spec_steps: int = 1
 
 
 def test_draft_runner_has_isolated_state_budget_and_never_touches_target_pins(tiny_checkpoint):
     cfg = GlmMoeDsaConfig.from_file(tiny_checkpoint)
     main_layers = list(range(cfg.first_k_dense_replace, cfg.num_hidden_layers))
     assert cfg.mtp_layer_ids, "the tiny checkpoint has an MTP layer"
-    target = OffloadMoERunner(cfg, layers=main_layers, device="cpu", slots=6, name="target")
     probe = OffloadMoERunner(cfg, layers=cfg.mtp_layer_ids, device="cpu", slots=1, name="probe")
-    draft_budget = 3 * probe.layout.expert_bytes  # the draft's own budget: 3 slots for its one layer
-    draft = OffloadMoERunner(cfg, layers=cfg.mtp_layer_ids, device="cpu", budget_bytes=draft_budget, name="draft")
+    eb = probe.layout.expert_bytes
+    draft_budget = 3 * eb  # the draft's own budget: 3 slots for its one layer
+    experts = RoutedExperts(cfg, _Settings(expert_cache_gb=6 * len(main_layers) * eb / 2**30,
+                                           draft_expert_cache_gb=draft_budget / 2**30), torch.device("cpu"),
+                            torch.float32)
+    target, draft = experts.target, experts.draft
     finishes = {"target": 0, "draft": 0}
     for r in (target, draft):
         real = r.finish_loading
@@ -28,16 +44,17 @@ def test_draft_runner_has_isolated_state_budget_and_never_touches_target_pins(ti
             real()
 
         r.finish_loading = counted
-    load_model(tiny_checkpoint, LayerSplitRunner([target, draft]), mtp=True)
+    load_model(tiny_checkpoint, experts, mtp=True)
     assert finishes == {"target": 1, "draft": 1}  # each post-init ran once, for its own layers only
     assert set(target.cache.layers) == set(main_layers) and set(draft.cache.layers) == set(cfg.mtp_layer_ids)
+    assert target.cache[1].num_slots == 6
     assert draft.cache[cfg.mtp_layer_ids[0]].num_slots == slots_for_budget(draft_budget, draft.layout, 1) == 3
     assert target.store is not draft.store and target.cache is not draft.cache
     ptrs = lambda r: {t.data_ptr() for lc in r.cache.layers.values() for t in vars(lc.tables).values()}  # noqa: E731
     assert not ptrs(target) & ptrs(draft), "no slot table is shared"
 
-    target.request_pins({1: {0, 2}, cfg.mtp_layer_ids[0]: {1}})  # a pin for a layer it does not own is ignored
-    target.apply_pending()
+    assert experts.placement("pin", 1, 0)[0] and experts.placement("pin", 1, 2)[0]  # the target's layer only
+    experts.apply_pins()
     before = {layer: lc.tables.clone() for layer, lc in target.cache.layers.items()}
     g = torch.Generator().manual_seed(0)
     mtp = cfg.mtp_layer_ids[0]
@@ -52,5 +69,3 @@ def test_draft_runner_has_isolated_state_budget_and_never_touches_target_pins(ti
     assert {0, 2} <= set(target.cache[1].resident()) and draft.cache[mtp].pinned == set()
     with pytest.raises(KeyError, match="does not serve MoE layer"):
         draft.run(1, torch.zeros(1, cfg.hidden_size), torch.zeros(1, 1, dtype=torch.int32), torch.ones(1, 1))
-    with pytest.raises(ValueError, match="claimed by both"):
-        LayerSplitRunner([target, OffloadMoERunner(cfg, layers=[1], device="cpu", slots=2)])

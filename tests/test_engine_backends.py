@@ -78,12 +78,12 @@ def test_engine_offload_cpu_miss_service_matches_reference(tiny_checkpoint, refe
     assert target.miss_service == policy and target.supports_cuda_graphs
     # Without a GPU the copy rate is a placeholder and the tiny experts' CPU rate is all overhead: make the two
     # equal so the hybrid split gives the CPU a share here as it does on the GPU machine.
-    target.cpu_rate = target.copy_rate
+    target.hybrid.cpu_rate = target.hybrid.copy_rate
     assert e.generate(_prompts(), SP) == reference
     stats = e.stats()
     assert stats.miss_service == policy and set(stats.miss_service_rates_Bps) == {"cpu", "copy"}
     cpu = sum(s.cpu_experts for s in stats.experts)
-    assert cpu > 0 and (policy == "hybrid" or all(s["copy"] == 0 for s in target.split_log))
+    assert cpu > 0 and (policy == "hybrid" or all(s["copy"] == 0 for s in target.hybrid.split_log))
 
 
 def test_engine_miss_service_config_errors(tiny_checkpoint):

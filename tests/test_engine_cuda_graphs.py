@@ -9,7 +9,7 @@ from moed.attention.reference import ReferenceAttention
 from moed.engine.cuda_graphs import bucket_sizes, graph_capable
 from moed.engine.llm_engine import EngineConfig, LLMEngine
 from moed.engine.protocol import SamplingParams
-from moed.model.moe import TorchMoERunner
+from moed.offload.torch_runner import TorchMoERunner
 
 SP = SamplingParams(max_tokens=6, ignore_eos=True)
 EXPERT_BYTES = 49152  # the tiny model's bf16 expert: gate, up, down of 64 x 128
@@ -111,13 +111,13 @@ def test_engine_hybrid_miss_service_runs_in_graphs(tiny_checkpoint):
     target = hybrid.runner.moe
     assert target.miss_service == "hybrid" and hybrid.runner.graphs is not None
     assert hybrid.runner.graphs.max_batch == 4
-    target.cpu_rate = target.copy_rate  # a share for the CPU whatever the tiny experts' measured rate
+    target.hybrid.cpu_rate = target.hybrid.copy_rate  # a share for the CPU whatever the tiny experts' measured rate
     sp = SamplingParams(max_tokens=6, ignore_eos=True)
     hybrid.stats()
-    target.split_log.clear()
+    target.hybrid.split_log.clear()
     steps = hybrid.runner.graph_steps
     out = hybrid.generate(_prompts(), sp)
     assert all(len(o) == 6 for o in out)
     hybrid.stats()
-    assert hybrid.runner.graph_steps > steps and any(s["cpu"] > 0 for s in target.split_log)
-    assert hybrid.stats().miss_service == "hybrid" and target._hybrid.server.errors == 0
+    assert hybrid.runner.graph_steps > steps and any(s["cpu"] > 0 for s in target.hybrid.split_log)
+    assert hybrid.stats().miss_service == "hybrid" and target.hybrid.server.errors == 0

@@ -12,7 +12,8 @@ from moed.kernels.expert_copy import SlotTables, claim_slots, copy_experts, copy
 from moed.model.checkpoint import make_config
 from moed.model.config import GlmMoeDsaConfig
 from moed.model.moe import ExpertWeights
-from moed.offload.runner import CpuConfig, OffloadMoERunner
+from moed.offload.hybrid import CpuConfig
+from moed.offload.runner import OffloadMoERunner
 
 pytestmark = pytest.mark.gpu
 E, K, N, k = 32, 256, 256, 8
@@ -92,12 +93,12 @@ def test_offload_hybrid_step_has_no_host_sync_and_replays_in_cuda_graph():
     """The hybrid miss service on the GPU: split on the device, the CPU's job handed over by stream memory
     operations: no host sync in an eager step, and a captured step replayed with new ids is right.
 
-    Right means: no further from the FP8 reference (FP8 weights dequantised, fp32 activations: `slot_moe_torch`)
+    Right means: no further from the FP8 reference (FP8 weights dequantised, fp32 math: `fused_moe_reference`)
     than the all-GPU path, which quantises activations to FP8 per 128-group (w8a8, a few % per route) where the
     CPU computes with fp32 activations; plus one bf16 rounding. A wrong or stale CPU sum would be off by ~100%."""
-    from moed.offload.runner import slot_moe_torch
+    from moed.kernels.fused_moe import fused_moe_reference
 
-    exact, gpu = _runner(E, moe_fn=slot_moe_torch), _runner(E)
+    exact, gpu = _runner(E, moe_fn=fused_moe_reference), _runner(E)
     r = _runner(10, CpuConfig(threads=4, cpu_rate=1e9, copy_rate=1e9))
     errs: list[tuple[float, float]] = []
 
@@ -127,7 +128,7 @@ def test_offload_hybrid_step_has_no_host_sync_and_replays_in_cuda_graph():
         static_out = r.run(1, static_h, static_ids, static_w)
     torch.cuda.current_stream().wait_stream(s)
     r.stats()
-    r.split_log.clear()
+    r.hybrid.split_log.clear()
     for seed in range(20, 26):
         ids, w = _ids(tokens, seed)
         static_ids.copy_(ids)
@@ -137,8 +138,8 @@ def test_offload_hybrid_step_has_no_host_sync_and_replays_in_cuda_graph():
         torch.cuda.synchronize()
         check(static_out, static_h, ids, w)
     r.stats()
-    assert len(r.split_log) == 6 and all(s["cpu"] > 0 for s in r.split_log)
-    assert r._hybrid.server.errors == 0
+    assert len(r.hybrid.split_log) == 6 and all(s["cpu"] > 0 for s in r.hybrid.split_log)
+    assert r.hybrid.server.errors == 0
     print("relative error vs the FP8 reference (hybrid, all-GPU w8a8):", [(round(a, 4), round(b, 4)) for a, b in errs])
     r.close()
 

@@ -9,8 +9,8 @@ from moed.attention.reference import ReferenceAttention
 from moed.model.attention_interface import SequenceStep, StepContext
 from moed.model.checkpoint import make_checkpoint
 from moed.model.config import GlmMoeDsaConfig
-from moed.model.moe import TorchMoERunner
 from moed.model.weights import load_model
+from moed.offload.torch_runner import TorchMoERunner
 
 
 def _load(path):

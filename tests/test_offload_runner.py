@@ -7,11 +7,13 @@ import pytest
 import torch
 
 from moed.formats.fp8 import quantize_block_fp8
+from moed.kernels.fused_moe import fused_moe_reference
 from moed.model.checkpoint import make_config
 from moed.model.config import GlmMoeDsaConfig
 from moed.model.moe import ExpertWeights
 from moed.offload.expert_cache import CacheConfig, CacheConfigError
-from moed.offload.runner import CpuConfig, OffloadMoERunner, slot_moe_torch
+from moed.offload.hybrid import CpuConfig
+from moed.offload.runner import OffloadMoERunner
 
 LAYERS = [1, 2]
 
@@ -91,8 +93,8 @@ def test_offload_with_pins_bit_for_bit_and_pins_stay_resident(fp8_setup):
     cfg, experts, ref = fp8_setup
     r = build_runner(cfg, experts, LAYERS, slots=4)
     pins = {1: {3, 7}, 2: {0}}
-    r.request_pins(pins)
-    assert r.apply_pending()
+    for layer, p in pins.items():
+        r.cache[layer].set_pins(p)
     g = torch.Generator().manual_seed(5)
     for _ in range(3):
         h = torch.randn(2, cfg.hidden_size, generator=g).bfloat16()
@@ -174,20 +176,20 @@ def test_offload_cpu_experts_within_accumulation_tolerance(fp8_setup, monkeypatc
             route_max = max(route_max, float(a[t].abs().max()))
         assert (a - b).abs().max() <= k * 2**-8 * max(route_max, 1.0) + 2**-8 * float(a.abs().max())
     st = r.stats()[0]  # takes in the server's records first
-    assert any(s["cpu"] > 0 for s in r.split_log), "no expert was computed on the CPU"
-    assert all(s["cpu"] + s["copy"] == s["misses"] and s["tokens"] == 3 for s in r.split_log)
-    assert st.cpu_experts == sum(s["cpu"] for s in r.split_log if s["layer"] == 1) and st.bytes_cpu > 0
-    assert r._hybrid.server.errors == 0
+    assert any(s["cpu"] > 0 for s in r.hybrid.split_log), "no expert was computed on the CPU"
+    assert all(s["cpu"] + s["copy"] == s["misses"] and s["tokens"] == 3 for s in r.hybrid.split_log)
+    assert st.cpu_experts == sum(s["cpu"] for s in r.hybrid.split_log if s["layer"] == 1) and st.bytes_cpu > 0
+    assert r.hybrid.server.errors == 0
     r.close()
 
 
-def test_slot_moe_torch_rejects_missing_slot(fp8_setup):
+def test_torch_moe_reference_rejects_missing_slot(fp8_setup):
     cfg, _, ref = fp8_setup
     lc = ref.cache[1]
     table = lc.tables.expert_to_slot.clone()
     table[2] = -1
     with pytest.raises(ValueError, match="expert 2 has no slot"):
-        slot_moe_torch(torch.zeros(1, cfg.hidden_size), lc.w13, lc.w2, torch.tensor([[2]], dtype=torch.int32),
+        fused_moe_reference(torch.zeros(1, cfg.hidden_size), lc.w13, lc.w2, torch.tensor([[2]], dtype=torch.int32),
                        torch.ones(1, 1), table, w13_scale=lc.w13_scale, w2_scale=lc.w2_scale,
                        block_shape=ref.layout.block)
 
@@ -268,12 +270,12 @@ def test_offload_cpu_experts_skip_steps_below_min_tokens(fp8_setup):
     for _ in range(3):
         ids, w = random_routing(1, cfg.n_routed_experts, k, g)
         r.run(1, torch.randn(1, cfg.hidden_size, generator=g).bfloat16(), ids, w)
-    assert r.stats()[0].misses > 0 and len(r.split_log) == 0
+    assert r.stats()[0].misses > 0 and len(r.hybrid.split_log) == 0
     for _ in range(3):
         ids, w = random_routing(2, cfg.n_routed_experts, k, g)
         r.run(1, torch.randn(2, cfg.hidden_size, generator=g).bfloat16(), ids, w)
     r.stats()
-    assert r.split_log and all(s["cpu"] > 0 for s in r.split_log)
+    assert r.hybrid.split_log and all(s["cpu"] > 0 for s in r.hybrid.split_log)
     with pytest.raises(ValueError, match="min_tokens <= max_tokens"):
         CpuConfig(min_tokens=0)
     r.close()
@@ -284,28 +286,28 @@ def test_offload_hybrid_split_follows_rates_and_policy(fp8_setup):
     takes all; every entry within [0, misses]."""
     cfg, experts, _ = fp8_setup
     r = build_runner(cfg, experts, LAYERS, slots=4, cpu=CpuConfig(threads=1, cpu_rate=1e9, copy_rate=1e9))
-    t = r._hybrid.counts.numpy()
+    t = r.hybrid.counts.numpy()
     assert t.shape == (9, 8 * cfg.num_experts_per_tok + 1)
     assert list(t[1, :6]) == [0, 1, 1, 2, 2, 3]
-    r.cpu_rate = 3e9
+    r.hybrid.cpu_rate = 3e9
     assert t[1, 4] == 3 and t[1, 8] == 6
     r.close()
     r = build_runner(cfg, experts, LAYERS, slots=4, cpu=CpuConfig(threads=1, policy="cpu"))
-    t = r._hybrid.counts.numpy()
+    t = r.hybrid.counts.numpy()
     assert (t == np.arange(t.shape[1])[None, :]).all()
     r.close()
 
 
 def test_offload_cpu_experts_unavailable_falls_back_only_when_asked(fp8_setup, monkeypatch):
-    from moed.offload import runner as runner_mod
+    from moed.offload import hybrid as hybrid_mod
     from moed.offload.cpu_experts import CpuKernelUnavailable
 
     def no_compiler(*a, **kw):
         raise CpuKernelUnavailable("no C compiler (gcc) to build the CPU expert kernel")
 
-    monkeypatch.setattr(runner_mod, "CpuExpertKernel", no_compiler)
+    monkeypatch.setattr(hybrid_mod, "CpuExpertKernel", no_compiler)
     cfg, experts, _ = fp8_setup
     with pytest.raises(CpuKernelUnavailable, match="no C compiler"):
         build_runner(cfg, experts, LAYERS, slots=4, cpu=CpuConfig(threads=1))
     r = build_runner(cfg, experts, LAYERS, slots=4, cpu=CpuConfig(threads=1, fallback_to_copy=True))
-    assert r.miss_service == "copy" and r.cpu_kernel is None and r._hybrid is None
+    assert r.miss_service == "copy" and r.hybrid is None

@@ -13,8 +13,8 @@ from moed.attention.reference import ReferenceAttention
 from moed.engine.generate import LoadedModel, generate_ids
 from moed.model.attention_interface import SequenceStep, StepContext
 from moed.model.config import GlmMoeDsaConfig
-from moed.model.moe import TorchMoERunner
 from moed.model.weights import load_model
+from moed.offload.torch_runner import TorchMoERunner
 
 transformers = pytest.importorskip("transformers")
 TOL = 1e-4

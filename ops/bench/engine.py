@@ -80,7 +80,7 @@ def ceilings(device: torch.device) -> dict[str, float]:
 
 
 def _offload_totals(engine: LLMEngine) -> dict[str, int]:
-    runner = engine.runner.moe
+    runner = engine.experts.target
     if getattr(runner, "cache", None) is None:
         return {"hits": 0, "misses": 0}
     s = runner.stats()
@@ -131,16 +131,16 @@ def run_load(engine: LLMEngine, concurrency: int, prompt_len: int, gen_len: int,
     steps0, drafts0, acc0 = engine.num_steps, engine.spec_draft_tokens, engine.spec_accepted_tokens
     graph0 = engine.runner.graph_steps
     cache0 = _offload_totals(engine)
-    moe = engine.runner.moe
-    if getattr(moe, "split_log", None) is not None:
-        moe.split_log.clear()
+    hybrid = getattr(engine.experts.target, "hybrid", None)
+    if hybrid is not None:
+        hybrid.split_log.clear()
     while engine.has_unfinished:
         step()
     sync()
     t2 = time.perf_counter()
     cache1 = _offload_totals(engine)  # takes in the CPU server's job records too
     steps = engine.num_steps - steps0
-    jobs = list(getattr(moe, "split_log", []))
+    jobs = list(hybrid.split_log) if hybrid is not None else []
     decode_tokens = sum(produced.values()) - first
     drafts = engine.spec_draft_tokens - drafts0
     hits, misses = cache1["hits"] - cache0["hits"], cache1["misses"] - cache0["misses"]

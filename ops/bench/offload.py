@@ -44,7 +44,8 @@ from moed.model.moe import route
 from moed.offload.cpu_experts import CpuExpertKernel, expert_forward_reference, host_read_GBps
 from moed.offload.expert_cache import CacheConfig
 from moed.offload.host_store import ExpertLayout, HostExpertStore
-from moed.offload.runner import CpuConfig, OffloadMoERunner
+from moed.offload.hybrid import CpuConfig
+from moed.offload.runner import OffloadMoERunner
 from moed.offload.stats import summarize
 from moed.offload.traces import skewed_trace, trace_statistics, uniform_trace
 
@@ -122,6 +123,13 @@ def _wall(fn) -> float:
     t0 = time.perf_counter()
     fn()
     return time.perf_counter() - t0
+
+
+def _rates(r: OffloadMoERunner) -> dict:
+    """The hybrid service's split as the runner has it (zeros for a copy-only runner)."""
+    h = r.hybrid
+    return {"cpu_share": h.cpu_share if h else 0.0, "runner_cpu_GBps": h.cpu_rate / 1e9 if h else 0.0,
+            "runner_copy_GBps": h.copy_rate / 1e9 if h else 0.0}
 
 
 def make_runner(cfg, store, slots, cache_cfg=None, cpu=None) -> OffloadMoERunner:
@@ -303,9 +311,8 @@ def hybrid_runs(cfg, store, ceil: dict, cpu_measure: dict, args) -> dict:
                      "graph_vs_host_read": miss_bytes / t_graph / 1e9 / ceil["host_read_GBps"],
                      "misses_per_step": miss, "miss_GBps": miss_bytes / t / 1e9,
                      "vs_host_read": miss_bytes / t / 1e9 / ceil["host_read_GBps"],
-                     "bound_ms": miss_bytes / rate * 1e3, "cpu_share": r.cpu_share,
-                     "cpu_experts_per_step": (after["cpu_experts"] - before["cpu_experts"]) / steps,
-                     "runner_cpu_GBps": r.cpu_rate / 1e9, "runner_copy_GBps": r.copy_rate / 1e9}
+                     "bound_ms": miss_bytes / rate * 1e3,
+                     "cpu_experts_per_step": (after["cpu_experts"] - before["cpu_experts"]) / steps, **_rates(r)}
         log.info("%s %s", name, out[name])
         r.close()
     joint = min(cpu_rate + copy_rate, ceil["host_read_GBps"] * 1e9)
@@ -384,14 +391,14 @@ def cpu_diag(cfg, store, ceil: dict, args) -> dict:
         r.run(LAYER, h, trace[s], w)
     torch.cuda.synchronize()
     r.stats()
-    r.split_log.clear()
+    r.hybrid.split_log.clear()
     t0 = time.perf_counter()
     for s in range(2, args.steps + 2):
         r.run(LAYER, h, trace[s], w)
     torch.cuda.synchronize()
     total = (time.perf_counter() - t0) / args.steps
     r.stats()
-    jobs = list(r.split_log)
+    jobs = list(r.hybrid.split_log)
     out["runner_all_cpu"] = {"step_ms": total * 1e3,
                              "cpu_job_ms": float(np.mean([j["cpu_s"] for j in jobs])) * 1e3 if jobs else None,
                              "cpu_experts_per_step": jobs[-1]["cpu"] if jobs else 0}
@@ -413,8 +420,6 @@ def hybrid_timeline(cfg, store, threads: int | None, args) -> dict:
     GPU idle: GPU events after the split kernel, after the GPU's rounds (claim, copy, fused MoE, its weighted sum),
     and at the step's end; the CPU job's start and end (the server's own clock, CLOCK_MONOTONIC like
     perf_counter); and when run() returned to the host. threads None: the copy-only runner, for comparison."""
-    from moed.offload import runner as runner_mod
-
     E, k, K = cfg.n_routed_experts, cfg.num_experts_per_tok, cfg.hidden_size
     trace = torch.from_numpy(uniform_trace(args.steps + 2, 1, E, k, seed=11)).cuda()
     w = torch.rand(1, k, device="cuda")
@@ -426,7 +431,7 @@ def hybrid_timeline(cfg, store, threads: int | None, args) -> dict:
         events[name] = torch.cuda.Event(enable_timing=True)
         events[name].record()
 
-    serve, split = r._serve_gpu, runner_mod.split_misses
+    serve = r._serve_gpu
 
     def serve_w(*a, **kw):
         y = serve(*a, **kw)
@@ -438,7 +443,9 @@ def hybrid_timeline(cfg, store, threads: int | None, args) -> dict:
         mark("split_done")
 
     r._serve_gpu = serve_w
-    runner_mod.split_misses = split_w
+    if r.hybrid is not None:  # the service holds its split function: wrap that one
+        split = r.hybrid.split
+        r.hybrid.split = split_w
     rows = []
     try:
         for s in range(args.steps + 2):
@@ -453,20 +460,21 @@ def hybrid_timeline(cfg, store, threads: int | None, args) -> dict:
             torch.cuda.synchronize()
             row = {"run_returned": (t_ret - t0) * 1e3}
             row.update({n: events["start"].elapsed_time(e) for n, e in events.items() if n != "start"})
-            before = len(r.split_log)
+            jobs_log = r.hybrid.split_log if r.hybrid is not None else []
+            before = len(jobs_log)
             r.stats()
-            job = r.split_log[-1] if len(r.split_log) > before else None
+            job = jobs_log[-1] if len(jobs_log) > before else None
             if job is not None:
                 row.update(cpu_start=(job["t_start"] - t0) * 1e3, cpu_end=(job["t_end"] - t0) * 1e3,
                            cpu_experts=job["cpu"], copied=job["copy"])
             if s >= 2:
                 rows.append(row)
     finally:
-        runner_mod.split_misses = split
-    r.close()
+        rates = _rates(r)
+        r.close()
     keys = rows[-1].keys()
     return {"ms_from_run_call": {m: float(np.median([row[m] for row in rows if m in row])) for m in keys},
-            "threads": threads, "runner_cpu_GBps": r.cpu_rate / 1e9, "runner_copy_GBps": r.copy_rate / 1e9}
+            "threads": threads, **rates}
 
 
 def prefetch_runs(cfg, store, args) -> dict:

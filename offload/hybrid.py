@@ -1,0 +1,239 @@
+"""The hybrid miss service: the CPU computes some of a step's missing experts while the GPU copies the rest.
+
+Owns the CPU expert server (cpu_experts.ExpertServer) and its mailbox, the stream signals that hand a job over
+(stream_signals.py), the table of CPU counts the split kernel reads (kernels/miss_split.py), and the rates that
+table comes from: the copy rate measured at start-up, the CPU's per step size re-measured from every job (under
+load). The host takes no part in a hand-over, so a hybrid step needs no host sync and can be captured in a CUDA
+graph. Buffers:
+
+    counts       [max_tokens + 1, max_tokens * k + 1] int32, host memory read by the split kernel:
+                 counts[M, n_miss] = how many of n_miss misses the CPU computes in a step of M tokens
+    exclude      [E] int8 on the device: 1 = the CPU serves this expert (the claim kernel skips it)
+    gpu_weights  [max_tokens * k] fp32 on the device: the routing weights, 0 on the CPU's routes
+    sort         [next_power_of_2(E)] int64 on the device: the split kernel's scratch
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import logging
+import time
+from collections.abc import Callable
+
+import numpy as np
+import torch
+import triton
+
+from moed.kernels.miss_split import split_misses, split_misses_reference
+from moed.offload.cpu_experts import CpuExpertKernel, CpuKernelUnavailable
+from moed.offload.expert_cache import ExpertCache, LayerCache
+from moed.offload.host_store import HostExpertStore
+from moed.offload.stream_signals import CudaStreamSignals, HostSignals, StreamSignals, StreamSignalsUnavailable
+
+log = logging.getLogger(__name__)
+
+# How a step serves every route on the GPU (OffloadMoERunner._serve_gpu): (layer cache, hidden repeated per route
+# [M * k, K], ids [M, k], experts to skip) -> route outputs [M * k, K].
+ServeGpu = Callable[[LayerCache, torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
+
+
+@dataclasses.dataclass(frozen=True)
+class CpuConfig:
+    """CPU experts next to copies: policy hybrid (split by rates) or cpu (every miss on the CPU)."""
+
+    policy: str = "hybrid"
+    threads: int = 0  # 0: every core this process may use but one
+    # without a C compiler or stream memory operations: copy every miss (logged) instead of failing at load
+    fallback_to_copy: bool = False
+    max_tokens: int = 8  # above this many tokens a step copies and computes on the GPU (prefill)
+    min_tokens: int = 1  # below this many tokens a step copies every miss
+    spin_s: float = 0.05  # the server polls its mailbox without sleeping for this long after a job
+    cpu_rate: float | None = None  # bytes/s; None: measured at start-up
+    copy_rate: float | None = None  # bytes/s; None: measured at start-up
+
+    def __post_init__(self) -> None:
+        if self.policy not in ("hybrid", "cpu"):
+            raise ValueError(f"CPU miss-service policy {self.policy!r}: expected hybrid or cpu")
+        if not 1 <= self.min_tokens <= self.max_tokens:
+            raise ValueError(f"CPU experts: need 1 <= min_tokens <= max_tokens, got {self.min_tokens}, "
+                             f"{self.max_tokens}")
+
+
+def start_hybrid(cfg: CpuConfig, store: HostExpertStore, cache: ExpertCache, k: int, use_kernels: bool,
+                 name: str) -> HybridMissService | None:
+    """The service for `store`'s layers, or None (logged) when the CPU kernel or the stream signals are unavailable
+    here and `cfg.fallback_to_copy` allows copying every miss instead."""
+    try:
+        kernel = CpuExpertKernel(store.layout, threads=cfg.threads)
+        signals: StreamSignals = (CudaStreamSignals(cache.device) if cache.device.type == "cuda"
+                                  else HostSignals(kernel.lib.wait_u32))
+    except (CpuKernelUnavailable, StreamSignalsUnavailable) as e:
+        if not cfg.fallback_to_copy:
+            raise
+        log.warning("%s: CPU experts unavailable (%s); every miss is copied", name, e)
+        return None
+    return HybridMissService(cfg, kernel, signals, store, cache, k, use_kernels, name)
+
+
+class HybridMissService:
+    """Splits each small step's misses between the CPU expert server and the GPU's copies (module docstring)."""
+
+    def __init__(self, cfg: CpuConfig, kernel: CpuExpertKernel, signals: StreamSignals, store: HostExpertStore,
+                 cache: ExpertCache, k: int, use_kernels: bool, name: str) -> None:
+        self.cfg, self.kernel, self.signals, self.name = cfg, kernel, signals, name
+        self.layout, self.layers = store.layout, store.layers
+        self.device = cache.device
+        E, T = self.layout.num_experts, cfg.max_tokens
+        cuda = self.device.type == "cuda"
+        self.split_log: collections.deque[dict] = collections.deque(maxlen=1024)  # the last splits (tests, bench)
+        self._cpu_rates = np.zeros(T + 1)  # bytes/s per step size, re-measured under load
+        self._cpu_rates[:] = cfg.cpu_rate or self._measure_cpu_rate(store)
+        self.copy_rate = cfg.copy_rate or _measure_copy_rate(cache[self.layers[0]])
+        self._table_rates: np.ndarray | None = None  # the rates the counts table was built from
+        self._errors_seen = 0
+        self.server = kernel.serve([store.sections(layer) for layer in self.layers], T, k, pin=cuda,
+                                   spin_s=cfg.spin_s)
+        d = self.device
+        self.split = split_misses if use_kernels else split_misses_reference
+        self.counts = torch.zeros(T + 1, T * k + 1, dtype=torch.int32, pin_memory=cuda)
+        self.exclude = torch.zeros(E, dtype=torch.int8, device=d)
+        self.gpu_weights = torch.zeros(T * k, dtype=torch.float32, device=d)
+        self.sort = torch.zeros(triton.next_power_of_2(E), dtype=torch.int64, device=d)
+        self._build_counts()
+        log.info("%s: miss service %s, rates measured at start-up: CPU experts %.1f GB/s, copies %.1f GB/s -> "
+                 "%.0f%% of missed bytes on the CPU in steps of %d to %d tokens (other steps copy)", name, cfg.policy,
+                 self.cpu_rate / 1e9, self.copy_rate / 1e9, 100 * (1.0 if cfg.policy == "cpu" else self.cpu_share),
+                 cfg.min_tokens, cfg.max_tokens)
+
+    @property
+    def policy(self) -> str:
+        return self.cfg.policy
+
+    def takes(self, tokens: int) -> bool:
+        """Whether a step of `tokens` tokens splits its misses (other steps copy them all)."""
+        return self.cfg.min_tokens <= tokens <= self.cfg.max_tokens
+
+    # ------------------------------------------------------------------ rates and the counts table
+
+    @property
+    def cpu_rate(self) -> float:
+        """The CPU experts' rate (bytes/s) in batch-1 steps, as last measured."""
+        return float(self._cpu_rates[1])
+
+    @cpu_rate.setter
+    def cpu_rate(self, rate: float) -> None:
+        """Set the CPU's rate for every step size (later jobs re-measure it unless CpuConfig.cpu_rate is set)."""
+        self._cpu_rates[:] = rate
+        self._build_counts()
+
+    @property
+    def cpu_share(self) -> float:
+        """Fraction of missed bytes given to the CPU in batch-1 steps so that CPU and copies finish together."""
+        if self.cpu_rate <= 0:
+            return 0.0
+        return self.cpu_rate / (self.cpu_rate + self.copy_rate)
+
+    def _cpu_counts(self, rate: float, max_misses: int) -> np.ndarray:
+        """For 0..max_misses misses, how many experts the CPU computes at `rate` bytes/s: the split (whole experts)
+        whose slower side ends first (both sides start as soon as the split kernel has run); ties go to the CPU."""
+        n = np.arange(max_misses + 1)
+        if self.cfg.policy == "cpu" or self.copy_rate <= 0:
+            return n
+        if rate <= 0:
+            return np.zeros_like(n)
+        c = n[:, None]  # candidate CPU counts (rows) per miss count (columns)
+        t = np.maximum(c / rate, (n[None, :] - c) / self.copy_rate)
+        t = np.where(c <= n[None, :], t, np.inf)
+        return c.shape[0] - 1 - np.argmin(t[::-1], axis=0)  # the largest c among the fastest
+
+    def _build_counts(self) -> None:
+        """Refill the split kernel's table from the current rates (host memory: the next split reads it)."""
+        rates = self._cpu_rates.copy()
+        table = self.counts.numpy()
+        for M in range(table.shape[0]):
+            table[M] = self._cpu_counts(float(rates[M]), table.shape[1] - 1)
+        self._table_rates = rates
+
+    def refresh(self) -> None:
+        """Take in the server's new job records: the split log, and the CPU's rate per step size measured under load
+        (an EMA); refill the counts table when a rate moved by more than 5%."""
+        if self.server.errors != self._errors_seen:
+            self._errors_seen = self.server.errors
+            log.error("%s: the CPU expert server got %d unreadable jobs (answered with zeros)", self.name,
+                      self._errors_seen)
+        recs = self.server.new_records()
+        if not len(recs):
+            return
+        eb = self.layout.expert_bytes
+        for li, n_miss, n_cpu, M, _rows, t0, t1 in recs.tolist():
+            self.split_log.append({"layer": self.layers[int(li)], "tokens": int(M), "misses": int(n_miss),
+                                   "cpu": int(n_cpu), "copy": int(n_miss - n_cpu), "cpu_s": t1 - t0,
+                                   "t_start": t0, "t_end": t1})
+            if n_cpu > 0 and t1 > t0 and self.cfg.cpu_rate is None:
+                m = int(M)
+                self._cpu_rates[m] = 0.8 * self._cpu_rates[m] + 0.2 * n_cpu * eb / (t1 - t0)
+        assert self._table_rates is not None
+        if np.any(np.abs(self._cpu_rates - self._table_rates) > 0.05 * self._table_rates):
+            self._build_counts()
+
+    def _measure_cpu_rate(self, store: HostExpertStore) -> float:
+        layer = self.layers[0]
+        n = min(8, self.layout.num_experts)  # a batch-1 layer's worth of experts
+        experts = [store.expert(layer, e) for e in range(n)]
+        xs = [torch.randn(1, self.layout.hidden) for _ in range(n)]
+        self.kernel.forward_many(experts[:1], xs[:1])
+        best = float("inf")
+        for _ in range(3):  # best of three: the first runs can meet threads still waking up
+            t0 = time.perf_counter()
+            self.kernel.forward_many(experts, xs)
+            best = min(best, time.perf_counter() - t0)
+        return n * self.layout.expert_bytes / best
+
+    # ------------------------------------------------------------------ the step
+
+    def run(self, layer_index: int, lc: LayerCache, hidden: torch.Tensor, hidden_rep: torch.Tensor,
+            ids: torch.Tensor, topk_weights: torch.Tensor, serve_gpu: ServeGpu) -> torch.Tensor:
+        """One layer's step (hidden [M, K], ids [M, k] int32): split the misses on the device, hand the CPU its job
+        through the mailbox, serve the rest on the GPU, and add the CPU's per-token sum after the stream has waited
+        for it. Queues work only: no host sync. Returns [M, K] in hidden's dtype."""
+        self.refresh()
+        M, k = ids.shape
+        mb, sig = self.server, self.signals
+        lc.wait_prefetch()
+        # A stale done (a job whose step failed between the hand-over and the wait) must not answer this one.
+        sig.write(mb.done_addr, 0)
+        self.split(ids, topk_weights.contiguous(), hidden, lc.tables.expert_to_slot, lc.tables.expert_freq,
+                   self.counts[M], header=mb.header, cpu_experts=mb.experts, ids_out=mb.ids, w_out=mb.w, x_out=mb.x,
+                   exclude=self.exclude, gpu_weights=self.gpu_weights, sort_scratch=self.sort,
+                   layer_index=layer_index)
+        sig.write(mb.ready_addr, 1)
+        try:
+            route_out = serve_gpu(lc, hidden_rep, ids, self.exclude)
+            # The GPU's routes summed while the CPU computes (its routes weigh 0).
+            gw = self.gpu_weights[: M * k].view(M, k, 1)
+            gpu = (route_out.view(M, k, -1).float() * gw).sum(dim=1)
+        finally:  # the stream waits for the server whatever happened above, so the mailbox stays in step
+            sig.wait_eq(mb.done_addr, 1)
+        return gpu.add_(mb.out[:M].to(self.device, non_blocking=True)).to(hidden.dtype)
+
+    def close(self) -> None:
+        """Stop the expert server once the device has drained (a stream may still wait on it)."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.server.close()
+
+
+def _measure_copy_rate(lc: LayerCache) -> float:
+    """Copy-engine bytes/s from host slab to device, a few experts of one layer."""
+    if lc.device.type != "cuda":
+        return 1e9  # no copies to measure without a GPU; the CPU tests pass rates explicitly
+    scratch = [torch.empty_like(d[:1]) for d in lc.dst]
+    n = min(4, lc.layout.num_experts)
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for e in range(n):
+        for a, b in zip(lc.src, scratch):
+            b[0].copy_(a[e], non_blocking=True)
+    torch.cuda.synchronize()
+    return n * lc.layout.expert_bytes / (time.perf_counter() - t0)

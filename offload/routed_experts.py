@@ -1,0 +1,199 @@
+"""`RoutedExperts`: the engine's one entry to expert offload: where the model's routed experts live, how steps
+compute them, their statistics and their pins.
+
+Built from the engine's settings (`ExpertSettings`, which `EngineConfig` satisfies), it owns the MoE runner of
+each role: the target's over the main MoE layers and, with MTP, the draft's over the MTP layers, each with its
+own host store, GPU cache and budget, so neither's post-init or pins ever touch the other's state. With
+`moe="torch"` both are `TorchMoERunner`s (every expert resident, nothing to pin). Here live once: the cache
+budgets, the resolution of `miss_service`, and the pins queued since the last step (validated when queued,
+applied by `apply_pins` between steps).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Protocol
+
+import torch
+
+from moed.model.config import GlmMoeDsaConfig
+from moed.model.moe import ExpertWeights, MoERunner
+from moed.offload.expert_cache import CacheConfigError
+from moed.offload.hybrid import CpuConfig
+from moed.offload.runner import OffloadMoERunner
+from moed.offload.stats import ExpertStats
+from moed.offload.torch_runner import TorchMoERunner
+
+log = logging.getLogger(__name__)
+
+
+class ExpertSettings(Protocol):
+    """The settings expert placement reads (fields of `engine.llm_engine.EngineConfig`)."""
+
+    moe: str  # torch (every expert resident) | offload (host store + GPU expert cache per role)
+    expert_cache_gb: float | None  # the target's cache budget in GiB; None: what is free on the device
+    draft_expert_cache_gb: float | None  # the draft's own; None: the target's per-layer share
+    miss_service: str  # auto | copy | hybrid | cpu
+    cpu_expert_threads: int  # 0: every core but one
+    spec_steps: int  # MTP draft tokens per step; > 0 builds the draft's runner
+
+
+class RoutedExperts:
+    """The target's and the draft's MoE runners, their stats and their pins (module docstring)."""
+
+    def __init__(self, cfg: GlmMoeDsaConfig, settings: ExpertSettings, device: torch.device,
+                 dtype: torch.dtype) -> None:
+        self.cfg = cfg
+        spec = settings.spec_steps > 0
+        self.target: MoERunner
+        self.draft: MoERunner | None = None
+        if settings.moe == "torch":
+            self.target = TorchMoERunner(cfg, dtype, device)
+            self.draft = TorchMoERunner(cfg, dtype, device) if spec else None
+        else:
+            main = list(range(cfg.first_k_dense_replace, cfg.num_hidden_layers))
+            budget = _budget_bytes(settings.expert_cache_gb, "expert_cache_gb", device)
+            cpu = _cpu_config(settings, device)
+            self.target = OffloadMoERunner(cfg, main, device=device, budget_bytes=budget, name="target", cpu=cpu)
+            if spec:
+                draft_budget = (budget // max(len(main), 1) if settings.draft_expert_cache_gb is None else
+                                _budget_bytes(settings.draft_expert_cache_gb, "draft_expert_cache_gb", device))
+                self.draft = OffloadMoERunner(cfg, cfg.mtp_layer_ids, device=device, budget_bytes=draft_budget,
+                                              name="draft", cpu=cpu)
+        self._draft_layers = set(cfg.mtp_layer_ids) if self.draft is not None else set()
+        self._pending: dict[int, set[int]] = {}  # layer -> its whole pin set, queued since the last step
+
+    # ------------------------------------------------------------------ loading (a MoERunner for load_model)
+
+    def _owner(self, layer: int) -> MoERunner:
+        return self.draft if self.draft is not None and layer in self._draft_layers else self.target
+
+    def load_expert(self, layer: int, expert: int, weights: ExpertWeights) -> None:
+        self._owner(layer).load_expert(layer, expert, weights)
+
+    def finish_loading(self) -> None:
+        """Each role's post-init, on its own layers only."""
+        self.target.finish_loading()
+        if self.draft is not None:
+            self.draft.finish_loading()
+
+    def run(self, layer: int, hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor
+            ) -> torch.Tensor:
+        return self._owner(layer).run(layer, hidden, topk_ids, topk_weights)
+
+    # ------------------------------------------------------------------ what the engine reads
+
+    @property
+    def offloaded(self) -> list[OffloadMoERunner]:
+        """The runners with an expert cache, target first."""
+        return [r for r in (self.target, self.draft) if isinstance(r, OffloadMoERunner)]
+
+    @property
+    def miss_service(self) -> str:
+        """The target's miss service as it runs (copy, hybrid, cpu); "" when every expert is resident."""
+        runners = self.offloaded
+        return runners[0].miss_service if runners else ""
+
+    @property
+    def cpu_serves_misses(self) -> bool:
+        """Whether any role computes misses on the CPU (its results then differ from the GPU's by rounding)."""
+        return any(r.miss_service != "copy" for r in self.offloaded)
+
+    def stats(self) -> ExpertStats:
+        """Per-layer counters (cumulative) and activations since the last call (syncs: off the step path)."""
+        out = ExpertStats(layers=[], counts={}, miss_service=self.miss_service, rates_Bps={})
+        for r in self.offloaded:
+            out.layers += r.stats()
+            out.counts.update(r.read_counts())
+        target = self.target
+        if isinstance(target, OffloadMoERunner) and target.hybrid is not None:
+            # the rates the split uses; the CPU's follows its load
+            out.rates_Bps = {"cpu": target.hybrid.cpu_rate, "copy": target.hybrid.copy_rate}
+        return out
+
+    def close(self) -> None:
+        for r in self.offloaded:
+            r.close()
+
+    # ------------------------------------------------------------------ pins
+
+    def _caches(self) -> dict[int, OffloadMoERunner]:
+        return {layer: r for r in self.offloaded for layer in r.layers}
+
+    def pinned(self) -> dict[str, list[int]]:
+        """Per cached layer: its pins, as queued when a change waits for the next step."""
+        return {str(layer): sorted(self._pending.get(layer, r.cache[layer].pinned))  # type: ignore[index]
+                for layer, r in self._caches().items()}
+
+    @property
+    def pins_pending(self) -> bool:
+        return bool(self._pending)
+
+    def placement(self, op: str, layer: int | None, expert: int | None) -> tuple[bool, str, dict[str, list[int]]]:
+        """Pin / unpin / reset / get; changes are queued and applied before the next step.
+        Returns (ok, message, pins per cached layer after the change)."""
+        owner = self._caches()
+        if not owner:
+            return False, (f"expert placement is not available: the MoE runner {type(self.target).__name__} "
+                           "keeps every expert resident (no expert cache to pin into; run with moe=offload)"), {}
+        if op == "get":
+            return True, "", self.pinned()
+        if layer is not None and layer not in owner:
+            return False, f"layer {layer} has no expert cache (cached MoE layers: {sorted(owner)})", self.pinned()
+        if op == "reset":
+            plans = {lay: set() for lay in ([layer] if layer is not None else sorted(owner))}
+        elif op in ("pin", "unpin"):
+            if layer is None or expert is None:
+                return False, f"placement {op} needs a layer and an expert", self.pinned()
+            E = self.cfg.n_routed_experts
+            if not 0 <= expert < E:
+                return False, f"expert {expert} is out of range [0, {E})", self.pinned()
+            lc = owner[layer].cache[layer]  # type: ignore[index]
+            plan = set(self._pending.get(layer, lc.pinned))
+            plan = plan | {expert} if op == "pin" else plan - {expert}
+            try:
+                lc.check_pins(plan)
+            except CacheConfigError as e:
+                return False, str(e), self.pinned()
+            plans = {layer: plan}
+        else:
+            return False, f"unknown placement op {op!r} (get, pin, unpin, reset)", self.pinned()
+        self._pending.update(plans)
+        return True, "queued; applied before the next step", self.pinned()
+
+    def apply_pins(self) -> None:
+        """Apply the pins queued since the last step; call between steps (it syncs)."""
+        pending, self._pending = self._pending, {}
+        owner = self._caches()
+        for layer, pins in pending.items():
+            try:
+                owner[layer].cache[layer].set_pins(pins)  # type: ignore[index]
+            except CacheConfigError:  # validated when queued; a cache that changed since only loses the plan
+                log.exception("applying the pins of MoE layer %d failed; its plan is dropped", layer)
+
+
+def _budget_bytes(gib: float | None, name: str, device: torch.device) -> int:
+    """A cache budget: `gib` GiB, or (None) what is free on the device now, after the dense weights."""
+    if gib is not None:
+        if gib <= 0:
+            raise ValueError(f"{name} = {gib} must be > 0 GiB")
+        return int(gib * 2**30)
+    if device.type != "cuda":
+        raise ValueError(f"{name} must be given off CUDA (there is no device memory to size it from)")
+    return torch.cuda.mem_get_info(device)[0]
+
+
+def _cpu_config(settings: ExpertSettings, device: torch.device) -> CpuConfig | None:
+    """The CPU's part in serving decode misses, or None when every miss is copied.
+
+    auto: hybrid on CUDA, copy on a CPU device (where "copies" are host memcpys: nothing for CPU experts to beat),
+    falling back to copies where the CPU kernel cannot be built (an explicit hybrid or cpu fails instead).
+    hybrid: decode steps split their misses between the CPU and copies; cpu: every decode miss on the CPU. Both
+    run in CUDA graphs too (the hand-over is stream memory operations); prefill steps always copy."""
+    ms = settings.miss_service
+    if ms == "auto":
+        ms = "hybrid" if device.type == "cuda" else "copy"
+    if ms == "copy":
+        return None
+    return CpuConfig(policy=ms, max_tokens=max(8, 2 * (1 + settings.spec_steps)),
+                     threads=settings.cpu_expert_threads, fallback_to_copy=settings.miss_service == "auto")

@@ -1,12 +1,33 @@
-"""The CPU expert kernel (offload/cpu_experts.py, C via ctypes) against its float64 reference on fresh inputs."""
+"""The CPU expert kernel (offload/cpu_experts.c via ctypes): against its float64 reference on fresh inputs, its
+build (-Wall -Werror, the cache key) and the check of its struct mirrors."""
 
 from __future__ import annotations
+
+import ctypes
+import fnmatch
+import os
+import shutil
+import subprocess
+import tomllib
+from pathlib import Path
 
 import pytest
 import torch
 
 from moed.formats.fp8 import quantize_block_fp8
-from moed.offload.cpu_experts import CpuExpertKernel, CpuKernelUnavailable, expert_forward_reference
+from moed.offload.cpu_experts import (
+    SOURCE,
+    CpuExpertKernel,
+    CpuKernelLayoutError,
+    CpuKernelUnavailable,
+    _Job,
+    _ServerCfg,
+    build_key,
+    check_layout,
+    compiler,
+    cpu_flags,
+    expert_forward_reference,
+)
 from moed.offload.host_store import ExpertLayout
 
 
@@ -117,3 +138,53 @@ def test_offload_host_read_ceiling_measures_and_rejects_bad_input():
     assert host_read_GBps(torch.ones(1 << 22, dtype=torch.uint8), threads=2, reps=2) > 0.1
     with pytest.raises(ValueError, match="contiguous host tensor"):
         host_read_GBps(torch.ones(8, 8)[:, 0], threads=1)
+
+
+@pytest.mark.parametrize("march", ["x86-64-v4", "x86-64"])  # the AVX-512 path and the scalar one
+def test_offload_cpu_experts_source_compiles_without_warnings(march):
+    """CI's -Wall -Werror build of the C source, for both code paths whatever this machine's CPU."""
+    if os.uname().machine != "x86_64":
+        pytest.skip("the kernel's vector path and pause hint are x86-64")
+    cc = compiler()
+    if shutil.which(cc[0]) is None:
+        pytest.skip(f"no C compiler ({cc[0]})")
+    cmd = [*cc, "-O3", f"-march={march}", "-fopenmp", "-fPIC", "-Wall", "-Wextra", "-Werror", "-c", "-o", os.devnull,
+           str(SOURCE)]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, f"{' '.join(cmd)}\n{out.stderr}"
+
+
+def test_offload_cpu_experts_struct_mirrors_are_checked_at_load():
+    lib = _kernel(ExpertLayout(4, 64, 48, 48, torch.bfloat16, None)).lib  # loading checked both mirrors
+    check_layout(lib, 0, _Job)
+    check_layout(lib, 1, _ServerCfg)
+
+    class Swapped(ctypes.Structure):  # K and N exchanged: same size, same offsets, wrong names
+        _fields_ = [(n, t) if n not in ("K", "N") else ({"K": "N", "N": "K"}[n], t) for n, t in _Job._fields_]
+
+    class Short(ctypes.Structure):  # the last field dropped: the C struct is larger
+        _fields_ = _Job._fields_[:-1]
+
+    class Misaligned(ctypes.Structure):  # an int64 where the C struct has an int: later offsets shift
+        _fields_ = [(n, ctypes.c_int64 if n == "K" else t) for n, t in _ServerCfg._fields_]
+
+    for which, mirror in ((0, Swapped), (0, Short), (1, Misaligned)):
+        with pytest.raises(CpuKernelLayoutError, match="does not match its C struct"):
+            check_layout(lib, which, mirror)
+
+
+def test_offload_cpu_experts_build_cache_is_keyed_on_cpu_and_compiler():
+    src, flags = SOURCE.read_bytes(), ["-O3", "-march=native"]
+    key = build_key(src, flags, "avx2 avx512bw avx512f fma", "gcc 12.2.0")
+    assert key == build_key(src, flags, "avx2 avx512bw avx512f fma", "gcc 12.2.0")
+    assert key != build_key(src, flags, "avx2 fma", "gcc 12.2.0")  # no AVX-512 build on a CPU without it
+    assert key != build_key(src, flags, "avx2 avx512bw avx512f fma", "gcc 13.1.0")
+    assert key != build_key(src + b"\n", flags, "avx2 avx512bw avx512f fma", "gcc 12.2.0")
+    assert key != build_key(src, [*flags, "-DPF_DIST=0"], "avx2 avx512bw avx512f fma", "gcc 12.2.0")
+    assert "avx512f" in cpu_flags() or os.uname().machine != "x86_64" or "avx2" in cpu_flags()
+
+
+def test_offload_cpu_experts_source_ships_as_package_data():
+    data = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())
+    patterns = data["tool"]["setuptools"]["package-data"]["moed.offload"]
+    assert any(fnmatch.fnmatch(SOURCE.name, p) for p in patterns), patterns

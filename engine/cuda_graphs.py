@@ -24,7 +24,8 @@ dense threshold, since dense multi-token attention reads host lengths (the engin
 What may be captured: an attention backend with a paged pool (its decode path reads only
 `StepContext.paged`) and an MoE runner that never syncs or branches on device values on its step
 path (the expert-cache miss path included). A runner says so with `supports_cuda_graphs`; the
-offload runner qualifies when its misses take the SM copy path and no CPU experts run (those sync).
+offload runner qualifies when its misses take the SM copy path (CPU experts are handed their jobs by
+stream memory operations, which are captured too).
 After capture every bucket is checked against an eager run of the same step: a backend that
 cannot really be captured is caught there, and graphs are turned off with the reason logged.
 """

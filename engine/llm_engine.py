@@ -1,39 +1,16 @@
 """The in-process engine: requests in, token outputs out, one `step()` at a time.
 
-Owns the loaded model, the scheduler and KV page accounting, the model runner, the sampler and
-(with `spec_steps > 0`) the MTP draft worker. The worker process (`moed.engine.worker`) wraps it
-with sockets; tests drive it directly. Inputs and outputs are the protocol's own structs
-(`SamplingParams`, `RequestOutput`, `EngineStats`), so nothing is translated at the boundary.
+Owns the loaded model, the scheduler and KV page accounting, the model runner, the sampler and (with
+`spec_steps > 0`) the MTP draft worker; it asks attention/ for its backends (one KV pool for the main layers,
+one for the MTP layer, both indexed by the engine's page lists, page 0 the pools' scratch page) and offload/
+for the routed experts (`RoutedExperts`: the target's and the draft's MoE runners, their stats and pins).
+The worker process (`moed.engine.worker`) wraps it with sockets; tests drive it directly. Inputs and outputs
+are the protocol's own structs (`SamplingParams`, `RequestOutput`, `EngineStats`).
 
-Pieces, chosen by the config: the attention backend (`attention.select` picks reference / triton /
-trtllm; the paged ones get one pool for the main layers and the MTP draft its own pool of the MTP
-layer, both indexed by the engine's page lists, page 0 reserved as scratch), and the MoE runner
-("torch": every expert resident; "offload": a host store and a GPU expert cache per role, the draft
-with its own budget; `miss_service` says how decode misses are served: copies, or on CUDA by default
-(auto = hybrid) copies plus CPU experts in steps of 2-8 tokens, which then run outside CUDA graphs while
-one-sequence steps stay captured). Expert statistics and placement (pin / unpin / reset / get) go to the offload
-runners; pins are queued and applied between steps.
-
-A plain step (no MTP): schedule -> prepare (pack inputs and page tables on the host) -> launch
-(upload, forward or CUDA-graph replay, logits of the sampled rows, sampling, an asynchronous copy of
-the tokens to pinned host memory; nothing waits for the device) -> read back (wait for the copy)
--> commit (tokens, stops, outputs). With `overlap` (`EngineConfig.overlap`; never with speculative
-decoding) a `step()` call schedules and launches step n + 1 *before* reading back step n: sequences that
-sample in step n carry a PENDING placeholder, step n + 1 takes their input token straight from
-step n's token tensor on the device, and the host work of a step runs while the previous one
-computes, so the host reads tokens back one step late and the device never waits on it. Outputs
-are those of the step launched by the previous call; `flush()` reads back the step in flight now.
-Stops under the lag (see scheduler.py): a sequence at its length limit is not scheduled again; one
-that resolves to a stop token or is aborted may already be in the step in flight, whose token for
-it is then dropped; outputs are token for token those of the engine without overlap.
-A step with the MTP draft worker runs synchronously: forward -> sample (plain rows) / verify (rows
-with drafts) -> commit -> the draft worker extends its cache and proposes.
-Timing breakdown per step (host wall time per phase, means over a stats window): schedule; prepare
-(packing ids, positions and page tables on the host, the sampling rows, and `_sample_device`: the
-logits and sampler launches with the sampling-parameter uploads between them); launch (input
-uploads, forward or graph replay, the token copy to the host); wait (blocked on the device at the
-read-back); commit; with MTP, sample (sampling and verification, their waits included) and draft;
-total is the `step()` call.
+A plain step: schedule -> prepare (host packing) -> launch (uploads, forward or graph replay, sampling, an
+asynchronous copy of the tokens to pinned memory) -> read back -> commit. With `overlap`, step n + 1 is
+launched before step n is read back (its inputs taken from step n's tokens on the device; see `step`). A step
+with the MTP draft worker runs synchronously: forward -> sample / verify -> commit -> draft.
 """
 
 from __future__ import annotations
@@ -123,7 +100,11 @@ class EngineConfig:
 
 
 class _StepTimes:
-    """Host wall time per step phase: laps within a step, means over the steps of a stats window."""
+    """Host wall time per step phase: laps within a step, means over the steps of a stats window.
+
+    Phases: schedule; prepare (host packing, sampling rows, the logits and sampler launches); launch (uploads,
+    forward or graph replay, the token copy to the host); wait (blocked at the read-back); commit; with MTP,
+    sample (sampling and verification, their waits included) and draft; total is the `step()` call."""
 
     def __init__(self) -> None:
         self.sums: dict[str, float] = {}
@@ -326,7 +307,10 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         """Schedule and launch one step. Without overlap it runs to the end and returns its outputs; with
         overlap it returns the outputs of the step the previous call launched, read back after this one is
-        queued behind it on the device."""
+        queued behind it on the device: sequences that sample in step n carry a PENDING placeholder and step
+        n + 1 reads their input token from step n's token tensor, so the host reads tokens one step late and the
+        device never waits on it. A sequence that stops or is aborted meanwhile drops its in-flight token; the
+        outputs are token for token those of the engine without overlap (scheduler.py: stops under the lag)."""
         times = self._times
         times.start()
         outputs: list[RequestOutput] = []

@@ -8,9 +8,8 @@
   (repeats are redrawn from the popularity law). DESIGN.md §4's targets: 240-248 of 256 experts
   used over a few hundred tokens, top 4% of experts carry ~46% of activations, ~45% of a token's
   experts used by the previous token, ~80% within the last 8. A stronger head lowers coverage, so
-  the defaults (alpha 1.8, mix 0.2, p_prev 0.36, p_recent 0.55) compromise; at E=256, k=8 over 1024
-  tokens they measured 237.5 experts in 512 tokens, 42.6%, 48.8%, 82.0%. `trace_statistics`
-  measures all four on any trace; benchmarks print them next to every hit rate.
+  the defaults (alpha 1.8, mix 0.2, p_prev 0.36, p_recent 0.55) compromise. `trace_statistics`
+  measures all four on any trace; benchmarks print them next to every hit rate (docs/benchmarks.md).
 Traces are [steps, batch, k] int32 per layer (numpy), one independent chain per batch row.
 """
 

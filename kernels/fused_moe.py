@@ -422,10 +422,11 @@ def fused_moe_reference(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tenso
             return x.float()
         return dequantize_groups_fp8(*per_token_group_quant_fp8_reference(x, group), group)
 
-    for e in torch.unique(ids).tolist():
-        if not 0 <= e < expert_to_slot.numel():
-            raise ValueError(f"fused_moe_reference: expert id {e} outside [0, {expert_to_slot.numel()})")
-        slot = int(expert_to_slot[e])
+    experts = torch.unique(ids)
+    bad = experts[(experts < 0) | (experts >= expert_to_slot.numel())]
+    if bad.numel():
+        raise ValueError(f"fused_moe_reference: expert id {int(bad[0])} outside [0, {expert_to_slot.numel()})")
+    for e, slot in zip(experts.tolist(), expert_to_slot[experts].tolist()):  # one read of the table
         if slot < 0:
             raise ValueError(f"fused_moe_reference: routed expert {e} has no slot (expert_to_slot[{e}] == -1)")
         tok, j = torch.where(ids == e)

@@ -65,7 +65,7 @@ def grouped_mm_moe(hidden, w13_t, w2_t, ids, weights, E):
 
 
 def torch_loop_moe(hidden, w13, w2, ids, weights):
-    """bf16 per-expert loop, as moed's TorchMoERunner computes (host sync for the expert list)."""
+    """The naive baseline: a bf16 per-expert loop in torch (host sync for the expert list)."""
     out = torch.zeros_like(hidden)
     N = w2.shape[2]
     for e in torch.unique(ids).tolist():

@@ -45,7 +45,8 @@ def add_config_check_arguments(parser: argparse.ArgumentParser) -> None:
 
 def builtin_model_dir(name: str) -> Path:
     """Where moed.model.checkpoint.builtin_checkpoint keeps a built-in checkpoint ($MOED_CACHE or ~/.cache/moed)."""
-    return Path(os.environ.get("MOED_CACHE") or Path.home() / ".cache" / "moed") / f"{name}-bf16-seed0"
+    # "-r2": moed.model.checkpoint.BUILTIN_REVISION (not imported: that module needs torch)
+    return Path(os.environ.get("MOED_CACHE") or Path.home() / ".cache" / "moed") / f"{name}-bf16-seed0-r2"
 
 
 def resolve_model(model: str) -> str:

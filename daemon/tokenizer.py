@@ -4,7 +4,10 @@ Reads `tokenizer.json` (the `tokenizers` library) and the chat template: `chat_t
 present, else `tokenizer_config.json`'s "chat_template" (a string, or a list of {name, template}
 where "default" is used). Templates are data shipped with a checkpoint, so they are rendered in
 jinja2's immutable sandbox with the settings HF transformers uses (trim_blocks, lstrip_blocks,
-loop controls, `raise_exception`), so a prompt renders to the same text as `apply_chat_template`.
+loop controls, `raise_exception`, a `tojson` that does not HTML-escape, the tokenizer's special tokens as
+variables), so a prompt renders to the same text as `apply_chat_template`. Besides `messages` and
+`add_generation_prompt` a template receives `tools` (OpenAI function definitions) and the request's
+`chat_template_kwargs` (e.g. GLM's `enable_thinking`), as transformers and vLLM pass them.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import json
 from collections.abc import Sequence
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 from tokenizers import Tokenizer
 
@@ -41,6 +45,7 @@ class TextTokenizer:
         except Exception as e:
             raise TokenizerError(f"cannot load '{path}': {e}") from e
         self.vocab_size = self.tokenizer.get_vocab_size(with_added_tokens=True)
+        self.special_tokens: dict[str, str] = {}  # bos_token, eos_token, ...: template variables, as HF passes them
         self.chat_template = self._load_chat_template()
         self._template = None
 
@@ -55,6 +60,12 @@ class TextTokenizer:
             cfg = json.loads(cfg_path.read_text())
         except json.JSONDecodeError as e:
             raise TokenizerError(f"'{cfg_path}' is not valid JSON: {e}") from e
+        for key in ("bos_token", "eos_token", "unk_token", "pad_token"):
+            value = cfg.get(key)
+            if isinstance(value, dict):  # {"content": "<s>", ...} in older files
+                value = value.get("content")
+            if isinstance(value, str):
+                self.special_tokens[key] = value
         tpl = cfg.get("chat_template")
         if isinstance(tpl, list):  # named templates: [{"name": "default", "template": "..."}, ...]
             named = {t.get("name"): t.get("template") for t in tpl if isinstance(t, dict)}
@@ -69,31 +80,54 @@ class TextTokenizer:
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         return self.tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
-    def render_chat(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
+    def render_chat(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
+                    tools: list[dict[str, Any]] | None = None, template_kwargs: dict[str, Any] | None = None) -> str:
+        """The prompt text. `template_kwargs` are further template variables (a request's chat_template_kwargs);
+        they cannot replace messages, tools or add_generation_prompt."""
         if self.chat_template is None:
             raise TemplateError(f"model '{self.model_dir}' has no chat template (tokenizer_config.json has no "
                                 "chat_template and there is no chat_template.jinja); send prompt or prompt_token_ids")
-        if self._template is None:
-            import jinja2.ext
-            from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-            env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                                extensions=[jinja2.ext.loopcontrols])
-            env.globals["raise_exception"] = _raise_exception
-            env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
-            try:
-                self._template = env.from_string(self.chat_template)
-            except jinja2.TemplateError as e:
-                raise TemplateError(f"chat template of '{self.model_dir}' does not compile: {e}") from e
         import jinja2
 
+        if self._template is None:
+            self._template = self._compile()
+        variables = {**self.special_tokens, **(template_kwargs or {}), "messages": messages,
+                     "add_generation_prompt": add_generation_prompt, "tools": tools}
         try:
-            return self._template.render(messages=messages, add_generation_prompt=add_generation_prompt)
+            return self._template.render(**variables)
         except TemplateError:
             raise
-        except (jinja2.TemplateError, TypeError, ValueError, KeyError) as e:
-            raise TemplateError(f"chat template failed on these messages: {e}") from e
+        except (jinja2.TemplateError, TypeError, ValueError, KeyError, AttributeError, IndexError,
+                RecursionError) as e:
+            raise TemplateError(f"chat template failed on these messages: {type(e).__name__}: {e}") from e
 
-    def encode_chat(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> list[int]:
+    def _compile(self):
+        import jinja2.ext
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                            extensions=[jinja2.ext.loopcontrols])
+        env.filters["tojson"] = _tojson
+        env.globals["raise_exception"] = _raise_exception
+        env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+        try:
+            return env.from_string(self.chat_template)
+        except jinja2.TemplateError as e:
+            raise TemplateError(f"chat template of '{self.model_dir}' does not compile: {e}") from e
+
+    def encode_chat(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
+                    tools: list[dict[str, Any]] | None = None,
+                    template_kwargs: dict[str, Any] | None = None) -> list[int]:
         # The template writes the special tokens itself (as apply_chat_template does).
-        return self.encode(self.render_chat(messages, add_generation_prompt), add_special_tokens=False)
+        return self.encode(self.render_chat(messages, add_generation_prompt, tools, template_kwargs),
+                           add_special_tokens=False)
+
+    def token_id(self, token: str) -> int | None:
+        """The id of a token of the vocabulary (added tokens included), else None."""
+        return self.tokenizer.token_to_id(token)
+
+
+def _tojson(x: Any, ensure_ascii: bool = False, indent: int | None = None, separators: tuple[str, str] | None = None,
+            sort_keys: bool = False) -> str:
+    # transformers' filter: jinja's own tojson HTML-escapes <, >, & and ' (which would change GLM's tools block).
+    return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)

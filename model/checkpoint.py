@@ -59,6 +59,9 @@ PRESETS: dict[str, dict] = {
               "index_head_dim": 64, "index_n_heads": 8, "n_routed_experts": 64, "max_position_embeddings": 32768},
     "glm51-slice": {**GLM51, "num_hidden_layers": 3, "first_k_dense_replace": 1},
 }
+# Part of a built-in checkpoint's cache name: bumped whenever generation changes (weights, tokenizer, chat
+# template), so a cache written by an older moed is regenerated instead of served. daemon/service.py names it too.
+BUILTIN_REVISION = 2
 TOKENIZER_VOCAB = {"tiny": 1024, "small": 4096, "glm51-slice": 8192}
 DEFAULT_SHARD_BYTES = {"tiny": 1 << 20, "small": 64 << 20, "glm51-slice": 5 << 30}
 
@@ -251,7 +254,7 @@ def builtin_checkpoint(name: str) -> Path:
     if name not in ("tiny", "small"):
         raise ValueError(f"'{name}' is not a built-in checkpoint (built-in: tiny, small)")
     root = Path(os.environ.get("MOED_CACHE", Path.home() / ".cache" / "moed"))
-    target = root / f"{name}-bf16-seed0"
+    target = root / f"{name}-bf16-seed0-r{BUILTIN_REVISION}"
     if (target / "model.safetensors.index.json").exists():
         return target
     root.mkdir(parents=True, exist_ok=True)

@@ -134,8 +134,8 @@ def test_builtin_model_is_generated_once_in_a_subprocess(tmp_path, monkeypatch):
     monkeypatch.setenv("MOED_CACHE", str(tmp_path))
     had_torch = "torch" in sys.modules
     path = resolve_model("tiny")
-    assert (tmp_path / "tiny-bf16-seed0" / "model.safetensors.index.json").is_file()
-    assert path == str(tmp_path / "tiny-bf16-seed0")
+    assert (tmp_path / "tiny-bf16-seed0-r2" / "model.safetensors.index.json").is_file()
+    assert path == str(tmp_path / "tiny-bf16-seed0-r2")
     assert resolve_model("builtin:tiny") == path  # second time: found, not generated
     assert ("torch" in sys.modules) == had_torch  # generation ran in another process
     assert resolve_model(str(tmp_path)) == str(tmp_path)

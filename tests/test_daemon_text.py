@@ -48,6 +48,16 @@ def test_chat_template_matches_transformers(tok, tiny_checkpoint):
         want = hf.apply_chat_template(messages, tokenize=True, add_generation_prompt=gen)
         want = want["input_ids"] if isinstance(want, dict) or hasattr(want, "keys") else want
         assert tok.encode_chat(messages, gen) == list(want)
+    # GLM-5.1's chat features: tools, tool calls and results, chat_template_kwargs (enable_thinking)
+    params = {"type": "object", "properties": {"q": {"type": "string"}}}
+    tools = [{"type": "function", "function": {"name": "lookup", "description": "<x> & 'y'", "parameters": params}}]
+    messages = [{"role": "user", "content": "find it"},
+                {"role": "assistant", "content": "", "reasoning_content": "use the tool",
+                 "tool_calls": [{"id": "c", "function": {"name": "lookup", "arguments": {"q": "x"}}}]},
+                {"role": "tool", "content": "found"}]
+    for kwargs in ({}, {"enable_thinking": False}):
+        want = hf.apply_chat_template(messages, tools=tools, tokenize=False, add_generation_prompt=True, **kwargs)
+        assert tok.render_chat(messages, True, tools, kwargs) == want
 
 
 def test_template_errors_are_reported(tmp_path, tiny_checkpoint):

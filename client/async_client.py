@@ -21,8 +21,8 @@ from zmq.utils.monitor import parse_monitor_message
 from moed.client import protocol as cp
 from moed.client.calls import (
     DEFAULT_ADDRESS,
-    Accumulator,
     AuthenticationError,
+    Choices,
     Completion,
     DaemonUnavailable,
     Delta,
@@ -214,7 +214,7 @@ class AsyncClient:
             with contextlib.suppress(zmq.ZMQError):
                 self._sock.send_multipart(cp.encode(cp.Abort(id=request_id)), flags=zmq.DONTWAIT)
 
-    async def _begin(self, prompt: str | None, kwargs: dict[str, Any], stream: bool) -> tuple[str, float | None]:
+    async def _begin(self, prompt: str | None, kwargs: dict[str, Any], stream: bool) -> tuple[str, float | None, int]:
         timeout = kwargs.pop("timeout", self.timeout)
         if timeout is not None and kwargs.get("deadline_s") is None:
             kwargs["deadline_s"] = timeout
@@ -223,24 +223,30 @@ class AsyncClient:
         await self._send(msg)  # never suspends: the queue below exists before any reply can be read
         self._queues[rid] = asyncio.Queue()
         self._generating.add(rid)
-        return rid, None if timeout is None else time.monotonic() + timeout + timeout_grace(timeout)
+        return rid, None if timeout is None else time.monotonic() + timeout + timeout_grace(timeout), msg.n
 
     async def generate(self, prompt: str | None = None, **kwargs: Any) -> Completion:
         """As Client.generate."""
-        rid, deadline = await self._begin(prompt, kwargs, stream=False)
+        rid, deadline, n = await self._begin(prompt, kwargs, stream=False)
+        choices = Choices(n)
         try:
-            reply = await self._next(rid, deadline)
+            while not choices.complete:
+                reply = await self._next(rid, deadline)
+                if isinstance(reply, cp.Error):
+                    break
+                if isinstance(reply, cp.Final | cp.Chunk):
+                    choices.add(reply)
         except BaseException:
             self._abort_soon(rid)
             raise
         self._finished(rid)
         if isinstance(reply, cp.Error):
             raise MoedError.from_reply(reply)
-        return Accumulator().complete(reply)
+        return choices.completion()
 
     async def stream(self, prompt: str | None = None, **kwargs: Any) -> AsyncStream:
-        rid, deadline = await self._begin(prompt, kwargs, stream=True)
-        return AsyncStream(self, rid, deadline)
+        rid, deadline, n = await self._begin(prompt, kwargs, stream=True)
+        return AsyncStream(self, rid, deadline, n)
 
     async def chat(self, messages: list[dict[str, str]], **kwargs: Any) -> Completion:
         return await self.generate(messages=messages, **kwargs)

@@ -14,7 +14,7 @@ from dataclasses import asdict
 
 import msgspec
 
-from moed.client.calls import DEFAULT_ADDRESS, MoedError
+from moed.client.calls import DEFAULT_ADDRESS, Completion, MoedError
 from moed.client.keys import curve_keys, keygen
 from moed.client.sync_client import Client
 
@@ -108,21 +108,33 @@ def _generate(client: Client, prompt: str, args: argparse.Namespace) -> int:
             if args.json:
                 print(json.dumps(msgspec.to_builtins(asdict(result)), ensure_ascii=False))
             else:
+                if result.reasoning:  # chat: the model's thinking goes to stderr, the answer to stdout
+                    print(result.reasoning, file=sys.stderr)
                 print(result.text)
+                _print_tool_calls(result)
             return 0
         stream = client.stream(prompt, **kwargs)
         for delta in stream:
+            if delta.reasoning:
+                sys.stderr.write(delta.reasoning)
+                sys.stderr.flush()
             sys.stdout.write(delta.text)
             sys.stdout.flush()
         sys.stdout.write("\n")
         c = stream.completion
         if c is not None:
+            _print_tool_calls(c)
             print(f"[{c.finish_reason}; {c.prompt_tokens} prompt + {c.completion_tokens} generated tokens; "
                   f"first token {c.ttft_s or 0:.3f} s; total {c.e2e_s:.3f} s]", file=sys.stderr)
     except ValueError as e:
         print(f"moed client: {e}", file=sys.stderr)
         return 2
     return 0
+
+
+def _print_tool_calls(result: Completion) -> None:
+    for call in result.tool_calls:
+        print(f"[tool call {call.id}: {call.name}({call.arguments})]", file=sys.stderr)
 
 
 if __name__ == "__main__":  # `python -m moed.client.cli ...` is `moed client ...`

@@ -13,8 +13,14 @@ daemon still answers it with an Error (code "unsupported_version") instead of a 
 Bodies are decoded by msgspec into the Structs below and nothing else: no pickle, no extension types.
 
 Request lifecycle: a Generate is answered by zero or more Chunk messages (only when stream=True),
-then exactly one terminal message: a Final or an Error. The Final carries whatever was not sent in
-chunks (everything when stream=False), so the full text is always the chunks' text + the Final's.
+then one Final per choice (`n` of them, each naming its choice by `index`; one when n=1), or one
+Error for the whole request, which ends it. A Final carries whatever of its choice was not sent in
+chunks (everything when stream=False), so a choice's full text is always its chunks' text + its
+Final's, and the same holds for `reasoning` and for each tool call's `arguments`.
+Chat output (a Generate with messages, unless parse_output=False) is split as GLM-5.1 writes it:
+`reasoning` (the text inside <think>...</think>), `text` (the answer) and `tool_calls` (GLM's XML tool
+calls, parsed when the request gives `tools` and tool_choice is not "none"; a call's first delta has its
+id and name, later ones append to its JSON `arguments`). Token ids and logprobs are the raw tokens'.
 Chunks, Finals and Errors that one engine step produced for several of a client's streams may
 arrive together in one Batch.
 Request ids are chosen by the client and must be unique among its in-flight requests.
@@ -23,7 +29,7 @@ Request ids are chosen by the client and must be unique among its in-flight requ
 from __future__ import annotations
 
 import re
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 import msgspec
 from msgspec import Meta, Struct, field
@@ -36,9 +42,12 @@ RequestId = Annotated[str, Meta(min_length=1, max_length=256)]
 NonEmptyStr = Annotated[str, Meta(min_length=1)]
 TokenId = Annotated[int, Meta(ge=0)]
 
+MAX_CHOICES = 16
 # Final.finish_reason: "stop" (eos, a stop token id or a stop string), "length" (max_tokens),
-# "abort" (client abort, disconnect, drain), "deadline" (the request's deadline passed).
-FinishReason = Literal["stop", "length", "abort", "deadline"]
+# "tool_calls" (stopped after tool calls it parsed), "abort" (client abort, disconnect, drain),
+# "deadline" (the request's deadline passed).
+FinishReason = Literal["stop", "length", "tool_calls", "abort", "deadline"]
+TEMPLATE_NAMES = frozenset({"messages", "tools", "add_generation_prompt"})  # not settable by chat_template_kwargs
 
 ErrorCode = Literal[
     "invalid_request",  # a field failed validation; Error.field names it
@@ -72,9 +81,44 @@ class SamplingParams(Struct, forbid_unknown_fields=True, omit_defaults=True):
     logprobs: Annotated[int, Meta(ge=0, le=20)] | None = None  # None: none; n: sampled token + top n
 
 
-class ChatMessage(Struct, forbid_unknown_fields=True):
+class TextPart(Struct, tag="text", tag_field="type", forbid_unknown_fields=True):
+    """One part of a message's content in list form (OpenAI's); GLM-5.1 reads text only."""
+
+    text: str
+
+
+class FunctionCall(Struct, forbid_unknown_fields=True):
+    name: NonEmptyStr
+    arguments: str = "{}"  # a JSON object, as OpenAI sends it
+
+
+class ToolCall(Struct, forbid_unknown_fields=True, omit_defaults=True):
+    """A tool call of an earlier assistant turn."""
+
+    function: FunctionCall
+    id: str = ""
+    type: Literal["function"] = "function"
+
+
+class ChatMessage(Struct, forbid_unknown_fields=True, omit_defaults=True):
     role: NonEmptyStr
-    content: str
+    content: str | list[TextPart] | None = None
+    name: str | None = None
+    tool_calls: list[ToolCall] | None = None  # assistant turns
+    tool_call_id: str | None = None  # tool results
+    reasoning_content: str | None = None  # assistant turns: their reasoning (the template keeps the last turn's)
+
+
+class FunctionDefinition(Struct, forbid_unknown_fields=True, omit_defaults=True):
+    name: NonEmptyStr
+    description: str | None = None
+    parameters: dict[str, Any] | None = None  # JSON schema; arguments it types "string" are read verbatim
+    strict: bool | None = None
+
+
+class Tool(Struct, forbid_unknown_fields=True, omit_defaults=True):
+    function: FunctionDefinition
+    type: Literal["function"] = "function"
 
 
 # client -> daemon
@@ -93,6 +137,11 @@ class Generate(Struct, tag="generate", tag_field="type", forbid_unknown_fields=T
     model: str | None = None  # when set, must name the served model
     skip_special_tokens: bool = True
     add_generation_prompt: bool = True  # chat only
+    tools: list[Tool] | None = None  # chat only: given to the chat template; tool calls are parsed from the output
+    tool_choice: Literal["none", "auto", "required"] | None = None  # "none": tool calls are not parsed
+    chat_template_kwargs: dict[str, Any] | None = None  # chat only: further template variables (enable_thinking)
+    parse_output: bool = True  # chat only: split reasoning and parse tool calls (False: the raw text)
+    n: Annotated[int, Meta(ge=1, le=MAX_CHOICES)] = 1  # choices sampled from the prompt (seed + i for choice i)
 
 
 class Abort(Struct, tag="abort", tag_field="type", forbid_unknown_fields=True):
@@ -142,11 +191,23 @@ class TokenLogprob(Struct, array_like=True):
     top: list[tuple[int, float]]  # (token id, logprob), best first
 
 
+class ToolCallDelta(Struct, omit_defaults=True):
+    """Part of a parsed tool call: its first delta has id and name; every delta's arguments append to its JSON."""
+
+    index: int  # which call of the choice, from 0
+    id: str | None = None
+    name: str | None = None
+    arguments: str = ""
+
+
 class Chunk(Struct, tag="chunk", tag_field="type", omit_defaults=True):
     id: str
     text: str = ""
     token_ids: list[int] = []
     logprobs: list[TokenLogprob] | None = None
+    index: int = 0  # the choice (n > 1)
+    reasoning: str = ""
+    tool_calls: list[ToolCallDelta] | None = None
 
 
 class Final(Struct, tag="final", tag_field="type", omit_defaults=True):
@@ -160,6 +221,9 @@ class Final(Struct, tag="final", tag_field="type", omit_defaults=True):
     token_ids: list[int] = []
     logprobs: list[TokenLogprob] | None = None
     stop: str | None = None  # the stop string that ended the request, if one did
+    index: int = 0  # the choice (n > 1): the request ends with the last choice's Final
+    reasoning: str = ""  # what no Chunk carried
+    tool_calls: list[ToolCallDelta] | None = None  # what no Chunk carried (stream=False: one complete entry per call)
 
 
 class Error(Struct, tag="error", tag_field="type", omit_defaults=True):
@@ -328,3 +392,18 @@ def check_generate(msg: Generate) -> None:
         raise ProtocolError("invalid_request", "prompt_token_ids is empty", "prompt_token_ids", msg.id)
     if msg.messages is not None and not msg.messages:
         raise ProtocolError("invalid_request", "messages is empty", "messages", msg.id)
+    if msg.messages is None:
+        for name in ("tools", "tool_choice", "chat_template_kwargs"):
+            if getattr(msg, name) is not None:
+                raise ProtocolError("invalid_request", f"{name} applies to chat requests (messages) only", name, msg.id)
+        return
+    for i, m in enumerate(msg.messages):
+        if m.content is None and m.role != "assistant":
+            raise ProtocolError("invalid_request", f"a {m.role!r} message needs content", f"messages[{i}].content",
+                                msg.id)
+    reserved = TEMPLATE_NAMES.intersection(msg.chat_template_kwargs or ())
+    if reserved:
+        raise ProtocolError("invalid_request", f"chat_template_kwargs cannot set {', '.join(sorted(reserved))} "
+                            "(they are the request's own fields)", "chat_template_kwargs", msg.id)
+    if msg.tool_choice == "required" and not msg.tools:
+        raise ProtocolError("invalid_request", "tool_choice 'required' needs tools", "tool_choice", msg.id)

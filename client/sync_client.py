@@ -23,8 +23,8 @@ from zmq.utils.monitor import parse_monitor_message
 from moed.client import protocol as cp
 from moed.client.calls import (
     DEFAULT_ADDRESS,
-    Accumulator,
     AuthenticationError,
+    Choices,
     Completion,
     DaemonUnavailable,
     Delta,
@@ -231,7 +231,7 @@ class Client:
             with contextlib.suppress(zmq.ZMQError):
                 self._send(cp.Abort(id=request_id))
 
-    def _begin(self, prompt: str | None, kwargs: dict[str, Any], stream: bool) -> tuple[str, float | None]:
+    def _begin(self, prompt: str | None, kwargs: dict[str, Any], stream: bool) -> tuple[str, float | None, int]:
         timeout = kwargs.pop("timeout", self.timeout)
         if timeout is not None and kwargs.get("deadline_s") is None:
             kwargs["deadline_s"] = timeout
@@ -240,33 +240,39 @@ class Client:
         self._send(msg)
         self._inbox[rid] = collections.deque()  # after sending: a reconnect while sending fails older requests only
         self._generating.add(rid)
-        return rid, None if timeout is None else time.monotonic() + timeout + timeout_grace(timeout)
+        return rid, None if timeout is None else time.monotonic() + timeout + timeout_grace(timeout), msg.n
 
     def generate(self, prompt: str | None = None, **kwargs: Any) -> Completion:
         """Generate and wait for the whole completion.
 
         Keywords: token_ids or messages instead of prompt; sampling fields (max_tokens, temperature,
         top_k, top_p, min_p, seed, stop, stop_token_ids, ignore_eos, logprobs, penalties);
-        timeout, deadline_s, model, skip_special_tokens.
+        timeout, deadline_s, model, skip_special_tokens, n (choices: the result's `choices`); chat:
+        tools, tool_choice, chat_template_kwargs, parse_output.
         """
-        rid, deadline = self._begin(prompt, kwargs, stream=False)
+        rid, deadline, n = self._begin(prompt, kwargs, stream=False)
+        choices = Choices(n)
         done = False
         try:
-            reply = self._next(rid, deadline)
+            while not choices.complete:
+                reply = self._next(rid, deadline)
+                if isinstance(reply, cp.Error):
+                    done = True
+                    raise MoedError.from_reply(reply)
+                if isinstance(reply, cp.Final | cp.Chunk):
+                    choices.add(reply)
             done = True
         finally:
             if not done:
                 self.abort(rid)
             self._inbox.pop(rid, None)
             self._generating.discard(rid)
-        if isinstance(reply, cp.Error):
-            raise MoedError.from_reply(reply)
-        return Accumulator().complete(reply)
+        return choices.completion()
 
     def stream(self, prompt: str | None = None, **kwargs: Any) -> Stream:
         """Generate, yielding Deltas as they arrive; `stream.completion` is set at the end."""
-        rid, deadline = self._begin(prompt, kwargs, stream=True)
-        return Stream(self, rid, deadline)
+        rid, deadline, n = self._begin(prompt, kwargs, stream=True)
+        return Stream(self, rid, deadline, n)
 
     def chat(self, messages: list[dict[str, str]], **kwargs: Any) -> Completion:
         return self.generate(messages=messages, **kwargs)

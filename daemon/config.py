@@ -49,6 +49,9 @@ class ServeConfig:
     model_name: str = _f("", "name clients use for the model; default: the directory's name")
     listen: tuple[str, ...] = _f(("tcp://127.0.0.1:5710",), "ZMQ endpoints for clients (tcp://HOST:PORT, ipc://PATH)")
     metrics_address: str = _f("127.0.0.1:9710", "HOST:PORT for /metrics, /health, /ready; empty = off")
+    http_address: str = _f("127.0.0.1:8710", "HOST:PORT of the OpenAI-compatible HTTP API (/v1/...); empty = off")
+    http_api_key: str = _f("", "when set, HTTP API requests need 'Authorization: Bearer KEY'", secret=True)
+    http_max_requests: int = _f(1024, "generate requests (choices) in flight over HTTP; more get 429", min=1)
     device: str = _f("", "engine --device (cpu, cuda); empty = engine default")
     dtype: str = _f("", "engine --dtype; empty = engine default")
     max_running: int = _f(0, "engine --max-running (max running sequences); 0 = engine default", min=0)
@@ -187,11 +190,11 @@ def _check_semantics(cfg: ServeConfig, sources: Mapping[str, str], check_files: 
     for ep in cfg.listen:
         if not (ep.startswith("tcp://") or ep.startswith("ipc://")):
             problems.append(("listen", f"{at('listen')}: endpoint {ep!r} must start with tcp:// or ipc://"))
-    if cfg.metrics_address:
-        host, sep, port = cfg.metrics_address.rpartition(":")
-        if not sep or not host or not port.isdigit() or not 0 <= int(port) < 65536:
-            problems.append(("metrics_address", f"{at('metrics_address')}: must be HOST:PORT (port 0-65535) or "
-                                                f"empty, got {cfg.metrics_address!r}"))
+    for key in ("metrics_address", "http_address"):
+        address = getattr(cfg, key)
+        host, sep, port = address.rpartition(":")
+        if address and (not sep or not host or not port.isdigit() or not 0 <= int(port) < 65536):
+            problems.append((key, f"{at(key)}: must be HOST:PORT (port 0-65535) or empty, got {address!r}"))
     if bool(cfg.curve_secret_key) != bool(cfg.curve_allowed_clients):
         problems.append(("curve_secret_key", f"{at('curve_secret_key')} and {at('curve_allowed_clients')}: Curve "
                          "needs both the daemon's secret certificate and a directory of allowed client public "
@@ -282,6 +285,8 @@ def render(cfg: ServeConfig, sources: Mapping[str, str]) -> str:
     for key in FIELDS:
         value = getattr(cfg, key)
         value = list(value) if isinstance(value, tuple) else value
+        if FIELDS[key].metadata.get("secret") and value:
+            value = "(set, not shown)"
         lines.append(f"{key} = {json.dumps(value, ensure_ascii=False)}  # {sources.get(key, 'default')}")
     return "\n".join(lines) + "\n"
 

@@ -1,10 +1,13 @@
-"""One generate request in the daemon: engine outputs in, client replies out.
+"""One choice of a generate request in the daemon: engine outputs in, client replies out.
 
-Owns the request's text: incremental detokenisation, stop strings and the hold-back that keeps a
+Owns the choice's text: incremental detokenisation, stop strings and the hold-back that keeps a
 possible stop string's beginning out of streamed chunks. The engine never sees text, so when a
-stop string matches here the text is cut just before it, the request finishes with reason "stop",
+stop string matches here the text is cut just before it, the choice finishes with reason "stop",
 and the caller must send the engine `Abort(reason="stop")` (`EngineUpdate.abort_engine`). Token
-ids are not cut: the ids of the step that completed the stop string are all reported.
+ids are not cut: the ids of the step that completed the stop string are all reported. For chat
+requests the released text then goes through GLM-5.1's output parser (daemon/glm_chat.py): replies
+carry the answer as `text`, the reasoning and the parsed tool-call deltas beside it.
+A request with n choices is n GenerateRequests (one engine request each) sharing the client's id.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from dataclasses import dataclass
 
 from moed.client import protocol as cp
 from moed.daemon.detokenizer import IncrementalDetokenizer, StopStrings
+from moed.daemon.glm_chat import ChatDelta, ChatOutputParser, merge_tool_calls
 from moed.engine import protocol as ep
 
 
@@ -28,9 +32,13 @@ class EngineUpdate:
 
 class GenerateRequest:
     def __init__(self, client: bytes, msg: cp.Generate, engine_id: str, prompt_ids: list[int],
-                 detok: IncrementalDetokenizer, received_at: float, deadline_at: float | None, generation: int):
+                 detok: IncrementalDetokenizer, received_at: float, deadline_at: float | None, generation: int,
+                 index: int = 0, chat: ChatOutputParser | None = None):
         self.client = client
         self.id = msg.id
+        self.index = index  # the choice
+        self.chat = chat  # None: the raw text goes out
+        self._chat_kept = ChatDelta()  # stream=False: parsed output released so far
         self.engine_id = engine_id
         self.stream = msg.stream
         self.want_logprobs = msg.sampling.logprobs is not None
@@ -50,6 +58,21 @@ class GenerateRequest:
 
     def _final(self, reason: str, now: float, text: str, ids: list[int], logprobs: list[cp.TokenLogprob] | None,
                stop: str | None = None) -> cp.Final:
+        reasoning, calls = "", None
+        if self.chat is not None:
+            delta = self.chat.feed(text) if text else ChatDelta()
+            rest, retracted = self.chat.finish(whole=not self.stream)
+            delta.extend(rest)
+            if not self.stream:
+                kept = self._chat_kept
+                kept.extend(delta)
+                delta = ChatDelta(kept.reasoning, kept.content,
+                                  merge_tool_calls([d for d in kept.tool_calls if d.index != retracted]))
+                self._parts = []
+            text, reasoning = delta.content, delta.reasoning
+            calls = _wire_calls(delta)
+            if reason == "stop" and self.chat.called_tools:
+                reason = "tool_calls"
         if not self.stream:
             self._parts.append(text)
             text, ids, logprobs = "".join(self._parts), self._ids + ids, (self._logprobs + (logprobs or []))
@@ -57,7 +80,20 @@ class GenerateRequest:
             id=self.id, finish_reason=reason, prompt_tokens=self.prompt_tokens,  # type: ignore[arg-type]
             completion_tokens=self.completion_tokens, e2e_s=now - self.received_at,
             ttft_s=None if self.first_token_at is None else self.first_token_at - self.received_at,
-            text=text, token_ids=ids, logprobs=logprobs if self.want_logprobs else None, stop=stop)
+            text=text, token_ids=ids, logprobs=logprobs if self.want_logprobs else None, stop=stop,
+            index=self.index, reasoning=reasoning, tool_calls=calls)
+
+    def _chunk(self, text: str, ids: list[int], logprobs: list[cp.TokenLogprob] | None) -> cp.Chunk | None:
+        """A streamed reply (None: nothing to send)."""
+        if self.chat is None:
+            if not (text or ids):
+                return None
+            return cp.Chunk(id=self.id, text=text, token_ids=ids, logprobs=logprobs, index=self.index)
+        delta = self.chat.feed(text) if text else ChatDelta()
+        if not (delta or ids):
+            return None
+        return cp.Chunk(id=self.id, text=delta.content, token_ids=ids, logprobs=logprobs, index=self.index,
+                        reasoning=delta.reasoning, tool_calls=_wire_calls(delta))
 
     def on_output(self, out: ep.RequestOutput, now: float) -> EngineUpdate:
         upd = EngineUpdate(replies=[])
@@ -85,8 +121,9 @@ class GenerateRequest:
         stops = self.stops
         if not stops and not finished:  # the common case: text goes out as it comes
             if self.stream:
-                if delta or ids:
-                    upd.replies.append(cp.Chunk(id=self.id, text=delta, token_ids=ids, logprobs=logprobs))
+                chunk = self._chunk(delta, ids, logprobs)
+                if chunk is not None:
+                    upd.replies.append(chunk)
             else:
                 self._keep(delta, ids, logprobs)
             return upd
@@ -112,15 +149,18 @@ class GenerateRequest:
         cut = len(self._unsent) - hold
         text, self._unsent = self._unsent[:cut], self._unsent[cut:]
         if self.stream:
-            if text or ids:
-                upd.replies.append(cp.Chunk(id=self.id, text=text, token_ids=ids, logprobs=logprobs))
+            chunk = self._chunk(text, ids, logprobs)
+            if chunk is not None:
+                upd.replies.append(chunk)
         else:
             self._keep(text, ids, logprobs)
         return upd
 
     def _keep(self, text: str, ids: list[int], logprobs: list[cp.TokenLogprob] | None) -> None:
         """stream=False: hold released output for the Final."""
-        if text:
+        if text and self.chat is not None:
+            self._chat_kept.extend(self.chat.feed(text))
+        elif text:
             self._parts.append(text)
         self._ids.extend(ids)
         if logprobs:
@@ -131,3 +171,9 @@ class GenerateRequest:
         text = self._unsent + self.detok.flush()
         self._unsent = ""
         return self._final(reason, now, text, [], None)
+
+
+def _wire_calls(delta: ChatDelta) -> list[cp.ToolCallDelta] | None:
+    if not delta.tool_calls:
+        return None
+    return [cp.ToolCallDelta(index=d.index, id=d.id, name=d.name, arguments=d.arguments) for d in delta.tool_calls]

@@ -11,6 +11,12 @@ or broken client does can delay replies to others.
 A client loses its requests (engine Abort, no reply) when its connection drops: the socket
 monitor reports a disconnect, and sending it a Pong then fails with EHOSTUNREACH; or when it sends
 nothing (heartbeats included) for `client_timeout_s` while it has requests in flight.
+
+Local clients (the HTTP API, daemon/openai_api.py) use the same admission, limits and request
+table: their messages go through `submit` as decoded ZMQ messages do, and their replies are handed
+to a `deliver` callback instead of the socket. Their identity is empty, which no ZMQ peer can have.
+A request with n choices is n engine requests under one client request id (`ClientState.requests`
+holds its choices still running); an Error ends the request, its other choices are aborted.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ import logging
 import os
 import secrets
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import msgspec
@@ -35,6 +42,13 @@ from zmq.utils.monitor import parse_monitor_message
 from moed.client import protocol as cp
 from moed.daemon.config import ServeConfig
 from moed.daemon.detokenizer import IncrementalDetokenizer
+from moed.daemon.glm_chat import (
+    ChatInputError,
+    ChatOutputParser,
+    prompt_opens_reasoning,
+    template_messages,
+    text_content,
+)
 from moed.daemon.metrics import Metrics, MetricsServer
 from moed.daemon.placement import (
     DaemonPlacement,
@@ -62,11 +76,15 @@ PROBE_INTERVAL_S = 2.0  # Pong probe of clients with requests: a gone one fails 
 
 
 class ClientState:
-    __slots__ = ("cancelled", "gone", "identity", "last_seen", "outbox", "pending_chunks", "requests")
+    __slots__ = ("cancelled", "deliver", "gone", "identity", "last_seen", "limit", "outbox", "pending_chunks",
+                 "requests")
 
-    def __init__(self, identity: bytes, now: float):
+    def __init__(self, identity: bytes, now: float, limit: int, deliver: Callable[[cp.Reply], None] | None = None):
         self.identity = identity
-        self.requests: dict[str, GenerateRequest | None] = {}  # None: admission in progress (tokenising)
+        self.limit = limit  # choices in flight
+        self.deliver = deliver  # a local client's reply sink (None: a ZMQ peer)
+        # request id -> its choices still running; None: admission in progress (tokenising)
+        self.requests: dict[str, list[GenerateRequest] | None] = {}
         self.cancelled: set[str] = set()  # aborted while tokenising
         self.last_seen = now
         self.outbox: collections.deque[cp.Reply] = collections.deque()
@@ -83,7 +101,8 @@ class Daemon:
         self.daemon_id = secrets.token_hex(8)
         self.metrics = Metrics(cfg.served_name)
         self.tokenizer: TextTokenizer | None = None
-        self.clients: dict[bytes, ClientState] = {}
+        self.clients: dict[bytes, ClientState] = {}  # ZMQ peers by routing id
+        self.local_clients: dict[bytes, ClientState] = {}  # in-process front ends (HTTP)
         self.by_engine_id: dict[str, GenerateRequest] = {}
         self.endpoints: list[str] = []
         self.metrics_port = 0
@@ -191,7 +210,7 @@ class Daemon:
 
     async def drain(self) -> None:
         self.draining = True
-        n = len(self.by_engine_id) + sum(1 for c in self.clients.values() for r in c.requests.values() if r is None)
+        n = len(self.by_engine_id) + sum(1 for c in self._all_clients() for r in c.requests.values() if r is None)
         log.info("draining: %d request(s) in flight, up to %.0f s", n, self.cfg.drain_timeout_s)
         self.notifier.stopping(f"draining {n} request(s)")
         self.metrics.ready.set(0)
@@ -319,6 +338,8 @@ class Daemon:
                 stop_ids.append(req.engine_id)
             if upd.done:
                 self._retire(req, upd.finish_reason or "error", now)
+                if upd.finish_reason == "error":
+                    self._abort_siblings(req, now)
         for identity, items in replies.items():
             self._send_items(identity, items)
         if stop_ids:
@@ -329,7 +350,7 @@ class Daemon:
         self.metrics.dispatch.observe(time.perf_counter() - t0)
 
     def _send_items(self, identity: bytes, items: list[cp.Chunk | cp.Final | cp.Error]) -> None:
-        client = self.clients.get(identity)
+        client = self._client(identity)
         if client is not None and items:
             self._send(client, items[0] if len(items) == 1 else cp.Batch(items=items))
 
@@ -347,9 +368,12 @@ class Daemon:
         handle = self._deadlines.pop(req.engine_id, None)
         if handle is not None:
             handle.cancel()
-        client = self.clients.get(req.client)
-        if client is not None and client.requests.get(req.id) is req:
-            del client.requests[req.id]
+        client = self._client(req.client)
+        choices = client.requests.get(req.id) if client is not None else None
+        if choices is not None and req in choices:
+            choices.remove(req)
+            if not choices:
+                del client.requests[req.id]
         self.metrics.requests.labels(reason).inc()
         self.metrics.e2e.observe(now - req.received_at)
         self._update_in_flight()
@@ -357,7 +381,7 @@ class Daemon:
     def _update_in_flight(self) -> None:
         n = len(self.by_engine_id)
         self.metrics.in_flight.set(n)
-        pending = any(r is None for c in self.clients.values() for r in c.requests.values()) if not n else True
+        pending = any(r is None for c in self._all_clients() for r in c.requests.values()) if not n else True
         if n == 0 and not pending:
             self._idle.set()
         else:
@@ -366,16 +390,27 @@ class Daemon:
     def _finish(self, req: GenerateRequest, reason: str, now: float) -> None:
         """End a request from the daemon side with a Final (the caller tells the engine)."""
         final = req.finish(reason, now)
-        client = self.clients.get(req.client)
+        client = self._client(req.client)
         if client is not None:
             self._send(client, final)
         self._retire(req, reason, now)
 
     def _fail(self, req: GenerateRequest, code: str, message: str, now: float) -> None:
-        client = self.clients.get(req.client)
+        """End the whole request with one Error (its other choices are aborted)."""
+        client = self._client(req.client)
         if client is not None:
             self._send(client, cp.Error(id=req.id, code=code, message=message))  # type: ignore[arg-type]
         self._retire(req, "error", now)
+        self._abort_siblings(req, now)
+
+    def _abort_siblings(self, req: GenerateRequest, now: float) -> None:
+        """After an Error ended a request: drop its other choices (engine Abort, no reply)."""
+        client = self._client(req.client)
+        siblings = list((client.requests.get(req.id) or ()) if client is not None else ())
+        if siblings:
+            self._send_to_engine(ep.Abort(request_ids=[r.engine_id for r in siblings]))
+            for r in siblings:
+                self._retire(r, "abort", now)
 
     def _on_deadline(self, engine_id: str) -> None:
         self._deadlines.pop(engine_id, None)
@@ -386,7 +421,7 @@ class Daemon:
 
     def _abort_client_requests(self, client: ClientState, reply: bool) -> None:
         now = time.monotonic()
-        reqs = [r for r in client.requests.values() if r is not None]
+        reqs = [r for choices in client.requests.values() if choices is not None for r in choices]
         client.cancelled.update(k for k, r in client.requests.items() if r is None)
         if reqs:
             self._send_to_engine(ep.Abort(request_ids=[r.engine_id for r in reqs]))
@@ -413,6 +448,9 @@ class Daemon:
 
     def _send(self, client: ClientState, reply: cp.Reply) -> None:
         if client.gone:
+            return
+        if client.deliver is not None:
+            client.deliver(reply)
             return
         if client.outbox:
             self._enqueue(client, reply)
@@ -491,7 +529,7 @@ class Daemon:
                 await asyncio.sleep(FLUSH_INTERVAL_S)
 
     def _reply(self, identity: bytes, reply: cp.Reply) -> None:
-        client = self.clients.get(identity)
+        client = self._client(identity)
         if client is not None:
             self._send(client, reply)
 
@@ -516,7 +554,7 @@ class Daemon:
         identity = frames[0].bytes
         client = self.clients.get(identity)
         if client is None:
-            client = self.clients[identity] = ClientState(identity, now)
+            client = self.clients[identity] = ClientState(identity, now, self.cfg.client_concurrency)
             self.metrics.clients.set(len(self.clients))
         client.last_seen = now
         try:
@@ -532,6 +570,11 @@ class Daemon:
             self.metrics.protocol_errors.labels(e.code).inc()
             self._send(client, e.to_reply())
             return
+        self.submit(client, msg, now)
+
+    def submit(self, client: ClientState, msg: cp.Request, now: float | None = None) -> None:
+        """Handle one decoded message of a client; every refusal becomes an Error reply to it."""
+        now = time.monotonic() if now is None else now
         try:
             self._dispatch(client, msg, now)
         except cp.ProtocolError as e:
@@ -601,15 +644,21 @@ class Daemon:
         except PlacementUnavailable as e:
             self._send(client, cp.Error(id=msg.id, code="unavailable", message=f"placement: {e}"))
 
-    def _on_abort(self, client: ClientState, rid: str) -> None:
+    def _on_abort(self, client: ClientState, rid: str, reply: bool = True) -> None:
         if rid not in client.requests:
             return  # finished already, or never existed: abort is idempotent
-        req = client.requests[rid]
-        if req is None:
+        choices = client.requests[rid]
+        if choices is None:
             client.cancelled.add(rid)
             return
-        self._send_to_engine(ep.Abort(request_ids=[req.engine_id]))
-        self._finish(req, "abort", time.monotonic())
+        choices = list(choices)
+        self._send_to_engine(ep.Abort(request_ids=[r.engine_id for r in choices]))
+        now = time.monotonic()
+        for req in choices:
+            if reply:
+                self._finish(req, "abort", now)
+            else:
+                self._retire(req, "abort", now)
 
     # --- admission ----------------------------------------------------------------------------
 
@@ -623,25 +672,28 @@ class Daemon:
             refuse("unavailable", f"engine not ready ({self.supervisor.state}): {self.supervisor.reason}")
         if msg.id in client.requests:
             refuse("duplicate_id", f"request id {msg.id!r} is already in flight for this client")
-        if len(client.requests) >= self.cfg.client_concurrency:
-            refuse("too_many_requests", f"this client already has {len(client.requests)} requests in flight "
-                   f"(client_concurrency={self.cfg.client_concurrency})")
+        held = sum(1 if c is None else len(c) for c in client.requests.values())
+        if held + msg.n > client.limit:
+            what = "the HTTP API has" if client.deliver is not None else "this client already has"
+            key = "http_max_requests" if client.deliver is not None else "client_concurrency"
+            refuse("too_many_requests", f"{what} {held} requests (choices) in flight and this one asks for {msg.n} "
+                   f"more ({key}={client.limit})")
         if msg.model is not None and msg.model != self.cfg.served_name:
             raise cp.ProtocolError("invalid_request", f"model {msg.model!r} is not served here; this daemon serves "
                                    f"{self.cfg.served_name!r}", "model", msg.id)
-        size = len(msg.prompt or "") + sum(len(m.content) for m in msg.messages or ())
+        size = len(msg.prompt or "") + sum(len(text_content(m.content)) for m in msg.messages or ())
         if size > THREAD_TOKENIZE_CHARS:
             client.requests[msg.id] = None
             self._idle.clear()
             asyncio.get_running_loop().create_task(self._admit_in_thread(client, msg, now))
         else:
-            self._start(client, msg, self._tokenize(msg), now)
+            self._start(client, msg, *self._tokenize(msg), now)
 
     async def _admit_in_thread(self, client: ClientState, msg: cp.Generate, now: float) -> None:
         try:
-            ids = await asyncio.to_thread(self._tokenize, msg)
+            ids, thinking = await asyncio.to_thread(self._tokenize, msg)
         except cp.ProtocolError as e:
-            ids, error = None, e
+            ids, thinking, error = None, False, e
         if client.requests.get(msg.id, False) is None:
             del client.requests[msg.id]
         cancelled = msg.id in client.cancelled
@@ -657,32 +709,39 @@ class Daemon:
             if not self.supervisor.ready or self.draining:
                 raise cp.ProtocolError("unavailable", "engine became unavailable while the prompt was tokenised",
                                        None, msg.id)
-            self._start(client, msg, ids, now)
+            self._start(client, msg, ids, thinking, now)
         except cp.ProtocolError as e:
             self.metrics.protocol_errors.labels(e.code).inc()
             self._send(client, e.to_reply())
         finally:
             self._update_in_flight()
 
-    def _tokenize(self, msg: cp.Generate) -> list[int]:
+    def _tokenize(self, msg: cp.Generate) -> tuple[list[int], bool]:
+        """The prompt's ids, and whether it leaves the model inside <think> (chat with thinking on)."""
         tok = self.tokenizer
+        thinking = False
         if msg.prompt is not None:
             ids = tok.encode(msg.prompt, add_special_tokens=True)
             where = "prompt"
         elif msg.messages is not None:
             where = "messages"
             try:
-                ids = tok.encode_chat([{"role": m.role, "content": m.content} for m in msg.messages],
-                                      msg.add_generation_prompt)
+                tools = msgspec.to_builtins(msg.tools) if msg.tools is not None else None
+                prompt = tok.render_chat(template_messages(msg.messages), msg.add_generation_prompt, tools,
+                                         msg.chat_template_kwargs)
+            except ChatInputError as e:
+                raise cp.ProtocolError("invalid_request", str(e), e.field, msg.id) from None
             except TemplateError as e:
                 raise cp.ProtocolError("invalid_request", str(e), "messages", msg.id) from None
+            ids = tok.encode(prompt, add_special_tokens=False)  # the template writes the special tokens
+            thinking = prompt_opens_reasoning(prompt)
         else:
             ids, where = list(msg.prompt_token_ids), "prompt_token_ids"
         if not ids:
             raise cp.ProtocolError("invalid_request", f"{where} encodes to no tokens", where, msg.id)
-        return ids
+        return ids, thinking
 
-    def _start(self, client: ClientState, msg: cp.Generate, ids: list[int], now: float) -> None:
+    def _start(self, client: ClientState, msg: cp.Generate, ids: list[int], thinking: bool, now: float) -> None:
         info = self.supervisor.info
         vocab = info.vocab_size if info else self.tokenizer.vocab_size
         s = msg.sampling
@@ -703,27 +762,64 @@ class Daemon:
             if len(ids) + s.max_tokens > max_len:
                 raise cp.ProtocolError("invalid_request", f"prompt ({len(ids)} tokens) + max_tokens ({s.max_tokens}) "
                                        f"exceeds the model's max_model_len {max_len}", "sampling.max_tokens", msg.id)
-        engine_id = f"{next(self._ids):x}"
         deadline_s = msg.deadline_s or self.cfg.default_deadline_s or None
-        req = GenerateRequest(client.identity, msg, engine_id, ids,
-                              IncrementalDetokenizer(self.tokenizer, ids, msg.skip_special_tokens), now,
-                              now + deadline_s if deadline_s else None, self.supervisor.generation)
-        sampling = ep.SamplingParams(
-            temperature=s.temperature, top_k=s.top_k, top_p=s.top_p, min_p=s.min_p,
-            repetition_penalty=s.repetition_penalty, frequency_penalty=s.frequency_penalty,
-            presence_penalty=s.presence_penalty, seed=s.seed, max_tokens=s.max_tokens,
-            stop_token_ids=list(s.stop_token_ids), ignore_eos=s.ignore_eos, logprobs=s.logprobs)
-        if not self._send_to_engine(ep.AddRequest(request_id=engine_id, prompt_token_ids=ids, sampling=sampling)):
-            raise cp.ProtocolError("unavailable", f"engine not ready: {self.supervisor.reason}", None, msg.id)
-        client.requests[msg.id] = req
-        self.by_engine_id[engine_id] = req
-        if req.deadline_at is not None:
+        parse = msg.messages is not None and msg.parse_output
+        tools = msg.tools if msg.tools and msg.tool_choice != "none" else None
+        choices = []
+        for index in range(msg.n):
+            engine_id = f"{next(self._ids):x}"
+            chat = ChatOutputParser(thinking, tools) if parse else None
+            req = GenerateRequest(client.identity, msg, engine_id, ids,
+                                  IncrementalDetokenizer(self.tokenizer, ids, msg.skip_special_tokens), now,
+                                  now + deadline_s if deadline_s else None, self.supervisor.generation, index, chat)
+            seed = None if s.seed is None else (s.seed + index) % 2**63  # distinct, reproducible choices
+            sampling = ep.SamplingParams(
+                temperature=s.temperature, top_k=s.top_k, top_p=s.top_p, min_p=s.min_p,
+                repetition_penalty=s.repetition_penalty, frequency_penalty=s.frequency_penalty,
+                presence_penalty=s.presence_penalty, seed=seed, max_tokens=s.max_tokens,
+                stop_token_ids=list(s.stop_token_ids), ignore_eos=s.ignore_eos, logprobs=s.logprobs)
+            if not self._send_to_engine(ep.AddRequest(request_id=engine_id, prompt_token_ids=ids, sampling=sampling)):
+                if choices:
+                    self._send_to_engine(ep.Abort(request_ids=[r.engine_id for r in choices]))
+                    for r in choices:
+                        self.by_engine_id.pop(r.engine_id, None)
+                raise cp.ProtocolError("unavailable", f"engine not ready: {self.supervisor.reason}", None, msg.id)
+            choices.append(req)
+            self.by_engine_id[engine_id] = req
+        client.requests[msg.id] = choices
+        if deadline_s:
             loop = asyncio.get_running_loop()
-            self._deadlines[engine_id] = loop.call_at(loop.time() + deadline_s - (time.monotonic() - now),
-                                                      self._on_deadline, engine_id)
-        self.prompt_tokens_total += len(ids)
-        self.metrics.prompt_tokens.inc(len(ids))
+            for req in choices:
+                self._deadlines[req.engine_id] = loop.call_at(loop.time() + deadline_s - (time.monotonic() - now),
+                                                              self._on_deadline, req.engine_id)
+        self.prompt_tokens_total += len(ids) * msg.n
+        self.metrics.prompt_tokens.inc(len(ids) * msg.n)
         self._update_in_flight()
+
+    # --- local clients (the HTTP API) -------------------------------------------------------------
+
+    def open_local_client(self, deliver: Callable[[cp.Reply], None], limit: int) -> ClientState:
+        """A client served in this process: its replies go to `deliver`; `limit` caps its choices in flight."""
+        identity = b""  # never a ZMQ routing id
+        client = ClientState(identity, time.monotonic(), limit, deliver)
+        self.local_clients[identity] = client
+        return client
+
+    def close_local_client(self, client: ClientState) -> None:
+        self._abort_client_requests(client, reply=False)
+        client.gone = True
+        self.local_clients.pop(client.identity, None)
+
+    def abort(self, client: ClientState, rid: str) -> None:
+        """A local client gave up on a request (its HTTP connection closed): abort it without a reply."""
+        self._on_abort(client, rid, reply=False)
+
+    def _client(self, identity: bytes) -> ClientState | None:
+        return self.clients.get(identity) or self.local_clients.get(identity)
+
+    def _all_clients(self) -> Iterator[ClientState]:
+        yield from self.clients.values()
+        yield from self.local_clients.values()
 
     # --- background -----------------------------------------------------------------------------
 

@@ -74,7 +74,7 @@ class SamplingParams(Struct, forbid_unknown_fields=True, omit_defaults=True):
     frequency_penalty: Annotated[float, Meta(ge=-2.0, le=2.0)] = 0.0
     presence_penalty: Annotated[float, Meta(ge=-2.0, le=2.0)] = 0.0
     seed: Annotated[int, Meta(ge=0, le=2**63 - 1)] | None = None
-    max_tokens: Annotated[int, Meta(ge=1)] = 256
+    max_tokens: Annotated[int, Meta(ge=1)] | None = 256  # None: up to the model's context length
     stop: Annotated[list[Annotated[str, Meta(min_length=1, max_length=1024)]], Meta(max_length=16)] = []
     stop_token_ids: Annotated[list[TokenId], Meta(max_length=64)] = []
     ignore_eos: bool = False

@@ -1,7 +1,11 @@
 """Prometheus metrics of the daemon and its engine, and the HTTP endpoint that serves them.
 
 Names carry the `moed_` prefix and base units (seconds, bytes, ratios 0..1); counters end in
-`_total`. The engine reports cumulative counts since its worker started; they become counters here
+`_total`. Every series carries `model_name` (the served name), as vLLM's and sglang's do, added at
+collection time so no call site repeats it; `moed_build_info` (always 1) names the version.
+Request phases follow vLLM's definitions: queue = daemon receipt -> the engine first schedules the
+request (admission, tokenising and the engine's waiting queue), prefill = that -> first token,
+decode = first -> last token. The engine reports cumulative counts since its worker started; they become counters here
 by adding the increase since the previous report, so a worker restart (counts back to zero) never
 makes a counter go down. The HTTP server (asyncio, in the daemon's loop) answers
 `GET /metrics` (text exposition), `/health` (200 while the daemon runs) and `/ready` (200 when the
@@ -14,9 +18,20 @@ import asyncio
 import bisect
 import itertools
 import logging
+import platform
 from collections.abc import Callable, Iterator
+from importlib import metadata
+from pathlib import Path
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, generate_latest
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    Info,
+    disable_created_metrics,
+    generate_latest,
+)
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.metrics_core import HistogramMetricFamily
 
@@ -32,6 +47,8 @@ E2E_BUCKETS = (0.1, 0.3, 0.5, 0.8, 1, 1.5, 2, 2.5, 5, 10, 15, 20, 30, 40, 50, 60
 STEP_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 1, 2, 5, 10)
 DISPATCH_BUCKETS = (1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 5e-2, 0.1)
 FINISH_REASONS = ("stop", "length", "abort", "deadline", "error")
+PHASE_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.3, 0.5, 0.8, 1, 1.5, 2, 2.5, 5, 10, 15, 20, 30, 40, 50, 60, 120, 240, 480,
+                 960, 1920, 7680)
 ENGINE_STATES = ("starting", "loading", "ready", "restarting", "crash_loop", "stopping", "stopped")
 
 
@@ -67,10 +84,50 @@ class LoopHistogram:
         yield HistogramMetricFamily(self.name, self.documentation)
 
 
+def moed_version() -> tuple[str, str]:
+    """(package version, git revision of the checkout it runs from, or "")."""
+    try:
+        version = metadata.version("moed")
+    except metadata.PackageNotFoundError:
+        version = "unknown"
+    git = Path(__file__).resolve().parent.parent / ".git"
+    try:
+        if git.is_file():  # a worktree: "gitdir: PATH"
+            git = Path(git.read_text().split(":", 1)[1].strip())
+        head = (git / "HEAD").read_text().strip()
+        if head.startswith("ref: "):
+            ref = head[5:]
+            path = git / ref
+            if not path.is_file():  # a worktree's branches live in the common directory
+                path = Path((git / "commondir").read_text().strip())
+                path = (git / path / ref) if not path.is_absolute() else path / ref
+            head = path.read_text().strip()
+        return version, head[:12]
+    except (OSError, IndexError):
+        return version, ""
+
+
+class _ModelNameLabel:
+    """The registry seen by scrapes: every sample of `inner` with model_name added."""
+
+    def __init__(self, inner: CollectorRegistry, model_name: str):
+        self.inner, self.model_name = inner, model_name
+
+    def collect(self) -> Iterator:
+        for family in self.inner.collect():
+            family.samples = [s._replace(labels={"model_name": self.model_name, **s.labels}) for s in family.samples]
+            yield family
+
+
 class Metrics:
     def __init__(self, model_name: str):
         r = self.registry = CollectorRegistry(auto_describe=True)
         self.model_name = model_name
+        self.scraped = CollectorRegistry(auto_describe=False)
+        self.scraped.register(_ModelNameLabel(r, model_name))  # type: ignore[arg-type]
+        self.version, revision = moed_version()
+        Info("moed_build", "moed's version, the git revision it runs from, and Python's", registry=r).info(
+            {"version": self.version, "revision": revision, "python": platform.python_version()})
         self.requests = Counter("moed_requests", "Generate requests finished, by finish reason",
                                 ["finish_reason"], registry=r)
         for reason in FINISH_REASONS:
@@ -85,6 +142,13 @@ class Metrics:
                                  ITL_BUCKETS, r)
         self.e2e = Histogram("moed_e2e_request_latency_seconds", "Request receipt to its final reply",
                              buckets=E2E_BUCKETS, registry=r)
+        self.queue_time = Histogram("moed_request_queue_time_seconds", "Request receipt to its first scheduling in "
+                                    "the engine (admission, tokenising, engine queue)", buckets=PHASE_BUCKETS,
+                                    registry=r)
+        self.prefill_time = Histogram("moed_request_prefill_time_seconds", "First scheduling to first token",
+                                      buckets=PHASE_BUCKETS, registry=r)
+        self.decode_time = Histogram("moed_request_decode_time_seconds", "First to last generated token",
+                                     buckets=PHASE_BUCKETS, registry=r)
         self.prompt_tokens = Counter("moed_prompt_tokens", "Prompt tokens of admitted requests", registry=r)
         self.generation_tokens = Counter("moed_generation_tokens", "Tokens generated", registry=r)
         self.in_flight = Gauge("moed_requests_in_flight", "Generate requests the daemon holds", registry=r)
@@ -140,6 +204,8 @@ class Metrics:
                                       "it caused being handed to ZMQ", DISPATCH_BUCKETS, r)
         self.dispatch_tokens = Counter("moed_daemon_dispatch_tokens", "Tokens in engine output frames dispatched",
                                        registry=r)
+        self.http_requests = Counter("moed_http_requests", "HTTP API requests answered, by route and status code",
+                                     ["route", "status"], registry=r)
         self.set_state("starting")
         self._last: dict[tuple, float] = {}
         self._generation = -1
@@ -194,7 +260,7 @@ class Metrics:
         self.placement_syncs.inc()
 
     def exposition(self) -> bytes:
-        return generate_latest(self.registry)
+        return generate_latest(self.scraped)
 
 
 class MetricsServer:

@@ -12,6 +12,7 @@ A request with n choices is n GenerateRequests (one engine request each) sharing
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 from moed.client import protocol as cp
@@ -28,6 +29,9 @@ class EngineUpdate:
     finish_reason: str | None = None  # for metrics: stop, length, abort, deadline, error
     itl: tuple[float, int] | None = None  # (seconds since the previous token, tokens): inter-token latency
     ttft: float | None = None
+    queue: float | None = None  # receipt -> first scheduled in the engine (with the first tokens)
+    prefill: float | None = None  # first scheduled -> first token
+    decode: float | None = None  # first -> last token (when the engine finished the request)
 
 
 class GenerateRequest:
@@ -46,6 +50,7 @@ class GenerateRequest:
         self.detok = detok
         self.stops = StopStrings(msg.sampling.stop)
         self.received_at = received_at
+        self.sent_at = time.monotonic()  # built as its AddRequest goes to the engine
         self.deadline_at = deadline_at
         self.generation = generation  # the worker incarnation that holds it
         self.completion_tokens = 0
@@ -105,11 +110,16 @@ class GenerateRequest:
             if self.first_token_at is None:
                 self.first_token_at = now
                 upd.ttft = now - self.received_at
+                if out.queue_s is not None:
+                    upd.queue = self.sent_at - self.received_at + out.queue_s
+                    upd.prefill = max(0.0, upd.ttft - upd.queue)
             elif self.last_token_at is not None:
                 upd.itl = (now - self.last_token_at, len(ids))
             self.last_token_at = now
             self.completion_tokens += len(ids)
         finished = out.finish_reason is not None
+        if finished and self.first_token_at is not None:
+            upd.decode = self.last_token_at - self.first_token_at
         if finished and out.finish_reason == "error":
             upd.done, upd.finish_reason = True, "error"
             upd.replies.append(cp.Error(id=self.id, code="engine_error",

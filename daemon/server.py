@@ -33,6 +33,7 @@ import secrets
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import msgspec
 import zmq
@@ -62,6 +63,9 @@ from moed.daemon.sdnotify import Notifier
 from moed.daemon.supervisor import WorkerSupervisor
 from moed.daemon.tokenizer import TemplateError, TextTokenizer
 from moed.engine import protocol as ep
+
+if TYPE_CHECKING:
+    from moed.daemon.openai_api import OpenAIServer
 
 log = logging.getLogger(__name__)
 
@@ -131,6 +135,8 @@ class Daemon:
         self._notified_ready = False
         self._last_watchdog = 0.0
         self._metrics_server: MetricsServer | None = None
+        self.http: OpenAIServer | None = None  # the OpenAI-compatible API (http_address)
+        self.http_port = 0
         self.supervisor: WorkerSupervisor | None = None
         self.placement = PlacementChannel(self._send_to_engine)
         if placement_factory is None and cfg.placement == "on":
@@ -171,6 +177,12 @@ class Daemon:
             self._metrics_server = MetricsServer(self.metrics, self.readiness)
             await self._metrics_server.start(self.cfg.metrics_address)
             self.metrics_port = self._metrics_server.port
+        if self.cfg.http_address:
+            from moed.daemon.openai_api import OpenAIServer
+
+            self.http = OpenAIServer(self)
+            await self.http.start(self.cfg.http_address)
+            self.http_port = self.http.port
         self.supervisor = WorkerSupervisor(
             self.cfg, self.model_dir, self._ctx, on_message=self._on_engine_message, on_ready=self._on_engine_ready,
             on_lost=self._on_engine_lost, on_state=self._on_engine_state, on_restart=self.metrics.worker_restarts.inc)
@@ -237,6 +249,8 @@ class Daemon:
             # Stop the monitor while its PAIR socket is open: libzmq blocks sending the stop event otherwise.
             with contextlib.suppress(zmq.ZMQError):
                 self._router.disable_monitor()
+        if self.http is not None:
+            await self.http.stop()
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -357,6 +371,11 @@ class Daemon:
     def _observe(self, upd: EngineUpdate) -> None:
         if upd.ttft is not None:
             self.metrics.ttft.observe(upd.ttft)
+            if upd.queue is not None:
+                self.metrics.queue_time.observe(upd.queue)
+                self.metrics.prefill_time.observe(upd.prefill)
+        if upd.decode is not None:
+            self.metrics.decode_time.observe(upd.decode)
         if upd.itl is not None:
             seconds, n = upd.itl
             self.metrics.itl.observe(seconds / n, n)
@@ -755,12 +774,13 @@ class Daemon:
                 raise cp.ProtocolError("invalid_request", f"token id {t} is outside the vocabulary (0..{vocab - 1})",
                                        f"sampling.stop_token_ids[{i}]", msg.id)
         max_len = info.max_model_len if info else 0
+        max_tokens = s.max_tokens if s.max_tokens is not None else max(1, max_len - len(ids))
         if max_len:
             if len(ids) >= max_len:
                 raise cp.ProtocolError("invalid_request", f"the prompt has {len(ids)} tokens; the model takes at most "
                                        f"{max_len} including generated ones", "prompt", msg.id)
-            if len(ids) + s.max_tokens > max_len:
-                raise cp.ProtocolError("invalid_request", f"prompt ({len(ids)} tokens) + max_tokens ({s.max_tokens}) "
+            if len(ids) + max_tokens > max_len:
+                raise cp.ProtocolError("invalid_request", f"prompt ({len(ids)} tokens) + max_tokens ({max_tokens}) "
                                        f"exceeds the model's max_model_len {max_len}", "sampling.max_tokens", msg.id)
         deadline_s = msg.deadline_s or self.cfg.default_deadline_s or None
         parse = msg.messages is not None and msg.parse_output
@@ -776,7 +796,7 @@ class Daemon:
             sampling = ep.SamplingParams(
                 temperature=s.temperature, top_k=s.top_k, top_p=s.top_p, min_p=s.min_p,
                 repetition_penalty=s.repetition_penalty, frequency_penalty=s.frequency_penalty,
-                presence_penalty=s.presence_penalty, seed=seed, max_tokens=s.max_tokens,
+                presence_penalty=s.presence_penalty, seed=seed, max_tokens=max_tokens,
                 stop_token_ids=list(s.stop_token_ids), ignore_eos=s.ignore_eos, logprobs=s.logprobs)
             if not self._send_to_engine(ep.AddRequest(request_id=engine_id, prompt_token_ids=ids, sampling=sampling)):
                 if choices:

@@ -534,9 +534,12 @@ class LLMEngine:
         logprobs = None
         if seq.sampling.logprobs is not None and seq.pending_logprobs:
             logprobs, seq.pending_logprobs = seq.pending_logprobs, []
+        queue_s = None
+        if new and seq.num_sent == len(new):  # the first output tokens: the engine queue time goes with them
+            queue_s = seq.queue_s
         return RequestOutput(request_id=seq.request_id, new_token_ids=new, finish_reason=seq.finish_reason,
                              logprobs=logprobs, num_prompt_tokens=seq.num_prompt_tokens,
-                             num_output_tokens=known - seq.num_prompt_tokens, error=error)
+                             num_output_tokens=known - seq.num_prompt_tokens, error=error, queue_s=queue_s)
 
     def _release_cache(self, seq: Sequence) -> None:
         seq.kv = None

@@ -81,6 +81,7 @@ class RequestOutput(msgspec.Struct, array_like=True, omit_defaults=True):
     num_prompt_tokens: int = 0
     num_output_tokens: int = 0
     error: str | None = None
+    queue_s: float | None = None  # with a request's first tokens: worker arrival -> first scheduled
 
 
 class StepOutputs(msgspec.Struct, tag="outputs"):

@@ -35,6 +35,7 @@ head for that one step.
 from __future__ import annotations
 
 import dataclasses
+import time
 from collections import deque
 from collections.abc import Callable
 
@@ -176,6 +177,8 @@ class Scheduler:
                 break
             self.waiting.popleft()
             seq.status = SequenceStatus.RUNNING
+            if seq.queue_s is None:
+                seq.queue_s = time.monotonic() - seq.arrived_at
             self._insert_running(seq)
             chosen.append(ScheduledSeq(seq, chunk, 0))
             budget -= chunk

@@ -18,6 +18,7 @@ the step is read back, or dropped when the sequence finishes first (its later to
 from __future__ import annotations
 
 import enum
+import time
 from typing import Any
 
 import torch
@@ -55,6 +56,8 @@ class Sequence:
         self.pending_logprobs: list[TokenLogprobs] = []
         self.num_preemptions = 0
         self.num_pending = 0  # trailing PENDING placeholders in token_ids
+        self.arrived_at = time.monotonic()
+        self.queue_s: float | None = None  # arrival -> first scheduled, reported once (RequestOutput.queue_s)
 
     @property
     def num_tokens(self) -> int:

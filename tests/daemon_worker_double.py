@@ -6,7 +6,8 @@ request i's k-th generated token is its prompt's (k mod len)-th token, so each s
 predictable and two streams never produce the same tokens unless their prompts match. It stops on
 max_tokens ("length"), a stop token id or an eos id ("stop"). Test-only flags: --double-step-s
 (seconds per step), --double-fail (exit 3 before WorkerReady), --double-stall-after N (stop
-answering after N steps), --double-load-s (seconds before WorkerReady).
+answering after N steps), --double-load-s (seconds before WorkerReady), --double-replay FILE (a JSON
+list of token ids every request generates instead of its echo: a recorded model output, replayed).
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ def main() -> int:
     p.add_argument("--double-fail", action="store_true")
     p.add_argument("--double-stall-after", type=int, default=-1)
     p.add_argument("--double-load-s", type=float, default=0.0)
+    p.add_argument("--double-replay", default=None)
     args, _ = p.parse_known_args()
     parent = os.getppid()
     if args.double_fail:
@@ -41,6 +43,7 @@ def main() -> int:
     cfg = json.loads((Path(args.model) / "config.json").read_text())
     eos = cfg.get("eos_token_id") or []
     eos = [eos] if isinstance(eos, int) else list(eos)
+    replay = json.loads(Path(args.double_replay).read_text()) if args.double_replay else None
     ctx = zmq.Context()
     ctx.setsockopt(zmq.LINGER, 0)  # exiting must never wait on messages for a daemon that is gone
     pull = ctx.socket(zmq.PULL)
@@ -114,7 +117,8 @@ def main() -> int:
             outs = []
             for rid, (req, out) in list(running.items()):
                 prompt = req.prompt_token_ids
-                tok = prompt[len(out) % len(prompt)]
+                source = replay or prompt
+                tok = source[len(out) % len(source)]
                 out.append(tok)
                 gen_tokens += 1
                 s = req.sampling
@@ -127,7 +131,8 @@ def main() -> int:
                 if s.logprobs is not None:
                     lps = [ep.TokenLogprobs(tok, -0.5, [(tok, -0.5)] * s.logprobs)]
                 outs.append(ep.RequestOutput(request_id=rid, new_token_ids=[tok], finish_reason=reason, logprobs=lps,
-                                             num_prompt_tokens=len(prompt), num_output_tokens=len(out)))
+                                             num_prompt_tokens=len(prompt), num_output_tokens=len(out),
+                                             queue_s=0.0 if len(out) == 1 else None))
                 if reason:
                     del running[rid]
             push.send(ep.encode(ep.StepOutputs(outputs=outs, step_time_s=args.double_step_s)))

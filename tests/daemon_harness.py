@@ -161,7 +161,8 @@ def scrape(url: str, timeout: float = 5.0) -> tuple[int, str]:
 
 
 def metric_value(text: str, name: str, labels: dict[str, str] | None = None) -> float | None:
-    """The value of one sample in Prometheus text exposition (None when absent)."""
+    """The value of one sample in Prometheus text exposition (None when absent); the model_name label every
+    sample carries is not compared."""
     want = ",".join(f'{k}="{v}"' for k, v in sorted((labels or {}).items()))
     for line in text.splitlines():
         if line.startswith("#") or not line.startswith(name):
@@ -169,7 +170,7 @@ def metric_value(text: str, name: str, labels: dict[str, str] | None = None) -> 
         key, _, value = line.rpartition(" ")
         if "{" in key:
             metric, _, lab = key.partition("{")
-            lab = ",".join(sorted(lab.rstrip("}").split(",")))
+            lab = ",".join(sorted(p for p in lab.rstrip("}").split(",") if not p.startswith("model_name=")))
         else:
             metric, lab = key, ""
         if metric == name and lab == want:

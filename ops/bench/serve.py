@@ -76,9 +76,9 @@ class RecordingDaemon(Daemon):
         self.dispatch_tokens += n
         self.frames.append((dt, n))
 
-    def _start(self, client, msg, ids, now):
-        super()._start(client, msg, ids, now)
-        self.engine_ids[msg.id] = client.requests[msg.id].engine_id
+    def _start(self, client, msg, *args):
+        super()._start(client, msg, *args)
+        self.engine_ids[msg.id] = client.requests[msg.id][0].engine_id
 
 
 def _load_process(address: str, prompts: list[str], max_tokens: int, start_at: float, conn) -> None:
@@ -181,7 +181,7 @@ async def _measure(daemon: RecordingDaemon, address: str, n: int, max_tokens: in
 async def _bench(args: argparse.Namespace, model_dir: str, runtime: str) -> dict:
     levels = [int(x) for x in args.concurrency.split(",")]
     address = f"ipc://{runtime}/bench.sock"
-    cfg = ServeConfig(model=model_dir, listen=(address,), metrics_address="", device=args.device,
+    cfg = ServeConfig(model=model_dir, listen=(address,), metrics_address="", http_address="", device=args.device,
                       max_running=max(levels), engine_args=tuple(args.engine_args.split()), runtime_dir=runtime,
                       client_concurrency=max(levels) + 8, stats_interval_s=1.0, worker_start_timeout_s=1800)
     daemon = RecordingDaemon(cfg, model_dir)

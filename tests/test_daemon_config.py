@@ -47,6 +47,12 @@ def test_rendered_config_loads_back(tmp_path, model_dir):
     assert load_config(f, {}, {})[0] == cfg
 
 
+def test_rendered_config_hides_the_http_api_key(model_dir):
+    cfg, src = load_config(None, {"MOED_MODEL": model_dir, "MOED_HTTP_API_KEY": "s3cret"}, {})
+    text = render(cfg, src)
+    assert cfg.http_api_key == "s3cret" and "s3cret" not in text and "http_api_key = " in text
+
+
 @pytest.mark.parametrize("body, needle", [
     ('client_concurency = 3', "unknown key 'client_concurency'"),
     ('client_concurency = 3', "did you mean 'client_concurrency'"),
@@ -58,6 +64,8 @@ def test_rendered_config_loads_back(tmp_path, model_dir):
     ('listen = "tcp://127.0.0.1:1"', "must be a list of strings"),
     ('listen = ["http://x"]', "must start with tcp:// or ipc://"),
     ('metrics_address = "9100"', "must be HOST:PORT"),
+    ('http_address = "localhost"', "http_address from"),
+    ('http_max_requests = 0', "must be >= 1, got 0"),
     ('curve_secret_key = "/x.key_secret"', "Curve needs both"),
     ('model = "builtin:huge"', "unknown built-in model 'builtin:huge'"),
     ('model = "huge"', "'huge' is not a directory"),

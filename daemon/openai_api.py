@@ -882,12 +882,19 @@ class _SseResponse(Response):
     async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
         pending, view = self.pending, self.view
         watcher = pending.watch(receive)
+        limit = self.server.cfg.client_timeout_s
         done = False
+
+        async def send_body(body: bytes, more: bool = True) -> None:
+            # A client that stops reading holds its connection only this long (its replies merge meanwhile).
+            async with asyncio.timeout(limit):
+                await send({"type": "http.response.body", "body": body, "more_body": more})
+
         try:
             await send({"type": "http.response.start", "status": 200, "headers": [
                 (b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-control", b"no-cache"),
                 (b"x-accel-buffering", b"no")]})
-            await send({"type": "http.response.body", "body": view.opening(), "more_body": True})
+            await send_body(view.opening())
             while pending.finals < pending.choices:
                 out = []
                 items = await pending.take()
@@ -900,10 +907,13 @@ class _SseResponse(Response):
                         pending.finals = pending.choices  # an Error ends the request
                         break
                     out.append(view.event(item))
-                await send({"type": "http.response.body", "body": b"".join(out), "more_body": True})
+                await send_body(b"".join(out))
             done = True
             watcher.cancel()  # before the last send: a finished response reads as a disconnect
-            await send({"type": "http.response.body", "body": view.closing(), "more_body": False})
+            await send_body(view.closing(), more=False)
+        except TimeoutError:
+            log.warning("HTTP API: a client read nothing for %.0f s (client_timeout_s); its request %s is dropped",
+                        limit, pending.ids[0])
         except OSError:
             if not pending.gone:
                 raise

@@ -701,6 +701,8 @@ class Daemon:
             raise cp.ProtocolError("invalid_request", f"model {msg.model!r} is not served here; this daemon serves "
                                    f"{self.cfg.served_name!r}", "model", msg.id)
         size = len(msg.prompt or "") + sum(len(text_content(m.content)) for m in msg.messages or ())
+        if msg.tools or msg.chat_template_kwargs:  # rendered by the template too (tools as JSON)
+            size += len(_encoder.encode(msg.tools)) + len(_encoder.encode(msg.chat_template_kwargs))
         if size > THREAD_TOKENIZE_CHARS:
             client.requests[msg.id] = None
             self._idle.clear()

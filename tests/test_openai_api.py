@@ -111,6 +111,12 @@ def test_the_zmq_protocol_gives_the_same_split(replay_daemon):
     assert done.reasoning.startswith("The user wants") and done.tool_calls[0].name == "get_weather"
     assert json.loads(done.tool_calls[0].arguments) == {"city": "Beijing", "days": 3}
     assert "".join(d.reasoning for d in deltas) == done.reasoning and "".join(d.text for d in deltas) == done.text
+    with Client(replay_daemon.address, timeout=30) as c:
+        many = c.chat(ASK, tools=TOOLS, n=3)
+        stream = c.chat_stream(ASK, n=2, max_tokens=4)
+        indices = {d.index for d in stream}
+    assert [x.index for x in many.choices] == [0, 1, 2] and all(x.tool_calls for x in many.choices)
+    assert indices == {0, 1} and [x.finish_reason for x in stream.completion.choices] == ["length", "length"]
 
 
 def test_n_choices_whole_and_streamed(replay_daemon):

@@ -37,7 +37,7 @@ import time
 from collections.abc import Awaitable, Callable
 from functools import lru_cache
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import msgspec
 from fastapi import FastAPI, Request
@@ -46,9 +46,8 @@ from msgspec import Struct
 from starlette.exceptions import HTTPException
 
 from moed.client import protocol as cp
-
-if TYPE_CHECKING:
-    from moed.daemon.server import ClientState, Daemon
+from moed.daemon.config import ServeConfig
+from moed.daemon.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
@@ -182,6 +181,22 @@ def error_from_reply(err: cp.Error) -> ApiError:
     return ApiError(_STATUS.get(err.code, 500), err.message, _param(err.field), err.code)
 
 
+class DaemonCore(Protocol):
+    """What the HTTP front end uses of moed.daemon.server.Daemon (named here: the server imports this module)."""
+
+    cfg: ServeConfig
+    model_dir: str
+    tokenizer: Any
+    metrics: Metrics
+    supervisor: Any
+
+    def readiness(self) -> tuple[bool, str]: ...
+    def open_local_client(self, deliver: Callable[[cp.Reply], None], limit: int) -> Any: ...
+    def close_local_client(self, client: Any) -> None: ...
+    def submit(self, client: Any, msg: cp.Request) -> None: ...
+    def abort(self, client: Any, rid: str) -> None: ...
+
+
 # --- requests in flight --------------------------------------------------------------------------
 
 
@@ -283,11 +298,11 @@ def _byte_decoder() -> dict[str, int]:
 class OpenAIServer:
     """The HTTP front end: one local client of the daemon for all HTTP requests."""
 
-    def __init__(self, daemon: Daemon):
+    def __init__(self, daemon: DaemonCore):
         self.daemon = daemon
         self.cfg = daemon.cfg
         self.pending: dict[str, Pending] = {}
-        self.client: ClientState | None = None
+        self.client: Any = None  # the daemon's ClientState for all HTTP requests
         self.pieces: TokenPieces | None = None
         self.defaults = _generation_defaults(Path(daemon.model_dir))
         self.created = int(time.time())

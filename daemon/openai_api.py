@@ -730,7 +730,9 @@ class _Completion:
         self.created = int(time.time())
         self.n = gens[0].n
         self.base = {gen.id: i * self.n for i, gen in enumerate(gens)}  # request id -> its first choice index
-        self.echo = [g.prompt or "" for g in gens] if not chat and body.echo else None
+        tok = server.daemon.tokenizer
+        self.echo = ([g.prompt if g.prompt is not None else tok.decode(g.prompt_token_ids) for g in gens]
+                     if not chat and body.echo else None)
         self.choices = [_Choice() for _ in range(pending.choices)]
         self.prompt_tokens = 0
         self.completion_tokens = 0

@@ -173,6 +173,9 @@ def test_completions_endpoint_with_logprobs_echo_and_several_prompts(replay_daem
     assert r.choices[0].text == RECORDED[:len(r.choices[0].text)]  # completions are never parsed
     echo = client.completions.create(model="tiny", prompt="Hello", max_tokens=3, echo=True)
     assert echo.choices[0].text.startswith("Hello")
+    ids = replay_daemon.daemon.tokenizer.encode("Hello there", add_special_tokens=False)
+    echo_ids = client.completions.create(model="tiny", prompt=ids, max_tokens=3, echo=True)
+    assert echo_ids.choices[0].text.startswith("Hello there")
     many = client.completions.create(model="tiny", prompt=["a", "b"], max_tokens=2, n=2)
     assert [c.index for c in many.choices] == [0, 1, 2, 3]
     streamed = "".join(c.choices[0].text for c in client.completions.create(model="tiny", prompt="Hello",
@@ -247,9 +250,12 @@ def test_malformed_bodies_paths_and_sizes(replay_daemon):
     assert sdk(d).chat.completions.create(model="tiny", messages=ASK).choices[0].finish_reason == "stop"
 
 
+def _nested(kids: st.SearchStrategy) -> st.SearchStrategy:
+    return st.one_of(st.lists(kids, max_size=4), st.dictionaries(st.text(max_size=6), kids, max_size=4))
+
+
 JSON_VALUES = st.recursive(st.none() | st.booleans() | st.integers(-2**70, 2**70) | st.floats() | st.text(max_size=8),
-                           lambda kids: st.lists(kids, max_size=4) | st.dictionaries(st.text(max_size=6), kids,
-                                                                                     max_size=4), max_leaves=20)
+                           _nested, max_leaves=20)
 FIELDS = ["model", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "n", "stream", "stop",
           "seed", "logprobs", "top_logprobs", "tools", "tool_choice", "stream_options", "chat_template_kwargs",
           "prompt", "echo", "top_k", "stop_token_ids", "response_format"]

@@ -7,7 +7,9 @@ key is dropped. Names follow sglang and vLLM:
   sglang `triton_{X}_{Y}_{Z}/E={E},N={N},device_name={dev}[,dtype={dtype}][,block_shape=[128, 128]][_down].json`
   vLLM   `E={E},N={N},device_name={dev}[,dtype={dtype}][,block_shape=[128,128]].json` in a flat folder.
 E is the number of expert ids (257 = 256 routed + a fused shared expert), N the per-shard intermediate size
-(`w2.shape[2]`), dev `torch.cuda.get_device_name()` with spaces as `_`, dtype "fp8_w8a8" (none for bf16).
+(`w2.shape[2]`; for int4 the unpacked size, twice the packed `w2.shape[2]`), dev `torch.cuda.get_device_name()` with
+spaces as `_`, dtype "fp8_w8a8", "int4_w4a16" (4-bit groups of 128, named without block_shape as vLLM and sglang
+name theirs) or none for bf16.
 An optional `_down.json` is the down GEMM's table; its BLOCK_SIZE_M is overridden by the up table's.
 
 Search order in each root (`$MOED_MOE_CONFIG_DIR` first when set, then this package's folder): the installed
@@ -115,6 +117,9 @@ def default_config(M: int, dtype: str | None, block_shape: tuple[int, ...] | Non
     if dtype == "fp8_w8a8" and block_shape:
         return {"BLOCK_SIZE_M": bm, "BLOCK_SIZE_N": 128, "BLOCK_SIZE_K": block_shape[1],
                 "GROUP_SIZE_M": 1 if M <= 128 else 32, "num_warps": 4, "num_stages": 3}
+    if dtype == "int4_w4a16":  # K steps of one 128-wide quantisation group (the kernel needs BLOCK_SIZE_K | group)
+        return {"BLOCK_SIZE_M": bm, "BLOCK_SIZE_N": 64 if M <= 128 else 128, "BLOCK_SIZE_K": 128,
+                "GROUP_SIZE_M": 1 if M <= 128 else 8, "num_warps": 4, "num_stages": 3}
     return {"BLOCK_SIZE_M": bm, "BLOCK_SIZE_N": 64 if M <= 128 else 128, "BLOCK_SIZE_K": 64,
             "GROUP_SIZE_M": 1 if M <= 128 else 8, "num_warps": 4, "num_stages": 3}
 

@@ -1,0 +1,337 @@
+"""Fused MoE with int4 experts (w4a16): `moed.kernels.fused_moe`'s four steps, the weights read as 4-bit groups.
+
+`fused_moe_int4(hidden, w13, w2, topk_ids, topk_weights, expert_to_slot, w13_scale=..., w2_scale=..., ...)` computes
+what `fused_moe` computes, with the same alignment (`moe_align_block_size`: weights addressed by slot through
+`expert_to_slot`, read on the device, no host sync, CUDA-graph capturable), the same grouped launch order and the
+same top-k sum; only the two GEMMs differ. Activations stay bf16 (w4a16).
+
+Weights: `moed.model.int4`'s layout (compressed-tensors pack-quantized) stacked over `S` slots, gate rows [0, N)
+and up rows [N, 2N) of w13, `group` inputs per scale (`G13 = ceil(K / group)`, `G2 = ceil(N / group)`):
+- `w13: uint8 [S, 2N, K / 2]`, `w13_scale: [S, 2N, G13]` (bf16, fp16 or fp32), `w13_zeros: int32 [S, 2N / 8, G13]`
+  or None (symmetric);
+- `w2: uint8 [S, K, N / 2]`, `w2_scale: [S, K, G2]`, `w2_zeros: int32 [S, K / 8, G2]` or None.
+A K step of BLOCK_SIZE_K (which divides `group`, so one scale and zero point per column) loads the packed bytes
+`[BLOCK_K / 2, columns]` once, splits them into the even-k (low nibble) and odd-k (high nibble) halves, subtracts
+the zero point and multiplies both by the matching even and odd activation columns: two bf16 dots of depth
+BLOCK_K / 2 into fp32, then one multiply by the group scale per output column (not per weight).
+
+Tile configs come from `moed.moe_configs` under `dtype=int4_w4a16` (no block_shape in the name, as vLLM and sglang
+name their int4 tables; N is the intermediate size, not its packed width), else built-in defaults.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+from moed.kernels.act_quant import interpreting
+from moed.kernels.fused_moe import _device_name, _tile_ids, _to_bf16, _topk_sum_kernel, check_config
+from moed.kernels.moe_align import MoEAlignment, moe_align_block_size
+from moed.model.int4 import Int4Weight, dequantize_int4, num_groups
+from moed.moe_configs import lookup
+
+DTYPE_NAME = "int4_w4a16"  # the config files' dtype string
+
+
+@triton.jit
+def _int4_dot(a_even, a_odd, packed, uz, acc, INTERPRET: tl.constexpr):
+    """acc + a . (w - z) for a K step: packed uint8 [BK/2, BN] holds even k in its low and odd k in its high nibble."""
+    lo = ((packed & 0xF).to(tl.int32) - uz[None, :]).to(tl.float32)
+    hi = ((packed >> 4).to(tl.int32) - uz[None, :]).to(tl.float32)
+    if INTERPRET:  # the interpreter multiplies bf16 tiles wrongly; these values are exact in fp32 anyway
+        acc = tl.dot(a_even.to(tl.float32), lo, acc)
+        return tl.dot(a_odd.to(tl.float32), hi, acc)
+    acc = tl.dot(a_even, lo.to(tl.bfloat16), acc)
+    return tl.dot(a_odd, hi.to(tl.bfloat16), acc)
+
+
+@triton.jit
+def _zero_points(zp_ptrs, offs_n, n_ok, HAS_ZP: tl.constexpr):
+    """Stored zero point (z + 8) of each column for one group: nibble n % 8 of word n // 8; 8 when symmetric."""
+    if HAS_ZP:
+        word = tl.load(zp_ptrs, mask=n_ok, other=0)
+        return (word >> ((offs_n % 8) * 4)) & 0xF
+    else:
+        return tl.full(offs_n.shape, 8, tl.int32)
+
+
+@triton.jit(do_not_specialize=["T", "top_k", "num_blocks_m", "GROUP_M"])
+def _gate_up_int4_kernel(
+    a_ptr, w_ptr, s_ptr, z_ptr, h_ptr,
+    sorted_ptr, block_slot_ptr, num_padded_ptr,
+    N, K, T, top_k, num_blocks_m, GROUP_M, group,
+    stride_am, stride_ws, stride_wn, stride_ss, stride_sn, stride_sk, stride_zs, stride_zn, stride_zk, stride_hm,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, HAS_ZP: tl.constexpr,
+    INTERPRET: tl.constexpr,
+):
+    """h[f, n] = silu(x_t . gate_slot[n]) * (x_t . up_slot[n]) for the rows f of one block; t = f // top_k."""
+    HALF_N: tl.constexpr = BLOCK_N // 2
+    HALF_K: tl.constexpr = BLOCK_K // 2
+    num_pid_n = tl.cdiv(N, HALF_N)
+    pid_m, pid_n = _tile_ids(num_blocks_m, num_pid_n, GROUP_M)
+    if pid_m * BLOCK_M >= tl.load(num_padded_ptr):
+        return
+    slot = tl.load(block_slot_ptr + pid_m).to(tl.int64)
+    if slot < 0:
+        return
+    flat = tl.load(sorted_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M))
+    row_ok = flat < T
+    tok = (flat // top_k).to(tl.int64)
+    offs_n = pid_n * HALF_N + tl.arange(0, HALF_N)
+    n_ok = offs_n < N
+    offs_up = offs_n + N
+    offs_kh = tl.arange(0, HALF_K)
+    a_ptrs = a_ptr + tok[:, None] * stride_am + 2 * offs_kh[None, :]
+    wg_ptrs = w_ptr + slot * stride_ws + offs_n[None, :].to(tl.int64) * stride_wn + offs_kh[:, None]
+    wu_ptrs = wg_ptrs + N * stride_wn
+    sg_ptrs = s_ptr + slot * stride_ss + offs_n * stride_sn
+    su_ptrs = s_ptr + slot * stride_ss + offs_up * stride_sn
+    zg_ptrs = z_ptr + slot * stride_zs + (offs_n // 8) * stride_zn
+    zu_ptrs = z_ptr + slot * stride_zs + (offs_up // 8) * stride_zn
+    acc_g = tl.zeros((BLOCK_M, HALF_N), dtype=tl.float32)
+    acc_u = tl.zeros((BLOCK_M, HALF_N), dtype=tl.float32)
+    for kb in range(0, tl.cdiv(K, BLOCK_K)):
+        k_ok = offs_kh < (K - kb * BLOCK_K) // 2  # K is even: an even k is in range iff its odd partner is
+        a_even = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        a_odd = tl.load(a_ptrs + 1, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        wg = tl.load(wg_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0)
+        wu = tl.load(wu_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0)
+        g = (kb * BLOCK_K) // group
+        zg = _zero_points(zg_ptrs + g * stride_zk, offs_n, n_ok, HAS_ZP)
+        zu = _zero_points(zu_ptrs + g * stride_zk, offs_up, n_ok, HAS_ZP)
+        sg = tl.load(sg_ptrs + g * stride_sk, mask=n_ok, other=0.0).to(tl.float32)
+        su = tl.load(su_ptrs + g * stride_sk, mask=n_ok, other=0.0).to(tl.float32)
+        zero = tl.zeros((BLOCK_M, HALF_N), dtype=tl.float32)
+        acc_g += _int4_dot(a_even, a_odd, wg, zg, zero, INTERPRET) * sg[None, :]
+        acc_u += _int4_dot(a_even, a_odd, wu, zu, zero, INTERPRET) * su[None, :]
+        a_ptrs += BLOCK_K
+        wg_ptrs += HALF_K
+        wu_ptrs += HALF_K
+    h = acc_g * tl.sigmoid(acc_g) * acc_u
+    h_ptrs = h_ptr + flat[:, None].to(tl.int64) * stride_hm + offs_n[None, :]
+    tl.store(h_ptrs, _to_bf16(h, INTERPRET), mask=row_ok[:, None] & n_ok[None, :])
+
+
+@triton.jit(do_not_specialize=["T", "num_blocks_m", "GROUP_M"])
+def _down_int4_kernel(
+    h_ptr, w_ptr, s_ptr, z_ptr, out_ptr, topk_w_ptr,
+    sorted_ptr, block_slot_ptr, num_padded_ptr,
+    H, N, T, num_blocks_m, GROUP_M, group,
+    stride_hm, stride_ws, stride_wn, stride_ss, stride_sn, stride_sk, stride_zs, stride_zn, stride_zk, stride_om,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, HAS_ZP: tl.constexpr,
+    INTERPRET: tl.constexpr,
+):
+    """partial[f, :] = topk_weight[f] * (h[f] . down_slot) for the rows f of one block; H = hidden size."""
+    HALF_K: tl.constexpr = BLOCK_K // 2
+    num_pid_n = tl.cdiv(H, BLOCK_N)
+    pid_m, pid_n = _tile_ids(num_blocks_m, num_pid_n, GROUP_M)
+    if pid_m * BLOCK_M >= tl.load(num_padded_ptr):
+        return
+    slot = tl.load(block_slot_ptr + pid_m).to(tl.int64)
+    if slot < 0:
+        return
+    flat = tl.load(sorted_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M))
+    row_ok = flat < T
+    rows = flat.to(tl.int64)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < H
+    offs_kh = tl.arange(0, HALF_K)
+    a_ptrs = h_ptr + rows[:, None] * stride_hm + 2 * offs_kh[None, :]
+    w_ptrs = w_ptr + slot * stride_ws + offs_n[None, :].to(tl.int64) * stride_wn + offs_kh[:, None]
+    s_ptrs = s_ptr + slot * stride_ss + offs_n * stride_sn
+    z_ptrs = z_ptr + slot * stride_zs + (offs_n // 8) * stride_zn
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for kb in range(0, tl.cdiv(N, BLOCK_K)):
+        k_ok = offs_kh < (N - kb * BLOCK_K) // 2
+        a_even = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        a_odd = tl.load(a_ptrs + 1, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        w = tl.load(w_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0)
+        g = (kb * BLOCK_K) // group
+        z = _zero_points(z_ptrs + g * stride_zk, offs_n, n_ok, HAS_ZP)
+        s = tl.load(s_ptrs + g * stride_sk, mask=n_ok, other=0.0).to(tl.float32)
+        acc += _int4_dot(a_even, a_odd, w, z, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), INTERPRET) * s[None, :]
+        a_ptrs += BLOCK_K
+        w_ptrs += HALF_K
+    acc *= tl.load(topk_w_ptr + rows, mask=row_ok, other=0.0)[:, None]
+    out_ptrs = out_ptr + rows[:, None] * stride_om + offs_n[None, :]
+    tl.store(out_ptrs, _to_bf16(acc, INTERPRET), mask=row_ok[:, None] & n_ok[None, :])
+
+
+def get_moe_config(num_ids: int, N: int, M: int, device: torch.device) -> tuple[dict, dict]:
+    """(gate-up config, down config) for M tokens from the int4_w4a16 tables, else built-in defaults."""
+    dev = _device_name(device.index or 0) if device.type == "cuda" else "cpu"
+    return lookup.get_tables(num_ids, N, DTYPE_NAME, None, dev, triton.__version__).pick(M)
+
+
+def fused_moe_int4(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_ids: torch.Tensor,
+                   topk_weights: torch.Tensor, expert_to_slot: torch.Tensor, *, w13_scale: torch.Tensor,
+                   w2_scale: torch.Tensor, w13_zeros: torch.Tensor | None = None,
+                   w2_zeros: torch.Tensor | None = None, group: int = 128, config: dict | None = None,
+                   down_config: dict | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+    """hidden bf16 [M, K] -> bf16 [M, K]: sum_j topk_weights[t, j] * expert(topk_ids[t, j])(hidden[t]).
+
+    Weights as the module docstring lays them out; topk_ids int32 [M, k]; topk_weights fp32 [M, k];
+    expert_to_slot int32 [num_ids] on the device. config / down_config as for `fused_moe`.
+    """
+    _check(hidden, w13, w2, w13_scale, w2_scale, w13_zeros, w2_zeros, group, topk_ids, topk_weights, expert_to_slot,
+           out)
+    M, K = hidden.shape
+    N = 2 * w2.shape[2]
+    top_k = topk_ids.shape[1]
+    if out is None:
+        out = torch.empty((M, K), dtype=hidden.dtype, device=hidden.device)
+    if M == 0:
+        return out
+    if config is None:
+        config, looked_up_down = get_moe_config(expert_to_slot.numel(), N, M, hidden.device)
+        down_config = down_config or looked_up_down
+    check_int4_config(config, group, "config")
+    down_config = dict(down_config or config)
+    down_config["BLOCK_SIZE_M"] = config["BLOCK_SIZE_M"]
+    check_int4_config(down_config, group, "down_config")
+
+    T = topk_ids.numel()
+    align = moe_align_block_size(topk_ids, expert_to_slot, config["BLOCK_SIZE_M"])
+    h = torch.empty((T, N), dtype=hidden.dtype, device=hidden.device)
+    launch_gate_up(hidden, Int4Weight(w13, w13_scale, w13_zeros, group), h, align, top_k, config)
+    partial = torch.empty((T, K), dtype=hidden.dtype, device=hidden.device)
+    launch_down(h, Int4Weight(w2, w2_scale, w2_zeros, group), partial, topk_weights, align, down_config)
+    block = 1024
+    _topk_sum_kernel[(M, triton.cdiv(K, block))](partial, topk_ids, expert_to_slot, out, K, top_k,
+                                                 expert_to_slot.numel(), partial.stride(0), out.stride(0),
+                                                 BLOCK=block, INTERPRET=interpreting(), num_warps=4)
+    return out
+
+
+def _zero_strides(w: Int4Weight) -> tuple[torch.Tensor, tuple[int, int, int]]:
+    # Symmetric weights pass the scales as a never-read stand-in pointer (HAS_ZP is off).
+    if w.zeros is None:
+        return w.scales, (0, 0, 0)
+    return w.zeros, (w.zeros.stride(0), w.zeros.stride(1), w.zeros.stride(2))
+
+
+def launch_gate_up(hidden: torch.Tensor, w13: Int4Weight, h: torch.Tensor, align: MoEAlignment, top_k: int,
+                   config: dict) -> None:
+    """Step 2 alone (the tuner times it by itself): h [T, N] from hidden [M, K] and w13 [S, 2N, K / 2]."""
+    K = hidden.shape[1]
+    N = h.shape[1]
+    qw, s = w13.qweight, w13.scales
+    z, zs = _zero_strides(w13)
+    bm, bn = config["BLOCK_SIZE_M"], config["BLOCK_SIZE_N"]
+    num_blocks_m = align.sorted_ids.numel() // bm
+    grid = (num_blocks_m * triton.cdiv(N, bn // 2),)
+    _gate_up_int4_kernel[grid](
+        hidden, qw, s, z, h, align.sorted_ids, align.block_slot, align.num_padded,
+        N, K, h.shape[0], top_k, num_blocks_m, config["GROUP_SIZE_M"], w13.group,
+        hidden.stride(0), qw.stride(0), qw.stride(1), s.stride(0), s.stride(1), s.stride(2), *zs, h.stride(0),
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=config["BLOCK_SIZE_K"], HAS_ZP=w13.zeros is not None,
+        INTERPRET=interpreting(), num_warps=config["num_warps"], num_stages=config["num_stages"])
+
+
+def launch_down(h: torch.Tensor, w2: Int4Weight, partial: torch.Tensor, topk_weights: torch.Tensor,
+                align: MoEAlignment, config: dict) -> None:
+    """Step 3 alone: partial [T, K] = router weight * (h [T, N] . w2[slot] [K, N / 2]^T)."""
+    T, N = h.shape
+    H = partial.shape[1]
+    qw, s = w2.qweight, w2.scales
+    z, zs = _zero_strides(w2)
+    bm, bn = config["BLOCK_SIZE_M"], config["BLOCK_SIZE_N"]
+    num_blocks_m = align.sorted_ids.numel() // bm
+    grid = (num_blocks_m * triton.cdiv(H, bn),)
+    _down_int4_kernel[grid](
+        h, qw, s, z, partial, topk_weights, align.sorted_ids, align.block_slot, align.num_padded,
+        H, N, T, num_blocks_m, config["GROUP_SIZE_M"], w2.group,
+        h.stride(0), qw.stride(0), qw.stride(1), s.stride(0), s.stride(1), s.stride(2), *zs, partial.stride(0),
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=config["BLOCK_SIZE_K"], HAS_ZP=w2.zeros is not None,
+        INTERPRET=interpreting(), num_warps=config["num_warps"], num_stages=config["num_stages"])
+
+
+def check_int4_config(config: dict, group: int, name: str) -> None:
+    check_config(config, False, None, name)
+    bk = config["BLOCK_SIZE_K"]
+    if bk < 32 or group % bk:
+        raise ValueError(f"fused_moe_int4: {name}['BLOCK_SIZE_K'] = {bk}; int4 needs a power of two >= 32 that "
+                         f"divides the quantisation group {group}")
+
+
+def _check(hidden, w13, w2, s13, s2, z13, z2, group, topk_ids, topk_weights, expert_to_slot, out) -> None:
+    """Validate shapes, dtypes and devices (no device reads)."""
+    def bad(msg: str) -> ValueError:
+        return ValueError(f"fused_moe_int4: {msg}")
+
+    if hidden.dim() != 2 or hidden.dtype != torch.bfloat16 or hidden.stride(1) != 1:
+        raise bad(f"hidden must be bf16 [M, K] with unit last stride, got {hidden.dtype} {tuple(hidden.shape)}")
+    if w13.dtype != torch.uint8 or w2.dtype != torch.uint8 or w13.dim() != 3 or w2.dim() != 3:
+        raise bad(f"w13 / w2 must be packed uint8 [S, 2N, K/2] / [S, K, N/2], got {w13.dtype} {tuple(w13.shape)} "
+                  f"and {w2.dtype} {tuple(w2.shape)}")
+    S, two_n, half_k = w13.shape
+    M, K = hidden.shape
+    N = 2 * w2.shape[2]
+    if K % 8 or N % 8 or 2 * half_k != K or two_n != 2 * N or w2.shape != (S, K, N // 2):
+        raise bad(f"shapes disagree: hidden {tuple(hidden.shape)}, w13 {tuple(w13.shape)} (want [S, 2N, K/2]), "
+                  f"w2 {tuple(w2.shape)} (want [S, K, N/2]); K and N must be multiples of 8")
+    if w13.stride(2) != 1 or w2.stride(2) != 1:
+        raise bad("w13 and w2 need unit stride along their last dimension")
+    if group < 32 or group & (group - 1):
+        raise bad(f"group {group} must be a power of two >= 32")
+    for name, s, want in (("w13_scale", s13, (S, 2 * N, num_groups(K, group))),
+                          ("w2_scale", s2, (S, K, num_groups(N, group)))):
+        if s is None or not s.is_floating_point() or tuple(s.shape) != want:
+            raise bad(f"{name} must be float {want} for group {group}, got "
+                      f"{None if s is None else (s.dtype, tuple(s.shape))}")
+    if (z13 is None) != (z2 is None):
+        raise bad("pass zero points for both w13 and w2, or for neither (symmetric)")
+    if z13 is not None:
+        for name, z, want in (("w13_zeros", z13, (S, 2 * N // 8, num_groups(K, group))),
+                              ("w2_zeros", z2, (S, K // 8, num_groups(N, group)))):
+            if z.dtype != torch.int32 or tuple(z.shape) != want:
+                raise bad(f"{name} must be int32 {want} (packed along the output rows), got {z.dtype} "
+                          f"{tuple(z.shape)}")
+    if topk_ids.dtype != torch.int32 or topk_ids.dim() != 2 or topk_ids.shape[0] != M or not topk_ids.is_contiguous():
+        raise bad(f"topk_ids must be contiguous int32 [M={M}, k], got {topk_ids.dtype} {tuple(topk_ids.shape)}")
+    if topk_weights.dtype != torch.float32 or topk_weights.shape != topk_ids.shape or not topk_weights.is_contiguous():
+        raise bad(f"topk_weights must be contiguous fp32 {tuple(topk_ids.shape)}, got {topk_weights.dtype} "
+                  f"{tuple(topk_weights.shape)}")
+    if expert_to_slot.dtype != torch.int32 or expert_to_slot.dim() != 1:
+        raise bad(f"expert_to_slot must be int32 [num_ids], got {expert_to_slot.dtype} {tuple(expert_to_slot.shape)}")
+    for name, t in (("w13", w13), ("w2", w2), ("w13_scale", s13), ("w2_scale", s2), ("w13_zeros", z13),
+                    ("w2_zeros", z2), ("topk_ids", topk_ids), ("topk_weights", topk_weights),
+                    ("expert_to_slot", expert_to_slot)):
+        if t is not None and t.device != hidden.device:
+            raise bad(f"{name} is on {t.device} but hidden on {hidden.device}")
+    if out is not None and (out.shape != hidden.shape or out.dtype != hidden.dtype or out.stride(1) != 1):
+        raise bad(f"out must be bf16 {tuple(hidden.shape)} with unit last stride, got {out.dtype} {tuple(out.shape)}")
+
+
+def dequantize_slot(w: torch.Tensor, scale: torch.Tensor, zeros: torch.Tensor | None, group: int,
+                    slot: int) -> torch.Tensor:
+    """One slot of a stacked int4 weight as fp32 [out, in] (moed.model.int4's reference dequantisation)."""
+    return dequantize_int4(Int4Weight(w[slot], scale[slot], None if zeros is None else zeros[slot], group))
+
+
+def fused_moe_int4_reference(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_ids: torch.Tensor,
+                             topk_weights: torch.Tensor, expert_to_slot: torch.Tensor, *, w13_scale: torch.Tensor,
+                             w2_scale: torch.Tensor, w13_zeros: torch.Tensor | None = None,
+                             w2_zeros: torch.Tensor | None = None, group: int = 128) -> torch.Tensor:
+    """Plain torch: out[t] = sum_j w[t, j] * down(silu(gate(x_t)) * up(x_t)), fp32 math on dequantised weights.
+
+    The SiLU * up product is rounded to bf16 as the kernel stores it."""
+    M, K = hidden.shape
+    N = 2 * w2.shape[2]
+    out = torch.zeros((M, K), dtype=torch.float32, device=hidden.device)
+    ids = topk_ids.long()
+    for e in torch.unique(ids).tolist():
+        if not 0 <= e < expert_to_slot.numel():
+            raise ValueError(f"fused_moe_int4_reference: expert id {e} outside [0, {expert_to_slot.numel()})")
+        slot = int(expert_to_slot[e])
+        if slot < 0:
+            raise ValueError(f"fused_moe_int4_reference: expert {e} is routed but has no slot")
+        tok, j = torch.where(ids == e)
+        w_gu = dequantize_slot(w13, w13_scale, w13_zeros, group, slot)
+        w_d = dequantize_slot(w2, w2_scale, w2_zeros, group, slot)
+        x = hidden[tok].float()
+        h = (F.silu(x @ w_gu[:N].T) * (x @ w_gu[N:].T)).to(hidden.dtype)
+        out.index_add_(0, tok, (h.float() @ w_d.T) * topk_weights[tok, j, None].float())
+    return out.to(hidden.dtype)

@@ -1,0 +1,171 @@
+"""The int4 (w4a16) fused-MoE kernels against their torch twin, on fresh random experts.
+
+Without CUDA the kernels run in the Triton interpreter at small shapes; `gpu` tests use GLM-5.1's widths.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from moed.kernels import fused_moe_int4 as fi
+from moed.kernels.moe_align import moe_align_block_size
+from moed.model import int4
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+SMALL = {"BLOCK_SIZE_M": 16, "BLOCK_SIZE_N": 32, "BLOCK_SIZE_K": 64, "GROUP_SIZE_M": 1, "num_warps": 4,
+         "num_stages": 2}
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.float() - b.float()).norm() / b.float().norm())
+
+
+def make_int4(S: int, out_f: int, in_f: int, gen: torch.Generator, symmetric: bool = False, group: int = 128,
+              device: str = DEV):
+    """S experts' [out_f, in_f] weights quantised by moed.model.int4, stacked: (qweight, scales, zeros or None)."""
+    ws = [int4.quantize_int4(torch.randn((out_f, in_f), generator=gen, device=device) / in_f ** 0.5, group)
+          for _ in range(S)]
+    zeros = None if symmetric else torch.stack([w.zeros for w in ws])
+    return torch.stack([w.qweight for w in ws]), torch.stack([w.scales for w in ws]), zeros
+
+
+def experts(S: int, N: int, K: int, gen: torch.Generator, symmetric: bool = False, group: int = 128,
+            device: str = DEV) -> dict:
+    w13, s13, z13 = make_int4(S, 2 * N, K, gen, symmetric, group, device)
+    w2, s2, z2 = make_int4(S, K, N, gen, symmetric, group, device)
+    return {"w13": w13, "w2": w2, "w13_scale": s13, "w2_scale": s2, "w13_zeros": z13, "w2_zeros": z2,
+            "group": group}
+
+
+def slot_table(num_ids: int, S: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    have = torch.randperm(num_ids, generator=gen)[:S]
+    table = torch.full((num_ids,), -1, dtype=torch.int32)
+    table[have] = torch.randperm(S, generator=gen).to(torch.int32)
+    return table.to(DEV), have
+
+
+def routing(M: int, k: int, allowed: torch.Tensor, gen: torch.Generator):
+    pick = torch.stack([torch.randperm(allowed.numel(), generator=gen)[:k] for _ in range(M)])
+    ids = allowed[pick].to(torch.int32).reshape(M, k)
+    return ids.contiguous().to(DEV), torch.rand((M, k), generator=gen).to(DEV)
+
+
+def _run(ex: dict, x, ids, w, table, **kw):
+    weights = {k: v for k, v in ex.items() if k not in ("w13", "w2")}
+    return fi.fused_moe_int4(x, ex["w13"], ex["w2"], ids, w, table, **weights, **kw)
+
+
+def _ref(ex: dict, x, ids, w, table):
+    weights = {k: v for k, v in ex.items() if k not in ("w13", "w2")}
+    return fi.fused_moe_int4_reference(x, ex["w13"], ex["w2"], ids, w, table, **weights)
+
+
+@pytest.mark.parametrize("symmetric", [False, True], ids=["asym", "sym"])
+@pytest.mark.parametrize("M", [1, 5, 33])
+def test_moe_int4_matches_reference(M, symmetric):
+    gen = torch.Generator().manual_seed(10 * M + symmetric)
+    N, K, S, k = 64, 256, 5, 3
+    ex = experts(S, N, K, gen, symmetric)
+    table, have = slot_table(9, S, gen)  # 4 ids without a slot; slots permuted
+    ids, w = routing(M, k, have, gen)
+    x = torch.randn((M, K), generator=gen).to(torch.bfloat16).to(DEV)
+    out = torch.full((M, K), float("nan"), dtype=torch.bfloat16, device=DEV)  # poisoned: all must be written
+    _run(ex, x, ids, w, table, config=SMALL, out=out)
+    assert torch.isfinite(out.float()).all()
+    assert rel(out, _ref(ex, x, ids, w, table)) < 1e-2
+
+
+def test_moe_int4_partial_groups_and_small_group():
+    """K and N that are not multiples of the group (a partial last group), and 32-wide groups with BLOCK_K 32."""
+    gen = torch.Generator().manual_seed(4)
+    for N, K, group, bk in ((48, 192, 128, 64), (64, 96, 32, 32)):
+        ex = experts(3, N, K, gen, group=group)
+        table = torch.tensor([1, 2, 0], dtype=torch.int32, device=DEV)
+        ids = torch.tensor([[0, 1], [2, 0], [1, 2]], dtype=torch.int32, device=DEV)
+        w = torch.rand((3, 2), generator=gen).to(DEV)
+        x = torch.randn((3, K), generator=gen).to(torch.bfloat16).to(DEV)
+        out = _run(ex, x, ids, w, table, config={**SMALL, "BLOCK_SIZE_K": bk})
+        assert rel(out, _ref(ex, x, ids, w, table)) < 1e-2
+
+
+def test_moe_int4_gate_up_stage_is_tight():
+    """The gate-up GEMM alone against torch on the same dequantised weights (fp32 products, one bf16 rounding)."""
+    gen = torch.Generator().manual_seed(3)
+    N, K = 64, 384
+    ex = experts(2, N, K, gen)
+    ids = torch.tensor([[1], [0], [1]], dtype=torch.int32, device=DEV)
+    table = torch.tensor([0, 1], dtype=torch.int32, device=DEV)
+    x = torch.randn((3, K), generator=gen).to(torch.bfloat16).to(DEV)
+    h = torch.empty((3, N), dtype=torch.bfloat16, device=DEV)
+    fi.launch_gate_up(x, int4.Int4Weight(ex["w13"], ex["w13_scale"], ex["w13_zeros"], 128), h,
+                      moe_align_block_size(ids, table, 16), 1, SMALL)
+    for t in range(3):
+        wgu = fi.dequantize_slot(ex["w13"], ex["w13_scale"], ex["w13_zeros"], 128, int(ids[t, 0]))
+        g, u = x[t].float() @ wgu[:N].T, x[t].float() @ wgu[N:].T
+        torch.testing.assert_close(h[t].float(), (torch.nn.functional.silu(g) * u).bfloat16().float(),
+                                   rtol=1e-2, atol=1e-3)
+
+
+def test_moe_int4_config_lookup_and_bad_inputs():
+    gen = torch.Generator().manual_seed(5)
+    ex = experts(2, 64, 128, gen)
+    table = torch.arange(2, dtype=torch.int32, device=DEV)
+    ids = torch.tensor([[0, 1]], dtype=torch.int32, device=DEV)
+    w = torch.rand((1, 2), generator=gen).to(DEV)
+    x = torch.randn((1, 128), generator=gen).to(torch.bfloat16).to(DEV)
+    out = _run(ex, x, ids, w, table)  # no int4 table for E=2, N=64: built-in defaults
+    assert rel(out, _ref(ex, x, ids, w, table)) < 1e-2
+    with pytest.raises(ValueError, match="BLOCK_SIZE_K"):
+        _run(ex, x, ids, w, table, config={**SMALL, "BLOCK_SIZE_K": 256})
+    with pytest.raises(ValueError, match="w13_scale"):
+        _run({**ex, "w13_scale": ex["w13_scale"][:, :, :0]}, x, ids, w, table)
+    with pytest.raises(ValueError, match="zero points"):
+        _run({**ex, "w2_zeros": None}, x, ids, w, table)
+    with pytest.raises(ValueError, match="w2_zeros"):
+        _run({**ex, "w2_zeros": ex["w2_zeros"].transpose(1, 2)}, x, ids, w, table)
+    with pytest.raises(ValueError, match="uint8"):
+        _run({**ex, "w13": ex["w13"].view(torch.int8)}, x, ids, w, table)
+
+
+# ---- GPU, GLM-5.1 widths ------------------------------------------------------------------------------------
+
+GLM_K = 6144
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("N,M", [(2048, 1), (2048, 64), (2048, 300), (256, 33)])
+def test_moe_int4_gpu_glm_shapes(N, M):
+    gen = torch.Generator(device="cuda").manual_seed(N + M)
+    cpu_gen = torch.Generator().manual_seed(N + M)
+    ex = experts(24, N, GLM_K, gen, device="cuda")
+    table, have = slot_table(257, 24, cpu_gen)
+    ids, w = routing(M, 9, have, cpu_gen)
+    x = torch.randn((M, GLM_K), generator=cpu_gen).to(torch.bfloat16).cuda()
+    assert rel(_run(ex, x, ids, w, table), _ref(ex, x, ids, w, table)) < 1e-2
+
+
+@pytest.mark.gpu
+def test_moe_int4_gpu_graph_capture_without_host_sync():
+    gen = torch.Generator(device="cuda").manual_seed(11)
+    cpu_gen = torch.Generator().manual_seed(11)
+    ex = experts(16, 512, GLM_K, gen, device="cuda")
+    table, have = slot_table(257, 16, cpu_gen)
+    ids, w = routing(4, 9, have, cpu_gen)
+    x = torch.randn((4, GLM_K), generator=cpu_gen).to(torch.bfloat16).cuda()
+    out = torch.empty_like(x)
+    _run(ex, x, ids, w, table, out=out)  # compile outside the capture
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            _run(ex, x, ids, w, table, out=out)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    ids2, w2 = routing(4, 9, have, cpu_gen)
+    ids.copy_(ids2)
+    w.copy_(w2)
+    x.copy_(torch.randn((4, GLM_K), generator=cpu_gen).to(torch.bfloat16))
+    graph.replay()
+    assert rel(out, _ref(ex, x, ids, w, table)) < 1e-2

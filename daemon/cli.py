@@ -36,7 +36,8 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     if args.model in ("tiny", "small") and not Path(args.model).is_dir():
         args.model = str(builtin_checkpoint(args.model))
     dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}
-    m = load(args.model, device=args.device, dtype=dtypes[args.dtype] if args.dtype else None)
+    m = load(args.model, device=args.device, dtype=dtypes[args.dtype] if args.dtype else None,
+             expert_dtype=args.expert_dtype, int4_cache_dir=args.int4_cache_dir)
     tok = Tokenizer.from_file(str(Path(args.model) / "tokenizer.json"))
     prompt = args.prompt
     if args.chat:
@@ -59,6 +60,8 @@ def _cmd_tune_moe(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from moed.model.config import EXPERT_DTYPES  # torch-free
+
     p = argparse.ArgumentParser(prog="moed", description="Expert-offload MoE runtime for GLM-5.1")
     p.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR")
     sub = p.add_subparsers(dest="command", required=True)
@@ -67,7 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
     mk = ck.add_parser("make", help="write a random-weight GLM-5.1-architecture checkpoint")
     mk.add_argument("--preset", choices=["tiny", "small", "glm51-slice"], default="tiny")
     mk.add_argument("--out", required=True, help="output directory")
-    mk.add_argument("--dtype", choices=["bf16", "fp8"], default="bf16")
+    mk.add_argument("--dtype", choices=["bf16", "fp8", "int4"], default="bf16",
+                    help="int4: routed experts in compressed-tensors pack-quantized W4A16_ASYM, the rest bf16")
     mk.add_argument("--seed", type=int, default=0)
     mk.add_argument("--layers", type=int, help="num_hidden_layers (main stack)")
     mk.add_argument("--experts", type=int, help="routed experts per MoE layer")
@@ -85,6 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--ignore-eos", action="store_true")
     g.add_argument("--device", help="cpu or cuda (default: cuda if present)")
     g.add_argument("--dtype", choices=["fp32", "bf16"], help="default: bf16 on cuda, fp32 on cpu")
+    g.add_argument("--expert-dtype", choices=EXPERT_DTYPES, default="checkpoint",
+                   help="int4: quantise bf16 / FP8 routed experts to 4 bits at load")
+    g.add_argument("--int4-cache-dir", help="with --expert-dtype int4: keep the quantised experts here for next time")
     g.add_argument("prompt")
     g.set_defaults(func=_cmd_generate)
 

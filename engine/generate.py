@@ -16,7 +16,7 @@ import torch
 
 from moed.attention.reference import ReferenceAttention
 from moed.model.attention_interface import SequenceStep, StepContext
-from moed.model.config import GlmMoeDsaConfig
+from moed.model.config import ExpertDtype, GlmMoeDsaConfig
 from moed.model.glm import GlmMoeDsaForCausalLM
 from moed.model.weights import load_model
 from moed.offload.torch_runner import TorchMoERunner
@@ -31,12 +31,14 @@ class LoadedModel:
     device: torch.device
 
 
-def load(model_dir: str | Path, device: str | None = None, dtype: torch.dtype | None = None) -> LoadedModel:
+def load(model_dir: str | Path, device: str | None = None, dtype: torch.dtype | None = None,
+         expert_dtype: ExpertDtype = "checkpoint", int4_cache_dir: str | Path | None = None) -> LoadedModel:
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = dtype or (torch.bfloat16 if dev.type == "cuda" else torch.float32)
     cfg = GlmMoeDsaConfig.from_file(Path(model_dir) / "config.json")
     runner = TorchMoERunner(cfg, dtype, dev)
-    model = load_model(model_dir, runner, dtype=dtype, device=dev, mtp=False, config=cfg)
+    model = load_model(model_dir, runner, dtype=dtype, device=dev, mtp=False, config=cfg, expert_dtype=expert_dtype,
+                       int4_cache_dir=int4_cache_dir)
     return LoadedModel(cfg, model, ReferenceAttention(cfg), runner, dev)
 
 

@@ -46,6 +46,7 @@ from moed.engine.protocol import (
     decode_to_worker,
     encode,
 )
+from moed.model.config import EXPERT_DTYPES
 
 log = logging.getLogger("moed.engine.worker")
 
@@ -185,6 +186,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run eager steps of >= --compile-min-tokens tokens through torch.compile'd decoder layers")
     p.add_argument("--compile-min-tokens", type=int, default=EngineConfig.compile_min_tokens)
     p.add_argument("--seed", type=int, default=None, help="seeds the noise keys of requests without a seed")
+    p.add_argument("--expert-dtype", choices=EXPERT_DTYPES, default="checkpoint",
+                   help="int4: quantise bf16 / FP8 routed experts to 4 bits at load (with --moe torch for now)")
+    p.add_argument("--int4-cache-dir", help="with --expert-dtype int4: keep the quantised experts here for next time")
     p.add_argument("--log-level", default="INFO")
     return p
 
@@ -223,7 +227,8 @@ def main(argv: list[str] | None = None) -> int:
                               overlap=args.overlap, miss_service=args.miss_service,
                               cpu_expert_threads=args.cpu_expert_threads,
                               graph_max_batch=args.graph_max_batch, compile_prefill=args.compile_prefill,
-                              compile_min_tokens=args.compile_min_tokens, seed=args.seed)
+                              compile_min_tokens=args.compile_min_tokens, seed=args.seed,
+                              expert_dtype=args.expert_dtype, int4_cache_dir=args.int4_cache_dir)
         engine = LLMEngine(config)
         engine.warmup()
     except Exception as e:

@@ -6,6 +6,9 @@ template, and generation_config.json. Weights are drawn per tensor from a genera
 (seed, tensor name), so a checkpoint is reproducible for a seed on a given device type. Shards are
 generated and written one at a time: no more than one shard is ever held in memory.
 
+`--dtype int4` writes the routed experts in compressed-tensors' `pack-quantized` W4A16_ASYM layout (as
+llm-compressor writes AWQ/GPTQ releases; `moed.model.int4`'s quantiser, group 128) and everything else in bf16.
+
 Presets: `tiny` (the test suite's model: seconds on a CPU, a small `index_topk` so sparse selection
 really drops positions), `small` (a CPU demo), `glm51-slice` (GLM-5.1's real per-layer dimensions,
 few layers, for GPU benchmarks).
@@ -25,6 +28,7 @@ import torch
 from safetensors.torch import save_file
 
 from moed.formats.fp8 import quantize_block_fp8
+from moed.model import int4
 from moed.model.config import GlmMoeDsaConfig
 from moed.model.tokenizer import EOS_TOKENS, write_tokenizer
 
@@ -64,6 +68,8 @@ PRESETS: dict[str, dict] = {
 BUILTIN_REVISION = 2
 TOKENIZER_VOCAB = {"tiny": 1024, "small": 4096, "glm51-slice": 8192}
 DEFAULT_SHARD_BYTES = {"tiny": 1 << 20, "small": 64 << 20, "glm51-slice": 5 << 30}
+DTYPES = ("bf16", "fp8", "int4")
+ROUTED_EXPERT = r"re:.*mlp\.experts\.\d+\.(gate|up|down)_proj$"  # compressed-tensors target: routed experts only
 
 
 @dataclasses.dataclass
@@ -76,7 +82,7 @@ class TensorSpec:
 
 
 def make_config(preset: str, layers: int | None = None, experts: int | None = None,
-                mtp_layers: int | None = None, fp8: bool = False) -> dict:
+                mtp_layers: int | None = None, fp8: bool = False, int4_experts: bool = False) -> dict:
     if preset not in PRESETS:
         raise ValueError(f"unknown preset '{preset}' (choose from {', '.join(PRESETS)})")
     raw = dict(PRESETS[preset])
@@ -97,6 +103,17 @@ def make_config(preset: str, layers: int | None = None, experts: int | None = No
         raw["quantization_config"] = {
             "quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic", "weight_block_size": [128, 128],
             "modules_to_not_convert": ["lm_head", "model.embed_tokens", "mlp.gate", "indexer.weights_proj"],
+        }
+    if int4_experts:
+        raw["quantization_config"] = {
+            "quant_method": "compressed-tensors", "format": "pack-quantized", "quantization_status": "compressed",
+            "config_groups": {"group_0": {
+                "targets": [ROUTED_EXPERT], "format": "pack-quantized", "input_activations": None,
+                "output_activations": None,
+                "weights": {"num_bits": 4, "type": "int", "symmetric": False, "strategy": "group",
+                            "group_size": int4.GROUP_SIZE, "dynamic": False, "actorder": None, "observer": "minmax"},
+            }},
+            "ignore": ["lm_head"], "kv_cache_scheme": None,
         }
     return raw
 
@@ -156,10 +173,16 @@ def tensor_specs(cfg: GlmMoeDsaConfig) -> Iterator[TensorSpec]:
         yield TensorSpec("lm_head.weight", (cfg.vocab_size, H), "linear", False)
 
 
+def _int4_expert(spec: TensorSpec, cfg: GlmMoeDsaConfig) -> bool:
+    return cfg.pack_quantization is not None and ".mlp.experts." in spec.name
+
+
 def _stored_bytes(spec: TensorSpec, cfg: GlmMoeDsaConfig, dtype: torch.dtype) -> int:
     n = math.prod(spec.shape)
     if spec.fp32:
         return 4 * n
+    if _int4_expert(spec, cfg):
+        return int4.nbytes(*spec.shape) + 16
     if cfg.quantization is not None and spec.quantize:
         q = cfg.quantization
         return n + 4 * (-(-spec.shape[0] // q.block_n)) * (-(-spec.shape[1] // q.block_k))
@@ -185,11 +208,11 @@ def make_checkpoint(out_dir: str | Path, preset: str = "tiny", dtype: str = "bf1
                     layers: int | None = None, experts: int | None = None, mtp_layers: int | None = None,
                     shard_bytes: int | None = None, device: str | None = None,
                     config_overrides: dict | None = None) -> Path:
-    if dtype not in ("bf16", "fp8"):
-        raise ValueError(f"--dtype must be bf16 or fp8, got '{dtype}'")
+    if dtype not in DTYPES:
+        raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}, got '{dtype}'")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    raw = make_config(preset, layers, experts, mtp_layers, fp8=dtype == "fp8")
+    raw = make_config(preset, layers, experts, mtp_layers, fp8=dtype == "fp8", int4_experts=dtype == "int4")
     raw.update(config_overrides or {})
     cfg = GlmMoeDsaConfig.from_dict(raw, source=f"preset {preset}")
     gen_device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -224,6 +247,10 @@ def make_checkpoint(out_dir: str | Path, preset: str = "tiny", dtype: str = "bf1
             w = _draw(spec, seed, gen_device)
             if spec.fp32:
                 tensors[spec.name] = w.cpu()
+            elif _int4_expert(spec, cfg):
+                base = spec.name.removesuffix(".weight")
+                for suffix, t in int4.to_pack_quantized(int4.quantize_int4(w.to(store_dtype))).items():
+                    tensors[f"{base}.{suffix}"] = t.cpu()
             elif q is not None and spec.quantize:
                 wq, scale = quantize_block_fp8(w, q.block_n, q.block_k)
                 sname = spec.name.removesuffix(".weight") + ".weight_scale_inv"

@@ -11,7 +11,12 @@ import dataclasses
 import json
 import math
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
+
+# How routed experts are held after loading: as the checkpoint stores them (bf16, FP8 block or int4 pack-quantized),
+# or quantised to moed's int4 format at load (`moed.model.int4`). The one declaration flags and configs import.
+ExpertDtype = Literal["checkpoint", "int4"]
+EXPERT_DTYPES: tuple[ExpertDtype, ...] = ("checkpoint", "int4")
 
 
 class ConfigError(ValueError):
@@ -78,6 +83,18 @@ class Fp8Quantization:
 
 
 @dataclasses.dataclass(frozen=True)
+class PackQuantization:
+    """compressed-tensors `pack-quantized` integer weights, weight-only (W4A16 or W4A16_ASYM AWQ/GPTQ releases).
+
+    Which Linear layers are quantised is read from the checkpoint's tensors (`<name>.weight_packed`), so targets and
+    ignore lists need no matching here; symmetric or not per weight from the presence of `weight_zero_point`."""
+
+    num_bits: int
+    group_size: int
+    raw: dict[str, Any]  # quantization_config as given, written back unchanged by to_json_dict
+
+
+@dataclasses.dataclass(frozen=True)
 class GlmMoeDsaConfig:
     vocab_size: int
     hidden_size: int
@@ -115,6 +132,7 @@ class GlmMoeDsaConfig:
     rope_type: str
     indexer_types: tuple[str, ...]
     quantization: Fp8Quantization | None
+    pack_quantization: PackQuantization | None
     bos_token_id: int | None
     eos_token_ids: tuple[int, ...]
     pad_token_id: int | None
@@ -148,8 +166,8 @@ class GlmMoeDsaConfig:
         """The config.json this config came from, with moed's normalisations applied."""
         out: dict[str, Any] = {"architectures": ["GlmMoeDsaForCausalLM"], "model_type": "glm_moe_dsa"}
         for f in dataclasses.fields(self):
-            if f.name in ("extra", "source", "quantization", "indexer_types", "rope_theta", "rope_type",
-                          "eos_token_ids"):
+            if f.name in ("extra", "source", "quantization", "pack_quantization", "indexer_types", "rope_theta",
+                          "rope_type", "eos_token_ids"):
                 continue
             out[f.name] = getattr(self, f.name)
         out["eos_token_id"] = list(self.eos_token_ids)
@@ -164,6 +182,8 @@ class GlmMoeDsaConfig:
                 "weight_block_size": [q.block_n, q.block_k],
                 "modules_to_not_convert": list(q.modules_to_not_convert),
             }
+        if self.pack_quantization is not None:
+            out["quantization_config"] = self.pack_quantization.raw
         out.update(self.extra)
         return {k: v for k, v in out.items() if v is not None}
 
@@ -211,7 +231,10 @@ class GlmMoeDsaConfig:
         values["rms_norm_eps"] = float(values["rms_norm_eps"])
         values["rope_theta"], values["rope_type"] = _parse_rope(raw, err)
         values["indexer_types"] = _parse_indexer_types(raw, values["num_hidden_layers"], err)
-        values["quantization"] = _parse_quantization(raw.get("quantization_config"), err)
+        qcfg = raw.get("quantization_config")
+        is_pack = isinstance(qcfg, dict) and qcfg.get("quant_method") == "compressed-tensors"
+        values["pack_quantization"] = _parse_pack_quantization(qcfg, err) if is_pack else None
+        values["quantization"] = None if is_pack else _parse_quantization(qcfg, err)
         eos = values.pop("eos_token_id")
         values["eos_token_ids"] = tuple([eos] if isinstance(eos, int) else (eos or []))
         if values["dtype"] is None:
@@ -272,7 +295,8 @@ def _parse_quantization(q: Any, err) -> Fp8Quantization | None:
         raise err("quantization_config", f"expected an object, got {q!r}")
     method = q.get("quant_method")
     if method != "fp8":
-        raise err("quantization_config.quant_method", f"'{method}' is not supported (only 'fp8')")
+        raise err("quantization_config.quant_method", f"'{method}' is not supported (only 'fp8' and "
+                  "'compressed-tensors' with format 'pack-quantized')")
     fmt = q.get("fmt", "e4m3")
     if fmt != "e4m3":
         raise err("quantization_config.fmt", f"'{fmt}' is not supported (only 'e4m3')")
@@ -283,6 +307,36 @@ def _parse_quantization(q: Any, err) -> Fp8Quantization | None:
         raise err("quantization_config.weight_block_size", f"expected [n, k], got {block!r}")
     skip = q.get("modules_to_not_convert") or []
     return Fp8Quantization(block_n=block[0], block_k=block[1], modules_to_not_convert=tuple(skip))
+
+
+def _parse_pack_quantization(q: dict[str, Any], err) -> PackQuantization:
+    """compressed-tensors config -> PackQuantization; anything but 4-bit weight-only int groups is refused here."""
+    groups = q.get("config_groups")
+    if not isinstance(groups, dict) or not groups:
+        raise err("quantization_config.config_groups", f"expected a non-empty object, got {groups!r}")
+    sizes = set()
+    for name, group in groups.items():
+        where = f"quantization_config.config_groups.{name}"
+        if not isinstance(group, dict) or not isinstance(group.get("weights"), dict):
+            raise err(where, "needs a 'weights' object")
+        fmt = group.get("format") or q.get("format")
+        if fmt != "pack-quantized":
+            raise err(f"{where}.format", f"'{fmt}' is not supported (only 'pack-quantized')")
+        if group.get("input_activations") is not None:
+            raise err(f"{where}.input_activations", "only weight-only schemes (W4A16) are supported")
+        w = group["weights"]
+        for key, want in (("num_bits", 4), ("type", "int"), ("strategy", "group")):
+            if w.get(key) != want:
+                raise err(f"{where}.weights.{key}", f"{w.get(key)!r} is not supported (want {want!r})")
+        if w.get("actorder") == "group":
+            raise err(f"{where}.weights.actorder", "'group' (activation-ordered groups) is not supported")
+        gs = w.get("group_size")
+        if not isinstance(gs, int) or isinstance(gs, bool) or gs < 8 or gs & (gs - 1):
+            raise err(f"{where}.weights.group_size", f"expected a power of two >= 8, got {gs!r}")
+        sizes.add(gs)
+    if len(sizes) != 1:
+        raise err("quantization_config.config_groups", f"groups disagree on group_size ({sorted(sizes)})")
+    return PackQuantization(num_bits=4, group_size=sizes.pop(), raw=q)
 
 
 def _check_consistency(cfg: GlmMoeDsaConfig, raw: dict[str, Any], err) -> None:

@@ -19,31 +19,57 @@ import torch.nn.functional as F
 
 from moed.formats.fp8 import dequantize_block_fp8
 from moed.model.config import GlmMoeDsaConfig
+from moed.model.int4 import Int4Weight, dequantize_int4
 
 
 @dataclasses.dataclass
 class ExpertWeights:
-    """One routed expert as stored: each projection in its checkpoint dtype, FP8 ones with block scales."""
+    """One routed expert as stored: each projection in its checkpoint dtype, FP8 ones with block scales, int4 ones
+    (`moed.model.int4`: uint8 packed values) with group scales and, when asymmetric, packed zero points."""
 
-    gate_proj: torch.Tensor  # [moe_intermediate_size, hidden_size]
+    gate_proj: torch.Tensor  # [moe_intermediate_size, hidden_size] (int4: uint8 [I, H / 2])
     up_proj: torch.Tensor  # [moe_intermediate_size, hidden_size]
-    down_proj: torch.Tensor  # [hidden_size, moe_intermediate_size]
-    gate_scale_inv: torch.Tensor | None = None  # fp32 [ceil(I / bn), ceil(H / bk)] when FP8
+    down_proj: torch.Tensor  # [hidden_size, moe_intermediate_size] (int4: uint8 [H, I / 2])
+    # Scales that multiply the weights: FP8: fp32 [ceil(I / bn), ceil(H / bk)] (`weight_scale_inv`);
+    # int4: [I, ceil(H / group)] (`weight_scale`, bf16 when moed quantised).
+    gate_scale_inv: torch.Tensor | None = None
     up_scale_inv: torch.Tensor | None = None
     down_scale_inv: torch.Tensor | None = None
+    gate_zeros: torch.Tensor | None = None  # int4 asymmetric: int32 [I / 8, ceil(H / group)]
+    up_zeros: torch.Tensor | None = None
+    down_zeros: torch.Tensor | None = None
+    group_size: int | None = None  # int4: inputs per scale
 
     @property
     def is_fp8(self) -> bool:
         return self.gate_proj.dtype == torch.float8_e4m3fn
 
     @property
+    def is_int4(self) -> bool:
+        return self.gate_proj.dtype == torch.uint8
+
+    @property
     def nbytes(self) -> int:
         ts = [self.gate_proj, self.up_proj, self.down_proj, self.gate_scale_inv, self.up_scale_inv,
-              self.down_scale_inv]
+              self.down_scale_inv, self.gate_zeros, self.up_zeros, self.down_zeros]
         return sum(t.numel() * t.element_size() for t in ts if t is not None)
 
+    def int4(self) -> tuple[Int4Weight, Int4Weight, Int4Weight]:
+        """(gate, up, down) as Int4Weight views (no copies); only for int4 experts."""
+        assert self.is_int4 and self.group_size is not None
+        return (Int4Weight(self.gate_proj, self.gate_scale_inv, self.gate_zeros, self.group_size),
+                Int4Weight(self.up_proj, self.up_scale_inv, self.up_zeros, self.group_size),
+                Int4Weight(self.down_proj, self.down_scale_inv, self.down_zeros, self.group_size))
+
+    @classmethod
+    def from_int4(cls, gate: Int4Weight, up: Int4Weight, down: Int4Weight) -> ExpertWeights:
+        return cls(gate.qweight, up.qweight, down.qweight, gate.scales, up.scales, down.scales, gate.zeros, up.zeros,
+                   down.zeros, gate.group)
+
     def dequantized(self, block: tuple[int, int] | None, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
-        """(gate, up, down) in `dtype`, dequantised exactly as the reference does when FP8."""
+        """(gate, up, down) in `dtype`, dequantised exactly as the reference does when FP8 or int4."""
+        if self.is_int4:
+            return tuple(dequantize_int4(w, dtype) for w in self.int4())
         out = []
         for w, s in ((self.gate_proj, self.gate_scale_inv), (self.up_proj, self.up_scale_inv),
                      (self.down_proj, self.down_scale_inv)):

@@ -3,9 +3,12 @@
 `Checkpoint` validates the index and every shard's header up front (a missing or truncated shard
 fails before any weight is read, naming the file), then serves tensors one at a time from the
 memory map. `load_model` builds the network with each tensor's shape checked against the config,
-dequantises FP8 block-quantised non-expert weights for the torch path, and hands routed experts
-to the MoE runner one (layer, expert) at a time, as stored (FP8 stays FP8), so no layer of experts
-is ever staged anywhere but where the runner puts it.
+dequantises FP8 block-quantised and int4 pack-quantized non-expert weights for the torch path, and hands
+routed experts to the MoE runner one (layer, expert) at a time, as stored (FP8 stays FP8, compressed-tensors
+pack-quantized int4 stays int4: its packed words are `moed.model.int4`'s bytes), so no layer of experts is
+ever staged anywhere but where the runner puts it. With `expert_dtype="int4"`, bf16 and FP8 experts are
+quantised to int4 as they are read (on the GPU when there is one), optionally through a cache directory of
+pack-quantized layer files (`moed.model.int4_cache`) that later starts read instead.
 """
 
 from __future__ import annotations
@@ -21,8 +24,10 @@ import torch
 from safetensors import safe_open
 
 from moed.formats.fp8 import dequantize_block_fp8, scale_shape
-from moed.model.config import GlmMoeDsaConfig
+from moed.model import int4
+from moed.model.config import EXPERT_DTYPES, ExpertDtype, GlmMoeDsaConfig
 from moed.model.glm import GlmMoeDsaForCausalLM
+from moed.model.int4_cache import Int4Cache
 from moed.model.moe import ExpertWeights, MoERunner
 
 log = logging.getLogger(__name__)
@@ -30,6 +35,9 @@ log = logging.getLogger(__name__)
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 _FP32_PARAMS = ("indexer.weights_proj.weight", "mlp.gate.e_score_correction_bias")
+# compressed-tensors pack-quantized tensors of one weight `<base>.weight`, by suffix of `<base>.`.
+PACKED = "weight_packed"
+PACKED_PARTS = (PACKED, "weight_scale", "weight_zero_point", "weight_shape", "weight_g_idx")
 
 
 class CheckpointError(ValueError):
@@ -163,6 +171,14 @@ def moe_layers(cfg: GlmMoeDsaConfig, mtp: bool) -> list[int]:
     return main + (cfg.mtp_layer_ids if mtp else [])
 
 
+def stored_names(ckpt: Checkpoint, name: str) -> list[str]:
+    """The tensors that hold weight `name` in this checkpoint: itself (+ FP8 scales), or its pack-quantized parts."""
+    base = name.removesuffix(".weight")
+    if name not in ckpt and f"{base}.{PACKED}" in ckpt:
+        return [f"{base}.{part}" for part in PACKED_PARTS if f"{base}.{part}" in ckpt]
+    return [n for n in (name, f"{base}.weight_scale_inv") if n in ckpt]
+
+
 def load_model(
     directory: str | Path,
     runner: MoERunner,
@@ -170,8 +186,17 @@ def load_model(
     device: torch.device | str = "cpu",
     mtp: bool = True,
     config: GlmMoeDsaConfig | None = None,
+    expert_dtype: ExpertDtype = "checkpoint",
+    int4_cache_dir: str | Path | None = None,
 ) -> GlmMoeDsaForCausalLM:
-    """Build the network from a checkpoint directory; routed experts go to `runner`."""
+    """Build the network from a checkpoint directory; routed experts go to `runner`.
+
+    expert_dtype "int4" quantises bf16 / FP8 routed experts to moed's int4 format as they are read (int4 ones stay
+    as they are); int4_cache_dir (optional, with "int4") keeps the result for the next start."""
+    if expert_dtype not in EXPERT_DTYPES:
+        raise ValueError(f"expert_dtype must be one of {list(EXPERT_DTYPES)}, got {expert_dtype!r}")
+    if int4_cache_dir is not None and expert_dtype != "int4":
+        raise ValueError("int4_cache_dir is only used with expert_dtype 'int4'")
     cfg = config or GlmMoeDsaConfig.from_file(Path(directory) / "config.json")
     ckpt = Checkpoint(directory)
     if not mtp and cfg.num_nextn_predict_layers:
@@ -191,25 +216,43 @@ def load_model(
     if cfg.tie_word_embeddings:
         params.pop("lm_head.weight")
     expert_layers = moe_layers(cfg, mtp)
-    total = sum(ckpt.nbytes(n) for n in params if n in ckpt)
-    total += sum(ckpt.nbytes(t) for layer in expert_layers for e in range(cfg.n_routed_experts)
-                 for t in expert_names(layer, e).values() if t in ckpt)
-    progress = LoadProgress(total, f"loading {Path(directory).name}")
+
+    def nbytes(name: str) -> int:
+        return sum(ckpt.nbytes(n) for n in stored_names(ckpt, name))
+
+    total = sum(nbytes(n) for n in params)
+    total += sum(nbytes(t) for layer in expert_layers for e in range(cfg.n_routed_experts)
+                 for t in expert_names(layer, e).values())
+    quantise = expert_dtype == "int4"
+    cache = Int4Cache(int4_cache_dir, ckpt.dir, cfg) if quantise and int4_cache_dir is not None else None
+    qdev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    what = f"loading {Path(directory).name}" + (f" (routed experts to int4 on {qdev.type})" if quantise else "")
+    progress = LoadProgress(total, what)
     try:
         for name, p in params.items():
-            src = name
-            value = _read_weight(ckpt, src, tuple(p.shape), cfg)
+            value = _read_weight(ckpt, name, tuple(p.shape), cfg)
             keep_fp32 = name.endswith(_FP32_PARAMS)
             value = value.to(device=device, dtype=torch.float32 if keep_fp32 else dtype)
             _set_param(model, name, value)
-            progress.advance(ckpt.nbytes(src))
+            progress.advance(nbytes(name))
         if cfg.tie_word_embeddings:
             model.lm_head.weight = model.model.embed_tokens.weight
         for layer in expert_layers:
+            cached = cache.read_layer(layer) if cache is not None else None
             for e in range(cfg.n_routed_experts):
-                weights, nbytes = read_expert(ckpt, cfg, layer, e)
+                if cached is not None:
+                    weights = cached[e]
+                    n = sum(nbytes(t) for t in expert_names(layer, e).values())
+                else:
+                    weights, n = read_expert(ckpt, cfg, layer, e)
+                    if quantise and not weights.is_int4:
+                        weights = quantize_expert(weights, cfg, qdev)
+                    if cache is not None:
+                        cache.add(layer, e, weights)
                 runner.load_expert(layer, e, weights)
-                progress.advance(nbytes)
+                progress.advance(n)
+            if cache is not None and cached is None:
+                cache.write_layer(layer)
         runner.finish_loading()
     finally:
         progress.close()
@@ -218,8 +261,53 @@ def load_model(
     return model.eval()
 
 
+def quantize_expert(weights: ExpertWeights, cfg: GlmMoeDsaConfig, device: torch.device) -> ExpertWeights:
+    """A bf16 or FP8 expert -> moed's int4 format (asymmetric, group 128), quantised on `device`, returned on CPU."""
+    q = cfg.quantization
+    block = (q.block_n, q.block_k) if q is not None else None
+    parts = []
+    for w, s in ((weights.gate_proj, weights.gate_scale_inv), (weights.up_proj, weights.up_scale_inv),
+                 (weights.down_proj, weights.down_scale_inv)):
+        w = w.to(device)
+        full = dequantize_block_fp8(w, s.to(device), *block) if w.dtype == torch.float8_e4m3fn else w.float()
+        qw = int4.quantize_int4(full)
+        parts.append(qw._replace(qweight=qw.qweight.cpu(), scales=qw.scales.cpu(), zeros=qw.zeros.cpu()))
+    return ExpertWeights.from_int4(*parts)
+
+
+def _read_int4(ckpt: Checkpoint, name: str, expected: tuple[int, int], cfg: GlmMoeDsaConfig) -> int4.Int4Weight:
+    """One pack-quantized weight (`<base>.weight_packed` and friends) as an Int4Weight, every part checked."""
+    base = name.removesuffix(".weight")
+    pq = cfg.pack_quantization
+    if pq is None:
+        raise CheckpointError(f"{ckpt.file_of(base + '.' + PACKED)}: tensor {base}.{PACKED} is pack-quantized but "
+                              "config.json has no compressed-tensors quantization_config")
+    for part in ("weight_scale", "weight_shape"):
+        if f"{base}.{part}" not in ckpt:
+            raise CheckpointError(f"{ckpt.dir}: tensor {base}.{part} is missing (needed by {base}.{PACKED})")
+    shape = tuple(int(v) for v in ckpt.get(f"{base}.weight_shape").tolist())
+    if shape != expected:
+        raise CheckpointError(f"{ckpt.file_of(base + '.weight_shape')}: {base}.weight_shape is {list(shape)}, "
+                              f"expected {list(expected)}")
+    g_idx = f"{base}.weight_g_idx"
+    if g_idx in ckpt:  # activation order that keeps groups contiguous is harmless; permuted groups are not
+        want = torch.arange(expected[1]) // pq.group_size
+        if not torch.equal(ckpt.get(g_idx).long(), want):
+            raise CheckpointError(f"{ckpt.file_of(g_idx)}: {g_idx} permutes the quantisation groups "
+                                  "(actorder 'group'), which moed does not support")
+    zp = f"{base}.weight_zero_point"
+    try:
+        return int4.from_pack_quantized(ckpt.get(f"{base}.{PACKED}"), ckpt.get(f"{base}.weight_scale"), shape,
+                                        ckpt.get(zp) if zp in ckpt else None, pq.group_size)
+    except ValueError as e:
+        raise CheckpointError(f"{ckpt.file_of(base + '.' + PACKED)}: {base}: {e}") from None
+
+
 def _read_weight(ckpt: Checkpoint, name: str, expected: tuple[int, ...], cfg: GlmMoeDsaConfig,
                  dequantize: bool = True) -> torch.Tensor:
+    base = name.removesuffix(".weight")
+    if name not in ckpt and f"{base}.{PACKED}" in ckpt and len(expected) == 2:
+        return int4.dequantize_int4(_read_int4(ckpt, name, expected, cfg))  # type: ignore[arg-type]
     if name not in ckpt:
         raise CheckpointError(f"{ckpt.dir}: tensor {name} is missing (expected shape {list(expected)})")
     shape = ckpt.shape(name)
@@ -246,12 +334,20 @@ def _read_weight(ckpt: Checkpoint, name: str, expected: tuple[int, ...], cfg: Gl
 
 
 def read_expert(ckpt: Checkpoint, cfg: GlmMoeDsaConfig, layer: int, expert: int) -> tuple[ExpertWeights, int]:
-    """One routed expert as stored (FP8 with scales, or bf16), shapes checked; and its bytes."""
+    """One routed expert as stored (FP8 with scales, bf16, or int4 pack-quantized), shapes checked; and its bytes."""
     I, H = cfg.moe_intermediate_size, cfg.hidden_size
     shapes = {"gate_proj": (I, H), "up_proj": (I, H), "down_proj": (H, I)}
+    names = expert_names(layer, expert)
+    if names["gate_proj"] not in ckpt and names["gate_proj"].removesuffix(".weight") + f".{PACKED}" in ckpt:
+        q = [_read_int4(ckpt, name, shapes[proj], cfg) for proj, name in names.items()]
+        if any(w.zeros is not None for w in q):  # symmetric = zero point 0: spelled out where an expert mixes both
+            q = [w if w.zeros is not None else w._replace(zeros=int4.pack_zeros(torch.zeros_like(
+                w.scales, dtype=torch.int8))) for w in q]
+        return ExpertWeights.from_int4(*q), sum(ckpt.nbytes(n) for name in names.values()
+                                                 for n in stored_names(ckpt, name))
     parts: dict[str, torch.Tensor | None] = {}
     nbytes = 0
-    for proj, name in expert_names(layer, expert).items():
+    for proj, name in names.items():
         w = _read_weight(ckpt, name, shapes[proj], cfg, dequantize=False)
         parts[proj] = w
         nbytes += ckpt.nbytes(name)

@@ -8,6 +8,8 @@ over rotating inputs (routings and activations) whose touched weights exceed L2.
 process pool (M, N, K are runtime arguments, so a compiled config serves every shape). Progress goes to
 `<name>.json.partial` after each M; `--resume` continues from it; the final files appear when a table is done.
 E=257 means 256 routed experts plus the shared expert fused as id 256 (every token routes to it).
+`--dtype int4_w4a16` tunes `moed.kernels.fused_moe_int4` on experts quantised by `moed.model.int4` (asymmetric,
+group 128) and writes `...,dtype=int4_w4a16.json` (no block_shape in the name, as vLLM and sglang name int4 tables).
 """
 
 from __future__ import annotations
@@ -26,11 +28,62 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-DTYPES = ("fp8_w8a8", "bf16")
+DTYPES = ("fp8_w8a8", "bf16", "int4_w4a16")
+INT4 = "int4_w4a16"
+
+
+def config_name(dtype: str) -> tuple[str | None, list[int] | None]:
+    """(dtype string, block_shape) of the config file names for a tuner dtype."""
+    if dtype == "fp8_w8a8":
+        return "fp8_w8a8", [128, 128]
+    return (INT4, None) if dtype == INT4 else (None, None)
+
+
+def make_int4_experts(E: int, N: int, K: int, device: str, seed: int = 0):
+    """Random experts quantised to int4 on `device`: (w13 Int4Weight [E, 2N, K/2], w2 Int4Weight [E, K, N/2])."""
+    from moed.model import int4
+
+    g = torch.Generator(device=device).manual_seed(seed)
+    parts13, parts2 = [], []
+    for _ in range(E):
+        parts13.append(int4.quantize_int4(torch.randn((2 * N, K), generator=g, device=device) / K ** 0.5))
+        parts2.append(int4.quantize_int4(torch.randn((K, N), generator=g, device=device) / N ** 0.5))
+
+    def stack(parts):
+        return int4.Int4Weight(*(torch.stack([getattr(p, f) for p in parts]) for f in ("qweight", "scales", "zeros")),
+                               parts[0].group)
+
+    return stack(parts13), stack(parts2)
+
+
+def launch_up(dtype: str, x, experts, h, align, top_k: int, cfg: dict) -> None:
+    """The gate-up GEMM of `dtype`'s kernel (experts as make_experts returns them)."""
+    from moed.kernels import fused_moe as fm
+    from moed.kernels import fused_moe_int4 as fi
+
+    w13, _, s13, _ = experts
+    if dtype == INT4:
+        fi.launch_gate_up(x, w13, h, align, top_k, cfg)
+    else:
+        fm.launch_gate_up(x, w13, s13, h, align, top_k, cfg, dtype == "fp8_w8a8", _in_gemm(cfg), 128)
+
+
+def launch_down(dtype: str, h, experts, part, wts, align, cfg: dict) -> None:
+    from moed.kernels import fused_moe as fm
+    from moed.kernels import fused_moe_int4 as fi
+
+    _, w2, _, s2 = experts
+    if dtype == INT4:
+        fi.launch_down(h, w2, part, wts, align, cfg)
+    else:
+        fm.launch_down(h, w2, s2, part, wts, align, cfg, dtype == "fp8_w8a8", _in_gemm(cfg), 128)
 
 
 def make_experts(E: int, N: int, K: int, dtype: str, device: str, seed: int = 0):
-    """Random experts of GLM-5.1's layout: (w13 [E, 2N, K], w2 [E, K, N], w13_scale, w2_scale) on `device`."""
+    """Random experts of GLM-5.1's layout: (w13 [E, 2N, K], w2 [E, K, N], w13_scale, w2_scale) on `device`
+    (int4_w4a16: (w13 Int4Weight, w2 Int4Weight, None, None), the scales inside)."""
+    if dtype == INT4:
+        return (*make_int4_experts(E, N, K, device, seed), None, None)
     g = torch.Generator(device=device).manual_seed(seed)
     if dtype == "bf16":
         w13 = torch.empty((E, 2 * N, K), dtype=torch.bfloat16, device=device)
@@ -101,7 +154,7 @@ def candidates(M: int, dtype: str) -> list[dict]:
     FP8 entries up to QUANT_IN_KERNEL_MAX_TOKENS come twice: activations quantised in the GEMM or in a pass."""
     from moed.kernels.fused_moe import QUANT_IN_KERNEL_MAX_TOKENS
 
-    bk = 128 if dtype == "fp8_w8a8" else 64
+    bk = 64 if dtype == "bf16" else 128  # FP8: one 128-block a K step; int4: one 128-group
     if M <= 64:
         tiles = [(16, bn, w) for bn in (32, 64, 128) for w in (4, 8)]
         stages, groups = (3, 4), (1,)
@@ -146,13 +199,11 @@ def _compile_key(cfg: dict) -> tuple:
 def _compile_worker(task: tuple) -> list[tuple[str, tuple, bool, str]]:
     """Run in a fresh process: launch each (kernel, config) once on tiny inputs of the real N and K, which
     puts the compiled binary into Triton's on-disk cache for the parent. Returns (kernel, key, ok, error)."""
-    from moed.kernels import fused_moe as fm
     from moed.kernels.moe_align import moe_align_block_size
 
     dtype, N, K, items = task
-    fp8 = dtype == "fp8_w8a8"
     torch.cuda.init()
-    w13, w2, s13, s2 = make_experts(1, N, K, dtype, "cuda")
+    experts = make_experts(1, N, K, dtype, "cuda")
     results = []
     for kernel, cfg in items:
         quant_in_kernel = _in_gemm(cfg)
@@ -164,11 +215,11 @@ def _compile_worker(task: tuple) -> list[tuple[str, tuple, bool, str]]:
         h = torch.zeros((M * top_k, N), dtype=torch.bfloat16, device="cuda")
         try:
             if kernel == "gate_up":
-                fm.launch_gate_up(x, w13, s13, h, align, top_k, cfg, fp8, quant_in_kernel, 128)
+                launch_up(dtype, x, experts, h, align, top_k, cfg)
             else:
                 part = torch.empty((M * top_k, K), dtype=torch.bfloat16, device="cuda")
                 w = torch.ones((M, top_k), device="cuda")
-                fm.launch_down(h, w2, s2, part, w, align, cfg, fp8, quant_in_kernel, 128)
+                launch_down(dtype, h, experts, part, w, align, cfg)
             torch.cuda.synchronize()
             results.append((kernel, _compile_key(cfg), quant_in_kernel, True, ""))
         except Exception as e:  # out of shared memory / registers: the candidate is unusable here
@@ -203,12 +254,15 @@ def precompile(dtype: str, N: int, K: int, items: list[tuple[str, dict]], worker
     return failed
 
 
-def _reference_rows(hidden, w13, w2, s13, s2, ids, weights, fp8: bool, tokens: int, h_in=None):
+def _reference_rows(hidden, experts, ids, weights, dtype: str, tokens: int, h_in=None):
     """Torch h rows and down rows for the first `tokens` tokens (all their assignments), fp32."""
     from moed.formats.fp8 import dequantize_block_fp8
     from moed.kernels.act_quant import dequantize_groups_fp8, per_token_group_quant_fp8_reference
+    from moed.kernels.fused_moe_int4 import dequantize_slot
 
-    N = w2.shape[2]
+    w13, w2, s13, s2 = experts
+    fp8 = dtype == "fp8_w8a8"
+    N = (w13.qweight if dtype == INT4 else w13).shape[1] // 2
     top_k = ids.shape[1]
     h_rows, y_rows = [], []
     for f in range(tokens * top_k):
@@ -217,6 +271,10 @@ def _reference_rows(hidden, w13, w2, s13, s2, ids, weights, fp8: bool, tokens: i
             wgu = dequantize_block_fp8(w13[e], s13[e], 128, 128)
             wd = dequantize_block_fp8(w2[e], s2[e], 128, 128)
             x = dequantize_groups_fp8(*per_token_group_quant_fp8_reference(hidden[t:t + 1]))
+        elif dtype == INT4:
+            wgu = dequantize_slot(w13.qweight, w13.scales, w13.zeros, w13.group, e)
+            wd = dequantize_slot(w2.qweight, w2.scales, w2.zeros, w2.group, e)
+            x = hidden[t:t + 1].float()
         else:
             wgu, wd, x = w13[e].float(), w2[e].float(), hidden[t:t + 1].float()
         h = (F.silu(x @ wgu[:N].T) * (x @ wgu[N:].T)).bfloat16()
@@ -234,11 +292,8 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 def tune_one(dtype: str, E: int, N: int, K: int, topk: int, M: int, experts, failed: set, seed: int,
              tol: float = 3e-2, device: str = "cuda") -> tuple[dict, dict, float, float]:
     """Best (up config, down config, up ms, down ms) for M tokens."""
-    from moed.kernels import fused_moe as fm
     from moed.kernels.moe_align import moe_align_block_size
 
-    w13, w2, s13, s2 = experts
-    fp8 = dtype == "fp8_w8a8"
     gen = torch.Generator(device=device).manual_seed(seed + M)
     top_k = topk + (1 if E == 257 else 0)
     T = M * top_k
@@ -250,13 +305,12 @@ def tune_one(dtype: str, E: int, N: int, K: int, topk: int, M: int, experts, fai
         sets.append((x, ids, wts))
     e2s = torch.arange(E, dtype=torch.int32, device=device)
     check_tokens = min(M, 2)
-    ref_h, _ = _reference_rows(sets[0][0], w13, w2, s13, s2, sets[0][1], sets[0][2], fp8, check_tokens)
+    ref_h, _ = _reference_rows(sets[0][0], experts, sets[0][1], sets[0][2], dtype, check_tokens)
 
     def run_up(cfg):
         aligns = [moe_align_block_size(ids, e2s, cfg["BLOCK_SIZE_M"]) for _, ids, _ in sets]
         hs = [torch.empty((T, N), dtype=torch.bfloat16, device=device) for _ in sets]
-        launches = [lambda i=i: fm.launch_gate_up(sets[i][0], w13, s13, hs[i], aligns[i], top_k, cfg, fp8,
-                                                  _in_gemm(cfg), 128)
+        launches = [lambda i=i: launch_up(dtype, sets[i][0], experts, hs[i], aligns[i], top_k, cfg)
                     for i in range(rot)]
         launches[0]()
         err = _rel(hs[0][:check_tokens * top_k], ref_h)
@@ -277,14 +331,14 @@ def tune_one(dtype: str, E: int, N: int, K: int, topk: int, M: int, experts, fai
     if best_up is None:
         raise RuntimeError(f"tune-moe: no gate_up candidate passed the check at M={M} ({dtype}, E={E}, N={N})")
     hs, aligns = up_out
-    _, ref_y = _reference_rows(sets[0][0], w13, w2, s13, s2, sets[0][1], sets[0][2], fp8, check_tokens, h_in=hs[0])
+    _, ref_y = _reference_rows(sets[0][0], experts, sets[0][1], sets[0][2], dtype, check_tokens, h_in=hs[0])
     best_down, best_dt = None, float("inf")
     for cfg in down_candidates(M, dtype, best_up["BLOCK_SIZE_M"]):
         if ("down", _compile_key(cfg), _in_gemm(cfg)) in failed:
             continue
         parts = [torch.empty((T, K), dtype=torch.bfloat16, device=device) for _ in sets]
-        launches = [lambda i=i, cfg=cfg, parts=parts: fm.launch_down(hs[i], w2, s2, parts[i], sets[i][2], aligns[i],
-                                                                     cfg, fp8, _in_gemm(cfg), 128) for i in range(rot)]
+        launches = [lambda i=i, cfg=cfg, parts=parts: launch_down(dtype, hs[i], experts, parts[i], sets[i][2],
+                                                                  aligns[i], cfg) for i in range(rot)]
         launches[0]()
         err = _rel(parts[0][:check_tokens * top_k], ref_y)
         if not err < tol:
@@ -350,8 +404,7 @@ def main(argv: list[str] | None = None) -> int:
     jobs = [(d, E, N) for d in args.dtype for E in args.E for N in args.N]
     unfinished = []
     for dtype, E, N in jobs:
-        dname = "fp8_w8a8" if dtype == "fp8_w8a8" else None
-        bshape = block if dname else None
+        dname, bshape = config_name(dtype)
         up_name = lookup.file_name(E, N, device_name, dname, bshape)
         down_name = lookup.file_name(E, N, device_name, dname, bshape, down=True)
         partial_path = out_dir / (up_name + ".partial")  # not *.json: lookups and table checks never see it
@@ -417,8 +470,7 @@ def _write_from_log(path: Path, args: argparse.Namespace) -> int:
         if missing:
             print(f"tune-moe: {path}: {dtype} E={E} N={N} lacks M={missing}; not written", file=sys.stderr)
             continue
-        dname = "fp8_w8a8" if dtype == "fp8_w8a8" else None
-        bshape = [128, 128] if dname else None
+        dname, bshape = config_name(dtype)
         order = sorted(done, key=int)
         for down in (False, True):
             name = lookup.file_name(E, N, device_name, dname, bshape, down=down)

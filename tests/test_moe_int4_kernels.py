@@ -169,3 +169,36 @@ def test_moe_int4_gpu_graph_capture_without_host_sync():
     x.copy_(torch.randn((4, GLM_K), generator=cpu_gen).to(torch.bfloat16))
     graph.replay()
     assert rel(out, _ref(ex, x, ids, w, table)) < 1e-2
+
+
+def test_moe_int4_tuner_pieces_on_cpu(tmp_path):
+    """The tuner's int4 path without a GPU: experts, launches and the reference rows it checks candidates against,
+    its candidates' validity, and the table file name `--from-log` writes."""
+    from moed.moe_configs import lookup
+    from moed.ops import tune_moe as tm
+
+    experts = tm.make_experts(3, 64, 128, "int4_w4a16", DEV)
+    M, E, topk = 3, 3, 2
+    gen = torch.Generator(device=DEV).manual_seed(0)
+    ids, wts = tm.make_routing(M, E, topk, DEV, gen)
+    x = torch.randn((M, 128), generator=gen, device=DEV).bfloat16()
+    align = moe_align_block_size(ids, torch.arange(E, dtype=torch.int32, device=DEV), 16)
+    h = torch.empty((M * topk, 64), dtype=torch.bfloat16, device=DEV)
+    tm.launch_up("int4_w4a16", x, experts, h, align, topk, SMALL)
+    part = torch.empty((M * topk, 128), dtype=torch.bfloat16, device=DEV)
+    tm.launch_down("int4_w4a16", h, experts, part, wts, align, SMALL)
+    ref_h, ref_y = tm._reference_rows(x, experts, ids, wts, "int4_w4a16", M, h_in=h)
+    assert rel(h, ref_h) < 1e-2 and rel(part, ref_y) < 1e-2
+    for m in (1, 64, 4096):
+        for cfg in tm.candidates(m, "int4_w4a16"):
+            fi.check_int4_config(cfg, 128, "candidate")
+    cfg = {"BLOCK_SIZE_M": 16, "BLOCK_SIZE_N": 64, "BLOCK_SIZE_K": 128, "GROUP_SIZE_M": 1, "num_warps": 4,
+           "num_stages": 4}
+    log = "\n".join(["tune-moe on NVIDIA H100 80GB HBM3, Triton 3.6.0, torch 2.11.0+cu130; writing /x",
+                     "[int4_w4a16 E=257 N=2048 K=6144] 1 of 1 batch sizes to tune",
+                     f"  M=    1: gate_up     20.0 us {tm._short(cfg)} | down     10.0 us {tm._short(cfg)}  (1.0s)"])
+    (tmp_path / "tune.log").write_text(log)
+    assert tm.main(["--from-log", str(tmp_path / "tune.log"), "--batch-sizes", "1", "--out-dir", str(tmp_path)]) == 0
+    name = "E=257,N=2048,device_name=NVIDIA_H100_80GB_HBM3,dtype=int4_w4a16.json"
+    assert lookup.load_table(tmp_path / name) == {1: cfg}
+    assert name == lookup.file_name(257, 2048, "NVIDIA H100 80GB HBM3", fi.DTYPE_NAME, None)

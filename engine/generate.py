@@ -36,7 +36,7 @@ def load(model_dir: str | Path, device: str | None = None, dtype: torch.dtype | 
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = dtype or (torch.bfloat16 if dev.type == "cuda" else torch.float32)
     cfg = GlmMoeDsaConfig.from_file(Path(model_dir) / "config.json")
-    runner = TorchMoERunner(cfg, dtype, dev)
+    runner = TorchMoERunner(cfg, dtype, dev, expert_dtype)
     model = load_model(model_dir, runner, dtype=dtype, device=dev, mtp=False, config=cfg, expert_dtype=expert_dtype,
                        int4_cache_dir=int4_cache_dir)
     return LoadedModel(cfg, model, ReferenceAttention(cfg), runner, dev)

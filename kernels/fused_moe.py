@@ -19,6 +19,8 @@ Weights (`S` slots; gate rows [0, N), up rows [N, 2N) of `w13`):
   (`act_quant`): for small batches inside the GEMMs while loading A (one launch less each, and re-quantising
   a few rows per tile is free next to streaming weights); for large batches by a separate pass, so the
   compute-bound GEMMs see FP8 A tiles. Each K step of 128 adds `dot(a_q, w_q) * a_scale * w_scale` in fp32.
+- int4 w4a16 (`moed.formats.int4`, group-wise along K): computed by `moed.kernels.fused_moe_int4`; the torch
+  reference below serves all three layouts (uint8 packed weights with group scales and zero points).
 
 Tile configs come from `moed.moe_configs` (tuned JSON per E, N, dtype, device, nearest M) unless passed in. A
 config may carry `"A_QUANT_IN_GEMM": true|false` (moed's tuner writes it for FP8) to choose where activations are
@@ -36,6 +38,7 @@ import triton
 import triton.language as tl
 
 from moed.formats.fp8 import dequantize_block_fp8
+from moed.formats.int4 import Int4Weight, dequantize_int4
 from moed.kernels.act_quant import (
     dequantize_groups_fp8,
     interpreting,
@@ -403,24 +406,41 @@ def _check(hidden, w13, w2, topk_ids, topk_weights, expert_to_slot, w13_scale, w
 def fused_moe_reference(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_ids: torch.Tensor,
                         topk_weights: torch.Tensor, expert_to_slot: torch.Tensor, *,
                         w13_scale: torch.Tensor | None = None, w2_scale: torch.Tensor | None = None,
-                        block_shape: tuple[int, int] | None = None,
-                        quantize_activations: bool = False) -> torch.Tensor:
+                        block_shape: tuple[int, int] | None = None, quantize_activations: bool = False,
+                        w13_zeros: torch.Tensor | None = None, w2_zeros: torch.Tensor | None = None,
+                        group: int = 128) -> torch.Tensor:
     """Plain torch: out[t] = sum_j w[t, j] * down(silu(gate(x_t)) * up(x_t)), fp32 math on dequantised weights.
 
-    The SiLU * up product is rounded to the activation dtype (bf16) as the kernel stores it. With
-    quantize_activations, x and that product pass through per-token-group FP8 quantisation first, as the
-    w8a8 kernel computes; without it, this is the unquantised-activation answer the w8a8 result approximates.
+    The reference of both fused-MoE kernels, for every expert layout: bf16; FP8 block (`block_shape`, scales);
+    int4 (uint8 `w13 [S, 2N, K/2]`, `w2 [S, K, N/2]` with `group`-wide scales and, when asymmetric, zero points,
+    as `moed.kernels.fused_moe_int4` takes them). The SiLU * up product is rounded to the activation dtype (bf16)
+    as the kernels store it. With quantize_activations (FP8 only), x and that product pass through
+    per-token-group FP8 quantisation first, as the w8a8 kernel computes; without it, this is the
+    unquantised-activation answer the w8a8 result approximates.
     """
     M, K = hidden.shape
-    N = w2.shape[2]
     out = torch.zeros((M, K), dtype=torch.float32, device=hidden.device)
     ids = topk_ids.long()
-    group = block_shape[1] if block_shape else 128
+    int4 = w13.dtype == torch.uint8
+    if quantize_activations and w13.dtype != torch.float8_e4m3fn:
+        raise ValueError(f"fused_moe_reference: quantize_activations is for FP8 weights, not {w13.dtype}")
+    act_group = block_shape[1] if block_shape else 128
 
     def act(x: torch.Tensor) -> torch.Tensor:
         if not quantize_activations:
             return x.float()
-        return dequantize_groups_fp8(*per_token_group_quant_fp8_reference(x, group), group)
+        return dequantize_groups_fp8(*per_token_group_quant_fp8_reference(x, act_group), act_group)
+
+    def slot_weights(slot: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if int4:
+            return (dequantize_int4(Int4Weight(w13[slot], w13_scale[slot], None if w13_zeros is None
+                                               else w13_zeros[slot], group)),
+                    dequantize_int4(Int4Weight(w2[slot], w2_scale[slot], None if w2_zeros is None
+                                               else w2_zeros[slot], group)))
+        if w13.dtype == torch.float8_e4m3fn:
+            return (dequantize_block_fp8(w13[slot], w13_scale[slot], *block_shape),
+                    dequantize_block_fp8(w2[slot], w2_scale[slot], *block_shape))
+        return w13[slot].float(), w2[slot].float()
 
     experts = torch.unique(ids)
     bad = experts[(experts < 0) | (experts >= expert_to_slot.numel())]
@@ -430,11 +450,8 @@ def fused_moe_reference(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tenso
         if slot < 0:
             raise ValueError(f"fused_moe_reference: routed expert {e} has no slot (expert_to_slot[{e}] == -1)")
         tok, j = torch.where(ids == e)
-        if w13.dtype == torch.float8_e4m3fn:
-            w_gu = dequantize_block_fp8(w13[slot], w13_scale[slot], *block_shape)
-            w_d = dequantize_block_fp8(w2[slot], w2_scale[slot], *block_shape)
-        else:
-            w_gu, w_d = w13[slot].float(), w2[slot].float()
+        w_gu, w_d = slot_weights(slot)
+        N = w_gu.shape[0] // 2
         x = act(hidden[tok])
         h = (F.silu(x @ w_gu[:N].T) * (x @ w_gu[N:].T)).to(hidden.dtype)
         y = act(h) @ w_d.T

@@ -5,7 +5,7 @@ what `fused_moe` computes, with the same alignment (`moe_align_block_size`: weig
 `expert_to_slot`, read on the device, no host sync, CUDA-graph capturable), the same grouped launch order and the
 same top-k sum; only the two GEMMs differ. Activations stay bf16 (w4a16).
 
-Weights: `moed.model.int4`'s layout (compressed-tensors pack-quantized) stacked over `S` slots, gate rows [0, N)
+Weights: `moed.formats.int4`'s layout (compressed-tensors pack-quantized) stacked over `S` slots, gate rows [0, N)
 and up rows [N, 2N) of w13, `group` inputs per scale (`G13 = ceil(K / group)`, `G2 = ceil(N / group)`):
 - `w13: uint8 [S, 2N, K / 2]`, `w13_scale: [S, 2N, G13]` (bf16, fp16 or fp32), `w13_zeros: int32 [S, 2N / 8, G13]`
   or None (symmetric);
@@ -17,19 +17,19 @@ BLOCK_K / 2 into fp32, then one multiply by the group scale per output column (n
 
 Tile configs come from `moed.moe_configs` under `dtype=int4_w4a16` (no block_shape in the name, as vLLM and sglang
 name their int4 tables; N is the intermediate size, not its packed width), else built-in defaults.
+Its torch reference is `moed.kernels.fused_moe.fused_moe_reference` (one reference for every expert layout).
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from moed.formats.int4 import Int4Weight, num_groups
 from moed.kernels.act_quant import interpreting
 from moed.kernels.fused_moe import _device_name, _tile_ids, _to_bf16, _topk_sum_kernel, check_config
 from moed.kernels.moe_align import MoEAlignment, moe_align_block_size
-from moed.model.int4 import Int4Weight, dequantize_int4, num_groups
 from moed.moe_configs import lookup
 
 DTYPE_NAME = "int4_w4a16"  # the config files' dtype string
@@ -303,35 +303,3 @@ def _check(hidden, w13, w2, s13, s2, z13, z2, group, topk_ids, topk_weights, exp
             raise bad(f"{name} is on {t.device} but hidden on {hidden.device}")
     if out is not None and (out.shape != hidden.shape or out.dtype != hidden.dtype or out.stride(1) != 1):
         raise bad(f"out must be bf16 {tuple(hidden.shape)} with unit last stride, got {out.dtype} {tuple(out.shape)}")
-
-
-def dequantize_slot(w: torch.Tensor, scale: torch.Tensor, zeros: torch.Tensor | None, group: int,
-                    slot: int) -> torch.Tensor:
-    """One slot of a stacked int4 weight as fp32 [out, in] (moed.model.int4's reference dequantisation)."""
-    return dequantize_int4(Int4Weight(w[slot], scale[slot], None if zeros is None else zeros[slot], group))
-
-
-def fused_moe_int4_reference(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_ids: torch.Tensor,
-                             topk_weights: torch.Tensor, expert_to_slot: torch.Tensor, *, w13_scale: torch.Tensor,
-                             w2_scale: torch.Tensor, w13_zeros: torch.Tensor | None = None,
-                             w2_zeros: torch.Tensor | None = None, group: int = 128) -> torch.Tensor:
-    """Plain torch: out[t] = sum_j w[t, j] * down(silu(gate(x_t)) * up(x_t)), fp32 math on dequantised weights.
-
-    The SiLU * up product is rounded to bf16 as the kernel stores it."""
-    M, K = hidden.shape
-    N = 2 * w2.shape[2]
-    out = torch.zeros((M, K), dtype=torch.float32, device=hidden.device)
-    ids = topk_ids.long()
-    for e in torch.unique(ids).tolist():
-        if not 0 <= e < expert_to_slot.numel():
-            raise ValueError(f"fused_moe_int4_reference: expert id {e} outside [0, {expert_to_slot.numel()})")
-        slot = int(expert_to_slot[e])
-        if slot < 0:
-            raise ValueError(f"fused_moe_int4_reference: expert {e} is routed but has no slot")
-        tok, j = torch.where(ids == e)
-        w_gu = dequantize_slot(w13, w13_scale, w13_zeros, group, slot)
-        w_d = dequantize_slot(w2, w2_scale, w2_zeros, group, slot)
-        x = hidden[tok].float()
-        h = (F.silu(x @ w_gu[:N].T) * (x @ w_gu[N:].T)).to(hidden.dtype)
-        out.index_add_(0, tok, (h.float() @ w_d.T) * topk_weights[tok, j, None].float())
-    return out.to(hidden.dtype)

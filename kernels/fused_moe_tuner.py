@@ -8,7 +8,7 @@ over rotating inputs (routings and activations) whose touched weights exceed L2.
 process pool (M, N, K are runtime arguments, so a compiled config serves every shape). Progress goes to
 `<name>.json.partial` after each M; `--resume` continues from it; the final files appear when a table is done.
 E=257 means 256 routed experts plus the shared expert fused as id 256 (every token routes to it).
-`--dtype int4_w4a16` tunes `moed.kernels.fused_moe_int4` on experts quantised by `moed.model.int4` (asymmetric,
+`--dtype int4_w4a16` tunes `moed.kernels.fused_moe_int4` on experts quantised by `moed.formats.int4` (asymmetric,
 group 128) and writes `...,dtype=int4_w4a16.json` (no block_shape in the name, as vLLM and sglang name int4 tables).
 """
 
@@ -41,7 +41,7 @@ def config_name(dtype: str) -> tuple[str | None, list[int] | None]:
 
 def make_int4_experts(E: int, N: int, K: int, device: str, seed: int = 0):
     """Random experts quantised to int4 on `device`: (w13 Int4Weight [E, 2N, K/2], w2 Int4Weight [E, K, N/2])."""
-    from moed.model import int4
+    from moed.formats import int4
 
     g = torch.Generator(device=device).manual_seed(seed)
     parts13, parts2 = [], []
@@ -257,8 +257,8 @@ def precompile(dtype: str, N: int, K: int, items: list[tuple[str, dict]], worker
 def _reference_rows(hidden, experts, ids, weights, dtype: str, tokens: int, h_in=None):
     """Torch h rows and down rows for the first `tokens` tokens (all their assignments), fp32."""
     from moed.formats.fp8 import dequantize_block_fp8
+    from moed.formats.int4 import dequantize_int4
     from moed.kernels.act_quant import dequantize_groups_fp8, per_token_group_quant_fp8_reference
-    from moed.kernels.fused_moe_int4 import dequantize_slot
 
     w13, w2, s13, s2 = experts
     fp8 = dtype == "fp8_w8a8"
@@ -272,8 +272,7 @@ def _reference_rows(hidden, experts, ids, weights, dtype: str, tokens: int, h_in
             wd = dequantize_block_fp8(w2[e], s2[e], 128, 128)
             x = dequantize_groups_fp8(*per_token_group_quant_fp8_reference(hidden[t:t + 1]))
         elif dtype == INT4:
-            wgu = dequantize_slot(w13.qweight, w13.scales, w13.zeros, w13.group, e)
-            wd = dequantize_slot(w2.qweight, w2.scales, w2.zeros, w2.group, e)
+            wgu, wd = dequantize_int4(w13.slot(e)), dequantize_int4(w2.slot(e))
             x = hidden[t:t + 1].float()
         else:
             wgu, wd, x = w13[e].float(), w2[e].float(), hidden[t:t + 1].float()

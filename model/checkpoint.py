@@ -7,7 +7,7 @@ template, and generation_config.json. Weights are drawn per tensor from a genera
 generated and written one at a time: no more than one shard is ever held in memory.
 
 `--dtype int4` writes the routed experts in compressed-tensors' `pack-quantized` W4A16_ASYM layout (as
-llm-compressor writes AWQ/GPTQ releases; `moed.model.int4`'s quantiser, group 128) and everything else in bf16.
+llm-compressor writes AWQ/GPTQ releases; `moed.formats.int4`'s quantiser, group 128) and everything else in bf16.
 
 Presets: `tiny` (the test suite's model: seconds on a CPU, a small `index_topk` so sparse selection
 really drops positions), `small` (a CPU demo), `glm51-slice` (GLM-5.1's real per-layer dimensions,
@@ -27,8 +27,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from moed.formats import int4
 from moed.formats.fp8 import quantize_block_fp8
-from moed.model import int4
 from moed.model.config import GlmMoeDsaConfig
 from moed.model.tokenizer import EOS_TOKENS, write_tokenizer
 

@@ -14,9 +14,12 @@ from pathlib import Path
 from typing import Any, Literal
 
 # How routed experts are held after loading: as the checkpoint stores them (bf16, FP8 block or int4 pack-quantized),
-# or quantised to moed's int4 format at load (`moed.model.int4`). The one declaration flags and configs import.
+# or quantised to moed's int4 format at load (`moed.formats.int4`). The one declaration flags and configs import.
 ExpertDtype = Literal["checkpoint", "int4"]
 EXPERT_DTYPES: tuple[ExpertDtype, ...] = ("checkpoint", "int4")
+# The format routed experts are held in once loaded (`GlmMoeDsaConfig.expert_format`): what the host store, the GPU
+# cache, the copies and the MoE kernels are built for.
+ExpertFormat = Literal["bf16", "fp8", "int4"]
 
 
 class ConfigError(ValueError):
@@ -161,6 +164,13 @@ class GlmMoeDsaConfig:
     @property
     def mtp_layer_ids(self) -> list[int]:
         return list(range(self.num_hidden_layers, self.num_hidden_layers + self.num_nextn_predict_layers))
+
+    def expert_format(self, expert_dtype: ExpertDtype = "checkpoint") -> ExpertFormat:
+        """The format routed experts are held in after loading with `expert_dtype`: int4 when quantised at load or
+        stored pack-quantized, else FP8 block or bf16 as the checkpoint stores them."""
+        if expert_dtype == "int4" or self.pack_quantization is not None:
+            return "int4"
+        return "fp8" if self.quantization is not None else "bf16"
 
     def to_json_dict(self) -> dict[str, Any]:
         """The config.json this config came from, with moed's normalisations applied."""

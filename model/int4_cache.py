@@ -2,7 +2,7 @@
 
 `<root>/<fingerprint>/layer-<L>.safetensors` holds MoE layer L's routed experts under the checkpoint's own names in
 compressed-tensors pack-quantized form (`model.layers.L.mlp.experts.E.gate_proj.weight_packed`, `.weight_scale`,
-`.weight_zero_point`, `.weight_shape`: `moed.model.int4`'s bytes). The fingerprint hashes the source checkpoint's
+`.weight_zero_point`, `.weight_shape`: `moed.formats.int4`'s bytes). The fingerprint hashes the source checkpoint's
 config.json and its shards' names, sizes and modification times, and the quantiser's version and group, so a
 changed checkpoint or quantiser never reads a stale file (a copied checkpoint merely rebuilds). Files are written
 under a temporary name and renamed, so an interrupted start leaves nothing half-written; a file that cannot be
@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from moed.model import int4
+from moed.formats import int4
 from moed.model.config import GlmMoeDsaConfig
 from moed.model.moe import ExpertWeights
 

@@ -18,14 +18,14 @@ import torch
 import torch.nn.functional as F
 
 from moed.formats.fp8 import dequantize_block_fp8
+from moed.formats.int4 import Int4Weight, dequantize_int4
 from moed.model.config import GlmMoeDsaConfig
-from moed.model.int4 import Int4Weight, dequantize_int4
 
 
 @dataclasses.dataclass
 class ExpertWeights:
     """One routed expert as stored: each projection in its checkpoint dtype, FP8 ones with block scales, int4 ones
-    (`moed.model.int4`: uint8 packed values) with group scales and, when asymmetric, packed zero points."""
+    (`moed.formats.int4`: uint8 packed values) with group scales and, when asymmetric, packed zero points."""
 
     gate_proj: torch.Tensor  # [moe_intermediate_size, hidden_size] (int4: uint8 [I, H / 2])
     up_proj: torch.Tensor  # [moe_intermediate_size, hidden_size]

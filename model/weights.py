@@ -5,7 +5,7 @@ fails before any weight is read, naming the file), then serves tensors one at a 
 memory map. `load_model` builds the network with each tensor's shape checked against the config,
 dequantises FP8 block-quantised and int4 pack-quantized non-expert weights for the torch path, and hands
 routed experts to the MoE runner one (layer, expert) at a time, as stored (FP8 stays FP8, compressed-tensors
-pack-quantized int4 stays int4: its packed words are `moed.model.int4`'s bytes), so no layer of experts is
+pack-quantized int4 stays int4: its packed words are `moed.formats.int4`'s bytes), so no layer of experts is
 ever staged anywhere but where the runner puts it. With `expert_dtype="int4"`, bf16 and FP8 experts are
 quantised to int4 as they are read (on the GPU when there is one), optionally through a cache directory of
 pack-quantized layer files (`moed.model.int4_cache`) that later starts read instead.
@@ -23,8 +23,8 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from moed.formats import int4
 from moed.formats.fp8 import dequantize_block_fp8, scale_shape
-from moed.model import int4
 from moed.model.config import EXPERT_DTYPES, ExpertDtype, GlmMoeDsaConfig
 from moed.model.glm import GlmMoeDsaForCausalLM
 from moed.model.int4_cache import Int4Cache
@@ -341,8 +341,7 @@ def read_expert(ckpt: Checkpoint, cfg: GlmMoeDsaConfig, layer: int, expert: int)
     if names["gate_proj"] not in ckpt and names["gate_proj"].removesuffix(".weight") + f".{PACKED}" in ckpt:
         q = [_read_int4(ckpt, name, shapes[proj], cfg) for proj, name in names.items()]
         if any(w.zeros is not None for w in q):  # symmetric = zero point 0: spelled out where an expert mixes both
-            q = [w if w.zeros is not None else w._replace(zeros=int4.pack_zeros(torch.zeros_like(
-                w.scales, dtype=torch.int8))) for w in q]
+            q = [w.with_zero_points() for w in q]
         return ExpertWeights.from_int4(*q), sum(ckpt.nbytes(n) for name in names.values()
                                                  for n in stored_names(ckpt, name))
     parts: dict[str, torch.Tensor | None] = {}

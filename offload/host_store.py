@@ -1,21 +1,33 @@
 """The host expert store: every offloaded MoE layer's routed experts in one pinned host slab per layer.
 
 An expert is stored in the layout the fused-MoE kernel reads from a GPU slot, so a miss is a plain
-byte copy (by SM loads through UVA, or by the copy engine) with no repacking:
+byte copy (by SM loads through UVA, or by the copy engine) with no repacking. Per format
+(`ExpertLayout.format`, from `GlmMoeDsaConfig.expert_format`):
 
+  bf16 / FP8 block (GLM-5.1-FP8):
     w13:       [2 * N, K]  gate rows 0..N-1, then up rows N..2N-1   (fp8 e4m3 or bf16)
     w2:        [K, N]                                               (same dtype)
     w13_scale: [2N / block_n, ceil(K / block_k)] fp32               (FP8 only)
     w2_scale:  [ceil(K / block_n), N / block_k] fp32                (FP8 only)
+  int4 (`moed.formats.int4`: group-wise along K, compressed-tensors pack-quantized bytes; G13 = ceil(K / group),
+  G2 = ceil(N / group)):
+    w13:       [2N, K / 2] uint8   two weights a byte, even k in the low nibble; gate rows, then up rows
+    w2:        [K, N / 2] uint8
+    w13_scale: [2N, G13] bf16      w2_scale: [K, G2] bf16
+    w13_zeros: [2N / 8, G13] int32 w2_zeros: [K / 8, G2] int32   (zero point + 8 of row o in nibble o % 8)
+  Symmetric int4 experts are held with their zero points spelled out (z = 0), so every int4 store has the same six
+  sections and one kernel path; a community checkpoint's fp16 / fp32 scales are rounded to bf16 (a relative
+  change <= 2^-9, against a 4-bit step of ~1/15 of the group's range).
 
 K = hidden_size; N = moe_intermediate_size rounded up to a multiple of lcm(block_n, block_k) for
 FP8 (so gate and up never share a scale block); padded rows/columns hold zero weights and scale
-1.0, which adds exact zeros to every sum. bf16 layers are not padded.
+1.0, which adds exact zeros to every sum. bf16 and int4 layers are not padded (int4 needs N and K to be
+multiples of 8, which its own packing already requires).
 
-One layer's slab is one pinned uint8 buffer of four sections, each holding all E experts back to
+One layer's slab is one pinned uint8 buffer of four (int4: six) sections, each holding all E experts back to
 back (section starts aligned to 4 KiB):
 
-    [w13 x E][w2 x E][w13_scale x E][w2_scale x E]
+    [w13 x E][w2 x E][w13_scale x E][w2_scale x E]([w13_zeros x E][w2_zeros x E])
 
 so expert e's part of section s starts at `section_offset[s] + e * section_bytes[s]`. Slabs are
 filled one expert at a time (`load_expert`, as `model.weights.load_model` hands experts over) or
@@ -33,14 +45,15 @@ from pathlib import Path
 
 import torch
 
-from moed.model.config import GlmMoeDsaConfig
+from moed.formats import int4
+from moed.model.config import ExpertDtype, ExpertFormat, GlmMoeDsaConfig
 from moed.model.moe import ExpertWeights
-from moed.model.weights import Checkpoint, expert_names, read_expert
+from moed.model.weights import Checkpoint, expert_names, read_expert, stored_names
 
 log = logging.getLogger(__name__)
 
 SECTION_ALIGN = 4096
-SECTIONS = ("w13", "w2", "w13_scale", "w2_scale")
+SECTIONS = ("w13", "w2", "w13_scale", "w2_scale", "w13_zeros", "w2_zeros")  # in slab order; bf16 has the first two
 
 
 class HostStoreError(RuntimeError):
@@ -55,27 +68,53 @@ class ExpertLayout:
     hidden: int  # K
     inter: int  # N as stored (padded for FP8)
     inter_real: int  # moe_intermediate_size
-    dtype: torch.dtype  # torch.float8_e4m3fn or torch.bfloat16
+    dtype: torch.dtype  # torch.float8_e4m3fn, torch.bfloat16, or torch.uint8 (int4, two weights a byte)
     block: tuple[int, int] | None  # (block_n, block_k) when FP8
+    group: int | None = None  # int4: inputs per scale and zero point
+
+    def __post_init__(self) -> None:
+        if (self.dtype == torch.uint8) != (self.group is not None):
+            raise HostStoreError(f"expert layout: int4 (uint8) weights need a group size and only they take one, got "
+                                 f"dtype {self.dtype} with group {self.group}")
+        if self.group is not None and (self.hidden % 8 or self.inter % 8 or self.inter != self.inter_real):
+            raise HostStoreError(f"expert layout: int4 experts need hidden size and intermediate size to be multiples "
+                                 f"of 8 (eight 4-bit values a word), got {self.hidden} and {self.inter}")
 
     @classmethod
-    def for_config(cls, cfg: GlmMoeDsaConfig, fp8: bool) -> ExpertLayout:
+    def for_config(cls, cfg: GlmMoeDsaConfig, expert_dtype: ExpertDtype = "checkpoint") -> ExpertLayout:
+        """The layout of `cfg`'s routed experts as loaded with `expert_dtype` (see `GlmMoeDsaConfig.expert_format`)."""
         K, I = cfg.hidden_size, cfg.moe_intermediate_size
-        if not fp8:
+        fmt = cfg.expert_format(expert_dtype)
+        if fmt == "int4":
+            pq = cfg.pack_quantization
+            return cls(cfg.n_routed_experts, K, I, I, torch.uint8, None, int4.GROUP_SIZE if pq is None
+                       else pq.group_size)
+        if fmt == "bf16":
             return cls(cfg.n_routed_experts, K, I, I, torch.bfloat16, None)
-        if cfg.quantization is None:
-            raise HostStoreError(f"{cfg.source}: FP8 experts need quantization_config.weight_block_size")
+        assert cfg.quantization is not None
         bn, bk = cfg.quantization.block_n, cfg.quantization.block_k
         step = math.lcm(bn, bk)
         return cls(cfg.n_routed_experts, K, -(-I // step) * step, I, torch.float8_e4m3fn, (bn, bk))
+
+    @property
+    def format(self) -> ExpertFormat:
+        return "int4" if self.group is not None else "fp8" if self.block is not None else "bf16"
 
     @property
     def is_fp8(self) -> bool:
         return self.block is not None
 
     @property
+    def is_int4(self) -> bool:
+        return self.group is not None
+
+    @property
     def shapes(self) -> dict[str, tuple[int, ...]]:
         K, N = self.hidden, self.inter
+        if self.group is not None:
+            g13, g2 = int4.num_groups(K, self.group), int4.num_groups(N, self.group)
+            return {"w13": (2 * N, K // 2), "w2": (K, N // 2), "w13_scale": (2 * N, g13), "w2_scale": (K, g2),
+                    "w13_zeros": (2 * N // 8, g13), "w2_zeros": (K // 8, g2)}
         out: dict[str, tuple[int, ...]] = {"w13": (2 * N, K), "w2": (K, N)}
         if self.block is not None:
             bn, bk = self.block
@@ -84,7 +123,74 @@ class ExpertLayout:
         return out
 
     def section_dtype(self, name: str) -> torch.dtype:
-        return torch.float32 if name.endswith("scale") else self.dtype
+        if name.endswith("zeros"):
+            return torch.int32
+        if name.endswith("scale"):
+            return torch.bfloat16 if self.is_int4 else torch.float32
+        return self.dtype
+
+    def moe_kwargs(self, weights: dict[str, torch.Tensor]) -> dict:
+        """The fused-MoE kernel's (and its reference's) keyword arguments besides w13 and w2, for slot pools or
+        stacks `weights` of this layout (section name -> [S, ...])."""
+        if self.is_int4:
+            return {"w13_scale": weights["w13_scale"], "w2_scale": weights["w2_scale"],
+                    "w13_zeros": weights["w13_zeros"], "w2_zeros": weights["w2_zeros"], "group": self.group}
+        if self.is_fp8:
+            return {"w13_scale": weights["w13_scale"], "w2_scale": weights["w2_scale"], "block_shape": self.block}
+        return {}
+
+    def write_expert(self, views: dict[str, torch.Tensor], weights: ExpertWeights, where: str) -> None:
+        """Write one expert into `views` (section name -> this expert's [...] view, as `shapes`); `where` names the
+        expert in errors (HostStoreError: a format, shape or group that this layout cannot hold)."""
+        I, N, K = self.inter_real, self.inter, self.hidden
+        fmt = "int4" if weights.is_int4 else "fp8" if weights.is_fp8 else "bf16"
+        if (fmt == "int4") != self.is_int4 or (fmt == "fp8" and not self.is_fp8):
+            hint = " (quantise them at load with expert_dtype 'int4')" if self.is_int4 else ""
+            raise HostStoreError(f"{where}: weights are {fmt} ({weights.gate_proj.dtype}), the store holds "
+                                 f"{self.format} experts{hint}")
+        pack = 2 if self.is_int4 else 1
+        for name, w, shape in (("gate_proj", weights.gate_proj, (I, K // pack)),
+                               ("up_proj", weights.up_proj, (I, K // pack)),
+                               ("down_proj", weights.down_proj, (K, I // pack))):
+            if tuple(w.shape) != shape:
+                raise HostStoreError(f"{where}: {name} has shape {list(w.shape)}, expected {list(shape)}")
+        if self.is_int4:
+            self._write_int4(views, weights, where)
+            return
+        w13, w2 = views["w13"], views["w2"]
+        if N != I:
+            w13.view(torch.uint8).zero_()
+            w2.view(torch.uint8).zero_()
+        w13[:I].copy_(weights.gate_proj.to(self.dtype))
+        w13[N:N + I].copy_(weights.up_proj.to(self.dtype))
+        w2[:, :I].copy_(weights.down_proj.to(self.dtype))
+        if self.block is not None:
+            bn = self.block[0]
+            s13, s2 = views["w13_scale"], views["w2_scale"]
+            s13.fill_(1.0)
+            s2.fill_(1.0)
+            gs, us, ds = weights.gate_scale_inv, weights.up_scale_inv, weights.down_scale_inv
+            rows = -(-I // bn)
+            assert gs is not None and us is not None and ds is not None
+            s13[:rows].copy_(gs)
+            s13[N // bn:N // bn + rows].copy_(us)
+            s2[:, :ds.shape[1]].copy_(ds)
+
+    def _write_int4(self, views: dict[str, torch.Tensor], weights: ExpertWeights, where: str) -> None:
+        gate, up, down = (w.with_zero_points() for w in weights.int4())
+        if gate.group != self.group:
+            raise HostStoreError(f"{where}: int4 group size {gate.group}, the store holds group {self.group}")
+        for dst, parts in (("w13", (gate.qweight, up.qweight)), ("w2", (down.qweight,)),
+                           ("w13_scale", (gate.scales, up.scales)), ("w2_scale", (down.scales,)),
+                           ("w13_zeros", (gate.zeros, up.zeros)), ("w2_zeros", (down.zeros,))):
+            view, rows = views[dst], 0
+            for part in parts:
+                if tuple(part.shape[1:]) != tuple(view.shape[1:]):
+                    raise HostStoreError(f"{where}: int4 {dst} part has shape {list(part.shape)}, the store's rows "
+                                         f"are {list(view.shape[1:])}")
+                view[rows:rows + part.shape[0]].copy_(part)
+                rows += part.shape[0]
+            assert rows == view.shape[0], (where, dst, rows)
 
     @property
     def section_bytes(self) -> dict[str, int]:
@@ -172,34 +278,8 @@ class HostExpertStore:
         L = self.layout
         if not 0 <= expert < L.num_experts:
             raise HostStoreError(f"layer {layer}: expert {expert} out of range [0, {L.num_experts})")
-        if weights.is_fp8 != L.is_fp8:
-            raise HostStoreError(f"layer {layer} expert {expert}: weights are "
-                                 f"{weights.gate_proj.dtype}, store holds {L.dtype}")
-        I, N, K = L.inter_real, L.inter, L.hidden
-        for name, w, shape in (("gate_proj", weights.gate_proj, (I, K)), ("up_proj", weights.up_proj, (I, K)),
-                               ("down_proj", weights.down_proj, (K, I))):
-            if tuple(w.shape) != shape:
-                raise HostStoreError(f"layer {layer} expert {expert}: {name} has shape {list(w.shape)}, "
-                                     f"expected {list(shape)}")
-        v = self._views[layer]
-        w13, w2 = v["w13"][expert], v["w2"][expert]
-        if N != I:
-            w13.view(torch.uint8).zero_()
-            w2.view(torch.uint8).zero_()
-        w13[:I].copy_(weights.gate_proj.to(L.dtype))
-        w13[N:N + I].copy_(weights.up_proj.to(L.dtype))
-        w2[:, :I].copy_(weights.down_proj.to(L.dtype))
-        if L.block is not None:
-            bn = L.block[0]
-            s13, s2 = v["w13_scale"][expert], v["w2_scale"][expert]
-            s13.fill_(1.0)
-            s2.fill_(1.0)
-            gs, us, ds = weights.gate_scale_inv, weights.up_scale_inv, weights.down_scale_inv
-            rows = -(-I // bn)
-            assert gs is not None and us is not None and ds is not None
-            s13[:rows].copy_(gs)
-            s13[N // bn:N // bn + rows].copy_(us)
-            s2[:, :ds.shape[1]].copy_(ds)
+        L.write_expert({n: t[expert] for n, t in self._views[layer].items()}, weights,
+                       f"layer {layer} expert {expert}")
         self._loaded[layer][expert] = True
 
     def finish_loading(self) -> None:
@@ -219,9 +299,10 @@ class HostExpertStore:
         for layer in self.layers:
             for e in range(self.layout.num_experts):
                 name = expert_names(layer, e)["gate_proj"]
-                if name not in ckpt:
+                stored = stored_names(ckpt, name)  # the weight, or its pack-quantized parts
+                if not stored:
                     raise HostStoreError(f"{ckpt.dir}: tensor {name} is missing (layer {layer} expert {e})")
-                by_shard[ckpt.weight_map[name]].append((layer, e))
+                by_shard[ckpt.weight_map[stored[0]]].append((layer, e))
         total = 0
         try:
             for shard in sorted(by_shard):

@@ -34,3 +34,11 @@ def tiny_fp8_checkpoint(tmp_path_factory) -> str:
     from moed.model.checkpoint import make_checkpoint
 
     return str(make_checkpoint(tmp_path_factory.mktemp("tiny_fp8"), "tiny", dtype="fp8", seed=0, device="cpu"))
+
+
+@pytest.fixture(scope="session")
+def tiny_int4_checkpoint(tmp_path_factory) -> str:
+    """The tiny checkpoint with its routed experts in compressed-tensors pack-quantized int4 (W4A16_ASYM)."""
+    from moed.model.checkpoint import make_checkpoint
+
+    return str(make_checkpoint(tmp_path_factory.mktemp("tiny_int4"), "tiny", dtype="int4", seed=0, device="cpu"))

@@ -1,11 +1,11 @@
-"""moed.model.int4: quantisation error bounds, the byte layout against its written spec, compressed-tensors parity."""
+"""moed.formats.int4: quantisation error bounds, the byte layout against its written spec, compressed-tensors parity."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from moed.model import int4
+from moed.formats import int4
 
 
 def _spec_words(values: torch.Tensor) -> torch.Tensor:

@@ -165,7 +165,7 @@ def test_mtp_layer_runs_a_draft_step(tiny_checkpoint):
         logits, h = model.mtp_forward(0, torch.roll(ids, -1), hidden, ctx, be, runner)
     assert logits.shape == (6, cfg.vocab_size) and h.shape == (6, cfg.hidden_size)
     assert torch.isfinite(logits).all()
-    assert 4 in runner.w13  # the MTP layer's routed experts went to the runner too
+    assert 4 in runner.weights  # the MTP layer's routed experts went to the runner too
 
 
 def test_cli_generate_prints_text(tiny_checkpoint):

@@ -14,26 +14,25 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from moed.attention.interface import SequenceStep, StepContext
 from moed.attention.reference import ReferenceAttention
-from moed.model import int4
+from moed.formats import int4
 from moed.model import weights as weights_mod
-from moed.model.checkpoint import make_checkpoint
+from moed.model.attention_interface import SequenceStep, StepContext
 from moed.model.config import ConfigError, GlmMoeDsaConfig
-from moed.model.moe import TorchMoERunner
 from moed.model.weights import CheckpointError, load_model
+from moed.offload.torch_runner import TorchMoERunner
 
 TOL = 1e-4
 
 
 @pytest.fixture(scope="module")
-def tiny_int4(tmp_path_factory) -> str:
-    return str(make_checkpoint(tmp_path_factory.mktemp("tiny_int4"), "tiny", dtype="int4", seed=0, device="cpu"))
+def tiny_int4(tiny_int4_checkpoint) -> str:
+    return tiny_int4_checkpoint
 
 
 def _load(path, **kw):
     cfg = GlmMoeDsaConfig.from_file(Path(path) / "config.json")
-    runner = TorchMoERunner(cfg, torch.float32)
+    runner = TorchMoERunner(cfg, torch.float32, expert_dtype=kw.get("expert_dtype", "checkpoint"))
     return load_model(path, runner, dtype=torch.float32, mtp=False, config=cfg, **kw), runner, cfg
 
 
@@ -54,7 +53,7 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def _unpack_rows(words: torch.Tensor, along_rows: bool) -> torch.Tensor:
-    """Independent of moed.model.int4: 4-bit fields of int32 words (field k at bits 4k) minus the offset 8."""
+    """Independent of moed.formats.int4: 4-bit fields of int32 words (field k at bits 4k) minus the offset 8."""
     fields = torch.stack([(words.long() >> (4 * k)) & 0xF for k in range(8)], dim=1 if along_rows else -1)
     return (fields.flatten(0, 1) if along_rows else fields.flatten(-2)) - 8
 
@@ -101,7 +100,7 @@ def test_int4_checkpoint_layout(tiny_int4):
 def test_int4_checkpoint_matches_transformers_on_dequantised_copy(tiny_int4, tmp_path):
     transformers = pytest.importorskip("transformers")
     model, runner, cfg = _load(tiny_int4)
-    assert all(s.is_int4 for slots in runner.experts.values() for s in slots)  # held as int4, not dequantised
+    assert all(w["w13"].dtype == torch.uint8 for w in runner.weights.values())  # held as int4, not dequantised
     _dequantize_checkpoint(tiny_int4, tmp_path / "deq")
     hf = transformers.GlmMoeDsaForCausalLM.from_pretrained(str(tmp_path / "deq"), dtype=torch.float32).eval()
     ids = _ids(cfg, 3 * cfg.index_topk)
@@ -125,7 +124,7 @@ def test_expert_dtype_int4_equals_the_int4_checkpoint_and_stays_close_to_bf16(ti
 
 def test_expert_dtype_int4_from_fp8(tiny_fp8_checkpoint):
     q_model, q_runner, cfg = _load(tiny_fp8_checkpoint, expert_dtype="int4")
-    assert all(s.is_int4 for slots in q_runner.experts.values() for s in slots)
+    assert all(w["w13"].dtype == torch.uint8 for w in q_runner.weights.values())
     f_model, f_runner, _ = _load(tiny_fp8_checkpoint)
     ids = _ids(cfg)
     assert 1e-4 < _rel(_logits(q_model, q_runner, cfg, ids), _logits(f_model, f_runner, cfg, ids)) < 0.5
@@ -195,7 +194,8 @@ def tiny_symmetric(tiny_checkpoint, tmp_path_factory) -> str:
 def test_symmetric_community_checkpoint_matches_transformers(tiny_symmetric, tmp_path):
     transformers = pytest.importorskip("transformers")
     model, runner, cfg = _load(tiny_symmetric)
-    assert all(s.is_int4 and s.gate_zeros is None and s.group_size == 32 for s in runner.experts[1])
+    assert runner.int4 is not None and runner.int4.group == 32
+    assert (runner.weights[1]["w13_zeros"] == int4.pack_zeros(torch.zeros(8, 1, dtype=torch.int8))[0, 0]).all()
     _dequantize_checkpoint(tiny_symmetric, tmp_path / "deq")
     hf = transformers.GlmMoeDsaForCausalLM.from_pretrained(str(tmp_path / "deq"), dtype=torch.float32).eval()
     ids = _ids(cfg, 2 * cfg.index_topk)
@@ -231,10 +231,3 @@ def test_bad_int4_checkpoints_are_named(tiny_int4, tmp_path):
         GlmMoeDsaConfig.from_dict(raw)
     with pytest.raises(ValueError, match="int4_cache_dir"):
         _load(tiny_int4, int4_cache_dir=tmp_path / "c")
-
-
-def test_engine_refuses_int4_with_offload(tiny_int4):
-    from moed.engine.llm_engine import EngineConfig, LLMEngine
-
-    with pytest.raises(ValueError, match="moe='torch' only"):
-        LLMEngine(EngineConfig(model=tiny_int4, moe="offload"))

@@ -8,9 +8,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+from moed.formats import int4
+from moed.kernels import fused_moe as fm
 from moed.kernels import fused_moe_int4 as fi
 from moed.kernels.moe_align import moe_align_block_size
-from moed.model import int4
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 SMALL = {"BLOCK_SIZE_M": 16, "BLOCK_SIZE_N": 32, "BLOCK_SIZE_K": 64, "GROUP_SIZE_M": 1, "num_warps": 4,
@@ -23,7 +24,7 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def make_int4(S: int, out_f: int, in_f: int, gen: torch.Generator, symmetric: bool = False, group: int = 128,
               device: str = DEV):
-    """S experts' [out_f, in_f] weights quantised by moed.model.int4, stacked: (qweight, scales, zeros or None)."""
+    """S experts' [out_f, in_f] weights quantised by moed.formats.int4, stacked: (qweight, scales, zeros or None)."""
     ws = [int4.quantize_int4(torch.randn((out_f, in_f), generator=gen, device=device) / in_f ** 0.5, group)
           for _ in range(S)]
     zeros = None if symmetric else torch.stack([w.zeros for w in ws])
@@ -58,7 +59,7 @@ def _run(ex: dict, x, ids, w, table, **kw):
 
 def _ref(ex: dict, x, ids, w, table):
     weights = {k: v for k, v in ex.items() if k not in ("w13", "w2")}
-    return fi.fused_moe_int4_reference(x, ex["w13"], ex["w2"], ids, w, table, **weights)
+    return fm.fused_moe_reference(x, ex["w13"], ex["w2"], ids, w, table, **weights)
 
 
 @pytest.mark.parametrize("symmetric", [False, True], ids=["asym", "sym"])
@@ -101,7 +102,8 @@ def test_moe_int4_gate_up_stage_is_tight():
     fi.launch_gate_up(x, int4.Int4Weight(ex["w13"], ex["w13_scale"], ex["w13_zeros"], 128), h,
                       moe_align_block_size(ids, table, 16), 1, SMALL)
     for t in range(3):
-        wgu = fi.dequantize_slot(ex["w13"], ex["w13_scale"], ex["w13_zeros"], 128, int(ids[t, 0]))
+        w13 = int4.Int4Weight(ex["w13"], ex["w13_scale"], ex["w13_zeros"], 128)
+        wgu = int4.dequantize_int4(w13.slot(int(ids[t, 0])))
         g, u = x[t].float() @ wgu[:N].T, x[t].float() @ wgu[N:].T
         torch.testing.assert_close(h[t].float(), (torch.nn.functional.silu(g) * u).bfloat16().float(),
                                    rtol=1e-2, atol=1e-3)
@@ -174,8 +176,8 @@ def test_moe_int4_gpu_graph_capture_without_host_sync():
 def test_moe_int4_tuner_pieces_on_cpu(tmp_path):
     """The tuner's int4 path without a GPU: experts, launches and the reference rows it checks candidates against,
     its candidates' validity, and the table file name `--from-log` writes."""
+    from moed.kernels import fused_moe_tuner as tm
     from moed.moe_configs import lookup
-    from moed.ops import tune_moe as tm
 
     experts = tm.make_experts(3, 64, 128, "int4_w4a16", DEV)
     M, E, topk = 3, 3, 2

@@ -14,7 +14,7 @@ from moed.offload.host_store import ExpertLayout, HostExpertStore, HostStoreErro
 
 def test_offload_store_fills_from_fp8_checkpoint_with_padding(tiny_fp8_checkpoint):
     cfg = GlmMoeDsaConfig.from_file(tiny_fp8_checkpoint)
-    layout = ExpertLayout.for_config(cfg, fp8=True)
+    layout = ExpertLayout.for_config(cfg)
     assert layout.inter_real == 64 and layout.inter == 128  # padded to the 128 block: gate/up never share a scale
     layers = list(range(cfg.first_k_dense_replace, cfg.num_hidden_layers))
     store = HostExpertStore(layout, layers, pin=False)
@@ -39,7 +39,7 @@ def test_offload_store_fills_from_fp8_checkpoint_with_padding(tiny_fp8_checkpoin
 
 def test_offload_store_bf16_layout_and_errors(tiny_checkpoint):
     cfg = GlmMoeDsaConfig.from_file(tiny_checkpoint)
-    layout = ExpertLayout.for_config(cfg, fp8=False)
+    layout = ExpertLayout.for_config(cfg)
     assert layout.block is None and set(layout.shapes) == {"w13", "w2"}
     store = HostExpertStore(layout, [1], pin=False)
     ckpt = Checkpoint(tiny_checkpoint)
@@ -54,8 +54,34 @@ def test_offload_store_bf16_layout_and_errors(tiny_checkpoint):
     bad = type(w)(gate_proj=w.gate_proj[:, :5], up_proj=w.up_proj, down_proj=w.down_proj)
     with pytest.raises(HostStoreError, match="gate_proj has shape"):
         store.load_expert(1, 1, bad)
-    with pytest.raises(HostStoreError, match="quantization_config"):
-        ExpertLayout.for_config(cfg, fp8=True)
+
+
+def test_offload_store_int4_sections_from_pack_quantized_checkpoint(tiny_int4_checkpoint, tiny_checkpoint):
+    """An int4 checkpoint fills the six sections with its own bytes: gate rows then up rows (packed values, bf16
+    scales, zero points packed along rows), down; a bf16 checkpoint with expert_dtype int4 gets the same layout."""
+    from moed.formats import int4
+
+    cfg = GlmMoeDsaConfig.from_file(tiny_int4_checkpoint)
+    layout = ExpertLayout.for_config(cfg)
+    assert layout.is_int4 and layout.group == 128 and list(layout.shapes) == list(host_store.SECTIONS)
+    assert layout == ExpertLayout.for_config(GlmMoeDsaConfig.from_file(tiny_checkpoint), "int4")
+    I = layout.inter
+    store = HostExpertStore(layout, [1, 3], pin=False)
+    store.fill_from_checkpoint(tiny_int4_checkpoint, cfg)
+    ckpt = Checkpoint(tiny_int4_checkpoint)
+    w, _ = read_expert(ckpt, cfg, 3, 7)
+    gate, up, down = w.int4()
+    ex = store.expert(3, 7)
+    assert torch.equal(ex["w13"], torch.cat([gate.qweight, up.qweight])) and torch.equal(ex["w2"], down.qweight)
+    assert torch.equal(ex["w13_scale"], torch.cat([gate.scales, up.scales])) and ex["w2_scale"].dtype == torch.bfloat16
+    assert torch.equal(ex["w13_zeros"][: I // 8], gate.zeros) and torch.equal(ex["w2_zeros"], down.zeros)
+    full = int4.dequantize_int4(int4.Int4Weight(ex["w13"], ex["w13_scale"], ex["w13_zeros"], 128))
+    assert torch.equal(full[I:], int4.dequantize_int4(up))
+    offs, nb = layout.section_offsets, layout.section_bytes
+    assert all(o % host_store.SECTION_ALIGN == 0 for o in offs.values())
+    assert layout.slab_bytes == store.slabs[1].numel() == offs["w2_zeros"] + 16 * nb["w2_zeros"]
+    with pytest.raises(HostStoreError, match="multiples of 8"):
+        ExpertLayout(4, 128, 60, 60, torch.uint8, None, 128)
 
 
 def test_offload_store_pinning_failure_names_size_limit_and_setting(monkeypatch):

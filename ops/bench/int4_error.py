@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from moed.model import int4
+from moed.formats import int4
 
 GLM_H, GLM_I = 6144, 2048
 SHRINK = torch.linspace(0.70, 1.0, 16)
@@ -190,18 +190,18 @@ class _Recording:
 
 @torch.no_grad()
 def model_part(model: str, tokens: int, seed: int) -> dict:
-    from moed.attention.interface import SequenceStep, StepContext
     from moed.attention.reference import ReferenceAttention
+    from moed.model.attention_interface import SequenceStep, StepContext
     from moed.model.checkpoint import builtin_checkpoint
     from moed.model.config import GlmMoeDsaConfig
-    from moed.model.moe import TorchMoERunner
     from moed.model.weights import load_model
+    from moed.offload.torch_runner import TorchMoERunner
 
     path = Path(model) if Path(model).is_dir() else builtin_checkpoint(model)
     cfg = GlmMoeDsaConfig.from_file(path / "config.json")
     ref_runner = _Recording(TorchMoERunner(cfg, torch.float32))
     ref = load_model(path, ref_runner, dtype=torch.float32, mtp=False, config=cfg)
-    q_runner = TorchMoERunner(cfg, torch.float32)
+    q_runner = TorchMoERunner(cfg, torch.float32, expert_dtype="int4")
     quant = load_model(path, q_runner, dtype=torch.float32, mtp=False, config=cfg, expert_dtype="int4")
     ids = torch.randint(0, cfg.vocab_size, (tokens,), generator=torch.Generator().manual_seed(seed))
     attn = ReferenceAttention(cfg)

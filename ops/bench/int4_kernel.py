@@ -1,7 +1,7 @@
 """GPU check and bench of the int4 (w4a16) fused MoE at GLM-5.1's widths, FP8 beside it, against measured ceilings.
 
 One command does it all: measure the device's copy and read bandwidth; quantise random experts to int4
-(`moed.model.int4`, asymmetric, group 128) on the GPU; check `fused_moe_int4` against its torch reference at
+(`moed.formats.int4`, asymmetric, group 128) on the GPU; check `fused_moe_int4` against its torch reference at
 M = 1, 64, 300 and inside a CUDA graph; with `--tune`, run `moed tune-moe --dtype int4_w4a16` for these E and N
 (tables into `<--tune-out>/triton_<version>/`, default this checkout's moe_configs/, which the timing then reads);
 then time M = 1..64 with the tuned tables (and the built-in defaults), and the FP8 kernel on FP8 experts of the
@@ -30,7 +30,8 @@ TARGET_M1_MS = 0.09
 def check(experts, E: int, K: int, topk: int) -> list[str]:
     """fused_moe_int4 against its reference (eager and in a CUDA graph); returns failure messages."""
     from moed.kernels import fused_moe_int4 as fi
-    from moed.ops.tune_moe import make_routing
+    from moed.kernels.fused_moe import fused_moe_reference
+    from moed.kernels.fused_moe_tuner import make_routing
 
     w13, w2 = experts
     kw = dict(w13_scale=w13.scales, w2_scale=w2.scales, w13_zeros=w13.zeros, w2_zeros=w2.zeros, group=w13.group)
@@ -41,7 +42,7 @@ def check(experts, E: int, K: int, topk: int) -> list[str]:
         ids, wts = make_routing(M, E, topk, "cuda", gen)
         x = torch.randn((M, K), device="cuda", generator=gen).bfloat16()
         out = fi.fused_moe_int4(x, w13.qweight, w2.qweight, ids, wts, e2s, **kw)
-        ref = fi.fused_moe_int4_reference(x, w13.qweight, w2.qweight, ids, wts, e2s, **kw)
+        ref = fused_moe_reference(x, w13.qweight, w2.qweight, ids, wts, e2s, **kw)
         err = float((out.float() - ref.float()).norm() / ref.float().norm())
         print(f"  check M={M:4d}: rel err {err:.2e} vs torch", flush=True)
         if not err < 1e-2:
@@ -59,7 +60,7 @@ def check(experts, E: int, K: int, topk: int) -> list[str]:
     wts.copy_(wts2)
     x.copy_(torch.randn((M, K), device="cuda", generator=gen).bfloat16())
     graph.replay()
-    ref = fi.fused_moe_int4_reference(x, w13.qweight, w2.qweight, ids, wts, e2s, **kw)
+    ref = fused_moe_reference(x, w13.qweight, w2.qweight, ids, wts, e2s, **kw)
     err = float((out.float() - ref.float()).norm() / ref.float().norm())
     print(f"  check CUDA graph replay with new routing: rel err {err:.2e}", flush=True)
     if not err < 1e-2:
@@ -72,8 +73,8 @@ def bench(args, ceil: dict, Ms: list[int], int4_experts, fp8_experts) -> list[di
 
     from moed.kernels import fused_moe as fm
     from moed.kernels import fused_moe_int4 as fi
+    from moed.kernels.fused_moe_tuner import make_routing, time_graph
     from moed.moe_configs import lookup
-    from moed.ops.tune_moe import make_routing, time_graph
 
     w13, w2 = int4_experts
     q13, q2, s13, s2 = fp8_experts
@@ -139,10 +140,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     import triton
 
+    from moed.kernels.fused_moe_tuner import main as tune_main
+    from moed.kernels.fused_moe_tuner import make_experts, make_int4_experts
     from moed.moe_configs import lookup
     from moed.ops.bench.moe_kernel import measure_ceilings
-    from moed.ops.tune_moe import main as tune_main
-    from moed.ops.tune_moe import make_experts, make_int4_experts
 
     t0 = time.time()
     info = {"device": torch.cuda.get_device_name(), "date": datetime.date.today().isoformat(),

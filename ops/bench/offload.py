@@ -583,7 +583,7 @@ def main() -> None:
         make_checkpoint(ckpt, "glm51-slice", dtype="fp8", layers=2, experts=args.experts, mtp_layers=0)
     results["checkpoint_s"] = time.perf_counter() - t0
     cfg = GlmMoeDsaConfig.from_file(ckpt / "config.json")
-    layout = ExpertLayout.for_config(cfg, fp8=True)
+    layout = ExpertLayout.for_config(cfg)
     t0 = time.perf_counter()
     store = HostExpertStore(layout, [LAYER], pin=True)
     nbytes = store.fill_from_checkpoint(ckpt, cfg)

@@ -47,6 +47,18 @@ class Int4Weight(NamedTuple):
     def shape(self) -> tuple[int, int]:
         return (self.qweight.shape[-2], 2 * self.qweight.shape[-1])
 
+    def with_zero_points(self) -> Int4Weight:
+        """This weight with its zero points spelled out (symmetric: z = 0 in every group), so a store or pool of
+        int4 weights has the same sections whichever way each was quantised. Only for one [out, in / 2] weight."""
+        if self.zeros is not None:
+            return self
+        z = torch.zeros(self.scales.shape, dtype=torch.int8, device=self.scales.device)
+        return self._replace(zeros=pack_zeros(z))
+
+    def slot(self, i: int) -> Int4Weight:
+        """Entry i of a weight stacked over slots ([S, out, in / 2] and friends)."""
+        return Int4Weight(self.qweight[i], self.scales[i], None if self.zeros is None else self.zeros[i], self.group)
+
 
 def num_groups(in_features: int, group: int = GROUP_SIZE) -> int:
     return -(-in_features // group)

@@ -45,7 +45,7 @@ from moed.engine.scheduler import Batch, ScheduledSeq, Scheduler, SchedulerConfi
 from moed.engine.sequence import PENDING, Sequence
 from moed.engine.spec_decode import DraftInput, MTPDrafter, verify_drafts
 from moed.model.attention_interface import AttentionBackend
-from moed.model.config import EXPERT_DTYPES, GlmMoeDsaConfig
+from moed.model.config import EXPERT_DTYPES, ExpertDtype, GlmMoeDsaConfig
 from moed.model.weights import load_model
 from moed.offload.routed_experts import RoutedExperts
 
@@ -97,7 +97,7 @@ class EngineConfig:
     compile_prefill: bool = False
     compile_min_tokens: int = 2048
     seed: int | None = None  # seeds the draw of noise keys for requests without one
-    expert_dtype: str = "checkpoint"  # checkpoint | int4 (bf16 / FP8 routed experts quantised to 4 bits at load)
+    expert_dtype: ExpertDtype = "checkpoint"  # checkpoint | int4 (bf16 / FP8 routed experts quantised at load)
     int4_cache_dir: str | None = None  # expert_dtype int4: quantised experts kept here for the next start
 
 
@@ -168,10 +168,6 @@ class LLMEngine:
         self.device = torch.device(config.device)
         dtype = DTYPES[config.dtype]
         cfg = GlmMoeDsaConfig.from_file(Path(config.model) / "config.json")
-        if config.moe == "offload" and (config.expert_dtype == "int4" or cfg.pack_quantization is not None):
-            # The host store, GPU cache and CPU kernel hold bf16 / FP8 experts; int4 there comes with issue 18's
-            # offload half. The all-resident torch runner computes with int4 experts today.
-            raise ValueError("int4 routed experts run with moe='torch' only for now; moe='offload' takes bf16 or FP8")
         spec = config.spec_steps > 0
         if spec and cfg.num_nextn_predict_layers < 1:
             raise ValueError(f"--spec-steps {config.spec_steps} needs an MTP layer, but {cfg.source} has "
@@ -185,7 +181,7 @@ class LLMEngine:
 
         self.experts = RoutedExperts(cfg, config, self.device, dtype)
         self.model = load_model(config.model, self.experts, dtype=dtype, device=self.device, mtp=spec, config=cfg,
-                                expert_dtype=config.expert_dtype,  # type: ignore[arg-type]
+                                expert_dtype=config.expert_dtype,
                                 int4_cache_dir=config.int4_cache_dir)
         self.cfg = self.model.cfg
         self.max_model_len = min(config.max_model_len or self.cfg.max_position_embeddings,

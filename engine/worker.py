@@ -187,7 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compile-min-tokens", type=int, default=EngineConfig.compile_min_tokens)
     p.add_argument("--seed", type=int, default=None, help="seeds the noise keys of requests without a seed")
     p.add_argument("--expert-dtype", choices=EXPERT_DTYPES, default="checkpoint",
-                   help="int4: quantise bf16 / FP8 routed experts to 4 bits at load (with --moe torch for now)")
+                   help="int4: quantise bf16 / FP8 routed experts to 4 bits at load")
     p.add_argument("--int4-cache-dir", help="with --expert-dtype int4: keep the quantised experts here for next time")
     p.add_argument("--log-level", default="INFO")
     return p

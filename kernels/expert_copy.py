@@ -357,7 +357,7 @@ def _copy_section(n, copy_e_ptr, copy_s_ptr, src, dst, nbytes, pid, nprog, CHUNK
 
 @triton.jit
 def _copy_kernel(n_copy_ptr, copy_e_ptr, copy_s_ptr, src0, dst0, bytes0, src1, dst1, bytes1, src2, dst2, bytes2,
-                 src3, dst3, bytes3, NSEC: tl.constexpr, CHUNK: tl.constexpr):
+                 src3, dst3, bytes3, src4, dst4, bytes4, src5, dst5, bytes5, NSEC: tl.constexpr, CHUNK: tl.constexpr):
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
     n = tl.load(n_copy_ptr)
@@ -366,21 +366,25 @@ def _copy_kernel(n_copy_ptr, copy_e_ptr, copy_s_ptr, src0, dst0, bytes0, src1, d
     if NSEC > 2:
         _copy_section(n, copy_e_ptr, copy_s_ptr, src2, dst2, bytes2, pid, nprog, CHUNK)
         _copy_section(n, copy_e_ptr, copy_s_ptr, src3, dst3, bytes3, pid, nprog, CHUNK)
+    if NSEC > 4:
+        _copy_section(n, copy_e_ptr, copy_s_ptr, src4, dst4, bytes4, pid, nprog, CHUNK)
+        _copy_section(n, copy_e_ptr, copy_s_ptr, src5, dst5, bytes5, pid, nprog, CHUNK)
 
 
 def copy_experts(t: SlotTables, src: list[torch.Tensor], dst: list[torch.Tensor], num_programs: int = 32,
                  chunk: int = 8192) -> None:
     """Copy the experts of `t`'s copy list: section i of expert e (`src[i]`: [E, bytes_i] uint8, pinned
     host memory read through UVA) into slot s (`dst[i]`: [S, bytes_i] uint8 on the device)."""
-    if len(src) != len(dst) or len(src) not in (2, 4):
-        raise ValueError(f"copy_experts takes 2 or 4 sections (bf16 or FP8), got {len(src)} src, {len(dst)} dst")
+    if len(src) != len(dst) or len(src) not in (2, 4, 6):
+        raise ValueError(f"copy_experts takes 2, 4 or 6 sections (bf16, FP8 or int4), got {len(src)} src, "
+                         f"{len(dst)} dst")
     args = []
     for s, d in zip(src, dst):
         if s.dtype != torch.uint8 or d.dtype != torch.uint8 or s.shape[1] != d.shape[1]:
             raise ValueError(f"section views must be uint8 with equal row bytes, got {s.dtype}{list(s.shape)} -> "
                              f"{d.dtype}{list(d.shape)}")
         args += [s, d, s.shape[1]]
-    while len(args) < 12:
+    while len(args) < 18:
         args += [src[0], dst[0], 0]
     if dst[0].device.type == "cpu":
         num_programs = min(num_programs, 2)  # the interpreter pays per program, not per byte

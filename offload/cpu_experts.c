@@ -1,11 +1,21 @@
 /* The CPU expert kernel and the hybrid miss service's expert server, loaded by cpu_experts.py through ctypes.
 
-Routed experts straight from the host store's FP8 e4m3 (or bf16) slabs: 16 weights at a time converted to fp32 in
-registers (e4m3 -> fp16 by a sign-extend, a shift and a mask, exact for every e4m3 value incl. subnormals, then
-vcvtph2ps; the fp16 value is 2^-8 of the e4m3 value, folded into the block scale), fp32 FMAs in two chains per
-row and token; from 3 tokens on each activation load serves two weight rows. AVX-512 (F, BW) where the build
-targets it, a scalar loop otherwise. The structs job_t and server_cfg_t are mirrored by ctypes in cpu_experts.py,
-which compares its mirrors with `struct_layout` at load. */
+Routed experts straight from the host store's slabs, in their format (fmt: 0 bf16, 1 FP8 e4m3 block, 2 int4).
+FP8 / bf16: 16 weights at a time converted to fp32 in registers (e4m3 -> fp16 by a sign-extend, a shift and a
+mask, exact for every e4m3 value incl. subnormals, then vcvtph2ps; the fp16 value is 2^-8 of the e4m3 value,
+folded into the block scale), fp32 FMAs in two chains per row and token; from 3 tokens on each activation load
+serves two weight rows. AVX-512 (F, BW) where the build targets it, a scalar loop otherwise.
+int4 (moed.formats.int4: two weights a byte, even k in the low nibble, stored u = q + 8; bf16 scale and packed zero
+point z + 8 per row and group along K), read in place: activations are quantised per token and 128-wide block to
+int8 (scale amax / 127, and the block's sum of int8 values), each block stored as its even-k then its odd-k half,
+so 64 weight bytes (128 weights) give the even half by one AND and the odd half by a shift and an AND; the block's
+dot is sum u * x_q - (z + 8) * sum x_q, exact in int32 (AVX-512 VNNI vpdpbusd: unsigned weight bytes times signed
+activation bytes, 4 products a lane), then one fp32 FMA by weight scale * activation scale. Needs the group and
+both widths to be multiples of 128; otherwise, and with `exact`, int4 runs an fp32 path with unquantised
+activations (scalar, exact up to fp32 summation order: the reference the int8 path's error is measured against).
+Without VNNI the int8 path runs as scalar integer code with the same arithmetic.
+The structs job_t and server_cfg_t are mirrored by ctypes in cpu_experts.py, which compares its mirrors with
+`struct_layout` at load. */
 
 #include <stddef.h>
 #include <stdint.h>
@@ -17,7 +27,12 @@ which compares its mirrors with `struct_layout` at load. */
 #if defined(__AVX512F__) && defined(__AVX512BW__)
 #include <immintrin.h>
 #define VEC 1
+#if defined(__AVX512VNNI__)
+#define VNNI 1
 #endif
+#endif
+
+enum { FMT_BF16 = 0, FMT_FP8 = 1, FMT_INT4 = 2 };
 
 /* e4m3 byte -> fp32 equal to 2^-8 of its value (exact; the 2^8 is folded into the block scale). */
 static inline float fp8_scalar(uint8_t b) {
@@ -225,7 +240,146 @@ static void gemm_task(const void* W, const float* scale, int rows, int cols, int
     else gemm_task_t(W, scale, rows, cols, bn, bk, x, ldx, M, y, ldy, t, 0, 1);
 }
 
-static long tasks_for(int rows, int M) { return M <= 2 ? rows : (rows + 1) / 2; }
+/* ---------------------------------------------------------------------------------------------- int4 */
+
+#define MBQ 8  /* tokens per pass over an int4 weight row */
+#define QBLK 128  /* activation quantisation block (weights per 64 packed bytes) */
+
+/* Bytes of one quantised activation row of `cols` values: int8 [cols] (per block: even k, then odd k), fp32 scale
+   [cols / 128], int32 sum [cols / 128], padded to 64 bytes. */
+static inline size_t qrow_bytes(int cols) { return ((size_t)cols + 8 * (size_t)(cols / QBLK) + 63) / 64 * 64; }
+
+/* Scratch an int4 job with int8 activations needs for `rows` expert rows (sum of M over its experts); the Python side
+   sizes its buffers with this. */
+int64_t int4_scratch_bytes(int rows, int K, int N) {
+    return (int64_t)rows * (int64_t)(qrow_bytes(K) + qrow_bytes(N)) + 64;
+}
+
+/* Quantise block b (values 128b .. 128b+127) of row x into its quantised row qrow of `cols` values. */
+static void quant_block(const float* x, int8_t* qrow, int cols, int b) {
+    const float* xb = x + (size_t)b * QBLK;
+    float amax = 0.0f;
+    for (int i = 0; i < QBLK; i++) amax = fmaxf(amax, fabsf(xb[i]));
+    float inv = amax > 0.0f ? 127.0f / amax : 0.0f;
+    int8_t* qb = qrow + (size_t)b * QBLK;
+    int32_t sum = 0;
+    for (int i = 0; i < QBLK / 2; i++) {
+        int even = (int)nearbyintf(xb[2 * i] * inv), odd = (int)nearbyintf(xb[2 * i + 1] * inv);
+        qb[i] = (int8_t)even;
+        qb[QBLK / 2 + i] = (int8_t)odd;
+        sum += even + odd;
+    }
+    float* scales = (float*)(qrow + cols);
+    scales[b] = amax / 127.0f;
+    ((int32_t*)(scales + cols / QBLK))[b] = sum;
+}
+
+/* One int4 weight row r against the int8 rows of tokens m0..m0+MBC-1 (int8 path: cols and group multiples of 128).
+   y[m, r] = sum_b s_w[r, g(b)] * s_x[m, b] * (sum_k u[r, k] x_q[m, k] - zp[r, g(b)] * sum_k x_q[m, k]). */
+static inline __attribute__((always_inline)) void int4_row_q(
+        const uint8_t* W, const uint16_t* S, const int32_t* Z, int r, int cols, int G, int group,
+        const int8_t* q, size_t ldq, int m0, float* y, int ldy, const int MBC) {
+    const uint8_t* row = W + (size_t)r * (cols / 2);
+    const uint16_t* srow = S + (size_t)r * G;
+    const int32_t* zrow = Z + (size_t)(r / 8) * G;
+    int zsh = 4 * (r % 8), nb = cols / QBLK, per_group = group / QBLK;
+    const int8_t* qr[MBQ]; const float* qs[MBQ]; const int32_t* qsum[MBQ];
+    for (int i = 0; i < MBC; i++) {
+        qr[i] = q + (size_t)(m0 + i) * ldq;
+        qs[i] = (const float*)(qr[i] + cols);
+        qsum[i] = (const int32_t*)(qs[i] + nb);
+    }
+#ifdef VNNI
+    __m512 acc[MBQ];
+    for (int i = 0; i < MBC; i++) acc[i] = _mm512_setzero_ps();
+    const __m512i nib = _mm512_set1_epi8(0x0F);
+    for (int b = 0; b < nb; b++) {
+        int g = b / per_group;
+        float sw = bf16_scalar(srow[g]);
+        int zp = (zrow[g] >> zsh) & 0xF;
+        if (PF_DIST) _mm_prefetch((const char*)row + (size_t)b * 64 + PF_DIST, PF_HINT);
+        __m512i wv = _mm512_loadu_si512((const void*)(row + (size_t)b * 64));
+        __m512i even = _mm512_and_si512(wv, nib), odd = _mm512_and_si512(_mm512_srli_epi16(wv, 4), nib);
+        for (int i = 0; i < MBC; i++) {
+            const int8_t* qb = qr[i] + (size_t)b * QBLK;
+            __m512i d = _mm512_maskz_set1_epi32(1, -zp * qsum[i][b]);  /* the zero point's share, in lane 0 */
+            d = _mm512_dpbusd_epi32(d, even, _mm512_loadu_si512((const void*)qb));
+            d = _mm512_dpbusd_epi32(d, odd, _mm512_loadu_si512((const void*)(qb + QBLK / 2)));
+            acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), _mm512_set1_ps(sw * qs[i][b]), acc[i]);
+        }
+    }
+    for (int i = 0; i < MBC; i++) y[(size_t)(m0 + i) * ldy + r] = _mm512_reduce_add_ps(acc[i]);
+#else
+    float acc[MBQ];
+    for (int i = 0; i < MBC; i++) acc[i] = 0.0f;
+    for (int b = 0; b < nb; b++) {
+        int g = b / per_group;
+        float sw = bf16_scalar(srow[g]);
+        int zp = (zrow[g] >> zsh) & 0xF;
+        const uint8_t* wb = row + (size_t)b * 64;
+        for (int i = 0; i < MBC; i++) {
+            const int8_t* qb = qr[i] + (size_t)b * QBLK;
+            int32_t d = -zp * qsum[i][b];
+            for (int k = 0; k < QBLK / 2; k++) d += (wb[k] & 0xF) * qb[k] + (wb[k] >> 4) * qb[QBLK / 2 + k];
+            acc[i] += (float)d * (sw * qs[i][b]);
+        }
+    }
+    for (int i = 0; i < MBC; i++) y[(size_t)(m0 + i) * ldy + r] = acc[i];
+#endif
+}
+
+/* The exact path: one int4 row against fp32 activations, dequantised weight by weight ((u - zp) * s_w per group). */
+static inline __attribute__((always_inline)) void int4_row_exact(
+        const uint8_t* W, const uint16_t* S, const int32_t* Z, int r, int cols, int G, int group,
+        const float* x, int ldx, int m0, float* y, int ldy, const int MBC) {
+    const uint8_t* row = W + (size_t)r * (cols / 2);
+    int zsh = 4 * (r % 8);
+    float tot[MBQ];
+    for (int i = 0; i < MBC; i++) tot[i] = 0.0f;
+    for (int g = 0; g < G; g++) {
+        int c0 = g * group, c1 = c0 + group < cols ? c0 + group : cols;
+        float sw = bf16_scalar(S[(size_t)r * G + g]);
+        int zp = (Z[(size_t)(r / 8) * G + g] >> zsh) & 0xF;
+        float acc[MBQ];
+        for (int i = 0; i < MBC; i++) acc[i] = 0.0f;
+        for (int c = c0; c < c1; c += 2) {
+            uint8_t byte = row[c / 2];
+            float w0 = (float)((byte & 0xF) - zp), w1 = (float)((byte >> 4) - zp);
+            for (int i = 0; i < MBC; i++) {
+                const float* xr = x + (size_t)(m0 + i) * ldx + c;
+                acc[i] += w0 * xr[0] + w1 * xr[1];
+            }
+        }
+        for (int i = 0; i < MBC; i++) tot[i] += acc[i] * sw;
+    }
+    for (int i = 0; i < MBC; i++) y[(size_t)(m0 + i) * ldy + r] = tot[i];
+}
+
+/* Task r of y = x @ W^T for an int4 W [rows, cols]: row r for all M tokens, MBQ at a time; int8 rows q (ldq bytes
+   apart) when given, else the exact path on x. */
+static void int4_task(const uint8_t* W, const uint16_t* S, const int32_t* Z, int cols, int group,
+                      const int8_t* q, const float* x, int M, float* y, int ldy, long t) {
+    int r = (int)t, G = (cols + group - 1) / group;
+    size_t ldq = qrow_bytes(cols);
+    for (int m0 = 0; m0 < M; m0 += MBQ) {
+        int mb = M - m0 < MBQ ? M - m0 : MBQ;
+        if (q) {
+            switch (mb) {
+#define CASE(n) case n: int4_row_q(W, S, Z, r, cols, G, group, q, ldq, m0, y, ldy, n); break;
+                CASE(1) CASE(2) CASE(3) CASE(4) CASE(5) CASE(6) CASE(7) CASE(8)
+#undef CASE
+            }
+        } else {
+            switch (mb) {
+#define CASE(n) case n: int4_row_exact(W, S, Z, r, cols, G, group, x, cols, m0, y, ldy, n); break;
+                CASE(1) CASE(2) CASE(3) CASE(4) CASE(5) CASE(6) CASE(7) CASE(8)
+#undef CASE
+            }
+        }
+    }
+}
+
+static long tasks_for(int rows, int M, int fmt) { return fmt == FMT_INT4 || M <= 2 ? rows : (rows + 1) / 2; }
 
 static int find(const long* offs, int n, long t) {  /* offs: n + 1 prefix sums; the e with offs[e] <= t < offs[e+1] */
     int lo = 0, hi = n - 1;
@@ -235,55 +389,98 @@ static int find(const long* offs, int n, long t) {  /* offs: n + 1 prefix sums; 
 
 /* One call's arguments (mirrored by `_Job` in Python). n routed experts:
    y_e = down_e(silu(gate_e(x_e)) * up_e(x_e)); per expert e: x[e] [M[e], K] fp32, scratch gu[e] [M[e], 2N],
-   h[e] [M[e], N], output y[e] [M[e], K]. With `out` set, the outputs are also reduced per token: the R rows of
-   y (contiguous from y[0]) are routes of tokens tok[r] with weights w[r], and out [M_out, K] receives
-   out[m] = sum over r with tok[r] == m of w[r] * y_r, r in order. */
+   h[e] [M[e], N], output y[e] [M[e], K]. Weights per format (fmt): w13 / w2 with block scales s13 / s2 (fp32, FP8),
+   or int4 bytes with bf16 group scales s13 / s2 and packed zero points z13 / z2 (`group` inputs each); int4 with
+   int8 activations needs `q`, int4_scratch_bytes(sum of M, K, N) of scratch (`exact` = 1: the fp32 path instead).
+   With `out` set, the outputs are also reduced per token: the R rows of y (contiguous from y[0]) are routes of
+   tokens tok[r] with weights w[r], and out [M_out, K] receives out[m] = sum over r with tok[r] == m of w[r] * y_r,
+   r in order. */
 typedef struct {
     int n;
-    const void** w13; const float** s13; const void** w2; const float** s2;
+    const void** w13; const void** s13; const void** w2; const void** s2; const void** z13; const void** z2;
     const float** x; const int* M; float** gu; float** h; float** y;
-    int K, N, bn, bk, fp8, threads;
+    int K, N, bn, bk, fmt, group, exact, threads;
+    int8_t* q; int64_t q_bytes;
     int R, M_out; const int64_t* tok; const float* w; float* out;
     double seconds;  /* set by the call: its own wall time */
 } job_t;
 
 static double now_s(void) { struct timespec t; clock_gettime(CLOCK_MONOTONIC, &t); return t.tv_sec + 1e-9 * t.tv_nsec; }
 
+static inline float silu_mul(float g, float u) { return g / (1.0f + expf(-g)) * u; }
+
 /* All of a job in one parallel region: three work-shared loops (gate/up rows, SiLU*up, down rows) and, with
-   `out`, a fourth over column chunks of the output (each chunk sums its routes in order: deterministic). */
+   `out`, a fourth over column chunks of the output (each chunk sums its routes in order: deterministic). int4 with
+   int8 activations quantises x first (per row and 128-block) and quantises h as SiLU*up writes it. */
 void experts_run(job_t* j) {
     double t0 = now_s();
-    long o1[257], o2[257], o3[257];
-    int n = j->n, K = j->K, N = j->N;
+    long o0[257], o1[257], o2[257], o3[257];
+    int n = j->n, K = j->K, N = j->N, fmt = j->fmt;
     if (n > 256) return;
-    o1[0] = o2[0] = o3[0] = 0;
+    o0[0] = o1[0] = o2[0] = o3[0] = 0;
     for (int e = 0; e < n; e++) {
-        o1[e + 1] = o1[e] + tasks_for(2 * N, j->M[e]);
+        o0[e + 1] = o0[e] + j->M[e];
+        o1[e + 1] = o1[e] + tasks_for(2 * N, j->M[e], fmt);
         o2[e + 1] = o2[e] + (long)j->M[e] * N;
-        o3[e + 1] = o3[e] + tasks_for(K, j->M[e]);
+        o3[e + 1] = o3[e] + tasks_for(K, j->M[e], fmt);
     }
+    int int4 = fmt == FMT_INT4;
+    int i8 = int4 && !j->exact && K % QBLK == 0 && N % QBLK == 0 && j->group % QBLK == 0 && j->q != NULL
+             && j->q_bytes >= int4_scratch_bytes((int)o0[n], K, N);
+    int8_t* qx = i8 ? (int8_t*)(((uintptr_t)j->q + 63) & ~(uintptr_t)63) : NULL;
+    int8_t* qh = i8 ? qx + o0[n] * qrow_bytes(K) : NULL;
+    long nbK = K / QBLK, nbN = N / QBLK;
     long chunks = j->out ? (K + 255) / 256 : 0;
     if (j->threads > 0) omp_set_num_threads(j->threads);
     #pragma omp parallel
     {
+        if (i8) {
+            #pragma omp for schedule(static)
+            for (long t = 0; t < o0[n] * nbK; t++) {
+                long row = t / nbK;
+                int e = find(o0, n, row);
+                quant_block(j->x[e] + (size_t)(row - o0[e]) * K, qx + row * qrow_bytes(K), K, (int)(t % nbK));
+            }
+        }
         #pragma omp for schedule(dynamic, 16)  /* threads that wake late take less */
         for (long t = 0; t < o1[n]; t++) {
             int e = find(o1, n, t);
-            gemm_task(j->w13[e], j->s13[e], 2 * N, K, j->bn, j->bk, j->fp8, j->x[e], K, j->M[e], j->gu[e], 2 * N,
-                      t - o1[e]);
+            if (int4)
+                int4_task((const uint8_t*)j->w13[e], (const uint16_t*)j->s13[e], (const int32_t*)j->z13[e], K,
+                          j->group, i8 ? qx + o0[e] * qrow_bytes(K) : NULL, j->x[e], j->M[e], j->gu[e], 2 * N,
+                          t - o1[e]);
+            else
+                gemm_task(j->w13[e], (const float*)j->s13[e], 2 * N, K, j->bn, j->bk, fmt == FMT_FP8, j->x[e], K,
+                          j->M[e], j->gu[e], 2 * N, t - o1[e]);
         }
-        #pragma omp for schedule(static)
-        for (long t = 0; t < o2[n]; t++) {
-            int e = find(o2, n, t);
-            long i = t - o2[e];
-            int m = (int)(i / N), c = (int)(i % N);
-            float g = j->gu[e][(size_t)m * 2 * N + c], u = j->gu[e][(size_t)m * 2 * N + N + c];
-            j->h[e][i] = g / (1.0f + expf(-g)) * u;
+        if (i8) {
+            #pragma omp for schedule(static)
+            for (long t = 0; t < o0[n] * nbN; t++) {
+                long row = t / nbN;
+                int e = find(o0, n, row), b = (int)(t % nbN);
+                const float* gu = j->gu[e] + (size_t)(row - o0[e]) * 2 * N;
+                float* h = j->h[e] + (size_t)(row - o0[e]) * N;
+                for (int c = b * QBLK; c < (b + 1) * QBLK; c++) h[c] = silu_mul(gu[c], gu[N + c]);
+                quant_block(h, qh + row * qrow_bytes(N), N, b);
+            }
+        } else {
+            #pragma omp for schedule(static)
+            for (long t = 0; t < o2[n]; t++) {
+                int e = find(o2, n, t);
+                long i = t - o2[e];
+                int m = (int)(i / N), c = (int)(i % N);
+                j->h[e][i] = silu_mul(j->gu[e][(size_t)m * 2 * N + c], j->gu[e][(size_t)m * 2 * N + N + c]);
+            }
         }
         #pragma omp for schedule(dynamic, 16)  /* threads that wake late take less */
         for (long t = 0; t < o3[n]; t++) {
             int e = find(o3, n, t);
-            gemm_task(j->w2[e], j->s2[e], K, N, j->bn, j->bk, j->fp8, j->h[e], N, j->M[e], j->y[e], K, t - o3[e]);
+            if (int4)
+                int4_task((const uint8_t*)j->w2[e], (const uint16_t*)j->s2[e], (const int32_t*)j->z2[e], N,
+                          j->group, i8 ? qh + o0[e] * qrow_bytes(N) : NULL, j->h[e], j->M[e], j->y[e], K, t - o3[e]);
+            else
+                gemm_task(j->w2[e], (const float*)j->s2[e], K, N, j->bn, j->bk, fmt == FMT_FP8, j->h[e], N, j->M[e],
+                          j->y[e], K, t - o3[e]);
         }
         #pragma omp for schedule(static)
         for (long ch = 0; ch < chunks; ch++) {
@@ -353,9 +550,11 @@ typedef struct {
     const int32_t* experts; const int32_t* ids; const float* w; const float* x; float* out;
     int R_max, M_max, E, L;
     const uint8_t** w13; const uint8_t** s13; const uint8_t** w2; const uint8_t** s2;  /* [L] section bases */
-    int64_t st13, sts13, st2, sts2;  /* bytes per expert in each section */
-    int K, N, bn, bk, fp8, threads;
+    const uint8_t** z13; const uint8_t** z2;  /* [L] int4 zero point section bases */
+    int64_t st13, sts13, st2, sts2, stz13, stz2;  /* bytes per expert in each section */
+    int K, N, bn, bk, fmt, group, exact, threads;
     float* xr; float* gu; float* hbuf; float* y; int64_t* tok; float* wr;  /* scratch for R_max rows */
+    int8_t* q; int64_t q_bytes;  /* int4: quantised activations of R_max rows (int4_scratch_bytes) */
     double spin_s;
     double* layer_stats; double* log; int64_t log_cap; volatile int64_t* log_n; volatile int64_t* errors;
 } server_cfg_t;
@@ -378,7 +577,7 @@ static void serve_one(server_cfg_t* c) {
     if (n == 0) {
         for (size_t i = 0; i < (size_t)M * K; i++) c->out[i] = 0.0f;
     } else {
-        const void *w13[256], *s13[256], *w2[256], *s2[256];
+        const void *w13[256], *s13[256], *w2[256], *s2[256], *z13[256], *z2[256];
         const float* xs[256]; float *gus[256], *hs[256], *ys[256]; int Ms[256];
         for (int i = 0; i < n; i++) {
             int e = c->experts[i], start = rows;
@@ -395,11 +594,13 @@ static void serve_one(server_cfg_t* c) {
             xs[i] = c->xr + (size_t)start * K; gus[i] = c->gu + (size_t)start * 2 * N;
             hs[i] = c->hbuf + (size_t)start * N; ys[i] = c->y + (size_t)start * K;
             w13[i] = c->w13[layer] + e * c->st13; w2[i] = c->w2[layer] + e * c->st2;
-            s13[i] = c->fp8 ? (const void*)(c->s13[layer] + e * c->sts13) : NULL;
-            s2[i] = c->fp8 ? (const void*)(c->s2[layer] + e * c->sts2) : NULL;
+            s13[i] = c->fmt != FMT_BF16 ? (const void*)(c->s13[layer] + e * c->sts13) : NULL;
+            s2[i] = c->fmt != FMT_BF16 ? (const void*)(c->s2[layer] + e * c->sts2) : NULL;
+            z13[i] = c->fmt == FMT_INT4 ? (const void*)(c->z13[layer] + e * c->stz13) : NULL;
+            z2[i] = c->fmt == FMT_INT4 ? (const void*)(c->z2[layer] + e * c->stz2) : NULL;
         }
-        job_t j = {n, w13, (const float**)s13, w2, (const float**)s2, xs, Ms, gus, hs, ys, K, N, c->bn, c->bk,
-                   c->fp8, c->threads, rows, M, c->tok, c->wr, c->out, 0.0};
+        job_t j = {n, w13, s13, w2, s2, z13, z2, xs, Ms, gus, hs, ys, K, N, c->bn, c->bk, c->fmt, c->group,
+                   c->exact, c->threads, c->q, c->q_bytes, rows, M, c->tok, c->wr, c->out, 0.0};
         experts_run(&j);
     }
     double t1 = now_s();
@@ -454,20 +655,23 @@ void server_free(void* p) {
 typedef struct { const char* name; int64_t offset; } field_t;
 #define FIELD(T, f) {#f, (int64_t)offsetof(T, f)},
 static const field_t job_fields[] = {
-    FIELD(job_t, n) FIELD(job_t, w13) FIELD(job_t, s13) FIELD(job_t, w2) FIELD(job_t, s2) FIELD(job_t, x)
-    FIELD(job_t, M) FIELD(job_t, gu) FIELD(job_t, h) FIELD(job_t, y) FIELD(job_t, K) FIELD(job_t, N)
-    FIELD(job_t, bn) FIELD(job_t, bk) FIELD(job_t, fp8) FIELD(job_t, threads) FIELD(job_t, R) FIELD(job_t, M_out)
-    FIELD(job_t, tok) FIELD(job_t, w) FIELD(job_t, out) FIELD(job_t, seconds)
+    FIELD(job_t, n) FIELD(job_t, w13) FIELD(job_t, s13) FIELD(job_t, w2) FIELD(job_t, s2) FIELD(job_t, z13)
+    FIELD(job_t, z2) FIELD(job_t, x) FIELD(job_t, M) FIELD(job_t, gu) FIELD(job_t, h) FIELD(job_t, y)
+    FIELD(job_t, K) FIELD(job_t, N) FIELD(job_t, bn) FIELD(job_t, bk) FIELD(job_t, fmt) FIELD(job_t, group)
+    FIELD(job_t, exact) FIELD(job_t, threads) FIELD(job_t, q) FIELD(job_t, q_bytes) FIELD(job_t, R)
+    FIELD(job_t, M_out) FIELD(job_t, tok) FIELD(job_t, w) FIELD(job_t, out) FIELD(job_t, seconds)
 };
 static const field_t server_cfg_fields[] = {
     FIELD(server_cfg_t, ready) FIELD(server_cfg_t, done) FIELD(server_cfg_t, hdr) FIELD(server_cfg_t, experts)
     FIELD(server_cfg_t, ids) FIELD(server_cfg_t, w) FIELD(server_cfg_t, x) FIELD(server_cfg_t, out)
     FIELD(server_cfg_t, R_max) FIELD(server_cfg_t, M_max) FIELD(server_cfg_t, E) FIELD(server_cfg_t, L)
     FIELD(server_cfg_t, w13) FIELD(server_cfg_t, s13) FIELD(server_cfg_t, w2) FIELD(server_cfg_t, s2)
-    FIELD(server_cfg_t, st13) FIELD(server_cfg_t, sts13) FIELD(server_cfg_t, st2) FIELD(server_cfg_t, sts2)
+    FIELD(server_cfg_t, z13) FIELD(server_cfg_t, z2) FIELD(server_cfg_t, st13) FIELD(server_cfg_t, sts13)
+    FIELD(server_cfg_t, st2) FIELD(server_cfg_t, sts2) FIELD(server_cfg_t, stz13) FIELD(server_cfg_t, stz2)
     FIELD(server_cfg_t, K) FIELD(server_cfg_t, N) FIELD(server_cfg_t, bn) FIELD(server_cfg_t, bk)
-    FIELD(server_cfg_t, fp8) FIELD(server_cfg_t, threads) FIELD(server_cfg_t, xr) FIELD(server_cfg_t, gu)
-    FIELD(server_cfg_t, hbuf) FIELD(server_cfg_t, y) FIELD(server_cfg_t, tok) FIELD(server_cfg_t, wr)
+    FIELD(server_cfg_t, fmt) FIELD(server_cfg_t, group) FIELD(server_cfg_t, exact) FIELD(server_cfg_t, threads)
+    FIELD(server_cfg_t, xr) FIELD(server_cfg_t, gu) FIELD(server_cfg_t, hbuf) FIELD(server_cfg_t, y)
+    FIELD(server_cfg_t, tok) FIELD(server_cfg_t, wr) FIELD(server_cfg_t, q) FIELD(server_cfg_t, q_bytes)
     FIELD(server_cfg_t, spin_s) FIELD(server_cfg_t, layer_stats) FIELD(server_cfg_t, log) FIELD(server_cfg_t, log_cap)
     FIELD(server_cfg_t, log_n) FIELD(server_cfg_t, errors)
 };

@@ -1,4 +1,4 @@
-"""Routed experts computed on the host CPU, straight from the host store's FP8 (or bf16) slabs.
+"""Routed experts computed on the host CPU, straight from the host store's FP8, int4 (or bf16) slabs.
 
 The kernel is C (cpu_experts.c beside this file: the expert math, the expert server thread, a host-read
 probe), built on first use as a setuptools extension with `-O3 -march=native -fopenmp` (plus
@@ -7,9 +7,12 @@ the compiler's version, so a cache shared between hosts never loads a build for 
 ctypes (calls release the GIL), and its structs' field names, offsets and sizes are checked against the
 ctypes mirrors here at load. Without a C compiler `CpuExpertKernel` raises CpuKernelUnavailable and the
 runner serves misses by copies where allowed. Why this kernel and not an int8 one: docs/benchmarks.md.
+int4 experts are read in place with int8 activations (VNNI dot products where the CPU has them; cpu_experts.c says
+how), or with `exact=True` by an fp32 path, the yardstick of the int8 path's error.
 
 Layout read (per expert, from host_store.py): w13 [2N, K] (gate rows, then up rows), w2 [K, N],
-w13_scale [2N/bn, ceil(K/bk)], w2_scale [ceil(K/bn), N/bk] fp32.
+w13_scale [2N/bn, ceil(K/bk)], w2_scale [ceil(K/bn), N/bk] fp32; int4: w13 uint8 [2N, K/2], w2 uint8 [K, N/2],
+bf16 scales [2N, G13] / [K, G2], zero points int32 [2N/8, G13] / [K/8, G2].
 """
 
 from __future__ import annotations
@@ -32,12 +35,14 @@ import torch
 import torch.nn.functional as F
 
 from moed.formats.fp8 import dequantize_block_fp8
+from moed.formats.int4 import Int4Weight, dequantize_int4
 from moed.offload.host_store import ExpertLayout
 
 log = logging.getLogger(__name__)
 
 _lib_lock = threading.Lock()
-_lib: ctypes.CDLL | None = None
+_libs: dict[tuple[str, ...], ctypes.CDLL] = {}  # extra compiler flags -> the loaded build
+FORMATS = {"bf16": 0, "fp8": 1, "int4": 2}  # job_t.fmt
 
 _P = ctypes.c_void_p
 
@@ -46,11 +51,13 @@ class _Job(ctypes.Structure):
     """Mirror of the C `job_t` (check_layout compares the two at load)."""
 
     _fields_ = [("n", ctypes.c_int), ("w13", ctypes.POINTER(_P)), ("s13", ctypes.POINTER(_P)),
-                ("w2", ctypes.POINTER(_P)), ("s2", ctypes.POINTER(_P)), ("x", ctypes.POINTER(_P)),
-                ("M", ctypes.POINTER(ctypes.c_int)), ("gu", ctypes.POINTER(_P)), ("h", ctypes.POINTER(_P)),
-                ("y", ctypes.POINTER(_P)), ("K", ctypes.c_int), ("N", ctypes.c_int), ("bn", ctypes.c_int),
-                ("bk", ctypes.c_int), ("fp8", ctypes.c_int), ("threads", ctypes.c_int), ("R", ctypes.c_int),
-                ("M_out", ctypes.c_int), ("tok", _P), ("w", _P), ("out", _P), ("seconds", ctypes.c_double)]
+                ("w2", ctypes.POINTER(_P)), ("s2", ctypes.POINTER(_P)), ("z13", ctypes.POINTER(_P)),
+                ("z2", ctypes.POINTER(_P)), ("x", ctypes.POINTER(_P)), ("M", ctypes.POINTER(ctypes.c_int)),
+                ("gu", ctypes.POINTER(_P)), ("h", ctypes.POINTER(_P)), ("y", ctypes.POINTER(_P)),
+                ("K", ctypes.c_int), ("N", ctypes.c_int), ("bn", ctypes.c_int), ("bk", ctypes.c_int),
+                ("fmt", ctypes.c_int), ("group", ctypes.c_int), ("exact", ctypes.c_int), ("threads", ctypes.c_int),
+                ("q", _P), ("q_bytes", ctypes.c_int64), ("R", ctypes.c_int), ("M_out", ctypes.c_int), ("tok", _P),
+                ("w", _P), ("out", _P), ("seconds", ctypes.c_double)]
 
 
 class _ServerCfg(ctypes.Structure):
@@ -59,12 +66,14 @@ class _ServerCfg(ctypes.Structure):
     _fields_ = [("ready", _P), ("done", _P), ("hdr", _P), ("experts", _P), ("ids", _P), ("w", _P), ("x", _P),
                 ("out", _P), ("R_max", ctypes.c_int), ("M_max", ctypes.c_int), ("E", ctypes.c_int),
                 ("L", ctypes.c_int), ("w13", ctypes.POINTER(_P)), ("s13", ctypes.POINTER(_P)),
-                ("w2", ctypes.POINTER(_P)), ("s2", ctypes.POINTER(_P)), ("st13", ctypes.c_int64),
-                ("sts13", ctypes.c_int64), ("st2", ctypes.c_int64), ("sts2", ctypes.c_int64), ("K", ctypes.c_int),
-                ("N", ctypes.c_int), ("bn", ctypes.c_int), ("bk", ctypes.c_int), ("fp8", ctypes.c_int),
+                ("w2", ctypes.POINTER(_P)), ("s2", ctypes.POINTER(_P)), ("z13", ctypes.POINTER(_P)),
+                ("z2", ctypes.POINTER(_P)), ("st13", ctypes.c_int64), ("sts13", ctypes.c_int64),
+                ("st2", ctypes.c_int64), ("sts2", ctypes.c_int64), ("stz13", ctypes.c_int64),
+                ("stz2", ctypes.c_int64), ("K", ctypes.c_int), ("N", ctypes.c_int), ("bn", ctypes.c_int),
+                ("bk", ctypes.c_int), ("fmt", ctypes.c_int), ("group", ctypes.c_int), ("exact", ctypes.c_int),
                 ("threads", ctypes.c_int), ("xr", _P), ("gu", _P), ("hbuf", _P), ("y", _P), ("tok", _P), ("wr", _P),
-                ("spin_s", ctypes.c_double), ("layer_stats", _P), ("log", _P), ("log_cap", ctypes.c_int64),
-                ("log_n", _P), ("errors", _P)]
+                ("q", _P), ("q_bytes", ctypes.c_int64), ("spin_s", ctypes.c_double), ("layer_stats", _P),
+                ("log", _P), ("log_cap", ctypes.c_int64), ("log_n", _P), ("errors", _P)]
 
 
 class CpuKernelUnavailable(RuntimeError):
@@ -112,12 +121,13 @@ def _compile(out_dir: Path, flags: list[str]) -> Path:
     return Path(cmd.get_ext_fullpath("moed_cpu_experts"))
 
 
-def _build() -> ctypes.CDLL:
-    global _lib
+def _build(extra_flags: tuple[str, ...] = ()) -> ctypes.CDLL:
+    """The kernel library built with CFLAGS, $MOED_CPU_CFLAGS and `extra_flags` (tests build a scalar twin with
+    -mno-avx512f), loaded once per flag set."""
     with _lib_lock:
-        if _lib is not None:
-            return _lib
-        flags = CFLAGS + os.environ.get("MOED_CPU_CFLAGS", "").split()  # e.g. -march=... for another target
+        if extra_flags in _libs:
+            return _libs[extra_flags]
+        flags = CFLAGS + os.environ.get("MOED_CPU_CFLAGS", "").split() + list(extra_flags)  # e.g. -march=...
         cc = compiler()
         try:
             version = subprocess.run([cc[0], "--version"], capture_output=True, text=True, timeout=30,
@@ -152,8 +162,13 @@ def _build() -> ctypes.CDLL:
         lib.server_free.argtypes, lib.server_free.restype = [_P], None
         lib.wait_u32.argtypes, lib.wait_u32.restype = [_P, ctypes.c_uint32, ctypes.c_double], ctypes.c_int
         lib.read_bytes.argtypes, lib.read_bytes.restype = [_P, ctypes.c_size_t, ctypes.c_int], ctypes.c_double
-        _lib = lib
+        lib.int4_scratch_bytes.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int]
+        lib.int4_scratch_bytes.restype = ctypes.c_int64
+        _libs[extra_flags] = lib
         return lib
+
+
+SECTION_NAMES = ("w13", "w13_scale", "w2", "w2_scale", "w13_zeros", "w2_zeros")  # job_t's weight pointer order
 
 
 class _Field(ctypes.Structure):
@@ -183,22 +198,31 @@ class CpuExpertKernel:
     """Computes routed experts on the CPU from host-store views; releases the GIL while it runs.
 
     `forward_many` computes on the calling thread's OpenMP team; `serve` starts an `ExpertServer`, a thread of the
-    library's own that computes the jobs a GPU posts in a host mailbox (the hybrid miss service)."""
+    library's own that computes the jobs a GPU posts in a host mailbox (the hybrid miss service). int4 experts are
+    computed with int8 activations unless `exact`; `cflags` adds compiler flags to this kernel's build."""
 
-    def __init__(self, layout: ExpertLayout, threads: int = 0) -> None:
+    def __init__(self, layout: ExpertLayout, threads: int = 0, exact: bool = False,
+                 cflags: tuple[str, ...] = ()) -> None:
         # 0: every core this process may run on but one, which the runner's thread keeps to queue GPU work while
         # a job runs (a hybrid batch-1 layer on the lent 16-core host: 3.85 ms with 15 threads, 4.10 with 16).
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-        self.layout, self.threads = layout, threads or max(1, cores - 1)
-        self.lib = _build()
+        self.layout, self.threads, self.exact = layout, threads or max(1, cores - 1), exact
+        self.lib = _build(tuple(cflags))
 
-    def _job(self, n: int, w13: list[int], s13: list[int], w2: list[int], s2: list[int], x: list[int],
-             M: list[int], gu: list[int], h: list[int], y: list[int]) -> tuple[_Job, tuple]:
+    def scratch_bytes(self, rows: int) -> int:
+        """Bytes of int8 activation scratch a job of `rows` expert rows needs (0 unless int4)."""
+        L = self.layout
+        return int(self.lib.int4_scratch_bytes(rows, L.hidden, L.inter)) if L.is_int4 else 0
+
+    def _job(self, n: int, ptrs: dict[str, list[int]], M: list[int], q: torch.Tensor | None) -> tuple[_Job, tuple]:
         L = self.layout
         bn, bk = L.block or (1, 1)
-        arrays = (_ptrs(w13), _ptrs(s13), _ptrs(w2), _ptrs(s2), _ptrs(x), (ctypes.c_int * n)(*M), _ptrs(gu),
-                  _ptrs(h), _ptrs(y))
-        job = _Job(n, *arrays, L.hidden, L.inter, bn, bk, int(L.is_fp8), self.threads, 0, 0, None, None, None, 0.0)
+        names = ("w13", "w13_scale", "w2", "w2_scale", "w13_zeros", "w2_zeros", "x")
+        arrays = (*(_ptrs(ptrs[k]) for k in names), (ctypes.c_int * n)(*M), _ptrs(ptrs["gu"]), _ptrs(ptrs["h"]),
+                  _ptrs(ptrs["y"]))
+        job = _Job(n, *arrays, L.hidden, L.inter, bn, bk, FORMATS[L.format], L.group or 0, int(self.exact),
+                   self.threads, 0 if q is None else q.data_ptr(), 0 if q is None else q.numel(), 0, 0, None, None,
+                   None, 0.0)
         return job, arrays
 
     def forward(self, expert: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
@@ -220,14 +244,16 @@ class CpuExpertKernel:
         ys = [torch.empty(x.shape[0], K, dtype=torch.float32) for x in xs]
         gus = [torch.empty(x.shape[0], 2 * N, dtype=torch.float32) for x in xs]
         hs = [torch.empty(x.shape[0], N, dtype=torch.float32) for x in xs]
+        rows = sum(x.shape[0] for x in xs)
+        q = torch.empty(self.scratch_bytes(rows), dtype=torch.uint8) if L.is_int4 else None
 
         def ptr(t: torch.Tensor | None) -> int:
             return t.data_ptr() if t is not None else 0
 
-        job, _arrays = self._job(n, [ptr(e["w13"]) for e in experts], [ptr(e.get("w13_scale")) for e in experts],
-                                 [ptr(e["w2"]) for e in experts], [ptr(e.get("w2_scale")) for e in experts],
-                                 [x.data_ptr() for x in xs], [x.shape[0] for x in xs], [ptr(t) for t in gus],
-                                 [ptr(t) for t in hs], [ptr(t) for t in ys])
+        ptrs = {name: [ptr(e.get(name)) for e in experts] for name in SECTION_NAMES}
+        ptrs.update(x=[x.data_ptr() for x in xs], gu=[ptr(t) for t in gus], h=[ptr(t) for t in hs],
+                    y=[ptr(t) for t in ys])
+        job, _arrays = self._job(n, ptrs, [x.shape[0] for x in xs], q)
         self.lib.experts_run(ctypes.byref(job))
         return ys
 
@@ -271,6 +297,7 @@ class ExpertServer:
         f32 = dict(dtype=torch.float32)
         self._scratch = [torch.empty(R, K, **f32), torch.empty(R, 2 * N, **f32), torch.empty(R, N, **f32),
                          torch.empty(R, K, **f32), torch.empty(R, dtype=torch.int64), torch.empty(R, **f32)]
+        self._q = torch.empty(max(kernel.scratch_bytes(R), 1), dtype=torch.uint8)  # int4's int8 activations
         self.layer_stats = np.zeros((len(sections), 4))
         self.log = np.zeros((self.LOG_CAP, 7))
         self._counters = np.zeros(2, dtype=np.int64)  # log_n, errors
@@ -283,15 +310,16 @@ class ExpertServer:
             t = sections[0].get(name)
             return 0 if t is None else t[0].numel() * t.element_size()
 
-        self._bases = [bases(n) for n in ("w13", "w13_scale", "w2", "w2_scale")]
+        self._bases = [bases(n) for n in SECTION_NAMES]
         bn, bk = L.block or (1, 1)
         cnt = self._counters.ctypes.data
         self._cfg = _ServerCfg(
             self.ready_addr, self.done_addr, self.header.data_ptr(), self.experts.data_ptr(), self.ids.data_ptr(),
             self.w.data_ptr(), self.x.data_ptr(), self.out.data_ptr(), R, max_tokens, L.num_experts, len(sections),
-            *self._bases, stride("w13"), stride("w13_scale"), stride("w2"), stride("w2_scale"), K, N, bn, bk,
-            int(L.is_fp8), kernel.threads, *(t.data_ptr() for t in self._scratch), spin_s,
-            self.layer_stats.ctypes.data, self.log.ctypes.data, self.LOG_CAP, cnt, cnt + 8)
+            *self._bases, *(stride(n) for n in SECTION_NAMES), K, N, bn, bk, FORMATS[L.format], L.group or 0,
+            int(kernel.exact), kernel.threads, *(t.data_ptr() for t in self._scratch), self._q.data_ptr(),
+            self._q.numel() if L.is_int4 else 0, spin_s, self.layer_stats.ctypes.data, self.log.ctypes.data,
+            self.LOG_CAP, cnt, cnt + 8)
         self._sections = sections  # the bases point into these views
         self._handle = kernel.lib.server_new(ctypes.byref(self._cfg))
         if not self._handle:
@@ -337,9 +365,12 @@ def host_read_GBps(t: torch.Tensor, threads: int, reps: int = 3) -> float:
 
 
 def expert_forward_reference(expert: dict[str, torch.Tensor], x: torch.Tensor, layout: ExpertLayout) -> torch.Tensor:
-    """The same expert in float64 from the stored weights (FP8 dequantised exactly): [M, K] -> [M, K]."""
+    """The same expert in float64 from the stored weights (FP8 and int4 dequantised exactly): [M, K] -> [M, K]."""
     N = layout.inter
-    if layout.block is not None:
+    if layout.is_int4:
+        w13, w2 = (dequantize_int4(Int4Weight(expert[w], expert[f"{w}_scale"], expert[f"{w}_zeros"], layout.group),
+                                   torch.float64) for w in ("w13", "w2"))
+    elif layout.block is not None:
         bn, bk = layout.block
         w13 = dequantize_block_fp8(expert["w13"], expert["w13_scale"], bn, bk, torch.float64)
         w2 = dequantize_block_fp8(expert["w2"], expert["w2_scale"], bn, bk, torch.float64)

@@ -1,9 +1,13 @@
 """The GPU expert cache: per-layer slot pools sized from a memory budget, their slot tables, pins, copies.
 
-Each cached layer owns `S` slots holding experts in the host store's layout (see host_store.py):
-  w13 [S, 2N, K], w2 [S, K, N] (fp8 e4m3 or bf16); w13_scale [S, 2N/bn, ceil(K/bk)],
-  w2_scale [S, ceil(K/bn), N/bk] fp32 (FP8 only); all zero-initialised, so every slot always holds
-  finite weights (slot 0 serves the dummy id E of routes a round does not compute).
+Each cached layer owns `S` slots holding experts in the host store's layout (see host_store.py), one pool per
+section, stacked as the fused-MoE kernels take them:
+  bf16 / FP8: w13 [S, 2N, K], w2 [S, K, N] (fp8 e4m3 or bf16); w13_scale [S, 2N/bn, ceil(K/bk)],
+  w2_scale [S, ceil(K/bn), N/bk] fp32 (FP8 only);
+  int4: w13 uint8 [S, 2N, K/2], w13_scale bf16 [S, 2N, G13], w13_zeros int32 [S, 2N/8, G13], and w2 uint8
+  [S, K, N/2], w2_scale [S, K, G2], w2_zeros [S, K/8, G2] (a slot is about half an FP8 slot);
+all zero-initialised, so every slot always holds finite weights (slot 0 serves the dummy id E of routes a round
+does not compute; an all-zero int4 slot has q = z = -8 and scale 0).
 The slot tables (`kernels.expert_copy.SlotTables`) live on the device and are read directly by the
 fused-MoE kernel (`expert_to_slot`) and by the claim kernel. When a layer's experts all fit (S == E)
 they are all loaded at start, the table is the identity and never changes: no claim, no copy.
@@ -80,6 +84,7 @@ class LayerCache:
         self.tables = SlotTables.allocate(L.num_experts, num_slots, device)
         self.weights = {n: torch.zeros(num_slots, *shape, dtype=L.section_dtype(n), device=device)
                         for n, shape in L.shapes.items()}
+        self.moe_kwargs = L.moe_kwargs(self.weights)  # the fused-MoE kernel's arguments besides w13 and w2
         self.src = list(store.section_bytes_of(layer).values())
         self.dst = [w.view(num_slots, -1).view(torch.uint8) for w in self.weights.values()]
         self.copy_stream = copy_stream

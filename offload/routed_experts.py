@@ -22,7 +22,7 @@ from typing import Protocol
 
 import torch
 
-from moed.model.config import GlmMoeDsaConfig
+from moed.model.config import ExpertDtype, GlmMoeDsaConfig
 from moed.model.moe import ExpertWeights, MoERunner
 from moed.offload.expert_cache import CacheConfigError
 from moed.offload.hybrid import CpuConfig
@@ -42,6 +42,7 @@ class ExpertSettings(Protocol):
     miss_service: str  # auto | copy | hybrid | cpu
     cpu_expert_threads: int  # 0: every core but one
     spec_steps: int  # MTP draft tokens per step; > 0 builds the draft's runner
+    expert_dtype: ExpertDtype  # checkpoint | int4: the format experts are held in (GlmMoeDsaConfig.expert_format)
 
 
 class RoutedExperts:
@@ -53,19 +54,21 @@ class RoutedExperts:
         spec = settings.spec_steps > 0
         self.target: MoERunner
         self.draft: MoERunner | None = None
+        xd = settings.expert_dtype
         if settings.moe == "torch":
-            self.target = TorchMoERunner(cfg, dtype, device)
-            self.draft = TorchMoERunner(cfg, dtype, device) if spec else None
+            self.target = TorchMoERunner(cfg, dtype, device, xd)
+            self.draft = TorchMoERunner(cfg, dtype, device, xd) if spec else None
         else:
             main = list(range(cfg.first_k_dense_replace, cfg.num_hidden_layers))
             budget = _budget_bytes(settings.expert_cache_gb, "expert_cache_gb", device)
             cpu = _cpu_config(settings, device)
-            self.target = OffloadMoERunner(cfg, main, device=device, budget_bytes=budget, name="target", cpu=cpu)
+            self.target = OffloadMoERunner(cfg, main, device=device, expert_dtype=xd, budget_bytes=budget,
+                                           name="target", cpu=cpu)
             if spec:
                 draft_budget = (budget // max(len(main), 1) if settings.draft_expert_cache_gb is None else
                                 _budget_bytes(settings.draft_expert_cache_gb, "draft_expert_cache_gb", device))
-                self.draft = OffloadMoERunner(cfg, cfg.mtp_layer_ids, device=device, budget_bytes=draft_budget,
-                                              name="draft", cpu=cpu)
+                self.draft = OffloadMoERunner(cfg, cfg.mtp_layer_ids, device=device, expert_dtype=xd,
+                                              budget_bytes=draft_budget, name="draft", cpu=cpu)
         self._draft_layers = set(cfg.mtp_layer_ids) if self.draft is not None else set()
         self._pending: dict[int, set[int]] = {}  # layer -> its whole pin set, queued since the last step
 

@@ -22,7 +22,8 @@ import torch
 
 from moed.kernels.expert_copy import STATS
 from moed.kernels.fused_moe import fused_moe, fused_moe_reference
-from moed.model.config import GlmMoeDsaConfig
+from moed.kernels.fused_moe_int4 import fused_moe_int4
+from moed.model.config import ExpertDtype, GlmMoeDsaConfig
 from moed.model.moe import ExpertWeights
 from moed.offload.expert_cache import CacheConfig, ExpertCache, LayerCache
 from moed.offload.host_store import ExpertLayout, HostExpertStore
@@ -34,9 +35,12 @@ log = logging.getLogger(__name__)
 MoEFn = Callable[..., torch.Tensor]
 
 
-def default_moe_fn(device: torch.device) -> MoEFn:
-    """The Triton fused-MoE kernel on CUDA; its torch reference elsewhere."""
-    return fused_moe if device.type == "cuda" else fused_moe_reference
+def default_moe_fn(device: torch.device, layout: ExpertLayout) -> MoEFn:
+    """The Triton fused-MoE kernel of the layout's format on CUDA (w4a16 for int4 experts); the one torch reference
+    of both elsewhere."""
+    if device.type != "cuda":
+        return fused_moe_reference
+    return fused_moe_int4 if layout.is_int4 else fused_moe
 
 
 class OffloadMoERunner:
@@ -49,7 +53,7 @@ class OffloadMoERunner:
         return self.cache_cfg.copy_path == "sm"
 
     def __init__(self, cfg: GlmMoeDsaConfig, layers: list[int] | None = None, *, device: torch.device | str = "cuda",
-                 fp8: bool | None = None, slots: int | dict[int, int] | None = None,
+                 expert_dtype: ExpertDtype = "checkpoint", slots: int | dict[int, int] | None = None,
                  budget_bytes: int | None = None, cache: CacheConfig | None = None, cpu: CpuConfig | None = None,
                  moe_fn: MoEFn | None = None, pin_host: bool | None = None, name: str = "target",
                  initial: dict[int, list[int]] | None = None, store: HostExpertStore | None = None) -> None:
@@ -62,8 +66,7 @@ class OffloadMoERunner:
             raise ValueError(f"{name} runner: layers {bad} are not MoE layers (first_k_dense_replace="
                              f"{cfg.first_k_dense_replace})")
         self.layers = list(layers)
-        fp8 = cfg.quantization is not None if fp8 is None else fp8
-        self.layout = ExpertLayout.for_config(cfg, fp8)
+        self.layout = ExpertLayout.for_config(cfg, expert_dtype)
         if store is not None and (store.layout != self.layout or store.layers != self.layers):
             raise ValueError(f"{name} runner: the given host store holds layers {store.layers} as {store.layout}, "
                              f"this runner needs layers {self.layers} as {self.layout}")
@@ -72,7 +75,7 @@ class OffloadMoERunner:
         self.cache_cfg = cache or CacheConfig()
         self.cpu_cfg = cpu  # None: every miss is copied
         self._slots, self._budget, self._initial = slots, budget_bytes, initial
-        self.moe_fn = moe_fn or default_moe_fn(self.device)
+        self.moe_fn = moe_fn or default_moe_fn(self.device, self.layout)
         self.cache: ExpertCache | None = None
         self.hybrid: HybridMissService | None = None
         self._ones: dict[int, torch.Tensor] = {}
@@ -146,10 +149,8 @@ class OffloadMoERunner:
         return t
 
     def _route_outputs(self, lc: LayerCache, hidden_rep: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        L = self.layout
         return self.moe_fn(hidden_rep, lc.w13, lc.w2, ids.view(-1, 1), self._ones_for(ids.numel()),
-                           lc.tables.expert_to_slot, w13_scale=lc.w13_scale, w2_scale=lc.w2_scale,
-                           block_shape=L.block)
+                           lc.tables.expert_to_slot, **lc.moe_kwargs)
 
     def run(self, layer: int, hidden: torch.Tensor, topk_ids: torch.Tensor,
             topk_weights: torch.Tensor) -> torch.Tensor:

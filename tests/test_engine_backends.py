@@ -86,6 +86,40 @@ def test_engine_offload_cpu_miss_service_matches_reference(tiny_checkpoint, refe
     assert cpu > 0 and (policy == "hybrid" or all(s["copy"] == 0 for s in target.hybrid.split_log))
 
 
+@pytest.fixture(scope="module")
+def int4_reference(tiny_int4_checkpoint) -> list[list[int]]:
+    e = LLMEngine(EngineConfig(model=tiny_int4_checkpoint, **BASE))  # the torch runner, experts held as int4
+    return [e.generate([p], SP)[0] for p in _prompts()]
+
+
+@pytest.mark.parametrize(("source", "miss_service"), [("int4", "copy"), ("int4", "hybrid"), ("bf16", "copy")])
+def test_engine_offload_int4_matches_the_torch_runner(tiny_int4_checkpoint, tiny_checkpoint, int4_reference, source,
+                                                     miss_service):
+    """int4 experts through the offload runner (host store, slot pools, copies; the CPU kernel with hybrid), from a
+    pack-quantized checkpoint or quantised at load from bf16 (the same quantiser: the same experts), target and MTP
+    draft each with a cache smaller than their experts."""
+    from moed.model.config import GlmMoeDsaConfig
+    from moed.offload.cpu_experts import CpuKernelUnavailable
+    from moed.offload.host_store import ExpertLayout
+
+    path = tiny_int4_checkpoint if source == "int4" else tiny_checkpoint
+    kw = {"expert_dtype": "int4"} if source == "bf16" else {}
+    per_layer = 8 * ExpertLayout.for_config(GlmMoeDsaConfig.from_file(tiny_int4_checkpoint)).expert_bytes
+    try:
+        e = LLMEngine(EngineConfig(model=path, moe="offload", expert_cache_gb=3 * per_layer / 2**30, spec_steps=1,
+                                   draft_expert_cache_gb=per_layer / 2**30, miss_service=miss_service, **kw, **BASE))
+    except CpuKernelUnavailable as err:
+        pytest.skip(str(err))
+    target = e.runner.moe
+    assert target.layout.is_int4 and e.drafter.moe.layout.is_int4 and target.cache[1].num_slots == 8
+    if miss_service == "hybrid":
+        target.hybrid.cpu_rate = target.hybrid.copy_rate  # a CPU share here too (see the test above)
+    assert e.generate(_prompts(), SP) == int4_reference
+    stats = e.stats()
+    assert sum(s.misses for s in stats.experts) > 0
+    assert miss_service == "copy" or sum(s.cpu_experts for s in stats.experts) > 0
+
+
 def test_engine_miss_service_config_errors(tiny_checkpoint):
     with pytest.raises(ValueError, match="miss_service must be one of"):
         LLMEngine(EngineConfig(model=tiny_checkpoint, moe="offload", miss_service="gpu", **BASE))

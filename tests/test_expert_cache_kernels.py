@@ -115,10 +115,11 @@ def test_expert_cache_lru_and_lfu_pick_different_victims():
         assert int(c.copy_slot[0]) == victim
 
 
-def test_expert_cache_copy_kernel_matches_reference():
+@pytest.mark.parametrize("sizes", [(8192 + 48, 320, 64, 16), (8192 + 48, 320, 64, 16, 40, 8)])  # FP8, int4
+def test_expert_cache_copy_kernel_matches_reference(sizes):
     g = torch.Generator().manual_seed(0)
     t = SlotTables.allocate(10, 4, "cpu")
-    src = [torch.randint(0, 255, (10, n), dtype=torch.uint8, generator=g) for n in (8192 + 48, 320, 64, 16)]
+    src = [torch.randint(0, 255, (10, n), dtype=torch.uint8, generator=g) for n in sizes]
     dst = [torch.zeros(4, s.shape[1], dtype=torch.uint8) for s in src]
     ids = torch.tensor([[7, 2, 9]], dtype=torch.int32)
     claim_slots(t, ids, 0, torch.empty_like(ids), torch.empty(1, 3, dtype=torch.int8))
@@ -130,7 +131,7 @@ def test_expert_cache_copy_kernel_matches_reference():
     for j in range(3):
         e, s = int(t.copy_expert[j]), int(t.copy_slot[j])
         assert all(torch.equal(d[s], x[e]) for d, x in zip(dst, src))
-    with pytest.raises(ValueError, match="2 or 4 sections"):
+    with pytest.raises(ValueError, match="2, 4 or 6 sections"):
         copy_experts(t, src[:3], dst[:3])
 
 

@@ -6,20 +6,23 @@ import numpy as np
 import pytest
 import torch
 
+from moed.formats import int4
 from moed.formats.fp8 import quantize_block_fp8
 from moed.kernels.fused_moe import fused_moe_reference
 from moed.model.checkpoint import make_config
 from moed.model.config import GlmMoeDsaConfig
 from moed.model.moe import ExpertWeights
 from moed.offload.expert_cache import CacheConfig, CacheConfigError
+from moed.offload.host_store import ExpertLayout, HostStoreError
 from moed.offload.hybrid import CpuConfig
 from moed.offload.runner import OffloadMoERunner
 
 LAYERS = [1, 2]
 
 
-def small_config(experts: int = 16, fp8: bool = True, inter: int = 64, block: int = 32) -> GlmMoeDsaConfig:
-    raw = make_config("tiny", experts=experts, fp8=fp8)
+def small_config(experts: int = 16, fp8: bool = True, inter: int = 64, block: int = 32,
+                 int4_experts: bool = False) -> GlmMoeDsaConfig:
+    raw = make_config("tiny", experts=experts, fp8=fp8, int4_experts=int4_experts)
     raw["moe_intermediate_size"] = inter
     if fp8:
         raw["quantization_config"]["weight_block_size"] = [block, block]
@@ -30,7 +33,12 @@ def random_experts(cfg: GlmMoeDsaConfig, seed: int = 0) -> list[ExpertWeights]:
     g = torch.Generator().manual_seed(seed)
     H, I = cfg.hidden_size, cfg.moe_intermediate_size
     out = []
-    for _ in range(cfg.n_routed_experts):
+    for e in range(cfg.n_routed_experts):
+        if cfg.pack_quantization is not None:  # int4; every third expert symmetric (no zero points), as W4A16 stores
+            q = [int4.quantize_int4(torch.randn(*shape, generator=g) / shape[1] ** 0.5) for shape in
+                 ((I, H), (I, H), (H, I))]
+            out.append(ExpertWeights.from_int4(*(w._replace(zeros=None) if e % 3 == 0 else w for w in q)))
+            continue
         parts = {}
         for name, shape in (("gate", (I, H)), ("up", (I, H)), ("down", (H, I))):
             w = torch.randn(*shape, generator=g) / shape[1] ** 0.5
@@ -311,3 +319,70 @@ def test_offload_cpu_experts_unavailable_falls_back_only_when_asked(fp8_setup, m
         build_runner(cfg, experts, LAYERS, slots=4, cpu=CpuConfig(threads=1))
     r = build_runner(cfg, experts, LAYERS, slots=4, cpu=CpuConfig(threads=1, fallback_to_copy=True))
     assert r.miss_service == "copy" and r.hybrid is None
+
+
+@pytest.fixture(scope="module")
+def int4_setup():
+    cfg = small_config(experts=16, fp8=False, inter=128, int4_experts=True)  # 128: the CPU's int8 path applies
+    experts = random_experts(cfg, seed=3)
+    ref = build_runner(cfg, experts, LAYERS, slots=cfg.n_routed_experts)
+    return cfg, experts, ref
+
+
+@pytest.mark.parametrize("slots", [1, 3, 16])
+def test_offload_int4_equals_all_resident_and_the_dequantised_experts(int4_setup, slots):
+    """int4 experts through the store, the slot pools (six sections) and the copies: bit for bit the all-resident
+    answer at any cache size, and that answer is the experts' dequantised weights computed in fp32."""
+    cfg, experts, ref = int4_setup
+    assert ref.layout.is_int4 and set(ref.cache[1].weights) == {"w13", "w2", "w13_scale", "w2_scale", "w13_zeros",
+                                                                 "w2_zeros"}
+    r = build_runner(cfg, experts, LAYERS, slots=slots)
+    fp8 = ExpertLayout(16, cfg.hidden_size, 128, 128, torch.float8_e4m3fn, (128, 128))
+    assert r.layout.expert_bytes < fp8.expert_bytes / 1.8  # about half an FP8 slot
+    g = torch.Generator().manual_seed(slots)
+    k = cfg.num_experts_per_tok
+    for tokens in (1, 3):
+        h = torch.randn(tokens, cfg.hidden_size, generator=g).bfloat16()
+        ids, w = random_routing(tokens, cfg.n_routed_experts, k, g)
+        for layer in LAYERS:
+            assert torch.equal(ref.run(layer, h, ids, w), r.run(layer, h, ids, w))
+        out = r.run(1, h, ids, w).float()
+        want = torch.zeros(tokens, cfg.hidden_size)
+        for t in range(tokens):
+            for j in range(k):
+                gate, up, down = experts[int(ids[t, j])].dequantized(None, torch.float32)
+                x = h[t].float()
+                y = (torch.nn.functional.silu(gate @ x) * (up @ x)).bfloat16().float() @ down.T
+                want[t] += w[t, j] * y.bfloat16().float()
+        assert torch.allclose(out, want, rtol=2e-2, atol=2e-2)
+    if slots < cfg.n_routed_experts:
+        assert r.stats()[0].misses > 0
+
+
+def test_offload_int4_cpu_experts_within_int8_activation_error(int4_setup):
+    """CPU-computed int4 routes (int8 activations) against the all-resident GPU-path answer: within the error int8
+    activations cost (~1.6% of a route's output on Gaussian inputs, docs/benchmarks.md); the split and the stats as
+    for FP8."""
+    cfg, experts, ref = int4_setup
+    r = build_runner(cfg, experts, LAYERS, slots=4, cpu=CpuConfig(threads=1, cpu_rate=1e9, copy_rate=1e9))
+    g = torch.Generator().manual_seed(12)
+    for _ in range(3):
+        h = torch.randn(3, cfg.hidden_size, generator=g).bfloat16()
+        ids, w = random_routing(3, cfg.n_routed_experts, cfg.num_experts_per_tok, g)
+        a, b = ref.run(1, h, ids, w).float(), r.run(1, h, ids, w).float()
+        assert float((a - b).norm() / a.norm()) < 3e-2
+    st = r.stats()[0]
+    assert any(s["cpu"] > 0 for s in r.hybrid.split_log) and st.bytes_cpu == st.cpu_experts * r.layout.expert_bytes
+    assert r.hybrid.server.errors == 0
+    r.close()
+
+
+def test_offload_int4_store_refuses_other_formats(int4_setup):
+    cfg, _, _ = int4_setup
+    bf16 = random_experts(small_config(experts=16, fp8=False, inter=128), seed=0)[0]
+    r = OffloadMoERunner(cfg, layers=[1], device="cpu", slots=2)
+    with pytest.raises(HostStoreError, match=r"weights are bf16.*holds int4 experts.*expert_dtype 'int4'"):
+        r.load_expert(1, 0, bf16)
+    q = [int4.quantize_int4(torch.randn(*s), 32) for s in ((128, 128), (128, 128), (128, 128))]
+    with pytest.raises(HostStoreError, match="group size 32, the store holds group 128"):
+        r.load_expert(1, 0, ExpertWeights.from_int4(*q))

@@ -242,7 +242,8 @@ static void gemm_task(const void* W, const float* scale, int rows, int cols, int
 
 /* ---------------------------------------------------------------------------------------------- int4 */
 
-#define MBQ 8  /* tokens per pass over an int4 weight row */
+#define MBQ 4  /* tokens per pass over int4 weight rows */
+#define RQ 4  /* int4 weight rows per task */
 #define QBLK 128  /* activation quantisation block (weights per 64 packed bytes) */
 
 /* Bytes of one quantised activation row of `cols` values: int8 [cols] (per block: even k, then odd k), fp32 scale
@@ -274,15 +275,21 @@ static void quant_block(const float* x, int8_t* qrow, int cols, int b) {
     ((int32_t*)(scales + cols / QBLK))[b] = sum;
 }
 
-/* One int4 weight row r against the int8 rows of tokens m0..m0+MBC-1 (int8 path: cols and group multiples of 128).
-   y[m, r] = sum_b s_w[r, g(b)] * s_x[m, b] * (sum_k u[r, k] x_q[m, k] - zp[r, g(b)] * sum_k x_q[m, k]). */
-static inline __attribute__((always_inline)) void int4_row_q(
-        const uint8_t* W, const uint16_t* S, const int32_t* Z, int r, int cols, int G, int group,
-        const int8_t* q, size_t ldq, int m0, float* y, int ldy, const int MBC) {
-    const uint8_t* row = W + (size_t)r * (cols / 2);
-    const uint16_t* srow = S + (size_t)r * G;
-    const int32_t* zrow = Z + (size_t)(r / 8) * G;
-    int zsh = 4 * (r % 8), nb = cols / QBLK, per_group = group / QBLK;
+/* Int4 weight rows r0..r0+R-1 against the int8 rows of tokens m0..m0+MBC-1 (int8 path: cols and group multiples of
+   128); R independent rows give the out-of-order core R x MBC accumulation chains, and each activation load serves
+   R rows. y[m, r] = sum_b s_w[r, g(b)] * s_x[m, b] * (sum_k u[r, k] x_q[m, k] - zp[r, g(b)] * sum_k x_q[m, k]). */
+static inline __attribute__((always_inline)) void int4_rows_q(
+        const uint8_t* W, const uint16_t* S, const int32_t* Z, int r0, int cols, int G, int group,
+        const int8_t* q, size_t ldq, int m0, float* y, int ldy, const int R, const int MBC) {
+    int nb = cols / QBLK, per_group = group / QBLK;
+    const uint8_t* row[RQ]; const uint16_t* srow[RQ]; const int32_t* zrow[RQ]; int zsh[RQ];
+    for (int j = 0; j < R; j++) {
+        int r = r0 + j;
+        row[j] = W + (size_t)r * (cols / 2);
+        srow[j] = S + (size_t)r * G;
+        zrow[j] = Z + (size_t)(r / 8) * G;
+        zsh[j] = 4 * (r % 8);
+    }
     const int8_t* qr[MBQ]; const float* qs[MBQ]; const int32_t* qsum[MBQ];
     for (int i = 0; i < MBC; i++) {
         qr[i] = q + (size_t)(m0 + i) * ldq;
@@ -290,41 +297,53 @@ static inline __attribute__((always_inline)) void int4_row_q(
         qsum[i] = (const int32_t*)(qs[i] + nb);
     }
 #ifdef VNNI
-    __m512 acc[MBQ];
-    for (int i = 0; i < MBC; i++) acc[i] = _mm512_setzero_ps();
+    __m512 acc[RQ][MBQ];
+    for (int j = 0; j < R; j++)
+        for (int i = 0; i < MBC; i++) acc[j][i] = _mm512_setzero_ps();
     const __m512i nib = _mm512_set1_epi8(0x0F);
     for (int b = 0; b < nb; b++) {
         int g = b / per_group;
-        float sw = bf16_scalar(srow[g]);
-        int zp = (zrow[g] >> zsh) & 0xF;
-        if (PF_DIST) _mm_prefetch((const char*)row + (size_t)b * 64 + PF_DIST, PF_HINT);
-        __m512i wv = _mm512_loadu_si512((const void*)(row + (size_t)b * 64));
-        __m512i even = _mm512_and_si512(wv, nib), odd = _mm512_and_si512(_mm512_srli_epi16(wv, 4), nib);
+        __m512i xe[MBQ], xo[MBQ];
         for (int i = 0; i < MBC; i++) {
-            const int8_t* qb = qr[i] + (size_t)b * QBLK;
-            __m512i d = _mm512_maskz_set1_epi32(1, -zp * qsum[i][b]);  /* the zero point's share, in lane 0 */
-            d = _mm512_dpbusd_epi32(d, even, _mm512_loadu_si512((const void*)qb));
-            d = _mm512_dpbusd_epi32(d, odd, _mm512_loadu_si512((const void*)(qb + QBLK / 2)));
-            acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), _mm512_set1_ps(sw * qs[i][b]), acc[i]);
+            xe[i] = _mm512_loadu_si512((const void*)(qr[i] + (size_t)b * QBLK));
+            xo[i] = _mm512_loadu_si512((const void*)(qr[i] + (size_t)b * QBLK + QBLK / 2));
+        }
+        for (int j = 0; j < R; j++) {
+            float sw = bf16_scalar(srow[j][g]);
+            int zp = (zrow[j][g] >> zsh[j]) & 0xF;
+            if (PF_DIST) _mm_prefetch((const char*)row[j] + (size_t)b * 64 + PF_DIST, PF_HINT);
+            __m512i wv = _mm512_loadu_si512((const void*)(row[j] + (size_t)b * 64));
+            __m512i even = _mm512_and_si512(wv, nib), odd = _mm512_and_si512(_mm512_srli_epi16(wv, 4), nib);
+            for (int i = 0; i < MBC; i++) {
+                __m512i d = _mm512_maskz_set1_epi32(1, -zp * qsum[i][b]);  /* the zero point's share, in lane 0 */
+                d = _mm512_dpbusd_epi32(d, even, xe[i]);
+                d = _mm512_dpbusd_epi32(d, odd, xo[i]);
+                acc[j][i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), _mm512_set1_ps(sw * qs[i][b]), acc[j][i]);
+            }
         }
     }
-    for (int i = 0; i < MBC; i++) y[(size_t)(m0 + i) * ldy + r] = _mm512_reduce_add_ps(acc[i]);
+    for (int j = 0; j < R; j++)
+        for (int i = 0; i < MBC; i++) y[(size_t)(m0 + i) * ldy + r0 + j] = _mm512_reduce_add_ps(acc[j][i]);
 #else
-    float acc[MBQ];
-    for (int i = 0; i < MBC; i++) acc[i] = 0.0f;
+    float acc[RQ][MBQ];
+    for (int j = 0; j < R; j++)
+        for (int i = 0; i < MBC; i++) acc[j][i] = 0.0f;
     for (int b = 0; b < nb; b++) {
         int g = b / per_group;
-        float sw = bf16_scalar(srow[g]);
-        int zp = (zrow[g] >> zsh) & 0xF;
-        const uint8_t* wb = row + (size_t)b * 64;
-        for (int i = 0; i < MBC; i++) {
-            const int8_t* qb = qr[i] + (size_t)b * QBLK;
-            int32_t d = -zp * qsum[i][b];
-            for (int k = 0; k < QBLK / 2; k++) d += (wb[k] & 0xF) * qb[k] + (wb[k] >> 4) * qb[QBLK / 2 + k];
-            acc[i] += (float)d * (sw * qs[i][b]);
+        for (int j = 0; j < R; j++) {
+            float sw = bf16_scalar(srow[j][g]);
+            int zp = (zrow[j][g] >> zsh[j]) & 0xF;
+            const uint8_t* wb = row[j] + (size_t)b * 64;
+            for (int i = 0; i < MBC; i++) {
+                const int8_t* qb = qr[i] + (size_t)b * QBLK;
+                int32_t d = -zp * qsum[i][b];
+                for (int k = 0; k < QBLK / 2; k++) d += (wb[k] & 0xF) * qb[k] + (wb[k] >> 4) * qb[QBLK / 2 + k];
+                acc[j][i] += (float)d * (sw * qs[i][b]);
+            }
         }
     }
-    for (int i = 0; i < MBC; i++) y[(size_t)(m0 + i) * ldy + r] = acc[i];
+    for (int j = 0; j < R; j++)
+        for (int i = 0; i < MBC; i++) y[(size_t)(m0 + i) * ldy + r0 + j] = acc[j][i];
 #endif
 }
 
@@ -355,31 +374,36 @@ static inline __attribute__((always_inline)) void int4_row_exact(
     for (int i = 0; i < MBC; i++) y[(size_t)(m0 + i) * ldy + r] = tot[i];
 }
 
-/* Task r of y = x @ W^T for an int4 W [rows, cols]: row r for all M tokens, MBQ at a time; int8 rows q (ldq bytes
-   apart) when given, else the exact path on x. */
+/* Task t of y = x @ W^T for an int4 W [rows, cols] (rows a multiple of RQ, as int4 layouts' 8 | rows gives): rows
+   RQ t .. RQ t + RQ - 1 for all M tokens, MBQ at a time; int8 rows q (ldq bytes apart) when given, else the exact
+   path on x. */
 static void int4_task(const uint8_t* W, const uint16_t* S, const int32_t* Z, int cols, int group,
                       const int8_t* q, const float* x, int M, float* y, int ldy, long t) {
-    int r = (int)t, G = (cols + group - 1) / group;
+    int r0 = (int)t * RQ, G = (cols + group - 1) / group;
     size_t ldq = qrow_bytes(cols);
     for (int m0 = 0; m0 < M; m0 += MBQ) {
         int mb = M - m0 < MBQ ? M - m0 : MBQ;
         if (q) {
             switch (mb) {
-#define CASE(n) case n: int4_row_q(W, S, Z, r, cols, G, group, q, ldq, m0, y, ldy, n); break;
-                CASE(1) CASE(2) CASE(3) CASE(4) CASE(5) CASE(6) CASE(7) CASE(8)
+#define CASE(n) case n: int4_rows_q(W, S, Z, r0, cols, G, group, q, ldq, m0, y, ldy, RQ, n); break;
+                CASE(1) CASE(2) CASE(3) CASE(4)
 #undef CASE
             }
         } else {
-            switch (mb) {
+            for (int r = r0; r < r0 + RQ; r++) {
+                switch (mb) {
 #define CASE(n) case n: int4_row_exact(W, S, Z, r, cols, G, group, x, cols, m0, y, ldy, n); break;
-                CASE(1) CASE(2) CASE(3) CASE(4) CASE(5) CASE(6) CASE(7) CASE(8)
+                    CASE(1) CASE(2) CASE(3) CASE(4)
 #undef CASE
+                }
             }
         }
     }
 }
 
-static long tasks_for(int rows, int M, int fmt) { return fmt == FMT_INT4 || M <= 2 ? rows : (rows + 1) / 2; }
+static long tasks_for(int rows, int M, int fmt) {
+    return fmt == FMT_INT4 ? rows / RQ : M <= 2 ? rows : (rows + 1) / 2;
+}
 
 static int find(const long* offs, int n, long t) {  /* offs: n + 1 prefix sums; the e with offs[e] <= t < offs[e+1] */
     int lo = 0, hi = n - 1;

@@ -187,6 +187,8 @@ def fused_moe_int4(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, to
     if config is None:
         config, looked_up_down = get_moe_config(expert_to_slot.numel(), N, M, hidden.device)
         down_config = down_config or looked_up_down
+        # Tables are tuned for group 128; a finer-grouped checkpoint (32, 64) takes K steps of one group.
+        config, down_config = ({**c, "BLOCK_SIZE_K": min(c["BLOCK_SIZE_K"], group)} for c in (config, down_config))
     check_int4_config(config, group, "config")
     down_config = dict(down_config or config)
     down_config["BLOCK_SIZE_M"] = config["BLOCK_SIZE_M"]

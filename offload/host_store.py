@@ -48,7 +48,7 @@ import torch
 from moed.formats import int4
 from moed.model.config import ExpertDtype, ExpertFormat, GlmMoeDsaConfig
 from moed.model.moe import ExpertWeights
-from moed.model.weights import Checkpoint, expert_names, read_expert, stored_names
+from moed.model.weights import Checkpoint, expert_names, quantize_expert, read_expert, stored_names
 
 log = logging.getLogger(__name__)
 
@@ -293,8 +293,11 @@ class HostExpertStore:
         return {n: t[expert] for n, t in self._views[layer].items()}
 
     def fill_from_checkpoint(self, directory: str | Path, cfg: GlmMoeDsaConfig) -> int:
-        """Fill every slab from a checkpoint, one shard file after another; returns bytes read."""
+        """Fill every slab from a checkpoint, one shard file after another; returns bytes read. An int4 store filled
+        from a bf16 or FP8 checkpoint quantises each expert as it is read, as `--expert-dtype int4` does at load
+        (on the GPU when there is one)."""
         ckpt = Checkpoint(directory)
+        qdev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         by_shard: dict[str, list[tuple[int, int]]] = defaultdict(list)
         for layer in self.layers:
             for e in range(self.layout.num_experts):
@@ -308,6 +311,8 @@ class HostExpertStore:
             for shard in sorted(by_shard):
                 for layer, e in by_shard[shard]:
                     weights, nbytes = read_expert(ckpt, cfg, layer, e)
+                    if self.layout.is_int4 and not weights.is_int4:
+                        weights = quantize_expert(weights, cfg, qdev)
                     self.load_expert(layer, e, weights)
                     total += nbytes
                 ckpt.close()  # drop this shard's memory map before the next one

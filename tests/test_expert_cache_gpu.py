@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from moed.formats import int4
 from moed.formats.fp8 import quantize_block_fp8
 from moed.kernels.expert_copy import SlotTables, claim_slots, copy_experts, copy_experts_reference, upload_no_ce
 from moed.model.checkpoint import make_config
@@ -19,18 +20,23 @@ pytestmark = pytest.mark.gpu
 E, K, N, k = 32, 256, 256, 8
 
 
-def _runner(slots: int, cpu: CpuConfig | None = None, moe_fn=None) -> OffloadMoERunner:
-    raw = make_config("tiny", experts=E, fp8=True)
+def _runner(slots: int, cpu: CpuConfig | None = None, moe_fn=None, fmt: str = "fp8") -> OffloadMoERunner:
+    raw = make_config("tiny", experts=E, fp8=fmt == "fp8")
     raw.update(hidden_size=K, moe_intermediate_size=N, num_experts_per_tok=k)
     cfg = GlmMoeDsaConfig.from_dict(raw, source="gpu offload test")
     g = torch.Generator().manual_seed(0)
-    r = OffloadMoERunner(cfg, layers=[1], device="cuda", slots=slots, cpu=cpu, moe_fn=moe_fn)
+    r = OffloadMoERunner(cfg, layers=[1], device="cuda", slots=slots, cpu=cpu, moe_fn=moe_fn,
+                         expert_dtype="int4" if fmt == "int4" else "checkpoint")
     for e in range(E):
         parts = {}
         for name, shape in (("gate", (N, K)), ("up", (N, K)), ("down", (K, N))):
-            parts[f"{name}_proj"], parts[f"{name}_scale_inv"] = quantize_block_fp8(
-                torch.randn(*shape, generator=g) / shape[1] ** 0.5, 128, 128)
-        r.load_expert(1, e, ExpertWeights(**parts))
+            w = torch.randn(*shape, generator=g) / shape[1] ** 0.5
+            parts[name] = int4.quantize_int4(w) if fmt == "int4" else quantize_block_fp8(w, 128, 128)
+        if fmt == "int4":
+            r.load_expert(1, e, ExpertWeights.from_int4(parts["gate"], parts["up"], parts["down"]))
+        else:
+            r.load_expert(1, e, ExpertWeights(**{f"{n}_{suffix}": t for n, (q, sc) in parts.items()
+                                                 for suffix, t in (("proj", q), ("scale_inv", sc))}))
     r.finish_loading()
     return r
 
@@ -41,8 +47,9 @@ def _ids(tokens: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     return ids.cuda(), torch.rand(tokens, k, generator=g).cuda()
 
 
-def test_expert_cache_decode_step_with_misses_has_no_host_sync():
-    ref, r = _runner(E), _runner(9)
+@pytest.mark.parametrize("fmt", ["fp8", "int4"])
+def test_expert_cache_decode_step_with_misses_has_no_host_sync(fmt):
+    ref, r = _runner(E, fmt=fmt), _runner(9, fmt=fmt)
     h = torch.randn(1, K, device="cuda").bfloat16()
     ids, w = _ids(1, 1)
     r.run(1, h, ids, w)  # compile outside the checked region
@@ -58,8 +65,9 @@ def test_expert_cache_decode_step_with_misses_has_no_host_sync():
     assert r.stats()[0].misses > 0
 
 
-def test_expert_cache_miss_path_replays_in_cuda_graph_with_new_ids():
-    ref, r = _runner(E), _runner(10)
+@pytest.mark.parametrize("fmt", ["fp8", "int4"])
+def test_expert_cache_miss_path_replays_in_cuda_graph_with_new_ids(fmt):
+    ref, r = _runner(E, fmt=fmt), _runner(10, fmt=fmt)
     tokens = 2
     static_h = torch.randn(tokens, K, device="cuda").bfloat16()
     static_ids, static_w = _ids(tokens, 7)
@@ -142,6 +150,44 @@ def test_offload_hybrid_step_has_no_host_sync_and_replays_in_cuda_graph():
     assert r.hybrid.server.errors == 0
     print("relative error vs the FP8 reference (hybrid, all-GPU w8a8):", [(round(a, 4), round(b, 4)) for a, b in errs])
     r.close()
+
+
+def test_offload_int4_on_the_gpu_matches_the_reference_and_the_cpu_share():
+    """int4 on the GPU: fused_moe_int4 over the slot pools (misses copied in) against the one torch reference on the
+    same pools; the hybrid service with the rates it measures itself (the copy rate by the UVA kernel over the six
+    sections), its CPU routes within the int8-activation error of the exact answer, replayed from a CUDA graph."""
+    from moed.kernels.fused_moe import fused_moe_reference
+
+    exact, r = _runner(E, moe_fn=fused_moe_reference, fmt="int4"), _runner(9, fmt="int4")
+    hyb = _runner(10, CpuConfig(threads=4), fmt="int4")
+    assert r.layout.is_int4 and hyb.hybrid.copy_rate > 1e9 and hyb.hybrid.cpu_rate > 0
+    hyb.hybrid.cpu_rate = hyb.hybrid.copy_rate  # a CPU share whatever this host measured
+    tokens = 2
+    static_h = torch.randn(tokens, K, device="cuda").bfloat16()
+    static_ids, static_w = _ids(tokens, 3)
+    for _ in range(2):
+        hyb.run(1, static_h, static_ids, static_w)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s), torch.cuda.graph(graph, stream=s):
+        static_out = hyb.run(1, static_h, static_ids, static_w)
+    torch.cuda.current_stream().wait_stream(s)
+    for seed in range(30, 34):
+        ids, w = _ids(tokens, seed)
+        h = torch.randn(tokens, K, device="cuda").bfloat16()
+        want = exact.run(1, h, ids, w)
+        assert _rel(r.run(1, h, ids, w), want) < 1e-2  # bf16 activations and rounding only
+        static_ids.copy_(ids)
+        static_w.copy_(w)
+        static_h.copy_(h)
+        graph.replay()
+        torch.cuda.synchronize()
+        assert _rel(static_out, want) < 3e-2  # the CPU's routes with int8 activations
+    hyb.stats()
+    assert any(s["cpu"] > 0 for s in hyb.hybrid.split_log) and hyb.hybrid.server.errors == 0
+    hyb.close()
 
 
 def test_expert_cache_uva_copy_matches_reference_on_pinned_memory():

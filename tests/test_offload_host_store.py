@@ -82,6 +82,12 @@ def test_offload_store_int4_sections_from_pack_quantized_checkpoint(tiny_int4_ch
     assert layout.slab_bytes == store.slabs[1].numel() == offs["w2_zeros"] + 16 * nb["w2_zeros"]
     with pytest.raises(HostStoreError, match="multiples of 8"):
         ExpertLayout(4, 128, 60, 60, torch.uint8, None, 128)
+    # The same layout filled from the bf16 checkpoint, quantised as read: the same quantiser, the same bytes.
+    bf16_cfg = GlmMoeDsaConfig.from_file(tiny_checkpoint)
+    quantised = HostExpertStore(layout, [1, 3], pin=False)
+    quantised.fill_from_checkpoint(tiny_checkpoint, bf16_cfg)
+    for layer in (1, 3):
+        assert all(torch.equal(quantised.sections(layer)[n], t) for n, t in store.sections(layer).items())
 
 
 def test_offload_store_pinning_failure_names_size_limit_and_setting(monkeypatch):

@@ -122,6 +122,74 @@ def bench(args, ceil: dict, Ms: list[int], int4_experts, fp8_experts) -> list[di
     return rows
 
 
+def run(E: int = 257, N: int = 2048, K: int = 6144, topk: int = 8, Ms: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64),
+        tune: bool = False, tune_out: str | None = None, tune_budget: float = 360.0,
+        tune_batch_sizes: str | None = None) -> dict:
+    """Check, optionally tune, and time the int4 kernel (FP8 beside it) with this run's device ceilings; every
+    figure in a dict (info, ceilings, rows, summary, failures). `ops/bench/offload.py --only int4` calls this too."""
+    import triton
+
+    from moed.kernels.fused_moe_tuner import main as tune_main
+    from moed.kernels.fused_moe_tuner import make_experts, make_int4_experts
+    from moed.moe_configs import lookup
+    from moed.ops.bench.moe_kernel import measure_ceilings
+
+    t0 = time.time()
+    info = {"device": torch.cuda.get_device_name(), "date": datetime.date.today().isoformat(),
+            "torch": torch.__version__, "triton": triton.__version__, "E": E, "N": N, "K": K, "topk": topk}
+    print(json.dumps(info), flush=True)
+    ceil = measure_ceilings()
+    print(f"ceilings: copy {ceil['copy_GBps']:.0f} GB/s, read {ceil['read_GBps']:.0f} GB/s", flush=True)
+    if tune:
+        tune_argv = ["--dtype", "int4_w4a16", "--E", str(E), "--N", str(N), "--K", str(K), "--topk", str(topk),
+                     "--time-budget", str(tune_budget)]
+        if tune_out:
+            tune_argv += ["--out-dir", str(Path(tune_out) / lookup.triton_dir_name(triton.__version__))]
+            os.environ[lookup.ENV_DIR] = tune_out  # the timing below (and the caller's runners) look there first
+        if tune_batch_sizes:
+            tune_argv += ["--batch-sizes", tune_batch_sizes]
+        rc = tune_main(tune_argv)
+        lookup.clear_cache()
+        print(f"tuner exit code {rc} after {time.time() - t0:.0f}s", flush=True)
+    int4_experts = make_int4_experts(E, N, K, "cuda")
+    failures = check(int4_experts, E, K, topk)
+    fp8_experts = make_experts(E, N, K, "fp8_w8a8", "cuda")
+    args = argparse.Namespace(E=E, N=N, K=K, topk=topk)
+    rows = bench(args, ceil, list(Ms), int4_experts, fp8_experts)
+    del int4_experts, fp8_experts
+    torch.cuda.empty_cache()
+
+    def get(m, var):
+        return next((r for r in rows if r["M"] == m and r["variant"] == var), None)
+
+    summary: dict = {}
+    r1, f1 = get(1, "int4-tuned"), get(1, "fp8-tuned")
+    if r1:
+        summary[f"int4 M=1 ms per layer (target <= {TARGET_M1_MS})"] = round(r1["ms"], 4)
+        summary["int4 M=1 share of measured copy bandwidth"] = round(r1["copy_ratio"], 3)
+    if r1 and f1:
+        summary["FP8 / int4 time at M=1"] = round(f1["ms"] / r1["ms"], 2)
+    small = [r for r in rows if r["variant"] == "int4-tuned"]
+    if small:
+        summary["int4 M<=64 min share of copy bandwidth"] = round(min(r["copy_ratio"] for r in small), 3)
+    summary["check"] = "ok" if not failures else "; ".join(failures)
+    return {"info": info, "ceilings": ceil, "rows": rows, "summary": summary, "failures": failures,
+            "wall_s": time.time() - t0}
+
+
+def print_report(res: dict) -> None:
+    info, ceil = res["info"], res["ceilings"]
+    print(f"{info['device']}, Triton {info['triton']}, E={info['E']} N={info['N']} K={info['K']} top-k "
+          f"{info['topk']}; copy {ceil['copy_GBps']:.0f} GB/s, read {ceil['read_GBps']:.0f} GB/s (this run)")
+    print("| M | variant | us/layer | touched MB | GB/s | % copy | % read |")
+    print("| ---: | --- | ---: | ---: | ---: | ---: | ---: |")
+    for r in res["rows"]:
+        print(f"| {r['M']} | {r['variant']} | {r['ms'] * 1e3:.1f} | {r['touched_MB']:.0f} | {r['GBps']:.0f} | "
+              f"{r['copy_ratio']:.0%} | {r['read_ratio']:.0%} |")
+    for k, v in res["summary"].items():
+        print(f"{k}: {v}")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m moed.ops.bench.int4_kernel", description=__doc__.split("\n\n")[0])
     p.add_argument("--E", type=int, default=257, help="expert ids (257: 256 routed + fused shared)")
@@ -133,72 +201,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tune-out", default=None, help="root for --tune's tables: <root>/triton_<version>/ (default: "
                    "this checkout's moe_configs/); it is searched first by the timing")
     p.add_argument("--tune-batch-sizes", default=None, help="default: the tuner's (1 .. 8192)")
+    p.add_argument("--tune-budget", type=float, default=360.0, help="seconds; the tuner starts no new size after")
     p.add_argument("--json", default=None, help="default: $OUT/int4_kernel.json when $OUT is set")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         print("int4_kernel bench: needs a CUDA GPU", file=sys.stderr)
         return 2
-    import triton
-
-    from moed.kernels.fused_moe_tuner import main as tune_main
-    from moed.kernels.fused_moe_tuner import make_experts, make_int4_experts
-    from moed.moe_configs import lookup
-    from moed.ops.bench.moe_kernel import measure_ceilings
-
-    t0 = time.time()
-    info = {"device": torch.cuda.get_device_name(), "date": datetime.date.today().isoformat(),
-            "torch": torch.__version__, "triton": triton.__version__, "E": args.E, "N": args.N, "K": args.K,
-            "topk": args.topk}
-    print(json.dumps(info), flush=True)
-    ceil = measure_ceilings()
-    print(f"ceilings: copy {ceil['copy_GBps']:.0f} GB/s, read {ceil['read_GBps']:.0f} GB/s", flush=True)
-    if args.tune:
-        tune_argv = ["--dtype", "int4_w4a16", "--E", str(args.E), "--N", str(args.N), "--K", str(args.K),
-                     "--topk", str(args.topk), "--time-budget", "360"]
-        if args.tune_out:
-            tune_argv += ["--out-dir", str(Path(args.tune_out) / lookup.triton_dir_name(triton.__version__))]
-            os.environ[lookup.ENV_DIR] = args.tune_out  # the timing below looks there first
-        if args.tune_batch_sizes:
-            tune_argv += ["--batch-sizes", args.tune_batch_sizes]
-        rc = tune_main(tune_argv)
-        lookup.clear_cache()
-        print(f"tuner exit code {rc} after {time.time() - t0:.0f}s", flush=True)
-    int4_experts = make_int4_experts(args.E, args.N, args.K, "cuda")
-    failures = check(int4_experts, args.E, args.K, args.topk)
-    fp8_experts = make_experts(args.E, args.N, args.K, "fp8_w8a8", "cuda")
-    Ms = [int(v) for v in args.batch_sizes.split(",")]
-    rows = bench(args, ceil, Ms, int4_experts, fp8_experts)
-
-    def get(m, var):
-        return next((r for r in rows if r["M"] == m and r["variant"] == var), None)
-
-    summary = {}
-    r1, f1 = get(1, "int4-tuned"), get(1, "fp8-tuned")
-    if r1:
-        summary[f"int4 M=1 ms per layer (target <= {TARGET_M1_MS})"] = round(r1["ms"], 4)
-        summary["int4 M=1 share of measured copy bandwidth"] = round(r1["copy_ratio"], 3)
-    if r1 and f1:
-        summary["FP8 / int4 time at M=1"] = round(f1["ms"] / r1["ms"], 2)
-    small = [r for r in rows if r["variant"] == "int4-tuned"]
-    if small:
-        summary["int4 M<=64 min share of copy bandwidth"] = round(min(r["copy_ratio"] for r in small), 3)
-    summary["check"] = "ok" if not failures else "; ".join(failures)
+    res = run(args.E, args.N, args.K, args.topk, tuple(int(v) for v in args.batch_sizes.split(",")), args.tune,
+              args.tune_out, args.tune_budget, args.tune_batch_sizes)
     out_json = args.json or (str(Path(os.environ["OUT"]) / "int4_kernel.json") if os.environ.get("OUT") else None)
     if out_json:
-        Path(out_json).write_text(json.dumps({"info": info, "ceilings": ceil, "rows": rows, "summary": summary},
-                                             indent=1))
+        Path(out_json).write_text(json.dumps(res, indent=1))
     print()
-    print(f"{info['device']}, Triton {info['triton']}, E={args.E} N={args.N} K={args.K} top-k {args.topk}; "
-          f"copy {ceil['copy_GBps']:.0f} GB/s, read {ceil['read_GBps']:.0f} GB/s (measured in this run)")
-    print("| M | variant | us/layer | touched MB | GB/s | % copy | % read |")
-    print("| ---: | --- | ---: | ---: | ---: | ---: | ---: |")
-    for r in rows:
-        print(f"| {r['M']} | {r['variant']} | {r['ms'] * 1e3:.1f} | {r['touched_MB']:.0f} | {r['GBps']:.0f} | "
-              f"{r['copy_ratio']:.0%} | {r['read_ratio']:.0%} |")
-    for k, v in summary.items():
-        print(f"{k}: {v}")
-    print(f"wall time {time.time() - t0:.0f}s")
-    return 0 if not failures else 1
+    print_report(res)
+    print(f"wall time {res['wall_s']:.0f}s")
+    return 0 if not res["failures"] else 1
 
 
 if __name__ == "__main__":

@@ -21,8 +21,16 @@ Builds (or reuses) a `glm51-slice` FP8 checkpoint with GLM-5.1's real layer widt
              no real correlation between layers: this measures the mechanism, not GLM-5.1);
   no-CE      latency of a 1 KiB per-step upload while a 1 GB copy-engine copy is in flight, by SM loads vs
              by cudaMemcpyAsync;
-  graph      one decode step with misses captured in a CUDA graph, replayed with new ids.
-Prints a table last and writes every figure to --out (JSON).
+  graph      one decode step with misses captured in a CUDA graph, replayed with new ids;
+  int4       (opt-in) the same experts quantised to int4 on the GPU (`--expert-dtype int4` at load) in their own
+             pinned store: the UVA copy rate of their six sections, the CPU kernel (int8 activations) alone and its
+             error vs the exact int4 answer and vs FP8, the batch-1 nothing-cached layer through every miss service
+             (eager and graph) against the 1.6 ms target and against the miss-service ceiling (CPU alone + copies
+             alone, this run), beside the FP8 rows; with --int4-kernel also the int4 fused-MoE kernel's check, its
+             timing at M = 1..64 against FP8 (ops/bench/int4_kernel.py), and with --int4-tune its tables tuned
+             first (written under --int4-tune-out, read by everything after).
+Prints a table last and writes every figure to --out (JSON). The int4 comparison in one command:
+    python -m moed.ops.bench.offload --only ceil,cpu,hybrid,int4 --int4-kernel --int4-tune --steps 16
 """
 
 from __future__ import annotations
@@ -90,7 +98,13 @@ def ceilings(store: HostExpertStore) -> dict:
     t = cuda_time(ce_blocks)
     out["ce_GBps"] = src.numel() / t / 1e9
     out["hbm_GBps"] = _hbm_copy_GBps(2 << 30)
-    # UVA copy kernel over the real expert sections, 16 experts.
+    out.update(uva_ceiling(store))
+    return out
+
+
+def uva_ceiling(store: HostExpertStore) -> dict:
+    """The UVA copy kernel over the store's real expert sections (4 for FP8, 6 for int4), 16 experts."""
+    out = {}
     L = store.layout
     tables = SlotTables.allocate(L.num_experts, 16, "cuda")
     secs = list(store.section_bytes_of(LAYER).values())
@@ -134,6 +148,7 @@ def _rates(r: OffloadMoERunner) -> dict:
 
 def make_runner(cfg, store, slots, cache_cfg=None, cpu=None) -> OffloadMoERunner:
     r = OffloadMoERunner(cfg, layers=[LAYER], device="cuda", slots=slots, store=store,
+                         expert_dtype="int4" if store.layout.is_int4 else "checkpoint",
                          cache=cache_cfg or CacheConfig(), cpu=cpu)
     r.finish_loading()
     return r
@@ -190,7 +205,9 @@ def decode_runs(cfg, store, ceil: dict, args) -> list[dict]:
     return rows
 
 
-def cpu_runs(cfg, store, ceil: dict, threads: int) -> dict:
+def cpu_runs(cfg, store, ceil: dict, threads: int, fp8_store: HostExpertStore | None = None) -> dict:
+    """The CPU kernel alone per MoE layer at batch 1 and 8; its error. For an int4 store: against the exact int4
+    answer (what int8 activations cost) and against the FP8 experts it was quantised from (`fp8_store`)."""
     L = store.layout
     kern = CpuExpertKernel(L, threads=threads)
     out = {}
@@ -212,11 +229,17 @@ def cpu_runs(cfg, store, ceil: dict, threads: int) -> dict:
         nbytes = len(experts) * L.expert_bytes
         out[f"batch{batch}"] = {"experts": len(experts), "ms": t * 1e3, "GBps": nbytes / t / 1e9,
                                 "vs_host_read": nbytes / t / 1e9 / ceil["host_read_GBps"]}
-    # Error vs the FP8 reference (float64) on one expert, batch 8.
+    # Error vs the reference (float64 from the stored weights) on one expert, batch 8.
     x = torch.randn(8, K)
     ex = store.expert(LAYER, 5)
     y = kern.forward(ex, x).double()
     ref = expert_forward_reference(ex, x, L)
+    if L.is_int4:
+        out["rel_error_vs_exact_int4"] = float((y - ref).norm() / ref.norm())
+        if fp8_store is not None:
+            ref8 = expert_forward_reference(fp8_store.expert(LAYER, 5), x, fp8_store.layout)
+            out["rel_error_vs_fp8"] = float((y - ref8).norm() / ref8.norm())
+        return out
     out["rel_error_vs_fp8"] = float((y - ref).norm() / ref.norm())
     # Candidate: torch _weight_int8pack_mm (per-channel int8 weights re-quantised from FP8, bf16 activations).
     try:
@@ -267,6 +290,7 @@ def hybrid_runs(cfg, store, ceil: dict, cpu_measure: dict, args) -> dict:
     h = torch.randn(1, K, device="cuda").bfloat16()
     cpu_rate = cpu_measure["batch1"]["GBps"] * 1e9
     copy_rate = ceil["uva_GBps"] * 1e9
+    service = cpu_rate + copy_rate  # the miss-service ceiling: the CPU kernel alone plus the copies alone
     modes = {
         "all_copy": None,
         "all_cpu": CpuConfig(threads=args.cpu_threads, cpu_rate=1.0, copy_rate=1e-12),
@@ -309,6 +333,7 @@ def hybrid_runs(cfg, store, ceil: dict, cpu_measure: dict, args) -> dict:
         t_graph = (time.perf_counter() - t0) / steps
         out[name] = {"ms": t * 1e3, "graph_ms": t_graph * 1e3, "graph_miss_GBps": miss_bytes / t_graph / 1e9,
                      "graph_vs_host_read": miss_bytes / t_graph / 1e9 / ceil["host_read_GBps"],
+                     "graph_vs_service": miss_bytes / t_graph / service,
                      "misses_per_step": miss, "miss_GBps": miss_bytes / t / 1e9,
                      "vs_host_read": miss_bytes / t / 1e9 / ceil["host_read_GBps"],
                      "bound_ms": miss_bytes / rate * 1e3,
@@ -317,6 +342,46 @@ def hybrid_runs(cfg, store, ceil: dict, cpu_measure: dict, args) -> dict:
         r.close()
     joint = min(cpu_rate + copy_rate, ceil["host_read_GBps"] * 1e9)
     out["bound_joint_ms"] = k * L.expert_bytes / joint * 1e3
+    out["service_GBps"] = service / 1e9
+    return out
+
+
+INT4_LAYER_TARGET_MS = 1.6  # issue 18: a batch-1 int4 MoE layer with nothing cached
+SERVICE_TARGET = 0.85  # misses at >= 85% of the measured miss-service ceiling
+
+
+def int4_store(cfg, ckpt: Path) -> tuple[HostExpertStore, dict]:
+    """The checkpoint's experts quantised to int4 as `--expert-dtype int4` does at load (on the GPU when there is
+    one), in a (pinned when there is a GPU) int4 store of their own."""
+    layout = ExpertLayout.for_config(cfg, "int4")
+    store = HostExpertStore(layout, [LAYER], pin=torch.cuda.is_available())
+    t0 = time.perf_counter()
+    store.fill_from_checkpoint(ckpt, cfg)
+    return store, {"quantise_s": time.perf_counter() - t0, "expert_MB": layout.expert_bytes / 1e6}
+
+
+def int4_runs(cfg, ckpt: Path, fp8_store: HostExpertStore, ceil: dict, args) -> dict:
+    out: dict = {}
+    if args.int4_kernel:
+        from moed.ops.bench import int4_kernel
+
+        tune_out = args.int4_tune_out or (str(Path(os.environ["OUT"]) / "moe_configs") if os.environ.get("OUT")
+                                          else None)
+        out["kernel"] = int4_kernel.run(tune=args.int4_tune, tune_out=tune_out, tune_budget=args.int4_tune_budget,
+                                        tune_batch_sizes=args.int4_tune_batch_sizes)
+        torch.cuda.empty_cache()
+    store, out["store"] = int4_store(cfg, ckpt)
+    c4 = {**ceil, **uva_ceiling(store)}  # host read and the rest are the machine's; the copy rate is int4's own
+    out["ceilings"] = {k: v for k, v in c4.items() if k.startswith("uva")}
+    out["cpu"] = cpu_runs(cfg, store, c4, args.cpu_threads, fp8_store=fp8_store)
+    out["hybrid"] = hybrid_runs(cfg, store, c4, out["cpu"], args)
+    modes = [m for m, r in out["hybrid"].items() if isinstance(r, dict) and m != "all_copy"]
+    best = min(modes, key=lambda m: out["hybrid"][m]["graph_ms"])
+    r = out["hybrid"][best]
+    out["summary"] = {"best_mode": best, "layer_ms": r["graph_ms"], "layer_target_ms": INT4_LAYER_TARGET_MS,
+                      "layer_ok": r["graph_ms"] <= INT4_LAYER_TARGET_MS, "vs_service": r["graph_vs_service"],
+                      "service_ok": r["graph_vs_service"] >= SERVICE_TARGET}
+    del store
     return out
 
 
@@ -569,7 +634,14 @@ def main() -> None:
     p.add_argument("--cpu-threads", type=int, default=0, help="CPU expert threads; 0 = every core")
     p.add_argument("--out", default="offload_bench.json")
     p.add_argument("--only", default="ceil,cpu,hybrid,decode,prefetch,noce,graph",
-                   help="comma list; add diag for the CPU-expert slowdown breakdown, timeline for the hybrid step's")
+                   help="comma list; add diag for the CPU-expert slowdown breakdown, timeline for the hybrid step's, "
+                   "int4 for the same experts at 4 bits beside FP8")
+    p.add_argument("--int4-kernel", action="store_true", help="with int4: also check and time the int4 fused MoE")
+    p.add_argument("--int4-tune", action="store_true", help="with --int4-kernel: tune its tables first")
+    p.add_argument("--int4-tune-out", default=None, help="root of the tuned tables (default: $OUT/moe_configs)")
+    p.add_argument("--int4-tune-budget", type=float, default=200.0, help="seconds; the tuner starts no size after")
+    p.add_argument("--int4-tune-batch-sizes", default="1,2,4,8,16,24,32,48,64,96,128,256",
+                   help="the decode and hybrid sizes (the runner computes a batch-1 layer's 8 routes as M=8)")
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     torch.manual_seed(0)
@@ -622,6 +694,9 @@ def main() -> None:
     if "prefetch" in only:
         results["prefetch"] = prefetch_runs(cfg, store, args)
         save()
+    if "int4" in only:
+        results["int4"] = int4_runs(cfg, ckpt, store, ceil, args)
+        save()
     if "decode" in only:
         E, k = cfg.n_routed_experts, cfg.num_experts_per_tok
         results["trace_stats"] = {"uniform": trace_statistics(uniform_trace(1024, 2, E, k, seed=1), E),
@@ -654,6 +729,8 @@ def print_table(res: dict) -> None:
                   f"{r['vs_host_read']:.0%} / graph {r['graph_vs_host_read']:.0%} of host read, cpu share "
                   f"{r['cpu_share']:.2f}, bound {r['bound_ms']:.2f} ms")
         print(f"joint bound (min(CPU+copy, host read)): {hy['bound_joint_ms']:.2f} ms")
+    if "int4" in res:
+        print_int4(res)
     if "no_ce_upload" in res:
         u = res["no_ce_upload"]
         print(f"1 KiB upload while a 1 GB CE copy runs: SM loads {u['sm_loads_us']:.0f} us, copy engine "
@@ -677,6 +754,38 @@ def print_table(res: dict) -> None:
         for name, st in res["trace_stats"].items():
             text = ", ".join(f"{k} {v:.3f}" for k, v in st.items())
             print(f"{name} trace statistics (1024 tokens x 2 chains): {text}")
+
+
+def print_int4(res: dict) -> None:
+    i4 = res["int4"]
+    if "kernel" in i4:
+        from moed.ops.bench import int4_kernel
+
+        print("\n-- int4 fused-MoE kernel (GPU, E=257, GLM-5.1 widths) --")
+        int4_kernel.print_report(i4["kernel"])
+    st, c4, cp = i4["store"], i4["ceilings"], i4["cpu"]
+    print(f"\n-- int4 experts ({st['expert_MB']:.1f} MB each vs FP8 {res['expert_MB']:.1f} MB; quantised on the GPU "
+          f"in {st['quantise_s']:.1f} s) --")
+    print(f"UVA copy of the six int4 sections: {c4['uva_GBps']:.1f} GB/s (FP8's four: "
+          f"{res['ceilings']['uva_GBps']:.1f})")
+    for b in ("batch1", "batch8"):
+        r = cp[b]
+        print(f"int4 cpu experts {b}: {r['experts']} experts {r['ms']:.2f} ms, {r['GBps']:.1f} GB/s = "
+              f"{r['vs_host_read']:.0%} of host read")
+    print(f"int4 cpu experts rel. error: vs exact int4 {cp['rel_error_vs_exact_int4']:.2e} (int8 activations), vs FP8 "
+          f"{cp.get('rel_error_vs_fp8', float('nan')):.3f} (the format)")
+    hy, fp8 = i4["hybrid"], res.get("hybrid", {})
+    print("nothing-cached batch-1 layer   int4 eager / graph ms   FP8 graph ms   int4 miss GB/s  vs service ceiling")
+    for m in [m for m in hy if isinstance(hy[m], dict)]:
+        r, f = hy[m], fp8.get(m, {})
+        fg = f"{f['graph_ms']:.2f}" if f else "-"
+        print(f"  {m:24s} {r['ms']:8.2f} / {r['graph_ms']:6.2f}   {fg:>12s}   {r['graph_miss_GBps']:13.1f}  "
+              f"{r['graph_vs_service']:6.0%}")
+    sm = i4["summary"]
+    print(f"int4 target: layer {sm['layer_ms']:.2f} ms ({sm['best_mode']}) <= {sm['layer_target_ms']} ms: "
+          f"{'MET' if sm['layer_ok'] else 'MISSED'}; misses at {sm['vs_service']:.0%} of the miss-service ceiling "
+          f"(CPU alone {cp['batch1']['GBps']:.1f} + copies {c4['uva_GBps']:.1f} GB/s) >= {SERVICE_TARGET:.0%}: "
+          f"{'MET' if sm['service_ok'] else 'MISSED'}")
 
 
 if __name__ == "__main__":

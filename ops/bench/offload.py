@@ -639,8 +639,8 @@ def main() -> None:
     p.add_argument("--int4-kernel", action="store_true", help="with int4: also check and time the int4 fused MoE")
     p.add_argument("--int4-tune", action="store_true", help="with --int4-kernel: tune its tables first")
     p.add_argument("--int4-tune-out", default=None, help="root of the tuned tables (default: $OUT/moe_configs)")
-    p.add_argument("--int4-tune-budget", type=float, default=200.0, help="seconds; the tuner starts no size after")
-    p.add_argument("--int4-tune-batch-sizes", default="1,2,4,8,16,24,32,48,64,96,128,256",
+    p.add_argument("--int4-tune-budget", type=float, default=150.0, help="seconds; the tuner starts no size after")
+    p.add_argument("--int4-tune-batch-sizes", default="1,2,4,8,16,32,64,128",
                    help="the decode and hybrid sizes (the runner computes a batch-1 layer's 8 routes as M=8)")
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")

@@ -217,7 +217,7 @@ class CpuExpertKernel:
     def _job(self, n: int, ptrs: dict[str, list[int]], M: list[int], q: torch.Tensor | None) -> tuple[_Job, tuple]:
         L = self.layout
         bn, bk = L.block or (1, 1)
-        names = ("w13", "w13_scale", "w2", "w2_scale", "w13_zeros", "w2_zeros", "x")
+        names = (*SECTION_NAMES, "x")
         arrays = (*(_ptrs(ptrs[k]) for k in names), (ctypes.c_int * n)(*M), _ptrs(ptrs["gu"]), _ptrs(ptrs["h"]),
                   _ptrs(ptrs["y"]))
         job = _Job(n, *arrays, L.hidden, L.inter, bn, bk, FORMATS[L.format], L.group or 0, int(self.exact),

@@ -48,6 +48,7 @@ import torch
 
 from moed.engine.llm_engine import EngineConfig, LLMEngine
 from moed.engine.protocol import SamplingParams
+from moed.model.config import EXPERT_DTYPES
 
 log = logging.getLogger("bench.engine")
 
@@ -302,6 +303,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--miss-service", choices=("auto", "copy", "hybrid", "cpu"), default="copy",
                    help="offload: how decode serves expert misses (hybrid and cpu decode eagerly)")
     p.add_argument("--cpu-threads", type=int, default=0, help="CPU expert threads (hybrid, cpu); 0 = cores - 1")
+    p.add_argument("--expert-dtype", choices=EXPERT_DTYPES, default="checkpoint",
+                   help="int4: the routed experts quantised to 4 bits at load")
     p.add_argument("--experts", type=int, default=None, help="routed experts per layer of a new checkpoint "
                    "(default: the preset's)")
     p.add_argument("--prefill-compile", action="store_true",
@@ -331,7 +334,8 @@ def main(argv: list[str] | None = None) -> int:
             model=str(ckpt), device=args.device, dtype=dtype, max_running=1, max_tokens_per_step=max(lengths),
             page_size=args.page_size, max_model_len=max(max(lengths) + 64, args.max_model_len), moe=args.moe,
             expert_cache_gb=args.expert_cache_gb if args.moe == "offload" else None, cuda_graphs=False,
-            compile_prefill=False, seed=0, miss_service=args.miss_service if args.moe == "offload" else "copy"))
+            compile_prefill=False, seed=0, miss_service=args.miss_service if args.moe == "offload" else "copy",
+            expert_dtype=args.expert_dtype))
         log.info("engine loaded in %.0f s", time.perf_counter() - t)
         res = prefill_compile(engine, lengths, args.reps, min(lengths))
         name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
@@ -356,7 +360,7 @@ def main(argv: list[str] | None = None) -> int:
                            draft_expert_cache_gb=args.draft_expert_cache_gb if args.moe == "offload" else None,
                            graph_max_batch=max(conc), seed=0,
                            miss_service=args.miss_service if args.moe == "offload" else "copy",
-                           cpu_expert_threads=args.cpu_threads)
+                           cpu_expert_threads=args.cpu_threads, expert_dtype=args.expert_dtype)
         t = time.perf_counter()
         engine = LLMEngine(cfg)
         engine.warmup()

@@ -22,6 +22,7 @@ class _Settings:  # the fields of EngineConfig that RoutedExperts reads
     miss_service: str = "copy"
     cpu_expert_threads: int = 0
     spec_steps: int = 1
+    expert_dtype: str = "checkpoint"
 
 
 def test_draft_runner_has_isolated_state_budget_and_never_touches_target_pins(tiny_checkpoint):

@@ -27,7 +27,7 @@ OFF = {"chat_template_kwargs": {"enable_thinking": False}, "ignore_eos": True, "
 @pytest.fixture(scope="module")
 def engine(tiny_checkpoint):
     cfg = make_config(tiny_checkpoint, worker=REAL_WORKER, http_address="127.0.0.1:0", model_name="tiny",
-                      engine_args=("--max-running", "16"))
+                      max_running=16)
     with DaemonThread(cfg) as d:
         d.wait_ready(120)
         yield d

@@ -1,7 +1,7 @@
 """The daemon with the real CPU engine worker (`python -m moed.engine.worker`) on the tiny checkpoint.
 
-Oracle for token ids: moed.engine.generate.generate_ids, the single-sequence path without the
-scheduler, run in this process (fp32 on CPU, like the worker). A daemon that mixed up streams,
+Oracle for token ids: the same engine (LLMEngine, checked against transformers in test_parity_hf.py) run in
+this process on one prompt at a time (fp32 on CPU, like the worker). A daemon that mixed up streams,
 dropped or duplicated tokens, or mangled text would disagree with it.
 """
 
@@ -35,14 +35,13 @@ pytestmark = pytest.mark.skipif(not HAVE_REAL_WORKER, reason=NO_REAL_WORKER)
 
 @pytest.fixture(scope="module")
 def oracle(tiny_checkpoint):
-    import torch
+    from moed.engine.llm_engine import EngineConfig, LLMEngine
+    from moed.engine.protocol import SamplingParams
 
-    from moed.engine.generate import generate_ids, load
-
-    m = load(tiny_checkpoint, device="cpu", dtype=torch.float32)
+    engine = LLMEngine(EngineConfig(model=tiny_checkpoint, device="cpu", dtype="fp32"))
 
     def greedy(ids: list[int], n: int) -> list[int]:
-        return list(generate_ids(m, ids, n, temperature=0.0, stop_ids=None))
+        return engine.generate([ids], SamplingParams(max_tokens=n, ignore_eos=True))[0]
 
     return greedy
 
@@ -50,7 +49,7 @@ def oracle(tiny_checkpoint):
 @pytest.fixture(scope="module")
 def engine_daemon(tiny_checkpoint):
     with DaemonThread(make_config(tiny_checkpoint, worker=REAL_WORKER, stats_interval_s=0.1,
-                                  engine_args=("--max-running", "128"))) as d:
+                                  max_running=128)) as d:
         d.wait_ready(120)
         yield d
 

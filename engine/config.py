@@ -124,10 +124,6 @@ def choices(tp: Any) -> tuple[str, ...]:
     return typing.get_args(base) if typing.get_origin(base) is Literal else ()
 
 
-def setting_choices(cls: type, name: str) -> tuple[str, ...]:
-    return choices(_types(cls)[name])
-
-
 _TRUE, _FALSE = ("true", "yes", "on", "1"), ("false", "no", "off", "0")
 
 

@@ -86,6 +86,10 @@ class EngineConfig:
     seed: int | None = setting(None, "seeds the noise of requests that set no seed; auto = a random seed", min=0)
 
     def __post_init__(self) -> None:
+        if AUTO in (self.device, self.dtype):  # decided here, once: the engine sees a device and a dtype
+            device, dtype = resolve_device(self.device, self.dtype)
+            object.__setattr__(self, "device", device)
+            object.__setattr__(self, "dtype", dtype)
         problems = engine_problems(self)
         if problems:
             raise ValueError("; ".join(problems))
@@ -293,6 +297,4 @@ def resolve_device(device: str, dtype: str) -> tuple[str, str]:
 def engine_config_from_args(args: argparse.Namespace, model: str, **overrides: Any) -> EngineConfig:
     """The EngineConfig that flags from `add_engine_arguments` describe (device and dtype decided)."""
     values = {name: getattr(args, name) for name in ENGINE_SETTINGS if hasattr(args, name)}
-    values.update(overrides)
-    values["device"], values["dtype"] = resolve_device(values.get("device", AUTO), values.get("dtype", AUTO))
-    return EngineConfig(model=model, **values)
+    return EngineConfig(model=model, **{**values, **overrides})

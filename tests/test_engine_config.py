@@ -116,3 +116,12 @@ def test_bench_takes_the_vocabulary(capsys):
         main(["--help"])
     text = capsys.readouterr().out
     assert "--miss-service {auto,copy,hybrid,cpu}" in text and "--moe {torch,offload}" in text
+
+
+def test_auto_device_and_dtype_are_decided_once_at_construction():
+    import torch
+
+    cfg = EngineConfig(model="m", device="auto", dtype="auto")
+    want = "cuda" if torch.cuda.is_available() else "cpu"
+    assert (cfg.device, cfg.dtype) == (want, "bf16" if want == "cuda" else "fp32")
+    assert EngineConfig(model="m", device="cpu", dtype="auto").dtype == "fp32"

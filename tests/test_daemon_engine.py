@@ -154,9 +154,10 @@ def test_engine_worker_killed_then_recovers_and_drains(tiny_checkpoint, oracle):
             for it in its:
                 for _ in it:
                     pass
-            for i, s in enumerate(streams):
+            expected = oracle([tok.encode(f"drain {i}") for i in range(3)], 30)
+            for s, want in zip(streams, expected):
                 assert s.completion.finish_reason == "length"
-                assert s.completion.token_ids == oracle(tok.encode(f"drain {i}"), 30)
+                assert s.completion.token_ids == want
             d.thread.join(30)
             assert not d.thread.is_alive()
         finally:

@@ -49,7 +49,7 @@ def test_every_engine_setting_is_a_documented_daemon_key_of_the_same_type():
     ({"dtype": "fp16"}, "dtype must be one of fp32, bf16"),
     ({"max_running": 0}, "max_running must be >= 1"),
     ({"kv_memory_fraction": 1.5}, "kv_memory_fraction must be <= 1"),
-    ({"expert_cache_gb": -1.0}, "expert_cache_gb must be >= 0"),
+    ({"expert_cache_gb": 0.0}, "expert_cache_gb must be > 0"),
     ({"overlap": "yes"}, "overlap must be true or false"),
     ({"spec_steps": 1.5}, "spec_steps must be an integer"),
 ])

@@ -66,6 +66,7 @@ ErrorCode = Literal[
 def _doc(text: str, **constraints: Any) -> Meta:
     return Meta(description=text, **constraints)
 
+
 class SamplingParams(Struct, forbid_unknown_fields=True, omit_defaults=True):
     """Sampling and stopping, declared once for every side: the client library and `moed client` / `moed generate`
     flags (their help is the descriptions here), the daemon's request decoding and the engine (`moed.engine.protocol`

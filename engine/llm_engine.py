@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import torch
 
 from moed.attention.paged_kv import PagedKVPool
@@ -194,6 +195,8 @@ class LLMEngine:
     def add_request(self, request_id: str, prompt_token_ids: list[int], sampling: SamplingParams) -> None:
         """Queue a request; raises RequestError naming the bad field."""
         self._validate(request_id, prompt_token_ids, sampling)
+        if sampling.max_tokens is None:  # up to the context length, which the scheduler stops at anyway
+            sampling = msgspec.structs.replace(sampling, max_tokens=self.scheduler.max_seq_len)
         seed = sampling.seed if sampling.seed is not None else self._rng.getrandbits(63)
         self._arrivals += 1
         seq = Sequence(request_id, prompt_token_ids, sampling, seed & ((1 << 63) - 1), self._arrivals)

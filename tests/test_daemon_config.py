@@ -155,15 +155,16 @@ def test_builtin_model_names(monkeypatch, tmp_path):
 
 
 def test_builtin_name_next_to_a_folder_of_that_name_is_logged(monkeypatch, tmp_path, caplog):
-    from moed.daemon.service import resolve_model
+    from moed.daemon.service import builtin_model_dir, resolve_model
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("MOED_CACHE", str(tmp_path / "cache"))
-    (tmp_path / "cache" / "tiny-bf16-seed0").mkdir(parents=True)
-    (tmp_path / "cache" / "tiny-bf16-seed0" / "model.safetensors.index.json").write_text("{}")
+    cached = builtin_model_dir("tiny")
+    cached.mkdir(parents=True)
+    (cached / "model.safetensors.index.json").write_text("{}")
     (tmp_path / "tiny").mkdir()
     with caplog.at_level("INFO", logger="moed.daemon"):
-        assert resolve_model("tiny") == str(tmp_path / "cache" / "tiny-bf16-seed0")
+        assert resolve_model("tiny") == str(cached)
     assert "not the folder ./tiny; give a path (./tiny)" in caplog.text
     assert "the built-in tiny checkpoint in" in caplog.text
 

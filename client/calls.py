@@ -17,7 +17,8 @@ import msgspec
 
 from moed.client import protocol as cp
 
-DEFAULT_ADDRESS = "tcp://127.0.0.1:5710"
+DEFAULT_ADDRESS = "tcp://127.0.0.1:5710"  # also the daemon's default `listen`
+ADDRESS_ENV = "MOED_ADDRESS"  # where `moed client` finds the daemon when --address is not given
 SAMPLING_KEYS = frozenset(cp.SamplingParams.__struct_fields__)
 
 

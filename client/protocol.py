@@ -63,22 +63,50 @@ ErrorCode = Literal[
 ]
 
 
-class SamplingParams(Struct, forbid_unknown_fields=True, omit_defaults=True):
-    """Sampling and stopping. Stop strings are matched by the daemon on the detokenised text."""
+def _doc(text: str, **constraints: Any) -> Meta:
+    return Meta(description=text, **constraints)
 
-    temperature: Annotated[float, Meta(ge=0.0, le=100.0)] = 0.0  # 0 = greedy
-    top_k: Annotated[int, Meta(ge=0)] = 0  # 0 = off
-    top_p: Annotated[float, Meta(gt=0.0, le=1.0)] = 1.0
-    min_p: Annotated[float, Meta(ge=0.0, le=1.0)] = 0.0
-    repetition_penalty: Annotated[float, Meta(gt=0.0, le=100.0)] = 1.0
-    frequency_penalty: Annotated[float, Meta(ge=-2.0, le=2.0)] = 0.0
-    presence_penalty: Annotated[float, Meta(ge=-2.0, le=2.0)] = 0.0
-    seed: Annotated[int, Meta(ge=0, le=2**63 - 1)] | None = None
-    max_tokens: Annotated[int, Meta(ge=1)] | None = 256  # None: up to the model's context length
-    stop: Annotated[list[Annotated[str, Meta(min_length=1, max_length=1024)]], Meta(max_length=16)] = []
-    stop_token_ids: Annotated[list[TokenId], Meta(max_length=64)] = []
-    ignore_eos: bool = False
-    logprobs: Annotated[int, Meta(ge=0, le=20)] | None = None  # None: none; n: sampled token + top n
+
+class SamplingParams(Struct, forbid_unknown_fields=True, omit_defaults=True):
+    """Sampling and stopping, declared once for every side: the client library and `moed client` / `moed generate`
+    flags (their help is the descriptions here), the daemon's request decoding and the engine (`moed.engine.protocol`
+    re-exports this class). Constraints are checked wherever a value arrives: decoding a message, and
+    `check_sampling` for values built in Python. Stop strings are matched by the daemon on the detokenised text;
+    the engine sees token ids only."""
+
+    temperature: Annotated[float, _doc("sampling temperature; 0 = greedy", ge=0.0, le=100.0)] = 0.0
+    top_k: Annotated[int, _doc("sample from the k most likely tokens; 0 = off", ge=0)] = 0
+    top_p: Annotated[float, _doc("nucleus sampling: the smallest set of tokens with this much probability",
+                                 gt=0.0, le=1.0)] = 1.0
+    min_p: Annotated[float, _doc("drop tokens less likely than min_p x the most likely one", ge=0.0, le=1.0)] = 0.0
+    repetition_penalty: Annotated[float, _doc("divides the logits of tokens already in the prompt or output; 1 = "
+                                              "off", gt=0.0, le=100.0)] = 1.0
+    frequency_penalty: Annotated[float, _doc("subtracted per occurrence of a token in the output; 0 = off",
+                                             ge=-2.0, le=2.0)] = 0.0
+    presence_penalty: Annotated[float, _doc("subtracted once from tokens present in the output; 0 = off",
+                                            ge=-2.0, le=2.0)] = 0.0
+    seed: Annotated[int, _doc("per-request seed: the same seed and prompt give the same tokens", ge=0,
+                              le=2**63 - 1)] | None = None
+    max_tokens: Annotated[int, _doc("tokens generated at most; none = up to the model's context length",
+                                    ge=1)] | None = 256
+    stop: Annotated[list[Annotated[str, Meta(min_length=1, max_length=1024)]],
+                    _doc("strings that end the output (not included)", max_length=16)] = []
+    stop_token_ids: Annotated[list[TokenId], _doc("token ids that end the output", max_length=64)] = []
+    ignore_eos: Annotated[bool, _doc("keep generating past the model's end-of-sequence tokens")] = False
+    logprobs: Annotated[int, _doc("return each token's logprob and the n most likely alternatives", ge=0,
+                                  le=20)] | None = None
+
+
+_sampling_decoder = msgspec.msgpack.Decoder(SamplingParams)
+
+
+def check_sampling(sp: SamplingParams) -> None:
+    """Raise ValueError naming the field (`sampling.top_p: ...`) if a SamplingParams built in Python breaks a
+    constraint (messages are checked as they are decoded)."""
+    try:
+        _sampling_decoder.decode(_encoder.encode(sp))
+    except msgspec.ValidationError as e:
+        raise ValueError(f"sampling.{error_field(e) or ''}: {e}") from None
 
 
 class TextPart(Struct, tag="text", tag_field="type", forbid_unknown_fields=True):
@@ -240,7 +268,7 @@ class Pong(Struct, tag="pong", tag_field="type"):
 class HealthStatus(Struct, tag="health_status", tag_field="type"):
     id: str
     ok: bool
-    state: str  # engine state: starting, loading, ready, restarting, crash_loop, stopping
+    state: str  # engine state: starting, loading, ready, restarting, crash_loop, failed, stopping
     uptime_s: float
 
 

@@ -1,36 +1,51 @@
 """The daemon's configuration: defaults < TOML file < MOED_* environment < command-line flags.
 
-Each later source overrides the earlier ones key by key. The file is flat TOML (`key = value`,
-native types); an environment variable is `MOED_` + the key in capitals and a flag is `--` + the
-key with dashes, and both take text: numbers as written, lists comma-separated (`listen`) or split
-like a shell line (`engine_args`, `worker_command`). The file is named by `--config` or
-`MOED_CONFIG`. Every problem names the key, the source it came from and what is accepted;
-`moed config check FILE` reports them all at once, or prints the effective configuration.
+Each later source overrides the earlier ones key by key. The keys are the engine's settings (declared once in
+moed.engine.config and handed to the worker as its flags) and the daemon's own (`ServeConfig`). The file is flat
+TOML (`key = value`, native types, or text as the environment takes it); an environment variable is `MOED_` + the
+key in capitals and a flag is `--` + the key with dashes (booleans: `--KEY` / `--no-KEY`), and both take text:
+numbers as written, booleans as true/false, "auto" for a setting left to the engine, lists comma-separated
+(`listen`) or split like a shell line (`worker_command`). The file is named by `--config` or `MOED_CONFIG`. Every
+problem names the key, the source it came from and what is accepted; `moed config check [FILE]` reports them all
+at once, or prints the effective configuration.
 """
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import difflib
 import json
 import os
-import shlex
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
+
+from moed.client.calls import ADDRESS_ENV, DEFAULT_ADDRESS
+from moed.engine.config import (
+    AUTO,
+    ENGINE_SETTINGS,
+    Dtype,
+    EngineConfig,
+    base_type,
+    combination_problems,
+    metavar,
+    parse_setting,
+    setting,
+    setting_problem,
+    text_of,
+)
 
 BUILTIN_MODELS = ("tiny", "small")  # generated on first use by moed.model.checkpoint.builtin_checkpoint
 
 
 def builtin_name(model: str) -> str | None:
-    """The built-in checkpoint `model` names ("builtin:tiny", or "tiny" when no such directory exists), else None."""
+    """The built-in checkpoint `model` names ("tiny", "small" or "builtin:NAME"), else None: a directory.
+    A folder called tiny is given as a path (./tiny), so a bare name never depends on the working directory."""
     if model.startswith("builtin:"):
         return model.removeprefix("builtin:")
-    if model in BUILTIN_MODELS and not Path(model).is_dir():
-        return model
-    return None
-LOG_LEVELS = ("debug", "info", "warning", "error")
+    return model if model in BUILTIN_MODELS else None
 
 
 class ConfigError(Exception):
@@ -39,57 +54,60 @@ class ConfigError(Exception):
         self.problems = problems
 
 
-def _f(default: Any, doc: str, **kw: Any) -> Any:
-    return dataclasses.field(default=default, metadata={"doc": doc, **kw})
-
-
 @dataclasses.dataclass(frozen=True)
-class ServeConfig:
-    model: str = _f("", "checkpoint directory (HF layout), or a built-in one: tiny, small (builtin:tiny, ...)")
-    model_name: str = _f("", "name clients use for the model; default: the directory's name")
-    listen: tuple[str, ...] = _f(("tcp://127.0.0.1:5710",), "ZMQ endpoints for clients (tcp://HOST:PORT, ipc://PATH)")
-    metrics_address: str = _f("127.0.0.1:9710", "HOST:PORT for /metrics, /health, /ready; empty = off")
-    http_address: str = _f("127.0.0.1:8710", "HOST:PORT of the OpenAI-compatible HTTP API (/v1/...); empty = off")
-    http_api_key: str = _f("", "when set, HTTP API requests need 'Authorization: Bearer KEY'", secret=True)
-    http_max_requests: int = _f(1024, "generate requests (choices) in flight over HTTP; more get 429", min=1)
-    device: str = _f("", "engine --device (cpu, cuda); empty = engine default")
-    dtype: str = _f("", "engine --dtype; empty = engine default")
-    max_running: int = _f(0, "engine --max-running (max running sequences); 0 = engine default", min=0)
-    kv_pages: int = _f(0, "engine --kv-pages; 0 = engine default (sized from memory)", min=0)
-    stats_interval_s: float = _f(1.0, "engine stats period in seconds", gt=0)
-    engine_args: tuple[str, ...] = _f((), "further engine worker flags, passed verbatim")
-    worker_command: tuple[str, ...] = _f((), "argv that starts a worker; empty = python -m moed.engine.worker")
-    runtime_dir: str = _f("", "directory for ipc sockets; empty = $RUNTIME_DIRECTORY or /tmp/moed-UID")
-    max_message_bytes: int = _f(8 << 20, "largest client message answered (bytes); larger ones get an Error, and "
-                                         "ones over 4x this are cut off by ZMQ with no reply", min=1024)
-    client_concurrency: int = _f(256, "in-flight generate requests allowed per client", min=1)
-    client_queue_limit: int = _f(1024, "replies queued for a client that does not read before it is dropped",
-                                 min=16)
-    client_send_hwm: int = _f(1000, "messages ZMQ buffers per client before the daemon's own outbox (which "
-                                    "merges a stream's chunks) takes over", min=1)
-    client_timeout_s: float = _f(30.0, "a client silent this long while it has requests in flight loses them",
-                                 gt=0)
-    default_deadline_s: float = _f(0.0, "deadline for requests that set none (seconds); 0 = none", min=0)
-    drain_timeout_s: float = _f(30.0, "on SIGTERM, time in-flight requests get to finish before abort", min=0)
-    curve_secret_key: str = _f("", "the daemon's Curve secret certificate (zmq.auth format); empty = no Curve")
-    curve_allowed_clients: str = _f("", "directory of allowed client public certificates (*.key)")
-    worker_start_timeout_s: float = _f(1800.0, "time a worker gets to load the model and warm up", gt=0)
-    engine_stall_timeout_s: float = _f(60.0, "a worker silent this long is killed and restarted", gt=0)
-    restart_backoff_s: float = _f(1.0, "first restart delay after a worker crash; doubles per crash", min=0)
-    restart_backoff_max_s: float = _f(60.0, "largest restart delay", min=0)
-    crash_loop_restarts: int = _f(5, "this many crashes within crash_loop_window_s end restarts (unready)",
-                                  min=1)
-    crash_loop_window_s: float = _f(600.0, "window for crash_loop_restarts", gt=0)
-    log_level: str = _f("info", "debug, info, warning, error", choices=LOG_LEVELS)
-    placement: str = _f("off", "expert placement manager (needs engine_args --moe offload): on, off",
-                        choices=("on", "off"))
-    placement_pin_budget: int = _f(4, "experts pinned per cached MoE layer, operator pins included (must stay "
-                                      "below the layer's cache slots)", min=0)
-    placement_interval_s: float = _f(30.0, "seconds between pin recomputations from the engine's expert counts",
-                                     gt=0)
-    placement_state_file: str = _f("", "expert counts and operator pins kept across restarts; empty = "
-                                       "$STATE_DIRECTORY (else ~/.local/state/moed)/placement-NAME.json; "
-                                       "none = not kept")
+class ServeConfig(EngineConfig):
+    """The daemon's settings: every engine setting (moed.engine.config.EngineConfig, passed to the worker) and
+    the daemon's own. Checked by `load_config`, which names the source of each bad value."""
+
+    model: str = setting("", "checkpoint directory (HF layout), or a built-in one: tiny, small (builtin:tiny, ...); "
+                             "a folder of such a name is given as a path (./tiny)")
+    # A daemon runs on the GPU when there is one: the engine library's own default is the CPU.
+    device: str = setting(AUTO, EngineConfig.__dataclass_fields__["device"].metadata["doc"])
+    dtype: Dtype | Literal["auto"] = setting(AUTO, EngineConfig.__dataclass_fields__["dtype"].metadata["doc"])
+    model_name: str = setting("", "name clients use for the model; default: the directory's name")
+    listen: tuple[str, ...] = setting((DEFAULT_ADDRESS,), "ZMQ endpoints for clients (tcp://HOST:PORT, ipc://PATH), "
+                                                          "comma-separated", split="comma")
+    metrics_address: str = setting("127.0.0.1:9710", "HOST:PORT for /metrics, /health, /ready; empty = off")
+    http_address: str = setting("127.0.0.1:8710", "HOST:PORT of the OpenAI-compatible HTTP API (/v1/...); empty = "
+                                                   "off")
+    http_api_key: str = setting("", "when set, HTTP API requests need 'Authorization: Bearer KEY'", secret=True)
+    http_max_requests: int = setting(1024, "generate requests (choices) in flight over HTTP; more get 429", min=1)
+    stats_interval_s: float = setting(1.0, "engine stats period in seconds", gt=0)
+    worker_command: tuple[str, ...] = setting((), "argv that starts a worker; empty = python -m moed.engine.worker",
+                                              split="shell")
+    runtime_dir: str = setting("", "directory for ipc sockets; empty = $RUNTIME_DIRECTORY or /tmp/moed-UID")
+    max_message_bytes: int = setting(8 << 20, "largest client message answered (bytes); larger ones get an Error, and "
+                                              "ones over 4x this are cut off by ZMQ with no reply", min=1024)
+    client_concurrency: int = setting(256, "in-flight generate requests allowed per client", min=1)
+    client_queue_limit: int = setting(1024, "replies queued for a client that does not read before it is dropped",
+                                      min=16)
+    client_send_hwm: int = setting(1000, "messages ZMQ buffers per client before the daemon's own outbox (which "
+                                         "merges a stream's chunks) takes over", min=1)
+    client_timeout_s: float = setting(30.0, "a client silent this long while it has requests in flight loses them",
+                                      gt=0)
+    default_deadline_s: float = setting(0.0, "deadline for requests that set none (seconds); 0 = none", min=0)
+    drain_timeout_s: float = setting(30.0, "on SIGTERM, time in-flight requests get to finish before abort", min=0)
+    curve_secret_key: str = setting("", "the daemon's Curve secret certificate (zmq.auth format); empty = no Curve")
+    curve_allowed_clients: str = setting("", "directory of allowed client public certificates (*.key)")
+    worker_start_timeout_s: float = setting(1800.0, "time a worker gets to load the model and warm up", gt=0)
+    engine_stall_timeout_s: float = setting(60.0, "a worker silent this long is killed and restarted", gt=0)
+    restart_backoff_s: float = setting(1.0, "first restart delay after a worker crash; doubles per crash", min=0)
+    restart_backoff_max_s: float = setting(60.0, "largest restart delay", min=0)
+    crash_loop_restarts: int = setting(5, "this many crashes within crash_loop_window_s end restarts (unready; a "
+                                          "worker that was never ready ends the daemon instead)", min=1)
+    crash_loop_window_s: float = setting(600.0, "window for crash_loop_restarts", gt=0)
+    log_level: Literal["debug", "info", "warning", "error"] = setting("info", "debug, info, warning, error")
+    placement: Literal["on", "off"] = setting("off", "expert placement manager (needs moe = offload): on, off")
+    placement_pin_budget: int = setting(4, "experts pinned per cached MoE layer, operator pins included (must stay "
+                                           "below the layer's cache slots)", min=0)
+    placement_interval_s: float = setting(30.0, "seconds between pin recomputations from the engine's expert counts",
+                                          gt=0)
+    placement_state_file: str = setting("", "expert counts and operator pins kept across restarts; empty = "
+                                            "$STATE_DIRECTORY (else ~/.local/state/moed)/placement-NAME.json; "
+                                            "none = not kept")
+
+    def __post_init__(self) -> None:
+        pass  # load_config checks every value and names its source; the engine checks what it is given again
 
     @property
     def served_name(self) -> str:
@@ -108,8 +126,8 @@ class ServeConfig:
         return Path(base) / f"placement-{self.served_name.replace('/', '_')}.json"
 
 
-FIELDS = {f.name: f for f in dataclasses.fields(ServeConfig)}
-_SHELL_LISTS = ("engine_args", "worker_command")
+# Daemon keys first, then the engine's, in declaration order: how `--help` and `moed config check` list them.
+FIELDS = {f.name: f for f in sorted(dataclasses.fields(ServeConfig), key=lambda f: f.name in ENGINE_SETTINGS)}
 
 
 def env_name(key: str) -> str:
@@ -120,48 +138,16 @@ def flag_name(key: str) -> str:
     return "--" + key.replace("_", "-")
 
 
-def _kind(key: str) -> type:
-    return {"int": int, "float": float, "str": str, "tuple[str, ...]": tuple}[FIELDS[key].type]
-
-
-def _from_text(key: str, text: str) -> Any:
-    """Parse an environment or flag value; raises ValueError saying what is accepted."""
-    kind = _kind(key)
-    if kind is int:
-        return int(text)
-    if kind is float:
-        return float(text)
-    if kind is tuple:
-        if key in _SHELL_LISTS:
-            return tuple(shlex.split(text))
-        return tuple(p.strip() for p in text.split(",") if p.strip())
-    return text
-
-
-def _check(key: str, value: Any, where: str) -> str | None:
-    """None if `value` is acceptable for `key`, else the problem."""
-    f = FIELDS[key]
-    kind = _kind(key)
-    meta = f.metadata
-    got = f"got {value!r} ({type(value).__name__})"
-    if kind is int and (not isinstance(value, int) or isinstance(value, bool)):
-        return f"{key} from {where}: must be an integer, {got}"
-    if kind is float and (not isinstance(value, int | float) or isinstance(value, bool)):
-        return f"{key} from {where}: must be a number, {got}"
-    if kind is str and not isinstance(value, str):
-        return f"{key} from {where}: must be a string, {got}"
-    if kind is tuple and (not isinstance(value, tuple) or not all(isinstance(v, str) for v in value)):
-        return f"{key} from {where}: must be a list of strings, {got}"
-    if kind in (int, float):
-        if value != value or value in (float("inf"), float("-inf")):
-            return f"{key} from {where}: must be a finite number, {got}"
-        if "min" in meta and value < meta["min"]:
-            return f"{key} from {where}: must be >= {meta['min']}, {got}"
-        if "gt" in meta and value <= meta["gt"]:
-            return f"{key} from {where}: must be > {meta['gt']}, {got}"
-    if "choices" in meta and value not in meta["choices"]:
-        return f"{key} from {where}: must be one of {', '.join(meta['choices'])}, {got}"
-    return None
+def _from_file(key: str, value: Any) -> Any:
+    """A TOML value as the setting's type: text is read as the environment's would be (`listen = "tcp://..."`,
+    `expert_cache_gb = "auto"`), integers pass as numbers, arrays as lists."""
+    if isinstance(value, str):
+        return parse_setting(ServeConfig, key, value)
+    if isinstance(value, int) and not isinstance(value, bool) and base_type(ServeConfig, key) is float:
+        return float(value)
+    if isinstance(value, list):
+        return tuple(value)
+    return value
 
 
 def _check_semantics(cfg: ServeConfig, sources: Mapping[str, str], check_files: bool) -> list[tuple[str, str]]:
@@ -208,6 +194,11 @@ def _check_semantics(cfg: ServeConfig, sources: Mapping[str, str], check_files: 
     if cfg.restart_backoff_max_s < cfg.restart_backoff_s:
         problems.append(("restart_backoff_max_s", f"{at('restart_backoff_max_s')}: must be >= restart_backoff_s "
                                                   f"({cfg.restart_backoff_s})"))
+    if cfg.placement == "on" and cfg.moe != "offload":
+        problems.append(("placement", f"{at('placement')} with {at('moe')}: the placement manager pins experts in "
+                                      "the GPU expert cache, which only moe = offload has"))
+    for key, problem in combination_problems(cfg):
+        problems.append((key, f"{at(key)}: {problem}"))
     return problems
 
 
@@ -239,30 +230,29 @@ def load_config(file: str | Path | None = None, env: Mapping[str, str] | None = 
                 hint = f" (did you mean {close[0]!r}?)" if close else ""
                 problems.append(f"unknown key {key!r} in {str(path)!r}{hint}; keys are listed by `moed serve --help`")
                 continue
-            if _kind(key) is float and isinstance(value, int) and not isinstance(value, bool):
-                value = float(value)
-            elif _kind(key) is tuple and isinstance(value, list):
-                value = tuple(value)
-            values[key], sources[key] = value, str(path)
+            try:
+                values[key], sources[key] = _from_file(key, value), str(path)
+            except ValueError as e:
+                problems.append(f"{key} from {str(path)!r}: {e}")
     for key in FIELDS:
         name = env_name(key)
         if name in env:
             try:
-                values[key], sources[key] = _from_text(key, env[name]), f"environment {name}"
-            except ValueError:
-                problems.append(f"{key} from environment {name}: cannot parse {env[name]!r} as {FIELDS[key].type}")
+                values[key], sources[key] = parse_setting(ServeConfig, key, env[name]), f"environment {name}"
+            except ValueError as e:
+                problems.append(f"{key} from environment {name}: {e}")
     for key, text in flags.items():
         if key not in FIELDS:
             raise ConfigError([f"unknown option {flag_name(key)}"])
         try:
-            values[key], sources[key] = _from_text(key, text), f"flag {flag_name(key)}"
-        except ValueError:
-            problems.append(f"{key} from flag {flag_name(key)}: cannot parse {text!r} as {FIELDS[key].type}")
+            values[key], sources[key] = parse_setting(ServeConfig, key, text), f"flag {flag_name(key)}"
+        except ValueError as e:
+            problems.append(f"{key} from flag {flag_name(key)}: {e}")
     bad_keys = set()
     for key, value in list(values.items()):
-        p = _check(key, value, sources[key])
+        p = setting_problem(ServeConfig, key, value)
         if p:
-            problems.append(p)
+            problems.append(f"{key} from {sources[key]}: {p}")
             bad_keys.add(key)
             del values[key]
     cfg = ServeConfig(**values)  # the well-typed values, so every further problem is found in one pass
@@ -275,16 +265,20 @@ def load_config(file: str | Path | None = None, env: Mapping[str, str] | None = 
 def unknown_env(env: Mapping[str, str] | None = None) -> list[str]:
     """MOED_* variables that name no key (likely typos); reported, not fatal (workers read their own)."""
     env = os.environ if env is None else env
-    known = {env_name(k) for k in FIELDS} | {"MOED_CONFIG", "MOED_CACHE"}  # MOED_CACHE: built-in checkpoints
+    # MOED_CACHE: built-in checkpoints and kernel builds; MOED_ADDRESS: where `moed client` finds the daemon
+    known = {env_name(k) for k in FIELDS} | {"MOED_CONFIG", "MOED_CACHE", ADDRESS_ENV}
     return sorted(n for n in env if n.startswith("MOED_") and n not in known)
 
 
 def render(cfg: ServeConfig, sources: Mapping[str, str]) -> str:
-    """The effective configuration as TOML, each line marked with its source."""
+    """The effective configuration as TOML (settings left to the engine as "auto"), each line marked with its
+    source."""
     lines = []
     for key in FIELDS:
+        if key == ENGINE_SETTINGS[0]:
+            lines.append("# engine settings (moed.engine.config)")
         value = getattr(cfg, key)
-        value = list(value) if isinstance(value, tuple) else value
+        value = list(value) if isinstance(value, tuple) else AUTO if value is None else value
         if FIELDS[key].metadata.get("secret") and value:
             value = "(set, not shown)"
         lines.append(f"{key} = {json.dumps(value, ensure_ascii=False)}  # {sources.get(key, 'default')}")
@@ -292,14 +286,23 @@ def render(cfg: ServeConfig, sources: Mapping[str, str]) -> str:
 
 
 def add_config_arguments(parser: Any, exclude: tuple[str, ...] = ()) -> None:
-    """One flag per key (text, parsed like the environment); unset flags stay None."""
+    """One flag per key, in two groups (daemon, engine); values are text parsed like the environment's, booleans
+    are --KEY / --no-KEY; unset flags stay None so the file and the environment show through."""
+    groups = {False: parser.add_argument_group("daemon settings"),
+              True: parser.add_argument_group("engine settings (passed to the engine worker)")}
     for key, f in FIELDS.items():
         if key in exclude:
             continue
-        parser.add_argument(flag_name(key), dest=f"cfg_{key}", default=None, metavar=key.split("_")[-1].upper(),
-                            help=f"{f.metadata['doc']} [{env_name(key)}]")
+        group = groups[key in ENGINE_SETTINGS]
+        default = text_of(f.default) or "''"
+        help_text = f"{f.metadata['doc']} (default: {default}) [{env_name(key)}]"
+        if base_type(ServeConfig, key) is bool:
+            group.add_argument(flag_name(key), dest=f"cfg_{key}", action=argparse.BooleanOptionalAction,
+                               default=None, help=help_text)
+        else:
+            group.add_argument(flag_name(key), dest=f"cfg_{key}", default=None, metavar=metavar(ServeConfig, key),
+                               help=help_text)
 
 
 def flags_from_args(args: Any) -> dict[str, str]:
-    return {k: getattr(args, f"cfg_{k}") for k in FIELDS if getattr(args, f"cfg_{k}", None) is not None}
-
+    return {k: text_of(getattr(args, f"cfg_{k}")) for k in FIELDS if getattr(args, f"cfg_{k}", None) is not None}

@@ -19,6 +19,7 @@ import bisect
 import itertools
 import logging
 import platform
+import typing
 from collections.abc import Callable, Iterator
 from importlib import metadata
 from pathlib import Path
@@ -35,6 +36,7 @@ from prometheus_client import (
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.metrics_core import HistogramMetricFamily
 
+from moed.engine.config import ResolvedMissService
 from moed.engine.protocol import EngineStats
 
 log = logging.getLogger(__name__)
@@ -49,7 +51,8 @@ DISPATCH_BUCKETS = (1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 
 FINISH_REASONS = ("stop", "length", "abort", "deadline", "error")
 PHASE_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.3, 0.5, 0.8, 1, 1.5, 2, 2.5, 5, 10, 15, 20, 30, 40, 50, 60, 120, 240, 480,
                  960, 1920, 7680)
-ENGINE_STATES = ("starting", "loading", "ready", "restarting", "crash_loop", "stopping", "stopped")
+MISS_SERVICE_LABELS = typing.get_args(ResolvedMissService)
+ENGINE_STATES = ("starting", "loading", "ready", "restarting", "crash_loop", "failed", "stopping", "stopped")
 
 
 class LoopHistogram:
@@ -183,7 +186,7 @@ class Metrics:
                                      "Used experts that had been prefetched, since the worker started", layer,
                                      registry=r)
         self.miss_service = Gauge("moed_expert_miss_service", "1 for the policy serving expert misses in decode "
-                                  "(copy, hybrid, cpu)", ["policy"], registry=r)
+                                  f"({', '.join(MISS_SERVICE_LABELS)})", ["policy"], registry=r)
         self.miss_service_rate = Gauge("moed_expert_miss_service_rate_bytes_per_second", "Rates the hybrid split "
                                        "uses: CPU experts (re-measured under load) and copies", ["path"], registry=r)
         self.expert_pinned = Gauge("moed_expert_pinned", "Experts pinned in the GPU cache (placement manager)",
@@ -234,7 +237,7 @@ class Metrics:
         self._increase(self.spec_draft, ("spec_draft",), stats.spec_draft_tokens)
         self._increase(self.spec_accepted, ("spec_accepted",), stats.spec_accepted_tokens)
         if stats.miss_service:
-            for policy in ("copy", "hybrid", "cpu"):
+            for policy in MISS_SERVICE_LABELS:
                 self.miss_service.labels(policy).set(1 if policy == stats.miss_service else 0)
         for path, rate in stats.miss_service_rates_Bps.items():
             self.miss_service_rate.labels(path).set(rate)

@@ -795,11 +795,8 @@ class Daemon:
                                   IncrementalDetokenizer(self.tokenizer, ids, msg.skip_special_tokens), now,
                                   now + deadline_s if deadline_s else None, self.supervisor.generation, index, chat)
             seed = None if s.seed is None else (s.seed + index) % 2**63  # distinct, reproducible choices
-            sampling = ep.SamplingParams(
-                temperature=s.temperature, top_k=s.top_k, top_p=s.top_p, min_p=s.min_p,
-                repetition_penalty=s.repetition_penalty, frequency_penalty=s.frequency_penalty,
-                presence_penalty=s.presence_penalty, seed=seed, max_tokens=max_tokens,
-                stop_token_ids=list(s.stop_token_ids), ignore_eos=s.ignore_eos, logprobs=s.logprobs)
+            # The client's own SamplingParams: stop strings are matched here, on text; max_tokens is decided
+            sampling = msgspec.structs.replace(s, stop=[], seed=seed, max_tokens=max_tokens)
             if not self._send_to_engine(ep.AddRequest(request_id=engine_id, prompt_token_ids=ids, sampling=sampling)):
                 if choices:
                     self._send_to_engine(ep.Abort(request_ids=[r.engine_id for r in choices]))

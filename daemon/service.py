@@ -3,7 +3,8 @@
 Reads the configuration (daemon/config.py gives the precedence), resolves built-in models (tiny,
 small: generated once into $MOED_CACHE or ~/.cache/moed by moed.model.checkpoint in a subprocess,
 since generating needs torch and the daemon must not import it), installs uvloop when present, turns SIGTERM and
-SIGINT into a drain, and exits 0 after a drain, 1 when start-up fails, 2 on a bad configuration.
+SIGINT into a drain, and exits 0 after a drain, 1 when start-up fails (the engine worker's own start-up
+failures included: see supervisor.py), 2 on a bad configuration.
 """
 
 from __future__ import annotations
@@ -39,8 +40,8 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def add_config_check_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("file", help="TOML configuration file to validate")
-    parser.add_argument("--no-env", action="store_true", help="ignore MOED_* environment variables")
+    parser.add_argument("file", nargs="?", help="TOML configuration file to validate (default: $MOED_CONFIG)")
+    parser.add_argument("--no-env", action="store_true", help="ignore MOED_* environment variables (MOED_CONFIG too)")
 
 
 def builtin_model_dir(name: str) -> Path:
@@ -55,10 +56,14 @@ def resolve_model(model: str) -> str:
     name = builtin_name(model)
     if name is None:
         return model
+    if Path(model).is_dir():
+        log.warning("model %r is the built-in %s checkpoint, not the folder ./%s; give a path (./%s) to serve the "
+                    "folder", model, name, model, model)
     out = builtin_model_dir(name)
     if (out / "model.safetensors.index.json").is_file():
+        log.info("model: the built-in %s checkpoint in %s", name, out)
         return str(out)
-    log.info("generating the built-in %s checkpoint (once)", name)
+    log.info("generating the built-in %s checkpoint (once) into %s", name, out)
     code = "import sys; from moed.model.checkpoint import builtin_checkpoint; print(builtin_checkpoint(sys.argv[1]))"
     done = subprocess.run([sys.executable, "-c", code, name], check=True, capture_output=True, text=True)
     return done.stdout.strip().splitlines()[-1]
@@ -85,8 +90,19 @@ async def _serve(cfg: ServeConfig, model_dir: str) -> int:
         log.error("cannot start: %s", e)
         await daemon.stop()
         return 1
-    await daemon.wait_stopped()
-    return 0
+    assert daemon.supervisor is not None
+    stopped = asyncio.ensure_future(daemon.wait_stopped())
+    failed = asyncio.ensure_future(daemon.supervisor.failed.wait())
+    await asyncio.wait({stopped, failed}, return_when=asyncio.FIRST_COMPLETED)
+    if stopped.done():
+        failed.cancel()
+        return 0
+    # The worker cannot start: staying up unready would only hide that from the operator and from systemd.
+    reason = daemon.supervisor.reason
+    await daemon.stop()
+    stopped.cancel()
+    print(f"moed serve: {reason}", file=sys.stderr)
+    return 1
 
 
 def serve_main(args: argparse.Namespace) -> int:
@@ -112,10 +128,14 @@ def serve_main(args: argparse.Namespace) -> int:
 
 def config_check_main(args: argparse.Namespace) -> int:
     env = {} if getattr(args, "no_env", False) else os.environ
+    file = args.file or env.get("MOED_CONFIG")
+    if not file:
+        print("moed config check: give a TOML file or set MOED_CONFIG", file=sys.stderr)
+        return 2
     try:
-        cfg, sources = load_config(args.file, env, {})
+        cfg, sources = load_config(file, env, {})
     except ConfigError as e:
-        print(f"{args.file}: {len(e.problems)} problem(s):\n  " + "\n  ".join(e.problems), file=sys.stderr)
+        print(f"{file}: {len(e.problems)} problem(s):\n  " + "\n  ".join(e.problems), file=sys.stderr)
         return 1
     for name in unknown_env(env):
         print(f"warning: environment variable {name} names no configuration key", file=sys.stderr)

@@ -8,8 +8,10 @@ while its messages (EngineStats at least every stats interval) keep arriving; on
 `engine_stall_timeout_s`, or not ready after `worker_start_timeout_s`, is killed. Whenever an
 incarnation ends, `on_lost` fails everything it held; the next one starts after a back-off that
 doubles per crash; `crash_loop_restarts` crashes within `crash_loop_window_s` stop restarting and
-leave the daemon unready with the reason (state "crash_loop"). The worker's stderr passes through
-to the daemon's, and its last lines go into the crash reason.
+leave the daemon unready with the reason (state "crash_loop"). A worker that was never ready and fails
+twice the same way (the same reported error, or the same exit and last stderr line), or crash-loops, will
+not start by being retried: state "failed", `failed` is set, and `moed serve` exits non-zero with its error.
+The worker's stderr passes through to the daemon's, and its last lines go into the crash reason.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import collections
 import contextlib
 import logging
 import os
+import re
 import signal
 import sys
 import time
@@ -31,11 +34,14 @@ import zmq.asyncio
 
 from moed.daemon.config import ServeConfig
 from moed.engine import protocol as ep
+from moed.engine.config import engine_argv
 
 log = logging.getLogger(__name__)
 
 IPC_PATH_MAX = 100  # sun_path is 108 bytes on Linux, with a terminating NUL
 STDERR_TAIL_LINES = 20
+_TIMESTAMP = re.compile(r"^\d{4}-\d\d-\d\d[ T]\d\d:\d\d:\d\d[,.]\d+ ")  # the worker's log line prefix
+_PID = re.compile(r"\[\d+\]")  # worker[1234]
 
 
 def default_runtime_dir() -> Path:
@@ -80,6 +86,8 @@ class WorkerSupervisor:
         self._fatal = ""
         self._stderr_tail: collections.deque[str] = collections.deque(maxlen=STDERR_TAIL_LINES)
         self._task: asyncio.Task | None = None
+        self.ever_ready = False
+        self.failed = asyncio.Event()  # set with state "failed": a worker that cannot start; `reason` says why
 
     # --- public -----------------------------------------------------------------------------
 
@@ -158,17 +166,8 @@ class WorkerSupervisor:
     def _worker_argv(self, to_ep: str, from_ep: str) -> list[str]:
         cfg = self.cfg
         argv = list(cfg.worker_command) or [sys.executable, "-m", "moed.engine.worker"]
-        argv += ["--model", self.model_dir, "--to-worker", to_ep, "--from-worker", from_ep,
-                 "--stats-interval", str(cfg.stats_interval_s)]
-        if cfg.device:
-            argv += ["--device", cfg.device]
-        if cfg.dtype:
-            argv += ["--dtype", cfg.dtype]
-        if cfg.max_running:
-            argv += ["--max-running", str(cfg.max_running)]
-        if cfg.kv_pages:
-            argv += ["--kv-pages", str(cfg.kv_pages)]
-        return argv + list(cfg.engine_args)
+        return [*argv, "--model", self.model_dir, "--to-worker", to_ep, "--from-worker", from_ep,
+                "--stats-interval", str(cfg.stats_interval_s), *engine_argv(cfg)]
 
     def _open_sockets(self) -> tuple[str, str]:
         self.runtime_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -205,6 +204,7 @@ class WorkerSupervisor:
     async def _run(self) -> None:
         crashes: collections.deque[float] = collections.deque()
         delay = self.cfg.restart_backoff_s
+        last_start_failure = ""
         try:
             while not self._stopping:
                 self.generation += 1
@@ -218,6 +218,17 @@ class WorkerSupervisor:
                 crashes.append(now)
                 while crashes and now - crashes[0] > self.cfg.crash_loop_window_s:
                     crashes.popleft()
+                if not self.ever_ready:
+                    failure = self._start_failure(reason)
+                    if failure == last_start_failure or len(crashes) >= self.cfg.crash_loop_restarts:
+                        why = (f"the engine worker cannot start: it failed {len(crashes)} times before it was ever "
+                               f"ready, the last {'two the same way' if failure == last_start_failure else 'time'}:"
+                               f" {failure}")
+                        log.error("%s", why)
+                        self._set_state("failed", why)
+                        self.failed.set()
+                        return
+                    last_start_failure = failure
                 if len(crashes) >= self.cfg.crash_loop_restarts:
                     why = (f"crash loop: the engine worker failed {len(crashes)} times within "
                            f"{self.cfg.crash_loop_window_s:.0f} s; not restarting. Last failure: {reason}")
@@ -239,6 +250,14 @@ class WorkerSupervisor:
             self._set_state("crash_loop", f"supervisor error: {e}")
         finally:
             self._close_sockets()
+
+    def _start_failure(self, reason: str) -> str:
+        """What a failed start said, without what changes between attempts (time stamps, pids): the error the
+        worker reported, else how it ended and its last line of stderr."""
+        if self._fatal:
+            return self._fatal
+        lines = [_TIMESTAMP.sub("", _PID.sub("", line)).strip() for line in self._stderr_tail if line.strip()]
+        return f"{reason.split(';')[0]}: {lines[-1]}" if lines else reason
 
     async def _run_once(self) -> str:
         """Run one worker incarnation until it ends; returns why it ended."""
@@ -313,6 +332,7 @@ class WorkerSupervisor:
                     return (f"worker speaks engine protocol {msg.protocol_version}, daemon speaks "
                             f"{ep.PROTOCOL_VERSION}")
                 self.info = msg
+                self.ever_ready = True
                 self._on_ready(msg)
                 self._set_state("ready", "")
             elif isinstance(msg, ep.WorkerFatal):

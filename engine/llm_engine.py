@@ -18,17 +18,18 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import math
 import random
 import time
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import torch
 
 from moed.attention.paged_kv import PagedKVPool
 from moed.attention.select import choose_backend, make_attention_backend, probe_platform
 from moed.engine.compiled import CompiledPrefill
+from moed.engine.config import EngineConfig
 from moed.engine.cuda_graphs import DecodeGraphs, graph_capable
 from moed.engine.kv_pages import KVPages
 from moed.engine.model_runner import ModelRunner, PendingTokens
@@ -39,66 +40,24 @@ from moed.engine.protocol import (
     RequestOutput,
     SamplingParams,
     TokenLogprobs,
+    check_sampling,
 )
 from moed.engine.sampler import Sampler, SampleResult, SamplingRow, SamplingTensors, uses_penalties, with_logprobs
 from moed.engine.scheduler import Batch, ScheduledSeq, Scheduler, SchedulerConfig
 from moed.engine.sequence import PENDING, Sequence
 from moed.engine.spec_decode import DraftInput, MTPDrafter, verify_drafts
 from moed.model.attention_interface import AttentionBackend
-from moed.model.config import EXPERT_DTYPES, ExpertDtype, GlmMoeDsaConfig
+from moed.model.config import GlmMoeDsaConfig
 from moed.model.weights import load_model
 from moed.offload.routed_experts import RoutedExperts
 
 log = logging.getLogger(__name__)
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-MOE_RUNNERS = ("torch", "offload")
-MISS_SERVICES = ("auto", "copy", "hybrid", "cpu")
-MAX_LOGPROBS = 20
-
 
 
 class RequestError(ValueError):
     """A request the engine refuses; the message names the request and the bad field."""
-
-
-@dataclasses.dataclass
-class EngineConfig:
-    model: str  # checkpoint directory
-    device: str = "cpu"
-    dtype: str = "fp32"  # fp32 | bf16
-    max_running: int = 64
-    max_tokens_per_step: int = 2048
-    kv_pages: int | None = None  # None: reference backend: room for max_running sequences of max_model_len;
-    #                              paged backend: kv_memory_fraction of the device memory free after loading
-    kv_memory_fraction: float = 0.9
-    page_size: int = 64
-    spec_steps: int = 0  # MTP draft tokens per decode step (0: off)
-    max_model_len: int | None = None  # None: the config's max_position_embeddings
-    attention: str = "auto"  # auto | reference | triton | trtllm (attention.select picks and logs)
-    kv_latent_dtype: str | None = None  # paged pools; None: bf16 when the model is bf16, else fp32
-    kv_index_dtype: str | None = None  # paged pools; None: fp8 on CUDA, else the latent dtype
-    moe: str = "torch"  # torch (every expert resident) | offload (host store + GPU expert cache)
-    expert_cache_gb: float | None = None  # offload: the target's expert cache budget (None: what is free)
-    draft_expert_cache_gb: float | None = None  # offload: the draft's own budget (None: the target's per-layer share)
-    # offload: how decode steps serve expert misses: copy (to the GPU cache; exact FP8), hybrid (decode steps split
-    # their misses between CPU experts and copies by measured rates), cpu (every decode miss on the CPU), auto
-    # (hybrid on CUDA, copy on a CPU device). All three run inside CUDA graphs; prefill steps always copy.
-    miss_service: str = "auto"
-    cpu_expert_threads: int = 0  # CPU experts' threads; 0: every core but one
-    cuda_graphs: bool = True  # decode through CUDA graphs when on CUDA with capturable backends
-    # Plan and launch step n + 1 before reading step n's tokens back (ignored with spec_steps: MTP steps stay in step).
-    overlap: bool = True
-    graph_max_batch: int = 128
-    graph_max_context: int = 8192  # contexts longer than this decode eagerly
-    # Eager steps (prefill chunks, ungraphed decode) of >= compile_min_tokens tokens run their decoder layers
-    # through torch.compile (engine/compiled.py). Off by default: on the H100 it made glm51-slice prefill only
-    # 1.00-1.06x faster (512-8192 tokens, experts resident) for ~22 s of compiling at warm-up (docs/benchmarks.md).
-    compile_prefill: bool = False
-    compile_min_tokens: int = 2048
-    seed: int | None = None  # seeds the draw of noise keys for requests without one
-    expert_dtype: ExpertDtype = "checkpoint"  # checkpoint | int4 (bf16 / FP8 routed experts quantised at load)
-    int4_cache_dir: str | None = None  # expert_dtype int4: quantised experts kept here for the next start
 
 
 class _StepTimes:
@@ -154,17 +113,6 @@ class _InFlight:
 class LLMEngine:
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
-        if config.dtype not in DTYPES:
-            raise ValueError(f"dtype must be one of {list(DTYPES)}, got {config.dtype!r}")
-        if config.moe not in MOE_RUNNERS:
-            raise ValueError(f"moe runner must be one of {list(MOE_RUNNERS)}, got {config.moe!r}")
-        if config.miss_service not in MISS_SERVICES:
-            raise ValueError(f"miss_service must be one of {list(MISS_SERVICES)}, got {config.miss_service!r}")
-        if config.expert_dtype not in EXPERT_DTYPES:
-            raise ValueError(f"expert_dtype must be one of {list(EXPERT_DTYPES)}, got {config.expert_dtype!r}")
-        if config.miss_service in ("hybrid", "cpu") and config.moe != "offload":
-            raise ValueError(f"miss_service {config.miss_service!r} needs moe='offload' (with moe={config.moe!r} "
-                             "every expert is resident and nothing misses)")
         self.device = torch.device(config.device)
         dtype = DTYPES[config.dtype]
         cfg = GlmMoeDsaConfig.from_file(Path(config.model) / "config.json")
@@ -181,8 +129,7 @@ class LLMEngine:
 
         self.experts = RoutedExperts(cfg, config, self.device, dtype)
         self.model = load_model(config.model, self.experts, dtype=dtype, device=self.device, mtp=spec, config=cfg,
-                                expert_dtype=config.expert_dtype,
-                                int4_cache_dir=config.int4_cache_dir)
+                                expert_dtype=config.expert_dtype, int4_cache_dir=config.int4_cache_dir)
         self.cfg = self.model.cfg
         self.max_model_len = min(config.max_model_len or self.cfg.max_position_embeddings,
                                  self.cfg.max_position_embeddings)
@@ -249,6 +196,8 @@ class LLMEngine:
     def add_request(self, request_id: str, prompt_token_ids: list[int], sampling: SamplingParams) -> None:
         """Queue a request; raises RequestError naming the bad field."""
         self._validate(request_id, prompt_token_ids, sampling)
+        if sampling.max_tokens is None:  # up to the context length, which the scheduler stops at anyway
+            sampling = msgspec.structs.replace(sampling, max_tokens=self.scheduler.max_seq_len)
         seed = sampling.seed if sampling.seed is not None else self._rng.getrandbits(63)
         self._arrivals += 1
         seq = Sequence(request_id, prompt_token_ids, sampling, seed & ((1 << 63) - 1), self._arrivals)
@@ -286,27 +235,13 @@ class LLMEngine:
             raise bad("len(prompt_token_ids)", len(prompt),
                       f"prompt must be shorter than {self.scheduler.max_seq_len} tokens: the model serves "
                       f"{self.max_model_len} and the KV pool holds {self.kv.capacity_tokens}")
-        if not (math.isfinite(sp.temperature) and sp.temperature >= 0):
-            raise bad("sampling.temperature", sp.temperature, "a finite number >= 0; 0 is greedy")
-        if sp.top_k < 0:
-            raise bad("sampling.top_k", sp.top_k, ">= 0; 0 is off")
-        if not 0 < sp.top_p <= 1:
-            raise bad("sampling.top_p", sp.top_p, "in (0, 1]")
-        if not 0 <= sp.min_p <= 1:
-            raise bad("sampling.min_p", sp.min_p, "in [0, 1]")
-        if not (math.isfinite(sp.repetition_penalty) and sp.repetition_penalty > 0):
-            raise bad("sampling.repetition_penalty", sp.repetition_penalty, "a finite number > 0; 1 is off")
-        for name in ("frequency_penalty", "presence_penalty"):
-            v = getattr(sp, name)
-            if not (math.isfinite(v) and -2 <= v <= 2):
-                raise bad(f"sampling.{name}", v, "in [-2, 2]; 0 is off")
-        if sp.max_tokens < 1:
-            raise bad("sampling.max_tokens", sp.max_tokens, ">= 1")
+        try:
+            check_sampling(sp)
+        except ValueError as e:
+            raise RequestError(f"request {rid!r}: {e}") from None
         for t in sp.stop_token_ids:
             if not 0 <= t < V:
                 raise bad("sampling.stop_token_ids", t, f"token ids are in [0, {V})")
-        if sp.logprobs is not None and not 0 <= sp.logprobs <= MAX_LOGPROBS:
-            raise bad("sampling.logprobs", sp.logprobs, f"None, or 0 to {MAX_LOGPROBS} top logprobs")
 
     # The step.
 

@@ -1,6 +1,7 @@
 """Messages between the daemon and an engine worker (ZMQ ipc, msgspec msgpack; never pickle).
 
-This module imports only msgspec, so the daemon can use it without importing torch. Each direction
+This module imports only msgspec (and the msgspec-only client protocol, whose `SamplingParams` requests carry
+here too), so the daemon can use it without importing torch. Each direction
 has one tagged union; a frame is one encoded message. Token ids, never text, cross this boundary:
 tokenisation, detokenisation and stop strings are the daemon's (it holds the text), so the engine
 learns of a stop string through an `Abort` with reason "stop".
@@ -12,24 +13,13 @@ from typing import Literal
 
 import msgspec
 
+# The one declaration of sampling, shared with clients and the daemon; engine modules import both from here.
+from moed.client.protocol import SamplingParams, check_sampling  # noqa: F401
+from moed.engine.config import ResolvedMissService
+
 PROTOCOL_VERSION = 1
 
 FinishReason = Literal["stop", "length", "abort", "error"]
-
-
-class SamplingParams(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
-    temperature: float = 0.0  # 0 = greedy
-    top_k: int = 0  # 0 = off
-    top_p: float = 1.0
-    min_p: float = 0.0
-    repetition_penalty: float = 1.0
-    frequency_penalty: float = 0.0
-    presence_penalty: float = 0.0
-    seed: int | None = None  # per-request generator: same seed, same prompt -> same tokens
-    max_tokens: int = 256
-    stop_token_ids: list[int] = []
-    ignore_eos: bool = False
-    logprobs: int | None = None  # None: none; n >= 0: the sampled token's logprob and the top n
 
 
 # daemon -> worker
@@ -115,7 +105,7 @@ class EngineStats(msgspec.Struct, tag="stats"):
     spec_accepted_tokens: int = 0  # cumulative
     experts: list[LayerExpertStats] = []
     expert_counts: dict[str, list[int]] = {}  # layer -> per-expert activation counts since the last stats
-    miss_service: str = ""  # copy, hybrid or cpu ("" without an expert cache)
+    miss_service: ResolvedMissService | Literal[""] = ""  # "" without an expert cache
     miss_service_rates_Bps: dict[str, float] = {}  # "cpu" / "copy": the rates the hybrid split uses (bytes/s)
 
 

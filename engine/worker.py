@@ -29,7 +29,8 @@ from pathlib import Path
 import msgspec
 import zmq
 
-from moed.engine.llm_engine import DTYPES, EngineConfig, LLMEngine, RequestError
+from moed.engine.config import add_engine_arguments, engine_config_from_args
+from moed.engine.llm_engine import LLMEngine, RequestError
 from moed.engine.protocol import (
     PROTOCOL_VERSION,
     Abort,
@@ -46,7 +47,6 @@ from moed.engine.protocol import (
     decode_to_worker,
     encode,
 )
-from moed.model.config import EXPERT_DTYPES
 
 log = logging.getLogger("moed.engine.worker")
 
@@ -160,36 +160,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="checkpoint directory")
     p.add_argument("--to-worker", required=True, help="endpoint the daemon sends on (PULL connects here)")
     p.add_argument("--from-worker", required=True, help="endpoint the daemon receives on (PUSH connects here)")
-    p.add_argument("--device", default=None, help="cpu or cuda[:N] (default: cuda if present)")
-    p.add_argument("--dtype", choices=list(DTYPES), default=None, help="default: bf16 on cuda, fp32 on cpu")
     p.add_argument("--stats-interval", type=float, default=1.0,
-                   help="seconds between EngineStats (0: only on GetStats)")
-    p.add_argument("--max-running", type=int, default=64)
-    p.add_argument("--max-tokens-per-step", type=int, default=2048)
-    p.add_argument("--kv-pages", type=int, default=None, help="default: room for max-running full-length sequences")
-    p.add_argument("--page-size", type=int, default=64)
-    p.add_argument("--spec-steps", type=int, default=0, help="MTP draft tokens per decode step (0: off)")
-    p.add_argument("--max-model-len", type=int, default=None)
-    p.add_argument("--attention", default="auto", help="auto, reference, triton or trtllm")
-    p.add_argument("--moe", default="torch", help="torch (all experts resident) or offload (GPU expert cache)")
-    p.add_argument("--expert-cache-gb", type=float, default=None, help="offload: target expert cache budget")
-    p.add_argument("--draft-expert-cache-gb", type=float, default=None, help="offload: the MTP draft's own budget")
-    p.add_argument("--no-cuda-graphs", action="store_true")
-    p.add_argument("--miss-service", choices=("auto", "copy", "hybrid", "cpu"), default="auto",
-                   help="offload: serve decode misses by copies (exact FP8), split between CPU experts and copies "
-                        "(hybrid), or on the CPU alone; auto = hybrid on CUDA, copy on a CPU device")
-    p.add_argument("--cpu-expert-threads", type=int, default=0, help="CPU experts' threads; 0 = every core but one")
-    p.add_argument("--overlap", action=argparse.BooleanOptionalAction, default=True,
-                   help="plan and launch each step before reading the previous one's tokens back (not with MTP)")
-    p.add_argument("--graph-max-batch", type=int, default=128)
-    p.add_argument("--compile-prefill", action=argparse.BooleanOptionalAction, default=False,
-                   help="run eager steps of >= --compile-min-tokens tokens through torch.compile'd decoder layers")
-    p.add_argument("--compile-min-tokens", type=int, default=EngineConfig.compile_min_tokens)
-    p.add_argument("--seed", type=int, default=None, help="seeds the noise keys of requests without a seed")
-    p.add_argument("--expert-dtype", choices=EXPERT_DTYPES, default="checkpoint",
-                   help="int4: quantise bf16 / FP8 routed experts to 4 bits at load")
-    p.add_argument("--int4-cache-dir", help="with --expert-dtype int4: keep the quantised experts here for next time")
-    p.add_argument("--log-level", default="INFO")
+                   help="seconds between EngineStats (0: only on GetStats) (default: 1.0)")
+    p.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR (default: INFO)")
+    add_engine_arguments(p.add_argument_group("engine settings (moed.engine.config)"))
     return p
 
 
@@ -215,20 +189,7 @@ def main(argv: list[str] | None = None) -> int:
 
     signal.signal(signal.SIGTERM, on_term)
     try:
-        import torch
-
-        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-        dtype = args.dtype or ("bf16" if device.startswith("cuda") else "fp32")
-        config = EngineConfig(model=args.model, device=device, dtype=dtype, max_running=args.max_running,
-                              max_tokens_per_step=args.max_tokens_per_step, kv_pages=args.kv_pages,
-                              page_size=args.page_size, spec_steps=args.spec_steps, max_model_len=args.max_model_len,
-                              attention=args.attention, moe=args.moe, expert_cache_gb=args.expert_cache_gb,
-                              draft_expert_cache_gb=args.draft_expert_cache_gb, cuda_graphs=not args.no_cuda_graphs,
-                              overlap=args.overlap, miss_service=args.miss_service,
-                              cpu_expert_threads=args.cpu_expert_threads,
-                              graph_max_batch=args.graph_max_batch, compile_prefill=args.compile_prefill,
-                              compile_min_tokens=args.compile_min_tokens, seed=args.seed,
-                              expert_dtype=args.expert_dtype, int4_cache_dir=args.int4_cache_dir)
+        config = engine_config_from_args(args, args.model)
         engine = LLMEngine(config)
         engine.warmup()
     except Exception as e:
@@ -241,8 +202,8 @@ def main(argv: list[str] | None = None) -> int:
     push.send(encode(WorkerReady(protocol_version=PROTOCOL_VERSION, model=Path(args.model).name,
                                  max_model_len=engine.max_model_len, vocab_size=engine.cfg.vocab_size,
                                  eos_token_ids=sorted(engine.eos_token_ids))))
-    log.info("ready: %s on %s (%s), max_running=%d, kv %d pages x %d, spec_steps=%d", args.model, device, dtype,
-             args.max_running, engine.kv.num_pages, engine.kv.page_size, args.spec_steps)
+    log.info("ready: %s on %s (%s), max_running=%d, kv %d pages x %d, spec_steps=%d", args.model, config.device,
+             config.dtype, config.max_running, engine.kv.num_pages, engine.kv.page_size, config.spec_steps)
     worker = Worker(engine, pull, push, args.stats_interval, parent_pid)
     code = worker.loop()
     pull.close()

@@ -34,7 +34,7 @@ log = logging.getLogger(__name__)
 
 
 class ExpertSettings(Protocol):
-    """The settings expert placement reads (fields of `engine.llm_engine.EngineConfig`)."""
+    """The settings expert placement reads (fields of `engine.config.EngineConfig`)."""
 
     moe: str  # torch (every expert resident) | offload (host store + GPU expert cache per role)
     expert_cache_gb: float | None  # the target's cache budget in GiB; None: what is free on the device

@@ -114,8 +114,8 @@ class DaemonThread:
             if self.call(lambda: self.daemon.readiness()[0]):
                 return
             state = self.call(lambda: self.daemon.supervisor.state)
-            if state == "crash_loop":
-                raise RuntimeError(f"engine crash-looped: {self.daemon.supervisor.reason}")
+            if state in ("crash_loop", "failed"):
+                raise RuntimeError(f"engine {state}: {self.daemon.supervisor.reason}")
             time.sleep(0.05)
         raise TimeoutError(f"daemon not ready within {timeout} s: {self.call(self.daemon.readiness)}")
 

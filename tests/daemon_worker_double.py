@@ -5,9 +5,10 @@ sockets, same messages), so the daemon's serving logic can be tested determinist
 request i's k-th generated token is its prompt's (k mod len)-th token, so each stream's text is
 predictable and two streams never produce the same tokens unless their prompts match. It stops on
 max_tokens ("length"), a stop token id or an eos id ("stop"). Test-only flags: --double-step-s
-(seconds per step), --double-fail (exit 3 before WorkerReady), --double-stall-after N (stop
-answering after N steps), --double-load-s (seconds before WorkerReady), --double-replay FILE (a JSON
-list of token ids every request generates instead of its echo: a recorded model output, replayed).
+(seconds per step), --double-fail (exit 3 before WorkerReady), --double-exit-after-s S (exit 3 S
+seconds after WorkerReady), --double-stall-after N (stop answering after N steps), --double-load-s
+(seconds before WorkerReady), --double-replay FILE (a JSON list of token ids every request generates
+instead of its echo: a recorded model output, replayed).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ def main() -> int:
     p.add_argument("--stats-interval", type=float, default=1.0)
     p.add_argument("--double-step-s", type=float, default=0.002)
     p.add_argument("--double-fail", action="store_true")
+    p.add_argument("--double-exit-after-s", type=float, default=-1.0)
     p.add_argument("--double-stall-after", type=int, default=-1)
     p.add_argument("--double-load-s", type=float, default=0.0)
     p.add_argument("--double-replay", default=None)
@@ -70,9 +72,13 @@ def main() -> int:
                                                            stall_s=0.0, cpu_experts=0, prefetch_precision=0.5)],
                               miss_service="hybrid", miss_service_rates_Bps={"cpu": 7.5e10, "copy": 5.0e10})
 
+    ready_at = time.monotonic()
     while True:
         if os.getppid() != parent:
             os._exit(1)  # the daemon died: leave at once
+        if 0 <= args.double_exit_after_s <= time.monotonic() - ready_at:
+            print("worker double: failing on purpose after ready", file=sys.stderr, flush=True)
+            os._exit(3)
         if 0 <= args.double_stall_after <= steps:
             time.sleep(0.05)
             continue

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 import tomllib
 
 import pytest
@@ -24,13 +25,13 @@ def test_precedence_defaults_file_env_flags(tmp_path, model_dir):
     f = tmp_path / "moed.toml"
     f.write_text(f'model = "{model_dir}"\nclient_concurrency = 10\ndrain_timeout_s = 5\nlog_level = "debug"\n'
                  'listen = ["tcp://127.0.0.1:1", "ipc:///tmp/x.sock"]\n')
-    env = {"MOED_CLIENT_CONCURRENCY": "20", "MOED_DRAIN_TIMEOUT_S": "7.5", "MOED_ENGINE_ARGS": "--a 1 --b 'x y'"}
+    env = {"MOED_CLIENT_CONCURRENCY": "20", "MOED_DRAIN_TIMEOUT_S": "7.5", "MOED_WORKER_COMMAND": "w --b 'x y'"}
     cfg, src = load_config(f, env, {"client_concurrency": "30"})
     assert cfg.client_concurrency == 30 and src["client_concurrency"] == "flag --client-concurrency"
     assert cfg.drain_timeout_s == 7.5 and src["drain_timeout_s"] == "environment MOED_DRAIN_TIMEOUT_S"
     assert cfg.log_level == "debug" and src["log_level"] == str(f)
     assert cfg.listen == ("tcp://127.0.0.1:1", "ipc:///tmp/x.sock")
-    assert cfg.engine_args == ("--a", "1", "--b", "x y")
+    assert cfg.worker_command == ("w", "--b", "x y")
     assert cfg.max_message_bytes == 8 << 20 and "max_message_bytes" not in src  # default
     assert cfg.served_name == "ckpt"
     # MOED_CONFIG names the file when no --config is given.
@@ -38,8 +39,44 @@ def test_precedence_defaults_file_env_flags(tmp_path, model_dir):
     assert cfg2.client_concurrency == 10
 
 
+def test_engine_settings_are_keys_variables_and_flags(tmp_path, model_dir):
+    f = tmp_path / "moed.toml"
+    f.write_text(f'model = "{model_dir}"\nmoe = "offload"\nmax_model_len = 4096\nexpert_cache_gb = 60\n'
+                 'spec_steps = 2\ncompile_prefill = true\nkv_pages = "auto"\n')
+    env = {"MOED_EXPERT_CACHE_GB": "2.5", "MOED_MISS_SERVICE": "copy", "MOED_CUDA_GRAPHS": "off", "MOED_SEED": "7"}
+    cfg, src = load_config(f, env, {"spec_steps": "1", "overlap": "false"})
+    assert (cfg.moe, cfg.max_model_len, cfg.compile_prefill, cfg.kv_pages) == ("offload", 4096, True, None)
+    assert cfg.expert_cache_gb == 2.5 and src["expert_cache_gb"] == "environment MOED_EXPERT_CACHE_GB"
+    assert (cfg.miss_service, cfg.cuda_graphs, cfg.seed) == ("copy", False, 7)
+    assert cfg.spec_steps == 1 and src["spec_steps"] == "flag --spec-steps" and cfg.overlap is False
+    assert (cfg.device, cfg.dtype, cfg.max_running) == ("auto", "auto", 64)  # defaults: a daemon picks its GPU
+
+
+def test_worker_gets_the_engine_settings_as_flags(model_dir):
+    from moed.daemon.supervisor import WorkerSupervisor
+    from moed.engine.config import engine_config_from_args
+    from moed.engine.worker import build_parser
+
+    cfg, _ = load_config(None, {}, {"model": model_dir, "moe": "offload", "expert_cache_gb": "1.5", "device": "cpu",
+                                    "overlap": "false", "max_model_len": "512", "miss_service": "copy"})
+    sup = WorkerSupervisor(cfg, model_dir, None, on_message=print, on_ready=print, on_lost=print, on_state=print,
+                           on_restart=print)
+    argv = sup._worker_argv("ipc:///a", "ipc:///b")
+    assert argv[:3] == [sys.executable, "-m", "moed.engine.worker"]
+    # Only what differs from the worker's defaults is written out: the command line says what was chosen.
+    assert argv[argv.index("--stats-interval") + 2:] == ["--device", "cpu", "--max-model-len", "512", "--moe",
+                                                          "offload", "--expert-cache-gb", "1.5", "--miss-service",
+                                                          "copy", "--no-overlap"]
+    engine = engine_config_from_args(build_parser().parse_args(argv[3:]), model_dir)
+    for key in ("moe", "expert_cache_gb", "overlap", "max_model_len", "miss_service", "device", "max_running",
+                "kv_pages", "cuda_graphs", "spec_steps", "seed"):
+        assert getattr(engine, key) == getattr(cfg, key), key
+    assert engine.dtype == "fp32"  # auto on a CPU device
+
+
 def test_rendered_config_loads_back(tmp_path, model_dir):
-    cfg, src = load_config(None, {"MOED_MODEL": model_dir, "MOED_LISTEN": "tcp://[::1]:5,ipc:///tmp/é.sock"}, {})
+    cfg, src = load_config(None, {"MOED_MODEL": model_dir, "MOED_LISTEN": "tcp://[::1]:5,ipc:///tmp/é.sock",
+                                  "MOED_EXPERT_CACHE_GB": "3", "MOED_MOE": "offload", "MOED_OVERLAP": "no"}, {})
     text = render(cfg, src)
     assert "# environment MOED_LISTEN" in text
     f = tmp_path / "round.toml"
@@ -61,7 +98,16 @@ def test_rendered_config_hides_the_http_api_key(model_dir):
     ('drain_timeout_s = -1', "drain_timeout_s from"),
     ('stats_interval_s = 0', "must be > 0"),
     ('log_level = "loud"', "must be one of debug, info, warning, error"),
-    ('listen = "tcp://127.0.0.1:1"', "must be a list of strings"),
+    ('listen = 5', "must be a list of strings"),
+    ('moe = "fast"', "moe from"),
+    ('moe = "fast"', "must be one of torch, offload"),
+    ('miss_service = "gpu"', "must be one of auto, copy, hybrid, cpu"),
+    ('miss_service = "hybrid"', "needs moe='offload'"),
+    ('expert_cache_gb = "lots"', "cannot parse 'lots' as a number (or auto)"),
+    ('overlap = "maybe"', "as a boolean"),
+    ('overlap = 1', "must be true or false"),
+    ('max_model_len = 0', "must be >= 1, got 0"),
+    ('placement = "on"', "only moe = offload has"),
     ('listen = ["http://x"]', "must start with tcp:// or ipc://"),
     ('metrics_address = "9100"', "must be HOST:PORT"),
     ('http_address = "localhost"', "http_address from"),
@@ -101,9 +147,26 @@ def test_builtin_model_names(monkeypatch, tmp_path):
     for name in ("tiny", "builtin:tiny", "builtin:small"):
         cfg, _ = load_config(None, {"MOED_MODEL": name}, {})
         assert cfg.served_name == name.removeprefix("builtin:")
-    (tmp_path / "tiny").mkdir()  # a directory of that name wins over the built-in
-    with pytest.raises(ConfigError, match=r"has no config\.json"):
-        load_config(None, {"MOED_MODEL": "tiny"}, {})
+    # A folder of that name changes nothing: a bare name is the built-in one, a folder is given as a path.
+    (tmp_path / "tiny").mkdir()
+    assert load_config(None, {"MOED_MODEL": "tiny"}, {})[0].served_name == "tiny"
+    with pytest.raises(ConfigError, match=r"'./tiny' has no config\.json"):
+        load_config(None, {"MOED_MODEL": "./tiny"}, {})
+
+
+def test_builtin_name_next_to_a_folder_of_that_name_is_logged(monkeypatch, tmp_path, caplog):
+    from moed.daemon.service import builtin_model_dir, resolve_model
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MOED_CACHE", str(tmp_path / "cache"))
+    cached = builtin_model_dir("tiny")
+    cached.mkdir(parents=True)
+    (cached / "model.safetensors.index.json").write_text("{}")
+    (tmp_path / "tiny").mkdir()
+    with caplog.at_level("INFO", logger="moed.daemon"):
+        assert resolve_model("tiny") == str(cached)
+    assert "not the folder ./tiny; give a path (./tiny)" in caplog.text
+    assert "the built-in tiny checkpoint in" in caplog.text
 
 
 def test_serve_flags_parse_into_config(model_dir):
@@ -111,10 +174,33 @@ def test_serve_flags_parse_into_config(model_dir):
     add_serve_arguments(p)
     from moed.daemon.config import flags_from_args
 
-    args = p.parse_args(["--model", model_dir, "--listen", "tcp://127.0.0.1:9,ipc:///tmp/a", "--engine-args=--x 1"])
+    args = p.parse_args(["--model", model_dir, "--listen", "tcp://127.0.0.1:9,ipc:///tmp/a", "--moe", "offload",
+                         "--expert-cache-gb", "60", "--no-cuda-graphs", "--max-model-len", "auto"])
     cfg, src = load_config(args.config, {}, flags_from_args(args))
-    assert cfg.listen == ("tcp://127.0.0.1:9", "ipc:///tmp/a") and cfg.engine_args == ("--x", "1")
-    assert src["model"] == "flag --model"
+    assert cfg.listen == ("tcp://127.0.0.1:9", "ipc:///tmp/a")
+    assert (cfg.moe, cfg.expert_cache_gb, cfg.cuda_graphs, cfg.max_model_len) == ("offload", 60.0, False, None)
+    assert src["model"] == "flag --model" and src["cuda_graphs"] == "flag --cuda-graphs"
+
+
+def test_listen_may_be_one_string_in_the_file(tmp_path, model_dir):
+    f = tmp_path / "moed.toml"
+    f.write_text(f'model = "{model_dir}"\nlisten = "tcp://0.0.0.0:5710"\n')
+    assert load_config(f, {}, {})[0].listen == ("tcp://0.0.0.0:5710",)
+
+
+def test_serve_help_shows_every_key_with_its_default_and_variable():
+    from moed.daemon.config import FIELDS, env_name, flag_name
+
+    wide = lambda prog: argparse.HelpFormatter(prog, width=1000, max_help_position=100)  # noqa: E731 (a line each)
+    p = argparse.ArgumentParser(prog="moed serve", formatter_class=wide)
+    add_serve_arguments(p)
+    lines = p.format_help().splitlines()
+    for key in FIELDS:
+        line = next(x for x in lines if x.strip().startswith(flag_name(key)))
+        assert "(default: " in line and f"[{env_name(key)}]" in line, line
+    text = "\n".join(lines)
+    assert "--expert-cache-gb GB" in text and "--miss-service {auto,copy,hybrid,cpu}" in text
+    assert "--overlap, --no-overlap" in text and "(default: 64) [MOED_MAX_RUNNING]" in text
 
 
 def test_config_check_command(tmp_path, model_dir, capsys, monkeypatch):
@@ -132,6 +218,16 @@ def test_config_check_command(tmp_path, model_dir, capsys, monkeypatch):
     assert config_check_main(p.parse_args([str(bad)])) == 1
     _, err = capsys.readouterr()
     assert "2 problem(s)" in err and "client_timeout_s" in err and "udp://x" in err
+    # With no file named, MOED_CONFIG names it (as for `moed serve`); with neither, the command says so.
+    monkeypatch.setenv("MOED_CONFIG", str(good))
+    assert config_check_main(p.parse_args([])) == 0
+    assert tomllib.loads(capsys.readouterr().out)["client_timeout_s"] == 12.0
+    monkeypatch.setenv("MOED_CONFIG", str(bad))
+    assert config_check_main(p.parse_args([])) == 1
+    assert f"{bad}: 2 problem(s)" in capsys.readouterr().err
+    monkeypatch.delenv("MOED_CONFIG")
+    assert config_check_main(p.parse_args([])) == 2
+    assert "give a TOML file or set MOED_CONFIG" in capsys.readouterr().err
 
 
 def test_builtin_model_is_generated_once_in_a_subprocess(tmp_path, monkeypatch):

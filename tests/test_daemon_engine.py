@@ -1,8 +1,9 @@
 """The daemon with the real CPU engine worker (`python -m moed.engine.worker`) on the tiny checkpoint.
 
-Oracle for token ids: moed.engine.generate.generate_ids, the single-sequence path without the
-scheduler, run in this process (fp32 on CPU, like the worker). A daemon that mixed up streams,
-dropped or duplicated tokens, or mangled text would disagree with it.
+Oracle for token ids: the same engine (LLMEngine, checked against transformers in test_parity_hf.py) run in
+this process (fp32 on CPU, like the worker), the prompts of a test together (its outputs do not depend on
+what else is batched: test_engine_batching.py). A daemon that mixed up streams, dropped or duplicated tokens,
+or mangled text would disagree with it.
 """
 
 from __future__ import annotations
@@ -35,14 +36,16 @@ pytestmark = pytest.mark.skipif(not HAVE_REAL_WORKER, reason=NO_REAL_WORKER)
 
 @pytest.fixture(scope="module")
 def oracle(tiny_checkpoint):
-    import torch
+    from moed.engine.llm_engine import EngineConfig, LLMEngine
+    from moed.engine.protocol import SamplingParams
 
-    from moed.engine.generate import generate_ids, load
+    engine = LLMEngine(EngineConfig(model=tiny_checkpoint, device="cpu", dtype="fp32"))
 
-    m = load(tiny_checkpoint, device="cpu", dtype=torch.float32)
-
-    def greedy(ids: list[int], n: int) -> list[int]:
-        return list(generate_ids(m, ids, n, temperature=0.0, stop_ids=None))
+    def greedy(ids: list[int] | list[list[int]], n: int) -> list[int] | list[list[int]]:
+        """The greedy continuation of one prompt, or of each of a list of prompts."""
+        one = bool(ids) and isinstance(ids[0], int)
+        out = engine.generate([ids] if one else ids, SamplingParams(max_tokens=n, ignore_eos=True))
+        return out[0] if one else out
 
     return greedy
 
@@ -50,7 +53,7 @@ def oracle(tiny_checkpoint):
 @pytest.fixture(scope="module")
 def engine_daemon(tiny_checkpoint):
     with DaemonThread(make_config(tiny_checkpoint, worker=REAL_WORKER, stats_interval_s=0.1,
-                                  engine_args=("--max-running", "128"))) as d:
+                                  max_running=128)) as d:
         d.wait_ready(120)
         yield d
 
@@ -82,8 +85,9 @@ async def test_engine_100_concurrent_streams_each_get_their_own_tokens(engine_da
         results = await asyncio.wait_for(asyncio.gather(*(one(p) for p in prompts)), 120)
     finally:
         await client.close()
-    for p, (comp, deltas) in zip(prompts, results):
-        assert comp.token_ids == oracle(tok.encode(p), 6), p
+    expected = oracle([tok.encode(p) for p in prompts], 6)
+    for p, want, (comp, deltas) in zip(prompts, expected, results):
+        assert comp.token_ids == want, p
         assert comp.text == "".join(d.text for d in deltas) == tok.decode(comp.token_ids)
 
 
@@ -122,7 +126,9 @@ def test_engine_metrics_and_placement(engine_daemon):
 
 
 def test_engine_worker_killed_then_recovers_and_drains(tiny_checkpoint, oracle):
-    with DaemonThread(make_config(tiny_checkpoint, worker=REAL_WORKER)) as d:
+    # The drain must let in-flight requests finish: give it the time a loaded 2-core CI machine needs for 3 x 30
+    # tokens (harness default 5 s: on a machine at load 7-10 the streams were aborted, on main as well).
+    with DaemonThread(make_config(tiny_checkpoint, worker=REAL_WORKER, drain_timeout_s=60.0)) as d:
         d.wait_ready(120)
         tok = d.daemon.tokenizer
         c = Client(d.address, timeout=120)
@@ -148,9 +154,10 @@ def test_engine_worker_killed_then_recovers_and_drains(tiny_checkpoint, oracle):
             for it in its:
                 for _ in it:
                     pass
-            for i, s in enumerate(streams):
+            expected = oracle([tok.encode(f"drain {i}") for i in range(3)], 30)
+            for s, want in zip(streams, expected):
                 assert s.completion.finish_reason == "length"
-                assert s.completion.token_ids == oracle(tok.encode(f"drain {i}"), 30)
+                assert s.completion.token_ids == want
             d.thread.join(30)
             assert not d.thread.is_alive()
         finally:

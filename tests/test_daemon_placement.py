@@ -40,7 +40,7 @@ BUDGET = 3
 def _daemon(model: str, state: Path, interval_s: float) -> DaemonThread:
     cfg = make_config(model, worker=REAL_WORKER, stats_interval_s=0.1, placement="on", placement_pin_budget=BUDGET,
                       placement_interval_s=interval_s, placement_state_file=str(state),
-                      engine_args=("--moe", "offload", "--expert-cache-gb", f"{CACHE_GB:.9f}"))
+                      moe="offload", expert_cache_gb=CACHE_GB)
     d = DaemonThread(cfg)
     d.wait_ready(120)
     d.wait_for(lambda: d.daemon.placement_manager.planner is not None, 30, "placement manager attached")
@@ -119,7 +119,7 @@ def test_daemon_placement_config(tmp_path, monkeypatch):
 
     model = str(tmp_path)
     monkeypatch.setenv("STATE_DIRECTORY", str(tmp_path / "state"))
-    cfg, _ = load_config(None, {"MOED_PLACEMENT": "on", "MOED_PLACEMENT_PIN_BUDGET": "6"},
+    cfg, _ = load_config(None, {"MOED_PLACEMENT": "on", "MOED_PLACEMENT_PIN_BUDGET": "6", "MOED_MOE": "offload"},
                          {"model": model, "placement_interval_s": "5"}, check_files=False)
     assert (cfg.placement, cfg.placement_pin_budget, cfg.placement_interval_s) == ("on", 6, 5.0)
     assert cfg.placement_state_path == tmp_path / "state" / f"placement-{tmp_path.name}.json"

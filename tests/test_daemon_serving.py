@@ -363,7 +363,7 @@ def test_stalled_worker_is_killed_and_restarted(tiny_checkpoint):
 
 
 def test_crash_loop_ends_unready_with_reason(tiny_checkpoint):
-    cfg = make_config(tiny_checkpoint, worker=(*DOUBLE, "--double-fail"), crash_loop_restarts=3)
+    cfg = make_config(tiny_checkpoint, worker=(*DOUBLE, "--double-exit-after-s", "0.3"), crash_loop_restarts=3)
     with DaemonThread(cfg) as d:
         d.wait_for(lambda: d.daemon.supervisor.state == "crash_loop", 30, "crash loop")
         status, body = scrape(d.metrics_url + "/ready")

@@ -133,5 +133,5 @@ def test_engine_reference_moe_refuses_placement(tiny_checkpoint):
     assert not ok and "moe=offload" in msg and pinned == {}
     with pytest.raises(ValueError, match="expert_cache_gb must be given"):
         LLMEngine(EngineConfig(model=tiny_checkpoint, moe="offload", **BASE))
-    with pytest.raises(ValueError, match="moe runner must be one of"):
+    with pytest.raises(ValueError, match="moe must be one of"):
         LLMEngine(EngineConfig(model=tiny_checkpoint, moe="fast", **BASE))

@@ -27,7 +27,7 @@ OFF = {"chat_template_kwargs": {"enable_thinking": False}, "ignore_eos": True, "
 @pytest.fixture(scope="module")
 def engine(tiny_checkpoint):
     cfg = make_config(tiny_checkpoint, worker=REAL_WORKER, http_address="127.0.0.1:0", model_name="tiny",
-                      engine_args=("--max-running", "16"))
+                      max_running=16)
     with DaemonThread(cfg) as d:
         d.wait_ready(120)
         yield d
@@ -64,17 +64,16 @@ def test_whole_streamed_and_zmq_agree_token_for_token(engine):
     assert whole.usage.prompt_tokens == len(tok.encode_chat(messages, True, None, {"enable_thinking": False}))
 
 
-def test_completions_match_the_single_sequence_greedy_path(engine):
-    import torch
-
-    from moed.engine.generate import generate_ids, load
+def test_completions_match_the_engine_in_process(engine):
+    from moed.engine.llm_engine import EngineConfig, LLMEngine
+    from moed.engine.protocol import SamplingParams
 
     prompt_ids = engine.daemon.tokenizer.encode("The expert cache keeps", add_special_tokens=False)
     r = sdk(engine).completions.create(model="tiny", prompt=prompt_ids, max_tokens=8, temperature=0,
                                        extra_body={"ignore_eos": True, "return_token_ids": True})
-    m = load(engine.cfg.model, device="cpu", dtype=torch.float32)
-    assert r.choices[0].model_extra["token_ids"] == list(generate_ids(m, prompt_ids, 8, temperature=0.0,
-                                                                      stop_ids=None))
+    oracle = LLMEngine(EngineConfig(model=engine.cfg.model, device="cpu", dtype="fp32"))
+    [want] = oracle.generate([prompt_ids], SamplingParams(max_tokens=8, ignore_eos=True))
+    assert r.choices[0].model_extra["token_ids"] == want
 
 
 def test_seeded_choices_are_reproducible_and_stop_strings_cut(engine):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -10,9 +11,11 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from moed.attention.reference import ReferenceAttention
-from moed.engine.generate import LoadedModel, generate_ids
+from moed.engine.llm_engine import EngineConfig, LLMEngine
+from moed.engine.protocol import SamplingParams
 from moed.model.attention_interface import SequenceStep, StepContext
 from moed.model.config import GlmMoeDsaConfig
+from moed.model.glm import GlmMoeDsaForCausalLM
 from moed.model.weights import load_model
 from moed.offload.torch_runner import TorchMoERunner
 
@@ -20,11 +23,23 @@ transformers = pytest.importorskip("transformers")
 TOL = 1e-4
 
 
-def _ours(path: str) -> LoadedModel:
+@dataclass
+class Ours:
+    """The network alone (reference attention, torch MoE runner), for logits; greedy continuations go through the
+    serving engine instead."""
+
+    path: str
+    cfg: GlmMoeDsaConfig
+    model: GlmMoeDsaForCausalLM
+    backend: ReferenceAttention
+    runner: TorchMoERunner
+
+
+def _ours(path: str) -> Ours:
     cfg = GlmMoeDsaConfig.from_file(Path(path) / "config.json")
     runner = TorchMoERunner(cfg, torch.float32)
     model = load_model(path, runner, dtype=torch.float32, config=cfg)
-    return LoadedModel(cfg, model, ReferenceAttention(cfg), runner, torch.device("cpu"))
+    return Ours(path, cfg, model, ReferenceAttention(cfg), runner)
 
 
 def _hf(path: str):
@@ -32,7 +47,7 @@ def _hf(path: str):
 
 
 @torch.no_grad()
-def _our_logits(m: LoadedModel, ids: torch.Tensor) -> torch.Tensor:
+def _our_logits(m: Ours, ids: torch.Tensor) -> torch.Tensor:
     n = ids.shape[0]
     ctx = StepContext(positions=torch.arange(n), seqs=[SequenceStep(0, n, m.backend.new_sequence())])
     return m.model.logits(m.model(ids, ctx, m.backend, m.runner))
@@ -74,10 +89,12 @@ def test_parity_batch_of_sequences(pair):
 
 
 def test_parity_greedy_32_tokens(pair):
+    """The serving engine (scheduler, KV pages, sampler; fp32 on the CPU) continues as transformers does."""
     ours, hf = pair
     g = torch.Generator().manual_seed(3)
     prompt = torch.randint(0, ours.cfg.vocab_size, (ours.cfg.index_topk + 3,), generator=g)
-    mine = list(generate_ids(ours, prompt.tolist(), 32, temperature=0.0))
+    engine = LLMEngine(EngineConfig(model=ours.path, device="cpu", dtype="fp32"))
+    [mine] = engine.generate([prompt.tolist()], SamplingParams(max_tokens=32, ignore_eos=True))
     with torch.no_grad():
         out = hf.generate(prompt[None], max_new_tokens=32, do_sample=False, eos_token_id=None, pad_token_id=0,
                           min_new_tokens=32)

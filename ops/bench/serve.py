@@ -40,6 +40,7 @@ from pathlib import Path
 from moed.daemon.config import ServeConfig
 from moed.daemon.server import Daemon
 from moed.daemon.service import resolve_model
+from moed.engine.config import ENGINE_SETTINGS, add_engine_arguments
 
 log = logging.getLogger("bench.serve")
 
@@ -181,15 +182,16 @@ async def _measure(daemon: RecordingDaemon, address: str, n: int, max_tokens: in
 async def _bench(args: argparse.Namespace, model_dir: str, runtime: str) -> dict:
     levels = [int(x) for x in args.concurrency.split(",")]
     address = f"ipc://{runtime}/bench.sock"
+    engine = {k: getattr(args, k) for k in ENGINE_SETTINGS if k not in ("device", "max_running")}
     cfg = ServeConfig(model=model_dir, listen=(address,), metrics_address="", http_address="", device=args.device,
-                      max_running=max(levels), engine_args=tuple(args.engine_args.split()), runtime_dir=runtime,
-                      client_concurrency=max(levels) + 8, stats_interval_s=1.0, worker_start_timeout_s=1800)
+                      max_running=max(levels), runtime_dir=runtime, client_concurrency=max(levels) + 8,
+                      stats_interval_s=1.0, worker_start_timeout_s=1800, **engine)
     daemon = RecordingDaemon(cfg, model_dir)
     await daemon.start()
     try:
         t0 = time.monotonic()
         while not daemon.readiness()[0]:
-            if daemon.supervisor.state == "crash_loop" or time.monotonic() - t0 > 1800:
+            if daemon.supervisor.state in ("crash_loop", "failed") or time.monotonic() - t0 > 1800:
                 raise RuntimeError(f"engine did not become ready: {daemon.supervisor.reason}")
             await asyncio.sleep(0.1)
         rtt = await _round_trip(address)
@@ -216,13 +218,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cpu")
     p.add_argument("--concurrency", default="1,8,32,64,128,256")
     p.add_argument("--max-tokens", type=int, default=32, help="tokens generated per stream")
-    p.add_argument("--engine-args", default="", help="further engine worker flags, e.g. '--moe offload'")
     p.add_argument("--worker-threads", type=int, default=1,
                    help="CPU threads of the worker's torch (OMP_NUM_THREADS), so that on a small CPU the "
                         "daemon and the load generators keep a core; 0 = torch's default")
     p.add_argument("--send-every", type=int, default=0,
                    help="A/B the daemon's replies per message within a step (server.STEP_SEND_EVERY); 0 = as shipped")
     p.add_argument("--out", help="write the figures here as JSON")
+    add_engine_arguments(p.add_argument_group("engine settings (moed.engine.config)"),
+                         exclude=("device", "max_running"))
     args = p.parse_args(argv)
     if args.send_every:
         from moed.daemon import server

@@ -1,12 +1,8 @@
 """The daemon: a ZMQ ROUTER for clients, the request table, and the glue to the engine worker.
 
-Everything runs in one asyncio loop and nothing in it waits on compute: tokenising a long prompt
-goes to a thread, the engine is another process. Per client (ROUTER routing id) the daemon keeps
-its in-flight requests, the time it was last heard from, and an outbox. Replies are handed to ZMQ
-without blocking; when a client's ZMQ queue is full (it reads slowly) replies wait in its outbox,
-where consecutive chunks of one request merge into one, so the outbox is bounded by the client's
-requests, not by its tokens. An outbox past `client_queue_limit` drops the client. Nothing a slow
-or broken client does can delay replies to others.
+Everything runs in one asyncio loop and nothing in it waits on compute: admission (daemon/admission.py)
+tokenises long prompts in a thread, the engine is another process. Replies leave through per-client
+outboxes (daemon/clients.py), so nothing a slow or broken client does can delay replies to others.
 
 A client loses its requests (engine Abort, no reply) when its connection drops: the socket
 monitor reports a disconnect, and sending it a Pong then fails with EHOSTUNREACH; or when it sends
@@ -22,9 +18,7 @@ holds its choices still running); an Error ends the request, its other choices a
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
-import errno
 import itertools
 import json
 import logging
@@ -41,15 +35,11 @@ import zmq.asyncio
 from zmq.utils.monitor import parse_monitor_message
 
 from moed.client import protocol as cp
+from moed.daemon.admission import Admission
+from moed.daemon.clients import ClientState, Outboxes
 from moed.daemon.config import ServeConfig
 from moed.daemon.detokenizer import IncrementalDetokenizer
-from moed.daemon.glm_chat import (
-    ChatInputError,
-    ChatOutputParser,
-    prompt_opens_reasoning,
-    template_messages,
-    text_content,
-)
+from moed.daemon.glm_chat import ChatOutputParser
 from moed.daemon.metrics import Metrics, MetricsServer
 from moed.daemon.placement import (
     DaemonPlacement,
@@ -61,7 +51,7 @@ from moed.daemon.placement import (
 from moed.daemon.request import EngineUpdate, GenerateRequest
 from moed.daemon.sdnotify import Notifier
 from moed.daemon.supervisor import WorkerSupervisor
-from moed.daemon.tokenizer import TemplateError, TextTokenizer
+from moed.daemon.tokenizer import TextTokenizer
 from moed.engine import protocol as ep
 
 if TYPE_CHECKING:
@@ -69,31 +59,11 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-_encoder = msgspec.msgpack.Encoder()
-THREAD_TOKENIZE_CHARS = 32768  # prompts longer than this are tokenised off the loop
-FLUSH_INTERVAL_S = 0.002  # retry period for outboxes of slow clients
 # A client's replies of one step go out in messages of this many, as soon as they are ready, so its first
 # streams do not wait for the step's last token to be handled (docs/benchmarks.md "Serving").
 STEP_SEND_EVERY = 16
 HOUSEKEEPING_S = 0.25
 PROBE_INTERVAL_S = 2.0  # Pong probe of clients with requests: a gone one fails with EHOSTUNREACH
-
-
-class ClientState:
-    __slots__ = ("cancelled", "deliver", "gone", "identity", "last_seen", "limit", "outbox", "pending_chunks",
-                 "requests")
-
-    def __init__(self, identity: bytes, now: float, limit: int, deliver: Callable[[cp.Reply], None] | None = None):
-        self.identity = identity
-        self.limit = limit  # choices in flight
-        self.deliver = deliver  # a local client's reply sink (None: a ZMQ peer)
-        # request id -> its choices still running; None: admission in progress (tokenising)
-        self.requests: dict[str, list[GenerateRequest] | None] = {}
-        self.cancelled: set[str] = set()  # aborted while tokenising
-        self.last_seen = now
-        self.outbox: collections.deque[cp.Reply] = collections.deque()
-        self.pending_chunks: dict[str, cp.Chunk] = {}  # request id -> its chunk waiting in the outbox
-        self.gone = False
 
 
 class Daemon:
@@ -125,8 +95,9 @@ class Daemon:
         self.allow_list = None
         self._tasks: list[asyncio.Task] = []
         self._deadlines: dict[str, asyncio.TimerHandle] = {}
-        self._backlogged: set[bytes] = set()
-        self._backlog_event = asyncio.Event()
+        self.outboxes = Outboxes(cfg.client_queue_limit, self.metrics, self.clients, self._drop_client)
+        self._send = self.outboxes.send
+        self.admission: Admission | None = None
         self._idle = asyncio.Event()  # set while no request is in flight
         self._idle.set()
         self._stopped = asyncio.Event()
@@ -149,8 +120,11 @@ class Daemon:
     async def start(self) -> None:
         """Load the tokenizer, bind sockets and the metrics port, start the worker. Raises on bad setup."""
         self.tokenizer = TextTokenizer(self.model_dir)
+        self.admission = Admission(self.cfg, self.tokenizer, self.metrics, refusal=self._refusal,
+                                   engine_info=lambda: self.supervisor.info if self.supervisor else None,
+                                   start=self._start, send=self._send, in_flight_changed=self._update_in_flight)
         self._ctx = zmq.asyncio.Context()
-        router = self._router = self._ctx.socket(zmq.ROUTER)
+        router = self._router = self.outboxes.router = self._ctx.socket(zmq.ROUTER)
         router.setsockopt(zmq.ROUTER_MANDATORY, 1)  # full or gone peers raise instead of dropping silently
         router.setsockopt(zmq.LINGER, 1000)
         router.setsockopt(zmq.SNDHWM, self.cfg.client_send_hwm)
@@ -191,7 +165,7 @@ class Daemon:
         self._tasks += [loop.create_task(self._frontend(), name="moed-frontend"),
                         loop.create_task(self._monitor(monitor), name="moed-monitor"),
                         loop.create_task(self._housekeeping(), name="moed-housekeeping"),
-                        loop.create_task(self._flush_outboxes(), name="moed-flush")]
+                        loop.create_task(self.outboxes.run(), name="moed-flush")]
         if self._placement_factory is not None:
             self.placement_manager = self._placement_factory(self.placement)
             if isinstance(self.placement_manager, DaemonPlacement):
@@ -243,7 +217,7 @@ class Daemon:
         if self._stopped.is_set():
             return
         deadline = time.monotonic() + 2.0  # last replies of slow clients get a moment to leave
-        while self._backlogged and time.monotonic() < deadline:
+        while self.outboxes.backlogged and time.monotonic() < deadline:
             await asyncio.sleep(0.01)
         if self._router is not None and self._monitor_sock is not None:
             # Stop the monitor while its PAIR socket is open: libzmq blocks sending the stop event otherwise.
@@ -457,100 +431,9 @@ class Daemon:
         self.metrics.clients_dropped.labels(reason).inc()
         client.gone = True
         self._abort_client_requests(client, reply=False)
-        client.outbox.clear()
-        client.pending_chunks.clear()
-        self._backlogged.discard(client.identity)
+        self.outboxes.forget(client)
         self.clients.pop(client.identity, None)
         self.metrics.clients.set(len(self.clients))
-
-    # --- sending to clients -------------------------------------------------------------------
-
-    def _send(self, client: ClientState, reply: cp.Reply) -> None:
-        if client.gone:
-            return
-        if client.deliver is not None:
-            client.deliver(reply)
-            return
-        if client.outbox:
-            self._enqueue(client, reply)
-            return
-        fut = self._router.send_multipart([client.identity, cp.HEADER, _encoder.encode(reply)], flags=zmq.DONTWAIT)
-        exc = fut.exception()
-        if exc is None:
-            return
-        if isinstance(exc, zmq.Again):
-            self._enqueue(client, reply)
-        elif isinstance(exc, zmq.ZMQError) and exc.errno == errno.EHOSTUNREACH:
-            self._drop_client(client, "disconnected")
-        else:
-            log.error("sending to client %s failed: %s", client.identity.hex(), exc)
-
-    def _enqueue(self, client: ClientState, reply: cp.Reply) -> None:
-        if isinstance(reply, cp.Batch):  # queued item by item, so its chunks can merge with later ones
-            for item in reply.items:
-                if not client.gone:
-                    self._enqueue(client, item)
-            return
-        if isinstance(reply, cp.Chunk):
-            pending = client.pending_chunks.get(reply.id)
-            if pending is not None:  # merge into the chunk still waiting: the outbox does not grow
-                pending.text += reply.text
-                pending.token_ids.extend(reply.token_ids)
-                if reply.logprobs:
-                    pending.logprobs = (pending.logprobs or []) + reply.logprobs
-                return
-            client.pending_chunks[reply.id] = reply
-        elif isinstance(reply, cp.Final | cp.Error):
-            client.pending_chunks.pop(reply.id, None)
-        client.outbox.append(reply)
-        if len(client.outbox) > self.cfg.client_queue_limit:
-            self._drop_client(client, "queue_overflow")
-            return
-        if client.identity not in self._backlogged:
-            self._backlogged.add(client.identity)
-            self._backlog_event.set()
-        self.metrics.backlog.inc()
-
-    def _flush(self, client: ClientState) -> None:
-        # Sends go through the asyncio socket (DONTWAIT completes at once): a send on the raw shadow could
-        # consume the edge that wakes the frontend's pending receive.
-        router = self._router
-        while client.outbox:
-            reply = client.outbox[0]
-            exc = router.send_multipart([client.identity, cp.HEADER, _encoder.encode(reply)],
-                                        flags=zmq.DONTWAIT).exception()
-            if isinstance(exc, zmq.Again):
-                return
-            if exc is not None:
-                if isinstance(exc, zmq.ZMQError) and exc.errno == errno.EHOSTUNREACH:
-                    self._drop_client(client, "disconnected")
-                    return
-                raise exc
-            client.outbox.popleft()
-            self.metrics.backlog.dec()
-            if isinstance(reply, cp.Chunk) and client.pending_chunks.get(reply.id) is reply:
-                del client.pending_chunks[reply.id]
-        self._backlogged.discard(client.identity)
-
-    async def _flush_outboxes(self) -> None:
-        while True:
-            await self._backlog_event.wait()
-            for identity in list(self._backlogged):
-                client = self.clients.get(identity)
-                if client is None:
-                    self._backlogged.discard(identity)
-                else:
-                    self._flush(client)
-            if not self._backlogged:
-                self._backlog_event.clear()
-                self.metrics.backlog.set(0)
-            else:
-                await asyncio.sleep(FLUSH_INTERVAL_S)
-
-    def _reply(self, identity: bytes, reply: cp.Reply) -> None:
-        client = self._client(identity)
-        if client is not None:
-            self._send(client, reply)
 
     # --- receiving from clients ---------------------------------------------------------------
 
@@ -608,7 +491,7 @@ class Daemon:
 
     def _dispatch(self, client: ClientState, msg: cp.Request, now: float) -> None:
         if isinstance(msg, cp.Generate):
-            self._admit(client, msg, now)
+            self.admission.admit(client, msg, now)
         elif isinstance(msg, cp.Abort):
             self._on_abort(client, msg.id)
         elif isinstance(msg, cp.Heartbeat):
@@ -681,109 +564,18 @@ class Daemon:
 
     # --- admission ----------------------------------------------------------------------------
 
-    def _admit(self, client: ClientState, msg: cp.Generate, now: float) -> None:
-        def refuse(code: str, message: str) -> None:
-            raise cp.ProtocolError(code, message, None, msg.id)
-
+    def _refusal(self) -> str | None:
+        """Why no request can be admitted now, else None."""
         if self.draining:
-            refuse("unavailable", "the daemon is draining (shutting down); no new requests")
+            return "the daemon is draining (shutting down); no new requests"
         if not self.supervisor.ready:
-            refuse("unavailable", f"engine not ready ({self.supervisor.state}): {self.supervisor.reason}")
-        if msg.id in client.requests:
-            refuse("duplicate_id", f"request id {msg.id!r} is already in flight for this client")
-        held = sum(1 if c is None else len(c) for c in client.requests.values())
-        if held + msg.n > client.limit:
-            what = "the HTTP API has" if client.deliver is not None else "this client already has"
-            key = "http_max_requests" if client.deliver is not None else "client_concurrency"
-            refuse("too_many_requests", f"{what} {held} requests (choices) in flight and this one asks for {msg.n} "
-                   f"more ({key}={client.limit})")
-        if msg.model is not None and msg.model != self.cfg.served_name:
-            raise cp.ProtocolError("invalid_request", f"model {msg.model!r} is not served here; this daemon serves "
-                                   f"{self.cfg.served_name!r}", "model", msg.id)
-        size = len(msg.prompt or "") + sum(len(text_content(m.content)) for m in msg.messages or ())
-        if msg.tools or msg.chat_template_kwargs:  # rendered by the template too (tools as JSON)
-            size += len(_encoder.encode(msg.tools)) + len(_encoder.encode(msg.chat_template_kwargs))
-        if size > THREAD_TOKENIZE_CHARS:
-            client.requests[msg.id] = None
-            self._idle.clear()
-            asyncio.get_running_loop().create_task(self._admit_in_thread(client, msg, now))
-        else:
-            self._start(client, msg, *self._tokenize(msg), now)
+            return f"engine not ready ({self.supervisor.state}): {self.supervisor.reason}"
+        return None
 
-    async def _admit_in_thread(self, client: ClientState, msg: cp.Generate, now: float) -> None:
-        try:
-            ids, thinking = await asyncio.to_thread(self._tokenize, msg)
-        except cp.ProtocolError as e:
-            ids, thinking, error = None, False, e
-        if client.requests.get(msg.id, False) is None:
-            del client.requests[msg.id]
-        cancelled = msg.id in client.cancelled
-        client.cancelled.discard(msg.id)
-        try:
-            if client.gone or cancelled:
-                if not client.gone:
-                    self._send(client, cp.Final(id=msg.id, finish_reason="abort", prompt_tokens=len(ids or ()),
-                                                completion_tokens=0, e2e_s=time.monotonic() - now))
-                return
-            if ids is None:
-                raise error
-            if not self.supervisor.ready or self.draining:
-                raise cp.ProtocolError("unavailable", "engine became unavailable while the prompt was tokenised",
-                                       None, msg.id)
-            self._start(client, msg, ids, thinking, now)
-        except cp.ProtocolError as e:
-            self.metrics.protocol_errors.labels(e.code).inc()
-            self._send(client, e.to_reply())
-        finally:
-            self._update_in_flight()
-
-    def _tokenize(self, msg: cp.Generate) -> tuple[list[int], bool]:
-        """The prompt's ids, and whether it leaves the model inside <think> (chat with thinking on)."""
-        tok = self.tokenizer
-        thinking = False
-        if msg.prompt is not None:
-            ids = tok.encode(msg.prompt, add_special_tokens=True)
-            where = "prompt"
-        elif msg.messages is not None:
-            where = "messages"
-            try:
-                tools = msgspec.to_builtins(msg.tools) if msg.tools is not None else None
-                prompt = tok.render_chat(template_messages(msg.messages), msg.add_generation_prompt, tools,
-                                         msg.chat_template_kwargs)
-            except ChatInputError as e:
-                raise cp.ProtocolError("invalid_request", str(e), e.field, msg.id) from None
-            except TemplateError as e:
-                raise cp.ProtocolError("invalid_request", str(e), "messages", msg.id) from None
-            ids = tok.encode(prompt, add_special_tokens=False)  # the template writes the special tokens
-            thinking = prompt_opens_reasoning(prompt)
-        else:
-            ids, where = list(msg.prompt_token_ids), "prompt_token_ids"
-        if not ids:
-            raise cp.ProtocolError("invalid_request", f"{where} encodes to no tokens", where, msg.id)
-        return ids, thinking
-
-    def _start(self, client: ClientState, msg: cp.Generate, ids: list[int], thinking: bool, now: float) -> None:
-        info = self.supervisor.info
-        vocab = info.vocab_size if info else self.tokenizer.vocab_size
+    def _start(self, client: ClientState, msg: cp.Generate, ids: list[int], thinking: bool, max_tokens: int,
+               now: float) -> None:
+        """Register an admitted request's n choices and hand them to the engine."""
         s = msg.sampling
-        if msg.prompt_token_ids is not None:
-            for i, t in enumerate(ids):
-                if t >= vocab:
-                    raise cp.ProtocolError("invalid_request", f"token id {t} is outside the vocabulary "
-                                           f"(0..{vocab - 1})", f"prompt_token_ids[{i}]", msg.id)
-        for i, t in enumerate(s.stop_token_ids):
-            if t >= vocab:
-                raise cp.ProtocolError("invalid_request", f"token id {t} is outside the vocabulary (0..{vocab - 1})",
-                                       f"sampling.stop_token_ids[{i}]", msg.id)
-        max_len = info.max_model_len if info else 0
-        max_tokens = s.max_tokens if s.max_tokens is not None else max(1, max_len - len(ids))
-        if max_len:
-            if len(ids) >= max_len:
-                raise cp.ProtocolError("invalid_request", f"the prompt has {len(ids)} tokens; the model takes at most "
-                                       f"{max_len} including generated ones", "prompt", msg.id)
-            if len(ids) + max_tokens > max_len:
-                raise cp.ProtocolError("invalid_request", f"prompt ({len(ids)} tokens) + max_tokens ({max_tokens}) "
-                                       f"exceeds the model's max_model_len {max_len}", "sampling.max_tokens", msg.id)
         deadline_s = msg.deadline_s or self.cfg.default_deadline_s or None
         parse = msg.messages is not None and msg.parse_output
         tools = msg.tools if msg.tools and msg.tool_choice != "none" else None

@@ -289,7 +289,8 @@ def test_slow_reader_does_not_stall_others_and_loses_nothing(tiny_checkpoint, to
                 r = fast.generate("fast", max_tokens=40)
                 assert r.completion_tokens == 40 and time.monotonic() - t0 < 5
             d.wait_for(lambda: not d.daemon.by_engine_id, 30, "slow reader's requests done")
-            assert d.call(lambda: len(d.daemon.clients[next(iter(d.daemon._backlogged))].outbox)) <= 2 * len(prompts)
+            backlogged = d.call(lambda: next(iter(d.daemon.outboxes.backlogged)))
+            assert d.call(lambda: len(d.daemon.clients[backlogged].outbox)) <= 2 * len(prompts)
             texts: dict[str, list[str]] = {f"s{i}": [] for i in range(len(prompts))}
             ids: dict[str, list[int]] = {f"s{i}": [] for i in range(len(prompts))}
             done = 0
@@ -303,7 +304,7 @@ def test_slow_reader_does_not_stall_others_and_loses_nothing(tiny_checkpoint, to
             for i, p in enumerate(prompts):
                 assert ids[f"s{i}"] == echo(tok.encode(p), 400)  # merged chunks, nothing lost or reordered
                 assert "".join(texts[f"s{i}"]) == tok.decode(echo(tok.encode(p), 400))
-            d.wait_for(lambda: not d.daemon._backlogged, 5, "outbox flushed")
+            d.wait_for(lambda: not d.daemon.outboxes.backlogged, 5, "outbox flushed")
         finally:
             slow.close()
 

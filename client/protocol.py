@@ -370,11 +370,12 @@ def encode(msg: Request | Reply) -> list[bytes]:
 
 def check_header(frame: bytes | memoryview) -> None:
     """Raise ProtocolError unless the frame is this version's header."""
-    head = bytes(frame)
-    if head == HEADER:
+    head = bytes(frame[:17])  # never copy more of a hostile frame than a header can hold
+    if head == HEADER and len(frame) == len(HEADER):
         return
-    if not head.startswith(HEADER_PREFIX) or len(head) > 16:
-        raise ProtocolError("malformed", f"first frame must be the protocol header {HEADER!r}, got {head[:16]!r}")
+    if not head.startswith(HEADER_PREFIX) or len(frame) > 16:
+        raise ProtocolError("malformed", f"first frame must be the protocol header {HEADER!r}, got {head[:16]!r}"
+                            + (f" ... ({len(frame)} bytes)" if len(frame) > 16 else ""))
     raise ProtocolError(
         "unsupported_version",
         f"protocol version {head[len(HEADER_PREFIX):].decode(errors='replace')!r} is not supported; "
@@ -383,16 +384,26 @@ def check_header(frame: bytes | memoryview) -> None:
 
 
 def _decode(body: bytes | memoryview, decoder: msgspec.msgpack.Decoder, what: str):
+    """Decode untrusted bytes: whatever they hold, the only exception that leaves is ProtocolError."""
     try:
         return decoder.decode(body)
     except msgspec.ValidationError as e:
-        try:
-            rid = _id_decoder.decode(body).id
-        except (msgspec.ValidationError, msgspec.DecodeError):
-            rid = ""
-        raise ProtocolError("invalid_request", f"invalid {what}: {e}", error_field(e), rid) from None
+        raise ProtocolError("invalid_request", f"invalid {what}: {e}", error_field(e), _message_id(body)) from None
     except msgspec.DecodeError as e:
         raise ProtocolError("malformed", f"{what} is not valid msgpack: {e}") from None
+    except RecursionError:  # msgspec recurses per nesting level, within Python's recursion limit
+        raise ProtocolError("malformed", f"{what} nests arrays or maps too deeply to be read") from None
+    except Exception as e:  # not expected from msgspec, but a hostile body must never escape as a crash
+        raise ProtocolError("malformed", f"{what} cannot be decoded ({type(e).__name__}: {e})") from None
+
+
+def _message_id(body: bytes | memoryview) -> str:
+    """The id of a message that failed validation, for its Error reply; "" when none can be read."""
+    try:
+        rid = _id_decoder.decode(body).id  # skips the other fields' values, recursing into them
+    except Exception:  # not msgpack, no string id, nested too deeply (RecursionError): the reply names no id
+        return ""
+    return rid if 0 < len(rid) <= 256 else ""  # an id no request may carry is not echoed
 
 
 def decode_request(body: bytes | memoryview) -> Request:

@@ -388,7 +388,7 @@ def _decode(body: bytes | memoryview, decoder: msgspec.msgpack.Decoder, what: st
     try:
         return decoder.decode(body)
     except msgspec.ValidationError as e:
-        raise ProtocolError("invalid_request", f"invalid {what}: {e}", error_field(e), _message_id(body)) from None
+        raise ProtocolError("invalid_request", f"invalid {what}: {e}", error_field(e), message_id(body)) from None
     except msgspec.DecodeError as e:
         raise ProtocolError("malformed", f"{what} is not valid msgpack: {e}") from None
     except RecursionError:  # msgspec recurses per nesting level, within Python's recursion limit
@@ -397,8 +397,9 @@ def _decode(body: bytes | memoryview, decoder: msgspec.msgpack.Decoder, what: st
         raise ProtocolError("malformed", f"{what} cannot be decoded ({type(e).__name__}: {e})") from None
 
 
-def _message_id(body: bytes | memoryview) -> str:
-    """The id of a message that failed validation, for its Error reply; "" when none can be read."""
+def message_id(body: bytes | memoryview) -> str:
+    """The id of a message that cannot be accepted, for its Error reply; "" when none can be read. Costs a scan
+    of the body in C (other values are skipped, not built)."""
     try:
         rid = _id_decoder.decode(body).id  # skips the other fields' values, recursing into them
     except Exception:  # not msgpack, no string id, nested too deeply (RecursionError): the reply names no id

@@ -76,8 +76,10 @@ class ServeConfig(EngineConfig):
     worker_command: tuple[str, ...] = setting((), "argv that starts a worker; empty = python -m moed.engine.worker",
                                               split="shell")
     runtime_dir: str = setting("", "directory for ipc sockets; empty = $RUNTIME_DIRECTORY or /tmp/moed-UID")
-    max_message_bytes: int = setting(8 << 20, "largest client message answered (bytes); larger ones get an Error, and "
-                                              "ones over 4x this are cut off by ZMQ with no reply", min=1024)
+    max_message_bytes: int = setting(0, "largest client message (ZMQ) or HTTP body answered (bytes); larger ones get "
+                                        "an Error, and ZMQ messages over 4x this (at least 32 MiB) are cut off with "
+                                        "no reply; 0 = sized to the model's max_model_len (16 bytes a token + 64 "
+                                        "KiB)", min=0)
     client_concurrency: int = setting(256, "in-flight generate requests allowed per client", min=1)
     client_queue_limit: int = setting(1024, "replies queued for a client that does not read before it is dropped",
                                       min=16)
@@ -191,6 +193,9 @@ def _check_semantics(cfg: ServeConfig, sources: Mapping[str, str], check_files: 
         if not Path(cfg.curve_allowed_clients).is_dir():
             problems.append(("curve_allowed_clients",
                              f"{at('curve_allowed_clients')}: no directory {cfg.curve_allowed_clients!r}"))
+    if 0 < cfg.max_message_bytes < 1024:
+        problems.append(("max_message_bytes", f"{at('max_message_bytes')}: must be 0 (sized to max_model_len) or "
+                                              f">= 1024, got {cfg.max_message_bytes}"))
     if cfg.restart_backoff_max_s < cfg.restart_backoff_s:
         problems.append(("restart_backoff_max_s", f"{at('restart_backoff_max_s')}: must be >= restart_backoff_s "
                                                   f"({cfg.restart_backoff_s})"))

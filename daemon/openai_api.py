@@ -189,6 +189,7 @@ class DaemonCore(Protocol):
     tokenizer: Any
     metrics: Metrics
     supervisor: Any
+    max_message_bytes: int
 
     def readiness(self) -> tuple[bool, str]: ...
     def open_local_client(self, deliver: Callable[[cp.Reply], None], limit: int) -> Any: ...
@@ -468,7 +469,7 @@ class OpenAIServer:
                         "model", "model_not_found")
 
     async def _decode(self, request: Request, kind: type[Struct]) -> Any:
-        limit = self.cfg.max_message_bytes
+        limit = self.daemon.max_message_bytes
         length = request.headers.get("content-length")
         if length is not None and length.isdigit() and int(length) > limit:
             raise ApiError(413, f"request body of {length} bytes exceeds max_message_bytes={limit}", None,

@@ -35,6 +35,7 @@ import zmq.asyncio
 from zmq.utils.monitor import parse_monitor_message
 
 from moed.client import protocol as cp
+from moed.daemon import memory
 from moed.daemon.admission import Admission
 from moed.daemon.clients import ClientState, Outboxes
 from moed.daemon.config import ServeConfig
@@ -64,6 +65,7 @@ log = logging.getLogger(__name__)
 STEP_SEND_EVERY = 16
 HOUSEKEEPING_S = 0.25
 PROBE_INTERVAL_S = 2.0  # Pong probe of clients with requests: a gone one fails with EHOSTUNREACH
+CUTOFF_MIN_BYTES = 32 << 20  # messages up to this size are answered (too large), whatever max_message_bytes is
 
 
 class Daemon:
@@ -119,16 +121,19 @@ class Daemon:
 
     async def start(self) -> None:
         """Load the tokenizer, bind sockets and the metrics port, start the worker. Raises on bad setup."""
+        memory.limit_heap_growth()
         self.tokenizer = TextTokenizer(self.model_dir)
         self.admission = Admission(self.cfg, self.tokenizer, self.metrics, refusal=self._refusal,
                                    engine_info=lambda: self.supervisor.info if self.supervisor else None,
-                                   start=self._start, send=self._send, in_flight_changed=self._update_in_flight)
+                                   start=self._start, send=self._send, in_flight_changed=self._update_in_flight,
+                                   checkpoint_max_len=self._checkpoint_max_len())
         self._ctx = zmq.asyncio.Context()
         router = self._router = self.outboxes.router = self._ctx.socket(zmq.ROUTER)
         router.setsockopt(zmq.ROUTER_MANDATORY, 1)  # full or gone peers raise instead of dropping silently
         router.setsockopt(zmq.LINGER, 1000)
         router.setsockopt(zmq.SNDHWM, self.cfg.client_send_hwm)
-        router.setsockopt(zmq.MAXMSGSIZE, 4 * self.cfg.max_message_bytes)  # beyond this, the peer is cut off
+        # Beyond this the peer is cut off without a reply; below it, a message over the limit gets an Error.
+        router.setsockopt(zmq.MAXMSGSIZE, max(4 * self.admission.max_message_bytes, CUTOFF_MIN_BYTES))
         router.setsockopt(zmq.HEARTBEAT_IVL, 5000)  # ZMTP pings find peers that vanished without a FIN
         router.setsockopt(zmq.HEARTBEAT_TIMEOUT, 15000)
         if self.cfg.curve_secret_key:
@@ -172,6 +177,18 @@ class Daemon:
                 self.placement_manager.on_synced = self.metrics.observe_placement
             self._tasks.append(loop.create_task(self.placement_manager.run(), name="moed-placement"))
         log.info("moed daemon %s listening on %s", self.daemon_id, ", ".join(self.endpoints))
+
+    def _checkpoint_max_len(self) -> int:
+        """The checkpoint's max_position_embeddings (0 when unreadable: the worker will say why at load)."""
+        try:
+            return int(json.loads((Path(self.model_dir) / "config.json").read_text())["max_position_embeddings"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return 0
+
+    @property
+    def max_message_bytes(self) -> int:
+        """The largest client message or HTTP body answered (max_message_bytes, or sized to max_model_len)."""
+        return self.admission.max_message_bytes if self.admission is not None else self.cfg.max_message_bytes
 
     def _default_placement(self, channel: PlacementChannel) -> DaemonPlacement:
         config = Path(self.model_dir) / "config.json"
@@ -234,6 +251,8 @@ class Daemon:
             await self._metrics_server.stop()
         if self._auth is not None:
             self._auth.stop()
+        if self.admission is not None:
+            self.admission.close()
         for handle in self._deadlines.values():
             handle.cancel()
         if self._monitor_sock is not None:
@@ -440,16 +459,15 @@ class Daemon:
     async def _frontend(self) -> None:
         router, raw = self._router, self._raw_router
         while True:
-            frames = await router.recv_multipart(copy=False)
-            self._on_frames(frames)
+            # No message is kept in a local across the await: a huge one would stay resident until the next.
+            self._on_frames(await router.recv_multipart(copy=False))
             # Drain what is already queued without a loop round-trip per message (receives only: the next
             # await re-checks the socket's events, so no wake-up is lost).
             for _ in range(256):
                 try:
-                    frames = raw.recv_multipart(flags=zmq.DONTWAIT, copy=False)
+                    self._on_frames(raw.recv_multipart(flags=zmq.DONTWAIT, copy=False))
                 except zmq.Again:
                     break
-                self._on_frames(frames)
 
     def _on_frames(self, frames: list[zmq.Frame]) -> None:
         now = time.monotonic()
@@ -464,9 +482,10 @@ class Daemon:
                 raise cp.ProtocolError("malformed", f"a message is 2 frames (header, body), got {len(frames) - 1}")
             cp.check_header(frames[1].buffer)
             body = frames[2]
-            if len(body) > self.cfg.max_message_bytes:
+            limit = self.admission.max_message_bytes
+            if len(body) > limit:  # named by its id when it has one, so the client can tell which request failed
                 raise cp.ProtocolError("message_too_large", f"message of {len(body)} bytes exceeds the daemon's "
-                                       f"max_message_bytes={self.cfg.max_message_bytes}")
+                                       f"max_message_bytes={limit}", None, cp.message_id(body.buffer))
             msg = cp.decode_request(body.buffer)
         except cp.ProtocolError as e:
             self.metrics.protocol_errors.labels(e.code).inc()

@@ -112,6 +112,8 @@ def serve_main(args: argparse.Namespace) -> int:
         print("moed serve: bad configuration:\n  " + "\n  ".join(e.problems), file=sys.stderr)
         return 2
     _setup_logging(cfg.log_level)
+    # The daemon encodes one text per call: tokenizers' rayon pool would only add threads and their malloc arenas.
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     for name in unknown_env():
         log.warning("environment variable %s names no configuration key", name)
     try:

@@ -8,6 +8,11 @@ loop controls, `raise_exception`, a `tojson` that does not HTML-escape, the toke
 variables), so a prompt renders to the same text as `apply_chat_template`. Besides `messages` and
 `add_generation_prompt` a template receives `tools` (OpenAI function definitions) and the request's
 `chat_template_kwargs` (e.g. GLM's `enable_thinking`), as transformers and vLLM pass them.
+
+Encoding goes through the library's batch call, which releases the GIL while Rust works (its plain
+`encode` holds it: a long prompt tokenised in a thread would stall the daemon's loop), and skips
+the char offsets nobody reads. `count_tokens` counts a long text window by window and stops once
+past a limit, so refusing a huge prompt costs what the limit's worth of tokens costs.
 """
 
 from __future__ import annotations
@@ -19,6 +24,9 @@ from pathlib import Path
 from typing import Any
 
 from tokenizers import Tokenizer
+
+COUNT_WINDOW_CHARS = 1 << 16  # count_tokens encodes this much text at a time
+COUNT_SLACK_PER_WINDOW = 8  # tokens a window cut can add or remove (the cut is put before a space when one is near)
 
 
 class TokenizerError(Exception):
@@ -45,6 +53,11 @@ class TextTokenizer:
         except Exception as e:
             raise TokenizerError(f"cannot load '{path}': {e}") from e
         self.vocab_size = self.tokenizer.get_vocab_size(with_added_tokens=True)
+        vocab = self.tokenizer.get_vocab(with_added_tokens=True)
+        # No token covers more characters than its vocabulary string has (byte-level: one character per byte).
+        self.max_token_chars = max(map(len, vocab), default=1)
+        # encode_batch_fast (tokenizers >= 0.21) skips offsets; encode_batch also releases the GIL.
+        self._encode_batch = getattr(self.tokenizer, "encode_batch_fast", self.tokenizer.encode_batch)
         self.special_tokens: dict[str, str] = {}  # bos_token, eos_token, ...: template variables, as HF passes them
         self.chat_template = self._load_chat_template()
         self._template = None
@@ -75,7 +88,25 @@ class TextTokenizer:
         return tpl
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        return self.tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
+        return self._encode_batch([text], add_special_tokens=add_special_tokens)[0].ids
+
+    def count_tokens(self, text: str, add_special_tokens: bool, stop_after: int) -> int:
+        """About len(encode(text)) (within count_slack), counted window by window; stops once past `stop_after`."""
+        n = start = 0
+        while start < len(text) and n <= stop_after:
+            end = start + COUNT_WINDOW_CHARS
+            if end < len(text):
+                space = text.rfind(" ", end - 1024, end)  # cut before a space: pre-tokenizers split there anyway
+                end = space if space > start else end
+            window = self._encode_batch([text[start:end]], add_special_tokens=add_special_tokens and start == 0)
+            n += len(window[0].ids)
+            start = end
+        return n
+
+    @staticmethod
+    def count_slack(chars: int) -> int:
+        """How far count_tokens of a text of `chars` characters may be from the exact count."""
+        return COUNT_SLACK_PER_WINDOW * (chars // COUNT_WINDOW_CHARS + 1)
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         return self.tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens)

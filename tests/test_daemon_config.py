@@ -32,7 +32,7 @@ def test_precedence_defaults_file_env_flags(tmp_path, model_dir):
     assert cfg.log_level == "debug" and src["log_level"] == str(f)
     assert cfg.listen == ("tcp://127.0.0.1:1", "ipc:///tmp/x.sock")
     assert cfg.worker_command == ("w", "--b", "x y")
-    assert cfg.max_message_bytes == 8 << 20 and "max_message_bytes" not in src  # default
+    assert cfg.max_message_bytes == 0 and "max_message_bytes" not in src  # default
     assert cfg.served_name == "ckpt"
     # MOED_CONFIG names the file when no --config is given.
     cfg2, _ = load_config(None, {"MOED_CONFIG": str(f)}, {})

@@ -8,8 +8,9 @@ request (admission, tokenising and the engine's waiting queue), prefill = that -
 decode = first -> last token. The engine reports cumulative counts since its worker started; they become counters here
 by adding the increase since the previous report, so a worker restart (counts back to zero) never
 makes a counter go down. The HTTP server (asyncio, in the daemon's loop) answers
-`GET /metrics` (text exposition), `/health` (200 while the daemon runs) and `/ready` (200 when the
-engine is ready and the daemon is not draining, else 503 with the reason as the body).
+`GET /metrics` (text exposition), `/health` (200 while the daemon's serving loops make progress, the
+systemd watchdog's condition, else 503 with the stuck ones as the body) and `/ready` (200 when also
+the engine is ready and the daemon is not draining, else 503 with the reason as the body).
 """
 
 from __future__ import annotations
@@ -269,9 +270,11 @@ class Metrics:
 class MetricsServer:
     """A minimal HTTP/1.1 server (one request per connection) for /metrics, /health and /ready."""
 
-    def __init__(self, metrics: Metrics, readiness: Callable[[], tuple[bool, str]]):
+    def __init__(self, metrics: Metrics, readiness: Callable[[], tuple[bool, str]],
+                 health: Callable[[], tuple[bool, str]] = lambda: (True, "")):
         self.metrics = metrics
         self.readiness = readiness
+        self.health = health
         self._server: asyncio.Server | None = None
         self.port = 0
 
@@ -301,7 +304,9 @@ class MetricsServer:
             elif path == "/metrics":
                 status, ctype, body = "200 OK", CONTENT_TYPE_LATEST, self.metrics.exposition()
             elif path == "/health":
-                status, ctype, body = "200 OK", "text/plain", b"ok\n"
+                ok, reason = self.health()
+                status = "200 OK" if ok else "503 Service Unavailable"
+                ctype, body = "text/plain", (b"ok\n" if ok else f"not live: {reason}\n".encode())
             elif path == "/ready":
                 ok, reason = self.readiness()
                 status = "200 OK" if ok else "503 Service Unavailable"

@@ -3,6 +3,9 @@
 Everything runs in one asyncio loop and nothing in it waits on compute: admission (daemon/admission.py)
 tokenises long prompts in a thread, the engine is another process. Replies leave through per-client
 outboxes (daemon/clients.py), so nothing a slow or broken client does can delay replies to others.
+Every serving task runs under the liveness registry's guard (daemon/liveness.py), and the watchdog,
+/ready and /health believe only the loops' progress: the frontend's is proven by a Health message
+that an in-process socket sends through the ROUTER every third of `loop_stale_s`.
 
 A client loses its requests (engine Abort, no reply) when its connection drops: the socket
 monitor reports a disconnect, and sending it a Pong then fails with EHOSTUNREACH; or when it sends
@@ -32,6 +35,7 @@ from typing import TYPE_CHECKING
 import msgspec
 import zmq
 import zmq.asyncio
+from prometheus_client import Counter, Gauge
 from zmq.utils.monitor import parse_monitor_message
 
 from moed.client import protocol as cp
@@ -41,6 +45,7 @@ from moed.daemon.clients import ClientState, Outboxes
 from moed.daemon.config import ServeConfig
 from moed.daemon.detokenizer import IncrementalDetokenizer
 from moed.daemon.glm_chat import ChatOutputParser
+from moed.daemon.liveness import Liveness
 from moed.daemon.metrics import Metrics, MetricsServer
 from moed.daemon.placement import (
     DaemonPlacement,
@@ -66,11 +71,14 @@ STEP_SEND_EVERY = 16
 HOUSEKEEPING_S = 0.25
 PROBE_INTERVAL_S = 2.0  # Pong probe of clients with requests: a gone one fails with EHOSTUNREACH
 CUTOFF_MIN_BYTES = 32 << 20  # messages up to this size are answered (too large), whatever max_message_bytes is
+LOOP_STALE_S = 5.0  # a serving loop without progress (or an unanswered probe) this long is stuck
+LIVENESS_TICK_S = 0.25
+EXIT_SERVING_FAILED = 1  # exit status when a serving task kept failing: systemd (Restart=on-failure) restarts us
 
 
 class Daemon:
     def __init__(self, cfg: ServeConfig, model_dir: str, *, notifier: Notifier | None = None,
-                 placement_factory: PlacementFactory | None = None):
+                 placement_factory: PlacementFactory | None = None, loop_stale_s: float = LOOP_STALE_S):
         self.cfg = cfg
         self.model_dir = model_dir
         self.notifier = notifier or Notifier(env={})
@@ -107,6 +115,17 @@ class Daemon:
         self._drain_now = asyncio.Event()
         self._notified_ready = False
         self._last_watchdog = 0.0
+        self.exit_code = 0  # what `moed serve` exits with once stopped
+        self.loop_stale_s = loop_stale_s
+        failures = Counter("moed_serving_task_failures_total", "Serving tasks that failed and were restarted (a "
+                           "daemon bug: the log has the traceback)", ["task"], registry=self.metrics.registry)
+        self.liveness = Liveness(on_fatal=self._on_fatal, on_failure=lambda task: failures.labels(task).inc())
+        self.frontend_loop = self.liveness.register("frontend", loop_stale_s, probe=self._probe_frontend)
+        self._probe_sock: zmq.asyncio.Socket | None = None
+        self._probe_client: ClientState | None = None
+        self._probe_ids = itertools.count(1)
+        self._lag = Gauge("moed_event_loop_lag_seconds", "How late the daemon's event loop ran its last liveness "
+                          "tick (a blocked loop delays every client)", registry=self.metrics.registry)
         self._metrics_server: MetricsServer | None = None
         self.http: OpenAIServer | None = None  # the OpenAI-compatible API (http_address)
         self.http_port = 0
@@ -150,10 +169,18 @@ class Daemon:
                 raise OSError(f"cannot listen on {endpoint}: {e}") from e
             self.endpoints.append(router.getsockopt(zmq.LAST_ENDPOINT).decode())
         self._raw_router = zmq.Socket.shadow(router.underlying)
+        # The liveness probe: an in-process client (inproc skips Curve) with an unguessable routing id.
+        probe_endpoint = f"inproc://moed-liveness-{self.daemon_id}"
+        router.bind(probe_endpoint)
+        probe = self._probe_sock = self._ctx.socket(zmq.DEALER)
+        probe.setsockopt(zmq.LINGER, 0)
+        probe.setsockopt(zmq.ROUTING_ID, b"moed-liveness-" + secrets.token_bytes(16))
+        probe.connect(probe_endpoint)
+        self._probe_client = ClientState(probe.getsockopt(zmq.ROUTING_ID), time.monotonic(), 1)
         monitor = self._monitor_sock = router.get_monitor_socket(
             zmq.EVENT_DISCONNECTED | zmq.EVENT_HANDSHAKE_FAILED_AUTH)
         if self.cfg.metrics_address:
-            self._metrics_server = MetricsServer(self.metrics, self.readiness)
+            self._metrics_server = MetricsServer(self.metrics, self.readiness, self.health)
             await self._metrics_server.start(self.cfg.metrics_address)
             self.metrics_port = self._metrics_server.port
         if self.cfg.http_address:
@@ -164,18 +191,20 @@ class Daemon:
             self.http_port = self.http.port
         self.supervisor = WorkerSupervisor(
             self.cfg, self.model_dir, self._ctx, on_message=self._on_engine_message, on_ready=self._on_engine_ready,
-            on_lost=self._on_engine_lost, on_state=self._on_engine_state, on_restart=self.metrics.worker_restarts.inc)
+            on_lost=self._on_engine_lost, on_state=self._on_engine_state, on_restart=self.metrics.worker_restarts.inc,
+            liveness=self.liveness)
         self.supervisor.start()
-        loop = asyncio.get_running_loop()
-        self._tasks += [loop.create_task(self._frontend(), name="moed-frontend"),
-                        loop.create_task(self._monitor(monitor), name="moed-monitor"),
-                        loop.create_task(self._housekeeping(), name="moed-housekeeping"),
-                        loop.create_task(self.outboxes.run(), name="moed-flush")]
+        spawn = self.liveness.spawn
+        wd = self.notifier.watchdog_interval_s
+        tick = min(LIVENESS_TICK_S, wd / 2) if wd else LIVENESS_TICK_S
+        self._tasks += [spawn("frontend", self._frontend), spawn("monitor", lambda: self._monitor(monitor)),
+                        spawn("housekeeping", self._housekeeping), spawn("flush", self.outboxes.run),
+                        spawn("liveness", lambda: self.liveness.run(tick, self._on_liveness_tick))]
         if self._placement_factory is not None:
             self.placement_manager = self._placement_factory(self.placement)
             if isinstance(self.placement_manager, DaemonPlacement):
                 self.placement_manager.on_synced = self.metrics.observe_placement
-            self._tasks.append(loop.create_task(self.placement_manager.run(), name="moed-placement"))
+            self._tasks.append(spawn("placement", self.placement_manager.run))
         log.info("moed daemon %s listening on %s", self.daemon_id, ", ".join(self.endpoints))
 
     def _checkpoint_max_len(self) -> int:
@@ -257,6 +286,8 @@ class Daemon:
             handle.cancel()
         if self._monitor_sock is not None:
             self._monitor_sock.close(linger=0)
+        if self._probe_sock is not None:
+            self._probe_sock.close(linger=0)
         if self._router is not None:
             self._router.close(linger=1000)
         for endpoint in self.endpoints:
@@ -276,7 +307,37 @@ class Daemon:
             return False, "starting"
         if not self.supervisor.ready:
             return False, f"{self.supervisor.state}: {self.supervisor.reason}"
-        return True, ""
+        return self.health()
+
+    def health(self) -> tuple[bool, str]:
+        """Whether every serving loop makes progress (the engine may still be loading)."""
+        problems = self.liveness.problems()
+        return (False, "; ".join(problems)) if problems else (True, "")
+
+    # --- liveness -------------------------------------------------------------------------------
+
+    def _on_liveness_tick(self, now: float, live: bool) -> None:
+        self._lag.set(self.liveness.lag_s)
+        wd = self.notifier.watchdog_interval_s
+        if live and wd is not None and now - self._last_watchdog >= wd:
+            self._last_watchdog = now
+            self.notifier.watchdog()
+
+    async def _probe_frontend(self) -> None:
+        """One Health request through the ROUTER and the frontend, answered through the outbox."""
+        rid = f"liveness-{next(self._probe_ids)}"
+        await self._probe_sock.send_multipart(cp.encode(cp.Health(id=rid)))
+        while True:  # skip answers to earlier probes that timed out
+            _, body = await self._probe_sock.recv_multipart()
+            reply = cp.decode_reply(body)
+            if getattr(reply, "id", None) == rid:
+                return
+
+    def _on_fatal(self, reason: str) -> None:
+        """A serving task kept failing: drain what is in flight and exit non-zero (systemd restarts us)."""
+        self.exit_code = EXIT_SERVING_FAILED
+        self.notifier.status(f"failed: {reason}"[:1000])
+        self.request_drain()
 
     # --- engine side ----------------------------------------------------------------------------
 
@@ -458,6 +519,7 @@ class Daemon:
 
     async def _frontend(self) -> None:
         router, raw = self._router, self._raw_router
+        beat = self.frontend_loop.beat
         while True:
             # No message is kept in a local across the await: a huge one would stay resident until the next.
             self._on_frames(await router.recv_multipart(copy=False))
@@ -466,16 +528,26 @@ class Daemon:
             for _ in range(256):
                 try:
                     self._on_frames(raw.recv_multipart(flags=zmq.DONTWAIT, copy=False))
-                except zmq.Again:
+                except zmq.Again:  # _on_frames lets no exception out: this is the receive's
                     break
+            beat()
 
     def _on_frames(self, frames: list[zmq.Frame]) -> None:
+        try:
+            self._on_message(frames)
+        except Exception:  # a daemon bug in the per-message path costs this message, never the frontend
+            log.exception("handling a client message failed")
+
+    def _on_message(self, frames: list[zmq.Frame]) -> None:
         now = time.monotonic()
         identity = frames[0].bytes
         client = self.clients.get(identity)
         if client is None:
-            client = self.clients[identity] = ClientState(identity, now, self.cfg.client_concurrency)
-            self.metrics.clients.set(len(self.clients))
+            if identity == self._probe_client.identity:  # the liveness probe: served alike, never counted
+                client = self._probe_client
+            else:
+                client = self.clients[identity] = ClientState(identity, now, self.cfg.client_concurrency)
+                self.metrics.clients.set(len(self.clients))
         client.last_seen = now
         try:
             if len(frames) != 3:
@@ -504,7 +576,7 @@ class Daemon:
             else:
                 self.metrics.rejected.labels(e.code).inc()
             self._send(client, e.to_reply())
-        except Exception as e:  # a bug here must cost one request, not the daemon
+        except Exception as e:  # a daemon bug must cost one request, not the daemon
             log.exception("handling %s failed", type(msg).__name__)
             self._send(client, cp.Error(id=getattr(msg, "id", ""), code="internal", message=f"daemon error: {e}"))
 
@@ -521,7 +593,7 @@ class Daemon:
                                                 message=f"the daemon holds no request {rid!r} for this client "
                                                 f"(daemon {self.daemon_id}; restarted or already finished)"))
         elif isinstance(msg, cp.Health):
-            self._send(client, cp.HealthStatus(id=msg.id, ok=True, state=self.supervisor.state,
+            self._send(client, cp.HealthStatus(id=msg.id, ok=self.health()[0], state=self.supervisor.state,
                                                uptime_s=now - self.started_at))
         elif isinstance(msg, cp.Ready):
             ok, reason = self.readiness()
@@ -672,10 +744,10 @@ class Daemon:
 
     async def _housekeeping(self) -> None:
         last_probe = time.monotonic()
-        wd = self.notifier.watchdog_interval_s
-        tick = min(HOUSEKEEPING_S, wd / 2) if wd else HOUSEKEEPING_S
+        beat = self.liveness.register("housekeeping", self.loop_stale_s).beat
         while True:
-            await asyncio.sleep(tick)
+            await asyncio.sleep(HOUSEKEEPING_S)
+            beat()
             now = time.monotonic()
             for client in list(self.clients.values()):
                 silent = now - client.last_seen
@@ -690,7 +762,3 @@ class Daemon:
             if now - last_probe > PROBE_INTERVAL_S:
                 last_probe = now
                 self._probe_clients()
-            if wd is not None and now - self._last_watchdog >= wd and self.supervisor.responsive(now):
-                self._last_watchdog = now
-                self.notifier.watchdog()
-

@@ -4,7 +4,8 @@ Reads the configuration (daemon/config.py gives the precedence), resolves built-
 small: generated once into $MOED_CACHE or ~/.cache/moed by moed.model.checkpoint in a subprocess,
 since generating needs torch and the daemon must not import it), installs uvloop when present, turns SIGTERM and
 SIGINT into a drain, and exits 0 after a drain, 1 when start-up fails (the engine worker's own start-up
-failures included: see supervisor.py), 2 on a bad configuration.
+failures included: see supervisor.py) or a serving task kept failing (daemon/liveness.py; systemd
+restarts the service), 2 on a bad configuration.
 """
 
 from __future__ import annotations
@@ -96,7 +97,7 @@ async def _serve(cfg: ServeConfig, model_dir: str) -> int:
     await asyncio.wait({stopped, failed}, return_when=asyncio.FIRST_COMPLETED)
     if stopped.done():
         failed.cancel()
-        return 0
+        return daemon.exit_code
     # The worker cannot start: staying up unready would only hide that from the operator and from systemd.
     reason = daemon.supervisor.reason
     await daemon.stop()

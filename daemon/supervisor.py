@@ -4,7 +4,9 @@ One worker per daemon (one GPU rank). Each incarnation ("generation") gets fresh
 bound here, `<runtime_dir>/w<pid>-<generation>-{to,from}.sock`: the daemon PUSHes `ToWorker`
 messages on the first and PULLs `FromWorker` messages from the second; the worker connects both.
 The worker is ready when it sends WorkerReady (after model load and warm-up). It is responsive
-while its messages (EngineStats at least every stats interval) keep arriving; one silent for
+while its messages (EngineStats at least every stats interval) keep arriving: the link's reader
+stamps the "worker-link" loop of the daemon's liveness registry (daemon/liveness.py) per message,
+and the sender stamps "worker-send" while messages wait for the worker. One silent for
 `engine_stall_timeout_s`, or not ready after `worker_start_timeout_s`, is killed. Whenever an
 incarnation ends, `on_lost` fails everything it held; the next one starts after a back-off that
 doubles per crash; `crash_loop_restarts` crashes within `crash_loop_window_s` stop restarting and
@@ -33,6 +35,7 @@ import zmq
 import zmq.asyncio
 
 from moed.daemon.config import ServeConfig
+from moed.daemon.liveness import Liveness
 from moed.engine import protocol as ep
 from moed.engine.config import engine_argv
 
@@ -57,13 +60,18 @@ def _exit_text(rc: int) -> str:
     return f"exited with code {rc}"
 
 
+class _LinkEnd(Exception):
+    """The worker broke the link's protocol: the incarnation ends with this reason."""
+
+
 class WorkerSupervisor:
     def __init__(self, cfg: ServeConfig, model_dir: str, ctx: zmq.asyncio.Context, *,
                  on_message: Callable[[ep.FromWorker, int], None],
                  on_ready: Callable[[ep.WorkerReady], None],
                  on_lost: Callable[[str], None],
                  on_state: Callable[[str, str], None],
-                 on_restart: Callable[[], None]):
+                 on_restart: Callable[[], None],
+                 liveness: Liveness | None = None):
         self.cfg = cfg
         self.model_dir = model_dir
         self.ctx = ctx
@@ -88,6 +96,14 @@ class WorkerSupervisor:
         self._task: asyncio.Task | None = None
         self.ever_ready = False
         self.failed = asyncio.Event()  # set with state "failed": a worker that cannot start; `reason` says why
+        # The link must carry a message every three stats periods (at least 1 s) while the worker is ready: a
+        # stall stops the watchdog at once, well before engine_stall_timeout_s kills the worker (WatchdogSec
+        # must exceed the longest engine step). Loading and restarting have their own timeouts.
+        liveness = liveness or Liveness(on_fatal=lambda reason: None)
+        stale_s = max(3 * cfg.stats_interval_s, 1.0)
+        self.link = liveness.register("worker-link", stale_s, active=lambda: self.state == "ready")
+        self.link_send = liveness.register("worker-send", stale_s,
+                                           active=lambda: bool(self._out_backlog) and self.state == "ready")
 
     # --- public -----------------------------------------------------------------------------
 
@@ -98,28 +114,19 @@ class WorkerSupervisor:
     def ready(self) -> bool:
         return self.state == "ready"
 
-    def responsive(self, now: float | None = None) -> bool:
-        """For the systemd watchdog: ready and heard from within three stats periods (at least 1 s), or
-        loading / restarting (start-up has its own timeout). A stall pauses the watchdog at once, well
-        before `engine_stall_timeout_s` kills the worker; WatchdogSec must exceed the longest engine step."""
-        now = time.monotonic() if now is None else now
-        if self.state == "ready":
-            return now - self.last_message_at < max(3 * self.cfg.stats_interval_s, 1.0)
-        return self.state in ("starting", "loading", "restarting")
-
     def send(self, msg: ep.ToWorker) -> bool:
         """Queue a message for the current worker; False when there is none ready to take it."""
         if self._push is None or self.state not in ("ready", "stopping"):
             return False
         frame = ep.encode(msg)
-        if self._out_backlog:
-            self._out_backlog.append(frame)
-            return True
-        fut = self._push.send(frame, flags=zmq.DONTWAIT)
-        if fut.exception() is not None:  # not connected yet or queue full: keep order, send when possible
-            self._out_backlog.append(frame)
-            if self._flush_task is None or self._flush_task.done():
-                self._flush_task = asyncio.get_running_loop().create_task(self._flush_backlog(self._push))
+        if not self._out_backlog:
+            fut = self._push.send(frame, flags=zmq.DONTWAIT)
+            if fut.exception() is None:
+                return True
+            self.link_send.beat()  # not connected yet or queue full: the backlog starts now
+        self._out_backlog.append(frame)  # keeps the order: sent when possible
+        if self._flush_task is None or self._flush_task.done():  # also after a flush that failed
+            self._flush_task = asyncio.get_running_loop().create_task(self._flush_backlog(self._push))
         return True
 
     async def stop(self, timeout: float = 10.0) -> None:
@@ -153,6 +160,8 @@ class WorkerSupervisor:
 
     def _set_state(self, state: str, reason: str) -> None:
         self.state, self.reason = state, reason
+        if state == "crash_loop":  # restarts have ended: the daemon must not look alive to systemd
+            self.link.fail(reason)
         self._on_state(state, reason)
 
     async def _flush_backlog(self, push: zmq.asyncio.Socket) -> None:
@@ -160,6 +169,7 @@ class WorkerSupervisor:
             while self._out_backlog and push is self._push:
                 await push.send(self._out_backlog[0])
                 self._out_backlog.popleft()
+                self.link_send.beat()
         except zmq.ZMQError as e:
             log.warning("sending to the worker failed: %s", e)
 
@@ -290,8 +300,9 @@ class WorkerSupervisor:
                     await asyncio.wait({stderr}, timeout=1.0)  # let the last stderr lines arrive
                     reason = _exit_text(proc.returncode)
                     break
-                if reader in done:  # the reader only ends on a protocol violation
-                    reason = reader.result()
+                if reader in done:  # a protocol violation, a daemon bug handling a message, a socket error
+                    exc = reader.exception()
+                    reason = reader.result() if exc is None else f"reading the worker link failed: {exc!r}"
                     proc.kill()
                     await waiter
                     break
@@ -320,26 +331,37 @@ class WorkerSupervisor:
         return reason
 
     async def _read(self, pull: zmq.asyncio.Socket, generation: int) -> str:
+        """Read the worker's messages until the link must end; returns why."""
         while True:
             frame = await pull.recv(copy=False)
             self.last_message_at = time.monotonic()
+            self.link.beat()
             try:
                 msg = ep.decode_from_worker(frame.buffer)
-            except (msgspec.DecodeError, msgspec.ValidationError) as e:
+            except (msgspec.DecodeError, msgspec.ValidationError, RecursionError) as e:
                 return f"worker sent an undecodable message ({e})"
-            if isinstance(msg, ep.WorkerReady):
-                if msg.protocol_version != ep.PROTOCOL_VERSION:
-                    return (f"worker speaks engine protocol {msg.protocol_version}, daemon speaks "
-                            f"{ep.PROTOCOL_VERSION}")
-                self.info = msg
-                self.ever_ready = True
-                self._on_ready(msg)
-                self._set_state("ready", "")
-            elif isinstance(msg, ep.WorkerFatal):
-                log.error("engine worker reported a fatal error: %s", msg.message)
-                self._fatal = msg.message
-            else:
-                self._on_message(msg, generation)
+            try:
+                self._on_worker_message(msg, generation)
+            except _LinkEnd as e:
+                return str(e)
+            except Exception as e:  # a daemon bug: a fresh worker fails its requests with errors instead of hanging
+                log.exception("handling the worker's %s failed", type(msg).__name__)
+                return f"the daemon failed handling a worker message ({type(e).__name__}: {e})"
+
+    def _on_worker_message(self, msg: ep.FromWorker, generation: int) -> None:
+        if isinstance(msg, ep.WorkerReady):
+            if msg.protocol_version != ep.PROTOCOL_VERSION:
+                raise _LinkEnd(f"worker speaks engine protocol {msg.protocol_version}, daemon speaks "
+                               f"{ep.PROTOCOL_VERSION}")
+            self.info = msg
+            self.ever_ready = True
+            self._on_ready(msg)
+            self._set_state("ready", "")
+        elif isinstance(msg, ep.WorkerFatal):
+            log.error("engine worker reported a fatal error: %s", msg.message)
+            self._fatal = msg.message
+        else:
+            self._on_message(msg, generation)
 
     async def _pump_stderr(self, proc: asyncio.subprocess.Process) -> None:
         assert proc.stderr is not None

@@ -372,7 +372,8 @@ def test_crash_loop_ends_unready_with_reason(tiny_checkpoint):
         _, text = scrape(d.metrics_url + "/metrics")
         assert metric_value(text, "moed_engine_state", {"state": "crash_loop"}) == 1
         assert metric_value(text, "moed_ready") == 0 and metric_value(text, "moed_worker_restarts_total") == 2
-        assert scrape(d.metrics_url + "/health")[0] == 200  # alive, not ready
+        status, body = scrape(d.metrics_url + "/health")  # no watchdog either: systemd restarts the service
+        assert status == 503 and "worker-link: crash loop" in body
         with Client(d.address, timeout=10) as c:
             with pytest.raises(MoedError) as e:
                 c.generate("anyone?", max_tokens=2)

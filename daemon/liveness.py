@@ -151,6 +151,14 @@ class Liveness:
 
     async def run(self, tick_s: float, on_tick: Callable[[float, bool], None]) -> None:
         """Every `tick_s`: start due probes, check every loop, call `on_tick(now, every loop is live)`."""
+        try:
+            await self._check_every(tick_s, on_tick)
+        finally:  # stopping: no probe may outlive the checker (or the daemon's sockets)
+            for lp in self.loops.values():
+                if lp.probing is not None:
+                    lp.probing.cancel()
+
+    async def _check_every(self, tick_s: float, on_tick: Callable[[float, bool], None]) -> None:
         loop = asyncio.get_running_loop()
         while True:
             t0 = loop.time()

@@ -10,6 +10,10 @@ come back through `deliver` and wait per request in a small queue where a choice
 client that reads slowly costs its own text, never the daemon's time; sending is awaited by the request's
 own task. A closed connection (seen by a task waiting on the ASGI receive channel) aborts the request.
 
+The server is the "http" loop of the daemon's liveness registry (daemon/liveness.py): every request it
+answers beats, and a probe sends GET /health to its own port every third of `loop_stale_s`, so a server
+that stopped accepting or answering stops the systemd watchdog and fails /health and /ready.
+
 Errors are OpenAI's shape, `{"error": {"message", "type", "param", "code"}}`, with the status codes
 OpenAI's SDK maps to its exception types: 400 invalid request, 401 bad or missing API key (when
 `http_api_key` is set), 404 unknown model or path, 413 body over `max_message_bytes`, 429 over
@@ -47,11 +51,13 @@ from starlette.exceptions import HTTPException
 
 from moed.client import protocol as cp
 from moed.daemon.config import ServeConfig
+from moed.daemon.liveness import Liveness, Loop
 from moed.daemon.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
 BIG_BODY_BYTES = 256 << 10  # bodies larger than this are decoded in a thread (the loop keeps its time slices)
+PROBE_REQUEST = b"GET /health HTTP/1.1\r\nhost: moed-liveness\r\nconnection: close\r\n\r\n"
 _json = msgspec.json.Encoder()
 DONE = b"data: [DONE]\n\n"
 
@@ -190,8 +196,11 @@ class DaemonCore(Protocol):
     metrics: Metrics
     supervisor: Any
     max_message_bytes: int
+    liveness: Liveness
+    loop_stale_s: float
 
     def readiness(self) -> tuple[bool, str]: ...
+    def health(self) -> tuple[bool, str]: ...
     def open_local_client(self, deliver: Callable[[cp.Reply], None], limit: int) -> Any: ...
     def close_local_client(self, client: Any) -> None: ...
     def submit(self, client: Any, msg: cp.Request) -> None: ...
@@ -308,6 +317,8 @@ class OpenAIServer:
         self.defaults = _generation_defaults(Path(daemon.model_dir))
         self.created = int(time.time())
         self.port = 0
+        self.live: Loop | None = None  # this server in the daemon's liveness registry
+        self._probe_host = ""
         self._server: Any = None
         self._main_loop: asyncio.Task | None = None
         self.app = self._build_app()
@@ -332,7 +343,11 @@ class OpenAIServer:
         self.port = sock.getsockname()[1]
         self.client = self.daemon.open_local_client(self._deliver, self.cfg.http_max_requests)
         self.pieces = TokenPieces(self.daemon.tokenizer)
-        config = uvicorn.Config(_counted(self.app, self.daemon.metrics.http_requests), lifespan="off",
+        self.live = self.daemon.liveness.register("http", self.daemon.loop_stale_s, probe=self._probe)
+        # The probe connects where clients do; a wildcard address is reached through loopback.
+        self._probe_host = {"0.0.0.0": "127.0.0.1", "": "127.0.0.1", "::": "::1"}.get(host, host)
+        config = uvicorn.Config(_counted(self.app, self.daemon.metrics.http_requests, self.live.beat),
+                                lifespan="off",
                                 log_config=None, access_log=False, server_header=False, timeout_keep_alive=30,
                                 limit_concurrency=2 * self.cfg.http_max_requests + 64, timeout_graceful_shutdown=2)
         config.load()
@@ -348,6 +363,8 @@ class OpenAIServer:
             return
         server, self._server = self._server, None
         server.should_exit = True
+        if self.live is not None:
+            self.daemon.liveness.unregister(self.live)
         if self._main_loop is not None:
             with contextlib.suppress(Exception):
                 await self._main_loop
@@ -355,6 +372,20 @@ class OpenAIServer:
             await server.shutdown()
         if self.client is not None:
             self.daemon.close_local_client(self.client)
+
+    async def _probe(self) -> None:
+        """GET /health through this server's own socket: any HTTP answer shows it accepts and answers (its body
+        may say another loop is stuck)."""
+        reader, writer = await asyncio.open_connection(self._probe_host, self.port)
+        try:
+            writer.write(PROBE_REQUEST)
+            status = await reader.readline()
+            if not status.startswith(b"HTTP/1.1 "):
+                raise ConnectionError(f"the HTTP API answered GET /health with {status[:80]!r}")
+        finally:
+            writer.close()
+            with contextlib.suppress(OSError):
+                await writer.wait_closed()
 
     # --- daemon side ---
 
@@ -428,7 +459,9 @@ class OpenAIServer:
 
         @app.get("/health")
         async def health() -> Response:
-            return Response(b"ok\n", media_type="text/plain")
+            ok, reason = self.daemon.health()
+            return Response(b"ok\n" if ok else f"not live: {reason}\n".encode(), media_type="text/plain",
+                            status_code=200 if ok else 503)
 
         @app.get("/ready")
         async def ready() -> Response:
@@ -611,8 +644,9 @@ ROUTES = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/models", "/h
                     "/version"})
 
 
-def _counted(app: Callable, counter: Any) -> Callable:
-    """The app, counting answered requests by route (known ones; "other" keeps the label set small) and status."""
+def _counted(app: Callable, counter: Any, beat: Callable[[], None]) -> Callable:
+    """The app, counting answered requests by route (known ones; "other" keeps the label set small) and status;
+    `beat` tells the liveness registry the server answered one."""
     async def counted(scope: dict, receive: Callable, send: Callable) -> None:
         if scope["type"] != "http":
             return await app(scope, receive, send)
@@ -630,6 +664,7 @@ def _counted(app: Callable, counter: Any) -> Callable:
             await app(scope, receive, send_status)
         finally:
             counter.labels(route, str(status)).inc()
+            beat()
 
     return counted
 

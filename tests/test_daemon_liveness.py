@@ -2,8 +2,8 @@
 
 The registry and the task guard alone (daemon/liveness.py), then the daemon with each loop that
 receives or sends made to stop: the ZMQ frontend wedged and crashing, the worker link's reader
-blocked, the whole event loop blocked; and `moed serve` as a process exiting 1 (systemd restarts
-it) when a serving task keeps failing.
+blocked, the HTTP API wedged and dead, the whole event loop blocked; and `moed serve` as a process
+exiting 1 (systemd restarts it) when a serving task keeps failing.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -22,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from daemon_harness import DOUBLE, DaemonThread, hang_guard, make_config, metric_value, scrape, short_dir  # noqa: F401
 
 from moed.client.api import Client
-from moed.daemon import liveness, server
+from moed.daemon import liveness, openai_api, server
 from moed.daemon.sdnotify import Notifier
 from moed.daemon.supervisor import WorkerSupervisor
 
@@ -233,6 +234,66 @@ def test_a_blocked_worker_link_stops_the_watchdog(tiny_checkpoint, monkeypatch):
         d.wait_ready(30)
         t_back = time.monotonic()
         wait_until(lambda: notes.times[-1] > t_back, 5, "watchdog resumed")
+
+
+def test_a_wedged_or_dead_http_api_stops_the_watchdog(tiny_checkpoint, monkeypatch):
+    """The HTTP API's own probe (GET /health on its port) keeps it live while idle; a server that stops answering
+    (wedged) or accepting (its sockets closed) is reported by name and stops the watchdog."""
+    wedge = threading.Event()
+    counted = openai_api._counted
+
+    def wedgeable(app, counter, beat):
+        inner = counted(app, counter, beat)
+
+        async def maybe_wedged(scope, receive, send):
+            while wedge.is_set():  # requests are taken, never answered
+                await asyncio.sleep(0.01)
+            await inner(scope, receive, send)
+
+        return maybe_wedged
+
+    monkeypatch.setattr(openai_api, "_counted", wedgeable)
+    notes = Recording()
+    cfg = make_config(tiny_checkpoint, http_address="127.0.0.1:0")
+    with DaemonThread(cfg, notifier=notes, loop_stale_s=0.6) as d:
+        d.wait_ready(30)
+        url = f"http://127.0.0.1:{d.daemon.http_port}"
+        live = d.daemon.http.live
+        assert d.call(lambda: d.daemon.liveness.loops.get("http")) is live
+        time.sleep(1.5)  # idle for longer than loop_stale_s: the probe alone keeps it live
+        assert d.call(lambda: d.daemon.health()) == (True, "")
+        with urllib.request.urlopen(url + "/health", timeout=10) as r:
+            assert r.status == 200 and r.read() == b"ok\n"
+
+        # A request the server answers beats (probes stopped, so only the middleware can have moved the stamp).
+        d.call(lambda: setattr(live, "probe", None))
+        before = d.call(lambda: live.last_beat)
+        with urllib.request.urlopen(url + "/v1/models", timeout=10) as r:
+            assert r.status == 200
+        assert d.call(lambda: live.last_beat) > before
+        d.call(lambda: setattr(live, "probe", d.daemon.http._probe))
+
+        wedge.set()
+        t_wedge = time.monotonic()
+        wait_until(lambda: not d.call(lambda: d.daemon.health()[0]), 5, "wedged HTTP API reported")
+        time.sleep(0.5)
+        status, body = scrape(d.metrics_url + "/health")
+        assert status == 503 and "http: probe unanswered" in body
+        assert notes.silent_between(t_wedge + 1.2, time.monotonic())
+        wedge.clear()
+        wait_until(lambda: d.call(lambda: d.daemon.health()[0]), 5, "HTTP API live again")
+        t_back = time.monotonic()
+        wait_until(lambda: notes.times[-1] > t_back, 5, "watchdog resumed")
+
+        d.call(lambda: [s.close() for s in d.daemon.http._server.servers])  # the listening sockets are gone
+        t_dead = time.monotonic()
+        wait_until(lambda: not d.call(lambda: d.daemon.health()[0]), 5, "dead HTTP API reported")
+        time.sleep(0.5)
+        status, body = scrape(d.metrics_url + "/ready")
+        assert status == 503 and "http: probe failed: ConnectionRefusedError" in body
+        assert notes.silent_between(t_dead + 1.2, time.monotonic())
+        with Client(d.address, timeout=10) as c:  # the ZMQ side still serves; systemd would restart the daemon
+            assert c.generate("zmq still", max_tokens=2).completion_tokens == 2
 
 
 def test_a_blocked_event_loop_stops_the_watchdog(tiny_checkpoint):

@@ -2,7 +2,7 @@
 
 Per client (ROUTER routing id) the daemon keeps its in-flight requests, the time it was last heard
 from, and an outbox. Replies are handed to ZMQ without blocking; when a client's ZMQ queue is full
-(it reads slowly) replies wait in its outbox, where consecutive chunks of one request merge into
+(it reads slowly) replies wait in its outbox, where consecutive chunks of one choice merge into
 one, so the outbox is bounded by the client's requests, not by its tokens. An outbox past
 `client_queue_limit` drops the client. Nothing a slow or broken client does can delay replies to
 others. A local client (the HTTP API, daemon/openai_api.py) has a `deliver` callback instead of a
@@ -31,6 +31,17 @@ _encoder = msgspec.msgpack.Encoder()
 FLUSH_INTERVAL_S = 0.002  # retry period for outboxes of slow clients
 
 
+def merge_chunks(into: cp.Chunk, more: cp.Chunk) -> None:
+    """Append a later chunk of the same choice to one not sent yet."""
+    into.text += more.text
+    into.reasoning += more.reasoning
+    into.token_ids = [*into.token_ids, *more.token_ids]
+    if more.logprobs:
+        into.logprobs = (into.logprobs or []) + more.logprobs
+    if more.tool_calls:
+        into.tool_calls = (into.tool_calls or []) + more.tool_calls
+
+
 class ClientState:
     __slots__ = ("cancelled", "deliver", "gone", "identity", "last_seen", "limit", "outbox", "pending_chunks",
                  "requests")
@@ -44,7 +55,8 @@ class ClientState:
         self.cancelled: set[str] = set()  # aborted while tokenising
         self.last_seen = now
         self.outbox: collections.deque[cp.Reply] = collections.deque()
-        self.pending_chunks: dict[str, cp.Chunk] = {}  # request id -> its chunk waiting in the outbox
+        # (request id, choice) -> its chunk waiting in the outbox
+        self.pending_chunks: dict[tuple[str, int], cp.Chunk] = {}
         self.gone = False
 
 
@@ -98,16 +110,16 @@ class Outboxes:
                     self._enqueue(client, item)
             return
         if isinstance(reply, cp.Chunk):
-            pending = client.pending_chunks.get(reply.id)
+            pending = client.pending_chunks.get((reply.id, reply.index))
             if pending is not None:  # merge into the chunk still waiting: the outbox does not grow
-                pending.text += reply.text
-                pending.token_ids.extend(reply.token_ids)
-                if reply.logprobs:
-                    pending.logprobs = (pending.logprobs or []) + reply.logprobs
+                merge_chunks(pending, reply)
                 return
-            client.pending_chunks[reply.id] = reply
-        elif isinstance(reply, cp.Final | cp.Error):
-            client.pending_chunks.pop(reply.id, None)
+            client.pending_chunks[reply.id, reply.index] = reply
+        elif isinstance(reply, cp.Final):
+            client.pending_chunks.pop((reply.id, reply.index), None)
+        elif isinstance(reply, cp.Error):  # ends every choice of the request
+            for key in [k for k in client.pending_chunks if k[0] == reply.id]:
+                del client.pending_chunks[key]
         client.outbox.append(reply)
         if len(client.outbox) > self.queue_limit:
             self.on_lost(client, "queue_overflow")
@@ -134,8 +146,8 @@ class Outboxes:
                 raise exc
             client.outbox.popleft()
             self.metrics.backlog.dec()
-            if isinstance(reply, cp.Chunk) and client.pending_chunks.get(reply.id) is reply:
-                del client.pending_chunks[reply.id]
+            if isinstance(reply, cp.Chunk) and client.pending_chunks.get((reply.id, reply.index)) is reply:
+                del client.pending_chunks[reply.id, reply.index]
         self.backlogged.discard(client.identity)
 
     async def run(self) -> None:

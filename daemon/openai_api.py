@@ -50,6 +50,7 @@ from msgspec import Struct
 from starlette.exceptions import HTTPException
 
 from moed.client import protocol as cp
+from moed.daemon.clients import merge_chunks
 from moed.daemon.config import ServeConfig
 from moed.daemon.liveness import Liveness, Loop
 from moed.daemon.metrics import Metrics
@@ -229,7 +230,7 @@ class Pending:
             key = (reply.id, reply.index)
             open_chunk = self.open_chunks.get(key)
             if open_chunk is not None:
-                _merge(open_chunk, reply)
+                merge_chunks(open_chunk, reply)
                 return
             self.open_chunks[key] = reply
         elif isinstance(reply, cp.Final):
@@ -258,16 +259,6 @@ class Pending:
             self.event.set()
 
         return asyncio.get_running_loop().create_task(wait_disconnect())
-
-
-def _merge(into: cp.Chunk, more: cp.Chunk) -> None:
-    into.text += more.text
-    into.reasoning += more.reasoning
-    into.token_ids = [*into.token_ids, *more.token_ids]
-    if more.logprobs:
-        into.logprobs = (into.logprobs or []) + more.logprobs
-    if more.tool_calls:
-        into.tool_calls = (into.tool_calls or []) + more.tool_calls
 
 
 class TokenPieces:

@@ -149,11 +149,10 @@ def test_a_1kb_message_nested_1000_deep_does_not_make_the_daemon_deaf(daemon, wh
     assert daemon.call(lambda: daemon.daemon.liveness.failures["frontend"]) == 0
 
 
-def test_limits_refuse_before_tokenising(daemon, monkeypatch):
-    """A prompt that cannot fit is refused having tokenised at most one counting window of it, whatever its size;
-    token ids, max_tokens and message counts are checked before any tokenising."""
+def count_encoded(d: DaemonThread, monkeypatch) -> list[int]:
+    """The characters of every text the daemon's tokenizer encodes from now on, one entry per call."""
     encoded: list[int] = []
-    tok = daemon.daemon.tokenizer
+    tok = d.daemon.tokenizer
     real = tok._encode_batch
 
     def counting(texts, **kw):
@@ -161,6 +160,13 @@ def test_limits_refuse_before_tokenising(daemon, monkeypatch):
         return real(texts, **kw)
 
     monkeypatch.setattr(tok, "_encode_batch", counting)
+    return encoded
+
+
+def test_limits_refuse_before_tokenising(daemon, monkeypatch):
+    """A prompt that cannot fit is refused having tokenised at most one counting window of it, whatever its size;
+    token ids, max_tokens and message counts are checked before any tokenising."""
+    encoded = count_encoded(daemon, monkeypatch)
     max_len = daemon.daemon.supervisor.info.max_model_len
     with Client(daemon.address, timeout=30) as c:
         def refused(**kw) -> MoedError:
@@ -238,3 +244,38 @@ def test_a_long_prompt_counted_then_tokenised_off_the_loop_gets_its_exact_ids(ti
             done = c.generate(text, max_tokens=2)
             assert done.prompt_tokens == len(tok.encode(text))
             assert done.token_ids == tok.encode(text)[:2]  # the double echoes the prompt's ids
+
+
+def test_http_prompts_meet_the_same_limits_and_the_api_stays_live(tiny_checkpoint, monkeypatch):
+    """The HTTP API admits through the same checks: a prompt past max_model_len is refused having tokenised at
+    most one counting window of it, a body over max_message_bytes gets 413, and the API keeps answering."""
+    import http.client
+    import json
+
+    def post(d: DaemonThread, path: str, body: bytes) -> tuple[int, dict]:
+        conn = http.client.HTTPConnection("127.0.0.1", d.daemon.http_port, timeout=30)
+        try:
+            conn.request("POST", path, body=body, headers={"content-type": "application/json"})
+            r = conn.getresponse()
+            return r.status, json.loads(r.read())
+        finally:
+            conn.close()
+
+    with DaemonThread(make_config(tiny_checkpoint, http_address="127.0.0.1:0", max_message_bytes=LIMIT)) as d:
+        d.wait_ready(30)
+        max_len = d.daemon.supervisor.info.max_model_len
+        encoded = count_encoded(d, monkeypatch)
+        code, body = post(d, "/v1/completions", json.dumps({"prompt": filler_text(LIMIT - 1024),
+                                                             "max_tokens": 4}).encode())
+        assert code == 400 and "has more than" in body["error"]["message"] and body["error"]["param"] == "prompt"
+        assert sum(encoded) <= 2 * (1 << 16)
+        encoded.clear()
+        many = [{"role": "user", "content": "x"}] * max_len  # within the byte limit, too many to fit
+        code, body = post(d, "/v1/chat/completions", json.dumps({"messages": many, "max_tokens": 4},
+                                                                 separators=(",", ":")).encode())
+        assert code == 400 and body["error"]["param"] == "messages" and encoded == []
+        code, body = post(d, "/v1/completions", json.dumps({"prompt": "x" * LIMIT, "max_tokens": 4}).encode())
+        assert code == 413 and f"max_message_bytes={LIMIT}" in body["error"]["message"]
+        code, body = post(d, "/v1/completions", json.dumps({"prompt": "still serving", "max_tokens": 3}).encode())
+        assert code == 200 and body["usage"]["completion_tokens"] == 3
+        assert d.call(lambda: d.daemon.liveness.problems()) == []

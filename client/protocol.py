@@ -337,9 +337,18 @@ class ProtocolError(Exception):
         return Error(id=self.request_id, code=self.code, message=self.message, field=self.field)  # type: ignore[arg-type]
 
 
+class _ExtRefused(ValueError):
+    """A msgpack extension value: no field takes one, but an Any-typed field (tool schemas, template variables)
+    would keep it and fail later, inside the daemon, instead of at decoding."""
+
+
+def _refuse_ext(code: int, data: memoryview) -> Any:
+    raise _ExtRefused(f"msgpack extension values (type {code}) are not accepted in any field")
+
+
 _encoder = msgspec.msgpack.Encoder()
-_request_decoder = msgspec.msgpack.Decoder(Request)
-_reply_decoder = msgspec.msgpack.Decoder(Reply)
+_request_decoder = msgspec.msgpack.Decoder(Request, ext_hook=_refuse_ext)
+_reply_decoder = msgspec.msgpack.Decoder(Reply, ext_hook=_refuse_ext)
 
 
 class _AnyId(Struct):
@@ -391,6 +400,8 @@ def _decode(body: bytes | memoryview, decoder: msgspec.msgpack.Decoder, what: st
         raise ProtocolError("invalid_request", f"invalid {what}: {e}", error_field(e), message_id(body)) from None
     except msgspec.DecodeError as e:
         raise ProtocolError("malformed", f"{what} is not valid msgpack: {e}") from None
+    except _ExtRefused as e:
+        raise ProtocolError("invalid_request", f"invalid {what}: {e}", None, message_id(body)) from None
     except RecursionError:  # msgspec recurses per nesting level, within Python's recursion limit
         raise ProtocolError("malformed", f"{what} nests arrays or maps too deeply to be read") from None
     except Exception as e:  # not expected from msgspec, but a hostile body must never escape as a crash

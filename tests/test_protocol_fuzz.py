@@ -29,7 +29,8 @@ FIELDS = ["type", "id", "prompt", "prompt_token_ids", "messages", "sampling", "s
 
 # Leaves of every msgpack type, ints at the edges of what msgpack holds.
 leaves = st.one_of(st.none(), st.booleans(), st.integers(-(2**63), 2**64 - 1), st.floats(allow_nan=True),
-                   st.text(max_size=40), st.binary(max_size=40))
+                   st.text(max_size=40), st.binary(max_size=40),
+                   st.builds(msgspec.msgpack.Ext, st.integers(-128, 127), st.binary(max_size=8)))
 keys = st.one_of(st.sampled_from(FIELDS), st.text(max_size=12))
 
 
@@ -127,6 +128,7 @@ def check_request(msg: cp.Request) -> None:
         assert 1 <= msg.n <= cp.MAX_CHOICES
         assert all(not math.isnan(x) for x in (s.temperature, s.top_p, s.min_p))
         assert msg.deadline_s is None or msg.deadline_s > 0
+        msgspec.to_builtins(msg)  # what admission does with tools and template variables (an Ext value raised there)
     if isinstance(msg, cp.Heartbeat):
         assert len(msg.ids) <= 4096
 
@@ -174,6 +176,17 @@ def test_requests_with_out_of_range_values(tree):
             assert out.field, out.message  # a refused value is named
     else:
         check_request(out)
+
+
+def test_an_extension_value_in_an_any_typed_field_is_refused_at_decoding():
+    ext = msgspec.msgpack.Ext(5, b"x")
+    for extra in ({"tools": [{"function": {"name": "f", "parameters": {"type": ext}}}]},
+                  {"chat_template_kwargs": {"enable_thinking": ext}}):
+        body = msgspec.msgpack.encode({"type": "generate", "id": "r1", "messages": [{"role": "user", "content": "hi"}],
+                                       **extra})
+        with pytest.raises(cp.ProtocolError) as e:
+            cp.decode_request(body)
+        assert e.value.code == "invalid_request" and e.value.request_id == "r1" and "extension" in e.value.message
 
 
 def test_a_huge_header_frame_is_refused_without_echoing_it():

@@ -197,6 +197,9 @@ def _check(exp: Expectation, replies: list) -> tuple[list[str], bool]:
     """Problems with the replies seen so far, and whether the message still awaits replies (a generate's end,
     a placement answer) after its fence."""
     problems: list[str] = []
+    bugs = [r.message for r in replies if isinstance(r, cp.Error) and r.code == "internal"]
+    if bugs:  # answered, but by a daemon bug: a hostile message must meet a typed refusal, not an exception
+        problems.append(f"internal errors: {bugs[:2]}")
     if exp.error is not None:
         codes = [r.code for r in replies if isinstance(r, cp.Error)]
         others = [r for r in replies if not isinstance(r, cp.Error)]

@@ -88,8 +88,6 @@ class LayerExpertStats(msgspec.Struct, array_like=True):
     evictions: int
     stall_s: float
     cpu_experts: int
-    prefetch_precision: float | None = None
-    prefetch_recall: float | None = None
 
 
 class EngineStats(msgspec.Struct, tag="stats"):

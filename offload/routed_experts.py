@@ -11,8 +11,7 @@ applied by `apply_pins` between steps).
 The rest of offload/, from here down: runner.py (one role's runner: rounds, GPU serving, stats),
 host_store.py (the pinned slabs), expert_cache.py (slot pools, slot tables, pins, copies), hybrid.py (CPU experts
 beside copies) with cpu_experts.py / cpu_experts.c (the CPU kernel and its server) and stream_signals.py (the
-hand-over), torch_runner.py (every expert resident), stats.py, traces.py (synthetic routing for benchmarks),
-prefetch.py.
+hand-over), torch_runner.py (every expert resident), stats.py, traces.py (synthetic routing for benchmarks).
 """
 
 from __future__ import annotations

@@ -1,12 +1,13 @@
 """The pin planner: which experts to pin (resident, never evicted), from activation counts over time.
 
-`PinPlanner` keeps a decayed activation count per (layer, expert), recomputes pins within a per-layer pin
-budget, and persists the counts and operator pins to a JSON state file (written atomically) so a restart
-starts warm. It runs in the daemon (daemon/placement.py drives it and imports no torch) and talks to the
-engine only through two callables: `read_counts()` -> {layer: [count per expert]} (activations since the
-last read) and `apply(pins)` -> None, which hands {layer: set(experts)} on; the engine's expert offload
-applies pins between steps. Operator pins are always kept and count against the budget; the hottest other
-experts fill the rest. Eviction among unpinned experts is the claim kernel's (kernels/expert_copy.py).
+`PinPlanner` keeps a decayed activation count per (layer, expert), recomputes pins within each layer's pin
+budget (one number for every layer, or one per layer: the daemon gives each a share of its cache slots), and
+persists the counts and operator pins to a JSON state file (written atomically) so a restart starts warm. It runs
+in the daemon (daemon/placement.py drives it and imports no torch) and talks to the engine only through two
+callables: `read_counts()` -> {layer: [count per expert]} (activations since the last read) and `apply(pins)` ->
+None, which hands {layer: set(experts)} on; the engine's expert offload applies pins between steps. Operator pins
+are always kept and count against the budget; the hottest other experts fill the rest. Eviction among unpinned
+experts is the claim kernel's (kernels/expert_copy.py).
 
 State file (JSON): {"version": 1, "decay": float, "counts": {"<layer>": [float, ...]},
                     "operator_pins": {"<layer>": [int, ...]}}
@@ -32,14 +33,16 @@ class PlacementError(ValueError):
 
 
 class PinPlanner:
-    def __init__(self, num_experts: int, layers: list[int], pin_budget: int, *,
+    def __init__(self, num_experts: int, layers: list[int], pin_budget: int | dict[int, int], *,
                  read_counts: Callable[[], dict[int, list[int]]], apply: Callable[[dict[int, set[int]]], None],
                  interval_s: float = 30.0, decay: float = 0.5, state_path: str | Path | None = None) -> None:
-        if pin_budget < 0:
-            raise PlacementError(f"pin budget {pin_budget} must be >= 0 experts per layer")
+        budgets = pin_budget if isinstance(pin_budget, dict) else dict.fromkeys(layers, pin_budget)
+        bad = {layer: b for layer, b in budgets.items() if b < 0}
+        if bad or set(budgets) != set(layers):
+            raise PlacementError(f"pin budgets {bad or budgets} must be >= 0 experts for each of layers {layers}")
         if not 0.0 <= decay <= 1.0:
             raise PlacementError(f"decay {decay} must be in [0, 1] (weight of the older counts at each update)")
-        self.num_experts, self.layers, self.pin_budget = num_experts, list(layers), pin_budget
+        self.num_experts, self.layers, self.budgets = num_experts, list(layers), budgets
         self.read_counts, self.apply = read_counts, apply
         self.interval_s, self.decay = interval_s, decay
         self.state_path = Path(state_path) if state_path is not None else None
@@ -59,9 +62,9 @@ class PinPlanner:
 
     def pin(self, layer: int, expert: int) -> dict[int, set[int]]:
         self._check(layer, expert)
-        if expert not in self.operator_pins[layer] and len(self.operator_pins[layer]) >= self.pin_budget:
+        if expert not in self.operator_pins[layer] and len(self.operator_pins[layer]) >= self.budgets[layer]:
             raise PlacementError(f"layer {layer}: {len(self.operator_pins[layer])} operator pins already fill the "
-                                 f"pin budget of {self.pin_budget}; unpin one first")
+                                 f"pin budget of {self.budgets[layer]}; unpin one first")
         self.operator_pins[layer].add(expert)
         return self.replan()
 
@@ -92,7 +95,7 @@ class PinPlanner:
             pins = set(self.operator_pins[layer])
             ranked = sorted(range(self.num_experts), key=lambda e: (-self.counts[layer][e], e))
             for e in ranked:
-                if len(pins) >= self.pin_budget:
+                if len(pins) >= self.budgets[layer]:
                     break
                 if self.counts[layer][e] > 0:
                     pins.add(e)
@@ -159,5 +162,5 @@ class PinPlanner:
             if layer in self.operator_pins:
                 for e in pins:
                     self._check(layer, e)
-                self.operator_pins[layer] = set(list(sorted(pins))[: self.pin_budget])
+                self.operator_pins[layer] = set(sorted(pins)[: self.budgets[layer]])
         log.info("placement state loaded from %s (%d layers)", path, len(counts))

@@ -197,13 +197,14 @@ def _next_use(steps: np.ndarray) -> np.ndarray:
 
 
 def simulate(steps: np.ndarray, slots: int, policy: Policy, shape: Shape, warm_steps: int, cpu_rate: float,
-             copy_rate: float, pin_interval_tokens: int, state_path: Path | None = None) -> dict:
+             copy_rate: float, pin_interval_tokens: int, state_path: Path | None = None, split: bool = True) -> dict:
     """Serve `steps` ([T, M, k] int32) through one layer's cache; counters over the steps after `warm_steps`.
-    A pinned policy's planner starts from `state_path` when that file exists (a restart) and writes it at the end."""
+    A pinned policy's planner starts from `state_path` when that file exists (a restart) and writes it at the end.
+    `split=False` copies every miss (miss_service copy) where the engine would split."""
     lc = _layer_cache(slots, policy)
     T, M, k = steps.shape
     table, split_sizes = split_table(shape, cpu_rate, copy_rate)
-    hybrid = M in split_sizes
+    hybrid = split and M in split_sizes
     header = torch.zeros(6, dtype=torch.int32)
     mailbox = dict(cpu_experts=torch.zeros(M * k, dtype=torch.int32), ids_out=torch.zeros(M * k, dtype=torch.int32),
                    w_out=torch.zeros(M * k), x_out=torch.zeros(M, 1), exclude=torch.zeros(E, dtype=torch.int8),
@@ -309,6 +310,7 @@ def run(args) -> dict:
     shipped = shipped_policy()
     if shipped.name not in [p.name for p in policies]:
         policies.append(shipped)
+    steps_b1: dict[str, np.ndarray] = {}
     shapes = [s for s in SHAPES if s.name in args.shapes.split(",")]
     for trace in args.traces.split(","):
         for shape in shapes:
@@ -316,6 +318,8 @@ def run(args) -> dict:
             measured = max(16, args.tokens // shape.tokens)
             warm = max(8, args.warm_tokens // shape.tokens)
             steps = make_trace(trace, shape, warm + measured, seed=args.seed + shape.batch)
+            if shape == Shape(1) and trace != "uniform":
+                steps_b1[trace] = steps
             if shape.spec_steps == 0:
                 flat = steps.reshape(steps.shape[0], shape.batch, K_TOP)
                 out["traces"].setdefault(trace, {})[shape.name] = trace_statistics(flat, E)
@@ -330,8 +334,22 @@ def run(args) -> dict:
                     out["rows"].append(row)
                     log.info("%s %s %s %-15s hit %.3f (%.1f s)", trace, cache, shape.name, policy.name,
                              r["hit_rate"], r["wall_s"])
+    out["copy_only"] = copy_only_runs(args, steps_b1, caches, shipped)
     out["restart"] = restart_runs(args, caches["fp8"], shipped, [t for t in args.traces.split(",") if t != "uniform"])
     return out
+
+
+def copy_only_runs(args, steps: dict[str, np.ndarray], caches: dict[str, int], shipped: Policy) -> list[dict]:
+    """Batch 1, the shipped policy with every miss copied: what the hybrid split's admission (the CPU's misses never
+    enter the cache) costs in hit rate, against the rows above."""
+    rows = []
+    warm = max(8, args.warm_tokens)
+    for trace, t in steps.items():
+        for cache, slots in caches.items():
+            r = simulate(t, slots, shipped, Shape(1), warm, args.cpu_GBps, args.copy_GBps, args.pin_interval_tokens,
+                         split=False)
+            rows.append({"trace": trace, "cache": cache, "policy": shipped.name, "hit_rate": r["hit_rate"]})
+    return rows
 
 
 def restart_runs(args, slots: int, shipped: Policy, traces: list[str]) -> list[dict]:
@@ -414,6 +432,16 @@ def print_tables(out: dict, default: str) -> None:
         miss = f"{d['copied']:.1f} + {d['cpu']:.1f}" if d else ""
         print(f"| {key[0]} | {key[1]} ({any_row['slots']}) | {key[2]} | {any_row['distinct']:.1f} | "
               + " | ".join(cells) + f" | {miss} |")
+    if out.get("copy_only"):
+        hybrid = {(r["trace"], r["cache"]): r["hit_rate"] for r in out["rows"]
+                  if r["shape"] == "b1" and r["policy"] == default}
+        print(f"\nBatch 1, {default}: hit % with the hybrid split (its CPU misses never enter the cache) and with "
+              "every miss copied")
+        print("| trace | cache | split | all copied |")
+        print("| --- | --- | ---: | ---: |")
+        for r in out["copy_only"]:
+            print(f"| {r['trace']} | {r['cache']} | {100 * hybrid[(r['trace'], r['cache'])]:.1f} | "
+                  f"{100 * r['hit_rate']:.1f} |")
     if out.get("restart"):
         print(f"\nRestart, batch 1, FP8 cache: hit rate over the first {out['restart'][0]['tokens']} tokens with the "
               "state file a previous run wrote (other chains of the same layer) and without it")

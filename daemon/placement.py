@@ -3,9 +3,9 @@
 Clients send Placement requests (get, pin, unpin, reset). Without a placement manager they are
 forwarded to the engine as `engine.protocol.Placement` and answered from its PlacementReply,
 matched by token. A placement manager runs inside the daemon as an asyncio task: pass a factory to
-`Daemon(placement_factory=...)`, or leave `placement` at "auto" (or "on") in the configuration, which runs
-`DaemonPlacement`. The factory receives the `PlacementChannel` (to apply plans to the engine); the
-manager then gets every EngineStats (per-expert counts) and answers clients' placement requests.
+`Daemon(placement_factory=...)`, or leave `placement` at "auto" (with moe = offload) or set "on" in the
+configuration, which runs `DaemonPlacement`. The factory receives the `PlacementChannel` (to apply plans to the
+engine); the manager then gets every EngineStats (per-expert counts) and answers clients' placement requests.
 
 `DaemonPlacement` drives the `PinPlanner` (daemon/pin_planner.py: decayed counts, pins within a per-layer
 budget, JSON state file) and makes the engine's pins the planner's: each interval it asks the engine for its
@@ -15,9 +15,9 @@ its pins back within one interval and a plan for 75 layers costs one message. A 
 pinned-hot experts plus the cache's own eviction among the rest, the policy ops/bench/hitrate.py measured best.
 Operator pins are the planner's `operator_pins`: kept by every recomputation, counted against the budget,
 persisted in the state file. An operator `unpin` only removes operator pins; `reset` (of a layer, or of all)
-drops that layer's operator pins and its counts, so pins come back only as new counts arrive. When the engine has
-no expert cache (every expert resident) the manager stays idle and forwards requests; with `required` it says so
-as a warning, else at info level (the default "auto").
+drops that layer's operator pins and its counts, so pins come back only as new counts arrive. When the engine reports
+no expert cache the manager stays idle and forwards requests; with `required` ("on") it says so as a warning, else
+at info level.
 """
 
 from __future__ import annotations

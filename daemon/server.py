@@ -131,7 +131,7 @@ class Daemon:
         self.http_port = 0
         self.supervisor: WorkerSupervisor | None = None
         self.placement = PlacementChannel(self._send_to_engine)
-        if placement_factory is None and (cfg.placement == "on" or cfg.placement == "auto" and cfg.moe == "offload"):
+        if placement_factory is None and cfg.placement != "off" and (cfg.placement == "on" or cfg.moe == "offload"):
             placement_factory = self._default_placement
         self._placement_factory = placement_factory
         self.placement_manager: PlacementManager | None = None

@@ -1,5 +1,6 @@
 """Hit-rate benchmark (CPU, minutes): the expert cache's eviction and placement policies on routing traces, at the
-cache the whole GLM-5.1 would have on the GPU machine; expert bytes per accepted token; what prefetch could hide.
+cache the whole GLM-5.1 would have on the GPU machine; expert bytes per accepted token; what a finer miss split and
+prefetch could save.
 
     python -m moed.ops.bench.hitrate [--out hitrate.json] [--quick]
 
@@ -14,7 +15,8 @@ with `LayerCache.set_pins`, as the engine does between steps.
 
   deployment  slots per layer = (GPU memory - non-expert weights - KV for one `--context` sequence - reserve) /
               (75 MoE layers x expert bytes), non-expert weights counted from GLM-5.1's config as the FP8 release
-              stores them; int4 experts are about half the bytes, so twice the slots.
+              stores them; int4 experts (`--expert-dtype int4`: packed values, scales, zero points as the host
+              store lays them out) in the same cache bytes.
   traces      skewed (offload/traces.py's calibrated generator), popular (its popularity law alone: no reuse
               beyond what popularity gives, the regime where published LRU results collapse) and uniform; their
               four DESIGN.md §4 statistics are printed beside the table.
@@ -25,6 +27,12 @@ with `LayerCache.set_pins`, as the engine does between steps.
               share the misses needed last): the ceiling for any policy with the same split.
   bytes       expert bytes per accepted token for the whole model (75 MoE layers): moved from host memory (copied
               or read by the CPU) and read from HBM (hits), at acceptance 0 and at the published MTP acceptance.
+              Measured: the counts per step (the cache's own code on the traces). Derived: x expert bytes x 75
+              layers (each layer taken to route like the simulated one) / accepted tokens (acceptance assumed:
+              random weights accept nothing). The MTP layer's own experts (8 per draft token) are not counted.
+  finer split what splitting inside experts (the CPU a share of each missed expert's columns) could save in split
+              steps: the measured misses per step, each served by whole experts as the hybrid table splits them
+              against both sides ending together, at --cpu-GBps and --copy-GBps.
   prefetch    what a next-layer prediction could hide at batch 1: the link's idle window per layer against one
               expert's copy time, and the step's misses.
 Prints the tables last and writes every figure to --out (JSON).
@@ -141,12 +149,14 @@ def deployment(gpu_gib: float, context: int, reserve_gib: float, config: str = "
             continue
         nonexpert_fp8 += _stored_bytes(spec, cfg, torch.bfloat16)
         nonexpert_bf16 += math.prod(spec.shape) * (4 if spec.fp32 else 2)
-    layout = ExpertLayout.for_config(cfg, fp8=True)
+    layout = ExpertLayout.for_config(cfg)
+    int4 = ExpertLayout.for_config(cfg, "int4")  # --expert-dtype int4: the format's packed values, scales and zeros
     # KV per token and layer: the MLA latent + rope key in bf16, the indexer's key in FP8 with an fp32 scale.
     kv_token = cfg.num_hidden_layers * (2 * (cfg.kv_lora_rank + cfg.qk_rope_head_dim) + cfg.index_head_dim + 4)
     gpu, reserve = int(gpu_gib * 2**30), int(reserve_gib * 2**30)
     out = {"gpu_bytes": gpu, "kv_bytes": kv_token * context, "context": context, "reserve_bytes": reserve,
            "expert_bytes_fp8": layout.expert_bytes, "all_expert_bytes_fp8": layout.expert_bytes * E * MOE_LAYERS,
+           "expert_bytes_int4": int4.expert_bytes, "all_expert_bytes_int4": int4.expert_bytes * E * MOE_LAYERS,
            "nonexpert_bytes_fp8": nonexpert_fp8, "nonexpert_bytes_bf16": nonexpert_bf16}
     for name, nonexpert in (("fp8", nonexpert_fp8), ("bf16", nonexpert_bf16)):
         cache = gpu - nonexpert - out["kv_bytes"] - reserve
@@ -154,7 +164,8 @@ def deployment(gpu_gib: float, context: int, reserve_gib: float, config: str = "
         out[f"fraction_nonexpert_{name}"] = cache / out["all_expert_bytes_fp8"]
         out[f"slots_nonexpert_{name}"] = int(cache // (layout.expert_bytes * MOE_LAYERS))
     out["slots_fp8"] = out["slots_nonexpert_fp8"]
-    out["slots_int4"] = 2 * out["slots_fp8"]
+    # Non-expert weights stay as the checkpoint has them with int4 experts: the same bytes for the cache.
+    out["slots_int4"] = int(out["cache_bytes_nonexpert_fp8"] // (int4.expert_bytes * MOE_LAYERS))
     return out
 
 
@@ -163,7 +174,7 @@ def deployment(gpu_gib: float, context: int, reserve_gib: float, config: str = "
 
 def _layer_cache(slots: int, policy: Policy) -> LayerCache:
     cfg = GlmMoeDsaConfig.from_dict(make_config("tiny", experts=E), source="hit-rate bench layer")
-    layout = ExpertLayout.for_config(cfg, fp8=False)
+    layout = ExpertLayout.for_config(cfg)
     store = HostExpertStore(layout, [LAYER], pin=False)  # bytes never read: copies only move garbage here
     cache = ExpertCache(store, "cpu", CacheConfig(policy=policy.eviction, lfu_decay=policy.lfu_decay,
                                                   use_kernels=False), slots=slots)
@@ -224,11 +235,13 @@ def simulate(steps: np.ndarray, slots: int, policy: Policy, shape: Shape, warm_s
     nxt = _next_use(steps) if policy.oracle else None
     round_ids, mask = torch.empty(M, k, dtype=torch.int32), torch.empty(M, k, dtype=torch.int8)
     cpu = distinct = 0
+    miss_hist = np.zeros(M * k + 1, dtype=np.int64)  # measured split steps by their misses (the split's n_miss)
     base = None
     t0 = time.perf_counter()
     for t in range(T):
         if t == warm_steps:
             base, cpu, distinct = lc.tables.stats.clone(), 0, 0
+            miss_hist[:] = 0
         if planner is not None and t and t % pin_every == 0:
             planner.tick()
         ids = torch.from_numpy(steps[t])
@@ -241,6 +254,7 @@ def simulate(steps: np.ndarray, slots: int, policy: Policy, shape: Shape, warm_s
                                    header=header, layer_index=0, **mailbox)
             exclude = mailbox["exclude"]
             cpu += int(header[1])
+            miss_hist[int(header[2])] += 1
         for r in range(lc.rounds_for(min(E, M * k))):  # pins change the unpinned slots, so the rounds
             lc.serve_round(ids, r, round_ids, mask, exclude=exclude)
         distinct += len(np.unique(steps[t]))
@@ -254,7 +268,8 @@ def simulate(steps: np.ndarray, slots: int, policy: Policy, shape: Shape, warm_s
         raise AssertionError(f"{policy.name} {shape.name}: hits + copies + CPU != distinct experts")
     return {"hit_rate": d["hits"] / distinct, "distinct": distinct / n, "hits": d["hits"] / n,
             "copied": d["copied"] / n, "cpu": cpu / n, "hybrid": hybrid, "steps": n,
-            "pins": len(lc.pinned), "wall_s": time.perf_counter() - t0}
+            "pins": len(lc.pinned), "miss_hist": np.trim_zeros(miss_hist, "b").tolist() if hybrid else [],
+            "wall_s": time.perf_counter() - t0}
 
 
 # ---------------------------------------------------------------------------------------------- the tables
@@ -301,11 +316,35 @@ def prefetch_bound(row: dict, expert_bytes: int, idle_ms: float, copy_GBps: floa
             "wired_net_ms_at_precision_1": saved_if_right - max(0.0, copy_ms - idle_ms)}
 
 
+def finer_split_bound(row: dict, expert_bytes: int, cpu_GBps: float, copy_GBps: float) -> dict:
+    """A split step's miss service, from its measured distribution of misses per step: whole experts as the hybrid
+    service splits them (its table at these rates: the slower side's time) against splitting inside experts (each
+    side takes a share of the intermediate columns, so both end together: n experts at the joint rate). The second
+    is the most a finer split could give: it leaves out the per-slice launches, the partial sums' join and the
+    bytes of a slice rounded to the format's 128-column blocks."""
+    hist = np.asarray(row["miss_hist"], dtype=np.float64)
+    n = np.arange(len(hist))
+    shape = next(s for s in SHAPES if s.name == row["shape"])
+    table, _ = split_table(shape, cpu_GBps * 1e9, copy_GBps * 1e9)
+    c = table[1, : len(hist)].numpy()  # every step size has the same table at one CPU rate
+    ms = expert_bytes / 1e6  # bytes -> ms at GB/s
+    whole = np.maximum(c / cpu_GBps, (n - c) / copy_GBps) * ms
+    column = n / (cpu_GBps + copy_GBps) * ms
+    steps = max(hist.sum(), 1.0)
+    w, f = float(hist @ whole / steps), float(hist @ column / steps)
+    per_token = MOE_LAYERS / shape.tokens
+    return {"steps": int(hist.sum()), "misses": float(hist @ n / steps), "whole_ms": w, "column_ms": f,
+            "saved_share": 1 - f / w if w else 0.0, "saved_ms_per_token": (w - f) * per_token,
+            "by_misses": {int(i): {"share_of_steps": float(hist[i] / steps), "whole_ms": float(whole[i]),
+                                   "column_ms": float(column[i])} for i in range(1, len(hist)) if hist[i]}}
+
+
 def run(args) -> dict:
     dep = deployment(args.gpu_gib, args.context, args.reserve_gib, args.config)
-    caches = {"fp8": args.slots or dep["slots_fp8"], "int4": 2 * (args.slots or dep["slots_fp8"])}
+    int4_slots = args.slots * dep["expert_bytes_fp8"] // dep["expert_bytes_int4"] if args.slots else 0
+    caches = {"fp8": args.slots or dep["slots_fp8"], "int4": int4_slots or dep["slots_int4"]}
     out: dict = {"deployment": dep, "caches": caches, "rates_GBps": {"cpu": args.cpu_GBps, "copy": args.copy_GBps},
-                 "traces": {}, "rows": [], "bytes": [], "prefetch": {}}
+                 "traces": {}, "rows": [], "bytes": [], "prefetch": {}, "finer_split": []}
     policies = [p for p in POLICIES if p.name in args.policies.split(",")]
     shipped = shipped_policy()
     if shipped.name not in [p.name for p in policies]:
@@ -377,7 +416,7 @@ def summarize(out: dict, default: str, args) -> None:
     """The best policy per case, bytes per accepted token and the prefetch bound, from the measured rows."""
     rows = out["rows"]
     dep = out["deployment"]
-    eb = {"fp8": dep["expert_bytes_fp8"], "int4": dep["expert_bytes_fp8"] // 2}
+    eb = {"fp8": dep["expert_bytes_fp8"], "int4": dep["expert_bytes_int4"]}
     joint = args.cpu_GBps + args.copy_GBps
     for r in rows:
         if r["policy"] != default or r["trace"] == "popular":
@@ -386,6 +425,9 @@ def summarize(out: dict, default: str, args) -> None:
         for acc in ((0.0, PUBLISHED_MTP_ACCEPTANCE) if shape.spec_steps else (0.0,)):
             out["bytes"].append({"trace": r["trace"], "cache": r["cache"], "shape": r["shape"],
                                  **bytes_per_token(r, eb[r["cache"]], acc, shape)})
+        if r["hybrid"]:
+            out["finer_split"].append({"trace": r["trace"], "cache": r["cache"], "shape": r["shape"],
+                                       **finer_split_bound(r, eb[r["cache"]], args.cpu_GBps, args.copy_GBps)})
         if r["shape"] == "b1":
             for idle in (float(x) for x in args.idle_ms.split(",")):
                 out["prefetch"][f"{r['trace']}/{r['cache']}/{idle:g} ms"] = prefetch_bound(
@@ -399,8 +441,10 @@ def print_tables(out: dict, default: str) -> None:
           f"- KV {dep['kv_bytes'] / 1e9:.1f} GB ({dep['context']} tokens) - reserve {dep['reserve_bytes'] / 2**30:.0f} "
           f"GiB = {dep['cache_bytes_nonexpert_fp8'] / 1e9:.1f} GB for experts: "
           f"{100 * dep['fraction_nonexpert_fp8']:.2f}% of the {dep['all_expert_bytes_fp8'] / 1e9:.0f} GB of FP8 "
-          f"experts, {out['caches']['fp8']} slots per layer (int4: {out['caches']['int4']}; with bf16 non-expert "
-          f"weights {100 * dep['fraction_nonexpert_bf16']:.2f}%, {dep['slots_nonexpert_bf16']} slots)")
+          f"experts ({dep['expert_bytes_fp8'] / 1e6:.2f} MB each), {out['caches']['fp8']} slots per layer (int4: "
+          f"{dep['expert_bytes_int4'] / 1e6:.2f} MB an expert, {dep['all_expert_bytes_int4'] / 1e9:.0f} GB in host "
+          f"memory, {out['caches']['int4']} slots; with bf16 non-expert weights "
+          f"{100 * dep['fraction_nonexpert_bf16']:.2f}%, {dep['slots_nonexpert_bf16']} FP8 slots)")
     print("\nTraces (DESIGN.md §4 targets: 240-248 of 256 used in 512 tokens, top 4% ~46%, reuse prev ~45%, "
           "last 8 ~80%):")
     print("| trace | chains x tokens | used in 512 tokens | top 4% share | reuse prev | reuse last 8 |")
@@ -450,14 +494,24 @@ def print_tables(out: dict, default: str) -> None:
         for r in out["restart"]:
             print(f"| {r['trace']} | {r['policy']} | {r['start']} | {100 * r['hit_rate']:.1f} |")
     if out["bytes"]:
-        print(f"\nExpert bytes per accepted token, whole model ({MOE_LAYERS} MoE layers), policy {default} (int4 "
-              f"bytes taken as half of FP8; MTP acceptance {PUBLISHED_MTP_ACCEPTANCE}: {MTP_SOURCE})")
+        print(f"\nExpert bytes per accepted token, whole model ({MOE_LAYERS} MoE layers), policy {default}: the "
+              f"simulated layer's hits, copies and CPU misses per step x expert bytes x {MOE_LAYERS} / accepted tokens "
+              f"(MTP acceptance {PUBLISHED_MTP_ACCEPTANCE}: {MTP_SOURCE})")
         print("| trace | cache | step | acceptance | distinct experts / token / layer | moved from host GB | "
               "read in HBM GB |")
         print("| --- | --- | --- | ---: | ---: | ---: | ---: |")
         for b in out["bytes"]:
             print(f"| {b['trace']} | {b['cache']} | {b['shape']} | {b['acceptance']:.2f} | "
                   f"{b['distinct_per_token']:.2f} | {b['moved_GB']:.2f} | {b['hbm_GB']:.2f} |")
+    if out["finer_split"]:
+        print(f"\nFiner miss split (split steps, policy {default}, CPU {out['rates_GBps']['cpu']:g} GB/s, copies "
+              f"{out['rates_GBps']['copy']:g} GB/s): a layer's miss service with whole experts split as the hybrid "
+              "service does vs each side taking a share of every expert's columns (the bound: no slice overheads)")
+        print("| trace | cache | step | misses/step | whole experts ms | column split ms | saved | saved ms/token |")
+        print("| --- | --- | --- | ---: | ---: | ---: | ---: | ---: |")
+        for f in out["finer_split"]:
+            print(f"| {f['trace']} | {f['cache']} | {f['shape']} | {f['misses']:.2f} | {f['whole_ms']:.3f} | "
+                  f"{f['column_ms']:.3f} | {100 * f['saved_share']:.0f}% | {f['saved_ms_per_token']:.1f} |")
     if out["prefetch"]:
         print("\nPrefetch at batch 1 (per MoE layer): link idle window vs one expert's copy; the wired design's "
               "wait for its copy vs what a right prediction saves")

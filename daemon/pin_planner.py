@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -137,30 +138,40 @@ class PinPlanner:
                  "counts": {str(k): v for k, v in self.counts.items()},
                  "operator_pins": {str(k): sorted(v) for k, v in self.operator_pins.items()}}
         tmp = path.with_suffix(path.suffix + ".tmp")
-        tmp.write_text(json.dumps(state))
+        with open(tmp, "w") as f:
+            json.dump(state, f)
+            f.flush()
+            os.fsync(f.fileno())  # the rename must not land before the data (a power cut would leave it empty)
         os.replace(tmp, path)
 
     def load(self, path: str | Path) -> None:
         path = Path(path)
         try:
-            state = json.loads(path.read_text())
+            state = json.loads(path.read_bytes())
             if state.get("version") != STATE_VERSION:
                 raise PlacementError(f"{path}: state version {state.get('version')!r}, expected {STATE_VERSION}")
             counts = {int(k): [float(x) for x in v] for k, v in state["counts"].items()}
             op = {int(k): {int(x) for x in v} for k, v in state["operator_pins"].items()}
-        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+        except OSError as e:
+            raise PlacementError(f"{path}: cannot read the placement state file ({e})") from None
+        except (KeyError, TypeError, ValueError, AttributeError) as e:  # JSON and Unicode errors are ValueErrors
             if isinstance(e, PlacementError):
                 raise
             raise PlacementError(f"{path}: not a placement state file ({e!r})") from None
+        # Check everything before taking anything: a bad file leaves the planner cold, not half loaded.
+        counts = {layer: row for layer, row in counts.items() if layer in self.counts}
+        op = {layer: pins for layer, pins in op.items() if layer in self.operator_pins}
         for layer, row in counts.items():
-            if layer in self.counts:
-                if len(row) != self.num_experts:
-                    raise PlacementError(f"{path}: layer {layer} has {len(row)} counts, model has "
-                                         f"{self.num_experts} experts")
-                self.counts[layer] = row
+            if len(row) != self.num_experts:
+                raise PlacementError(f"{path}: layer {layer} has {len(row)} counts, model has "
+                                     f"{self.num_experts} experts")
+            if not all(0.0 <= x < math.inf for x in row):
+                raise PlacementError(f"{path}: layer {layer} has counts that are negative or not finite")
         for layer, pins in op.items():
-            if layer in self.operator_pins:
-                for e in pins:
-                    self._check(layer, e)
-                self.operator_pins[layer] = set(sorted(pins)[: self.budgets[layer]])
+            bad = sorted(e for e in pins if not 0 <= e < self.num_experts)
+            if bad:
+                raise PlacementError(f"{path}: layer {layer} pins experts {bad}, model has {self.num_experts}")
+        self.counts.update(counts)
+        for layer, pins in op.items():
+            self.operator_pins[layer] = set(sorted(pins)[: self.budgets[layer]])
         log.info("placement state loaded from %s (%d layers)", path, len(counts))

@@ -14,10 +14,11 @@ its pins back within one interval and a plan for 75 layers costs one message. A 
 `pin_fraction` of the slots its cache reports (at most all but one; none where every expert is resident):
 pinned-hot experts plus the cache's own eviction among the rest, the policy ops/bench/hitrate.py measured best.
 Operator pins are the planner's `operator_pins`: kept by every recomputation, counted against the budget,
-persisted in the state file. An operator `unpin` only removes operator pins; `reset` (of a layer, or of all)
-drops that layer's operator pins and its counts, so pins come back only as new counts arrive. When the engine reports
-no expert cache the manager stays idle and forwards requests; with `required` ("on") it says so as a warning, else
-at info level.
+persisted in the state file. A state file that cannot be loaded (corrupt, another version, another model's shape)
+is logged with its name and moved aside to NAME.corrupt; the manager starts cold and writes a new one. An operator
+`unpin` only removes operator pins; `reset` (of a layer, or of all) drops that layer's operator pins and its
+counts, so pins come back only as new counts arrive. When the engine reports no expert cache the manager stays
+idle and forwards requests; with `required` ("on") it says so as a warning, else at info level.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import asyncio
 import contextlib
 import itertools
 import logging
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol
@@ -166,16 +168,29 @@ class DaemonPlacement:
                               apply=self._apply, interval_s=self.interval_s, decay=self.decay, state_path=state_path)
         try:
             self.planner = planner(self.state_path)
-        except PlacementError as e:  # keep the operator's file for inspection; start cold, persist nothing
-            log.error("placement: %s; starting without it and not writing it", e)
-            self.state_path = None
+        except PlacementError as e:
             self.planner = planner(None)
+            self._set_aside(e)
         self._wanted = {layer: set(p) for layer, p in self.planner.pins.items()}
         self.planner.replan()  # warm start from the state file
         log.info("placement manager: layers %s, %d experts, pins %s per layer (%.0f%% of slots %s), every %.0f s, "
                  "state %s", layers, self.num_experts, sorted(set(self.budgets.values())), 100 * self.pin_fraction,
                  sorted(set(reply.slots.values())), self.interval_s, self.state_path or "not kept")
         return True
+
+    def _set_aside(self, error: PlacementError) -> None:
+        """A state file that cannot be loaded: start cold, keep the file for inspection under `.corrupt` and go on
+        persisting to the usual name; where it cannot be moved, write nothing (the operator's file stays)."""
+        assert self.state_path is not None
+        aside = self.state_path.with_name(self.state_path.name + ".corrupt")
+        try:
+            os.replace(self.state_path, aside)
+        except OSError as e:
+            log.error("placement: %s; starting cold and not writing the state file (cannot move it to %s: %s)",
+                      error, aside, e)
+            self.state_path = None
+            return
+        log.error("placement: %s; starting cold, the file kept as %s", error, aside)
 
     async def _sync(self) -> ep.PlacementReply:
         """Make the engine's pins the planner's: one `set` with every layer whose pins differ. Returns the

@@ -59,6 +59,23 @@ def test_pin_planner_state_round_trips_and_restart_is_warm(tmp_path):
                                                          "operator_pins": {}}))
     with pytest.raises(PlacementError, match="has 1 counts"):
         _manager(tmp_path, [], [])
+    good = {"version": 1, "decay": 0.5, "counts": {"1": [1.0] * 8, "2": [float("nan")] + [0.0] * 7},
+            "operator_pins": {}}
+    (tmp_path / "placement.json").write_text(json.dumps(good))
+    with pytest.raises(PlacementError, match=r"placement\.json: layer 2 has counts that are negative or not finite"):
+        _manager(tmp_path, [], [])
+    good["counts"]["2"] = [0.0] * 8
+    good["operator_pins"] = {"1": [2, 8]}
+    (tmp_path / "placement.json").write_text(json.dumps(good))
+    with pytest.raises(PlacementError, match=r"placement\.json: layer 1 pins experts \[8\], model has 8"):
+        _manager(tmp_path, [], [])
+    (tmp_path / "placement.json").write_text(json.dumps({**good, "version": 2}))
+    with pytest.raises(PlacementError, match=r"placement\.json: state version 2, expected 1"):
+        _manager(tmp_path, [], [])
+    m3 = PinPlanner(8, [1, 2], 3, read_counts=dict, apply=print)
+    with pytest.raises(PlacementError):
+        m3.load(tmp_path / "placement.json")
+    assert m3.counts[1] == [0.0] * 8  # nothing taken from a file that fails a check
 
 
 def test_pin_planner_async_loop_updates_and_stops(tmp_path):
@@ -152,3 +169,27 @@ def test_daemon_placement_budgets_from_slots_and_one_set_per_sync(tmp_path, capl
 
     with caplog.at_level("INFO", logger="moed.daemon.placement"):
         asyncio.run(go())
+
+
+def test_daemon_placement_sets_a_corrupt_state_file_aside_and_keeps_persisting(tmp_path, caplog):
+    from moed.daemon.placement import DaemonPlacement, PlacementChannel
+
+    state = tmp_path / "placement-glm.json"
+    state.write_text('{"version": 1, "counts": {"1": [1, 2')  # cut short, as by a full disk
+
+    async def go():
+        engine = _FakeEngine({1: 8, 2: 8})
+        engine.channel = PlacementChannel(engine.send)
+        m = DaemonPlacement(engine.channel, 16, 0.5, interval_s=0.01, state_path=state)
+        assert await m._attach() and m.planner.counts[1] == [0.0] * 16  # cold
+        m.planner.update({1: [0] * 15 + [4]})
+        m._save()
+
+    with caplog.at_level("ERROR", logger="moed.daemon.placement"):
+        asyncio.run(go())
+    aside = tmp_path / "placement-glm.json.corrupt"
+    assert aside.read_text() == '{"version": 1, "counts": {"1": [1, 2'  # kept for inspection
+    [msg] = [r.getMessage() for r in caplog.records]
+    assert msg.startswith(f"placement: {state}: not a placement state file (JSONDecodeError(")
+    assert msg.endswith(f"starting cold, the file kept as {aside}")
+    assert json.loads(state.read_text())["counts"]["1"][15] == 4.0  # a new state file under the usual name

@@ -99,9 +99,13 @@ class ServeConfig(EngineConfig):
                                           "worker that was never ready ends the daemon instead)", min=1)
     crash_loop_window_s: float = setting(600.0, "window for crash_loop_restarts", gt=0)
     log_level: Literal["debug", "info", "warning", "error"] = setting("info", "debug, info, warning, error")
-    placement: Literal["on", "off"] = setting("off", "expert placement manager (needs moe = offload): on, off")
-    placement_pin_budget: int = setting(4, "experts pinned per cached MoE layer, operator pins included (must stay "
-                                           "below the layer's cache slots)", min=0)
+    placement: Literal["auto", "on", "off"] = setting(
+        "auto", "expert placement manager: pins each offloaded layer's hottest experts from the engine's counts. "
+                "auto: on when moe = offload; on: the same, and an error with another moe; off")
+    placement_pin_fraction: float = setting(0.5, "share of each offloaded layer's cache slots pinned with its hottest "
+                                                 "experts, operator pins included (one slot always stays unpinned); "
+                                                 "the rest are evicted least recently used (docs/benchmarks.md, Hit "
+                                                 "rate)", min=0, max=1)
     placement_interval_s: float = setting(30.0, "seconds between pin recomputations from the engine's expert counts",
                                           gt=0)
     placement_state_file: str = setting("", "expert counts and operator pins kept across restarts; empty = "

@@ -180,12 +180,6 @@ class Metrics:
         self.expert_stall = Counter("moed_expert_stall_seconds", "Time steps waited for expert copies", layer,
                                     registry=r)
         self.expert_cpu = Counter("moed_expert_cpu_computed", "Experts computed on the CPU", layer, registry=r)
-        self.prefetch_precision = Gauge("moed_expert_prefetch_precision_ratio",
-                                        "Prefetched experts that were used, since the worker started", layer,
-                                        registry=r)
-        self.prefetch_recall = Gauge("moed_expert_prefetch_recall_ratio",
-                                     "Used experts that had been prefetched, since the worker started", layer,
-                                     registry=r)
         self.miss_service = Gauge("moed_expert_miss_service", "1 for the policy serving expert misses in decode "
                                   f"({', '.join(MISS_SERVICE_LABELS)})", ["policy"], registry=r)
         self.miss_service_rate = Gauge("moed_expert_miss_service_rate_bytes_per_second", "Rates the hybrid split "
@@ -251,10 +245,6 @@ class Metrics:
                 (self.expert_cpu, "cpu", e.cpu_experts),
             ):
                 self._increase(counter.labels(layer), (name, layer), value)
-            if e.prefetch_precision is not None:
-                self.prefetch_precision.labels(layer).set(e.prefetch_precision)
-            if e.prefetch_recall is not None:
-                self.prefetch_recall.labels(layer).set(e.prefetch_recall)
 
     def observe_placement(self, pinned: dict[str, list[int]], changes: int) -> None:
         """After the placement manager made the engine's pins its plan: pins per layer, pins changed."""

@@ -1,12 +1,13 @@
 """The pin planner: which experts to pin (resident, never evicted), from activation counts over time.
 
-`PinPlanner` keeps a decayed activation count per (layer, expert), recomputes pins within a per-layer pin
-budget, and persists the counts and operator pins to a JSON state file (written atomically) so a restart
-starts warm. It runs in the daemon (daemon/placement.py drives it and imports no torch) and talks to the
-engine only through two callables: `read_counts()` -> {layer: [count per expert]} (activations since the
-last read) and `apply(pins)` -> None, which hands {layer: set(experts)} on; the engine's expert offload
-applies pins between steps. Operator pins are always kept and count against the budget; the hottest other
-experts fill the rest. Eviction among unpinned experts is the claim kernel's (kernels/expert_copy.py).
+`PinPlanner` keeps a decayed activation count per (layer, expert), recomputes pins within each layer's pin
+budget (one number for every layer, or one per layer: the daemon gives each a share of its cache slots), and
+persists the counts and operator pins to a JSON state file (written atomically) so a restart starts warm. It runs
+in the daemon (daemon/placement.py drives it and imports no torch) and talks to the engine only through two
+callables: `read_counts()` -> {layer: [count per expert]} (activations since the last read) and `apply(pins)` ->
+None, which hands {layer: set(experts)} on; the engine's expert offload applies pins between steps. Operator pins
+are always kept and count against the budget; the hottest other experts fill the rest. Eviction among unpinned
+experts is the claim kernel's (kernels/expert_copy.py).
 
 State file (JSON): {"version": 1, "decay": float, "counts": {"<layer>": [float, ...]},
                     "operator_pins": {"<layer>": [int, ...]}}
@@ -18,6 +19,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -32,14 +34,16 @@ class PlacementError(ValueError):
 
 
 class PinPlanner:
-    def __init__(self, num_experts: int, layers: list[int], pin_budget: int, *,
+    def __init__(self, num_experts: int, layers: list[int], pin_budget: int | dict[int, int], *,
                  read_counts: Callable[[], dict[int, list[int]]], apply: Callable[[dict[int, set[int]]], None],
                  interval_s: float = 30.0, decay: float = 0.5, state_path: str | Path | None = None) -> None:
-        if pin_budget < 0:
-            raise PlacementError(f"pin budget {pin_budget} must be >= 0 experts per layer")
+        budgets = pin_budget if isinstance(pin_budget, dict) else dict.fromkeys(layers, pin_budget)
+        bad = {layer: b for layer, b in budgets.items() if b < 0}
+        if bad or set(budgets) != set(layers):
+            raise PlacementError(f"pin budgets {bad or budgets} must be >= 0 experts for each of layers {layers}")
         if not 0.0 <= decay <= 1.0:
             raise PlacementError(f"decay {decay} must be in [0, 1] (weight of the older counts at each update)")
-        self.num_experts, self.layers, self.pin_budget = num_experts, list(layers), pin_budget
+        self.num_experts, self.layers, self.budgets = num_experts, list(layers), budgets
         self.read_counts, self.apply = read_counts, apply
         self.interval_s, self.decay = interval_s, decay
         self.state_path = Path(state_path) if state_path is not None else None
@@ -59,9 +63,9 @@ class PinPlanner:
 
     def pin(self, layer: int, expert: int) -> dict[int, set[int]]:
         self._check(layer, expert)
-        if expert not in self.operator_pins[layer] and len(self.operator_pins[layer]) >= self.pin_budget:
+        if expert not in self.operator_pins[layer] and len(self.operator_pins[layer]) >= self.budgets[layer]:
             raise PlacementError(f"layer {layer}: {len(self.operator_pins[layer])} operator pins already fill the "
-                                 f"pin budget of {self.pin_budget}; unpin one first")
+                                 f"pin budget of {self.budgets[layer]}; unpin one first")
         self.operator_pins[layer].add(expert)
         return self.replan()
 
@@ -92,7 +96,7 @@ class PinPlanner:
             pins = set(self.operator_pins[layer])
             ranked = sorted(range(self.num_experts), key=lambda e: (-self.counts[layer][e], e))
             for e in ranked:
-                if len(pins) >= self.pin_budget:
+                if len(pins) >= self.budgets[layer]:
                     break
                 if self.counts[layer][e] > 0:
                     pins.add(e)
@@ -134,30 +138,40 @@ class PinPlanner:
                  "counts": {str(k): v for k, v in self.counts.items()},
                  "operator_pins": {str(k): sorted(v) for k, v in self.operator_pins.items()}}
         tmp = path.with_suffix(path.suffix + ".tmp")
-        tmp.write_text(json.dumps(state))
+        with open(tmp, "w") as f:
+            json.dump(state, f)
+            f.flush()
+            os.fsync(f.fileno())  # the rename must not land before the data (a power cut would leave it empty)
         os.replace(tmp, path)
 
     def load(self, path: str | Path) -> None:
         path = Path(path)
         try:
-            state = json.loads(path.read_text())
+            state = json.loads(path.read_bytes())
             if state.get("version") != STATE_VERSION:
                 raise PlacementError(f"{path}: state version {state.get('version')!r}, expected {STATE_VERSION}")
             counts = {int(k): [float(x) for x in v] for k, v in state["counts"].items()}
             op = {int(k): {int(x) for x in v} for k, v in state["operator_pins"].items()}
-        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+        except OSError as e:
+            raise PlacementError(f"{path}: cannot read the placement state file ({e})") from None
+        except (KeyError, TypeError, ValueError, AttributeError) as e:  # JSON and Unicode errors are ValueErrors
             if isinstance(e, PlacementError):
                 raise
             raise PlacementError(f"{path}: not a placement state file ({e!r})") from None
+        # Check everything before taking anything: a bad file leaves the planner cold, not half loaded.
+        counts = {layer: row for layer, row in counts.items() if layer in self.counts}
+        op = {layer: pins for layer, pins in op.items() if layer in self.operator_pins}
         for layer, row in counts.items():
-            if layer in self.counts:
-                if len(row) != self.num_experts:
-                    raise PlacementError(f"{path}: layer {layer} has {len(row)} counts, model has "
-                                         f"{self.num_experts} experts")
-                self.counts[layer] = row
+            if len(row) != self.num_experts:
+                raise PlacementError(f"{path}: layer {layer} has {len(row)} counts, model has "
+                                     f"{self.num_experts} experts")
+            if not all(0.0 <= x < math.inf for x in row):
+                raise PlacementError(f"{path}: layer {layer} has counts that are negative or not finite")
         for layer, pins in op.items():
-            if layer in self.operator_pins:
-                for e in pins:
-                    self._check(layer, e)
-                self.operator_pins[layer] = set(list(sorted(pins))[: self.pin_budget])
+            bad = sorted(e for e in pins if not 0 <= e < self.num_experts)
+            if bad:
+                raise PlacementError(f"{path}: layer {layer} pins experts {bad}, model has {self.num_experts}")
+        self.counts.update(counts)
+        for layer, pins in op.items():
+            self.operator_pins[layer] = set(sorted(pins)[: self.budgets[layer]])
         log.info("placement state loaded from %s (%d layers)", path, len(counts))

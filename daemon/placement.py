@@ -3,17 +3,22 @@
 Clients send Placement requests (get, pin, unpin, reset). Without a placement manager they are
 forwarded to the engine as `engine.protocol.Placement` and answered from its PlacementReply,
 matched by token. A placement manager runs inside the daemon as an asyncio task: pass a factory to
-`Daemon(placement_factory=...)`, or set `placement = "on"` in the configuration, which runs
-`DaemonPlacement`. The factory receives the `PlacementChannel` (to apply plans to the engine); the
-manager then gets every EngineStats (per-expert counts) and answers clients' placement requests.
+`Daemon(placement_factory=...)`, or leave `placement` at "auto" (with moe = offload) or set "on" in the
+configuration, which runs `DaemonPlacement`. The factory receives the `PlacementChannel` (to apply plans to the
+engine); the manager then gets every EngineStats (per-expert counts) and answers clients' placement requests.
 
 `DaemonPlacement` drives the `PinPlanner` (daemon/pin_planner.py: decayed counts, pins within a per-layer
 budget, JSON state file) and makes the engine's pins the planner's: each interval it asks the engine for its
-pins (`get`), sends `unpin` for the extra ones, then `pin` for the missing ones, so a restarted worker gets its
-pins back within one interval. Operator pins are the planner's `operator_pins`: kept by every recomputation,
-counted against the budget, persisted in the state file. An operator `unpin` only removes operator pins;
-`reset` (of a layer, or of all) drops that layer's operator pins and its counts, so pins come back only as
-new counts arrive.
+pins (`get`) and sends one `set` with the whole pin set of every layer that differs, so a restarted worker gets
+its pins back within one interval and a plan for 75 layers costs one message. A layer's budget is
+`pin_fraction` of the slots its cache reports (at most all but one; none where every expert is resident):
+pinned-hot experts plus the cache's own eviction among the rest, the policy ops/bench/hitrate.py measured best.
+Operator pins are the planner's `operator_pins`: kept by every recomputation, counted against the budget,
+persisted in the state file. A state file that cannot be loaded (corrupt, another version, another model's shape)
+is logged with its name and moved aside to NAME.corrupt; the manager starts cold and writes a new one. An operator
+`unpin` only removes operator pins; `reset` (of a layer, or of all) drops that layer's operator pins and its
+counts, so pins come back only as new counts arrive. When the engine reports no expert cache the manager stays
+idle and forwards requests; with `required` ("on") it says so as a warning, else at info level.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import asyncio
 import contextlib
 import itertools
 import logging
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol
@@ -36,6 +42,14 @@ class PlacementUnavailable(Exception):
     pass
 
 
+def pin_budget(slots: int, num_experts: int, fraction: float) -> int:
+    """Pins for a layer with `slots` cache slots: `fraction` of them, one left to serve misses; none when every
+    expert is resident (nothing to keep)."""
+    if slots >= num_experts:
+        return 0
+    return max(0, min(slots - 1, int(fraction * slots)))
+
+
 class PlacementChannel:
     """Sends Placement commands to the engine and resolves each reply by its token."""
 
@@ -45,12 +59,14 @@ class PlacementChannel:
         self._tokens = itertools.count(1)
         self._waiting: dict[int, asyncio.Future[ep.PlacementReply]] = {}
 
-    async def request(self, op: str, layer: int | None = None, expert: int | None = None) -> ep.PlacementReply:
+    async def request(self, op: str, layer: int | None = None, expert: int | None = None,
+                      pins: dict[str, list[int]] | None = None) -> ep.PlacementReply:
         token = next(self._tokens)
         fut: asyncio.Future[ep.PlacementReply] = asyncio.get_running_loop().create_future()
         self._waiting[token] = fut
         try:
-            if not self._send(ep.Placement(op=op, layer=layer, expert=expert, token=token)):  # type: ignore[arg-type]
+            if not self._send(ep.Placement(op=op, layer=layer, expert=expert, token=token,  # type: ignore[arg-type]
+                                           pins=pins)):
                 raise PlacementUnavailable("engine is not ready")
             return await asyncio.wait_for(fut, self.timeout_s)
         except TimeoutError:
@@ -93,14 +109,16 @@ class DaemonPlacement:
     until then, and when the engine has no expert cache (moe=torch), requests go to the engine as is.
     """
 
-    def __init__(self, channel: PlacementChannel, num_experts: int, pin_budget: int, interval_s: float,
-                 state_path: str | Path | None, decay: float = 0.5, attach_retry_s: float = 0.5):
-        if pin_budget < 0:
-            raise PlacementError(f"pin budget {pin_budget} must be >= 0 experts per layer")
+    def __init__(self, channel: PlacementChannel, num_experts: int, pin_fraction: float, interval_s: float,
+                 state_path: str | Path | None, decay: float = 0.5, attach_retry_s: float = 0.5,
+                 required: bool = True):
+        if not 0.0 <= pin_fraction <= 1.0:
+            raise PlacementError(f"pin fraction {pin_fraction} must be in [0, 1] (a share of each layer's slots)")
         self.channel = channel
-        self.num_experts, self.pin_budget, self.interval_s = num_experts, pin_budget, interval_s
+        self.num_experts, self.pin_fraction, self.interval_s = num_experts, pin_fraction, interval_s
         self.state_path = Path(state_path) if state_path is not None else None
-        self.decay, self.attach_retry_s = decay, attach_retry_s
+        self.decay, self.attach_retry_s, self.required = decay, attach_retry_s, required
+        self.budgets: dict[int, int] = {}
         self.planner: PinPlanner | None = None
         self.unsupported = ""  # the engine's reason when it has no expert cache
         self._fresh: dict[int, list[int]] = {}  # counts since the planner's last read
@@ -130,50 +148,66 @@ class DaemonPlacement:
     # --- the task -------------------------------------------------------------------------------
 
     async def _attach(self) -> bool:
-        """Build the planner from the engine's cached layers; False while the engine cannot say."""
+        """Build the planner from the engine's cached layers and their slots; False while the engine cannot say."""
         try:
             reply = await self.channel.request("get")
         except PlacementUnavailable:
             return False
-        if not reply.ok:
+        why = reply.message if not reply.ok else "" if reply.slots else "the engine reports no expert cache slots"
+        if why:
             if not self.unsupported:
-                log.warning("placement manager idle: %s", reply.message)
-            self.unsupported = reply.message
+                (log.warning if self.required else log.info)("placement manager idle: %s", why)
+            self.unsupported = why
             return False
         self.unsupported = ""
-        layers = sorted(int(k) for k in reply.pinned)
+        layers = sorted(int(k) for k in reply.slots)
+        self.budgets = {layer: pin_budget(reply.slots[str(layer)], self.num_experts, self.pin_fraction)
+                        for layer in layers}
         def planner(state_path: Path | None) -> PinPlanner:
-            return PinPlanner(self.num_experts, layers, self.pin_budget, read_counts=self._read_counts,
-                           apply=self._apply, interval_s=self.interval_s, decay=self.decay, state_path=state_path)
+            return PinPlanner(self.num_experts, layers, self.budgets, read_counts=self._read_counts,
+                              apply=self._apply, interval_s=self.interval_s, decay=self.decay, state_path=state_path)
         try:
             self.planner = planner(self.state_path)
-        except PlacementError as e:  # keep the operator's file for inspection; start cold, persist nothing
-            log.error("placement: %s; starting without it and not writing it", e)
-            self.state_path = None
+        except PlacementError as e:
             self.planner = planner(None)
+            self._set_aside(e)
         self._wanted = {layer: set(p) for layer, p in self.planner.pins.items()}
         self.planner.replan()  # warm start from the state file
-        log.info("placement manager: layers %s, %d experts, budget %d per layer, every %.0f s, state %s",
-                 layers, self.num_experts, self.pin_budget, self.interval_s, self.state_path or "not kept")
+        log.info("placement manager: layers %s, %d experts, pins %s per layer (%.0f%% of slots %s), every %.0f s, "
+                 "state %s", layers, self.num_experts, sorted(set(self.budgets.values())), 100 * self.pin_fraction,
+                 sorted(set(reply.slots.values())), self.interval_s, self.state_path or "not kept")
         return True
 
+    def _set_aside(self, error: PlacementError) -> None:
+        """A state file that cannot be loaded: start cold, keep the file for inspection under `.corrupt` and go on
+        persisting to the usual name; where it cannot be moved, write nothing (the operator's file stays)."""
+        assert self.state_path is not None
+        aside = self.state_path.with_name(self.state_path.name + ".corrupt")
+        try:
+            os.replace(self.state_path, aside)
+        except OSError as e:
+            log.error("placement: %s; starting cold and not writing the state file (cannot move it to %s: %s)",
+                      error, aside, e)
+            self.state_path = None
+            return
+        log.error("placement: %s; starting cold, the file kept as %s", error, aside)
+
     async def _sync(self) -> ep.PlacementReply:
-        """Make the engine's pins the planner's: unpin the extra, then pin the missing. Returns the
+        """Make the engine's pins the planner's: one `set` with every layer whose pins differ. Returns the
         engine's pins after the change."""
         async with self._sync_lock:
             have = await self.channel.request("get")
             if not have.ok:
                 return have
             changes = 0
-            for layer, want in sorted(self._wanted.items()):
-                cur = set(have.pinned.get(str(layer), []))
-                ops = [("unpin", e) for e in sorted(cur - want)] + [("pin", e) for e in sorted(want - cur)]
-                for op, e in ops:
-                    r = await self.channel.request(op, layer, e)
-                    if not r.ok:
-                        log.warning("placement: engine refused %s layer %d expert %d: %s", op, layer, e, r.message)
-                    else:
-                        changes += 1
+            differ = {str(layer): sorted(want) for layer, want in sorted(self._wanted.items())
+                      if set(have.pinned.get(str(layer), [])) != want}
+            if differ:
+                r = await self.channel.request("set", pins=differ)
+                if not r.ok:
+                    log.warning("placement: engine refused the pins of layers %s: %s", sorted(differ), r.message)
+                else:
+                    changes = sum(len(set(have.pinned.get(k, [])) ^ set(v)) for k, v in differ.items())
                     have = r
             if self.on_synced is not None:
                 self.on_synced(have.pinned, changes)
@@ -234,7 +268,9 @@ class DaemonPlacement:
             self._save()
         reply = await self._sync() if op != "get" else await self.channel.request("get")
         ops = {str(k): sorted(v) for k, v in planner.operator_pins.items() if v}
-        note = f"operator pins {ops}, budget {self.pin_budget} per layer"
+        budgets = sorted(set(self.budgets.values()))
+        note = (f"operator pins {ops}, budget {budgets[0] if len(budgets) == 1 else budgets} per layer "
+                f"({100 * self.pin_fraction:.0f}% of its cache slots)")
         return ep.PlacementReply(token=0, ok=reply.ok, pinned=reply.pinned,
                                  message=f"{reply.message}; {note}" if reply.message else note)
 

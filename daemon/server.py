@@ -131,7 +131,7 @@ class Daemon:
         self.http_port = 0
         self.supervisor: WorkerSupervisor | None = None
         self.placement = PlacementChannel(self._send_to_engine)
-        if placement_factory is None and cfg.placement == "on":
+        if placement_factory is None and cfg.placement != "off" and (cfg.placement == "on" or cfg.moe == "offload"):
             placement_factory = self._default_placement
         self._placement_factory = placement_factory
         self.placement_manager: PlacementManager | None = None
@@ -225,8 +225,8 @@ class Daemon:
             num_experts = int(json.loads(config.read_text())["n_routed_experts"])
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise OSError(f"placement: cannot read n_routed_experts from {config}: {e!r}") from e
-        return DaemonPlacement(channel, num_experts, self.cfg.placement_pin_budget, self.cfg.placement_interval_s,
-                               self.cfg.placement_state_path)
+        return DaemonPlacement(channel, num_experts, self.cfg.placement_pin_fraction, self.cfg.placement_interval_s,
+                               self.cfg.placement_state_path, required=self.cfg.placement == "on")
 
     def request_drain(self) -> None:
         """Signal handler target: stop accepting, let in-flight requests finish, then stop. A second

@@ -570,9 +570,10 @@ class LLMEngine:
                            expert_counts={str(layer): c for layer, c in ex.counts.items()},
                            miss_service=ex.miss_service, miss_service_rates_Bps=ex.rates_Bps)
 
-    def placement(self, op: str, layer: int | None, expert: int | None) -> tuple[bool, str, dict[str, list[int]]]:
-        """Pin / unpin / reset / get experts of the expert caches; changes apply before the next step."""
-        return self.experts.placement(op, layer, expert)
+    def placement(self, op: str, layer: int | None, expert: int | None, pins: dict[str, list[int]] | None = None
+                  ) -> tuple[bool, str, dict[str, list[int]]]:
+        """Pin / unpin / reset / get / set experts of the expert caches; changes apply before the next step."""
+        return self.experts.placement(op, layer, expert, pins)
 
     # Convenience for tests and scripts.
 

@@ -41,10 +41,11 @@ class GetStats(msgspec.Struct, tag="get_stats", forbid_unknown_fields=True):
 
 
 class Placement(msgspec.Struct, tag="placement", forbid_unknown_fields=True):
-    op: Literal["get", "pin", "unpin", "reset"]
+    op: Literal["get", "pin", "unpin", "reset", "set"]
     layer: int | None = None
     expert: int | None = None
     token: int = 0  # echoed in the reply so the daemon can match it
+    pins: dict[str, list[int]] | None = None  # op "set": each named layer's whole pin set, applied together
 
 
 class Shutdown(msgspec.Struct, tag="shutdown", forbid_unknown_fields=True):
@@ -88,8 +89,6 @@ class LayerExpertStats(msgspec.Struct, array_like=True):
     evictions: int
     stall_s: float
     cpu_experts: int
-    prefetch_precision: float | None = None
-    prefetch_recall: float | None = None
 
 
 class EngineStats(msgspec.Struct, tag="stats"):
@@ -114,6 +113,7 @@ class PlacementReply(msgspec.Struct, tag="placement_reply"):
     ok: bool
     message: str = ""
     pinned: dict[str, list[int]] = {}  # layer -> pinned experts
+    slots: dict[str, int] = {}  # layer -> its expert cache's slots (pins must leave one free unless slots == experts)
 
 
 class WorkerReady(msgspec.Struct, tag="ready"):

@@ -128,8 +128,9 @@ class Worker:
         elif isinstance(msg, GetStats):
             self.send(self.engine.stats())
         elif isinstance(msg, Placement):
-            ok, message, pinned = self.engine.placement(msg.op, msg.layer, msg.expert)
-            self.send(PlacementReply(token=msg.token, ok=ok, message=message, pinned=pinned))
+            ok, message, pinned = self.engine.placement(msg.op, msg.layer, msg.expert, msg.pins)
+            self.send(PlacementReply(token=msg.token, ok=ok, message=message, pinned=pinned,
+                                     slots=self.engine.experts.cache_slots()))
         elif isinstance(msg, Shutdown):
             log.info("shutdown requested")
             self.stopping = True

@@ -14,8 +14,8 @@ they are all loaded at start, the table is the identity and never changes: no cl
 
 Misses are copied by one of two paths: "sm" (the claim + UVA copy kernels, no host sync, CUDA-graph
 capturable) or "ce" (the copy engine: the host reads the copy list, which syncs, and queues
-cudaMemcpyAsync on a side stream; the main stream waits on an event). Bulk loads (start-up, pins,
-copy-engine prefetch) always take the copy engine on the side stream.
+cudaMemcpyAsync on a side stream; the main stream waits on an event). Bulk loads (start-up, pins)
+always take the copy engine on the side stream.
 """
 
 from __future__ import annotations
@@ -95,7 +95,6 @@ class LayerCache:
         self._claim = claim_slots if use else claim_slots_reference
         self._copy = copy_experts if use else copy_experts_reference
         self._policy = POLICIES[cfg.policy]
-        self.prefetch_event: torch.cuda.Event | None = None
 
     @property
     def w13(self) -> torch.Tensor:
@@ -210,43 +209,6 @@ class LayerCache:
             e = self.tables.copy_expert[:n].tolist()
             s = self.tables.copy_slot[:n].tolist()
             self._ce_copy(list(zip(e, s)))
-
-    def prefetch(self, predicted_ids: torch.Tensor, path: str) -> None:
-        """Claim slots for predicted experts and start their copies on the side stream."""
-        if self.static:
-            return
-        main = torch.cuda.current_stream(self.device) if self.device.type == "cuda" else None
-        stream = self.copy_stream if self.copy_stream is not None else main
-        if stream is not None and stream is not main:
-            stream.wait_stream(main)
-        ids = predicted_ids.to(torch.int32).contiguous()
-        if stream is not None and stream is not main:
-            ids.record_stream(stream)  # allocated on the main stream, read on the side stream
-        ctx = torch.cuda.stream(stream) if stream is not None else _nullcontext()
-        with ctx:
-            self._claim(self.tables, ids, 0, None, None, policy=self._policy, decay=self.cfg.lfu_decay,
-                        prefetch=True)
-            if path == "sm":
-                if self._copy is copy_experts:
-                    copy_experts(self.tables, self.src, self.dst, num_programs=self.cfg.copy_programs)
-                else:
-                    copy_experts_reference(self.tables, self.src, self.dst)
-            else:
-                n = int(self.tables.n_copy.item())
-                pairs = list(zip(self.tables.copy_expert[:n].tolist(), self.tables.copy_slot[:n].tolist()))
-                for e, s in pairs:
-                    for a, b in zip(self.src, self.dst):
-                        b[s].copy_(a[e], non_blocking=True)
-                self.bytes_ce += len(pairs) * self.layout.expert_bytes
-        if stream is not None and stream is not main:
-            ev = torch.cuda.Event()
-            ev.record(stream)
-            self.prefetch_event = ev
-
-    def wait_prefetch(self) -> None:
-        if self.prefetch_event is not None:
-            torch.cuda.current_stream(self.device).wait_event(self.prefetch_event)
-            self.prefetch_event = None
 
     def resident(self) -> dict[int, int]:
         """expert -> slot of every resident expert (reads the device table: a sync)."""

@@ -203,7 +203,6 @@ class HybridMissService:
         self.refresh()
         M, k = ids.shape
         mb, sig = self.server, self.signals
-        lc.wait_prefetch()
         # A stale done (a job whose step failed between the hand-over and the wait) must not answer this one.
         sig.write(mb.done_addr, 0)
         self.split(ids, topk_weights.contiguous(), hidden, lc.tables.expert_to_slot, lc.tables.expert_freq,

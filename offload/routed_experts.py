@@ -11,8 +11,7 @@ applied by `apply_pins` between steps).
 The rest of offload/, from here down: runner.py (one role's runner: rounds, GPU serving, stats),
 host_store.py (the pinned slabs), expert_cache.py (slot pools, slot tables, pins, copies), hybrid.py (CPU experts
 beside copies) with cpu_experts.py / cpu_experts.c (the CPU kernel and its server) and stream_signals.py (the
-hand-over), torch_runner.py (every expert resident), stats.py, traces.py (synthetic routing for benchmarks),
-prefetch.py.
+hand-over), torch_runner.py (every expert resident), stats.py, traces.py (synthetic routing for benchmarks).
 """
 
 from __future__ import annotations
@@ -138,8 +137,14 @@ class RoutedExperts:
     def pins_pending(self) -> bool:
         return bool(self._pending)
 
-    def placement(self, op: str, layer: int | None, expert: int | None) -> tuple[bool, str, dict[str, list[int]]]:
-        """Pin / unpin / reset / get; changes are queued and applied before the next step.
+    def cache_slots(self) -> dict[str, int]:
+        """Per cached layer: its slots (a layer whose slots equal its experts holds them all)."""
+        return {str(layer): r.cache[layer].num_slots for layer, r in self._caches().items()}  # type: ignore[index]
+
+    def placement(self, op: str, layer: int | None, expert: int | None, pins: dict[str, list[int]] | None = None
+                  ) -> tuple[bool, str, dict[str, list[int]]]:
+        """Pin / unpin / reset / get, or set (`pins`: layer -> its whole pin set, every layer checked before any is
+        queued); changes are queued and applied before the next step.
         Returns (ok, message, pins per cached layer after the change)."""
         owner = self._caches()
         if not owner:
@@ -149,7 +154,20 @@ class RoutedExperts:
             return True, "", self.pinned()
         if layer is not None and layer not in owner:
             return False, f"layer {layer} has no expert cache (cached MoE layers: {sorted(owner)})", self.pinned()
-        if op == "reset":
+        if op == "set":
+            if not pins:
+                return False, "placement set needs pins: layer -> the experts to pin there", self.pinned()
+            plans = {}
+            for key, experts in pins.items():
+                lay = int(key) if key.lstrip("-").isdigit() else None
+                if lay not in owner:
+                    return False, f"layer {key} has no expert cache (cached MoE layers: {sorted(owner)})", self.pinned()
+                try:  # ids in range, one slot left to serve misses
+                    owner[lay].cache[lay].check_pins(set(experts))  # type: ignore[index]
+                except CacheConfigError as e:
+                    return False, str(e), self.pinned()
+                plans[lay] = set(experts)
+        elif op == "reset":
             plans = {lay: set() for lay in ([layer] if layer is not None else sorted(owner))}
         elif op in ("pin", "unpin"):
             if layer is None or expert is None:
@@ -166,7 +184,7 @@ class RoutedExperts:
                 return False, str(e), self.pinned()
             plans = {layer: plan}
         else:
-            return False, f"unknown placement op {op!r} (get, pin, unpin, reset)", self.pinned()
+            return False, f"unknown placement op {op!r} (get, pin, unpin, reset, set)", self.pinned()
         self._pending.update(plans)
         return True, "queued; applied before the next step", self.pinned()
 

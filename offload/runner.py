@@ -125,22 +125,16 @@ class OffloadMoERunner:
         cpu = self.hybrid.server.layer_stats if self.hybrid is not None else None
         for layer, lc in self.cache.layers.items():
             s = dict(zip(STATS, lc.tables.stats.tolist()))
-            sm_bytes = (s["misses"] + s["prefetch_copies"]) * eb if self.cache_cfg.copy_path == "sm" else 0
+            sm_bytes = s["misses"] * eb if self.cache_cfg.copy_path == "sm" else 0
             n_cpu, cpu_s = (0, 0.0) if cpu is None else (int(cpu[self._layer_index[layer], 1]),
                                                           float(cpu[self._layer_index[layer], 3]))
             out.append(OffloadLayerStats(
                 layer=layer, hits=s["hits"], misses=s["misses"] + n_cpu, bytes_copied_sm=sm_bytes,
                 bytes_copied_ce=lc.bytes_ce, bytes_cpu=n_cpu * eb, evictions=s["evictions"], stall_s=cpu_s,
-                cpu_experts=n_cpu, prefetch_tp=s["prefetch_tp"], prefetch_predicted=s["prefetch_predicted"],
-                prefetch_actual=s["prefetch_actual"], steps=s["steps"]))
+                cpu_experts=n_cpu, steps=s["steps"]))
         return out
 
     # ------------------------------------------------------------------ the step
-
-    def prefetch(self, layer: int, predicted_ids: torch.Tensor, path: str = "sm") -> None:
-        """Start copies of a coming step's predicted experts of `layer` on the side stream."""
-        assert self.cache is not None
-        self.cache[layer].prefetch(predicted_ids, path)
 
     def _ones_for(self, n: int) -> torch.Tensor:
         t = self._ones.get(n)
@@ -168,7 +162,6 @@ class OffloadMoERunner:
             return self.hybrid.run(self._layer_index[layer], lc, hidden, hidden_rep, ids, topk_weights,
                                    self._serve_gpu)
         else:
-            lc.wait_prefetch()
             route_out = self._serve_gpu(lc, hidden_rep, ids, None)
         y = route_out.view(M, k, -1).float() * topk_weights.float()[..., None]
         return y.sum(dim=1).to(hidden.dtype)

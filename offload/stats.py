@@ -14,15 +14,12 @@ class OffloadLayerStats:
     layer: int
     hits: int  # distinct experts found resident when a step needed them
     misses: int  # distinct experts not resident (copied or computed on the CPU)
-    bytes_copied_sm: int  # by the UVA copy kernel (misses and SM prefetches)
-    bytes_copied_ce: int  # by the copy engine (bulk loads, pins, CE prefetches, CE-path misses)
+    bytes_copied_sm: int  # by the UVA copy kernel (misses)
+    bytes_copied_ce: int  # by the copy engine (bulk loads, pins, CE-path misses)
     bytes_cpu: int  # expert bytes the CPU kernel read instead of copying
     evictions: int
     stall_s: float  # host time the step spent waiting for the miss service (hybrid split and CPU join)
     cpu_experts: int
-    prefetch_tp: int  # predicted experts that the step then used
-    prefetch_predicted: int
-    prefetch_actual: int  # experts used in steps that had a prediction
     steps: int
 
     @property
@@ -30,20 +27,11 @@ class OffloadLayerStats:
         n = self.hits + self.misses
         return self.hits / n if n else None
 
-    @property
-    def prefetch_precision(self) -> float | None:
-        return self.prefetch_tp / self.prefetch_predicted if self.prefetch_predicted else None
-
-    @property
-    def prefetch_recall(self) -> float | None:
-        return self.prefetch_tp / self.prefetch_actual if self.prefetch_actual else None
-
     def as_protocol_fields(self) -> dict:
         return {
             "layer": self.layer, "hits": self.hits, "misses": self.misses,
             "bytes_copied": self.bytes_copied_sm + self.bytes_copied_ce, "bytes_cpu": self.bytes_cpu,
             "evictions": self.evictions, "stall_s": self.stall_s, "cpu_experts": self.cpu_experts,
-            "prefetch_precision": self.prefetch_precision, "prefetch_recall": self.prefetch_recall,
         }
 
 
@@ -63,6 +51,4 @@ def summarize(stats: list[OffloadLayerStats]) -> dict:
            if f.name != "layer"}
     n = tot["hits"] + tot["misses"]
     tot["hit_rate"] = tot["hits"] / n if n else None
-    tot["prefetch_precision"] = tot["prefetch_tp"] / tot["prefetch_predicted"] if tot["prefetch_predicted"] else None
-    tot["prefetch_recall"] = tot["prefetch_tp"] / tot["prefetch_actual"] if tot["prefetch_actual"] else None
     return tot

@@ -10,7 +10,12 @@
   experts used by the previous token, ~80% within the last 8. A stronger head lowers coverage, so
   the defaults (alpha 1.8, mix 0.2, p_prev 0.36, p_recent 0.55) compromise. `trace_statistics`
   measures all four on any trace; benchmarks print them next to every hit rate (docs/benchmarks.md).
+  With `p_prev = p_recent = 0` only the popularity law is left: tokens independent of each other.
+  `ranking_seed` draws the per-layer ranking apart from the chains, so traces of other seeds can share
+  one layer's popularity (a restart that meets the same experts hot, or more chains of one layer).
 Traces are [steps, batch, k] int32 per layer (numpy), one independent chain per batch row.
+`verify_steps` groups a chain's consecutive tokens into steps of `n` tokens per sequence, as MTP's
+verify steps (1 + spec_steps tokens per sequence) and chunked decode see them.
 """
 
 from __future__ import annotations
@@ -27,9 +32,12 @@ def uniform_trace(steps: int, batch: int, num_experts: int, k: int, seed: int = 
 
 
 def skewed_trace(steps: int, batch: int, num_experts: int, k: int, seed: int = 0, alpha: float = 1.8,
-                 uniform_mix: float = 0.2, p_prev: float = 0.36, p_recent: float = 0.55) -> np.ndarray:
+                 uniform_mix: float = 0.2, p_prev: float = 0.36, p_recent: float = 0.55,
+                 ranking_seed: int | None = None) -> np.ndarray:
     rng = np.random.default_rng(seed)
     rank = rng.permutation(num_experts)
+    if ranking_seed is not None:
+        rank = np.random.default_rng([ranking_seed, 1]).permutation(num_experts)
     zipf = 1.0 / np.arange(1, num_experts + 1) ** alpha
     pop = uniform_mix / num_experts + (1 - uniform_mix) * zipf[rank] / zipf.sum()
     cdf = np.cumsum(pop)
@@ -57,6 +65,16 @@ def skewed_trace(steps: int, batch: int, num_experts: int, k: int, seed: int = 0
             if len(history) > 8:
                 history.pop(0)
     return out
+
+
+def verify_steps(trace: np.ndarray, n: int) -> np.ndarray:
+    """[steps, batch, k] -> [steps // n, batch * n, k]: each step holds n consecutive tokens of every chain
+    (rows b * n .. b * n + n - 1 are chain b's); a trailing partial step is dropped."""
+    steps, batch, k = trace.shape
+    if n < 1:
+        raise ValueError(f"verify_steps: {n} tokens per sequence and step; need >= 1")
+    t = trace[: steps // n * n].reshape(steps // n, n, batch, k)
+    return np.ascontiguousarray(t.transpose(0, 2, 1, 3)).reshape(steps // n, batch * n, k)
 
 
 def trace_statistics(trace: np.ndarray, num_experts: int) -> dict[str, float]:

@@ -69,7 +69,7 @@ def main() -> int:
                               step_time_s={"forward": args.double_step_s},
                               experts=[ep.LayerExpertStats(layer=1, hits=3 * steps, misses=steps,
                                                            bytes_copied=1000 * steps, bytes_cpu=0, evictions=steps,
-                                                           stall_s=0.0, cpu_experts=0, prefetch_precision=0.5)],
+                                                           stall_s=0.0, cpu_experts=0)],
                               miss_service="hybrid", miss_service_rates_Bps={"cpu": 7.5e10, "copy": 5.0e10})
 
     ready_at = time.monotonic()

@@ -34,11 +34,11 @@ from moed.daemon.pin_planner import PinPlanner
 pytestmark = pytest.mark.skipif(not HAVE_REAL_WORKER, reason=NO_REAL_WORKER)
 
 CACHE_GB = 3 * 8 * 49152 / 2**30  # 8 of the tiny model's 16 experts (bf16, 49152 bytes each) in each of 3 layers
-BUDGET = 3
+BUDGET = 3  # placement_pin_fraction 0.375 of 8 slots
 
 
 def _daemon(model: str, state: Path, interval_s: float) -> DaemonThread:
-    cfg = make_config(model, worker=REAL_WORKER, stats_interval_s=0.1, placement="on", placement_pin_budget=BUDGET,
+    cfg = make_config(model, worker=REAL_WORKER, stats_interval_s=0.1, placement="on", placement_pin_fraction=0.375,
                       placement_interval_s=interval_s, placement_state_file=str(state),
                       moe="offload", expert_cache_gb=CACHE_GB)
     d = DaemonThread(cfg)
@@ -119,13 +119,14 @@ def test_daemon_placement_config(tmp_path, monkeypatch):
 
     model = str(tmp_path)
     monkeypatch.setenv("STATE_DIRECTORY", str(tmp_path / "state"))
-    cfg, _ = load_config(None, {"MOED_PLACEMENT": "on", "MOED_PLACEMENT_PIN_BUDGET": "6", "MOED_MOE": "offload"},
+    cfg, _ = load_config(None, {"MOED_PLACEMENT": "on", "MOED_PLACEMENT_PIN_FRACTION": "0.25", "MOED_MOE": "offload"},
                          {"model": model, "placement_interval_s": "5"}, check_files=False)
-    assert (cfg.placement, cfg.placement_pin_budget, cfg.placement_interval_s) == ("on", 6, 5.0)
+    assert (cfg.placement, cfg.placement_pin_fraction, cfg.placement_interval_s) == ("on", 0.25, 5.0)
     assert cfg.placement_state_path == tmp_path / "state" / f"placement-{tmp_path.name}.json"
     cfg, _ = load_config(None, {}, {"model": model, "placement_state_file": "none"}, check_files=False)
-    assert cfg.placement == "off" and cfg.placement_state_path is None
-    with pytest.raises(ConfigError, match="placement from flag --placement: must be one of on, off"):
+    assert (cfg.placement, cfg.placement_pin_fraction) == ("auto", 0.5) and cfg.placement_state_path is None
+    with pytest.raises(ConfigError, match="placement from flag --placement: must be one of auto, on, off"):
         load_config(None, {}, {"model": model, "placement": "yes"}, check_files=False)
-    with pytest.raises(ConfigError, match="placement_pin_budget from environment MOED_PLACEMENT_PIN_BUDGET"):
-        load_config(None, {"MOED_PLACEMENT_PIN_BUDGET": "-1"}, {"model": model}, check_files=False)
+    for bad in ("-0.1", "1.5"):
+        with pytest.raises(ConfigError, match="placement_pin_fraction from environment MOED_PLACEMENT_PIN_FRACTION"):
+            load_config(None, {"MOED_PLACEMENT_PIN_FRACTION": bad}, {"model": model}, check_files=False)

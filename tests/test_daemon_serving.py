@@ -403,7 +403,6 @@ def test_metrics_endpoint_has_real_values(tiny_checkpoint):
         assert v("moed_protocol_errors_total", code="invalid_request") == 1
         assert v("moed_expert_cache_hits_total", layer="1") >= 21  # the double reports 3 hits per step
         assert v("moed_expert_cache_misses_total", layer="1") >= 7
-        assert v("moed_expert_prefetch_precision_ratio", layer="1") == 0.5
         assert v("moed_expert_miss_service", policy="hybrid") == 1 and v("moed_expert_miss_service", policy="copy") == 0
         assert v("moed_expert_miss_service_rate_bytes_per_second", path="cpu") == 7.5e10
         assert v("moed_ready") == 1 and v("moed_engine_state", state="ready") == 1

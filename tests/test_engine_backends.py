@@ -59,6 +59,15 @@ def test_engine_offload_runner_matches_reference_and_takes_placement(tiny_checkp
     assert ok and all(v == [] for v in pinned.values())
     e.generate([_prompts()[0]], SP)
     assert target.cache[2].pinned == set() and draft.cache[4].pinned == set()
+    # A whole plan in one request (the placement manager's): every layer checked before any is queued.
+    assert e.experts.cache_slots() == {"1": 8, "2": 8, "3": 8, "4": 8}
+    assert not e.placement("set", None, None, {"2": [1, 3], "3": list(range(8))})[0]  # no slot left for misses
+    assert not e.placement("set", None, None, {"2": [1, 3], "0": [1]})[0]  # a dense layer
+    assert e.placement("get", None, None)[2]["2"] == []  # nothing of the refused plans was queued
+    ok, _, pinned = e.placement("set", None, None, {"2": [1, 3], "4": [0]})
+    assert ok and pinned["2"] == [1, 3] and pinned["4"] == [0] and pinned["1"] == []
+    e.generate([_prompts()[0]], SP)
+    assert target.cache[2].pinned == {1, 3} and draft.cache[4].pinned == {0}
 
 
 @pytest.mark.parametrize("policy", ["hybrid", "cpu"])

@@ -207,3 +207,38 @@ def test_expert_cache_uva_copy_matches_reference_on_pinned_memory():
     out = torch.empty(257, dtype=torch.int8, device="cuda")
     upload_no_ce(flags, out)
     assert torch.equal(out.cpu(), flags)
+
+
+@pytest.mark.parametrize("policy", [0, 1])
+def test_expert_cache_claim_kernel_matches_reference_on_the_device(policy):
+    """The compiled claim kernel (not the interpreter) against its reference: random states, several rounds, a CPU
+    share excluded, GLM-5.1's 256 experts with a 19-slot cache and a 64-token step."""
+    from moed.kernels.expert_copy import claim_slots_reference
+
+    g = torch.Generator().manual_seed(policy)
+    for E_, S, M in ((256, 19, 64), (256, 38, 1), (16, 5, 3)):
+        t = SlotTables.allocate(E_, S, "cpu")
+        for s, e in enumerate(torch.randperm(E_, generator=g)[:S].tolist()):
+            t.expert_to_slot[e], t.slot_to_expert[s] = s, e
+        t.slot_last_use.copy_(torch.randint(0, 5, (S,), generator=g))
+        t.step.fill_(5)
+        t.expert_freq.copy_(torch.rand(E_, generator=g) * 3)
+        t.slot_pinned[: S // 4] = 1
+        dev = SlotTables(**{f: getattr(t, f).cuda() for f in t.__dataclass_fields__})
+        for step in range(3):
+            ids = torch.stack([torch.randperm(E_, generator=g)[:k] for _ in range(M)]).to(torch.int32)
+            exclude = (torch.rand(E_, generator=g) < 0.2).to(torch.int8) if step == 1 else None
+            rounds = -(-min(E_, M * k) // (S - S // 4))
+            for r in range(rounds):
+                ra, ma = torch.empty_like(ids), torch.empty(M, k, dtype=torch.int8)
+                rb, mb = ra.cuda(), ma.cuda()
+                claim_slots_reference(t, ids, r, ra, ma, policy=policy, exclude=exclude)
+                claim_slots(dev, ids.cuda(), r, rb, mb, policy=policy,
+                            exclude=exclude.cuda() if exclude is not None else None)
+                n = int(t.n_copy)
+                assert int(dev.n_copy) == n and torch.equal(ra, rb.cpu()) and torch.equal(ma, mb.cpu())
+                for f in ("expert_to_slot", "slot_to_expert", "slot_last_use", "expert_count", "stats", "served"):
+                    assert torch.equal(getattr(t, f), getattr(dev, f).cpu()), f
+                assert torch.equal(t.copy_expert[:n], dev.copy_expert[:n].cpu())
+                # fp32 frequency: the device may fuse the multiply-add (one rounding), the reference does not
+                assert torch.allclose(t.expert_freq, dev.expert_freq.cpu(), rtol=1e-6)

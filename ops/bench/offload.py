@@ -17,8 +17,6 @@ Builds (or reuses) a `glm51-slice` FP8 checkpoint with GLM-5.1's real layer widt
              from this run, and as the runner measures them), eager and replayed from a CUDA graph, against the
              bound miss bytes / min(CPU + copy rate, host read);
   timeline   (opt-in) the hybrid step's GPU events and the CPU job's start and end, from run()'s call;
-  prefetch   precision/recall of a router prediction from a perturbed hidden state (random weights carry
-             no real correlation between layers: this measures the mechanism, not GLM-5.1);
   no-CE      latency of a 1 KiB per-step upload while a 1 GB copy-engine copy is in flight, by SM loads vs
              by cudaMemcpyAsync;
   graph      one decode step with misses captured in a CUDA graph, replayed with new ids;
@@ -48,7 +46,6 @@ import torch
 from moed.formats.fp8 import dequantize_block_fp8
 from moed.kernels.expert_copy import SlotTables, copy_experts, upload_no_ce
 from moed.model.config import GlmMoeDsaConfig
-from moed.model.moe import route
 from moed.offload.cpu_experts import CpuExpertKernel, expert_forward_reference, host_read_GBps
 from moed.offload.expert_cache import CacheConfig
 from moed.offload.host_store import ExpertLayout, HostExpertStore
@@ -542,27 +539,6 @@ def hybrid_timeline(cfg, store, threads: int | None, args) -> dict:
             "threads": threads, **rates}
 
 
-def prefetch_runs(cfg, store, args) -> dict:
-    E, k, K = cfg.n_routed_experts, cfg.num_experts_per_tok, cfg.hidden_size
-    g = torch.Generator(device="cuda").manual_seed(0)
-    gate = torch.randn(E, K, device="cuda", generator=g) / K**0.5
-    bias = torch.zeros(E, device="cuda")
-    out = {}
-    for noise in (0.25, 0.5, 1.0):
-        r = make_runner(cfg, store, max(k, E // 4))
-        for _ in range(args.steps):
-            h = torch.randn(1, K, device="cuda", generator=g)
-            h_prev = h + noise * torch.randn(1, K, device="cuda", generator=g)  # stand-in for layer l's state
-            _, pred = route(h_prev, gate, bias, cfg)
-            r.prefetch(LAYER, pred)
-            w, ids = route(h, gate, bias, cfg)
-            r.run(LAYER, h.bfloat16(), ids, w)
-        s = summarize(r.stats())
-        out[f"noise{noise}"] = {"precision": s["prefetch_precision"], "recall": s["prefetch_recall"],
-                                "hit_rate": s["hit_rate"]}
-    return out
-
-
 def no_ce_upload(store) -> dict:
     slab = store.slabs[LAYER]
     n = min(1 << 30, slab.numel())
@@ -633,7 +609,7 @@ def main() -> None:
     p.add_argument("--warm-steps", type=int, default=8)
     p.add_argument("--cpu-threads", type=int, default=0, help="CPU expert threads; 0 = every core")
     p.add_argument("--out", default="offload_bench.json")
-    p.add_argument("--only", default="ceil,cpu,hybrid,decode,prefetch,noce,graph",
+    p.add_argument("--only", default="ceil,cpu,hybrid,decode,noce,graph",
                    help="comma list; add diag for the CPU-expert slowdown breakdown, timeline for the hybrid step's, "
                    "int4 for the same experts at 4 bits beside FP8")
     p.add_argument("--int4-kernel", action="store_true", help="with int4: also check and time the int4 fused MoE")
@@ -691,9 +667,6 @@ def main() -> None:
     if "graph" in only:
         results["graph"] = graph_run(cfg, store, args)
         save()
-    if "prefetch" in only:
-        results["prefetch"] = prefetch_runs(cfg, store, args)
-        save()
     if "int4" in only:
         results["int4"] = int4_runs(cfg, ckpt, store, ceil, args)
         save()
@@ -739,9 +712,6 @@ def print_table(res: dict) -> None:
         g = res["graph"]
         print(f"CUDA graph decode step (10% cache, batch 1): {g['ms']:.2f} ms, {g['misses_per_step']:.1f} misses/step, "
               f"equal to all-resident: {g['equal_to_all_resident']}")
-    if "prefetch" in res:
-        for n, r in res["prefetch"].items():
-            print(f"prefetch ({n}): precision {r['precision']}, recall {r['recall']}, hit rate {r['hit_rate']}")
     if "decode" in res:
         print("\ntrace   policy batch cache% slots    ms  hit%  miss/step miss GB/s  vs CE  bound ms vs bound")
         for r in res["decode"]:

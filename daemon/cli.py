@@ -106,7 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     ck = command(sub, "checkpoint", "checkpoint tools").add_subparsers(dest="checkpoint_cmd", required=True)
     mk = command(ck, "make", "write a random-weight GLM-5.1-architecture checkpoint")
-    mk.add_argument("--preset", choices=["tiny", "small", "glm51-slice"], default="tiny", help="model shape")
+    mk.add_argument("--preset", choices=["tiny", "small", "glm51-slice", "glm51"], default="tiny", help="model shape")
     mk.add_argument("--out", required=True, help="output directory")
     mk.add_argument("--dtype", choices=["bf16", "fp8", "int4"], default="bf16",
                     help="weight format (int4: routed experts in compressed-tensors pack-quantized W4A16_ASYM, the "

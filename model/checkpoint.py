@@ -11,7 +11,9 @@ llm-compressor writes AWQ/GPTQ releases; `moed.formats.int4`'s quantiser, group 
 
 Presets: `tiny` (the test suite's model: seconds on a CPU, a small `index_topk` so sparse selection
 really drops positions), `small` (a CPU demo), `glm51-slice` (GLM-5.1's real per-layer dimensions,
-few layers, for GPU benchmarks).
+few layers, for GPU benchmarks), `glm51` (GLM-5.1 whole: 78 layers of which 3 dense, the MTP layer, the
+real vocabulary and widths; only `experts` may shrink it, since 256 experts per layer are ~750 GB in FP8:
+with 8 per layer, so that every token still touches 8 experts per layer, it is ~42 GB).
 """
 
 from __future__ import annotations
@@ -62,12 +64,13 @@ PRESETS: dict[str, dict] = {
               "qk_nope_head_dim": 64, "qk_rope_head_dim": 32, "v_head_dim": 64, "index_topk": 128,
               "index_head_dim": 64, "index_n_heads": 8, "n_routed_experts": 64, "max_position_embeddings": 32768},
     "glm51-slice": {**GLM51, "num_hidden_layers": 3, "first_k_dense_replace": 1},
+    "glm51": dict(GLM51),
 }
 # Part of a built-in checkpoint's cache name: bumped whenever generation changes (weights, tokenizer, chat
 # template), so a cache written by an older moed is regenerated instead of served. daemon/service.py names it too.
 BUILTIN_REVISION = 2
-TOKENIZER_VOCAB = {"tiny": 1024, "small": 4096, "glm51-slice": 8192}
-DEFAULT_SHARD_BYTES = {"tiny": 1 << 20, "small": 64 << 20, "glm51-slice": 5 << 30}
+TOKENIZER_VOCAB = {"tiny": 1024, "small": 4096, "glm51-slice": 8192, "glm51": 8192}
+DEFAULT_SHARD_BYTES = {"tiny": 1 << 20, "small": 64 << 20, "glm51-slice": 5 << 30, "glm51": 5 << 30}
 DTYPES = ("bf16", "fp8", "int4")
 ROUTED_EXPERT = r"re:.*mlp\.experts\.\d+\.(gate|up|down)_proj$"  # compressed-tensors target: routed experts only
 
@@ -187,6 +190,17 @@ def _stored_bytes(spec: TensorSpec, cfg: GlmMoeDsaConfig, dtype: torch.dtype) ->
         q = cfg.quantization
         return n + 4 * (-(-spec.shape[0] // q.block_n)) * (-(-spec.shape[1] // q.block_k))
     return n * torch.finfo(dtype).bits // 8
+
+
+def checkpoint_bytes(cfg: GlmMoeDsaConfig) -> dict[str, int]:
+    """Stored bytes of `cfg`'s checkpoint by kind: routed experts, the MTP layers' other tensors, and the rest."""
+    out = {"routed_experts": 0, "mtp": 0, "other": 0}
+    mtp = tuple(f"model.layers.{i}." for i in cfg.mtp_layer_ids)
+    for spec in tensor_specs(cfg):
+        b = _stored_bytes(spec, cfg, torch.bfloat16)
+        kind = "routed_experts" if ".mlp.experts." in spec.name else "mtp" if spec.name.startswith(mtp) else "other"
+        out[kind] += b
+    return out
 
 
 def _draw(spec: TensorSpec, seed: int, device: torch.device) -> torch.Tensor:

@@ -180,3 +180,29 @@ def test_cli_reports_bad_checkpoint_clearly(tmp_path):
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 2
     assert "config.json" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_glm51_preset_is_the_whole_model_with_fewer_experts():
+    from moed.model.checkpoint import checkpoint_bytes
+
+    cfg = GlmMoeDsaConfig.from_dict(make_config("glm51", experts=8, fp8=True))
+    assert (cfg.num_hidden_layers, cfg.first_k_dense_replace, cfg.num_nextn_predict_layers) == (78, 3, 1)
+    assert (cfg.vocab_size, cfg.hidden_size, cfg.n_routed_experts, cfg.num_experts_per_tok) == (154880, 6144, 8, 8)
+    specs = {s.name for s in tensor_specs(cfg)}
+    assert "model.layers.78.eh_proj.weight" in specs and "model.layers.2.mlp.gate_proj.weight" in specs
+    assert "model.layers.3.mlp.experts.7.down_proj.weight" in specs
+    b = checkpoint_bytes(cfg)
+    # 75 MoE layers x 8 experts x ~37.7 MB; the MTP layer's 8 experts count as routed experts too
+    assert b["routed_experts"] == pytest.approx(76 * 8 * 37.76e6, rel=0.01)
+    assert 43e9 < sum(b.values()) < 46e9  # DEVICE-NOTES: a 78-layer 8-expert checkpoint is ~42 GiB
+    full = checkpoint_bytes(GlmMoeDsaConfig.from_dict(make_config("glm51", fp8=True)))
+    assert full["routed_experts"] / 1e9 == pytest.approx(76 * 256 * 37.76e-3, rel=0.01)  # ~735 GB (DESIGN.md §1)
+
+
+def test_checkpoint_bytes_match_the_files_written(tmp_path):
+    from moed.model.checkpoint import checkpoint_bytes
+
+    out = make_checkpoint(tmp_path / "ck", "tiny", dtype="fp8", seed=0, device="cpu")
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    cfg = GlmMoeDsaConfig.from_file(out / "config.json")
+    assert sum(checkpoint_bytes(cfg).values()) == index["metadata"]["total_size"]

@@ -32,6 +32,15 @@ back (section starts aligned to 4 KiB):
 so expert e's part of section s starts at `section_offset[s] + e * section_bytes[s]`. Slabs are
 filled one expert at a time (`load_expert`, as `model.weights.load_model` hands experts over) or
 shard by shard from a checkpoint (`fill_from_checkpoint`), never staging a layer anywhere else.
+
+How slabs are allocated (`HostAlloc`, default `$MOED_HOST_ALLOC` or "torch"):
+  torch  torch's pinned allocator (cudaHostAlloc). It rounds every request up to a power of two, so a
+         GLM-5.1 layer (9.03 GiB) pins 16 GiB and an 8-expert layer (0.28 GiB) 0.5 GiB;
+  mmap   an anonymous mapping of the exact size, touched by torch's threads, then cudaHostRegister: no
+         rounding, 4 KiB pages;
+  huge   the same mapping with madvise(MADV_HUGEPAGE), 2 MiB-aligned: transparent huge pages where the
+         kernel allows them (`thp_status()`), so a 40 GB store needs ~20 k page-table entries, not ~10 M.
+Off CUDA (pin=False) mmap and huge give the same mapping unpinned; torch gives plain pageable memory.
 """
 
 from __future__ import annotations
@@ -39,9 +48,13 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import mmap
+import os
 import resource
+import time
 from collections import defaultdict
 from pathlib import Path
+from typing import Literal, get_args
 
 import torch
 
@@ -54,6 +67,10 @@ log = logging.getLogger(__name__)
 
 SECTION_ALIGN = 4096
 SECTIONS = ("w13", "w2", "w13_scale", "w2_scale", "w13_zeros", "w2_zeros")  # in slab order; bf16 has the first two
+HostAlloc = Literal["torch", "mmap", "huge"]
+HOST_ALLOCS: tuple[str, ...] = get_args(HostAlloc)
+HUGE_PAGE = 2 << 20
+THP_ENABLED = Path("/sys/kernel/mm/transparent_hugepage/enabled")
 
 
 class HostStoreError(RuntimeError):
@@ -224,11 +241,75 @@ def _memlock_text() -> str:
     return f"RLIMIT_MEMLOCK soft {fmt(soft)}, hard {fmt(hard)}"
 
 
-def allocate_pinned(nbytes: int, what: str, pin: bool) -> torch.Tensor:
-    """A uint8 host buffer, page-locked when `pin`; a clear error when the OS refuses."""
+def default_host_alloc() -> HostAlloc:
+    """$MOED_HOST_ALLOC if set (torch, mmap or huge), else torch."""
+    value = os.environ.get("MOED_HOST_ALLOC", "torch")
+    if value not in HOST_ALLOCS:
+        raise HostStoreError(f"MOED_HOST_ALLOC={value!r}: expected one of {', '.join(HOST_ALLOCS)}")
+    return value  # type: ignore[return-value]
+
+
+def thp_status() -> dict[str, str | int]:
+    """The kernel's transparent-huge-page mode ([bracketed] in sysfs) and this process's THP-backed bytes."""
+    out: dict[str, str | int] = {"enabled": "unavailable"}
     try:
-        return torch.empty(nbytes, dtype=torch.uint8, pin_memory=pin)
-    except RuntimeError as e:
+        text = THP_ENABLED.read_text()
+        out["enabled"] = text[text.index("[") + 1:text.index("]")]
+    except (OSError, ValueError):
+        pass
+    try:
+        for line in Path("/proc/self/smaps_rollup").read_text().splitlines():
+            if line.startswith("AnonHugePages:"):
+                out["anon_huge_bytes"] = int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return out
+
+
+class _MappedBuffer:
+    """An anonymous mapping (optionally THP-advised and 2 MiB-aligned), registered with CUDA when pinned.
+
+    The tensor views it through `torch.frombuffer`, which keeps the mapping alive; this object unregisters
+    the pages from CUDA when it goes (the store holds it as long as its slabs)."""
+
+    def __init__(self, nbytes: int, huge: bool, pin: bool) -> None:
+        align = HUGE_PAGE if huge else mmap.PAGESIZE
+        self.map = mmap.mmap(-1, nbytes + align, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        if huge and hasattr(mmap, "MADV_HUGEPAGE"):
+            self.map.madvise(mmap.MADV_HUGEPAGE)
+        whole = torch.frombuffer(self.map, dtype=torch.uint8)
+        start = -whole.data_ptr() % align
+        self.tensor = whole[start:start + nbytes]
+        self.tensor.zero_()  # fault the pages in with torch's threads (cudaHostRegister would do it on one)
+        self.registered = False
+        if pin:
+            err = torch.cuda.cudart().cudaHostRegister(self.tensor.data_ptr(), nbytes, 0)
+            if int(err) != 0:
+                raise RuntimeError(f"cudaHostRegister of {nbytes} bytes failed: error {int(err)}")
+            self.registered = True
+
+    def __del__(self) -> None:
+        if self.registered:
+            unregister = getattr(torch.cuda.cudart(), "cudaHostUnregister", None)
+            if unregister is not None:
+                unregister(self.tensor.data_ptr())
+            self.registered = False
+
+
+def allocate_pinned(nbytes: int, what: str, pin: bool, alloc: HostAlloc = "torch",
+                    keep: list | None = None) -> torch.Tensor:
+    """A uint8 host buffer of exactly `nbytes` (torch: rounded up inside its allocator), page-locked when `pin`;
+    a clear error when the OS refuses. mmap/huge buffers are owned by an object appended to `keep`."""
+    if alloc not in HOST_ALLOCS:
+        raise HostStoreError(f"host allocation {alloc!r} for {what}: expected one of {', '.join(HOST_ALLOCS)}")
+    try:
+        if alloc == "torch":
+            return torch.empty(nbytes, dtype=torch.uint8, pin_memory=pin)
+        buf = _MappedBuffer(nbytes, huge=alloc == "huge", pin=pin)
+        if keep is not None:
+            keep.append(buf)
+        return buf.tensor
+    except (RuntimeError, OSError) as e:
         raise HostStoreError(
             f"cannot {'pin' if pin else 'allocate'} {nbytes / 2**30:.2f} GiB of host memory for {what} ({e}); "
             f"{_memlock_text()}. Raise the limit (`ulimit -l unlimited`, or LimitMEMLOCK=infinity in the systemd "
@@ -239,21 +320,34 @@ def allocate_pinned(nbytes: int, what: str, pin: bool) -> torch.Tensor:
 class HostExpertStore:
     """Pinned host slabs, one per MoE layer; views of each expert's sections."""
 
-    def __init__(self, layout: ExpertLayout, layers: list[int], pin: bool | None = None) -> None:
+    def __init__(self, layout: ExpertLayout, layers: list[int], pin: bool | None = None,
+                 alloc: HostAlloc | None = None) -> None:
         if pin is None:
             pin = torch.cuda.is_available()
         self.layout, self.layers, self.pinned = layout, list(layers), pin
+        self.alloc: HostAlloc = alloc or default_host_alloc()
         total = layout.slab_bytes * len(self.layers)
-        log.info("host expert store: %d layers x %.2f GB = %.2f GB %s", len(self.layers), layout.slab_bytes / 1e9,
-                 total / 1e9, "pinned" if pin else "pageable")
+        self._buffers: list[_MappedBuffer] = []
         self.slabs: dict[int, torch.Tensor] = {}
         self._views: dict[int, dict[str, torch.Tensor]] = {}
+        t0 = time.perf_counter()
         for layer in self.layers:
             slab = allocate_pinned(layout.slab_bytes, f"MoE layer {layer}'s experts (of {len(self.layers)} layers, "
-                                   f"{total / 2**30:.2f} GiB in all)", pin)
+                                   f"{total / 2**30:.2f} GiB in all)", pin, self.alloc, self._buffers)
             self.slabs[layer] = slab
             self._views[layer] = self._section_views(slab)
+        self.alloc_s = time.perf_counter() - t0
+        log.info("host expert store: %d layers x %.2f GB = %.2f GB %s (%s allocation) in %.1f s", len(self.layers),
+                 layout.slab_bytes / 1e9, total / 1e9, "pinned" if pin else "pageable", self.alloc, self.alloc_s)
         self._loaded = {layer: torch.zeros(layout.num_experts, dtype=torch.bool) for layer in self.layers}
+
+    @property
+    def reserved_bytes(self) -> int:
+        """Host bytes the slabs hold, allocator rounding included (torch rounds each slab up to a power of two)."""
+        per = self.layout.slab_bytes
+        if self.alloc == "torch" and self.pinned:
+            per = 1 << (per - 1).bit_length()
+        return per * len(self.layers)
 
     def _section_views(self, slab: torch.Tensor) -> dict[str, torch.Tensor]:
         L, views = self.layout, {}

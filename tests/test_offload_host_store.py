@@ -100,3 +100,44 @@ def test_offload_store_pinning_failure_names_size_limit_and_setting(monkeypatch)
         HostExpertStore(layout, [3, 4], pin=True)
     msg = str(err.value)
     assert "9." in msg and "GiB" in msg and "RLIMIT_MEMLOCK" in msg and "FP8" in msg and "layers=" in msg
+
+
+@pytest.mark.parametrize("alloc", ["mmap", "huge"])
+def test_offload_store_mapped_slabs_are_exact_and_hold_experts(tiny_fp8_checkpoint, alloc):
+    """mmap/huge slabs: exactly the slab's bytes (torch's pinned allocator rounds up to a power of two), huge ones
+    2 MiB-aligned, and they store what the torch slabs store."""
+    cfg = GlmMoeDsaConfig.from_file(tiny_fp8_checkpoint)
+    layout = ExpertLayout.for_config(cfg, fp8=True)
+    layers = list(range(cfg.first_k_dense_replace, cfg.num_hidden_layers))
+    ref = HostExpertStore(layout, layers, pin=False, alloc="torch")
+    ref.fill_from_checkpoint(tiny_fp8_checkpoint, cfg)
+    store = HostExpertStore(layout, layers, pin=False, alloc=alloc)
+    store.fill_from_checkpoint(tiny_fp8_checkpoint, cfg)
+    for layer in layers:
+        assert store.slabs[layer].numel() == layout.slab_bytes
+        for name, sec in store.section_bytes_of(layer).items():  # the sections (alignment gaps are not written)
+            assert torch.equal(sec, ref.section_bytes_of(layer)[name])
+        if alloc == "huge":
+            assert store.slabs[layer].data_ptr() % host_store.HUGE_PAGE == 0
+    assert store.reserved_bytes == layout.slab_bytes * len(layers)
+
+
+def test_offload_store_reserved_bytes_count_torch_rounding():
+    layout = ExpertLayout(256, 6144, 2048, 2048, torch.float8_e4m3fn, (128, 128))
+    store = HostExpertStore.__new__(HostExpertStore)
+    store.layout, store.layers, store.pinned, store.alloc = layout, [3, 4], True, "torch"
+    assert layout.slab_bytes / 2**30 == pytest.approx(9.0, abs=0.05)  # one GLM-5.1 layer's experts...
+    assert store.reserved_bytes == 2 * 16 * 2**30  # ...pin 16 GiB each through torch's allocator
+
+
+def test_offload_store_host_alloc_setting_is_checked(monkeypatch):
+    layout = ExpertLayout(4, 256, 128, 128, torch.float8_e4m3fn, (128, 128))
+    monkeypatch.setenv("MOED_HOST_ALLOC", "hugepages")
+    with pytest.raises(HostStoreError, match=r"MOED_HOST_ALLOC='hugepages'.*torch, mmap, huge"):
+        HostExpertStore(layout, [1], pin=False)
+    monkeypatch.setenv("MOED_HOST_ALLOC", "huge")
+    assert HostExpertStore(layout, [1], pin=False).alloc == "huge"
+    with pytest.raises(HostStoreError, match="host allocation 'big'"):
+        HostExpertStore(layout, [1], pin=False, alloc="big")  # type: ignore[arg-type]
+    status = host_store.thp_status()
+    assert "enabled" in status

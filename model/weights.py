@@ -230,7 +230,7 @@ def load_model(
     progress = LoadProgress(total, what)
     try:
         for name, p in params.items():
-            value = _read_weight(ckpt, name, tuple(p.shape), cfg)
+            value = _read_weight(ckpt, name, tuple(p.shape), cfg, device=device)
             keep_fp32 = name.endswith(_FP32_PARAMS)
             value = value.to(device=device, dtype=torch.float32 if keep_fp32 else dtype)
             _set_param(model, name, value)
@@ -304,7 +304,8 @@ def _read_int4(ckpt: Checkpoint, name: str, expected: tuple[int, int], cfg: GlmM
 
 
 def _read_weight(ckpt: Checkpoint, name: str, expected: tuple[int, ...], cfg: GlmMoeDsaConfig,
-                 dequantize: bool = True) -> torch.Tensor:
+                 dequantize: bool = True, device: torch.device | str | None = None) -> torch.Tensor:
+    """The tensor as stored; FP8 dequantised (on `device` when given: FP8 bytes cross to the GPU, not fp32)."""
     base = name.removesuffix(".weight")
     if name not in ckpt and f"{base}.{PACKED}" in ckpt and len(expected) == 2:
         return int4.dequantize_int4(_read_int4(ckpt, name, expected, cfg))  # type: ignore[arg-type]
@@ -330,7 +331,11 @@ def _read_weight(ckpt: Checkpoint, name: str, expected: tuple[int, ...], cfg: Gl
         raise CheckpointError(f"{ckpt.file_of(sname)}: tensor {sname} has shape {list(ckpt.shape(sname))}, "
                               f"expected {list(sexp)}")
     scale = ckpt.get(sname)
-    return dequantize_block_fp8(t, scale, bn, bk) if dequantize else t
+    if not dequantize:
+        return t
+    if device is not None:
+        t, scale = t.to(device), scale.to(device)
+    return dequantize_block_fp8(t, scale, bn, bk)
 
 
 def read_expert(ckpt: Checkpoint, cfg: GlmMoeDsaConfig, layer: int, expert: int) -> tuple[ExpertWeights, int]:

@@ -1,0 +1,359 @@
+"""llama.cpp beside moed on the same machine: FP8 checkpoint -> GGUF Q8_0 fast, llama-bench runs, per-layer figures.
+
+    LLAMA_CPP_DIR=... python -m moed.ops.bench.llama_peer convert CKPT_DIR OUT.gguf
+    python -m moed.ops.bench.llama_peer bench --llama-bench BIN --deep DEEP.gguf --slice SLICE.gguf --out llama.json
+
+`convert` runs llama.cpp's own converter (its `GlmMoeDsaForCausalLM` class: tensor names, the kv_b split, the expert
+stacking, the hyper-parameters and the vocabulary) over the moed-made checkpoint, with the tensor data path moved to
+the GPU. The stock path dequantises FP8 and quantises Q8_0 in single-threaded numpy (minutes per GLM-5.1 MoE layer);
+here each weight is read straight to the GPU, dequantised there (FP8 x block scale, fp32), passed through the
+converter's `prepare_tensors` unchanged, and quantised to Q8_0 there with ggml's reference arithmetic (per 32 values
+d = amax / 127 as fp16, q = round-half-away(x / d)). Two passes over the same code: the first with meta tensors (shapes
+and types only) lays out the file's header, the second streams the data in the same order, so no more than one
+layer's tensors are ever held. The locally trained tokenizer has no registered pre-tokenizer hash: "glm4" (what GLM's
+real one maps to) is used, as the project's earlier runs did.
+
+`bench` runs llama-bench (`-o json`) on the full-depth GGUF (all on the GPU, and routed experts on the CPU with
+`-ot exps=CPU`) and on the 256-expert slice (1 dense + 2 MoE layers: all on the GPU, experts on the CPU, and
+`--n-cpu-moe 1`), batch-1 decode and prefill, and derives the same per-layer figures as moed's bench
+(`model.llama_per_layer`): whole model = full-depth all-GPU step + 75 x (CPU-expert layer - GPU-expert layer),
+with the slice's difference; (b) keeps as many layers' experts on the GPU as the GPU's memory allows beside
+llama.cpp's own non-expert weights and KV (`--n-cpu-moe 75 - that`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+log = logging.getLogger("bench.llama_peer")
+Q8_BLOCK, Q8_BYTES = 32, 34
+
+
+def q8_0_bytes(x, device: str):
+    """ggml block_q8_0 of a float tensor [..., n] (n % 32 == 0): per block fp16 d then 32 int8; as uint8 numpy."""
+    import torch
+
+    rows = x.reshape(-1, Q8_BLOCK)
+    out = torch.empty((rows.shape[0], Q8_BYTES), dtype=torch.uint8)
+    step = 1 << 24
+    for s in range(0, rows.shape[0], step):
+        v = rows[s:s + step].to(device=device, dtype=torch.float32)
+        d = v.abs().amax(dim=1, keepdim=True) / 127
+        inv = torch.where(d == 0, torch.zeros_like(d), 1.0 / d)
+        q = v * inv
+        q = (torch.sign(q) * torch.floor(q.abs() + 0.5)).to(torch.int8)
+        out[s:s + step] = torch.cat([d.to(torch.float16).view(torch.uint8), q.view(torch.uint8)], dim=1).cpu()
+    return out.numpy().reshape(*x.shape[:-1], x.shape[-1] // Q8_BLOCK * Q8_BYTES)
+
+
+class _Dev:
+    """What `Tensor.numpy()` returns for a device or meta tensor inside the converter: shape and dtype as numpy would
+    report them, the data left where it is until it is quantised."""
+
+    def __init__(self, t) -> None:
+        self.t = t
+        self.shape = tuple(t.shape)
+        self.dtype = np.dtype(np.float32 if t.dtype.is_floating_point else np.int32)
+        self.nbytes = int(np.prod(self.shape)) * self.dtype.itemsize
+
+
+def convert(ckpt: Path, out: Path, llama_dir: Path) -> dict:
+    """FP8 (or bf16) HF-layout checkpoint -> GGUF Q8_0 through llama.cpp's converter, tensors on the GPU."""
+    import torch
+    from safetensors import safe_open
+
+    sys.path.insert(0, str(llama_dir / "gguf-py"))
+    sys.path.insert(0, str(llama_dir))
+    import gguf
+    import gguf.quants
+    from conversion import base, get_model_class
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    t0 = time.perf_counter()
+    orig_pre = base.TextModel.get_vocab_base_pre
+
+    def pre(self, tokenizer):
+        try:
+            return orig_pre(self, tokenizer)
+        except NotImplementedError:
+            return "glm4"
+
+    base.TextModel.get_vocab_base_pre = pre
+    hparams = base.ModelBase.load_hparams(ckpt, False)
+    model_class = get_model_class(hparams["architectures"][0])
+    model_class.no_mtp = True  # llama-bench does not use the MTP block
+    model = model_class(ckpt, gguf.LlamaFileType.MOSTLY_Q8_0, out, eager=True)
+    index = json.loads((ckpt / "model.safetensors.index.json").read_text())["weight_map"]
+    cfg = json.loads((ckpt / "config.json").read_text())
+    bn, bk = (cfg.get("quantization_config") or {}).get("weight_block_size", [128, 128])
+    shards = sorted(set(index.values()))
+
+    def names():
+        for shard in shards:
+            with safe_open(str(ckpt / shard), framework="pt") as f:
+                for name in f.keys():  # noqa: SIM118 - safe_open has no __iter__
+                    if name.endswith("_scale_inv"):
+                        continue
+                    item = model_class.filter_tensors((name, None))
+                    if item is not None:
+                        yield shard, name, item[0]
+
+    def meta_tensors():
+        for shard, name, new in names():
+            with safe_open(str(ckpt / shard), framework="pt") as f:
+                shape = f.get_slice(name).get_shape()
+            yield new, torch.empty(shape, dtype=torch.float32, device="meta")
+
+    def real_tensors():
+        handles: dict[str, object] = {}
+        for shard, name, new in names():
+            f = handles.get(shard)
+            if f is None:
+                handles.clear()  # one shard open at a time
+                f = handles[shard] = safe_open(str(ckpt / shard), framework="pt", device=device)
+            w = f.get_tensor(name)  # type: ignore[attr-defined]
+            if w.dtype == torch.float8_e4m3fn:
+                s = f.get_tensor(name.removesuffix(".weight") + ".weight_scale_inv").float()  # type: ignore[attr-defined]
+                full = s.repeat_interleave(bn, 0).repeat_interleave(bk, 1)[: w.shape[0], : w.shape[1]]
+                w = w.float() * full
+            yield new, w
+
+    orig_numpy, orig_quantize = torch.Tensor.numpy, gguf.quants.quantize
+    laid_out: list[str] = []
+    written = [0, 0]
+
+    def numpy(self, *a, **kw):
+        return _Dev(self) if self.device.type != "cpu" else orig_numpy(self, *a, **kw)
+
+    def quantize(data, qtype):
+        if not isinstance(data, _Dev):
+            return orig_quantize(data, qtype)
+        Q = gguf.GGMLQuantizationType
+        if qtype == Q.Q8_0:
+            if data.shape[-1] % Q8_BLOCK:
+                raise gguf.QuantError(f"row of {data.shape[-1]} values is not a multiple of {Q8_BLOCK}")
+            if data.t.device.type == "meta":
+                return _Bytes((*data.shape[:-1], data.shape[-1] // Q8_BLOCK * Q8_BYTES))
+            return q8_0_bytes(data.t, device)
+        dt = {Q.F32: torch.float32, Q.F16: torch.float16}.get(qtype)
+        if dt is None:
+            raise gguf.QuantError(f"{qtype.name} is not produced by this converter")
+        if data.t.device.type == "meta":
+            return _Arr(data.shape, np.float32 if dt == torch.float32 else np.float16)
+        return data.t.to(dt).contiguous().cpu().numpy()
+
+    real_writer = model.gguf_writer
+
+    class Writer1:  # pass 1: tensor infos only; anything else goes to the real writer
+        def __getattr__(self, name):
+            return getattr(real_writer, name)
+
+        def add_tensor(self, name, data, raw_shape=None, raw_dtype=None, tensor_endianess=None):
+            real_writer.add_tensor_info(name, data.shape, data.dtype, data.nbytes, raw_dtype=raw_dtype)
+            laid_out.append(name)
+
+    class Writer2(Writer1):  # pass 2: the data, in the same order
+        def add_tensor(self, name, data, raw_shape=None, raw_dtype=None, tensor_endianess=None):
+            expect = laid_out[written[0]]
+            if name != expect:
+                raise RuntimeError(f"second pass produced {name} where the header has {expect}")
+            real_writer.write_tensor_data(np.ascontiguousarray(data))
+            written[0] += 1
+            written[1] += data.nbytes
+    torch.Tensor.numpy = numpy  # type: ignore[method-assign]
+    gguf.quants.quantize = quantize
+    try:
+        model.get_tensors = meta_tensors  # type: ignore[method-assign]
+        model.gguf_writer = Writer1()  # type: ignore[assignment]
+        model._experts = None
+        model.prepare_tensors()
+        model.gguf_writer = real_writer
+        hparams_before = json.loads(json.dumps(model.hparams))
+        model.prepare_metadata(vocab_only=False)  # mutates hparams (MLA -> 1 KV head), as after the stock tensor pass
+        real_writer.write_header_to_file(path=out)
+        real_writer.write_kv_data_to_file()
+        real_writer.write_ti_data_to_file()
+        log.info("header of %s laid out: %d tensors (%.1f s)", out.name, len(laid_out), time.perf_counter() - t0)
+        model.hparams = hparams_before  # the tensor pass must see what the stock converter's saw
+        model.get_tensors = real_tensors  # type: ignore[method-assign]
+        model.gguf_writer = Writer2()  # type: ignore[assignment]
+        model.prepare_tensors()
+    finally:
+        torch.Tensor.numpy = orig_numpy  # type: ignore[method-assign]
+        gguf.quants.quantize = orig_quantize
+        model.gguf_writer = real_writer
+        base.TextModel.get_vocab_base_pre = orig_pre
+    real_writer.close()
+    if written[0] != len(laid_out):
+        raise RuntimeError(f"{out}: {written[0]} of {len(laid_out)} tensors written")
+    dt = time.perf_counter() - t0
+    res = {"gguf": str(out), "tensors": written[0], "bytes": out.stat().st_size, "seconds": dt,
+           "GBps": out.stat().st_size / dt / 1e9}
+    log.info("converted %s -> %s: %s", ckpt, out, res)
+    return res
+
+
+class _Bytes:
+    def __init__(self, shape) -> None:
+        self.shape, self.dtype = tuple(shape), np.dtype(np.uint8)
+        self.nbytes = int(np.prod(self.shape))
+
+
+class _Arr:
+    def __init__(self, shape, dtype) -> None:
+        self.shape, self.dtype = tuple(shape), np.dtype(dtype)
+        self.nbytes = int(np.prod(self.shape)) * self.dtype.itemsize
+
+
+# ---------------------------------------------------------------------------------------------- llama-bench
+
+
+def run_llama_bench(binary: str, gguf_path: str, extra: list[str], prompts: list[int], gen: int, reps: int,
+                    threads: int, timeout: float) -> list[dict]:
+    """One llama-bench invocation (-o json); [] with the error logged when it fails."""
+    cmd = [binary, "-m", gguf_path, "-ngl", "99", "-p", ",".join(map(str, prompts)), "-n", str(gen),
+           "-r", str(reps), "-t", str(threads), "-o", "json", *extra]
+    log.info("%s", " ".join(cmd))
+    t0 = time.perf_counter()
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        log.error("llama-bench timed out after %.0f s: %s", timeout, " ".join(cmd))
+        return []
+    if done.returncode != 0:
+        log.error("llama-bench failed (%d): %s", done.returncode, done.stderr[-2000:])
+        return []
+    try:
+        rows = json.loads(done.stdout)
+    except json.JSONDecodeError:
+        log.error("llama-bench printed no JSON: %s", done.stdout[-2000:])
+        return []
+    log.info("llama-bench done in %.0f s", time.perf_counter() - t0)
+    return [{"n_prompt": r["n_prompt"], "n_gen": r["n_gen"], "avg_ms": r["avg_ns"] / 1e6,
+             "stddev_ms": r["stddev_ns"] / 1e6, "tok_s": r["avg_ts"], "extra": extra} for r in rows]
+
+
+def decode_ms(rows: list[dict]) -> float | None:
+    """Per generated token: llama-bench's tg row (n_gen tokens after an empty prompt)."""
+    tg = [r for r in rows if r["n_gen"] > 0 and r["n_prompt"] == 0]
+    return 1e3 / tg[0]["tok_s"] if tg else None
+
+
+def prefill_s(rows: list[dict]) -> dict[int, float]:
+    return {r["n_prompt"]: r["avg_ms"] / 1e3 for r in rows if r["n_prompt"] > 0 and r["n_gen"] == 0}
+
+
+def bench(args) -> dict:
+    """Run llama-bench on the GGUFs given; the runs and the files' sizes (derive() turns them into figures)."""
+    runs: dict[str, list[dict]] = {}
+    sizes: dict[str, int] = {}
+    common = dict(gen=args.gen, reps=args.reps, threads=args.threads, timeout=args.timeout)
+    variants = {"gpu": [], "cpu": ["-ot", "exps=CPU"], "ncpumoe1": ["--n-cpu-moe", "1"]}
+    for kind, path, names in (("deep", args.deep, ("gpu", "cpu")), ("slice", args.slice, ("gpu", "cpu", "ncpumoe1"))):
+        if not path:
+            continue
+        sizes[f"{kind}_gguf"] = Path(path).stat().st_size
+        for v in names:
+            runs[f"{kind}_{v}"] = run_llama_bench(args.llama_bench, path, variants[v], args.prompts, **common)
+    return {"binary": args.llama_bench, "threads": args.threads, "runs": runs, "sizes": sizes}
+
+
+def derive(runs: dict[str, list[dict]], sizes: dict[str, int], *, deep_experts: int = 8, slice_moe_layers: int = 2,
+           gpu_bytes: int = int(79.2 * 2**30), kv_bytes: int = int(3.3 * 2**30), reserve_bytes: int = 4 << 30,
+           layer_expert_bytes: int = 256 * 3 * 2048 * 6144 * Q8_BYTES // Q8_BLOCK) -> dict:
+    """llama.cpp's whole-model figures by moed's per-layer method, from recorded llama-bench runs (pure arithmetic).
+
+    (a) experts on the CPU: full-depth all-GPU step + 75 x (CPU-experts layer - GPU-experts layer) from the slice;
+    (b) as many layers' experts on the GPU as fit beside its non-expert weights (the full-depth GGUF less its
+    experts), KV and buffers; the rest on the CPU (--n-cpu-moe)."""
+    from moed.ops.bench.model import MOE_LAYERS, llama_gpu_layers, llama_per_layer
+
+    dec = {k: decode_ms(v) for k, v in runs.items()}
+    pre = {k: prefill_s(v) for k, v in runs.items()}
+    res: dict = {"runs": runs, "sizes": sizes, "decode_ms": dec, "prefill_s": pre}
+    if not all(dec.get(k) for k in ("deep_gpu", "deep_cpu", "slice_gpu", "slice_cpu")) or "deep_gguf" not in sizes:
+        return res
+    nonexpert = sizes["deep_gguf"] - MOE_LAYERS * deep_experts * layer_expert_bytes // 256
+    gpu_layers = llama_gpu_layers(gpu_bytes, nonexpert, kv_bytes, reserve_bytes, layer_expert_bytes)
+    args = (dec["deep_gpu"], dec["deep_cpu"], dec["slice_gpu"], dec["slice_cpu"], slice_moe_layers)
+    whole = {"cpu_experts": llama_per_layer(*args), "n_cpu_moe": llama_per_layer(*args, gpu_layers=gpu_layers)}
+    whole["n_cpu_moe"].update(gpu_layers=gpu_layers, n_cpu_moe=MOE_LAYERS - gpu_layers)
+    res.update(whole=whole, nonexpert_q8_bytes=nonexpert, layer_experts_q8_bytes=layer_expert_bytes)
+    ttft = {}
+    for n in sorted(set(pre.get("deep_gpu", {})) & set(pre.get("slice_gpu", {})) & set(pre.get("slice_cpu", {}))):
+        extra = (pre["slice_cpu"][n] - pre["slice_gpu"][n]) / slice_moe_layers
+        ttft[n] = {"cpu_experts": pre["deep_gpu"][n] + MOE_LAYERS * extra,
+                   "n_cpu_moe": pre["deep_gpu"][n] + (MOE_LAYERS - gpu_layers) * extra,
+                   "deep_direct_cpu": pre.get("deep_cpu", {}).get(n)}
+    res["ttft_s"] = ttft
+    return res
+
+
+def print_summary(res: dict) -> None:
+    print("\n== llama.cpp on this machine ==")
+    for k, v in (res.get("decode_ms") or {k: decode_ms(v) for k, v in res["runs"].items()}).items():
+        print(f"  {k:16s} decode {v if v is None else round(v, 2)} ms/token, prefill "
+              f"{ {n: round(s, 3) for n, s in prefill_s(res['runs'].get(k, [])).items()} } s")
+    for k, w in (res.get("whole") or {}).items():
+        print(f"  whole model ({k}): {w['whole_ms']:.1f} ms/token ({1e3 / w['whole_ms']:.2f} tok/s); CPU experts cost "
+              f"{w['cpu_extra_per_layer_ms']:.2f} ms per MoE layer over the GPU; full-depth GGUF with its experts on "
+              f"the CPU measured directly: {w['deep_direct_cpu_ms']:.1f} ms/token")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="cmd", required=True)
+    c = sub.add_parser("convert")
+    c.add_argument("ckpt")
+    c.add_argument("out")
+    c.add_argument("--llama-cpp-dir", default=os.environ.get("LLAMA_CPP_DIR", "llama.cpp"))
+    b = sub.add_parser("bench")
+    b.add_argument("--llama-bench", required=True)
+    b.add_argument("--deep", default=None, help="full-depth GGUF (the glm51 preset, few experts per layer)")
+    b.add_argument("--deep-experts", type=int, default=8, help="routed experts per layer of the full-depth GGUF")
+    b.add_argument("--slice", default=None, help="1 dense + 2 MoE layers, 256 experts each")
+    b.add_argument("--slice-moe-layers", type=int, default=2)
+    b.add_argument("--prompts", type=lambda s: [int(x) for x in s.split(",")], default=[512, 1024, 8192])
+    b.add_argument("--gen", type=int, default=16)
+    b.add_argument("--reps", type=int, default=2)
+    b.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
+    b.add_argument("--timeout", type=float, default=300)
+    b.add_argument("--out", required=True)
+    m = sub.add_parser("merge", help="bench JSONs -> llama.json with the whole-model figures")
+    m.add_argument("parts", nargs="+")
+    m.add_argument("--gpu-gib", type=float, default=79.2)
+    m.add_argument("--kv-gib", type=float, default=3.3, help="KV for the same context moed's deployment plans for")
+    m.add_argument("--reserve-gib", type=float, default=4.0)
+    m.add_argument("--out", required=True)
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.cmd == "convert":
+        print(json.dumps(convert(Path(args.ckpt), Path(args.out), Path(args.llama_cpp_dir))))
+        return 0
+    if args.cmd == "bench":
+        res = bench(args)
+    else:
+        runs, sizes = {}, {}
+        for part in args.parts:
+            if Path(part).exists():
+                d = json.loads(Path(part).read_text())
+                runs.update(d.get("runs", {}))
+                sizes.update(d.get("sizes", {}))
+        res = derive(runs, sizes, gpu_bytes=int(args.gpu_gib * 2**30), kv_bytes=int(args.kv_gib * 2**30),
+                     reserve_bytes=int(args.reserve_gib * 2**30))
+    Path(args.out).write_text(json.dumps(res, indent=1))
+    print_summary(res)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

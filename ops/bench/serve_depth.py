@@ -1,0 +1,235 @@
+"""GLM-5.1 at its real depth through the daemon: `moed serve` on the full-depth checkpoint, driven by clients.
+
+    python -m moed.ops.bench.serve_depth --model /dev/shm/glm51-deep --out $OUT/serve_depth.json
+
+Starts the real daemon (`python -m moed.daemon.cli serve`, a subprocess, as an operator would) on the `glm51` preset
+checkpoint (78 layers, the MTP layer, the real vocabulary and widths), twice: MTP off, then MTP on (one draft token).
+Each time it echoes the worker's load progress, times the load (start -> ready) and reads the host store's pinning
+time from the log, then drives clients over ZMQ (ipc):
+  decode   1, 8 and 32 concurrent streams (prompt `--prompt-len` tokens, `--gen` greedy tokens each, in CUDA graphs);
+  prompts  one stream each of 1k, 8k and 32k tokens, `--prefill-gen` tokens: time to first token;
+checking that every stream got all its tokens and, across the two runs, that greedy output is token for token the
+same with MTP on and off (the first divergence is reported otherwise). Misses are served by copies (`--miss-service
+copy`): CPU experts compute in fp32 where the GPU's kernel quantises activations, so a hybrid run's tokens depend on
+how each step happened to split its misses and MTP on/off could not be compared exactly. The expert cache gives
+`--slots` slots per layer (fewer than the checkpoint's experts, so decode misses at every depth).
+Writes every figure to --out and prints a table last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+log = logging.getLogger("bench.serve_depth")
+PROGRESS = re.compile(r"loading|host expert store|miss service|graphs|warm|ready|error|Traceback|captur", re.I)
+
+
+class DaemonProcess:
+    """`moed serve` in a subprocess; its log goes to a file and the load-progress lines to our stderr."""
+
+    def __init__(self, model: str, address: str, engine_args: list[str], log_path: Path, max_running: int,
+                 device: str = "cuda") -> None:
+        self.log_path = log_path
+        cmd = [sys.executable, "-m", "moed.daemon.cli", "serve", "--model", model, "--device", device,
+               "--listen", address, "--metrics-address", "", "--max-running", str(max_running),
+               "--worker-start-timeout-s", "1500", "--engine-stall-timeout-s", "600",
+               "--engine-args", " ".join(engine_args)]
+        log.info("starting: %s", " ".join(cmd))
+        self.t0 = time.monotonic()
+        self.lines: list[str] = []
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
+        self._thread = threading.Thread(target=self._pump, daemon=True)
+        self._thread.start()
+
+    def _pump(self) -> None:
+        assert self.proc.stdout is not None
+        with self.log_path.open("a") as f:
+            for line in self.proc.stdout:
+                f.write(line)
+                self.lines.append(line)
+                if PROGRESS.search(line):
+                    print(f"  [daemon +{time.monotonic() - self.t0:6.1f}s] {line.rstrip()[:200]}", file=sys.stderr,
+                          flush=True)
+
+    def find(self, pattern: str) -> float | None:
+        """The first float captured by `pattern` in the log so far."""
+        rx = re.compile(pattern)
+        for line in self.lines:
+            m = rx.search(line)
+            if m:
+                return float(m.group(1))
+        return None
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=120)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._thread.join(timeout=5)
+
+
+def prompt_ids(n: int, seed: int, vocab: int) -> list[int]:
+    """A deterministic prompt of n token ids (the same in both runs)."""
+    import random
+
+    rng = random.Random(seed)
+    return [rng.randrange(10, vocab) for _ in range(n)]
+
+
+async def run_case(address: str, prompts: list[list[int]], gen: int) -> dict:
+    """All prompts at once, greedy; per stream its tokens, TTFT and end-to-end time."""
+    from moed.client.api import AsyncClient
+
+    async with AsyncClient(address, timeout=1800) as client:
+        t0 = time.monotonic()
+        done = await asyncio.gather(*(client.generate(token_ids=p, max_tokens=gen, temperature=0.0,
+                                                      ignore_eos=True) for p in prompts), return_exceptions=True)
+        wall = time.monotonic() - t0
+    streams, errors = [], []
+    for d in done:
+        if isinstance(d, BaseException):
+            errors.append(repr(d))
+            continue
+        streams.append({"tokens": d.token_ids, "ttft_s": d.ttft_s, "e2e_s": d.e2e_s, "finish": d.finish_reason})
+    n_tok = sum(len(s["tokens"]) for s in streams)
+    decode = [(s["e2e_s"] - s["ttft_s"]) / max(len(s["tokens"]) - 1, 1) for s in streams if s["ttft_s"] is not None]
+    return {"streams": len(prompts), "ok": len(streams), "errors": errors, "tokens": n_tok,
+            "all_delivered": not errors and all(len(s["tokens"]) == gen for s in streams), "wall_s": wall,
+            "tok_s": n_tok / wall, "ttft_s": max((s["ttft_s"] or 0) for s in streams) if streams else None,
+            "ms_per_token": 1e3 * sum(decode) / len(decode) if decode else None,
+            "outputs": [s["tokens"] for s in streams]}
+
+
+async def serve_once(args, spec_steps: int, work: Path) -> dict:
+    from moed.client.api import AsyncClient
+
+    address = f"ipc://{work}/depth-{spec_steps}.sock"
+    # KV for the longest prompt plus every decode stream (not 90% of what is free: an 8192-token prefill step at this
+    # depth needs a few GB of activations beside the CUDA graphs' pool).
+    kv_pages = (max(args.prompts) + max(args.batches) * (args.prompt_len + args.gen + 8 * (1 + spec_steps))) // 64 \
+        + 2 * max(args.batches)
+    engine_args = ["--moe", "offload", "--expert-cache-gb", f"{args.cache_gb:.3f}", "--miss-service", args.miss_service,
+                   "--kv-pages", str(kv_pages), "--page-size", "64",
+                   "--max-model-len", str(max(args.prompts) + 64), "--max-tokens-per-step", str(args.chunk),
+                   "--graph-max-batch", str(max(args.batches)), "--spec-steps", str(spec_steps)]
+    daemon = DaemonProcess(args.model, address, engine_args, work / f"daemon-mtp{spec_steps}.log", max(args.batches),
+                           args.device)
+    res: dict = {"spec_steps": spec_steps, "engine_args": engine_args}
+    try:
+        async with AsyncClient(address, timeout=60) as client:
+            await client.wait_ready(timeout=args.ready_timeout)
+        res["load_s"] = time.monotonic() - daemon.t0
+        res["host_store_s"] = daemon.find(r"host expert store: .* in ([0-9.]+) s")
+        res["load_read_s"] = daemon.find(r"loading \S+: .* in ([0-9.]+) s")
+        log.info("MTP %d: ready after %.0f s (host store pinned in %s s)", spec_steps, res["load_s"],
+                 res["host_store_s"])
+        cases = {}
+        for b in args.batches:
+            prompts = [prompt_ids(args.prompt_len, 1000 + i, args.vocab) for i in range(b)]
+            cases[f"decode_b{b}"] = await run_case(address, prompts, args.gen)
+            log.info("MTP %d batch %d: %s", spec_steps, b, {k: v for k, v in cases[f"decode_b{b}"].items()
+                                                            if k != "outputs"})
+        for n in args.prompts:
+            cases[f"prompt_{n}"] = await run_case(address, [prompt_ids(n, n, args.vocab)], args.prefill_gen)
+            log.info("MTP %d prompt %d: ttft %.2f s", spec_steps, n, cases[f"prompt_{n}"]["ttft_s"] or -1)
+        res["cases"] = cases
+        async with AsyncClient(address, timeout=60) as client:
+            stats = await client.stats()
+        import msgspec
+
+        res["engine_stats"] = msgspec.to_builtins(stats)
+    except Exception as e:  # the run's figures so far are kept; the failure is reported
+        log.exception("serve run (MTP %d) failed", spec_steps)
+        res["error"] = repr(e)
+        res["log_tail"] = "".join(daemon.lines[-40:])
+    finally:
+        daemon.stop()
+        res["exit_code"] = daemon.proc.returncode
+    return res
+
+
+def compare(off: dict, on: dict) -> dict:
+    """Greedy tokens with MTP off vs on, stream by stream."""
+    out = {}
+    for name, case in (off.get("cases") or {}).items():
+        other = (on.get("cases") or {}).get(name)
+        if other is None:
+            continue
+        first = None
+        for i, (a, b) in enumerate(zip(case["outputs"], other["outputs"])):
+            if a != b:
+                pos = next((j for j, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+                first = {"stream": i, "position": pos}
+                break
+        complete = case["all_delivered"] and other["all_delivered"]
+        out[name] = {"identical": complete and first is None and len(case["outputs"]) == len(other["outputs"]),
+                     "first_difference": first}
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="/dev/shm/glm51-deep")
+    p.add_argument("--device", default="cuda", help="cpu runs the same code on a small checkpoint (a smoke test)")
+    p.add_argument("--out", default="serve_depth.json")
+    p.add_argument("--batches", type=lambda s: [int(x) for x in s.split(",")], default=[1, 8, 32])
+    p.add_argument("--prompts", type=lambda s: [int(x) for x in s.split(",")], default=[1024, 8192, 32768])
+    p.add_argument("--prompt-len", type=int, default=128)
+    p.add_argument("--gen", type=int, default=24)
+    p.add_argument("--prefill-gen", type=int, default=4)
+    p.add_argument("--chunk", type=int, default=8192, help="engine max_tokens_per_step")
+    p.add_argument("--slots", type=int, default=4, help="expert cache slots per MoE layer")
+    p.add_argument("--miss-service", default="copy")
+    p.add_argument("--mtp", default="0,1", help="spec_steps of the runs, in order")
+    p.add_argument("--ready-timeout", type=float, default=1500)
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    cfg = json.loads(Path(args.model, "config.json").read_text())
+    args.vocab = cfg["vocab_size"]
+    moe_layers = cfg["num_hidden_layers"] - cfg["first_k_dense_replace"]
+    N, K = cfg["moe_intermediate_size"], cfg["hidden_size"]
+    expert_bytes = 3 * N * K + 4 * 3 * (N // 128) * (K // 128)  # FP8 weights + block-128 scales
+    args.cache_gb = (args.slots * moe_layers * expert_bytes + (1 << 20)) / 2**30
+    work = Path(tempfile.mkdtemp(prefix="moed-depth-", dir="/tmp"))
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    runs = {}
+    for spec in [int(x) for x in args.mtp.split(",")]:
+        runs[spec] = asyncio.run(serve_once(args, spec, work))
+    result = {"model": args.model, "slots": args.slots, "cache_gb": args.cache_gb, "runs": runs}
+    if 0 in runs and len(runs) > 1:
+        result["greedy_mtp_on_vs_off"] = compare(runs[0], runs[max(runs)])
+    for r in runs.values():
+        for c in (r.get("cases") or {}).values():
+            c["outputs_head"] = [o[:8] for o in c.pop("outputs")]
+    Path(args.out).write_text(json.dumps(result, indent=1, default=str))
+    print(f"\nserve at depth: {Path(args.model).name} ({cfg['num_hidden_layers']} layers, {cfg['n_routed_experts']} "
+          f"experts/layer, {args.slots} cache slots/layer, misses by {args.miss_service})")
+    for spec, r in runs.items():
+        print(f"MTP {spec}: load {r.get('load_s', float('nan')):.0f} s (host store pinned in {r.get('host_store_s')} s,"
+              f" weights read in {r.get('load_read_s')} s), exit {r.get('exit_code')}, error {r.get('error')}")
+        for name, c in (r.get("cases") or {}).items():
+            ms = c["ms_per_token"]
+            print(f"  {name:12s} streams {c['streams']:>3} ok {c['ok']:>3} tokens {c['tokens']:>5} all delivered "
+                  f"{c['all_delivered']!s:5} ttft {c['ttft_s'] or 0:7.2f} s  ms/token "
+                  f"{'-' if ms is None else f'{ms:8.1f}'}  tok/s {c['tok_s']:8.2f}")
+    for name, cmp in (result.get("greedy_mtp_on_vs_off") or {}).items():
+        print(f"greedy MTP on vs off, {name}: identical {cmp['identical']} {cmp['first_difference'] or ''}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

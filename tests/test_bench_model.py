@@ -1,0 +1,178 @@
+"""The whole-model bench's projection arithmetic and llama.cpp's per-layer method, at small sizes on the CPU."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from moed.ops.bench import llama_peer
+from moed.ops.bench.engine import bound_ms, miss_rate_gbs
+from moed.ops.bench.model import (
+    MOE_LAYERS,
+    PUBLISHED_MTP_ACCEPTANCE,
+    Deployment,
+    build_report,
+    decode_bound_ms,
+    interpolate,
+    joint_rate_GBps,
+    llama_gpu_layers,
+    mtp_tokens_per_s,
+)
+
+GB = 10**9
+
+
+def test_deployment_cache_fraction_and_slots():
+    # 80 GB GPU, 38 GB of weights, 3 GB KV, 4 GB reserve -> 35 GB of cache over 75 x 256 experts of 37.7 MB
+    d = Deployment(80 * GB, 38 * GB, 3 * GB, 4 * GB, int(37.7e6))
+    assert d.cache_bytes == 35 * GB
+    assert d.all_expert_bytes == int(37.7e6) * 256 * 75
+    assert d.fraction == pytest.approx(35e9 / (37.7e6 * 256 * 75))
+    assert d.slots_per_layer == int(35e9 // (37.7e6 * 75))  # 12 slots: whole experts per layer
+    full = Deployment(80 * GB, 90 * GB, 0, 0, int(37.7e6))
+    assert full.cache_bytes == 0 and full.slots_per_layer == 0
+    assert Deployment(10**15, 0, 0, 0, 10).slots_per_layer == 256  # never more slots than experts
+
+
+def test_decode_bound_uses_the_joint_miss_rate():
+    assert joint_rate_GBps(45, 50, 90) == 90  # CPU + copies meet the host-read ceiling
+    assert joint_rate_GBps(20, 30, 90) == 50
+    # 7 misses of 37.7 MB at 100 GB/s + 1 hit from HBM at 3000 GB/s + 10 ms of non-MoE time
+    assert decode_bound_ms(7, 1, int(37.7e6), 100, 3000, 10.0) == pytest.approx(7 * 0.377 + 0.0377 / 3 + 10.0)
+
+
+def test_engine_bench_bound_is_joint_when_cpu_experts_serve_misses():
+    ceil = {"hbm_gbs": 3000.0, "h2d_ce_gbs": 50.0, "host_read_gbs": 90.0}
+    assert miss_rate_gbs(ceil, 0.0) == 50.0
+    assert miss_rate_gbs(ceil, 60.0) == 90.0
+    assert miss_rate_gbs(ceil, 20.0) == 70.0
+    row = {"hit_rate": 0.125, "misses_per_step": 7.0 * 75, "hits_per_step": 75.0}
+    copy_only = bound_ms(row, int(37.7e6), 0, ceil)
+    joint = bound_ms(row, int(37.7e6), 0, ceil, cpu_gbs=60.0)
+    assert copy_only is not None and joint is not None
+    assert copy_only / joint == pytest.approx((525 * 37.7e6 / 50e9 + 75 * 37.7e6 / 3e12)
+                                              / (525 * 37.7e6 / 90e9 + 75 * 37.7e6 / 3e12))
+
+
+def test_interpolate_and_mtp_rate():
+    pts = {1: 1.0, 8: 2.0, 32: 5.0}
+    assert interpolate(pts, 1) == 1.0 and interpolate(pts, 64) == 5.0 and interpolate(pts, 20) == pytest.approx(3.5)
+    # one sequence, verify 100 ms + draft 20 ms: 1 token per step at acceptance 0, 1.85 at the published acceptance
+    assert mtp_tokens_per_s(100, 20, 0.0, 1) == pytest.approx(1 / 0.12)
+    assert mtp_tokens_per_s(100, 20, PUBLISHED_MTP_ACCEPTANCE, 1) == pytest.approx(1.85 / 0.12)
+
+
+def _parts() -> dict:
+    deep = {"nonmoe": [{"batch": b, "step_ms": 10.0 + b} for b in (1, 2, 8, 16)],
+            "head_ms": {"1": 0.5, "8": 0.6}, "nonmoe_prefill_s": {"1024": 0.5, "8192": 3.0}}
+    dep = {"gpu_bytes": 80 * GB, "nonexpert_bytes": 38 * GB, "kv_bytes": 3 * GB, "reserve_bytes": 4 * GB,
+           "expert_bytes": 40_000_000, "cache_bytes": 35 * GB, "fraction": 0.05, "slots": 12}
+    decode = []
+    for b, ms in ((1, 2.0), (2, 2.5), (8, 4.0), (16, 6.0)):
+        decode.append({"trace": "skewed", "policy": "lru", "batch": b, "ms_per_layer": ms, "bound_ms": ms / 2,
+                       "hits": 1.0, "misses": 4.0, "cpu_experts": 1.0, "hit_rate": 0.2})
+        decode.append({"trace": "skewed", "policy": "lfu", "batch": b, "ms_per_layer": ms + 1, "bound_ms": ms / 2,
+                       "hits": 1.0, "misses": 4.0, "cpu_experts": 1.0, "hit_rate": 0.2})
+    prefill = [{"tokens": 2048, "ms_streamed": 200.0, "overlap_bound_ms": 180.0, "GBps": 48.0, "vs_ce": 0.9,
+                "repeated_compute_ms": 20.0},
+               {"tokens": 8192, "ms_streamed": 400.0, "overlap_bound_ms": 190.0, "GBps": 24.0, "vs_ce": 0.45,
+                "repeated_compute_ms": 200.0}]
+    sl = {"decode": decode, "deployment": dep, "prefill": prefill}
+    llama = {"whole": {"cpu_experts": {"whole_ms": 330.0}, "n_cpu_moe": {"whole_ms": 310.0}}}
+    return {"deep": deep, "slice": sl, "llama": llama}
+
+
+def test_report_assembles_whole_model_figures():
+    rep = build_report(_parts())
+    rows = {r["batch"]: r for r in rep["decode"]}
+    assert rows[1]["whole_ms"] == pytest.approx(11.0 + MOE_LAYERS * 2.0)  # LRU beat LFU: the better policy counts
+    assert rows[1]["policy"] == "lru"
+    assert rows[8]["tok_s"] == pytest.approx(8e3 / (18.0 + 75 * 4.0))
+    assert rows[1]["vs_bound"] == pytest.approx((11 + 150) / (11 + 75))
+    # PCIe per token: 75 layers x (4 misses - 1 on the CPU) x 40 MB / batch
+    assert rows[8]["pcie_bytes_per_token"] == pytest.approx(75 * 3 * 40e6 / 8)
+    mtp = {(r["batch"], r["acceptance"]): r for r in rep["mtp"]}
+    verify = 12.0 + 75 * 2.5  # batch 1 verifies 2 tokens: the batch-2 step
+    draft = 11.0 / 78 + 0.5 + 2.0
+    assert mtp[(1, 0.0)]["tok_s"] == pytest.approx(1e3 / (verify + draft))
+    assert mtp[(8, PUBLISHED_MTP_ACCEPTANCE)]["verify_ms"] == pytest.approx(26.0 + 75 * 6.0)
+    ttft = {r["prompt"]: r for r in rep["ttft"]}
+    assert ttft[1024]["chunks"] == 1 and ttft[1024]["ttft_s"] == pytest.approx(0.5 + 75 * 0.2)
+    assert ttft[8192]["step_tokens"] == 8192 and ttft[8192]["ttft_s"] == pytest.approx(3.0 + 75 * 0.4)
+    assert ttft[8192]["repeated_compute_s"] == pytest.approx(75 * 0.2)
+    head = {h["llama_variant"]: h for h in rep["headline"]}
+    assert head["cpu_experts"]["ratio"] == pytest.approx(330.0 / rows[1]["whole_ms"])
+    assert rep["memory"]["cache_fraction"] == 0.05
+
+
+def _rows(tg_ms: float, pp: dict[int, float]) -> list[dict]:
+    rows = [{"n_prompt": 0, "n_gen": 16, "avg_ms": 16 * tg_ms, "stddev_ms": 0.0, "tok_s": 1e3 / tg_ms, "extra": []}]
+    rows += [{"n_prompt": n, "n_gen": 0, "avg_ms": 1e3 * s, "stddev_ms": 0.0, "tok_s": n / s, "extra": []}
+             for n, s in pp.items()]
+    return rows
+
+
+def test_llama_per_layer_method():
+    runs = {"deep_gpu": _rows(30.0, {512: 0.4}), "deep_cpu": _rows(320.0, {512: 3.0}),
+            "slice_gpu": _rows(2.0, {512: 0.05}), "slice_cpu": _rows(10.0, {512: 0.25})}
+    layer = 256 * 3 * 2048 * 6144 * 34 // 32
+    deep_bytes = 21 * GB + 75 * 8 * layer // 256
+    res = llama_peer.derive(runs, {"deep_gguf": deep_bytes}, gpu_bytes=80 * GB, kv_bytes=3 * GB,
+                            reserve_bytes=4 * GB)
+    per = (10.0 - 2.0) / 2
+    assert res["whole"]["cpu_experts"]["whole_ms"] == pytest.approx(30.0 + 75 * per)
+    gpu_layers = (80 - 21 - 3 - 4) * GB // layer
+    assert res["whole"]["n_cpu_moe"]["gpu_layers"] == gpu_layers == llama_gpu_layers(80 * GB, 21 * GB, 3 * GB,
+                                                                                       4 * GB, layer)
+    assert res["whole"]["n_cpu_moe"]["whole_ms"] == pytest.approx(30.0 + (75 - gpu_layers) * per)
+    assert res["ttft_s"][512]["cpu_experts"] == pytest.approx(0.4 + 75 * 0.1)
+    assert llama_peer.derive({"deep_gpu": runs["deep_gpu"]}, {}).get("whole") is None  # incomplete: no figure
+
+
+def test_q8_0_bytes_match_ggml_reference_layout():
+    x = torch.randn(3, 64) * 0.1
+    x[1, :32] = 0.0  # an all-zero block: d = 0, q = 0
+    out = llama_peer.q8_0_bytes(x, "cpu")
+    assert out.shape == (3, 2 * 34)
+    blocks = torch.from_numpy(out.reshape(-1, 34).copy())
+    d = blocks[:, :2].contiguous().view(torch.float16).float().flatten()
+    q = blocks[:, 2:].contiguous().view(torch.int8).float()
+    ref = x.reshape(-1, 32)
+    assert torch.allclose(d, (ref.abs().amax(dim=1) / 127).half().float())
+    assert d[2] == 0 and torch.all(q[2] == 0)
+    err = (q * d[:, None] - ref).abs().max()
+    assert err <= (ref.abs().amax() / 127) * 0.51 + 1e-6
+
+
+@pytest.mark.skipif(not os.environ.get("LLAMA_CPP_DIR"), reason="needs llama.cpp's source (LLAMA_CPP_DIR)")
+def test_fast_gguf_conversion_is_byte_identical_to_llama_cpp(tmp_path):
+    """The GPU path through llama.cpp's converter writes the file its stock path writes (tiny FP8 checkpoint)."""
+    sys.path.insert(0, str(Path(os.environ["LLAMA_CPP_DIR"], "gguf-py")))
+    import gguf
+    import numpy as np
+
+    from moed.model.checkpoint import make_checkpoint
+
+    ck = make_checkpoint(tmp_path / "ck", "tiny", dtype="fp8", seed=0, device="cpu")
+    fast = tmp_path / "fast.gguf"
+    llama_peer.convert(ck, fast, Path(os.environ["LLAMA_CPP_DIR"]))
+    stock = tmp_path / "stock.gguf"
+    script = ("import sys; sys.path[:0] = [sys.argv[1] + '/gguf-py', sys.argv[1]]\n"
+              "import convert_hf_to_gguf as C\nfrom conversion import base\n"
+              "o = base.TextModel.get_vocab_base_pre\n"
+              "def pre(self, t):\n    try:\n        return o(self, t)\n    except NotImplementedError:\n"
+              "        return 'glm4'\nbase.TextModel.get_vocab_base_pre = pre\nsys.argv = sys.argv[1:]\nC.main()\n")
+    subprocess.run([sys.executable, "-c", script, os.environ["LLAMA_CPP_DIR"], str(ck), "--outtype", "q8_0",
+                    "--outfile", str(stock), "--no-mtp"], check=True, capture_output=True)
+    a, b = gguf.GGUFReader(str(fast)), gguf.GGUFReader(str(stock))
+    ta, tb = {t.name: t for t in a.tensors}, {t.name: t for t in b.tensors}
+    assert set(ta) == set(tb)
+    for name, t in tb.items():
+        assert ta[name].tensor_type == t.tensor_type and np.array_equal(np.asarray(ta[name].data), np.asarray(t.data))
+    shutil.rmtree(tmp_path / "ck")

@@ -82,12 +82,17 @@ $(cat /sys/kernel/mm/transparent_hugepage/defrag 2> /dev/null)"
     LLAMA_BENCH=""
     if [ -x "$PEERS/bin/llama-bench" ]; then
         LLAMA_BENCH=$PEERS/bin/llama-bench
-        ldd "$LLAMA_BENCH" | grep -E "not found|cublas|cudart" ; "$LLAMA_BENCH" --help > /dev/null 2>&1 \
-            && echo "carried llama-bench runs" || { echo "carried llama-bench does not run"; LLAMA_BENCH=""; }
+        ldd "$LLAMA_BENCH" | grep -E "not found|cublas|cudart|libcuda"
+        if ldd "$LLAMA_BENCH" | grep -q "not found"; then echo "carried llama-bench lacks libraries"; LLAMA_BENCH=""; fi
     fi
-    LLAMA_SRC=$PEERS/llama.cpp
-    if [ ! -d "$LLAMA_SRC" ] && [ -f "$PEERS/llama.cpp-src.tar.gz" ]; then
-        mkdir -p /tmp/llama.cpp && tar xzf "$PEERS/llama.cpp-src.tar.gz" -C /tmp && LLAMA_SRC=/tmp/llama.cpp
+    # llama.cpp's source: the whole tree when llama-bench must be built here, else its converter's Python parts.
+    LLAMA_SRC=/tmp/llama.cpp
+    if [ -z "$LLAMA_BENCH" ] && [ -f "$PEERS/llama.cpp-src.tar.gz" ]; then
+        tar xzf "$PEERS/llama.cpp-src.tar.gz" -C /tmp
+    elif [ -f "$PEERS/llama.cpp-py.tar.gz" ]; then
+        tar xzf "$PEERS/llama.cpp-py.tar.gz" -C /tmp
+    elif [ -f "$PEERS/llama.cpp-src.tar.gz" ]; then
+        tar xzf "$PEERS/llama.cpp-src.tar.gz" -C /tmp
     fi
     export LLAMA_CPP_DIR=$LLAMA_SRC
     if [ -z "$LLAMA_BENCH" ] && [ -f "$LLAMA_SRC/CMakeLists.txt" ] && ! skip LLAMA; then
@@ -116,6 +121,8 @@ llama_deep() {
     wait_llama_build
     [ -x "$LLAMA_BENCH" ] || { echo "no llama-bench"; return 1; }
     local gguf=$SHM/glm51-deep-q8_0.gguf
+    # beside the 44 GB checkpoint the 47 GB GGUF needs a resized /dev/shm; else it goes to the disk
+    [ "$(df --output=avail -B1G $SHM | tail -n 1)" -gt 52 ] || gguf=/tmp/glm51-deep-q8_0.gguf
     python3 -m moed.ops.bench.llama_peer convert "$DEEP" "$gguf" || return 1
     rm -rf "$DEEP"  # the moed stages that read it are done
     python3 -m moed.ops.bench.llama_peer bench --llama-bench "$LLAMA_BENCH" --deep "$gguf" --out "$RUN/llama_deep.json"

@@ -79,7 +79,9 @@ def _parts() -> dict:
                        "hits": 1.0, "misses": 4.0, "cpu_experts": 1.0, "hit_rate": 0.2})
         decode.append({"trace": "skewed", "policy": "lfu", "batch": b, "ms_per_layer": ms + 1, "bound_ms": ms / 2,
                        "hits": 1.0, "misses": 4.0, "cpu_experts": 1.0, "hit_rate": 0.2})
-    prefill = [{"tokens": 2048, "ms_streamed": 200.0, "overlap_bound_ms": 180.0, "GBps": 48.0, "vs_ce": 0.9,
+    prefill = [{"tokens": 1024, "ms_streamed": 190.0, "overlap_bound_ms": 180.0, "GBps": 50.0, "vs_ce": 0.95,
+                "repeated_compute_ms": 10.0},
+               {"tokens": 2048, "ms_streamed": 200.0, "overlap_bound_ms": 180.0, "GBps": 48.0, "vs_ce": 0.9,
                 "repeated_compute_ms": 20.0},
                {"tokens": 8192, "ms_streamed": 400.0, "overlap_bound_ms": 190.0, "GBps": 24.0, "vs_ce": 0.45,
                 "repeated_compute_ms": 200.0}]
@@ -102,13 +104,26 @@ def test_report_assembles_whole_model_figures():
     draft = 11.0 / 78 + 0.5 + 2.0
     assert mtp[(1, 0.0)]["tok_s"] == pytest.approx(1e3 / (verify + draft))
     assert mtp[(8, PUBLISHED_MTP_ACCEPTANCE)]["verify_ms"] == pytest.approx(26.0 + 75 * 6.0)
-    ttft = {r["prompt"]: r for r in rep["ttft"]}
-    assert ttft[1024]["chunks"] == 1 and ttft[1024]["ttft_s"] == pytest.approx(0.5 + 75 * 0.2)
-    assert ttft[8192]["step_tokens"] == 8192 and ttft[8192]["ttft_s"] == pytest.approx(3.0 + 75 * 0.4)
-    assert ttft[8192]["repeated_compute_s"] == pytest.approx(75 * 0.2)
+    ttft = {(r["prompt"], r["step_tokens"]): r for r in rep["ttft"]}
+    assert ttft[(1024, 1024)]["chunks"] == 1 and ttft[(1024, 1024)]["ttft_s"] == pytest.approx(0.5 + 75 * 0.19)
+    assert ttft[(1024, 2048)]["ttft_s"] == pytest.approx(0.5 + 75 * 0.2)  # one chunk of the engine's size
+    assert ttft[(8192, 8192)]["ttft_s"] == pytest.approx(3.0 + 75 * 0.4)
+    assert ttft[(8192, 8192)]["repeated_compute_s"] == pytest.approx(75 * 0.2)
+    chunked = ttft[(8192, 2048)]  # four chunks: every layer's experts stream four times
+    assert chunked["chunks"] == 4 and chunked["ttft_s"] == pytest.approx(3.0 + 75 * 4 * 0.2)
     head = {h["llama_variant"]: h for h in rep["headline"]}
     assert head["cpu_experts"]["ratio"] == pytest.approx(330.0 / rows[1]["whole_ms"])
     assert rep["memory"]["cache_fraction"] == 0.05
+
+
+def test_report_prints_whatever_parts_there_are(capsys):
+    from moed.ops.bench.model import print_report
+
+    parts = _parts()
+    print_report(build_report(parts), parts)
+    assert "HEADLINE batch 1 skewed" in capsys.readouterr().out
+    print_report(build_report({}), {})  # every stage failed: the header, no traceback
+    assert "assembled from measured parts" in capsys.readouterr().out
 
 
 def _rows(tg_ms: float, pp: dict[int, float]) -> list[dict]:

@@ -63,6 +63,7 @@ MOE_LAYERS = 75  # GLM-5.1: 78 layers, the first 3 dense
 REAL_EXPERTS = 256
 BATCHES = (1, 2, 8, 16, 32, 64)
 PROMPTS = (1024, 8192, 32768)
+CHUNK = 2048  # the engine's default max_tokens_per_step
 # MTP acceptance of the first draft token published for the MTP module GLM-5.1 shares with DeepSeek-V3: "the
 # acceptance rate of the second token prediction ranges between 85% and 90%" (DeepSeek-V3 Technical Report,
 # arXiv:2412.19437, section 5.4.3). Random weights accept nothing, hence also the rows at 0. One draft token: for
@@ -742,17 +743,19 @@ def build_report(parts: dict) -> dict:
     ttft = []
     prefill_pts = {p["tokens"]: p for p in sl.get("prefill", [])}
     for n, s in sorted(pre.items()):
-        if not prefill_pts:
-            break
-        step = max(t for t in prefill_pts if t <= n) if any(t <= n for t in prefill_pts) else min(prefill_pts)
-        p = prefill_pts[step]
-        chunks = math.ceil(n / step)
-        per_layer_s = chunks * p["ms_streamed"] / 1e3
-        ideal_s = chunks * p["overlap_bound_ms"] / 1e3
-        ttft.append({"prompt": n, "step_tokens": step, "chunks": chunks, "nonmoe_s": s,
-                     "moe_per_layer_s": per_layer_s, "ttft_s": ttft_s(s, per_layer_s),
-                     "ttft_bound_s": ttft_s(s, ideal_s), "GBps": p["GBps"], "vs_ce": p["vs_ce"],
-                     "repeated_compute_s": MOE_LAYERS * chunks * p["repeated_compute_ms"] / 1e3})
+        # Two step sizes: the whole prompt in one step (each layer's experts stream once) and the engine's default
+        # chunk (max_tokens_per_step 2048: they stream once per chunk).
+        for label, step in (("one step", n), ("2048-token chunks", CHUNK)):
+            if step not in prefill_pts:
+                continue
+            p = prefill_pts[step]
+            chunks = math.ceil(n / step)
+            per_layer_s = chunks * p["ms_streamed"] / 1e3
+            ttft.append({"prompt": n, "steps": label, "step_tokens": step, "chunks": chunks, "nonmoe_s": s,
+                         "moe_per_layer_s": per_layer_s, "ttft_s": ttft_s(s, per_layer_s),
+                         "ttft_bound_s": ttft_s(s, chunks * p["overlap_bound_ms"] / 1e3), "GBps": p["GBps"],
+                         "vs_ce": p["vs_ce"],
+                         "repeated_compute_s": MOE_LAYERS * chunks * p["repeated_compute_ms"] / 1e3})
     rep["ttft"] = ttft
     dep = sl.get("deployment") or {}
     if dep:
@@ -776,74 +779,129 @@ def build_report(parts: dict) -> dict:
 
 
 def print_report(rep: dict, parts: dict) -> None:
+    """The tables; a part missing because its stage failed leaves its lines out (named), never the rest."""
     deep, sl = parts.get("deep") or {}, parts.get("slice") or {}
 
     def f(v, fmt=".2f"):
         return "-" if v is None else format(v, fmt)
 
     print("\n== whole GLM-5.1 (78 layers, 75 MoE x 256 experts), assembled from measured parts ==")
-    if deep:
-        st = deep["store"]
-        print(f"deep checkpoint: engine load {deep['load_s']:.0f} s, host store {st['bytes'] / 1e9:.1f} GB "
-              f"({st['alloc']}, {st['reserved_bytes'] / 1e9:.1f} GB reserved, pinned in {st['alloc_s']:.1f} s), "
-              f"resident non-expert {deep['nonexpert_resident_bytes'] / 1e9:.1f} GB (checkpoint's non-expert bytes "
-              f"{deep['checkpoint_bytes']['other'] / 1e9:.1f} GB), KV {deep['kv_bytes_per_token'] / 1e3:.0f} kB/token")
-    d = sl.get("deployment")
-    if d:
-        print(f"expert cache of a real deployment on this GPU: ({d['gpu_bytes'] / 1e9:.1f} GB - non-expert "
-              f"{d['nonexpert_bytes'] / 1e9:.1f} - KV {d['kv_bytes'] / 1e9:.1f} ({sl['context']} tokens) - reserve "
-              f"{d['reserve_bytes'] / 1e9:.1f}) = {d['cache_bytes'] / 1e9:.1f} GB = {100 * d['fraction']:.2f}% of the "
-              f"experts ({d['slots']} slots per layer); with FP8 non-expert weights: "
-              f"{f((sl.get('deployment_fp8_nonexpert') or {}).get('fraction', None), '.3f')}")
-        c = sl["ceilings"]
-        print(f"ceilings: host read {c['host_read_GBps']:.1f} GB/s, copy engine {c['ce_GBps']:.1f}, UVA "
-              f"{c['uva_GBps']:.1f}, CPU experts {c['cpu_experts_GBps']:.1f}, joint miss service "
-              f"{c['joint_GBps']:.1f}, HBM "
-              f"{c['hbm_GBps']:.0f}; slice {sl['store']['layers']} layers x 256 experts")
-        for name, s in sl["trace_stats"].items():
-            print(f"  {name} trace: " + ", ".join(f"{k} {v:.3f}" for k, v in s.items()))
-    print(f"\n{'trace':8} {'batch':>5} {'non-MoE ms':>10} {'MoE/layer ms':>12} {'hit':>5} {'miss/layer':>10} "
-          f"{'ms/token-step':>13} {'tok/s':>7} {'bound ms':>8} {'x bound':>7}")
-    for r in rep["decode"]:
-        print(f"{r['trace']:8} {r['batch']:>5} {r['nonmoe_ms']:>10.2f} {r['moe_layer_ms']:>12.3f} "
-              f"{f(r['hit_rate']):>5} {r['misses_per_layer']:>10.2f} {r['whole_ms']:>13.1f} {r['tok_s']:>7.2f} "
-              f"{r['bound_ms']:>8.1f} {r['vs_bound']:>7.2f}")
-    if rep["mtp"]:
-        print(f"\nMTP, 1 draft token (acceptance {PUBLISHED_MTP_ACCEPTANCE}: {MTP_SOURCE})")
-        for r in rep["mtp"]:
-            print(f"  {r['trace']:8} batch {r['batch']:>3} acceptance {r['acceptance']:.2f}: verify "
-                  f"{r['verify_ms']:.1f} ms + draft {r['draft_ms']:.1f} ms -> {r['tok_s']:.2f} tok/s")
-    if rep["ttft"]:
-        print("\ntime to first token (uniform routing over all 256 experts: prefill streams every layer's experts)")
-        for r in rep["ttft"]:
-            print(f"  {r['prompt']:>6} tokens: {r['ttft_s']:.1f} s (non-MoE {r['nonmoe_s']:.1f} s + 75 x "
-                  f"{r['moe_per_layer_s']:.2f} s in {r['chunks']} steps of {r['step_tokens']}); bound "
-                  f"{r['ttft_bound_s']:.1f} s; experts at {r['GBps']:.1f} GB/s = {100 * r['vs_ce']:.0f}% of the copy "
-                  f"engine; repeated compute of the cache's rounds {r['repeated_compute_s']:.1f} s")
-    m = rep.get("memory")
-    if m:
-        print(f"\nneeds: host {m['host_bytes_experts'] / 1e9:.0f} GB for the experts (FP8, pinned); GPU "
-              f"{m['gpu_nonexpert_bytes'] / 1e9:.1f} GB non-expert + {m['gpu_kv_bytes'] / 1e9:.1f} GB KV + "
-              f"{m['gpu_cache_bytes'] / 1e9:.1f} GB expert cache")
+    def block0() -> None:
+        if deep:
+            st = deep["store"]
+            print(f"deep checkpoint: engine load {deep['load_s']:.0f} s, host store {st['bytes'] / 1e9:.1f} GB "
+                  f"({st['alloc']}, {st['reserved_bytes'] / 1e9:.1f} GB reserved, pinned in {st['alloc_s']:.1f} s), "
+                  f"resident non-expert {deep['nonexpert_resident_bytes'] / 1e9:.1f} GB (checkpoint's non-expert "
+                  f"bytes {deep['checkpoint_bytes']['other'] / 1e9:.1f} GB), KV "
+                  f"{deep['kv_bytes_per_token'] / 1e3:.0f} kB/token")
+
+    _guarded(block0)
+
+    def block2() -> None:
+        d = sl.get("deployment")
+        if d:
+            print(f"expert cache of a real deployment on this GPU: ({d['gpu_bytes'] / 1e9:.1f} GB - non-expert "
+                  f"{d['nonexpert_bytes'] / 1e9:.1f} - KV {d['kv_bytes'] / 1e9:.1f} ({sl['context']} tokens) - "
+                  f"reserve {d['reserve_bytes'] / 1e9:.1f}) = {d['cache_bytes'] / 1e9:.1f} GB = "
+                  f"{100 * d['fraction']:.2f}% of the "
+                  f"experts ({d['slots']} slots per layer); with FP8 non-expert weights: "
+                  f"{f((sl.get('deployment_fp8_nonexpert') or {}).get('fraction', None), '.3f')}")
+            c = sl["ceilings"]
+            print(f"ceilings: host read {c['host_read_GBps']:.1f} GB/s, copy engine {c['ce_GBps']:.1f}, UVA "
+                  f"{c['uva_GBps']:.1f}, CPU experts {c['cpu_experts_GBps']:.1f}, joint miss service "
+                  f"{c['joint_GBps']:.1f}, HBM "
+                  f"{c['hbm_GBps']:.0f}; slice {sl['store']['layers']} layers x 256 experts")
+            for name, s in sl["trace_stats"].items():
+                print(f"  {name} trace: " + ", ".join(f"{k} {v:.3f}" for k, v in s.items()))
+
+    _guarded(block2)
+
+    def block3() -> None:
+        print(f"\n{'trace':8} {'batch':>5} {'non-MoE ms':>10} {'MoE/layer ms':>12} {'hit':>5} {'miss/layer':>10} "
+              f"{'ms/step':>13} {'tok/s':>7} {'bound ms':>8} {'x bound':>7}")
+
+    _guarded(block3)
+
+    def block4() -> None:
         for r in rep["decode"]:
-            print(f"  PCIe per token ({r['trace']}, batch {r['batch']}): {r['pcie_bytes_per_token'] / 1e9:.2f} GB")
-    for r in sl.get("depth", []):
-        if "skipped" in r:
-            print(f"depth {r['alloc']}: skipped ({r['skipped']})")
-            continue
-        j = r.get("jobs") or {}
-        tl = r.get("timeline_ms") or {}
-        print(f"depth {r['alloc']:5} layers {r['layers']:>3} slots {r['slots']}: {r['ms_per_layer']:.3f} ms/layer "
-              f"(bound {r['bound_ms']:.3f}), CPU job {f(j.get('cpu_job_ms'), '.3f')} ms, gap "
-              f"{f(j.get('gap_ms'), '.3f')} ms; eager: split {f(tl.get('split_done'), '.3f')}, hand-off "
-              f"{f(tl.get('handoff'), '.3f')}, GPU rounds {f(tl.get('gpu_rounds_done'), '.3f')}, end "
-              f"{f(tl.get('end'), '.3f')}; pinned in {r['alloc_s']:.1f} s; THP {r['thp']}")
-    for r in deep.get("offload", []):
-        print(f"deep engine, offload runner, batch {r['batch']}: step {r['step_ms']:.1f} ms, MoE in situ "
-              f"{r['moe_per_layer_ms']:.3f} ms/layer, hit {f(r['hit_rate'])}, graphed steps {r['graph_steps']}")
-    for h in rep.get("headline", []):
-        print(f"HEADLINE batch 1 {h['trace']}: moed {h['moed_ms']:.1f} ms/token vs llama.cpp ({h['llama_variant']}) "
-              f"{h['llama_ms']:.1f} ms/token -> moed is {h['ratio']:.2f}x llama.cpp")
+            print(f"{r['trace']:8} {r['batch']:>5} {r['nonmoe_ms']:>10.2f} {r['moe_layer_ms']:>12.3f} "
+                  f"{f(r['hit_rate']):>5} {r['misses_per_layer']:>10.2f} {r['whole_ms']:>13.1f} {r['tok_s']:>7.2f} "
+                  f"{r['bound_ms']:>8.1f} {r['vs_bound']:>7.2f}")
+
+    _guarded(block4)
+
+    def block5() -> None:
+        if rep["mtp"]:
+            print(f"\nMTP, 1 draft token (acceptance {PUBLISHED_MTP_ACCEPTANCE}: {MTP_SOURCE})")
+            for r in rep["mtp"]:
+                print(f"  {r['trace']:8} batch {r['batch']:>3} acceptance {r['acceptance']:.2f}: verify "
+                      f"{r['verify_ms']:.1f} ms + draft {r['draft_ms']:.1f} ms -> {r['tok_s']:.2f} tok/s")
+
+    _guarded(block5)
+
+    def block6() -> None:
+        if rep["ttft"]:
+            print("\ntime to first token (uniform routing over all 256 experts: prefill streams every layer's experts)")
+            for r in rep["ttft"]:
+                print(f"  {r['prompt']:>6} tokens, {r['steps']:17s}: {r['ttft_s']:.1f} s (non-MoE "
+                      f"{r['nonmoe_s']:.1f} s "
+                      f"+ 75 x "
+                      f"{r['moe_per_layer_s']:.2f} s in {r['chunks']} steps of {r['step_tokens']}); bound "
+                      f"{r['ttft_bound_s']:.1f} s; experts at {r['GBps']:.1f} GB/s = {100 * r['vs_ce']:.0f}% of the "
+                      f"copy engine; repeated compute of the cache's rounds {r['repeated_compute_s']:.1f} s")
+
+    _guarded(block6)
+
+    def block8() -> None:
+        m = rep.get("memory")
+        if m:
+            print(f"\nneeds: host {m['host_bytes_experts'] / 1e9:.0f} GB for the experts (FP8, pinned); GPU "
+                  f"{m['gpu_nonexpert_bytes'] / 1e9:.1f} GB non-expert + {m['gpu_kv_bytes'] / 1e9:.1f} GB KV + "
+                  f"{m['gpu_cache_bytes'] / 1e9:.1f} GB expert cache")
+            for r in rep["decode"]:
+                print(f"  PCIe per token ({r['trace']}, batch {r['batch']}): {r['pcie_bytes_per_token'] / 1e9:.2f} GB")
+
+    _guarded(block8)
+
+    def block9() -> None:
+        for r in sl.get("depth", []):
+            if "skipped" in r:
+                print(f"depth {r['alloc']}: skipped ({r['skipped']})")
+                continue
+            j = r.get("jobs") or {}
+            tl = r.get("timeline_ms") or {}
+            print(f"depth {r['alloc']:5} layers {r['layers']:>3} slots {r['slots']}: {r['ms_per_layer']:.3f} ms/layer "
+                  f"(bound {r['bound_ms']:.3f}), CPU job {f(j.get('cpu_job_ms'), '.3f')} ms, gap "
+                  f"{f(j.get('gap_ms'), '.3f')} ms; eager: split {f(tl.get('split_done'), '.3f')}, hand-off "
+                  f"{f(tl.get('handoff'), '.3f')}, GPU rounds {f(tl.get('gpu_rounds_done'), '.3f')}, end "
+                  f"{f(tl.get('end'), '.3f')}; pinned in {r['alloc_s']:.1f} s; THP {r['thp']}")
+
+    _guarded(block9)
+
+    def block10() -> None:
+        for r in deep.get("offload", []):
+            print(f"deep engine, offload runner, batch {r['batch']}: step {r['step_ms']:.1f} ms, MoE in situ "
+                  f"{r['moe_per_layer_ms']:.3f} ms/layer, hit {f(r['hit_rate'])}, graphed steps {r['graph_steps']}")
+
+    _guarded(block10)
+
+    def block11() -> None:
+        for n, t in ((rep.get("llama") or {}).get("ttft_s") or {}).items():
+            print(f"llama.cpp time to first token, {n} tokens: experts on the CPU {t['cpu_experts']:.1f} s, "
+                  f"--n-cpu-moe {t['n_cpu_moe']:.1f} s (per-layer method)")
+        for h in rep.get("headline", []):
+            print(f"HEADLINE batch 1 {h['trace']}: moed {h['moed_ms']:.1f} ms/token vs llama.cpp "
+                  f"({h['llama_variant']}) "
+                  f"{h['llama_ms']:.1f} ms/token -> moed is {h['ratio']:.2f}x llama.cpp")
+
+    _guarded(block11)
+
+
+def _guarded(fn) -> None:
+    try:
+        fn()
+    except (KeyError, TypeError, ValueError, ZeroDivisionError) as e:
+        print(f"  (a part is missing or incomplete: {e!r})")
 
 
 # ---------------------------------------------------------------------------------------------- main
@@ -869,7 +927,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-slice-layers", type=int, default=8)
     p.add_argument("--slice-alloc", default="huge", help="host slabs of the 256-expert slice: torch, mmap, huge")
     p.add_argument("--batches", type=lambda s: [int(x) for x in s.split(",")], default=list(BATCHES))
-    p.add_argument("--prefill-tokens", type=lambda s: [int(x) for x in s.split(",")], default=[2048, 8192, 32768])
+    p.add_argument("--prefill-tokens", type=lambda s: [int(x) for x in s.split(",")],
+                   default=[1024, CHUNK, 8192, 32768])
     p.add_argument("--steps", type=int, default=12)
     p.add_argument("--warm-steps", type=int, default=8)
     p.add_argument("--depth-layers", type=int, default=75, help="0: skip the one-layer vs deep cases")

@@ -12,11 +12,13 @@
 #   setup        carried wheels (.whl/: pyzmq, msgspec), moed importable from this checkout, machine facts
 #                (GPU, RAM, /dev/shm, transparent huge pages), llama.cpp binaries (.peers/: carried, else built here
 #                in the background while checkpoints are written, ~6 min on 16 cores)
-#   ckpt         `moed checkpoint make --preset glm51 --experts 8` into /dev/shm (78 layers, 42 GB, ~40 s)
+#   ckpt         `moed checkpoint make --preset glm51 --experts 8` into /dev/shm (78 layers, 44 GB, ~40 s)
+#   llama_deep   the full-depth checkpoint -> GGUF Q8_0 (GPU; a llama-bench build, if one runs, overlaps only this),
+#                llama-bench all-GPU and -ot exps=CPU; GGUF deleted
 #   serve        ops/bench/serve_depth.py: moed serve at depth, MTP off then on, clients at batch 1/8/32 and
 #                1k/8k/32k prompts
-#   deep         ops/bench/model.py --stage deep: non-MoE step time at depth, the offload runner in situ
-#   llama_deep   the full-depth checkpoint -> GGUF Q8_0 (GPU), llama-bench all-GPU and -ot exps=CPU; GGUF deleted
+#   deep         ops/bench/model.py --stage deep: non-MoE step time at depth, the offload runner in situ; then the
+#                full-depth checkpoint is deleted
 #   llama_slice  a 1-dense + 2-MoE 256-expert checkpoint -> GGUF Q8_0, llama-bench all-GPU, exps=CPU, --n-cpu-moe 1
 #   slice        ops/bench/model.py --stage slice: 256-expert MoE layers with the deployment's cache, prefill
 #                streaming, the one-layer vs 75-layer cases (torch vs huge-page host slabs)
@@ -118,13 +120,12 @@ make_deep() { python3 -m moed.daemon.cli checkpoint make --preset glm51 --dtype 
     && du -sh "$DEEP"; }
 
 llama_deep() {
-    wait_llama_build
-    [ -x "$LLAMA_BENCH" ] || { echo "no llama-bench"; return 1; }
     local gguf=$SHM/glm51-deep-q8_0.gguf
     # beside the 44 GB checkpoint the 47 GB GGUF needs a resized /dev/shm; else it goes to the disk
     [ "$(df --output=avail -B1G $SHM | tail -n 1)" -gt 52 ] || gguf=/tmp/glm51-deep-q8_0.gguf
-    python3 -m moed.ops.bench.llama_peer convert "$DEEP" "$gguf" || return 1
-    rm -rf "$DEEP"  # the moed stages that read it are done
+    python3 -m moed.ops.bench.llama_peer convert "$DEEP" "$gguf" || return 1  # overlaps a llama-bench build
+    wait_llama_build
+    [ -x "$LLAMA_BENCH" ] || { echo "no llama-bench"; rm -f "$gguf"; return 1; }
     python3 -m moed.ops.bench.llama_peer bench --llama-bench "$LLAMA_BENCH" --deep "$gguf" --out "$RUN/llama_deep.json"
     rm -f "$gguf"
 }
@@ -145,9 +146,9 @@ merge_llama() { python3 -m moed.ops.bench.llama_peer merge "$RUN/llama_deep.json
 
 stage setup setup
 if ! skip SERVE || ! skip DEEP || ! skip LLAMA; then stage ckpt make_deep; fi
+skip LLAMA || stage llama_deep llama_deep
 skip SERVE || stage serve python3 -m moed.ops.bench.serve_depth --model "$DEEP" --out "$RUN/serve_depth.json"
 skip DEEP || stage deep python3 -m moed.ops.bench.model --stage deep --ckpt "$DEEP" --work "$RUN"
-skip LLAMA || stage llama_deep llama_deep
 rm -rf "$DEEP"
 skip LLAMA || stage llama_slice llama_slice
 skip LLAMA || stage llama_merge merge_llama

@@ -872,9 +872,11 @@ def print_report(rep: dict, parts: dict) -> None:
             tl = r.get("timeline_ms") or {}
             print(f"depth {r['alloc']:5} layers {r['layers']:>3} slots {r['slots']}: {r['ms_per_layer']:.3f} ms/layer "
                   f"(bound {r['bound_ms']:.3f}), CPU job {f(j.get('cpu_job_ms'), '.3f')} ms, gap "
-                  f"{f(j.get('gap_ms'), '.3f')} ms; eager: split {f(tl.get('split_done'), '.3f')}, hand-off "
-                  f"{f(tl.get('handoff'), '.3f')}, GPU rounds {f(tl.get('gpu_rounds_done'), '.3f')}, end "
-                  f"{f(tl.get('end'), '.3f')}; pinned in {r['alloc_s']:.1f} s; THP {r['thp']}")
+                  f"{f(j.get('gap_ms'), '.3f')} ms; eager, ms from the layer's start: split done "
+                  f"{f(tl.get('split_done'), '.3f')}, CPU job {f(tl.get('cpu_start'), '.3f')}-"
+                  f"{f(tl.get('cpu_end'), '.3f')} (hand-off {f(tl.get('handoff'), '.3f')}), GPU claim+copy+MoE done "
+                  f"{f(tl.get('gpu_rounds_done'), '.3f')}, layer done {f(tl.get('end'), '.3f')}; pinned in "
+                  f"{r['alloc_s']:.1f} s; THP {r['thp']}")
 
     _guarded(block9)
 

@@ -70,6 +70,7 @@ SECTIONS = ("w13", "w2", "w13_scale", "w2_scale", "w13_zeros", "w2_zeros")  # in
 HostAlloc = Literal["torch", "mmap", "huge"]
 HOST_ALLOCS: tuple[str, ...] = get_args(HostAlloc)
 HUGE_PAGE = 2 << 20
+REGISTER_PORTABLE_MAPPED = 1 | 2  # cudaHostRegisterPortable | cudaHostRegisterMapped
 THP_ENABLED = Path("/sys/kernel/mm/transparent_hugepage/enabled")
 
 
@@ -283,7 +284,8 @@ class _MappedBuffer:
         self.tensor.zero_()  # fault the pages in with torch's threads (cudaHostRegister would do it on one)
         self.registered = False
         if pin:
-            err = torch.cuda.cudart().cudaHostRegister(self.tensor.data_ptr(), nbytes, 0)
+            # portable | mapped: every context sees it and the kernels' UVA loads reach it by its host address
+            err = torch.cuda.cudart().cudaHostRegister(self.tensor.data_ptr(), nbytes, REGISTER_PORTABLE_MAPPED)
             if int(err) != 0:
                 raise RuntimeError(f"cudaHostRegister of {nbytes} bytes failed: error {int(err)}")
             self.registered = True

@@ -266,6 +266,8 @@ def stage_deep(args) -> dict:
             run_load(engine, b, args.deep_prompt, 3, seed=b)  # first use of this batch's shapes, untimed
             row = run_load(engine, b, args.deep_prompt, args.deep_gen, seed=b)
             row.update(batch=b, runner=label)
+            log_ = getattr(engine.runner.moe, "split_log", None)  # this row's CPU jobs (run_load cleared it)
+            row["jobs"] = job_breakdown(list(log_)) if log_ is not None else None
             rows.append(row)
             log.info("deep %s batch %d: step %.2f ms, hit %s", label, b, row["step_ms"], row["hit_rate"])
         return rows
@@ -302,9 +304,7 @@ def stage_deep(args) -> dict:
     # 2. The real offload runner at this depth.
     recapture(runner)
     out["graphs_offload"] = engine.runner.graphs is not None
-    runner.split_log.clear()
     out["offload"] = decode_rows("offload", (1, 8, 32))
-    out["offload_jobs"] = job_breakdown(list(runner.split_log))
     out["miss_service"] = runner.miss_service
     out["runner_rates_GBps"] = {"cpu": runner.cpu_rate / 1e9, "copy": runner.copy_rate / 1e9}
     zero = {r["batch"]: r for r in out["nonmoe"]}
@@ -882,8 +882,11 @@ def print_report(rep: dict, parts: dict) -> None:
 
     def block10() -> None:
         for r in deep.get("offload", []):
+            j = r.get("jobs") or {}
             print(f"deep engine, offload runner, batch {r['batch']}: step {r['step_ms']:.1f} ms, MoE in situ "
-                  f"{r['moe_per_layer_ms']:.3f} ms/layer, hit {f(r['hit_rate'])}, graphed steps {r['graph_steps']}")
+                  f"{r['moe_per_layer_ms']:.3f} ms/layer, hit {f(r['hit_rate'])}, misses/step "
+                  f"{r['misses_per_step']:.1f}, graphed steps {r['graph_steps']}, CPU job "
+                  f"{f(j.get('cpu_job_ms'), '.3f')} ms, gap between layers' jobs {f(j.get('gap_ms'), '.3f')} ms")
 
     _guarded(block10)
 

@@ -8,7 +8,10 @@
 # folder): pipeline.log (every stage's output), results.json (the report with every part), and the parts' JSON.
 # Stages, in the order the host's 125 GiB allow (the full-depth checkpoint, its GGUF, the 256-expert store and pinned
 # stores cannot all be resident): each prints progress, its exit code and elapsed time, and a failed stage does not
-# stop the ones after it. Skip one with SKIP_<NAME>=1 (SERVE, DEEP, LLAMA, SLICE).
+# stop the ones after it. Skip one with SKIP_<NAME>=1 (SERVE, DEEP, LLAMA, SLICE); SERVE_MTP (default 0,1: MTP off,
+# then on) and SERVE_ARGS / DEEP_ARGS / SLICE_ARGS pass through to the stages (e.g. SLICE_ARGS="--depth-allocs huge").
+# Machine time, estimated: setup 0.3 min, ckpt 0.7, llama_deep 3 (+4 if llama-bench is built here), serve 5,
+# deep 3, llama_slice 2.5, slice 4, report 0.1: ~19 min (~23 with the build); without the MTP-on serve run ~16.
 #   setup        carried wheels (.whl/: pyzmq, msgspec), moed importable from this checkout, machine facts
 #                (GPU, RAM, /dev/shm, transparent huge pages), llama.cpp binaries (.peers/: carried, else built here
 #                in the background while checkpoints are written, ~6 min on 16 cores)
@@ -147,12 +150,16 @@ merge_llama() { python3 -m moed.ops.bench.llama_peer merge "$RUN/llama_deep.json
 stage setup setup
 if ! skip SERVE || ! skip DEEP || ! skip LLAMA; then stage ckpt make_deep; fi
 skip LLAMA || stage llama_deep llama_deep
-skip SERVE || stage serve python3 -m moed.ops.bench.serve_depth --model "$DEEP" --out "$RUN/serve_depth.json"
-skip DEEP || stage deep python3 -m moed.ops.bench.model --stage deep --ckpt "$DEEP" --work "$RUN"
+# shellcheck disable=SC2086  # the *_ARGS are word lists
+skip SERVE || stage serve python3 -m moed.ops.bench.serve_depth --model "$DEEP" --out "$RUN/serve_depth.json" \
+    --mtp "${SERVE_MTP:-0,1}" ${SERVE_ARGS:-}
+# shellcheck disable=SC2086
+skip DEEP || stage deep python3 -m moed.ops.bench.model --stage deep --ckpt "$DEEP" --work "$RUN" ${DEEP_ARGS:-}
 rm -rf "$DEEP"
 skip LLAMA || stage llama_slice llama_slice
 skip LLAMA || stage llama_merge merge_llama
-skip SLICE || stage slice python3 -m moed.ops.bench.model --stage slice --work "$RUN"
+# shellcheck disable=SC2086
+skip SLICE || stage slice python3 -m moed.ops.bench.model --stage slice --work "$RUN" ${SLICE_ARGS:-}
 stage report python3 -m moed.ops.bench.model --stage report --work "$RUN" --llama "$RUN/llama.json"
 echo "$SECONDS" > "$RUN/done"
 echo "=== pipeline done in $SECONDS s; results: $RUN/results.json"

@@ -189,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batches", type=lambda s: [int(x) for x in s.split(",")], default=[1, 8, 32])
     p.add_argument("--prompts", type=lambda s: [int(x) for x in s.split(",")], default=[1024, 8192, 32768])
     p.add_argument("--prompt-len", type=int, default=128)
-    p.add_argument("--gen", type=int, default=24)
+    p.add_argument("--gen", type=int, default=16)
     p.add_argument("--prefill-gen", type=int, default=4)
     p.add_argument("--chunk", type=int, default=8192, help="engine max_tokens_per_step")
     p.add_argument("--slots", type=int, default=4, help="expert cache slots per MoE layer")

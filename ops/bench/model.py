@@ -618,10 +618,13 @@ def stage_slice(args) -> dict:
                 r.finish_loading()
                 res = _steps_in_graph(r, layers, ids, batch, args.steps, warm)
                 distinct = res["hits"] + res["misses"]
+                # CPU experts serve steps of up to 8 tokens; larger ones only copy (UVA kernel)
+                hybrid = r.miss_service != "copy" and batch <= r.cpu_cfg.max_tokens
+                rate = ceil["joint_GBps"] if hybrid else ceil["uva_GBps"]
                 res.update(trace=trace_name, policy=policy, batch=batch, slots=slots, miss_service=r.miss_service,
-                           hit_rate=res["hits"] / distinct if distinct else None,
-                           bound_ms=decode_bound_ms(res["misses"], res["hits"], layout.expert_bytes,
-                                                    ceil["joint_GBps"], ceil["hbm_GBps"]))
+                           hit_rate=res["hits"] / distinct if distinct else None, miss_rate_GBps=rate,
+                           bound_ms=decode_bound_ms(res["misses"], res["hits"], layout.expert_bytes, rate,
+                                                    ceil["hbm_GBps"]))
                 res["vs_bound"] = res["ms_per_layer"] / res["bound_ms"] if res["bound_ms"] else None
                 log.info("slice %s %s batch %d: %.3f ms/layer, hit %.3f, misses %.2f, bound %.3f", trace_name, policy,
                          batch, res["ms_per_layer"], res["hit_rate"] or 0, res["misses"], res["bound_ms"])

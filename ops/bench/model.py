@@ -658,7 +658,7 @@ def prefill_layer(cfg, store, layer: int, slots: int, ceil: dict, args) -> list[
     import torch
 
     from moed.offload.expert_cache import CacheConfig
-    from moed.offload.runner import OffloadMoERunner, rounds_bound
+    from moed.offload.runner import OffloadMoERunner
     from moed.offload.traces import uniform_trace
 
     E, k, K = cfg.n_routed_experts, cfg.num_experts_per_tok, cfg.hidden_size
@@ -675,7 +675,9 @@ def prefill_layer(cfg, store, layer: int, slots: int, ceil: dict, args) -> list[
         h = torch.randn(M, K, device="cuda").bfloat16()
         t_res = _cuda_ms(lambda h=h, ids=ids, w=w: resident.run(layer, h, ids, w))
         t_str = _cuda_ms(lambda h=h, ids=ids, w=w: streamed.run(layer, h, ids, w))
-        rounds = rounds_bound(E, M, k, streamed.cache[layer].num_slots - len(streamed.cache[layer].pinned))
+        # the cache's rounds for this step: every distinct expert once, `unpinned` slots at a time
+        lc = streamed.cache[layer]
+        rounds = max(1, math.ceil(min(E, M * k) / (lc.num_slots - len(lc.pinned))))
         nbytes = E * L.expert_bytes
         copy_ms = nbytes / (ceil["ce_GBps"] * 1e9) * 1e3
         rows.append({"tokens": M, "ms_streamed": t_str, "ms_resident": t_res, "rounds": rounds,

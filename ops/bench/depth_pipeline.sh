@@ -86,7 +86,9 @@ $(cat /sys/kernel/mm/transparent_hugepage/defrag 2> /dev/null)"
     export LD_LIBRARY_PATH=${CUDA_LIBS}:/usr/local/cuda/lib64${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
     LLAMA_BENCH=""
     if [ -x "$PEERS/bin/llama-bench" ]; then
-        LLAMA_BENCH=$PEERS/bin/llama-bench
+        # copied out of the checkout: a later device call may re-sync it while this run goes on
+        mkdir -p /tmp/llama-bin && cp "$PEERS"/bin/* /tmp/llama-bin/
+        LLAMA_BENCH=/tmp/llama-bin/llama-bench
         ldd "$LLAMA_BENCH" | grep -E "not found|cublas|cudart|libcuda"
         if ldd "$LLAMA_BENCH" | grep -q "not found"; then echo "carried llama-bench lacks libraries"; LLAMA_BENCH=""; fi
     fi

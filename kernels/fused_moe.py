@@ -10,6 +10,8 @@
    registers and writes `h: bf16 [T, N]` once.
 3. down GEMM: rows of `h` times `w2[slot]`, scaled by the router weight, to `partial: bf16 [T, K]`.
 4. top-k sum: `out[t] = sum_j partial[t * k + j]` in fp32 (assignments whose id has no slot add nothing).
+`fused_moe_routes` stops after step 3 and returns `partial` itself: each route's output, computed only for ids in
+the table (the expert cache's rounds: offload/runner.py).
 
 Weights (`S` slots; gate rows [0, N), up rows [N, 2N) of `w13`):
 - bf16: `w13 [S, 2N, K]`, `w2 [S, K, N]`.
@@ -247,14 +249,58 @@ def fused_moe(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_id
     """
     fp8 = _check(hidden, w13, w2, topk_ids, topk_weights, expert_to_slot, w13_scale, w2_scale, block_shape, out)
     M, K = hidden.shape
-    N = w2.shape[2]
     top_k = topk_ids.shape[1]
     if out is None:
         out = torch.empty((M, K), dtype=hidden.dtype, device=hidden.device)
     if M == 0:
         return out
+    partial = _routes(hidden, w13, w2, topk_ids, topk_weights.view(-1), expert_to_slot, w13_scale, w2_scale,
+                      block_shape, config, down_config, None, M, fp8)
+    block = 1024
+    _topk_sum_kernel[(M, triton.cdiv(K, block))](partial, topk_ids, expert_to_slot, out, K, top_k,
+                                                 expert_to_slot.numel(), partial.stride(0), out.stride(0),
+                                                 BLOCK=block, INTERPRET=interpreting(), num_warps=4)
+    return out
+
+
+def fused_moe_routes(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_ids: torch.Tensor,
+                     route_weights: torch.Tensor, expert_to_slot: torch.Tensor, *,
+                     w13_scale: torch.Tensor | None = None, w2_scale: torch.Tensor | None = None,
+                     block_shape: tuple[int, int] | None = None, out: torch.Tensor | None = None,
+                     config_tokens: int | None = None, config: dict | None = None) -> torch.Tensor:
+    """Each route's expert output, not summed: out [M * k, K] bf16, row t * k + j = route_weights[t * k + j] *
+    expert(topk_ids[t, j])(hidden[t]) (route_weights fp32 [M * k]).
+
+    Only routes whose id is in [0, num_ids) (num_ids = expert_to_slot.numel()) are computed and written; the other
+    rows of `out` keep what they held. So an expert cache that serves a step's experts in rounds passes one `out` to
+    every round, each round's other routes carrying an id outside the table, and computes each route once.
+    `config_tokens`: the M the tuned tables are looked up by and activation quantisation is chosen by (default M);
+    `config`: a tuned-table entry instead (both GEMMs).
+    """
+    M, K = hidden.shape
+    fp8 = _check(hidden, w13, w2, topk_ids, route_weights.view(topk_ids.shape), expert_to_slot, w13_scale,
+                 w2_scale, block_shape, None)
+    T = topk_ids.numel()
+    if out is None:
+        out = torch.empty((T, K), dtype=hidden.dtype, device=hidden.device)
+    elif out.shape != (T, K) or out.dtype != hidden.dtype or out.stride(1) != 1:
+        raise ValueError(f"fused_moe_routes: out must be {hidden.dtype} {(T, K)} with unit last stride, got "
+                         f"{out.dtype} {tuple(out.shape)}")
+    if T == 0:
+        return out
+    return _routes(hidden, w13, w2, topk_ids, route_weights, expert_to_slot, w13_scale, w2_scale, block_shape,
+                   config, None, out, config_tokens or M, fp8)
+
+
+def _routes(hidden, w13, w2, topk_ids, route_weights, expert_to_slot, w13_scale, w2_scale, block_shape, config,
+            down_config, partial, config_tokens: int, fp8: bool) -> torch.Tensor:
+    """Steps 1-3: partial [M * k, K] = route weight * expert output for every route with an id in the table."""
+    K = hidden.shape[1]
+    N = w2.shape[2]
+    top_k = topk_ids.shape[1]
     if config is None:
-        config, looked_up_down = get_moe_config(expert_to_slot.numel(), N, M, fp8, block_shape, hidden.device)
+        config, looked_up_down = get_moe_config(expert_to_slot.numel(), N, config_tokens, fp8, block_shape,
+                                                hidden.device)
         down_config = down_config or looked_up_down
     check_config(config, fp8, block_shape, "config")
     down_config = dict(down_config or config)
@@ -263,18 +309,15 @@ def fused_moe(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_id
 
     T = topk_ids.numel()
     align = moe_align_block_size(topk_ids, expert_to_slot, config["BLOCK_SIZE_M"])
-    in_gemm = M <= QUANT_IN_KERNEL_MAX_TOKENS  # unless the tuned table says which was faster
+    in_gemm = config_tokens <= QUANT_IN_KERNEL_MAX_TOKENS  # unless the tuned table says which was faster
     h = torch.empty((T, N), dtype=hidden.dtype, device=hidden.device)
     launch_gate_up(hidden, w13, w13_scale, h, align, top_k, config, fp8, config.get("A_QUANT_IN_GEMM", in_gemm),
                    block_shape[0] if fp8 else 128)
-    partial = torch.empty((T, K), dtype=hidden.dtype, device=hidden.device)
-    launch_down(h, w2, w2_scale, partial, topk_weights, align, down_config, fp8,
+    if partial is None:
+        partial = torch.empty((T, K), dtype=hidden.dtype, device=hidden.device)
+    launch_down(h, w2, w2_scale, partial, route_weights, align, down_config, fp8,
                 down_config.get("A_QUANT_IN_GEMM", in_gemm), block_shape[0] if fp8 else 128)
-    block = 1024
-    _topk_sum_kernel[(M, triton.cdiv(K, block))](partial, topk_ids, expert_to_slot, out, K, top_k,
-                                                 expert_to_slot.numel(), partial.stride(0), out.stride(0),
-                                                 BLOCK=block, INTERPRET=interpreting(), num_warps=4)
-    return out
+    return partial
 
 
 def _gemm_input(x: torch.Tensor, fp8: bool, quant_in_kernel: bool, block_k: int
@@ -421,6 +464,43 @@ def fused_moe_reference(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tenso
     M, K = hidden.shape
     out = torch.zeros((M, K), dtype=torch.float32, device=hidden.device)
     ids = topk_ids.long()
+    experts = torch.unique(ids)
+    bad = experts[(experts < 0) | (experts >= expert_to_slot.numel())]
+    if bad.numel():
+        raise ValueError(f"fused_moe_reference: expert id {int(bad[0])} outside [0, {expert_to_slot.numel()})")
+    for tok, j, y in _expert_outputs(hidden, w13, w2, ids, experts, expert_to_slot, w13_scale, w2_scale,
+                                     block_shape, quantize_activations, w13_zeros, w2_zeros, group):
+        out.index_add_(0, tok, y * topk_weights[tok, j, None].float())
+    return out.to(hidden.dtype)
+
+
+def fused_moe_routes_reference(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_ids: torch.Tensor,
+                               route_weights: torch.Tensor, expert_to_slot: torch.Tensor, *,
+                               w13_scale: torch.Tensor | None = None, w2_scale: torch.Tensor | None = None,
+                               block_shape: tuple[int, int] | None = None, out: torch.Tensor | None = None,
+                               config_tokens: int | None = None, config: dict | None = None,
+                               quantize_activations: bool = False, w13_zeros: torch.Tensor | None = None,
+                               w2_zeros: torch.Tensor | None = None, group: int = 128) -> torch.Tensor:
+    """Plain-torch `fused_moe_routes` (and `fused_moe_int4_routes`): row t * k + j = bf16(route_weights[t * k + j] *
+    expert(topk_ids[t, j])(x_t)) in fp32 math; rows of ids outside [0, num_ids) are left as they are (config_tokens,
+    config: no tiles here). Weights of every layout, as `fused_moe_reference` takes them."""
+    M, K = hidden.shape
+    k = topk_ids.shape[1]
+    if out is None:
+        out = torch.empty((M * k, K), dtype=hidden.dtype, device=hidden.device)
+    ids = topk_ids.long()
+    experts = torch.unique(ids)
+    experts = experts[(experts >= 0) & (experts < expert_to_slot.numel())]
+    w = route_weights.view(M, k)
+    for tok, j, y in _expert_outputs(hidden, w13, w2, ids, experts, expert_to_slot, w13_scale, w2_scale,
+                                     block_shape, quantize_activations, w13_zeros, w2_zeros, group):
+        out[tok * k + j] = (y * w[tok, j, None].float()).to(hidden.dtype)
+    return out
+
+
+def _expert_outputs(hidden, w13, w2, ids, experts, expert_to_slot, w13_scale, w2_scale, block_shape,
+                    quantize_activations, w13_zeros, w2_zeros, group):
+    """(tokens, their top-k positions, fp32 expert outputs [rows, K]) for each expert of `experts`, in id order."""
     int4 = w13.dtype == torch.uint8
     if quantize_activations and w13.dtype != torch.float8_e4m3fn:
         raise ValueError(f"fused_moe_reference: quantize_activations is for FP8 weights, not {w13.dtype}")
@@ -442,10 +522,6 @@ def fused_moe_reference(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tenso
                     dequantize_block_fp8(w2[slot], w2_scale[slot], *block_shape))
         return w13[slot].float(), w2[slot].float()
 
-    experts = torch.unique(ids)
-    bad = experts[(experts < 0) | (experts >= expert_to_slot.numel())]
-    if bad.numel():
-        raise ValueError(f"fused_moe_reference: expert id {int(bad[0])} outside [0, {expert_to_slot.numel()})")
     for e, slot in zip(experts.tolist(), expert_to_slot[experts].tolist()):  # one read of the table
         if slot < 0:
             raise ValueError(f"fused_moe_reference: routed expert {e} has no slot (expert_to_slot[{e}] == -1)")
@@ -454,6 +530,4 @@ def fused_moe_reference(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tenso
         N = w_gu.shape[0] // 2
         x = act(hidden[tok])
         h = (F.silu(x @ w_gu[:N].T) * (x @ w_gu[N:].T)).to(hidden.dtype)
-        y = act(h) @ w_d.T
-        out.index_add_(0, tok, y * topk_weights[tok, j, None].float())
-    return out.to(hidden.dtype)
+        yield tok, j, act(h) @ w_d.T

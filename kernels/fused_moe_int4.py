@@ -3,7 +3,8 @@
 `fused_moe_int4(hidden, w13, w2, topk_ids, topk_weights, expert_to_slot, w13_scale=..., w2_scale=..., ...)` computes
 what `fused_moe` computes, with the same alignment (`moe_align_block_size`: weights addressed by slot through
 `expert_to_slot`, read on the device, no host sync, CUDA-graph capturable), the same grouped launch order and the
-same top-k sum; only the two GEMMs differ. Activations stay bf16 (w4a16).
+same top-k sum; only the two GEMMs differ. Activations stay bf16 (w4a16). `fused_moe_int4_routes` stops before the sum
+and returns each route's output, as `fused_moe_routes` does (the expert cache's rounds: offload/runner.py).
 
 Weights: `moed.formats.int4`'s layout (compressed-tensors pack-quantized) stacked over `S` slots, gate rows [0, N)
 and up rows [N, 2N) of w13, `group` inputs per scale (`G13 = ceil(K / group)`, `G2 = ceil(N / group)`):
@@ -178,14 +179,52 @@ def fused_moe_int4(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, to
     _check(hidden, w13, w2, w13_scale, w2_scale, w13_zeros, w2_zeros, group, topk_ids, topk_weights, expert_to_slot,
            out)
     M, K = hidden.shape
-    N = 2 * w2.shape[2]
     top_k = topk_ids.shape[1]
     if out is None:
         out = torch.empty((M, K), dtype=hidden.dtype, device=hidden.device)
     if M == 0:
         return out
+    partial = _routes(hidden, w13, w2, topk_ids, topk_weights.view(-1), expert_to_slot, w13_scale, w2_scale,
+                      w13_zeros, w2_zeros, group, config, down_config, None, M, None)
+    block = 1024
+    _topk_sum_kernel[(M, triton.cdiv(K, block))](partial, topk_ids, expert_to_slot, out, K, top_k,
+                                                 expert_to_slot.numel(), partial.stride(0), out.stride(0),
+                                                 BLOCK=block, INTERPRET=interpreting(), num_warps=4)
+    return out
+
+
+def fused_moe_int4_routes(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_ids: torch.Tensor,
+                          route_weights: torch.Tensor, expert_to_slot: torch.Tensor, *, w13_scale: torch.Tensor,
+                          w2_scale: torch.Tensor, w13_zeros: torch.Tensor | None = None,
+                          w2_zeros: torch.Tensor | None = None, group: int = 128, out: torch.Tensor | None = None,
+                          config_tokens: int | None = None, config_ids: int | None = None,
+                          config: dict | None = None) -> torch.Tensor:
+    """`fused_moe_routes` for int4 experts: each route's output, not summed (out [M * k, K] bf16, route_weights fp32
+    [M * k]); only routes whose id is in [0, num_ids) are computed and written, the other rows keep what they held.
+    `config_tokens`, `config_ids`: the M and E the tuned tables are looked up by (default M and num_ids)."""
+    M, K = hidden.shape
+    _check(hidden, w13, w2, w13_scale, w2_scale, w13_zeros, w2_zeros, group, topk_ids,
+           route_weights.view(topk_ids.shape), expert_to_slot, None)
+    T = topk_ids.numel()
+    if out is None:
+        out = torch.empty((T, K), dtype=hidden.dtype, device=hidden.device)
+    elif out.shape != (T, K) or out.dtype != hidden.dtype or out.stride(1) != 1:
+        raise ValueError(f"fused_moe_int4_routes: out must be {hidden.dtype} {(T, K)} with unit last stride, got "
+                         f"{out.dtype} {tuple(out.shape)}")
+    if T == 0:
+        return out
+    return _routes(hidden, w13, w2, topk_ids, route_weights, expert_to_slot, w13_scale, w2_scale, w13_zeros, w2_zeros,
+                   group, config, None, out, config_tokens or M, config_ids)
+
+
+def _routes(hidden, w13, w2, topk_ids, route_weights, expert_to_slot, w13_scale, w2_scale, w13_zeros, w2_zeros,
+            group, config, down_config, partial, config_tokens: int, config_ids: int | None) -> torch.Tensor:
+    """Steps 1-3: partial [M * k, K] = route weight * expert output for every route with an id in the table."""
+    K = hidden.shape[1]
+    N = 2 * w2.shape[2]
+    top_k = topk_ids.shape[1]
     if config is None:
-        config, looked_up_down = get_moe_config(expert_to_slot.numel(), N, M, hidden.device)
+        config, looked_up_down = get_moe_config(config_ids or expert_to_slot.numel(), N, config_tokens, hidden.device)
         down_config = down_config or looked_up_down
         # Tables are tuned for group 128; a finer-grouped checkpoint (32, 64) takes K steps of one group.
         config, down_config = ({**c, "BLOCK_SIZE_K": min(c["BLOCK_SIZE_K"], group)} for c in (config, down_config))
@@ -198,13 +237,10 @@ def fused_moe_int4(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, to
     align = moe_align_block_size(topk_ids, expert_to_slot, config["BLOCK_SIZE_M"])
     h = torch.empty((T, N), dtype=hidden.dtype, device=hidden.device)
     launch_gate_up(hidden, Int4Weight(w13, w13_scale, w13_zeros, group), h, align, top_k, config)
-    partial = torch.empty((T, K), dtype=hidden.dtype, device=hidden.device)
-    launch_down(h, Int4Weight(w2, w2_scale, w2_zeros, group), partial, topk_weights, align, down_config)
-    block = 1024
-    _topk_sum_kernel[(M, triton.cdiv(K, block))](partial, topk_ids, expert_to_slot, out, K, top_k,
-                                                 expert_to_slot.numel(), partial.stride(0), out.stride(0),
-                                                 BLOCK=block, INTERPRET=interpreting(), num_warps=4)
-    return out
+    if partial is None:
+        partial = torch.empty((T, K), dtype=hidden.dtype, device=hidden.device)
+    launch_down(h, Int4Weight(w2, w2_scale, w2_zeros, group), partial, route_weights, align, down_config)
+    return partial
 
 
 def _zero_strides(w: Int4Weight) -> tuple[torch.Tensor, tuple[int, int, int]]:

@@ -36,8 +36,8 @@ from moed.offload.stream_signals import CudaStreamSignals, HostSignals, StreamSi
 
 log = logging.getLogger(__name__)
 
-# How a step serves every route on the GPU (OffloadMoERunner._serve_gpu): (layer cache, hidden repeated per route
-# [M * k, K], ids [M, k], experts to skip) -> route outputs [M * k, K].
+# How a step serves every route on the GPU (OffloadMoERunner._serve_gpu): (layer cache, hidden [M, K], ids [M, k],
+# experts to skip) -> route outputs [M * k, K] (0 on the skipped experts' routes).
 ServeGpu = Callable[[LayerCache, torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
 
 
@@ -195,8 +195,8 @@ class HybridMissService:
 
     # ------------------------------------------------------------------ the step
 
-    def run(self, layer_index: int, lc: LayerCache, hidden: torch.Tensor, hidden_rep: torch.Tensor,
-            ids: torch.Tensor, topk_weights: torch.Tensor, serve_gpu: ServeGpu) -> torch.Tensor:
+    def run(self, layer_index: int, lc: LayerCache, hidden: torch.Tensor, ids: torch.Tensor,
+            topk_weights: torch.Tensor, serve_gpu: ServeGpu) -> torch.Tensor:
         """One layer's step (hidden [M, K], ids [M, k] int32): split the misses on the device, hand the CPU its job
         through the mailbox, serve the rest on the GPU, and add the CPU's per-token sum after the stream has waited
         for it. Queues work only: no host sync. Returns [M, K] in hidden's dtype."""
@@ -211,7 +211,7 @@ class HybridMissService:
                    layer_index=layer_index)
         sig.write(mb.ready_addr, 1)
         try:
-            route_out = serve_gpu(lc, hidden_rep, ids, self.exclude)
+            route_out = serve_gpu(lc, hidden, ids, self.exclude)
             # The GPU's routes summed while the CPU computes (its routes weigh 0).
             gw = self.gpu_weights[: M * k].view(M, k, 1)
             gpu = (route_out.view(M, k, -1).float() * gw).sum(dim=1)

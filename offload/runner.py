@@ -3,9 +3,10 @@
 Per MoE layer and step (hidden: [M, K], topk_ids / topk_weights: [M, k]):
   1. rounds = ceil(min(E, M*k) / unpinned slots) (known on the host, no sync; 1 when all fit);
   2. each round: the claim kernel maps ids to slots and claims victims, the copy kernel (or the
-     copy engine) brings the missing experts in, and the fused-MoE kernel computes every route
-     [M*k, K] (routes not served this round compute against the dummy id E -> slot 0 and are
-     discarded by a select);
+     copy engine) brings the missing experts in, and the fused-MoE kernel computes the routes this
+     round serves into their rows of route_out [M*k, K] (the claim gives the others the dummy id E,
+     which lies outside the table the kernel is handed, expert_to_slot[:E]: they are not computed),
+     so a step computes each route once however many rounds its experts take;
   3. out[m] = sum_j topk_weights[m, j] * route_out[m*k + j] in fp32, j in order, cast to hidden's dtype.
 Every route's output depends only on its token and its expert's weights, and each expert is served
 whole in one round, so the result is bit-identical whatever the cache size, pins, policy or copy
@@ -21,8 +22,8 @@ from collections.abc import Callable
 import torch
 
 from moed.kernels.expert_copy import STATS
-from moed.kernels.fused_moe import fused_moe, fused_moe_reference
-from moed.kernels.fused_moe_int4 import fused_moe_int4
+from moed.kernels.fused_moe import fused_moe_routes, fused_moe_routes_reference
+from moed.kernels.fused_moe_int4 import fused_moe_int4_routes
 from moed.model.config import ExpertDtype, GlmMoeDsaConfig
 from moed.model.moe import ExpertWeights
 from moed.offload.expert_cache import CacheConfig, ExpertCache, LayerCache
@@ -32,15 +33,17 @@ from moed.offload.stats import OffloadLayerStats
 
 log = logging.getLogger(__name__)
 
+# Per-route expert outputs, as kernels.fused_moe.fused_moe_routes: (hidden [M, K], w13, w2, ids [M, k], route weights
+# [M * k], expert_to_slot, *, w13_scale, w2_scale, block_shape, out [M * k, K], config_tokens) -> out.
 MoEFn = Callable[..., torch.Tensor]
 
 
 def default_moe_fn(device: torch.device, layout: ExpertLayout) -> MoEFn:
-    """The Triton fused-MoE kernel of the layout's format on CUDA (w4a16 for int4 experts); the one torch reference
-    of both elsewhere."""
+    """The Triton per-route fused-MoE kernel of the layout's format on CUDA (w4a16 for int4 experts); the one torch
+    reference of both elsewhere."""
     if device.type != "cuda":
-        return fused_moe_reference
-    return fused_moe_int4 if layout.is_int4 else fused_moe
+        return fused_moe_routes_reference
+    return fused_moe_int4_routes if layout.is_int4 else fused_moe_routes
 
 
 class OffloadMoERunner:
@@ -139,12 +142,18 @@ class OffloadMoERunner:
     def _ones_for(self, n: int) -> torch.Tensor:
         t = self._ones.get(n)
         if t is None:
-            t = self._ones[n] = torch.ones(n, 1, dtype=torch.float32, device=self.device)
+            t = self._ones[n] = torch.ones(n, dtype=torch.float32, device=self.device)
         return t
 
-    def _route_outputs(self, lc: LayerCache, hidden_rep: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        return self.moe_fn(hidden_rep, lc.w13, lc.w2, ids.view(-1, 1), self._ones_for(ids.numel()),
-                           lc.tables.expert_to_slot, **lc.moe_kwargs)
+    def _route_outputs(self, lc: LayerCache, hidden: torch.Tensor, ids: torch.Tensor,
+                       route_out: torch.Tensor) -> torch.Tensor:
+        """Write the rows of route_out [M*k, K] whose ids [M, k] are real experts (< E); the dummy id E is outside the
+        table handed to the kernel, so those routes are not computed. Tiles are looked up by M*k, as when each route
+        was a row of its own."""
+        L = self.layout
+        return self.moe_fn(hidden, lc.w13, lc.w2, ids, self._ones_for(ids.numel()),
+                           lc.tables.expert_to_slot[: L.num_experts], out=route_out, config_tokens=ids.numel(),
+                           **lc.moe_kwargs)
 
     def run(self, layer: int, hidden: torch.Tensor, topk_ids: torch.Tensor,
             topk_weights: torch.Tensor) -> torch.Tensor:
@@ -155,30 +164,32 @@ class OffloadMoERunner:
         lc = self.cache[layer]
         M, k = topk_ids.shape
         ids = topk_ids.to(torch.int32).contiguous()
-        hidden_rep = hidden[:, None, :].expand(M, k, hidden.shape[1]).reshape(M * k, -1)  # route r = m * k + j
         if lc.static:
-            route_out = self._route_outputs(lc, hidden_rep, ids)
+            route_out = self._route_outputs(lc, hidden, ids, self._route_buffer(hidden, ids, zero=False))
         elif self.hybrid is not None and self.hybrid.takes(M):
-            return self.hybrid.run(self._layer_index[layer], lc, hidden, hidden_rep, ids, topk_weights,
-                                   self._serve_gpu)
+            return self.hybrid.run(self._layer_index[layer], lc, hidden, ids, topk_weights, self._serve_gpu)
         else:
-            route_out = self._serve_gpu(lc, hidden_rep, ids, None)
+            route_out = self._serve_gpu(lc, hidden, ids, None)
         y = route_out.view(M, k, -1).float() * topk_weights.float()[..., None]
         return y.sum(dim=1).to(hidden.dtype)
 
-    def _serve_gpu(self, lc: LayerCache, hidden_rep: torch.Tensor, ids: torch.Tensor,
+    def _route_buffer(self, hidden: torch.Tensor, ids: torch.Tensor, zero: bool) -> torch.Tensor:
+        """route_out [M*k, K]; zeroed when some routes are served elsewhere (their rows are then never written and
+        are weighed 0, which must not meet a NaN of uninitialised memory)."""
+        shape = (ids.numel(), hidden.shape[1])
+        return (torch.zeros if zero else torch.empty)(shape, dtype=hidden.dtype, device=hidden.device)
+
+    def _serve_gpu(self, lc: LayerCache, hidden: torch.Tensor, ids: torch.Tensor,
                    exclude: torch.Tensor | None) -> torch.Tensor:
-        """Every route's expert output on the GPU, in rounds of what fits the cache (routes of `exclude`d experts:
-        computed against the dummy slot, finite, to be weighed 0)."""
+        """Every route's expert output [M*k, K] on the GPU, in rounds of what fits the cache; each round computes only
+        the routes it serves (routes of `exclude`d experts: left 0, to be weighed 0)."""
         M, k = ids.shape
         round_ids = torch.empty_like(ids)
         mask = torch.empty(M, k, dtype=torch.int8, device=self.device)
-        route_out = None
+        route_out = self._route_buffer(hidden, ids, zero=exclude is not None)
         for r in range(lc.rounds_for(min(self.layout.num_experts, M * k))):
             lc.serve_round(ids, r, round_ids, mask, exclude=exclude)
-            y = self._route_outputs(lc, hidden_rep, round_ids)
-            route_out = y if route_out is None else torch.where(mask.view(-1, 1) != 0, y, route_out)
-        assert route_out is not None
+            self._route_outputs(lc, hidden, round_ids, route_out)
         return route_out
 
     def close(self) -> None:

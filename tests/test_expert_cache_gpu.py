@@ -101,12 +101,12 @@ def test_offload_hybrid_step_has_no_host_sync_and_replays_in_cuda_graph():
     """The hybrid miss service on the GPU: split on the device, the CPU's job handed over by stream memory
     operations: no host sync in an eager step, and a captured step replayed with new ids is right.
 
-    Right means: no further from the FP8 reference (FP8 weights dequantised, fp32 math: `fused_moe_reference`)
+    Right means: no further from the FP8 reference (FP8 weights dequantised, fp32 math: `fused_moe_routes_reference`)
     than the all-GPU path, which quantises activations to FP8 per 128-group (w8a8, a few % per route) where the
     CPU computes with fp32 activations; plus one bf16 rounding. A wrong or stale CPU sum would be off by ~100%."""
-    from moed.kernels.fused_moe import fused_moe_reference
+    from moed.kernels.fused_moe import fused_moe_routes_reference
 
-    exact, gpu = _runner(E, moe_fn=fused_moe_reference), _runner(E)
+    exact, gpu = _runner(E, moe_fn=fused_moe_routes_reference), _runner(E)
     r = _runner(10, CpuConfig(threads=4, cpu_rate=1e9, copy_rate=1e9))
     errs: list[tuple[float, float]] = []
 

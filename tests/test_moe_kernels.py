@@ -141,6 +141,38 @@ def test_moe_fused_matches_reference(M, fp8):
         assert rel(out, fm.fused_moe_reference(x, w13, w2, ids, w, table, **kw)) < 0.08
 
 
+@pytest.mark.parametrize("fp8", [False, True], ids=["bf16", "fp8"])
+def test_moe_routes_computes_only_ids_in_the_table(fp8):
+    """fused_moe_routes: one output row per route, written only for ids in [0, num_ids) (the expert cache's rounds
+    hand over the rest as id num_ids); other rows keep what they held."""
+    gen = torch.Generator().manual_seed(11 + fp8)
+    N, K, S, k, M = 128, 256, 5, 3, 6
+    w13, w2, s13, s2 = make_weights(S, N, K, fp8, gen.initial_seed())
+    table = torch.randperm(S, generator=gen).to(torch.int32).to(DEV)
+    ids, _ = routing(M, k, torch.arange(S), gen)
+    ids[0, 1] = ids[3, 0] = ids[5, 2] = S  # not this round's
+    w = torch.rand(M * k, generator=gen).to(DEV)
+    x = torch.randn((M, K), generator=gen).to(torch.bfloat16).to(DEV)
+    kw = dict(w13_scale=s13, w2_scale=s2, block_shape=(128, 128) if fp8 else None)
+    out = torch.full((M * k, K), float("nan"), dtype=torch.bfloat16, device=DEV)
+    fm.fused_moe_routes(x, w13, w2, ids, w, table, out=out, config=SMALL if fp8 else {**SMALL, "BLOCK_SIZE_K": 64},
+                        **kw)
+    ref = torch.full_like(out, float("nan"))
+    fm.fused_moe_routes_reference(x, w13, w2, ids, w, table, out=ref, quantize_activations=fp8, **kw)
+    skipped = (ids.view(-1) == S).cpu()
+    assert torch.isnan(out[skipped.to(DEV)].float()).all() and torch.isnan(ref[skipped.to(DEV)].float()).all()
+    computed = (~skipped).to(DEV)
+    assert torch.isfinite(out[computed].float()).all()
+    assert rel(out[computed], ref[computed]) < 1e-2
+    # the summed kernel is the routes' weighted sum (each partial row rounded to bf16 first)
+    ids_all = torch.where(ids == S, 0, ids)
+    summed = fm.fused_moe(x, w13, w2, ids_all, w.view(M, k), table, config=SMALL if fp8 else
+                          {**SMALL, "BLOCK_SIZE_K": 64}, **kw)
+    routes = fm.fused_moe_routes(x, w13, w2, ids_all, w, table, config=SMALL if fp8 else
+                                 {**SMALL, "BLOCK_SIZE_K": 64}, **kw)
+    assert torch.equal(summed, routes.view(M, k, K).float().sum(dim=1).bfloat16())
+
+
 def test_moe_all_tokens_on_one_expert_and_prequantised_activations(monkeypatch):
     gen = torch.Generator().manual_seed(7)
     N, K, S = 128, 256, 3

@@ -97,6 +97,38 @@ def test_offload_equals_all_resident_bit_for_bit(fp8_setup, slots, policy, copy_
         assert s.steps == 0 and s.bytes_copied_sm == 0  # all resident: no claim, no copy
 
 
+def test_offload_rounds_compute_each_route_once_and_match_the_per_route_formula(fp8_setup):
+    """A step whose experts take several rounds computes each route in exactly one round (not every route in every
+    round), and its output is what the runner has always produced: each route as a row of its own through the
+    reference (the repeated-hidden formula), weighed in fp32, j in order."""
+    cfg, experts, _ = fp8_setup
+    r = build_runner(cfg, experts, [1], slots=3)
+    computed: list[int] = []
+    real = r.moe_fn
+
+    def counting(hidden, w13, w2, ids, *a, **kw):
+        computed.append(int((ids < cfg.n_routed_experts).sum()))
+        return real(hidden, w13, w2, ids, *a, **kw)
+
+    r.moe_fn = counting
+    g = torch.Generator().manual_seed(9)
+    k = cfg.num_experts_per_tok
+    M = 6
+    h = torch.randn(M, cfg.hidden_size, generator=g).bfloat16()
+    ids, w = random_routing(M, cfg.n_routed_experts, k, g)
+    out = r.run(1, h, ids, w)
+    rounds = r.cache[1].rounds_for(min(cfg.n_routed_experts, M * k))
+    assert len(computed) == rounds > 1
+    assert sum(computed) == M * k  # each route once over the rounds
+    ref = build_runner(cfg, experts, [1], slots=cfg.n_routed_experts).cache[1]
+    rep = h[:, None, :].expand(M, k, -1).reshape(M * k, -1)
+    per_route = fused_moe_reference(rep, ref.w13, ref.w2, ids.view(-1, 1), torch.ones(M * k, 1),
+                                    ref.tables.expert_to_slot, w13_scale=ref.w13_scale, w2_scale=ref.w2_scale,
+                                    block_shape=ref.layout.block)
+    want = (per_route.view(M, k, -1).float() * w[..., None]).sum(dim=1).to(h.dtype)
+    assert torch.equal(out, want)
+
+
 def test_offload_with_pins_bit_for_bit_and_pins_stay_resident(fp8_setup):
     cfg, experts, ref = fp8_setup
     r = build_runner(cfg, experts, LAYERS, slots=4)
@@ -214,12 +246,12 @@ def test_offload_runner_rejects_bad_layers_and_config():
 
 def test_offload_with_fused_moe_kernel_bit_for_bit():
     """The same property through the Triton fused-MoE kernel (interpreter, bf16: its FP8 path needs block_k 128)."""
-    from moed.kernels.fused_moe import fused_moe
+    from moed.kernels.fused_moe import fused_moe_routes
 
     cfg = small_config(experts=8, fp8=False, inter=32)
     experts = random_experts(cfg, seed=2)
-    ref = build_runner(cfg, experts, [1], slots=8, moe_fn=fused_moe)
-    r = build_runner(cfg, experts, [1], slots=3, moe_fn=fused_moe)
+    ref = build_runner(cfg, experts, [1], slots=8, moe_fn=fused_moe_routes)
+    r = build_runner(cfg, experts, [1], slots=3, moe_fn=fused_moe_routes)
     g = torch.Generator().manual_seed(0)
     for _ in range(2):
         h = torch.randn(3, cfg.hidden_size, generator=g).bfloat16()

@@ -127,16 +127,19 @@ class LLMEngine:
         log.info("attention backend: %s (%s)", self.attention.name, self.attention.reason)
         paged = self.attention.name != "reference"
 
-        self.experts = RoutedExperts(cfg, config, self.device, dtype)
+        self.cfg = cfg
+        self.max_model_len = min(config.max_model_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
+        main_layers = list(range(cfg.num_hidden_layers))
+        kv_layers = main_layers + (cfg.mtp_layer_ids if spec else [])
+        page_bytes = self._kv_page_bytes(latent_dtype, index_dtype, kv_layers)
+        # An expert cache without a given budget is sized once the weights are resident, after this KV pool.
+        kv_bytes = (config.kv_pages or self._kv_pages_wanted()) * page_bytes
+        self.experts = RoutedExperts(cfg, config, self.device, dtype, kv_bytes=kv_bytes)
         self.model = load_model(config.model, self.experts, dtype=dtype, device=self.device, mtp=spec, config=cfg,
                                 expert_dtype=config.expert_dtype, int4_cache_dir=config.int4_cache_dir)
         self.cfg = self.model.cfg
-        self.max_model_len = min(config.max_model_len or self.cfg.max_position_embeddings,
-                                 self.cfg.max_position_embeddings)
 
-        main_layers = list(range(self.cfg.num_hidden_layers))
-        kv_pages = config.kv_pages or self._auto_kv_pages(paged, latent_dtype, index_dtype,
-                                                          main_layers + (self.cfg.mtp_layer_ids if spec else []))
+        kv_pages = config.kv_pages or self._auto_kv_pages(paged, page_bytes)
         # Paged pools reserve page 0 as the scratch page; the engine hands out 1 .. kv_pages.
         self.kv = KVPages(kv_pages, config.page_size, first_page=1 if paged else 0)
 
@@ -176,20 +179,27 @@ class LLMEngine:
         # Benchmarks set a list: each plain step then appends CUDA events (start, end) around its device work.
         self.gpu_step_times: list[tuple[torch.cuda.Event, torch.cuda.Event]] | None = None
 
-    def _auto_kv_pages(self, paged: bool, latent_dtype: str, index_dtype: str, layers: list[int]) -> int:
-        pages_per_seq = -(-self.max_model_len // self.config.page_size)
-        if not paged or self.device.type != "cuda":
-            return self.config.max_running * pages_per_seq
+    def _kv_page_bytes(self, latent_dtype: str, index_dtype: str, layers: list[int]) -> int:
+        """Device bytes of one KV page over `layers` (latent + rope key, and index-K where the layer indexes)."""
         lat, idx = PagedKVPool.bytes_per_token(self.cfg, latent_dtype, index_dtype)
         n_index = sum(1 for layer in layers
                       if layer >= self.cfg.num_hidden_layers or self.cfg.indexer_types[layer] == "full")
-        page_bytes = self.config.page_size * (len(layers) * lat + n_index * idx)
+        return self.config.page_size * (len(layers) * lat + n_index * idx)
+
+    def _kv_pages_wanted(self) -> int:
+        """Pages for max_running sequences of max_model_len (+ the scratch page)."""
+        return self.config.max_running * -(-self.max_model_len // self.config.page_size) + 1
+
+    def _auto_kv_pages(self, paged: bool, page_bytes: int) -> int:
+        wanted = self._kv_pages_wanted() - 1
+        if not paged or self.device.type != "cuda":
+            return wanted
         free = torch.cuda.mem_get_info(self.device)[0]
         pages = int(free * self.config.kv_memory_fraction) // page_bytes - 1
         if pages < 1:
             raise ValueError(f"no device memory left for the KV pool: {free / 2**30:.2f} GiB free after loading, "
                              f"one page needs {page_bytes / 2**20:.2f} MiB (lower expert_cache_gb or set kv_pages)")
-        return min(pages, self.config.max_running * pages_per_seq)
+        return min(pages, wanted)
 
     # Requests.
 

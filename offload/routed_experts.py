@@ -8,6 +8,11 @@ own host store, GPU cache and budget, so neither's post-init or pins ever touch 
 budgets, the resolution of `miss_service`, and the pins queued since the last step (validated when queued,
 applied by `apply_pins` between steps).
 
+Budgets: `expert_cache_gb` as given; without it (CUDA only) they are sized when loading finishes, from the device
+memory free once the non-expert weights are resident, less the KV pool the engine will allocate (`kv_bytes`, at most
+half of that memory) and a reserve for activations and CUDA graphs (`activation_reserve_bytes`), shared by the
+target and the draft in proportion to their layers (`auto_cache_budget`).
+
 The rest of offload/, from here down: runner.py (one role's runner: rounds, GPU serving, stats),
 host_store.py (the pinned slabs), expert_cache.py (slot pools, slot tables, pins, copies), hybrid.py (CPU experts
 beside copies) with cpu_experts.py / cpu_experts.c (the CPU kernel and its server) and stream_signals.py (the
@@ -36,7 +41,7 @@ class ExpertSettings(Protocol):
     """The settings expert placement reads (fields of `engine.config.EngineConfig`)."""
 
     moe: str  # torch (every expert resident) | offload (host store + GPU expert cache per role)
-    expert_cache_gb: float | None  # the target's cache budget in GiB; None: what is free on the device
+    expert_cache_gb: float | None  # the target's cache budget in GiB; None: sized after loading (CUDA)
     draft_expert_cache_gb: float | None  # the draft's own; None: the target's per-layer share
     miss_service: str  # auto | copy | hybrid | cpu
     cpu_expert_threads: int  # 0: every core but one
@@ -48,26 +53,36 @@ class RoutedExperts:
     """The target's and the draft's MoE runners, their stats and their pins (module docstring)."""
 
     def __init__(self, cfg: GlmMoeDsaConfig, settings: ExpertSettings, device: torch.device,
-                 dtype: torch.dtype) -> None:
+                 dtype: torch.dtype, kv_bytes: int = 0, activation_reserve_bytes: int | None = None) -> None:
         self.cfg = cfg
         spec = settings.spec_steps > 0
         self.target: MoERunner
         self.draft: MoERunner | None = None
         xd = settings.expert_dtype
+        self.device = device
+        self.kv_bytes = kv_bytes
+        self.activation_reserve_bytes = (activation_reserve_bytes if activation_reserve_bytes is not None else
+                                         default_activation_reserve(device))
+        self._auto_budget: tuple[str, ...] = ()  # roles whose budget is sized at finish_loading
         if settings.moe == "torch":
             self.target = TorchMoERunner(cfg, dtype, device, xd)
             self.draft = TorchMoERunner(cfg, dtype, device, xd) if spec else None
         else:
             main = list(range(cfg.first_k_dense_replace, cfg.num_hidden_layers))
-            budget = _budget_bytes(settings.expert_cache_gb, "expert_cache_gb", device)
             cpu = _cpu_config(settings, device)
+            budget = _budget_bytes(settings.expert_cache_gb, "expert_cache_gb", device)
             self.target = OffloadMoERunner(cfg, main, device=device, expert_dtype=xd, budget_bytes=budget,
                                            name="target", cpu=cpu)
+            if budget is None:
+                self._auto_budget += ("target",)
             if spec:
-                draft_budget = (budget // max(len(main), 1) if settings.draft_expert_cache_gb is None else
-                                _budget_bytes(settings.draft_expert_cache_gb, "draft_expert_cache_gb", device))
+                draft_budget = _budget_bytes(settings.draft_expert_cache_gb, "draft_expert_cache_gb", device)
+                if draft_budget is None and budget is not None:
+                    draft_budget = budget // max(len(main), 1)  # the target's per-layer share
                 self.draft = OffloadMoERunner(cfg, cfg.mtp_layer_ids, device=device, expert_dtype=xd,
                                               budget_bytes=draft_budget, name="draft", cpu=cpu)
+                if draft_budget is None:
+                    self._auto_budget += ("draft",)
         self._draft_layers = set(cfg.mtp_layer_ids) if self.draft is not None else set()
         self._pending: dict[int, set[int]] = {}  # layer -> its whole pin set, queued since the last step
 
@@ -80,7 +95,9 @@ class RoutedExperts:
         self._owner(layer).load_expert(layer, expert, weights)
 
     def finish_loading(self) -> None:
-        """Each role's post-init, on its own layers only."""
+        """Each role's post-init, on its own layers only; budgets not given are sized now, the weights resident."""
+        if self._auto_budget:
+            self._size_budgets()
         self.target.finish_loading()
         if self.draft is not None:
             self.draft.finish_loading()
@@ -88,6 +105,20 @@ class RoutedExperts:
     def run(self, layer: int, hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor
             ) -> torch.Tensor:
         return self._owner(layer).run(layer, hidden, topk_ids, topk_weights)
+
+    def _size_budgets(self) -> None:
+        runners = {"target": self.target, "draft": self.draft}
+        torch.cuda.empty_cache()  # blocks the loader's temporaries left in torch's cache count as free
+        free = torch.cuda.mem_get_info(self.device)[0]
+        given = sum(r.budget_bytes or 0 for r in self.offloaded)  # a role whose budget was given
+        layers = {name: len(runners[name].layers) for name in self._auto_budget}  # type: ignore[union-attr]
+        budgets = plan_budgets(free, self.kv_bytes, self.activation_reserve_bytes + given, layers)
+        for name, b in budgets.items():
+            runners[name].budget_bytes = b  # type: ignore[union-attr]
+        log.info("expert cache budget sized after loading: %.2f GiB free on %s - KV %.2f GiB - reserve %.2f GiB%s "
+                 "-> %s", free / 2**30, self.device, min(self.kv_bytes, free // 2) / 2**30,
+                 self.activation_reserve_bytes / 2**30, f" - given budgets {given / 2**30:.2f} GiB" if given else "",
+                 ", ".join(f"{name} {b / 2**30:.2f} GiB" for name, b in budgets.items()))
 
     # ------------------------------------------------------------------ what the engine reads
 
@@ -199,15 +230,46 @@ class RoutedExperts:
                 log.exception("applying the pins of MoE layer %d failed; its plan is dropped", layer)
 
 
-def _budget_bytes(gib: float | None, name: str, device: torch.device) -> int:
-    """A cache budget: `gib` GiB, or (None) what is free on the device now, after the dense weights."""
+ACTIVATION_RESERVE_FRACTION = 0.05  # of the device's memory: 4 GB of an 80 GB H100 (prefill activations, graph pools)
+
+
+def default_activation_reserve(device: torch.device) -> int:
+    """Device memory an automatic cache budget leaves for activations and CUDA graphs (0 off CUDA)."""
+    if device.type != "cuda":
+        return 0
+    return max(1 << 30, int(ACTIVATION_RESERVE_FRACTION * torch.cuda.get_device_properties(device).total_memory))
+
+
+def auto_cache_budget(free_bytes: int, kv_bytes: int, reserve_bytes: int) -> int:
+    """The expert caches' budget when none is given: the device memory free after the weights (`free_bytes`), less
+    the KV pool the engine will allocate (`kv_bytes`, at most half of that memory: a pool sized for max_running
+    sequences of max_model_len could otherwise leave the cache nothing) and `reserve_bytes`."""
+    kv = min(kv_bytes, free_bytes // 2)
+    budget = free_bytes - kv - reserve_bytes
+    if budget <= 0:
+        raise ValueError(f"no device memory left for the expert cache: {free_bytes / 2**30:.2f} GiB free after the "
+                         f"weights, KV {kv / 2**30:.2f} GiB, reserve {reserve_bytes / 2**30:.2f} GiB (set "
+                         "expert_cache_gb, or lower kv_pages / max_running / max_model_len)")
+    return budget
+
+
+def plan_budgets(free_bytes: int, kv_bytes: int, reserve_bytes: int, layers: dict[str, int]) -> dict[str, int]:
+    """`auto_cache_budget` shared by the roles named in `layers` (role -> its MoE layers) in proportion to their
+    layers, so each gets the same slots per layer."""
+    total = auto_cache_budget(free_bytes, kv_bytes, reserve_bytes)
+    n = sum(layers.values())
+    return {name: total * count // n for name, count in layers.items()}
+
+
+def _budget_bytes(gib: float | None, name: str, device: torch.device) -> int | None:
+    """A cache budget of `gib` GiB, or None: sized when loading finishes (CUDA only)."""
     if gib is not None:
         if gib <= 0:
             raise ValueError(f"{name} = {gib} must be > 0 GiB")
         return int(gib * 2**30)
     if device.type != "cuda":
         raise ValueError(f"{name} must be given off CUDA (there is no device memory to size it from)")
-    return torch.cuda.mem_get_info(device)[0]
+    return None
 
 
 def _cpu_config(settings: ExpertSettings, device: torch.device) -> CpuConfig | None:

@@ -77,7 +77,9 @@ class OffloadMoERunner:
         self.store = store if store is not None else HostExpertStore(self.layout, self.layers, pin=pin_host)
         self.cache_cfg = cache or CacheConfig()
         self.cpu_cfg = cpu  # None: every miss is copied
-        self._slots, self._budget, self._initial = slots, budget_bytes, initial
+        self._slots, self._initial = slots, initial
+        # the cache's budget; may be set until finish_loading (routed_experts.py sizes it after the weights load)
+        self.budget_bytes = budget_bytes
         self.moe_fn = moe_fn or default_moe_fn(self.device, self.layout)
         self.cache: ExpertCache | None = None
         self.hybrid: HybridMissService | None = None
@@ -93,7 +95,7 @@ class OffloadMoERunner:
         """Post-init of this runner only: validate the store, build its cache, start the hybrid service."""
         self.store.finish_loading()
         self.cache = ExpertCache(self.store, self.device, self.cache_cfg, slots=self._slots,
-                                 budget_bytes=self._budget, initial=self._initial)
+                                 budget_bytes=self.budget_bytes, initial=self._initial)
         if self.cpu_cfg is not None:
             use = self.cache_cfg.use_kernels if self.cache_cfg.use_kernels is not None else True
             self.hybrid = start_hybrid(self.cpu_cfg, self.store, self.cache, self.cfg.num_experts_per_tok, use,

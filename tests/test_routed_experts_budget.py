@@ -1,0 +1,54 @@
+"""The expert caches' budget when none is given: sized after the weights load, after the KV pool and a reserve."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from moed.offload.routed_experts import auto_cache_budget, plan_budgets
+
+GiB = 2**30
+
+
+def test_auto_budget_leaves_the_kv_pool_and_the_reserve():
+    # GLM-5.1 on an 80 GB H100: ~41 GiB free once ~38 GiB of non-expert weights are resident; KV for 4 x 32k tokens
+    # at ~100 kB/token (12.2 GiB) and a 4 GiB reserve leave ~24.8 GiB for the expert cache.
+    kv = 4 * 32768 * 100_000
+    assert auto_cache_budget(41 * GiB, kv, 4 * GiB) == 41 * GiB - kv - 4 * GiB
+
+
+def test_auto_budget_caps_the_kv_pool_at_half_of_what_is_free():
+    # 64 sequences of GLM-5.1's 202,752 positions would want ~1.3 TB of KV: the pool gets half, the cache the rest.
+    assert auto_cache_budget(40 * GiB, 1300 * 10**9, 4 * GiB) == 16 * GiB
+
+
+def test_auto_budget_names_the_numbers_when_nothing_is_left():
+    with pytest.raises(ValueError, match=r"no device memory left for the expert cache: 3\.00 GiB free .* KV 1\.50 GiB"):
+        auto_cache_budget(3 * GiB, 10 * GiB, 2 * GiB)
+
+
+def test_roles_share_the_budget_by_layers():
+    budgets = plan_budgets(41 * GiB, 0, 1 * GiB, {"target": 75, "draft": 1})
+    assert budgets["target"] == 40 * GiB * 75 // 76 and budgets["draft"] == 40 * GiB // 76
+    assert budgets["target"] // 75 == budgets["draft"]  # the same per-layer share
+    assert plan_budgets(10 * GiB, 2 * GiB, 1 * GiB, {"target": 3}) == {"target": 7 * GiB}
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_engine_offload_without_a_budget_sizes_the_cache_after_the_weights(tiny_checkpoint, caplog):
+    """moe=offload without expert_cache_gb: the cache is sized when loading ends (from what the weights left), the
+    KV pool still fits, and the engine serves."""
+    from moed.engine.llm_engine import EngineConfig, LLMEngine
+    from moed.engine.protocol import SamplingParams
+
+    caplog.set_level("INFO", logger="moed.offload.routed_experts")
+    e = LLMEngine(EngineConfig(model=tiny_checkpoint, device="cuda", dtype="bf16", moe="offload", max_running=2,
+                               max_model_len=256, cuda_graphs=False))
+    assert "expert cache budget sized after loading" in caplog.text
+    target = e.experts.target
+    assert target.budget_bytes is not None and target.cache is not None
+    free = torch.cuda.mem_get_info()[0]
+    assert free >= e.experts.activation_reserve_bytes * 0.5  # the reserve was left free
+    out = e.generate([[1, 2, 3, 4]], SamplingParams(max_tokens=4, ignore_eos=True))
+    assert len(out[0]) == 4

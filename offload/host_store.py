@@ -378,6 +378,11 @@ class HostExpertStore:
                        f"layer {layer} expert {expert}")
         self._loaded[layer][expert] = True
 
+    def mark_loaded(self, layer: int) -> None:
+        """Every expert of `layer` was written into its slab by other means (a benchmark drawing random experts
+        straight into the pinned slab)."""
+        self._loaded[layer].fill_(True)
+
     def finish_loading(self) -> None:
         for layer, done in self._loaded.items():
             missing = (~done).nonzero().flatten().tolist()

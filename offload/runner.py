@@ -84,6 +84,8 @@ class OffloadMoERunner:
         self.cache: ExpertCache | None = None
         self.hybrid: HybridMissService | None = None
         self._ones: dict[int, torch.Tensor] = {}
+        # Benchmarks: called on the host once a step's GPU rounds are queued (to record an event there).
+        self.after_gpu_rounds: Callable[[], None] | None = None
         self._layer_index = {layer: i for i, layer in enumerate(self.layers)}
 
     # ------------------------------------------------------------------ loading (MoERunner)
@@ -192,6 +194,8 @@ class OffloadMoERunner:
         for r in range(lc.rounds_for(min(self.layout.num_experts, M * k))):
             lc.serve_round(ids, r, round_ids, mask, exclude=exclude)
             self._route_outputs(lc, hidden, round_ids, route_out)
+        if self.after_gpu_rounds is not None:
+            self.after_gpu_rounds()
         return route_out
 
     def close(self) -> None:

@@ -13,17 +13,17 @@ import torch
 
 from moed.ops.bench import llama_peer
 from moed.ops.bench.engine import bound_ms, miss_rate_gbs
-from moed.ops.bench.model import (
+from moed.ops.bench.model_projection import (
     MOE_LAYERS,
     PUBLISHED_MTP_ACCEPTANCE,
     Deployment,
-    build_report,
     decode_bound_ms,
     interpolate,
     joint_rate_GBps,
     llama_gpu_layers,
     mtp_tokens_per_s,
 )
+from moed.ops.bench.model_report import build_report, print_report
 
 GB = 10**9
 
@@ -79,12 +79,12 @@ def _parts() -> dict:
                        "hits": 1.0, "misses": 4.0, "cpu_experts": 1.0, "hit_rate": 0.2})
         decode.append({"trace": "skewed", "policy": "lfu", "batch": b, "ms_per_layer": ms + 1, "bound_ms": ms / 2,
                        "hits": 1.0, "misses": 4.0, "cpu_experts": 1.0, "hit_rate": 0.2})
-    prefill = [{"tokens": 1024, "ms_streamed": 190.0, "overlap_bound_ms": 180.0, "GBps": 50.0, "vs_ce": 0.95,
-                "repeated_compute_ms": 10.0},
-               {"tokens": 2048, "ms_streamed": 200.0, "overlap_bound_ms": 180.0, "GBps": 48.0, "vs_ce": 0.9,
-                "repeated_compute_ms": 20.0},
-               {"tokens": 8192, "ms_streamed": 400.0, "overlap_bound_ms": 190.0, "GBps": 24.0, "vs_ce": 0.45,
-                "repeated_compute_ms": 200.0}]
+    prefill = [{"tokens": 1024, "ms_streamed": 190.0, "ms_streamed_before": 200.0, "overlap_bound_ms": 180.0,
+                "GBps": 50.0, "vs_ce": 0.95},
+               {"tokens": 2048, "ms_streamed": 200.0, "ms_streamed_before": 220.0, "overlap_bound_ms": 180.0,
+                "GBps": 48.0, "vs_ce": 0.9},
+               {"tokens": 8192, "ms_streamed": 400.0, "ms_streamed_before": 600.0, "overlap_bound_ms": 190.0,
+                "GBps": 24.0, "vs_ce": 0.45}]
     sl = {"decode": decode, "deployment": dep, "prefill": prefill}
     llama = {"whole": {"cpu_experts": {"whole_ms": 330.0}, "n_cpu_moe": {"whole_ms": 310.0}}}
     return {"deep": deep, "slice": sl, "llama": llama}
@@ -106,9 +106,9 @@ def test_report_assembles_whole_model_figures():
     assert mtp[(8, PUBLISHED_MTP_ACCEPTANCE)]["verify_ms"] == pytest.approx(26.0 + 75 * 6.0)
     ttft = {(r["prompt"], r["step_tokens"]): r for r in rep["ttft"]}
     assert ttft[(1024, 1024)]["chunks"] == 1 and ttft[(1024, 1024)]["ttft_s"] == pytest.approx(0.5 + 75 * 0.19)
-    assert ttft[(1024, 2048)]["ttft_s"] == pytest.approx(0.5 + 75 * 0.2)  # one chunk of the engine's size
+    assert (1024, 2048) not in ttft  # a prompt within one engine chunk is the one-step row
     assert ttft[(8192, 8192)]["ttft_s"] == pytest.approx(3.0 + 75 * 0.4)
-    assert ttft[(8192, 8192)]["repeated_compute_s"] == pytest.approx(75 * 0.2)
+    assert ttft[(8192, 8192)]["ttft_before_s"] == pytest.approx(3.0 + 75 * 0.6)  # every route in every round
     chunked = ttft[(8192, 2048)]  # four chunks: every layer's experts stream four times
     assert chunked["chunks"] == 4 and chunked["ttft_s"] == pytest.approx(3.0 + 75 * 4 * 0.2)
     head = {h["llama_variant"]: h for h in rep["headline"]}
@@ -117,13 +117,54 @@ def test_report_assembles_whole_model_figures():
 
 
 def test_report_prints_whatever_parts_there_are(capsys):
-    from moed.ops.bench.model import print_report
-
     parts = _parts()
     print_report(build_report(parts), parts)
     assert "HEADLINE batch 1 skewed" in capsys.readouterr().out
     print_report(build_report({}), {})  # every stage failed: the header, no traceback
     assert "assembled from measured parts" in capsys.readouterr().out
+
+
+def test_every_stage_runs_on_cpu_at_tiny_sizes(tiny_fp8_checkpoint, tmp_path, capsys):
+    """The GPU run's stages, same code, on the CPU with the tiny preset: deep (the engine with zero experts, then its
+    offload runner), slice (decode with misses, prefill in rounds now and as before, the depth cases) and the
+    report, so no stage meets the GPU machine untried."""
+    import json
+
+    from moed.ops.bench.model import main
+
+    work = tmp_path / "work"
+    common = ["--device", "cpu", "--work", str(work), "--cpu-threads", "1"]
+    assert main(["--stage", "deep", "--ckpt", tiny_fp8_checkpoint, "--deep-batches", "1,2", "--deep-offload-batches",
+                 "1", "--prompts", "32", "--deep-prompt", "8", "--deep-gen", "3", "--deep-cache-gb", "0.001",
+                 "--deep-step-tokens", "32", *common]) == 0
+    deep = json.loads((work / "deep.json").read_text())
+    assert [r["batch"] for r in deep["nonmoe"]] == [1, 2] and deep["nonmoe"][0]["step_ms"] > 0
+    assert deep["offload"][0]["misses_per_step"] > 0 and "moe_per_layer_ms" in deep["offload"][0]
+    assert set(deep["nonmoe_prefill_s"]) == {"32"} and deep["kv_bytes_per_token"] > 0
+    assert deep["store"]["slots"] < deep["store"]["experts"]
+    assert main(["--stage", "slice", "--preset", "tiny", "--experts", "16", "--slots", "5", "--batches", "1",
+                 "--prefill-tokens", "16", "--depth-layers", "2", "--steps", "2", "--warm-steps", "2",
+                 "--max-slice-layers", "2", *common]) == 0
+    sl = json.loads((work / "slice.json").read_text())
+    assert {(r["trace"], r["policy"]) for r in sl["decode"]} == {("skewed", "lru"), ("skewed", "lfu"),
+                                                                 ("uniform", "lru")}
+    assert all(r["misses"] > 0 and r["bound_ms"] > 0 for r in sl["decode"])
+    pre = sl["prefill"][0]
+    assert pre["rounds"] > 1 and pre["ms_streamed_before"] > 0 and pre["distinct_experts"] <= 16
+    assert [(r["layers"], r["slots"]) for r in sl["depth"]] == [(1, 4), (2, 4), (2, 1)]
+    # a second slice run for other batches keeps batch 1's rows (the pipeline measures batch 1 first)
+    assert main(["--stage", "slice", "--preset", "tiny", "--experts", "16", "--slots", "5", "--batches", "2",
+                 "--keep-decode", "--prefill-tokens", "", "--depth-layers", "0", "--steps", "2", "--warm-steps",
+                 "2", "--max-slice-layers", "1", *common]) == 0
+    sl = json.loads((work / "slice.json").read_text())
+    assert sorted({r["batch"] for r in sl["decode"]}) == [1, 2]
+    llama = tmp_path / "llama.json"
+    llama.write_text(json.dumps({"decode_ms": {"deep_cpu": 300.0}}))
+    capsys.readouterr()
+    assert main(["--stage", "report", "--work", str(work), "--llama", str(llama)]) == 0
+    out = capsys.readouterr().out
+    assert "HEADLINE batch 1 skewed" in out and "measured directly" in out and "a part is missing" not in out
+    assert json.loads((work / "results.json").read_text())["report"]["decode"]
 
 
 def _rows(tg_ms: float, pp: dict[int, float]) -> list[dict]:

@@ -384,8 +384,8 @@ def main(argv: list[str] | None = None) -> int:
         engine.warmup()
         log.info("engine (spec_steps=%d) loaded and warmed up in %.0f s; graphs: %s", spec,
                  time.perf_counter() - t, engine.runner.graphs is not None)
-        layout = getattr(engine.runner.moe, "layout", None)
-        cpu_gbs = getattr(engine.runner.moe, "cpu_rate", 0.0) / 1e9  # 0 when misses are only copied
+        layout = getattr(engine.experts.target, "layout", None)
+        cpu_gbs = engine.experts.stats().rates_Bps.get("cpu", 0.0) / 1e9  # 0 when misses are only copied
         expert_bytes = layout.expert_bytes if layout is not None else 0
         dense_bytes = sum(p.numel() * p.element_size() for n, p in engine.model.named_parameters()
                           if "embed_tokens" not in n)

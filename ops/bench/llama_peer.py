@@ -275,7 +275,7 @@ def derive(runs: dict[str, list[dict]], sizes: dict[str, int], *, deep_experts: 
     (a) experts on the CPU: full-depth all-GPU step + 75 x (CPU-experts layer - GPU-experts layer) from the slice;
     (b) as many layers' experts on the GPU as fit beside its non-expert weights (the full-depth GGUF less its
     experts), KV and buffers; the rest on the CPU (--n-cpu-moe)."""
-    from moed.ops.bench.model import MOE_LAYERS, llama_gpu_layers, llama_per_layer
+    from moed.ops.bench.model_projection import MOE_LAYERS, llama_gpu_layers, llama_per_layer
 
     dec = {k: decode_ms(v) for k, v in runs.items()}
     pre = {k: prefill_s(v) for k, v in runs.items()}

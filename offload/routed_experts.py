@@ -76,9 +76,12 @@ class RoutedExperts:
             if budget is None:
                 self._auto_budget += ("target",)
             if spec:
-                draft_budget = _budget_bytes(settings.draft_expert_cache_gb, "draft_expert_cache_gb", device)
-                if draft_budget is None and budget is not None:
+                if settings.draft_expert_cache_gb is not None:
+                    draft_budget = _budget_bytes(settings.draft_expert_cache_gb, "draft_expert_cache_gb", device)
+                elif budget is not None:
                     draft_budget = budget // max(len(main), 1)  # the target's per-layer share
+                else:
+                    draft_budget = None  # sized with the target's when loading finishes
                 self.draft = OffloadMoERunner(cfg, cfg.mtp_layer_ids, device=device, expert_dtype=xd,
                                               budget_bytes=draft_budget, name="draft", cpu=cpu)
                 if draft_budget is None:

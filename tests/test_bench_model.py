@@ -167,6 +167,24 @@ def test_every_stage_runs_on_cpu_at_tiny_sizes(tiny_fp8_checkpoint, tmp_path, ca
     assert json.loads((work / "results.json").read_text())["report"]["decode"]
 
 
+def test_serve_depth_runs_on_cpu_at_tiny_sizes(tiny_fp8_checkpoint, tmp_path, capsys):
+    """ops/bench/serve_depth.py as on the GPU machine (the daemon in a subprocess, clients over ZMQ, MTP off then
+    on), on the tiny checkpoint: every token delivered, greedy identical with MTP on and off."""
+    import json
+
+    from moed.ops.bench import serve_depth
+
+    out = tmp_path / "serve.json"
+    assert serve_depth.main(["--model", tiny_fp8_checkpoint, "--device", "cpu", "--batches", "1", "--prompts", "32",
+                             "--prompt-len", "8", "--gen", "3", "--prefill-gen", "2", "--chunk", "32", "--slots", "4",
+                             "--mtp", "0,1", "--ready-timeout", "300", "--out", str(out)]) == 0
+    res = json.loads(out.read_text())
+    for run in res["runs"].values():
+        assert run.get("error") is None and run["exit_code"] == 0
+        assert all(c["all_delivered"] for c in run["cases"].values())
+    assert all(c["identical"] for c in res["greedy_mtp_on_vs_off"].values())
+
+
 def _rows(tg_ms: float, pp: dict[int, float]) -> list[dict]:
     rows = [{"n_prompt": 0, "n_gen": 16, "avg_ms": 16 * tg_ms, "stddev_ms": 0.0, "tok_s": 1e3 / tg_ms, "extra": []}]
     rows += [{"n_prompt": n, "n_gen": 0, "avg_ms": 1e3 * s, "stddev_ms": 0.0, "tok_s": n / s, "extra": []}

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
-from moed.offload.routed_experts import auto_cache_budget, plan_budgets
+from moed.model.config import GlmMoeDsaConfig
+from moed.offload.routed_experts import RoutedExperts, auto_cache_budget, plan_budgets
 
 GiB = 2**30
 
@@ -32,6 +35,26 @@ def test_roles_share_the_budget_by_layers():
     assert budgets["target"] == 40 * GiB * 75 // 76 and budgets["draft"] == 40 * GiB // 76
     assert budgets["target"] // 75 == budgets["draft"]  # the same per-layer share
     assert plan_budgets(10 * GiB, 2 * GiB, 1 * GiB, {"target": 3}) == {"target": 7 * GiB}
+
+
+@dataclasses.dataclass
+class _Settings:  # the fields of EngineConfig that RoutedExperts reads
+    expert_cache_gb: float | None
+    draft_expert_cache_gb: float | None = None
+    moe: str = "offload"
+    miss_service: str = "copy"
+    cpu_expert_threads: int = 0
+    spec_steps: int = 1
+
+
+def test_given_budgets_off_cuda_and_the_drafts_share(tiny_checkpoint):
+    cfg = GlmMoeDsaConfig.from_file(tiny_checkpoint)
+    main = cfg.num_hidden_layers - cfg.first_k_dense_replace
+    experts = RoutedExperts(cfg, _Settings(expert_cache_gb=0.25), torch.device("cpu"), torch.float32)
+    assert experts.target.budget_bytes == GiB // 4
+    assert experts.draft.budget_bytes == GiB // 4 // main  # no draft budget: the target's per-layer share
+    with pytest.raises(ValueError, match="expert_cache_gb must be given off CUDA"):
+        RoutedExperts(cfg, _Settings(expert_cache_gb=None), torch.device("cpu"), torch.float32)
 
 
 @pytest.mark.gpu

@@ -62,6 +62,28 @@ class DaemonProcess:
                     print(f"  [daemon +{time.monotonic() - self.t0:6.1f}s] {line.rstrip()[:200]}", file=sys.stderr,
                           flush=True)
 
+    async def wait_ready(self, address: str, timeout: float) -> None:
+        """Until the daemon answers ready; fails at once when it exits or its engine worker fails to start (the
+        supervisor would restart it until `timeout`, minutes of machine time for nothing)."""
+        from moed.client.api import AsyncClient, DaemonUnavailable, RequestTimeout
+
+        end = time.monotonic() + timeout
+        async with AsyncClient(address, timeout=60) as client:
+            while True:
+                if self.proc.poll() is not None:
+                    raise RuntimeError(f"the daemon exited with {self.proc.returncode} before it was ready")
+                failed = next((line for line in self.lines if "engine start failed" in line), None)
+                if failed is not None:
+                    raise RuntimeError(f"the engine worker failed to start: {failed.strip()}")
+                left = end - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError(f"the daemon was not ready within {timeout:.0f} s")
+                try:
+                    await client.wait_ready(timeout=min(5.0, left))
+                    return
+                except (RequestTimeout, DaemonUnavailable):  # not ready yet: look at the process and its log again
+                    continue
+
     def find(self, pattern: str) -> float | None:
         """The first float captured by `pattern` in the log so far."""
         rx = re.compile(pattern)
@@ -130,8 +152,7 @@ async def serve_once(args, spec_steps: int, work: Path) -> dict:
                            args.device)
     res: dict = {"spec_steps": spec_steps, "engine_args": engine_args}
     try:
-        async with AsyncClient(address, timeout=60) as client:
-            await client.wait_ready(timeout=args.ready_timeout)
+        await daemon.wait_ready(address, args.ready_timeout)
         res["load_s"] = time.monotonic() - daemon.t0
         res["host_store_s"] = daemon.find(r"host expert store: .* in ([0-9.]+) s")
         res["load_read_s"] = daemon.find(r"loading \S+: .* in ([0-9.]+) s")

@@ -209,6 +209,38 @@ def test_llama_per_layer_method():
     assert llama_peer.derive({"deep_gpu": runs["deep_gpu"]}, {}).get("whole") is None  # incomplete: no figure
 
 
+def test_llama_bench_runs_and_merge_with_a_stand_in_binary(tmp_path):
+    """llama_peer's bench and merge commands as the pipeline calls them, over a stand-in llama-bench that answers in
+    llama-bench's JSON (the real one runs on the GPU machine): per-variant prompts ("" = decode only, `-p 0`), each
+    run saved as it ends, the merged figures."""
+    import json
+
+    fake = tmp_path / "llama-bench"
+    fake.write_text("#!/usr/bin/env python3\n"
+                    "import json, sys\n"
+                    "a = sys.argv[1:]\n"
+                    "opt = dict(zip(a[::2], a[1::2]))\n"
+                    "cpu = 'exps=CPU' in a\n"
+                    "rows = [{'n_prompt': int(p), 'n_gen': 0, 'avg_ns': int(p) * (5e5 if cpu else 1e5), 'stddev_ns': 0,"
+                    " 'avg_ts': 1.0} for p in opt['-p'].split(',') if int(p) > 0]\n"
+                    "ms = 300.0 if cpu else 30.0\n"
+                    "rows.append({'n_prompt': 0, 'n_gen': int(opt['-n']), 'avg_ns': 0, 'stddev_ns': 0,"
+                    " 'avg_ts': 1e3 / ms})\n"
+                    "print(json.dumps(rows))\n")
+    fake.chmod(0o755)
+    gguf = tmp_path / "m.gguf"
+    gguf.write_bytes(b"0" * 1000)
+    deep = tmp_path / "llama_deep.json"
+    assert llama_peer.main(["bench", "--llama-bench", str(fake), "--deep", str(gguf), "--prompts", "1024",
+                            "--cpu-prompts", "", "--out", str(deep)]) == 0
+    runs = json.loads(deep.read_text())["runs"]
+    assert [r["n_prompt"] for r in runs["deep_gpu"]] == [1024, 0] and [r["n_prompt"] for r in runs["deep_cpu"]] == [0]
+    merged = tmp_path / "llama.json"
+    assert llama_peer.main(["merge", str(deep), str(tmp_path / "llama_slice.json"), "--out", str(merged)]) == 0
+    res = json.loads(merged.read_text())
+    assert res["decode_ms"]["deep_cpu"] == pytest.approx(300.0) and "whole" not in res  # the slice is not there yet
+
+
 def test_q8_0_bytes_match_ggml_reference_layout():
     x = torch.randn(3, 64) * 0.1
     x[1, :32] = 0.0  # an all-zero block: d = 0, q = 0

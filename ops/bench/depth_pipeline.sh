@@ -1,44 +1,58 @@
 #!/usr/bin/env bash
-# GLM-5.1 at its real depth, whole-model figures and llama.cpp beside them, in one detached run on the GPU machine.
+# GLM-5.1 at its real depth: whole-model figures and llama.cpp beside them, in one detached run on the GPU machine.
 #
 #   start:  setsid nohup bash ops/bench/depth_pipeline.sh > /tmp/depth.out 2>&1 < /dev/null &
-#   poll:   bash ops/bench/depth_pipeline.sh --poll        (progress; copies the results into $OUT when done)
+#   wait:   bash ops/bench/depth_pipeline.sh --wait 540   (until done or 540 s pass; then as --poll)
+#   poll:   bash ops/bench/depth_pipeline.sh --poll       (stage lines, the latest headline; results into $OUT)
 #
 # Everything goes to $RUN (default /tmp/depth; $OUT is emptied before each device command, so the run keeps its own
-# folder): pipeline.log (every stage's output), results.json (the report with every part), and the parts' JSON.
-# Stages, in the order the host's 125 GiB allow (the full-depth checkpoint, its GGUF, the 256-expert store and pinned
-# stores cannot all be resident): each prints progress, its exit code and elapsed time, and a failed stage does not
-# stop the ones after it. Skip one with SKIP_<NAME>=1 (SERVE, DEEP, LLAMA, SLICE); SERVE_MTP (default 0,1: MTP off,
-# then on) and SERVE_ARGS / DEEP_ARGS / SLICE_ARGS pass through to the stages (e.g. SLICE_ARGS="--depth-allocs huge").
-# Machine time, estimated: setup 0.3 min, ckpt 0.7, llama_deep 3 (+4 if llama-bench is built here), serve 5,
-# deep 3, llama_slice 2.5, slice 4, report 0.1: ~19 min (~23 with the build); without the MTP-on serve run ~16.
-#   setup        carried wheels (.whl/: pyzmq, msgspec), moed importable from this checkout, machine facts
-#                (GPU, RAM, /dev/shm, transparent huge pages), llama.cpp binaries (.peers/: carried, else built here
-#                in the background while checkpoints are written, ~6 min on 16 cores)
-#   ckpt         `moed checkpoint make --preset glm51 --experts 8` into /dev/shm (78 layers, 44 GB, ~40 s)
-#   llama_deep   the full-depth checkpoint -> GGUF Q8_0 (GPU; a llama-bench build, if one runs, overlaps only this),
-#                llama-bench all-GPU and -ot exps=CPU; GGUF deleted
-#   serve        ops/bench/serve_depth.py: moed serve at depth, MTP off then on, clients at batch 1/8/32 and
-#                1k/8k/32k prompts
-#   deep         ops/bench/model.py --stage deep: non-MoE step time at depth, the offload runner in situ; then the
-#                full-depth checkpoint is deleted
-#   llama_slice  a 1-dense + 2-MoE 256-expert checkpoint -> GGUF Q8_0, llama-bench all-GPU, exps=CPU, --n-cpu-moe 1
-#   slice        ops/bench/model.py --stage slice: 256-expert MoE layers with the deployment's cache, prefill
-#                streaming, the one-layer vs 75-layer cases (torch vs huge-page host slabs)
-#   report       ops/bench/model.py --stage report: whole-model tables and the moed / llama.cpp headline
+# folder): pipeline.log (every stage's output), report.txt (the latest report), results.json (the report with every
+# part), serve_depth.json. The report runs after each part that adds to it, so a run cut off still leaves a report.
+# A failed stage does not stop the ones after it. Skip one with SKIP_<NAME>=1 (DEEP, LLAMA, SLICE, SERVE); DEEP_ARGS,
+# SLICE1_ARGS, SLICE_ARGS, SERVE_ARGS pass through; SERVE_MTP (default 0,1) lists the serve runs. SMOKE=1 runs the
+# same stages on a CPU at tiny sizes (tiny preset; llama.cpp only if a llama-bench is carried): a check of this script.
+#
+# Stages, most important figure first (whole-model batch-1 decode, moed vs llama.cpp Q8_0), in the order the host's
+# 125 GiB allow (the full-depth checkpoint, its GGUF and the 256-expert store cannot all be resident); estimated
+# machine time on the H100 machine, warm (minutes):
+#   setup       0.3  carried wheels (.whl/: pyzmq, msgspec), moed importable from this checkout, machine facts;
+#                    llama-bench carried (.peers/bin) or built here from .peers/llama.cpp-src.tar.gz in the background
+#                    (nice 19, ~6 min on 16 cores, beside ckpt, deep and the conversion; a stage that ran beside it
+#                    says so in its end line)
+#   ckpt        0.7  `moed checkpoint make --preset glm51 --experts 8` into /dev/shm (78 layers, 44 GB)
+#   deep        2.8  model.py --stage deep: non-MoE step (batch 1-64) and prefill (1k/8k/32k) at full depth, the
+#                    offload runner in situ (batch 1)
+#   llama_deep  2.8  the full-depth checkpoint -> GGUF Q8_0 (GPU), checkpoint deleted; llama-bench all-GPU (decode,
+#                    1k/8k prefill) and -ot exps=CPU (decode: the direct whole-model figure); GGUF deleted
+#   slice1      1.1  model.py --stage slice --batches 1: 256-expert layers with the deployment's cache, batch 1
+#   report           HEADLINE: moed vs llama.cpp with its experts on the CPU, measured directly at full depth
+#   llama_slice 2.0  1 dense + 2 MoE 256-expert checkpoint -> GGUF Q8_0; llama-bench all-GPU and -ot exps=CPU
+#   report           HEADLINE: the same per-layer method for both
+#   slice       2.1  model.py --stage slice: batches 2-64, prefill streaming (now and before), the depth cases
+#   report
+#   serve       5.5  serve_depth.py: moed serve at depth (checkpoint made again), MTP off then on (SERVE_MTP=0: ~3)
+#   ~12.5 min to the last report before serve (+~1 if llama-bench is built here and outlasts what it overlaps),
+#   ~18 with serve.
 set -u
 RUN=${RUN:-/tmp/depth}
 REPO=$(cd "$(dirname "$0")/../.." && pwd)
 PEERS=${PEERS:-$REPO/.peers}
 
-if [ "${1:-}" = "--poll" ]; then
-    grep -E "^=== " "$RUN/pipeline.log" 2>/dev/null | tail -n 20
-    tail -n 4 "$RUN/pipeline.log" 2>/dev/null
+poll() {
+    grep -E "^=== " "$RUN/pipeline.log" 2>/dev/null | tail -n 24
+    grep -E "^HEADLINE" "$RUN/report.txt" 2>/dev/null
+    tail -n 3 "$RUN/pipeline.log" 2>/dev/null
     if [ -n "${OUT:-}" ]; then
-        cp "$RUN/pipeline.log" "$OUT/" 2>/dev/null
-        for f in results.json serve_depth.json llama.json; do [ -f "$RUN/$f" ] && cp "$RUN/$f" "$OUT/"; done
+        for f in pipeline.log report.txt results.json serve_depth.json; do [ -f "$RUN/$f" ] && cp "$RUN/$f" "$OUT/"; done
     fi
     [ -f "$RUN/done" ] && echo "PIPELINE DONE after $(cat "$RUN/done") s" || echo "pipeline still running"
+}
+
+if [ "${1:-}" = "--poll" ]; then poll; exit 0; fi
+if [ "${1:-}" = "--wait" ]; then
+    end=$((SECONDS + ${2:-540}))
+    while [ ! -f "$RUN/done" ] && [ $SECONDS -lt $end ]; do sleep 5; done
+    poll
     exit 0
 fi
 
@@ -47,6 +61,27 @@ rm -f "$RUN/done"
 exec > >(tee -a "$RUN/pipeline.log") 2>&1
 export PYTHONUNBUFFERED=1
 SHM=/dev/shm
+DEVICE=cuda
+DEEP_MAKE="--preset glm51 --experts 8"
+SLICE_MAKE="--preset glm51-slice --layers 3 --experts 256"
+DEEP_SIZES="--deep-batches 1,2,8,16,32,64 --deep-offload-batches 1 --prompts 1024,8192,32768"
+SLICE_SIZES=""
+SLICE_REST="--batches 2,8,16,32,64 --prefill-tokens 1024,2048,8192,32768 --depth-layers 75"
+LLAMA_PROMPTS=1024,8192
+SERVE_SIZES=""
+if [ "${SMOKE:-0}" = 1 ]; then
+    SHM=$RUN/shm && mkdir -p "$SHM"
+    DEVICE=cpu
+    export TRITON_INTERPRET=1
+    DEEP_MAKE="--preset tiny --experts 16"
+    SLICE_MAKE="--preset tiny --layers 3 --experts 16"
+    DEEP_SIZES="--deep-batches 1,2 --deep-offload-batches 1 --prompts 32 --deep-prompt 8 --deep-gen 3 \
+--deep-cache-gb 0.001 --deep-step-tokens 32"
+    SLICE_SIZES="--preset tiny --experts 16 --slots 5 --steps 2 --warm-steps 2 --max-slice-layers 2 --cpu-threads 1"
+    SLICE_REST="--batches 2 --prefill-tokens 16 --depth-layers 2"
+    LLAMA_PROMPTS=32
+    SERVE_SIZES="--batches 1 --prompts 32 --prompt-len 8 --gen 3 --prefill-gen 2 --chunk 32 --slots 4"
+fi
 DEEP=$SHM/glm51-deep
 SLICE=$SHM/glm51-slice256
 
@@ -56,24 +91,33 @@ stage() {  # stage NAME COMMAND...: run it, log rc and time; never stop the pipe
     echo "=== [$(date +%T) +${SECONDS}s] $name: start"
     "$@"
     rc=$?
-    echo "=== [$(date +%T) +${SECONDS}s] $name: rc=$rc in $((SECONDS - t0)) s"
+    echo "=== [$(date +%T) +${SECONDS}s] $name: rc=$rc in $((SECONDS - t0)) s$(build_note)"
     return 0
 }
 
 skip() { local v="SKIP_$1"; [ "${!v:-0}" = 1 ]; }
+
+build_note() {  # a stage that ran beside the llama.cpp build says so (its CPU figures shared the cores)
+    if [ -n "${LLAMA_BUILD_PID:-}" ] && kill -0 "$LLAMA_BUILD_PID" 2> /dev/null; then echo " (llama.cpp build running)"; fi
+}
 
 setup() {
     if ls "$REPO"/.whl/*.whl > /dev/null 2>&1; then
         python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
             "$REPO"/.whl/*.whl || echo "wheel install failed"
     fi
-    # moed.<folder> = this checkout's folders (PEP 420 portions), without an install.
-    mkdir -p /tmp/moedpath/moed
-    for d in model attention kernels moe_configs offload engine daemon client ops; do
-        ln -sfn "$REPO/$d" "/tmp/moedpath/moed/$d"
-    done
+    # moed.<folder> = this checkout's folders (PEP 420 portions, as pyproject's package-dir maps them), no install.
+    rm -rf /tmp/moedpath && mkdir -p /tmp/moedpath/moed
+    python3 - "$REPO" <<'EOF'
+import os, sys, tomllib
+repo = sys.argv[1]
+dirs = tomllib.load(open(os.path.join(repo, "pyproject.toml"), "rb"))["tool"]["setuptools"]["package-dir"]
+for name, folder in dirs.items():
+    if name.count(".") == 1:
+        os.symlink(os.path.join(repo, folder), os.path.join("/tmp/moedpath", *name.split(".")))
+EOF
     export PYTHONPATH=/tmp/site:/tmp/moedpath${PYTHONPATH:+:$PYTHONPATH}
-    python3 -c "import moed.ops.bench.model, zmq, msgspec; print('moed importable; pyzmq', zmq.__version__)"
+    python3 -c "import moed.ops.bench.model, moed.formats.fp8, zmq, msgspec; print('moed importable; pyzmq', zmq.__version__)"
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
     free -g | head -2
     mount -o remount,size=118G /dev/shm 2> /dev/null && echo "/dev/shm resized to 118G" || echo "/dev/shm not resized"
@@ -94,7 +138,7 @@ $(cat /sys/kernel/mm/transparent_hugepage/defrag 2> /dev/null)"
     fi
     # llama.cpp's source: the whole tree when llama-bench must be built here, else its converter's Python parts.
     LLAMA_SRC=/tmp/llama.cpp
-    if [ -z "$LLAMA_BENCH" ] && [ -f "$PEERS/llama.cpp-src.tar.gz" ]; then
+    if [ -z "$LLAMA_BENCH" ] && [ -f "$PEERS/llama.cpp-src.tar.gz" ] && [ "${SMOKE:-0}" != 1 ]; then
         tar xzf "$PEERS/llama.cpp-src.tar.gz" -C /tmp
     elif [ -f "$PEERS/llama.cpp-py.tar.gz" ]; then
         tar xzf "$PEERS/llama.cpp-py.tar.gz" -C /tmp
@@ -102,12 +146,13 @@ $(cat /sys/kernel/mm/transparent_hugepage/defrag 2> /dev/null)"
         tar xzf "$PEERS/llama.cpp-src.tar.gz" -C /tmp
     fi
     export LLAMA_CPP_DIR=$LLAMA_SRC
-    if [ -z "$LLAMA_BENCH" ] && [ -f "$LLAMA_SRC/CMakeLists.txt" ] && ! skip LLAMA; then
-        echo "building llama-bench in the background (~6 min)"
-        ( cd "$LLAMA_SRC" && cmake -B /tmp/llama-build -G Ninja -DGGML_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90 \
-            -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF \
-            -DLLAMA_BUILD_SERVER=OFF -DGGML_CUDA_NCCL=OFF -DCMAKE_BUILD_TYPE=Release > /tmp/llama-build.log 2>&1 \
-            && nice -n 5 cmake --build /tmp/llama-build --target llama-bench -j14 >> /tmp/llama-build.log 2>&1 ) &
+    if [ -z "$LLAMA_BENCH" ] && [ -f "$LLAMA_SRC/CMakeLists.txt" ] && ! skip LLAMA && [ "${SMOKE:-0}" != 1 ]; then
+        echo "building llama-bench in the background (nice 19, ~6 min)"
+        ( cd "$LLAMA_SRC" && nice -n 19 cmake -B /tmp/llama-build -G Ninja -DGGML_CUDA=ON \
+            -DCMAKE_CUDA_ARCHITECTURES=90 -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF -DLLAMA_BUILD_TESTS=OFF \
+            -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF -DGGML_CUDA_NCCL=OFF -DCMAKE_BUILD_TYPE=Release \
+            > /tmp/llama-build.log 2>&1 \
+            && nice -n 19 cmake --build /tmp/llama-build --target llama-bench -j16 >> /tmp/llama-build.log 2>&1 ) &
         LLAMA_BUILD_PID=$!
         LLAMA_BENCH=/tmp/llama-build/bin/llama-bench
     fi
@@ -121,47 +166,73 @@ wait_llama_build() {
     fi
 }
 
-make_deep() { python3 -m moed.daemon.cli checkpoint make --preset glm51 --dtype fp8 --experts 8 --out "$DEEP" --device cuda \
-    && du -sh "$DEEP"; }
+make_deep() {
+    [ -f "$DEEP/config.json" ] && return 0
+    # shellcheck disable=SC2086  # the *_MAKE, *_SIZES and *_ARGS are word lists
+    python3 -m moed.daemon.cli checkpoint make $DEEP_MAKE --dtype fp8 --out "$DEEP" --device "$DEVICE" && du -sh "$DEEP"
+}
 
 llama_deep() {
     local gguf=$SHM/glm51-deep-q8_0.gguf
     # beside the 44 GB checkpoint the 47 GB GGUF needs a resized /dev/shm; else it goes to the disk
     [ "$(df --output=avail -B1G $SHM | tail -n 1)" -gt 52 ] || gguf=/tmp/glm51-deep-q8_0.gguf
-    python3 -m moed.ops.bench.llama_peer convert "$DEEP" "$gguf" || return 1  # overlaps a llama-bench build
+    python3 -m moed.ops.bench.llama_peer convert "$DEEP" "$gguf" || { rm -f "$gguf"; return 1; }
+    rm -rf "$DEEP"
     wait_llama_build
     [ -x "$LLAMA_BENCH" ] || { echo "no llama-bench"; rm -f "$gguf"; return 1; }
-    python3 -m moed.ops.bench.llama_peer bench --llama-bench "$LLAMA_BENCH" --deep "$gguf" --out "$RUN/llama_deep.json"
+    python3 -m moed.ops.bench.llama_peer bench --llama-bench "$LLAMA_BENCH" --deep "$gguf" --prompts "$LLAMA_PROMPTS" \
+        --cpu-prompts "" --out "$RUN/llama_deep.json"
     rm -f "$gguf"
 }
 
 llama_slice() {
+    wait_llama_build
     [ -x "$LLAMA_BENCH" ] || { echo "no llama-bench"; return 1; }
     local gguf=$SHM/glm51-slice256-q8_0.gguf
-    python3 -m moed.daemon.cli checkpoint make --preset glm51-slice --dtype fp8 --layers 3 --experts 256 \
-        --mtp-layers 0 --out "$SLICE" --device cuda || return 1
+    # shellcheck disable=SC2086
+    python3 -m moed.daemon.cli checkpoint make $SLICE_MAKE --dtype fp8 --mtp-layers 0 --out "$SLICE" \
+        --device "$DEVICE" || return 1
     python3 -m moed.ops.bench.llama_peer convert "$SLICE" "$gguf"
     rm -rf "$SLICE"
-    python3 -m moed.ops.bench.llama_peer bench --llama-bench "$LLAMA_BENCH" --slice "$gguf" --out "$RUN/llama_slice.json"
+    python3 -m moed.ops.bench.llama_peer bench --llama-bench "$LLAMA_BENCH" --slice "$gguf" --prompts "$LLAMA_PROMPTS" \
+        --out "$RUN/llama_slice.json"
     rm -f "$gguf"
 }
 
 merge_llama() { python3 -m moed.ops.bench.llama_peer merge "$RUN/llama_deep.json" "$RUN/llama_slice.json" \
     --out "$RUN/llama.json"; }
 
+report() {
+    skip LLAMA || merge_llama > /dev/null
+    python3 -m moed.ops.bench.model --stage report --work "$RUN" --llama "$RUN/llama.json" > "$RUN/report.txt.tmp"
+    local rc=$?
+    mv "$RUN/report.txt.tmp" "$RUN/report.txt"
+    cat "$RUN/report.txt"
+    return $rc
+}
+
 stage setup setup
-if ! skip SERVE || ! skip DEEP || ! skip LLAMA; then stage ckpt make_deep; fi
+skip DEEP && skip LLAMA || stage ckpt make_deep
+MODEL="python3 -m moed.ops.bench.model --device $DEVICE --work $RUN"
+# shellcheck disable=SC2086
+skip DEEP || MOED_HOST_ALLOC=huge stage deep $MODEL --stage deep --ckpt "$DEEP" $DEEP_SIZES ${DEEP_ARGS:-}
 skip LLAMA || stage llama_deep llama_deep
-# shellcheck disable=SC2086  # the *_ARGS are word lists
-skip SERVE || stage serve python3 -m moed.ops.bench.serve_depth --model "$DEEP" --out "$RUN/serve_depth.json" \
-    --mtp "${SERVE_MTP:-0,1}" ${SERVE_ARGS:-}
-# shellcheck disable=SC2086
-skip DEEP || stage deep python3 -m moed.ops.bench.model --stage deep --ckpt "$DEEP" --work "$RUN" ${DEEP_ARGS:-}
 rm -rf "$DEEP"
-skip LLAMA || stage llama_slice llama_slice
-skip LLAMA || stage llama_merge merge_llama
 # shellcheck disable=SC2086
-skip SLICE || stage slice python3 -m moed.ops.bench.model --stage slice --work "$RUN" ${SLICE_ARGS:-}
-stage report python3 -m moed.ops.bench.model --stage report --work "$RUN" --llama "$RUN/llama.json"
+skip SLICE || stage slice1 $MODEL --stage slice --batches 1 --prefill-tokens "" --depth-layers 0 $SLICE_SIZES \
+    ${SLICE1_ARGS:-}
+stage report report
+skip LLAMA || { stage llama_slice llama_slice; stage report report; }
+# shellcheck disable=SC2086
+skip SLICE || stage slice $MODEL --stage slice --keep-decode --depth-allocs huge $SLICE_SIZES $SLICE_REST \
+    ${SLICE_ARGS:-}
+stage report report
+if ! skip SERVE; then
+    stage ckpt_again make_deep
+    # shellcheck disable=SC2086
+    MOED_HOST_ALLOC=huge stage serve python3 -m moed.ops.bench.serve_depth --model "$DEEP" --device "$DEVICE" \
+        --out "$RUN/serve_depth.json" --mtp "${SERVE_MTP:-0,1}" $SERVE_SIZES ${SERVE_ARGS:-}
+    rm -rf "$DEEP"
+fi
 echo "$SECONDS" > "$RUN/done"
 echo "=== pipeline done in $SECONDS s; results: $RUN/results.json"

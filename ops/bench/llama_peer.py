@@ -220,7 +220,7 @@ class _Arr:
 def run_llama_bench(binary: str, gguf_path: str, extra: list[str], prompts: list[int], gen: int, reps: int,
                     threads: int, timeout: float) -> list[dict]:
     """One llama-bench invocation (-o json); [] with the error logged when it fails."""
-    cmd = [binary, "-m", gguf_path, "-ngl", "99", "-p", ",".join(map(str, prompts)), "-n", str(gen),
+    cmd = [binary, "-m", gguf_path, "-ngl", "99", "-p", ",".join(map(str, prompts)) or "0", "-n", str(gen),
            "-r", str(reps), "-t", str(threads), "-o", "json", *extra]
     log.info("%s", " ".join(cmd))
     t0 = time.perf_counter()
@@ -258,12 +258,17 @@ def bench(args) -> dict:
     sizes: dict[str, int] = {}
     common = dict(gen=args.gen, reps=args.reps, threads=args.threads, timeout=args.timeout)
     variants = {"gpu": [], "cpu": ["-ot", "exps=CPU"], "ncpumoe1": ["--n-cpu-moe", "1"]}
-    for kind, path, names in (("deep", args.deep, ("gpu", "cpu")), ("slice", args.slice, ("gpu", "cpu", "ncpumoe1"))):
+    cpu_prompts = args.prompts if args.cpu_prompts is None else args.cpu_prompts
+    for kind, path, names in (("deep", args.deep, args.deep_variants), ("slice", args.slice, args.slice_variants)):
         if not path:
             continue
         sizes[f"{kind}_gguf"] = Path(path).stat().st_size
         for v in names:
-            runs[f"{kind}_{v}"] = run_llama_bench(args.llama_bench, path, variants[v], args.prompts, **common)
+            prompts = args.prompts if v == "gpu" else cpu_prompts
+            runs[f"{kind}_{v}"] = run_llama_bench(args.llama_bench, path, variants[v], prompts, **common)
+            if args.out:  # each run as it finishes: a pipeline cut off keeps the runs it has
+                Path(args.out).write_text(json.dumps({"binary": args.llama_bench, "threads": args.threads,
+                                                      "runs": runs, "sizes": sizes}, indent=1))
     return {"binary": args.llama_bench, "threads": args.threads, "runs": runs, "sizes": sizes}
 
 
@@ -322,7 +327,13 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--deep-experts", type=int, default=8, help="routed experts per layer of the full-depth GGUF")
     b.add_argument("--slice", default=None, help="1 dense + 2 MoE layers, 256 experts each")
     b.add_argument("--slice-moe-layers", type=int, default=2)
-    b.add_argument("--prompts", type=lambda s: [int(x) for x in s.split(",")], default=[512, 1024, 8192])
+    b.add_argument("--prompts", type=lambda s: [int(x) for x in s.split(",") if x], default=[1024, 8192],
+                   help="prompt lengths of the all-GPU runs (empty: decode only)")
+    b.add_argument("--cpu-prompts", type=lambda s: [int(x) for x in s.split(",") if x], default=None,
+                   help="prompt lengths of the runs with experts on the CPU (default: --prompts)")
+    b.add_argument("--deep-variants", type=lambda s: s.split(","), default=["gpu", "cpu"])
+    b.add_argument("--slice-variants", type=lambda s: s.split(","), default=["gpu", "cpu"],
+                   help="gpu, cpu (-ot exps=CPU), ncpumoe1 (--n-cpu-moe 1)")
     b.add_argument("--gen", type=int, default=16)
     b.add_argument("--reps", type=int, default=2)
     b.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))

@@ -117,7 +117,8 @@ for name, folder in dirs.items():
         os.symlink(os.path.join(repo, folder), os.path.join("/tmp/moedpath", *name.split(".")))
 EOF
     export PYTHONPATH=/tmp/site:/tmp/moedpath${PYTHONPATH:+:$PYTHONPATH}
-    python3 -c "import moed.ops.bench.model, moed.formats.fp8, zmq, msgspec; print('moed importable; pyzmq', zmq.__version__)"
+    python3 -c "import moed.ops.bench.model_deep, moed.ops.bench.model_slice, moed.daemon.server, zmq, msgspec; \
+print('moed importable; pyzmq', zmq.__version__)"
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
     free -g | head -2
     mount -o remount,size=118G /dev/shm 2> /dev/null && echo "/dev/shm resized to 118G" || echo "/dev/shm not resized"

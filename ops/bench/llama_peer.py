@@ -14,11 +14,12 @@ layer's tensors are ever held. The locally trained tokenizer has no registered p
 real one maps to) is used, as the project's earlier runs did.
 
 `bench` runs llama-bench (`-o json`) on the full-depth GGUF (all on the GPU, and routed experts on the CPU with
-`-ot exps=CPU`) and on the 256-expert slice (1 dense + 2 MoE layers: all on the GPU, experts on the CPU, and
-`--n-cpu-moe 1`), batch-1 decode and prefill, and derives the same per-layer figures as moed's bench
-(`model.llama_per_layer`): whole model = full-depth all-GPU step + 75 x (CPU-expert layer - GPU-expert layer),
-with the slice's difference; (b) keeps as many layers' experts on the GPU as the GPU's memory allows beside
-llama.cpp's own non-expert weights and KV (`--n-cpu-moe 75 - that`).
+`-ot exps=CPU`: decode only by default, the direct whole-model figure) and on the 256-expert slice (1 dense + 2 MoE
+layers: all on the GPU, experts on the CPU; `--n-cpu-moe 1` on request), batch-1 decode and prefill, each run saved as
+it ends, and derives the same per-layer figures as moed's bench (`model_projection.llama_per_layer`): whole model =
+full-depth all-GPU step + 75 x (CPU-expert layer - GPU-expert layer), with the slice's difference; (b) keeps as many
+layers' experts on the GPU as the GPU's memory allows beside llama.cpp's own non-expert weights and KV
+(`--n-cpu-moe 75 - that`).
 """
 
 from __future__ import annotations

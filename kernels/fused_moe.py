@@ -267,15 +267,16 @@ def fused_moe_routes(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, 
                      route_weights: torch.Tensor, expert_to_slot: torch.Tensor, *,
                      w13_scale: torch.Tensor | None = None, w2_scale: torch.Tensor | None = None,
                      block_shape: tuple[int, int] | None = None, out: torch.Tensor | None = None,
-                     config_tokens: int | None = None, config: dict | None = None) -> torch.Tensor:
+                     config_tokens: int | None = None, config_ids: int | None = None,
+                     config: dict | None = None) -> torch.Tensor:
     """Each route's expert output, not summed: out [M * k, K] bf16, row t * k + j = route_weights[t * k + j] *
     expert(topk_ids[t, j])(hidden[t]) (route_weights fp32 [M * k]).
 
     Only routes whose id is in [0, num_ids) (num_ids = expert_to_slot.numel()) are computed and written; the other
     rows of `out` keep what they held. So an expert cache that serves a step's experts in rounds passes one `out` to
     every round, each round's other routes carrying an id outside the table, and computes each route once.
-    `config_tokens`: the M the tuned tables are looked up by and activation quantisation is chosen by (default M);
-    `config`: a tuned-table entry instead (both GEMMs).
+    `config_tokens`, `config_ids`: the M and E the tuned tables are looked up by (activation quantisation is chosen by
+    that M; default M and num_ids); `config`: a tuned-table entry instead (both GEMMs).
     """
     M, K = hidden.shape
     fp8 = _check(hidden, w13, w2, topk_ids, route_weights.view(topk_ids.shape), expert_to_slot, w13_scale,
@@ -289,18 +290,18 @@ def fused_moe_routes(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, 
     if T == 0:
         return out
     return _routes(hidden, w13, w2, topk_ids, route_weights, expert_to_slot, w13_scale, w2_scale, block_shape,
-                   config, None, out, config_tokens or M, fp8)
+                   config, None, out, config_tokens or M, fp8, config_ids)
 
 
 def _routes(hidden, w13, w2, topk_ids, route_weights, expert_to_slot, w13_scale, w2_scale, block_shape, config,
-            down_config, partial, config_tokens: int, fp8: bool) -> torch.Tensor:
+            down_config, partial, config_tokens: int, fp8: bool, config_ids: int | None = None) -> torch.Tensor:
     """Steps 1-3: partial [M * k, K] = route weight * expert output for every route with an id in the table."""
     K = hidden.shape[1]
     N = w2.shape[2]
     top_k = topk_ids.shape[1]
     if config is None:
-        config, looked_up_down = get_moe_config(expert_to_slot.numel(), N, config_tokens, fp8, block_shape,
-                                                hidden.device)
+        config, looked_up_down = get_moe_config(config_ids or expert_to_slot.numel(), N, config_tokens, fp8,
+                                                block_shape, hidden.device)
         down_config = down_config or looked_up_down
     check_config(config, fp8, block_shape, "config")
     down_config = dict(down_config or config)
@@ -478,12 +479,13 @@ def fused_moe_routes_reference(hidden: torch.Tensor, w13: torch.Tensor, w2: torc
                                route_weights: torch.Tensor, expert_to_slot: torch.Tensor, *,
                                w13_scale: torch.Tensor | None = None, w2_scale: torch.Tensor | None = None,
                                block_shape: tuple[int, int] | None = None, out: torch.Tensor | None = None,
-                               config_tokens: int | None = None, config: dict | None = None,
-                               quantize_activations: bool = False, w13_zeros: torch.Tensor | None = None,
-                               w2_zeros: torch.Tensor | None = None, group: int = 128) -> torch.Tensor:
+                               config_tokens: int | None = None, config_ids: int | None = None,
+                               config: dict | None = None, quantize_activations: bool = False,
+                               w13_zeros: torch.Tensor | None = None, w2_zeros: torch.Tensor | None = None,
+                               group: int = 128) -> torch.Tensor:
     """Plain-torch `fused_moe_routes` (and `fused_moe_int4_routes`): row t * k + j = bf16(route_weights[t * k + j] *
-    expert(topk_ids[t, j])(x_t)) in fp32 math; rows of ids outside [0, num_ids) are left as they are (config_tokens,
-    config: no tiles here). Weights of every layout, as `fused_moe_reference` takes them."""
+    expert(topk_ids[t, j])(x_t)) in fp32 math; rows of ids outside [0, num_ids) are left as they are (config_*: no
+    tiles here). Weights of every layout, as `fused_moe_reference` takes them."""
     M, K = hidden.shape
     k = topk_ids.shape[1]
     if out is None:

@@ -152,12 +152,12 @@ class OffloadMoERunner:
     def _route_outputs(self, lc: LayerCache, hidden: torch.Tensor, ids: torch.Tensor,
                        route_out: torch.Tensor) -> torch.Tensor:
         """Write the rows of route_out [M*k, K] whose ids [M, k] are real experts (< E); the dummy id E is outside the
-        table handed to the kernel, so those routes are not computed. Tiles are looked up by M*k, as when each route
-        was a row of its own."""
+        table handed to the kernel, so those routes are not computed. Tiles are looked up as when each route was a row
+        of its own against the whole table (M*k tokens, E + 1 ids), so outputs are the same bits as then."""
         L = self.layout
-        return self.moe_fn(hidden, lc.w13, lc.w2, ids, self._ones_for(ids.numel()),
-                           lc.tables.expert_to_slot[: L.num_experts], out=route_out, config_tokens=ids.numel(),
-                           **lc.moe_kwargs)
+        table = lc.tables.expert_to_slot
+        return self.moe_fn(hidden, lc.w13, lc.w2, ids, self._ones_for(ids.numel()), table[: L.num_experts],
+                           out=route_out, config_tokens=ids.numel(), config_ids=table.numel(), **lc.moe_kwargs)
 
     def run(self, layer: int, hidden: torch.Tensor, topk_ids: torch.Tensor,
             topk_weights: torch.Tensor) -> torch.Tensor:

@@ -196,7 +196,7 @@ def every_route_every_round(runner: OffloadMoERunner, lc) -> Iterator[None]:
     def old(hidden, w13, w2, ids, route_weights, expert_to_slot, *, out, **kw):
         M, k = ids.shape
         rep = hidden[:, None, :].expand(M, k, hidden.shape[1]).reshape(M * k, -1)
-        y = real(rep, w13, w2, ids.view(-1, 1), route_weights, table, **kw)
+        y = real(rep, w13, w2, ids.view(-1, 1), route_weights, table, **kw)  # kw: the same tiles as the new loop
         out.copy_(torch.where((ids.view(-1, 1) < E), y, out))
         return out
 

@@ -72,7 +72,7 @@ class EngineConfig:
                                     "a GPU expert cache)")
     expert_cache_gb: float | None = setting(None, "offload: the target model's expert cache (GiB); auto = sized when "
                                                   "the weights are loaded: what is free on the GPU then, less the KV "
-                                                  "pool (at most half of it) and 5% for activations", gt=0)
+                                                  "pool (at most half of it) and 5 percent for activations", gt=0)
     draft_expert_cache_gb: float | None = setting(None, "offload: the MTP draft's own expert cache (GiB); auto = the "
                                                         "target's per-layer share", gt=0)
     miss_service: MissService = setting(AUTO, "offload: how decode serves expert misses: copy (exact FP8), hybrid "

@@ -62,7 +62,8 @@ def test_given_budgets_off_cuda_and_the_drafts_share(tiny_checkpoint):
 def test_engine_offload_without_a_budget_sizes_the_cache_after_the_weights(tiny_checkpoint, caplog):
     """moe=offload without expert_cache_gb: the cache is sized when loading ends (from what the weights left), the
     KV pool still fits, and the engine serves."""
-    from moed.engine.llm_engine import EngineConfig, LLMEngine
+    from moed.engine.config import EngineConfig
+    from moed.engine.llm_engine import LLMEngine
     from moed.engine.protocol import SamplingParams
 
     caplog.set_level("INFO", logger="moed.offload.routed_experts")

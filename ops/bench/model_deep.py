@@ -24,7 +24,8 @@ from pathlib import Path
 import torch
 
 from moed.attention.paged_kv import PagedKVPool
-from moed.engine.llm_engine import EngineConfig, LLMEngine
+from moed.engine.config import EngineConfig
+from moed.engine.llm_engine import LLMEngine
 from moed.model.checkpoint import checkpoint_bytes
 from moed.offload.host_store import thp_status
 from moed.ops.bench.engine import _timed_prefill, run_load

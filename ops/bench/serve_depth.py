@@ -43,8 +43,7 @@ class DaemonProcess:
         self.log_path = log_path
         cmd = [sys.executable, "-m", "moed.daemon.cli", "serve", "--model", model, "--device", device,
                "--listen", address, "--metrics-address", "", "--http-address", "", "--max-running", str(max_running),
-               "--worker-start-timeout-s", "1500", "--engine-stall-timeout-s", "600",
-               "--engine-args", " ".join(engine_args)]
+               "--worker-start-timeout-s", "1500", "--engine-stall-timeout-s", "600", *engine_args]
         log.info("starting: %s", " ".join(cmd))
         self.t0 = time.monotonic()
         self.lines: list[str] = []

@@ -16,7 +16,8 @@
 # 125 GiB allow (the full-depth checkpoint, its GGUF and the 256-expert store cannot all be resident); estimated
 # machine time on the H100 machine, warm (minutes):
 #   setup       0.3  carried wheels (.whl/: pyzmq, msgspec), moed importable from this checkout, machine facts;
-#                    llama-bench carried (.peers/bin) or built here from .peers/llama.cpp-src.tar.gz in the background
+#                    llama-bench carried (.peers/llama-bench.xz or .peers/bin/) or built here from
+#                    .peers/llama.cpp-src.tar.gz in the background
 #                    (nice 19, ~6 min on 16 cores, beside ckpt, deep and the conversion; a stage that ran beside it
 #                    says so in its end line)
 #   ckpt        0.7  `moed checkpoint make --preset glm51 --experts 8` into /dev/shm (78 layers, 44 GB)
@@ -121,7 +122,9 @@ EOF
 print('moed importable; pyzmq', zmq.__version__)"
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
     free -g | head -2
-    mount -o remount,size=118G /dev/shm 2> /dev/null && echo "/dev/shm resized to 118G" || echo "/dev/shm not resized"
+    if [ "${SMOKE:-0}" != 1 ]; then
+        mount -o remount,size=118G /dev/shm 2> /dev/null && echo "/dev/shm resized to 118G" || echo "/dev/shm not resized"
+    fi
     df -h /dev/shm /tmp | tail -n 2
     echo "THP: $(cat /sys/kernel/mm/transparent_hugepage/enabled 2> /dev/null) defrag: \
 $(cat /sys/kernel/mm/transparent_hugepage/defrag 2> /dev/null)"
@@ -130,9 +133,15 @@ $(cat /sys/kernel/mm/transparent_hugepage/defrag 2> /dev/null)"
     CUDA_LIBS=$(python3 -c "import nvidia, os; print(os.path.join(list(nvidia.__path__)[0], 'cu13', 'lib'))" 2> /dev/null)
     export LD_LIBRARY_PATH=${CUDA_LIBS}:/usr/local/cuda/lib64${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
     LLAMA_BENCH=""
-    if [ -x "$PEERS/bin/llama-bench" ]; then
-        # copied out of the checkout: a later device call may re-sync it while this run goes on
-        mkdir -p /tmp/llama-bin && cp "$PEERS"/bin/* /tmp/llama-bin/
+    # copied out of the checkout (a later device call may re-sync it while this run goes on); carried xz-compressed
+    # (71 MB stripped: the device's working tree may not exceed 64 MiB)
+    mkdir -p /tmp/llama-bin
+    if [ -f "$PEERS/llama-bench.xz" ]; then
+        xz -dc "$PEERS/llama-bench.xz" > /tmp/llama-bin/llama-bench && chmod +x /tmp/llama-bin/llama-bench
+    elif [ -x "$PEERS/bin/llama-bench" ]; then
+        cp "$PEERS"/bin/* /tmp/llama-bin/
+    fi
+    if [ -x /tmp/llama-bin/llama-bench ]; then
         LLAMA_BENCH=/tmp/llama-bin/llama-bench
         ldd "$LLAMA_BENCH" | grep -E "not found|cublas|cudart|libcuda"
         if ldd "$LLAMA_BENCH" | grep -q "not found"; then echo "carried llama-bench lacks libraries"; LLAMA_BENCH=""; fi

@@ -77,6 +77,32 @@ def test_moe_int4_matches_reference(M, symmetric):
     assert rel(out, _ref(ex, x, ids, w, table)) < 1e-2
 
 
+
+def test_moe_int4_routes_computes_only_ids_in_the_table():
+    """fused_moe_int4_routes (the expert cache's rounds at int4): one output row per route, written only for ids in
+    [0, num_ids), the other rows kept; and the summed kernel is the routes' weighted sum."""
+    gen = torch.Generator().manual_seed(21)
+    N, K, S, k, M = 64, 256, 5, 3, 6
+    ex = experts(S, N, K, gen)
+    weights = {n: v for n, v in ex.items() if n not in ("w13", "w2")}
+    table = torch.randperm(S, generator=gen).to(torch.int32).to(DEV)
+    ids, _ = routing(M, k, torch.arange(S), gen)
+    ids[0, 1] = ids[3, 0] = ids[5, 2] = S  # not this round's
+    w = torch.rand(M * k, generator=gen).to(DEV)
+    x = torch.randn((M, K), generator=gen).to(torch.bfloat16).to(DEV)
+    out = torch.full((M * k, K), float("nan"), dtype=torch.bfloat16, device=DEV)
+    fi.fused_moe_int4_routes(x, ex["w13"], ex["w2"], ids, w, table, out=out, config=SMALL, **weights)
+    ref = torch.full_like(out, float("nan"))
+    fm.fused_moe_routes_reference(x, ex["w13"], ex["w2"], ids, w, table, out=ref, **weights)
+    skipped = (ids.view(-1) == S).to(DEV)
+    assert torch.isnan(out[skipped].float()).all() and torch.isnan(ref[skipped].float()).all()
+    assert torch.isfinite(out[~skipped].float()).all()
+    assert rel(out[~skipped], ref[~skipped]) < 1e-2
+    ids_all = torch.where(ids == S, 0, ids)
+    summed = _run(ex, x, ids_all, w.view(M, k), table, config=SMALL)
+    routes = fi.fused_moe_int4_routes(x, ex["w13"], ex["w2"], ids_all, w, table, config=SMALL, **weights)
+    assert torch.equal(summed, routes.view(M, k, K).float().sum(dim=1).bfloat16())
+
 def test_moe_int4_partial_groups_and_small_group():
     """K and N that are not multiples of the group (a partial last group), and 32-wide groups with BLOCK_K 32 (passed,
     or the looked-up 128 narrowed to the group)."""

@@ -107,7 +107,7 @@ def test_offload_store_mapped_slabs_are_exact_and_hold_experts(tiny_fp8_checkpoi
     """mmap/huge slabs: exactly the slab's bytes (torch's pinned allocator rounds up to a power of two), huge ones
     2 MiB-aligned, and they store what the torch slabs store."""
     cfg = GlmMoeDsaConfig.from_file(tiny_fp8_checkpoint)
-    layout = ExpertLayout.for_config(cfg, fp8=True)
+    layout = ExpertLayout.for_config(cfg)
     layers = list(range(cfg.first_k_dense_replace, cfg.num_hidden_layers))
     ref = HostExpertStore(layout, layers, pin=False, alloc="torch")
     ref.fill_from_checkpoint(tiny_fp8_checkpoint, cfg)

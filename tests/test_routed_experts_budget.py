@@ -45,6 +45,7 @@ class _Settings:  # the fields of EngineConfig that RoutedExperts reads
     miss_service: str = "copy"
     cpu_expert_threads: int = 0
     spec_steps: int = 1
+    expert_dtype: str = "checkpoint"
 
 
 def test_given_budgets_off_cuda_and_the_drafts_share(tiny_checkpoint):

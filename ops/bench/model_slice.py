@@ -258,7 +258,7 @@ def depth_cases(args, ceil: dict, device: torch.device) -> list[dict]:
     E = 16
     cfg = slice_cfg(args.preset, E)
     k = cfg.num_experts_per_tok
-    layout = ExpertLayout.for_config(cfg, fp8=True)
+    layout = ExpertLayout.for_config(cfg)
     deep = list(range(cfg.first_k_dense_replace, cfg.first_k_dense_replace + args.depth_layers))
     steps, warm = args.steps, 4
     # Two disjoint sets of k experts alternate: with k slots (LRU) every routed expert is a miss, every step.
@@ -318,7 +318,7 @@ def stage_slice(args, save: Callable[[dict], None]) -> dict:
     deep = json.loads(deep_path.read_text()) if deep_path.exists() else {}
     cfg = slice_cfg(args.preset, args.experts)
     E, k = cfg.n_routed_experts, cfg.num_experts_per_tok
-    layout = ExpertLayout.for_config(cfg, fp8=True)
+    layout = ExpertLayout.for_config(cfg)
     gpu = torch.cuda.get_device_properties(device).total_memory if cuda else int(args.gpu_gib * 2**30)
     nonexpert = deep.get("nonexpert_resident_bytes") or int(args.nonexpert_gib * 2**30)
     kv_tok = deep.get("kv_bytes_per_token") or 78 * 1284

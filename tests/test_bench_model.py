@@ -158,13 +158,24 @@ def test_every_stage_runs_on_cpu_at_tiny_sizes(tiny_fp8_checkpoint, tmp_path, ca
                  "2", "--max-slice-layers", "1", *common]) == 0
     sl = json.loads((work / "slice.json").read_text())
     assert sorted({r["batch"] for r in sl["decode"]}) == [1, 2]
+    # int4 experts: every part of the stage at int4's layout, its own JSON, fewer bytes per expert
+    assert main(["--stage", "slice", "--expert-dtype", "int4", "--preset", "tiny", "--experts", "16", "--slots", "5",
+                 "--batches", "1", "--prefill-tokens", "16", "--depth-layers", "2", "--steps", "2", "--warm-steps", "2",
+                 "--max-slice-layers", "1", *common]) == 0
+    s4 = json.loads((work / "slice_int4.json").read_text())
+    assert s4["expert_format"] == "int4" and sl["expert_format"] == "fp8"
+    assert s4["deployment"]["expert_bytes"] < sl["deployment"]["expert_bytes"]
+    assert all(r["misses"] > 0 for r in s4["decode"]) and s4["prefill"][0]["rounds"] >= 1 and s4["depth"]
     llama = tmp_path / "llama.json"
     llama.write_text(json.dumps({"decode_ms": {"deep_cpu": 300.0}}))
     capsys.readouterr()
     assert main(["--stage", "report", "--work", str(work), "--llama", str(llama)]) == 0
     out = capsys.readouterr().out
     assert "HEADLINE batch 1 skewed" in out and "measured directly" in out and "a part is missing" not in out
-    assert json.loads((work / "results.json").read_text())["report"]["decode"]
+    assert "HEADLINE int4 batch 1 skewed" in out and "Q4_0: not run" in out
+    assert out.index("HEADLINE batch 1") < out.index("HEADLINE int4")  # FP8 vs Q8_0 stays the first figure
+    rep = json.loads((work / "results.json").read_text())["report"]
+    assert rep["decode"] and rep["decode_int4"]
 
 
 def test_serve_depth_runs_on_cpu_at_tiny_sizes(tiny_fp8_checkpoint, tmp_path, capsys):

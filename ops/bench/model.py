@@ -11,7 +11,7 @@ taken where it can be taken faithfully, and printed with every input and its bou
   slice   (`--stage slice`, model_slice.py) MoE layers with all 256 experts, as many as the host holds, with the
           expert cache a deployment of the whole model on this GPU would have: decode per batch and trace, prefill
           streaming (now and as before the cache's rounds computed only their own routes), and where the time per
-          layer goes at depth.
+          layer goes at depth. `--expert-dtype int4`: the same with moed's int4 experts (batch 1 in the pipeline).
   report  (`--stage report`, model_report.py) whole-model decode, MTP, time to first token, memory and PCIe per
           token, llama.cpp's figures by the same method (ops/bench/llama_peer.py), the moed / llama.cpp headline.
 The arithmetic is model_projection.py; how things are timed on a GPU and on a CPU is model_timing.py.
@@ -33,6 +33,8 @@ import time
 from pathlib import Path
 
 from moed.ops.bench.model_projection import BATCHES, CHUNK, PROMPTS
+
+PARTS = ("deep", "slice", "slice_int4")  # the stages' JSON files the report reads
 
 log = logging.getLogger("bench.model")
 
@@ -63,6 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
     s = p.add_argument_group("slice")
     s.add_argument("--preset", default="glm51", help="widths of the slice's MoE layers (tiny: the CPU smoke test)")
     s.add_argument("--experts", type=int, default=256, help="routed experts per slice layer")
+    s.add_argument("--expert-dtype", choices=("checkpoint", "int4"), default="checkpoint",
+                   help="the slice's experts: FP8 as released (checkpoint) or moed's int4 (written to slice_int4.json)")
     s.add_argument("--context", type=int, default=32768, help="KV the deployment keeps room for (tokens)")
     s.add_argument("--reserve-gib", type=float, default=4.0, help="activations, graph pools, CUDA context")
     s.add_argument("--nonexpert-gib", type=float, default=38.0, help="without a deep stage: resident non-expert")
@@ -83,6 +87,11 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def stage_name(args) -> str:
+    """The stage's JSON name: deep, slice, or slice_int4 (the slice with int4 experts)."""
+    return "slice_int4" if args.stage == "slice" and args.expert_dtype == "int4" else args.stage
+
+
 def run_stage(args) -> dict:
     """One stage in this process; deep and slice write WORK/<stage>.json after each part."""
     import torch
@@ -91,7 +100,7 @@ def run_stage(args) -> dict:
     meta = {"stage": args.stage, "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
             "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__, "args": vars(args)}
     t0 = time.perf_counter()
-    path = work / f"{args.stage}.json"
+    path = work / f"{stage_name(args)}.json"
     kept: list[dict] = []
     if args.stage == "slice" and args.keep_decode and path.exists():
         measured = set(args.batches)
@@ -123,7 +132,7 @@ def report(args) -> dict:
     from moed.ops.bench.model_timing import write_json
 
     work = Path(args.work)
-    parts = {name: json.loads(Path(work, f"{name}.json").read_text()) for name in ("deep", "slice")
+    parts = {name: json.loads(Path(work, f"{name}.json").read_text()) for name in PARTS
              if Path(work, f"{name}.json").exists()}
     if args.llama and Path(args.llama).exists():
         parts["llama"] = json.loads(Path(args.llama).read_text())

@@ -4,7 +4,8 @@ Decode per token = non-MoE step (deep) + 75 x MoE layer (slice), at each batch o
 token) at acceptance 0 and at the published MTP acceptance; time to first token = non-MoE prefill + 75 x the MoE
 layer's prefill, now and with every route computed in every round (as before); projected host memory, GPU memory and
 PCIe bytes per token; llama.cpp's figures by the same per-layer method (ops/bench/llama_peer.py) and, measured
-directly, its full-depth run with the experts on the CPU. The moed / llama.cpp ratio is the headline, printed first.
+directly, its full-depth run with the experts on the CPU. The moed / llama.cpp ratio is the headline, printed first;
+then the int4 row (slice_int4: moed's int4 experts; llama.cpp Q4_0 is not run, LLAMA_Q4_NOT_RUN says why).
 Whatever parts exist are used: a stage that failed or was cut off leaves its lines out, named.
 """
 
@@ -25,11 +26,8 @@ from moed.ops.bench.model_projection import (
 )
 
 
-def build_report(parts: dict) -> dict:
-    """Whole-model figures from the stages' JSON (pure arithmetic: tested on CPU with small numbers)."""
-    deep, sl, llama = parts.get("deep") or {}, parts.get("slice") or {}, parts.get("llama") or {}
-    rep: dict = {"mtp_acceptance_source": MTP_SOURCE}
-    nonmoe = {int(r["batch"]): r["step_ms"] for r in deep.get("nonmoe", [])}
+def decode_rows(nonmoe: dict[int, float], sl: dict) -> tuple[dict[tuple[str, int], dict], list[dict]]:
+    """The slice's decode rows by (trace, batch), the better policy of each, and whole-model decode rows from them."""
     moe: dict[tuple[str, int], dict] = {}
     for r in sl.get("decode", []):
         key = (r["trace"], int(r["batch"]))
@@ -47,7 +45,23 @@ def build_report(parts: dict) -> dict:
                      "moe_layer_ms": r["ms_per_layer"], "hit_rate": r["hit_rate"], "misses_per_layer": r["misses"],
                      "whole_ms": whole, "tok_s": b * 1e3 / whole, "bound_ms": bound, "vs_bound": whole / bound,
                      "pcie_bytes_per_token": MOE_LAYERS * copied * expert_bytes / b})
+    return moe, rows
+
+
+def build_report(parts: dict) -> dict:
+    """Whole-model figures from the stages' JSON (pure arithmetic: tested on CPU with small numbers)."""
+    deep, sl, llama = parts.get("deep") or {}, parts.get("slice") or {}, parts.get("llama") or {}
+    rep: dict = {"mtp_acceptance_source": MTP_SOURCE}
+    nonmoe = {int(r["batch"]): r["step_ms"] for r in deep.get("nonmoe", [])}
+    moe, rows = decode_rows(nonmoe, sl)
     rep["decode"] = rows
+    sl4 = parts.get("slice_int4") or {}
+    rep["decode_int4"] = decode_rows(nonmoe, sl4)[1] if sl4 else []
+    if sl4.get("deployment"):
+        d4 = sl4["deployment"]
+        rep["memory_int4"] = {"host_bytes_experts": d4["expert_bytes"] * REAL_EXPERTS * MOE_LAYERS,
+                              "gpu_cache_bytes": d4["cache_bytes"], "cache_fraction": d4["fraction"],
+                              "slots_per_layer": d4["slots"]}
 
     # MTP, one draft token: verify = a step at 2 tokens per sequence; draft = one MTP layer's step at the batch.
     mtp = []
@@ -99,9 +113,14 @@ def build_report(parts: dict) -> dict:
         rep["headline"] = [{"trace": r["trace"], "llama_variant": v, "moed_ms": r["whole_ms"], "llama_ms": ms,
                             "ratio": ms / r["whole_ms"]}
                            for r in rows if r["batch"] == 1 for v, ms in variants.items()]
+    # llama.cpp at 4 bits is not run (LLAMA_Q4_NOT_RUN): the int4 headline states moed's side alone.
+    rep["headline_int4"] = [{"trace": r["trace"], "moed_ms": r["whole_ms"], "llama_q4_0": None}
+                            for r in rep["decode_int4"] if r["batch"] == 1]
     return rep
 
 
+LLAMA_Q4_NOT_RUN = ("llama.cpp Q4_0: not run (its converter, convert_hf_to_gguf.py --outtype, writes f32/f16/bf16/q8_0/"
+                    "tq1_0/tq2_0 only, and the GPU machine has no llama-quantize)")
 LLAMA_VARIANTS = {"cpu_experts": "-ot exps=CPU, per-layer method",
                   "n_cpu_moe": "--n-cpu-moe, as many layers' experts on the GPU as fit, per-layer method",
                   "deep_cpu_direct": "-ot exps=CPU on the full-depth GGUF (8 experts/layer), measured directly"}
@@ -130,6 +149,9 @@ def _headline(rep: dict, deep: dict, sl: dict) -> None:
         print(f"HEADLINE batch 1 {h['trace']:8}: moed {h['moed_ms']:.1f} ms/token vs llama.cpp Q8_0 "
               f"{h['llama_ms']:.1f} ms/token ({LLAMA_VARIANTS.get(h['llama_variant'], h['llama_variant'])}) -> "
               f"moed is {h['ratio']:.2f}x llama.cpp")
+    for h in rep.get("headline_int4", []):
+        print(f"HEADLINE int4 batch 1 {h['trace']:8}: moed int4 {h['moed_ms']:.1f} ms/token "
+              f"({1e3 / h['moed_ms']:.2f} tok/s); {LLAMA_Q4_NOT_RUN}")
 
 
 def _setup(rep: dict, deep: dict, sl: dict) -> None:
@@ -157,11 +179,16 @@ def _setup(rep: dict, deep: dict, sl: dict) -> None:
 
 
 def _decode(rep: dict, deep: dict, sl: dict) -> None:
-    if not rep["decode"]:
-        return
-    print(f"\n{'trace':8} {'batch':>5} {'non-MoE ms':>10} {'MoE/layer ms':>12} {'hit':>5} {'miss/layer':>10} "
+    for title, rows in (("FP8 experts", rep["decode"]), ("int4 experts", rep.get("decode_int4") or [])):
+        if rows:
+            print(f"\n{title}:")
+            _decode_table(rows)
+
+
+def _decode_table(rows: list[dict]) -> None:
+    print(f"{'trace':8} {'batch':>5} {'non-MoE ms':>10} {'MoE/layer ms':>12} {'hit':>5} {'miss/layer':>10} "
           f"{'ms/step':>9} {'tok/s':>7} {'bound ms':>8} {'x bound':>7}")
-    for r in rep["decode"]:
+    for r in rows:
         print(f"{r['trace']:8} {r['batch']:>5} {r['nonmoe_ms']:>10.2f} {r['moe_layer_ms']:>12.3f} "
               f"{_f(r['hit_rate']):>5} {r['misses_per_layer']:>10.2f} {r['whole_ms']:>9.1f} {r['tok_s']:>7.2f} "
               f"{r['bound_ms']:>8.1f} {r['vs_bound']:>7.2f}")
@@ -199,6 +226,13 @@ def _memory(rep: dict, deep: dict, sl: dict) -> None:
               f"{m['gpu_cache_bytes'] / 1e9:.1f} GB expert cache")
         for r in rep["decode"]:
             print(f"  PCIe per token ({r['trace']}, batch {r['batch']}): {r['pcie_bytes_per_token'] / 1e9:.2f} GB")
+    m4 = rep.get("memory_int4")
+    if m4:
+        print(f"int4 experts: host {m4['host_bytes_experts'] / 1e9:.0f} GB for the experts; the same GPU cache holds "
+              f"{100 * m4['cache_fraction']:.2f}% of them ({m4['slots_per_layer']} slots per layer)")
+        for r in rep.get("decode_int4") or []:
+            print(f"  PCIe per token at int4 ({r['trace']}, batch {r['batch']}): "
+                  f"{r['pcie_bytes_per_token'] / 1e9:.2f} GB")
 
 
 def _deep_offload(rep: dict, deep: dict, sl: dict) -> None:

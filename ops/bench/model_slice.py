@@ -2,9 +2,11 @@
 the whole model would have on this GPU.
 
 The experts are random FP8 drawn on the device straight into the pinned store (9.7 GB per layer; no checkpoint staged
-in host memory), as many layers as the host holds. The cache gets the slots per layer a real deployment leaves them:
-fraction = (GPU memory - resident non-expert bytes - KV for one `--context` sequence - `--reserve-gib`) / (75 x 256
-experts' bytes). In the order the headline needs them, each part written as soon as it is measured:
+in host memory), as many layers as the host holds; with `--expert-dtype int4`, random int4 experts in moed's int4
+layout instead (5.0 GB per layer; the same cache arithmetic at int4's expert bytes; written to slice_int4.json).
+The cache gets the slots per layer a real deployment leaves them: fraction = (GPU memory - resident non-expert bytes
+- KV for one `--context` sequence - `--reserve-gib`) / (75 x 256 experts' bytes). In the order the headline needs
+them, each part written as soon as it is measured:
   decode   per batch x trace {uniform, skewed (offload/traces.py, its four DESIGN.md section 4 statistics
            printed)}: per-layer time of a step over all slice layers replayed from one CUDA graph, hit rate,
            misses, and the bound misses x expert bytes / joint miss-service rate + resident bytes / HBM; batch 1
@@ -54,6 +56,8 @@ from moed.ops.bench.model_timing import (
 )
 
 log = logging.getLogger("bench.model.slice")
+ZERO_POINTS_0 = int.from_bytes(bytes([0x88] * 4), "little", signed=True)  # eight stored nibbles z + 8 = 8: z = 0
+INT4_STD = (255 / 12) ** 0.5  # spread of a value uniform over the 16 integers -8..7
 
 
 def slice_cfg(preset: str, experts: int) -> GlmMoeDsaConfig:
@@ -61,17 +65,26 @@ def slice_cfg(preset: str, experts: int) -> GlmMoeDsaConfig:
 
 
 def fill_random(store: HostExpertStore, layer: int, seed: int, device: torch.device) -> None:
-    """Random FP8 experts drawn on `device` straight into `layer`'s slab (block scales 1/sqrt(fan-in))."""
+    """Random experts drawn on `device` straight into `layer`'s slab: FP8 weights with block scales 1/sqrt(fan-in);
+    int4 nibbles uniform over [-8, 7], zero points 0, bf16 group scales that give the same 1/sqrt(fan-in) spread."""
     g = torch.Generator(device=device).manual_seed(seed)
     L = store.layout
     for name, sec in store.sections(layer).items():
+        fan_in = L.hidden if name.startswith("w13") else L.inter
+        if name.endswith("zeros"):
+            sec.fill_(ZERO_POINTS_0)
+            continue
         if name.endswith("scale"):
-            sec.fill_((L.hidden if name == "w13_scale" else L.inter) ** -0.5)
+            sec.fill_(fan_in ** -0.5 / (INT4_STD if L.is_int4 else 1.0))
             continue
         step = max(1, (1 << 30) // sec[0].numel())
         for e0 in range(0, L.num_experts, step):
             e1 = min(L.num_experts, e0 + step)
-            sec[e0:e1].copy_(torch.randn((e1 - e0, *sec.shape[1:]), generator=g, device=device).to(sec.dtype))
+            shape = (e1 - e0, *sec.shape[1:])
+            if L.is_int4:  # two uniform nibbles a byte
+                sec[e0:e1].copy_(torch.randint(0, 256, shape, generator=g, device=device, dtype=torch.uint8))
+            else:
+                sec[e0:e1].copy_(torch.randn(shape, generator=g, device=device).to(sec.dtype))
     store.mark_loaded(layer)
     sync(device)
 
@@ -214,10 +227,12 @@ def prefill_layer(cfg: GlmMoeDsaConfig, store: HostExpertStore, layer: int, slot
     one, and the same layer with every expert resident (compute alone)."""
     E, k, K = cfg.n_routed_experts, cfg.num_experts_per_tok, cfg.hidden_size
     L = store.layout
-    resident = OffloadMoERunner(cfg, layers=[layer], device=device, slots=E, store=OneLayer(store, layer))
+    xd = args.expert_dtype
+    resident = OffloadMoERunner(cfg, layers=[layer], device=device, slots=E, store=OneLayer(store, layer),
+                                expert_dtype=xd)
     resident.finish_loading()
     streamed = OffloadMoERunner(cfg, layers=[layer], device=device, slots=min(slots, E),
-                                store=OneLayer(store, layer), cache=CacheConfig(copy_path="sm"))
+                                store=OneLayer(store, layer), cache=CacheConfig(copy_path="sm"), expert_dtype=xd)
     streamed.finish_loading()
     lc = streamed.cache[layer]
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -258,7 +273,7 @@ def depth_cases(args, ceil: dict, device: torch.device) -> list[dict]:
     E = 16
     cfg = slice_cfg(args.preset, E)
     k = cfg.num_experts_per_tok
-    layout = ExpertLayout.for_config(cfg)
+    layout = ExpertLayout.for_config(cfg, args.expert_dtype)
     deep = list(range(cfg.first_k_dense_replace, cfg.first_k_dense_replace + args.depth_layers))
     steps, warm = args.steps, 4
     # Two disjoint sets of k experts alternate: with k slots (LRU) every routed expert is a miss, every step.
@@ -287,6 +302,7 @@ def depth_cases(args, ceil: dict, device: torch.device) -> list[dict]:
                 continue  # the rounds effect is shown once
             layers = deep[:n_layers]
             r = OffloadMoERunner(cfg, layers=deep, device=device, slots=slots, store=store, cache=CacheConfig(),
+                                 expert_dtype=args.expert_dtype,
                                  cpu=CpuConfig(threads=args.cpu_threads, max_tokens=8, fallback_to_copy=True))
             r.finish_loading()
             ids = [trace] * len(layers)
@@ -318,7 +334,8 @@ def stage_slice(args, save: Callable[[dict], None]) -> dict:
     deep = json.loads(deep_path.read_text()) if deep_path.exists() else {}
     cfg = slice_cfg(args.preset, args.experts)
     E, k = cfg.n_routed_experts, cfg.num_experts_per_tok
-    layout = ExpertLayout.for_config(cfg)
+    xd = args.expert_dtype
+    layout = ExpertLayout.for_config(cfg, xd)
     gpu = torch.cuda.get_device_properties(device).total_memory if cuda else int(args.gpu_gib * 2**30)
     nonexpert = deep.get("nonexpert_resident_bytes") or int(args.nonexpert_gib * 2**30)
     kv_tok = deep.get("kv_bytes_per_token") or 78 * 1284
@@ -329,7 +346,8 @@ def stage_slice(args, save: Callable[[dict], None]) -> dict:
                                                           "cache_bytes": dep.cache_bytes},
                  "deployment_fp8_nonexpert": None if dep_fp8 is None else {
                      "fraction": dep_fp8.fraction, "slots": dep_fp8.slots_per_layer},
-                 "context": args.context, "thp": thp_status(), "experts": E, "moe_layers_projected": MOE_LAYERS}
+                 "context": args.context, "thp": thp_status(), "experts": E, "moe_layers_projected": MOE_LAYERS,
+                 "expert_format": layout.format}
     slots = args.slots or min(E, max(k, dep.slots_per_layer))
     log.info("deployment: cache %.1f GB of %.1f GB GPU -> %.2f%% of the model's experts, %d slots per layer",
              dep.cache_bytes / 1e9, gpu / 1e9, 100 * dep.fraction, slots)
@@ -349,7 +367,7 @@ def stage_slice(args, save: Callable[[dict], None]) -> dict:
     log.info("slice store: %s", out["store"])
 
     # Ceilings (on the first slab) and the CPU experts' own rate, as the runner measures it.
-    probe = OffloadMoERunner(cfg, layers=layers, device=device, slots=slots, store=store,
+    probe = OffloadMoERunner(cfg, layers=layers, device=device, slots=slots, store=store, expert_dtype=xd,
                              cpu=CpuConfig(threads=args.cpu_threads, fallback_to_copy=True))
     probe.finish_loading()
     cpu_GBps = probe.hybrid.cpu_rate / 1e9 if probe.hybrid is not None else 0.0
@@ -376,7 +394,7 @@ def stage_slice(args, save: Callable[[dict], None]) -> dict:
                    for i in range(n)]
             for policy in (("lru", "lfu") if trace_name == "skewed" and batch == 1 else ("lru",)):
                 r = OffloadMoERunner(cfg, layers=layers, device=device, slots=slots, store=store,
-                                     cache=CacheConfig(policy=policy),
+                                     cache=CacheConfig(policy=policy), expert_dtype=xd,
                                      cpu=CpuConfig(threads=args.cpu_threads, max_tokens=8, fallback_to_copy=True))
                 r.finish_loading()
                 res = steps_timed(r, layers, ids, batch, args.steps, warm, device)

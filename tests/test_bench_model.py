@@ -122,6 +122,9 @@ def test_report_prints_whatever_parts_there_are(capsys):
     assert "HEADLINE batch 1 skewed" in capsys.readouterr().out
     print_report(build_report({}), {})  # every stage failed: the header, no traceback
     assert "assembled from measured parts" in capsys.readouterr().out
+    no_llama = {"deep": parts["deep"], "slice": parts["slice"]}  # llama.cpp's stages gave nothing: moed's line stays
+    print_report(build_report(no_llama), no_llama)
+    assert "HEADLINE batch 1 skewed  : moed 161.0 ms/token" in capsys.readouterr().out
 
 
 def test_every_stage_runs_on_cpu_at_tiny_sizes(tiny_fp8_checkpoint, tmp_path, capsys):

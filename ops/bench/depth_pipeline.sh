@@ -8,32 +8,36 @@
 # Everything goes to $RUN (default /tmp/depth; $OUT is emptied before each device command, so the run keeps its own
 # folder): pipeline.log (every stage's output), report.txt (the latest report), results.json (the report with every
 # part), serve_depth.json. The report runs after each part that adds to it, so a run cut off still leaves a report.
-# A failed stage does not stop the ones after it. Skip one with SKIP_<NAME>=1 (DEEP, LLAMA, SLICE, SERVE); DEEP_ARGS,
-# SLICE1_ARGS, SLICE_ARGS, SERVE_ARGS pass through; SERVE_MTP (default 0,1) lists the serve runs. SMOKE=1 runs the
-# same stages on a CPU at tiny sizes (tiny preset; llama.cpp only if a llama-bench is carried): a check of this script.
+# A failed stage does not stop the ones after it. Skip one with SKIP_<NAME>=1 (DEEP, LLAMA, SLICE, INT4, SERVE);
+# DEEP_ARGS, SLICE1_ARGS (both batch-1 slices), SLICE_ARGS, SERVE_ARGS pass through; SERVE_MTP (default 0,1) lists
+# the serve runs. BUDGET_S (default 900) caps machine time: a stage whose estimate (below) would end past it is skipped
+# with a line saying so, and the ones after it still get their chance. SMOKE=1 runs the same stages on a CPU at tiny
+# sizes (tiny preset; llama.cpp only if a llama-bench is carried; no budget): a check of this script.
 #
-# Stages, most important figure first (whole-model batch-1 decode, moed vs llama.cpp Q8_0), in the order the host's
-# 125 GiB allow (the full-depth checkpoint, its GGUF and the 256-expert store cannot all be resident); estimated
-# machine time on the H100 machine, warm (minutes):
-#   setup       0.3  carried wheels (.whl/: pyzmq, msgspec), moed importable from this checkout, machine facts;
-#                    llama-bench carried (.peers/llama-bench.xz or .peers/bin/) or built here from
-#                    .peers/llama.cpp-src.tar.gz in the background
-#                    (nice 19, ~6 min on 16 cores, beside ckpt, deep and the conversion; a stage that ran beside it
-#                    says so in its end line)
-#   ckpt        0.7  `moed checkpoint make --preset glm51 --experts 8` into /dev/shm (78 layers, 44 GB)
-#   deep        2.8  model.py --stage deep: non-MoE step (batch 1-64) and prefill (1k/8k/32k) at full depth, the
-#                    offload runner in situ (batch 1)
-#   llama_deep  2.8  the full-depth checkpoint -> GGUF Q8_0 (GPU), checkpoint deleted; llama-bench all-GPU (decode,
-#                    1k/8k prefill) and -ot exps=CPU (decode: the direct whole-model figure); GGUF deleted
-#   slice1      1.1  model.py --stage slice --batches 1: 256-expert layers with the deployment's cache, batch 1
-#   report           HEADLINE: moed vs llama.cpp with its experts on the CPU, measured directly at full depth
-#   llama_slice 2.0  1 dense + 2 MoE 256-expert checkpoint -> GGUF Q8_0; llama-bench all-GPU and -ot exps=CPU
-#   report           HEADLINE: the same per-layer method for both
-#   slice       2.1  model.py --stage slice: batches 2-64, prefill streaming (now and before), the depth cases
+# Stages, most important figure first (whole-model batch-1 decode, moed FP8 vs llama.cpp Q8_0), in the order the
+# host's 125 GiB allow (the full-depth checkpoint, its GGUF and the 256-expert store cannot all be resident); estimated
+# machine time on the H100 machine, warm (seconds, as `fits` uses them; not yet measured):
+#   setup         20  carried wheels (.whl/: pyzmq, msgspec), moed importable from this checkout, machine facts;
+#                     llama-bench carried (.peers/llama-bench.xz or .peers/bin/) or built here from
+#                     .peers/llama.cpp-src.tar.gz in the background (nice 19, ~6 min on 16 cores, beside ckpt, deep
+#                     and the conversion; a stage that ran beside it says so in its end line)
+#   ckpt          45  `moed checkpoint make --preset glm51 --experts 8` into /dev/shm (78 layers, 44 GB)
+#   deep         170  model.py --stage deep: non-MoE step (batch 1-64) and prefill (1k/8k/32k) at full depth, the
+#                     offload runner in situ (batch 1)
+#   llama_deep   170  the full-depth checkpoint -> GGUF Q8_0 (GPU), checkpoint deleted; llama-bench all-GPU (decode,
+#                     1k/8k prefill) and -ot exps=CPU (decode: the direct whole-model figure); GGUF deleted
+#   slice1        70  model.py --stage slice --batches 1: 256-expert FP8 layers with the deployment's cache, batch 1
+#   report            HEADLINE: moed FP8 vs llama.cpp Q8_0 with its experts on the CPU, measured directly at full depth
+#   slice1_int4   60  the same at int4 (--expert-dtype int4; 5 GB layers, the cache at int4's bytes): the int4 row.
+#                     llama.cpp Q4_0 is not run: its converter writes no Q4_0 and this machine has no llama-quantize
 #   report
-#   serve       5.5  serve_depth.py: moed serve at depth (checkpoint made again), MTP off then on (SERVE_MTP=0: ~3)
-#   ~12.5 min to the last report before serve (+~1 if llama-bench is built here and outlasts what it overlaps),
-#   ~18 with serve.
+#   llama_slice  120  1 dense + 2 MoE 256-expert checkpoint -> GGUF Q8_0; llama-bench all-GPU and -ot exps=CPU
+#   report            HEADLINE: the same per-layer method for both
+#   slice        130  model.py --stage slice: batches 2-64, prefill streaming (now and before), the depth cases
+#   report
+#   serve    45+165/run  serve_depth.py: moed serve at depth (checkpoint made again), MTP off then on
+#   ~14 min to the last report before serve (+~1 if llama-bench is built here and outlasts what it overlaps); serve
+#   needs BUDGET_S=1260 (both runs) or SERVE_MTP=0 and BUDGET_S=1060.
 set -u
 RUN=${RUN:-/tmp/depth}
 REPO=$(cd "$(dirname "$0")/../.." && pwd)
@@ -70,7 +74,9 @@ SLICE_SIZES=""
 SLICE_REST="--batches 2,8,16,32,64 --prefill-tokens 1024,2048,8192,32768 --depth-layers 75"
 LLAMA_PROMPTS=1024,8192
 SERVE_SIZES=""
+BUDGET_S=${BUDGET_S:-900}
 if [ "${SMOKE:-0}" = 1 ]; then
+    BUDGET_S=${BUDGET_S_SMOKE:-100000}  # a CPU runs the tiny sizes slower than the estimates assume
     SHM=$RUN/shm && mkdir -p "$SHM"
     DEVICE=cpu
     export TRITON_INTERPRET=1
@@ -97,6 +103,13 @@ stage() {  # stage NAME COMMAND...: run it, log rc and time; never stop the pipe
 }
 
 skip() { local v="SKIP_$1"; [ "${!v:-0}" = 1 ]; }
+
+fits() {  # fits NAME EST_S: whether a stage estimated to take EST_S seconds still fits BUDGET_S; else say so
+    local left=$((BUDGET_S - SECONDS))
+    [ "$2" -le "$left" ] && return 0
+    echo "=== [$(date +%T) +${SECONDS}s] $1: skipped (estimated $2 s, $left s left of BUDGET_S=$BUDGET_S)"
+    return 1
+}
 
 build_note() {  # a stage that ran beside the llama.cpp build says so (its CPU figures shared the cores)
     if [ -n "${LLAMA_BUILD_PID:-}" ] && kill -0 "$LLAMA_BUILD_PID" 2> /dev/null; then echo " (llama.cpp build running)"; fi
@@ -222,22 +235,25 @@ report() {
 }
 
 stage setup setup
-skip DEEP && skip LLAMA || stage ckpt make_deep
+skip DEEP && skip LLAMA || { fits ckpt 45 && stage ckpt make_deep; }
 MODEL="python3 -m moed.ops.bench.model --device $DEVICE --work $RUN"
 # shellcheck disable=SC2086
-skip DEEP || MOED_HOST_ALLOC=huge stage deep $MODEL --stage deep --ckpt "$DEEP" $DEEP_SIZES ${DEEP_ARGS:-}
-skip LLAMA || stage llama_deep llama_deep
+skip DEEP || { fits deep 170 && MOED_HOST_ALLOC=huge stage deep $MODEL --stage deep --ckpt "$DEEP" $DEEP_SIZES \
+    ${DEEP_ARGS:-}; }
+skip LLAMA || { fits llama_deep 170 && stage llama_deep llama_deep; }
 rm -rf "$DEEP"
 # shellcheck disable=SC2086
-skip SLICE || stage slice1 $MODEL --stage slice --batches 1 --prefill-tokens "" --depth-layers 0 $SLICE_SIZES \
-    ${SLICE1_ARGS:-}
+skip SLICE || { fits slice1 70 && stage slice1 $MODEL --stage slice --batches 1 --prefill-tokens "" --depth-layers 0 \
+    $SLICE_SIZES ${SLICE1_ARGS:-}; }
 stage report report
-skip LLAMA || { stage llama_slice llama_slice; stage report report; }
 # shellcheck disable=SC2086
-skip SLICE || stage slice $MODEL --stage slice --keep-decode --depth-allocs huge $SLICE_SIZES $SLICE_REST \
-    ${SLICE_ARGS:-}
-stage report report
-if ! skip SERVE; then
+skip INT4 || skip SLICE || { fits slice1_int4 60 && stage slice1_int4 $MODEL --stage slice --expert-dtype int4 \
+    --batches 1 --prefill-tokens "" --depth-layers 0 $SLICE_SIZES ${SLICE1_ARGS:-} && stage report report; }
+skip LLAMA || { fits llama_slice 120 && stage llama_slice llama_slice && stage report report; }
+# shellcheck disable=SC2086
+skip SLICE || { fits slice 130 && stage slice $MODEL --stage slice --keep-decode --depth-allocs huge $SLICE_SIZES \
+    $SLICE_REST ${SLICE_ARGS:-} && stage report report; }
+if ! skip SERVE && fits serve $((45 + 165 * $(echo "${SERVE_MTP:-0,1}" | tr ',' '\n' | grep -c .))); then
     stage ckpt_again make_deep
     # shellcheck disable=SC2086
     MOED_HOST_ALLOC=huge stage serve python3 -m moed.ops.bench.serve_depth --model "$DEEP" --device "$DEVICE" \

@@ -104,15 +104,18 @@ def build_report(parts: dict) -> dict:
                          "gpu_kv_bytes": dep["kv_bytes"], "gpu_cache_bytes": dep["cache_bytes"],
                          "cache_fraction": dep["fraction"], "slots_per_layer": dep["slots"]}
 
+    variants: dict[str, float] = {}
     if llama:
         rep["llama"] = llama
         variants = {name: w["whole_ms"] for name, w in (llama.get("whole") or {}).items()}
         direct = (llama.get("decode_ms") or {}).get("deep_cpu")
         if direct:
             variants["deep_cpu_direct"] = direct  # full depth, 8 experts per layer, experts on the CPU: measured
-        rep["headline"] = [{"trace": r["trace"], "llama_variant": v, "moed_ms": r["whole_ms"], "llama_ms": ms,
-                            "ratio": ms / r["whole_ms"]}
-                           for r in rows if r["batch"] == 1 for v, ms in variants.items()]
+    # moed's batch-1 figure heads the report even when llama.cpp's stages gave nothing (llama_variant None)
+    rep["headline"] = [{"trace": r["trace"], "llama_variant": v, "moed_ms": r["whole_ms"], "llama_ms": ms,
+                        "ratio": None if ms is None else ms / r["whole_ms"]}
+                       for r in rows if r["batch"] == 1
+                       for v, ms in (variants.items() if variants else [(None, None)])]
     # llama.cpp at 4 bits is not run (LLAMA_Q4_NOT_RUN): the int4 headline states moed's side alone.
     rep["headline_int4"] = [{"trace": r["trace"], "moed_ms": r["whole_ms"], "llama_q4_0": None}
                             for r in rep["decode_int4"] if r["batch"] == 1]
@@ -146,6 +149,10 @@ def _f(v, fmt: str = ".2f") -> str:
 
 def _headline(rep: dict, deep: dict, sl: dict) -> None:
     for h in rep.get("headline", []):
+        if h["llama_variant"] is None:
+            print(f"HEADLINE batch 1 {h['trace']:8}: moed {h['moed_ms']:.1f} ms/token "
+                  f"({1e3 / h['moed_ms']:.2f} tok/s); llama.cpp Q8_0: no figures (its stages failed or were skipped)")
+            continue
         print(f"HEADLINE batch 1 {h['trace']:8}: moed {h['moed_ms']:.1f} ms/token vs llama.cpp Q8_0 "
               f"{h['llama_ms']:.1f} ms/token ({LLAMA_VARIANTS.get(h['llama_variant'], h['llama_variant'])}) -> "
               f"moed is {h['ratio']:.2f}x llama.cpp")

@@ -15,7 +15,7 @@ import sys
 from typing import Any
 
 # What the `serve` extra installs (import names of pyproject's [project.optional-dependencies] serve, less the
-# optional uvloop and httptools); tests/test_client_install.py keeps the two lists together.
+# optional uvloop and httptools); tests/client/test_install.py keeps the two lists together.
 SERVE_MODULES = ("torch", "triton", "numpy", "safetensors", "tokenizers", "jinja2", "tqdm", "prometheus_client",
                  "fastapi", "uvicorn")
 CLIENT_COMMANDS = ("client", "config")

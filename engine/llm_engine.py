@@ -560,7 +560,7 @@ class LLMEngine:
         input_ids, ctx = self.runner.pack(batch.items)
         # With CPU experts the two runs meet different cache states and split their misses differently; a CPU route
         # uses fp32 activations where the GPU's w8a8 kernel quantises them (3-5% per layer output on random weights,
-        # tests/test_expert_cache_gpu.py). A stale or wrong graph is off by ~100%.
+        # tests/offload/test_expert_cache_gpu.py). A stale or wrong graph is off by ~100%.
         problem = graphs.check_against_eager(input_ids, ctx, rtol=0.05 if self.experts.cpu_serves_misses else 1e-2)
         self.abort([rid])
         if problem is not None:

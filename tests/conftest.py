@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import os
+import sys
+from pathlib import Path
 
 import pytest
 import torch
+
+# The daemon harness and worker double (tests/daemon_harness.py) serve the daemon, client and ops tests alike.
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 if not torch.cuda.is_available():
     # Must be set before triton is imported anywhere.

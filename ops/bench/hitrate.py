@@ -6,7 +6,7 @@ prefetch could save.
 
 Nothing here re-implements the cache. One MoE layer's `LayerCache` (offload/expert_cache.py, 256 experts of a
 tiny bf16 layout, so copies cost nothing) serves every step through `serve_round`, i.e. the claim kernel's torch
-reference (kernels/expert_copy.py, checked against the kernel by tests/test_expert_cache_kernels.py), in the
+reference (kernels/expert_copy.py, checked against the kernel by tests/offload/test_expert_cache_kernels.py), in the
 engine's rounds; steps the engine gives the hybrid miss service first run its split's reference
 (kernels/miss_split.py) with the table the service builds from the CPU and copy rates (`--cpu-GBps`,
 `--copy-GBps`): the CPU's misses never enter the cache. Pinned policies run the daemon's `PinPlanner`

@@ -19,7 +19,7 @@ The arithmetic is model_projection.py; how things are timed on a GPU and on a CP
 Without `--stage` all stages run, each in its own process (the deep checkpoint's engine and the 256-expert store do
 not fit the host together); `--stage` runs one. Every stage writes its JSON into `--work` as it goes (a run cut off
 keeps what it measured); the report reads whatever is there. `--device cpu` runs the same code at tiny sizes (the
-`tiny` preset; tests/test_bench_model.py), so a GPU run cannot die on a stage that never ran.
+`tiny` preset; tests/ops/test_bench_model.py), so a GPU run cannot die on a stage that never ran.
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 On CUDA: CUDA events, steps replayed from CUDA graphs, and the ceilings of ops/bench/offload.py (host read, the
 copy engine, the UVA copy kernel, HBM). On a CPU: the wall clock, the same steps run eagerly, and the ceilings a
 CPU has (host read, memcpy for every copy path), so every stage of the bench also runs on a CPU at tiny sizes
-(tests/test_bench_model.py) and a GPU run cannot die on a stage nobody ran. Also the CPU expert server's job log as
+(tests/ops/test_bench_model.py) and a GPU run cannot die on a stage nobody ran. Also the CPU expert server's job log as
 per-layer figures, and host memory housekeeping between stages.
 """
 

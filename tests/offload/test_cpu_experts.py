@@ -232,6 +232,6 @@ def test_offload_cpu_experts_build_cache_is_keyed_on_cpu_and_compiler():
 
 
 def test_offload_cpu_experts_source_ships_as_package_data():
-    data = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())
+    data = tomllib.loads((Path(__file__).resolve().parents[2] / "pyproject.toml").read_text())
     patterns = data["tool"]["setuptools"]["package-data"]["moed.offload"]
     assert any(fnmatch.fnmatch(SOURCE.name, p) for p in patterns), patterns

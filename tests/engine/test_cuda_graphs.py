@@ -106,7 +106,7 @@ def test_engine_cuda_graph_replay_has_no_host_sync(tiny_checkpoint):
 def test_engine_hybrid_miss_service_runs_in_graphs(tiny_checkpoint):
     # The default on CUDA: decode steps split their misses between the CPU and copies inside CUDA graphs (the
     # hand-over is stream memory operations). Accuracy against the FP8 reference is checked per layer in
-    # tests/test_expert_cache_gpu.py; here the engine runs graphed steps that give the CPU work, without errors.
+    # tests/offload/test_expert_cache_gpu.py; here the engine runs graphed steps that give the CPU work, without errors.
     hybrid = _gpu_engine(tiny_checkpoint, cuda_graphs=True, miss_service="auto")
     target = hybrid.runner.moe
     assert target.miss_service == "hybrid" and hybrid.runner.graphs is not None

@@ -15,7 +15,7 @@ from moed.daemon.metrics import Metrics
 
 yaml = pytest.importorskip("yaml")  # a dependency of transformers (dev extra)
 
-OPS = Path(__file__).resolve().parents[1] / "ops"
+OPS = Path(__file__).resolve().parents[2] / "ops"
 
 
 def exposed_names() -> set[str]:

@@ -11,13 +11,9 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import sys
 import time
-from pathlib import Path
 
 import pytest
-
-sys.path.insert(0, str(Path(__file__).parent))
 from daemon_harness import (  # noqa: F401
     HAVE_REAL_WORKER,
     NO_REAL_WORKER,

@@ -9,11 +9,8 @@ import socket
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
-
-sys.path.insert(0, str(Path(__file__).parent))
 from daemon_harness import DOUBLE, DaemonThread, hang_guard, make_config  # noqa: F401
 
 from moed.client.api import Client, DaemonUnavailable, MoedError, RequestTimeout

@@ -8,14 +8,10 @@ from __future__ import annotations
 
 import json
 import socket
-import sys
 import time
-from pathlib import Path
 
 import openai
 import pytest
-
-sys.path.insert(0, str(Path(__file__).parent))
 from daemon_harness import HAVE_REAL_WORKER, NO_REAL_WORKER, REAL_WORKER, DaemonThread, hang_guard, make_config  # noqa: F401
 
 from moed.client.api import Client

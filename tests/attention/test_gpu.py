@@ -4,7 +4,7 @@ batch shapes, CUDA-graph capture of a decode step (no host sync), and the backen
 bf16 note: with random-weight checkpoints, the reference backend's own bf16 logits differ from its fp32
 logits by tens of percent (routing and top-k selections flip on rounding), so whole-model bf16 logits
 cannot agree to 1e-3 between any two implementations. The exact whole-model comparison runs in fp32
-(tests/test_attention_backend.py, compiled kernels on a GPU); in bf16 every layer's attention is compared
+(tests/attention/test_backend.py, compiled kernels on a GPU); in bf16 every layer's attention is compared
 on identical inputs (the reference output is fed forward) against an fp32 oracle.
 """
 

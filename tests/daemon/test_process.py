@@ -12,8 +12,6 @@ import time
 from pathlib import Path
 
 import pytest
-
-sys.path.insert(0, str(Path(__file__).parent))
 from daemon_harness import DOUBLE, hang_guard, short_dir  # noqa: F401
 
 from moed.client.api import Client, MoedError

@@ -3,13 +3,9 @@
 from __future__ import annotations
 
 import asyncio
-import sys
 import time
-from pathlib import Path
 
 import pytest
-
-sys.path.insert(0, str(Path(__file__).parent))
 from daemon_harness import DOUBLE, DaemonThread, hang_guard, make_config  # noqa: F401
 
 from moed.client.api import AsyncClient, AuthenticationError, Client, DaemonUnavailable, MoedError, curve_keys, keygen

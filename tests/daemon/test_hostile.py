@@ -8,19 +8,15 @@ choosing the seeds, a bounded number of examples here; the benchmark sends 100,0
 from __future__ import annotations
 
 import asyncio
-import sys
 import threading
 import time
-from pathlib import Path
 
 import msgspec
 import pytest
 import zmq
+from daemon_harness import DOUBLE, DaemonThread, hang_guard, make_config, metric_value, scrape  # noqa: F401
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
-sys.path.insert(0, str(Path(__file__).parent))
-from daemon_harness import DOUBLE, DaemonThread, hang_guard, make_config, metric_value, scrape  # noqa: F401
 
 from moed.client import protocol as cp
 from moed.client.api import Client, MoedError

@@ -72,7 +72,7 @@ def test_engine_offload_runner_matches_reference_and_takes_placement(tiny_checkp
 
 @pytest.mark.parametrize("policy", ["hybrid", "cpu"])
 def test_engine_offload_cpu_miss_service_matches_reference(tiny_checkpoint, reference, policy):
-    # CPU experts differ from the GPU path only in fp32 summation order (tests/test_offload_runner.py states the
+    # CPU experts differ from the GPU path only in fp32 summation order (tests/offload/test_runner.py states the
     # bound); on this fp32 model that never moves a greedy token.
     per_layer = 8 * 49152
     from moed.offload.cpu_experts import CpuKernelUnavailable

@@ -10,13 +10,10 @@ periodic recomputation; the state file is written, and a restarted daemon starts
 from __future__ import annotations
 
 import json
-import sys
 import time
 from pathlib import Path
 
 import pytest
-
-sys.path.insert(0, str(Path(__file__).parent))
 from daemon_harness import (  # noqa: F401
     HAVE_REAL_WORKER,
     NO_REAL_WORKER,

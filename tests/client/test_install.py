@@ -20,7 +20,7 @@ import pytest
 
 from moed.daemon.cli import SERVE_MODULES
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
 CLIENT_DISTRIBUTIONS = ("pyzmq", "msgspec")
 IMPORT_NAMES = {"prometheus-client": "prometheus_client"}  # distribution -> module, where they differ

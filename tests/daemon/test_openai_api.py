@@ -11,18 +11,15 @@ from __future__ import annotations
 import http.client
 import json
 import socket
-import sys
 import threading
 import time
 from pathlib import Path
 
 import openai
 import pytest
+from daemon_harness import DOUBLE, DaemonThread, hang_guard, make_config, metric_value  # noqa: F401
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
-sys.path.insert(0, str(Path(__file__).parent))
-from daemon_harness import DOUBLE, DaemonThread, hang_guard, make_config, metric_value  # noqa: F401
 
 from moed.client.api import Client
 

@@ -39,21 +39,36 @@ def resolve_dense_threshold(cfg: GlmMoeDsaConfig, configured: int | None = None)
         try:
             value = int(raw)
         except ValueError:
-            raise ValueError(f"{source}={raw!r} is not an integer (a context length in tokens; 0 disables the "
-                             "dense path)") from None
+            raise ValueError(
+                f"{source}={raw!r} is not an integer (a context length in tokens; 0 disables the dense path)"
+            ) from None
     if value is None:
         return cfg.index_topk
     if value < 0:
         raise ValueError(f"dense attention threshold from {source} must be >= 0, got {value}")
     if value > cfg.index_topk:
-        log.warning("dense attention threshold %d (from %s) is above index_topk=%d: contexts of %d..%d tokens "
-                    "attend to every position instead of the top-%d the model selects, which changes results and "
-                    "costs speed", value, source, cfg.index_topk, cfg.index_topk + 1, value, cfg.index_topk)
+        log.warning(
+            "dense attention threshold %d (from %s) is above index_topk=%d: contexts of %d..%d tokens "
+            "attend to every position instead of the top-%d the model selects, which changes results and "
+            "costs speed",
+            value,
+            source,
+            cfg.index_topk,
+            cfg.index_topk + 1,
+            value,
+            cfg.index_topk,
+        )
     return value
 
 
-def mha_prefill(cfg: GlmMoeDsaConfig, kv_b_proj: torch.Tensor, mla: MLAInputs, view: LatentView,
-                paged: PagedStep, seqs: list[SequenceStep]) -> torch.Tensor:
+def mha_prefill(
+    cfg: GlmMoeDsaConfig,
+    kv_b_proj: torch.Tensor,
+    mla: MLAInputs,
+    view: LatentView,
+    paged: PagedStep,
+    seqs: list[SequenceStep],
+) -> torch.Tensor:
     """Dense causal MHA for a step whose new latents are already in the pool -> [tokens, H * v_head_dim]."""
     H, dn, dv, C = cfg.num_attention_heads, cfg.qk_nope_head_dim, cfg.v_head_dim, cfg.kv_lora_rank
     dtype = mla.q_nope.dtype
@@ -75,15 +90,21 @@ def mha_prefill(cfg: GlmMoeDsaConfig, kv_b_proj: torch.Tensor, mla: MLAInputs, v
         L, n = s.context_len, s.num_new
         if n == 0:
             continue
-        kv_s = kv[kv_start:kv_start + L]
-        k = torch.cat([kv_s[..., :dn], k_rope[kv_start:kv_start + L, None, :].expand(-1, H, -1)], dim=-1)
-        q = torch.cat([mla.q_nope[t:t + n], mla.q_rope[t:t + n]], dim=-1)
+        kv_s = kv[kv_start : kv_start + L]
+        k = torch.cat([kv_s[..., :dn], k_rope[kv_start : kv_start + L, None, :].expand(-1, H, -1)], dim=-1)
+        q = torch.cat([mla.q_nope[t : t + n], mla.q_rope[t : t + n]], dim=-1)
         mask = None
         if s.num_cached:
             # Causal, aligned to the end: new token i sees positions <= num_cached + i.
             mask = torch.ones(n, L, dtype=torch.bool, device=q.device).tril(diagonal=s.num_cached)
-        o = F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1), kv_s[..., dn:].transpose(0, 1),
-                                           attn_mask=mask, is_causal=mask is None, scale=cfg.softmax_scale)
-        out[t:t + n] = o.transpose(0, 1)
+        o = F.scaled_dot_product_attention(
+            q.transpose(0, 1),
+            k.transpose(0, 1),
+            kv_s[..., dn:].transpose(0, 1),
+            attn_mask=mask,
+            is_causal=mask is None,
+            scale=cfg.softmax_scale,
+        )
+        out[t : t + n] = o.transpose(0, 1)
         t += n
     return out.reshape(out.shape[0], H * dv)

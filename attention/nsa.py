@@ -30,8 +30,13 @@ from moed.model.config import GlmMoeDsaConfig
 class TritonSparseAttention:
     name = "triton"
 
-    def __init__(self, cfg: GlmMoeDsaConfig, pool: PagedKVPool, dense_threshold: int | None = None,
-                 mla_config: MLAConfig | None = None) -> None:
+    def __init__(
+        self,
+        cfg: GlmMoeDsaConfig,
+        pool: PagedKVPool,
+        dense_threshold: int | None = None,
+        mla_config: MLAConfig | None = None,
+    ) -> None:
         if pool.cfg is not cfg and pool.cfg != cfg:
             raise ValueError("TritonSparseAttention: the KV pool was built for a different model config")
         self.cfg, self.pool = cfg, pool
@@ -46,8 +51,15 @@ class TritonSparseAttention:
             ctx.paged = build_paged_step(ctx.seqs, self.pool.page_size, self.pool.device)
         return ctx.paged
 
-    def attend(self, layer: int, weights: LayerWeights, mla: MLAInputs, indexer: IndexerInputs | None,
-               prev_topk: torch.Tensor | None, ctx: StepContext) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def attend(
+        self,
+        layer: int,
+        weights: LayerWeights,
+        mla: MLAInputs,
+        indexer: IndexerInputs | None,
+        prev_topk: torch.Tensor | None,
+        ctx: StepContext,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         cfg = self.cfg
         paged = self.paged_step(ctx)
         slots = paged.derived.get("slots")
@@ -61,24 +73,55 @@ class TritonSparseAttention:
             return self._absorbed(layer, weights, mla, view, paged, ctx, None), None
         if indexer is not None:
             iv = self.pool.index_view(layer)
-            topk = indexer_topk(indexer.q, indexer.weights, iv.k, iv.scale, paged.page_table, paged.query_start,
-                                ctx.positions, paged.max_new, paged.max_context, cfg.index_topk)
+            topk = indexer_topk(
+                indexer.q,
+                indexer.weights,
+                iv.k,
+                iv.scale,
+                paged.page_table,
+                paged.query_start,
+                ctx.positions,
+                paged.max_new,
+                paged.max_context,
+                cfg.index_topk,
+            )
         elif prev_topk is not None:
             topk = prev_topk
         else:
-            raise ValueError(f"layer {layer} shares its indexer but the previous layer returned no selection "
-                             "(a step must be dense or sparse in all layers)")
+            raise ValueError(
+                f"layer {layer} shares its indexer but the previous layer returned no selection "
+                "(a step must be dense or sparse in all layers)"
+            )
         return self._absorbed(layer, weights, mla, view, paged, ctx, topk), topk
 
-    def _absorbed(self, layer: int, weights: LayerWeights, mla: MLAInputs, view: LatentView, paged: PagedStep,
-                  ctx: StepContext, topk: torch.Tensor | None) -> torch.Tensor:
+    def _absorbed(
+        self,
+        layer: int,
+        weights: LayerWeights,
+        mla: MLAInputs,
+        view: LatentView,
+        paged: PagedStep,
+        ctx: StepContext,
+        topk: torch.Tensor | None,
+    ) -> torch.Tensor:
         cfg = self.cfg
         H, dn, dv, C = cfg.num_attention_heads, cfg.qk_nope_head_dim, cfg.v_head_dim, cfg.kv_lora_rank
         T = mla.q_nope.shape[0]
         w = weights.kv_b_proj.view(H, dn + dv, C)
         q_lat = torch.bmm(mla.q_nope.transpose(0, 1), w[:, :dn, :]).transpose(0, 1)  # [T, H, C]
-        o_lat = sparse_mla(q_lat, mla.q_rope, view.nope, view.rope, view.scale, paged.page_table, paged.token_seq,
-                           ctx.positions, topk, cfg.softmax_scale, max_context=paged.max_context,
-                           config=self.mla_config)
+        o_lat = sparse_mla(
+            q_lat,
+            mla.q_rope,
+            view.nope,
+            view.rope,
+            view.scale,
+            paged.page_table,
+            paged.token_seq,
+            ctx.positions,
+            topk,
+            cfg.softmax_scale,
+            max_context=paged.max_context,
+            config=self.mla_config,
+        )
         out = torch.bmm(o_lat.transpose(0, 1), w[:, dn:, :].transpose(1, 2))  # [H, T, dv]
         return out.transpose(0, 1).reshape(T, H * dv)

@@ -83,9 +83,16 @@ class PagedKVPool:
     manage pages itself and only pass page tables in `PagedStep`.
     """
 
-    def __init__(self, cfg: GlmMoeDsaConfig, num_pages: int, page_size: int = 64, latent_dtype: str = "bf16",
-                 index_dtype: str = "fp8", device: torch.device | str = "cpu", layers: list[int] | None = None,
-                 ) -> None:
+    def __init__(
+        self,
+        cfg: GlmMoeDsaConfig,
+        num_pages: int,
+        page_size: int = 64,
+        latent_dtype: str = "bf16",
+        index_dtype: str = "fp8",
+        device: torch.device | str = "cpu",
+        layers: list[int] | None = None,
+    ) -> None:
         if latent_dtype not in LATENT_DTYPES:
             raise ValueError(f"latent KV dtype '{latent_dtype}' is not supported (choose from {LATENT_DTYPES})")
         if index_dtype not in INDEX_DTYPES:
@@ -101,14 +108,16 @@ class PagedKVPool:
         C, R, D = cfg.kv_lora_rank, cfg.qk_rope_head_dim, cfg.index_head_dim
         self.layers = list(layers) if layers is not None else list(range(cfg.num_hidden_layers)) + cfg.mtp_layer_ids
         self.layer_slot = {layer: i for i, layer in enumerate(self.layers)}
-        self.index_layers = [layer for layer in self.layers
-                             if layer >= cfg.num_hidden_layers or cfg.indexer_types[layer] == "full"]
+        self.index_layers = [
+            layer for layer in self.layers if layer >= cfg.num_hidden_layers or cfg.indexer_types[layer] == "full"
+        ]
         self.index_slot = {layer: i for i, layer in enumerate(self.index_layers)}
         L, Li = len(self.layers), len(self.index_layers)
         if latent_dtype == "fp8":
             self.latent_row_bytes = fp8_row_bytes(C, R)
-            self.latent = torch.zeros(L, num_pages, page_size, self.latent_row_bytes, dtype=torch.uint8,
-                                      device=self.device)
+            self.latent = torch.zeros(
+                L, num_pages, page_size, self.latent_row_bytes, dtype=torch.uint8, device=self.device
+            )
         else:
             dt = _TORCH[latent_dtype]
             self.latent_row_bytes = (C + R) * dt.itemsize
@@ -147,9 +156,9 @@ class PagedKVPool:
         if self.latent_dtype != "fp8":
             return LatentView(t[..., :C], t[..., C:], None)
         nope = t[..., :C].view(torch.float8_e4m3fn)
-        rope = t[..., C:C + 2 * R].view(torch.bfloat16)
+        rope = t[..., C : C + 2 * R].view(torch.bfloat16)
         s0 = -(-(C + 2 * R) // 4) * 4
-        scale = t[..., s0:s0 + 4].view(torch.float32)[..., 0]
+        scale = t[..., s0 : s0 + 4].view(torch.float32)[..., 0]
         return LatentView(nope, rope, scale)
 
     def index_view(self, layer: int) -> IndexKView:
@@ -159,8 +168,8 @@ class PagedKVPool:
         if self.index_dtype != "fp8":
             return IndexKView(t, None)
         P, D = self.page_size, self.cfg.index_head_dim
-        k = t[:, :P * D].view(torch.float8_e4m3fn).view(self.num_pages, P, D)
-        scale = t[:, P * D:].view(torch.float32)
+        k = t[:, : P * D].view(torch.float8_e4m3fn).view(self.num_pages, P, D)
+        scale = t[:, P * D :].view(torch.float32)
         return IndexKView(k, scale)
 
     def _slot(self, layer: int) -> int:
@@ -175,8 +184,15 @@ class PagedKVPool:
         page = paged.page_table[paged.token_seq.long(), torch.div(positions, P, rounding_mode="floor").long()]
         return page.long(), (positions % P).long()
 
-    def store(self, layer: int, latent: torch.Tensor, k_rope: torch.Tensor, index_k: torch.Tensor | None,
-              page: torch.Tensor, offset: torch.Tensor) -> None:
+    def store(
+        self,
+        layer: int,
+        latent: torch.Tensor,
+        k_rope: torch.Tensor,
+        index_k: torch.Tensor | None,
+        page: torch.Tensor,
+        offset: torch.Tensor,
+    ) -> None:
         """latent: [tokens, C], k_rope: [tokens, R], index_k: [tokens, D] or None (layer without indexer)."""
         lv = self.latent_view(layer)
         if self.latent_dtype == "fp8":
@@ -248,8 +264,9 @@ class PagedSequence:
         del self.pages[keep:]
 
 
-def build_paged_step(seqs: list[SequenceStep], page_size: int, device: torch.device | str,
-                     pad_pages_to: int = 1) -> PagedStep:
+def build_paged_step(
+    seqs: list[SequenceStep], page_size: int, device: torch.device | str, pad_pages_to: int = 1
+) -> PagedStep:
     """A `PagedStep` from `PagedSequence` handles (reserving pages as needed), built on the host.
 
     For runs without an engine; the engine builds the same tensors in its own (static) buffers.
@@ -257,21 +274,27 @@ def build_paged_step(seqs: list[SequenceStep], page_size: int, device: torch.dev
     handles = []
     for i, s in enumerate(seqs):
         if not isinstance(s.kv, PagedSequence):
-            raise TypeError(f"seqs[{i}].kv is {type(s.kv).__name__}, expected a PagedSequence from this backend's "
-                            "new_sequence()")
+            raise TypeError(
+                f"seqs[{i}].kv is {type(s.kv).__name__}, expected a PagedSequence from this backend's new_sequence()"
+            )
         s.kv.reserve(s.context_len)
         handles.append(s.kv)
     max_pages = max(1, max(len(h.pages) for h in handles))
     max_pages = -(-max_pages // pad_pages_to) * pad_pages_to
     table = torch.zeros(len(seqs), max_pages, dtype=torch.int32)
     for i, h in enumerate(handles):
-        table[i, :len(h.pages)] = torch.tensor(h.pages, dtype=torch.int32)
+        table[i, : len(h.pages)] = torch.tensor(h.pages, dtype=torch.int32)
     lens = torch.tensor([s.context_len for s in seqs], dtype=torch.int32)
     new = torch.tensor([s.num_new for s in seqs], dtype=torch.int32)
     start = torch.zeros(len(seqs) + 1, dtype=torch.int32)
     start[1:] = torch.cumsum(new, 0)
     token_seq = torch.repeat_interleave(torch.arange(len(seqs), dtype=torch.int32), new.long())
     dev = torch.device(device)
-    return PagedStep(page_table=table.to(dev), seq_lens=lens.to(dev), query_start=start.to(dev),
-                     token_seq=token_seq.to(dev), max_context=max(int(lens.max()), 1),
-                     max_new=max(int(new.max()), 1))
+    return PagedStep(
+        page_table=table.to(dev),
+        seq_lens=lens.to(dev),
+        query_start=start.to(dev),
+        token_seq=token_seq.to(dev),
+        max_context=max(int(lens.max()), 1),
+        max_new=max(int(new.max()), 1),
+    )

@@ -109,8 +109,15 @@ class ReferenceAttention:
         vals, idx = index_scores.topk(k, dim=-1)
         return torch.where(torch.isinf(vals), -1, idx).to(torch.int32)
 
-    def _mla(self, w: LayerWeights, mla: MLAInputs, sl: slice, latent: torch.Tensor, k_rope: torch.Tensor,
-             allowed: torch.Tensor) -> torch.Tensor:
+    def _mla(
+        self,
+        w: LayerWeights,
+        mla: MLAInputs,
+        sl: slice,
+        latent: torch.Tensor,
+        k_rope: torch.Tensor,
+        allowed: torch.Tensor,
+    ) -> torch.Tensor:
         cfg = self.cfg
         H, dn, dv = cfg.num_attention_heads, cfg.qk_nope_head_dim, cfg.v_head_dim
         kv = torch.nn.functional.linear(latent, w.kv_b_proj).view(latent.shape[0], H, dn + dv)

@@ -58,19 +58,27 @@ def probe_platform(device: torch.device | str) -> Platform:
     if dev.type == "cuda":
         cap = torch.cuda.get_device_capability(dev)
         name = torch.cuda.get_device_name(dev)
-    return Platform(device_type=dev.type, capability=cap, device_name=name,
-                    has_flashinfer=importlib.util.find_spec("flashinfer") is not None,
-                    interpret=os.environ.get("TRITON_INTERPRET") == "1")
+    return Platform(
+        device_type=dev.type,
+        capability=cap,
+        device_name=name,
+        has_flashinfer=importlib.util.find_spec("flashinfer") is not None,
+        interpret=os.environ.get("TRITON_INTERPRET") == "1",
+    )
 
 
-def choose_backend(requested: str, platform: Platform, cfg: GlmMoeDsaConfig, page_size: int = 64,
-                   latent_dtype: str = "bf16") -> BackendChoice:
+def choose_backend(
+    requested: str, platform: Platform, cfg: GlmMoeDsaConfig, page_size: int = 64, latent_dtype: str = "bf16"
+) -> BackendChoice:
     if requested not in BACKENDS:
         raise ValueError(f"attention backend '{requested}' is unknown (choose from {', '.join(BACKENDS)})")
     if requested == "reference":
         return BackendChoice("reference", "requested")
-    where = (f"{platform.device_name} (SM{platform.capability[0]}{platform.capability[1]})"
-             if platform.capability else platform.device_type)
+    where = (
+        f"{platform.device_name} (SM{platform.capability[0]}{platform.capability[1]})"
+        if platform.capability
+        else platform.device_type
+    )
     triton_ok, triton_why = _triton_status(platform)
     trtllm_why = _trtllm_problem(platform, cfg, page_size, latent_dtype)
     if requested == "triton":
@@ -104,17 +112,28 @@ def _trtllm_problem(p: Platform, cfg: GlmMoeDsaConfig, page_size: int, latent_dt
     if p.device_type != "cuda" or p.capability is None:
         return "trtllm-gen kernels need an SM100+ (Blackwell) CUDA device"
     if p.capability[0] < 10:
-        return (f"trtllm-gen kernels need SM100+ (Blackwell); this device is SM{p.capability[0]}{p.capability[1]} "
-                "(use 'triton')")
+        return (
+            f"trtllm-gen kernels need SM100+ (Blackwell); this device is SM{p.capability[0]}{p.capability[1]} "
+            "(use 'triton')"
+        )
     if not p.has_flashinfer:
         return "flashinfer is not installed (pip install flashinfer-python)"
     return unsupported_reason(cfg, page_size, latent_dtype)
 
 
-def make_attention_backend(cfg: GlmMoeDsaConfig, device: torch.device | str, requested: str | BackendChoice = "auto",
-                           *, num_pages: int | None = None, page_size: int = 64, latent_dtype: str = "bf16",
-                           index_dtype: str = "fp8", layers: list[int] | None = None,
-                           dense_threshold: int | None = None, platform: Platform | None = None) -> AttentionBackend:
+def make_attention_backend(
+    cfg: GlmMoeDsaConfig,
+    device: torch.device | str,
+    requested: str | BackendChoice = "auto",
+    *,
+    num_pages: int | None = None,
+    page_size: int = 64,
+    latent_dtype: str = "bf16",
+    index_dtype: str = "fp8",
+    layers: list[int] | None = None,
+    dense_threshold: int | None = None,
+    platform: Platform | None = None,
+) -> AttentionBackend:
     """Build a backend (the paged ones with a KV pool of `num_pages` pages for `layers`, default every layer).
 
     `requested` is a backend name to choose from (the choice is logged here) or a choice already made and logged:

@@ -35,15 +35,19 @@ TRTLLM_WORKSPACE_BYTES = 128 << 20
 def unsupported_reason(cfg: GlmMoeDsaConfig, page_size: int, latent_dtype: str) -> str | None:
     """Why trtllm-gen MLA cannot serve this model/pool, or None when it can."""
     if cfg.kv_lora_rank != 512 or cfg.qk_rope_head_dim != 64:
-        return (f"trtllm-gen MLA needs kv_lora_rank 512 and qk_rope_head_dim 64, the model has "
-                f"{cfg.kv_lora_rank} and {cfg.qk_rope_head_dim}")
+        return (
+            f"trtllm-gen MLA needs kv_lora_rank 512 and qk_rope_head_dim 64, the model has "
+            f"{cfg.kv_lora_rank} and {cfg.qk_rope_head_dim}"
+        )
     if cfg.qk_nope_head_dim not in (128, 192):
         return f"trtllm-gen MLA needs qk_nope_head_dim 128 or 192, the model has {cfg.qk_nope_head_dim}"
     if page_size not in TRTLLM_PAGE_SIZES:
         return f"trtllm-gen MLA needs page size {TRTLLM_PAGE_SIZES}, the pool uses {page_size}"
     if latent_dtype != "bf16":
-        return (f"trtllm-gen MLA reads a bf16 latent cache here; the pool's '{latent_dtype}' layout (per-token "
-                "scales) is the Triton backend's")
+        return (
+            f"trtllm-gen MLA reads a bf16 latent cache here; the pool's '{latent_dtype}' layout (per-token "
+            "scales) is the Triton backend's"
+        )
     return None
 
 
@@ -56,8 +60,9 @@ def pad_heads(x: torch.Tensor, multiple: int = TRTLLM_HEAD_MULTIPLE) -> torch.Te
     return torch.cat([x, x.new_zeros(x.shape[0], Hp - H, x.shape[2])], dim=1)
 
 
-def physical_slots(topk: torch.Tensor, page_table: torch.Tensor, token_seq: torch.Tensor, page_size: int
-                   ) -> torch.Tensor:
+def physical_slots(
+    topk: torch.Tensor, page_table: torch.Tensor, token_seq: torch.Tensor, page_size: int
+) -> torch.Tensor:
     """topk: [tokens, k] positions (-1 unused) -> [tokens, k] int32 pool slots page * page_size + offset (-1 kept)."""
     valid = topk >= 0
     pos = torch.where(valid, topk, 0).long()
@@ -65,9 +70,16 @@ def physical_slots(topk: torch.Tensor, page_table: torch.Tensor, token_seq: torc
     return torch.where(valid, page * page_size + pos % page_size, -1).to(torch.int32)
 
 
-def decode_args(cfg: GlmMoeDsaConfig, q_lat: torch.Tensor, q_rope: torch.Tensor, kv_cache: torch.Tensor,
-                paged: PagedStep, topk: torch.Tensor | None, token_seq: torch.Tensor, workspace: torch.Tensor
-                ) -> dict:
+def decode_args(
+    cfg: GlmMoeDsaConfig,
+    q_lat: torch.Tensor,
+    q_rope: torch.Tensor,
+    kv_cache: torch.Tensor,
+    paged: PagedStep,
+    topk: torch.Tensor | None,
+    token_seq: torch.Tensor,
+    workspace: torch.Tensor,
+) -> dict:
     """Keyword arguments of `trtllm_batch_decode_with_kv_cache_mla` for a decode step (one token per sequence).
 
     q_lat: [batch, H, C], q_rope: [batch, H, R], kv_cache: [pages, page, C + R] bf16, topk: [batch, k] or None.
@@ -83,10 +95,20 @@ def decode_args(cfg: GlmMoeDsaConfig, q_lat: torch.Tensor, q_rope: torch.Tensor,
         pad = -(-cols // step) * step - cols
         block_tables = torch.nn.functional.pad(paged.page_table, (0, pad)) if pad else paged.page_table
         sparse_k = 0
-    return dict(query=query, kv_cache=kv_cache, workspace_buffer=workspace, qk_nope_head_dim=cfg.qk_nope_head_dim,
-                kv_lora_rank=cfg.kv_lora_rank, qk_rope_head_dim=cfg.qk_rope_head_dim, block_tables=block_tables,
-                seq_lens=paged.seq_lens, max_seq_len=paged.max_context, sparse_mla_top_k=sparse_k,
-                bmm1_scale=cfg.softmax_scale, bmm2_scale=1.0)
+    return dict(
+        query=query,
+        kv_cache=kv_cache,
+        workspace_buffer=workspace,
+        qk_nope_head_dim=cfg.qk_nope_head_dim,
+        kv_lora_rank=cfg.kv_lora_rank,
+        qk_rope_head_dim=cfg.qk_rope_head_dim,
+        block_tables=block_tables,
+        seq_lens=paged.seq_lens,
+        max_seq_len=paged.max_context,
+        sparse_mla_top_k=sparse_k,
+        bmm1_scale=cfg.softmax_scale,
+        bmm2_scale=1.0,
+    )
 
 
 def emulate_decode(args: dict) -> torch.Tensor:
@@ -121,8 +143,16 @@ class TrtllmAttention(TritonSparseAttention):
         super().__init__(cfg, pool, dense_threshold)
         self._workspace = torch.zeros(TRTLLM_WORKSPACE_BYTES, dtype=torch.uint8, device=pool.device)
 
-    def _absorbed(self, layer: int, weights: LayerWeights, mla: MLAInputs, view: LatentView, paged: PagedStep,
-                  ctx: StepContext, topk: torch.Tensor | None) -> torch.Tensor:
+    def _absorbed(
+        self,
+        layer: int,
+        weights: LayerWeights,
+        mla: MLAInputs,
+        view: LatentView,
+        paged: PagedStep,
+        ctx: StepContext,
+        topk: torch.Tensor | None,
+    ) -> torch.Tensor:
         if paged.max_new != 1 or mla.q_nope.shape[0] != paged.page_table.shape[0]:
             return super()._absorbed(layer, weights, mla, view, paged, ctx, topk)
         import flashinfer.decode
@@ -137,4 +167,3 @@ class TrtllmAttention(TritonSparseAttention):
         o_lat = flashinfer.decode.trtllm_batch_decode_with_kv_cache_mla(**args)[:, 0, :H]  # [T, H, C]
         out = torch.bmm(o_lat.to(w.dtype).transpose(0, 1), w[:, dn:, :].transpose(1, 2))
         return out.transpose(0, 1).reshape(T, H * dv)
-

@@ -16,5 +16,18 @@ from moed.client.calls import AuthenticationError, Completion, DaemonUnavailable
 from moed.client.keys import CurveKeys, curve_keys, keygen
 from moed.client.sync_client import Client, Stream
 
-__all__ = ["AsyncClient", "AsyncStream", "AuthenticationError", "Client", "Completion", "CurveKeys",
-           "DaemonUnavailable", "Delta", "MoedError", "RequestTimeout", "Stream", "curve_keys", "keygen"]
+__all__ = [
+    "AsyncClient",
+    "AsyncStream",
+    "AuthenticationError",
+    "Client",
+    "Completion",
+    "CurveKeys",
+    "DaemonUnavailable",
+    "Delta",
+    "MoedError",
+    "RequestTimeout",
+    "Stream",
+    "curve_keys",
+    "keygen",
+]

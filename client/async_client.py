@@ -42,9 +42,16 @@ class _Failed:
 
 
 class AsyncClient:
-    def __init__(self, address: str = DEFAULT_ADDRESS, *, timeout: float | None = 600.0,
-                 heartbeat_interval: float = 2.0, daemon_timeout: float = 10.0, curve: CurveKeys | None = None,
-                 context: zmq.asyncio.Context | None = None):
+    def __init__(
+        self,
+        address: str = DEFAULT_ADDRESS,
+        *,
+        timeout: float | None = 600.0,
+        heartbeat_interval: float = 2.0,
+        daemon_timeout: float = 10.0,
+        curve: CurveKeys | None = None,
+        context: zmq.asyncio.Context | None = None,
+    ):
         self.address = address
         self.timeout = timeout
         self.heartbeat_interval = heartbeat_interval
@@ -163,15 +170,19 @@ class AsyncClient:
             if now - self._last_sent >= self.heartbeat_interval:
                 await self._send(cp.Heartbeat(ids=list(self._generating)), required=False)
             if now - self._last_heard > self.daemon_timeout:
-                self._disconnect(DaemonUnavailable(f"no answer from the daemon at {self.address} for "
-                                                   f"{self.daemon_timeout:.1f} s"))
+                self._disconnect(
+                    DaemonUnavailable(f"no answer from the daemon at {self.address} for {self.daemon_timeout:.1f} s")
+                )
                 return
 
     async def _watch_auth(self, sock: zmq.asyncio.Socket, monitor: zmq.asyncio.Socket) -> None:
         event = parse_monitor_message(await monitor.recv_multipart())
-        self._disconnect(AuthenticationError(
-            f"the daemon at {self.address} refused the Curve handshake (event {zmq.Event(event['event']).name}): "
-            "this client's key is not allowed, or the server key is wrong"))
+        self._disconnect(
+            AuthenticationError(
+                f"the daemon at {self.address} refused the Curve handshake (event {zmq.Event(event['event']).name}): "
+                "this client's key is not allowed, or the server key is wrong"
+            )
+        )
 
     async def _next(self, rid: str, deadline: float | None) -> Any:
         q = self._queues[rid]
@@ -266,10 +277,13 @@ class AsyncClient:
     async def models(self, timeout: float = 10.0) -> list[cp.ModelInfo]:
         return (await self._call(cp.Models(id=self._ids.next()), timeout)).models
 
-    async def placement(self, op: str, layer: int | None = None, expert: int | None = None,
-                        timeout: float = 60.0) -> cp.PlacementResult:
-        return await self._call(cp.Placement(id=self._ids.next(), op=op, layer=layer, expert=expert),  # type: ignore[arg-type]
-                                timeout)
+    async def placement(
+        self, op: str, layer: int | None = None, expert: int | None = None, timeout: float = 60.0
+    ) -> cp.PlacementResult:
+        return await self._call(
+            cp.Placement(id=self._ids.next(), op=op, layer=layer, expert=expert),  # type: ignore[arg-type]
+            timeout,
+        )
 
     async def wait_ready(self, timeout: float = 600.0, poll: float = 0.2) -> None:
         end = time.monotonic() + timeout

@@ -102,11 +102,21 @@ class Accumulator:
 
     def complete(self, final: cp.Final) -> Completion:
         self.add(final)
-        return Completion(id=final.id, text="".join(self.text), token_ids=self.token_ids,
-                          finish_reason=final.finish_reason, prompt_tokens=final.prompt_tokens,
-                          completion_tokens=final.completion_tokens, ttft_s=final.ttft_s, e2e_s=final.e2e_s,
-                          logprobs=self.logprobs, stop=final.stop, reasoning="".join(self.reasoning),
-                          tool_calls=[self.calls[i] for i in sorted(self.calls)], index=final.index)
+        return Completion(
+            id=final.id,
+            text="".join(self.text),
+            token_ids=self.token_ids,
+            finish_reason=final.finish_reason,
+            prompt_tokens=final.prompt_tokens,
+            completion_tokens=final.completion_tokens,
+            ttft_s=final.ttft_s,
+            e2e_s=final.e2e_s,
+            logprobs=self.logprobs,
+            stop=final.stop,
+            reasoning="".join(self.reasoning),
+            tool_calls=[self.calls[i] for i in sorted(self.calls)],
+            index=final.index,
+        )
 
 
 class Choices:
@@ -128,8 +138,11 @@ class Choices:
             return acc.add(reply)
         has_tail = bool(reply.text or reply.token_ids or reply.reasoning or reply.tool_calls)
         self.done[reply.index] = acc.complete(reply)
-        return Delta(reply.text, reply.token_ids, reply.logprobs, reply.reasoning, reply.tool_calls,
-                     reply.index) if has_tail else None
+        return (
+            Delta(reply.text, reply.token_ids, reply.logprobs, reply.reasoning, reply.tool_calls, reply.index)
+            if has_tail
+            else None
+        )
 
     def completion(self) -> Completion:
         """Choice 0's Completion; with n > 1 its `choices` lists all of them."""
@@ -183,26 +196,52 @@ class RequestIds:
         return f"{self._prefix}-{next(self._n)}"
 
 
-def build_generate(request_id: str, prompt: str | None = None, *, token_ids: list[int] | None = None,
-                   messages: list[dict[str, Any]] | None = None, stream: bool, deadline_s: float | None = None,
-                   model: str | None = None, skip_special_tokens: bool = True, add_generation_prompt: bool = True,
-                   tools: list[dict[str, Any]] | None = None, tool_choice: str | None = None,
-                   chat_template_kwargs: dict[str, Any] | None = None, parse_output: bool = True, n: int = 1,
-                   **sampling: Any) -> cp.Generate:
+def build_generate(
+    request_id: str,
+    prompt: str | None = None,
+    *,
+    token_ids: list[int] | None = None,
+    messages: list[dict[str, Any]] | None = None,
+    stream: bool,
+    deadline_s: float | None = None,
+    model: str | None = None,
+    skip_special_tokens: bool = True,
+    add_generation_prompt: bool = True,
+    tools: list[dict[str, Any]] | None = None,
+    tool_choice: str | None = None,
+    chat_template_kwargs: dict[str, Any] | None = None,
+    parse_output: bool = True,
+    n: int = 1,
+    **sampling: Any,
+) -> cp.Generate:
     """A checked Generate; sampling keywords are cp.SamplingParams fields (`stop` may be one string). Chat
     (messages): `tools` as OpenAI function definitions, `chat_template_kwargs` such as {"enable_thinking": False}."""
     unknown = set(sampling) - SAMPLING_KEYS
     if unknown:
-        raise TypeError(f"unknown sampling argument(s) {', '.join(sorted(unknown))}; accepted: "
-                        f"{', '.join(sorted(SAMPLING_KEYS))}")
+        raise TypeError(
+            f"unknown sampling argument(s) {', '.join(sorted(unknown))}; accepted: {', '.join(sorted(SAMPLING_KEYS))}"
+        )
     if isinstance(sampling.get("stop"), str):
         sampling["stop"] = [sampling["stop"]]
-    msg_dict: dict[str, Any] = {"id": request_id, "stream": stream, "sampling": sampling,
-                                "skip_special_tokens": skip_special_tokens,
-                                "add_generation_prompt": add_generation_prompt, "parse_output": parse_output, "n": n}
-    for key, value in (("prompt", prompt), ("prompt_token_ids", token_ids), ("messages", messages),
-                       ("deadline_s", deadline_s), ("model", model), ("tools", tools), ("tool_choice", tool_choice),
-                       ("chat_template_kwargs", chat_template_kwargs)):
+    msg_dict: dict[str, Any] = {
+        "id": request_id,
+        "stream": stream,
+        "sampling": sampling,
+        "skip_special_tokens": skip_special_tokens,
+        "add_generation_prompt": add_generation_prompt,
+        "parse_output": parse_output,
+        "n": n,
+    }
+    for key, value in (
+        ("prompt", prompt),
+        ("prompt_token_ids", token_ids),
+        ("messages", messages),
+        ("deadline_s", deadline_s),
+        ("model", model),
+        ("tools", tools),
+        ("tool_choice", tool_choice),
+        ("chat_template_kwargs", chat_template_kwargs),
+    ):
         if value is not None:
             msg_dict[key] = value
     try:

@@ -27,8 +27,10 @@ from moed.client.keys import curve_keys, keygen
 from moed.client.sync_client import Client
 
 PROBE_TIMEOUT_S = 3.0  # how long `moed client` waits for a TCP connection before saying no daemon is there
-HOW_TO_START = (f"start one with `moed serve --model tiny` (or your checkpoint: `moed serve --help`), or give its "
-                f"address with --address or {ADDRESS_ENV}")
+HOW_TO_START = (
+    f"start one with `moed serve --model tiny` (or your checkpoint: `moed serve --help`), or give its "
+    f"address with --address or {ADDRESS_ENV}"
+)
 
 
 def add_sampling_arguments(parser: argparse.ArgumentParser | Any, exclude: tuple[str, ...] = ()) -> None:
@@ -48,32 +50,50 @@ def add_sampling_arguments(parser: argparse.ArgumentParser | Any, exclude: tuple
             parser.add_argument(flag, dest=f"sp_{f.name}", action="store_const", const=True, default=None, help=doc)
         elif isinstance(t, mi.ListType):
             item = int if isinstance(t.item_type, mi.IntType) else str
-            parser.add_argument(flag, dest=f"sp_{f.name}", action="append", type=item, default=None,
-                                metavar="ID" if item is int else "TEXT", help=f"{doc} (repeatable)")
+            parser.add_argument(
+                flag,
+                dest=f"sp_{f.name}",
+                action="append",
+                type=item,
+                default=None,
+                metavar="ID" if item is int else "TEXT",
+                help=f"{doc} (repeatable)",
+            )
         else:
             kind = int if isinstance(t, mi.IntType) else float
             shown = "none" if default is None else default
-            parser.add_argument(flag, dest=f"sp_{f.name}", type=kind, default=None, metavar="N" if kind is int else "X",
-                                help=f"{doc} (default: {shown})")
+            parser.add_argument(
+                flag,
+                dest=f"sp_{f.name}",
+                type=kind,
+                default=None,
+                metavar="N" if kind is int else "X",
+                help=f"{doc} (default: {shown})",
+            )
 
 
 def sampling_from_args(args: argparse.Namespace) -> dict[str, Any]:
     """The sampling fields given on the command line."""
-    return {name: getattr(args, f"sp_{name}") for name in cp.SamplingParams.__struct_fields__
-            if getattr(args, f"sp_{name}", None) is not None}
+    return {
+        name: getattr(args, f"sp_{name}")
+        for name in cp.SamplingParams.__struct_fields__
+        if getattr(args, f"sp_{name}", None) is not None
+    }
 
 
 def add_client_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("prompt", nargs="?", help="prompt text ('-' reads standard input)")
-    parser.add_argument("--address", default=None,
-                        help=f"daemon endpoint (default: ${ADDRESS_ENV}, else {DEFAULT_ADDRESS})")
+    parser.add_argument(
+        "--address", default=None, help=f"daemon endpoint (default: ${ADDRESS_ENV}, else {DEFAULT_ADDRESS})"
+    )
     parser.add_argument("--chat", action="store_true", help="send the prompt as a user message (chat template)")
     parser.add_argument("--system", help="system message (implies --chat)")
     add_sampling_arguments(parser.add_argument_group("sampling (the protocol's SamplingParams)"))
     parser.add_argument("--no-stream", action="store_true", help="wait for the whole completion")
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
-    parser.add_argument("--timeout", type=float, default=600.0,
-                        help="seconds before the request is aborted (default: 600)")
+    parser.add_argument(
+        "--timeout", type=float, default=600.0, help="seconds before the request is aborted (default: 600)"
+    )
     parser.add_argument("--curve-server-key", help="the daemon's Curve public key (Z85 text or its .key file)")
     parser.add_argument("--curve-cert", help="this client's secret certificate (.key_secret)")
     what = parser.add_mutually_exclusive_group()
@@ -97,14 +117,14 @@ def nothing_listens(address: str, timeout: float = PROBE_TIMEOUT_S) -> str | Non
     accepts connections there. ZMQ itself would keep retrying in silence."""
     try:
         if address.startswith("ipc://"):
-            path = address[len("ipc://"):]
+            path = address[len("ipc://") :]
             if not os.path.exists(path):
                 return f"no socket file {path}"
             with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
                 s.settimeout(timeout)
                 s.connect(path)
         elif address.startswith("tcp://"):
-            host, _, port = address[len("tcp://"):].rpartition(":")
+            host, _, port = address[len("tcp://") :].rpartition(":")
             with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout):
                 pass
     except ValueError:
@@ -167,7 +187,7 @@ def _generate(client: Client, prompt: str, args: argparse.Namespace) -> int:
     kwargs: dict[str, Any] = sampling_from_args(args)
     try:
         if args.chat or args.system:
-            messages = ([{"role": "system", "content": args.system}] if args.system else [])
+            messages = [{"role": "system", "content": args.system}] if args.system else []
             kwargs["messages"] = [*messages, {"role": "user", "content": prompt}]
             prompt = None
         if args.no_stream or args.json:
@@ -191,8 +211,11 @@ def _generate(client: Client, prompt: str, args: argparse.Namespace) -> int:
         c = stream.completion
         if c is not None:
             _print_tool_calls(c)
-            print(f"[{c.finish_reason}; {c.prompt_tokens} prompt + {c.completion_tokens} generated tokens; "
-                  f"first token {c.ttft_s or 0:.3f} s; total {c.e2e_s:.3f} s]", file=sys.stderr)
+            print(
+                f"[{c.finish_reason}; {c.prompt_tokens} prompt + {c.completion_tokens} generated tokens; "
+                f"first token {c.ttft_s or 0:.3f} s; total {c.e2e_s:.3f} s]",
+                file=sys.stderr,
+            )
     except ValueError as e:
         print(f"moed client: {e}", file=sys.stderr)
         return 2

@@ -32,8 +32,9 @@ def _server_key(value: str | bytes | os.PathLike) -> bytes:
     try:
         public, _ = zmq.auth.load_certificate(value)
     except (OSError, ValueError) as e:
-        raise ValueError(f"curve server key {value!r} is neither a 40-character Z85 key nor a readable "
-                         f"certificate file: {e}") from e
+        raise ValueError(
+            f"curve server key {value!r} is neither a 40-character Z85 key nor a readable certificate file: {e}"
+        ) from e
     return public
 
 

@@ -76,25 +76,35 @@ class SamplingParams(Struct, forbid_unknown_fields=True, omit_defaults=True):
 
     temperature: Annotated[float, _doc("sampling temperature; 0 = greedy", ge=0.0, le=100.0)] = 0.0
     top_k: Annotated[int, _doc("sample from the k most likely tokens; 0 = off", ge=0)] = 0
-    top_p: Annotated[float, _doc("nucleus sampling: the smallest set of tokens with this much probability",
-                                 gt=0.0, le=1.0)] = 1.0
+    top_p: Annotated[
+        float, _doc("nucleus sampling: the smallest set of tokens with this much probability", gt=0.0, le=1.0)
+    ] = 1.0
     min_p: Annotated[float, _doc("drop tokens less likely than min_p x the most likely one", ge=0.0, le=1.0)] = 0.0
-    repetition_penalty: Annotated[float, _doc("divides the logits of tokens already in the prompt or output; 1 = "
-                                              "off", gt=0.0, le=100.0)] = 1.0
-    frequency_penalty: Annotated[float, _doc("subtracted per occurrence of a token in the output; 0 = off",
-                                             ge=-2.0, le=2.0)] = 0.0
-    presence_penalty: Annotated[float, _doc("subtracted once from tokens present in the output; 0 = off",
-                                            ge=-2.0, le=2.0)] = 0.0
-    seed: Annotated[int, _doc("per-request seed: the same seed and prompt give the same tokens", ge=0,
-                              le=2**63 - 1)] | None = None
-    max_tokens: Annotated[int, _doc("tokens generated at most; none = up to the model's context length",
-                                    ge=1)] | None = 256
-    stop: Annotated[list[Annotated[str, Meta(min_length=1, max_length=1024)]],
-                    _doc("strings that end the output (not included)", max_length=16)] = []
+    repetition_penalty: Annotated[
+        float, _doc("divides the logits of tokens already in the prompt or output; 1 = off", gt=0.0, le=100.0)
+    ] = 1.0
+    frequency_penalty: Annotated[
+        float, _doc("subtracted per occurrence of a token in the output; 0 = off", ge=-2.0, le=2.0)
+    ] = 0.0
+    presence_penalty: Annotated[
+        float, _doc("subtracted once from tokens present in the output; 0 = off", ge=-2.0, le=2.0)
+    ] = 0.0
+    seed: (
+        Annotated[int, _doc("per-request seed: the same seed and prompt give the same tokens", ge=0, le=2**63 - 1)]
+        | None
+    ) = None
+    max_tokens: (
+        Annotated[int, _doc("tokens generated at most; none = up to the model's context length", ge=1)] | None
+    ) = 256
+    stop: Annotated[
+        list[Annotated[str, Meta(min_length=1, max_length=1024)]],
+        _doc("strings that end the output (not included)", max_length=16),
+    ] = []
     stop_token_ids: Annotated[list[TokenId], _doc("token ids that end the output", max_length=64)] = []
     ignore_eos: Annotated[bool, _doc("keep generating past the model's end-of-sequence tokens")] = False
-    logprobs: Annotated[int, _doc("return each token's logprob and the n most likely alternatives", ge=0,
-                                  le=20)] | None = None
+    logprobs: (
+        Annotated[int, _doc("return each token's logprob and the n most likely alternatives", ge=0, le=20)] | None
+    ) = None
 
 
 _sampling_decoder = msgspec.msgpack.Decoder(SamplingParams)
@@ -383,11 +393,14 @@ def check_header(frame: bytes | memoryview) -> None:
     if head == HEADER and len(frame) == len(HEADER):
         return
     if not head.startswith(HEADER_PREFIX) or len(frame) > 16:
-        raise ProtocolError("malformed", f"first frame must be the protocol header {HEADER!r}, got {head[:16]!r}"
-                            + (f" ... ({len(frame)} bytes)" if len(frame) > 16 else ""))
+        raise ProtocolError(
+            "malformed",
+            f"first frame must be the protocol header {HEADER!r}, got {head[:16]!r}"
+            + (f" ... ({len(frame)} bytes)" if len(frame) > 16 else ""),
+        )
     raise ProtocolError(
         "unsupported_version",
-        f"protocol version {head[len(HEADER_PREFIX):].decode(errors='replace')!r} is not supported; "
+        f"protocol version {head[len(HEADER_PREFIX) :].decode(errors='replace')!r} is not supported; "
         f"this side speaks version {PROTOCOL_VERSION} (header {HEADER!r})",
     )
 
@@ -450,11 +463,16 @@ def check_generate(msg: Generate) -> None:
         return
     for i, m in enumerate(msg.messages):
         if m.content is None and m.role != "assistant":
-            raise ProtocolError("invalid_request", f"a {m.role!r} message needs content", f"messages[{i}].content",
-                                msg.id)
+            raise ProtocolError(
+                "invalid_request", f"a {m.role!r} message needs content", f"messages[{i}].content", msg.id
+            )
     reserved = TEMPLATE_NAMES.intersection(msg.chat_template_kwargs or ())
     if reserved:
-        raise ProtocolError("invalid_request", f"chat_template_kwargs cannot set {', '.join(sorted(reserved))} "
-                            "(they are the request's own fields)", "chat_template_kwargs", msg.id)
+        raise ProtocolError(
+            "invalid_request",
+            f"chat_template_kwargs cannot set {', '.join(sorted(reserved))} (they are the request's own fields)",
+            "chat_template_kwargs",
+            msg.id,
+        )
     if msg.tool_choice == "required" and not msg.tools:
         raise ProtocolError("invalid_request", "tool_choice 'required' needs tools", "tool_choice", msg.id)

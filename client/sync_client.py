@@ -36,8 +36,9 @@ from moed.client.calls import (
 )
 from moed.client.keys import CurveKeys
 
-_AUTH_EVENTS = (zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
-                | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL)
+_AUTH_EVENTS = (
+    zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
+)
 
 
 def timeout_grace(timeout: float) -> float:
@@ -52,9 +53,16 @@ class _Failed:
 
 
 class Client:
-    def __init__(self, address: str = DEFAULT_ADDRESS, *, timeout: float | None = 600.0,
-                 heartbeat_interval: float = 2.0, daemon_timeout: float = 10.0, curve: CurveKeys | None = None,
-                 context: zmq.Context | None = None):
+    def __init__(
+        self,
+        address: str = DEFAULT_ADDRESS,
+        *,
+        timeout: float | None = 600.0,
+        heartbeat_interval: float = 2.0,
+        daemon_timeout: float = 10.0,
+        curve: CurveKeys | None = None,
+        context: zmq.Context | None = None,
+    ):
         """`timeout`: default per-call limit in seconds (None: none); it is also sent as the request's
         deadline, so the daemon stops the work too. `curve`: keys from moed.client.keys.curve_keys."""
         self.address = address
@@ -151,9 +159,11 @@ class Client:
         if self._monitor is not None and self._monitor in events:
             event = parse_monitor_message(self._monitor.recv_multipart())
             if event["event"] & _AUTH_EVENTS:
-                exc = AuthenticationError(f"the daemon at {self.address} refused the Curve handshake "
-                                          f"(event {zmq.Event(event['event']).name}): this client's key is not "
-                                          "allowed, or the server key is wrong")
+                exc = AuthenticationError(
+                    f"the daemon at {self.address} refused the Curve handshake "
+                    f"(event {zmq.Event(event['event']).name}): this client's key is not "
+                    "allowed, or the server key is wrong"
+                )
                 self._reconnect(exc)
                 raise exc
         if self._sock in events:
@@ -164,8 +174,9 @@ class Client:
                     break
                 self._route(frames)
         elif self._inbox and time.monotonic() - self._last_heard > self.daemon_timeout:
-            self._reconnect(DaemonUnavailable(f"no answer from the daemon at {self.address} for "
-                                              f"{self.daemon_timeout:.1f} s"))
+            self._reconnect(
+                DaemonUnavailable(f"no answer from the daemon at {self.address} for {self.daemon_timeout:.1f} s")
+            )
 
     def _route(self, frames: list[bytes]) -> None:
         self._last_heard = time.monotonic()
@@ -292,8 +303,9 @@ class Client:
     def models(self, timeout: float = 10.0) -> list[cp.ModelInfo]:
         return self._call(cp.Models(id=self._ids.next()), timeout).models
 
-    def placement(self, op: str, layer: int | None = None, expert: int | None = None,
-                  timeout: float = 60.0) -> cp.PlacementResult:
+    def placement(
+        self, op: str, layer: int | None = None, expert: int | None = None, timeout: float = 60.0
+    ) -> cp.PlacementResult:
         return self._call(cp.Placement(id=self._ids.next(), op=op, layer=layer, expert=expert), timeout)  # type: ignore[arg-type]
 
     def wait_ready(self, timeout: float = 600.0, poll: float = 0.2) -> None:

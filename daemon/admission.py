@@ -59,12 +59,19 @@ def message_bytes_for(max_model_len: int) -> int:
 
 
 class Admission:
-    def __init__(self, cfg: ServeConfig, tokenizer: TextTokenizer, metrics: Metrics, *,
-                 refusal: Callable[[], str | None],
-                 engine_info: Callable[[], ep.WorkerReady | None],
-                 start: Start,
-                 send: Callable[[ClientState, cp.Reply], None],
-                 in_flight_changed: Callable[[], None], checkpoint_max_len: int = 0):
+    def __init__(
+        self,
+        cfg: ServeConfig,
+        tokenizer: TextTokenizer,
+        metrics: Metrics,
+        *,
+        refusal: Callable[[], str | None],
+        engine_info: Callable[[], ep.WorkerReady | None],
+        start: Start,
+        send: Callable[[ClientState, cp.Reply], None],
+        in_flight_changed: Callable[[], None],
+        checkpoint_max_len: int = 0,
+    ):
         """`refusal()`: why no request can be admitted now (draining, engine not ready), else None.
         `start` registers an admitted request (see `Start`); it may raise ProtocolError.
         `checkpoint_max_len`: the checkpoint's max_position_embeddings (0: unknown), which bounds the engine's."""
@@ -95,6 +102,7 @@ class Admission:
 
     def admit(self, client: ClientState, msg: cp.Generate, now: float) -> None:
         """Start `msg` now, or start tokenising it off the loop; raises ProtocolError on a refusal."""
+
         def refuse(code: str, message: str) -> None:
             raise cp.ProtocolError(code, message, None, msg.id)
 
@@ -107,11 +115,17 @@ class Admission:
         if held + msg.n > client.limit:
             what = "the HTTP API has" if client.deliver is not None else "this client already has"
             key = "http_max_requests" if client.deliver is not None else "client_concurrency"
-            refuse("too_many_requests", f"{what} {held} requests (choices) in flight and this one asks for {msg.n} "
-                   f"more ({key}={client.limit})")
+            refuse(
+                "too_many_requests",
+                f"{what} {held} requests (choices) in flight and this one asks for {msg.n} more ({key}={client.limit})",
+            )
         if msg.model is not None and msg.model != self.cfg.served_name:
-            raise cp.ProtocolError("invalid_request", f"model {msg.model!r} is not served here; this daemon serves "
-                                   f"{self.cfg.served_name!r}", "model", msg.id)
+            raise cp.ProtocolError(
+                "invalid_request",
+                f"model {msg.model!r} is not served here; this daemon serves {self.cfg.served_name!r}",
+                "model",
+                msg.id,
+            )
         size = self.check_sizes(msg)
         if msg.tools or msg.chat_template_kwargs:  # rendered by the template too (tools as JSON)
             size += len(_encoder.encode(msg.tools)) + len(_encoder.encode(msg.chat_template_kwargs))
@@ -135,32 +149,54 @@ class Admission:
         if not max_len:
             return chars
         if s.max_tokens is not None and s.max_tokens >= max_len:
-            raise cp.ProtocolError("invalid_request", f"max_tokens ({s.max_tokens}) leaves no room for a prompt: "
-                                   f"the model's max_model_len is {max_len}", "sampling.max_tokens", msg.id)
+            raise cp.ProtocolError(
+                "invalid_request",
+                f"max_tokens ({s.max_tokens}) leaves no room for a prompt: the model's max_model_len is {max_len}",
+                "sampling.max_tokens",
+                msg.id,
+            )
         if msg.prompt_token_ids is not None:
             self._check_length(msg, len(msg.prompt_token_ids), max_len, "prompt_token_ids")
         if msg.messages is not None and len(msg.messages) >= max_len:
-            raise cp.ProtocolError("invalid_request", f"{len(msg.messages)} messages cannot fit the model's "
-                                   f"max_model_len {max_len} (each takes at least one token)", "messages", msg.id)
+            raise cp.ProtocolError(
+                "invalid_request",
+                f"{len(msg.messages)} messages cannot fit the model's "
+                f"max_model_len {max_len} (each takes at least one token)",
+                "messages",
+                msg.id,
+            )
         most = max_len * self.tokenizer.max_token_chars
         if chars > most:
             where = "prompt" if msg.prompt is not None else "messages"
-            raise cp.ProtocolError("invalid_request", f"the {where} has {chars} characters; max_model_len {max_len} "
-                                   f"tokens hold at most {most} ({self.tokenizer.max_token_chars} per token at most)",
-                                   where, msg.id)
+            raise cp.ProtocolError(
+                "invalid_request",
+                f"the {where} has {chars} characters; max_model_len {max_len} "
+                f"tokens hold at most {most} ({self.tokenizer.max_token_chars} per token at most)",
+                where,
+                msg.id,
+            )
         return chars
 
     def _check_length(self, msg: cp.Generate, n: int, max_len: int, where: str, more: bool = False) -> int:
         """Refuse a prompt of `n` tokens that leaves no room; returns the max_tokens to run."""
         if n >= max_len:
-            raise cp.ProtocolError("invalid_request", f"the prompt has {'more than ' if more else ''}{n} tokens; the "
-                                   f"model takes at most {max_len} including generated ones", where, msg.id)
+            raise cp.ProtocolError(
+                "invalid_request",
+                f"the prompt has {'more than ' if more else ''}{n} tokens; the "
+                f"model takes at most {max_len} including generated ones",
+                where,
+                msg.id,
+            )
         max_tokens = msg.sampling.max_tokens
         if max_tokens is None:
             return max_len - n
         if n + max_tokens > max_len:
-            raise cp.ProtocolError("invalid_request", f"prompt ({n} tokens) + max_tokens ({max_tokens}) "
-                                   f"exceeds the model's max_model_len {max_len}", "sampling.max_tokens", msg.id)
+            raise cp.ProtocolError(
+                "invalid_request",
+                f"prompt ({n} tokens) + max_tokens ({max_tokens}) exceeds the model's max_model_len {max_len}",
+                "sampling.max_tokens",
+                msg.id,
+            )
         return max_tokens
 
     async def _admit_in_thread(self, client: ClientState, msg: cp.Generate, now: float) -> None:
@@ -173,8 +209,9 @@ class Admission:
             error = e
         except Exception as e:  # a tokenizer bug costs this request, and its slot must not stay taken
             log.exception("tokenising request %r failed", msg.id)
-            error = cp.ProtocolError("internal", f"daemon error while tokenising: {type(e).__name__}: {e}",
-                                     None, msg.id)
+            error = cp.ProtocolError(
+                "internal", f"daemon error while tokenising: {type(e).__name__}: {e}", None, msg.id
+            )
         if client.requests.get(msg.id, False) is None:
             del client.requests[msg.id]
         cancelled = msg.id in client.cancelled
@@ -182,14 +219,23 @@ class Admission:
         try:
             if client.gone or cancelled:
                 if not client.gone:
-                    self._send(client, cp.Final(id=msg.id, finish_reason="abort", prompt_tokens=len(ids or ()),
-                                                completion_tokens=0, e2e_s=time.monotonic() - now))
+                    self._send(
+                        client,
+                        cp.Final(
+                            id=msg.id,
+                            finish_reason="abort",
+                            prompt_tokens=len(ids or ()),
+                            completion_tokens=0,
+                            e2e_s=time.monotonic() - now,
+                        ),
+                    )
                 return
             if error is not None:
                 raise error
             if self._refusal() is not None:
-                raise cp.ProtocolError("unavailable", "engine became unavailable while the prompt was tokenised",
-                                       None, msg.id)
+                raise cp.ProtocolError(
+                    "unavailable", "engine became unavailable while the prompt was tokenised", None, msg.id
+                )
             self._start(client, msg, ids, thinking, self.check_ids(msg, ids), now)
         except cp.ProtocolError as e:
             self.metrics.protocol_errors.labels(e.code).inc()
@@ -223,8 +269,9 @@ class Admission:
                 where = "messages"
                 try:
                     tools = msgspec.to_builtins(msg.tools) if msg.tools is not None else None
-                    text = tok.render_chat(template_messages(msg.messages), msg.add_generation_prompt, tools,
-                                           msg.chat_template_kwargs)
+                    text = tok.render_chat(
+                        template_messages(msg.messages), msg.add_generation_prompt, tools, msg.chat_template_kwargs
+                    )
                 except ChatInputError as e:
                     raise cp.ProtocolError("invalid_request", str(e), e.field, msg.id) from None
                 except TemplateError as e:
@@ -248,12 +295,20 @@ class Admission:
         s = msg.sampling
         if msg.prompt_token_ids is not None and max(ids) >= vocab:  # max() first: no Python loop over a long prompt
             i, t = next((i, t) for i, t in enumerate(ids) if t >= vocab)
-            raise cp.ProtocolError("invalid_request", f"token id {t} is outside the vocabulary "
-                                   f"(0..{vocab - 1})", f"prompt_token_ids[{i}]", msg.id)
+            raise cp.ProtocolError(
+                "invalid_request",
+                f"token id {t} is outside the vocabulary (0..{vocab - 1})",
+                f"prompt_token_ids[{i}]",
+                msg.id,
+            )
         for i, t in enumerate(s.stop_token_ids):
             if t >= vocab:
-                raise cp.ProtocolError("invalid_request", f"token id {t} is outside the vocabulary (0..{vocab - 1})",
-                                       f"sampling.stop_token_ids[{i}]", msg.id)
+                raise cp.ProtocolError(
+                    "invalid_request",
+                    f"token id {t} is outside the vocabulary (0..{vocab - 1})",
+                    f"sampling.stop_token_ids[{i}]",
+                    msg.id,
+                )
         max_len = info.max_model_len if info else 0
         if max_len:
             return self._check_length(msg, len(ids), max_len, "prompt")

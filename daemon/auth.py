@@ -64,8 +64,9 @@ def load_server_keys(path: str | Path) -> tuple[bytes, bytes]:
     return public, secret
 
 
-def enable_curve(ctx: zmq.asyncio.Context, sock: zmq.Socket, secret_cert: str, allowed_dir: str
-                 ) -> tuple[AsyncioAuthenticator, AllowList]:
+def enable_curve(
+    ctx: zmq.asyncio.Context, sock: zmq.Socket, secret_cert: str, allowed_dir: str
+) -> tuple[AsyncioAuthenticator, AllowList]:
     """Make `sock` a Curve server that admits only allow-listed clients; call before bind()."""
     public, secret = load_server_keys(secret_cert)
     allow = AllowList(load_allow_list(allowed_dir))

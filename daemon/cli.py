@@ -16,8 +16,18 @@ from typing import Any
 
 # What the `serve` extra installs (import names of pyproject's [project.optional-dependencies] serve, less the
 # optional uvloop and httptools); tests/client/test_install.py keeps the two lists together.
-SERVE_MODULES = ("torch", "triton", "numpy", "safetensors", "tokenizers", "jinja2", "tqdm", "prometheus_client",
-                 "fastapi", "uvicorn")
+SERVE_MODULES = (
+    "torch",
+    "triton",
+    "numpy",
+    "safetensors",
+    "tokenizers",
+    "jinja2",
+    "tqdm",
+    "prometheus_client",
+    "fastapi",
+    "uvicorn",
+)
 CLIENT_COMMANDS = ("client", "config")
 
 
@@ -26,8 +36,12 @@ class _Help(argparse.HelpFormatter):
 
     def _get_help_string(self, action: argparse.Action) -> str | None:
         text = action.help or ""
-        if ("default" in text or not action.option_strings or action.default in (None, False, argparse.SUPPRESS)
-                or isinstance(action, argparse._HelpAction)):
+        if (
+            "default" in text
+            or not action.option_strings
+            or action.default in (None, False, argparse.SUPPRESS)
+            or isinstance(action, argparse._HelpAction)
+        ):
             return text
         return text + " (default: %(default)s)"
 
@@ -39,10 +53,17 @@ def missing_serve_modules() -> list[str]:
 def _cmd_checkpoint_make(args: argparse.Namespace) -> int:
     from moed.model.checkpoint import make_checkpoint
 
-    out = make_checkpoint(args.out, preset=args.preset, dtype=args.dtype, seed=args.seed, layers=args.layers,
-                          experts=args.experts, mtp_layers=args.mtp_layers,
-                          shard_bytes=int(args.shard_gib * (1 << 30)) if args.shard_gib else None,
-                          device=args.device)
+    out = make_checkpoint(
+        args.out,
+        preset=args.preset,
+        dtype=args.dtype,
+        seed=args.seed,
+        layers=args.layers,
+        experts=args.experts,
+        mtp_layers=args.mtp_layers,
+        shard_bytes=int(args.shard_gib * (1 << 30)) if args.shard_gib else None,
+        device=args.device,
+    )
     print(out)
     return 0
 
@@ -96,8 +117,9 @@ def _cmd_tune_moe(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="moed", description="Expert-offload MoE runtime for GLM-5.1",
-                                formatter_class=_Help)
+    p = argparse.ArgumentParser(
+        prog="moed", description="Expert-offload MoE runtime for GLM-5.1", formatter_class=_Help
+    )
     p.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR")
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -108,9 +130,12 @@ def build_parser() -> argparse.ArgumentParser:
     mk = command(ck, "make", "write a random-weight GLM-5.1-architecture checkpoint")
     mk.add_argument("--preset", choices=["tiny", "small", "glm51-slice", "glm51"], default="tiny", help="model shape")
     mk.add_argument("--out", required=True, help="output directory")
-    mk.add_argument("--dtype", choices=["bf16", "fp8", "int4"], default="bf16",
-                    help="weight format (int4: routed experts in compressed-tensors pack-quantized W4A16_ASYM, the "
-                         "rest bf16)")
+    mk.add_argument(
+        "--dtype",
+        choices=["bf16", "fp8", "int4"],
+        default="bf16",
+        help="weight format (int4: routed experts in compressed-tensors pack-quantized W4A16_ASYM, the rest bf16)",
+    )
     mk.add_argument("--seed", type=int, default=0, help="random weights' seed")
     mk.add_argument("--layers", type=int, help="num_hidden_layers (main stack; default: the preset's)")
     mk.add_argument("--experts", type=int, help="routed experts per MoE layer (default: the preset's)")
@@ -128,8 +153,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--model", required=True, help="checkpoint directory, or a built-in one: tiny, small")
     g.add_argument("--chat", action="store_true", help="wrap the prompt in the checkpoint's chat template")
     g.add_argument("--system", help="system message (implies --chat)")
-    add_sampling_arguments(g.add_argument_group("sampling (the protocol's SamplingParams)"),
-                           exclude=("stop", "logprobs"))
+    add_sampling_arguments(
+        g.add_argument_group("sampling (the protocol's SamplingParams)"), exclude=("stop", "logprobs")
+    )
     add_engine_arguments(g.add_argument_group("engine settings (moed.engine.config)"), exclude=("seed",))
     g.add_argument("prompt")
     g.set_defaults(func=_cmd_generate)
@@ -160,13 +186,15 @@ def main(argv: list[str] | None = None) -> int:
         if args.command != "tune-moe":
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         raw = list(sys.argv[1:] if argv is None else argv)
-        args.tune_args = raw[raw.index("tune-moe") + 1:]
+        args.tune_args = raw[raw.index("tune-moe") + 1 :]
     if args.command not in CLIENT_COMMANDS:
         missing = missing_serve_modules()
         if missing:
-            print(f"moed {args.command}: needs the 'serve' extra, which this install lacks (no {', '.join(missing)}):"
-                  " pip install 'moed[serve]' (on a GPU server, install your CUDA build of torch first)",
-                  file=sys.stderr)
+            print(
+                f"moed {args.command}: needs the 'serve' extra, which this install lacks (no {', '.join(missing)}):"
+                " pip install 'moed[serve]' (on a GPU server, install your CUDA build of torch first)",
+                file=sys.stderr,
+            )
             return 2
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:

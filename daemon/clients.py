@@ -43,8 +43,17 @@ def merge_chunks(into: cp.Chunk, more: cp.Chunk) -> None:
 
 
 class ClientState:
-    __slots__ = ("cancelled", "deliver", "gone", "identity", "last_seen", "limit", "outbox", "pending_chunks",
-                 "requests")
+    __slots__ = (
+        "cancelled",
+        "deliver",
+        "gone",
+        "identity",
+        "last_seen",
+        "limit",
+        "outbox",
+        "pending_chunks",
+        "requests",
+    )
 
     def __init__(self, identity: bytes, now: float, limit: int, deliver: Callable[[cp.Reply], None] | None = None):
         self.identity = identity
@@ -67,8 +76,13 @@ class Outboxes:
     overflows ("queue_overflow"); it must end the client's requests and call `forget`.
     """
 
-    def __init__(self, queue_limit: int, metrics: Metrics, clients: dict[bytes, ClientState],
-                 on_lost: Callable[[ClientState, str], None]):
+    def __init__(
+        self,
+        queue_limit: int,
+        metrics: Metrics,
+        clients: dict[bytes, ClientState],
+        on_lost: Callable[[ClientState, str], None],
+    ):
         self.queue_limit = queue_limit
         self.metrics = metrics
         self.clients = clients
@@ -135,8 +149,9 @@ class Outboxes:
         router = self.router
         while client.outbox:
             reply = client.outbox[0]
-            exc = router.send_multipart([client.identity, cp.HEADER, _encoder.encode(reply)],
-                                        flags=zmq.DONTWAIT).exception()
+            exc = router.send_multipart(
+                [client.identity, cp.HEADER, _encoder.encode(reply)], flags=zmq.DONTWAIT
+            ).exception()
             if isinstance(exc, zmq.Again):
                 return
             if exc is not None:

@@ -59,34 +59,47 @@ class ServeConfig(EngineConfig):
     """The daemon's settings: every engine setting (moed.engine.config.EngineConfig, passed to the worker) and
     the daemon's own. Checked by `load_config`, which names the source of each bad value."""
 
-    model: str = setting("", "checkpoint directory (HF layout), or a built-in one: tiny, small (builtin:tiny, ...); "
-                             "a folder of such a name is given as a path (./tiny)")
+    model: str = setting(
+        "",
+        "checkpoint directory (HF layout), or a built-in one: tiny, small (builtin:tiny, ...); "
+        "a folder of such a name is given as a path (./tiny)",
+    )
     # A daemon runs on the GPU when there is one: the engine library's own default is the CPU.
     device: str = setting(AUTO, EngineConfig.__dataclass_fields__["device"].metadata["doc"])
     dtype: Dtype | Literal["auto"] = setting(AUTO, EngineConfig.__dataclass_fields__["dtype"].metadata["doc"])
     model_name: str = setting("", "name clients use for the model; default: the directory's name")
-    listen: tuple[str, ...] = setting((DEFAULT_ADDRESS,), "ZMQ endpoints for clients (tcp://HOST:PORT, ipc://PATH), "
-                                                          "comma-separated", split="comma")
+    listen: tuple[str, ...] = setting(
+        (DEFAULT_ADDRESS,), "ZMQ endpoints for clients (tcp://HOST:PORT, ipc://PATH), comma-separated", split="comma"
+    )
     metrics_address: str = setting("127.0.0.1:9710", "HOST:PORT for /metrics, /health, /ready; empty = off")
-    http_address: str = setting("127.0.0.1:8710", "HOST:PORT of the OpenAI-compatible HTTP API (/v1/...); empty = "
-                                                   "off")
+    http_address: str = setting("127.0.0.1:8710", "HOST:PORT of the OpenAI-compatible HTTP API (/v1/...); empty = off")
     http_api_key: str = setting("", "when set, HTTP API requests need 'Authorization: Bearer KEY'", secret=True)
     http_max_requests: int = setting(1024, "generate requests (choices) in flight over HTTP; more get 429", min=1)
     stats_interval_s: float = setting(1.0, "engine stats period in seconds", gt=0)
-    worker_command: tuple[str, ...] = setting((), "argv that starts a worker; empty = python -m moed.engine.worker",
-                                              split="shell")
+    worker_command: tuple[str, ...] = setting(
+        (), "argv that starts a worker; empty = python -m moed.engine.worker", split="shell"
+    )
     runtime_dir: str = setting("", "directory for ipc sockets; empty = $RUNTIME_DIRECTORY or /tmp/moed-UID")
-    max_message_bytes: int = setting(0, "largest client message (ZMQ) or HTTP body answered (bytes); larger ones get "
-                                        "an Error, and ZMQ messages over 4x this (at least 32 MiB) are cut off with "
-                                        "no reply; 0 = sized to the model's max_model_len (16 bytes a token + 64 "
-                                        "KiB)", min=0)
+    max_message_bytes: int = setting(
+        0,
+        "largest client message (ZMQ) or HTTP body answered (bytes); larger ones get "
+        "an Error, and ZMQ messages over 4x this (at least 32 MiB) are cut off with "
+        "no reply; 0 = sized to the model's max_model_len (16 bytes a token + 64 "
+        "KiB)",
+        min=0,
+    )
     client_concurrency: int = setting(256, "in-flight generate requests allowed per client", min=1)
-    client_queue_limit: int = setting(1024, "replies queued for a client that does not read before it is dropped",
-                                      min=16)
-    client_send_hwm: int = setting(1000, "messages ZMQ buffers per client before the daemon's own outbox (which "
-                                         "merges a stream's chunks) takes over", min=1)
-    client_timeout_s: float = setting(30.0, "a client silent this long while it has requests in flight loses them",
-                                      gt=0)
+    client_queue_limit: int = setting(
+        1024, "replies queued for a client that does not read before it is dropped", min=16
+    )
+    client_send_hwm: int = setting(
+        1000,
+        "messages ZMQ buffers per client before the daemon's own outbox (which merges a stream's chunks) takes over",
+        min=1,
+    )
+    client_timeout_s: float = setting(
+        30.0, "a client silent this long while it has requests in flight loses them", gt=0
+    )
     default_deadline_s: float = setting(0.0, "deadline for requests that set none (seconds); 0 = none", min=0)
     drain_timeout_s: float = setting(30.0, "on SIGTERM, time in-flight requests get to finish before abort", min=0)
     curve_secret_key: str = setting("", "the daemon's Curve secret certificate (zmq.auth format); empty = no Curve")
@@ -95,22 +108,37 @@ class ServeConfig(EngineConfig):
     engine_stall_timeout_s: float = setting(60.0, "a worker silent this long is killed and restarted", gt=0)
     restart_backoff_s: float = setting(1.0, "first restart delay after a worker crash; doubles per crash", min=0)
     restart_backoff_max_s: float = setting(60.0, "largest restart delay", min=0)
-    crash_loop_restarts: int = setting(5, "this many crashes within crash_loop_window_s end restarts (unready; a "
-                                          "worker that was never ready ends the daemon instead)", min=1)
+    crash_loop_restarts: int = setting(
+        5,
+        "this many crashes within crash_loop_window_s end restarts (unready; a "
+        "worker that was never ready ends the daemon instead)",
+        min=1,
+    )
     crash_loop_window_s: float = setting(600.0, "window for crash_loop_restarts", gt=0)
     log_level: Literal["debug", "info", "warning", "error"] = setting("info", "debug, info, warning, error")
     placement: Literal["auto", "on", "off"] = setting(
-        "auto", "expert placement manager: pins each offloaded layer's hottest experts from the engine's counts. "
-                "auto: on when moe = offload; on: the same, and an error with another moe; off")
-    placement_pin_fraction: float = setting(0.5, "share of each offloaded layer's cache slots pinned with its hottest "
-                                                 "experts, operator pins included (one slot always stays unpinned); "
-                                                 "the rest are evicted least recently used (docs/benchmarks.md, Hit "
-                                                 "rate)", min=0, max=1)
-    placement_interval_s: float = setting(30.0, "seconds between pin recomputations from the engine's expert counts",
-                                          gt=0)
-    placement_state_file: str = setting("", "expert counts and operator pins kept across restarts; empty = "
-                                            "$STATE_DIRECTORY (else ~/.local/state/moed)/placement-NAME.json; "
-                                            "none = not kept")
+        "auto",
+        "expert placement manager: pins each offloaded layer's hottest experts from the engine's counts. "
+        "auto: on when moe = offload; on: the same, and an error with another moe; off",
+    )
+    placement_pin_fraction: float = setting(
+        0.5,
+        "share of each offloaded layer's cache slots pinned with its hottest "
+        "experts, operator pins included (one slot always stays unpinned); "
+        "the rest are evicted least recently used (docs/benchmarks.md, Hit "
+        "rate)",
+        min=0,
+        max=1,
+    )
+    placement_interval_s: float = setting(
+        30.0, "seconds between pin recomputations from the engine's expert counts", gt=0
+    )
+    placement_state_file: str = setting(
+        "",
+        "expert counts and operator pins kept across restarts; empty = "
+        "$STATE_DIRECTORY (else ~/.local/state/moed)/placement-NAME.json; "
+        "none = not kept",
+    )
 
     def __post_init__(self) -> None:
         pass  # load_config checks every value and names its source; the engine checks what it is given again
@@ -158,17 +186,28 @@ def _from_file(key: str, value: Any) -> Any:
 
 def _check_semantics(cfg: ServeConfig, sources: Mapping[str, str], check_files: bool) -> list[tuple[str, str]]:
     """(key, problem) pairs for values that are well-typed but unusable."""
+
     def at(key: str) -> str:
         return f"{key} from {sources.get(key, 'defaults')}"
 
     problems = []
     if not cfg.model:
-        problems.append(("model", f"model is required: set it in the config file, {env_name('model')} or --model "
-                                  f"(a checkpoint directory, or a built-in one: {', '.join(BUILTIN_MODELS)})"))
+        problems.append(
+            (
+                "model",
+                f"model is required: set it in the config file, {env_name('model')} or --model "
+                f"(a checkpoint directory, or a built-in one: {', '.join(BUILTIN_MODELS)})",
+            )
+        )
     elif builtin_name(cfg.model) is not None:
         if builtin_name(cfg.model) not in BUILTIN_MODELS:
-            problems.append(("model", f"{at('model')}: unknown built-in model {cfg.model!r}; built-in models are "
-                                      + ", ".join(f"builtin:{m}" for m in BUILTIN_MODELS)))
+            problems.append(
+                (
+                    "model",
+                    f"{at('model')}: unknown built-in model {cfg.model!r}; built-in models are "
+                    + ", ".join(f"builtin:{m}" for m in BUILTIN_MODELS),
+                )
+            )
     elif check_files:
         d = Path(cfg.model)
         if not d.is_dir():
@@ -188,31 +227,55 @@ def _check_semantics(cfg: ServeConfig, sources: Mapping[str, str], check_files: 
         if address and (not sep or not host or not port.isdigit() or not 0 <= int(port) < 65536):
             problems.append((key, f"{at(key)}: must be HOST:PORT (port 0-65535) or empty, got {address!r}"))
     if bool(cfg.curve_secret_key) != bool(cfg.curve_allowed_clients):
-        problems.append(("curve_secret_key", f"{at('curve_secret_key')} and {at('curve_allowed_clients')}: Curve "
-                         "needs both the daemon's secret certificate and a directory of allowed client public "
-                         "certificates"))
+        problems.append(
+            (
+                "curve_secret_key",
+                f"{at('curve_secret_key')} and {at('curve_allowed_clients')}: Curve "
+                "needs both the daemon's secret certificate and a directory of allowed client public "
+                "certificates",
+            )
+        )
     elif cfg.curve_secret_key and check_files:
         if not Path(cfg.curve_secret_key).is_file():
             problems.append(("curve_secret_key", f"{at('curve_secret_key')}: no file {cfg.curve_secret_key!r}"))
         if not Path(cfg.curve_allowed_clients).is_dir():
-            problems.append(("curve_allowed_clients",
-                             f"{at('curve_allowed_clients')}: no directory {cfg.curve_allowed_clients!r}"))
+            problems.append(
+                ("curve_allowed_clients", f"{at('curve_allowed_clients')}: no directory {cfg.curve_allowed_clients!r}")
+            )
     if 0 < cfg.max_message_bytes < 1024:
-        problems.append(("max_message_bytes", f"{at('max_message_bytes')}: must be 0 (sized to max_model_len) or "
-                                              f">= 1024, got {cfg.max_message_bytes}"))
+        problems.append(
+            (
+                "max_message_bytes",
+                f"{at('max_message_bytes')}: must be 0 (sized to max_model_len) or "
+                f">= 1024, got {cfg.max_message_bytes}",
+            )
+        )
     if cfg.restart_backoff_max_s < cfg.restart_backoff_s:
-        problems.append(("restart_backoff_max_s", f"{at('restart_backoff_max_s')}: must be >= restart_backoff_s "
-                                                  f"({cfg.restart_backoff_s})"))
+        problems.append(
+            (
+                "restart_backoff_max_s",
+                f"{at('restart_backoff_max_s')}: must be >= restart_backoff_s ({cfg.restart_backoff_s})",
+            )
+        )
     if cfg.placement == "on" and cfg.moe != "offload":
-        problems.append(("placement", f"{at('placement')} with {at('moe')}: the placement manager pins experts in "
-                                      "the GPU expert cache, which only moe = offload has"))
+        problems.append(
+            (
+                "placement",
+                f"{at('placement')} with {at('moe')}: the placement manager pins experts in "
+                "the GPU expert cache, which only moe = offload has",
+            )
+        )
     for key, problem in combination_problems(cfg):
         problems.append((key, f"{at(key)}: {problem}"))
     return problems
 
 
-def load_config(file: str | Path | None = None, env: Mapping[str, str] | None = None,
-                flags: Mapping[str, str] | None = None, check_files: bool = True) -> tuple[ServeConfig, dict[str, str]]:
+def load_config(
+    file: str | Path | None = None,
+    env: Mapping[str, str] | None = None,
+    flags: Mapping[str, str] | None = None,
+    check_files: bool = True,
+) -> tuple[ServeConfig, dict[str, str]]:
     """Merge defaults, file, environment and flags; returns the config and each set key's source.
 
     `flags` maps keys to the text given on the command line. Raises ConfigError with every problem.
@@ -297,8 +360,10 @@ def render(cfg: ServeConfig, sources: Mapping[str, str]) -> str:
 def add_config_arguments(parser: Any, exclude: tuple[str, ...] = ()) -> None:
     """One flag per key, in two groups (daemon, engine); values are text parsed like the environment's, booleans
     are --KEY / --no-KEY; unset flags stay None so the file and the environment show through."""
-    groups = {False: parser.add_argument_group("daemon settings"),
-              True: parser.add_argument_group("engine settings (passed to the engine worker)")}
+    groups = {
+        False: parser.add_argument_group("daemon settings"),
+        True: parser.add_argument_group("engine settings (passed to the engine worker)"),
+    }
     for key, f in FIELDS.items():
         if key in exclude:
             continue
@@ -306,11 +371,13 @@ def add_config_arguments(parser: Any, exclude: tuple[str, ...] = ()) -> None:
         default = text_of(f.default) or "''"
         help_text = f"{f.metadata['doc']} (default: {default}) [{env_name(key)}]"
         if base_type(ServeConfig, key) is bool:
-            group.add_argument(flag_name(key), dest=f"cfg_{key}", action=argparse.BooleanOptionalAction,
-                               default=None, help=help_text)
+            group.add_argument(
+                flag_name(key), dest=f"cfg_{key}", action=argparse.BooleanOptionalAction, default=None, help=help_text
+            )
         else:
-            group.add_argument(flag_name(key), dest=f"cfg_{key}", default=None, metavar=metavar(ServeConfig, key),
-                               help=help_text)
+            group.add_argument(
+                flag_name(key), dest=f"cfg_{key}", default=None, metavar=metavar(ServeConfig, key), help=help_text
+            )
 
 
 def flags_from_args(args: Any) -> dict[str, str]:

@@ -56,7 +56,7 @@ class IncrementalDetokenizer:
         before = self._tok.decode(self._context, self._skip)
         text = self._tok.decode(self._context + self._pending, self._skip)
         self._context, self._pending = (self._context + self._pending)[-PROMPT_CONTEXT:], []
-        return text[len(before):] if len(text) > len(before) else ""
+        return text[len(before) :] if len(text) > len(before) else ""
 
 
 class StopStrings:

@@ -96,8 +96,9 @@ class ClientFrontend:
         if self.cfg.curve_secret_key:
             from moed.daemon.auth import enable_curve
 
-            self._auth, self.allow_list = enable_curve(self._ctx, router, self.cfg.curve_secret_key,
-                                                       self.cfg.curve_allowed_clients)
+            self._auth, self.allow_list = enable_curve(
+                self._ctx, router, self.cfg.curve_secret_key, self.cfg.curve_allowed_clients
+            )
         for endpoint in self.cfg.listen:
             if endpoint.startswith("ipc://"):
                 Path(endpoint[6:]).parent.mkdir(parents=True, exist_ok=True)
@@ -115,8 +116,7 @@ class ClientFrontend:
         probe.setsockopt(zmq.ROUTING_ID, b"moed-liveness-" + secrets.token_bytes(16))
         probe.connect(probe_endpoint)
         self._probe_client = ClientState(probe.getsockopt(zmq.ROUTING_ID), time.monotonic(), 1)
-        self._monitor_sock = router.get_monitor_socket(
-            zmq.EVENT_DISCONNECTED | zmq.EVENT_HANDSHAKE_FAILED_AUTH)
+        self._monitor_sock = router.get_monitor_socket(zmq.EVENT_DISCONNECTED | zmq.EVENT_HANDSHAKE_FAILED_AUTH)
         return self._monitor_sock
 
     # --- receiving from clients ---------------------------------------------------------------
@@ -160,8 +160,12 @@ class ClientFrontend:
             body = frames[2]
             limit = self.admission.max_message_bytes
             if len(body) > limit:  # named by its id when it has one, so the client can tell which request failed
-                raise cp.ProtocolError("message_too_large", f"message of {len(body)} bytes exceeds the daemon's "
-                                       f"max_message_bytes={limit}", None, cp.message_id(body.buffer))
+                raise cp.ProtocolError(
+                    "message_too_large",
+                    f"message of {len(body)} bytes exceeds the daemon's max_message_bytes={limit}",
+                    None,
+                    cp.message_id(body.buffer),
+                )
             msg = cp.decode_request(body.buffer)
         except cp.ProtocolError as e:
             self.metrics.protocol_errors.labels(e.code).inc()
@@ -193,12 +197,22 @@ class ClientFrontend:
             self._send(client, cp.Pong(daemon_id=self.daemon_id))
             for rid in msg.ids:
                 if rid not in client.requests:
-                    self._send(client, cp.Error(id=rid, code="unknown_request",
-                                                message=f"the daemon holds no request {rid!r} for this client "
-                                                f"(daemon {self.daemon_id}; restarted or already finished)"))
+                    self._send(
+                        client,
+                        cp.Error(
+                            id=rid,
+                            code="unknown_request",
+                            message=f"the daemon holds no request {rid!r} for this client "
+                            f"(daemon {self.daemon_id}; restarted or already finished)",
+                        ),
+                    )
         elif isinstance(msg, cp.Health):
-            self._send(client, cp.HealthStatus(id=msg.id, ok=self.health()[0], state=self.supervisor.state,
-                                               uptime_s=now - self.started_at))
+            self._send(
+                client,
+                cp.HealthStatus(
+                    id=msg.id, ok=self.health()[0], state=self.supervisor.state, uptime_s=now - self.started_at
+                ),
+            )
         elif isinstance(msg, cp.Ready):
             ok, reason = self.readiness()
             self._send(client, cp.ReadyStatus(id=msg.id, ready=ok, reason=reason))
@@ -215,21 +229,31 @@ class ClientFrontend:
 
     def _model_info(self) -> cp.ModelInfo:
         info = self.supervisor.info if self.supervisor else None
-        return cp.ModelInfo(name=self.cfg.served_name, path=self.model_dir,
-                            max_model_len=info.max_model_len if info else 0,
-                            vocab_size=info.vocab_size if info else self.tokenizer.vocab_size)
+        return cp.ModelInfo(
+            name=self.cfg.served_name,
+            path=self.model_dir,
+            max_model_len=info.max_model_len if info else 0,
+            vocab_size=info.vocab_size if info else self.tokenizer.vocab_size,
+        )
 
     def _stats(self, rid: str, now: float) -> cp.StatsReport:
         s = self.last_stats
         ok, _ = self.readiness()
         return cp.StatsReport(
-            id=rid, ready=ok, state=self.supervisor.state, requests_in_flight=len(self.by_engine_id),
-            clients=len(self.clients), running=s.running if s else 0, waiting=s.waiting if s else 0,
-            kv_usage=s.kv_usage if s else 0.0, prompt_tokens=self.prompt_tokens_total,
+            id=rid,
+            ready=ok,
+            state=self.supervisor.state,
+            requests_in_flight=len(self.by_engine_id),
+            clients=len(self.clients),
+            running=s.running if s else 0,
+            waiting=s.waiting if s else 0,
+            kv_usage=s.kv_usage if s else 0.0,
+            prompt_tokens=self.prompt_tokens_total,
             generation_tokens=self.generation_tokens_total,
             worker_restarts=self.supervisor.restarts,
             engine_stats_age_s=None if self.last_stats_at is None else now - self.last_stats_at,
-            uptime_s=now - self.started_at)
+            uptime_s=now - self.started_at,
+        )
 
     async def _placement_request(self, client: ClientState, msg: cp.Placement) -> None:
         try:
@@ -262,8 +286,9 @@ class ClientFrontend:
                 loop.call_later(0.02, self._probe_clients)
                 loop.call_later(0.25, self._probe_clients)
             elif event["event"] == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
-                log.warning("refused a client on %s: Curve authentication failed",
-                            event["endpoint"].decode(errors="replace"))
+                log.warning(
+                    "refused a client on %s: Curve authentication failed", event["endpoint"].decode(errors="replace")
+                )
 
     def _probe_clients(self) -> None:
         for client in list(self.clients.values()):
@@ -280,8 +305,12 @@ class ClientFrontend:
             for client in list(self.clients.values()):
                 silent = now - client.last_seen
                 if client.requests and silent > self.cfg.client_timeout_s:
-                    log.warning("client %s silent for %.1f s with %d request(s): aborting them",
-                                client.identity.hex(), silent, len(client.requests))
+                    log.warning(
+                        "client %s silent for %.1f s with %d request(s): aborting them",
+                        client.identity.hex(),
+                        silent,
+                        len(client.requests),
+                    )
                     self.metrics.clients_dropped.labels("heartbeat_timeout").inc()
                     self._abort_client_requests(client, reply=True)
                 elif not client.requests and not client.outbox and silent > self.cfg.client_timeout_s:

@@ -69,13 +69,18 @@ def template_messages(messages: Sequence[Any]) -> list[dict[str, Any]]:
                 try:
                     args = json.loads(tc.function.arguments) if tc.function.arguments.strip() else {}
                 except (ValueError, RecursionError) as e:
-                    raise ChatInputError(f"tool call arguments must be a JSON object: {e}",
-                                         f"messages[{i}].tool_calls[{j}].function.arguments") from None
+                    raise ChatInputError(
+                        f"tool call arguments must be a JSON object: {e}",
+                        f"messages[{i}].tool_calls[{j}].function.arguments",
+                    ) from None
                 if not isinstance(args, dict):
-                    raise ChatInputError(f"tool call arguments must be a JSON object, got {type(args).__name__}",
-                                         f"messages[{i}].tool_calls[{j}].function.arguments")
-                calls.append({"id": tc.id, "type": "function", "function": {"name": tc.function.name,
-                                                                             "arguments": args}})
+                    raise ChatInputError(
+                        f"tool call arguments must be a JSON object, got {type(args).__name__}",
+                        f"messages[{i}].tool_calls[{j}].function.arguments",
+                    )
+                calls.append(
+                    {"id": tc.id, "type": "function", "function": {"name": tc.function.name, "arguments": args}}
+                )
             d["tool_calls"] = calls
         out.append(d)
     return out
@@ -92,9 +97,9 @@ def text_content(content: str | Sequence[Any] | None) -> str:
 
 def prompt_opens_reasoning(prompt: str) -> bool:
     """Whether the rendered prompt leaves the model inside `<think>` (GLM-4.7/5 with thinking on)."""
-    tail = prompt[prompt.rfind(ASSISTANT) + 1:] if ASSISTANT in prompt else prompt
+    tail = prompt[prompt.rfind(ASSISTANT) + 1 :] if ASSISTANT in prompt else prompt
     tail = tail.rstrip()
-    return tail.endswith(THINK_OPEN) and THINK_CLOSE not in tail[tail.rfind(THINK_OPEN):]
+    return tail.endswith(THINK_OPEN) and THINK_CLOSE not in tail[tail.rfind(THINK_OPEN) :]
 
 
 def string_arguments(tools: Sequence[Any] | None) -> dict[str, set[str]]:
@@ -173,7 +178,7 @@ class ReasoningSplitter:
         if self.state == "start":
             head = self._buf.lstrip()
             if head.startswith(THINK_OPEN):
-                self._buf, self.state = head[len(THINK_OPEN):], "reasoning"
+                self._buf, self.state = head[len(THINK_OPEN) :], "reasoning"
             elif THINK_OPEN.startswith(head):
                 return "", ""  # could still become <think>
             else:
@@ -183,16 +188,16 @@ class ReasoningSplitter:
         if self._fresh:
             head = self._buf.lstrip()
             if head.startswith(THINK_OPEN):
-                self._buf = head[len(THINK_OPEN):]
+                self._buf = head[len(THINK_OPEN) :]
             elif THINK_OPEN.startswith(head) and head:
                 return "", ""
         end = self._buf.find(THINK_CLOSE)
         if end >= 0:
-            reasoning, content = self._buf[:end], self._buf[end + len(THINK_CLOSE):]
+            reasoning, content = self._buf[:end], self._buf[end + len(THINK_CLOSE) :]
             self._buf, self.state = "", "content"
         else:
             keep = _partial_tag(self._buf, (THINK_CLOSE,))
-            reasoning, self._buf = self._buf[:len(self._buf) - keep], self._buf[len(self._buf) - keep:]
+            reasoning, self._buf = self._buf[: len(self._buf) - keep], self._buf[len(self._buf) - keep :]
         if reasoning.strip():
             self._fresh = False
         return reasoning, content
@@ -254,11 +259,11 @@ class ToolCallParser:
             start = buf.find(CALL_OPEN)
             if start < 0:
                 keep = _partial_tag(buf, (CALL_OPEN,))
-                out.content += buf[:len(buf) - keep]
-                self._buf = buf[len(buf) - keep:]
+                out.content += buf[: len(buf) - keep]
+                self._buf = buf[len(buf) - keep :]
                 return False
             out.content += buf[:start]
-            self._buf, self._raw, self._name, self._state = buf[start + len(CALL_OPEN):], CALL_OPEN, "", "name"
+            self._buf, self._raw, self._name, self._state = buf[start + len(CALL_OPEN) :], CALL_OPEN, "", "name"
             return True
         if state == "name":
             ends = [i for i in (buf.find("\n"), buf.find(KEY_OPEN), buf.find(CALL_CLOSE)) if i >= 0]
@@ -298,7 +303,7 @@ class ToolCallParser:
             hits = [(i, t) for t in (KEY_CLOSE, CALL_CLOSE) if (i := buf.find(t)) >= 0]
             if not hits:
                 keep = _partial_tag(buf, (KEY_CLOSE, CALL_CLOSE))
-                self._key += buf[:len(buf) - keep]
+                self._key += buf[: len(buf) - keep]
                 self._take(len(buf) - keep)
                 return False
             i, tag = min(hits)
@@ -313,7 +318,7 @@ class ToolCallParser:
         hits = [(i, t) for t in (VALUE_CLOSE, CALL_CLOSE) if (i := buf.find(t)) >= 0]
         if not hits:
             keep = _partial_tag(buf, (VALUE_CLOSE, CALL_CLOSE))
-            part = buf[:len(buf) - keep]
+            part = buf[: len(buf) - keep]
             if self._string_value:
                 self._emit(out, self._escape(part))
             else:
@@ -327,8 +332,13 @@ class ToolCallParser:
             self._emit(out, self._escape(part) + '"')
         else:
             value = _value(self._value + part)
-            self._emit(out, self._separator() + json.dumps(self._key, ensure_ascii=False) + ": "
-                       + json.dumps(value, ensure_ascii=False))
+            self._emit(
+                out,
+                self._separator()
+                + json.dumps(self._key, ensure_ascii=False)
+                + ": "
+                + json.dumps(value, ensure_ascii=False),
+            )
         self._pairs += 1
         self._state = "between"
         if tag == CALL_CLOSE:

@@ -40,11 +40,25 @@ RESTART_DELAY_S = 0.1  # first pause before a failed task restarts; doubles per 
 class Loop:
     """One registered loop. `beat()` is cheap (one clock read): call it per batch of work."""
 
-    __slots__ = ("active", "failed", "last_beat", "last_probe", "name", "probe", "probe_error", "probing",
-                 "stale_after_s")
+    __slots__ = (
+        "active",
+        "failed",
+        "last_beat",
+        "last_probe",
+        "name",
+        "probe",
+        "probe_error",
+        "probing",
+        "stale_after_s",
+    )
 
-    def __init__(self, name: str, stale_after_s: float, probe: Callable[[], Awaitable[None]] | None,
-                 active: Callable[[], bool] | None):
+    def __init__(
+        self,
+        name: str,
+        stale_after_s: float,
+        probe: Callable[[], Awaitable[None]] | None,
+        active: Callable[[], bool] | None,
+    ):
         self.name = name
         self.stale_after_s = stale_after_s
         self.probe = probe
@@ -88,8 +102,14 @@ class Liveness:
         self._stuck: set[str] = set()  # names of the loops found not live at the last check
         self._tasks: set[asyncio.Task] = set()
 
-    def register(self, name: str, stale_after_s: float, *, probe: Callable[[], Awaitable[None]] | None = None,
-                 active: Callable[[], bool] | None = None) -> Loop:
+    def register(
+        self,
+        name: str,
+        stale_after_s: float,
+        *,
+        probe: Callable[[], Awaitable[None]] | None = None,
+        active: Callable[[], bool] | None = None,
+    ) -> Loop:
         """A loop that must make progress every `stale_after_s` while `active()` (default: always).
         `probe`: an async end-to-end check through the loop, for loops that may sit idle."""
         if name in self.loops:
@@ -139,8 +159,7 @@ class Liveness:
             while recent and now - recent[0] > FAILURE_WINDOW_S:
                 recent.popleft()
             if len(recent) >= MAX_FAILURES:
-                reason = (f"serving task {name} failed {len(recent)} times within {FAILURE_WINDOW_S:.0f} s "
-                          f"(last: {why})")
+                reason = f"serving task {name} failed {len(recent)} times within {FAILURE_WINDOW_S:.0f} s (last: {why})"
                 log.critical("%s; stopping the daemon", reason)
                 self.on_fatal(reason)
                 return
@@ -167,8 +186,12 @@ class Liveness:
             now = time.monotonic()
             for lp in list(self.loops.values()):
                 # Probes run whatever the traffic: receiving alone does not show that replies still leave.
-                if (lp.probe is not None and lp.probing is None and now - lp.last_probe >= lp.stale_after_s / 3
-                        and (lp.active is None or lp.active())):
+                if (
+                    lp.probe is not None
+                    and lp.probing is None
+                    and now - lp.last_probe >= lp.stale_after_s / 3
+                    and (lp.active is None or lp.active())
+                ):
                     lp.last_probe = now
                     lp.probing = loop.create_task(self._probe(lp), name=f"moed-probe-{lp.name}")
             problems = self.problems(now)

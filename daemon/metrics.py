@@ -44,14 +44,61 @@ log = logging.getLogger(__name__)
 disable_created_metrics()  # `_created` series double the exposition and no dashboard reads them
 
 TTFT_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1, 2.5, 5, 7.5, 10, 20, 40, 80, 160, 640)
-ITL_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4,
-               0.5, 0.75, 1, 2.5, 5, 10)
+ITL_BUCKETS = (
+    0.001,
+    0.002,
+    0.005,
+    0.01,
+    0.015,
+    0.02,
+    0.025,
+    0.03,
+    0.04,
+    0.05,
+    0.075,
+    0.1,
+    0.15,
+    0.2,
+    0.3,
+    0.4,
+    0.5,
+    0.75,
+    1,
+    2.5,
+    5,
+    10,
+)
 E2E_BUCKETS = (0.1, 0.3, 0.5, 0.8, 1, 1.5, 2, 2.5, 5, 10, 15, 20, 30, 40, 50, 60, 120, 240, 480, 960, 1920, 7680)
 STEP_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 1, 2, 5, 10)
 DISPATCH_BUCKETS = (1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 5e-2, 0.1)
 FINISH_REASONS = ("stop", "length", "abort", "deadline", "error")
-PHASE_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.3, 0.5, 0.8, 1, 1.5, 2, 2.5, 5, 10, 15, 20, 30, 40, 50, 60, 120, 240, 480,
-                 960, 1920, 7680)
+PHASE_BUCKETS = (
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.3,
+    0.5,
+    0.8,
+    1,
+    1.5,
+    2,
+    2.5,
+    5,
+    10,
+    15,
+    20,
+    30,
+    40,
+    50,
+    60,
+    120,
+    240,
+    480,
+    960,
+    1920,
+    7680,
+)
 MISS_SERVICE_LABELS = typing.get_args(ResolvedMissService)
 ENGINE_STATES = ("starting", "loading", "ready", "restarting", "crash_loop", "failed", "stopping", "stopped")
 
@@ -131,79 +178,123 @@ class Metrics:
         self.scraped.register(_ModelNameLabel(r, model_name))  # type: ignore[arg-type]
         self.version, revision = moed_version()
         Info("moed_build", "moed's version, the git revision it runs from, and Python's", registry=r).info(
-            {"version": self.version, "revision": revision, "python": platform.python_version()})
-        self.requests = Counter("moed_requests", "Generate requests finished, by finish reason",
-                                ["finish_reason"], registry=r)
+            {"version": self.version, "revision": revision, "python": platform.python_version()}
+        )
+        self.requests = Counter(
+            "moed_requests", "Generate requests finished, by finish reason", ["finish_reason"], registry=r
+        )
         for reason in FINISH_REASONS:
             self.requests.labels(reason)
-        self.rejected = Counter("moed_requests_rejected", "Generate requests refused at admission, by error code",
-                                ["code"], registry=r)
-        self.protocol_errors = Counter("moed_protocol_errors", "Client messages refused: malformed, "
-                                       "unsupported version, too large, or an invalid field", ["code"], registry=r)
-        self.ttft = Histogram("moed_time_to_first_token_seconds", "Request receipt to first generated token",
-                              buckets=TTFT_BUCKETS, registry=r)
-        self.itl = LoopHistogram("moed_inter_token_latency_seconds", "Time between generated tokens of a request",
-                                 ITL_BUCKETS, r)
-        self.e2e = Histogram("moed_e2e_request_latency_seconds", "Request receipt to its final reply",
-                             buckets=E2E_BUCKETS, registry=r)
-        self.queue_time = Histogram("moed_request_queue_time_seconds", "Request receipt to its first scheduling in "
-                                    "the engine (admission, tokenising, engine queue)", buckets=PHASE_BUCKETS,
-                                    registry=r)
-        self.prefill_time = Histogram("moed_request_prefill_time_seconds", "First scheduling to first token",
-                                      buckets=PHASE_BUCKETS, registry=r)
-        self.decode_time = Histogram("moed_request_decode_time_seconds", "First to last generated token",
-                                     buckets=PHASE_BUCKETS, registry=r)
+        self.rejected = Counter(
+            "moed_requests_rejected", "Generate requests refused at admission, by error code", ["code"], registry=r
+        )
+        self.protocol_errors = Counter(
+            "moed_protocol_errors",
+            "Client messages refused: malformed, unsupported version, too large, or an invalid field",
+            ["code"],
+            registry=r,
+        )
+        self.ttft = Histogram(
+            "moed_time_to_first_token_seconds",
+            "Request receipt to first generated token",
+            buckets=TTFT_BUCKETS,
+            registry=r,
+        )
+        self.itl = LoopHistogram(
+            "moed_inter_token_latency_seconds", "Time between generated tokens of a request", ITL_BUCKETS, r
+        )
+        self.e2e = Histogram(
+            "moed_e2e_request_latency_seconds", "Request receipt to its final reply", buckets=E2E_BUCKETS, registry=r
+        )
+        self.queue_time = Histogram(
+            "moed_request_queue_time_seconds",
+            "Request receipt to its first scheduling in the engine (admission, tokenising, engine queue)",
+            buckets=PHASE_BUCKETS,
+            registry=r,
+        )
+        self.prefill_time = Histogram(
+            "moed_request_prefill_time_seconds", "First scheduling to first token", buckets=PHASE_BUCKETS, registry=r
+        )
+        self.decode_time = Histogram(
+            "moed_request_decode_time_seconds", "First to last generated token", buckets=PHASE_BUCKETS, registry=r
+        )
         self.prompt_tokens = Counter("moed_prompt_tokens", "Prompt tokens of admitted requests", registry=r)
         self.generation_tokens = Counter("moed_generation_tokens", "Tokens generated", registry=r)
         self.in_flight = Gauge("moed_requests_in_flight", "Generate requests the daemon holds", registry=r)
         self.running = Gauge("moed_requests_running", "Requests running in the engine", registry=r)
         self.waiting = Gauge("moed_requests_waiting", "Requests waiting in the engine", registry=r)
         self.kv_usage = Gauge("moed_kv_cache_usage_ratio", "Fraction of KV pages in use (0..1)", registry=r)
-        self.step = LoopHistogram("moed_step_duration_seconds", "Engine step time (steps that produced tokens)",
-                                  STEP_BUCKETS, r)
-        self.step_phase = Gauge("moed_step_phase_seconds", "Engine step time breakdown over the last stats window",
-                                ["phase"], registry=r)
+        self.step = LoopHistogram(
+            "moed_step_duration_seconds", "Engine step time (steps that produced tokens)", STEP_BUCKETS, r
+        )
+        self.step_phase = Gauge(
+            "moed_step_phase_seconds", "Engine step time breakdown over the last stats window", ["phase"], registry=r
+        )
         self.preemptions = Counter("moed_preemptions", "Sequences preempted for KV space", registry=r)
         self.spec_draft = Counter("moed_spec_draft_tokens", "Draft tokens proposed by MTP", registry=r)
         self.spec_accepted = Counter("moed_spec_accepted_tokens", "Draft tokens accepted", registry=r)
         layer = ["layer"]
-        self.expert_hits = Counter("moed_expert_cache_hits", "Expert lookups served from the GPU cache", layer,
-                                   registry=r)
-        self.expert_misses = Counter("moed_expert_cache_misses", "Expert lookups missing the GPU cache", layer,
-                                     registry=r)
-        self.expert_copy_bytes = Counter("moed_expert_copy_bytes", "Expert bytes copied host to GPU", layer,
-                                         registry=r)
-        self.expert_cpu_bytes = Counter("moed_expert_cpu_bytes", "Expert bytes read by CPU-computed experts",
-                                        layer, registry=r)
-        self.expert_evictions = Counter("moed_expert_cache_evictions", "Experts evicted from the GPU cache", layer,
-                                        registry=r)
-        self.expert_stall = Counter("moed_expert_stall_seconds", "Time steps waited for expert copies", layer,
-                                    registry=r)
+        self.expert_hits = Counter(
+            "moed_expert_cache_hits", "Expert lookups served from the GPU cache", layer, registry=r
+        )
+        self.expert_misses = Counter(
+            "moed_expert_cache_misses", "Expert lookups missing the GPU cache", layer, registry=r
+        )
+        self.expert_copy_bytes = Counter("moed_expert_copy_bytes", "Expert bytes copied host to GPU", layer, registry=r)
+        self.expert_cpu_bytes = Counter(
+            "moed_expert_cpu_bytes", "Expert bytes read by CPU-computed experts", layer, registry=r
+        )
+        self.expert_evictions = Counter(
+            "moed_expert_cache_evictions", "Experts evicted from the GPU cache", layer, registry=r
+        )
+        self.expert_stall = Counter(
+            "moed_expert_stall_seconds", "Time steps waited for expert copies", layer, registry=r
+        )
         self.expert_cpu = Counter("moed_expert_cpu_computed", "Experts computed on the CPU", layer, registry=r)
-        self.miss_service = Gauge("moed_expert_miss_service", "1 for the policy serving expert misses in decode "
-                                  f"({', '.join(MISS_SERVICE_LABELS)})", ["policy"], registry=r)
-        self.miss_service_rate = Gauge("moed_expert_miss_service_rate_bytes_per_second", "Rates the hybrid split "
-                                       "uses: CPU experts (re-measured under load) and copies", ["path"], registry=r)
-        self.expert_pinned = Gauge("moed_expert_pinned", "Experts pinned in the GPU cache (placement manager)",
-                                   layer, registry=r)
-        self.placement_changes = Counter("moed_placement_pin_changes", "Pins and unpins the placement manager "
-                                         "applied in the engine", registry=r)
+        self.miss_service = Gauge(
+            "moed_expert_miss_service",
+            f"1 for the policy serving expert misses in decode ({', '.join(MISS_SERVICE_LABELS)})",
+            ["policy"],
+            registry=r,
+        )
+        self.miss_service_rate = Gauge(
+            "moed_expert_miss_service_rate_bytes_per_second",
+            "Rates the hybrid split uses: CPU experts (re-measured under load) and copies",
+            ["path"],
+            registry=r,
+        )
+        self.expert_pinned = Gauge(
+            "moed_expert_pinned", "Experts pinned in the GPU cache (placement manager)", layer, registry=r
+        )
+        self.placement_changes = Counter(
+            "moed_placement_pin_changes", "Pins and unpins the placement manager applied in the engine", registry=r
+        )
         self.placement_syncs = Counter("moed_placement_syncs", "Placement plans sent to the engine", registry=r)
-        self.worker_restarts = Counter("moed_worker_restarts", "Engine worker restarts after a crash or stall",
-                                       registry=r)
+        self.worker_restarts = Counter(
+            "moed_worker_restarts", "Engine worker restarts after a crash or stall", registry=r
+        )
         self.ready = Gauge("moed_ready", "1 when the daemon accepts generate requests", registry=r)
         self.engine_state = Gauge("moed_engine_state", "1 for the engine's current state", ["state"], registry=r)
         self.clients = Gauge("moed_clients_connected", "Client connections", registry=r)
-        self.backlog = Gauge("moed_client_backlog_messages", "Replies queued for clients that read slowly",
-                             registry=r)
-        self.clients_dropped = Counter("moed_clients_dropped", "Clients dropped: queue overflow or heartbeat timeout",
-                                       ["reason"], registry=r)
-        self.dispatch = LoopHistogram("moed_daemon_dispatch_seconds", "Engine output frame receipt to every reply "
-                                      "it caused being handed to ZMQ", DISPATCH_BUCKETS, r)
-        self.dispatch_tokens = Counter("moed_daemon_dispatch_tokens", "Tokens in engine output frames dispatched",
-                                       registry=r)
-        self.http_requests = Counter("moed_http_requests", "HTTP API requests answered, by route and status code",
-                                     ["route", "status"], registry=r)
+        self.backlog = Gauge("moed_client_backlog_messages", "Replies queued for clients that read slowly", registry=r)
+        self.clients_dropped = Counter(
+            "moed_clients_dropped", "Clients dropped: queue overflow or heartbeat timeout", ["reason"], registry=r
+        )
+        self.dispatch = LoopHistogram(
+            "moed_daemon_dispatch_seconds",
+            "Engine output frame receipt to every reply it caused being handed to ZMQ",
+            DISPATCH_BUCKETS,
+            r,
+        )
+        self.dispatch_tokens = Counter(
+            "moed_daemon_dispatch_tokens", "Tokens in engine output frames dispatched", registry=r
+        )
+        self.http_requests = Counter(
+            "moed_http_requests",
+            "HTTP API requests answered, by route and status code",
+            ["route", "status"],
+            registry=r,
+        )
         self.set_state("starting")
         self._last: dict[tuple, float] = {}
         self._generation = -1
@@ -239,9 +330,12 @@ class Metrics:
         for e in stats.experts:
             layer = str(e.layer)
             for counter, name, value in (
-                (self.expert_hits, "hits", e.hits), (self.expert_misses, "misses", e.misses),
-                (self.expert_copy_bytes, "copy", e.bytes_copied), (self.expert_cpu_bytes, "cpu_bytes", e.bytes_cpu),
-                (self.expert_evictions, "evictions", e.evictions), (self.expert_stall, "stall", e.stall_s),
+                (self.expert_hits, "hits", e.hits),
+                (self.expert_misses, "misses", e.misses),
+                (self.expert_copy_bytes, "copy", e.bytes_copied),
+                (self.expert_cpu_bytes, "cpu_bytes", e.bytes_cpu),
+                (self.expert_evictions, "evictions", e.evictions),
+                (self.expert_stall, "stall", e.stall_s),
                 (self.expert_cpu, "cpu", e.cpu_experts),
             ):
                 self._increase(counter.labels(layer), (name, layer), value)
@@ -260,8 +354,12 @@ class Metrics:
 class MetricsServer:
     """A minimal HTTP/1.1 server (one request per connection) for /metrics, /health and /ready."""
 
-    def __init__(self, metrics: Metrics, readiness: Callable[[], tuple[bool, str]],
-                 health: Callable[[], tuple[bool, str]] = lambda: (True, "")):
+    def __init__(
+        self,
+        metrics: Metrics,
+        readiness: Callable[[], tuple[bool, str]],
+        health: Callable[[], tuple[bool, str]] = lambda: (True, ""),
+    ):
         self.metrics = metrics
         self.readiness = readiness
         self.health = health
@@ -303,8 +401,10 @@ class MetricsServer:
                 ctype, body = "text/plain", (b"ready\n" if ok else f"not ready: {reason}\n".encode())
             else:
                 status, ctype, body = "404 Not Found", "text/plain", b"paths: /metrics /health /ready\n"
-            head = (f"HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {len(body)}\r\n"
-                    "Connection: close\r\n\r\n").encode()
+            head = (
+                f"HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {len(body)}\r\n"
+                "Connection: close\r\n\r\n"
+            ).encode()
             writer.write(head if method == "HEAD" else head + body)
             await writer.drain()
         except (TimeoutError, ConnectionError):

@@ -118,10 +118,16 @@ class OpenAIServer:
         self.live = self.daemon.liveness.register("http", self.daemon.loop_stale_s, probe=self._probe)
         # The probe connects where clients do; a wildcard address is reached through loopback.
         self._probe_host = {"0.0.0.0": "127.0.0.1", "": "127.0.0.1", "::": "::1"}.get(host, host)
-        config = uvicorn.Config(_counted(self.app, self.daemon.metrics.http_requests, self.live.beat),
-                                lifespan="off",
-                                log_config=None, access_log=False, server_header=False, timeout_keep_alive=30,
-                                limit_concurrency=2 * self.cfg.http_max_requests + 64, timeout_graceful_shutdown=2)
+        config = uvicorn.Config(
+            _counted(self.app, self.daemon.metrics.http_requests, self.live.beat),
+            lifespan="off",
+            log_config=None,
+            access_log=False,
+            server_header=False,
+            timeout_keep_alive=30,
+            limit_concurrency=2 * self.cfg.http_max_requests + 64,
+            timeout_graceful_shutdown=2,
+        )
         config.load()
         server = self._server = uvicorn.Server(config)
         server.lifespan = config.lifespan_class(config)
@@ -195,16 +201,18 @@ class OpenAIServer:
 
         @app.exception_handler(HTTPException)
         async def http_error(request: Request, e: HTTPException) -> Response:
-            message = (f"no route {request.method} {request.url.path}" if e.status_code in (404, 405)
-                       else str(e.detail))
-            return JSONResponse(ApiError(e.status_code, message, code="not_found" if e.status_code == 404
-                                         else None).body(), status_code=e.status_code)
+            message = f"no route {request.method} {request.url.path}" if e.status_code in (404, 405) else str(e.detail)
+            return JSONResponse(
+                ApiError(e.status_code, message, code="not_found" if e.status_code == 404 else None).body(),
+                status_code=e.status_code,
+            )
 
         @app.exception_handler(Exception)
         async def internal_error(_: Request, e: Exception) -> Response:
             log.exception("HTTP API: request failed")
-            return JSONResponse(ApiError(500, f"daemon error: {type(e).__name__}: {e}", code="internal").body(),
-                                status_code=500)
+            return JSONResponse(
+                ApiError(500, f"daemon error: {type(e).__name__}: {e}", code="internal").body(), status_code=500
+            )
 
         @app.post("/v1/chat/completions")
         async def chat_completions(request: Request) -> Response:
@@ -233,14 +241,20 @@ class OpenAIServer:
         @app.get("/health")
         async def health() -> Response:
             ok, reason = self.daemon.health()
-            return Response(b"ok\n" if ok else f"not live: {reason}\n".encode(), media_type="text/plain",
-                            status_code=200 if ok else 503)
+            return Response(
+                b"ok\n" if ok else f"not live: {reason}\n".encode(),
+                media_type="text/plain",
+                status_code=200 if ok else 503,
+            )
 
         @app.get("/ready")
         async def ready() -> Response:
             ok, reason = self.daemon.readiness()
-            return Response(b"ready\n" if ok else f"not ready: {reason}\n".encode(), media_type="text/plain",
-                            status_code=200 if ok else 503)
+            return Response(
+                b"ready\n" if ok else f"not ready: {reason}\n".encode(),
+                media_type="text/plain",
+                status_code=200 if ok else 503,
+            )
 
         @app.get("/metrics")
         async def metrics() -> Response:
@@ -261,14 +275,23 @@ class OpenAIServer:
         given = request.headers.get("authorization", "")
         scheme, _, token = given.partition(" ")
         if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), key.encode()):
-            raise ApiError(401, "missing or wrong API key: send 'Authorization: Bearer <key>' (the daemon's "
-                           "http_api_key)", code="invalid_api_key")
+            raise ApiError(
+                401,
+                "missing or wrong API key: send 'Authorization: Bearer <key>' (the daemon's http_api_key)",
+                code="invalid_api_key",
+            )
 
     def _model_card(self) -> dict[str, Any]:
         info = self.daemon.supervisor.info if self.daemon.supervisor else None
-        return {"id": self.cfg.served_name, "object": "model", "created": self.created, "owned_by": "moed",
-                "root": self.daemon.model_dir, "parent": None,
-                "max_model_len": info.max_model_len if info else None}
+        return {
+            "id": self.cfg.served_name,
+            "object": "model",
+            "created": self.created,
+            "owned_by": "moed",
+            "root": self.daemon.model_dir,
+            "parent": None,
+            "max_model_len": info.max_model_len if info else None,
+        }
 
     # --- generate ---
 
@@ -325,13 +348,15 @@ class OpenAIServer:
         return Response(json_encoder.encode(view.whole()), media_type="application/json")
 
 
-ROUTES = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/ready", "/metrics",
-                    "/version"})
+ROUTES = frozenset(
+    {"/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/ready", "/metrics", "/version"}
+)
 
 
 def _counted(app: Callable, counter: Any, beat: Callable[[], None]) -> Callable:
     """The app, counting answered requests by route (known ones; "other" keeps the label set small) and status;
     `beat` tells the liveness registry the server answered one."""
+
     async def counted(scope: dict, receive: Callable, send: Callable) -> None:
         if scope["type"] != "http":
             return await app(scope, receive, send)

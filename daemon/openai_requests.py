@@ -126,21 +126,34 @@ class CompletionRequest(_Common, kw_only=True):
 class ApiError(Exception):
     """An OpenAI-shaped error response."""
 
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
-                 type: str | None = None):
+    def __init__(
+        self, status: int, message: str, param: str | None = None, code: str | None = None, type: str | None = None
+    ):
         super().__init__(message)
         self.status, self.message, self.param, self.code = status, message, param, code
-        self.type = type or {400: "invalid_request_error", 401: "invalid_request_error",
-                             404: "invalid_request_error", 413: "invalid_request_error",
-                             429: "rate_limit_error"}.get(status, "server_error")
+        self.type = type or {
+            400: "invalid_request_error",
+            401: "invalid_request_error",
+            404: "invalid_request_error",
+            413: "invalid_request_error",
+            429: "rate_limit_error",
+        }.get(status, "server_error")
 
     def body(self) -> dict[str, Any]:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
 
-_STATUS = {"invalid_request": 400, "malformed": 400, "duplicate_id": 400, "message_too_large": 413,
-           "too_many_requests": 429, "unavailable": 503, "engine_error": 500, "internal": 500,
-           "unknown_request": 500}
+_STATUS = {
+    "invalid_request": 400,
+    "malformed": 400,
+    "duplicate_id": 400,
+    "message_too_large": 413,
+    "too_many_requests": 429,
+    "unavailable": 503,
+    "engine_error": 500,
+    "internal": 500,
+    "unknown_request": 500,
+}
 
 
 def _param(field: str | None) -> str | None:
@@ -155,8 +168,9 @@ def error_from_reply(err: cp.Error) -> ApiError:
 
 
 def unknown_model(name: str, served_name: str) -> ApiError:
-    return ApiError(404, f"the model {name!r} does not exist; this server serves {served_name!r}", "model",
-                    "model_not_found")
+    return ApiError(
+        404, f"the model {name!r} does not exist; this server serves {served_name!r}", "model", "model_not_found"
+    )
 
 
 # --- decoding and translation -------------------------------------------------------------------
@@ -166,8 +180,9 @@ async def decode_body(request: Request, kind: type[Struct], limit: int) -> Any:
     """The request's body as `kind`; raises ApiError (413 over `limit` bytes, 400 not such a body)."""
     length = request.headers.get("content-length")
     if length is not None and length.isdigit() and int(length) > limit:
-        raise ApiError(413, f"request body of {length} bytes exceeds max_message_bytes={limit}", None,
-                       "request_too_large")
+        raise ApiError(
+            413, f"request body of {length} bytes exceeds max_message_bytes={limit}", None, "request_too_large"
+        )
     parts, size = [], 0
     async for part in request.stream():
         size += len(part)
@@ -185,8 +200,9 @@ async def decode_body(request: Request, kind: type[Struct], limit: int) -> Any:
         raise ApiError(400, f"the body is not a JSON object of this request: {e}", None, "malformed") from None
 
 
-def to_generates(body: CompletionRequest | ChatRequest, chat: bool, served_name: str,
-                 defaults: dict[str, Any]) -> list[cp.Generate]:
+def to_generates(
+    body: CompletionRequest | ChatRequest, chat: bool, served_name: str, defaults: dict[str, Any]
+) -> list[cp.Generate]:
     """The protocol messages for a request (one per prompt); raises ApiError naming the field."""
     if body.model is not None and body.model != served_name:
         raise unknown_model(body.model, served_name)
@@ -198,17 +214,23 @@ def to_generates(body: CompletionRequest | ChatRequest, chat: bool, served_name:
         "temperature": _pick(body.temperature, defaults.get("temperature"), 1.0),
         "top_p": _pick(body.top_p, defaults.get("top_p"), 1.0),
         "top_k": max(0, _pick(body.top_k, defaults.get("top_k"), 0)),
-        "min_p": body.min_p, "repetition_penalty": body.repetition_penalty,
-        "frequency_penalty": body.frequency_penalty, "presence_penalty": body.presence_penalty,
-        "seed": body.seed, "stop": stop, "stop_token_ids": body.stop_token_ids or [],
-        "ignore_eos": body.ignore_eos}
+        "min_p": body.min_p,
+        "repetition_penalty": body.repetition_penalty,
+        "frequency_penalty": body.frequency_penalty,
+        "presence_penalty": body.presence_penalty,
+        "seed": body.seed,
+        "stop": stop,
+        "stop_token_ids": body.stop_token_ids or [],
+        "ignore_eos": body.ignore_eos,
+    }
     base: dict[str, Any] = {"stream": True, "n": body.n, "skip_special_tokens": body.skip_special_tokens}
     if chat:
         assert isinstance(body, ChatRequest)
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else max_tokens
         if body.response_format and body.response_format.get("type", "text") != "text":
-            raise ApiError(400, "response_format other than 'text' is not supported (no guided decoding)",
-                           "response_format")
+            raise ApiError(
+                400, "response_format other than 'text' is not supported (no guided decoding)", "response_format"
+            )
         if body.logprobs:
             sampling["logprobs"] = body.top_logprobs or 0
         elif body.top_logprobs:
@@ -267,8 +289,11 @@ def _message(m: Message, i: int) -> dict[str, Any]:
     if isinstance(m.content, list):
         for j, part in enumerate(m.content):
             if part.type != "text" or part.text is None:
-                raise ApiError(400, f"content part of type {part.type!r} is not supported: GLM-5.1 reads text parts "
-                               "only", f"messages[{i}].content[{j}].type")
+                raise ApiError(
+                    400,
+                    f"content part of type {part.type!r} is not supported: GLM-5.1 reads text parts only",
+                    f"messages[{i}].content[{j}].type",
+                )
         out["content"] = [{"type": "text", "text": part.text} for part in m.content]
     elif m.content is not None:
         out["content"] = m.content
@@ -277,10 +302,18 @@ def _message(m: Message, i: int) -> dict[str, Any]:
         if value is not None:
             out[key] = value
     if m.tool_calls:
-        out["tool_calls"] = [{"id": tc.id, "function": {
-            "name": tc.function.name,
-            "arguments": tc.function.arguments if isinstance(tc.function.arguments, str)
-            else json.dumps(tc.function.arguments, ensure_ascii=False)}} for tc in m.tool_calls]
+        out["tool_calls"] = [
+            {
+                "id": tc.id,
+                "function": {
+                    "name": tc.function.name,
+                    "arguments": tc.function.arguments
+                    if isinstance(tc.function.arguments, str)
+                    else json.dumps(tc.function.arguments, ensure_ascii=False),
+                },
+            }
+            for tc in m.tool_calls
+        ]
     return out
 
 
@@ -293,8 +326,9 @@ def _tool_choice(choice: str | NamedToolChoice, tools: list[Tool] | None) -> str
             raise ApiError(400, f"tool_choice names function {name!r}, which is not among the tools", "tool_choice")
         return "required"
     if choice not in ("none", "auto", "required"):
-        raise ApiError(400, f"tool_choice must be none, auto, required or a named function, got {choice!r}",
-                       "tool_choice")
+        raise ApiError(
+            400, f"tool_choice must be none, auto, required or a named function, got {choice!r}", "tool_choice"
+        )
     return choice
 
 
@@ -307,12 +341,16 @@ def _prompts(prompt: Any) -> list[dict[str, Any]]:
     if isinstance(prompt, list) and prompt and len(prompt) <= cp.MAX_CHOICES:
         out = []
         for p in prompt:
-            out += _prompts(p) if isinstance(p, str | list) and not (isinstance(p, list) and p and
-                                                                     isinstance(p[0], list)) else _bad_prompt()
+            out += (
+                _prompts(p)
+                if isinstance(p, str | list) and not (isinstance(p, list) and p and isinstance(p[0], list))
+                else _bad_prompt()
+            )
         return out
     return _bad_prompt()
 
 
 def _bad_prompt() -> list[dict[str, Any]]:
-    raise ApiError(400, f"prompt must be a string, a list of token ids, or a list of up to {cp.MAX_CHOICES} of "
-                   "either", "prompt")
+    raise ApiError(
+        400, f"prompt must be a string, a list of token ids, or a list of up to {cp.MAX_CHOICES} of either", "prompt"
+    )

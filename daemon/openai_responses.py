@@ -86,6 +86,7 @@ class Pending:
 
     def watch(self, receive: Callable[[], Awaitable[dict]]) -> asyncio.Task:
         """A task that marks the request gone when its client closes the connection (cancel it when done)."""
+
         async def wait_disconnect() -> None:
             while (await receive())["type"] != "http.disconnect":
                 pass
@@ -147,8 +148,14 @@ class _Choice:
 class Completion:
     """One HTTP request's response: its choices accumulated (whole) or turned into SSE events (streamed)."""
 
-    def __init__(self, server: HttpServer, body: ChatRequest | CompletionRequest, chat: bool,
-                 gens: list[cp.Generate], pending: Pending):
+    def __init__(
+        self,
+        server: HttpServer,
+        body: ChatRequest | CompletionRequest,
+        chat: bool,
+        gens: list[cp.Generate],
+        pending: Pending,
+    ):
         self.server, self.body, self.chat, self.pending = server, body, chat, pending
         self.id = gens[0].id if len(gens) == 1 else gens[0].id.rsplit("-", 1)[0]
         self.model = server.cfg.served_name
@@ -156,8 +163,11 @@ class Completion:
         self.n = gens[0].n
         self.base = {gen.id: i * self.n for i, gen in enumerate(gens)}  # request id -> its first choice index
         tok = server.daemon.tokenizer
-        self.echo = ([g.prompt if g.prompt is not None else tok.decode(g.prompt_token_ids) for g in gens]
-                     if not chat and body.echo else None)
+        self.echo = (
+            [g.prompt if g.prompt is not None else tok.decode(g.prompt_token_ids) for g in gens]
+            if not chat and body.echo
+            else None
+        )
         self.choices = [_Choice() for _ in range(pending.choices)]
         self.prompt_tokens = 0
         self.completion_tokens = 0
@@ -188,8 +198,11 @@ class Completion:
         self.completion_tokens += final.completion_tokens
 
     def usage(self) -> dict[str, int]:
-        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
-                "total_tokens": self.prompt_tokens + self.completion_tokens}
+        return {
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "total_tokens": self.prompt_tokens + self.completion_tokens,
+        }
 
     def whole(self) -> dict[str, Any]:
         choices = []
@@ -202,8 +215,11 @@ class Completion:
                 content: str | None = text
                 if (calls and not text.strip()) or (not text and reasoning):
                     content = None
-                message: dict[str, Any] = {"role": "assistant", "content": content,
-                                           "reasoning_content": reasoning or None}
+                message: dict[str, Any] = {
+                    "role": "assistant",
+                    "content": content,
+                    "reasoning_content": reasoning or None,
+                }
                 if calls:
                     message["tool_calls"] = calls
                 out["message"] = message
@@ -217,8 +233,14 @@ class Completion:
             if self.body.return_token_ids:
                 out["token_ids"] = c.token_ids
             choices.append(out)
-        return {"id": self.id, "object": self.object, "created": self.created, "model": self.model,
-                "choices": choices, "usage": self.usage()}
+        return {
+            "id": self.id,
+            "object": self.object,
+            "created": self.created,
+            "model": self.model,
+            "choices": choices,
+            "usage": self.usage(),
+        }
 
     @property
     def _logprobs(self) -> bool:
@@ -226,8 +248,12 @@ class Completion:
 
     def _call(self, d: cp.ToolCallDelta, first: bool) -> dict[str, Any]:
         if first:
-            return {"index": d.index, "id": d.id, "type": "function",
-                    "function": {"name": d.name, "arguments": d.arguments}}
+            return {
+                "index": d.index,
+                "id": d.id,
+                "type": "function",
+                "function": {"name": d.name, "arguments": d.arguments},
+            }
         return {"index": d.index, "function": {"arguments": d.arguments}}
 
     def _chat_logprobs(self, lps: list[cp.TokenLogprob]) -> dict[str, Any]:
@@ -256,10 +282,16 @@ class Completion:
 
     # --- streamed ---
 
-    def _chunk(self, choices: list[dict[str, Any]], usage: dict[str, int] | None = None,
-               with_usage: bool = False) -> bytes:
-        obj: dict[str, Any] = {"id": self.id, "object": f"{self.object}.chunk" if self.chat else self.object,
-                               "created": self.created, "model": self.model, "choices": choices}
+    def _chunk(
+        self, choices: list[dict[str, Any]], usage: dict[str, int] | None = None, with_usage: bool = False
+    ) -> bytes:
+        obj: dict[str, Any] = {
+            "id": self.id,
+            "object": f"{self.object}.chunk" if self.chat else self.object,
+            "created": self.created,
+            "model": self.model,
+            "choices": choices,
+        }
         if self.usage_in_chunks or with_usage:
             obj["usage"] = usage
         return b"data: " + json_encoder.encode(obj) + b"\n\n"
@@ -267,8 +299,12 @@ class Completion:
     def opening(self) -> bytes:
         if not self.chat:
             return b""
-        return b"".join(self._chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                                      "finish_reason": None}]) for i in range(len(self.choices)))
+        return b"".join(
+            self._chunk(
+                [{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}]
+            )
+            for i in range(len(self.choices))
+        )
 
     def event(self, reply: cp.Chunk | cp.Final) -> bytes:
         index = self._index(reply)
@@ -333,9 +369,17 @@ class SseResponse(Response):
                 await send({"type": "http.response.body", "body": body, "more_body": more})
 
         try:
-            await send({"type": "http.response.start", "status": 200, "headers": [
-                (b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-control", b"no-cache"),
-                (b"x-accel-buffering", b"no")]})
+            await send(
+                {
+                    "type": "http.response.start",
+                    "status": 200,
+                    "headers": [
+                        (b"content-type", b"text/event-stream; charset=utf-8"),
+                        (b"cache-control", b"no-cache"),
+                        (b"x-accel-buffering", b"no"),
+                    ],
+                }
+            )
             await send_body(view.opening())
             while pending.finals < pending.choices:
                 out = []
@@ -354,8 +398,11 @@ class SseResponse(Response):
             watcher.cancel()  # before the last send: a finished response reads as a disconnect
             await send_body(view.closing(), more=False)
         except TimeoutError:
-            log.warning("HTTP API: a client read nothing for %.0f s (client_timeout_s); its request %s is dropped",
-                        limit, pending.ids[0])
+            log.warning(
+                "HTTP API: a client read nothing for %.0f s (client_timeout_s); its request %s is dropped",
+                limit,
+                pending.ids[0],
+            )
         except OSError:
             if not pending.gone:
                 raise

@@ -34,9 +34,18 @@ class PlacementError(ValueError):
 
 
 class PinPlanner:
-    def __init__(self, num_experts: int, layers: list[int], pin_budget: int | dict[int, int], *,
-                 read_counts: Callable[[], dict[int, list[int]]], apply: Callable[[dict[int, set[int]]], None],
-                 interval_s: float = 30.0, decay: float = 0.5, state_path: str | Path | None = None) -> None:
+    def __init__(
+        self,
+        num_experts: int,
+        layers: list[int],
+        pin_budget: int | dict[int, int],
+        *,
+        read_counts: Callable[[], dict[int, list[int]]],
+        apply: Callable[[dict[int, set[int]]], None],
+        interval_s: float = 30.0,
+        decay: float = 0.5,
+        state_path: str | Path | None = None,
+    ) -> None:
         budgets = pin_budget if isinstance(pin_budget, dict) else dict.fromkeys(layers, pin_budget)
         bad = {layer: b for layer, b in budgets.items() if b < 0}
         if bad or set(budgets) != set(layers):
@@ -64,16 +73,20 @@ class PinPlanner:
     def pin(self, layer: int, expert: int) -> dict[int, set[int]]:
         self._check(layer, expert)
         if expert not in self.operator_pins[layer] and len(self.operator_pins[layer]) >= self.budgets[layer]:
-            raise PlacementError(f"layer {layer}: {len(self.operator_pins[layer])} operator pins already fill the "
-                                 f"pin budget of {self.budgets[layer]}; unpin one first")
+            raise PlacementError(
+                f"layer {layer}: {len(self.operator_pins[layer])} operator pins already fill the "
+                f"pin budget of {self.budgets[layer]}; unpin one first"
+            )
         self.operator_pins[layer].add(expert)
         return self.replan()
 
     def unpin(self, layer: int, expert: int) -> dict[int, set[int]]:
         self._check(layer, expert)
         if expert not in self.operator_pins[layer]:
-            raise PlacementError(f"layer {layer}: expert {expert} is not operator-pinned "
-                                 f"(operator pins: {sorted(self.operator_pins[layer])})")
+            raise PlacementError(
+                f"layer {layer}: expert {expert} is not operator-pinned "
+                f"(operator pins: {sorted(self.operator_pins[layer])})"
+            )
         self.operator_pins[layer].discard(expert)
         return self.replan()
 
@@ -134,9 +147,12 @@ class PinPlanner:
 
     def save(self, path: str | Path) -> None:
         path = Path(path)
-        state = {"version": STATE_VERSION, "decay": self.decay,
-                 "counts": {str(k): v for k, v in self.counts.items()},
-                 "operator_pins": {str(k): sorted(v) for k, v in self.operator_pins.items()}}
+        state = {
+            "version": STATE_VERSION,
+            "decay": self.decay,
+            "counts": {str(k): v for k, v in self.counts.items()},
+            "operator_pins": {str(k): sorted(v) for k, v in self.operator_pins.items()},
+        }
         tmp = path.with_suffix(path.suffix + ".tmp")
         with open(tmp, "w") as f:
             json.dump(state, f)
@@ -163,8 +179,9 @@ class PinPlanner:
         op = {layer: pins for layer, pins in op.items() if layer in self.operator_pins}
         for layer, row in counts.items():
             if len(row) != self.num_experts:
-                raise PlacementError(f"{path}: layer {layer} has {len(row)} counts, model has "
-                                     f"{self.num_experts} experts")
+                raise PlacementError(
+                    f"{path}: layer {layer} has {len(row)} counts, model has {self.num_experts} experts"
+                )
             if not all(0.0 <= x < math.inf for x in row):
                 raise PlacementError(f"{path}: layer {layer} has counts that are negative or not finite")
         for layer, pins in op.items():

@@ -59,19 +59,28 @@ class PlacementChannel:
         self._tokens = itertools.count(1)
         self._waiting: dict[int, asyncio.Future[ep.PlacementReply]] = {}
 
-    async def request(self, op: str, layer: int | None = None, expert: int | None = None,
-                      pins: dict[str, list[int]] | None = None) -> ep.PlacementReply:
+    async def request(
+        self, op: str, layer: int | None = None, expert: int | None = None, pins: dict[str, list[int]] | None = None
+    ) -> ep.PlacementReply:
         token = next(self._tokens)
         fut: asyncio.Future[ep.PlacementReply] = asyncio.get_running_loop().create_future()
         self._waiting[token] = fut
         try:
-            if not self._send(ep.Placement(op=op, layer=layer, expert=expert, token=token,  # type: ignore[arg-type]
-                                           pins=pins)):
+            if not self._send(
+                ep.Placement(
+                    op=op,
+                    layer=layer,
+                    expert=expert,
+                    token=token,  # type: ignore[arg-type]
+                    pins=pins,
+                )
+            ):
                 raise PlacementUnavailable("engine is not ready")
             return await asyncio.wait_for(fut, self.timeout_s)
         except TimeoutError:
-            raise PlacementUnavailable(f"engine did not answer the placement request within {self.timeout_s:.0f} s"
-                                       ) from None
+            raise PlacementUnavailable(
+                f"engine did not answer the placement request within {self.timeout_s:.0f} s"
+            ) from None
         finally:
             self._waiting.pop(token, None)
 
@@ -109,9 +118,17 @@ class DaemonPlacement:
     until then, and when the engine has no expert cache (moe=torch), requests go to the engine as is.
     """
 
-    def __init__(self, channel: PlacementChannel, num_experts: int, pin_fraction: float, interval_s: float,
-                 state_path: str | Path | None, decay: float = 0.5, attach_retry_s: float = 0.5,
-                 required: bool = True):
+    def __init__(
+        self,
+        channel: PlacementChannel,
+        num_experts: int,
+        pin_fraction: float,
+        interval_s: float,
+        state_path: str | Path | None,
+        decay: float = 0.5,
+        attach_retry_s: float = 0.5,
+        required: bool = True,
+    ):
         if not 0.0 <= pin_fraction <= 1.0:
             raise PlacementError(f"pin fraction {pin_fraction} must be in [0, 1] (a share of each layer's slots)")
         self.channel = channel
@@ -132,8 +149,12 @@ class DaemonPlacement:
         for key, row in stats.expert_counts.items():
             layer = int(key)
             if len(row) != self.num_experts:
-                log.warning("placement: layer %s reports %d expert counts, model has %d; ignored",
-                            key, len(row), self.num_experts)
+                log.warning(
+                    "placement: layer %s reports %d expert counts, model has %d; ignored",
+                    key,
+                    len(row),
+                    self.num_experts,
+                )
                 continue
             acc = self._fresh.get(layer)
             self._fresh[layer] = list(row) if acc is None else [a + c for a, c in zip(acc, row)]
@@ -161,11 +182,22 @@ class DaemonPlacement:
             return False
         self.unsupported = ""
         layers = sorted(int(k) for k in reply.slots)
-        self.budgets = {layer: pin_budget(reply.slots[str(layer)], self.num_experts, self.pin_fraction)
-                        for layer in layers}
+        self.budgets = {
+            layer: pin_budget(reply.slots[str(layer)], self.num_experts, self.pin_fraction) for layer in layers
+        }
+
         def planner(state_path: Path | None) -> PinPlanner:
-            return PinPlanner(self.num_experts, layers, self.budgets, read_counts=self._read_counts,
-                              apply=self._apply, interval_s=self.interval_s, decay=self.decay, state_path=state_path)
+            return PinPlanner(
+                self.num_experts,
+                layers,
+                self.budgets,
+                read_counts=self._read_counts,
+                apply=self._apply,
+                interval_s=self.interval_s,
+                decay=self.decay,
+                state_path=state_path,
+            )
+
         try:
             self.planner = planner(self.state_path)
         except PlacementError as e:
@@ -173,9 +205,16 @@ class DaemonPlacement:
             self._set_aside(e)
         self._wanted = {layer: set(p) for layer, p in self.planner.pins.items()}
         self.planner.replan()  # warm start from the state file
-        log.info("placement manager: layers %s, %d experts, pins %s per layer (%.0f%% of slots %s), every %.0f s, "
-                 "state %s", layers, self.num_experts, sorted(set(self.budgets.values())), 100 * self.pin_fraction,
-                 sorted(set(reply.slots.values())), self.interval_s, self.state_path or "not kept")
+        log.info(
+            "placement manager: layers %s, %d experts, pins %s per layer (%.0f%% of slots %s), every %.0f s, state %s",
+            layers,
+            self.num_experts,
+            sorted(set(self.budgets.values())),
+            100 * self.pin_fraction,
+            sorted(set(reply.slots.values())),
+            self.interval_s,
+            self.state_path or "not kept",
+        )
         return True
 
     def _set_aside(self, error: PlacementError) -> None:
@@ -186,8 +225,12 @@ class DaemonPlacement:
         try:
             os.replace(self.state_path, aside)
         except OSError as e:
-            log.error("placement: %s; starting cold and not writing the state file (cannot move it to %s: %s)",
-                      error, aside, e)
+            log.error(
+                "placement: %s; starting cold and not writing the state file (cannot move it to %s: %s)",
+                error,
+                aside,
+                e,
+            )
             self.state_path = None
             return
         log.error("placement: %s; starting cold, the file kept as %s", error, aside)
@@ -200,8 +243,11 @@ class DaemonPlacement:
             if not have.ok:
                 return have
             changes = 0
-            differ = {str(layer): sorted(want) for layer, want in sorted(self._wanted.items())
-                      if set(have.pinned.get(str(layer), [])) != want}
+            differ = {
+                str(layer): sorted(want)
+                for layer, want in sorted(self._wanted.items())
+                if set(have.pinned.get(str(layer), [])) != want
+            }
             if differ:
                 r = await self.channel.request("set", pins=differ)
                 if not r.ok:
@@ -269,10 +315,13 @@ class DaemonPlacement:
         reply = await self._sync() if op != "get" else await self.channel.request("get")
         ops = {str(k): sorted(v) for k, v in planner.operator_pins.items() if v}
         budgets = sorted(set(self.budgets.values()))
-        note = (f"operator pins {ops}, budget {budgets[0] if len(budgets) == 1 else budgets} per layer "
-                f"({100 * self.pin_fraction:.0f}% of its cache slots)")
-        return ep.PlacementReply(token=0, ok=reply.ok, pinned=reply.pinned,
-                                 message=f"{reply.message}; {note}" if reply.message else note)
+        note = (
+            f"operator pins {ops}, budget {budgets[0] if len(budgets) == 1 else budgets} per layer "
+            f"({100 * self.pin_fraction:.0f}% of its cache slots)"
+        )
+        return ep.PlacementReply(
+            token=0, ok=reply.ok, pinned=reply.pinned, message=f"{reply.message}; {note}" if reply.message else note
+        )
 
     async def _pinned(self) -> dict[str, list[int]]:
         with contextlib.suppress(PlacementUnavailable):

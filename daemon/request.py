@@ -35,9 +35,19 @@ class EngineUpdate:
 
 
 class GenerateRequest:
-    def __init__(self, client: bytes, msg: cp.Generate, engine_id: str, prompt_ids: list[int],
-                 detok: IncrementalDetokenizer, received_at: float, deadline_at: float | None, generation: int,
-                 index: int = 0, chat: ChatOutputParser | None = None):
+    def __init__(
+        self,
+        client: bytes,
+        msg: cp.Generate,
+        engine_id: str,
+        prompt_ids: list[int],
+        detok: IncrementalDetokenizer,
+        received_at: float,
+        deadline_at: float | None,
+        generation: int,
+        index: int = 0,
+        chat: ChatOutputParser | None = None,
+    ):
         self.client = client
         self.id = msg.id
         self.index = index  # the choice
@@ -61,8 +71,15 @@ class GenerateRequest:
         self._ids: list[int] = []  # stream=False: all ids
         self._logprobs: list[cp.TokenLogprob] = []  # stream=False: all logprobs
 
-    def _final(self, reason: str, now: float, text: str, ids: list[int], logprobs: list[cp.TokenLogprob] | None,
-               stop: str | None = None) -> cp.Final:
+    def _final(
+        self,
+        reason: str,
+        now: float,
+        text: str,
+        ids: list[int],
+        logprobs: list[cp.TokenLogprob] | None,
+        stop: str | None = None,
+    ) -> cp.Final:
         reasoning, calls = "", None
         if self.chat is not None:
             delta = self.chat.feed(text) if text else ChatDelta()
@@ -71,8 +88,9 @@ class GenerateRequest:
             if not self.stream:
                 kept = self._chat_kept
                 kept.extend(delta)
-                delta = ChatDelta(kept.reasoning, kept.content,
-                                  merge_tool_calls([d for d in kept.tool_calls if d.index != retracted]))
+                delta = ChatDelta(
+                    kept.reasoning, kept.content, merge_tool_calls([d for d in kept.tool_calls if d.index != retracted])
+                )
                 self._parts = []
             text, reasoning = delta.content, delta.reasoning
             calls = _wire_calls(delta)
@@ -82,11 +100,20 @@ class GenerateRequest:
             self._parts.append(text)
             text, ids, logprobs = "".join(self._parts), self._ids + ids, (self._logprobs + (logprobs or []))
         return cp.Final(
-            id=self.id, finish_reason=reason, prompt_tokens=self.prompt_tokens,  # type: ignore[arg-type]
-            completion_tokens=self.completion_tokens, e2e_s=now - self.received_at,
+            id=self.id,
+            finish_reason=reason,
+            prompt_tokens=self.prompt_tokens,  # type: ignore[arg-type]
+            completion_tokens=self.completion_tokens,
+            e2e_s=now - self.received_at,
             ttft_s=None if self.first_token_at is None else self.first_token_at - self.received_at,
-            text=text, token_ids=ids, logprobs=logprobs if self.want_logprobs else None, stop=stop,
-            index=self.index, reasoning=reasoning, tool_calls=calls)
+            text=text,
+            token_ids=ids,
+            logprobs=logprobs if self.want_logprobs else None,
+            stop=stop,
+            index=self.index,
+            reasoning=reasoning,
+            tool_calls=calls,
+        )
 
     def _chunk(self, text: str, ids: list[int], logprobs: list[cp.TokenLogprob] | None) -> cp.Chunk | None:
         """A streamed reply (None: nothing to send)."""
@@ -97,8 +124,15 @@ class GenerateRequest:
         delta = self.chat.feed(text) if text else ChatDelta()
         if not (delta or ids):
             return None
-        return cp.Chunk(id=self.id, text=delta.content, token_ids=ids, logprobs=logprobs, index=self.index,
-                        reasoning=delta.reasoning, tool_calls=_wire_calls(delta))
+        return cp.Chunk(
+            id=self.id,
+            text=delta.content,
+            token_ids=ids,
+            logprobs=logprobs,
+            index=self.index,
+            reasoning=delta.reasoning,
+            tool_calls=_wire_calls(delta),
+        )
 
     def on_output(self, out: ep.RequestOutput, now: float) -> EngineUpdate:
         upd = EngineUpdate(replies=[])
@@ -122,8 +156,13 @@ class GenerateRequest:
             upd.decode = self.last_token_at - self.first_token_at
         if finished and out.finish_reason == "error":
             upd.done, upd.finish_reason = True, "error"
-            upd.replies.append(cp.Error(id=self.id, code="engine_error",
-                                        message=f"engine failed the request: {out.error or 'no reason given'}"))
+            upd.replies.append(
+                cp.Error(
+                    id=self.id,
+                    code="engine_error",
+                    message=f"engine failed the request: {out.error or 'no reason given'}",
+                )
+            )
             return upd
         delta = self.detok.add(ids) if ids else ""
         if finished:
@@ -144,7 +183,7 @@ class GenerateRequest:
             if stops:
                 match = stops.find(self._unsent, start)
                 if match is not None:
-                    self._unsent = self._unsent[:match[0]]
+                    self._unsent = self._unsent[: match[0]]
                     stop = match[1]
                     upd.abort_engine = not finished
                     finished = True

@@ -41,12 +41,7 @@ from moed.daemon.frontend import ClientFrontend
 from moed.daemon.glm_chat import ChatOutputParser
 from moed.daemon.liveness import Liveness
 from moed.daemon.metrics import Metrics, MetricsServer
-from moed.daemon.placement import (
-    DaemonPlacement,
-    PlacementChannel,
-    PlacementFactory,
-    PlacementManager,
-)
+from moed.daemon.placement import DaemonPlacement, PlacementChannel, PlacementFactory, PlacementManager
 from moed.daemon.request import EngineUpdate, GenerateRequest
 from moed.daemon.sdnotify import Notifier
 from moed.daemon.supervisor import WorkerSupervisor
@@ -67,8 +62,15 @@ EXIT_SERVING_FAILED = 1  # exit status when a serving task kept failing: systemd
 
 
 class Daemon(ClientFrontend):
-    def __init__(self, cfg: ServeConfig, model_dir: str, *, notifier: Notifier | None = None,
-                 placement_factory: PlacementFactory | None = None, loop_stale_s: float = LOOP_STALE_S):
+    def __init__(
+        self,
+        cfg: ServeConfig,
+        model_dir: str,
+        *,
+        notifier: Notifier | None = None,
+        placement_factory: PlacementFactory | None = None,
+        loop_stale_s: float = LOOP_STALE_S,
+    ):
         self.cfg = cfg
         self.model_dir = model_dir
         self.notifier = notifier or Notifier(env={})
@@ -107,15 +109,22 @@ class Daemon(ClientFrontend):
         self._last_watchdog = 0.0
         self.exit_code = 0  # what `moed serve` exits with once stopped
         self.loop_stale_s = loop_stale_s
-        failures = Counter("moed_serving_task_failures_total", "Serving tasks that failed and were restarted (a "
-                           "daemon bug: the log has the traceback)", ["task"], registry=self.metrics.registry)
+        failures = Counter(
+            "moed_serving_task_failures_total",
+            "Serving tasks that failed and were restarted (a daemon bug: the log has the traceback)",
+            ["task"],
+            registry=self.metrics.registry,
+        )
         self.liveness = Liveness(on_fatal=self._on_fatal, on_failure=lambda task: failures.labels(task).inc())
         self.frontend_loop = self.liveness.register("frontend", loop_stale_s, probe=self._probe_frontend)
         self._probe_sock: zmq.asyncio.Socket | None = None
         self._probe_client: ClientState | None = None
         self._probe_ids = itertools.count(1)
-        self._lag = Gauge("moed_event_loop_lag_seconds", "How late the daemon's event loop ran its last liveness "
-                          "tick (a blocked loop delays every client)", registry=self.metrics.registry)
+        self._lag = Gauge(
+            "moed_event_loop_lag_seconds",
+            "How late the daemon's event loop ran its last liveness tick (a blocked loop delays every client)",
+            registry=self.metrics.registry,
+        )
         self._metrics_server: MetricsServer | None = None
         self.http: OpenAIServer | None = None  # the OpenAI-compatible API (http_address)
         self.http_port = 0
@@ -132,10 +141,17 @@ class Daemon(ClientFrontend):
         """Load the tokenizer, bind sockets and the metrics port, start the worker. Raises on bad setup."""
         memory.limit_heap_growth()
         self.tokenizer = TextTokenizer(self.model_dir)
-        self.admission = Admission(self.cfg, self.tokenizer, self.metrics, refusal=self._refusal,
-                                   engine_info=lambda: self.supervisor.info if self.supervisor else None,
-                                   start=self._start, send=self._send, in_flight_changed=self._update_in_flight,
-                                   checkpoint_max_len=self._checkpoint_max_len())
+        self.admission = Admission(
+            self.cfg,
+            self.tokenizer,
+            self.metrics,
+            refusal=self._refusal,
+            engine_info=lambda: self.supervisor.info if self.supervisor else None,
+            start=self._start,
+            send=self._send,
+            in_flight_changed=self._update_in_flight,
+            checkpoint_max_len=self._checkpoint_max_len(),
+        )
         self._ctx = zmq.asyncio.Context()
         monitor = self._bind_frontend()
         if self.cfg.metrics_address:
@@ -149,16 +165,27 @@ class Daemon(ClientFrontend):
             await self.http.start(self.cfg.http_address)
             self.http_port = self.http.port
         self.supervisor = WorkerSupervisor(
-            self.cfg, self.model_dir, self._ctx, on_message=self._on_engine_message, on_ready=self._on_engine_ready,
-            on_lost=self._on_engine_lost, on_state=self._on_engine_state, on_restart=self.metrics.worker_restarts.inc,
-            liveness=self.liveness)
+            self.cfg,
+            self.model_dir,
+            self._ctx,
+            on_message=self._on_engine_message,
+            on_ready=self._on_engine_ready,
+            on_lost=self._on_engine_lost,
+            on_state=self._on_engine_state,
+            on_restart=self.metrics.worker_restarts.inc,
+            liveness=self.liveness,
+        )
         self.supervisor.start()
         spawn = self.liveness.spawn
         wd = self.notifier.watchdog_interval_s
         tick = min(LIVENESS_TICK_S, wd / 2) if wd else LIVENESS_TICK_S
-        self._tasks += [spawn("frontend", self._frontend), spawn("monitor", lambda: self._monitor(monitor)),
-                        spawn("housekeeping", self._housekeeping), spawn("flush", self.outboxes.run),
-                        spawn("liveness", lambda: self.liveness.run(tick, self._on_liveness_tick))]
+        self._tasks += [
+            spawn("frontend", self._frontend),
+            spawn("monitor", lambda: self._monitor(monitor)),
+            spawn("housekeeping", self._housekeeping),
+            spawn("flush", self.outboxes.run),
+            spawn("liveness", lambda: self.liveness.run(tick, self._on_liveness_tick)),
+        ]
         if self._placement_factory is not None:
             self.placement_manager = self._placement_factory(self.placement)
             if isinstance(self.placement_manager, DaemonPlacement):
@@ -184,8 +211,14 @@ class Daemon(ClientFrontend):
             num_experts = int(json.loads(config.read_text())["n_routed_experts"])
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise OSError(f"placement: cannot read n_routed_experts from {config}: {e!r}") from e
-        return DaemonPlacement(channel, num_experts, self.cfg.placement_pin_fraction, self.cfg.placement_interval_s,
-                               self.cfg.placement_state_path, required=self.cfg.placement == "on")
+        return DaemonPlacement(
+            channel,
+            num_experts,
+            self.cfg.placement_pin_fraction,
+            self.cfg.placement_interval_s,
+            self.cfg.placement_state_path,
+            required=self.cfg.placement == "on",
+        )
 
     def request_drain(self) -> None:
         """Signal handler target: stop accepting, let in-flight requests finish, then stop. A second
@@ -490,8 +523,9 @@ class Daemon(ClientFrontend):
             return f"engine not ready ({self.supervisor.state}): {self.supervisor.reason}"
         return None
 
-    def _start(self, client: ClientState, msg: cp.Generate, ids: list[int], thinking: bool, max_tokens: int,
-               now: float) -> None:
+    def _start(
+        self, client: ClientState, msg: cp.Generate, ids: list[int], thinking: bool, max_tokens: int, now: float
+    ) -> None:
         """Register an admitted request's n choices and hand them to the engine."""
         s = msg.sampling
         deadline_s = msg.deadline_s or self.cfg.default_deadline_s or None
@@ -501,9 +535,18 @@ class Daemon(ClientFrontend):
         for index in range(msg.n):
             engine_id = f"{next(self._ids):x}"
             chat = ChatOutputParser(thinking, tools) if parse else None
-            req = GenerateRequest(client.identity, msg, engine_id, ids,
-                                  IncrementalDetokenizer(self.tokenizer, ids, msg.skip_special_tokens), now,
-                                  now + deadline_s if deadline_s else None, self.supervisor.generation, index, chat)
+            req = GenerateRequest(
+                client.identity,
+                msg,
+                engine_id,
+                ids,
+                IncrementalDetokenizer(self.tokenizer, ids, msg.skip_special_tokens),
+                now,
+                now + deadline_s if deadline_s else None,
+                self.supervisor.generation,
+                index,
+                chat,
+            )
             seed = None if s.seed is None else (s.seed + index) % 2**63  # distinct, reproducible choices
             # The client's own SamplingParams: stop strings are matched here, on text; max_tokens is decided
             sampling = msgspec.structs.replace(s, stop=[], seed=seed, max_tokens=max_tokens)
@@ -519,8 +562,9 @@ class Daemon(ClientFrontend):
         if deadline_s:
             loop = asyncio.get_running_loop()
             for req in choices:
-                self._deadlines[req.engine_id] = loop.call_at(loop.time() + deadline_s - (time.monotonic() - now),
-                                                              self._on_deadline, req.engine_id)
+                self._deadlines[req.engine_id] = loop.call_at(
+                    loop.time() + deadline_s - (time.monotonic() - now), self._on_deadline, req.engine_id
+                )
         self.prompt_tokens_total += len(ids) * msg.n
         self.metrics.prompt_tokens.inc(len(ids) * msg.n)
         self._update_in_flight()

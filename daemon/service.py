@@ -34,9 +34,12 @@ log = logging.getLogger("moed.daemon")
 
 
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", default=None, metavar="FILE",
-                        help="TOML configuration file [MOED_CONFIG]; precedence: defaults < file < MOED_* "
-                             "environment < flags")
+    parser.add_argument(
+        "--config",
+        default=None,
+        metavar="FILE",
+        help="TOML configuration file [MOED_CONFIG]; precedence: defaults < file < MOED_* environment < flags",
+    )
     add_config_arguments(parser)
 
 
@@ -58,8 +61,13 @@ def resolve_model(model: str) -> str:
     if name is None:
         return model
     if Path(model).is_dir():
-        log.warning("model %r is the built-in %s checkpoint, not the folder ./%s; give a path (./%s) to serve the "
-                    "folder", model, name, model, model)
+        log.warning(
+            "model %r is the built-in %s checkpoint, not the folder ./%s; give a path (./%s) to serve the folder",
+            model,
+            name,
+            model,
+            model,
+        )
     out = builtin_model_dir(name)
     if (out / "model.safetensors.index.json").is_file():
         log.info("model: the built-in %s checkpoint in %s", name, out)

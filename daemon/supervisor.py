@@ -65,13 +65,19 @@ class _LinkEnd(Exception):
 
 
 class WorkerSupervisor:
-    def __init__(self, cfg: ServeConfig, model_dir: str, ctx: zmq.asyncio.Context, *,
-                 on_message: Callable[[ep.FromWorker, int], None],
-                 on_ready: Callable[[ep.WorkerReady], None],
-                 on_lost: Callable[[str], None],
-                 on_state: Callable[[str, str], None],
-                 on_restart: Callable[[], None],
-                 liveness: Liveness | None = None):
+    def __init__(
+        self,
+        cfg: ServeConfig,
+        model_dir: str,
+        ctx: zmq.asyncio.Context,
+        *,
+        on_message: Callable[[ep.FromWorker, int], None],
+        on_ready: Callable[[ep.WorkerReady], None],
+        on_lost: Callable[[str], None],
+        on_state: Callable[[str, str], None],
+        on_restart: Callable[[], None],
+        liveness: Liveness | None = None,
+    ):
         self.cfg = cfg
         self.model_dir = model_dir
         self.ctx = ctx
@@ -102,8 +108,9 @@ class WorkerSupervisor:
         liveness = liveness or Liveness(on_fatal=lambda reason: None)
         stale_s = max(3 * cfg.stats_interval_s, 1.0)
         self.link = liveness.register("worker-link", stale_s, active=lambda: self.state == "ready")
-        self.link_send = liveness.register("worker-send", stale_s,
-                                           active=lambda: bool(self._out_backlog) and self.state == "ready")
+        self.link_send = liveness.register(
+            "worker-send", stale_s, active=lambda: bool(self._out_backlog) and self.state == "ready"
+        )
 
     # --- public -----------------------------------------------------------------------------
 
@@ -176,8 +183,18 @@ class WorkerSupervisor:
     def _worker_argv(self, to_ep: str, from_ep: str) -> list[str]:
         cfg = self.cfg
         argv = list(cfg.worker_command) or [sys.executable, "-m", "moed.engine.worker"]
-        return [*argv, "--model", self.model_dir, "--to-worker", to_ep, "--from-worker", from_ep,
-                "--stats-interval", str(cfg.stats_interval_s), *engine_argv(cfg)]
+        return [
+            *argv,
+            "--model",
+            self.model_dir,
+            "--to-worker",
+            to_ep,
+            "--from-worker",
+            from_ep,
+            "--stats-interval",
+            str(cfg.stats_interval_s),
+            *engine_argv(cfg),
+        ]
 
     def _open_sockets(self) -> tuple[str, str]:
         self.runtime_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -185,8 +202,9 @@ class WorkerSupervisor:
         paths = [f"{base}-to.sock", f"{base}-from.sock"]
         for p in paths:
             if len(p) > IPC_PATH_MAX:
-                raise RuntimeError(f"ipc socket path {p!r} is longer than {IPC_PATH_MAX} bytes; "
-                                   "set a shorter runtime_dir")
+                raise RuntimeError(
+                    f"ipc socket path {p!r} is longer than {IPC_PATH_MAX} bytes; set a shorter runtime_dir"
+                )
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(p)
         self._push = self.ctx.socket(zmq.PUSH)
@@ -231,17 +249,21 @@ class WorkerSupervisor:
                 if not self.ever_ready:
                     failure = self._start_failure(reason)
                     if failure == last_start_failure or len(crashes) >= self.cfg.crash_loop_restarts:
-                        why = (f"the engine worker cannot start: it failed {len(crashes)} times before it was ever "
-                               f"ready, the last {'two the same way' if failure == last_start_failure else 'time'}:"
-                               f" {failure}")
+                        why = (
+                            f"the engine worker cannot start: it failed {len(crashes)} times before it was ever "
+                            f"ready, the last {'two the same way' if failure == last_start_failure else 'time'}:"
+                            f" {failure}"
+                        )
                         log.error("%s", why)
                         self._set_state("failed", why)
                         self.failed.set()
                         return
                     last_start_failure = failure
                 if len(crashes) >= self.cfg.crash_loop_restarts:
-                    why = (f"crash loop: the engine worker failed {len(crashes)} times within "
-                           f"{self.cfg.crash_loop_window_s:.0f} s; not restarting. Last failure: {reason}")
+                    why = (
+                        f"crash loop: the engine worker failed {len(crashes)} times within "
+                        f"{self.cfg.crash_loop_window_s:.0f} s; not restarting. Last failure: {reason}"
+                    )
                     log.error("%s", why)
                     self._set_state("crash_loop", why)
                     return
@@ -282,8 +304,9 @@ class WorkerSupervisor:
         self._set_state("loading", f"loading {self.model_dir} (worker generation {self.generation})")
         log.info("starting engine worker: %s", " ".join(argv))
         try:
-            proc = await asyncio.create_subprocess_exec(*argv, stdin=asyncio.subprocess.DEVNULL,
-                                                        stderr=asyncio.subprocess.PIPE)
+            proc = await asyncio.create_subprocess_exec(
+                *argv, stdin=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE
+            )
         except OSError as e:
             self._close_sockets()
             return f"cannot start worker {argv[0]!r}: {e}"
@@ -310,8 +333,10 @@ class WorkerSupervisor:
                 if self.state == "loading" and now - started > self.cfg.worker_start_timeout_s:
                     reason = f"not ready within worker_start_timeout_s={self.cfg.worker_start_timeout_s:.0f} s"
                 elif self.state == "ready" and now - self.last_message_at > self.cfg.engine_stall_timeout_s:
-                    reason = (f"stalled: no message for {now - self.last_message_at:.1f} s "
-                              f"(engine_stall_timeout_s={self.cfg.engine_stall_timeout_s:.0f})")
+                    reason = (
+                        f"stalled: no message for {now - self.last_message_at:.1f} s "
+                        f"(engine_stall_timeout_s={self.cfg.engine_stall_timeout_s:.0f})"
+                    )
                 if reason:
                     log.error("killing engine worker %d: %s", proc.pid, reason)
                     proc.kill()
@@ -351,8 +376,9 @@ class WorkerSupervisor:
     def _on_worker_message(self, msg: ep.FromWorker, generation: int) -> None:
         if isinstance(msg, ep.WorkerReady):
             if msg.protocol_version != ep.PROTOCOL_VERSION:
-                raise _LinkEnd(f"worker speaks engine protocol {msg.protocol_version}, daemon speaks "
-                               f"{ep.PROTOCOL_VERSION}")
+                raise _LinkEnd(
+                    f"worker speaks engine protocol {msg.protocol_version}, daemon speaks {ep.PROTOCOL_VERSION}"
+                )
             self.info = msg
             self.ever_ready = True
             self._on_ready(msg)

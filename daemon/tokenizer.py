@@ -46,8 +46,10 @@ class TextTokenizer:
         self.model_dir = Path(model_dir)
         path = self.model_dir / "tokenizer.json"
         if not path.is_file():
-            raise TokenizerError(f"no tokenizer.json in model directory '{self.model_dir}' (the daemon tokenises "
-                                 "with the checkpoint's own tokenizer.json)")
+            raise TokenizerError(
+                f"no tokenizer.json in model directory '{self.model_dir}' (the daemon tokenises "
+                "with the checkpoint's own tokenizer.json)"
+            )
         try:
             self.tokenizer = Tokenizer.from_file(str(path))
         except Exception as e:
@@ -111,33 +113,43 @@ class TextTokenizer:
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         return self.tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
-    def render_chat(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
-                    tools: list[dict[str, Any]] | None = None, template_kwargs: dict[str, Any] | None = None) -> str:
+    def render_chat(
+        self,
+        messages: list[dict[str, Any]],
+        add_generation_prompt: bool = True,
+        tools: list[dict[str, Any]] | None = None,
+        template_kwargs: dict[str, Any] | None = None,
+    ) -> str:
         """The prompt text. `template_kwargs` are further template variables (a request's chat_template_kwargs);
         they cannot replace messages, tools or add_generation_prompt."""
         if self.chat_template is None:
-            raise TemplateError(f"model '{self.model_dir}' has no chat template (tokenizer_config.json has no "
-                                "chat_template and there is no chat_template.jinja); send prompt or prompt_token_ids")
+            raise TemplateError(
+                f"model '{self.model_dir}' has no chat template (tokenizer_config.json has no "
+                "chat_template and there is no chat_template.jinja); send prompt or prompt_token_ids"
+            )
         import jinja2
 
         if self._template is None:
             self._template = self._compile()
-        variables = {**self.special_tokens, **(template_kwargs or {}), "messages": messages,
-                     "add_generation_prompt": add_generation_prompt, "tools": tools}
+        variables = {
+            **self.special_tokens,
+            **(template_kwargs or {}),
+            "messages": messages,
+            "add_generation_prompt": add_generation_prompt,
+            "tools": tools,
+        }
         try:
             return self._template.render(**variables)
         except TemplateError:
             raise
-        except (jinja2.TemplateError, TypeError, ValueError, KeyError, AttributeError, IndexError,
-                RecursionError) as e:
+        except (jinja2.TemplateError, TypeError, ValueError, KeyError, AttributeError, IndexError, RecursionError) as e:
             raise TemplateError(f"chat template failed on these messages: {type(e).__name__}: {e}") from e
 
     def _compile(self):
         import jinja2.ext
         from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                            extensions=[jinja2.ext.loopcontrols])
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols])
         env.filters["tojson"] = _tojson
         env.globals["raise_exception"] = _raise_exception
         env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
@@ -146,19 +158,29 @@ class TextTokenizer:
         except jinja2.TemplateError as e:
             raise TemplateError(f"chat template of '{self.model_dir}' does not compile: {e}") from e
 
-    def encode_chat(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
-                    tools: list[dict[str, Any]] | None = None,
-                    template_kwargs: dict[str, Any] | None = None) -> list[int]:
+    def encode_chat(
+        self,
+        messages: list[dict[str, Any]],
+        add_generation_prompt: bool = True,
+        tools: list[dict[str, Any]] | None = None,
+        template_kwargs: dict[str, Any] | None = None,
+    ) -> list[int]:
         # The template writes the special tokens itself (as apply_chat_template does).
-        return self.encode(self.render_chat(messages, add_generation_prompt, tools, template_kwargs),
-                           add_special_tokens=False)
+        return self.encode(
+            self.render_chat(messages, add_generation_prompt, tools, template_kwargs), add_special_tokens=False
+        )
 
     def token_id(self, token: str) -> int | None:
         """The id of a token of the vocabulary (added tokens included), else None."""
         return self.tokenizer.token_to_id(token)
 
 
-def _tojson(x: Any, ensure_ascii: bool = False, indent: int | None = None, separators: tuple[str, str] | None = None,
-            sort_keys: bool = False) -> str:
+def _tojson(
+    x: Any,
+    ensure_ascii: bool = False,
+    indent: int | None = None,
+    separators: tuple[str, str] | None = None,
+    sort_keys: bool = False,
+) -> str:
     # transformers' filter: jinja's own tojson HTML-escapes <, >, & and ' (which would change GLM's tools block).
     return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)

@@ -74,16 +74,28 @@ def _current() -> ForwardContext:
 
 
 @torch.library.custom_op("moed_engine::attend", mutates_args=())
-def attend_op(q_nope: torch.Tensor, q_rope: torch.Tensor, latent: torch.Tensor, k_rope: torch.Tensor,
-              index_q: torch.Tensor | None, index_k: torch.Tensor | None, index_w: torch.Tensor | None,
-              kv_b_proj: torch.Tensor) -> torch.Tensor:
+def attend_op(
+    q_nope: torch.Tensor,
+    q_rope: torch.Tensor,
+    latent: torch.Tensor,
+    k_rope: torch.Tensor,
+    index_q: torch.Tensor | None,
+    index_k: torch.Tensor | None,
+    index_w: torch.Tensor | None,
+    kv_b_proj: torch.Tensor,
+) -> torch.Tensor:
     """The current layer's backend.attend -> out [tokens, heads * v_head_dim]; the top-k stays in the context."""
     fc = _current()
     try:
         indexer = None if index_q is None else IndexerInputs(q=index_q, k=index_k, weights=index_w)
-        out, fc.topk = fc.backend.attend(fc.layer, LayerWeights(kv_b_proj=kv_b_proj),
-                                         MLAInputs(q_nope=q_nope, q_rope=q_rope, latent=latent, k_rope=k_rope),
-                                         indexer, fc.topk, fc.ctx)
+        out, fc.topk = fc.backend.attend(
+            fc.layer,
+            LayerWeights(kv_b_proj=kv_b_proj),
+            MLAInputs(q_nope=q_nope, q_rope=q_rope, latent=latent, k_rope=k_rope),
+            indexer,
+            fc.topk,
+            fc.ctx,
+        )
     except Exception:
         fc.op_failed = True
         raise
@@ -115,8 +127,15 @@ def _(hidden, topk_ids, topk_weights):
 class _OpaqueAttention:
     """The backend the compiled layer sees: attend is one op; layer, prev_topk and ctx come from the context."""
 
-    def attend(self, layer: int, weights: LayerWeights, mla: MLAInputs, indexer: IndexerInputs | None,
-               prev_topk: torch.Tensor | None, ctx: Any) -> tuple[torch.Tensor, None]:
+    def attend(
+        self,
+        layer: int,
+        weights: LayerWeights,
+        mla: MLAInputs,
+        indexer: IndexerInputs | None,
+        prev_topk: torch.Tensor | None,
+        ctx: Any,
+    ) -> tuple[torch.Tensor, None]:
         iq, ik, iw = (None, None, None) if indexer is None else (indexer.q, indexer.k, indexer.weights)
         return attend_op(mla.q_nope, mla.q_rope, mla.latent, mla.k_rope, iq, ik, iw, weights.kv_b_proj), None
 
@@ -124,8 +143,7 @@ class _OpaqueAttention:
 class _OpaqueMoE:
     """The MoE runner the compiled layer sees: run is one op; the layer comes from the context."""
 
-    def run(self, layer: int, hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor
-            ) -> torch.Tensor:
+    def run(self, layer: int, hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
         return moe_op(hidden, topk_ids, topk_weights)
 
 
@@ -160,8 +178,14 @@ class CompiledPrefill:
     def covers(self, num_tokens: int) -> bool:
         return self.failed is None and num_tokens >= self.min_tokens
 
-    def forward(self, model: GlmMoeDsaForCausalLM, input_ids: torch.Tensor, ctx: StepContext,
-                backend: AttentionBackend, moe: MoERunner) -> torch.Tensor | None:
+    def forward(
+        self,
+        model: GlmMoeDsaForCausalLM,
+        input_ids: torch.Tensor,
+        ctx: StepContext,
+        backend: AttentionBackend,
+        moe: MoERunner,
+    ) -> torch.Tensor | None:
         """GlmMoeDsaForCausalLM.forward with compiled layers -> final-normed hidden [tokens, hidden_size];
         None when compiling failed (logged once; the caller runs the step eagerly)."""
         fc = ForwardContext(backend, moe, ctx)
@@ -181,8 +205,11 @@ class CompiledPrefill:
                 if truncate is not None:
                     truncate(seq.num_cached)
             self.failed = _describe(e)
-            log.warning("compiled prefill off, running eagerly from now on: compiling the decoder layer failed "
-                        "(%s)", self.failed, exc_info=True)
+            log.warning(
+                "compiled prefill off, running eagerly from now on: compiling the decoder layer failed (%s)",
+                self.failed,
+                exc_info=True,
+            )
             return None
         self.steps += 1
         return hidden

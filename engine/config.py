@@ -53,45 +53,72 @@ class EngineConfig:
     dtype: Dtype = setting("fp32", "activation and dense weight dtype; auto = bf16 on CUDA, fp32 on a CPU")
     max_running: int = setting(64, "sequences decoded together at most", min=1)
     max_tokens_per_step: int = setting(2048, "tokens one engine step processes at most (prefill chunks)", min=1)
-    kv_pages: int | None = setting(None, "KV cache pages; auto = kv_memory_fraction of the device memory free after "
-                                         "loading (paged backends), else room for max_running full sequences",
-                                   min=1)
-    kv_memory_fraction: float = setting(0.9, "share of the device memory free after loading that auto kv_pages takes",
-                                        gt=0, max=1)
+    kv_pages: int | None = setting(
+        None,
+        "KV cache pages; auto = kv_memory_fraction of the device memory free after "
+        "loading (paged backends), else room for max_running full sequences",
+        min=1,
+    )
+    kv_memory_fraction: float = setting(
+        0.9, "share of the device memory free after loading that auto kv_pages takes", gt=0, max=1
+    )
     page_size: int = setting(64, "tokens per KV page", min=1)
-    spec_steps: int = setting(0, "MTP draft tokens per decode step (0 = off; needs a checkpoint with an MTP layer)",
-                              min=0)
-    max_model_len: int | None = setting(None, "longest sequence (prompt + output) served; auto = the model's "
-                                              "max_position_embeddings", min=1)
+    spec_steps: int = setting(
+        0, "MTP draft tokens per decode step (0 = off; needs a checkpoint with an MTP layer)", min=0
+    )
+    max_model_len: int | None = setting(
+        None, "longest sequence (prompt + output) served; auto = the model's max_position_embeddings", min=1
+    )
     attention: str = setting(AUTO, "attention backend: auto, reference, triton or trtllm (attention/select.py)")
-    kv_latent_dtype: str | None = setting(None, "paged KV latent dtype: bf16, fp8 or fp32; auto = bf16 for a bf16 "
-                                                "model, else fp32")
-    kv_index_dtype: str | None = setting(None, "paged index-K dtype: fp8, bf16 or fp32; auto = fp8 on CUDA, else "
-                                               "the latent dtype")
-    moe: MoeMode = setting("torch", "routed experts: torch (all resident on the device) or offload (host store and "
-                                    "a GPU expert cache)")
-    expert_cache_gb: float | None = setting(None, "offload: the target model's expert cache (GiB); auto = sized when "
-                                                  "the weights are loaded: what is free on the GPU then, less the KV "
-                                                  "pool (at most half of it) and 5 percent for activations", gt=0)
-    draft_expert_cache_gb: float | None = setting(None, "offload: the MTP draft's own expert cache (GiB); auto = the "
-                                                        "target's per-layer share", gt=0)
-    miss_service: MissService = setting(AUTO, "offload: how decode serves expert misses: copy (exact FP8), hybrid "
-                                              "(CPU experts and copies at once), cpu; auto = hybrid on CUDA, copy "
-                                              "on a CPU")
+    kv_latent_dtype: str | None = setting(
+        None, "paged KV latent dtype: bf16, fp8 or fp32; auto = bf16 for a bf16 model, else fp32"
+    )
+    kv_index_dtype: str | None = setting(
+        None, "paged index-K dtype: fp8, bf16 or fp32; auto = fp8 on CUDA, else the latent dtype"
+    )
+    moe: MoeMode = setting(
+        "torch", "routed experts: torch (all resident on the device) or offload (host store and a GPU expert cache)"
+    )
+    expert_cache_gb: float | None = setting(
+        None,
+        "offload: the target model's expert cache (GiB); auto = sized when "
+        "the weights are loaded: what is free on the GPU then, less the KV "
+        "pool (at most half of it) and 5 percent for activations",
+        gt=0,
+    )
+    draft_expert_cache_gb: float | None = setting(
+        None, "offload: the MTP draft's own expert cache (GiB); auto = the target's per-layer share", gt=0
+    )
+    miss_service: MissService = setting(
+        AUTO,
+        "offload: how decode serves expert misses: copy (exact FP8), hybrid "
+        "(CPU experts and copies at once), cpu; auto = hybrid on CUDA, copy "
+        "on a CPU",
+    )
     cpu_expert_threads: int = setting(0, "threads of the CPU experts (hybrid, cpu); 0 = every core but one", min=0)
     cuda_graphs: bool = setting(True, "decode through CUDA graphs on CUDA")
-    overlap: bool = setting(True, "plan and launch each step before reading the previous one's tokens back (not "
-                                  "with MTP)")
+    overlap: bool = setting(
+        True, "plan and launch each step before reading the previous one's tokens back (not with MTP)"
+    )
     graph_max_batch: int = setting(128, "largest decode batch captured in a CUDA graph", min=1)
     graph_max_context: int = setting(8192, "contexts longer than this decode eagerly", min=1)
-    compile_prefill: bool = setting(False, "run eager steps of >= compile_min_tokens tokens through torch.compile'd "
-                                           "decoder layers (~20 s of compiling at start)")
+    compile_prefill: bool = setting(
+        False,
+        "run eager steps of >= compile_min_tokens tokens through torch.compile'd "
+        "decoder layers (~20 s of compiling at start)",
+    )
     compile_min_tokens: int = setting(2048, "shortest step that compile_prefill compiles", min=1)
     seed: int | None = setting(None, "seeds the noise of requests that set no seed; auto = a random seed", min=0)
-    expert_dtype: ExpertDtype = setting("checkpoint", "routed experts as the checkpoint has them, or int4: bf16 / FP8 "
-                                                      "experts quantised to 4 bits at load (formats/int4.py)")
-    int4_cache_dir: str | None = setting(None, "with expert_dtype int4: keep the quantised experts here, so the next "
-                                               "start loads them instead of quantising again")
+    expert_dtype: ExpertDtype = setting(
+        "checkpoint",
+        "routed experts as the checkpoint has them, or int4: bf16 / FP8 "
+        "experts quantised to 4 bits at load (formats/int4.py)",
+    )
+    int4_cache_dir: str | None = setting(
+        None,
+        "with expert_dtype int4: keep the quantised experts here, so the next "
+        "start loads them instead of quantising again",
+    )
 
     def __post_init__(self) -> None:
         if AUTO in (self.device, self.dtype):  # decided here, once: the engine sees a device and a dtype
@@ -181,8 +208,9 @@ def setting_problem(cls: type, name: str, value: Any) -> str | None:
         return f"must be a number, {got}"
     if base is str and not isinstance(value, str):
         return f"must be a string, {got}"
-    if typing.get_origin(base) is tuple and (not isinstance(value, tuple) or not all(isinstance(v, str)
-                                                                                     for v in value)):
+    if typing.get_origin(base) is tuple and (
+        not isinstance(value, tuple) or not all(isinstance(v, str) for v in value)
+    ):
         return f"must be a list of strings, {got}"
     if base in (int, float):
         meta = field.metadata
@@ -201,15 +229,23 @@ def combination_problems(cfg: EngineConfig) -> list[tuple[str, str]]:
     """(setting, problem) for engine settings that are each fine but cannot work together."""
     problems = []
     if cfg.miss_service in ("hybrid", "cpu") and cfg.moe != "offload":
-        problems.append(("miss_service", f"miss_service {cfg.miss_service!r} needs moe='offload' (with "
-                                         f"moe={cfg.moe!r} every expert is resident and nothing misses)"))
+        problems.append(
+            (
+                "miss_service",
+                f"miss_service {cfg.miss_service!r} needs moe='offload' (with "
+                f"moe={cfg.moe!r} every expert is resident and nothing misses)",
+            )
+        )
     return problems
 
 
 def engine_problems(cfg: EngineConfig) -> list[str]:
     """Every engine setting of `cfg` that does not fit its declaration, and the combinations that cannot work."""
-    problems = [f"{name} {p}" for name in ENGINE_SETTINGS
-                if (p := setting_problem(type(cfg), name, getattr(cfg, name))) is not None]
+    problems = [
+        f"{name} {p}"
+        for name in ENGINE_SETTINGS
+        if (p := setting_problem(type(cfg), name, getattr(cfg, name))) is not None
+    ]
     return problems + [p for _, p in combination_problems(cfg)]
 
 
@@ -251,8 +287,9 @@ def add_engine_arguments(parser: argparse.ArgumentParser | Any, exclude: tuple[s
         default = PROCESS_DEFAULTS.get(f.name, f.default)
         help_text = f"{f.metadata['doc']} (default: {text_of(default)})"
         if _types(EngineConfig)[f.name] is bool:
-            parser.add_argument(_flag(f.name), dest=f.name, action=argparse.BooleanOptionalAction, default=default,
-                                help=help_text)
+            parser.add_argument(
+                _flag(f.name), dest=f.name, action=argparse.BooleanOptionalAction, default=default, help=help_text
+            )
             continue
 
         def parse(text: str, name: str = f.name) -> Any:
@@ -268,8 +305,14 @@ def add_engine_arguments(parser: argparse.ArgumentParser | Any, exclude: tuple[s
             return value
 
         extra = (AUTO,) if f.name in PROCESS_DEFAULTS else ()
-        parser.add_argument(_flag(f.name), dest=f.name, type=parse, default=default, help=help_text,
-                            metavar=metavar(EngineConfig, f.name, extra))
+        parser.add_argument(
+            _flag(f.name),
+            dest=f.name,
+            type=parse,
+            default=default,
+            help=help_text,
+            metavar=metavar(EngineConfig, f.name, extra),
+        )
 
 
 def engine_argv(values: Mapping[str, Any] | Any) -> list[str]:

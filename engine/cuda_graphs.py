@@ -48,8 +48,9 @@ def graph_capable(backend: Any, moe: Any) -> tuple[bool, str]:
     if not is_paged(backend) or getattr(backend, "supports_cuda_graphs", True) is False:
         return False, f"attention backend {type(backend).__name__} is not a paged backend"
     if not getattr(moe, "supports_cuda_graphs", False):
-        return False, (f"MoE runner {type(moe).__name__} syncs on its step path (copy-engine misses "
-                       "or per-expert host loops)")
+        return False, (
+            f"MoE runner {type(moe).__name__} syncs on its step path (copy-engine misses or per-expert host loops)"
+        )
     return True, ""
 
 
@@ -61,9 +62,19 @@ def bucket_sizes(max_batch: int) -> list[int]:
 
 
 class DecodeGraphs:
-    def __init__(self, model: torch.nn.Module, backend: Any, moe: Any, device: torch.device, max_batch: int,
-                 tokens_per_seq: int, max_context: int, page_size: int, batch_sizes: list[int] | None = None,
-                 warmup_runs: int = 2) -> None:
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        backend: Any,
+        moe: Any,
+        device: torch.device,
+        max_batch: int,
+        tokens_per_seq: int,
+        max_context: int,
+        page_size: int,
+        batch_sizes: list[int] | None = None,
+        warmup_runs: int = 2,
+    ) -> None:
         if device.type != "cuda":
             raise ValueError(f"CUDA graphs need a CUDA device, got {device}")
         ok, why = graph_capable(backend, moe)
@@ -90,9 +101,14 @@ class DecodeGraphs:
 
     def _context(self, bs: int) -> StepContext:
         n = bs * self.tokens_per_seq
-        paged = PagedStep(page_table=self.page_table[:bs], seq_lens=self.seq_lens[:bs],
-                          query_start=self.query_start[: bs + 1], token_seq=self.token_seq[:n],
-                          max_context=self.max_context, max_new=self.tokens_per_seq)
+        paged = PagedStep(
+            page_table=self.page_table[:bs],
+            seq_lens=self.seq_lens[:bs],
+            query_start=self.query_start[: bs + 1],
+            token_seq=self.token_seq[:n],
+            max_context=self.max_context,
+            max_new=self.tokens_per_seq,
+        )
         # The per-sequence list is never read on a paged decode path; it only carries the batch shape.
         seqs = [SequenceStep(num_cached=0, num_new=self.tokens_per_seq, kv=None) for _ in range(bs)]
         return StepContext(positions=self.positions[:n], seqs=seqs, paged=paged)
@@ -115,8 +131,12 @@ class DecodeGraphs:
                 self.pool = graph.pool()
             self.graphs[bs], self.outputs[bs] = graph, out
         torch.cuda.synchronize(self.device)
-        log.info("captured decode CUDA graphs for batch sizes %s (%d tokens per sequence, contexts <= %d)",
-                 self.batch_sizes, self.tokens_per_seq, self.max_context)
+        log.info(
+            "captured decode CUDA graphs for batch sizes %s (%d tokens per sequence, contexts <= %d)",
+            self.batch_sizes,
+            self.tokens_per_seq,
+            self.max_context,
+        )
 
     def bucket(self, num_seqs: int) -> int | None:
         for b in self.batch_sizes:

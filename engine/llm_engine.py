@@ -118,12 +118,15 @@ class LLMEngine:
         cfg = GlmMoeDsaConfig.from_file(Path(config.model) / "config.json")
         spec = config.spec_steps > 0
         if spec and cfg.num_nextn_predict_layers < 1:
-            raise ValueError(f"--spec-steps {config.spec_steps} needs an MTP layer, but {cfg.source} has "
-                             "num_nextn_predict_layers = 0")
+            raise ValueError(
+                f"--spec-steps {config.spec_steps} needs an MTP layer, but {cfg.source} has "
+                "num_nextn_predict_layers = 0"
+            )
         latent_dtype = config.kv_latent_dtype or ("bf16" if dtype == torch.bfloat16 else "fp32")
         index_dtype = config.kv_index_dtype or ("fp8" if self.device.type == "cuda" else latent_dtype)
-        self.attention = choose_backend(config.attention, probe_platform(self.device), cfg, config.page_size,
-                                        latent_dtype)
+        self.attention = choose_backend(
+            config.attention, probe_platform(self.device), cfg, config.page_size, latent_dtype
+        )
         log.info("attention backend: %s (%s)", self.attention.name, self.attention.reason)
         paged = self.attention.name != "reference"
 
@@ -135,8 +138,16 @@ class LLMEngine:
         # An expert cache without a given budget is sized once the weights are resident, after this KV pool.
         kv_bytes = (config.kv_pages or self._kv_pages_wanted()) * page_bytes
         self.experts = RoutedExperts(cfg, config, self.device, dtype, kv_bytes=kv_bytes)
-        self.model = load_model(config.model, self.experts, dtype=dtype, device=self.device, mtp=spec, config=cfg,
-                                expert_dtype=config.expert_dtype, int4_cache_dir=config.int4_cache_dir)
+        self.model = load_model(
+            config.model,
+            self.experts,
+            dtype=dtype,
+            device=self.device,
+            mtp=spec,
+            config=cfg,
+            expert_dtype=config.expert_dtype,
+            int4_cache_dir=config.int4_cache_dir,
+        )
         self.cfg = self.model.cfg
 
         kv_pages = config.kv_pages or self._auto_kv_pages(paged, page_bytes)
@@ -144,9 +155,16 @@ class LLMEngine:
         self.kv = KVPages(kv_pages, config.page_size, first_page=1 if paged else 0)
 
         def backend(layers: list[int]) -> AttentionBackend:
-            return make_attention_backend(self.cfg, self.device, self.attention, num_pages=kv_pages + 1,
-                                          page_size=config.page_size, latent_dtype=latent_dtype,
-                                          index_dtype=index_dtype, layers=layers)
+            return make_attention_backend(
+                self.cfg,
+                self.device,
+                self.attention,
+                num_pages=kv_pages + 1,
+                page_size=config.page_size,
+                latent_dtype=latent_dtype,
+                index_dtype=index_dtype,
+                layers=layers,
+            )
 
         self.runner = ModelRunner(self.model, backend(main_layers), self.experts.target, self.device)
         if config.compile_prefill:
@@ -155,12 +173,24 @@ class LLMEngine:
         self.drafter = None
         if self.experts.draft is not None:
             # The draft's own pool (the MTP layer only), indexed by the same page lists as the target's.
-            self.drafter = MTPDrafter(self.model, backend(self.cfg.mtp_layer_ids), self.experts.draft, self.device,
-                                      config.spec_steps, self.sampler)
+            self.drafter = MTPDrafter(
+                self.model,
+                backend(self.cfg.mtp_layer_ids),
+                self.experts.draft,
+                self.device,
+                config.spec_steps,
+                self.sampler,
+            )
         self.scheduler = Scheduler(
-            SchedulerConfig(max_running=config.max_running, max_tokens_per_step=config.max_tokens_per_step,
-                            num_spec_tokens=config.spec_steps, max_model_len=self.max_model_len),
-            self.kv, self._release_cache)
+            SchedulerConfig(
+                max_running=config.max_running,
+                max_tokens_per_step=config.max_tokens_per_step,
+                num_spec_tokens=config.spec_steps,
+                max_model_len=self.max_model_len,
+            ),
+            self.kv,
+            self._release_cache,
+        )
         self.eos_token_ids = frozenset(self.cfg.eos_token_ids) | _generation_eos(Path(config.model))
         self._rng = random.Random(config.seed)
         self._arrivals = 0
@@ -182,8 +212,9 @@ class LLMEngine:
     def _kv_page_bytes(self, latent_dtype: str, index_dtype: str, layers: list[int]) -> int:
         """Device bytes of one KV page over `layers` (latent + rope key, and index-K where the layer indexes)."""
         lat, idx = PagedKVPool.bytes_per_token(self.cfg, latent_dtype, index_dtype)
-        n_index = sum(1 for layer in layers
-                      if layer >= self.cfg.num_hidden_layers or self.cfg.indexer_types[layer] == "full")
+        n_index = sum(
+            1 for layer in layers if layer >= self.cfg.num_hidden_layers or self.cfg.indexer_types[layer] == "full"
+        )
         return self.config.page_size * (len(layers) * lat + n_index * idx)
 
     def _kv_pages_wanted(self) -> int:
@@ -197,8 +228,10 @@ class LLMEngine:
         free = torch.cuda.mem_get_info(self.device)[0]
         pages = int(free * self.config.kv_memory_fraction) // page_bytes - 1
         if pages < 1:
-            raise ValueError(f"no device memory left for the KV pool: {free / 2**30:.2f} GiB free after loading, "
-                             f"one page needs {page_bytes / 2**20:.2f} MiB (lower expert_cache_gb or set kv_pages)")
+            raise ValueError(
+                f"no device memory left for the KV pool: {free / 2**30:.2f} GiB free after loading, "
+                f"one page needs {page_bytes / 2**20:.2f} MiB (lower expert_cache_gb or set kv_pages)"
+            )
         return min(pages, wanted)
 
     # Requests.
@@ -242,9 +275,12 @@ class LLMEngine:
             if not isinstance(t, int) or not 0 <= t < V:
                 raise bad("prompt_token_ids", t, f"token ids are integers in [0, {V})")
         if len(prompt) >= self.scheduler.max_seq_len:
-            raise bad("len(prompt_token_ids)", len(prompt),
-                      f"prompt must be shorter than {self.scheduler.max_seq_len} tokens: the model serves "
-                      f"{self.max_model_len} and the KV pool holds {self.kv.capacity_tokens}")
+            raise bad(
+                "len(prompt_token_ids)",
+                len(prompt),
+                f"prompt must be shorter than {self.scheduler.max_seq_len} tokens: the model serves "
+                f"{self.max_model_len} and the KV pool holds {self.kv.capacity_tokens}",
+            )
         try:
             check_sampling(sp)
         except ValueError as e:
@@ -343,8 +379,13 @@ class LLMEngine:
             samples.append((seq, seq.num_tokens))
             seq.token_ids.append(PENDING)
             seq.num_pending += 1
-        return _InFlight(samples, PendingTokens(res.token_ids, {id(seq): i for i, (seq, _) in enumerate(samples)}),
-                         host_res, [seq.sampling.logprobs for seq, _ in samples], done)
+        return _InFlight(
+            samples,
+            PendingTokens(res.token_ids, {id(seq): i for i, (seq, _) in enumerate(samples)}),
+            host_res,
+            [seq.sampling.logprobs for seq, _ in samples],
+            done,
+        )
 
     def _read_back(self, step: _InFlight) -> list[RequestOutput]:
         """Wait for a launched step's tokens and commit them (stops, outputs). A sequence that finished after the
@@ -385,8 +426,13 @@ class LLMEngine:
             outputs.append(self._output(seq, error=f"engine step failed: {type(e).__name__}: {e}"))
         return outputs
 
-    def _sample_device(self, hidden: torch.Tensor, last_rows: list[int], rows: list[SamplingRow],
-                       pending_output: torch.Tensor | None = None) -> SampleResult:
+    def _sample_device(
+        self,
+        hidden: torch.Tensor,
+        last_rows: list[int],
+        rows: list[SamplingRow],
+        pending_output: torch.Tensor | None = None,
+    ) -> SampleResult:
         """Sample `rows` from the logits of `hidden[last_rows]`; everything stays on the device."""
         h = hidden if len(last_rows) == hidden.shape[0] else hidden[self.runner.index(last_rows)]
         logits = self.runner.logits(h)
@@ -440,22 +486,24 @@ class LLMEngine:
                 # Propose only after a sampled token, never after a prompt chunk that happens to leave one
                 # token: so the first output token always comes from plain sampling, whatever the chunking,
                 # and a seeded request draws the same noise alone or in any batch.
-                drafts.append(DraftInput(seq, start, hidden[first_row: first_row + committed], bool(tokens)))
+                drafts.append(DraftInput(seq, start, hidden[first_row : first_row + committed], bool(tokens)))
         times.lap("commit")
         if self.drafter is not None:
             self.drafter.run(drafts)
         times.lap("draft")
         return outputs
 
-    def _sample_plain(self, hidden: torch.Tensor, plain: list[tuple[ScheduledSeq, int]]
-                      ) -> dict[int, tuple[list[int], list[TokenLogprobs]]]:
+    def _sample_plain(
+        self, hidden: torch.Tensor, plain: list[tuple[ScheduledSeq, int]]
+    ) -> dict[int, tuple[list[int], list[TokenLogprobs]]]:
         res = self._sample_device(hidden, [row for _, row in plain], [_row(it.seq, []) for it, _ in plain])
         tokens = res.token_ids.tolist()
         lps = _logprob_rows(res, [it.seq.sampling.logprobs for it, _ in plain])
         return {id(it): ([tok], [lp] if lp else []) for (it, _), tok, lp in zip(plain, tokens, lps)}
 
-    def _verify(self, hidden: torch.Tensor, verify: list[tuple[ScheduledSeq, int]]
-                ) -> dict[int, tuple[list[int], list[TokenLogprobs]]]:
+    def _verify(
+        self, hidden: torch.Tensor, verify: list[tuple[ScheduledSeq, int]]
+    ) -> dict[int, tuple[list[int], list[TokenLogprobs]]]:
         rows_idx: list[int] = []
         rows: list[SamplingRow] = []
         for it, first in verify:
@@ -465,22 +513,29 @@ class LLMEngine:
         logits = self.runner.logits(hidden[self.runner.index(rows_idx)])
         t = SamplingTensors.build(rows, self.cfg.vocab_size, self.device)
         seqs = [it.seq for it, _ in verify]
-        res = verify_drafts(self.sampler, logits, t, [it.num_draft for it, _ in verify],
-                            [s.draft_token_ids[: it.num_draft] for s, (it, _) in zip(seqs, verify)],
-                            [s.draft_probs for s in seqs], [s.sampling.temperature <= 0 for s in seqs])
-        lp_rows = _logprob_rows(with_logprobs(SampleResult(res.row_tokens), logits, t.max_logprobs),
-                                [r.params.logprobs for r in rows])
+        res = verify_drafts(
+            self.sampler,
+            logits,
+            t,
+            [it.num_draft for it, _ in verify],
+            [s.draft_token_ids[: it.num_draft] for s, (it, _) in zip(seqs, verify)],
+            [s.draft_probs for s in seqs],
+            [s.sampling.temperature <= 0 for s in seqs],
+        )
+        lp_rows = _logprob_rows(
+            with_logprobs(SampleResult(res.row_tokens), logits, t.max_logprobs), [r.params.logprobs for r in rows]
+        )
         out = {}
         first = 0
         for (it, _), n, final in zip(verify, res.num_accepted, res.final_token):
             tokens = [*it.seq.draft_token_ids[:n], final]
-            out[id(it)] = (tokens, [lp for lp in lp_rows[first: first + n + 1] if lp is not None])
+            out[id(it)] = (tokens, [lp for lp in lp_rows[first : first + n + 1] if lp is not None])
             first += it.num_new
         return out
 
     def _output(self, seq: Sequence, error: str | None = None) -> RequestOutput:
         known = seq.num_known  # tokens still being sampled are sent once read back
-        new = seq.token_ids[seq.num_prompt_tokens + seq.num_sent: known]
+        new = seq.token_ids[seq.num_prompt_tokens + seq.num_sent : known]
         seq.num_sent = known - seq.num_prompt_tokens
         logprobs = None
         if seq.sampling.logprobs is not None and seq.pending_logprobs:
@@ -488,9 +543,16 @@ class LLMEngine:
         queue_s = None
         if new and seq.num_sent == len(new):  # the first output tokens: the engine queue time goes with them
             queue_s = seq.queue_s
-        return RequestOutput(request_id=seq.request_id, new_token_ids=new, finish_reason=seq.finish_reason,
-                             logprobs=logprobs, num_prompt_tokens=seq.num_prompt_tokens,
-                             num_output_tokens=known - seq.num_prompt_tokens, error=error, queue_s=queue_s)
+        return RequestOutput(
+            request_id=seq.request_id,
+            new_token_ids=new,
+            finish_reason=seq.finish_reason,
+            logprobs=logprobs,
+            num_prompt_tokens=seq.num_prompt_tokens,
+            num_output_tokens=known - seq.num_prompt_tokens,
+            error=error,
+            queue_s=queue_s,
+        )
 
     def _release_cache(self, seq: Sequence) -> None:
         seq.kv = None
@@ -521,14 +583,21 @@ class LLMEngine:
         assert compiled is not None
         n = compiled.min_tokens
         if n > min(self.config.max_tokens_per_step, self.max_model_len - 1):
-            log.warning("compiled prefill never runs: compile_min_tokens=%d exceeds max_tokens_per_step=%d or "
-                        "max_model_len=%d", n, self.config.max_tokens_per_step, self.max_model_len)
+            log.warning(
+                "compiled prefill never runs: compile_min_tokens=%d exceeds max_tokens_per_step=%d or max_model_len=%d",
+                n,
+                self.config.max_tokens_per_step,
+                self.max_model_len,
+            )
             return
         t0 = time.perf_counter()
         self.generate([[t % self.cfg.vocab_size for t in range(1, n + 1)]], SamplingParams(max_tokens=1))
         if compiled.failed is None:
-            log.info("compiled prefill: decoder layers compiled in %.1f s (steps of >= %d tokens)",
-                     time.perf_counter() - t0, n)
+            log.info(
+                "compiled prefill: decoder layers compiled in %.1f s (steps of >= %d tokens)",
+                time.perf_counter() - t0,
+                n,
+            )
 
     def _warmup_prompt(self) -> list[int]:
         return [t % self.cfg.vocab_size for t in range(1, 9)]
@@ -545,10 +614,16 @@ class LLMEngine:
             # reads host lengths: verify graphs must be captured on the (exact) selection path instead.
             max_context = threshold + 1
         max_batch = min(self.config.graph_max_batch, self.config.max_running)
-        graphs = DecodeGraphs(self.model, self.runner.backend, self.runner.moe, self.device,
-                              max_batch=max_batch,
-                              tokens_per_seq=1 + self.config.spec_steps, max_context=max_context,
-                              page_size=self.config.page_size)
+        graphs = DecodeGraphs(
+            self.model,
+            self.runner.backend,
+            self.runner.moe,
+            self.device,
+            max_batch=max_batch,
+            tokens_per_seq=1 + self.config.spec_steps,
+            max_context=max_context,
+            page_size=self.config.page_size,
+        )
         graphs.capture()
         # Check one real decode step (a warm-up request's) replayed against the same step run eagerly.
         rid = "__graph_check__"
@@ -571,24 +646,32 @@ class LLMEngine:
     def stats(self) -> EngineStats:
         """Counters (cumulative) and the mean step-time breakdown since the previous call."""
         ex = self.experts.stats()
-        return EngineStats(running=len(self.scheduler.running), waiting=len(self.scheduler.waiting),
-                           kv_usage=self.kv.usage, num_steps=self.num_steps, prompt_tokens=self.prompt_tokens,
-                           generation_tokens=self.generation_tokens, preemptions=self.scheduler.num_preemptions,
-                           step_time_s=self._times.take_means(), spec_draft_tokens=self.spec_draft_tokens,
-                           spec_accepted_tokens=self.spec_accepted_tokens,
-                           experts=[LayerExpertStats(**s.as_protocol_fields()) for s in ex.layers],
-                           expert_counts={str(layer): c for layer, c in ex.counts.items()},
-                           miss_service=ex.miss_service, miss_service_rates_Bps=ex.rates_Bps)
+        return EngineStats(
+            running=len(self.scheduler.running),
+            waiting=len(self.scheduler.waiting),
+            kv_usage=self.kv.usage,
+            num_steps=self.num_steps,
+            prompt_tokens=self.prompt_tokens,
+            generation_tokens=self.generation_tokens,
+            preemptions=self.scheduler.num_preemptions,
+            step_time_s=self._times.take_means(),
+            spec_draft_tokens=self.spec_draft_tokens,
+            spec_accepted_tokens=self.spec_accepted_tokens,
+            experts=[LayerExpertStats(**s.as_protocol_fields()) for s in ex.layers],
+            expert_counts={str(layer): c for layer, c in ex.counts.items()},
+            miss_service=ex.miss_service,
+            miss_service_rates_Bps=ex.rates_Bps,
+        )
 
-    def placement(self, op: str, layer: int | None, expert: int | None, pins: dict[str, list[int]] | None = None
-                  ) -> tuple[bool, str, dict[str, list[int]]]:
+    def placement(
+        self, op: str, layer: int | None, expert: int | None, pins: dict[str, list[int]] | None = None
+    ) -> tuple[bool, str, dict[str, list[int]]]:
         """Pin / unpin / reset / get / set experts of the expert caches; changes apply before the next step."""
         return self.experts.placement(op, layer, expert, pins)
 
     # Convenience for tests and scripts.
 
-    def generate(self, prompts: list[list[int]], sampling: SamplingParams | list[SamplingParams]
-                 ) -> list[list[int]]:
+    def generate(self, prompts: list[list[int]], sampling: SamplingParams | list[SamplingParams]) -> list[list[int]]:
         """Run prompts to completion together; returns each one's output token ids."""
         params = sampling if isinstance(sampling, list) else [sampling] * len(prompts)
         ids = [f"gen-{self._arrivals + i}" for i in range(len(prompts))]
@@ -605,8 +688,13 @@ class LLMEngine:
 def _row(seq: Sequence, drafts: list[int]) -> SamplingRow:
     """The next token's sampling row; its noise index counts pending tokens, its penalties only known ones."""
     out = seq.known_output_ids
-    return SamplingRow(seq.sampling, seq.seed, seq.num_output_tokens + len(drafts), seq.prompt_token_ids,
-                       out + drafts if drafts else out)
+    return SamplingRow(
+        seq.sampling,
+        seq.seed,
+        seq.num_output_tokens + len(drafts),
+        seq.prompt_token_ids,
+        out + drafts if drafts else out,
+    )
 
 
 def _event(timing: bool = False) -> torch.cuda.Event:
@@ -627,8 +715,12 @@ def _to_host(res: SampleResult) -> SampleResult:
         host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
         return host.copy_(t, non_blocking=True)
 
-    return SampleResult(copy(res.token_ids), copy(res.logprobs), copy(res.top_ids),  # type: ignore[arg-type]
-                        copy(res.top_logprobs))
+    return SampleResult(
+        copy(res.token_ids),
+        copy(res.logprobs),
+        copy(res.top_ids),  # type: ignore[arg-type]
+        copy(res.top_logprobs),
+    )
 
 
 def _truncate(kv: object, length: int) -> None:

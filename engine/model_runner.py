@@ -70,12 +70,12 @@ def paged_step_host(page_lists: list[list[int]], steps: list[SequenceStep]) -> t
             table[b, : len(pages)] = torch.tensor(pages, dtype=torch.int32)
     lens = [s.context_len for s in steps]
     o = B * width
-    host[o: o + B] = torch.tensor(lens, dtype=torch.int32)
+    host[o : o + B] = torch.tensor(lens, dtype=torch.int32)
     starts = [0]
     for n in new:
         starts.append(starts[-1] + n)
-    host[o + B: o + 2 * B + 1] = torch.tensor(starts, dtype=torch.int32)
-    host[o + 2 * B + 1:] = torch.repeat_interleave(torch.arange(B, dtype=torch.int32), torch.tensor(new))
+    host[o + B : o + 2 * B + 1] = torch.tensor(starts, dtype=torch.int32)
+    host[o + 2 * B + 1 :] = torch.repeat_interleave(torch.arange(B, dtype=torch.int32), torch.tensor(new))
     return host
 
 
@@ -86,9 +86,14 @@ def upload_paged_step(host: torch.Tensor, steps: list[SequenceStep], device: tor
     width = (host.numel() - 2 * B - 1 - sum(new)) // B
     o = B * width
     dev = _upload(host, device)
-    return PagedStep(page_table=dev[: B * width].view(B, width), seq_lens=dev[o: o + B],
-                     query_start=dev[o + B: o + 2 * B + 1], token_seq=dev[o + 2 * B + 1:],
-                     max_context=max(max(lens), 1), max_new=max(max(new), 1))
+    return PagedStep(
+        page_table=dev[: B * width].view(B, width),
+        seq_lens=dev[o : o + B],
+        query_start=dev[o + B : o + 2 * B + 1],
+        token_seq=dev[o + 2 * B + 1 :],
+        max_context=max(max(lens), 1),
+        max_new=max(max(new), 1),
+    )
 
 
 @dataclasses.dataclass
@@ -123,8 +128,9 @@ class HostStep:
 
 
 class ModelRunner:
-    def __init__(self, model: GlmMoeDsaForCausalLM, backend: AttentionBackend, moe: MoERunner,
-                 device: torch.device) -> None:
+    def __init__(
+        self, model: GlmMoeDsaForCausalLM, backend: AttentionBackend, moe: MoERunner, device: torch.device
+    ) -> None:
         self.model, self.backend, self.moe, self.device = model, backend, moe, device
         self.paged = is_paged(backend)
         self.graphs: DecodeGraphs | None = None
@@ -154,8 +160,7 @@ class ModelRunner:
             positions += range(seq.num_computed, seq.num_computed + it.num_new)
             steps.append(SequenceStep(num_cached=seq.num_computed, num_new=it.num_new, kv=seq.kv))
         paged = paged_step_host([it.seq.pages for it in items], steps) if self.paged else None
-        return HostStep(torch.tensor(ids + positions + dst + src, dtype=torch.int64), len(ids), len(dst), steps,
-                        paged)
+        return HostStep(torch.tensor(ids + positions + dst + src, dtype=torch.int64), len(ids), len(dst), steps, paged)
 
     def upload(self, host: HostStep, pending: PendingTokens | None = None) -> tuple[torch.Tensor, StepContext]:
         """input_ids: [tokens] int64 and the step's context, on the device; pending tokens copied in on the device."""
@@ -164,14 +169,13 @@ class ModelRunner:
         input_ids = dev[:T]
         if D:
             assert pending is not None
-            input_ids = input_ids.index_copy(0, dev[2 * T: 2 * T + D], pending.tokens[dev[2 * T + D:]])
-        ctx = StepContext(positions=dev[T: 2 * T], seqs=host.steps)
+            input_ids = input_ids.index_copy(0, dev[2 * T : 2 * T + D], pending.tokens[dev[2 * T + D :]])
+        ctx = StepContext(positions=dev[T : 2 * T], seqs=host.steps)
         if host.paged is not None:
             ctx.paged = upload_paged_step(host.paged, host.steps, self.device)
         return input_ids, ctx
 
-    def pack(self, items: list[ScheduledSeq], pending: PendingTokens | None = None
-             ) -> tuple[torch.Tensor, StepContext]:
+    def pack(self, items: list[ScheduledSeq], pending: PendingTokens | None = None) -> tuple[torch.Tensor, StepContext]:
         """input_ids: [tokens] int64 and the step's context (prepare, then upload)."""
         return self.upload(self.prepare(items, pending), pending)
 

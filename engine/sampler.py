@@ -117,8 +117,9 @@ class SamplingTensors:
     max_logprobs: int  # -1: no row wants logprobs
 
     @classmethod
-    def build(cls, rows: Seq[SamplingRow], vocab: int, device: torch.device,
-              pending_output: torch.Tensor | None = None) -> SamplingTensors:
+    def build(
+        cls, rows: Seq[SamplingRow], vocab: int, device: torch.device, pending_output: torch.Tensor | None = None
+    ) -> SamplingTensors:
         """`pending_output`: [R] int64 on the device, each row's last output token when it is still being
         sampled by the step in flight (overlapped steps; `vocab` where none), counted by the penalties."""
         ps = [r.params for r in rows]
@@ -134,12 +135,31 @@ class SamplingTensors:
         if any_rep or any_freq:
             seen, counts = _token_tables(rows, vocab, device, any_rep, pending_output)
         # Two uploads per step: every float parameter in one tensor, every integer one in another.
-        floats = _upload([[1.0 if g else p.temperature for g, p in zip(greedy, ps)], [p.top_p for p in ps],
-                          [p.min_p for p in ps], rep, freq, pres, [float(g) for g in greedy]], torch.float32, device)
+        floats = _upload(
+            [
+                [1.0 if g else p.temperature for g, p in zip(greedy, ps)],
+                [p.top_p for p in ps],
+                [p.min_p for p in ps],
+                rep,
+                freq,
+                pres,
+                [float(g) for g in greedy],
+            ],
+            torch.float32,
+            device,
+        )
         ints = _upload([top_k, [r.seed for r in rows], [r.out_index for r in rows]], torch.int64, device)
         return cls(
-            temperature=floats[0], top_p=floats[1], min_p=floats[2], repetition=floats[3], frequency=floats[4],
-            presence=floats[5], greedy=floats[6] > 0, top_k=ints[0], seeds=ints[1], out_index=ints[2],
+            temperature=floats[0],
+            top_p=floats[1],
+            min_p=floats[2],
+            repetition=floats[3],
+            frequency=floats[4],
+            presence=floats[5],
+            greedy=floats[6] > 0,
+            top_k=ints[0],
+            seeds=ints[1],
+            out_index=ints[2],
             seen=seen,
             output_counts=counts,
             all_greedy=all(greedy),
@@ -166,8 +186,9 @@ def uses_penalties(p: SamplingParams) -> bool:
     return p.repetition_penalty != 1.0 or p.frequency_penalty != 0.0 or p.presence_penalty != 0.0
 
 
-def _token_tables(rows: Seq[SamplingRow], vocab: int, device: torch.device, need_seen: bool,
-                  pending_output: torch.Tensor | None) -> tuple[torch.Tensor | None, torch.Tensor]:
+def _token_tables(
+    rows: Seq[SamplingRow], vocab: int, device: torch.device, need_seen: bool, pending_output: torch.Tensor | None
+) -> tuple[torch.Tensor | None, torch.Tensor]:
     """Output token counts [R, vocab] and the prompt-or-output mask, by scatter from padded id lists."""
     R = len(rows)
     width = max(1, max(len(r.output_token_ids) for r in rows))
@@ -221,8 +242,9 @@ def sampling_probs(logits: torch.Tensor, t: SamplingTensors) -> torch.Tensor:
     elif t.max_top_k:
         kth = scaled.topk(t.max_top_k, dim=-1).values  # [R, max_top_k], descending
         k_idx = (t.top_k.clamp(max=t.max_top_k) - 1)[:, None]
-        threshold = torch.where(t.top_k[:, None] >= vocab, torch.full_like(kth[:, :1], float("-inf")),
-                                kth.gather(1, k_idx))
+        threshold = torch.where(
+            t.top_k[:, None] >= vocab, torch.full_like(kth[:, :1], float("-inf")), kth.gather(1, k_idx)
+        )
         scaled = scaled.masked_fill(scaled < threshold, float("-inf"))
     probs = scaled.softmax(dim=-1)
     if t.any_min_p:
@@ -247,8 +269,9 @@ class Sampler:
         """Exponential race: probs [R, vocab], keys [R] -> one token per row drawn from probs."""
         return (probs / self.noise.exponential(keys, probs.shape[-1])).argmax(dim=-1)
 
-    def sample(self, logits: torch.Tensor, t: SamplingTensors, stream: int = STREAM_SAMPLE
-               ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def sample(
+        self, logits: torch.Tensor, t: SamplingTensors, stream: int = STREAM_SAMPLE
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """logits: [R, vocab] fp32 -> (tokens [R] int64, the probabilities random rows used, or None)."""
         penalised = apply_penalties(logits, t)
         greedy_tokens = penalised.argmax(dim=-1)

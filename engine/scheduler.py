@@ -58,8 +58,10 @@ class SchedulerConfig:
             raise ValueError(f"num_spec_tokens (spec steps) must be >= 0, got {self.num_spec_tokens}")
         need = self.max_running * (1 + self.num_spec_tokens)
         if self.max_tokens_per_step < need:
-            raise ValueError(f"max_tokens_per_step={self.max_tokens_per_step} is below max_running * (1 + spec "
-                             f"steps) = {need}: every running sequence must be able to decode in each step")
+            raise ValueError(
+                f"max_tokens_per_step={self.max_tokens_per_step} is below max_running * (1 + spec "
+                f"steps) = {need}: every running sequence must be able to decode in each step"
+            )
 
     @property
     def decode_lookahead(self) -> int:
@@ -84,7 +86,9 @@ class ScheduledSeq:
 
     def input_token_ids(self) -> list[int]:
         s = self.seq
-        return s.token_ids[s.num_computed: s.num_computed + self.num_prompt_chunk] + s.draft_token_ids[: self.num_draft]
+        return (
+            s.token_ids[s.num_computed : s.num_computed + self.num_prompt_chunk] + s.draft_token_ids[: self.num_draft]
+        )
 
 
 @dataclasses.dataclass
@@ -112,8 +116,10 @@ class Scheduler:
         # The longest a sequence may grow: what the model serves and what a lone sequence can hold.
         self.max_seq_len = min(config.max_model_len, kv.capacity_tokens - config.decode_lookahead)
         if self.max_seq_len < 2:
-            raise ValueError(f"KV pool of {kv.num_pages} pages x {kv.page_size} tokens is too small for "
-                             f"a decode lookahead of {config.decode_lookahead} tokens")
+            raise ValueError(
+                f"KV pool of {kv.num_pages} pages x {kv.page_size} tokens is too small for "
+                f"a decode lookahead of {config.decode_lookahead} tokens"
+            )
 
     @property
     def has_work(self) -> bool:
@@ -255,11 +261,13 @@ class Scheduler:
 
     def will_finish(self, seq: Sequence) -> bool:
         """The pending tokens of `seq` reach its length limits: it stops when they resolve, whatever they are."""
-        return seq.num_pending > 0 and (seq.num_output_tokens >= seq.sampling.max_tokens
-                                        or seq.num_tokens >= self.max_seq_len)
+        return seq.num_pending > 0 and (
+            seq.num_output_tokens >= seq.sampling.max_tokens or seq.num_tokens >= self.max_seq_len
+        )
 
-    def _stop_reason(self, seq: Sequence, token: int, length: int, eos_token_ids: frozenset[int]
-                     ) -> FinishReason | None:
+    def _stop_reason(
+        self, seq: Sequence, token: int, length: int, eos_token_ids: frozenset[int]
+    ) -> FinishReason | None:
         """Why `seq` stops at `token`, its `length`-th token (prompt included); None if it goes on."""
         sp = seq.sampling
         if token in sp.stop_token_ids or (not sp.ignore_eos and token in eos_token_ids):

@@ -35,8 +35,9 @@ class SequenceStatus(enum.Enum):
 
 
 class Sequence:
-    def __init__(self, request_id: str, prompt_token_ids: list[int], sampling: SamplingParams, seed: int,
-                 arrival: int) -> None:
+    def __init__(
+        self, request_id: str, prompt_token_ids: list[int], sampling: SamplingParams, seed: int, arrival: int
+    ) -> None:
         self.request_id = request_id
         self.sampling = sampling
         self.seed = seed  # the sampling noise key: the request's seed, or one drawn at arrival
@@ -74,12 +75,12 @@ class Sequence:
 
     @property
     def known_output_ids(self) -> list[int]:
-        return self.token_ids[self.num_prompt_tokens: self.num_known]
+        return self.token_ids[self.num_prompt_tokens : self.num_known]
 
     def drop_pending(self) -> None:
         """Forget the tokens still being sampled (the sequence finished before they were read back)."""
         if self.num_pending:
-            del self.token_ids[-self.num_pending:]
+            del self.token_ids[-self.num_pending :]
             self.num_pending = 0
 
     @property
@@ -88,7 +89,7 @@ class Sequence:
 
     @property
     def output_token_ids(self) -> list[int]:
-        return self.token_ids[self.num_prompt_tokens:]
+        return self.token_ids[self.num_prompt_tokens :]
 
     @property
     def is_finished(self) -> bool:
@@ -100,5 +101,7 @@ class Sequence:
         return self.num_tokens - self.num_computed == 1
 
     def __repr__(self) -> str:
-        return (f"Sequence({self.request_id!r}, {self.status.value}, tokens={self.num_tokens}, "
-                f"computed={self.num_computed}, pending={self.num_pending}, pages={len(self.pages)})")
+        return (
+            f"Sequence({self.request_id!r}, {self.status.value}, tokens={self.num_tokens}, "
+            f"computed={self.num_computed}, pending={self.num_pending}, pages={len(self.pages)})"
+        )

@@ -59,11 +59,19 @@ class DraftInput:
 
 
 class MTPDrafter:
-    def __init__(self, model: GlmMoeDsaForCausalLM, backend: AttentionBackend, moe: MoERunner,
-                 device: torch.device, num_steps: int, sampler: Sampler) -> None:
+    def __init__(
+        self,
+        model: GlmMoeDsaForCausalLM,
+        backend: AttentionBackend,
+        moe: MoERunner,
+        device: torch.device,
+        num_steps: int,
+        sampler: Sampler,
+    ) -> None:
         if model.cfg.num_nextn_predict_layers < 1:
-            raise ValueError(f"speculative decoding needs an MTP layer, but {model.cfg.source} has "
-                             "num_nextn_predict_layers = 0")
+            raise ValueError(
+                f"speculative decoding needs an MTP layer, but {model.cfg.source} has num_nextn_predict_layers = 0"
+            )
         if num_steps < 1:
             raise ValueError(f"draft steps must be >= 1, got {num_steps}")
         self.model, self.backend, self.moe, self.device = model, backend, moe, device
@@ -86,10 +94,11 @@ class MTPDrafter:
             if seq.draft_kv is None:
                 seq.draft_kv = new_cache(self.backend, seq)
             if seq.num_draft_computed != inp.start:
-                raise RuntimeError(f"{seq}: draft cache holds {seq.num_draft_computed} positions, extending from "
-                                   f"{inp.start}")
+                raise RuntimeError(
+                    f"{seq}: draft cache holds {seq.num_draft_computed} positions, extending from {inp.start}"
+                )
             _truncate(seq.draft_kv, inp.start)
-            ids += seq.token_ids[inp.start + 1: inp.start + n + 1]
+            ids += seq.token_ids[inp.start + 1 : inp.start + n + 1]
             positions += range(inp.start, inp.start + n)
             steps.append(SequenceStep(num_cached=inp.start, num_new=n, kv=seq.draft_kv))
             seq.num_draft_computed = inp.start + n
@@ -104,14 +113,21 @@ class MTPDrafter:
                 base.append(step.num_cached + step.num_new)  # the first position past the committed ones
         last_rows = _ints(last, self.device)
         # Logits only at the rows that propose: the rest of a prefill chunk only fills the draft's cache.
-        logits, mtp_hidden = self.model.mtp_forward(0, _ints(ids, self.device), hidden, ctx, self.backend, self.moe,
-                                                    logit_rows=last_rows)
+        logits, mtp_hidden = self.model.mtp_forward(
+            0, _ints(ids, self.device), hidden, ctx, self.backend, self.moe, logit_rows=last_rows
+        )
         if not proposing:
             return
         logits, g = logits.float(), mtp_hidden[last_rows]
         seqs = [inp.seq for inp in proposing]
-        t = SamplingTensors.build([SamplingRow(s.sampling, s.seed, s.num_output_tokens, s.prompt_token_ids,
-                                               s.output_token_ids) for s in seqs], self.vocab, self.device)
+        t = SamplingTensors.build(
+            [
+                SamplingRow(s.sampling, s.seed, s.num_output_tokens, s.prompt_token_ids, s.output_token_ids)
+                for s in seqs
+            ],
+            self.vocab,
+            self.device,
+        )
         tokens: list[torch.Tensor] = []
         probs: list[torch.Tensor | None] = []
         for j in range(self.num_steps):
@@ -144,8 +160,15 @@ class VerifyResult:
     row_tokens: torch.Tensor  # [rows] the token emitted at each verified row (for logprobs)
 
 
-def verify_drafts(sampler: Sampler, logits: torch.Tensor, t: SamplingTensors, num_drafts: list[int],
-                  drafts: list[list[int]], draft_probs: list[torch.Tensor | None], greedy: list[bool]) -> VerifyResult:
+def verify_drafts(
+    sampler: Sampler,
+    logits: torch.Tensor,
+    t: SamplingTensors,
+    num_drafts: list[int],
+    drafts: list[list[int]],
+    draft_probs: list[torch.Tensor | None],
+    greedy: list[bool],
+) -> VerifyResult:
     """Accept or reject drafts, all sequences at once.
 
     logits: [rows, vocab] fp32 raw target logits, sequence s owning `num_drafts[s] + 1` consecutive rows;
@@ -160,8 +183,7 @@ def verify_drafts(sampler: Sampler, logits: torch.Tensor, t: SamplingTensors, nu
     for k in num_drafts[:-1]:
         offsets.append(offsets[-1] + k + 1)
     # idx[s, i]: the row of sequence s's i-th verified position; past its own drafts, its last row again.
-    idx = torch.tensor([[off + min(i, k) for i in range(K + 1)] for off, k in zip(offsets, num_drafts)],
-                       device=device)
+    idx = torch.tensor([[off + min(i, k) for i in range(K + 1)] for off, k in zip(offsets, num_drafts)], device=device)
     d = torch.tensor([ds + [-1] * (K - len(ds)) for ds in drafts], dtype=torch.int64, device=device).view(S, K)
     valid = torch.arange(K, device=device)[None, :] < torch.tensor(num_drafts, device=device)[:, None]
 
@@ -180,8 +202,9 @@ def verify_drafts(sampler: Sampler, logits: torch.Tensor, t: SamplingTensors, nu
         q_d = q.gather(2, d_safe)[..., 0]
         seeds, out0 = t.seeds[idx[:, 0]], t.out_index[idx[:, 0]]
         steps = torch.arange(K, device=device)[None, :]
-        u = uniform_rows(row_keys(seeds[:, None].expand(S, K).reshape(-1), (out0[:, None] + steps).reshape(-1),
-                                  STREAM_ACCEPT)).view(S, K)
+        u = uniform_rows(
+            row_keys(seeds[:, None].expand(S, K).reshape(-1), (out0[:, None] + steps).reshape(-1), STREAM_ACCEPT)
+        ).view(S, K)
         is_greedy = torch.tensor(greedy, device=device)
         accept = torch.where(is_greedy[:, None], accept, (u * q_d < p_d) & valid)
         n = accept.int().cumprod(dim=1).sum(dim=1)

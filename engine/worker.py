@@ -56,8 +56,9 @@ MAX_CONSECUTIVE_STEP_ERRORS = 3  # then the worker reports itself fatal and exit
 
 
 class Worker:
-    def __init__(self, engine: LLMEngine, pull: zmq.Socket, push: zmq.Socket, stats_interval: float,
-                 parent_pid: int) -> None:
+    def __init__(
+        self, engine: LLMEngine, pull: zmq.Socket, push: zmq.Socket, stats_interval: float, parent_pid: int
+    ) -> None:
         self.engine, self.pull, self.push = engine, pull, push
         self.stats_interval, self.parent_pid = stats_interval, parent_pid
         self.stopping = False
@@ -92,8 +93,12 @@ class Worker:
                 errors_before = self.engine.step_errors
                 consecutive_errors = consecutive_errors + 1 if failed else 0
                 if consecutive_errors >= MAX_CONSECUTIVE_STEP_ERRORS:
-                    self.send(WorkerFatal(message=f"{consecutive_errors} engine steps failed in a row (see the "
-                                                  "worker log); exiting so the daemon restarts the worker"))
+                    self.send(
+                        WorkerFatal(
+                            message=f"{consecutive_errors} engine steps failed in a row (see the "
+                            "worker log); exiting so the daemon restarts the worker"
+                        )
+                    )
                     return 1
             if time.monotonic() >= next_stats:
                 self.send(self.engine.stats())
@@ -129,15 +134,22 @@ class Worker:
             self.send(self.engine.stats())
         elif isinstance(msg, Placement):
             ok, message, pinned = self.engine.placement(msg.op, msg.layer, msg.expert, msg.pins)
-            self.send(PlacementReply(token=msg.token, ok=ok, message=message, pinned=pinned,
-                                     slots=self.engine.experts.cache_slots()))
+            self.send(
+                PlacementReply(
+                    token=msg.token, ok=ok, message=message, pinned=pinned, slots=self.engine.experts.cache_slots()
+                )
+            )
         elif isinstance(msg, Shutdown):
             log.info("shutdown requested")
             self.stopping = True
 
     def _error(self, request_id: str, message: str) -> None:
-        self.send(StepOutputs(outputs=[RequestOutput(request_id=request_id, new_token_ids=[], finish_reason="error",
-                                                     error=message)], step_time_s=0.0))
+        self.send(
+            StepOutputs(
+                outputs=[RequestOutput(request_id=request_id, new_token_ids=[], finish_reason="error", error=message)],
+                step_time_s=0.0,
+            )
+        )
 
 
 def _request_id_of(frame: bytes) -> str | None:
@@ -161,8 +173,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="checkpoint directory")
     p.add_argument("--to-worker", required=True, help="endpoint the daemon sends on (PULL connects here)")
     p.add_argument("--from-worker", required=True, help="endpoint the daemon receives on (PUSH connects here)")
-    p.add_argument("--stats-interval", type=float, default=1.0,
-                   help="seconds between EngineStats (0: only on GetStats) (default: 1.0)")
+    p.add_argument(
+        "--stats-interval",
+        type=float,
+        default=1.0,
+        help="seconds between EngineStats (0: only on GetStats) (default: 1.0)",
+    )
     p.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR (default: INFO)")
     add_engine_arguments(p.add_argument_group("engine settings (moed.engine.config)"))
     return p
@@ -170,8 +186,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(),
-                        format=f"%(asctime)s %(levelname)s worker[{os.getpid()}] %(name)s: %(message)s")
+    logging.basicConfig(
+        level=args.log_level.upper(), format=f"%(asctime)s %(levelname)s worker[{os.getpid()}] %(name)s: %(message)s"
+    )
     parent_pid = os.getppid()
     ctx = zmq.Context()
     pull = ctx.socket(zmq.PULL)
@@ -200,11 +217,27 @@ def main(argv: list[str] | None = None) -> int:
         push.close()
         ctx.term()
         return 1
-    push.send(encode(WorkerReady(protocol_version=PROTOCOL_VERSION, model=Path(args.model).name,
-                                 max_model_len=engine.max_model_len, vocab_size=engine.cfg.vocab_size,
-                                 eos_token_ids=sorted(engine.eos_token_ids))))
-    log.info("ready: %s on %s (%s), max_running=%d, kv %d pages x %d, spec_steps=%d", args.model, config.device,
-             config.dtype, config.max_running, engine.kv.num_pages, engine.kv.page_size, config.spec_steps)
+    push.send(
+        encode(
+            WorkerReady(
+                protocol_version=PROTOCOL_VERSION,
+                model=Path(args.model).name,
+                max_model_len=engine.max_model_len,
+                vocab_size=engine.cfg.vocab_size,
+                eos_token_ids=sorted(engine.eos_token_ids),
+            )
+        )
+    )
+    log.info(
+        "ready: %s on %s (%s), max_running=%d, kv %d pages x %d, spec_steps=%d",
+        args.model,
+        config.device,
+        config.dtype,
+        config.max_running,
+        engine.kv.num_pages,
+        engine.kv.page_size,
+        config.spec_steps,
+    )
     worker = Worker(engine, pull, push, args.stats_interval, parent_pid)
     code = worker.loop()
     pull.close()

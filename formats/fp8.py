@@ -17,8 +17,9 @@ def scale_shape(out_features: int, in_features: int, block_n: int, block_k: int)
     return (-(-out_features // block_n), -(-in_features // block_k))
 
 
-def dequantize_block_fp8(weight: torch.Tensor, scale_inv: torch.Tensor, block_n: int, block_k: int,
-                         dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def dequantize_block_fp8(
+    weight: torch.Tensor, scale_inv: torch.Tensor, block_n: int, block_k: int, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
     """weight: [..., out, in] fp8; scale_inv: [..., ceil(out/bn), ceil(in/bk)] -> [..., out, in] `dtype`."""
     out_f, in_f = weight.shape[-2:]
     s = scale_inv.float().repeat_interleave(block_n, dim=-2)[..., :out_f, :]

@@ -136,13 +136,17 @@ def dequantize_int4(weight: Int4Weight, dtype: torch.dtype = torch.float32) -> t
     out_f, in_f = q.shape
     g = num_groups(in_f, group)
     if tuple(scales.shape) != (out_f, g):
-        raise ValueError(f"dequantize_int4: scales {list(scales.shape)} do not fit qweight {list(qweight.shape)} "
-                         f"(want [{out_f}, {g}] for group {group})")
+        raise ValueError(
+            f"dequantize_int4: scales {list(scales.shape)} do not fit qweight {list(qweight.shape)} "
+            f"(want [{out_f}, {g}] for group {group})"
+        )
     vals = q.float()
     if zeros is not None:
         if tuple(zeros.shape) != (-(-out_f // 8), g):
-            raise ValueError(f"dequantize_int4: zeros {list(zeros.shape)} do not fit qweight {list(qweight.shape)} "
-                             f"(want [{-(-out_f // 8)}, {g}])")
+            raise ValueError(
+                f"dequantize_int4: zeros {list(zeros.shape)} do not fit qweight {list(qweight.shape)} "
+                f"(want [{-(-out_f // 8)}, {g}])"
+            )
         vals = vals - unpack_zeros(zeros, out_f).float().repeat_interleave(group, dim=1)[:, :in_f]
     return (vals * scales.float().repeat_interleave(group, dim=1)[:, :in_f]).to(dtype)
 
@@ -152,8 +156,13 @@ def _little_endian(where: str) -> None:
         raise RuntimeError(f"{where}: int4 words are reinterpreted as bytes, which needs a little-endian host")
 
 
-def from_pack_quantized(weight_packed: torch.Tensor, weight_scale: torch.Tensor, weight_shape,
-                        weight_zero_point: torch.Tensor | None, group: int) -> Int4Weight:
+def from_pack_quantized(
+    weight_packed: torch.Tensor,
+    weight_scale: torch.Tensor,
+    weight_shape,
+    weight_zero_point: torch.Tensor | None,
+    group: int,
+) -> Int4Weight:
     """compressed-tensors pack-quantized (4-bit, group) tensors -> Int4Weight, reinterpreting the packed words.
 
     Raises ValueError naming the first tensor whose dtype or shape disagrees with `weight_shape` and `group`."""
@@ -161,15 +170,22 @@ def from_pack_quantized(weight_packed: torch.Tensor, weight_scale: torch.Tensor,
     _check_in_features(in_f, "pack-quantized weight_shape")
     g = num_groups(in_f, group)
     if weight_packed.dtype != torch.int32 or tuple(weight_packed.shape) != (out_f, in_f // 8):
-        raise ValueError(f"weight_packed must be int32 [{out_f}, {in_f // 8}] for weight_shape [{out_f}, {in_f}], "
-                         f"got {weight_packed.dtype} {list(weight_packed.shape)}")
+        raise ValueError(
+            f"weight_packed must be int32 [{out_f}, {in_f // 8}] for weight_shape [{out_f}, {in_f}], "
+            f"got {weight_packed.dtype} {list(weight_packed.shape)}"
+        )
     if not weight_scale.is_floating_point() or tuple(weight_scale.shape) != (out_f, g):
-        raise ValueError(f"weight_scale must be float [{out_f}, {g}] (group {group}), got {weight_scale.dtype} "
-                         f"{list(weight_scale.shape)}")
-    if weight_zero_point is not None and (weight_zero_point.dtype != torch.int32
-                                          or tuple(weight_zero_point.shape) != (-(-out_f // 8), g)):
-        raise ValueError(f"weight_zero_point must be int32 [{-(-out_f // 8)}, {g}] (packed along the output "
-                         f"dimension), got {weight_zero_point.dtype} {list(weight_zero_point.shape)}")
+        raise ValueError(
+            f"weight_scale must be float [{out_f}, {g}] (group {group}), got {weight_scale.dtype} "
+            f"{list(weight_scale.shape)}"
+        )
+    if weight_zero_point is not None and (
+        weight_zero_point.dtype != torch.int32 or tuple(weight_zero_point.shape) != (-(-out_f // 8), g)
+    ):
+        raise ValueError(
+            f"weight_zero_point must be int32 [{-(-out_f // 8)}, {g}] (packed along the output "
+            f"dimension), got {weight_zero_point.dtype} {list(weight_zero_point.shape)}"
+        )
     _little_endian("from_pack_quantized")
     return Int4Weight(weight_packed.contiguous().view(torch.uint8), weight_scale, weight_zero_point, group)
 
@@ -178,8 +194,11 @@ def to_pack_quantized(weight: Int4Weight) -> dict[str, torch.Tensor]:
     """Int4Weight -> the tensors compressed-tensors stores for one weight, keyed by their name suffixes."""
     _little_endian("to_pack_quantized")
     out_f, in_f = weight.shape
-    tensors = {"weight_packed": weight.qweight.contiguous().view(torch.int32), "weight_scale": weight.scales,
-               "weight_shape": torch.tensor([out_f, in_f], dtype=torch.int64)}
+    tensors = {
+        "weight_packed": weight.qweight.contiguous().view(torch.int32),
+        "weight_scale": weight.scales,
+        "weight_shape": torch.tensor([out_f, in_f], dtype=torch.int64),
+    }
     if weight.zeros is not None:
         tensors["weight_zero_point"] = weight.zeros
     return tensors

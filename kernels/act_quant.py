@@ -53,8 +53,19 @@ def quantize_groups_fp8(x, EXACT_CAST: tl.constexpr):
 
 
 @triton.jit(do_not_specialize=["M"])
-def _act_quant_kernel(x_ptr, q_ptr, s_ptr, M, K, stride_xm, stride_qm, stride_sm,
-                      GROUP: tl.constexpr, BLOCK_M: tl.constexpr, EXACT_CAST: tl.constexpr):
+def _act_quant_kernel(
+    x_ptr,
+    q_ptr,
+    s_ptr,
+    M,
+    K,
+    stride_xm,
+    stride_qm,
+    stride_sm,
+    GROUP: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    EXACT_CAST: tl.constexpr,
+):
     pid_m = tl.program_id(0)
     pid_g = tl.program_id(1)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -89,8 +100,20 @@ def per_token_group_quant_fp8(x: torch.Tensor, group_size: int = 128) -> tuple[t
         return q, scale
     block_m = 16
     grid = (triton.cdiv(M, block_m), groups)
-    _act_quant_kernel[grid](x, q, scale, M, K, x.stride(0), q.stride(0), scale.stride(0),
-                            GROUP=group_size, BLOCK_M=block_m, EXACT_CAST=interpreting(), num_warps=4)
+    _act_quant_kernel[grid](
+        x,
+        q,
+        scale,
+        M,
+        K,
+        x.stride(0),
+        q.stride(0),
+        scale.stride(0),
+        GROUP=group_size,
+        BLOCK_M=block_m,
+        EXACT_CAST=interpreting(),
+        num_warps=4,
+    )
     return q, scale
 
 

@@ -81,13 +81,18 @@ class SlotTables:
         e2s = torch.full((E + 1,), -1, **i32)
         e2s[E] = 0
         return cls(
-            expert_to_slot=e2s, slot_to_expert=torch.full((S,), -1, **i32),
-            slot_last_use=torch.zeros(S, dtype=torch.int64, device=d), slot_pinned=torch.zeros(S, dtype=torch.int8,
-                                                                                               device=d),
+            expert_to_slot=e2s,
+            slot_to_expert=torch.full((S,), -1, **i32),
+            slot_last_use=torch.zeros(S, dtype=torch.int64, device=d),
+            slot_pinned=torch.zeros(S, dtype=torch.int8, device=d),
             expert_freq=torch.zeros(E, dtype=torch.float32, device=d),
-            expert_count=torch.zeros(E, dtype=torch.int64, device=d), step=torch.zeros(1, dtype=torch.int64, device=d),
-            counts=torch.zeros(E, **i32), served=torch.zeros(E, dtype=torch.int8, device=d),
-            copy_expert=torch.zeros(S, **i32), copy_slot=torch.zeros(S, **i32), n_copy=torch.zeros(1, **i32),
+            expert_count=torch.zeros(E, dtype=torch.int64, device=d),
+            step=torch.zeros(1, dtype=torch.int64, device=d),
+            counts=torch.zeros(E, **i32),
+            served=torch.zeros(E, dtype=torch.int8, device=d),
+            copy_expert=torch.zeros(S, **i32),
+            copy_slot=torch.zeros(S, **i32),
+            n_copy=torch.zeros(1, **i32),
             stats=torch.zeros(len(STATS), dtype=torch.int64, device=d),
             sort_scratch=torch.zeros(triton.next_power_of_2(S), dtype=torch.int64, device=d),
             miss_scratch=torch.zeros(triton.next_power_of_2(E + 1), dtype=torch.int64, device=d),
@@ -120,12 +125,38 @@ def _route_counts(ids_ptr, R, offs_e, BLOCK_E: tl.constexpr, BLOCK_R: tl.constex
 
 
 @triton.jit(do_not_specialize=["R", "E", "S", "round_idx"])
-def _claim_kernel(ids_ptr, R, E, S, round_idx, decay,
-                  e2s_ptr, s2e_ptr, last_ptr, pinned_ptr, freq_ptr, ecount_ptr, step_ptr, counts_ptr, served_ptr,
-                  exclude_ptr, sort_ptr, miss_ptr, flag_ptr, copy_e_ptr, copy_s_ptr, n_copy_ptr, stats_ptr,
-                  round_ids_ptr, route_mask_ptr,
-                  POLICY: tl.constexpr, HAS_EXCLUDE: tl.constexpr,
-                  BLOCK_E: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_R: tl.constexpr):
+def _claim_kernel(
+    ids_ptr,
+    R,
+    E,
+    S,
+    round_idx,
+    decay,
+    e2s_ptr,
+    s2e_ptr,
+    last_ptr,
+    pinned_ptr,
+    freq_ptr,
+    ecount_ptr,
+    step_ptr,
+    counts_ptr,
+    served_ptr,
+    exclude_ptr,
+    sort_ptr,
+    miss_ptr,
+    flag_ptr,
+    copy_e_ptr,
+    copy_s_ptr,
+    n_copy_ptr,
+    stats_ptr,
+    round_ids_ptr,
+    route_mask_ptr,
+    POLICY: tl.constexpr,
+    HAS_EXCLUDE: tl.constexpr,
+    BLOCK_E: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+):
     offs_e = tl.arange(0, BLOCK_E)
     emask = offs_e < E
     offs_s = tl.arange(0, BLOCK_S)
@@ -217,9 +248,16 @@ def _claim_kernel(ids_ptr, R, E, S, round_idx, decay,
         tl.store(stats_ptr + 3, tl.load(stats_ptr + 3) + 1)
 
 
-def claim_slots(t: SlotTables, topk_ids: torch.Tensor, round_idx: int, round_ids: torch.Tensor,
-                route_mask: torch.Tensor, policy: int = LRU, decay: float = 0.95,
-                exclude: torch.Tensor | None = None) -> None:
+def claim_slots(
+    t: SlotTables,
+    topk_ids: torch.Tensor,
+    round_idx: int,
+    round_ids: torch.Tensor,
+    route_mask: torch.Tensor,
+    policy: int = LRU,
+    decay: float = 0.95,
+    exclude: torch.Tensor | None = None,
+) -> None:
     """Claim slots for the experts of `topk_ids` ([tokens, k] int32, on the tables' device).
 
     Writes `t.copy_expert/copy_slot/n_copy`, `round_ids` ([tokens, k] int32) and `route_mask`
@@ -230,19 +268,50 @@ def claim_slots(t: SlotTables, topk_ids: torch.Tensor, round_idx: int, round_ids
         raise TypeError(f"topk_ids must be int32, got {ids.dtype}")
     E, S = t.num_experts, t.num_slots
     _claim_kernel[(1,)](
-        ids, ids.numel(), E, S, round_idx, decay,
-        t.expert_to_slot, t.slot_to_expert, t.slot_last_use, t.slot_pinned, t.expert_freq, t.expert_count, t.step,
-        t.counts, t.served, exclude if exclude is not None else t.served, t.sort_scratch, t.miss_scratch,
-        t.flag_scratch, t.copy_expert, t.copy_slot, t.n_copy, t.stats, round_ids, route_mask,
-        POLICY=policy, HAS_EXCLUDE=exclude is not None,
-        BLOCK_E=triton.next_power_of_2(E + 1), BLOCK_S=triton.next_power_of_2(S),
-        BLOCK_R=max(16, min(64, triton.next_power_of_2(ids.numel()))), num_warps=4,
+        ids,
+        ids.numel(),
+        E,
+        S,
+        round_idx,
+        decay,
+        t.expert_to_slot,
+        t.slot_to_expert,
+        t.slot_last_use,
+        t.slot_pinned,
+        t.expert_freq,
+        t.expert_count,
+        t.step,
+        t.counts,
+        t.served,
+        exclude if exclude is not None else t.served,
+        t.sort_scratch,
+        t.miss_scratch,
+        t.flag_scratch,
+        t.copy_expert,
+        t.copy_slot,
+        t.n_copy,
+        t.stats,
+        round_ids,
+        route_mask,
+        POLICY=policy,
+        HAS_EXCLUDE=exclude is not None,
+        BLOCK_E=triton.next_power_of_2(E + 1),
+        BLOCK_S=triton.next_power_of_2(S),
+        BLOCK_R=max(16, min(64, triton.next_power_of_2(ids.numel()))),
+        num_warps=4,
     )
 
 
-def claim_slots_reference(t: SlotTables, topk_ids: torch.Tensor, round_idx: int, round_ids: torch.Tensor,
-                          route_mask: torch.Tensor, policy: int = LRU, decay: float = 0.95,
-                          exclude: torch.Tensor | None = None) -> None:
+def claim_slots_reference(
+    t: SlotTables,
+    topk_ids: torch.Tensor,
+    round_idx: int,
+    round_ids: torch.Tensor,
+    route_mask: torch.Tensor,
+    policy: int = LRU,
+    decay: float = 0.95,
+    exclude: torch.Tensor | None = None,
+) -> None:
     """Plain-torch `claim_slots`: same semantics, same victim and miss order, same buffers updated."""
     ids = topk_ids.reshape(-1).long().cpu()
     E, S = t.num_experts, t.num_slots
@@ -324,8 +393,31 @@ def _copy_section(n, copy_e_ptr, copy_s_ptr, src, dst, nbytes, pid, nprog, CHUNK
 
 
 @triton.jit
-def _copy_kernel(n_copy_ptr, copy_e_ptr, copy_s_ptr, src0, dst0, bytes0, src1, dst1, bytes1, src2, dst2, bytes2,
-                 src3, dst3, bytes3, src4, dst4, bytes4, src5, dst5, bytes5, NSEC: tl.constexpr, CHUNK: tl.constexpr):
+def _copy_kernel(
+    n_copy_ptr,
+    copy_e_ptr,
+    copy_s_ptr,
+    src0,
+    dst0,
+    bytes0,
+    src1,
+    dst1,
+    bytes1,
+    src2,
+    dst2,
+    bytes2,
+    src3,
+    dst3,
+    bytes3,
+    src4,
+    dst4,
+    bytes4,
+    src5,
+    dst5,
+    bytes5,
+    NSEC: tl.constexpr,
+    CHUNK: tl.constexpr,
+):
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
     n = tl.load(n_copy_ptr)
@@ -339,25 +431,28 @@ def _copy_kernel(n_copy_ptr, copy_e_ptr, copy_s_ptr, src0, dst0, bytes0, src1, d
         _copy_section(n, copy_e_ptr, copy_s_ptr, src5, dst5, bytes5, pid, nprog, CHUNK)
 
 
-def copy_experts(t: SlotTables, src: list[torch.Tensor], dst: list[torch.Tensor], num_programs: int = 32,
-                 chunk: int = 8192) -> None:
+def copy_experts(
+    t: SlotTables, src: list[torch.Tensor], dst: list[torch.Tensor], num_programs: int = 32, chunk: int = 8192
+) -> None:
     """Copy the experts of `t`'s copy list: section i of expert e (`src[i]`: [E, bytes_i] uint8, pinned
     host memory read through UVA) into slot s (`dst[i]`: [S, bytes_i] uint8 on the device)."""
     if len(src) != len(dst) or len(src) not in (2, 4, 6):
-        raise ValueError(f"copy_experts takes 2, 4 or 6 sections (bf16, FP8 or int4), got {len(src)} src, "
-                         f"{len(dst)} dst")
+        raise ValueError(
+            f"copy_experts takes 2, 4 or 6 sections (bf16, FP8 or int4), got {len(src)} src, {len(dst)} dst"
+        )
     args = []
     for s, d in zip(src, dst):
         if s.dtype != torch.uint8 or d.dtype != torch.uint8 or s.shape[1] != d.shape[1]:
-            raise ValueError(f"section views must be uint8 with equal row bytes, got {s.dtype}{list(s.shape)} -> "
-                             f"{d.dtype}{list(d.shape)}")
+            raise ValueError(
+                f"section views must be uint8 with equal row bytes, got {s.dtype}{list(s.shape)} -> "
+                f"{d.dtype}{list(d.shape)}"
+            )
         args += [s, d, s.shape[1]]
     while len(args) < 18:
         args += [src[0], dst[0], 0]
     if dst[0].device.type == "cpu":
         num_programs = min(num_programs, 2)  # the interpreter pays per program, not per byte
-    _copy_kernel[(num_programs,)](t.n_copy, t.copy_expert, t.copy_slot, *args, NSEC=len(src), CHUNK=chunk,
-                                  num_warps=8)
+    _copy_kernel[(num_programs,)](t.n_copy, t.copy_expert, t.copy_slot, *args, NSEC=len(src), CHUNK=chunk, num_warps=8)
 
 
 def copy_experts_reference(t: SlotTables, src: list[torch.Tensor], dst: list[torch.Tensor]) -> None:

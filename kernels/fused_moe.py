@@ -101,12 +101,34 @@ def _to_bf16(v, INTERPRET: tl.constexpr):
 
 @triton.jit(do_not_specialize=["T", "top_k", "num_blocks_m", "GROUP_M"])
 def _gate_up_kernel(
-    a_ptr, a_scale_ptr, w_ptr, w_scale_ptr, h_ptr,
-    sorted_ptr, block_slot_ptr, num_padded_ptr,
-    N, K, T, top_k, num_blocks_m, GROUP_M,
-    stride_am, stride_asm, stride_ws, stride_wn, stride_wss, stride_wsn, stride_wsk, stride_hm,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SCALE_N: tl.constexpr,
-    A_MODE: tl.constexpr, INTERPRET: tl.constexpr,
+    a_ptr,
+    a_scale_ptr,
+    w_ptr,
+    w_scale_ptr,
+    h_ptr,
+    sorted_ptr,
+    block_slot_ptr,
+    num_padded_ptr,
+    N,
+    K,
+    T,
+    top_k,
+    num_blocks_m,
+    GROUP_M,
+    stride_am,
+    stride_asm,
+    stride_ws,
+    stride_wn,
+    stride_wss,
+    stride_wsn,
+    stride_wsk,
+    stride_hm,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    SCALE_N: tl.constexpr,
+    A_MODE: tl.constexpr,
+    INTERPRET: tl.constexpr,
 ):
     """h[f, n] = silu(x_t . gate_slot[n]) * (x_t . up_slot[n]) for the rows f of one block; t = f // top_k."""
     HALF: tl.constexpr = BLOCK_N // 2
@@ -155,12 +177,34 @@ def _gate_up_kernel(
 
 @triton.jit(do_not_specialize=["T", "num_blocks_m", "GROUP_M"])
 def _down_kernel(
-    h_ptr, h_scale_ptr, w_ptr, w_scale_ptr, out_ptr, topk_w_ptr,
-    sorted_ptr, block_slot_ptr, num_padded_ptr,
-    H, N, T, num_blocks_m, GROUP_M,
-    stride_hm, stride_hsm, stride_ws, stride_wn, stride_wss, stride_wsn, stride_wsk, stride_om,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SCALE_N: tl.constexpr,
-    A_MODE: tl.constexpr, INTERPRET: tl.constexpr,
+    h_ptr,
+    h_scale_ptr,
+    w_ptr,
+    w_scale_ptr,
+    out_ptr,
+    topk_w_ptr,
+    sorted_ptr,
+    block_slot_ptr,
+    num_padded_ptr,
+    H,
+    N,
+    T,
+    num_blocks_m,
+    GROUP_M,
+    stride_hm,
+    stride_hsm,
+    stride_ws,
+    stride_wn,
+    stride_wss,
+    stride_wsn,
+    stride_wsk,
+    stride_om,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    SCALE_N: tl.constexpr,
+    A_MODE: tl.constexpr,
+    INTERPRET: tl.constexpr,
 ):
     """partial[f, :] = topk_weight[f] * (h[f] . down_slot) for the rows f of one block; H = hidden size."""
     num_pid_n = tl.cdiv(H, BLOCK_N)
@@ -199,8 +243,19 @@ def _down_kernel(
 
 
 @triton.jit
-def _topk_sum_kernel(partial_ptr, ids_ptr, e2s_ptr, out_ptr, H, top_k, num_ids, stride_pm, stride_om,
-                     BLOCK: tl.constexpr, INTERPRET: tl.constexpr):
+def _topk_sum_kernel(
+    partial_ptr,
+    ids_ptr,
+    e2s_ptr,
+    out_ptr,
+    H,
+    top_k,
+    num_ids,
+    stride_pm,
+    stride_om,
+    BLOCK: tl.constexpr,
+    INTERPRET: tl.constexpr,
+):
     t = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     col_ok = cols < H
@@ -226,20 +281,32 @@ def _device_name(index: int) -> str:
     return torch.cuda.get_device_name(index)
 
 
-def get_moe_config(num_ids: int, N: int, M: int, fp8: bool, block_shape: tuple[int, int] | None,
-                   device: torch.device) -> tuple[dict, dict]:
+def get_moe_config(
+    num_ids: int, N: int, M: int, fp8: bool, block_shape: tuple[int, int] | None, device: torch.device
+) -> tuple[dict, dict]:
     """(gate-up config, down config) for M tokens: tuned tables when present, else built-in defaults."""
     dev = _device_name(device.index or 0) if device.type == "cuda" else "cpu"
-    tables = lookup.get_tables(num_ids, N, "fp8_w8a8" if fp8 else None, list(block_shape) if block_shape else None,
-                               dev, triton.__version__)
+    tables = lookup.get_tables(
+        num_ids, N, "fp8_w8a8" if fp8 else None, list(block_shape) if block_shape else None, dev, triton.__version__
+    )
     return tables.pick(M)
 
 
-def fused_moe(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_ids: torch.Tensor,
-              topk_weights: torch.Tensor, expert_to_slot: torch.Tensor, *,
-              w13_scale: torch.Tensor | None = None, w2_scale: torch.Tensor | None = None,
-              block_shape: tuple[int, int] | None = None, config: dict | None = None,
-              down_config: dict | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+def fused_moe(
+    hidden: torch.Tensor,
+    w13: torch.Tensor,
+    w2: torch.Tensor,
+    topk_ids: torch.Tensor,
+    topk_weights: torch.Tensor,
+    expert_to_slot: torch.Tensor,
+    *,
+    w13_scale: torch.Tensor | None = None,
+    w2_scale: torch.Tensor | None = None,
+    block_shape: tuple[int, int] | None = None,
+    config: dict | None = None,
+    down_config: dict | None = None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
     """hidden bf16 [M, K] -> bf16 [M, K]: sum_j topk_weights[t, j] * expert(topk_ids[t, j])(hidden[t]).
 
     w13 [S, 2N, K], w2 [S, K, N] (bf16, or float8_e4m3fn with w13_scale / w2_scale and block_shape (128, 128));
@@ -254,21 +321,56 @@ def fused_moe(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_id
         out = torch.empty((M, K), dtype=hidden.dtype, device=hidden.device)
     if M == 0:
         return out
-    partial = _routes(hidden, w13, w2, topk_ids, topk_weights.view(-1), expert_to_slot, w13_scale, w2_scale,
-                      block_shape, config, down_config, None, M, fp8)
+    partial = _routes(
+        hidden,
+        w13,
+        w2,
+        topk_ids,
+        topk_weights.view(-1),
+        expert_to_slot,
+        w13_scale,
+        w2_scale,
+        block_shape,
+        config,
+        down_config,
+        None,
+        M,
+        fp8,
+    )
     block = 1024
-    _topk_sum_kernel[(M, triton.cdiv(K, block))](partial, topk_ids, expert_to_slot, out, K, top_k,
-                                                 expert_to_slot.numel(), partial.stride(0), out.stride(0),
-                                                 BLOCK=block, INTERPRET=interpreting(), num_warps=4)
+    _topk_sum_kernel[(M, triton.cdiv(K, block))](
+        partial,
+        topk_ids,
+        expert_to_slot,
+        out,
+        K,
+        top_k,
+        expert_to_slot.numel(),
+        partial.stride(0),
+        out.stride(0),
+        BLOCK=block,
+        INTERPRET=interpreting(),
+        num_warps=4,
+    )
     return out
 
 
-def fused_moe_routes(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_ids: torch.Tensor,
-                     route_weights: torch.Tensor, expert_to_slot: torch.Tensor, *,
-                     w13_scale: torch.Tensor | None = None, w2_scale: torch.Tensor | None = None,
-                     block_shape: tuple[int, int] | None = None, out: torch.Tensor | None = None,
-                     config_tokens: int | None = None, config_ids: int | None = None,
-                     config: dict | None = None) -> torch.Tensor:
+def fused_moe_routes(
+    hidden: torch.Tensor,
+    w13: torch.Tensor,
+    w2: torch.Tensor,
+    topk_ids: torch.Tensor,
+    route_weights: torch.Tensor,
+    expert_to_slot: torch.Tensor,
+    *,
+    w13_scale: torch.Tensor | None = None,
+    w2_scale: torch.Tensor | None = None,
+    block_shape: tuple[int, int] | None = None,
+    out: torch.Tensor | None = None,
+    config_tokens: int | None = None,
+    config_ids: int | None = None,
+    config: dict | None = None,
+) -> torch.Tensor:
     """Each route's expert output, not summed: out [M * k, K] bf16, row t * k + j = route_weights[t * k + j] *
     expert(topk_ids[t, j])(hidden[t]) (route_weights fp32 [M * k]).
 
@@ -279,29 +381,72 @@ def fused_moe_routes(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, 
     that M; default M and num_ids); `config`: a tuned-table entry instead (both GEMMs).
     """
     M, K = hidden.shape
-    fp8 = _check(hidden, w13, w2, topk_ids, route_weights.view(topk_ids.shape), expert_to_slot, w13_scale,
-                 w2_scale, block_shape, None)
+    fp8 = _check(
+        hidden,
+        w13,
+        w2,
+        topk_ids,
+        route_weights.view(topk_ids.shape),
+        expert_to_slot,
+        w13_scale,
+        w2_scale,
+        block_shape,
+        None,
+    )
     T = topk_ids.numel()
     if out is None:
         out = torch.empty((T, K), dtype=hidden.dtype, device=hidden.device)
     elif out.shape != (T, K) or out.dtype != hidden.dtype or out.stride(1) != 1:
-        raise ValueError(f"fused_moe_routes: out must be {hidden.dtype} {(T, K)} with unit last stride, got "
-                         f"{out.dtype} {tuple(out.shape)}")
+        raise ValueError(
+            f"fused_moe_routes: out must be {hidden.dtype} {(T, K)} with unit last stride, got "
+            f"{out.dtype} {tuple(out.shape)}"
+        )
     if T == 0:
         return out
-    return _routes(hidden, w13, w2, topk_ids, route_weights, expert_to_slot, w13_scale, w2_scale, block_shape,
-                   config, None, out, config_tokens or M, fp8, config_ids)
+    return _routes(
+        hidden,
+        w13,
+        w2,
+        topk_ids,
+        route_weights,
+        expert_to_slot,
+        w13_scale,
+        w2_scale,
+        block_shape,
+        config,
+        None,
+        out,
+        config_tokens or M,
+        fp8,
+        config_ids,
+    )
 
 
-def _routes(hidden, w13, w2, topk_ids, route_weights, expert_to_slot, w13_scale, w2_scale, block_shape, config,
-            down_config, partial, config_tokens: int, fp8: bool, config_ids: int | None = None) -> torch.Tensor:
+def _routes(
+    hidden,
+    w13,
+    w2,
+    topk_ids,
+    route_weights,
+    expert_to_slot,
+    w13_scale,
+    w2_scale,
+    block_shape,
+    config,
+    down_config,
+    partial,
+    config_tokens: int,
+    fp8: bool,
+    config_ids: int | None = None,
+) -> torch.Tensor:
     """Steps 1-3: partial [M * k, K] = route weight * expert output for every route with an id in the table."""
     K = hidden.shape[1]
     N = w2.shape[2]
     top_k = topk_ids.shape[1]
     if config is None:
-        config, looked_up_down = get_moe_config(config_ids or expert_to_slot.numel(), N, config_tokens, fp8,
-                                                block_shape, hidden.device)
+        config, looked_up_down = get_moe_config(
+            config_ids or expert_to_slot.numel(), N, config_tokens, fp8, block_shape, hidden.device
+        )
         down_config = down_config or looked_up_down
     check_config(config, fp8, block_shape, "config")
     down_config = dict(down_config or config)
@@ -312,17 +457,38 @@ def _routes(hidden, w13, w2, topk_ids, route_weights, expert_to_slot, w13_scale,
     align = moe_align_block_size(topk_ids, expert_to_slot, config["BLOCK_SIZE_M"])
     in_gemm = config_tokens <= QUANT_IN_KERNEL_MAX_TOKENS  # unless the tuned table says which was faster
     h = torch.empty((T, N), dtype=hidden.dtype, device=hidden.device)
-    launch_gate_up(hidden, w13, w13_scale, h, align, top_k, config, fp8, config.get("A_QUANT_IN_GEMM", in_gemm),
-                   block_shape[0] if fp8 else 128)
+    launch_gate_up(
+        hidden,
+        w13,
+        w13_scale,
+        h,
+        align,
+        top_k,
+        config,
+        fp8,
+        config.get("A_QUANT_IN_GEMM", in_gemm),
+        block_shape[0] if fp8 else 128,
+    )
     if partial is None:
         partial = torch.empty((T, K), dtype=hidden.dtype, device=hidden.device)
-    launch_down(h, w2, w2_scale, partial, route_weights, align, down_config, fp8,
-                down_config.get("A_QUANT_IN_GEMM", in_gemm), block_shape[0] if fp8 else 128)
+    launch_down(
+        h,
+        w2,
+        w2_scale,
+        partial,
+        route_weights,
+        align,
+        down_config,
+        fp8,
+        down_config.get("A_QUANT_IN_GEMM", in_gemm),
+        block_shape[0] if fp8 else 128,
+    )
     return partial
 
 
-def _gemm_input(x: torch.Tensor, fp8: bool, quant_in_kernel: bool, block_k: int
-                ) -> tuple[torch.Tensor, torch.Tensor, int]:
+def _gemm_input(
+    x: torch.Tensor, fp8: bool, quant_in_kernel: bool, block_k: int
+) -> tuple[torch.Tensor, torch.Tensor, int]:
     """(A operand, its scales, A_MODE): bf16 as is; FP8 quantised in the GEMM or by a separate pass first."""
     if not fp8:
         return x, x, A_BF16
@@ -332,8 +498,18 @@ def _gemm_input(x: torch.Tensor, fp8: bool, quant_in_kernel: bool, block_k: int
     return a, a_scale, A_FP8
 
 
-def launch_gate_up(hidden: torch.Tensor, w13: torch.Tensor, w13_scale: torch.Tensor | None, h: torch.Tensor,
-                   align, top_k: int, config: dict, fp8: bool, quant_in_kernel: bool, scale_n: int) -> None:
+def launch_gate_up(
+    hidden: torch.Tensor,
+    w13: torch.Tensor,
+    w13_scale: torch.Tensor | None,
+    h: torch.Tensor,
+    align,
+    top_k: int,
+    config: dict,
+    fp8: bool,
+    quant_in_kernel: bool,
+    scale_n: int,
+) -> None:
     """Step 2 alone (the tuner times it by itself): h [T, N] from hidden [M, K] and w13 [S, 2N, K]."""
     K = hidden.shape[1]
     N = h.shape[1]
@@ -343,17 +519,51 @@ def launch_gate_up(hidden: torch.Tensor, w13: torch.Tensor, w13_scale: torch.Ten
     num_blocks_m = align.sorted_ids.numel() // bm
     grid = (num_blocks_m * triton.cdiv(N, bn // 2),)
     _gate_up_kernel[grid](
-        a, a_scale, w13, ws, h, align.sorted_ids, align.block_slot, align.num_padded,
-        N, K, h.shape[0], top_k, num_blocks_m, config["GROUP_SIZE_M"],
-        a.stride(0), a_scale.stride(0), w13.stride(0), w13.stride(1),
-        ws.stride(0), ws.stride(1), ws.stride(2), h.stride(0),
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=config["BLOCK_SIZE_K"], SCALE_N=scale_n, A_MODE=mode,
-        INTERPRET=interpreting(), num_warps=config["num_warps"], num_stages=config["num_stages"])
+        a,
+        a_scale,
+        w13,
+        ws,
+        h,
+        align.sorted_ids,
+        align.block_slot,
+        align.num_padded,
+        N,
+        K,
+        h.shape[0],
+        top_k,
+        num_blocks_m,
+        config["GROUP_SIZE_M"],
+        a.stride(0),
+        a_scale.stride(0),
+        w13.stride(0),
+        w13.stride(1),
+        ws.stride(0),
+        ws.stride(1),
+        ws.stride(2),
+        h.stride(0),
+        BLOCK_M=bm,
+        BLOCK_N=bn,
+        BLOCK_K=config["BLOCK_SIZE_K"],
+        SCALE_N=scale_n,
+        A_MODE=mode,
+        INTERPRET=interpreting(),
+        num_warps=config["num_warps"],
+        num_stages=config["num_stages"],
+    )
 
 
-def launch_down(h: torch.Tensor, w2: torch.Tensor, w2_scale: torch.Tensor | None, partial: torch.Tensor,
-                topk_weights: torch.Tensor, align, config: dict, fp8: bool, quant_in_kernel: bool,
-                scale_n: int) -> None:
+def launch_down(
+    h: torch.Tensor,
+    w2: torch.Tensor,
+    w2_scale: torch.Tensor | None,
+    partial: torch.Tensor,
+    topk_weights: torch.Tensor,
+    align,
+    config: dict,
+    fp8: bool,
+    quant_in_kernel: bool,
+    scale_n: int,
+) -> None:
     """Step 3 alone: partial [T, K] = router weight * (h [T, N] . w2[slot] [K, N]^T)."""
     T, N = h.shape
     H = partial.shape[1]
@@ -363,12 +573,37 @@ def launch_down(h: torch.Tensor, w2: torch.Tensor, w2_scale: torch.Tensor | None
     num_blocks_m = align.sorted_ids.numel() // bm
     grid = (num_blocks_m * triton.cdiv(H, bn),)
     _down_kernel[grid](
-        a, a_scale, w2, ws, partial, topk_weights, align.sorted_ids, align.block_slot, align.num_padded,
-        H, N, T, num_blocks_m, config["GROUP_SIZE_M"],
-        a.stride(0), a_scale.stride(0), w2.stride(0), w2.stride(1),
-        ws.stride(0), ws.stride(1), ws.stride(2), partial.stride(0),
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=config["BLOCK_SIZE_K"], SCALE_N=scale_n, A_MODE=mode,
-        INTERPRET=interpreting(), num_warps=config["num_warps"], num_stages=config["num_stages"])
+        a,
+        a_scale,
+        w2,
+        ws,
+        partial,
+        topk_weights,
+        align.sorted_ids,
+        align.block_slot,
+        align.num_padded,
+        H,
+        N,
+        T,
+        num_blocks_m,
+        config["GROUP_SIZE_M"],
+        a.stride(0),
+        a_scale.stride(0),
+        w2.stride(0),
+        w2.stride(1),
+        ws.stride(0),
+        ws.stride(1),
+        ws.stride(2),
+        partial.stride(0),
+        BLOCK_M=bm,
+        BLOCK_N=bn,
+        BLOCK_K=config["BLOCK_SIZE_K"],
+        SCALE_N=scale_n,
+        A_MODE=mode,
+        INTERPRET=interpreting(),
+        num_warps=config["num_warps"],
+        num_stages=config["num_stages"],
+    )
 
 
 def check_config(config: dict, fp8: bool, block_shape: tuple[int, int] | None, name: str) -> None:
@@ -380,11 +615,15 @@ def check_config(config: dict, fp8: bool, block_shape: tuple[int, int] | None, n
         if not isinstance(v, int) or v < 16 or v & (v - 1):
             raise ValueError(f"fused_moe: {name}[{k!r}] = {v!r}; must be a power of two >= 16")
     if config["BLOCK_SIZE_N"] < 32:
-        raise ValueError(f"fused_moe: {name}['BLOCK_SIZE_N'] = {config['BLOCK_SIZE_N']}; must be >= 32 "
-                         "(gate and up take half of it each)")
+        raise ValueError(
+            f"fused_moe: {name}['BLOCK_SIZE_N'] = {config['BLOCK_SIZE_N']}; must be >= 32 "
+            "(gate and up take half of it each)"
+        )
     if fp8 and config["BLOCK_SIZE_K"] != block_shape[1]:
-        raise ValueError(f"fused_moe: {name}['BLOCK_SIZE_K'] = {config['BLOCK_SIZE_K']}; FP8 block quant needs "
-                         f"BLOCK_SIZE_K == block_k = {block_shape[1]}")
+        raise ValueError(
+            f"fused_moe: {name}['BLOCK_SIZE_K'] = {config['BLOCK_SIZE_K']}; FP8 block quant needs "
+            f"BLOCK_SIZE_K == block_k = {block_shape[1]}"
+        )
     for k in ("GROUP_SIZE_M", "num_warps", "num_stages"):
         if not isinstance(config[k], int) or config[k] < 1:
             raise ValueError(f"fused_moe: {name}[{k!r}] = {config[k]!r}; must be a positive int")
@@ -394,6 +633,7 @@ def check_config(config: dict, fp8: bool, block_shape: tuple[int, int] | None, n
 
 def _check(hidden, w13, w2, topk_ids, topk_weights, expert_to_slot, w13_scale, w2_scale, block_shape, out) -> bool:
     """Validate shapes, dtypes and devices (no device reads); return True for FP8 weights."""
+
     def bad(msg: str) -> ValueError:
         return ValueError(f"fused_moe: {msg}")
 
@@ -404,8 +644,10 @@ def _check(hidden, w13, w2, topk_ids, topk_weights, expert_to_slot, w13_scale, w
     S, two_n, K = w13.shape
     N = w2.shape[2]
     if w2.shape != (S, K, N) or two_n != 2 * N or K != hidden.shape[1]:
-        raise bad(f"shapes disagree: hidden {tuple(hidden.shape)}, w13 {tuple(w13.shape)} (want [S, 2N, K]), "
-                  f"w2 {tuple(w2.shape)} (want [S, K, N])")
+        raise bad(
+            f"shapes disagree: hidden {tuple(hidden.shape)}, w13 {tuple(w13.shape)} (want [S, 2N, K]), "
+            f"w2 {tuple(w2.shape)} (want [S, K, N])"
+        )
     if w13.dtype != w2.dtype or w13.dtype not in (torch.bfloat16, torch.float8_e4m3fn):
         raise bad(f"w13/w2 dtypes {w13.dtype}/{w2.dtype}; both bf16 or both float8_e4m3fn")
     if w13.stride(2) != 1 or w2.stride(2) != 1 or hidden.stride(1) != 1:
@@ -413,14 +655,20 @@ def _check(hidden, w13, w2, topk_ids, topk_weights, expert_to_slot, w13_scale, w
     if topk_ids.dtype != torch.int32 or topk_ids.dim() != 2 or topk_ids.shape[0] != hidden.shape[0]:
         raise bad(f"topk_ids must be int32 [M={hidden.shape[0]}, k], got {topk_ids.dtype} {tuple(topk_ids.shape)}")
     if topk_weights.dtype != torch.float32 or topk_weights.shape != topk_ids.shape:
-        raise bad(f"topk_weights must be fp32 {tuple(topk_ids.shape)}, got {topk_weights.dtype} "
-                  f"{tuple(topk_weights.shape)}")
+        raise bad(
+            f"topk_weights must be fp32 {tuple(topk_ids.shape)}, got {topk_weights.dtype} {tuple(topk_weights.shape)}"
+        )
     if not (topk_ids.is_contiguous() and topk_weights.is_contiguous()):
         raise bad("topk_ids and topk_weights must be contiguous")
     if expert_to_slot.dtype != torch.int32 or expert_to_slot.dim() != 1:
         raise bad(f"expert_to_slot must be int32 [num_ids], got {expert_to_slot.dtype} {tuple(expert_to_slot.shape)}")
-    for name, t in (("w13", w13), ("w2", w2), ("topk_ids", topk_ids), ("topk_weights", topk_weights),
-                    ("expert_to_slot", expert_to_slot)):
+    for name, t in (
+        ("w13", w13),
+        ("w2", w2),
+        ("topk_ids", topk_ids),
+        ("topk_weights", topk_weights),
+        ("expert_to_slot", expert_to_slot),
+    ):
         if t.device != hidden.device:
             raise bad(f"{name} is on {t.device} but hidden on {hidden.device}")
     if out is not None and (out.shape != hidden.shape or out.dtype != hidden.dtype or out.stride(1) != 1):
@@ -431,28 +679,43 @@ def _check(hidden, w13, w2, topk_ids, topk_weights, expert_to_slot, w13_scale, w
             raise bad("w13_scale / w2_scale / block_shape are for FP8 weights; these weights are bf16")
         return False
     if block_shape is None or len(block_shape) != 2 or block_shape[1] != 128 or block_shape[0] % 16:
-        raise bad(f"FP8 weights need block_shape (bn, 128) with bn a multiple of 16 (GLM-5.1: (128, 128)), "
-                  f"got {block_shape}")
+        raise bad(
+            f"FP8 weights need block_shape (bn, 128) with bn a multiple of 16 (GLM-5.1: (128, 128)), got {block_shape}"
+        )
     bn, bk = block_shape
     if N % bn:
         raise bad(f"FP8: N = {N} must be a multiple of block_n = {bn} so gate and up blocks do not share scales")
     want13 = (S, 2 * N // bn, triton.cdiv(K, bk))
     want2 = (S, triton.cdiv(K, bn), triton.cdiv(N, bk))
     if w13_scale is None or w13_scale.shape != want13 or w13_scale.dtype != torch.float32:
-        raise bad(f"w13_scale must be fp32 {want13}, got "
-                  f"{None if w13_scale is None else (w13_scale.dtype, tuple(w13_scale.shape))}")
+        raise bad(
+            f"w13_scale must be fp32 {want13}, got "
+            f"{None if w13_scale is None else (w13_scale.dtype, tuple(w13_scale.shape))}"
+        )
     if w2_scale is None or w2_scale.shape != want2 or w2_scale.dtype != torch.float32:
-        raise bad(f"w2_scale must be fp32 {want2}, got "
-                  f"{None if w2_scale is None else (w2_scale.dtype, tuple(w2_scale.shape))}")
+        raise bad(
+            f"w2_scale must be fp32 {want2}, got "
+            f"{None if w2_scale is None else (w2_scale.dtype, tuple(w2_scale.shape))}"
+        )
     return True
 
 
-def fused_moe_reference(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_ids: torch.Tensor,
-                        topk_weights: torch.Tensor, expert_to_slot: torch.Tensor, *,
-                        w13_scale: torch.Tensor | None = None, w2_scale: torch.Tensor | None = None,
-                        block_shape: tuple[int, int] | None = None, quantize_activations: bool = False,
-                        w13_zeros: torch.Tensor | None = None, w2_zeros: torch.Tensor | None = None,
-                        group: int = 128) -> torch.Tensor:
+def fused_moe_reference(
+    hidden: torch.Tensor,
+    w13: torch.Tensor,
+    w2: torch.Tensor,
+    topk_ids: torch.Tensor,
+    topk_weights: torch.Tensor,
+    expert_to_slot: torch.Tensor,
+    *,
+    w13_scale: torch.Tensor | None = None,
+    w2_scale: torch.Tensor | None = None,
+    block_shape: tuple[int, int] | None = None,
+    quantize_activations: bool = False,
+    w13_zeros: torch.Tensor | None = None,
+    w2_zeros: torch.Tensor | None = None,
+    group: int = 128,
+) -> torch.Tensor:
     """Plain torch: out[t] = sum_j w[t, j] * down(silu(gate(x_t)) * up(x_t)), fp32 math on dequantised weights.
 
     The reference of both fused-MoE kernels, for every expert layout: bf16; FP8 block (`block_shape`, scales);
@@ -469,20 +732,45 @@ def fused_moe_reference(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tenso
     bad = experts[(experts < 0) | (experts >= expert_to_slot.numel())]
     if bad.numel():
         raise ValueError(f"fused_moe_reference: expert id {int(bad[0])} outside [0, {expert_to_slot.numel()})")
-    for tok, j, y in _expert_outputs(hidden, w13, w2, ids, experts, expert_to_slot, w13_scale, w2_scale,
-                                     block_shape, quantize_activations, w13_zeros, w2_zeros, group):
+    for tok, j, y in _expert_outputs(
+        hidden,
+        w13,
+        w2,
+        ids,
+        experts,
+        expert_to_slot,
+        w13_scale,
+        w2_scale,
+        block_shape,
+        quantize_activations,
+        w13_zeros,
+        w2_zeros,
+        group,
+    ):
         out.index_add_(0, tok, y * topk_weights[tok, j, None].float())
     return out.to(hidden.dtype)
 
 
-def fused_moe_routes_reference(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_ids: torch.Tensor,
-                               route_weights: torch.Tensor, expert_to_slot: torch.Tensor, *,
-                               w13_scale: torch.Tensor | None = None, w2_scale: torch.Tensor | None = None,
-                               block_shape: tuple[int, int] | None = None, out: torch.Tensor | None = None,
-                               config_tokens: int | None = None, config_ids: int | None = None,
-                               config: dict | None = None, quantize_activations: bool = False,
-                               w13_zeros: torch.Tensor | None = None, w2_zeros: torch.Tensor | None = None,
-                               group: int = 128) -> torch.Tensor:
+def fused_moe_routes_reference(
+    hidden: torch.Tensor,
+    w13: torch.Tensor,
+    w2: torch.Tensor,
+    topk_ids: torch.Tensor,
+    route_weights: torch.Tensor,
+    expert_to_slot: torch.Tensor,
+    *,
+    w13_scale: torch.Tensor | None = None,
+    w2_scale: torch.Tensor | None = None,
+    block_shape: tuple[int, int] | None = None,
+    out: torch.Tensor | None = None,
+    config_tokens: int | None = None,
+    config_ids: int | None = None,
+    config: dict | None = None,
+    quantize_activations: bool = False,
+    w13_zeros: torch.Tensor | None = None,
+    w2_zeros: torch.Tensor | None = None,
+    group: int = 128,
+) -> torch.Tensor:
     """Plain-torch `fused_moe_routes` (and `fused_moe_int4_routes`): row t * k + j = bf16(route_weights[t * k + j] *
     expert(topk_ids[t, j])(x_t)) in fp32 math; rows of ids outside [0, num_ids) are left as they are (config_*: no
     tiles here). Weights of every layout, as `fused_moe_reference` takes them."""
@@ -494,14 +782,40 @@ def fused_moe_routes_reference(hidden: torch.Tensor, w13: torch.Tensor, w2: torc
     experts = torch.unique(ids)
     experts = experts[(experts >= 0) & (experts < expert_to_slot.numel())]
     w = route_weights.view(M, k)
-    for tok, j, y in _expert_outputs(hidden, w13, w2, ids, experts, expert_to_slot, w13_scale, w2_scale,
-                                     block_shape, quantize_activations, w13_zeros, w2_zeros, group):
+    for tok, j, y in _expert_outputs(
+        hidden,
+        w13,
+        w2,
+        ids,
+        experts,
+        expert_to_slot,
+        w13_scale,
+        w2_scale,
+        block_shape,
+        quantize_activations,
+        w13_zeros,
+        w2_zeros,
+        group,
+    ):
         out[tok * k + j] = (y * w[tok, j, None].float()).to(hidden.dtype)
     return out
 
 
-def _expert_outputs(hidden, w13, w2, ids, experts, expert_to_slot, w13_scale, w2_scale, block_shape,
-                    quantize_activations, w13_zeros, w2_zeros, group):
+def _expert_outputs(
+    hidden,
+    w13,
+    w2,
+    ids,
+    experts,
+    expert_to_slot,
+    w13_scale,
+    w2_scale,
+    block_shape,
+    quantize_activations,
+    w13_zeros,
+    w2_zeros,
+    group,
+):
     """(tokens, their top-k positions, fp32 expert outputs [rows, K]) for each expert of `experts`, in id order."""
     int4 = w13.dtype == torch.uint8
     if quantize_activations and w13.dtype != torch.float8_e4m3fn:
@@ -515,13 +829,19 @@ def _expert_outputs(hidden, w13, w2, ids, experts, expert_to_slot, w13_scale, w2
 
     def slot_weights(slot: int) -> tuple[torch.Tensor, torch.Tensor]:
         if int4:
-            return (dequantize_int4(Int4Weight(w13[slot], w13_scale[slot], None if w13_zeros is None
-                                               else w13_zeros[slot], group)),
-                    dequantize_int4(Int4Weight(w2[slot], w2_scale[slot], None if w2_zeros is None
-                                               else w2_zeros[slot], group)))
+            return (
+                dequantize_int4(
+                    Int4Weight(w13[slot], w13_scale[slot], None if w13_zeros is None else w13_zeros[slot], group)
+                ),
+                dequantize_int4(
+                    Int4Weight(w2[slot], w2_scale[slot], None if w2_zeros is None else w2_zeros[slot], group)
+                ),
+            )
         if w13.dtype == torch.float8_e4m3fn:
-            return (dequantize_block_fp8(w13[slot], w13_scale[slot], *block_shape),
-                    dequantize_block_fp8(w2[slot], w2_scale[slot], *block_shape))
+            return (
+                dequantize_block_fp8(w13[slot], w13_scale[slot], *block_shape),
+                dequantize_block_fp8(w2[slot], w2_scale[slot], *block_shape),
+            )
         return w13[slot].float(), w2[slot].float()
 
     for e, slot in zip(experts.tolist(), expert_to_slot[experts].tolist()):  # one read of the table

@@ -60,11 +60,35 @@ def _zero_points(zp_ptrs, offs_n, n_ok, HAS_ZP: tl.constexpr):
 
 @triton.jit(do_not_specialize=["T", "top_k", "num_blocks_m", "GROUP_M"])
 def _gate_up_int4_kernel(
-    a_ptr, w_ptr, s_ptr, z_ptr, h_ptr,
-    sorted_ptr, block_slot_ptr, num_padded_ptr,
-    N, K, T, top_k, num_blocks_m, GROUP_M, group,
-    stride_am, stride_ws, stride_wn, stride_ss, stride_sn, stride_sk, stride_zs, stride_zn, stride_zk, stride_hm,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, HAS_ZP: tl.constexpr,
+    a_ptr,
+    w_ptr,
+    s_ptr,
+    z_ptr,
+    h_ptr,
+    sorted_ptr,
+    block_slot_ptr,
+    num_padded_ptr,
+    N,
+    K,
+    T,
+    top_k,
+    num_blocks_m,
+    GROUP_M,
+    group,
+    stride_am,
+    stride_ws,
+    stride_wn,
+    stride_ss,
+    stride_sn,
+    stride_sk,
+    stride_zs,
+    stride_zn,
+    stride_zk,
+    stride_hm,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    HAS_ZP: tl.constexpr,
     INTERPRET: tl.constexpr,
 ):
     """h[f, n] = silu(x_t . gate_slot[n]) * (x_t . up_slot[n]) for the rows f of one block; t = f // top_k."""
@@ -117,11 +141,35 @@ def _gate_up_int4_kernel(
 
 @triton.jit(do_not_specialize=["T", "num_blocks_m", "GROUP_M"])
 def _down_int4_kernel(
-    h_ptr, w_ptr, s_ptr, z_ptr, out_ptr, topk_w_ptr,
-    sorted_ptr, block_slot_ptr, num_padded_ptr,
-    H, N, T, num_blocks_m, GROUP_M, group,
-    stride_hm, stride_ws, stride_wn, stride_ss, stride_sn, stride_sk, stride_zs, stride_zn, stride_zk, stride_om,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, HAS_ZP: tl.constexpr,
+    h_ptr,
+    w_ptr,
+    s_ptr,
+    z_ptr,
+    out_ptr,
+    topk_w_ptr,
+    sorted_ptr,
+    block_slot_ptr,
+    num_padded_ptr,
+    H,
+    N,
+    T,
+    num_blocks_m,
+    GROUP_M,
+    group,
+    stride_hm,
+    stride_ws,
+    stride_wn,
+    stride_ss,
+    stride_sn,
+    stride_sk,
+    stride_zs,
+    stride_zn,
+    stride_zk,
+    stride_om,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    HAS_ZP: tl.constexpr,
     INTERPRET: tl.constexpr,
 ):
     """partial[f, :] = topk_weight[f] * (h[f] . down_slot) for the rows f of one block; H = hidden size."""
@@ -166,59 +214,157 @@ def get_moe_config(num_ids: int, N: int, M: int, device: torch.device) -> tuple[
     return lookup.get_tables(num_ids, N, DTYPE_NAME, None, dev, triton.__version__).pick(M)
 
 
-def fused_moe_int4(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_ids: torch.Tensor,
-                   topk_weights: torch.Tensor, expert_to_slot: torch.Tensor, *, w13_scale: torch.Tensor,
-                   w2_scale: torch.Tensor, w13_zeros: torch.Tensor | None = None,
-                   w2_zeros: torch.Tensor | None = None, group: int = 128, config: dict | None = None,
-                   down_config: dict | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+def fused_moe_int4(
+    hidden: torch.Tensor,
+    w13: torch.Tensor,
+    w2: torch.Tensor,
+    topk_ids: torch.Tensor,
+    topk_weights: torch.Tensor,
+    expert_to_slot: torch.Tensor,
+    *,
+    w13_scale: torch.Tensor,
+    w2_scale: torch.Tensor,
+    w13_zeros: torch.Tensor | None = None,
+    w2_zeros: torch.Tensor | None = None,
+    group: int = 128,
+    config: dict | None = None,
+    down_config: dict | None = None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
     """hidden bf16 [M, K] -> bf16 [M, K]: sum_j topk_weights[t, j] * expert(topk_ids[t, j])(hidden[t]).
 
     Weights as the module docstring lays them out; topk_ids int32 [M, k]; topk_weights fp32 [M, k];
     expert_to_slot int32 [num_ids] on the device. config / down_config as for `fused_moe`.
     """
-    _check(hidden, w13, w2, w13_scale, w2_scale, w13_zeros, w2_zeros, group, topk_ids, topk_weights, expert_to_slot,
-           out)
+    _check(
+        hidden, w13, w2, w13_scale, w2_scale, w13_zeros, w2_zeros, group, topk_ids, topk_weights, expert_to_slot, out
+    )
     M, K = hidden.shape
     top_k = topk_ids.shape[1]
     if out is None:
         out = torch.empty((M, K), dtype=hidden.dtype, device=hidden.device)
     if M == 0:
         return out
-    partial = _routes(hidden, w13, w2, topk_ids, topk_weights.view(-1), expert_to_slot, w13_scale, w2_scale,
-                      w13_zeros, w2_zeros, group, config, down_config, None, M, None)
+    partial = _routes(
+        hidden,
+        w13,
+        w2,
+        topk_ids,
+        topk_weights.view(-1),
+        expert_to_slot,
+        w13_scale,
+        w2_scale,
+        w13_zeros,
+        w2_zeros,
+        group,
+        config,
+        down_config,
+        None,
+        M,
+        None,
+    )
     block = 1024
-    _topk_sum_kernel[(M, triton.cdiv(K, block))](partial, topk_ids, expert_to_slot, out, K, top_k,
-                                                 expert_to_slot.numel(), partial.stride(0), out.stride(0),
-                                                 BLOCK=block, INTERPRET=interpreting(), num_warps=4)
+    _topk_sum_kernel[(M, triton.cdiv(K, block))](
+        partial,
+        topk_ids,
+        expert_to_slot,
+        out,
+        K,
+        top_k,
+        expert_to_slot.numel(),
+        partial.stride(0),
+        out.stride(0),
+        BLOCK=block,
+        INTERPRET=interpreting(),
+        num_warps=4,
+    )
     return out
 
 
-def fused_moe_int4_routes(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_ids: torch.Tensor,
-                          route_weights: torch.Tensor, expert_to_slot: torch.Tensor, *, w13_scale: torch.Tensor,
-                          w2_scale: torch.Tensor, w13_zeros: torch.Tensor | None = None,
-                          w2_zeros: torch.Tensor | None = None, group: int = 128, out: torch.Tensor | None = None,
-                          config_tokens: int | None = None, config_ids: int | None = None,
-                          config: dict | None = None) -> torch.Tensor:
+def fused_moe_int4_routes(
+    hidden: torch.Tensor,
+    w13: torch.Tensor,
+    w2: torch.Tensor,
+    topk_ids: torch.Tensor,
+    route_weights: torch.Tensor,
+    expert_to_slot: torch.Tensor,
+    *,
+    w13_scale: torch.Tensor,
+    w2_scale: torch.Tensor,
+    w13_zeros: torch.Tensor | None = None,
+    w2_zeros: torch.Tensor | None = None,
+    group: int = 128,
+    out: torch.Tensor | None = None,
+    config_tokens: int | None = None,
+    config_ids: int | None = None,
+    config: dict | None = None,
+) -> torch.Tensor:
     """`fused_moe_routes` for int4 experts: each route's output, not summed (out [M * k, K] bf16, route_weights fp32
     [M * k]); only routes whose id is in [0, num_ids) are computed and written, the other rows keep what they held.
     `config_tokens`, `config_ids`: the M and E the tuned tables are looked up by (default M and num_ids)."""
     M, K = hidden.shape
-    _check(hidden, w13, w2, w13_scale, w2_scale, w13_zeros, w2_zeros, group, topk_ids,
-           route_weights.view(topk_ids.shape), expert_to_slot, None)
+    _check(
+        hidden,
+        w13,
+        w2,
+        w13_scale,
+        w2_scale,
+        w13_zeros,
+        w2_zeros,
+        group,
+        topk_ids,
+        route_weights.view(topk_ids.shape),
+        expert_to_slot,
+        None,
+    )
     T = topk_ids.numel()
     if out is None:
         out = torch.empty((T, K), dtype=hidden.dtype, device=hidden.device)
     elif out.shape != (T, K) or out.dtype != hidden.dtype or out.stride(1) != 1:
-        raise ValueError(f"fused_moe_int4_routes: out must be {hidden.dtype} {(T, K)} with unit last stride, got "
-                         f"{out.dtype} {tuple(out.shape)}")
+        raise ValueError(
+            f"fused_moe_int4_routes: out must be {hidden.dtype} {(T, K)} with unit last stride, got "
+            f"{out.dtype} {tuple(out.shape)}"
+        )
     if T == 0:
         return out
-    return _routes(hidden, w13, w2, topk_ids, route_weights, expert_to_slot, w13_scale, w2_scale, w13_zeros, w2_zeros,
-                   group, config, None, out, config_tokens or M, config_ids)
+    return _routes(
+        hidden,
+        w13,
+        w2,
+        topk_ids,
+        route_weights,
+        expert_to_slot,
+        w13_scale,
+        w2_scale,
+        w13_zeros,
+        w2_zeros,
+        group,
+        config,
+        None,
+        out,
+        config_tokens or M,
+        config_ids,
+    )
 
 
-def _routes(hidden, w13, w2, topk_ids, route_weights, expert_to_slot, w13_scale, w2_scale, w13_zeros, w2_zeros,
-            group, config, down_config, partial, config_tokens: int, config_ids: int | None) -> torch.Tensor:
+def _routes(
+    hidden,
+    w13,
+    w2,
+    topk_ids,
+    route_weights,
+    expert_to_slot,
+    w13_scale,
+    w2_scale,
+    w13_zeros,
+    w2_zeros,
+    group,
+    config,
+    down_config,
+    partial,
+    config_tokens: int,
+    config_ids: int | None,
+) -> torch.Tensor:
     """Steps 1-3: partial [M * k, K] = route weight * expert output for every route with an id in the table."""
     K = hidden.shape[1]
     N = 2 * w2.shape[2]
@@ -250,8 +396,9 @@ def _zero_strides(w: Int4Weight) -> tuple[torch.Tensor, tuple[int, int, int]]:
     return w.zeros, (w.zeros.stride(0), w.zeros.stride(1), w.zeros.stride(2))
 
 
-def launch_gate_up(hidden: torch.Tensor, w13: Int4Weight, h: torch.Tensor, align: MoEAlignment, top_k: int,
-                   config: dict) -> None:
+def launch_gate_up(
+    hidden: torch.Tensor, w13: Int4Weight, h: torch.Tensor, align: MoEAlignment, top_k: int, config: dict
+) -> None:
     """Step 2 alone (the tuner times it by itself): h [T, N] from hidden [M, K] and w13 [S, 2N, K / 2]."""
     K = hidden.shape[1]
     N = h.shape[1]
@@ -261,15 +408,47 @@ def launch_gate_up(hidden: torch.Tensor, w13: Int4Weight, h: torch.Tensor, align
     num_blocks_m = align.sorted_ids.numel() // bm
     grid = (num_blocks_m * triton.cdiv(N, bn // 2),)
     _gate_up_int4_kernel[grid](
-        hidden, qw, s, z, h, align.sorted_ids, align.block_slot, align.num_padded,
-        N, K, h.shape[0], top_k, num_blocks_m, config["GROUP_SIZE_M"], w13.group,
-        hidden.stride(0), qw.stride(0), qw.stride(1), s.stride(0), s.stride(1), s.stride(2), *zs, h.stride(0),
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=config["BLOCK_SIZE_K"], HAS_ZP=w13.zeros is not None,
-        INTERPRET=interpreting(), num_warps=config["num_warps"], num_stages=config["num_stages"])
+        hidden,
+        qw,
+        s,
+        z,
+        h,
+        align.sorted_ids,
+        align.block_slot,
+        align.num_padded,
+        N,
+        K,
+        h.shape[0],
+        top_k,
+        num_blocks_m,
+        config["GROUP_SIZE_M"],
+        w13.group,
+        hidden.stride(0),
+        qw.stride(0),
+        qw.stride(1),
+        s.stride(0),
+        s.stride(1),
+        s.stride(2),
+        *zs,
+        h.stride(0),
+        BLOCK_M=bm,
+        BLOCK_N=bn,
+        BLOCK_K=config["BLOCK_SIZE_K"],
+        HAS_ZP=w13.zeros is not None,
+        INTERPRET=interpreting(),
+        num_warps=config["num_warps"],
+        num_stages=config["num_stages"],
+    )
 
 
-def launch_down(h: torch.Tensor, w2: Int4Weight, partial: torch.Tensor, topk_weights: torch.Tensor,
-                align: MoEAlignment, config: dict) -> None:
+def launch_down(
+    h: torch.Tensor,
+    w2: Int4Weight,
+    partial: torch.Tensor,
+    topk_weights: torch.Tensor,
+    align: MoEAlignment,
+    config: dict,
+) -> None:
     """Step 3 alone: partial [T, K] = router weight * (h [T, N] . w2[slot] [K, N / 2]^T)."""
     T, N = h.shape
     H = partial.shape[1]
@@ -279,64 +458,111 @@ def launch_down(h: torch.Tensor, w2: Int4Weight, partial: torch.Tensor, topk_wei
     num_blocks_m = align.sorted_ids.numel() // bm
     grid = (num_blocks_m * triton.cdiv(H, bn),)
     _down_int4_kernel[grid](
-        h, qw, s, z, partial, topk_weights, align.sorted_ids, align.block_slot, align.num_padded,
-        H, N, T, num_blocks_m, config["GROUP_SIZE_M"], w2.group,
-        h.stride(0), qw.stride(0), qw.stride(1), s.stride(0), s.stride(1), s.stride(2), *zs, partial.stride(0),
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=config["BLOCK_SIZE_K"], HAS_ZP=w2.zeros is not None,
-        INTERPRET=interpreting(), num_warps=config["num_warps"], num_stages=config["num_stages"])
+        h,
+        qw,
+        s,
+        z,
+        partial,
+        topk_weights,
+        align.sorted_ids,
+        align.block_slot,
+        align.num_padded,
+        H,
+        N,
+        T,
+        num_blocks_m,
+        config["GROUP_SIZE_M"],
+        w2.group,
+        h.stride(0),
+        qw.stride(0),
+        qw.stride(1),
+        s.stride(0),
+        s.stride(1),
+        s.stride(2),
+        *zs,
+        partial.stride(0),
+        BLOCK_M=bm,
+        BLOCK_N=bn,
+        BLOCK_K=config["BLOCK_SIZE_K"],
+        HAS_ZP=w2.zeros is not None,
+        INTERPRET=interpreting(),
+        num_warps=config["num_warps"],
+        num_stages=config["num_stages"],
+    )
 
 
 def check_int4_config(config: dict, group: int, name: str) -> None:
     check_config(config, False, None, name)
     bk = config["BLOCK_SIZE_K"]
     if bk < 32 or group % bk:
-        raise ValueError(f"fused_moe_int4: {name}['BLOCK_SIZE_K'] = {bk}; int4 needs a power of two >= 32 that "
-                         f"divides the quantisation group {group}")
+        raise ValueError(
+            f"fused_moe_int4: {name}['BLOCK_SIZE_K'] = {bk}; int4 needs a power of two >= 32 that "
+            f"divides the quantisation group {group}"
+        )
 
 
 def _check(hidden, w13, w2, s13, s2, z13, z2, group, topk_ids, topk_weights, expert_to_slot, out) -> None:
     """Validate shapes, dtypes and devices (no device reads)."""
+
     def bad(msg: str) -> ValueError:
         return ValueError(f"fused_moe_int4: {msg}")
 
     if hidden.dim() != 2 or hidden.dtype != torch.bfloat16 or hidden.stride(1) != 1:
         raise bad(f"hidden must be bf16 [M, K] with unit last stride, got {hidden.dtype} {tuple(hidden.shape)}")
     if w13.dtype != torch.uint8 or w2.dtype != torch.uint8 or w13.dim() != 3 or w2.dim() != 3:
-        raise bad(f"w13 / w2 must be packed uint8 [S, 2N, K/2] / [S, K, N/2], got {w13.dtype} {tuple(w13.shape)} "
-                  f"and {w2.dtype} {tuple(w2.shape)}")
+        raise bad(
+            f"w13 / w2 must be packed uint8 [S, 2N, K/2] / [S, K, N/2], got {w13.dtype} {tuple(w13.shape)} "
+            f"and {w2.dtype} {tuple(w2.shape)}"
+        )
     S, two_n, half_k = w13.shape
     M, K = hidden.shape
     N = 2 * w2.shape[2]
     if K % 8 or N % 8 or 2 * half_k != K or two_n != 2 * N or w2.shape != (S, K, N // 2):
-        raise bad(f"shapes disagree: hidden {tuple(hidden.shape)}, w13 {tuple(w13.shape)} (want [S, 2N, K/2]), "
-                  f"w2 {tuple(w2.shape)} (want [S, K, N/2]); K and N must be multiples of 8")
+        raise bad(
+            f"shapes disagree: hidden {tuple(hidden.shape)}, w13 {tuple(w13.shape)} (want [S, 2N, K/2]), "
+            f"w2 {tuple(w2.shape)} (want [S, K, N/2]); K and N must be multiples of 8"
+        )
     if w13.stride(2) != 1 or w2.stride(2) != 1:
         raise bad("w13 and w2 need unit stride along their last dimension")
     if group < 32 or group & (group - 1):
         raise bad(f"group {group} must be a power of two >= 32")
-    for name, s, want in (("w13_scale", s13, (S, 2 * N, num_groups(K, group))),
-                          ("w2_scale", s2, (S, K, num_groups(N, group)))):
+    for name, s, want in (
+        ("w13_scale", s13, (S, 2 * N, num_groups(K, group))),
+        ("w2_scale", s2, (S, K, num_groups(N, group))),
+    ):
         if s is None or not s.is_floating_point() or tuple(s.shape) != want:
-            raise bad(f"{name} must be float {want} for group {group}, got "
-                      f"{None if s is None else (s.dtype, tuple(s.shape))}")
+            raise bad(
+                f"{name} must be float {want} for group {group}, got {None if s is None else (s.dtype, tuple(s.shape))}"
+            )
     if (z13 is None) != (z2 is None):
         raise bad("pass zero points for both w13 and w2, or for neither (symmetric)")
     if z13 is not None:
-        for name, z, want in (("w13_zeros", z13, (S, 2 * N // 8, num_groups(K, group))),
-                              ("w2_zeros", z2, (S, K // 8, num_groups(N, group)))):
+        for name, z, want in (
+            ("w13_zeros", z13, (S, 2 * N // 8, num_groups(K, group))),
+            ("w2_zeros", z2, (S, K // 8, num_groups(N, group))),
+        ):
             if z.dtype != torch.int32 or tuple(z.shape) != want:
-                raise bad(f"{name} must be int32 {want} (packed along the output rows), got {z.dtype} "
-                          f"{tuple(z.shape)}")
+                raise bad(f"{name} must be int32 {want} (packed along the output rows), got {z.dtype} {tuple(z.shape)}")
     if topk_ids.dtype != torch.int32 or topk_ids.dim() != 2 or topk_ids.shape[0] != M or not topk_ids.is_contiguous():
         raise bad(f"topk_ids must be contiguous int32 [M={M}, k], got {topk_ids.dtype} {tuple(topk_ids.shape)}")
     if topk_weights.dtype != torch.float32 or topk_weights.shape != topk_ids.shape or not topk_weights.is_contiguous():
-        raise bad(f"topk_weights must be contiguous fp32 {tuple(topk_ids.shape)}, got {topk_weights.dtype} "
-                  f"{tuple(topk_weights.shape)}")
+        raise bad(
+            f"topk_weights must be contiguous fp32 {tuple(topk_ids.shape)}, got {topk_weights.dtype} "
+            f"{tuple(topk_weights.shape)}"
+        )
     if expert_to_slot.dtype != torch.int32 or expert_to_slot.dim() != 1:
         raise bad(f"expert_to_slot must be int32 [num_ids], got {expert_to_slot.dtype} {tuple(expert_to_slot.shape)}")
-    for name, t in (("w13", w13), ("w2", w2), ("w13_scale", s13), ("w2_scale", s2), ("w13_zeros", z13),
-                    ("w2_zeros", z2), ("topk_ids", topk_ids), ("topk_weights", topk_weights),
-                    ("expert_to_slot", expert_to_slot)):
+    for name, t in (
+        ("w13", w13),
+        ("w2", w2),
+        ("w13_scale", s13),
+        ("w2_scale", s2),
+        ("w13_zeros", z13),
+        ("w2_zeros", z2),
+        ("topk_ids", topk_ids),
+        ("topk_weights", topk_weights),
+        ("expert_to_slot", expert_to_slot),
+    ):
         if t is not None and t.device != hidden.device:
             raise bad(f"{name} is on {t.device} but hidden on {hidden.device}")
     if out is not None and (out.shape != hidden.shape or out.dtype != hidden.dtype or out.stride(1) != 1):

@@ -46,12 +46,13 @@ def make_int4_experts(E: int, N: int, K: int, device: str, seed: int = 0):
     g = torch.Generator(device=device).manual_seed(seed)
     parts13, parts2 = [], []
     for _ in range(E):
-        parts13.append(int4.quantize_int4(torch.randn((2 * N, K), generator=g, device=device) / K ** 0.5))
-        parts2.append(int4.quantize_int4(torch.randn((K, N), generator=g, device=device) / N ** 0.5))
+        parts13.append(int4.quantize_int4(torch.randn((2 * N, K), generator=g, device=device) / K**0.5))
+        parts2.append(int4.quantize_int4(torch.randn((K, N), generator=g, device=device) / N**0.5))
 
     def stack(parts):
-        return int4.Int4Weight(*(torch.stack([getattr(p, f) for p in parts]) for f in ("qweight", "scales", "zeros")),
-                               parts[0].group)
+        return int4.Int4Weight(
+            *(torch.stack([getattr(p, f) for p in parts]) for f in ("qweight", "scales", "zeros")), parts[0].group
+        )
 
     return stack(parts13), stack(parts2)
 
@@ -89,8 +90,8 @@ def make_experts(E: int, N: int, K: int, dtype: str, device: str, seed: int = 0)
         w13 = torch.empty((E, 2 * N, K), dtype=torch.bfloat16, device=device)
         w2 = torch.empty((E, K, N), dtype=torch.bfloat16, device=device)
         for e in range(E):  # per expert: keeps the fp32 temporaries small
-            w13[e] = torch.randn((2 * N, K), generator=g, device=device) / K ** 0.5
-            w2[e] = torch.randn((K, N), generator=g, device=device) / N ** 0.5
+            w13[e] = torch.randn((2 * N, K), generator=g, device=device) / K**0.5
+            w2[e] = torch.randn((K, N), generator=g, device=device) / N**0.5
         return w13, w2, None, None
     w13 = torch.empty((E, 2 * N, K), dtype=torch.float8_e4m3fn, device=device)
     w2 = torch.empty((E, K, N), dtype=torch.float8_e4m3fn, device=device)
@@ -100,7 +101,7 @@ def make_experts(E: int, N: int, K: int, dtype: str, device: str, seed: int = 0)
     # Scales as a real checkpoint's: 1 / (64 * sqrt(fan_in)) with a spread per block.
     s13 = torch.rand((E, 2 * N // 128, -(-K // 128)), generator=g, device=device) + 0.5
     s2 = torch.rand((E, -(-K // 128), -(-N // 128)), generator=g, device=device) + 0.5
-    return w13, w2, s13 / (64 * K ** 0.5), s2 / (64 * N ** 0.5)
+    return w13, w2, s13 / (64 * K**0.5), s2 / (64 * N**0.5)
 
 
 def make_routing(M: int, E: int, topk: int, device: str, gen: torch.Generator):
@@ -169,8 +170,14 @@ def candidates(M: int, dtype: str) -> list[dict]:
         modes = [True, False] if M <= QUANT_IN_KERNEL_MAX_TOKENS else [False]
     out = []
     for (bm, bn, w), st, g, q in itertools.product(tiles, stages, groups, modes):
-        c = {"BLOCK_SIZE_M": bm, "BLOCK_SIZE_N": bn, "BLOCK_SIZE_K": bk, "GROUP_SIZE_M": g, "num_warps": w,
-             "num_stages": st}
+        c = {
+            "BLOCK_SIZE_M": bm,
+            "BLOCK_SIZE_N": bn,
+            "BLOCK_SIZE_K": bk,
+            "GROUP_SIZE_M": g,
+            "num_warps": w,
+            "num_stages": st,
+        }
         if q is not None:
             c["A_QUANT_IN_GEMM"] = q
         out.append(c)
@@ -249,8 +256,11 @@ def precompile(dtype: str, N: int, K: int, items: list[tuple[str, dict]], worker
             if not ok:
                 failed.add((kernel, key, q))
                 print(f"  skip {kernel} {key} quant_in_kernel={q}: {err}", flush=True)
-    print(f"  compiled {len(todo)} kernel variants in {time.time() - t0:.1f}s with {workers} processes "
-          f"({len(failed)} unusable)", flush=True)
+    print(
+        f"  compiled {len(todo)} kernel variants in {time.time() - t0:.1f}s with {workers} processes "
+        f"({len(failed)} unusable)",
+        flush=True,
+    )
     return failed
 
 
@@ -270,15 +280,15 @@ def _reference_rows(hidden, experts, ids, weights, dtype: str, tokens: int, h_in
         if fp8:
             wgu = dequantize_block_fp8(w13[e], s13[e], 128, 128)
             wd = dequantize_block_fp8(w2[e], s2[e], 128, 128)
-            x = dequantize_groups_fp8(*per_token_group_quant_fp8_reference(hidden[t:t + 1]))
+            x = dequantize_groups_fp8(*per_token_group_quant_fp8_reference(hidden[t : t + 1]))
         elif dtype == INT4:
             wgu, wd = dequantize_int4(w13.slot(e)), dequantize_int4(w2.slot(e))
-            x = hidden[t:t + 1].float()
+            x = hidden[t : t + 1].float()
         else:
-            wgu, wd, x = w13[e].float(), w2[e].float(), hidden[t:t + 1].float()
+            wgu, wd, x = w13[e].float(), w2[e].float(), hidden[t : t + 1].float()
         h = (F.silu(x @ wgu[:N].T) * (x @ wgu[N:].T)).bfloat16()
         h_rows.append(h.float())
-        hh = h_in[f:f + 1] if h_in is not None else h
+        hh = h_in[f : f + 1] if h_in is not None else h
         a = dequantize_groups_fp8(*per_token_group_quant_fp8_reference(hh)) if fp8 else hh.float()
         y_rows.append((a @ wd.T) * weights.view(-1)[f])
     return torch.cat(h_rows), torch.cat(y_rows)
@@ -288,8 +298,19 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.float() - b.float()).norm() / b.float().norm().clamp(min=1e-30))
 
 
-def tune_one(dtype: str, E: int, N: int, K: int, topk: int, M: int, experts, failed: set, seed: int,
-             tol: float = 3e-2, device: str = "cuda") -> tuple[dict, dict, float, float]:
+def tune_one(
+    dtype: str,
+    E: int,
+    N: int,
+    K: int,
+    topk: int,
+    M: int,
+    experts,
+    failed: set,
+    seed: int,
+    tol: float = 3e-2,
+    device: str = "cuda",
+) -> tuple[dict, dict, float, float]:
     """Best (up config, down config, up ms, down ms) for M tokens."""
     from moed.kernels.moe_align import moe_align_block_size
 
@@ -309,10 +330,9 @@ def tune_one(dtype: str, E: int, N: int, K: int, topk: int, M: int, experts, fai
     def run_up(cfg):
         aligns = [moe_align_block_size(ids, e2s, cfg["BLOCK_SIZE_M"]) for _, ids, _ in sets]
         hs = [torch.empty((T, N), dtype=torch.bfloat16, device=device) for _ in sets]
-        launches = [lambda i=i: launch_up(dtype, sets[i][0], experts, hs[i], aligns[i], top_k, cfg)
-                    for i in range(rot)]
+        launches = [lambda i=i: launch_up(dtype, sets[i][0], experts, hs[i], aligns[i], top_k, cfg) for i in range(rot)]
         launches[0]()
-        err = _rel(hs[0][:check_tokens * top_k], ref_h)
+        err = _rel(hs[0][: check_tokens * top_k], ref_h)
         if not err < tol:
             return None, err, hs, aligns
         return time_graph(launches), err, hs, aligns
@@ -336,10 +356,12 @@ def tune_one(dtype: str, E: int, N: int, K: int, topk: int, M: int, experts, fai
         if ("down", _compile_key(cfg), _in_gemm(cfg)) in failed:
             continue
         parts = [torch.empty((T, K), dtype=torch.bfloat16, device=device) for _ in sets]
-        launches = [lambda i=i, cfg=cfg, parts=parts: launch_down(dtype, hs[i], experts, parts[i], sets[i][2],
-                                                                  aligns[i], cfg) for i in range(rot)]
+        launches = [
+            lambda i=i, cfg=cfg, parts=parts: launch_down(dtype, hs[i], experts, parts[i], sets[i][2], aligns[i], cfg)
+            for i in range(rot)
+        ]
         launches[0]()
-        err = _rel(parts[0][:check_tokens * top_k], ref_y)
+        err = _rel(parts[0][: check_tokens * top_k], ref_y)
         if not err < tol:
             print(f"    down {cfg} rejected: rel err {err:.2e} vs torch", flush=True)
             continue
@@ -379,8 +401,10 @@ def main(argv: list[str] | None = None) -> int:
         block = [int(v) for v in args.block.split(",")]
         batch_sizes = sorted({int(v) for v in args.batch_sizes.split(",") if v.strip()})
     except ValueError:
-        print(f"tune-moe: --block {args.block!r} / --batch-sizes {args.batch_sizes!r} must be comma-separated ints",
-              file=sys.stderr)
+        print(
+            f"tune-moe: --block {args.block!r} / --batch-sizes {args.batch_sizes!r} must be comma-separated ints",
+            file=sys.stderr,
+        )
         return 2
     if block != [128, 128]:
         print(f"tune-moe: --block {args.block} unsupported; the kernels take FP8 blocks of 128,128", file=sys.stderr)
@@ -398,8 +422,10 @@ def main(argv: list[str] | None = None) -> int:
     out_dir.mkdir(parents=True, exist_ok=True)
     device_name = torch.cuda.get_device_name()
     t_start = time.time()
-    print(f"tune-moe on {device_name}, Triton {triton.__version__}, torch {torch.__version__}; writing {out_dir}",
-          flush=True)
+    print(
+        f"tune-moe on {device_name}, Triton {triton.__version__}, torch {torch.__version__}; writing {out_dir}",
+        flush=True,
+    )
     jobs = [(d, E, N) for d in args.dtype for E in args.E for N in args.N]
     unfinished = []
     for dtype, E, N in jobs:
@@ -416,8 +442,11 @@ def main(argv: list[str] | None = None) -> int:
             items = []
             for m in todo:
                 items += [("gate_up", c) for c in candidates(m, dtype)]
-                items += [("down", c) for bm in {cc["BLOCK_SIZE_M"] for cc in candidates(m, dtype)}
-                          for c in down_candidates(m, dtype, bm)]
+                items += [
+                    ("down", c)
+                    for bm in {cc["BLOCK_SIZE_M"] for cc in candidates(m, dtype)}
+                    for c in down_candidates(m, dtype, bm)
+                ]
             failed = precompile(dtype, N, args.K, items, args.workers)
             experts = make_experts(E, N, args.K, dtype, "cuda", args.seed)
         for m in todo:
@@ -427,8 +456,11 @@ def main(argv: list[str] | None = None) -> int:
             up, down, up_ms, down_ms = tune_one(dtype, E, N, args.K, args.topk, m, experts, failed, args.seed)
             done[str(m)] = {"up": up, "down": down, "up_ms": up_ms, "down_ms": down_ms}
             partial_path.write_text(json.dumps(done, indent=1))
-            print(f"  M={m:5d}: gate_up {up_ms * 1e3:8.1f} us {_short(up)} | down {down_ms * 1e3:8.1f} us "
-                  f"{_short(down)}  ({time.time() - t0:.1f}s)", flush=True)
+            print(
+                f"  M={m:5d}: gate_up {up_ms * 1e3:8.1f} us {_short(up)} | down {down_ms * 1e3:8.1f} us "
+                f"{_short(down)}  ({time.time() - t0:.1f}s)",
+                flush=True,
+            )
         if todo:
             del experts
             torch.cuda.empty_cache()
@@ -456,8 +488,10 @@ def _write_from_log(path: Path, args: argparse.Namespace) -> int:
         return 2
     device = re.search(r"^tune-moe on (.+?), Triton (\S+?),", text, re.M)
     if device is None:
-        print(f"tune-moe: {path} is not a tune-moe log (no 'tune-moe on <device>, Triton <version>' line)",
-              file=sys.stderr)
+        print(
+            f"tune-moe: {path} is not a tune-moe log (no 'tune-moe on <device>, Triton <version>' line)",
+            file=sys.stderr,
+        )
         return 2
     device_name, triton_version = device.group(1), device.group(2)
     out_dir = Path(args.out_dir) if args.out_dir else lookup.PACKAGE_DIR / lookup.triton_dir_name(triton_version)
@@ -480,9 +514,11 @@ def _write_from_log(path: Path, args: argparse.Namespace) -> int:
 
 
 def _short(cfg: dict) -> str:
-    return (f"M{cfg['BLOCK_SIZE_M']} N{cfg['BLOCK_SIZE_N']} K{cfg['BLOCK_SIZE_K']} G{cfg['GROUP_SIZE_M']} "
-            f"w{cfg['num_warps']} s{cfg['num_stages']}" + {True: " qGEMM", False: " qPass", None: ""}[
-                cfg.get("A_QUANT_IN_GEMM")])
+    return (
+        f"M{cfg['BLOCK_SIZE_M']} N{cfg['BLOCK_SIZE_N']} K{cfg['BLOCK_SIZE_K']} G{cfg['GROUP_SIZE_M']} "
+        f"w{cfg['num_warps']} s{cfg['num_stages']}"
+        + {True: " qGEMM", False: " qPass", None: ""}[cfg.get("A_QUANT_IN_GEMM")]
+    )
 
 
 _SHORT = re.compile(r"M(\d+) N(\d+) K(\d+) G(\d+) w(\d+) s(\d+)( qGEMM| qPass)?")

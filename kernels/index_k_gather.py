@@ -23,10 +23,28 @@ from moed.kernels.tl_helpers import cast_rne
 
 
 @triton.jit(do_not_specialize=["stride_pt", "stride_sp", "stride_so", "stride_ss", "stride_sr", "stride_out"])
-def _gather_kernel(src_ptr, scale_ptr, page_table_ptr, seq_lens_ptr, out_start_ptr, out_ptr,
-                   stride_sp, stride_so, stride_ss, stride_sr, stride_pt, stride_out,
-                   D: tl.constexpr, PAGE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                   HAS_SCALE: tl.constexpr, INTERP: tl.constexpr, VEC_S: tl.constexpr, VEC_O: tl.constexpr):
+def _gather_kernel(
+    src_ptr,
+    scale_ptr,
+    page_table_ptr,
+    seq_lens_ptr,
+    out_start_ptr,
+    out_ptr,
+    stride_sp,
+    stride_so,
+    stride_ss,
+    stride_sr,
+    stride_pt,
+    stride_out,
+    D: tl.constexpr,
+    PAGE: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    HAS_SCALE: tl.constexpr,
+    INTERP: tl.constexpr,
+    VEC_S: tl.constexpr,
+    VEC_O: tl.constexpr,
+):
     # VEC_*: the row strides (elements) are multiples of these, so rows move as 16-byte vectors.
     b = tl.program_id(0)
     n0 = tl.program_id(1) * BLOCK_N
@@ -49,8 +67,15 @@ def _gather_kernel(src_ptr, scale_ptr, page_table_ptr, seq_lens_ptr, out_start_p
         tl.store(out_ptr + dst[:, None] + d[None, :], cast_rne(x, out_ptr.dtype.element_ty, INTERP), mask=m2)
 
 
-def gather_paged_rows(src: torch.Tensor, scale: torch.Tensor | None, page_table: torch.Tensor,
-                      seq_lens: torch.Tensor, out_start: torch.Tensor, max_len: int, out: torch.Tensor) -> torch.Tensor:
+def gather_paged_rows(
+    src: torch.Tensor,
+    scale: torch.Tensor | None,
+    page_table: torch.Tensor,
+    seq_lens: torch.Tensor,
+    out_start: torch.Tensor,
+    max_len: int,
+    out: torch.Tensor,
+) -> torch.Tensor:
     """src: [pages, page, D]; scale: [pages, page] fp32 or None; page_table: [batch, max_pages] int32;
     seq_lens: [batch] int32; out_start: [batch] int32; out: [rows, D] -> out (rows >= sum of seq_lens).
 
@@ -58,13 +83,16 @@ def gather_paged_rows(src: torch.Tensor, scale: torch.Tensor | None, page_table:
     """
     _, page, D = src.shape
     if src.stride(2) != 1 or out.stride(1) != 1:
-        raise ValueError(f"gather_paged_rows: rows must have contiguous elements (src strides {src.stride()}, "
-                         f"out strides {out.stride()})")
+        raise ValueError(
+            f"gather_paged_rows: rows must have contiguous elements (src strides {src.stride()}, "
+            f"out strides {out.stride()})"
+        )
     if out.shape[1] != D:
         raise ValueError(f"gather_paged_rows: out has {out.shape[1]} columns, the pool rows have {D}")
     if page_table.dtype != torch.int32 or page_table.stride(1) != 1:
-        raise ValueError(f"page_table must be int32 with contiguous rows, got {page_table.dtype} "
-                         f"strides {page_table.stride()}")
+        raise ValueError(
+            f"page_table must be int32 with contiguous rows, got {page_table.dtype} strides {page_table.stride()}"
+        )
     batch = page_table.shape[0]
     if batch == 0 or max_len <= 0:
         return out
@@ -72,17 +100,39 @@ def gather_paged_rows(src: torch.Tensor, scale: torch.Tensor | None, page_table:
     s = scale if scale is not None else src  # unused pointer when there is no scale
     ss = scale.stride() if scale is not None else (0, 0)
     grid = (batch, triton.cdiv(max_len, block_n))
-    _gather_kernel[grid](src, s, page_table, seq_lens, out_start, out,
-                         src.stride(0), src.stride(1), ss[0], ss[1], page_table.stride(0), out.stride(0),
-                         D=D, PAGE=page, BLOCK_N=block_n, BLOCK_D=triton.next_power_of_2(D),
-                         HAS_SCALE=scale is not None, INTERP=os.environ.get("TRITON_INTERPRET") == "1",
-                         VEC_S=vec(src, src.stride(0), src.stride(1)), VEC_O=vec(out, out.stride(0)))
+    _gather_kernel[grid](
+        src,
+        s,
+        page_table,
+        seq_lens,
+        out_start,
+        out,
+        src.stride(0),
+        src.stride(1),
+        ss[0],
+        ss[1],
+        page_table.stride(0),
+        out.stride(0),
+        D=D,
+        PAGE=page,
+        BLOCK_N=block_n,
+        BLOCK_D=triton.next_power_of_2(D),
+        HAS_SCALE=scale is not None,
+        INTERP=os.environ.get("TRITON_INTERPRET") == "1",
+        VEC_S=vec(src, src.stride(0), src.stride(1)),
+        VEC_O=vec(out, out.stride(0)),
+    )
     return out
 
 
-
-def gather_paged_rows_reference(src: torch.Tensor, scale: torch.Tensor | None, page_table: torch.Tensor,
-                                seq_lens: torch.Tensor, out_start: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+def gather_paged_rows_reference(
+    src: torch.Tensor,
+    scale: torch.Tensor | None,
+    page_table: torch.Tensor,
+    seq_lens: torch.Tensor,
+    out_start: torch.Tensor,
+    out: torch.Tensor,
+) -> torch.Tensor:
     """The same gather in plain torch (host loop over sequences)."""
     page = src.shape[1]
     for b in range(page_table.shape[0]):
@@ -93,5 +143,5 @@ def gather_paged_rows_reference(src: torch.Tensor, scale: torch.Tensor | None, p
         if scale is not None:
             x = x * scale[pg, pos % page][:, None]
         o = int(out_start[b])
-        out[o:o + n] = x.to(out.dtype)
+        out[o : o + n] = x.to(out.dtype)
     return out

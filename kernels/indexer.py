@@ -54,15 +54,58 @@ _TOPK_WORK_ROW = 528
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
-@triton.jit(do_not_specialize=["stride_qt", "stride_qh", "stride_wt", "stride_kp", "stride_ko", "stride_sp",
-                               "stride_so", "stride_pt", "stride_ot", "t_begin", "t_end", "tiles_per_prog"])
-def _scores_kernel(q_ptr, w_ptr, k_ptr, ks_ptr, page_table_ptr, query_start_ptr, positions_ptr, out_ptr,
-                   stride_qt, stride_qh, stride_wt, stride_kp, stride_ko, stride_sp, stride_so, stride_pt,
-                   stride_ot, t_begin, t_end, sm_scale, tiles_per_prog,
-                   HI: tl.constexpr, D: tl.constexpr, PAGE: tl.constexpr, BLOCK_HI: tl.constexpr,
-                   BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, FP8: tl.constexpr,
-                   IEEE: tl.constexpr, F32DOT: tl.constexpr, VEC_Q: tl.constexpr, VEC_K: tl.constexpr,
-                   VEC_O: tl.constexpr):
+@triton.jit(
+    do_not_specialize=[
+        "stride_qt",
+        "stride_qh",
+        "stride_wt",
+        "stride_kp",
+        "stride_ko",
+        "stride_sp",
+        "stride_so",
+        "stride_pt",
+        "stride_ot",
+        "t_begin",
+        "t_end",
+        "tiles_per_prog",
+    ]
+)
+def _scores_kernel(
+    q_ptr,
+    w_ptr,
+    k_ptr,
+    ks_ptr,
+    page_table_ptr,
+    query_start_ptr,
+    positions_ptr,
+    out_ptr,
+    stride_qt,
+    stride_qh,
+    stride_wt,
+    stride_kp,
+    stride_ko,
+    stride_sp,
+    stride_so,
+    stride_pt,
+    stride_ot,
+    t_begin,
+    t_end,
+    sm_scale,
+    tiles_per_prog,
+    HI: tl.constexpr,
+    D: tl.constexpr,
+    PAGE: tl.constexpr,
+    BLOCK_HI: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    FP8: tl.constexpr,
+    IEEE: tl.constexpr,
+    F32DOT: tl.constexpr,
+    VEC_Q: tl.constexpr,
+    VEC_K: tl.constexpr,
+    VEC_O: tl.constexpr,
+):
     # VEC_*: the row strides (elements) are multiples of these, so rows load as 16-byte vectors.
     b = tl.program_id(0)
     q_lo = tl.maximum(tl.load(query_start_ptr + b), t_begin)
@@ -136,8 +179,20 @@ def _row_len(positions_ptr, t_begin, r):
 
 
 @triton.jit(do_not_specialize=["stride_s", "stride_g", "t_begin", "chunk"])
-def _topk_hist_kernel(scores_ptr, positions_ptr, work_ptr, counts_ptr, stride_s, stride_g, t_begin, chunk,
-                      K: tl.constexpr, LEVEL: tl.constexpr, BLOCK: tl.constexpr, WORK_ROW: tl.constexpr):
+def _topk_hist_kernel(
+    scores_ptr,
+    positions_ptr,
+    work_ptr,
+    counts_ptr,
+    stride_s,
+    stride_g,
+    t_begin,
+    chunk,
+    K: tl.constexpr,
+    LEVEL: tl.constexpr,
+    BLOCK: tl.constexpr,
+    WORK_ROW: tl.constexpr,
+):
     # Grid (row, chunk). LEVEL 1: histogram of key bits 31..24; LEVEL 2: of bits 23..16 among the keys whose
     # top byte is the one level 1 chose. Added into the row's work histograms (zeroed by the caller). LEVEL 2
     # also keeps this chunk's counts: G[b] = keys above the chosen top byte + keys in it with byte 2 >= b.
@@ -182,9 +237,25 @@ def _cand_keys(row, cand, c0, n_cand, BLOCK: tl.constexpr):
 
 
 @triton.jit(do_not_specialize=["stride_s", "stride_o", "stride_c", "stride_g", "t_begin", "chunk"])
-def _topk_select_kernel(scores_ptr, positions_ptr, out_ptr, cand_ptr, work_ptr, counts_ptr, stride_s, stride_o,
-                        stride_c, stride_g, t_begin, chunk, K: tl.constexpr, BLOCK: tl.constexpr,
-                        BLOCK_K: tl.constexpr, MAX_CHUNKS: tl.constexpr, WORK_ROW: tl.constexpr):
+def _topk_select_kernel(
+    scores_ptr,
+    positions_ptr,
+    out_ptr,
+    cand_ptr,
+    work_ptr,
+    counts_ptr,
+    stride_s,
+    stride_o,
+    stride_c,
+    stride_g,
+    t_begin,
+    chunk,
+    K: tl.constexpr,
+    BLOCK: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    MAX_CHUNKS: tl.constexpr,
+    WORK_ROW: tl.constexpr,
+):
     # Grid (row, chunk). The lower chunks' counts (level 2) give this chunk's write offsets.
     r = tl.program_id(0)
     c = tl.program_id(1)
@@ -228,8 +299,7 @@ def _topk_select_kernel(scores_ptr, positions_ptr, out_ptr, cand_ptr, work_ptr, 
         done = tl.atomic_add(work + 512, 1, sem="acq_rel")
         if done == n_chunks - 1:
             every = tl.arange(0, MAX_CHUNKS) < n_chunks
-            n_cand = tl.sum(tl.load(g + sel2, mask=every, other=0) - tl.load(g + sel2 + 1, mask=every, other=0),
-                            axis=0)
+            n_cand = tl.sum(tl.load(g + sel2, mask=every, other=0) - tl.load(g + sel2 + 1, mask=every, other=0), axis=0)
             n_out = above1 + above2
             need = K - n_out
             hist = tl.zeros([256], dtype=tl.int32)
@@ -258,9 +328,19 @@ def _topk_select_kernel(scores_ptr, positions_ptr, out_ptr, cand_ptr, work_ptr, 
                 tl.store(out + (K - need) + eq_rank, j, mask=(eq != 0) & (eq_rank < need))
 
 
-def indexer_topk(q: torch.Tensor, weights: torch.Tensor, k: torch.Tensor, k_scale: torch.Tensor | None,
-                 page_table: torch.Tensor, query_start: torch.Tensor, positions: torch.Tensor, max_new: int,
-                 max_context: int, topk: int, out: torch.Tensor | None = None) -> torch.Tensor:
+def indexer_topk(
+    q: torch.Tensor,
+    weights: torch.Tensor,
+    k: torch.Tensor,
+    k_scale: torch.Tensor | None,
+    page_table: torch.Tensor,
+    query_start: torch.Tensor,
+    positions: torch.Tensor,
+    max_new: int,
+    max_context: int,
+    topk: int,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Top-`topk` positions per query token.
 
     q: [tokens, index_n_heads, D] (bf16/fp32); weights: [tokens, index_n_heads] fp32 (already times
@@ -279,8 +359,9 @@ def indexer_topk(q: torch.Tensor, weights: torch.Tensor, k: torch.Tensor, k_scal
     scratch = torch.empty(rows, width, dtype=torch.int32, device=q.device)
     for t_begin in range(0, T, rows):
         t_end = min(T, t_begin + rows)
-        indexer_scores(q, weights, k, k_scale, page_table, query_start, positions, max_new, max_context, scores,
-                       t_begin, t_end)
+        indexer_scores(
+            q, weights, k, k_scale, page_table, query_start, positions, max_new, max_context, scores, t_begin, t_end
+        )
         topk_from_scores(scores, positions, topk, out, scratch, t_begin, t_end)
     return out
 
@@ -294,18 +375,31 @@ class ScoresConfig:
     programs_per_sm: int = 8  # tiles are grouped into runs until the grid has about this many programs per SM
 
 
-def indexer_scores(q: torch.Tensor, weights: torch.Tensor, k: torch.Tensor, k_scale: torch.Tensor | None,
-                   page_table: torch.Tensor, query_start: torch.Tensor, positions: torch.Tensor, max_new: int,
-                   max_context: int, scores: torch.Tensor, t_begin: int = 0, t_end: int | None = None,
-                   config: ScoresConfig | None = None) -> torch.Tensor:
+def indexer_scores(
+    q: torch.Tensor,
+    weights: torch.Tensor,
+    k: torch.Tensor,
+    k_scale: torch.Tensor | None,
+    page_table: torch.Tensor,
+    query_start: torch.Tensor,
+    positions: torch.Tensor,
+    max_new: int,
+    max_context: int,
+    scores: torch.Tensor,
+    t_begin: int = 0,
+    t_end: int | None = None,
+    config: ScoresConfig | None = None,
+) -> torch.Tensor:
     """Scores of tokens [t_begin, t_end) into scores[0 : t_end - t_begin, :max_context] (fp32); entries past a
     token's own position are left unwritten."""
     T, HI, D = q.shape
     t_end = T if t_end is None else t_end
     _check(q, weights, k, page_table)
     if scores.shape[0] < t_end - t_begin or scores.shape[1] < max_context or scores.stride(1) != 1:
-        raise ValueError(f"indexer_scores: score buffer {tuple(scores.shape)} is smaller than "
-                         f"[{t_end - t_begin}, {max_context}] or has strided rows")
+        raise ValueError(
+            f"indexer_scores: score buffer {tuple(scores.shape)} is smaller than "
+            f"[{t_end - t_begin}, {max_context}] or has strided rows"
+        )
     cfg = config or ScoresConfig()
     page = k.shape[1]
     block_hi = max(16, triton.next_power_of_2(HI))
@@ -320,19 +414,56 @@ def indexer_scores(q: torch.Tensor, weights: torch.Tensor, k: torch.Tensor, k_sc
     ks_stride = k_scale.stride() if fp8 else (0, 0)
     ieee = k.dtype == torch.float32
     grid = (batch, t_tiles, triton.cdiv(n_tiles, tiles_per_prog))
-    _scores_kernel[grid](q, weights, k, ks, page_table, query_start, positions, scores,
-                         q.stride(0), q.stride(1), weights.stride(0), k.stride(0), k.stride(1), *ks_stride,
-                         page_table.stride(0), scores.stride(0), t_begin, t_end, D**-0.5, tiles_per_prog,
-                         HI=HI, D=D, PAGE=page, BLOCK_HI=block_hi, BLOCK_D=triton.next_power_of_2(D),
-                         BLOCK_T=block_t, BLOCK_N=block_n, FP8=fp8, IEEE=ieee, F32DOT=ieee or INTERPRET,
-                         VEC_Q=vec(q, q.stride(0), q.stride(1)), VEC_K=vec(k, k.stride(0), k.stride(1)),
-                         VEC_O=vec(scores, scores.stride(0)), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    _scores_kernel[grid](
+        q,
+        weights,
+        k,
+        ks,
+        page_table,
+        query_start,
+        positions,
+        scores,
+        q.stride(0),
+        q.stride(1),
+        weights.stride(0),
+        k.stride(0),
+        k.stride(1),
+        *ks_stride,
+        page_table.stride(0),
+        scores.stride(0),
+        t_begin,
+        t_end,
+        D**-0.5,
+        tiles_per_prog,
+        HI=HI,
+        D=D,
+        PAGE=page,
+        BLOCK_HI=block_hi,
+        BLOCK_D=triton.next_power_of_2(D),
+        BLOCK_T=block_t,
+        BLOCK_N=block_n,
+        FP8=fp8,
+        IEEE=ieee,
+        F32DOT=ieee or INTERPRET,
+        VEC_Q=vec(q, q.stride(0), q.stride(1)),
+        VEC_K=vec(k, k.stride(0), k.stride(1)),
+        VEC_O=vec(scores, scores.stride(0)),
+        num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
+    )
     return scores
 
 
-def topk_from_scores(scores: torch.Tensor, positions: torch.Tensor, topk: int, out: torch.Tensor,
-                     scratch: torch.Tensor, t_begin: int = 0, t_end: int | None = None,
-                     chunks: int | None = None) -> torch.Tensor:
+def topk_from_scores(
+    scores: torch.Tensor,
+    positions: torch.Tensor,
+    topk: int,
+    out: torch.Tensor,
+    scratch: torch.Tensor,
+    t_begin: int = 0,
+    t_end: int | None = None,
+    chunks: int | None = None,
+) -> torch.Tensor:
     """Rows [t_begin, t_end) of `out` [tokens, topk] from score rows [0, t_end - t_begin) of `scores`; row r
     considers positions 0..positions[t_begin + r] (< scores.shape[1]). scratch: int32, at least the shape of the
     rows used (the candidate lists). chunks: programs per row (default: enough to fill the device)."""
@@ -341,8 +472,10 @@ def topk_from_scores(scores: torch.Tensor, positions: torch.Tensor, topk: int, o
     if rows <= 0:
         return out
     if scratch.dtype != torch.int32 or scratch.shape[0] < rows or scratch.shape[1] < scores.shape[1]:
-        raise ValueError(f"topk_from_scores: scratch {tuple(scratch.shape)} {scratch.dtype} must be int32 and "
-                         f"cover scores {tuple(scores.shape)}")
+        raise ValueError(
+            f"topk_from_scores: scratch {tuple(scratch.shape)} {scratch.dtype} must be int32 and "
+            f"cover scores {tuple(scores.shape)}"
+        )
     if scores.stride(1) != 1 or out.stride(1) != 1 or scratch.stride(1) != 1:
         raise ValueError("topk_from_scores: scores, out and scratch need contiguous rows")
     width = scores.shape[1]
@@ -356,12 +489,26 @@ def topk_from_scores(scores: torch.Tensor, positions: torch.Tensor, topk: int, o
     counts = torch.empty(rows, chunks * 272, dtype=torch.int32, device=scores.device)
     common = dict(K=topk, BLOCK=_TOPK_BLOCK, WORK_ROW=_TOPK_WORK_ROW, num_warps=4)
     for level in (1, 2):
-        _topk_hist_kernel[(rows, chunks)](scores, positions, work, counts, scores.stride(0), counts.stride(0),
-                                          t_begin, chunk, LEVEL=level, **common)
-    _topk_select_kernel[(rows, chunks)](scores, positions, out, scratch, work, counts, scores.stride(0),
-                                        out.stride(0), scratch.stride(0), counts.stride(0), t_begin, chunk,
-                                        BLOCK_K=min(1024, triton.next_power_of_2(topk)),
-                                        MAX_CHUNKS=_TOPK_MAX_CHUNKS, **common)
+        _topk_hist_kernel[(rows, chunks)](
+            scores, positions, work, counts, scores.stride(0), counts.stride(0), t_begin, chunk, LEVEL=level, **common
+        )
+    _topk_select_kernel[(rows, chunks)](
+        scores,
+        positions,
+        out,
+        scratch,
+        work,
+        counts,
+        scores.stride(0),
+        out.stride(0),
+        scratch.stride(0),
+        counts.stride(0),
+        t_begin,
+        chunk,
+        BLOCK_K=min(1024, triton.next_power_of_2(topk)),
+        MAX_CHUNKS=_TOPK_MAX_CHUNKS,
+        **common,
+    )
     return out
 
 
@@ -369,8 +516,10 @@ def _check(q: torch.Tensor, weights: torch.Tensor, k: torch.Tensor, page_table: 
     if q.stride(2) != 1 or k.stride(2) != 1:
         raise ValueError(f"indexer: q and k need contiguous head dims (strides {q.stride()}, {k.stride()})")
     if weights.dtype != torch.float32 or weights.stride(1) != 1:
-        raise ValueError(f"indexer: weights must be fp32 [tokens, heads] with contiguous rows, got {weights.dtype} "
-                         f"strides {weights.stride()}")
+        raise ValueError(
+            f"indexer: weights must be fp32 [tokens, heads] with contiguous rows, got {weights.dtype} "
+            f"strides {weights.stride()}"
+        )
     if q.shape[2] != k.shape[2]:
         raise ValueError(f"indexer: q head dim {q.shape[2]} != index-K dim {k.shape[2]}")
     if page_table.dtype != torch.int32 or page_table.stride(1) != 1:
@@ -379,14 +528,16 @@ def _check(q: torch.Tensor, weights: torch.Tensor, k: torch.Tensor, page_table: 
 
 # -- torch reference ------------------------------------------------------------------------------------------
 
+
 def indexer_scores_reference(q: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
     """q: [n, heads, D], weights: [n, heads], keys: [L, D] (dequantised) -> scores [n, L] fp32."""
     s = torch.einsum("nhd,ld->nhl", q.float(), keys.float()) * q.shape[-1] ** -0.5
     return torch.einsum("nh,nhl->nl", weights.float(), torch.relu(s))
 
 
-def indexer_topk_reference(q: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor, q_pos: torch.Tensor,
-                           topk: int) -> torch.Tensor:
+def indexer_topk_reference(
+    q: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor, q_pos: torch.Tensor, topk: int
+) -> torch.Tensor:
     """One sequence: keys [L, D], q_pos [n] -> [n, topk] int32 (sorted by score, -1 = unused)."""
     scores = indexer_scores_reference(q, weights, keys)
     causal = torch.arange(keys.shape[0], device=keys.device)[None, :] <= q_pos[:, None]

@@ -25,9 +25,32 @@ _NOT_MISS = tl.constexpr((1 << 63) - 1)  # sorts after every miss
 
 
 @triton.jit(do_not_specialize=["R", "M", "layer"])
-def _split_kernel(ids_ptr, w_ptr, x_ptr, stride_xm, e2s_ptr, freq_ptr, table_ptr, hdr_ptr, cpu_e_ptr, ids_out,
-                  w_out, x_out, excl_ptr, gw_ptr, sort_ptr, R, M, K, E, k, layer,
-                  BLOCK_E: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
+def _split_kernel(
+    ids_ptr,
+    w_ptr,
+    x_ptr,
+    stride_xm,
+    e2s_ptr,
+    freq_ptr,
+    table_ptr,
+    hdr_ptr,
+    cpu_e_ptr,
+    ids_out,
+    w_out,
+    x_out,
+    excl_ptr,
+    gw_ptr,
+    sort_ptr,
+    R,
+    M,
+    K,
+    E,
+    k,
+    layer,
+    BLOCK_E: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
     offs_e = tl.arange(0, BLOCK_E)
     emask = offs_e < E
     counts = _route_counts(ids_ptr, R, offs_e, BLOCK_E, BLOCK_R)
@@ -71,9 +94,20 @@ def _split_kernel(ids_ptr, w_ptr, x_ptr, stride_xm, e2s_ptr, freq_ptr, table_ptr
     tl.store(hdr_ptr + 5, k)
 
 
-def _check(topk_ids: torch.Tensor, topk_weights: torch.Tensor, hidden: torch.Tensor, cpu_counts: torch.Tensor,
-           header: torch.Tensor, cpu_experts: torch.Tensor, ids_out: torch.Tensor, w_out: torch.Tensor,
-           x_out: torch.Tensor, exclude: torch.Tensor, gpu_weights: torch.Tensor, num_experts: int) -> None:
+def _check(
+    topk_ids: torch.Tensor,
+    topk_weights: torch.Tensor,
+    hidden: torch.Tensor,
+    cpu_counts: torch.Tensor,
+    header: torch.Tensor,
+    cpu_experts: torch.Tensor,
+    ids_out: torch.Tensor,
+    w_out: torch.Tensor,
+    x_out: torch.Tensor,
+    exclude: torch.Tensor,
+    gpu_weights: torch.Tensor,
+    num_experts: int,
+) -> None:
     M, k = topk_ids.shape
     R = M * k
     problems = []
@@ -99,36 +133,85 @@ def _check(topk_ids: torch.Tensor, topk_weights: torch.Tensor, hidden: torch.Ten
         raise ValueError("split_misses: " + "; ".join(problems))
 
 
-def split_misses(topk_ids: torch.Tensor, topk_weights: torch.Tensor, hidden: torch.Tensor,
-                 expert_to_slot: torch.Tensor, expert_freq: torch.Tensor, cpu_counts: torch.Tensor, *,
-                 header: torch.Tensor, cpu_experts: torch.Tensor, ids_out: torch.Tensor, w_out: torch.Tensor,
-                 x_out: torch.Tensor, exclude: torch.Tensor, gpu_weights: torch.Tensor, sort_scratch: torch.Tensor,
-                 layer_index: int) -> None:
+def split_misses(
+    topk_ids: torch.Tensor,
+    topk_weights: torch.Tensor,
+    hidden: torch.Tensor,
+    expert_to_slot: torch.Tensor,
+    expert_freq: torch.Tensor,
+    cpu_counts: torch.Tensor,
+    *,
+    header: torch.Tensor,
+    cpu_experts: torch.Tensor,
+    ids_out: torch.Tensor,
+    w_out: torch.Tensor,
+    x_out: torch.Tensor,
+    exclude: torch.Tensor,
+    gpu_weights: torch.Tensor,
+    sort_scratch: torch.Tensor,
+    layer_index: int,
+) -> None:
     """Split the misses of one step (topk_ids [M, k] int32, topk_weights [M, k], hidden [M, K]) against the slot
     table `expert_to_slot` [E + 1]; see the module docstring for what is written where. `sort_scratch`: int64
     [next_power_of_2(E)] on the device."""
     E = expert_freq.numel()
-    _check(topk_ids, topk_weights, hidden, cpu_counts, header, cpu_experts, ids_out, w_out, x_out, exclude,
-           gpu_weights, E)
+    _check(
+        topk_ids, topk_weights, hidden, cpu_counts, header, cpu_experts, ids_out, w_out, x_out, exclude, gpu_weights, E
+    )
     M, k = topk_ids.shape
     R = M * k
     _split_kernel[(1,)](
-        topk_ids, topk_weights, hidden, hidden.stride(0), expert_to_slot, expert_freq, cpu_counts, header,
-        cpu_experts, ids_out, w_out, x_out, exclude, gpu_weights, sort_scratch, R, M, hidden.shape[1], E, k,
-        layer_index, BLOCK_E=triton.next_power_of_2(E), BLOCK_R=max(16, min(64, triton.next_power_of_2(R))),
-        BLOCK_K=1024, num_warps=4,
+        topk_ids,
+        topk_weights,
+        hidden,
+        hidden.stride(0),
+        expert_to_slot,
+        expert_freq,
+        cpu_counts,
+        header,
+        cpu_experts,
+        ids_out,
+        w_out,
+        x_out,
+        exclude,
+        gpu_weights,
+        sort_scratch,
+        R,
+        M,
+        hidden.shape[1],
+        E,
+        k,
+        layer_index,
+        BLOCK_E=triton.next_power_of_2(E),
+        BLOCK_R=max(16, min(64, triton.next_power_of_2(R))),
+        BLOCK_K=1024,
+        num_warps=4,
     )
 
 
-def split_misses_reference(topk_ids: torch.Tensor, topk_weights: torch.Tensor, hidden: torch.Tensor,
-                           expert_to_slot: torch.Tensor, expert_freq: torch.Tensor, cpu_counts: torch.Tensor, *,
-                           header: torch.Tensor, cpu_experts: torch.Tensor, ids_out: torch.Tensor,
-                           w_out: torch.Tensor, x_out: torch.Tensor, exclude: torch.Tensor, gpu_weights: torch.Tensor,
-                           sort_scratch: torch.Tensor | None = None, layer_index: int) -> None:
+def split_misses_reference(
+    topk_ids: torch.Tensor,
+    topk_weights: torch.Tensor,
+    hidden: torch.Tensor,
+    expert_to_slot: torch.Tensor,
+    expert_freq: torch.Tensor,
+    cpu_counts: torch.Tensor,
+    *,
+    header: torch.Tensor,
+    cpu_experts: torch.Tensor,
+    ids_out: torch.Tensor,
+    w_out: torch.Tensor,
+    x_out: torch.Tensor,
+    exclude: torch.Tensor,
+    gpu_weights: torch.Tensor,
+    sort_scratch: torch.Tensor | None = None,
+    layer_index: int,
+) -> None:
     """Plain-torch `split_misses`: the same outputs, the same order of the CPU's experts."""
     E = expert_freq.numel()
-    _check(topk_ids, topk_weights, hidden, cpu_counts, header, cpu_experts, ids_out, w_out, x_out, exclude,
-           gpu_weights, E)
+    _check(
+        topk_ids, topk_weights, hidden, cpu_counts, header, cpu_experts, ids_out, w_out, x_out, exclude, gpu_weights, E
+    )
     M, k = topk_ids.shape
     R = M * k
     ids = topk_ids.reshape(-1).long().cpu()

@@ -59,8 +59,17 @@ def _rank_in_chunk(bucket, CHUNK: tl.constexpr):
 
 
 @triton.jit
-def _offsets_and_blocks(counts, e2s_ptr, cursor_ptr, block_slot_ptr, num_padded_ptr, num_ids, max_blocks,
-                        BLOCK_M: tl.constexpr, NUM_BINS: tl.constexpr):
+def _offsets_and_blocks(
+    counts,
+    e2s_ptr,
+    cursor_ptr,
+    block_slot_ptr,
+    num_padded_ptr,
+    num_ids,
+    max_blocks,
+    BLOCK_M: tl.constexpr,
+    NUM_BINS: tl.constexpr,
+):
     """counts [NUM_BINS] per expert id -> cursor[id] = start of its run; block_slot; num_padded."""
     bins = tl.arange(0, NUM_BINS)
     counts = tl.where(bins < num_ids, counts, 0)
@@ -88,15 +97,28 @@ def _fill(ptr, start, stop, value):
 
 # Sizes that change with the batch are not specialised on, so a batch size never triggers a recompile.
 @triton.jit(do_not_specialize=["T", "max_padded", "max_blocks"])
-def _align_single_program_kernel(ids_ptr, e2s_ptr, sorted_ptr, block_slot_ptr, num_padded_ptr, cursor_ptr,
-                                 T, num_ids, max_padded, max_blocks,
-                                 BLOCK_M: tl.constexpr, CHUNK: tl.constexpr, NUM_BINS: tl.constexpr):
+def _align_single_program_kernel(
+    ids_ptr,
+    e2s_ptr,
+    sorted_ptr,
+    block_slot_ptr,
+    num_padded_ptr,
+    cursor_ptr,
+    T,
+    num_ids,
+    max_padded,
+    max_blocks,
+    BLOCK_M: tl.constexpr,
+    CHUNK: tl.constexpr,
+    NUM_BINS: tl.constexpr,
+):
     counts = tl.zeros((NUM_BINS,), tl.int32)
     for c0 in range(0, T, CHUNK):
         bucket, _ = _buckets(ids_ptr, c0 + tl.arange(0, CHUNK), T, num_ids)
         counts += tl.histogram(bucket, NUM_BINS)
-    _offsets_and_blocks(counts, e2s_ptr, cursor_ptr, block_slot_ptr, num_padded_ptr, num_ids, max_blocks,
-                        BLOCK_M, NUM_BINS)
+    _offsets_and_blocks(
+        counts, e2s_ptr, cursor_ptr, block_slot_ptr, num_padded_ptr, num_ids, max_blocks, BLOCK_M, NUM_BINS
+    )
     _fill(sorted_ptr, 0, max_padded, T)
     tl.debug_barrier()  # the fill and the cursor must land before the scatter below reads/overwrites them
     bins = tl.arange(0, NUM_BINS)
@@ -111,8 +133,18 @@ def _align_single_program_kernel(ids_ptr, e2s_ptr, sorted_ptr, block_slot_ptr, n
 
 
 @triton.jit(do_not_specialize=["T", "max_padded", "fill_per_program"])
-def _align_count_kernel(ids_ptr, totals_ptr, chunk_base_ptr, sorted_ptr, T, num_ids, max_padded, fill_per_program,
-                        CHUNK: tl.constexpr, NUM_BINS: tl.constexpr):
+def _align_count_kernel(
+    ids_ptr,
+    totals_ptr,
+    chunk_base_ptr,
+    sorted_ptr,
+    T,
+    num_ids,
+    max_padded,
+    fill_per_program,
+    CHUNK: tl.constexpr,
+    NUM_BINS: tl.constexpr,
+):
     pid = tl.program_id(0)
     bins = tl.arange(0, NUM_BINS)
     bucket, _ = _buckets(ids_ptr, pid * CHUNK + tl.arange(0, CHUNK), T, num_ids)
@@ -124,16 +156,27 @@ def _align_count_kernel(ids_ptr, totals_ptr, chunk_base_ptr, sorted_ptr, T, num_
 
 
 @triton.jit(do_not_specialize=["max_blocks"])
-def _align_offsets_kernel(totals_ptr, e2s_ptr, cursor_ptr, block_slot_ptr, num_padded_ptr, num_ids, max_blocks,
-                          BLOCK_M: tl.constexpr, NUM_BINS: tl.constexpr):
+def _align_offsets_kernel(
+    totals_ptr,
+    e2s_ptr,
+    cursor_ptr,
+    block_slot_ptr,
+    num_padded_ptr,
+    num_ids,
+    max_blocks,
+    BLOCK_M: tl.constexpr,
+    NUM_BINS: tl.constexpr,
+):
     counts = tl.load(totals_ptr + tl.arange(0, NUM_BINS))
-    _offsets_and_blocks(counts, e2s_ptr, cursor_ptr, block_slot_ptr, num_padded_ptr, num_ids, max_blocks,
-                        BLOCK_M, NUM_BINS)
+    _offsets_and_blocks(
+        counts, e2s_ptr, cursor_ptr, block_slot_ptr, num_padded_ptr, num_ids, max_blocks, BLOCK_M, NUM_BINS
+    )
 
 
 @triton.jit(do_not_specialize=["T"])
-def _align_scatter_kernel(ids_ptr, cursor_ptr, chunk_base_ptr, sorted_ptr, T, num_ids,
-                          CHUNK: tl.constexpr, NUM_BINS: tl.constexpr):
+def _align_scatter_kernel(
+    ids_ptr, cursor_ptr, chunk_base_ptr, sorted_ptr, T, num_ids, CHUNK: tl.constexpr, NUM_BINS: tl.constexpr
+):
     pid = tl.program_id(0)
     offs = pid * CHUNK + tl.arange(0, CHUNK)
     bucket, valid = _buckets(ids_ptr, offs, T, num_ids)
@@ -159,40 +202,79 @@ def moe_align_block_size(topk_ids: torch.Tensor, expert_to_slot: torch.Tensor, b
     ids = topk_ids.reshape(-1)
     cursor = torch.empty(num_bins, dtype=torch.int32, device=device)
     if T <= SINGLE_PROGRAM_MAX:
-        _align_single_program_kernel[(1,)](ids, expert_to_slot, sorted_ids, block_slot, num_padded, cursor,
-                                           T, num_ids, max_padded, max_blocks,
-                                           BLOCK_M=block_m, CHUNK=CHUNK, NUM_BINS=num_bins, num_warps=4)
+        _align_single_program_kernel[(1,)](
+            ids,
+            expert_to_slot,
+            sorted_ids,
+            block_slot,
+            num_padded,
+            cursor,
+            T,
+            num_ids,
+            max_padded,
+            max_blocks,
+            BLOCK_M=block_m,
+            CHUNK=CHUNK,
+            NUM_BINS=num_bins,
+            num_warps=4,
+        )
         return MoEAlignment(sorted_ids, block_slot, num_padded, block_m)
     chunks = triton.cdiv(T, CHUNK)
     totals = torch.zeros(num_bins, dtype=torch.int32, device=device)
     chunk_base = torch.empty((chunks, num_bins), dtype=torch.int32, device=device)
-    _align_count_kernel[(chunks,)](ids, totals, chunk_base, sorted_ids, T, num_ids, max_padded,
-                                   triton.cdiv(max_padded, chunks), CHUNK=CHUNK, NUM_BINS=num_bins, num_warps=4)
-    _align_offsets_kernel[(1,)](totals, expert_to_slot, cursor, block_slot, num_padded, num_ids, max_blocks,
-                                BLOCK_M=block_m, NUM_BINS=num_bins, num_warps=8)
-    _align_scatter_kernel[(chunks,)](ids, cursor, chunk_base, sorted_ids, T, num_ids,
-                                     CHUNK=CHUNK, NUM_BINS=num_bins, num_warps=4)
+    _align_count_kernel[(chunks,)](
+        ids,
+        totals,
+        chunk_base,
+        sorted_ids,
+        T,
+        num_ids,
+        max_padded,
+        triton.cdiv(max_padded, chunks),
+        CHUNK=CHUNK,
+        NUM_BINS=num_bins,
+        num_warps=4,
+    )
+    _align_offsets_kernel[(1,)](
+        totals,
+        expert_to_slot,
+        cursor,
+        block_slot,
+        num_padded,
+        num_ids,
+        max_blocks,
+        BLOCK_M=block_m,
+        NUM_BINS=num_bins,
+        num_warps=8,
+    )
+    _align_scatter_kernel[(chunks,)](
+        ids, cursor, chunk_base, sorted_ids, T, num_ids, CHUNK=CHUNK, NUM_BINS=num_bins, num_warps=4
+    )
     return MoEAlignment(sorted_ids, block_slot, num_padded, block_m)
 
 
 def _check_inputs(topk_ids: torch.Tensor, expert_to_slot: torch.Tensor, block_m: int) -> None:
     if topk_ids.dtype != torch.int32 or topk_ids.dim() != 2:
-        raise ValueError(f"moe_align_block_size: topk_ids must be int32 [M, k], got {topk_ids.dtype} "
-                         f"{tuple(topk_ids.shape)}")
+        raise ValueError(
+            f"moe_align_block_size: topk_ids must be int32 [M, k], got {topk_ids.dtype} {tuple(topk_ids.shape)}"
+        )
     if expert_to_slot.dtype != torch.int32 or expert_to_slot.dim() != 1 or expert_to_slot.numel() == 0:
-        raise ValueError(f"moe_align_block_size: expert_to_slot must be a non-empty int32 [num_ids] table, got "
-                         f"{expert_to_slot.dtype} {tuple(expert_to_slot.shape)}")
+        raise ValueError(
+            f"moe_align_block_size: expert_to_slot must be a non-empty int32 [num_ids] table, got "
+            f"{expert_to_slot.dtype} {tuple(expert_to_slot.shape)}"
+        )
     if expert_to_slot.device != topk_ids.device:
-        raise ValueError(f"moe_align_block_size: expert_to_slot is on {expert_to_slot.device} but topk_ids on "
-                         f"{topk_ids.device}; the table must live on the device (it is read by the kernel)")
+        raise ValueError(
+            f"moe_align_block_size: expert_to_slot is on {expert_to_slot.device} but topk_ids on "
+            f"{topk_ids.device}; the table must live on the device (it is read by the kernel)"
+        )
     if block_m < 16 or block_m & (block_m - 1):
         raise ValueError(f"moe_align_block_size: block_m {block_m} must be a power of two >= 16")
     if not topk_ids.is_contiguous():
         raise ValueError("moe_align_block_size: topk_ids must be contiguous")
 
 
-def moe_align_block_size_reference(topk_ids: torch.Tensor, expert_to_slot: torch.Tensor,
-                                   block_m: int) -> MoEAlignment:
+def moe_align_block_size_reference(topk_ids: torch.Tensor, expert_to_slot: torch.Tensor, block_m: int) -> MoEAlignment:
     """Plain-torch twin: same buffers, runs in flat-index order inside each expert."""
     _check_inputs(topk_ids, expert_to_slot, block_m)
     T, num_ids = topk_ids.numel(), expert_to_slot.numel()
@@ -206,10 +288,11 @@ def moe_align_block_size_reference(topk_ids: torch.Tensor, expert_to_slot: torch
         rows = torch.nonzero(ids == e).flatten().to(torch.int32)
         if rows.numel() == 0:
             continue
-        sorted_ids[pos:pos + rows.numel()] = rows
+        sorted_ids[pos : pos + rows.numel()] = rows
         n_blocks = -(-rows.numel() // block_m)
-        block_slot[pos // block_m:pos // block_m + n_blocks] = table[e]
+        block_slot[pos // block_m : pos // block_m + n_blocks] = table[e]
         pos += n_blocks * block_m
     dev = topk_ids.device
-    return MoEAlignment(sorted_ids.to(dev), block_slot.to(dev), torch.tensor([pos], dtype=torch.int32, device=dev),
-                        block_m)
+    return MoEAlignment(
+        sorted_ids.to(dev), block_slot.to(dev), torch.tensor([pos], dtype=torch.int32, device=dev), block_m
+    )

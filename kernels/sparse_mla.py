@@ -56,22 +56,89 @@ def default_config(heads: int, tokens: int, fp8: bool = False) -> MLAConfig:
     return MLAConfig(block_h=64, block_n=32, num_warps=8, num_stages=4)
 
 
-@triton.jit(do_not_specialize=["stride_qt", "stride_qh", "stride_rt", "stride_rh", "stride_np", "stride_no",
-                               "stride_rp", "stride_ro", "stride_sp", "stride_so", "stride_it", "stride_pt",
-                               "stride_ot", "stride_oh", "stride_xt", "stride_xs", "stride_xh", "stride_lt",
-                               "stride_ls", "K", "chunk", "num_splits"])
-def _sparse_mla_kernel(q_ptr, qr_ptr, nope_ptr, rope_ptr, scale_ptr, idx_ptr, token_seq_ptr, positions_ptr,
-                       page_table_ptr, o_ptr, part_ptr, lse_ptr,
-                       stride_qt, stride_qh, stride_rt, stride_rh, stride_np, stride_no, stride_rp, stride_ro,
-                       stride_sp, stride_so, stride_it, stride_pt, stride_ot, stride_oh,
-                       stride_xt, stride_xs, stride_xh, stride_lt, stride_ls,
-                       K, chunk, num_splits, sm_scale_log2,
-                       H: tl.constexpr, C: tl.constexpr, R: tl.constexpr,
-                       PAGE: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
-                       BLOCK_R: tl.constexpr, FP8: tl.constexpr, DENSE: tl.constexpr, SWAP: tl.constexpr,
-                       IEEE: tl.constexpr, F32DOT: tl.constexpr, INTERP: tl.constexpr,
-                       VEC_Q: tl.constexpr, VEC_QR: tl.constexpr, VEC_KV: tl.constexpr, VEC_KR: tl.constexpr,
-                       VEC_O: tl.constexpr, VEC_X: tl.constexpr):
+@triton.jit(
+    do_not_specialize=[
+        "stride_qt",
+        "stride_qh",
+        "stride_rt",
+        "stride_rh",
+        "stride_np",
+        "stride_no",
+        "stride_rp",
+        "stride_ro",
+        "stride_sp",
+        "stride_so",
+        "stride_it",
+        "stride_pt",
+        "stride_ot",
+        "stride_oh",
+        "stride_xt",
+        "stride_xs",
+        "stride_xh",
+        "stride_lt",
+        "stride_ls",
+        "K",
+        "chunk",
+        "num_splits",
+    ]
+)
+def _sparse_mla_kernel(
+    q_ptr,
+    qr_ptr,
+    nope_ptr,
+    rope_ptr,
+    scale_ptr,
+    idx_ptr,
+    token_seq_ptr,
+    positions_ptr,
+    page_table_ptr,
+    o_ptr,
+    part_ptr,
+    lse_ptr,
+    stride_qt,
+    stride_qh,
+    stride_rt,
+    stride_rh,
+    stride_np,
+    stride_no,
+    stride_rp,
+    stride_ro,
+    stride_sp,
+    stride_so,
+    stride_it,
+    stride_pt,
+    stride_ot,
+    stride_oh,
+    stride_xt,
+    stride_xs,
+    stride_xh,
+    stride_lt,
+    stride_ls,
+    K,
+    chunk,
+    num_splits,
+    sm_scale_log2,
+    H: tl.constexpr,
+    C: tl.constexpr,
+    R: tl.constexpr,
+    PAGE: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    FP8: tl.constexpr,
+    DENSE: tl.constexpr,
+    SWAP: tl.constexpr,
+    IEEE: tl.constexpr,
+    F32DOT: tl.constexpr,
+    INTERP: tl.constexpr,
+    VEC_Q: tl.constexpr,
+    VEC_QR: tl.constexpr,
+    VEC_KV: tl.constexpr,
+    VEC_KR: tl.constexpr,
+    VEC_O: tl.constexpr,
+    VEC_X: tl.constexpr,
+):
     # VEC_*: the row strides (elements) are multiples of these, so rows move as 16-byte vectors.
     t = tl.program_id(0)
     heads = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
@@ -173,11 +240,36 @@ def _sparse_mla_kernel(q_ptr, qr_ptr, nope_ptr, rope_ptr, scale_ptr, idx_ptr, to
         tl.store(o_ptr + out_row[:, None] + c[None, :], cast_rne(o, o_ptr.dtype.element_ty, INTERP), mask=omask)
 
 
-@triton.jit(do_not_specialize=["stride_pt", "stride_ps", "stride_ph", "stride_lt", "stride_ls", "stride_ot",
-                               "stride_oh", "S", "C"])
-def _combine_kernel(part_ptr, lse_ptr, o_ptr, stride_pt, stride_ps, stride_ph, stride_lt, stride_ls,
-                    stride_ot, stride_oh, S, C, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
-                    INTERP: tl.constexpr):
+@triton.jit(
+    do_not_specialize=[
+        "stride_pt",
+        "stride_ps",
+        "stride_ph",
+        "stride_lt",
+        "stride_ls",
+        "stride_ot",
+        "stride_oh",
+        "S",
+        "C",
+    ]
+)
+def _combine_kernel(
+    part_ptr,
+    lse_ptr,
+    o_ptr,
+    stride_pt,
+    stride_ps,
+    stride_ph,
+    stride_lt,
+    stride_ls,
+    stride_ot,
+    stride_oh,
+    S,
+    C,
+    BLOCK_S: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    INTERP: tl.constexpr,
+):
     t = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1)
     s = tl.arange(0, BLOCK_S)
@@ -186,19 +278,31 @@ def _combine_kernel(part_ptr, lse_ptr, o_ptr, stride_pt, stride_ps, stride_ph, s
     mx = tl.max(lse, axis=0)
     w = tl.exp2(lse - tl.where(mx == float("-inf"), 0.0, mx))
     w = w / tl.maximum(tl.sum(w, axis=0), 1e-30)
-    part = tl.load(part_ptr + t * stride_pt + s[:, None] * stride_ps + h * stride_ph + c[None, :],
-                   mask=(s[:, None] < S) & (c[None, :] < C), other=0.0)
+    part = tl.load(
+        part_ptr + t * stride_pt + s[:, None] * stride_ps + h * stride_ph + c[None, :],
+        mask=(s[:, None] < S) & (c[None, :] < C),
+        other=0.0,
+    )
     o = tl.sum(part * w[:, None], axis=0)
     tl.store(o_ptr + t * stride_ot + h * stride_oh + c, cast_rne(o, o_ptr.dtype.element_ty, INTERP), mask=c < C)
 
 
-
-
-def sparse_mla(q_lat: torch.Tensor, q_rope: torch.Tensor, nope: torch.Tensor, rope: torch.Tensor,
-               scale: torch.Tensor | None, page_table: torch.Tensor, token_seq: torch.Tensor,
-               positions: torch.Tensor, indices: torch.Tensor | None, softmax_scale: float,
-               max_context: int = 0, num_splits: int | None = None, config: MLAConfig | None = None,
-               out: torch.Tensor | None = None) -> torch.Tensor:
+def sparse_mla(
+    q_lat: torch.Tensor,
+    q_rope: torch.Tensor,
+    nope: torch.Tensor,
+    rope: torch.Tensor,
+    scale: torch.Tensor | None,
+    page_table: torch.Tensor,
+    token_seq: torch.Tensor,
+    positions: torch.Tensor,
+    indices: torch.Tensor | None,
+    softmax_scale: float,
+    max_context: int = 0,
+    num_splits: int | None = None,
+    config: MLAConfig | None = None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Absorbed MLA over selected (or, with indices=None, all causal) positions.
 
     q_lat: [tokens, H, C]; q_rope: [tokens, H, R]; nope/rope/scale: the layer's latent pool views
@@ -236,39 +340,112 @@ def sparse_mla(q_lat: torch.Tensor, q_rope: torch.Tensor, nope: torch.Tensor, ro
     idx_stride = indices.stride(0) if indices is not None else 0
     ieee = q_lat.dtype == torch.float32 and nope.dtype == torch.float32
     page = nope.shape[1]
-    common = dict(PAGE=page, BLOCK_H=cfg.block_h, BLOCK_N=cfg.block_n, BLOCK_C=triton.next_power_of_2(C),
-                  BLOCK_R=max(16, triton.next_power_of_2(R)), FP8=fp8, DENSE=indices is None, SWAP=cfg.swap,
-                  IEEE=ieee, F32DOT=ieee or INTERPRET, INTERP=INTERPRET,
-                  num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    common = dict(
+        PAGE=page,
+        BLOCK_H=cfg.block_h,
+        BLOCK_N=cfg.block_n,
+        BLOCK_C=triton.next_power_of_2(C),
+        BLOCK_R=max(16, triton.next_power_of_2(R)),
+        FP8=fp8,
+        DENSE=indices is None,
+        SWAP=cfg.swap,
+        IEEE=ieee,
+        F32DOT=ieee or INTERPRET,
+        INTERP=INTERPRET,
+        num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
+    )
     # Partials [T, splits, H, C] fp32 and base-2 LSE [T, splits, H]; a 1-element dummy when nothing splits.
     shape = (T, num_splits, H) if num_splits > 1 else (1, 1, 1)
     part = torch.empty(*shape, C if num_splits > 1 else 4, dtype=torch.float32, device=q_lat.device)
     lse = torch.empty(*shape, dtype=torch.float32, device=q_lat.device)
     _sparse_mla_kernel[(T, head_blocks, num_splits)](
-        q_lat, q_rope, nope, rope, sc, idx, token_seq, positions, page_table, out, part, lse,
-        q_lat.stride(0), q_lat.stride(1), q_rope.stride(0), q_rope.stride(1), nope.stride(0), nope.stride(1),
-        rope.stride(0), rope.stride(1), *sc_stride, idx_stride, page_table.stride(0), out.stride(0), out.stride(1),
-        part.stride(0), part.stride(1), part.stride(2), lse.stride(0), lse.stride(1),
-        slots, chunk, num_splits, softmax_scale * LOG2E, H=H, C=C, R=R,
-        VEC_Q=vec(q_lat, q_lat.stride(0), q_lat.stride(1)), VEC_QR=vec(q_rope, q_rope.stride(0), q_rope.stride(1)),
-        VEC_KV=vec(nope, nope.stride(0), nope.stride(1)), VEC_KR=vec(rope, rope.stride(0), rope.stride(1)),
-        VEC_O=vec(out, out.stride(0), out.stride(1)), VEC_X=vec(part, C), **common)
+        q_lat,
+        q_rope,
+        nope,
+        rope,
+        sc,
+        idx,
+        token_seq,
+        positions,
+        page_table,
+        out,
+        part,
+        lse,
+        q_lat.stride(0),
+        q_lat.stride(1),
+        q_rope.stride(0),
+        q_rope.stride(1),
+        nope.stride(0),
+        nope.stride(1),
+        rope.stride(0),
+        rope.stride(1),
+        *sc_stride,
+        idx_stride,
+        page_table.stride(0),
+        out.stride(0),
+        out.stride(1),
+        part.stride(0),
+        part.stride(1),
+        part.stride(2),
+        lse.stride(0),
+        lse.stride(1),
+        slots,
+        chunk,
+        num_splits,
+        softmax_scale * LOG2E,
+        H=H,
+        C=C,
+        R=R,
+        VEC_Q=vec(q_lat, q_lat.stride(0), q_lat.stride(1)),
+        VEC_QR=vec(q_rope, q_rope.stride(0), q_rope.stride(1)),
+        VEC_KV=vec(nope, nope.stride(0), nope.stride(1)),
+        VEC_KR=vec(rope, rope.stride(0), rope.stride(1)),
+        VEC_O=vec(out, out.stride(0), out.stride(1)),
+        VEC_X=vec(part, C),
+        **common,
+    )
     if num_splits > 1:
-        _combine_kernel[(T, H)](part, lse, out, part.stride(0), part.stride(1), part.stride(2), lse.stride(0),
-                                lse.stride(1), out.stride(0), out.stride(1), num_splits, C, BLOCK_S=16,
-                                BLOCK_C=triton.next_power_of_2(C), INTERP=INTERPRET, num_warps=4)
+        _combine_kernel[(T, H)](
+            part,
+            lse,
+            out,
+            part.stride(0),
+            part.stride(1),
+            part.stride(2),
+            lse.stride(0),
+            lse.stride(1),
+            out.stride(0),
+            out.stride(1),
+            num_splits,
+            C,
+            BLOCK_S=16,
+            BLOCK_C=triton.next_power_of_2(C),
+            INTERP=INTERPRET,
+            num_warps=4,
+        )
     return out
 
 
 # -- torch reference ------------------------------------------------------------------------------------------
 
-def sparse_mla_reference(q_lat: torch.Tensor, q_rope: torch.Tensor, latent: torch.Tensor, k_rope: torch.Tensor,
-                         q_pos: torch.Tensor, indices: torch.Tensor | None, softmax_scale: float) -> torch.Tensor:
+
+def sparse_mla_reference(
+    q_lat: torch.Tensor,
+    q_rope: torch.Tensor,
+    latent: torch.Tensor,
+    k_rope: torch.Tensor,
+    q_pos: torch.Tensor,
+    indices: torch.Tensor | None,
+    softmax_scale: float,
+) -> torch.Tensor:
     """One sequence in fp32: q_lat [n, H, C], q_rope [n, H, R], latent [L, C], k_rope [L, R] (dequantised),
     q_pos [n], indices [n, k] or None (all causal positions) -> o_lat [n, H, C] fp32."""
     L = latent.shape[0]
-    s = (torch.einsum("nhc,lc->nhl", q_lat.float(), latent.float())
-         + torch.einsum("nhr,lr->nhl", q_rope.float(), k_rope.float())) * softmax_scale
+    s = (
+        torch.einsum("nhc,lc->nhl", q_lat.float(), latent.float())
+        + torch.einsum("nhr,lr->nhl", q_rope.float(), k_rope.float())
+    ) * softmax_scale
     allowed = torch.arange(L, device=latent.device)[None, :] <= q_pos[:, None]
     if indices is not None:
         chosen = torch.zeros(indices.shape[0], L + 1, dtype=torch.bool, device=latent.device)

@@ -53,14 +53,14 @@ NAMESPACE = "moed"
 SCHEMAS = {
     "act_quant_fp8": "(Tensor x, int group_size) -> (Tensor, Tensor)",
     "fused_moe": "(Tensor hidden, Tensor w13, Tensor w2, Tensor topk_ids, Tensor topk_weights, "
-                 "Tensor expert_to_slot, Tensor? w13_scale, Tensor? w2_scale, int[]? block_shape) -> Tensor",
+    "Tensor expert_to_slot, Tensor? w13_scale, Tensor? w2_scale, int[]? block_shape) -> Tensor",
     "indexer_topk": "(Tensor q, Tensor weights, Tensor k, Tensor? k_scale, Tensor page_table, Tensor query_start, "
-                    "Tensor positions, SymInt max_new, SymInt max_context, int topk) -> Tensor",
+    "Tensor positions, SymInt max_new, SymInt max_context, int topk) -> Tensor",
     "sparse_mla": "(Tensor q_lat, Tensor q_rope, Tensor nope, Tensor rope, Tensor? scale, Tensor page_table, "
-                  "Tensor token_seq, Tensor positions, Tensor? indices, float softmax_scale, SymInt max_context, "
-                  "int[]? config) -> Tensor",
+    "Tensor token_seq, Tensor positions, Tensor? indices, float softmax_scale, SymInt max_context, "
+    "int[]? config) -> Tensor",
     "gather_paged_rows": "(Tensor src, Tensor? scale, Tensor page_table, Tensor seq_lens, Tensor out_start, "
-                         "SymInt max_len, Tensor(a!) out) -> ()",
+    "SymInt max_len, Tensor(a!) out) -> ()",
     "paged_store": "(Tensor(a!) pool, Tensor rows, Tensor page, Tensor offset) -> ()",
 }
 MUTATES = {"gather_paged_rows": ("out",), "paged_store": ("pool",)}
@@ -79,8 +79,13 @@ def _register(name: str, cuda: Callable, cpu: Callable | None, fake: Callable) -
     """cuda: the CUDA implementation, or with cpu None the one implementation for every device."""
     if is_registered(name):
         return  # an earlier import registered it; a second definition would replace live kernels
-    op = torch.library.custom_op(f"{NAMESPACE}::{name}", cuda, mutates_args=MUTATES.get(name, ()),
-                                 device_types=None if cpu is None else "cuda", schema=SCHEMAS[name])
+    op = torch.library.custom_op(
+        f"{NAMESPACE}::{name}",
+        cuda,
+        mutates_args=MUTATES.get(name, ()),
+        device_types=None if cpu is None else "cuda",
+        schema=SCHEMAS[name],
+    )
     if cpu is not None:
         op.register_kernel("cpu")(cpu)
     op.register_fake(fake)
@@ -91,6 +96,7 @@ def _pair(block_shape: Sequence[int] | None) -> tuple[int, int] | None:
 
 
 # -- activation quant -----------------------------------------------------------------------------------------
+
 
 def _act_quant_check(x: torch.Tensor, group_size: int) -> None:
     # The kernel wrapper's own checks, here so CPU calls and tracing reject the same inputs.
@@ -109,15 +115,27 @@ def _act_quant_cpu(x: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torc
 def _act_quant_fake(x: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     _act_quant_check(x, group_size)
     M, K = x.shape
-    return (x.new_empty((M, K), dtype=torch.float8_e4m3fn),
-            x.new_empty((M, (K + group_size - 1) // group_size), dtype=torch.float32))
+    return (
+        x.new_empty((M, K), dtype=torch.float8_e4m3fn),
+        x.new_empty((M, (K + group_size - 1) // group_size), dtype=torch.float32),
+    )
 
 
 # -- fused MoE ------------------------------------------------------------------------------------------------
 
+
 def _fused_moe_cuda(hidden, w13, w2, topk_ids, topk_weights, expert_to_slot, w13_scale, w2_scale, block_shape):
-    return fm.fused_moe(hidden, w13, w2, topk_ids, topk_weights, expert_to_slot, w13_scale=w13_scale,
-                        w2_scale=w2_scale, block_shape=_pair(block_shape))
+    return fm.fused_moe(
+        hidden,
+        w13,
+        w2,
+        topk_ids,
+        topk_weights,
+        expert_to_slot,
+        w13_scale=w13_scale,
+        w2_scale=w2_scale,
+        block_shape=_pair(block_shape),
+    )
 
 
 def _fused_moe_cpu(hidden, w13, w2, topk_ids, topk_weights, expert_to_slot, w13_scale, w2_scale, block_shape):
@@ -136,21 +154,30 @@ def _fused_moe_cpu(hidden, w13, w2, topk_ids, topk_weights, expert_to_slot, w13_
     stand_in = ids[served][0]
     ids = torch.where(served, ids, stand_in).to(torch.int32)
     weights = torch.where(served, topk_weights, torch.zeros_like(topk_weights))
-    return fm.fused_moe_reference(hidden, w13, w2, ids, weights, expert_to_slot, w13_scale=w13_scale,
-                                  w2_scale=w2_scale, block_shape=block, quantize_activations=fp8)
+    return fm.fused_moe_reference(
+        hidden,
+        w13,
+        w2,
+        ids,
+        weights,
+        expert_to_slot,
+        w13_scale=w13_scale,
+        w2_scale=w2_scale,
+        block_shape=block,
+        quantize_activations=fp8,
+    )
 
 
 def _fused_moe_fake(hidden, w13, w2, topk_ids, topk_weights, expert_to_slot, w13_scale, w2_scale, block_shape):
-    fm._check(hidden, w13, w2, topk_ids, topk_weights, expert_to_slot, w13_scale, w2_scale, _pair(block_shape),
-              None)
+    fm._check(hidden, w13, w2, topk_ids, topk_weights, expert_to_slot, w13_scale, w2_scale, _pair(block_shape), None)
     return hidden.new_empty(hidden.shape)
 
 
 # -- DSA indexer: scores + top-k ------------------------------------------------------------------------------
 
+
 def _indexer_cuda(q, weights, k, k_scale, page_table, query_start, positions, max_new, max_context, topk):
-    return indexer.indexer_topk(q, weights, k, k_scale, page_table, query_start, positions, max_new, max_context,
-                                topk)
+    return indexer.indexer_topk(q, weights, k, k_scale, page_table, query_start, positions, max_new, max_context, topk)
 
 
 def _paged_rows(pool: torch.Tensor, scale: torch.Tensor | None, pages: torch.Tensor, length: int) -> torch.Tensor:
@@ -172,8 +199,10 @@ def _indexer_cpu(q, weights, k, k_scale, page_table, query_start, positions, max
         pos = positions[t0:t1].long()
         length = int(pos.max()) + 1
         if length > max_context:
-            raise ValueError(f"indexer_topk: sequence {b} has a token at position {length - 1} but max_context is "
-                             f"{max_context} (it must bound every position + 1)")
+            raise ValueError(
+                f"indexer_topk: sequence {b} has a token at position {length - 1} but max_context is "
+                f"{max_context} (it must bound every position + 1)"
+            )
         keys = _paged_rows(k, k_scale, page_table[b], length)
         out[t0:t1] = indexer.indexer_topk_reference(q[t0:t1], weights[t0:t1], keys, pos, topk)
     return out
@@ -188,6 +217,7 @@ def _indexer_fake(q, weights, k, k_scale, page_table, query_start, positions, ma
 
 # -- sparse MLA -----------------------------------------------------------------------------------------------
 
+
 def mla_config_ints(config: mla.MLAConfig | None) -> list[int] | None:
     """An MLAConfig as the op's `config` argument: its fields in declaration order, as ints."""
     return None if config is None else [int(v) for v in dataclasses.astuple(config)]
@@ -198,20 +228,36 @@ def _mla_config(values: Sequence[int] | None) -> mla.MLAConfig | None:
         return None
     fields = dataclasses.fields(mla.MLAConfig)
     if len(values) != len(fields):
-        raise ValueError(f"sparse_mla: config has {len(values)} values; MLAConfig needs {len(fields)} "
-                         f"({', '.join(f.name for f in fields)})")
+        raise ValueError(
+            f"sparse_mla: config has {len(values)} values; MLAConfig needs {len(fields)} "
+            f"({', '.join(f.name for f in fields)})"
+        )
     base = mla.MLAConfig()  # each field's Python type (int or bool), from its default
     return mla.MLAConfig(**{f.name: type(getattr(base, f.name))(v) for f, v in zip(fields, values)})
 
 
-def _sparse_mla_cuda(q_lat, q_rope, nope, rope, scale, page_table, token_seq, positions, indices, softmax_scale,
-                     max_context, config):
-    return mla.sparse_mla(q_lat, q_rope, nope, rope, scale, page_table, token_seq, positions, indices, softmax_scale,
-                          max_context=max_context, config=_mla_config(config))
+def _sparse_mla_cuda(
+    q_lat, q_rope, nope, rope, scale, page_table, token_seq, positions, indices, softmax_scale, max_context, config
+):
+    return mla.sparse_mla(
+        q_lat,
+        q_rope,
+        nope,
+        rope,
+        scale,
+        page_table,
+        token_seq,
+        positions,
+        indices,
+        softmax_scale,
+        max_context=max_context,
+        config=_mla_config(config),
+    )
 
 
-def _sparse_mla_cpu(q_lat, q_rope, nope, rope, scale, page_table, token_seq, positions, indices, softmax_scale,
-                    max_context, config):
+def _sparse_mla_cpu(
+    q_lat, q_rope, nope, rope, scale, page_table, token_seq, positions, indices, softmax_scale, max_context, config
+):
     _mla_config(config)
     if indices is None and max_context <= 0:
         raise ValueError("sparse_mla: dense mode (indices=None) needs max_context > 0")
@@ -233,16 +279,20 @@ def _sparse_mla_cpu(q_lat, q_rope, nope, rope, scale, page_table, token_seq, pos
     return out
 
 
-def _sparse_mla_fake(q_lat, q_rope, nope, rope, scale, page_table, token_seq, positions, indices, softmax_scale,
-                     max_context, config):
+def _sparse_mla_fake(
+    q_lat, q_rope, nope, rope, scale, page_table, token_seq, positions, indices, softmax_scale, max_context, config
+):
     _mla_config(config)
     if q_lat.dim() != 3 or q_rope.dim() != 3 or q_rope.shape[:2] != q_lat.shape[:2]:
-        raise ValueError(f"sparse_mla: q_lat [tokens, H, C] and q_rope [tokens, H, R] disagree: "
-                         f"{tuple(q_lat.shape)}, {tuple(q_rope.shape)}")
+        raise ValueError(
+            f"sparse_mla: q_lat [tokens, H, C] and q_rope [tokens, H, R] disagree: "
+            f"{tuple(q_lat.shape)}, {tuple(q_rope.shape)}"
+        )
     return q_lat.new_empty(q_lat.shape)
 
 
 # -- paged-row gather -----------------------------------------------------------------------------------------
+
 
 def _gather_cuda(src, scale, page_table, seq_lens, out_start, max_len, out) -> None:
     index_k_gather.gather_paged_rows(src, scale, page_table, seq_lens, out_start, max_len, out)
@@ -257,8 +307,10 @@ def _gather_cpu(src, scale, page_table, seq_lens, out_start, max_len, out) -> No
 
 def _gather_check(src: torch.Tensor, out: torch.Tensor) -> None:
     if src.dim() != 3 or out.dim() != 2 or out.shape[1] != src.shape[2]:
-        raise ValueError(f"gather_paged_rows: src must be [pages, page, D] and out [rows, D], got "
-                         f"{tuple(src.shape)} and {tuple(out.shape)}")
+        raise ValueError(
+            f"gather_paged_rows: src must be [pages, page, D] and out [rows, D], got "
+            f"{tuple(src.shape)} and {tuple(out.shape)}"
+        )
 
 
 def _gather_fake(src, scale, page_table, seq_lens, out_start, max_len, out) -> None:
@@ -267,12 +319,20 @@ def _gather_fake(src, scale, page_table, seq_lens, out_start, max_len, out) -> N
 
 # -- paged KV write -------------------------------------------------------------------------------------------
 
+
 def _paged_store_check(pool: torch.Tensor, rows: torch.Tensor, page: torch.Tensor, offset: torch.Tensor) -> None:
-    if pool.dim() < 2 or page.shape != offset.shape or page.dim() != 1 or rows.shape[0] != page.shape[0] \
-            or rows.shape[1:] != pool.shape[2:]:
-        raise ValueError(f"paged_store: want pool [pages, page, ...], rows [n, ...] matching its row shape and "
-                         f"page/offset [n]; got pool {tuple(pool.shape)}, rows {tuple(rows.shape)}, page "
-                         f"{tuple(page.shape)}, offset {tuple(offset.shape)}")
+    if (
+        pool.dim() < 2
+        or page.shape != offset.shape
+        or page.dim() != 1
+        or rows.shape[0] != page.shape[0]
+        or rows.shape[1:] != pool.shape[2:]
+    ):
+        raise ValueError(
+            f"paged_store: want pool [pages, page, ...], rows [n, ...] matching its row shape and "
+            f"page/offset [n]; got pool {tuple(pool.shape)}, rows {tuple(rows.shape)}, page "
+            f"{tuple(page.shape)}, offset {tuple(offset.shape)}"
+        )
 
 
 def _paged_store(pool: torch.Tensor, rows: torch.Tensor, page: torch.Tensor, offset: torch.Tensor) -> None:
@@ -294,40 +354,97 @@ _register("paged_store", _paged_store, None, _paged_store_fake)
 
 # -- the kernel functions' signatures, through the ops --------------------------------------------------------
 
+
 def per_token_group_quant_fp8(x: torch.Tensor, group_size: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
     """As `act_quant.per_token_group_quant_fp8`: x [M, K] -> (q e4m3 [M, K], scale fp32 [M, ceil(K / G)])."""
     return torch.ops.moed.act_quant_fp8(x, group_size)
 
 
-def fused_moe(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_ids: torch.Tensor,
-              topk_weights: torch.Tensor, expert_to_slot: torch.Tensor, *, w13_scale: torch.Tensor | None = None,
-              w2_scale: torch.Tensor | None = None, block_shape: Sequence[int] | None = None) -> torch.Tensor:
+def fused_moe(
+    hidden: torch.Tensor,
+    w13: torch.Tensor,
+    w2: torch.Tensor,
+    topk_ids: torch.Tensor,
+    topk_weights: torch.Tensor,
+    expert_to_slot: torch.Tensor,
+    *,
+    w13_scale: torch.Tensor | None = None,
+    w2_scale: torch.Tensor | None = None,
+    block_shape: Sequence[int] | None = None,
+) -> torch.Tensor:
     """As `fused_moe.fused_moe` with tile configs from the tuned tables: hidden bf16 [M, K] -> bf16 [M, K]."""
-    return torch.ops.moed.fused_moe(hidden, w13, w2, topk_ids, topk_weights, expert_to_slot, w13_scale, w2_scale,
-                                    None if block_shape is None else list(block_shape))
+    return torch.ops.moed.fused_moe(
+        hidden,
+        w13,
+        w2,
+        topk_ids,
+        topk_weights,
+        expert_to_slot,
+        w13_scale,
+        w2_scale,
+        None if block_shape is None else list(block_shape),
+    )
 
 
-def indexer_topk(q: torch.Tensor, weights: torch.Tensor, k: torch.Tensor, k_scale: torch.Tensor | None,
-                 page_table: torch.Tensor, query_start: torch.Tensor, positions: torch.Tensor, max_new: int,
-                 max_context: int, topk: int) -> torch.Tensor:
+def indexer_topk(
+    q: torch.Tensor,
+    weights: torch.Tensor,
+    k: torch.Tensor,
+    k_scale: torch.Tensor | None,
+    page_table: torch.Tensor,
+    query_start: torch.Tensor,
+    positions: torch.Tensor,
+    max_new: int,
+    max_context: int,
+    topk: int,
+) -> torch.Tensor:
     """As `indexer.indexer_topk`: [tokens, topk] int32 positions (-1 = unused); CUDA order is unspecified."""
-    return torch.ops.moed.indexer_topk(q, weights, k, k_scale, page_table, query_start, positions, max_new,
-                                       max_context, topk)
+    return torch.ops.moed.indexer_topk(
+        q, weights, k, k_scale, page_table, query_start, positions, max_new, max_context, topk
+    )
 
 
-def sparse_mla(q_lat: torch.Tensor, q_rope: torch.Tensor, nope: torch.Tensor, rope: torch.Tensor,
-               scale: torch.Tensor | None, page_table: torch.Tensor, token_seq: torch.Tensor,
-               positions: torch.Tensor, indices: torch.Tensor | None, softmax_scale: float, max_context: int = 0,
-               config: mla.MLAConfig | None = None) -> torch.Tensor:
+def sparse_mla(
+    q_lat: torch.Tensor,
+    q_rope: torch.Tensor,
+    nope: torch.Tensor,
+    rope: torch.Tensor,
+    scale: torch.Tensor | None,
+    page_table: torch.Tensor,
+    token_seq: torch.Tensor,
+    positions: torch.Tensor,
+    indices: torch.Tensor | None,
+    softmax_scale: float,
+    max_context: int = 0,
+    config: mla.MLAConfig | None = None,
+) -> torch.Tensor:
     """As `sparse_mla.sparse_mla` (default split count, fresh output): o_lat [tokens, H, C] in q_lat's dtype.
     `indices` rows must not repeat a position (the indexer's never do): the kernel would count it twice."""
-    return torch.ops.moed.sparse_mla(q_lat, q_rope, nope, rope, scale, page_table, token_seq, positions, indices,
-                                     softmax_scale, max_context, mla_config_ints(config))
+    return torch.ops.moed.sparse_mla(
+        q_lat,
+        q_rope,
+        nope,
+        rope,
+        scale,
+        page_table,
+        token_seq,
+        positions,
+        indices,
+        softmax_scale,
+        max_context,
+        mla_config_ints(config),
+    )
 
 
-def gather_paged_rows(src: torch.Tensor, scale: torch.Tensor | None, page_table: torch.Tensor,
-                      seq_lens: torch.Tensor, out_start: torch.Tensor, max_len: int, out: torch.Tensor
-                      ) -> torch.Tensor:
+def gather_paged_rows(
+    src: torch.Tensor,
+    scale: torch.Tensor | None,
+    page_table: torch.Tensor,
+    seq_lens: torch.Tensor,
+    out_start: torch.Tensor,
+    max_len: int,
+    out: torch.Tensor,
+) -> torch.Tensor:
     """As `index_k_gather.gather_paged_rows`: fills out [rows, D] in place and returns it."""
     torch.ops.moed.gather_paged_rows(src, scale, page_table, seq_lens, out_start, max_len, out)
     return out

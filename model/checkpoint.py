@@ -38,31 +38,89 @@ log = logging.getLogger(__name__)
 
 # The GLM-5.1-FP8 release's config values (see the project's shared glm51/config.json).
 GLM51 = {
-    "vocab_size": 154880, "hidden_size": 6144, "intermediate_size": 12288, "moe_intermediate_size": 2048,
-    "num_hidden_layers": 78, "first_k_dense_replace": 3, "num_nextn_predict_layers": 1,
-    "num_attention_heads": 64, "num_key_value_heads": 64, "q_lora_rank": 2048, "kv_lora_rank": 512,
-    "qk_nope_head_dim": 192, "qk_rope_head_dim": 64, "v_head_dim": 256, "index_topk": 2048,
-    "index_head_dim": 128, "index_n_heads": 32, "n_routed_experts": 256, "n_shared_experts": 1,
-    "num_experts_per_tok": 8, "n_group": 1, "topk_group": 1, "topk_method": "noaux_tc", "scoring_func": "sigmoid",
-    "norm_topk_prob": True, "routed_scaling_factor": 2.5, "hidden_act": "silu", "attention_bias": False,
-    "mlp_bias": False, "rms_norm_eps": 1e-5, "max_position_embeddings": 202752,
-    "rope_parameters": {"rope_theta": 1000000, "rope_type": "default"}, "tie_word_embeddings": False,
+    "vocab_size": 154880,
+    "hidden_size": 6144,
+    "intermediate_size": 12288,
+    "moe_intermediate_size": 2048,
+    "num_hidden_layers": 78,
+    "first_k_dense_replace": 3,
+    "num_nextn_predict_layers": 1,
+    "num_attention_heads": 64,
+    "num_key_value_heads": 64,
+    "q_lora_rank": 2048,
+    "kv_lora_rank": 512,
+    "qk_nope_head_dim": 192,
+    "qk_rope_head_dim": 64,
+    "v_head_dim": 256,
+    "index_topk": 2048,
+    "index_head_dim": 128,
+    "index_n_heads": 32,
+    "n_routed_experts": 256,
+    "n_shared_experts": 1,
+    "num_experts_per_tok": 8,
+    "n_group": 1,
+    "topk_group": 1,
+    "topk_method": "noaux_tc",
+    "scoring_func": "sigmoid",
+    "norm_topk_prob": True,
+    "routed_scaling_factor": 2.5,
+    "hidden_act": "silu",
+    "attention_bias": False,
+    "mlp_bias": False,
+    "rms_norm_eps": 1e-5,
+    "max_position_embeddings": 202752,
+    "rope_parameters": {"rope_theta": 1000000, "rope_type": "default"},
+    "tie_word_embeddings": False,
     "dtype": "bfloat16",
 }
 
 PRESETS: dict[str, dict] = {
     # Grouped routing (n_group 4, topk_group 2) is exercised here though GLM-5.1 uses one group.
-    "tiny": {**GLM51, "vocab_size": 1024, "hidden_size": 128, "intermediate_size": 256,
-             "moe_intermediate_size": 64, "num_hidden_layers": 4, "first_k_dense_replace": 1,
-             "num_attention_heads": 4, "num_key_value_heads": 4, "q_lora_rank": 64, "kv_lora_rank": 64,
-             "qk_nope_head_dim": 32, "qk_rope_head_dim": 16, "v_head_dim": 32, "index_topk": 16,
-             "index_head_dim": 32, "index_n_heads": 16, "n_routed_experts": 16, "num_experts_per_tok": 4,
-             "n_group": 4, "topk_group": 2, "max_position_embeddings": 4096},
-    "small": {**GLM51, "vocab_size": 4096, "hidden_size": 512, "intermediate_size": 1024,
-              "moe_intermediate_size": 256, "num_hidden_layers": 6, "first_k_dense_replace": 1,
-              "num_attention_heads": 8, "num_key_value_heads": 8, "q_lora_rank": 256, "kv_lora_rank": 128,
-              "qk_nope_head_dim": 64, "qk_rope_head_dim": 32, "v_head_dim": 64, "index_topk": 128,
-              "index_head_dim": 64, "index_n_heads": 8, "n_routed_experts": 64, "max_position_embeddings": 32768},
+    "tiny": {
+        **GLM51,
+        "vocab_size": 1024,
+        "hidden_size": 128,
+        "intermediate_size": 256,
+        "moe_intermediate_size": 64,
+        "num_hidden_layers": 4,
+        "first_k_dense_replace": 1,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 4,
+        "q_lora_rank": 64,
+        "kv_lora_rank": 64,
+        "qk_nope_head_dim": 32,
+        "qk_rope_head_dim": 16,
+        "v_head_dim": 32,
+        "index_topk": 16,
+        "index_head_dim": 32,
+        "index_n_heads": 16,
+        "n_routed_experts": 16,
+        "num_experts_per_tok": 4,
+        "n_group": 4,
+        "topk_group": 2,
+        "max_position_embeddings": 4096,
+    },
+    "small": {
+        **GLM51,
+        "vocab_size": 4096,
+        "hidden_size": 512,
+        "intermediate_size": 1024,
+        "moe_intermediate_size": 256,
+        "num_hidden_layers": 6,
+        "first_k_dense_replace": 1,
+        "num_attention_heads": 8,
+        "num_key_value_heads": 8,
+        "q_lora_rank": 256,
+        "kv_lora_rank": 128,
+        "qk_nope_head_dim": 64,
+        "qk_rope_head_dim": 32,
+        "v_head_dim": 64,
+        "index_topk": 128,
+        "index_head_dim": 64,
+        "index_n_heads": 8,
+        "n_routed_experts": 64,
+        "max_position_embeddings": 32768,
+    },
     "glm51-slice": {**GLM51, "num_hidden_layers": 3, "first_k_dense_replace": 1},
     "glm51": dict(GLM51),
 }
@@ -84,8 +142,14 @@ class TensorSpec:
     fp32: bool = False  # stored in fp32 whatever the checkpoint dtype
 
 
-def make_config(preset: str, layers: int | None = None, experts: int | None = None,
-                mtp_layers: int | None = None, fp8: bool = False, int4_experts: bool = False) -> dict:
+def make_config(
+    preset: str,
+    layers: int | None = None,
+    experts: int | None = None,
+    mtp_layers: int | None = None,
+    fp8: bool = False,
+    int4_experts: bool = False,
+) -> dict:
     if preset not in PRESETS:
         raise ValueError(f"unknown preset '{preset}' (choose from {', '.join(PRESETS)})")
     raw = dict(PRESETS[preset])
@@ -104,19 +168,37 @@ def make_config(preset: str, layers: int | None = None, experts: int | None = No
     raw["head_dim"] = raw["qk_rope_head_dim"]
     if fp8:
         raw["quantization_config"] = {
-            "quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic", "weight_block_size": [128, 128],
+            "quant_method": "fp8",
+            "fmt": "e4m3",
+            "activation_scheme": "dynamic",
+            "weight_block_size": [128, 128],
             "modules_to_not_convert": ["lm_head", "model.embed_tokens", "mlp.gate", "indexer.weights_proj"],
         }
     if int4_experts:
         raw["quantization_config"] = {
-            "quant_method": "compressed-tensors", "format": "pack-quantized", "quantization_status": "compressed",
-            "config_groups": {"group_0": {
-                "targets": [ROUTED_EXPERT], "format": "pack-quantized", "input_activations": None,
-                "output_activations": None,
-                "weights": {"num_bits": 4, "type": "int", "symmetric": False, "strategy": "group",
-                            "group_size": int4.GROUP_SIZE, "dynamic": False, "actorder": None, "observer": "minmax"},
-            }},
-            "ignore": ["lm_head"], "kv_cache_scheme": None,
+            "quant_method": "compressed-tensors",
+            "format": "pack-quantized",
+            "quantization_status": "compressed",
+            "config_groups": {
+                "group_0": {
+                    "targets": [ROUTED_EXPERT],
+                    "format": "pack-quantized",
+                    "input_activations": None,
+                    "output_activations": None,
+                    "weights": {
+                        "num_bits": 4,
+                        "type": "int",
+                        "symmetric": False,
+                        "strategy": "group",
+                        "group_size": int4.GROUP_SIZE,
+                        "dynamic": False,
+                        "actorder": None,
+                        "observer": "minmax",
+                    },
+                }
+            },
+            "ignore": ["lm_head"],
+            "kv_cache_scheme": None,
         }
     return raw
 
@@ -218,10 +300,18 @@ def _draw(spec: TensorSpec, seed: int, device: torch.device) -> torch.Tensor:
     return x
 
 
-def make_checkpoint(out_dir: str | Path, preset: str = "tiny", dtype: str = "bf16", seed: int = 0,
-                    layers: int | None = None, experts: int | None = None, mtp_layers: int | None = None,
-                    shard_bytes: int | None = None, device: str | None = None,
-                    config_overrides: dict | None = None) -> Path:
+def make_checkpoint(
+    out_dir: str | Path,
+    preset: str = "tiny",
+    dtype: str = "bf16",
+    seed: int = 0,
+    layers: int | None = None,
+    experts: int | None = None,
+    mtp_layers: int | None = None,
+    shard_bytes: int | None = None,
+    device: str | None = None,
+    config_overrides: dict | None = None,
+) -> Path:
     if dtype not in DTYPES:
         raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}, got '{dtype}'")
     out = Path(out_dir)
@@ -235,10 +325,21 @@ def make_checkpoint(out_dir: str | Path, preset: str = "tiny", dtype: str = "bf1
     raw["pad_token_id"] = ids["<|endoftext|>"]
     raw["bos_token_id"] = ids["[gMASK]"]
     (out / "config.json").write_text(json.dumps(raw, indent=2) + "\n")
-    (out / "generation_config.json").write_text(json.dumps({
-        "_from_model_config": True, "bos_token_id": raw["bos_token_id"], "eos_token_id": raw["eos_token_id"],
-        "pad_token_id": raw["pad_token_id"], "do_sample": True, "temperature": 1.0, "top_p": 0.95,
-    }, indent=2) + "\n")
+    (out / "generation_config.json").write_text(
+        json.dumps(
+            {
+                "_from_model_config": True,
+                "bos_token_id": raw["bos_token_id"],
+                "eos_token_id": raw["eos_token_id"],
+                "pad_token_id": raw["pad_token_id"],
+                "do_sample": True,
+                "temperature": 1.0,
+                "top_p": 0.95,
+            },
+            indent=2,
+        )
+        + "\n"
+    )
 
     store_dtype = torch.bfloat16
     limit = shard_bytes or DEFAULT_SHARD_BYTES[preset]

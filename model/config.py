@@ -71,9 +71,21 @@ _OPTIONAL: dict[str, tuple[type | tuple[type, ...], Any]] = {
 }
 
 # Keys the parser consumes itself (derived or restructured), so they are not kept in `extra`.
-_CONSUMED = {"rope_parameters", "rope_theta", "rope_scaling", "quantization_config", "indexer_types",
-             "index_topk_pattern", "index_topk_freq", "index_skip_topk_offset", "mlp_layer_types",
-             "architectures", "model_type", "head_dim", "layer_types"}
+_CONSUMED = {
+    "rope_parameters",
+    "rope_theta",
+    "rope_scaling",
+    "quantization_config",
+    "indexer_types",
+    "index_topk_pattern",
+    "index_topk_freq",
+    "index_skip_topk_offset",
+    "mlp_layer_types",
+    "architectures",
+    "model_type",
+    "head_dim",
+    "layer_types",
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -176,8 +188,16 @@ class GlmMoeDsaConfig:
         """The config.json this config came from, with moed's normalisations applied."""
         out: dict[str, Any] = {"architectures": ["GlmMoeDsaForCausalLM"], "model_type": "glm_moe_dsa"}
         for f in dataclasses.fields(self):
-            if f.name in ("extra", "source", "quantization", "pack_quantization", "indexer_types", "rope_theta",
-                          "rope_type", "eos_token_ids"):
+            if f.name in (
+                "extra",
+                "source",
+                "quantization",
+                "pack_quantization",
+                "indexer_types",
+                "rope_theta",
+                "rope_type",
+                "eos_token_ids",
+            ):
                 continue
             out[f.name] = getattr(self, f.name)
         out["eos_token_id"] = list(self.eos_token_ids)
@@ -188,7 +208,9 @@ class GlmMoeDsaConfig:
         if self.quantization is not None:
             q = self.quantization
             out["quantization_config"] = {
-                "quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+                "quant_method": "fp8",
+                "fmt": "e4m3",
+                "activation_scheme": "dynamic",
                 "weight_block_size": [q.block_n, q.block_k],
                 "modules_to_not_convert": list(q.modules_to_not_convert),
             }
@@ -305,8 +327,10 @@ def _parse_quantization(q: Any, err) -> Fp8Quantization | None:
         raise err("quantization_config", f"expected an object, got {q!r}")
     method = q.get("quant_method")
     if method != "fp8":
-        raise err("quantization_config.quant_method", f"'{method}' is not supported (only 'fp8' and "
-                  "'compressed-tensors' with format 'pack-quantized')")
+        raise err(
+            "quantization_config.quant_method",
+            f"'{method}' is not supported (only 'fp8' and 'compressed-tensors' with format 'pack-quantized')",
+        )
     fmt = q.get("fmt", "e4m3")
     if fmt != "e4m3":
         raise err("quantization_config.fmt", f"'{fmt}' is not supported (only 'e4m3')")
@@ -355,16 +379,20 @@ def _check_consistency(cfg: GlmMoeDsaConfig, raw: dict[str, Any], err) -> None:
     if cfg.scoring_func != "sigmoid":
         raise err("scoring_func", f"'{cfg.scoring_func}' is not supported (GLM-5.1 uses sigmoid)")
     if cfg.first_k_dense_replace > cfg.num_hidden_layers:
-        raise err("first_k_dense_replace", f"{cfg.first_k_dense_replace} > num_hidden_layers "
-                  f"{cfg.num_hidden_layers}")
+        raise err("first_k_dense_replace", f"{cfg.first_k_dense_replace} > num_hidden_layers {cfg.num_hidden_layers}")
     if cfg.num_attention_heads % cfg.num_key_value_heads:
-        raise err("num_key_value_heads", f"{cfg.num_key_value_heads} does not divide num_attention_heads "
-                  f"{cfg.num_attention_heads}")
+        raise err(
+            "num_key_value_heads",
+            f"{cfg.num_key_value_heads} does not divide num_attention_heads {cfg.num_attention_heads}",
+        )
     if cfg.qk_rope_head_dim % 2:
         raise err("qk_rope_head_dim", f"must be even for rotary pairs, got {cfg.qk_rope_head_dim}")
     if cfg.index_head_dim < cfg.qk_rope_head_dim:
-        raise err("index_head_dim", f"{cfg.index_head_dim} < qk_rope_head_dim {cfg.qk_rope_head_dim} "
-                  "(the indexer ropes its first qk_rope_head_dim dims)")
+        raise err(
+            "index_head_dim",
+            f"{cfg.index_head_dim} < qk_rope_head_dim {cfg.qk_rope_head_dim} "
+            "(the indexer ropes its first qk_rope_head_dim dims)",
+        )
     if cfg.n_routed_experts % cfg.n_group:
         raise err("n_group", f"{cfg.n_group} does not divide n_routed_experts {cfg.n_routed_experts}")
     if not 1 <= cfg.topk_group <= cfg.n_group:
@@ -373,8 +401,10 @@ def _check_consistency(cfg: GlmMoeDsaConfig, raw: dict[str, Any], err) -> None:
     if cfg.n_group > 1 and per_group < 2:
         raise err("n_group", "each group needs >= 2 experts (groups are scored by their top-2)")
     if cfg.num_experts_per_tok > cfg.topk_group * per_group:
-        raise err("num_experts_per_tok", f"{cfg.num_experts_per_tok} > experts reachable through "
-                  f"topk_group={cfg.topk_group} groups of {per_group}")
+        raise err(
+            "num_experts_per_tok",
+            f"{cfg.num_experts_per_tok} > experts reachable through topk_group={cfg.topk_group} groups of {per_group}",
+        )
     if cfg.num_nextn_predict_layers < 0:
         raise err("num_nextn_predict_layers", "must be >= 0")
     head_dim = raw.get("head_dim")

@@ -58,8 +58,7 @@ class MLAAttention(nn.Module):
         self.q_a_proj = _linear(cfg.hidden_size, cfg.q_lora_rank, cfg.attention_bias)
         self.q_a_layernorm = RMSNorm(cfg.q_lora_rank, 1e-6)
         self.q_b_proj = _linear(cfg.q_lora_rank, H * cfg.qk_head_dim)
-        self.kv_a_proj_with_mqa = _linear(cfg.hidden_size, cfg.kv_lora_rank + cfg.qk_rope_head_dim,
-                                          cfg.attention_bias)
+        self.kv_a_proj_with_mqa = _linear(cfg.hidden_size, cfg.kv_lora_rank + cfg.qk_rope_head_dim, cfg.attention_bias)
         self.kv_a_layernorm = RMSNorm(cfg.kv_lora_rank, 1e-6)
         self.kv_b_proj = _linear(cfg.kv_lora_rank, H * (cfg.qk_nope_head_dim + cfg.v_head_dim))
         self.o_proj = _linear(H * cfg.v_head_dim, cfg.hidden_size, cfg.attention_bias)
@@ -67,8 +66,15 @@ class MLAAttention(nn.Module):
         full = layer >= cfg.num_hidden_layers or cfg.indexer_types[layer] == "full"
         self.indexer = Indexer(cfg) if full else None
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backend: AttentionBackend,
-                ctx: StepContext, prev_topk: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        backend: AttentionBackend,
+        ctx: StepContext,
+        prev_topk: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         cfg = self.cfg
         T, H = x.shape[0], cfg.num_attention_heads
         q_resid = self.q_a_layernorm(self.q_a_proj(x))  # [T, q_lora_rank]
@@ -91,8 +97,9 @@ class MLAAttention(nn.Module):
             w = ix.weights_proj(x.to(ix.weights_proj.weight.dtype)).float() * cfg.index_n_heads**-0.5
             index_inputs = IndexerInputs(q=iq, k=ik, weights=w)
 
-        out, topk = backend.attend(self.layer, LayerWeights(kv_b_proj=self.kv_b_proj.weight), mla,
-                                   index_inputs, prev_topk, ctx)
+        out, topk = backend.attend(
+            self.layer, LayerWeights(kv_b_proj=self.kv_b_proj.weight), mla, index_inputs, prev_topk, ctx
+        )
         return self.o_proj(out), topk
 
 
@@ -135,12 +142,20 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.self_attn = MLAAttention(cfg, layer)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.mlp: nn.Module = (MoEBlock(cfg, layer) if cfg.is_moe_layer(layer)
-                               else DenseMLP(cfg.hidden_size, cfg.intermediate_size))
+        self.mlp: nn.Module = (
+            MoEBlock(cfg, layer) if cfg.is_moe_layer(layer) else DenseMLP(cfg.hidden_size, cfg.intermediate_size)
+        )
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backend: AttentionBackend,
-                runner: MoERunner, ctx: StepContext, prev_topk: torch.Tensor | None
-                ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        backend: AttentionBackend,
+        runner: MoERunner,
+        ctx: StepContext,
+        prev_topk: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         attn, topk = self.self_attn(self.input_layernorm(x), cos, sin, backend, ctx, prev_topk)
         x = x + attn
         h = self.post_attention_layernorm(x)
@@ -194,8 +209,9 @@ class GlmMoeDsaForCausalLM(nn.Module):
     def _rope(self, ctx: StepContext) -> tuple[torch.Tensor, torch.Tensor]:
         return rope_cos_sin(ctx.positions, self.inv_freq, self.dtype)
 
-    def forward(self, input_ids: torch.Tensor, ctx: StepContext, backend: AttentionBackend,
-                runner: MoERunner) -> torch.Tensor:
+    def forward(
+        self, input_ids: torch.Tensor, ctx: StepContext, backend: AttentionBackend, runner: MoERunner
+    ) -> torch.Tensor:
         """input_ids: [tokens] -> final hidden states [tokens, hidden_size] (after the final norm)."""
         cos, sin = self._rope(ctx)
         x = self.model.embed_tokens(input_ids)
@@ -208,9 +224,16 @@ class GlmMoeDsaForCausalLM(nn.Module):
         """hidden: [tokens, hidden_size] -> [tokens, vocab_size]."""
         return self.lm_head(hidden)
 
-    def mtp_forward(self, index: int, input_ids: torch.Tensor, prev_hidden: torch.Tensor, ctx: StepContext,
-                    backend: AttentionBackend, runner: MoERunner, logit_rows: torch.Tensor | None = None
-                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def mtp_forward(
+        self,
+        index: int,
+        input_ids: torch.Tensor,
+        prev_hidden: torch.Tensor,
+        ctx: StepContext,
+        backend: AttentionBackend,
+        runner: MoERunner,
+        logit_rows: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Draft step `index` of the MTP stack.
 
         input_ids: [tokens] (the token after each position), prev_hidden: [tokens, hidden_size] (the

@@ -46,8 +46,12 @@ class Int4Cache:
         self.dir.mkdir(parents=True, exist_ok=True)
         source = self.dir / "source.json"
         if not source.exists():
-            source.write_text(json.dumps({"checkpoint": str(checkpoint_dir.resolve()), "quantiser": QUANTISER,
-                                          "group_size": int4.GROUP_SIZE}) + "\n")
+            source.write_text(
+                json.dumps(
+                    {"checkpoint": str(checkpoint_dir.resolve()), "quantiser": QUANTISER, "group_size": int4.GROUP_SIZE}
+                )
+                + "\n"
+            )
         self._pending: dict[str, torch.Tensor] = {}
 
     def path(self, layer: int) -> Path:
@@ -68,14 +72,23 @@ class Int4Cache:
                 for proj in PROJS:
                     p = f"model.layers.{layer}.mlp.experts.{e}.{proj}."
                     if tuple(t[p + "weight_shape"].tolist()) != shapes[proj]:
-                        raise ValueError(f"{p}weight_shape is {t[p + 'weight_shape'].tolist()}, want "
-                                         f"{list(shapes[proj])}")
-                    parts.append(int4.from_pack_quantized(t[p + "weight_packed"], t[p + "weight_scale"], shapes[proj],
-                                                          t.get(p + "weight_zero_point"), int4.GROUP_SIZE))
+                        raise ValueError(
+                            f"{p}weight_shape is {t[p + 'weight_shape'].tolist()}, want {list(shapes[proj])}"
+                        )
+                    parts.append(
+                        int4.from_pack_quantized(
+                            t[p + "weight_packed"],
+                            t[p + "weight_scale"],
+                            shapes[proj],
+                            t.get(p + "weight_zero_point"),
+                            int4.GROUP_SIZE,
+                        )
+                    )
                 experts.append(ExpertWeights.from_int4(*parts))
         except Exception as e:  # safetensors raises its own types; any unreadable file is rebuilt, never trusted
-            log.warning("int4 cache %s is unusable (%s: %s); quantising layer %d again", path, type(e).__name__, e,
-                        layer)
+            log.warning(
+                "int4 cache %s is unusable (%s: %s); quantising layer %d again", path, type(e).__name__, e, layer
+            )
             return None
         return experts
 

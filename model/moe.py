@@ -50,29 +50,53 @@ class ExpertWeights:
 
     @property
     def nbytes(self) -> int:
-        ts = [self.gate_proj, self.up_proj, self.down_proj, self.gate_scale_inv, self.up_scale_inv,
-              self.down_scale_inv, self.gate_zeros, self.up_zeros, self.down_zeros]
+        ts = [
+            self.gate_proj,
+            self.up_proj,
+            self.down_proj,
+            self.gate_scale_inv,
+            self.up_scale_inv,
+            self.down_scale_inv,
+            self.gate_zeros,
+            self.up_zeros,
+            self.down_zeros,
+        ]
         return sum(t.numel() * t.element_size() for t in ts if t is not None)
 
     def int4(self) -> tuple[Int4Weight, Int4Weight, Int4Weight]:
         """(gate, up, down) as Int4Weight views (no copies); only for int4 experts."""
         assert self.is_int4 and self.group_size is not None
-        return (Int4Weight(self.gate_proj, self.gate_scale_inv, self.gate_zeros, self.group_size),
-                Int4Weight(self.up_proj, self.up_scale_inv, self.up_zeros, self.group_size),
-                Int4Weight(self.down_proj, self.down_scale_inv, self.down_zeros, self.group_size))
+        return (
+            Int4Weight(self.gate_proj, self.gate_scale_inv, self.gate_zeros, self.group_size),
+            Int4Weight(self.up_proj, self.up_scale_inv, self.up_zeros, self.group_size),
+            Int4Weight(self.down_proj, self.down_scale_inv, self.down_zeros, self.group_size),
+        )
 
     @classmethod
     def from_int4(cls, gate: Int4Weight, up: Int4Weight, down: Int4Weight) -> ExpertWeights:
-        return cls(gate.qweight, up.qweight, down.qweight, gate.scales, up.scales, down.scales, gate.zeros, up.zeros,
-                   down.zeros, gate.group)
+        return cls(
+            gate.qweight,
+            up.qweight,
+            down.qweight,
+            gate.scales,
+            up.scales,
+            down.scales,
+            gate.zeros,
+            up.zeros,
+            down.zeros,
+            gate.group,
+        )
 
     def dequantized(self, block: tuple[int, int] | None, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
         """(gate, up, down) in `dtype`, dequantised exactly as the reference does when FP8 or int4."""
         if self.is_int4:
             return tuple(dequantize_int4(w, dtype) for w in self.int4())
         out = []
-        for w, s in ((self.gate_proj, self.gate_scale_inv), (self.up_proj, self.up_scale_inv),
-                     (self.down_proj, self.down_scale_inv)):
+        for w, s in (
+            (self.gate_proj, self.gate_scale_inv),
+            (self.up_proj, self.up_scale_inv),
+            (self.down_proj, self.down_scale_inv),
+        ):
             if w.dtype == torch.float8_e4m3fn:
                 assert s is not None and block is not None
                 out.append(dequantize_block_fp8(w, s, *block, dtype=dtype))
@@ -81,8 +105,9 @@ class ExpertWeights:
         return tuple(out)
 
 
-def route(hidden: torch.Tensor, gate_weight: torch.Tensor, correction_bias: torch.Tensor,
-          cfg: GlmMoeDsaConfig) -> tuple[torch.Tensor, torch.Tensor]:
+def route(
+    hidden: torch.Tensor, gate_weight: torch.Tensor, correction_bias: torch.Tensor, cfg: GlmMoeDsaConfig
+) -> tuple[torch.Tensor, torch.Tensor]:
     """hidden: [tokens, hidden_size] -> (topk_weights fp32 [tokens, k], topk_ids int32 [tokens, k])."""
     logits = F.linear(hidden.float(), gate_weight.float())  # [tokens, E]
     scores = logits.sigmoid()
@@ -110,7 +135,6 @@ class MoERunner(Protocol):
         """Every expert has been handed over; raise if one is missing."""
         ...
 
-    def run(self, layer: int, hidden: torch.Tensor, topk_ids: torch.Tensor,
-            topk_weights: torch.Tensor) -> torch.Tensor:
+    def run(self, layer: int, hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
         """hidden: [tokens, hidden_size], topk_ids int32 / topk_weights fp32: [tokens, k] -> [tokens, hidden_size]."""
         ...

@@ -16,8 +16,9 @@ def rope_inv_freq(rope_dim: int, theta: float, device: torch.device | str | None
     return 1.0 / (theta ** (torch.arange(0, rope_dim, 2, dtype=torch.float, device=device) / rope_dim))
 
 
-def rope_cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.dtype
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
+def rope_cos_sin(
+    positions: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
     """positions: [tokens] -> cos, sin: [tokens, rope_dim // 2] in `dtype` (rounded like the reference)."""
     freqs = positions[:, None].float() * inv_freq[None, :].to(positions.device)
     return freqs.cos().to(dtype), freqs.sin().to(dtype)

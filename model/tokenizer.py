@@ -17,11 +17,31 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-SPECIAL_TOKENS = ["<|endoftext|>", "[MASK]", "[gMASK]", "[sMASK]", "<sop>", "<eop>", "<|system|>", "<|user|>",
-                  "<|assistant|>", "<|observation|>"]
+SPECIAL_TOKENS = [
+    "<|endoftext|>",
+    "[MASK]",
+    "[gMASK]",
+    "[sMASK]",
+    "<sop>",
+    "<eop>",
+    "<|system|>",
+    "<|user|>",
+    "<|assistant|>",
+    "<|observation|>",
+]
 # Added tokens kept in decoded text (GLM marks them special=false): reasoning and tool-call markup.
-TEXT_TOKENS = ["<think>", "</think>", "<tool_call>", "</tool_call>", "<arg_key>", "</arg_key>", "<arg_value>",
-               "</arg_value>", "<tool_response>", "</tool_response>"]
+TEXT_TOKENS = [
+    "<think>",
+    "</think>",
+    "<tool_call>",
+    "</tool_call>",
+    "<arg_key>",
+    "</arg_key>",
+    "<arg_value>",
+    "</arg_value>",
+    "<tool_response>",
+    "</tool_response>",
+]
 EOS_TOKENS = ["<|endoftext|>", "<|user|>", "<|observation|>"]
 
 # GLM-4.7 / GLM-5's template structure, written with explicit whitespace control so it renders the
@@ -143,9 +163,17 @@ def write_tokenizer(out_dir: Path, vocab_size: int, max_length: int) -> dict[str
         "clean_up_tokenization_spaces": False,
         "do_lower_case": False,
         "chat_template": CHAT_TEMPLATE,
-        "added_tokens_decoder": {str(ids[t]): {"content": t, "special": t in SPECIAL_TOKENS, "lstrip": False,
-                                               "rstrip": False, "normalized": False, "single_word": False}
-                                 for t in SPECIAL_TOKENS + TEXT_TOKENS},
+        "added_tokens_decoder": {
+            str(ids[t]): {
+                "content": t,
+                "special": t in SPECIAL_TOKENS,
+                "lstrip": False,
+                "rstrip": False,
+                "normalized": False,
+                "single_word": False,
+            }
+            for t in SPECIAL_TOKENS + TEXT_TOKENS
+        },
     }
     (out_dir / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
     return ids
@@ -159,5 +187,6 @@ def render_chat(template: str, messages: list[dict], add_generation_prompt: bool
 
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols])
     env.filters["tojson"] = lambda x, ensure_ascii=False, indent=None, separators=None, sort_keys=False: json.dumps(
-        x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+        x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys
+    )
     return env.from_string(template).render(messages=messages, add_generation_prompt=add_generation_prompt, **kwargs)

@@ -65,13 +65,13 @@ class Checkpoint:
             path = self.dir / shard
             if not path.exists():
                 names = [n for n, s in weight_map.items() if s == shard]
-                raise CheckpointError(f"{path}: shard listed in {INDEX_FILE} (for {names[0]} and "
-                                      f"{len(names) - 1} more) is missing")
+                raise CheckpointError(
+                    f"{path}: shard listed in {INDEX_FILE} (for {names[0]} and {len(names) - 1} more) is missing"
+                )
             self.headers[shard] = _read_header(path)
         for name, shard in weight_map.items():
             if name not in self.headers[shard]:
-                raise CheckpointError(f"{self.dir / shard}: tensor {name} listed in {INDEX_FILE} is not in "
-                                      "the shard")
+                raise CheckpointError(f"{self.dir / shard}: tensor {name} listed in {INDEX_FILE} is not in the shard")
         self._open: dict[str, object] = {}
 
     def __contains__(self, name: str) -> bool:
@@ -221,8 +221,12 @@ def load_model(
         return sum(ckpt.nbytes(n) for n in stored_names(ckpt, name))
 
     total = sum(nbytes(n) for n in params)
-    total += sum(nbytes(t) for layer in expert_layers for e in range(cfg.n_routed_experts)
-                 for t in expert_names(layer, e).values())
+    total += sum(
+        nbytes(t)
+        for layer in expert_layers
+        for e in range(cfg.n_routed_experts)
+        for t in expert_names(layer, e).values()
+    )
     quantise = expert_dtype == "int4"
     cache = Int4Cache(int4_cache_dir, ckpt.dir, cfg) if quantise and int4_cache_dir is not None else None
     qdev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -266,8 +270,11 @@ def quantize_expert(weights: ExpertWeights, cfg: GlmMoeDsaConfig, device: torch.
     q = cfg.quantization
     block = (q.block_n, q.block_k) if q is not None else None
     parts = []
-    for w, s in ((weights.gate_proj, weights.gate_scale_inv), (weights.up_proj, weights.up_scale_inv),
-                 (weights.down_proj, weights.down_scale_inv)):
+    for w, s in (
+        (weights.gate_proj, weights.gate_scale_inv),
+        (weights.up_proj, weights.up_scale_inv),
+        (weights.down_proj, weights.down_scale_inv),
+    ):
         w = w.to(device)
         full = dequantize_block_fp8(w, s.to(device), *block) if w.dtype == torch.float8_e4m3fn else w.float()
         qw = int4.quantize_int4(full)
@@ -280,31 +287,47 @@ def _read_int4(ckpt: Checkpoint, name: str, expected: tuple[int, int], cfg: GlmM
     base = name.removesuffix(".weight")
     pq = cfg.pack_quantization
     if pq is None:
-        raise CheckpointError(f"{ckpt.file_of(base + '.' + PACKED)}: tensor {base}.{PACKED} is pack-quantized but "
-                              "config.json has no compressed-tensors quantization_config")
+        raise CheckpointError(
+            f"{ckpt.file_of(base + '.' + PACKED)}: tensor {base}.{PACKED} is pack-quantized but "
+            "config.json has no compressed-tensors quantization_config"
+        )
     for part in ("weight_scale", "weight_shape"):
         if f"{base}.{part}" not in ckpt:
             raise CheckpointError(f"{ckpt.dir}: tensor {base}.{part} is missing (needed by {base}.{PACKED})")
     shape = tuple(int(v) for v in ckpt.get(f"{base}.weight_shape").tolist())
     if shape != expected:
-        raise CheckpointError(f"{ckpt.file_of(base + '.weight_shape')}: {base}.weight_shape is {list(shape)}, "
-                              f"expected {list(expected)}")
+        raise CheckpointError(
+            f"{ckpt.file_of(base + '.weight_shape')}: {base}.weight_shape is {list(shape)}, expected {list(expected)}"
+        )
     g_idx = f"{base}.weight_g_idx"
     if g_idx in ckpt:  # activation order that keeps groups contiguous is harmless; permuted groups are not
         want = torch.arange(expected[1]) // pq.group_size
         if not torch.equal(ckpt.get(g_idx).long(), want):
-            raise CheckpointError(f"{ckpt.file_of(g_idx)}: {g_idx} permutes the quantisation groups "
-                                  "(actorder 'group'), which moed does not support")
+            raise CheckpointError(
+                f"{ckpt.file_of(g_idx)}: {g_idx} permutes the quantisation groups "
+                "(actorder 'group'), which moed does not support"
+            )
     zp = f"{base}.weight_zero_point"
     try:
-        return int4.from_pack_quantized(ckpt.get(f"{base}.{PACKED}"), ckpt.get(f"{base}.weight_scale"), shape,
-                                        ckpt.get(zp) if zp in ckpt else None, pq.group_size)
+        return int4.from_pack_quantized(
+            ckpt.get(f"{base}.{PACKED}"),
+            ckpt.get(f"{base}.weight_scale"),
+            shape,
+            ckpt.get(zp) if zp in ckpt else None,
+            pq.group_size,
+        )
     except ValueError as e:
         raise CheckpointError(f"{ckpt.file_of(base + '.' + PACKED)}: {base}: {e}") from None
 
 
-def _read_weight(ckpt: Checkpoint, name: str, expected: tuple[int, ...], cfg: GlmMoeDsaConfig,
-                 dequantize: bool = True, device: torch.device | str | None = None) -> torch.Tensor:
+def _read_weight(
+    ckpt: Checkpoint,
+    name: str,
+    expected: tuple[int, ...],
+    cfg: GlmMoeDsaConfig,
+    dequantize: bool = True,
+    device: torch.device | str | None = None,
+) -> torch.Tensor:
     """The tensor as stored; FP8 dequantised (on `device` when given: FP8 bytes cross to the GPU, not fp32)."""
     base = name.removesuffix(".weight")
     if name not in ckpt and f"{base}.{PACKED}" in ckpt and len(expected) == 2:
@@ -313,23 +336,23 @@ def _read_weight(ckpt: Checkpoint, name: str, expected: tuple[int, ...], cfg: Gl
         raise CheckpointError(f"{ckpt.dir}: tensor {name} is missing (expected shape {list(expected)})")
     shape = ckpt.shape(name)
     if shape != expected:
-        raise CheckpointError(f"{ckpt.file_of(name)}: tensor {name} has shape {list(shape)}, expected "
-                              f"{list(expected)}")
+        raise CheckpointError(f"{ckpt.file_of(name)}: tensor {name} has shape {list(shape)}, expected {list(expected)}")
     t = ckpt.get(name)
     if t.dtype != torch.float8_e4m3fn:
         return t
     if cfg.quantization is None:
-        raise CheckpointError(f"{ckpt.file_of(name)}: tensor {name} is float8_e4m3fn but config.json has no "
-                              "quantization_config")
+        raise CheckpointError(
+            f"{ckpt.file_of(name)}: tensor {name} is float8_e4m3fn but config.json has no quantization_config"
+        )
     bn, bk = cfg.quantization.block_n, cfg.quantization.block_k
     sname = name.removesuffix(".weight") + ".weight_scale_inv"
     sexp = scale_shape(*expected, bn, bk)
     if sname not in ckpt:
-        raise CheckpointError(f"{ckpt.dir}: tensor {sname} is missing (FP8 weight {name} needs shape "
-                              f"{list(sexp)})")
+        raise CheckpointError(f"{ckpt.dir}: tensor {sname} is missing (FP8 weight {name} needs shape {list(sexp)})")
     if ckpt.shape(sname) != sexp:
-        raise CheckpointError(f"{ckpt.file_of(sname)}: tensor {sname} has shape {list(ckpt.shape(sname))}, "
-                              f"expected {list(sexp)}")
+        raise CheckpointError(
+            f"{ckpt.file_of(sname)}: tensor {sname} has shape {list(ckpt.shape(sname))}, expected {list(sexp)}"
+        )
     scale = ckpt.get(sname)
     if not dequantize:
         return t
@@ -347,8 +370,9 @@ def read_expert(ckpt: Checkpoint, cfg: GlmMoeDsaConfig, layer: int, expert: int)
         q = [_read_int4(ckpt, name, shapes[proj], cfg) for proj, name in names.items()]
         if any(w.zeros is not None for w in q):  # symmetric = zero point 0: spelled out where an expert mixes both
             q = [w.with_zero_points() for w in q]
-        return ExpertWeights.from_int4(*q), sum(ckpt.nbytes(n) for name in names.values()
-                                                 for n in stored_names(ckpt, name))
+        return ExpertWeights.from_int4(*q), sum(
+            ckpt.nbytes(n) for name in names.values() for n in stored_names(ckpt, name)
+        )
     parts: dict[str, torch.Tensor | None] = {}
     nbytes = 0
     for proj, name in names.items():

@@ -50,8 +50,16 @@ def triton_dir_name(version: str) -> str:
     return "triton_{}_{}_{}".format(*m.groups())
 
 
-def file_name(E: int, N: int, device_name: str, dtype: str | None, block_shape: list[int] | tuple[int, ...] | None,
-              *, down: bool = False, vllm: bool = False) -> str:
+def file_name(
+    E: int,
+    N: int,
+    device_name: str,
+    dtype: str | None,
+    block_shape: list[int] | tuple[int, ...] | None,
+    *,
+    down: bool = False,
+    vllm: bool = False,
+) -> str:
     """The config file name sglang (default) or vLLM (`vllm=True`, no `_down`) would look for."""
     dev = device_name.replace(" ", "_")
     name = f"E={E},N={N},device_name={dev}"
@@ -98,8 +106,9 @@ def load_table(path: Path) -> dict[int, dict]:
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ConfigFileError(f"MoE config {path}: entry {key!r} has {k}={v!r}; want a positive int")
         if not isinstance(cfg.get("A_QUANT_IN_GEMM", False), bool):
-            raise ConfigFileError(f"MoE config {path}: entry {key!r} has A_QUANT_IN_GEMM="
-                                  f"{cfg['A_QUANT_IN_GEMM']!r}; want true or false")
+            raise ConfigFileError(
+                f"MoE config {path}: entry {key!r} has A_QUANT_IN_GEMM={cfg['A_QUANT_IN_GEMM']!r}; want true or false"
+            )
         table[m] = {k: cfg[k] for k in (*KEYS, *OPTIONAL_KEYS) if k in cfg}
     if not table:
         raise ConfigFileError(f"MoE config {path}: no entries")
@@ -115,13 +124,31 @@ def default_config(M: int, dtype: str | None, block_shape: tuple[int, ...] | Non
     """Built-in tiles for shapes nobody tuned: small row blocks for decode, wider tiles for prefill."""
     bm = 16 if M <= 32 else 32 if M <= 128 else 64
     if dtype == "fp8_w8a8" and block_shape:
-        return {"BLOCK_SIZE_M": bm, "BLOCK_SIZE_N": 128, "BLOCK_SIZE_K": block_shape[1],
-                "GROUP_SIZE_M": 1 if M <= 128 else 32, "num_warps": 4, "num_stages": 3}
+        return {
+            "BLOCK_SIZE_M": bm,
+            "BLOCK_SIZE_N": 128,
+            "BLOCK_SIZE_K": block_shape[1],
+            "GROUP_SIZE_M": 1 if M <= 128 else 32,
+            "num_warps": 4,
+            "num_stages": 3,
+        }
     if dtype == "int4_w4a16":  # K steps of one 128-wide quantisation group (the kernel needs BLOCK_SIZE_K | group)
-        return {"BLOCK_SIZE_M": bm, "BLOCK_SIZE_N": 64 if M <= 128 else 128, "BLOCK_SIZE_K": 128,
-                "GROUP_SIZE_M": 1 if M <= 128 else 8, "num_warps": 4, "num_stages": 3}
-    return {"BLOCK_SIZE_M": bm, "BLOCK_SIZE_N": 64 if M <= 128 else 128, "BLOCK_SIZE_K": 64,
-            "GROUP_SIZE_M": 1 if M <= 128 else 8, "num_warps": 4, "num_stages": 3}
+        return {
+            "BLOCK_SIZE_M": bm,
+            "BLOCK_SIZE_N": 64 if M <= 128 else 128,
+            "BLOCK_SIZE_K": 128,
+            "GROUP_SIZE_M": 1 if M <= 128 else 8,
+            "num_warps": 4,
+            "num_stages": 3,
+        }
+    return {
+        "BLOCK_SIZE_M": bm,
+        "BLOCK_SIZE_N": 64 if M <= 128 else 128,
+        "BLOCK_SIZE_K": 64,
+        "GROUP_SIZE_M": 1 if M <= 128 else 8,
+        "num_warps": 4,
+        "num_stages": 3,
+    }
 
 
 @dataclasses.dataclass(frozen=True)
@@ -148,8 +175,16 @@ def config_roots() -> list[Path]:
     return [*roots, PACKAGE_DIR]
 
 
-def find_file(E: int, N: int, dtype: str | None, block_shape: tuple[int, ...] | None, device_name: str,
-              triton_version: str, *, down: bool = False) -> tuple[Path | None, bool]:
+def find_file(
+    E: int,
+    N: int,
+    dtype: str | None,
+    block_shape: tuple[int, ...] | None,
+    device_name: str,
+    triton_version: str,
+    *,
+    down: bool = False,
+) -> tuple[Path | None, bool]:
     """(path, is_installed_version_file) of the first file in search order, or (None, False)."""
     installed = triton_dir_name(triton_version)
     for root in config_roots():
@@ -158,8 +193,11 @@ def find_file(E: int, N: int, dtype: str | None, block_shape: tuple[int, ...] | 
             p = root / installed / sg
             if p.is_file():
                 return p, True
-            others = sorted((d for d in root.glob("triton_*") if d.is_dir() and d.name != installed),
-                            key=lambda d: _version_key(d.name), reverse=True)
+            others = sorted(
+                (d for d in root.glob("triton_*") if d.is_dir() and d.name != installed),
+                key=lambda d: _version_key(d.name),
+                reverse=True,
+            )
             for d in others:
                 if (d / sg).is_file():
                     return d / sg, False
@@ -171,26 +209,47 @@ def find_file(E: int, N: int, dtype: str | None, block_shape: tuple[int, ...] | 
 
 
 @functools.lru_cache(maxsize=256)
-def _get_tables(E: int, N: int, dtype: str | None, block_shape: tuple[int, ...] | None, device_name: str,
-                triton_version: str, roots: tuple[str, ...]) -> MoETables:
+def _get_tables(
+    E: int,
+    N: int,
+    dtype: str | None,
+    block_shape: tuple[int, ...] | None,
+    device_name: str,
+    triton_version: str,
+    roots: tuple[str, ...],
+) -> MoETables:
     del roots  # part of the cache key only: a changed $MOED_MOE_CONFIG_DIR is a new lookup
     wanted = Path(triton_dir_name(triton_version)) / file_name(E, N, device_name, dtype, block_shape)
     up_path, exact = find_file(E, N, dtype, block_shape, device_name, triton_version)
     if up_path is None:
-        log.warning("No tuned fused-MoE config %s (searched %s); using built-in defaults, which are slower. "
-                    "Run `moed tune-moe` on this GPU to make one.", wanted, [str(r) for r in config_roots()])
+        log.warning(
+            "No tuned fused-MoE config %s (searched %s); using built-in defaults, which are slower. "
+            "Run `moed tune-moe` on this GPU to make one.",
+            wanted,
+            [str(r) for r in config_roots()],
+        )
         return MoETables(None, None, None, None, dtype, block_shape)
     if not exact:
-        log.warning("Tuned fused-MoE config %s is missing; using %s (tuned for another Triton version or layout).",
-                    wanted, up_path)
+        log.warning(
+            "Tuned fused-MoE config %s is missing; using %s (tuned for another Triton version or layout).",
+            wanted,
+            up_path,
+        )
     cand = up_path.with_name(up_path.name[: -len(".json")] + "_down.json")
     down_path = cand if cand.is_file() else None
-    return MoETables(load_table(up_path), load_table(down_path) if down_path else None, up_path, down_path,
-                     dtype, block_shape)
+    return MoETables(
+        load_table(up_path), load_table(down_path) if down_path else None, up_path, down_path, dtype, block_shape
+    )
 
 
-def get_tables(E: int, N: int, dtype: str | None, block_shape: list[int] | tuple[int, ...] | None,
-               device_name: str, triton_version: str) -> MoETables:
+def get_tables(
+    E: int,
+    N: int,
+    dtype: str | None,
+    block_shape: list[int] | tuple[int, ...] | None,
+    device_name: str,
+    triton_version: str,
+) -> MoETables:
     """Tables for these experts on this device (cached; warnings are logged once per distinct lookup)."""
     if E < 1 or N < 1:
         raise ConfigFileError(f"MoE config lookup: E={E} and N={N} must be positive")

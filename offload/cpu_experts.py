@@ -50,30 +50,89 @@ _P = ctypes.c_void_p
 class _Job(ctypes.Structure):
     """Mirror of the C `job_t` (check_layout compares the two at load)."""
 
-    _fields_ = [("n", ctypes.c_int), ("w13", ctypes.POINTER(_P)), ("s13", ctypes.POINTER(_P)),
-                ("w2", ctypes.POINTER(_P)), ("s2", ctypes.POINTER(_P)), ("z13", ctypes.POINTER(_P)),
-                ("z2", ctypes.POINTER(_P)), ("x", ctypes.POINTER(_P)), ("M", ctypes.POINTER(ctypes.c_int)),
-                ("gu", ctypes.POINTER(_P)), ("h", ctypes.POINTER(_P)), ("y", ctypes.POINTER(_P)),
-                ("K", ctypes.c_int), ("N", ctypes.c_int), ("bn", ctypes.c_int), ("bk", ctypes.c_int),
-                ("fmt", ctypes.c_int), ("group", ctypes.c_int), ("exact", ctypes.c_int), ("threads", ctypes.c_int),
-                ("q", _P), ("q_bytes", ctypes.c_int64), ("R", ctypes.c_int), ("M_out", ctypes.c_int), ("tok", _P),
-                ("w", _P), ("out", _P), ("seconds", ctypes.c_double)]
+    _fields_ = [
+        ("n", ctypes.c_int),
+        ("w13", ctypes.POINTER(_P)),
+        ("s13", ctypes.POINTER(_P)),
+        ("w2", ctypes.POINTER(_P)),
+        ("s2", ctypes.POINTER(_P)),
+        ("z13", ctypes.POINTER(_P)),
+        ("z2", ctypes.POINTER(_P)),
+        ("x", ctypes.POINTER(_P)),
+        ("M", ctypes.POINTER(ctypes.c_int)),
+        ("gu", ctypes.POINTER(_P)),
+        ("h", ctypes.POINTER(_P)),
+        ("y", ctypes.POINTER(_P)),
+        ("K", ctypes.c_int),
+        ("N", ctypes.c_int),
+        ("bn", ctypes.c_int),
+        ("bk", ctypes.c_int),
+        ("fmt", ctypes.c_int),
+        ("group", ctypes.c_int),
+        ("exact", ctypes.c_int),
+        ("threads", ctypes.c_int),
+        ("q", _P),
+        ("q_bytes", ctypes.c_int64),
+        ("R", ctypes.c_int),
+        ("M_out", ctypes.c_int),
+        ("tok", _P),
+        ("w", _P),
+        ("out", _P),
+        ("seconds", ctypes.c_double),
+    ]
 
 
 class _ServerCfg(ctypes.Structure):
     """Mirror of the C `server_cfg_t` (check_layout compares the two at load)."""
 
-    _fields_ = [("ready", _P), ("done", _P), ("hdr", _P), ("experts", _P), ("ids", _P), ("w", _P), ("x", _P),
-                ("out", _P), ("R_max", ctypes.c_int), ("M_max", ctypes.c_int), ("E", ctypes.c_int),
-                ("L", ctypes.c_int), ("w13", ctypes.POINTER(_P)), ("s13", ctypes.POINTER(_P)),
-                ("w2", ctypes.POINTER(_P)), ("s2", ctypes.POINTER(_P)), ("z13", ctypes.POINTER(_P)),
-                ("z2", ctypes.POINTER(_P)), ("st13", ctypes.c_int64), ("sts13", ctypes.c_int64),
-                ("st2", ctypes.c_int64), ("sts2", ctypes.c_int64), ("stz13", ctypes.c_int64),
-                ("stz2", ctypes.c_int64), ("K", ctypes.c_int), ("N", ctypes.c_int), ("bn", ctypes.c_int),
-                ("bk", ctypes.c_int), ("fmt", ctypes.c_int), ("group", ctypes.c_int), ("exact", ctypes.c_int),
-                ("threads", ctypes.c_int), ("xr", _P), ("gu", _P), ("hbuf", _P), ("y", _P), ("tok", _P), ("wr", _P),
-                ("q", _P), ("q_bytes", ctypes.c_int64), ("spin_s", ctypes.c_double), ("layer_stats", _P),
-                ("log", _P), ("log_cap", ctypes.c_int64), ("log_n", _P), ("errors", _P)]
+    _fields_ = [
+        ("ready", _P),
+        ("done", _P),
+        ("hdr", _P),
+        ("experts", _P),
+        ("ids", _P),
+        ("w", _P),
+        ("x", _P),
+        ("out", _P),
+        ("R_max", ctypes.c_int),
+        ("M_max", ctypes.c_int),
+        ("E", ctypes.c_int),
+        ("L", ctypes.c_int),
+        ("w13", ctypes.POINTER(_P)),
+        ("s13", ctypes.POINTER(_P)),
+        ("w2", ctypes.POINTER(_P)),
+        ("s2", ctypes.POINTER(_P)),
+        ("z13", ctypes.POINTER(_P)),
+        ("z2", ctypes.POINTER(_P)),
+        ("st13", ctypes.c_int64),
+        ("sts13", ctypes.c_int64),
+        ("st2", ctypes.c_int64),
+        ("sts2", ctypes.c_int64),
+        ("stz13", ctypes.c_int64),
+        ("stz2", ctypes.c_int64),
+        ("K", ctypes.c_int),
+        ("N", ctypes.c_int),
+        ("bn", ctypes.c_int),
+        ("bk", ctypes.c_int),
+        ("fmt", ctypes.c_int),
+        ("group", ctypes.c_int),
+        ("exact", ctypes.c_int),
+        ("threads", ctypes.c_int),
+        ("xr", _P),
+        ("gu", _P),
+        ("hbuf", _P),
+        ("y", _P),
+        ("tok", _P),
+        ("wr", _P),
+        ("q", _P),
+        ("q_bytes", ctypes.c_int64),
+        ("spin_s", ctypes.c_double),
+        ("layer_stats", _P),
+        ("log", _P),
+        ("log_cap", ctypes.c_int64),
+        ("log_n", _P),
+        ("errors", _P),
+    ]
 
 
 class CpuKernelUnavailable(RuntimeError):
@@ -112,8 +171,13 @@ def _compile(out_dir: Path, flags: list[str]) -> Path:
     """Build the shared library into `out_dir` as a setuptools extension; its path."""
     from setuptools import Distribution, Extension
 
-    ext = Extension("moed_cpu_experts", sources=[str(SOURCE)], extra_compile_args=flags,
-                    extra_link_args=["-fopenmp"], libraries=["m"])
+    ext = Extension(
+        "moed_cpu_experts",
+        sources=[str(SOURCE)],
+        extra_compile_args=flags,
+        extra_link_args=["-fopenmp"],
+        libraries=["m"],
+    )
     cmd = Distribution({"name": "moed-cpu-experts", "ext_modules": [ext]}).get_command_obj("build_ext")
     cmd.build_lib, cmd.build_temp = str(out_dir), str(out_dir / "obj")
     cmd.ensure_finalized()
@@ -130,11 +194,13 @@ def _build(extra_flags: tuple[str, ...] = ()) -> ctypes.CDLL:
         flags = CFLAGS + os.environ.get("MOED_CPU_CFLAGS", "").split() + list(extra_flags)  # e.g. -march=...
         cc = compiler()
         try:
-            version = subprocess.run([cc[0], "--version"], capture_output=True, text=True, timeout=30,
-                                     check=True).stdout.splitlines()[0]
+            version = subprocess.run(
+                [cc[0], "--version"], capture_output=True, text=True, timeout=30, check=True
+            ).stdout.splitlines()[0]
         except (OSError, subprocess.SubprocessError, IndexError):
-            raise CpuKernelUnavailable(f"no C compiler ({cc[0]}) to build the CPU expert kernel; install gcc or "
-                                       "leave CPU experts off") from None
+            raise CpuKernelUnavailable(
+                f"no C compiler ({cc[0]}) to build the CPU expert kernel; install gcc or leave CPU experts off"
+            ) from None
         key = build_key(SOURCE.read_bytes(), flags, cpu_flags(), version)
         cache = Path(os.environ.get("MOED_CACHE", Path(tempfile.gettempdir()) / f"moed-{os.getuid()}")) / "build"
         so = cache / f"cpu_experts-{key}.so"
@@ -147,8 +213,9 @@ def _build(extra_flags: tuple[str, ...] = ()) -> ctypes.CDLL:
             except ImportError:
                 raise CpuKernelUnavailable("setuptools is needed to build the CPU expert kernel") from None
             except Exception as e:  # setuptools' CompileError / LinkError; the compiler's output is above
-                raise CpuKernelUnavailable(f"building the CPU expert kernel ({SOURCE}, {' '.join(cc)} "
-                                           f"{' '.join(flags)}) failed: {e}") from None
+                raise CpuKernelUnavailable(
+                    f"building the CPU expert kernel ({SOURCE}, {' '.join(cc)} {' '.join(flags)}) failed: {e}"
+                ) from None
             finally:
                 shutil.rmtree(tmp, ignore_errors=True)
         lib = ctypes.CDLL(str(so))
@@ -185,9 +252,11 @@ def check_layout(lib: ctypes.CDLL, which: int, mirror: type[ctypes.Structure]) -
     py_side = [(name, getattr(mirror, name).offset) for name, *_ in mirror._fields_]
     if c_side != py_side or size.value != ctypes.sizeof(mirror):
         diff = [(c, p) for c, p in zip(c_side, py_side) if c != p][:3]
-        raise CpuKernelLayoutError(f"ctypes {mirror.__name__} ({ctypes.sizeof(mirror)} bytes, {len(py_side)} fields) "
-                                   f"does not match its C struct in {SOURCE.name} ({size.value} bytes, "
-                                   f"{len(c_side)} fields); first differing (C, ctypes) fields: {diff}")
+        raise CpuKernelLayoutError(
+            f"ctypes {mirror.__name__} ({ctypes.sizeof(mirror)} bytes, {len(py_side)} fields) "
+            f"does not match its C struct in {SOURCE.name} ({size.value} bytes, "
+            f"{len(c_side)} fields); first differing (C, ctypes) fields: {diff}"
+        )
 
 
 def _ptrs(values: list[int]) -> ctypes.Array:
@@ -201,8 +270,9 @@ class CpuExpertKernel:
     library's own that computes the jobs a GPU posts in a host mailbox (the hybrid miss service). int4 experts are
     computed with int8 activations unless `exact`; `cflags` adds compiler flags to this kernel's build."""
 
-    def __init__(self, layout: ExpertLayout, threads: int = 0, exact: bool = False,
-                 cflags: tuple[str, ...] = ()) -> None:
+    def __init__(
+        self, layout: ExpertLayout, threads: int = 0, exact: bool = False, cflags: tuple[str, ...] = ()
+    ) -> None:
         # 0: every core this process may run on but one, which the runner's thread keeps to queue GPU work while
         # a job runs (a hybrid batch-1 layer on the lent 16-core host: 3.85 ms with 15 threads, 4.10 with 16).
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
@@ -218,11 +288,33 @@ class CpuExpertKernel:
         L = self.layout
         bn, bk = L.block or (1, 1)
         names = (*SECTION_NAMES, "x")
-        arrays = (*(_ptrs(ptrs[k]) for k in names), (ctypes.c_int * n)(*M), _ptrs(ptrs["gu"]), _ptrs(ptrs["h"]),
-                  _ptrs(ptrs["y"]))
-        job = _Job(n, *arrays, L.hidden, L.inter, bn, bk, FORMATS[L.format], L.group or 0, int(self.exact),
-                   self.threads, 0 if q is None else q.data_ptr(), 0 if q is None else q.numel(), 0, 0, None, None,
-                   None, 0.0)
+        arrays = (
+            *(_ptrs(ptrs[k]) for k in names),
+            (ctypes.c_int * n)(*M),
+            _ptrs(ptrs["gu"]),
+            _ptrs(ptrs["h"]),
+            _ptrs(ptrs["y"]),
+        )
+        job = _Job(
+            n,
+            *arrays,
+            L.hidden,
+            L.inter,
+            bn,
+            bk,
+            FORMATS[L.format],
+            L.group or 0,
+            int(self.exact),
+            self.threads,
+            0 if q is None else q.data_ptr(),
+            0 if q is None else q.numel(),
+            0,
+            0,
+            None,
+            None,
+            None,
+            0.0,
+        )
         return job, arrays
 
     def forward(self, expert: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
@@ -236,10 +328,17 @@ class CpuExpertKernel:
         if n != len(xs) or not 0 < n <= 256:
             raise ValueError(f"forward_many takes 1..256 experts with one input each, got {n} and {len(xs)}")
         for x in xs:
-            if (x.dim() != 2 or x.shape[1] != L.hidden or x.dtype != torch.float32 or not x.is_contiguous()
-                    or x.device.type != "cpu"):
-                raise ValueError(f"CPU experts take contiguous fp32 host activations [M, {L.hidden}], got "
-                                 f"{x.dtype}{list(x.shape)} on {x.device}")
+            if (
+                x.dim() != 2
+                or x.shape[1] != L.hidden
+                or x.dtype != torch.float32
+                or not x.is_contiguous()
+                or x.device.type != "cpu"
+            ):
+                raise ValueError(
+                    f"CPU experts take contiguous fp32 host activations [M, {L.hidden}], got "
+                    f"{x.dtype}{list(x.shape)} on {x.device}"
+                )
         K, N = L.hidden, L.inter
         ys = [torch.empty(x.shape[0], K, dtype=torch.float32) for x in xs]
         gus = [torch.empty(x.shape[0], 2 * N, dtype=torch.float32) for x in xs]
@@ -251,14 +350,16 @@ class CpuExpertKernel:
             return t.data_ptr() if t is not None else 0
 
         ptrs = {name: [ptr(e.get(name)) for e in experts] for name in SECTION_NAMES}
-        ptrs.update(x=[x.data_ptr() for x in xs], gu=[ptr(t) for t in gus], h=[ptr(t) for t in hs],
-                    y=[ptr(t) for t in ys])
+        ptrs.update(
+            x=[x.data_ptr() for x in xs], gu=[ptr(t) for t in gus], h=[ptr(t) for t in hs], y=[ptr(t) for t in ys]
+        )
         job, _arrays = self._job(n, ptrs, [x.shape[0] for x in xs], q)
         self.lib.experts_run(ctypes.byref(job))
         return ys
 
-    def serve(self, sections: list[dict[str, torch.Tensor]], max_tokens: int, k: int, pin: bool,
-              spin_s: float = 0.05) -> ExpertServer:
+    def serve(
+        self, sections: list[dict[str, torch.Tensor]], max_tokens: int, k: int, pin: bool, spin_s: float = 0.05
+    ) -> ExpertServer:
         """Start a server thread computing the jobs a GPU posts for layers `sections[i]` (HostExpertStore.sections
         views, one dict per layer index i) in steps of up to `max_tokens` tokens with k routes each."""
         return ExpertServer(self, sections, max_tokens, k, pin, spin_s)
@@ -274,13 +375,21 @@ class ExpertServer:
     HEADER = 6
     LOG_CAP = 1024
 
-    def __init__(self, kernel: CpuExpertKernel, sections: list[dict[str, torch.Tensor]], max_tokens: int, k: int,
-                 pin: bool, spin_s: float) -> None:
+    def __init__(
+        self,
+        kernel: CpuExpertKernel,
+        sections: list[dict[str, torch.Tensor]],
+        max_tokens: int,
+        k: int,
+        pin: bool,
+        spin_s: float,
+    ) -> None:
         L = kernel.layout
         K, N = L.hidden, L.inter
         if not sections or max_tokens < 1 or k < 1:
-            raise ValueError(f"expert server: needs >= 1 layer, max_tokens >= 1 and k >= 1, got {len(sections)}, "
-                             f"{max_tokens}, {k}")
+            raise ValueError(
+                f"expert server: needs >= 1 layer, max_tokens >= 1 and k >= 1, got {len(sections)}, {max_tokens}, {k}"
+            )
         self.kernel, self.layout, self.k, self.max_tokens = kernel, L, k, max_tokens
         R = self.R_max = max_tokens * k
         arrays = 3 * R
@@ -288,15 +397,21 @@ class ExpertServer:
         self._x0, self._out0 = x0, x0 + max_tokens * K
         self.words = torch.zeros(self._out0 + max_tokens * K, dtype=torch.int32, pin_memory=pin)
         w = self.words
-        self.header = w[32:32 + self.HEADER]
-        self.experts, self.ids = w[48:48 + R], w[48 + R:48 + 2 * R]
-        self.w = w[48 + 2 * R:48 + 3 * R].view(torch.float32)
-        self.x = w[x0:self._out0].view(torch.float32).view(max_tokens, K)
-        self.out = w[self._out0:].view(torch.float32).view(max_tokens, K)
+        self.header = w[32 : 32 + self.HEADER]
+        self.experts, self.ids = w[48 : 48 + R], w[48 + R : 48 + 2 * R]
+        self.w = w[48 + 2 * R : 48 + 3 * R].view(torch.float32)
+        self.x = w[x0 : self._out0].view(torch.float32).view(max_tokens, K)
+        self.out = w[self._out0 :].view(torch.float32).view(max_tokens, K)
         self.ready_addr, self.done_addr = w.data_ptr(), w.data_ptr() + 16 * 4
         f32 = dict(dtype=torch.float32)
-        self._scratch = [torch.empty(R, K, **f32), torch.empty(R, 2 * N, **f32), torch.empty(R, N, **f32),
-                         torch.empty(R, K, **f32), torch.empty(R, dtype=torch.int64), torch.empty(R, **f32)]
+        self._scratch = [
+            torch.empty(R, K, **f32),
+            torch.empty(R, 2 * N, **f32),
+            torch.empty(R, N, **f32),
+            torch.empty(R, K, **f32),
+            torch.empty(R, dtype=torch.int64),
+            torch.empty(R, **f32),
+        ]
         self._q = torch.empty(max(kernel.scratch_bytes(R), 1), dtype=torch.uint8)  # int4's int8 activations
         self.layer_stats = np.zeros((len(sections), 4))
         self.log = np.zeros((self.LOG_CAP, 7))
@@ -314,12 +429,38 @@ class ExpertServer:
         bn, bk = L.block or (1, 1)
         cnt = self._counters.ctypes.data
         self._cfg = _ServerCfg(
-            self.ready_addr, self.done_addr, self.header.data_ptr(), self.experts.data_ptr(), self.ids.data_ptr(),
-            self.w.data_ptr(), self.x.data_ptr(), self.out.data_ptr(), R, max_tokens, L.num_experts, len(sections),
-            *self._bases, *(stride(n) for n in SECTION_NAMES), K, N, bn, bk, FORMATS[L.format], L.group or 0,
-            int(kernel.exact), kernel.threads, *(t.data_ptr() for t in self._scratch), self._q.data_ptr(),
-            self._q.numel() if L.is_int4 else 0, spin_s, self.layer_stats.ctypes.data, self.log.ctypes.data,
-            self.LOG_CAP, cnt, cnt + 8)
+            self.ready_addr,
+            self.done_addr,
+            self.header.data_ptr(),
+            self.experts.data_ptr(),
+            self.ids.data_ptr(),
+            self.w.data_ptr(),
+            self.x.data_ptr(),
+            self.out.data_ptr(),
+            R,
+            max_tokens,
+            L.num_experts,
+            len(sections),
+            *self._bases,
+            *(stride(n) for n in SECTION_NAMES),
+            K,
+            N,
+            bn,
+            bk,
+            FORMATS[L.format],
+            L.group or 0,
+            int(kernel.exact),
+            kernel.threads,
+            *(t.data_ptr() for t in self._scratch),
+            self._q.data_ptr(),
+            self._q.numel() if L.is_int4 else 0,
+            spin_s,
+            self.layer_stats.ctypes.data,
+            self.log.ctypes.data,
+            self.LOG_CAP,
+            cnt,
+            cnt + 8,
+        )
         self._sections = sections  # the bases point into these views
         self._handle = kernel.lib.server_new(ctypes.byref(self._cfg))
         if not self._handle:
@@ -356,8 +497,10 @@ def host_read_GBps(t: torch.Tensor, threads: int, reps: int = 3) -> float:
     """Read bandwidth of host memory `t` (any dtype, contiguous, on the CPU) by `threads` threads streaming it with
     wide loads, as the expert kernel streams weights: the best of `reps` passes, GB/s. A benchmark ceiling."""
     if t.device.type != "cpu" or not t.is_contiguous():
-        raise ValueError(f"host_read_GBps takes a contiguous host tensor, got a "
-                         f"{'contiguous' if t.is_contiguous() else 'strided'} one on {t.device}")
+        raise ValueError(
+            f"host_read_GBps takes a contiguous host tensor, got a "
+            f"{'contiguous' if t.is_contiguous() else 'strided'} one on {t.device}"
+        )
     lib = _build()
     n = t.numel() * t.element_size()
     lib.read_bytes(t.data_ptr(), n, threads)  # first touch, threads woken
@@ -368,8 +511,12 @@ def expert_forward_reference(expert: dict[str, torch.Tensor], x: torch.Tensor, l
     """The same expert in float64 from the stored weights (FP8 and int4 dequantised exactly): [M, K] -> [M, K]."""
     N = layout.inter
     if layout.is_int4:
-        w13, w2 = (dequantize_int4(Int4Weight(expert[w], expert[f"{w}_scale"], expert[f"{w}_zeros"], layout.group),
-                                   torch.float64) for w in ("w13", "w2"))
+        w13, w2 = (
+            dequantize_int4(
+                Int4Weight(expert[w], expert[f"{w}_scale"], expert[f"{w}_zeros"], layout.group), torch.float64
+            )
+            for w in ("w13", "w2")
+        )
     elif layout.block is not None:
         bn, bk = layout.block
         w13 = dequantize_block_fp8(expert["w13"], expert["w13_scale"], bn, bk, torch.float64)

@@ -67,23 +67,33 @@ def slots_for_budget(budget_bytes: int, layout: ExpertLayout, num_layers: int) -
     per_layer = budget_bytes // max(num_layers, 1)
     slots = min(layout.num_experts, per_layer // layout.expert_bytes)
     if slots < 1:
-        raise CacheConfigError(f"expert cache budget {budget_bytes / 2**30:.2f} GiB buys no slot for {num_layers} "
-                               f"layers: one expert needs {layout.expert_bytes / 2**20:.1f} MiB per layer; raise "
-                               "expert_cache_gib")
+        raise CacheConfigError(
+            f"expert cache budget {budget_bytes / 2**30:.2f} GiB buys no slot for {num_layers} "
+            f"layers: one expert needs {layout.expert_bytes / 2**20:.1f} MiB per layer; raise "
+            "expert_cache_gib"
+        )
     return slots
 
 
 class LayerCache:
     """One MoE layer's slot pool on the device, its tables, and its copy paths."""
 
-    def __init__(self, layer: int, store: HostExpertStore, num_slots: int, device: torch.device,
-                 cfg: CacheConfig, copy_stream: torch.cuda.Stream | None) -> None:
+    def __init__(
+        self,
+        layer: int,
+        store: HostExpertStore,
+        num_slots: int,
+        device: torch.device,
+        cfg: CacheConfig,
+        copy_stream: torch.cuda.Stream | None,
+    ) -> None:
         L = store.layout
         self.layer, self.layout, self.cfg, self.device = layer, L, cfg, device
         self.num_slots = num_slots
         self.tables = SlotTables.allocate(L.num_experts, num_slots, device)
-        self.weights = {n: torch.zeros(num_slots, *shape, dtype=L.section_dtype(n), device=device)
-                        for n, shape in L.shapes.items()}
+        self.weights = {
+            n: torch.zeros(num_slots, *shape, dtype=L.section_dtype(n), device=device) for n, shape in L.shapes.items()
+        }
         self.moe_kwargs = L.moe_kwargs(self.weights)  # the fused-MoE kernel's arguments besides w13 and w2
         self.src = list(store.section_bytes_of(layer).values())
         self.dst = [w.view(num_slots, -1).view(torch.uint8) for w in self.weights.values()]
@@ -161,8 +171,10 @@ class LayerCache:
         if bad:
             raise CacheConfigError(f"layer {self.layer}: cannot pin experts {bad[:8]}: ids are in [0, {E})")
         if len(experts) >= self.num_slots and not self.static:
-            raise CacheConfigError(f"layer {self.layer}: {len(experts)} pins for {self.num_slots} cache slots; one "
-                                   "slot must stay unpinned to serve misses (lower the pin budget)")
+            raise CacheConfigError(
+                f"layer {self.layer}: {len(experts)} pins for {self.num_slots} cache slots; one "
+                "slot must stay unpinned to serve misses (lower the pin budget)"
+            )
 
     def set_pins(self, experts: set[int]) -> None:
         """Make exactly `experts` pinned (resident, never evicted); call between steps (it syncs)."""
@@ -173,8 +185,9 @@ class LayerCache:
         s2e = t.slot_to_expert.cpu()
         last = t.slot_last_use.cpu()
         pinned_slots = {int(e2s[e]) for e in experts if e2s[e] >= 0}
-        free = sorted((s for s in range(self.num_slots) if s not in pinned_slots),
-                      key=lambda s: (s2e[s] >= 0, int(last[s]), s))
+        free = sorted(
+            (s for s in range(self.num_slots) if s not in pinned_slots), key=lambda s: (s2e[s] >= 0, int(last[s]), s)
+        )
         pairs = []
         for e in sorted(experts):
             if e2s[e] < 0:
@@ -194,11 +207,25 @@ class LayerCache:
 
     # ------------------------------------------------------------------ per-step miss service
 
-    def serve_round(self, topk_ids: torch.Tensor, round_idx: int, round_ids: torch.Tensor, route_mask: torch.Tensor,
-                    exclude: torch.Tensor | None = None) -> None:
+    def serve_round(
+        self,
+        topk_ids: torch.Tensor,
+        round_idx: int,
+        round_ids: torch.Tensor,
+        route_mask: torch.Tensor,
+        exclude: torch.Tensor | None = None,
+    ) -> None:
         """Claim slots for this round's experts and copy the missing ones in (see kernels/expert_copy.py)."""
-        self._claim(self.tables, topk_ids, round_idx, round_ids, route_mask, policy=self._policy,
-                    decay=self.cfg.lfu_decay, exclude=exclude)
+        self._claim(
+            self.tables,
+            topk_ids,
+            round_idx,
+            round_ids,
+            route_mask,
+            policy=self._policy,
+            decay=self.cfg.lfu_decay,
+            exclude=exclude,
+        )
         if self.cfg.copy_path == "sm":
             if self._copy is copy_experts:
                 copy_experts(self.tables, self.src, self.dst, num_programs=self.cfg.copy_programs)
@@ -227,9 +254,15 @@ class _nullcontext:
 class ExpertCache:
     """Slot pools for a set of MoE layers, sized from one budget; its own state, never shared."""
 
-    def __init__(self, store: HostExpertStore, device: torch.device | str, cfg: CacheConfig,
-                 slots: int | dict[int, int] | None = None, budget_bytes: int | None = None,
-                 initial: dict[int, list[int]] | None = None) -> None:
+    def __init__(
+        self,
+        store: HostExpertStore,
+        device: torch.device | str,
+        cfg: CacheConfig,
+        slots: int | dict[int, int] | None = None,
+        budget_bytes: int | None = None,
+        initial: dict[int, list[int]] | None = None,
+    ) -> None:
         self.store, self.cfg = store, cfg
         self.device = torch.device(device)
         L = store.layout
@@ -251,8 +284,14 @@ class ExpertCache:
             lc.load_initial(first + rest[: S - len(first)])
             self.layers[layer] = lc
         total = sum(lc.num_slots for lc in self.layers.values()) * L.expert_bytes
-        log.info("expert cache on %s: %s slots per layer (%.2f GB), policy %s, copy path %s", self.device,
-                 sorted({lc.num_slots for lc in self.layers.values()}), total / 1e9, cfg.policy, cfg.copy_path)
+        log.info(
+            "expert cache on %s: %s slots per layer (%.2f GB), policy %s, copy path %s",
+            self.device,
+            sorted({lc.num_slots for lc in self.layers.values()}),
+            total / 1e9,
+            cfg.policy,
+            cfg.copy_path,
+        )
 
     def __getitem__(self, layer: int) -> LayerCache:
         return self.layers[layer]

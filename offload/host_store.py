@@ -92,11 +92,15 @@ class ExpertLayout:
 
     def __post_init__(self) -> None:
         if (self.dtype == torch.uint8) != (self.group is not None):
-            raise HostStoreError(f"expert layout: int4 (uint8) weights need a group size and only they take one, got "
-                                 f"dtype {self.dtype} with group {self.group}")
+            raise HostStoreError(
+                f"expert layout: int4 (uint8) weights need a group size and only they take one, got "
+                f"dtype {self.dtype} with group {self.group}"
+            )
         if self.group is not None and (self.hidden % 8 or self.inter % 8 or self.inter != self.inter_real):
-            raise HostStoreError(f"expert layout: int4 experts need hidden size and intermediate size to be multiples "
-                                 f"of 8 (eight 4-bit values a word), got {self.hidden} and {self.inter}")
+            raise HostStoreError(
+                f"expert layout: int4 experts need hidden size and intermediate size to be multiples "
+                f"of 8 (eight 4-bit values a word), got {self.hidden} and {self.inter}"
+            )
 
     @classmethod
     def for_config(cls, cfg: GlmMoeDsaConfig, expert_dtype: ExpertDtype = "checkpoint") -> ExpertLayout:
@@ -105,8 +109,9 @@ class ExpertLayout:
         fmt = cfg.expert_format(expert_dtype)
         if fmt == "int4":
             pq = cfg.pack_quantization
-            return cls(cfg.n_routed_experts, K, I, I, torch.uint8, None, int4.GROUP_SIZE if pq is None
-                       else pq.group_size)
+            return cls(
+                cfg.n_routed_experts, K, I, I, torch.uint8, None, int4.GROUP_SIZE if pq is None else pq.group_size
+            )
         if fmt == "bf16":
             return cls(cfg.n_routed_experts, K, I, I, torch.bfloat16, None)
         assert cfg.quantization is not None
@@ -131,8 +136,14 @@ class ExpertLayout:
         K, N = self.hidden, self.inter
         if self.group is not None:
             g13, g2 = int4.num_groups(K, self.group), int4.num_groups(N, self.group)
-            return {"w13": (2 * N, K // 2), "w2": (K, N // 2), "w13_scale": (2 * N, g13), "w2_scale": (K, g2),
-                    "w13_zeros": (2 * N // 8, g13), "w2_zeros": (K // 8, g2)}
+            return {
+                "w13": (2 * N, K // 2),
+                "w2": (K, N // 2),
+                "w13_scale": (2 * N, g13),
+                "w2_scale": (K, g2),
+                "w13_zeros": (2 * N // 8, g13),
+                "w2_zeros": (K // 8, g2),
+            }
         out: dict[str, tuple[int, ...]] = {"w13": (2 * N, K), "w2": (K, N)}
         if self.block is not None:
             bn, bk = self.block
@@ -151,8 +162,13 @@ class ExpertLayout:
         """The fused-MoE kernel's (and its reference's) keyword arguments besides w13 and w2, for slot pools or
         stacks `weights` of this layout (section name -> [S, ...])."""
         if self.is_int4:
-            return {"w13_scale": weights["w13_scale"], "w2_scale": weights["w2_scale"],
-                    "w13_zeros": weights["w13_zeros"], "w2_zeros": weights["w2_zeros"], "group": self.group}
+            return {
+                "w13_scale": weights["w13_scale"],
+                "w2_scale": weights["w2_scale"],
+                "w13_zeros": weights["w13_zeros"],
+                "w2_zeros": weights["w2_zeros"],
+                "group": self.group,
+            }
         if self.is_fp8:
             return {"w13_scale": weights["w13_scale"], "w2_scale": weights["w2_scale"], "block_shape": self.block}
         return {}
@@ -164,12 +180,15 @@ class ExpertLayout:
         fmt = "int4" if weights.is_int4 else "fp8" if weights.is_fp8 else "bf16"
         if (fmt == "int4") != self.is_int4 or (fmt == "fp8" and not self.is_fp8):
             hint = " (quantise them at load with expert_dtype 'int4')" if self.is_int4 else ""
-            raise HostStoreError(f"{where}: weights are {fmt} ({weights.gate_proj.dtype}), the store holds "
-                                 f"{self.format} experts{hint}")
+            raise HostStoreError(
+                f"{where}: weights are {fmt} ({weights.gate_proj.dtype}), the store holds {self.format} experts{hint}"
+            )
         pack = 2 if self.is_int4 else 1
-        for name, w, shape in (("gate_proj", weights.gate_proj, (I, K // pack)),
-                               ("up_proj", weights.up_proj, (I, K // pack)),
-                               ("down_proj", weights.down_proj, (K, I // pack))):
+        for name, w, shape in (
+            ("gate_proj", weights.gate_proj, (I, K // pack)),
+            ("up_proj", weights.up_proj, (I, K // pack)),
+            ("down_proj", weights.down_proj, (K, I // pack)),
+        ):
             if tuple(w.shape) != shape:
                 raise HostStoreError(f"{where}: {name} has shape {list(w.shape)}, expected {list(shape)}")
         if self.is_int4:
@@ -180,7 +199,7 @@ class ExpertLayout:
             w13.view(torch.uint8).zero_()
             w2.view(torch.uint8).zero_()
         w13[:I].copy_(weights.gate_proj.to(self.dtype))
-        w13[N:N + I].copy_(weights.up_proj.to(self.dtype))
+        w13[N : N + I].copy_(weights.up_proj.to(self.dtype))
         w2[:, :I].copy_(weights.down_proj.to(self.dtype))
         if self.block is not None:
             bn = self.block[0]
@@ -191,22 +210,29 @@ class ExpertLayout:
             rows = -(-I // bn)
             assert gs is not None and us is not None and ds is not None
             s13[:rows].copy_(gs)
-            s13[N // bn:N // bn + rows].copy_(us)
-            s2[:, :ds.shape[1]].copy_(ds)
+            s13[N // bn : N // bn + rows].copy_(us)
+            s2[:, : ds.shape[1]].copy_(ds)
 
     def _write_int4(self, views: dict[str, torch.Tensor], weights: ExpertWeights, where: str) -> None:
         gate, up, down = (w.with_zero_points() for w in weights.int4())
         if gate.group != self.group:
             raise HostStoreError(f"{where}: int4 group size {gate.group}, the store holds group {self.group}")
-        for dst, parts in (("w13", (gate.qweight, up.qweight)), ("w2", (down.qweight,)),
-                           ("w13_scale", (gate.scales, up.scales)), ("w2_scale", (down.scales,)),
-                           ("w13_zeros", (gate.zeros, up.zeros)), ("w2_zeros", (down.zeros,))):
+        for dst, parts in (
+            ("w13", (gate.qweight, up.qweight)),
+            ("w2", (down.qweight,)),
+            ("w13_scale", (gate.scales, up.scales)),
+            ("w2_scale", (down.scales,)),
+            ("w13_zeros", (gate.zeros, up.zeros)),
+            ("w2_zeros", (down.zeros,)),
+        ):
             view, rows = views[dst], 0
             for part in parts:
                 if tuple(part.shape[1:]) != tuple(view.shape[1:]):
-                    raise HostStoreError(f"{where}: int4 {dst} part has shape {list(part.shape)}, the store's rows "
-                                         f"are {list(view.shape[1:])}")
-                view[rows:rows + part.shape[0]].copy_(part)
+                    raise HostStoreError(
+                        f"{where}: int4 {dst} part has shape {list(part.shape)}, the store's rows "
+                        f"are {list(view.shape[1:])}"
+                    )
+                view[rows : rows + part.shape[0]].copy_(part)
                 rows += part.shape[0]
             assert rows == view.shape[0], (where, dst, rows)
 
@@ -255,7 +281,7 @@ def thp_status() -> dict[str, str | int]:
     out: dict[str, str | int] = {"enabled": "unavailable"}
     try:
         text = THP_ENABLED.read_text()
-        out["enabled"] = text[text.index("[") + 1:text.index("]")]
+        out["enabled"] = text[text.index("[") + 1 : text.index("]")]
     except (OSError, ValueError):
         pass
     try:
@@ -280,7 +306,7 @@ class _MappedBuffer:
             self.map.madvise(mmap.MADV_HUGEPAGE)
         whole = torch.frombuffer(self.map, dtype=torch.uint8)
         start = -whole.data_ptr() % align
-        self.tensor = whole[start:start + nbytes]
+        self.tensor = whole[start : start + nbytes]
         self.tensor.zero_()  # fault the pages in with torch's threads (cudaHostRegister would do it on one)
         self.registered = False
         if pin:
@@ -298,8 +324,9 @@ class _MappedBuffer:
             self.registered = False
 
 
-def allocate_pinned(nbytes: int, what: str, pin: bool, alloc: HostAlloc = "torch",
-                    keep: list | None = None) -> torch.Tensor:
+def allocate_pinned(
+    nbytes: int, what: str, pin: bool, alloc: HostAlloc = "torch", keep: list | None = None
+) -> torch.Tensor:
     """A uint8 host buffer of exactly `nbytes` (torch: rounded up inside its allocator), page-locked when `pin`;
     a clear error when the OS refuses. mmap/huge buffers are owned by an object appended to `keep`."""
     if alloc not in HOST_ALLOCS:
@@ -316,14 +343,16 @@ def allocate_pinned(nbytes: int, what: str, pin: bool, alloc: HostAlloc = "torch
             f"cannot {'pin' if pin else 'allocate'} {nbytes / 2**30:.2f} GiB of host memory for {what} ({e}); "
             f"{_memlock_text()}. Raise the limit (`ulimit -l unlimited`, or LimitMEMLOCK=infinity in the systemd "
             "unit) or lower the need: serve the FP8 checkpoint (half the bytes of bf16) or give this rank fewer "
-            "offloaded layers (HostExpertStore(layers=...), i.e. more tensor/pipeline-parallel ranks)") from None
+            "offloaded layers (HostExpertStore(layers=...), i.e. more tensor/pipeline-parallel ranks)"
+        ) from None
 
 
 class HostExpertStore:
     """Pinned host slabs, one per MoE layer; views of each expert's sections."""
 
-    def __init__(self, layout: ExpertLayout, layers: list[int], pin: bool | None = None,
-                 alloc: HostAlloc | None = None) -> None:
+    def __init__(
+        self, layout: ExpertLayout, layers: list[int], pin: bool | None = None, alloc: HostAlloc | None = None
+    ) -> None:
         if pin is None:
             pin = torch.cuda.is_available()
         self.layout, self.layers, self.pinned = layout, list(layers), pin
@@ -334,13 +363,25 @@ class HostExpertStore:
         self._views: dict[int, dict[str, torch.Tensor]] = {}
         t0 = time.perf_counter()
         for layer in self.layers:
-            slab = allocate_pinned(layout.slab_bytes, f"MoE layer {layer}'s experts (of {len(self.layers)} layers, "
-                                   f"{total / 2**30:.2f} GiB in all)", pin, self.alloc, self._buffers)
+            slab = allocate_pinned(
+                layout.slab_bytes,
+                f"MoE layer {layer}'s experts (of {len(self.layers)} layers, {total / 2**30:.2f} GiB in all)",
+                pin,
+                self.alloc,
+                self._buffers,
+            )
             self.slabs[layer] = slab
             self._views[layer] = self._section_views(slab)
         self.alloc_s = time.perf_counter() - t0
-        log.info("host expert store: %d layers x %.2f GB = %.2f GB %s (%s allocation) in %.1f s", len(self.layers),
-                 layout.slab_bytes / 1e9, total / 1e9, "pinned" if pin else "pageable", self.alloc, self.alloc_s)
+        log.info(
+            "host expert store: %d layers x %.2f GB = %.2f GB %s (%s allocation) in %.1f s",
+            len(self.layers),
+            layout.slab_bytes / 1e9,
+            total / 1e9,
+            "pinned" if pin else "pageable",
+            self.alloc,
+            self.alloc_s,
+        )
         self._loaded = {layer: torch.zeros(layout.num_experts, dtype=torch.bool) for layer in self.layers}
 
     @property
@@ -356,7 +397,7 @@ class HostExpertStore:
         for name, shape in L.shapes.items():
             nbytes = L.section_bytes[name] * L.num_experts
             off = L.section_offsets[name]
-            views[name] = slab[off:off + nbytes].view(L.section_dtype(name)).view(L.num_experts, *shape)
+            views[name] = slab[off : off + nbytes].view(L.section_dtype(name)).view(L.num_experts, *shape)
         return views
 
     def sections(self, layer: int) -> dict[str, torch.Tensor]:
@@ -374,8 +415,7 @@ class HostExpertStore:
         L = self.layout
         if not 0 <= expert < L.num_experts:
             raise HostStoreError(f"layer {layer}: expert {expert} out of range [0, {L.num_experts})")
-        L.write_expert({n: t[expert] for n, t in self._views[layer].items()}, weights,
-                       f"layer {layer} expert {expert}")
+        L.write_expert({n: t[expert] for n, t in self._views[layer].items()}, weights, f"layer {layer} expert {expert}")
         self._loaded[layer][expert] = True
 
     def mark_loaded(self, layer: int) -> None:
@@ -387,8 +427,10 @@ class HostExpertStore:
         for layer, done in self._loaded.items():
             missing = (~done).nonzero().flatten().tolist()
             if missing:
-                raise HostStoreError(f"MoE layer {layer}: experts {missing[:8]} ({len(missing)} in all) were never "
-                                     "loaded into the host store")
+                raise HostStoreError(
+                    f"MoE layer {layer}: experts {missing[:8]} ({len(missing)} in all) were never "
+                    "loaded into the host store"
+                )
 
     def expert(self, layer: int, expert: int) -> dict[str, torch.Tensor]:
         return {n: t[expert] for n, t in self._views[layer].items()}

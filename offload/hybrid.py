@@ -59,18 +59,21 @@ class CpuConfig:
         if self.policy not in ("hybrid", "cpu"):
             raise ValueError(f"CPU miss-service policy {self.policy!r}: expected hybrid or cpu")
         if not 1 <= self.min_tokens <= self.max_tokens:
-            raise ValueError(f"CPU experts: need 1 <= min_tokens <= max_tokens, got {self.min_tokens}, "
-                             f"{self.max_tokens}")
+            raise ValueError(
+                f"CPU experts: need 1 <= min_tokens <= max_tokens, got {self.min_tokens}, {self.max_tokens}"
+            )
 
 
-def start_hybrid(cfg: CpuConfig, store: HostExpertStore, cache: ExpertCache, k: int, use_kernels: bool,
-                 name: str) -> HybridMissService | None:
+def start_hybrid(
+    cfg: CpuConfig, store: HostExpertStore, cache: ExpertCache, k: int, use_kernels: bool, name: str
+) -> HybridMissService | None:
     """The service for `store`'s layers, or None (logged) when the CPU kernel or the stream signals are unavailable
     here and `cfg.fallback_to_copy` allows copying every miss instead."""
     try:
         kernel = CpuExpertKernel(store.layout, threads=cfg.threads)
-        signals: StreamSignals = (CudaStreamSignals(cache.device) if cache.device.type == "cuda"
-                                  else HostSignals(kernel.lib.wait_u32))
+        signals: StreamSignals = (
+            CudaStreamSignals(cache.device) if cache.device.type == "cuda" else HostSignals(kernel.lib.wait_u32)
+        )
     except (CpuKernelUnavailable, StreamSignalsUnavailable) as e:
         if not cfg.fallback_to_copy:
             raise
@@ -82,8 +85,17 @@ def start_hybrid(cfg: CpuConfig, store: HostExpertStore, cache: ExpertCache, k: 
 class HybridMissService:
     """Splits each small step's misses between the CPU expert server and the GPU's copies (module docstring)."""
 
-    def __init__(self, cfg: CpuConfig, kernel: CpuExpertKernel, signals: StreamSignals, store: HostExpertStore,
-                 cache: ExpertCache, k: int, use_kernels: bool, name: str) -> None:
+    def __init__(
+        self,
+        cfg: CpuConfig,
+        kernel: CpuExpertKernel,
+        signals: StreamSignals,
+        store: HostExpertStore,
+        cache: ExpertCache,
+        k: int,
+        use_kernels: bool,
+        name: str,
+    ) -> None:
         self.cfg, self.kernel, self.signals, self.name = cfg, kernel, signals, name
         self.layout, self.layers = store.layout, store.layers
         self.device = cache.device
@@ -95,8 +107,7 @@ class HybridMissService:
         self.copy_rate = cfg.copy_rate or _measure_copy_rate(cache[self.layers[0]])
         self._table_rates: np.ndarray | None = None  # the rates the counts table was built from
         self._errors_seen = 0
-        self.server = kernel.serve([store.sections(layer) for layer in self.layers], T, k, pin=cuda,
-                                   spin_s=cfg.spin_s)
+        self.server = kernel.serve([store.sections(layer) for layer in self.layers], T, k, pin=cuda, spin_s=cfg.spin_s)
         d = self.device
         self.split = split_misses if use_kernels else split_misses_reference
         self.counts = torch.zeros(T + 1, T * k + 1, dtype=torch.int32, pin_memory=cuda)
@@ -104,10 +115,17 @@ class HybridMissService:
         self.gpu_weights = torch.zeros(T * k, dtype=torch.float32, device=d)
         self.sort = torch.zeros(triton.next_power_of_2(E), dtype=torch.int64, device=d)
         self._build_counts()
-        log.info("%s: miss service %s, rates measured at start-up: CPU experts %.1f GB/s, copies %.1f GB/s -> "
-                 "%.0f%% of missed bytes on the CPU in steps of %d to %d tokens (other steps copy)", name, cfg.policy,
-                 self.cpu_rate / 1e9, self.copy_rate / 1e9, 100 * (1.0 if cfg.policy == "cpu" else self.cpu_share),
-                 cfg.min_tokens, cfg.max_tokens)
+        log.info(
+            "%s: miss service %s, rates measured at start-up: CPU experts %.1f GB/s, copies %.1f GB/s -> "
+            "%.0f%% of missed bytes on the CPU in steps of %d to %d tokens (other steps copy)",
+            name,
+            cfg.policy,
+            self.cpu_rate / 1e9,
+            self.copy_rate / 1e9,
+            100 * (1.0 if cfg.policy == "cpu" else self.cpu_share),
+            cfg.min_tokens,
+            cfg.max_tokens,
+        )
 
     @property
     def policy(self) -> str:
@@ -163,16 +181,26 @@ class HybridMissService:
         (an EMA); refill the counts table when a rate moved by more than 5%."""
         if self.server.errors != self._errors_seen:
             self._errors_seen = self.server.errors
-            log.error("%s: the CPU expert server got %d unreadable jobs (answered with zeros)", self.name,
-                      self._errors_seen)
+            log.error(
+                "%s: the CPU expert server got %d unreadable jobs (answered with zeros)", self.name, self._errors_seen
+            )
         recs = self.server.new_records()
         if not len(recs):
             return
         eb = self.layout.expert_bytes
         for li, n_miss, n_cpu, M, _rows, t0, t1 in recs.tolist():
-            self.split_log.append({"layer": self.layers[int(li)], "tokens": int(M), "misses": int(n_miss),
-                                   "cpu": int(n_cpu), "copy": int(n_miss - n_cpu), "cpu_s": t1 - t0,
-                                   "t_start": t0, "t_end": t1})
+            self.split_log.append(
+                {
+                    "layer": self.layers[int(li)],
+                    "tokens": int(M),
+                    "misses": int(n_miss),
+                    "cpu": int(n_cpu),
+                    "copy": int(n_miss - n_cpu),
+                    "cpu_s": t1 - t0,
+                    "t_start": t0,
+                    "t_end": t1,
+                }
+            )
             if n_cpu > 0 and t1 > t0 and self.cfg.cpu_rate is None:
                 m = int(M)
                 self._cpu_rates[m] = 0.8 * self._cpu_rates[m] + 0.2 * n_cpu * eb / (t1 - t0)
@@ -195,8 +223,15 @@ class HybridMissService:
 
     # ------------------------------------------------------------------ the step
 
-    def run(self, layer_index: int, lc: LayerCache, hidden: torch.Tensor, ids: torch.Tensor,
-            topk_weights: torch.Tensor, serve_gpu: ServeGpu) -> torch.Tensor:
+    def run(
+        self,
+        layer_index: int,
+        lc: LayerCache,
+        hidden: torch.Tensor,
+        ids: torch.Tensor,
+        topk_weights: torch.Tensor,
+        serve_gpu: ServeGpu,
+    ) -> torch.Tensor:
         """One layer's step (hidden [M, K], ids [M, k] int32): split the misses on the device, hand the CPU its job
         through the mailbox, serve the rest on the GPU, and add the CPU's per-token sum after the stream has waited
         for it. Queues work only: no host sync. Returns [M, K] in hidden's dtype."""
@@ -205,10 +240,23 @@ class HybridMissService:
         mb, sig = self.server, self.signals
         # A stale done (a job whose step failed between the hand-over and the wait) must not answer this one.
         sig.write(mb.done_addr, 0)
-        self.split(ids, topk_weights.contiguous(), hidden, lc.tables.expert_to_slot, lc.tables.expert_freq,
-                   self.counts[M], header=mb.header, cpu_experts=mb.experts, ids_out=mb.ids, w_out=mb.w, x_out=mb.x,
-                   exclude=self.exclude, gpu_weights=self.gpu_weights, sort_scratch=self.sort,
-                   layer_index=layer_index)
+        self.split(
+            ids,
+            topk_weights.contiguous(),
+            hidden,
+            lc.tables.expert_to_slot,
+            lc.tables.expert_freq,
+            self.counts[M],
+            header=mb.header,
+            cpu_experts=mb.experts,
+            ids_out=mb.ids,
+            w_out=mb.w,
+            x_out=mb.x,
+            exclude=self.exclude,
+            gpu_weights=self.gpu_weights,
+            sort_scratch=self.sort,
+            layer_index=layer_index,
+        )
         sig.write(mb.ready_addr, 1)
         try:
             route_out = serve_gpu(lc, hidden, ids, self.exclude)
@@ -243,10 +291,12 @@ def _measure_copy_rate(lc: LayerCache) -> float:
         def copy() -> None:
             copy_experts(tables, lc.src, scratch, num_programs=lc.cfg.copy_programs)
     else:
+
         def copy() -> None:
             for e in range(n):
                 for a, b in zip(lc.src, scratch):
                     b[e].copy_(a[e], non_blocking=True)
+
     copy()  # the kernel's first launch compiles it
     torch.cuda.synchronize()
     best = float("inf")

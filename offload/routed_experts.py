@@ -52,8 +52,15 @@ class ExpertSettings(Protocol):
 class RoutedExperts:
     """The target's and the draft's MoE runners, their stats and their pins (module docstring)."""
 
-    def __init__(self, cfg: GlmMoeDsaConfig, settings: ExpertSettings, device: torch.device,
-                 dtype: torch.dtype, kv_bytes: int = 0, activation_reserve_bytes: int | None = None) -> None:
+    def __init__(
+        self,
+        cfg: GlmMoeDsaConfig,
+        settings: ExpertSettings,
+        device: torch.device,
+        dtype: torch.dtype,
+        kv_bytes: int = 0,
+        activation_reserve_bytes: int | None = None,
+    ) -> None:
         self.cfg = cfg
         spec = settings.spec_steps > 0
         self.target: MoERunner
@@ -61,8 +68,9 @@ class RoutedExperts:
         xd = settings.expert_dtype
         self.device = device
         self.kv_bytes = kv_bytes
-        self.activation_reserve_bytes = (activation_reserve_bytes if activation_reserve_bytes is not None else
-                                         default_activation_reserve(device))
+        self.activation_reserve_bytes = (
+            activation_reserve_bytes if activation_reserve_bytes is not None else default_activation_reserve(device)
+        )
         self._auto_budget: tuple[str, ...] = ()  # roles whose budget is sized at finish_loading
         if settings.moe == "torch":
             self.target = TorchMoERunner(cfg, dtype, device, xd)
@@ -71,8 +79,9 @@ class RoutedExperts:
             main = list(range(cfg.first_k_dense_replace, cfg.num_hidden_layers))
             cpu = _cpu_config(settings, device)
             budget = _budget_bytes(settings.expert_cache_gb, "expert_cache_gb", device)
-            self.target = OffloadMoERunner(cfg, main, device=device, expert_dtype=xd, budget_bytes=budget,
-                                           name="target", cpu=cpu)
+            self.target = OffloadMoERunner(
+                cfg, main, device=device, expert_dtype=xd, budget_bytes=budget, name="target", cpu=cpu
+            )
             if budget is None:
                 self._auto_budget += ("target",)
             if spec:
@@ -82,8 +91,15 @@ class RoutedExperts:
                     draft_budget = budget // max(len(main), 1)  # the target's per-layer share
                 else:
                     draft_budget = None  # sized with the target's when loading finishes
-                self.draft = OffloadMoERunner(cfg, cfg.mtp_layer_ids, device=device, expert_dtype=xd,
-                                              budget_bytes=draft_budget, name="draft", cpu=cpu)
+                self.draft = OffloadMoERunner(
+                    cfg,
+                    cfg.mtp_layer_ids,
+                    device=device,
+                    expert_dtype=xd,
+                    budget_bytes=draft_budget,
+                    name="draft",
+                    cpu=cpu,
+                )
                 if draft_budget is None:
                     self._auto_budget += ("draft",)
         self._draft_layers = set(cfg.mtp_layer_ids) if self.draft is not None else set()
@@ -105,8 +121,7 @@ class RoutedExperts:
         if self.draft is not None:
             self.draft.finish_loading()
 
-    def run(self, layer: int, hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor
-            ) -> torch.Tensor:
+    def run(self, layer: int, hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
         return self._owner(layer).run(layer, hidden, topk_ids, topk_weights)
 
     def _size_budgets(self) -> None:
@@ -118,10 +133,15 @@ class RoutedExperts:
         budgets = plan_budgets(free, self.kv_bytes, self.activation_reserve_bytes + given, layers)
         for name, b in budgets.items():
             runners[name].budget_bytes = b  # type: ignore[union-attr]
-        log.info("expert cache budget sized after loading: %.2f GiB free on %s - KV %.2f GiB - reserve %.2f GiB%s "
-                 "-> %s", free / 2**30, self.device, min(self.kv_bytes, free // 2) / 2**30,
-                 self.activation_reserve_bytes / 2**30, f" - given budgets {given / 2**30:.2f} GiB" if given else "",
-                 ", ".join(f"{name} {b / 2**30:.2f} GiB" for name, b in budgets.items()))
+        log.info(
+            "expert cache budget sized after loading: %.2f GiB free on %s - KV %.2f GiB - reserve %.2f GiB%s -> %s",
+            free / 2**30,
+            self.device,
+            min(self.kv_bytes, free // 2) / 2**30,
+            self.activation_reserve_bytes / 2**30,
+            f" - given budgets {given / 2**30:.2f} GiB" if given else "",
+            ", ".join(f"{name} {b / 2**30:.2f} GiB" for name, b in budgets.items()),
+        )
 
     # ------------------------------------------------------------------ what the engine reads
 
@@ -164,8 +184,10 @@ class RoutedExperts:
 
     def pinned(self) -> dict[str, list[int]]:
         """Per cached layer: its pins, as queued when a change waits for the next step."""
-        return {str(layer): sorted(self._pending.get(layer, r.cache[layer].pinned))  # type: ignore[index]
-                for layer, r in self._caches().items()}
+        return {
+            str(layer): sorted(self._pending.get(layer, r.cache[layer].pinned))  # type: ignore[index]
+            for layer, r in self._caches().items()
+        }
 
     @property
     def pins_pending(self) -> bool:
@@ -175,15 +197,22 @@ class RoutedExperts:
         """Per cached layer: its slots (a layer whose slots equal its experts holds them all)."""
         return {str(layer): r.cache[layer].num_slots for layer, r in self._caches().items()}  # type: ignore[index]
 
-    def placement(self, op: str, layer: int | None, expert: int | None, pins: dict[str, list[int]] | None = None
-                  ) -> tuple[bool, str, dict[str, list[int]]]:
+    def placement(
+        self, op: str, layer: int | None, expert: int | None, pins: dict[str, list[int]] | None = None
+    ) -> tuple[bool, str, dict[str, list[int]]]:
         """Pin / unpin / reset / get, or set (`pins`: layer -> its whole pin set, every layer checked before any is
         queued); changes are queued and applied before the next step.
         Returns (ok, message, pins per cached layer after the change)."""
         owner = self._caches()
         if not owner:
-            return False, (f"expert placement is not available: the MoE runner {type(self.target).__name__} "
-                           "keeps every expert resident (no expert cache to pin into; run with moe=offload)"), {}
+            return (
+                False,
+                (
+                    f"expert placement is not available: the MoE runner {type(self.target).__name__} "
+                    "keeps every expert resident (no expert cache to pin into; run with moe=offload)"
+                ),
+                {},
+            )
         if op == "get":
             return True, "", self.pinned()
         if layer is not None and layer not in owner:
@@ -250,9 +279,11 @@ def auto_cache_budget(free_bytes: int, kv_bytes: int, reserve_bytes: int) -> int
     kv = min(kv_bytes, free_bytes // 2)
     budget = free_bytes - kv - reserve_bytes
     if budget <= 0:
-        raise ValueError(f"no device memory left for the expert cache: {free_bytes / 2**30:.2f} GiB free after the "
-                         f"weights, KV {kv / 2**30:.2f} GiB, reserve {reserve_bytes / 2**30:.2f} GiB (set "
-                         "expert_cache_gb, or lower kv_pages / max_running / max_model_len)")
+        raise ValueError(
+            f"no device memory left for the expert cache: {free_bytes / 2**30:.2f} GiB free after the "
+            f"weights, KV {kv / 2**30:.2f} GiB, reserve {reserve_bytes / 2**30:.2f} GiB (set "
+            "expert_cache_gb, or lower kv_pages / max_running / max_model_len)"
+        )
     return budget
 
 
@@ -287,5 +318,9 @@ def _cpu_config(settings: ExpertSettings, device: torch.device) -> CpuConfig | N
         ms = "hybrid" if device.type == "cuda" else "copy"
     if ms == "copy":
         return None
-    return CpuConfig(policy=ms, max_tokens=max(8, 2 * (1 + settings.spec_steps)),
-                     threads=settings.cpu_expert_threads, fallback_to_copy=settings.miss_service == "auto")
+    return CpuConfig(
+        policy=ms,
+        max_tokens=max(8, 2 * (1 + settings.spec_steps)),
+        threads=settings.cpu_expert_threads,
+        fallback_to_copy=settings.miss_service == "auto",
+    )

@@ -55,24 +55,39 @@ class OffloadMoERunner:
         host events). CPU experts are: their hand-over is stream memory operations, captured as graph nodes."""
         return self.cache_cfg.copy_path == "sm"
 
-    def __init__(self, cfg: GlmMoeDsaConfig, layers: list[int] | None = None, *, device: torch.device | str = "cuda",
-                 expert_dtype: ExpertDtype = "checkpoint", slots: int | dict[int, int] | None = None,
-                 budget_bytes: int | None = None, cache: CacheConfig | None = None, cpu: CpuConfig | None = None,
-                 moe_fn: MoEFn | None = None, pin_host: bool | None = None, name: str = "target",
-                 initial: dict[int, list[int]] | None = None, store: HostExpertStore | None = None) -> None:
+    def __init__(
+        self,
+        cfg: GlmMoeDsaConfig,
+        layers: list[int] | None = None,
+        *,
+        device: torch.device | str = "cuda",
+        expert_dtype: ExpertDtype = "checkpoint",
+        slots: int | dict[int, int] | None = None,
+        budget_bytes: int | None = None,
+        cache: CacheConfig | None = None,
+        cpu: CpuConfig | None = None,
+        moe_fn: MoEFn | None = None,
+        pin_host: bool | None = None,
+        name: str = "target",
+        initial: dict[int, list[int]] | None = None,
+        store: HostExpertStore | None = None,
+    ) -> None:
         self.cfg, self.name = cfg, name
         self.device = torch.device(device)
         if layers is None:
             layers = list(range(cfg.first_k_dense_replace, cfg.num_hidden_layers))
         bad = [layer for layer in layers if not cfg.is_moe_layer(layer)]
         if bad:
-            raise ValueError(f"{name} runner: layers {bad} are not MoE layers (first_k_dense_replace="
-                             f"{cfg.first_k_dense_replace})")
+            raise ValueError(
+                f"{name} runner: layers {bad} are not MoE layers (first_k_dense_replace={cfg.first_k_dense_replace})"
+            )
         self.layers = list(layers)
         self.layout = ExpertLayout.for_config(cfg, expert_dtype)
         if store is not None and (store.layout != self.layout or store.layers != self.layers):
-            raise ValueError(f"{name} runner: the given host store holds layers {store.layers} as {store.layout}, "
-                             f"this runner needs layers {self.layers} as {self.layout}")
+            raise ValueError(
+                f"{name} runner: the given host store holds layers {store.layers} as {store.layout}, "
+                f"this runner needs layers {self.layers} as {self.layout}"
+            )
         # A shared, already filled store (benchmarks comparing caches over one slab set).
         self.store = store if store is not None else HostExpertStore(self.layout, self.layers, pin=pin_host)
         self.cache_cfg = cache or CacheConfig()
@@ -96,12 +111,19 @@ class OffloadMoERunner:
     def finish_loading(self) -> None:
         """Post-init of this runner only: validate the store, build its cache, start the hybrid service."""
         self.store.finish_loading()
-        self.cache = ExpertCache(self.store, self.device, self.cache_cfg, slots=self._slots,
-                                 budget_bytes=self.budget_bytes, initial=self._initial)
+        self.cache = ExpertCache(
+            self.store,
+            self.device,
+            self.cache_cfg,
+            slots=self._slots,
+            budget_bytes=self.budget_bytes,
+            initial=self._initial,
+        )
         if self.cpu_cfg is not None:
             use = self.cache_cfg.use_kernels if self.cache_cfg.use_kernels is not None else True
-            self.hybrid = start_hybrid(self.cpu_cfg, self.store, self.cache, self.cfg.num_experts_per_tok, use,
-                                       self.name)
+            self.hybrid = start_hybrid(
+                self.cpu_cfg, self.store, self.cache, self.cfg.num_experts_per_tok, use, self.name
+            )
         if self.hybrid is None:
             log.info("%s: miss service copy (every miss copied to the GPU; results exact)", self.name)
 
@@ -133,12 +155,25 @@ class OffloadMoERunner:
         for layer, lc in self.cache.layers.items():
             s = dict(zip(STATS, lc.tables.stats.tolist()))
             sm_bytes = s["misses"] * eb if self.cache_cfg.copy_path == "sm" else 0
-            n_cpu, cpu_s = (0, 0.0) if cpu is None else (int(cpu[self._layer_index[layer], 1]),
-                                                          float(cpu[self._layer_index[layer], 3]))
-            out.append(OffloadLayerStats(
-                layer=layer, hits=s["hits"], misses=s["misses"] + n_cpu, bytes_copied_sm=sm_bytes,
-                bytes_copied_ce=lc.bytes_ce, bytes_cpu=n_cpu * eb, evictions=s["evictions"], stall_s=cpu_s,
-                cpu_experts=n_cpu, steps=s["steps"]))
+            n_cpu, cpu_s = (
+                (0, 0.0)
+                if cpu is None
+                else (int(cpu[self._layer_index[layer], 1]), float(cpu[self._layer_index[layer], 3]))
+            )
+            out.append(
+                OffloadLayerStats(
+                    layer=layer,
+                    hits=s["hits"],
+                    misses=s["misses"] + n_cpu,
+                    bytes_copied_sm=sm_bytes,
+                    bytes_copied_ce=lc.bytes_ce,
+                    bytes_cpu=n_cpu * eb,
+                    evictions=s["evictions"],
+                    stall_s=cpu_s,
+                    cpu_experts=n_cpu,
+                    steps=s["steps"],
+                )
+            )
         return out
 
     # ------------------------------------------------------------------ the step
@@ -149,18 +184,28 @@ class OffloadMoERunner:
             t = self._ones[n] = torch.ones(n, dtype=torch.float32, device=self.device)
         return t
 
-    def _route_outputs(self, lc: LayerCache, hidden: torch.Tensor, ids: torch.Tensor,
-                       route_out: torch.Tensor) -> torch.Tensor:
+    def _route_outputs(
+        self, lc: LayerCache, hidden: torch.Tensor, ids: torch.Tensor, route_out: torch.Tensor
+    ) -> torch.Tensor:
         """Write the rows of route_out [M*k, K] whose ids [M, k] are real experts (< E); the dummy id E is outside the
         table handed to the kernel, so those routes are not computed. Tiles are looked up as when each route was a row
         of its own against the whole table (M*k tokens, E + 1 ids), so outputs are the same bits as then."""
         L = self.layout
         table = lc.tables.expert_to_slot
-        return self.moe_fn(hidden, lc.w13, lc.w2, ids, self._ones_for(ids.numel()), table[: L.num_experts],
-                           out=route_out, config_tokens=ids.numel(), config_ids=table.numel(), **lc.moe_kwargs)
+        return self.moe_fn(
+            hidden,
+            lc.w13,
+            lc.w2,
+            ids,
+            self._ones_for(ids.numel()),
+            table[: L.num_experts],
+            out=route_out,
+            config_tokens=ids.numel(),
+            config_ids=table.numel(),
+            **lc.moe_kwargs,
+        )
 
-    def run(self, layer: int, hidden: torch.Tensor, topk_ids: torch.Tensor,
-            topk_weights: torch.Tensor) -> torch.Tensor:
+    def run(self, layer: int, hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
         if self.cache is None:
             raise RuntimeError(f"{self.name} runner: run() before finish_loading()")
         if layer not in self.cache.layers:
@@ -183,8 +228,9 @@ class OffloadMoERunner:
         shape = (ids.numel(), hidden.shape[1])
         return (torch.zeros if zero else torch.empty)(shape, dtype=hidden.dtype, device=hidden.device)
 
-    def _serve_gpu(self, lc: LayerCache, hidden: torch.Tensor, ids: torch.Tensor,
-                   exclude: torch.Tensor | None) -> torch.Tensor:
+    def _serve_gpu(
+        self, lc: LayerCache, hidden: torch.Tensor, ids: torch.Tensor, exclude: torch.Tensor | None
+    ) -> torch.Tensor:
         """Every route's expert output [M*k, K] on the GPU, in rounds of what fits the cache; each round computes only
         the routes it serves (routes of `exclude`d experts: left 0, to be weighed 0)."""
         M, k = ids.shape

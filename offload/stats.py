@@ -29,9 +29,14 @@ class OffloadLayerStats:
 
     def as_protocol_fields(self) -> dict:
         return {
-            "layer": self.layer, "hits": self.hits, "misses": self.misses,
-            "bytes_copied": self.bytes_copied_sm + self.bytes_copied_ce, "bytes_cpu": self.bytes_cpu,
-            "evictions": self.evictions, "stall_s": self.stall_s, "cpu_experts": self.cpu_experts,
+            "layer": self.layer,
+            "hits": self.hits,
+            "misses": self.misses,
+            "bytes_copied": self.bytes_copied_sm + self.bytes_copied_ce,
+            "bytes_cpu": self.bytes_cpu,
+            "evictions": self.evictions,
+            "stall_s": self.stall_s,
+            "cpu_experts": self.cpu_experts,
         }
 
 
@@ -47,8 +52,11 @@ class ExpertStats:
 
 def summarize(stats: list[OffloadLayerStats]) -> dict:
     """Totals over layers (for logs and the benchmark)."""
-    tot = {f.name: sum(getattr(s, f.name) for s in stats) for f in dataclasses.fields(OffloadLayerStats)
-           if f.name != "layer"}
+    tot = {
+        f.name: sum(getattr(s, f.name) for s in stats)
+        for f in dataclasses.fields(OffloadLayerStats)
+        if f.name != "layer"
+    }
     n = tot["hits"] + tot["misses"]
     tot["hit_rate"] = tot["hits"] / n if n else None
     return tot

@@ -37,8 +37,9 @@ class CudaStreamSignals:
             cu = ctypes.CDLL("libcuda.so.1")
             self._write, self._wait = cu.cuStreamWriteValue32_v2, cu.cuStreamWaitValue32_v2
         except (OSError, AttributeError) as e:
-            raise StreamSignalsUnavailable(f"libcuda.so.1 without stream memory operations (CUDA >= 11.7): {e}") \
-                from None
+            raise StreamSignalsUnavailable(
+                f"libcuda.so.1 without stream memory operations (CUDA >= 11.7): {e}"
+            ) from None
         for f in (self._write, self._wait):
             f.argtypes = [ctypes.c_void_p, ctypes.c_uint64, ctypes.c_uint32, ctypes.c_uint]
             f.restype = ctypes.c_int

@@ -18,8 +18,13 @@ from moed.offload.host_store import ExpertLayout
 
 
 class TorchMoERunner:
-    def __init__(self, cfg: GlmMoeDsaConfig, dtype: torch.dtype, device: torch.device | str = "cpu",
-                 expert_dtype: ExpertDtype = "checkpoint") -> None:
+    def __init__(
+        self,
+        cfg: GlmMoeDsaConfig,
+        dtype: torch.dtype,
+        device: torch.device | str = "cpu",
+        expert_dtype: ExpertDtype = "checkpoint",
+    ) -> None:
         self.cfg, self.dtype, self.device = cfg, dtype, torch.device(device)
         q = cfg.quantization
         self.block = (q.block_n, q.block_k) if q is not None else None
@@ -33,11 +38,14 @@ class TorchMoERunner:
         E, K, I = self.cfg.n_routed_experts, self.cfg.hidden_size, self.cfg.moe_intermediate_size
         L = self.int4
         if L is not None:
-            w = {n: torch.zeros(E, *shape, dtype=L.section_dtype(n), device=self.device)
-                 for n, shape in L.shapes.items()}
+            w = {
+                n: torch.zeros(E, *shape, dtype=L.section_dtype(n), device=self.device) for n, shape in L.shapes.items()
+            }
         else:
-            w = {"w13": torch.empty(E, 2 * I, K, dtype=self.dtype, device=self.device),
-                 "w2": torch.empty(E, K, I, dtype=self.dtype, device=self.device)}
+            w = {
+                "w13": torch.empty(E, 2 * I, K, dtype=self.dtype, device=self.device),
+                "w2": torch.empty(E, K, I, dtype=self.dtype, device=self.device),
+            }
         self._loaded[layer] = torch.zeros(E, dtype=torch.bool)
         return w
 
@@ -61,8 +69,7 @@ class TorchMoERunner:
             if missing:
                 raise ValueError(f"MoE layer {layer}: experts {missing[:8]} were never loaded")
 
-    def run(self, layer: int, hidden: torch.Tensor, topk_ids: torch.Tensor,
-            topk_weights: torch.Tensor) -> torch.Tensor:
+    def run(self, layer: int, hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
         w = self.weights[layer]
         kwargs = self.int4.moe_kwargs(w) if self.int4 is not None else {}
         return fused_moe_reference(hidden, w["w13"], w["w2"], topk_ids, topk_weights, self.expert_to_slot, **kwargs)

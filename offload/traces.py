@@ -31,9 +31,18 @@ def uniform_trace(steps: int, batch: int, num_experts: int, k: int, seed: int = 
     return np.argpartition(keys, k, axis=-1)[..., :k].astype(np.int32)
 
 
-def skewed_trace(steps: int, batch: int, num_experts: int, k: int, seed: int = 0, alpha: float = 1.8,
-                 uniform_mix: float = 0.2, p_prev: float = 0.36, p_recent: float = 0.55,
-                 ranking_seed: int | None = None) -> np.ndarray:
+def skewed_trace(
+    steps: int,
+    batch: int,
+    num_experts: int,
+    k: int,
+    seed: int = 0,
+    alpha: float = 1.8,
+    uniform_mix: float = 0.2,
+    p_prev: float = 0.36,
+    p_recent: float = 0.55,
+    ranking_seed: int | None = None,
+) -> np.ndarray:
     rng = np.random.default_rng(seed)
     rank = rng.permutation(num_experts)
     if ranking_seed is not None:
@@ -83,7 +92,7 @@ def trace_statistics(trace: np.ndarray, num_experts: int) -> dict[str, float]:
     distinct = []
     for b in range(batch):
         for t0 in range(0, max(steps - WINDOW + 1, 1), WINDOW):
-            distinct.append(len(np.unique(trace[t0:t0 + WINDOW, b])))
+            distinct.append(len(np.unique(trace[t0 : t0 + WINDOW, b])))
     counts = np.bincount(trace.reshape(-1), minlength=num_experts)
     top = max(1, round(0.04 * num_experts))
     top_share = np.sort(counts)[::-1][:top].sum() / counts.sum()
@@ -92,7 +101,11 @@ def trace_statistics(trace: np.ndarray, num_experts: int) -> dict[str, float]:
         for t in range(1, steps):
             cur = set(trace[t, b].tolist())
             prev_hits += len(cur & set(trace[t - 1, b].tolist()))
-            recent_hits += len(cur & set(trace[max(0, t - 8):t, b].reshape(-1).tolist()))
+            recent_hits += len(cur & set(trace[max(0, t - 8) : t, b].reshape(-1).tolist()))
             n += k
-    return {f"distinct_in_{WINDOW}_tokens": float(np.mean(distinct)), "top4pct_share": float(top_share),
-            "reuse_prev": prev_hits / max(n, 1), "reuse_last8": recent_hits / max(n, 1)}
+    return {
+        f"distinct_in_{WINDOW}_tokens": float(np.mean(distinct)),
+        "top4pct_share": float(top_share),
+        "reuse_prev": prev_hits / max(n, 1),
+        "reuse_last8": recent_hits / max(n, 1),
+    }

@@ -56,9 +56,20 @@ def short_dir() -> str:
 
 
 def make_config(model_dir: str, worker: tuple[str, ...] = DOUBLE, **overrides) -> ServeConfig:
-    base = dict(model=model_dir, listen=("tcp://127.0.0.1:*",), metrics_address="127.0.0.1:0", http_address="",
-                worker_command=worker, runtime_dir=short_dir(), stats_interval_s=0.2, restart_backoff_s=0.1,
-                restart_backoff_max_s=0.5, worker_start_timeout_s=120.0, client_timeout_s=30.0, drain_timeout_s=5.0)
+    base = dict(
+        model=model_dir,
+        listen=("tcp://127.0.0.1:*",),
+        metrics_address="127.0.0.1:0",
+        http_address="",
+        worker_command=worker,
+        runtime_dir=short_dir(),
+        stats_interval_s=0.2,
+        restart_backoff_s=0.1,
+        restart_backoff_max_s=0.5,
+        worker_start_timeout_s=120.0,
+        client_timeout_s=30.0,
+        drain_timeout_s=5.0,
+    )
     if worker == REAL_WORKER:
         base["device"] = "cpu"
     base.update(overrides)
@@ -104,8 +115,10 @@ class DaemonThread:
 
     def call(self, fn, timeout: float = 30.0):
         """Run fn() in the daemon's loop (thread-safe access to its state) and return the result."""
+
         async def wrap():
             return fn()
+
         return asyncio.run_coroutine_threadsafe(wrap(), self.loop).result(timeout)
 
     def wait_ready(self, timeout: float = 60.0) -> None:

@@ -54,9 +54,17 @@ def main() -> int:
     push.setsockopt(zmq.SNDTIMEO, 5000)  # a send never blocks for long: the daemon may be gone
     push.connect(args.from_worker)
     time.sleep(args.double_load_s)
-    push.send(ep.encode(ep.WorkerReady(protocol_version=ep.PROTOCOL_VERSION, model=args.model,
-                                       max_model_len=cfg["max_position_embeddings"], vocab_size=cfg["vocab_size"],
-                                       eos_token_ids=eos)))
+    push.send(
+        ep.encode(
+            ep.WorkerReady(
+                protocol_version=ep.PROTOCOL_VERSION,
+                model=args.model,
+                max_model_len=cfg["max_position_embeddings"],
+                vocab_size=cfg["vocab_size"],
+                eos_token_ids=eos,
+            )
+        )
+    )
     running: dict[str, tuple[ep.AddRequest, list[int]]] = {}
     pinned: dict[str, list[int]] = {}
     steps = prompt_tokens = gen_tokens = 0
@@ -64,13 +72,30 @@ def main() -> int:
     next_step = time.monotonic()
 
     def stats() -> ep.EngineStats:
-        return ep.EngineStats(running=len(running), waiting=0, kv_usage=min(1.0, len(running) / 64), num_steps=steps,
-                              prompt_tokens=prompt_tokens, generation_tokens=gen_tokens, preemptions=0,
-                              step_time_s={"forward": args.double_step_s},
-                              experts=[ep.LayerExpertStats(layer=1, hits=3 * steps, misses=steps,
-                                                           bytes_copied=1000 * steps, bytes_cpu=0, evictions=steps,
-                                                           stall_s=0.0, cpu_experts=0)],
-                              miss_service="hybrid", miss_service_rates_Bps={"cpu": 7.5e10, "copy": 5.0e10})
+        return ep.EngineStats(
+            running=len(running),
+            waiting=0,
+            kv_usage=min(1.0, len(running) / 64),
+            num_steps=steps,
+            prompt_tokens=prompt_tokens,
+            generation_tokens=gen_tokens,
+            preemptions=0,
+            step_time_s={"forward": args.double_step_s},
+            experts=[
+                ep.LayerExpertStats(
+                    layer=1,
+                    hits=3 * steps,
+                    misses=steps,
+                    bytes_copied=1000 * steps,
+                    bytes_cpu=0,
+                    evictions=steps,
+                    stall_s=0.0,
+                    cpu_experts=0,
+                )
+            ],
+            miss_service="hybrid",
+            miss_service_rates_Bps={"cpu": 7.5e10, "copy": 5.0e10},
+        )
 
     ready_at = time.monotonic()
     while True:
@@ -136,9 +161,17 @@ def main() -> int:
                 lps = None
                 if s.logprobs is not None:
                     lps = [ep.TokenLogprobs(tok, -0.5, [(tok, -0.5)] * s.logprobs)]
-                outs.append(ep.RequestOutput(request_id=rid, new_token_ids=[tok], finish_reason=reason, logprobs=lps,
-                                             num_prompt_tokens=len(prompt), num_output_tokens=len(out),
-                                             queue_s=0.0 if len(out) == 1 else None))
+                outs.append(
+                    ep.RequestOutput(
+                        request_id=rid,
+                        new_token_ids=[tok],
+                        finish_reason=reason,
+                        logprobs=lps,
+                        num_prompt_tokens=len(prompt),
+                        num_output_tokens=len(out),
+                        queue_s=0.0 if len(out) == 1 else None,
+                    )
+                )
                 if reason:
                     del running[rid]
             push.send(ep.encode(ep.StepOutputs(outputs=outs, step_time_s=args.double_step_s)))

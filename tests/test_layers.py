@@ -11,14 +11,27 @@ import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-LAYER = {"formats": 0, "moe_configs": 0, "client": 0, "kernels": 1, "model": 1, "attention": 2, "offload": 2,
-         "engine": 3, "daemon": 4, "ops": 5}
+LAYER = {
+    "formats": 0,
+    "moe_configs": 0,
+    "client": 0,
+    "kernels": 1,
+    "model": 1,
+    "attention": 2,
+    "offload": 2,
+    "engine": 3,
+    "daemon": 4,
+    "ops": 5,
+}
 
 
 def _imports() -> dict[str, set[str]]:
     """moed module -> the moed modules it imports."""
-    modules = {"moed." + ".".join(p.relative_to(ROOT).with_suffix("").parts): p
-               for folder in LAYER for p in (ROOT / folder).rglob("*.py")}
+    modules = {
+        "moed." + ".".join(p.relative_to(ROOT).with_suffix("").parts): p
+        for folder in LAYER
+        for p in (ROOT / folder).rglob("*.py")
+    }
     graph: dict[str, set[str]] = {}
     for name, path in modules.items():
         found: set[str] = set()
@@ -33,14 +46,19 @@ def _imports() -> dict[str, set[str]]:
 
 def test_every_folder_is_in_a_layer():
     # Hidden folders (.venv, .git) are the machine's, not the project's.
-    folders = {p.name for p in ROOT.iterdir()
-               if p.is_dir() and not p.name.startswith((".", "_")) and any(p.rglob("*.py"))} - {"tests"}
+    folders = {
+        p.name for p in ROOT.iterdir() if p.is_dir() and not p.name.startswith((".", "_")) and any(p.rglob("*.py"))
+    } - {"tests"}
     assert folders == set(LAYER), f"folders and layers differ: {sorted(folders ^ set(LAYER))}"
 
 
 def test_imports_point_down_the_layers():
-    against = sorted(f"{a} -> {b}" for a, bs in _imports().items() for b in bs
-                     if a.split(".")[1] != b.split(".")[1] and LAYER[b.split(".")[1]] >= LAYER[a.split(".")[1]])
+    against = sorted(
+        f"{a} -> {b}"
+        for a, bs in _imports().items()
+        for b in bs
+        if a.split(".")[1] != b.split(".")[1] and LAYER[b.split(".")[1]] >= LAYER[a.split(".")[1]]
+    )
     assert not against, "imports against the layers:\n" + "\n".join(against)
 
 
@@ -53,7 +71,7 @@ def test_no_import_cycle():
         state[m] = 1
         for n in sorted(graph[m]):
             if state.get(n) == 1:
-                cycles.append([*path[path.index(n):], n])
+                cycles.append([*path[path.index(n) :], n])
             elif n not in state:
                 visit(n, [*path, n])
         state[m] = 2

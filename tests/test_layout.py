@@ -40,10 +40,18 @@ def test_installed_modules_win_over_repo_folders(tmp_path):
     for name in names:
         (tmp_path / name).mkdir()
         (tmp_path / name / "__init__.py").write_text("")
-    code = ("import importlib.util, json\n"
-            f"print(json.dumps({{n: importlib.util.find_spec(n).origin for n in {names!r}}}))\n")
-    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60,
-                         env={"PYTHONPATH": str(tmp_path), "PATH": ""})
+    code = (
+        "import importlib.util, json\n"
+        f"print(json.dumps({{n: importlib.util.find_spec(n).origin for n in {names!r}}}))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={"PYTHONPATH": str(tmp_path), "PATH": ""},
+    )
     assert out.returncode == 0, out.stderr
     origins = json.loads(out.stdout)
     wrong = {n: o for n, o in origins.items() if not str(o).startswith(str(tmp_path))}
@@ -52,8 +60,10 @@ def test_installed_modules_win_over_repo_folders(tmp_path):
 
 def test_moed_packages_still_resolve_into_the_repo():
     mapping = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-dir"]
-    code = ("import importlib, json\n"
-            f"print(json.dumps({{n: list(importlib.import_module(n).__path__) for n in {sorted(mapping)!r}}}))\n")
+    code = (
+        "import importlib, json\n"
+        f"print(json.dumps({{n: list(importlib.import_module(n).__path__) for n in {sorted(mapping)!r}}}))\n"
+    )
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     paths = json.loads(out.stdout)

@@ -87,12 +87,12 @@ def make_point(cfg: GlmMoeDsaConfig, batch: int, context: int, latent_dtype: str
     pages_per_seq = triton.cdiv(context, PAGE)
     pool = PagedKVPool(cfg, batch * pages_per_seq + 1, PAGE, latent_dtype, "fp8", DEVICE, layers=[0])
     _fill_random(pool)
-    table = (torch.randperm(pool.num_pages - 1, device=DEVICE) + 1)[:batch * pages_per_seq]
+    table = (torch.randperm(pool.num_pages - 1, device=DEVICE) + 1)[: batch * pages_per_seq]
     table = table.view(batch, pages_per_seq).to(torch.int32)
     lens = torch.full((batch,), context, dtype=torch.int32, device=DEVICE)
     start = torch.arange(0, batch * new + 1, new, dtype=torch.int32, device=DEVICE)
     token_seq = torch.arange(batch, dtype=torch.int32, device=DEVICE).repeat_interleave(new)
-    positions = (torch.arange(context - new, context, device=DEVICE).repeat(batch))
+    positions = torch.arange(context - new, context, device=DEVICE).repeat(batch)
     paged = PagedStep(table, lens, start, token_seq, max_context=context, max_new=new)
     return Point(pool, paged, positions)
 
@@ -116,8 +116,14 @@ def _fp8_bytes(shape) -> torch.Tensor:
     return torch.where((x & 0x7F) == 0x7F, x ^ 1, x)  # 0x7F / 0xFF are NaN in e4m3fn
 
 
-def decode_fns(cfg: GlmMoeDsaConfig, pt: Point, heads: int, scores_cfg: ScoresConfig, mla_cfg: MLAConfig,
-               topk_chunks: int | None = None):
+def decode_fns(
+    cfg: GlmMoeDsaConfig,
+    pt: Point,
+    heads: int,
+    scores_cfg: ScoresConfig,
+    mla_cfg: MLAConfig,
+    topk_chunks: int | None = None,
+):
     B, K = pt.paged.page_table.shape[0], cfg.index_topk
     HI, D, C, R = cfg.index_n_heads, cfg.index_head_dim, cfg.kv_lora_rank, cfg.qk_rope_head_dim
     q = torch.randn(B, HI, D, device=DEVICE).bfloat16()
@@ -132,23 +138,51 @@ def decode_fns(cfg: GlmMoeDsaConfig, pt: Point, heads: int, scores_cfg: ScoresCo
     iv, lv = pt.pool.index_view(0), pt.pool.latent_view(0)
 
     def f_scores():
-        indexer_scores(q, w, iv.k, iv.scale, pt.paged.page_table, pt.paged.query_start, pt.positions, 1,
-                       pt.paged.max_context, scores, config=scores_cfg)
+        indexer_scores(
+            q,
+            w,
+            iv.k,
+            iv.scale,
+            pt.paged.page_table,
+            pt.paged.query_start,
+            pt.positions,
+            1,
+            pt.paged.max_context,
+            scores,
+            config=scores_cfg,
+        )
 
     def f_topk():
         topk_from_scores(scores, pt.positions, K, topk, scratch, chunks=topk_chunks)
 
     def f_mla():
-        sparse_mla.sparse_mla(q_lat, q_rope, lv.nope, lv.rope, lv.scale, pt.paged.page_table, pt.paged.token_seq,
-                              pt.positions, topk, cfg.softmax_scale, config=mla_cfg, out=o_lat)
+        sparse_mla.sparse_mla(
+            q_lat,
+            q_rope,
+            lv.nope,
+            lv.rope,
+            lv.scale,
+            pt.paged.page_table,
+            pt.paged.token_seq,
+            pt.positions,
+            topk,
+            cfg.softmax_scale,
+            config=mla_cfg,
+            out=o_lat,
+        )
 
     def f_all():
         f_scores()
         f_topk()
         f_mla()
 
-    return {"scores": f_scores, "topk": f_topk, "mla": f_mla, "chain": f_all,
-            "vars": {"q": q, "w": w, "q_lat": q_lat, "q_rope": q_rope, "topk": topk, "o_lat": o_lat}}
+    return {
+        "scores": f_scores,
+        "topk": f_topk,
+        "mla": f_mla,
+        "chain": f_all,
+        "vars": {"q": q, "w": w, "q_lat": q_lat, "q_rope": q_rope, "topk": topk, "o_lat": o_lat},
+    }
 
 
 def check_decode(cfg, pt: Point, fns, heads: int) -> dict:
@@ -162,7 +196,7 @@ def check_decode(cfg, pt: Point, fns, heads: int) -> dict:
         pos = torch.arange(L, device=pt.positions.device)
         page = pt.paged.page_table[b, pos // PAGE].long()
         keys = iv.k[page, pos % PAGE].float() * iv.scale[page, pos % PAGE][:, None]
-        scores = indexer.indexer_scores_reference(v["q"][b:b + 1], v["w"][b:b + 1], keys)[0]
+        scores = indexer.indexer_scores_reference(v["q"][b : b + 1], v["w"][b : b + 1], keys)[0]
         want = scores.topk(min(L, cfg.index_topk)).values
         sel = v["topk"][b].long()
         got = scores[sel[sel >= 0]].sort(descending=True).values
@@ -170,10 +204,16 @@ def check_decode(cfg, pt: Point, fns, heads: int) -> dict:
         lat = lv.nope[page, pos % PAGE].float()
         if lv.scale is not None:
             lat = lat * lv.scale[page, pos % PAGE][:, None]
-        ref = sparse_mla.sparse_mla_reference(v["q_lat"][b:b + 1], v["q_rope"][b:b + 1], lat,
-                                              lv.rope[page, pos % PAGE].float(), pt.positions[b:b + 1],
-                                              v["topk"][b:b + 1], cfg.softmax_scale)
-        err = max(err, ((v["o_lat"][b:b + 1].float() - ref).norm() / ref.norm()).item())
+        ref = sparse_mla.sparse_mla_reference(
+            v["q_lat"][b : b + 1],
+            v["q_rope"][b : b + 1],
+            lat,
+            lv.rope[page, pos % PAGE].float(),
+            pt.positions[b : b + 1],
+            v["topk"][b : b + 1],
+            cfg.softmax_scale,
+        )
+        err = max(err, ((v["o_lat"][b : b + 1].float() - ref).norm() / ref.norm()).item())
     return {"topk_ok": bool(topk_ok), "mla_rel_err": err}
 
 
@@ -194,33 +234,54 @@ def bench_decode(cfg, ceil, batches, contexts, heads_list, latent_dtype, scores_
                 idx_bytes = batch * context * 132
                 lat_bytes = batch * min(context, cfg.index_topk) * lat_row
                 total = idx_bytes + lat_bytes
-                row = {"heads": heads, "batch": batch, "context": context, "latent": latent_dtype,
-                       **{f"{k}_us": v * 1e3 for k, v in ms.items()},
-                       "index_bytes": idx_bytes, "latent_bytes": lat_bytes,
-                       "score_buffer_bytes": batch * context * 4,
-                       "chain_GBps": total / ms["chain"] / 1e6,
-                       "chain_vs_copy": total / ms["chain"] / 1e6 / ceil["copy_GBps"],
-                       "scores_vs_copy": idx_bytes / ms["scores"] / 1e6 / ceil["copy_GBps"],
-                       "mla_vs_copy": lat_bytes / ms["mla"] / 1e6 / ceil["copy_GBps"],
-                       "indexer_share": (ms["scores"] + ms["topk"]) / ms["chain"], **check}
+                row = {
+                    "heads": heads,
+                    "batch": batch,
+                    "context": context,
+                    "latent": latent_dtype,
+                    **{f"{k}_us": v * 1e3 for k, v in ms.items()},
+                    "index_bytes": idx_bytes,
+                    "latent_bytes": lat_bytes,
+                    "score_buffer_bytes": batch * context * 4,
+                    "chain_GBps": total / ms["chain"] / 1e6,
+                    "chain_vs_copy": total / ms["chain"] / 1e6 / ceil["copy_GBps"],
+                    "scores_vs_copy": idx_bytes / ms["scores"] / 1e6 / ceil["copy_GBps"],
+                    "mla_vs_copy": lat_bytes / ms["mla"] / 1e6 / ceil["copy_GBps"],
+                    "indexer_share": (ms["scores"] + ms["topk"]) / ms["chain"],
+                    **check,
+                }
                 rows.append(row)
-                log(f"decode H={heads:2d} B={batch:2d} ctx={context // 1024:3d}k: chain {row['chain_us']:8.1f} us "
+                log(
+                    f"decode H={heads:2d} B={batch:2d} ctx={context // 1024:3d}k: chain {row['chain_us']:8.1f} us "
                     f"({row['chain_vs_copy']:.0%} of copy BW over {total / 1e6:.1f} MB) | scores "
                     f"{row['scores_us']:7.1f} us ({row['scores_vs_copy']:.0%}) topk {row['topk_us']:6.1f} us | mla "
                     f"{row['mla_us']:6.1f} us ({row['mla_vs_copy']:.0%}) | indexer share {row['indexer_share']:.0%}"
-                    + (f" | check: top-k {check['topk_ok']}, mla err {check['mla_rel_err']:.1e}" if check else ""))
+                    + (f" | check: top-k {check['topk_ok']}, mla err {check['mla_rel_err']:.1e}" if check else "")
+                )
             del pt
             torch.cuda.empty_cache()
     return rows
 
 
-SCORES_CANDIDATES = [ScoresConfig(64, 4, 5, programs_per_sm=8), ScoresConfig(64, 4, 3, programs_per_sm=4),
-                     ScoresConfig(64, 4, 5, programs_per_sm=16)]
+SCORES_CANDIDATES = [
+    ScoresConfig(64, 4, 5, programs_per_sm=8),
+    ScoresConfig(64, 4, 3, programs_per_sm=4),
+    ScoresConfig(64, 4, 5, programs_per_sm=16),
+]
 MLA_CANDIDATES = {
-    64: [MLAConfig(64, 32, 8, 4), MLAConfig(64, 32, 8, 4, programs_per_sm=4), MLAConfig(64, 32, 8, 2),
-         MLAConfig(32, 64, 8, 2)],
-    8: [MLAConfig(16, 32, 4, 2), MLAConfig(16, 32, 4, 2, programs_per_sm=4), MLAConfig(16, 16, 4, 2),
-        MLAConfig(16, 16, 4, 2, programs_per_sm=4), MLAConfig(16, 64, 8, 3, swap=True)],
+    64: [
+        MLAConfig(64, 32, 8, 4),
+        MLAConfig(64, 32, 8, 4, programs_per_sm=4),
+        MLAConfig(64, 32, 8, 2),
+        MLAConfig(32, 64, 8, 2),
+    ],
+    8: [
+        MLAConfig(16, 32, 4, 2),
+        MLAConfig(16, 32, 4, 2, programs_per_sm=4),
+        MLAConfig(16, 16, 4, 2),
+        MLAConfig(16, 16, 4, 2, programs_per_sm=4),
+        MLAConfig(16, 64, 8, 3, swap=True),
+    ],
 }
 TOPK_PROGRAMS_PER_SM = (1, 2, 4, 8)
 
@@ -236,21 +297,31 @@ def sweep(cfg, ceil, log) -> tuple[ScoresConfig, dict[int, MLAConfig], list[dict
         except Exception as e:  # a config the device cannot run (shared memory, registers) is skipped
             log(f"sweep {name} {config}: FAILED {type(e).__name__}: {str(e)[:200]}")
             return float("inf")
-        out.append({"kernel": name, "config": dataclasses.asdict(config) if dataclasses.is_dataclass(config)
-                    else config, "us": ms * 1e3})
+        out.append(
+            {
+                "kernel": name,
+                "config": dataclasses.asdict(config) if dataclasses.is_dataclass(config) else config,
+                "us": ms * 1e3,
+            }
+        )
         log(f"sweep {name} {config}: {ms * 1e3:.1f} us")
         return ms
 
     pt = make_point(cfg, 16, 32768, "bf16")
-    best_s = min(SCORES_CANDIDATES, key=lambda c: timed("scores B=16 32k", decode_fns(
-        cfg, pt, 64, c, MLAConfig(32, 32, 8, 2))["scores"], c))
+    best_s = min(
+        SCORES_CANDIDATES,
+        key=lambda c: timed("scores B=16 32k", decode_fns(cfg, pt, 64, c, MLAConfig(32, 32, 8, 2))["scores"], c),
+    )
     fns = decode_fns(cfg, pt, 64, best_s, MLAConfig(32, 32, 8, 2))
     fns["scores"]()
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     for pps in TOPK_PROGRAMS_PER_SM:
         chunks = triton.cdiv(pps * sms, 16)
-        timed("topk B=16 32k", decode_fns(cfg, pt, 64, best_s, MLAConfig(), topk_chunks=chunks)["topk"],
-              {"programs_per_sm": pps, "chunks": chunks})
+        timed(
+            "topk B=16 32k",
+            decode_fns(cfg, pt, 64, best_s, MLAConfig(), topk_chunks=chunks)["topk"],
+            {"programs_per_sm": pps, "chunks": chunks},
+        )
     del pt, fns
     pt1 = make_point(cfg, 1, 131072, "bf16")
     for pps in TOPK_PROGRAMS_PER_SM:
@@ -280,8 +351,14 @@ def sweep(cfg, ceil, log) -> tuple[ScoresConfig, dict[int, MLAConfig], list[dict
 
 def bench_prefill(cfg, ceil, mla_cfg: MLAConfig, log, sizes=((0, 4096), (28672, 4096))) -> list[dict]:
     rows = []
-    H, HI, D, C, R, K = (cfg.num_attention_heads, cfg.index_n_heads, cfg.index_head_dim, cfg.kv_lora_rank,
-                         cfg.qk_rope_head_dim, cfg.index_topk)
+    H, HI, D, C, R, K = (
+        cfg.num_attention_heads,
+        cfg.index_n_heads,
+        cfg.index_head_dim,
+        cfg.kv_lora_rank,
+        cfg.qk_rope_head_dim,
+        cfg.index_topk,
+    )
     for cached, new in sizes:
         pt = make_point(cfg, 1, cached + new, "bf16", new=new)
         q = torch.randn(new, HI, D, device=DEVICE).bfloat16()
@@ -291,28 +368,51 @@ def bench_prefill(cfg, ceil, mla_cfg: MLAConfig, log, sizes=((0, 4096), (28672, 
         q_rope = (torch.randn(new, H, R, device=DEVICE) * R**-0.5).bfloat16()
         iv, lv = pt.pool.index_view(0), pt.pool.latent_view(0)
         ix_args = (q, w, iv.k, iv.scale, pt.paged.page_table, pt.paged.query_start, pt.positions, new, cached + new, K)
-        mla_args = (q_lat, q_rope, lv.nope, lv.rope, lv.scale, pt.paged.page_table, pt.paged.token_seq, pt.positions,
-                    topk, cfg.softmax_scale)
+        mla_args = (
+            q_lat,
+            q_rope,
+            lv.nope,
+            lv.rope,
+            lv.scale,
+            pt.paged.page_table,
+            pt.paged.token_seq,
+            pt.positions,
+            topk,
+            cfg.softmax_scale,
+        )
         ms_ix = time_graph(lambda a=ix_args, o=topk: indexer.indexer_topk(*a, out=o), 200)
         ms_mla = time_graph(lambda a=mla_args: sparse_mla.sparse_mla(*a, config=mla_cfg), 200)
         n = torch.arange(cached + 1, cached + new + 1, dtype=torch.float64)
         fl_ix = float((n * HI * D * 2).sum())
         fl_mla = float((n.clamp(max=K) * H * (2 * (C + R) + 2 * C)).sum())
-        row = {"kind": "sparse prefill", "cached": cached, "new": new, "indexer_ms": ms_ix, "mla_ms": ms_mla,
-               "indexer_TFLOPs": fl_ix / ms_ix / 1e9, "mla_TFLOPs": fl_mla / ms_mla / 1e9,
-               "mla_vs_gemm": fl_mla / ms_mla / 1e9 / ceil["bf16_TFLOPs"],
-               "indexer_share": ms_ix / (ms_ix + ms_mla)}
+        row = {
+            "kind": "sparse prefill",
+            "cached": cached,
+            "new": new,
+            "indexer_ms": ms_ix,
+            "mla_ms": ms_mla,
+            "indexer_TFLOPs": fl_ix / ms_ix / 1e9,
+            "mla_TFLOPs": fl_mla / ms_mla / 1e9,
+            "mla_vs_gemm": fl_mla / ms_mla / 1e9 / ceil["bf16_TFLOPs"],
+            "indexer_share": ms_ix / (ms_ix + ms_mla),
+        }
         rows.append(row)
-        log(f"prefill {new} new on {cached} cached: indexer {ms_ix:.2f} ms ({row['indexer_TFLOPs']:.0f} TFLOP/s), "
+        log(
+            f"prefill {new} new on {cached} cached: indexer {ms_ix:.2f} ms ({row['indexer_TFLOPs']:.0f} TFLOP/s), "
             f"sparse MLA {ms_mla:.2f} ms ({row['mla_TFLOPs']:.0f} TFLOP/s, {row['mla_vs_gemm']:.0%} of GEMM), "
-            f"indexer share {row['indexer_share']:.0%}")
+            f"indexer share {row['indexer_share']:.0%}"
+        )
         del pt
     # The dense short-context path: one-shot MHA over 2048 tokens (gather, kv_b expansion, fused attention).
     new = cfg.index_topk
     pt = make_point(cfg, 1, new, "bf16", new=new)
     dn, dv = cfg.qk_nope_head_dim, cfg.v_head_dim
-    mla = MLAInputs((torch.randn(new, H, dn, device=DEVICE) * 0.1).bfloat16(),
-                    (torch.randn(new, H, R, device=DEVICE) * 0.1).bfloat16(), None, None)  # type: ignore[arg-type]
+    mla = MLAInputs(
+        (torch.randn(new, H, dn, device=DEVICE) * 0.1).bfloat16(),
+        (torch.randn(new, H, R, device=DEVICE) * 0.1).bfloat16(),
+        None,
+        None,
+    )  # type: ignore[arg-type]
     kv_b = (torch.randn(H * (dn + dv), C, device=DEVICE) * C**-0.5).bfloat16()
     seqs = [SequenceStep(0, new, None)]
     f = lambda: mha_prefill(cfg, kv_b, mla, pt.pool.latent_view(0), pt.paged, seqs)  # noqa: E731
@@ -324,8 +424,16 @@ def bench_prefill(cfg, ceil, mla_cfg: MLAConfig, log, sizes=((0, 4096), (28672, 
     torch.cuda.synchronize()
     ms = (time.perf_counter() - t0) / 10 * 1e3
     fl = 2 * new * C * H * (dn + dv) + new * (new + 1) / 2 * H * 2 * ((dn + R) + dv)
-    rows.append({"kind": "dense MHA prefill", "cached": 0, "new": new, "ms": ms, "TFLOPs": fl / ms / 1e9,
-                 "vs_gemm": fl / ms / 1e9 / ceil["bf16_TFLOPs"]})
+    rows.append(
+        {
+            "kind": "dense MHA prefill",
+            "cached": 0,
+            "new": new,
+            "ms": ms,
+            "TFLOPs": fl / ms / 1e9,
+            "vs_gemm": fl / ms / 1e9 / ceil["bf16_TFLOPs"],
+        }
+    )
     log(f"dense MHA prefill {new} tokens: {ms:.2f} ms ({fl / ms / 1e9:.0f} TFLOP/s; eager, host loop included)")
     return rows
 
@@ -333,16 +441,26 @@ def bench_prefill(cfg, ceil, mla_cfg: MLAConfig, log, sizes=((0, 4096), (28672, 
 def kernel_resources() -> dict[str, list]:
     """Registers / spills of every compiled variant (occupancy evidence)."""
     out = {}
-    for name, fn in [("scores", indexer._scores_kernel), ("topk hist", indexer._topk_hist_kernel),
-                     ("topk select", indexer._topk_select_kernel),
-                     ("mla", sparse_mla._sparse_mla_kernel), ("combine", sparse_mla._combine_kernel),
-                     ("gather", index_k_gather._gather_kernel)]:
+    for name, fn in [
+        ("scores", indexer._scores_kernel),
+        ("topk hist", indexer._topk_hist_kernel),
+        ("topk select", indexer._topk_select_kernel),
+        ("mla", sparse_mla._sparse_mla_kernel),
+        ("combine", sparse_mla._combine_kernel),
+        ("gather", index_k_gather._gather_kernel),
+    ]:
         found = []
         for cache in getattr(fn, "device_caches", {}).values():
             for k in cache[0].values():
                 with contextlib.suppress(AttributeError):
-                    found.append({"regs": k.n_regs, "spills": k.n_spills, "warps": k.metadata.num_warps,
-                                  "shared": k.metadata.shared})
+                    found.append(
+                        {
+                            "regs": k.n_regs,
+                            "spills": k.n_spills,
+                            "warps": k.metadata.num_warps,
+                            "shared": k.metadata.shared,
+                        }
+                    )
         out[name] = found
     return out
 
@@ -376,12 +494,18 @@ def main(argv: list[str] | None = None) -> int:
         log_lines.append(msg)
 
     cfg = GlmMoeDsaConfig.from_dict(make_config("glm51-slice"))
-    info = {"device": torch.cuda.get_device_name(), "date": datetime.date.today().isoformat(),
-            "torch": torch.__version__, "triton": triton.__version__}
+    info = {
+        "device": torch.cuda.get_device_name(),
+        "date": datetime.date.today().isoformat(),
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+    }
     log(json.dumps(info))
     ceil = measure_ceilings()
-    log(f"ceilings: copy {ceil['copy_GBps']:.0f} GB/s, read {ceil['read_GBps']:.0f} GB/s, "
-        f"bf16 GEMM {ceil['bf16_TFLOPs']:.0f} TFLOP/s")
+    log(
+        f"ceilings: copy {ceil['copy_GBps']:.0f} GB/s, read {ceil['read_GBps']:.0f} GB/s, "
+        f"bf16 GEMM {ceil['bf16_TFLOPs']:.0f} TFLOP/s"
+    )
     results: dict = {"info": info, "ceilings": ceil}
 
     def save() -> None:
@@ -395,8 +519,10 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_sweep:
         with _section("sweep", log):
             scores_cfg, mla_cfgs, results["sweep"] = sweep(cfg, ceil, log)
-    results["chosen"] = {"scores": dataclasses.asdict(scores_cfg),
-                         "mla": {h: dataclasses.asdict(c) for h, c in mla_cfgs.items()}}
+    results["chosen"] = {
+        "scores": dataclasses.asdict(scores_cfg),
+        "mla": {h: dataclasses.asdict(c) for h, c in mla_cfgs.items()},
+    }
     save()
     batches = (1, 16) if args.quick else (1, 16, 64)
     contexts = (4096, 32768) if args.quick else (4096, 32768, 131072)
@@ -408,21 +534,26 @@ def main(argv: list[str] | None = None) -> int:
         # The swapped layout converts FP8 latents in registers and spills: FP8 pools keep the default layout.
         fp8_cfgs = {h: c if not c.swap else sparse_mla.default_config(h, 64, fp8=True) for h, c in mla_cfgs.items()}
         with _section("decode fp8 latent", log):
-            results["decode_fp8_latent"] = bench_decode(cfg, ceil, (16, 64), (32768,), (64,), "fp8", scores_cfg,
-                                                        fp8_cfgs, log)
+            results["decode_fp8_latent"] = bench_decode(
+                cfg, ceil, (16, 64), (32768,), (64,), "fp8", scores_cfg, fp8_cfgs, log
+            )
         save()
     if not args.no_prefill:
         with _section("prefill", log):
             results["prefill"] = bench_prefill(cfg, ceil, mla_cfgs[64], log)
     results["kernels"] = kernel_resources()
     save()
-    log("\n| heads | batch | context | chain us | MB read | % copy BW | scores us (% copy) | topk us | mla us (% copy) "
-        "| indexer share |")
+    log(
+        "\n| heads | batch | context | chain us | MB read | % copy BW | scores us (% copy) | topk us | mla us (% copy) "
+        "| indexer share |"
+    )
     for r in results["decode"] + results.get("decode_fp8_latent", []):
-        log(f"| {r['heads']}{' fp8' if r['latent'] == 'fp8' else ''} | {r['batch']} | {r['context'] // 1024}k | "
+        log(
+            f"| {r['heads']}{' fp8' if r['latent'] == 'fp8' else ''} | {r['batch']} | {r['context'] // 1024}k | "
             f"{r['chain_us']:.1f} | {(r['index_bytes'] + r['latent_bytes']) / 1e6:.1f} | {r['chain_vs_copy']:.0%} | "
             f"{r['scores_us']:.1f} ({r['scores_vs_copy']:.0%}) | {r['topk_us']:.1f} | {r['mla_us']:.1f} "
-            f"({r['mla_vs_copy']:.0%}) | {r['indexer_share']:.0%} |")
+            f"({r['mla_vs_copy']:.0%}) | {r['indexer_share']:.0%} |"
+        )
     save()
     return 0
 

@@ -104,11 +104,14 @@ def _job_summary(jobs: list[dict]) -> dict | None:
         return None
     busy = [j for j in jobs if j["cpu"] > 0]
     idle = [j for j in jobs if j["cpu"] == 0]
-    return {"jobs": len(jobs), "with_cpu_work": len(busy),
-            "cpu_experts_per_busy_job": float(np.mean([j["cpu"] for j in busy])) if busy else 0.0,
-            "misses_per_job": float(np.mean([j["misses"] for j in jobs])),
-            "busy_job_ms": float(np.mean([j["cpu_s"] for j in busy])) * 1e3 if busy else None,
-            "idle_job_us": float(np.mean([j["cpu_s"] for j in idle])) * 1e6 if idle else None}
+    return {
+        "jobs": len(jobs),
+        "with_cpu_work": len(busy),
+        "cpu_experts_per_busy_job": float(np.mean([j["cpu"] for j in busy])) if busy else 0.0,
+        "misses_per_job": float(np.mean([j["misses"] for j in jobs])),
+        "busy_job_ms": float(np.mean([j["cpu_s"] for j in busy])) * 1e3 if busy else None,
+        "idle_job_us": float(np.mean([j["cpu_s"] for j in idle])) * 1e6 if idle else None,
+    }
 
 
 def run_load(engine: LLMEngine, concurrency: int, prompt_len: int, gen_len: int, seed: int) -> dict:
@@ -155,13 +158,18 @@ def run_load(engine: LLMEngine, concurrency: int, prompt_len: int, gen_len: int,
     drafts = engine.spec_draft_tokens - drafts0
     hits, misses = cache1["hits"] - cache0["hits"], cache1["misses"] - cache0["misses"]
     return {
-        "concurrency": concurrency, "prefill_s": t1 - t0, "decode_s": t2 - t1, "decode_steps": steps,
+        "concurrency": concurrency,
+        "prefill_s": t1 - t0,
+        "decode_s": t2 - t1,
+        "decode_steps": steps,
         "graph_steps": engine.runner.graph_steps - graph0,
-        "decode_tok_s": decode_tokens / (t2 - t1), "ms_per_token": 1e3 * (t2 - t1) / max(gen_len - 1, 1),
+        "decode_tok_s": decode_tokens / (t2 - t1),
+        "ms_per_token": 1e3 * (t2 - t1) / max(gen_len - 1, 1),
         "step_ms": 1e3 * (t2 - t1) / max(delivered[0], 1),
         "acceptance": (engine.spec_accepted_tokens - acc0) / drafts if drafts else None,
         "hit_rate": hits / (hits + misses) if hits + misses else None,
-        "misses_per_step": misses / max(steps, 1), "hits_per_step": hits / max(steps, 1),
+        "misses_per_step": misses / max(steps, 1),
+        "hits_per_step": hits / max(steps, 1),
         "cpu_jobs": _job_summary(jobs),
     }
 
@@ -186,8 +194,9 @@ def overhead_batch1(engine: LLMEngine, prompt_len: int, overlap: bool, steps: in
 
     graphs.run = timed_run  # type: ignore[method-assign]
     try:
-        engine.add_request("overhead", list(range(10, 10 + prompt_len)),
-                           SamplingParams(max_tokens=steps + 8, ignore_eos=True))
+        engine.add_request(
+            "overhead", list(range(10, 10 + prompt_len)), SamplingParams(max_tokens=steps + 8, ignore_eos=True)
+        )
         for _ in range(4):  # prefill, then decodes until the pipeline is full
             engine.step()
         engine.stats()  # opens a fresh step-time window
@@ -214,9 +223,15 @@ def overhead_batch1(engine: LLMEngine, prompt_len: int, overlap: bool, steps: in
     wall = median(walls)
     gpu = median([a.elapsed_time(b) / 1e3 for a, b in marks])
     replay = median([a.elapsed_time(b) / 1e3 for a, b in replays])
-    return {"overlap": overlap, "step_wall_ms": 1e3 * wall, "step_gpu_ms": 1e3 * gpu, "replay_gpu_ms": 1e3 * replay,
-            "cpu_overhead": (wall - gpu) / wall, "cpu_overhead_vs_replay": (wall - replay) / wall,
-            "host_ms": {k: 1e3 * v for k, v in phases.items()}}
+    return {
+        "overlap": overlap,
+        "step_wall_ms": 1e3 * wall,
+        "step_gpu_ms": 1e3 * gpu,
+        "replay_gpu_ms": 1e3 * replay,
+        "cpu_overhead": (wall - gpu) / wall,
+        "cpu_overhead_vs_replay": (wall - replay) / wall,
+        "host_ms": {k: 1e3 * v for k, v in phases.items()},
+    }
 
 
 def _timed_prefill(engine: LLMEngine, prompt: list[int]) -> tuple[float, int]:
@@ -261,27 +276,43 @@ def prefill_compile(engine: LLMEngine, lengths: list[int], reps: int, min_tokens
         times, token = zip(*(_timed_prefill(engine, prompts[n]) for _ in range(reps)))
         r = rows[n]
         r.update(compiled_s=sorted(times)[len(times) // 2], compiled_token=token[0])
-        r.update(eager_tok_s=n / r["eager_s"], compiled_tok_s=n / r["compiled_s"],
-                 speedup=r["eager_s"] / r["compiled_s"], same_token=r["eager_token"] == r["compiled_token"])
+        r.update(
+            eager_tok_s=n / r["eager_s"],
+            compiled_tok_s=n / r["compiled_s"],
+            speedup=r["eager_s"] / r["compiled_s"],
+            same_token=r["eager_token"] == r["compiled_token"],
+        )
     engine.runner.compiled = None
-    return {"rows": list(rows.values()), "first_compiled_call_s": first_s,
-            "compile_s": first_s - rows[lengths[0]]["compiled_s"], "compiled_failed": compiled.failed,
-            "compiled_steps": compiled.steps, "unique_graphs": int(counters["stats"]["unique_graphs"]),
-            "frames_compiled": int(counters["frames"]["total"]), "layer_kinds": len(layer_kinds(engine.model)),
-            "graph_breaks": int(sum(counters["graph_break"].values()))}
+    return {
+        "rows": list(rows.values()),
+        "first_compiled_call_s": first_s,
+        "compile_s": first_s - rows[lengths[0]]["compiled_s"],
+        "compiled_failed": compiled.failed,
+        "compiled_steps": compiled.steps,
+        "unique_graphs": int(counters["stats"]["unique_graphs"]),
+        "frames_compiled": int(counters["frames"]["total"]),
+        "layer_kinds": len(layer_kinds(engine.model)),
+        "graph_breaks": int(sum(counters["graph_break"].values())),
+    }
 
 
 def print_prefill_compile(res: dict, device: str, args) -> None:
-    print(f"\ncompiled prefill on {device} ({args.preset}, experts {args.experts or 'preset'}, moe {args.moe}, "
-          f"expert cache {args.expert_cache_gb} GB): first compiled call {res['first_compiled_call_s']:.1f} s "
-          f"(compile ~{res['compile_s']:.1f} s), graphs {res['unique_graphs']}, compiles {res['frames_compiled']} "
-          f"(layer kinds {res['layer_kinds']}), "
-          f"graph breaks {res['graph_breaks']}, failed: {res['compiled_failed']}")
-    print(f"{'tokens':>6} {'eager ms':>9} {'compiled ms':>11} {'eager tok/s':>11} {'compiled tok/s':>14} "
-          f"{'x eager':>7} {'same 1st token':>14}")
+    print(
+        f"\ncompiled prefill on {device} ({args.preset}, experts {args.experts or 'preset'}, moe {args.moe}, "
+        f"expert cache {args.expert_cache_gb} GB): first compiled call {res['first_compiled_call_s']:.1f} s "
+        f"(compile ~{res['compile_s']:.1f} s), graphs {res['unique_graphs']}, compiles {res['frames_compiled']} "
+        f"(layer kinds {res['layer_kinds']}), "
+        f"graph breaks {res['graph_breaks']}, failed: {res['compiled_failed']}"
+    )
+    print(
+        f"{'tokens':>6} {'eager ms':>9} {'compiled ms':>11} {'eager tok/s':>11} {'compiled tok/s':>14} "
+        f"{'x eager':>7} {'same 1st token':>14}"
+    )
     for r in res["rows"]:
-        print(f"{r['tokens']:>6} {1e3 * r['eager_s']:>9.1f} {1e3 * r['compiled_s']:>11.1f} {r['eager_tok_s']:>11.0f} "
-              f"{r['compiled_tok_s']:>14.0f} {r['speedup']:>7.3f} {r['same_token']!s:>14}")
+        print(
+            f"{r['tokens']:>6} {1e3 * r['eager_s']:>9.1f} {1e3 * r['compiled_s']:>11.1f} {r['eager_tok_s']:>11.0f} "
+            f"{r['compiled_tok_s']:>14.0f} {r['speedup']:>7.3f} {r['same_token']!s:>14}"
+        )
 
 
 def miss_rate_gbs(ceil: dict, cpu_gbs: float) -> float:
@@ -315,18 +346,34 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--draft-expert-cache-gb", type=float, default=2.0)
     p.add_argument("--page-size", type=int, default=64)
     p.add_argument("--max-model-len", type=int, default=4096)
-    p.add_argument("--overlap", choices=("both", "on", "off"), default="both",
-                   help="overlapped steps (plain decoding only): measure with, without, or both")
+    p.add_argument(
+        "--overlap",
+        choices=("both", "on", "off"),
+        default="both",
+        help="overlapped steps (plain decoding only): measure with, without, or both",
+    )
     # copy, not the engine's auto: the rows in docs/benchmarks.md that name no miss service were measured so
-    p.add_argument("--miss-service", choices=get_args(MissService), default="copy",
-                   help="offload: how decode serves expert misses (moed.engine.config.MissService)")
+    p.add_argument(
+        "--miss-service",
+        choices=get_args(MissService),
+        default="copy",
+        help="offload: how decode serves expert misses (moed.engine.config.MissService)",
+    )
     p.add_argument("--cpu-threads", type=int, default=0, help="CPU expert threads (hybrid, cpu); 0 = cores - 1")
-    p.add_argument("--expert-dtype", choices=EXPERT_DTYPES, default="checkpoint",
-                   help="int4: the routed experts quantised to 4 bits at load")
-    p.add_argument("--experts", type=int, default=None, help="routed experts per layer of a new checkpoint "
-                   "(default: the preset's)")
-    p.add_argument("--prefill-compile", action="store_true",
-                   help="measure only prefill with compiled vs eager decoder layers (module docstring)")
+    p.add_argument(
+        "--expert-dtype",
+        choices=EXPERT_DTYPES,
+        default="checkpoint",
+        help="int4: the routed experts quantised to 4 bits at load",
+    )
+    p.add_argument(
+        "--experts", type=int, default=None, help="routed experts per layer of a new checkpoint (default: the preset's)"
+    )
+    p.add_argument(
+        "--prefill-compile",
+        action="store_true",
+        help="measure only prefill with compiled vs eager decoder layers (module docstring)",
+    )
     p.add_argument("--prefill-lens", default="512,2048,8192")
     p.add_argument("--reps", type=int, default=3, help="--prefill-compile: timed prefills per length and mode")
     p.add_argument("--out", default=None, help="JSON file for every figure")
@@ -341,26 +388,53 @@ def main(argv: list[str] | None = None) -> int:
         from moed.model.checkpoint import make_checkpoint
 
         t = time.perf_counter()
-        make_checkpoint(ckpt, args.preset, dtype="fp8" if device.type == "cuda" else "bf16", seed=0,
-                        experts=args.experts, device=args.device)
+        make_checkpoint(
+            ckpt,
+            args.preset,
+            dtype="fp8" if device.type == "cuda" else "bf16",
+            seed=0,
+            experts=args.experts,
+            device=args.device,
+        )
         log.info("made %s checkpoint in %.0f s", args.preset, time.perf_counter() - t)
 
     if args.prefill_compile:
         lengths = [int(n) for n in args.prefill_lens.split(",")]
         t = time.perf_counter()
-        engine = LLMEngine(EngineConfig(
-            model=str(ckpt), device=args.device, dtype=dtype, max_running=1, max_tokens_per_step=max(lengths),
-            page_size=args.page_size, max_model_len=max(max(lengths) + 64, args.max_model_len), moe=args.moe,
-            expert_cache_gb=args.expert_cache_gb if args.moe == "offload" else None, cuda_graphs=False,
-            compile_prefill=False, seed=0, miss_service=args.miss_service if args.moe == "offload" else "copy",
-            expert_dtype=args.expert_dtype))
+        engine = LLMEngine(
+            EngineConfig(
+                model=str(ckpt),
+                device=args.device,
+                dtype=dtype,
+                max_running=1,
+                max_tokens_per_step=max(lengths),
+                page_size=args.page_size,
+                max_model_len=max(max(lengths) + 64, args.max_model_len),
+                moe=args.moe,
+                expert_cache_gb=args.expert_cache_gb if args.moe == "offload" else None,
+                cuda_graphs=False,
+                compile_prefill=False,
+                seed=0,
+                miss_service=args.miss_service if args.moe == "offload" else "copy",
+                expert_dtype=args.expert_dtype,
+            )
+        )
         log.info("engine loaded in %.0f s", time.perf_counter() - t)
         res = prefill_compile(engine, lengths, args.reps, min(lengths))
         name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
         if args.out:
-            Path(args.out).write_text(json.dumps({"device": name, "date": time.strftime("%Y-%m-%d"),
-                                                  "torch": torch.__version__, "args": vars(args),
-                                                  "prefill_compile": res}, indent=1))
+            Path(args.out).write_text(
+                json.dumps(
+                    {
+                        "device": name,
+                        "date": time.strftime("%Y-%m-%d"),
+                        "torch": torch.__version__,
+                        "args": vars(args),
+                        "prefill_compile": res,
+                    },
+                    indent=1,
+                )
+            )
         print_prefill_compile(res, name, args)
         return 0
     ceil = ceilings(device)
@@ -371,30 +445,45 @@ def main(argv: list[str] | None = None) -> int:
     overhead: list[dict] = []
     modes = {"both": [True, False], "on": [True], "off": [False]}[args.overlap]
     for spec in sorted({0, args.spec_steps}):
-        cfg = EngineConfig(model=str(ckpt), device=args.device, dtype=dtype, max_running=max(conc),
-                           max_tokens_per_step=max(2048, max(conc) * (1 + spec)), page_size=args.page_size,
-                           spec_steps=spec, max_model_len=args.max_model_len, moe=args.moe,
-                           expert_cache_gb=args.expert_cache_gb if args.moe == "offload" else None,
-                           draft_expert_cache_gb=args.draft_expert_cache_gb if args.moe == "offload" else None,
-                           graph_max_batch=max(conc), seed=0,
-                           miss_service=args.miss_service if args.moe == "offload" else "copy",
-                           cpu_expert_threads=args.cpu_threads, expert_dtype=args.expert_dtype)
+        cfg = EngineConfig(
+            model=str(ckpt),
+            device=args.device,
+            dtype=dtype,
+            max_running=max(conc),
+            max_tokens_per_step=max(2048, max(conc) * (1 + spec)),
+            page_size=args.page_size,
+            spec_steps=spec,
+            max_model_len=args.max_model_len,
+            moe=args.moe,
+            expert_cache_gb=args.expert_cache_gb if args.moe == "offload" else None,
+            draft_expert_cache_gb=args.draft_expert_cache_gb if args.moe == "offload" else None,
+            graph_max_batch=max(conc),
+            seed=0,
+            miss_service=args.miss_service if args.moe == "offload" else "copy",
+            cpu_expert_threads=args.cpu_threads,
+            expert_dtype=args.expert_dtype,
+        )
         t = time.perf_counter()
         engine = LLMEngine(cfg)
         engine.warmup()
-        log.info("engine (spec_steps=%d) loaded and warmed up in %.0f s; graphs: %s", spec,
-                 time.perf_counter() - t, engine.runner.graphs is not None)
+        log.info(
+            "engine (spec_steps=%d) loaded and warmed up in %.0f s; graphs: %s",
+            spec,
+            time.perf_counter() - t,
+            engine.runner.graphs is not None,
+        )
         layout = getattr(engine.experts.target, "layout", None)
         cpu_gbs = engine.experts.stats().rates_Bps.get("cpu", 0.0) / 1e9  # 0 when misses are only copied
         expert_bytes = layout.expert_bytes if layout is not None else 0
-        dense_bytes = sum(p.numel() * p.element_size() for n, p in engine.model.named_parameters()
-                          if "embed_tokens" not in n)
+        dense_bytes = sum(
+            p.numel() * p.element_size() for n, p in engine.model.named_parameters() if "embed_tokens" not in n
+        )
         graphs = engine.runner.graphs
-        for use_graphs in ([True, False] if graphs is not None else [False]):
+        for use_graphs in [True, False] if graphs is not None else [False]:
             engine.runner.graphs = graphs if use_graphs else None
             for c in conc:  # first-use compilation of this mode's prefill and decode shapes, outside every row
                 run_load(engine, c, args.prompt_len, 3, seed=c)
-            for overlap in (modes if spec == 0 else [False]):
+            for overlap in modes if spec == 0 else [False]:
                 engine.overlap = overlap
                 for c in conc:
                     row = run_load(engine, c, args.prompt_len, args.gen_len, seed=c)
@@ -416,30 +505,46 @@ def main(argv: list[str] | None = None) -> int:
         if device.type == "cuda":
             torch.cuda.empty_cache()
 
-    result = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-              "date": time.strftime("%Y-%m-%d"), "preset": args.preset, "args": vars(args), "ceilings": ceil,
-              "rows": rows, "overhead_batch1": overhead}
+    result = {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "date": time.strftime("%Y-%m-%d"),
+        "preset": args.preset,
+        "args": vars(args),
+        "ceilings": ceil,
+        "rows": rows,
+        "overhead_batch1": overhead,
+    }
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=1))
-    print(f"\nengine benchmark on {result['device']} ({args.preset}, prompt {args.prompt_len}, "
-          f"gen {args.gen_len}, expert cache {args.expert_cache_gb} GB, miss service {args.miss_service}); "
-          f"ceilings {ceil}")
-    print(f"{'mtp':>3} {'graph':>5} {'ovl':>3} {'conc':>4} {'prefill s':>9} {'tok/s':>9} {'ms/tok':>8} {'step ms':>8} "
-          f"{'bound ms':>8} {'x bound':>7} {'hit':>5} {'accept':>6} {'graphed':>7}")
+    print(
+        f"\nengine benchmark on {result['device']} ({args.preset}, prompt {args.prompt_len}, "
+        f"gen {args.gen_len}, expert cache {args.expert_cache_gb} GB, miss service {args.miss_service}); "
+        f"ceilings {ceil}"
+    )
+    print(
+        f"{'mtp':>3} {'graph':>5} {'ovl':>3} {'conc':>4} {'prefill s':>9} {'tok/s':>9} {'ms/tok':>8} {'step ms':>8} "
+        f"{'bound ms':>8} {'x bound':>7} {'hit':>5} {'accept':>6} {'graphed':>7}"
+    )
     for r in rows:
+
         def f(v, fmt):
             return format(v, fmt) if v is not None else "-"
-        print(f"{r['spec_steps']:>3} {('on' if r['graphs'] else 'off'):>5} {('on' if r['overlap'] else 'off'):>3} "
-              f"{r['concurrency']:>4} "
-              f"{r['prefill_s']:>9.2f} {r['decode_tok_s']:>9.1f} {r['ms_per_token']:>8.2f} {r['step_ms']:>8.2f} "
-              f"{f(r['bound_ms'], '8.2f'):>8} {f(r['step_vs_bound'], '7.2f'):>7} {f(r['hit_rate'], '5.2f'):>5} "
-              f"{f(r['acceptance'], '6.2f'):>6} {r['graph_steps']:>7}")
+
+        print(
+            f"{r['spec_steps']:>3} {('on' if r['graphs'] else 'off'):>5} {('on' if r['overlap'] else 'off'):>3} "
+            f"{r['concurrency']:>4} "
+            f"{r['prefill_s']:>9.2f} {r['decode_tok_s']:>9.1f} {r['ms_per_token']:>8.2f} {r['step_ms']:>8.2f} "
+            f"{f(r['bound_ms'], '8.2f'):>8} {f(r['step_vs_bound'], '7.2f'):>7} {f(r['hit_rate'], '5.2f'):>5} "
+            f"{f(r['acceptance'], '6.2f'):>6} {r['graph_steps']:>7}"
+        )
     for o in overhead:
         host = " ".join(f"{k} {v:.3f}" for k, v in o["host_ms"].items())
-        print(f"batch-1 graph decode step, overlap {'on' if o['overlap'] else 'off'}: wall {o['step_wall_ms']:.3f} ms, "
-              f"step GPU {o['step_gpu_ms']:.3f} ms (replay {o['replay_gpu_ms']:.3f}), CPU-side overhead "
-              f"{100 * o['cpu_overhead']:.1f}% (vs replay only {100 * o['cpu_overhead_vs_replay']:.1f}%; target < 5%); "
-              f"host ms per step: {host}")
+        print(
+            f"batch-1 graph decode step, overlap {'on' if o['overlap'] else 'off'}: wall {o['step_wall_ms']:.3f} ms, "
+            f"step GPU {o['step_gpu_ms']:.3f} ms (replay {o['replay_gpu_ms']:.3f}), CPU-side overhead "
+            f"{100 * o['cpu_overhead']:.1f}% (vs replay only {100 * o['cpu_overhead_vs_replay']:.1f}%; target < 5%); "
+            f"host ms per step: {host}"
+        )
     return 0
 
 

@@ -154,10 +154,18 @@ def deployment(gpu_gib: float, context: int, reserve_gib: float, config: str = "
     # KV per token and layer: the MLA latent + rope key in bf16, the indexer's key in FP8 with an fp32 scale.
     kv_token = cfg.num_hidden_layers * (2 * (cfg.kv_lora_rank + cfg.qk_rope_head_dim) + cfg.index_head_dim + 4)
     gpu, reserve = int(gpu_gib * 2**30), int(reserve_gib * 2**30)
-    out = {"gpu_bytes": gpu, "kv_bytes": kv_token * context, "context": context, "reserve_bytes": reserve,
-           "expert_bytes_fp8": layout.expert_bytes, "all_expert_bytes_fp8": layout.expert_bytes * E * MOE_LAYERS,
-           "expert_bytes_int4": int4.expert_bytes, "all_expert_bytes_int4": int4.expert_bytes * E * MOE_LAYERS,
-           "nonexpert_bytes_fp8": nonexpert_fp8, "nonexpert_bytes_bf16": nonexpert_bf16}
+    out = {
+        "gpu_bytes": gpu,
+        "kv_bytes": kv_token * context,
+        "context": context,
+        "reserve_bytes": reserve,
+        "expert_bytes_fp8": layout.expert_bytes,
+        "all_expert_bytes_fp8": layout.expert_bytes * E * MOE_LAYERS,
+        "expert_bytes_int4": int4.expert_bytes,
+        "all_expert_bytes_int4": int4.expert_bytes * E * MOE_LAYERS,
+        "nonexpert_bytes_fp8": nonexpert_fp8,
+        "nonexpert_bytes_bf16": nonexpert_bf16,
+    }
     for name, nonexpert in (("fp8", nonexpert_fp8), ("bf16", nonexpert_bf16)):
         cache = gpu - nonexpert - out["kv_bytes"] - reserve
         out[f"cache_bytes_nonexpert_{name}"] = cache
@@ -176,8 +184,9 @@ def _layer_cache(slots: int, policy: Policy) -> LayerCache:
     cfg = GlmMoeDsaConfig.from_dict(make_config("tiny", experts=E), source="hit-rate bench layer")
     layout = ExpertLayout.for_config(cfg)
     store = HostExpertStore(layout, [LAYER], pin=False)  # bytes never read: copies only move garbage here
-    cache = ExpertCache(store, "cpu", CacheConfig(policy=policy.eviction, lfu_decay=policy.lfu_decay,
-                                                  use_kernels=False), slots=slots)
+    cache = ExpertCache(
+        store, "cpu", CacheConfig(policy=policy.eviction, lfu_decay=policy.lfu_decay, use_kernels=False), slots=slots
+    )
     return cache[LAYER]
 
 
@@ -188,8 +197,12 @@ def split_table(shape: Shape, cpu_rate: float, copy_rate: float) -> tuple[torch.
     cpu = _cpu_config(settings, torch.device("cuda"))
     assert cpu is not None
     service = types.SimpleNamespace(cfg=cpu, copy_rate=copy_rate)
-    table = np.stack([HybridMissService._cpu_counts(service, cpu_rate, cpu.max_tokens * K_TOP)  # type: ignore
-                      for _ in range(cpu.max_tokens + 1)])
+    table = np.stack(
+        [
+            HybridMissService._cpu_counts(service, cpu_rate, cpu.max_tokens * K_TOP)  # type: ignore
+            for _ in range(cpu.max_tokens + 1)
+        ]
+    )
     return torch.from_numpy(table).to(torch.int32), range(cpu.min_tokens, cpu.max_tokens + 1)
 
 
@@ -207,8 +220,18 @@ def _next_use(steps: np.ndarray) -> np.ndarray:
     return nxt
 
 
-def simulate(steps: np.ndarray, slots: int, policy: Policy, shape: Shape, warm_steps: int, cpu_rate: float,
-             copy_rate: float, pin_interval_tokens: int, state_path: Path | None = None, split: bool = True) -> dict:
+def simulate(
+    steps: np.ndarray,
+    slots: int,
+    policy: Policy,
+    shape: Shape,
+    warm_steps: int,
+    cpu_rate: float,
+    copy_rate: float,
+    pin_interval_tokens: int,
+    state_path: Path | None = None,
+    split: bool = True,
+) -> dict:
     """Serve `steps` ([T, M, k] int32) through one layer's cache; counters over the steps after `warm_steps`.
     A pinned policy's planner starts from `state_path` when that file exists (a restart) and writes it at the end.
     `split=False` copies every miss (miss_service copy) where the engine would split."""
@@ -217,19 +240,31 @@ def simulate(steps: np.ndarray, slots: int, policy: Policy, shape: Shape, warm_s
     table, split_sizes = split_table(shape, cpu_rate, copy_rate)
     hybrid = split and M in split_sizes
     header = torch.zeros(6, dtype=torch.int32)
-    mailbox = dict(cpu_experts=torch.zeros(M * k, dtype=torch.int32), ids_out=torch.zeros(M * k, dtype=torch.int32),
-                   w_out=torch.zeros(M * k), x_out=torch.zeros(M, 1), exclude=torch.zeros(E, dtype=torch.int8),
-                   gpu_weights=torch.zeros(M * k))
+    mailbox = dict(
+        cpu_experts=torch.zeros(M * k, dtype=torch.int32),
+        ids_out=torch.zeros(M * k, dtype=torch.int32),
+        w_out=torch.zeros(M * k),
+        x_out=torch.zeros(M, 1),
+        exclude=torch.zeros(E, dtype=torch.int8),
+        gpu_weights=torch.zeros(M * k),
+    )
     weights, hidden = torch.ones(M, k), torch.zeros(M, 1)
     planner = None
     if policy.pin_fraction > 0:
+
         def read_counts() -> dict[int, list[int]]:
             row = lc.tables.expert_count.tolist()
             lc.tables.expert_count.zero_()
             return {LAYER: row}
 
-        planner = PinPlanner(E, [LAYER], pin_budget(slots, E, policy.pin_fraction), read_counts=read_counts,
-                             apply=lambda pins: lc.set_pins(pins[LAYER]), state_path=state_path)
+        planner = PinPlanner(
+            E,
+            [LAYER],
+            pin_budget(slots, E, policy.pin_fraction),
+            read_counts=read_counts,
+            apply=lambda pins: lc.set_pins(pins[LAYER]),
+            state_path=state_path,
+        )
         planner.replan()  # the daemon's warm start: pins from the state file before the first step
         pin_every = max(1, round(pin_interval_tokens / shape.tokens))
     nxt = _next_use(steps) if policy.oracle else None
@@ -250,8 +285,17 @@ def simulate(steps: np.ndarray, slots: int, policy: Policy, shape: Shape, warm_s
             lc.tables.expert_freq.copy_(torch.from_numpy(1e9 / (nxt[t] - t)).float())
         exclude = None
         if hybrid:
-            split_misses_reference(ids, weights, hidden, lc.tables.expert_to_slot, lc.tables.expert_freq, table[M],
-                                   header=header, layer_index=0, **mailbox)
+            split_misses_reference(
+                ids,
+                weights,
+                hidden,
+                lc.tables.expert_to_slot,
+                lc.tables.expert_freq,
+                table[M],
+                header=header,
+                layer_index=0,
+                **mailbox,
+            )
             exclude = mailbox["exclude"]
             cpu += int(header[1])
             miss_hist[int(header[2])] += 1
@@ -266,10 +310,18 @@ def simulate(steps: np.ndarray, slots: int, policy: Policy, shape: Shape, warm_s
     d["copied"], n = d["misses"], T - warm_steps
     if d["hits"] + d["copied"] + cpu != distinct or d["steps"] != n:
         raise AssertionError(f"{policy.name} {shape.name}: hits + copies + CPU != distinct experts")
-    return {"hit_rate": d["hits"] / distinct, "distinct": distinct / n, "hits": d["hits"] / n,
-            "copied": d["copied"] / n, "cpu": cpu / n, "hybrid": hybrid, "steps": n,
-            "pins": len(lc.pinned), "miss_hist": np.trim_zeros(miss_hist, "b").tolist() if hybrid else [],
-            "wall_s": time.perf_counter() - t0}
+    return {
+        "hit_rate": d["hits"] / distinct,
+        "distinct": distinct / n,
+        "hits": d["hits"] / n,
+        "copied": d["copied"] / n,
+        "cpu": cpu / n,
+        "hybrid": hybrid,
+        "steps": n,
+        "pins": len(lc.pinned),
+        "miss_hist": np.trim_zeros(miss_hist, "b").tolist() if hybrid else [],
+        "wall_s": time.perf_counter() - t0,
+    }
 
 
 # ---------------------------------------------------------------------------------------------- the tables
@@ -284,8 +336,7 @@ def make_trace(name: str, shape: Shape, steps: int, seed: int) -> np.ndarray:
     elif name == "skewed":
         t = skewed_trace(chain_tokens, shape.batch, E, K_TOP, seed=seed, ranking_seed=LAYER)
     elif name == "popular":
-        t = skewed_trace(chain_tokens, shape.batch, E, K_TOP, seed=seed, ranking_seed=LAYER, p_prev=0.0,
-                         p_recent=0.0)
+        t = skewed_trace(chain_tokens, shape.batch, E, K_TOP, seed=seed, ranking_seed=LAYER, p_prev=0.0, p_recent=0.0)
     else:
         raise ValueError(f"trace {name!r}: uniform, skewed or popular")
     return verify_steps(t, n)
@@ -295,9 +346,12 @@ def bytes_per_token(row: dict, expert_bytes: int, acceptance: float, shape: Shap
     """Whole-model expert bytes per accepted token: moved from host memory (copied or CPU-read) and read in HBM."""
     accepted = shape.batch * (1 + acceptance * shape.spec_steps)
     moved = (row["copied"] + row["cpu"]) * expert_bytes * MOE_LAYERS / accepted
-    return {"acceptance": acceptance, "moved_GB": moved / 1e9,
-            "hbm_GB": row["hits"] * expert_bytes * MOE_LAYERS / accepted / 1e9,
-            "distinct_per_token": row["distinct"] / accepted}
+    return {
+        "acceptance": acceptance,
+        "moved_GB": moved / 1e9,
+        "hbm_GB": row["hits"] * expert_bytes * MOE_LAYERS / accepted / 1e9,
+        "distinct_per_token": row["distinct"] / accepted,
+    }
 
 
 def prefetch_bound(row: dict, expert_bytes: int, idle_ms: float, copy_GBps: float, joint_GBps: float) -> dict:
@@ -307,13 +361,19 @@ def prefetch_bound(row: dict, expert_bytes: int, idle_ms: float, copy_GBps: floa
     miss_ms = (row["copied"] + row["cpu"]) * expert_bytes / joint_GBps / 1e6
     capacity = idle_ms / copy_ms  # experts' worth of bytes the idle link moves
     saved_if_right = expert_bytes / joint_GBps / 1e6
-    return {"misses": row["copied"] + row["cpu"], "miss_service_ms": miss_ms, "expert_copy_ms": copy_ms,
-            "idle_ms": idle_ms, "idle_capacity_experts": capacity,
-            "hideable_share": min(1.0, capacity / max(row["copied"] + row["cpu"], 1e-9)),
-            "hideable_share_recall": min(capacity, PREDICTOR_RECALL * (row["copied"] + row["cpu"]))
-            / max(row["copied"] + row["cpu"], 1e-9),
-            "wired_wait_ms": max(0.0, copy_ms - idle_ms), "wired_saved_if_right_ms": saved_if_right,
-            "wired_net_ms_at_precision_1": saved_if_right - max(0.0, copy_ms - idle_ms)}
+    return {
+        "misses": row["copied"] + row["cpu"],
+        "miss_service_ms": miss_ms,
+        "expert_copy_ms": copy_ms,
+        "idle_ms": idle_ms,
+        "idle_capacity_experts": capacity,
+        "hideable_share": min(1.0, capacity / max(row["copied"] + row["cpu"], 1e-9)),
+        "hideable_share_recall": min(capacity, PREDICTOR_RECALL * (row["copied"] + row["cpu"]))
+        / max(row["copied"] + row["cpu"], 1e-9),
+        "wired_wait_ms": max(0.0, copy_ms - idle_ms),
+        "wired_saved_if_right_ms": saved_if_right,
+        "wired_net_ms_at_precision_1": saved_if_right - max(0.0, copy_ms - idle_ms),
+    }
 
 
 def finer_split_bound(row: dict, expert_bytes: int, cpu_GBps: float, copy_GBps: float) -> dict:
@@ -333,18 +393,39 @@ def finer_split_bound(row: dict, expert_bytes: int, cpu_GBps: float, copy_GBps: 
     steps = max(hist.sum(), 1.0)
     w, f = float(hist @ whole / steps), float(hist @ column / steps)
     per_token = MOE_LAYERS / shape.tokens
-    return {"steps": int(hist.sum()), "misses": float(hist @ n / steps), "whole_ms": w, "column_ms": f,
-            "saved_share": 1 - f / w if w else 0.0, "saved_ms_per_token": (w - f) * per_token,
-            "by_misses": {int(i): {"share_of_steps": float(hist[i] / steps), "whole_ms": float(whole[i]),
-                                   "column_ms": float(column[i])} for i in range(1, len(hist)) if hist[i]}}
+    return {
+        "steps": int(hist.sum()),
+        "misses": float(hist @ n / steps),
+        "whole_ms": w,
+        "column_ms": f,
+        "saved_share": 1 - f / w if w else 0.0,
+        "saved_ms_per_token": (w - f) * per_token,
+        "by_misses": {
+            int(i): {
+                "share_of_steps": float(hist[i] / steps),
+                "whole_ms": float(whole[i]),
+                "column_ms": float(column[i]),
+            }
+            for i in range(1, len(hist))
+            if hist[i]
+        },
+    }
 
 
 def run(args) -> dict:
     dep = deployment(args.gpu_gib, args.context, args.reserve_gib, args.config)
     int4_slots = args.slots * dep["expert_bytes_fp8"] // dep["expert_bytes_int4"] if args.slots else 0
     caches = {"fp8": args.slots or dep["slots_fp8"], "int4": int4_slots or dep["slots_int4"]}
-    out: dict = {"deployment": dep, "caches": caches, "rates_GBps": {"cpu": args.cpu_GBps, "copy": args.copy_GBps},
-                 "traces": {}, "rows": [], "bytes": [], "prefetch": {}, "finer_split": []}
+    out: dict = {
+        "deployment": dep,
+        "caches": caches,
+        "rates_GBps": {"cpu": args.cpu_GBps, "copy": args.copy_GBps},
+        "traces": {},
+        "rows": [],
+        "bytes": [],
+        "prefetch": {},
+        "finer_split": [],
+    }
     policies = [p for p in POLICIES if p.name in args.policies.split(",")]
     shipped = shipped_policy()
     if shipped.name not in [p.name for p in policies]:
@@ -366,13 +447,28 @@ def run(args) -> dict:
                 for policy in policies:
                     if trace == "uniform" and policy.name not in [*args.uniform_policies.split(","), shipped.name]:
                         continue
-                    r = simulate(steps, slots, policy, shape, warm, args.cpu_GBps, args.copy_GBps,
-                                 args.pin_interval_tokens)
-                    row = {"trace": trace, "cache": cache, "slots": slots, "shape": shape.name,
-                           "tokens_per_step": shape.tokens, "policy": policy.name, **r}
+                    r = simulate(
+                        steps, slots, policy, shape, warm, args.cpu_GBps, args.copy_GBps, args.pin_interval_tokens
+                    )
+                    row = {
+                        "trace": trace,
+                        "cache": cache,
+                        "slots": slots,
+                        "shape": shape.name,
+                        "tokens_per_step": shape.tokens,
+                        "policy": policy.name,
+                        **r,
+                    }
                     out["rows"].append(row)
-                    log.info("%s %s %s %-15s hit %.3f (%.1f s)", trace, cache, shape.name, policy.name,
-                             r["hit_rate"], r["wall_s"])
+                    log.info(
+                        "%s %s %s %-15s hit %.3f (%.1f s)",
+                        trace,
+                        cache,
+                        shape.name,
+                        policy.name,
+                        r["hit_rate"],
+                        r["wall_s"],
+                    )
     out["copy_only"] = copy_only_runs(args, steps_b1, caches, shipped)
     out["restart"] = restart_runs(args, caches["fp8"], shipped, [t for t in args.traces.split(",") if t != "uniform"])
     return out
@@ -385,8 +481,9 @@ def copy_only_runs(args, steps: dict[str, np.ndarray], caches: dict[str, int], s
     warm = max(8, args.warm_tokens)
     for trace, t in steps.items():
         for cache, slots in caches.items():
-            r = simulate(t, slots, shipped, Shape(1), warm, args.cpu_GBps, args.copy_GBps, args.pin_interval_tokens,
-                         split=False)
+            r = simulate(
+                t, slots, shipped, Shape(1), warm, args.cpu_GBps, args.copy_GBps, args.pin_interval_tokens, split=False
+            )
             rows.append({"trace": trace, "cache": cache, "policy": shipped.name, "hit_rate": r["hit_rate"]})
     return rows
 
@@ -400,14 +497,40 @@ def restart_runs(args, slots: int, shipped: Policy, traces: list[str]) -> list[d
         with tempfile.TemporaryDirectory() as tmp:
             state = Path(tmp) / "placement.json"
             before = make_trace(trace, shape, args.tokens, seed=args.seed + 1000)
-            simulate(before, slots, shipped, shape, 0, args.cpu_GBps, args.copy_GBps, args.pin_interval_tokens,
-                     state_path=state)
+            simulate(
+                before,
+                slots,
+                shipped,
+                shape,
+                0,
+                args.cpu_GBps,
+                args.copy_GBps,
+                args.pin_interval_tokens,
+                state_path=state,
+            )
             after = make_trace(trace, shape, args.restart_tokens, seed=args.seed + 2000)
             for start, policy, path in (("warm", shipped, state), ("cold", shipped, None), ("cold", POLICIES[0], None)):
-                r = simulate(after, slots, policy, shape, 0, args.cpu_GBps, args.copy_GBps, args.pin_interval_tokens,
-                             state_path=path)
-                rows.append({"trace": trace, "policy": policy.name, "start": start, "tokens": args.restart_tokens,
-                             "hit_rate": r["hit_rate"], "pins_at_end": r["pins"]})
+                r = simulate(
+                    after,
+                    slots,
+                    policy,
+                    shape,
+                    0,
+                    args.cpu_GBps,
+                    args.copy_GBps,
+                    args.pin_interval_tokens,
+                    state_path=path,
+                )
+                rows.append(
+                    {
+                        "trace": trace,
+                        "policy": policy.name,
+                        "start": start,
+                        "tokens": args.restart_tokens,
+                        "hit_rate": r["hit_rate"],
+                        "pins_at_end": r["pins"],
+                    }
+                )
                 log.info("restart %s %s %s: hit %.3f", trace, policy.name, start, r["hit_rate"])
     return rows
 
@@ -422,42 +545,64 @@ def summarize(out: dict, default: str, args) -> None:
         if r["policy"] != default or r["trace"] == "popular":
             continue
         shape = next(s for s in SHAPES if s.name == r["shape"])
-        for acc in ((0.0, PUBLISHED_MTP_ACCEPTANCE) if shape.spec_steps else (0.0,)):
-            out["bytes"].append({"trace": r["trace"], "cache": r["cache"], "shape": r["shape"],
-                                 **bytes_per_token(r, eb[r["cache"]], acc, shape)})
+        for acc in (0.0, PUBLISHED_MTP_ACCEPTANCE) if shape.spec_steps else (0.0,):
+            out["bytes"].append(
+                {
+                    "trace": r["trace"],
+                    "cache": r["cache"],
+                    "shape": r["shape"],
+                    **bytes_per_token(r, eb[r["cache"]], acc, shape),
+                }
+            )
         if r["hybrid"]:
-            out["finer_split"].append({"trace": r["trace"], "cache": r["cache"], "shape": r["shape"],
-                                       **finer_split_bound(r, eb[r["cache"]], args.cpu_GBps, args.copy_GBps)})
+            out["finer_split"].append(
+                {
+                    "trace": r["trace"],
+                    "cache": r["cache"],
+                    "shape": r["shape"],
+                    **finer_split_bound(r, eb[r["cache"]], args.cpu_GBps, args.copy_GBps),
+                }
+            )
         if r["shape"] == "b1":
             for idle in (float(x) for x in args.idle_ms.split(",")):
                 out["prefetch"][f"{r['trace']}/{r['cache']}/{idle:g} ms"] = prefetch_bound(
-                    r, eb[r["cache"]], idle, args.copy_GBps, joint)
+                    r, eb[r["cache"]], idle, args.copy_GBps, joint
+                )
 
 
 def print_tables(out: dict, default: str) -> None:
     dep = out["deployment"]
-    print(f"\nDeployment: {dep['gpu_bytes'] / 2**30:.1f} GiB GPU - non-expert weights "
-          f"{dep['nonexpert_bytes_fp8'] / 1e9:.1f} GB (FP8 as released; bf16: {dep['nonexpert_bytes_bf16'] / 1e9:.1f}) "
-          f"- KV {dep['kv_bytes'] / 1e9:.1f} GB ({dep['context']} tokens) - reserve {dep['reserve_bytes'] / 2**30:.0f} "
-          f"GiB = {dep['cache_bytes_nonexpert_fp8'] / 1e9:.1f} GB for experts: "
-          f"{100 * dep['fraction_nonexpert_fp8']:.2f}% of the {dep['all_expert_bytes_fp8'] / 1e9:.0f} GB of FP8 "
-          f"experts ({dep['expert_bytes_fp8'] / 1e6:.2f} MB each), {out['caches']['fp8']} slots per layer (int4: "
-          f"{dep['expert_bytes_int4'] / 1e6:.2f} MB an expert, {dep['all_expert_bytes_int4'] / 1e9:.0f} GB in host "
-          f"memory, {out['caches']['int4']} slots; with bf16 non-expert weights "
-          f"{100 * dep['fraction_nonexpert_bf16']:.2f}%, {dep['slots_nonexpert_bf16']} FP8 slots)")
-    print("\nTraces (DESIGN.md §4 targets: 240-248 of 256 used in 512 tokens, top 4% ~46%, reuse prev ~45%, "
-          "last 8 ~80%):")
+    print(
+        f"\nDeployment: {dep['gpu_bytes'] / 2**30:.1f} GiB GPU - non-expert weights "
+        f"{dep['nonexpert_bytes_fp8'] / 1e9:.1f} GB (FP8 as released; bf16: {dep['nonexpert_bytes_bf16'] / 1e9:.1f}) "
+        f"- KV {dep['kv_bytes'] / 1e9:.1f} GB ({dep['context']} tokens) - reserve {dep['reserve_bytes'] / 2**30:.0f} "
+        f"GiB = {dep['cache_bytes_nonexpert_fp8'] / 1e9:.1f} GB for experts: "
+        f"{100 * dep['fraction_nonexpert_fp8']:.2f}% of the {dep['all_expert_bytes_fp8'] / 1e9:.0f} GB of FP8 "
+        f"experts ({dep['expert_bytes_fp8'] / 1e6:.2f} MB each), {out['caches']['fp8']} slots per layer (int4: "
+        f"{dep['expert_bytes_int4'] / 1e6:.2f} MB an expert, {dep['all_expert_bytes_int4'] / 1e9:.0f} GB in host "
+        f"memory, {out['caches']['int4']} slots; with bf16 non-expert weights "
+        f"{100 * dep['fraction_nonexpert_bf16']:.2f}%, {dep['slots_nonexpert_bf16']} FP8 slots)"
+    )
+    print(
+        "\nTraces (DESIGN.md §4 targets: 240-248 of 256 used in 512 tokens, top 4% ~46%, reuse prev ~45%, last 8 ~80%):"
+    )
     print("| trace | chains x tokens | used in 512 tokens | top 4% share | reuse prev | reuse last 8 |")
     print("| --- | --- | ---: | ---: | ---: | ---: |")
     for trace, by_shape in out["traces"].items():
         for shape, s in by_shape.items():
-            print(f"| {trace} | {shape} | {s['distinct_in_512_tokens']:.1f} | {100 * s['top4pct_share']:.1f}% | "
-                  f"{100 * s['reuse_prev']:.1f}% | {100 * s['reuse_last8']:.1f}% |")
+            print(
+                f"| {trace} | {shape} | {s['distinct_in_512_tokens']:.1f} | {100 * s['top4pct_share']:.1f}% | "
+                f"{100 * s['reuse_prev']:.1f}% | {100 * s['reuse_last8']:.1f}% |"
+            )
     policies = list(dict.fromkeys(r["policy"] for r in out["rows"]))
-    print(f"\nHit rate (% of the distinct experts a step needs; CPU: misses the hybrid split computed; default "
-          f"policy: {default})")
-    print("| trace | cache (slots) | step | distinct/step | " + " | ".join(policies) + " | misses/step copied + CPU "
-          f"({default}) |")
+    print(
+        f"\nHit rate (% of the distinct experts a step needs; CPU: misses the hybrid split computed; default "
+        f"policy: {default})"
+    )
+    print(
+        "| trace | cache (slots) | step | distinct/step | " + " | ".join(policies) + " | misses/step copied + CPU "
+        f"({default}) |"
+    )
     print("| --- | --- | --- | ---: | " + " | ".join("---:" for _ in policies) + " | ---: |")
     keys = list(dict.fromkeys((r["trace"], r["cache"], r["shape"]) for r in out["rows"]))
     for key in keys:
@@ -474,55 +619,83 @@ def print_tables(out: dict, default: str) -> None:
             cells.append(f"**{c}**" if p != "oracle" and r["hit_rate"] == best else c)
         d = by.get(default)
         miss = f"{d['copied']:.1f} + {d['cpu']:.1f}" if d else ""
-        print(f"| {key[0]} | {key[1]} ({any_row['slots']}) | {key[2]} | {any_row['distinct']:.1f} | "
-              + " | ".join(cells) + f" | {miss} |")
+        print(
+            f"| {key[0]} | {key[1]} ({any_row['slots']}) | {key[2]} | {any_row['distinct']:.1f} | "
+            + " | ".join(cells)
+            + f" | {miss} |"
+        )
     if out.get("copy_only"):
-        hybrid = {(r["trace"], r["cache"]): r["hit_rate"] for r in out["rows"]
-                  if r["shape"] == "b1" and r["policy"] == default}
-        print(f"\nBatch 1, {default}: hit % with the hybrid split (its CPU misses never enter the cache) and with "
-              "every miss copied")
+        hybrid = {
+            (r["trace"], r["cache"]): r["hit_rate"]
+            for r in out["rows"]
+            if r["shape"] == "b1" and r["policy"] == default
+        }
+        print(
+            f"\nBatch 1, {default}: hit % with the hybrid split (its CPU misses never enter the cache) and with "
+            "every miss copied"
+        )
         print("| trace | cache | split | all copied |")
         print("| --- | --- | ---: | ---: |")
         for r in out["copy_only"]:
-            print(f"| {r['trace']} | {r['cache']} | {100 * hybrid[(r['trace'], r['cache'])]:.1f} | "
-                  f"{100 * r['hit_rate']:.1f} |")
+            print(
+                f"| {r['trace']} | {r['cache']} | {100 * hybrid[(r['trace'], r['cache'])]:.1f} | "
+                f"{100 * r['hit_rate']:.1f} |"
+            )
     if out.get("restart"):
-        print(f"\nRestart, batch 1, FP8 cache: hit rate over the first {out['restart'][0]['tokens']} tokens with the "
-              "state file a previous run wrote (other chains of the same layer) and without it")
+        print(
+            f"\nRestart, batch 1, FP8 cache: hit rate over the first {out['restart'][0]['tokens']} tokens with the "
+            "state file a previous run wrote (other chains of the same layer) and without it"
+        )
         print("| trace | policy | start | hit % |")
         print("| --- | --- | --- | ---: |")
         for r in out["restart"]:
             print(f"| {r['trace']} | {r['policy']} | {r['start']} | {100 * r['hit_rate']:.1f} |")
     if out["bytes"]:
-        print(f"\nExpert bytes per accepted token, whole model ({MOE_LAYERS} MoE layers), policy {default}: the "
-              f"simulated layer's hits, copies and CPU misses per step x expert bytes x {MOE_LAYERS} / accepted tokens "
-              f"(MTP acceptance {PUBLISHED_MTP_ACCEPTANCE}: {MTP_SOURCE})")
-        print("| trace | cache | step | acceptance | distinct experts / token / layer | moved from host GB | "
-              "read in HBM GB |")
+        print(
+            f"\nExpert bytes per accepted token, whole model ({MOE_LAYERS} MoE layers), policy {default}: the "
+            f"simulated layer's hits, copies and CPU misses per step x expert bytes x {MOE_LAYERS} / accepted tokens "
+            f"(MTP acceptance {PUBLISHED_MTP_ACCEPTANCE}: {MTP_SOURCE})"
+        )
+        print(
+            "| trace | cache | step | acceptance | distinct experts / token / layer | moved from host GB | "
+            "read in HBM GB |"
+        )
         print("| --- | --- | --- | ---: | ---: | ---: | ---: |")
         for b in out["bytes"]:
-            print(f"| {b['trace']} | {b['cache']} | {b['shape']} | {b['acceptance']:.2f} | "
-                  f"{b['distinct_per_token']:.2f} | {b['moved_GB']:.2f} | {b['hbm_GB']:.2f} |")
+            print(
+                f"| {b['trace']} | {b['cache']} | {b['shape']} | {b['acceptance']:.2f} | "
+                f"{b['distinct_per_token']:.2f} | {b['moved_GB']:.2f} | {b['hbm_GB']:.2f} |"
+            )
     if out["finer_split"]:
-        print(f"\nFiner miss split (split steps, policy {default}, CPU {out['rates_GBps']['cpu']:g} GB/s, copies "
-              f"{out['rates_GBps']['copy']:g} GB/s): a layer's miss service with whole experts split as the hybrid "
-              "service does vs each side taking a share of every expert's columns (the bound: no slice overheads)")
+        print(
+            f"\nFiner miss split (split steps, policy {default}, CPU {out['rates_GBps']['cpu']:g} GB/s, copies "
+            f"{out['rates_GBps']['copy']:g} GB/s): a layer's miss service with whole experts split as the hybrid "
+            "service does vs each side taking a share of every expert's columns (the bound: no slice overheads)"
+        )
         print("| trace | cache | step | misses/step | whole experts ms | column split ms | saved | saved ms/token |")
         print("| --- | --- | --- | ---: | ---: | ---: | ---: | ---: |")
         for f in out["finer_split"]:
-            print(f"| {f['trace']} | {f['cache']} | {f['shape']} | {f['misses']:.2f} | {f['whole_ms']:.3f} | "
-                  f"{f['column_ms']:.3f} | {100 * f['saved_share']:.0f}% | {f['saved_ms_per_token']:.1f} |")
+            print(
+                f"| {f['trace']} | {f['cache']} | {f['shape']} | {f['misses']:.2f} | {f['whole_ms']:.3f} | "
+                f"{f['column_ms']:.3f} | {100 * f['saved_share']:.0f}% | {f['saved_ms_per_token']:.1f} |"
+            )
     if out["prefetch"]:
-        print("\nPrefetch at batch 1 (per MoE layer): link idle window vs one expert's copy; the wired design's "
-              "wait for its copy vs what a right prediction saves")
-        print(f"| trace/cache/window | misses | miss service ms | idle window ms | experts it could move | share of "
-              f"misses, exact prediction | recall {PREDICTOR_RECALL} | wired: wait ms | saved if right ms |")
+        print(
+            "\nPrefetch at batch 1 (per MoE layer): link idle window vs one expert's copy; the wired design's "
+            "wait for its copy vs what a right prediction saves"
+        )
+        print(
+            f"| trace/cache/window | misses | miss service ms | idle window ms | experts it could move | share of "
+            f"misses, exact prediction | recall {PREDICTOR_RECALL} | wired: wait ms | saved if right ms |"
+        )
         print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
         for key, p in out["prefetch"].items():
-            print(f"| {key} | {p['misses']:.2f} | {p['miss_service_ms']:.2f} | {p['idle_ms']:.2f} | "
-                  f"{p['idle_capacity_experts']:.2f} | {100 * p['hideable_share']:.0f}% | "
-                  f"{100 * p['hideable_share_recall']:.0f}% | {p['wired_wait_ms']:.2f} | "
-                  f"{p['wired_saved_if_right_ms']:.2f} |")
+            print(
+                f"| {key} | {p['misses']:.2f} | {p['miss_service_ms']:.2f} | {p['idle_ms']:.2f} | "
+                f"{p['idle_capacity_experts']:.2f} | {100 * p['hideable_share']:.0f}% | "
+                f"{100 * p['hideable_share_recall']:.0f}% | {p['wired_wait_ms']:.2f} | "
+                f"{p['wired_saved_if_right_ms']:.2f} |"
+            )
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -535,20 +708,30 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--traces", default="skewed,popular,uniform")
     p.add_argument("--shapes", default=",".join(s.name for s in SHAPES))
     p.add_argument("--policies", default=",".join(p.name for p in POLICIES))
-    p.add_argument("--uniform-policies", default="lru,lfu,pinned-50%+lru,oracle",
-                   help="policies run on the uniform trace (where no policy can beat slots / experts)")
+    p.add_argument(
+        "--uniform-policies",
+        default="lru,lfu,pinned-50%+lru,oracle",
+        help="policies run on the uniform trace (where no policy can beat slots / experts)",
+    )
     p.add_argument("--tokens", type=int, default=2048, help="tokens measured per step shape (all chains together)")
     p.add_argument("--warm-tokens", type=int, default=512, help="tokens served before counting (all chains)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--restart-tokens", type=int, default=256, help="tokens measured after a restart (batch 1)")
-    p.add_argument("--pin-interval-tokens", type=int, default=256,
-                   help="tokens between pin recomputations (the daemon's 30 s interval at ~8 tok/s)")
+    p.add_argument(
+        "--pin-interval-tokens",
+        type=int,
+        default=256,
+        help="tokens between pin recomputations (the daemon's 30 s interval at ~8 tok/s)",
+    )
     p.add_argument("--cpu-GBps", type=float, default=80.0, help="CPU experts' rate (docs/benchmarks.md, Offload)")
     p.add_argument("--copy-GBps", type=float, default=50.0, help="UVA copy rate (docs/benchmarks.md, Offload)")
-    p.add_argument("--idle-ms", default="0.09,0.6",
-                   help="link idle windows per layer at batch 1 (ms, comma-separated): the non-MoE time per layer "
-                        "(7 ms of the 2026-12-06 full-depth step over 78 layers), and that plus the idle head and "
-                        "tail inside a hybrid layer (docs/benchmarks.md, Offload: the fourth session's timeline)")
+    p.add_argument(
+        "--idle-ms",
+        default="0.09,0.6",
+        help="link idle windows per layer at batch 1 (ms, comma-separated): the non-MoE time per layer "
+        "(7 ms of the 2026-12-06 full-depth step over 78 layers), and that plus the idle head and "
+        "tail inside a hybrid layer (docs/benchmarks.md, Offload: the fourth session's timeline)",
+    )
     p.add_argument("--quick", action="store_true", help="a few hundred tokens, two policies: a smoke test")
     p.add_argument("--out", default="", help="write every figure here (JSON)")
     args = p.parse_args(argv)

@@ -54,27 +54,93 @@ _enc = msgspec.msgpack.encode
 # --- hostile messages -------------------------------------------------------------------------
 
 _TAGS = ["generate", "abort", "heartbeat", "health", "ready", "stats", "models", "placement", "chunk", "launch", ""]
-_FIELDS = ["type", "id", "prompt", "prompt_token_ids", "messages", "sampling", "stream", "deadline_s", "model", "ids",
-           "op", "layer", "expert", "role", "content", "temperature", "top_p", "max_tokens", "stop", "seed", "n",
-           "tools", "tool_choice", "chat_template_kwargs", "function", "name", "parameters", "text", "tool_calls"]
-_SAMPLING = ["temperature", "top_k", "top_p", "min_p", "repetition_penalty", "frequency_penalty",
-             "presence_penalty", "seed", "max_tokens", "logprobs", "stop_token_ids", "stop", "ignore_eos"]
+_FIELDS = [
+    "type",
+    "id",
+    "prompt",
+    "prompt_token_ids",
+    "messages",
+    "sampling",
+    "stream",
+    "deadline_s",
+    "model",
+    "ids",
+    "op",
+    "layer",
+    "expert",
+    "role",
+    "content",
+    "temperature",
+    "top_p",
+    "max_tokens",
+    "stop",
+    "seed",
+    "n",
+    "tools",
+    "tool_choice",
+    "chat_template_kwargs",
+    "function",
+    "name",
+    "parameters",
+    "text",
+    "tool_calls",
+]
+_SAMPLING = [
+    "temperature",
+    "top_k",
+    "top_p",
+    "min_p",
+    "repetition_penalty",
+    "frequency_penalty",
+    "presence_penalty",
+    "seed",
+    "max_tokens",
+    "logprobs",
+    "stop_token_ids",
+    "stop",
+    "ignore_eos",
+]
 
 
 def _text(rng: random.Random, n: int) -> str:
-    alphabet = "abc xyz\n\t\"\\é你🙂\u0000\ud7ff"
+    alphabet = 'abc xyz\n\t"\\é你🙂\u0000\ud7ff'
     return "".join(rng.choice(alphabet) for _ in range(rng.randint(0, n)))
 
 
 def _number(rng: random.Random):
-    return rng.choice([0, -1, 1, 2**31, -(2**63), 2**64 - 1, 2**63 - 1, 1e308, -1e308, float("nan"), float("inf"),
-                       -float("inf"), 0.5, 1e-300, rng.randint(-1000, 5000), rng.uniform(-10, 10)])
+    return rng.choice(
+        [
+            0,
+            -1,
+            1,
+            2**31,
+            -(2**63),
+            2**64 - 1,
+            2**63 - 1,
+            1e308,
+            -1e308,
+            float("nan"),
+            float("inf"),
+            -float("inf"),
+            0.5,
+            1e-300,
+            rng.randint(-1000, 5000),
+            rng.uniform(-10, 10),
+        ]
+    )
 
 
 def _leaf(rng: random.Random):
     kind = rng.randrange(7)
-    return [None, rng.random() < 0.5, _number(rng), _text(rng, 20), rng.randbytes(rng.randint(0, 20)),
-            rng.randint(-(2**63), 2**64 - 1), msgspec.msgpack.Ext(rng.randint(-128, 127), rng.randbytes(4))][kind]
+    return [
+        None,
+        rng.random() < 0.5,
+        _number(rng),
+        _text(rng, 20),
+        rng.randbytes(rng.randint(0, 20)),
+        rng.randint(-(2**63), 2**64 - 1),
+        msgspec.msgpack.Ext(rng.randint(-128, 127), rng.randbytes(4)),
+    ][kind]
 
 
 def _tree(rng: random.Random, depth: int = 0):
@@ -82,22 +148,32 @@ def _tree(rng: random.Random, depth: int = 0):
         return _leaf(rng)
     if rng.random() < 0.5:
         return [_tree(rng, depth + 1) for _ in range(rng.randint(0, 6))]
-    return {rng.choice(_FIELDS) if rng.random() < 0.7 else _text(rng, 8): _tree(rng, depth + 1)
-            for _ in range(rng.randint(0, 6))}
+    return {
+        rng.choice(_FIELDS) if rng.random() < 0.7 else _text(rng, 8): _tree(rng, depth + 1)
+        for _ in range(rng.randint(0, 6))
+    }
 
 
 def _deep(rng: random.Random) -> bytes:
     depth = rng.randint(200, 20000)
     kind = rng.choice([b"\x91", b"\x81\xa1k"])
     value = kind * depth + b"\xc0"
-    where = rng.choice(["prompt", "messages", "ids", "junk", "id", "sampling", "top", "before_tag", "tools",
-                        "chat_template_kwargs"])
+    where = rng.choice(
+        ["prompt", "messages", "ids", "junk", "id", "sampling", "top", "before_tag", "tools", "chat_template_kwargs"]
+    )
     if where == "top":
         return value
     if where == "before_tag":  # the union's tag after the deep value: the decoder must skip it to find the tag
         return b"\x82" + _enc("prompt") + value + _enc("type") + _enc("generate")
-    return b"\x83" + _enc("type") + _enc("heartbeat" if where == "ids" else "generate") + _enc("id") + _enc("x") \
-        + _enc(where) + value
+    return (
+        b"\x83"
+        + _enc("type")
+        + _enc("heartbeat" if where == "ids" else "generate")
+        + _enc("id")
+        + _enc("x")
+        + _enc(where)
+        + value
+    )
 
 
 def _request(rng: random.Random, valid: bool) -> dict:
@@ -108,22 +184,33 @@ def _request(rng: random.Random, valid: bool) -> dict:
     if tag == "generate":
         if valid:
             which = rng.choice(["prompt", "prompt_token_ids", "messages"])
-            msg[which] = {"prompt": "hello " * rng.randint(1, 20),
-                          "prompt_token_ids": [rng.randint(0, 900) for _ in range(8)],
-                          "messages": [{"role": "user", "content": _text(rng, 30)}]}[which]
+            msg[which] = {
+                "prompt": "hello " * rng.randint(1, 20),
+                "prompt_token_ids": [rng.randint(0, 900) for _ in range(8)],
+                "messages": [{"role": "user", "content": _text(rng, 30)}],
+            }[which]
             msg["sampling"] = {"max_tokens": rng.randint(1, 8), "temperature": rng.choice([0.0, 0.7])}
             msg["stream"] = rng.random() < 0.7
             if rng.random() < 0.3:
                 msg["n"] = rng.randint(1, 3)
             if which == "messages" and rng.random() < 0.3:
-                msg["tools"] = [{"function": {"name": "lookup", "parameters": {
-                    "type": "object", "properties": {"q": {"type": "string"}}}}}]
+                msg["tools"] = [
+                    {
+                        "function": {
+                            "name": "lookup",
+                            "parameters": {"type": "object", "properties": {"q": {"type": "string"}}},
+                        }
+                    }
+                ]
             if which == "messages" and rng.random() < 0.3:
                 msg["chat_template_kwargs"] = {"enable_thinking": rng.random() < 0.5}
         else:
             for name in rng.sample(["prompt", "prompt_token_ids", "messages"], rng.randint(0, 2)):
-                msg[name] = {"prompt": _text(rng, 40), "prompt_token_ids": [_number(rng) for _ in range(5)],
-                             "messages": [{"role": _text(rng, 5), "content": _text(rng, 10)}]}[name]
+                msg[name] = {
+                    "prompt": _text(rng, 40),
+                    "prompt_token_ids": [_number(rng) for _ in range(5)],
+                    "messages": [{"role": _text(rng, 5), "content": _text(rng, 10)}],
+                }[name]
             msg["sampling"] = {k: _number(rng) for k in rng.sample(_SAMPLING, rng.randint(1, 4))}
             if rng.random() < 0.3:
                 msg["n"] = _number(rng)
@@ -235,8 +322,11 @@ def _check(exp: Expectation, replies: list) -> tuple[list[str], bool]:
     errors = 0
     for r in mine:
         index = getattr(r, "index", None)
-        if errors or not isinstance(r, cp.Chunk | cp.Final | cp.Error) or (
-                index is not None and (index in finished or not 0 <= index < msg.n)):
+        if (
+            errors
+            or not isinstance(r, cp.Chunk | cp.Final | cp.Error)
+            or (index is not None and (index in finished or not 0 <= index < msg.n))
+        ):
             got = [(type(r).__name__, getattr(r, "index", None)) for r in mine]
             problems.append(f"generate of n={msg.n} got {got}")
             break
@@ -381,12 +471,14 @@ async def _role_streams(address: str, n: int, max_tokens: int) -> dict:
     loop.add_reader(sys.stdin.fileno(), lambda: stop.set() if not os.read(sys.stdin.fileno(), 1024) else None)
 
     async with AsyncClient(address, timeout=600) as client:
+
         async def one(i: int) -> None:
             nonlocal done
             while not stop.is_set():
                 try:
-                    s = await client.stream(f"stream {i}: the experts stay warm", max_tokens=max_tokens,
-                                            ignore_eos=True)
+                    s = await client.stream(
+                        f"stream {i}: the experts stay warm", max_tokens=max_tokens, ignore_eos=True
+                    )
                     tokens = 0
                     async for d in s:
                         stamps.append(time.monotonic())
@@ -421,17 +513,26 @@ async def _role_prompts(address: str, specs: list[tuple[int, int]], together: bo
         return [t0, time.monotonic(), len(text.encode()), what]
 
     if together:
+
         async def alone(chars: int, max_tokens: int) -> list:
             async with AsyncClient(address, timeout=600) as client:
                 return await one(client, chars, max_tokens)
+
         return {"results": await asyncio.gather(*(alone(c, m) for c, m in specs))}
     async with AsyncClient(address, timeout=600) as client:
         return {"results": [await one(client, c, m) for c, m in specs]}
 
 
 async def _child(*role_args: str) -> asyncio.subprocess.Process:
-    return await asyncio.create_subprocess_exec(sys.executable, "-m", "moed.ops.bench.hostile", "--role", *role_args,
-                                                stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE)
+    return await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "moed.ops.bench.hostile",
+        "--role",
+        *role_args,
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+    )
 
 
 async def _result(proc: asyncio.subprocess.Process, timeout: float) -> dict:
@@ -481,8 +582,12 @@ class LagSampler:
         lags = sorted(lag for t, lag in self.samples if start <= t <= end)
         if not lags:
             return {"n": 0}
-        return {"n": len(lags), "p50_ms": 1e3 * lags[len(lags) // 2], "p99_ms": 1e3 * _quantile(lags, 0.99),
-                "max_ms": 1e3 * lags[-1]}
+        return {
+            "n": len(lags),
+            "p50_ms": 1e3 * lags[len(lags) // 2],
+            "p99_ms": 1e3 * _quantile(lags, 0.99),
+            "max_ms": 1e3 * lags[-1],
+        }
 
 
 def rss_bytes() -> int:
@@ -511,9 +616,17 @@ async def _bench(args: argparse.Namespace) -> dict:
     model_dir = resolve_model(args.model)
     run_dir = tempfile.mkdtemp(prefix="moedh", dir="/tmp")
     address = f"ipc://{run_dir}/c.sock"
-    cfg = ServeConfig(model=model_dir, listen=(address,), metrics_address="", http_address="", runtime_dir=run_dir,
-                      device="cpu", max_message_bytes=args.max_message_bytes, client_concurrency=1024,
-                      max_running=args.streams + 16)
+    cfg = ServeConfig(
+        model=model_dir,
+        listen=(address,),
+        metrics_address="",
+        http_address="",
+        runtime_dir=run_dir,
+        device="cpu",
+        max_message_bytes=args.max_message_bytes,
+        client_concurrency=1024,
+        max_running=args.streams + 16,
+    )
     steps: list[tuple[float, float]] = []  # (arrival, the worker's step time): the streams' pace is the engine's
 
     class StepRecordingDaemon(Daemon):
@@ -523,8 +636,11 @@ async def _bench(args: argparse.Namespace) -> dict:
 
     def step_ms(start: float, end: float) -> dict:
         xs = sorted(s for t, s in steps if start <= t <= end)
-        return {"steps": len(xs), "median_ms": 1e3 * xs[len(xs) // 2] if xs else 0.0,
-                "max_ms": 1e3 * xs[-1] if xs else 0.0}
+        return {
+            "steps": len(xs),
+            "median_ms": 1e3 * xs[len(xs) // 2] if xs else 0.0,
+            "max_ms": 1e3 * xs[-1] if xs else 0.0,
+        }
 
     daemon = StepRecordingDaemon(cfg, model_dir)
     sampler = LagSampler()
@@ -543,8 +659,12 @@ async def _bench(args: argparse.Namespace) -> dict:
         admitted = 3 * info.max_model_len // 2  # the largest prompt admitted, in characters of filler text
         while len(daemon.tokenizer.encode(filler_text(admitted))) > info.max_model_len - 8:
             admitted = int(admitted * 0.95)
-        out.update(max_model_len=info.max_model_len, max_message_bytes=limit,
-                   auto_limit=message_bytes_for(info.max_model_len), max_prompt_chars=max_chars)
+        out.update(
+            max_model_len=info.max_model_len,
+            max_message_bytes=limit,
+            auto_limit=message_bytes_for(info.max_model_len),
+            max_prompt_chars=max_chars,
+        )
         log.info("ready: max_model_len %d, max_message_bytes %d", info.max_model_len, limit)
 
         log.info("lag phase: %d streams, then %d maximum-size prompts of each kind", args.streams, args.big_prompts)
@@ -560,11 +680,16 @@ async def _bench(args: argparse.Namespace) -> dict:
         specs = [*((n, 4) for n in sizes), (admitted, 4)] * args.big_prompts
         sent = await _result(await _child("prompts", address, json.dumps(specs)), 3600)
         t2 = time.monotonic()
-        out["lag"] = {"streams_alone": sampler.window(t0, t1), "with_max_prompts": sampler.window(t1, t2),
-                      "refused_prompt_bytes": sizes, "admitted_prompt_bytes": admitted,
-                      "engine_alone": step_ms(t0, t1), "engine_with_max_prompts": step_ms(t1, t2),
-                      "rounds": args.big_prompts,
-                      "outcomes": sorted({what.split(" (")[0].split(":")[0] for *_, what in sent["results"]})}
+        out["lag"] = {
+            "streams_alone": sampler.window(t0, t1),
+            "with_max_prompts": sampler.window(t1, t2),
+            "refused_prompt_bytes": sizes,
+            "admitted_prompt_bytes": admitted,
+            "engine_alone": step_ms(t0, t1),
+            "engine_with_max_prompts": step_ms(t1, t2),
+            "rounds": args.big_prompts,
+            "outcomes": sorted({what.split(" (")[0].split(":")[0] for *_, what in sent["results"]}),
+        }
 
         log.info("fuzz phase: %d messages", args.messages)
         t3 = time.monotonic()
@@ -577,12 +702,22 @@ async def _bench(args: argparse.Namespace) -> dict:
         out["lag"]["gaps_alone"] = _gaps(stamps, t0, t1)
         out["lag"]["gaps_with_max_prompts"] = _gaps(stamps, t1, t2)
         problems = daemon.liveness.problems()
-        out["fuzz"] = {"sent": tally.sent, "answered": tally.answered, "wrong": tally.wrong_count,
-                       "deaf": int(tally.deaf or bool(problems)), "first_wrong": tally.wrong,
-                       "outcomes": tally.by_outcome, "seconds": t4 - t3, "lag": sampler.window(t3, t4),
-                       "gaps": _gaps(stamps, t3, t4), "engine": step_ms(t3, t4), "liveness_problems": problems,
-                       "task_failures": sum(daemon.liveness.failures.values()),
-                       "streams_completed": streamed["done"], "stream_failures": streamed["failures"][:10]}
+        out["fuzz"] = {
+            "sent": tally.sent,
+            "answered": tally.answered,
+            "wrong": tally.wrong_count,
+            "deaf": int(tally.deaf or bool(problems)),
+            "first_wrong": tally.wrong,
+            "outcomes": tally.by_outcome,
+            "seconds": t4 - t3,
+            "lag": sampler.window(t3, t4),
+            "gaps": _gaps(stamps, t3, t4),
+            "engine": step_ms(t3, t4),
+            "liveness_problems": problems,
+            "task_failures": sum(daemon.liveness.failures.values()),
+            "streams_completed": streamed["done"],
+            "stream_failures": streamed["failures"][:10],
+        }
 
         log.info("memory phase: 10 oversized prompts at once")
         await asyncio.sleep(2.0)
@@ -596,11 +731,16 @@ async def _bench(args: argparse.Namespace) -> dict:
         after = rss_bytes()
         await asyncio.sleep(4.0)
         settled = rss_bytes()
-        out["memory"] = {"baseline_mb": baseline / 2**20, "peak_mb": sampler.rss_peak / 2**20,
-                         "after_mb": after / 2**20, "after_vs_baseline": after / baseline - 1,
-                         "after_5s_mb": settled / 2**20, "after_5s_vs_baseline": settled / baseline - 1,
-                         "prompt_bytes": sorted(set(sizes)),
-                         "refusals": sorted({what.split(":")[0] for *_, what in refused["results"]})}
+        out["memory"] = {
+            "baseline_mb": baseline / 2**20,
+            "peak_mb": sampler.rss_peak / 2**20,
+            "after_mb": after / 2**20,
+            "after_vs_baseline": after / baseline - 1,
+            "after_5s_mb": settled / 2**20,
+            "after_5s_vs_baseline": settled / baseline - 1,
+            "prompt_bytes": sorted(set(sizes)),
+            "refusals": sorted({what.split(":")[0] for *_, what in refused["results"]}),
+        }
     finally:
         for proc in children:
             if proc.returncode is None:

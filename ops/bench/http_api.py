@@ -46,10 +46,20 @@ log = logging.getLogger("bench.http")
 async def _http_stream(port: int, prompt: str, max_tokens: int) -> tuple[str, list[tuple[float, int]]]:
     """One streamed completion: (response id, [(monotonic time the bytes arrived, tokens in them)])."""
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    body = json.dumps({"prompt": prompt, "max_tokens": max_tokens, "stream": True, "ignore_eos": True,
-                       "temperature": 0, "return_token_ids": True}).encode()
-    writer.write(b"POST /v1/completions HTTP/1.1\r\nhost: bench\r\ncontent-type: application/json\r\n"
-                 b"content-length: %d\r\n\r\n" % len(body) + body)
+    body = json.dumps(
+        {
+            "prompt": prompt,
+            "max_tokens": max_tokens,
+            "stream": True,
+            "ignore_eos": True,
+            "temperature": 0,
+            "return_token_ids": True,
+        }
+    ).encode()
+    writer.write(
+        b"POST /v1/completions HTTP/1.1\r\nhost: bench\r\ncontent-type: application/json\r\n"
+        b"content-length: %d\r\n\r\n" % len(body) + body
+    )
     head = await reader.readuntil(b"\r\n\r\n")
     if not head.startswith(b"HTTP/1.1 200"):
         raise RuntimeError(f"HTTP API answered {head.splitlines()[0]!r}: {await reader.read(2000)!r}")
@@ -89,8 +99,7 @@ def _http_load_process(port: int, prompts: list[str], max_tokens: int, start_at:
     conn.close()
 
 
-async def _measure(daemon: RecordingDaemon, protocol: str, target: tuple, n: int, max_tokens: int,
-                   procs: int) -> dict:
+async def _measure(daemon: RecordingDaemon, protocol: str, target: tuple, n: int, max_tokens: int, procs: int) -> dict:
     prompts = [f"stream {i}: the expert cache keeps layer {i % 75} warm" for i in range(n)]
     groups = [prompts[i::procs] for i in range(procs)]
     ctx = mp.get_context("spawn")
@@ -126,9 +135,13 @@ async def _measure(daemon: RecordingDaemon, protocol: str, target: tuple, n: int
         latencies += [g - s for g, s in zip(got, sent)]
     steps = daemon.step_times
     return {
-        "protocol": protocol, "streams": n, "tokens": total, "requests_with_unmatched_tokens": mismatched,
+        "protocol": protocol,
+        "streams": n,
+        "tokens": total,
+        "requests_with_unmatched_tokens": mismatched,
         "engine_step_median_s": statistics.median(steps),
-        "added_latency_p50_s": _quantile(latencies, 0.5), "added_latency_p99_s": _quantile(latencies, 0.99),
+        "added_latency_p50_s": _quantile(latencies, 0.5),
+        "added_latency_p99_s": _quantile(latencies, 0.99),
         "added_latency_mean_s": statistics.fmean(latencies),
         "added_latency_p50_over_step": _quantile(latencies, 0.5) / statistics.median(steps),
         "daemon_wall_per_token_s": daemon.dispatch_s / max(1, daemon.dispatch_tokens),
@@ -148,10 +161,20 @@ async def _bench(args: argparse.Namespace, model_dir: str, runtime: str) -> dict
     levels = [int(x) for x in args.concurrency.split(",")]
     address = f"ipc://{runtime}/bench.sock"
     engine = {k: getattr(args, k) for k in ENGINE_SETTINGS if k not in ("device", "max_running")}
-    cfg = ServeConfig(model=model_dir, listen=(address,), metrics_address="", http_address="127.0.0.1:0",
-                      device=args.device, max_running=max(levels), runtime_dir=runtime,
-                      client_concurrency=max(levels) + 8, http_max_requests=max(levels) + 8, stats_interval_s=1.0,
-                      worker_start_timeout_s=1800, **engine)
+    cfg = ServeConfig(
+        model=model_dir,
+        listen=(address,),
+        metrics_address="",
+        http_address="127.0.0.1:0",
+        device=args.device,
+        max_running=max(levels),
+        runtime_dir=runtime,
+        client_concurrency=max(levels) + 8,
+        http_max_requests=max(levels) + 8,
+        stats_interval_s=1.0,
+        worker_start_timeout_s=1800,
+        **engine,
+    )
     daemon = RecordingDaemon(cfg, model_dir)
     await daemon.start()
     try:
@@ -171,8 +194,13 @@ async def _bench(args: argparse.Namespace, model_dir: str, runtime: str) -> dict
                 row = await _measure(daemon, protocol, target, n, args.max_tokens, procs)
                 log.info("%d streams over %s: %s", n, protocol, row)
                 rows.append(row)
-        return {"model": model_dir, "device": args.device, "max_tokens": args.max_tokens, "cpus": os.cpu_count(),
-                "rows": rows}
+        return {
+            "model": model_dir,
+            "device": args.device,
+            "max_tokens": args.max_tokens,
+            "cpus": os.cpu_count(),
+            "rows": rows,
+        }
     finally:
         await daemon.stop()
 
@@ -183,12 +211,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cpu")
     p.add_argument("--concurrency", default="1,8,32,64,128,256")
     p.add_argument("--max-tokens", type=int, default=32, help="tokens generated per stream")
-    p.add_argument("--worker-threads", type=int, default=1,
-                   help="torch threads of the worker (OMP_NUM_THREADS), so the daemon and load generators keep "
-                        "a core on a small CPU; 0 = torch's default")
+    p.add_argument(
+        "--worker-threads",
+        type=int,
+        default=1,
+        help="torch threads of the worker (OMP_NUM_THREADS), so the daemon and load generators keep "
+        "a core on a small CPU; 0 = torch's default",
+    )
     p.add_argument("--out", help="write the figures here as JSON")
-    add_engine_arguments(p.add_argument_group("engine settings (moed.engine.config)"),
-                         exclude=("device", "max_running"))
+    add_engine_arguments(
+        p.add_argument_group("engine settings (moed.engine.config)"), exclude=("device", "max_running")
+    )
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     model_dir = resolve_model(args.model)
@@ -206,24 +239,32 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(runtime, ignore_errors=True)
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-    print(f"\nHTTP vs ZMQ: {Path(model_dir).name} on {args.device}, {args.max_tokens} tokens per stream, "
-          f"{result['cpus']} CPUs shared by daemon, worker and load generators")
+    print(
+        f"\nHTTP vs ZMQ: {Path(model_dir).name} on {args.device}, {args.max_tokens} tokens per stream, "
+        f"{result['cpus']} CPUs shared by daemon, worker and load generators"
+    )
     print("latency per token, ms: engine frame received by the daemon -> the load generator has the token")
-    print(f"{'streams':>7} {'proto':>5} {'tokens':>7} {'step ms':>8} {'p50':>7} {'p99':>7} {'mean':>7} "
-          f"{'p50/step':>8} {'cpu us/tok':>10} {'tok/s':>7} {'ratio':>6} {'http-zmq p50':>12}")
+    print(
+        f"{'streams':>7} {'proto':>5} {'tokens':>7} {'step ms':>8} {'p50':>7} {'p99':>7} {'mean':>7} "
+        f"{'p50/step':>8} {'cpu us/tok':>10} {'tok/s':>7} {'ratio':>6} {'http-zmq p50':>12}"
+    )
     zmq_p50 = {}
     for r in result["rows"]:
         if r["protocol"] == "zmq":
             zmq_p50[r["streams"]] = r["added_latency_p50_s"]
-        diff = (f"{(r['added_latency_p50_s'] - zmq_p50[r['streams']]) * 1e3:>12.3f}"
-                if r["protocol"] == "http" and r["streams"] in zmq_p50 else f"{'':>12}")
-        print(f"{r['streams']:>7} {r['protocol']:>5} {r['tokens']:>7} {r['engine_step_median_s'] * 1e3:>8.2f} "
-              f"{r['added_latency_p50_s'] * 1e3:>7.3f} {r['added_latency_p99_s'] * 1e3:>7.3f} "
-              f"{r['added_latency_mean_s'] * 1e3:>7.3f} {r['added_latency_p50_over_step']:>8.3f} "
-              f"{r['daemon_cpu_per_token_s'] * 1e6:>10.1f} {r['client_tokens_per_s']:>7.0f} "
-              f"{r['throughput_over_engine_bound']:>6.2f} {diff}"
-              + (f"  ({r['requests_with_unmatched_tokens']} unmatched)" if r["requests_with_unmatched_tokens"]
-                 else ""))
+        diff = (
+            f"{(r['added_latency_p50_s'] - zmq_p50[r['streams']]) * 1e3:>12.3f}"
+            if r["protocol"] == "http" and r["streams"] in zmq_p50
+            else f"{'':>12}"
+        )
+        print(
+            f"{r['streams']:>7} {r['protocol']:>5} {r['tokens']:>7} {r['engine_step_median_s'] * 1e3:>8.2f} "
+            f"{r['added_latency_p50_s'] * 1e3:>7.3f} {r['added_latency_p99_s'] * 1e3:>7.3f} "
+            f"{r['added_latency_mean_s'] * 1e3:>7.3f} {r['added_latency_p50_over_step']:>8.3f} "
+            f"{r['daemon_cpu_per_token_s'] * 1e6:>10.1f} {r['client_tokens_per_s']:>7.0f} "
+            f"{r['throughput_over_engine_bound']:>6.2f} {diff}"
+            + (f"  ({r['requests_with_unmatched_tokens']} unmatched)" if r["requests_with_unmatched_tokens"] else "")
+        )
     return 0
 
 

@@ -37,6 +37,7 @@ SHRINK = torch.linspace(0.70, 1.0, 16)
 
 # ---- candidate rules: each maps w [out, in] fp32 to its dequantised fp32 twin -------------------------------------
 
+
 def _groups(w: torch.Tensor, g: int) -> torch.Tensor:
     return w.view(w.shape[0], w.shape[1] // g, g)
 
@@ -136,7 +137,7 @@ def draw(kind: str, shape: tuple[int, int], gen: torch.Generator) -> torch.Tenso
         w[:, cols] *= 8
     else:
         raise ValueError(f"unknown distribution {kind!r}")
-    return w * in_f ** -0.5
+    return w * in_f**-0.5
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -159,17 +160,29 @@ def format_part(tokens: int, seed: int, kinds: list[str]) -> list[dict]:
             t0 = time.perf_counter()
             q = [rule(m) for m in (gate, up, down)]
             dt = time.perf_counter() - t0
-            w_err = math.sqrt(sum(float((a - b).pow(2).sum()) for a, b in zip(q, (gate, up, down)))
-                              / sum(float(b.pow(2).sum()) for b in (gate, up, down)))
-            row = {"dist": kind, "rule": name, "bits": bits, "w_err": w_err, "out_err": _rel(_swiglu(x, *q), ref),
-                   "quant_s": dt}
+            w_err = math.sqrt(
+                sum(float((a - b).pow(2).sum()) for a, b in zip(q, (gate, up, down)))
+                / sum(float(b.pow(2).sum()) for b in (gate, up, down))
+            )
+            row = {
+                "dist": kind,
+                "rule": name,
+                "bits": bits,
+                "w_err": w_err,
+                "out_err": _rel(_swiglu(x, *q), ref),
+                "quant_s": dt,
+            }
             rows.append(row)
-            print(f"  {kind:16s} {name:8s} {bits:6.3f} b/w  weights {w_err:.4f}  expert out {row['out_err']:.4f}  "
-                  f"quantise {dt:6.2f} s/expert", flush=True)
+            print(
+                f"  {kind:16s} {name:8s} {bits:6.3f} b/w  weights {w_err:.4f}  expert out {row['out_err']:.4f}  "
+                f"quantise {dt:6.2f} s/expert",
+                flush=True,
+            )
     return rows
 
 
 # ---- part 2: a checkpoint, reference experts vs int4 experts ---------------------------------------------------
+
 
 class _Recording:
     """A MoE runner that records each layer's inputs, then delegates."""
@@ -219,11 +232,16 @@ def model_part(model: str, tokens: int, seed: int) -> dict:
         print(f"  layer {layer:3d}: routed-expert output rel err {layers[layer]:.4f} (same inputs)", flush=True)
     q_logits = logits(quant, q_runner)
     logp, logq = F.log_softmax(ref_logits, -1), F.log_softmax(q_logits, -1)
-    drift = {"logits_rel_err": _rel(q_logits, ref_logits),
-             "top1_agreement": float((ref_logits.argmax(-1) == q_logits.argmax(-1)).float().mean()),
-             "mean_kl": float((logp.exp() * (logp - logq)).sum(-1).mean())}
-    print(f"  logits: rel err {drift['logits_rel_err']:.4f}, top-1 agreement {drift['top1_agreement']:.3f}, "
-          f"mean KL {drift['mean_kl']:.2e} over {tokens} tokens", flush=True)
+    drift = {
+        "logits_rel_err": _rel(q_logits, ref_logits),
+        "top1_agreement": float((ref_logits.argmax(-1) == q_logits.argmax(-1)).float().mean()),
+        "mean_kl": float((logp.exp() * (logp - logq)).sum(-1).mean()),
+    }
+    print(
+        f"  logits: rel err {drift['logits_rel_err']:.4f}, top-1 agreement {drift['top1_agreement']:.3f}, "
+        f"mean KL {drift['mean_kl']:.2e} over {tokens} tokens",
+        flush=True,
+    )
     return {"model": str(path), "tokens": tokens, "layers": layers, **drift}
 
 
@@ -240,18 +258,23 @@ def main(argv: list[str] | None = None) -> int:
     if "format" in parts:
         print(f"[format] GLM-5.1 expert widths ({GLM_I} x {GLM_H}), {args.tokens} random tokens", flush=True)
         rows = format_part(args.tokens, args.seed, args.dists.split(","))
-        print("\n| distribution | rule | bits/weight | weight rel RMS err | expert output rel err | "
-              "quantise s/expert |")
+        print(
+            "\n| distribution | rule | bits/weight | weight rel RMS err | expert output rel err | quantise s/expert |"
+        )
         print("| --- | --- | ---: | ---: | ---: | ---: |")
         for r in rows:
-            print(f"| {r['dist']} | {r['rule']} | {r['bits']:.3f} | {r['w_err']:.4f} | {r['out_err']:.4f} | "
-                  f"{r['quant_s']:.2f} |")
+            print(
+                f"| {r['dist']} | {r['rule']} | {r['bits']:.3f} | {r['w_err']:.4f} | {r['out_err']:.4f} | "
+                f"{r['quant_s']:.2f} |"
+            )
     if "model" in parts:
         print(f"\n[model] {args.model}: reference experts vs int4 experts on the same {args.tokens} tokens", flush=True)
         res = model_part(args.model, args.tokens, args.seed)
         errs = list(res["layers"].values())
-        print(f"\nper-layer routed-expert rel err: min {min(errs):.4f}, max {max(errs):.4f}; logits rel err "
-              f"{res['logits_rel_err']:.4f}; top-1 agreement {res['top1_agreement']:.3f}; mean KL {res['mean_kl']:.2e}")
+        print(
+            f"\nper-layer routed-expert rel err: min {min(errs):.4f}, max {max(errs):.4f}; logits rel err "
+            f"{res['logits_rel_err']:.4f}; top-1 agreement {res['top1_agreement']:.3f}; mean KL {res['mean_kl']:.2e}"
+        )
     return 0
 
 

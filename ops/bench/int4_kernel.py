@@ -97,13 +97,29 @@ def bench(args, ceil: dict, Ms: list[int], int4_experts, fp8_experts) -> list[di
         outs = [torch.empty((m, args.K), dtype=torch.bfloat16, device="cuda") for _ in sets]
         default = lookup.default_config(m, fi.DTYPE_NAME, None)
         variants = {
-            "int4-tuned": ([lambda s=s, o=o: fi.fused_moe_int4(s[0], w13.qweight, w2.qweight, s[1], s[2], e2s, out=o,
-                                                               **kw4) for s, o in zip(sets, outs)], int4_bytes),
-            "int4-default": ([lambda s=s, o=o, d=default: fi.fused_moe_int4(s[0], w13.qweight, w2.qweight, s[1], s[2],
-                                                                            e2s, out=o, config=d, down_config=d, **kw4)
-                              for s, o in zip(sets, outs)], int4_bytes),
-            "fp8-tuned": ([lambda s=s, o=o: fm.fused_moe(s[0], q13, q2, s[1], s[2], e2s, out=o, **kw8)
-                           for s, o in zip(sets, outs)], fp8_bytes),
+            "int4-tuned": (
+                [
+                    lambda s=s, o=o: fi.fused_moe_int4(s[0], w13.qweight, w2.qweight, s[1], s[2], e2s, out=o, **kw4)
+                    for s, o in zip(sets, outs)
+                ],
+                int4_bytes,
+            ),
+            "int4-default": (
+                [
+                    lambda s=s, o=o, d=default: fi.fused_moe_int4(
+                        s[0], w13.qweight, w2.qweight, s[1], s[2], e2s, out=o, config=d, down_config=d, **kw4
+                    )
+                    for s, o in zip(sets, outs)
+                ],
+                int4_bytes,
+            ),
+            "fp8-tuned": (
+                [
+                    lambda s=s, o=o: fm.fused_moe(s[0], q13, q2, s[1], s[2], e2s, out=o, **kw8)
+                    for s, o in zip(sets, outs)
+                ],
+                fp8_bytes,
+            ),
         }
         for name, (fns, per_expert) in variants.items():
             try:
@@ -117,14 +133,25 @@ def bench(args, ceil: dict, Ms: list[int], int4_experts, fp8_experts) -> list[di
             row["copy_ratio"] = row["GBps"] / ceil["copy_GBps"]
             row["read_ratio"] = row["GBps"] / ceil["read_GBps"]
             rows.append(row)
-            print(f"  M={m:3d} {name:13s} {ms * 1e3:8.1f} us  {row['touched_MB']:7.1f} MB  {row['GBps']:6.0f} GB/s "
-                  f"({row['copy_ratio']:5.1%} of copy, {row['read_ratio']:5.1%} of read)", flush=True)
+            print(
+                f"  M={m:3d} {name:13s} {ms * 1e3:8.1f} us  {row['touched_MB']:7.1f} MB  {row['GBps']:6.0f} GB/s "
+                f"({row['copy_ratio']:5.1%} of copy, {row['read_ratio']:5.1%} of read)",
+                flush=True,
+            )
     return rows
 
 
-def run(E: int = 257, N: int = 2048, K: int = 6144, topk: int = 8, Ms: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64),
-        tune: bool = False, tune_out: str | None = None, tune_budget: float = 360.0,
-        tune_batch_sizes: str | None = None) -> dict:
+def run(
+    E: int = 257,
+    N: int = 2048,
+    K: int = 6144,
+    topk: int = 8,
+    Ms: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64),
+    tune: bool = False,
+    tune_out: str | None = None,
+    tune_budget: float = 360.0,
+    tune_batch_sizes: str | None = None,
+) -> dict:
     """Check, optionally tune, and time the int4 kernel (FP8 beside it) with this run's device ceilings; every
     figure in a dict (info, ceilings, rows, summary, failures). `ops/bench/offload.py --only int4` calls this too."""
     import triton
@@ -135,14 +162,34 @@ def run(E: int = 257, N: int = 2048, K: int = 6144, topk: int = 8, Ms: tuple[int
     from moed.ops.bench.moe_kernel import measure_ceilings
 
     t0 = time.time()
-    info = {"device": torch.cuda.get_device_name(), "date": datetime.date.today().isoformat(),
-            "torch": torch.__version__, "triton": triton.__version__, "E": E, "N": N, "K": K, "topk": topk}
+    info = {
+        "device": torch.cuda.get_device_name(),
+        "date": datetime.date.today().isoformat(),
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "E": E,
+        "N": N,
+        "K": K,
+        "topk": topk,
+    }
     print(json.dumps(info), flush=True)
     ceil = measure_ceilings()
     print(f"ceilings: copy {ceil['copy_GBps']:.0f} GB/s, read {ceil['read_GBps']:.0f} GB/s", flush=True)
     if tune:
-        tune_argv = ["--dtype", "int4_w4a16", "--E", str(E), "--N", str(N), "--K", str(K), "--topk", str(topk),
-                     "--time-budget", str(tune_budget)]
+        tune_argv = [
+            "--dtype",
+            "int4_w4a16",
+            "--E",
+            str(E),
+            "--N",
+            str(N),
+            "--K",
+            str(K),
+            "--topk",
+            str(topk),
+            "--time-budget",
+            str(tune_budget),
+        ]
         if tune_out:
             tune_argv += ["--out-dir", str(Path(tune_out) / lookup.triton_dir_name(triton.__version__))]
             os.environ[lookup.ENV_DIR] = tune_out  # the timing below (and the caller's runners) look there first
@@ -173,19 +220,29 @@ def run(E: int = 257, N: int = 2048, K: int = 6144, topk: int = 8, Ms: tuple[int
     if small:
         summary["int4 M<=64 min share of copy bandwidth"] = round(min(r["copy_ratio"] for r in small), 3)
     summary["check"] = "ok" if not failures else "; ".join(failures)
-    return {"info": info, "ceilings": ceil, "rows": rows, "summary": summary, "failures": failures,
-            "wall_s": time.time() - t0}
+    return {
+        "info": info,
+        "ceilings": ceil,
+        "rows": rows,
+        "summary": summary,
+        "failures": failures,
+        "wall_s": time.time() - t0,
+    }
 
 
 def print_report(res: dict) -> None:
     info, ceil = res["info"], res["ceilings"]
-    print(f"{info['device']}, Triton {info['triton']}, E={info['E']} N={info['N']} K={info['K']} top-k "
-          f"{info['topk']}; copy {ceil['copy_GBps']:.0f} GB/s, read {ceil['read_GBps']:.0f} GB/s (this run)")
+    print(
+        f"{info['device']}, Triton {info['triton']}, E={info['E']} N={info['N']} K={info['K']} top-k "
+        f"{info['topk']}; copy {ceil['copy_GBps']:.0f} GB/s, read {ceil['read_GBps']:.0f} GB/s (this run)"
+    )
     print("| M | variant | us/layer | touched MB | GB/s | % copy | % read |")
     print("| ---: | --- | ---: | ---: | ---: | ---: | ---: |")
     for r in res["rows"]:
-        print(f"| {r['M']} | {r['variant']} | {r['ms'] * 1e3:.1f} | {r['touched_MB']:.0f} | {r['GBps']:.0f} | "
-              f"{r['copy_ratio']:.0%} | {r['read_ratio']:.0%} |")
+        print(
+            f"| {r['M']} | {r['variant']} | {r['ms'] * 1e3:.1f} | {r['touched_MB']:.0f} | {r['GBps']:.0f} | "
+            f"{r['copy_ratio']:.0%} | {r['read_ratio']:.0%} |"
+        )
     for k, v in res["summary"].items():
         print(f"{k}: {v}")
 
@@ -198,8 +255,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--topk", type=int, default=8)
     p.add_argument("--batch-sizes", default="1,2,4,8,16,32,64")
     p.add_argument("--tune", action="store_true", help="run the int4_w4a16 tuner for this E and N first")
-    p.add_argument("--tune-out", default=None, help="root for --tune's tables: <root>/triton_<version>/ (default: "
-                   "this checkout's moe_configs/); it is searched first by the timing")
+    p.add_argument(
+        "--tune-out",
+        default=None,
+        help="root for --tune's tables: <root>/triton_<version>/ (default: "
+        "this checkout's moe_configs/); it is searched first by the timing",
+    )
     p.add_argument("--tune-batch-sizes", default=None, help="default: the tuner's (1 .. 8192)")
     p.add_argument("--tune-budget", type=float, default=360.0, help="seconds; the tuner starts no new size after")
     p.add_argument("--json", default=None, help="default: $OUT/int4_kernel.json when $OUT is set")
@@ -207,8 +268,17 @@ def main(argv: list[str] | None = None) -> int:
     if not torch.cuda.is_available():
         print("int4_kernel bench: needs a CUDA GPU", file=sys.stderr)
         return 2
-    res = run(args.E, args.N, args.K, args.topk, tuple(int(v) for v in args.batch_sizes.split(",")), args.tune,
-              args.tune_out, args.tune_budget, args.tune_batch_sizes)
+    res = run(
+        args.E,
+        args.N,
+        args.K,
+        args.topk,
+        tuple(int(v) for v in args.batch_sizes.split(",")),
+        args.tune,
+        args.tune_out,
+        args.tune_budget,
+        args.tune_batch_sizes,
+    )
     out_json = args.json or (str(Path(os.environ["OUT"]) / "int4_kernel.json") if os.environ.get("OUT") else None)
     if out_json:
         Path(out_json).write_text(json.dumps(res, indent=1))

@@ -47,12 +47,12 @@ def q8_0_bytes(x, device: str):
     out = torch.empty((rows.shape[0], Q8_BYTES), dtype=torch.uint8)
     step = 1 << 24
     for s in range(0, rows.shape[0], step):
-        v = rows[s:s + step].to(device=device, dtype=torch.float32)
+        v = rows[s : s + step].to(device=device, dtype=torch.float32)
         d = v.abs().amax(dim=1, keepdim=True) / 127
         inv = torch.where(d == 0, torch.zeros_like(d), 1.0 / d)
         q = v * inv
         q = (torch.sign(q) * torch.floor(q.abs() + 0.5)).to(torch.int8)
-        out[s:s + step] = torch.cat([d.to(torch.float16).view(torch.uint8), q.view(torch.uint8)], dim=1).cpu()
+        out[s : s + step] = torch.cat([d.to(torch.float16).view(torch.uint8), q.view(torch.uint8)], dim=1).cpu()
     return out.numpy().reshape(*x.shape[:-1], x.shape[-1] // Q8_BLOCK * Q8_BYTES)
 
 
@@ -170,6 +170,7 @@ def convert(ckpt: Path, out: Path, llama_dir: Path) -> dict:
             real_writer.write_tensor_data(np.ascontiguousarray(data))
             written[0] += 1
             written[1] += data.nbytes
+
     torch.Tensor.numpy = numpy  # type: ignore[method-assign]
     gguf.quants.quantize = quantize
     try:
@@ -197,8 +198,13 @@ def convert(ckpt: Path, out: Path, llama_dir: Path) -> dict:
     if written[0] != len(laid_out):
         raise RuntimeError(f"{out}: {written[0]} of {len(laid_out)} tensors written")
     dt = time.perf_counter() - t0
-    res = {"gguf": str(out), "tensors": written[0], "bytes": out.stat().st_size, "seconds": dt,
-           "GBps": out.stat().st_size / dt / 1e9}
+    res = {
+        "gguf": str(out),
+        "tensors": written[0],
+        "bytes": out.stat().st_size,
+        "seconds": dt,
+        "GBps": out.stat().st_size / dt / 1e9,
+    }
     log.info("converted %s -> %s: %s", ckpt, out, res)
     return res
 
@@ -218,11 +224,28 @@ class _Arr:
 # ---------------------------------------------------------------------------------------------- llama-bench
 
 
-def run_llama_bench(binary: str, gguf_path: str, extra: list[str], prompts: list[int], gen: int, reps: int,
-                    threads: int, timeout: float) -> list[dict]:
+def run_llama_bench(
+    binary: str, gguf_path: str, extra: list[str], prompts: list[int], gen: int, reps: int, threads: int, timeout: float
+) -> list[dict]:
     """One llama-bench invocation (-o json); [] with the error logged when it fails."""
-    cmd = [binary, "-m", gguf_path, "-ngl", "99", "-p", ",".join(map(str, prompts)) or "0", "-n", str(gen),
-           "-r", str(reps), "-t", str(threads), "-o", "json", *extra]
+    cmd = [
+        binary,
+        "-m",
+        gguf_path,
+        "-ngl",
+        "99",
+        "-p",
+        ",".join(map(str, prompts)) or "0",
+        "-n",
+        str(gen),
+        "-r",
+        str(reps),
+        "-t",
+        str(threads),
+        "-o",
+        "json",
+        *extra,
+    ]
     log.info("%s", " ".join(cmd))
     t0 = time.perf_counter()
     try:
@@ -239,8 +262,17 @@ def run_llama_bench(binary: str, gguf_path: str, extra: list[str], prompts: list
         log.error("llama-bench printed no JSON: %s", done.stdout[-2000:])
         return []
     log.info("llama-bench done in %.0f s", time.perf_counter() - t0)
-    return [{"n_prompt": r["n_prompt"], "n_gen": r["n_gen"], "avg_ms": r["avg_ns"] / 1e6,
-             "stddev_ms": r["stddev_ns"] / 1e6, "tok_s": r["avg_ts"], "extra": extra} for r in rows]
+    return [
+        {
+            "n_prompt": r["n_prompt"],
+            "n_gen": r["n_gen"],
+            "avg_ms": r["avg_ns"] / 1e6,
+            "stddev_ms": r["stddev_ns"] / 1e6,
+            "tok_s": r["avg_ts"],
+            "extra": extra,
+        }
+        for r in rows
+    ]
 
 
 def decode_ms(rows: list[dict]) -> float | None:
@@ -268,14 +300,25 @@ def bench(args) -> dict:
             prompts = args.prompts if v == "gpu" else cpu_prompts
             runs[f"{kind}_{v}"] = run_llama_bench(args.llama_bench, path, variants[v], prompts, **common)
             if args.out:  # each run as it finishes: a pipeline cut off keeps the runs it has
-                Path(args.out).write_text(json.dumps({"binary": args.llama_bench, "threads": args.threads,
-                                                      "runs": runs, "sizes": sizes}, indent=1))
+                Path(args.out).write_text(
+                    json.dumps(
+                        {"binary": args.llama_bench, "threads": args.threads, "runs": runs, "sizes": sizes}, indent=1
+                    )
+                )
     return {"binary": args.llama_bench, "threads": args.threads, "runs": runs, "sizes": sizes}
 
 
-def derive(runs: dict[str, list[dict]], sizes: dict[str, int], *, deep_experts: int = 8, slice_moe_layers: int = 2,
-           gpu_bytes: int = int(79.2 * 2**30), kv_bytes: int = int(3.3 * 2**30), reserve_bytes: int = 4 << 30,
-           layer_expert_bytes: int = 256 * 3 * 2048 * 6144 * Q8_BYTES // Q8_BLOCK) -> dict:
+def derive(
+    runs: dict[str, list[dict]],
+    sizes: dict[str, int],
+    *,
+    deep_experts: int = 8,
+    slice_moe_layers: int = 2,
+    gpu_bytes: int = int(79.2 * 2**30),
+    kv_bytes: int = int(3.3 * 2**30),
+    reserve_bytes: int = 4 << 30,
+    layer_expert_bytes: int = 256 * 3 * 2048 * 6144 * Q8_BYTES // Q8_BLOCK,
+) -> dict:
     """llama.cpp's whole-model figures by moed's per-layer method, from recorded llama-bench runs (pure arithmetic).
 
     (a) experts on the CPU: full-depth all-GPU step + 75 x (CPU-experts layer - GPU-experts layer) from the slice;
@@ -297,9 +340,11 @@ def derive(runs: dict[str, list[dict]], sizes: dict[str, int], *, deep_experts: 
     ttft = {}
     for n in sorted(set(pre.get("deep_gpu", {})) & set(pre.get("slice_gpu", {})) & set(pre.get("slice_cpu", {}))):
         extra = (pre["slice_cpu"][n] - pre["slice_gpu"][n]) / slice_moe_layers
-        ttft[n] = {"cpu_experts": pre["deep_gpu"][n] + MOE_LAYERS * extra,
-                   "n_cpu_moe": pre["deep_gpu"][n] + (MOE_LAYERS - gpu_layers) * extra,
-                   "deep_direct_cpu": pre.get("deep_cpu", {}).get(n)}
+        ttft[n] = {
+            "cpu_experts": pre["deep_gpu"][n] + MOE_LAYERS * extra,
+            "n_cpu_moe": pre["deep_gpu"][n] + (MOE_LAYERS - gpu_layers) * extra,
+            "deep_direct_cpu": pre.get("deep_cpu", {}).get(n),
+        }
     res["ttft_s"] = ttft
     return res
 
@@ -307,12 +352,16 @@ def derive(runs: dict[str, list[dict]], sizes: dict[str, int], *, deep_experts: 
 def print_summary(res: dict) -> None:
     print("\n== llama.cpp on this machine ==")
     for k, v in (res.get("decode_ms") or {k: decode_ms(v) for k, v in res["runs"].items()}).items():
-        print(f"  {k:16s} decode {v if v is None else round(v, 2)} ms/token, prefill "
-              f"{ {n: round(s, 3) for n, s in prefill_s(res['runs'].get(k, [])).items()} } s")
+        print(
+            f"  {k:16s} decode {v if v is None else round(v, 2)} ms/token, prefill "
+            f"{ {n: round(s, 3) for n, s in prefill_s(res['runs'].get(k, [])).items()} } s"
+        )
     for k, w in (res.get("whole") or {}).items():
-        print(f"  whole model ({k}): {w['whole_ms']:.1f} ms/token ({1e3 / w['whole_ms']:.2f} tok/s); CPU experts cost "
-              f"{w['cpu_extra_per_layer_ms']:.2f} ms per MoE layer over the GPU; full-depth GGUF with its experts on "
-              f"the CPU measured directly: {w['deep_direct_cpu_ms']:.1f} ms/token")
+        print(
+            f"  whole model ({k}): {w['whole_ms']:.1f} ms/token ({1e3 / w['whole_ms']:.2f} tok/s); CPU experts cost "
+            f"{w['cpu_extra_per_layer_ms']:.2f} ms per MoE layer over the GPU; full-depth GGUF with its experts on "
+            f"the CPU measured directly: {w['deep_direct_cpu_ms']:.1f} ms/token"
+        )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -328,13 +377,25 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--deep-experts", type=int, default=8, help="routed experts per layer of the full-depth GGUF")
     b.add_argument("--slice", default=None, help="1 dense + 2 MoE layers, 256 experts each")
     b.add_argument("--slice-moe-layers", type=int, default=2)
-    b.add_argument("--prompts", type=lambda s: [int(x) for x in s.split(",") if x], default=[1024, 8192],
-                   help="prompt lengths of the all-GPU runs (empty: decode only)")
-    b.add_argument("--cpu-prompts", type=lambda s: [int(x) for x in s.split(",") if x], default=None,
-                   help="prompt lengths of the runs with experts on the CPU (default: --prompts)")
+    b.add_argument(
+        "--prompts",
+        type=lambda s: [int(x) for x in s.split(",") if x],
+        default=[1024, 8192],
+        help="prompt lengths of the all-GPU runs (empty: decode only)",
+    )
+    b.add_argument(
+        "--cpu-prompts",
+        type=lambda s: [int(x) for x in s.split(",") if x],
+        default=None,
+        help="prompt lengths of the runs with experts on the CPU (default: --prompts)",
+    )
     b.add_argument("--deep-variants", type=lambda s: s.split(","), default=["gpu", "cpu"])
-    b.add_argument("--slice-variants", type=lambda s: s.split(","), default=["gpu", "cpu"],
-                   help="gpu, cpu (-ot exps=CPU), ncpumoe1 (--n-cpu-moe 1)")
+    b.add_argument(
+        "--slice-variants",
+        type=lambda s: s.split(","),
+        default=["gpu", "cpu"],
+        help="gpu, cpu (-ot exps=CPU), ncpumoe1 (--n-cpu-moe 1)",
+    )
     b.add_argument("--gen", type=int, default=16)
     b.add_argument("--reps", type=int, default=2)
     b.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
@@ -360,8 +421,13 @@ def main(argv: list[str] | None = None) -> int:
                 d = json.loads(Path(part).read_text())
                 runs.update(d.get("runs", {}))
                 sizes.update(d.get("sizes", {}))
-        res = derive(runs, sizes, gpu_bytes=int(args.gpu_gib * 2**30), kv_bytes=int(args.kv_gib * 2**30),
-                     reserve_bytes=int(args.reserve_gib * 2**30))
+        res = derive(
+            runs,
+            sizes,
+            gpu_bytes=int(args.gpu_gib * 2**30),
+            kv_bytes=int(args.kv_gib * 2**30),
+            reserve_bytes=int(args.reserve_gib * 2**30),
+        )
     Path(args.out).write_text(json.dumps(res, indent=1))
     print_summary(res)
     return 0

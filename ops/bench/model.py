@@ -65,8 +65,12 @@ def build_parser() -> argparse.ArgumentParser:
     s = p.add_argument_group("slice")
     s.add_argument("--preset", default="glm51", help="widths of the slice's MoE layers (tiny: the CPU smoke test)")
     s.add_argument("--experts", type=int, default=256, help="routed experts per slice layer")
-    s.add_argument("--expert-dtype", choices=("checkpoint", "int4"), default="checkpoint",
-                   help="the slice's experts: FP8 as released (checkpoint) or moed's int4 (written to slice_int4.json)")
+    s.add_argument(
+        "--expert-dtype",
+        choices=("checkpoint", "int4"),
+        default="checkpoint",
+        help="the slice's experts: FP8 as released (checkpoint) or moed's int4 (written to slice_int4.json)",
+    )
     s.add_argument("--context", type=int, default=32768, help="KV the deployment keeps room for (tokens)")
     s.add_argument("--reserve-gib", type=float, default=4.0, help="activations, graph pools, CUDA context")
     s.add_argument("--nonexpert-gib", type=float, default=38.0, help="without a deep stage: resident non-expert")
@@ -76,10 +80,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--slots", type=int, default=0, help="cache slots per slice layer; 0: the deployment's")
     s.add_argument("--slice-alloc", default="huge", help="host slabs of the 256-expert slice: torch, mmap, huge")
     s.add_argument("--batches", type=_ints, default=list(BATCHES), help="decode batches (batch 1 is measured first)")
-    s.add_argument("--keep-decode", action="store_true",
-                   help="keep the decode rows of an earlier slice run for batches this run does not measure")
-    s.add_argument("--prefill-tokens", type=_ints, default=[1024, CHUNK, 8192, 32768],
-                   help="prefill step sizes (empty: none)")
+    s.add_argument(
+        "--keep-decode",
+        action="store_true",
+        help="keep the decode rows of an earlier slice run for batches this run does not measure",
+    )
+    s.add_argument(
+        "--prefill-tokens", type=_ints, default=[1024, CHUNK, 8192, 32768], help="prefill step sizes (empty: none)"
+    )
     s.add_argument("--steps", type=int, default=12)
     s.add_argument("--warm-steps", type=int, default=8)
     s.add_argument("--depth-layers", type=int, default=75, help="0: skip the one-layer vs deep cases")
@@ -97,8 +105,13 @@ def run_stage(args) -> dict:
     import torch
 
     work = Path(args.work)
-    meta = {"stage": args.stage, "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
-            "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__, "args": vars(args)}
+    meta = {
+        "stage": args.stage,
+        "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
+        "date": time.strftime("%Y-%m-%d"),
+        "torch": torch.__version__,
+        "args": vars(args),
+    }
     t0 = time.perf_counter()
     path = work / f"{stage_name(args)}.json"
     kept: list[dict] = []
@@ -132,8 +145,11 @@ def report(args) -> dict:
     from moed.ops.bench.model_timing import write_json
 
     work = Path(args.work)
-    parts = {name: json.loads(Path(work, f"{name}.json").read_text()) for name in PARTS
-             if Path(work, f"{name}.json").exists()}
+    parts = {
+        name: json.loads(Path(work, f"{name}.json").read_text())
+        for name in PARTS
+        if Path(work, f"{name}.json").exists()
+    }
     if args.llama and Path(args.llama).exists():
         parts["llama"] = json.loads(Path(args.llama).read_text())
     rep = build_report(parts)

@@ -40,8 +40,7 @@ class ZeroExperts:
 
     supports_cuda_graphs = True
 
-    def run(self, layer: int, hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor
-            ) -> torch.Tensor:
+    def run(self, layer: int, hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
         return torch.zeros_like(hidden)
 
 
@@ -55,8 +54,12 @@ def switch_moe(engine: LLMEngine, moe) -> float:
         torch.cuda.empty_cache()
     t = time.perf_counter()
     engine.warmup()
-    log.info("%s warmed up in %.1f s, graphs %s", type(moe).__name__, time.perf_counter() - t,
-             engine.runner.graphs is not None)
+    log.info(
+        "%s warmed up in %.1f s, graphs %s",
+        type(moe).__name__,
+        time.perf_counter() - t,
+        engine.runner.graphs is not None,
+    )
     return time.perf_counter() - t
 
 
@@ -71,21 +74,41 @@ def stage_deep(args, save: Callable[[dict], None]) -> dict:
     # prefill step at this depth needs a few GB of activations beside the graphs' pool.
     page = 64
     kv_pages = (max(prompts) + max(batches) * (args.deep_prompt + args.deep_gen + 8)) // page + 2 * max(batches)
-    engine = LLMEngine(EngineConfig(
-        model=str(ckpt), device=args.device, dtype="bf16" if cuda else "fp32", max_running=max(batches),
-        max_tokens_per_step=args.deep_step_tokens, max_model_len=max(prompts) + 128, kv_pages=kv_pages,
-        page_size=page, moe="offload", expert_cache_gb=args.deep_cache_gb, graph_max_batch=max(batches), seed=0,
-        miss_service=args.miss_service, cpu_expert_threads=args.cpu_threads))
+    engine = LLMEngine(
+        EngineConfig(
+            model=str(ckpt),
+            device=args.device,
+            dtype="bf16" if cuda else "fp32",
+            max_running=max(batches),
+            max_tokens_per_step=args.deep_step_tokens,
+            max_model_len=max(prompts) + 128,
+            kv_pages=kv_pages,
+            page_size=page,
+            moe="offload",
+            expert_cache_gb=args.deep_cache_gb,
+            graph_max_batch=max(batches),
+            seed=0,
+            miss_service=args.miss_service,
+            cpu_expert_threads=args.cpu_threads,
+        )
+    )
     out["load_s"] = time.perf_counter() - t0
     target = engine.experts.target
     store = target.store
-    out["store"] = {"bytes": store.layout.slab_bytes * len(store.layers), "reserved_bytes": store.reserved_bytes,
-                    "alloc_s": store.alloc_s, "alloc": store.alloc, "layers": len(store.layers),
-                    "experts": store.layout.num_experts, "slots": target.cache[target.layers[0]].num_slots}
+    out["store"] = {
+        "bytes": store.layout.slab_bytes * len(store.layers),
+        "reserved_bytes": store.reserved_bytes,
+        "alloc_s": store.alloc_s,
+        "alloc": store.alloc,
+        "layers": len(store.layers),
+        "experts": store.layout.num_experts,
+        "slots": target.cache[target.layers[0]].num_slots,
+    }
     cfg = engine.cfg
     out["nonexpert_resident_bytes"] = sum(p.numel() * p.element_size() for p in engine.model.parameters())
-    out["nonexpert_resident_no_embed_bytes"] = sum(p.numel() * p.element_size() for n, p in
-                                                   engine.model.named_parameters() if "embed_tokens" not in n)
+    out["nonexpert_resident_no_embed_bytes"] = sum(
+        p.numel() * p.element_size() for n, p in engine.model.named_parameters() if "embed_tokens" not in n
+    )
     lat, idx = PagedKVPool.bytes_per_token(cfg, "bf16", "fp8")
     out["kv_bytes_per_token"] = cfg.num_hidden_layers * (lat + idx)
     out["gpu_total_bytes"] = torch.cuda.get_device_properties(device).total_memory if cuda else 0
@@ -116,8 +139,15 @@ def stage_deep(args, save: Callable[[dict], None]) -> dict:
     out["nonmoe"] = decode_rows("zero", batches)
     save(out)
     head = engine.model.lm_head.weight
-    out["head_ms"] = {b: time_ms(lambda b=b: torch.nn.functional.linear(
-        torch.randn(b, cfg.hidden_size, device=device, dtype=head.dtype), head), device) for b in (1, 2, 8, 32)}
+    out["head_ms"] = {
+        b: time_ms(
+            lambda b=b: torch.nn.functional.linear(
+                torch.randn(b, cfg.hidden_size, device=device, dtype=head.dtype), head
+            ),
+            device,
+        )
+        for b in (1, 2, 8, 32)
+    }
     g = torch.Generator().manual_seed(1)
     out["nonmoe_prefill_s"] = {}
     for n in prompts:

@@ -50,8 +50,9 @@ class Deployment:
         return min(self.experts, self.cache_bytes // (self.expert_bytes * self.moe_layers))
 
 
-def decode_bound_ms(misses: float, hits: float, expert_bytes: int, joint_GBps: float, hbm_GBps: float,
-                    nonmoe_ms: float = 0.0) -> float:
+def decode_bound_ms(
+    misses: float, hits: float, expert_bytes: int, joint_GBps: float, hbm_GBps: float, nonmoe_ms: float = 0.0
+) -> float:
     """DESIGN.md's decode bound: miss bytes / the joint CPU + copy miss-service rate + resident bytes / HBM + the
     measured non-MoE time (per MoE layer, misses and hits per step of that layer)."""
     return 1e3 * (misses * expert_bytes / (joint_GBps * 1e9) + hits * expert_bytes / (hbm_GBps * 1e9)) + nonmoe_ms
@@ -88,19 +89,34 @@ def interpolate(points: dict[int, float], x: int) -> float:
     return points[a] + (points[b] - points[a]) * (x - a) / (b - a)
 
 
-def llama_per_layer(deep_gpu_ms: float, deep_cpu_ms: float, slice_gpu_ms: float, slice_cpu_ms: float,
-                    slice_moe_layers: int, moe_layers: int = MOE_LAYERS, gpu_layers: int = 0) -> dict[str, float]:
+def llama_per_layer(
+    deep_gpu_ms: float,
+    deep_cpu_ms: float,
+    slice_gpu_ms: float,
+    slice_cpu_ms: float,
+    slice_moe_layers: int,
+    moe_layers: int = MOE_LAYERS,
+    gpu_layers: int = 0,
+) -> dict[str, float]:
     """llama.cpp by the same per-layer method as moed: its full-depth all-GPU step (which holds every layer but
     the experts of few) plus 75 x (CPU-experts layer - GPU-experts layer), the difference taken on the 256-expert
     slice; `gpu_layers` of the 75 keep their experts on the GPU (--n-cpu-moe 75 - gpu_layers)."""
     per_layer_cpu_extra = (slice_cpu_ms - slice_gpu_ms) / slice_moe_layers
-    return {"cpu_extra_per_layer_ms": per_layer_cpu_extra,
-            "whole_ms": deep_gpu_ms + (moe_layers - gpu_layers) * per_layer_cpu_extra,
-            "deep_direct_cpu_ms": deep_cpu_ms}
+    return {
+        "cpu_extra_per_layer_ms": per_layer_cpu_extra,
+        "whole_ms": deep_gpu_ms + (moe_layers - gpu_layers) * per_layer_cpu_extra,
+        "deep_direct_cpu_ms": deep_cpu_ms,
+    }
 
 
-def llama_gpu_layers(gpu_bytes: int, nonexpert_bytes: int, kv_bytes: int, reserve_bytes: int,
-                     layer_expert_bytes: int, moe_layers: int = MOE_LAYERS) -> int:
+def llama_gpu_layers(
+    gpu_bytes: int,
+    nonexpert_bytes: int,
+    kv_bytes: int,
+    reserve_bytes: int,
+    layer_expert_bytes: int,
+    moe_layers: int = MOE_LAYERS,
+) -> int:
     """How many MoE layers' experts fit the GPU beside llama.cpp's non-expert weights, KV and buffers."""
     free = gpu_bytes - nonexpert_bytes - kv_bytes - reserve_bytes
     return max(0, min(moe_layers, free // layer_expert_bytes))

@@ -41,10 +41,22 @@ def decode_rows(nonmoe: dict[int, float], sl: dict) -> tuple[dict[tuple[str, int
         whole = whole_decode_ms(nonmoe[b], r["ms_per_layer"])
         bound = whole_decode_ms(nonmoe[b], r["bound_ms"])
         copied = r["misses"] - r.get("cpu_experts", 0.0)
-        rows.append({"trace": trace, "batch": b, "policy": r["policy"], "nonmoe_ms": nonmoe[b],
-                     "moe_layer_ms": r["ms_per_layer"], "hit_rate": r["hit_rate"], "misses_per_layer": r["misses"],
-                     "whole_ms": whole, "tok_s": b * 1e3 / whole, "bound_ms": bound, "vs_bound": whole / bound,
-                     "pcie_bytes_per_token": MOE_LAYERS * copied * expert_bytes / b})
+        rows.append(
+            {
+                "trace": trace,
+                "batch": b,
+                "policy": r["policy"],
+                "nonmoe_ms": nonmoe[b],
+                "moe_layer_ms": r["ms_per_layer"],
+                "hit_rate": r["hit_rate"],
+                "misses_per_layer": r["misses"],
+                "whole_ms": whole,
+                "tok_s": b * 1e3 / whole,
+                "bound_ms": bound,
+                "vs_bound": whole / bound,
+                "pcie_bytes_per_token": MOE_LAYERS * copied * expert_bytes / b,
+            }
+        )
     return moe, rows
 
 
@@ -59,9 +71,12 @@ def build_report(parts: dict) -> dict:
     rep["decode_int4"] = decode_rows(nonmoe, sl4)[1] if sl4 else []
     if sl4.get("deployment"):
         d4 = sl4["deployment"]
-        rep["memory_int4"] = {"host_bytes_experts": d4["expert_bytes"] * REAL_EXPERTS * MOE_LAYERS,
-                              "gpu_cache_bytes": d4["cache_bytes"], "cache_fraction": d4["fraction"],
-                              "slots_per_layer": d4["slots"]}
+        rep["memory_int4"] = {
+            "host_bytes_experts": d4["expert_bytes"] * REAL_EXPERTS * MOE_LAYERS,
+            "gpu_cache_bytes": d4["cache_bytes"],
+            "cache_fraction": d4["fraction"],
+            "slots_per_layer": d4["slots"],
+        }
 
     # MTP, one draft token: verify = a step at 2 tokens per sequence; draft = one MTP layer's step at the batch.
     mtp = []
@@ -72,8 +87,16 @@ def build_report(parts: dict) -> dict:
         verify = whole_decode_ms(nonmoe[2 * b], moe[(trace, 2 * b)]["ms_per_layer"])
         draft = nonmoe[b] / 78 + (interpolate(head, b) if head else 0.0) + r["ms_per_layer"]
         for acc in (0.0, PUBLISHED_MTP_ACCEPTANCE):
-            mtp.append({"trace": trace, "batch": b, "acceptance": acc, "verify_ms": verify, "draft_ms": draft,
-                        "tok_s": mtp_tokens_per_s(verify, draft, acc, b)})
+            mtp.append(
+                {
+                    "trace": trace,
+                    "batch": b,
+                    "acceptance": acc,
+                    "verify_ms": verify,
+                    "draft_ms": draft,
+                    "tok_s": mtp_tokens_per_s(verify, draft, acc, b),
+                }
+            )
     rep["mtp"] = mtp
 
     pre = {int(n): s for n, s in (deep.get("nonmoe_prefill_s") or {}).items()}
@@ -89,20 +112,37 @@ def build_report(parts: dict) -> dict:
             chunks = math.ceil(n / step)
             per_layer_s = chunks * p["ms_streamed"] / 1e3
             before_s = chunks * p.get("ms_streamed_before", p["ms_streamed"]) / 1e3
-            ttft.append({"prompt": n, "steps": label, "step_tokens": step, "chunks": chunks, "nonmoe_s": s,
-                         "moe_per_layer_s": per_layer_s, "ttft_s": ttft_s(s, per_layer_s),
-                         "ttft_before_s": ttft_s(s, before_s),
-                         "ttft_bound_s": ttft_s(s, chunks * p["overlap_bound_ms"] / 1e3), "GBps": p["GBps"],
-                         "vs_ce": p["vs_ce"], "vs_host_read": p.get("vs_host_read"),
-                         "GBps_before": p.get("GBps_before"), "vs_ce_before": p.get("vs_ce_before")})
+            ttft.append(
+                {
+                    "prompt": n,
+                    "steps": label,
+                    "step_tokens": step,
+                    "chunks": chunks,
+                    "nonmoe_s": s,
+                    "moe_per_layer_s": per_layer_s,
+                    "ttft_s": ttft_s(s, per_layer_s),
+                    "ttft_before_s": ttft_s(s, before_s),
+                    "ttft_bound_s": ttft_s(s, chunks * p["overlap_bound_ms"] / 1e3),
+                    "GBps": p["GBps"],
+                    "vs_ce": p["vs_ce"],
+                    "vs_host_read": p.get("vs_host_read"),
+                    "GBps_before": p.get("GBps_before"),
+                    "vs_ce_before": p.get("vs_ce_before"),
+                }
+            )
     rep["ttft"] = ttft
 
     dep = sl.get("deployment") or {}
     if dep:
-        rep["memory"] = {"host_bytes_experts": dep["expert_bytes"] * REAL_EXPERTS * MOE_LAYERS,
-                         "gpu_bytes": dep["gpu_bytes"], "gpu_nonexpert_bytes": dep["nonexpert_bytes"],
-                         "gpu_kv_bytes": dep["kv_bytes"], "gpu_cache_bytes": dep["cache_bytes"],
-                         "cache_fraction": dep["fraction"], "slots_per_layer": dep["slots"]}
+        rep["memory"] = {
+            "host_bytes_experts": dep["expert_bytes"] * REAL_EXPERTS * MOE_LAYERS,
+            "gpu_bytes": dep["gpu_bytes"],
+            "gpu_nonexpert_bytes": dep["nonexpert_bytes"],
+            "gpu_kv_bytes": dep["kv_bytes"],
+            "gpu_cache_bytes": dep["cache_bytes"],
+            "cache_fraction": dep["fraction"],
+            "slots_per_layer": dep["slots"],
+        }
 
     variants: dict[str, float] = {}
     if llama:
@@ -112,21 +152,36 @@ def build_report(parts: dict) -> dict:
         if direct:
             variants["deep_cpu_direct"] = direct  # full depth, 8 experts per layer, experts on the CPU: measured
     # moed's batch-1 figure heads the report even when llama.cpp's stages gave nothing (llama_variant None)
-    rep["headline"] = [{"trace": r["trace"], "llama_variant": v, "moed_ms": r["whole_ms"], "llama_ms": ms,
-                        "ratio": None if ms is None else ms / r["whole_ms"]}
-                       for r in rows if r["batch"] == 1
-                       for v, ms in (variants.items() if variants else [(None, None)])]
+    rep["headline"] = [
+        {
+            "trace": r["trace"],
+            "llama_variant": v,
+            "moed_ms": r["whole_ms"],
+            "llama_ms": ms,
+            "ratio": None if ms is None else ms / r["whole_ms"],
+        }
+        for r in rows
+        if r["batch"] == 1
+        for v, ms in (variants.items() if variants else [(None, None)])
+    ]
     # llama.cpp at 4 bits is not run (LLAMA_Q4_NOT_RUN): the int4 headline states moed's side alone.
-    rep["headline_int4"] = [{"trace": r["trace"], "moed_ms": r["whole_ms"], "llama_q4_0": None}
-                            for r in rep["decode_int4"] if r["batch"] == 1]
+    rep["headline_int4"] = [
+        {"trace": r["trace"], "moed_ms": r["whole_ms"], "llama_q4_0": None}
+        for r in rep["decode_int4"]
+        if r["batch"] == 1
+    ]
     return rep
 
 
-LLAMA_Q4_NOT_RUN = ("llama.cpp Q4_0: not run (its converter, convert_hf_to_gguf.py --outtype, writes f32/f16/bf16/q8_0/"
-                    "tq1_0/tq2_0 only, and the GPU machine has no llama-quantize)")
-LLAMA_VARIANTS = {"cpu_experts": "-ot exps=CPU, per-layer method",
-                  "n_cpu_moe": "--n-cpu-moe, as many layers' experts on the GPU as fit, per-layer method",
-                  "deep_cpu_direct": "-ot exps=CPU on the full-depth GGUF (8 experts/layer), measured directly"}
+LLAMA_Q4_NOT_RUN = (
+    "llama.cpp Q4_0: not run (its converter, convert_hf_to_gguf.py --outtype, writes f32/f16/bf16/q8_0/"
+    "tq1_0/tq2_0 only, and the GPU machine has no llama-quantize)"
+)
+LLAMA_VARIANTS = {
+    "cpu_experts": "-ot exps=CPU, per-layer method",
+    "n_cpu_moe": "--n-cpu-moe, as many layers' experts on the GPU as fit, per-layer method",
+    "deep_cpu_direct": "-ot exps=CPU on the full-depth GGUF (8 experts/layer), measured directly",
+}
 
 
 def print_report(rep: dict, parts: dict) -> None:
@@ -150,37 +205,49 @@ def _f(v, fmt: str = ".2f") -> str:
 def _headline(rep: dict, deep: dict, sl: dict) -> None:
     for h in rep.get("headline", []):
         if h["llama_variant"] is None:
-            print(f"HEADLINE batch 1 {h['trace']:8}: moed {h['moed_ms']:.1f} ms/token "
-                  f"({1e3 / h['moed_ms']:.2f} tok/s); llama.cpp Q8_0: no figures (its stages failed or were skipped)")
+            print(
+                f"HEADLINE batch 1 {h['trace']:8}: moed {h['moed_ms']:.1f} ms/token "
+                f"({1e3 / h['moed_ms']:.2f} tok/s); llama.cpp Q8_0: no figures (its stages failed or were skipped)"
+            )
             continue
-        print(f"HEADLINE batch 1 {h['trace']:8}: moed {h['moed_ms']:.1f} ms/token vs llama.cpp Q8_0 "
-              f"{h['llama_ms']:.1f} ms/token ({LLAMA_VARIANTS.get(h['llama_variant'], h['llama_variant'])}) -> "
-              f"moed is {h['ratio']:.2f}x llama.cpp")
+        print(
+            f"HEADLINE batch 1 {h['trace']:8}: moed {h['moed_ms']:.1f} ms/token vs llama.cpp Q8_0 "
+            f"{h['llama_ms']:.1f} ms/token ({LLAMA_VARIANTS.get(h['llama_variant'], h['llama_variant'])}) -> "
+            f"moed is {h['ratio']:.2f}x llama.cpp"
+        )
     for h in rep.get("headline_int4", []):
-        print(f"HEADLINE int4 batch 1 {h['trace']:8}: moed int4 {h['moed_ms']:.1f} ms/token "
-              f"({1e3 / h['moed_ms']:.2f} tok/s); {LLAMA_Q4_NOT_RUN}")
+        print(
+            f"HEADLINE int4 batch 1 {h['trace']:8}: moed int4 {h['moed_ms']:.1f} ms/token "
+            f"({1e3 / h['moed_ms']:.2f} tok/s); {LLAMA_Q4_NOT_RUN}"
+        )
 
 
 def _setup(rep: dict, deep: dict, sl: dict) -> None:
     if deep:
         st = deep["store"]
-        print(f"deep checkpoint: engine load {deep['load_s']:.0f} s, host store {st['bytes'] / 1e9:.1f} GB "
-              f"({st['alloc']}, {st['reserved_bytes'] / 1e9:.1f} GB reserved, pinned in {st['alloc_s']:.1f} s), "
-              f"resident non-expert {deep['nonexpert_resident_bytes'] / 1e9:.1f} GB (checkpoint's non-expert bytes "
-              f"{deep['checkpoint_bytes']['other'] / 1e9:.1f} GB), KV {deep['kv_bytes_per_token'] / 1e3:.0f} kB/token")
+        print(
+            f"deep checkpoint: engine load {deep['load_s']:.0f} s, host store {st['bytes'] / 1e9:.1f} GB "
+            f"({st['alloc']}, {st['reserved_bytes'] / 1e9:.1f} GB reserved, pinned in {st['alloc_s']:.1f} s), "
+            f"resident non-expert {deep['nonexpert_resident_bytes'] / 1e9:.1f} GB (checkpoint's non-expert bytes "
+            f"{deep['checkpoint_bytes']['other'] / 1e9:.1f} GB), KV {deep['kv_bytes_per_token'] / 1e3:.0f} kB/token"
+        )
     d = sl.get("deployment")
     if d:
         fp8 = (sl.get("deployment_fp8_nonexpert") or {}).get("fraction")
-        print(f"expert cache of a real deployment on this GPU: ({d['gpu_bytes'] / 1e9:.1f} GB - non-expert "
-              f"{d['nonexpert_bytes'] / 1e9:.1f} - KV {d['kv_bytes'] / 1e9:.1f} ({sl['context']} tokens) - reserve "
-              f"{d['reserve_bytes'] / 1e9:.1f}) = {d['cache_bytes'] / 1e9:.1f} GB = {100 * d['fraction']:.2f}% of the "
-              f"experts ({d['slots']} slots per layer); with FP8 non-expert weights: {_f(fp8, '.3f')}")
+        print(
+            f"expert cache of a real deployment on this GPU: ({d['gpu_bytes'] / 1e9:.1f} GB - non-expert "
+            f"{d['nonexpert_bytes'] / 1e9:.1f} - KV {d['kv_bytes'] / 1e9:.1f} ({sl['context']} tokens) - reserve "
+            f"{d['reserve_bytes'] / 1e9:.1f}) = {d['cache_bytes'] / 1e9:.1f} GB = {100 * d['fraction']:.2f}% of the "
+            f"experts ({d['slots']} slots per layer); with FP8 non-expert weights: {_f(fp8, '.3f')}"
+        )
     c = sl.get("ceilings")
     if c:
-        print(f"ceilings: host read {c['host_read_GBps']:.1f} GB/s, copy engine {c['ce_GBps']:.1f}, UVA "
-              f"{c['uva_GBps']:.1f}, CPU experts {c['cpu_experts_GBps']:.1f}, joint miss service "
-              f"{c['joint_GBps']:.1f}, HBM {c['hbm_GBps']:.0f}; slice {sl['store']['layers']} layers x "
-              f"{sl.get('experts', 256)} experts")
+        print(
+            f"ceilings: host read {c['host_read_GBps']:.1f} GB/s, copy engine {c['ce_GBps']:.1f}, UVA "
+            f"{c['uva_GBps']:.1f}, CPU experts {c['cpu_experts_GBps']:.1f}, joint miss service "
+            f"{c['joint_GBps']:.1f}, HBM {c['hbm_GBps']:.0f}; slice {sl['store']['layers']} layers x "
+            f"{sl.get('experts', 256)} experts"
+        )
         for name, s in sl.get("trace_stats", {}).items():
             print(f"  {name} trace: " + ", ".join(f"{k} {v:.3f}" for k, v in s.items()))
 
@@ -193,62 +260,79 @@ def _decode(rep: dict, deep: dict, sl: dict) -> None:
 
 
 def _decode_table(rows: list[dict]) -> None:
-    print(f"{'trace':8} {'batch':>5} {'non-MoE ms':>10} {'MoE/layer ms':>12} {'hit':>5} {'miss/layer':>10} "
-          f"{'ms/step':>9} {'tok/s':>7} {'bound ms':>8} {'x bound':>7}")
+    print(
+        f"{'trace':8} {'batch':>5} {'non-MoE ms':>10} {'MoE/layer ms':>12} {'hit':>5} {'miss/layer':>10} "
+        f"{'ms/step':>9} {'tok/s':>7} {'bound ms':>8} {'x bound':>7}"
+    )
     for r in rows:
-        print(f"{r['trace']:8} {r['batch']:>5} {r['nonmoe_ms']:>10.2f} {r['moe_layer_ms']:>12.3f} "
-              f"{_f(r['hit_rate']):>5} {r['misses_per_layer']:>10.2f} {r['whole_ms']:>9.1f} {r['tok_s']:>7.2f} "
-              f"{r['bound_ms']:>8.1f} {r['vs_bound']:>7.2f}")
+        print(
+            f"{r['trace']:8} {r['batch']:>5} {r['nonmoe_ms']:>10.2f} {r['moe_layer_ms']:>12.3f} "
+            f"{_f(r['hit_rate']):>5} {r['misses_per_layer']:>10.2f} {r['whole_ms']:>9.1f} {r['tok_s']:>7.2f} "
+            f"{r['bound_ms']:>8.1f} {r['vs_bound']:>7.2f}"
+        )
 
 
 def _mtp(rep: dict, deep: dict, sl: dict) -> None:
     if rep["mtp"]:
         print(f"\nMTP, 1 draft token (acceptance {PUBLISHED_MTP_ACCEPTANCE}: {MTP_SOURCE})")
         for r in rep["mtp"]:
-            print(f"  {r['trace']:8} batch {r['batch']:>3} acceptance {r['acceptance']:.2f}: verify "
-                  f"{r['verify_ms']:.1f} ms + draft {r['draft_ms']:.1f} ms -> {r['tok_s']:.2f} tok/s")
+            print(
+                f"  {r['trace']:8} batch {r['batch']:>3} acceptance {r['acceptance']:.2f}: verify "
+                f"{r['verify_ms']:.1f} ms + draft {r['draft_ms']:.1f} ms -> {r['tok_s']:.2f} tok/s"
+            )
 
 
 def _ttft(rep: dict, deep: dict, sl: dict) -> None:
     if rep["ttft"]:
         print("\ntime to first token (uniform routing over all 256 experts: prefill streams every layer's experts)")
         for r in rep["ttft"]:
-            print(f"  {r['prompt']:>6} tokens, {r['steps']:18s}: {r['ttft_s']:.1f} s (non-MoE {r['nonmoe_s']:.1f} s + "
-                  f"75 x {r['moe_per_layer_s']:.2f} s in {r['chunks']} steps of {r['step_tokens']}); bound "
-                  f"{r['ttft_bound_s']:.1f} s; before (every route in every round) {r['ttft_before_s']:.1f} s")
+            print(
+                f"  {r['prompt']:>6} tokens, {r['steps']:18s}: {r['ttft_s']:.1f} s (non-MoE {r['nonmoe_s']:.1f} s + "
+                f"75 x {r['moe_per_layer_s']:.2f} s in {r['chunks']} steps of {r['step_tokens']}); bound "
+                f"{r['ttft_bound_s']:.1f} s; before (every route in every round) {r['ttft_before_s']:.1f} s"
+            )
     for p in sl.get("prefill", []):
-        print(f"  prefill step {p['tokens']:>6} tokens, one layer: {p['ms_streamed']:.1f} ms streamed in {p['rounds']} "
-              f"rounds = {p['GBps']:.1f} GB/s of experts ({100 * p['vs_ce']:.0f}% of the copy engine, "
-              f"{100 * p['vs_host_read']:.0f}% of host read); before {p['ms_streamed_before']:.1f} ms = "
-              f"{p['GBps_before']:.1f} GB/s ({100 * p['vs_ce_before']:.0f}% / {100 * p['vs_host_read_before']:.0f}%); "
-              f"compute alone {p['ms_resident']:.1f} ms, copies alone {p['copy_ceiling_ms']:.1f} ms: compute "
-              f"{'hidden under the copies' if p['compute_hidden'] else 'serial with the copies'}")
+        print(
+            f"  prefill step {p['tokens']:>6} tokens, one layer: {p['ms_streamed']:.1f} ms streamed in {p['rounds']} "
+            f"rounds = {p['GBps']:.1f} GB/s of experts ({100 * p['vs_ce']:.0f}% of the copy engine, "
+            f"{100 * p['vs_host_read']:.0f}% of host read); before {p['ms_streamed_before']:.1f} ms = "
+            f"{p['GBps_before']:.1f} GB/s ({100 * p['vs_ce_before']:.0f}% / {100 * p['vs_host_read_before']:.0f}%); "
+            f"compute alone {p['ms_resident']:.1f} ms, copies alone {p['copy_ceiling_ms']:.1f} ms: compute "
+            f"{'hidden under the copies' if p['compute_hidden'] else 'serial with the copies'}"
+        )
 
 
 def _memory(rep: dict, deep: dict, sl: dict) -> None:
     m = rep.get("memory")
     if m:
-        print(f"\nneeds: host {m['host_bytes_experts'] / 1e9:.0f} GB for the experts (FP8, pinned); GPU "
-              f"{m['gpu_nonexpert_bytes'] / 1e9:.1f} GB non-expert + {m['gpu_kv_bytes'] / 1e9:.1f} GB KV + "
-              f"{m['gpu_cache_bytes'] / 1e9:.1f} GB expert cache")
+        print(
+            f"\nneeds: host {m['host_bytes_experts'] / 1e9:.0f} GB for the experts (FP8, pinned); GPU "
+            f"{m['gpu_nonexpert_bytes'] / 1e9:.1f} GB non-expert + {m['gpu_kv_bytes'] / 1e9:.1f} GB KV + "
+            f"{m['gpu_cache_bytes'] / 1e9:.1f} GB expert cache"
+        )
         for r in rep["decode"]:
             print(f"  PCIe per token ({r['trace']}, batch {r['batch']}): {r['pcie_bytes_per_token'] / 1e9:.2f} GB")
     m4 = rep.get("memory_int4")
     if m4:
-        print(f"int4 experts: host {m4['host_bytes_experts'] / 1e9:.0f} GB for the experts; the same GPU cache holds "
-              f"{100 * m4['cache_fraction']:.2f}% of them ({m4['slots_per_layer']} slots per layer)")
+        print(
+            f"int4 experts: host {m4['host_bytes_experts'] / 1e9:.0f} GB for the experts; the same GPU cache holds "
+            f"{100 * m4['cache_fraction']:.2f}% of them ({m4['slots_per_layer']} slots per layer)"
+        )
         for r in rep.get("decode_int4") or []:
-            print(f"  PCIe per token at int4 ({r['trace']}, batch {r['batch']}): "
-                  f"{r['pcie_bytes_per_token'] / 1e9:.2f} GB")
+            print(
+                f"  PCIe per token at int4 ({r['trace']}, batch {r['batch']}): {r['pcie_bytes_per_token'] / 1e9:.2f} GB"
+            )
 
 
 def _deep_offload(rep: dict, deep: dict, sl: dict) -> None:
     for r in deep.get("offload", []):
         j = r.get("jobs") or {}
-        print(f"deep engine, offload runner, batch {r['batch']}: step {r['step_ms']:.1f} ms, MoE in situ "
-              f"{_f(r.get('moe_per_layer_ms'), '.3f')} ms/layer, hit {_f(r['hit_rate'])}, misses/step "
-              f"{r['misses_per_step']:.1f}, graphed steps {r['graph_steps']}, CPU job {_f(j.get('cpu_job_ms'), '.3f')} "
-              f"ms, gap between layers' jobs {_f(j.get('gap_ms'), '.3f')} ms")
+        print(
+            f"deep engine, offload runner, batch {r['batch']}: step {r['step_ms']:.1f} ms, MoE in situ "
+            f"{_f(r.get('moe_per_layer_ms'), '.3f')} ms/layer, hit {_f(r['hit_rate'])}, misses/step "
+            f"{r['misses_per_step']:.1f}, graphed steps {r['graph_steps']}, CPU job {_f(j.get('cpu_job_ms'), '.3f')} "
+            f"ms, gap between layers' jobs {_f(j.get('gap_ms'), '.3f')} ms"
+        )
 
 
 def _depth(rep: dict, deep: dict, sl: dict) -> None:
@@ -257,13 +341,15 @@ def _depth(rep: dict, deep: dict, sl: dict) -> None:
             print(f"depth {r['alloc']}: skipped ({r['skipped']})")
             continue
         j, tl = r.get("jobs") or {}, r.get("timeline_ms") or {}
-        print(f"depth {r['alloc']:5} layers {r['layers']:>3} slots {r['slots']}: {r['ms_per_layer']:.3f} ms/layer "
-              f"(bound {r['bound_ms']:.3f}), CPU job {_f(j.get('cpu_job_ms'), '.3f')} ms, gap "
-              f"{_f(j.get('gap_ms'), '.3f')} ms; eager, ms from the layer's start: split done "
-              f"{_f(tl.get('split_done'), '.3f')}, CPU job {_f(tl.get('cpu_start'), '.3f')}-"
-              f"{_f(tl.get('cpu_end'), '.3f')} (hand-off {_f(tl.get('handoff'), '.3f')}), GPU rounds done "
-              f"{_f(tl.get('gpu_rounds_done'), '.3f')}, layer done {_f(tl.get('end'), '.3f')}; pinned in "
-              f"{r['alloc_s']:.1f} s; THP {r['thp']}")
+        print(
+            f"depth {r['alloc']:5} layers {r['layers']:>3} slots {r['slots']}: {r['ms_per_layer']:.3f} ms/layer "
+            f"(bound {r['bound_ms']:.3f}), CPU job {_f(j.get('cpu_job_ms'), '.3f')} ms, gap "
+            f"{_f(j.get('gap_ms'), '.3f')} ms; eager, ms from the layer's start: split done "
+            f"{_f(tl.get('split_done'), '.3f')}, CPU job {_f(tl.get('cpu_start'), '.3f')}-"
+            f"{_f(tl.get('cpu_end'), '.3f')} (hand-off {_f(tl.get('handoff'), '.3f')}), GPU rounds done "
+            f"{_f(tl.get('gpu_rounds_done'), '.3f')}, layer done {_f(tl.get('end'), '.3f')}; pinned in "
+            f"{r['alloc_s']:.1f} s; THP {r['thp']}"
+        )
 
 
 def _llama(rep: dict, deep: dict, sl: dict) -> None:
@@ -271,5 +357,7 @@ def _llama(rep: dict, deep: dict, sl: dict) -> None:
     for name, ms in (llama.get("decode_ms") or {}).items():
         print(f"llama.cpp {name}: {_f(ms)} ms/token decode")
     for n, t in (llama.get("ttft_s") or {}).items():
-        print(f"llama.cpp time to first token, {n} tokens: experts on the CPU {t['cpu_experts']:.1f} s, "
-              f"--n-cpu-moe {t['n_cpu_moe']:.1f} s (per-layer method)")
+        print(
+            f"llama.cpp time to first token, {n} tokens: experts on the CPU {t['cpu_experts']:.1f} s, "
+            f"--n-cpu-moe {t['n_cpu_moe']:.1f} s (per-layer method)"
+        )

@@ -75,7 +75,7 @@ def fill_random(store: HostExpertStore, layer: int, seed: int, device: torch.dev
             sec.fill_(ZERO_POINTS_0)
             continue
         if name.endswith("scale"):
-            sec.fill_(fan_in ** -0.5 / (INT4_STD if L.is_int4 else 1.0))
+            sec.fill_(fan_in**-0.5 / (INT4_STD if L.is_int4 else 1.0))
             continue
         step = max(1, (1 << 30) // sec[0].numel())
         for e0 in range(0, L.num_experts, step):
@@ -102,8 +102,15 @@ class OneLayer:
         pass
 
 
-def steps_timed(runner: OffloadMoERunner, layers: list[int], ids: list[torch.Tensor], batch: int, steps: int,
-                warm: int, device: torch.device) -> dict:
+def steps_timed(
+    runner: OffloadMoERunner,
+    layers: list[int],
+    ids: list[torch.Tensor],
+    batch: int,
+    steps: int,
+    warm: int,
+    device: torch.device,
+) -> dict:
     """Steps over `layers` (ids[i]: [warm + steps, batch, k] int32 for layers[i]) replayed from one CUDA graph (eager
     on a CPU): ms per layer, hits / misses / CPU experts per layer-step, the CPU server's job breakdown."""
     K, k = runner.cfg.hidden_size, runner.cfg.num_experts_per_tok
@@ -139,10 +146,13 @@ def steps_timed(runner: OffloadMoERunner, layers: list[int], ids: list[torch.Ten
     after = summarize(runner.stats())  # takes in the server's job records too
     release()
     n = steps * len(layers)
-    return {"ms_per_layer": elapsed / n, "hits": (after["hits"] - before["hits"]) / n,
-            "misses": (after["misses"] - before["misses"]) / n,
-            "cpu_experts": (after["cpu_experts"] - before["cpu_experts"]) / n,
-            "jobs": job_breakdown(list(hybrid.split_log)) if hybrid is not None else None}
+    return {
+        "ms_per_layer": elapsed / n,
+        "hits": (after["hits"] - before["hits"]) / n,
+        "misses": (after["misses"] - before["misses"]) / n,
+        "cpu_experts": (after["cpu_experts"] - before["cpu_experts"]) / n,
+        "jobs": job_breakdown(list(hybrid.split_log)) if hybrid is not None else None,
+    }
 
 
 def eager_timeline(runner: OffloadMoERunner, layers: list[int], ids: list[torch.Tensor], steps: int) -> dict | None:
@@ -220,19 +230,28 @@ def every_route_every_round(runner: OffloadMoERunner, lc) -> Iterator[None]:
         runner.moe_fn = real
 
 
-def prefill_layer(cfg: GlmMoeDsaConfig, store: HostExpertStore, layer: int, slots: int, ceil: dict, args,
-                  device: torch.device) -> list[dict]:
+def prefill_layer(
+    cfg: GlmMoeDsaConfig, store: HostExpertStore, layer: int, slots: int, ceil: dict, args, device: torch.device
+) -> list[dict]:
     """One MoE layer at prefill step sizes: every expert streamed through `slots` slots in rounds (what the engine
     does), now and as before, against the copy ceiling (all experts' bytes / copy-engine rate) and the host-read
     one, and the same layer with every expert resident (compute alone)."""
     E, k, K = cfg.n_routed_experts, cfg.num_experts_per_tok, cfg.hidden_size
     L = store.layout
     xd = args.expert_dtype
-    resident = OffloadMoERunner(cfg, layers=[layer], device=device, slots=E, store=OneLayer(store, layer),
-                                expert_dtype=xd)
+    resident = OffloadMoERunner(
+        cfg, layers=[layer], device=device, slots=E, store=OneLayer(store, layer), expert_dtype=xd
+    )
     resident.finish_loading()
-    streamed = OffloadMoERunner(cfg, layers=[layer], device=device, slots=min(slots, E),
-                                store=OneLayer(store, layer), cache=CacheConfig(copy_path="sm"), expert_dtype=xd)
+    streamed = OffloadMoERunner(
+        cfg,
+        layers=[layer],
+        device=device,
+        slots=min(slots, E),
+        store=OneLayer(store, layer),
+        cache=CacheConfig(copy_path="sm"),
+        expert_dtype=xd,
+    )
     streamed.finish_loading()
     lc = streamed.cache[layer]
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -250,19 +269,40 @@ def prefill_layer(cfg: GlmMoeDsaConfig, store: HostExpertStore, layer: int, slot
         nbytes = distinct * L.expert_bytes
         copy_ms = nbytes / (ceil["ce_GBps"] * 1e9) * 1e3
         read_ms = nbytes / (ceil["host_read_GBps"] * 1e9) * 1e3
-        row = {"tokens": M, "distinct_experts": distinct, "rounds": rounds, "bytes": nbytes, "ms_resident": t_res,
-               "ms_streamed": t_str, "ms_streamed_before": t_old, "copy_ceiling_ms": copy_ms,
-               "GBps": nbytes / (t_str / 1e3) / 1e9, "GBps_before": nbytes / (t_old / 1e3) / 1e9,
-               "vs_ce": copy_ms / t_str, "vs_ce_before": copy_ms / t_old,
-               "vs_host_read": read_ms / t_str, "vs_host_read_before": read_ms / t_old,
-               "overlap_bound_ms": max(copy_ms, t_res), "serial_ms": copy_ms + t_res,
-               # copies and compute overlap when the step takes clearly less than their sum
-               "compute_hidden": t_str < copy_ms + 0.5 * t_res,
-               "repeated_compute_ms": max(0.0, t_old - t_str)}
+        row = {
+            "tokens": M,
+            "distinct_experts": distinct,
+            "rounds": rounds,
+            "bytes": nbytes,
+            "ms_resident": t_res,
+            "ms_streamed": t_str,
+            "ms_streamed_before": t_old,
+            "copy_ceiling_ms": copy_ms,
+            "GBps": nbytes / (t_str / 1e3) / 1e9,
+            "GBps_before": nbytes / (t_old / 1e3) / 1e9,
+            "vs_ce": copy_ms / t_str,
+            "vs_ce_before": copy_ms / t_old,
+            "vs_host_read": read_ms / t_str,
+            "vs_host_read_before": read_ms / t_old,
+            "overlap_bound_ms": max(copy_ms, t_res),
+            "serial_ms": copy_ms + t_res,
+            # copies and compute overlap when the step takes clearly less than their sum
+            "compute_hidden": t_str < copy_ms + 0.5 * t_res,
+            "repeated_compute_ms": max(0.0, t_old - t_str),
+        }
         rows.append(row)
-        log.info("prefill %d tokens: streamed %.1f ms (before: %.1f, %d rounds), resident %.1f ms, copy ceiling "
-                 "%.1f ms: %.1f GB/s (before %.1f)", M, t_str, t_old, rounds, t_res, copy_ms, row["GBps"],
-                 row["GBps_before"])
+        log.info(
+            "prefill %d tokens: streamed %.1f ms (before: %.1f, %d rounds), resident %.1f ms, copy ceiling "
+            "%.1f ms: %.1f GB/s (before %.1f)",
+            M,
+            t_str,
+            t_old,
+            rounds,
+            t_res,
+            copy_ms,
+            row["GBps"],
+            row["GBps_before"],
+        )
     resident.close()
     streamed.close()
     return rows
@@ -284,8 +324,12 @@ def depth_cases(args, ceil: dict, device: torch.device) -> list[dict]:
     for alloc in allocs:
         need = layout.slab_bytes * len(deep) * (1.8 if alloc == "torch" else 1.0)
         if device.type == "cuda" and need > mem_available() - (8 << 30):
-            log.warning("depth case %s skipped: needs %.1f GB of host memory, %.1f GB available", alloc, need / 1e9,
-                        mem_available() / 1e9)
+            log.warning(
+                "depth case %s skipped: needs %.1f GB of host memory, %.1f GB available",
+                alloc,
+                need / 1e9,
+                mem_available() / 1e9,
+            )
             rows.append({"alloc": alloc, "skipped": f"needs {need / 1e9:.1f} GB"})
             continue
         t = time.perf_counter()
@@ -295,30 +339,61 @@ def depth_cases(args, ceil: dict, device: torch.device) -> list[dict]:
             fill_random(store, layer, seed=i, device=device)
         fill_s = time.perf_counter() - t - alloc_s
         thp = thp_status()
-        log.info("depth store %s: %d layers x %d experts, allocated in %.1f s, filled in %.1f s, THP %s", alloc,
-                 len(deep), E, alloc_s, fill_s, thp)
+        log.info(
+            "depth store %s: %d layers x %d experts, allocated in %.1f s, filled in %.1f s, THP %s",
+            alloc,
+            len(deep),
+            E,
+            alloc_s,
+            fill_s,
+            thp,
+        )
         for n_layers, slots in ((1, k), (len(deep), k), (len(deep), 1)):
             if slots == 1 and alloc != allocs[0]:
                 continue  # the rounds effect is shown once
             layers = deep[:n_layers]
-            r = OffloadMoERunner(cfg, layers=deep, device=device, slots=slots, store=store, cache=CacheConfig(),
-                                 expert_dtype=args.expert_dtype,
-                                 cpu=CpuConfig(threads=args.cpu_threads, max_tokens=8, fallback_to_copy=True))
+            r = OffloadMoERunner(
+                cfg,
+                layers=deep,
+                device=device,
+                slots=slots,
+                store=store,
+                cache=CacheConfig(),
+                expert_dtype=args.expert_dtype,
+                cpu=CpuConfig(threads=args.cpu_threads, max_tokens=8, fallback_to_copy=True),
+            )
             r.finish_loading()
             ids = [trace] * len(layers)
             res = steps_timed(r, layers, ids, 1, steps, warm, device)
             res["timeline_ms"] = eager_timeline(r, layers[: min(8, n_layers)], ids, 3)
             hybrid = r.hybrid
             miss_bytes = res["misses"] * layout.expert_bytes
-            res.update(alloc=alloc, layers=n_layers, slots=slots, store_GB=layout.slab_bytes * len(deep) / 1e9,
-                       alloc_s=alloc_s, fill_s=fill_s, thp=thp, miss_service=r.miss_service,
-                       runner_cpu_GBps=hybrid.cpu_rate / 1e9 if hybrid else 0.0,
-                       runner_copy_GBps=hybrid.copy_rate / 1e9 if hybrid else 0.0,
-                       bound_ms=decode_bound_ms(res["misses"], res["hits"], layout.expert_bytes, ceil["joint_GBps"],
-                                                ceil["hbm_GBps"]),
-                       miss_GBps=miss_bytes / (res["ms_per_layer"] / 1e3) / 1e9)
-            log.info("depth %s layers=%d slots=%d: %.3f ms/layer (bound %.3f), jobs %s, timeline %s", alloc, n_layers,
-                     slots, res["ms_per_layer"], res["bound_ms"], res["jobs"], res["timeline_ms"])
+            res.update(
+                alloc=alloc,
+                layers=n_layers,
+                slots=slots,
+                store_GB=layout.slab_bytes * len(deep) / 1e9,
+                alloc_s=alloc_s,
+                fill_s=fill_s,
+                thp=thp,
+                miss_service=r.miss_service,
+                runner_cpu_GBps=hybrid.cpu_rate / 1e9 if hybrid else 0.0,
+                runner_copy_GBps=hybrid.copy_rate / 1e9 if hybrid else 0.0,
+                bound_ms=decode_bound_ms(
+                    res["misses"], res["hits"], layout.expert_bytes, ceil["joint_GBps"], ceil["hbm_GBps"]
+                ),
+                miss_GBps=miss_bytes / (res["ms_per_layer"] / 1e3) / 1e9,
+            )
+            log.info(
+                "depth %s layers=%d slots=%d: %.3f ms/layer (bound %.3f), jobs %s, timeline %s",
+                alloc,
+                n_layers,
+                slots,
+                res["ms_per_layer"],
+                res["bound_ms"],
+                res["jobs"],
+                res["timeline_ms"],
+            )
             rows.append(res)
             r.close()
             del r
@@ -342,15 +417,26 @@ def stage_slice(args, save: Callable[[dict], None]) -> dict:
     dep = Deployment(gpu, nonexpert, kv_tok * args.context, int(args.reserve_gib * 2**30), layout.expert_bytes)
     fp8_nonexpert = (deep.get("checkpoint_bytes") or {}).get("other")
     dep_fp8 = dataclasses.replace(dep, nonexpert_bytes=fp8_nonexpert) if fp8_nonexpert else None
-    out: dict = {"deployment": dataclasses.asdict(dep) | {"fraction": dep.fraction, "slots": dep.slots_per_layer,
-                                                          "cache_bytes": dep.cache_bytes},
-                 "deployment_fp8_nonexpert": None if dep_fp8 is None else {
-                     "fraction": dep_fp8.fraction, "slots": dep_fp8.slots_per_layer},
-                 "context": args.context, "thp": thp_status(), "experts": E, "moe_layers_projected": MOE_LAYERS,
-                 "expert_format": layout.format}
+    out: dict = {
+        "deployment": dataclasses.asdict(dep)
+        | {"fraction": dep.fraction, "slots": dep.slots_per_layer, "cache_bytes": dep.cache_bytes},
+        "deployment_fp8_nonexpert": None
+        if dep_fp8 is None
+        else {"fraction": dep_fp8.fraction, "slots": dep_fp8.slots_per_layer},
+        "context": args.context,
+        "thp": thp_status(),
+        "experts": E,
+        "moe_layers_projected": MOE_LAYERS,
+        "expert_format": layout.format,
+    }
     slots = args.slots or min(E, max(k, dep.slots_per_layer))
-    log.info("deployment: cache %.1f GB of %.1f GB GPU -> %.2f%% of the model's experts, %d slots per layer",
-             dep.cache_bytes / 1e9, gpu / 1e9, 100 * dep.fraction, slots)
+    log.info(
+        "deployment: cache %.1f GB of %.1f GB GPU -> %.2f%% of the model's experts, %d slots per layer",
+        dep.cache_bytes / 1e9,
+        gpu / 1e9,
+        100 * dep.fraction,
+        slots,
+    )
 
     # As many 256-expert layers as the host holds (pinned), leaving room for the process and the OS.
     avail = mem_available() - int(args.host_margin_gib * 2**30)
@@ -358,8 +444,13 @@ def stage_slice(args, save: Callable[[dict], None]) -> dict:
     layers = list(range(cfg.first_k_dense_replace, cfg.first_k_dense_replace + n))
     t = time.perf_counter()
     store = HostExpertStore(layout, layers, pin=cuda, alloc=args.slice_alloc)
-    out["store"] = {"layers": n, "bytes": layout.slab_bytes * n, "alloc": args.slice_alloc,
-                    "alloc_s": time.perf_counter() - t, "mem_available_before": avail}
+    out["store"] = {
+        "layers": n,
+        "bytes": layout.slab_bytes * n,
+        "alloc": args.slice_alloc,
+        "alloc_s": time.perf_counter() - t,
+        "mem_available_before": avail,
+    }
     t = time.perf_counter()
     for i, layer in enumerate(layers):
         fill_random(store, layer, seed=100 + i, device=device)
@@ -367,8 +458,15 @@ def stage_slice(args, save: Callable[[dict], None]) -> dict:
     log.info("slice store: %s", out["store"])
 
     # Ceilings (on the first slab) and the CPU experts' own rate, as the runner measures it.
-    probe = OffloadMoERunner(cfg, layers=layers, device=device, slots=slots, store=store, expert_dtype=xd,
-                             cpu=CpuConfig(threads=args.cpu_threads, fallback_to_copy=True))
+    probe = OffloadMoERunner(
+        cfg,
+        layers=layers,
+        device=device,
+        slots=slots,
+        store=store,
+        expert_dtype=xd,
+        cpu=CpuConfig(threads=args.cpu_threads, fallback_to_copy=True),
+    )
     probe.finish_loading()
     cpu_GBps = probe.hybrid.cpu_rate / 1e9 if probe.hybrid is not None else 0.0
     probe.close()
@@ -378,8 +476,10 @@ def stage_slice(args, save: Callable[[dict], None]) -> dict:
     ceil["joint_GBps"] = joint_rate_GBps(cpu_GBps, ceil["uva_GBps"], ceil["host_read_GBps"])
     out["ceilings"] = ceil
     log.info("ceilings: %s", ceil)
-    out["trace_stats"] = {"uniform": trace_statistics(uniform_trace(1024, 2, E, k, seed=1), E),
-                          "skewed": trace_statistics(skewed_trace(1024, 2, E, k, seed=1), E)}
+    out["trace_stats"] = {
+        "uniform": trace_statistics(uniform_trace(1024, 2, E, k, seed=1), E),
+        "skewed": trace_statistics(skewed_trace(1024, 2, E, k, seed=1), E),
+    }
     out["decode"] = []
     save(out)
 
@@ -390,25 +490,48 @@ def stage_slice(args, save: Callable[[dict], None]) -> dict:
             if trace_name == "uniform" and batch not in (1, 8, 32):
                 continue
             gen = uniform_trace if trace_name == "uniform" else skewed_trace
-            ids = [torch.from_numpy(gen(warm + args.steps, batch, E, k, seed=1000 * i + batch)).to(device)
-                   for i in range(n)]
-            for policy in (("lru", "lfu") if trace_name == "skewed" and batch == 1 else ("lru",)):
-                r = OffloadMoERunner(cfg, layers=layers, device=device, slots=slots, store=store,
-                                     cache=CacheConfig(policy=policy), expert_dtype=xd,
-                                     cpu=CpuConfig(threads=args.cpu_threads, max_tokens=8, fallback_to_copy=True))
+            ids = [
+                torch.from_numpy(gen(warm + args.steps, batch, E, k, seed=1000 * i + batch)).to(device)
+                for i in range(n)
+            ]
+            for policy in ("lru", "lfu") if trace_name == "skewed" and batch == 1 else ("lru",):
+                r = OffloadMoERunner(
+                    cfg,
+                    layers=layers,
+                    device=device,
+                    slots=slots,
+                    store=store,
+                    cache=CacheConfig(policy=policy),
+                    expert_dtype=xd,
+                    cpu=CpuConfig(threads=args.cpu_threads, max_tokens=8, fallback_to_copy=True),
+                )
                 r.finish_loading()
                 res = steps_timed(r, layers, ids, batch, args.steps, warm, device)
                 distinct = res["hits"] + res["misses"]
                 # CPU experts serve small steps; larger ones only copy (UVA kernel)
                 hybrid = r.hybrid is not None and r.hybrid.takes(batch)
                 rate = ceil["joint_GBps"] if hybrid else ceil["uva_GBps"]
-                res.update(trace=trace_name, policy=policy, batch=batch, slots=slots, miss_service=r.miss_service,
-                           hit_rate=res["hits"] / distinct if distinct else None, miss_rate_GBps=rate,
-                           bound_ms=decode_bound_ms(res["misses"], res["hits"], layout.expert_bytes, rate,
-                                                    ceil["hbm_GBps"]))
+                res.update(
+                    trace=trace_name,
+                    policy=policy,
+                    batch=batch,
+                    slots=slots,
+                    miss_service=r.miss_service,
+                    hit_rate=res["hits"] / distinct if distinct else None,
+                    miss_rate_GBps=rate,
+                    bound_ms=decode_bound_ms(res["misses"], res["hits"], layout.expert_bytes, rate, ceil["hbm_GBps"]),
+                )
                 res["vs_bound"] = res["ms_per_layer"] / res["bound_ms"] if res["bound_ms"] else None
-                log.info("slice %s %s batch %d: %.3f ms/layer, hit %.3f, misses %.2f, bound %.3f", trace_name, policy,
-                         batch, res["ms_per_layer"], res["hit_rate"] or 0, res["misses"], res["bound_ms"])
+                log.info(
+                    "slice %s %s batch %d: %.3f ms/layer, hit %.3f, misses %.2f, bound %.3f",
+                    trace_name,
+                    policy,
+                    batch,
+                    res["ms_per_layer"],
+                    res["hit_rate"] or 0,
+                    res["misses"],
+                    res["bound_ms"],
+                )
                 out["decode"].append(res)
                 r.close()
                 del r
@@ -420,4 +543,3 @@ def stage_slice(args, save: Callable[[dict], None]) -> dict:
     release_pinned()
     out["depth"] = depth_cases(args, ceil, device) if args.depth_layers > 0 else []
     return out
-

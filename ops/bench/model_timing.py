@@ -99,12 +99,15 @@ def job_breakdown(jobs: list[dict]) -> dict | None:
         return None
     busy = [j["cpu_s"] for j in jobs]
     gaps = [b["t_start"] - a["t_end"] for a, b in itertools.pairwise(jobs) if b["layer"] > a["layer"]]
-    return {"jobs": len(jobs), "cpu_job_ms": 1e3 * float(np.mean(busy)),
-            "cpu_job_p90_ms": 1e3 * float(np.percentile(busy, 90)),
-            "gap_ms": 1e3 * float(np.mean(gaps)) if gaps else None,
-            "gap_p90_ms": 1e3 * float(np.percentile(gaps, 90)) if gaps else None,
-            "cpu_experts_per_job": float(np.mean([j["cpu"] for j in jobs])),
-            "copied_per_job": float(np.mean([j["copy"] for j in jobs]))}
+    return {
+        "jobs": len(jobs),
+        "cpu_job_ms": 1e3 * float(np.mean(busy)),
+        "cpu_job_p90_ms": 1e3 * float(np.percentile(busy, 90)),
+        "gap_ms": 1e3 * float(np.mean(gaps)) if gaps else None,
+        "gap_p90_ms": 1e3 * float(np.percentile(gaps, 90)) if gaps else None,
+        "cpu_experts_per_job": float(np.mean([j["cpu"] for j in jobs])),
+        "copied_per_job": float(np.mean([j["copy"] for j in jobs])),
+    }
 
 
 def ceilings(store, layer: int, device: torch.device, host_read_numel: int = 1 << 30) -> dict:
@@ -123,8 +126,13 @@ def ceilings(store, layer: int, device: torch.device, host_read_numel: int = 1 <
     dst = torch.empty(n, dtype=torch.uint8)
     dst.copy_(slab[:n])
     copy = n / min(_wall(lambda: dst.copy_(slab[:n])) for _ in range(3)) / 1e9
-    return {"host_read_GBps": host_read, "ce_GBps": copy, "uva_GBps": copy, "hbm_GBps": copy,
-            "host_read_methods_GBps": {"torch_sum": host_read}}
+    return {
+        "host_read_GBps": host_read,
+        "ce_GBps": copy,
+        "uva_GBps": copy,
+        "hbm_GBps": copy,
+        "host_read_methods_GBps": {"torch_sum": host_read},
+    }
 
 
 class _OneSlab:

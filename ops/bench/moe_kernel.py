@@ -36,13 +36,13 @@ def measure_ceilings() -> dict[str, float]:
     a = torch.randn(8192, 8192, device="cuda").bfloat16()
     b = torch.randn(8192, 8192, device="cuda").bfloat16()
     ms = time_graph([lambda: a @ b], reps=10)
-    bf16_tflops = 2 * 8192 ** 3 / ms / 1e9
+    bf16_tflops = 2 * 8192**3 / ms / 1e9
     fp8_tflops = float("nan")
     try:
         a8, b8 = a.to(torch.float8_e4m3fn), b.to(torch.float8_e4m3fn).t().contiguous().t()
         one = torch.ones((), device="cuda")
         ms = time_graph([lambda: torch._scaled_mm(a8, b8, scale_a=one, scale_b=one, out_dtype=torch.bfloat16)], reps=10)
-        fp8_tflops = 2 * 8192 ** 3 / ms / 1e9
+        fp8_tflops = 2 * 8192**3 / ms / 1e9
     except (RuntimeError, AttributeError) as e:
         print(f"FP8 GEMM ceiling unavailable: {e}", file=sys.stderr)
     return {"copy_GBps": copy_gbs, "read_GBps": read_gbs, "bf16_TFLOPs": bf16_tflops, "fp8_TFLOPs": fp8_tflops}
@@ -54,7 +54,8 @@ def grouped_mm_moe(hidden, w13_t, w2_t, ids, weights, E):
     flat = ids.reshape(-1).long()
     order = torch.argsort(flat, stable=True)
     counts = torch.zeros(E, dtype=torch.int32, device=hidden.device).scatter_add_(
-        0, flat, torch.ones_like(flat, dtype=torch.int32))
+        0, flat, torch.ones_like(flat, dtype=torch.int32)
+    )
     offs = torch.cumsum(counts, 0, dtype=torch.int32)
     tok = order // k
     gu = torch._grouped_mm(hidden[tok], w13_t, offs=offs)
@@ -106,8 +107,9 @@ def bench_dtype(dtype: str, args, ceil: dict, Ms: list[int], variants: list[str]
     k_all = args.topk + (1 if args.E == 257 else 0)
     w13, w2, s13, s2 = make_experts(args.E, args.N, args.K, dtype, "cuda")
     block = (128, 128) if fp8 else None
-    tables = lookup.get_tables(args.E, args.N, dname, list(block) if block else None, torch.cuda.get_device_name(),
-                               triton.__version__)
+    tables = lookup.get_tables(
+        args.E, args.N, dname, list(block) if block else None, torch.cuda.get_device_name(), triton.__version__
+    )
     print(f"[{dtype}] tuned table: {tables.source or 'none (defaults)'}; down: {tables.down_source}", flush=True)
     items = []
     for m in Ms:
@@ -137,19 +139,26 @@ def bench_dtype(dtype: str, args, ceil: dict, Ms: list[int], variants: list[str]
                 continue  # bf16 baselines: measured once, in the bf16 pass
             try:
                 if var == "moed-tuned":
-                    fns = [lambda s=s, o=o: fm.fused_moe(s[0], w13, w2, s[1], s[2], e2s, out=o, **kw)
-                           for s, o in zip(sets, outs)]
+                    fns = [
+                        lambda s=s, o=o: fm.fused_moe(s[0], w13, w2, s[1], s[2], e2s, out=o, **kw)
+                        for s, o in zip(sets, outs)
+                    ]
                     ms = time_graph(fns)
                 elif var == "moed-default":
-                    fns = [lambda s=s, o=o, d=default: fm.fused_moe(s[0], w13, w2, s[1], s[2], e2s, out=o, config=d,
-                                                                    down_config=d, **kw)
-                           for s, o in zip(sets, outs)]
+                    fns = [
+                        lambda s=s, o=o, d=default: fm.fused_moe(
+                            s[0], w13, w2, s[1], s[2], e2s, out=o, config=d, down_config=d, **kw
+                        )
+                        for s, o in zip(sets, outs)
+                    ]
                     ms = time_graph(fns)
                 elif var == "grouped_mm":
                     if not hasattr(torch, "_grouped_mm"):
                         continue
-                    fns = [lambda s=s: grouped_mm_moe(s[0], w13.transpose(1, 2), w2.transpose(1, 2), s[1], s[2], args.E)
-                           for s in sets]
+                    fns = [
+                        lambda s=s: grouped_mm_moe(s[0], w13.transpose(1, 2), w2.transpose(1, 2), s[1], s[2], args.E)
+                        for s in sets
+                    ]
                     try:
                         ms = time_graph(fns)
                     except RuntimeError:
@@ -164,13 +173,23 @@ def bench_dtype(dtype: str, args, ceil: dict, Ms: list[int], variants: list[str]
                 print(f"  M={m} {dtype} {var}: failed: {type(e).__name__}: {str(e)[:300]}", flush=True)
                 torch.cuda.synchronize()
                 continue
-            row = {"M": m, "dtype": dtype, "variant": var, "ms": ms, "touched_GB": touched / 1e9,
-                   "GBps": touched / ms / 1e6, "TFLOPs": flops / ms / 1e9}
+            row = {
+                "M": m,
+                "dtype": dtype,
+                "variant": var,
+                "ms": ms,
+                "touched_GB": touched / 1e9,
+                "GBps": touched / ms / 1e6,
+                "TFLOPs": flops / ms / 1e9,
+            }
             row["hbm_ratio"] = row["GBps"] / ceil["copy_GBps"]
             row["gemm_ratio"] = row["TFLOPs"] / gemm_ceiling
             rows.append(row)
-            print(f"  M={m:5d} {dtype:8s} {var:12s} {ms * 1e3:9.1f} us  {row['GBps']:7.0f} GB/s "
-                  f"({row['hbm_ratio']:5.1%})  {row['TFLOPs']:6.1f} TFLOP/s ({row['gemm_ratio']:5.1%})", flush=True)
+            print(
+                f"  M={m:5d} {dtype:8s} {var:12s} {ms * 1e3:9.1f} us  {row['GBps']:7.0f} GB/s "
+                f"({row['hbm_ratio']:5.1%})  {row['TFLOPs']:6.1f} TFLOP/s ({row['gemm_ratio']:5.1%})",
+                flush=True,
+            )
     return rows
 
 
@@ -194,13 +213,24 @@ def main(argv: list[str] | None = None) -> int:
     Ms = [int(v) for v in args.batch_sizes.split(",")]
     variants = args.variants.split(",")
     dev = torch.cuda.get_device_name()
-    info = {"device": dev, "date": datetime.date.today().isoformat(), "torch": torch.__version__,
-            "triton": triton.__version__, "E": args.E, "N": args.N, "K": args.K, "topk": args.topk}
+    info = {
+        "device": dev,
+        "date": datetime.date.today().isoformat(),
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "E": args.E,
+        "N": args.N,
+        "K": args.K,
+        "topk": args.topk,
+    }
     print(json.dumps(info), flush=True)
     ceil = measure_ceilings()
-    print(f"ceilings: copy {ceil['copy_GBps']:.0f} GB/s (read-only sum {ceil['read_GBps']:.0f}), "
-          f"bf16 GEMM {ceil['bf16_TFLOPs']:.0f} TFLOP/s, "
-          f"FP8 GEMM {ceil['fp8_TFLOPs']:.0f} TFLOP/s", flush=True)
+    print(
+        f"ceilings: copy {ceil['copy_GBps']:.0f} GB/s (read-only sum {ceil['read_GBps']:.0f}), "
+        f"bf16 GEMM {ceil['bf16_TFLOPs']:.0f} TFLOP/s, "
+        f"FP8 GEMM {ceil['fp8_TFLOPs']:.0f} TFLOP/s",
+        flush=True,
+    )
     rows = []
     for dtype in args.dtypes:
         rows += bench_dtype(dtype, args, ceil, Ms, variants)
@@ -251,16 +281,21 @@ def _summary(rows: list[dict]) -> dict:
 
 
 def _markdown(info: dict, ceil: dict, rows: list[dict]) -> str:
-    out = [f"Device {info['device']}, {info['date']}, torch {info['torch']}, Triton {info['triton']}; "
-           f"E={info['E']}, N={info['N']}, K={info['K']}, top-k {info['topk']}"
-           f"{' + fused shared' if info['E'] == 257 else ''}. Ceilings measured in the same run: copy "
-           f"{ceil['copy_GBps']:.0f} GB/s, bf16 GEMM {ceil['bf16_TFLOPs']:.0f} TFLOP/s, FP8 GEMM "
-           f"{ceil['fp8_TFLOPs']:.0f} TFLOP/s.", "",
-           "| M | dtype | variant | us/layer | touched GB | GB/s | % HBM | TFLOP/s | % GEMM |",
-           "| ---: | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    out = [
+        f"Device {info['device']}, {info['date']}, torch {info['torch']}, Triton {info['triton']}; "
+        f"E={info['E']}, N={info['N']}, K={info['K']}, top-k {info['topk']}"
+        f"{' + fused shared' if info['E'] == 257 else ''}. Ceilings measured in the same run: copy "
+        f"{ceil['copy_GBps']:.0f} GB/s, bf16 GEMM {ceil['bf16_TFLOPs']:.0f} TFLOP/s, FP8 GEMM "
+        f"{ceil['fp8_TFLOPs']:.0f} TFLOP/s.",
+        "",
+        "| M | dtype | variant | us/layer | touched GB | GB/s | % HBM | TFLOP/s | % GEMM |",
+        "| ---: | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
     for r in rows:
-        out.append(f"| {r['M']} | {r['dtype']} | {r['variant']} | {r['ms'] * 1e3:.1f} | {r['touched_GB']:.2f} | "
-                   f"{r['GBps']:.0f} | {r['hbm_ratio']:.0%} | {r['TFLOPs']:.1f} | {r['gemm_ratio']:.0%} |")
+        out.append(
+            f"| {r['M']} | {r['dtype']} | {r['variant']} | {r['ms'] * 1e3:.1f} | {r['touched_GB']:.2f} | "
+            f"{r['GBps']:.0f} | {r['hbm_ratio']:.0%} | {r['TFLOPs']:.1f} | {r['gemm_ratio']:.0%} |"
+        )
     return "\n".join(out)
 
 

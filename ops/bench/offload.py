@@ -139,14 +139,24 @@ def _wall(fn) -> float:
 def _rates(r: OffloadMoERunner) -> dict:
     """The hybrid service's split as the runner has it (zeros for a copy-only runner)."""
     h = r.hybrid
-    return {"cpu_share": h.cpu_share if h else 0.0, "runner_cpu_GBps": h.cpu_rate / 1e9 if h else 0.0,
-            "runner_copy_GBps": h.copy_rate / 1e9 if h else 0.0}
+    return {
+        "cpu_share": h.cpu_share if h else 0.0,
+        "runner_cpu_GBps": h.cpu_rate / 1e9 if h else 0.0,
+        "runner_copy_GBps": h.copy_rate / 1e9 if h else 0.0,
+    }
 
 
 def make_runner(cfg, store, slots, cache_cfg=None, cpu=None) -> OffloadMoERunner:
-    r = OffloadMoERunner(cfg, layers=[LAYER], device="cuda", slots=slots, store=store,
-                         expert_dtype="int4" if store.layout.is_int4 else "checkpoint",
-                         cache=cache_cfg or CacheConfig(), cpu=cpu)
+    r = OffloadMoERunner(
+        cfg,
+        layers=[LAYER],
+        device="cuda",
+        slots=slots,
+        store=store,
+        expert_dtype="int4" if store.layout.is_int4 else "checkpoint",
+        cache=cache_cfg or CacheConfig(),
+        cpu=cpu,
+    )
     r.finish_loading()
     return r
 
@@ -182,20 +192,31 @@ def decode_runs(cfg, store, ceil: dict, args) -> list[dict]:
                 after = summarize(r.stats())
                 miss = (after["misses"] - before["misses"]) / timed
                 hits = (after["hits"] - before["hits"]) / timed
-                distinct = miss + hits if frac < 100 else float(np.mean([len(np.unique(trace[s])) for s in
-                                                                         range(warm, warm + timed)]))
+                distinct = (
+                    miss + hits
+                    if frac < 100
+                    else float(np.mean([len(np.unique(trace[s])) for s in range(warm, warm + timed)]))
+                )
                 miss_bytes = miss * L.expert_bytes
                 resident_bytes = (distinct - miss) * L.expert_bytes
                 bound = miss_bytes / (ceil["ce_GBps"] * 1e9) + resident_bytes / (ceil["hbm_GBps"] * 1e9)
-                rows.append({
-                    "trace": trace_name, "policy": policy, "batch": batch, "cache_pct": frac, "slots": slots,
-                    "ms": t * 1e3,
-                    "hit_rate": 1.0 if frac == 100 else hits / distinct if distinct else None,
-                    "distinct_experts": distinct,
-                    "misses_per_step": miss, "miss_GBps": miss_bytes / t / 1e9,
-                    "miss_vs_ce_peak": miss_bytes / t / 1e9 / ceil["ce_GBps"], "bound_ms": bound * 1e3,
-                    "vs_bound": t / bound if bound > 0 else None,
-                })
+                rows.append(
+                    {
+                        "trace": trace_name,
+                        "policy": policy,
+                        "batch": batch,
+                        "cache_pct": frac,
+                        "slots": slots,
+                        "ms": t * 1e3,
+                        "hit_rate": 1.0 if frac == 100 else hits / distinct if distinct else None,
+                        "distinct_experts": distinct,
+                        "misses_per_step": miss,
+                        "miss_GBps": miss_bytes / t / 1e9,
+                        "miss_vs_ce_peak": miss_bytes / t / 1e9 / ceil["ce_GBps"],
+                        "bound_ms": bound * 1e3,
+                        "vs_bound": t / bound if bound > 0 else None,
+                    }
+                )
                 log.info("%s", rows[-1])
                 del r
                 torch.cuda.empty_cache()
@@ -224,8 +245,12 @@ def cpu_runs(cfg, store, ceil: dict, threads: int, fp8_store: HostExpertStore | 
 
         t = min(_wall(layer) for _ in range(5))
         nbytes = len(experts) * L.expert_bytes
-        out[f"batch{batch}"] = {"experts": len(experts), "ms": t * 1e3, "GBps": nbytes / t / 1e9,
-                                "vs_host_read": nbytes / t / 1e9 / ceil["host_read_GBps"]}
+        out[f"batch{batch}"] = {
+            "experts": len(experts),
+            "ms": t * 1e3,
+            "GBps": nbytes / t / 1e9,
+            "vs_host_read": nbytes / t / 1e9 / ceil["host_read_GBps"],
+        }
     # Error vs the reference (float64 from the stored weights) on one expert, batch 8.
     x = torch.randn(8, K)
     ex = store.expert(LAYER, 5)
@@ -274,8 +299,12 @@ def _int8pack_candidate(store, L: ExpertLayout, ceil: dict) -> dict:
     gr = x.double() @ w13.double().T
     yr = (torch.nn.functional.silu(gr[:, :N]) * gr[:, N:]) @ w2.double().T
     nbytes = 8 * (q13.numel() + q2.numel())
-    return {"ms": t * 1e3, "GBps": nbytes / t / 1e9, "vs_host_read": nbytes / t / 1e9 / ceil["host_read_GBps"],
-            "rel_error_vs_fp8": float((y.double() - yr).norm() / yr.norm())}
+    return {
+        "ms": t * 1e3,
+        "GBps": nbytes / t / 1e9,
+        "vs_host_read": nbytes / t / 1e9 / ceil["host_read_GBps"],
+        "rel_error_vs_fp8": float((y.double() - yr).norm() / yr.norm()),
+    }
 
 
 def hybrid_runs(cfg, store, ceil: dict, cpu_measure: dict, args) -> dict:
@@ -328,13 +357,19 @@ def hybrid_runs(cfg, store, ceil: dict, cpu_measure: dict, args) -> dict:
             graph.replay()
         torch.cuda.synchronize()
         t_graph = (time.perf_counter() - t0) / steps
-        out[name] = {"ms": t * 1e3, "graph_ms": t_graph * 1e3, "graph_miss_GBps": miss_bytes / t_graph / 1e9,
-                     "graph_vs_host_read": miss_bytes / t_graph / 1e9 / ceil["host_read_GBps"],
-                     "graph_vs_service": miss_bytes / t_graph / service,
-                     "misses_per_step": miss, "miss_GBps": miss_bytes / t / 1e9,
-                     "vs_host_read": miss_bytes / t / 1e9 / ceil["host_read_GBps"],
-                     "bound_ms": miss_bytes / rate * 1e3,
-                     "cpu_experts_per_step": (after["cpu_experts"] - before["cpu_experts"]) / steps, **_rates(r)}
+        out[name] = {
+            "ms": t * 1e3,
+            "graph_ms": t_graph * 1e3,
+            "graph_miss_GBps": miss_bytes / t_graph / 1e9,
+            "graph_vs_host_read": miss_bytes / t_graph / 1e9 / ceil["host_read_GBps"],
+            "graph_vs_service": miss_bytes / t_graph / service,
+            "misses_per_step": miss,
+            "miss_GBps": miss_bytes / t / 1e9,
+            "vs_host_read": miss_bytes / t / 1e9 / ceil["host_read_GBps"],
+            "bound_ms": miss_bytes / rate * 1e3,
+            "cpu_experts_per_step": (after["cpu_experts"] - before["cpu_experts"]) / steps,
+            **_rates(r),
+        }
         log.info("%s %s", name, out[name])
         r.close()
     joint = min(cpu_rate + copy_rate, ceil["host_read_GBps"] * 1e9)
@@ -362,10 +397,15 @@ def int4_runs(cfg, ckpt: Path, fp8_store: HostExpertStore, ceil: dict, args) -> 
     if args.int4_kernel:
         from moed.ops.bench import int4_kernel
 
-        tune_out = args.int4_tune_out or (str(Path(os.environ["OUT"]) / "moe_configs") if os.environ.get("OUT")
-                                          else None)
-        out["kernel"] = int4_kernel.run(tune=args.int4_tune, tune_out=tune_out, tune_budget=args.int4_tune_budget,
-                                        tune_batch_sizes=args.int4_tune_batch_sizes)
+        tune_out = args.int4_tune_out or (
+            str(Path(os.environ["OUT"]) / "moe_configs") if os.environ.get("OUT") else None
+        )
+        out["kernel"] = int4_kernel.run(
+            tune=args.int4_tune,
+            tune_out=tune_out,
+            tune_budget=args.int4_tune_budget,
+            tune_batch_sizes=args.int4_tune_batch_sizes,
+        )
         torch.cuda.empty_cache()
     store, out["store"] = int4_store(cfg, ckpt)
     c4 = {**ceil, **uva_ceiling(store)}  # host read and the rest are the machine's; the copy rate is int4's own
@@ -375,9 +415,14 @@ def int4_runs(cfg, ckpt: Path, fp8_store: HostExpertStore, ceil: dict, args) -> 
     modes = [m for m, r in out["hybrid"].items() if isinstance(r, dict) and m != "all_copy"]
     best = min(modes, key=lambda m: out["hybrid"][m]["graph_ms"])
     r = out["hybrid"][best]
-    out["summary"] = {"best_mode": best, "layer_ms": r["graph_ms"], "layer_target_ms": INT4_LAYER_TARGET_MS,
-                      "layer_ok": r["graph_ms"] <= INT4_LAYER_TARGET_MS, "vs_service": r["graph_vs_service"],
-                      "service_ok": r["graph_vs_service"] >= SERVICE_TARGET}
+    out["summary"] = {
+        "best_mode": best,
+        "layer_ms": r["graph_ms"],
+        "layer_target_ms": INT4_LAYER_TARGET_MS,
+        "layer_ok": r["graph_ms"] <= INT4_LAYER_TARGET_MS,
+        "vs_service": r["graph_vs_service"],
+        "service_ok": r["graph_vs_service"] >= SERVICE_TARGET,
+    }
     del store
     return out
 
@@ -391,18 +436,24 @@ def cpu_diag(cfg, store, ceil: dict, args) -> dict:
     L = store.layout
     E, k, K = cfg.n_routed_experts, cfg.num_experts_per_tok, cfg.hidden_size
     maps = Path("/proc/self/maps").read_text() if Path("/proc/self/maps").exists() else ""
-    out: dict = {"omp_libs": sorted({m for m in re.findall(r"\S*gomp\S*|\S*libiomp\S*", maps)}),
-                 "torch_threads": torch.get_num_threads(),
-                 "env": {v: os.environ.get(v) for v in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT",
-                                                        "OMP_PROC_BIND")}}
+    out: dict = {
+        "omp_libs": sorted({m for m in re.findall(r"\S*gomp\S*|\S*libiomp\S*", maps)}),
+        "torch_threads": torch.get_num_threads(),
+        "env": {
+            v: os.environ.get(v) for v in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "OMP_PROC_BIND")
+        },
+    }
     experts = list(range(k))
     views = [store.expert(LAYER, e) for e in experts]
     xs = [torch.randn(1, K) for _ in experts]
     nbytes = len(experts) * L.expert_bytes
 
     def gbps(ts: list[float]) -> dict:
-        return {"min_ms": min(ts) * 1e3, "median_ms": float(np.median(ts)) * 1e3,
-                "median_GBps": nbytes / float(np.median(ts)) / 1e9}
+        return {
+            "min_ms": min(ts) * 1e3,
+            "median_ms": float(np.median(ts)) * 1e3,
+            "median_GBps": nbytes / float(np.median(ts)) / 1e9,
+        }
 
     cores = len(os.sched_getaffinity(0))
     for threads in sorted({cores, max(1, cores - 1), max(1, cores - 2), 8}):
@@ -419,8 +470,11 @@ def cpu_diag(cfg, store, ceil: dict, args) -> dict:
             torch.unique(torch.randint(0, E, (k,)))
             (small @ small).sum()
             after_op.append(_wall(lambda kern=kern: kern.forward_many(views, xs)))
-        out[f"threads{threads}"] = {"back_to_back": gbps(back), "after_3ms_idle": gbps(gaps),
-                                    "after_torch_op": gbps(after_op)}
+        out[f"threads{threads}"] = {
+            "back_to_back": gbps(back),
+            "after_3ms_idle": gbps(gaps),
+            "after_torch_op": gbps(after_op),
+        }
     # Beside the copy kernel: 16 other experts streamed by UVA loads while the CPU computes.
     kern = CpuExpertKernel(L, threads=args.cpu_threads)
     n_copy = min(16, L.num_experts - k)
@@ -442,8 +496,11 @@ def cpu_diag(cfg, store, ceil: dict, args) -> dict:
             cpu_t.append(_wall(lambda kern=kern: kern.forward_many(views, xs)))
             b.synchronize()
             copy_t.append(a.elapsed_time(b) / 1e3)
-        out["beside_uva_copy"] = {**gbps(cpu_t), "copy_GBps": n_copy * L.expert_bytes / float(np.median(copy_t)) / 1e9,
-                                  "copy_ms": float(np.median(copy_t)) * 1e3}
+        out["beside_uva_copy"] = {
+            **gbps(cpu_t),
+            "copy_GBps": n_copy * L.expert_bytes / float(np.median(copy_t)) / 1e9,
+            "copy_ms": float(np.median(copy_t)) * 1e3,
+        }
     # The all-CPU runner step: the step time against the server's own job time.
     trace = torch.from_numpy(uniform_trace(args.steps + 2, 1, E, k, seed=11)).cuda()
     w = torch.rand(1, k, device="cuda")
@@ -461,9 +518,11 @@ def cpu_diag(cfg, store, ceil: dict, args) -> dict:
     total = (time.perf_counter() - t0) / args.steps
     r.stats()
     jobs = list(r.hybrid.split_log)
-    out["runner_all_cpu"] = {"step_ms": total * 1e3,
-                             "cpu_job_ms": float(np.mean([j["cpu_s"] for j in jobs])) * 1e3 if jobs else None,
-                             "cpu_experts_per_step": jobs[-1]["cpu"] if jobs else 0}
+    out["runner_all_cpu"] = {
+        "step_ms": total * 1e3,
+        "cpu_job_ms": float(np.mean([j["cpu_s"] for j in jobs])) * 1e3 if jobs else None,
+        "cpu_experts_per_step": jobs[-1]["cpu"] if jobs else 0,
+    }
     r.close()
     out.update(timelines(cfg, store, args))
     return out
@@ -527,16 +586,23 @@ def hybrid_timeline(cfg, store, threads: int | None, args) -> dict:
             r.stats()
             job = jobs_log[-1] if len(jobs_log) > before else None
             if job is not None:
-                row.update(cpu_start=(job["t_start"] - t0) * 1e3, cpu_end=(job["t_end"] - t0) * 1e3,
-                           cpu_experts=job["cpu"], copied=job["copy"])
+                row.update(
+                    cpu_start=(job["t_start"] - t0) * 1e3,
+                    cpu_end=(job["t_end"] - t0) * 1e3,
+                    cpu_experts=job["cpu"],
+                    copied=job["copy"],
+                )
             if s >= 2:
                 rows.append(row)
     finally:
         rates = _rates(r)
         r.close()
     keys = rows[-1].keys()
-    return {"ms_from_run_call": {m: float(np.median([row[m] for row in rows if m in row])) for m in keys},
-            "threads": threads, **rates}
+    return {
+        "ms_from_run_call": {m: float(np.median([row[m] for row in rows if m in row])) for m in keys},
+        "threads": threads,
+        **rates,
+    }
 
 
 def no_ce_upload(store) -> dict:
@@ -547,8 +613,10 @@ def no_ce_upload(store) -> dict:
     small_dst = torch.empty(256, dtype=torch.int32, device="cuda")
     side = torch.cuda.Stream()
     out = {}
-    for name, fn in (("sm_loads", lambda: upload_no_ce(small, small_dst)),
-                     ("copy_engine", lambda: small_dst.copy_(small, non_blocking=True))):
+    for name, fn in (
+        ("sm_loads", lambda: upload_no_ce(small, small_dst)),
+        ("copy_engine", lambda: small_dst.copy_(small, non_blocking=True)),
+    ):
         fn()
         lat = []
         for _ in range(3):
@@ -609,20 +677,31 @@ def main() -> None:
     p.add_argument("--warm-steps", type=int, default=8)
     p.add_argument("--cpu-threads", type=int, default=0, help="CPU expert threads; 0 = every core")
     p.add_argument("--out", default="offload_bench.json")
-    p.add_argument("--only", default="ceil,cpu,hybrid,decode,noce,graph",
-                   help="comma list; add diag for the CPU-expert slowdown breakdown, timeline for the hybrid step's, "
-                   "int4 for the same experts at 4 bits beside FP8")
+    p.add_argument(
+        "--only",
+        default="ceil,cpu,hybrid,decode,noce,graph",
+        help="comma list; add diag for the CPU-expert slowdown breakdown, timeline for the hybrid step's, "
+        "int4 for the same experts at 4 bits beside FP8",
+    )
     p.add_argument("--int4-kernel", action="store_true", help="with int4: also check and time the int4 fused MoE")
     p.add_argument("--int4-tune", action="store_true", help="with --int4-kernel: tune its tables first")
     p.add_argument("--int4-tune-out", default=None, help="root of the tuned tables (default: $OUT/moe_configs)")
     p.add_argument("--int4-tune-budget", type=float, default=150.0, help="seconds; the tuner starts no size after")
-    p.add_argument("--int4-tune-batch-sizes", default="1,2,4,8,16,32,64,128",
-                   help="the decode and hybrid sizes (the runner computes a batch-1 layer's 8 routes as M=8)")
+    p.add_argument(
+        "--int4-tune-batch-sizes",
+        default="1,2,4,8,16,32,64,128",
+        help="the decode and hybrid sizes (the runner computes a batch-1 layer's 8 routes as M=8)",
+    )
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     torch.manual_seed(0)
-    results: dict = {"device": torch.cuda.get_device_name(), "date": time.strftime("%Y-%m-%d"),
-                     "torch": torch.__version__, "cpu_threads": args.cpu_threads, "experts": args.experts}
+    results: dict = {
+        "device": torch.cuda.get_device_name(),
+        "date": time.strftime("%Y-%m-%d"),
+        "torch": torch.__version__,
+        "cpu_threads": args.cpu_threads,
+        "experts": args.experts,
+    }
     ckpt = Path(args.ckpt)
     t0 = time.perf_counter()
     if not (ckpt / "model.safetensors.index.json").exists():
@@ -672,8 +751,10 @@ def main() -> None:
         save()
     if "decode" in only:
         E, k = cfg.n_routed_experts, cfg.num_experts_per_tok
-        results["trace_stats"] = {"uniform": trace_statistics(uniform_trace(1024, 2, E, k, seed=1), E),
-                                  "skewed": trace_statistics(skewed_trace(1024, 2, E, k, seed=1), E)}
+        results["trace_stats"] = {
+            "uniform": trace_statistics(uniform_trace(1024, 2, E, k, seed=1), E),
+            "skewed": trace_statistics(skewed_trace(1024, 2, E, k, seed=1), E),
+        }
         results["decode"] = decode_runs(cfg, store, ceil, args)
         save()
     print_table(results)
@@ -681,46 +762,60 @@ def main() -> None:
 
 def print_table(res: dict) -> None:
     c = res["ceilings"]
-    print(f"\n== offload benchmark: {res['device']}, {res['date']}, experts/layer {res['experts']}, expert "
-          f"{res['expert_MB']:.1f} MB ==")
-    print(f"ceilings: host read {c['host_read_GBps']:.1f} GB/s | copy engine {c['ce_GBps']:.1f} GB/s | UVA kernel "
-          f"{c['uva_GBps']:.1f} GB/s ({c['uva_16cta_GBps']:.1f}/{c['uva_32cta_GBps']:.1f}/{c['uva_64cta_GBps']:.1f} "
-          f"at 16/32/64 CTAs) | HBM {c['hbm_GBps']:.0f} GB/s | store fill {res['store_fill_GBps']:.1f} GB/s")
+    print(
+        f"\n== offload benchmark: {res['device']}, {res['date']}, experts/layer {res['experts']}, expert "
+        f"{res['expert_MB']:.1f} MB =="
+    )
+    print(
+        f"ceilings: host read {c['host_read_GBps']:.1f} GB/s | copy engine {c['ce_GBps']:.1f} GB/s | UVA kernel "
+        f"{c['uva_GBps']:.1f} GB/s ({c['uva_16cta_GBps']:.1f}/{c['uva_32cta_GBps']:.1f}/{c['uva_64cta_GBps']:.1f} "
+        f"at 16/32/64 CTAs) | HBM {c['hbm_GBps']:.0f} GB/s | store fill {res['store_fill_GBps']:.1f} GB/s"
+    )
     if "cpu" in res:
         cp = res["cpu"]
         for b in ("batch1", "batch8"):
             r = cp[b]
-            print(f"cpu experts {b}: {r['experts']} experts {r['ms']:.2f} ms, {r['GBps']:.1f} GB/s = "
-                  f"{r['vs_host_read']:.0%} of host read")
+            print(
+                f"cpu experts {b}: {r['experts']} experts {r['ms']:.2f} ms, {r['GBps']:.1f} GB/s = "
+                f"{r['vs_host_read']:.0%} of host read"
+            )
         print(f"cpu experts rel. error vs FP8: {cp['rel_error_vs_fp8']:.2e}; int8pack candidate: {cp['int8pack']}")
     if "hybrid" in res:
         hy = res["hybrid"]
         for m in [m for m in hy if isinstance(hy[m], dict)]:
             r = hy[m]
-            print(f"no-cache batch-1 layer {m:22s}: eager {r['ms']:.2f} ms, graph {r['graph_ms']:.2f} ms, misses "
-                  f"{r['misses_per_step']:.1f} ({r['cpu_experts_per_step']:.1f} on the CPU), eager "
-                  f"{r['vs_host_read']:.0%} / graph {r['graph_vs_host_read']:.0%} of host read, cpu share "
-                  f"{r['cpu_share']:.2f}, bound {r['bound_ms']:.2f} ms")
+            print(
+                f"no-cache batch-1 layer {m:22s}: eager {r['ms']:.2f} ms, graph {r['graph_ms']:.2f} ms, misses "
+                f"{r['misses_per_step']:.1f} ({r['cpu_experts_per_step']:.1f} on the CPU), eager "
+                f"{r['vs_host_read']:.0%} / graph {r['graph_vs_host_read']:.0%} of host read, cpu share "
+                f"{r['cpu_share']:.2f}, bound {r['bound_ms']:.2f} ms"
+            )
         print(f"joint bound (min(CPU+copy, host read)): {hy['bound_joint_ms']:.2f} ms")
     if "int4" in res:
         print_int4(res)
     if "no_ce_upload" in res:
         u = res["no_ce_upload"]
-        print(f"1 KiB upload while a 1 GB CE copy runs: SM loads {u['sm_loads_us']:.0f} us, copy engine "
-              f"{u['copy_engine_us']:.0f} us")
+        print(
+            f"1 KiB upload while a 1 GB CE copy runs: SM loads {u['sm_loads_us']:.0f} us, copy engine "
+            f"{u['copy_engine_us']:.0f} us"
+        )
     if "graph" in res:
         g = res["graph"]
-        print(f"CUDA graph decode step (10% cache, batch 1): {g['ms']:.2f} ms, {g['misses_per_step']:.1f} misses/step, "
-              f"equal to all-resident: {g['equal_to_all_resident']}")
+        print(
+            f"CUDA graph decode step (10% cache, batch 1): {g['ms']:.2f} ms, {g['misses_per_step']:.1f} misses/step, "
+            f"equal to all-resident: {g['equal_to_all_resident']}"
+        )
     if "decode" in res:
         print("\ntrace   policy batch cache% slots    ms  hit%  miss/step miss GB/s  vs CE  bound ms vs bound")
         for r in res["decode"]:
             hr = "  -  " if r["hit_rate"] is None else f"{100 * r['hit_rate']:5.1f}"
             vb = "-" if r["vs_bound"] is None else f"{r['vs_bound']:.2f}"
-            print(f"{r['trace']:8s}{r['policy']:6s}{r['batch']:6d}{r['cache_pct']:6d}{r['slots']:6d}"
-                  f"{r['ms']:8.2f} {hr} "
-                  f"{r['misses_per_step']:9.1f}{r['miss_GBps']:10.1f}{r['miss_vs_ce_peak']:7.2f}"
-                  f"{r['bound_ms']:9.2f} {vb:>8s}")
+            print(
+                f"{r['trace']:8s}{r['policy']:6s}{r['batch']:6d}{r['cache_pct']:6d}{r['slots']:6d}"
+                f"{r['ms']:8.2f} {hr} "
+                f"{r['misses_per_step']:9.1f}{r['miss_GBps']:10.1f}{r['miss_vs_ce_peak']:7.2f}"
+                f"{r['bound_ms']:9.2f} {vb:>8s}"
+            )
         for name, st in res["trace_stats"].items():
             text = ", ".join(f"{k} {v:.3f}" for k, v in st.items())
             print(f"{name} trace statistics (1024 tokens x 2 chains): {text}")
@@ -734,28 +829,39 @@ def print_int4(res: dict) -> None:
         print("\n-- int4 fused-MoE kernel (GPU, E=257, GLM-5.1 widths) --")
         int4_kernel.print_report(i4["kernel"])
     st, c4, cp = i4["store"], i4["ceilings"], i4["cpu"]
-    print(f"\n-- int4 experts ({st['expert_MB']:.1f} MB each vs FP8 {res['expert_MB']:.1f} MB; quantised on the GPU "
-          f"in {st['quantise_s']:.1f} s) --")
-    print(f"UVA copy of the six int4 sections: {c4['uva_GBps']:.1f} GB/s (FP8's four: "
-          f"{res['ceilings']['uva_GBps']:.1f})")
+    print(
+        f"\n-- int4 experts ({st['expert_MB']:.1f} MB each vs FP8 {res['expert_MB']:.1f} MB; quantised on the GPU "
+        f"in {st['quantise_s']:.1f} s) --"
+    )
+    print(
+        f"UVA copy of the six int4 sections: {c4['uva_GBps']:.1f} GB/s (FP8's four: {res['ceilings']['uva_GBps']:.1f})"
+    )
     for b in ("batch1", "batch8"):
         r = cp[b]
-        print(f"int4 cpu experts {b}: {r['experts']} experts {r['ms']:.2f} ms, {r['GBps']:.1f} GB/s = "
-              f"{r['vs_host_read']:.0%} of host read")
-    print(f"int4 cpu experts rel. error: vs exact int4 {cp['rel_error_vs_exact_int4']:.2e} (int8 activations), vs FP8 "
-          f"{cp.get('rel_error_vs_fp8', float('nan')):.3f} (the format)")
+        print(
+            f"int4 cpu experts {b}: {r['experts']} experts {r['ms']:.2f} ms, {r['GBps']:.1f} GB/s = "
+            f"{r['vs_host_read']:.0%} of host read"
+        )
+    print(
+        f"int4 cpu experts rel. error: vs exact int4 {cp['rel_error_vs_exact_int4']:.2e} (int8 activations), vs FP8 "
+        f"{cp.get('rel_error_vs_fp8', float('nan')):.3f} (the format)"
+    )
     hy, fp8 = i4["hybrid"], res.get("hybrid", {})
     print("nothing-cached batch-1 layer   int4 eager / graph ms   FP8 graph ms   int4 miss GB/s  vs service ceiling")
     for m in [m for m in hy if isinstance(hy[m], dict)]:
         r, f = hy[m], fp8.get(m, {})
         fg = f"{f['graph_ms']:.2f}" if f else "-"
-        print(f"  {m:24s} {r['ms']:8.2f} / {r['graph_ms']:6.2f}   {fg:>12s}   {r['graph_miss_GBps']:13.1f}  "
-              f"{r['graph_vs_service']:6.0%}")
+        print(
+            f"  {m:24s} {r['ms']:8.2f} / {r['graph_ms']:6.2f}   {fg:>12s}   {r['graph_miss_GBps']:13.1f}  "
+            f"{r['graph_vs_service']:6.0%}"
+        )
     sm = i4["summary"]
-    print(f"int4 target: layer {sm['layer_ms']:.2f} ms ({sm['best_mode']}) <= {sm['layer_target_ms']} ms: "
-          f"{'MET' if sm['layer_ok'] else 'MISSED'}; misses at {sm['vs_service']:.0%} of the miss-service ceiling "
-          f"(CPU alone {cp['batch1']['GBps']:.1f} + copies {c4['uva_GBps']:.1f} GB/s) >= {SERVICE_TARGET:.0%}: "
-          f"{'MET' if sm['service_ok'] else 'MISSED'}")
+    print(
+        f"int4 target: layer {sm['layer_ms']:.2f} ms ({sm['best_mode']}) <= {sm['layer_target_ms']} ms: "
+        f"{'MET' if sm['layer_ok'] else 'MISSED'}; misses at {sm['vs_service']:.0%} of the miss-service ceiling "
+        f"(CPU alone {cp['batch1']['GBps']:.1f} + copies {c4['uva_GBps']:.1f} GB/s) >= {SERVICE_TARGET:.0%}: "
+        f"{'MET' if sm['service_ok'] else 'MISSED'}"
+    )
 
 
 if __name__ == "__main__":

@@ -98,6 +98,7 @@ def finish(report: dict, out: str | None) -> None:
 
 # -- model pieces ---------------------------------------------------------------------------------------------
 
+
 def bench_config(tiny: bool):
     from moed.model.checkpoint import make_config
     from moed.model.config import GlmMoeDsaConfig
@@ -148,19 +149,34 @@ class ResidentExperts:
             e1 = min(E, e0 + 16)
             for w in (self.w13, self.w2):
                 w[e0:e1] = torch.randn(w[e0:e1].shape, generator=gen, device=device, dtype=torch.bfloat16).to(fp8)
-        self.w13_scale = torch.full((E, 2 * N // 128, -(-K // 128)), K ** -0.5, device=device)
-        self.w2_scale = torch.full((E, -(-K // 128), -(-N // 128)), N ** -0.5, device=device)
+        self.w13_scale = torch.full((E, 2 * N // 128, -(-K // 128)), K**-0.5, device=device)
+        self.w2_scale = torch.full((E, -(-K // 128), -(-N // 128)), N**-0.5, device=device)
         self.expert_to_slot = torch.arange(E, dtype=torch.int32, device=device)
         self.moe_fn: Callable[..., torch.Tensor] = fused_moe
 
-    def run(self, layer: int, hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor
-            ) -> torch.Tensor:
-        return self.moe_fn(hidden, self.w13, self.w2, topk_ids, topk_weights, self.expert_to_slot,
-                           w13_scale=self.w13_scale, w2_scale=self.w2_scale, block_shape=(128, 128))
+    def run(self, layer: int, hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
+        return self.moe_fn(
+            hidden,
+            self.w13,
+            self.w2,
+            topk_ids,
+            topk_weights,
+            self.expert_to_slot,
+            w13_scale=self.w13_scale,
+            w2_scale=self.w2_scale,
+            block_shape=(128, 128),
+        )
 
 
-def store_through_op(self, layer: int, latent: torch.Tensor, k_rope: torch.Tensor, index_k: torch.Tensor | None,
-                     page: torch.Tensor, offset: torch.Tensor) -> None:
+def store_through_op(
+    self,
+    layer: int,
+    latent: torch.Tensor,
+    k_rope: torch.Tensor,
+    index_k: torch.Tensor | None,
+    page: torch.Tensor,
+    offset: torch.Tensor,
+) -> None:
     """PagedKVPool.store (attention/paged_kv.py) with each write one `moed::paged_store` instead of indexing."""
     from moed.attention.paged_kv import quantize_rows_fp8
     from moed.kernels.torch_ops import paged_store
@@ -200,9 +216,15 @@ def register_attend_op(index_topk: int) -> None:
     def attend(layer, q_nope, q_rope, latent, k_rope, index_q, index_k, index_w, kv_b_proj):
         backend, ctx = _STEP["backend"], _STEP["ctx"]
         indexer = None if index_q is None else IndexerInputs(q=index_q, k=index_k, weights=index_w)
-        out, topk = type(backend).attend(backend, layer, LayerWeights(kv_b_proj=kv_b_proj),
-                                         MLAInputs(q_nope=q_nope, q_rope=q_rope, latent=latent, k_rope=k_rope),
-                                         indexer, None, ctx)
+        out, topk = type(backend).attend(
+            backend,
+            layer,
+            LayerWeights(kv_b_proj=kv_b_proj),
+            MLAInputs(q_nope=q_nope, q_rope=q_rope, latent=latent, k_rope=k_rope),
+            indexer,
+            None,
+            ctx,
+        )
         if topk is None:
             topk = torch.full((q_nope.shape[0], index_topk), -1, dtype=torch.int32, device=q_nope.device)
         return out, topk.clone()
@@ -213,17 +235,21 @@ def register_attend_op(index_topk: int) -> None:
         return q_nope.new_empty((T, H * dv)), q_nope.new_empty((T, index_topk), dtype=torch.int32)
 
     op = torch.library.custom_op(
-        "moed_bench::attend", attend, mutates_args=(),
+        "moed_bench::attend",
+        attend,
+        mutates_args=(),
         schema="(int layer, Tensor q_nope, Tensor q_rope, Tensor latent, Tensor k_rope, Tensor? index_q, "
-               "Tensor? index_k, Tensor? index_w, Tensor kv_b_proj) -> (Tensor, Tensor)")
+        "Tensor? index_k, Tensor? index_w, Tensor kv_b_proj) -> (Tensor, Tensor)",
+    )
     op.register_fake(fake)
 
 
 def attend_through_op(layer, weights, mla, indexer, prev_topk, ctx):
     """AttentionBackend.attend as one `moed_bench::attend` call (set on the backend instance)."""
     iq, ik, iw = (None, None, None) if indexer is None else (indexer.q, indexer.k, indexer.weights)
-    return torch.ops.moed_bench.attend(layer, mla.q_nope, mla.q_rope, mla.latent, mla.k_rope, iq, ik, iw,
-                                       weights.kv_b_proj)
+    return torch.ops.moed_bench.attend(
+        layer, mla.q_nope, mla.q_rope, mla.latent, mla.k_rope, iq, ik, iw, weights.kv_b_proj
+    )
 
 
 @contextlib.contextmanager
@@ -271,8 +297,9 @@ def make_prefill(cfg, backend, T: int, device: torch.device, seed: int) -> Prefi
     gen = torch.Generator(device=device).manual_seed(seed)
     x = torch.randn(T, cfg.hidden_size, generator=gen, device=device, dtype=torch.bfloat16)
     seq.kv.release()  # the pages go back for the next T; this step keeps its page table
-    return Prefill(x, cos, sin, StepContext(positions=positions, seqs=[seq], paged=paged),
-                   dense=T <= backend.dense_threshold)
+    return Prefill(
+        x, cos, sin, StepContext(positions=positions, seqs=[seq], paged=paged), dense=T <= backend.dense_threshold
+    )
 
 
 def step_flops(cfg, T: int, dense: bool) -> float:
@@ -287,12 +314,12 @@ def step_flops(cfg, T: int, dense: bool) -> float:
         attn = 2 * T * C * nH * (dn + dv) + 2 * nH * (T * T / 2) * (dn + R + dv)
     else:  # q absorption, indexer over the causal prefix, sparse MLA over top-k, output absorption
         sel = min(cfg.index_topk, T)
-        attn = (2 * T * nH * dn * C + 2 * iH * iD * (T * T / 2) + 2 * T * nH * sel * (C + R + C)
-                + 2 * T * nH * C * dv)
+        attn = 2 * T * nH * dn * C + 2 * iH * iD * (T * T / 2) + 2 * T * nH * sel * (C + R + C) + 2 * T * nH * C * dv
     return per_token * T + attn
 
 
 # -- timing ---------------------------------------------------------------------------------------------------
+
 
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
@@ -323,7 +350,7 @@ def gemm_tflops(device: torch.device) -> float | None:
     b = torch.randn_like(a)
     out = torch.empty_like(a)
     torch.matmul(a, b, out=out)
-    return 2 * 8192 ** 3 / median_ms(lambda: torch.matmul(a, b, out=out), 10, device) / 1e9
+    return 2 * 8192**3 / median_ms(lambda: torch.matmul(a, b, out=out), 10, device) / 1e9
 
 
 def _dynamo_counts() -> tuple[int, int, list[str]]:
@@ -335,8 +362,17 @@ def _dynamo_counts() -> tuple[int, int, list[str]]:
 
 # -- the run --------------------------------------------------------------------------------------------------
 
-def run_variant(name: str, fn: Callable, p: Prefill, reps: int, device: torch.device,
-                baselines: dict[str, torch.Tensor], flops: float, gemm: float | None) -> tuple[dict, torch.Tensor]:
+
+def run_variant(
+    name: str,
+    fn: Callable,
+    p: Prefill,
+    reps: int,
+    device: torch.device,
+    baselines: dict[str, torch.Tensor],
+    flops: float,
+    gemm: float | None,
+) -> tuple[dict, torch.Tensor]:
     from torch._dynamo.utils import counters
 
     def call() -> torch.Tensor:
@@ -370,13 +406,24 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
     ap.add_argument("--tiny", action="store_true", help="the tiny preset's widths (CPU smoke test)")
     ap.add_argument("--tokens", default=None, help="comma-separated T (default 512,2048,8192; tiny: 8,32)")
-    ap.add_argument("--modes", default="default", help="comma-separated torch.compile modes to try, e.g. "
-                    "default,max-autotune-no-cudagraphs ('none' for eager only)")
+    ap.add_argument(
+        "--modes",
+        default="default",
+        help="comma-separated torch.compile modes to try, e.g. "
+        "default,max-autotune-no-cudagraphs ('none' for eager only)",
+    )
     ap.add_argument("--dynamic", action="store_true", help="one compile with dynamic shapes for every T")
-    ap.add_argument("--variants", default="eager,eager_ops,compile_attn",
-                    help=f"comma-separated, run in this order per phase; from {', '.join(KINDS)}")
-    ap.add_argument("--pool-tokens", type=int, default=None,
-                    help="KV pool capacity in tokens (default 262144; tiny 1024): what a whole-pool copy costs")
+    ap.add_argument(
+        "--variants",
+        default="eager,eager_ops,compile_attn",
+        help=f"comma-separated, run in this order per phase; from {', '.join(KINDS)}",
+    )
+    ap.add_argument(
+        "--pool-tokens",
+        type=int,
+        default=None,
+        help="KV pool capacity in tokens (default 262144; tiny 1024): what a whole-pool copy costs",
+    )
     ap.add_argument("--reps", type=int, default=10)
     ap.add_argument("--budget-s", type=float, default=90.0, help="stop compiling and skip what is left after this")
     ap.add_argument("--seed", type=int, default=0)
@@ -398,12 +445,23 @@ def main(argv: list[str] | None = None) -> int:
     modes = [] if args.modes == "none" else args.modes.split(",")
     kinds = args.variants.split(",")
     if not set(kinds) <= set(KINDS):
-        print(f"prefill_compile: --variants {args.variants!r}: unknown {sorted(set(kinds) - set(KINDS))}; "
-              f"choose from {', '.join(KINDS)}", file=sys.stderr)
+        print(
+            f"prefill_compile: --variants {args.variants!r}: unknown {sorted(set(kinds) - set(KINDS))}; "
+            f"choose from {', '.join(KINDS)}",
+            file=sys.stderr,
+        )
         return 2
-    report: dict = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.machine(),
-                    "torch": torch.__version__, "tokens": tokens, "modes": modes, "dynamic": args.dynamic,
-                    "reps": args.reps, "variants": kinds, "results": [], "_start": start}
+    report: dict = {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.machine(),
+        "torch": torch.__version__,
+        "tokens": tokens,
+        "modes": modes,
+        "dynamic": args.dynamic,
+        "reps": args.reps,
+        "variants": kinds,
+        "results": [],
+        "_start": start,
+    }
     _RUN.update(report=report, out=args.out)
     signal.signal(signal.SIGALRM, _alarm)
     signal.setitimer(signal.ITIMER_REAL, max(args.budget_s - (time.perf_counter() - start), 0.001))
@@ -426,10 +484,16 @@ def main(argv: list[str] | None = None) -> int:
             _STEP["backend"] = backend
             report["gemm_bf16_tflops"] = gemm_tflops(device)
         report["setup_s"] = time.perf_counter() - start
-        report["layer"] = {"hidden_size": cfg.hidden_size, "heads": cfg.num_attention_heads,
-                           "experts": cfg.n_routed_experts, "moe_intermediate_size": cfg.moe_intermediate_size,
-                           "index_topk": cfg.index_topk, "dense_threshold": backend.dense_threshold,
-                           "pool_tokens": (pool.num_pages - 1) * PAGE, "pool_layer_MB": pool.latent.nbytes / 1e6}
+        report["layer"] = {
+            "hidden_size": cfg.hidden_size,
+            "heads": cfg.num_attention_heads,
+            "experts": cfg.n_routed_experts,
+            "moe_intermediate_size": cfg.moe_intermediate_size,
+            "index_topk": cfg.index_topk,
+            "dense_threshold": backend.dense_threshold,
+            "pool_tokens": (pool.num_pages - 1) * PAGE,
+            "pool_layer_MB": pool.latent.nbytes / 1e6,
+        }
         run_all(report, cfg, layer, runner, backend, tokens, kinds, modes, args, device)
     except Deadline as e:
         report["stopped"] = str(e)
@@ -445,8 +509,18 @@ def main(argv: list[str] | None = None) -> int:
     return 0 if "error" not in report else 1
 
 
-def run_all(report: dict, cfg, layer, runner, backend, tokens: list[int], kinds: list[str], modes: list[str], args,
-            device: torch.device) -> None:
+def run_all(
+    report: dict,
+    cfg,
+    layer,
+    runner,
+    backend,
+    tokens: list[int],
+    kinds: list[str],
+    modes: list[str],
+    args,
+    device: torch.device,
+) -> None:
     def step(x, cos, sin, ctx):
         return layer(x, cos, sin, backend, runner, ctx, None)[0]
 
@@ -472,8 +546,16 @@ def run_all(report: dict, cfg, layer, runner, backend, tokens: list[int], kinds:
         p = prefills[T]
         try:
             with torch.inference_mode(), routing(kind, runner, backend):
-                row, out = run_variant(name, make(), p, args.reps, device, baselines[T], step_flops(cfg, T, p.dense),
-                                       report.get("gemm_bf16_tflops"))
+                row, out = run_variant(
+                    name,
+                    make(),
+                    p,
+                    args.reps,
+                    device,
+                    baselines[T],
+                    step_flops(cfg, T, p.dense),
+                    report.get("gemm_bf16_tflops"),
+                )
             if name == "eager":
                 eager_ms[T] = row["ms"]
             elif T in eager_ms:
@@ -504,25 +586,31 @@ def compiled(step: Callable, mode: str, dynamic: bool, shared: dict[str, Callabl
 
 
 def print_table(report: dict) -> None:
-    print(f"\nprefill_compile on {report.get('device')}: torch {report.get('torch')}, triton {report.get('triton')}, "
-          f"bf16 GEMM {report.get('gemm_bf16_tflops') or 0:.0f} TFLOP/s, setup {report.get('setup_s', 0):.1f} s, "
-          f"total {report.get('total_s', 0):.1f} s")
+    print(
+        f"\nprefill_compile on {report.get('device')}: torch {report.get('torch')}, triton {report.get('triton')}, "
+        f"bf16 GEMM {report.get('gemm_bf16_tflops') or 0:.0f} TFLOP/s, setup {report.get('setup_s', 0):.1f} s, "
+        f"total {report.get('total_s', 0):.1f} s"
+    )
     for key in ("error", "stopped"):
         if key in report:
             print(f"{key}: {report[key]}")
-    print(f"{'T':>6} {'path':>6} {'variant':<40} {'ms':>9} {'x eager':>8} {'first s':>8} {'graphs':>6} "
-          f"{'breaks':>6} {'rel err':>8} {'tok p50':>8} {'TFLOP/s':>8} {'of GEMM':>7}  (errors vs eager_ops)")
+    print(
+        f"{'T':>6} {'path':>6} {'variant':<40} {'ms':>9} {'x eager':>8} {'first s':>8} {'graphs':>6} "
+        f"{'breaks':>6} {'rel err':>8} {'tok p50':>8} {'TFLOP/s':>8} {'of GEMM':>7}  (errors vs eager_ops)"
+    )
     for r in report["results"]:
         if "ms" not in r:
             print(f"{r['tokens']:>6} {'':>6} {r['variant']:<40} {r.get('error') or r.get('skipped')}")
             continue
         err, tok = r.get("rel_err_vs_eager_ops"), r.get("token_rel_err_p50_vs_eager_ops")
         vs = r.get("vs_eager")
-        print(f"{r['tokens']:>6} {r['path']:>6} {r['variant']:<40} {r['ms']:>9.3f} "
-              f"{'' if vs is None else f'{vs:.2f}':>8} "
-              f"{r['first_call_s']:>8.1f} {r['graphs']:>6} {r['graph_breaks']:>6} "
-              f"{'' if err is None else f'{err:.1e}':>8} {'' if tok is None else f'{tok:.1e}':>8} "
-              f"{r['tflops']:>8.1f} {r.get('of_gemm', 0):>7.1%}")
+        print(
+            f"{r['tokens']:>6} {r['path']:>6} {r['variant']:<40} {r['ms']:>9.3f} "
+            f"{'' if vs is None else f'{vs:.2f}':>8} "
+            f"{r['first_call_s']:>8.1f} {r['graphs']:>6} {r['graph_breaks']:>6} "
+            f"{'' if err is None else f'{err:.1e}':>8} {'' if tok is None else f'{tok:.1e}':>8} "
+            f"{r['tflops']:>8.1f} {r.get('of_gemm', 0):>7.1%}"
+        )
 
 
 if __name__ == "__main__":

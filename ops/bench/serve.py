@@ -165,16 +165,22 @@ async def _measure(daemon: RecordingDaemon, address: str, n: int, max_tokens: in
     wall = t_end - start_at
     in_daemon = [dt for dt, k in daemon.frames for _ in range(k)]  # a token leaves when its frame is done
     return {
-        "streams": n, "tokens": total, "requests_with_unmatched_tokens": mismatched,
-        "engine_steps": len(steps), "engine_step_median_s": statistics.median(steps),
+        "streams": n,
+        "tokens": total,
+        "requests_with_unmatched_tokens": mismatched,
+        "engine_steps": len(steps),
+        "engine_step_median_s": statistics.median(steps),
         "engine_step_mean_s": statistics.fmean(steps),
-        "daemon_latency_p50_s": _quantile(in_daemon, 0.5), "daemon_latency_p99_s": _quantile(in_daemon, 0.99),
-        "added_latency_p50_s": _quantile(latencies, 0.5), "added_latency_p99_s": _quantile(latencies, 0.99),
+        "daemon_latency_p50_s": _quantile(in_daemon, 0.5),
+        "daemon_latency_p99_s": _quantile(in_daemon, 0.99),
+        "added_latency_p50_s": _quantile(latencies, 0.5),
+        "added_latency_p99_s": _quantile(latencies, 0.99),
         "added_latency_mean_s": statistics.fmean(latencies),
         "added_latency_p50_over_step": _quantile(latencies, 0.5) / statistics.median(steps),
         "daemon_wall_per_token_s": daemon.dispatch_s / max(1, daemon.dispatch_tokens),
         "daemon_cpu_per_token_s": daemon.dispatch_cpu_s / max(1, daemon.dispatch_tokens),
-        "client_tokens_per_s": total / wall, "engine_bound_tokens_per_s": total / sum(steps),
+        "client_tokens_per_s": total / wall,
+        "engine_bound_tokens_per_s": total / sum(steps),
         "throughput_over_engine_bound": (total / wall) / (total / sum(steps)),
     }
 
@@ -183,9 +189,19 @@ async def _bench(args: argparse.Namespace, model_dir: str, runtime: str) -> dict
     levels = [int(x) for x in args.concurrency.split(",")]
     address = f"ipc://{runtime}/bench.sock"
     engine = {k: getattr(args, k) for k in ENGINE_SETTINGS if k not in ("device", "max_running")}
-    cfg = ServeConfig(model=model_dir, listen=(address,), metrics_address="", http_address="", device=args.device,
-                      max_running=max(levels), runtime_dir=runtime, client_concurrency=max(levels) + 8,
-                      stats_interval_s=1.0, worker_start_timeout_s=1800, **engine)
+    cfg = ServeConfig(
+        model=model_dir,
+        listen=(address,),
+        metrics_address="",
+        http_address="",
+        device=args.device,
+        max_running=max(levels),
+        runtime_dir=runtime,
+        client_concurrency=max(levels) + 8,
+        stats_interval_s=1.0,
+        worker_start_timeout_s=1800,
+        **engine,
+    )
     daemon = RecordingDaemon(cfg, model_dir)
     await daemon.start()
     try:
@@ -205,9 +221,15 @@ async def _bench(args: argparse.Namespace, model_dir: str, runtime: str) -> dict
             rows.append(row)
         from moed.daemon import server
 
-        return {"model": model_dir, "device": args.device, "max_tokens": args.max_tokens,
-                "send_every": server.STEP_SEND_EVERY,
-                "health_round_trip_median_s": rtt, "cpus": os.cpu_count(), "rows": rows}
+        return {
+            "model": model_dir,
+            "device": args.device,
+            "max_tokens": args.max_tokens,
+            "send_every": server.STEP_SEND_EVERY,
+            "health_round_trip_median_s": rtt,
+            "cpus": os.cpu_count(),
+            "rows": rows,
+        }
     finally:
         await daemon.stop()
 
@@ -218,14 +240,23 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cpu")
     p.add_argument("--concurrency", default="1,8,32,64,128,256")
     p.add_argument("--max-tokens", type=int, default=32, help="tokens generated per stream")
-    p.add_argument("--worker-threads", type=int, default=1,
-                   help="CPU threads of the worker's torch (OMP_NUM_THREADS), so that on a small CPU the "
-                        "daemon and the load generators keep a core; 0 = torch's default")
-    p.add_argument("--send-every", type=int, default=0,
-                   help="A/B the daemon's replies per message within a step (server.STEP_SEND_EVERY); 0 = as shipped")
+    p.add_argument(
+        "--worker-threads",
+        type=int,
+        default=1,
+        help="CPU threads of the worker's torch (OMP_NUM_THREADS), so that on a small CPU the "
+        "daemon and the load generators keep a core; 0 = torch's default",
+    )
+    p.add_argument(
+        "--send-every",
+        type=int,
+        default=0,
+        help="A/B the daemon's replies per message within a step (server.STEP_SEND_EVERY); 0 = as shipped",
+    )
     p.add_argument("--out", help="write the figures here as JSON")
-    add_engine_arguments(p.add_argument_group("engine settings (moed.engine.config)"),
-                         exclude=("device", "max_running"))
+    add_engine_arguments(
+        p.add_argument_group("engine settings (moed.engine.config)"), exclude=("device", "max_running")
+    )
     args = p.parse_args(argv)
     if args.send_every:
         from moed.daemon import server
@@ -247,24 +278,32 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(runtime, ignore_errors=True)
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-    print(f"\nserving benchmark: {Path(model_dir).name} on {args.device}, {args.max_tokens} tokens per stream, "
-          f"{result['cpus']} CPUs shared by daemon, worker ({args.worker_threads or 'default'} torch threads) "
-          "and load generators")
+    print(
+        f"\nserving benchmark: {Path(model_dir).name} on {args.device}, {args.max_tokens} tokens per stream, "
+        f"{result['cpus']} CPUs shared by daemon, worker ({args.worker_threads or 'default'} torch threads) "
+        "and load generators"
+    )
     print(f"idle Health round trip (transport floor): {result['health_round_trip_median_s'] * 1e3:.3f} ms")
-    print("latency per token, ms: 'daemon' = engine frame received -> its replies handed to ZMQ; "
-          "'to client' = engine frame received -> the client process has the token")
-    head = (f"{'streams':>7} {'tokens':>7} {'step ms':>8} {'daemon p50':>10} {'p99':>7} {'to client p50':>13} "
-            f"{'p99':>7} {'mean':>7} {'p50/step':>8} {'us/tok wall':>11} {'cpu':>5} {'client tok/s':>12} "
-            f"{'engine tok/s':>12} {'ratio':>6}")
+    print(
+        "latency per token, ms: 'daemon' = engine frame received -> its replies handed to ZMQ; "
+        "'to client' = engine frame received -> the client process has the token"
+    )
+    head = (
+        f"{'streams':>7} {'tokens':>7} {'step ms':>8} {'daemon p50':>10} {'p99':>7} {'to client p50':>13} "
+        f"{'p99':>7} {'mean':>7} {'p50/step':>8} {'us/tok wall':>11} {'cpu':>5} {'client tok/s':>12} "
+        f"{'engine tok/s':>12} {'ratio':>6}"
+    )
     print(head)
     for r in result["rows"]:
-        print(f"{r['streams']:>7} {r['tokens']:>7} {r['engine_step_median_s'] * 1e3:>8.2f} "
-              f"{r['daemon_latency_p50_s'] * 1e3:>10.3f} {r['daemon_latency_p99_s'] * 1e3:>7.3f} "
-              f"{r['added_latency_p50_s'] * 1e3:>13.3f} {r['added_latency_p99_s'] * 1e3:>7.3f} "
-              f"{r['added_latency_mean_s'] * 1e3:>7.3f} {r['added_latency_p50_over_step']:>8.3f} "
-              f"{r['daemon_wall_per_token_s'] * 1e6:>11.1f} {r['daemon_cpu_per_token_s'] * 1e6:>5.1f} "
-              f"{r['client_tokens_per_s']:>12.0f} "
-              f"{r['engine_bound_tokens_per_s']:>12.0f} {r['throughput_over_engine_bound']:>6.2f}")
+        print(
+            f"{r['streams']:>7} {r['tokens']:>7} {r['engine_step_median_s'] * 1e3:>8.2f} "
+            f"{r['daemon_latency_p50_s'] * 1e3:>10.3f} {r['daemon_latency_p99_s'] * 1e3:>7.3f} "
+            f"{r['added_latency_p50_s'] * 1e3:>13.3f} {r['added_latency_p99_s'] * 1e3:>7.3f} "
+            f"{r['added_latency_mean_s'] * 1e3:>7.3f} {r['added_latency_p50_over_step']:>8.3f} "
+            f"{r['daemon_wall_per_token_s'] * 1e6:>11.1f} {r['daemon_cpu_per_token_s'] * 1e6:>5.1f} "
+            f"{r['client_tokens_per_s']:>12.0f} "
+            f"{r['engine_bound_tokens_per_s']:>12.0f} {r['throughput_over_engine_bound']:>6.2f}"
+        )
     return 0
 
 

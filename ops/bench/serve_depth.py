@@ -38,12 +38,33 @@ PROGRESS = re.compile(r"loading|host expert store|miss service|graphs|warm|ready
 class DaemonProcess:
     """`moed serve` in a subprocess; its log goes to a file and the load-progress lines to our stderr."""
 
-    def __init__(self, model: str, address: str, engine_args: list[str], log_path: Path, max_running: int,
-                 device: str = "cuda") -> None:
+    def __init__(
+        self, model: str, address: str, engine_args: list[str], log_path: Path, max_running: int, device: str = "cuda"
+    ) -> None:
         self.log_path = log_path
-        cmd = [sys.executable, "-m", "moed.daemon.cli", "serve", "--model", model, "--device", device,
-               "--listen", address, "--metrics-address", "", "--http-address", "", "--max-running", str(max_running),
-               "--worker-start-timeout-s", "1500", "--engine-stall-timeout-s", "600", *engine_args]
+        cmd = [
+            sys.executable,
+            "-m",
+            "moed.daemon.cli",
+            "serve",
+            "--model",
+            model,
+            "--device",
+            device,
+            "--listen",
+            address,
+            "--metrics-address",
+            "",
+            "--http-address",
+            "",
+            "--max-running",
+            str(max_running),
+            "--worker-start-timeout-s",
+            "1500",
+            "--engine-stall-timeout-s",
+            "600",
+            *engine_args,
+        ]
         log.info("starting: %s", " ".join(cmd))
         self.t0 = time.monotonic()
         self.lines: list[str] = []
@@ -58,8 +79,11 @@ class DaemonProcess:
                 f.write(line)
                 self.lines.append(line)
                 if PROGRESS.search(line):
-                    print(f"  [daemon +{time.monotonic() - self.t0:6.1f}s] {line.rstrip()[:200]}", file=sys.stderr,
-                          flush=True)
+                    print(
+                        f"  [daemon +{time.monotonic() - self.t0:6.1f}s] {line.rstrip()[:200]}",
+                        file=sys.stderr,
+                        flush=True,
+                    )
 
     async def wait_ready(self, address: str, timeout: float) -> None:
         """Until the daemon answers ready; fails at once when it exits or its engine worker fails to start (the
@@ -117,8 +141,10 @@ async def run_case(address: str, prompts: list[list[int]], gen: int) -> dict:
 
     async with AsyncClient(address, timeout=1800) as client:
         t0 = time.monotonic()
-        done = await asyncio.gather(*(client.generate(token_ids=p, max_tokens=gen, temperature=0.0,
-                                                      ignore_eos=True) for p in prompts), return_exceptions=True)
+        done = await asyncio.gather(
+            *(client.generate(token_ids=p, max_tokens=gen, temperature=0.0, ignore_eos=True) for p in prompts),
+            return_exceptions=True,
+        )
         wall = time.monotonic() - t0
     streams, errors = [], []
     for d in done:
@@ -128,11 +154,18 @@ async def run_case(address: str, prompts: list[list[int]], gen: int) -> dict:
         streams.append({"tokens": d.token_ids, "ttft_s": d.ttft_s, "e2e_s": d.e2e_s, "finish": d.finish_reason})
     n_tok = sum(len(s["tokens"]) for s in streams)
     decode = [(s["e2e_s"] - s["ttft_s"]) / max(len(s["tokens"]) - 1, 1) for s in streams if s["ttft_s"] is not None]
-    return {"streams": len(prompts), "ok": len(streams), "errors": errors, "tokens": n_tok,
-            "all_delivered": not errors and all(len(s["tokens"]) == gen for s in streams), "wall_s": wall,
-            "tok_s": n_tok / wall, "ttft_s": max((s["ttft_s"] or 0) for s in streams) if streams else None,
-            "ms_per_token": 1e3 * sum(decode) / len(decode) if decode else None,
-            "outputs": [s["tokens"] for s in streams]}
+    return {
+        "streams": len(prompts),
+        "ok": len(streams),
+        "errors": errors,
+        "tokens": n_tok,
+        "all_delivered": not errors and all(len(s["tokens"]) == gen for s in streams),
+        "wall_s": wall,
+        "tok_s": n_tok / wall,
+        "ttft_s": max((s["ttft_s"] or 0) for s in streams) if streams else None,
+        "ms_per_token": 1e3 * sum(decode) / len(decode) if decode else None,
+        "outputs": [s["tokens"] for s in streams],
+    }
 
 
 async def serve_once(args, spec_steps: int, work: Path) -> dict:
@@ -141,28 +174,48 @@ async def serve_once(args, spec_steps: int, work: Path) -> dict:
     address = f"ipc://{work}/depth-{spec_steps}.sock"
     # KV for the longest prompt plus every decode stream (not 90% of what is free: an 8192-token prefill step at this
     # depth needs a few GB of activations beside the CUDA graphs' pool).
-    kv_pages = (max(args.prompts) + max(args.batches) * (args.prompt_len + args.gen + 8 * (1 + spec_steps))) // 64 \
-        + 2 * max(args.batches)
-    engine_args = ["--moe", "offload", "--expert-cache-gb", f"{args.cache_gb:.3f}", "--miss-service", args.miss_service,
-                   "--kv-pages", str(kv_pages), "--page-size", "64",
-                   "--max-model-len", str(max(args.prompts) + 64), "--max-tokens-per-step", str(args.chunk),
-                   "--graph-max-batch", str(max(args.batches)), "--spec-steps", str(spec_steps)]
-    daemon = DaemonProcess(args.model, address, engine_args, work / f"daemon-mtp{spec_steps}.log", max(args.batches),
-                           args.device)
+    kv_pages = (
+        max(args.prompts) + max(args.batches) * (args.prompt_len + args.gen + 8 * (1 + spec_steps))
+    ) // 64 + 2 * max(args.batches)
+    engine_args = [
+        "--moe",
+        "offload",
+        "--expert-cache-gb",
+        f"{args.cache_gb:.3f}",
+        "--miss-service",
+        args.miss_service,
+        "--kv-pages",
+        str(kv_pages),
+        "--page-size",
+        "64",
+        "--max-model-len",
+        str(max(args.prompts) + 64),
+        "--max-tokens-per-step",
+        str(args.chunk),
+        "--graph-max-batch",
+        str(max(args.batches)),
+        "--spec-steps",
+        str(spec_steps),
+    ]
+    daemon = DaemonProcess(
+        args.model, address, engine_args, work / f"daemon-mtp{spec_steps}.log", max(args.batches), args.device
+    )
     res: dict = {"spec_steps": spec_steps, "engine_args": engine_args}
     try:
         await daemon.wait_ready(address, args.ready_timeout)
         res["load_s"] = time.monotonic() - daemon.t0
         res["host_store_s"] = daemon.find(r"host expert store: .* in ([0-9.]+) s")
         res["load_read_s"] = daemon.find(r"loading \S+: .* in ([0-9.]+) s")
-        log.info("MTP %d: ready after %.0f s (host store pinned in %s s)", spec_steps, res["load_s"],
-                 res["host_store_s"])
+        log.info(
+            "MTP %d: ready after %.0f s (host store pinned in %s s)", spec_steps, res["load_s"], res["host_store_s"]
+        )
         cases = {}
         for b in args.batches:
             prompts = [prompt_ids(args.prompt_len, 1000 + i, args.vocab) for i in range(b)]
             cases[f"decode_b{b}"] = await run_case(address, prompts, args.gen)
-            log.info("MTP %d batch %d: %s", spec_steps, b, {k: v for k, v in cases[f"decode_b{b}"].items()
-                                                            if k != "outputs"})
+            log.info(
+                "MTP %d batch %d: %s", spec_steps, b, {k: v for k, v in cases[f"decode_b{b}"].items() if k != "outputs"}
+            )
         for n in args.prompts:
             cases[f"prompt_{n}"] = await run_case(address, [prompt_ids(n, n, args.vocab)], args.prefill_gen)
             log.info("MTP %d prompt %d: ttft %.2f s", spec_steps, n, cases[f"prompt_{n}"]["ttft_s"] or -1)
@@ -196,8 +249,10 @@ def compare(off: dict, on: dict) -> dict:
                 first = {"stream": i, "position": pos}
                 break
         complete = case["all_delivered"] and other["all_delivered"]
-        out[name] = {"identical": complete and first is None and len(case["outputs"]) == len(other["outputs"]),
-                     "first_difference": first}
+        out[name] = {
+            "identical": complete and first is None and len(case["outputs"]) == len(other["outputs"]),
+            "first_difference": first,
+        }
     return out
 
 
@@ -236,16 +291,22 @@ def main(argv: list[str] | None = None) -> int:
         for c in (r.get("cases") or {}).values():
             c["outputs_head"] = [o[:8] for o in c.pop("outputs")]
     Path(args.out).write_text(json.dumps(result, indent=1, default=str))
-    print(f"\nserve at depth: {Path(args.model).name} ({cfg['num_hidden_layers']} layers, {cfg['n_routed_experts']} "
-          f"experts/layer, {args.slots} cache slots/layer, misses by {args.miss_service})")
+    print(
+        f"\nserve at depth: {Path(args.model).name} ({cfg['num_hidden_layers']} layers, {cfg['n_routed_experts']} "
+        f"experts/layer, {args.slots} cache slots/layer, misses by {args.miss_service})"
+    )
     for spec, r in runs.items():
-        print(f"MTP {spec}: load {r.get('load_s', float('nan')):.0f} s (host store pinned in {r.get('host_store_s')} s,"
-              f" weights read in {r.get('load_read_s')} s), exit {r.get('exit_code')}, error {r.get('error')}")
+        print(
+            f"MTP {spec}: load {r.get('load_s', float('nan')):.0f} s (host store pinned in {r.get('host_store_s')} s,"
+            f" weights read in {r.get('load_read_s')} s), exit {r.get('exit_code')}, error {r.get('error')}"
+        )
         for name, c in (r.get("cases") or {}).items():
             ms = c["ms_per_token"]
-            print(f"  {name:12s} streams {c['streams']:>3} ok {c['ok']:>3} tokens {c['tokens']:>5} all delivered "
-                  f"{c['all_delivered']!s:5} ttft {c['ttft_s'] or 0:7.2f} s  ms/token "
-                  f"{'-' if ms is None else f'{ms:8.1f}'}  tok/s {c['tok_s']:8.2f}")
+            print(
+                f"  {name:12s} streams {c['streams']:>3} ok {c['ok']:>3} tokens {c['tokens']:>5} all delivered "
+                f"{c['all_delivered']!s:5} ttft {c['ttft_s'] or 0:7.2f} s  ms/token "
+                f"{'-' if ms is None else f'{ms:8.1f}'}  tok/s {c['tok_s']:8.2f}"
+            )
     for name, cmp in (result.get("greedy_mtp_on_vs_off") or {}).items():
         print(f"greedy MTP on vs off, {name}: identical {cmp['identical']} {cmp['first_difference'] or ''}")
     return 0

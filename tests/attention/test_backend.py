@@ -35,8 +35,10 @@ def _run_steps(model, runner, backend, ids: list[torch.Tensor], steps: list[list
     outs = []
     for chunks in steps:
         tokens = torch.cat([ids[s][a:b] for s, a, b in chunks]).to(DEV)
-        ctx = StepContext(positions=torch.cat([torch.arange(a, b) for _, a, b in chunks]).to(DEV),
-                          seqs=[SequenceStep(a, b - a, kvs[s]) for s, a, b in chunks])
+        ctx = StepContext(
+            positions=torch.cat([torch.arange(a, b) for _, a, b in chunks]).to(DEV),
+            seqs=[SequenceStep(a, b - a, kvs[s]) for s, a, b in chunks],
+        )
         with torch.no_grad():
             outs.append(model.logits(model(tokens, ctx, backend, runner)))
     return outs
@@ -48,17 +50,24 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 # Sequences of 5, 40 and 17 tokens (top-k is 16): prefill chunks, decode steps and a mixed step; dense steps
 # (every context <= 16) and sparse ones.
-STEPS = [[(0, 0, 5), (2, 0, 10)],  # dense prefill (MHA path)
-         [(0, 5, 6), (2, 10, 11)],  # dense decode (absorbed, all positions)
-         [(1, 0, 30), (2, 11, 14)],  # sparse prefill, mixing contexts below and above top-k
-         [(0, 6, 7), (1, 30, 31), (2, 14, 15)],  # sparse decode, mixed
-         [(1, 31, 40), (2, 15, 17)]]
+STEPS = [
+    [(0, 0, 5), (2, 0, 10)],  # dense prefill (MHA path)
+    [(0, 5, 6), (2, 10, 11)],  # dense decode (absorbed, all positions)
+    [(1, 0, 30), (2, 11, 14)],  # sparse prefill, mixing contexts below and above top-k
+    [(0, 6, 7), (1, 30, 31), (2, 14, 15)],  # sparse decode, mixed
+    [(1, 31, 40), (2, 15, 17)],
+]
 
 
 @pytest.mark.parametrize("pattern", [None, "FSFS"])
 def test_attention_triton_backend_matches_reference_through_the_model(tmp_path, pattern, tiny_checkpoint):
-    path = tiny_checkpoint if pattern is None else str(
-        make_checkpoint(tmp_path / "shared", "tiny", device="cpu", config_overrides={"index_topk_pattern": pattern}))
+    path = (
+        tiny_checkpoint
+        if pattern is None
+        else str(
+            make_checkpoint(tmp_path / "shared", "tiny", device="cpu", config_overrides={"index_topk_pattern": pattern})
+        )
+    )
     cfg, model, runner = _load(path)
     g = torch.Generator().manual_seed(5)
     ids = [torch.randint(0, cfg.vocab_size, (n,), generator=g) for n in (7, 40, 17)]
@@ -118,9 +127,9 @@ def test_attention_pool_layouts_and_pages():
     lv.scale[2, 3] = 2.0
     iv.scale[2, 1] = 3.0
     row = pool.latent[pool.layer_slot[1], 2, 3]
-    assert row[C + 2 * R:C + 2 * R + 4].view(torch.float32).item() == 2.0
+    assert row[C + 2 * R : C + 2 * R + 4].view(torch.float32).item() == 2.0
     page = pool.index_k[pool.index_slot[1], 2]
-    assert page[4 * D + 4:4 * D + 8].view(torch.float32).item() == 3.0
+    assert page[4 * D + 4 : 4 * D + 8].view(torch.float32).item() == 3.0
     with pytest.raises(ValueError, match="not supported"):
         PagedKVPool(cfg, 5, 4, "int4", "fp8")
     with pytest.raises(ValueError, match="power of two"):
@@ -132,33 +141,39 @@ B200 = Platform("cuda", (10, 0), "NVIDIA B200", has_flashinfer=True, interpret=F
 CPU = Platform("cpu", None, "cpu", has_flashinfer=False, interpret=False)
 
 
-@pytest.mark.parametrize("platform,requested,page,latent,expected", [
-    (CPU, "auto", 64, "bf16", "reference"),
-    (CPU, "reference", 64, "bf16", "reference"),
-    (Platform("cpu", None, "cpu", False, True), "triton", 64, "bf16", "triton"),
-    (H100, "auto", 64, "bf16", "triton"),
-    (H100, "triton", 64, "fp8", "triton"),
-    (Platform("cuda", (7, 5), "T4", False, False), "auto", 64, "bf16", "reference"),
-    (B200, "auto", 64, "bf16", "trtllm"),
-    (B200, "auto", 64, "fp8", "triton"),  # the per-token-scale FP8 layout is the Triton backend's
-    (B200, "auto", 16, "bf16", "triton"),  # trtllm-gen pages are 32 or 64
-    (Platform("cuda", (10, 0), "NVIDIA B200", False, False), "auto", 64, "bf16", "triton"),
-    (B200, "triton", 64, "bf16", "triton"),
-    (B200, "trtllm", 32, "bf16", "trtllm"),
-])
+@pytest.mark.parametrize(
+    "platform,requested,page,latent,expected",
+    [
+        (CPU, "auto", 64, "bf16", "reference"),
+        (CPU, "reference", 64, "bf16", "reference"),
+        (Platform("cpu", None, "cpu", False, True), "triton", 64, "bf16", "triton"),
+        (H100, "auto", 64, "bf16", "triton"),
+        (H100, "triton", 64, "fp8", "triton"),
+        (Platform("cuda", (7, 5), "T4", False, False), "auto", 64, "bf16", "reference"),
+        (B200, "auto", 64, "bf16", "trtllm"),
+        (B200, "auto", 64, "fp8", "triton"),  # the per-token-scale FP8 layout is the Triton backend's
+        (B200, "auto", 16, "bf16", "triton"),  # trtllm-gen pages are 32 or 64
+        (Platform("cuda", (10, 0), "NVIDIA B200", False, False), "auto", 64, "bf16", "triton"),
+        (B200, "triton", 64, "bf16", "triton"),
+        (B200, "trtllm", 32, "bf16", "trtllm"),
+    ],
+)
 def test_attention_selection_table(platform, requested, page, latent, expected):
     cfg = GlmMoeDsaConfig.from_dict(make_config("glm51-slice"))
     assert choose_backend(requested, platform, cfg, page, latent).name == expected
 
 
-@pytest.mark.parametrize("platform,requested,page,message", [
-    (H100, "trtllm", 64, "need SM100"),
-    (CPU, "triton", 64, "need a CUDA device"),
-    (CPU, "trtllm", 64, "need an SM100"),
-    (Platform("cuda", (10, 0), "NVIDIA B200", False, False), "trtllm", 64, "flashinfer is not installed"),
-    (B200, "trtllm", 16, "page size"),
-    (Platform("cuda", (7, 5), "T4", False, False), "triton", 64, "SM80"),
-])
+@pytest.mark.parametrize(
+    "platform,requested,page,message",
+    [
+        (H100, "trtllm", 64, "need SM100"),
+        (CPU, "triton", 64, "need a CUDA device"),
+        (CPU, "trtllm", 64, "need an SM100"),
+        (Platform("cuda", (10, 0), "NVIDIA B200", False, False), "trtllm", 64, "flashinfer is not installed"),
+        (B200, "trtllm", 16, "page size"),
+        (Platform("cuda", (7, 5), "T4", False, False), "triton", 64, "SM80"),
+    ],
+)
 def test_attention_explicit_choice_that_cannot_run_is_an_error(platform, requested, page, message):
     cfg = GlmMoeDsaConfig.from_dict(make_config("glm51-slice"))
     with pytest.raises(BackendUnavailable, match=message):
@@ -174,6 +189,7 @@ def test_attention_selection_model_dims_and_logging(caplog):
     with caplog.at_level(logging.INFO, logger="moed.attention.select"):
         backend = make_attention_backend(tiny, "cpu", "auto", platform=CPU)
     assert isinstance(backend, ReferenceAttention) and "attention backend: reference" in caplog.text
-    backend = make_attention_backend(tiny, "cpu", "triton", num_pages=8, page_size=4,
-                                     platform=Platform("cpu", None, "cpu", False, True))
+    backend = make_attention_backend(
+        tiny, "cpu", "triton", num_pages=8, page_size=4, platform=Platform("cpu", None, "cpu", False, True)
+    )
     assert isinstance(backend, TritonSparseAttention) and backend.pool.page_size == 4

@@ -60,16 +60,21 @@ class _Tee:
         self.rows: list[tuple[int, float, float, float | None]] = []
 
     def new_sequence(self):
-        return (self.ref.new_sequence(), self.tri.new_sequence(), self.truth.new_sequence(),
-                self.truth_tri.new_sequence())
+        return (
+            self.ref.new_sequence(),
+            self.tri.new_sequence(),
+            self.truth.new_sequence(),
+            self.truth_tri.new_sequence(),
+        )
 
     def _ctx(self, ctx: StepContext, i: int) -> StepContext:
         """The per-backend view of this step's context, built once per step (kept with the step object)."""
         if ctx is not self.step:
             self.step, self.ctxs = ctx, {}
         if i not in self.ctxs:
-            self.ctxs[i] = StepContext(ctx.positions, [SequenceStep(s.num_cached, s.num_new, s.kv[i])
-                                                       for s in ctx.seqs])
+            self.ctxs[i] = StepContext(
+                ctx.positions, [SequenceStep(s.num_cached, s.num_new, s.kv[i]) for s in ctx.seqs]
+            )
         return self.ctxs[i]
 
     def attend(self, layer, w, mla, ix, prev, ctx):
@@ -92,11 +97,11 @@ class _Tee:
         """Fraction of rows whose selection is a top-k of the reference scores (ties may pick any of the tied)."""
         good, start = 0, 0
         for s in ctx.seqs:
-            keys = s.kv._bufs[(layer, "index_k")][:s.context_len]
+            keys = s.kv._bufs[(layer, "index_k")][: s.context_len]
             rows = slice(start, start + s.num_new)
             scores = indexer_scores_reference(ix.q[rows], ix.weights[rows], keys)
             for i in range(s.num_new):
-                row = scores[i, :s.num_cached + i + 1]
+                row = scores[i, : s.num_cached + i + 1]
                 want = row.topk(min(row.shape[0], self.cfg.index_topk)).values
                 sel = topk[start + i].long()
                 got = row[sel[sel >= 0]].sort(descending=True).values
@@ -113,12 +118,15 @@ def test_attention_gpu_bf16_layers_match_reference(small):
     lens = [300, 90, 200]  # index_topk is 128: sparse, dense-context and sparse sequences in one batch
     ids = [torch.randint(0, cfg.vocab_size, (n + 4,), generator=g).to(DEV) for n in lens]
     kvs = [tee.new_sequence() for _ in lens]
-    steps = [[(i, 0, n) for i, n in enumerate(lens)]] + [[(i, n + d, n + d + 1) for i, n in enumerate(lens)]
-                                                         for d in range(4)]
+    steps = [[(i, 0, n) for i, n in enumerate(lens)]] + [
+        [(i, n + d, n + d + 1) for i, n in enumerate(lens)] for d in range(4)
+    ]
     with torch.no_grad():
         for chunks in steps:
-            ctx = StepContext(torch.cat([torch.arange(a, b) for _, a, b in chunks]).to(DEV),
-                              [SequenceStep(a, b - a, kvs[s]) for s, a, b in chunks])
+            ctx = StepContext(
+                torch.cat([torch.arange(a, b) for _, a, b in chunks]).to(DEV),
+                [SequenceStep(a, b - a, kvs[s]) for s, a, b in chunks],
+            )
             model(torch.cat([ids[s][a:b] for s, a, b in chunks]), ctx, tee, runner)
     for layer, e_ref, e_tri, valid in tee.rows:
         print(f"layer {layer}: reference bf16 err {e_ref:.2e}, triton bf16 err {e_tri:.2e}, valid top-k rows {valid}")
@@ -134,8 +142,9 @@ def test_attention_gpu_whole_model_bf16_logits(small):
 
     def logits(dt, backend):
         model, runner = models[dt]
-        ctx = StepContext(torch.arange(ids.shape[0], device=DEV), [SequenceStep(0, ids.shape[0],
-                                                                              backend.new_sequence())])
+        ctx = StepContext(
+            torch.arange(ids.shape[0], device=DEV), [SequenceStep(0, ids.shape[0], backend.new_sequence())]
+        )
         with torch.no_grad():
             return model.logits(model(ids, ctx, backend, runner)).float()
 
@@ -143,8 +152,10 @@ def test_attention_gpu_whole_model_bf16_logits(small):
     ref16 = logits(torch.bfloat16, ReferenceAttention(cfg))
     tri16 = logits(torch.bfloat16, TritonSparseAttention(cfg, PagedKVPool(cfg, 64, 64, "bf16", "bf16", DEV)))
     rel = lambda a, b: ((a - b).abs().max() / b.abs().max()).item()  # noqa: E731
-    print(f"bf16 logits: triton vs reference {rel(tri16, ref16):.3e}; reference bf16 vs fp32 {rel(ref16, ref32):.3e}; "
-          f"triton bf16 vs fp32 {rel(tri16, ref32):.3e}")
+    print(
+        f"bf16 logits: triton vs reference {rel(tri16, ref16):.3e}; reference bf16 vs fp32 {rel(ref16, ref32):.3e}; "
+        f"triton bf16 vs fp32 {rel(tri16, ref32):.3e}"
+    )
     assert rel(tri16, ref32) <= 2 * rel(ref16, ref32) + 1e-3
 
 
@@ -156,10 +167,21 @@ def test_attention_gpu_one_compilation_across_batch_shapes():
     """Decode batches of any size, context and page-table width (row stride, including 1) compile each kernel once."""
     cfg = GlmMoeDsaConfig.from_dict(make_config("small"))
     pool = PagedKVPool(cfg, 1024, 16, "bf16", "fp8", DEV)
-    H, C, R, HI, D = (cfg.num_attention_heads, cfg.kv_lora_rank, cfg.qk_rope_head_dim, cfg.index_n_heads,
-                      cfg.index_head_dim)
-    kernels = [index_k_gather._gather_kernel, indexer._scores_kernel, indexer._topk_hist_kernel,
-               indexer._topk_select_kernel, sparse_mla._sparse_mla_kernel, sparse_mla._combine_kernel]
+    H, C, R, HI, D = (
+        cfg.num_attention_heads,
+        cfg.kv_lora_rank,
+        cfg.qk_rope_head_dim,
+        cfg.index_n_heads,
+        cfg.index_head_dim,
+    )
+    kernels = [
+        index_k_gather._gather_kernel,
+        indexer._scores_kernel,
+        indexer._topk_hist_kernel,
+        indexer._topk_select_kernel,
+        sparse_mla._sparse_mla_kernel,
+        sparse_mla._combine_kernel,
+    ]
     rng = random.Random(0)
     shapes = [[rng.randint(1, 700) for _ in range(rng.randint(1, 9))] for _ in range(10)]
     shapes[3] = [10]  # one page, no padding: a page table of width 1 (row stride 1)
@@ -172,15 +194,27 @@ def test_attention_gpu_one_compilation_across_batch_shapes():
         iv, lv = pool.index_view(0), pool.latent_view(0)
         q = torch.randn(B, HI, D, device=DEV).bfloat16()
         w = torch.randn(B, HI, device=DEV)
-        topk = indexer.indexer_topk(q, w, iv.k, iv.scale, paged.page_table, paged.query_start, positions, 1,
-                                    paged.max_context, cfg.index_topk)
-        sparse_mla.sparse_mla(torch.randn(B, H, C, device=DEV).bfloat16(), torch.randn(B, H, R, device=DEV).bfloat16(),
-                              lv.nope, lv.rope, lv.scale, paged.page_table, paged.token_seq, positions, topk,
-                              cfg.softmax_scale, num_splits=(2, 1, 3)[i % 3])
+        topk = indexer.indexer_topk(
+            q, w, iv.k, iv.scale, paged.page_table, paged.query_start, positions, 1, paged.max_context, cfg.index_topk
+        )
+        sparse_mla.sparse_mla(
+            torch.randn(B, H, C, device=DEV).bfloat16(),
+            torch.randn(B, H, R, device=DEV).bfloat16(),
+            lv.nope,
+            lv.rope,
+            lv.scale,
+            paged.page_table,
+            paged.token_seq,
+            positions,
+            topk,
+            cfg.softmax_scale,
+            num_splits=(2, 1, 3)[i % 3],
+        )
         start = (torch.cumsum(paged.seq_lens, 0) - paged.seq_lens).to(torch.int32)
         out = torch.empty(sum(lens), D, device=DEV, dtype=torch.bfloat16)
-        index_k_gather.gather_paged_rows(iv.k, iv.scale, paged.page_table, paged.seq_lens, start, paged.max_context,
-                                         out)
+        index_k_gather.gather_paged_rows(
+            iv.k, iv.scale, paged.page_table, paged.seq_lens, start, paged.max_context, out
+        )
         torch.cuda.synchronize()
         for s in seqs:
             s.kv.release()
@@ -241,16 +275,23 @@ def test_attention_gpu_decode_step_captures_in_a_cuda_graph(small):
     kv_b = torch.randn(H * (cfg.qk_nope_head_dim + cfg.v_head_dim), C, device=DEV).bfloat16() * C**-0.5
 
     def inputs(T):
-        mla = MLAInputs(torch.randn(T, H, cfg.qk_nope_head_dim, device=DEV).bfloat16(),
-                        torch.randn(T, H, R, device=DEV).bfloat16(), torch.randn(T, C, device=DEV).bfloat16(),
-                        torch.randn(T, R, device=DEV).bfloat16())
-        ix = IndexerInputs(torch.randn(T, HI, D, device=DEV).bfloat16(), torch.randn(T, D, device=DEV).bfloat16(),
-                           torch.randn(T, HI, device=DEV) * HI**-0.5)
+        mla = MLAInputs(
+            torch.randn(T, H, cfg.qk_nope_head_dim, device=DEV).bfloat16(),
+            torch.randn(T, H, R, device=DEV).bfloat16(),
+            torch.randn(T, C, device=DEV).bfloat16(),
+            torch.randn(T, R, device=DEV).bfloat16(),
+        )
+        ix = IndexerInputs(
+            torch.randn(T, HI, D, device=DEV).bfloat16(),
+            torch.randn(T, D, device=DEV).bfloat16(),
+            torch.randn(T, HI, device=DEV) * HI**-0.5,
+        )
         return mla, ix
 
     mla, ix = inputs(sum(lens))
-    pre = StepContext(torch.cat([torch.arange(n) for n in lens]).to(DEV), [SequenceStep(0, n, s)
-                                                                           for n, s in zip(lens, seqs)])
+    pre = StepContext(
+        torch.cat([torch.arange(n) for n in lens]).to(DEV), [SequenceStep(0, n, s) for n, s in zip(lens, seqs)]
+    )
     be.attend(0, LayerWeights(kv_b), mla, ix, None, pre)
     # Static decode inputs, updated in place between replays.
     mla, ix = inputs(len(lens))

@@ -45,8 +45,15 @@ class Filled:
     index_k: list[torch.Tensor]
 
 
-def fill(cfg: GlmMoeDsaConfig, steps: list[tuple[int, int]], page_size: int, latent_dtype: str, index_dtype: str,
-         seed: int, num_pages: int = 96) -> Filled:
+def fill(
+    cfg: GlmMoeDsaConfig,
+    steps: list[tuple[int, int]],
+    page_size: int,
+    latent_dtype: str,
+    index_dtype: str,
+    seed: int,
+    num_pages: int = 96,
+) -> Filled:
     """Random latents / keys at every context position of each (num_cached, num_new) sequence, layer 0."""
     g = torch.Generator().manual_seed(seed)
     pool = PagedKVPool(cfg, num_pages, page_size, latent_dtype, index_dtype, DEV)
@@ -74,8 +81,9 @@ def _sorted(x: torch.Tensor) -> torch.Tensor:
     return torch.sort(x.long(), dim=-1).values
 
 
-@pytest.mark.parametrize("index_dtype,page_size,block_n", [("fp8", 8, 64), ("bf16", 4, 64), ("fp32", 16, 64),
-                                                            ("fp8", 16, 16)])
+@pytest.mark.parametrize(
+    "index_dtype,page_size,block_n", [("fp8", 8, 64), ("bf16", 4, 64), ("fp32", 16, 64), ("fp8", 16, 16)]
+)
 def test_indexer_scores_and_topk_match_reference(index_dtype, page_size, block_n):
     cfg = small_config()
     f = fill(cfg, MIXED, page_size, "bf16", index_dtype, seed=11)
@@ -87,10 +95,22 @@ def test_indexer_scores_and_topk_match_reference(index_dtype, page_size, block_n
     iv = f.pool.index_view(0)
     max_ctx, max_new = f.paged.max_context, f.paged.max_new
     scores = torch.full((T, max_ctx + 16), float("nan"), device=DEV)
-    indexer_scores(q, w, iv.k, iv.scale, f.paged.page_table, f.paged.query_start, f.positions, max_new, max_ctx,
-                   scores, config=ScoresConfig(block_n=block_n))  # block_n <= page: one page-table read per tile
-    topk = indexer_topk(q, w, iv.k, iv.scale, f.paged.page_table, f.paged.query_start, f.positions, max_new,
-                        max_ctx, cfg.index_topk)
+    indexer_scores(
+        q,
+        w,
+        iv.k,
+        iv.scale,
+        f.paged.page_table,
+        f.paged.query_start,
+        f.positions,
+        max_new,
+        max_ctx,
+        scores,
+        config=ScoresConfig(block_n=block_n),
+    )  # block_n <= page: one page-table read per tile
+    topk = indexer_topk(
+        q, w, iv.k, iv.scale, f.paged.page_table, f.paged.query_start, f.positions, max_new, max_ctx, cfg.index_topk
+    )
     t = 0
     for b, s in enumerate(f.seqs):
         keys = f.pool.read_index_k(0, s.kv.pages, s.context_len)  # dequantised, as the kernel sees them
@@ -98,10 +118,10 @@ def test_indexer_scores_and_topk_match_reference(index_dtype, page_size, block_n
         ref = indexer_scores_reference(q[rows], w[rows], keys)
         for i in range(s.num_new):
             p = s.num_cached + i
-            assert torch.allclose(scores[t + i, :p + 1], ref[i, :p + 1], rtol=1e-4, atol=1e-5), (b, i)
-            want = torch.topk(ref[i, :p + 1], min(cfg.index_topk, p + 1)).indices
+            assert torch.allclose(scores[t + i, : p + 1], ref[i, : p + 1], rtol=1e-4, atol=1e-5), (b, i)
+            want = torch.topk(ref[i, : p + 1], min(cfg.index_topk, p + 1)).indices
             got = topk[t + i]
-            assert (got[got >= 0].shape[0]) == want.shape[0] and (got[want.shape[0]:] == -1).all()
+            assert (got[got >= 0].shape[0]) == want.shape[0] and (got[want.shape[0] :] == -1).all()
             assert torch.equal(_sorted(got[got >= 0]), _sorted(want)), (b, i)
         t += s.num_new
 
@@ -125,8 +145,9 @@ def test_topk_from_scores_ties_zeros_and_long_rows(chunks):
     positions = torch.tensor([width - 1, 4999, width - 1, 700, 3000, K - 1, K], device=DEV)
     buf = torch.full((len(rows), K + 8), -7, dtype=torch.int32, device=DEV)
     out = buf[:, :K]  # strided rows: a write past slot K would land in the guard columns
-    topk_from_scores(scores, positions, K, out, torch.empty(len(rows), width, dtype=torch.int32, device=DEV),
-                     chunks=chunks)
+    topk_from_scores(
+        scores, positions, K, out, torch.empty(len(rows), width, dtype=torch.int32, device=DEV), chunks=chunks
+    )
     assert (buf[:, K:] == -7).all()
     for r in range(len(rows)):
         n = int(positions[r]) + 1
@@ -139,19 +160,29 @@ def test_topk_from_scores_ties_zeros_and_long_rows(chunks):
         assert (row[got] >= kth).all()  # every pick is at least the k-th value
         assert (row > kth).sum() <= K and set(torch.where(row > kth)[0].tolist()) <= set(got.tolist())
         tied = torch.where(row == kth)[0]  # ties at the threshold go to the lowest positions
-        assert torch.equal(_sorted(got[row[got] == kth]), tied[:int((row[got] == kth).sum())])
+        assert torch.equal(_sorted(got[row[got] == kth]), tied[: int((row[got] == kth).sum())])
         if r == 2:  # +0.0 and -0.0 are one value
             assert torch.equal(_sorted(got), torch.arange(K, device=DEV))
     # Output order does not depend on the split (no order comes from atomics).
     again = torch.empty_like(out)
-    topk_from_scores(scores, positions, K, again, torch.empty(len(rows), width, dtype=torch.int32, device=DEV),
-                     chunks=3)
+    topk_from_scores(
+        scores, positions, K, again, torch.empty(len(rows), width, dtype=torch.int32, device=DEV), chunks=3
+    )
     assert torch.equal(again, out)
 
 
-@pytest.mark.parametrize("latent_dtype,heads,splits,page_size,swap", [
-    ("fp32", 4, 1, 8, False), ("bf16", 8, 3, 4, False), ("fp8", 4, 2, 16, False), ("bf16", 20, 1, 8, False),
-    ("bf16", 8, 2, 8, True), ("fp8", 20, 1, 4, True), ("fp32", 4, 3, 16, True)])
+@pytest.mark.parametrize(
+    "latent_dtype,heads,splits,page_size,swap",
+    [
+        ("fp32", 4, 1, 8, False),
+        ("bf16", 8, 3, 4, False),
+        ("fp8", 4, 2, 16, False),
+        ("bf16", 20, 1, 8, False),
+        ("bf16", 8, 2, 8, True),
+        ("fp8", 20, 1, 4, True),
+        ("fp32", 4, 3, 16, True),
+    ],
+)
 def test_sparse_mla_matches_reference(latent_dtype, heads, splits, page_size, swap):
     cfg = small_config()
     f = fill(cfg, MIXED, page_size, latent_dtype, "fp8", seed=21)
@@ -174,15 +205,29 @@ def test_sparse_mla_matches_reference(latent_dtype, heads, splits, page_size, sw
     scale = 0.3
     for dense in (False, True):
         out = torch.full((T, heads, C), float("nan"), dtype=dt, device=DEV)
-        sparse_mla(q_lat, q_rope, lv.nope, lv.rope, lv.scale, f.paged.page_table, f.paged.token_seq, f.positions,
-                   None if dense else idx, scale, max_context=f.paged.max_context, num_splits=splits, out=out,
-                   config=MLAConfig(16, 16, 4, 2, swap=True) if swap else None)  # swap: scores^T in the kernel
+        sparse_mla(
+            q_lat,
+            q_rope,
+            lv.nope,
+            lv.rope,
+            lv.scale,
+            f.paged.page_table,
+            f.paged.token_seq,
+            f.positions,
+            None if dense else idx,
+            scale,
+            max_context=f.paged.max_context,
+            num_splits=splits,
+            out=out,
+            config=MLAConfig(16, 16, 4, 2, swap=True) if swap else None,
+        )  # swap: scores^T in the kernel
         t = 0
         for s in f.seqs:
             lat, kr = f.pool.read_latent(0, s.kv.pages, s.context_len)
             rows = slice(t, t + s.num_new)
-            ref = sparse_mla_reference(q_lat[rows], q_rope[rows], lat, kr, f.positions[rows],
-                                       None if dense else idx[rows], scale)
+            ref = sparse_mla_reference(
+                q_lat[rows], q_rope[rows], lat, kr, f.positions[rows], None if dense else idx[rows], scale
+            )
             tol = 1e-5 if latent_dtype == "fp32" else 2e-2
             assert _rel(out[rows], ref) < tol, (latent_dtype, dense, s)
             t += s.num_new
@@ -231,9 +276,16 @@ def test_trtllm_decode_argument_layout():
         emulated = emulate_decode(args)[:, 0, :H]
         for b, s in enumerate(f.seqs):
             lat, kr = f.pool.read_latent(0, s.kv.pages, s.context_len)
-            ref = sparse_mla_reference(q_lat[b:b + 1], q_rope[b:b + 1], lat, kr, f.positions[b:b + 1],
-                                       None if topk is None else idx[b:b + 1], cfg.softmax_scale)
-            assert _rel(emulated[b:b + 1], ref) < 1e-5
+            ref = sparse_mla_reference(
+                q_lat[b : b + 1],
+                q_rope[b : b + 1],
+                lat,
+                kr,
+                f.positions[b : b + 1],
+                None if topk is None else idx[b : b + 1],
+                cfg.softmax_scale,
+            )
+            assert _rel(emulated[b : b + 1], ref) < 1e-5
 
 
 def test_trtllm_physical_slots_and_head_padding():

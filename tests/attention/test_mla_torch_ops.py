@@ -53,30 +53,64 @@ def make_step(latent_dtype: str, index_dtype: str, seed: int, device: str = "cpu
     for s in seqs:
         L = s.context_len
         one = build_paged_step([SequenceStep(0, L, s.kv)], page_size, device)
-        pool.store(0, *(torch.randn(L, d, generator=g).to(device) for d in
-                        (CFG.kv_lora_rank, CFG.qk_rope_head_dim, CFG.index_head_dim)),
-                   *pool.slots(one, torch.arange(L, device=device)))
+        pool.store(
+            0,
+            *(
+                torch.randn(L, d, generator=g).to(device)
+                for d in (CFG.kv_lora_rank, CFG.qk_rope_head_dim, CFG.index_head_dim)
+            ),
+            *pool.slots(one, torch.arange(L, device=device)),
+        )
     positions = torch.cat([torch.arange(s.num_cached, s.context_len) for s in seqs]).to(device)
     T, H = positions.shape[0], CFG.num_attention_heads
 
     def rand(*shape: int) -> torch.Tensor:
         return torch.randn(*shape, generator=g).bfloat16().to(device)
 
-    return Step(pool, paged, seqs, positions, rand(T, CFG.index_n_heads, CFG.index_head_dim),
-                (torch.randn(T, CFG.index_n_heads, generator=g) * CFG.index_n_heads ** -0.5).to(device),
-                rand(T, H, CFG.kv_lora_rank), rand(T, H, CFG.qk_rope_head_dim))
+    return Step(
+        pool,
+        paged,
+        seqs,
+        positions,
+        rand(T, CFG.index_n_heads, CFG.index_head_dim),
+        (torch.randn(T, CFG.index_n_heads, generator=g) * CFG.index_n_heads**-0.5).to(device),
+        rand(T, H, CFG.kv_lora_rank),
+        rand(T, H, CFG.qk_rope_head_dim),
+    )
 
 
 def indexer_args(s: Step) -> tuple:
     iv = s.pool.index_view(0)
-    return (s.q_idx, s.w_idx, iv.k, iv.scale, s.paged.page_table, s.paged.query_start, s.positions,
-            s.paged.max_new, s.paged.max_context, CFG.index_topk)
+    return (
+        s.q_idx,
+        s.w_idx,
+        iv.k,
+        iv.scale,
+        s.paged.page_table,
+        s.paged.query_start,
+        s.positions,
+        s.paged.max_new,
+        s.paged.max_context,
+        CFG.index_topk,
+    )
 
 
 def mla_args(s: Step, indices: torch.Tensor | None, config: list[int] | None = None) -> tuple:
     lv = s.pool.latent_view(0)
-    return (s.q_lat, s.q_rope, lv.nope, lv.rope, lv.scale, s.paged.page_table, s.paged.token_seq, s.positions,
-            indices, CFG.softmax_scale, s.paged.max_context, config)
+    return (
+        s.q_lat,
+        s.q_rope,
+        lv.nope,
+        lv.rope,
+        lv.scale,
+        s.paged.page_table,
+        s.paged.token_seq,
+        s.positions,
+        indices,
+        CFG.softmax_scale,
+        s.paged.max_context,
+        config,
+    )
 
 
 def opcheck(op, args: tuple) -> None:
@@ -92,9 +126,14 @@ def rows_of(s: Step, b: int) -> slice:
     return slice(start, start + s.seqs[b].num_new)
 
 
-@pytest.mark.parametrize("ours,kernel", [(torch_ops.indexer_topk, indexer.indexer_topk),
-                                         (torch_ops.sparse_mla, mla.sparse_mla),
-                                         (torch_ops.gather_paged_rows, index_k_gather.gather_paged_rows)])
+@pytest.mark.parametrize(
+    "ours,kernel",
+    [
+        (torch_ops.indexer_topk, indexer.indexer_topk),
+        (torch_ops.sparse_mla, mla.sparse_mla),
+        (torch_ops.gather_paged_rows, index_k_gather.gather_paged_rows),
+    ],
+)
 def test_mla_op_functions_keep_the_kernel_signatures(ours, kernel):
     """Each op function takes the kernel function's parameters (same names, kinds, defaults), minus split and out."""
     want = inspect.signature(kernel).parameters
@@ -107,6 +146,7 @@ def test_mla_op_functions_keep_the_kernel_signatures(ours, kernel):
 
 
 # ---- indexer --------------------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("index_dtype", ["bf16", "fp8"])
 def test_indexer_op_opcheck_and_reference(index_dtype):
@@ -135,6 +175,7 @@ def test_indexer_op_rejects_positions_past_max_context():
 
 # ---- sparse MLA -----------------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("latent_dtype", ["bf16", "fp8"])
 @pytest.mark.parametrize("dense", [False, True], ids=["sparse", "dense"])
 def test_sparse_mla_op_opcheck_and_reference(latent_dtype, dense):
@@ -149,8 +190,9 @@ def test_sparse_mla_op_opcheck_and_reference(latent_dtype, dense):
     for b, seq in enumerate(s.seqs):
         latent, k_rope = s.pool.read_latent(0, seq.kv.pages, seq.context_len)
         r = rows_of(s, b)
-        want = mla.sparse_mla_reference(s.q_lat[r], s.q_rope[r], latent, k_rope, s.positions[r],
-                                        None if dense else topk[r], CFG.softmax_scale)
+        want = mla.sparse_mla_reference(
+            s.q_lat[r], s.q_rope[r], latent, k_rope, s.positions[r], None if dense else topk[r], CFG.softmax_scale
+        )
         assert torch.equal(out[r], want.to(out.dtype)), b
 
 
@@ -172,8 +214,7 @@ def test_sparse_mla_op_skips_unused_and_non_causal_indices_as_the_kernel_does():
     b, r = 1, rows_of(s, 1)
     latent, k_rope = s.pool.read_latent(0, s.seqs[b].kv.pages, s.seqs[b].context_len)
     causal = torch.where((indices[r] >= 0) & (indices[r] <= s.positions[r, None]), indices[r], -1)
-    want = mla.sparse_mla_reference(s.q_lat[r], s.q_rope[r], latent, k_rope, s.positions[r], causal,
-                                    CFG.softmax_scale)
+    want = mla.sparse_mla_reference(s.q_lat[r], s.q_rope[r], latent, k_rope, s.positions[r], causal, CFG.softmax_scale)
     assert torch.equal(out[r], torch.nan_to_num(want, nan=0.0).to(out.dtype))  # (the reference: NaN if nothing)
 
 
@@ -184,6 +225,7 @@ def test_sparse_mla_op_rejects_a_bad_config():
 
 
 # ---- paged-row gather -----------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("index_dtype,out_dtype", [("bf16", torch.bfloat16), ("fp8", torch.float32)])
 def test_sparse_gather_op_opcheck_and_reference(index_dtype, out_dtype):
@@ -197,35 +239,73 @@ def test_sparse_gather_op_opcheck_and_reference(index_dtype, out_dtype):
     opcheck(torch.ops.moed.gather_paged_rows.default, args)
     got = torch_ops.gather_paged_rows(*args)
     assert got is out
-    want = index_k_gather.gather_paged_rows_reference(iv.k, iv.scale, s.paged.page_table, lens, start,
-                                                      torch.full_like(out, 7.0))
+    want = index_k_gather.gather_paged_rows_reference(
+        iv.k, iv.scale, s.paged.page_table, lens, start, torch.full_like(out, 7.0)
+    )
     assert torch.equal(out, want) and (out[-3:] == 7.0).all()
     b = 2
-    assert torch.equal(out[int(start[b]):int(start[b] + lens[b])],
-                       s.pool.read_index_k(0, s.seqs[b].kv.pages, s.seqs[b].context_len).to(out_dtype))
+    assert torch.equal(
+        out[int(start[b]) : int(start[b] + lens[b])],
+        s.pool.read_index_k(0, s.seqs[b].kv.pages, s.seqs[b].context_len).to(out_dtype),
+    )
 
 
 # ---- tracing --------------------------------------------------------------------------------------------------
 
-def _attention_step(q_idx, w_idx, q_lat, q_rope, positions, k, k_scale, nope, rope, scale, page_table,
-                    query_start, token_seq, seq_lens, max_new: int, max_context: int) -> torch.Tensor:
+
+def _attention_step(
+    q_idx,
+    w_idx,
+    q_lat,
+    q_rope,
+    positions,
+    k,
+    k_scale,
+    nope,
+    rope,
+    scale,
+    page_table,
+    query_start,
+    token_seq,
+    seq_lens,
+    max_new: int,
+    max_context: int,
+) -> torch.Tensor:
     """Indexer -> sparse MLA, and the dense path's latent gather, with torch ops around them."""
-    topk = torch_ops.indexer_topk(q_idx, w_idx * 2.0, k, k_scale, page_table, query_start, positions, max_new,
-                                  max_context, CFG.index_topk)
-    o = torch_ops.sparse_mla(q_lat, q_rope, nope, rope, scale, page_table, token_seq, positions, topk,
-                             CFG.softmax_scale, max_context)
+    topk = torch_ops.indexer_topk(
+        q_idx, w_idx * 2.0, k, k_scale, page_table, query_start, positions, max_new, max_context, CFG.index_topk
+    )
+    o = torch_ops.sparse_mla(
+        q_lat, q_rope, nope, rope, scale, page_table, token_seq, positions, topk, CFG.softmax_scale, max_context
+    )
     start = (torch.cumsum(seq_lens, 0) - seq_lens).to(torch.int32)
-    gathered = torch.zeros(positions.shape[0] + max_context * page_table.shape[0], nope.shape[2], dtype=o.dtype,
-                           device=o.device)
+    gathered = torch.zeros(
+        positions.shape[0] + max_context * page_table.shape[0], nope.shape[2], dtype=o.dtype, device=o.device
+    )
     torch_ops.gather_paged_rows(nope, scale, page_table, seq_lens, start, max_context, gathered)
     return o.float().sum(dim=1) + gathered[: positions.shape[0]].float()
 
 
 def _attention_inputs(s: Step) -> tuple:
     iv, lv = s.pool.index_view(0), s.pool.latent_view(0)
-    return (s.q_idx, s.w_idx, s.q_lat, s.q_rope, s.positions, iv.k, iv.scale, lv.nope, lv.rope, lv.scale,
-            s.paged.page_table, s.paged.query_start, s.paged.token_seq, s.paged.seq_lens, s.paged.max_new,
-            s.paged.max_context)
+    return (
+        s.q_idx,
+        s.w_idx,
+        s.q_lat,
+        s.q_rope,
+        s.positions,
+        iv.k,
+        iv.scale,
+        lv.nope,
+        lv.rope,
+        lv.scale,
+        s.paged.page_table,
+        s.paged.query_start,
+        s.paged.token_seq,
+        s.paged.seq_lens,
+        s.paged.max_new,
+        s.paged.max_context,
+    )
 
 
 @pytest.mark.parametrize("dynamic", [False, True])
@@ -235,14 +315,16 @@ def test_mla_ops_compile_fullgraph_without_graph_breaks(dynamic):
     explained = torch._dynamo.explain(_attention_step)(*inputs)
     assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
     called = {str(n.target) for g in explained.graphs for n in g.graph.nodes if n.op == "call_function"}
-    assert {"moed.indexer_topk", "moed.sparse_mla", "moed.gather_paged_rows"} <= {c.split(".default")[0]
-                                                                                   for c in called}, called
+    assert {"moed.indexer_topk", "moed.sparse_mla", "moed.gather_paged_rows"} <= {
+        c.split(".default")[0] for c in called
+    }, called
     torch._dynamo.reset()
     compiled = torch.compile(_attention_step, backend="aot_eager", fullgraph=True, dynamic=dynamic)
     assert torch.equal(compiled(*inputs), _attention_step(*inputs))
 
 
 # ---- GPU -----------------------------------------------------------------------------------------------------
+
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("latent_dtype,index_dtype", [("bf16", "fp8"), ("fp8", "bf16")])
@@ -257,8 +339,7 @@ def test_mla_gpu_ops_equal_direct_kernel_calls(latent_dtype, index_dtype):
     lv = s.pool.latent_view(0)
     lens = s.paged.seq_lens
     start = (torch.cumsum(lens, 0) - lens).to(torch.int32)
-    got, want = (torch.zeros(int(lens.sum()), CFG.kv_lora_rank, dtype=torch.bfloat16, device="cuda")
-                 for _ in range(2))
+    got, want = (torch.zeros(int(lens.sum()), CFG.kv_lora_rank, dtype=torch.bfloat16, device="cuda") for _ in range(2))
     gargs = (lv.nope, lv.scale, s.paged.page_table, lens, start, s.paged.max_context)
     assert torch.equal(torch_ops.gather_paged_rows(*gargs, got), index_k_gather.gather_paged_rows(*gargs, want))
     opcheck(torch.ops.moed.sparse_mla.default, mla_args(s, topk))
@@ -275,8 +356,10 @@ def test_mla_gpu_ops_under_inductor():
 
 # ---- paged KV write -------------------------------------------------------------------------------------------
 
-def _write_then_read(pool_u8: torch.Tensor, rows: torch.Tensor, page: torch.Tensor, offset: torch.Tensor,
-                     q: torch.Tensor) -> torch.Tensor:
+
+def _write_then_read(
+    pool_u8: torch.Tensor, rows: torch.Tensor, page: torch.Tensor, offset: torch.Tensor, q: torch.Tensor
+) -> torch.Tensor:
     """Write FP8 rows into one layer of a uint8 pool through the op, then use some of them (as attention would)."""
     layer = pool_u8[1, :, :, :32]  # a strided view of the pool, as PagedKVPool's latent views are
     torch_ops.paged_store(layer, rows.view(torch.uint8), page, offset)
@@ -295,8 +378,9 @@ def test_sparse_paged_store_op_writes_in_place_and_inductor_keeps_it_in_place():
     expect = _write_then_read(want.clone(), rows, page, offset, q)
     got = pool.clone()
     torch._dynamo.reset()
-    out, (code, *_) = torch._inductor.utils.run_and_get_code(torch.compile(_write_then_read, fullgraph=True), got,
-                                                             rows, page, offset, q)
+    out, (code, *_) = torch._inductor.utils.run_and_get_code(
+        torch.compile(_write_then_read, fullgraph=True), got, rows, page, offset, q
+    )
     assert torch.equal(got, want) and torch.equal(out, expect)
     # Written in place: no buffer the size of the pool layer (40 x 8 x 32) is allocated to scatter into and copy back.
     # (Written as `layer[page, offset] = rows`, torch 2.13's Inductor allocates that buffer and copies it back.)

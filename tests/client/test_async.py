@@ -78,16 +78,22 @@ def test_curve_accepts_listed_key_and_refuses_another(tiny_checkpoint, tmp_path)
     _, server_secret = keygen(tmp_path / "server", "daemon")
     _, allowed_secret = keygen(tmp_path / "allowed", "alice")
     _, other_secret = keygen(tmp_path / "other", "mallory")
-    cfg = make_config(tiny_checkpoint, worker=DOUBLE, curve_secret_key=str(server_secret),
-                      curve_allowed_clients=str(tmp_path / "allowed"))
+    cfg = make_config(
+        tiny_checkpoint,
+        worker=DOUBLE,
+        curve_secret_key=str(server_secret),
+        curve_allowed_clients=str(tmp_path / "allowed"),
+    )
     with DaemonThread(cfg) as d:
         d.wait_ready(30)
         server_pub = tmp_path / "server" / "daemon.key"
         with Client(d.address, timeout=20, curve=curve_keys(server_pub, allowed_secret)) as c:
             assert c.generate("secret hello", max_tokens=3).completion_tokens == 3
         t0 = time.monotonic()
-        with (Client(d.address, timeout=20, curve=curve_keys(server_pub, other_secret)) as c,
-              pytest.raises(AuthenticationError, match="refused")):
+        with (
+            Client(d.address, timeout=20, curve=curve_keys(server_pub, other_secret)) as c,
+            pytest.raises(AuthenticationError, match="refused"),
+        ):
             c.generate("let me in", max_tokens=3)
         assert time.monotonic() - t0 < 5  # refused in the handshake, reported at once
         assert d.daemon.allow_list.denied >= 1
@@ -101,7 +107,9 @@ def test_curve_accepts_listed_key_and_refuses_another(tiny_checkpoint, tmp_path)
 
         asyncio.run(async_refused())
         # Without Curve the client never gets through either (no reply; the client gives up on the daemon).
-        with (Client(d.address, timeout=20, heartbeat_interval=0.1, daemon_timeout=0.5) as c,
-              pytest.raises(DaemonUnavailable)):
+        with (
+            Client(d.address, timeout=20, heartbeat_interval=0.1, daemon_timeout=0.5) as c,
+            pytest.raises(DaemonUnavailable),
+        ):
             c.generate("plain", max_tokens=2)
         assert d.daemon.by_engine_id == {}

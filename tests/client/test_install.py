@@ -52,8 +52,12 @@ def _client_only_env(root: Path) -> Path:
     """A venv whose only packages are the client's distributions and moed's folders; returns its python."""
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(root)], check=True, timeout=120)
     python = root / "bin" / "python"
-    purelib = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                             capture_output=True, text=True, check=True).stdout.strip()
+    purelib = subprocess.run(
+        [str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
     site = Path(purelib)
     for dist in CLIENT_DISTRIBUTIONS:
         files = importlib.metadata.distribution(dist).files or []
@@ -75,12 +79,21 @@ def test_client_runs_without_torch_or_triton(tmp_path):
 
     def run(*args: str) -> subprocess.CompletedProcess:
         # From an empty directory and isolated (-I): nothing of the repo or this environment leaks in.
-        return subprocess.run([str(python), "-I", *args], cwd=tmp_path, capture_output=True, text=True, timeout=60,
-                              env={"PATH": "/usr/bin:/bin"})
+        return subprocess.run(
+            [str(python), "-I", *args],
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env={"PATH": "/usr/bin:/bin"},
+        )
 
-    probe = run("-c", "import importlib.util, sys; import moed.client.api, moed.client.cli\n"
-                      "print([m for m in ('torch', 'triton', 'numpy') if importlib.util.find_spec(m)],"
-                      " sorted(m for m in ('torch', 'triton') if m in sys.modules))")
+    probe = run(
+        "-c",
+        "import importlib.util, sys; import moed.client.api, moed.client.cli\n"
+        "print([m for m in ('torch', 'triton', 'numpy') if importlib.util.find_spec(m)],"
+        " sorted(m for m in ('torch', 'triton') if m in sys.modules))",
+    )
     assert probe.returncode == 0, probe.stderr
     assert probe.stdout.strip() == "[] []"
     helped = run("-m", "moed.daemon.cli", "client", "--help")  # the `moed` console script's own entry point

@@ -21,28 +21,83 @@ from moed.client import protocol as cp
 
 FUZZ = settings(max_examples=300, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
 ERROR_CODES = set(get_args(cp.ErrorCode))
-TAGS = ["generate", "abort", "heartbeat", "health", "ready", "stats", "models", "placement", "chunk", "final",
-        "error", "pong", "batch", "launch", ""]
-FIELDS = ["type", "id", "prompt", "prompt_token_ids", "messages", "sampling", "stream", "deadline_s", "model",
-          "ids", "op", "layer", "expert", "role", "content", "temperature", "top_p", "max_tokens", "stop", "items",
-          "n", "tools", "tool_choice", "chat_template_kwargs", "function", "name", "parameters", "text", "tool_calls"]
+TAGS = [
+    "generate",
+    "abort",
+    "heartbeat",
+    "health",
+    "ready",
+    "stats",
+    "models",
+    "placement",
+    "chunk",
+    "final",
+    "error",
+    "pong",
+    "batch",
+    "launch",
+    "",
+]
+FIELDS = [
+    "type",
+    "id",
+    "prompt",
+    "prompt_token_ids",
+    "messages",
+    "sampling",
+    "stream",
+    "deadline_s",
+    "model",
+    "ids",
+    "op",
+    "layer",
+    "expert",
+    "role",
+    "content",
+    "temperature",
+    "top_p",
+    "max_tokens",
+    "stop",
+    "items",
+    "n",
+    "tools",
+    "tool_choice",
+    "chat_template_kwargs",
+    "function",
+    "name",
+    "parameters",
+    "text",
+    "tool_calls",
+]
 
 # Leaves of every msgpack type, ints at the edges of what msgpack holds.
-leaves = st.one_of(st.none(), st.booleans(), st.integers(-(2**63), 2**64 - 1), st.floats(allow_nan=True),
-                   st.text(max_size=40), st.binary(max_size=40),
-                   st.builds(msgspec.msgpack.Ext, st.integers(-128, 127), st.binary(max_size=8)))
+leaves = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(-(2**63), 2**64 - 1),
+    st.floats(allow_nan=True),
+    st.text(max_size=40),
+    st.binary(max_size=40),
+    st.builds(msgspec.msgpack.Ext, st.integers(-128, 127), st.binary(max_size=8)),
+)
 keys = st.one_of(st.sampled_from(FIELDS), st.text(max_size=12))
 
 
 def msgpack_tree():
-    return st.recursive(leaves, lambda kids: st.one_of(st.lists(kids, max_size=8),
-                                                       st.dictionaries(keys, kids, max_size=8)), max_leaves=40)
+    return st.recursive(
+        leaves,
+        lambda kids: st.one_of(st.lists(kids, max_size=8), st.dictionaries(keys, kids, max_size=8)),
+        max_leaves=40,
+    )
 
 
 def tagged_tree():
     """Maps that look like messages: a known or unknown tag, real field names, values of any type."""
-    return st.builds(lambda tag, rest: {"type": tag, **rest}, st.sampled_from(TAGS),
-                     st.dictionaries(keys, msgpack_tree(), max_size=6))
+    return st.builds(
+        lambda tag, rest: {"type": tag, **rest},
+        st.sampled_from(TAGS),
+        st.dictionaries(keys, msgpack_tree(), max_size=6),
+    )
 
 
 @st.composite
@@ -51,8 +106,22 @@ def deep_body(draw) -> bytes:
     depth = draw(st.integers(200, 20000))
     kind = draw(st.sampled_from([b"\x91", b"\x81\xa1k", b"\x91\x81\xa1k"]))
     value = kind * (depth // len(kind)) + b"\xc0"
-    where = draw(st.sampled_from(["prompt", "messages", "ids", "unknown", "before_tag", "id", "sampling", "top",
-                                  "tools", "chat_template_kwargs"]))
+    where = draw(
+        st.sampled_from(
+            [
+                "prompt",
+                "messages",
+                "ids",
+                "unknown",
+                "before_tag",
+                "id",
+                "sampling",
+                "top",
+                "tools",
+                "chat_template_kwargs",
+            ]
+        )
+    )
     enc = msgspec.msgpack.encode
     if where == "top":
         return value
@@ -77,27 +146,67 @@ def out_of_range_request(draw) -> dict:
         if which in ("prompt_token_ids", "two"):
             msg["prompt_token_ids"] = draw(st.lists(st.integers(-(2**63), 2**64 - 1), max_size=20))
         if which == "messages":
-            content = st.one_of(st.none(), st.text(max_size=20), st.lists(st.fixed_dictionaries(
-                {"type": st.sampled_from(["text", "image_url"]), "text": st.text(max_size=20)}), max_size=3))
-            msg["messages"] = draw(st.lists(st.fixed_dictionaries({"role": st.text(max_size=8), "content": content}),
-                                            max_size=3))
+            content = st.one_of(
+                st.none(),
+                st.text(max_size=20),
+                st.lists(
+                    st.fixed_dictionaries(
+                        {"type": st.sampled_from(["text", "image_url"]), "text": st.text(max_size=20)}
+                    ),
+                    max_size=3,
+                ),
+            )
+            msg["messages"] = draw(
+                st.lists(st.fixed_dictionaries({"role": st.text(max_size=8), "content": content}), max_size=3)
+            )
             if draw(st.booleans()):
-                msg["tools"] = draw(st.lists(st.fixed_dictionaries({"function": st.fixed_dictionaries(
-                    {"name": st.text(max_size=8), "parameters": msgpack_tree()})}), max_size=2))
+                msg["tools"] = draw(
+                    st.lists(
+                        st.fixed_dictionaries(
+                            {
+                                "function": st.fixed_dictionaries(
+                                    {"name": st.text(max_size=8), "parameters": msgpack_tree()}
+                                )
+                            }
+                        ),
+                        max_size=2,
+                    )
+                )
             if draw(st.booleans()):
                 msg["chat_template_kwargs"] = draw(st.dictionaries(st.text(max_size=16), msgpack_tree(), max_size=3))
         if draw(st.booleans()):
             msg["n"] = draw(numbers)
-        msg["sampling"] = draw(st.dictionaries(st.sampled_from(
-            ["temperature", "top_k", "top_p", "min_p", "repetition_penalty", "frequency_penalty", "presence_penalty",
-             "seed", "max_tokens", "logprobs", "stop_token_ids"]), st.one_of(st.none(), numbers), max_size=5))
+        msg["sampling"] = draw(
+            st.dictionaries(
+                st.sampled_from(
+                    [
+                        "temperature",
+                        "top_k",
+                        "top_p",
+                        "min_p",
+                        "repetition_penalty",
+                        "frequency_penalty",
+                        "presence_penalty",
+                        "seed",
+                        "max_tokens",
+                        "logprobs",
+                        "stop_token_ids",
+                    ]
+                ),
+                st.one_of(st.none(), numbers),
+                max_size=5,
+            )
+        )
         if draw(st.booleans()):
             msg["deadline_s"] = draw(numbers)
     elif tag == "heartbeat":
         msg = {"type": tag, "ids": draw(st.lists(st.text(max_size=300), max_size=10))}
     elif tag == "placement":
-        msg.update(op=draw(st.sampled_from(["get", "pin", "unpin", "reset", "move"])), layer=draw(numbers),
-                   expert=draw(numbers))
+        msg.update(
+            op=draw(st.sampled_from(["get", "pin", "unpin", "reset", "move"])),
+            layer=draw(numbers),
+            expert=draw(numbers),
+        )
     return msg
 
 
@@ -181,10 +290,13 @@ def test_requests_with_out_of_range_values(tree):
 
 def test_an_extension_value_in_an_any_typed_field_is_refused_at_decoding():
     ext = msgspec.msgpack.Ext(5, b"x")
-    for extra in ({"tools": [{"function": {"name": "f", "parameters": {"type": ext}}}]},
-                  {"chat_template_kwargs": {"enable_thinking": ext}}):
-        body = msgspec.msgpack.encode({"type": "generate", "id": "r1", "messages": [{"role": "user", "content": "hi"}],
-                                       **extra})
+    for extra in (
+        {"tools": [{"function": {"name": "f", "parameters": {"type": ext}}}]},
+        {"chat_template_kwargs": {"enable_thinking": ext}},
+    ):
+        body = msgspec.msgpack.encode(
+            {"type": "generate", "id": "r1", "messages": [{"role": "user", "content": "hi"}], **extra}
+        )
         with pytest.raises(cp.ProtocolError) as e:
             cp.decode_request(body)
         assert e.value.code == "invalid_request" and e.value.request_id == "r1" and "extension" in e.value.message

@@ -13,12 +13,22 @@ enc = msgspec.msgpack.Encoder()
 
 def test_every_message_round_trips():
     requests = [
-        cp.Generate(id="a", prompt="hi", sampling=cp.SamplingParams(temperature=0.7, stop=["x"], logprobs=2),
-                    stream=False, deadline_s=3.5),
+        cp.Generate(
+            id="a",
+            prompt="hi",
+            sampling=cp.SamplingParams(temperature=0.7, stop=["x"], logprobs=2),
+            stream=False,
+            deadline_s=3.5,
+        ),
         cp.Generate(id="b", prompt_token_ids=[1, 2, 3]),
         cp.Generate(id="c", messages=[cp.ChatMessage("user", "hello")]),
-        cp.Abort(id="a"), cp.Heartbeat(ids=["a", "b"]), cp.Health(id="h"), cp.Ready(id="r"), cp.Stats(id="s"),
-        cp.Models(id="m"), cp.Placement(id="p", op="pin", layer=3, expert=7),
+        cp.Abort(id="a"),
+        cp.Heartbeat(ids=["a", "b"]),
+        cp.Health(id="h"),
+        cp.Ready(id="r"),
+        cp.Stats(id="s"),
+        cp.Models(id="m"),
+        cp.Placement(id="p", op="pin", layer=3, expert=7),
     ]
     for msg in requests:
         head, body = cp.encode(msg)
@@ -26,10 +36,20 @@ def test_every_message_round_trips():
         assert cp.decode_request(body) == msg
     replies = [
         cp.Chunk(id="a", text="é", token_ids=[5], logprobs=[cp.TokenLogprob(5, -0.1, [(5, -0.1), (6, -2.0)])]),
-        cp.Final(id="a", finish_reason="stop", prompt_tokens=3, completion_tokens=2, e2e_s=0.5, ttft_s=0.1,
-                 text="x", token_ids=[1], stop="\n"),
+        cp.Final(
+            id="a",
+            finish_reason="stop",
+            prompt_tokens=3,
+            completion_tokens=2,
+            e2e_s=0.5,
+            ttft_s=0.1,
+            text="x",
+            token_ids=[1],
+            stop="\n",
+        ),
         cp.Error(id="a", code="invalid_request", message="bad", field="sampling.top_p"),
-        cp.Pong(daemon_id="d"), cp.HealthStatus(id="h", ok=True, state="ready", uptime_s=1.0),
+        cp.Pong(daemon_id="d"),
+        cp.HealthStatus(id="h", ok=True, state="ready", uptime_s=1.0),
         cp.ReadyStatus(id="r", ready=False, reason="loading"),
         cp.ModelList(id="m", models=[cp.ModelInfo("tiny", "/x", 4096, 1024)]),
         cp.PlacementResult(id="p", ok=True, pinned={"3": [7]}),
@@ -39,27 +59,30 @@ def test_every_message_round_trips():
         assert cp.decode_reply(body) == msg
 
 
-@pytest.mark.parametrize("body, field", [
-    ({"type": "generate", "id": "x", "prompt": "p", "sampling": {"temperature": -1}}, "sampling.temperature"),
-    ({"type": "generate", "id": "x", "prompt": "p", "sampling": {"top_p": float("nan")}}, "sampling.top_p"),
-    ({"type": "generate", "id": "x", "prompt": "p", "sampling": {"max_tokens": "ten"}}, "sampling.max_tokens"),
-    ({"type": "generate", "id": "x", "prompt": "p", "sampling": {"max_tokens": 0}}, "sampling.max_tokens"),
-    ({"type": "generate", "id": "x", "prompt": "p", "sampling": {"nucleus": 0.9}}, "sampling.nucleus"),
-    ({"type": "generate", "id": "x", "prompt": "p", "sampling": {"stop": [""]}}, "sampling.stop[0]"),
-    ({"type": "generate", "id": "x", "prompt": "p", "sampling": {"stop": ["a"] * 17}}, "sampling.stop"),
-    ({"type": "generate", "id": "x", "prompt_token_ids": [1, -2]}, "prompt_token_ids[1]"),
-    ({"type": "generate", "id": "x", "messages": [{"role": "user"}]}, "messages[0].content"),
-    ({"type": "generate", "prompt": "p"}, "id"),
-    ({"type": "generate", "id": "", "prompt": "p"}, "id"),
-    ({"type": "generate", "id": "x", "prompt": 5}, "prompt"),
-    ({"type": "generate", "id": "x", "prompt": "p", "deadline_s": 0}, "deadline_s"),
-    ({"type": "generate", "id": "x"}, "prompt"),
-    ({"type": "generate", "id": "x", "prompt": "p", "messages": [{"role": "u", "content": "c"}]}, "messages"),
-    ({"type": "generate", "id": "x", "prompt_token_ids": []}, "prompt_token_ids"),
-    ({"type": "placement", "id": "x", "op": "move"}, "op"),
-    ({"type": "launch", "id": "x"}, "type"),
-    ({"id": "x"}, "type"),
-])
+@pytest.mark.parametrize(
+    "body, field",
+    [
+        ({"type": "generate", "id": "x", "prompt": "p", "sampling": {"temperature": -1}}, "sampling.temperature"),
+        ({"type": "generate", "id": "x", "prompt": "p", "sampling": {"top_p": float("nan")}}, "sampling.top_p"),
+        ({"type": "generate", "id": "x", "prompt": "p", "sampling": {"max_tokens": "ten"}}, "sampling.max_tokens"),
+        ({"type": "generate", "id": "x", "prompt": "p", "sampling": {"max_tokens": 0}}, "sampling.max_tokens"),
+        ({"type": "generate", "id": "x", "prompt": "p", "sampling": {"nucleus": 0.9}}, "sampling.nucleus"),
+        ({"type": "generate", "id": "x", "prompt": "p", "sampling": {"stop": [""]}}, "sampling.stop[0]"),
+        ({"type": "generate", "id": "x", "prompt": "p", "sampling": {"stop": ["a"] * 17}}, "sampling.stop"),
+        ({"type": "generate", "id": "x", "prompt_token_ids": [1, -2]}, "prompt_token_ids[1]"),
+        ({"type": "generate", "id": "x", "messages": [{"role": "user"}]}, "messages[0].content"),
+        ({"type": "generate", "prompt": "p"}, "id"),
+        ({"type": "generate", "id": "", "prompt": "p"}, "id"),
+        ({"type": "generate", "id": "x", "prompt": 5}, "prompt"),
+        ({"type": "generate", "id": "x", "prompt": "p", "deadline_s": 0}, "deadline_s"),
+        ({"type": "generate", "id": "x"}, "prompt"),
+        ({"type": "generate", "id": "x", "prompt": "p", "messages": [{"role": "u", "content": "c"}]}, "messages"),
+        ({"type": "generate", "id": "x", "prompt_token_ids": []}, "prompt_token_ids"),
+        ({"type": "placement", "id": "x", "op": "move"}, "op"),
+        ({"type": "launch", "id": "x"}, "type"),
+        ({"id": "x"}, "type"),
+    ],
+)
 def test_invalid_field_is_named(body, field):
     with pytest.raises(cp.ProtocolError) as e:
         cp.decode_request(enc.encode(body))
@@ -71,12 +94,15 @@ def test_invalid_field_is_named(body, field):
     assert reply.field == field and reply.code == "invalid_request"
 
 
-@pytest.mark.parametrize("body", [
-    enc.encode({"type": "health", "id": "x"})[:-1],  # truncated
-    enc.encode({"type": "health", "id": "x"}) + b"\x00",  # trailing bytes
-    b"\xc1",  # a msgpack opcode that is never valid
-    b"",
-])
+@pytest.mark.parametrize(
+    "body",
+    [
+        enc.encode({"type": "health", "id": "x"})[:-1],  # truncated
+        enc.encode({"type": "health", "id": "x"}) + b"\x00",  # trailing bytes
+        b"\xc1",  # a msgpack opcode that is never valid
+        b"",
+    ],
+)
 def test_broken_bodies_are_malformed(body):
     with pytest.raises(cp.ProtocolError) as e:
         cp.decode_request(body)

@@ -147,7 +147,7 @@ def test_cli(daemon, capsys):
     chat = tok.encode_chat([{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}])
     end = chat.index(tok.tokenizer.token_to_id("<|user|>"))  # an eos id: the echo stops there
     # The template opens <think>, so the echoed text is the reply's reasoning (stderr); its answer is empty.
-    assert tok.decode(chat[:end + 1]) == "be brief"
+    assert tok.decode(chat[: end + 1]) == "be brief"
     assert rc == 0 and out == "\n" and "be brief" in err
     rc, out, _ = _cli(["--health", "--address", daemon.address], capsys)
     assert rc == 0 and json.loads(out)["state"] == "ready"
@@ -160,8 +160,22 @@ def test_cli(daemon, capsys):
 
 
 def test_cli_module_entry_point(daemon):
-    out = subprocess.run([sys.executable, "-m", "moed.client.cli", "abc", "--address", daemon.address,
-                          "--max-tokens", "3", "--no-stream"], capture_output=True, text=True, timeout=60)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "moed.client.cli",
+            "abc",
+            "--address",
+            daemon.address,
+            "--max-tokens",
+            "3",
+            "--no-stream",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     ids = daemon.daemon.tokenizer.encode("abc")
     assert out.returncode == 0, out.stderr
     assert out.stdout == daemon.daemon.tokenizer.decode([ids[i % len(ids)] for i in range(3)]) + "\n"

@@ -10,11 +10,16 @@ from moed.engine.llm_engine import EngineConfig, LLMEngine
 from moed.engine.protocol import SamplingParams
 
 
-@pytest.mark.parametrize("flags, sampling", [
-    (["--ignore-eos"], SamplingParams(max_tokens=12, ignore_eos=True)),
-    (["--temperature", "0.8", "--top-p", "0.9", "--seed", "5"], SamplingParams(max_tokens=12, temperature=0.8,
-                                                                                top_p=0.9, seed=5)),
-])
+@pytest.mark.parametrize(
+    "flags, sampling",
+    [
+        (["--ignore-eos"], SamplingParams(max_tokens=12, ignore_eos=True)),
+        (
+            ["--temperature", "0.8", "--top-p", "0.9", "--seed", "5"],
+            SamplingParams(max_tokens=12, temperature=0.8, top_p=0.9, seed=5),
+        ),
+    ],
+)
 def test_generate_prints_what_the_engine_generates(tiny_checkpoint, capsys, flags, sampling):
     rc = main(["generate", "--model", tiny_checkpoint, "--device", "cpu", "--max-tokens", "12", *flags, "Grüße, hello"])
     out = capsys.readouterr().out

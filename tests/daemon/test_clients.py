@@ -36,17 +36,37 @@ def call(name: str, args: str) -> cp.ToolCallDelta:
 
 def test_queued_chunks_merge_per_choice_and_keep_reasoning_and_tool_calls():
     ob, client, lost = outboxes()
-    ob.send(client, cp.Batch(items=[cp.Chunk(id="r", text="a", token_ids=[1], index=0),
-                                    cp.Chunk(id="r", token_ids=[2], index=1, reasoning="think")]))
+    ob.send(
+        client,
+        cp.Batch(
+            items=[
+                cp.Chunk(id="r", text="a", token_ids=[1], index=0),
+                cp.Chunk(id="r", token_ids=[2], index=1, reasoning="think"),
+            ]
+        ),
+    )
     ob.send(client, cp.Chunk(id="r", text="c", token_ids=[3], index=0, tool_calls=[call("f", "{")]))
     ob.send(client, cp.Chunk(id="r", token_ids=[4], index=1, reasoning="ing"))
     ob.send(client, cp.Final(id="r", finish_reason="stop", prompt_tokens=1, completion_tokens=2, e2e_s=0.0))
     ob.send(client, cp.Chunk(id="r", text="e", token_ids=[5], index=1))  # choice 1 goes on after choice 0 ended
     ob.send(client, cp.Chunk(id="q", text="other", token_ids=[9]))
-    got = [(type(r).__name__, r.id, r.index, getattr(r, "text", None), getattr(r, "token_ids", None),
-            getattr(r, "reasoning", None)) for r in client.outbox]
-    assert got == [("Chunk", "r", 0, "ac", [1, 3], ""), ("Chunk", "r", 1, "e", [2, 4, 5], "thinking"),
-                   ("Final", "r", 0, "", [], ""), ("Chunk", "q", 0, "other", [9], "")]
+    got = [
+        (
+            type(r).__name__,
+            r.id,
+            r.index,
+            getattr(r, "text", None),
+            getattr(r, "token_ids", None),
+            getattr(r, "reasoning", None),
+        )
+        for r in client.outbox
+    ]
+    assert got == [
+        ("Chunk", "r", 0, "ac", [1, 3], ""),
+        ("Chunk", "r", 1, "e", [2, 4, 5], "thinking"),
+        ("Final", "r", 0, "", [], ""),
+        ("Chunk", "q", 0, "other", [9], ""),
+    ]
     assert client.outbox[0].tool_calls == [call("f", "{")]
     assert not lost and ob.backlogged == {b"c"}
 

@@ -23,8 +23,10 @@ def model_dir(tmp_path):
 
 def test_precedence_defaults_file_env_flags(tmp_path, model_dir):
     f = tmp_path / "moed.toml"
-    f.write_text(f'model = "{model_dir}"\nclient_concurrency = 10\ndrain_timeout_s = 5\nlog_level = "debug"\n'
-                 'listen = ["tcp://127.0.0.1:1", "ipc:///tmp/x.sock"]\n')
+    f.write_text(
+        f'model = "{model_dir}"\nclient_concurrency = 10\ndrain_timeout_s = 5\nlog_level = "debug"\n'
+        'listen = ["tcp://127.0.0.1:1", "ipc:///tmp/x.sock"]\n'
+    )
     env = {"MOED_CLIENT_CONCURRENCY": "20", "MOED_DRAIN_TIMEOUT_S": "7.5", "MOED_WORKER_COMMAND": "w --b 'x y'"}
     cfg, src = load_config(f, env, {"client_concurrency": "30"})
     assert cfg.client_concurrency == 30 and src["client_concurrency"] == "flag --client-concurrency"
@@ -41,8 +43,10 @@ def test_precedence_defaults_file_env_flags(tmp_path, model_dir):
 
 def test_engine_settings_are_keys_variables_and_flags(tmp_path, model_dir):
     f = tmp_path / "moed.toml"
-    f.write_text(f'model = "{model_dir}"\nmoe = "offload"\nmax_model_len = 4096\nexpert_cache_gb = 60\n'
-                 'spec_steps = 2\ncompile_prefill = true\nkv_pages = "auto"\n')
+    f.write_text(
+        f'model = "{model_dir}"\nmoe = "offload"\nmax_model_len = 4096\nexpert_cache_gb = 60\n'
+        'spec_steps = 2\ncompile_prefill = true\nkv_pages = "auto"\n'
+    )
     env = {"MOED_EXPERT_CACHE_GB": "2.5", "MOED_MISS_SERVICE": "copy", "MOED_CUDA_GRAPHS": "off", "MOED_SEED": "7"}
     cfg, src = load_config(f, env, {"spec_steps": "1", "overlap": "false"})
     assert (cfg.moe, cfg.max_model_len, cfg.compile_prefill, cfg.kv_pages) == ("offload", 4096, True, None)
@@ -57,26 +61,68 @@ def test_worker_gets_the_engine_settings_as_flags(model_dir):
     from moed.engine.config import engine_config_from_args
     from moed.engine.worker import build_parser
 
-    cfg, _ = load_config(None, {}, {"model": model_dir, "moe": "offload", "expert_cache_gb": "1.5", "device": "cpu",
-                                    "overlap": "false", "max_model_len": "512", "miss_service": "copy"})
-    sup = WorkerSupervisor(cfg, model_dir, None, on_message=print, on_ready=print, on_lost=print, on_state=print,
-                           on_restart=print)
+    cfg, _ = load_config(
+        None,
+        {},
+        {
+            "model": model_dir,
+            "moe": "offload",
+            "expert_cache_gb": "1.5",
+            "device": "cpu",
+            "overlap": "false",
+            "max_model_len": "512",
+            "miss_service": "copy",
+        },
+    )
+    sup = WorkerSupervisor(
+        cfg, model_dir, None, on_message=print, on_ready=print, on_lost=print, on_state=print, on_restart=print
+    )
     argv = sup._worker_argv("ipc:///a", "ipc:///b")
     assert argv[:3] == [sys.executable, "-m", "moed.engine.worker"]
     # Only what differs from the worker's defaults is written out: the command line says what was chosen.
-    assert argv[argv.index("--stats-interval") + 2:] == ["--device", "cpu", "--max-model-len", "512", "--moe",
-                                                          "offload", "--expert-cache-gb", "1.5", "--miss-service",
-                                                          "copy", "--no-overlap"]
+    assert argv[argv.index("--stats-interval") + 2 :] == [
+        "--device",
+        "cpu",
+        "--max-model-len",
+        "512",
+        "--moe",
+        "offload",
+        "--expert-cache-gb",
+        "1.5",
+        "--miss-service",
+        "copy",
+        "--no-overlap",
+    ]
     engine = engine_config_from_args(build_parser().parse_args(argv[3:]), model_dir)
-    for key in ("moe", "expert_cache_gb", "overlap", "max_model_len", "miss_service", "device", "max_running",
-                "kv_pages", "cuda_graphs", "spec_steps", "seed"):
+    for key in (
+        "moe",
+        "expert_cache_gb",
+        "overlap",
+        "max_model_len",
+        "miss_service",
+        "device",
+        "max_running",
+        "kv_pages",
+        "cuda_graphs",
+        "spec_steps",
+        "seed",
+    ):
         assert getattr(engine, key) == getattr(cfg, key), key
     assert engine.dtype == "fp32"  # auto on a CPU device
 
 
 def test_rendered_config_loads_back(tmp_path, model_dir):
-    cfg, src = load_config(None, {"MOED_MODEL": model_dir, "MOED_LISTEN": "tcp://[::1]:5,ipc:///tmp/é.sock",
-                                  "MOED_EXPERT_CACHE_GB": "3", "MOED_MOE": "offload", "MOED_OVERLAP": "no"}, {})
+    cfg, src = load_config(
+        None,
+        {
+            "MOED_MODEL": model_dir,
+            "MOED_LISTEN": "tcp://[::1]:5,ipc:///tmp/é.sock",
+            "MOED_EXPERT_CACHE_GB": "3",
+            "MOED_MOE": "offload",
+            "MOED_OVERLAP": "no",
+        },
+        {},
+    )
     text = render(cfg, src)
     assert "# environment MOED_LISTEN" in text
     f = tmp_path / "round.toml"
@@ -90,35 +136,38 @@ def test_rendered_config_hides_the_http_api_key(model_dir):
     assert cfg.http_api_key == "s3cret" and "s3cret" not in text and "http_api_key = " in text
 
 
-@pytest.mark.parametrize("body, needle", [
-    ('client_concurency = 3', "unknown key 'client_concurency'"),
-    ('client_concurency = 3', "did you mean 'client_concurrency'"),
-    ('client_concurrency = "many"', "client_concurrency from "),
-    ('client_concurrency = 0', "must be >= 1, got 0"),
-    ('drain_timeout_s = -1', "drain_timeout_s from"),
-    ('stats_interval_s = 0', "must be > 0"),
-    ('log_level = "loud"', "must be one of debug, info, warning, error"),
-    ('listen = 5', "must be a list of strings"),
-    ('moe = "fast"', "moe from"),
-    ('moe = "fast"', "must be one of torch, offload"),
-    ('miss_service = "gpu"', "must be one of auto, copy, hybrid, cpu"),
-    ('miss_service = "hybrid"', "needs moe='offload'"),
-    ('expert_cache_gb = "lots"', "cannot parse 'lots' as a number (or auto)"),
-    ('overlap = "maybe"', "as a boolean"),
-    ('overlap = 1', "must be true or false"),
-    ('max_model_len = 0', "must be >= 1, got 0"),
-    ('placement = "on"', "only moe = offload has"),
-    ('listen = ["http://x"]', "must start with tcp:// or ipc://"),
-    ('metrics_address = "9100"', "must be HOST:PORT"),
-    ('http_address = "localhost"', "http_address from"),
-    ('http_max_requests = 0', "must be >= 1, got 0"),
-    ('curve_secret_key = "/x.key_secret"', "Curve needs both"),
-    ('model = "builtin:huge"', "unknown built-in model 'builtin:huge'"),
-    ('model = "huge"', "'huge' is not a directory"),
-    ('model = "/nonexistent/ckpt"', "is not a directory"),
-    ('max_running = true', "must be an integer"),
-    ('this is = not toml', "not valid TOML"),
-])
+@pytest.mark.parametrize(
+    "body, needle",
+    [
+        ("client_concurency = 3", "unknown key 'client_concurency'"),
+        ("client_concurency = 3", "did you mean 'client_concurrency'"),
+        ('client_concurrency = "many"', "client_concurrency from "),
+        ("client_concurrency = 0", "must be >= 1, got 0"),
+        ("drain_timeout_s = -1", "drain_timeout_s from"),
+        ("stats_interval_s = 0", "must be > 0"),
+        ('log_level = "loud"', "must be one of debug, info, warning, error"),
+        ("listen = 5", "must be a list of strings"),
+        ('moe = "fast"', "moe from"),
+        ('moe = "fast"', "must be one of torch, offload"),
+        ('miss_service = "gpu"', "must be one of auto, copy, hybrid, cpu"),
+        ('miss_service = "hybrid"', "needs moe='offload'"),
+        ('expert_cache_gb = "lots"', "cannot parse 'lots' as a number (or auto)"),
+        ('overlap = "maybe"', "as a boolean"),
+        ("overlap = 1", "must be true or false"),
+        ("max_model_len = 0", "must be >= 1, got 0"),
+        ('placement = "on"', "only moe = offload has"),
+        ('listen = ["http://x"]', "must start with tcp:// or ipc://"),
+        ('metrics_address = "9100"', "must be HOST:PORT"),
+        ('http_address = "localhost"', "http_address from"),
+        ("http_max_requests = 0", "must be >= 1, got 0"),
+        ('curve_secret_key = "/x.key_secret"', "Curve needs both"),
+        ('model = "builtin:huge"', "unknown built-in model 'builtin:huge'"),
+        ('model = "huge"', "'huge' is not a directory"),
+        ('model = "/nonexistent/ckpt"', "is not a directory"),
+        ("max_running = true", "must be an integer"),
+        ("this is = not toml", "not valid TOML"),
+    ],
+)
 def test_bad_file_values_are_named(tmp_path, model_dir, body, needle):
     f = tmp_path / "bad.toml"
     text = body if body.startswith("model") else f'model = "{model_dir}"\n{body}\n'
@@ -174,8 +223,21 @@ def test_serve_flags_parse_into_config(model_dir):
     add_serve_arguments(p)
     from moed.daemon.config import flags_from_args
 
-    args = p.parse_args(["--model", model_dir, "--listen", "tcp://127.0.0.1:9,ipc:///tmp/a", "--moe", "offload",
-                         "--expert-cache-gb", "60", "--no-cuda-graphs", "--max-model-len", "auto"])
+    args = p.parse_args(
+        [
+            "--model",
+            model_dir,
+            "--listen",
+            "tcp://127.0.0.1:9,ipc:///tmp/a",
+            "--moe",
+            "offload",
+            "--expert-cache-gb",
+            "60",
+            "--no-cuda-graphs",
+            "--max-model-len",
+            "auto",
+        ]
+    )
     cfg, src = load_config(args.config, {}, flags_from_args(args))
     assert cfg.listen == ("tcp://127.0.0.1:9", "ipc:///tmp/a")
     assert (cfg.moe, cfg.expert_cache_gb, cfg.cuda_graphs, cfg.max_model_len) == ("offload", 60.0, False, None)

@@ -48,8 +48,7 @@ def oracle(tiny_checkpoint):
 
 @pytest.fixture(scope="module")
 def engine_daemon(tiny_checkpoint):
-    with DaemonThread(make_config(tiny_checkpoint, worker=REAL_WORKER, stats_interval_s=0.1,
-                                  max_running=128)) as d:
+    with DaemonThread(make_config(tiny_checkpoint, worker=REAL_WORKER, stats_interval_s=0.1, max_running=128)) as d:
         d.wait_ready(120)
         yield d
 
@@ -68,8 +67,10 @@ def test_engine_stream_matches_single_sequence_greedy(engine_daemon, oracle):
 
 async def test_engine_100_concurrent_streams_each_get_their_own_tokens(engine_daemon, oracle):
     tok = engine_daemon.daemon.tokenizer
-    prompts = [f"{i} " + " ".join(["expert", "cache", "token", "layer", "route"][j % 5] for j in range(i % 9 + 1))
-               for i in range(100)]
+    prompts = [
+        f"{i} " + " ".join(["expert", "cache", "token", "layer", "route"][j % 5] for j in range(i % 9 + 1))
+        for i in range(100)
+    ]
     client = AsyncClient(engine_daemon.address, timeout=120)
 
     async def one(p: str):
@@ -94,9 +95,16 @@ def test_engine_abort_and_stop_string(engine_daemon, oracle):
         next(it), next(it)
         it.close()
         d.wait_for(lambda: not d.daemon.by_engine_id, 5, "aborted in the daemon")
-        d.wait_for(lambda: d.daemon.last_stats is not None and d.daemon.last_stats.running == 0
-                   and d.daemon.last_stats.kv_usage == 0 and time.monotonic() - d.daemon.last_stats_at < 0.15,
-                   10, "engine freed the request and its KV pages")
+        d.wait_for(
+            lambda: (
+                d.daemon.last_stats is not None
+                and d.daemon.last_stats.running == 0
+                and d.daemon.last_stats.kv_usage == 0
+                and time.monotonic() - d.daemon.last_stats_at < 0.15
+            ),
+            10,
+            "engine freed the request and its KV pages",
+        )
         # A stop string taken from the greedy text itself, spanning tokens: the text ends right before it.
         free = c.generate("The quick brown fox", max_tokens=40, ignore_eos=True)
         stop = free.text[12:16]
@@ -104,9 +112,12 @@ def test_engine_abort_and_stop_string(engine_daemon, oracle):
         cut = c.generate("The quick brown fox", max_tokens=40, ignore_eos=True, stop=stop)
         i = free.text.find(stop)
         assert cut.finish_reason == "stop" and cut.stop == stop and cut.text == free.text[:i]
-        assert cut.token_ids == free.token_ids[:cut.completion_tokens] and cut.completion_tokens < 40
-    d.wait_for(lambda: d.daemon.last_stats.running == 0 and time.monotonic() - d.daemon.last_stats_at < 0.15,
-               10, "engine dropped the stopped request")
+        assert cut.token_ids == free.token_ids[: cut.completion_tokens] and cut.completion_tokens < 40
+    d.wait_for(
+        lambda: d.daemon.last_stats.running == 0 and time.monotonic() - d.daemon.last_stats_at < 0.15,
+        10,
+        "engine dropped the stopped request",
+    )
 
 
 def test_engine_metrics_and_placement(engine_daemon):

@@ -123,13 +123,28 @@ def test_a_1kb_message_nested_1000_deep_does_not_make_the_daemon_deaf(daemon, wh
     """Issue 15's first defect: such a message ended the frontend silently; nothing was read after it."""
     value = b"\x91" * 1000 + b"\xc0"
     body = {
-        "prompt": b"\x83" + enc.encode("type") + enc.encode("generate") + enc.encode("id") + enc.encode("d")
-        + enc.encode("prompt") + value,
-        "messages": b"\x83" + enc.encode("type") + enc.encode("generate") + enc.encode("id") + enc.encode("d")
-        + enc.encode("messages") + value,
+        "prompt": b"\x83"
+        + enc.encode("type")
+        + enc.encode("generate")
+        + enc.encode("id")
+        + enc.encode("d")
+        + enc.encode("prompt")
+        + value,
+        "messages": b"\x83"
+        + enc.encode("type")
+        + enc.encode("generate")
+        + enc.encode("id")
+        + enc.encode("d")
+        + enc.encode("messages")
+        + value,
         "ids": b"\x82" + enc.encode("type") + enc.encode("heartbeat") + enc.encode("ids") + value,
-        "unknown field": b"\x83" + enc.encode("type") + enc.encode("health") + enc.encode("id") + enc.encode("d")
-        + enc.encode("junk") + value,
+        "unknown field": b"\x83"
+        + enc.encode("type")
+        + enc.encode("health")
+        + enc.encode("id")
+        + enc.encode("d")
+        + enc.encode("junk")
+        + value,
         "before the tag": b"\x82" + enc.encode("prompt") + value + enc.encode("type") + enc.encode("generate"),
         "top level": value,
     }[where]
@@ -165,6 +180,7 @@ def test_limits_refuse_before_tokenising(daemon, monkeypatch):
     encoded = count_encoded(daemon, monkeypatch)
     max_len = daemon.daemon.supervisor.info.max_model_len
     with Client(daemon.address, timeout=30) as c:
+
         def refused(**kw) -> MoedError:
             with pytest.raises(MoedError) as e:
                 c.generate(**{"max_tokens": 4, **kw})
@@ -221,8 +237,9 @@ def test_tokenising_releases_the_gil(tiny_checkpoint):
         progress.append(time.perf_counter())
         time.sleep(0.001)
     worker.join()
-    assert len(progress) >= 20, f"the main thread ran {len(progress)} times during a " \
-        f"{progress[-1] - progress[0]:.2f} s encode"
+    assert len(progress) >= 20, (
+        f"the main thread ran {len(progress)} times during a {progress[-1] - progress[0]:.2f} s encode"
+    )
 
 
 def test_a_long_prompt_counted_then_tokenised_off_the_loop_gets_its_exact_ids(tiny_checkpoint):
@@ -261,14 +278,16 @@ def test_http_prompts_meet_the_same_limits_and_the_api_stays_live(tiny_checkpoin
         d.wait_ready(30)
         max_len = d.daemon.supervisor.info.max_model_len
         encoded = count_encoded(d, monkeypatch)
-        code, body = post(d, "/v1/completions", json.dumps({"prompt": filler_text(LIMIT - 1024),
-                                                             "max_tokens": 4}).encode())
+        code, body = post(
+            d, "/v1/completions", json.dumps({"prompt": filler_text(LIMIT - 1024), "max_tokens": 4}).encode()
+        )
         assert code == 400 and "has more than" in body["error"]["message"] and body["error"]["param"] == "prompt"
         assert sum(encoded) <= 2 * (1 << 16)
         encoded.clear()
         many = [{"role": "user", "content": "x"}] * max_len  # within the byte limit, too many to fit
-        code, body = post(d, "/v1/chat/completions", json.dumps({"messages": many, "max_tokens": 4},
-                                                                 separators=(",", ":")).encode())
+        code, body = post(
+            d, "/v1/chat/completions", json.dumps({"messages": many, "max_tokens": 4}, separators=(",", ":")).encode()
+        )
         assert code == 400 and body["error"]["param"] == "messages" and encoded == []
         code, body = post(d, "/v1/completions", json.dumps({"prompt": "x" * LIMIT, "max_tokens": 4}).encode())
         assert code == 413 and f"max_message_bytes={LIMIT}" in body["error"]["message"]

@@ -307,13 +307,28 @@ def test_a_blocked_event_loop_stops_the_watchdog(tiny_checkpoint):
 
 def test_moed_serve_exits_1_when_a_serving_task_keeps_failing(tiny_checkpoint):
     d = short_dir()
-    code = ("import sys; from moed.daemon import liveness, server, service\n"
-            "async def broken(self): raise RuntimeError('injected frontend bug')\n"
-            "server.Daemon._frontend = broken; liveness.RESTART_DELAY_S = 0.01\n"
-            "sys.argv[0] = 'moed serve'; p = service.argparse.ArgumentParser(); service.add_serve_arguments(p)\n"
-            "sys.exit(service.serve_main(p.parse_args()))\n")
-    argv = [sys.executable, "-c", code, "--model", tiny_checkpoint, "--listen", f"ipc://{d}/c.sock",
-            "--metrics-address", "", "--runtime-dir", d, "--worker-command", " ".join(DOUBLE)]
+    code = (
+        "import sys; from moed.daemon import liveness, server, service\n"
+        "async def broken(self): raise RuntimeError('injected frontend bug')\n"
+        "server.Daemon._frontend = broken; liveness.RESTART_DELAY_S = 0.01\n"
+        "sys.argv[0] = 'moed serve'; p = service.argparse.ArgumentParser(); service.add_serve_arguments(p)\n"
+        "sys.exit(service.serve_main(p.parse_args()))\n"
+    )
+    argv = [
+        sys.executable,
+        "-c",
+        code,
+        "--model",
+        tiny_checkpoint,
+        "--listen",
+        f"ipc://{d}/c.sock",
+        "--metrics-address",
+        "",
+        "--runtime-dir",
+        d,
+        "--worker-command",
+        " ".join(DOUBLE),
+    ]
     done = subprocess.run(argv, capture_output=True, text=True, timeout=90, env={**os.environ, "NOTIFY_SOCKET": ""})
     assert done.returncode == 1, done.stderr[-3000:]
     assert "serving task frontend failed; restarting it" in done.stderr

@@ -23,11 +23,21 @@ from hypothesis import strategies as st
 
 from moed.client.api import Client
 
-RECORDED = ("The user wants the weather in Beijing, so I should call get_weather.</think>I'll check the weather."
-            "<tool_call>get_weather<arg_key>city</arg_key><arg_value>Beijing</arg_value><arg_key>days</arg_key>"
-            "<arg_value>3</arg_value></tool_call>")
-TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "Weather forecast", "parameters": {
-    "type": "object", "properties": {"city": {"type": "string"}, "days": {"type": "integer"}}}}}]
+RECORDED = (
+    "The user wants the weather in Beijing, so I should call get_weather.</think>I'll check the weather."
+    "<tool_call>get_weather<arg_key>city</arg_key><arg_value>Beijing</arg_value><arg_key>days</arg_key>"
+    "<arg_value>3</arg_value></tool_call>"
+)
+TOOLS = [
+    {
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "description": "Weather forecast",
+            "parameters": {"type": "object", "properties": {"city": {"type": "string"}, "days": {"type": "integer"}}},
+        },
+    }
+]
 ASK = [{"role": "user", "content": "Weather in Beijing for 3 days?"}]
 
 
@@ -42,20 +52,32 @@ def replay_file(model_dir: str, text: str, path: Path) -> Path:
 @pytest.fixture(scope="module")
 def replay_daemon(tiny_checkpoint, tmp_path_factory):
     replay = replay_file(tiny_checkpoint, RECORDED, tmp_path_factory.mktemp("replay") / "glm.json")
-    cfg = make_config(tiny_checkpoint, worker=(*DOUBLE, "--double-replay", str(replay)), http_address="127.0.0.1:0",
-                      model_name="tiny", max_message_bytes=256 << 10, http_max_requests=8)
+    cfg = make_config(
+        tiny_checkpoint,
+        worker=(*DOUBLE, "--double-replay", str(replay)),
+        http_address="127.0.0.1:0",
+        model_name="tiny",
+        max_message_bytes=256 << 10,
+        http_max_requests=8,
+    )
     with DaemonThread(cfg) as d:
         d.wait_ready(60)
         yield d
 
 
 def sdk(d: DaemonThread, **kw) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"http://127.0.0.1:{d.daemon.http_port}/v1", api_key=kw.pop("api_key", "none"),
-                         max_retries=0, timeout=30, **kw)
+    return openai.OpenAI(
+        base_url=f"http://127.0.0.1:{d.daemon.http_port}/v1",
+        api_key=kw.pop("api_key", "none"),
+        max_retries=0,
+        timeout=30,
+        **kw,
+    )
 
 
-def raw(d: DaemonThread, method: str, path: str, body: bytes | None = None,
-        headers: dict[str, str] | None = None) -> tuple[int, dict, bytes]:
+def raw(
+    d: DaemonThread, method: str, path: str, body: bytes | None = None, headers: dict[str, str] | None = None
+) -> tuple[int, dict, bytes]:
     conn = http.client.HTTPConnection("127.0.0.1", d.daemon.http_port, timeout=30)
     try:
         conn.request(method, path, body=body, headers={"content-type": "application/json", **(headers or {})})
@@ -84,8 +106,11 @@ def test_sdk_chat_splits_reasoning_and_parses_the_tool_call(replay_daemon):
 
 def test_sdk_stream_gives_the_same_message_incrementally(replay_daemon):
     whole = sdk(replay_daemon).chat.completions.create(model="tiny", messages=ASK, tools=TOOLS).choices[0].message
-    chunks = list(sdk(replay_daemon).chat.completions.create(model="tiny", messages=ASK, tools=TOOLS, stream=True,
-                                                             stream_options={"include_usage": True}))
+    chunks = list(
+        sdk(replay_daemon).chat.completions.create(
+            model="tiny", messages=ASK, tools=TOOLS, stream=True, stream_options={"include_usage": True}
+        )
+    )
     assert chunks[0].choices[0].delta.role == "assistant"
     reasoning = "".join(getattr(c.choices[0].delta, "reasoning_content", None) or "" for c in chunks if c.choices)
     content = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
@@ -139,24 +164,41 @@ def test_tool_choice_none_and_thinking_off_reach_parser_and_template(replay_daem
     r = client.chat.completions.create(model="tiny", messages=ASK, tools=TOOLS, tool_choice="none")
     assert r.choices[0].message.tool_calls is None and "<tool_call>get_weather" in r.choices[0].message.content
     assert r.choices[0].finish_reason == "stop"
-    off = client.chat.completions.create(model="tiny", messages=ASK, tools=TOOLS,
-                                         extra_body={"chat_template_kwargs": {"enable_thinking": False}})
+    off = client.chat.completions.create(
+        model="tiny", messages=ASK, tools=TOOLS, extra_body={"chat_template_kwargs": {"enable_thinking": False}}
+    )
     # the prompt closed <think>: the model's text is all answer (its stray </think> included)
     assert off.choices[0].message.reasoning_content is None
     assert off.choices[0].message.content.startswith("The user wants") and off.choices[0].message.tool_calls
 
 
 def test_tool_conversation_and_list_content_are_accepted(replay_daemon):
-    messages = [{"role": "system", "content": [{"type": "text", "text": "Be brief."}]}, *ASK,
-                {"role": "assistant", "content": None, "tool_calls": [
-                    {"id": "call_1", "type": "function",
-                     "function": {"name": "get_weather", "arguments": '{"city": "Beijing", "days": 3}'}}]},
-                {"role": "tool", "tool_call_id": "call_1", "content": "sunny, 25 C"}]
+    messages = [
+        {"role": "system", "content": [{"type": "text", "text": "Be brief."}]},
+        *ASK,
+        {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [
+                {
+                    "id": "call_1",
+                    "type": "function",
+                    "function": {"name": "get_weather", "arguments": '{"city": "Beijing", "days": 3}'},
+                }
+            ],
+        },
+        {"role": "tool", "tool_call_id": "call_1", "content": "sunny, 25 C"},
+    ]
     r = sdk(replay_daemon).chat.completions.create(model="tiny", messages=messages, tools=TOOLS)
     assert r.choices[0].message.tool_calls[0].function.name == "get_weather"
     with pytest.raises(openai.BadRequestError) as e:
-        bad = [*messages[:2], {**messages[2], "tool_calls": [{"id": "c", "type": "function",
-                                                               "function": {"name": "f", "arguments": "{not json"}}]}]
+        bad = [
+            *messages[:2],
+            {
+                **messages[2],
+                "tool_calls": [{"id": "c", "type": "function", "function": {"name": "f", "arguments": "{not json"}}],
+            },
+        ]
         sdk(replay_daemon).chat.completions.create(model="tiny", messages=bad)
     assert e.value.body["param"] == "messages[2].tool_calls[0].function.arguments"
 
@@ -167,7 +209,7 @@ def test_completions_endpoint_with_logprobs_echo_and_several_prompts(replay_daem
     lp = r.choices[0].logprobs
     assert r.object == "text_completion" and r.choices[0].finish_reason == "length" and len(lp.tokens) == 5
     assert "".join(lp.tokens) == r.choices[0].text and lp.text_offset[0] == 0
-    assert r.choices[0].text == RECORDED[:len(r.choices[0].text)]  # completions are never parsed
+    assert r.choices[0].text == RECORDED[: len(r.choices[0].text)]  # completions are never parsed
     echo = client.completions.create(model="tiny", prompt="Hello", max_tokens=3, echo=True)
     assert echo.choices[0].text.startswith("Hello")
     ids = replay_daemon.daemon.tokenizer.encode("Hello there", add_special_tokens=False)
@@ -175,8 +217,9 @@ def test_completions_endpoint_with_logprobs_echo_and_several_prompts(replay_daem
     assert echo_ids.choices[0].text.startswith("Hello there")
     many = client.completions.create(model="tiny", prompt=["a", "b"], max_tokens=2, n=2)
     assert [c.index for c in many.choices] == [0, 1, 2, 3]
-    streamed = "".join(c.choices[0].text for c in client.completions.create(model="tiny", prompt="Hello",
-                                                                              max_tokens=5, stream=True))
+    streamed = "".join(
+        c.choices[0].text for c in client.completions.create(model="tiny", prompt="Hello", max_tokens=5, stream=True)
+    )
     assert streamed == r.choices[0].text
 
 
@@ -188,21 +231,27 @@ def test_models_endpoint(replay_daemon):
         sdk(replay_daemon).models.retrieve("gpt-4")
 
 
-@pytest.mark.parametrize(("body", "status", "param"), [
-    ({"model": "tiny", "messages": ASK, "temperature": -1}, 400, "temperature"),
-    ({"model": "tiny", "messages": ASK, "top_p": 0}, 400, "top_p"),
-    ({"model": "tiny", "messages": ASK, "n": 0}, 400, "n"),
-    ({"model": "tiny", "messages": ASK, "max_tokens": 10 ** 6}, 400, "max_tokens"),
-    ({"model": "tiny", "messages": []}, 400, "messages"),
-    ({"model": "tiny"}, 400, "messages"),
-    ({"model": "tiny", "messages": "hi"}, 400, "messages"),
-    ({"model": "tiny", "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]}, 400,
-     "messages[0].content[0].type"),
-    ({"model": "tiny", "messages": ASK, "response_format": {"type": "json_object"}}, 400, "response_format"),
-    ({"model": "tiny", "messages": ASK, "tool_choice": "required"}, 400, "tool_choice"),
-    ({"model": "tiny", "messages": ASK, "chat_template_kwargs": {"messages": []}}, 400, "chat_template_kwargs"),
-    ({"model": "other", "messages": ASK}, 404, "model"),
-])
+@pytest.mark.parametrize(
+    ("body", "status", "param"),
+    [
+        ({"model": "tiny", "messages": ASK, "temperature": -1}, 400, "temperature"),
+        ({"model": "tiny", "messages": ASK, "top_p": 0}, 400, "top_p"),
+        ({"model": "tiny", "messages": ASK, "n": 0}, 400, "n"),
+        ({"model": "tiny", "messages": ASK, "max_tokens": 10**6}, 400, "max_tokens"),
+        ({"model": "tiny", "messages": []}, 400, "messages"),
+        ({"model": "tiny"}, 400, "messages"),
+        ({"model": "tiny", "messages": "hi"}, 400, "messages"),
+        (
+            {"model": "tiny", "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]},
+            400,
+            "messages[0].content[0].type",
+        ),
+        ({"model": "tiny", "messages": ASK, "response_format": {"type": "json_object"}}, 400, "response_format"),
+        ({"model": "tiny", "messages": ASK, "tool_choice": "required"}, 400, "tool_choice"),
+        ({"model": "tiny", "messages": ASK, "chat_template_kwargs": {"messages": []}}, 400, "chat_template_kwargs"),
+        ({"model": "other", "messages": ASK}, 404, "model"),
+    ],
+)
 def test_bad_requests_get_openai_errors_with_the_field(replay_daemon, body, status, param):
     code, _, data = raw(replay_daemon, "POST", "/v1/chat/completions", json.dumps(body).encode())
     err = json.loads(data)["error"]
@@ -212,7 +261,7 @@ def test_bad_requests_get_openai_errors_with_the_field(replay_daemon, body, stat
 def test_sdk_raises_the_matching_exceptions(replay_daemon):
     client = sdk(replay_daemon)
     with pytest.raises(openai.BadRequestError) as e:
-        client.chat.completions.create(model="tiny", messages=ASK, temperature=7 ** 9)
+        client.chat.completions.create(model="tiny", messages=ASK, temperature=7**9)
     assert e.value.status_code == 400 and "temperature" in str(e.value)
     with pytest.raises(openai.NotFoundError):
         client.chat.completions.create(model="gpt-4o", messages=ASK)
@@ -251,23 +300,46 @@ def _nested(kids: st.SearchStrategy) -> st.SearchStrategy:
     return st.one_of(st.lists(kids, max_size=4), st.dictionaries(st.text(max_size=6), kids, max_size=4))
 
 
-JSON_VALUES = st.recursive(st.none() | st.booleans() | st.integers(-2**70, 2**70) | st.floats() | st.text(max_size=8),
-                           _nested, max_leaves=20)
-FIELDS = ["model", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "n", "stream", "stop",
-          "seed", "logprobs", "top_logprobs", "tools", "tool_choice", "stream_options", "chat_template_kwargs",
-          "prompt", "echo", "top_k", "stop_token_ids", "response_format"]
+JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats() | st.text(max_size=8), _nested, max_leaves=20
+)
+FIELDS = [
+    "model",
+    "messages",
+    "max_tokens",
+    "max_completion_tokens",
+    "temperature",
+    "top_p",
+    "n",
+    "stream",
+    "stop",
+    "seed",
+    "logprobs",
+    "top_logprobs",
+    "tools",
+    "tool_choice",
+    "stream_options",
+    "chat_template_kwargs",
+    "prompt",
+    "echo",
+    "top_k",
+    "stop_token_ids",
+    "response_format",
+]
 
 
-@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
-                                                                   HealthCheck.too_slow])
+@settings(
+    max_examples=120, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow]
+)
 @given(st.dictionaries(st.sampled_from(FIELDS), JSON_VALUES, max_size=6), st.booleans(), st.booleans())
 def test_fuzzed_requests_get_a_result_or_an_openai_error(replay_daemon, body, chat, valid_messages):
     if valid_messages:
         body = {**body, "messages": ASK} if chat else {**body, "prompt": "hi"}
     body["max_tokens"] = body.get("max_tokens") if not isinstance(body.get("max_tokens"), int) else 3
     path = "/v1/chat/completions" if chat else "/v1/completions"
-    code, headers, data = raw(replay_daemon, "POST", path, json.dumps(body, allow_nan=False).encode()
-                              if _finite(body) else b"{}")
+    code, headers, data = raw(
+        replay_daemon, "POST", path, json.dumps(body, allow_nan=False).encode() if _finite(body) else b"{}"
+    )
     if code == 200 and headers.get("content-type", "").startswith("text/event-stream"):
         events = [e for e in data.decode().split("\n\n") if e]
         assert events[-1] == "data: [DONE]"
@@ -295,8 +367,10 @@ def stream_socket(d: DaemonThread, body: dict) -> socket.socket:
     """A streaming request on a raw socket, its response headers and first event read."""
     data = json.dumps(body).encode()
     s = socket.create_connection(("127.0.0.1", d.daemon.http_port), timeout=10)
-    s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
-              b"content-length: %d\r\n\r\n%s" % (len(data), data))
+    s.sendall(
+        b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+        b"content-length: %d\r\n\r\n%s" % (len(data), data)
+    )
     got = b""
     while b"data: " not in got:
         got += s.recv(4096)
@@ -355,7 +429,7 @@ def test_metrics_carry_model_name_and_count_http_requests(replay_daemon):
     samples = [line for line in text.splitlines() if line and not line.startswith("#")]
     assert code == 200 and samples and all('model_name="tiny"' in line for line in samples)
     assert metric_value(text, "moed_http_requests_total", {"route": "/v1/models", "status": "200"}) >= 1
-    assert 'moed_build_info{' in text and 'version="' in text
+    assert "moed_build_info{" in text and 'version="' in text
     assert metric_value(text, "moed_request_queue_time_seconds_count") >= 1
     assert metric_value(text, "moed_request_decode_time_seconds_count") >= 1
     assert raw(replay_daemon, "GET", "/health")[0] == 200 and raw(replay_daemon, "GET", "/ready")[0] == 200
@@ -375,8 +449,9 @@ def test_api_key(tiny_checkpoint):
 
 
 def test_not_ready_and_draining_answer_503(tiny_checkpoint):
-    cfg = make_config(tiny_checkpoint, worker=(*DOUBLE, "--double-load-s", "30"), http_address="127.0.0.1:0",
-                      model_name="tiny")
+    cfg = make_config(
+        tiny_checkpoint, worker=(*DOUBLE, "--double-load-s", "30"), http_address="127.0.0.1:0", model_name="tiny"
+    )
     with DaemonThread(cfg) as d:
         with pytest.raises(openai.InternalServerError) as e:
             sdk(d).chat.completions.create(model="tiny", messages=ASK)
@@ -388,9 +463,13 @@ def test_many_concurrent_streams_each_get_their_own(replay_daemon):
     results: dict[int, str] = {}
 
     def one(i: int) -> None:
-        text = "".join(c.choices[0].delta.content or "" for c in sdk(replay_daemon).chat.completions.create(
-            model="tiny", messages=[{"role": "user", "content": f"q{i}"}], stream=True, max_tokens=500)
-            if c.choices)
+        text = "".join(
+            c.choices[0].delta.content or ""
+            for c in sdk(replay_daemon).chat.completions.create(
+                model="tiny", messages=[{"role": "user", "content": f"q{i}"}], stream=True, max_tokens=500
+            )
+            if c.choices
+        )
         results[i] = text
 
     threads = [threading.Thread(target=one, args=(i,)) for i in range(8)]
@@ -398,6 +477,12 @@ def test_many_concurrent_streams_each_get_their_own(replay_daemon):
         t.start()
     for t in threads:
         t.join(60)
-    assert set(results.values()) == {"I'll check the weather.<tool_call>get_weather<arg_key>city</arg_key>"
-                                     "<arg_value>Beijing</arg_value><arg_key>days</arg_key><arg_value>3</arg_value>"
-                                     "</tool_call>"} and len(results) == 8
+    assert (
+        set(results.values())
+        == {
+            "I'll check the weather.<tool_call>get_weather<arg_key>city</arg_key>"
+            "<arg_value>Beijing</arg_value><arg_key>days</arg_key><arg_value>3</arg_value>"
+            "</tool_call>"
+        }
+        and len(results) == 8
+    )

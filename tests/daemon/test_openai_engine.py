@@ -22,23 +22,26 @@ OFF = {"chat_template_kwargs": {"enable_thinking": False}, "ignore_eos": True, "
 
 @pytest.fixture(scope="module")
 def engine(tiny_checkpoint):
-    cfg = make_config(tiny_checkpoint, worker=REAL_WORKER, http_address="127.0.0.1:0", model_name="tiny",
-                      max_running=16)
+    cfg = make_config(
+        tiny_checkpoint, worker=REAL_WORKER, http_address="127.0.0.1:0", model_name="tiny", max_running=16
+    )
     with DaemonThread(cfg) as d:
         d.wait_ready(120)
         yield d
 
 
 def sdk(d: DaemonThread) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"http://127.0.0.1:{d.daemon.http_port}/v1", api_key="none", max_retries=0,
-                         timeout=60)
+    return openai.OpenAI(
+        base_url=f"http://127.0.0.1:{d.daemon.http_port}/v1", api_key="none", max_retries=0, timeout=60
+    )
 
 
 def test_whole_streamed_and_zmq_agree_token_for_token(engine):
     messages = [{"role": "user", "content": "Grüße aus München, 你好"}]
     client = sdk(engine)
-    whole = client.chat.completions.create(model="tiny", messages=messages, max_tokens=12, temperature=0,
-                                           logprobs=True, top_logprobs=2, extra_body=OFF)
+    whole = client.chat.completions.create(
+        model="tiny", messages=messages, max_tokens=12, temperature=0, logprobs=True, top_logprobs=2, extra_body=OFF
+    )
     choice = whole.choices[0]
     ids = choice.model_extra["token_ids"]
     assert len(ids) == 12 and choice.finish_reason == "length" and whole.usage.completion_tokens == 12
@@ -46,8 +49,9 @@ def test_whole_streamed_and_zmq_agree_token_for_token(engine):
     assert [len(t.top_logprobs) for t in lps] == [2] * 12 and all(t.logprob <= 0 for t in lps)
     assert all(bytes(t.bytes).decode("utf-8", errors="replace") == t.token for t in lps)
     streamed_ids, content = [], ""
-    for chunk in client.chat.completions.create(model="tiny", messages=messages, max_tokens=12, temperature=0,
-                                                stream=True, extra_body=OFF):
+    for chunk in client.chat.completions.create(
+        model="tiny", messages=messages, max_tokens=12, temperature=0, stream=True, extra_body=OFF
+    ):
         if chunk.choices:
             streamed_ids += chunk.choices[0].model_extra.get("token_ids") or []
             content += chunk.choices[0].delta.content or ""
@@ -65,8 +69,13 @@ def test_completions_match_the_engine_in_process(engine):
     from moed.engine.protocol import SamplingParams
 
     prompt_ids = engine.daemon.tokenizer.encode("The expert cache keeps", add_special_tokens=False)
-    r = sdk(engine).completions.create(model="tiny", prompt=prompt_ids, max_tokens=8, temperature=0,
-                                       extra_body={"ignore_eos": True, "return_token_ids": True})
+    r = sdk(engine).completions.create(
+        model="tiny",
+        prompt=prompt_ids,
+        max_tokens=8,
+        temperature=0,
+        extra_body={"ignore_eos": True, "return_token_ids": True},
+    )
     oracle = LLMEngine(EngineConfig(model=engine.cfg.model, device="cpu", dtype="fp32"))
     [want] = oracle.generate([prompt_ids], SamplingParams(max_tokens=8, ignore_eos=True))
     assert r.choices[0].model_extra["token_ids"] == want
@@ -74,22 +83,30 @@ def test_completions_match_the_engine_in_process(engine):
 
 def test_seeded_choices_are_reproducible_and_stop_strings_cut(engine):
     client = sdk(engine)
-    kw = dict(model="tiny", prompt="Hello", max_tokens=10, temperature=1.0, seed=7, n=2,
-              extra_body={"ignore_eos": True})
+    kw = dict(
+        model="tiny", prompt="Hello", max_tokens=10, temperature=1.0, seed=7, n=2, extra_body={"ignore_eos": True}
+    )
     a, b = client.completions.create(**kw), client.completions.create(**kw)
     assert [c.text for c in a.choices] == [c.text for c in b.choices]
-    greedy = client.completions.create(model="tiny", prompt="Hello", max_tokens=10, temperature=0,
-                                       extra_body={"ignore_eos": True}).choices[0].text
+    greedy = (
+        client.completions.create(
+            model="tiny", prompt="Hello", max_tokens=10, temperature=0, extra_body={"ignore_eos": True}
+        )
+        .choices[0]
+        .text
+    )
     stop = greedy[3:6] if len(greedy.strip()) > 6 else None
     if stop:
-        cut = client.completions.create(model="tiny", prompt="Hello", max_tokens=10, temperature=0, stop=[stop],
-                                        extra_body={"ignore_eos": True}).choices[0]
-        assert cut.finish_reason == "stop" and cut.text == greedy[:greedy.index(stop)]
+        cut = client.completions.create(
+            model="tiny", prompt="Hello", max_tokens=10, temperature=0, stop=[stop], extra_body={"ignore_eos": True}
+        ).choices[0]
+        assert cut.finish_reason == "stop" and cut.text == greedy[: greedy.index(stop)]
 
 
 def test_a_closed_connection_frees_the_engine(engine):
-    body = json.dumps({"model": "tiny", "prompt": "Hello", "max_tokens": 2000, "stream": True,
-                       "ignore_eos": True}).encode()
+    body = json.dumps(
+        {"model": "tiny", "prompt": "Hello", "max_tokens": 2000, "stream": True, "ignore_eos": True}
+    ).encode()
     s = socket.create_connection(("127.0.0.1", engine.daemon.http_port), timeout=30)
     s.sendall(b"POST /v1/completions HTTP/1.1\r\nhost: x\r\ncontent-length: %d\r\n\r\n%s" % (len(body), body))
     got = b""

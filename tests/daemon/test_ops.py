@@ -42,20 +42,30 @@ def balanced(expr: str) -> bool:
 @pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze is not installed here")
 def test_systemd_unit_verifies(tmp_path):
     unit = (OPS / "systemd" / "moed.service").read_text()
-    for key in ("Type=notify", "LimitMEMLOCK=infinity", "EnvironmentFile=", "TimeoutStartSec=", "WatchdogSec=",
-                "NoNewPrivileges=yes", "ProtectSystem=strict"):
+    for key in (
+        "Type=notify",
+        "LimitMEMLOCK=infinity",
+        "EnvironmentFile=",
+        "TimeoutStartSec=",
+        "WatchdogSec=",
+        "NoNewPrivileges=yes",
+        "ProtectSystem=strict",
+    ):
         assert key in unit
     # verify checks that ExecStart's binary exists: point it at this Python instead of /usr/local/bin/moed.
     assert "ExecStart=/usr/local/bin/moed serve" in unit
     (tmp_path / "moed.service").write_text(unit.replace("/usr/local/bin/moed", sys.executable))
-    out = subprocess.run(["systemd-analyze", "verify", str(tmp_path / "moed.service")], capture_output=True,
-                         text=True, timeout=60)
+    out = subprocess.run(
+        ["systemd-analyze", "verify", str(tmp_path / "moed.service")], capture_output=True, text=True, timeout=60
+    )
     assert out.returncode == 0 and not (out.stdout + out.stderr).strip(), out.stdout + out.stderr
     # verify does fail on a bad line (so the check above can fail).
-    (tmp_path / "moed.service").write_text(unit.replace("/usr/local/bin/moed", sys.executable)
-                                           .replace("LimitMEMLOCK=infinity", "LimitMEMLOCK=lots"))
-    out = subprocess.run(["systemd-analyze", "verify", str(tmp_path / "moed.service")], capture_output=True,
-                         text=True, timeout=60)
+    (tmp_path / "moed.service").write_text(
+        unit.replace("/usr/local/bin/moed", sys.executable).replace("LimitMEMLOCK=infinity", "LimitMEMLOCK=lots")
+    )
+    out = subprocess.run(
+        ["systemd-analyze", "verify", str(tmp_path / "moed.service")], capture_output=True, text=True, timeout=60
+    )
     assert "LimitMEMLOCK" in out.stdout + out.stderr or "lots" in out.stdout + out.stderr
 
 
@@ -68,8 +78,16 @@ def test_dashboard_queries_exposed_metrics():
     assert used and used <= names, sorted(used - names)
     assert all(balanced(e) for e in exprs)
     titles = " ".join(p["title"] for p in dash["panels"]).lower()
-    for topic in ("first token", "inter-token", "tokens / s", "queue", "kv", "hit ratio by layer", "pcie",
-                  "acceptance"):
+    for topic in (
+        "first token",
+        "inter-token",
+        "tokens / s",
+        "queue",
+        "kv",
+        "hit ratio by layer",
+        "pcie",
+        "acceptance",
+    ):
         assert topic in titles, topic
     assert any(p["type"] == "heatmap" for p in dash["panels"])
     ids = [p["id"] for p in dash["panels"]]
@@ -80,8 +98,13 @@ def test_alert_rules_are_well_formed():
     rules = yaml.safe_load((OPS / "prometheus" / "alerts.yml").read_text())["groups"][0]["rules"]
     names = exposed_names() | {"up"}
     alerts = {r["alert"] for r in rules}
-    assert {"MoedDown", "MoedHighErrorRate", "MoedTTFTP99High", "MoedExpertHitRatioCollapse",
-            "MoedWorkerRestarts"} <= alerts
+    assert {
+        "MoedDown",
+        "MoedHighErrorRate",
+        "MoedTTFTP99High",
+        "MoedExpertHitRatioCollapse",
+        "MoedWorkerRestarts",
+    } <= alerts
     for r in rules:
         assert r["labels"]["severity"] in ("warning", "critical") and r["annotations"]["summary"]
         assert referenced(r["expr"]) <= names, (r["alert"], referenced(r["expr"]) - names)

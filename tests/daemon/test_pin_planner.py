@@ -11,8 +11,15 @@ from moed.daemon.pin_planner import PinPlanner, PlacementError
 
 
 def _manager(tmp_path, feed, applied, **kw):
-    return PinPlanner(8, [1, 2], pin_budget=3, read_counts=lambda: feed.pop(0) if feed else {},
-                            apply=applied.append, state_path=tmp_path / "placement.json", **kw)
+    return PinPlanner(
+        8,
+        [1, 2],
+        pin_budget=3,
+        read_counts=lambda: feed.pop(0) if feed else {},
+        apply=applied.append,
+        state_path=tmp_path / "placement.json",
+        **kw,
+    )
 
 
 def test_pin_planner_pins_hottest_within_budget_and_operator_pins(tmp_path):
@@ -55,12 +62,17 @@ def test_pin_planner_state_round_trips_and_restart_is_warm(tmp_path):
     (tmp_path / "placement.json").write_text("{not json")
     with pytest.raises(PlacementError, match="not a placement state file"):
         _manager(tmp_path, [], [])
-    (tmp_path / "placement.json").write_text(json.dumps({"version": 1, "decay": 0.5, "counts": {"1": [1.0]},
-                                                         "operator_pins": {}}))
+    (tmp_path / "placement.json").write_text(
+        json.dumps({"version": 1, "decay": 0.5, "counts": {"1": [1.0]}, "operator_pins": {}})
+    )
     with pytest.raises(PlacementError, match="has 1 counts"):
         _manager(tmp_path, [], [])
-    good = {"version": 1, "decay": 0.5, "counts": {"1": [1.0] * 8, "2": [float("nan")] + [0.0] * 7},
-            "operator_pins": {}}
+    good = {
+        "version": 1,
+        "decay": 0.5,
+        "counts": {"1": [1.0] * 8, "2": [float("nan")] + [0.0] * 7},
+        "operator_pins": {},
+    }
     (tmp_path / "placement.json").write_text(json.dumps(good))
     with pytest.raises(PlacementError, match=r"placement\.json: layer 2 has counts that are negative or not finite"):
         _manager(tmp_path, [], [])
@@ -119,9 +131,13 @@ class _FakeEngine:
                     ok, text = False, f"layer {key}: no slot left"
             if ok:
                 self.pinned.update({int(k): set(v) for k, v in msg.pins.items()})
-        reply = ep.PlacementReply(token=msg.token, ok=ok, message=text,
-                                  pinned={str(k): sorted(v) for k, v in self.pinned.items()},
-                                  slots={str(k): v for k, v in self.slots.items()})
+        reply = ep.PlacementReply(
+            token=msg.token,
+            ok=ok,
+            message=text,
+            pinned={str(k): sorted(v) for k, v in self.pinned.items()},
+            slots={str(k): v for k, v in self.slots.items()},
+        )
         asyncio.get_running_loop().call_soon(self.channel.on_reply, reply)
         return True
 
@@ -136,9 +152,18 @@ def test_daemon_placement_budgets_from_slots_and_one_set_per_sync(tmp_path, capl
         m = DaemonPlacement(engine.channel, 16, 0.5, interval_s=0.01, state_path=tmp_path / "p.json")
         assert [pin_budget(s, 16, 0.5) for s in (1, 2, 8, 15, 16)] == [0, 1, 4, 7, 0]
         assert await m._attach() and m.budgets == {1: 4, 2: 4, 3: 0, 5: 1}
-        m.on_engine_stats(ep.EngineStats(running=1, waiting=0, kv_usage=0, num_steps=1, prompt_tokens=0,
-                                         generation_tokens=0, preemptions=0,
-                                         expert_counts={"1": list(range(16)), "2": [1] * 16, "5": [0] * 15 + [9]}))
+        m.on_engine_stats(
+            ep.EngineStats(
+                running=1,
+                waiting=0,
+                kv_usage=0,
+                num_steps=1,
+                prompt_tokens=0,
+                generation_tokens=0,
+                preemptions=0,
+                expert_counts={"1": list(range(16)), "2": [1] * 16, "5": [0] * 15 + [9]},
+            )
+        )
         m.planner.update(m._read_counts())
         m.planner.replan()
         engine.requests.clear()
@@ -158,9 +183,12 @@ def test_daemon_placement_budgets_from_slots_and_one_set_per_sync(tmp_path, capl
 
         # An engine without an expert cache: idle, at info level under "auto", as a warning when required.
         def no_cache(msg) -> bool:
-            asyncio.get_running_loop().call_soon(idle.channel.on_reply, ep.PlacementReply(
-                token=msg.token, ok=False, message="expert placement is not available"))
+            asyncio.get_running_loop().call_soon(
+                idle.channel.on_reply,
+                ep.PlacementReply(token=msg.token, ok=False, message="expert placement is not available"),
+            )
             return True
+
         for required, level in ((False, "INFO"), (True, "WARNING")):
             caplog.clear()
             idle = DaemonPlacement(PlacementChannel(no_cache), 16, 0.5, 1.0, None, required=required)

@@ -35,9 +35,17 @@ BUDGET = 3  # placement_pin_fraction 0.375 of 8 slots
 
 
 def _daemon(model: str, state: Path, interval_s: float) -> DaemonThread:
-    cfg = make_config(model, worker=REAL_WORKER, stats_interval_s=0.1, placement="on", placement_pin_fraction=0.375,
-                      placement_interval_s=interval_s, placement_state_file=str(state),
-                      moe="offload", expert_cache_gb=CACHE_GB)
+    cfg = make_config(
+        model,
+        worker=REAL_WORKER,
+        stats_interval_s=0.1,
+        placement="on",
+        placement_pin_fraction=0.375,
+        placement_interval_s=interval_s,
+        placement_state_file=str(state),
+        moe="offload",
+        expert_cache_gb=CACHE_GB,
+    )
     d = DaemonThread(cfg)
     d.wait_ready(120)
     d.wait_for(lambda: d.daemon.placement_manager.planner is not None, 30, "placement manager attached")
@@ -63,6 +71,7 @@ def test_daemon_placement_counts_pins_and_state_file(tiny_checkpoint, tmp_path):
 
         def settled() -> bool:  # full budget planned in every layer, and the engine holds exactly that plan
             return all(len(p) == BUDGET for p in planner.pins.values())
+
         d.wait_for(settled, 10, "pin plans filled")
         end = time.monotonic() + 10
         while True:
@@ -74,8 +83,10 @@ def test_daemon_placement_counts_pins_and_state_file(tiny_checkpoint, tmp_path):
         assert 15 in want["1"]
         # The manager's syncs are exported: pins per layer and the pins/unpins it applied.
         end = time.monotonic() + 10  # scraped from this thread: the metrics server runs on the daemon's loop
-        while metric_value(scrape(d.metrics_url + "/metrics")[1], "moed_expert_pinned", {"layer": "2"}) \
-                != len(want["2"]) and time.monotonic() < end:
+        while (
+            metric_value(scrape(d.metrics_url + "/metrics")[1], "moed_expert_pinned", {"layer": "2"}) != len(want["2"])
+            and time.monotonic() < end
+        ):
             time.sleep(0.1)
         text = scrape(d.metrics_url + "/metrics")[1]
         assert all(metric_value(text, "moed_expert_pinned", {"layer": k}) == len(v) for k, v in want.items())
@@ -116,8 +127,12 @@ def test_daemon_placement_config(tmp_path, monkeypatch):
 
     model = str(tmp_path)
     monkeypatch.setenv("STATE_DIRECTORY", str(tmp_path / "state"))
-    cfg, _ = load_config(None, {"MOED_PLACEMENT": "on", "MOED_PLACEMENT_PIN_FRACTION": "0.25", "MOED_MOE": "offload"},
-                         {"model": model, "placement_interval_s": "5"}, check_files=False)
+    cfg, _ = load_config(
+        None,
+        {"MOED_PLACEMENT": "on", "MOED_PLACEMENT_PIN_FRACTION": "0.25", "MOED_MOE": "offload"},
+        {"model": model, "placement_interval_s": "5"},
+        check_files=False,
+    )
     assert (cfg.placement, cfg.placement_pin_fraction, cfg.placement_interval_s) == ("on", 0.25, 5.0)
     assert cfg.placement_state_path == tmp_path / "state" / f"placement-{tmp_path.name}.json"
     cfg, _ = load_config(None, {}, {"model": model, "placement_state_file": "none"}, check_files=False)

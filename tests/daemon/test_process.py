@@ -24,6 +24,7 @@ def _toml(**kv) -> str:
         if isinstance(v, list | tuple):
             return "[" + ", ".join(val(x) for x in v) + "]"
         return repr(v)
+
     return "".join(f"{k} = {val(v)}\n" for k, v in kv.items())
 
 
@@ -59,14 +60,24 @@ def served(tiny_checkpoint, request):
 
     def start(**overrides):
         d = short_dir()
-        cfg = dict(model=tiny_checkpoint, listen=[f"ipc://{d}/c.sock"], metrics_address="", runtime_dir=d,
-                   worker_command=[*DOUBLE, "--double-step-s", "0.02"], stats_interval_s=0.2, drain_timeout_s=5.0)
+        cfg = dict(
+            model=tiny_checkpoint,
+            listen=[f"ipc://{d}/c.sock"],
+            metrics_address="",
+            runtime_dir=d,
+            worker_command=[*DOUBLE, "--double-step-s", "0.02"],
+            stats_interval_s=0.2,
+            drain_timeout_s=5.0,
+        )
         cfg.update(overrides)
         Path(d, "moed.toml").write_text(_toml(**cfg))
         notes = Notifications(f"{d}/notify")
         env = {**os.environ, "NOTIFY_SOCKET": notes.path, "WATCHDOG_USEC": "300000"}
-        proc = subprocess.Popen([sys.executable, "-m", "moed.daemon.service", "--config", f"{d}/moed.toml"],
-                                env=env, stdin=subprocess.DEVNULL)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "moed.daemon.service", "--config", f"{d}/moed.toml"],
+            env=env,
+            stdin=subprocess.DEVNULL,
+        )
         procs.append((proc, d))
         return proc, notes, cfg["listen"][0], d
 

@@ -30,8 +30,9 @@ def echo(tok_ids: list[int], n: int) -> list[int]:
 
 @pytest.fixture(scope="module")
 def daemon(tiny_checkpoint):
-    with DaemonThread(make_config(tiny_checkpoint, worker=SLOW, max_message_bytes=64 * 1024,
-                                  client_concurrency=300)) as d:
+    with DaemonThread(
+        make_config(tiny_checkpoint, worker=SLOW, max_message_bytes=64 * 1024, client_concurrency=300)
+    ) as d:
         d.wait_ready(30)
         yield d
 
@@ -142,8 +143,15 @@ def test_abort_frees_the_request(daemon):
         next(it), next(it)
         stream.abort()
         daemon.wait_for(lambda: not daemon.daemon.by_engine_id, 5, "request gone from the daemon")
-        daemon.wait_for(lambda: daemon.daemon.last_stats is not None and daemon.daemon.last_stats.running == 0
-                        and time.monotonic() - daemon.daemon.last_stats_at < 0.1, 5, "engine running count 0")
+        daemon.wait_for(
+            lambda: (
+                daemon.daemon.last_stats is not None
+                and daemon.daemon.last_stats.running == 0
+                and time.monotonic() - daemon.daemon.last_stats_at < 0.1
+            ),
+            5,
+            "engine running count 0",
+        )
         # Leaving a loop early aborts too.
         for n, _ in enumerate(c.stream("break out", max_tokens=2000)):
             if n == 2:
@@ -177,17 +185,32 @@ def test_malformed_messages_get_errors_while_others_are_served(daemon, tok):
         ((b"moed:2", enc.encode({"type": "health", "id": "h"})), "unsupported_version", None),
         ((cp.HEADER, enc.encode({"type": "health", "id": "h"})[:-2]), "malformed", None),
         ((cp.HEADER, b"\xc1\xc1"), "malformed", None),
-        ((cp.HEADER, enc.encode({"type": "generate", "id": "t", "prompt": "p", "sampling": {"max_tokens": "9"}})),
-         "invalid_request", "sampling.max_tokens"),
-        ((cp.HEADER, enc.encode({"type": "generate", "id": "t", "prompt_token_ids": [5, 99999]})),
-         "invalid_request", "prompt_token_ids[1]"),
-        ((cp.HEADER, enc.encode({"type": "generate", "id": "t", "prompt": "p", "model": "other"})),
-         "invalid_request", "model"),
-        ((cp.HEADER, enc.encode({"type": "generate", "id": "t", "prompt": "p",
-                                 "sampling": {"max_tokens": 10**6}})), "invalid_request", "sampling.max_tokens"),
+        (
+            (cp.HEADER, enc.encode({"type": "generate", "id": "t", "prompt": "p", "sampling": {"max_tokens": "9"}})),
+            "invalid_request",
+            "sampling.max_tokens",
+        ),
+        (
+            (cp.HEADER, enc.encode({"type": "generate", "id": "t", "prompt_token_ids": [5, 99999]})),
+            "invalid_request",
+            "prompt_token_ids[1]",
+        ),
+        (
+            (cp.HEADER, enc.encode({"type": "generate", "id": "t", "prompt": "p", "model": "other"})),
+            "invalid_request",
+            "model",
+        ),
+        (
+            (cp.HEADER, enc.encode({"type": "generate", "id": "t", "prompt": "p", "sampling": {"max_tokens": 10**6}})),
+            "invalid_request",
+            "sampling.max_tokens",
+        ),
         ((cp.HEADER, huge), "message_too_large", None),
-        ((cp.HEADER, enc.encode({"type": "placement", "id": "t", "op": "pin", "layer": 1})),
-         "invalid_request", "expert"),
+        (
+            (cp.HEADER, enc.encode({"type": "placement", "id": "t", "op": "pin", "layer": 1})),
+            "invalid_request",
+            "expert",
+        ),
     ]
     try:
         for frames, code, field in cases:
@@ -272,8 +295,9 @@ def test_per_client_concurrency_limit(tiny_checkpoint):
 
 def test_slow_reader_does_not_stall_others_and_loses_nothing(tiny_checkpoint, tok):
     ipc = f"ipc://{short_dir()}/c.sock"  # unix socket buffers are small: ZMQ's queue to the reader fills
-    with DaemonThread(make_config(tiny_checkpoint, worker=DOUBLE, listen=("tcp://127.0.0.1:*", ipc),
-                                  client_send_hwm=20)) as d:
+    with DaemonThread(
+        make_config(tiny_checkpoint, worker=DOUBLE, listen=("tcp://127.0.0.1:*", ipc), client_send_hwm=20)
+    ) as d:
         d.wait_ready(30)
         slow = Raw(ipc, {zmq.RCVHWM: 4, zmq.RCVBUF: 4096})
         prompts = [f"slow reader {i} ünïcode" for i in range(20)]
@@ -307,15 +331,17 @@ def test_slow_reader_does_not_stall_others_and_loses_nothing(tiny_checkpoint, to
 
 def test_queue_overflow_drops_only_that_client(tiny_checkpoint):
     ipc = f"ipc://{short_dir()}/c.sock"
-    with DaemonThread(make_config(tiny_checkpoint, worker=DOUBLE, client_queue_limit=16,
-                                  listen=("tcp://127.0.0.1:*", ipc))) as d:
+    with DaemonThread(
+        make_config(tiny_checkpoint, worker=DOUBLE, client_queue_limit=16, listen=("tcp://127.0.0.1:*", ipc))
+    ) as d:
         d.wait_ready(30)
         hog = Raw(ipc, {zmq.RCVHWM: 2, zmq.RCVBUF: 2048, zmq.SNDHWM: 100000})
         try:
             for i in range(20000):  # replies it never reads: ZMQ's queue fills, then its outbox
                 hog.request(cp.Health(id=f"h{i}"))
-            d.wait_for(lambda: d.daemon.metrics.clients_dropped.labels("queue_overflow")._value.get() >= 1, 20,
-                       "hog dropped")
+            d.wait_for(
+                lambda: d.daemon.metrics.clients_dropped.labels("queue_overflow")._value.get() >= 1, 20, "hog dropped"
+            )
             with Client(d.address, timeout=20) as c:
                 assert c.generate("unaffected", max_tokens=3).completion_tokens == 3
         finally:
@@ -349,8 +375,9 @@ def test_killed_worker_fails_in_flight_then_recovers(tiny_checkpoint):
 
 def test_stalled_worker_is_killed_and_restarted(tiny_checkpoint):
     worker = (*DOUBLE, "--double-stall-after", "5", "--double-step-s", "0.01")
-    with DaemonThread(make_config(tiny_checkpoint, worker=worker, engine_stall_timeout_s=0.6,
-                                  crash_loop_restarts=10)) as d:
+    with DaemonThread(
+        make_config(tiny_checkpoint, worker=worker, engine_stall_timeout_s=0.6, crash_loop_restarts=10)
+    ) as d:
         d.wait_ready(30)
         with Client(d.address, timeout=30) as c:
             with pytest.raises(MoedError, match="stalled"):
@@ -440,8 +467,9 @@ def test_placement_manager_integration_point(tiny_checkpoint):
             return ep.PlacementReply(token=0, ok=True, message=f"manager saw {op}", pinned={"9": [9]})
 
     made = []
-    with DaemonThread(make_config(tiny_checkpoint, worker=DOUBLE),
-                      placement_factory=lambda ch: made.append(Manager(ch)) or made[-1]) as d:
+    with DaemonThread(
+        make_config(tiny_checkpoint, worker=DOUBLE), placement_factory=lambda ch: made.append(Manager(ch)) or made[-1]
+    ) as d:
         d.wait_ready(30)
         d.wait_for(lambda: made[0].stats >= 2, 5, "manager fed with engine stats")
         with Client(d.address, timeout=20) as c:

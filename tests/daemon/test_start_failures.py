@@ -15,8 +15,11 @@ import time
 from daemon_harness import DOUBLE, DaemonThread, hang_guard, make_config, metric_value, scrape, short_dir  # noqa: F401
 
 # Fails before it is ready with a different last line each time (a random number).
-FLAKY = (sys.executable, "-c", "import random, sys; print('worker flake', random.random(), file=sys.stderr); "
-                               "sys.exit(4)")
+FLAKY = (
+    sys.executable,
+    "-c",
+    "import random, sys; print('worker flake', random.random(), file=sys.stderr); sys.exit(4)",
+)
 
 
 def test_same_failure_twice_before_ready_fails_the_daemon(tiny_checkpoint):
@@ -45,14 +48,29 @@ def _serve(args: list[str], timeout: float) -> tuple[int, str, float]:
     d = short_dir()
     env = {**os.environ, "MOED_RUNTIME_DIR": d, "MOED_METRICS_ADDRESS": "", "MOED_LISTEN": f"ipc://{d}/c.sock"}
     t0 = time.monotonic()
-    done = subprocess.run([sys.executable, "-m", "moed.daemon.cli", "serve", *args], env=env, capture_output=True,
-                          text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+    done = subprocess.run(
+        [sys.executable, "-m", "moed.daemon.cli", "serve", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        stdin=subprocess.DEVNULL,
+    )
     return done.returncode, done.stderr, time.monotonic() - t0
 
 
 def test_serve_exits_1_with_the_workers_error(tiny_checkpoint):
-    rc, err, took = _serve(["--model", tiny_checkpoint, "--worker-command", f"{DOUBLE[0]} {DOUBLE[1]} --double-fail",
-                            "--restart-backoff-s", "0.1"], 60)
+    rc, err, took = _serve(
+        [
+            "--model",
+            tiny_checkpoint,
+            "--worker-command",
+            f"{DOUBLE[0]} {DOUBLE[1]} --double-fail",
+            "--restart-backoff-s",
+            "0.1",
+        ],
+        60,
+    )
     assert rc == 1, err
     last = err.strip().splitlines()[-1]
     assert last.startswith("moed serve: the engine worker cannot start") and "failing on purpose" in last, err

@@ -42,8 +42,12 @@ def test_chat_template_matches_transformers(tok, tiny_checkpoint):
     from transformers import PreTrainedTokenizerFast
 
     hf = PreTrainedTokenizerFast.from_pretrained(tiny_checkpoint)
-    messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "Grüße, 你好 🙂"},
-                {"role": "assistant", "content": "ok"}, {"role": "user", "content": "and now?"}]
+    messages = [
+        {"role": "system", "content": "be brief"},
+        {"role": "user", "content": "Grüße, 你好 🙂"},
+        {"role": "assistant", "content": "ok"},
+        {"role": "user", "content": "and now?"},
+    ]
     for gen in (True, False):
         want = hf.apply_chat_template(messages, tokenize=True, add_generation_prompt=gen)
         want = want["input_ids"] if isinstance(want, dict) or hasattr(want, "keys") else want
@@ -51,10 +55,16 @@ def test_chat_template_matches_transformers(tok, tiny_checkpoint):
     # GLM-5.1's chat features: tools, tool calls and results, chat_template_kwargs (enable_thinking)
     params = {"type": "object", "properties": {"q": {"type": "string"}}}
     tools = [{"type": "function", "function": {"name": "lookup", "description": "<x> & 'y'", "parameters": params}}]
-    messages = [{"role": "user", "content": "find it"},
-                {"role": "assistant", "content": "", "reasoning_content": "use the tool",
-                 "tool_calls": [{"id": "c", "function": {"name": "lookup", "arguments": {"q": "x"}}}]},
-                {"role": "tool", "content": "found"}]
+    messages = [
+        {"role": "user", "content": "find it"},
+        {
+            "role": "assistant",
+            "content": "",
+            "reasoning_content": "use the tool",
+            "tool_calls": [{"id": "c", "function": {"name": "lookup", "arguments": {"q": "x"}}}],
+        },
+        {"role": "tool", "content": "found"},
+    ]
     for kwargs in ({}, {"enable_thinking": False}):
         want = hf.apply_chat_template(messages, tools=tools, tokenize=False, add_generation_prompt=True, **kwargs)
         assert tok.render_chat(messages, True, tools, kwargs) == want
@@ -67,8 +77,9 @@ def test_template_errors_are_reported(tmp_path, tiny_checkpoint):
     d = tmp_path / "m"
     shutil.copytree(tiny_checkpoint, d, ignore=shutil.ignore_patterns("*.safetensors"))
     cfg = json.loads((d / "tokenizer_config.json").read_text())
-    cfg["chat_template"] = ("{% if messages[0]['role'] != 'user' %}{{ raise_exception('first must be user') }}"
-                            "{% endif %}x")
+    cfg["chat_template"] = (
+        "{% if messages[0]['role'] != 'user' %}{{ raise_exception('first must be user') }}{% endif %}x"
+    )
     (d / "tokenizer_config.json").write_text(json.dumps(cfg))
     t = TextTokenizer(d)
     assert t.render_chat([{"role": "user", "content": "a"}]) == "x"
@@ -109,7 +120,7 @@ def test_detokenizer_matches_full_decode_on_random_ids(tok):
         out, i = [], 0
         while i < len(ids):
             k = rng.randrange(1, 4)
-            out.append(detok.add(ids[i:i + k]))
+            out.append(detok.add(ids[i : i + k]))
             i += k
         out.append(detok.flush())
         assert "".join(out) == tok.decode(ids, skip_special_tokens=skip), f"seed {seed} trial {trial} ids {ids}"
@@ -127,8 +138,9 @@ def test_stop_strings_find_and_holdback():
 
 
 def _request(tok, prompt: str, stream: bool, stop: list[str], max_tokens: int = 100) -> GenerateRequest:
-    msg = cp.Generate(id="r", prompt=prompt, stream=stream,
-                      sampling=cp.SamplingParams(stop=stop, max_tokens=max_tokens))
+    msg = cp.Generate(
+        id="r", prompt=prompt, stream=stream, sampling=cp.SamplingParams(stop=stop, max_tokens=max_tokens)
+    )
     ids = tok.encode(prompt)
     return GenerateRequest(b"c", msg, "e1", ids, IncrementalDetokenizer(tok, ids), 0.0, None, 1)
 

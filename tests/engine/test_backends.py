@@ -36,8 +36,16 @@ def test_engine_paged_triton_backend_matches_reference(tiny_checkpoint, referenc
 
 def test_engine_offload_runner_matches_reference_and_takes_placement(tiny_checkpoint, reference):
     per_layer = 8 * 49152  # 8 of the tiny model's 16 experts (bf16 gate, up, down of 64 x 128)
-    e = LLMEngine(EngineConfig(model=tiny_checkpoint, moe="offload", expert_cache_gb=3 * per_layer / 2**30,
-                               spec_steps=1, draft_expert_cache_gb=per_layer / 2**30, **BASE))
+    e = LLMEngine(
+        EngineConfig(
+            model=tiny_checkpoint,
+            moe="offload",
+            expert_cache_gb=3 * per_layer / 2**30,
+            spec_steps=1,
+            draft_expert_cache_gb=per_layer / 2**30,
+            **BASE,
+        )
+    )
     target, draft = e.runner.moe, e.drafter.moe
     assert sorted(target.cache.layers) == [1, 2, 3] and sorted(draft.cache.layers) == e.cfg.mtp_layer_ids
     assert e.generate(_prompts(), SP) == reference
@@ -78,8 +86,11 @@ def test_engine_offload_cpu_miss_service_matches_reference(tiny_checkpoint, refe
     from moed.offload.cpu_experts import CpuKernelUnavailable
 
     try:
-        e = LLMEngine(EngineConfig(model=tiny_checkpoint, moe="offload", expert_cache_gb=3 * per_layer / 2**30,
-                                   miss_service=policy, **BASE))
+        e = LLMEngine(
+            EngineConfig(
+                model=tiny_checkpoint, moe="offload", expert_cache_gb=3 * per_layer / 2**30, miss_service=policy, **BASE
+            )
+        )
     except CpuKernelUnavailable as err:
         pytest.skip(str(err))
     target = e.runner.moe
@@ -102,8 +113,9 @@ def int4_reference(tiny_int4_checkpoint) -> list[list[int]]:
 
 
 @pytest.mark.parametrize(("source", "miss_service"), [("int4", "copy"), ("int4", "hybrid"), ("bf16", "copy")])
-def test_engine_offload_int4_matches_the_torch_runner(tiny_int4_checkpoint, tiny_checkpoint, int4_reference, source,
-                                                     miss_service):
+def test_engine_offload_int4_matches_the_torch_runner(
+    tiny_int4_checkpoint, tiny_checkpoint, int4_reference, source, miss_service
+):
     """int4 experts through the offload runner (host store, slot pools, copies; the CPU kernel with hybrid), from a
     pack-quantized checkpoint or quantised at load from bf16 (the same quantiser: the same experts), target and MTP
     draft each with a cache smaller than their experts."""
@@ -115,8 +127,18 @@ def test_engine_offload_int4_matches_the_torch_runner(tiny_int4_checkpoint, tiny
     kw = {"expert_dtype": "int4"} if source == "bf16" else {}
     per_layer = 8 * ExpertLayout.for_config(GlmMoeDsaConfig.from_file(tiny_int4_checkpoint)).expert_bytes
     try:
-        e = LLMEngine(EngineConfig(model=path, moe="offload", expert_cache_gb=3 * per_layer / 2**30, spec_steps=1,
-                                   draft_expert_cache_gb=per_layer / 2**30, miss_service=miss_service, **kw, **BASE))
+        e = LLMEngine(
+            EngineConfig(
+                model=path,
+                moe="offload",
+                expert_cache_gb=3 * per_layer / 2**30,
+                spec_steps=1,
+                draft_expert_cache_gb=per_layer / 2**30,
+                miss_service=miss_service,
+                **kw,
+                **BASE,
+            )
+        )
     except CpuKernelUnavailable as err:
         pytest.skip(str(err))
     target = e.runner.moe

@@ -103,14 +103,26 @@ def test_engine_abort_mid_prefill_and_mid_decode_frees_kv(engine):
 
 def test_engine_seeds_reproduce_across_batches_and_preemption(tiny_checkpoint, engine):
     prompts = _prompts(seed=3)
-    params = [SamplingParams(temperature=0.8, top_p=0.9, top_k=50, seed=100 + i, max_tokens=8, ignore_eos=True,
-                             repetition_penalty=1.1, presence_penalty=0.2) for i in range(len(prompts))]
+    params = [
+        SamplingParams(
+            temperature=0.8,
+            top_p=0.9,
+            top_k=50,
+            seed=100 + i,
+            max_tokens=8,
+            ignore_eos=True,
+            repetition_penalty=1.1,
+            presence_penalty=0.2,
+        )
+        for i in range(len(prompts))
+    ]
     alone = [engine.generate([p], sp)[0] for p, sp in zip(prompts, params)]
     assert engine.generate(prompts, params) == alone
     small = _engine(tiny_checkpoint, kv_pages=14)
     assert small.generate(prompts, params) == alone and small.scheduler.num_preemptions > 0
-    reseeded = [SamplingParams(**{**{f: getattr(sp, f) for f in sp.__struct_fields__}, "seed": sp.seed + 1})
-                for sp in params]
+    reseeded = [
+        SamplingParams(**{**{f: getattr(sp, f) for f in sp.__struct_fields__}, "seed": sp.seed + 1}) for sp in params
+    ]
     assert engine.generate(prompts, reseeded) != alone
 
 

@@ -59,8 +59,7 @@ def test_engine_compile_prefill_is_off_by_default(tiny_checkpoint):
     assert LLMEngine(EngineConfig(model=tiny_checkpoint)).runner.compiled is None
 
 
-def test_engine_compiled_prefill_gives_the_eager_tokens_with_one_graph_per_layer_kind(tiny_checkpoint,
-                                                                                         eager_tokens):
+def test_engine_compiled_prefill_gives_the_eager_tokens_with_one_graph_per_layer_kind(tiny_checkpoint, eager_tokens):
     e = _engine(tiny_checkpoint, compile_prefill=True)
     compiled = e.runner.compiled
     assert compiled is not None and compiled.min_tokens == MIN_TOKENS
@@ -174,8 +173,14 @@ def test_engine_compiled_prefill_gives_the_eager_tokens_on_gpu(tiny_checkpoint):
 def test_engine_compiled_prefill_steps_match_eager_on_gpu_in_bf16(tiny_checkpoint):
     # bf16 with the offload runner, half the experts cached (prefill steps serve misses inside the opaque op):
     # every compiled step against the same step run eagerly right after it (which rewrites the same KV rows).
-    e = _gpu_engine(tiny_checkpoint, compile_prefill=True, dtype="bf16", moe="offload",
-                    expert_cache_gb=3 * 8 * 49152 / 2**30, miss_service="copy")
+    e = _gpu_engine(
+        tiny_checkpoint,
+        compile_prefill=True,
+        dtype="bf16",
+        moe="offload",
+        expert_cache_gb=3 * 8 * 49152 / 2**30,
+        miss_service="copy",
+    )
     compiled = e.runner.compiled
     assert compiled is not None
     errors: list[tuple[float, float]] = []  # (whole step, median token) relative errors

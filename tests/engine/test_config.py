@@ -42,17 +42,20 @@ def test_every_engine_setting_is_a_documented_daemon_key_of_the_same_type():
             assert (FIELDS[name].default, serve_types[name]) == (engine[name].default, engine_types[name]), name
 
 
-@pytest.mark.parametrize("kw, needle", [
-    ({"moe": "fast"}, "moe must be one of torch, offload"),
-    ({"miss_service": "gpu"}, "miss_service must be one of auto, copy, hybrid, cpu"),
-    ({"miss_service": "cpu"}, "needs moe='offload'"),
-    ({"dtype": "fp16"}, "dtype must be one of fp32, bf16"),
-    ({"max_running": 0}, "max_running must be >= 1"),
-    ({"kv_memory_fraction": 1.5}, "kv_memory_fraction must be <= 1"),
-    ({"expert_cache_gb": 0.0}, "expert_cache_gb must be > 0"),
-    ({"overlap": "yes"}, "overlap must be true or false"),
-    ({"spec_steps": 1.5}, "spec_steps must be an integer"),
-])
+@pytest.mark.parametrize(
+    "kw, needle",
+    [
+        ({"moe": "fast"}, "moe must be one of torch, offload"),
+        ({"miss_service": "gpu"}, "miss_service must be one of auto, copy, hybrid, cpu"),
+        ({"miss_service": "cpu"}, "needs moe='offload'"),
+        ({"dtype": "fp16"}, "dtype must be one of fp32, bf16"),
+        ({"max_running": 0}, "max_running must be >= 1"),
+        ({"kv_memory_fraction": 1.5}, "kv_memory_fraction must be <= 1"),
+        ({"expert_cache_gb": 0.0}, "expert_cache_gb must be > 0"),
+        ({"overlap": "yes"}, "overlap must be true or false"),
+        ({"spec_steps": 1.5}, "spec_steps must be an integer"),
+    ],
+)
 def test_engine_config_names_the_bad_setting(kw, needle):
     with pytest.raises(ValueError, match=needle):
         EngineConfig(model="m", **kw)
@@ -61,20 +64,35 @@ def test_engine_config_names_the_bad_setting(kw, needle):
 def test_text_forms():
     assert parse_setting(EngineConfig, "expert_cache_gb", "auto") is None
     assert parse_setting(EngineConfig, "expert_cache_gb", "12.5") == 12.5
-    assert [parse_setting(EngineConfig, "overlap", t) for t in ("yes", "off", "1", "False")] == [True, False, True,
-                                                                                                False]
+    assert [parse_setting(EngineConfig, "overlap", t) for t in ("yes", "off", "1", "False")] == [
+        True,
+        False,
+        True,
+        False,
+    ]
     with pytest.raises(ValueError, match="cannot parse 'maybe' as a boolean"):
         parse_setting(EngineConfig, "overlap", "maybe")
     with pytest.raises(ValueError, match=r"cannot parse 'x' as an integer \(or auto\)"):
         parse_setting(EngineConfig, "max_model_len", "x")
 
 
-@pytest.mark.parametrize("values", [
-    {},
-    {"device": "cpu", "dtype": "bf16", "moe": "offload", "expert_cache_gb": 0.75, "miss_service": "copy"},
-    {"overlap": False, "cuda_graphs": False, "compile_prefill": True, "seed": 0, "max_model_len": 300,
-     "kv_latent_dtype": "fp8", "spec_steps": 2, "kv_memory_fraction": 0.5},
-])
+@pytest.mark.parametrize(
+    "values",
+    [
+        {},
+        {"device": "cpu", "dtype": "bf16", "moe": "offload", "expert_cache_gb": 0.75, "miss_service": "copy"},
+        {
+            "overlap": False,
+            "cuda_graphs": False,
+            "compile_prefill": True,
+            "seed": 0,
+            "max_model_len": 300,
+            "kv_latent_dtype": "fp8",
+            "spec_steps": 2,
+            "kv_memory_fraction": 0.5,
+        },
+    ],
+)
 def test_worker_flags_round_trip(values):
     argv = engine_argv(values)
     args = _parser().parse_args(argv)
@@ -89,9 +107,11 @@ def test_worker_flags_round_trip(values):
 
 def test_process_flags_refuse_bad_values_with_the_declarations_words():
     p = _parser()
-    for argv, needle in ((["--miss-service", "gpu"], "must be one of auto, copy, hybrid, cpu"),
-                         (["--max-running", "0"], "must be >= 1"),
-                         (["--expert-cache-gb", "lots"], "cannot parse 'lots' as a number")):
+    for argv, needle in (
+        (["--miss-service", "gpu"], "must be one of auto, copy, hybrid, cpu"),
+        (["--max-running", "0"], "must be >= 1"),
+        (["--expert-cache-gb", "lots"], "cannot parse 'lots' as a number"),
+    ):
         with pytest.raises(argparse.ArgumentError, match=needle):
             p.parse_args(argv)
     text = p.format_help()
@@ -103,8 +123,16 @@ def test_miss_service_words_are_one_vocabulary():
     from moed.daemon.metrics import MISS_SERVICE_LABELS
 
     assert set(MISS_SERVICE_LABELS) == set(typing.get_args(ResolvedMissService)) < set(typing.get_args(MissService))
-    stats = ep.EngineStats(running=0, waiting=0, kv_usage=0.0, num_steps=0, prompt_tokens=0, generation_tokens=0,
-                           preemptions=0, miss_service="gpu")  # not a word of the vocabulary: refused on arrival
+    stats = ep.EngineStats(
+        running=0,
+        waiting=0,
+        kv_usage=0.0,
+        num_steps=0,
+        prompt_tokens=0,
+        generation_tokens=0,
+        preemptions=0,
+        miss_service="gpu",
+    )  # not a word of the vocabulary: refused on arrival
     with pytest.raises(msgspec.ValidationError, match="miss_service"):
         ep.decode_from_worker(ep.encode(stats))
 

@@ -36,12 +36,20 @@ def _prompts() -> list[list[int]]:
 
 
 def _gpu_engine(path: str, **kw) -> LLMEngine:
-    base = {"device": "cuda", "dtype": "bf16", "max_running": 4, "max_tokens_per_step": 64, "page_size": 4,
-            "moe": "offload", "expert_cache_gb": 3 * 8 * EXPERT_BYTES / 2**30,  # half the experts: misses in-graph
-            "miss_service": "copy",  # every step capturable (hybrid keeps only batch-1 steps in graphs)
-            "draft_expert_cache_gb": 8 * EXPERT_BYTES / 2**30, "graph_max_batch": 4,
-            # Contexts <= index_topk (16): plain decode graphs take the dense decode path, as eager steps do.
-            "graph_max_context": 16}
+    base = {
+        "device": "cuda",
+        "dtype": "bf16",
+        "max_running": 4,
+        "max_tokens_per_step": 64,
+        "page_size": 4,
+        "moe": "offload",
+        "expert_cache_gb": 3 * 8 * EXPERT_BYTES / 2**30,  # half the experts: misses in-graph
+        "miss_service": "copy",  # every step capturable (hybrid keeps only batch-1 steps in graphs)
+        "draft_expert_cache_gb": 8 * EXPERT_BYTES / 2**30,
+        "graph_max_batch": 4,
+        # Contexts <= index_topk (16): plain decode graphs take the dense decode path, as eager steps do.
+        "graph_max_context": 16,
+    }
     e = LLMEngine(EngineConfig(model=path, **{**base, **kw}))
     e.warmup()
     return e

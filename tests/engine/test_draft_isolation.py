@@ -32,9 +32,12 @@ def test_draft_runner_has_isolated_state_budget_and_never_touches_target_pins(ti
     probe = OffloadMoERunner(cfg, layers=cfg.mtp_layer_ids, device="cpu", slots=1, name="probe")
     eb = probe.layout.expert_bytes
     draft_budget = 3 * eb  # the draft's own budget: 3 slots for its one layer
-    experts = RoutedExperts(cfg, _Settings(expert_cache_gb=6 * len(main_layers) * eb / 2**30,
-                                           draft_expert_cache_gb=draft_budget / 2**30), torch.device("cpu"),
-                            torch.float32)
+    experts = RoutedExperts(
+        cfg,
+        _Settings(expert_cache_gb=6 * len(main_layers) * eb / 2**30, draft_expert_cache_gb=draft_budget / 2**30),
+        torch.device("cpu"),
+        torch.float32,
+    )
     target, draft = experts.target, experts.draft
     finishes = {"target": 0, "draft": 0}
     for r in (target, draft):
@@ -60,8 +63,9 @@ def test_draft_runner_has_isolated_state_budget_and_never_touches_target_pins(ti
     g = torch.Generator().manual_seed(0)
     mtp = cfg.mtp_layer_ids[0]
     for _ in range(6):  # the draft misses a lot with 3 slots
-        ids = torch.stack([torch.randperm(cfg.n_routed_experts, generator=g)[:cfg.num_experts_per_tok]
-                           for _ in range(2)]).to(torch.int32)
+        ids = torch.stack(
+            [torch.randperm(cfg.n_routed_experts, generator=g)[: cfg.num_experts_per_tok] for _ in range(2)]
+        ).to(torch.int32)
         draft.run(mtp, torch.randn(2, cfg.hidden_size, generator=g), ids, torch.rand(2, ids.shape[1], generator=g))
     assert draft.stats()[0].evictions > 0
     for layer, lc in target.cache.layers.items():

@@ -65,7 +65,7 @@ def _serve(engine: LLMEngine, requests, per_step: int | None = None, react=None)
             engine.add_request(rid, prompt, sp)
         queue = queue[n:]
         take(engine.step())
-        for rid, reason in (react(seen) if react else []):
+        for rid, reason in react(seen) if react else []:
             take(engine.abort([rid], reason))
             assert rid not in engine.scheduler.by_id
     assert engine.kv.num_free == engine.kv.num_pages and not engine.scheduler.running
@@ -75,6 +75,7 @@ def _serve(engine: LLMEngine, requests, per_step: int | None = None, react=None)
 
 def _same(on: dict[str, dict], off: dict[str, dict]) -> None:
     """Tokens, finish reasons and logprob ids exactly; logprob values up to float noise (batches differ)."""
+
     def values(seen):
         return {rid: [lp[1] for lp in s["logprobs"]] for rid, s in seen.items()}
 
@@ -142,11 +143,14 @@ def test_engine_overlap_stop_strings_found_by_the_daemon(engines, free):
     for i, ref in enumerate(free[:6]):
         text = "".join(_piece(t) for t in ref)
         start = len(_piece(ref[0])) + len(_piece(ref[1])) + len(_piece(ref[2])) - 1  # ends token 3, spans 4 and 5
-        stops[f"s{i}"] = text[start: start + 4]
+        stops[f"s{i}"] = text[start : start + 4]
 
     def daemon(seen):  # finds each stop string in the text so far, as the daemon does, and aborts with "stop"
-        return [(rid, "stop") for rid, s in seen.items()
-                if s["finish"] is None and stops[rid] in "".join(_piece(t) for t in s["tokens"])]
+        return [
+            (rid, "stop")
+            for rid, s in seen.items()
+            if s["finish"] is None and stops[rid] in "".join(_piece(t) for t in s["tokens"])
+        ]
 
     requests = [(f"s{i}", p, GREEDY) for i, p in enumerate(prompts)]
     discarded = engines[True].discarded_tokens
@@ -206,9 +210,21 @@ def test_engine_overlap_preemption_with_tokens_in_flight(tiny_checkpoint, free):
     prompts = _prompts()[:6]
     seen = _both(small, [(f"g{i}", p, GREEDY) for i, p in enumerate(prompts)])
     assert [seen[f"g{i}"]["tokens"] for i in range(6)] == free[:6]
-    params = [SamplingParams(temperature=0.8, top_p=0.9, top_k=50, seed=100 + i, max_tokens=8, ignore_eos=True,
-                             repetition_penalty=1.3, frequency_penalty=0.5, presence_penalty=0.4, logprobs=2)
-              for i in range(6)]
+    params = [
+        SamplingParams(
+            temperature=0.8,
+            top_p=0.9,
+            top_k=50,
+            seed=100 + i,
+            max_tokens=8,
+            ignore_eos=True,
+            repetition_penalty=1.3,
+            frequency_penalty=0.5,
+            presence_penalty=0.4,
+            logprobs=2,
+        )
+        for i in range(6)
+    ]
     seen = _both(small, [(f"t{i}", p, sp) for i, (p, sp) in enumerate(zip(prompts, params))])
     assert all(len(seen[f"t{i}"]["logprobs"]) == 8 for i in range(6))
     assert small[True].scheduler.num_preemptions > 0 and small[False].scheduler.num_preemptions > 0
@@ -218,11 +234,23 @@ def test_engine_overlap_preemption_with_tokens_in_flight(tiny_checkpoint, free):
 def test_engine_overlap_seeds_reproduce_alone_and_in_a_batch(engines):
     # The penalties count the previous token while it is still on the device (gathered there, not read back).
     prompts = _prompts(seed=3)[:5]
-    params = [SamplingParams(temperature=1.0, seed=7 + i, max_tokens=8, ignore_eos=True, repetition_penalty=1.5,
-                             presence_penalty=1.0, min_p=0.02) for i in range(len(prompts) - 2)]
+    params = [
+        SamplingParams(
+            temperature=1.0,
+            seed=7 + i,
+            max_tokens=8,
+            ignore_eos=True,
+            repetition_penalty=1.5,
+            presence_penalty=1.0,
+            min_p=0.02,
+        )
+        for i in range(len(prompts) - 2)
+    ]
     # Greedy rows with negative penalties mostly repeat their last token: only right if it is counted in flight.
-    params += [SamplingParams(max_tokens=8, ignore_eos=True, presence_penalty=-2.0, frequency_penalty=-1.0),
-               SamplingParams(max_tokens=8, ignore_eos=True, repetition_penalty=0.3)]
+    params += [
+        SamplingParams(max_tokens=8, ignore_eos=True, presence_penalty=-2.0, frequency_penalty=-1.0),
+        SamplingParams(max_tokens=8, ignore_eos=True, repetition_penalty=0.3),
+    ]
     alone = [engines[True].generate([p], sp)[0] for p, sp in zip(prompts, params)]
     assert [engines[False].generate([p], sp)[0] for p, sp in zip(prompts, params)] == alone
     seen = _both(engines, [(f"x{i}", p, sp) for i, (p, sp) in enumerate(zip(prompts, params))], per_step=1)
@@ -279,9 +307,22 @@ EXPERT_BYTES = 49152  # the tiny model's bf16 expert
 
 
 def _gpu_engine(path: str, overlap: bool) -> LLMEngine:
-    e = LLMEngine(EngineConfig(model=path, device="cuda", dtype="bf16", max_running=4, max_tokens_per_step=64,
-                               page_size=4, moe="offload", expert_cache_gb=3 * 8 * EXPERT_BYTES / 2**30,
-                               graph_max_batch=4, graph_max_context=16, overlap=overlap, miss_service="copy"))
+    e = LLMEngine(
+        EngineConfig(
+            model=path,
+            device="cuda",
+            dtype="bf16",
+            max_running=4,
+            max_tokens_per_step=64,
+            page_size=4,
+            moe="offload",
+            expert_cache_gb=3 * 8 * EXPERT_BYTES / 2**30,
+            graph_max_batch=4,
+            graph_max_context=16,
+            overlap=overlap,
+            miss_service="copy",
+        )
+    )
     e.warmup()
     assert e.runner.graphs is not None
     return e
@@ -292,8 +333,12 @@ def test_engine_overlap_gpu_graphs_keep_greedy_and_seeded_tokens(tiny_checkpoint
     prompts = _prompts((3, 5, 9))
     on, off = _gpu_engine(tiny_checkpoint, True), _gpu_engine(tiny_checkpoint, False)
     sp = SamplingParams(max_tokens=6, ignore_eos=True)
-    seeded = [SamplingParams(temperature=0.9, top_k=20, seed=i, max_tokens=6, ignore_eos=True,
-                             repetition_penalty=1.2, logprobs=1) for i in range(3)]
+    seeded = [
+        SamplingParams(
+            temperature=0.9, top_k=20, seed=i, max_tokens=6, ignore_eos=True, repetition_penalty=1.2, logprobs=1
+        )
+        for i in range(3)
+    ]
     for params in (sp, seeded):
         assert on.generate(prompts, params) == off.generate(prompts, params)
     assert on.runner.graph_steps > 0 and on.kv.num_free == on.kv.num_pages
@@ -318,6 +363,7 @@ def test_engine_overlap_gpu_launch_never_waits_for_the_device(tiny_checkpoint):
     first = e._read_back(prev)[0].new_token_ids
     second = e._read_back(launched)[0].new_token_ids
     e.abort(["a"])
-    ref = _gpu_engine(tiny_checkpoint, False).generate([_prompts((3,))[0]], SamplingParams(max_tokens=2,
-                                                                                          ignore_eos=True))
+    ref = _gpu_engine(tiny_checkpoint, False).generate(
+        [_prompts((3,))[0]], SamplingParams(max_tokens=2, ignore_eos=True)
+    )
     assert first + second == ref[0]

@@ -73,17 +73,22 @@ def test_sampling_seed_reproduces_whatever_the_batch():
     logits = torch.randn(6, V, generator=g)
     sp = SamplingParams(temperature=0.9, top_p=0.95)
     s = Sampler()
-    alone = [s(logits[i: i + 1], SamplingTensors.build(_rows([sp], seeds=[77 + i]), V, CPU)).token_ids.item()
-             for i in range(6)]
+    alone = [
+        s(logits[i : i + 1], SamplingTensors.build(_rows([sp], seeds=[77 + i]), V, CPU)).token_ids.item()
+        for i in range(6)
+    ]
     perm = [3, 0, 5, 1, 4, 2]
     mixed_params = [sp if i % 2 == 0 else SamplingParams(temperature=0.5, top_k=3) for i in range(6)]
-    batch = s(logits[perm], SamplingTensors.build(_rows([mixed_params[i] for i in perm], seeds=[77 + i for i in perm]),
-                                                  V, CPU)).token_ids.tolist()
+    batch = s(
+        logits[perm],
+        SamplingTensors.build(_rows([mixed_params[i] for i in perm], seeds=[77 + i for i in perm]), V, CPU),
+    ).token_ids.tolist()
     for j, i in enumerate(perm):
         if i % 2 == 0:
             assert batch[j] == alone[i]
-    other_seed = [s(logits[:1], SamplingTensors.build(_rows([sp], seeds=[seed]), V, CPU)).token_ids.item()
-                  for seed in range(40)]
+    other_seed = [
+        s(logits[:1], SamplingTensors.build(_rows([sp], seeds=[seed]), V, CPU)).token_ids.item() for seed in range(40)
+    ]
     assert len(set(other_seed)) > 3  # different seeds really draw differently
 
 
@@ -120,10 +125,15 @@ def test_sampling_filters_match_reference():
     V = 40
     g = torch.Generator().manual_seed(1)
     logits = torch.randn(7, V, generator=g, dtype=torch.float64).float() * 2
-    params = [SamplingParams(temperature=0.7), SamplingParams(temperature=1.0, top_k=5),
-              SamplingParams(temperature=1.3, top_p=0.6), SamplingParams(temperature=0.8, top_k=10, top_p=0.5),
-              SamplingParams(temperature=1.0, min_p=0.2), SamplingParams(temperature=2.0, top_k=1),
-              SamplingParams(temperature=1.0, top_k=7, top_p=0.9, min_p=0.1)]
+    params = [
+        SamplingParams(temperature=0.7),
+        SamplingParams(temperature=1.0, top_k=5),
+        SamplingParams(temperature=1.3, top_p=0.6),
+        SamplingParams(temperature=0.8, top_k=10, top_p=0.5),
+        SamplingParams(temperature=1.0, min_p=0.2),
+        SamplingParams(temperature=2.0, top_k=1),
+        SamplingParams(temperature=1.0, top_k=7, top_p=0.9, min_p=0.1),
+    ]
     probs = sampling_probs(logits, SamplingTensors.build(_rows(params), V, CPU))
     for i, p in enumerate(params):
         ref = torch.tensor(_ref_probs(logits[i].tolist(), p))
@@ -138,8 +148,11 @@ def test_sampling_filters_match_reference():
 def test_sampling_penalties_match_reference():
     V = 12
     logits = torch.linspace(-3, 3, V).repeat(3, 1)
-    params = [SamplingParams(repetition_penalty=1.5), SamplingParams(frequency_penalty=0.5, presence_penalty=0.25),
-              SamplingParams()]
+    params = [
+        SamplingParams(repetition_penalty=1.5),
+        SamplingParams(frequency_penalty=0.5, presence_penalty=0.25),
+        SamplingParams(),
+    ]
     prompts = [[0, 11], [1], [2]]
     outputs = [[5, 5, 10], [5, 5, 10], [5]]
     t = SamplingTensors.build(_rows(params, prompts=prompts, outputs=outputs), V, CPU)
@@ -157,8 +170,11 @@ def test_sampling_greedy_rows_take_the_penalised_argmax_and_logprobs_are_raw():
     g = torch.Generator().manual_seed(2)
     logits = torch.randn(3, V, generator=g)
     best = logits[1].argmax().item()
-    params = [SamplingParams(logprobs=3), SamplingParams(repetition_penalty=100.0, logprobs=0),
-              SamplingParams(temperature=1.0)]
+    params = [
+        SamplingParams(logprobs=3),
+        SamplingParams(repetition_penalty=100.0, logprobs=0),
+        SamplingParams(temperature=1.0),
+    ]
     res = Sampler()(logits, SamplingTensors.build(_rows(params, outputs=[[], [best], []]), V, CPU))
     assert res.token_ids[0] == logits[0].argmax()
     assert res.token_ids[1] != best  # the penalty moved the greedy choice away from the repeated token

@@ -55,7 +55,7 @@ class OracleDrafter(MTPDrafter):
                 continue
             ref = self.truth[tuple(seq.prompt_token_ids)]
             o = seq.num_output_tokens
-            drafts = list(ref[o: o + self.num_steps])
+            drafts = list(ref[o : o + self.num_steps])
             drafts += [1] * (self.num_steps - len(drafts))
             wrong_at = (o + len(seq.prompt_token_ids)) % (self.num_steps + 2)  # past the end: all right
             if wrong_at < len(drafts):
@@ -96,8 +96,10 @@ def test_spec_with_preemption_keeps_greedy_tokens(tiny_checkpoint, plain):
 def test_spec_seeded_sampling_reproduces(tiny_checkpoint):
     e = _engine(tiny_checkpoint, spec_steps=2)
     prompts = _prompts(seed=5)
-    params = [SamplingParams(temperature=0.9, top_k=40, seed=7 + i, max_tokens=8, ignore_eos=True)
-              for i in range(len(prompts))]
+    params = [
+        SamplingParams(temperature=0.9, top_k=40, seed=7 + i, max_tokens=8, ignore_eos=True)
+        for i in range(len(prompts))
+    ]
     alone = [e.generate([p], sp)[0] for p, sp in zip(prompts, params)]
     assert e.generate(prompts, params) == alone
     assert all(len(a) == 8 for a in alone)
@@ -106,11 +108,16 @@ def test_spec_seeded_sampling_reproduces(tiny_checkpoint):
 def test_spec_rejection_sampling_keeps_the_target_distribution():
     """Each emitted token must be distributed as the target's p whatever the draft's q (S independent seeds)."""
     V, K, S = 6, 2, 12000
-    p_logits = torch.log(torch.tensor([[0.40, 0.25, 0.15, 0.10, 0.06, 0.04],
-                                       [0.05, 0.05, 0.30, 0.30, 0.20, 0.10],
-                                       [0.10, 0.10, 0.10, 0.10, 0.10, 0.50]]))
-    q_logits = torch.log(torch.tensor([[0.10, 0.50, 0.10, 0.10, 0.10, 0.10],
-                                       [0.05, 0.05, 0.40, 0.20, 0.20, 0.10]]))
+    p_logits = torch.log(
+        torch.tensor(
+            [
+                [0.40, 0.25, 0.15, 0.10, 0.06, 0.04],
+                [0.05, 0.05, 0.30, 0.30, 0.20, 0.10],
+                [0.10, 0.10, 0.10, 0.10, 0.10, 0.50],
+            ]
+        )
+    )
+    q_logits = torch.log(torch.tensor([[0.10, 0.50, 0.10, 0.10, 0.10, 0.10], [0.05, 0.05, 0.40, 0.20, 0.20, 0.10]]))
     sp = SamplingParams(temperature=1.0)
     sampler = Sampler()
     seeds = list(range(50_000, 50_000 + S))
@@ -123,8 +130,15 @@ def test_spec_rejection_sampling_keeps_the_target_distribution():
     rows = [SamplingRow(sp, s, i, [1], []) for s in seeds for i in range(K + 1)]
     t = SamplingTensors.build(rows, V, torch.device("cpu"))
     logits = p_logits.repeat(S, 1)
-    res = verify_drafts(sampler, logits, t, [K] * S, torch.stack([d1, d2], 1).tolist(),
-                        [torch.stack([q[s], q2[s]]) for s in range(S)], [False] * S)
+    res = verify_drafts(
+        sampler,
+        logits,
+        t,
+        [K] * S,
+        torch.stack([d1, d2], 1).tolist(),
+        [torch.stack([q[s], q2[s]]) for s in range(S)],
+        [False] * S,
+    )
     n = torch.tensor(res.num_accepted)
     first = torch.where(n > 0, d1, torch.tensor(res.final_token))
     p0 = p_logits[0].exp()

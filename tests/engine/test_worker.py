@@ -32,8 +32,19 @@ class Daemon:
         self.pull.bind(self.from_worker)
 
     def argv(self, model: str, *extra: str) -> list[str]:
-        return [sys.executable, "-m", "moed.engine.worker", "--model", model, "--to-worker", self.to_worker,
-                "--from-worker", self.from_worker, *ARGS, *extra]
+        return [
+            sys.executable,
+            "-m",
+            "moed.engine.worker",
+            "--model",
+            model,
+            "--to-worker",
+            self.to_worker,
+            "--from-worker",
+            self.from_worker,
+            *ARGS,
+            *extra,
+        ]
 
     def send(self, msg) -> None:
         self.push.send(P.encode(msg))
@@ -70,8 +81,9 @@ def test_engine_worker_serves_over_ipc(tiny_checkpoint, daemon):
         prompts = _prompts()
         sp = P.SamplingParams(max_tokens=6, ignore_eos=True)
         for i, p in enumerate(prompts):
-            daemon.send(P.AddRequest(f"r{i}", p, sp if i else P.SamplingParams(max_tokens=6, ignore_eos=True,
-                                                                                 logprobs=1)))
+            daemon.send(
+                P.AddRequest(f"r{i}", p, sp if i else P.SamplingParams(max_tokens=6, ignore_eos=True, logprobs=1))
+            )
         daemon.send(P.AddRequest("bad", [5000], sp))
         daemon.push.send(b"\x82\xaarequest_id\xa9malformed\xa4type\xa3add")  # a map, but no prompt or sampling
         daemon.push.send(b"\xc1garbage")
@@ -137,8 +149,7 @@ def test_engine_worker_reports_a_failed_load(tmp_path, daemon):
 
 def test_engine_worker_exits_when_its_parent_dies(tiny_checkpoint, daemon):
     # A parent that starts the worker, reports its pid, and then is killed.
-    code = ("import subprocess, sys, time; p = subprocess.Popen(sys.argv[1:]); print(p.pid, flush=True); "
-            "time.sleep(600)")
+    code = "import subprocess, sys, time; p = subprocess.Popen(sys.argv[1:]); print(p.pid, flush=True); time.sleep(600)"
     argv = daemon.argv(tiny_checkpoint, "--stats-interval", "0")
     parent = subprocess.Popen([sys.executable, "-c", code, *argv], stdout=subprocess.PIPE, text=True)
     pid = int(parent.stdout.readline())

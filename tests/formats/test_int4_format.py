@@ -29,7 +29,7 @@ def test_int4_round_trip_error_is_within_one_step(shape, group):
     assert q.scales.shape == (shape[0], -(-shape[1] // group)) and q.scales.dtype == torch.bfloat16
     assert q.zeros.shape == (-(-shape[0] // 8), -(-shape[1] // group)) and q.zeros.dtype == torch.int32
     d = int4.dequantize_int4(q)
-    step = q.scales.float().repeat_interleave(group, dim=1)[:, :shape[1]]
+    step = q.scales.float().repeat_interleave(group, dim=1)[:, : shape[1]]
     err = (d - w).abs()
     # Interior values round to the nearest level (half a step); the zero point's rounding can clip the
     # group's extreme by up to one step more.
@@ -60,20 +60,23 @@ def test_int4_layout_matches_the_written_spec():
 def test_int4_from_pack_quantized_reinterprets_without_copy_and_names_bad_tensors():
     q = int4.quantize_int4(torch.randn((16, 128), generator=torch.Generator().manual_seed(2)))
     t = int4.to_pack_quantized(q)
-    back = int4.from_pack_quantized(t["weight_packed"], t["weight_scale"], t["weight_shape"], t["weight_zero_point"],
-                                    128)
+    back = int4.from_pack_quantized(
+        t["weight_packed"], t["weight_scale"], t["weight_shape"], t["weight_zero_point"], 128
+    )
     assert back.qweight.data_ptr() == t["weight_packed"].data_ptr()
     assert torch.equal(int4.dequantize_int4(back), int4.dequantize_int4(q))
     sym = int4.from_pack_quantized(t["weight_packed"], t["weight_scale"], t["weight_shape"], None, 128)
-    assert torch.equal(int4.dequantize_int4(sym), int4.unpack_int4(q.qweight).float()
-                       * q.scales.float().repeat_interleave(128, dim=1))
+    assert torch.equal(
+        int4.dequantize_int4(sym), int4.unpack_int4(q.qweight).float() * q.scales.float().repeat_interleave(128, dim=1)
+    )
     with pytest.raises(ValueError, match="weight_packed"):
         int4.from_pack_quantized(t["weight_packed"][:, :8], t["weight_scale"], t["weight_shape"], None, 128)
     with pytest.raises(ValueError, match="weight_scale"):
         int4.from_pack_quantized(t["weight_packed"], t["weight_scale"], t["weight_shape"], None, 32)
     with pytest.raises(ValueError, match="weight_zero_point"):
-        int4.from_pack_quantized(t["weight_packed"], t["weight_scale"], t["weight_shape"], t["weight_zero_point"].T,
-                                 128)
+        int4.from_pack_quantized(
+            t["weight_packed"], t["weight_scale"], t["weight_shape"], t["weight_zero_point"].T, 128
+        )
     with pytest.raises(ValueError, match="multiple of 8"):
         int4.quantize_int4(torch.zeros((4, 12)))
 

@@ -14,29 +14,31 @@ from moed.kernels import fused_moe_int4 as fi
 from moed.kernels.moe_align import moe_align_block_size
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
-SMALL = {"BLOCK_SIZE_M": 16, "BLOCK_SIZE_N": 32, "BLOCK_SIZE_K": 64, "GROUP_SIZE_M": 1, "num_warps": 4,
-         "num_stages": 2}
+SMALL = {"BLOCK_SIZE_M": 16, "BLOCK_SIZE_N": 32, "BLOCK_SIZE_K": 64, "GROUP_SIZE_M": 1, "num_warps": 4, "num_stages": 2}
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.float() - b.float()).norm() / b.float().norm())
 
 
-def make_int4(S: int, out_f: int, in_f: int, gen: torch.Generator, symmetric: bool = False, group: int = 128,
-              device: str = DEV):
+def make_int4(
+    S: int, out_f: int, in_f: int, gen: torch.Generator, symmetric: bool = False, group: int = 128, device: str = DEV
+):
     """S experts' [out_f, in_f] weights quantised by moed.formats.int4, stacked: (qweight, scales, zeros or None)."""
-    ws = [int4.quantize_int4(torch.randn((out_f, in_f), generator=gen, device=device) / in_f ** 0.5, group)
-          for _ in range(S)]
+    ws = [
+        int4.quantize_int4(torch.randn((out_f, in_f), generator=gen, device=device) / in_f**0.5, group)
+        for _ in range(S)
+    ]
     zeros = None if symmetric else torch.stack([w.zeros for w in ws])
     return torch.stack([w.qweight for w in ws]), torch.stack([w.scales for w in ws]), zeros
 
 
-def experts(S: int, N: int, K: int, gen: torch.Generator, symmetric: bool = False, group: int = 128,
-            device: str = DEV) -> dict:
+def experts(
+    S: int, N: int, K: int, gen: torch.Generator, symmetric: bool = False, group: int = 128, device: str = DEV
+) -> dict:
     w13, s13, z13 = make_int4(S, 2 * N, K, gen, symmetric, group, device)
     w2, s2, z2 = make_int4(S, K, N, gen, symmetric, group, device)
-    return {"w13": w13, "w2": w2, "w13_scale": s13, "w2_scale": s2, "w13_zeros": z13, "w2_zeros": z2,
-            "group": group}
+    return {"w13": w13, "w2": w2, "w13_scale": s13, "w2_scale": s2, "w13_zeros": z13, "w2_zeros": z2, "group": group}
 
 
 def slot_table(num_ids: int, S: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -77,7 +79,6 @@ def test_moe_int4_matches_reference(M, symmetric):
     assert rel(out, _ref(ex, x, ids, w, table)) < 1e-2
 
 
-
 def test_moe_int4_routes_computes_only_ids_in_the_table():
     """fused_moe_int4_routes (the expert cache's rounds at int4): one output row per route, written only for ids in
     [0, num_ids), the other rows kept; and the summed kernel is the routes' weighted sum."""
@@ -102,6 +103,7 @@ def test_moe_int4_routes_computes_only_ids_in_the_table():
     summed = _run(ex, x, ids_all, w.view(M, k), table, config=SMALL)
     routes = fi.fused_moe_int4_routes(x, ex["w13"], ex["w2"], ids_all, w, table, config=SMALL, **weights)
     assert torch.equal(summed, routes.view(M, k, K).float().sum(dim=1).bfloat16())
+
 
 def test_moe_int4_partial_groups_and_small_group():
     """K and N that are not multiples of the group (a partial last group), and 32-wide groups with BLOCK_K 32 (passed,
@@ -128,14 +130,21 @@ def test_moe_int4_gate_up_stage_is_tight():
     table = torch.tensor([0, 1], dtype=torch.int32, device=DEV)
     x = torch.randn((3, K), generator=gen).to(torch.bfloat16).to(DEV)
     h = torch.empty((3, N), dtype=torch.bfloat16, device=DEV)
-    fi.launch_gate_up(x, int4.Int4Weight(ex["w13"], ex["w13_scale"], ex["w13_zeros"], 128), h,
-                      moe_align_block_size(ids, table, 16), 1, SMALL)
+    fi.launch_gate_up(
+        x,
+        int4.Int4Weight(ex["w13"], ex["w13_scale"], ex["w13_zeros"], 128),
+        h,
+        moe_align_block_size(ids, table, 16),
+        1,
+        SMALL,
+    )
     for t in range(3):
         w13 = int4.Int4Weight(ex["w13"], ex["w13_scale"], ex["w13_zeros"], 128)
         wgu = int4.dequantize_int4(w13.slot(int(ids[t, 0])))
         g, u = x[t].float() @ wgu[:N].T, x[t].float() @ wgu[N:].T
-        torch.testing.assert_close(h[t].float(), (torch.nn.functional.silu(g) * u).bfloat16().float(),
-                                   rtol=1e-2, atol=1e-3)
+        torch.testing.assert_close(
+            h[t].float(), (torch.nn.functional.silu(g) * u).bfloat16().float(), rtol=1e-2, atol=1e-3
+        )
 
 
 def test_moe_int4_config_lookup_and_bad_inputs():
@@ -223,11 +232,21 @@ def test_moe_int4_tuner_pieces_on_cpu(tmp_path):
     for m in (1, 64, 4096):
         for cfg in tm.candidates(m, "int4_w4a16"):
             fi.check_int4_config(cfg, 128, "candidate")
-    cfg = {"BLOCK_SIZE_M": 16, "BLOCK_SIZE_N": 64, "BLOCK_SIZE_K": 128, "GROUP_SIZE_M": 1, "num_warps": 4,
-           "num_stages": 4}
-    log = "\n".join(["tune-moe on NVIDIA H100 80GB HBM3, Triton 3.6.0, torch 2.11.0+cu130; writing /x",
-                     "[int4_w4a16 E=257 N=2048 K=6144] 1 of 1 batch sizes to tune",
-                     f"  M=    1: gate_up     20.0 us {tm._short(cfg)} | down     10.0 us {tm._short(cfg)}  (1.0s)"])
+    cfg = {
+        "BLOCK_SIZE_M": 16,
+        "BLOCK_SIZE_N": 64,
+        "BLOCK_SIZE_K": 128,
+        "GROUP_SIZE_M": 1,
+        "num_warps": 4,
+        "num_stages": 4,
+    }
+    log = "\n".join(
+        [
+            "tune-moe on NVIDIA H100 80GB HBM3, Triton 3.6.0, torch 2.11.0+cu130; writing /x",
+            "[int4_w4a16 E=257 N=2048 K=6144] 1 of 1 batch sizes to tune",
+            f"  M=    1: gate_up     20.0 us {tm._short(cfg)} | down     10.0 us {tm._short(cfg)}  (1.0s)",
+        ]
+    )
     (tmp_path / "tune.log").write_text(log)
     assert tm.main(["--from-log", str(tmp_path / "tune.log"), "--batch-sizes", "1", "--out-dir", str(tmp_path)]) == 0
     name = "E=257,N=2048,device_name=NVIDIA_H100_80GB_HBM3,dtype=int4_w4a16.json"

@@ -10,16 +10,18 @@ import torch
 
 from moed.formats.fp8 import quantize_block_fp8
 from moed.kernels import fused_moe as fm
-from moed.kernels.act_quant import (
-    dequantize_groups_fp8,
-    per_token_group_quant_fp8,
-    per_token_group_quant_fp8_reference,
-)
+from moed.kernels.act_quant import dequantize_groups_fp8, per_token_group_quant_fp8, per_token_group_quant_fp8_reference
 from moed.kernels.moe_align import moe_align_block_size, moe_align_block_size_reference
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
-SMALL = {"BLOCK_SIZE_M": 16, "BLOCK_SIZE_N": 64, "BLOCK_SIZE_K": 128, "GROUP_SIZE_M": 1, "num_warps": 4,
-         "num_stages": 3}
+SMALL = {
+    "BLOCK_SIZE_M": 16,
+    "BLOCK_SIZE_N": 64,
+    "BLOCK_SIZE_K": 128,
+    "GROUP_SIZE_M": 1,
+    "num_warps": 4,
+    "num_stages": 3,
+}
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -29,8 +31,8 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
 def make_weights(S: int, N: int, K: int, fp8: bool, seed: int, device: str = DEV):
     """Random experts drawn on `device` (fast on a GPU at GLM widths); FP8 ones block-quantised by moed.formats.fp8."""
     gen = torch.Generator(device=device).manual_seed(seed)
-    w13 = torch.randn((S, 2 * N, K), generator=gen, device=device) / K ** 0.5
-    w2 = torch.randn((S, K, N), generator=gen, device=device) / N ** 0.5
+    w13 = torch.randn((S, 2 * N, K), generator=gen, device=device) / K**0.5
+    w2 = torch.randn((S, K, N), generator=gen, device=device) / N**0.5
     if not fp8:
         return w13.bfloat16(), w2.bfloat16(), None, None
     q13, s13 = zip(*(quantize_block_fp8(w, 128, 128) for w in w13))
@@ -47,14 +49,18 @@ def slot_table(num_ids: int, S: int, gen: torch.Generator) -> tuple[torch.Tensor
 
 
 def routing(M: int, k: int, allowed: torch.Tensor, gen: torch.Generator):
-    pick = torch.stack([torch.randperm(allowed.numel(), generator=gen)[:k] for _ in range(M)]) if M else \
-        torch.zeros((0, k), dtype=torch.long)
+    pick = (
+        torch.stack([torch.randperm(allowed.numel(), generator=gen)[:k] for _ in range(M)])
+        if M
+        else torch.zeros((0, k), dtype=torch.long)
+    )
     ids = allowed[pick].to(torch.int32).reshape(M, k)
     w = torch.rand((M, k), generator=gen)
     return ids.contiguous().to(DEV), w.to(DEV)
 
 
 # ---- activation quant ----------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("shape", [(1, 128), (17, 384), (5, 200)])
 def test_moe_act_quant_matches_reference(shape):
@@ -74,6 +80,7 @@ def test_moe_act_quant_matches_reference(shape):
 
 
 # ---- align --------------------------------------------------------------------------------------------------
+
 
 def _check_alignment(ids: torch.Tensor, table: torch.Tensor, bm: int) -> None:
     got = moe_align_block_size(ids, table, bm)
@@ -122,6 +129,7 @@ def test_moe_align_multi_program_path_and_edge_cases():
 
 # ---- fused MoE ----------------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("fp8", [False, True], ids=["bf16", "fp8"])
 @pytest.mark.parametrize("M", [1, 3, 17, 64])
 def test_moe_fused_matches_reference(M, fp8):
@@ -155,8 +163,9 @@ def test_moe_routes_computes_only_ids_in_the_table(fp8):
     x = torch.randn((M, K), generator=gen).to(torch.bfloat16).to(DEV)
     kw = dict(w13_scale=s13, w2_scale=s2, block_shape=(128, 128) if fp8 else None)
     out = torch.full((M * k, K), float("nan"), dtype=torch.bfloat16, device=DEV)
-    fm.fused_moe_routes(x, w13, w2, ids, w, table, out=out, config=SMALL if fp8 else {**SMALL, "BLOCK_SIZE_K": 64},
-                        **kw)
+    fm.fused_moe_routes(
+        x, w13, w2, ids, w, table, out=out, config=SMALL if fp8 else {**SMALL, "BLOCK_SIZE_K": 64}, **kw
+    )
     ref = torch.full_like(out, float("nan"))
     fm.fused_moe_routes_reference(x, w13, w2, ids, w, table, out=ref, quantize_activations=fp8, **kw)
     skipped = (ids.view(-1) == S).cpu()
@@ -166,10 +175,12 @@ def test_moe_routes_computes_only_ids_in_the_table(fp8):
     assert rel(out[computed], ref[computed]) < 1e-2
     # the summed kernel is the routes' weighted sum (each partial row rounded to bf16 first)
     ids_all = torch.where(ids == S, 0, ids)
-    summed = fm.fused_moe(x, w13, w2, ids_all, w.view(M, k), table, config=SMALL if fp8 else
-                          {**SMALL, "BLOCK_SIZE_K": 64}, **kw)
-    routes = fm.fused_moe_routes(x, w13, w2, ids_all, w, table, config=SMALL if fp8 else
-                                 {**SMALL, "BLOCK_SIZE_K": 64}, **kw)
+    summed = fm.fused_moe(
+        x, w13, w2, ids_all, w.view(M, k), table, config=SMALL if fp8 else {**SMALL, "BLOCK_SIZE_K": 64}, **kw
+    )
+    routes = fm.fused_moe_routes(
+        x, w13, w2, ids_all, w, table, config=SMALL if fp8 else {**SMALL, "BLOCK_SIZE_K": 64}, **kw
+    )
     assert torch.equal(summed, routes.view(M, k, K).float().sum(dim=1).bfloat16())
 
 
@@ -202,11 +213,13 @@ def test_moe_fp8_gate_up_stage_is_tight():
     fm.launch_gate_up(x, w13, s13, h, align, 1, SMALL, True, True, 128)
     xq = dequantize_groups_fp8(*per_token_group_quant_fp8_reference(x))
     from moed.formats.fp8 import dequantize_block_fp8
+
     for t in range(3):
         wgu = dequantize_block_fp8(w13[int(ids[t, 0])], s13[int(ids[t, 0])], 128, 128)
         g, u = xq[t] @ wgu[:N].T, xq[t] @ wgu[N:].T
-        torch.testing.assert_close(h[t].float(), (torch.nn.functional.silu(g) * u).bfloat16().float(),
-                                   rtol=1e-2, atol=1e-3)
+        torch.testing.assert_close(
+            h[t].float(), (torch.nn.functional.silu(g) * u).bfloat16().float(), rtol=1e-2, atol=1e-3
+        )
 
 
 def test_moe_id_without_slot_adds_nothing():
@@ -237,8 +250,18 @@ def test_moe_bad_inputs_are_named():
     with pytest.raises(ValueError, match="w13_scale"):
         fm.fused_moe(x, w13, w2, ids, w, table, w2_scale=s2, block_shape=(128, 128))
     with pytest.raises(ValueError, match="BLOCK_SIZE_K"):
-        fm.fused_moe(x, w13, w2, ids, w, table, w13_scale=s13, w2_scale=s2, block_shape=(128, 128),
-                     config={**SMALL, "BLOCK_SIZE_K": 64})
+        fm.fused_moe(
+            x,
+            w13,
+            w2,
+            ids,
+            w,
+            table,
+            w13_scale=s13,
+            w2_scale=s2,
+            block_shape=(128, 128),
+            config={**SMALL, "BLOCK_SIZE_K": 64},
+        )
     with pytest.raises(ValueError, match="hidden"):
         fm.fused_moe(x.float(), w13, w2, ids, w, table, w13_scale=s13, w2_scale=s2, block_shape=(128, 128))
 
@@ -300,8 +323,9 @@ def test_moe_gpu_graph_capture_without_host_sync():
     w.copy_(w2_)
     x.copy_(torch.randn((M, GLM_K), generator=gen).to(torch.bfloat16))
     graph.replay()
-    ref = fm.fused_moe_reference(x, w13, w2, ids, w, table, quantize_activations=True, w13_scale=s13, w2_scale=s2,
-                                 block_shape=(128, 128))
+    ref = fm.fused_moe_reference(
+        x, w13, w2, ids, w, table, quantize_activations=True, w13_scale=s13, w2_scale=s2, block_shape=(128, 128)
+    )
     assert rel(out, ref) < 1e-2
 
 

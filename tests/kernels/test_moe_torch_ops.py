@@ -19,8 +19,14 @@ from moed.kernels import act_quant, torch_ops
 from moed.kernels import fused_moe as fm
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"  # where the Triton kernel itself runs (interpreted on a CPU)
-SMALL_BF16 = {"BLOCK_SIZE_M": 16, "BLOCK_SIZE_N": 32, "BLOCK_SIZE_K": 32, "GROUP_SIZE_M": 1, "num_warps": 4,
-              "num_stages": 2}
+SMALL_BF16 = {
+    "BLOCK_SIZE_M": 16,
+    "BLOCK_SIZE_N": 32,
+    "BLOCK_SIZE_K": 32,
+    "GROUP_SIZE_M": 1,
+    "num_warps": 4,
+    "num_stages": 2,
+}
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -30,14 +36,19 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
 def experts(S: int, N: int, K: int, fp8: bool, seed: int, device: str = "cpu") -> dict:
     """Weights of S slots as fused_moe's keyword arguments (FP8: block-quantised by moed.formats.fp8)."""
     gen = torch.Generator(device=device).manual_seed(seed)
-    w13 = torch.randn((S, 2 * N, K), generator=gen, device=device) / K ** 0.5
-    w2 = torch.randn((S, K, N), generator=gen, device=device) / N ** 0.5
+    w13 = torch.randn((S, 2 * N, K), generator=gen, device=device) / K**0.5
+    w2 = torch.randn((S, K, N), generator=gen, device=device) / N**0.5
     if not fp8:
         return dict(w13=w13.bfloat16(), w2=w2.bfloat16(), w13_scale=None, w2_scale=None, block_shape=None)
     q13, s13 = zip(*(quantize_block_fp8(w, 128, 128) for w in w13))
     q2, s2 = zip(*(quantize_block_fp8(w, 128, 128) for w in w2))
-    return dict(w13=torch.stack(q13), w2=torch.stack(q2), w13_scale=torch.stack(s13), w2_scale=torch.stack(s2),
-                block_shape=[128, 128])
+    return dict(
+        w13=torch.stack(q13),
+        w2=torch.stack(q2),
+        w13_scale=torch.stack(s13),
+        w2_scale=torch.stack(s2),
+        block_shape=[128, 128],
+    )
 
 
 def routes(M: int, k: int, table: torch.Tensor, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -67,6 +78,7 @@ def moe_args(fp8: bool, M: int = 5, seed: int = 0) -> tuple:
 
 # ---- registration ---------------------------------------------------------------------------------------------
 
+
 def test_moe_ops_registered_with_their_schemas_and_reload_is_idempotent():
     before = {n: str(getattr(torch.ops.moed, n).default._schema) for n in torch_ops.SCHEMAS}
     x = torch.randn(3, 128)
@@ -80,8 +92,10 @@ def test_moe_ops_registered_with_their_schemas_and_reload_is_idempotent():
     assert torch.equal(q0.view(torch.uint8), q1.view(torch.uint8)) and torch.equal(s0, s1)
 
 
-@pytest.mark.parametrize("ours,kernel", [(torch_ops.per_token_group_quant_fp8, act_quant.per_token_group_quant_fp8),
-                                         (torch_ops.fused_moe, fm.fused_moe)])
+@pytest.mark.parametrize(
+    "ours,kernel",
+    [(torch_ops.per_token_group_quant_fp8, act_quant.per_token_group_quant_fp8), (torch_ops.fused_moe, fm.fused_moe)],
+)
 def test_moe_op_functions_keep_the_kernel_signatures(ours, kernel):
     """Each op function takes the kernel function's parameters (same names, kinds, defaults), minus tuning and out."""
     want = inspect.signature(kernel).parameters
@@ -92,6 +106,7 @@ def test_moe_op_functions_keep_the_kernel_signatures(ours, kernel):
 
 
 # ---- activation quant -----------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("shape,group", [((5, 200), 128), ((3, 64), 32), ((0, 128), 128)])
 def test_moe_act_quant_op_opcheck_and_reference(shape, group):
@@ -113,20 +128,35 @@ def test_moe_act_quant_op_rejects_bad_inputs():
     # The fake rejects it too, at trace time (dynamo wraps the fake's ValueError).
     with pytest.raises(torch._dynamo.exc.TorchRuntimeError, match=r"x dtype torch\.int32 unsupported"):
         torch.compile(torch_ops.per_token_group_quant_fp8, backend="eager", fullgraph=True)(
-            torch.zeros(2, 128, dtype=torch.int32))
+            torch.zeros(2, 128, dtype=torch.int32)
+        )
 
 
 # ---- fused MoE ------------------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("fp8", [False, True], ids=["bf16", "fp8"])
 def test_moe_fused_op_opcheck_and_reference(fp8):
     args = moe_args(fp8)
-    args = (torch.cat([args[0], args[0]], dim=1)[:, :args[0].shape[1]], *args[1:])  # rows strided, as the kernel allows
+    args = (
+        torch.cat([args[0], args[0]], dim=1)[:, : args[0].shape[1]],
+        *args[1:],
+    )  # rows strided, as the kernel allows
     opcheck(torch.ops.moed.fused_moe.default, args)
     x, w13, w2, ids, weights, table, s13, s2, block = args
     out = torch_ops.fused_moe(x, w13, w2, ids, weights, table, w13_scale=s13, w2_scale=s2, block_shape=block)
-    ref = fm.fused_moe_reference(x, w13, w2, ids, weights, table, w13_scale=s13, w2_scale=s2,
-                                 block_shape=None if block is None else tuple(block), quantize_activations=fp8)
+    ref = fm.fused_moe_reference(
+        x,
+        w13,
+        w2,
+        ids,
+        weights,
+        table,
+        w13_scale=s13,
+        w2_scale=s2,
+        block_shape=None if block is None else tuple(block),
+        quantize_activations=fp8,
+    )
     assert out.dtype == torch.bfloat16 and out.shape == x.shape
     assert torch.equal(out, ref)
 
@@ -161,6 +191,7 @@ def test_moe_fused_op_rejects_bad_inputs():
 
 # ---- tracing --------------------------------------------------------------------------------------------------
 
+
 def _moe_step(x: torch.Tensor, w13, w2, ids, weights, table) -> torch.Tensor:
     """A small MoE block: norm, routed experts through the op, a residual; activation quant on the result."""
     h = torch.nn.functional.rms_norm(x.float(), (x.shape[1],)).to(x.dtype)
@@ -186,6 +217,7 @@ def test_moe_ops_compile_fullgraph_without_graph_breaks(dynamic):
 
 # ---- GPU -----------------------------------------------------------------------------------------------------
 
+
 def _cuda_moe_args(fp8: bool, M: int, seed: int = 0) -> tuple:
     N, K, S, num_ids = (512, 1024, 16, 40) if fp8 else (256, 512, 16, 40)
     w = experts(S, N, K, fp8, seed, "cuda")
@@ -194,9 +226,10 @@ def _cuda_moe_args(fp8: bool, M: int, seed: int = 0) -> tuple:
     table[torch.randperm(num_ids, generator=gen)[:S]] = torch.randperm(S, generator=gen).to(torch.int32)
     ids, weights = routes(M, 8, table, seed)
     x = torch.randn((M, K), generator=gen).bfloat16()
-    return tuple(t.cuda() if isinstance(t, torch.Tensor) else t
-                 for t in (x, w["w13"], w["w2"], ids, weights, table, w["w13_scale"], w["w2_scale"],
-                           w["block_shape"]))
+    return tuple(
+        t.cuda() if isinstance(t, torch.Tensor) else t
+        for t in (x, w["w13"], w["w2"], ids, weights, table, w["w13_scale"], w["w2_scale"], w["block_shape"])
+    )
 
 
 @pytest.mark.gpu
@@ -205,8 +238,9 @@ def _cuda_moe_args(fp8: bool, M: int, seed: int = 0) -> tuple:
 def test_moe_gpu_ops_equal_direct_kernel_calls(fp8, M):
     x, w13, w2, ids, weights, table, s13, s2, block = _cuda_moe_args(fp8, M)
     kw = dict(w13_scale=s13, w2_scale=s2, block_shape=None if block is None else tuple(block))
-    assert torch.equal(torch_ops.fused_moe(x, w13, w2, ids, weights, table, **kw),
-                       fm.fused_moe(x, w13, w2, ids, weights, table, **kw))
+    assert torch.equal(
+        torch_ops.fused_moe(x, w13, w2, ids, weights, table, **kw), fm.fused_moe(x, w13, w2, ids, weights, table, **kw)
+    )
     q, s = torch_ops.per_token_group_quant_fp8(x)
     q_k, s_k = act_quant.per_token_group_quant_fp8(x)
     assert torch.equal(q.view(torch.uint8), q_k.view(torch.uint8)) and torch.equal(s, s_k)

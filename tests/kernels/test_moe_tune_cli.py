@@ -36,20 +36,35 @@ def test_moe_tune_tables_from_log_round_trip(tmp_path):
     from moed.kernels.fused_moe_tuner import main as tune_main
     from moed.moe_configs import lookup
 
-    up = {"BLOCK_SIZE_M": 16, "BLOCK_SIZE_N": 64, "BLOCK_SIZE_K": 128, "GROUP_SIZE_M": 1, "num_warps": 4,
-          "num_stages": 4, "A_QUANT_IN_GEMM": False}
+    up = {
+        "BLOCK_SIZE_M": 16,
+        "BLOCK_SIZE_N": 64,
+        "BLOCK_SIZE_K": 128,
+        "GROUP_SIZE_M": 1,
+        "num_warps": 4,
+        "num_stages": 4,
+        "A_QUANT_IN_GEMM": False,
+    }
     down = {**up, "BLOCK_SIZE_N": 128, "num_stages": 3, "A_QUANT_IN_GEMM": True}
-    big = {"BLOCK_SIZE_M": 64, "BLOCK_SIZE_N": 128, "BLOCK_SIZE_K": 64, "GROUP_SIZE_M": 16, "num_warps": 8,
-           "num_stages": 3}
-    log = "\n".join([
-        "tune-moe on NVIDIA H100 80GB HBM3, Triton 3.6.0, torch 2.11.0+cu130; writing /x",
-        "[fp8_w8a8 E=256 N=512 K=6144] 2 of 2 batch sizes to tune",
-        "  compiled 98 kernel variants in 9.7s with 16 processes (0 unusable)",
-        f"  M=    1: gate_up     28.6 us {_short(up)} | down     13.8 us {_short(down)}  (0.9s)",
-        f"  M= 4096: gate_up    921.8 us {_short(up)} | down    717.0 us {_short(down)}  (0.8s)",
-        "[bf16 E=257 N=256 K=6144] 2 of 2 batch sizes to tune",
-        f"  M=    1: gate_up     75.2 us {_short(big)} | down     38.6 us {_short(big)}  (1.5s)",
-    ])
+    big = {
+        "BLOCK_SIZE_M": 64,
+        "BLOCK_SIZE_N": 128,
+        "BLOCK_SIZE_K": 64,
+        "GROUP_SIZE_M": 16,
+        "num_warps": 8,
+        "num_stages": 3,
+    }
+    log = "\n".join(
+        [
+            "tune-moe on NVIDIA H100 80GB HBM3, Triton 3.6.0, torch 2.11.0+cu130; writing /x",
+            "[fp8_w8a8 E=256 N=512 K=6144] 2 of 2 batch sizes to tune",
+            "  compiled 98 kernel variants in 9.7s with 16 processes (0 unusable)",
+            f"  M=    1: gate_up     28.6 us {_short(up)} | down     13.8 us {_short(down)}  (0.9s)",
+            f"  M= 4096: gate_up    921.8 us {_short(up)} | down    717.0 us {_short(down)}  (0.8s)",
+            "[bf16 E=257 N=256 K=6144] 2 of 2 batch sizes to tune",
+            f"  M=    1: gate_up     75.2 us {_short(big)} | down     38.6 us {_short(big)}  (1.5s)",
+        ]
+    )
     tables = tables_from_log(log)
     assert tables[("fp8_w8a8", 256, 512, 6144)] == {"1": {"up": up, "down": down}, "4096": {"up": up, "down": down}}
     assert tables[("bf16", 257, 256, 6144)] == {"1": {"up": big, "down": big}}

@@ -35,8 +35,13 @@ def _load(path) -> None:
 
 def test_layout_matches_release(tiny_checkpoint):
     d = Path(tiny_checkpoint)
-    for f in ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
-              "model.safetensors.index.json"):
+    for f in (
+        "config.json",
+        "generation_config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "model.safetensors.index.json",
+    ):
         assert (d / f).exists(), f
     index = json.loads((d / "model.safetensors.index.json").read_text())
     shards = set(index["weight_map"].values())
@@ -169,15 +174,34 @@ def test_mtp_layer_runs_a_draft_step(tiny_checkpoint):
 
 
 def test_cli_generate_prints_text(tiny_checkpoint):
-    r = subprocess.run([sys.executable, "-m", "moed.daemon.cli", "generate", "--model", tiny_checkpoint,
-                        "--max-tokens", "16", "--ignore-eos", "Hello"], capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "moed.daemon.cli",
+            "generate",
+            "--model",
+            tiny_checkpoint,
+            "--max-tokens",
+            "16",
+            "--ignore-eos",
+            "Hello",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 0, r.stderr
     assert len(r.stdout.strip()) > 0
 
 
 def test_cli_reports_bad_checkpoint_clearly(tmp_path):
-    r = subprocess.run([sys.executable, "-m", "moed.daemon.cli", "generate", "--model", str(tmp_path), "x"],
-                       capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        [sys.executable, "-m", "moed.daemon.cli", "generate", "--model", str(tmp_path), "x"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 2
     assert "config.json" in r.stderr and "Traceback" not in r.stderr
 

@@ -67,22 +67,25 @@ def test_missing_rope_theta_is_named(tmp_path):
         GlmMoeDsaConfig.from_file(_write(tmp_path, raw))
 
 
-@pytest.mark.parametrize(("change", "field"), [
-    ({"n_group": 3}, "n_group"),
-    ({"topk_group": 2}, "topk_group"),
-    ({"first_k_dense_replace": 99}, "first_k_dense_replace"),
-    ({"qk_rope_head_dim": 63}, "qk_rope_head_dim"),
-    ({"hidden_size": "6144"}, "hidden_size"),
-    ({"hidden_size": -1}, "hidden_size"),
-    ({"head_dim": 128}, "head_dim"),
-    ({"num_experts_per_tok": 300}, "num_experts_per_tok"),
-    ({"eos_token_id": [999999]}, "eos_token_id"),
-    ({"hidden_act": "gelu"}, "hidden_act"),
-    ({"rope_parameters": {"rope_theta": 1e6, "rope_type": "yarn"}}, "rope_type"),
-    ({"quantization_config": {"quant_method": "awq"}}, "quant_method"),
-    ({"index_topk_pattern": "FX"}, "index_topk_pattern"),
-    ({"architectures": ["LlamaForCausalLM"]}, "architectures"),
-])
+@pytest.mark.parametrize(
+    ("change", "field"),
+    [
+        ({"n_group": 3}, "n_group"),
+        ({"topk_group": 2}, "topk_group"),
+        ({"first_k_dense_replace": 99}, "first_k_dense_replace"),
+        ({"qk_rope_head_dim": 63}, "qk_rope_head_dim"),
+        ({"hidden_size": "6144"}, "hidden_size"),
+        ({"hidden_size": -1}, "hidden_size"),
+        ({"head_dim": 128}, "head_dim"),
+        ({"num_experts_per_tok": 300}, "num_experts_per_tok"),
+        ({"eos_token_id": [999999]}, "eos_token_id"),
+        ({"hidden_act": "gelu"}, "hidden_act"),
+        ({"rope_parameters": {"rope_theta": 1e6, "rope_type": "yarn"}}, "rope_type"),
+        ({"quantization_config": {"quant_method": "awq"}}, "quant_method"),
+        ({"index_topk_pattern": "FX"}, "index_topk_pattern"),
+        ({"architectures": ["LlamaForCausalLM"]}, "architectures"),
+    ],
+)
 def test_inconsistent_field_is_named(tmp_path, change, field):
     path = _write(tmp_path, _release_config() | change)
     with pytest.raises(ConfigError, match=rf"{path}.*{field}"):

@@ -166,11 +166,17 @@ def tiny_symmetric(tiny_checkpoint, tmp_path_factory) -> str:
     shutil.copytree(tiny_checkpoint, dst)
     cfg = json.loads((dst / "config.json").read_text())
     cfg["quantization_config"] = {
-        "quant_method": "compressed-tensors", "format": "pack-quantized",
-        "config_groups": {"group_0": {"targets": ["Linear"], "input_activations": None,
-                                      "weights": {"num_bits": 4, "type": "int", "symmetric": True,
-                                                  "strategy": "group", "group_size": 32}}},
-        "ignore": ["lm_head", "re:.*self_attn.*", "re:.*mlp.gate$"]}
+        "quant_method": "compressed-tensors",
+        "format": "pack-quantized",
+        "config_groups": {
+            "group_0": {
+                "targets": ["Linear"],
+                "input_activations": None,
+                "weights": {"num_bits": 4, "type": "int", "symmetric": True, "strategy": "group", "group_size": 32},
+            }
+        },
+        "ignore": ["lm_head", "re:.*self_attn.*", "re:.*mlp.gate$"],
+    }
     (dst / "config.json").write_text(json.dumps(cfg))
     index_path = dst / "model.safetensors.index.json"
     index = json.loads(index_path.read_text())

@@ -49,15 +49,17 @@ def test_kv_cached_decode_with_shared_indexer_layers(tmp_path):
 
 def test_parity_shared_indexer_layers_with_transformers(tmp_path):
     transformers = pytest.importorskip("transformers")
-    path = str(make_checkpoint(tmp_path / "shared", "tiny", device="cpu",
-                               config_overrides={"index_topk_pattern": "FSSF"}))
+    path = str(
+        make_checkpoint(tmp_path / "shared", "tiny", device="cpu", config_overrides={"index_topk_pattern": "FSSF"})
+    )
     cfg, model, runner = _load(path)
     assert cfg.indexer_types == ("full", "shared", "shared", "full")
     be = ReferenceAttention(cfg)
     ids = torch.randint(0, cfg.vocab_size, (50,), generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
-        ours = model.logits(model(ids, StepContext(torch.arange(50), [SequenceStep(0, 50, be.new_sequence())]), be,
-                                  runner))
+        ours = model.logits(
+            model(ids, StepContext(torch.arange(50), [SequenceStep(0, 50, be.new_sequence())]), be, runner)
+        )
         hf = transformers.GlmMoeDsaForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
         ref = hf(ids[None]).logits[0]
     assert ((ours - ref).abs().max() / ref.abs().max()).item() <= 1e-4

@@ -77,14 +77,16 @@ def test_parity_batch_of_sequences(pair):
     ours, hf = pair
     g = torch.Generator().manual_seed(7)
     seqs = [torch.randint(0, ours.cfg.vocab_size, (n,), generator=g) for n in (5, 40, 17)]
-    ctx = StepContext(positions=torch.cat([torch.arange(s.shape[0]) for s in seqs]),
-                      seqs=[SequenceStep(0, s.shape[0], ours.backend.new_sequence()) for s in seqs])
+    ctx = StepContext(
+        positions=torch.cat([torch.arange(s.shape[0]) for s in seqs]),
+        seqs=[SequenceStep(0, s.shape[0], ours.backend.new_sequence()) for s in seqs],
+    )
     with torch.no_grad():
         packed = ours.model.logits(ours.model(torch.cat(seqs), ctx, ours.backend, ours.runner))
         start = 0
         for s in seqs:
             ref = hf(s[None]).logits[0]
-            assert _rel(packed[start:start + s.shape[0]], ref) <= TOL
+            assert _rel(packed[start : start + s.shape[0]], ref) <= TOL
             start += s.shape[0]
 
 
@@ -96,9 +98,10 @@ def test_parity_greedy_32_tokens(pair):
     engine = LLMEngine(EngineConfig(model=ours.path, device="cpu", dtype="fp32"))
     [mine] = engine.generate([prompt.tolist()], SamplingParams(max_tokens=32, ignore_eos=True))
     with torch.no_grad():
-        out = hf.generate(prompt[None], max_new_tokens=32, do_sample=False, eos_token_id=None, pad_token_id=0,
-                          min_new_tokens=32)
-    assert mine == out[0, prompt.shape[0]:].tolist()
+        out = hf.generate(
+            prompt[None], max_new_tokens=32, do_sample=False, eos_token_id=None, pad_token_id=0, min_new_tokens=32
+        )
+    assert mine == out[0, prompt.shape[0] :].tolist()
 
 
 def _dequantize_checkpoint(src: str, dst: Path) -> None:

@@ -21,8 +21,9 @@ def test_special_tokens_and_eos_ids(tiny_checkpoint):
 
 def test_chat_template_renders_glm_turns(tiny_checkpoint):
     tcfg = json.loads((Path(tiny_checkpoint) / "tokenizer_config.json").read_text())
-    text = render_chat(tcfg["chat_template"], [{"role": "system", "content": "Be brief."},
-                                               {"role": "user", "content": "Hi"}])
+    text = render_chat(
+        tcfg["chat_template"], [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
+    )
     assert text == "[gMASK]<sop><|system|>Be brief.<|user|>Hi<|assistant|><think>"
     tok = Tokenizer.from_file(str(Path(tiny_checkpoint) / "tokenizer.json"))
     ids = tok.encode(text, add_special_tokens=False).ids
@@ -35,26 +36,46 @@ def test_chat_template_has_glm51_structure_for_tools_and_thinking():
     tools block, earlier reasoning dropped, the current turn's kept, XML tool calls, tool results after one
     <|observation|>, and a generation prompt that opens reasoning or closes it when thinking is off."""
     params = {"type": "object", "properties": {"city": {"type": "string"}}}
-    tools = [{"type": "function",
-              "function": {"name": "get_weather", "description": "Weather <now> & 你好", "parameters": params}}]
-    messages = [{"role": "user", "content": "weather?"},
-                {"role": "assistant", "content": "<think>\nold\n</think>\nfirst"},
-                {"role": "user", "content": [{"type": "text", "text": "in "}, {"type": "text", "text": "Paris"}]},
-                {"role": "assistant", "content": " ok ", "reasoning_content": " need a tool ",
-                 "tool_calls": [{"id": "c1", "type": "function",
-                                 "function": {"name": "get_weather", "arguments": {"city": "Paris", "days": [1, 2]}}}]},
-                {"role": "tool", "content": "sunny"}, {"role": "tool", "content": "warm"}]
-    head = ("[gMASK]<sop><|system|>\n# Tools\n\nYou may call one or more functions to assist with the user query.\n\n"
-            "You are provided with function signatures within <tools></tools> XML tags:\n<tools>\n"
-            '{"type": "function", "function": {"name": "get_weather", "description": "Weather <now> & 你好", '
-            '"parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}\n</tools>\n\n'
-            "For each function call, output the function name and arguments within the following XML format:\n"
-            "<tool_call>{function-name}<arg_key>{arg-key-1}</arg_key><arg_value>{arg-value-1}</arg_value>"
-            "<arg_key>{arg-key-2}</arg_key><arg_value>{arg-value-2}</arg_value>...</tool_call>")
-    turns = ("<|user|>weather?<|assistant|></think>first<|user|>in Paris<|assistant|><think>need a tool</think>ok"
-             "<tool_call>get_weather<arg_key>city</arg_key><arg_value>Paris</arg_value><arg_key>days</arg_key>"
-             "<arg_value>[1, 2]</arg_value></tool_call><|observation|><tool_response>sunny</tool_response>"
-             "<tool_response>warm</tool_response>")
+    tools = [
+        {
+            "type": "function",
+            "function": {"name": "get_weather", "description": "Weather <now> & 你好", "parameters": params},
+        }
+    ]
+    messages = [
+        {"role": "user", "content": "weather?"},
+        {"role": "assistant", "content": "<think>\nold\n</think>\nfirst"},
+        {"role": "user", "content": [{"type": "text", "text": "in "}, {"type": "text", "text": "Paris"}]},
+        {
+            "role": "assistant",
+            "content": " ok ",
+            "reasoning_content": " need a tool ",
+            "tool_calls": [
+                {
+                    "id": "c1",
+                    "type": "function",
+                    "function": {"name": "get_weather", "arguments": {"city": "Paris", "days": [1, 2]}},
+                }
+            ],
+        },
+        {"role": "tool", "content": "sunny"},
+        {"role": "tool", "content": "warm"},
+    ]
+    head = (
+        "[gMASK]<sop><|system|>\n# Tools\n\nYou may call one or more functions to assist with the user query.\n\n"
+        "You are provided with function signatures within <tools></tools> XML tags:\n<tools>\n"
+        '{"type": "function", "function": {"name": "get_weather", "description": "Weather <now> & 你好", '
+        '"parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}\n</tools>\n\n'
+        "For each function call, output the function name and arguments within the following XML format:\n"
+        "<tool_call>{function-name}<arg_key>{arg-key-1}</arg_key><arg_value>{arg-value-1}</arg_value>"
+        "<arg_key>{arg-key-2}</arg_key><arg_value>{arg-value-2}</arg_value>...</tool_call>"
+    )
+    turns = (
+        "<|user|>weather?<|assistant|></think>first<|user|>in Paris<|assistant|><think>need a tool</think>ok"
+        "<tool_call>get_weather<arg_key>city</arg_key><arg_value>Paris</arg_value><arg_key>days</arg_key>"
+        "<arg_value>[1, 2]</arg_value></tool_call><|observation|><tool_response>sunny</tool_response>"
+        "<tool_response>warm</tool_response>"
+    )
     assert render_chat(CHAT_TEMPLATE, messages, tools=tools) == head + turns + "<|assistant|><think>"
     off = render_chat(CHAT_TEMPLATE, messages, tools=tools, enable_thinking=False)
     assert off == head + turns + "<|assistant|></think>"
@@ -69,4 +90,3 @@ def test_think_and_tool_tokens_survive_skipping_special_tokens(tiny_checkpoint):
     ids = tok.encode(text + "<|observation|>", add_special_tokens=False).ids
     assert all(tok.token_to_id(t) in ids for t in TEXT_TOKENS[:8])
     assert tok.decode(ids, skip_special_tokens=True) == text
-

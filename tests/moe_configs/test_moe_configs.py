@@ -10,8 +10,7 @@ import pytest
 from moed.moe_configs import lookup
 
 DEV = "NVIDIA H100 80GB HBM3"
-CFG = {"BLOCK_SIZE_M": 16, "BLOCK_SIZE_N": 64, "BLOCK_SIZE_K": 128, "GROUP_SIZE_M": 1, "num_warps": 4,
-       "num_stages": 4}
+CFG = {"BLOCK_SIZE_M": 16, "BLOCK_SIZE_N": 64, "BLOCK_SIZE_K": 128, "GROUP_SIZE_M": 1, "num_warps": 4, "num_stages": 4}
 
 
 def cfg(bm: int, **kw) -> dict:
@@ -27,12 +26,18 @@ def root(tmp_path, monkeypatch):
 
 
 def test_moe_config_file_names_match_sglang_and_vllm():
-    assert lookup.file_name(257, 2048, DEV, "fp8_w8a8", [128, 128]) == \
-        "E=257,N=2048,device_name=NVIDIA_H100_80GB_HBM3,dtype=fp8_w8a8,block_shape=[128, 128].json"
-    assert lookup.file_name(257, 2048, DEV, "fp8_w8a8", [128, 128], down=True) == \
-        "E=257,N=2048,device_name=NVIDIA_H100_80GB_HBM3,dtype=fp8_w8a8,block_shape=[128, 128]_down.json"
-    assert lookup.file_name(256, 256, DEV, "fp8_w8a8", (128, 128), vllm=True) == \
-        "E=256,N=256,device_name=NVIDIA_H100_80GB_HBM3,dtype=fp8_w8a8,block_shape=[128,128].json"
+    assert (
+        lookup.file_name(257, 2048, DEV, "fp8_w8a8", [128, 128])
+        == "E=257,N=2048,device_name=NVIDIA_H100_80GB_HBM3,dtype=fp8_w8a8,block_shape=[128, 128].json"
+    )
+    assert (
+        lookup.file_name(257, 2048, DEV, "fp8_w8a8", [128, 128], down=True)
+        == "E=257,N=2048,device_name=NVIDIA_H100_80GB_HBM3,dtype=fp8_w8a8,block_shape=[128, 128]_down.json"
+    )
+    assert (
+        lookup.file_name(256, 256, DEV, "fp8_w8a8", (128, 128), vllm=True)
+        == "E=256,N=256,device_name=NVIDIA_H100_80GB_HBM3,dtype=fp8_w8a8,block_shape=[128,128].json"
+    )
     assert lookup.file_name(256, 512, DEV, None, None) == "E=256,N=512,device_name=NVIDIA_H100_80GB_HBM3.json"
     assert lookup.triton_dir_name("3.6.0") == "triton_3_6_0"
     assert lookup.triton_dir_name("3.9.0+git1234") == "triton_3_9_0"
@@ -44,7 +49,7 @@ def test_moe_config_nearest_batch_size_ties_to_smaller():
     assert lookup.nearest(table, 40)["BLOCK_SIZE_M"] == 32
     assert lookup.nearest(table, 96)["BLOCK_SIZE_M"] == 32  # tie between 64 and 128 -> 64
     assert lookup.nearest(table, 97)["BLOCK_SIZE_M"] == 64
-    assert lookup.nearest(table, 10 ** 6)["BLOCK_SIZE_M"] == 64
+    assert lookup.nearest(table, 10**6)["BLOCK_SIZE_M"] == 64
 
 
 def test_moe_config_sglang_layout_with_down_table(root, caplog):
@@ -53,7 +58,8 @@ def test_moe_config_sglang_layout_with_down_table(root, caplog):
     name = lookup.file_name(257, 2048, DEV, "fp8_w8a8", [128, 128])
     (d / name).write_text(json.dumps({"triton_version": "3.6.0", "1": cfg(16), "4096": cfg(64)}))
     (d / name.replace(".json", "_down.json")).write_text(
-        json.dumps({"1": {**cfg(32, BLOCK_SIZE_N=128), "USE_TMA": True}, "4096": cfg(128)}))
+        json.dumps({"1": {**cfg(32, BLOCK_SIZE_N=128), "USE_TMA": True}, "4096": cfg(128)})
+    )
     with caplog.at_level(logging.WARNING, logger="moed.moe_configs"):
         t = lookup.get_tables(257, 2048, "fp8_w8a8", [128, 128], DEV, "3.6.0")
     assert not caplog.records  # the installed version's file: no warning
@@ -69,7 +75,8 @@ def test_moe_config_other_triton_version_warns_once(root, caplog):
     for ver in ("triton_3_2_0", "triton_3_5_1"):
         (root / ver).mkdir()
         (root / ver / lookup.file_name(256, 512, DEV, None, None)).write_text(
-            json.dumps({"8": cfg(32 if ver.endswith("5_1") else 16)}))
+            json.dumps({"8": cfg(32 if ver.endswith("5_1") else 16)})
+        )
     with caplog.at_level(logging.WARNING, logger="moed.moe_configs"):
         t = lookup.get_tables(256, 512, None, None, DEV, "3.6.0")
         lookup.get_tables(256, 512, None, None, DEV, "3.6.0")
@@ -112,14 +119,20 @@ def test_moe_config_defaults_with_one_warning_naming_the_file(root, caplog):
     assert small["BLOCK_SIZE_M"] < big["BLOCK_SIZE_M"]
 
 
-@pytest.mark.parametrize("body,match", [
-    ("not json", "cannot read JSON"),
-    ('{"x": {}}', "not a batch size"),
-    ('{"1": {"BLOCK_SIZE_M": 16}}', "lacks"),
-    ('{"1": {"BLOCK_SIZE_M": 0, "BLOCK_SIZE_N": 64, "BLOCK_SIZE_K": 128, "GROUP_SIZE_M": 1, "num_warps": 4, '
-     '"num_stages": 3}}', "positive int"),
-    ("[]", "top level"),
-])
+@pytest.mark.parametrize(
+    "body,match",
+    [
+        ("not json", "cannot read JSON"),
+        ('{"x": {}}', "not a batch size"),
+        ('{"1": {"BLOCK_SIZE_M": 16}}', "lacks"),
+        (
+            '{"1": {"BLOCK_SIZE_M": 0, "BLOCK_SIZE_N": 64, "BLOCK_SIZE_K": 128, "GROUP_SIZE_M": 1, "num_warps": 4, '
+            '"num_stages": 3}}',
+            "positive int",
+        ),
+        ("[]", "top level"),
+    ],
+)
 def test_moe_config_bad_file_is_named(root, body, match):
     p = root / "bad.json"
     p.write_text(body)

@@ -45,8 +45,14 @@ def _expert(layout: ExpertLayout, g: torch.Generator) -> dict[str, torch.Tensor]
     w2 = torch.randn(K, N, generator=g) / N**0.5
     if layout.is_int4:
         q13, q2 = int4.quantize_int4(w13, layout.group), int4.quantize_int4(w2, layout.group)
-        return {"w13": q13.qweight, "w13_scale": q13.scales, "w13_zeros": q13.zeros, "w2": q2.qweight,
-                "w2_scale": q2.scales, "w2_zeros": q2.zeros}
+        return {
+            "w13": q13.qweight,
+            "w13_scale": q13.scales,
+            "w13_zeros": q13.zeros,
+            "w2": q2.qweight,
+            "w2_scale": q2.scales,
+            "w2_zeros": q2.zeros,
+        }
     if layout.block is None:
         return {"w13": w13.bfloat16(), "w2": w2.bfloat16()}
     bn, bk = layout.block
@@ -121,8 +127,9 @@ def test_offload_cpu_experts_reject_bad_inputs():
         kern.forward_many([ex, ex], [torch.zeros(1, 64)])
 
 
-def _post(server, signals, header: list[int], experts: list[int], ids: list[int], w: torch.Tensor,
-          x: torch.Tensor) -> None:
+def _post(
+    server, signals, header: list[int], experts: list[int], ids: list[int], w: torch.Tensor, x: torch.Tensor
+) -> None:
     """What the GPU does for one job: write the mailbox, clear done, set ready; then wait for the answer."""
     R, M = len(ids), x.shape[0]
     server.header.copy_(torch.tensor(header, dtype=torch.int32))
@@ -143,8 +150,11 @@ def test_offload_cpu_experts_server_answers_posted_jobs(fmt):
     answered with zeros instead of hanging the stream that waits on it."""
     from moed.offload.stream_signals import HostSignals
 
-    layout = (ExpertLayout(6, 256, 128, 128, torch.float8_e4m3fn, (128, 128)) if fmt == "fp8" else
-              ExpertLayout(6, 256, 128, 128, torch.uint8, None, 128))
+    layout = (
+        ExpertLayout(6, 256, 128, 128, torch.float8_e4m3fn, (128, 128))
+        if fmt == "fp8"
+        else ExpertLayout(6, 256, 128, 128, torch.uint8, None, 128)
+    )
     tol = 1e-5 if fmt == "fp8" else 3e-2  # int4: int8 activations
     kern = _kernel(layout)
     g = torch.Generator().manual_seed(5)
@@ -160,7 +170,7 @@ def test_offload_cpu_experts_server_answers_posted_jobs(fmt):
     ref = torch.zeros(M, layout.hidden, dtype=torch.float64)
     for r, e in enumerate(ids):
         if e in (4, 1):
-            ref[r // k] += float(w[r]) * expert_forward_reference(layers[1][e], x[r // k: r // k + 1], layout)[0]
+            ref[r // k] += float(w[r]) * expert_forward_reference(layers[1][e], x[r // k : r // k + 1], layout)[0]
     assert float((server.out[:M].double() - ref).norm() / ref.norm()) < tol
     rec = server.new_records()
     assert rec.shape == (1, 7) and list(rec[0, :5]) == [1, 3, 2, M, 4] and rec[0, 6] > rec[0, 5]
@@ -195,8 +205,20 @@ def test_offload_cpu_experts_source_compiles_without_warnings(march):
     cc = compiler()
     if shutil.which(cc[0]) is None:
         pytest.skip(f"no C compiler ({cc[0]})")
-    cmd = [*cc, "-O3", *f"-march={march}".split(), "-fopenmp", "-fPIC", "-Wall", "-Wextra", "-Werror", "-c", "-o",
-           os.devnull, str(SOURCE)]
+    cmd = [
+        *cc,
+        "-O3",
+        *f"-march={march}".split(),
+        "-fopenmp",
+        "-fPIC",
+        "-Wall",
+        "-Wextra",
+        "-Werror",
+        "-c",
+        "-o",
+        os.devnull,
+        str(SOURCE),
+    ]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, f"{' '.join(cmd)}\n{out.stderr}"
 

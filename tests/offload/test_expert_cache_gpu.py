@@ -25,8 +25,15 @@ def _runner(slots: int, cpu: CpuConfig | None = None, moe_fn=None, fmt: str = "f
     raw.update(hidden_size=K, moe_intermediate_size=N, num_experts_per_tok=k)
     cfg = GlmMoeDsaConfig.from_dict(raw, source="gpu offload test")
     g = torch.Generator().manual_seed(0)
-    r = OffloadMoERunner(cfg, layers=[1], device="cuda", slots=slots, cpu=cpu, moe_fn=moe_fn,
-                         expert_dtype="int4" if fmt == "int4" else "checkpoint")
+    r = OffloadMoERunner(
+        cfg,
+        layers=[1],
+        device="cuda",
+        slots=slots,
+        cpu=cpu,
+        moe_fn=moe_fn,
+        expert_dtype="int4" if fmt == "int4" else "checkpoint",
+    )
     for e in range(E):
         parts = {}
         for name, shape in (("gate", (N, K)), ("up", (N, K)), ("down", (K, N))):
@@ -35,8 +42,17 @@ def _runner(slots: int, cpu: CpuConfig | None = None, moe_fn=None, fmt: str = "f
         if fmt == "int4":
             r.load_expert(1, e, ExpertWeights.from_int4(parts["gate"], parts["up"], parts["down"]))
         else:
-            r.load_expert(1, e, ExpertWeights(**{f"{n}_{suffix}": t for n, (q, sc) in parts.items()
-                                                 for suffix, t in (("proj", q), ("scale_inv", sc))}))
+            r.load_expert(
+                1,
+                e,
+                ExpertWeights(
+                    **{
+                        f"{n}_{suffix}": t
+                        for n, (q, sc) in parts.items()
+                        for suffix, t in (("proj", q), ("scale_inv", sc))
+                    }
+                ),
+            )
     r.finish_loading()
     return r
 
@@ -233,8 +249,9 @@ def test_expert_cache_claim_kernel_matches_reference_on_the_device(policy):
                 ra, ma = torch.empty_like(ids), torch.empty(M, k, dtype=torch.int8)
                 rb, mb = ra.cuda(), ma.cuda()
                 claim_slots_reference(t, ids, r, ra, ma, policy=policy, exclude=exclude)
-                claim_slots(dev, ids.cuda(), r, rb, mb, policy=policy,
-                            exclude=exclude.cuda() if exclude is not None else None)
+                claim_slots(
+                    dev, ids.cuda(), r, rb, mb, policy=policy, exclude=exclude.cuda() if exclude is not None else None
+                )
                 n = int(t.n_copy)
                 assert int(dev.n_copy) == n and torch.equal(ra, rb.cpu()) and torch.equal(ma, mb.cpu())
                 for f in ("expert_to_slot", "slot_to_expert", "slot_last_use", "expert_count", "stats", "served"):

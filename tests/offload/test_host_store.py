@@ -28,12 +28,14 @@ def test_offload_store_fills_from_fp8_checkpoint_with_padding(tiny_fp8_checkpoin
         w13 = dequantize_block_fp8(ex["w13"], ex["w13_scale"], bn, bk)
         w2 = dequantize_block_fp8(ex["w2"], ex["w2_scale"], bn, bk)
         gate, up, down = w.dequantized((bn, bk), torch.float32)
-        assert torch.equal(w13[:I], gate) and torch.equal(w13[N:N + I], up) and torch.equal(w2[:, :I], down)
-        assert not w13[I:N].any() and not w13[N + I:].any() and not w2[:, I:].any()  # exact zeros in the padding
+        assert torch.equal(w13[:I], gate) and torch.equal(w13[N : N + I], up) and torch.equal(w2[:, :I], down)
+        assert not w13[I:N].any() and not w13[N + I :].any() and not w2[:, I:].any()  # exact zeros in the padding
     # Slab layout: section s of expert e at section_offset[s] + e * section_bytes[s].
     slab = store.slabs[layers[0]]
     off, nb = layout.section_offsets["w2"], layout.section_bytes["w2"]
-    assert torch.equal(slab[off + 3 * nb: off + 4 * nb], store.expert(layers[0], 3)["w2"].reshape(-1).view(torch.uint8))
+    assert torch.equal(
+        slab[off + 3 * nb : off + 4 * nb], store.expert(layers[0], 3)["w2"].reshape(-1).view(torch.uint8)
+    )
     assert layout.slab_bytes == slab.numel()
 
 

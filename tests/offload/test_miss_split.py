@@ -10,15 +10,22 @@ from moed.kernels.miss_split import split_misses, split_misses_reference
 
 def _outputs(E: int, M: int, k: int, K: int, device: str) -> dict[str, torch.Tensor]:
     R = M * k
-    return {"header": torch.full((6,), -7, dtype=torch.int32), "cpu_experts": torch.full((R,), -7, dtype=torch.int32),
-            "ids_out": torch.full((R,), -7, dtype=torch.int32), "w_out": torch.full((R,), -7.0),
-            "x_out": torch.full((M, K), -7.0), "exclude": torch.full((E,), 7, dtype=torch.int8, device=device),
-            "gpu_weights": torch.full((R,), -7.0, device=device),
-            "sort_scratch": torch.zeros(1 << max(0, E - 1).bit_length(), dtype=torch.int64, device=device)}
+    return {
+        "header": torch.full((6,), -7, dtype=torch.int32),
+        "cpu_experts": torch.full((R,), -7, dtype=torch.int32),
+        "ids_out": torch.full((R,), -7, dtype=torch.int32),
+        "w_out": torch.full((R,), -7.0),
+        "x_out": torch.full((M, K), -7.0),
+        "exclude": torch.full((E,), 7, dtype=torch.int8, device=device),
+        "gpu_weights": torch.full((R,), -7.0, device=device),
+        "sort_scratch": torch.zeros(1 << max(0, E - 1).bit_length(), dtype=torch.int64, device=device),
+    }
 
 
-@pytest.mark.parametrize(("E", "M", "k", "cached", "seed"), [(16, 1, 4, 0, 0), (16, 3, 4, 5, 1), (64, 8, 8, 20, 2),
-                                                              (256, 2, 8, 0, 3), (24, 4, 2, 24, 4)])
+@pytest.mark.parametrize(
+    ("E", "M", "k", "cached", "seed"),
+    [(16, 1, 4, 0, 0), (16, 3, 4, 5, 1), (64, 8, 8, 20, 2), (256, 2, 8, 0, 3), (24, 4, 2, 24, 4)],
+)
 def test_offload_split_kernel_matches_reference(E, M, k, cached, seed):
     g = torch.Generator().manual_seed(seed)
     K = 96
@@ -54,9 +61,25 @@ def test_offload_split_kernel_rejects_bad_buffers():
     bufs = _outputs(E, M, k, K, "cpu")
     ids = torch.zeros(M, k, dtype=torch.int64)
     with pytest.raises(ValueError, match="topk_ids must be contiguous int32"):
-        split_misses(ids, torch.rand(M, k), torch.randn(M, K), torch.zeros(E + 1, dtype=torch.int32),
-                     torch.zeros(E), torch.zeros(M * k + 1, dtype=torch.int32), layer_index=0, **bufs)
+        split_misses(
+            ids,
+            torch.rand(M, k),
+            torch.randn(M, K),
+            torch.zeros(E + 1, dtype=torch.int32),
+            torch.zeros(E),
+            torch.zeros(M * k + 1, dtype=torch.int32),
+            layer_index=0,
+            **bufs,
+        )
     bufs["x_out"] = torch.zeros(M, K + 1)
     with pytest.raises(ValueError, match=r"x_out must be fp32 \[>= 2, 32\]"):
-        split_misses(ids.int(), torch.rand(M, k), torch.randn(M, K), torch.zeros(E + 1, dtype=torch.int32),
-                     torch.zeros(E), torch.zeros(M * k + 1, dtype=torch.int32), layer_index=0, **bufs)
+        split_misses(
+            ids.int(),
+            torch.rand(M, k),
+            torch.randn(M, K),
+            torch.zeros(E + 1, dtype=torch.int32),
+            torch.zeros(E),
+            torch.zeros(M * k + 1, dtype=torch.int32),
+            layer_index=0,
+            **bufs,
+        )

@@ -68,8 +68,17 @@ def test_engine_offload_without_a_budget_sizes_the_cache_after_the_weights(tiny_
     from moed.engine.protocol import SamplingParams
 
     caplog.set_level("INFO", logger="moed.offload.routed_experts")
-    e = LLMEngine(EngineConfig(model=tiny_checkpoint, device="cuda", dtype="bf16", moe="offload", max_running=2,
-                               max_model_len=256, cuda_graphs=False))
+    e = LLMEngine(
+        EngineConfig(
+            model=tiny_checkpoint,
+            device="cuda",
+            dtype="bf16",
+            moe="offload",
+            max_running=2,
+            max_model_len=256,
+            cuda_graphs=False,
+        )
+    )
     assert "expert cache budget sized after loading" in caplog.text
     target = e.experts.target
     assert target.budget_bytes is not None and target.cache is not None

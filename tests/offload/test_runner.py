@@ -20,8 +20,9 @@ from moed.offload.runner import OffloadMoERunner
 LAYERS = [1, 2]
 
 
-def small_config(experts: int = 16, fp8: bool = True, inter: int = 64, block: int = 32,
-                 int4_experts: bool = False) -> GlmMoeDsaConfig:
+def small_config(
+    experts: int = 16, fp8: bool = True, inter: int = 64, block: int = 32, int4_experts: bool = False
+) -> GlmMoeDsaConfig:
     raw = make_config("tiny", experts=experts, fp8=fp8, int4_experts=int4_experts)
     raw["moe_intermediate_size"] = inter
     if fp8:
@@ -35,8 +36,10 @@ def random_experts(cfg: GlmMoeDsaConfig, seed: int = 0) -> list[ExpertWeights]:
     out = []
     for e in range(cfg.n_routed_experts):
         if cfg.pack_quantization is not None:  # int4; every third expert symmetric (no zero points), as W4A16 stores
-            q = [int4.quantize_int4(torch.randn(*shape, generator=g) / shape[1] ** 0.5) for shape in
-                 ((I, H), (I, H), (H, I))]
+            q = [
+                int4.quantize_int4(torch.randn(*shape, generator=g) / shape[1] ** 0.5)
+                for shape in ((I, H), (I, H), (H, I))
+            ]
             out.append(ExpertWeights.from_int4(*(w._replace(zeros=None) if e % 3 == 0 else w for w in q)))
             continue
         parts = {}
@@ -51,8 +54,9 @@ def random_experts(cfg: GlmMoeDsaConfig, seed: int = 0) -> list[ExpertWeights]:
     return out
 
 
-def build_runner(cfg: GlmMoeDsaConfig, experts: list[ExpertWeights], layers: list[int], device: str = "cpu",
-                 **kw) -> OffloadMoERunner:
+def build_runner(
+    cfg: GlmMoeDsaConfig, experts: list[ExpertWeights], layers: list[int], device: str = "cpu", **kw
+) -> OffloadMoERunner:
     r = OffloadMoERunner(cfg, layers=layers, device=device, **kw)
     for layer in layers:
         for e, w in enumerate(experts):
@@ -122,9 +126,17 @@ def test_offload_rounds_compute_each_route_once_and_match_the_per_route_formula(
     assert sum(computed) == M * k  # each route once over the rounds
     ref = build_runner(cfg, experts, [1], slots=cfg.n_routed_experts).cache[1]
     rep = h[:, None, :].expand(M, k, -1).reshape(M * k, -1)
-    per_route = fused_moe_reference(rep, ref.w13, ref.w2, ids.view(-1, 1), torch.ones(M * k, 1),
-                                    ref.tables.expert_to_slot, w13_scale=ref.w13_scale, w2_scale=ref.w2_scale,
-                                    block_shape=ref.layout.block)
+    per_route = fused_moe_reference(
+        rep,
+        ref.w13,
+        ref.w2,
+        ids.view(-1, 1),
+        torch.ones(M * k, 1),
+        ref.tables.expert_to_slot,
+        w13_scale=ref.w13_scale,
+        w2_scale=ref.w2_scale,
+        block_shape=ref.layout.block,
+    )
     want = (per_route.view(M, k, -1).float() * w[..., None]).sum(dim=1).to(h.dtype)
     assert torch.equal(out, want)
 
@@ -229,9 +241,17 @@ def test_torch_moe_reference_rejects_missing_slot(fp8_setup):
     table = lc.tables.expert_to_slot.clone()
     table[2] = -1
     with pytest.raises(ValueError, match="expert 2 has no slot"):
-        fused_moe_reference(torch.zeros(1, cfg.hidden_size), lc.w13, lc.w2, torch.tensor([[2]], dtype=torch.int32),
-                       torch.ones(1, 1), table, w13_scale=lc.w13_scale, w2_scale=lc.w2_scale,
-                       block_shape=ref.layout.block)
+        fused_moe_reference(
+            torch.zeros(1, cfg.hidden_size),
+            lc.w13,
+            lc.w2,
+            torch.tensor([[2]], dtype=torch.int32),
+            torch.ones(1, 1),
+            table,
+            w13_scale=lc.w13_scale,
+            w2_scale=lc.w2_scale,
+            block_shape=ref.layout.block,
+        )
 
 
 def test_offload_runner_rejects_bad_layers_and_config():
@@ -278,8 +298,7 @@ def test_offload_stats_match_protocol_fields(fp8_setup):
 def test_offload_cpu_experts_skip_steps_below_min_tokens(fp8_setup):
     """Steps of fewer than cpu.min_tokens tokens copy every miss; the others split them."""
     cfg, experts, _ = fp8_setup
-    r = build_runner(cfg, experts, LAYERS, slots=4,
-                     cpu=CpuConfig(threads=1, cpu_rate=1e9, copy_rate=1e9, min_tokens=2))
+    r = build_runner(cfg, experts, LAYERS, slots=4, cpu=CpuConfig(threads=1, cpu_rate=1e9, copy_rate=1e9, min_tokens=2))
     g = torch.Generator().manual_seed(5)
     k = cfg.num_experts_per_tok
     for _ in range(3):
@@ -341,8 +360,14 @@ def test_offload_int4_equals_all_resident_and_the_dequantised_experts(int4_setup
     """int4 experts through the store, the slot pools (six sections) and the copies: bit for bit the all-resident
     answer at any cache size, and that answer is the experts' dequantised weights computed in fp32."""
     cfg, experts, ref = int4_setup
-    assert ref.layout.is_int4 and set(ref.cache[1].weights) == {"w13", "w2", "w13_scale", "w2_scale", "w13_zeros",
-                                                                 "w2_zeros"}
+    assert ref.layout.is_int4 and set(ref.cache[1].weights) == {
+        "w13",
+        "w2",
+        "w13_scale",
+        "w2_scale",
+        "w13_zeros",
+        "w2_zeros",
+    }
     r = build_runner(cfg, experts, LAYERS, slots=slots)
     fp8 = ExpertLayout(16, cfg.hidden_size, 128, 128, torch.float8_e4m3fn, (128, 128))
     assert r.layout.expert_bytes < fp8.expert_bytes / 1.8  # about half an FP8 slot

@@ -52,8 +52,7 @@ def test_hitrate_restart_from_the_state_file_starts_with_pins(tmp_path):
     policy = hr.shipped_policy()
     assert policy.pin_fraction > 0  # the shipped default pins
     state = tmp_path / "placement.json"
-    hr.simulate(hr.make_trace("popular", shape, 200, seed=3), 12, policy, shape, 0, 80e9, 50e9, 64,
-                state_path=state)
+    hr.simulate(hr.make_trace("popular", shape, 200, seed=3), 12, policy, shape, 0, 80e9, 50e9, 64, state_path=state)
     assert state.exists()
     after = hr.make_trace("popular", shape, 24, seed=4)
     warm = hr.simulate(after, 12, policy, shape, 0, 80e9, 50e9, 64, state_path=state)
@@ -85,8 +84,11 @@ def test_hitrate_quick_command_prints_the_tables(capsys):
     assert {r["shape"] for r in out["rows"]} == {"b1", "b8+mtp1"} and out["restart"]
     assert out["default_policy"] in {r["policy"] for r in out["rows"]}
     dep = out["deployment"]
-    assert out["caches"]["int4"] == dep["slots_int4"] == dep["cache_bytes_nonexpert_fp8"] // (
-        dep["expert_bytes_int4"] * hr.MOE_LAYERS)
+    assert (
+        out["caches"]["int4"]
+        == dep["slots_int4"]
+        == dep["cache_bytes_nonexpert_fp8"] // (dep["expert_bytes_int4"] * hr.MOE_LAYERS)
+    )
     assert "Finer miss split" in text and {f["shape"] for f in out["finer_split"]} == {"b1"}  # b8+mtp1 copies
     s = out["traces"]["skewed"]["b1"]
     assert s.keys() == hr.trace_statistics(skewed_trace(10, 1, 256, 8), 256).keys()

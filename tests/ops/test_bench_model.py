@@ -56,8 +56,9 @@ def test_engine_bench_bound_is_joint_when_cpu_experts_serve_misses():
     copy_only = bound_ms(row, int(37.7e6), 0, ceil)
     joint = bound_ms(row, int(37.7e6), 0, ceil, cpu_gbs=60.0)
     assert copy_only is not None and joint is not None
-    assert copy_only / joint == pytest.approx((525 * 37.7e6 / 50e9 + 75 * 37.7e6 / 3e12)
-                                              / (525 * 37.7e6 / 90e9 + 75 * 37.7e6 / 3e12))
+    assert copy_only / joint == pytest.approx(
+        (525 * 37.7e6 / 50e9 + 75 * 37.7e6 / 3e12) / (525 * 37.7e6 / 90e9 + 75 * 37.7e6 / 3e12)
+    )
 
 
 def test_interpolate_and_mtp_rate():
@@ -69,22 +70,75 @@ def test_interpolate_and_mtp_rate():
 
 
 def _parts() -> dict:
-    deep = {"nonmoe": [{"batch": b, "step_ms": 10.0 + b} for b in (1, 2, 8, 16)],
-            "head_ms": {"1": 0.5, "8": 0.6}, "nonmoe_prefill_s": {"1024": 0.5, "8192": 3.0}}
-    dep = {"gpu_bytes": 80 * GB, "nonexpert_bytes": 38 * GB, "kv_bytes": 3 * GB, "reserve_bytes": 4 * GB,
-           "expert_bytes": 40_000_000, "cache_bytes": 35 * GB, "fraction": 0.05, "slots": 12}
+    deep = {
+        "nonmoe": [{"batch": b, "step_ms": 10.0 + b} for b in (1, 2, 8, 16)],
+        "head_ms": {"1": 0.5, "8": 0.6},
+        "nonmoe_prefill_s": {"1024": 0.5, "8192": 3.0},
+    }
+    dep = {
+        "gpu_bytes": 80 * GB,
+        "nonexpert_bytes": 38 * GB,
+        "kv_bytes": 3 * GB,
+        "reserve_bytes": 4 * GB,
+        "expert_bytes": 40_000_000,
+        "cache_bytes": 35 * GB,
+        "fraction": 0.05,
+        "slots": 12,
+    }
     decode = []
     for b, ms in ((1, 2.0), (2, 2.5), (8, 4.0), (16, 6.0)):
-        decode.append({"trace": "skewed", "policy": "lru", "batch": b, "ms_per_layer": ms, "bound_ms": ms / 2,
-                       "hits": 1.0, "misses": 4.0, "cpu_experts": 1.0, "hit_rate": 0.2})
-        decode.append({"trace": "skewed", "policy": "lfu", "batch": b, "ms_per_layer": ms + 1, "bound_ms": ms / 2,
-                       "hits": 1.0, "misses": 4.0, "cpu_experts": 1.0, "hit_rate": 0.2})
-    prefill = [{"tokens": 1024, "ms_streamed": 190.0, "ms_streamed_before": 200.0, "overlap_bound_ms": 180.0,
-                "GBps": 50.0, "vs_ce": 0.95},
-               {"tokens": 2048, "ms_streamed": 200.0, "ms_streamed_before": 220.0, "overlap_bound_ms": 180.0,
-                "GBps": 48.0, "vs_ce": 0.9},
-               {"tokens": 8192, "ms_streamed": 400.0, "ms_streamed_before": 600.0, "overlap_bound_ms": 190.0,
-                "GBps": 24.0, "vs_ce": 0.45}]
+        decode.append(
+            {
+                "trace": "skewed",
+                "policy": "lru",
+                "batch": b,
+                "ms_per_layer": ms,
+                "bound_ms": ms / 2,
+                "hits": 1.0,
+                "misses": 4.0,
+                "cpu_experts": 1.0,
+                "hit_rate": 0.2,
+            }
+        )
+        decode.append(
+            {
+                "trace": "skewed",
+                "policy": "lfu",
+                "batch": b,
+                "ms_per_layer": ms + 1,
+                "bound_ms": ms / 2,
+                "hits": 1.0,
+                "misses": 4.0,
+                "cpu_experts": 1.0,
+                "hit_rate": 0.2,
+            }
+        )
+    prefill = [
+        {
+            "tokens": 1024,
+            "ms_streamed": 190.0,
+            "ms_streamed_before": 200.0,
+            "overlap_bound_ms": 180.0,
+            "GBps": 50.0,
+            "vs_ce": 0.95,
+        },
+        {
+            "tokens": 2048,
+            "ms_streamed": 200.0,
+            "ms_streamed_before": 220.0,
+            "overlap_bound_ms": 180.0,
+            "GBps": 48.0,
+            "vs_ce": 0.9,
+        },
+        {
+            "tokens": 8192,
+            "ms_streamed": 400.0,
+            "ms_streamed_before": 600.0,
+            "overlap_bound_ms": 190.0,
+            "GBps": 24.0,
+            "vs_ce": 0.45,
+        },
+    ]
     sl = {"decode": decode, "deployment": dep, "prefill": prefill}
     llama = {"whole": {"cpu_experts": {"whole_ms": 330.0}, "n_cpu_moe": {"whole_ms": 310.0}}}
     return {"deep": deep, "slice": sl, "llama": llama}
@@ -137,34 +191,138 @@ def test_every_stage_runs_on_cpu_at_tiny_sizes(tiny_fp8_checkpoint, tmp_path, ca
 
     work = tmp_path / "work"
     common = ["--device", "cpu", "--work", str(work), "--cpu-threads", "1"]
-    assert main(["--stage", "deep", "--ckpt", tiny_fp8_checkpoint, "--deep-batches", "1,2", "--deep-offload-batches",
-                 "1", "--prompts", "32", "--deep-prompt", "8", "--deep-gen", "3", "--deep-cache-gb", "0.001",
-                 "--deep-step-tokens", "32", *common]) == 0
+    assert (
+        main(
+            [
+                "--stage",
+                "deep",
+                "--ckpt",
+                tiny_fp8_checkpoint,
+                "--deep-batches",
+                "1,2",
+                "--deep-offload-batches",
+                "1",
+                "--prompts",
+                "32",
+                "--deep-prompt",
+                "8",
+                "--deep-gen",
+                "3",
+                "--deep-cache-gb",
+                "0.001",
+                "--deep-step-tokens",
+                "32",
+                *common,
+            ]
+        )
+        == 0
+    )
     deep = json.loads((work / "deep.json").read_text())
     assert [r["batch"] for r in deep["nonmoe"]] == [1, 2] and deep["nonmoe"][0]["step_ms"] > 0
     assert deep["offload"][0]["misses_per_step"] > 0 and "moe_per_layer_ms" in deep["offload"][0]
     assert set(deep["nonmoe_prefill_s"]) == {"32"} and deep["kv_bytes_per_token"] > 0
     assert deep["store"]["slots"] < deep["store"]["experts"]
-    assert main(["--stage", "slice", "--preset", "tiny", "--experts", "16", "--slots", "5", "--batches", "1",
-                 "--prefill-tokens", "16", "--depth-layers", "2", "--steps", "2", "--warm-steps", "2",
-                 "--max-slice-layers", "2", *common]) == 0
+    assert (
+        main(
+            [
+                "--stage",
+                "slice",
+                "--preset",
+                "tiny",
+                "--experts",
+                "16",
+                "--slots",
+                "5",
+                "--batches",
+                "1",
+                "--prefill-tokens",
+                "16",
+                "--depth-layers",
+                "2",
+                "--steps",
+                "2",
+                "--warm-steps",
+                "2",
+                "--max-slice-layers",
+                "2",
+                *common,
+            ]
+        )
+        == 0
+    )
     sl = json.loads((work / "slice.json").read_text())
-    assert {(r["trace"], r["policy"]) for r in sl["decode"]} == {("skewed", "lru"), ("skewed", "lfu"),
-                                                                 ("uniform", "lru")}
+    assert {(r["trace"], r["policy"]) for r in sl["decode"]} == {
+        ("skewed", "lru"),
+        ("skewed", "lfu"),
+        ("uniform", "lru"),
+    }
     assert all(r["misses"] > 0 and r["bound_ms"] > 0 for r in sl["decode"])
     pre = sl["prefill"][0]
     assert pre["rounds"] > 1 and pre["ms_streamed_before"] > 0 and pre["distinct_experts"] <= 16
     assert [(r["layers"], r["slots"]) for r in sl["depth"]] == [(1, 4), (2, 4), (2, 1)]
     # a second slice run for other batches keeps batch 1's rows (the pipeline measures batch 1 first)
-    assert main(["--stage", "slice", "--preset", "tiny", "--experts", "16", "--slots", "5", "--batches", "2",
-                 "--keep-decode", "--prefill-tokens", "", "--depth-layers", "0", "--steps", "2", "--warm-steps",
-                 "2", "--max-slice-layers", "1", *common]) == 0
+    assert (
+        main(
+            [
+                "--stage",
+                "slice",
+                "--preset",
+                "tiny",
+                "--experts",
+                "16",
+                "--slots",
+                "5",
+                "--batches",
+                "2",
+                "--keep-decode",
+                "--prefill-tokens",
+                "",
+                "--depth-layers",
+                "0",
+                "--steps",
+                "2",
+                "--warm-steps",
+                "2",
+                "--max-slice-layers",
+                "1",
+                *common,
+            ]
+        )
+        == 0
+    )
     sl = json.loads((work / "slice.json").read_text())
     assert sorted({r["batch"] for r in sl["decode"]}) == [1, 2]
     # int4 experts: every part of the stage at int4's layout, its own JSON, fewer bytes per expert
-    assert main(["--stage", "slice", "--expert-dtype", "int4", "--preset", "tiny", "--experts", "16", "--slots", "5",
-                 "--batches", "1", "--prefill-tokens", "16", "--depth-layers", "2", "--steps", "2", "--warm-steps", "2",
-                 "--max-slice-layers", "1", *common]) == 0
+    assert (
+        main(
+            [
+                "--stage",
+                "slice",
+                "--expert-dtype",
+                "int4",
+                "--preset",
+                "tiny",
+                "--experts",
+                "16",
+                "--slots",
+                "5",
+                "--batches",
+                "1",
+                "--prefill-tokens",
+                "16",
+                "--depth-layers",
+                "2",
+                "--steps",
+                "2",
+                "--warm-steps",
+                "2",
+                "--max-slice-layers",
+                "1",
+                *common,
+            ]
+        )
+        == 0
+    )
     s4 = json.loads((work / "slice_int4.json").read_text())
     assert s4["expert_format"] == "int4" and sl["expert_format"] == "fp8"
     assert s4["deployment"]["expert_bytes"] < sl["deployment"]["expert_bytes"]
@@ -189,9 +347,37 @@ def test_serve_depth_runs_on_cpu_at_tiny_sizes(tiny_fp8_checkpoint, tmp_path, ca
     from moed.ops.bench import serve_depth
 
     out = tmp_path / "serve.json"
-    assert serve_depth.main(["--model", tiny_fp8_checkpoint, "--device", "cpu", "--batches", "1", "--prompts", "32",
-                             "--prompt-len", "8", "--gen", "3", "--prefill-gen", "2", "--chunk", "32", "--slots", "4",
-                             "--mtp", "0,1", "--ready-timeout", "300", "--out", str(out)]) == 0
+    assert (
+        serve_depth.main(
+            [
+                "--model",
+                tiny_fp8_checkpoint,
+                "--device",
+                "cpu",
+                "--batches",
+                "1",
+                "--prompts",
+                "32",
+                "--prompt-len",
+                "8",
+                "--gen",
+                "3",
+                "--prefill-gen",
+                "2",
+                "--chunk",
+                "32",
+                "--slots",
+                "4",
+                "--mtp",
+                "0,1",
+                "--ready-timeout",
+                "300",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     res = json.loads(out.read_text())
     for run in res["runs"].values():
         assert run.get("error") is None and run["exit_code"] == 0
@@ -201,23 +387,31 @@ def test_serve_depth_runs_on_cpu_at_tiny_sizes(tiny_fp8_checkpoint, tmp_path, ca
 
 def _rows(tg_ms: float, pp: dict[int, float]) -> list[dict]:
     rows = [{"n_prompt": 0, "n_gen": 16, "avg_ms": 16 * tg_ms, "stddev_ms": 0.0, "tok_s": 1e3 / tg_ms, "extra": []}]
-    rows += [{"n_prompt": n, "n_gen": 0, "avg_ms": 1e3 * s, "stddev_ms": 0.0, "tok_s": n / s, "extra": []}
-             for n, s in pp.items()]
+    rows += [
+        {"n_prompt": n, "n_gen": 0, "avg_ms": 1e3 * s, "stddev_ms": 0.0, "tok_s": n / s, "extra": []}
+        for n, s in pp.items()
+    ]
     return rows
 
 
 def test_llama_per_layer_method():
-    runs = {"deep_gpu": _rows(30.0, {512: 0.4}), "deep_cpu": _rows(320.0, {512: 3.0}),
-            "slice_gpu": _rows(2.0, {512: 0.05}), "slice_cpu": _rows(10.0, {512: 0.25})}
+    runs = {
+        "deep_gpu": _rows(30.0, {512: 0.4}),
+        "deep_cpu": _rows(320.0, {512: 3.0}),
+        "slice_gpu": _rows(2.0, {512: 0.05}),
+        "slice_cpu": _rows(10.0, {512: 0.25}),
+    }
     layer = 256 * 3 * 2048 * 6144 * 34 // 32
     deep_bytes = 21 * GB + 75 * 8 * layer // 256
-    res = llama_peer.derive(runs, {"deep_gguf": deep_bytes}, gpu_bytes=80 * GB, kv_bytes=3 * GB,
-                            reserve_bytes=4 * GB)
+    res = llama_peer.derive(runs, {"deep_gguf": deep_bytes}, gpu_bytes=80 * GB, kv_bytes=3 * GB, reserve_bytes=4 * GB)
     per = (10.0 - 2.0) / 2
     assert res["whole"]["cpu_experts"]["whole_ms"] == pytest.approx(30.0 + 75 * per)
     gpu_layers = (80 - 21 - 3 - 4) * GB // layer
-    assert res["whole"]["n_cpu_moe"]["gpu_layers"] == gpu_layers == llama_gpu_layers(80 * GB, 21 * GB, 3 * GB,
-                                                                                       4 * GB, layer)
+    assert (
+        res["whole"]["n_cpu_moe"]["gpu_layers"]
+        == gpu_layers
+        == llama_gpu_layers(80 * GB, 21 * GB, 3 * GB, 4 * GB, layer)
+    )
     assert res["whole"]["n_cpu_moe"]["whole_ms"] == pytest.approx(30.0 + (75 - gpu_layers) * per)
     assert res["ttft_s"][512]["cpu_experts"] == pytest.approx(0.4 + 75 * 0.1)
     assert llama_peer.derive({"deep_gpu": runs["deep_gpu"]}, {}).get("whole") is None  # incomplete: no figure
@@ -230,23 +424,41 @@ def test_llama_bench_runs_and_merge_with_a_stand_in_binary(tmp_path):
     import json
 
     fake = tmp_path / "llama-bench"
-    fake.write_text("#!/usr/bin/env python3\n"
-                    "import json, sys\n"
-                    "a = sys.argv[1:]\n"
-                    "opt = dict(zip(a[::2], a[1::2]))\n"
-                    "cpu = 'exps=CPU' in a\n"
-                    "rows = [{'n_prompt': int(p), 'n_gen': 0, 'avg_ns': int(p) * (5e5 if cpu else 1e5), 'stddev_ns': 0,"
-                    " 'avg_ts': 1.0} for p in opt['-p'].split(',') if int(p) > 0]\n"
-                    "ms = 300.0 if cpu else 30.0\n"
-                    "rows.append({'n_prompt': 0, 'n_gen': int(opt['-n']), 'avg_ns': 0, 'stddev_ns': 0,"
-                    " 'avg_ts': 1e3 / ms})\n"
-                    "print(json.dumps(rows))\n")
+    fake.write_text(
+        "#!/usr/bin/env python3\n"
+        "import json, sys\n"
+        "a = sys.argv[1:]\n"
+        "opt = dict(zip(a[::2], a[1::2]))\n"
+        "cpu = 'exps=CPU' in a\n"
+        "rows = [{'n_prompt': int(p), 'n_gen': 0, 'avg_ns': int(p) * (5e5 if cpu else 1e5), 'stddev_ns': 0,"
+        " 'avg_ts': 1.0} for p in opt['-p'].split(',') if int(p) > 0]\n"
+        "ms = 300.0 if cpu else 30.0\n"
+        "rows.append({'n_prompt': 0, 'n_gen': int(opt['-n']), 'avg_ns': 0, 'stddev_ns': 0,"
+        " 'avg_ts': 1e3 / ms})\n"
+        "print(json.dumps(rows))\n"
+    )
     fake.chmod(0o755)
     gguf = tmp_path / "m.gguf"
     gguf.write_bytes(b"0" * 1000)
     deep = tmp_path / "llama_deep.json"
-    assert llama_peer.main(["bench", "--llama-bench", str(fake), "--deep", str(gguf), "--prompts", "1024",
-                            "--cpu-prompts", "", "--out", str(deep)]) == 0
+    assert (
+        llama_peer.main(
+            [
+                "bench",
+                "--llama-bench",
+                str(fake),
+                "--deep",
+                str(gguf),
+                "--prompts",
+                "1024",
+                "--cpu-prompts",
+                "",
+                "--out",
+                str(deep),
+            ]
+        )
+        == 0
+    )
     runs = json.loads(deep.read_text())["runs"]
     assert [r["n_prompt"] for r in runs["deep_gpu"]] == [1024, 0] and [r["n_prompt"] for r in runs["deep_cpu"]] == [0]
     merged = tmp_path / "llama.json"
@@ -283,13 +495,29 @@ def test_fast_gguf_conversion_is_byte_identical_to_llama_cpp(tmp_path):
     fast = tmp_path / "fast.gguf"
     llama_peer.convert(ck, fast, Path(os.environ["LLAMA_CPP_DIR"]))
     stock = tmp_path / "stock.gguf"
-    script = ("import sys; sys.path[:0] = [sys.argv[1] + '/gguf-py', sys.argv[1]]\n"
-              "import convert_hf_to_gguf as C\nfrom conversion import base\n"
-              "o = base.TextModel.get_vocab_base_pre\n"
-              "def pre(self, t):\n    try:\n        return o(self, t)\n    except NotImplementedError:\n"
-              "        return 'glm4'\nbase.TextModel.get_vocab_base_pre = pre\nsys.argv = sys.argv[1:]\nC.main()\n")
-    subprocess.run([sys.executable, "-c", script, os.environ["LLAMA_CPP_DIR"], str(ck), "--outtype", "q8_0",
-                    "--outfile", str(stock), "--no-mtp"], check=True, capture_output=True)
+    script = (
+        "import sys; sys.path[:0] = [sys.argv[1] + '/gguf-py', sys.argv[1]]\n"
+        "import convert_hf_to_gguf as C\nfrom conversion import base\n"
+        "o = base.TextModel.get_vocab_base_pre\n"
+        "def pre(self, t):\n    try:\n        return o(self, t)\n    except NotImplementedError:\n"
+        "        return 'glm4'\nbase.TextModel.get_vocab_base_pre = pre\nsys.argv = sys.argv[1:]\nC.main()\n"
+    )
+    subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            script,
+            os.environ["LLAMA_CPP_DIR"],
+            str(ck),
+            "--outtype",
+            "q8_0",
+            "--outfile",
+            str(stock),
+            "--no-mtp",
+        ],
+        check=True,
+        capture_output=True,
+    )
     a, b = gguf.GGUFReader(str(fast)), gguf.GGUFReader(str(stock))
     ta, tb = {t.name: t for t in a.tensors}, {t.name: t for t in b.tensors}
     assert set(ta) == set(tb)

@@ -42,10 +42,20 @@ from moed.engine.protocol import (
     TokenLogprobs,
     check_sampling,
 )
-from moed.engine.sampler import Sampler, SampleResult, SamplingRow, SamplingTensors, uses_penalties, with_logprobs
-from moed.engine.scheduler import Batch, ScheduledSeq, Scheduler, SchedulerConfig
+from moed.engine.sampler import (
+    Sampler,
+    SampleResult,
+    SamplingRow,
+    SamplingTensors,
+    logprob_rows,
+    sampling_row,
+    uses_penalties,
+)
+from moed.engine.scheduler import Batch, Scheduler, SchedulerConfig
 from moed.engine.sequence import PENDING, Sequence
-from moed.engine.spec_decode import DraftInput, MTPDrafter, verify_drafts
+from moed.engine.spec_decode import MTPDrafter
+from moed.engine.spec_step import SpecStep
+from moed.engine.step_times import StepTimes
 from moed.model.attention_interface import AttentionBackend
 from moed.model.config import GlmMoeDsaConfig
 from moed.model.weights import load_model
@@ -58,41 +68,6 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 class RequestError(ValueError):
     """A request the engine refuses; the message names the request and the bad field."""
-
-
-class _StepTimes:
-    """Host wall time per step phase: laps within a step, means over the steps of a stats window.
-
-    Phases: schedule; prepare (host packing, sampling rows, the logits and sampler launches); launch (uploads,
-    forward or graph replay, the token copy to the host); wait (blocked at the read-back); commit; with MTP,
-    sample (sampling and verification, their waits included) and draft; total is the `step()` call."""
-
-    def __init__(self) -> None:
-        self.sums: dict[str, float] = {}
-        self.steps = 0
-        self._current: dict[str, float] = {}
-        self._t0 = self._t = 0.0
-
-    def start(self) -> None:
-        self._current = {}
-        self._t0 = self._t = time.perf_counter()
-
-    def lap(self, phase: str) -> None:
-        """Charge the time since the previous lap (or the start) to `phase`."""
-        now = time.perf_counter()
-        self._current[phase] = self._current.get(phase, 0.0) + now - self._t
-        self._t = now
-
-    def end(self) -> None:
-        self._current["total"] = time.perf_counter() - self._t0
-        for k, v in self._current.items():
-            self.sums[k] = self.sums.get(k, 0.0) + v
-        self.steps += 1
-
-    def take_means(self) -> dict[str, float]:
-        out = {k: v / self.steps for k, v in self.sums.items()} if self.steps else {}
-        self.sums, self.steps = {}, 0
-        return out
 
 
 @dataclasses.dataclass
@@ -171,6 +146,7 @@ class LLMEngine:
             self.runner.compiled = CompiledPrefill(config.compile_min_tokens)
         self.sampler = Sampler()
         self.drafter = None
+        self.spec: SpecStep | None = None
         if self.experts.draft is not None:
             # The draft's own pool (the MTP layer only), indexed by the same page lists as the target's.
             self.drafter = MTPDrafter(
@@ -181,6 +157,7 @@ class LLMEngine:
                 config.spec_steps,
                 self.sampler,
             )
+            self.spec = SpecStep(self.runner, self.sampler, self.drafter, self.cfg.vocab_size, self.device)
         self.scheduler = Scheduler(
             SchedulerConfig(
                 max_running=config.max_running,
@@ -198,10 +175,8 @@ class LLMEngine:
         self.num_steps = 0
         self.prompt_tokens = 0
         self.generation_tokens = 0
-        self.spec_draft_tokens = 0
-        self.spec_accepted_tokens = 0
         self.step_errors = 0
-        self._times = _StepTimes()
+        self._times = StepTimes()
         # Overlap needs the next step's shape before this one's tokens are known: not so when verifying drafts.
         self.overlap = config.overlap and self.drafter is None
         self._inflight: _InFlight | None = None
@@ -262,6 +237,14 @@ class LLMEngine:
     def has_unfinished(self) -> bool:
         return self.scheduler.has_work
 
+    @property
+    def spec_draft_tokens(self) -> int:
+        return self.spec.draft_tokens if self.spec is not None else 0
+
+    @property
+    def spec_accepted_tokens(self) -> int:
+        return self.spec.accepted_tokens if self.spec is not None else 0
+
     def _validate(self, rid: str, prompt: list[int], sp: SamplingParams) -> None:
         def bad(field: str, value: Any, accepted: str) -> RequestError:
             return RequestError(f"request {rid!r}: {field} = {value!r} is invalid ({accepted})")
@@ -312,8 +295,8 @@ class LLMEngine:
         launched: _InFlight | None = None
         if batch.items:
             try:
-                if self.drafter is not None:
-                    outputs += self._run_spec(batch)
+                if self.spec is not None:
+                    outputs += self.spec.run(batch, times, self._commit)
                 else:
                     launched = self._launch(batch, prev.pending if prev is not None else None)
                 self.num_steps += 1
@@ -351,7 +334,7 @@ class LLMEngine:
             off += it.num_new
             if it.samples:
                 sampled.append((it.seq, off - 1))
-        rows = [_row(seq, []) for seq, _ in sampled]
+        rows = [sampling_row(seq, []) for seq, _ in sampled]
         times.lap("prepare")
         marks = self.gpu_step_times if self.device.type == "cuda" else None
         start = _event(timing=True) if marks is not None else None
@@ -396,7 +379,7 @@ class LLMEngine:
                 step.done.synchronize()
             times.lap("wait")
             tokens = step.host.token_ids.tolist()
-            lps = _logprob_rows(step.host, step.wanted_logprobs)
+            lps = logprob_rows(step.host, step.wanted_logprobs)
         except Exception as e:  # the device failed the step: its requests fail, the engine goes on
             return self._fail([seq for seq, _ in step.samples if not seq.is_finished], e)
         outputs: list[RequestOutput] = []
@@ -439,99 +422,14 @@ class LLMEngine:
         t = SamplingTensors.build(rows, self.cfg.vocab_size, self.device, pending_output)
         return self.sampler(logits, t)
 
-    def _run_spec(self, batch: Batch) -> list[RequestOutput]:
-        """A step with the MTP draft worker, synchronously: verify, commit, draft the next tokens."""
-        times = self._times
-        host = self.runner.prepare(batch.items)
-        times.lap("prepare")
-        hidden = self.runner.run(*self.runner.upload(host))
-        times.lap("launch")
-
-        plain: list[tuple[ScheduledSeq, int]] = []  # (item, row in hidden)
-        verify: list[tuple[ScheduledSeq, int]] = []  # (item, first row in hidden)
-        off = 0
-        for it in batch.items:
-            if it.samples:
-                (verify if it.num_draft else plain).append((it, off if it.num_draft else off + it.num_new - 1))
-            off += it.num_new
-        sampled: dict[int, tuple[list[int], list[TokenLogprobs]]] = {}  # id(item) -> (tokens, logprobs)
-        if plain:
-            sampled.update(self._sample_plain(hidden, plain))
-        if verify:
-            sampled.update(self._verify(hidden, verify))
-        times.lap("sample")
-
-        outputs: list[RequestOutput] = []
-        drafts: list[DraftInput] = []
-        off = 0
-        for it in batch.items:
-            seq, start, first_row = it.seq, it.seq.num_computed, off
-            off += it.num_new
-            tokens, logprobs = sampled.get(id(it), ([], []))
-            committed = it.num_prompt_chunk + (len(tokens) - 1 if it.num_draft else 0)
-            seq.num_computed += committed
-            if it.num_draft:
-                self.spec_draft_tokens += it.num_draft
-                self.spec_accepted_tokens += len(tokens) - 1
-                _truncate(seq.kv, seq.num_computed)
-            seq.draft_token_ids, seq.draft_probs = [], None
-            if tokens:
-                if seq.num_output_tokens == 0:
-                    self.prompt_tokens += seq.num_prompt_tokens
-                kept = self.scheduler.append_tokens(seq, tokens, self.eos_token_ids)
-                self.generation_tokens += kept
-                seq.pending_logprobs += logprobs[:kept]
-                outputs.append(self._output(seq))
-            if self.drafter is not None and not seq.is_finished:
-                # Propose only after a sampled token, never after a prompt chunk that happens to leave one
-                # token: so the first output token always comes from plain sampling, whatever the chunking,
-                # and a seeded request draws the same noise alone or in any batch.
-                drafts.append(DraftInput(seq, start, hidden[first_row : first_row + committed], bool(tokens)))
-        times.lap("commit")
-        if self.drafter is not None:
-            self.drafter.run(drafts)
-        times.lap("draft")
-        return outputs
-
-    def _sample_plain(
-        self, hidden: torch.Tensor, plain: list[tuple[ScheduledSeq, int]]
-    ) -> dict[int, tuple[list[int], list[TokenLogprobs]]]:
-        res = self._sample_device(hidden, [row for _, row in plain], [_row(it.seq, []) for it, _ in plain])
-        tokens = res.token_ids.tolist()
-        lps = _logprob_rows(res, [it.seq.sampling.logprobs for it, _ in plain])
-        return {id(it): ([tok], [lp] if lp else []) for (it, _), tok, lp in zip(plain, tokens, lps)}
-
-    def _verify(
-        self, hidden: torch.Tensor, verify: list[tuple[ScheduledSeq, int]]
-    ) -> dict[int, tuple[list[int], list[TokenLogprobs]]]:
-        rows_idx: list[int] = []
-        rows: list[SamplingRow] = []
-        for it, first in verify:
-            rows_idx += range(first, first + it.num_new)
-            drafts = it.seq.draft_token_ids[: it.num_draft]
-            rows += [_row(it.seq, drafts[:i]) for i in range(it.num_new)]
-        logits = self.runner.logits(hidden[self.runner.index(rows_idx)])
-        t = SamplingTensors.build(rows, self.cfg.vocab_size, self.device)
-        seqs = [it.seq for it, _ in verify]
-        res = verify_drafts(
-            self.sampler,
-            logits,
-            t,
-            [it.num_draft for it, _ in verify],
-            [s.draft_token_ids[: it.num_draft] for s, (it, _) in zip(seqs, verify)],
-            [s.draft_probs for s in seqs],
-            [s.sampling.temperature <= 0 for s in seqs],
-        )
-        lp_rows = _logprob_rows(
-            with_logprobs(SampleResult(res.row_tokens), logits, t.max_logprobs), [r.params.logprobs for r in rows]
-        )
-        out = {}
-        first = 0
-        for (it, _), n, final in zip(verify, res.num_accepted, res.final_token):
-            tokens = [*it.seq.draft_token_ids[:n], final]
-            out[id(it)] = (tokens, [lp for lp in lp_rows[first : first + n + 1] if lp is not None])
-            first += it.num_new
-        return out
+    def _commit(self, seq: Sequence, tokens: list[int], logprobs: list[TokenLogprobs]) -> RequestOutput:
+        """Append a spec step's sampled tokens to `seq` (stops applied) and return its output."""
+        if seq.num_output_tokens == 0:
+            self.prompt_tokens += seq.num_prompt_tokens
+        kept = self.scheduler.append_tokens(seq, tokens, self.eos_token_ids)
+        self.generation_tokens += kept
+        seq.pending_logprobs += logprobs[:kept]
+        return self._output(seq)
 
     def _output(self, seq: Sequence, error: str | None = None) -> RequestOutput:
         known = seq.num_known  # tokens still being sampled are sent once read back
@@ -571,12 +469,13 @@ class LLMEngine:
         if self.config.cuda_graphs and self.device.type == "cuda":
             self._capture_graphs()
         self.num_steps = self.prompt_tokens = self.generation_tokens = 0
-        self.spec_draft_tokens = self.spec_accepted_tokens = 0
+        if self.spec is not None:
+            self.spec.draft_tokens = self.spec.accepted_tokens = 0
         self.scheduler.num_preemptions = 0
         self.runner.graph_steps = 0
         if self.runner.compiled is not None:
             self.runner.compiled.steps = 0
-        self._times = _StepTimes()
+        self._times = StepTimes()
 
     def _warmup_compiled(self) -> None:
         compiled = self.runner.compiled
@@ -685,18 +584,6 @@ class LLMEngine:
         return [out[rid] for rid in ids]
 
 
-def _row(seq: Sequence, drafts: list[int]) -> SamplingRow:
-    """The next token's sampling row; its noise index counts pending tokens, its penalties only known ones."""
-    out = seq.known_output_ids
-    return SamplingRow(
-        seq.sampling,
-        seq.seed,
-        seq.num_output_tokens + len(drafts),
-        seq.prompt_token_ids,
-        out + drafts if drafts else out,
-    )
-
-
 def _event(timing: bool = False) -> torch.cuda.Event:
     """A CUDA event recorded now on the current stream."""
     event = torch.cuda.Event(enable_timing=timing)
@@ -721,29 +608,6 @@ def _to_host(res: SampleResult) -> SampleResult:
         copy(res.top_ids),  # type: ignore[arg-type]
         copy(res.top_logprobs),
     )
-
-
-def _truncate(kv: object, length: int) -> None:
-    truncate = getattr(kv, "truncate", None)
-    if truncate is not None:
-        truncate(length)
-
-
-def _logprob_rows(res: SampleResult, wanted: list[int | None]) -> list[TokenLogprobs | None]:
-    """Per row: the chosen token's logprobs when the row's request asked for them, else None."""
-    if res.logprobs is None:
-        return [None for _ in wanted]
-    tokens, lps = res.token_ids.tolist(), res.logprobs.tolist()
-    top_ids = res.top_ids.tolist() if res.top_ids is not None else None
-    top_lps = res.top_logprobs.tolist() if res.top_logprobs is not None else None
-    out = []
-    for i, n in enumerate(wanted):
-        if n is None:
-            out.append(None)
-            continue
-        top = [(top_ids[i][j], top_lps[i][j]) for j in range(n)] if n and top_ids and top_lps else []
-        out.append(TokenLogprobs(token_id=tokens[i], logprob=lps[i], top=top))
-    return out
 
 
 def _generation_eos(model_dir: Path) -> frozenset[int]:

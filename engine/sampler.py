@@ -28,7 +28,8 @@ from collections.abc import Sequence as Seq
 
 import torch
 
-from moed.engine.protocol import SamplingParams
+from moed.engine.protocol import SamplingParams, TokenLogprobs
+from moed.engine.sequence import Sequence
 
 # Noise streams: independent draws for the same (seed, output index).
 STREAM_SAMPLE, STREAM_DRAFT, STREAM_ACCEPT, STREAM_RESIDUAL = 0x5A3C, 0x1F77, 0x6B21, 0x33D9
@@ -296,3 +297,32 @@ def with_logprobs(result: SampleResult, raw_logits: torch.Tensor, max_logprobs: 
     if max_logprobs > 0:
         result.top_logprobs, result.top_ids = lp.topk(min(max_logprobs, lp.shape[-1]), dim=-1)
     return result
+
+
+def sampling_row(seq: Sequence, drafts: list[int]) -> SamplingRow:
+    """The next token's sampling row; its noise index counts pending tokens, its penalties only known ones."""
+    out = seq.known_output_ids
+    return SamplingRow(
+        seq.sampling,
+        seq.seed,
+        seq.num_output_tokens + len(drafts),
+        seq.prompt_token_ids,
+        out + drafts if drafts else out,
+    )
+
+
+def logprob_rows(res: SampleResult, wanted: list[int | None]) -> list[TokenLogprobs | None]:
+    """Per row: the chosen token's logprobs when the row's request asked for them, else None."""
+    if res.logprobs is None:
+        return [None for _ in wanted]
+    tokens, lps = res.token_ids.tolist(), res.logprobs.tolist()
+    top_ids = res.top_ids.tolist() if res.top_ids is not None else None
+    top_lps = res.top_logprobs.tolist() if res.top_logprobs is not None else None
+    out = []
+    for i, n in enumerate(wanted):
+        if n is None:
+            out.append(None)
+            continue
+        top = [(top_ids[i][j], top_lps[i][j]) for j in range(n)] if n and top_ids and top_lps else []
+        out.append(TokenLogprobs(token_id=tokens[i], logprob=lps[i], top=top))
+    return out

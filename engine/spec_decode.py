@@ -97,7 +97,7 @@ class MTPDrafter:
                 raise RuntimeError(
                     f"{seq}: draft cache holds {seq.num_draft_computed} positions, extending from {inp.start}"
                 )
-            _truncate(seq.draft_kv, inp.start)
+            truncate_kv(seq.draft_kv, inp.start)
             ids += seq.token_ids[inp.start + 1 : inp.start + n + 1]
             positions += range(inp.start, inp.start + n)
             steps.append(SequenceStep(num_cached=inp.start, num_new=n, kv=seq.draft_kv))
@@ -227,7 +227,7 @@ def verify_drafts(
     return VerifyResult(num_accepted=host[0], final_token=host[1], row_tokens=row_tokens)
 
 
-def _truncate(kv: object, length: int) -> None:
+def truncate_kv(kv: object, length: int) -> None:
     truncate = getattr(kv, "truncate", None)
     if truncate is not None:  # paged caches need nothing: positions are overwritten, lengths come from the step
         truncate(length)

@@ -38,6 +38,7 @@ from typing import Any
 import torch
 
 from moed.attention.paged_kv import is_paged
+from moed.engine.config import EngineConfig
 from moed.model.attention_interface import PagedStep, SequenceStep, StepContext
 
 log = logging.getLogger(__name__)
@@ -187,3 +188,31 @@ class DecodeGraphs:
         eager = self.model(self.input_ids[: bs * self.tokens_per_seq], static, self.backend, self.moe)[:n]
         err = ((graph_out.float() - eager.float()).abs().max() / eager.float().abs().max().clamp_min(1e-6)).item()
         return None if err <= rtol else f"graph replay differs from eager by {err:.3g} (relative max)"
+
+
+def capture_decode_graphs(
+    model: torch.nn.Module, backend: Any, moe: Any, device: torch.device, config: EngineConfig, max_model_len: int
+) -> DecodeGraphs | None:
+    """Capture the engine's decode graphs as its config sizes them; None (the reason logged) where it cannot."""
+    ok, why = graph_capable(backend, moe)
+    if not ok:
+        log.warning("CUDA graphs off: %s", why)
+        return None
+    max_context = min(config.graph_max_context, max_model_len)
+    threshold = getattr(backend, "dense_threshold", 0)
+    if config.spec_steps and max_context <= threshold:
+        # Several tokens per sequence within the dense threshold take the dense prefill path, which
+        # reads host lengths: verify graphs must be captured on the (exact) selection path instead.
+        max_context = threshold + 1
+    graphs = DecodeGraphs(
+        model,
+        backend,
+        moe,
+        device,
+        max_batch=min(config.graph_max_batch, config.max_running),
+        tokens_per_seq=1 + config.spec_steps,
+        max_context=max_context,
+        page_size=config.page_size,
+    )
+    graphs.capture()
+    return graphs

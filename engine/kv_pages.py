@@ -16,7 +16,11 @@ reserved), so drafting needs no pages of its own.
 
 from __future__ import annotations
 
+import torch
+
+from moed.attention.paged_kv import PagedKVPool
 from moed.engine.sequence import Sequence
+from moed.model.config import GlmMoeDsaConfig
 
 
 class KVPages:
@@ -75,3 +79,29 @@ class KVPages:
                 raise RuntimeError(f"KV page {page} freed twice (pool of {self.num_pages} pages)")
             self._in_use[page] = 0
             self._free.append(page)
+
+
+def kv_page_bytes(cfg: GlmMoeDsaConfig, page_size: int, latent_dtype: str, index_dtype: str, layers: list[int]) -> int:
+    """Device bytes of one KV page over `layers` (latent + rope key, and index-K where the layer indexes)."""
+    lat, idx = PagedKVPool.bytes_per_token(cfg, latent_dtype, index_dtype)
+    n_index = sum(1 for layer in layers if layer >= cfg.num_hidden_layers or cfg.indexer_types[layer] == "full")
+    return page_size * (len(layers) * lat + n_index * idx)
+
+
+def kv_pages_wanted(max_running: int, max_model_len: int, page_size: int) -> int:
+    """Pages for max_running sequences of max_model_len (+ the scratch page)."""
+    return max_running * -(-max_model_len // page_size) + 1
+
+
+def kv_pages_fitting(wanted: int, paged: bool, device: torch.device, page_bytes: int, memory_fraction: float) -> int:
+    """`wanted` pages, or fewer where a paged pool on the GPU would not fit `memory_fraction` of the free memory."""
+    if not paged or device.type != "cuda":
+        return wanted
+    free = torch.cuda.mem_get_info(device)[0]
+    pages = int(free * memory_fraction) // page_bytes - 1
+    if pages < 1:
+        raise ValueError(
+            f"no device memory left for the KV pool: {free / 2**30:.2f} GiB free after loading, "
+            f"one page needs {page_bytes / 2**20:.2f} MiB (lower expert_cache_gb or set kv_pages)"
+        )
+    return min(pages, wanted)

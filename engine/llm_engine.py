@@ -26,12 +26,11 @@ from typing import Any
 import msgspec
 import torch
 
-from moed.attention.paged_kv import PagedKVPool
 from moed.attention.select import choose_backend, make_attention_backend, probe_platform
 from moed.engine.compiled import CompiledPrefill
 from moed.engine.config import EngineConfig
-from moed.engine.cuda_graphs import DecodeGraphs, graph_capable
-from moed.engine.kv_pages import KVPages
+from moed.engine.cuda_graphs import capture_decode_graphs
+from moed.engine.kv_pages import KVPages, kv_page_bytes, kv_pages_fitting, kv_pages_wanted
 from moed.engine.model_runner import ModelRunner, PendingTokens
 from moed.engine.protocol import (
     EngineStats,
@@ -109,9 +108,10 @@ class LLMEngine:
         self.max_model_len = min(config.max_model_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
         main_layers = list(range(cfg.num_hidden_layers))
         kv_layers = main_layers + (cfg.mtp_layer_ids if spec else [])
-        page_bytes = self._kv_page_bytes(latent_dtype, index_dtype, kv_layers)
+        page_bytes = kv_page_bytes(cfg, config.page_size, latent_dtype, index_dtype, kv_layers)
+        wanted = kv_pages_wanted(config.max_running, self.max_model_len, config.page_size)
         # An expert cache without a given budget is sized once the weights are resident, after this KV pool.
-        kv_bytes = (config.kv_pages or self._kv_pages_wanted()) * page_bytes
+        kv_bytes = (config.kv_pages or wanted) * page_bytes
         self.experts = RoutedExperts(cfg, config, self.device, dtype, kv_bytes=kv_bytes)
         self.model = load_model(
             config.model,
@@ -125,7 +125,9 @@ class LLMEngine:
         )
         self.cfg = self.model.cfg
 
-        kv_pages = config.kv_pages or self._auto_kv_pages(paged, page_bytes)
+        kv_pages = config.kv_pages or kv_pages_fitting(
+            wanted - 1, paged, self.device, page_bytes, config.kv_memory_fraction
+        )
         # Paged pools reserve page 0 as the scratch page; the engine hands out 1 .. kv_pages.
         self.kv = KVPages(kv_pages, config.page_size, first_page=1 if paged else 0)
 
@@ -183,31 +185,6 @@ class LLMEngine:
         self.discarded_tokens = 0  # sampled in flight for sequences that finished first (overlap; never output)
         # Benchmarks set a list: each plain step then appends CUDA events (start, end) around its device work.
         self.gpu_step_times: list[tuple[torch.cuda.Event, torch.cuda.Event]] | None = None
-
-    def _kv_page_bytes(self, latent_dtype: str, index_dtype: str, layers: list[int]) -> int:
-        """Device bytes of one KV page over `layers` (latent + rope key, and index-K where the layer indexes)."""
-        lat, idx = PagedKVPool.bytes_per_token(self.cfg, latent_dtype, index_dtype)
-        n_index = sum(
-            1 for layer in layers if layer >= self.cfg.num_hidden_layers or self.cfg.indexer_types[layer] == "full"
-        )
-        return self.config.page_size * (len(layers) * lat + n_index * idx)
-
-    def _kv_pages_wanted(self) -> int:
-        """Pages for max_running sequences of max_model_len (+ the scratch page)."""
-        return self.config.max_running * -(-self.max_model_len // self.config.page_size) + 1
-
-    def _auto_kv_pages(self, paged: bool, page_bytes: int) -> int:
-        wanted = self._kv_pages_wanted() - 1
-        if not paged or self.device.type != "cuda":
-            return wanted
-        free = torch.cuda.mem_get_info(self.device)[0]
-        pages = int(free * self.config.kv_memory_fraction) // page_bytes - 1
-        if pages < 1:
-            raise ValueError(
-                f"no device memory left for the KV pool: {free / 2**30:.2f} GiB free after loading, "
-                f"one page needs {page_bytes / 2**20:.2f} MiB (lower expert_cache_gb or set kv_pages)"
-            )
-        return min(pages, wanted)
 
     # Requests.
 
@@ -502,28 +479,11 @@ class LLMEngine:
         return [t % self.cfg.vocab_size for t in range(1, 9)]
 
     def _capture_graphs(self) -> None:
-        ok, why = graph_capable(self.runner.backend, self.runner.moe)
-        if not ok:
-            log.warning("CUDA graphs off: %s", why)
-            return
-        max_context = min(self.config.graph_max_context, self.max_model_len)
-        threshold = getattr(self.runner.backend, "dense_threshold", 0)
-        if self.config.spec_steps and max_context <= threshold:
-            # Several tokens per sequence within the dense threshold take the dense prefill path, which
-            # reads host lengths: verify graphs must be captured on the (exact) selection path instead.
-            max_context = threshold + 1
-        max_batch = min(self.config.graph_max_batch, self.config.max_running)
-        graphs = DecodeGraphs(
-            self.model,
-            self.runner.backend,
-            self.runner.moe,
-            self.device,
-            max_batch=max_batch,
-            tokens_per_seq=1 + self.config.spec_steps,
-            max_context=max_context,
-            page_size=self.config.page_size,
+        graphs = capture_decode_graphs(
+            self.model, self.runner.backend, self.runner.moe, self.device, self.config, self.max_model_len
         )
-        graphs.capture()
+        if graphs is None:
+            return
         # Check one real decode step (a warm-up request's) replayed against the same step run eagerly.
         rid = "__graph_check__"
         self.add_request(rid, self._warmup_prompt(), SamplingParams(max_tokens=8, ignore_eos=True))

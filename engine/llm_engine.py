@@ -10,13 +10,11 @@ are the protocol's own structs (`SamplingParams`, `RequestOutput`, `EngineStats`
 A plain step: schedule -> prepare (host packing) -> launch (uploads, forward or graph replay, sampling, an
 asynchronous copy of the tokens to pinned memory) -> read back -> commit. With `overlap`, step n + 1 is
 launched before step n is read back (its inputs taken from step n's tokens on the device; see `step`). A step
-with the MTP draft worker runs synchronously: forward -> sample / verify -> commit -> draft.
+with the MTP draft worker runs synchronously (`SpecStep`, spec_step.py): forward -> sample / verify -> commit -> draft.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import logging
 import random
 import time
@@ -30,6 +28,7 @@ from moed.attention.select import choose_backend, make_attention_backend, probe_
 from moed.engine.compiled import CompiledPrefill
 from moed.engine.config import EngineConfig
 from moed.engine.cuda_graphs import capture_decode_graphs
+from moed.engine.inflight import InFlight, record_event, to_host
 from moed.engine.kv_pages import KVPages, kv_page_bytes, kv_pages_fitting, kv_pages_wanted
 from moed.engine.model_runner import ModelRunner, PendingTokens
 from moed.engine.protocol import (
@@ -56,7 +55,7 @@ from moed.engine.spec_decode import MTPDrafter
 from moed.engine.spec_step import SpecStep
 from moed.engine.step_times import StepTimes
 from moed.model.attention_interface import AttentionBackend
-from moed.model.config import GlmMoeDsaConfig
+from moed.model.config import GlmMoeDsaConfig, generation_eos_ids
 from moed.model.weights import load_model
 from moed.offload.routed_experts import RoutedExperts
 
@@ -67,21 +66,6 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 class RequestError(ValueError):
     """A request the engine refuses; the message names the request and the bad field."""
-
-
-@dataclasses.dataclass
-class _InFlight:
-    """A launched plain step whose sampled tokens are not read back yet."""
-
-    samples: list[tuple[Sequence, int]]  # per sampled row: the sequence, the index of its placeholder in token_ids
-    pending: PendingTokens  # the rows' tokens on the device: inputs of the next step
-    host: SampleResult  # the same tokens (and logprobs) in pinned host memory, complete once `done` fires
-    wanted_logprobs: list[int | None]
-    done: torch.cuda.Event | None  # recorded after the copies; None off CUDA (the step ran synchronously)
-
-    @property
-    def live(self) -> bool:
-        return any(not seq.is_finished for seq, _ in self.samples)
 
 
 class LLMEngine:
@@ -170,7 +154,7 @@ class LLMEngine:
             self.kv,
             self._release_cache,
         )
-        self.eos_token_ids = frozenset(self.cfg.eos_token_ids) | _generation_eos(Path(config.model))
+        self.eos_token_ids = frozenset(self.cfg.eos_token_ids) | generation_eos_ids(Path(config.model))
         self._rng = random.Random(config.seed)
         self._arrivals = 0
 
@@ -181,7 +165,7 @@ class LLMEngine:
         self._times = StepTimes()
         # Overlap needs the next step's shape before this one's tokens are known: not so when verifying drafts.
         self.overlap = config.overlap and self.drafter is None
-        self._inflight: _InFlight | None = None
+        self._inflight: InFlight | None = None
         self.discarded_tokens = 0  # sampled in flight for sequences that finished first (overlap; never output)
         # Benchmarks set a list: each plain step then appends CUDA events (start, end) around its device work.
         self.gpu_step_times: list[tuple[torch.cuda.Event, torch.cuda.Event]] | None = None
@@ -207,7 +191,7 @@ class LLMEngine:
         for rid in request_ids:
             seq = self.scheduler.abort(rid, reason)
             if seq is not None:
-                outputs.append(self._output(seq))
+                outputs.append(seq.take_output())
         return outputs
 
     @property
@@ -269,7 +253,7 @@ class LLMEngine:
         self.experts.apply_pins()
         batch = self.scheduler.schedule()
         times.lap("schedule")
-        launched: _InFlight | None = None
+        launched: InFlight | None = None
         if batch.items:
             try:
                 if self.spec is not None:
@@ -298,7 +282,7 @@ class LLMEngine:
         return self._read_back(step) if step is not None else []
 
     @torch.inference_mode()
-    def _launch(self, batch: Batch, pending: PendingTokens | None) -> _InFlight | None:
+    def _launch(self, batch: Batch, pending: PendingTokens | None) -> InFlight | None:
         """Queue a plain step on the device: forward, logits, sampling, and the copy of its tokens to pinned host
         memory; never waits for the device. The host state then advances as if the step were done: computed
         counts move, and each sampling sequence gets a PENDING placeholder for its token (None: nothing samples)."""
@@ -314,7 +298,7 @@ class LLMEngine:
         rows = [sampling_row(seq, []) for seq, _ in sampled]
         times.lap("prepare")
         marks = self.gpu_step_times if self.device.type == "cuda" else None
-        start = _event(timing=True) if marks is not None else None
+        start = record_event(timing=True) if marks is not None else None
         input_ids, ctx = self.runner.upload(host, pending)
         hidden = self.runner.run(input_ids, ctx)
         times.lap("launch")
@@ -325,10 +309,10 @@ class LLMEngine:
                 pending_output = pending.gather([seq for seq, _ in sampled], self.cfg.vocab_size, self.runner.index)
             res = self._sample_device(hidden, [row for _, row in sampled], rows, pending_output)
             times.lap("prepare")
-            host_res = _to_host(res)
-        done = _event() if self.device.type == "cuda" else None
+            host_res = to_host(res)
+        done = record_event() if self.device.type == "cuda" else None
         if marks is not None:
-            marks.append((start, _event(timing=True)))
+            marks.append((start, record_event(timing=True)))
         times.lap("launch")
         for it in items:
             it.seq.num_computed += it.num_prompt_chunk
@@ -339,7 +323,7 @@ class LLMEngine:
             samples.append((seq, seq.num_tokens))
             seq.token_ids.append(PENDING)
             seq.num_pending += 1
-        return _InFlight(
+        return InFlight(
             samples,
             PendingTokens(res.token_ids, {id(seq): i for i, (seq, _) in enumerate(samples)}),
             host_res,
@@ -347,7 +331,7 @@ class LLMEngine:
             done,
         )
 
-    def _read_back(self, step: _InFlight) -> list[RequestOutput]:
+    def _read_back(self, step: InFlight) -> list[RequestOutput]:
         """Wait for a launched step's tokens and commit them (stops, outputs). A sequence that finished after the
         step was launched (a stop resolved just before, an abort, an error) drops its token."""
         times = self._times
@@ -370,7 +354,7 @@ class LLMEngine:
             self.generation_tokens += 1
             if lp is not None:
                 seq.pending_logprobs.append(lp)
-            outputs.append(self._output(seq))
+            outputs.append(seq.take_output())
         times.lap("commit")
         return outputs
 
@@ -383,7 +367,7 @@ class LLMEngine:
         for seq in seqs:
             if not seq.is_finished:
                 self.scheduler.finish(seq, "error")
-            outputs.append(self._output(seq, error=f"engine step failed: {type(e).__name__}: {e}"))
+            outputs.append(seq.take_output(error=f"engine step failed: {type(e).__name__}: {e}"))
         return outputs
 
     def _sample_device(
@@ -406,28 +390,7 @@ class LLMEngine:
         kept = self.scheduler.append_tokens(seq, tokens, self.eos_token_ids)
         self.generation_tokens += kept
         seq.pending_logprobs += logprobs[:kept]
-        return self._output(seq)
-
-    def _output(self, seq: Sequence, error: str | None = None) -> RequestOutput:
-        known = seq.num_known  # tokens still being sampled are sent once read back
-        new = seq.token_ids[seq.num_prompt_tokens + seq.num_sent : known]
-        seq.num_sent = known - seq.num_prompt_tokens
-        logprobs = None
-        if seq.sampling.logprobs is not None and seq.pending_logprobs:
-            logprobs, seq.pending_logprobs = seq.pending_logprobs, []
-        queue_s = None
-        if new and seq.num_sent == len(new):  # the first output tokens: the engine queue time goes with them
-            queue_s = seq.queue_s
-        return RequestOutput(
-            request_id=seq.request_id,
-            new_token_ids=new,
-            finish_reason=seq.finish_reason,
-            logprobs=logprobs,
-            num_prompt_tokens=seq.num_prompt_tokens,
-            num_output_tokens=known - seq.num_prompt_tokens,
-            error=error,
-            queue_s=queue_s,
-        )
+        return seq.take_output()
 
     def _release_cache(self, seq: Sequence) -> None:
         seq.kv = None
@@ -542,43 +505,3 @@ class LLMEngine:
                 if o.request_id in out:
                     out[o.request_id] += o.new_token_ids
         return [out[rid] for rid in ids]
-
-
-def _event(timing: bool = False) -> torch.cuda.Event:
-    """A CUDA event recorded now on the current stream."""
-    event = torch.cuda.Event(enable_timing=timing)
-    event.record()
-    return event
-
-
-def _to_host(res: SampleResult) -> SampleResult:
-    """Start copying a sample result to pinned host memory (complete once an event recorded after it fires)."""
-    if res.token_ids.device.type != "cuda":
-        return res
-
-    def copy(t: torch.Tensor | None) -> torch.Tensor | None:
-        if t is None:
-            return None
-        host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
-        return host.copy_(t, non_blocking=True)
-
-    return SampleResult(
-        copy(res.token_ids),
-        copy(res.logprobs),
-        copy(res.top_ids),  # type: ignore[arg-type]
-        copy(res.top_logprobs),
-    )
-
-
-def _generation_eos(model_dir: Path) -> frozenset[int]:
-    """EOS ids generation_config.json adds to config.json's (HF merges both the same way)."""
-    path = model_dir / "generation_config.json"
-    if not path.exists():
-        return frozenset()
-    try:
-        eos = json.loads(path.read_text()).get("eos_token_id")
-    except (json.JSONDecodeError, AttributeError) as e:
-        raise ValueError(f"{path}: not a JSON object ({e})") from None
-    if eos is None:
-        return frozenset()
-    return frozenset([eos] if isinstance(eos, int) else eos)

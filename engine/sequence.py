@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from moed.engine.protocol import FinishReason, SamplingParams, TokenLogprobs
+from moed.engine.protocol import FinishReason, RequestOutput, SamplingParams, TokenLogprobs
 
 PENDING = -1  # token_ids entry of a token sampled on the device and not read back yet
 
@@ -82,6 +82,28 @@ class Sequence:
         if self.num_pending:
             del self.token_ids[-self.num_pending :]
             self.num_pending = 0
+
+    def take_output(self, error: str | None = None) -> RequestOutput:
+        """The tokens (and logprobs) not sent yet, as this request's next output; marks them sent."""
+        known = self.num_known  # tokens still being sampled are sent once read back
+        new = self.token_ids[self.num_prompt_tokens + self.num_sent : known]
+        self.num_sent = known - self.num_prompt_tokens
+        logprobs = None
+        if self.sampling.logprobs is not None and self.pending_logprobs:
+            logprobs, self.pending_logprobs = self.pending_logprobs, []
+        queue_s = None
+        if new and self.num_sent == len(new):  # the first output tokens: the engine queue time goes with them
+            queue_s = self.queue_s
+        return RequestOutput(
+            request_id=self.request_id,
+            new_token_ids=new,
+            finish_reason=self.finish_reason,
+            logprobs=logprobs,
+            num_prompt_tokens=self.num_prompt_tokens,
+            num_output_tokens=known - self.num_prompt_tokens,
+            error=error,
+            queue_s=queue_s,
+        )
 
     @property
     def prompt_token_ids(self) -> list[int]:

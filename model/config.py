@@ -279,6 +279,20 @@ class GlmMoeDsaConfig:
         return cfg
 
 
+def generation_eos_ids(model_dir: Path) -> frozenset[int]:
+    """EOS ids generation_config.json adds to config.json's (HF merges both the same way)."""
+    path = model_dir / "generation_config.json"
+    if not path.exists():
+        return frozenset()
+    try:
+        eos = json.loads(path.read_text()).get("eos_token_id")
+    except (json.JSONDecodeError, AttributeError) as e:
+        raise ValueError(f"{path}: not a JSON object ({e})") from None
+    if eos is None:
+        return frozenset()
+    return frozenset([eos] if isinstance(eos, int) else eos)
+
+
 def _parse_rope(raw: dict[str, Any], err) -> tuple[float, str]:
     params = raw.get("rope_parameters") or raw.get("rope_scaling") or {}
     if not isinstance(params, dict):

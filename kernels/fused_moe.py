@@ -1,4 +1,4 @@
-"""Fused MoE for GLM-5.1's routed (and fused shared) experts: Triton GEMMs over expert slots, and the torch twin.
+"""Fused MoE for GLM-5.1's routed (and fused shared) experts: Triton GEMMs over expert slots.
 
 `fused_moe(hidden, w13, w2, topk_ids, topk_weights, expert_to_slot, ...)` computes, for every token t,
 `sum_j w[t, j] * down_e(silu(gate_e(x_t)) * up_e(x_t))` with `e = topk_ids[t, j]`, in four steps and no host sync
@@ -21,41 +21,29 @@ Weights (`S` slots; gate rows [0, N), up rows [N, 2N) of `w13`):
   (`act_quant`): for small batches inside the GEMMs while loading A (one launch less each, and re-quantising
   a few rows per tile is free next to streaming weights); for large batches by a separate pass, so the
   compute-bound GEMMs see FP8 A tiles. Each K step of 128 adds `dot(a_q, w_q) * a_scale * w_scale` in fp32.
-- int4 w4a16 (`moed.formats.int4`, group-wise along K): computed by `moed.kernels.fused_moe_int4`; the torch
-  reference below serves all three layouts (uint8 packed weights with group scales and zero points).
+- int4 w4a16 (`moed.formats.int4`, group-wise along K): computed by `moed.kernels.fused_moe_int4`. The torch
+  reference of all three layouts is `moed.kernels.fused_moe_reference`.
 
-Tile configs come from `moed.moe_configs` (tuned JSON per E, N, dtype, device, nearest M) unless passed in. A
-config may carry `"A_QUANT_IN_GEMM": true|false` (moed's tuner writes it for FP8) to choose where activations are
-quantised; without it the GEMMs quantise up to QUANT_IN_KERNEL_MAX_TOKENS tokens themselves.
+Tile configs come from `moed.moe_configs` through `fused_moe_config` (tuned JSON per E, N, dtype, device, nearest
+M) unless passed in. A config may carry `"A_QUANT_IN_GEMM": true|false` (moed's tuner writes it for FP8) to choose
+where activations are quantised; without it the GEMMs quantise up to QUANT_IN_KERNEL_MAX_TOKENS tokens themselves.
 M, N, K and strides are runtime arguments, so one compiled kernel per config serves every shape.
 """
 
 from __future__ import annotations
 
-import functools
-
 import torch
-import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from moed.formats.fp8 import dequantize_block_fp8
-from moed.formats.int4 import Int4Weight, dequantize_int4
-from moed.kernels.act_quant import (
-    dequantize_groups_fp8,
-    interpreting,
-    per_token_group_quant_fp8,
-    per_token_group_quant_fp8_reference,
-    quantize_groups_fp8,
-)
+from moed.kernels.act_quant import interpreting, per_token_group_quant_fp8, quantize_groups_fp8
+from moed.kernels.fused_moe_config import check_config, get_moe_config
 from moed.kernels.moe_align import moe_align_block_size
-from moed.moe_configs import lookup
 
 # A modes of the GEMMs: bf16 activations x bf16 weights; FP8 activations already quantised; bf16 activations
 # quantised per 128-group inside the kernel (FP8 weights in the last two).
 A_BF16, A_FP8, A_QUANT_IN_KERNEL = 0, 1, 2
 QUANT_IN_KERNEL_MAX_TOKENS = 256  # at or below this many tokens, FP8 GEMMs quantise activations themselves
-CONFIG_KEYS = ("BLOCK_SIZE_M", "BLOCK_SIZE_N", "BLOCK_SIZE_K", "GROUP_SIZE_M", "num_warps", "num_stages")
 
 
 @triton.jit
@@ -271,27 +259,6 @@ def _topk_sum_kernel(
     tl.store(out_ptr + t * stride_om + cols, _to_bf16(acc, INTERPRET), mask=col_ok)
 
 
-def dtype_name(w13: torch.Tensor) -> str | None:
-    """The config-file dtype string of these weights (None for bf16, as sglang and vLLM name them)."""
-    return "fp8_w8a8" if w13.dtype == torch.float8_e4m3fn else None
-
-
-@functools.cache
-def _device_name(index: int) -> str:
-    return torch.cuda.get_device_name(index)
-
-
-def get_moe_config(
-    num_ids: int, N: int, M: int, fp8: bool, block_shape: tuple[int, int] | None, device: torch.device
-) -> tuple[dict, dict]:
-    """(gate-up config, down config) for M tokens: tuned tables when present, else built-in defaults."""
-    dev = _device_name(device.index or 0) if device.type == "cuda" else "cpu"
-    tables = lookup.get_tables(
-        num_ids, N, "fp8_w8a8" if fp8 else None, list(block_shape) if block_shape else None, dev, triton.__version__
-    )
-    return tables.pick(M)
-
-
 def fused_moe(
     hidden: torch.Tensor,
     w13: torch.Tensor,
@@ -311,8 +278,8 @@ def fused_moe(
 
     w13 [S, 2N, K], w2 [S, K, N] (bf16, or float8_e4m3fn with w13_scale / w2_scale and block_shape (128, 128));
     topk_ids int32 [M, k]; topk_weights fp32 [M, k]; expert_to_slot int32 [num_ids] on the device.
-    config: a tuned-table entry (CONFIG_KEYS); down_config (optional) for the down GEMM, its BLOCK_SIZE_M
-    forced to config's because both GEMMs share one alignment. Without config both come from moe_configs.
+    config: a tuned-table entry (fused_moe_config.CONFIG_KEYS); down_config (optional) for the down GEMM, its
+    BLOCK_SIZE_M forced to config's because both GEMMs share one alignment. Without config both come from moe_configs.
     """
     fp8 = _check(hidden, w13, w2, topk_ids, topk_weights, expert_to_slot, w13_scale, w2_scale, block_shape, out)
     M, K = hidden.shape
@@ -606,31 +573,6 @@ def launch_down(
     )
 
 
-def check_config(config: dict, fp8: bool, block_shape: tuple[int, int] | None, name: str) -> None:
-    missing = [k for k in CONFIG_KEYS if k not in config]
-    if missing:
-        raise ValueError(f"fused_moe: {name} lacks {missing}; a config needs {list(CONFIG_KEYS)}")
-    for k in ("BLOCK_SIZE_M", "BLOCK_SIZE_N", "BLOCK_SIZE_K"):
-        v = config[k]
-        if not isinstance(v, int) or v < 16 or v & (v - 1):
-            raise ValueError(f"fused_moe: {name}[{k!r}] = {v!r}; must be a power of two >= 16")
-    if config["BLOCK_SIZE_N"] < 32:
-        raise ValueError(
-            f"fused_moe: {name}['BLOCK_SIZE_N'] = {config['BLOCK_SIZE_N']}; must be >= 32 "
-            "(gate and up take half of it each)"
-        )
-    if fp8 and config["BLOCK_SIZE_K"] != block_shape[1]:
-        raise ValueError(
-            f"fused_moe: {name}['BLOCK_SIZE_K'] = {config['BLOCK_SIZE_K']}; FP8 block quant needs "
-            f"BLOCK_SIZE_K == block_k = {block_shape[1]}"
-        )
-    for k in ("GROUP_SIZE_M", "num_warps", "num_stages"):
-        if not isinstance(config[k], int) or config[k] < 1:
-            raise ValueError(f"fused_moe: {name}[{k!r}] = {config[k]!r}; must be a positive int")
-    if not isinstance(config.get("A_QUANT_IN_GEMM", False), bool):
-        raise ValueError(f"fused_moe: {name}['A_QUANT_IN_GEMM'] = {config['A_QUANT_IN_GEMM']!r}; must be true/false")
-
-
 def _check(hidden, w13, w2, topk_ids, topk_weights, expert_to_slot, w13_scale, w2_scale, block_shape, out) -> bool:
     """Validate shapes, dtypes and devices (no device reads); return True for FP8 weights."""
 
@@ -698,158 +640,3 @@ def _check(hidden, w13, w2, topk_ids, topk_weights, expert_to_slot, w13_scale, w
             f"{None if w2_scale is None else (w2_scale.dtype, tuple(w2_scale.shape))}"
         )
     return True
-
-
-def fused_moe_reference(
-    hidden: torch.Tensor,
-    w13: torch.Tensor,
-    w2: torch.Tensor,
-    topk_ids: torch.Tensor,
-    topk_weights: torch.Tensor,
-    expert_to_slot: torch.Tensor,
-    *,
-    w13_scale: torch.Tensor | None = None,
-    w2_scale: torch.Tensor | None = None,
-    block_shape: tuple[int, int] | None = None,
-    quantize_activations: bool = False,
-    w13_zeros: torch.Tensor | None = None,
-    w2_zeros: torch.Tensor | None = None,
-    group: int = 128,
-) -> torch.Tensor:
-    """Plain torch: out[t] = sum_j w[t, j] * down(silu(gate(x_t)) * up(x_t)), fp32 math on dequantised weights.
-
-    The reference of both fused-MoE kernels, for every expert layout: bf16; FP8 block (`block_shape`, scales);
-    int4 (uint8 `w13 [S, 2N, K/2]`, `w2 [S, K, N/2]` with `group`-wide scales and, when asymmetric, zero points,
-    as `moed.kernels.fused_moe_int4` takes them). The SiLU * up product is rounded to the activation dtype (bf16)
-    as the kernels store it. With quantize_activations (FP8 only), x and that product pass through
-    per-token-group FP8 quantisation first, as the w8a8 kernel computes; without it, this is the
-    unquantised-activation answer the w8a8 result approximates.
-    """
-    M, K = hidden.shape
-    out = torch.zeros((M, K), dtype=torch.float32, device=hidden.device)
-    ids = topk_ids.long()
-    experts = torch.unique(ids)
-    bad = experts[(experts < 0) | (experts >= expert_to_slot.numel())]
-    if bad.numel():
-        raise ValueError(f"fused_moe_reference: expert id {int(bad[0])} outside [0, {expert_to_slot.numel()})")
-    for tok, j, y in _expert_outputs(
-        hidden,
-        w13,
-        w2,
-        ids,
-        experts,
-        expert_to_slot,
-        w13_scale,
-        w2_scale,
-        block_shape,
-        quantize_activations,
-        w13_zeros,
-        w2_zeros,
-        group,
-    ):
-        out.index_add_(0, tok, y * topk_weights[tok, j, None].float())
-    return out.to(hidden.dtype)
-
-
-def fused_moe_routes_reference(
-    hidden: torch.Tensor,
-    w13: torch.Tensor,
-    w2: torch.Tensor,
-    topk_ids: torch.Tensor,
-    route_weights: torch.Tensor,
-    expert_to_slot: torch.Tensor,
-    *,
-    w13_scale: torch.Tensor | None = None,
-    w2_scale: torch.Tensor | None = None,
-    block_shape: tuple[int, int] | None = None,
-    out: torch.Tensor | None = None,
-    config_tokens: int | None = None,
-    config_ids: int | None = None,
-    config: dict | None = None,
-    quantize_activations: bool = False,
-    w13_zeros: torch.Tensor | None = None,
-    w2_zeros: torch.Tensor | None = None,
-    group: int = 128,
-) -> torch.Tensor:
-    """Plain-torch `fused_moe_routes` (and `fused_moe_int4_routes`): row t * k + j = bf16(route_weights[t * k + j] *
-    expert(topk_ids[t, j])(x_t)) in fp32 math; rows of ids outside [0, num_ids) are left as they are (config_*: no
-    tiles here). Weights of every layout, as `fused_moe_reference` takes them."""
-    M, K = hidden.shape
-    k = topk_ids.shape[1]
-    if out is None:
-        out = torch.empty((M * k, K), dtype=hidden.dtype, device=hidden.device)
-    ids = topk_ids.long()
-    experts = torch.unique(ids)
-    experts = experts[(experts >= 0) & (experts < expert_to_slot.numel())]
-    w = route_weights.view(M, k)
-    for tok, j, y in _expert_outputs(
-        hidden,
-        w13,
-        w2,
-        ids,
-        experts,
-        expert_to_slot,
-        w13_scale,
-        w2_scale,
-        block_shape,
-        quantize_activations,
-        w13_zeros,
-        w2_zeros,
-        group,
-    ):
-        out[tok * k + j] = (y * w[tok, j, None].float()).to(hidden.dtype)
-    return out
-
-
-def _expert_outputs(
-    hidden,
-    w13,
-    w2,
-    ids,
-    experts,
-    expert_to_slot,
-    w13_scale,
-    w2_scale,
-    block_shape,
-    quantize_activations,
-    w13_zeros,
-    w2_zeros,
-    group,
-):
-    """(tokens, their top-k positions, fp32 expert outputs [rows, K]) for each expert of `experts`, in id order."""
-    int4 = w13.dtype == torch.uint8
-    if quantize_activations and w13.dtype != torch.float8_e4m3fn:
-        raise ValueError(f"fused_moe_reference: quantize_activations is for FP8 weights, not {w13.dtype}")
-    act_group = block_shape[1] if block_shape else 128
-
-    def act(x: torch.Tensor) -> torch.Tensor:
-        if not quantize_activations:
-            return x.float()
-        return dequantize_groups_fp8(*per_token_group_quant_fp8_reference(x, act_group), act_group)
-
-    def slot_weights(slot: int) -> tuple[torch.Tensor, torch.Tensor]:
-        if int4:
-            return (
-                dequantize_int4(
-                    Int4Weight(w13[slot], w13_scale[slot], None if w13_zeros is None else w13_zeros[slot], group)
-                ),
-                dequantize_int4(
-                    Int4Weight(w2[slot], w2_scale[slot], None if w2_zeros is None else w2_zeros[slot], group)
-                ),
-            )
-        if w13.dtype == torch.float8_e4m3fn:
-            return (
-                dequantize_block_fp8(w13[slot], w13_scale[slot], *block_shape),
-                dequantize_block_fp8(w2[slot], w2_scale[slot], *block_shape),
-            )
-        return w13[slot].float(), w2[slot].float()
-
-    for e, slot in zip(experts.tolist(), expert_to_slot[experts].tolist()):  # one read of the table
-        if slot < 0:
-            raise ValueError(f"fused_moe_reference: routed expert {e} has no slot (expert_to_slot[{e}] == -1)")
-        tok, j = torch.where(ids == e)
-        w_gu, w_d = slot_weights(slot)
-        N = w_gu.shape[0] // 2
-        x = act(hidden[tok])
-        h = (F.silu(x @ w_gu[:N].T) * (x @ w_gu[N:].T)).to(hidden.dtype)
-        yield tok, j, act(h) @ w_d.T

@@ -18,7 +18,7 @@ BLOCK_K / 2 into fp32, then one multiply by the group scale per output column (n
 
 Tile configs come from `moed.moe_configs` under `dtype=int4_w4a16` (no block_shape in the name, as vLLM and sglang
 name their int4 tables; N is the intermediate size, not its packed width), else built-in defaults.
-Its torch reference is `moed.kernels.fused_moe.fused_moe_reference` (one reference for every expert layout).
+Its torch reference is `moed.kernels.fused_moe_reference.fused_moe_reference` (one reference for every expert layout).
 """
 
 from __future__ import annotations
@@ -29,7 +29,8 @@ import triton.language as tl
 
 from moed.formats.int4 import Int4Weight, num_groups
 from moed.kernels.act_quant import interpreting
-from moed.kernels.fused_moe import _device_name, _tile_ids, _to_bf16, _topk_sum_kernel, check_config
+from moed.kernels.fused_moe import _tile_ids, _to_bf16, _topk_sum_kernel
+from moed.kernels.fused_moe_config import check_config, device_name
 from moed.kernels.moe_align import MoEAlignment, moe_align_block_size
 from moed.moe_configs import lookup
 
@@ -210,7 +211,7 @@ def _down_int4_kernel(
 
 def get_moe_config(num_ids: int, N: int, M: int, device: torch.device) -> tuple[dict, dict]:
     """(gate-up config, down config) for M tokens from the int4_w4a16 tables, else built-in defaults."""
-    dev = _device_name(device.index or 0) if device.type == "cuda" else "cpu"
+    dev = device_name(device.index or 0) if device.type == "cuda" else "cpu"
     return lookup.get_tables(num_ids, N, DTYPE_NAME, None, dev, triton.__version__).pick(M)
 
 

@@ -46,6 +46,7 @@ import torch
 
 from moed.kernels import act_quant, index_k_gather, indexer
 from moed.kernels import fused_moe as fm
+from moed.kernels import fused_moe_reference as fmr
 from moed.kernels import sparse_mla as mla
 
 NAMESPACE = "moed"
@@ -154,7 +155,7 @@ def _fused_moe_cpu(hidden, w13, w2, topk_ids, topk_weights, expert_to_slot, w13_
     stand_in = ids[served][0]
     ids = torch.where(served, ids, stand_in).to(torch.int32)
     weights = torch.where(served, topk_weights, torch.zeros_like(topk_weights))
-    return fm.fused_moe_reference(
+    return fmr.fused_moe_reference(
         hidden,
         w13,
         w2,

@@ -22,8 +22,9 @@ from collections.abc import Callable
 import torch
 
 from moed.kernels.expert_copy import STATS
-from moed.kernels.fused_moe import fused_moe_routes, fused_moe_routes_reference
+from moed.kernels.fused_moe import fused_moe_routes
 from moed.kernels.fused_moe_int4 import fused_moe_int4_routes
+from moed.kernels.fused_moe_reference import fused_moe_routes_reference
 from moed.model.config import ExpertDtype, GlmMoeDsaConfig
 from moed.model.moe import ExpertWeights
 from moed.offload.expert_cache import CacheConfig, ExpertCache, LayerCache

@@ -4,14 +4,14 @@ The `moe="torch"` runner (and the plain runner the model tests use). Per MoE lay
 w13 [E, 2I, K] (gate rows, then up rows) and w2 [E, K, I] in the model dtype, FP8 experts dequantised at
 load; int4 experts (`cfg.expert_format(expert_dtype) == "int4"`) stay int4, a quarter of bf16's bytes, in the host
 store's int4 sections stacked over experts (offload/host_store.py: w13 uint8 [E, 2I, K/2], scales, zero points).
-A step is `kernels.fused_moe.fused_moe_reference` over them with the identity slot table.
+A step is `kernels.fused_moe_reference.fused_moe_reference` over them with the identity slot table.
 """
 
 from __future__ import annotations
 
 import torch
 
-from moed.kernels.fused_moe import fused_moe_reference
+from moed.kernels.fused_moe_reference import fused_moe_reference
 from moed.model.config import ExpertDtype, GlmMoeDsaConfig
 from moed.model.moe import ExpertWeights
 from moed.offload.host_store import ExpertLayout

@@ -30,7 +30,7 @@ TARGET_M1_MS = 0.09
 def check(experts, E: int, K: int, topk: int) -> list[str]:
     """fused_moe_int4 against its reference (eager and in a CUDA graph); returns failure messages."""
     from moed.kernels import fused_moe_int4 as fi
-    from moed.kernels.fused_moe import fused_moe_reference
+    from moed.kernels.fused_moe_reference import fused_moe_reference
     from moed.kernels.fused_moe_tuner import make_routing
 
     w13, w2 = experts

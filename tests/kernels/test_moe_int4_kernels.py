@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from moed.formats import int4
-from moed.kernels import fused_moe as fm
 from moed.kernels import fused_moe_int4 as fi
+from moed.kernels import fused_moe_reference as fmr
 from moed.kernels.moe_align import moe_align_block_size
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
@@ -61,7 +61,7 @@ def _run(ex: dict, x, ids, w, table, **kw):
 
 def _ref(ex: dict, x, ids, w, table):
     weights = {k: v for k, v in ex.items() if k not in ("w13", "w2")}
-    return fm.fused_moe_reference(x, ex["w13"], ex["w2"], ids, w, table, **weights)
+    return fmr.fused_moe_reference(x, ex["w13"], ex["w2"], ids, w, table, **weights)
 
 
 @pytest.mark.parametrize("symmetric", [False, True], ids=["asym", "sym"])
@@ -94,7 +94,7 @@ def test_moe_int4_routes_computes_only_ids_in_the_table():
     out = torch.full((M * k, K), float("nan"), dtype=torch.bfloat16, device=DEV)
     fi.fused_moe_int4_routes(x, ex["w13"], ex["w2"], ids, w, table, out=out, config=SMALL, **weights)
     ref = torch.full_like(out, float("nan"))
-    fm.fused_moe_routes_reference(x, ex["w13"], ex["w2"], ids, w, table, out=ref, **weights)
+    fmr.fused_moe_routes_reference(x, ex["w13"], ex["w2"], ids, w, table, out=ref, **weights)
     skipped = (ids.view(-1) == S).to(DEV)
     assert torch.isnan(out[skipped].float()).all() and torch.isnan(ref[skipped].float()).all()
     assert torch.isfinite(out[~skipped].float()).all()

@@ -10,6 +10,7 @@ import torch
 
 from moed.formats.fp8 import quantize_block_fp8
 from moed.kernels import fused_moe as fm
+from moed.kernels import fused_moe_reference as fmr
 from moed.kernels.act_quant import dequantize_groups_fp8, per_token_group_quant_fp8, per_token_group_quant_fp8_reference
 from moed.kernels.moe_align import moe_align_block_size, moe_align_block_size_reference
 
@@ -142,11 +143,11 @@ def test_moe_fused_matches_reference(M, fp8):
     kw = dict(w13_scale=s13, w2_scale=s2, block_shape=(128, 128) if fp8 else None)
     out = torch.full((M, K), float("nan"), dtype=torch.bfloat16, device=DEV)  # poisoned: all must be written
     fm.fused_moe(x, w13, w2, ids, w, table, config=SMALL if fp8 else {**SMALL, "BLOCK_SIZE_K": 64}, out=out, **kw)
-    ref = fm.fused_moe_reference(x, w13, w2, ids, w, table, quantize_activations=fp8, **kw)
+    ref = fmr.fused_moe_reference(x, w13, w2, ids, w, table, quantize_activations=fp8, **kw)
     assert torch.isfinite(out.float()).all()
     assert rel(out, ref) < 1e-2
     if fp8:  # and close to the unquantised-activation answer, within FP8 activation error
-        assert rel(out, fm.fused_moe_reference(x, w13, w2, ids, w, table, **kw)) < 0.08
+        assert rel(out, fmr.fused_moe_reference(x, w13, w2, ids, w, table, **kw)) < 0.08
 
 
 @pytest.mark.parametrize("fp8", [False, True], ids=["bf16", "fp8"])
@@ -167,7 +168,7 @@ def test_moe_routes_computes_only_ids_in_the_table(fp8):
         x, w13, w2, ids, w, table, out=out, config=SMALL if fp8 else {**SMALL, "BLOCK_SIZE_K": 64}, **kw
     )
     ref = torch.full_like(out, float("nan"))
-    fm.fused_moe_routes_reference(x, w13, w2, ids, w, table, out=ref, quantize_activations=fp8, **kw)
+    fmr.fused_moe_routes_reference(x, w13, w2, ids, w, table, out=ref, quantize_activations=fp8, **kw)
     skipped = (ids.view(-1) == S).cpu()
     assert torch.isnan(out[skipped.to(DEV)].float()).all() and torch.isnan(ref[skipped.to(DEV)].float()).all()
     computed = (~skipped).to(DEV)
@@ -193,7 +194,7 @@ def test_moe_all_tokens_on_one_expert_and_prequantised_activations(monkeypatch):
     w = torch.rand((20, 1), generator=gen).to(DEV)
     x = torch.randn((20, K), generator=gen).to(torch.bfloat16).to(DEV)
     kw = dict(w13_scale=s13, w2_scale=s2, block_shape=(128, 128))
-    ref = fm.fused_moe_reference(x, w13, w2, ids, w, table, quantize_activations=True, **kw)
+    ref = fmr.fused_moe_reference(x, w13, w2, ids, w, table, quantize_activations=True, **kw)
     in_kernel = fm.fused_moe(x, w13, w2, ids, w, table, config=SMALL, **kw)
     monkeypatch.setattr(fm, "QUANT_IN_KERNEL_MAX_TOKENS", 0)  # the large-batch path: act_quant pass, then FP8 A
     separate = fm.fused_moe(x, w13, w2, ids, w, table, config=SMALL, **kw)
@@ -234,7 +235,7 @@ def test_moe_id_without_slot_adds_nothing():
     ids_ok = torch.tensor([[0, 0], [2, 0]], dtype=torch.int32, device=DEV)
     w_ok = w.clone()
     w_ok[0, 1] = 0.0
-    ref = fm.fused_moe_reference(x, w13, w2, ids_ok, w_ok, table)
+    ref = fmr.fused_moe_reference(x, w13, w2, ids_ok, w_ok, table)
     assert rel(out, ref) < 1e-2
 
 
@@ -274,7 +275,7 @@ def test_moe_config_lookup_used_without_config(caplog):
     w = torch.rand((1, 2), generator=gen).to(DEV)
     x = torch.randn((1, 128), generator=gen).to(torch.bfloat16).to(DEV)
     out = fm.fused_moe(x, w13, w2, ids, w, table)  # no table for E=2, N=64 anywhere: defaults
-    assert rel(out, fm.fused_moe_reference(x, w13, w2, ids, w, table)) < 1e-2
+    assert rel(out, fmr.fused_moe_reference(x, w13, w2, ids, w, table)) < 1e-2
 
 
 # ---- GPU, GLM-5.1 widths ------------------------------------------------------------------------------------
@@ -294,7 +295,7 @@ def test_moe_gpu_glm_shapes(N, M, fp8):
     x = torch.randn((M, GLM_K), generator=gen).to(torch.bfloat16).cuda()
     kw = dict(w13_scale=s13, w2_scale=s2, block_shape=(128, 128) if fp8 else None)
     out = fm.fused_moe(x, w13, w2, ids, w, table, **kw)
-    ref = fm.fused_moe_reference(x, w13, w2, ids, w, table, quantize_activations=fp8, **kw)
+    ref = fmr.fused_moe_reference(x, w13, w2, ids, w, table, quantize_activations=fp8, **kw)
     assert rel(out, ref) < 1e-2
 
 
@@ -323,7 +324,7 @@ def test_moe_gpu_graph_capture_without_host_sync():
     w.copy_(w2_)
     x.copy_(torch.randn((M, GLM_K), generator=gen).to(torch.bfloat16))
     graph.replay()
-    ref = fm.fused_moe_reference(
+    ref = fmr.fused_moe_reference(
         x, w13, w2, ids, w, table, quantize_activations=True, w13_scale=s13, w2_scale=s2, block_shape=(128, 128)
     )
     assert rel(out, ref) < 1e-2

@@ -17,6 +17,7 @@ import torch
 from moed.formats.fp8 import quantize_block_fp8
 from moed.kernels import act_quant, torch_ops
 from moed.kernels import fused_moe as fm
+from moed.kernels import fused_moe_reference as fmr
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"  # where the Triton kernel itself runs (interpreted on a CPU)
 SMALL_BF16 = {
@@ -145,7 +146,7 @@ def test_moe_fused_op_opcheck_and_reference(fp8):
     opcheck(torch.ops.moed.fused_moe.default, args)
     x, w13, w2, ids, weights, table, s13, s2, block = args
     out = torch_ops.fused_moe(x, w13, w2, ids, weights, table, w13_scale=s13, w2_scale=s2, block_shape=block)
-    ref = fm.fused_moe_reference(
+    ref = fmr.fused_moe_reference(
         x,
         w13,
         w2,
@@ -178,7 +179,7 @@ def test_moe_fused_op_drops_unserved_ids_as_the_kernel_does():
     w = weights.clone()
     w[0, 1] = w[1, 0] = 0.0
     w[2] = 0.0
-    assert torch.equal(out, fm.fused_moe_reference(x, w13, w2, served, w, table))
+    assert torch.equal(out, fmr.fused_moe_reference(x, w13, w2, served, w, table))
 
 
 def test_moe_fused_op_rejects_bad_inputs():

@@ -143,7 +143,7 @@ def test_moe_config_bad_file_is_named(root, body, match):
 
 def test_moe_config_shipped_tables_are_valid():
     """Every table moed ships parses, names a GLM-5.1 shape and passes the kernel's config check."""
-    from moed.kernels.fused_moe import check_config
+    from moed.kernels.fused_moe_config import check_config
 
     files = sorted(lookup.PACKAGE_DIR.glob("triton_*/*.json"))
     for f in files:

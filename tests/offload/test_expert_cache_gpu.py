@@ -120,7 +120,7 @@ def test_offload_hybrid_step_has_no_host_sync_and_replays_in_cuda_graph():
     Right means: no further from the FP8 reference (FP8 weights dequantised, fp32 math: `fused_moe_routes_reference`)
     than the all-GPU path, which quantises activations to FP8 per 128-group (w8a8, a few % per route) where the
     CPU computes with fp32 activations; plus one bf16 rounding. A wrong or stale CPU sum would be off by ~100%."""
-    from moed.kernels.fused_moe import fused_moe_routes_reference
+    from moed.kernels.fused_moe_reference import fused_moe_routes_reference
 
     exact, gpu = _runner(E, moe_fn=fused_moe_routes_reference), _runner(E)
     r = _runner(10, CpuConfig(threads=4, cpu_rate=1e9, copy_rate=1e9))
@@ -172,7 +172,7 @@ def test_offload_int4_on_the_gpu_matches_the_reference_and_the_cpu_share():
     """int4 on the GPU: fused_moe_int4 over the slot pools (misses copied in) against the one torch reference on the
     same pools; the hybrid service with the rates it measures itself (the copy rate by the UVA kernel over the six
     sections), its CPU routes within the int8-activation error of the exact answer, replayed from a CUDA graph."""
-    from moed.kernels.fused_moe import fused_moe_reference
+    from moed.kernels.fused_moe_reference import fused_moe_reference
 
     exact, r = _runner(E, moe_fn=fused_moe_reference, fmt="int4"), _runner(9, fmt="int4")
     hyb = _runner(10, CpuConfig(threads=4), fmt="int4")

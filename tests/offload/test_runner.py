@@ -8,7 +8,7 @@ import torch
 
 from moed.formats import int4
 from moed.formats.fp8 import quantize_block_fp8
-from moed.kernels.fused_moe import fused_moe_reference
+from moed.kernels.fused_moe_reference import fused_moe_reference
 from moed.model.checkpoint import make_config
 from moed.model.config import GlmMoeDsaConfig
 from moed.model.moe import ExpertWeights

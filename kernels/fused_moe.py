@@ -259,6 +259,30 @@ def _topk_sum_kernel(
     tl.store(out_ptr + t * stride_om + cols, _to_bf16(acc, INTERPRET), mask=col_ok)
 
 
+def topk_sum(
+    partial: torch.Tensor, topk_ids: torch.Tensor, expert_to_slot: torch.Tensor, out: torch.Tensor
+) -> torch.Tensor:
+    """out[t] = sum over j of partial[t * top_k + j], skipping routes whose expert has no slot (never computed)."""
+    M, top_k = topk_ids.shape
+    K = out.shape[1]
+    block = 1024
+    _topk_sum_kernel[(M, triton.cdiv(K, block))](
+        partial,
+        topk_ids,
+        expert_to_slot,
+        out,
+        K,
+        top_k,
+        expert_to_slot.numel(),
+        partial.stride(0),
+        out.stride(0),
+        BLOCK=block,
+        INTERPRET=interpreting(),
+        num_warps=4,
+    )
+    return out
+
+
 def fused_moe(
     hidden: torch.Tensor,
     w13: torch.Tensor,
@@ -283,7 +307,6 @@ def fused_moe(
     """
     fp8 = _check(hidden, w13, w2, topk_ids, topk_weights, expert_to_slot, w13_scale, w2_scale, block_shape, out)
     M, K = hidden.shape
-    top_k = topk_ids.shape[1]
     if out is None:
         out = torch.empty((M, K), dtype=hidden.dtype, device=hidden.device)
     if M == 0:
@@ -304,22 +327,7 @@ def fused_moe(
         M,
         fp8,
     )
-    block = 1024
-    _topk_sum_kernel[(M, triton.cdiv(K, block))](
-        partial,
-        topk_ids,
-        expert_to_slot,
-        out,
-        K,
-        top_k,
-        expert_to_slot.numel(),
-        partial.stride(0),
-        out.stride(0),
-        BLOCK=block,
-        INTERPRET=interpreting(),
-        num_warps=4,
-    )
-    return out
+    return topk_sum(partial, topk_ids, expert_to_slot, out)
 
 
 def fused_moe_routes(

@@ -29,7 +29,7 @@ import triton.language as tl
 
 from moed.formats.int4 import Int4Weight, num_groups
 from moed.kernels.act_quant import interpreting
-from moed.kernels.fused_moe import _tile_ids, _to_bf16, _topk_sum_kernel
+from moed.kernels.fused_moe import _tile_ids, _to_bf16, topk_sum
 from moed.kernels.fused_moe_config import check_config, device_name
 from moed.kernels.moe_align import MoEAlignment, moe_align_block_size
 from moed.moe_configs import lookup
@@ -241,7 +241,6 @@ def fused_moe_int4(
         hidden, w13, w2, w13_scale, w2_scale, w13_zeros, w2_zeros, group, topk_ids, topk_weights, expert_to_slot, out
     )
     M, K = hidden.shape
-    top_k = topk_ids.shape[1]
     if out is None:
         out = torch.empty((M, K), dtype=hidden.dtype, device=hidden.device)
     if M == 0:
@@ -264,22 +263,7 @@ def fused_moe_int4(
         M,
         None,
     )
-    block = 1024
-    _topk_sum_kernel[(M, triton.cdiv(K, block))](
-        partial,
-        topk_ids,
-        expert_to_slot,
-        out,
-        K,
-        top_k,
-        expert_to_slot.numel(),
-        partial.stride(0),
-        out.stride(0),
-        BLOCK=block,
-        INTERPRET=interpreting(),
-        num_warps=4,
-    )
-    return out
+    return topk_sum(partial, topk_ids, expert_to_slot, out)
 
 
 def fused_moe_int4_routes(

@@ -35,10 +35,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from moed.daemon.config import ServeConfig
 from moed.daemon.service import resolve_model
-from moed.engine.config import ENGINE_SETTINGS, add_engine_arguments
-from moed.ops.bench.serve import RecordingDaemon, _load_process, _per_token, _quantile
+from moed.engine.config import add_engine_arguments
+from moed.ops.bench.serve import RecordingDaemon, _load_process, _per_token, _quantile, ready_daemon
 
 log = logging.getLogger("bench.http")
 
@@ -160,29 +159,9 @@ def _cpu(usage: resource.struct_rusage) -> float:
 async def _bench(args: argparse.Namespace, model_dir: str, runtime: str) -> dict:
     levels = [int(x) for x in args.concurrency.split(",")]
     address = f"ipc://{runtime}/bench.sock"
-    engine = {k: getattr(args, k) for k in ENGINE_SETTINGS if k not in ("device", "max_running")}
-    cfg = ServeConfig(
-        model=model_dir,
-        listen=(address,),
-        metrics_address="",
-        http_address="127.0.0.1:0",
-        device=args.device,
-        max_running=max(levels),
-        runtime_dir=runtime,
-        client_concurrency=max(levels) + 8,
-        http_max_requests=max(levels) + 8,
-        stats_interval_s=1.0,
-        worker_start_timeout_s=1800,
-        **engine,
-    )
-    daemon = RecordingDaemon(cfg, model_dir)
-    await daemon.start()
-    try:
-        t0 = time.monotonic()
-        while not daemon.readiness()[0]:
-            if daemon.supervisor.state in ("crash_loop", "failed") or time.monotonic() - t0 > 1800:
-                raise RuntimeError(f"engine did not become ready: {daemon.supervisor.reason}")
-            await asyncio.sleep(0.1)
+    async with ready_daemon(
+        args, model_dir, runtime, levels, http_address="127.0.0.1:0", http_max_requests=max(levels) + 8
+    ) as daemon:
         targets = {"zmq": (_load_process, address), "http": (_http_load_process, daemon.http_port)}
         log.info("warm-up")
         for protocol, target in targets.items():
@@ -201,8 +180,6 @@ async def _bench(args: argparse.Namespace, model_dir: str, runtime: str) -> dict
             "cpus": os.cpu_count(),
             "rows": rows,
         }
-    finally:
-        await daemon.stop()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
+import contextlib
 import json
 import logging
 import multiprocessing as mp
@@ -35,6 +36,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 from moed.daemon.config import ServeConfig
@@ -185,21 +187,24 @@ async def _measure(daemon: RecordingDaemon, address: str, n: int, max_tokens: in
     }
 
 
-async def _bench(args: argparse.Namespace, model_dir: str, runtime: str) -> dict:
-    levels = [int(x) for x in args.concurrency.split(",")]
-    address = f"ipc://{runtime}/bench.sock"
+@contextlib.asynccontextmanager
+async def ready_daemon(
+    args: argparse.Namespace, model_dir: str, runtime: str, levels: list[int], **settings
+) -> AsyncIterator[RecordingDaemon]:
+    """The benches' daemon (ZMQ on ipc://{runtime}/bench.sock, the engine's settings from args), once its engine is
+    ready; stopped on exit."""
     engine = {k: getattr(args, k) for k in ENGINE_SETTINGS if k not in ("device", "max_running")}
     cfg = ServeConfig(
         model=model_dir,
-        listen=(address,),
+        listen=(f"ipc://{runtime}/bench.sock",),
         metrics_address="",
-        http_address="",
         device=args.device,
         max_running=max(levels),
         runtime_dir=runtime,
         client_concurrency=max(levels) + 8,
         stats_interval_s=1.0,
         worker_start_timeout_s=1800,
+        **settings,
         **engine,
     )
     daemon = RecordingDaemon(cfg, model_dir)
@@ -210,6 +215,15 @@ async def _bench(args: argparse.Namespace, model_dir: str, runtime: str) -> dict
             if daemon.supervisor.state in ("crash_loop", "failed") or time.monotonic() - t0 > 1800:
                 raise RuntimeError(f"engine did not become ready: {daemon.supervisor.reason}")
             await asyncio.sleep(0.1)
+        yield daemon
+    finally:
+        await daemon.stop()
+
+
+async def _bench(args: argparse.Namespace, model_dir: str, runtime: str) -> dict:
+    levels = [int(x) for x in args.concurrency.split(",")]
+    address = f"ipc://{runtime}/bench.sock"
+    async with ready_daemon(args, model_dir, runtime, levels, http_address="") as daemon:
         rtt = await _round_trip(address)
         log.info("warm-up")
         await _measure(daemon, address, min(8, max(levels)), 8, 1)
@@ -230,8 +244,6 @@ async def _bench(args: argparse.Namespace, model_dir: str, runtime: str) -> dict
             "cpus": os.cpu_count(),
             "rows": rows,
         }
-    finally:
-        await daemon.stop()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -283,6 +283,18 @@ def topk_sum(
     return out
 
 
+def routes_out(name: str, hidden: torch.Tensor, topk_ids: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
+    """The per-route output [M * k, K] of a routes kernel: `out` checked, or a new tensor."""
+    T, K = topk_ids.numel(), hidden.shape[1]
+    if out is None:
+        return torch.empty((T, K), dtype=hidden.dtype, device=hidden.device)
+    if out.shape != (T, K) or out.dtype != hidden.dtype or out.stride(1) != 1:
+        raise ValueError(
+            f"{name}: out must be {hidden.dtype} {(T, K)} with unit last stride, got {out.dtype} {tuple(out.shape)}"
+        )
+    return out
+
+
 def fused_moe(
     hidden: torch.Tensor,
     w13: torch.Tensor,
@@ -355,7 +367,7 @@ def fused_moe_routes(
     `config_tokens`, `config_ids`: the M and E the tuned tables are looked up by (activation quantisation is chosen by
     that M; default M and num_ids); `config`: a tuned-table entry instead (both GEMMs).
     """
-    M, K = hidden.shape
+    M = hidden.shape[0]
     fp8 = _check(
         hidden,
         w13,
@@ -368,15 +380,8 @@ def fused_moe_routes(
         block_shape,
         None,
     )
-    T = topk_ids.numel()
-    if out is None:
-        out = torch.empty((T, K), dtype=hidden.dtype, device=hidden.device)
-    elif out.shape != (T, K) or out.dtype != hidden.dtype or out.stride(1) != 1:
-        raise ValueError(
-            f"fused_moe_routes: out must be {hidden.dtype} {(T, K)} with unit last stride, got "
-            f"{out.dtype} {tuple(out.shape)}"
-        )
-    if T == 0:
+    out = routes_out("fused_moe_routes", hidden, topk_ids, out)
+    if out.shape[0] == 0:
         return out
     return _routes(
         hidden,

@@ -29,7 +29,7 @@ import triton.language as tl
 
 from moed.formats.int4 import Int4Weight, num_groups
 from moed.kernels.act_quant import interpreting
-from moed.kernels.fused_moe import _tile_ids, _to_bf16, topk_sum
+from moed.kernels.fused_moe import _tile_ids, _to_bf16, routes_out, topk_sum
 from moed.kernels.fused_moe_config import check_config, device_name
 from moed.kernels.moe_align import MoEAlignment, moe_align_block_size
 from moed.moe_configs import lookup
@@ -287,7 +287,7 @@ def fused_moe_int4_routes(
     """`fused_moe_routes` for int4 experts: each route's output, not summed (out [M * k, K] bf16, route_weights fp32
     [M * k]); only routes whose id is in [0, num_ids) are computed and written, the other rows keep what they held.
     `config_tokens`, `config_ids`: the M and E the tuned tables are looked up by (default M and num_ids)."""
-    M, K = hidden.shape
+    M = hidden.shape[0]
     _check(
         hidden,
         w13,
@@ -302,15 +302,8 @@ def fused_moe_int4_routes(
         expert_to_slot,
         None,
     )
-    T = topk_ids.numel()
-    if out is None:
-        out = torch.empty((T, K), dtype=hidden.dtype, device=hidden.device)
-    elif out.shape != (T, K) or out.dtype != hidden.dtype or out.stride(1) != 1:
-        raise ValueError(
-            f"fused_moe_int4_routes: out must be {hidden.dtype} {(T, K)} with unit last stride, got "
-            f"{out.dtype} {tuple(out.shape)}"
-        )
-    if T == 0:
+    out = routes_out("fused_moe_int4_routes", hidden, topk_ids, out)
+    if out.shape[0] == 0:
         return out
     return _routes(
         hidden,

@@ -28,16 +28,13 @@ import logging
 import multiprocessing as mp
 import os
 import resource
-import shutil
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
-from moed.daemon.service import resolve_model
 from moed.engine.config import add_engine_arguments
-from moed.ops.bench.serve import RecordingDaemon, _load_process, _per_token, _quantile, ready_daemon
+from moed.ops.bench.serve import RecordingDaemon, _load_process, _per_token, _quantile, ready_daemon, run_bench
 
 log = logging.getLogger("bench.http")
 
@@ -201,21 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    model_dir = resolve_model(args.model)
-    if args.worker_threads:
-        os.environ["OMP_NUM_THREADS"] = str(args.worker_threads)  # inherited by the worker process
-    runtime = tempfile.mkdtemp(prefix="moedh", dir="/tmp")
-    try:
-        try:
-            import uvloop
-
-            result = uvloop.run(_bench(args, model_dir, runtime))
-        except ImportError:
-            result = asyncio.run(_bench(args, model_dir, runtime))
-    finally:
-        shutil.rmtree(runtime, ignore_errors=True)
-    if args.out:
-        Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    model_dir, result = run_bench(_bench, args, "moedh")
     print(
         f"\nHTTP vs ZMQ: {Path(model_dir).name} on {args.device}, {args.max_tokens} tokens per stream, "
         f"{result['cpus']} CPUs shared by daemon, worker and load generators"

@@ -36,7 +36,7 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 from moed.daemon.config import ServeConfig
@@ -246,6 +246,27 @@ async def _bench(args: argparse.Namespace, model_dir: str, runtime: str) -> dict
         }
 
 
+def run_bench(bench: Callable[..., Awaitable[dict]], args: argparse.Namespace, prefix: str) -> tuple[str, dict]:
+    """Run bench(args, model_dir, runtime) on uvloop where installed, in a runtime folder of its own (removed after),
+    the worker's torch threads as --worker-threads says; write --out. Returns the model folder and the figures."""
+    model_dir = resolve_model(args.model)
+    if args.worker_threads:
+        os.environ["OMP_NUM_THREADS"] = str(args.worker_threads)  # inherited by the worker process
+    runtime = tempfile.mkdtemp(prefix=prefix, dir="/tmp")
+    try:
+        try:
+            import uvloop
+
+            result = uvloop.run(bench(args, model_dir, runtime))
+        except ImportError:
+            result = asyncio.run(bench(args, model_dir, runtime))
+    finally:
+        shutil.rmtree(runtime, ignore_errors=True)
+    if args.out:
+        Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    return model_dir, result
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m moed.ops.bench.serve", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="builtin:tiny", help="checkpoint directory or builtin:tiny")
@@ -275,21 +296,7 @@ def main(argv: list[str] | None = None) -> int:
 
         server.STEP_SEND_EVERY = args.send_every
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    model_dir = resolve_model(args.model)
-    if args.worker_threads:
-        os.environ["OMP_NUM_THREADS"] = str(args.worker_threads)  # inherited by the worker process
-    runtime = tempfile.mkdtemp(prefix="moedb", dir="/tmp")
-    try:
-        try:
-            import uvloop
-
-            result = uvloop.run(_bench(args, model_dir, runtime))
-        except ImportError:
-            result = asyncio.run(_bench(args, model_dir, runtime))
-    finally:
-        shutil.rmtree(runtime, ignore_errors=True)
-    if args.out:
-        Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    model_dir, result = run_bench(_bench, args, "moedb")
     print(
         f"\nserving benchmark: {Path(model_dir).name} on {args.device}, {args.max_tokens} tokens per stream, "
         f"{result['cpus']} CPUs shared by daemon, worker ({args.worker_threads or 'default'} torch threads) "

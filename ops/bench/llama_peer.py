@@ -1,6 +1,6 @@
-"""llama.cpp beside moed on the same machine: FP8 checkpoint -> GGUF Q8_0 fast, llama-bench runs, per-layer figures.
+"""llama.cpp beside moed on the same machine: FP8 checkpoint -> GGUF Q8_0 or Q4_0 fast, llama-bench, per-layer figures.
 
-    LLAMA_CPP_DIR=... python -m moed.ops.bench.llama_peer convert CKPT_DIR OUT.gguf
+    LLAMA_CPP_DIR=... python -m moed.ops.bench.llama_peer convert CKPT_DIR OUT.gguf [--qtype q4_0]
     python -m moed.ops.bench.llama_peer bench --llama-bench BIN --deep DEEP.gguf --slice SLICE.gguf --out llama.json
 
 `convert` runs llama.cpp's own converter (its `GlmMoeDsaForCausalLM` class: tensor names, the kv_b split, the expert
@@ -8,9 +8,11 @@ stacking, the hyper-parameters and the vocabulary) over the moed-made checkpoint
 the GPU. The stock path dequantises FP8 and quantises Q8_0 in single-threaded numpy (minutes per GLM-5.1 MoE layer);
 here each weight is read straight to the GPU, dequantised there (FP8 x block scale, fp32), passed through the
 converter's `prepare_tensors` unchanged, and quantised to Q8_0 there with ggml's reference arithmetic (per 32 values
-d = amax / 127 as fp16, q = round-half-away(x / d)). Two passes over the same code: the first with meta tensors (shapes
-and types only) lays out the file's header, the second streams the data in the same order, so no more than one
-layer's tensors are ever held. The locally trained tokenizer has no registered pre-tokenizer hash: "glm4" (what GLM's
+d = amax / 127 as fp16, q = round-half-away(x / d)); or, with `--qtype q4_0`, to the mix `llama-quantize ... Q4_0`
+makes (`q4_0_tensor`: every weight matrix but output.weight at Q4_0, `q4_0_bytes`), which llama.cpp's converter
+cannot write and the GPU machine has no llama-quantize to make. Two passes over the same code: the first with meta
+tensors (shapes and types only) lays out the file's header, the second streams the data in the same order, so no more
+than one layer's tensors are ever held. The locally trained tokenizer has no registered pre-tokenizer hash: "glm4" (what GLM's
 real one maps to) is used, as the project's earlier runs did.
 
 `bench` runs llama-bench (`-o json`) on the full-depth GGUF (all on the GPU, and routed experts on the CPU with
@@ -32,11 +34,24 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Literal, get_args
 
 import numpy as np
 
 log = logging.getLogger("bench.llama_peer")
 Q8_BLOCK, Q8_BYTES = 32, 34
+Q4_BLOCK, Q4_BYTES = 32, 18
+QType = Literal["q8_0", "q4_0"]
+QTYPES: tuple[QType, ...] = get_args(QType)
+# what llama-quantize never quantises that a GLM-DSA file could hold (src/llama-quant.cpp), and indexer.proj
+Q4_0_KEPT = (
+    "_norm.weight",
+    "ffn_gate_inp.weight",
+    "ffn_gate_tid2eid.weight",
+    "indexer.k_proj.weight",
+    "indexer.q_proj.weight",
+    "indexer.proj.weight",
+)
 
 
 def q8_0_bytes(x, device: str):
@@ -45,15 +60,39 @@ def q8_0_bytes(x, device: str):
 
     rows = x.reshape(-1, Q8_BLOCK)
     out = torch.empty((rows.shape[0], Q8_BYTES), dtype=torch.uint8)
+    # a tensor divisor: CUDA turns division by a Python number into a multiply by its reciprocal (not bit-exact)
+    by127 = torch.full((), 127.0, device=device)
     step = 1 << 24
     for s in range(0, rows.shape[0], step):
         v = rows[s : s + step].to(device=device, dtype=torch.float32)
-        d = v.abs().amax(dim=1, keepdim=True) / 127
+        d = v.abs().amax(dim=1, keepdim=True) / by127
         inv = torch.where(d == 0, torch.zeros_like(d), 1.0 / d)
         q = v * inv
         q = (torch.sign(q) * torch.floor(q.abs() + 0.5)).to(torch.int8)
         out[s : s + step] = torch.cat([d.to(torch.float16).view(torch.uint8), q.view(torch.uint8)], dim=1).cpu()
     return out.numpy().reshape(*x.shape[:-1], x.shape[-1] // Q8_BLOCK * Q8_BYTES)
+
+
+def q4_0_bytes(x, device: str):
+    """ggml block_q4_0 of a float tensor [..., n] (n % 32 == 0), as uint8 numpy [..., n / 32 * 18].
+
+    Per block of 32: fp16 d = (the value of largest magnitude, sign kept; the first such) / -8, then 16 bytes whose
+    low nibbles hold q[0:16] and high nibbles q[16:32], q = min(15, trunc(x / d + 8.5)) (0 for every value when d is 0:
+    all 8s); x = d * (q - 8). gguf-py's reference arithmetic (gguf/quants.py Q4_0) step for step in fp32."""
+    import torch
+
+    rows = x.reshape(-1, Q4_BLOCK)
+    out = torch.empty((rows.shape[0], Q4_BYTES), dtype=torch.uint8)
+    step = 1 << 24
+    for s in range(0, rows.shape[0], step):
+        v = rows[s : s + step].to(device=device, dtype=torch.float32)
+        signed_max = v.gather(1, v.abs().argmax(dim=1, keepdim=True))  # argmax: first of equal magnitudes
+        d = signed_max / -8  # exact in fp32 however computed (a power of two)
+        inv = torch.where(d == 0, torch.zeros_like(d), 1.0 / d)
+        q = torch.trunc(v * inv + 8.5).clamp_(0, 15).to(torch.uint8)
+        packed = q[:, : Q4_BLOCK // 2] | (q[:, Q4_BLOCK // 2 :] << 4)
+        out[s : s + step] = torch.cat([d.to(torch.float16).view(torch.uint8), packed], dim=1).cpu()
+    return out.numpy().reshape(*x.shape[:-1], x.shape[-1] // Q4_BLOCK * Q4_BYTES)
 
 
 class _Dev:
@@ -67,8 +106,33 @@ class _Dev:
         self.nbytes = int(np.prod(self.shape)) * self.dtype.itemsize
 
 
-def convert(ckpt: Path, out: Path, llama_dir: Path) -> dict:
-    """FP8 (or bf16) HF-layout checkpoint -> GGUF Q8_0 through llama.cpp's converter, tensors on the GPU."""
+def q4_0_tensor(gguf_name: str, n_dims: int) -> bool:
+    """Whether `llama-quantize ... Q4_0` (src/llama-quant.cpp, no imatrix) writes this GLM-DSA GGUF tensor as Q4_0.
+
+    It quantises every 2-D/3-D tensor named *weight except norms, the router (ffn_gate_inp) and a list of other
+    architectures' small tensors (none of them in GLM-DSA; the MiniMax indexer names kept for safety), and its Q4_0 mix
+    bumps no GLM-DSA tensor but output.weight (to Q6_K; GLM-5.1's embeddings are not tied, so token_embd stays Q4_0).
+    So: routed experts, shared expert, dense FFN, attention (q_a, q_b, kv_a_mqa, k_b, v_b, output), the DSA indexer's
+    attn_k and attn_q_b, and token_embd. indexer.proj (hidden x 32 heads) stays F32 as the converter writes it ("DSA
+    indexer weights should be F32"): llama-quantize would make it Q4_0, but 0.8 MB a layer moves no timing, and F32 is
+    the layout llama.cpp's own converter vouches for."""
+    return (
+        n_dims >= 2
+        and gguf_name.endswith("weight")
+        and gguf_name != "output.weight"
+        and not any(k in gguf_name for k in Q4_0_KEPT)
+    )
+
+
+def convert(ckpt: Path, out: Path, llama_dir: Path, qtype: QType = "q8_0") -> dict:
+    """FP8 (or bf16) HF-layout checkpoint -> GGUF through llama.cpp's converter, tensors on the GPU.
+
+    q8_0: what `convert_hf_to_gguf.py --outtype q8_0` writes (byte for byte). q4_0: what `llama-quantize` would make
+    of that file with its Q4_0 file type (`q4_0_tensor` says which tensors), except output.weight, which it makes
+    Q6_K and this writes Q8_0 (gguf-py has no Q6_K quantiser: 0.45 GB more for GLM-5.1's head, which runs on the GPU
+    either way). The converter has no Q4_0 file type: its Q8_0 path runs, Q4_0 chosen per tensor through its
+    `tensor_force_quant` hook, and the header states MOSTLY_Q4_0 as llama-quantize's would. A row whose length is not a
+    multiple of 32 falls back to F16 (the converter's fallback; llama-quantize would refuse the tensor)."""
     import torch
     from safetensors import safe_open
 
@@ -92,7 +156,18 @@ def convert(ckpt: Path, out: Path, llama_dir: Path) -> dict:
     hparams = base.ModelBase.load_hparams(ckpt, False)
     model_class = get_model_class(hparams["architectures"][0])
     model_class.no_mtp = True  # llama-bench does not use the MTP block
+    if qtype not in QTYPES:
+        raise ValueError(f"qtype {qtype!r}: expected one of {', '.join(QTYPES)}")
     model = model_class(ckpt, gguf.LlamaFileType.MOSTLY_Q8_0, out, eager=True)
+    if qtype == "q4_0":
+        force_quant = model.tensor_force_quant
+
+        def q4_force_quant(name, new_name, bid, n_dims):
+            if q4_0_tensor(new_name, n_dims):
+                return gguf.GGMLQuantizationType.Q4_0
+            return force_quant(name, new_name, bid, n_dims)
+
+        model.tensor_force_quant = q4_force_quant  # type: ignore[method-assign]
     index = json.loads((ckpt / "model.safetensors.index.json").read_text())["weight_map"]
     cfg = json.loads((ckpt / "config.json").read_text())
     bn, bk = (cfg.get("quantization_config") or {}).get("weight_block_size", [128, 128])
@@ -131,6 +206,7 @@ def convert(ckpt: Path, out: Path, llama_dir: Path) -> dict:
     orig_numpy, orig_quantize = torch.Tensor.numpy, gguf.quants.quantize
     laid_out: list[str] = []
     written = [0, 0]
+    types: dict[str, int] = {}
 
     def numpy(self, *a, **kw):
         return _Dev(self) if self.device.type != "cpu" else orig_numpy(self, *a, **kw)
@@ -139,12 +215,14 @@ def convert(ckpt: Path, out: Path, llama_dir: Path) -> dict:
         if not isinstance(data, _Dev):
             return orig_quantize(data, qtype)
         Q = gguf.GGMLQuantizationType
-        if qtype == Q.Q8_0:
-            if data.shape[-1] % Q8_BLOCK:
-                raise gguf.QuantError(f"row of {data.shape[-1]} values is not a multiple of {Q8_BLOCK}")
+        blocks = {Q.Q8_0: (Q8_BLOCK, Q8_BYTES, q8_0_bytes), Q.Q4_0: (Q4_BLOCK, Q4_BYTES, q4_0_bytes)}.get(qtype)
+        if blocks is not None:
+            block, nbytes, to_bytes = blocks
+            if data.shape[-1] % block:
+                raise gguf.QuantError(f"row of {data.shape[-1]} values is not a multiple of {block}")
             if data.t.device.type == "meta":
-                return _Bytes((*data.shape[:-1], data.shape[-1] // Q8_BLOCK * Q8_BYTES))
-            return q8_0_bytes(data.t, device)
+                return _Bytes((*data.shape[:-1], data.shape[-1] // block * nbytes))
+            return to_bytes(data.t, device)
         dt = {Q.F32: torch.float32, Q.F16: torch.float16}.get(qtype)
         if dt is None:
             raise gguf.QuantError(f"{qtype.name} is not produced by this converter")
@@ -161,6 +239,8 @@ def convert(ckpt: Path, out: Path, llama_dir: Path) -> dict:
         def add_tensor(self, name, data, raw_shape=None, raw_dtype=None, tensor_endianess=None):
             real_writer.add_tensor_info(name, data.shape, data.dtype, data.nbytes, raw_dtype=raw_dtype)
             laid_out.append(name)
+            kind = raw_dtype.name if raw_dtype is not None else str(data.dtype)
+            types[kind] = types.get(kind, 0) + 1
 
     class Writer2(Writer1):  # pass 2: the data, in the same order
         def add_tensor(self, name, data, raw_shape=None, raw_dtype=None, tensor_endianess=None):
@@ -180,7 +260,10 @@ def convert(ckpt: Path, out: Path, llama_dir: Path) -> dict:
         model.prepare_tensors()
         model.gguf_writer = real_writer
         hparams_before = json.loads(json.dumps(model.hparams))
+        if qtype == "q4_0":  # general.file_type, as llama-quantize writes it
+            model.ftype = gguf.LlamaFileType.MOSTLY_Q4_0
         model.prepare_metadata(vocab_only=False)  # mutates hparams (MLA -> 1 KV head), as after the stock tensor pass
+        model.ftype = gguf.LlamaFileType.MOSTLY_Q8_0
         real_writer.write_header_to_file(path=out)
         real_writer.write_kv_data_to_file()
         real_writer.write_ti_data_to_file()
@@ -200,7 +283,9 @@ def convert(ckpt: Path, out: Path, llama_dir: Path) -> dict:
     dt = time.perf_counter() - t0
     res = {
         "gguf": str(out),
+        "qtype": qtype,
         "tensors": written[0],
+        "tensor_types": types,
         "bytes": out.stat().st_size,
         "seconds": dt,
         "GBps": out.stat().st_size / dt / 1e9,
@@ -371,6 +456,7 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("ckpt")
     c.add_argument("out")
     c.add_argument("--llama-cpp-dir", default=os.environ.get("LLAMA_CPP_DIR", "llama.cpp"))
+    c.add_argument("--qtype", choices=QTYPES, default="q8_0", help="q4_0: llama-quantize's Q4_0 mix (see convert)")
     b = sub.add_parser("bench")
     b.add_argument("--llama-bench", required=True)
     b.add_argument("--deep", default=None, help="full-depth GGUF (the glm51 preset, few experts per layer)")
@@ -410,7 +496,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.cmd == "convert":
-        print(json.dumps(convert(Path(args.ckpt), Path(args.out), Path(args.llama_cpp_dir))))
+        print(json.dumps(convert(Path(args.ckpt), Path(args.out), Path(args.llama_cpp_dir), args.qtype)))
         return 0
     if args.cmd == "bench":
         res = bench(args)

@@ -482,6 +482,102 @@ def test_q8_0_bytes_match_ggml_reference_layout():
     assert err <= (ref.abs().amax() / 127) * 0.51 + 1e-6
 
 
+def _gguf_py():
+    """llama.cpp's gguf-py: from LLAMA_CPP_DIR when set, else an installed `gguf`; the test skips without either."""
+    if os.environ.get("LLAMA_CPP_DIR"):
+        sys.path.insert(0, str(Path(os.environ["LLAMA_CPP_DIR"], "gguf-py")))
+    return pytest.importorskip("gguf")
+
+
+def _random_blocks(gen: torch.Generator) -> torch.Tensor:
+    """[3, 8, 128]: random rows at scales from 1e-8 (fp16-subnormal d) to 1e3, with the blocks that test the rules."""
+    x = torch.randn(3, 8, 128, generator=gen) * torch.logspace(-8, 3, 8)[None, :, None]
+    x[0, 0, :32] = 0.0  # all zeros: d = -0.0, every nibble 8
+    x[0, 1, :32] = -x[0, 1, :32].abs()  # the largest magnitude negative: d > 0
+    x[0, 2, 32:64] = 0.5
+    x[0, 2, 40], x[0, 2, 41] = -3.0, 3.0  # equal magnitudes: the first one's sign
+    x[1, 0, :32] = torch.randint(-8, 9, (32,), generator=gen).float() * 0.25  # exact halves: x / d + 8.5 on integers
+    return x
+
+
+def test_q4_0_bytes_are_gguf_py_reference_bytes():
+    """Byte for byte what gguf-py's reference Q4_0 (and Q8_0) quantiser writes, on fresh random inputs."""
+    gguf = _gguf_py()
+    gen = torch.Generator()
+    seed = gen.seed()
+    for x in (_random_blocks(gen), _random_blocks(gen).bfloat16()):
+        ref = x.float().numpy()
+        q4 = llama_peer.q4_0_bytes(x, "cpu")
+        assert q4.shape == (3, 8, 4 * 18)
+        assert (q4 == gguf.quants.quantize(ref, gguf.GGMLQuantizationType.Q4_0)).all(), f"seed {seed}"
+        q8 = llama_peer.q8_0_bytes(x, "cpu")
+        assert (q8 == gguf.quants.quantize(ref, gguf.GGMLQuantizationType.Q8_0)).all(), f"seed {seed}"
+    zero = llama_peer.q4_0_bytes(torch.zeros(32), "cpu")
+    assert zero[:2].view("<f2")[0] == 0 and (zero[2:] == 0x88).all()
+
+
+def test_q4_0_tensor_follows_llama_quantize():
+    for name in (
+        "blk.3.ffn_up_exps.weight",
+        "blk.3.ffn_down_shexp.weight",
+        "blk.0.attn_k_b.weight",
+        "token_embd.weight",
+    ):
+        assert llama_peer.q4_0_tensor(name, 3 if "exps" in name else 2)
+    for name, dims in (
+        ("output.weight", 2),  # Q6_K in llama-quantize's mix; Q8_0 here
+        ("blk.3.ffn_gate_inp.weight", 2),
+        ("blk.3.attn_kv_a_norm.weight", 1),
+        ("blk.3.indexer.proj.weight", 2),
+        ("blk.3.exp_probs_b.bias", 1),
+    ):
+        assert not llama_peer.q4_0_tensor(name, dims)
+
+
+@pytest.mark.skipif(not os.environ.get("LLAMA_CPP_DIR"), reason="needs llama.cpp's source (LLAMA_CPP_DIR)")
+def test_q4_0_conversion_is_llama_quantize_arithmetic_over_llama_cpp_f32(tmp_path):
+    """--qtype q4_0 writes what gguf-py's Q4_0 (Q8_0 for output.weight) makes of the stock converter's F32 file,
+    tensor by tensor, with the header's file type MOSTLY_Q4_0."""
+    gguf = _gguf_py()
+    import numpy as np
+
+    from moed.model.checkpoint import make_checkpoint
+
+    ck = make_checkpoint(tmp_path / "ck", "tiny", dtype="fp8", seed=1, device="cpu")
+    fast = tmp_path / "q4.gguf"
+    res = llama_peer.convert(ck, fast, Path(os.environ["LLAMA_CPP_DIR"]), "q4_0")
+    stock = tmp_path / "f32.gguf"
+    _stock_convert(ck, stock, "f32")
+    a, b = gguf.GGUFReader(str(fast)), gguf.GGUFReader(str(stock))
+    assert a.fields["general.file_type"].parts[-1][0] == gguf.LlamaFileType.MOSTLY_Q4_0
+    Q = gguf.GGMLQuantizationType
+    ta = {t.name: t for t in a.tensors}
+    assert set(ta) == {t.name for t in b.tensors}
+    for t in b.tensors:
+        want = Q.F32 if len(t.shape) < 2 or not llama_peer.q4_0_tensor(t.name, len(t.shape)) else Q.Q4_0
+        if t.name == "output.weight":
+            want = Q.Q8_0
+        data = np.asarray(t.data)
+        assert ta[t.name].tensor_type == want, t.name
+        expect = data if want == Q.F32 else gguf.quants.quantize(data, want)
+        assert np.array_equal(np.asarray(ta[t.name].data), expect), t.name
+    assert res["tensor_types"]["Q4_0"] > 0 and res["tensor_types"]["Q8_0"] == 1
+    shutil.rmtree(tmp_path / "ck")
+
+
+def _stock_convert(ck: Path, out: Path, outtype: str) -> None:
+    """llama.cpp's own convert_hf_to_gguf.py (the tokenizer's pre-tokenizer taken as "glm4", as convert does)."""
+    script = (
+        "import sys; sys.path[:0] = [sys.argv[1] + '/gguf-py', sys.argv[1]]\n"
+        "import convert_hf_to_gguf as C\nfrom conversion import base\n"
+        "o = base.TextModel.get_vocab_base_pre\n"
+        "def pre(self, t):\n    try:\n        return o(self, t)\n    except NotImplementedError:\n"
+        "        return 'glm4'\nbase.TextModel.get_vocab_base_pre = pre\nsys.argv = sys.argv[1:]\nC.main()\n"
+    )
+    cmd = [sys.executable, "-c", script, os.environ["LLAMA_CPP_DIR"], str(ck), "--outtype", outtype]
+    subprocess.run([*cmd, "--outfile", str(out), "--no-mtp"], check=True, capture_output=True)
+
+
 @pytest.mark.skipif(not os.environ.get("LLAMA_CPP_DIR"), reason="needs llama.cpp's source (LLAMA_CPP_DIR)")
 def test_fast_gguf_conversion_is_byte_identical_to_llama_cpp(tmp_path):
     """The GPU path through llama.cpp's converter writes the file its stock path writes (tiny FP8 checkpoint)."""
@@ -495,29 +591,7 @@ def test_fast_gguf_conversion_is_byte_identical_to_llama_cpp(tmp_path):
     fast = tmp_path / "fast.gguf"
     llama_peer.convert(ck, fast, Path(os.environ["LLAMA_CPP_DIR"]))
     stock = tmp_path / "stock.gguf"
-    script = (
-        "import sys; sys.path[:0] = [sys.argv[1] + '/gguf-py', sys.argv[1]]\n"
-        "import convert_hf_to_gguf as C\nfrom conversion import base\n"
-        "o = base.TextModel.get_vocab_base_pre\n"
-        "def pre(self, t):\n    try:\n        return o(self, t)\n    except NotImplementedError:\n"
-        "        return 'glm4'\nbase.TextModel.get_vocab_base_pre = pre\nsys.argv = sys.argv[1:]\nC.main()\n"
-    )
-    subprocess.run(
-        [
-            sys.executable,
-            "-c",
-            script,
-            os.environ["LLAMA_CPP_DIR"],
-            str(ck),
-            "--outtype",
-            "q8_0",
-            "--outfile",
-            str(stock),
-            "--no-mtp",
-        ],
-        check=True,
-        capture_output=True,
-    )
+    _stock_convert(ck, stock, "q8_0")
     a, b = gguf.GGUFReader(str(fast)), gguf.GGUFReader(str(stock))
     ta, tb = {t.name: t for t in a.tensors}, {t.name: t for t in b.tensors}
     assert set(ta) == set(tb)

@@ -12,8 +12,8 @@ d = amax / 127 as fp16, q = round-half-away(x / d)); or, with `--qtype q4_0`, to
 makes (`q4_0_tensor`: every weight matrix but output.weight at Q4_0, `q4_0_bytes`), which llama.cpp's converter
 cannot write and the GPU machine has no llama-quantize to make. Two passes over the same code: the first with meta
 tensors (shapes and types only) lays out the file's header, the second streams the data in the same order, so no more
-than one layer's tensors are ever held. The locally trained tokenizer has no registered pre-tokenizer hash: "glm4" (what GLM's
-real one maps to) is used, as the project's earlier runs did.
+than one layer's tensors are ever held. The locally trained tokenizer has no registered pre-tokenizer hash: "glm4"
+(what GLM's real one maps to) is used, as the project's earlier runs did.
 
 `bench` runs llama-bench (`-o json`) on the full-depth GGUF (all on the GPU, and routed experts on the CPU with
 `-ot exps=CPU`: decode only by default, the direct whole-model figure) and on the 256-expert slice (1 dense + 2 MoE
@@ -377,7 +377,12 @@ def bench(args) -> dict:
     common = dict(gen=args.gen, reps=args.reps, threads=args.threads, timeout=args.timeout)
     variants = {"gpu": [], "cpu": ["-ot", "exps=CPU"], "ncpumoe1": ["--n-cpu-moe", "1"]}
     cpu_prompts = args.prompts if args.cpu_prompts is None else args.cpu_prompts
-    for kind, path, names in (("deep", args.deep, args.deep_variants), ("slice", args.slice, args.slice_variants)):
+    kinds = (
+        ("deep", args.deep, args.deep_variants),
+        ("slice", args.slice, args.slice_variants),
+        ("slice_q4", args.slice_q4, args.slice_variants),
+    )
+    for kind, path, names in kinds:
         if not path:
             continue
         sizes[f"{kind}_gguf"] = Path(path).stat().st_size
@@ -403,20 +408,37 @@ def derive(
     kv_bytes: int = int(3.3 * 2**30),
     reserve_bytes: int = 4 << 30,
     layer_expert_bytes: int = 256 * 3 * 2048 * 6144 * Q8_BYTES // Q8_BLOCK,
+    head_bytes: int = 154880 * 6144 * Q8_BYTES // Q8_BLOCK,
 ) -> dict:
     """llama.cpp's whole-model figures by moed's per-layer method, from recorded llama-bench runs (pure arithmetic).
 
     (a) experts on the CPU: full-depth all-GPU step + 75 x (CPU-experts layer - GPU-experts layer) from the slice;
     (b) as many layers' experts on the GPU as fit beside its non-expert weights (the full-depth GGUF less its
-    experts), KV and buffers; the rest on the CPU (--n-cpu-moe)."""
-    from moed.ops.bench.model_projection import MOE_LAYERS, llama_gpu_layers, llama_per_layer
+    experts), KV and buffers; the rest on the CPU (--n-cpu-moe). `whole_q4`: the same for Q4_0 from the Q4_0 slice
+    (`model_projection.llama_q4_per_layer`: the full-depth step is the Q8_0 file's less what Q4_0 saves per layer on
+    the slice); its non-expert bytes are the Q8_0 file's with all but output.weight (`head_bytes`, Q8_0 in both) at
+    18/34 (the F32 norms and routers, ~0.5 GB, counted as if quantised)."""
+    from moed.ops.bench.model_projection import MOE_LAYERS, llama_gpu_layers, llama_per_layer, llama_q4_per_layer
 
     dec = {k: decode_ms(v) for k, v in runs.items()}
     pre = {k: prefill_s(v) for k, v in runs.items()}
     res: dict = {"runs": runs, "sizes": sizes, "decode_ms": dec, "prefill_s": pre}
-    if not all(dec.get(k) for k in ("deep_gpu", "deep_cpu", "slice_gpu", "slice_cpu")) or "deep_gguf" not in sizes:
+    if not dec.get("deep_gpu") or "deep_gguf" not in sizes:
         return res
     nonexpert = sizes["deep_gguf"] - MOE_LAYERS * deep_experts * layer_expert_bytes // 256
+    if dec.get("slice_q4_gpu") and dec.get("slice_q4_cpu"):
+        layer_q4 = layer_expert_bytes * Q4_BYTES // Q8_BYTES
+        nonexpert_q4 = head_bytes + (nonexpert - head_bytes) * Q4_BYTES // Q8_BYTES
+        gpu_layers_q4 = llama_gpu_layers(gpu_bytes, nonexpert_q4, kv_bytes, reserve_bytes, layer_q4)
+        args_q4 = (dec["deep_gpu"], dec["slice_q4_gpu"], dec["slice_q4_cpu"], slice_moe_layers, dec.get("slice_gpu"))
+        res["whole_q4"] = {
+            "cpu_experts": llama_q4_per_layer(*args_q4),
+            "n_cpu_moe": llama_q4_per_layer(*args_q4, gpu_layers=gpu_layers_q4),
+        }
+        res["whole_q4"]["n_cpu_moe"].update(gpu_layers=gpu_layers_q4, n_cpu_moe=MOE_LAYERS - gpu_layers_q4)
+        res.update(nonexpert_q4_bytes_est=nonexpert_q4, layer_experts_q4_bytes=layer_q4)
+    if not all(dec.get(k) for k in ("deep_cpu", "slice_gpu", "slice_cpu")):
+        return res
     gpu_layers = llama_gpu_layers(gpu_bytes, nonexpert, kv_bytes, reserve_bytes, layer_expert_bytes)
     args = (dec["deep_gpu"], dec["deep_cpu"], dec["slice_gpu"], dec["slice_cpu"], slice_moe_layers)
     whole = {"cpu_experts": llama_per_layer(*args), "n_cpu_moe": llama_per_layer(*args, gpu_layers=gpu_layers)}
@@ -447,6 +469,14 @@ def print_summary(res: dict) -> None:
             f"{w['cpu_extra_per_layer_ms']:.2f} ms per MoE layer over the GPU; full-depth GGUF with its experts on "
             f"the CPU measured directly: {w['deep_direct_cpu_ms']:.1f} ms/token"
         )
+    for k, w in (res.get("whole_q4") or {}).items():
+        saved = w["gpu_saved_per_layer_ms"]
+        print(
+            f"  whole model at Q4_0 ({k}): {w['whole_ms']:.1f} ms/token ({1e3 / w['whole_ms']:.2f} tok/s); CPU experts "
+            f"cost {w['cpu_extra_per_layer_ms']:.2f} ms per MoE layer over the GPU; full-depth all-GPU step "
+            f"{w['deep_gpu_ms']:.1f} ms (the Q8_0 file's, "
+            + ("no Q8_0 slice to take Q4_0's saving from)" if saved is None else f"less 78 x {saved:.3f} ms)")
+        )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -462,6 +492,7 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--deep", default=None, help="full-depth GGUF (the glm51 preset, few experts per layer)")
     b.add_argument("--deep-experts", type=int, default=8, help="routed experts per layer of the full-depth GGUF")
     b.add_argument("--slice", default=None, help="1 dense + 2 MoE layers, 256 experts each")
+    b.add_argument("--slice-q4", default=None, help="the same slice as a Q4_0 GGUF (convert --qtype q4_0)")
     b.add_argument("--slice-moe-layers", type=int, default=2)
     b.add_argument(
         "--prompts",

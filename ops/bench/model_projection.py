@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 
+LAYERS = 78
 MOE_LAYERS = 75  # GLM-5.1: 78 layers, the first 3 dense
 REAL_EXPERTS = 256
 BATCHES = (1, 2, 8, 16, 32, 64)
@@ -106,6 +107,32 @@ def llama_per_layer(
         "cpu_extra_per_layer_ms": per_layer_cpu_extra,
         "whole_ms": deep_gpu_ms + (moe_layers - gpu_layers) * per_layer_cpu_extra,
         "deep_direct_cpu_ms": deep_cpu_ms,
+    }
+
+
+def llama_q4_per_layer(
+    deep_gpu_q8_ms: float,
+    slice_gpu_q4_ms: float,
+    slice_cpu_q4_ms: float,
+    slice_moe_layers: int,
+    slice_gpu_q8_ms: float | None = None,
+    slice_layers: int = 3,
+    layers: int = LAYERS,
+    moe_layers: int = MOE_LAYERS,
+    gpu_layers: int = 0,
+) -> dict[str, float | None]:
+    """llama.cpp Q4_0 by the per-layer method when only the slice was converted to Q4_0: the full-depth all-GPU step
+    is the Q8_0 file's, less `layers` x the all-GPU time per layer Q4_0 saves on the slice (slice Q8_0 - slice Q4_0,
+    over its `slice_layers` layers; the head, output.weight at Q8_0 in both, cancels), when the Q8_0 slice ran;
+    plus (75 - gpu_layers) x the Q4_0 slice's CPU-experts layer - GPU-experts layer."""
+    saved = None if slice_gpu_q8_ms is None else (slice_gpu_q8_ms - slice_gpu_q4_ms) / slice_layers
+    deep_gpu = deep_gpu_q8_ms - layers * (saved or 0.0)
+    per_layer_cpu_extra = (slice_cpu_q4_ms - slice_gpu_q4_ms) / slice_moe_layers
+    return {
+        "deep_gpu_ms": deep_gpu,
+        "gpu_saved_per_layer_ms": saved,
+        "cpu_extra_per_layer_ms": per_layer_cpu_extra,
+        "whole_ms": deep_gpu + (moe_layers - gpu_layers) * per_layer_cpu_extra,
     }
 
 

@@ -4,8 +4,8 @@ Decode per token = non-MoE step (deep) + 75 x MoE layer (slice), at each batch o
 token) at acceptance 0 and at the published MTP acceptance; time to first token = non-MoE prefill + 75 x the MoE
 layer's prefill, now and with every route computed in every round (as before); projected host memory, GPU memory and
 PCIe bytes per token; llama.cpp's figures by the same per-layer method (ops/bench/llama_peer.py) and, measured
-directly, its full-depth run with the experts on the CPU. The moed / llama.cpp ratio is the headline, printed first;
-then the int4 row (slice_int4: moed's int4 experts; llama.cpp Q4_0 is not run, LLAMA_Q4_NOT_RUN says why).
+directly, its full-depth run with the experts on the CPU. The moed / llama.cpp ratio is the headline, printed first:
+moed FP8 vs llama.cpp Q8_0, then moed int4 (slice_int4) vs llama.cpp Q4_0 (its Q4_0 slice, `whole_q4`).
 Whatever parts exist are used: a stage that failed or was cut off leaves its lines out, named.
 """
 
@@ -164,23 +164,30 @@ def build_report(parts: dict) -> dict:
         if r["batch"] == 1
         for v, ms in (variants.items() if variants else [(None, None)])
     ]
-    # llama.cpp at 4 bits is not run (LLAMA_Q4_NOT_RUN): the int4 headline states moed's side alone.
+    q4 = {name: w["whole_ms"] for name, w in ((llama or {}).get("whole_q4") or {}).items()}
     rep["headline_int4"] = [
-        {"trace": r["trace"], "moed_ms": r["whole_ms"], "llama_q4_0": None}
+        {
+            "trace": r["trace"],
+            "llama_variant": v,
+            "moed_ms": r["whole_ms"],
+            "llama_ms": ms,
+            "ratio": None if ms is None else ms / r["whole_ms"],
+        }
         for r in rep["decode_int4"]
         if r["batch"] == 1
+        for v, ms in (q4.items() if q4 else [(None, None)])
     ]
     return rep
 
 
-LLAMA_Q4_NOT_RUN = (
-    "llama.cpp Q4_0: not run (its converter, convert_hf_to_gguf.py --outtype, writes f32/f16/bf16/q8_0/"
-    "tq1_0/tq2_0 only, and the GPU machine has no llama-quantize)"
-)
 LLAMA_VARIANTS = {
     "cpu_experts": "-ot exps=CPU, per-layer method",
     "n_cpu_moe": "--n-cpu-moe, as many layers' experts on the GPU as fit, per-layer method",
     "deep_cpu_direct": "-ot exps=CPU on the full-depth GGUF (8 experts/layer), measured directly",
+}
+LLAMA_Q4_VARIANTS = {
+    "cpu_experts": "-ot exps=CPU, per-layer method on the Q4_0 slice",
+    "n_cpu_moe": "--n-cpu-moe, as many Q4_0 layers' experts on the GPU as fit, per-layer method",
 }
 
 
@@ -216,9 +223,17 @@ def _headline(rep: dict, deep: dict, sl: dict) -> None:
             f"moed is {h['ratio']:.2f}x llama.cpp"
         )
     for h in rep.get("headline_int4", []):
+        if h.get("llama_variant") is None:
+            print(
+                f"HEADLINE int4 batch 1 {h['trace']:8}: moed int4 {h['moed_ms']:.1f} ms/token "
+                f"({1e3 / h['moed_ms']:.2f} tok/s); llama.cpp Q4_0: no figures (llama_slice_q4, or the full-depth "
+                f"Q8_0 run it builds on, failed or was skipped)"
+            )
+            continue
         print(
-            f"HEADLINE int4 batch 1 {h['trace']:8}: moed int4 {h['moed_ms']:.1f} ms/token "
-            f"({1e3 / h['moed_ms']:.2f} tok/s); {LLAMA_Q4_NOT_RUN}"
+            f"HEADLINE int4 batch 1 {h['trace']:8}: moed int4 {h['moed_ms']:.1f} ms/token vs llama.cpp Q4_0 "
+            f"{h['llama_ms']:.1f} ms/token ({LLAMA_Q4_VARIANTS.get(h['llama_variant'], h['llama_variant'])}) -> "
+            f"moed is {h['ratio']:.2f}x llama.cpp"
         )
 
 
@@ -356,6 +371,15 @@ def _llama(rep: dict, deep: dict, sl: dict) -> None:
     llama = rep.get("llama") or {}
     for name, ms in (llama.get("decode_ms") or {}).items():
         print(f"llama.cpp {name}: {_f(ms)} ms/token decode")
+    for name, w in (llama.get("whole_q4") or {}).items():
+        saved = w.get("gpu_saved_per_layer_ms")
+        print(
+            f"llama.cpp Q4_0 whole model ({LLAMA_Q4_VARIANTS.get(name, name)}): {w['whole_ms']:.1f} ms/token = "
+            f"all-GPU step {w['deep_gpu_ms']:.1f} ms (full-depth Q8_0 file's"
+            + (", no Q8_0 slice to correct it)" if saved is None else f" less 78 x {saved:.3f} ms Q4_0 saves)")
+            + f" + CPU experts {w['cpu_extra_per_layer_ms']:.2f} ms per MoE layer"
+            + (f", {w['gpu_layers']} layers' experts on the GPU" if "gpu_layers" in w else "")
+        )
     for n, t in (llama.get("ttft_s") or {}).items():
         print(
             f"llama.cpp time to first token, {n} tokens: experts on the CPU {t['cpu_experts']:.1f} s, "

@@ -333,7 +333,7 @@ def test_every_stage_runs_on_cpu_at_tiny_sizes(tiny_fp8_checkpoint, tmp_path, ca
     assert main(["--stage", "report", "--work", str(work), "--llama", str(llama)]) == 0
     out = capsys.readouterr().out
     assert "HEADLINE batch 1 skewed" in out and "measured directly" in out and "a part is missing" not in out
-    assert "HEADLINE int4 batch 1 skewed" in out and "Q4_0: not run" in out
+    assert "HEADLINE int4 batch 1 skewed" in out and "llama.cpp Q4_0: no figures" in out  # its stage gave nothing
     assert out.index("HEADLINE batch 1") < out.index("HEADLINE int4")  # FP8 vs Q8_0 stays the first figure
     rep = json.loads((work / "results.json").read_text())["report"]
     assert rep["decode"] and rep["decode_int4"]
@@ -415,6 +415,59 @@ def test_llama_per_layer_method():
     assert res["whole"]["n_cpu_moe"]["whole_ms"] == pytest.approx(30.0 + (75 - gpu_layers) * per)
     assert res["ttft_s"][512]["cpu_experts"] == pytest.approx(0.4 + 75 * 0.1)
     assert llama_peer.derive({"deep_gpu": runs["deep_gpu"]}, {}).get("whole") is None  # incomplete: no figure
+    assert "whole_q4" not in res  # no Q4_0 slice ran
+
+
+def test_llama_q4_0_per_layer_method():
+    """Q4_0 from its slice: the full-depth Q8_0 all-GPU step less 78 x what Q4_0 saves per slice layer, plus 75 x the
+    Q4_0 slice's CPU-experts difference; more layers' experts fit the GPU at Q4_0's bytes."""
+    runs = {
+        "deep_gpu": _rows(30.0, {}),
+        "slice_gpu": _rows(2.0, {}),
+        "slice_q4_gpu": _rows(1.7, {}),
+        "slice_q4_cpu": _rows(6.7, {}),
+    }
+    layer = 256 * 3 * 2048 * 6144 * 34 // 32
+    head = 154880 * 6144 * 34 // 32
+    deep_bytes = 21 * GB + 75 * 8 * layer // 256
+    res = llama_peer.derive(runs, {"deep_gguf": deep_bytes}, gpu_bytes=80 * GB, kv_bytes=3 * GB, reserve_bytes=4 * GB)
+    assert "whole" not in res  # the Q8_0 figures need deep_cpu and the Q8_0 slice's CPU run
+    cpu = res["whole_q4"]["cpu_experts"]
+    assert cpu["gpu_saved_per_layer_ms"] == pytest.approx(0.1)
+    assert cpu["deep_gpu_ms"] == pytest.approx(30.0 - 78 * 0.1)
+    assert cpu["whole_ms"] == pytest.approx(30.0 - 7.8 + 75 * (6.7 - 1.7) / 2)
+    nonexpert_q4 = head + (21 * GB - head) * 18 // 34
+    gpu_layers = llama_gpu_layers(80 * GB, nonexpert_q4, 3 * GB, 4 * GB, layer * 18 // 34)
+    assert res["whole_q4"]["n_cpu_moe"]["gpu_layers"] == gpu_layers > (80 - 21 - 3 - 4) * GB // layer
+    assert res["whole_q4"]["n_cpu_moe"]["whole_ms"] == pytest.approx(30.0 - 7.8 + (75 - gpu_layers) * 2.5)
+    del runs["slice_gpu"]  # no Q8_0 slice: the full-depth step is taken as the Q8_0 file's, said so
+    uncorrected = llama_peer.derive(runs, {"deep_gguf": deep_bytes})["whole_q4"]["cpu_experts"]
+    assert uncorrected["gpu_saved_per_layer_ms"] is None and uncorrected["deep_gpu_ms"] == pytest.approx(30.0)
+
+
+def test_report_puts_int4_beside_llama_q4_0(capsys):
+    parts = _parts()
+    parts["slice_int4"] = {
+        "decode": [dict(r, ms_per_layer=r["ms_per_layer"] / 2) for r in parts["slice"]["decode"]],
+        "deployment": dict(parts["slice"]["deployment"], expert_bytes=20_000_000),
+    }
+    parts["llama"]["whole_q4"] = {
+        "cpu_experts": {
+            "whole_ms": 200.0,
+            "deep_gpu_ms": 25.0,
+            "gpu_saved_per_layer_ms": 0.1,
+            "cpu_extra_per_layer_ms": 2.3,
+        }
+    }
+    rep = build_report(parts)
+    int4 = {r["batch"]: r for r in rep["decode_int4"]}
+    (head,) = [h for h in rep["headline_int4"] if h["trace"] == int4[1]["trace"]]
+    assert head["llama_variant"] == "cpu_experts" and head["ratio"] == pytest.approx(200.0 / int4[1]["whole_ms"])
+    print_report(rep, parts)
+    out = capsys.readouterr().out
+    assert f"moed int4 {int4[1]['whole_ms']:.1f} ms/token vs llama.cpp Q4_0 200.0 ms/token" in out
+    assert "less 78 x 0.100 ms Q4_0 saves" in out
+    assert out.index("HEADLINE batch 1") < out.index("HEADLINE int4")
 
 
 def test_llama_bench_runs_and_merge_with_a_stand_in_binary(tmp_path):

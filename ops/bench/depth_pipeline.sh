@@ -28,16 +28,19 @@
 #                     1k/8k prefill) and -ot exps=CPU (decode: the direct whole-model figure); GGUF deleted
 #   slice1        70  model.py --stage slice --batches 1: 256-expert FP8 layers with the deployment's cache, batch 1
 #   report            HEADLINE: moed FP8 vs llama.cpp Q8_0 with its experts on the CPU, measured directly at full depth
-#   slice1_int4   60  the same at int4 (--expert-dtype int4; 5 GB layers, the cache at int4's bytes): the int4 row.
-#                     llama.cpp Q4_0 is not run: its converter writes no Q4_0 and this machine has no llama-quantize
+#   slice1_int4   60  the same at int4 (--expert-dtype int4; 5 GB layers, the cache at int4's bytes): the int4 row
 #   report
 #   llama_slice  120  1 dense + 2 MoE 256-expert checkpoint -> GGUF Q8_0; llama-bench all-GPU and -ot exps=CPU
 #   report            HEADLINE: the same per-layer method for both
+#   llama_slice_q4 70 the same checkpoint -> GGUF Q4_0 (llama_peer --qtype q4_0: llama-quantize's Q4_0 mix, written
+#                     on the GPU; this machine has no llama-quantize), checkpoint deleted; llama-bench all-GPU and
+#                     -ot exps=CPU, decode only
+#   report            HEADLINE int4: moed int4 vs llama.cpp Q4_0 (per-layer method on the Q4_0 slice)
 #   slice        130  model.py --stage slice: batches 2-64, prefill streaming (now and before), the depth cases
 #   report
 #   serve    45+165/run  serve_depth.py: moed serve at depth (checkpoint made again), MTP off then on
-#   ~14 min to the last report before serve (+~1 if llama-bench is built here and outlasts what it overlaps); serve
-#   needs BUDGET_S=1260 (both runs) or SERVE_MTP=0 and BUDGET_S=1060.
+#   ~14.5 min to the last report before serve (+~1 if llama-bench is built here and outlasts what it overlaps); serve
+#   needs BUDGET_S=1330 (both runs) or SERVE_MTP=0 and BUDGET_S=1130.
 set -u
 RUN=${RUN:-/tmp/depth}
 REPO=$(cd "$(dirname "$0")/../.." && pwd)
@@ -208,22 +211,38 @@ llama_deep() {
     rm -f "$gguf"
 }
 
+make_slice() {  # kept for llama_slice_q4, which deletes it
+    [ -f "$SLICE/config.json" ] && return 0
+    # shellcheck disable=SC2086
+    python3 -m moed.daemon.cli checkpoint make $SLICE_MAKE --dtype fp8 --mtp-layers 0 --out "$SLICE" \
+        --device "$DEVICE" && du -sh "$SLICE"
+}
+
 llama_slice() {
     wait_llama_build
     [ -x "$LLAMA_BENCH" ] || { echo "no llama-bench"; return 1; }
     local gguf=$SHM/glm51-slice256-q8_0.gguf
-    # shellcheck disable=SC2086
-    python3 -m moed.daemon.cli checkpoint make $SLICE_MAKE --dtype fp8 --mtp-layers 0 --out "$SLICE" \
-        --device "$DEVICE" || return 1
-    python3 -m moed.ops.bench.llama_peer convert "$SLICE" "$gguf"
-    rm -rf "$SLICE"
+    make_slice || return 1
+    python3 -m moed.ops.bench.llama_peer convert "$SLICE" "$gguf" || { rm -f "$gguf"; return 1; }
     python3 -m moed.ops.bench.llama_peer bench --llama-bench "$LLAMA_BENCH" --slice "$gguf" --prompts "$LLAMA_PROMPTS" \
         --out "$RUN/llama_slice.json"
     rm -f "$gguf"
 }
 
+llama_slice_q4() {  # converts before it looks for llama-bench: a run without one (SMOKE) still checks the conversion
+    local gguf=$SHM/glm51-slice256-q4_0.gguf
+    make_slice || return 1
+    python3 -m moed.ops.bench.llama_peer convert "$SLICE" "$gguf" --qtype q4_0 || { rm -f "$gguf"; return 1; }
+    rm -rf "$SLICE"
+    wait_llama_build
+    [ -x "$LLAMA_BENCH" ] || { echo "no llama-bench"; rm -f "$gguf"; return 1; }
+    python3 -m moed.ops.bench.llama_peer bench --llama-bench "$LLAMA_BENCH" --slice-q4 "$gguf" --prompts "" \
+        --out "$RUN/llama_slice_q4.json"
+    rm -f "$gguf"
+}
+
 merge_llama() { python3 -m moed.ops.bench.llama_peer merge "$RUN/llama_deep.json" "$RUN/llama_slice.json" \
-    --out "$RUN/llama.json"; }
+    "$RUN/llama_slice_q4.json" --out "$RUN/llama.json"; }
 
 report() {
     skip LLAMA || merge_llama > /dev/null
@@ -250,6 +269,8 @@ stage report report
 skip INT4 || skip SLICE || { fits slice1_int4 60 && stage slice1_int4 $MODEL --stage slice --expert-dtype int4 \
     --batches 1 --prefill-tokens "" --depth-layers 0 $SLICE_SIZES ${SLICE1_ARGS:-} && stage report report; }
 skip LLAMA || { fits llama_slice 120 && stage llama_slice llama_slice && stage report report; }
+skip LLAMA || { fits llama_slice_q4 70 && stage llama_slice_q4 llama_slice_q4 && stage report report; }
+rm -rf "$SLICE"
 # shellcheck disable=SC2086
 skip SLICE || { fits slice 130 && stage slice $MODEL --stage slice --keep-decode --depth-allocs huge $SLICE_SIZES \
     $SLICE_REST ${SLICE_ARGS:-} && stage report report; }

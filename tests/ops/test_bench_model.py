@@ -518,6 +518,13 @@ def test_llama_bench_runs_and_merge_with_a_stand_in_binary(tmp_path):
     assert llama_peer.main(["merge", str(deep), str(tmp_path / "llama_slice.json"), "--out", str(merged)]) == 0
     res = json.loads(merged.read_text())
     assert res["decode_ms"]["deep_cpu"] == pytest.approx(300.0) and "whole" not in res  # the slice is not there yet
+    q4 = tmp_path / "llama_slice_q4.json"  # the Q4_0 slice as the pipeline's llama_slice_q4 runs it: decode only
+    bench = ["bench", "--llama-bench", str(fake), "--slice-q4", str(gguf), "--prompts", "", "--out", str(q4)]
+    assert llama_peer.main(bench) == 0
+    assert set(json.loads(q4.read_text())["runs"]) == {"slice_q4_gpu", "slice_q4_cpu"}
+    assert llama_peer.main(["merge", str(deep), str(q4), "--out", str(merged)]) == 0
+    whole_q4 = json.loads(merged.read_text())["whole_q4"]["cpu_experts"]
+    assert whole_q4["whole_ms"] == pytest.approx(30.0 + 75 * (300.0 - 30.0) / 2)
 
 
 def test_q8_0_bytes_match_ggml_reference_layout():

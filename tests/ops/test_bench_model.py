@@ -538,8 +538,9 @@ def test_q8_0_bytes_match_ggml_reference_layout():
     ref = x.reshape(-1, 32)
     assert torch.allclose(d, (ref.abs().amax(dim=1) / 127).half().float())
     assert d[2] == 0 and torch.all(q[2] == 0)
-    err = (q * d[:, None] - ref).abs().max()
-    assert err <= (ref.abs().amax() / 127) * 0.51 + 1e-6
+    # half a step, plus |q| <= 127 times d's fp16 rounding (2^-11 relative): the bound was 0.51 steps, ~6% flaky
+    err = (q * d[:, None] - ref).abs().amax(dim=1)
+    assert torch.all(err <= ref.abs().amax(dim=1) / 127 * (0.5 + 127 * 2**-11) + 1e-7)
 
 
 def _gguf_py():

@@ -12,7 +12,8 @@
 # DEEP_ARGS, SLICE1_ARGS (both batch-1 slices), SLICE_ARGS, SERVE_ARGS pass through; SERVE_MTP (default 0,1) lists
 # the serve runs. BUDGET_S (default 900) caps machine time: a stage whose estimate (below) would end past it is skipped
 # with a line saying so, and the ones after it still get their chance. SMOKE=1 runs the same stages on a CPU at tiny
-# sizes (tiny preset; llama.cpp only if a llama-bench is carried; no budget): a check of this script.
+# sizes (tiny preset; llama.cpp only if a llama-bench is carried; no budget): a check of this script. QUIET_PID: a
+# process started beside setup and the checkpoint (e.g. the GPU-marked tests) that the timed stages wait out first.
 #
 # Stages, most important figure first (whole-model batch-1 decode, moed FP8 vs llama.cpp Q8_0), in the order the
 # host's 125 GiB allow (the full-depth checkpoint, its GGUF and the 256-expert store cannot all be resident); estimated
@@ -255,6 +256,10 @@ report() {
 
 stage setup setup
 skip DEEP && skip LLAMA || { fits ckpt 45 && stage ckpt make_deep; }
+if [ -n "${QUIET_PID:-}" ] && kill -0 "$QUIET_PID" 2> /dev/null; then
+    echo "=== [$(date +%T) +${SECONDS}s] waiting for process $QUIET_PID before the timed stages"
+    while kill -0 "$QUIET_PID" 2> /dev/null; do sleep 1; done
+fi
 MODEL="python3 -m moed.ops.bench.model --device $DEVICE --work $RUN"
 # shellcheck disable=SC2086
 skip DEEP || { fits deep 170 && MOED_HOST_ALLOC=huge stage deep $MODEL --stage deep --ckpt "$DEEP" $DEEP_SIZES \

@@ -1,8 +1,9 @@
 """A live daemon against hostile clients: it answers every message as the protocol says, keeps
 serving everyone else, and admits no prompt whose cost exceeds its limits.
 
-The fuzzing uses the benchmark's generator and checker (ops/bench/hostile.py) with hypothesis
-choosing the seeds, a bounded number of examples here; the benchmark sends 100,000.
+The fuzzing uses the benchmark's generator and checker (ops/bench/hostile_messages.py and
+hostile_fuzz.py) with hypothesis choosing the seeds, a bounded number of examples here; the
+benchmark sends 100,000.
 """
 
 from __future__ import annotations
@@ -21,7 +22,9 @@ from hypothesis import strategies as st
 from moed.client import protocol as cp
 from moed.client.api import Client, MoedError
 from moed.daemon.admission import message_bytes_for
-from moed.ops.bench.hostile import FuzzConnection, FuzzTally, filler_text, hostile_frames
+from moed.ops.bench.hostile_fuzz import FuzzConnection, FuzzTally
+from moed.ops.bench.hostile_load import filler_text
+from moed.ops.bench.hostile_messages import hostile_frames
 
 enc = msgspec.msgpack.Encoder()
 LIMIT = 128 * 1024

@@ -93,7 +93,7 @@ static inline __attribute__((always_inline)) void tail(const void* row, int c, i
    accumulators stay in registers); two chains per token (even/odd 16 columns) hide the FMA latency.
    y[m, r] = sum_c W[r, c] * scale[r / bn, c / bk] * x[m, c]. Measured fastest at 1-2 tokens. */
 static inline __attribute__((always_inline)) void rows1(
-        const void* W, const float* scale, int r, int cols, int bn, int kblocks, int kb_len, size_t rb,
+        const void* W, const float* scale, int r, int cols, int bn, int kblocks, int sstride, int kb_len, size_t rb,
         const float* x, int ldx, int m0, float* y, int ldy, const int MBC, const int FP8, const int TAIL) {
     const void* row = (const uint8_t*)W + r * rb;
     float tot[MB1];
@@ -104,7 +104,7 @@ static inline __attribute__((always_inline)) void rows1(
 #endif
     for (int kb = 0; kb < kblocks; kb++) {
         int c = kb * kb_len, c1 = c + kb_len < cols ? c + kb_len : cols;
-        float s = FP8 ? scale[(r / bn) * kblocks + kb] * 256.0f : 1.0f;
+        float s = FP8 ? scale[(r / bn) * sstride + kb] * 256.0f : 1.0f;
         PREFETCH(row, c * (FP8 ? 1 : 2));
 #ifdef VEC
         __m512 a0[MB1], a1[MB1];
@@ -138,7 +138,7 @@ static inline __attribute__((always_inline)) void rows1(
 
 /* Rows r and r+1 together: each activation load serves both rows (measured fastest from 3 tokens on). */
 static inline __attribute__((always_inline)) void rows2(
-        const void* W, const float* scale, int r, int cols, int bn, int kblocks, int kb_len, size_t rb,
+        const void* W, const float* scale, int r, int cols, int bn, int kblocks, int sstride, int kb_len, size_t rb,
         const float* x, int ldx, int m0, float* y, int ldy, const int MBC, const int FP8, const int TAIL) {
     const void* ra = (const uint8_t*)W + r * rb;
     const void* rbw = (const uint8_t*)W + (r + 1) * rb;
@@ -150,8 +150,8 @@ static inline __attribute__((always_inline)) void rows2(
 #endif
     for (int kb = 0; kb < kblocks; kb++) {
         int c = kb * kb_len, c1 = c + kb_len < cols ? c + kb_len : cols;
-        float sa = FP8 ? scale[(r / bn) * kblocks + kb] * 256.0f : 1.0f;
-        float sb = FP8 ? scale[((r + 1) / bn) * kblocks + kb] * 256.0f : 1.0f;
+        float sa = FP8 ? scale[(r / bn) * sstride + kb] * 256.0f : 1.0f;
+        float sb = FP8 ? scale[((r + 1) / bn) * sstride + kb] * 256.0f : 1.0f;
         PREFETCH(ra, c * (FP8 ? 1 : 2));
         PREFETCH(rbw, c * (FP8 ? 1 : 2));
 #ifdef VEC
@@ -195,16 +195,18 @@ static inline __attribute__((always_inline)) void rows2(
     }
 }
 
-/* Task t of y = x @ W^T over all M tokens: row t when M <= 2, rows 2t and 2t+1 otherwise. */
+/* Task t of y = x @ W^T over all M tokens: row t when M <= 2, rows 2t and 2t+1 otherwise. W's rows hold `ld`
+   weights (ceil(ld / bk) scales) of which the `cols` from W on are used: a column slice starts at a k-block. */
 static inline __attribute__((always_inline)) void gemm_task_t(
-        const void* W, const float* scale, int rows, int cols, int bn, int bk, const float* x, int ldx, int M,
-        float* y, int ldy, long t, const int FP8, const int TAIL) {
+        const void* W, const float* scale, int rows, int cols, int ld, int bn, int bk, const float* x, int ldx,
+        int M, float* y, int ldy, long t, const int FP8, const int TAIL) {
     int kblocks = FP8 ? (cols + bk - 1) / bk : 1;
+    int sstride = FP8 ? (ld + bk - 1) / bk : 1;
     int kb_len = FP8 ? bk : cols;
-    size_t rb = (size_t)cols * (FP8 ? 1 : 2);
+    size_t rb = (size_t)ld * (FP8 ? 1 : 2);
     if (M <= 2) {
-        if (M == 1) rows1(W, scale, (int)t, cols, bn, kblocks, kb_len, rb, x, ldx, 0, y, ldy, 1, FP8, TAIL);
-        else rows1(W, scale, (int)t, cols, bn, kblocks, kb_len, rb, x, ldx, 0, y, ldy, 2, FP8, TAIL);
+        if (M == 1) rows1(W, scale, (int)t, cols, bn, kblocks, sstride, kb_len, rb, x, ldx, 0, y, ldy, 1, FP8, TAIL);
+        else rows1(W, scale, (int)t, cols, bn, kblocks, sstride, kb_len, rb, x, ldx, 0, y, ldy, 2, FP8, TAIL);
         return;
     }
     int r = 2 * (int)t;
@@ -212,13 +214,13 @@ static inline __attribute__((always_inline)) void gemm_task_t(
         int mb = M - m0 < MB2 ? M - m0 : MB2;
         if (r + 1 < rows) {
             switch (mb) {
-#define CASE(n) case n: rows2(W, scale, r, cols, bn, kblocks, kb_len, rb, x, ldx, m0, y, ldy, n, FP8, TAIL); break;
+#define CASE(n) case n: rows2(W, scale, r, cols, bn, kblocks, sstride, kb_len, rb, x, ldx, m0, y, ldy, n, FP8, TAIL); break;
                 CASE(1) CASE(2) CASE(3) CASE(4)
 #undef CASE
             }
         } else {
             switch (mb) {
-#define CASE(n) case n: rows1(W, scale, r, cols, bn, kblocks, kb_len, rb, x, ldx, m0, y, ldy, n, FP8, TAIL); break;
+#define CASE(n) case n: rows1(W, scale, r, cols, bn, kblocks, sstride, kb_len, rb, x, ldx, m0, y, ldy, n, FP8, TAIL); break;
                 CASE(1) CASE(2) CASE(3) CASE(4)
 #undef CASE
             }
@@ -226,7 +228,7 @@ static inline __attribute__((always_inline)) void gemm_task_t(
     }
 }
 
-static void gemm_task(const void* W, const float* scale, int rows, int cols, int bn, int bk, int fp8,
+static void gemm_task(const void* W, const float* scale, int rows, int cols, int ld, int bn, int bk, int fp8,
                       const float* x, int ldx, int M, float* y, int ldy, long t) {
     /* without AVX-512, or when a k-block is not a multiple of 32 columns, the scalar tail runs */
 #ifdef VEC
@@ -234,10 +236,10 @@ static void gemm_task(const void* W, const float* scale, int rows, int cols, int
 #else
     int exact = 0;
 #endif
-    if (fp8 && exact) gemm_task_t(W, scale, rows, cols, bn, bk, x, ldx, M, y, ldy, t, 1, 0);
-    else if (fp8) gemm_task_t(W, scale, rows, cols, bn, bk, x, ldx, M, y, ldy, t, 1, 1);
-    else if (exact) gemm_task_t(W, scale, rows, cols, bn, bk, x, ldx, M, y, ldy, t, 0, 0);
-    else gemm_task_t(W, scale, rows, cols, bn, bk, x, ldx, M, y, ldy, t, 0, 1);
+    if (fp8 && exact) gemm_task_t(W, scale, rows, cols, ld, bn, bk, x, ldx, M, y, ldy, t, 1, 0);
+    else if (fp8) gemm_task_t(W, scale, rows, cols, ld, bn, bk, x, ldx, M, y, ldy, t, 1, 1);
+    else if (exact) gemm_task_t(W, scale, rows, cols, ld, bn, bk, x, ldx, M, y, ldy, t, 0, 0);
+    else gemm_task_t(W, scale, rows, cols, ld, bn, bk, x, ldx, M, y, ldy, t, 0, 1);
 }
 
 /* ---------------------------------------------------------------------------------------------- int4 */
@@ -279,13 +281,13 @@ static void quant_block(const float* x, int8_t* qrow, int cols, int b) {
    128); R independent rows give the out-of-order core R x MBC accumulation chains, and each activation load serves
    R rows. y[m, r] = sum_b s_w[r, g(b)] * s_x[m, b] * (sum_k u[r, k] x_q[m, k] - zp[r, g(b)] * sum_k x_q[m, k]). */
 static inline __attribute__((always_inline)) void int4_rows_q(
-        const uint8_t* W, const uint16_t* S, const int32_t* Z, int r0, int cols, int G, int group,
+        const uint8_t* W, const uint16_t* S, const int32_t* Z, int r0, int cols, int ld, int G, int group,
         const int8_t* q, size_t ldq, int m0, float* y, int ldy, const int R, const int MBC) {
     int nb = cols / QBLK, per_group = group / QBLK;
     const uint8_t* row[RQ]; const uint16_t* srow[RQ]; const int32_t* zrow[RQ]; int zsh[RQ];
     for (int j = 0; j < R; j++) {
         int r = r0 + j;
-        row[j] = W + (size_t)r * (cols / 2);
+        row[j] = W + (size_t)r * (ld / 2);
         srow[j] = S + (size_t)r * G;
         zrow[j] = Z + (size_t)(r / 8) * G;
         zsh[j] = 4 * (r % 8);
@@ -349,13 +351,13 @@ static inline __attribute__((always_inline)) void int4_rows_q(
 
 /* The exact path: one int4 row against fp32 activations, dequantised weight by weight ((u - zp) * s_w per group). */
 static inline __attribute__((always_inline)) void int4_row_exact(
-        const uint8_t* W, const uint16_t* S, const int32_t* Z, int r, int cols, int G, int group,
+        const uint8_t* W, const uint16_t* S, const int32_t* Z, int r, int cols, int ld, int G, int group,
         const float* x, int ldx, int m0, float* y, int ldy, const int MBC) {
-    const uint8_t* row = W + (size_t)r * (cols / 2);
+    const uint8_t* row = W + (size_t)r * (ld / 2);
     int zsh = 4 * (r % 8);
     float tot[MBQ];
     for (int i = 0; i < MBC; i++) tot[i] = 0.0f;
-    for (int g = 0; g < G; g++) {
+    for (int g = 0; g < (cols + group - 1) / group; g++) {
         int c0 = g * group, c1 = c0 + group < cols ? c0 + group : cols;
         float sw = bf16_scalar(S[(size_t)r * G + g]);
         int zp = (Z[(size_t)(r / 8) * G + g] >> zsh) & 0xF;
@@ -375,24 +377,25 @@ static inline __attribute__((always_inline)) void int4_row_exact(
 }
 
 /* Task t of y = x @ W^T for an int4 W [rows, cols] (rows a multiple of RQ, as int4 layouts' 8 | rows gives): rows
-   RQ t .. RQ t + RQ - 1 for all M tokens, MBQ at a time; int8 rows q (ldq bytes apart) when given, else the exact
-   path on x. */
-static void int4_task(const uint8_t* W, const uint16_t* S, const int32_t* Z, int cols, int group,
+   RQ t .. RQ t + RQ - 1 for all M tokens, MBQ at a time; int8 rows q (qrow_bytes(ld) bytes apart, each quantised over
+   `cols` values) when given, else the exact path on x (rows ld apart). W's rows hold `ld` weights (ceil(ld / group)
+   scales and zero points) of which the `cols` from W on are used: a column slice starts at a group. */
+static void int4_task(const uint8_t* W, const uint16_t* S, const int32_t* Z, int cols, int ld, int group,
                       const int8_t* q, const float* x, int M, float* y, int ldy, long t) {
-    int r0 = (int)t * RQ, G = (cols + group - 1) / group;
-    size_t ldq = qrow_bytes(cols);
+    int r0 = (int)t * RQ, G = (ld + group - 1) / group;
+    size_t ldq = qrow_bytes(ld);
     for (int m0 = 0; m0 < M; m0 += MBQ) {
         int mb = M - m0 < MBQ ? M - m0 : MBQ;
         if (q) {
             switch (mb) {
-#define CASE(n) case n: int4_rows_q(W, S, Z, r0, cols, G, group, q, ldq, m0, y, ldy, RQ, n); break;
+#define CASE(n) case n: int4_rows_q(W, S, Z, r0, cols, ld, G, group, q, ldq, m0, y, ldy, RQ, n); break;
                 CASE(1) CASE(2) CASE(3) CASE(4)
 #undef CASE
             }
         } else {
             for (int r = r0; r < r0 + RQ; r++) {
                 switch (mb) {
-#define CASE(n) case n: int4_row_exact(W, S, Z, r, cols, G, group, x, cols, m0, y, ldy, n); break;
+#define CASE(n) case n: int4_row_exact(W, S, Z, r, cols, ld, G, group, x, ld, m0, y, ldy, n); break;
                     CASE(1) CASE(2) CASE(3) CASE(4)
 #undef CASE
                 }
@@ -416,13 +419,16 @@ static int find(const long* offs, int n, long t) {  /* offs: n + 1 prefix sums; 
    h[e] [M[e], N], output y[e] [M[e], K]. Weights per format (fmt): w13 / w2 with block scales s13 / s2 (fp32, FP8),
    or int4 bytes with bf16 group scales s13 / s2 and packed zero points z13 / z2 (`group` inputs each); int4 with
    int8 activations needs `q`, int4_scratch_bytes(sum of M, K, N) of scratch (`exact` = 1: the fp32 path instead).
+   c0 (NULL: all 0): expert e computes only its intermediate columns [c0[e], N) (gate and up rows, down columns; a
+   multiple of 128 and of the format's blocks): its share of a split with the GPU, which computes [0, c0[e]); the
+   down projection is linear in those columns, so the two partial outputs add up to the expert's.
    With `out` set, the outputs are also reduced per token: the R rows of y (contiguous from y[0]) are routes of
    tokens tok[r] with weights w[r], and out [M_out, K] receives out[m] = sum over r with tok[r] == m of w[r] * y_r,
    r in order. */
 typedef struct {
     int n;
     const void** w13; const void** s13; const void** w2; const void** s2; const void** z13; const void** z2;
-    const float** x; const int* M; float** gu; float** h; float** y;
+    const float** x; const int* M; float** gu; float** h; float** y; const int* c0;
     int K, N, bn, bk, fmt, group, exact, threads;
     int8_t* q; int64_t q_bytes;
     int R, M_out; const int64_t* tok; const float* w; float* out;
@@ -438,23 +444,29 @@ static inline float silu_mul(float g, float u) { return g / (1.0f + expf(-g)) * 
    int8 activations quantises x first (per row and 128-block) and quantises h as SiLU*up writes it. */
 void experts_run(job_t* j) {
     double t0 = now_s();
-    long o0[257], o1[257], o2[257], o3[257];
+    long o0[257], o1[257], o2[257], o3[257], o4[257];
+    int c0[256];
     int n = j->n, K = j->K, N = j->N, fmt = j->fmt;
     if (n > 256) return;
-    o0[0] = o1[0] = o2[0] = o3[0] = 0;
-    for (int e = 0; e < n; e++) {
-        o0[e + 1] = o0[e] + j->M[e];
-        o1[e + 1] = o1[e] + tasks_for(2 * N, j->M[e], fmt);
-        o2[e + 1] = o2[e] + (long)j->M[e] * N;
-        o3[e + 1] = o3[e] + tasks_for(K, j->M[e], fmt);
-    }
     int int4 = fmt == FMT_INT4;
+    o0[0] = o1[0] = o2[0] = o3[0] = o4[0] = 0;
+    for (int e = 0; e < n; e++) {
+        c0[e] = j->c0 ? j->c0[e] : 0;
+        int Ne = N - c0[e];  /* this expert's intermediate columns */
+        o0[e + 1] = o0[e] + j->M[e];
+        o1[e + 1] = o1[e] + 2 * tasks_for(Ne, j->M[e], fmt);
+        o2[e + 1] = o2[e] + (long)j->M[e] * Ne;
+        o3[e + 1] = o3[e] + tasks_for(K, j->M[e], fmt);
+        o4[e + 1] = o4[e] + (long)j->M[e] * (Ne / QBLK);
+    }
     int i8 = int4 && !j->exact && K % QBLK == 0 && N % QBLK == 0 && j->group % QBLK == 0 && j->q != NULL
              && j->q_bytes >= int4_scratch_bytes((int)o0[n], K, N);
+    for (int e = 0; i8 && e < n; e++) i8 = c0[e] % QBLK == 0 && c0[e] % j->group == 0;
     int8_t* qx = i8 ? (int8_t*)(((uintptr_t)j->q + 63) & ~(uintptr_t)63) : NULL;
     int8_t* qh = i8 ? qx + o0[n] * qrow_bytes(K) : NULL;
-    long nbK = K / QBLK, nbN = N / QBLK;
+    long nbK = K / QBLK;
     long chunks = j->out ? (K + 255) / 256 : 0;
+    size_t eb = fmt == FMT_BF16 ? 2 : 1;  /* bytes per weight (int4: per two, handled below) */
     if (j->threads > 0) omp_set_num_threads(j->threads);
     #pragma omp parallel
     {
@@ -468,55 +480,67 @@ void experts_run(job_t* j) {
         }
         #pragma omp for schedule(dynamic, 16)  /* threads that wake late take less */
         for (long t = 0; t < o1[n]; t++) {
-            int e = find(o1, n, t);
-            if (int4)
-                int4_task((const uint8_t*)j->w13[e], (const uint16_t*)j->s13[e], (const int32_t*)j->z13[e], K,
-                          j->group, i8 ? qx + o0[e] * qrow_bytes(K) : NULL, j->x[e], j->M[e], j->gu[e], 2 * N,
-                          t - o1[e]);
-            else
-                gemm_task(j->w13[e], (const float*)j->s13[e], 2 * N, K, j->bn, j->bk, fmt == FMT_FP8, j->x[e], K,
-                          j->M[e], j->gu[e], 2 * N, t - o1[e]);
+            int e = find(o1, n, t), Ne = N - c0[e];
+            long half = tasks_for(Ne, j->M[e], fmt), tt = t - o1[e];
+            int base = tt < half ? c0[e] : N + c0[e];  /* gate rows [c0, N), then up rows [N + c0, 2N) */
+            tt = tt < half ? tt : tt - half;
+            if (int4) {
+                long G = (K + j->group - 1) / j->group;
+                int4_task((const uint8_t*)j->w13[e] + (size_t)base * (K / 2),
+                          (const uint16_t*)j->s13[e] + (size_t)base * G, (const int32_t*)j->z13[e] + (size_t)base / 8 * G,
+                          K, K, j->group, i8 ? qx + o0[e] * qrow_bytes(K) : NULL, j->x[e], j->M[e],
+                          j->gu[e] + base, 2 * N, tt);
+            } else {
+                const float* s13 = fmt == FMT_FP8 ? (const float*)j->s13[e] + (size_t)(base / j->bn) * ((K + j->bk - 1) / j->bk)
+                                                  : NULL;
+                gemm_task((const uint8_t*)j->w13[e] + (size_t)base * K * eb, s13, Ne, K, K, j->bn, j->bk,
+                          fmt == FMT_FP8, j->x[e], K, j->M[e], j->gu[e] + base, 2 * N, tt);
+            }
         }
         if (i8) {
             #pragma omp for schedule(static)
-            for (long t = 0; t < o0[n] * nbN; t++) {
-                long row = t / nbN;
-                int e = find(o0, n, row), b = (int)(t % nbN);
-                const float* gu = j->gu[e] + (size_t)(row - o0[e]) * 2 * N;
-                float* h = j->h[e] + (size_t)(row - o0[e]) * N;
+            for (long t = 0; t < o4[n]; t++) {
+                int e = find(o4, n, t), Ne = N - c0[e];
+                long nb = Ne / QBLK, row = o0[e] + (t - o4[e]) / nb;
+                int b = (int)((t - o4[e]) % nb);
+                const float* gu = j->gu[e] + (size_t)(row - o0[e]) * 2 * N + c0[e];
+                float* h = j->h[e] + (size_t)(row - o0[e]) * N + c0[e];
                 for (int c = b * QBLK; c < (b + 1) * QBLK; c++) h[c] = silu_mul(gu[c], gu[N + c]);
-                quant_block(h, qh + row * qrow_bytes(N), N, b);
+                quant_block(h, qh + row * qrow_bytes(N), Ne, b);
             }
         } else {
             #pragma omp for schedule(static)
             for (long t = 0; t < o2[n]; t++) {
-                int e = find(o2, n, t);
+                int e = find(o2, n, t), Ne = N - c0[e];
                 long i = t - o2[e];
-                int m = (int)(i / N), c = (int)(i % N);
-                j->h[e][i] = silu_mul(j->gu[e][(size_t)m * 2 * N + c], j->gu[e][(size_t)m * 2 * N + N + c]);
+                int m = (int)(i / Ne), c = c0[e] + (int)(i % Ne);
+                j->h[e][(size_t)m * N + c] = silu_mul(j->gu[e][(size_t)m * 2 * N + c], j->gu[e][(size_t)m * 2 * N + N + c]);
             }
         }
         #pragma omp for schedule(dynamic, 16)  /* threads that wake late take less */
         for (long t = 0; t < o3[n]; t++) {
-            int e = find(o3, n, t);
-            if (int4)
-                int4_task((const uint8_t*)j->w2[e], (const uint16_t*)j->s2[e], (const int32_t*)j->z2[e], N,
-                          j->group, i8 ? qh + o0[e] * qrow_bytes(N) : NULL, j->h[e], j->M[e], j->y[e], K, t - o3[e]);
-            else
-                gemm_task(j->w2[e], (const float*)j->s2[e], K, N, j->bn, j->bk, fmt == FMT_FP8, j->h[e], N, j->M[e],
-                          j->y[e], K, t - o3[e]);
+            int e = find(o3, n, t), c = c0[e];
+            if (int4) {
+                int4_task((const uint8_t*)j->w2[e] + c / 2, (const uint16_t*)j->s2[e] + c / j->group,
+                          (const int32_t*)j->z2[e] + c / j->group, N - c, N, j->group,
+                          i8 ? qh + o0[e] * qrow_bytes(N) : NULL, j->h[e] + c, j->M[e], j->y[e], K, t - o3[e]);
+            } else {
+                const float* s2 = fmt == FMT_FP8 ? (const float*)j->s2[e] + c / j->bk : NULL;
+                gemm_task((const uint8_t*)j->w2[e] + (size_t)c * eb, s2, K, N - c, N, j->bn, j->bk, fmt == FMT_FP8,
+                          j->h[e] + c, N, j->M[e], j->y[e], K, t - o3[e]);
+            }
         }
         #pragma omp for schedule(static)
         for (long ch = 0; ch < chunks; ch++) {
-            int c0 = (int)ch * 256, c1 = c0 + 256 < K ? c0 + 256 : K;
+            int cc0 = (int)ch * 256, cc1 = cc0 + 256 < K ? cc0 + 256 : K;
             const float* y0 = j->y[0];
             for (int m = 0; m < j->M_out; m++)
-                for (int c = c0; c < c1; c++) j->out[(size_t)m * K + c] = 0.0f;
+                for (int c = cc0; c < cc1; c++) j->out[(size_t)m * K + c] = 0.0f;
             for (int r = 0; r < j->R; r++) {
                 float* o = j->out + (size_t)j->tok[r] * K;
                 const float* yr = y0 + (size_t)r * K;
                 float wr = j->w[r];
-                for (int c = c0; c < c1; c++) o[c] += wr * yr[c];
+                for (int c = cc0; c < cc1; c++) o[c] += wr * yr[c];
             }
         }
     }
@@ -566,9 +590,11 @@ int wait_u32(volatile uint32_t* p, uint32_t v, double timeout_s) {
    after the kernel's writes); the server clears it, computes the CPU's experts and their weighted per-token sum
    into `out`, and sets *done = 1, which a stream wait on the GPU blocks on. A job it cannot read (a header out of
    range: a bug, never a user input) is counted in errors[0] and answered with out = 0, so the GPU never hangs.
-   Header: layer index, n_cpu, n_miss, M, R, k. Arrays: experts [n_cpu] (in the order their routes are grouped),
+   Header: layer index, n_cpu, n_miss, M, R, k, split column (0, or the first intermediate column of the last of the
+   CPU's experts that the CPU computes: the GPU computes the columns before it). Arrays: experts [n_cpu] (in the order their routes are grouped),
    ids [R] and w [R] (route r = token * k + j), x [M, K] fp32. Per-layer stats [L, 4]: jobs, experts, routes,
-   seconds; the log ring [cap, 7]: layer, n_miss, n_cpu, M, rows, t_start, t_end (CLOCK_MONOTONIC seconds). */
+   seconds; the log ring [cap, 8]: layer, n_miss, n_cpu, M, rows, t_start, t_end (CLOCK_MONOTONIC seconds), and the
+   CPU's share of a split expert's columns (0 without one). */
 typedef struct {
     volatile uint32_t* ready; volatile uint32_t* done; const volatile int32_t* hdr;
     const int32_t* experts; const int32_t* ids; const float* w; const float* x; float* out;
@@ -588,9 +614,12 @@ typedef struct { pthread_t th; server_cfg_t c; volatile int quit; } server_t;
 static void serve_one(server_cfg_t* c) {
     double t0 = now_s();
     int layer = c->hdr[0], n = c->hdr[1], n_miss = c->hdr[2], M = c->hdr[3], R = c->hdr[4], k = c->hdr[5];
+    int split = c->hdr[6];
     int K = c->K, N = c->N;
     int ok = layer >= 0 && layer < c->L && n >= 0 && n <= n_miss && n <= 256 && M >= 1 && M <= c->M_max && k >= 1
-             && R == M * k && R <= c->R_max;
+             && R == M * k && R <= c->R_max && split >= 0 && split < N && (split == 0 || n >= 1) && split % 32 == 0
+             && (c->fmt != FMT_FP8 || (split % c->bn == 0 && split % c->bk == 0))
+             && (c->fmt != FMT_INT4 || (split % c->group == 0 && split % QBLK == 0));  /* column_granule */
     for (int i = 0; ok && i < n; i++) ok = c->experts[i] >= 0 && c->experts[i] < c->E;
     if (!ok) {
         __atomic_fetch_add(c->errors, 1, __ATOMIC_RELAXED);
@@ -602,7 +631,7 @@ static void serve_one(server_cfg_t* c) {
         for (size_t i = 0; i < (size_t)M * K; i++) c->out[i] = 0.0f;
     } else {
         const void *w13[256], *s13[256], *w2[256], *s2[256], *z13[256], *z2[256];
-        const float* xs[256]; float *gus[256], *hs[256], *ys[256]; int Ms[256];
+        const float* xs[256]; float *gus[256], *hs[256], *ys[256]; int Ms[256], c0[256];
         for (int i = 0; i < n; i++) {
             int e = c->experts[i], start = rows;
             for (int r = 0; r < R; r++) {
@@ -615,6 +644,7 @@ static void serve_one(server_cfg_t* c) {
                 rows++;
             }
             Ms[i] = rows - start;
+            c0[i] = i == n - 1 ? split : 0;
             xs[i] = c->xr + (size_t)start * K; gus[i] = c->gu + (size_t)start * 2 * N;
             hs[i] = c->hbuf + (size_t)start * N; ys[i] = c->y + (size_t)start * K;
             w13[i] = c->w13[layer] + e * c->st13; w2[i] = c->w2[layer] + e * c->st2;
@@ -623,16 +653,17 @@ static void serve_one(server_cfg_t* c) {
             z13[i] = c->fmt == FMT_INT4 ? (const void*)(c->z13[layer] + e * c->stz13) : NULL;
             z2[i] = c->fmt == FMT_INT4 ? (const void*)(c->z2[layer] + e * c->stz2) : NULL;
         }
-        job_t j = {n, w13, s13, w2, s2, z13, z2, xs, Ms, gus, hs, ys, K, N, c->bn, c->bk, c->fmt, c->group,
+        job_t j = {n, w13, s13, w2, s2, z13, z2, xs, Ms, gus, hs, ys, c0, K, N, c->bn, c->bk, c->fmt, c->group,
                    c->exact, c->threads, c->q, c->q_bytes, rows, M, c->tok, c->wr, c->out, 0.0};
         experts_run(&j);
     }
     double t1 = now_s();
     double* ls = c->layer_stats + 4 * layer;
-    ls[0] += 1; ls[1] += n; ls[2] += rows; ls[3] += t1 - t0;
+    double part = split ? (double)(N - split) / N : 0.0;  /* the CPU's share of the split expert */
+    ls[0] += 1; ls[1] += n - (split ? 1 : 0) + part; ls[2] += rows; ls[3] += t1 - t0;
     int64_t at = *c->log_n;
-    double* rec = c->log + 7 * (at % c->log_cap);
-    rec[0] = layer; rec[1] = n_miss; rec[2] = n; rec[3] = M; rec[4] = rows; rec[5] = t0; rec[6] = t1;
+    double* rec = c->log + 8 * (at % c->log_cap);
+    rec[0] = layer; rec[1] = n_miss; rec[2] = n; rec[3] = M; rec[4] = rows; rec[5] = t0; rec[6] = t1; rec[7] = part;
     __atomic_store_n(c->log_n, at + 1, __ATOMIC_RELEASE);
 }
 
@@ -680,7 +711,7 @@ typedef struct { const char* name; int64_t offset; } field_t;
 #define FIELD(T, f) {#f, (int64_t)offsetof(T, f)},
 static const field_t job_fields[] = {
     FIELD(job_t, n) FIELD(job_t, w13) FIELD(job_t, s13) FIELD(job_t, w2) FIELD(job_t, s2) FIELD(job_t, z13)
-    FIELD(job_t, z2) FIELD(job_t, x) FIELD(job_t, M) FIELD(job_t, gu) FIELD(job_t, h) FIELD(job_t, y)
+    FIELD(job_t, z2) FIELD(job_t, x) FIELD(job_t, M) FIELD(job_t, gu) FIELD(job_t, h) FIELD(job_t, y) FIELD(job_t, c0)
     FIELD(job_t, K) FIELD(job_t, N) FIELD(job_t, bn) FIELD(job_t, bk) FIELD(job_t, fmt) FIELD(job_t, group)
     FIELD(job_t, exact) FIELD(job_t, threads) FIELD(job_t, q) FIELD(job_t, q_bytes) FIELD(job_t, R)
     FIELD(job_t, M_out) FIELD(job_t, tok) FIELD(job_t, w) FIELD(job_t, out) FIELD(job_t, seconds)

@@ -21,6 +21,7 @@ import contextlib
 import ctypes
 import hashlib
 import logging
+import math
 import os
 import shlex
 import shutil
@@ -63,6 +64,7 @@ class _Job(ctypes.Structure):
         ("gu", ctypes.POINTER(_P)),
         ("h", ctypes.POINTER(_P)),
         ("y", ctypes.POINTER(_P)),
+        ("c0", ctypes.POINTER(ctypes.c_int)),
         ("K", ctypes.c_int),
         ("N", ctypes.c_int),
         ("bn", ctypes.c_int),
@@ -284,7 +286,9 @@ class CpuExpertKernel:
         L = self.layout
         return int(self.lib.int4_scratch_bytes(rows, L.hidden, L.inter)) if L.is_int4 else 0
 
-    def _job(self, n: int, ptrs: dict[str, list[int]], M: list[int], q: torch.Tensor | None) -> tuple[_Job, tuple]:
+    def _job(
+        self, n: int, ptrs: dict[str, list[int]], M: list[int], col0: list[int], q: torch.Tensor | None
+    ) -> tuple[_Job, tuple]:
         L = self.layout
         bn, bk = L.block or (1, 1)
         names = (*SECTION_NAMES, "x")
@@ -294,6 +298,7 @@ class CpuExpertKernel:
             _ptrs(ptrs["gu"]),
             _ptrs(ptrs["h"]),
             _ptrs(ptrs["y"]),
+            (ctypes.c_int * n)(*col0),
         )
         job = _Job(
             n,
@@ -321,12 +326,20 @@ class CpuExpertKernel:
         """expert: one expert's section views (host, see module doc); x: [M, K] fp32 -> y [M, K] fp32."""
         return self.forward_many([expert], [x])[0]
 
-    def forward_many(self, experts: list[dict[str, torch.Tensor]], xs: list[torch.Tensor]) -> list[torch.Tensor]:
-        """Several experts in one parallel region: experts[i] applied to xs[i] ([M_i, K] fp32) -> [M_i, K] fp32."""
+    def forward_many(
+        self, experts: list[dict[str, torch.Tensor]], xs: list[torch.Tensor], col0: list[int] | None = None
+    ) -> list[torch.Tensor]:
+        """Several experts in one parallel region: experts[i] applied to xs[i] ([M_i, K] fp32) -> [M_i, K] fp32.
+        col0[i] (default 0): expert i computes only its intermediate columns [col0[i], N) (a multiple of
+        `column_granule(layout)`), its part of a column split whose other part a GPU computes."""
         L = self.layout
         n = len(experts)
         if n != len(xs) or not 0 < n <= 256:
             raise ValueError(f"forward_many takes 1..256 experts with one input each, got {n} and {len(xs)}")
+        col0 = list(col0) if col0 is not None else [0] * n
+        g = column_granule(L)
+        if len(col0) != n or any(not 0 <= c < L.inter or c % g for c in col0):
+            raise ValueError(f"forward_many: column starts {col0} must be multiples of {g} in [0, {L.inter}), one each")
         for x in xs:
             if (
                 x.dim() != 2
@@ -353,7 +366,7 @@ class CpuExpertKernel:
         ptrs.update(
             x=[x.data_ptr() for x in xs], gu=[ptr(t) for t in gus], h=[ptr(t) for t in hs], y=[ptr(t) for t in ys]
         )
-        job, _arrays = self._job(n, ptrs, [x.shape[0] for x in xs], q)
+        job, _arrays = self._job(n, ptrs, [x.shape[0] for x in xs], col0, q)
         self.lib.experts_run(ctypes.byref(job))
         return ys
 
@@ -367,12 +380,12 @@ class CpuExpertKernel:
 
 class ExpertServer:
     """The CPU's side of the hybrid miss service (C thread `server_main`): one mailbox in host memory, pinned when a
-    GPU posts into it. Word layout of `words` (int32): ready [0], done [16] (their own cache lines), header [32:38]
-    (layer index, n_cpu, n_miss, M, R, k), then experts [R_max], ids [R_max], w [R_max] (fp32), x [M_max, K] and
+    GPU posts into it. Word layout of `words` (int32): ready [0], done [16] (their own cache lines), header [32:39]
+    (layer index, n_cpu, n_miss, M, R, k, split column: 0, or where the last CPU expert's columns start), then experts [R_max], ids [R_max], w [R_max] (fp32), x [M_max, K] and
     out [M_max, K] (fp32, 64-byte aligned). Jobs come from `kernels.miss_split.split_misses` plus a stream write of
     ready = 1; the answer is done = 1 and `out`, the CPU routes' weighted sum per token."""
 
-    HEADER = 6
+    HEADER = 7
     LOG_CAP = 1024
 
     def __init__(
@@ -414,7 +427,7 @@ class ExpertServer:
         ]
         self._q = torch.empty(max(kernel.scratch_bytes(R), 1), dtype=torch.uint8)  # int4's int8 activations
         self.layer_stats = np.zeros((len(sections), 4))
-        self.log = np.zeros((self.LOG_CAP, 7))
+        self.log = np.zeros((self.LOG_CAP, 8))
         self._counters = np.zeros(2, dtype=np.int64)  # log_n, errors
         self._read = 0
 
@@ -473,13 +486,13 @@ class ExpertServer:
 
     def new_records(self) -> np.ndarray:
         """The jobs logged since the last call, oldest first: rows of (layer index, n_miss, n_cpu, M, rows,
-        t_start, t_end); at most the last LOG_CAP. The newest record may be read while a later one is written:
+        t_start, t_end, the CPU's share of a split expert or 0); at most the last LOG_CAP. The newest record may be read while a later one is written:
         only records before the count are returned, and the count is published after its record."""
         n = int(self._counters[0])
         lo = max(self._read, n - self.LOG_CAP + 1)  # the slot at n % cap may be under rewrite
         self._read = n
         if n <= lo:
-            return np.zeros((0, 7))
+            return np.zeros((0, 8))
         idx = np.arange(lo, n) % self.LOG_CAP
         return self.log[idx].copy()
 
@@ -491,6 +504,17 @@ class ExpertServer:
     def __del__(self) -> None:
         with contextlib.suppress(Exception):
             self.close()
+
+
+def column_granule(layout: ExpertLayout) -> int:
+    """Intermediate columns a column split moves by: every section's blocks, scale groups and packed zero-point rows
+    (and the CPU's 128-wide int8 activation blocks) then split whole."""
+    if layout.is_int4:
+        assert layout.group is not None
+        return math.lcm(layout.group, 128)
+    if layout.block is not None:
+        return math.lcm(*layout.block, 32)
+    return 32
 
 
 def host_read_GBps(t: torch.Tensor, threads: int, reps: int = 3) -> float:
@@ -507,8 +531,11 @@ def host_read_GBps(t: torch.Tensor, threads: int, reps: int = 3) -> float:
     return n / min(lib.read_bytes(t.data_ptr(), n, threads) for _ in range(reps)) / 1e9
 
 
-def expert_forward_reference(expert: dict[str, torch.Tensor], x: torch.Tensor, layout: ExpertLayout) -> torch.Tensor:
-    """The same expert in float64 from the stored weights (FP8 and int4 dequantised exactly): [M, K] -> [M, K]."""
+def expert_forward_reference(
+    expert: dict[str, torch.Tensor], x: torch.Tensor, layout: ExpertLayout, cols: tuple[int, int] | None = None
+) -> torch.Tensor:
+    """The same expert in float64 from the stored weights (FP8 and int4 dequantised exactly): [M, K] -> [M, K];
+    with `cols` (c0, c1) only intermediate columns [c0, c1) of it (the parts of a column split add up to the whole)."""
     N = layout.inter
     if layout.is_int4:
         w13, w2 = (
@@ -523,5 +550,6 @@ def expert_forward_reference(expert: dict[str, torch.Tensor], x: torch.Tensor, l
         w2 = dequantize_block_fp8(expert["w2"], expert["w2_scale"], bn, bk, torch.float64)
     else:
         w13, w2 = expert["w13"].double(), expert["w2"].double()
+    c0, c1 = cols or (0, N)
     gu = x.double() @ w13.T
-    return (F.silu(gu[:, :N]) * gu[:, N:]) @ w2.T
+    return (F.silu(gu[:, c0:c1]) * gu[:, N + c0 : N + c1]) @ w2[:, c0:c1].T

@@ -117,6 +117,45 @@ def test_offload_cpu_experts_int4_vector_path_equals_scalar_path():
         assert _rel(a, b.double()) < 1e-5
 
 
+# (format, K, N, block or group, split columns): FP8 blocks of 128 and 32, int4 on its int8 path and (group 32,
+# K 96: no int8 path) the exact one, bf16.
+SPLITS = [
+    ("fp8", 256, 384, 128, [128, 256]),
+    ("fp8", 80, 96, 32, [32, 64]),
+    ("int4", 256, 384, 128, [128, 256]),
+    ("int4", 96, 256, 32, [128]),
+    ("bf16", 64, 96, None, [32, 64]),
+]
+
+
+@pytest.mark.parametrize(("fmt", "K", "N", "blk", "starts"), SPLITS)
+def test_offload_cpu_experts_column_slice_matches_reference(fmt, K, N, blk, starts):
+    """An expert computing only intermediate columns [c, N) (its part of a column split with the GPU) equals the
+    float64 reference of those columns, and with the columns [0, c) adds up to the whole expert: the down projection
+    is linear in the intermediate columns."""
+    if fmt == "int4":
+        layout = ExpertLayout(3, K, N, N, torch.uint8, None, blk)
+    else:
+        layout = ExpertLayout(
+            3, K, N, N, torch.float8_e4m3fn if fmt == "fp8" else torch.bfloat16, (blk, blk) if blk else None
+        )
+    g = torch.Generator().manual_seed(K + N)
+    experts = [_expert(layout, g) for _ in range(3)]
+    int8 = fmt == "int4" and K % 128 == 0 and blk % 128 == 0
+    for c in starts:
+        xs = [torch.randn(m, K, generator=g) for m in (1, 3, 6)]
+        ys = _kernel(layout, exact=not int8).forward_many(experts, xs, col0=[c, 0, c])
+        for i, (ex, x, y) in enumerate(zip(experts, xs, ys)):
+            part = expert_forward_reference(ex, x, layout, (c, N) if i != 1 else None)
+            assert _rel(y, part) < (3e-2 if int8 else 1e-5), (c, i)
+            if i != 1:
+                whole = expert_forward_reference(ex, x, layout)
+                rest = expert_forward_reference(ex, x, layout, (0, c))
+                assert _rel(part + rest, whole) < 1e-9
+    with pytest.raises(ValueError, match="column starts"):
+        _kernel(layout).forward_many(experts[:1], xs[:1], col0=[N])
+
+
 def test_offload_cpu_experts_reject_bad_inputs():
     layout = ExpertLayout(2, 64, 32, 32, torch.bfloat16, None)
     kern = _kernel(layout)
@@ -151,9 +190,9 @@ def test_offload_cpu_experts_server_answers_posted_jobs(fmt):
     from moed.offload.stream_signals import HostSignals
 
     layout = (
-        ExpertLayout(6, 256, 128, 128, torch.float8_e4m3fn, (128, 128))
+        ExpertLayout(6, 256, 256, 256, torch.float8_e4m3fn, (128, 128))
         if fmt == "fp8"
-        else ExpertLayout(6, 256, 128, 128, torch.uint8, None, 128)
+        else ExpertLayout(6, 256, 256, 256, torch.uint8, None, 128)
     )
     tol = 1e-5 if fmt == "fp8" else 3e-2  # int4: int8 activations
     kern = _kernel(layout)
@@ -166,23 +205,36 @@ def test_offload_cpu_experts_server_answers_posted_jobs(fmt):
     ids = [4, 1, 0, 4, 1, 5]  # routes r = token * k + j; token 1's routes (0, 4) leave out one CPU expert
     w = torch.rand(M * k, generator=g)
     x = torch.randn(M, layout.hidden, generator=g)
-    _post(server, signals, [1, 2, 3, M, M * k, k], [4, 1], ids, w, x)
+    _post(server, signals, [1, 2, 3, M, M * k, k, 0], [4, 1], ids, w, x)
     ref = torch.zeros(M, layout.hidden, dtype=torch.float64)
     for r, e in enumerate(ids):
         if e in (4, 1):
             ref[r // k] += float(w[r]) * expert_forward_reference(layers[1][e], x[r // k : r // k + 1], layout)[0]
     assert float((server.out[:M].double() - ref).norm() / ref.norm()) < tol
     rec = server.new_records()
-    assert rec.shape == (1, 7) and list(rec[0, :5]) == [1, 3, 2, M, 4] and rec[0, 6] > rec[0, 5]
+    assert rec.shape == (1, 8) and list(rec[0, :5]) == [1, 3, 2, M, 4] and rec[0, 6] > rec[0, 5] and rec[0, 7] == 0
     assert list(server.layer_stats[1, :3]) == [1, 2, 4] and server.layer_stats[0, 0] == 0
 
     server.out.fill_(float("nan"))
-    _post(server, signals, [0, 0, 2, M, M * k, k], [], ids, w, x)
+    _post(server, signals, [0, 0, 2, M, M * k, k, 0], [], ids, w, x)
     assert not server.out[:M].any() and server.errors == 0
-    _post(server, signals, [0, 3, 2, M, M * k, k], [4, 1, 0], ids, w, x)  # more CPU experts than misses
-    _post(server, signals, [0, 1, 1, M, M * k, k], [9], ids, w, x)  # an expert id out of range
-    assert server.errors == 2 and not server.out.any()
+    _post(server, signals, [0, 3, 2, M, M * k, k, 0], [4, 1, 0], ids, w, x)  # more CPU experts than misses
+    _post(server, signals, [0, 1, 1, M, M * k, k, 0], [9], ids, w, x)  # an expert id out of range
+    _post(server, signals, [0, 1, 1, M, M * k, k, 64], [4], ids, w, x)  # a split column inside a block
+    assert server.errors == 3 and not server.out.any()
     assert len(server.new_records()) == 1  # only the readable job is logged
+
+    # A column split: the last CPU expert (1) computes only intermediate columns [128, 256) of its routes.
+    _post(server, signals, [1, 2, 3, M, M * k, k, 128], [4, 1], ids, w, x)
+    ref = torch.zeros(M, layout.hidden, dtype=torch.float64)
+    for r, e in enumerate(ids):
+        if e in (4, 1):
+            cols = (128, 256) if e == 1 else None
+            ref[r // k] += float(w[r]) * expert_forward_reference(layers[1][e], x[r // k : r // k + 1], layout, cols)[0]
+    assert float((server.out[:M].double() - ref).norm() / ref.norm()) < tol
+    rec = server.new_records()
+    assert rec.shape == (1, 8) and list(rec[0, :3]) == [1, 3, 2] and rec[0, 7] == 0.5
+    assert server.errors == 3
     server.close()
     with pytest.raises(ValueError, match="max_tokens >= 1"):
         kern.serve(sections, max_tokens=0, k=2, pin=False)

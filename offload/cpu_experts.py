@@ -381,9 +381,10 @@ class CpuExpertKernel:
 class ExpertServer:
     """The CPU's side of the hybrid miss service (C thread `server_main`): one mailbox in host memory, pinned when a
     GPU posts into it. Word layout of `words` (int32): ready [0], done [16] (their own cache lines), header [32:39]
-    (layer index, n_cpu, n_miss, M, R, k, split column: 0, or where the last CPU expert's columns start), then experts [R_max], ids [R_max], w [R_max] (fp32), x [M_max, K] and
-    out [M_max, K] (fp32, 64-byte aligned). Jobs come from `kernels.miss_split.split_misses` plus a stream write of
-    ready = 1; the answer is done = 1 and `out`, the CPU routes' weighted sum per token."""
+    (layer index, n_cpu, n_miss, M, R, k, split column: 0, or where the last CPU expert's columns start), then
+    experts [R_max], ids [R_max], w [R_max] (fp32), x [M_max, K] and out [M_max, K] (fp32, 64-byte aligned). Jobs
+    come from `kernels.miss_split.split_misses` plus a stream write of ready = 1; the answer is done = 1 and `out`,
+    the CPU routes' weighted sum per token."""
 
     HEADER = 7
     LOG_CAP = 1024
@@ -486,8 +487,9 @@ class ExpertServer:
 
     def new_records(self) -> np.ndarray:
         """The jobs logged since the last call, oldest first: rows of (layer index, n_miss, n_cpu, M, rows,
-        t_start, t_end, the CPU's share of a split expert or 0); at most the last LOG_CAP. The newest record may be read while a later one is written:
-        only records before the count are returned, and the count is published after its record."""
+        t_start, t_end, the CPU's share of a split expert or 0); at most the last LOG_CAP. The newest record may be
+        read while a later one is written: only records before the count are returned, and the count is published
+        after its record."""
         n = int(self._counters[0])
         lo = max(self._read, n - self.LOG_CAP + 1)  # the slot at n % cap may be under rewrite
         self._read = n

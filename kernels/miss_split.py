@@ -10,7 +10,14 @@ order their routes are grouped, every route's id and weight, and the step's acti
 device the flags that make the claim kernel skip the CPU's experts and the GPU's routing weights (0 on the
 CPU's routes). No host sync: the host never reads any of it.
 
-Mailbox header (int32): layer index, n_cpu, n_miss, M, R = M * k, k.
+Column split (optional, `split_cols` given): a second table row gives, per miss count, how many intermediate columns
+of one more expert (the next least used after the CPU's) the GPU computes, 0 for none. That expert goes last in the
+CPU's list with header word 6 = that column count (the CPU computes the columns from there on); exclude = 2 keeps it
+out of the claim (it never enters the cache: its slot would hold part of it), its routes keep their GPU weights, and
+`split_info` [2] (expert or -1, columns) and `split_ids` [R] (0 on its routes, 1 elsewhere: ids for a one-expert
+table) tell the partial copy and the GPU's pass over it what to do.
+
+Mailbox header (int32): layer index, n_cpu, n_miss, M, R = M * k, k, split column (0: none).
 """
 
 from __future__ import annotations
@@ -41,12 +48,16 @@ def _split_kernel(
     excl_ptr,
     gw_ptr,
     sort_ptr,
+    split_tab_ptr,
+    split_info_ptr,
+    split_ids_ptr,
     R,
     M,
     K,
     E,
     k,
     layer,
+    SPLIT: tl.constexpr,
     BLOCK_E: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -59,6 +70,11 @@ def _split_kernel(
     n_miss = tl.sum(miss.to(tl.int32))
     c = tl.load(table_ptr + n_miss)
     c = tl.minimum(tl.maximum(c, 0), n_miss)
+    cols = 0
+    if SPLIT:
+        cols = tl.load(split_tab_ptr + n_miss)
+        cols = tl.where(c < n_miss, tl.maximum(cols, 0), 0)
+    n_cpu = c + (cols > 0).to(tl.int32)
     # Misses ordered by (decayed frequency, id): a non-negative fp32's bits order like its value.
     f = tl.load(freq_ptr + offs_e, mask=emask, other=0.0)
     key = (f.to(tl.int32, bitcast=True).to(tl.int64) << 16) | offs_e.to(tl.int64)
@@ -66,32 +82,39 @@ def _split_kernel(
     tl.store(sort_ptr + offs_e, tl.sort(key))
     tl.store(excl_ptr + offs_e, tl.zeros([BLOCK_E], dtype=tl.int8), mask=emask)
     tl.debug_barrier()
-    sel = offs_e < c
+    sel = offs_e < n_cpu
     cpu_e = (tl.load(sort_ptr + offs_e) & 0xFFFF).to(tl.int32)
     tl.store(cpu_e_ptr + offs_e, cpu_e, mask=sel)
-    tl.store(excl_ptr + cpu_e, tl.full([BLOCK_E], 1, dtype=tl.int8), mask=sel)
+    tl.store(excl_ptr + cpu_e, tl.where(offs_e < c, 1, 2).to(tl.int8), mask=sel)
+    if SPLIT:
+        split_e = tl.sum(tl.where((offs_e == c) & (cols > 0), cpu_e + 1, 0)) - 1  # -1: no split this step
+        tl.store(split_info_ptr, split_e)
+        tl.store(split_info_ptr + 1, cols)
     tl.debug_barrier()
     for r0 in range(0, R, BLOCK_R):
         offs_r = r0 + tl.arange(0, BLOCK_R)
         rmask = offs_r < R
         ids = tl.load(ids_ptr + offs_r, mask=rmask, other=0)
         w = tl.load(w_ptr + offs_r, mask=rmask, other=0.0).to(tl.float32)
-        on_cpu = tl.load(excl_ptr + ids, mask=rmask, other=0) != 0
-        tl.store(gw_ptr + offs_r, tl.where(on_cpu, 0.0, w), mask=rmask)
+        where = tl.load(excl_ptr + ids, mask=rmask, other=0)
+        tl.store(gw_ptr + offs_r, tl.where(where == 1, 0.0, w), mask=rmask)
+        if SPLIT:
+            tl.store(split_ids_ptr + offs_r, tl.where(where == 2, 0, 1), mask=rmask)
         tl.store(ids_out + offs_r, ids, mask=rmask)
         tl.store(w_out + offs_r, w, mask=rmask)
-    if c > 0:  # the activations cross PCIe only when the CPU has work
+    if n_cpu > 0:  # the activations cross PCIe only when the CPU has work
         for m in range(0, M):
             for k0 in range(0, K, BLOCK_K):
                 offs_k = k0 + tl.arange(0, BLOCK_K)
                 v = tl.load(x_ptr + m * stride_xm + offs_k, mask=offs_k < K, other=0.0).to(tl.float32)
                 tl.store(x_out + m * K + offs_k, v, mask=offs_k < K)
     tl.store(hdr_ptr + 0, layer)
-    tl.store(hdr_ptr + 1, c)
+    tl.store(hdr_ptr + 1, n_cpu)
     tl.store(hdr_ptr + 2, n_miss)
     tl.store(hdr_ptr + 3, M)
     tl.store(hdr_ptr + 4, R)
     tl.store(hdr_ptr + 5, k)
+    tl.store(hdr_ptr + 6, cols)
 
 
 def _check(
@@ -107,6 +130,7 @@ def _check(
     exclude: torch.Tensor,
     gpu_weights: torch.Tensor,
     num_experts: int,
+    split: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None,
 ) -> None:
     M, k = topk_ids.shape
     R = M * k
@@ -119,8 +143,8 @@ def _check(
         problems.append(f"hidden must be [{M}, K] with unit column stride, got {list(hidden.shape)}")
     if cpu_counts.dtype != torch.int32 or cpu_counts.numel() < min(num_experts, R) + 1:
         problems.append(f"cpu_counts must be int32 with >= {min(num_experts, R) + 1} entries")
-    if header.dtype != torch.int32 or header.numel() < 6:
-        problems.append("header must be int32 [6]")
+    if header.dtype != torch.int32 or header.numel() < 7:
+        problems.append("header must be int32 [7]")
     if cpu_experts.numel() < min(num_experts, R) or ids_out.numel() < R or w_out.numel() < R:
         problems.append(f"mailbox arrays hold fewer than the step's {R} routes")
     if x_out.dtype != torch.float32 or x_out.dim() != 2 or x_out.shape[0] < M or x_out.shape[1] != hidden.shape[1]:
@@ -129,6 +153,12 @@ def _check(
         problems.append(f"exclude must be int8 [{num_experts}]")
     if gpu_weights.dtype != torch.float32 or gpu_weights.numel() < R:
         problems.append(f"gpu_weights must be fp32 with >= {R} entries")
+    if split is not None:
+        tab, info, sids = split
+        if tab.dtype != torch.int32 or tab.numel() != cpu_counts.numel():
+            problems.append(f"split_cols must be int32 like cpu_counts ({cpu_counts.numel()} entries)")
+        if info.dtype != torch.int32 or info.numel() < 2 or sids.dtype != torch.int32 or sids.numel() < R:
+            problems.append(f"split_info must be int32 [2] and split_ids int32 [>= {R}]")
     if problems:
         raise ValueError("split_misses: " + "; ".join(problems))
 
@@ -150,13 +180,29 @@ def split_misses(
     gpu_weights: torch.Tensor,
     sort_scratch: torch.Tensor,
     layer_index: int,
+    split_cols: torch.Tensor | None = None,
+    split_info: torch.Tensor | None = None,
+    split_ids: torch.Tensor | None = None,
 ) -> None:
     """Split the misses of one step (topk_ids [M, k] int32, topk_weights [M, k], hidden [M, K]) against the slot
     table `expert_to_slot` [E + 1]; see the module docstring for what is written where. `sort_scratch`: int64
-    [next_power_of_2(E)] on the device."""
+    [next_power_of_2(E)] on the device. `split_cols`, `split_info`, `split_ids`: the column split (all or none)."""
     E = expert_freq.numel()
+    split = _split_args(split_cols, split_info, split_ids)
     _check(
-        topk_ids, topk_weights, hidden, cpu_counts, header, cpu_experts, ids_out, w_out, x_out, exclude, gpu_weights, E
+        topk_ids,
+        topk_weights,
+        hidden,
+        cpu_counts,
+        header,
+        cpu_experts,
+        ids_out,
+        w_out,
+        x_out,
+        exclude,
+        gpu_weights,
+        E,
+        split,
     )
     M, k = topk_ids.shape
     R = M * k
@@ -176,12 +222,14 @@ def split_misses(
         exclude,
         gpu_weights,
         sort_scratch,
+        *(split or (cpu_counts, cpu_counts, cpu_counts)),
         R,
         M,
         hidden.shape[1],
         E,
         k,
         layer_index,
+        SPLIT=split is not None,
         BLOCK_E=triton.next_power_of_2(E),
         BLOCK_R=max(16, min(64, triton.next_power_of_2(R))),
         BLOCK_K=1024,
@@ -206,11 +254,27 @@ def split_misses_reference(
     gpu_weights: torch.Tensor,
     sort_scratch: torch.Tensor | None = None,
     layer_index: int,
+    split_cols: torch.Tensor | None = None,
+    split_info: torch.Tensor | None = None,
+    split_ids: torch.Tensor | None = None,
 ) -> None:
     """Plain-torch `split_misses`: the same outputs, the same order of the CPU's experts."""
     E = expert_freq.numel()
+    split = _split_args(split_cols, split_info, split_ids)
     _check(
-        topk_ids, topk_weights, hidden, cpu_counts, header, cpu_experts, ids_out, w_out, x_out, exclude, gpu_weights, E
+        topk_ids,
+        topk_weights,
+        hidden,
+        cpu_counts,
+        header,
+        cpu_experts,
+        ids_out,
+        w_out,
+        x_out,
+        exclude,
+        gpu_weights,
+        E,
+        split,
     )
     M, k = topk_ids.shape
     R = M * k
@@ -219,16 +283,33 @@ def split_misses_reference(
     miss = (counts > 0) & (expert_to_slot[:E].cpu() < 0)
     misses = miss.nonzero().flatten().tolist()
     c = min(max(int(cpu_counts[len(misses)]), 0), len(misses))
+    cols = max(int(split[0][len(misses)]), 0) if split is not None and c < len(misses) else 0
+    n_cpu = c + (cols > 0)
     freq = expert_freq.cpu()
-    chosen = sorted(misses, key=lambda e: (float(freq[e]), e))[:c]
+    chosen = sorted(misses, key=lambda e: (float(freq[e]), e))[:n_cpu]
     flags = torch.zeros(E, dtype=torch.int8)
-    flags[chosen] = 1
+    flags[chosen[:c]] = 1
+    flags[chosen[c:]] = 2
     w = topk_weights.reshape(-1).float().cpu()
     exclude[:E].copy_(flags.to(exclude.device))
-    gpu_weights.view(-1)[:R].copy_(torch.where(flags[ids] != 0, 0.0, w).to(gpu_weights.device))
-    cpu_experts[:c].copy_(torch.tensor(chosen, dtype=torch.int32).to(cpu_experts.device))
+    gpu_weights.view(-1)[:R].copy_(torch.where(flags[ids] == 1, 0.0, w).to(gpu_weights.device))
+    cpu_experts[:n_cpu].copy_(torch.tensor(chosen, dtype=torch.int32).to(cpu_experts.device))
     ids_out[:R].copy_(ids.to(torch.int32).to(ids_out.device))
     w_out[:R].copy_(w.to(w_out.device))
-    if c > 0:
+    if n_cpu > 0:
         x_out[:M].copy_(hidden.float().to(x_out.device))
-    header[:6].copy_(torch.tensor([layer_index, c, len(misses), M, R, k], dtype=torch.int32).to(header.device))
+    if split is not None:
+        info = [chosen[c] if cols > 0 else -1, cols]
+        split[1][:2].copy_(torch.tensor(info, dtype=torch.int32).to(split[1].device))
+        split[2].view(-1)[:R].copy_(torch.where(flags[ids] == 2, 0, 1).to(torch.int32).to(split[2].device))
+    hdr = [layer_index, n_cpu, len(misses), M, R, k, cols]
+    header[:7].copy_(torch.tensor(hdr, dtype=torch.int32).to(header.device))
+
+
+def _split_args(
+    split_cols: torch.Tensor | None, split_info: torch.Tensor | None, split_ids: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    given = [t is not None for t in (split_cols, split_info, split_ids)]
+    if any(given) and not all(given):
+        raise ValueError("split_misses: a column split needs split_cols, split_info and split_ids together")
+    return (split_cols, split_info, split_ids) if all(given) else None  # type: ignore[return-value]

@@ -6,13 +6,24 @@ table comes from: the copy rate measured at start-up by the path misses take, th
 re-measured per step size from every job (under load). Rates are bytes/s of the store's format, so int4 experts
 (about half an FP8 expert's bytes, and the CPU kernel's int8 dot products) are split by their own measured rates.
 The host takes no part in a hand-over, so a hybrid step needs no host sync and can be captured in a CUDA graph.
-Buffers:
+
+Whole experts leave one side idle at the end of a step with few misses (one miss: all of it on one side). With
+`column_split` the boundary expert is split by intermediate columns (the down projection is linear in them): the
+GPU copies columns [0, c) of it into a one-expert scratch (kernels.expert_copy.copy_expert_columns) and computes
+its routes there, the CPU computes columns [c, N) of the same routes, and the partial outputs add. c comes from a
+second table built from the same rates, in steps of the format's blocks (cpu_experts.column_granule); the split
+expert does not enter the cache. Buffers:
 
     counts       [max_tokens + 1, max_tokens * k + 1] int32, host memory read by the split kernel:
                  counts[M, n_miss] = how many of n_miss misses the CPU computes in a step of M tokens
     exclude      [E] int8 on the device: 1 = the CPU serves this expert (the claim kernel skips it)
     gpu_weights  [max_tokens * k] fp32 on the device: the routing weights, 0 on the CPU's routes
     sort         [next_power_of_2(E)] int64 on the device: the split kernel's scratch
+    split_cols   [max_tokens + 1, max_tokens * k + 1] int32, host memory (column split): the GPU's columns of the
+                 boundary expert for M tokens and n_miss misses, 0 = no split
+    split_info   [2] int32 on the device: the step's split expert (-1: none) and its GPU columns
+    split_ids    [max_tokens * k] int32 on the device: 0 on the split expert's routes, 1 elsewhere
+    scratch      one expert's sections on the device (the layout's shapes, [1, ...]): the GPU's columns of it
 """
 
 from __future__ import annotations
@@ -27,9 +38,9 @@ import numpy as np
 import torch
 import triton
 
-from moed.kernels.expert_copy import SlotTables, copy_experts
+from moed.kernels.expert_copy import SlotTables, copy_expert_columns, copy_expert_columns_reference, copy_experts
 from moed.kernels.miss_split import split_misses, split_misses_reference
-from moed.offload.cpu_experts import CpuExpertKernel, CpuKernelUnavailable
+from moed.offload.cpu_experts import CpuExpertKernel, CpuKernelUnavailable, column_granule
 from moed.offload.expert_cache import ExpertCache, LayerCache
 from moed.offload.host_store import HostExpertStore
 from moed.offload.stream_signals import CudaStreamSignals, HostSignals, StreamSignals, StreamSignalsUnavailable
@@ -39,6 +50,11 @@ log = logging.getLogger(__name__)
 # How a step serves every route on the GPU (OffloadMoERunner._serve_gpu): (layer cache, hidden [M, K], ids [M, k],
 # experts to skip) -> route outputs [M * k, K] (0 on the skipped experts' routes).
 ServeGpu = Callable[[LayerCache, torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
+# The per-route fused-MoE kernel (runner.MoEFn): computes the GPU's columns of a split expert from the scratch.
+MoEFn = Callable[..., torch.Tensor]
+# A column split must save at least this share of the step's predicted miss time: it pays a partial copy launch and
+# a second fused-MoE launch that whole experts do not.
+SPLIT_MIN_GAIN = 0.02
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,6 +70,8 @@ class CpuConfig:
     spin_s: float = 0.05  # the server polls its mailbox without sleeping for this long after a job
     cpu_rate: float | None = None  # bytes/s; None: measured at start-up
     copy_rate: float | None = None  # bytes/s; None: measured at start-up
+    # split the boundary expert by intermediate columns between the CPU and a GPU copy (module docstring)
+    column_split: bool = False
 
     def __post_init__(self) -> None:
         if self.policy not in ("hybrid", "cpu"):
@@ -65,7 +83,13 @@ class CpuConfig:
 
 
 def start_hybrid(
-    cfg: CpuConfig, store: HostExpertStore, cache: ExpertCache, k: int, use_kernels: bool, name: str
+    cfg: CpuConfig,
+    store: HostExpertStore,
+    cache: ExpertCache,
+    k: int,
+    use_kernels: bool,
+    name: str,
+    moe_fn: MoEFn | None = None,
 ) -> HybridMissService | None:
     """The service for `store`'s layers, or None (logged) when the CPU kernel or the stream signals are unavailable
     here and `cfg.fallback_to_copy` allows copying every miss instead."""
@@ -79,7 +103,7 @@ def start_hybrid(
             raise
         log.warning("%s: CPU experts unavailable (%s); every miss is copied", name, e)
         return None
-    return HybridMissService(cfg, kernel, signals, store, cache, k, use_kernels, name)
+    return HybridMissService(cfg, kernel, signals, store, cache, k, use_kernels, name, moe_fn)
 
 
 class HybridMissService:
@@ -95,6 +119,7 @@ class HybridMissService:
         k: int,
         use_kernels: bool,
         name: str,
+        moe_fn: MoEFn | None = None,
     ) -> None:
         self.cfg, self.kernel, self.signals, self.name = cfg, kernel, signals, name
         self.layout, self.layers = store.layout, store.layers
@@ -114,6 +139,19 @@ class HybridMissService:
         self.exclude = torch.zeros(E, dtype=torch.int8, device=d)
         self.gpu_weights = torch.zeros(T * k, dtype=torch.float32, device=d)
         self.sort = torch.zeros(triton.next_power_of_2(E), dtype=torch.int64, device=d)
+        self.granule = column_granule(self.layout)
+        self.column_split = cfg.column_split and cfg.policy == "hybrid" and self.layout.inter >= 2 * self.granule
+        if cfg.column_split and not self.column_split:
+            log.warning(
+                "%s: column split off: needs policy hybrid and >= 2 column blocks of %d (N = %d)",
+                name,
+                self.granule,
+                self.layout.inter,
+            )
+        if self.column_split:
+            if moe_fn is None:
+                raise ValueError(f"{name}: a column split needs the fused-MoE kernel that computes the GPU's part")
+            self._init_column_split(moe_fn, use_kernels, cuda, T, k)
         self._build_counts()
         log.info(
             "%s: miss service %s, rates measured at start-up: CPU experts %.1f GB/s, copies %.1f GB/s -> "
@@ -126,6 +164,24 @@ class HybridMissService:
             cfg.min_tokens,
             cfg.max_tokens,
         )
+
+    def _init_column_split(self, moe_fn: MoEFn, use_kernels: bool, cuda: bool, T: int, k: int) -> None:
+        L, d = self.layout, self.device
+        self.moe_fn = moe_fn
+        self.split_cols = torch.zeros(T + 1, T * k + 1, dtype=torch.int32, pin_memory=cuda)
+        self.split_info = torch.full((2,), -1, dtype=torch.int32, device=d)
+        self.split_ids = torch.ones(T * k, dtype=torch.int32, device=d)
+        # zeros: the rows a partial copy does not write hold zeros or an earlier expert's (finite) bytes
+        self.scratch = {n: torch.zeros(1, *shape, dtype=L.section_dtype(n), device=d) for n, shape in L.shapes.items()}
+        self._scratch_kwargs = L.moe_kwargs(self.scratch)
+        self._scratch_dst = [w.view(1, -1).view(torch.uint8) for w in self.scratch.values()]
+        # w13 and its scales / zero points: 2 rows (gate, up halves); w2 and its: one row per output row
+        self._split_rows = [2 if n.startswith("w13") else shape[0] for n, shape in L.shapes.items()]
+        zeroed = "w13_scale" if "w13_scale" in L.shapes else "w13"  # a zero scale (bf16: weight) zeroes the rest
+        self._split_zero = [n == zeroed for n in L.shapes]
+        self._one_slot = torch.zeros(1, dtype=torch.int32, device=d)  # id 0 -> scratch slot 0; id 1: not computed
+        self._ones = torch.ones(T * k, dtype=torch.float32, device=d)
+        self._copy_columns = copy_expert_columns if use_kernels else copy_expert_columns_reference
 
     @property
     def policy(self) -> str:
@@ -168,12 +224,31 @@ class HybridMissService:
         t = np.where(c <= n[None, :], t, np.inf)
         return c.shape[0] - 1 - np.argmin(t[::-1], axis=0)  # the largest c among the fastest
 
+    def _split_columns(self, rate: float, whole: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """For 0..len(whole)-1 misses and the whole-expert counts `whole`: the CPU's whole experts and the GPU's
+        columns of one more (0: none) where splitting it by columns ends the step sooner by SPLIT_MIN_GAIN."""
+        n = np.arange(len(whole))
+        N, g = self.layout.inter, self.granule
+        if rate <= 0 or self.copy_rate <= 0:
+            return whole, np.zeros_like(n)
+        x = n * rate / (rate + self.copy_rate)  # CPU experts so that both sides end together
+        c = np.floor(x).astype(n.dtype)
+        q = np.rint((x - c) * (N // g)).astype(n.dtype)  # the CPU's column blocks of expert c + 1
+        f = q * g / N
+        t_whole = np.maximum(whole / rate, (n - whole) / self.copy_rate)
+        t_split = np.maximum((c + f) / rate, (n - c - f) / self.copy_rate)
+        use = (q > 0) & (q * g < N) & (c < n) & (t_split < (1 - SPLIT_MIN_GAIN) * t_whole)
+        return np.where(use, c, whole), np.where(use, N - q * g, 0)
+
     def _build_counts(self) -> None:
-        """Refill the split kernel's table from the current rates (host memory: the next split reads it)."""
+        """Refill the split kernel's tables from the current rates (host memory: the next split reads them)."""
         rates = self._cpu_rates.copy()
         table = self.counts.numpy()
+        cols = self.split_cols.numpy() if self.column_split else None
         for M in range(table.shape[0]):
             table[M] = self._cpu_counts(float(rates[M]), table.shape[1] - 1)
+            if cols is not None:
+                table[M], cols[M] = self._split_columns(float(rates[M]), table[M])
         self._table_rates = rates
 
     def refresh(self) -> None:
@@ -188,14 +263,16 @@ class HybridMissService:
         if not len(recs):
             return
         eb = self.layout.expert_bytes
-        for li, n_miss, n_cpu, M, _rows, t0, t1 in recs.tolist():
+        for li, n_miss, n_cpu, M, _rows, t0, t1, part in recs.tolist():
+            whole = int(n_cpu) - (part > 0)
             self.split_log.append(
                 {
                     "layer": self.layers[int(li)],
                     "tokens": int(M),
                     "misses": int(n_miss),
-                    "cpu": int(n_cpu),
-                    "copy": int(n_miss - n_cpu),
+                    "cpu": whole,  # whole experts on the CPU
+                    "split": part,  # the CPU's share of the column-split expert (0: none)
+                    "copy": int(n_miss) - int(n_cpu),  # whole experts copied
                     "cpu_s": t1 - t0,
                     "t_start": t0,
                     "t_end": t1,
@@ -203,7 +280,7 @@ class HybridMissService:
             )
             if n_cpu > 0 and t1 > t0 and self.cfg.cpu_rate is None:
                 m = int(M)
-                self._cpu_rates[m] = 0.8 * self._cpu_rates[m] + 0.2 * n_cpu * eb / (t1 - t0)
+                self._cpu_rates[m] = 0.8 * self._cpu_rates[m] + 0.2 * (whole + part) * eb / (t1 - t0)
         assert self._table_rates is not None
         if np.any(np.abs(self._cpu_rates - self._table_rates) > 0.05 * self._table_rates):
             self._build_counts()
@@ -238,6 +315,11 @@ class HybridMissService:
         self.refresh()
         M, k = ids.shape
         mb, sig = self.server, self.signals
+        split = (
+            {"split_cols": self.split_cols[M], "split_info": self.split_info, "split_ids": self.split_ids}
+            if self.column_split
+            else {}
+        )
         # A stale done (a job whose step failed between the hand-over and the wait) must not answer this one.
         sig.write(mb.done_addr, 0)
         self.split(
@@ -256,16 +338,48 @@ class HybridMissService:
             gpu_weights=self.gpu_weights,
             sort_scratch=self.sort,
             layer_index=layer_index,
+            **split,
         )
         sig.write(mb.ready_addr, 1)
         try:
             route_out = serve_gpu(lc, hidden, ids, self.exclude)
+            if self.column_split:  # the GPU's columns of the split expert, into its routes' rows
+                self._serve_split_columns(lc, hidden, route_out, M, k)
             # The GPU's routes summed while the CPU computes (its routes weigh 0).
             gw = self.gpu_weights[: M * k].view(M, k, 1)
             gpu = (route_out.view(M, k, -1).float() * gw).sum(dim=1)
         finally:  # the stream waits for the server whatever happened above, so the mailbox stays in step
             sig.wait_eq(mb.done_addr, 1)
         return gpu.add_(mb.out[:M].to(self.device, non_blocking=True)).to(hidden.dtype)
+
+    def _serve_split_columns(
+        self, lc: LayerCache, hidden: torch.Tensor, route_out: torch.Tensor, M: int, k: int
+    ) -> None:
+        """Copy the split expert's GPU columns into the scratch and compute its routes from there (route_out rows of
+        other routes untouched: their ids are 1, outside the one-entry table). A step without a split copies nothing
+        and computes nothing, read on the device."""
+        R = M * k
+        self._copy_columns(
+            self.split_info,
+            lc.src,
+            self._scratch_dst,
+            self._split_rows,
+            self._split_zero,
+            self.layout.inter,
+            **({"num_programs": lc.cfg.copy_programs} if self._copy_columns is copy_expert_columns else {}),
+        )
+        self.moe_fn(
+            hidden,
+            self.scratch["w13"],
+            self.scratch["w2"],
+            self.split_ids[:R].view(M, k),
+            self._ones[:R],
+            self._one_slot,
+            out=route_out,
+            config_tokens=R,
+            config_ids=self.layout.num_experts + 1,
+            **self._scratch_kwargs,
+        )
 
     def close(self) -> None:
         """Stop the expert server once the device has drained (a stream may still wait on it)."""

@@ -123,7 +123,7 @@ class OffloadMoERunner:
         if self.cpu_cfg is not None:
             use = self.cache_cfg.use_kernels if self.cache_cfg.use_kernels is not None else True
             self.hybrid = start_hybrid(
-                self.cpu_cfg, self.store, self.cache, self.cfg.num_experts_per_tok, use, self.name
+                self.cpu_cfg, self.store, self.cache, self.cfg.num_experts_per_tok, use, self.name, self.moe_fn
             )
         if self.hybrid is None:
             log.info("%s: miss service copy (every miss copied to the GPU; results exact)", self.name)

@@ -13,6 +13,8 @@ from moed.kernels.expert_copy import (
     SlotTables,
     claim_slots,
     claim_slots_reference,
+    copy_expert_columns,
+    copy_expert_columns_reference,
     copy_experts,
     copy_experts_reference,
     upload_no_ce,
@@ -159,3 +161,37 @@ def test_expert_cache_rounds_end_with_the_most_valuable_experts(policy):
             claim(t, ids, r, ri, m, policy=policy)
         assert set(t.slot_to_expert.tolist()) == want, claim.__name__
         assert t.stats.tolist() == [0, 4, 2, 1]  # hits, misses, evictions, steps
+
+
+@pytest.mark.parametrize(("split", "seed"), [((5, 64), 0), ((2, 128), 1), ((-1, 64), 2)])
+def test_offload_copy_expert_columns_matches_reference(split, seed):
+    """The partial copy of a column split: an FP8-like layout (w13 [2N, K] halves, w2 [K, N] rows, both scales) with
+    N = 256 and 64-column blocks; the kernel against its reference from a scratch of stale bytes; the copied columns
+    are the expert's, the zeroed section's tail is zero, and the rest keeps what it held. No split (-1): untouched."""
+    g = torch.Generator().manual_seed(seed)
+    E, K, N, blk = 6, 192, 256, 64
+    shapes = [(2 * N, K), (K, N), (2 * N // blk, K // blk * 4), (K // blk, N // blk * 4)]  # scales as fp32 bytes
+    rows = [2, K, 2, K // blk]
+    zero = [False, False, True, False]
+    src = [torch.randint(0, 256, (E, a * b), generator=g, dtype=torch.uint8) for a, b in shapes]
+    stale = [torch.randint(1, 256, (1, a * b), generator=g, dtype=torch.uint8) for a, b in shapes]
+    got, want = [t.clone() for t in stale], [t.clone() for t in stale]
+    info = torch.tensor(split, dtype=torch.int32)
+    copy_expert_columns(info, src, got, rows, zero, N)
+    copy_expert_columns_reference(info, src, want, rows, zero, N)
+    for a, b in zip(got, want):
+        assert torch.equal(a, b)
+    e, cols = split
+    if e < 0:
+        assert all(torch.equal(a, b) for a, b in zip(got, stale))
+        return
+    w13 = got[0].view(2, N, K)
+    assert torch.equal(w13[:, :cols], src[0][e].view(2, N, K)[:, :cols]) and torch.equal(
+        w13[:, cols:], stale[0].view(2, N, K)[:, cols:]
+    )
+    assert torch.equal(got[1].view(K, N)[:, :cols], src[1][e].view(K, N)[:, :cols])
+    s13 = got[2].view(2, N // blk, -1)
+    assert torch.equal(s13[:, : cols // blk], src[2][e].view(2, N // blk, -1)[:, : cols // blk])
+    assert not s13[:, cols // blk :].any()
+    with pytest.raises(ValueError, match="does not split into 7 rows"):
+        copy_expert_columns(info, src, got, [2, 7, 2, 3], zero, N)

@@ -96,6 +96,11 @@ class EngineConfig:
         "on a CPU",
     )
     cpu_expert_threads: int = setting(0, "threads of the CPU experts (hybrid, cpu); 0 = every core but one", min=0)
+    miss_column_split: bool = setting(
+        False,
+        "hybrid: split a step's boundary expert by intermediate columns between the CPU and a GPU copy, so "
+        "neither side idles at the end of a step with few misses",
+    )
     cuda_graphs: bool = setting(True, "decode through CUDA graphs on CUDA")
     overlap: bool = setting(
         True, "plan and launch each step before reading the previous one's tokens back (not with MTP)"

@@ -45,6 +45,7 @@ class ExpertSettings(Protocol):
     draft_expert_cache_gb: float | None  # the draft's own; None: the target's per-layer share
     miss_service: str  # auto | copy | hybrid | cpu
     cpu_expert_threads: int  # 0: every core but one
+    miss_column_split: bool  # hybrid: the boundary expert split by columns between the CPU and a copy
     spec_steps: int  # MTP draft tokens per step; > 0 builds the draft's runner
     expert_dtype: ExpertDtype  # checkpoint | int4: the format experts are held in (GlmMoeDsaConfig.expert_format)
 
@@ -323,4 +324,5 @@ def _cpu_config(settings: ExpertSettings, device: torch.device) -> CpuConfig | N
         max_tokens=max(8, 2 * (1 + settings.spec_steps)),
         threads=settings.cpu_expert_threads,
         fallback_to_copy=settings.miss_service == "auto",
+        column_split=settings.miss_column_split,
     )

@@ -21,6 +21,7 @@ class _Settings:  # the fields of EngineConfig that RoutedExperts reads
     moe: str = "offload"
     miss_service: str = "copy"
     cpu_expert_threads: int = 0
+    miss_column_split: bool = False
     spec_steps: int = 1
     expert_dtype: str = "checkpoint"
 

@@ -44,6 +44,7 @@ class _Settings:  # the fields of EngineConfig that RoutedExperts reads
     moe: str = "offload"
     miss_service: str = "copy"
     cpu_expert_threads: int = 0
+    miss_column_split: bool = False
     spec_steps: int = 1
     expert_dtype: str = "checkpoint"
 
@@ -86,3 +87,15 @@ def test_engine_offload_without_a_budget_sizes_the_cache_after_the_weights(tiny_
     assert free >= e.experts.activation_reserve_bytes * 0.5  # the reserve was left free
     out = e.generate([[1, 2, 3, 4]], SamplingParams(max_tokens=4, ignore_eos=True))
     assert len(out[0]) == 4
+
+
+def test_miss_column_split_setting_reaches_the_cpu_config():
+    """EngineConfig.miss_column_split (off by default) is the CPU config's column_split; copy has no CPU config."""
+    from moed.engine.config import EngineConfig
+    from moed.offload.routed_experts import _cpu_config
+
+    assert EngineConfig.__dataclass_fields__["miss_column_split"].default is False
+    for on in (False, True):
+        cpu = _cpu_config(_Settings(expert_cache_gb=1, miss_service="hybrid", miss_column_split=on), torch.device("cpu"))
+        assert cpu is not None and cpu.column_split is on
+    assert _cpu_config(_Settings(expert_cache_gb=1, miss_column_split=True), torch.device("cpu")) is None

@@ -96,6 +96,7 @@ def test_miss_column_split_setting_reaches_the_cpu_config():
 
     assert EngineConfig.__dataclass_fields__["miss_column_split"].default is False
     for on in (False, True):
-        cpu = _cpu_config(_Settings(expert_cache_gb=1, miss_service="hybrid", miss_column_split=on), torch.device("cpu"))
+        settings = _Settings(expert_cache_gb=1, miss_service="hybrid", miss_column_split=on)
+        cpu = _cpu_config(settings, torch.device("cpu"))
         assert cpu is not None and cpu.column_split is on
     assert _cpu_config(_Settings(expert_cache_gb=1, miss_column_split=True), torch.device("cpu")) is None

@@ -16,6 +16,12 @@ Builds (or reuses) a `glm51-slice` FP8 checkpoint with GLM-5.1's real layer widt
   hybrid     batch-1 layer with nothing cached: all-copy vs all-CPU vs the device-side split (rates fixed
              from this run, and as the runner measures them), eager and replayed from a CUDA graph, against the
              bound miss bytes / min(CPU + copy rate, host read);
+  split      (opt-in) the hybrid step with and without the column split of its boundary expert
+             (CpuConfig.column_split) at batch 1, 2, 4 on the uniform trace with the cache holding --split-cache
+             percent of the experts (steps of a few misses), replayed from a CUDA graph, rates as the engine
+             measures them; against the miss-service ceiling (CPU alone + copies alone, this run) and against what
+             the runner's own rates predict for whole experts and for columns (ops/bench/hitrate_arithmetic.py's
+             finer_split_bound, from this run's misses per step);
   timeline   (opt-in) the hybrid step's GPU events and the CPU job's start and end, from run()'s call;
   no-CE      latency of a 1 KiB per-step upload while a 1 GB copy-engine copy is in flight, by SM loads vs
              by cudaMemcpyAsync;
@@ -29,6 +35,8 @@ Builds (or reuses) a `glm51-slice` FP8 checkpoint with GLM-5.1's real layer widt
              first (written under --int4-tune-out, read by everything after).
 Prints a table last and writes every figure to --out (JSON). The int4 comparison in one command:
     python -m moed.ops.bench.offload --only ceil,cpu,hybrid,int4 --int4-kernel --int4-tune --steps 16
+The column split (FP8, then the same with --split-int4 for int4 experts):
+    python -m moed.ops.bench.offload --only ceil,cpu,split --steps 64
 """
 
 from __future__ import annotations
@@ -378,6 +386,89 @@ def hybrid_runs(cfg, store, ceil: dict, cpu_measure: dict, args) -> dict:
     return out
 
 
+def split_runs(cfg, store, ceil: dict, cpu_measure: dict, args) -> dict:
+    """Per-layer time of hybrid steps with and without the column split (module docstring, `split`)."""
+    E, k, K = cfg.n_routed_experts, cfg.num_experts_per_tok, cfg.hidden_size
+    L = store.layout
+    service = cpu_measure["batch1"]["GBps"] * 1e9 + ceil["uva_GBps"] * 1e9
+    out: dict = {"service_GBps": service / 1e9, "rows": []}
+    for pct in (int(p) for p in args.split_cache.split(",")):
+        slots = max(k, E * pct // 100)
+        for M in (1, 2, 4):
+            trace = torch.from_numpy(uniform_trace(args.warm_steps + args.steps, M, E, k, seed=M + pct)).cuda()
+            w = torch.rand(M, k, device="cuda")
+            h = torch.randn(M, K, device="cuda").bfloat16()
+            for on in (False, True):
+                r = make_runner(cfg, store, slots, cpu=CpuConfig(threads=args.cpu_threads, column_split=on))
+                hy = r.hybrid
+                assert hy is not None and hy.column_split == on, "column split did not apply to this layout"
+                for s in range(args.warm_steps):  # the cache fills, the CPU's rates settle under load
+                    r.run(LAYER, h, trace[s], w)
+                torch.cuda.synchronize()
+                static_ids = trace[0].clone()
+                graph = torch.cuda.CUDAGraph()
+                stream = torch.cuda.Stream()
+                stream.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(stream), torch.cuda.graph(graph, stream=stream):
+                    r.run(LAYER, h, static_ids, w)
+                torch.cuda.current_stream().wait_stream(stream)
+                torch.cuda.synchronize()
+                hy.refresh()
+                hy.split_log.clear()
+                before = summarize(r.stats())
+                t0 = time.perf_counter()
+                for s in range(args.warm_steps, args.warm_steps + args.steps):
+                    static_ids.copy_(trace[s])
+                    graph.replay()
+                torch.cuda.synchronize()
+                t = (time.perf_counter() - t0) / args.steps
+                after = summarize(r.stats())
+                hy.refresh()
+                jobs = list(hy.split_log)
+                n = np.array([j["misses"] for j in jobs] or [0], dtype=np.int64)
+                rc, rg = float(hy._cpu_rates[M]), hy.copy_rate  # bytes/s the tables were built from
+                c = hy._cpu_counts(rc, int(n.max()))[n]  # the whole-expert split at these rates
+                eb = L.expert_bytes
+                whole = np.maximum(c / rc, (n - c) / rg) * eb
+                column = n / (rc + rg) * eb
+                hits = after["hits"] - before["hits"]
+                routed = hits + (after["misses"] - before["misses"])
+                row = {
+                    "cache_pct": pct,
+                    "tokens": M,
+                    "column_split": on,
+                    "ms": t * 1e3,
+                    "misses_per_step": float(n.mean()),
+                    "split_share": float(np.mean([j["split"] > 0 for j in jobs])) if jobs else 0.0,
+                    "hit_rate": hits / routed if routed else 0.0,
+                    "vs_service": float(n.mean()) * eb / t / service,
+                    "predicted_whole_ms": float(whole.mean()) * 1e3,
+                    "predicted_column_ms": float(column.mean()) * 1e3,
+                    "runner_cpu_GBps": rc / 1e9,
+                    "runner_copy_GBps": rg / 1e9,
+                }
+                out["rows"].append(row)
+                log.info("split %s", row)
+                r.close()
+    return out
+
+
+def print_split(res: dict) -> None:
+    print(f"\n== column split of the boundary expert (miss-service ceiling {res['service_GBps']:.1f} GB/s) ==")
+    print("cache%  M  split   ms/layer  misses/step  split steps  hit rate  vs ceiling  predicted whole / column ms")
+    base: dict = {}
+    for r in res["rows"]:
+        key = (r["cache_pct"], r["tokens"])
+        if not r["column_split"]:
+            base[key] = r["ms"]
+        gain = f" ({base[key] / r['ms']:.3f}x)" if r["column_split"] and key in base else ""
+        print(
+            f"{r['cache_pct']:5d} {r['tokens']:2d}  {'on ' if r['column_split'] else 'off'}  {r['ms']:8.3f}"
+            f"{gain:10s} {r['misses_per_step']:6.2f}  {r['split_share']:10.2f}  {r['hit_rate']:8.3f}  "
+            f"{r['vs_service']:9.2f}  {r['predicted_whole_ms']:.3f} / {r['predicted_column_ms']:.3f}"
+        )
+
+
 INT4_LAYER_TARGET_MS = 1.6  # issue 18: a batch-1 int4 MoE layer with nothing cached
 SERVICE_TARGET = 0.85  # misses at >= 85% of the measured miss-service ceiling
 
@@ -683,6 +774,8 @@ def main() -> None:
         help="comma list; add diag for the CPU-expert slowdown breakdown, timeline for the hybrid step's, "
         "int4 for the same experts at 4 bits beside FP8",
     )
+    p.add_argument("--split-cache", default="75,90", help="split: cache sizes, percent of the layer's experts")
+    p.add_argument("--split-int4", action="store_true", help="split: the same experts quantised to int4 instead")
     p.add_argument("--int4-kernel", action="store_true", help="with int4: also check and time the int4 fused MoE")
     p.add_argument("--int4-tune", action="store_true", help="with --int4-kernel: tune its tables first")
     p.add_argument("--int4-tune-out", default=None, help="root of the tuned tables (default: $OUT/moe_configs)")
@@ -732,6 +825,13 @@ def main() -> None:
     if "hybrid" in only and "cpu" in results:
         results["hybrid"] = hybrid_runs(cfg, store, ceil, results["cpu"], args)
         save()
+    if "split" in only and "cpu" in results:
+        if args.split_int4:
+            i4, _ = int4_store(cfg, ckpt)
+            results["split"] = split_runs(cfg, i4, ceil, cpu_runs(cfg, i4, ceil, args.cpu_threads), args)
+        else:
+            results["split"] = split_runs(cfg, store, ceil, results["cpu"], args)
+        save()
     if "timeline" in only:
         results["timelines"] = timelines(cfg, store, args)
         save()
@@ -758,6 +858,8 @@ def main() -> None:
         results["decode"] = decode_runs(cfg, store, ceil, args)
         save()
     print_table(results)
+    if "split" in results:
+        print_split(results["split"])
 
 
 def print_table(res: dict) -> None:

@@ -162,7 +162,7 @@ def simulate(
     T, M, k = steps.shape
     table, split_sizes = split_table(shape, cpu_rate, copy_rate)
     hybrid = split and M in split_sizes
-    header = torch.zeros(6, dtype=torch.int32)
+    header = torch.zeros(7, dtype=torch.int32)
     mailbox = dict(
         cpu_experts=torch.zeros(M * k, dtype=torch.int32),
         ids_out=torch.zeros(M * k, dtype=torch.int32),

@@ -1,6 +1,6 @@
 """How the whole-model bench times its work, on a GPU and on a CPU.
 
-On CUDA: CUDA events, steps replayed from CUDA graphs, and the ceilings of ops/bench/offload.py (host read, the
+On CUDA: CUDA events, steps replayed from CUDA graphs, and the ceilings of ops/bench/offload_common.py (host read, the
 copy engine, the UVA copy kernel, HBM). On a CPU: the wall clock, the same steps run eagerly, and the ceilings a
 CPU has (host read, memcpy for every copy path), so every stage of the bench also runs on a CPU at tiny sizes
 (tests/ops/test_bench_model.py) and a GPU run cannot die on a stage nobody ran. Also the CPU expert server's job log as
@@ -114,7 +114,7 @@ def ceilings(store, layer: int, device: torch.device, host_read_numel: int = 1 <
     """Ceilings a miss's bytes meet, measured on `layer`'s slab of `store`: host read, host->device by the copy
     engine and by the UVA copy kernel, device memory (GB/s). On a CPU every copy path is a memcpy."""
     if device.type == "cuda":
-        from moed.ops.bench.offload import ceilings as offload_ceilings
+        from moed.ops.bench.offload_common import ceilings as offload_ceilings
 
         return offload_ceilings(_OneSlab(store, layer))
     slab = store.slabs[layer]

@@ -13,37 +13,16 @@ from moed.client import protocol as cp
 _enc = msgspec.msgpack.encode
 
 _TAGS = ["generate", "abort", "heartbeat", "health", "ready", "stats", "models", "placement", "chunk", "launch", ""]
-_FIELDS = [
-    "type",
-    "id",
-    "prompt",
-    "prompt_token_ids",
-    "messages",
-    "sampling",
-    "stream",
-    "deadline_s",
-    "model",
-    "ids",
-    "op",
-    "layer",
-    "expert",
-    "role",
-    "content",
-    "temperature",
-    "top_p",
-    "max_tokens",
-    "stop",
-    "seed",
-    "n",
-    "tools",
-    "tool_choice",
-    "chat_template_kwargs",
-    "function",
-    "name",
-    "parameters",
-    "text",
-    "tool_calls",
-]
+
+
+def wire_fields() -> list[str]:
+    """Every field name of the protocol's messages (and the structs inside them), read from client/protocol.py so a
+    new field is fuzzed without a list to keep in step."""
+    structs = [v for v in vars(cp).values() if isinstance(v, type) and issubclass(v, msgspec.Struct)]
+    return sorted({"type"} | {f for s in structs for f in s.__struct_fields__})
+
+
+_FIELDS = wire_fields()
 _SAMPLING = [
     "temperature",
     "top_k",

@@ -18,6 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from moed.client import protocol as cp
+from moed.ops.bench.hostile_messages import wire_fields
 
 FUZZ = settings(max_examples=300, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
 ERROR_CODES = set(get_args(cp.ErrorCode))
@@ -38,37 +39,7 @@ TAGS = [
     "launch",
     "",
 ]
-FIELDS = [
-    "type",
-    "id",
-    "prompt",
-    "prompt_token_ids",
-    "messages",
-    "sampling",
-    "stream",
-    "deadline_s",
-    "model",
-    "ids",
-    "op",
-    "layer",
-    "expert",
-    "role",
-    "content",
-    "temperature",
-    "top_p",
-    "max_tokens",
-    "stop",
-    "items",
-    "n",
-    "tools",
-    "tool_choice",
-    "chat_template_kwargs",
-    "function",
-    "name",
-    "parameters",
-    "text",
-    "tool_calls",
-]
+FIELDS = wire_fields()
 
 # Leaves of every msgpack type, ints at the edges of what msgpack holds.
 leaves = st.one_of(

@@ -23,21 +23,7 @@ def wire_fields() -> list[str]:
 
 
 _FIELDS = wire_fields()
-_SAMPLING = [
-    "temperature",
-    "top_k",
-    "top_p",
-    "min_p",
-    "repetition_penalty",
-    "frequency_penalty",
-    "presence_penalty",
-    "seed",
-    "max_tokens",
-    "logprobs",
-    "stop_token_ids",
-    "stop",
-    "ignore_eos",
-]
+_SAMPLING = list(cp.SamplingParams.__struct_fields__)
 
 
 def _text(rng: random.Random, n: int) -> str:

@@ -1,0 +1,50 @@
+"""Every Triton kernel compiles for Hopper (sm_90) as the GPU would launch it, on a machine without a GPU.
+
+The CPU suite runs the kernels in Triton's interpreter, which never lowers them: a kernel can pass every CPU test
+and still fail to compile, or overflow shared memory, on the H100. `sm90_compile.py` (beside this file) compiles
+each launch of the kernels' wrappers at GLM-5.1's widths with the configs the GPU would pick, through Triton's JIT
+with a driver that answers for sm_90; it needs the NVIDIA backend's ptxas, which Triton's Linux wheels carry.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).with_name("sm90_compile.py")
+
+
+def _nvidia_backend() -> bool:
+    try:
+        from triton.backends import backends
+    except ImportError:
+        return False
+    return "nvidia" in backends
+
+
+@pytest.mark.skipif(not _nvidia_backend(), reason="this Triton has no NVIDIA backend to compile with")
+@pytest.mark.parametrize("group", ["fp8_moe", "int4_moe", "offload", "attention"])
+def test_kernels_compile_for_sm90(group, tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = str(tmp_path / "cache")  # compile for real, not from an earlier run's cache
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), group], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:] + proc.stdout[-2000:]
+    records = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    assert records and all(r["group"] == group for r in records)
+    # Each record is a kernel the compiler lowered, within one block's shared memory on sm_90.
+    assert all(0 <= r["shared"] <= 232_448 for r in records)
+    kernels = {r["kernel"] for r in records}
+    want = {
+        "fp8_moe": {"_gate_up_kernel", "_down_kernel", "_topk_sum_kernel"},
+        "int4_moe": {"_gate_up_int4_kernel", "_down_int4_kernel"},
+        "offload": {"_claim_kernel", "_copy_kernel", "_copy_cols_kernel", "_split_kernel", "_upload_kernel"},
+        "attention": {"_sparse_mla_kernel", "_scores_kernel", "_topk_select_kernel", "_gather_kernel"},
+    }[group]
+    assert want <= kernels, want - kernels

@@ -138,7 +138,9 @@ def default_config(M: int, dtype: str | None, block_shape: tuple[int, ...] | Non
             "BLOCK_SIZE_N": 64 if M <= 128 else 128,
             "BLOCK_SIZE_K": 128,
             "GROUP_SIZE_M": 1 if M <= 128 else 8,
-            "num_warps": 4,
+            # past 16 rows, 4 warps spill the unpacked tiles and two accumulators to local memory on sm_90
+            # (ptxas: 255 registers and 64-464 bytes of stack); 8 warps hold them in registers
+            "num_warps": 4 if bm <= 16 else 8,
             "num_stages": 3,
         }
     return {

@@ -14,7 +14,11 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import re
+import subprocess
 import sys
+import tempfile
+from pathlib import Path
 
 import torch
 import triton
@@ -44,6 +48,20 @@ class _HopperDriver:
         return torch.device("cpu")
 
 
+def _stack_bytes(cubin: bytes) -> int | None:
+    """Per-thread stack of the kernel (local arrays and register spills), by the cuobjdump Triton ships; None
+    without it."""
+    tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    if not tool.is_file():
+        return None
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        usage = subprocess.run([str(tool), "--dump-resource-usage", f.name], capture_output=True, text=True).stdout
+    m = re.search(r"STACK:(\d+)", usage)
+    return int(m.group(1)) if m else None
+
+
 COMPILED: list[dict] = []
 _run = triton_jit.JITFunction.run
 
@@ -53,6 +71,7 @@ def _compile_only(self, *args, grid, warmup, **kwargs):
     record = {
         "kernel": self.fn.__name__,
         "shared": kernel.metadata.shared,
+        "stack": _stack_bytes(kernel.asm["cubin"]),
         "num_warps": kernel.metadata.num_warps,
         "num_stages": kernel.metadata.num_stages,
         "constexprs": {k: v for k, v in kwargs.items() if k.isupper()},

@@ -139,7 +139,8 @@ def default_config(M: int, dtype: str | None, block_shape: tuple[int, ...] | Non
             "BLOCK_SIZE_K": 128,
             "GROUP_SIZE_M": 1 if M <= 128 else 8,
             # past 16 rows, 4 warps spill the unpacked tiles and two accumulators to local memory on sm_90
-            # (ptxas: 255 registers and 64-464 bytes of stack); 8 warps hold them in registers
+            # (ptxas, 64x128 tiles: 255 registers, 184-464 bytes of stack with Triton 3.6 and 3.9; 32x64 with
+            # 3.9: 64 bytes); 8 warps hold them in registers (tests/kernels/test_sm90_compile.py)
             "num_warps": 4 if bm <= 16 else 8,
             "num_stages": 3,
         }

@@ -166,6 +166,8 @@ def main() -> None:
         help="the decode and hybrid sizes (the runner computes a batch-1 layer's 8 routes as M=8)",
     )
     args = p.parse_args()
+    if not torch.cuda.is_available():
+        p.error("needs a CUDA GPU: it times the GPU expert cache and copies into it (no GPU is visible here)")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     torch.manual_seed(0)
     results: dict = {

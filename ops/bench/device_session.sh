@@ -1,0 +1,81 @@
+#!/usr/bin/env bash
+# One GPU-machine session in one detached run: every GPU-marked test beside the depth pipeline's set-up and
+# checkpoint, then the depth pipeline (depth_pipeline.sh: whole-model figures beside llama.cpp), then the offload
+# bench's int4 entry and its column-split entry, each stage only if it fits the session's deadline.
+#
+#   start (first call; carry .whl, .peers from ops/bench/device_prep.sh):
+#       DEADLINE_S=900 PIPE_S=700 setsid nohup bash ops/bench/device_session.sh > /tmp/session.out 2>&1 < /dev/null &
+#       bash ops/bench/device_session.sh --wait 540
+#   poll (each later call, within the machine's 30 s idle): bash ops/bench/device_session.sh --wait 560
+#
+# --wait N returns when the session is done or N seconds pass, copying what it has to $OUT (a call cut short loses
+# only what its own wait would have copied). Everything goes to $RUN (/tmp/session): gpu_tests.log, depth/ (the
+# pipeline's report.txt, results.json), offload.{log,json}, split.{log,json}.
+# Knobs: DEADLINE_S (whole session, 900), PIPE_S (the pipeline's BUDGET_S, 700), TESTS_S (170); SKIP_TESTS,
+# SKIP_PIPE, SKIP_OFFLOAD; OFFLOAD_ONLY (ceil,cpu,int4), SPLIT_ONLY (ceil,cpu,split; "none" skips);
+# the pipeline's own SKIP_*, DEEP_ARGS, ... pass through (SKIP_SERVE defaults to 1 here).
+set -u
+RUN=${RUN:-/tmp/session}
+REPO=$(cd "$(dirname "$0")/../.." && pwd)
+
+wait_and_copy() {
+    local end=$((SECONDS + ${1:-540}))
+    while [ ! -f "$RUN/done" ] && [ $SECONDS -lt $end ]; do sleep 5; done
+    if [ -n "${OUT:-}" ]; then
+        cp -r "$RUN"/. "$OUT"/ 2> /dev/null
+        rm -rf "$OUT/depth/shm"
+    fi
+    cat "$RUN/gpu.txt" 2> /dev/null
+    [ -f "$RUN/gpu_tests.rc" ] && {
+        cat "$RUN/gpu_tests.rc"
+        grep -E "FAILED|ERROR" "$RUN/gpu_tests.log" | sed 's/ *\[.*%\]//' | head -30
+        tail -n 1 "$RUN/gpu_tests.log"
+    }
+    grep -E "^=== " "$RUN/depth/pipeline.log" 2> /dev/null | tail -n 20
+    grep -E "^HEADLINE" "$RUN/depth/report.txt" 2> /dev/null
+    for f in offload split; do [ -f "$RUN/$f.log" ] && tail -n 25 "$RUN/$f.log"; done
+    grep -E "^session:" "$RUN/session.log" 2> /dev/null
+    [ -f "$RUN/done" ] && echo "SESSION DONE after $(cat "$RUN/done") s" || echo "session still running"
+}
+
+if [ "${1:-}" = "--wait" ]; then wait_and_copy "${2:-540}"; exit 0; fi
+
+mkdir -p "$RUN"
+rm -f "$RUN/done"
+exec > >(tee -a "$RUN/session.log") 2>&1
+cd "$REPO"
+export PYTHONUNBUFFERED=1
+DEADLINE_S=${DEADLINE_S:-900}
+if ls .whl/*.whl > /dev/null 2>&1; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+        .whl/*.whl > "$RUN/wheels.log" 2>&1 || echo "session: wheel install failed ($RUN/wheels.log)"
+    export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
+python3 -m pip install -q --no-deps --no-build-isolation -e . > "$RUN/install.log" 2>&1 || tail -n 5 "$RUN/install.log"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$RUN/gpu.txt"
+TESTS_PID=""
+if [ "${SKIP_TESTS:-0}" != 1 ]; then
+    (
+        timeout "${TESTS_S:-170}" python3 -m pytest -p no:cacheprovider -rfE -v -m gpu tests > "$RUN/gpu_tests.log" 2>&1
+        echo "rc=$?" > "$RUN/gpu_tests.rc"
+    ) &
+    TESTS_PID=$!
+fi
+if [ "${SKIP_PIPE:-0}" != 1 ]; then
+    # the tests share the machine with set-up and the checkpoint only: the timed stages wait them out
+    QUIET_PID=$TESTS_PID BUDGET_S=${PIPE_S:-700} RUN=$RUN/depth SKIP_SERVE=${SKIP_SERVE:-1} \
+        bash ops/bench/depth_pipeline.sh > "$RUN/depth.out" 2>&1
+    echo "session: pipeline done at +${SECONDS}s"
+fi
+[ -n "$TESTS_PID" ] && wait "$TESTS_PID"
+for spec in "${OFFLOAD_ONLY:-ceil,cpu,int4}:offload" "${SPLIT_ONLY:-ceil,cpu,split}:split"; do
+    only=${spec%%:*} name=${spec##*:}
+    left=$((DEADLINE_S - SECONDS))
+    if [ "${SKIP_OFFLOAD:-0}" = 1 ] || [ "$only" = none ]; then continue; fi
+    if [ $left -le 150 ]; then echo "session: $name skipped, $left s left of DEADLINE_S=$DEADLINE_S"; continue; fi
+    # from /tmp, so nothing imports the checkout's folders by their bare names
+    (cd /tmp && timeout $((left - 20)) python3 -m moed.ops.bench.offload --only "$only" --int4-kernel --steps 16 \
+        --out "$RUN/$name.json") > "$RUN/$name.log" 2>&1
+    echo "session: $name rc=$? at +${SECONDS}s"
+done
+echo "$SECONDS" > "$RUN/done"

@@ -102,8 +102,14 @@ stage() {  # stage NAME COMMAND...: run it, log rc and time; never stop the pipe
     echo "=== [$(date +%T) +${SECONDS}s] $name: start"
     "$@"
     rc=$?
-    echo "=== [$(date +%T) +${SECONDS}s] $name: rc=$rc in $((SECONDS - t0)) s$(build_note)"
+    echo "=== [$(date +%T) +${SECONDS}s] $name: rc=$rc in $((SECONDS - t0)) s$(build_note)$(mem_note)"
     return 0
+}
+
+mem_note() {  # host memory after a stage: the full-depth checkpoint, its GGUF and the build share 125 GiB
+    awk '/^MemTotal/ {t = $2} /^MemAvailable/ {a = $2} /^Shmem:/ {s = $2}
+        END {if (t) printf "; host memory: %.0f GiB available of %.0f, shared %.0f", a / 1048576, t / 1048576, s / 1048576}' \
+        /proc/meminfo 2> /dev/null
 }
 
 skip() { local v="SKIP_$1"; [ "${!v:-0}" = 1 ]; }

@@ -70,7 +70,7 @@ def _gate_up_int4_kernel(
     block_slot_ptr,
     num_padded_ptr,
     N,
-    K,
+    KH,
     T,
     top_k,
     num_blocks_m,
@@ -92,7 +92,9 @@ def _gate_up_int4_kernel(
     HAS_ZP: tl.constexpr,
     INTERPRET: tl.constexpr,
 ):
-    """h[f, n] = silu(x_t . gate_slot[n]) * (x_t . up_slot[n]) for the rows f of one block; t = f // top_k."""
+    """h[f, n] = silu(x_t . gate_slot[n]) * (x_t . up_slot[n]) for the rows f of one block; t = f // top_k.
+    KH = K / 2, the packed bytes of a weight row: bounds in bytes keep the divisibility Triton infers for KH, so
+    the weight tiles load 16 bytes a thread (with `(K - k0) // 2` it proves only 8)."""
     HALF_N: tl.constexpr = BLOCK_N // 2
     HALF_K: tl.constexpr = BLOCK_K // 2
     num_pid_n = tl.cdiv(N, HALF_N)
@@ -118,8 +120,8 @@ def _gate_up_int4_kernel(
     zu_ptrs = z_ptr + slot * stride_zs + (offs_up // 8) * stride_zn
     acc_g = tl.zeros((BLOCK_M, HALF_N), dtype=tl.float32)
     acc_u = tl.zeros((BLOCK_M, HALF_N), dtype=tl.float32)
-    for kb in range(0, tl.cdiv(K, BLOCK_K)):
-        k_ok = offs_kh < (K - kb * BLOCK_K) // 2  # K is even: an even k is in range iff its odd partner is
+    for kb in range(0, tl.cdiv(KH, HALF_K)):
+        k_ok = offs_kh < KH - kb * HALF_K  # K is even: an even k is in range iff its odd partner is
         a_even = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
         a_odd = tl.load(a_ptrs + 1, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
         wg = tl.load(wg_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0)
@@ -152,7 +154,7 @@ def _down_int4_kernel(
     block_slot_ptr,
     num_padded_ptr,
     H,
-    N,
+    NH,
     T,
     num_blocks_m,
     GROUP_M,
@@ -173,7 +175,8 @@ def _down_int4_kernel(
     HAS_ZP: tl.constexpr,
     INTERPRET: tl.constexpr,
 ):
-    """partial[f, :] = topk_weight[f] * (h[f] . down_slot) for the rows f of one block; H = hidden size."""
+    """partial[f, :] = topk_weight[f] * (h[f] . down_slot) for the rows f of one block; H = hidden size, NH = N / 2
+    (packed bytes of a weight row, as KH in the gate-up kernel)."""
     HALF_K: tl.constexpr = BLOCK_K // 2
     num_pid_n = tl.cdiv(H, BLOCK_N)
     pid_m, pid_n = _tile_ids(num_blocks_m, num_pid_n, GROUP_M)
@@ -193,8 +196,8 @@ def _down_int4_kernel(
     s_ptrs = s_ptr + slot * stride_ss + offs_n * stride_sn
     z_ptrs = z_ptr + slot * stride_zs + (offs_n // 8) * stride_zn
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for kb in range(0, tl.cdiv(N, BLOCK_K)):
-        k_ok = offs_kh < (N - kb * BLOCK_K) // 2
+    for kb in range(0, tl.cdiv(NH, HALF_K)):
+        k_ok = offs_kh < NH - kb * HALF_K
         a_even = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
         a_odd = tl.load(a_ptrs + 1, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
         w = tl.load(w_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0)
@@ -395,7 +398,7 @@ def launch_gate_up(
         align.block_slot,
         align.num_padded,
         N,
-        K,
+        K // 2,
         h.shape[0],
         top_k,
         num_blocks_m,
@@ -446,7 +449,7 @@ def launch_down(
         align.block_slot,
         align.num_padded,
         H,
-        N,
+        N // 2,
         T,
         num_blocks_m,
         config["GROUP_SIZE_M"],

@@ -41,6 +41,7 @@ experts resident (ops/bench/hitrate.py measures what that is worth at batch 32).
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import torch
 import triton
@@ -472,7 +473,9 @@ def copy_experts_reference(t: SlotTables, src: list[torch.Tensor], dst: list[tor
 
 
 @triton.jit
-def _copy_cols_section(e, cols, N, src, dst, n_rows, stride, zero_tail, pid, nprog, CHUNK: tl.constexpr):
+def _copy_cols_section(
+    e, cols, N, src, dst, n_rows, stride, zero_tail, pid, nprog, CHUNK: tl.constexpr, VEC: tl.constexpr
+):
     width = cols.to(tl.int64) * stride // N
     span = tl.where(zero_tail != 0, stride, width)
     chunks = tl.cdiv(span, CHUNK)
@@ -480,8 +483,11 @@ def _copy_cols_section(e, cols, N, src, dst, n_rows, stride, zero_tail, pid, npr
     for c in range(pid, total, nprog):
         base = (c // chunks) * stride
         off = (c % chunks) * CHUNK + tl.arange(0, CHUNK)
-        v = tl.load(src + e * n_rows * stride + base + off, mask=off < width, other=0)
-        tl.store(dst + base + off, v, mask=off < span)  # past width: zeros (zero_tail only)
+        # width and span are multiples of VEC: masks constant over VEC bytes let the copies be VEC bytes wide (the
+        # widths come from the device, so Triton cannot prove that itself and would move single bytes)
+        at = (off // VEC) * VEC
+        v = tl.load(src + e * n_rows * stride + base + off, mask=at < width, other=0)
+        tl.store(dst + base + off, v, mask=at < span)  # past width: zeros (zero_tail only)
 
 
 @triton.jit
@@ -525,19 +531,25 @@ def _copy_cols_kernel(
     CH3: tl.constexpr,
     CH4: tl.constexpr,
     CH5: tl.constexpr,
+    V0: tl.constexpr,
+    V1: tl.constexpr,
+    V2: tl.constexpr,
+    V3: tl.constexpr,
+    V4: tl.constexpr,
+    V5: tl.constexpr,
 ):
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
     e = tl.load(info_ptr).to(tl.int64)
     cols = tl.load(info_ptr + 1)
-    _copy_cols_section(e, cols, N, src0, dst0, rows0, stride0, zero0, pid, nprog, CH0)
-    _copy_cols_section(e, cols, N, src1, dst1, rows1, stride1, zero1, pid, nprog, CH1)
+    _copy_cols_section(e, cols, N, src0, dst0, rows0, stride0, zero0, pid, nprog, CH0, V0)
+    _copy_cols_section(e, cols, N, src1, dst1, rows1, stride1, zero1, pid, nprog, CH1, V1)
     if NSEC > 2:
-        _copy_cols_section(e, cols, N, src2, dst2, rows2, stride2, zero2, pid, nprog, CH2)
-        _copy_cols_section(e, cols, N, src3, dst3, rows3, stride3, zero3, pid, nprog, CH3)
+        _copy_cols_section(e, cols, N, src2, dst2, rows2, stride2, zero2, pid, nprog, CH2, V2)
+        _copy_cols_section(e, cols, N, src3, dst3, rows3, stride3, zero3, pid, nprog, CH3, V3)
     if NSEC > 4:
-        _copy_cols_section(e, cols, N, src4, dst4, rows4, stride4, zero4, pid, nprog, CH4)
-        _copy_cols_section(e, cols, N, src5, dst5, rows5, stride5, zero5, pid, nprog, CH5)
+        _copy_cols_section(e, cols, N, src4, dst4, rows4, stride4, zero4, pid, nprog, CH4, V4)
+        _copy_cols_section(e, cols, N, src5, dst5, rows5, stride5, zero5, pid, nprog, CH5, V5)
 
 
 def _check_columns(src: list[torch.Tensor], dst: list[torch.Tensor], rows: list[int], zero: list[bool]) -> None:
@@ -560,27 +572,34 @@ def copy_expert_columns(
     rows: list[int],
     zero: list[bool],
     N: int,
+    granule: int = 1,
     num_programs: int = 32,
 ) -> None:
     """Copy the intermediate columns [0, cols) of expert e (split_info [2] int32 on the device: e, or -1 for
     nothing, and cols) from `src[i]` ([E, bytes_i] uint8, host memory read through UVA) into `dst[i]` ([1,
     bytes_i] uint8 on the device), section i seen as `rows[i]` rows of bytes_i / rows[i] bytes, of which the first
-    bytes * cols / N are those columns'; `zero[i]`: write zeros over the rest of each row. cols must make every
-    width whole (a multiple of the layout's column granule). No host sync."""
+    bytes * cols / N are those columns'; `zero[i]`: write zeros over the rest of each row. cols must be a multiple
+    of `granule` (the layout's column granule, `offload.cpu_experts.column_granule`), which must make every width
+    whole; the copies are as wide (up to 16 bytes) as that granule's widths and the rows allow. No host sync."""
     _check_columns(src, dst, rows, zero)
     args: list = []
-    chunks = []
+    chunks, vecs = [], []
     for s, d, r, z in zip(src, dst, rows, zero):
         stride = s.shape[1] // r
+        if granule > 1 and stride * granule % N:
+            raise ValueError(f"a granule of {granule} of {N} columns is not whole bytes of a {stride}-byte row")
+        unit = stride * granule // N if granule > 1 else 1
         args += [s, d, r, stride, int(z)]
         chunks.append(min(8192, triton.next_power_of_2(stride)))
+        vecs.append(math.gcd(stride, unit, 16))
     while len(args) < 30:
         args += [src[0], dst[0], 1, 0, 0]
         chunks.append(16)
+        vecs.append(1)
     if dst[0].device.type == "cpu":
         num_programs = min(num_programs, 2)  # the interpreter pays per program, not per byte
-    chs = {f"CH{i}": c for i, c in enumerate(chunks)}
-    _copy_cols_kernel[(num_programs,)](split_info, N, *args, NSEC=len(src), **chs, num_warps=4)
+    consts = {f"CH{i}": c for i, c in enumerate(chunks)} | {f"V{i}": v for i, v in enumerate(vecs)}
+    _copy_cols_kernel[(num_programs,)](split_info, N, *args, NSEC=len(src), **consts, num_warps=4)
 
 
 def copy_expert_columns_reference(

@@ -366,7 +366,11 @@ class HybridMissService:
             self._split_rows,
             self._split_zero,
             self.layout.inter,
-            **({"num_programs": lc.cfg.copy_programs} if self._copy_columns is copy_expert_columns else {}),
+            **(
+                {"granule": self.granule, "num_programs": lc.cfg.copy_programs}
+                if self._copy_columns is copy_expert_columns
+                else {}
+            ),
         )
         self.moe_fn(
             hidden,

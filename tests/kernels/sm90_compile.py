@@ -208,6 +208,7 @@ def offload_kernels() -> None:
         [2, GLM_K, 2, GLM_K // 128],
         [False, False, True, False],
         GLM_N,
+        granule=128,  # FP8's column granule (offload.cpu_experts.column_granule)
         num_programs=32,
     )
     upload_no_ce(torch.zeros(4096, dtype=torch.uint8), torch.zeros(4096, dtype=torch.uint8))

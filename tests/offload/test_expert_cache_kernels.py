@@ -163,8 +163,9 @@ def test_expert_cache_rounds_end_with_the_most_valuable_experts(policy):
         assert t.stats.tolist() == [0, 4, 2, 1]  # hits, misses, evictions, steps
 
 
+@pytest.mark.parametrize("granule", [1, 64])
 @pytest.mark.parametrize(("split", "seed"), [((5, 64), 0), ((2, 128), 1), ((-1, 64), 2)])
-def test_offload_copy_expert_columns_matches_reference(split, seed):
+def test_offload_copy_expert_columns_matches_reference(split, seed, granule):
     """The partial copy of a column split: an FP8-like layout (w13 [2N, K] halves, w2 [K, N] rows, both scales) with
     N = 256 and 64-column blocks; the kernel against its reference from a scratch of stale bytes; the copied columns
     are the expert's, the zeroed section's tail is zero, and the rest keeps what it held. No split (-1): untouched."""
@@ -177,7 +178,7 @@ def test_offload_copy_expert_columns_matches_reference(split, seed):
     stale = [torch.randint(1, 256, (1, a * b), generator=g, dtype=torch.uint8) for a, b in shapes]
     got, want = [t.clone() for t in stale], [t.clone() for t in stale]
     info = torch.tensor(split, dtype=torch.int32)
-    copy_expert_columns(info, src, got, rows, zero, N)
+    copy_expert_columns(info, src, got, rows, zero, N, granule=granule)  # 64: 16- and 4-byte copies
     copy_expert_columns_reference(info, src, want, rows, zero, N)
     for a, b in zip(got, want):
         assert torch.equal(a, b)
@@ -195,3 +196,5 @@ def test_offload_copy_expert_columns_matches_reference(split, seed):
     assert not s13[:, cols // blk :].any()
     with pytest.raises(ValueError, match="does not split into 7 rows"):
         copy_expert_columns(info, src, got, [2, 7, 2, 3], zero, N)
+    with pytest.raises(ValueError, match="is not whole bytes"):
+        copy_expert_columns(info, src, got, rows, zero, N, granule=3)

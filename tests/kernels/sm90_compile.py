@@ -26,10 +26,16 @@ from triton.backends.compiler import GPUTarget
 from triton.runtime import jit as triton_jit
 from triton.runtime.driver import driver
 
+from moed.model.checkpoint import make_config
+
 # Opt-in shared memory per block on sm_90 (227 KB); Triton checks this only when it loads a kernel on a device.
 SM90_SHARED_BYTES = 232_448
 H100 = "NVIDIA H100 80GB HBM3"
-GLM_K, GLM_N, TOP_K, NUM_IDS = 6144, 2048, 8, 257
+_CFG = make_config("glm51")
+# GLM-5.1's widths, from the project's preset of the release config: hidden, expert intermediate, top-k, and the
+# ids a fused-MoE table is keyed on (the routed experts and the fused shared expert)
+GLM_K, GLM_N = _CFG["hidden_size"], _CFG["moe_intermediate_size"]
+TOP_K, NUM_IDS = _CFG["num_experts_per_tok"], _CFG["n_routed_experts"] + 1
 
 
 class _HopperDriver:
@@ -80,16 +86,6 @@ def _compile_only(self, *args, grid, warmup, **kwargs):
         raise RuntimeError(f"{record}: {record['shared']} bytes of shared memory, sm_90 allows {SM90_SHARED_BYTES}")
     COMPILED.append(record)
     return kernel
-
-
-def _distinct(configs):
-    seen, out = set(), []
-    for c in configs:
-        key = json.dumps(c, sort_keys=True)
-        if key not in seen:
-            seen.add(key)
-            out.append(c)
-    return out
 
 
 def _table_pairs(N: int, dtype: str | None, block: tuple[int, int] | None) -> list[tuple[int, dict, dict]]:
@@ -249,10 +245,9 @@ def attention_kernels() -> None:
     from moed.kernels.indexer import indexer_topk
     from moed.kernels.sparse_mla import sparse_mla
     from moed.model.attention_interface import SequenceStep
-    from moed.model.checkpoint import make_config
     from moed.model.config import GlmMoeDsaConfig
 
-    cfg = GlmMoeDsaConfig.from_dict(make_config("glm51"))
+    cfg = GlmMoeDsaConfig.from_dict(_CFG)
     H, C, R = cfg.num_attention_heads, cfg.kv_lora_rank, cfg.qk_rope_head_dim
     page = 64
     # decode (two sequences past top-k, one new token each) and a prefill chunk; FP8 and bf16 pools

@@ -16,12 +16,10 @@ from typing import Any
 
 import zmq
 import zmq.asyncio
-from zmq.utils.monitor import parse_monitor_message
 
 from moed.client import protocol as cp
 from moed.client.calls import (
     DEFAULT_ADDRESS,
-    AuthenticationError,
     Choices,
     Completion,
     DaemonUnavailable,
@@ -32,13 +30,8 @@ from moed.client.calls import (
     StreamState,
     build_generate,
 )
+from moed.client.connection import Failed, auth_refused, decode, open_dealer, restart_error, routed, timeout_grace
 from moed.client.keys import CurveKeys
-from moed.client.sync_client import _AUTH_EVENTS, timeout_grace
-
-
-class _Failed:
-    def __init__(self, exc: BaseException):
-        self.exc = exc
 
 
 class AsyncClient:
@@ -73,16 +66,7 @@ class AsyncClient:
             raise DaemonUnavailable("client is closed")
         if self._sock is not None:
             return
-        sock = self._ctx.socket(zmq.DEALER)
-        sock.setsockopt(zmq.LINGER, 0)
-        sock.setsockopt(zmq.HEARTBEAT_IVL, 5000)
-        sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, 15000)
-        monitor = None
-        if self.curve is not None:
-            self.curve.apply(sock)
-            monitor = self._monitor = sock.get_monitor_socket(_AUTH_EVENTS)
-        sock.connect(self.address)
-        self._sock = sock
+        sock, monitor = self._sock, self._monitor = open_dealer(self._ctx, self.address, self.curve)
         self._last_heard = self._last_sent = time.monotonic()
         loop = asyncio.get_running_loop()
         self._tasks = [loop.create_task(self._reader(sock)), loop.create_task(self._heartbeats(sock))]
@@ -106,7 +90,7 @@ class AsyncClient:
         self.daemon_id = None  # whoever answers a new socket is this client's daemon from then on
         if exc is not None:
             for q in self._queues.values():
-                q.put_nowait(_Failed(exc))
+                q.put_nowait(Failed(exc))
 
     async def close(self) -> None:
         if self._sock is not None:
@@ -138,28 +122,21 @@ class AsyncClient:
         while True:
             frames = await sock.recv_multipart()
             self._last_heard = time.monotonic()
-            if len(frames) != 2:
-                continue
-            try:
-                cp.check_header(frames[0])
-                reply = cp.decode_reply(frames[1])
-            except cp.ProtocolError:
+            reply = decode(frames)
+            if reply is None:
                 continue
             if isinstance(reply, cp.Pong):
                 if self.daemon_id is not None and reply.daemon_id != self.daemon_id:
-                    lost = DaemonUnavailable(f"the daemon at {self.address} restarted; in-flight requests were lost")
+                    lost = restart_error(self.address)
                     for rid in list(self._generating):
                         if rid in self._queues:
-                            self._queues[rid].put_nowait(_Failed(lost))
+                            self._queues[rid].put_nowait(Failed(lost))
                 self.daemon_id = reply.daemon_id
                 continue
-            for item in reply.items if isinstance(reply, cp.Batch) else (reply,):
-                q = self._queues.get(item.id)
+            for rid, item in routed(reply):
+                q = self._queues.get(rid)
                 if q is not None:
-                    if isinstance(item, cp.Error) and item.code == "unknown_request":
-                        q.put_nowait(_Failed(DaemonUnavailable(f"the daemon lost request {item.id}: {item.message}")))
-                    else:
-                        q.put_nowait(item)
+                    q.put_nowait(item)
 
     async def _heartbeats(self, sock: zmq.asyncio.Socket) -> None:
         while True:
@@ -176,13 +153,10 @@ class AsyncClient:
                 return
 
     async def _watch_auth(self, sock: zmq.asyncio.Socket, monitor: zmq.asyncio.Socket) -> None:
-        event = parse_monitor_message(await monitor.recv_multipart())
-        self._disconnect(
-            AuthenticationError(
-                f"the daemon at {self.address} refused the Curve handshake (event {zmq.Event(event['event']).name}): "
-                "this client's key is not allowed, or the server key is wrong"
-            )
-        )
+        # The monitor is subscribed to the refused-handshake events only.
+        while (exc := auth_refused(self.address, await monitor.recv_multipart())) is None:
+            pass
+        self._disconnect(exc)
 
     async def _next(self, rid: str, deadline: float | None) -> Any:
         q = self._queues[rid]
@@ -193,7 +167,7 @@ class AsyncClient:
                 item = await q.get()
         except TimeoutError:
             raise RequestTimeout(f"request {rid} got no reply before its timeout") from None
-        if isinstance(item, _Failed):
+        if isinstance(item, Failed):
             raise item.exc
         return item
 

@@ -18,12 +18,10 @@ from collections.abc import Iterator
 from typing import Any
 
 import zmq
-from zmq.utils.monitor import parse_monitor_message
 
 from moed.client import protocol as cp
 from moed.client.calls import (
     DEFAULT_ADDRESS,
-    AuthenticationError,
     Choices,
     Completion,
     DaemonUnavailable,
@@ -34,22 +32,8 @@ from moed.client.calls import (
     StreamState,
     build_generate,
 )
+from moed.client.connection import Failed, auth_refused, decode, open_dealer, restart_error, routed, timeout_grace
 from moed.client.keys import CurveKeys
-
-_AUTH_EVENTS = (
-    zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
-)
-
-
-def timeout_grace(timeout: float) -> float:
-    """The daemon ends a request at its deadline (= the call's timeout) with a Final; the client waits this
-    much longer for it before giving up on the daemon."""
-    return min(2.0, max(0.2, 0.25 * timeout))
-
-
-class _Failed:
-    def __init__(self, exc: BaseException):
-        self.exc = exc
 
 
 class Client:
@@ -82,15 +66,7 @@ class Client:
     # --- connection -----------------------------------------------------------------------------
 
     def _connect(self) -> None:
-        sock = self._ctx.socket(zmq.DEALER)
-        sock.setsockopt(zmq.LINGER, 0)
-        sock.setsockopt(zmq.HEARTBEAT_IVL, 5000)
-        sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, 15000)
-        if self.curve is not None:
-            self.curve.apply(sock)
-            self._monitor = sock.get_monitor_socket(_AUTH_EVENTS)
-        sock.connect(self.address)
-        self._sock = sock
+        self._sock, self._monitor = open_dealer(self._ctx, self.address, self.curve)
         self._last_heard = self._last_sent = time.monotonic()
 
     def _disconnect(self) -> None:
@@ -106,7 +82,7 @@ class Client:
     def _reconnect(self, exc: BaseException) -> None:
         """Fail every waiting request with `exc` and start over on a fresh socket."""
         for box in self._inbox.values():
-            box.append(_Failed(exc))
+            box.append(Failed(exc))
         self._disconnect()
         self._connect()
         self.daemon_id = None  # whoever answers the new socket is this client's daemon from now on
@@ -157,13 +133,8 @@ class Client:
             poller.register(self._monitor, zmq.POLLIN)
         events = dict(poller.poll(int(wait * 1000) + 1))
         if self._monitor is not None and self._monitor in events:
-            event = parse_monitor_message(self._monitor.recv_multipart())
-            if event["event"] & _AUTH_EVENTS:
-                exc = AuthenticationError(
-                    f"the daemon at {self.address} refused the Curve handshake "
-                    f"(event {zmq.Event(event['event']).name}): this client's key is not "
-                    "allowed, or the server key is wrong"
-                )
+            exc = auth_refused(self.address, self._monitor.recv_multipart())
+            if exc is not None:
                 self._reconnect(exc)
                 raise exc
         if self._sock in events:
@@ -180,27 +151,20 @@ class Client:
 
     def _route(self, frames: list[bytes]) -> None:
         self._last_heard = time.monotonic()
-        if len(frames) != 2:
+        reply = decode(frames)
+        if reply is None:
             return
-        try:
-            cp.check_header(frames[0])
-            reply = cp.decode_reply(frames[1])
-        except cp.ProtocolError:
-            return  # a daemon of another version; its Errors still name the request and are read below
         if isinstance(reply, cp.Pong):
             if self.daemon_id is not None and reply.daemon_id != self.daemon_id and self._inbox:
-                lost = DaemonUnavailable(f"the daemon at {self.address} restarted; in-flight requests were lost")
+                lost = restart_error(self.address)
                 for box in self._inbox.values():
-                    box.append(_Failed(lost))
+                    box.append(Failed(lost))
             self.daemon_id = reply.daemon_id
             return
-        for item in reply.items if isinstance(reply, cp.Batch) else (reply,):
-            box = self._inbox.get(item.id)
+        for rid, item in routed(reply):
+            box = self._inbox.get(rid)
             if box is not None:
-                if isinstance(item, cp.Error) and item.code == "unknown_request":
-                    box.append(_Failed(DaemonUnavailable(f"the daemon lost request {item.id}: {item.message}")))
-                else:
-                    box.append(item)
+                box.append(item)
 
     def _next(self, rid: str, deadline: float | None) -> Any:
         """The next reply for request `rid`; raises RequestTimeout after `deadline`."""
@@ -211,7 +175,7 @@ class Client:
                 raise RequestTimeout(f"request {rid} got no reply before its timeout")
             self._pump(deadline if deadline is not None else now + self.heartbeat_interval)
         item = box.popleft()
-        if isinstance(item, _Failed):
+        if isinstance(item, Failed):
             raise item.exc
         return item
 

@@ -19,7 +19,7 @@ def dtype_name(w13: torch.Tensor) -> str | None:
 
 @functools.cache
 def device_name(index: int) -> str:
-    return torch.cuda.getdevice_name(index)
+    return torch.cuda.get_device_name(index)
 
 
 def get_moe_config(

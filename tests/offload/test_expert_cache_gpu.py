@@ -172,9 +172,9 @@ def test_offload_int4_on_the_gpu_matches_the_reference_and_the_cpu_share():
     """int4 on the GPU: fused_moe_int4 over the slot pools (misses copied in) against the one torch reference on the
     same pools; the hybrid service with the rates it measures itself (the copy rate by the UVA kernel over the six
     sections), its CPU routes within the int8-activation error of the exact answer, replayed from a CUDA graph."""
-    from moed.kernels.fused_moe_reference import fused_moe_reference
+    from moed.kernels.fused_moe_reference import fused_moe_routes_reference
 
-    exact, r = _runner(E, moe_fn=fused_moe_reference, fmt="int4"), _runner(9, fmt="int4")
+    exact, r = _runner(E, moe_fn=fused_moe_routes_reference, fmt="int4"), _runner(9, fmt="int4")
     hyb = _runner(10, CpuConfig(threads=4), fmt="int4")
     assert r.layout.is_int4 and hyb.hybrid.copy_rate > 1e9 and hyb.hybrid.cpu_rate > 0
     hyb.hybrid.cpu_rate = hyb.hybrid.copy_rate  # a CPU share whatever this host measured
@@ -267,9 +267,9 @@ def test_offload_hybrid_column_split_on_the_gpu_no_sync_and_in_cuda_graph(fmt):
     copy into the scratch and the fused-MoE pass over it queue no host sync, replay from a CUDA graph with new ids,
     and stay as close to the reference as the hybrid path without the split (FP8: the all-GPU w8a8 error plus a bf16
     rounding; int4: the CPU's int8-activation error)."""
-    from moed.kernels.fused_moe_reference import fused_moe_reference
+    from moed.kernels.fused_moe_reference import fused_moe_routes_reference
 
-    exact = _runner(E, moe_fn=fused_moe_reference, fmt=fmt)
+    exact = _runner(E, moe_fn=fused_moe_routes_reference, fmt=fmt)
     r = _runner(10, CpuConfig(threads=4, cpu_rate=1e9, copy_rate=1e9, column_split=True), fmt=fmt)
     assert r.hybrid.column_split and list(r.hybrid.split_cols.numpy()[1, :4]) == [0, 128, 0, 128]
     tol = 3e-2 if fmt == "int4" else 6e-2

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # What a GPU-machine call carries, made here (a machine with the package registry) from a fresh checkout:
 #   .whl/    wheels for the device image's Python (3.12) of what the image lacks: the daemon's protocol (pyzmq,
-#            msgspec), the HTTP front end, the test plugins; ~6 MB
+#            msgspec), the HTTP front end, the test plugins and the
+#            OpenAI client the HTTP tests drive; ~9 MB
 #   .peers/  llama.cpp's source from the llama-cpp-python sdist (vendor/llama.cpp), trimmed to what a CUDA build of
 #            llama-bench and the GGUF converter need; ~6 MB (depth_pipeline.sh builds llama-bench from it there)
 # Both folders are git-ignored; name them in the call's `carry`. Usage: bash ops/bench/device_prep.sh [--no-llama]
@@ -13,7 +14,7 @@ PY=${PYTHON:-python3}
 # from being shadowed by other builds).
 WHEELS="pyzmq msgspec fastapi starlette pydantic pydantic-core annotated-types annotated-doc typing-inspection
 typing-extensions opentelemetry-api importlib-metadata zipp lazy-importer uvicorn h11 httptools anyio idna sniffio
-pytest-asyncio hypothesis sortedcontainers gguf"
+pytest-asyncio hypothesis sortedcontainers gguf openai httpx2 httpcore2 truststore jiter pyyaml"
 mkdir -p .whl
 for p in $WHEELS; do
     $PY -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \

@@ -1,4 +1,5 @@
-"""Compiled prefill: large eager steps run each decoder layer through one torch.compile'd function.
+"""Compiled decoder layers: large eager steps (prefill), and optionally the decode CUDA graphs, run each decoder
+layer through one torch.compile'd function.
 
 What is compiled: `DecoderLayer.forward` of model/glm.py as it is (norms, projections, rotary, the
 indexer's projections, the router, the shared expert, residuals), once for every layer of a kind,
@@ -23,6 +24,14 @@ step is run again eagerly, and every later step stays eager. The eager rerun rep
 did before it stopped: a paged pool gets the same KV rows written again, a growing cache (the reference
 backend's) is truncated back first; expert-cache statistics count that step's earlier layers twice.
 An error raised by the attention or MoE code inside the ops is the step's own and propagates as in eager.
+
+Compiled decode (`CompiledDecode`, engine setting compile_decode): the decode graphs capture the compiled layers
+instead of the eager ones. At batch 1 a decode step is thousands of tiny kernels (each RMSNorm alone is six: casts,
+pow, mean, rsqrt, two multiplies), and a CUDA graph replays each as its own node; Inductor fuses the elementwise
+work between the projections, the attention op and the MoE op. It is a separate compiled function, so its graphs
+(batch 1 is specialised; every other bucket shares one dynamic graph per layer kind) never count against
+prefill's. Compiling happens in the graphs' warm-up runs, before capture; a failure there is the caller's to handle
+(the engine captures eager graphs instead).
 """
 
 from __future__ import annotations
@@ -69,7 +78,7 @@ def forward_context(fc: ForwardContext) -> Iterator[ForwardContext]:
 
 def _current() -> ForwardContext:
     if _FORWARD is None:
-        raise RuntimeError("moed_engine ops run only inside CompiledPrefill.forward (no forward context is set)")
+        raise RuntimeError("moed_engine ops run only inside a compiled forward (no forward context is set)")
     return _FORWARD
 
 
@@ -155,6 +164,24 @@ def _layer_step(layer: torch.nn.Module, x: torch.Tensor, cos: torch.Tensor, sin:
     return layer(x, cos, sin, _ATTENTION, _MOE, None, None)[0]
 
 
+def _decode_layer_step(layer: torch.nn.Module, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """The decode graphs' compiled function: its own code object, so its graphs have their own recompile budget."""
+    return _layer_step(layer, x, cos, sin)
+
+
+def _run_layers(
+    layer_fn: Callable, fc: ForwardContext, model: GlmMoeDsaForCausalLM, input_ids: torch.Tensor
+) -> torch.Tensor:
+    """GlmMoeDsaForCausalLM.forward with `layer_fn` for each main layer -> final-normed hidden [tokens, hidden]."""
+    with forward_context(fc):
+        cos, sin = model._rope(fc.ctx)
+        x = model.model.embed_tokens(input_ids)
+        for i, layer in enumerate(model.model.layers[: model.cfg.num_hidden_layers]):
+            fc.layer = i
+            x = layer_fn(layer, x, cos, sin)
+        return model.model.norm(x)
+
+
 def layer_kinds(model: GlmMoeDsaForCausalLM) -> set[tuple[str, bool]]:
     """The main layers' kinds, (MLP class, has its own indexer): one compiled graph each."""
     layers = model.model.layers[: model.cfg.num_hidden_layers]
@@ -190,13 +217,7 @@ class CompiledPrefill:
         None when compiling failed (logged once; the caller runs the step eagerly)."""
         fc = ForwardContext(backend, moe, ctx)
         try:
-            with forward_context(fc):
-                cos, sin = model._rope(ctx)
-                x = model.model.embed_tokens(input_ids)
-                for i, layer in enumerate(model.model.layers[: model.cfg.num_hidden_layers]):
-                    fc.layer = i
-                    x = self.layer_fn(layer, x, cos, sin)
-                hidden = model.model.norm(x)
+            hidden = _run_layers(self.layer_fn, fc, model, input_ids)
         except Exception as e:
             if fc.op_failed:
                 raise
@@ -204,7 +225,7 @@ class CompiledPrefill:
                 truncate = getattr(seq.kv, "truncate", None)
                 if truncate is not None:
                     truncate(seq.num_cached)
-            self.failed = _describe(e)
+            self.failed = describe_failure(e)
             log.warning(
                 "compiled prefill off, running eagerly from now on: compiling the decoder layer failed (%s)",
                 self.failed,
@@ -215,7 +236,25 @@ class CompiledPrefill:
         return hidden
 
 
-def _describe(e: BaseException) -> str:
+class CompiledDecode:
+    """The decode graphs' forward: `GlmMoeDsaForCausalLM.forward` with compiled layers, called in the graphs'
+    warm-up (which compiles) and capture; errors propagate (compiling or the step's own)."""
+
+    def __init__(self, compiler: str | Callable = "inductor") -> None:
+        self.layer_fn = torch.compile(_decode_layer_step, dynamic=True, backend=compiler)
+
+    def __call__(
+        self,
+        model: GlmMoeDsaForCausalLM,
+        input_ids: torch.Tensor,
+        ctx: StepContext,
+        backend: AttentionBackend,
+        moe: MoERunner,
+    ) -> torch.Tensor:
+        return _run_layers(self.layer_fn, ForwardContext(backend, moe, ctx), model, input_ids)
+
+
+def describe_failure(e: BaseException) -> str:
     """The error and its root cause (dynamo wraps a backend's error in BackendCompilerFailed), first lines only."""
     root = e
     while (inner := root.__cause__ or getattr(root, "inner_exception", None)) is not None:

@@ -113,6 +113,11 @@ class EngineConfig:
         "decoder layers (~20 s of compiling at start)",
     )
     compile_min_tokens: int = setting(2048, "shortest step that compile_prefill compiles", min=1)
+    compile_decode: bool = setting(
+        False,
+        "capture the decode CUDA graphs from torch.compile'd decoder layers (fuses the elementwise kernels "
+        "between projections; compiles at start)",
+    )
     seed: int | None = setting(None, "seeds the noise of requests that set no seed; auto = a random seed", min=0)
     expert_dtype: ExpertDtype = setting(
         "checkpoint",

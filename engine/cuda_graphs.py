@@ -28,6 +28,8 @@ offload runner qualifies when its misses take the SM copy path (CPU experts are 
 stream memory operations, which are captured too).
 After capture every bucket is checked against an eager run of the same step: a backend that
 cannot really be captured is caught there, and graphs are turned off with the reason logged.
+With compile_decode the graphs capture the torch.compile'd layers (engine/compiled.py, `CompiledDecode`); if
+compiling fails, the eager layers are captured instead (the reason logged).
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ from typing import Any
 import torch
 
 from moed.attention.paged_kv import is_paged
+from moed.engine.compiled import CompiledDecode, describe_failure
 from moed.engine.config import EngineConfig
 from moed.model.attention_interface import PagedStep, SequenceStep, StepContext
 
@@ -75,7 +78,9 @@ class DecodeGraphs:
         page_size: int,
         batch_sizes: list[int] | None = None,
         warmup_runs: int = 2,
+        compiled: CompiledDecode | None = None,
     ) -> None:
+        """`compiled`: capture the torch.compile'd layers (compiled in the warm-up runs) instead of the eager ones."""
         if device.type != "cuda":
             raise ValueError(f"CUDA graphs need a CUDA device, got {device}")
         ok, why = graph_capable(backend, moe)
@@ -86,6 +91,7 @@ class DecodeGraphs:
         self.batch_sizes = sorted(batch_sizes or bucket_sizes(max_batch))
         self.max_batch = self.batch_sizes[-1]
         self.warmup_runs = warmup_runs
+        self.compiled = compiled
         B, T = self.max_batch, self.max_batch * tokens_per_seq
         self.max_pages = -(-max_context // page_size)
         i32 = {"dtype": torch.int32, "device": device}
@@ -114,6 +120,11 @@ class DecodeGraphs:
         seqs = [SequenceStep(num_cached=0, num_new=self.tokens_per_seq, kv=None) for _ in range(bs)]
         return StepContext(positions=self.positions[:n], seqs=seqs, paged=paged)
 
+    def _forward(self, n: int, ctx: StepContext) -> torch.Tensor:
+        if self.compiled is not None:
+            return self.compiled(self.model, self.input_ids[:n], ctx, self.backend, self.moe)
+        return self.model(self.input_ids[:n], ctx, self.backend, self.moe)
+
     @torch.inference_mode()
     def capture(self) -> None:
         # Largest first, so smaller graphs reuse the pool blocks the largest one allocated.
@@ -122,21 +133,22 @@ class DecodeGraphs:
             ctx = self.contexts[bs] = self._context(bs)
             for _ in range(self.warmup_runs):  # compiles kernels and settles allocations outside the capture
                 ctx.paged.derived.clear()  # type: ignore[union-attr]
-                self.model(self.input_ids[:n], ctx, self.backend, self.moe)
+                self._forward(n, ctx)
             torch.cuda.synchronize(self.device)
             ctx.paged.derived.clear()  # type: ignore[union-attr]  # recomputed inside the graph, from the buffers
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=self.pool):
-                out = self.model(self.input_ids[:n], ctx, self.backend, self.moe)
+                out = self._forward(n, ctx)
             if self.pool is None:
                 self.pool = graph.pool()
             self.graphs[bs], self.outputs[bs] = graph, out
         torch.cuda.synchronize(self.device)
         log.info(
-            "captured decode CUDA graphs for batch sizes %s (%d tokens per sequence, contexts <= %d)",
+            "captured decode CUDA graphs for batch sizes %s (%d tokens per sequence, contexts <= %d, %s layers)",
             self.batch_sizes,
             self.tokens_per_seq,
             self.max_context,
+            "compiled" if self.compiled is not None else "eager",
         )
 
     def bucket(self, num_seqs: int) -> int | None:
@@ -204,15 +216,26 @@ def capture_decode_graphs(
         # Several tokens per sequence within the dense threshold take the dense prefill path, which
         # reads host lengths: verify graphs must be captured on the (exact) selection path instead.
         max_context = threshold + 1
-    graphs = DecodeGraphs(
-        model,
-        backend,
-        moe,
-        device,
-        max_batch=min(config.graph_max_batch, config.max_running),
-        tokens_per_seq=1 + config.spec_steps,
-        max_context=max_context,
-        page_size=config.page_size,
-    )
-    graphs.capture()
-    return graphs
+
+    def capture(compiled: CompiledDecode | None) -> DecodeGraphs:
+        graphs = DecodeGraphs(
+            model,
+            backend,
+            moe,
+            device,
+            max_batch=min(config.graph_max_batch, config.max_running),
+            tokens_per_seq=1 + config.spec_steps,
+            max_context=max_context,
+            page_size=config.page_size,
+            compiled=compiled,
+        )
+        graphs.capture()
+        return graphs
+
+    if config.compile_decode:
+        try:
+            return capture(CompiledDecode())
+        except Exception as e:
+            log.warning("compiled decode off, capturing the eager layers: %s", describe_failure(e), exc_info=True)
+            torch.cuda.synchronize(device)
+    return capture(None)

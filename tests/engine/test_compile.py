@@ -1,5 +1,6 @@
-"""Compiled prefill (engine/compiled.py): the engine's tokens with and without it, one graph per layer kind, and
-the fall-back to eager when compiling fails.
+"""Compiled layers (engine/compiled.py): the engine's tokens with and without compiled prefill, one graph per layer
+kind, the fall-back to eager when compiling fails; compiled decode's forward against the eager one on decode steps
+(its CUDA graphs: tests/engine/test_cuda_graphs.py).
 
 On the CPU the engine runs the tiny checkpoint in fp32 (reference attention, torch MoE runner) and the layers are
 compiled by Inductor (C++ code, gcc), so compiled steps must give exactly the eager tokens. Prompt lengths and a
@@ -10,14 +11,20 @@ while 1- to 7-token steps stay eager.
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import pytest
 import torch
 from torch._dynamo.utils import counters
 
-from moed.engine.compiled import CompiledPrefill, layer_kinds
+from moed.attention.reference import ReferenceAttention
+from moed.engine.compiled import CompiledDecode, CompiledPrefill, layer_kinds
 from moed.engine.llm_engine import EngineConfig, LLMEngine
 from moed.engine.protocol import SamplingParams
+from moed.model.attention_interface import SequenceStep, StepContext
+from moed.model.config import GlmMoeDsaConfig
+from moed.model.weights import load_model
+from moed.offload.torch_runner import TorchMoERunner
 
 GREEDY = SamplingParams(max_tokens=6, ignore_eos=True)
 LENGTHS = (9, 21, 40, 13, 30)
@@ -201,3 +208,42 @@ def test_engine_compiled_prefill_steps_match_eager_on_gpu_in_bf16(tiny_checkpoin
     # flips some tokens' router and indexer top-k choices: those tokens move by tens of percent). A wrong layer's
     # weights, a stale KV row or a lost MoE output puts both near 1.
     assert max(w for w, _ in errors) < 0.5 and max(m for _, m in errors) < 0.1, errors
+
+
+@torch.no_grad()
+def test_compiled_decode_forward_matches_eager_on_decode_steps(tiny_checkpoint):
+    """What the decode graphs capture with compile_decode: one token per sequence after a prompt, at batch 1 (its
+    own specialised graph) and 3 then 2 (one dynamic graph), against the eager forward on the same step (fp32)."""
+    cfg = GlmMoeDsaConfig.from_file(Path(tiny_checkpoint) / "config.json")
+    moe = TorchMoERunner(cfg, torch.float32)
+    model = load_model(tiny_checkpoint, moe, dtype=torch.float32, config=cfg)
+    backend = ReferenceAttention(cfg)
+    compiled = CompiledDecode()
+    torch._dynamo.reset()
+    counters.clear()
+    g = torch.Generator().manual_seed(5)
+    for batch in (1, 3, 2):
+        lengths = [int(n) for n in torch.randint(5, 40, (batch,), generator=g)]
+        prompts = [torch.randint(0, cfg.vocab_size, (n,), generator=g) for n in lengths]
+        kvs = [backend.new_sequence() for _ in prompts]
+        model(
+            torch.cat(prompts),
+            StepContext(
+                positions=torch.cat([torch.arange(n) for n in lengths]),
+                seqs=[SequenceStep(0, n, kv) for n, kv in zip(lengths, kvs)],
+            ),
+            backend,
+            moe,
+        )
+        ids = torch.randint(0, cfg.vocab_size, (batch,), generator=g)
+        ctx = StepContext(positions=torch.tensor(lengths), seqs=[SequenceStep(n, 1, kv) for n, kv in zip(lengths, kvs)])
+        got = compiled(model, ids, ctx, backend, moe)
+        for kv, n in zip(kvs, lengths):
+            kv.truncate(n)  # the eager run below appends the same token again
+        want = model(ids, ctx, backend, moe)
+        assert got.shape == want.shape == (batch, cfg.hidden_size)
+        assert torch.allclose(got, want, rtol=1e-4, atol=1e-5), (batch, (got - want).abs().max().item())
+    kinds = len(layer_kinds(model))
+    assert sum(counters["graph_break"].values()) == 0
+    # batch 1 specialised, batches 3 and 2 one dynamic graph: per layer kind, never per layer or per size
+    assert counters["stats"]["unique_graphs"] == 2 * kinds

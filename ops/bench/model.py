@@ -57,6 +57,12 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--ckpt", default="/dev/shm/glm51-deep", help="the glm51 preset checkpoint")
     d.add_argument("--deep-cache-gb", type=float, default=4.0, help="deep engine's expert cache (the issue's 4 GB)")
     d.add_argument("--deep-batches", type=_ints, default=list(BATCHES), help="non-MoE decode batches")
+    d.add_argument(
+        "--no-deep-compiled",
+        dest="deep_compiled",
+        action="store_false",
+        help="skip the non-MoE rows from compiled decode graphs (compile_decode; CUDA only)",
+    )
     d.add_argument("--deep-offload-batches", type=_ints, default=[1, 8, 32], help="offload runner in situ")
     d.add_argument("--deep-prompt", type=int, default=256)
     d.add_argument("--deep-gen", type=int, default=16)

@@ -13,6 +13,7 @@ written after each part, so a run cut off keeps what it measured.
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import logging
 import os
@@ -138,6 +139,18 @@ def stage_deep(args, save: Callable[[dict], None]) -> dict:
     out["graphs_nonmoe"] = engine.runner.graphs is not None
     out["nonmoe"] = decode_rows("zero", batches)
     save(out)
+    if cuda and args.deep_compiled:
+        # The same steps from decode graphs of torch.compile'd layers (engine setting compile_decode): what fusing
+        # the elementwise kernels between projections saves at this depth. Later parts run the engine's default.
+        default = engine.config
+        engine.config = dataclasses.replace(default, compile_decode=True)
+        out["warmup_zero_compiled_s"] = switch_moe(engine, ZeroExperts())
+        graphs = engine.runner.graphs
+        out["graphs_nonmoe_compiled"] = graphs is not None and graphs.compiled is not None
+        if out["graphs_nonmoe_compiled"]:
+            out["nonmoe_compiled"] = decode_rows("zero-compiled", batches)
+        engine.config = default
+        save(out)
     head = engine.model.lm_head.weight
     out["head_ms"] = {
         b: time_ms(

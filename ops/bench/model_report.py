@@ -340,6 +340,15 @@ def _memory(rep: dict, deep: dict, sl: dict) -> None:
 
 
 def _deep_offload(rep: dict, deep: dict, sl: dict) -> None:
+    eager = {r["batch"]: r["step_ms"] for r in deep.get("nonmoe", [])}
+    for r in deep.get("nonmoe_compiled", []):
+        b = r["batch"]
+        print(
+            f"deep engine, non-MoE step from compiled decode graphs (compile_decode), batch {b}: {r['step_ms']:.2f} ms"
+            + (f" (eager graphs {eager[b]:.2f} ms: x{eager[b] / r['step_ms']:.2f})" if b in eager else "")
+        )
+    if "graphs_nonmoe_compiled" in deep and not deep["graphs_nonmoe_compiled"]:
+        print("deep engine, compiled decode graphs: not captured (see the stage's log)")
     for r in deep.get("offload", []):
         j = r.get("jobs") or {}
         print(

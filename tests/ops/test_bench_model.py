@@ -72,6 +72,8 @@ def test_interpolate_and_mtp_rate():
 def _parts() -> dict:
     deep = {
         "nonmoe": [{"batch": b, "step_ms": 10.0 + b} for b in (1, 2, 8, 16)],
+        "graphs_nonmoe_compiled": True,
+        "nonmoe_compiled": [{"batch": 1, "step_ms": 5.5}],
         "head_ms": {"1": 0.5, "8": 0.6},
         "nonmoe_prefill_s": {"1024": 0.5, "8192": 3.0},
     }
@@ -173,7 +175,9 @@ def test_report_assembles_whole_model_figures():
 def test_report_prints_whatever_parts_there_are(capsys):
     parts = _parts()
     print_report(build_report(parts), parts)
-    assert "HEADLINE batch 1 skewed" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "HEADLINE batch 1 skewed" in out
+    assert "compiled decode graphs (compile_decode), batch 1: 5.50 ms (eager graphs 11.00 ms: x2.00)" in out
     print_report(build_report({}), {})  # every stage failed: the header, no traceback
     assert "assembled from measured parts" in capsys.readouterr().out
     no_llama = {"deep": parts["deep"], "slice": parts["slice"]}  # llama.cpp's stages gave nothing: moed's line stays

@@ -131,6 +131,16 @@ def fp8_moe() -> None:
         )
 
 
+def fp8_linear() -> None:
+    from moed.kernels.fp8_linear import fp8_linear_kernel
+
+    # GLM-5.1's FP8 projections (q_a, kv_a, q_b, o_proj, shared expert down), at a decode size per tile width
+    for N, K in ((2048, 6144), (576, 6144), (16384, 2048), (6144, 16384), (6144, 2048)):
+        w = torch.zeros((N, K), dtype=torch.float8_e4m3fn)
+        s = torch.ones((-(-N // 128), K // 128))
+        fp8_linear_kernel(torch.zeros((8, K), dtype=torch.bfloat16), w, s)
+
+
 def int4_moe() -> None:
     from moed.formats import int4
     from moed.kernels.fused_moe_int4 import fused_moe_int4
@@ -292,7 +302,13 @@ def attention_kernels() -> None:
         gather_paged_rows(iv.k, iv.scale, paged.page_table, paged.seq_lens, start, paged.max_context, rows)
 
 
-GROUPS = {"fp8_moe": fp8_moe, "int4_moe": int4_moe, "offload": offload_kernels, "attention": attention_kernels}
+GROUPS = {
+    "fp8_moe": fp8_moe,
+    "fp8_linear": fp8_linear,
+    "int4_moe": int4_moe,
+    "offload": offload_kernels,
+    "attention": attention_kernels,
+}
 
 
 def main(names: list[str]) -> int:

@@ -35,7 +35,7 @@ def _version() -> tuple[int, ...]:
 
 
 @pytest.mark.skipif(not _nvidia_backend(), reason="this Triton has no NVIDIA backend to compile with")
-@pytest.mark.parametrize("group", ["fp8_moe", "int4_moe", "offload", "attention"])
+@pytest.mark.parametrize("group", ["fp8_moe", "fp8_linear", "int4_moe", "offload", "attention"])
 def test_kernels_compile_for_sm90(group, tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_CACHE_DIR"] = str(tmp_path / "cache")  # compile for real, not from an earlier run's cache
@@ -55,6 +55,7 @@ def test_kernels_compile_for_sm90(group, tmp_path):
     kernels = {r["kernel"] for r in records}
     want = {
         "fp8_moe": {"_gate_up_kernel", "_down_kernel", "_topk_sum_kernel"},
+        "fp8_linear": {"_w8a16_kernel"},
         "int4_moe": {"_gate_up_int4_kernel", "_down_int4_kernel"},
         "offload": {"_claim_kernel", "_copy_kernel", "_copy_cols_kernel", "_split_kernel", "_upload_kernel"},
         "attention": {"_sparse_mla_kernel", "_scores_kernel", "_topk_select_kernel", "_gather_kernel"},

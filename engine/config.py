@@ -113,6 +113,11 @@ class EngineConfig:
         "decoder layers (~20 s of compiling at start)",
     )
     compile_min_tokens: int = setting(2048, "shortest step that compile_prefill compiles", min=1)
+    fp8_projections: bool = setting(
+        False,
+        "keep an FP8 checkpoint's projections FP8 on the device (w8a16 kernel for decode; half the bytes and memory "
+        "of bf16, which the expert cache gets) instead of dequantising them at load",
+    )
     compile_decode: bool = setting(
         False,
         "capture the decode CUDA graphs from torch.compile'd decoder layers (fuses the elementwise kernels "

@@ -55,8 +55,10 @@ from moed.engine.sequence import PENDING, Sequence
 from moed.engine.spec_decode import MTPDrafter
 from moed.engine.spec_step import SpecStep
 from moed.engine.step_times import StepTimes
+from moed.kernels import torch_ops
 from moed.model.attention_interface import AttentionBackend
 from moed.model.config import GlmMoeDsaConfig, generation_eos_ids
+from moed.model.glm import Fp8Linear
 from moed.model.weights import load_model
 from moed.offload.routed_experts import RoutedExperts
 
@@ -107,7 +109,12 @@ class LLMEngine:
             config=cfg,
             expert_dtype=config.expert_dtype,
             int4_cache_dir=config.int4_cache_dir,
+            fp8_projections=config.fp8_projections,
         )
+        if self.device.type == "cuda":
+            for m in self.model.modules():
+                if isinstance(m, Fp8Linear):
+                    m.matmul = torch_ops.fp8_linear  # w8a16 on the FP8 bytes, one op for graphs and compile
         self.cfg = self.model.cfg
 
         kv_pages = config.kv_pages or kv_pages_fitting(

@@ -39,3 +39,10 @@ def quantize_block_fp8(w: torch.Tensor, block_n: int, block_k: int) -> tuple[tor
     q = (blocks / scale[:, None, :, None]).clamp(-FP8_E4M3_MAX, FP8_E4M3_MAX)
     q = q.view(rows * block_n, cols * block_k)[:out_f, :in_f].to(torch.float8_e4m3fn)
     return q.contiguous(), scale.contiguous()
+
+
+def linear_dequantized(
+    x: torch.Tensor, weight: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int]
+) -> torch.Tensor:
+    """x [..., in] @ the block-scaled FP8 weight [out, in], dequantised into x's dtype for the product."""
+    return torch.nn.functional.linear(x, dequantize_block_fp8(weight, scale_inv, *block, dtype=x.dtype))

@@ -16,6 +16,8 @@ Ops (full schemas in `SCHEMAS`):
   max_context, config?) -> o_lat`: absorbed MLA over selected (or, indices None, all causal) positions;
 - `moed::gather_paged_rows(src, scale?, page_table, seq_lens, out_start, max_len, out!)`: paged rows into a
   ragged contiguous buffer (`index_k_gather`), written into `out`;
+- `moed::fp8_linear(x, weight, scale, block) -> y`: a block-scaled FP8 projection, w8a16 kernel for decode-sized
+  bf16 steps on a GPU, dequantised GEMM otherwise (`fp8_linear`; the one implementation for every device);
 - `moed::paged_store(pool!, rows, page, offset)`: `pool[page, offset] = rows` in place (plain torch, every device).
   Not a Triton kernel, but the KV write a forward makes: written as indexing on a pool view, functionalization
   turns it into a scatter into a copy of the whole pool layer, which Inductor materialises every step (torch
@@ -45,6 +47,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from moed.kernels import act_quant, index_k_gather, indexer
+from moed.kernels import fp8_linear as f8l
 from moed.kernels import fused_moe as fm
 from moed.kernels import fused_moe_reference as fmr
 from moed.kernels import sparse_mla as mla
@@ -53,6 +56,7 @@ NAMESPACE = "moed"
 
 SCHEMAS = {
     "act_quant_fp8": "(Tensor x, int group_size) -> (Tensor, Tensor)",
+    "fp8_linear": "(Tensor x, Tensor weight, Tensor scale, int[] block) -> Tensor",
     "fused_moe": "(Tensor hidden, Tensor w13, Tensor w2, Tensor topk_ids, Tensor topk_weights, "
     "Tensor expert_to_slot, Tensor? w13_scale, Tensor? w2_scale, int[]? block_shape) -> Tensor",
     "indexer_topk": "(Tensor q, Tensor weights, Tensor k, Tensor? k_scale, Tensor page_table, Tensor query_start, "
@@ -345,7 +349,16 @@ def _paged_store_fake(pool: torch.Tensor, rows: torch.Tensor, page: torch.Tensor
     _paged_store_check(pool, rows, page, offset)
 
 
+def _fp8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, block: Sequence[int]) -> torch.Tensor:
+    return f8l.fp8_linear(x, weight, scale, (block[0], block[1]))
+
+
+def _fp8_linear_fake(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, block: Sequence[int]) -> torch.Tensor:
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
 _register("act_quant_fp8", _act_quant_cuda, _act_quant_cpu, _act_quant_fake)
+_register("fp8_linear", _fp8_linear, None, _fp8_linear_fake)
 _register("fused_moe", _fused_moe_cuda, _fused_moe_cpu, _fused_moe_fake)
 _register("indexer_topk", _indexer_cuda, _indexer_cpu, _indexer_fake)
 _register("sparse_mla", _sparse_mla_cuda, _sparse_mla_cpu, _sparse_mla_fake)
@@ -354,6 +367,11 @@ _register("paged_store", _paged_store, None, _paged_store_fake)
 
 
 # -- the kernel functions' signatures, through the ops --------------------------------------------------------
+
+
+def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
+    """As `fp8_linear.fp8_linear`, one opaque op (the `matmul` the engine gives model.glm.Fp8Linear on a GPU)."""
+    return torch.ops.moed.fp8_linear(x, weight, scale, list(block))
 
 
 def per_token_group_quant_fp8(x: torch.Tensor, group_size: int = 128) -> tuple[torch.Tensor, torch.Tensor]:

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from moed.formats.fp8 import linear_dequantized
 from moed.model.attention_interface import AttentionBackend, IndexerInputs, LayerWeights, MLAInputs, StepContext
 from moed.model.config import GlmMoeDsaConfig
 from moed.model.moe import MoERunner, route
@@ -33,6 +34,23 @@ class RMSNorm(nn.Module):
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * xf.to(x.dtype)
+
+
+class Fp8Linear(nn.Module):
+    """A bias-free projection kept as the checkpoint stores it: `weight` [out, in] float8_e4m3fn and
+    `weight_scale_inv` fp32, one scale per `block` (bn, bk) of the weight. The product is `matmul`: by default the
+    weight dequantised into the activations' dtype; the engine installs moed's w8a16 op on a GPU, which reads the
+    FP8 bytes (half bf16's) directly."""
+
+    def __init__(self, weight: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int]) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(weight, requires_grad=False)
+        self.weight_scale_inv = nn.Parameter(scale_inv, requires_grad=False)
+        self.block = block
+        self.matmul = linear_dequantized
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.matmul(x, self.weight, self.weight_scale_inv, self.block)
 
 
 def _linear(i: int, o: int, bias: bool = False) -> nn.Linear:

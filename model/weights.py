@@ -26,7 +26,7 @@ from safetensors import safe_open
 from moed.formats import int4
 from moed.formats.fp8 import dequantize_block_fp8, scale_shape
 from moed.model.config import EXPERT_DTYPES, ExpertDtype, GlmMoeDsaConfig
-from moed.model.glm import GlmMoeDsaForCausalLM
+from moed.model.glm import Fp8Linear, GlmMoeDsaForCausalLM
 from moed.model.int4_cache import Int4Cache
 from moed.model.moe import ExpertWeights, MoERunner
 
@@ -82,6 +82,10 @@ class Checkpoint:
 
     def shape(self, name: str) -> tuple[int, ...]:
         return tuple(self.headers[self.weight_map[name]][name]["shape"])
+
+    def is_fp8(self, name: str) -> bool:
+        """Stored as float8_e4m3fn (the safetensors header's dtype F8_E4M3), read from the header alone."""
+        return self.headers[self.weight_map[name]][name]["dtype"] == "F8_E4M3"
 
     def nbytes(self, name: str) -> int:
         begin, end = self.headers[self.weight_map[name]][name]["data_offsets"]
@@ -188,8 +192,12 @@ def load_model(
     config: GlmMoeDsaConfig | None = None,
     expert_dtype: ExpertDtype = "checkpoint",
     int4_cache_dir: str | Path | None = None,
+    fp8_projections: bool = False,
 ) -> GlmMoeDsaForCausalLM:
     """Build the network from a checkpoint directory; routed experts go to `runner`.
+
+    fp8_projections: the checkpoint's FP8 projections stay FP8 (`Fp8Linear`, half the bytes of bf16) instead of being
+    dequantised into `dtype`; kv_b_proj, whose weight the attention backend reads as a matrix, is dequantised still.
 
     expert_dtype "int4" quantises bf16 / FP8 routed experts to moed's int4 format as they are read (int4 ones stay
     as they are); int4_cache_dir (optional, with "int4") keeps the result for the next start."""
@@ -234,6 +242,10 @@ def load_model(
     progress = LoadProgress(total, what)
     try:
         for name, p in params.items():
+            if fp8_projections and _keeps_fp8(model, ckpt, name):
+                _set_fp8_linear(model, ckpt, name, tuple(p.shape), cfg, device)
+                progress.advance(nbytes(name))
+                continue
             value = _read_weight(ckpt, name, tuple(p.shape), cfg, device=device)
             keep_fp32 = name.endswith(_FP32_PARAMS)
             value = value.to(device=device, dtype=torch.float32 if keep_fp32 else dtype)
@@ -384,6 +396,38 @@ def read_expert(ckpt: Checkpoint, cfg: GlmMoeDsaConfig, layer: int, expert: int)
             parts[proj.removesuffix("_proj") + "_scale_inv"] = ckpt.get(sname).float()
             nbytes += ckpt.nbytes(sname)
     return ExpertWeights(**parts), nbytes  # type: ignore[arg-type]
+
+
+def _keeps_fp8(model: torch.nn.Module, ckpt: Checkpoint, name: str) -> bool:
+    mod_name, _, attr = name.rpartition(".")
+    mod = model.get_submodule(mod_name)
+    return (
+        attr == "weight"
+        and isinstance(mod, torch.nn.Linear)
+        and mod.bias is None
+        and not mod_name.endswith("kv_b_proj")
+        and name in ckpt
+        and ckpt.is_fp8(name)
+    )
+
+
+def _set_fp8_linear(
+    model: torch.nn.Module,
+    ckpt: Checkpoint,
+    name: str,
+    shape: tuple[int, ...],
+    cfg: GlmMoeDsaConfig,
+    device: torch.device | str,
+) -> None:
+    weight = _read_weight(ckpt, name, shape, cfg, dequantize=False)  # checks the weight and its scales
+    scale = ckpt.get(name.removesuffix(".weight") + ".weight_scale_inv").float()
+    q = cfg.quantization
+    assert q is not None  # _read_weight refuses FP8 without a quantization_config
+    mod_name, _, _ = name.rpartition(".")
+    parent_name, _, child = mod_name.rpartition(".")
+    setattr(
+        model.get_submodule(parent_name), child, Fp8Linear(weight.to(device), scale.to(device), (q.block_n, q.block_k))
+    )
 
 
 def _set_param(model: torch.nn.Module, name: str, value: torch.Tensor) -> None:

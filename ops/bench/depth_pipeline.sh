@@ -23,8 +23,9 @@
 #                     .peers/llama.cpp-src.tar.gz in the background (nice 19, ~6 min on 16 cores, beside ckpt, deep
 #                     and the conversion; a stage that ran beside it says so in its end line)
 #   ckpt          45  `moed checkpoint make --preset glm51 --experts 8` into /dev/shm (78 layers, 44 GB)
-#   deep         240  model.py --stage deep: non-MoE step (batch 1-64, from eager and from compiled decode graphs)
-#                     and prefill (1k/8k/32k) at full depth, the offload runner in situ (batch 1)
+#   deep         320  model.py --stage deep: non-MoE step (batch 1-64, from eager and from compiled decode graphs)
+#                     and prefill (1k/8k/32k) at full depth, the offload runner in situ (batch 1); then the model
+#                     loaded again with its projections kept FP8 and the non-MoE step both ways again
 #   llama_deep   170  the full-depth checkpoint -> GGUF Q8_0 (GPU), checkpoint deleted; llama-bench all-GPU (decode,
 #                     1k/8k prefill) and -ot exps=CPU (decode: the direct whole-model figure); GGUF deleted
 #   slice1        70  model.py --stage slice --batches 1: 256-expert FP8 layers with the deployment's cache, batch 1
@@ -268,7 +269,7 @@ if [ -n "${QUIET_PID:-}" ] && kill -0 "$QUIET_PID" 2> /dev/null; then
 fi
 MODEL="python3 -m moed.ops.bench.model --device $DEVICE --work $RUN"
 # shellcheck disable=SC2086
-skip DEEP || { fits deep 240 && MOED_HOST_ALLOC=huge stage deep $MODEL --stage deep --ckpt "$DEEP" $DEEP_SIZES \
+skip DEEP || { fits deep 320 && MOED_HOST_ALLOC=huge stage deep $MODEL --stage deep --ckpt "$DEEP" $DEEP_SIZES \
     ${DEEP_ARGS:-}; }
 skip LLAMA || { fits llama_deep 170 && stage llama_deep llama_deep; }
 rm -rf "$DEEP"

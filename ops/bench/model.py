@@ -63,6 +63,12 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_false",
         help="skip the non-MoE rows from compiled decode graphs (compile_decode; CUDA only)",
     )
+    d.add_argument(
+        "--no-deep-fp8",
+        dest="deep_fp8",
+        action="store_false",
+        help="skip the non-MoE rows with the projections kept FP8 (fp8_projections; CUDA only; loads the model again)",
+    )
     d.add_argument("--deep-offload-batches", type=_ints, default=[1, 8, 32], help="offload runner in situ")
     d.add_argument("--deep-prompt", type=int, default=256)
     d.add_argument("--deep-gen", type=int, default=16)

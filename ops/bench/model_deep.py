@@ -75,24 +75,29 @@ def stage_deep(args, save: Callable[[dict], None]) -> dict:
     # prefill step at this depth needs a few GB of activations beside the graphs' pool.
     page = 64
     kv_pages = (max(prompts) + max(batches) * (args.deep_prompt + args.deep_gen + 8)) // page + 2 * max(batches)
-    engine = LLMEngine(
-        EngineConfig(
-            model=str(ckpt),
-            device=args.device,
-            dtype="bf16" if cuda else "fp32",
-            max_running=max(batches),
-            max_tokens_per_step=args.deep_step_tokens,
-            max_model_len=max(prompts) + 128,
-            kv_pages=kv_pages,
-            page_size=page,
-            moe="offload",
-            expert_cache_gb=args.deep_cache_gb,
-            graph_max_batch=max(batches),
-            seed=0,
-            miss_service=args.miss_service,
-            cpu_expert_threads=args.cpu_threads,
+
+    def new_engine(fp8_projections: bool = False) -> LLMEngine:
+        return LLMEngine(
+            EngineConfig(
+                model=str(ckpt),
+                device=args.device,
+                dtype="bf16" if cuda else "fp32",
+                max_running=max(batches),
+                max_tokens_per_step=args.deep_step_tokens,
+                max_model_len=max(prompts) + 128,
+                kv_pages=kv_pages,
+                page_size=page,
+                moe="offload",
+                expert_cache_gb=args.deep_cache_gb,
+                graph_max_batch=max(batches),
+                seed=0,
+                miss_service=args.miss_service,
+                cpu_expert_threads=args.cpu_threads,
+                fp8_projections=fp8_projections,
+            )
         )
-    )
+
+    engine = new_engine()
     out["load_s"] = time.perf_counter() - t0
     target = engine.experts.target
     store = target.store
@@ -128,8 +133,9 @@ def stage_deep(args, save: Callable[[dict], None]) -> dict:
             run_load(engine, b, args.deep_prompt, 3, seed=b)  # first use of this batch's shapes, untimed
             row = run_load(engine, b, args.deep_prompt, args.deep_gen, seed=b)  # clears the job log first
             row.update(batch=b, runner=label)
-            hybrid = target.hybrid
-            row["jobs"] = job_breakdown(list(hybrid.split_log)) if hybrid is not None and label != "zero" else None
+            hybrid = engine.experts.target.hybrid
+            zero = label.startswith("zero")
+            row["jobs"] = job_breakdown(list(hybrid.split_log)) if hybrid is not None and not zero else None
             rows.append(row)
             log.info("deep %s batch %d: step %.2f ms, hit %s", label, b, row["step_ms"], row["hit_rate"])
         return rows
@@ -184,4 +190,23 @@ def stage_deep(args, save: Callable[[dict], None]) -> dict:
         out["offload"].append(row)
         save(out)
     engine.experts.close()
+
+    # 3. The non-MoE step again with the projections kept FP8 (engine setting fp8_projections): half their bytes.
+    if cuda and args.deep_fp8 and ckpt.exists():
+        del engine, target, store
+        gc.collect()
+        torch.cuda.empty_cache()
+        engine = new_engine(fp8_projections=True)
+        out["nonexpert_resident_bytes_fp8"] = sum(p.numel() * p.element_size() for p in engine.model.parameters())
+        out["warmup_zero_fp8_s"] = switch_moe(engine, ZeroExperts())
+        out["nonmoe_fp8"] = decode_rows("zero-fp8", batches)
+        save(out)
+        if args.deep_compiled:
+            engine.config = dataclasses.replace(engine.config, compile_decode=True)
+            switch_moe(engine, ZeroExperts())
+            graphs = engine.runner.graphs
+            if graphs is not None and graphs.compiled is not None:
+                out["nonmoe_fp8_compiled"] = decode_rows("zero-fp8-compiled", batches)
+            save(out)
+        engine.experts.close()
     return out

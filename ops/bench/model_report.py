@@ -347,6 +347,19 @@ def _deep_offload(rep: dict, deep: dict, sl: dict) -> None:
             f"deep engine, non-MoE step from compiled decode graphs (compile_decode), batch {b}: {r['step_ms']:.2f} ms"
             + (f" (eager graphs {eager[b]:.2f} ms: x{eager[b] / r['step_ms']:.2f})" if b in eager else "")
         )
+    for key, what in (("nonmoe_fp8", "eager graphs"), ("nonmoe_fp8_compiled", "compiled graphs")):
+        for r in deep.get(key, []):
+            b = r["batch"]
+            than = f" (bf16 projections, eager graphs {eager[b]:.2f} ms)" if b in eager else ""
+            print(
+                f"deep engine, non-MoE step with FP8 projections (fp8_projections), {what}, batch {b}: "
+                f"{r['step_ms']:.2f} ms{than}"
+            )
+    if "nonexpert_resident_bytes_fp8" in deep:
+        print(
+            f"non-expert weights resident: {deep['nonexpert_resident_bytes_fp8'] / 1e9:.2f} GB with FP8 projections, "
+            f"{deep.get('nonexpert_resident_bytes', 0) / 1e9:.2f} GB dequantised"
+        )
     if "graphs_nonmoe_compiled" in deep and not deep["graphs_nonmoe_compiled"]:
         print("deep engine, compiled decode graphs: not captured (see the stage's log)")
     for r in deep.get("offload", []):

@@ -74,6 +74,9 @@ def _parts() -> dict:
         "nonmoe": [{"batch": b, "step_ms": 10.0 + b} for b in (1, 2, 8, 16)],
         "graphs_nonmoe_compiled": True,
         "nonmoe_compiled": [{"batch": 1, "step_ms": 5.5}],
+        "nonmoe_fp8": [{"batch": 1, "step_ms": 8.0}],
+        "nonexpert_resident_bytes": 38e9,
+        "nonexpert_resident_bytes_fp8": 21e9,
         "head_ms": {"1": 0.5, "8": 0.6},
         "nonmoe_prefill_s": {"1024": 0.5, "8192": 3.0},
     }
@@ -178,6 +181,8 @@ def test_report_prints_whatever_parts_there_are(capsys):
     out = capsys.readouterr().out
     assert "HEADLINE batch 1 skewed" in out
     assert "compiled decode graphs (compile_decode), batch 1: 5.50 ms (eager graphs 11.00 ms: x2.00)" in out
+    assert "FP8 projections (fp8_projections), eager graphs, batch 1: 8.00 ms (bf16 projections" in out
+    assert "21.00 GB with FP8 projections, 38.00 GB dequantised" in out
     print_report(build_report({}), {})  # every stage failed: the header, no traceback
     assert "assembled from measured parts" in capsys.readouterr().out
     no_llama = {"deep": parts["deep"], "slice": parts["slice"]}  # llama.cpp's stages gave nothing: moed's line stays

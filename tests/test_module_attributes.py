@@ -21,8 +21,11 @@ GUARD_EXCEPTIONS = {"AttributeError", "ImportError", "ModuleNotFoundError", "Exc
 
 
 def _files() -> list[Path]:
+    # the project's own files only: not a virtual environment or anything else under a hidden or build folder
     return sorted(
-        p for p in ROOT.rglob("*.py") if not any(part in SKIP_DIRS or part.startswith(".") for part in p.parts[-8:-1])
+        p
+        for p in ROOT.rglob("*.py")
+        if not any(part in SKIP_DIRS or part.startswith(".") for part in p.relative_to(ROOT).parts[:-1])
     )
 
 
@@ -37,6 +40,13 @@ def _import(name: str) -> types.ModuleType | None:
         return importlib.import_module(name)
     except Exception:  # a module that needs what this machine lacks (e.g. flashinfer) is not checked
         return None
+
+
+def _is_module(name: str) -> bool:
+    try:
+        return importlib.util.find_spec(name) is not None
+    except (ImportError, AttributeError, ValueError):  # a parent that is not a package
+        return False
 
 
 def _aliases(tree: ast.Module, path: Path) -> dict[str, types.ModuleType]:
@@ -64,7 +74,7 @@ def _aliases(tree: ast.Module, path: Path) -> dict[str, types.ModuleType]:
                 continue
             for a in node.names:
                 obj = getattr(parent, a.name, None)
-                if obj is None and importlib.util.find_spec(f"{base}.{a.name}") is not None:
+                if obj is None and _is_module(f"{base}.{a.name}"):
                     obj = _import(f"{base}.{a.name}")
                 if isinstance(obj, types.ModuleType):
                     out[a.asname or a.name] = obj

@@ -55,6 +55,22 @@ def _gpu_engine(path: str, **kw) -> LLMEngine:
     return e
 
 
+def _check_every_replay(graphs, rtol: float) -> list[str]:
+    """From now on every replayed step is also run eagerly on the same metadata; what differs is listed."""
+    problems: list[str] = []
+    replay = graphs.run
+
+    def checked(input_ids, ctx):
+        if graphs.covers(ctx) is not None:
+            problem = graphs.check_against_eager(input_ids, ctx, rtol=rtol)
+            if problem:
+                problems.append(problem)
+        return replay(input_ids, ctx)
+
+    graphs.run = checked
+    return problems
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("spec_steps", [0, 2])
 def test_engine_cuda_graph_replays_match_eager_steps(tiny_checkpoint, spec_steps):
@@ -63,17 +79,7 @@ def test_engine_cuda_graph_replays_match_eager_steps(tiny_checkpoint, spec_steps
     e = _gpu_engine(tiny_checkpoint, cuda_graphs=True, spec_steps=spec_steps, graph_max_context=64)
     graphs = e.runner.graphs
     assert graphs is not None, "the post-capture check against eager failed (see the log)"
-    problems: list[str] = []
-    replay = graphs.run
-
-    def checked(input_ids, ctx):
-        if graphs.covers(ctx) is not None:
-            problem = graphs.check_against_eager(input_ids, ctx, rtol=1e-3)
-            if problem:
-                problems.append(problem)
-        return replay(input_ids, ctx)
-
-    graphs.run = checked
+    problems = _check_every_replay(graphs, rtol=1e-3)
     out = e.generate(_prompts(), SP)
     assert not problems
     assert all(len(o) == SP.max_tokens for o in out)
@@ -141,17 +147,7 @@ def test_engine_compiled_decode_graphs_match_eager_steps(tiny_checkpoint):
     e = _gpu_engine(tiny_checkpoint, cuda_graphs=True, compile_decode=True)
     graphs = e.runner.graphs
     assert graphs is not None and graphs.compiled is not None, "compiled capture or its check failed (see the log)"
-    problems: list[str] = []
-    replay = graphs.run
-
-    def checked(input_ids, ctx):
-        if graphs.covers(ctx) is not None:
-            problem = graphs.check_against_eager(input_ids, ctx, rtol=0.5)
-            if problem:
-                problems.append(problem)
-        return replay(input_ids, ctx)
-
-    graphs.run = checked
+    problems = _check_every_replay(graphs, rtol=0.5)
     out = e.generate(_prompts(), SP)
     assert not problems
     assert all(len(o) == SP.max_tokens for o in out) and e.step_errors == 0

@@ -18,11 +18,10 @@ scratch's bytes are small beside the GEMM's work).
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from moed.formats.fp8 import dequantize_block_fp8, scale_shape
+from moed.formats.fp8 import dequantize_block_fp8, linear_dequantized, scale_shape
 from moed.kernels.act_quant import interpreting
 from moed.kernels.tl_helpers import cast_rne, dot
 
@@ -147,5 +146,5 @@ def fp8_linear(
         y = fp8_linear_kernel(x2.contiguous(), weight, scale, block)
     else:
         _check(x2, weight, scale, block)
-        y = F.linear(x2, dequantize_block_fp8(weight, scale, *block, dtype=x2.dtype))
+        y = linear_dequantized(x2, weight, scale, block)
     return y.reshape(*lead, weight.shape[0])

@@ -55,6 +55,9 @@ MoEFn = Callable[..., torch.Tensor]
 # A column split must save at least this share of the step's predicted miss time: it pays a partial copy launch and
 # a second fused-MoE launch that whole experts do not.
 SPLIT_MIN_GAIN = 0.02
+# The largest step a service is built for: its counts table is (T + 1) x (T * k + 1) int32 in pinned memory and its
+# mailbox holds T tokens' fp32 activations both ways (T = 256, k = 8, K = 6144: 2.1 MB and 12.6 MB).
+HYBRID_MAX_TOKENS = 256
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,7 +68,7 @@ class CpuConfig:
     threads: int = 0  # 0: every core this process may use but one
     # without a C compiler or stream memory operations: copy every miss (logged) instead of failing at load
     fallback_to_copy: bool = False
-    max_tokens: int = 8  # above this many tokens a step copies and computes on the GPU (prefill)
+    max_tokens: int = 8  # above this many tokens a step copies and computes on the GPU (prefill chunks)
     min_tokens: int = 1  # below this many tokens a step copies every miss
     spin_s: float = 0.05  # the server polls its mailbox without sleeping for this long after a job
     cpu_rate: float | None = None  # bytes/s; None: measured at start-up
@@ -76,9 +79,10 @@ class CpuConfig:
     def __post_init__(self) -> None:
         if self.policy not in ("hybrid", "cpu"):
             raise ValueError(f"CPU miss-service policy {self.policy!r}: expected hybrid or cpu")
-        if not 1 <= self.min_tokens <= self.max_tokens:
+        if not 1 <= self.min_tokens <= self.max_tokens <= HYBRID_MAX_TOKENS:
             raise ValueError(
-                f"CPU experts: need 1 <= min_tokens <= max_tokens, got {self.min_tokens}, {self.max_tokens}"
+                f"CPU experts: need 1 <= min_tokens <= max_tokens <= {HYBRID_MAX_TOKENS}, "
+                f"got {self.min_tokens}, {self.max_tokens}"
             )
 
 
@@ -213,16 +217,23 @@ class HybridMissService:
 
     def _cpu_counts(self, rate: float, max_misses: int) -> np.ndarray:
         """For 0..max_misses misses, how many experts the CPU computes at `rate` bytes/s: the split (whole experts)
-        whose slower side ends first (both sides start as soon as the split kernel has run); ties go to the CPU."""
+        whose slower side ends first (both sides start as soon as the split kernel has run); ties go to the CPU.
+
+        The step time max(c / rate, (n - c) / copy_rate) falls until the sides cross at c* = n * rate / (rate +
+        copy_rate) and rises after, so the best whole count is floor(c*) or the one above: O(n), where the table of
+        a 256-token step (2,049 miss counts per row) would otherwise be rebuilt as n^2 candidates per row."""
         n = np.arange(max_misses + 1)
         if self.cfg.policy == "cpu" or self.copy_rate <= 0:
             return n
         if rate <= 0:
             return np.zeros_like(n)
-        c = n[:, None]  # candidate CPU counts (rows) per miss count (columns)
-        t = np.maximum(c / rate, (n[None, :] - c) / self.copy_rate)
-        t = np.where(c <= n[None, :], t, np.inf)
-        return c.shape[0] - 1 - np.argmin(t[::-1], axis=0)  # the largest c among the fastest
+        lo = np.minimum(np.floor(n * rate / (rate + self.copy_rate)).astype(n.dtype), n)
+        hi = np.minimum(lo + 1, n)
+
+        def t(c: np.ndarray) -> np.ndarray:
+            return np.maximum(c / rate, (n - c) / self.copy_rate)
+
+        return np.where(t(hi) <= t(lo), hi, lo)
 
     def _split_columns(self, rate: float, whole: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """For 0..len(whole)-1 misses and the whole-expert counts `whole`: the CPU's whole experts and the GPU's

@@ -29,7 +29,7 @@ import torch
 from moed.model.config import ExpertDtype, GlmMoeDsaConfig
 from moed.model.moe import ExpertWeights, MoERunner
 from moed.offload.expert_cache import CacheConfigError
-from moed.offload.hybrid import CpuConfig
+from moed.offload.hybrid import HYBRID_MAX_TOKENS, CpuConfig
 from moed.offload.runner import OffloadMoERunner
 from moed.offload.stats import ExpertStats
 from moed.offload.torch_runner import TorchMoERunner
@@ -47,6 +47,7 @@ class ExpertSettings(Protocol):
     cpu_expert_threads: int  # 0: every core but one
     miss_column_split: bool  # hybrid: the boundary expert split by columns between the CPU and a copy
     spec_steps: int  # MTP draft tokens per step; > 0 builds the draft's runner
+    max_running: int  # sequences decoded together at most: with spec_steps, the largest decode step
     expert_dtype: ExpertDtype  # checkpoint | int4: the format experts are held in (GlmMoeDsaConfig.expert_format)
 
 
@@ -307,6 +308,14 @@ def _budget_bytes(gib: float | None, name: str, device: torch.device) -> int | N
     return None
 
 
+def hybrid_max_tokens(max_running: int, spec_steps: int) -> int:
+    """The largest step whose misses the CPU shares: every decode step (max_running sequences, 1 + spec_steps tokens
+    each) up to HYBRID_MAX_TOKENS. A batched decode step routes a few tokens to each of many experts, which the CPU
+    reads once like a batch-1 step's; left to copies alone it runs at the copy engine's ~51 GB/s instead of the
+    ~120 GB/s both reach together (H100, docs/benchmarks.md). Larger steps are prefill chunks: they copy."""
+    return min(HYBRID_MAX_TOKENS, max(8, max_running * (1 + spec_steps)))
+
+
 def _cpu_config(settings: ExpertSettings, device: torch.device) -> CpuConfig | None:
     """The CPU's part in serving decode misses, or None when every miss is copied.
 
@@ -321,7 +330,7 @@ def _cpu_config(settings: ExpertSettings, device: torch.device) -> CpuConfig | N
         return None
     return CpuConfig(
         policy=ms,
-        max_tokens=max(8, 2 * (1 + settings.spec_steps)),
+        max_tokens=hybrid_max_tokens(settings.max_running, settings.spec_steps),
         threads=settings.cpu_expert_threads,
         fallback_to_copy=settings.miss_service == "auto",
         column_split=settings.miss_column_split,

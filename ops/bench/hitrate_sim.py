@@ -107,9 +107,14 @@ def _layer_cache(slots: int, policy: Policy) -> LayerCache:
 
 def split_table(shape: Shape, cpu_rate: float, copy_rate: float) -> tuple[torch.Tensor, range]:
     """The hybrid service's table counts[M, n_miss] (CPU experts per step of M tokens with n_miss misses) as
-    `HybridMissService` builds it from the two rates, and the step sizes the engine splits (routed_experts.py)."""
+    `HybridMissService` builds it from the two rates, and the step sizes the engine splits (routed_experts.py) when
+    it runs `shape.batch` sequences at most."""
     settings = types.SimpleNamespace(
-        miss_service="hybrid", spec_steps=shape.spec_steps, cpu_expert_threads=0, miss_column_split=False
+        miss_service="hybrid",
+        spec_steps=shape.spec_steps,
+        max_running=shape.batch,
+        cpu_expert_threads=0,
+        miss_column_split=False,
     )
     cpu = _cpu_config(settings, torch.device("cuda"))
     assert cpu is not None

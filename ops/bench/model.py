@@ -98,6 +98,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="keep the decode rows of an earlier slice run for batches this run does not measure",
     )
     s.add_argument(
+        "--hybrid-max-tokens",
+        type=int,
+        default=0,
+        help="largest step whose misses the CPU shares; 0: the engine's rule for each batch (every decode step)",
+    )
+    s.add_argument(
         "--prefill-tokens", type=_ints, default=[1024, CHUNK, 8192, 32768], help="prefill step sizes (empty: none)"
     )
     s.add_argument("--steps", type=int, default=12)

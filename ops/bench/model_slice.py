@@ -40,6 +40,7 @@ from moed.model.config import GlmMoeDsaConfig
 from moed.offload.expert_cache import CacheConfig
 from moed.offload.host_store import ExpertLayout, HostExpertStore, thp_status
 from moed.offload.hybrid import CpuConfig
+from moed.offload.routed_experts import hybrid_max_tokens
 from moed.offload.runner import OffloadMoERunner
 from moed.offload.stats import summarize
 from moed.offload.traces import skewed_trace, trace_statistics, uniform_trace
@@ -503,12 +504,17 @@ def stage_slice(args, save: Callable[[dict], None]) -> dict:
                     store=store,
                     cache=CacheConfig(policy=policy),
                     expert_dtype=xd,
-                    cpu=CpuConfig(threads=args.cpu_threads, max_tokens=8, fallback_to_copy=True),
+                    # the engine's rule for an engine that runs `batch` sequences (routed_experts.py)
+                    cpu=CpuConfig(
+                        threads=args.cpu_threads,
+                        max_tokens=args.hybrid_max_tokens or hybrid_max_tokens(batch, 0),
+                        fallback_to_copy=True,
+                    ),
                 )
                 r.finish_loading()
                 res = steps_timed(r, layers, ids, batch, args.steps, warm, device)
                 distinct = res["hits"] + res["misses"]
-                # CPU experts serve small steps; larger ones only copy (UVA kernel)
+                # CPU experts share decode steps' misses; a step above HYBRID_MAX_TOKENS only copies (UVA kernel)
                 hybrid = r.hybrid is not None and r.hybrid.takes(batch)
                 rate = ceil["joint_GBps"] if hybrid else ceil["uva_GBps"]
                 res.update(

@@ -46,6 +46,7 @@ class _Settings:  # the fields of EngineConfig that RoutedExperts reads
     cpu_expert_threads: int = 0
     miss_column_split: bool = False
     spec_steps: int = 1
+    max_running: int = 4
     expert_dtype: str = "checkpoint"
 
 
@@ -100,3 +101,19 @@ def test_miss_column_split_setting_reaches_the_cpu_config():
         cpu = _cpu_config(settings, torch.device("cpu"))
         assert cpu is not None and cpu.column_split is on
     assert _cpu_config(_Settings(expert_cache_gb=1, miss_column_split=True), torch.device("cpu")) is None
+
+
+def test_every_decode_step_shares_its_misses_with_the_cpu():
+    """The hybrid service takes every decode step (max_running x (1 + spec_steps) tokens, at least 8), capped where
+    its tables stop growing; larger steps (prefill chunks) copy."""
+    from moed.offload.hybrid import HYBRID_MAX_TOKENS
+    from moed.offload.routed_experts import _cpu_config
+
+    def max_tokens(max_running: int, spec_steps: int) -> int:
+        s = _Settings(expert_cache_gb=1, miss_service="hybrid", max_running=max_running, spec_steps=spec_steps)
+        cpu = _cpu_config(s, torch.device("cpu"))
+        assert cpu is not None
+        return cpu.max_tokens
+
+    assert max_tokens(1, 0) == 8 and max_tokens(64, 0) == 64 and max_tokens(32, 1) == 64
+    assert max_tokens(64, 3) == HYBRID_MAX_TOKENS == 256

@@ -27,9 +27,12 @@ def test_hitrate_deployment_of_glm51_on_an_80gb_gpu():
 
 def test_hitrate_split_table_is_the_engines():
     table, sizes = sim.split_table(sim.Shape(1), cpu_rate=80e9, copy_rate=50e9)
-    assert list(sizes) == list(range(1, 9))  # routed_experts.py splits steps of 1..8 tokens without MTP
+    assert list(sizes) == list(range(1, 9))  # routed_experts.py splits steps of at least 1..8 tokens
     assert int(table[1, 1]) == 1 and int(table[1, 8]) == 5  # a lone miss to the CPU; 8 misses: 5 CPU, 3 copied
-    assert list(sim.split_table(sim.Shape(8, 1), 80e9, 50e9)[1]) == list(range(1, 9))  # 16-token steps copy
+    # every decode step of the engine's batch shares its misses with the CPU: 8 sequences with MTP are 16 tokens
+    assert list(sim.split_table(sim.Shape(8, 1), 80e9, 50e9)[1]) == list(range(1, 17))
+    table, sizes = sim.split_table(sim.Shape(64), 80e9, 50e9)
+    assert sizes[-1] == 64 and int(table[64, 161]) == 99  # batch 64: 161 misses, 99 to the CPU as 80 : 50 says
 
 
 def test_hitrate_simulation_counts_every_needed_expert_and_the_oracle_bounds_it():
@@ -43,9 +46,13 @@ def test_hitrate_simulation_counts_every_needed_expert_and_the_oracle_bounds_it(
         assert hist.sum() == 120 and np.isclose(hist @ np.arange(len(hist)) / 120, r["copied"] + r["cpu"]), name
     assert rows["oracle"]["hit_rate"] >= max(r["hit_rate"] for r in rows.values())
     assert rows["pinned-50%+lru"]["pins"] == 6 and rows["lru"]["pins"] == 0
-    # Batch 8 with MTP (16 tokens a step): no split, rounds when the step needs more experts than slots.
+    # Batch 8 with MTP (16 tokens a step): a decode step, so the CPU shares its misses.
     shape = sim.Shape(8, 1)
     r = sim.simulate(sim.make_trace("uniform", shape, 12, seed=1), 12, sim.POLICIES[0], shape, 4, 80e9, 50e9, 256)
+    assert r["hybrid"] and r["cpu"] > 0 and r["distinct"] > 12
+    # 150 sequences with MTP (300 tokens a step, above HYBRID_MAX_TOKENS): no split, rounds over the 12 slots.
+    shape = sim.Shape(150, 1)
+    r = sim.simulate(sim.make_trace("uniform", shape, 6, seed=1), 12, sim.POLICIES[0], shape, 2, 80e9, 50e9, 256)
     assert not r["hybrid"] and r["cpu"] == 0 and r["distinct"] > 12
 
 
@@ -91,6 +98,6 @@ def test_hitrate_quick_command_prints_the_tables(capsys):
         == dep["slots_int4"]
         == dep["cache_bytes_nonexpert_fp8"] // (dep["expert_bytes_int4"] * sim.MOE_LAYERS)
     )
-    assert "Finer miss split" in text and {f["shape"] for f in out["finer_split"]} == {"b1"}  # b8+mtp1 copies
+    assert "Finer miss split" in text and {f["shape"] for f in out["finer_split"]} == {"b1", "b8+mtp1"}  # both split
     s = out["traces"]["skewed"]["b1"]
     assert s.keys() == trace_statistics(skewed_trace(10, 1, 256, 8), 256).keys()

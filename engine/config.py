@@ -119,9 +119,9 @@ class EngineConfig:
         "of bf16, which the expert cache gets) instead of dequantising them at load",
     )
     compile_decode: bool = setting(
-        False,
+        True,
         "capture the decode CUDA graphs from torch.compile'd decoder layers (fuses the elementwise kernels "
-        "between projections; compiles at start)",
+        "between projections: GLM-5.1's non-MoE decode step 1.3-1.4x faster on an H100; ~15 s more at start)",
     )
     seed: int | None = setting(None, "seeds the noise of requests that set no seed; auto = a random seed", min=0)
     expert_dtype: ExpertDtype = setting(

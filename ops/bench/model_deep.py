@@ -94,6 +94,7 @@ def stage_deep(args, save: Callable[[dict], None]) -> dict:
                 miss_service=args.miss_service,
                 cpu_expert_threads=args.cpu_threads,
                 fp8_projections=fp8_projections,
+                compile_decode=False,  # eager graphs first; the compiled ones are measured beside them
             )
         )
 
@@ -146,8 +147,8 @@ def stage_deep(args, save: Callable[[dict], None]) -> dict:
     out["nonmoe"] = decode_rows("zero", batches)
     save(out)
     if cuda and args.deep_compiled:
-        # The same steps from decode graphs of torch.compile'd layers (engine setting compile_decode): what fusing
-        # the elementwise kernels between projections saves at this depth. Later parts run the engine's default.
+        # The same steps from decode graphs of torch.compile'd layers (engine setting compile_decode, on by default):
+        # what fusing the elementwise kernels between projections saves at this depth. Later parts run eager graphs.
         default = engine.config
         engine.config = dataclasses.replace(default, compile_decode=True)
         out["warmup_zero_compiled_s"] = switch_moe(engine, ZeroExperts())

@@ -64,7 +64,10 @@ def build_report(parts: dict) -> dict:
     """Whole-model figures from the stages' JSON (pure arithmetic: tested on CPU with small numbers)."""
     deep, sl, llama = parts.get("deep") or {}, parts.get("slice") or {}, parts.get("llama") or {}
     rep: dict = {"mtp_acceptance_source": MTP_SOURCE}
-    nonmoe = {int(r["batch"]): r["step_ms"] for r in deep.get("nonmoe", [])}
+    # the engine's default decode graphs: compiled layers (compile_decode) where the deep stage measured them
+    compiled = bool(deep.get("nonmoe_compiled"))
+    nonmoe = {int(r["batch"]): r["step_ms"] for r in deep.get("nonmoe_compiled" if compiled else "nonmoe", [])}
+    rep["nonmoe_graphs"] = "compiled" if compiled else "eager"
     moe, rows = decode_rows(nonmoe, sl)
     rep["decode"] = rows
     sl4 = parts.get("slice_int4") or {}
@@ -268,9 +271,10 @@ def _setup(rep: dict, deep: dict, sl: dict) -> None:
 
 
 def _decode(rep: dict, deep: dict, sl: dict) -> None:
+    graphs = rep.get("nonmoe_graphs", "eager")
     for title, rows in (("FP8 experts", rep["decode"]), ("int4 experts", rep.get("decode_int4") or [])):
         if rows:
-            print(f"\n{title}:")
+            print(f"\n{title} (non-MoE step from {graphs} decode graphs):")
             _decode_table(rows)
 
 

@@ -47,6 +47,8 @@ def _gpu_engine(path: str, **kw) -> LLMEngine:
         "miss_service": "copy",  # every step capturable (hybrid keeps only batch-1 steps in graphs)
         "draft_expert_cache_gb": 8 * EXPERT_BYTES / 2**30,
         "graph_max_batch": 4,
+        # eager graphs replay the eager kernels exactly; compiled ones (the default) have their own test below
+        "compile_decode": False,
         # Contexts <= index_topk (16): plain decode graphs take the dense decode path, as eager steps do.
         "graph_max_context": 16,
     }

@@ -150,7 +150,14 @@ def _parts() -> dict:
 
 
 def test_report_assembles_whole_model_figures():
-    rep = build_report(_parts())
+    parts = _parts()
+    # the engine's default decode graphs are compiled: their non-MoE rows are the ones a whole step adds
+    compiled = build_report(parts)
+    assert compiled["nonmoe_graphs"] == "compiled" and [r["batch"] for r in compiled["decode"]] == [1]
+    assert compiled["decode"][0]["whole_ms"] == pytest.approx(5.5 + MOE_LAYERS * 2.0)
+    del parts["deep"]["nonmoe_compiled"]  # eager rows only (--no-deep-compiled): every batch the slice measured
+    rep = build_report(parts)
+    assert rep["nonmoe_graphs"] == "eager"
     rows = {r["batch"]: r for r in rep["decode"]}
     assert rows[1]["whole_ms"] == pytest.approx(11.0 + MOE_LAYERS * 2.0)  # LRU beat LFU: the better policy counts
     assert rows[1]["policy"] == "lru"
@@ -187,7 +194,9 @@ def test_report_prints_whatever_parts_there_are(capsys):
     assert "assembled from measured parts" in capsys.readouterr().out
     no_llama = {"deep": parts["deep"], "slice": parts["slice"]}  # llama.cpp's stages gave nothing: moed's line stays
     print_report(build_report(no_llama), no_llama)
-    assert "HEADLINE batch 1 skewed  : moed 161.0 ms/token" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "HEADLINE batch 1 skewed  : moed 155.5 ms/token" in out  # 5.5 ms compiled non-MoE + 75 x 2.0
+    assert "FP8 experts (non-MoE step from compiled decode graphs):" in out
 
 
 def test_every_stage_runs_on_cpu_at_tiny_sizes(tiny_fp8_checkpoint, tmp_path, capsys):

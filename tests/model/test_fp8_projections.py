@@ -77,6 +77,7 @@ def test_engine_fp8_projections_on_gpu_in_graphs(tiny_fp8_checkpoint):
     against the bf16-dequantised projections, greedy tokens of a random tiny model may flip on near ties, so the
     check is the steps' hidden states: every replay against eager, and a prefill's logits against the plain path."""
     base = {"model": tiny_fp8_checkpoint, "device": "cuda", "dtype": "bf16", "max_running": 4, "page_size": 4}
+    base |= {"moe": "offload", "miss_service": "copy"}  # the torch runner syncs: it would keep graphs off
     prompt = list(range(20, 90))
     plain = LLMEngine(EngineConfig(**base))
     e = LLMEngine(EngineConfig(**base, fp8_projections=True))
@@ -85,12 +86,19 @@ def test_engine_fp8_projections_on_gpu_in_graphs(tiny_fp8_checkpoint):
     assert e.runner.graphs is not None, "graphs off (see the log)"
     out = e.generate([prompt, prompt[:9]], SamplingParams(max_tokens=8, ignore_eos=True))
     assert all(len(o) == 8 for o in out) and e.step_errors == 0 and e.runner.graph_steps > 0
-    logits = []
-    for eng in (plain, e):
-        backend = ReferenceAttention(eng.cfg)
-        ids = torch.tensor(prompt[:40], device="cuda")
-        ctx = StepContext(positions=torch.arange(40, device="cuda"), seqs=[SequenceStep(0, 40, backend.new_sequence())])
-        with torch.no_grad():
-            logits.append(eng.model.logits(eng.model(ids, ctx, backend, eng.runner.moe)).float())
-    rel = float((logits[0] - logits[1]).norm() / logits[0].norm())
-    assert rel < 0.05, rel
+    # bf16 rounding alone moves this random tiny model's logits ~15% from fp32 (CPU: 0.146), so the w8a16 path is
+    # held to the plain bf16 path's own error against fp32 logits of the same weights
+    exact, runner = _load(tiny_fp8_checkpoint, fp8=False)
+    logits = [_prefill_logits(exact, runner, prompt[:40], "cpu")]
+    logits += [_prefill_logits(eng.model, eng.runner.moe, prompt[:40], "cuda").cpu() for eng in (plain, e)]
+    err_plain, err_fp8 = (float((x - logits[0]).norm() / logits[0].norm()) for x in logits[1:])
+    assert err_fp8 < 1.25 * err_plain + 0.01, (err_fp8, err_plain)
+
+
+def _prefill_logits(model, moe, prompt: list[int], device: str) -> torch.Tensor:
+    backend = ReferenceAttention(model.cfg)
+    n = len(prompt)
+    ids = torch.tensor(prompt, device=device)
+    ctx = StepContext(positions=torch.arange(n, device=device), seqs=[SequenceStep(0, n, backend.new_sequence())])
+    with torch.no_grad():
+        return model.logits(model(ids, ctx, backend, moe)).float()

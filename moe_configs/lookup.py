@@ -133,16 +133,19 @@ def default_config(M: int, dtype: str | None, block_shape: tuple[int, ...] | Non
             "num_stages": 3,
         }
     if dtype == "int4_w4a16":  # K steps of one 128-wide quantisation group (the kernel needs BLOCK_SIZE_K | group)
+        # 16-row tiles up to 256 tokens: the H100's tuned table (E=257, N=2048) picks them there, and the 32-row
+        # 8-warp tile these defaults had took 3.3x as long at 64 tokens (16.3 vs 5.0 ms, 2026-12-07)
+        small = M <= 256
         return {
-            "BLOCK_SIZE_M": bm,
-            "BLOCK_SIZE_N": 64 if M <= 128 else 128,
+            "BLOCK_SIZE_M": 16 if small else 64,
+            "BLOCK_SIZE_N": 64 if small else 128,
             "BLOCK_SIZE_K": 128,
-            "GROUP_SIZE_M": 1 if M <= 128 else 8,
-            # past 16 rows, 4 warps spill the unpacked tiles and two accumulators to local memory on sm_90
-            # (ptxas, 64x128 tiles: 255 registers, 184-464 bytes of stack with Triton 3.6 and 3.9; 32x64 with
-            # 3.9: 64 bytes); 8 warps hold them in registers (tests/kernels/test_sm90_compile.py)
-            "num_warps": 4 if bm <= 16 else 8,
-            "num_stages": 3,
+            "GROUP_SIZE_M": 1 if small else 8,
+            # 64x128 tiles with 4 warps spill the unpacked tiles and two accumulators to local memory on sm_90
+            # (ptxas: 255 registers, 150-420 bytes of stack with Triton 3.6 and 3.9); 8 warps hold them in registers
+            # (tests/kernels/test_sm90_compile.py)
+            "num_warps": 4 if small else 8,
+            "num_stages": 4 if small else 3,
         }
     return {
         "BLOCK_SIZE_M": bm,

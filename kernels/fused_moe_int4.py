@@ -212,6 +212,177 @@ def _down_int4_kernel(
     tl.store(out_ptrs, _to_bf16(acc, INTERPRET), mask=row_ok[:, None] & n_ok[None, :])
 
 
+@triton.jit
+def _int4_gemv_terms(a_even, a_odd, packed, z, s):
+    """a . ((w - z) * s) for a K step as elementwise fp32 products [ROWS, BK/2, BN], summed over K after the loop:
+    no tensor-core layout for 1-4 rows of 16, and the zero point and scale fold into one FMA per weight."""
+    zs = (z.to(tl.float32) * s)[None, :]
+    lo = (packed & 0xF).to(tl.float32) * s[None, :] - zs
+    hi = (packed >> 4).to(tl.float32) * s[None, :] - zs
+    return a_even[:, :, None] * lo[None, :, :] + a_odd[:, :, None] * hi[None, :, :]
+
+
+@triton.jit
+def _real_rows(sorted_ptr, pid_m, T, BLOCK_M: tl.constexpr):
+    """Rows of row block pid_m that hold routes (alignment puts them first, padding after)."""
+    return tl.sum((tl.load(sorted_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M)) < T).to(tl.int32))
+
+
+@triton.jit(do_not_specialize=["T", "top_k", "num_blocks_m"])
+def _gate_up_int4_gemv_kernel(
+    a_ptr,
+    w_ptr,
+    s_ptr,
+    z_ptr,
+    h_ptr,
+    sorted_ptr,
+    block_slot_ptr,
+    num_padded_ptr,
+    N,
+    KH,
+    T,
+    top_k,
+    num_blocks_m,
+    group,
+    stride_am,
+    stride_ws,
+    stride_wn,
+    stride_ss,
+    stride_sn,
+    stride_sk,
+    stride_zs,
+    stride_zn,
+    stride_zk,
+    stride_hm,
+    BLOCK_M: tl.constexpr,
+    ROWS: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    HAS_ZP: tl.constexpr,
+    INTERPRET: tl.constexpr,
+):
+    """`_gate_up_int4_kernel`'s result for decode-sized blocks: ROWS routes at a time (a block's real rows, so one
+    pass at M <= ROWS), each weight tile unpacked once per pass into fp32 and multiplied on the CUDA cores."""
+    HALF_N: tl.constexpr = BLOCK_N // 2
+    HALF_K: tl.constexpr = BLOCK_K // 2
+    num_pid_n = tl.cdiv(N, HALF_N)
+    pid = tl.program_id(0)
+    pid_m, pid_n = pid // num_pid_n, pid % num_pid_n
+    if pid_m * BLOCK_M >= tl.load(num_padded_ptr):
+        return
+    slot = tl.load(block_slot_ptr + pid_m).to(tl.int64)
+    if slot < 0:
+        return
+    offs_n = pid_n * HALF_N + tl.arange(0, HALF_N)
+    n_ok = offs_n < N
+    offs_up = offs_n + N
+    offs_kh = tl.arange(0, HALF_K)
+    wg0 = w_ptr + slot * stride_ws + offs_n[None, :].to(tl.int64) * stride_wn + offs_kh[:, None]
+    sg_ptrs = s_ptr + slot * stride_ss + offs_n * stride_sn
+    su_ptrs = s_ptr + slot * stride_ss + offs_up * stride_sn
+    zg_ptrs = z_ptr + slot * stride_zs + (offs_n // 8) * stride_zn
+    zu_ptrs = z_ptr + slot * stride_zs + (offs_up // 8) * stride_zn
+    for r0 in range(0, _real_rows(sorted_ptr, pid_m, T, BLOCK_M), ROWS):
+        flat = tl.load(sorted_ptr + pid_m * BLOCK_M + r0 + tl.arange(0, ROWS))
+        row_ok = flat < T
+        tok = (flat // top_k).to(tl.int64)
+        a_ptrs = a_ptr + tok[:, None] * stride_am + 2 * offs_kh[None, :]
+        wg_ptrs = wg0
+        acc_g = tl.zeros((ROWS, HALF_K, HALF_N), dtype=tl.float32)
+        acc_u = tl.zeros((ROWS, HALF_K, HALF_N), dtype=tl.float32)
+        for kb in range(0, tl.cdiv(KH, HALF_K)):
+            k_ok = offs_kh < KH - kb * HALF_K
+            a_even = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
+            a_odd = tl.load(a_ptrs + 1, mask=row_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
+            wg = tl.load(wg_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0)
+            wu = tl.load(wg_ptrs + N * stride_wn, mask=k_ok[:, None] & n_ok[None, :], other=0)
+            g = (kb * BLOCK_K) // group
+            zg = _zero_points(zg_ptrs + g * stride_zk, offs_n, n_ok, HAS_ZP)
+            zu = _zero_points(zu_ptrs + g * stride_zk, offs_up, n_ok, HAS_ZP)
+            sg = tl.load(sg_ptrs + g * stride_sk, mask=n_ok, other=0.0).to(tl.float32)
+            su = tl.load(su_ptrs + g * stride_sk, mask=n_ok, other=0.0).to(tl.float32)
+            acc_g += _int4_gemv_terms(a_even, a_odd, wg, zg, sg)
+            acc_u += _int4_gemv_terms(a_even, a_odd, wu, zu, su)
+            a_ptrs += BLOCK_K
+            wg_ptrs += HALF_K
+        gate = tl.sum(acc_g, axis=1)
+        h = gate * tl.sigmoid(gate) * tl.sum(acc_u, axis=1)
+        h_ptrs = h_ptr + flat[:, None].to(tl.int64) * stride_hm + offs_n[None, :]
+        tl.store(h_ptrs, _to_bf16(h, INTERPRET), mask=row_ok[:, None] & n_ok[None, :])
+
+
+@triton.jit(do_not_specialize=["T", "num_blocks_m"])
+def _down_int4_gemv_kernel(
+    h_ptr,
+    w_ptr,
+    s_ptr,
+    z_ptr,
+    out_ptr,
+    topk_w_ptr,
+    sorted_ptr,
+    block_slot_ptr,
+    num_padded_ptr,
+    H,
+    NH,
+    T,
+    num_blocks_m,
+    group,
+    stride_hm,
+    stride_ws,
+    stride_wn,
+    stride_ss,
+    stride_sn,
+    stride_sk,
+    stride_zs,
+    stride_zn,
+    stride_zk,
+    stride_om,
+    BLOCK_M: tl.constexpr,
+    ROWS: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    HAS_ZP: tl.constexpr,
+    INTERPRET: tl.constexpr,
+):
+    """`_down_int4_kernel`'s result for decode-sized blocks, as `_gate_up_int4_gemv_kernel` computes its GEMM."""
+    HALF_K: tl.constexpr = BLOCK_K // 2
+    num_pid_n = tl.cdiv(H, BLOCK_N)
+    pid = tl.program_id(0)
+    pid_m, pid_n = pid // num_pid_n, pid % num_pid_n
+    if pid_m * BLOCK_M >= tl.load(num_padded_ptr):
+        return
+    slot = tl.load(block_slot_ptr + pid_m).to(tl.int64)
+    if slot < 0:
+        return
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < H
+    offs_kh = tl.arange(0, HALF_K)
+    w0 = w_ptr + slot * stride_ws + offs_n[None, :].to(tl.int64) * stride_wn + offs_kh[:, None]
+    s_ptrs = s_ptr + slot * stride_ss + offs_n * stride_sn
+    z_ptrs = z_ptr + slot * stride_zs + (offs_n // 8) * stride_zn
+    for r0 in range(0, _real_rows(sorted_ptr, pid_m, T, BLOCK_M), ROWS):
+        flat = tl.load(sorted_ptr + pid_m * BLOCK_M + r0 + tl.arange(0, ROWS))
+        row_ok = flat < T
+        rows = flat.to(tl.int64)
+        a_ptrs = h_ptr + rows[:, None] * stride_hm + 2 * offs_kh[None, :]
+        w_ptrs = w0
+        acc = tl.zeros((ROWS, HALF_K, BLOCK_N), dtype=tl.float32)
+        for kb in range(0, tl.cdiv(NH, HALF_K)):
+            k_ok = offs_kh < NH - kb * HALF_K
+            a_even = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
+            a_odd = tl.load(a_ptrs + 1, mask=row_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
+            w = tl.load(w_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0)
+            g = (kb * BLOCK_K) // group
+            z = _zero_points(z_ptrs + g * stride_zk, offs_n, n_ok, HAS_ZP)
+            s = tl.load(s_ptrs + g * stride_sk, mask=n_ok, other=0.0).to(tl.float32)
+            acc += _int4_gemv_terms(a_even, a_odd, w, z, s)
+            a_ptrs += BLOCK_K
+            w_ptrs += HALF_K
+        y = tl.sum(acc, axis=1) * tl.load(topk_w_ptr + rows, mask=row_ok, other=0.0)[:, None]
+        out_ptrs = out_ptr + rows[:, None] * stride_om + offs_n[None, :]
+        tl.store(out_ptrs, _to_bf16(y, INTERPRET), mask=row_ok[:, None] & n_ok[None, :])
+
+
 def get_moe_config(num_ids: int, N: int, M: int, device: torch.device) -> tuple[dict, dict]:
     """(gate-up config, down config) for M tokens from the int4_w4a16 tables, else built-in defaults."""
     dev = device_name(device.index or 0) if device.type == "cuda" else "cpu"
@@ -388,7 +559,8 @@ def launch_gate_up(
     bm, bn = config["BLOCK_SIZE_M"], config["BLOCK_SIZE_N"]
     num_blocks_m = align.sorted_ids.numel() // bm
     grid = (num_blocks_m * triton.cdiv(N, bn // 2),)
-    _gate_up_int4_kernel[grid](
+    rows = config.get("GEMV_ROWS", 0)
+    common = (
         hidden,
         qw,
         s,
@@ -402,24 +574,14 @@ def launch_gate_up(
         h.shape[0],
         top_k,
         num_blocks_m,
-        config["GROUP_SIZE_M"],
-        w13.group,
-        hidden.stride(0),
-        qw.stride(0),
-        qw.stride(1),
-        s.stride(0),
-        s.stride(1),
-        s.stride(2),
-        *zs,
-        h.stride(0),
-        BLOCK_M=bm,
-        BLOCK_N=bn,
-        BLOCK_K=config["BLOCK_SIZE_K"],
-        HAS_ZP=w13.zeros is not None,
-        INTERPRET=interpreting(),
-        num_warps=config["num_warps"],
-        num_stages=config["num_stages"],
     )
+    strides = (hidden.stride(0), qw.stride(0), qw.stride(1), s.stride(0), s.stride(1), s.stride(2), *zs, h.stride(0))
+    tiles = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": config["BLOCK_SIZE_K"], "HAS_ZP": w13.zeros is not None}
+    launch = {"INTERPRET": interpreting(), "num_warps": config["num_warps"], "num_stages": config["num_stages"]}
+    if rows:
+        _gate_up_int4_gemv_kernel[grid](*common, w13.group, *strides, ROWS=rows, **tiles, **launch)
+    else:
+        _gate_up_int4_kernel[grid](*common, config["GROUP_SIZE_M"], w13.group, *strides, **tiles, **launch)
 
 
 def launch_down(
@@ -438,7 +600,8 @@ def launch_down(
     bm, bn = config["BLOCK_SIZE_M"], config["BLOCK_SIZE_N"]
     num_blocks_m = align.sorted_ids.numel() // bm
     grid = (num_blocks_m * triton.cdiv(H, bn),)
-    _down_int4_kernel[grid](
+    rows = config.get("GEMV_ROWS", 0)
+    common = (
         h,
         qw,
         s,
@@ -452,24 +615,14 @@ def launch_down(
         N // 2,
         T,
         num_blocks_m,
-        config["GROUP_SIZE_M"],
-        w2.group,
-        h.stride(0),
-        qw.stride(0),
-        qw.stride(1),
-        s.stride(0),
-        s.stride(1),
-        s.stride(2),
-        *zs,
-        partial.stride(0),
-        BLOCK_M=bm,
-        BLOCK_N=bn,
-        BLOCK_K=config["BLOCK_SIZE_K"],
-        HAS_ZP=w2.zeros is not None,
-        INTERPRET=interpreting(),
-        num_warps=config["num_warps"],
-        num_stages=config["num_stages"],
     )
+    strides = (h.stride(0), qw.stride(0), qw.stride(1), s.stride(0), s.stride(1), s.stride(2), *zs, partial.stride(0))
+    tiles = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": config["BLOCK_SIZE_K"], "HAS_ZP": w2.zeros is not None}
+    launch = {"INTERPRET": interpreting(), "num_warps": config["num_warps"], "num_stages": config["num_stages"]}
+    if rows:
+        _down_int4_gemv_kernel[grid](*common, w2.group, *strides, ROWS=rows, **tiles, **launch)
+    else:
+        _down_int4_kernel[grid](*common, config["GROUP_SIZE_M"], w2.group, *strides, **tiles, **launch)
 
 
 def check_int4_config(config: dict, group: int, name: str) -> None:
@@ -479,6 +632,18 @@ def check_int4_config(config: dict, group: int, name: str) -> None:
         raise ValueError(
             f"fused_moe_int4: {name}['BLOCK_SIZE_K'] = {bk}; int4 needs a power of two >= 32 that "
             f"divides the quantisation group {group}"
+        )
+    rows = config.get("GEMV_ROWS", 0)
+    if (
+        not isinstance(rows, int)
+        or isinstance(rows, bool)
+        or rows < 0
+        or rows & (rows - 1)
+        or rows > config["BLOCK_SIZE_M"]
+    ):
+        raise ValueError(
+            f"fused_moe_int4: {name}['GEMV_ROWS'] = {rows!r}; must be 0 (tensor-core tiles) or a power of two "
+            f"<= BLOCK_SIZE_M = {config['BLOCK_SIZE_M']} (routes per CUDA-core pass)"
         )
 
 

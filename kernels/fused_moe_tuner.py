@@ -168,7 +168,7 @@ def candidates(M: int, dtype: str) -> list[dict]:
     modes = [None]
     if dtype == "fp8_w8a8":
         modes = [True, False] if M <= QUANT_IN_KERNEL_MAX_TOKENS else [False]
-    out = []
+    out = gemv_candidates(M) if dtype == INT4 else []
     for (bm, bn, w), st, g, q in itertools.product(tiles, stages, groups, modes):
         c = {
             "BLOCK_SIZE_M": bm,
@@ -182,6 +182,33 @@ def candidates(M: int, dtype: str) -> list[dict]:
             c["A_QUANT_IN_GEMM"] = q
         out.append(c)
     return out
+
+
+# int4 decode on the CUDA cores (fused_moe_int4's GEMV_ROWS): routes per pass, tile columns and K step such that the
+# fp32 partial products (rows x BK/2 x BN, the down GEMM's; gate-up holds two of BN/2) stay within 32 registers a
+# thread at 4 warps: the sm_90 compile spills from twice that (tests/kernels/test_sm90_compile.py)
+GEMV_MAX_TOKENS = 8
+GEMV_PRODUCTS = 4096
+
+
+def gemv_candidates(M: int) -> list[dict]:
+    if M > GEMV_MAX_TOKENS:
+        return []
+    return [
+        {
+            "BLOCK_SIZE_M": 16,
+            "BLOCK_SIZE_N": bn,
+            "BLOCK_SIZE_K": bk,
+            "GROUP_SIZE_M": 1,
+            "num_warps": 4,
+            "num_stages": 3,
+            "GEMV_ROWS": rows,
+        }
+        for rows in (1, 2, 4)
+        for bk in (64, 128)
+        for bn in (32, 64, 128)
+        if rows <= max(M, 1) and rows * bk // 2 * bn <= GEMV_PRODUCTS
+    ]
 
 
 def down_candidates(M: int, dtype: str, bm: int) -> list[dict]:
@@ -200,7 +227,8 @@ def _in_gemm(cfg: dict) -> bool:
 
 
 def _compile_key(cfg: dict) -> tuple:
-    return tuple(cfg[k] for k in ("BLOCK_SIZE_M", "BLOCK_SIZE_N", "BLOCK_SIZE_K", "num_warps", "num_stages"))
+    keys = ("BLOCK_SIZE_M", "BLOCK_SIZE_N", "BLOCK_SIZE_K", "num_warps", "num_stages")
+    return (*(cfg[k] for k in keys), cfg.get("GEMV_ROWS", 0))
 
 
 def _compile_worker(task: tuple) -> list[tuple[str, tuple, bool, str]]:
@@ -518,10 +546,11 @@ def _short(cfg: dict) -> str:
         f"M{cfg['BLOCK_SIZE_M']} N{cfg['BLOCK_SIZE_N']} K{cfg['BLOCK_SIZE_K']} G{cfg['GROUP_SIZE_M']} "
         f"w{cfg['num_warps']} s{cfg['num_stages']}"
         + {True: " qGEMM", False: " qPass", None: ""}[cfg.get("A_QUANT_IN_GEMM")]
+        + (f" gemv{cfg['GEMV_ROWS']}" if cfg.get("GEMV_ROWS") else "")
     )
 
 
-_SHORT = re.compile(r"M(\d+) N(\d+) K(\d+) G(\d+) w(\d+) s(\d+)( qGEMM| qPass)?")
+_SHORT = re.compile(r"M(\d+) N(\d+) K(\d+) G(\d+) w(\d+) s(\d+)( qGEMM| qPass)?( gemv(\d+))?")
 _HEADER = re.compile(r"^\[(\w+) E=(\d+) N=(\d+) K=(\d+)\]")
 _ROW = re.compile(r"^\s+M=\s*(\d+): gate_up\s+[\d.]+ us (.+?) \| down\s+[\d.]+ us (.+?)\s+\(")
 
@@ -534,6 +563,8 @@ def _parse_short(text: str) -> dict:
     cfg: dict = dict(zip(keys, map(int, m.groups()[:6])))
     if m.group(7):
         cfg["A_QUANT_IN_GEMM"] = m.group(7) == " qGEMM"
+    if m.group(9):
+        cfg["GEMV_ROWS"] = int(m.group(9))
     return cfg
 
 

@@ -33,7 +33,9 @@ log = logging.getLogger("moed.moe_configs")
 PACKAGE_DIR = Path(__file__).resolve().parent
 ENV_DIR = "MOED_MOE_CONFIG_DIR"
 KEYS = ("BLOCK_SIZE_M", "BLOCK_SIZE_N", "BLOCK_SIZE_K", "GROUP_SIZE_M", "num_warps", "num_stages")
-OPTIONAL_KEYS = ("A_QUANT_IN_GEMM",)  # moed's own: FP8 activations quantised inside the GEMM (else a separate pass)
+# moed's own: FP8 activations quantised inside the GEMM (else a separate pass); int4 routes computed GEMV_ROWS at a
+# time on the CUDA cores (0 or absent: tensor-core tiles)
+OPTIONAL_KEYS = ("A_QUANT_IN_GEMM", "GEMV_ROWS")
 # The batch sizes sglang and vLLM tune, plus 8192 for long prefill chunks.
 DEFAULT_BATCH_SIZES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 256, 512, 1024, 1536, 2048, 3072, 4096, 8192)
 
@@ -109,6 +111,9 @@ def load_table(path: Path) -> dict[int, dict]:
             raise ConfigFileError(
                 f"MoE config {path}: entry {key!r} has A_QUANT_IN_GEMM={cfg['A_QUANT_IN_GEMM']!r}; want true or false"
             )
+        rows = cfg.get("GEMV_ROWS", 0)
+        if not isinstance(rows, int) or isinstance(rows, bool) or rows < 0 or rows & (rows - 1):
+            raise ConfigFileError(f"MoE config {path}: entry {key!r} has GEMV_ROWS={rows!r}; want 0 or a power of two")
         table[m] = {k: cfg[k] for k in (*KEYS, *OPTIONAL_KEYS) if k in cfg}
     if not table:
         raise ConfigFileError(f"MoE config {path}: no entries")

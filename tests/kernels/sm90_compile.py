@@ -144,6 +144,7 @@ def fp8_linear() -> None:
 def int4_moe() -> None:
     from moed.formats import int4
     from moed.kernels.fused_moe_int4 import fused_moe_int4
+    from moed.kernels.fused_moe_tuner import GEMV_MAX_TOKENS, gemv_candidates
 
     S, N, g = 8, GLM_N, 128
     w13 = torch.zeros((S, 2 * N, GLM_K // 2), dtype=torch.uint8)
@@ -152,7 +153,9 @@ def int4_moe() -> None:
     s2 = torch.ones((S, GLM_K, int4.num_groups(N, g)), dtype=torch.bfloat16)
     z13 = torch.zeros((S, 2 * N // 8, int4.num_groups(GLM_K, g)), dtype=torch.int32)
     z2 = torch.zeros((S, GLM_K // 8, int4.num_groups(N, g)), dtype=torch.int32)
-    for (m, up, down), zeros in itertools.product(_table_pairs(N, "int4_w4a16", None), (True, False)):
+    # the CUDA-core (GEMV_ROWS) tiles the tuner tries for decode, beside the tables' and the defaults'
+    gemv = [(1, c, c) for c in gemv_candidates(GEMV_MAX_TOKENS)]
+    for (m, up, down), zeros in itertools.product(_table_pairs(N, "int4_w4a16", None) + gemv, (True, False)):
         M = min(m, 64)
         ids, wts, table = _routing(M, S)
         x = torch.zeros((M, GLM_K), dtype=torch.bfloat16)

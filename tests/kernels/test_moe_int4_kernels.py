@@ -79,6 +79,33 @@ def test_moe_int4_matches_reference(M, symmetric):
     assert rel(out, _ref(ex, x, ids, w, table)) < 1e-2
 
 
+@pytest.mark.parametrize("rows", [1, 4])
+@pytest.mark.parametrize("M", [1, 3, 9])
+def test_moe_int4_gemv_tiles_match_reference(M, rows):
+    """GEMV_ROWS: routes computed `rows` at a time on the CUDA cores; a block with more real rows than that takes
+    several passes (M = 9: up to 9 routes on one expert), and a partial K step and symmetric weights are covered."""
+    gen = torch.Generator().manual_seed(100 * M + rows)
+    N, K, S, k = 64, 192, 3, 3
+    for symmetric in (False, True):
+        ex = experts(S, N, K, gen, symmetric)
+        table, have = slot_table(5, S, gen)
+        ids, w = routing(M, k, have, gen)
+        x = torch.randn((M, K), generator=gen).to(torch.bfloat16).to(DEV)
+        want = _ref(ex, x, ids, w, table)
+        gemv = {**SMALL, "GEMV_ROWS": rows}
+        out = torch.full((M, K), float("nan"), dtype=torch.bfloat16, device=DEV)  # poisoned: all must be written
+        _run(ex, x, ids, w, table, config=gemv, down_config=gemv, out=out)
+        assert torch.isfinite(out.float()).all()
+        assert rel(out, want) < 1e-2, (M, rows, symmetric)
+        # one GEMV GEMM beside a tensor-core one: each stage stands alone
+        mixed = _run(ex, x, ids, w, table, config=SMALL, down_config=gemv)
+        assert rel(mixed, want) < 1e-2
+    with pytest.raises(ValueError, match="GEMV_ROWS"):
+        _run(ex, x, ids, w, table, config={**SMALL, "GEMV_ROWS": 3})
+    with pytest.raises(ValueError, match="GEMV_ROWS"):
+        _run(ex, x, ids, w, table, config={**SMALL, "GEMV_ROWS": 32})
+
+
 def test_moe_int4_routes_computes_only_ids_in_the_table():
     """fused_moe_int4_routes (the expert cache's rounds at int4): one output row per route, written only for ids in
     [0, num_ids), the other rows kept; and the summed kernel is the routes' weighted sum."""

@@ -76,3 +76,26 @@ def test_moe_tune_tables_from_log_round_trip(tmp_path):
     assert json.loads((tmp_path / name).read_text())["4096"] == up
     assert json.loads((tmp_path / name.replace(".json", "_down.json")).read_text())["1"] == down
     assert not list(tmp_path.glob("E=257*"))
+
+
+def test_moe_tune_int4_tries_cuda_core_tiles_for_decode_and_logs_them(tmp_path):
+    """int4 candidates for decode include GEMV_ROWS tiles (none past GEMV_MAX_TOKENS), every one within the register
+    budget; their log line round-trips, and the lookup keeps the key."""
+    from moed.kernels.fused_moe_tuner import GEMV_MAX_TOKENS, GEMV_PRODUCTS, INT4, _parse_short, _short, candidates
+    from moed.moe_configs import lookup
+
+    one = [c for c in candidates(1, INT4) if c.get("GEMV_ROWS")]
+    assert one and {c["GEMV_ROWS"] for c in one} == {1}
+    four = [c for c in candidates(4, INT4) if c.get("GEMV_ROWS")]
+    assert {c["GEMV_ROWS"] for c in four} == {1, 2, 4}
+    assert all(c["GEMV_ROWS"] * c["BLOCK_SIZE_K"] // 2 * c["BLOCK_SIZE_N"] <= GEMV_PRODUCTS for c in four)
+    assert not [c for c in candidates(GEMV_MAX_TOKENS * 2, INT4) if c.get("GEMV_ROWS")]
+    assert not [c for c in candidates(1, "fp8_w8a8") if c.get("GEMV_ROWS")]
+    for c in four:
+        assert _parse_short(_short(c)) == c
+    path = tmp_path / "table.json"
+    path.write_text(json.dumps({"1": four[-1]}))
+    assert lookup.load_table(path)[1]["GEMV_ROWS"] == four[-1]["GEMV_ROWS"]
+    path.write_text(json.dumps({"1": {**four[-1], "GEMV_ROWS": 3}}))
+    with pytest.raises(lookup.ConfigFileError, match=r"table.json: entry '1' has GEMV_ROWS=3"):
+        lookup.load_table(path)

@@ -39,6 +39,24 @@ log = logging.getLogger(__name__)
 MoEFn = Callable[..., torch.Tensor]
 
 
+# Tokens whose routes are weighed and summed at once: the fp32 products of a whole step would be 2 x M*k*K*4 bytes
+# (12.9 GB at a 32k-token prefill of GLM-5.1), beyond the memory an automatic cache budget leaves for activations.
+WEIGHTED_SUM_TOKENS = 2048
+
+
+def _weighted_sum(route_out: torch.Tensor, weights: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """sum_j weights[t, j] * route_out[t, j] in fp32 for route_out [M, k, K], WEIGHTED_SUM_TOKENS tokens at a time
+    (the same bits as in one go: each token's sum is its own)."""
+    M = route_out.shape[0]
+    if M <= WEIGHTED_SUM_TOKENS:
+        return (route_out.float() * weights.float()[..., None]).sum(dim=1).to(dtype)
+    out = torch.empty((M, route_out.shape[2]), dtype=dtype, device=route_out.device)
+    for m0 in range(0, M, WEIGHTED_SUM_TOKENS):
+        r, w = route_out[m0 : m0 + WEIGHTED_SUM_TOKENS], weights[m0 : m0 + WEIGHTED_SUM_TOKENS]
+        out[m0 : m0 + WEIGHTED_SUM_TOKENS] = (r.float() * w.float()[..., None]).sum(dim=1)
+    return out
+
+
 def default_moe_fn(device: torch.device, layout: ExpertLayout) -> MoEFn:
     """The Triton per-route fused-MoE kernel of the layout's format on CUDA (w4a16 for int4 experts); the one torch
     reference of both elsewhere."""
@@ -220,8 +238,7 @@ class OffloadMoERunner:
             return self.hybrid.run(self._layer_index[layer], lc, hidden, ids, topk_weights, self._serve_gpu)
         else:
             route_out = self._serve_gpu(lc, hidden, ids, None)
-        y = route_out.view(M, k, -1).float() * topk_weights.float()[..., None]
-        return y.sum(dim=1).to(hidden.dtype)
+        return _weighted_sum(route_out.view(M, k, -1), topk_weights, hidden.dtype)
 
     def _route_buffer(self, hidden: torch.Tensor, ids: torch.Tensor, zero: bool) -> torch.Tensor:
         """route_out [M*k, K]; zeroed when some routes are served elsewhere (their rows are then never written and

@@ -481,3 +481,20 @@ def test_offload_hybrid_column_split_off_by_default_and_where_it_cannot_apply(fp
     r = build_runner(cfg, experts, LAYERS, slots=4, cpu=cpu)
     assert not r.hybrid.column_split
     r.close()
+
+
+def test_offload_long_step_weighs_routes_in_chunks_with_the_same_bits(fp8_setup, monkeypatch):
+    """A step longer than WEIGHTED_SUM_TOKENS sums its weighted routes a chunk at a time (bounded fp32 products),
+    giving the bits of the one-go sum: the all-resident runner's output is unchanged by the chunking."""
+    from moed.offload import runner
+
+    cfg, experts, ref = fp8_setup
+    g = torch.Generator().manual_seed(5)
+    tokens = 11
+    h = torch.randn(tokens, cfg.hidden_size, generator=g).bfloat16()
+    ids, w = random_routing(tokens, cfg.n_routed_experts, cfg.num_experts_per_tok, g)
+    whole = ref.run(LAYERS[0], h, ids, w)
+    monkeypatch.setattr(runner, "WEIGHTED_SUM_TOKENS", 4)  # three chunks: 4, 4, 3
+    assert torch.equal(ref.run(LAYERS[0], h, ids, w), whole)
+    r = build_runner(cfg, experts, LAYERS, slots=3, cache=CacheConfig())  # rounds, then the chunked sum
+    assert torch.equal(r.run(LAYERS[0], h, ids, w), whole)

@@ -266,15 +266,20 @@ def print_table(res: dict) -> None:
         print(f"cpu experts rel. error vs FP8: {cp['rel_error_vs_fp8']:.2e}; int8pack candidate: {cp['int8pack']}")
     if "hybrid" in res:
         hy = res["hybrid"]
-        for m in [m for m in hy if isinstance(hy[m], dict)]:
+        for m in [m for m in hy if isinstance(hy[m], dict) and "graph_ms" in hy[m]]:
             r = hy[m]
             print(
                 f"no-cache batch-1 layer {m:22s}: eager {r['ms']:.2f} ms, graph {r['graph_ms']:.2f} ms, misses "
                 f"{r['misses_per_step']:.1f} ({r['cpu_experts_per_step']:.1f} on the CPU), eager "
-                f"{r['vs_host_read']:.0%} / graph {r['graph_vs_host_read']:.0%} of host read, cpu share "
-                f"{r['cpu_share']:.2f}, bound {r['bound_ms']:.2f} ms"
+                f"{r['vs_host_read']:.0%} / graph {r['graph_vs_host_read']:.0%} of host read, graph "
+                f"{r['graph_vs_joint']:.0%} of both paths at once, cpu share {r['cpu_share']:.2f}, bound "
+                f"{r['bound_ms']:.2f} ms"
             )
-        print(f"joint bound (min(CPU+copy, host read)): {hy['bound_joint_ms']:.2f} ms")
+        jc = hy["joint_ceiling"]
+        print(
+            f"miss service, both paths flat out at once: {jc['joint_GBps']:.1f} GB/s (CPU {jc['cpu_GBps']:.1f} + "
+            f"copies {jc['copy_GBps']:.1f}); joint bound (min(CPU+copy, host read)): {hy['bound_joint_ms']:.2f} ms"
+        )
     if "int4" in res:
         print_int4(res)
     if "no_ce_upload" in res:

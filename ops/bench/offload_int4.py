@@ -51,7 +51,7 @@ def int4_runs(cfg, ckpt: Path, fp8_store: HostExpertStore, ceil: dict, args) -> 
     out["ceilings"] = {k: v for k, v in c4.items() if k.startswith("uva")}
     out["cpu"] = cpu_runs(cfg, store, c4, args.cpu_threads, fp8_store=fp8_store)
     out["hybrid"] = hybrid_runs(cfg, store, c4, out["cpu"], args)
-    modes = [m for m, r in out["hybrid"].items() if isinstance(r, dict) and m != "all_copy"]
+    modes = [m for m, r in out["hybrid"].items() if isinstance(r, dict) and "graph_ms" in r and m != "all_copy"]
     best = min(modes, key=lambda m: out["hybrid"][m]["graph_ms"])
     r = out["hybrid"][best]
     out["summary"] = {
@@ -60,7 +60,9 @@ def int4_runs(cfg, ckpt: Path, fp8_store: HostExpertStore, ceil: dict, args) -> 
         "layer_target_ms": INT4_LAYER_TARGET_MS,
         "layer_ok": r["graph_ms"] <= INT4_LAYER_TARGET_MS,
         "vs_service": r["graph_vs_service"],
-        "service_ok": r["graph_vs_service"] >= SERVICE_TARGET,
+        # judged against the measured ceiling (both paths at once), the sum of the separate rates printed beside it
+        "vs_joint": r["graph_vs_joint"],
+        "service_ok": r["graph_vs_joint"] >= SERVICE_TARGET,
     }
     del store
     return out
@@ -92,18 +94,27 @@ def print_int4(res: dict) -> None:
         f"{cp.get('rel_error_vs_fp8', float('nan')):.3f} (the format)"
     )
     hy, fp8 = i4["hybrid"], res.get("hybrid", {})
-    print("nothing-cached batch-1 layer   int4 eager / graph ms   FP8 graph ms   int4 miss GB/s  vs service ceiling")
-    for m in [m for m in hy if isinstance(hy[m], dict)]:
+    jc = hy["joint_ceiling"]
+    print(
+        f"miss-service ceiling, both paths at once: {jc['joint_GBps']:.1f} GB/s (CPU {jc['cpu_GBps']:.1f} + copies "
+        f"{jc['copy_GBps']:.1f}); apart: CPU {cp['batch1']['GBps']:.1f} + copies {c4['uva_GBps']:.1f} = "
+        f"{hy['service_GBps']:.1f}"
+    )
+    print(
+        "nothing-cached batch-1 layer   int4 eager / graph ms   FP8 graph ms   int4 miss GB/s  vs ceiling (at once / "
+        "apart)"
+    )
+    for m in [m for m in hy if isinstance(hy[m], dict) and "graph_ms" in hy[m]]:
         r, f = hy[m], fp8.get(m, {})
         fg = f"{f['graph_ms']:.2f}" if f else "-"
         print(
             f"  {m:24s} {r['ms']:8.2f} / {r['graph_ms']:6.2f}   {fg:>12s}   {r['graph_miss_GBps']:13.1f}  "
-            f"{r['graph_vs_service']:6.0%}"
+            f"{r['graph_vs_joint']:6.0%} / {r['graph_vs_service']:.0%}"
         )
     sm = i4["summary"]
     print(
         f"int4 target: layer {sm['layer_ms']:.2f} ms ({sm['best_mode']}) <= {sm['layer_target_ms']} ms: "
-        f"{'MET' if sm['layer_ok'] else 'MISSED'}; misses at {sm['vs_service']:.0%} of the miss-service ceiling "
-        f"(CPU alone {cp['batch1']['GBps']:.1f} + copies {c4['uva_GBps']:.1f} GB/s) >= {SERVICE_TARGET:.0%}: "
-        f"{'MET' if sm['service_ok'] else 'MISSED'}"
+        f"{'MET' if sm['layer_ok'] else 'MISSED'}; misses at {sm['vs_joint']:.0%} of the measured miss-service "
+        f"ceiling (both paths at once, {jc['joint_GBps']:.1f} GB/s; {sm['vs_service']:.0%} of the separate rates' "
+        f"sum) >= {SERVICE_TARGET:.0%}: {'MET' if sm['service_ok'] else 'MISSED'}"
     )

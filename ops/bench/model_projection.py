@@ -14,6 +14,8 @@ REAL_EXPERTS = 256
 BATCHES = (1, 2, 8, 16, 32, 64)
 PROMPTS = (1024, 8192, 32768)
 CHUNK = 2048  # the engine's default max_tokens_per_step
+# The slice stage's MTP verify rows: skewed chains in steps of a token and its draft (1 + 1 tokens per sequence).
+VERIFY_TRACE = "skewed-verify"
 # MTP acceptance of the first draft token published for the MTP module GLM-5.1 shares with DeepSeek-V3: "the
 # acceptance rate of the second token prediction ranges between 85% and 90%" (DeepSeek-V3 Technical Report,
 # arXiv:2412.19437, section 5.4.3). Random weights accept nothing, hence also the rows at 0. One draft token: for

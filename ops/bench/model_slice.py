@@ -43,8 +43,8 @@ from moed.offload.hybrid import CpuConfig
 from moed.offload.routed_experts import hybrid_max_tokens
 from moed.offload.runner import OffloadMoERunner
 from moed.offload.stats import summarize
-from moed.offload.traces import skewed_trace, trace_statistics, uniform_trace
-from moed.ops.bench.model_projection import MOE_LAYERS, Deployment, decode_bound_ms, joint_rate_GBps
+from moed.offload.traces import skewed_trace, trace_statistics, uniform_trace, verify_steps
+from moed.ops.bench.model_projection import MOE_LAYERS, VERIFY_TRACE, Deployment, decode_bound_ms, joint_rate_GBps
 from moed.ops.bench.model_timing import (
     Span,
     ceilings,
@@ -485,6 +485,61 @@ def stage_slice(args, save: Callable[[dict], None]) -> dict:
     save(out)
 
     warm = args.warm_steps
+
+    def measure(
+        store: HostExpertStore, trace_name: str, policy: str, ids: list[torch.Tensor], seqs: int, spec_steps: int
+    ) -> None:
+        """One decode row: `seqs` sequences of 1 + spec_steps tokens a step (ids[i]: [steps, tokens, k])."""
+        tokens = seqs * (1 + spec_steps)
+        r = OffloadMoERunner(
+            cfg,
+            layers=layers,
+            device=device,
+            slots=slots,
+            store=store,
+            cache=CacheConfig(policy=policy),
+            expert_dtype=xd,
+            # the engine's rule for an engine that runs `seqs` sequences (routed_experts.py)
+            cpu=CpuConfig(
+                threads=args.cpu_threads,
+                max_tokens=args.hybrid_max_tokens or hybrid_max_tokens(seqs, spec_steps),
+                fallback_to_copy=True,
+            ),
+        )
+        r.finish_loading()
+        res = steps_timed(r, layers, ids, tokens, args.steps, warm, device)
+        distinct = res["hits"] + res["misses"]
+        # CPU experts share decode steps' misses; a step above HYBRID_MAX_TOKENS only copies (UVA kernel)
+        hybrid = r.hybrid is not None and r.hybrid.takes(tokens)
+        rate = ceil["joint_GBps"] if hybrid else ceil["uva_GBps"]
+        res.update(
+            trace=trace_name,
+            policy=policy,
+            batch=seqs,
+            step_tokens=tokens,
+            slots=slots,
+            miss_service=r.miss_service,
+            hit_rate=res["hits"] / distinct if distinct else None,
+            miss_rate_GBps=rate,
+            bound_ms=decode_bound_ms(res["misses"], res["hits"], layout.expert_bytes, rate, ceil["hbm_GBps"]),
+        )
+        res["vs_bound"] = res["ms_per_layer"] / res["bound_ms"] if res["bound_ms"] else None
+        log.info(
+            "slice %s %s batch %d (%d tokens a step): %.3f ms/layer, hit %.3f, misses %.2f, bound %.3f",
+            trace_name,
+            policy,
+            seqs,
+            tokens,
+            res["ms_per_layer"],
+            res["hit_rate"] or 0,
+            res["misses"],
+            res["bound_ms"],
+        )
+        out["decode"].append(res)
+        r.close()
+        del r
+        save(out)
+
     first = [b for b in args.batches if b == 1]
     for batch in first + [b for b in args.batches if b != 1]:  # batch 1 first: the headline
         for trace_name in ("skewed", "uniform"):
@@ -496,52 +551,17 @@ def stage_slice(args, save: Callable[[dict], None]) -> dict:
                 for i in range(n)
             ]
             for policy in ("lru", "lfu") if trace_name == "skewed" and batch == 1 else ("lru",):
-                r = OffloadMoERunner(
-                    cfg,
-                    layers=layers,
-                    device=device,
-                    slots=slots,
-                    store=store,
-                    cache=CacheConfig(policy=policy),
-                    expert_dtype=xd,
-                    # the engine's rule for an engine that runs `batch` sequences (routed_experts.py)
-                    cpu=CpuConfig(
-                        threads=args.cpu_threads,
-                        max_tokens=args.hybrid_max_tokens or hybrid_max_tokens(batch, 0),
-                        fallback_to_copy=True,
-                    ),
-                )
-                r.finish_loading()
-                res = steps_timed(r, layers, ids, batch, args.steps, warm, device)
-                distinct = res["hits"] + res["misses"]
-                # CPU experts share decode steps' misses; a step above HYBRID_MAX_TOKENS only copies (UVA kernel)
-                hybrid = r.hybrid is not None and r.hybrid.takes(batch)
-                rate = ceil["joint_GBps"] if hybrid else ceil["uva_GBps"]
-                res.update(
-                    trace=trace_name,
-                    policy=policy,
-                    batch=batch,
-                    slots=slots,
-                    miss_service=r.miss_service,
-                    hit_rate=res["hits"] / distinct if distinct else None,
-                    miss_rate_GBps=rate,
-                    bound_ms=decode_bound_ms(res["misses"], res["hits"], layout.expert_bytes, rate, ceil["hbm_GBps"]),
-                )
-                res["vs_bound"] = res["ms_per_layer"] / res["bound_ms"] if res["bound_ms"] else None
-                log.info(
-                    "slice %s %s batch %d: %.3f ms/layer, hit %.3f, misses %.2f, bound %.3f",
-                    trace_name,
-                    policy,
-                    batch,
-                    res["ms_per_layer"],
-                    res["hit_rate"] or 0,
-                    res["misses"],
-                    res["bound_ms"],
-                )
-                out["decode"].append(res)
-                r.close()
-                del r
-                save(out)
+                measure(store, trace_name, policy, ids, batch, 0)
+        if batch in (1, 8):
+            # MTP verify steps: each sequence's token and its draft are consecutive tokens of one chain, which share
+            # experts (the skewed trace's reuse), unlike two sequences' tokens (the batch-2 row)
+            ids = [
+                torch.from_numpy(verify_steps(skewed_trace(2 * (warm + args.steps), batch, E, k, seed=7000 + i), 2))
+                .contiguous()
+                .to(device)
+                for i in range(n)
+            ]
+            measure(store, VERIFY_TRACE, "lru", ids, batch, 1)
     out["prefill"] = prefill_layer(cfg, store, layers[0], slots, ceil, args, device) if args.prefill_tokens else []
     save(out)
     del store

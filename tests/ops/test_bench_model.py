@@ -170,6 +170,17 @@ def test_report_assembles_whole_model_figures():
     draft = 11.0 / 78 + 0.5 + 2.0
     assert mtp[(1, 0.0)]["tok_s"] == pytest.approx(1e3 / (verify + draft))
     assert mtp[(8, PUBLISHED_MTP_ACCEPTANCE)]["verify_ms"] == pytest.approx(26.0 + 75 * 6.0)
+    assert mtp[(1, 0.0)]["verify_from"] == "2 sequences"
+    # measured verify steps (a token and its draft from one chain) replace the two-sequence step for MTP, and are
+    # no decode row of their own
+    verify_row = {**parts["slice"]["decode"][0], "trace": "skewed-verify", "ms_per_layer": 2.2, "step_tokens": 2}
+    parts["slice"]["decode"].append(verify_row)
+    rep = build_report(parts)
+    assert "skewed-verify" not in {r["trace"] for r in rep["decode"]}
+    mtp = {(r["batch"], r["acceptance"]): r for r in rep["mtp"]}
+    assert mtp[(1, 0.0)]["verify_ms"] == pytest.approx(12.0 + 75 * 2.2)
+    assert mtp[(1, 0.0)]["verify_from"] == "verify steps"
+    assert mtp[(8, 0.0)]["verify_from"] == "16 sequences"  # no verify row at batch 8 here
     ttft = {(r["prompt"], r["step_tokens"]): r for r in rep["ttft"]}
     assert ttft[(1024, 1024)]["chunks"] == 1 and ttft[(1024, 1024)]["ttft_s"] == pytest.approx(0.5 + 75 * 0.19)
     assert (1024, 2048) not in ttft  # a prompt within one engine chunk is the one-step row
@@ -273,7 +284,9 @@ def test_every_stage_runs_on_cpu_at_tiny_sizes(tiny_fp8_checkpoint, tmp_path, ca
         ("skewed", "lru"),
         ("skewed", "lfu"),
         ("uniform", "lru"),
+        ("skewed-verify", "lru"),  # MTP verify steps: a token and its draft, consecutive in one chain
     }
+    assert {r["trace"]: r["step_tokens"] for r in sl["decode"]}["skewed-verify"] == 2
     assert all(r["misses"] > 0 and r["bound_ms"] > 0 for r in sl["decode"])
     pre = sl["prefill"][0]
     assert pre["rounds"] > 1 and pre["ms_streamed_before"] > 0 and pre["distinct_experts"] <= 16

@@ -138,7 +138,8 @@ def fp8_linear() -> None:
     for N, K in ((2048, 6144), (576, 6144), (16384, 2048), (6144, 16384), (6144, 2048)):
         w = torch.zeros((N, K), dtype=torch.float8_e4m3fn)
         s = torch.ones((-(-N // 128), K // 128))
-        fp8_linear_kernel(torch.zeros((8, K), dtype=torch.bfloat16), w, s)
+        for M in (8, 32, 64):  # 16-, 32- and 64-row blocks
+            fp8_linear_kernel(torch.zeros((M, K), dtype=torch.bfloat16), w, s)
 
 
 def int4_moe() -> None:

@@ -26,6 +26,8 @@ from moed.kernels.act_quant import interpreting
 from moed.kernels.tl_helpers import cast_rne, dot
 
 MAX_KERNEL_ROWS = 64
+SPLIT_WAVES = 4  # programs per SM a split aims for
+MIN_SPLIT_BLOCKS = 4  # scale blocks (128 inputs each) per K range at least
 
 
 @triton.jit(do_not_specialize=["M"])
@@ -41,14 +43,17 @@ def _w8a16_kernel(
     stride_wn,
     stride_sn,
     stride_ym,
+    stride_ys,  # SPLIT_K > 1: y is the fp32 workspace [SPLIT_K, M, N], one slice a K range
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,  # == bk: one scale column per K step
     SCALE_N: tl.constexpr,  # bn
+    SPLIT_K: tl.constexpr,
     INTERP: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
+    pid_k = tl.program_id(2)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
@@ -58,7 +63,9 @@ def _w8a16_kernel(
     w_rows = w_ptr + offs_n[:, None] * stride_wn
     s_rows = s_ptr + (offs_n // SCALE_N) * stride_sn
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for kb in range(0, tl.cdiv(K, BLOCK_K)):
+    k_blocks = tl.cdiv(K, BLOCK_K)
+    per_split = tl.cdiv(k_blocks, SPLIT_K)
+    for kb in range(pid_k * per_split, tl.minimum(k_blocks, (pid_k + 1) * per_split)):
         k = kb * BLOCK_K + offs_k
         k_ok = k < K
         x = tl.load(x_rows + k[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
@@ -67,8 +74,19 @@ def _w8a16_kernel(
         # the interpreter's bf16 dot is wrong: fp32 operands there (FP8 -> fp32 is exact too)
         part = dot(x, tl.trans(w.to(tl.float32 if INTERP else tl.bfloat16)), INTERP)
         acc += part * s[None, :]
-    y = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :]
-    tl.store(y, cast_rne(acc, y_ptr.dtype.element_ty, INTERP), mask=m_ok[:, None] & n_ok[None, :])
+    y = y_ptr + pid_k * stride_ys + offs_m[:, None] * stride_ym + offs_n[None, :]
+    if SPLIT_K == 1:
+        tl.store(y, cast_rne(acc, y_ptr.dtype.element_ty, INTERP), mask=m_ok[:, None] & n_ok[None, :])
+    else:
+        tl.store(y, acc, mask=m_ok[:, None] & n_ok[None, :])
+
+
+def split_k(programs: int, k_blocks: int, sms: int) -> int:
+    """K ranges per output tile: enough programs for SPLIT_WAVES of them per SM (a decode step's narrow projections
+    launch 36-128 programs of 16-64 columns on a 132-SM H100: too few weight bytes in flight to reach HBM's rate),
+    each range at least MIN_SPLIT_BLOCKS scale blocks long. 1: no split."""
+    want = -(-SPLIT_WAVES * sms // max(programs, 1))
+    return max(1, min(want, k_blocks // MIN_SPLIT_BLOCKS))
 
 
 def _check(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, block: tuple[int, int]) -> None:
@@ -96,9 +114,14 @@ def fp8_linear_reference(
 
 
 def fp8_linear_kernel(
-    x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, block: tuple[int, int] = (128, 128)
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    scale: torch.Tensor,
+    block: tuple[int, int] = (128, 128),
+    splits: int | None = None,
 ) -> torch.Tensor:
-    """The Triton kernel alone (x bf16 [M, K], unit stride along K; any M, though it is meant for small ones)."""
+    """The Triton kernel alone (x bf16 [M, K], unit stride along K; any M, though it is meant for small ones).
+    `splits`: K ranges per output tile, summed in fp32 after (None: `split_k` for this GPU)."""
     _check(x, weight, scale, block)
     if x.dtype != torch.bfloat16 or x.stride(1) != 1 or weight.stride(1) != 1:
         raise ValueError(f"fp8_linear_kernel: x must be bf16 with unit stride along K, got {x.dtype} {x.stride()}")
@@ -114,27 +137,38 @@ def fp8_linear_kernel(
     block_m = min(max(16, triton.next_power_of_2(M)), MAX_KERNEL_ROWS)
     # Narrow outputs (the MLA down-projections: 576, 2048 columns) get narrow tiles, so more programs share the read.
     block_n = 16 if N <= 4096 else 64
-    grid = (triton.cdiv(N, block_n), triton.cdiv(M, block_m))
+    tiles = triton.cdiv(N, block_n) * triton.cdiv(M, block_m)
+    if splits is None:
+        sms = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 132
+        splits = split_k(tiles, triton.cdiv(K, bk), sms)
+    if splits < 1:
+        raise ValueError(f"fp8_linear_kernel: splits must be >= 1, got {splits}")
+    out = y if splits == 1 else torch.empty((splits, M, N), dtype=torch.float32, device=x.device)
+    grid = (triton.cdiv(N, block_n), triton.cdiv(M, block_m), splits)
     _w8a16_kernel[grid](
         x,
         weight,
         scale,
-        y,
+        out,
         M,
         N,
         K,
         x.stride(0),
         weight.stride(0),
         scale.stride(0),
-        y.stride(0),
+        out.stride(-2),
+        out.stride(0) if splits > 1 else 0,
         BLOCK_M=block_m,
         BLOCK_N=block_n,
         BLOCK_K=bk,
         SCALE_N=bn,
+        SPLIT_K=splits,
         INTERP=interpreting(),
         num_warps=4,
         num_stages=1 if interpreting() else 4,
     )
+    if splits > 1:
+        y.copy_(out.sum(dim=0))  # a fixed order: the same bits every run
     return y
 
 

@@ -43,6 +43,27 @@ def test_fp8_linear_kernel_matches_reference(M, N, K):
     assert _rel(wrong, want) > 5e-2
 
 
+@pytest.mark.parametrize("splits", [2, 3])
+def test_fp8_linear_split_k_matches_reference(splits):
+    """K ranges per output tile summed in fp32 after: the reference's result, with a K range that is partial
+    (7 scale blocks in 3 ranges) and a split that leaves a range empty (2 blocks of K=200 in 3)."""
+    for M, N, K in ((3, 80, 7 * 128), (2, 40, 200)):
+        w, s = _weights(N, K, seed=splits + K)
+        x = torch.randn((M, K), generator=torch.Generator().manual_seed(K)).bfloat16().to(DEV)
+        got = fp8_linear_kernel(x, w, s, splits=splits)
+        assert _rel(got, fp8_linear_reference(x, w, s)) < 1e-2
+        assert torch.equal(got, fp8_linear_kernel(x, w, s, splits=splits))  # the same bits again
+
+
+def test_fp8_linear_splits_k_only_where_programs_are_few():
+    from moed.kernels.fp8_linear import split_k
+
+    # GLM-5.1 on a 132-SM H100 at batch 1: kv_a (36 tiles of 16 columns, 48 scale blocks), o_proj (96 tiles, 128)
+    assert split_k(36, 48, 132) == 12 and split_k(96, 128, 132) == 6
+    assert split_k(1024, 48, 132) == 1  # enough programs already
+    assert split_k(8, 6, 132) == 1  # too short a K to split into ranges of >= 4 blocks
+
+
 def test_fp8_linear_equals_dequantised_gemm_where_the_kernel_does_not_run():
     w, s = _weights(64, 256, seed=1, device="cpu")
     x = torch.randn((MAX_KERNEL_ROWS + 3, 256), generator=torch.Generator().manual_seed(2)).float()

@@ -12,7 +12,8 @@
 # only what its own wait would have copied). Everything goes to $RUN (/tmp/session): gpu_tests.log, depth/ (the
 # pipeline's report.txt, results.json), offload.{log,json}, split.{log,json}.
 # Knobs: DEADLINE_S (whole session, 900), PIPE_S (the pipeline's BUDGET_S, 700), TESTS_S (170); SKIP_TESTS,
-# SKIP_PIPE, SKIP_OFFLOAD; OFFLOAD_ONLY (ceil,cpu,int4), SPLIT_ONLY (ceil,cpu,split; "none" skips);
+# SKIP_PIPE, SKIP_OFFLOAD; OFFLOAD_ONLY (ceil,cpu,int4), SPLIT_ONLY (none: measured 0.81-0.93x on 2026-12-07; ceil,cpu,split reruns it); INT4_TUNE (1:
+# the int4 entry tunes its kernel first, tables under $RUN/moe_configs);
 # the pipeline's own SKIP_*, DEEP_ARGS, ... pass through (SKIP_SERVE defaults to 1 here).
 set -u
 RUN=${RUN:-/tmp/session}
@@ -68,13 +69,19 @@ if [ "${SKIP_PIPE:-0}" != 1 ]; then
     echo "session: pipeline done at +${SECONDS}s"
 fi
 [ -n "$TESTS_PID" ] && wait "$TESTS_PID"
-for spec in "${OFFLOAD_ONLY:-ceil,cpu,int4}:offload" "${SPLIT_ONLY:-ceil,cpu,split}:split"; do
+for spec in "${OFFLOAD_ONLY:-ceil,cpu,int4}:offload" "${SPLIT_ONLY:-none}:split"; do
     only=${spec%%:*} name=${spec##*:}
     left=$((DEADLINE_S - SECONDS))
     if [ "${SKIP_OFFLOAD:-0}" = 1 ] || [ "$only" = none ]; then continue; fi
     if [ $left -le 150 ]; then echo "session: $name skipped, $left s left of DEADLINE_S=$DEADLINE_S"; continue; fi
+    # the int4 entry tunes its kernel's tables first (the tensor-core and CUDA-core tiles), written under $RUN
+    tune=""
+    if [ "$name" = offload ] && [ "${INT4_TUNE:-1}" = 1 ]; then
+        tune="--int4-tune --int4-tune-budget 120 --int4-tune-batch-sizes 1,2,4,8,16,32,64 --int4-tune-out $RUN/moe_configs"
+    fi
     # from /tmp, so nothing imports the checkout's folders by their bare names
-    (cd /tmp && timeout $((left - 20)) python3 -m moed.ops.bench.offload --only "$only" --int4-kernel --steps 16 \
+    # shellcheck disable=SC2086
+    (cd /tmp && timeout $((left - 20)) python3 -m moed.ops.bench.offload --only "$only" --int4-kernel $tune --steps 16 \
         --out "$RUN/$name.json") > "$RUN/$name.log" 2>&1
     echo "session: $name rc=$? at +${SECONDS}s"
 done

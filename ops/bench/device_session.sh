@@ -8,12 +8,14 @@
 #       bash ops/bench/device_session.sh --wait 540
 #   poll (each later call, within the machine's 30 s idle): bash ops/bench/device_session.sh --wait 560
 #
-# --wait N returns when the session is done or N seconds pass, copying what it has to $OUT (a call cut short loses
-# only what its own wait would have copied). Everything goes to $RUN (/tmp/session): gpu_tests.log, depth/ (the
-# pipeline's report.txt, results.json), offload.{log,json}, split.{log,json}.
-# Knobs: DEADLINE_S (whole session, 900), PIPE_S (the pipeline's BUDGET_S, 700), TESTS_S (170); SKIP_TESTS,
-# SKIP_PIPE, SKIP_OFFLOAD; OFFLOAD_ONLY (ceil,cpu,int4), SPLIT_ONLY (none: measured 0.81-0.93x on 2026-12-07; ceil,cpu,split reruns it); INT4_TUNE (1:
-# the int4 entry tunes its kernel first, tables under $RUN/moe_configs);
+# --wait N returns when the session is done or N seconds pass, copying what it has to $OUT as one archive,
+# session.tgz (the device tool returns only a few files a call; a call cut short loses only what its own wait would
+# have copied). Everything goes to $RUN (/tmp/session): gpu_tests.log, depth/ (the pipeline's report.txt,
+# results.json), offload.{log,json}, split.{log,json}, moe_configs/.
+# Knobs: DEADLINE_S (whole session, 900), PIPE_S (the pipeline's BUDGET_S, 700), TESTS_S (300); SKIP_TESTS,
+# SKIP_PIPE, SKIP_OFFLOAD; OFFLOAD_ONLY (ceil,cpu,int4), SPLIT_ONLY (none: the column split measured 0.81-0.93x on
+# 2026-12-07; ceil,cpu,split reruns it); INT4_TUNE (1: the int4 entry tunes its kernel first, tables under
+# $RUN/moe_configs);
 # the pipeline's own SKIP_*, DEEP_ARGS, ... pass through (SKIP_SERVE defaults to 1 here).
 set -u
 RUN=${RUN:-/tmp/session}
@@ -22,9 +24,8 @@ REPO=$(cd "$(dirname "$0")/../.." && pwd)
 wait_and_copy() {
     local end=$((SECONDS + ${1:-540}))
     while [ ! -f "$RUN/done" ] && [ $SECONDS -lt $end ]; do sleep 5; done
-    if [ -n "${OUT:-}" ]; then
-        cp -r "$RUN"/. "$OUT"/ 2> /dev/null
-        rm -rf "$OUT/depth/shm"
+    if [ -n "${OUT:-}" ]; then  # small files only: checkpoints and GGUFs stay on the machine
+        (cd "$RUN" && find . -type f -size -4M ! -path "./depth/shm/*" | tar czf "$OUT/session.tgz" -T -)
     fi
     cat "$RUN/gpu.txt" 2> /dev/null
     [ -f "$RUN/gpu_tests.rc" ] && {
@@ -57,7 +58,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | 
 TESTS_PID=""
 if [ "${SKIP_TESTS:-0}" != 1 ]; then
     (
-        timeout "${TESTS_S:-170}" python3 -m pytest -p no:cacheprovider -rfE -v --continue-on-collection-errors -m gpu tests > "$RUN/gpu_tests.log" 2>&1
+        timeout "${TESTS_S:-300}" python3 -m pytest -p no:cacheprovider -rfE -v --continue-on-collection-errors -m gpu tests > "$RUN/gpu_tests.log" 2>&1
         echo "rc=$?" > "$RUN/gpu_tests.rc"
     ) &
     TESTS_PID=$!

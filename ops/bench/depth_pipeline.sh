@@ -89,7 +89,8 @@ if [ "${SMOKE:-0}" = 1 ]; then
     SLICE_MAKE="--preset tiny --layers 3 --experts 16"
     DEEP_SIZES="--deep-batches 1,2 --deep-offload-batches 1 --prompts 32 --deep-prompt 8 --deep-gen 3 \
 --deep-cache-gb 0.001 --deep-step-tokens 32"
-    SLICE_SIZES="--preset tiny --experts 16 --slots 5 --steps 2 --warm-steps 2 --max-slice-layers 2 --cpu-threads 1"
+    SLICE_SIZES="--preset tiny --experts 16 --slots 5 --steps 2 --warm-steps 2 --pin-prefix 4 --pin-every 2 \
+--max-slice-layers 2 --cpu-threads 1"
     SLICE_REST="--batches 2 --prefill-tokens 16 --depth-layers 2"
     LLAMA_PROMPTS=32
     SERVE_SIZES="--batches 1 --prompts 32 --prompt-len 8 --gen 3 --prefill-gen 2 --chunk 32 --slots 4"

@@ -106,6 +106,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument(
         "--prefill-tokens", type=_ints, default=[1024, CHUNK, 8192, 32768], help="prefill step sizes (empty: none)"
     )
+    s.add_argument(
+        "--pin-prefix",
+        type=int,
+        default=128,
+        help="steps run eagerly before each decode row's timed ones (cache and pin planner warm-up)",
+    )
+    s.add_argument("--pin-every", type=int, default=32, help="steps between the pin planner's re-plans in the prefix")
     s.add_argument("--steps", type=int, default=12)
     s.add_argument("--warm-steps", type=int, default=8)
     s.add_argument("--depth-layers", type=int, default=75, help="0: skip the one-layer vs deep cases")

@@ -11,6 +11,7 @@ Whatever parts exist are used: a stage that failed or was cut off leaves its lin
 
 from __future__ import annotations
 
+import collections
 import math
 
 from moed.ops.bench.model_projection import (
@@ -28,11 +29,22 @@ from moed.ops.bench.model_projection import (
 
 
 def decode_rows(nonmoe: dict[int, float], sl: dict) -> tuple[dict[tuple[str, int], dict], list[dict]]:
-    """The slice's decode rows by (trace, batch), the better policy of each, and whole-model decode rows from them."""
+    """The slice's decode rows by (trace, batch), and whole-model decode rows from them. Where the slice measured
+    the shipped placement (the daemon's pins, "pinned-..."), that row counts: it is what moed runs by default;
+    otherwise the better of the policies measured."""
     moe: dict[tuple[str, int], dict] = {}
     for r in sl.get("decode", []):
         key = (r["trace"], int(r["batch"]))
-        if key not in moe or r["ms_per_layer"] < moe[key]["ms_per_layer"]:  # the better policy
+        old = moe.get(key)
+        shipped, old_shipped = (
+            r["policy"].startswith("pinned-"),
+            old is not None and old["policy"].startswith("pinned-"),
+        )
+        if (
+            old is None
+            or (shipped and not old_shipped)
+            or (shipped == old_shipped and r["ms_per_layer"] < old["ms_per_layer"])
+        ):
             moe[key] = r
     expert_bytes = (sl.get("deployment") or {}).get("expert_bytes", 0)
     rows = []
@@ -71,6 +83,12 @@ def build_report(parts: dict) -> dict:
     rep["nonmoe_graphs"] = "compiled" if compiled else "eager"
     moe, rows = decode_rows(nonmoe, sl)
     rep["decode"] = rows
+    measured = collections.Counter((r["trace"], int(r["batch"])) for r in sl.get("decode", []))
+    rep["policies"] = [  # issue 18: each cache policy's hit rate where the slice measured several
+        {k: r.get(k) for k in ("trace", "batch", "policy", "ms_per_layer", "hit_rate", "misses", "pins_per_layer")}
+        for r in sl.get("decode", [])
+        if measured[(r["trace"], int(r["batch"]))] > 1
+    ]
     sl4 = parts.get("slice_int4") or {}
     rep["decode_int4"] = decode_rows(nonmoe, sl4)[1] if sl4 else []
     if sl4.get("deployment"):
@@ -210,7 +228,7 @@ def print_report(rep: dict, parts: dict) -> None:
     missing = [name for name in ("deep", "slice", "llama") if not parts.get(name)]
     if missing:
         print(f"  (missing parts: {', '.join(missing)}: their figures are left out)")
-    for section in (_headline, _setup, _decode, _mtp, _ttft, _memory, _deep_offload, _depth, _llama):
+    for section in (_headline, _setup, _decode, _policies, _mtp, _ttft, _memory, _deep_offload, _depth, _llama):
         try:
             section(rep, deep, sl)
         except (KeyError, TypeError, ValueError, ZeroDivisionError) as e:
@@ -285,6 +303,17 @@ def _decode(rep: dict, deep: dict, sl: dict) -> None:
         if rows:
             print(f"\n{title} (non-MoE step from {graphs} decode graphs):")
             _decode_table(rows)
+
+
+def _policies(rep: dict, deep: dict, sl: dict) -> None:
+    rows = rep.get("policies") or []
+    if rows:
+        print("\ncache policies where the slice measured several (the whole-model rows use the shipped one, pinned-*):")
+        for r in rows:
+            print(
+                f"  {r['trace']:8} batch {r['batch']:>3} {r['policy']:16} {r['ms_per_layer']:.3f} ms/layer, hit "
+                f"{_f(r['hit_rate'], '.3f')}, misses {r['misses']:.2f}, pins/layer {r.get('pins_per_layer') or 0}"
+            )
 
 
 def _decode_table(rows: list[dict]) -> None:

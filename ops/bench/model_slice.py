@@ -35,6 +35,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from moed.daemon.pin_planner import PinPlanner
+from moed.daemon.placement import pin_budget
 from moed.model.checkpoint import make_config
 from moed.model.config import GlmMoeDsaConfig
 from moed.offload.expert_cache import CacheConfig
@@ -44,6 +46,7 @@ from moed.offload.routed_experts import hybrid_max_tokens
 from moed.offload.runner import OffloadMoERunner
 from moed.offload.stats import summarize
 from moed.offload.traces import skewed_trace, trace_statistics, uniform_trace, verify_steps
+from moed.ops.bench.hitrate_sim import shipped_policy
 from moed.ops.bench.model_projection import MOE_LAYERS, VERIFY_TRACE, Deployment, decode_bound_ms, joint_rate_GBps
 from moed.ops.bench.model_timing import (
     Span,
@@ -154,6 +157,44 @@ def steps_timed(
         "cpu_experts": (after["cpu_experts"] - before["cpu_experts"]) / n,
         "jobs": job_breakdown(list(hybrid.split_log)) if hybrid is not None else None,
     }
+
+
+def warm_with_placement(
+    runner: OffloadMoERunner, layers: list[int], ids: list[torch.Tensor], pin_fraction: float, every: int
+) -> int:
+    """Run the steps of ids[i] ([prefix, tokens, k] for layers[i]) eagerly, so the cache and its counts reach a steady
+    state; with `pin_fraction` > 0 the daemon's PinPlanner reads the runner's counts and applies pins every `every`
+    steps and once at the end, as daemon/placement.py does between engine steps. Returns the pins per layer."""
+    if not len(ids) or not ids[0].shape[0]:
+        return 0
+    K, k = runner.cfg.hidden_size, runner.cfg.num_experts_per_tok
+    M = ids[0].shape[1]
+    dtype = torch.bfloat16 if runner.device.type == "cuda" else torch.float32
+    hidden = torch.randn(M, K, device=runner.device).to(dtype)
+    weights = torch.rand(M, k, device=runner.device)
+    planner = None
+    if pin_fraction > 0:
+        assert runner.cache is not None
+        budget = pin_budget(runner.cache[layers[0]].num_slots, runner.layout.num_experts, pin_fraction)
+
+        def apply(pins: dict[int, set[int]]) -> None:
+            assert runner.cache is not None
+            for layer, experts in pins.items():
+                runner.cache[layer].set_pins(experts)
+
+        planner = PinPlanner(
+            runner.layout.num_experts, list(runner.layers), budget, read_counts=runner.read_counts, apply=apply
+        )
+    for s in range(ids[0].shape[0]):
+        for i, layer in enumerate(layers):
+            runner.run(layer, hidden, ids[i][s], weights)
+        if planner is not None and (s + 1) % every == 0:
+            planner.tick()
+    sync(runner.device)
+    if planner is None:
+        return 0
+    pins = planner.tick()
+    return len(pins[layers[0]])
 
 
 def eager_timeline(runner: OffloadMoERunner, layers: list[int], ids: list[torch.Tensor], steps: int) -> dict | None:
@@ -487,9 +528,17 @@ def stage_slice(args, save: Callable[[dict], None]) -> dict:
     warm = args.warm_steps
 
     def measure(
-        store: HostExpertStore, trace_name: str, policy: str, ids: list[torch.Tensor], seqs: int, spec_steps: int
+        store: HostExpertStore,
+        trace_name: str,
+        policy: str,
+        ids: list[torch.Tensor],
+        seqs: int,
+        spec_steps: int,
+        pin_fraction: float = 0.0,
     ) -> None:
-        """One decode row: `seqs` sequences of 1 + spec_steps tokens a step (ids[i]: [steps, tokens, k])."""
+        """One decode row: `seqs` sequences of 1 + spec_steps tokens a step (ids[i]: [prefix + warm + steps, tokens,
+        k]; the first args.pin_prefix steps run eagerly first, where the daemon's pin planner, with `pin_fraction` >
+        0, re-plans every args.pin_every steps as its placement loop would)."""
         tokens = seqs * (1 + spec_steps)
         r = OffloadMoERunner(
             cfg,
@@ -507,14 +556,17 @@ def stage_slice(args, save: Callable[[dict], None]) -> dict:
             ),
         )
         r.finish_loading()
+        pins = warm_with_placement(r, layers, [t[: args.pin_prefix] for t in ids], pin_fraction, args.pin_every)
+        ids = [t[args.pin_prefix :] for t in ids]
         res = steps_timed(r, layers, ids, tokens, args.steps, warm, device)
+        res["pins_per_layer"] = pins
         distinct = res["hits"] + res["misses"]
         # CPU experts share decode steps' misses; a step above HYBRID_MAX_TOKENS only copies (UVA kernel)
         hybrid = r.hybrid is not None and r.hybrid.takes(tokens)
         rate = ceil["joint_GBps"] if hybrid else ceil["uva_GBps"]
         res.update(
             trace=trace_name,
-            policy=policy,
+            policy=f"pinned-{round(100 * pin_fraction)}%+{policy}" if pin_fraction else policy,
             batch=seqs,
             step_tokens=tokens,
             slots=slots,
@@ -547,16 +599,23 @@ def stage_slice(args, save: Callable[[dict], None]) -> dict:
                 continue
             gen = uniform_trace if trace_name == "uniform" else skewed_trace
             ids = [
-                torch.from_numpy(gen(warm + args.steps, batch, E, k, seed=1000 * i + batch)).to(device)
+                torch.from_numpy(gen(args.pin_prefix + warm + args.steps, batch, E, k, seed=1000 * i + batch)).to(
+                    device
+                )
                 for i in range(n)
             ]
             for policy in ("lru", "lfu") if trace_name == "skewed" and batch == 1 else ("lru",):
                 measure(store, trace_name, policy, ids, batch, 0)
+            if trace_name == "skewed" and batch == 1:  # what moed runs by default: the daemon pins the hottest
+                shipped = shipped_policy()
+                measure(store, trace_name, shipped.eviction, ids, batch, 0, shipped.pin_fraction)
         if batch in (1, 8):
             # MTP verify steps: each sequence's token and its draft are consecutive tokens of one chain, which share
             # experts (the skewed trace's reuse), unlike two sequences' tokens (the batch-2 row)
             ids = [
-                torch.from_numpy(verify_steps(skewed_trace(2 * (warm + args.steps), batch, E, k, seed=7000 + i), 2))
+                torch.from_numpy(
+                    verify_steps(skewed_trace(2 * (args.pin_prefix + warm + args.steps), batch, E, k, seed=7000 + i), 2)
+                )
                 .contiguous()
                 .to(device)
                 for i in range(n)

@@ -171,6 +171,12 @@ def test_report_assembles_whole_model_figures():
     assert mtp[(1, 0.0)]["tok_s"] == pytest.approx(1e3 / (verify + draft))
     assert mtp[(8, PUBLISHED_MTP_ACCEPTANCE)]["verify_ms"] == pytest.approx(26.0 + 75 * 6.0)
     assert mtp[(1, 0.0)]["verify_from"] == "2 sequences"
+    # the shipped placement's row counts where measured, even when another policy measured faster: it is the default
+    shipped = {**parts["slice"]["decode"][0], "policy": "pinned-50%+lru", "ms_per_layer": 2.4, "pins_per_layer": 6}
+    with_pins = build_report({**parts, "slice": {**parts["slice"], "decode": [*parts["slice"]["decode"], shipped]}})
+    row = next(r for r in with_pins["decode"] if r["batch"] == 1)
+    assert row["policy"] == "pinned-50%+lru" and row["whole_ms"] == pytest.approx(11.0 + MOE_LAYERS * 2.4)
+    assert {p["policy"] for p in with_pins["policies"]} == {"lru", "lfu", "pinned-50%+lru"}
     # measured verify steps (a token and its draft from one chain) replace the two-sequence step for MTP, and are
     # no decode row of their own
     verify_row = {**parts["slice"]["decode"][0], "trace": "skewed-verify", "ms_per_layer": 2.2, "step_tokens": 2}
@@ -270,6 +276,10 @@ def test_every_stage_runs_on_cpu_at_tiny_sizes(tiny_fp8_checkpoint, tmp_path, ca
                 "2",
                 "--steps",
                 "2",
+                "--pin-prefix",
+                "4",
+                "--pin-every",
+                "2",
                 "--warm-steps",
                 "2",
                 "--max-slice-layers",
@@ -285,7 +295,10 @@ def test_every_stage_runs_on_cpu_at_tiny_sizes(tiny_fp8_checkpoint, tmp_path, ca
         ("skewed", "lfu"),
         ("uniform", "lru"),
         ("skewed-verify", "lru"),  # MTP verify steps: a token and its draft, consecutive in one chain
+        ("skewed", "pinned-50%+lru"),  # the shipped placement: the daemon's pin planner over the warm-up's counts
     }
+    pinned = next(r for r in sl["decode"] if r["policy"].startswith("pinned-"))
+    assert pinned["pins_per_layer"] == 2  # half of the 5 slots
     assert {r["trace"]: r["step_tokens"] for r in sl["decode"]}["skewed-verify"] == 2
     assert all(r["misses"] > 0 and r["bound_ms"] > 0 for r in sl["decode"])
     pre = sl["prefill"][0]
@@ -311,6 +324,10 @@ def test_every_stage_runs_on_cpu_at_tiny_sizes(tiny_fp8_checkpoint, tmp_path, ca
                 "--depth-layers",
                 "0",
                 "--steps",
+                "2",
+                "--pin-prefix",
+                "4",
+                "--pin-every",
                 "2",
                 "--warm-steps",
                 "2",
@@ -344,6 +361,10 @@ def test_every_stage_runs_on_cpu_at_tiny_sizes(tiny_fp8_checkpoint, tmp_path, ca
                 "--depth-layers",
                 "2",
                 "--steps",
+                "2",
+                "--pin-prefix",
+                "4",
+                "--pin-every",
                 "2",
                 "--warm-steps",
                 "2",

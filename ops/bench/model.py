@@ -110,9 +110,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--pin-prefix",
         type=int,
         default=128,
-        help="steps run eagerly before each decode row's timed ones (cache and pin planner warm-up)",
+        help="tokens of steps run eagerly before each decode row's timed ones (cache and pin planner warm-up; 128 "
+        "tokens = 128 steps at batch 1, 2 at batch 64)",
     )
-    s.add_argument("--pin-every", type=int, default=32, help="steps between the pin planner's re-plans in the prefix")
+    s.add_argument("--pin-every", type=int, default=32, help="tokens between the pin planner's re-plans in the prefix")
     s.add_argument("--steps", type=int, default=12)
     s.add_argument("--warm-steps", type=int, default=8)
     s.add_argument("--depth-layers", type=int, default=75, help="0: skip the one-layer vs deep cases")

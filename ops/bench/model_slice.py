@@ -537,8 +537,8 @@ def stage_slice(args, save: Callable[[dict], None]) -> dict:
         pin_fraction: float = 0.0,
     ) -> None:
         """One decode row: `seqs` sequences of 1 + spec_steps tokens a step (ids[i]: [prefix + warm + steps, tokens,
-        k]; the first args.pin_prefix steps run eagerly first, where the daemon's pin planner, with `pin_fraction` >
-        0, re-plans every args.pin_every steps as its placement loop would)."""
+        k]; steps of the first args.pin_prefix tokens run eagerly first, where the daemon's pin planner, with
+        `pin_fraction` > 0, re-plans every args.pin_every tokens as its placement loop would)."""
         tokens = seqs * (1 + spec_steps)
         r = OffloadMoERunner(
             cfg,
@@ -556,8 +556,10 @@ def stage_slice(args, save: Callable[[dict], None]) -> dict:
             ),
         )
         r.finish_loading()
-        pins = warm_with_placement(r, layers, [t[: args.pin_prefix] for t in ids], pin_fraction, args.pin_every)
-        ids = [t[args.pin_prefix :] for t in ids]
+        prefix = -(-args.pin_prefix // tokens)  # --pin-prefix and --pin-every count tokens: batch 64 warms in 2 steps
+        every = max(1, args.pin_every // tokens)
+        pins = warm_with_placement(r, layers, [t[:prefix] for t in ids], pin_fraction, every)
+        ids = [t[prefix:] for t in ids]
         res = steps_timed(r, layers, ids, tokens, args.steps, warm, device)
         res["pins_per_layer"] = pins
         distinct = res["hits"] + res["misses"]

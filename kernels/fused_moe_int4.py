@@ -396,12 +396,24 @@ def launch_gate_up(
         num_blocks_m,
     )
     strides = (hidden.stride(0), qw.stride(0), qw.stride(1), s.stride(0), s.stride(1), s.stride(2), *zs, h.stride(0))
-    tiles = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": config["BLOCK_SIZE_K"], "HAS_ZP": w13.zeros is not None}
-    launch = {"INTERPRET": interpreting(), "num_warps": config["num_warps"], "num_stages": config["num_stages"]}
+    meta = _meta(config, w13)
     if rows:
-        gate_up_int4_gemv_kernel[grid](*common, w13.group, *strides, ROWS=rows, **tiles, **launch)
+        gate_up_int4_gemv_kernel[grid](*common, w13.group, *strides, ROWS=rows, **meta)
     else:
-        _gate_up_int4_kernel[grid](*common, config["GROUP_SIZE_M"], w13.group, *strides, **tiles, **launch)
+        _gate_up_int4_kernel[grid](*common, config["GROUP_SIZE_M"], w13.group, *strides, **meta)
+
+
+def _meta(config: dict, w: Int4Weight) -> dict:
+    """The compile-time tile sizes and launch options both int4 GEMMs take from a config."""
+    return {
+        "BLOCK_M": config["BLOCK_SIZE_M"],
+        "BLOCK_N": config["BLOCK_SIZE_N"],
+        "BLOCK_K": config["BLOCK_SIZE_K"],
+        "HAS_ZP": w.zeros is not None,
+        "INTERPRET": interpreting(),
+        "num_warps": config["num_warps"],
+        "num_stages": config["num_stages"],
+    }
 
 
 def launch_down(
@@ -437,12 +449,11 @@ def launch_down(
         num_blocks_m,
     )
     strides = (h.stride(0), qw.stride(0), qw.stride(1), s.stride(0), s.stride(1), s.stride(2), *zs, partial.stride(0))
-    tiles = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": config["BLOCK_SIZE_K"], "HAS_ZP": w2.zeros is not None}
-    launch = {"INTERPRET": interpreting(), "num_warps": config["num_warps"], "num_stages": config["num_stages"]}
+    meta = _meta(config, w2)
     if rows:
-        down_int4_gemv_kernel[grid](*common, w2.group, *strides, ROWS=rows, **tiles, **launch)
+        down_int4_gemv_kernel[grid](*common, w2.group, *strides, ROWS=rows, **meta)
     else:
-        _down_int4_kernel[grid](*common, config["GROUP_SIZE_M"], w2.group, *strides, **tiles, **launch)
+        _down_int4_kernel[grid](*common, config["GROUP_SIZE_M"], w2.group, *strides, **meta)
 
 
 def check_int4_config(config: dict, group: int, name: str) -> None:

@@ -213,6 +213,23 @@ def test_moe_int4_gpu_glm_shapes(N, M):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("M", [1, 4, 9])
+def test_moe_int4_gpu_gemv_tiles_glm_shapes(M):
+    """Every CUDA-core tile the tuner may pick, compiled for this GPU at GLM-5.1's widths, against the reference."""
+    from moed.kernels.fused_moe_tuner import gemv_candidates
+
+    gen = torch.Generator(device="cuda").manual_seed(M)
+    cpu_gen = torch.Generator().manual_seed(M)
+    ex = experts(12, 2048, GLM_K, gen, device="cuda")
+    table, have = slot_table(257, 12, cpu_gen)
+    ids, w = routing(M, 8, have, cpu_gen)
+    x = torch.randn((M, GLM_K), generator=cpu_gen).to(torch.bfloat16).cuda()
+    want = _ref(ex, x, ids, w, table)
+    for cfg in gemv_candidates(4):
+        assert rel(_run(ex, x, ids, w, table, config=cfg, down_config=cfg), want) < 1e-2, cfg
+
+
+@pytest.mark.gpu
 def test_moe_int4_gpu_graph_capture_without_host_sync():
     gen = torch.Generator(device="cuda").manual_seed(11)
     cpu_gen = torch.Generator().manual_seed(11)

@@ -30,7 +30,7 @@ from moed.engine.llm_engine import LLMEngine
 from moed.model.checkpoint import checkpoint_bytes
 from moed.offload.host_store import thp_status
 from moed.ops.bench.engine import _timed_prefill, run_load
-from moed.ops.bench.model_timing import job_breakdown, time_ms
+from moed.ops.bench.model_timing import job_breakdown, peak_bytes, time_ms
 
 log = logging.getLogger("bench.model.deep")
 
@@ -170,11 +170,21 @@ def stage_deep(args, save: Callable[[dict], None]) -> dict:
     }
     g = torch.Generator().manual_seed(1)
     out["nonmoe_prefill_s"] = {}
+    out[
+        "nonmoe_prefill_peak_bytes"
+    ] = {}  # activations of the prompt's steps (deep_step_tokens each), beyond the KV pool
     for n in prompts:
         prompt = torch.randint(10, cfg.vocab_size, (n,), generator=g).tolist()
         _timed_prefill(engine, prompt[: min(n, args.deep_step_tokens)])  # this step size's kernels, untimed
-        out["nonmoe_prefill_s"][n] = _timed_prefill(engine, prompt)[0]
-        log.info("deep non-MoE prefill %d tokens: %.2f s", n, out["nonmoe_prefill_s"][n])
+        (out["nonmoe_prefill_s"][n], _), out["nonmoe_prefill_peak_bytes"][n] = peak_bytes(
+            lambda p=prompt: _timed_prefill(engine, p), device
+        )
+        log.info(
+            "deep non-MoE prefill %d tokens: %.2f s, activation peak %s bytes",
+            n,
+            out["nonmoe_prefill_s"][n],
+            out["nonmoe_prefill_peak_bytes"][n],
+        )
         save(out)
 
     # 2. The engine's offload runner at this depth.

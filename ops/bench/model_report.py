@@ -355,8 +355,20 @@ def _ttft(rep: dict, deep: dict, sl: dict) -> None:
             f"rounds = {p['GBps']:.1f} GB/s of experts ({100 * p['vs_ce']:.0f}% of the copy engine, "
             f"{100 * p['vs_host_read']:.0f}% of host read); before {p['ms_streamed_before']:.1f} ms = "
             f"{p['GBps_before']:.1f} GB/s ({100 * p['vs_ce_before']:.0f}% / {100 * p['vs_host_read_before']:.0f}%); "
-            f"compute alone {p['ms_resident']:.1f} ms, copies alone {p['copy_ceiling_ms']:.1f} ms: compute "
+            f"compute alone {p['ms_resident']:.1f} ms, the experts' bytes at the copy engine's rate "
+            f"{p['copy_ceiling_ms']:.1f} ms: compute "
             f"{'hidden under the copies' if p['compute_hidden'] else 'serial with the copies'}"
+            + (
+                f"; activation peak {p['peak_activation_bytes'] / 1e9:.2f} GB"
+                if p.get("peak_activation_bytes") is not None
+                else ""
+            )
+        )
+    peaks = {int(n): b for n, b in (deep.get("nonmoe_prefill_peak_bytes") or {}).items() if b is not None}
+    if peaks:
+        print(
+            "  non-MoE prefill activation peak at full depth (steps of the deep engine's max_tokens_per_step): "
+            + ", ".join(f"{n} tokens {b / 1e9:.2f} GB" for n, b in sorted(peaks.items()))
         )
 
 

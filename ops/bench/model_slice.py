@@ -54,6 +54,7 @@ from moed.ops.bench.model_timing import (
     graphed,
     job_breakdown,
     mem_available,
+    peak_bytes,
     release_pinned,
     sync,
     time_ms,
@@ -306,6 +307,7 @@ def prefill_layer(
         t_str = time_ms(lambda h=h, ids=ids, w=w: streamed.run(layer, h, ids, w), device)
         with every_route_every_round(streamed, lc):
             t_old = time_ms(lambda h=h, ids=ids, w=w: streamed.run(layer, h, ids, w), device, reps=2)
+        _, peak = peak_bytes(lambda h=h, ids=ids, w=w: streamed.run(layer, h, ids, w), device)
         distinct = int(torch.unique(ids).numel())
         rounds = lc.rounds_for(min(E, M * k))
         nbytes = distinct * L.expert_bytes
@@ -331,6 +333,7 @@ def prefill_layer(
             # copies and compute overlap when the step takes clearly less than their sum
             "compute_hidden": t_str < copy_ms + 0.5 * t_res,
             "repeated_compute_ms": max(0.0, t_old - t_str),
+            "peak_activation_bytes": peak,
         }
         rows.append(row)
         log.info(

@@ -15,6 +15,7 @@ import json
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -68,6 +69,22 @@ def time_ms(fn: Callable[[], object], device: torch.device, reps: int = 3) -> fl
         fn()
         times.append(span.stop().ms())
     return float(np.median(times))
+
+
+T = TypeVar("T")
+
+
+def peak_bytes(fn: Callable[[], T], device: torch.device) -> tuple[T, int | None]:
+    """fn's result, and the device memory it allocates at its peak beyond what was allocated before it (None off
+    CUDA): the activations a step needs, which the automatic expert-cache budget must leave free."""
+    if device.type != "cuda":
+        return fn(), None
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    base = torch.cuda.memory_allocated(device)
+    result = fn()
+    torch.cuda.synchronize(device)
+    return result, torch.cuda.max_memory_allocated(device) - base
 
 
 def graphed(step: Callable[[], None], device: torch.device) -> tuple[Callable[[], None], Callable[[], None]]:

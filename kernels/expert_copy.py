@@ -50,6 +50,11 @@ import triton.language as tl
 LRU, LFU = 0, 1
 POLICIES = {"lru": LRU, "lfu": LFU}
 STATS = ("hits", "misses", "evictions", "steps")
+# A round's per-route ids and mask: written by the claim kernel's one program for decode-sized steps (no second
+# launch inside the graphs), by a grid of ROUTES_BLOCK-route programs past this many routes: one program walked a
+# 32k-token prefill's 262k routes in every one of its ~20 rounds (H100: ~180 ms a layer beyond copies and compute).
+ROUTES_IN_CLAIM_MAX = 4096
+ROUTES_BLOCK = 1024
 _LOCKED = tl.constexpr((1 << 63) - 1)  # key of a slot that cannot be evicted, or of an expert that is no miss
 
 
@@ -130,6 +135,23 @@ def _route_counts(ids_ptr, R, offs_e, BLOCK_E: tl.constexpr, BLOCK_R: tl.constex
     return counts
 
 
+@triton.jit
+def _round_routes(ids_ptr, flag_ptr, round_ids_ptr, route_mask_ptr, offs_r, R, E):
+    """Routes offs_r of the step: their id where this round serves the expert (flag set), else the dummy id E."""
+    rmask = offs_r < R
+    ids = tl.load(ids_ptr + offs_r, mask=rmask, other=0)
+    flag = tl.load(flag_ptr + ids, mask=rmask, other=0)
+    tl.store(round_ids_ptr + offs_r, tl.where(flag != 0, ids, E), mask=rmask)
+    tl.store(route_mask_ptr + offs_r, flag, mask=rmask)
+
+
+@triton.jit(do_not_specialize=["R", "E"])
+def _round_routes_kernel(ids_ptr, flag_ptr, round_ids_ptr, route_mask_ptr, R, E, BLOCK_R: tl.constexpr):
+    _round_routes(
+        ids_ptr, flag_ptr, round_ids_ptr, route_mask_ptr, tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R), R, E
+    )
+
+
 @triton.jit(do_not_specialize=["R", "E", "S", "round_idx"])
 def _claim_kernel(
     ids_ptr,
@@ -159,6 +181,7 @@ def _claim_kernel(
     route_mask_ptr,
     POLICY: tl.constexpr,
     HAS_EXCLUDE: tl.constexpr,
+    ROUTES_HERE: tl.constexpr,  # write round_ids / route_mask here (else `_round_routes_kernel` does, in parallel)
     BLOCK_E: tl.constexpr,
     BLOCK_S: tl.constexpr,
     BLOCK_R: tl.constexpr,
@@ -237,13 +260,9 @@ def _claim_kernel(
 
     in_round = tl.load(flag_ptr + offs_e, mask=emask, other=0) != 0
     tl.store(served_ptr + offs_e, ((served != 0) | in_round).to(tl.int8), mask=emask)
-    for r0 in range(0, R, BLOCK_R):
-        offs_r = r0 + tl.arange(0, BLOCK_R)
-        rmask = offs_r < R
-        ids = tl.load(ids_ptr + offs_r, mask=rmask, other=0)
-        flag = tl.load(flag_ptr + ids, mask=rmask, other=0)
-        tl.store(round_ids_ptr + offs_r, tl.where(flag != 0, ids, E), mask=rmask)
-        tl.store(route_mask_ptr + offs_r, flag, mask=rmask)
+    if ROUTES_HERE:
+        for r0 in range(0, R, BLOCK_R):
+            _round_routes(ids_ptr, flag_ptr, round_ids_ptr, route_mask_ptr, r0 + tl.arange(0, BLOCK_R), R, E)
     if first:
         tl.store(step_ptr, step)
         tl.store(counts_ptr + offs_e, counts, mask=emask)
@@ -273,6 +292,7 @@ def claim_slots(
     if ids.dtype != torch.int32:
         raise TypeError(f"topk_ids must be int32, got {ids.dtype}")
     E, S = t.num_experts, t.num_slots
+    here = ids.numel() <= ROUTES_IN_CLAIM_MAX
     _claim_kernel[(1,)](
         ids,
         ids.numel(),
@@ -301,11 +321,17 @@ def claim_slots(
         route_mask,
         POLICY=policy,
         HAS_EXCLUDE=exclude is not None,
+        ROUTES_HERE=here,
         BLOCK_E=triton.next_power_of_2(E + 1),
         BLOCK_S=triton.next_power_of_2(S),
         BLOCK_R=max(16, min(64, triton.next_power_of_2(ids.numel()))),
         num_warps=4,
     )
+    if not here:
+        R = ids.numel()
+        _round_routes_kernel[(triton.cdiv(R, ROUTES_BLOCK),)](
+            ids, t.flag_scratch, round_ids, route_mask, R, E, BLOCK_R=ROUTES_BLOCK, num_warps=4
+        )
 
 
 def claim_slots_reference(

@@ -203,6 +203,8 @@ def offload_kernels() -> None:
             policy=policy,
             exclude=torch.zeros(E, dtype=torch.int8),
         )
+    long_ids = (torch.arange(1024 * TOP_K, dtype=torch.int32) % E).view(1024, TOP_K)  # a prefill step's routes
+    claim_slots(t, long_ids, 0, torch.empty_like(long_ids), torch.empty((1024, TOP_K), dtype=torch.int8))
     # FP8 sections (w13, w2, their scales) and int4's six, row bytes of GLM-5.1's experts
     fp8 = [2 * GLM_N * GLM_K, GLM_K * GLM_N, 2 * GLM_N // 128 * GLM_K // 128 * 4, GLM_K // 128 * GLM_N // 128 * 4]
     for sizes in (fp8[:2], fp8, fp8 + fp8[2:]):

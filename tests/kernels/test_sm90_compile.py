@@ -69,7 +69,14 @@ def test_kernels_compile_for_sm90(group, tmp_path):
         "fp8_moe": {"_gate_up_kernel", "_down_kernel", "_topk_sum_kernel"},
         "fp8_linear": {"_w8a16_kernel"},
         "int4_moe": {"_gate_up_int4_kernel", "_down_int4_kernel", "gate_up_int4_gemv_kernel", "down_int4_gemv_kernel"},
-        "offload": {"_claim_kernel", "_copy_kernel", "_copy_cols_kernel", "_split_kernel", "_upload_kernel"},
+        "offload": {
+            "_claim_kernel",
+            "_round_routes_kernel",
+            "_copy_kernel",
+            "_copy_cols_kernel",
+            "_split_kernel",
+            "_upload_kernel",
+        },
         "attention": {"_sparse_mla_kernel", "_scores_kernel", "_topk_select_kernel", "_gather_kernel"},
     }[group]
     assert want <= kernels, want - kernels

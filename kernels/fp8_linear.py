@@ -17,6 +17,8 @@ scratch's bytes are small beside the GEMM's work).
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -81,6 +83,13 @@ def _w8a16_kernel(
         tl.store(y, acc, mask=m_ok[:, None] & n_ok[None, :])
 
 
+@functools.cache
+def _sm_count(index: int | None) -> int:
+    return torch.cuda.get_device_properties(
+        index if index is not None else torch.cuda.current_device()
+    ).multi_processor_count
+
+
 def split_k(programs: int, k_blocks: int, sms: int) -> int:
     """K ranges per output tile: enough programs for SPLIT_WAVES of them per SM (a decode step's narrow projections
     launch 36-128 programs of 16-64 columns on a 132-SM H100: too few weight bytes in flight to reach HBM's rate),
@@ -139,8 +148,7 @@ def fp8_linear_kernel(
     block_n = 16 if N <= 4096 else 64
     tiles = triton.cdiv(N, block_n) * triton.cdiv(M, block_m)
     if splits is None:
-        sms = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 132
-        splits = split_k(tiles, triton.cdiv(K, bk), sms)
+        splits = split_k(tiles, triton.cdiv(K, bk), _sm_count(x.device.index) if x.is_cuda else 132)
     if splits < 1:
         raise ValueError(f"fp8_linear_kernel: splits must be >= 1, got {splits}")
     out = y if splits == 1 else torch.empty((splits, M, N), dtype=torch.float32, device=x.device)

@@ -17,7 +17,9 @@
 #
 # Stages, most important figure first (whole-model batch-1 decode, moed FP8 vs llama.cpp Q8_0), in the order the
 # host's 125 GiB allow (the full-depth checkpoint, its GGUF and the 256-expert store cannot all be resident); estimated
-# machine time on the H100 machine, warm (seconds, as `fits` uses them; not yet measured):
+# machine time on the H100 machine, warm (seconds, as `fits` uses them; the 2026-12-07 run took: setup 8, ckpt 44,
+# deep 251, llama_deep 158, slice1 31, slice1_int4 18, llama_slice + llama_slice_q4 215, slice 121, each report 3-4:
+# 976 s in all; slice1 and slice have since gained the pinned-placement, MTP-verify and warm-up rows, ~+20 s each):
 #   setup         20  carried wheels (.whl/: pyzmq, msgspec), moed importable from this checkout, machine facts;
 #                     llama-bench carried (.peers/llama-bench.xz or .peers/bin/) or built here from
 #                     .peers/llama.cpp-src.tar.gz in the background (nice 19, ~6 min on 16 cores, beside ckpt, deep

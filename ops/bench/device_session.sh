@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One GPU-machine session in one detached run: every GPU-marked test beside the depth pipeline's set-up and
 # checkpoint, then the depth pipeline (depth_pipeline.sh: whole-model figures beside llama.cpp), then the offload
-# bench's int4 entry and its column-split entry, each stage only if it fits the session's deadline.
+# bench's int4 entry (its kernel tuned first) and, on request, its column-split entry, each stage only if it fits the
+# session's deadline.
 #
 #   start (first call; carry .whl, .peers from ops/bench/device_prep.sh):
 #       DEADLINE_S=900 PIPE_S=700 setsid nohup bash ops/bench/device_session.sh > /tmp/session.out 2>&1 < /dev/null &

@@ -380,27 +380,13 @@ def launch_gate_up(
     num_blocks_m = align.sorted_ids.numel() // bm
     grid = (num_blocks_m * triton.cdiv(N, bn // 2),)
     rows = config.get("GEMV_ROWS", 0)
-    common = (
-        hidden,
-        qw,
-        s,
-        z,
-        h,
-        align.sorted_ids,
-        align.block_slot,
-        align.num_padded,
-        N,
-        K // 2,
-        h.shape[0],
-        top_k,
-        num_blocks_m,
-    )
+    common = (hidden, qw, s, z, h, align.sorted_ids, align.block_slot, align.num_padded, N, K // 2, h.shape[0], top_k)
     strides = (hidden.stride(0), qw.stride(0), qw.stride(1), s.stride(0), s.stride(1), s.stride(2), *zs, h.stride(0))
     meta = _meta(config, w13)
     if rows:
         gate_up_int4_gemv_kernel[grid](*common, w13.group, *strides, ROWS=rows, **meta)
     else:
-        _gate_up_int4_kernel[grid](*common, config["GROUP_SIZE_M"], w13.group, *strides, **meta)
+        _gate_up_int4_kernel[grid](*common, num_blocks_m, config["GROUP_SIZE_M"], w13.group, *strides, **meta)
 
 
 def _meta(config: dict, w: Int4Weight) -> dict:
@@ -433,27 +419,13 @@ def launch_down(
     num_blocks_m = align.sorted_ids.numel() // bm
     grid = (num_blocks_m * triton.cdiv(H, bn),)
     rows = config.get("GEMV_ROWS", 0)
-    common = (
-        h,
-        qw,
-        s,
-        z,
-        partial,
-        topk_weights,
-        align.sorted_ids,
-        align.block_slot,
-        align.num_padded,
-        H,
-        N // 2,
-        T,
-        num_blocks_m,
-    )
+    common = (h, qw, s, z, partial, topk_weights, align.sorted_ids, align.block_slot, align.num_padded, H, N // 2, T)
     strides = (h.stride(0), qw.stride(0), qw.stride(1), s.stride(0), s.stride(1), s.stride(2), *zs, partial.stride(0))
     meta = _meta(config, w2)
     if rows:
         down_int4_gemv_kernel[grid](*common, w2.group, *strides, ROWS=rows, **meta)
     else:
-        _down_int4_kernel[grid](*common, config["GROUP_SIZE_M"], w2.group, *strides, **meta)
+        _down_int4_kernel[grid](*common, num_blocks_m, config["GROUP_SIZE_M"], w2.group, *strides, **meta)
 
 
 def check_int4_config(config: dict, group: int, name: str) -> None:

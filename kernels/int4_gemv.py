@@ -44,7 +44,7 @@ def _real_rows(sorted_ptr, pid_m, T, BLOCK_M: tl.constexpr):
     return tl.sum((tl.load(sorted_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M)) < T).to(tl.int32))
 
 
-@triton.jit(do_not_specialize=["T", "top_k", "num_blocks_m"])
+@triton.jit(do_not_specialize=["T", "top_k"])
 def gate_up_int4_gemv_kernel(
     a_ptr,
     w_ptr,
@@ -58,7 +58,6 @@ def gate_up_int4_gemv_kernel(
     KH,
     T,
     top_k,
-    num_blocks_m,
     group,
     stride_am,
     stride_ws,
@@ -127,7 +126,7 @@ def gate_up_int4_gemv_kernel(
         tl.store(h_ptrs, _to_bf16(h, INTERPRET), mask=row_ok[:, None] & n_ok[None, :])
 
 
-@triton.jit(do_not_specialize=["T", "num_blocks_m"])
+@triton.jit(do_not_specialize=["T"])
 def down_int4_gemv_kernel(
     h_ptr,
     w_ptr,
@@ -141,7 +140,6 @@ def down_int4_gemv_kernel(
     H,
     NH,
     T,
-    num_blocks_m,
     group,
     stride_hm,
     stride_ws,

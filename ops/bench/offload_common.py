@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -60,20 +61,27 @@ def ceilings(store: HostExpertStore) -> dict:
     return out
 
 
+def uva_copier(store: HostExpertStore, n: int = 16) -> Callable[[int], None]:
+    """copy(num_programs): the UVA copy kernel moving the layer's experts [0, n) (their real sections: 4 for FP8, 6
+    for int4) into n device slots, queued on the current stream."""
+    L = store.layout
+    tables = SlotTables.allocate(L.num_experts, n, "cuda")
+    secs = list(store.section_bytes_of(LAYER).values())
+    dsts = [torch.empty(n, s.shape[1], dtype=torch.uint8, device="cuda") for s in secs]
+    tables.copy_expert[:n] = torch.arange(n, dtype=torch.int32, device="cuda")
+    tables.copy_slot[:n] = torch.arange(n, dtype=torch.int32, device="cuda")
+    tables.n_copy.fill_(n)
+    return lambda num_programs: copy_experts(tables, secs, dsts, num_programs=num_programs)
+
+
 def uva_ceiling(store: HostExpertStore) -> dict:
     """The UVA copy kernel over the store's real expert sections (4 for FP8, 6 for int4), 16 experts."""
     out = {}
-    L = store.layout
-    tables = SlotTables.allocate(L.num_experts, 16, "cuda")
-    secs = list(store.section_bytes_of(LAYER).values())
-    dsts = [torch.empty(16, s.shape[1], dtype=torch.uint8, device="cuda") for s in secs]
-    tables.copy_expert[:16] = torch.arange(16, dtype=torch.int32, device="cuda")
-    tables.copy_slot[:16] = torch.arange(16, dtype=torch.int32, device="cuda")
-    tables.n_copy.fill_(16)
+    copy = uva_copier(store)
     for progs in (16, 32, 64):
-        copy_experts(tables, secs, dsts, num_programs=progs)
-        t = cuda_time(lambda p=progs: copy_experts(tables, secs, dsts, num_programs=p))
-        out[f"uva_{progs}cta_GBps"] = 16 * L.expert_bytes / t / 1e9
+        copy(progs)
+        t = cuda_time(lambda p=progs: copy(p))
+        out[f"uva_{progs}cta_GBps"] = 16 * store.layout.expert_bytes / t / 1e9
     out["uva_GBps"] = max(out[f"uva_{p}cta_GBps"] for p in (16, 32, 64))
     return out
 

@@ -20,13 +20,12 @@ import numpy as np
 import torch
 
 from moed.formats.fp8 import dequantize_block_fp8
-from moed.kernels.expert_copy import SlotTables, copy_experts
 from moed.offload.cpu_experts import CpuExpertKernel, expert_forward_reference
 from moed.offload.host_store import ExpertLayout, HostExpertStore
 from moed.offload.hybrid import CpuConfig
 from moed.offload.stats import summarize
 from moed.offload.traces import uniform_trace
-from moed.ops.bench.offload_common import LAYER, make_runner, runner_rates, wall
+from moed.ops.bench.offload_common import LAYER, make_runner, runner_rates, uva_copier, wall
 
 log = logging.getLogger("bench.offload")
 
@@ -129,20 +128,15 @@ def joint_ceiling(store: HostExpertStore, threads: int, k: int, seconds: float =
     views = [store.expert(LAYER, e) for e in range(n_copy, n_copy + k)]
     xs = [torch.randn(1, L.hidden) for _ in views]
     kern.forward_many(views, xs)
-    tables = SlotTables.allocate(L.num_experts, n_copy, "cuda")
-    secs = list(store.section_bytes_of(LAYER).values())
-    dsts = [torch.empty(n_copy, s.shape[1], dtype=torch.uint8, device="cuda") for s in secs]
-    tables.copy_expert[:n_copy] = torch.arange(n_copy, dtype=torch.int32, device="cuda")
-    tables.copy_slot[:n_copy] = torch.arange(n_copy, dtype=torch.int32, device="cuda")
-    tables.n_copy.fill_(n_copy)
-    copy_experts(tables, secs, dsts, num_programs=32)
+    copy = uva_copier(store, n_copy)
+    copy(32)
     torch.cuda.synchronize()
-    t_one = wall(lambda: (copy_experts(tables, secs, dsts, num_programs=32), torch.cuda.synchronize()))
+    t_one = wall(lambda: (copy(32), torch.cuda.synchronize()))
     reps = max(2, int(seconds / max(t_one, 1e-4)))
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
     for _ in range(reps):
-        copy_experts(tables, secs, dsts, num_programs=32)
+        copy(32)
     end.record()
     t0, passes = time.perf_counter(), 0
     while not end.query() or passes == 0:

@@ -32,19 +32,14 @@ def decode_rows(nonmoe: dict[int, float], sl: dict) -> tuple[dict[tuple[str, int
     """The slice's decode rows by (trace, batch), and whole-model decode rows from them. Where the slice measured
     the shipped placement (the daemon's pins, "pinned-..."), that row counts: it is what moed runs by default;
     otherwise the better of the policies measured."""
+
+    def preference(r: dict) -> tuple[bool, float]:  # the shipped placement first, then the faster
+        return not r["policy"].startswith("pinned-"), r["ms_per_layer"]
+
     moe: dict[tuple[str, int], dict] = {}
     for r in sl.get("decode", []):
         key = (r["trace"], int(r["batch"]))
-        old = moe.get(key)
-        shipped, old_shipped = (
-            r["policy"].startswith("pinned-"),
-            old is not None and old["policy"].startswith("pinned-"),
-        )
-        if (
-            old is None
-            or (shipped and not old_shipped)
-            or (shipped == old_shipped and r["ms_per_layer"] < old["ms_per_layer"])
-        ):
+        if key not in moe or preference(r) < preference(moe[key]):
             moe[key] = r
     expert_bytes = (sl.get("deployment") or {}).get("expert_bytes", 0)
     rows = []

@@ -7,7 +7,11 @@
 #
 # BEFORE_DIR: the older tree, e.g. made beside this one with `git archive main | tar -x -C before` (an untracked,
 # unignored folder travels to the device with the working tree). Each tree is installed in turn (pip -e, no deps).
-# Knobs: PYTHON (python3), OFFLOAD_ARGS, ENGINE_ARGS, SKIP_TESTS=1.
+# Both trees read the same checkpoints, made first on the GPU by this tree (OFFLOAD_CKPT, ENGINE_CKPT; an older
+# offload bench generates on the host, which takes minutes).
+# Knobs: PYTHON (python3), OFFLOAD_ARGS, ENGINE_ARGS (both trees), AFTER_ENGINE_ARGS (this tree only, after
+# ENGINE_ARGS: settings whose default changed since, so that both trees run the same engine; default
+# --compile-decode off), SKIP_TESTS=1, CLEAN=1 (delete the checkpoints at the end).
 set -uo pipefail
 BEFORE=$(realpath "${1:?usage: before_after.sh BEFORE_DIR}")
 AFTER=$(realpath "$(dirname "$0")/../..")
@@ -15,6 +19,9 @@ OUT=${OUT:-/tmp/moed-before-after}
 PY=${PYTHON:-python3}
 OFFLOAD_ARGS=${OFFLOAD_ARGS:---experts 128 --steps 10 --warm-steps 6 --only ceil,cpu,hybrid,decode}
 ENGINE_ARGS=${ENGINE_ARGS:---concurrency 1,8 --spec-steps 2 --overlap on --miss-service hybrid}
+AFTER_ENGINE_ARGS=${AFTER_ENGINE_ARGS:---compile-decode off}
+OFFLOAD_CKPT=${OFFLOAD_CKPT:-/dev/shm/moed-offload}
+ENGINE_CKPT=${ENGINE_CKPT:-/dev/shm/moed-glm51-slice}
 mkdir -p "$OUT"
 
 install() {  # tree
@@ -22,13 +29,36 @@ install() {  # tree
         || { echo "pip install -e $1 failed: $OUT/install.log"; tail -20 "$OUT/install.log"; exit 1; }
 }
 
-bench() {  # name tree
+make_checkpoints() {  # as both trees' benches would make them, once
+    install "$AFTER"
+    (cd /tmp && $PY - "$OFFLOAD_CKPT" "$ENGINE_CKPT" "$OFFLOAD_ARGS" <<'EOF'
+import sys
+from pathlib import Path
+
+from moed.model.checkpoint import make_checkpoint
+
+offload, engine, offload_args = sys.argv[1:]
+words = offload_args.split()
+experts = int(words[words.index("--experts") + 1]) if "--experts" in words else 128  # the offload bench's default
+if not (Path(offload) / "model.safetensors.index.json").exists():
+    make_checkpoint(offload, "glm51-slice", dtype="fp8", layers=2, experts=experts, mtp_layers=0, device="cuda")
+if not (Path(engine) / "config.json").exists():
+    make_checkpoint(engine, "glm51-slice", dtype="fp8", seed=0, device="cuda")
+EOF
+    ) >"$OUT/checkpoints.log" 2>&1 || { echo "checkpoints failed: $OUT/checkpoints.log"; tail -5 "$OUT/checkpoints.log"; }
+}
+
+bench() {  # name tree [engine args for this tree only]
     install "$2"
     # From /tmp so that nothing imports the tree's folders by their bare names.
-    (cd /tmp && timeout 900 $PY -m moed.ops.bench.offload $OFFLOAD_ARGS --out "$OUT/$1_offload.json") \
-        >"$OUT/$1_offload.log" 2>&1 || echo "$1 offload bench failed (rc $?): $OUT/$1_offload.log"
-    (cd /tmp && timeout 900 $PY -m moed.ops.bench.engine $ENGINE_ARGS --out "$OUT/$1_engine.json") \
-        >"$OUT/$1_engine.log" 2>&1 || echo "$1 engine bench failed (rc $?): $OUT/$1_engine.log"
+    # shellcheck disable=SC2086
+    (cd /tmp && timeout 900 $PY -m moed.ops.bench.offload $OFFLOAD_ARGS --ckpt "$OFFLOAD_CKPT" \
+        --out "$OUT/$1_offload.json") >"$OUT/$1_offload.log" 2>&1 \
+        || echo "$1 offload bench failed (rc $?): $OUT/$1_offload.log"
+    # shellcheck disable=SC2086
+    (cd /tmp && timeout 900 $PY -m moed.ops.bench.engine $ENGINE_ARGS ${3:-} --ckpt "$ENGINE_CKPT" \
+        --out "$OUT/$1_engine.json") >"$OUT/$1_engine.log" 2>&1 \
+        || echo "$1 engine bench failed (rc $?): $OUT/$1_engine.log"
 }
 
 if [ "${SKIP_TESTS:-0}" != 1 ]; then
@@ -36,9 +66,11 @@ if [ "${SKIP_TESTS:-0}" != 1 ]; then
     (cd "$AFTER" && $PY -m pytest -q -m gpu tests) >"$OUT/gpu_tests.log" 2>&1
     echo "GPU-marked tests (after): rc $?; $(tail -1 "$OUT/gpu_tests.log")"
 fi
+make_checkpoints
 bench before "$BEFORE"
-bench after "$AFTER"
+bench after "$AFTER" "$AFTER_ENGINE_ARGS"
 install "$AFTER"
+[ "${CLEAN:-0}" = 1 ] && rm -rf "$OFFLOAD_CKPT" "$ENGINE_CKPT"
 
 $PY - "$OUT" <<'EOF'
 """Figures of both runs side by side: times (ms), rates (GB/s, tok/s) and hit rates, after / before."""

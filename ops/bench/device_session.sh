@@ -2,7 +2,8 @@
 # One GPU-machine session in one detached run: every GPU-marked test beside the depth pipeline's set-up and
 # checkpoint, then the depth pipeline (depth_pipeline.sh: whole-model figures beside llama.cpp), then the offload
 # bench's int4 entry (its kernel tuned first) and, on request, its column-split entry, each stage only if it fits the
-# session's deadline.
+# session's deadline. With BEFORE_DIR (an older tree, e.g. carried as .before), the offload and engine benches on that
+# tree and this one (before_after.sh) run between the tests and the pipeline.
 #
 #   start (first call; carry .whl, .peers from ops/bench/device_prep.sh):
 #       DEADLINE_S=900 PIPE_S=700 setsid nohup bash ops/bench/device_session.sh > /tmp/session.out 2>&1 < /dev/null &
@@ -14,8 +15,9 @@
 # have copied). Everything goes to $RUN (/tmp/session): gpu_tests.log, depth/ (the pipeline's report.txt,
 # results.json), offload.{log,json}, split.{log,json}, moe_configs/.
 # Knobs: DEADLINE_S (whole session, 900), PIPE_S (the pipeline's BUDGET_S, 700), TESTS_S (300); SKIP_TESTS,
-# SKIP_PIPE, SKIP_OFFLOAD; OFFLOAD_ONLY (ceil,cpu,int4), SPLIT_ONLY (none: the column split measured 0.81-0.93x on
-# 2026-12-07; ceil,cpu,split reruns it); INT4_TUNE (1: the int4 entry tunes its kernel first, tables under
+# SKIP_PIPE, SKIP_OFFLOAD; BEFORE_DIR (before_after.sh's output under $RUN/before_after); OFFLOAD_ONLY
+# (ceil,cpu,int4), SPLIT_ONLY (none: the column split measured 0.81-0.93x on 2026-12-07; ceil,cpu,split reruns it);
+# INT4_TUNE (1: the int4 entry tunes its kernel first, tables under
 # $RUN/moe_configs);
 # the pipeline's own SKIP_*, DEEP_ARGS, ... pass through (SKIP_SERVE defaults to 1 here).
 set -u
@@ -37,6 +39,7 @@ wait_and_copy() {
     grep -E "^=== " "$RUN/depth/pipeline.log" 2> /dev/null | tail -n 20
     grep -E "^HEADLINE" "$RUN/depth/report.txt" 2> /dev/null
     for f in offload split; do [ -f "$RUN/$f.log" ] && tail -n 25 "$RUN/$f.log"; done
+    [ -f "$RUN/before_after.log" ] && grep -v -E "^ *(0\.9[5-9]|1\.0[0-4])[0-9]* " "$RUN/before_after.log" | tail -n 40
     grep -E "^session:" "$RUN/session.log" 2> /dev/null
     [ -f "$RUN/done" ] && echo "SESSION DONE after $(cat "$RUN/done") s" || echo "session still running"
 }
@@ -63,6 +66,13 @@ if [ "${SKIP_TESTS:-0}" != 1 ]; then
         echo "rc=$?" > "$RUN/gpu_tests.rc"
     ) &
     TESTS_PID=$!
+fi
+if [ -n "${BEFORE_DIR:-}" ]; then
+    # timed: after the tests; copied out of the checkout, which a later device call re-syncs (pip -e writes into it)
+    [ -n "$TESTS_PID" ] && wait "$TESTS_PID"
+    rm -rf /tmp/before-tree && cp -r "$BEFORE_DIR" /tmp/before-tree
+    OUT=$RUN/before_after SKIP_TESTS=1 CLEAN=1 bash ops/bench/before_after.sh /tmp/before-tree > "$RUN/before_after.log" 2>&1
+    echo "session: before/after rc=$? at +${SECONDS}s"
 fi
 if [ "${SKIP_PIPE:-0}" != 1 ]; then
     # the tests share the machine with set-up and the checkpoint only: the timed stages wait them out

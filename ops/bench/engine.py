@@ -370,6 +370,12 @@ def main(argv: list[str] | None = None) -> int:
         "--experts", type=int, default=None, help="routed experts per layer of a new checkpoint (default: the preset's)"
     )
     p.add_argument(
+        "--compile-decode",
+        choices=("on", "off"),
+        default="on",
+        help="decode graphs from compiled decoder layers (the engine's default) or eager ones (as before 2026-12-07)",
+    )
+    p.add_argument(
         "--prefill-compile",
         action="store_true",
         help="measure only prefill with compiled vs eager decoder layers (module docstring)",
@@ -458,6 +464,7 @@ def main(argv: list[str] | None = None) -> int:
             expert_cache_gb=args.expert_cache_gb if args.moe == "offload" else None,
             draft_expert_cache_gb=args.draft_expert_cache_gb if args.moe == "offload" else None,
             graph_max_batch=max(conc),
+            compile_decode=args.compile_decode == "on",
             seed=0,
             miss_service=args.miss_service if args.moe == "offload" else "copy",
             cpu_expert_threads=args.cpu_threads,

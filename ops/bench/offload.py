@@ -182,7 +182,8 @@ def main() -> None:
     if not (ckpt / "model.safetensors.index.json").exists():
         from moed.model.checkpoint import make_checkpoint
 
-        make_checkpoint(ckpt, "glm51-slice", dtype="fp8", layers=2, experts=args.experts, mtp_layers=0)
+        # on the GPU: seconds, where the host's generator takes minutes at these sizes
+        make_checkpoint(ckpt, "glm51-slice", dtype="fp8", layers=2, experts=args.experts, mtp_layers=0, device="cuda")
     results["checkpoint_s"] = time.perf_counter() - t0
     cfg = GlmMoeDsaConfig.from_file(ckpt / "config.json")
     layout = ExpertLayout.for_config(cfg)

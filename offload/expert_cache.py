@@ -26,6 +26,7 @@ import math
 
 import torch
 
+from moed.kernels.act_quant import interpreting
 from moed.kernels.expert_copy import (
     POLICIES,
     SlotTables,
@@ -51,13 +52,20 @@ class CacheConfig:
     lfu_decay: float = 0.95  # per-step decay of the LFU frequency
     copy_path: str = "sm"  # per-step misses: "sm" (UVA kernel) | "ce" (copy engine, host sync)
     copy_programs: int = 32  # CTAs of the UVA copy kernel (51 GB/s measured with 32 on the H100)
-    use_kernels: bool | None = None  # Triton kernels (default) or their torch references (None: kernels)
+    use_kernels: bool | None = None  # Triton kernels or their torch references (None: kernels_on decides)
 
     def __post_init__(self) -> None:
         if self.policy not in POLICIES:
             raise CacheConfigError(f"eviction policy '{self.policy}' unknown (choose from {', '.join(POLICIES)})")
         if self.copy_path not in COPY_PATHS:
             raise CacheConfigError(f"copy path '{self.copy_path}' unknown (choose from {', '.join(COPY_PATHS)})")
+
+    def kernels_on(self, device: torch.device) -> bool:
+        """Whether the claim and copy steps run as Triton kernels: by default on CUDA and in the interpreter (the
+        tests), else their torch references (Triton has no CPU backend to launch them on)."""
+        if self.use_kernels is not None:
+            return self.use_kernels
+        return device.type == "cuda" or interpreting()
         if not 0.0 < self.lfu_decay <= 1.0:
             raise CacheConfigError(f"lfu_decay {self.lfu_decay} must be in (0, 1]")
 
@@ -101,7 +109,7 @@ class LayerCache:
         self.pinned: set[int] = set()
         self.static = num_slots == L.num_experts  # everything resident: the table never changes
         self.bytes_ce = 0
-        use = cfg.use_kernels if cfg.use_kernels is not None else True
+        use = cfg.kernels_on(device)
         self._claim = claim_slots if use else claim_slots_reference
         self._copy = copy_experts if use else copy_experts_reference
         self._policy = POLICIES[cfg.policy]

@@ -139,7 +139,7 @@ class OffloadMoERunner:
             initial=self._initial,
         )
         if self.cpu_cfg is not None:
-            use = self.cache_cfg.use_kernels if self.cache_cfg.use_kernels is not None else True
+            use = self.cache_cfg.kernels_on(self.device)
             self.hybrid = start_hybrid(
                 self.cpu_cfg, self.store, self.cache, self.cfg.num_experts_per_tok, use, self.name, self.moe_fn
             )

@@ -106,6 +106,26 @@ def test_engine_offload_cpu_miss_service_matches_reference(tiny_checkpoint, refe
     assert cpu > 0 and (policy == "hybrid" or all(s["copy"] == 0 for s in target.hybrid.split_log))
 
 
+@pytest.mark.parametrize("policy", ["copy", "hybrid"])
+def test_engine_offload_on_a_cpu_without_the_triton_interpreter(tiny_checkpoint, reference, policy, monkeypatch):
+    # `moed serve --device cpu --moe offload`: Triton has no CPU backend, so the cache's claim and copy steps (and
+    # the hybrid split) take their torch references instead of failing every request at its first step.
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    from moed.offload.cpu_experts import CpuKernelUnavailable
+
+    per_layer = 8 * 49152
+    try:
+        e = LLMEngine(
+            EngineConfig(
+                model=tiny_checkpoint, moe="offload", expert_cache_gb=3 * per_layer / 2**30, miss_service=policy, **BASE
+            )
+        )
+    except CpuKernelUnavailable as err:
+        pytest.skip(str(err))
+    assert e.generate(_prompts(), SP) == reference
+    assert sum(s.misses for s in e.stats().experts) > 0
+
+
 @pytest.fixture(scope="module")
 def int4_reference(tiny_int4_checkpoint) -> list[list[int]]:
     e = LLMEngine(EngineConfig(model=tiny_int4_checkpoint, **BASE))  # the torch runner, experts held as int4

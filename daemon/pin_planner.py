@@ -7,7 +7,7 @@ in the daemon (daemon/placement.py drives it and imports no torch) and talks to 
 callables: `read_counts()` -> {layer: [count per expert]} (activations since the last read) and `apply(pins)` ->
 None, which hands {layer: set(experts)} on; the engine's expert offload applies pins between steps. Operator pins
 are always kept and count against the budget; the hottest other experts fill the rest. Eviction among unpinned
-experts is the claim kernel's (kernels/expert_copy.py).
+experts is the claim kernel's (kernels/expert_claim.py).
 
 State file (JSON): {"version": 1, "decay": float, "counts": {"<layer>": [float, ...]},
                     "operator_pins": {"<layer>": [int, ...]}}

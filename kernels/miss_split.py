@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from moed.kernels.expert_copy import _route_counts
+from moed.kernels.expert_claim import _route_counts
 
 _NOT_MISS = tl.constexpr((1 << 63) - 1)  # sorts after every miss
 

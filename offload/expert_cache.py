@@ -8,7 +8,7 @@ section, stacked as the fused-MoE kernels take them:
   [S, K, N/2], w2_scale [S, K, G2], w2_zeros [S, K/8, G2] (a slot is about half an FP8 slot);
 all zero-initialised, so every slot always holds finite weights (slot 0 serves the dummy id E of routes a round
 does not compute; an all-zero int4 slot has q = z = -8 and scale 0).
-The slot tables (`kernels.expert_copy.SlotTables`) live on the device and are read directly by the
+The slot tables (`kernels.expert_claim.SlotTables`) live on the device and are read directly by the
 fused-MoE kernel (`expert_to_slot`) and by the claim kernel. When a layer's experts all fit (S == E)
 they are all loaded at start, the table is the identity and never changes: no claim, no copy.
 
@@ -27,14 +27,8 @@ import math
 import torch
 
 from moed.kernels.act_quant import interpreting
-from moed.kernels.expert_copy import (
-    POLICIES,
-    SlotTables,
-    claim_slots,
-    claim_slots_reference,
-    copy_experts,
-    copy_experts_reference,
-)
+from moed.kernels.expert_claim import POLICIES, SlotTables, claim_slots, claim_slots_reference
+from moed.kernels.expert_copy import copy_experts, copy_experts_reference
 from moed.offload.host_store import ExpertLayout, HostExpertStore
 
 log = logging.getLogger(__name__)
@@ -223,7 +217,7 @@ class LayerCache:
         route_mask: torch.Tensor,
         exclude: torch.Tensor | None = None,
     ) -> None:
-        """Claim slots for this round's experts and copy the missing ones in (see kernels/expert_copy.py)."""
+        """Claim slots for this round's experts, copy the missing ones in (kernels/expert_claim.py, expert_copy.py)."""
         self._claim(
             self.tables,
             topk_ids,

@@ -38,7 +38,8 @@ import numpy as np
 import torch
 import triton
 
-from moed.kernels.expert_copy import SlotTables, copy_expert_columns, copy_expert_columns_reference, copy_experts
+from moed.kernels.expert_claim import SlotTables
+from moed.kernels.expert_copy import copy_expert_columns, copy_expert_columns_reference, copy_experts
 from moed.kernels.miss_split import split_misses, split_misses_reference
 from moed.offload.cpu_experts import CpuExpertKernel, CpuKernelUnavailable, column_granule
 from moed.offload.expert_cache import ExpertCache, LayerCache

@@ -21,7 +21,7 @@ from collections.abc import Callable
 
 import torch
 
-from moed.kernels.expert_copy import STATS
+from moed.kernels.expert_claim import STATS
 from moed.kernels.fused_moe import fused_moe_routes
 from moed.kernels.fused_moe_int4 import fused_moe_int4_routes
 from moed.kernels.fused_moe_reference import fused_moe_routes_reference

@@ -15,7 +15,7 @@ import torch
 from moed.daemon.config import ServeConfig
 from moed.daemon.pin_planner import PinPlanner
 from moed.daemon.placement import pin_budget
-from moed.kernels.expert_copy import STATS
+from moed.kernels.expert_claim import STATS
 from moed.kernels.miss_split import split_misses_reference
 from moed.model.checkpoint import make_config
 from moed.model.config import GlmMoeDsaConfig

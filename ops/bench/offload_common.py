@@ -11,7 +11,8 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from moed.kernels.expert_copy import SlotTables, copy_experts
+from moed.kernels.expert_claim import SlotTables
+from moed.kernels.expert_copy import copy_experts
 from moed.offload.cpu_experts import host_read_GBps
 from moed.offload.expert_cache import CacheConfig
 from moed.offload.host_store import HostExpertStore

@@ -11,7 +11,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from moed.kernels.expert_copy import SlotTables, copy_experts, upload_no_ce
+from moed.kernels.expert_claim import SlotTables
+from moed.kernels.expert_copy import copy_experts, upload_no_ce
 from moed.offload.cpu_experts import CpuExpertKernel
 from moed.offload.hybrid import CpuConfig
 from moed.offload.traces import uniform_trace

@@ -178,15 +178,8 @@ def int4_moe() -> None:
 
 
 def offload_kernels() -> None:
-    from moed.kernels.expert_copy import (
-        LFU,
-        LRU,
-        SlotTables,
-        claim_slots,
-        copy_expert_columns,
-        copy_experts,
-        upload_no_ce,
-    )
+    from moed.kernels.expert_claim import LFU, LRU, SlotTables, claim_slots
+    from moed.kernels.expert_copy import copy_expert_columns, copy_experts, upload_no_ce
     from moed.kernels.miss_split import split_misses
 
     E, S, M = 256, 12, 4

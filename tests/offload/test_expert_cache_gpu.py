@@ -9,7 +9,8 @@ import torch
 
 from moed.formats import int4
 from moed.formats.fp8 import quantize_block_fp8
-from moed.kernels.expert_copy import SlotTables, claim_slots, copy_experts, copy_experts_reference, upload_no_ce
+from moed.kernels.expert_claim import SlotTables, claim_slots
+from moed.kernels.expert_copy import copy_experts, copy_experts_reference, upload_no_ce
 from moed.model.checkpoint import make_config
 from moed.model.config import GlmMoeDsaConfig
 from moed.model.moe import ExpertWeights
@@ -229,7 +230,7 @@ def test_expert_cache_uva_copy_matches_reference_on_pinned_memory():
 def test_expert_cache_claim_kernel_matches_reference_on_the_device(policy):
     """The compiled claim kernel (not the interpreter) against its reference: random states, several rounds, a CPU
     share excluded, GLM-5.1's 256 experts with a 19-slot cache and a 64-token step."""
-    from moed.kernels.expert_copy import claim_slots_reference
+    from moed.kernels.expert_claim import claim_slots_reference
 
     g = torch.Generator().manual_seed(policy)
     for E_, S, M in ((256, 19, 64), (256, 38, 1), (16, 5, 3)):

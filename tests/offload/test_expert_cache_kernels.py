@@ -7,13 +7,9 @@ import dataclasses
 import pytest
 import torch
 
-from moed.kernels import expert_copy as ec_kernels
+from moed.kernels import expert_claim
+from moed.kernels.expert_claim import LFU, LRU, SlotTables, claim_slots, claim_slots_reference
 from moed.kernels.expert_copy import (
-    LFU,
-    LRU,
-    SlotTables,
-    claim_slots,
-    claim_slots_reference,
     copy_expert_columns,
     copy_expert_columns_reference,
     copy_experts,
@@ -52,8 +48,8 @@ def _assert_same(a: SlotTables, b: SlotTables) -> None:
 @pytest.mark.parametrize("E,S,M,k", [(16, 5, 3, 4), (9, 9, 2, 3), (32, 1, 1, 2), (12, 7, 5, 6)])
 def test_expert_cache_claim_kernel_matches_reference(policy, E, S, M, k, routes_in_claim, monkeypatch):
     # long steps write their per-route ids from a grid of programs after the claim: both ways, the same buffers
-    monkeypatch.setattr(ec_kernels, "ROUTES_IN_CLAIM_MAX", 1 << 30 if routes_in_claim else 0)
-    monkeypatch.setattr(ec_kernels, "ROUTES_BLOCK", 16)
+    monkeypatch.setattr(expert_claim, "ROUTES_IN_CLAIM_MAX", 1 << 30 if routes_in_claim else 0)
+    monkeypatch.setattr(expert_claim, "ROUTES_BLOCK", 16)
     g = torch.Generator().manual_seed(E * 100 + S + policy)
     a = _random_state(E, S, g)
     b = a.clone()

@@ -76,7 +76,9 @@ if [ -n "${BEFORE_DIR:-}" ]; then
 fi
 if [ "${SKIP_PIPE:-0}" != 1 ]; then
     # the tests share the machine with set-up and the checkpoint only: the timed stages wait them out
-    QUIET_PID=$TESTS_PID BUDGET_S=${PIPE_S:-700} RUN=$RUN/depth SKIP_SERVE=${SKIP_SERVE:-1} \
+    # the pipeline's budget: PIPE_S, or what is left of the session's deadline if that is less
+    pipe_s=$((DEADLINE_S - SECONDS)) && [ "$pipe_s" -gt "${PIPE_S:-700}" ] && pipe_s=${PIPE_S:-700}
+    QUIET_PID=$TESTS_PID BUDGET_S=$pipe_s RUN=$RUN/depth SKIP_SERVE=${SKIP_SERVE:-1} \
         bash ops/bench/depth_pipeline.sh > "$RUN/depth.out" 2>&1
     echo "session: pipeline done at +${SECONDS}s"
 fi

@@ -15,7 +15,7 @@
 # have copied). Everything goes to $RUN (/tmp/session): gpu_tests.log, depth/ (the pipeline's report.txt,
 # results.json), offload.{log,json}, split.{log,json}, moe_configs/.
 # Knobs: DEADLINE_S (whole session, 900), PIPE_S (the pipeline's BUDGET_S, 700), TESTS_S (300); SKIP_TESTS,
-# SKIP_PIPE, SKIP_OFFLOAD; BEFORE_DIR (before_after.sh's output under $RUN/before_after); OFFLOAD_ONLY
+# SKIP_PIPE, SKIP_OFFLOAD; BEFORE_DIR (before_after.sh's output under $RUN/before_after), TESTS_AFTER; OFFLOAD_ONLY
 # (ceil,cpu,int4), SPLIT_ONLY (none: the column split measured 0.81-0.93x on 2026-12-07; ceil,cpu,split reruns it);
 # INT4_TUNE (1: the int4 entry tunes its kernel first, tables under
 # $RUN/moe_configs);
@@ -60,19 +60,24 @@ fi
 python3 -m pip install -q --no-deps --no-build-isolation -e . > "$RUN/install.log" 2>&1 || tail -n 5 "$RUN/install.log"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$RUN/gpu.txt"
 TESTS_PID=""
-if [ "${SKIP_TESTS:-0}" != 1 ]; then
+start_tests() {  # in the background, capped at TESTS_S and at what is left of DEADLINE_S
+    local cap=$((DEADLINE_S - SECONDS - 10))
+    [ "$cap" -gt "${TESTS_S:-300}" ] && cap=${TESTS_S:-300}
     (
-        timeout "${TESTS_S:-300}" python3 -m pytest -p no:cacheprovider -rfE -v --continue-on-collection-errors -m gpu tests > "$RUN/gpu_tests.log" 2>&1
+        timeout "$cap" python3 -m pytest -p no:cacheprovider -rfE -v --continue-on-collection-errors -m gpu tests > "$RUN/gpu_tests.log" 2>&1
         echo "rc=$?" > "$RUN/gpu_tests.rc"
     ) &
     TESTS_PID=$!
-fi
+}
+# TESTS_AFTER=1 (with BEFORE_DIR): the tests wait for the before/after benches instead of running beside set-up
+if [ "${SKIP_TESTS:-0}" != 1 ] && ! { [ -n "${BEFORE_DIR:-}" ] && [ "${TESTS_AFTER:-0}" = 1 ]; }; then start_tests; fi
 if [ -n "${BEFORE_DIR:-}" ]; then
-    # timed: after the tests; copied out of the checkout, which a later device call re-syncs (pip -e writes into it)
+    # timed, alone on the machine; copied out of the checkout, which a later device call re-syncs (pip -e writes into it)
     [ -n "$TESTS_PID" ] && wait "$TESTS_PID"
     rm -rf /tmp/before-tree && cp -r "$BEFORE_DIR" /tmp/before-tree
     OUT=$RUN/before_after SKIP_TESTS=1 CLEAN=1 bash ops/bench/before_after.sh /tmp/before-tree > "$RUN/before_after.log" 2>&1
     echo "session: before/after rc=$? at +${SECONDS}s"
+    if [ "${SKIP_TESTS:-0}" != 1 ] && [ "${TESTS_AFTER:-0}" = 1 ]; then start_tests; fi
 fi
 if [ "${SKIP_PIPE:-0}" != 1 ]; then
     # the tests share the machine with set-up and the checkpoint only: the timed stages wait them out

@@ -48,13 +48,18 @@ EOF
     ) >"$OUT/checkpoints.log" 2>&1 || { echo "checkpoints failed: $OUT/checkpoints.log"; tail -5 "$OUT/checkpoints.log"; }
 }
 
-bench() {  # name tree [engine args for this tree only]
+# One bench on each tree in turn (offload, then engine), so a run cut short still has one complete comparison.
+offload_bench() {  # name tree
     install "$2"
     # From /tmp so that nothing imports the tree's folders by their bare names.
     # shellcheck disable=SC2086
     (cd /tmp && timeout 900 $PY -m moed.ops.bench.offload $OFFLOAD_ARGS --ckpt "$OFFLOAD_CKPT" \
         --out "$OUT/$1_offload.json") >"$OUT/$1_offload.log" 2>&1 \
         || echo "$1 offload bench failed (rc $?): $OUT/$1_offload.log"
+}
+
+engine_bench() {  # name tree [engine args for this tree only]
+    install "$2"
     # shellcheck disable=SC2086
     (cd /tmp && timeout 900 $PY -m moed.ops.bench.engine $ENGINE_ARGS ${3:-} --ckpt "$ENGINE_CKPT" \
         --out "$OUT/$1_engine.json") >"$OUT/$1_engine.log" 2>&1 \
@@ -67,8 +72,10 @@ if [ "${SKIP_TESTS:-0}" != 1 ]; then
     echo "GPU-marked tests (after): rc $?; $(tail -1 "$OUT/gpu_tests.log")"
 fi
 make_checkpoints
-bench before "$BEFORE"
-bench after "$AFTER" "$AFTER_ENGINE_ARGS"
+offload_bench before "$BEFORE"
+offload_bench after "$AFTER"
+engine_bench before "$BEFORE"
+engine_bench after "$AFTER" "$AFTER_ENGINE_ARGS"
 install "$AFTER"
 [ "${CLEAN:-0}" = 1 ] && rm -rf "$OFFLOAD_CKPT" "$ENGINE_CKPT"
 

@@ -78,21 +78,26 @@ def test_engine_offload_runner_matches_reference_and_takes_placement(tiny_checkp
     assert target.cache[2].pinned == {1, 3} and draft.cache[4].pinned == {0}
 
 
-@pytest.mark.parametrize("policy", ["hybrid", "cpu"])
-def test_engine_offload_cpu_miss_service_matches_reference(tiny_checkpoint, reference, policy):
-    # CPU experts differ from the GPU path only in fp32 summation order (tests/offload/test_runner.py states the
-    # bound); on this fp32 model that never moves a greedy token.
-    per_layer = 8 * 49152
+def _offload_engine(checkpoint: str, policy: str) -> LLMEngine:
+    """The offload engine, 8 of the tiny model's 16 experts a layer cached; skipped where no CPU kernel builds."""
     from moed.offload.cpu_experts import CpuKernelUnavailable
 
+    per_layer = 8 * 49152  # 8 of the tiny model's 16 experts (bf16 gate, up, down of 64 x 128)
     try:
-        e = LLMEngine(
+        return LLMEngine(
             EngineConfig(
-                model=tiny_checkpoint, moe="offload", expert_cache_gb=3 * per_layer / 2**30, miss_service=policy, **BASE
+                model=checkpoint, moe="offload", expert_cache_gb=3 * per_layer / 2**30, miss_service=policy, **BASE
             )
         )
     except CpuKernelUnavailable as err:
         pytest.skip(str(err))
+
+
+@pytest.mark.parametrize("policy", ["hybrid", "cpu"])
+def test_engine_offload_cpu_miss_service_matches_reference(tiny_checkpoint, reference, policy):
+    # CPU experts differ from the GPU path only in fp32 summation order (tests/offload/test_runner.py states the
+    # bound); on this fp32 model that never moves a greedy token.
+    e = _offload_engine(tiny_checkpoint, policy)
     target = e.runner.moe
     # both policies hand the CPU its jobs through stream signals: decode steps stay capturable
     assert target.miss_service == policy and target.supports_cuda_graphs
@@ -111,17 +116,7 @@ def test_engine_offload_on_a_cpu_without_the_triton_interpreter(tiny_checkpoint,
     # `moed serve --device cpu --moe offload`: Triton has no CPU backend, so the cache's claim and copy steps (and
     # the hybrid split) take their torch references instead of failing every request at its first step.
     monkeypatch.setenv("TRITON_INTERPRET", "0")
-    from moed.offload.cpu_experts import CpuKernelUnavailable
-
-    per_layer = 8 * 49152
-    try:
-        e = LLMEngine(
-            EngineConfig(
-                model=tiny_checkpoint, moe="offload", expert_cache_gb=3 * per_layer / 2**30, miss_service=policy, **BASE
-            )
-        )
-    except CpuKernelUnavailable as err:
-        pytest.skip(str(err))
+    e = _offload_engine(tiny_checkpoint, policy)
     assert e.generate(_prompts(), SP) == reference
     assert sum(s.misses for s in e.stats().experts) > 0
 

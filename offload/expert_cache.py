@@ -53,6 +53,8 @@ class CacheConfig:
             raise CacheConfigError(f"eviction policy '{self.policy}' unknown (choose from {', '.join(POLICIES)})")
         if self.copy_path not in COPY_PATHS:
             raise CacheConfigError(f"copy path '{self.copy_path}' unknown (choose from {', '.join(COPY_PATHS)})")
+        if not 0.0 < self.lfu_decay <= 1.0:
+            raise CacheConfigError(f"lfu_decay {self.lfu_decay} must be in (0, 1]")
 
     def kernels_on(self, device: torch.device) -> bool:
         """Whether the claim and copy steps run as Triton kernels: by default on CUDA and in the interpreter (the
@@ -60,8 +62,6 @@ class CacheConfig:
         if self.use_kernels is not None:
             return self.use_kernels
         return device.type == "cuda" or interpreting()
-        if not 0.0 < self.lfu_decay <= 1.0:
-            raise CacheConfigError(f"lfu_decay {self.lfu_decay} must be in (0, 1]")
 
 
 def slots_for_budget(budget_bytes: int, layout: ExpertLayout, num_layers: int) -> int:

@@ -262,6 +262,18 @@ def test_offload_runner_rejects_bad_layers_and_config():
         CacheConfig(policy="fifo")
     with pytest.raises(CacheConfigError, match="copy path"):
         CacheConfig(copy_path="dma")
+    for decay in (0.0, 1.5):
+        with pytest.raises(CacheConfigError, match="lfu_decay"):
+            CacheConfig(lfu_decay=decay)
+
+
+def test_cache_kernels_run_on_cuda_or_in_the_interpreter_else_their_references(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert not CacheConfig().kernels_on(torch.device("cpu"))  # Triton has no CPU backend
+    assert CacheConfig().kernels_on(torch.device("cuda"))
+    assert CacheConfig(use_kernels=True).kernels_on(torch.device("cpu"))  # an explicit choice wins
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert CacheConfig().kernels_on(torch.device("cpu"))
 
 
 def test_offload_with_fused_moe_kernel_bit_for_bit():

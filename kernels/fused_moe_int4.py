@@ -31,7 +31,7 @@ from moed.formats.int4 import Int4Weight, num_groups
 from moed.kernels.act_quant import interpreting
 from moed.kernels.fused_moe import _tile_ids, _to_bf16, routes_out, topk_sum
 from moed.kernels.fused_moe_config import check_config, device_name
-from moed.kernels.int4_gemv import down_int4_gemv_kernel, gate_up_int4_gemv_kernel, zero_points
+from moed.kernels.int4_gemv import down_int4_gemv_kernel, gate_up_int4_gemv_kernel, split_k, split_k_sum, zero_points
 from moed.kernels.moe_align import MoEAlignment, moe_align_block_size
 from moed.moe_configs import lookup
 
@@ -380,11 +380,17 @@ def launch_gate_up(
     num_blocks_m = align.sorted_ids.numel() // bm
     grid = (num_blocks_m * triton.cdiv(N, bn // 2),)
     rows = config.get("GEMV_ROWS", 0)
-    common = (hidden, qw, s, z, h, align.sorted_ids, align.block_slot, align.num_padded, N, K // 2, h.shape[0], top_k)
+    T = h.shape[0]
     strides = (hidden.stride(0), qw.stride(0), qw.stride(1), s.stride(0), s.stride(1), s.stride(2), *zs, h.stride(0))
     meta = _meta(config, w13)
+    common = (hidden, qw, s, z, h, align.sorted_ids, align.block_slot, align.num_padded, N, K // 2, T, top_k)
     if rows:
-        gate_up_int4_gemv_kernel[grid](*common, w13.group, *strides, ROWS=rows, **meta)
+        steps, splits, ws = split_k(config, K, (T, 2 * N), h.device)
+        gate_up_int4_gemv_kernel[(*grid, splits)](
+            *common, w13.group, *strides, ws, steps, *ws.stride()[:2], ROWS=rows, SPLIT=splits > 1, **meta
+        )
+        if splits > 1:
+            split_k_sum(ws, h, h, align, bm, splits, gated=True)
     else:
         _gate_up_int4_kernel[grid](*common, num_blocks_m, config["GROUP_SIZE_M"], w13.group, *strides, **meta)
 
@@ -419,11 +425,16 @@ def launch_down(
     num_blocks_m = align.sorted_ids.numel() // bm
     grid = (num_blocks_m * triton.cdiv(H, bn),)
     rows = config.get("GEMV_ROWS", 0)
-    common = (h, qw, s, z, partial, topk_weights, align.sorted_ids, align.block_slot, align.num_padded, H, N // 2, T)
     strides = (h.stride(0), qw.stride(0), qw.stride(1), s.stride(0), s.stride(1), s.stride(2), *zs, partial.stride(0))
     meta = _meta(config, w2)
+    common = (h, qw, s, z, partial, topk_weights, align.sorted_ids, align.block_slot, align.num_padded, H, N // 2, T)
     if rows:
-        down_int4_gemv_kernel[grid](*common, w2.group, *strides, ROWS=rows, **meta)
+        steps, splits, ws = split_k(config, N, (T, H), h.device)
+        down_int4_gemv_kernel[(*grid, splits)](
+            *common, w2.group, *strides, ws, steps, *ws.stride()[:2], ROWS=rows, SPLIT=splits > 1, **meta
+        )
+        if splits > 1:
+            split_k_sum(ws, partial, topk_weights, align, bm, splits, gated=False)
     else:
         _down_int4_kernel[grid](*common, num_blocks_m, config["GROUP_SIZE_M"], w2.group, *strides, **meta)
 
@@ -447,6 +458,13 @@ def check_int4_config(config: dict, group: int, name: str) -> None:
         raise ValueError(
             f"fused_moe_int4: {name}['GEMV_ROWS'] = {rows!r}; must be 0 (tensor-core tiles) or a power of two "
             f"<= BLOCK_SIZE_M = {config['BLOCK_SIZE_M']} (routes per CUDA-core pass)"
+        )
+    split = config.get("SPLIT_K", 1)
+    if not isinstance(split, int) or isinstance(split, bool) or split < 1 or split & (split - 1):
+        raise ValueError(f"fused_moe_int4: {name}['SPLIT_K'] = {split!r}; must be a power of two >= 1")
+    if split > 1 and not rows:
+        raise ValueError(
+            f"fused_moe_int4: {name}['SPLIT_K'] = {split} needs GEMV_ROWS > 0 (only the CUDA-core tiles split K)"
         )
 
 

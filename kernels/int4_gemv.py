@@ -12,10 +12,13 @@ arguments, alignment and outputs as the tensor-core kernels; their torch referen
 
 from __future__ import annotations
 
+import torch
 import triton
 import triton.language as tl
 
+from moed.kernels.act_quant import interpreting
 from moed.kernels.fused_moe import _to_bf16
+from moed.kernels.moe_align import MoEAlignment
 
 
 @triton.jit
@@ -44,7 +47,7 @@ def _real_rows(sorted_ptr, pid_m, T, BLOCK_M: tl.constexpr):
     return tl.sum((tl.load(sorted_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M)) < T).to(tl.int32))
 
 
-@triton.jit(do_not_specialize=["T", "top_k"])
+@triton.jit(do_not_specialize=["T", "top_k", "k_steps"])
 def gate_up_int4_gemv_kernel(
     a_ptr,
     w_ptr,
@@ -69,15 +72,21 @@ def gate_up_int4_gemv_kernel(
     stride_zn,
     stride_zk,
     stride_hm,
+    ws_ptr,
+    k_steps,
+    stride_wsk,
+    stride_wsm,
     BLOCK_M: tl.constexpr,
     ROWS: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    SPLIT: tl.constexpr,
     HAS_ZP: tl.constexpr,
     INTERPRET: tl.constexpr,
 ):
     """h as `fused_moe_int4._gate_up_int4_kernel` computes it, ROWS of a block's routes a pass (one pass at M <= ROWS),
-    each weight tile unpacked once a pass into fp32 and multiplied on the CUDA cores."""
+    each weight tile unpacked once a pass into fp32 and multiplied on the CUDA cores. Program (i, s) runs K steps
+    [s * k_steps, (s + 1) * k_steps); with SPLIT it stores its gate and up sums to ws[s] for `split_k_sum_kernel`."""
     HALF_N: tl.constexpr = BLOCK_N // 2
     HALF_K: tl.constexpr = BLOCK_K // 2
     num_pid_n = tl.cdiv(N, HALF_N)
@@ -88,6 +97,9 @@ def gate_up_int4_gemv_kernel(
     slot = tl.load(block_slot_ptr + pid_m).to(tl.int64)
     if slot < 0:
         return
+    split = tl.program_id(1)
+    kb0 = split * k_steps
+    kb1 = tl.minimum(kb0 + k_steps, tl.cdiv(KH, HALF_K))
     offs_n = pid_n * HALF_N + tl.arange(0, HALF_N)
     n_ok = offs_n < N
     offs_up = offs_n + N
@@ -101,11 +113,11 @@ def gate_up_int4_gemv_kernel(
         flat = tl.load(sorted_ptr + pid_m * BLOCK_M + r0 + tl.arange(0, ROWS))
         row_ok = flat < T
         tok = (flat // top_k).to(tl.int64)
-        a_ptrs = a_ptr + tok[:, None] * stride_am + 2 * offs_kh[None, :]
-        wg_ptrs = wg0
+        a_ptrs = a_ptr + tok[:, None] * stride_am + 2 * offs_kh[None, :] + kb0 * BLOCK_K
+        wg_ptrs = wg0 + kb0 * HALF_K
         acc_g = tl.zeros((ROWS, HALF_K, HALF_N), dtype=tl.float32)
         acc_u = tl.zeros((ROWS, HALF_K, HALF_N), dtype=tl.float32)
-        for kb in range(0, tl.cdiv(KH, HALF_K)):
+        for kb in range(kb0, kb1):
             k_ok = offs_kh < KH - kb * HALF_K
             a_even = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
             a_odd = tl.load(a_ptrs + 1, mask=row_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
@@ -121,12 +133,18 @@ def gate_up_int4_gemv_kernel(
             a_ptrs += BLOCK_K
             wg_ptrs += HALF_K
         gate = tl.sum(acc_g, axis=1)
-        h = gate * tl.sigmoid(gate) * tl.sum(acc_u, axis=1)
-        h_ptrs = h_ptr + flat[:, None].to(tl.int64) * stride_hm + offs_n[None, :]
-        tl.store(h_ptrs, _to_bf16(h, INTERPRET), mask=row_ok[:, None] & n_ok[None, :])
+        up = tl.sum(acc_u, axis=1)
+        if SPLIT:
+            ws = ws_ptr + split * stride_wsk + flat[:, None].to(tl.int64) * stride_wsm + offs_n[None, :]
+            tl.store(ws, gate, mask=row_ok[:, None] & n_ok[None, :])
+            tl.store(ws + N, up, mask=row_ok[:, None] & n_ok[None, :])
+        else:
+            h = gate * tl.sigmoid(gate) * up
+            h_ptrs = h_ptr + flat[:, None].to(tl.int64) * stride_hm + offs_n[None, :]
+            tl.store(h_ptrs, _to_bf16(h, INTERPRET), mask=row_ok[:, None] & n_ok[None, :])
 
 
-@triton.jit(do_not_specialize=["T"])
+@triton.jit(do_not_specialize=["T", "k_steps"])
 def down_int4_gemv_kernel(
     h_ptr,
     w_ptr,
@@ -151,14 +169,20 @@ def down_int4_gemv_kernel(
     stride_zn,
     stride_zk,
     stride_om,
+    ws_ptr,
+    k_steps,
+    stride_wsk,
+    stride_wsm,
     BLOCK_M: tl.constexpr,
     ROWS: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    SPLIT: tl.constexpr,
     HAS_ZP: tl.constexpr,
     INTERPRET: tl.constexpr,
 ):
-    """partial as `fused_moe_int4._down_int4_kernel` computes it, the GEMM as in `gate_up_int4_gemv_kernel`."""
+    """partial as `fused_moe_int4._down_int4_kernel` computes it, the GEMM and its K split as in
+    `gate_up_int4_gemv_kernel` (with SPLIT, unweighted sums to ws[s])."""
     HALF_K: tl.constexpr = BLOCK_K // 2
     num_pid_n = tl.cdiv(H, BLOCK_N)
     pid = tl.program_id(0)
@@ -168,6 +192,9 @@ def down_int4_gemv_kernel(
     slot = tl.load(block_slot_ptr + pid_m).to(tl.int64)
     if slot < 0:
         return
+    split = tl.program_id(1)
+    kb0 = split * k_steps
+    kb1 = tl.minimum(kb0 + k_steps, tl.cdiv(NH, HALF_K))
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < H
     offs_kh = tl.arange(0, HALF_K)
@@ -178,10 +205,10 @@ def down_int4_gemv_kernel(
         flat = tl.load(sorted_ptr + pid_m * BLOCK_M + r0 + tl.arange(0, ROWS))
         row_ok = flat < T
         rows = flat.to(tl.int64)
-        a_ptrs = h_ptr + rows[:, None] * stride_hm + 2 * offs_kh[None, :]
-        w_ptrs = w0
+        a_ptrs = h_ptr + rows[:, None] * stride_hm + 2 * offs_kh[None, :] + kb0 * BLOCK_K
+        w_ptrs = w0 + kb0 * HALF_K
         acc = tl.zeros((ROWS, HALF_K, BLOCK_N), dtype=tl.float32)
-        for kb in range(0, tl.cdiv(NH, HALF_K)):
+        for kb in range(kb0, kb1):
             k_ok = offs_kh < NH - kb * HALF_K
             a_even = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
             a_odd = tl.load(a_ptrs + 1, mask=row_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
@@ -192,6 +219,86 @@ def down_int4_gemv_kernel(
             acc += _int4_gemv_terms(a_even, a_odd, w, z, s)
             a_ptrs += BLOCK_K
             w_ptrs += HALF_K
-        y = tl.sum(acc, axis=1) * tl.load(topk_w_ptr + rows, mask=row_ok, other=0.0)[:, None]
-        out_ptrs = out_ptr + rows[:, None] * stride_om + offs_n[None, :]
-        tl.store(out_ptrs, _to_bf16(y, INTERPRET), mask=row_ok[:, None] & n_ok[None, :])
+        y = tl.sum(acc, axis=1)
+        if SPLIT:
+            ws = ws_ptr + split * stride_wsk + rows[:, None] * stride_wsm + offs_n[None, :]
+            tl.store(ws, y, mask=row_ok[:, None] & n_ok[None, :])
+        else:
+            y *= tl.load(topk_w_ptr + rows, mask=row_ok, other=0.0)[:, None]
+            out_ptrs = out_ptr + rows[:, None] * stride_om + offs_n[None, :]
+            tl.store(out_ptrs, _to_bf16(y, INTERPRET), mask=row_ok[:, None] & n_ok[None, :])
+
+
+@triton.jit(do_not_specialize=["T", "splits"])
+def split_k_sum_kernel(
+    ws_ptr,
+    out_ptr,
+    topk_w_ptr,
+    sorted_ptr,
+    block_slot_ptr,
+    num_padded_ptr,
+    N,
+    T,
+    splits,
+    stride_wsk,
+    stride_wsm,
+    stride_om,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    GATED: tl.constexpr,
+    INTERPRET: tl.constexpr,
+):
+    """The K split's second pass: out = silu(gate) * up of the summed ws (GATED; ws rows hold gate | up, N each) or
+    route weight * sum (down). The same blocks as the GEMM, so it writes exactly the rows the GEMM would have; the
+    splits are summed in a fixed order, so results do not depend on scheduling."""
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    pid = tl.program_id(0)
+    pid_m, pid_n = pid // num_pid_n, pid % num_pid_n
+    if pid_m * BLOCK_M >= tl.load(num_padded_ptr):
+        return
+    if tl.load(block_slot_ptr + pid_m) < 0:
+        return
+    flat = tl.load(sorted_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M))
+    row_ok = flat < T
+    rows = flat.to(tl.int64)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask = row_ok[:, None] & (offs_n < N)[None, :]
+    ws = ws_ptr + rows[:, None] * stride_wsm + offs_n[None, :]
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for _ in range(0, splits):
+        acc += tl.load(ws, mask=mask, other=0.0)
+        if GATED:
+            acc_up += tl.load(ws + N, mask=mask, other=0.0)
+        ws += stride_wsk
+    if GATED:
+        y = acc * tl.sigmoid(acc) * acc_up
+    else:
+        y = acc * tl.load(topk_w_ptr + rows, mask=row_ok, other=0.0)[:, None]
+    tl.store(out_ptr + rows[:, None] * stride_om + offs_n[None, :], _to_bf16(y, INTERPRET), mask=mask)
+
+
+# The second pass's tile: columns of fp32 sums per program (it reads only [splits, routes, N])
+_SUM_N = 128
+
+
+def split_k(config: dict, K: int, ws_shape: tuple[int, int], device: torch.device):
+    """(K steps per program, programs along K, fp32 workspace [splits, *ws_shape]) for a CUDA-core GEMM of depth K:
+    SPLIT_K programs share one output tile so that a decode step keeps more loads in flight; a split that would get
+    no K step is dropped."""
+    total = triton.cdiv(K, config["BLOCK_SIZE_K"])
+    steps = triton.cdiv(total, min(config.get("SPLIT_K", 1), total))
+    splits = triton.cdiv(total, steps)
+    ws = torch.empty((splits, *ws_shape) if splits > 1 else (1, 1), dtype=torch.float32, device=device)
+    return steps, splits, ws
+
+
+def split_k_sum(ws, out, route_w, align: MoEAlignment, bm: int, splits: int, gated: bool) -> None:
+    """Launch `split_k_sum_kernel` over the GEMM's row blocks of `bm`."""
+    n = out.shape[1]
+    grid = (align.sorted_ids.numel() // bm * triton.cdiv(n, _SUM_N),)
+    args = (ws, out, route_w, align.sorted_ids, align.block_slot, align.num_padded, n, out.shape[0], splits)
+    split_k_sum_kernel[grid](
+        *args, ws.stride(0), ws.stride(1), out.stride(0), BLOCK_M=bm, BLOCK_N=_SUM_N, GATED=gated,
+        INTERPRET=interpreting(),
+    )  # fmt: skip

@@ -102,8 +102,46 @@ def test_moe_int4_gemv_tiles_match_reference(M, rows):
         assert rel(mixed, want) < 1e-2
     with pytest.raises(ValueError, match="GEMV_ROWS"):
         _run(ex, x, ids, w, table, config={**SMALL, "GEMV_ROWS": 3})
+    with pytest.raises(ValueError, match=r"'SPLIT_K'\] = 2 needs GEMV_ROWS"):
+        _run(ex, x, ids, w, table, config={**SMALL, "SPLIT_K": 2})
+    with pytest.raises(ValueError, match=r"'SPLIT_K'\] = 3; must be a power of two"):
+        _run(ex, x, ids, w, table, config={**SMALL, "GEMV_ROWS": 1, "SPLIT_K": 3})
     with pytest.raises(ValueError, match="GEMV_ROWS"):
         _run(ex, x, ids, w, table, config={**SMALL, "GEMV_ROWS": 32})
+
+
+@pytest.mark.parametrize("split, programs", [(2, 2), (4, 3), (8, 5)])
+def test_moe_int4_split_k_matches_reference(split, programs, monkeypatch):
+    """SPLIT_K: the CUDA-core tiles' K steps shared by several programs, summed in a second pass. K = 320 at BLOCK_K
+    64 is 5 gate-up steps: SPLIT_K 2 runs 3 + 2, 4 runs 2 + 2 + 1, 8 is cut to 5 programs of one step; N = 96 is 2
+    down steps. Routes whose id has no slot keep what their rows held, as without the split."""
+    from moed.kernels import int4_gemv
+
+    gen = torch.Generator().manual_seed(300 + split)
+    N, K, S, k, M = 96, 320, 3, 3, 4
+    ex = experts(S, N, K, gen, group=64)
+    weights = {n: v for n, v in ex.items() if n not in ("w13", "w2")}
+    table, have = slot_table(5, S, gen)
+    ids, w = routing(M, k, have, gen)
+    x = torch.randn((M, K), generator=gen).to(torch.bfloat16).to(DEV)
+    want = _ref(ex, x, ids, w, table)
+    whole = {**SMALL, "GEMV_ROWS": 2}
+    cut = {**whole, "SPLIT_K": split}
+    assert int4_gemv.split_k(cut, K, (1, 1), DEV)[1] == programs
+    sums = []
+    monkeypatch.setattr(fi, "split_k_sum", lambda *a, **kw: sums.append(a[5]) or int4_gemv.split_k_sum(*a, **kw))
+    out = torch.full((M, K), float("nan"), dtype=torch.bfloat16, device=DEV)
+    _run(ex, x, ids, w, table, config=cut, down_config=cut, out=out)
+    assert sums == [programs, 2]  # gate-up, then down: both took the split path
+    assert torch.isfinite(out.float()).all()
+    assert rel(out, want) < 1e-2
+    assert rel(out, _run(ex, x, ids, w, table, config=whole, down_config=whole)) < 1e-2
+    ids[1, 0] = int(torch.nonzero(table.cpu() < 0)[0])  # an id without a slot this round: its row stays as it was
+    rows = torch.full((M * k, K), float("nan"), dtype=torch.bfloat16, device=DEV)
+    fi.fused_moe_int4_routes(x, ex["w13"], ex["w2"], ids, w.view(-1), table, out=rows, config=cut, **weights)
+    skipped = torch.zeros(M * k, dtype=torch.bool, device=DEV)
+    skipped[k] = True
+    assert torch.isnan(rows[skipped].float()).all() and torch.isfinite(rows[~skipped].float()).all()
 
 
 def test_moe_int4_routes_computes_only_ids_in_the_table():

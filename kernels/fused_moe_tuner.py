@@ -186,9 +186,11 @@ def candidates(M: int, dtype: str) -> list[dict]:
 
 # int4 decode on the CUDA cores (fused_moe_int4's GEMV_ROWS): routes per pass, tile columns and K step such that the
 # fp32 partial products (rows x BK/2 x BN, the down GEMM's; gate-up holds two of BN/2) stay within 32 registers a
-# thread at 4 warps: the sm_90 compile spills from twice that (tests/kernels/test_sm90_compile.py)
+# thread at 4 warps: the sm_90 compile spills from twice that (tests/kernels/test_sm90_compile.py); and programs per
+# output tile (SPLIT_K), since a decode step's few hundred tiles alone keep too few loads in flight to fill HBM
 GEMV_MAX_TOKENS = 8
 GEMV_PRODUCTS = 4096
+GEMV_SPLITS = (1, 2, 4, 8)
 
 
 def gemv_candidates(M: int) -> list[dict]:
@@ -203,10 +205,12 @@ def gemv_candidates(M: int) -> list[dict]:
             "num_warps": 4,
             "num_stages": 3,
             "GEMV_ROWS": rows,
+            **({"SPLIT_K": split} if split > 1 else {}),
         }
         for rows in (1, 2, 4)
         for bk in (64, 128)
         for bn in (32, 64, 128)
+        for split in GEMV_SPLITS
         if rows <= max(M, 1) and rows * bk // 2 * bn <= GEMV_PRODUCTS
     ]
 
@@ -228,7 +232,7 @@ def _in_gemm(cfg: dict) -> bool:
 
 def _compile_key(cfg: dict) -> tuple:
     keys = ("BLOCK_SIZE_M", "BLOCK_SIZE_N", "BLOCK_SIZE_K", "num_warps", "num_stages")
-    return (*(cfg[k] for k in keys), cfg.get("GEMV_ROWS", 0))
+    return (*(cfg[k] for k in keys), cfg.get("GEMV_ROWS", 0), cfg.get("SPLIT_K", 1) > 1)  # one binary for any split
 
 
 def _compile_worker(task: tuple) -> list[tuple[str, tuple, bool, str]]:
@@ -547,10 +551,11 @@ def _short(cfg: dict) -> str:
         f"w{cfg['num_warps']} s{cfg['num_stages']}"
         + {True: " qGEMM", False: " qPass", None: ""}[cfg.get("A_QUANT_IN_GEMM")]
         + (f" gemv{cfg['GEMV_ROWS']}" if cfg.get("GEMV_ROWS") else "")
+        + (f" split{cfg['SPLIT_K']}" if cfg.get("SPLIT_K", 1) > 1 else "")
     )
 
 
-_SHORT = re.compile(r"M(\d+) N(\d+) K(\d+) G(\d+) w(\d+) s(\d+)( qGEMM| qPass)?( gemv(\d+))?")
+_SHORT = re.compile(r"M(\d+) N(\d+) K(\d+) G(\d+) w(\d+) s(\d+)( qGEMM| qPass)?( gemv(\d+))?( split(\d+))?")
 _HEADER = re.compile(r"^\[(\w+) E=(\d+) N=(\d+) K=(\d+)\]")
 _ROW = re.compile(r"^\s+M=\s*(\d+): gate_up\s+[\d.]+ us (.+?) \| down\s+[\d.]+ us (.+?)\s+\(")
 
@@ -565,6 +570,8 @@ def _parse_short(text: str) -> dict:
         cfg["A_QUANT_IN_GEMM"] = m.group(7) == " qGEMM"
     if m.group(9):
         cfg["GEMV_ROWS"] = int(m.group(9))
+    if m.group(11):
+        cfg["SPLIT_K"] = int(m.group(11))
     return cfg
 
 

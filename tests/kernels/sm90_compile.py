@@ -154,8 +154,9 @@ def int4_moe() -> None:
     s2 = torch.ones((S, GLM_K, int4.num_groups(N, g)), dtype=torch.bfloat16)
     z13 = torch.zeros((S, 2 * N // 8, int4.num_groups(GLM_K, g)), dtype=torch.int32)
     z2 = torch.zeros((S, GLM_K // 8, int4.num_groups(N, g)), dtype=torch.int32)
-    # the CUDA-core (GEMV_ROWS) tiles the tuner tries for decode, beside the tables' and the defaults'
-    gemv = [(1, c, c) for c in gemv_candidates(GEMV_MAX_TOKENS)]
+    # the CUDA-core (GEMV_ROWS) tiles the tuner tries for decode, beside the tables' and the defaults'; one split
+    # stands for all (SPLIT_K > 1 is one binary, its count a launch argument) and adds the summing pass
+    gemv = [(1, c, c) for c in gemv_candidates(GEMV_MAX_TOKENS) if c.get("SPLIT_K", 1) <= 2]
     for (m, up, down), zeros in itertools.product(_table_pairs(N, "int4_w4a16", None) + gemv, (True, False)):
         M = min(m, 64)
         ids, wts, table = _routing(M, S)

@@ -80,7 +80,7 @@ def test_moe_tune_tables_from_log_round_trip(tmp_path):
 
 def test_moe_tune_int4_tries_cuda_core_tiles_for_decode_and_logs_them(tmp_path):
     """int4 candidates for decode include GEMV_ROWS tiles (none past GEMV_MAX_TOKENS), every one within the register
-    budget; their log line round-trips, and the lookup keeps the key."""
+    budget, each with and without split K; their log line round-trips, and the lookup keeps the keys."""
     from moed.kernels.fused_moe_tuner import GEMV_MAX_TOKENS, GEMV_PRODUCTS, INT4, _parse_short, _short, candidates
     from moed.moe_configs import lookup
 
@@ -91,11 +91,18 @@ def test_moe_tune_int4_tries_cuda_core_tiles_for_decode_and_logs_them(tmp_path):
     assert all(c["GEMV_ROWS"] * c["BLOCK_SIZE_K"] // 2 * c["BLOCK_SIZE_N"] <= GEMV_PRODUCTS for c in four)
     assert not [c for c in candidates(GEMV_MAX_TOKENS * 2, INT4) if c.get("GEMV_ROWS")]
     assert not [c for c in candidates(1, "fp8_w8a8") if c.get("GEMV_ROWS")]
+    assert {c.get("SPLIT_K", 1) for c in four} == {1, 2, 4, 8}
     for c in four:
         assert _parse_short(_short(c)) == c
+    split = next(c for c in four if c.get("SPLIT_K") == 4)
     path = tmp_path / "table.json"
-    path.write_text(json.dumps({"1": four[-1]}))
-    assert lookup.load_table(path)[1]["GEMV_ROWS"] == four[-1]["GEMV_ROWS"]
-    path.write_text(json.dumps({"1": {**four[-1], "GEMV_ROWS": 3}}))
-    with pytest.raises(lookup.ConfigFileError, match=r"table.json: entry '1' has GEMV_ROWS=3"):
-        lookup.load_table(path)
+    path.write_text(json.dumps({"1": split}))
+    assert lookup.load_table(path)[1] == split
+    for bad, why in (
+        ({**split, "GEMV_ROWS": 3}, "GEMV_ROWS=3"),
+        ({**split, "SPLIT_K": 3}, "SPLIT_K=3; want a power of two"),
+        ({**split, "GEMV_ROWS": 0}, "SPLIT_K=4 without GEMV_ROWS"),
+    ):
+        path.write_text(json.dumps({"1": bad}))
+        with pytest.raises(lookup.ConfigFileError, match=rf"table.json: entry '1' has {why}"):
+            lookup.load_table(path)

@@ -34,10 +34,15 @@ def zero_points(zp_ptrs, offs_n, n_ok, HAS_ZP: tl.constexpr):
 @triton.jit
 def _int4_gemv_terms(a_even, a_odd, packed, z, s):
     """a . ((w - z) * s) for a K step as elementwise fp32 products [ROWS, BK/2, BN], summed over K after the loop:
-    no tensor-core layout for 1-4 rows of 16, and the zero point and scale fold into one FMA per weight."""
-    zs = (z.to(tl.float32) * s)[None, :]
-    lo = (packed & 0xF).to(tl.float32) * s[None, :] - zs
-    hi = (packed >> 4).to(tl.float32) * s[None, :] - zs
+    no tensor-core layout for 1-4 rows of 16. Each nibble w becomes the fp32 2^23 + w by OR-ing it into 2^23's
+    mantissa (its ulp is 1), so no weight takes an int-to-float conversion (a quarter-rate instruction on Hopper);
+    subtracting 2^23 + z is exact."""
+    p = packed.to(tl.int32)
+    lo = ((p & 0xF) | 0x4B000000).to(tl.float32, bitcast=True)
+    hi = ((p >> 4) | 0x4B000000).to(tl.float32, bitcast=True)
+    zc = (z.to(tl.float32) + 8388608.0)[None, :]
+    lo = (lo - zc) * s[None, :]
+    hi = (hi - zc) * s[None, :]
     return a_even[:, :, None] * lo[None, :, :] + a_odd[:, :, None] * hi[None, :, :]
 
 

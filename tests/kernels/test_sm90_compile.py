@@ -68,7 +68,13 @@ def test_kernels_compile_for_sm90(group, tmp_path):
     want = {
         "fp8_moe": {"_gate_up_kernel", "_down_kernel", "_topk_sum_kernel"},
         "fp8_linear": {"_w8a16_kernel"},
-        "int4_moe": {"_gate_up_int4_kernel", "_down_int4_kernel", "gate_up_int4_gemv_kernel", "down_int4_gemv_kernel"},
+        "int4_moe": {
+            "_gate_up_int4_kernel",
+            "_down_int4_kernel",
+            "gate_up_int4_gemv_kernel",
+            "down_int4_gemv_kernel",
+            "split_k_sum_kernel",
+        },
         "offload": {
             "_claim_kernel",
             "_round_routes_kernel",

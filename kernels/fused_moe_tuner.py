@@ -187,7 +187,8 @@ def candidates(M: int, dtype: str) -> list[dict]:
 # int4 decode on the CUDA cores (fused_moe_int4's GEMV_ROWS): routes per pass, tile columns and K step such that the
 # fp32 partial products (rows x BK/2 x BN, the down GEMM's; gate-up holds two of BN/2) stay within 32 registers a
 # thread at 4 warps: the sm_90 compile spills from twice that (tests/kernels/test_sm90_compile.py); and programs per
-# output tile (SPLIT_K), since a decode step's few hundred tiles alone keep too few loads in flight to fill HBM
+# output tile (SPLIT_K), since a decode step's few hundred tiles alone keep too few loads in flight to fill HBM; split
+# at one route a pass only (the H100 tuner chose it there at M = 2-8; two routes a pass with a split spill 8 bytes)
 GEMV_MAX_TOKENS = 8
 GEMV_PRODUCTS = 4096
 GEMV_SPLITS = (1, 2, 4, 8)
@@ -210,7 +211,7 @@ def gemv_candidates(M: int) -> list[dict]:
         for rows in (1, 2, 4)
         for bk in (64, 128)
         for bn in (32, 64, 128)
-        for split in GEMV_SPLITS
+        for split in (GEMV_SPLITS if rows == 1 else (1,))
         if rows <= max(M, 1) and rows * bk // 2 * bn <= GEMV_PRODUCTS
     ]
 

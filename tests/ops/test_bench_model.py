@@ -435,6 +435,28 @@ def test_serve_depth_runs_on_cpu_at_tiny_sizes(tiny_fp8_checkpoint, tmp_path, ca
         assert run.get("error") is None and run["exit_code"] == 0
         assert all(c["all_delivered"] for c in run["cases"].values())
     assert all(c["identical"] for c in res["greedy_mtp_on_vs_off"].values())
+    assert all(c["min_margin"] >= 0 for run in res["runs"].values() for c in run["cases"].values())
+
+
+def test_serve_depth_compare_names_near_ties():
+    """A divergence where both runs' top-2 margins are small is a near-tie; one where either run was sure is not."""
+    from moed.ops.bench.serve_depth import compare
+
+    def run(outputs, margins):
+        return {"cases": {"c": {"outputs": outputs, "margins": margins, "all_delivered": True}}}
+
+    off = run([[1, 2, 3], [4, 5, 6]], [[1.0, 1.0, 1.0], [1.0, 0.01, 1.0]])
+    tie = compare(off, run([[1, 2, 3], [4, 7, 6]], [[1.0, 1.0, 1.0], [1.0, 0.02, 1.0]]), 0.05)["c"]
+    assert not tie["identical"] and tie["first_difference"] == {
+        "stream": 1,
+        "position": 1,
+        "margins": [0.01, 0.02],
+        "near_tie": True,
+    }
+    assert tie["near_tie_share"] == 1 / 6
+    real = compare(off, run([[1, 2, 3], [4, 7, 6]], [[1.0, 1.0, 1.0], [1.0, 0.9, 1.0]]), 0.05)["c"]
+    assert real["first_difference"]["near_tie"] is False
+    assert compare(off, off, 0.05)["c"]["identical"]
 
 
 def _rows(tg_ms: float, pp: dict[int, float]) -> list[dict]:

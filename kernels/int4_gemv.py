@@ -1,12 +1,13 @@
-"""The CUDA-core tiles of `moed.kernels.fused_moe_int4` (config key GEMV_ROWS) and the zero-point read both tile kinds
-share.
+"""The CUDA-core tiles of `moed.kernels.fused_moe_int4` (config keys GEMV_ROWS, SPLIT_K) and the zero-point read both
+tile kinds share.
 
 At decode sizes a row block holds 1-4 routes of its 16 rows, and a tensor-core K step still unpacks a [BK/2, BN] byte
 tile into two bf16 tiles and moves them through shared memory into the MMA layout. These kernels compute ROWS routes
-a pass instead: each packed tile is unpacked once into fp32, the group's scale and zero point fold into one FMA a
-weight, the products accumulate elementwise ([ROWS, BK/2, BN] fp32) and are summed over K once, after the loop. A
-block with more routes than ROWS takes several passes, so the key is a tile choice, not a contract on M. Same
-arguments, alignment and outputs as the tensor-core kernels; their torch reference is
+a pass instead: each packed tile is unpacked once into fp32, scaled, and the products accumulate elementwise
+([ROWS, BK/2, BN] fp32), summed over K once, after the loop. A block with more routes than ROWS takes several passes,
+so the key is a tile choice, not a contract on M. With SPLIT_K > 1 (config key) several programs share an output
+tile's K steps and a second kernel adds their fp32 sums in a fixed order: a decode step's few hundred tiles alone keep
+too few loads in flight. Same arguments, alignment and outputs as the tensor-core kernels; their torch reference is
 `moed.kernels.fused_moe_reference.fused_moe_reference`.
 """
 

@@ -275,7 +275,7 @@ class HybridMissService:
         if not len(recs):
             return
         eb = self.layout.expert_bytes
-        for li, n_miss, n_cpu, M, _rows, t0, t1, part in recs.tolist():
+        for li, n_miss, n_cpu, M, rows, t0, t1, part in recs.tolist():
             whole = int(n_cpu) - (part > 0)
             self.split_log.append(
                 {
@@ -285,6 +285,7 @@ class HybridMissService:
                     "cpu": whole,  # whole experts on the CPU
                     "split": part,  # the CPU's share of the column-split expert (0: none)
                     "copy": int(n_miss) - int(n_cpu),  # whole experts copied
+                    "rows": int(rows),  # routes the CPU computed
                     "cpu_s": t1 - t0,
                     "t_start": t0,
                     "t_end": t1,

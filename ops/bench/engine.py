@@ -97,21 +97,40 @@ def _offload_totals(engine: LLMEngine) -> dict[str, int]:
     return {"hits": sum(x.hits for x in s), "misses": sum(x.misses for x in s)}
 
 
-def _job_summary(jobs: list[dict]) -> dict | None:
+def _job_summary(jobs: list[dict], expert_bytes: int, others: list[dict] | None = None) -> dict | None:
     """The hybrid service's decode jobs (one per MoE layer and step): how many gave the CPU work, how many experts,
-    and the CPU's time per job (its own clock), with and without work."""
+    and the CPU's time per job (its own clock), with and without work; the same by step size (tokens), with the
+    CPU's rate in those jobs; and, given another service's jobs (the MTP draft's), how long the two services' CPU
+    jobs ran at once (each job takes every core but one, so overlapping jobs share the cores)."""
     if not jobs:
         return None
     busy = [j for j in jobs if j["cpu"] > 0]
     idle = [j for j in jobs if j["cpu"] == 0]
-    return {
+    by_tokens = {}
+    for m in sorted({j["tokens"] for j in busy}):
+        js = [j for j in busy if j["tokens"] == m]
+        seconds = sum(j["cpu_s"] for j in js)
+        by_tokens[m] = {
+            "jobs": len(js),
+            "cpu_experts": float(np.mean([j["cpu"] for j in js])),
+            "rows": float(np.mean([j.get("rows", 0) for j in js])),
+            "busy_job_ms": 1e3 * seconds / len(js),
+            "cpu_GBps": sum(j["cpu"] for j in js) * expert_bytes / seconds / 1e9 if seconds > 0 else None,
+        }
+    out = {
         "jobs": len(jobs),
         "with_cpu_work": len(busy),
         "cpu_experts_per_busy_job": float(np.mean([j["cpu"] for j in busy])) if busy else 0.0,
         "misses_per_job": float(np.mean([j["misses"] for j in jobs])),
         "busy_job_ms": float(np.mean([j["cpu_s"] for j in busy])) * 1e3 if busy else None,
         "idle_job_us": float(np.mean([j["cpu_s"] for j in idle])) * 1e6 if idle else None,
+        "by_tokens": by_tokens,
     }
+    if others is not None:
+        out["overlap_with_other_ms"] = 1e3 * sum(
+            max(0.0, min(a["t_end"], b["t_end"]) - max(a["t_start"], b["t_start"])) for a in busy for b in others
+        )
+    return out
 
 
 def run_load(engine: LLMEngine, concurrency: int, prompt_len: int, gen_len: int, seed: int) -> dict:
@@ -145,8 +164,10 @@ def run_load(engine: LLMEngine, concurrency: int, prompt_len: int, gen_len: int,
     graph0 = engine.runner.graph_steps
     cache0 = _offload_totals(engine)
     hybrid = getattr(engine.experts.target, "hybrid", None)
-    if hybrid is not None:
-        hybrid.split_log.clear()
+    draft_hybrid = getattr(engine.experts.draft, "hybrid", None) if engine.experts.draft is not None else None
+    for h in (hybrid, draft_hybrid):
+        if h is not None:
+            h.split_log.clear()
     while engine.has_unfinished:
         step()
     sync()
@@ -154,6 +175,10 @@ def run_load(engine: LLMEngine, concurrency: int, prompt_len: int, gen_len: int,
     cache1 = _offload_totals(engine)  # takes in the CPU server's job records too
     steps = engine.num_steps - steps0
     jobs = list(hybrid.split_log) if hybrid is not None else []
+    if draft_hybrid is not None:
+        draft_hybrid.refresh()  # takes in the draft server's job records
+    draft_jobs = list(draft_hybrid.split_log) if draft_hybrid is not None else []
+    eb = hybrid.layout.expert_bytes if hybrid is not None else 0
     decode_tokens = sum(produced.values()) - first
     drafts = engine.spec_draft_tokens - drafts0
     hits, misses = cache1["hits"] - cache0["hits"], cache1["misses"] - cache0["misses"]
@@ -170,7 +195,8 @@ def run_load(engine: LLMEngine, concurrency: int, prompt_len: int, gen_len: int,
         "hit_rate": hits / (hits + misses) if hits + misses else None,
         "misses_per_step": misses / max(steps, 1),
         "hits_per_step": hits / max(steps, 1),
-        "cpu_jobs": _job_summary(jobs),
+        "cpu_jobs": _job_summary(jobs, eb, [j for j in draft_jobs if j["cpu"] > 0] if draft_hybrid else None),
+        "draft_cpu_jobs": _job_summary(draft_jobs, eb),
     }
 
 

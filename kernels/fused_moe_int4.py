@@ -39,8 +39,22 @@ DTYPE_NAME = "int4_w4a16"  # the config files' dtype string
 
 
 @triton.jit
-def _int4_dot(a_even, a_odd, packed, uz, acc, INTERPRET: tl.constexpr):
-    """acc + a . (w - z) for a K step: packed uint8 [BK/2, BN] holds even k in its low and odd k in its high nibble."""
+def _int4_dot(a_even, a_odd, packed, uz, acc, UNPACK_BF16: tl.constexpr, INTERPRET: tl.constexpr):
+    """acc + a . (w - z) for a K step: packed uint8 [BK/2, BN] holds even k in its low and odd k in its high nibble.
+    UNPACK_BF16 (config key): each nibble w becomes the bf16 128 + w by OR-ing it into 128.0's mantissa (its ulp is
+    1) and 128 + z comes off in bf16, exact for these small integers, with no int-to-float conversion a weight (a
+    quarter-rate instruction on Hopper's CUDA cores); otherwise w - z goes through int32 and fp32 to bf16."""
+    if UNPACK_BF16:
+        p = packed.to(tl.int16)
+        lo_b = ((p & 0xF) | 0x4300).to(tl.bfloat16, bitcast=True)
+        hi_b = ((p >> 4) | 0x4300).to(tl.bfloat16, bitcast=True)
+        zc = (uz + 128).to(tl.float32)[None, :]
+        if INTERPRET:  # bf16 arithmetic is wrong in the interpreter (as below): the same exact values in fp32
+            acc = tl.dot(a_even.to(tl.float32), lo_b.to(tl.float32) - zc, acc)
+            return tl.dot(a_odd.to(tl.float32), hi_b.to(tl.float32) - zc, acc)
+        zb = zc.to(tl.bfloat16)
+        acc = tl.dot(a_even, lo_b - zb, acc)
+        return tl.dot(a_odd, hi_b - zb, acc)
     lo = ((packed & 0xF).to(tl.int32) - uz[None, :]).to(tl.float32)
     hi = ((packed >> 4).to(tl.int32) - uz[None, :]).to(tl.float32)
     if INTERPRET:  # the interpreter multiplies bf16 tiles wrongly; these values are exact in fp32 anyway
@@ -81,6 +95,7 @@ def _gate_up_int4_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     HAS_ZP: tl.constexpr,
+    UNPACK_BF16: tl.constexpr,
     INTERPRET: tl.constexpr,
 ):
     """h[f, n] = silu(x_t . gate_slot[n]) * (x_t . up_slot[n]) for the rows f of one block; t = f // top_k.
@@ -123,8 +138,8 @@ def _gate_up_int4_kernel(
         sg = tl.load(sg_ptrs + g * stride_sk, mask=n_ok, other=0.0).to(tl.float32)
         su = tl.load(su_ptrs + g * stride_sk, mask=n_ok, other=0.0).to(tl.float32)
         zero = tl.zeros((BLOCK_M, HALF_N), dtype=tl.float32)
-        acc_g += _int4_dot(a_even, a_odd, wg, zg, zero, INTERPRET) * sg[None, :]
-        acc_u += _int4_dot(a_even, a_odd, wu, zu, zero, INTERPRET) * su[None, :]
+        acc_g += _int4_dot(a_even, a_odd, wg, zg, zero, UNPACK_BF16, INTERPRET) * sg[None, :]
+        acc_u += _int4_dot(a_even, a_odd, wu, zu, zero, UNPACK_BF16, INTERPRET) * su[None, :]
         a_ptrs += BLOCK_K
         wg_ptrs += HALF_K
         wu_ptrs += HALF_K
@@ -164,6 +179,7 @@ def _down_int4_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     HAS_ZP: tl.constexpr,
+    UNPACK_BF16: tl.constexpr,
     INTERPRET: tl.constexpr,
 ):
     """partial[f, :] = topk_weight[f] * (h[f] . down_slot) for the rows f of one block; H = hidden size, NH = N / 2
@@ -195,7 +211,8 @@ def _down_int4_kernel(
         g = (kb * BLOCK_K) // group
         z = zero_points(z_ptrs + g * stride_zk, offs_n, n_ok, HAS_ZP)
         s = tl.load(s_ptrs + g * stride_sk, mask=n_ok, other=0.0).to(tl.float32)
-        acc += _int4_dot(a_even, a_odd, w, z, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), INTERPRET) * s[None, :]
+        zero = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        acc += _int4_dot(a_even, a_odd, w, z, zero, UNPACK_BF16, INTERPRET) * s[None, :]
         a_ptrs += BLOCK_K
         w_ptrs += HALF_K
     acc *= tl.load(topk_w_ptr + rows, mask=row_ok, other=0.0)[:, None]
@@ -392,6 +409,7 @@ def launch_gate_up(
         if splits > 1:
             split_k_sum(ws, h, h, align, bm, splits, gated=True)
     else:
+        meta["UNPACK_BF16"] = config.get("UNPACK_BF16", False)
         _gate_up_int4_kernel[grid](*common, num_blocks_m, config["GROUP_SIZE_M"], w13.group, *strides, **meta)
 
 
@@ -436,6 +454,7 @@ def launch_down(
         if splits > 1:
             split_k_sum(ws, partial, topk_weights, align, bm, splits, gated=False)
     else:
+        meta["UNPACK_BF16"] = config.get("UNPACK_BF16", False)
         _down_int4_kernel[grid](*common, num_blocks_m, config["GROUP_SIZE_M"], w2.group, *strides, **meta)
 
 
@@ -465,6 +484,11 @@ def check_int4_config(config: dict, group: int, name: str) -> None:
     if split > 1 and not rows:
         raise ValueError(
             f"fused_moe_int4: {name}['SPLIT_K'] = {split} needs GEMV_ROWS > 0 (only the CUDA-core tiles split K)"
+        )
+    if not isinstance(config.get("UNPACK_BF16", False), bool) or (config.get("UNPACK_BF16") and rows):
+        raise ValueError(
+            f"fused_moe_int4: {name}['UNPACK_BF16'] = {config['UNPACK_BF16']!r}; a bool, for the tensor-core tiles "
+            "only (GEMV_ROWS 0)"
         )
 
 

@@ -150,6 +150,11 @@ def time_graph(launches: list, reps: int = 0, target_ms: float = 10.0) -> float:
     return times[len(times) // 2] / len(launches)
 
 
+# int4 tensor-core tiles are offered with both unpacks (fused_moe_int4's UNPACK_BF16) up to this many tokens: the
+# 16-row tiles; 64-row tiles spill with it on sm_90 (520 bytes at 64x128, 4 warps)
+UNPACK_BF16_MAX_TOKENS = 64
+
+
 def candidates(M: int, dtype: str) -> list[dict]:
     """The search space for M tokens: small row blocks and many column tiles for decode, big tiles for prefill.
     FP8 entries up to QUANT_IN_KERNEL_MAX_TOKENS come twice: activations quantised in the GEMM or in a pass."""
@@ -168,8 +173,9 @@ def candidates(M: int, dtype: str) -> list[dict]:
     modes = [None]
     if dtype == "fp8_w8a8":
         modes = [True, False] if M <= QUANT_IN_KERNEL_MAX_TOKENS else [False]
+    unpacks = (False, True) if dtype == INT4 and M <= UNPACK_BF16_MAX_TOKENS else (False,)
     out = gemv_candidates(M) if dtype == INT4 else []
-    for (bm, bn, w), st, g, q in itertools.product(tiles, stages, groups, modes):
+    for (bm, bn, w), st, g, q, unpack in itertools.product(tiles, stages, groups, modes, unpacks):
         c = {
             "BLOCK_SIZE_M": bm,
             "BLOCK_SIZE_N": bn,
@@ -180,6 +186,8 @@ def candidates(M: int, dtype: str) -> list[dict]:
         }
         if q is not None:
             c["A_QUANT_IN_GEMM"] = q
+        if unpack:
+            c["UNPACK_BF16"] = True
         out.append(c)
     return out
 
@@ -233,7 +241,8 @@ def _in_gemm(cfg: dict) -> bool:
 
 def _compile_key(cfg: dict) -> tuple:
     keys = ("BLOCK_SIZE_M", "BLOCK_SIZE_N", "BLOCK_SIZE_K", "num_warps", "num_stages")
-    return (*(cfg[k] for k in keys), cfg.get("GEMV_ROWS", 0), cfg.get("SPLIT_K", 1) > 1)  # one binary for any split
+    # one binary for any split count
+    return (*(cfg[k] for k in keys), cfg.get("GEMV_ROWS", 0), cfg.get("SPLIT_K", 1) > 1, cfg.get("UNPACK_BF16", False))
 
 
 def _compile_worker(task: tuple) -> list[tuple[str, tuple, bool, str]]:
@@ -553,10 +562,13 @@ def _short(cfg: dict) -> str:
         + {True: " qGEMM", False: " qPass", None: ""}[cfg.get("A_QUANT_IN_GEMM")]
         + (f" gemv{cfg['GEMV_ROWS']}" if cfg.get("GEMV_ROWS") else "")
         + (f" split{cfg['SPLIT_K']}" if cfg.get("SPLIT_K", 1) > 1 else "")
+        + (" bf16unpack" if cfg.get("UNPACK_BF16") else "")
     )
 
 
-_SHORT = re.compile(r"M(\d+) N(\d+) K(\d+) G(\d+) w(\d+) s(\d+)( qGEMM| qPass)?( gemv(\d+))?( split(\d+))?")
+_SHORT = re.compile(
+    r"M(\d+) N(\d+) K(\d+) G(\d+) w(\d+) s(\d+)( qGEMM| qPass)?( gemv(\d+))?( split(\d+))?( bf16unpack)?"
+)
 _HEADER = re.compile(r"^\[(\w+) E=(\d+) N=(\d+) K=(\d+)\]")
 _ROW = re.compile(r"^\s+M=\s*(\d+): gate_up\s+[\d.]+ us (.+?) \| down\s+[\d.]+ us (.+?)\s+\(")
 
@@ -573,6 +585,8 @@ def _parse_short(text: str) -> dict:
         cfg["GEMV_ROWS"] = int(m.group(9))
     if m.group(11):
         cfg["SPLIT_K"] = int(m.group(11))
+    if m.group(12):
+        cfg["UNPACK_BF16"] = True
     return cfg
 
 

@@ -145,7 +145,7 @@ def fp8_linear() -> None:
 def int4_moe() -> None:
     from moed.formats import int4
     from moed.kernels.fused_moe_int4 import fused_moe_int4
-    from moed.kernels.fused_moe_tuner import GEMV_MAX_TOKENS, gemv_candidates
+    from moed.kernels.fused_moe_tuner import GEMV_MAX_TOKENS, candidates, gemv_candidates
 
     S, N, g = 8, GLM_N, 128
     w13 = torch.zeros((S, 2 * N, GLM_K // 2), dtype=torch.uint8)
@@ -157,6 +157,8 @@ def int4_moe() -> None:
     # the CUDA-core (GEMV_ROWS) tiles the tuner tries for decode, beside the tables' and the defaults'; one split
     # stands for all (SPLIT_K > 1 is one binary, its count a launch argument) and adds the summing pass
     gemv = [(1, c, c) for c in gemv_candidates(GEMV_MAX_TOKENS) if c.get("SPLIT_K", 1) <= 2]
+    # and the tensor-core decode tiles with the bf16-bit unpack (UNPACK_BF16), at one stage count
+    gemv += [(1, c, c) for c in candidates(1, "int4_w4a16") if c.get("UNPACK_BF16") and c["num_stages"] == 3]
     for (m, up, down), zeros in itertools.product(_table_pairs(N, "int4_w4a16", None) + gemv, (True, False)):
         M = min(m, 64)
         ids, wts, table = _routing(M, S)

@@ -144,6 +144,32 @@ def test_moe_int4_split_k_matches_reference(split, programs, monkeypatch):
     assert torch.isnan(rows[skipped].float()).all() and torch.isfinite(rows[~skipped].float()).all()
 
 
+@pytest.mark.parametrize("M", [1, 5])
+def test_moe_int4_bf16_unpack_matches_reference(M):
+    """UNPACK_BF16: the tensor-core tiles read nibbles as bf16 bits (128 + w, less 128 + z in bf16), asymmetric and
+    symmetric, in both GEMMs or in one beside the plain unpack; refused with the CUDA-core tiles."""
+    gen = torch.Generator().manual_seed(500 + M)
+    N, K, S, k = 64, 256, 4, 3
+    for symmetric in (False, True):
+        ex = experts(S, N, K, gen, symmetric)
+        table, have = slot_table(7, S, gen)
+        ids, w = routing(M, k, have, gen)
+        x = torch.randn((M, K), generator=gen).to(torch.bfloat16).to(DEV)
+        want = _ref(ex, x, ids, w, table)
+        bf16 = {**SMALL, "UNPACK_BF16": True}
+        out = torch.full((M, K), float("nan"), dtype=torch.bfloat16, device=DEV)
+        _run(ex, x, ids, w, table, config=bf16, down_config=bf16, out=out)
+        assert torch.isfinite(out.float()).all()
+        assert rel(out, want) < 1e-2, (M, symmetric)
+        plain = _run(ex, x, ids, w, table, config=SMALL, down_config=SMALL)
+        assert rel(out, plain) < 1e-2
+        assert rel(_run(ex, x, ids, w, table, config=SMALL, down_config=bf16), want) < 1e-2
+    with pytest.raises(ValueError, match="UNPACK_BF16"):
+        _run(ex, x, ids, w, table, config={**SMALL, "GEMV_ROWS": 1, "UNPACK_BF16": True})
+    with pytest.raises(ValueError, match="UNPACK_BF16"):
+        _run(ex, x, ids, w, table, config={**SMALL, "UNPACK_BF16": 1})
+
+
 def test_moe_int4_routes_computes_only_ids_in_the_table():
     """fused_moe_int4_routes (the expert cache's rounds at int4): one output row per route, written only for ids in
     [0, num_ids), the other rows kept; and the summed kernel is the routes' weighted sum."""

@@ -94,14 +94,22 @@ def test_moe_tune_int4_tries_cuda_core_tiles_for_decode_and_logs_them(tmp_path):
     assert {c.get("SPLIT_K", 1) for c in four} == {1, 2, 4, 8}
     for c in four:
         assert _parse_short(_short(c)) == c
+    unpack = [c for c in candidates(4, INT4) if c.get("UNPACK_BF16")]
+    assert unpack and not any(c.get("GEMV_ROWS") for c in unpack)
+    assert not [c for c in candidates(128, INT4) if c.get("UNPACK_BF16")]
+    assert not [c for c in candidates(4, "fp8_w8a8") if c.get("UNPACK_BF16")]
+    for c in unpack:
+        assert _parse_short(_short(c)) == c
     split = next(c for c in four if c.get("SPLIT_K") == 4)
     path = tmp_path / "table.json"
-    path.write_text(json.dumps({"1": split}))
-    assert lookup.load_table(path)[1] == split
+    path.write_text(json.dumps({"1": split, "8": unpack[0]}))
+    assert lookup.load_table(path) == {1: split, 8: unpack[0]}
     for bad, why in (
         ({**split, "GEMV_ROWS": 3}, "GEMV_ROWS=3"),
         ({**split, "SPLIT_K": 3}, "SPLIT_K=3; want a power of two"),
         ({**split, "GEMV_ROWS": 0}, "SPLIT_K=4 without GEMV_ROWS"),
+        ({**unpack[0], "UNPACK_BF16": 1}, "UNPACK_BF16=1; want true or false"),
+        ({**split, "UNPACK_BF16": True}, "UNPACK_BF16=True; want true or false, and false with GEMV_ROWS"),
     ):
         path.write_text(json.dumps({"1": bad}))
         with pytest.raises(lookup.ConfigFileError, match=rf"table.json: entry '1' has {why}"):

@@ -7,7 +7,8 @@ checkpoint (78 layers, the MTP layer, the real vocabulary and widths), twice: MT
 Each time it echoes the worker's load progress, times the load (start -> ready) and reads the host store's pinning
 time from the log, then drives clients over ZMQ (ipc):
   decode   1, 8 and 32 concurrent streams (prompt `--prompt-len` tokens, `--gen` greedy tokens each, in CUDA graphs);
-  prompts  one stream each of 1k, 8k and 32k tokens, `--prefill-gen` tokens: time to first token;
+  prompts  one stream each of 1k, 8k and 32k tokens, `--prefill-gen` tokens: time to first token; then another 8k
+           prompt (`--repeat-prompts`), whose TTFT against the first shows what the first long prefill pays once;
 checking that every stream got all its tokens and, across the two runs, that greedy output is token for token the
 same with MTP on and off. A random-weight model's top two logits are often close, and MTP on and off run the same
 token through differently shaped steps (a verify step scores several tokens at once), so bf16 rounding can flip a
@@ -238,6 +239,8 @@ async def serve_once(args, spec_steps: int, work: Path) -> dict:
             )
         for n in args.prompts:
             cases[f"prompt_{n}"] = await run_case(address, [prompt_ids(n, n, args.vocab)], args.prefill_gen)
+        for n in [n for n in args.repeat_prompts if n in args.prompts]:  # another prompt, same length
+            cases[f"prompt_{n}_again"] = await run_case(address, [prompt_ids(n, n + 1, args.vocab)], args.prefill_gen)
             log.info("MTP %d prompt %d: ttft %.2f s", spec_steps, n, cases[f"prompt_{n}"]["ttft_s"] or -1)
         res["cases"] = cases
         async with AsyncClient(address, timeout=60) as client:
@@ -294,6 +297,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--prompt-len", type=int, default=128)
     p.add_argument("--gen", type=int, default=16)
     p.add_argument("--prefill-gen", type=int, default=4)
+    p.add_argument(
+        "--repeat-prompts",
+        type=lambda s: [int(x) for x in s.split(",") if x],
+        default=[8192],
+        help="of --prompts, the lengths served a second time (another prompt) after the first pass: first-use costs",
+    )
     p.add_argument("--chunk", type=int, default=8192, help="engine max_tokens_per_step")
     p.add_argument("--slots", type=int, default=4, help="expert cache slots per MoE layer")
     p.add_argument("--miss-service", default="copy")

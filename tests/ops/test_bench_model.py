@@ -239,6 +239,8 @@ def test_every_stage_runs_on_cpu_at_tiny_sizes(tiny_fp8_checkpoint, tmp_path, ca
                 "1",
                 "--prompts",
                 "32",
+                "--repeat-prompts",
+                "32",
                 "--deep-prompt",
                 "8",
                 "--deep-gen",
@@ -410,6 +412,8 @@ def test_serve_depth_runs_on_cpu_at_tiny_sizes(tiny_fp8_checkpoint, tmp_path, ca
                 "1",
                 "--prompts",
                 "32",
+                "--repeat-prompts",
+                "32",
                 "--prompt-len",
                 "8",
                 "--gen",
@@ -436,6 +440,7 @@ def test_serve_depth_runs_on_cpu_at_tiny_sizes(tiny_fp8_checkpoint, tmp_path, ca
         assert all(c["all_delivered"] for c in run["cases"].values())
     assert all(c["identical"] for c in res["greedy_mtp_on_vs_off"].values())
     assert all(c["min_margin"] >= 0 for run in res["runs"].values() for c in run["cases"].values())
+    assert all("prompt_32_again" in run["cases"] for run in res["runs"].values())
 
 
 def test_serve_depth_compare_names_near_ties():

@@ -11,7 +11,8 @@
 # offload bench generates on the host, which takes minutes).
 # Knobs: PYTHON (python3), OFFLOAD_ARGS, ENGINE_ARGS (both trees), AFTER_ENGINE_ARGS (this tree only, after
 # ENGINE_ARGS: settings whose default changed since, so that both trees run the same engine; default
-# --compile-decode off), SKIP_TESTS=1, CLEAN=1 (delete the checkpoints at the end).
+# --compile-decode off), BENCHES (offload,engine: which pairs run), SKIP_TESTS=1, CLEAN=1 (delete the checkpoints at
+# the end).
 set -uo pipefail
 BEFORE=$(realpath "${1:?usage: before_after.sh BEFORE_DIR}")
 AFTER=$(realpath "$(dirname "$0")/../..")
@@ -22,6 +23,7 @@ ENGINE_ARGS=${ENGINE_ARGS:---concurrency 1,8 --spec-steps 2 --overlap on --miss-
 AFTER_ENGINE_ARGS=${AFTER_ENGINE_ARGS:---compile-decode off}
 OFFLOAD_CKPT=${OFFLOAD_CKPT:-/dev/shm/moed-offload}
 ENGINE_CKPT=${ENGINE_CKPT:-/dev/shm/moed-glm51-slice}
+BENCHES=${BENCHES:-offload,engine}
 mkdir -p "$OUT"
 
 install() {  # tree
@@ -72,10 +74,14 @@ if [ "${SKIP_TESTS:-0}" != 1 ]; then
     echo "GPU-marked tests (after): rc $?; $(tail -1 "$OUT/gpu_tests.log")"
 fi
 make_checkpoints
-offload_bench before "$BEFORE"
-offload_bench after "$AFTER"
-engine_bench before "$BEFORE"
-engine_bench after "$AFTER" "$AFTER_ENGINE_ARGS"
+if [[ ",$BENCHES," == *,offload,* ]]; then
+    offload_bench before "$BEFORE"
+    offload_bench after "$AFTER"
+fi
+if [[ ",$BENCHES," == *,engine,* ]]; then
+    engine_bench before "$BEFORE"
+    engine_bench after "$AFTER" "$AFTER_ENGINE_ARGS"
+fi
 install "$AFTER"
 [ "${CLEAN:-0}" = 1 ] && rm -rf "$OFFLOAD_CKPT" "$ENGINE_CKPT"
 

@@ -46,6 +46,7 @@ class DaemonProcess:
         self, model: str, address: str, engine_args: list[str], log_path: Path, max_running: int, device: str = "cuda"
     ) -> None:
         self.log_path = log_path
+        self.metrics_address = f"127.0.0.1:{_free_port()}"
         cmd = [
             sys.executable,
             "-m",
@@ -58,7 +59,7 @@ class DaemonProcess:
             "--listen",
             address,
             "--metrics-address",
-            "",
+            self.metrics_address,
             "--http-address",
             "",
             "--max-running",
@@ -111,6 +112,19 @@ class DaemonProcess:
                 except (RequestTimeout, DaemonUnavailable):  # not ready yet: look at the process and its log again
                     continue
 
+    def counters(self, *names: str) -> dict[str, float]:
+        """Prometheus counters from the daemon's /metrics, summed over their labels (0 when absent)."""
+        import urllib.request
+
+        with urllib.request.urlopen(f"http://{self.metrics_address}/metrics", timeout=30) as r:
+            text = r.read().decode()
+        out = dict.fromkeys(names, 0.0)
+        for line in text.splitlines():
+            name = line.split("{")[0].split(" ")[0]
+            if name in out:
+                out[name] += float(line.rsplit(" ", 1)[1])
+        return out
+
     def find(self, pattern: str) -> float | None:
         """The first float captured by `pattern` in the log so far."""
         rx = re.compile(pattern)
@@ -129,6 +143,14 @@ class DaemonProcess:
                 self.proc.kill()
                 self.proc.wait()
         self._thread.join(timeout=5)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def prompt_ids(n: int, seed: int, vocab: int) -> list[int]:
@@ -248,6 +270,13 @@ async def serve_once(args, spec_steps: int, work: Path) -> dict:
         import msgspec
 
         res["engine_stats"] = msgspec.to_builtins(stats)
+        spec = daemon.counters("moed_spec_draft_tokens_total", "moed_spec_accepted_tokens_total")
+        drafted, accepted = spec["moed_spec_draft_tokens_total"], spec["moed_spec_accepted_tokens_total"]
+        res["spec"] = {
+            "draft_tokens": drafted,
+            "accepted": accepted,
+            "acceptance": accepted / drafted if drafted else None,
+        }
     except Exception as e:  # the run's figures so far are kept; the failure is reported
         log.exception("serve run (MTP %d) failed", spec_steps)
         res["error"] = repr(e)
@@ -337,7 +366,8 @@ def main(argv: list[str] | None = None) -> int:
     for spec, r in runs.items():
         print(
             f"MTP {spec}: load {r.get('load_s', float('nan')):.0f} s (host store pinned in {r.get('host_store_s')} s,"
-            f" weights read in {r.get('load_read_s')} s), exit {r.get('exit_code')}, error {r.get('error')}"
+            f" weights read in {r.get('load_read_s')} s), exit {r.get('exit_code')}, error {r.get('error')}, drafts "
+            f"accepted {(r.get('spec') or {}).get('acceptance')}"
         )
         for name, c in (r.get("cases") or {}).items():
             ms = c["ms_per_token"]

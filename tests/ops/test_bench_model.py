@@ -441,6 +441,9 @@ def test_serve_depth_runs_on_cpu_at_tiny_sizes(tiny_fp8_checkpoint, tmp_path, ca
     assert all(c["identical"] for c in res["greedy_mtp_on_vs_off"].values())
     assert all(c["min_margin"] >= 0 for run in res["runs"].values() for c in run["cases"].values())
     assert all("prompt_32_again" in run["cases"] for run in res["runs"].values())
+    off, on = res["runs"]["0"]["spec"], res["runs"]["1"]["spec"]  # from each daemon's /metrics
+    assert off["draft_tokens"] == 0 and off["acceptance"] is None
+    assert on["draft_tokens"] > 0 and 0 <= on["acceptance"] <= 1
 
 
 def test_serve_depth_compare_names_near_ties():

@@ -239,8 +239,6 @@ def test_every_stage_runs_on_cpu_at_tiny_sizes(tiny_fp8_checkpoint, tmp_path, ca
                 "1",
                 "--prompts",
                 "32",
-                "--repeat-prompts",
-                "32",
                 "--deep-prompt",
                 "8",
                 "--deep-gen",

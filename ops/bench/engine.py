@@ -164,7 +164,7 @@ def run_load(engine: LLMEngine, concurrency: int, prompt_len: int, gen_len: int,
     graph0 = engine.runner.graph_steps
     cache0 = _offload_totals(engine)
     hybrid = getattr(engine.experts.target, "hybrid", None)
-    draft_hybrid = getattr(engine.experts.draft, "hybrid", None) if engine.experts.draft is not None else None
+    draft_hybrid = getattr(engine.experts.draft, "hybrid", None)
     for h in (hybrid, draft_hybrid):
         if h is not None:
             h.split_log.clear()

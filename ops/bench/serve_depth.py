@@ -153,6 +153,14 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+def expert_cache_gb(cfg: dict, slots: int) -> float:
+    """The expert cache budget (GiB) that gives every MoE layer `slots` slots of the checkpoint's FP8 experts."""
+    moe_layers = cfg["num_hidden_layers"] - cfg["first_k_dense_replace"]
+    N, K = cfg["moe_intermediate_size"], cfg["hidden_size"]
+    expert_bytes = 3 * N * K + 4 * 3 * (N // 128) * (K // 128)  # FP8 weights + block-128 scales
+    return (slots * moe_layers * expert_bytes + (1 << 20)) / 2**30
+
+
 def prompt_ids(n: int, seed: int, vocab: int) -> list[int]:
     """A deterministic prompt of n token ids (the same in both runs)."""
     import random
@@ -203,6 +211,8 @@ async def run_case(address: str, prompts: list[list[int]], gen: int) -> dict:
         "ms_per_token": 1e3 * sum(decode) / len(decode) if decode else None,
         "outputs": [s["tokens"] for s in streams],
         "margins": [s["margins"] for s in streams],
+        # NaN logprobs mean NaN logits: the greedy token is then argmax over NaN, not a model output
+        "nan_logprobs": sum(m != m for s in streams for m in s["margins"]),
     }
 
 
@@ -302,11 +312,14 @@ def compare(off: dict, on: dict, near_tie: float) -> dict:
                 pos = next((j for j, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
                 margins = [_at(m, i, pos) for m in (case["margins"], other["margins"])]
                 first = {"stream": i, "position": pos, "margins": margins, "near_tie": max(margins) < near_tie}
+                if any(m != m for m in margins):
+                    first["near_tie"] = False  # NaN logits at the divergence: a fault, never a rounding flip
                 break
         complete = case["all_delivered"] and other["all_delivered"]
         every = [m for stream in case["margins"] for m in stream]
         out[name] = {
             "identical": complete and first is None and len(case["outputs"]) == len(other["outputs"]),
+            "nan_logprobs": [case.get("nan_logprobs", 0), other.get("nan_logprobs", 0)],
             "first_difference": first,
             "near_tie_share": sum(m < near_tie for m in every) / len(every) if every else None,
         }
@@ -343,10 +356,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     cfg = json.loads(Path(args.model, "config.json").read_text())
     args.vocab = cfg["vocab_size"]
-    moe_layers = cfg["num_hidden_layers"] - cfg["first_k_dense_replace"]
-    N, K = cfg["moe_intermediate_size"], cfg["hidden_size"]
-    expert_bytes = 3 * N * K + 4 * 3 * (N // 128) * (K // 128)  # FP8 weights + block-128 scales
-    args.cache_gb = (args.slots * moe_layers * expert_bytes + (1 << 20)) / 2**30
+    args.cache_gb = expert_cache_gb(cfg, args.slots)
     work = Path(tempfile.mkdtemp(prefix="moed-depth-", dir="/tmp"))
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
     runs = {}
@@ -370,16 +380,25 @@ def main(argv: list[str] | None = None) -> int:
             f" weights read in {r.get('load_read_s')} s), exit {r.get('exit_code')}, error {r.get('error')}, drafts "
             f"accepted {(r.get('spec') or {}).get('acceptance')}"
         )
+        nan = sum(c.get("nan_logprobs", 0) for c in (r.get("cases") or {}).values())
+        if nan:
+            print(
+                f"  INVALID: {nan} generated tokens came with NaN logprobs (NaN logits; their tokens, speeds and the "
+                "drafts' acceptance measure a fault, not the model)"
+            )
         for name, c in (r.get("cases") or {}).items():
             ms = c["ms_per_token"]
             print(
                 f"  {name:12s} streams {c['streams']:>3} ok {c['ok']:>3} tokens {c['tokens']:>5} all delivered "
                 f"{c['all_delivered']!s:5} ttft {c['ttft_s'] or 0:7.2f} s  ms/token "
-                f"{'-' if ms is None else f'{ms:8.1f}'}  tok/s {c['tok_s']:8.2f}"
+                f"{'-' if ms is None else f'{ms:8.1f}'}  tok/s {c['tok_s']:8.2f}  "
+                f"NaN logprobs {c.get('nan_logprobs', 0)}"
             )
     for name, cmp in (result.get("greedy_mtp_on_vs_off") or {}).items():
         first, share = cmp["first_difference"], cmp["near_tie_share"]
         verdict = "identical" if cmp["identical"] else "near-tie" if first and first["near_tie"] else "DIFFERS"
+        if any(cmp["nan_logprobs"]):
+            verdict = f"INVALID (NaN logprobs off/on: {cmp['nan_logprobs'][0]}/{cmp['nan_logprobs'][1]})"
         print(
             f"greedy MTP on vs off, {name}: {verdict} {first or ''} (margins < {args.near_tie} nats at "
             f"{'-' if share is None else f'{share:.0%}'} of MTP-off tokens)"

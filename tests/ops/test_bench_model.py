@@ -407,7 +407,7 @@ def test_serve_depth_runs_on_cpu_at_tiny_sizes(tiny_fp8_checkpoint, tmp_path, ca
                 "--device",
                 "cpu",
                 "--batches",
-                "1",
+                "1,3",
                 "--prompts",
                 "32",
                 "--repeat-prompts",
@@ -435,7 +435,7 @@ def test_serve_depth_runs_on_cpu_at_tiny_sizes(tiny_fp8_checkpoint, tmp_path, ca
     res = json.loads(out.read_text())
     for run in res["runs"].values():
         assert run.get("error") is None and run["exit_code"] == 0
-        assert all(c["all_delivered"] for c in run["cases"].values())
+        assert all(c["all_delivered"] and c["nan_logprobs"] == 0 for c in run["cases"].values())
     assert all(c["identical"] for c in res["greedy_mtp_on_vs_off"].values())
     assert all(c["min_margin"] >= 0 for run in res["runs"].values() for c in run["cases"].values())
     assert all("prompt_32_again" in run["cases"] for run in res["runs"].values())
@@ -463,6 +463,12 @@ def test_serve_depth_compare_names_near_ties():
     real = compare(off, run([[1, 2, 3], [4, 7, 6]], [[1.0, 1.0, 1.0], [1.0, 0.9, 1.0]]), 0.05)["c"]
     assert real["first_difference"]["near_tie"] is False
     assert compare(off, off, 0.05)["c"]["identical"]
+    # NaN logits (margins NaN) at the divergence are a fault, whatever the other run's margin
+    nan = float("nan")
+    broken = run([[1, 2, 3], [4, 0, 0]], [[1.0, 1.0, 1.0], [1.0, nan, nan]])
+    broken["cases"]["c"]["nan_logprobs"] = 2
+    fault = compare(off, broken, 0.05)["c"]
+    assert fault["first_difference"]["near_tie"] is False and fault["nan_logprobs"] == [0, 2]
 
 
 def _rows(tg_ms: float, pp: dict[int, float]) -> list[dict]:
@@ -739,3 +745,22 @@ def test_fast_gguf_conversion_is_byte_identical_to_llama_cpp(tmp_path):
     for name, t in tb.items():
         assert ta[name].tensor_type == t.tensor_type and np.array_equal(np.asarray(ta[name].data), np.asarray(t.data))
     shutil.rmtree(tmp_path / "ck")
+
+
+def test_spec_check_runs_on_cpu_at_tiny_sizes(tiny_fp8_checkpoint, tmp_path, capsys):
+    """ops/bench/spec_check.py on the tiny checkpoint: staggered streams, MTP on in each mode, the same greedy
+    tokens as MTP off and no NaN logprobs (on a CPU the graph modes run eagerly, so this checks the driver)."""
+    import json
+
+    from moed.ops.bench import spec_check
+
+    out = tmp_path / "spec.json"
+    args = ["--model", tiny_fp8_checkpoint, "--device", "cpu", "--streams", "3", "--prompt-len", "8", "--gen", "5"]
+    assert spec_check.main([*args, "--out", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert set(res["runs"]) == {"off", "graphs", "eager-graphs", "no-graphs"}
+    for name, run in res["runs"].items():
+        assert run["nan_logprobs"] == 0 and run["replays"]["problems"] == []
+        assert name == "off" or (run["first_difference_from_off"] is None and 0 <= run["acceptance"] <= 1)
+    assert [len(t) for t in res["runs"]["off"]["tokens_head"]] == [5, 4, 3]
+    assert "MTP check" in capsys.readouterr().out

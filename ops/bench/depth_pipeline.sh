@@ -7,13 +7,14 @@
 #
 # Everything goes to $RUN (default /tmp/depth; $OUT is emptied before each device command, so the run keeps its own
 # folder): pipeline.log (every stage's output), report.txt (the latest report), results.json (the report with every
-# part), serve_depth.json. The report runs after each part that adds to it, so a run cut off still leaves a report.
-# A failed stage does not stop the ones after it. Skip one with SKIP_<NAME>=1 (DEEP, LLAMA, SLICE, INT4, SERVE);
-# DEEP_ARGS, SLICE1_ARGS (both batch-1 slices), SLICE_ARGS, SERVE_ARGS pass through; SERVE_MTP (default 0,1) lists
-# the serve runs. BUDGET_S (default 900) caps machine time: a stage whose estimate (below) would end past it is skipped
-# with a line saying so, and the ones after it still get their chance. SMOKE=1 runs the same stages on a CPU at tiny
-# sizes (tiny preset; llama.cpp only if a llama-bench is carried; no budget): a check of this script. QUIET_PID: a
-# process started beside setup and the checkpoint (e.g. the GPU-marked tests) that the timed stages wait out first.
+# part), serve_depth.json, spec_check.json. The report runs after each part that adds to it, so a run cut off still
+# leaves a report. A failed stage does not stop the ones after it. Skip one with SKIP_<NAME>=1 (DEEP, LLAMA, SLICE,
+# INT4, SERVE, SPECCHECK); DEEP_ARGS, SLICE1_ARGS (both batch-1 slices), SLICE_ARGS, SERVE_ARGS, SPEC_ARGS pass
+# through; SERVE_MTP (default 0,1) lists the serve runs. BUDGET_S (default 900) caps machine time: a stage whose
+# estimate (below) would end past it is skipped with a line saying so, and the ones after it still get their chance.
+# SMOKE=1 runs the same stages on a CPU at tiny sizes (tiny preset; llama.cpp only if a llama-bench is carried; no
+# budget): a check of this script. QUIET_PID: a process started beside setup and the checkpoint (e.g. the GPU-marked
+# tests) that the timed stages wait out first.
 #
 # Stages, most important figure first (whole-model batch-1 decode, moed FP8 vs llama.cpp Q8_0), in the order the
 # host's 125 GiB allow (the full-depth checkpoint, its GGUF and the 256-expert store cannot all be resident); estimated
@@ -43,6 +44,8 @@
 #   slice        130  model.py --stage slice: batches 2-64, prefill streaming (now and before), the depth cases
 #   report
 #   serve    45+165/run  serve_depth.py: moed serve at depth (checkpoint made again), MTP off then on
+#   speccheck    300  spec_check.py on the same checkpoint: MTP on with compiled graphs, eager graphs and no graphs
+#                     against MTP off, every replay against its step run eagerly (the batched-MTP NaN of 2026-12-07)
 #   ~14.5 min to the last report before serve (+~1 if llama-bench is built here and outlasts what it overlaps); serve
 #   needs BUDGET_S=1330 (both runs) or SERVE_MTP=0 and BUDGET_S=1130.
 set -u
@@ -55,7 +58,7 @@ poll() {
     grep -E "^HEADLINE" "$RUN/report.txt" 2>/dev/null
     tail -n 3 "$RUN/pipeline.log" 2>/dev/null
     if [ -n "${OUT:-}" ]; then
-        for f in pipeline.log report.txt results.json serve_depth.json; do [ -f "$RUN/$f" ] && cp "$RUN/$f" "$OUT/"; done
+        for f in pipeline.log report.txt results.json serve_depth.json spec_check.json; do [ -f "$RUN/$f" ] && cp "$RUN/$f" "$OUT/"; done
     fi
     [ -f "$RUN/done" ] && echo "PIPELINE DONE after $(cat "$RUN/done") s" || echo "pipeline still running"
 }
@@ -81,6 +84,7 @@ SLICE_SIZES=""
 SLICE_REST="--batches 2,8,16,32,64 --prefill-tokens 1024,2048,8192,32768 --depth-layers 75"
 LLAMA_PROMPTS=1024,8192
 SERVE_SIZES=""
+SPEC_SIZES=""
 BUDGET_S=${BUDGET_S:-900}
 if [ "${SMOKE:-0}" = 1 ]; then
     BUDGET_S=${BUDGET_S_SMOKE:-100000}  # a CPU runs the tiny sizes slower than the estimates assume
@@ -96,6 +100,7 @@ if [ "${SMOKE:-0}" = 1 ]; then
     SLICE_REST="--batches 2 --prefill-tokens 16 --depth-layers 2"
     LLAMA_PROMPTS=32
     SERVE_SIZES="--batches 1 --prompts 32 --prompt-len 8 --gen 3 --prefill-gen 2 --chunk 32 --slots 4"
+    SPEC_SIZES="--streams 3 --prompt-len 8 --gen 4"
 fi
 DEEP=$SHM/glm51-deep
 SLICE=$SHM/glm51-slice256
@@ -294,7 +299,13 @@ if ! skip SERVE && fits serve $((45 + 165 * $(echo "${SERVE_MTP:-0,1}" | tr ',' 
     # shellcheck disable=SC2086
     MOED_HOST_ALLOC=huge stage serve python3 -m moed.ops.bench.serve_depth --model "$DEEP" --device "$DEVICE" \
         --out "$RUN/serve_depth.json" --mtp "${SERVE_MTP:-0,1}" $SERVE_SIZES ${SERVE_ARGS:-}
-    rm -rf "$DEEP"
 fi
+if ! skip SPECCHECK && fits speccheck 300; then
+    [ -f "$DEEP/config.json" ] || stage ckpt_again make_deep
+    # shellcheck disable=SC2086
+    MOED_HOST_ALLOC=huge stage speccheck python3 -m moed.ops.bench.spec_check --model "$DEEP" --device "$DEVICE" \
+        --out "$RUN/spec_check.json" $SPEC_SIZES ${SPEC_ARGS:-}
+fi
+rm -rf "$DEEP"
 echo "$SECONDS" > "$RUN/done"
 echo "=== pipeline done in $SECONDS s; results: $RUN/results.json"

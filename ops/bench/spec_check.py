@@ -1,0 +1,173 @@
+"""MTP correctness at any depth, in one process: which piece turns batched verify steps into NaN or garbage.
+
+    python -m moed.ops.bench.spec_check --model /dev/shm/glm51-deep --out $OUT/spec_check.json
+
+serve_depth found batched MTP at GLM-5.1's depth giving NaN logprobs and garbage tokens where one stream was right.
+This drives the engine directly as the daemon does (requests arriving two a step, stopping at different lengths, so
+decode graphs replay padded buckets) in these runs, each on a freshly loaded engine:
+  off            MTP off: the reference tokens
+  graphs         MTP on, compiled decode graphs (the daemon's default)
+  eager-graphs   MTP on, graphs of the eager layers (compile_decode off)
+  no-graphs      MTP on, every step eager
+Every replayed graph step is also run eagerly on its own unpadded context and the two compared (relative max error;
+NaN is a failure); every token's logprob is checked for NaN; each run's tokens are compared with `off`'s. Misses are
+copied (exact), as in serve_depth. Prints a table and writes every figure to --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger("bench.spec_check")
+
+RUNS = {
+    "off": {"spec_steps": 0},
+    "graphs": {"spec_steps": 1},
+    "eager-graphs": {"spec_steps": 1, "compile_decode": False},
+    "no-graphs": {"spec_steps": 1, "cuda_graphs": False},
+}
+
+
+def check_replays(engine, rtol: float, limit: int = 64) -> dict:
+    """From now on each replayed decode graph step is also run eagerly on its own (unpadded) context."""
+    graphs = engine.runner.graphs
+    found: dict = {"replays": 0, "padded": 0, "checked": 0, "max_err": 0.0, "problems": []}
+    if graphs is None:
+        return found
+    replay = graphs.run
+
+    def checked(input_ids, ctx):
+        out = replay(input_ids, ctx)
+        if out is None:
+            return out
+        found["replays"] += 1
+        n = len(ctx.seqs)
+        found["padded"] += graphs.bucket(n) > n
+        if found["checked"] < limit:
+            found["checked"] += 1
+            got = out.float().clone()
+            ctx.paged.derived.clear()
+            ref = engine.model(input_ids, ctx, engine.runner.backend, engine.runner.moe).float()
+            err = ((got - ref).abs().max() / ref.abs().max().clamp_min(1e-6)).item()
+            found["max_err"] = err if err != err else max(found["max_err"], err)
+            if not err <= rtol:
+                found["problems"].append(
+                    {"sequences": n, "bucket": graphs.bucket(n), "err": err, "nan_in_replay": bool(got.isnan().any())}
+                )
+        return out
+
+    graphs.run = checked
+    return found
+
+
+def drive(engine, prompts: list[list[int]], gen: int, per_step: int) -> tuple[list[list[int]], list[list[float]]]:
+    """Requests arrive `per_step` a step; stream i asks for gen - i % 4 tokens. -> tokens and logprobs per stream."""
+    from moed.engine.protocol import SamplingParams
+
+    pending = [
+        (str(i), p, SamplingParams(max_tokens=gen - i % 4, ignore_eos=True, logprobs=1)) for i, p in enumerate(prompts)
+    ]
+    tokens: dict[int, list[int]] = {i: [] for i in range(len(prompts))}
+    lps: dict[int, list[float]] = {i: [] for i in range(len(prompts))}
+    while pending or engine.has_unfinished:
+        for _ in range(per_step):
+            if pending:
+                engine.add_request(*pending.pop(0))
+        outs = engine.step()
+        if not pending and not engine.has_unfinished:
+            outs += engine.flush()
+        for o in outs:
+            tokens[int(o.request_id)] += o.new_token_ids
+            lps[int(o.request_id)] += [lp.logprob for lp in o.logprobs or []]
+    return [tokens[i] for i in tokens], [lps[i] for i in lps]
+
+
+def first_difference(ref: list[list[int]], got: list[list[int]]) -> dict | None:
+    for i, (a, b) in enumerate(zip(ref, got)):
+        if a != b:
+            return {"stream": i, "position": next((j for j, (x, y) in enumerate(zip(a, b)) if x != y), len(a))}
+    return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="/dev/shm/glm51-deep")
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--out", default="spec_check.json")
+    p.add_argument("--runs", default=",".join(RUNS), help=f"of {', '.join(RUNS)}")
+    p.add_argument("--streams", type=int, default=8)
+    p.add_argument("--per-step", type=int, default=2, help="requests arriving each step")
+    p.add_argument("--prompt-len", type=int, default=128)
+    p.add_argument("--gen", type=int, default=12)
+    p.add_argument("--slots", type=int, default=4, help="expert cache slots per MoE layer")
+    p.add_argument("--rtol", type=float, default=0.3, help="replay vs eager, relative max error (compiled: rounding)")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from moed.engine.llm_engine import EngineConfig, LLMEngine
+    from moed.ops.bench.serve_depth import expert_cache_gb, prompt_ids
+
+    runs = [r.strip() for r in args.runs.split(",") if r.strip()]
+    unknown = [r for r in runs if r not in RUNS]
+    if unknown:
+        p.error(f"--runs: unknown {unknown}; choose from {list(RUNS)}")
+    cfg = json.loads(Path(args.model, "config.json").read_text())
+    prompts = [prompt_ids(args.prompt_len + 7 * i, i, cfg["vocab_size"]) for i in range(args.streams)]
+    base = {
+        "model": args.model,
+        "device": args.device,
+        "moe": "offload",
+        "expert_cache_gb": expert_cache_gb(cfg, args.slots),
+        "miss_service": "copy",
+        "max_running": args.streams,
+        "graph_max_batch": args.streams,
+        "max_tokens_per_step": 8192,
+        "page_size": 64,
+        "max_model_len": 4096,
+        "kv_pages": args.streams * (-(-(args.prompt_len + 7 * args.streams + args.gen + 16) // 64)) + 8,
+    }
+    results: dict = {"model": args.model, "streams": args.streams, "runs": {}}
+    ref = None
+    for name in runs:
+        t0 = time.monotonic()
+        torch._dynamo.reset()
+        engine = LLMEngine(EngineConfig(**{**base, **RUNS[name]}))
+        engine.warmup()
+        load_s = time.monotonic() - t0
+        replays = check_replays(engine, args.rtol)
+        tokens, lps = drive(engine, prompts, args.gen, args.per_step)
+        res = {
+            "load_s": load_s,
+            "nan_logprobs": sum(x != x for s in lps for x in s),
+            "replays": replays,
+            "tokens_head": [t[:8] for t in tokens],
+            "acceptance": engine.spec_accepted_tokens / engine.spec_draft_tokens if engine.spec_draft_tokens else None,
+        }
+        if name == "off":
+            ref = tokens
+        elif ref is not None:
+            res["first_difference_from_off"] = first_difference(ref, tokens)
+        results["runs"][name] = res
+        log.info("%s: %s", name, {k: v for k, v in res.items() if k != "tokens_head"})
+        del engine
+        torch.cuda.empty_cache() if torch.cuda.is_available() else None
+    Path(args.out).write_text(json.dumps(results, indent=1, default=str))
+    print(f"\nMTP check: {Path(args.model).name}, {args.streams} streams arriving {args.per_step} a step")
+    print(f"{'run':13s} {'NaN lp':>6} {'replays':>7} {'padded':>6} {'bad':>4} {'max err':>8} {'accept':>6}  vs off")
+    for name, r in results["runs"].items():
+        rp, acc, diff = r["replays"], r["acceptance"], r.get("first_difference_from_off", "-")
+        print(
+            f"{name:13s} {r['nan_logprobs']:>6} {rp['replays']:>7} {rp['padded']:>6} {len(rp['problems']):>4} "
+            f"{rp['max_err']:>8.3g} {'-' if acc is None else f'{acc:.2f}':>6}  {diff}"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -90,6 +90,65 @@ def test_engine_cuda_graph_replays_match_eager_steps(tiny_checkpoint, spec_steps
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("compile_decode", [False, True])
+def test_engine_spec_graphs_with_staggered_requests_match_unpadded_eager_steps(tiny_checkpoint, compile_decode):
+    """MTP verify graphs (2 tokens a sequence) as a daemon drives them: requests arrive two a step and stop at
+    different lengths, so most replays pad their bucket. Each replay's rows must match the same step run eagerly on
+    its own, unpadded context (padded rows may not leak into real ones) and no token may carry NaN logprobs.
+    Serving GLM-5.1 at depth, batched MTP gave NaN logits and garbage tokens where one stream was right."""
+    torch._dynamo.reset()
+    e = _gpu_engine(
+        tiny_checkpoint,
+        cuda_graphs=True,
+        compile_decode=compile_decode,
+        spec_steps=1,
+        max_running=8,
+        graph_max_batch=8,
+        max_tokens_per_step=128,
+    )
+    graphs = e.runner.graphs
+    assert graphs is not None and graphs.tokens_per_seq == 2
+    problems: list[str] = []
+    replay, padded = graphs.run, []
+
+    def checked(input_ids, ctx):
+        out = replay(input_ids, ctx)
+        if out is not None:
+            padded.append(graphs.bucket(len(ctx.seqs)) > len(ctx.seqs))
+            got = out.float().clone()
+            ctx.paged.derived.clear()
+            ref = e.model(input_ids, ctx, e.runner.backend, e.runner.moe).float()
+            err = ((got - ref).abs().max() / ref.abs().max().clamp_min(1e-6)).item()
+            if not err <= (0.5 if compile_decode else 2e-2):  # NaN fails too
+                problems.append(f"{len(ctx.seqs)} sequences: replay vs unpadded eager {err:.3g}")
+        return out
+
+    graphs.run = checked
+    g = torch.Generator().manual_seed(3)
+    lengths = torch.randint(3, 12, (8,), generator=g).tolist()
+    pending = [
+        (
+            str(i),
+            torch.randint(10, 1000, (n,), generator=g).tolist(),
+            SamplingParams(max_tokens=4 + i, logprobs=1, ignore_eos=True),
+        )
+        for i, n in enumerate(lengths)
+    ]
+    outputs = []
+    while pending or e.has_unfinished:
+        for _ in range(2):
+            if pending:
+                e.add_request(*pending.pop(0))
+        outputs += e.step()
+    outputs += e.flush()
+    nan_tokens = sum(lp.logprob != lp.logprob for o in outputs for lp in o.logprobs or [])
+    assert not problems, problems
+    assert nan_tokens == 0
+    assert any(padded), "no replay padded its bucket: the case this test is for did not occur"
+    assert e.kv.num_free == e.kv.num_pages
+
+
+@pytest.mark.gpu
 def test_engine_cuda_graphs_keep_greedy_tokens(tiny_checkpoint):
     # Plain decode within the dense threshold: graph and eager steps run the same dense decode kernels.
     ref = _gpu_engine(tiny_checkpoint, cuda_graphs=False).generate(_prompts(), SP)

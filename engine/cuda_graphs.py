@@ -3,23 +3,25 @@
 A decode step feeds `tokens_per_seq` tokens per sequence (1, or 1 + draft tokens when verifying).
 For each bucket size B (1, 2, 4, 8, then multiples of 8 up to `max_batch`) one graph is captured
 over `B * tokens_per_seq` tokens; a step of n <= B sequences replays the smallest such bucket with
-rows n.. padded. All graphs share one memory pool and these static buffers (Tmax = max_batch *
-tokens_per_seq, Pmax = ceil(max_context / page_size)):
+rows n.. padded. All graphs share one memory pool and the static buffers of `StaticDecodeInputs`
+(Tmax = max_batch * tokens_per_seq, Pmax = ceil(max_context / page_size)):
 
     input_ids   [Tmax] int64        token ids, packed sequence by sequence (padding: 0)
-    positions   [Tmax] int64        their positions (padding: 0)
+    positions   [Tmax] int64        their positions (padding: 0 .. tokens_per_seq - 1)
     page_table  [max_batch, Pmax] int32   the rows of the step's sequences; padding rows and unused
                                           columns are 0, the pool's scratch page
-    seq_lens    [max_batch] int32   context length after the step (padding rows: 1)
+    seq_lens    [max_batch] int32   context length after the step (padding rows: tokens_per_seq)
     query_start [max_batch + 1] int32, token_seq [Tmax] int32   fixed: B rows of tokens_per_seq
     outputs[B]  [B * tokens_per_seq, hidden_size]  the captured final hidden states (pool memory)
 
 A replay copies the step's ids, positions, page table and lengths into the buffers (device to
-device) and replays: no host sync and no allocation. Padded rows write their keys to the scratch
-page only. The graphs are captured with `max_context` as the bound the kernels size their grids
-by, so a step whose longest context exceeds it runs eagerly instead. A backend chooses its dense or
-selection path from that bound (a host int): multi-token (verify) graphs must be captured above the
-dense threshold, since dense multi-token attention reads host lengths (the engine sees to it).
+device) and replays: no host sync and no allocation. A padded row is a well-formed sequence of
+exactly its tokens_per_seq new tokens at positions 0.. (no cached context), so every kernel sees the
+invariant seq_len = cached + new, and it writes its keys to the scratch page only. The graphs are
+captured with `max_context` as the bound the kernels size their grids by, so a step whose longest
+context exceeds it runs eagerly instead. A backend chooses its dense or selection path from that
+bound (a host int): multi-token (verify) graphs must be captured above the dense threshold, since
+dense multi-token attention reads host lengths (the engine sees to it).
 
 What may be captured: an attention backend with a paged pool (its decode path reads only
 `StepContext.paged`) and an MoE runner that never syncs or branches on device values on its step
@@ -65,6 +67,60 @@ def bucket_sizes(max_batch: int) -> list[int]:
     return sizes
 
 
+class StaticDecodeInputs:
+    """The decode graphs' static input buffers (module docstring) and their step contexts, one per bucket size.
+
+    `fill` writes a step of n <= bs sequences into them for bucket bs; plain tensor copies, so it runs (and is
+    tested) on any device, and inside a graph replay's stream without a host sync."""
+
+    def __init__(
+        self, device: torch.device, max_batch: int, tokens_per_seq: int, max_context: int, page_size: int
+    ) -> None:
+        B, T = max_batch, max_batch * tokens_per_seq
+        self.tokens_per_seq, self.max_context = tokens_per_seq, max_context
+        self.max_pages = -(-max_context // page_size)
+        i32 = {"dtype": torch.int32, "device": device}
+        self.input_ids = torch.zeros(T, dtype=torch.int64, device=device)
+        # A padded sequence: tokens_per_seq new tokens at positions 0.., no cached context (seq_len = its tokens).
+        self.pad_positions = torch.arange(tokens_per_seq, dtype=torch.int64, device=device).repeat(B)
+        self.positions = self.pad_positions.clone()
+        self.page_table = torch.zeros(B, self.max_pages, **i32)
+        self.seq_lens = torch.full((B,), tokens_per_seq, **i32)
+        self.query_start = torch.arange(B + 1, **i32) * tokens_per_seq
+        self.token_seq = torch.arange(B, **i32).repeat_interleave(tokens_per_seq)
+
+    def context(self, bs: int) -> StepContext:
+        n = bs * self.tokens_per_seq
+        paged = PagedStep(
+            page_table=self.page_table[:bs],
+            seq_lens=self.seq_lens[:bs],
+            query_start=self.query_start[: bs + 1],
+            token_seq=self.token_seq[:n],
+            max_context=self.max_context,
+            max_new=self.tokens_per_seq,
+        )
+        # The per-sequence list is never read on a paged decode path; it only carries the batch shape.
+        seqs = [SequenceStep(num_cached=0, num_new=self.tokens_per_seq, kv=None) for _ in range(bs)]
+        return StepContext(positions=self.positions[:n], seqs=seqs, paged=paged)
+
+    def fill(self, bs: int, input_ids: torch.Tensor, ctx: StepContext) -> int:
+        """Copy a step of len(ctx.seqs) <= bs sequences into the buffers, rows past it padded -> its token count."""
+        assert ctx.paged is not None
+        n_seqs = len(ctx.seqs)
+        n, padded = n_seqs * self.tokens_per_seq, bs * self.tokens_per_seq
+        self.input_ids[:n].copy_(input_ids, non_blocking=True)
+        self.positions[:n].copy_(ctx.positions, non_blocking=True)
+        width = ctx.paged.page_table.shape[1]
+        self.page_table[:bs].zero_()
+        self.page_table[:n_seqs, :width].copy_(ctx.paged.page_table, non_blocking=True)
+        self.seq_lens[:n_seqs].copy_(ctx.paged.seq_lens, non_blocking=True)
+        if padded > n:
+            self.input_ids[n:padded].zero_()
+            self.positions[n:padded].copy_(self.pad_positions[n:padded])
+            self.seq_lens[n_seqs:bs].fill_(self.tokens_per_seq)
+        return n
+
+
 class DecodeGraphs:
     def __init__(
         self,
@@ -92,45 +148,25 @@ class DecodeGraphs:
         self.max_batch = self.batch_sizes[-1]
         self.warmup_runs = warmup_runs
         self.compiled = compiled
-        B, T = self.max_batch, self.max_batch * tokens_per_seq
-        self.max_pages = -(-max_context // page_size)
-        i32 = {"dtype": torch.int32, "device": device}
-        self.input_ids = torch.zeros(T, dtype=torch.int64, device=device)
-        self.positions = torch.zeros(T, dtype=torch.int64, device=device)
-        self.page_table = torch.zeros(B, self.max_pages, **i32)
-        self.seq_lens = torch.ones(B, **i32)
-        self.query_start = torch.arange(B + 1, **i32) * tokens_per_seq
-        self.token_seq = torch.arange(B, **i32).repeat_interleave(tokens_per_seq)
+        self.static = StaticDecodeInputs(device, self.max_batch, tokens_per_seq, max_context, page_size)
+        self.max_pages = self.static.max_pages
         self.contexts: dict[int, StepContext] = {}
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.outputs: dict[int, torch.Tensor] = {}
         self.pool: Any = None
 
-    def _context(self, bs: int) -> StepContext:
-        n = bs * self.tokens_per_seq
-        paged = PagedStep(
-            page_table=self.page_table[:bs],
-            seq_lens=self.seq_lens[:bs],
-            query_start=self.query_start[: bs + 1],
-            token_seq=self.token_seq[:n],
-            max_context=self.max_context,
-            max_new=self.tokens_per_seq,
-        )
-        # The per-sequence list is never read on a paged decode path; it only carries the batch shape.
-        seqs = [SequenceStep(num_cached=0, num_new=self.tokens_per_seq, kv=None) for _ in range(bs)]
-        return StepContext(positions=self.positions[:n], seqs=seqs, paged=paged)
-
     def _forward(self, n: int, ctx: StepContext) -> torch.Tensor:
+        input_ids = self.static.input_ids[:n]
         if self.compiled is not None:
-            return self.compiled(self.model, self.input_ids[:n], ctx, self.backend, self.moe)
-        return self.model(self.input_ids[:n], ctx, self.backend, self.moe)
+            return self.compiled(self.model, input_ids, ctx, self.backend, self.moe)
+        return self.model(input_ids, ctx, self.backend, self.moe)
 
     @torch.inference_mode()
     def capture(self) -> None:
         # Largest first, so smaller graphs reuse the pool blocks the largest one allocated.
         for bs in reversed(self.batch_sizes):
             n = bs * self.tokens_per_seq
-            ctx = self.contexts[bs] = self._context(bs)
+            ctx = self.contexts[bs] = self.static.context(bs)
             for _ in range(self.warmup_runs):  # compiles kernels and settles allocations outside the capture
                 ctx.paged.derived.clear()  # type: ignore[union-attr]
                 self._forward(n, ctx)
@@ -171,19 +207,7 @@ class DecodeGraphs:
         return None if bs is None else self._replay(bs, input_ids, ctx)
 
     def _replay(self, bs: int, input_ids: torch.Tensor, ctx: StepContext) -> torch.Tensor:
-        assert ctx.paged is not None
-        n_seqs = len(ctx.seqs)
-        n, padded = n_seqs * self.tokens_per_seq, bs * self.tokens_per_seq
-        self.input_ids[:n].copy_(input_ids, non_blocking=True)
-        self.positions[:n].copy_(ctx.positions, non_blocking=True)
-        width = ctx.paged.page_table.shape[1]
-        self.page_table[:bs].zero_()
-        self.page_table[:n_seqs, :width].copy_(ctx.paged.page_table, non_blocking=True)
-        self.seq_lens[:n_seqs].copy_(ctx.paged.seq_lens, non_blocking=True)
-        if padded > n:
-            self.input_ids[n:padded].zero_()
-            self.positions[n:padded].zero_()
-            self.seq_lens[n_seqs:bs].fill_(1)
+        n = self.static.fill(bs, input_ids, ctx)
         self.graphs[bs].replay()
         return self.outputs[bs][:n]
 
@@ -197,7 +221,7 @@ class DecodeGraphs:
         static = self.contexts[bs]
         static.paged.derived.clear()  # type: ignore[union-attr]
         n = len(ctx.seqs) * self.tokens_per_seq
-        eager = self.model(self.input_ids[: bs * self.tokens_per_seq], static, self.backend, self.moe)[:n]
+        eager = self.model(self.static.input_ids[: bs * self.tokens_per_seq], static, self.backend, self.moe)[:n]
         err = ((graph_out.float() - eager.float()).abs().max() / eager.float().abs().max().clamp_min(1e-6)).item()
         return None if err <= rtol else f"graph replay differs from eager by {err:.3g} (relative max)"
 

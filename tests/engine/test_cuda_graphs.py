@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from moed.attention.reference import ReferenceAttention
-from moed.engine.cuda_graphs import bucket_sizes, graph_capable
+from moed.engine.cuda_graphs import StaticDecodeInputs, bucket_sizes, graph_capable
 from moed.engine.llm_engine import EngineConfig, LLMEngine
 from moed.engine.protocol import SamplingParams
 from moed.offload.torch_runner import TorchMoERunner
@@ -28,6 +28,37 @@ def test_engine_graph_capability_is_refused_for_syncing_pieces(tiny_checkpoint):
     cfg = GlmMoeDsaConfig.from_file(f"{tiny_checkpoint}/config.json")
     ok, why = graph_capable(ReferenceAttention(cfg), TorchMoERunner(cfg, torch.float32))
     assert not ok and "paged" in why
+
+
+@pytest.mark.parametrize("spec_steps", [0, 1])
+def test_padded_static_step_gives_the_real_rows_of_the_unpadded_step(tiny_checkpoint, spec_steps):
+    """The decode graphs' padding, without a GPU: a verify (or decode) step of 3 sequences filled into a 4-sequence
+    bucket's static buffers and run eagerly gives the same rows as the step itself; padded rows are well-formed
+    sequences (seq_len = their new tokens) that write only the scratch page."""
+    e = LLMEngine(
+        EngineConfig(model=tiny_checkpoint, attention="triton", spec_steps=spec_steps, max_running=4, page_size=4)
+    )
+    T = 1 + spec_steps
+    static = StaticDecodeInputs(e.device, 4, T, max_context=64, page_size=4)
+    for i, p in enumerate(_prompts()):
+        e.add_request(str(i), p, SamplingParams(max_tokens=8, ignore_eos=True))
+    while any(s.num_output_tokens < 2 for s in e.scheduler.by_id.values()):
+        e.step()
+    e.flush()
+    batch = e.scheduler.schedule()
+    assert len(batch.items) == 3 and all(it.num_new == T for it in batch.items)
+    input_ids, ctx = e.runner.pack(batch.items)
+    ref = e.model(input_ids, ctx, e.runner.backend, e.runner.moe)
+    n = static.fill(4, input_ids, ctx)
+    assert n == 3 * T and static.seq_lens[3].item() == T and static.positions[n:].tolist() == list(range(T))
+    pool = e.runner.backend.pool
+    pages = [pool.latent[:, 1:].clone(), pool.index_k[:, 1:].clone()]  # all but the scratch page 0
+    got = e.model(static.input_ids[: 4 * T], static.context(4), e.runner.backend, e.runner.moe)[:n]
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+    # the real rows rewrote their own keys (the same values up to rounding); the padded row wrote page 0 alone
+    torch.testing.assert_close(pool.latent[:, 1:], pages[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(pool.index_k[:, 1:], pages[1], rtol=1e-5, atol=1e-5)
+    e.abort([str(i) for i in range(3)])
 
 
 def _prompts() -> list[list[int]]:

@@ -31,7 +31,14 @@ from moed.formats.int4 import Int4Weight, num_groups
 from moed.kernels.act_quant import interpreting
 from moed.kernels.fused_moe import _tile_ids, _to_bf16, routes_out, topk_sum
 from moed.kernels.fused_moe_config import check_config, device_name
-from moed.kernels.int4_gemv import down_int4_gemv_kernel, gate_up_int4_gemv_kernel, split_k, split_k_sum, zero_points
+from moed.kernels.int4_gemv import (
+    down_int4_gemv_kernel,
+    gate_up_int4_gemv_kernel,
+    split_k,
+    split_k_sum,
+    word_major,
+    zero_points,
+)
 from moed.kernels.moe_align import MoEAlignment, moe_align_block_size
 from moed.moe_configs import lookup
 
@@ -401,16 +408,33 @@ def launch_gate_up(
     strides = (hidden.stride(0), qw.stride(0), qw.stride(1), s.stride(0), s.stride(1), s.stride(2), *zs, h.stride(0))
     meta = _meta(config, w13)
     common = (hidden, qw, s, z, h, align.sorted_ids, align.block_slot, align.num_padded, N, K // 2, T, top_k)
+    if rows and _words(config, qw):
+        a = word_major(hidden)
+        common = (a, *common[1:])
+        strides = (a.stride(0), *strides[1:])
     if rows:
         steps, splits, ws = split_k(config, K, (T, 2 * N), h.device)
         gate_up_int4_gemv_kernel[(*grid, splits)](
-            *common, w13.group, *strides, ws, steps, *ws.stride()[:2], ROWS=rows, SPLIT=splits > 1, **meta
-        )
+            *common, w13.group, *strides, ws, steps, *ws.stride()[:2], ROWS=rows, SPLIT=splits > 1,
+            WORDS=_words(config, qw), **meta,
+        )  # fmt: skip
         if splits > 1:
             split_k_sum(ws, h, h, align, bm, splits, gated=True)
     else:
         meta["UNPACK_BF16"] = config.get("UNPACK_BF16", False)
         _gate_up_int4_kernel[grid](*common, num_blocks_m, config["GROUP_SIZE_M"], w13.group, *strides, **meta)
+
+
+def _words(config: dict, qweight: torch.Tensor) -> bool:
+    """GEMV_WORDS (config key): the CUDA-core tiles read 32-bit words of eight nibbles; rows of whole words only."""
+    words = config.get("GEMV_WORDS", False)
+    aligned = all(v % 4 == 0 for v in (qweight.shape[-1], qweight.stride(0), qweight.stride(1), qweight.data_ptr()))
+    if words and not aligned:
+        raise ValueError(
+            f"fused_moe_int4: GEMV_WORDS needs packed rows of whole 32-bit words on 4-byte bases, got "
+            f"{qweight.shape[-1]} bytes a row (strides {qweight.stride()[:2]})"
+        )
+    return words
 
 
 def _meta(config: dict, w: Int4Weight) -> dict:
@@ -446,11 +470,16 @@ def launch_down(
     strides = (h.stride(0), qw.stride(0), qw.stride(1), s.stride(0), s.stride(1), s.stride(2), *zs, partial.stride(0))
     meta = _meta(config, w2)
     common = (h, qw, s, z, partial, topk_weights, align.sorted_ids, align.block_slot, align.num_padded, H, N // 2, T)
+    if rows and _words(config, qw):
+        a = word_major(h)
+        common = (a, *common[1:])
+        strides = (a.stride(0), *strides[1:])
     if rows:
         steps, splits, ws = split_k(config, N, (T, H), h.device)
         down_int4_gemv_kernel[(*grid, splits)](
-            *common, w2.group, *strides, ws, steps, *ws.stride()[:2], ROWS=rows, SPLIT=splits > 1, **meta
-        )
+            *common, w2.group, *strides, ws, steps, *ws.stride()[:2], ROWS=rows, SPLIT=splits > 1,
+            WORDS=_words(config, qw), **meta,
+        )  # fmt: skip
         if splits > 1:
             split_k_sum(ws, partial, topk_weights, align, bm, splits, gated=False)
     else:
@@ -485,6 +514,13 @@ def check_int4_config(config: dict, group: int, name: str) -> None:
         raise ValueError(
             f"fused_moe_int4: {name}['SPLIT_K'] = {split} needs GEMV_ROWS > 0 (only the CUDA-core tiles split K)"
         )
+    if not isinstance(config.get("GEMV_WORDS", False), bool) or (config.get("GEMV_WORDS") and not rows):
+        raise ValueError(
+            f"fused_moe_int4: {name}['GEMV_WORDS'] = {config['GEMV_WORDS']!r}; a bool, for the CUDA-core tiles only "
+            "(GEMV_ROWS > 0)"
+        )
+    if config.get("GEMV_WORDS") and config["BLOCK_SIZE_K"] < 64:
+        raise ValueError(f"fused_moe_int4: {name}['GEMV_WORDS'] needs BLOCK_SIZE_K >= 64 (eight words a K step)")
     if not isinstance(config.get("UNPACK_BF16", False), bool) or (config.get("UNPACK_BF16") and rows):
         raise ValueError(
             f"fused_moe_int4: {name}['UNPACK_BF16'] = {config['UNPACK_BF16']!r}; a bool, for the tensor-core tiles "

@@ -48,6 +48,43 @@ def _int4_gemv_terms(a_even, a_odd, packed, z, s):
 
 
 @triton.jit
+def _int4_word_sums(a_ptrs, stride_j, a_mask, wg, wu, TWO: tl.constexpr):
+    """GEMV_WORDS' unpack for a K step of 32-bit words ([BK/8, BN] each; nibble j of word i is k = 8i + j), from
+    activations laid out [8, K/8] fp32 a route (`word_major`: a_j of consecutive words adjacent, so each j is one
+    vector load, not eight scalar ones): each
+    nibble w is shifted into bits 19-22 of 1.0 (a shift and an and-or), which makes the fp32 1 + w/16 exactly, and
+    meets its activation in one FMA -> (u_g, u_u, A) [ROWS, BK/8, BN] and [ROWS, BK/8]: u = sum_j a_j (1 + w_j/16),
+    A = sum_j a_j. TWO: a second weight tile (gate-up's up half) shares the activation loads."""
+    ug = tl.zeros((a_mask.shape[0], wg.shape[0], wg.shape[1]), dtype=tl.float32)
+    uu = tl.zeros((a_mask.shape[0], wu.shape[0], wu.shape[1]), dtype=tl.float32)
+    A = tl.zeros((a_mask.shape[0], wg.shape[0]), dtype=tl.float32)
+    for j in tl.static_range(8):
+        a = tl.load(a_ptrs + j * stride_j, mask=a_mask, other=0.0)
+        A += a
+        if 4 * j <= 19:
+            bg = (wg << (19 - 4 * j)) & 0x00780000
+        else:
+            bg = (wg >> (4 * j - 19)) & 0x00780000
+        ug += a[:, :, None] * (bg | 0x3F800000).to(tl.float32, bitcast=True)[None, :, :]
+        if TWO:
+            if 4 * j <= 19:
+                bu = (wu << (19 - 4 * j)) & 0x00780000
+            else:
+                bu = (wu >> (4 * j - 19)) & 0x00780000
+            uu += a[:, :, None] * (bu | 0x3F800000).to(tl.float32, bitcast=True)[None, :, :]
+    return ug, uu, A
+
+
+@triton.jit
+def _int4_word_terms(u, A, z, s):
+    """a . ((w - z) * s) from `_int4_word_sums`: sum_j a_j (w_j - z) = 16 u - (16 + z) A, so the zero point, the 1
+    and the scale come off once a word, not once a weight (u and A are sums of like magnitude: the difference keeps
+    ~20 of fp32's 24 bits)."""
+    zc = 16.0 + z.to(tl.float32)
+    return (16.0 * u - zc[None, None, :] * A[:, :, None]) * s[None, None, :]
+
+
+@triton.jit
 def _real_rows(sorted_ptr, pid_m, T, BLOCK_M: tl.constexpr):
     """Rows of row block pid_m that hold routes (alignment puts them first, padding after)."""
     return tl.sum((tl.load(sorted_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M)) < T).to(tl.int32))
@@ -89,6 +126,7 @@ def gate_up_int4_gemv_kernel(
     SPLIT: tl.constexpr,
     HAS_ZP: tl.constexpr,
     INTERPRET: tl.constexpr,
+    WORDS: tl.constexpr = False,
 ):
     """h as `fused_moe_int4._gate_up_int4_kernel` computes it, ROWS of a block's routes a pass (one pass at M <= ROWS),
     each weight tile unpacked once a pass into fp32 and multiplied on the CUDA cores. Program (i, s) runs K steps
@@ -110,7 +148,13 @@ def gate_up_int4_gemv_kernel(
     n_ok = offs_n < N
     offs_up = offs_n + N
     offs_kh = tl.arange(0, HALF_K)
+    offs_kw = tl.arange(0, BLOCK_K // 8)
     wg0 = w_ptr + slot * stride_ws + offs_n[None, :].to(tl.int64) * stride_wn + offs_kh[:, None]
+    # GEMV_WORDS: 32-bit words; no 16-byte vector hint: its layout costs a shared-memory round trip a K step (sm_90
+    # SASS: 539 instructions a step against 476 without)
+    ww0 = (w_ptr + slot * stride_ws + offs_n[None, :].to(tl.int64) * stride_wn + 4 * offs_kw[:, None]).to(
+        tl.pointer_type(tl.int32)
+    )
     sg_ptrs = s_ptr + slot * stride_ss + offs_n * stride_sn
     su_ptrs = s_ptr + slot * stride_ss + offs_up * stride_sn
     zg_ptrs = z_ptr + slot * stride_zs + (offs_n // 8) * stride_zn
@@ -119,25 +163,42 @@ def gate_up_int4_gemv_kernel(
         flat = tl.load(sorted_ptr + pid_m * BLOCK_M + r0 + tl.arange(0, ROWS))
         row_ok = flat < T
         tok = (flat // top_k).to(tl.int64)
-        a_ptrs = a_ptr + tok[:, None] * stride_am + 2 * offs_kh[None, :] + kb0 * BLOCK_K
-        wg_ptrs = wg0 + kb0 * HALF_K
-        acc_g = tl.zeros((ROWS, HALF_K, HALF_N), dtype=tl.float32)
-        acc_u = tl.zeros((ROWS, HALF_K, HALF_N), dtype=tl.float32)
+        if WORDS:
+            a_ptrs = a_ptr + tok[:, None] * stride_am + offs_kw[None, :] + kb0 * (BLOCK_K // 8)
+            ww_ptrs = ww0 + kb0 * (BLOCK_K // 8)
+            acc_g = tl.zeros((ROWS, BLOCK_K // 8, HALF_N), dtype=tl.float32)
+            acc_u = tl.zeros((ROWS, BLOCK_K // 8, HALF_N), dtype=tl.float32)
+        else:
+            a_ptrs = a_ptr + tok[:, None] * stride_am + 2 * offs_kh[None, :] + kb0 * BLOCK_K
+            wg_ptrs = wg0 + kb0 * HALF_K
+            acc_g = tl.zeros((ROWS, HALF_K, HALF_N), dtype=tl.float32)
+            acc_u = tl.zeros((ROWS, HALF_K, HALF_N), dtype=tl.float32)
         for kb in range(kb0, kb1):
-            k_ok = offs_kh < KH - kb * HALF_K
-            a_even = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
-            a_odd = tl.load(a_ptrs + 1, mask=row_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
-            wg = tl.load(wg_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0)
-            wu = tl.load(wg_ptrs + N * stride_wn, mask=k_ok[:, None] & n_ok[None, :], other=0)
             g = (kb * BLOCK_K) // group
             zg = zero_points(zg_ptrs + g * stride_zk, offs_n, n_ok, HAS_ZP)
             zu = zero_points(zu_ptrs + g * stride_zk, offs_up, n_ok, HAS_ZP)
             sg = tl.load(sg_ptrs + g * stride_sk, mask=n_ok, other=0.0).to(tl.float32)
             su = tl.load(su_ptrs + g * stride_sk, mask=n_ok, other=0.0).to(tl.float32)
-            acc_g += _int4_gemv_terms(a_even, a_odd, wg, zg, sg)
-            acc_u += _int4_gemv_terms(a_even, a_odd, wu, zu, su)
-            a_ptrs += BLOCK_K
-            wg_ptrs += HALF_K
+            if WORDS:
+                kw_ok = offs_kw < KH // 4 - kb * (BLOCK_K // 8)
+                a_mask = row_ok[:, None] & kw_ok[None, :]
+                wg = tl.load(ww_ptrs, mask=kw_ok[:, None] & n_ok[None, :], other=0)
+                wu = tl.load(ww_ptrs + N * (stride_wn // 4), mask=kw_ok[:, None] & n_ok[None, :], other=0)
+                ug, uu, A = _int4_word_sums(a_ptrs, stride_am // 8, a_mask, wg, wu, True)
+                acc_g += _int4_word_terms(ug, A, zg, sg)
+                acc_u += _int4_word_terms(uu, A, zu, su)
+                ww_ptrs += BLOCK_K // 8
+                a_ptrs += BLOCK_K // 8
+            else:
+                k_ok = offs_kh < KH - kb * HALF_K
+                a_even = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
+                a_odd = tl.load(a_ptrs + 1, mask=row_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
+                wg = tl.load(wg_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0)
+                wu = tl.load(wg_ptrs + N * stride_wn, mask=k_ok[:, None] & n_ok[None, :], other=0)
+                acc_g += _int4_gemv_terms(a_even, a_odd, wg, zg, sg)
+                acc_u += _int4_gemv_terms(a_even, a_odd, wu, zu, su)
+                wg_ptrs += HALF_K
+                a_ptrs += BLOCK_K
         gate = tl.sum(acc_g, axis=1)
         up = tl.sum(acc_u, axis=1)
         if SPLIT:
@@ -186,6 +247,7 @@ def down_int4_gemv_kernel(
     SPLIT: tl.constexpr,
     HAS_ZP: tl.constexpr,
     INTERPRET: tl.constexpr,
+    WORDS: tl.constexpr = False,
 ):
     """partial as `fused_moe_int4._down_int4_kernel` computes it, the GEMM and its K split as in
     `gate_up_int4_gemv_kernel` (with SPLIT, unweighted sums to ws[s])."""
@@ -204,27 +266,45 @@ def down_int4_gemv_kernel(
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < H
     offs_kh = tl.arange(0, HALF_K)
+    offs_kw = tl.arange(0, BLOCK_K // 8)
     w0 = w_ptr + slot * stride_ws + offs_n[None, :].to(tl.int64) * stride_wn + offs_kh[:, None]
+    ww0 = (w_ptr + slot * stride_ws + offs_n[None, :].to(tl.int64) * stride_wn + 4 * offs_kw[:, None]).to(
+        tl.pointer_type(tl.int32)
+    )
     s_ptrs = s_ptr + slot * stride_ss + offs_n * stride_sn
     z_ptrs = z_ptr + slot * stride_zs + (offs_n // 8) * stride_zn
     for r0 in range(0, _real_rows(sorted_ptr, pid_m, T, BLOCK_M), ROWS):
         flat = tl.load(sorted_ptr + pid_m * BLOCK_M + r0 + tl.arange(0, ROWS))
         row_ok = flat < T
         rows = flat.to(tl.int64)
-        a_ptrs = h_ptr + rows[:, None] * stride_hm + 2 * offs_kh[None, :] + kb0 * BLOCK_K
-        w_ptrs = w0 + kb0 * HALF_K
-        acc = tl.zeros((ROWS, HALF_K, BLOCK_N), dtype=tl.float32)
+        if WORDS:
+            a_ptrs = h_ptr + rows[:, None] * stride_hm + offs_kw[None, :] + kb0 * (BLOCK_K // 8)
+            ww_ptrs = ww0 + kb0 * (BLOCK_K // 8)
+            acc = tl.zeros((ROWS, BLOCK_K // 8, BLOCK_N), dtype=tl.float32)
+        else:
+            a_ptrs = h_ptr + rows[:, None] * stride_hm + 2 * offs_kh[None, :] + kb0 * BLOCK_K
+            w_ptrs = w0 + kb0 * HALF_K
+            acc = tl.zeros((ROWS, HALF_K, BLOCK_N), dtype=tl.float32)
         for kb in range(kb0, kb1):
-            k_ok = offs_kh < NH - kb * HALF_K
-            a_even = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
-            a_odd = tl.load(a_ptrs + 1, mask=row_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
-            w = tl.load(w_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0)
             g = (kb * BLOCK_K) // group
             z = zero_points(z_ptrs + g * stride_zk, offs_n, n_ok, HAS_ZP)
             s = tl.load(s_ptrs + g * stride_sk, mask=n_ok, other=0.0).to(tl.float32)
-            acc += _int4_gemv_terms(a_even, a_odd, w, z, s)
-            a_ptrs += BLOCK_K
-            w_ptrs += HALF_K
+            if WORDS:
+                kw_ok = offs_kw < NH // 4 - kb * (BLOCK_K // 8)
+                w = tl.load(ww_ptrs, mask=kw_ok[:, None] & n_ok[None, :], other=0)
+                a_mask = row_ok[:, None] & kw_ok[None, :]
+                u, _, A = _int4_word_sums(a_ptrs, stride_hm // 8, a_mask, w, w, False)
+                acc += _int4_word_terms(u, A, z, s)
+                ww_ptrs += BLOCK_K // 8
+                a_ptrs += BLOCK_K // 8
+            else:
+                k_ok = offs_kh < NH - kb * HALF_K
+                a_even = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
+                a_odd = tl.load(a_ptrs + 1, mask=row_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
+                w = tl.load(w_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0)
+                acc += _int4_gemv_terms(a_even, a_odd, w, z, s)
+                w_ptrs += HALF_K
+                a_ptrs += BLOCK_K
         y = tl.sum(acc, axis=1)
         if SPLIT:
             ws = ws_ptr + split * stride_wsk + rows[:, None] * stride_wsm + offs_n[None, :]
@@ -286,6 +366,12 @@ def split_k_sum_kernel(
 
 # The second pass's tile: columns of fp32 sums per program (it reads only [splits, routes, N])
 _SUM_N = 128
+
+
+def word_major(a: torch.Tensor) -> torch.Tensor:
+    """GEMV_WORDS' activations: [M, K] -> fp32 [M, 8, K / 8] (row m, j, i holds a[m, 8i + j]), contiguous."""
+    M, K = a.shape
+    return a.reshape(M, K // 8, 8).transpose(1, 2).float().contiguous()
 
 
 def split_k(config: dict, K: int, ws_shape: tuple[int, int], device: torch.device):

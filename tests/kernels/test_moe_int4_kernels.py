@@ -170,6 +170,34 @@ def test_moe_int4_bf16_unpack_matches_reference(M):
         _run(ex, x, ids, w, table, config={**SMALL, "UNPACK_BF16": 1})
 
 
+@pytest.mark.parametrize("rows, split", [(1, 1), (2, 4)])
+def test_moe_int4_gemv_words_match_reference(rows, split):
+    """GEMV_WORDS: the CUDA-core tiles read 32-bit words of eight nibbles (1 + w/16 by shift and and-or, the zero
+    point and scale taken off once a word), asymmetric and symmetric, with K splits, a partial last K step (K = 320
+    at BLOCK_K 64: 5 steps; N = 96: the down GEMM's second step half full) and routes without a slot; the same
+    result as the byte unpack within rounding. Refused with the tensor-core tiles and at BLOCK_K 32."""
+    gen = torch.Generator().manual_seed(700 + rows)
+    N, K, S, k, M = 96, 320, 3, 3, 5
+    for symmetric in (False, True):
+        ex = experts(S, N, K, gen, symmetric, group=64)
+        table, have = slot_table(5, S, gen)
+        ids, w = routing(M, k, have, gen)
+        x = torch.randn((M, K), generator=gen).to(torch.bfloat16).to(DEV)
+        want = _ref(ex, x, ids, w, table)
+        bytes_ = {**SMALL, "GEMV_ROWS": rows, **({"SPLIT_K": split} if split > 1 else {})}
+        words = {**bytes_, "GEMV_WORDS": True}
+        out = torch.full((M, K), float("nan"), dtype=torch.bfloat16, device=DEV)
+        _run(ex, x, ids, w, table, config=words, down_config=words, out=out)
+        assert torch.isfinite(out.float()).all()
+        assert rel(out, want) < 1e-2, (rows, split, symmetric)
+        assert rel(out, _run(ex, x, ids, w, table, config=bytes_, down_config=bytes_)) < 5e-3
+        assert rel(_run(ex, x, ids, w, table, config=SMALL, down_config=words), want) < 1e-2
+    with pytest.raises(ValueError, match="GEMV_WORDS"):
+        _run(ex, x, ids, w, table, config={**SMALL, "GEMV_WORDS": True})
+    with pytest.raises(ValueError, match="GEMV_WORDS"):
+        _run(ex, x, ids, w, table, config={**SMALL, "GEMV_ROWS": 1, "BLOCK_SIZE_K": 32, "GEMV_WORDS": True})
+
+
 def test_moe_int4_routes_computes_only_ids_in_the_table():
     """fused_moe_int4_routes (the expert cache's rounds at int4): one output row per route, written only for ids in
     [0, num_ids), the other rows kept; and the summed kernel is the routes' weighted sum."""

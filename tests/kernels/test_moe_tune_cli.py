@@ -100,16 +100,21 @@ def test_moe_tune_int4_tries_cuda_core_tiles_for_decode_and_logs_them(tmp_path):
     assert not [c for c in candidates(4, "fp8_w8a8") if c.get("UNPACK_BF16")]
     for c in unpack:
         assert _parse_short(_short(c)) == c
+    words = [c for c in four if c.get("GEMV_WORDS")]
+    assert words and {c["GEMV_ROWS"] for c in words} == {1}
+    assert {c.get("SPLIT_K", 1) for c in words} == {1, 2, 4, 8}
     split = next(c for c in four if c.get("SPLIT_K") == 4)
     path = tmp_path / "table.json"
-    path.write_text(json.dumps({"1": split, "8": unpack[0]}))
-    assert lookup.load_table(path) == {1: split, 8: unpack[0]}
+    path.write_text(json.dumps({"1": split, "2": words[0], "8": unpack[0]}))
+    assert lookup.load_table(path) == {1: split, 2: words[0], 8: unpack[0]}
     for bad, why in (
         ({**split, "GEMV_ROWS": 3}, "GEMV_ROWS=3"),
         ({**split, "SPLIT_K": 3}, "SPLIT_K=3; want a power of two"),
         ({**split, "GEMV_ROWS": 0}, "SPLIT_K=4 without GEMV_ROWS"),
         ({**unpack[0], "UNPACK_BF16": 1}, "UNPACK_BF16=1; want true or false"),
         ({**split, "UNPACK_BF16": True}, "UNPACK_BF16=True; want true or false, and false with GEMV_ROWS"),
+        ({**unpack[0], "GEMV_WORDS": True}, "GEMV_WORDS=True; want true or false, and false without GEMV_ROWS"),
+        ({**words[0], "GEMV_WORDS": "yes"}, "GEMV_WORDS='yes'"),
     ):
         path.write_text(json.dumps({"1": bad}))
         with pytest.raises(lookup.ConfigFileError, match=rf"table.json: entry '1' has {why}"):

@@ -233,6 +233,9 @@ class Metrics:
         self.preemptions = Counter("moed_preemptions", "Sequences preempted for KV space", registry=r)
         self.spec_draft = Counter("moed_spec_draft_tokens", "Draft tokens proposed by MTP", registry=r)
         self.spec_accepted = Counter("moed_spec_accepted_tokens", "Draft tokens accepted", registry=r)
+        self.numerical_faults = Counter(
+            "moed_numerical_faults", "Requests stopped with an error because their logits were not finite", registry=r
+        )
         layer = ["layer"]
         self.expert_hits = Counter(
             "moed_expert_cache_hits", "Expert lookups served from the GPU cache", layer, registry=r
@@ -322,6 +325,7 @@ class Metrics:
         self._increase(self.preemptions, ("preemptions",), stats.preemptions)
         self._increase(self.spec_draft, ("spec_draft",), stats.spec_draft_tokens)
         self._increase(self.spec_accepted, ("spec_accepted",), stats.spec_accepted_tokens)
+        self._increase(self.numerical_faults, ("numerical_faults",), stats.numerical_faults)
         if stats.miss_service:
             for policy in MISS_SERVICE_LABELS:
                 self.miss_service.labels(policy).set(1 if policy == stats.miss_service else 0)

@@ -53,4 +53,5 @@ def to_host(res: SampleResult) -> SampleResult:
         copy(res.logprobs),
         copy(res.top_ids),  # type: ignore[arg-type]
         copy(res.top_logprobs),
+        copy(res.nonfinite),
     )

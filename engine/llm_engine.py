@@ -170,6 +170,7 @@ class LLMEngine:
         self.prompt_tokens = 0
         self.generation_tokens = 0
         self.step_errors = 0
+        self.numerical_faults = 0  # requests stopped because their logits were not finite
         self._times = StepTimes()
         # Overlap needs the next step's shape before this one's tokens are known: not so when verifying drafts.
         self.overlap = config.overlap and self.drafter is None
@@ -265,7 +266,7 @@ class LLMEngine:
         if batch.items:
             try:
                 if self.spec is not None:
-                    outputs += self.spec.run(batch, times, self._commit)
+                    outputs += self.spec.run(batch, times, self._commit, self._numerical_fault)
                 else:
                     launched = self._launch(batch, prev.pending if prev is not None else None)
                 self.num_steps += 1
@@ -349,12 +350,16 @@ class LLMEngine:
             times.lap("wait")
             tokens = step.host.token_ids.tolist()
             lps = logprob_rows(step.host, step.wanted_logprobs)
+            bad = step.host.nonfinite.tolist() if step.host.nonfinite is not None else [False] * len(tokens)
         except Exception as e:  # the device failed the step: its requests fail, the engine goes on
             return self._fail([seq for seq, _ in step.samples if not seq.is_finished], e)
         outputs: list[RequestOutput] = []
-        for (seq, index), token, lp in zip(step.samples, tokens, lps):
+        for (seq, index), token, lp, fault in zip(step.samples, tokens, lps, bad):
             if seq.is_finished:
                 self.discarded_tokens += 1
+                continue
+            if fault:
+                outputs.append(self._numerical_fault(seq))
                 continue
             if index == seq.num_prompt_tokens:
                 self.prompt_tokens += seq.num_prompt_tokens
@@ -365,6 +370,23 @@ class LLMEngine:
             outputs.append(seq.take_output())
         times.lap("commit")
         return outputs
+
+    def _numerical_fault(self, seq: Sequence) -> RequestOutput:
+        """Stop `seq` with an error: its logits were not finite, so the token sampled from them means nothing."""
+        self.numerical_faults += 1
+        log.error(
+            "request %s: non-finite logits at output token %d; stopped with an error (%d such faults so far)",
+            seq.request_id,
+            seq.num_known - seq.num_prompt_tokens,
+            self.numerical_faults,
+        )
+        if not seq.is_finished:
+            self.scheduler.finish(seq, "error")
+        return seq.take_output(
+            error="numerical fault: the model's logits for this request were not finite (NaN or infinity), so no "
+            "further token could be sampled; the request was stopped (the daemon counts these in "
+            "moed_numerical_faults_total)"
+        )
 
     def _fail(self, seqs: list[Sequence], e: Exception) -> list[RequestOutput]:
         if not seqs:
@@ -510,6 +532,7 @@ class LLMEngine:
             expert_counts={str(layer): c for layer, c in ex.counts.items()},
             miss_service=ex.miss_service,
             miss_service_rates_Bps=ex.rates_Bps,
+            numerical_faults=self.numerical_faults,
         )
 
     def placement(

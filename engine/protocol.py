@@ -106,6 +106,7 @@ class EngineStats(msgspec.Struct, tag="stats"):
     expert_counts: dict[str, list[int]] = {}  # layer -> per-expert activation counts since the last stats
     miss_service: ResolvedMissService | Literal[""] = ""  # "" without an expert cache
     miss_service_rates_Bps: dict[str, float] = {}  # "cpu" / "copy": the rates the hybrid split uses (bytes/s)
+    numerical_faults: int = 0  # cumulative: requests stopped because their logits were not finite
 
 
 class PlacementReply(msgspec.Struct, tag="placement_reply"):

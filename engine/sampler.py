@@ -260,6 +260,8 @@ class SampleResult:
     logprobs: torch.Tensor | None = None  # [R] fp32, the chosen token's raw logprob
     top_ids: torch.Tensor | None = None  # [R, n] int64
     top_logprobs: torch.Tensor | None = None  # [R, n] fp32
+    # [R] bool: the row's raw logits held a NaN or an infinity, so its token is no model output (a numerical fault)
+    nonfinite: torch.Tensor | None = None
 
 
 class Sampler:
@@ -285,7 +287,12 @@ class Sampler:
     def __call__(self, logits: torch.Tensor, t: SamplingTensors) -> SampleResult:
         logits = logits.float()
         tokens, _ = self.sample(logits, t)
-        return with_logprobs(SampleResult(tokens), logits, t.max_logprobs)
+        return with_logprobs(SampleResult(tokens, nonfinite=nonfinite_rows(logits)), logits, t.max_logprobs)
+
+
+def nonfinite_rows(logits: torch.Tensor) -> torch.Tensor:
+    """[R] bool: rows of raw logits with a NaN or an infinity (argmax over them returns an id, not a model output)."""
+    return ~torch.isfinite(logits).all(dim=-1)
 
 
 def with_logprobs(result: SampleResult, raw_logits: torch.Tensor, max_logprobs: int) -> SampleResult:

@@ -40,6 +40,7 @@ from moed.engine.sampler import (
     SamplingRow,
     SamplingTensors,
     apply_penalties,
+    nonfinite_rows,
     row_keys,
     sampling_probs,
     uniform_rows,
@@ -158,6 +159,7 @@ class VerifyResult:
     num_accepted: list[int]  # drafts kept, per sequence
     final_token: list[int]  # the corrected or bonus token, per sequence
     row_tokens: torch.Tensor  # [rows] the token emitted at each verified row (for logprobs)
+    nonfinite: list[bool]  # per sequence: a verified row's logits held a NaN or an infinity (a numerical fault)
 
 
 def verify_drafts(
@@ -223,8 +225,11 @@ def verify_drafts(
     chosen = torch.where(i < n[:, None], torch.cat([d, d[:, :1]], dim=1), final[:, None])  # [S, K + 1]
     row_tokens = torch.empty(logits.shape[0], dtype=torch.int64, device=device)
     row_tokens[idx.reshape(-1)] = chosen.reshape(-1)
-    host = torch.stack([n, final]).tolist()
-    return VerifyResult(num_accepted=host[0], final_token=host[1], row_tokens=row_tokens)
+    bad = nonfinite_rows(logits)[idx].any(dim=1)  # [S]
+    host = torch.stack([n, final, bad.to(n.dtype)]).tolist()  # the one host sync of verifying
+    return VerifyResult(
+        num_accepted=host[0], final_token=host[1], row_tokens=row_tokens, nonfinite=[bool(b) for b in host[2]]
+    )
 
 
 def truncate_kv(kv: object, length: int) -> None:

@@ -28,6 +28,10 @@ from moed.engine.step_times import StepTimes
 
 # Appends a sequence's sampled tokens (stops applied) and returns its output.
 Commit = Callable[[Sequence, list[int], list[TokenLogprobs]], RequestOutput]
+# Stops a sequence whose logits were not finite with an error and returns its output.
+Fault = Callable[[Sequence], RequestOutput]
+# id(item) -> (tokens, their logprobs, whether its logits were not finite)
+Sampled = dict[int, tuple[list[int], list[TokenLogprobs], bool]]
 
 
 class SpecStep:
@@ -42,7 +46,7 @@ class SpecStep:
         self.draft_tokens = 0  # drafts verified
         self.accepted_tokens = 0  # of which the target kept
 
-    def run(self, batch: Batch, times: StepTimes, commit: Commit) -> list[RequestOutput]:
+    def run(self, batch: Batch, times: StepTimes, commit: Commit, fault: Fault) -> list[RequestOutput]:
         """Verify, commit, draft the next tokens."""
         host = self.runner.prepare(batch.items)
         times.lap("prepare")
@@ -56,7 +60,7 @@ class SpecStep:
             if it.samples:
                 (verify if it.num_draft else plain).append((it, off if it.num_draft else off + it.num_new - 1))
             off += it.num_new
-        sampled: dict[int, tuple[list[int], list[TokenLogprobs]]] = {}  # id(item) -> (tokens, logprobs)
+        sampled: Sampled = {}
         if plain:
             sampled.update(self._sample_plain(hidden, plain))
         if verify:
@@ -69,7 +73,10 @@ class SpecStep:
         for it in batch.items:
             seq, start, first_row = it.seq, it.seq.num_computed, off
             off += it.num_new
-            tokens, logprobs = sampled.get(id(it), ([], []))
+            tokens, logprobs, bad = sampled.get(id(it), ([], [], False))
+            if bad:  # no token of this step is a model output: the request stops, nothing is committed or drafted
+                outputs.append(fault(seq))
+                continue
             committed = it.num_prompt_chunk + (len(tokens) - 1 if it.num_draft else 0)
             seq.num_computed += committed
             if it.num_draft:
@@ -89,20 +96,17 @@ class SpecStep:
         times.lap("draft")
         return outputs
 
-    def _sample_plain(
-        self, hidden: torch.Tensor, plain: list[tuple[ScheduledSeq, int]]
-    ) -> dict[int, tuple[list[int], list[TokenLogprobs]]]:
+    def _sample_plain(self, hidden: torch.Tensor, plain: list[tuple[ScheduledSeq, int]]) -> Sampled:
         last_rows = [row for _, row in plain]
         h = hidden if len(last_rows) == hidden.shape[0] else hidden[self.runner.index(last_rows)]
         t = SamplingTensors.build([sampling_row(it.seq, []) for it, _ in plain], self.vocab_size, self.device)
         res = self.sampler(self.runner.logits(h), t)
         tokens = res.token_ids.tolist()
+        bad = res.nonfinite.tolist() if res.nonfinite is not None else [False] * len(tokens)
         lps = logprob_rows(res, [it.seq.sampling.logprobs for it, _ in plain])
-        return {id(it): ([tok], [lp] if lp else []) for (it, _), tok, lp in zip(plain, tokens, lps)}
+        return {id(it): ([tok], [lp] if lp else [], f) for (it, _), tok, lp, f in zip(plain, tokens, lps, bad)}
 
-    def _verify(
-        self, hidden: torch.Tensor, verify: list[tuple[ScheduledSeq, int]]
-    ) -> dict[int, tuple[list[int], list[TokenLogprobs]]]:
+    def _verify(self, hidden: torch.Tensor, verify: list[tuple[ScheduledSeq, int]]) -> Sampled:
         rows_idx: list[int] = []
         rows: list[SamplingRow] = []
         for it, first in verify:
@@ -126,8 +130,8 @@ class SpecStep:
         )
         out = {}
         first = 0
-        for (it, _), n, final in zip(verify, res.num_accepted, res.final_token):
+        for (it, _), n, final, bad in zip(verify, res.num_accepted, res.final_token, res.nonfinite):
             tokens = [*it.seq.draft_token_ids[:n], final]
-            out[id(it)] = (tokens, [lp for lp in lp_rows[first : first + n + 1] if lp is not None])
+            out[id(it)] = (tokens, [lp for lp in lp_rows[first : first + n + 1] if lp is not None], bad)
             first += it.num_new
         return out

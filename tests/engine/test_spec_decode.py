@@ -153,3 +153,37 @@ def test_spec_rejection_sampling_keeps_the_target_distribution():
     p1 = p_logits[1].exp()
     freq2 = torch.bincount(second, minlength=V).double() / second.numel()
     assert ((freq2 - p1).abs() <= 4.5 * (p1 * (1 - p1) / second.numel()).sqrt() + 1e-4).all(), (freq2, p1)
+
+
+@pytest.mark.parametrize("spec_steps", [0, 1])
+def test_nonfinite_logits_stop_only_their_request_with_an_error(tiny_checkpoint, spec_steps):
+    """A row of NaN logits (a kernel fault) is no token: its request stops with an error naming the fault and is
+    counted; the other request in the same steps keeps its exact tokens; nothing leaks (plain and verify steps)."""
+    e = _engine(tiny_checkpoint, spec_steps=spec_steps)
+    prompts = _prompts()[:2]
+    want = [_engine(tiny_checkpoint).generate([p], GREEDY)[0] for p in prompts]
+    real, calls = e.runner.logits, [0]
+
+    def poisoned(hidden):
+        out = real(hidden)
+        calls[0] += 1
+        if calls[0] == 3:  # a decode step's logits, the first row's (whichever request it is) NaN
+            out = out.clone()
+            out[0] = float("nan")
+        return out
+
+    e.runner.logits = poisoned
+    for i, p in enumerate(prompts):
+        e.add_request(str(i), p, GREEDY)
+    outs: dict[str, list] = {"0": [], "1": []}
+    while e.has_unfinished:
+        for o in e.step():
+            outs[o.request_id].append(o)
+    for o in e.flush():
+        outs[o.request_id].append(o)
+    failed = [rid for rid, os in outs.items() if os[-1].finish_reason == "error"]
+    assert len(failed) == 1 and "numerical fault" in outs[failed[0]][-1].error
+    ok = "1" if failed == ["0"] else "0"
+    assert [t for o in outs[ok] for t in o.new_token_ids] == want[int(ok)]
+    assert e.stats().numerical_faults == 1
+    assert e.kv.num_free == e.kv.num_pages

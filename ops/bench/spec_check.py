@@ -67,8 +67,11 @@ def check_replays(engine, rtol: float, limit: int = 64) -> dict:
     return found
 
 
-def drive(engine, prompts: list[list[int]], gen: int, per_step: int) -> tuple[list[list[int]], list[list[float]]]:
-    """Requests arrive `per_step` a step; stream i asks for gen - i % 4 tokens. -> tokens and logprobs per stream."""
+def drive(
+    engine, prompts: list[list[int]], gen: int, per_step: int, errors: list[str]
+) -> tuple[list[list[int]], list[list[float]]]:
+    """Requests arrive `per_step` a step; stream i asks for gen - i % 4 tokens. -> tokens and logprobs per stream;
+    request errors (a numerical fault: non-finite logits) appended to `errors`."""
     from moed.engine.protocol import SamplingParams
 
     pending = [
@@ -86,6 +89,8 @@ def drive(engine, prompts: list[list[int]], gen: int, per_step: int) -> tuple[li
         for o in outs:
             tokens[int(o.request_id)] += o.new_token_ids
             lps[int(o.request_id)] += [lp.logprob for lp in o.logprobs or []]
+            if o.error:
+                errors.append(f"stream {o.request_id}: {o.error}")
     return [tokens[i] for i in tokens], [lps[i] for i in lps]
 
 
@@ -141,10 +146,13 @@ def main(argv: list[str] | None = None) -> int:
         engine.warmup()
         load_s = time.monotonic() - t0
         replays = check_replays(engine, args.rtol)
-        tokens, lps = drive(engine, prompts, args.gen, args.per_step)
+        errors: list[str] = []
+        tokens, lps = drive(engine, prompts, args.gen, args.per_step, errors)
         res = {
             "load_s": load_s,
             "nan_logprobs": sum(x != x for s in lps for x in s),
+            "numerical_faults": engine.numerical_faults,
+            "errors": errors,
             "replays": replays,
             "tokens_head": [t[:8] for t in tokens],
             "acceptance": engine.spec_accepted_tokens / engine.spec_draft_tokens if engine.spec_draft_tokens else None,
@@ -159,11 +167,15 @@ def main(argv: list[str] | None = None) -> int:
         torch.cuda.empty_cache() if torch.cuda.is_available() else None
     Path(args.out).write_text(json.dumps(results, indent=1, default=str))
     print(f"\nMTP check: {Path(args.model).name}, {args.streams} streams arriving {args.per_step} a step")
-    print(f"{'run':13s} {'NaN lp':>6} {'replays':>7} {'padded':>6} {'bad':>4} {'max err':>8} {'accept':>6}  vs off")
+    print(
+        f"{'run':13s} {'faults':>6} {'NaN lp':>6} {'replays':>7} {'padded':>6} {'bad':>4} {'max err':>8} {'accept':>6}"
+        "  vs off"
+    )
     for name, r in results["runs"].items():
         rp, acc, diff = r["replays"], r["acceptance"], r.get("first_difference_from_off", "-")
         print(
-            f"{name:13s} {r['nan_logprobs']:>6} {rp['replays']:>7} {rp['padded']:>6} {len(rp['problems']):>4} "
+            f"{name:13s} {r['numerical_faults']:>6} {r['nan_logprobs']:>6} {rp['replays']:>7} {rp['padded']:>6} "
+            f"{len(rp['problems']):>4} "
             f"{rp['max_err']:>8.3g} {'-' if acc is None else f'{acc:.2f}':>6}  {diff}"
         )
     return 0

@@ -760,7 +760,8 @@ def test_spec_check_runs_on_cpu_at_tiny_sizes(tiny_fp8_checkpoint, tmp_path, cap
     res = json.loads(out.read_text())
     assert set(res["runs"]) == {"off", "graphs", "eager-graphs", "no-graphs"}
     for name, run in res["runs"].items():
-        assert run["nan_logprobs"] == 0 and run["replays"]["problems"] == []
+        assert run["nan_logprobs"] == 0 and run["numerical_faults"] == 0 and run["errors"] == []
+        assert run["replays"]["problems"] == []
         assert name == "off" or (run["first_difference_from_off"] is None and 0 <= run["acceptance"] <= 1)
     assert [len(t) for t in res["runs"]["off"]["tokens_head"]] == [5, 4, 3]
     assert "MTP check" in capsys.readouterr().out

@@ -64,6 +64,23 @@ def _ref(ex: dict, x, ids, w, table):
     return fmr.fused_moe_reference(x, ex["w13"], ex["w2"], ids, w, table, **weights)
 
 
+def _problem(gen, N: int, K: int, S: int, k: int, M: int, num_ids: int, symmetric: bool, group: int = 128):
+    """Fresh experts, a slot table over `num_ids` ids, M tokens routed to k slotted ids: ex, x, ids, w, table, ref."""
+    ex = experts(S, N, K, gen, symmetric, group)
+    table, have = slot_table(num_ids, S, gen)
+    ids, w = routing(M, k, have, gen)
+    x = torch.randn((M, K), generator=gen).to(torch.bfloat16).to(DEV)
+    return ex, x, ids, w, table, _ref(ex, x, ids, w, table)
+
+
+def _run_poisoned(ex: dict, x, ids, w, table, config: dict, down_config: dict) -> torch.Tensor:
+    """The kernels into an output poisoned with NaN, which every row must overwrite."""
+    out = torch.full(x.shape, float("nan"), dtype=torch.bfloat16, device=DEV)
+    _run(ex, x, ids, w, table, config=config, down_config=down_config, out=out)
+    assert torch.isfinite(out.float()).all()
+    return out
+
+
 @pytest.mark.parametrize("symmetric", [False, True], ids=["asym", "sym"])
 @pytest.mark.parametrize("M", [1, 5, 33])
 def test_moe_int4_matches_reference(M, symmetric):
@@ -87,15 +104,9 @@ def test_moe_int4_gemv_tiles_match_reference(M, rows):
     gen = torch.Generator().manual_seed(100 * M + rows)
     N, K, S, k = 64, 192, 3, 3
     for symmetric in (False, True):
-        ex = experts(S, N, K, gen, symmetric)
-        table, have = slot_table(5, S, gen)
-        ids, w = routing(M, k, have, gen)
-        x = torch.randn((M, K), generator=gen).to(torch.bfloat16).to(DEV)
-        want = _ref(ex, x, ids, w, table)
+        ex, x, ids, w, table, want = _problem(gen, N, K, S, k, M, 5, symmetric)
         gemv = {**SMALL, "GEMV_ROWS": rows}
-        out = torch.full((M, K), float("nan"), dtype=torch.bfloat16, device=DEV)  # poisoned: all must be written
-        _run(ex, x, ids, w, table, config=gemv, down_config=gemv, out=out)
-        assert torch.isfinite(out.float()).all()
+        out = _run_poisoned(ex, x, ids, w, table, gemv, gemv)
         assert rel(out, want) < 1e-2, (M, rows, symmetric)
         # one GEMV GEMM beside a tensor-core one: each stage stands alone
         mixed = _run(ex, x, ids, w, table, config=SMALL, down_config=gemv)
@@ -151,15 +162,9 @@ def test_moe_int4_bf16_unpack_matches_reference(M):
     gen = torch.Generator().manual_seed(500 + M)
     N, K, S, k = 64, 256, 4, 3
     for symmetric in (False, True):
-        ex = experts(S, N, K, gen, symmetric)
-        table, have = slot_table(7, S, gen)
-        ids, w = routing(M, k, have, gen)
-        x = torch.randn((M, K), generator=gen).to(torch.bfloat16).to(DEV)
-        want = _ref(ex, x, ids, w, table)
+        ex, x, ids, w, table, want = _problem(gen, N, K, S, k, M, 7, symmetric)
         bf16 = {**SMALL, "UNPACK_BF16": True}
-        out = torch.full((M, K), float("nan"), dtype=torch.bfloat16, device=DEV)
-        _run(ex, x, ids, w, table, config=bf16, down_config=bf16, out=out)
-        assert torch.isfinite(out.float()).all()
+        out = _run_poisoned(ex, x, ids, w, table, bf16, bf16)
         assert rel(out, want) < 1e-2, (M, symmetric)
         plain = _run(ex, x, ids, w, table, config=SMALL, down_config=SMALL)
         assert rel(out, plain) < 1e-2
@@ -179,16 +184,10 @@ def test_moe_int4_gemv_words_match_reference(rows, split):
     gen = torch.Generator().manual_seed(700 + rows)
     N, K, S, k, M = 96, 320, 3, 3, 5
     for symmetric in (False, True):
-        ex = experts(S, N, K, gen, symmetric, group=64)
-        table, have = slot_table(5, S, gen)
-        ids, w = routing(M, k, have, gen)
-        x = torch.randn((M, K), generator=gen).to(torch.bfloat16).to(DEV)
-        want = _ref(ex, x, ids, w, table)
+        ex, x, ids, w, table, want = _problem(gen, N, K, S, k, M, 5, symmetric, group=64)
         bytes_ = {**SMALL, "GEMV_ROWS": rows, **({"SPLIT_K": split} if split > 1 else {})}
         words = {**bytes_, "GEMV_WORDS": True}
-        out = torch.full((M, K), float("nan"), dtype=torch.bfloat16, device=DEV)
-        _run(ex, x, ids, w, table, config=words, down_config=words, out=out)
-        assert torch.isfinite(out.float()).all()
+        out = _run_poisoned(ex, x, ids, w, table, words, words)
         assert rel(out, want) < 1e-2, (rows, split, symmetric)
         assert rel(out, _run(ex, x, ids, w, table, config=bytes_, down_config=bytes_)) < 5e-3
         assert rel(_run(ex, x, ids, w, table, config=SMALL, down_config=words), want) < 1e-2

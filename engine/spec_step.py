@@ -101,10 +101,10 @@ class SpecStep:
         h = hidden if len(last_rows) == hidden.shape[0] else hidden[self.runner.index(last_rows)]
         t = SamplingTensors.build([sampling_row(it.seq, []) for it, _ in plain], self.vocab_size, self.device)
         res = self.sampler(self.runner.logits(h), t)
-        tokens = res.token_ids.tolist()
-        bad = res.nonfinite.tolist() if res.nonfinite is not None else [False] * len(tokens)
+        flags = res.nonfinite if res.nonfinite is not None else torch.zeros_like(res.token_ids, dtype=torch.bool)
+        tokens, bad = torch.stack([res.token_ids, flags.to(res.token_ids.dtype)]).tolist()  # one host read
         lps = logprob_rows(res, [it.seq.sampling.logprobs for it, _ in plain])
-        return {id(it): ([tok], [lp] if lp else [], f) for (it, _), tok, lp, f in zip(plain, tokens, lps, bad)}
+        return {id(it): ([tok], [lp] if lp else [], bool(f)) for (it, _), tok, lp, f in zip(plain, tokens, lps, bad)}
 
     def _verify(self, hidden: torch.Tensor, verify: list[tuple[ScheduledSeq, int]]) -> Sampled:
         rows_idx: list[int] = []

@@ -408,7 +408,8 @@ def launch_gate_up(
     strides = (hidden.stride(0), qw.stride(0), qw.stride(1), s.stride(0), s.stride(1), s.stride(2), *zs, h.stride(0))
     meta = _meta(config, w13)
     common = (hidden, qw, s, z, h, align.sorted_ids, align.block_slot, align.num_padded, N, K // 2, T, top_k)
-    if rows and _words(config, qw):
+    words = bool(rows) and _words(config, qw)
+    if words:
         a = word_major(hidden)
         common = (a, *common[1:])
         strides = (a.stride(0), *strides[1:])
@@ -416,7 +417,7 @@ def launch_gate_up(
         steps, splits, ws = split_k(config, K, (T, 2 * N), h.device)
         gate_up_int4_gemv_kernel[(*grid, splits)](
             *common, w13.group, *strides, ws, steps, *ws.stride()[:2], ROWS=rows, SPLIT=splits > 1,
-            WORDS=_words(config, qw), **meta,
+            WORDS=words, **meta,
         )  # fmt: skip
         if splits > 1:
             split_k_sum(ws, h, h, align, bm, splits, gated=True)
@@ -470,7 +471,8 @@ def launch_down(
     strides = (h.stride(0), qw.stride(0), qw.stride(1), s.stride(0), s.stride(1), s.stride(2), *zs, partial.stride(0))
     meta = _meta(config, w2)
     common = (h, qw, s, z, partial, topk_weights, align.sorted_ids, align.block_slot, align.num_padded, H, N // 2, T)
-    if rows and _words(config, qw):
+    words = bool(rows) and _words(config, qw)
+    if words:
         a = word_major(h)
         common = (a, *common[1:])
         strides = (a.stride(0), *strides[1:])
@@ -478,7 +480,7 @@ def launch_down(
         steps, splits, ws = split_k(config, N, (T, H), h.device)
         down_int4_gemv_kernel[(*grid, splits)](
             *common, w2.group, *strides, ws, steps, *ws.stride()[:2], ROWS=rows, SPLIT=splits > 1,
-            WORDS=_words(config, qw), **meta,
+            WORDS=words, **meta,
         )  # fmt: skip
         if splits > 1:
             split_k_sum(ws, partial, topk_weights, align, bm, splits, gated=False)

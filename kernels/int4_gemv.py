@@ -50,11 +50,11 @@ def _int4_gemv_terms(a_even, a_odd, packed, z, s):
 @triton.jit
 def _int4_word_sums(a_ptrs, stride_j, a_mask, wg, wu, TWO: tl.constexpr):
     """GEMV_WORDS' unpack for a K step of 32-bit words ([BK/8, BN] each; nibble j of word i is k = 8i + j), from
-    activations laid out [8, K/8] fp32 a route (`word_major`: a_j of consecutive words adjacent, so each j is one
-    vector load, not eight scalar ones): each
-    nibble w is shifted into bits 19-22 of 1.0 (a shift and an and-or), which makes the fp32 1 + w/16 exactly, and
-    meets its activation in one FMA -> (u_g, u_u, A) [ROWS, BK/8, BN] and [ROWS, BK/8]: u = sum_j a_j (1 + w_j/16),
-    A = sum_j a_j. TWO: a second weight tile (gate-up's up half) shares the activation loads."""
+    activations laid out [8, K/8] fp32 a route (`word_major`: a_j of consecutive words side by side, already fp32).
+    Each nibble w is shifted into bits 19-22 of 1.0 (a shift and an and-or), which makes the fp32 1 + w/16 exactly,
+    and meets its activation in one FMA -> (u_g, u_u, A) [ROWS, BK/8, BN] and [ROWS, BK/8]: u = sum_j a_j (1 +
+    w_j/16), A = sum_j a_j. TWO: a second weight tile (gate-up's up half) shares the activation loads. The compiler
+    (Triton 3.9, sm_90) still loads a thread's activations one by one: its layout gives a thread strided words."""
     ug = tl.zeros((a_mask.shape[0], wg.shape[0], wg.shape[1]), dtype=tl.float32)
     uu = tl.zeros((a_mask.shape[0], wu.shape[0], wu.shape[1]), dtype=tl.float32)
     A = tl.zeros((a_mask.shape[0], wg.shape[0]), dtype=tl.float32)

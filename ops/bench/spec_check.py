@@ -17,6 +17,7 @@ copied (exact), as in serve_depth. Prints a table and writes every figure to --o
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import logging
 import sys
@@ -163,8 +164,14 @@ def main(argv: list[str] | None = None) -> int:
             res["first_difference_from_off"] = first_difference(ref, tokens)
         results["runs"][name] = res
         log.info("%s: %s", name, {k: v for k, v in res.items() if k != "tokens_head"})
+        # Free the host store (pinned, the size of the checkpoint's experts) and the GPU before the next engine loads:
+        # two at once do not fit the GPU machine's host memory beside the checkpoint in /dev/shm.
+        engine.experts.close()
+        engine.runner.graphs = None
         del engine
-        torch.cuda.empty_cache() if torch.cuda.is_available() else None
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
     Path(args.out).write_text(json.dumps(results, indent=1, default=str))
     print(f"\nMTP check: {Path(args.model).name}, {args.streams} streams arriving {args.per_step} a step")
     print(

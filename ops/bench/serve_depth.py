@@ -326,6 +326,29 @@ def compare(off: dict, on: dict, near_tie: float) -> dict:
     return out
 
 
+def batch_control(run: dict) -> dict:
+    """The batch-variance control, within one daemon: stream i of every decode case has the same prompt, so each
+    larger batch's streams are compared with the smallest batch's -> {"b8_vs_b1": [first differing token or None per
+    shared stream], ...}. On random weights a different batch shape alone moves bf16 rounding enough to flip
+    near-ties; a divergence between MTP on and off no earlier than these is no evidence against MTP."""
+    decode = sorted(
+        ((int(name[len("decode_b") :]), case) for name, case in (run.get("cases") or {}).items()
+         if name.startswith("decode_b")),
+        key=lambda x: x[0],
+    )  # fmt: skip
+    if len(decode) < 2:
+        return {}
+    b0, ref = decode[0]
+    out = {}
+    for b, case in decode[1:]:
+        firsts = []
+        for a, c in zip(ref["outputs"], case["outputs"]):
+            pos = next((j for j, (x, y) in enumerate(zip(a, c)) if x != y), None)
+            firsts.append(pos if pos is not None or len(a) == len(c) else min(len(a), len(c)))
+        out[f"b{b}_vs_b{b0}"] = firsts
+    return out
+
+
 def _at(margins: list[list[float]], stream: int, pos: int) -> float:
     return margins[stream][pos] if stream < len(margins) and pos < len(margins[stream]) else float("inf")
 
@@ -365,6 +388,7 @@ def main(argv: list[str] | None = None) -> int:
     result = {"model": args.model, "slots": args.slots, "cache_gb": args.cache_gb, "runs": runs}
     if 0 in runs and len(runs) > 1:
         result["greedy_mtp_on_vs_off"] = compare(runs[0], runs[max(runs)], args.near_tie)
+    result["batch_control"] = {spec: batch_control(r) for spec, r in runs.items()}
     for r in runs.values():
         for c in (r.get("cases") or {}).values():
             c["outputs_head"] = [o[:8] for o in c.pop("outputs")]
@@ -393,6 +417,12 @@ def main(argv: list[str] | None = None) -> int:
                 f"{c['all_delivered']!s:5} ttft {c['ttft_s'] or 0:7.2f} s  ms/token "
                 f"{'-' if ms is None else f'{ms:8.1f}'}  tok/s {c['tok_s']:8.2f}  "
                 f"NaN logprobs {c.get('nan_logprobs', 0)}"
+            )
+    for spec, control in result["batch_control"].items():
+        for pair, firsts in control.items():
+            print(
+                f"batch control, MTP {spec}, {pair}: first differing token per shared stream "
+                f"{['same' if f is None else f for f in firsts]}"
             )
     for name, cmp in (result.get("greedy_mtp_on_vs_off") or {}).items():
         first, share = cmp["first_difference"], cmp["near_tie_share"]

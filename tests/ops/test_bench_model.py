@@ -439,6 +439,7 @@ def test_serve_depth_runs_on_cpu_at_tiny_sizes(tiny_fp8_checkpoint, tmp_path, ca
     assert all(c["identical"] for c in res["greedy_mtp_on_vs_off"].values())
     assert all(c["min_margin"] >= 0 for run in res["runs"].values() for c in run["cases"].values())
     assert all("prompt_32_again" in run["cases"] for run in res["runs"].values())
+    assert set(res["batch_control"]["0"]) == {"b3_vs_b1"}  # stream 0 of 3 against the 1-stream run
     off, on = res["runs"]["0"]["spec"], res["runs"]["1"]["spec"]  # from each daemon's /metrics
     assert off["draft_tokens"] == 0 and off["acceptance"] is None
     assert on["draft_tokens"] > 0 and 0 <= on["acceptance"] <= 1
@@ -469,6 +470,22 @@ def test_serve_depth_compare_names_near_ties():
     broken["cases"]["c"]["nan_logprobs"] = 2
     fault = compare(off, broken, 0.05)["c"]
     assert fault["first_difference"]["near_tie"] is False and fault["nan_logprobs"] == [0, 2]
+
+
+def test_serve_depth_batch_control_compares_shared_prompts():
+    """Stream i of every decode case shares its prompt: each larger batch is compared with the smallest."""
+    from moed.ops.bench.serve_depth import batch_control
+
+    run = {
+        "cases": {
+            "decode_b1": {"outputs": [[1, 2, 3]]},
+            "decode_b4": {"outputs": [[1, 2, 9], [5, 5, 5], [6], [7]]},
+            "decode_b2": {"outputs": [[1, 2, 3], [4, 4, 4]]},
+            "prompt_8": {"outputs": [[0]]},
+        }
+    }
+    assert batch_control(run) == {"b2_vs_b1": [None], "b4_vs_b1": [2]}
+    assert batch_control({"cases": {"decode_b1": {"outputs": [[1]]}}}) == {}
 
 
 def _rows(tg_ms: float, pp: dict[int, float]) -> list[dict]:

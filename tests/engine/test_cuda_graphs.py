@@ -10,6 +10,7 @@ from moed.engine.cuda_graphs import StaticDecodeInputs, bucket_sizes, graph_capa
 from moed.engine.llm_engine import EngineConfig, LLMEngine
 from moed.engine.protocol import SamplingParams
 from moed.offload.torch_runner import TorchMoERunner
+from moed.ops.bench.spec_check import check_replays, drive
 
 SP = SamplingParams(max_tokens=6, ignore_eos=True)
 EXPERT_BYTES = 49152  # the tiny model's bf16 expert: gate, up, down of 64 x 128
@@ -139,43 +140,14 @@ def test_engine_spec_graphs_with_staggered_requests_match_unpadded_eager_steps(t
     )
     graphs = e.runner.graphs
     assert graphs is not None and graphs.tokens_per_seq == 2
-    problems: list[str] = []
-    replay, padded = graphs.run, []
-
-    def checked(input_ids, ctx):
-        out = replay(input_ids, ctx)
-        if out is not None:
-            padded.append(graphs.bucket(len(ctx.seqs)) > len(ctx.seqs))
-            got = out.float().clone()
-            ctx.paged.derived.clear()
-            ref = e.model(input_ids, ctx, e.runner.backend, e.runner.moe).float()
-            err = ((got - ref).abs().max() / ref.abs().max().clamp_min(1e-6)).item()
-            if not err <= (0.5 if compile_decode else 2e-2):  # NaN fails too
-                problems.append(f"{len(ctx.seqs)} sequences: replay vs unpadded eager {err:.3g}")
-        return out
-
-    graphs.run = checked
+    replays = check_replays(e, rtol=0.5 if compile_decode else 2e-2)  # spec_check's, at the tiny size
     g = torch.Generator().manual_seed(3)
-    lengths = torch.randint(3, 12, (8,), generator=g).tolist()
-    pending = [
-        (
-            str(i),
-            torch.randint(10, 1000, (n,), generator=g).tolist(),
-            SamplingParams(max_tokens=4 + i, logprobs=1, ignore_eos=True),
-        )
-        for i, n in enumerate(lengths)
-    ]
-    outputs = []
-    while pending or e.has_unfinished:
-        for _ in range(2):
-            if pending:
-                e.add_request(*pending.pop(0))
-        outputs += e.step()
-    outputs += e.flush()
-    nan_tokens = sum(lp.logprob != lp.logprob for o in outputs for lp in o.logprobs or [])
-    assert not problems, problems
-    assert nan_tokens == 0 and e.numerical_faults == 0 and not [o.error for o in outputs if o.error]
-    assert any(padded), "no replay padded its bucket: the case this test is for did not occur"
+    prompts = [torch.randint(10, 1000, (n,), generator=g).tolist() for n in torch.randint(3, 12, (8,), generator=g)]
+    errors: list[str] = []
+    _, logprobs = drive(e, prompts, gen=8, per_step=2, errors=errors)
+    assert replays["problems"] == [], replays["problems"]
+    assert sum(x != x for lp in logprobs for x in lp) == 0 and e.numerical_faults == 0 and errors == []
+    assert replays["padded"] > 0, "no replay padded its bucket: the case this test is for did not occur"
     assert e.kv.num_free == e.kv.num_pages
 
 

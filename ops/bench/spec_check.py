@@ -10,7 +10,10 @@ decode graphs replay padded buckets) in these runs, each on a freshly loaded eng
   eager-graphs   MTP on, graphs of the eager layers (compile_decode off)
   no-graphs      MTP on, every step eager
 Every replayed graph step is also run eagerly on its own unpadded context and the two compared (relative max error;
-NaN is a failure); every token's logprob is checked for NaN; each run's tokens are compared with `off`'s. Misses are
+NaN is a failure); a replay with NaN is run again eagerly on its padded bucket (the graph's own inputs), which tells
+padding from capture. Every eager forward (steps, drafts and those checks) is watched layer by layer: the first
+attention, MoE/MLP or decoder layer whose input is finite and output is not is named with its step, rows and the
+batch's shape. Every token's logprob is checked for NaN; each run's tokens are compared with `off`'s. Misses are
 copied (exact), as in serve_depth. Prints a table and writes every figure to --out.
 """
 
@@ -36,8 +39,66 @@ RUNS = {
 }
 
 
-def check_replays(engine, rtol: float, limit: int = 64) -> dict:
-    """From now on each replayed decode graph step is also run eagerly on its own (unpadded) context."""
+class NonfiniteWatch:
+    """Forward hooks on every decoder layer (target and MTP) and its attention and MLP: each eager call whose output
+    holds a NaN or inf is recorded with whether its input was finite, so the first entry with a finite input names
+    the module that made it. Silent inside torch.compile tracing and CUDA-graph capture (a host read there would
+    break both); replays run no Python, so graph steps are checked by `check_replays`' eager runs."""
+
+    def __init__(self, model: torch.nn.Module, limit: int = 24) -> None:
+        self.phase = "load"
+        self.events: list[dict] = []
+        self.calls = 0
+        self._ctx = None
+        self.limit = limit
+        self.handles = []
+        layers = model.model.layers
+        for i, layer in enumerate(layers):
+            for name, mod in (("layer", layer), ("attention", layer.self_attn), ("mlp", layer.mlp)):
+                self.handles.append(mod.register_forward_hook(self._hook(f"{name} {i}")))
+
+    def _hook(self, where: str):
+        def hook(module, args, output) -> None:
+            capturing = torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+            if torch.compiler.is_compiling() or capturing:
+                return
+            self.calls += 1
+            ctx = next((a for a in args if hasattr(a, "seqs")), None)
+            if ctx is not None:  # an MLP's call has none: it runs on the step its layer's attention ran
+                self._ctx = ctx
+            out = output[0] if isinstance(output, tuple) else output
+            bad = ~torch.isfinite(out.float()).reshape(out.shape[0], -1).all(dim=1)
+            if len(self.events) >= self.limit or not bool(bad.any()):
+                return
+            x, ctx = args[0], self._ctx
+            event = {
+                "phase": self.phase,
+                "where": where,
+                "tokens": int(out.shape[0]),
+                "bad_rows": bad.nonzero().flatten()[:16].tolist(),
+                "input_finite": bool(torch.isfinite(x.float()).all()),
+            }
+            if ctx is not None:
+                event["seqs"] = [(s.num_cached, s.num_new) for s in ctx.seqs][:16]
+                if ctx.paged is not None:
+                    event["seq_lens"] = ctx.paged.seq_lens[:16].tolist()
+                    event["positions"] = ctx.positions[:48].tolist()
+            self.events.append(event)
+            log.warning("non-finite output: %s", event)
+
+        return hook
+
+    def first_cause(self) -> dict | None:
+        return next((e for e in self.events if e["input_finite"]), None)
+
+    def close(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+def check_replays(engine, rtol: float, limit: int = 64, watch: NonfiniteWatch | None = None) -> dict:
+    """From now on each replayed decode graph step is also run eagerly on its own (unpadded) context; a replay with
+    NaN also on its padded bucket (the graph's static inputs as the replay left them)."""
     graphs = engine.runner.graphs
     found: dict = {"replays": 0, "padded": 0, "checked": 0, "max_err": 0.0, "problems": []}
     if graphs is None:
@@ -54,14 +115,36 @@ def check_replays(engine, rtol: float, limit: int = 64) -> dict:
         if found["checked"] < limit:
             found["checked"] += 1
             got = out.float().clone()
+            nan_rows = (~torch.isfinite(got).all(dim=1)).nonzero().flatten()[:16].tolist()
+            bs = graphs.bucket(n)
+            phase = watch.phase if watch is not None else ""
+            if nan_rows and watch is not None:
+                # the padded bucket eagerly, on the inputs the replay read (real rows rewrite their own KV, the same
+                # values; padded rows write the scratch page only)
+                watch.phase = f"eager padded bucket {bs} of replay {found['replays']}"
+                padded_ctx = graphs.contexts[bs]
+                padded_ctx.paged.derived.clear()
+                padded = engine.model(
+                    graphs.static.input_ids[: bs * graphs.tokens_per_seq],
+                    padded_ctx,
+                    engine.runner.backend,
+                    engine.runner.moe,
+                )
+                padded_nan = (~torch.isfinite(padded.float()).all(dim=1)).nonzero().flatten()[:16].tolist()
+            if watch is not None:
+                watch.phase = f"eager unpadded check of replay {found['replays']}"
             ctx.paged.derived.clear()
             ref = engine.model(input_ids, ctx, engine.runner.backend, engine.runner.moe).float()
+            if watch is not None:
+                watch.phase = phase
             err = ((got - ref).abs().max() / ref.abs().max().clamp_min(1e-6)).item()
             found["max_err"] = err if err != err else max(found["max_err"], err)
             if not err <= rtol:
-                found["problems"].append(
-                    {"sequences": n, "bucket": graphs.bucket(n), "err": err, "nan_in_replay": bool(got.isnan().any())}
-                )
+                problem = {"sequences": n, "bucket": bs, "err": err, "nan_rows_in_replay": nan_rows}
+                problem["seq_lens"] = ctx.paged.seq_lens.tolist()[:16]
+                if nan_rows and watch is not None:
+                    problem["nan_rows_eager_padded"] = padded_nan
+                found["problems"].append(problem)
         return out
 
     graphs.run = checked
@@ -69,7 +152,7 @@ def check_replays(engine, rtol: float, limit: int = 64) -> dict:
 
 
 def drive(
-    engine, prompts: list[list[int]], gen: int, per_step: int, errors: list[str]
+    engine, prompts: list[list[int]], gen: int, per_step: int, errors: list[str], watch: NonfiniteWatch | None = None
 ) -> tuple[list[list[int]], list[list[float]]]:
     """Requests arrive `per_step` a step; stream i asks for gen - i % 4 tokens. -> tokens and logprobs per stream;
     request errors (a numerical fault: non-finite logits) appended to `errors`."""
@@ -80,7 +163,11 @@ def drive(
     ]
     tokens: dict[int, list[int]] = {i: [] for i in range(len(prompts))}
     lps: dict[int, list[float]] = {i: [] for i in range(len(prompts))}
+    step = 0
     while pending or engine.has_unfinished:
+        step += 1
+        if watch is not None:
+            watch.phase = f"step {step}"
         for _ in range(per_step):
             if pending:
                 engine.add_request(*pending.pop(0))
@@ -146,15 +233,20 @@ def main(argv: list[str] | None = None) -> int:
         engine = LLMEngine(EngineConfig(**{**base, **RUNS[name]}))
         engine.warmup()
         load_s = time.monotonic() - t0
-        replays = check_replays(engine, args.rtol)
+        watch = NonfiniteWatch(engine.model)
+        replays = check_replays(engine, args.rtol, watch=watch)
         errors: list[str] = []
-        tokens, lps = drive(engine, prompts, args.gen, args.per_step, errors)
+        tokens, lps = drive(engine, prompts, args.gen, args.per_step, errors, watch)
+        watch.close()
         res = {
             "load_s": load_s,
             "nan_logprobs": sum(x != x for s in lps for x in s),
             "numerical_faults": engine.numerical_faults,
             "errors": errors,
             "replays": replays,
+            "nonfinite_cause": watch.first_cause(),
+            "nonfinite_events": watch.events,
+            "watched_calls": watch.calls,
             "tokens_head": [t[:8] for t in tokens],
             "acceptance": engine.spec_accepted_tokens / engine.spec_draft_tokens if engine.spec_draft_tokens else None,
         }
@@ -185,6 +277,12 @@ def main(argv: list[str] | None = None) -> int:
             f"{len(rp['problems']):>4} "
             f"{rp['max_err']:>8.3g} {'-' if acc is None else f'{acc:.2f}':>6}  {diff}"
         )
+    for name, r in results["runs"].items():
+        if r["nonfinite_events"]:
+            print(f"{name}: first non-finite output from finite input: {r['nonfinite_cause']}")
+            print(f"{name}: first non-finite output: {r['nonfinite_events'][0]}")
+        for problem in r["replays"]["problems"][:3]:
+            print(f"{name}: replay problem {problem}")
     return 0
 
 

@@ -96,14 +96,70 @@ class NonfiniteWatch:
             h.remove()
 
 
+class LayerTrace:
+    """While `on`, every decoder layer's, attention's and MLP's output (fp32 copies, in call order): two eager runs
+    of one step compared module by module name the first that differs."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.on = False
+        self.outputs: list[tuple[str, torch.Tensor]] = []
+        self.handles = []
+        for i, layer in enumerate(model.model.layers):
+            for name, mod in (("attention", layer.self_attn), ("mlp", layer.mlp), ("layer", layer)):
+                self.handles.append(mod.register_forward_hook(self._hook(f"{name} {i}")))
+
+    def _hook(self, where: str):
+        def hook(module, args, output) -> None:
+            if self.on:
+                out = output[0] if isinstance(output, tuple) else output
+                self.outputs.append((where, out.detach().float().clone()))
+
+        return hook
+
+    def run(self, fn) -> tuple[list[tuple[str, torch.Tensor]], torch.Tensor]:
+        """fn's result and the outputs it traced."""
+        self.outputs, self.on = [], True
+        try:
+            result = fn()
+        finally:
+            self.on = False
+        return self.outputs, result
+
+    def close(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+def rel_err(got: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((got.float() - ref.float()).abs().max() / ref.float().abs().max().clamp_min(1e-6)).item()
+
+
+def first_divergence(a: list, b: list, rows: int, rtol: float) -> dict | None:
+    """The first module whose output rows :rows differ by more than rtol between two traces of one step."""
+    for (where, x), (where_b, y) in zip(a, b):
+        if where != where_b:
+            return {"module": where, "note": f"call order differs ({where} vs {where_b})"}
+        err = rel_err(x[:rows], y[:rows])
+        if not err <= rtol:
+            per_row = ((x[:rows] - y[:rows]).abs().amax(dim=-1) / y[:rows].abs().amax().clamp_min(1e-6)).tolist()
+            bad = [i for i, e in enumerate(per_row) if not e <= rtol]
+            return {"module": where, "err": err, "rows": bad[:16]}
+    return None
+
+
 def check_replays(engine, rtol: float, limit: int = 64, watch: NonfiniteWatch | None = None) -> dict:
-    """From now on each replayed decode graph step is also run eagerly on its own (unpadded) context; a replay with
-    NaN also on its padded bucket (the graph's static inputs as the replay left them)."""
+    """From now on each replayed decode graph step is also run eagerly on its own (unpadded) context. A replay that
+    differs (or holds NaN) is diagnosed: the step is run eagerly on the graph's own bucket context (the static
+    inputs as the replay left them), which tells capture (replay != eager on the bucket) from the bucket context
+    (eager on the bucket != eager unpadded: padding, or the path a captured max_context selects), and the two eager
+    runs are traced module by module to name the first that differs."""
     graphs = engine.runner.graphs
     found: dict = {"replays": 0, "padded": 0, "checked": 0, "max_err": 0.0, "problems": []}
     if graphs is None:
         return found
     replay = graphs.run
+    trace = LayerTrace(engine.model)
+    backend, moe = engine.runner.backend, engine.runner.moe
 
     def checked(input_ids, ctx):
         out = replay(input_ids, ctx)
@@ -111,40 +167,49 @@ def check_replays(engine, rtol: float, limit: int = 64, watch: NonfiniteWatch | 
             return out
         found["replays"] += 1
         n = len(ctx.seqs)
-        found["padded"] += graphs.bucket(n) > n
-        if found["checked"] < limit:
-            found["checked"] += 1
-            got = out.float().clone()
-            nan_rows = (~torch.isfinite(got).all(dim=1)).nonzero().flatten()[:16].tolist()
-            bs = graphs.bucket(n)
-            phase = watch.phase if watch is not None else ""
-            if nan_rows and watch is not None:
-                # the padded bucket eagerly, on the inputs the replay read (real rows rewrite their own KV, the same
-                # values; padded rows write the scratch page only)
-                watch.phase = f"eager padded bucket {bs} of replay {found['replays']}"
-                padded_ctx = graphs.contexts[bs]
-                padded_ctx.paged.derived.clear()
-                padded = engine.model(
-                    graphs.static.input_ids[: bs * graphs.tokens_per_seq],
-                    padded_ctx,
-                    engine.runner.backend,
-                    engine.runner.moe,
-                )
-                padded_nan = (~torch.isfinite(padded.float()).all(dim=1)).nonzero().flatten()[:16].tolist()
-            if watch is not None:
-                watch.phase = f"eager unpadded check of replay {found['replays']}"
+        bs = graphs.bucket(n)
+        found["padded"] += bs > n
+        if found["checked"] >= limit:
+            return out
+        found["checked"] += 1
+        got = out.float().clone()
+        phase = watch.phase if watch is not None else ""
+        if watch is not None:
+            watch.phase = f"eager unpadded check of replay {found['replays']}"
+
+        def unpadded():
             ctx.paged.derived.clear()
-            ref = engine.model(input_ids, ctx, engine.runner.backend, engine.runner.moe).float()
+            return engine.model(input_ids, ctx, backend, moe).float()
+
+        ref = unpadded()
+        err = rel_err(got, ref)
+        found["max_err"] = err if err != err else max(found["max_err"], err)
+        if not err <= rtol and len(found["problems"]) < 8:
+            rows = n * graphs.tokens_per_seq
+            problem: dict = {"sequences": n, "bucket": bs, "err": err}
+            problem["nan_rows_in_replay"] = (~torch.isfinite(got).all(dim=1)).nonzero().flatten()[:16].tolist()
+            problem["seq_lens"] = ctx.paged.seq_lens.tolist()[:16]
+            problem["max_context"] = ctx.paged.max_context
+            problem["captured_max_context"] = graphs.max_context
+            static_ctx = graphs.contexts[bs]
+
+            def bucket_eager():
+                static_ctx.paged.derived.clear()
+                ids = graphs.static.input_ids[: bs * graphs.tokens_per_seq]
+                return engine.model(ids, static_ctx, backend, moe)
+
             if watch is not None:
-                watch.phase = phase
-            err = ((got - ref).abs().max() / ref.abs().max().clamp_min(1e-6)).item()
-            found["max_err"] = err if err != err else max(found["max_err"], err)
-            if not err <= rtol:
-                problem = {"sequences": n, "bucket": bs, "err": err, "nan_rows_in_replay": nan_rows}
-                problem["seq_lens"] = ctx.paged.seq_lens.tolist()[:16]
-                if nan_rows and watch is not None:
-                    problem["nan_rows_eager_padded"] = padded_nan
-                found["problems"].append(problem)
+                watch.phase = f"eager bucket {bs} of replay {found['replays']}"
+            t_bucket, on_bucket = trace.run(bucket_eager)
+            on_bucket = on_bucket.float()[:rows]
+            t_unpadded, _ = trace.run(unpadded)
+            problem["replay_vs_eager_on_bucket"] = rel_err(got, on_bucket)
+            problem["eager_on_bucket_vs_unpadded"] = rel_err(on_bucket, ref)
+            problem["first_divergence_bucket_vs_unpadded"] = first_divergence(t_bucket, t_unpadded, rows, rtol)
+            found["problems"].append(problem)
+            log.warning("replay problem: %s", problem)
+        if watch is not None:
+            watch.phase = phase
         return out
 
     graphs.run = checked
@@ -215,6 +280,7 @@ def main(argv: list[str] | None = None) -> int:
     base = {
         "model": args.model,
         "device": args.device,
+        "dtype": "bf16",
         "moe": "offload",
         "expert_cache_gb": expert_cache_gb(cfg, args.slots),
         "miss_service": "copy",

@@ -296,3 +296,53 @@ def test_trtllm_physical_slots_and_head_padding():
     x = torch.randn(3, 8, 5)
     padded = pad_heads(x)
     assert padded.shape == (3, 128, 5) and torch.equal(padded[:, :8], x) and (padded[:, 8:] == 0).all()
+
+
+# A verify step of 8 sequences, 2 tokens each (MTP), as a decode graph replays it: contexts on both sides of top-k,
+# one padded row (0 cached, its tokens at 0..1 on the scratch page 0).
+VERIFY = [(3, 2), (14, 2), (15, 2), (30, 2), (7, 2), (62, 2), (1, 2), (0, 2)]
+
+
+@pytest.mark.parametrize("bound", [0, 96])
+def test_verify_step_selection_under_a_captured_context_bound(bound):
+    """The selection path (indexer top-k, then sparse MLA) on a verify-shaped step, with `max_context` and the page
+    table's width the step's own (bound 0) or a larger bound fixed at capture (a graph's host ints), gives what the
+    references give for each token's causal context: a graph replay and an eager step read the same positions."""
+    cfg = small_config()
+    page_size = 4
+    f = fill(cfg, VERIFY[:-1], page_size, "bf16", "fp8", seed=31)
+    seqs, table = f.seqs, f.paged.page_table
+    max_ctx = f.paged.max_context if bound == 0 else bound
+    table = torch.nn.functional.pad(table, (0, -(-max_ctx // page_size) - table.shape[1]))  # unused columns: page 0
+    table = torch.cat([table, torch.zeros(1, table.shape[1], dtype=torch.int32, device=DEV)])  # the padded row
+    lens = torch.tensor([s.context_len for s in seqs] + [2], dtype=torch.int32, device=DEV)
+    query_start = torch.arange(len(VERIFY) + 1, dtype=torch.int32, device=DEV) * 2
+    token_seq = torch.arange(len(VERIFY), dtype=torch.int32, device=DEV).repeat_interleave(2)
+    positions = torch.cat([f.positions, torch.arange(2, device=DEV)])
+    g = torch.Generator().manual_seed(32)
+    T, HI, D, H, C, R = positions.shape[0], cfg.index_n_heads, cfg.index_head_dim, 4, cfg.kv_lora_rank, 16
+    q = torch.randn(T, HI, D, generator=g).to(device=DEV, dtype=torch.bfloat16)
+    w = (torch.randn(T, HI, generator=g) * HI**-0.5).to(DEV)
+    iv, lv = f.pool.index_view(0), f.pool.latent_view(0)
+    topk = indexer_topk(q, w, iv.k, iv.scale, table, query_start, positions, 2, max_ctx, cfg.index_topk)
+    q_lat = torch.randn(T, H, C, generator=g).to(device=DEV, dtype=torch.bfloat16)
+    q_rope = torch.randn(T, H, R, generator=g).to(device=DEV, dtype=torch.bfloat16)
+    out = sparse_mla(
+        q_lat, q_rope, lv.nope, lv.rope, lv.scale, table, token_seq, positions, topk, 0.3, max_context=max_ctx
+    )
+    assert torch.isfinite(out[: T - 2].float()).all()
+    assert int(lens.max()) <= max_ctx
+    t = 0
+    for s in seqs:
+        keys = f.pool.read_index_k(0, s.kv.pages, s.context_len)
+        rows = slice(t, t + 2)
+        ref = indexer_scores_reference(q[rows], w[rows], keys)
+        lat, kr = f.pool.read_latent(0, s.kv.pages, s.context_len)
+        for i in range(2):
+            p = s.num_cached + i
+            want = torch.topk(ref[i, : p + 1], min(cfg.index_topk, p + 1)).indices
+            got = topk[t + i]
+            assert torch.equal(_sorted(got[got >= 0]), _sorted(want)) and (got[want.shape[0] :] == -1).all(), (s, i)
+        want_out = sparse_mla_reference(q_lat[rows], q_rope[rows], lat, kr, positions[rows], topk[rows], 0.3)
+        assert _rel(out[rows], want_out) < 2e-2, s
+        t += 2

@@ -121,15 +121,6 @@ class ServeConfig(EngineConfig):
         "expert placement manager: pins each offloaded layer's hottest experts from the engine's counts. "
         "auto: on when moe = offload; on: the same, and an error with another moe; off",
     )
-    placement_pin_fraction: float = setting(
-        0.5,
-        "share of each offloaded layer's cache slots pinned with its hottest "
-        "experts, operator pins included (one slot always stays unpinned); "
-        "the rest are evicted least recently used (docs/benchmarks.md, Hit "
-        "rate)",
-        min=0,
-        max=1,
-    )
     placement_interval_s: float = setting(
         30.0, "seconds between pin recomputations from the engine's expert counts", gt=0
     )

@@ -34,20 +34,13 @@ from typing import Protocol
 
 from moed.daemon.pin_planner import PinPlanner, PlacementError
 from moed.engine import protocol as ep
+from moed.offload.expert_cache import pin_budget
 
 log = logging.getLogger(__name__)
 
 
 class PlacementUnavailable(Exception):
     pass
-
-
-def pin_budget(slots: int, num_experts: int, fraction: float) -> int:
-    """Pins for a layer with `slots` cache slots: `fraction` of them, one left to serve misses; none when every
-    expert is resident (nothing to keep)."""
-    if slots >= num_experts:
-        return 0
-    return max(0, min(slots - 1, int(fraction * slots)))
 
 
 class PlacementChannel:

@@ -101,6 +101,15 @@ class EngineConfig:
         "hybrid: split a step's boundary expert by intermediate columns between the CPU and a GPU copy, so "
         "neither side idles at the end of a step with few misses",
     )
+    placement_pin_fraction: float = setting(
+        0.5,
+        "share of each offloaded layer's cache slots pinned with its hottest "
+        "experts, operator pins included (one slot always stays unpinned); "
+        "the rest are evicted least recently used (docs/benchmarks.md, Hit "
+        "rate). Steps are sized for this many pins from the start, and more are refused",
+        min=0,
+        max=1,
+    )
     cuda_graphs: bool = setting(True, "decode through CUDA graphs on CUDA")
     overlap: bool = setting(
         True, "plan and launch each step before reading the previous one's tokens back (not with MTP)"

@@ -47,6 +47,9 @@ class CacheConfig:
     copy_path: str = "sm"  # per-step misses: "sm" (UVA kernel) | "ce" (copy engine, host sync)
     copy_programs: int = 32  # CTAs of the UVA copy kernel (51 GB/s measured with 32 on the H100)
     use_kernels: bool | None = None  # Triton kernels or their torch references (None: kernels_on decides)
+    # Share of a layer's slots that may be pinned (`pin_budget`). A step's rounds are sized for that many pins from
+    # the start, so pins set later never leave a captured decode graph with too few rounds (its routes unserved).
+    pin_fraction: float = 0.5
 
     def __post_init__(self) -> None:
         if self.policy not in POLICIES:
@@ -55,6 +58,8 @@ class CacheConfig:
             raise CacheConfigError(f"copy path '{self.copy_path}' unknown (choose from {', '.join(COPY_PATHS)})")
         if not 0.0 < self.lfu_decay <= 1.0:
             raise CacheConfigError(f"lfu_decay {self.lfu_decay} must be in (0, 1]")
+        if not 0.0 <= self.pin_fraction <= 1.0:
+            raise CacheConfigError(f"pin_fraction {self.pin_fraction} must be in [0, 1]")
 
     def kernels_on(self, device: torch.device) -> bool:
         """Whether the claim and copy steps run as Triton kernels: by default on CUDA and in the interpreter (the
@@ -62,6 +67,14 @@ class CacheConfig:
         if self.use_kernels is not None:
             return self.use_kernels
         return device.type == "cuda" or interpreting()
+
+
+def pin_budget(slots: int, num_experts: int, fraction: float) -> int:
+    """Pins for a layer with `slots` cache slots: `fraction` of them, one left to serve misses; none when every
+    expert is resident (nothing to keep)."""
+    if slots >= num_experts:
+        return 0
+    return max(0, min(slots - 1, int(fraction * slots)))
 
 
 def slots_for_budget(budget_bytes: int, layout: ExpertLayout, num_layers: int) -> int:
@@ -102,6 +115,7 @@ class LayerCache:
         self.copy_stream = copy_stream
         self.pinned: set[int] = set()
         self.static = num_slots == L.num_experts  # everything resident: the table never changes
+        self.max_pins = pin_budget(num_slots, L.num_experts, cfg.pin_fraction)
         self.bytes_ce = 0
         use = cfg.kernels_on(device)
         self._claim = claim_slots if use else claim_slots_reference
@@ -129,11 +143,14 @@ class LayerCache:
         return self.num_slots - len(self.pinned)
 
     def rounds_for(self, distinct: int) -> int:
-        """Rounds a step needing up to `distinct` experts takes: ceil(distinct / unpinned slots)."""
+        """Rounds a step needing up to `distinct` experts takes: ceil(distinct / (slots - max_pins)). A round serves
+        at least min(left, unpinned slots) of them, so this suffices whatever pins are set, and it never changes:
+        a decode graph captures its rounds as a host loop, and one counted from the pins set at capture left the
+        routes past its last round unserved once the placement manager pinned more (their rows then held whatever
+        the graph pool's memory held: NaN logits and garbage tokens in batched decode at GLM-5.1's depth)."""
         if self.static:
             return 1
-        U = self.unpinned_slots
-        return max(1, math.ceil(distinct / U))
+        return max(1, math.ceil(distinct / (self.num_slots - self.max_pins)))
 
     # ------------------------------------------------------------------ host-decided bulk loads (copy engine)
 
@@ -166,16 +183,18 @@ class LayerCache:
             t.slot_to_expert[s] = e
 
     def check_pins(self, experts: set[int]) -> None:
-        """Raise CacheConfigError unless `experts` can be this layer's pin set: ids in range, and one slot left
-        unpinned to serve misses (unless every expert is resident)."""
+        """Raise CacheConfigError unless `experts` can be this layer's pin set: ids in range, and no more than its pin
+        budget (`max_pins`: a share of the slots, at least one slot left to serve misses) unless every expert is
+        resident."""
         E = self.layout.num_experts
         bad = [e for e in experts if not 0 <= e < E]
         if bad:
             raise CacheConfigError(f"layer {self.layer}: cannot pin experts {bad[:8]}: ids are in [0, {E})")
-        if len(experts) >= self.num_slots and not self.static:
+        if len(experts) > self.max_pins and not self.static:
             raise CacheConfigError(
-                f"layer {self.layer}: {len(experts)} pins for {self.num_slots} cache slots; one "
-                "slot must stay unpinned to serve misses (lower the pin budget)"
+                f"layer {self.layer}: {len(experts)} pins exceed its pin budget of {self.max_pins} "
+                f"({self.cfg.pin_fraction:g} of {self.num_slots} cache slots, one always left to serve misses; "
+                "placement_pin_fraction sets the share)"
             )
 
     def set_pins(self, experts: set[int]) -> None:

@@ -28,7 +28,7 @@ import torch
 
 from moed.model.config import ExpertDtype, GlmMoeDsaConfig
 from moed.model.moe import ExpertWeights, MoERunner
-from moed.offload.expert_cache import CacheConfigError
+from moed.offload.expert_cache import CacheConfig, CacheConfigError
 from moed.offload.hybrid import HYBRID_MAX_TOKENS, CpuConfig
 from moed.offload.runner import OffloadMoERunner
 from moed.offload.stats import ExpertStats
@@ -49,6 +49,7 @@ class ExpertSettings(Protocol):
     spec_steps: int  # MTP draft tokens per step; > 0 builds the draft's runner
     max_running: int  # sequences decoded together at most: with spec_steps, the largest decode step
     expert_dtype: ExpertDtype  # checkpoint | int4: the format experts are held in (GlmMoeDsaConfig.expert_format)
+    placement_pin_fraction: float  # share of each cache's slots that may be pinned (CacheConfig.pin_fraction)
 
 
 class RoutedExperts:
@@ -81,8 +82,9 @@ class RoutedExperts:
             main = list(range(cfg.first_k_dense_replace, cfg.num_hidden_layers))
             cpu = _cpu_config(settings, device)
             budget = _budget_bytes(settings.expert_cache_gb, "expert_cache_gb", device)
+            cache = CacheConfig(pin_fraction=settings.placement_pin_fraction)
             self.target = OffloadMoERunner(
-                cfg, main, device=device, expert_dtype=xd, budget_bytes=budget, name="target", cpu=cpu
+                cfg, main, device=device, expert_dtype=xd, budget_bytes=budget, name="target", cache=cache, cpu=cpu
             )
             if budget is None:
                 self._auto_budget += ("target",)
@@ -100,6 +102,7 @@ class RoutedExperts:
                     expert_dtype=xd,
                     budget_bytes=draft_budget,
                     name="draft",
+                    cache=cache,
                     cpu=cpu,
                 )
                 if draft_budget is None:

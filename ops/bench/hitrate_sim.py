@@ -14,12 +14,11 @@ import torch
 
 from moed.daemon.config import ServeConfig
 from moed.daemon.pin_planner import PinPlanner
-from moed.daemon.placement import pin_budget
 from moed.kernels.expert_claim import STATS
 from moed.kernels.miss_split import split_misses_reference
 from moed.model.checkpoint import make_config
 from moed.model.config import GlmMoeDsaConfig
-from moed.offload.expert_cache import CacheConfig, ExpertCache, LayerCache
+from moed.offload.expert_cache import CacheConfig, ExpertCache, LayerCache, pin_budget
 from moed.offload.host_store import ExpertLayout, HostExpertStore
 from moed.offload.hybrid import HybridMissService
 from moed.offload.routed_experts import _cpu_config
@@ -100,7 +99,12 @@ def _layer_cache(slots: int, policy: Policy) -> LayerCache:
     layout = ExpertLayout.for_config(cfg)
     store = HostExpertStore(layout, [LAYER], pin=False)  # bytes never read: copies only move garbage here
     cache = ExpertCache(
-        store, "cpu", CacheConfig(policy=policy.eviction, lfu_decay=policy.lfu_decay, use_kernels=False), slots=slots
+        store,
+        "cpu",
+        CacheConfig(
+            policy=policy.eviction, lfu_decay=policy.lfu_decay, use_kernels=False, pin_fraction=policy.pin_fraction
+        ),
+        slots=slots,
     )
     return cache[LAYER]
 

@@ -36,10 +36,9 @@ import numpy as np
 import torch
 
 from moed.daemon.pin_planner import PinPlanner
-from moed.daemon.placement import pin_budget
 from moed.model.checkpoint import make_config
 from moed.model.config import GlmMoeDsaConfig
-from moed.offload.expert_cache import CacheConfig
+from moed.offload.expert_cache import CacheConfig, pin_budget
 from moed.offload.host_store import ExpertLayout, HostExpertStore, thp_status
 from moed.offload.hybrid import CpuConfig
 from moed.offload.routed_experts import hybrid_max_tokens
@@ -549,7 +548,7 @@ def stage_slice(args, save: Callable[[dict], None]) -> dict:
             device=device,
             slots=slots,
             store=store,
-            cache=CacheConfig(policy=policy),
+            cache=CacheConfig(policy=policy, pin_fraction=pin_fraction),
             expert_dtype=xd,
             # the engine's rule for an engine that runs `seqs` sequences (routed_experts.py)
             cpu=CpuConfig(

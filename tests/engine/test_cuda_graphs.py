@@ -152,6 +152,27 @@ def test_engine_spec_graphs_with_staggered_requests_match_unpadded_eager_steps(t
 
 
 @pytest.mark.gpu
+def test_engine_graph_replays_serve_every_route_after_pins_are_set(tiny_checkpoint):
+    """Pins set after capture (the placement manager's plan, every layer's budget pinned) leave the captured rounds
+    enough: each replay matches its step run eagerly. With rounds counted from the pins set at capture, replays
+    left routes unserved (their rows the graph pool's stale memory) and served GLM-5.1 NaN logits at depth."""
+    e = _gpu_engine(tiny_checkpoint, cuda_graphs=True, max_running=8, graph_max_batch=8)
+    caches = e.runner.moe.cache.layers
+    plan = {str(layer): list(range(lc.max_pins)) for layer, lc in caches.items()}
+    assert all(lc.max_pins > 0 for lc in caches.values())
+    ok, why, _ = e.placement("set", None, None, plan)
+    assert ok, why
+    replays = check_replays(e, rtol=2e-2)
+    g = torch.Generator().manual_seed(4)
+    prompts = [torch.randint(10, 1000, (n,), generator=g).tolist() for n in torch.randint(3, 9, (8,), generator=g)]
+    errors: list[str] = []
+    _, logprobs = drive(e, prompts, gen=6, per_step=4, errors=errors)
+    assert all(len(lc.pinned) == lc.max_pins for lc in caches.values())
+    assert replays["replays"] > 0 and replays["problems"] == [], replays["problems"]
+    assert sum(x != x for lp in logprobs for x in lp) == 0 and errors == []
+
+
+@pytest.mark.gpu
 def test_engine_cuda_graphs_keep_greedy_tokens(tiny_checkpoint):
     # Plain decode within the dense threshold: graph and eager steps run the same dense decode kernels.
     ref = _gpu_engine(tiny_checkpoint, cuda_graphs=False).generate(_prompts(), SP)

@@ -48,6 +48,7 @@ class _Settings:  # the fields of EngineConfig that RoutedExperts reads
     spec_steps: int = 1
     max_running: int = 4
     expert_dtype: str = "checkpoint"
+    placement_pin_fraction: float = 0.5
 
 
 def test_given_budgets_off_cuda_and_the_drafts_share(tiny_checkpoint):

@@ -155,8 +155,38 @@ def test_offload_with_pins_bit_for_bit_and_pins_stay_resident(fp8_setup):
             assert torch.equal(ref.run(layer, h, ids, w), r.run(layer, h, ids, w))
             resident = r.cache[layer].resident()
             assert pins[layer] <= set(resident)
-    with pytest.raises(CacheConfigError, match="unpinned"):
-        r.cache[1].set_pins({0, 1, 2, 3})
+    with pytest.raises(CacheConfigError, match="exceed its pin budget of 2"):
+        r.cache[1].set_pins({0, 1, 2})
+
+
+def test_offload_rounds_do_not_change_when_pins_are_set(fp8_setup):
+    """A decode graph replays the rounds counted at capture: pins set later (the placement manager's, 30 s into
+    serving) must not make a step need more, or the routes past the last round stay unserved. Rounds are sized for
+    the pin budget from the start, and that many still serve every route once the budget is pinned."""
+    cfg, experts, ref = fp8_setup
+    r = build_runner(cfg, experts, [1], slots=4)
+    lc = r.cache[1]
+    k, M = cfg.num_experts_per_tok, 6
+    distinct = min(cfg.n_routed_experts, M * k)
+    captured = lc.rounds_for(distinct)
+    assert lc.max_pins == 2 and captured == -(-distinct // (4 - 2))
+    served: list[int] = []
+    real = r.moe_fn
+
+    def counting(hidden, w13, w2, ids, *a, **kw):
+        served.append(int((ids < cfg.n_routed_experts).sum()))
+        return real(hidden, w13, w2, ids, *a, **kw)
+
+    r.moe_fn = counting
+    lc.set_pins({3, 7})
+    assert lc.rounds_for(distinct) == captured
+    g = torch.Generator().manual_seed(6)
+    for _ in range(3):
+        served.clear()
+        h = torch.randn(M, cfg.hidden_size, generator=g).bfloat16()
+        ids, w = random_routing(M, cfg.n_routed_experts, k, g)
+        assert torch.equal(ref.run(1, h, ids, w), r.run(1, h, ids, w))
+        assert len(served) == captured and sum(served) == M * k
 
 
 def test_offload_bf16_matches_torch_reference():

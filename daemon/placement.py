@@ -34,7 +34,7 @@ from typing import Protocol
 
 from moed.daemon.pin_planner import PinPlanner, PlacementError
 from moed.engine import protocol as ep
-from moed.offload.expert_cache import pin_budget
+from moed.offload.pins import pin_budget
 
 log = logging.getLogger(__name__)
 

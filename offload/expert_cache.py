@@ -30,6 +30,7 @@ from moed.kernels.act_quant import interpreting
 from moed.kernels.expert_claim import POLICIES, SlotTables, claim_slots, claim_slots_reference
 from moed.kernels.expert_copy import copy_experts, copy_experts_reference
 from moed.offload.host_store import ExpertLayout, HostExpertStore
+from moed.offload.pins import pin_budget
 
 log = logging.getLogger(__name__)
 
@@ -67,14 +68,6 @@ class CacheConfig:
         if self.use_kernels is not None:
             return self.use_kernels
         return device.type == "cuda" or interpreting()
-
-
-def pin_budget(slots: int, num_experts: int, fraction: float) -> int:
-    """Pins for a layer with `slots` cache slots: `fraction` of them, one left to serve misses; none when every
-    expert is resident (nothing to keep)."""
-    if slots >= num_experts:
-        return 0
-    return max(0, min(slots - 1, int(fraction * slots)))
 
 
 def slots_for_budget(budget_bytes: int, layout: ExpertLayout, num_layers: int) -> int:

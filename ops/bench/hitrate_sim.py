@@ -18,9 +18,10 @@ from moed.kernels.expert_claim import STATS
 from moed.kernels.miss_split import split_misses_reference
 from moed.model.checkpoint import make_config
 from moed.model.config import GlmMoeDsaConfig
-from moed.offload.expert_cache import CacheConfig, ExpertCache, LayerCache, pin_budget
+from moed.offload.expert_cache import CacheConfig, ExpertCache, LayerCache
 from moed.offload.host_store import ExpertLayout, HostExpertStore
 from moed.offload.hybrid import HybridMissService
+from moed.offload.pins import pin_budget
 from moed.offload.routed_experts import _cpu_config
 from moed.offload.traces import skewed_trace, uniform_trace, verify_steps
 

@@ -38,9 +38,10 @@ import torch
 from moed.daemon.pin_planner import PinPlanner
 from moed.model.checkpoint import make_config
 from moed.model.config import GlmMoeDsaConfig
-from moed.offload.expert_cache import CacheConfig, pin_budget
+from moed.offload.expert_cache import CacheConfig
 from moed.offload.host_store import ExpertLayout, HostExpertStore, thp_status
 from moed.offload.hybrid import CpuConfig
+from moed.offload.pins import pin_budget
 from moed.offload.routed_experts import hybrid_max_tokens
 from moed.offload.runner import OffloadMoERunner
 from moed.offload.stats import summarize

@@ -24,6 +24,7 @@ class _Settings:  # the fields of EngineConfig that RoutedExperts reads
     miss_column_split: bool = False
     spec_steps: int = 1
     expert_dtype: str = "checkpoint"
+    placement_pin_fraction: float = 0.5
 
 
 def test_draft_runner_has_isolated_state_budget_and_never_touches_target_pins(tiny_checkpoint):

@@ -12,7 +12,7 @@
 #
 # --wait N returns when the session is done or N seconds pass, copying what it has to $OUT as one archive,
 # session.tgz (the device tool returns only a few files a call; a call cut short loses only what its own wait would
-# have copied). Everything goes to $RUN (/tmp/session): gpu_tests.log, depth/ (the pipeline's report.txt,
+# have copied). Everything goes to $RUN (/tmp/session): gpu_tests.log, gpu_kernel_tests.log, depth/ (the pipeline's report.txt,
 # results.json), offload.{log,json}, split.{log,json}, moe_configs/.
 # Knobs: DEADLINE_S (whole session, 900), PIPE_S (the pipeline's BUDGET_S, 700), TESTS_S (300); SKIP_TESTS,
 # SKIP_PIPE, SKIP_OFFLOAD; BEFORE_DIR (before_after.sh's output under $RUN/before_after), TESTS_AFTER; OFFLOAD_ONLY
@@ -34,7 +34,8 @@ wait_and_copy() {
     [ -f "$RUN/gpu_tests.rc" ] && {
         cat "$RUN/gpu_tests.rc"
         grep -E "FAILED|ERROR" "$RUN/gpu_tests.log" | sed 's/ *\[.*%\]//' | head -30
-        tail -n 1 "$RUN/gpu_tests.log"
+        tail -n 2 "$RUN/gpu_tests.log"
+        [ -f "$RUN/gpu_kernel_tests.log" ] && grep -E "FAILED|ERROR|passed|failed" "$RUN/gpu_kernel_tests.log" | tail -n 12
     }
     grep -E "^=== " "$RUN/depth/pipeline.log" 2> /dev/null | tail -n 20
     grep -E "^HEADLINE" "$RUN/depth/report.txt" 2> /dev/null
@@ -64,8 +65,19 @@ start_tests() {  # in the background, capped at TESTS_S and at what is left of D
     local cap=$((DEADLINE_S - SECONDS - 10))
     [ "$cap" -gt "${TESTS_S:-300}" ] && cap=${TESTS_S:-300}
     (
+        t0=$SECONDS
         timeout "$cap" python3 -m pytest -p no:cacheprovider -rfE -v --continue-on-collection-errors -m gpu tests > "$RUN/gpu_tests.log" 2>&1
-        echo "rc=$?" > "$RUN/gpu_tests.rc"
+        rc=$?
+        # the kernel-vs-reference tests that pick CUDA where there is one (not gpu-marked: the CPU runs them
+        # interpreted), compiled here, in what is left of the cap
+        left=$((cap - (SECONDS - t0)))
+        if [ "$left" -gt 20 ]; then
+            timeout "$left" python3 -m pytest -p no:cacheprovider -rfE -q -m "not gpu" tests/attention/test_kernels.py \
+                tests/kernels/test_moe_kernels.py tests/kernels/test_moe_int4_kernels.py tests/kernels/test_fp8_linear.py \
+                > "$RUN/gpu_kernel_tests.log" 2>&1
+            echo "kernel tests on the GPU: rc=$?" >> "$RUN/gpu_tests.log"
+        fi
+        echo "rc=$rc" > "$RUN/gpu_tests.rc"
     ) &
     TESTS_PID=$!
 }

@@ -12,8 +12,8 @@
 #
 # --wait N returns when the session is done or N seconds pass, copying what it has to $OUT as one archive,
 # session.tgz (the device tool returns only a few files a call; a call cut short loses only what its own wait would
-# have copied). Everything goes to $RUN (/tmp/session): gpu_tests.log, gpu_kernel_tests.log, depth/ (the pipeline's report.txt,
-# results.json), offload.{log,json}, split.{log,json}, moe_configs/.
+# have copied). Everything goes to $RUN (/tmp/session): gpu_tests.log, gpu_kernel_tests.log, depth/ (the pipeline's
+# report.txt, results.json), offload.{log,json}, split.{log,json}, moe_configs/.
 # Knobs: DEADLINE_S (whole session, 900), PIPE_S (the pipeline's BUDGET_S, 700), TESTS_S (300); SKIP_TESTS,
 # SKIP_PIPE, SKIP_OFFLOAD; BEFORE_DIR (before_after.sh's output under $RUN/before_after), TESTS_AFTER; OFFLOAD_ONLY
 # (ceil,cpu,int4), SPLIT_ONLY (none: the column split measured 0.81-0.93x on 2026-12-07; ceil,cpu,split reruns it);

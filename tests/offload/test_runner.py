@@ -101,20 +101,26 @@ def test_offload_equals_all_resident_bit_for_bit(fp8_setup, slots, policy, copy_
         assert s.steps == 0 and s.bytes_copied_sm == 0  # all resident: no claim, no copy
 
 
+def count_computed_routes(r: OffloadMoERunner) -> list[int]:
+    """From now on, the routes each fused-MoE launch of `r` computes (those with a real expert id), one a launch."""
+    launches: list[int] = []
+    real, E = r.moe_fn, r.layout.num_experts
+
+    def counting(hidden, w13, w2, ids, *a, **kw):
+        launches.append(int((ids < E).sum()))
+        return real(hidden, w13, w2, ids, *a, **kw)
+
+    r.moe_fn = counting
+    return launches
+
+
 def test_offload_rounds_compute_each_route_once_and_match_the_per_route_formula(fp8_setup):
     """A step whose experts take several rounds computes each route in exactly one round (not every route in every
     round), and its output is what the runner has always produced: each route as a row of its own through the
     reference (the repeated-hidden formula), weighed in fp32, j in order."""
     cfg, experts, _ = fp8_setup
     r = build_runner(cfg, experts, [1], slots=3)
-    computed: list[int] = []
-    real = r.moe_fn
-
-    def counting(hidden, w13, w2, ids, *a, **kw):
-        computed.append(int((ids < cfg.n_routed_experts).sum()))
-        return real(hidden, w13, w2, ids, *a, **kw)
-
-    r.moe_fn = counting
+    computed = count_computed_routes(r)
     g = torch.Generator().manual_seed(9)
     k = cfg.num_experts_per_tok
     M = 6
@@ -170,14 +176,7 @@ def test_offload_rounds_do_not_change_when_pins_are_set(fp8_setup):
     distinct = min(cfg.n_routed_experts, M * k)
     captured = lc.rounds_for(distinct)
     assert lc.max_pins == 2 and captured == -(-distinct // (4 - 2))
-    served: list[int] = []
-    real = r.moe_fn
-
-    def counting(hidden, w13, w2, ids, *a, **kw):
-        served.append(int((ids < cfg.n_routed_experts).sum()))
-        return real(hidden, w13, w2, ids, *a, **kw)
-
-    r.moe_fn = counting
+    served = count_computed_routes(r)
     lc.set_pins({3, 7})
     assert lc.rounds_for(distinct) == captured
     g = torch.Generator().manual_seed(6)

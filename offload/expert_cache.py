@@ -131,16 +131,12 @@ class LayerCache:
     def w2_scale(self) -> torch.Tensor | None:
         return self.weights.get("w2_scale")
 
-    @property
-    def unpinned_slots(self) -> int:
-        return self.num_slots - len(self.pinned)
-
     def rounds_for(self, distinct: int) -> int:
         """Rounds a step needing up to `distinct` experts takes: ceil(distinct / (slots - max_pins)). A round serves
         at least min(left, unpinned slots) of them, so this suffices whatever pins are set, and it never changes:
         a decode graph captures its rounds as a host loop, and one counted from the pins set at capture left the
         routes past its last round unserved once the placement manager pinned more (their rows then held whatever
-        the graph pool's memory held: NaN logits and garbage tokens in batched decode at GLM-5.1's depth)."""
+        the graph pool's memory held; the suspected cause of the NaN logits of batched decode at GLM-5.1's depth)."""
         if self.static:
             return 1
         return max(1, math.ceil(distinct / (self.num_slots - self.max_pins)))

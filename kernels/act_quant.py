@@ -134,3 +134,90 @@ def dequantize_groups_fp8(q: torch.Tensor, scale: torch.Tensor, group_size: int 
     """(q [M, K], scale [M, ceil(K / G)]) -> fp32 [M, K]: the value the GEMMs multiply with."""
     K = q.shape[1]
     return q.float() * scale.repeat_interleave(group_size, dim=1)[:, :K]
+
+
+# Per-token-group int8 activations for the int4 experts' int8 tensor-core tiles (fused_moe_int4's config key A8).
+# Layout `q: int8 [M, 2, K / 2]`: the even k of a row first, then the odd k, so the GEMM loads each half of its
+# K step as one contiguous tile (the packed weights hold even k in their low nibbles, odd k in their high ones);
+# `scale: fp32 [M, G]` (amax / 127, x ~= q * scale) and `qsum: int32 [M, G]`, each group's sum of q, which takes the
+# weights' zero point off once a group: sum_k q_k (w_k - z) = sum_k q_k w_k - z * qsum.
+INT8_MAX = 127.0
+
+
+@triton.jit(do_not_specialize=["M"])
+def _act_quant_int8_kernel(
+    x_ptr, q_ptr, s_ptr, sum_ptr, M, KH, stride_xm, stride_qm, stride_sm, GROUP: tl.constexpr, BLOCK_M: tl.constexpr
+):
+    HALF: tl.constexpr = GROUP // 2
+    pid_m = tl.program_id(0)
+    pid_g = tl.program_id(1)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    half = pid_g * HALF + tl.arange(0, HALF)  # this group's pairs (k = 2 * half and 2 * half + 1)
+    mask = (rows[:, None] < M) & (half[None, :] < KH)
+    x_row = x_ptr + rows[:, None].to(tl.int64) * stride_xm + 2 * half[None, :]
+    even = tl.load(x_row, mask=mask, other=0.0).to(tl.float32)
+    odd = tl.load(x_row + 1, mask=mask, other=0.0).to(tl.float32)
+    amax = tl.maximum(tl.max(tl.abs(even), axis=1), tl.max(tl.abs(odd), axis=1))
+    scale = tl.maximum(amax, 1e-10) / 127.0
+    # round half away from zero, as torch.round does not: the reference below does the same (floor(|v| + 0.5))
+    qe = tl.floor(tl.abs(even) / scale[:, None] + 0.5)
+    qo = tl.floor(tl.abs(odd) / scale[:, None] + 0.5)
+    qe = tl.where(even < 0, -qe, qe).to(tl.int32)
+    qo = tl.where(odd < 0, -qo, qo).to(tl.int32)
+    q_row = q_ptr + rows[:, None].to(tl.int64) * stride_qm + half[None, :]
+    tl.store(q_row, qe.to(tl.int8), mask=mask)
+    tl.store(q_row + KH, qo.to(tl.int8), mask=mask)
+    s_off = rows.to(tl.int64) * stride_sm + pid_g
+    tl.store(s_ptr + s_off, scale, mask=rows < M)
+    tl.store(sum_ptr + s_off, tl.sum(qe + qo, axis=1), mask=rows < M)
+
+
+def per_token_group_quant_int8(
+    x: torch.Tensor, group_size: int = 128
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x: [M, K] float, K even -> (q int8 [M, 2, K / 2], scale fp32 [M, G], qsum int32 [M, G]), G = ceil(K /
+    group_size), in the layout above; no host sync."""
+    who = "per_token_group_quant_int8"
+    check_group_quant_input(x, group_size, who)
+    if x.shape[1] % 2:
+        raise ValueError(f"{who}: K = {x.shape[1]} must be even (k pairs share a packed int4 byte)")
+    if x.stride(1) != 1:
+        x = x.contiguous()
+    M, K = x.shape
+    groups = triton.cdiv(K, group_size)
+    q = torch.empty((M, 2, K // 2), dtype=torch.int8, device=x.device)
+    scale = torch.empty((M, groups), dtype=torch.float32, device=x.device)
+    qsum = torch.empty((M, groups), dtype=torch.int32, device=x.device)
+    if M == 0 or K == 0:
+        return q, scale, qsum
+    block_m = 16
+    grid = (triton.cdiv(M, block_m), groups)
+    _act_quant_int8_kernel[grid](
+        x, q, scale, qsum, M, K // 2, x.stride(0), q.stride(0), scale.stride(0), GROUP=group_size, BLOCK_M=block_m,
+        num_warps=4,
+    )  # fmt: skip
+    return q, scale, qsum
+
+
+def per_token_group_quant_int8_reference(
+    x: torch.Tensor, group_size: int = 128
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Plain-torch twin of `per_token_group_quant_int8` (same formula, same layout)."""
+    M, K = x.shape
+    groups = -(-K // group_size)
+    padded = x.float().new_zeros(M, groups * group_size)
+    padded[:, :K] = x.float()
+    g = padded.view(M, groups, group_size)
+    scale = g.abs().amax(dim=-1).clamp(min=AMAX_MIN) / INT8_MAX
+    v = g / scale[..., None]
+    q = (torch.floor(v.abs() + 0.5) * v.sign()).to(torch.int32)
+    qsum = q.sum(dim=-1, dtype=torch.int32)
+    q = q.view(M, groups * group_size)[:, :K].to(torch.int8)
+    return torch.stack((q[:, 0::2], q[:, 1::2]), dim=1).contiguous(), scale.contiguous(), qsum.contiguous()
+
+
+def dequantize_groups_int8(q: torch.Tensor, scale: torch.Tensor, group_size: int = 128) -> torch.Tensor:
+    """(q [M, 2, K / 2], scale [M, G]) -> fp32 [M, K], k interleaved back: the value the int8 GEMMs multiply with."""
+    M, _, KH = q.shape
+    x = torch.stack((q[:, 0], q[:, 1]), dim=2).reshape(M, 2 * KH).float()
+    return x * scale.repeat_interleave(group_size, dim=1)[:, : 2 * KH]

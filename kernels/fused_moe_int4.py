@@ -39,6 +39,7 @@ from moed.kernels.int4_gemv import (
     word_major,
     zero_points,
 )
+from moed.kernels.int4_w4a8 import A8_MIN_BLOCK_K, launch_down_a8, launch_gate_up_a8
 from moed.kernels.moe_align import MoEAlignment, moe_align_block_size
 from moed.moe_configs import lookup
 
@@ -369,7 +370,7 @@ def _routes(
         config, looked_up_down = get_moe_config(config_ids or expert_to_slot.numel(), N, config_tokens, hidden.device)
         down_config = down_config or looked_up_down
         # Tables are tuned for group 128; a finer-grouped checkpoint (32, 64) takes K steps of one group.
-        config, down_config = ({**c, "BLOCK_SIZE_K": min(c["BLOCK_SIZE_K"], group)} for c in (config, down_config))
+        config, down_config = (_for_group(c, group) for c in (config, down_config))
     check_int4_config(config, group, "config")
     down_config = dict(down_config or config)
     down_config["BLOCK_SIZE_M"] = config["BLOCK_SIZE_M"]
@@ -383,6 +384,15 @@ def _routes(
         partial = torch.empty((T, K), dtype=hidden.dtype, device=hidden.device)
     launch_down(h, Int4Weight(w2, w2_scale, w2_zeros, group), partial, route_weights, align, down_config)
     return partial
+
+
+def _for_group(config: dict, group: int) -> dict:
+    """A table's entry for a checkpoint's quantisation group: K steps of at most one group, and the int8 tiles (A8)
+    only where such a step still holds two int8 MMA depths (group 32 takes the w4a16 tile of the same shape)."""
+    c = {**config, "BLOCK_SIZE_K": min(config["BLOCK_SIZE_K"], group)}
+    if c.get("A8") and c["BLOCK_SIZE_K"] < A8_MIN_BLOCK_K:
+        del c["A8"]
+    return c
 
 
 def _zero_strides(w: Int4Weight) -> tuple[torch.Tensor, tuple[int, int, int]]:
@@ -405,6 +415,9 @@ def launch_gate_up(
     grid = (num_blocks_m * triton.cdiv(N, bn // 2),)
     rows = config.get("GEMV_ROWS", 0)
     T = h.shape[0]
+    if config.get("A8"):
+        launch_gate_up_a8(hidden, w13, h, align, top_k, _meta(config, w13), config["GROUP_SIZE_M"])
+        return
     strides = (hidden.stride(0), qw.stride(0), qw.stride(1), s.stride(0), s.stride(1), s.stride(2), *zs, h.stride(0))
     meta = _meta(config, w13)
     common = (hidden, qw, s, z, h, align.sorted_ids, align.block_slot, align.num_padded, N, K // 2, T, top_k)
@@ -468,6 +481,9 @@ def launch_down(
     num_blocks_m = align.sorted_ids.numel() // bm
     grid = (num_blocks_m * triton.cdiv(H, bn),)
     rows = config.get("GEMV_ROWS", 0)
+    if config.get("A8"):
+        launch_down_a8(h, w2, partial, topk_weights, align, _meta(config, w2), config["GROUP_SIZE_M"])
+        return
     strides = (h.stride(0), qw.stride(0), qw.stride(1), s.stride(0), s.stride(1), s.stride(2), *zs, partial.stride(0))
     meta = _meta(config, w2)
     common = (h, qw, s, z, partial, topk_weights, align.sorted_ids, align.block_slot, align.num_padded, H, N // 2, T)
@@ -527,6 +543,15 @@ def check_int4_config(config: dict, group: int, name: str) -> None:
         raise ValueError(
             f"fused_moe_int4: {name}['UNPACK_BF16'] = {config['UNPACK_BF16']!r}; a bool, for the tensor-core tiles "
             "only (GEMV_ROWS 0)"
+        )
+    a8 = config.get("A8", False)
+    if not isinstance(a8, bool) or (
+        a8 and (rows or config.get("UNPACK_BF16") or config["BLOCK_SIZE_K"] < A8_MIN_BLOCK_K)
+    ):
+        raise ValueError(
+            f"fused_moe_int4: {name}['A8'] = {a8!r}; a bool, for the tensor-core tiles without UNPACK_BF16 (int8 "
+            f"activations) and BLOCK_SIZE_K >= {A8_MIN_BLOCK_K} (got GEMV_ROWS {rows}, BLOCK_SIZE_K "
+            f"{config['BLOCK_SIZE_K']})"
         )
 
 

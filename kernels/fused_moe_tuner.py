@@ -173,7 +173,10 @@ def candidates(M: int, dtype: str) -> list[dict]:
     modes = [None]
     if dtype == "fp8_w8a8":
         modes = [True, False] if M <= QUANT_IN_KERNEL_MAX_TOKENS else [False]
-    unpacks = (False, True) if dtype == INT4 and M <= UNPACK_BF16_MAX_TOKENS else (False,)
+    # int4 unpacks: the default (None), UNPACK_BF16 (decode tiles), A8 (int8 activations on the int8 tensor cores)
+    unpacks: tuple = (None,)
+    if dtype == INT4:
+        unpacks = (None, "UNPACK_BF16", "A8") if M <= UNPACK_BF16_MAX_TOKENS else (None, "A8")
     out = gemv_candidates(M) if dtype == INT4 else []
     for (bm, bn, w), st, g, q, unpack in itertools.product(tiles, stages, groups, modes, unpacks):
         c = {
@@ -187,7 +190,7 @@ def candidates(M: int, dtype: str) -> list[dict]:
         if q is not None:
             c["A_QUANT_IN_GEMM"] = q
         if unpack:
-            c["UNPACK_BF16"] = True
+            c[unpack] = True
         out.append(c)
     return out
 
@@ -252,6 +255,7 @@ def _compile_key(cfg: dict) -> tuple:
         cfg.get("SPLIT_K", 1) > 1,
         cfg.get("UNPACK_BF16", False),
         cfg.get("GEMV_WORDS", False),
+        cfg.get("A8", False),
     )
 
 
@@ -574,11 +578,12 @@ def _short(cfg: dict) -> str:
         + (f" split{cfg['SPLIT_K']}" if cfg.get("SPLIT_K", 1) > 1 else "")
         + (" bf16unpack" if cfg.get("UNPACK_BF16") else "")
         + (" words" if cfg.get("GEMV_WORDS") else "")
+        + (" a8" if cfg.get("A8") else "")
     )
 
 
 _SHORT = re.compile(
-    r"M(\d+) N(\d+) K(\d+) G(\d+) w(\d+) s(\d+)( qGEMM| qPass)?( gemv(\d+))?( split(\d+))?( bf16unpack)?( words)?"
+    r"M(\d+) N(\d+) K(\d+) G(\d+) w(\d+) s(\d+)( qGEMM| qPass)?( gemv(\d+))?( split(\d+))?( bf16unpack)?( words)?( a8)?"
 )
 _HEADER = re.compile(r"^\[(\w+) E=(\d+) N=(\d+) K=(\d+)\]")
 _ROW = re.compile(r"^\s+M=\s*(\d+): gate_up\s+[\d.]+ us (.+?) \| down\s+[\d.]+ us (.+?)\s+\(")
@@ -600,6 +605,8 @@ def _parse_short(text: str) -> dict:
         cfg["UNPACK_BF16"] = True
     if m.group(13):
         cfg["GEMV_WORDS"] = True
+    if m.group(14):
+        cfg["A8"] = True
     return cfg
 
 

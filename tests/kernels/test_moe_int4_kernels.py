@@ -175,6 +175,50 @@ def test_moe_int4_bf16_unpack_matches_reference(M):
         _run(ex, x, ids, w, table, config={**SMALL, "UNPACK_BF16": 1})
 
 
+@pytest.mark.parametrize("M", [1, 6])
+def test_moe_int4_a8_tiles_match_reference(M):
+    """A8: int8 activations (per token and K step) against the int4 nibbles on the int8 tensor cores, asymmetric and
+    symmetric, a partial last K step (K = 320 at BLOCK_K 64; N = 96), finer weight groups than the K step's scale
+    (group 64 at BLOCK_K 64 and 128-wide steps over 128 groups), routes without a slot and a poisoned output; within
+    int8 activation rounding of the w4a16 result. Refused with the CUDA-core tiles, with UNPACK_BF16 and below a
+    64-wide K step, and dropped from a table's entry for 32-wide groups."""
+    gen = torch.Generator().manual_seed(900 + M)
+    for N, K, group, bk in ((96, 320, 64, 64), (128, 256, 128, 128)):
+        for symmetric in (False, True):
+            ex, x, ids, w, table, want = _problem(gen, N, K, 4, 3, M, 7, symmetric, group=group)
+            a8 = {**SMALL, "BLOCK_SIZE_K": bk, "A8": True}
+            out = _run_poisoned(ex, x, ids, w, table, a8, a8)
+            assert rel(out, want) < 2e-2, (N, K, symmetric)
+            w4a16 = {**SMALL, "BLOCK_SIZE_K": bk}
+            assert rel(out, _run(ex, x, ids, w, table, config=w4a16, down_config=w4a16)) < 2e-2
+            assert rel(_run(ex, x, ids, w, table, config=w4a16, down_config=a8), want) < 2e-2
+    for bad in ({"GEMV_ROWS": 1}, {"UNPACK_BF16": True}, {"BLOCK_SIZE_K": 32}, {"A8": 1}):
+        with pytest.raises(ValueError, match="A8"):
+            _run(ex, x, ids, w, table, config={**SMALL, "A8": True, **bad})
+    assert "A8" not in fi._for_group({**SMALL, "BLOCK_SIZE_K": 128, "A8": True}, 32)
+    assert fi._for_group({**SMALL, "BLOCK_SIZE_K": 128, "A8": True}, 64)["A8"]
+
+
+def test_int8_group_quant_matches_reference():
+    """The int8 activation quant: split even/odd layout, per-step scale and sum of q, against its torch twin (q may
+    differ by one where a value lands on a rounding boundary in one and not the other), a partial last group."""
+    from moed.kernels import act_quant as aq
+
+    gen = torch.Generator().manual_seed(12)
+    x = (torch.randn((19, 200), generator=gen) * torch.rand((19, 1), generator=gen) * 5).to(torch.bfloat16).to(DEV)
+    x[3] = 0  # a row of zeros: scale at its floor, q = 0
+    q, s, qs = aq.per_token_group_quant_int8(x, 64)
+    rq, rs, rqs = aq.per_token_group_quant_int8_reference(x.cpu(), 64)
+    assert q.shape == (19, 2, 100) and s.shape == qs.shape == (19, 4)
+    torch.testing.assert_close(s.cpu(), rs)
+    assert (q.cpu().int() - rq.int()).abs().max() <= 1 and (qs.cpu() - rqs).abs().max() <= 4
+    assert int(q.abs().max()) == 127 and bool((q[3] == 0).all())
+    back = aq.dequantize_groups_int8(q, s, 64).cpu()
+    assert float((back - x.cpu().float()).abs().max()) <= float(rs.max()) * 0.51 + 1e-6
+    with pytest.raises(ValueError, match="even"):
+        aq.per_token_group_quant_int8(x[:, :199], 64)
+
+
 @pytest.mark.parametrize("rows, split", [(1, 1), (2, 4)])
 def test_moe_int4_gemv_words_match_reference(rows, split):
     """GEMV_WORDS: the CUDA-core tiles read 32-bit words of eight nibbles (1 + w/16 by shift and and-or, the zero

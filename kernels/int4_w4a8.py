@@ -1,0 +1,281 @@
+"""The int8 tensor-core tiles of `moed.kernels.fused_moe_int4` (config key A8): int4 experts times int8 activations.
+
+The w4a16 tiles spend ~10 sm_90 instructions a weight turning nibbles into bf16 or fp32 (byte widening, a zero-point
+subtraction, a conversion), which caps a decode step near 1 TB/s of int4 on the H100 against its ~3 TB/s of HBM.
+Here the activations are quantised per token and K step to int8 first (`per_token_group_quant_int8`: [rows, 2,
+K / 2], even k then odd k, a scale and the sum of q a step), and a packed weight tile becomes its two int8 nibble
+tiles with one 32-bit and (low) and one shift-and (high) per four bytes, inline PTX on the GPU: the int8 MMA takes
+them as they are, the zero point comes off once a K step as z * sum(q), and the scales once a step per output.
+Accuracy: the int8 activations add ~0.3% relative error a GEMM to int4's own (the CPU experts quantise their
+activations the same way, `offload/cpu_experts.py`); the tuner checks every candidate against the torch reference.
+
+Same arguments, alignment and outputs as the w4a16 kernels (`fused_moe_int4`), whose torch reference
+`moed.kernels.fused_moe_reference.fused_moe_reference` is this one's too.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from moed.formats.int4 import Int4Weight
+from moed.kernels.act_quant import per_token_group_quant_int8
+from moed.kernels.fused_moe import _tile_ids, _to_bf16
+from moed.kernels.int4_gemv import zero_points
+from moed.kernels.moe_align import MoEAlignment
+
+# int8 MMA takes K in steps of 32, so a K step's even (or odd) half must hold at least that many
+A8_MIN_BLOCK_K = 64
+
+
+@triton.jit
+def _nibble_tiles(packed, INTERPRET: tl.constexpr):
+    """(low, high) nibbles of a packed uint8 tile as int8 tiles (values 0-15). On the GPU a 32-bit and (and a shift)
+    does four bytes at once; Triton's own byte ops compile to a permute and a widening a byte."""
+    if INTERPRET:
+        return (packed & 0xF).to(tl.int8, bitcast=True), (packed >> 4).to(tl.int8, bitcast=True)
+    lo = tl.inline_asm_elementwise("and.b32 $0, $1, 0x0F0F0F0F;", "=r,r", [packed], dtype=tl.int8, is_pure=True, pack=4)
+    hi = tl.inline_asm_elementwise(
+        "{ .reg .b32 t; shr.b32 t, $1, 4; and.b32 $0, t, 0x0F0F0F0F; }",
+        "=r,r",
+        [packed],
+        dtype=tl.int8,
+        is_pure=True,
+        pack=4,
+    )
+    return lo, hi
+
+
+@triton.jit
+def _int8_step(a_even, a_odd, packed, qsum, uz, INTERPRET: tl.constexpr):
+    """sum_k q_k (w_k - z) over one K step, int32 [BM, BN]: two int8 dots (even k against the low nibbles, odd k
+    against the high ones), the zero point (stored z + 8) off once with the step's sum of q."""
+    lo, hi = _nibble_tiles(packed, INTERPRET)
+    d = tl.dot(a_even, lo, out_dtype=tl.int32)
+    d = tl.dot(a_odd, hi, d, out_dtype=tl.int32)
+    return d - qsum[:, None] * uz[None, :]
+
+
+@triton.jit(do_not_specialize=["T", "top_k", "num_blocks_m", "GROUP_M"])
+def _gate_up_int4_a8_kernel(
+    a_ptr,
+    as_ptr,
+    aq_ptr,
+    w_ptr,
+    s_ptr,
+    z_ptr,
+    h_ptr,
+    sorted_ptr,
+    block_slot_ptr,
+    num_padded_ptr,
+    N,
+    KH,
+    T,
+    top_k,
+    num_blocks_m,
+    GROUP_M,
+    group,
+    stride_am,
+    stride_asm,
+    stride_ws,
+    stride_wn,
+    stride_ss,
+    stride_sn,
+    stride_sk,
+    stride_zs,
+    stride_zn,
+    stride_zk,
+    stride_hm,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    HAS_ZP: tl.constexpr,
+    INTERPRET: tl.constexpr,
+):
+    """h[f, n] = silu(x_t . gate_slot[n]) * (x_t . up_slot[n]) for the rows f of one block, t = f // top_k, from
+    the int8 activations a [M, 2, KH] (scale and sum of q per token and K step: as, aq [M, steps])."""
+    HALF_N: tl.constexpr = BLOCK_N // 2
+    HALF_K: tl.constexpr = BLOCK_K // 2
+    num_pid_n = tl.cdiv(N, HALF_N)
+    pid_m, pid_n = _tile_ids(num_blocks_m, num_pid_n, GROUP_M)
+    if pid_m * BLOCK_M >= tl.load(num_padded_ptr):
+        return
+    slot = tl.load(block_slot_ptr + pid_m).to(tl.int64)
+    if slot < 0:
+        return
+    flat = tl.load(sorted_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M))
+    row_ok = flat < T
+    tok = (flat // top_k).to(tl.int64)
+    offs_n = pid_n * HALF_N + tl.arange(0, HALF_N)
+    n_ok = offs_n < N
+    offs_up = offs_n + N
+    offs_kh = tl.arange(0, HALF_K)
+    a_ptrs = a_ptr + tok[:, None] * stride_am + offs_kh[None, :]
+    as_ptrs = as_ptr + tok * stride_asm
+    aq_ptrs = aq_ptr + tok * stride_asm
+    wg_ptrs = w_ptr + slot * stride_ws + offs_n[None, :].to(tl.int64) * stride_wn + offs_kh[:, None]
+    wu_ptrs = wg_ptrs + N * stride_wn
+    sg_ptrs = s_ptr + slot * stride_ss + offs_n * stride_sn
+    su_ptrs = s_ptr + slot * stride_ss + offs_up * stride_sn
+    zg_ptrs = z_ptr + slot * stride_zs + (offs_n // 8) * stride_zn
+    zu_ptrs = z_ptr + slot * stride_zs + (offs_up // 8) * stride_zn
+    acc_g = tl.zeros((BLOCK_M, HALF_N), dtype=tl.float32)
+    acc_u = tl.zeros((BLOCK_M, HALF_N), dtype=tl.float32)
+    for kb in range(0, tl.cdiv(KH, HALF_K)):
+        k_ok = offs_kh < KH - kb * HALF_K
+        a_mask = row_ok[:, None] & k_ok[None, :]
+        a_even = tl.load(a_ptrs, mask=a_mask, other=0)
+        a_odd = tl.load(a_ptrs + KH, mask=a_mask, other=0)
+        wg = tl.load(wg_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0)
+        wu = tl.load(wu_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0)
+        sa = tl.load(as_ptrs + kb, mask=row_ok, other=0.0)
+        qsum = tl.load(aq_ptrs + kb, mask=row_ok, other=0)
+        g = (kb * BLOCK_K) // group
+        zg = zero_points(zg_ptrs + g * stride_zk, offs_n, n_ok, HAS_ZP)
+        zu = zero_points(zu_ptrs + g * stride_zk, offs_up, n_ok, HAS_ZP)
+        sg = tl.load(sg_ptrs + g * stride_sk, mask=n_ok, other=0.0).to(tl.float32)
+        su = tl.load(su_ptrs + g * stride_sk, mask=n_ok, other=0.0).to(tl.float32)
+        dg = _int8_step(a_even, a_odd, wg, qsum, zg, INTERPRET).to(tl.float32)
+        du = _int8_step(a_even, a_odd, wu, qsum, zu, INTERPRET).to(tl.float32)
+        acc_g += dg * sa[:, None] * sg[None, :]
+        acc_u += du * sa[:, None] * su[None, :]
+        a_ptrs += HALF_K
+        wg_ptrs += HALF_K
+        wu_ptrs += HALF_K
+    h = acc_g * tl.sigmoid(acc_g) * acc_u
+    h_ptrs = h_ptr + flat[:, None].to(tl.int64) * stride_hm + offs_n[None, :]
+    tl.store(h_ptrs, _to_bf16(h, INTERPRET), mask=row_ok[:, None] & n_ok[None, :])
+
+
+@triton.jit(do_not_specialize=["T", "num_blocks_m", "GROUP_M"])
+def _down_int4_a8_kernel(
+    a_ptr,
+    as_ptr,
+    aq_ptr,
+    w_ptr,
+    s_ptr,
+    z_ptr,
+    out_ptr,
+    topk_w_ptr,
+    sorted_ptr,
+    block_slot_ptr,
+    num_padded_ptr,
+    H,
+    NH,
+    T,
+    num_blocks_m,
+    GROUP_M,
+    group,
+    stride_am,
+    stride_asm,
+    stride_ws,
+    stride_wn,
+    stride_ss,
+    stride_sn,
+    stride_sk,
+    stride_zs,
+    stride_zn,
+    stride_zk,
+    stride_om,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    HAS_ZP: tl.constexpr,
+    INTERPRET: tl.constexpr,
+):
+    """partial[f, :] = topk_weight[f] * (h[f] . down_slot) for the rows f of one block, h as int8 [T, 2, NH]."""
+    HALF_K: tl.constexpr = BLOCK_K // 2
+    num_pid_n = tl.cdiv(H, BLOCK_N)
+    pid_m, pid_n = _tile_ids(num_blocks_m, num_pid_n, GROUP_M)
+    if pid_m * BLOCK_M >= tl.load(num_padded_ptr):
+        return
+    slot = tl.load(block_slot_ptr + pid_m).to(tl.int64)
+    if slot < 0:
+        return
+    flat = tl.load(sorted_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M))
+    row_ok = flat < T
+    rows = flat.to(tl.int64)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < H
+    offs_kh = tl.arange(0, HALF_K)
+    a_ptrs = a_ptr + rows[:, None] * stride_am + offs_kh[None, :]
+    as_ptrs = as_ptr + rows * stride_asm
+    aq_ptrs = aq_ptr + rows * stride_asm
+    w_ptrs = w_ptr + slot * stride_ws + offs_n[None, :].to(tl.int64) * stride_wn + offs_kh[:, None]
+    s_ptrs = s_ptr + slot * stride_ss + offs_n * stride_sn
+    z_ptrs = z_ptr + slot * stride_zs + (offs_n // 8) * stride_zn
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for kb in range(0, tl.cdiv(NH, HALF_K)):
+        k_ok = offs_kh < NH - kb * HALF_K
+        a_mask = row_ok[:, None] & k_ok[None, :]
+        a_even = tl.load(a_ptrs, mask=a_mask, other=0)
+        a_odd = tl.load(a_ptrs + NH, mask=a_mask, other=0)
+        w = tl.load(w_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0)
+        sa = tl.load(as_ptrs + kb, mask=row_ok, other=0.0)
+        qsum = tl.load(aq_ptrs + kb, mask=row_ok, other=0)
+        g = (kb * BLOCK_K) // group
+        z = zero_points(z_ptrs + g * stride_zk, offs_n, n_ok, HAS_ZP)
+        s = tl.load(s_ptrs + g * stride_sk, mask=n_ok, other=0.0).to(tl.float32)
+        d = _int8_step(a_even, a_odd, w, qsum, z, INTERPRET).to(tl.float32)
+        acc += d * sa[:, None] * s[None, :]
+        a_ptrs += HALF_K
+        w_ptrs += HALF_K
+    acc *= tl.load(topk_w_ptr + rows, mask=row_ok, other=0.0)[:, None]
+    out_ptrs = out_ptr + rows[:, None] * stride_om + offs_n[None, :]
+    tl.store(out_ptrs, _to_bf16(acc, INTERPRET), mask=row_ok[:, None] & n_ok[None, :])
+
+
+def _zeros(w: Int4Weight) -> tuple[torch.Tensor, tuple[int, int, int]]:
+    # Symmetric weights pass the scales as a never-read stand-in pointer (HAS_ZP is off).
+    if w.zeros is None:
+        return w.scales, (0, 0, 0)
+    return w.zeros, (w.zeros.stride(0), w.zeros.stride(1), w.zeros.stride(2))
+
+
+def _weight_strides(w: Int4Weight) -> tuple[torch.Tensor, tuple[int, ...]]:
+    """(zero-point tensor, the kernels' weight, scale and zero-point strides)."""
+    z, zs = _zeros(w)
+    qw, s = w.qweight, w.scales
+    return z, (qw.stride(0), qw.stride(1), s.stride(0), s.stride(1), s.stride(2), *zs)
+
+
+def launch_gate_up_a8(
+    hidden: torch.Tensor, w13: Int4Weight, h: torch.Tensor, align: MoEAlignment, top_k: int, meta: dict, group_m: int
+) -> None:
+    """Gate-up with int8 activations: hidden [M, K] quantised per token and K step, then h [T, N]. `meta` as
+    fused_moe_int4's `_meta` (BLOCK_* and launch options)."""
+    K = hidden.shape[1]
+    N = h.shape[1]
+    q, sa, qsum = per_token_group_quant_int8(hidden, meta["BLOCK_K"])
+    z, strides = _weight_strides(w13)
+    num_blocks_m = align.sorted_ids.numel() // meta["BLOCK_M"]
+    grid = (num_blocks_m * triton.cdiv(N, meta["BLOCK_N"] // 2),)
+    _gate_up_int4_a8_kernel[grid](
+        q, sa, qsum, w13.qweight, w13.scales, z, h, align.sorted_ids, align.block_slot, align.num_padded,
+        N, K // 2, h.shape[0], top_k, num_blocks_m, group_m, w13.group, q.stride(0), sa.stride(0), *strides,
+        h.stride(0), **meta,
+    )  # fmt: skip
+
+
+def launch_down_a8(
+    h: torch.Tensor,
+    w2: Int4Weight,
+    partial: torch.Tensor,
+    topk_weights: torch.Tensor,
+    align: MoEAlignment,
+    meta: dict,
+    group_m: int,
+) -> None:
+    """Down with int8 activations: h [T, N] quantised per route and K step, then partial [T, K]."""
+    T, N = h.shape
+    H = partial.shape[1]
+    q, sa, qsum = per_token_group_quant_int8(h, meta["BLOCK_K"])
+    z, strides = _weight_strides(w2)
+    num_blocks_m = align.sorted_ids.numel() // meta["BLOCK_M"]
+    grid = (num_blocks_m * triton.cdiv(H, meta["BLOCK_N"]),)
+    _down_int4_a8_kernel[grid](
+        q, sa, qsum, w2.qweight, w2.scales, z, partial, topk_weights, align.sorted_ids, align.block_slot,
+        align.num_padded, H, N // 2, T, num_blocks_m, group_m, w2.group, q.stride(0), sa.stride(0), *strides,
+        partial.stride(0), **meta,
+    )  # fmt: skip

@@ -365,6 +365,26 @@ def test_moe_int4_gpu_gemv_tiles_glm_shapes(M):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("M", [1, 64, 300])
+def test_moe_int4_gpu_a8_tiles_glm_shapes(M):
+    """The int8 tensor-core tiles (A8) the tuner may pick at this M, compiled for this GPU (the inline PTX nibble split
+    runs only here) at GLM-5.1's widths, against the reference."""
+    from moed.kernels.fused_moe_tuner import candidates
+
+    gen = torch.Generator(device="cuda").manual_seed(20 + M)
+    cpu_gen = torch.Generator().manual_seed(20 + M)
+    ex = experts(12, 2048, GLM_K, gen, device="cuda")
+    table, have = slot_table(257, 12, cpu_gen)
+    ids, w = routing(M, 8, have, cpu_gen)
+    x = torch.randn((M, GLM_K), generator=cpu_gen).to(torch.bfloat16).cuda()
+    want = _ref(ex, x, ids, w, table)
+    tiles = [c for c in candidates(M, "int4_w4a16") if c.get("A8") and c["num_stages"] == 3]
+    assert tiles
+    for cfg in tiles:
+        assert rel(_run(ex, x, ids, w, table, config=cfg, down_config=cfg), want) < 2e-2, cfg
+
+
+@pytest.mark.gpu
 def test_moe_int4_gpu_graph_capture_without_host_sync():
     gen = torch.Generator(device="cuda").manual_seed(11)
     cpu_gen = torch.Generator().manual_seed(11)

@@ -36,8 +36,9 @@ KEYS = ("BLOCK_SIZE_M", "BLOCK_SIZE_N", "BLOCK_SIZE_K", "GROUP_SIZE_M", "num_war
 # moed's own: FP8 activations quantised inside the GEMM (else a separate pass); int4 routes computed GEMV_ROWS at a
 # time on the CUDA cores (0 or absent: tensor-core tiles), their K steps shared by SPLIT_K programs (absent: 1); int4
 # tensor-core tiles that unpack nibbles through bf16 bits (UNPACK_BF16) instead of int-to-float conversions; int4
-# CUDA-core tiles that read 32-bit words of eight nibbles (GEMV_WORDS)
-OPTIONAL_KEYS = ("A_QUANT_IN_GEMM", "GEMV_ROWS", "SPLIT_K", "UNPACK_BF16", "GEMV_WORDS")
+# CUDA-core tiles that read 32-bit words of eight nibbles (GEMV_WORDS); int4 tensor-core tiles on int8 activations and
+# the int8 MMA (A8)
+OPTIONAL_KEYS = ("A_QUANT_IN_GEMM", "GEMV_ROWS", "SPLIT_K", "UNPACK_BF16", "GEMV_WORDS", "A8")
 # The batch sizes sglang and vLLM tune, plus 8192 for long prefill chunks.
 DEFAULT_BATCH_SIZES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 256, 512, 1024, 1536, 2048, 3072, 4096, 8192)
 
@@ -132,6 +133,12 @@ def load_table(path: Path) -> dict[int, dict]:
             raise ConfigFileError(
                 f"MoE config {path}: entry {key!r} has GEMV_WORDS={words!r}; want true or false, and false without "
                 "GEMV_ROWS"
+            )
+        a8 = cfg.get("A8", False)
+        if not isinstance(a8, bool) or (a8 and (rows or unpack)):
+            raise ConfigFileError(
+                f"MoE config {path}: entry {key!r} has A8={a8!r}; want true or false, and false with GEMV_ROWS or "
+                "UNPACK_BF16"
             )
         table[m] = {k: cfg[k] for k in (*KEYS, *OPTIONAL_KEYS) if k in cfg}
     if not table:

@@ -103,10 +103,15 @@ def test_moe_tune_int4_tries_cuda_core_tiles_for_decode_and_logs_them(tmp_path):
     words = [c for c in four if c.get("GEMV_WORDS")]
     assert words and {c["GEMV_ROWS"] for c in words} == {1}
     assert {c.get("SPLIT_K", 1) for c in words} == {1, 2, 4, 8}
+    a8 = [c for c in candidates(4, INT4) if c.get("A8")]
+    assert a8 and not any(c.get("GEMV_ROWS") or c.get("UNPACK_BF16") for c in a8)
+    assert [c for c in candidates(4096, INT4) if c.get("A8")] and not [c for c in candidates(4, "bf16") if c.get("A8")]
+    for c in a8:
+        assert _parse_short(_short(c)) == c
     split = next(c for c in four if c.get("SPLIT_K") == 4)
     path = tmp_path / "table.json"
-    path.write_text(json.dumps({"1": split, "2": words[0], "8": unpack[0]}))
-    assert lookup.load_table(path) == {1: split, 2: words[0], 8: unpack[0]}
+    path.write_text(json.dumps({"1": split, "2": words[0], "8": unpack[0], "16": a8[0]}))
+    assert lookup.load_table(path) == {1: split, 2: words[0], 8: unpack[0], 16: a8[0]}
     for bad, why in (
         ({**split, "GEMV_ROWS": 3}, "GEMV_ROWS=3"),
         ({**split, "SPLIT_K": 3}, "SPLIT_K=3; want a power of two"),
@@ -115,6 +120,7 @@ def test_moe_tune_int4_tries_cuda_core_tiles_for_decode_and_logs_them(tmp_path):
         ({**split, "UNPACK_BF16": True}, "UNPACK_BF16=True; want true or false, and false with GEMV_ROWS"),
         ({**unpack[0], "GEMV_WORDS": True}, "GEMV_WORDS=True; want true or false, and false without GEMV_ROWS"),
         ({**words[0], "GEMV_WORDS": "yes"}, "GEMV_WORDS='yes'"),
+        ({**unpack[0], "A8": True}, "A8=True; want true or false, and false with GEMV_ROWS or UNPACK_BF16"),
     ):
         path.write_text(json.dumps({"1": bad}))
         with pytest.raises(lookup.ConfigFileError, match=rf"table.json: entry '1' has {why}"):

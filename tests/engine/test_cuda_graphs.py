@@ -126,8 +126,9 @@ def test_engine_cuda_graph_replays_match_eager_steps(tiny_checkpoint, spec_steps
 def test_engine_spec_graphs_with_staggered_requests_match_unpadded_eager_steps(tiny_checkpoint, compile_decode):
     """MTP verify graphs (2 tokens a sequence) as a daemon drives them: requests arrive two a step and stop at
     different lengths, so most replays pad their bucket. Each replay's rows must match the same step run eagerly on
-    its own, unpadded context (padded rows may not leak into real ones) and no token may carry NaN logprobs.
-    Serving GLM-5.1 at depth, batched MTP gave NaN logits and garbage tokens where one stream was right."""
+    its own, unpadded context, on the attention path the graph captured (padded rows may not leak into real ones),
+    and no token may carry NaN logprobs. Serving GLM-5.1 at depth, batched MTP gave NaN logits and garbage tokens
+    where one stream was right (the cause, pins set after capture: the test below)."""
     torch._dynamo.reset()
     e = _gpu_engine(
         tiny_checkpoint,

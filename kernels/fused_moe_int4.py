@@ -416,7 +416,7 @@ def launch_gate_up(
     rows = config.get("GEMV_ROWS", 0)
     T = h.shape[0]
     if config.get("A8"):
-        launch_gate_up_a8(hidden, w13, h, align, top_k, _meta(config, w13), config["GROUP_SIZE_M"])
+        launch_gate_up_a8(hidden, w13, h, align, top_k, config, _meta(config, w13))
         return
     strides = (hidden.stride(0), qw.stride(0), qw.stride(1), s.stride(0), s.stride(1), s.stride(2), *zs, h.stride(0))
     meta = _meta(config, w13)
@@ -482,7 +482,7 @@ def launch_down(
     grid = (num_blocks_m * triton.cdiv(H, bn),)
     rows = config.get("GEMV_ROWS", 0)
     if config.get("A8"):
-        launch_down_a8(h, w2, partial, topk_weights, align, _meta(config, w2), config["GROUP_SIZE_M"])
+        launch_down_a8(h, w2, partial, topk_weights, align, config, _meta(config, w2))
         return
     strides = (h.stride(0), qw.stride(0), qw.stride(1), s.stride(0), s.stride(1), s.stride(2), *zs, partial.stride(0))
     meta = _meta(config, w2)
@@ -528,9 +528,10 @@ def check_int4_config(config: dict, group: int, name: str) -> None:
     split = config.get("SPLIT_K", 1)
     if not isinstance(split, int) or isinstance(split, bool) or split < 1 or split & (split - 1):
         raise ValueError(f"fused_moe_int4: {name}['SPLIT_K'] = {split!r}; must be a power of two >= 1")
-    if split > 1 and not rows:
+    if split > 1 and not (rows or config.get("A8")):
         raise ValueError(
-            f"fused_moe_int4: {name}['SPLIT_K'] = {split} needs GEMV_ROWS > 0 (only the CUDA-core tiles split K)"
+            f"fused_moe_int4: {name}['SPLIT_K'] = {split} needs GEMV_ROWS > 0 or A8 (the CUDA-core and int8 tiles "
+            "split K)"
         )
     if not isinstance(config.get("GEMV_WORDS", False), bool) or (config.get("GEMV_WORDS") and not rows):
         raise ValueError(

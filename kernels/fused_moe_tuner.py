@@ -179,6 +179,8 @@ def candidates(M: int, dtype: str) -> list[dict]:
         unpacks = (None, "UNPACK_BF16", "A8") if M <= UNPACK_BF16_MAX_TOKENS else (None, "A8")
     out = gemv_candidates(M) if dtype == INT4 else []
     for (bm, bn, w), st, g, q, unpack in itertools.product(tiles, stages, groups, modes, unpacks):
+        if unpack == "A8" and bm * bn > A8_TILE_ELEMENTS * 32 * w:
+            continue
         c = {
             "BLOCK_SIZE_M": bm,
             "BLOCK_SIZE_N": bn,
@@ -192,8 +194,16 @@ def candidates(M: int, dtype: str) -> list[dict]:
         if unpack:
             c[unpack] = True
         out.append(c)
+        if unpack == "A8" and M <= UNPACK_BF16_MAX_TOKENS:
+            # decode: K steps shared by several programs (a down tile walks only 16 K steps, ~3 programs an SM at M=1)
+            out += [{**c, "SPLIT_K": split} for split in A8_SPLITS]
     return out
 
+
+A8_SPLITS = (2, 4)  # SPLIT_K offered with the int8 tiles at decode sizes
+# int8 tiles hold an int32 and an fp32 accumulator an output (two of each in gate-up): past this many outputs a thread
+# the sm_90 compile spills (64x128 at 4 warps, 64x256 and 128x128 at 8: tests/kernels/test_sm90_compile.py)
+A8_TILE_ELEMENTS = 32
 
 # int4 decode on the CUDA cores (fused_moe_int4's GEMV_ROWS): routes per pass, tile columns and K step such that the
 # fp32 partial products (rows x BK/2 x BN, the down GEMM's; gate-up holds two of BN/2) stay within 32 registers a

@@ -26,7 +26,7 @@ import triton.language as tl
 from moed.formats.int4 import Int4Weight
 from moed.kernels.act_quant import per_token_group_quant_int8
 from moed.kernels.fused_moe import _tile_ids, _to_bf16
-from moed.kernels.int4_gemv import zero_points
+from moed.kernels.int4_gemv import split_k, split_k_sum, zero_points
 from moed.kernels.moe_align import MoEAlignment
 
 # int8 MMA takes K in steps of 32, so a K step's even (or odd) half must hold at least that many
@@ -61,7 +61,17 @@ def _int8_step(a_even, a_odd, packed, qsum, uz, INTERPRET: tl.constexpr):
     return d - qsum[:, None] * uz[None, :]
 
 
-@triton.jit(do_not_specialize=["T", "top_k", "num_blocks_m", "GROUP_M"])
+@triton.jit
+def _k_range(KH, HALF_K: tl.constexpr, steps, SPLIT: tl.constexpr):
+    """[first, end) K steps of this program: all of them, or with SPLIT the `steps` of split program_id(1)."""
+    total = tl.cdiv(KH, HALF_K)
+    if SPLIT:
+        kb0 = tl.program_id(1) * steps
+        return kb0, tl.minimum(kb0 + steps, total)
+    return 0, total
+
+
+@triton.jit(do_not_specialize=["T", "top_k", "num_blocks_m", "GROUP_M", "steps"])
 def _gate_up_int4_a8_kernel(
     a_ptr,
     as_ptr,
@@ -91,14 +101,20 @@ def _gate_up_int4_a8_kernel(
     stride_zn,
     stride_zk,
     stride_hm,
+    ws_ptr,
+    steps,
+    stride_wsk,
+    stride_wsm,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     HAS_ZP: tl.constexpr,
+    SPLIT: tl.constexpr,
     INTERPRET: tl.constexpr,
 ):
     """h[f, n] = silu(x_t . gate_slot[n]) * (x_t . up_slot[n]) for the rows f of one block, t = f // top_k, from
-    the int8 activations a [M, 2, KH] (scale and sum of q per token and K step: as, aq [M, steps])."""
+    the int8 activations a [M, 2, KH] (scale and sum of q per token and K step: as, aq [M, steps]). SPLIT: this
+    program takes `steps` K steps from program_id(1) * steps and writes its fp32 gate | up sums to ws instead."""
     HALF_N: tl.constexpr = BLOCK_N // 2
     HALF_K: tl.constexpr = BLOCK_K // 2
     num_pid_n = tl.cdiv(N, HALF_N)
@@ -114,11 +130,12 @@ def _gate_up_int4_a8_kernel(
     offs_n = pid_n * HALF_N + tl.arange(0, HALF_N)
     n_ok = offs_n < N
     offs_up = offs_n + N
+    kb0, kb1 = _k_range(KH, HALF_K, steps, SPLIT)
     offs_kh = tl.arange(0, HALF_K)
-    a_ptrs = a_ptr + tok[:, None] * stride_am + offs_kh[None, :]
+    a_ptrs = a_ptr + tok[:, None] * stride_am + kb0 * HALF_K + offs_kh[None, :]
     as_ptrs = as_ptr + tok * stride_asm
     aq_ptrs = aq_ptr + tok * stride_asm
-    wg_ptrs = w_ptr + slot * stride_ws + offs_n[None, :].to(tl.int64) * stride_wn + offs_kh[:, None]
+    wg_ptrs = w_ptr + slot * stride_ws + offs_n[None, :].to(tl.int64) * stride_wn + kb0 * HALF_K + offs_kh[:, None]
     wu_ptrs = wg_ptrs + N * stride_wn
     sg_ptrs = s_ptr + slot * stride_ss + offs_n * stride_sn
     su_ptrs = s_ptr + slot * stride_ss + offs_up * stride_sn
@@ -126,7 +143,7 @@ def _gate_up_int4_a8_kernel(
     zu_ptrs = z_ptr + slot * stride_zs + (offs_up // 8) * stride_zn
     acc_g = tl.zeros((BLOCK_M, HALF_N), dtype=tl.float32)
     acc_u = tl.zeros((BLOCK_M, HALF_N), dtype=tl.float32)
-    for kb in range(0, tl.cdiv(KH, HALF_K)):
+    for kb in range(kb0, kb1):
         k_ok = offs_kh < KH - kb * HALF_K
         a_mask = row_ok[:, None] & k_ok[None, :]
         a_even = tl.load(a_ptrs, mask=a_mask, other=0)
@@ -147,12 +164,18 @@ def _gate_up_int4_a8_kernel(
         a_ptrs += HALF_K
         wg_ptrs += HALF_K
         wu_ptrs += HALF_K
-    h = acc_g * tl.sigmoid(acc_g) * acc_u
-    h_ptrs = h_ptr + flat[:, None].to(tl.int64) * stride_hm + offs_n[None, :]
-    tl.store(h_ptrs, _to_bf16(h, INTERPRET), mask=row_ok[:, None] & n_ok[None, :])
+    mask = row_ok[:, None] & n_ok[None, :]
+    if SPLIT:
+        ws = ws_ptr + tl.program_id(1) * stride_wsk + flat[:, None].to(tl.int64) * stride_wsm + offs_n[None, :]
+        tl.store(ws, acc_g, mask=mask)
+        tl.store(ws + N, acc_u, mask=mask)
+    else:
+        h = acc_g * tl.sigmoid(acc_g) * acc_u
+        h_ptrs = h_ptr + flat[:, None].to(tl.int64) * stride_hm + offs_n[None, :]
+        tl.store(h_ptrs, _to_bf16(h, INTERPRET), mask=mask)
 
 
-@triton.jit(do_not_specialize=["T", "num_blocks_m", "GROUP_M"])
+@triton.jit(do_not_specialize=["T", "num_blocks_m", "GROUP_M", "steps"])
 def _down_int4_a8_kernel(
     a_ptr,
     as_ptr,
@@ -182,13 +205,19 @@ def _down_int4_a8_kernel(
     stride_zn,
     stride_zk,
     stride_om,
+    ws_ptr,
+    steps,
+    stride_wsk,
+    stride_wsm,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     HAS_ZP: tl.constexpr,
+    SPLIT: tl.constexpr,
     INTERPRET: tl.constexpr,
 ):
-    """partial[f, :] = topk_weight[f] * (h[f] . down_slot) for the rows f of one block, h as int8 [T, 2, NH]."""
+    """partial[f, :] = topk_weight[f] * (h[f] . down_slot) for the rows f of one block, h as int8 [T, 2, NH].
+    SPLIT: as in the gate-up kernel, the unweighted fp32 sums go to ws."""
     HALF_K: tl.constexpr = BLOCK_K // 2
     num_pid_n = tl.cdiv(H, BLOCK_N)
     pid_m, pid_n = _tile_ids(num_blocks_m, num_pid_n, GROUP_M)
@@ -202,15 +231,16 @@ def _down_int4_a8_kernel(
     rows = flat.to(tl.int64)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < H
+    kb0, kb1 = _k_range(NH, HALF_K, steps, SPLIT)
     offs_kh = tl.arange(0, HALF_K)
-    a_ptrs = a_ptr + rows[:, None] * stride_am + offs_kh[None, :]
+    a_ptrs = a_ptr + rows[:, None] * stride_am + kb0 * HALF_K + offs_kh[None, :]
     as_ptrs = as_ptr + rows * stride_asm
     aq_ptrs = aq_ptr + rows * stride_asm
-    w_ptrs = w_ptr + slot * stride_ws + offs_n[None, :].to(tl.int64) * stride_wn + offs_kh[:, None]
+    w_ptrs = w_ptr + slot * stride_ws + offs_n[None, :].to(tl.int64) * stride_wn + kb0 * HALF_K + offs_kh[:, None]
     s_ptrs = s_ptr + slot * stride_ss + offs_n * stride_sn
     z_ptrs = z_ptr + slot * stride_zs + (offs_n // 8) * stride_zn
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for kb in range(0, tl.cdiv(NH, HALF_K)):
+    for kb in range(kb0, kb1):
         k_ok = offs_kh < NH - kb * HALF_K
         a_mask = row_ok[:, None] & k_ok[None, :]
         a_even = tl.load(a_ptrs, mask=a_mask, other=0)
@@ -225,9 +255,13 @@ def _down_int4_a8_kernel(
         acc += d * sa[:, None] * s[None, :]
         a_ptrs += HALF_K
         w_ptrs += HALF_K
-    acc *= tl.load(topk_w_ptr + rows, mask=row_ok, other=0.0)[:, None]
-    out_ptrs = out_ptr + rows[:, None] * stride_om + offs_n[None, :]
-    tl.store(out_ptrs, _to_bf16(acc, INTERPRET), mask=row_ok[:, None] & n_ok[None, :])
+    mask = row_ok[:, None] & n_ok[None, :]
+    if SPLIT:
+        tl.store(ws_ptr + tl.program_id(1) * stride_wsk + rows[:, None] * stride_wsm + offs_n[None, :], acc, mask=mask)
+    else:
+        acc *= tl.load(topk_w_ptr + rows, mask=row_ok, other=0.0)[:, None]
+        out_ptrs = out_ptr + rows[:, None] * stride_om + offs_n[None, :]
+        tl.store(out_ptrs, _to_bf16(acc, INTERPRET), mask=mask)
 
 
 def _zeros(w: Int4Weight) -> tuple[torch.Tensor, tuple[int, int, int]]:
@@ -245,21 +279,25 @@ def _weight_strides(w: Int4Weight) -> tuple[torch.Tensor, tuple[int, ...]]:
 
 
 def launch_gate_up_a8(
-    hidden: torch.Tensor, w13: Int4Weight, h: torch.Tensor, align: MoEAlignment, top_k: int, meta: dict, group_m: int
+    hidden: torch.Tensor, w13: Int4Weight, h: torch.Tensor, align: MoEAlignment, top_k: int, config: dict, meta: dict
 ) -> None:
     """Gate-up with int8 activations: hidden [M, K] quantised per token and K step, then h [T, N]. `meta` as
-    fused_moe_int4's `_meta` (BLOCK_* and launch options)."""
+    fused_moe_int4's `_meta` (BLOCK_* and launch options); the config's SPLIT_K shares each tile's K steps among
+    that many programs, their fp32 sums added in a fixed order by a second pass."""
     K = hidden.shape[1]
-    N = h.shape[1]
+    T, N = h.shape
     q, sa, qsum = per_token_group_quant_int8(hidden, meta["BLOCK_K"])
     z, strides = _weight_strides(w13)
+    steps, splits, ws = split_k(config, K, (T, 2 * N), h.device)
     num_blocks_m = align.sorted_ids.numel() // meta["BLOCK_M"]
-    grid = (num_blocks_m * triton.cdiv(N, meta["BLOCK_N"] // 2),)
+    grid = (num_blocks_m * triton.cdiv(N, meta["BLOCK_N"] // 2), splits)
     _gate_up_int4_a8_kernel[grid](
         q, sa, qsum, w13.qweight, w13.scales, z, h, align.sorted_ids, align.block_slot, align.num_padded,
-        N, K // 2, h.shape[0], top_k, num_blocks_m, group_m, w13.group, q.stride(0), sa.stride(0), *strides,
-        h.stride(0), **meta,
+        N, K // 2, T, top_k, num_blocks_m, config["GROUP_SIZE_M"], w13.group, q.stride(0), sa.stride(0), *strides,
+        h.stride(0), ws, steps, *ws.stride()[:2], SPLIT=splits > 1, **meta,
     )  # fmt: skip
+    if splits > 1:
+        split_k_sum(ws, h, h, align, meta["BLOCK_M"], splits, gated=True)
 
 
 def launch_down_a8(
@@ -268,18 +306,22 @@ def launch_down_a8(
     partial: torch.Tensor,
     topk_weights: torch.Tensor,
     align: MoEAlignment,
+    config: dict,
     meta: dict,
-    group_m: int,
 ) -> None:
-    """Down with int8 activations: h [T, N] quantised per route and K step, then partial [T, K]."""
+    """Down with int8 activations: h [T, N] quantised per route and K step, then partial [T, K]; SPLIT_K as in
+    gate-up (the second pass applies the route weights)."""
     T, N = h.shape
     H = partial.shape[1]
     q, sa, qsum = per_token_group_quant_int8(h, meta["BLOCK_K"])
     z, strides = _weight_strides(w2)
+    steps, splits, ws = split_k(config, N, (T, H), h.device)
     num_blocks_m = align.sorted_ids.numel() // meta["BLOCK_M"]
-    grid = (num_blocks_m * triton.cdiv(H, meta["BLOCK_N"]),)
+    grid = (num_blocks_m * triton.cdiv(H, meta["BLOCK_N"]), splits)
     _down_int4_a8_kernel[grid](
         q, sa, qsum, w2.qweight, w2.scales, z, partial, topk_weights, align.sorted_ids, align.block_slot,
-        align.num_padded, H, N // 2, T, num_blocks_m, group_m, w2.group, q.stride(0), sa.stride(0), *strides,
-        partial.stride(0), **meta,
+        align.num_padded, H, N // 2, T, num_blocks_m, config["GROUP_SIZE_M"], w2.group, q.stride(0), sa.stride(0),
+        *strides, partial.stride(0), ws, steps, *ws.stride()[:2], SPLIT=splits > 1, **meta,
     )  # fmt: skip
+    if splits > 1:
+        split_k_sum(ws, partial, topk_weights, align, meta["BLOCK_M"], splits, gated=False)

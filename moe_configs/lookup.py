@@ -120,8 +120,8 @@ def load_table(path: Path) -> dict[int, dict]:
         split = cfg.get("SPLIT_K", 1)
         if not isinstance(split, int) or isinstance(split, bool) or split < 1 or split & (split - 1):
             raise ConfigFileError(f"MoE config {path}: entry {key!r} has SPLIT_K={split!r}; want a power of two >= 1")
-        if split > 1 and not rows:
-            raise ConfigFileError(f"MoE config {path}: entry {key!r} has SPLIT_K={split} without GEMV_ROWS")
+        if split > 1 and not (rows or cfg.get("A8")):
+            raise ConfigFileError(f"MoE config {path}: entry {key!r} has SPLIT_K={split} without GEMV_ROWS or A8")
         unpack = cfg.get("UNPACK_BF16", False)
         if not isinstance(unpack, bool) or (unpack and rows):
             raise ConfigFileError(

@@ -160,7 +160,8 @@ def int4_moe() -> None:
     # and the tensor-core decode tiles with the bf16-bit unpack (UNPACK_BF16), at one stage count
     gemv += [(1, c, c) for c in candidates(1, "int4_w4a16") if c.get("UNPACK_BF16") and c["num_stages"] == 3]
     # and the int8 tensor-core tiles (A8) at decode and prefill sizes
-    gemv += [(m, c, c) for m in (1, 512) for c in candidates(m, "int4_w4a16") if c.get("A8") and c["num_stages"] == 3]
+    a8 = [c for m in (1, 128, 512) for c in candidates(m, "int4_w4a16") if c.get("A8") and c["num_stages"] == 3]
+    gemv += [(1, c, c) for c in a8]
     for (m, up, down), zeros in itertools.product(_table_pairs(N, "int4_w4a16", None) + gemv, (True, False)):
         M = min(m, 64)
         ids, wts, table = _routing(M, S)

@@ -179,9 +179,9 @@ def test_moe_int4_bf16_unpack_matches_reference(M):
 def test_moe_int4_a8_tiles_match_reference(M):
     """A8: int8 activations (per token and K step) against the int4 nibbles on the int8 tensor cores, asymmetric and
     symmetric, a partial last K step (K = 320 at BLOCK_K 64; N = 96), finer weight groups than the K step's scale
-    (group 64 at BLOCK_K 64 and 128-wide steps over 128 groups), routes without a slot and a poisoned output; within
-    int8 activation rounding of the w4a16 result. Refused with the CUDA-core tiles, with UNPACK_BF16 and below a
-    64-wide K step, and dropped from a table's entry for 32-wide groups."""
+    (group 64 at BLOCK_K 64 and 128-wide steps over 128 groups), routes without a slot, a poisoned output and K split
+    among programs; within int8 activation rounding of the w4a16 result. Refused with the CUDA-core tiles, with
+    UNPACK_BF16 and below a 64-wide K step, and dropped from a table's entry for 32-wide groups."""
     gen = torch.Generator().manual_seed(900 + M)
     for N, K, group, bk in ((96, 320, 64, 64), (128, 256, 128, 128)):
         for symmetric in (False, True):
@@ -189,6 +189,9 @@ def test_moe_int4_a8_tiles_match_reference(M):
             a8 = {**SMALL, "BLOCK_SIZE_K": bk, "A8": True}
             out = _run_poisoned(ex, x, ids, w, table, a8, a8)
             assert rel(out, want) < 2e-2, (N, K, symmetric)
+            # K steps shared by programs (5 steps of 64 in 3 programs; 2 of 128 in 2), summed in a fixed order
+            split = {**a8, "SPLIT_K": 4}
+            assert rel(_run_poisoned(ex, x, ids, w, table, split, split), out) < 2e-3
             w4a16 = {**SMALL, "BLOCK_SIZE_K": bk}
             assert rel(out, _run(ex, x, ids, w, table, config=w4a16, down_config=w4a16)) < 2e-2
             assert rel(_run(ex, x, ids, w, table, config=w4a16, down_config=a8), want) < 2e-2

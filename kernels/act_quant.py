@@ -117,13 +117,20 @@ def per_token_group_quant_fp8(x: torch.Tensor, group_size: int = 128) -> tuple[t
     return q, scale
 
 
-def per_token_group_quant_fp8_reference(x: torch.Tensor, group_size: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
-    """Plain-torch twin of `per_token_group_quant_fp8` (same formula, same layout)."""
+def _padded_groups(x: torch.Tensor, group_size: int) -> torch.Tensor:
+    """x [M, K] -> fp32 [M, ceil(K / group_size), group_size], the last group zero-padded (the references' view)."""
     M, K = x.shape
     groups = -(-K // group_size)
     padded = x.float().new_zeros(M, groups * group_size)
     padded[:, :K] = x.float()
-    g = padded.view(M, groups, group_size)
+    return padded.view(M, groups, group_size)
+
+
+def per_token_group_quant_fp8_reference(x: torch.Tensor, group_size: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
+    """Plain-torch twin of `per_token_group_quant_fp8` (same formula, same layout)."""
+    M, K = x.shape
+    g = _padded_groups(x, group_size)
+    groups = g.shape[1]
     scale = g.abs().amax(dim=-1).clamp(min=AMAX_MIN) / FP8_E4M3_MAX
     q = (g / scale[..., None]).clamp(-FP8_E4M3_MAX, FP8_E4M3_MAX).view(M, groups * group_size)[:, :K]
     q = q.to(torch.float8_e4m3fn)  # (the explicit width keeps M = 0 viewable)
@@ -204,10 +211,8 @@ def per_token_group_quant_int8_reference(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Plain-torch twin of `per_token_group_quant_int8` (same formula, same layout)."""
     M, K = x.shape
-    groups = -(-K // group_size)
-    padded = x.float().new_zeros(M, groups * group_size)
-    padded[:, :K] = x.float()
-    g = padded.view(M, groups, group_size)
+    g = _padded_groups(x, group_size)
+    groups = g.shape[1]
     scale = g.abs().amax(dim=-1).clamp(min=AMAX_MIN) / INT8_MAX
     v = g / scale[..., None]
     q = (torch.floor(v.abs() + 0.5) * v.sign()).to(torch.int32)

@@ -38,6 +38,7 @@ from moed.kernels.int4_gemv import (
     split_k_sum,
     word_major,
     zero_points,
+    zero_strides,
 )
 from moed.kernels.int4_w4a8 import A8_MIN_BLOCK_K, launch_down_a8, launch_gate_up_a8
 from moed.kernels.moe_align import MoEAlignment, moe_align_block_size
@@ -395,13 +396,6 @@ def _for_group(config: dict, group: int) -> dict:
     return c
 
 
-def _zero_strides(w: Int4Weight) -> tuple[torch.Tensor, tuple[int, int, int]]:
-    # Symmetric weights pass the scales as a never-read stand-in pointer (HAS_ZP is off).
-    if w.zeros is None:
-        return w.scales, (0, 0, 0)
-    return w.zeros, (w.zeros.stride(0), w.zeros.stride(1), w.zeros.stride(2))
-
-
 def launch_gate_up(
     hidden: torch.Tensor, w13: Int4Weight, h: torch.Tensor, align: MoEAlignment, top_k: int, config: dict
 ) -> None:
@@ -409,7 +403,7 @@ def launch_gate_up(
     K = hidden.shape[1]
     N = h.shape[1]
     qw, s = w13.qweight, w13.scales
-    z, zs = _zero_strides(w13)
+    z, zs = zero_strides(w13)
     bm, bn = config["BLOCK_SIZE_M"], config["BLOCK_SIZE_N"]
     num_blocks_m = align.sorted_ids.numel() // bm
     grid = (num_blocks_m * triton.cdiv(N, bn // 2),)
@@ -476,7 +470,7 @@ def launch_down(
     T, N = h.shape
     H = partial.shape[1]
     qw, s = w2.qweight, w2.scales
-    z, zs = _zero_strides(w2)
+    z, zs = zero_strides(w2)
     bm, bn = config["BLOCK_SIZE_M"], config["BLOCK_SIZE_N"]
     num_blocks_m = align.sorted_ids.numel() // bm
     grid = (num_blocks_m * triton.cdiv(H, bn),)

@@ -17,9 +17,18 @@ import torch
 import triton
 import triton.language as tl
 
+from moed.formats.int4 import Int4Weight
 from moed.kernels.act_quant import interpreting
 from moed.kernels.fused_moe import _to_bf16
 from moed.kernels.moe_align import MoEAlignment
+
+
+def zero_strides(w: Int4Weight) -> tuple[torch.Tensor, tuple[int, int, int]]:
+    """(zero-point tensor, its three strides) as the kernels take them; symmetric weights pass the scales as a
+    never-read stand-in pointer (HAS_ZP is off)."""
+    if w.zeros is None:
+        return w.scales, (0, 0, 0)
+    return w.zeros, (w.zeros.stride(0), w.zeros.stride(1), w.zeros.stride(2))
 
 
 @triton.jit

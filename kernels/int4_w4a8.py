@@ -26,7 +26,7 @@ import triton.language as tl
 from moed.formats.int4 import Int4Weight
 from moed.kernels.act_quant import per_token_group_quant_int8
 from moed.kernels.fused_moe import _tile_ids, _to_bf16
-from moed.kernels.int4_gemv import split_k, split_k_sum, zero_points
+from moed.kernels.int4_gemv import split_k, split_k_sum, zero_points, zero_strides
 from moed.kernels.moe_align import MoEAlignment
 
 # int8 MMA takes K in steps of 32, so a K step's even (or odd) half must hold at least that many
@@ -264,16 +264,9 @@ def _down_int4_a8_kernel(
         tl.store(out_ptrs, _to_bf16(acc, INTERPRET), mask=mask)
 
 
-def _zeros(w: Int4Weight) -> tuple[torch.Tensor, tuple[int, int, int]]:
-    # Symmetric weights pass the scales as a never-read stand-in pointer (HAS_ZP is off).
-    if w.zeros is None:
-        return w.scales, (0, 0, 0)
-    return w.zeros, (w.zeros.stride(0), w.zeros.stride(1), w.zeros.stride(2))
-
-
 def _weight_strides(w: Int4Weight) -> tuple[torch.Tensor, tuple[int, ...]]:
     """(zero-point tensor, the kernels' weight, scale and zero-point strides)."""
-    z, zs = _zeros(w)
+    z, zs = zero_strides(w)
     qw, s = w.qweight, w.scales
     return z, (qw.stride(0), qw.stride(1), s.stride(0), s.stride(1), s.stride(2), *zs)
 

@@ -400,6 +400,9 @@ def launch_gate_up(
     hidden: torch.Tensor, w13: Int4Weight, h: torch.Tensor, align: MoEAlignment, top_k: int, config: dict
 ) -> None:
     """Step 2 alone (the tuner times it by itself): h [T, N] from hidden [M, K] and w13 [S, 2N, K / 2]."""
+    if config.get("A8"):
+        launch_gate_up_a8(hidden, w13, h, align, top_k, config, _meta(config, w13))
+        return
     K = hidden.shape[1]
     N = h.shape[1]
     qw, s = w13.qweight, w13.scales
@@ -409,9 +412,6 @@ def launch_gate_up(
     grid = (num_blocks_m * triton.cdiv(N, bn // 2),)
     rows = config.get("GEMV_ROWS", 0)
     T = h.shape[0]
-    if config.get("A8"):
-        launch_gate_up_a8(hidden, w13, h, align, top_k, config, _meta(config, w13))
-        return
     strides = (hidden.stride(0), qw.stride(0), qw.stride(1), s.stride(0), s.stride(1), s.stride(2), *zs, h.stride(0))
     meta = _meta(config, w13)
     common = (hidden, qw, s, z, h, align.sorted_ids, align.block_slot, align.num_padded, N, K // 2, T, top_k)
@@ -467,6 +467,9 @@ def launch_down(
     config: dict,
 ) -> None:
     """Step 3 alone: partial [T, K] = router weight * (h [T, N] . w2[slot] [K, N / 2]^T)."""
+    if config.get("A8"):
+        launch_down_a8(h, w2, partial, topk_weights, align, config, _meta(config, w2))
+        return
     T, N = h.shape
     H = partial.shape[1]
     qw, s = w2.qweight, w2.scales
@@ -475,9 +478,6 @@ def launch_down(
     num_blocks_m = align.sorted_ids.numel() // bm
     grid = (num_blocks_m * triton.cdiv(H, bn),)
     rows = config.get("GEMV_ROWS", 0)
-    if config.get("A8"):
-        launch_down_a8(h, w2, partial, topk_weights, align, config, _meta(config, w2))
-        return
     strides = (h.stride(0), qw.stride(0), qw.stride(1), s.stride(0), s.stride(1), s.stride(2), *zs, partial.stride(0))
     meta = _meta(config, w2)
     common = (h, qw, s, z, partial, topk_weights, align.sorted_ids, align.block_slot, align.num_padded, H, N // 2, T)

@@ -10,7 +10,12 @@ import torch.nn.functional as F
 
 from moed.formats.fp8 import dequantize_block_fp8
 from moed.formats.int4 import Int4Weight, dequantize_int4
-from moed.kernels.act_quant import dequantize_groups_fp8, per_token_group_quant_fp8_reference
+from moed.kernels.act_quant import (
+    dequantize_groups_fp8,
+    dequantize_groups_int8,
+    per_token_group_quant_fp8_reference,
+    per_token_group_quant_int8_reference,
+)
 
 
 def fused_moe_reference(
@@ -28,6 +33,7 @@ def fused_moe_reference(
     w13_zeros: torch.Tensor | None = None,
     w2_zeros: torch.Tensor | None = None,
     group: int = 128,
+    int8_steps: tuple[int | None, int | None] = (None, None),
 ) -> torch.Tensor:
     """Plain torch: out[t] = sum_j w[t, j] * down(silu(gate(x_t)) * up(x_t)), fp32 math on dequantised weights.
 
@@ -36,7 +42,8 @@ def fused_moe_reference(
     as `moed.kernels.fused_moe_int4` takes them). The SiLU * up product is rounded to the activation dtype (bf16)
     as the kernels store it. With quantize_activations (FP8 only), x and that product pass through
     per-token-group FP8 quantisation first, as the w8a8 kernel computes; without it, this is the
-    unquantised-activation answer the w8a8 result approximates.
+    unquantised-activation answer the w8a8 result approximates. int8_steps (int4 only): the K-step widths in which
+    the int8 tiles (config key A8) quantise x for gate-up and that product for down, None where a GEMM takes bf16.
     """
     M, K = hidden.shape
     out = torch.zeros((M, K), dtype=torch.float32, device=hidden.device)
@@ -59,6 +66,7 @@ def fused_moe_reference(
         w13_zeros,
         w2_zeros,
         group,
+        int8_steps,
     ):
         out.index_add_(0, tok, y * topk_weights[tok, j, None].float())
     return out.to(hidden.dtype)
@@ -83,6 +91,7 @@ def fused_moe_routes_reference(
     w13_zeros: torch.Tensor | None = None,
     w2_zeros: torch.Tensor | None = None,
     group: int = 128,
+    int8_steps: tuple[int | None, int | None] = (None, None),
 ) -> torch.Tensor:
     """Plain-torch `fused_moe_routes` (and `fused_moe_int4_routes`): row t * k + j = bf16(route_weights[t * k + j] *
     expert(topk_ids[t, j])(x_t)) in fp32 math; rows of ids outside [0, num_ids) are left as they are (config_*: no
@@ -109,6 +118,7 @@ def fused_moe_routes_reference(
         w13_zeros,
         w2_zeros,
         group,
+        int8_steps,
     ):
         out[tok * k + j] = (y * w[tok, j, None].float()).to(hidden.dtype)
     return out
@@ -128,14 +138,20 @@ def _expert_outputs(
     w13_zeros,
     w2_zeros,
     group,
+    int8_steps,
 ):
     """(tokens, their top-k positions, fp32 expert outputs [rows, K]) for each expert of `experts`, in id order."""
     int4 = w13.dtype == torch.uint8
     if quantize_activations and w13.dtype != torch.float8_e4m3fn:
         raise ValueError(f"fused_moe_reference: quantize_activations is for FP8 weights, not {w13.dtype}")
+    if any(int8_steps) and not int4:
+        raise ValueError(f"fused_moe_reference: int8_steps is for int4 weights, not {w13.dtype}")
     act_group = block_shape[1] if block_shape else 128
 
-    def act(x: torch.Tensor) -> torch.Tensor:
+    def act(x: torch.Tensor, step: int | None) -> torch.Tensor:
+        if step:
+            q, scale, _ = per_token_group_quant_int8_reference(x, step)
+            return dequantize_groups_int8(q, scale, step)
         if not quantize_activations:
             return x.float()
         return dequantize_groups_fp8(*per_token_group_quant_fp8_reference(x, act_group), act_group)
@@ -163,6 +179,6 @@ def _expert_outputs(
         tok, j = torch.where(ids == e)
         w_gu, w_d = slot_weights(slot)
         N = w_gu.shape[0] // 2
-        x = act(hidden[tok])
+        x = act(hidden[tok], int8_steps[0])
         h = (F.silu(x @ w_gu[:N].T) * (x @ w_gu[N:].T)).to(hidden.dtype)
-        yield tok, j, act(h) @ w_d.T
+        yield tok, j, act(h, int8_steps[1]) @ w_d.T

@@ -59,9 +59,14 @@ def _run(ex: dict, x, ids, w, table, **kw):
     return fi.fused_moe_int4(x, ex["w13"], ex["w2"], ids, w, table, **weights, **kw)
 
 
-def _ref(ex: dict, x, ids, w, table):
+def _ref(ex: dict, x, ids, w, table, int8_steps=(None, None)):
     weights = {k: v for k, v in ex.items() if k not in ("w13", "w2")}
-    return fmr.fused_moe_reference(x, ex["w13"], ex["w2"], ids, w, table, **weights)
+    return fmr.fused_moe_reference(x, ex["w13"], ex["w2"], ids, w, table, **weights, int8_steps=int8_steps)
+
+
+def _int8_steps(config: dict, down_config: dict) -> tuple[int | None, int | None]:
+    """The K steps in which the A8 tiles of these configs quantise each GEMM's activations (None: bf16)."""
+    return tuple(c["BLOCK_SIZE_K"] if c.get("A8") else None for c in (config, down_config))
 
 
 def _problem(gen, N: int, K: int, S: int, k: int, M: int, num_ids: int, symmetric: bool, group: int = 128):
@@ -189,12 +194,16 @@ def test_moe_int4_a8_tiles_match_reference(M):
             a8 = {**SMALL, "BLOCK_SIZE_K": bk, "A8": True}
             out = _run_poisoned(ex, x, ids, w, table, a8, a8)
             assert rel(out, want) < 2e-2, (N, K, symmetric)
+            # the same int8 activations in the reference: what is left is the outputs' bf16 rounding (2.7e-3 here,
+            # as for the w4a16 tiles against the plain reference; 1.5e-2 without the activations' rounding)
+            assert rel(out, _ref(ex, x, ids, w, table, (bk, bk))) < 5e-3, (N, K, symmetric)
             # K steps shared by programs (5 steps of 64 in 3 programs; 2 of 128 in 2), summed in a fixed order
             split = {**a8, "SPLIT_K": 4}
             assert rel(_run_poisoned(ex, x, ids, w, table, split, split), out) < 2e-3
             w4a16 = {**SMALL, "BLOCK_SIZE_K": bk}
             assert rel(out, _run(ex, x, ids, w, table, config=w4a16, down_config=w4a16)) < 2e-2
-            assert rel(_run(ex, x, ids, w, table, config=w4a16, down_config=a8), want) < 2e-2
+            mixed = _run(ex, x, ids, w, table, config=w4a16, down_config=a8)
+            assert rel(mixed, _ref(ex, x, ids, w, table, (None, bk))) < 5e-3
     for bad in ({"GEMV_ROWS": 1}, {"UNPACK_BF16": True}, {"BLOCK_SIZE_K": 32}, {"A8": 1}):
         with pytest.raises(ValueError, match="A8"):
             _run(ex, x, ids, w, table, config={**SMALL, "A8": True, **bad})
@@ -347,7 +356,12 @@ def test_moe_int4_gpu_glm_shapes(N, M):
     table, have = slot_table(257, 24, cpu_gen)
     ids, w = routing(M, 9, have, cpu_gen)
     x = torch.randn((M, GLM_K), generator=cpu_gen).to(torch.bfloat16).cuda()
-    assert rel(_run(ex, x, ids, w, table), _ref(ex, x, ids, w, table)) < 1e-2
+    out = _run(ex, x, ids, w, table)
+    # the shipped table's tiles: int8 activations (A8) where it picks them, held to the reference that quantises
+    # them alike, and to the bf16-activation answer within the tuner's own acceptance
+    steps = _int8_steps(*fi.get_moe_config(257, N, M, x.device))
+    assert rel(out, _ref(ex, x, ids, w, table, steps)) < 5e-3, steps
+    assert rel(out, _ref(ex, x, ids, w, table)) < (3e-2 if any(steps) else 1e-2)
 
 
 @pytest.mark.gpu
@@ -384,7 +398,9 @@ def test_moe_int4_gpu_a8_tiles_glm_shapes(M):
     tiles = [c for c in candidates(M, "int4_w4a16") if c.get("A8") and c["num_stages"] == 3]
     assert tiles
     for cfg in tiles:
-        assert rel(_run(ex, x, ids, w, table, config=cfg, down_config=cfg), want) < 2e-2, cfg
+        out = _run(ex, x, ids, w, table, config=cfg, down_config=cfg)
+        assert rel(out, want) < 3e-2, cfg
+        assert rel(out, _ref(ex, x, ids, w, table, _int8_steps(cfg, cfg))) < 5e-3, cfg
 
 
 @pytest.mark.gpu

@@ -548,6 +548,12 @@ def check_int4_config(config: dict, group: int, name: str) -> None:
             f"activations) and BLOCK_SIZE_K >= {A8_MIN_BLOCK_K} (got GEMV_ROWS {rows}, BLOCK_SIZE_K "
             f"{config['BLOCK_SIZE_K']})"
         )
+    pairs = config.get("PAIRS", False)
+    if not isinstance(pairs, bool) or (pairs and not a8):
+        raise ValueError(
+            f"fused_moe_int4: {name}['PAIRS'] = {pairs!r}; a bool, for the int8 tiles only (A8: two K steps' weights "
+            "loaded a pass)"
+        )
 
 
 def _check(hidden, w13, w2, s13, s2, z13, z2, group, topk_ids, topk_weights, expert_to_slot, out) -> None:

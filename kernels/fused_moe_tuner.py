@@ -195,8 +195,10 @@ def candidates(M: int, dtype: str) -> list[dict]:
             c[unpack] = True
         out.append(c)
         if unpack == "A8" and M <= UNPACK_BF16_MAX_TOKENS:
-            # decode: K steps shared by several programs (a down tile walks only 16 K steps, ~3 programs an SM at M=1)
+            # decode: K steps shared by several programs (a down tile walks only 16 K steps, ~3 programs an SM at M=1),
+            # and two K steps' weights loaded a pass (PAIRS: more bytes in flight a warp)
             out += [{**c, "SPLIT_K": split} for split in A8_SPLITS]
+            out += [{**c, "PAIRS": True, **({"SPLIT_K": split} if split > 1 else {})} for split in (1, *A8_SPLITS)]
     return out
 
 
@@ -266,6 +268,7 @@ def _compile_key(cfg: dict) -> tuple:
         cfg.get("UNPACK_BF16", False),
         cfg.get("GEMV_WORDS", False),
         cfg.get("A8", False),
+        cfg.get("PAIRS", False),
     )
 
 
@@ -589,11 +592,13 @@ def _short(cfg: dict) -> str:
         + (" bf16unpack" if cfg.get("UNPACK_BF16") else "")
         + (" words" if cfg.get("GEMV_WORDS") else "")
         + (" a8" if cfg.get("A8") else "")
+        + (" pairs" if cfg.get("PAIRS") else "")
     )
 
 
 _SHORT = re.compile(
     r"M(\d+) N(\d+) K(\d+) G(\d+) w(\d+) s(\d+)( qGEMM| qPass)?( gemv(\d+))?( split(\d+))?( bf16unpack)?( words)?( a8)?"
+    r"( pairs)?"
 )
 _HEADER = re.compile(r"^\[(\w+) E=(\d+) N=(\d+) K=(\d+)\]")
 _ROW = re.compile(r"^\s+M=\s*(\d+): gate_up\s+[\d.]+ us (.+?) \| down\s+[\d.]+ us (.+?)\s+\(")
@@ -617,6 +622,8 @@ def _parse_short(text: str) -> dict:
         cfg["GEMV_WORDS"] = True
     if m.group(14):
         cfg["A8"] = True
+    if m.group(15):
+        cfg["PAIRS"] = True
     return cfg
 
 

@@ -62,6 +62,23 @@ def _int8_step(a_even, a_odd, packed, qsum, uz, INTERPRET: tl.constexpr):
 
 
 @triton.jit
+def _w_tile(ptrs, offs_kh, n_ok, k_left, live):
+    """A packed weight tile [HALF_K, BN] of a K step `k_left` half-columns from the end (zeros unless `live`). The
+    masks fold `live` into a bound: the interpreter takes a mask of a Python bool and a tensor as int."""
+    return tl.load(ptrs, mask=(offs_kh < k_left * live)[:, None] & n_ok[None, :], other=0)
+
+
+@triton.jit
+def _a_step(a_ptrs, as_ptrs, aq_ptrs, kb, row_ok, k_ok, live, KH):
+    """One K step's int8 activations of a block's rows: (even k, odd k, scale, sum of q), zeros unless `live`."""
+    rows = row_ok & (tl.arange(0, row_ok.shape[0]) < row_ok.shape[0] * live)
+    a_mask = rows[:, None] & k_ok[None, :]
+    a_even = tl.load(a_ptrs, mask=a_mask, other=0)
+    a_odd = tl.load(a_ptrs + KH, mask=a_mask, other=0)
+    return a_even, a_odd, tl.load(as_ptrs + kb, mask=rows, other=0.0), tl.load(aq_ptrs + kb, mask=rows, other=0)
+
+
+@triton.jit
 def _k_range(KH, HALF_K: tl.constexpr, steps, SPLIT: tl.constexpr):
     """[first, end) K steps of this program: all of them, or with SPLIT the `steps` of split program_id(1)."""
     total = tl.cdiv(KH, HALF_K)
@@ -69,6 +86,36 @@ def _k_range(KH, HALF_K: tl.constexpr, steps, SPLIT: tl.constexpr):
         kb0 = tl.program_id(1) * steps
         return kb0, tl.minimum(kb0 + steps, total)
     return 0, total
+
+
+@triton.jit
+def _gate_up_step(
+    acc_g, acc_u, wg, wu, a_ptrs, as_ptrs, aq_ptrs, kb, row_ok, k_ok, live, KH, zg_ptrs, zu_ptrs, sg_ptrs, su_ptrs,
+    offs_n, offs_up, n_ok, g, stride_zk, stride_sk, HAS_ZP: tl.constexpr, INTERPRET: tl.constexpr,
+):  # fmt: skip
+    """Gate-up's K step `kb` (weight group g) added into (acc_g, acc_u); adds zeros unless `live` (its activation
+    scale is then 0, and g an in-bounds group)."""
+    a_even, a_odd, sa, qsum = _a_step(a_ptrs, as_ptrs, aq_ptrs, kb, row_ok, k_ok, live, KH)
+    zg = zero_points(zg_ptrs + g * stride_zk, offs_n, n_ok, HAS_ZP)
+    zu = zero_points(zu_ptrs + g * stride_zk, offs_up, n_ok, HAS_ZP)
+    sg = tl.load(sg_ptrs + g * stride_sk, mask=n_ok, other=0.0).to(tl.float32)
+    su = tl.load(su_ptrs + g * stride_sk, mask=n_ok, other=0.0).to(tl.float32)
+    dg = _int8_step(a_even, a_odd, wg, qsum, zg, INTERPRET).to(tl.float32)
+    du = _int8_step(a_even, a_odd, wu, qsum, zu, INTERPRET).to(tl.float32)
+    return acc_g + dg * sa[:, None] * sg[None, :], acc_u + du * sa[:, None] * su[None, :]
+
+
+@triton.jit
+def _down_step(
+    acc, w, a_ptrs, as_ptrs, aq_ptrs, kb, row_ok, k_ok, live, NH, z_ptrs, s_ptrs, offs_n, n_ok, g, stride_zk,
+    stride_sk, HAS_ZP: tl.constexpr, INTERPRET: tl.constexpr,
+):  # fmt: skip
+    """Down's K step `kb` (weight group g) added into acc; adds zeros unless `live`, as in `_gate_up_step`."""
+    a_even, a_odd, sa, qsum = _a_step(a_ptrs, as_ptrs, aq_ptrs, kb, row_ok, k_ok, live, NH)
+    z = zero_points(z_ptrs + g * stride_zk, offs_n, n_ok, HAS_ZP)
+    s = tl.load(s_ptrs + g * stride_sk, mask=n_ok, other=0.0).to(tl.float32)
+    d = _int8_step(a_even, a_odd, w, qsum, z, INTERPRET).to(tl.float32)
+    return acc + d * sa[:, None] * s[None, :]
 
 
 @triton.jit(do_not_specialize=["T", "top_k", "num_blocks_m", "GROUP_M", "steps"])
@@ -110,11 +157,16 @@ def _gate_up_int4_a8_kernel(
     BLOCK_K: tl.constexpr,
     HAS_ZP: tl.constexpr,
     SPLIT: tl.constexpr,
+    PAIRS: tl.constexpr,
     INTERPRET: tl.constexpr,
 ):
     """h[f, n] = silu(x_t . gate_slot[n]) * (x_t . up_slot[n]) for the rows f of one block, t = f // top_k, from
     the int8 activations a [M, 2, KH] (scale and sum of q per token and K step: as, aq [M, steps]). SPLIT: this
-    program takes `steps` K steps from program_id(1) * steps and writes its fp32 gate | up sums to ws instead."""
+    program takes `steps` K steps from program_id(1) * steps and writes its fp32 gate | up sums to ws instead.
+    PAIRS: a loop pass loads two K steps' weight tiles before the first one's math, so a warp keeps twice the bytes
+    in flight (the compiler's pipelining stages the activations only: the weights pass through the nibble split
+    before their MMA). Carrying a prefetched tile across passes instead costs ~70% more instructions (byte
+    permutes repacking the loop-carried bytes, sm_90 SASS)."""
     HALF_N: tl.constexpr = BLOCK_N // 2
     HALF_K: tl.constexpr = BLOCK_K // 2
     num_pid_n = tl.cdiv(N, HALF_N)
@@ -132,10 +184,10 @@ def _gate_up_int4_a8_kernel(
     offs_up = offs_n + N
     kb0, kb1 = _k_range(KH, HALF_K, steps, SPLIT)
     offs_kh = tl.arange(0, HALF_K)
-    a_ptrs = a_ptr + tok[:, None] * stride_am + kb0 * HALF_K + offs_kh[None, :]
+    a_ptrs = a_ptr + tok[:, None] * stride_am + offs_kh[None, :]
     as_ptrs = as_ptr + tok * stride_asm
     aq_ptrs = aq_ptr + tok * stride_asm
-    wg_ptrs = w_ptr + slot * stride_ws + offs_n[None, :].to(tl.int64) * stride_wn + kb0 * HALF_K + offs_kh[:, None]
+    wg_ptrs = w_ptr + slot * stride_ws + offs_n[None, :].to(tl.int64) * stride_wn + offs_kh[:, None]
     wu_ptrs = wg_ptrs + N * stride_wn
     sg_ptrs = s_ptr + slot * stride_ss + offs_n * stride_sn
     su_ptrs = s_ptr + slot * stride_ss + offs_up * stride_sn
@@ -143,27 +195,25 @@ def _gate_up_int4_a8_kernel(
     zu_ptrs = z_ptr + slot * stride_zs + (offs_up // 8) * stride_zn
     acc_g = tl.zeros((BLOCK_M, HALF_N), dtype=tl.float32)
     acc_u = tl.zeros((BLOCK_M, HALF_N), dtype=tl.float32)
-    for kb in range(kb0, kb1):
-        k_ok = offs_kh < KH - kb * HALF_K
-        a_mask = row_ok[:, None] & k_ok[None, :]
-        a_even = tl.load(a_ptrs, mask=a_mask, other=0)
-        a_odd = tl.load(a_ptrs + KH, mask=a_mask, other=0)
-        wg = tl.load(wg_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0)
-        wu = tl.load(wu_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0)
-        sa = tl.load(as_ptrs + kb, mask=row_ok, other=0.0)
-        qsum = tl.load(aq_ptrs + kb, mask=row_ok, other=0)
-        g = (kb * BLOCK_K) // group
-        zg = zero_points(zg_ptrs + g * stride_zk, offs_n, n_ok, HAS_ZP)
-        zu = zero_points(zu_ptrs + g * stride_zk, offs_up, n_ok, HAS_ZP)
-        sg = tl.load(sg_ptrs + g * stride_sk, mask=n_ok, other=0.0).to(tl.float32)
-        su = tl.load(su_ptrs + g * stride_sk, mask=n_ok, other=0.0).to(tl.float32)
-        dg = _int8_step(a_even, a_odd, wg, qsum, zg, INTERPRET).to(tl.float32)
-        du = _int8_step(a_even, a_odd, wu, qsum, zu, INTERPRET).to(tl.float32)
-        acc_g += dg * sa[:, None] * sg[None, :]
-        acc_u += du * sa[:, None] * su[None, :]
-        a_ptrs += HALF_K
-        wg_ptrs += HALF_K
-        wu_ptrs += HALF_K
+    for kb in range(kb0, kb1, 2 if PAIRS else 1):
+        k_left = KH - kb * HALF_K
+        wg = _w_tile(wg_ptrs + kb * HALF_K, offs_kh, n_ok, k_left, kb < kb1)
+        wu = _w_tile(wu_ptrs + kb * HALF_K, offs_kh, n_ok, k_left, kb < kb1)
+        if PAIRS:  # the pair's second step (none past this program's last): its tiles load before the first's math
+            live = kb + 1 < kb1
+            wg2 = _w_tile(wg_ptrs + (kb + 1) * HALF_K, offs_kh, n_ok, k_left - HALF_K, live)
+            wu2 = _w_tile(wu_ptrs + (kb + 1) * HALF_K, offs_kh, n_ok, k_left - HALF_K, live)
+        acc_g, acc_u = _gate_up_step(
+            acc_g, acc_u, wg, wu, a_ptrs + kb * HALF_K, as_ptrs, aq_ptrs, kb, row_ok, offs_kh < k_left, kb < kb1, KH,
+            zg_ptrs, zu_ptrs, sg_ptrs, su_ptrs, offs_n, offs_up, n_ok, (kb * BLOCK_K) // group, stride_zk, stride_sk,
+            HAS_ZP, INTERPRET,
+        )  # fmt: skip
+        if PAIRS:
+            acc_g, acc_u = _gate_up_step(
+                acc_g, acc_u, wg2, wu2, a_ptrs + (kb + 1) * HALF_K, as_ptrs, aq_ptrs, kb + 1, row_ok,
+                offs_kh < k_left - HALF_K, live, KH, zg_ptrs, zu_ptrs, sg_ptrs, su_ptrs, offs_n, offs_up, n_ok,
+                ((kb + live) * BLOCK_K) // group, stride_zk, stride_sk, HAS_ZP, INTERPRET,
+            )  # fmt: skip
     mask = row_ok[:, None] & n_ok[None, :]
     if SPLIT:
         ws = ws_ptr + tl.program_id(1) * stride_wsk + flat[:, None].to(tl.int64) * stride_wsm + offs_n[None, :]
@@ -214,10 +264,11 @@ def _down_int4_a8_kernel(
     BLOCK_K: tl.constexpr,
     HAS_ZP: tl.constexpr,
     SPLIT: tl.constexpr,
+    PAIRS: tl.constexpr,
     INTERPRET: tl.constexpr,
 ):
     """partial[f, :] = topk_weight[f] * (h[f] . down_slot) for the rows f of one block, h as int8 [T, 2, NH].
-    SPLIT: as in the gate-up kernel, the unweighted fp32 sums go to ws."""
+    SPLIT: as in the gate-up kernel, the unweighted fp32 sums go to ws; PAIRS as there."""
     HALF_K: tl.constexpr = BLOCK_K // 2
     num_pid_n = tl.cdiv(H, BLOCK_N)
     pid_m, pid_n = _tile_ids(num_blocks_m, num_pid_n, GROUP_M)
@@ -233,28 +284,29 @@ def _down_int4_a8_kernel(
     n_ok = offs_n < H
     kb0, kb1 = _k_range(NH, HALF_K, steps, SPLIT)
     offs_kh = tl.arange(0, HALF_K)
-    a_ptrs = a_ptr + rows[:, None] * stride_am + kb0 * HALF_K + offs_kh[None, :]
+    a_ptrs = a_ptr + rows[:, None] * stride_am + offs_kh[None, :]
     as_ptrs = as_ptr + rows * stride_asm
     aq_ptrs = aq_ptr + rows * stride_asm
-    w_ptrs = w_ptr + slot * stride_ws + offs_n[None, :].to(tl.int64) * stride_wn + kb0 * HALF_K + offs_kh[:, None]
+    w_ptrs = w_ptr + slot * stride_ws + offs_n[None, :].to(tl.int64) * stride_wn + offs_kh[:, None]
     s_ptrs = s_ptr + slot * stride_ss + offs_n * stride_sn
     z_ptrs = z_ptr + slot * stride_zs + (offs_n // 8) * stride_zn
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for kb in range(kb0, kb1):
-        k_ok = offs_kh < NH - kb * HALF_K
-        a_mask = row_ok[:, None] & k_ok[None, :]
-        a_even = tl.load(a_ptrs, mask=a_mask, other=0)
-        a_odd = tl.load(a_ptrs + NH, mask=a_mask, other=0)
-        w = tl.load(w_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0)
-        sa = tl.load(as_ptrs + kb, mask=row_ok, other=0.0)
-        qsum = tl.load(aq_ptrs + kb, mask=row_ok, other=0)
-        g = (kb * BLOCK_K) // group
-        z = zero_points(z_ptrs + g * stride_zk, offs_n, n_ok, HAS_ZP)
-        s = tl.load(s_ptrs + g * stride_sk, mask=n_ok, other=0.0).to(tl.float32)
-        d = _int8_step(a_even, a_odd, w, qsum, z, INTERPRET).to(tl.float32)
-        acc += d * sa[:, None] * s[None, :]
-        a_ptrs += HALF_K
-        w_ptrs += HALF_K
+    for kb in range(kb0, kb1, 2 if PAIRS else 1):
+        k_left = NH - kb * HALF_K
+        w = _w_tile(w_ptrs + kb * HALF_K, offs_kh, n_ok, k_left, kb < kb1)
+        if PAIRS:
+            live = kb + 1 < kb1
+            w2 = _w_tile(w_ptrs + (kb + 1) * HALF_K, offs_kh, n_ok, k_left - HALF_K, live)
+        acc = _down_step(
+            acc, w, a_ptrs + kb * HALF_K, as_ptrs, aq_ptrs, kb, row_ok, offs_kh < k_left, kb < kb1, NH, z_ptrs, s_ptrs,
+            offs_n, n_ok, (kb * BLOCK_K) // group, stride_zk, stride_sk, HAS_ZP, INTERPRET,
+        )  # fmt: skip
+        if PAIRS:
+            acc = _down_step(
+                acc, w2, a_ptrs + (kb + 1) * HALF_K, as_ptrs, aq_ptrs, kb + 1, row_ok, offs_kh < k_left - HALF_K,
+                live, NH, z_ptrs, s_ptrs, offs_n, n_ok, ((kb + live) * BLOCK_K) // group, stride_zk, stride_sk, HAS_ZP,
+                INTERPRET,
+            )  # fmt: skip
     mask = row_ok[:, None] & n_ok[None, :]
     if SPLIT:
         tl.store(ws_ptr + tl.program_id(1) * stride_wsk + rows[:, None] * stride_wsm + offs_n[None, :], acc, mask=mask)
@@ -287,7 +339,7 @@ def launch_gate_up_a8(
     _gate_up_int4_a8_kernel[grid](
         q, sa, qsum, w13.qweight, w13.scales, z, h, align.sorted_ids, align.block_slot, align.num_padded,
         N, K // 2, T, top_k, num_blocks_m, config["GROUP_SIZE_M"], w13.group, q.stride(0), sa.stride(0), *strides,
-        h.stride(0), ws, steps, *ws.stride()[:2], SPLIT=splits > 1, **meta,
+        h.stride(0), ws, steps, *ws.stride()[:2], SPLIT=splits > 1, PAIRS=config.get("PAIRS", False), **meta,
     )  # fmt: skip
     if splits > 1:
         split_k_sum(ws, h, h, align, meta["BLOCK_M"], splits, gated=True)
@@ -314,7 +366,8 @@ def launch_down_a8(
     _down_int4_a8_kernel[grid](
         q, sa, qsum, w2.qweight, w2.scales, z, partial, topk_weights, align.sorted_ids, align.block_slot,
         align.num_padded, H, N // 2, T, num_blocks_m, config["GROUP_SIZE_M"], w2.group, q.stride(0), sa.stride(0),
-        *strides, partial.stride(0), ws, steps, *ws.stride()[:2], SPLIT=splits > 1, **meta,
+        *strides, partial.stride(0), ws, steps, *ws.stride()[:2], SPLIT=splits > 1,
+        PAIRS=config.get("PAIRS", False), **meta,
     )  # fmt: skip
     if splits > 1:
         split_k_sum(ws, partial, topk_weights, align, meta["BLOCK_M"], splits, gated=False)

@@ -38,7 +38,7 @@ KEYS = ("BLOCK_SIZE_M", "BLOCK_SIZE_N", "BLOCK_SIZE_K", "GROUP_SIZE_M", "num_war
 # tensor-core tiles that unpack nibbles through bf16 bits (UNPACK_BF16) instead of int-to-float conversions; int4
 # CUDA-core tiles that read 32-bit words of eight nibbles (GEMV_WORDS); int4 tensor-core tiles on int8 activations and
 # the int8 MMA (A8)
-OPTIONAL_KEYS = ("A_QUANT_IN_GEMM", "GEMV_ROWS", "SPLIT_K", "UNPACK_BF16", "GEMV_WORDS", "A8")
+OPTIONAL_KEYS = ("A_QUANT_IN_GEMM", "GEMV_ROWS", "SPLIT_K", "UNPACK_BF16", "GEMV_WORDS", "A8", "PAIRS")
 # The batch sizes sglang and vLLM tune, plus 8192 for long prefill chunks.
 DEFAULT_BATCH_SIZES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 256, 512, 1024, 1536, 2048, 3072, 4096, 8192)
 
@@ -139,6 +139,11 @@ def load_table(path: Path) -> dict[int, dict]:
             raise ConfigFileError(
                 f"MoE config {path}: entry {key!r} has A8={a8!r}; want true or false, and false with GEMV_ROWS or "
                 "UNPACK_BF16"
+            )
+        pairs = cfg.get("PAIRS", False)
+        if not isinstance(pairs, bool) or (pairs and not a8):
+            raise ConfigFileError(
+                f"MoE config {path}: entry {key!r} has PAIRS={pairs!r}; want true or false, and false without A8"
             )
         table[m] = {k: cfg[k] for k in (*KEYS, *OPTIONAL_KEYS) if k in cfg}
     if not table:

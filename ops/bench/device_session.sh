@@ -15,7 +15,8 @@
 # have copied). Everything goes to $RUN (/tmp/session): gpu_tests.log, gpu_kernel_tests.log, depth/ (the pipeline's
 # report.txt, results.json), offload.{log,json}, split.{log,json}, moe_configs/.
 # Knobs: DEADLINE_S (whole session, 900), PIPE_S (the pipeline's BUDGET_S, 700), TESTS_S (300); SKIP_TESTS,
-# SKIP_PIPE, SKIP_OFFLOAD; BEFORE_DIR (before_after.sh's output under $RUN/before_after), TESTS_AFTER; OFFLOAD_ONLY
+# SKIP_PIPE, SKIP_OFFLOAD; GPU_TESTS (paths of the gpu-marked tests, tests), KERNEL_TESTS (the compiled kernel tests'
+# files); BEFORE_DIR (before_after.sh's output under $RUN/before_after), TESTS_AFTER; OFFLOAD_ONLY
 # (ceil,cpu,int4), SPLIT_ONLY (none: the column split measured 0.81-0.93x on 2026-12-07; ceil,cpu,split reruns it);
 # INT4_TUNE (1: the int4 entry tunes its kernel first, tables under
 # $RUN/moe_configs);
@@ -60,20 +61,24 @@ if ls .whl/*.whl > /dev/null 2>&1; then
 fi
 python3 -m pip install -q --no-deps --no-build-isolation -e . > "$RUN/install.log" 2>&1 || tail -n 5 "$RUN/install.log"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$RUN/gpu.txt"
+echo "cpus $(nproc), cgroup cpu.max $(cat /sys/fs/cgroup/cpu.max 2> /dev/null || echo unknown)" | tee -a "$RUN/gpu.txt"
 TESTS_PID=""
 start_tests() {  # in the background, capped at TESTS_S and at what is left of DEADLINE_S
     local cap=$((DEADLINE_S - SECONDS - 10))
     [ "$cap" -gt "${TESTS_S:-300}" ] && cap=${TESTS_S:-300}
     (
         t0=$SECONDS
-        timeout "$cap" python3 -m pytest -p no:cacheprovider -rfE -v --continue-on-collection-errors -m gpu tests > "$RUN/gpu_tests.log" 2>&1
+        # shellcheck disable=SC2086
+        timeout "$cap" python3 -m pytest -p no:cacheprovider -rfE -v --durations=15 --continue-on-collection-errors -m gpu \
+            ${GPU_TESTS:-tests} > "$RUN/gpu_tests.log" 2>&1
         rc=$?
         # the kernel-vs-reference tests that pick CUDA where there is one (not gpu-marked: the CPU runs them
         # interpreted), compiled here, in what is left of the cap
         left=$((cap - (SECONDS - t0)))
         if [ "$left" -gt 20 ]; then
-            timeout "$left" python3 -m pytest -p no:cacheprovider -rfE -q -m "not gpu" tests/attention/test_kernels.py \
-                tests/kernels/test_moe_kernels.py tests/kernels/test_moe_int4_kernels.py tests/kernels/test_fp8_linear.py \
+            # shellcheck disable=SC2086
+            timeout "$left" python3 -m pytest -p no:cacheprovider -rfE -q -m "not gpu" ${KERNEL_TESTS:-tests/attention/test_kernels.py \
+                tests/kernels/test_moe_kernels.py tests/kernels/test_moe_int4_kernels.py tests/kernels/test_fp8_linear.py} \
                 > "$RUN/gpu_kernel_tests.log" 2>&1
             echo "kernel tests on the GPU: rc=$?" >> "$RUN/gpu_tests.log"
         fi
@@ -100,6 +105,12 @@ if [ "${SKIP_PIPE:-0}" != 1 ]; then
     echo "session: pipeline done at +${SECONDS}s"
 fi
 [ -n "$TESTS_PID" ] && wait "$TESTS_PID"
+# the busiest threads every 10 s while the benches run: a timed stage that meets a busy CPU says so
+(while [ ! -f "$RUN/done" ]; do
+    # top's second pass: CPU over that second (ps gives each thread's lifetime average)
+    { date +%T; top -b -H -n 2 -d 1 -w 120 | awk '/^top/ {n++} n == 2' | head -n 20; } >> "$RUN/threads.log" 2>&1
+    sleep 9
+done) &
 for spec in "${OFFLOAD_ONLY:-ceil,cpu,int4}:offload" "${SPLIT_ONLY:-none}:split"; do
     only=${spec%%:*} name=${spec##*:}
     left=$((DEADLINE_S - SECONDS))

@@ -116,7 +116,33 @@ def runner_rates(r: OffloadMoERunner) -> dict:
     }
 
 
+def server_jobs(r: OffloadMoERunner, n: int) -> dict:
+    """What the CPU expert server measured over its last `n` jobs (after the device drained): time a job, experts a
+    job, their read rate, and the period between job starts (a step as the CPU sees it). Empty for a copy-only
+    runner."""
+    h = r.hybrid
+    if h is None:
+        return {}
+    h.refresh()
+    jobs = [j for j in list(h.split_log)[-n:] if j["cpu"] + j["split"] > 0]
+    if not jobs:
+        return {"server_jobs": 0}
+    busy = sum(j["cpu_s"] for j in jobs)
+    experts = sum(j["cpu"] + j["split"] for j in jobs)
+    starts = [j["t_start"] for j in jobs]
+    return {
+        "server_jobs": len(jobs),
+        "server_job_ms": busy / len(jobs) * 1e3,
+        "server_experts_per_job": experts / len(jobs),
+        "server_GBps": experts * r.layout.expert_bytes / busy / 1e9 if busy > 0 else 0.0,
+        "server_period_ms": (starts[-1] - starts[0]) / (len(starts) - 1) * 1e3 if len(starts) > 1 else 0.0,
+    }
+
+
 def make_runner(cfg, store, slots, cache_cfg=None, cpu=None) -> OffloadMoERunner:
+    """One layer's runner with `slots` cache slots. By default no slot may be pinned: the bench's caches are a layer's
+    k experts (nothing cached), where the engine's pin budget (half the slots) would split a step's misses into two
+    rounds that an engine cache of the real model's size (~18 slots a layer) serves in one."""
     r = OffloadMoERunner(
         cfg,
         layers=[LAYER],
@@ -124,7 +150,7 @@ def make_runner(cfg, store, slots, cache_cfg=None, cpu=None) -> OffloadMoERunner
         slots=slots,
         store=store,
         expert_dtype="int4" if store.layout.is_int4 else "checkpoint",
-        cache=cache_cfg or CacheConfig(),
+        cache=cache_cfg or CacheConfig(pin_fraction=0.0),
         cpu=cpu,
     )
     r.finish_loading()

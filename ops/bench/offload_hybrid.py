@@ -25,7 +25,7 @@ from moed.offload.host_store import ExpertLayout, HostExpertStore
 from moed.offload.hybrid import CpuConfig
 from moed.offload.stats import summarize
 from moed.offload.traces import uniform_trace
-from moed.ops.bench.offload_common import LAYER, make_runner, runner_rates, uva_copier, wall
+from moed.ops.bench.offload_common import LAYER, make_runner, runner_rates, server_jobs, uva_copier, wall
 
 log = logging.getLogger("bench.offload")
 
@@ -182,6 +182,7 @@ def hybrid_runs(cfg, store, ceil: dict, cpu_measure: dict, args) -> dict:
         torch.cuda.synchronize()
         t = (time.perf_counter() - t0) / steps
         after = summarize(r.stats())
+        jobs = server_jobs(r, steps)  # the eager steps' CPU jobs, as the server timed them
         miss = (after["misses"] - before["misses"]) / steps
         miss_bytes = miss * L.expert_bytes
         rate = min(cpu_rate + copy_rate, ceil["host_read_GBps"] * 1e9) if cpu is not None else copy_rate
@@ -215,6 +216,7 @@ def hybrid_runs(cfg, store, ceil: dict, cpu_measure: dict, args) -> dict:
             "bound_ms": miss_bytes / rate * 1e3,
             "cpu_experts_per_step": (after["cpu_experts"] - before["cpu_experts"]) / steps,
             **runner_rates(r),
+            **jobs,
         }
         log.info("%s %s", name, out[name])
         r.close()

@@ -102,7 +102,7 @@ def print_int4(res: dict) -> None:
     )
     print(
         "nothing-cached batch-1 layer   int4 eager / graph ms   FP8 graph ms   int4 miss GB/s  vs ceiling (at once / "
-        "apart)"
+        "apart)   CPU job ms, experts, GB/s (server's clock, eager)"
     )
     for m in [m for m in hy if isinstance(hy[m], dict) and "graph_ms" in hy[m]]:
         r, f = hy[m], fp8.get(m, {})
@@ -110,6 +110,11 @@ def print_int4(res: dict) -> None:
         print(
             f"  {m:24s} {r['ms']:8.2f} / {r['graph_ms']:6.2f}   {fg:>12s}   {r['graph_miss_GBps']:13.1f}  "
             f"{r['graph_vs_joint']:6.0%} / {r['graph_vs_service']:.0%}"
+            + (
+                f"   {r['server_job_ms']:.2f}, {r['server_experts_per_job']:.1f}, {r['server_GBps']:.1f}"
+                if r.get("server_jobs")
+                else ""
+            )
         )
     sm = i4["summary"]
     print(

@@ -184,9 +184,10 @@ def test_moe_int4_bf16_unpack_matches_reference(M):
 def test_moe_int4_a8_tiles_match_reference(M):
     """A8: int8 activations (per token and K step) against the int4 nibbles on the int8 tensor cores, asymmetric and
     symmetric, a partial last K step (K = 320 at BLOCK_K 64; N = 96), finer weight groups than the K step's scale
-    (group 64 at BLOCK_K 64 and 128-wide steps over 128 groups), routes without a slot, a poisoned output and K split
-    among programs; within int8 activation rounding of the w4a16 result. Refused with the CUDA-core tiles, with
-    UNPACK_BF16 and below a 64-wide K step, and dropped from a table's entry for 32-wide groups."""
+    (group 64 at BLOCK_K 64 and 128-wide steps over 128 groups), routes without a slot, a poisoned output, K split
+    among programs and two K steps a pass (PAIRS); within the outputs' bf16 rounding of the reference that quantises
+    the activations alike. Refused with the CUDA-core tiles, with UNPACK_BF16, below a 64-wide K step and PAIRS
+    without A8; dropped from a table's entry for 32-wide groups."""
     gen = torch.Generator().manual_seed(900 + M)
     for N, K, group, bk in ((96, 320, 64, 64), (128, 256, 128, 128)):
         for symmetric in (False, True):
@@ -200,6 +201,9 @@ def test_moe_int4_a8_tiles_match_reference(M):
             # K steps shared by programs (5 steps of 64 in 3 programs; 2 of 128 in 2), summed in a fixed order
             split = {**a8, "SPLIT_K": 4}
             assert rel(_run_poisoned(ex, x, ids, w, table, split, split), out) < 2e-3
+            # two K steps a pass: 5 steps end on a lone one, and the split programs' 2, 2, 1 too
+            for pairs in ({**a8, "PAIRS": True}, {**split, "PAIRS": True}):
+                assert rel(_run_poisoned(ex, x, ids, w, table, pairs, pairs), out) < 2e-3, pairs
             w4a16 = {**SMALL, "BLOCK_SIZE_K": bk}
             assert rel(out, _run(ex, x, ids, w, table, config=w4a16, down_config=w4a16)) < 2e-2
             mixed = _run(ex, x, ids, w, table, config=w4a16, down_config=a8)
@@ -207,6 +211,9 @@ def test_moe_int4_a8_tiles_match_reference(M):
     for bad in ({"GEMV_ROWS": 1}, {"UNPACK_BF16": True}, {"BLOCK_SIZE_K": 32}, {"A8": 1}):
         with pytest.raises(ValueError, match="A8"):
             _run(ex, x, ids, w, table, config={**SMALL, "A8": True, **bad})
+    for bad in ({"A8": False}, {"PAIRS": 1}):
+        with pytest.raises(ValueError, match="PAIRS"):
+            _run(ex, x, ids, w, table, config={**SMALL, "A8": True, "PAIRS": True, **bad})
     assert "A8" not in fi._for_group({**SMALL, "BLOCK_SIZE_K": 128, "A8": True}, 32)
     assert fi._for_group({**SMALL, "BLOCK_SIZE_K": 128, "A8": True}, 64)["A8"]
 

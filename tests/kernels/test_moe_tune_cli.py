@@ -108,10 +108,12 @@ def test_moe_tune_int4_tries_cuda_core_tiles_for_decode_and_logs_them(tmp_path):
     assert [c for c in candidates(4096, INT4) if c.get("A8")] and not [c for c in candidates(4, "bf16") if c.get("A8")]
     for c in a8:
         assert _parse_short(_short(c)) == c
+    pairs = [c for c in a8 if c.get("PAIRS")]
+    assert {c.get("SPLIT_K", 1) for c in pairs} == {1, 2, 4} and not [c for c in candidates(4096, INT4) if "PAIRS" in c]
     split = next(c for c in four if c.get("SPLIT_K") == 4)
     path = tmp_path / "table.json"
-    path.write_text(json.dumps({"1": split, "2": words[0], "8": unpack[0], "16": a8[0]}))
-    assert lookup.load_table(path) == {1: split, 2: words[0], 8: unpack[0], 16: a8[0]}
+    path.write_text(json.dumps({"1": split, "2": words[0], "8": unpack[0], "16": a8[0], "32": pairs[-1]}))
+    assert lookup.load_table(path) == {1: split, 2: words[0], 8: unpack[0], 16: a8[0], 32: pairs[-1]}
     for bad, why in (
         ({**split, "GEMV_ROWS": 3}, "GEMV_ROWS=3"),
         ({**split, "SPLIT_K": 3}, "SPLIT_K=3; want a power of two"),
@@ -121,6 +123,8 @@ def test_moe_tune_int4_tries_cuda_core_tiles_for_decode_and_logs_them(tmp_path):
         ({**unpack[0], "GEMV_WORDS": True}, "GEMV_WORDS=True; want true or false, and false without GEMV_ROWS"),
         ({**words[0], "GEMV_WORDS": "yes"}, "GEMV_WORDS='yes'"),
         ({**unpack[0], "A8": True}, "A8=True; want true or false, and false with GEMV_ROWS or UNPACK_BF16"),
+        ({**unpack[0], "PAIRS": True}, "PAIRS=True; want true or false, and false without A8"),
+        ({**a8[0], "PAIRS": 2}, "PAIRS=2"),
     ):
         path.write_text(json.dumps({"1": bad}))
         with pytest.raises(lookup.ConfigFileError, match=rf"table.json: entry '1' has {why}"):

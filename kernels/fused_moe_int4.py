@@ -32,10 +32,12 @@ from moed.kernels.act_quant import interpreting
 from moed.kernels.fused_moe import _tile_ids, _to_bf16, routes_out, topk_sum
 from moed.kernels.fused_moe_config import check_config, device_name
 from moed.kernels.int4_gemv import (
+    TokenSum,
     down_int4_gemv_kernel,
     gate_up_int4_gemv_kernel,
     split_k,
     split_k_sum,
+    split_k_topk_sum,
     word_major,
     zero_points,
     zero_strides,
@@ -282,8 +284,10 @@ def fused_moe_int4(
         None,
         M,
         None,
+        TokenSum(out, topk_ids, expert_to_slot),
     )
-    return topk_sum(partial, topk_ids, expert_to_slot, out)
+    # a split down tile has written the token sums already (None)
+    return out if partial is None else topk_sum(partial, topk_ids, expert_to_slot, out)
 
 
 def fused_moe_int4_routes(
@@ -362,8 +366,10 @@ def _routes(
     partial,
     config_tokens: int,
     config_ids: int | None,
-) -> torch.Tensor:
-    """Steps 1-3: partial [M * k, K] = route weight * expert output for every route with an id in the table."""
+    token_sum: TokenSum | None = None,
+) -> torch.Tensor | None:
+    """Steps 1-3: partial [M * k, K] = route weight * expert output for every route with an id in the table; None
+    when `token_sum` is given and the down tile's split pass wrote the token sums there instead."""
     K = hidden.shape[1]
     N = 2 * w2.shape[2]
     top_k = topk_ids.shape[1]
@@ -383,8 +389,10 @@ def _routes(
     launch_gate_up(hidden, Int4Weight(w13, w13_scale, w13_zeros, group), h, align, top_k, config)
     if partial is None:
         partial = torch.empty((T, K), dtype=hidden.dtype, device=hidden.device)
-    launch_down(h, Int4Weight(w2, w2_scale, w2_zeros, group), partial, route_weights, align, down_config)
-    return partial
+    summed = launch_down(
+        h, Int4Weight(w2, w2_scale, w2_zeros, group), partial, route_weights, align, down_config, token_sum
+    )
+    return None if summed else partial
 
 
 def _for_group(config: dict, group: int) -> dict:
@@ -465,11 +473,12 @@ def launch_down(
     topk_weights: torch.Tensor,
     align: MoEAlignment,
     config: dict,
-) -> None:
-    """Step 3 alone: partial [T, K] = router weight * (h [T, N] . w2[slot] [K, N / 2]^T)."""
+    token_sum: TokenSum | None = None,
+) -> bool:
+    """Step 3 alone: partial [T, K] = router weight * (h [T, N] . w2[slot] [K, N / 2]^T). With `token_sum`, a split
+    tile's second pass writes the token sums instead of partial, and this returns True (the top-k sum is done)."""
     if config.get("A8"):
-        launch_down_a8(h, w2, partial, topk_weights, align, config, _meta(config, w2))
-        return
+        return launch_down_a8(h, w2, partial, topk_weights, align, config, _meta(config, w2), token_sum)
     T, N = h.shape
     H = partial.shape[1]
     qw, s = w2.qweight, w2.scales
@@ -492,11 +501,15 @@ def launch_down(
             *common, w2.group, *strides, ws, steps, *ws.stride()[:2], ROWS=rows, SPLIT=splits > 1,
             WORDS=words, **meta,
         )  # fmt: skip
+        if splits > 1 and token_sum is not None:
+            split_k_topk_sum(ws, token_sum.out, topk_weights, token_sum.topk_ids, token_sum.expert_to_slot, splits)
+            return True
         if splits > 1:
             split_k_sum(ws, partial, topk_weights, align, bm, splits, gated=False)
     else:
         meta["UNPACK_BF16"] = config.get("UNPACK_BF16", False)
         _down_int4_kernel[grid](*common, num_blocks_m, config["GROUP_SIZE_M"], w2.group, *strides, **meta)
+    return False
 
 
 def check_int4_config(config: dict, group: int, name: str) -> None:

@@ -13,6 +13,8 @@ too few loads in flight. Same arguments, alignment and outputs as the tensor-cor
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import triton
 import triton.language as tl
@@ -21,6 +23,15 @@ from moed.formats.int4 import Int4Weight
 from moed.kernels.act_quant import interpreting
 from moed.kernels.fused_moe import _to_bf16
 from moed.kernels.moe_align import MoEAlignment
+
+
+class TokenSum(NamedTuple):
+    """Where a sum-of-routes caller wants down's result: out [M, H] bf16, summed over each token's routes with a slot
+    (the down launches may write it straight from their split-K workspace)."""
+
+    out: torch.Tensor
+    topk_ids: torch.Tensor
+    expert_to_slot: torch.Tensor
 
 
 def zero_strides(w: Int4Weight) -> tuple[torch.Tensor, tuple[int, int, int]]:
@@ -375,6 +386,80 @@ def split_k_sum_kernel(
 
 # The second pass's tile: columns of fp32 sums per program (it reads only [splits, routes, N])
 _SUM_N = 128
+
+
+@triton.jit(do_not_specialize=["top_k", "splits"])
+def split_k_topk_sum_kernel(
+    ws_ptr,
+    route_w_ptr,
+    ids_ptr,
+    e2s_ptr,
+    out_ptr,
+    H,
+    top_k,
+    num_ids,
+    splits,
+    stride_wsk,
+    stride_wsm,
+    stride_om,
+    BLOCK: tl.constexpr,
+    INTERPRET: tl.constexpr,
+):
+    """Down's split sums and the top-k sum in one pass, for a caller that wants token sums (`fused_moe_int4`):
+    out[t] = sum over routes j with a slot of route_w[t, j] * sum over splits of ws[., t * top_k + j], in fp32, the
+    splits and routes in a fixed order. A route without a slot was never computed: its ws rows are not read."""
+    t = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    col_ok = cols < H
+    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    for j in range(0, top_k):
+        r = t * top_k + j
+        e = tl.load(ids_ptr + r)
+        slot = tl.load(e2s_ptr + e, mask=(e >= 0) & (e < num_ids), other=-1)
+        ok = col_ok & (tl.zeros_like(cols) + slot >= 0)
+        ws = ws_ptr + r * stride_wsm + cols
+        y = tl.zeros((BLOCK,), dtype=tl.float32)
+        for _ in range(0, splits):
+            y += tl.load(ws, mask=ok, other=0.0)
+            ws += stride_wsk
+        acc += y * tl.load(route_w_ptr + r)
+    tl.store(out_ptr + t * stride_om + cols, _to_bf16(acc, INTERPRET), mask=col_ok)
+
+
+def split_k_topk_sum(
+    ws: torch.Tensor,
+    out: torch.Tensor,
+    route_w: torch.Tensor,
+    topk_ids: torch.Tensor,
+    expert_to_slot: torch.Tensor,
+    splits: int,
+) -> None:
+    """Launch `split_k_topk_sum_kernel`: ws fp32 [splits, M * k, H] -> out bf16 [M, H] (route_w fp32 [M * k])."""
+    M, top_k = topk_ids.shape
+    H = out.shape[1]
+    block = 1024
+    split_k_topk_sum_kernel[(M, triton.cdiv(H, block))](
+        ws, route_w, topk_ids, expert_to_slot, out, H, top_k, expert_to_slot.numel(), splits, ws.stride(0),
+        ws.stride(1), out.stride(0), BLOCK=block, INTERPRET=interpreting(), num_warps=4,
+    )  # fmt: skip
+
+
+def split_k_topk_sum_reference(
+    ws: torch.Tensor,
+    out: torch.Tensor,
+    route_w: torch.Tensor,
+    topk_ids: torch.Tensor,
+    expert_to_slot: torch.Tensor,
+    splits: int,
+) -> None:
+    """Plain-torch twin of `split_k_topk_sum`."""
+    M, top_k = topk_ids.shape
+    ids = topk_ids.long().view(-1)
+    in_range = (ids >= 0) & (ids < expert_to_slot.numel())
+    slotted = in_range & (expert_to_slot[ids.clamp(0, expert_to_slot.numel() - 1)] >= 0)
+    y = ws[:splits].sum(dim=0) * route_w.view(-1, 1).float()
+    y = torch.where(slotted[:, None], y, torch.zeros((), dtype=y.dtype, device=y.device))
+    out.copy_(y.view(M, top_k, -1).sum(dim=1).to(out.dtype))
 
 
 def word_major(a: torch.Tensor) -> torch.Tensor:

@@ -26,7 +26,7 @@ import triton.language as tl
 from moed.formats.int4 import Int4Weight
 from moed.kernels.act_quant import per_token_group_quant_int8
 from moed.kernels.fused_moe import _tile_ids, _to_bf16
-from moed.kernels.int4_gemv import split_k, split_k_sum, zero_points, zero_strides
+from moed.kernels.int4_gemv import TokenSum, split_k, split_k_sum, split_k_topk_sum, zero_points, zero_strides
 from moed.kernels.moe_align import MoEAlignment
 
 # int8 MMA takes K in steps of 32, so a K step's even (or odd) half must hold at least that many
@@ -353,9 +353,11 @@ def launch_down_a8(
     align: MoEAlignment,
     config: dict,
     meta: dict,
-) -> None:
+    token_sum: TokenSum | None = None,
+) -> bool:
     """Down with int8 activations: h [T, N] quantised per route and K step, then partial [T, K]; SPLIT_K as in
-    gate-up (the second pass applies the route weights)."""
+    gate-up (the second pass applies the route weights). With `token_sum` a split's second pass writes the token sums
+    instead (`split_k_topk_sum`) and this returns True."""
     T, N = h.shape
     H = partial.shape[1]
     q, sa, qsum = per_token_group_quant_int8(h, meta["BLOCK_K"])
@@ -369,5 +371,9 @@ def launch_down_a8(
         *strides, partial.stride(0), ws, steps, *ws.stride()[:2], SPLIT=splits > 1,
         PAIRS=config.get("PAIRS", False), **meta,
     )  # fmt: skip
+    if splits > 1 and token_sum is not None:
+        split_k_topk_sum(ws, token_sum.out, topk_weights, token_sum.topk_ids, token_sum.expert_to_slot, splits)
+        return True
     if splits > 1:
         split_k_sum(ws, partial, topk_weights, align, meta["BLOCK_M"], splits, gated=False)
+    return False

@@ -128,9 +128,10 @@ def test_moe_int4_gemv_tiles_match_reference(M, rows):
 
 @pytest.mark.parametrize("split, programs", [(2, 2), (4, 3), (8, 5)])
 def test_moe_int4_split_k_matches_reference(split, programs, monkeypatch):
-    """SPLIT_K: the CUDA-core tiles' K steps shared by several programs, summed in a second pass. K = 320 at BLOCK_K
-    64 is 5 gate-up steps: SPLIT_K 2 runs 3 + 2, 4 runs 2 + 2 + 1, 8 is cut to 5 programs of one step; N = 96 is 2
-    down steps. Routes whose id has no slot keep what their rows held, as without the split."""
+    """SPLIT_K: the CUDA-core tiles' K steps shared by several programs, summed in a second pass (down's with the
+    top-k sum where the caller wants token sums). K = 320 at BLOCK_K 64 is 5 gate-up steps: SPLIT_K 2 runs 3 + 2, 4
+    runs 2 + 2 + 1, 8 is cut to 5 programs of one step; N = 96 is 2 down steps. Routes whose id has no slot keep what
+    their rows held, as without the split."""
     from moed.kernels import int4_gemv
 
     gen = torch.Generator().manual_seed(300 + split)
@@ -144,20 +145,44 @@ def test_moe_int4_split_k_matches_reference(split, programs, monkeypatch):
     whole = {**SMALL, "GEMV_ROWS": 2}
     cut = {**whole, "SPLIT_K": split}
     assert int4_gemv.split_k(cut, K, (1, 1), DEV)[1] == programs
-    sums = []
+    sums, token_sums = [], []
     monkeypatch.setattr(fi, "split_k_sum", lambda *a, **kw: sums.append(a[5]) or int4_gemv.split_k_sum(*a, **kw))
+    monkeypatch.setattr(fi, "split_k_topk_sum", lambda *a: token_sums.append(a[5]) or int4_gemv.split_k_topk_sum(*a))
     out = torch.full((M, K), float("nan"), dtype=torch.bfloat16, device=DEV)
     _run(ex, x, ids, w, table, config=cut, down_config=cut, out=out)
-    assert sums == [programs, 2]  # gate-up, then down: both took the split path
+    assert (sums, token_sums) == ([programs], [2])  # gate-up's split pass, then down's with the top-k sum
     assert torch.isfinite(out.float()).all()
     assert rel(out, want) < 1e-2
     assert rel(out, _run(ex, x, ids, w, table, config=whole, down_config=whole)) < 1e-2
     ids[1, 0] = int(torch.nonzero(table.cpu() < 0)[0])  # an id without a slot this round: its row stays as it was
     rows = torch.full((M * k, K), float("nan"), dtype=torch.bfloat16, device=DEV)
     fi.fused_moe_int4_routes(x, ex["w13"], ex["w2"], ids, w.view(-1), table, out=rows, config=cut, **weights)
+    assert sums[-1] == 2  # per-route outputs: down's own split pass
     skipped = torch.zeros(M * k, dtype=torch.bool, device=DEV)
     skipped[k] = True
     assert torch.isnan(rows[skipped].float()).all() and torch.isfinite(rows[~skipped].float()).all()
+
+
+@pytest.mark.parametrize("M, splits", [(1, 4), (5, 2)])
+def test_split_k_topk_sum_matches_reference(M, splits):
+    """Down's split sums and the top-k sum in one pass, against its torch twin: routes of ids with no slot or out of
+    range are not read (their workspace rows hold NaN), H not a multiple of the pass's block."""
+    from moed.kernels import int4_gemv
+
+    gen = torch.Generator().manual_seed(40 + M)
+    k, H = 3, 1100
+    table, have = slot_table(9, 5, gen)
+    ids, w = routing(M, k, have, gen)
+    ids[0, 1] = int(torch.nonzero(table.cpu() < 0)[0])
+    ids[-1, 2] = 9  # outside the table
+    ws = torch.randn((splits, M * k, H), generator=gen).to(DEV)
+    dead = (table[ids.clamp(max=8).long()] < 0) | (ids >= 9)
+    ws[:, dead.view(-1)] = float("nan")
+    out, want = (torch.full((M, H), float("nan"), dtype=torch.bfloat16, device=DEV) for _ in range(2))
+    int4_gemv.split_k_topk_sum(ws, out, w.view(-1), ids, table, splits)
+    int4_gemv.split_k_topk_sum_reference(ws, want, w.view(-1), ids, table, splits)
+    assert torch.isfinite(out.float()).all()
+    assert rel(out, want) < 1e-2
 
 
 @pytest.mark.parametrize("M", [1, 5])
@@ -198,12 +223,14 @@ def test_moe_int4_a8_tiles_match_reference(M):
             # the same int8 activations in the reference: what is left is the outputs' bf16 rounding (2.7e-3 here,
             # as for the w4a16 tiles against the plain reference; 1.5e-2 without the activations' rounding)
             assert rel(out, _ref(ex, x, ids, w, table, (bk, bk))) < 5e-3, (N, K, symmetric)
-            # K steps shared by programs (5 steps of 64 in 3 programs; 2 of 128 in 2), summed in a fixed order
+            # K steps shared by programs (5 steps of 64 in 3 programs; 2 of 128 in 2), summed in a fixed order, with
+            # the top-k sum in fp32 (no route's bf16 rounding: compared with the reference, not the unsplit tiles)
             split = {**a8, "SPLIT_K": 4}
-            assert rel(_run_poisoned(ex, x, ids, w, table, split, split), out) < 2e-3
+            cut = _run_poisoned(ex, x, ids, w, table, split, split)
+            assert rel(cut, _ref(ex, x, ids, w, table, (bk, bk))) < 5e-3, (N, K, symmetric)
             # two K steps a pass: 5 steps end on a lone one, and the split programs' 2, 2, 1 too
-            for pairs in ({**a8, "PAIRS": True}, {**split, "PAIRS": True}):
-                assert rel(_run_poisoned(ex, x, ids, w, table, pairs, pairs), out) < 2e-3, pairs
+            for pairs, same in (({**a8, "PAIRS": True}, out), ({**split, "PAIRS": True}, cut)):
+                assert rel(_run_poisoned(ex, x, ids, w, table, pairs, pairs), same) < 2e-3, pairs
             w4a16 = {**SMALL, "BLOCK_SIZE_K": bk}
             assert rel(out, _run(ex, x, ids, w, table, config=w4a16, down_config=w4a16)) < 2e-2
             mixed = _run(ex, x, ids, w, table, config=w4a16, down_config=a8)

@@ -18,8 +18,8 @@
 # SKIP_PIPE, SKIP_OFFLOAD; GPU_TESTS (paths of the gpu-marked tests, tests), KERNEL_TESTS (the compiled kernel tests'
 # files); BEFORE_DIR (before_after.sh's output under $RUN/before_after), TESTS_AFTER; OFFLOAD_ONLY
 # (ceil,cpu,int4), SPLIT_ONLY (none: the column split measured 0.81-0.93x on 2026-12-07; ceil,cpu,split reruns it);
-# INT4_TUNE (1: the int4 entry tunes its kernel first, tables under
-# $RUN/moe_configs);
+# INT4_TUNE (1: the int4 entry tunes its kernel first, tables under $RUN/moe_configs), INT4_TUNE_SIZES (its batch
+# sizes, 1,2,4,8,16,32,64);
 # the pipeline's own SKIP_*, DEEP_ARGS, ... pass through (SKIP_SERVE defaults to 1 here).
 set -u
 RUN=${RUN:-/tmp/session}
@@ -69,18 +69,25 @@ start_tests() {  # in the background, capped at TESTS_S and at what is left of D
     (
         t0=$SECONDS
         # shellcheck disable=SC2086
-        timeout "$cap" python3 -m pytest -p no:cacheprovider -rfE -v --durations=15 --continue-on-collection-errors -m gpu \
+        # in a process group of their own, killed whole afterwards: a test's daemon or a compile worker left
+        # running by the cap would load the CPU under the timed stages (2026-12-07 23:33: a 3x slower CPU
+        # server beside a 300 s cap; never confirmed, now ruled out)
+        setsid bash -c 'echo $$ > "$0"; exec timeout "$1" python3 -m pytest -p no:cacheprovider -rfE -v \
+            --durations=15 --continue-on-collection-errors -m gpu ${@:2}' "$RUN/tests.pgid" "$cap" \
             ${GPU_TESTS:-tests} > "$RUN/gpu_tests.log" 2>&1
         rc=$?
+        kill -9 -- "-$(cat "$RUN/tests.pgid")" 2> /dev/null
         # the kernel-vs-reference tests that pick CUDA where there is one (not gpu-marked: the CPU runs them
         # interpreted), compiled here, in what is left of the cap
         left=$((cap - (SECONDS - t0)))
         if [ "$left" -gt 20 ]; then
             # shellcheck disable=SC2086
-            timeout "$left" python3 -m pytest -p no:cacheprovider -rfE -q -m "not gpu" ${KERNEL_TESTS:-tests/attention/test_kernels.py \
+            setsid bash -c 'echo $$ > "$0"; exec timeout "$1" python3 -m pytest -p no:cacheprovider -rfE -q \
+                -m "not gpu" ${@:2}' "$RUN/tests.pgid" "$left" ${KERNEL_TESTS:-tests/attention/test_kernels.py \
                 tests/kernels/test_moe_kernels.py tests/kernels/test_moe_int4_kernels.py tests/kernels/test_fp8_linear.py} \
                 > "$RUN/gpu_kernel_tests.log" 2>&1
             echo "kernel tests on the GPU: rc=$?" >> "$RUN/gpu_tests.log"
+            kill -9 -- "-$(cat "$RUN/tests.pgid")" 2> /dev/null
         fi
         echo "rc=$rc" > "$RUN/gpu_tests.rc"
     ) &
@@ -105,6 +112,8 @@ if [ "${SKIP_PIPE:-0}" != 1 ]; then
     echo "session: pipeline done at +${SECONDS}s"
 fi
 [ -n "$TESTS_PID" ] && wait "$TESTS_PID"
+# what else is running as the timed stages start (a leftover would show here and in threads.log)
+ps -eo pid,pgid,pcpu,etime,args --sort=-pcpu | head -n 12 > "$RUN/ps_before_benches.txt"
 # the busiest threads every 10 s while the benches run: a timed stage that meets a busy CPU says so
 (while [ ! -f "$RUN/done" ]; do
     # top's second pass: CPU over that second (ps gives each thread's lifetime average)
@@ -119,7 +128,7 @@ for spec in "${OFFLOAD_ONLY:-ceil,cpu,int4}:offload" "${SPLIT_ONLY:-none}:split"
     # the int4 entry tunes its kernel's tables first (the tensor-core and CUDA-core tiles), written under $RUN
     tune=""
     if [ "$name" = offload ] && [ "${INT4_TUNE:-1}" = 1 ]; then
-        tune="--int4-tune --int4-tune-budget 120 --int4-tune-batch-sizes 1,2,4,8,16,32,64 --int4-tune-out $RUN/moe_configs"
+        tune="--int4-tune --int4-tune-budget 120 --int4-tune-batch-sizes ${INT4_TUNE_SIZES:-1,2,4,8,16,32,64} --int4-tune-out $RUN/moe_configs"
     fi
     # from /tmp, so nothing imports the checkout's folders by their bare names
     # shellcheck disable=SC2086

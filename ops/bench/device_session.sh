@@ -18,7 +18,7 @@
 # SKIP_PIPE, SKIP_OFFLOAD; GPU_TESTS (paths of the gpu-marked tests, tests), KERNEL_TESTS (the compiled kernel tests'
 # files); BEFORE_DIR (before_after.sh's output under $RUN/before_after), TESTS_AFTER; OFFLOAD_ONLY
 # (ceil,cpu,int4), SPLIT_ONLY (none: the column split measured 0.81-0.93x on 2026-12-07; ceil,cpu,split reruns it);
-# INT4_TUNE (1: the int4 entry tunes its kernel first, tables under $RUN/moe_configs), INT4_TUNE_SIZES (its batch
+# INT4_TUNE (1: the int4 entry tunes its kernel first, tables under $RUN/moe_configs), INT4_TUNE_BUDGET (s, 120), INT4_TUNE_SIZES (its batch
 # sizes, 1,2,4,8,16,32,64);
 # the pipeline's own SKIP_*, DEEP_ARGS, ... pass through (SKIP_SERVE defaults to 1 here).
 set -u
@@ -128,7 +128,7 @@ for spec in "${OFFLOAD_ONLY:-ceil,cpu,int4}:offload" "${SPLIT_ONLY:-none}:split"
     # the int4 entry tunes its kernel's tables first (the tensor-core and CUDA-core tiles), written under $RUN
     tune=""
     if [ "$name" = offload ] && [ "${INT4_TUNE:-1}" = 1 ]; then
-        tune="--int4-tune --int4-tune-budget 120 --int4-tune-batch-sizes ${INT4_TUNE_SIZES:-1,2,4,8,16,32,64} --int4-tune-out $RUN/moe_configs"
+        tune="--int4-tune --int4-tune-budget ${INT4_TUNE_BUDGET:-120} --int4-tune-batch-sizes ${INT4_TUNE_SIZES:-1,2,4,8,16,32,64} --int4-tune-out $RUN/moe_configs"
     fi
     # from /tmp, so nothing imports the checkout's folders by their bare names
     # shellcheck disable=SC2086

@@ -5,7 +5,8 @@ wrappers, called with CPU tensors at GLM-5.1's widths and with the configs the G
 tables, the built-in defaults), is compiled for `GPUTarget("cuda", 90, 32)` by Triton's own JIT path (`warmup`:
 compile, never launch), and each kernel's shared memory is checked against what one H100 block may use. This
 catches what the CPU interpreter never sees (a type the compiler rejects, a layout it cannot lower, a tile that
-overflows shared memory) before any device time is spent. Prints one JSON line per compiled specialisation and
+overflows shared memory) before any device time is spent. Prints one JSON line per compiled specialisation (with
+its registers, and for a launch on a fixed grid the programs an H100 SM holds and the waves the grid takes) and
 exits non-zero on the first failure with the kernel and config named.
 """
 
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 import os
 import re
 import subprocess
@@ -54,18 +56,29 @@ class _HopperDriver:
         return torch.device("cpu")
 
 
-def _stack_bytes(cubin: bytes) -> int | None:
-    """Per-thread stack of the kernel (local arrays and register spills), by the cuobjdump Triton ships; None
-    without it."""
+def _resource_usage(cubin: bytes) -> tuple[int | None, int | None]:
+    """(registers a thread, stack bytes a thread: local arrays and register spills) of the kernel, by the cuobjdump
+    Triton ships; (None, None) without it."""
     tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
     if not tool.is_file():
-        return None
+        return None, None
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
         usage = subprocess.run([str(tool), "--dump-resource-usage", f.name], capture_output=True, text=True).stdout
-    m = re.search(r"STACK:(\d+)", usage)
-    return int(m.group(1)) if m else None
+    regs, stack = re.search(r"REG:(\d+)", usage), re.search(r"STACK:(\d+)", usage)
+    return (int(regs.group(1)) if regs else None), (int(stack.group(1)) if stack else None)
+
+
+# The H100 80GB HBM3 (the lent machine's card): SMs, and per SM 64K 32-bit registers (a warp's allocated in units of
+# 256), 228 KB of shared memory (1 KB of it reserved a block), at most 64 warps and 32 blocks.
+H100_SMS = 132
+
+
+def blocks_per_sm(regs: int, warps: int, shared: int) -> int:
+    """How many programs of a kernel one sm_90 SM holds at once, from its registers, warps and shared memory."""
+    by_regs = 65536 // (math.ceil(regs * 32 / 256) * 256 * warps)
+    return min(by_regs, 233_472 // (shared + 1024), 64 // warps, 32)
 
 
 COMPILED: list[dict] = []
@@ -74,14 +87,22 @@ _run = triton_jit.JITFunction.run
 
 def _compile_only(self, *args, grid, warmup, **kwargs):
     kernel = _run(self, *args, grid=grid, warmup=True, **kwargs)
+    regs, stack = _resource_usage(kernel.asm["cubin"])
     record = {
         "kernel": self.fn.__name__,
         "shared": kernel.metadata.shared,
-        "stack": _stack_bytes(kernel.asm["cubin"]),
+        "regs": regs,
+        "stack": stack,
+        "grid": list(grid) if isinstance(grid, (tuple, list)) else None,
         "num_warps": kernel.metadata.num_warps,
         "num_stages": kernel.metadata.num_stages,
         "constexprs": {k: v for k, v in kwargs.items() if k.isupper()},
     }
+    if regs and isinstance(grid, (tuple, list)):
+        # programs resident at once, and the launch in waves of them on an H100: at decode a GEMM reads its weights
+        # once, so what one wave keeps in flight bounds its bandwidth (docs/benchmarks.md, int4 at M = 1)
+        record["blocks_per_sm"] = blocks_per_sm(regs, record["num_warps"], record["shared"])
+        record["waves"] = round(math.prod(grid) / (record["blocks_per_sm"] * H100_SMS), 2)
     if record["shared"] > SM90_SHARED_BYTES:
         raise RuntimeError(f"{record}: {record['shared']} bytes of shared memory, sm_90 allows {SM90_SHARED_BYTES}")
     COMPILED.append(record)

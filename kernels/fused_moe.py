@@ -59,6 +59,18 @@ def _tile_ids(num_blocks_m, num_pid_n, GROUP_M):
 
 
 @triton.jit
+def _route_block(pid_m, num_padded_ptr, block_slot_ptr, sorted_ptr, BLOCK_M: tl.constexpr):
+    """(expert slot int64, the block's route ids, whether the block has work) with the three loads issued together:
+    one after another they were three L2 round trips a program waited out before its first weight load (sm_90
+    SASS), which a decode tile walking a few K steps pays on every program. Every block the grid covers is within
+    both tables (sized for the most padded rows), so the loads are in bounds even past the padded count."""
+    padded = tl.load(num_padded_ptr)
+    slot = tl.load(block_slot_ptr + pid_m)
+    flat = tl.load(sorted_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M))
+    return slot.to(tl.int64), flat, (pid_m * BLOCK_M < padded) & (slot >= 0)
+
+
+@triton.jit
 def _a_tile(a_ptrs, a_scale_ptrs, row_ok, k_ok, A_MODE: tl.constexpr, EXACT_CAST: tl.constexpr):
     """One [BLOCK_M, BLOCK_K] activation tile ready for tl.dot, with its per-row scale (1.0 for bf16)."""
     a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
@@ -122,12 +134,9 @@ def _gate_up_kernel(
     HALF: tl.constexpr = BLOCK_N // 2
     num_pid_n = tl.cdiv(N, HALF)
     pid_m, pid_n = _tile_ids(num_blocks_m, num_pid_n, GROUP_M)
-    if pid_m * BLOCK_M >= tl.load(num_padded_ptr):
+    slot, flat, live = _route_block(pid_m, num_padded_ptr, block_slot_ptr, sorted_ptr, BLOCK_M)
+    if not live:
         return
-    slot = tl.load(block_slot_ptr + pid_m).to(tl.int64)
-    if slot < 0:
-        return
-    flat = tl.load(sorted_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M))
     row_ok = flat < T
     tok = (flat // top_k).to(tl.int64)
     offs_n = pid_n * HALF + tl.arange(0, HALF)
@@ -197,12 +206,9 @@ def _down_kernel(
     """partial[f, :] = topk_weight[f] * (h[f] . down_slot) for the rows f of one block; H = hidden size."""
     num_pid_n = tl.cdiv(H, BLOCK_N)
     pid_m, pid_n = _tile_ids(num_blocks_m, num_pid_n, GROUP_M)
-    if pid_m * BLOCK_M >= tl.load(num_padded_ptr):
+    slot, flat, live = _route_block(pid_m, num_padded_ptr, block_slot_ptr, sorted_ptr, BLOCK_M)
+    if not live:
         return
-    slot = tl.load(block_slot_ptr + pid_m).to(tl.int64)
-    if slot < 0:
-        return
-    flat = tl.load(sorted_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M))
     row_ok = flat < T
     rows = flat.to(tl.int64)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)

@@ -29,7 +29,7 @@ import triton.language as tl
 
 from moed.formats.int4 import Int4Weight, num_groups
 from moed.kernels.act_quant import interpreting
-from moed.kernels.fused_moe import _tile_ids, _to_bf16, routes_out, topk_sum
+from moed.kernels.fused_moe import _route_block, _tile_ids, _to_bf16, routes_out, topk_sum
 from moed.kernels.fused_moe_config import check_config, device_name
 from moed.kernels.int4_gemv import (
     TokenSum,
@@ -116,12 +116,9 @@ def _gate_up_int4_kernel(
     HALF_K: tl.constexpr = BLOCK_K // 2
     num_pid_n = tl.cdiv(N, HALF_N)
     pid_m, pid_n = _tile_ids(num_blocks_m, num_pid_n, GROUP_M)
-    if pid_m * BLOCK_M >= tl.load(num_padded_ptr):
+    slot, flat, live = _route_block(pid_m, num_padded_ptr, block_slot_ptr, sorted_ptr, BLOCK_M)
+    if not live:
         return
-    slot = tl.load(block_slot_ptr + pid_m).to(tl.int64)
-    if slot < 0:
-        return
-    flat = tl.load(sorted_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M))
     row_ok = flat < T
     tok = (flat // top_k).to(tl.int64)
     offs_n = pid_n * HALF_N + tl.arange(0, HALF_N)
@@ -198,12 +195,9 @@ def _down_int4_kernel(
     HALF_K: tl.constexpr = BLOCK_K // 2
     num_pid_n = tl.cdiv(H, BLOCK_N)
     pid_m, pid_n = _tile_ids(num_blocks_m, num_pid_n, GROUP_M)
-    if pid_m * BLOCK_M >= tl.load(num_padded_ptr):
+    slot, flat, live = _route_block(pid_m, num_padded_ptr, block_slot_ptr, sorted_ptr, BLOCK_M)
+    if not live:
         return
-    slot = tl.load(block_slot_ptr + pid_m).to(tl.int64)
-    if slot < 0:
-        return
-    flat = tl.load(sorted_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M))
     row_ok = flat < T
     rows = flat.to(tl.int64)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)

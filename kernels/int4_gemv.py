@@ -21,7 +21,7 @@ import triton.language as tl
 
 from moed.formats.int4 import Int4Weight
 from moed.kernels.act_quant import interpreting
-from moed.kernels.fused_moe import _to_bf16
+from moed.kernels.fused_moe import _route_block, _to_bf16
 from moed.kernels.moe_align import MoEAlignment
 
 
@@ -156,10 +156,8 @@ def gate_up_int4_gemv_kernel(
     num_pid_n = tl.cdiv(N, HALF_N)
     pid = tl.program_id(0)
     pid_m, pid_n = pid // num_pid_n, pid % num_pid_n
-    if pid_m * BLOCK_M >= tl.load(num_padded_ptr):
-        return
-    slot = tl.load(block_slot_ptr + pid_m).to(tl.int64)
-    if slot < 0:
+    slot, _rows, live = _route_block(pid_m, num_padded_ptr, block_slot_ptr, sorted_ptr, BLOCK_M)
+    if not live:
         return
     split = tl.program_id(1)
     kb0 = split * k_steps
@@ -275,10 +273,8 @@ def down_int4_gemv_kernel(
     num_pid_n = tl.cdiv(H, BLOCK_N)
     pid = tl.program_id(0)
     pid_m, pid_n = pid // num_pid_n, pid % num_pid_n
-    if pid_m * BLOCK_M >= tl.load(num_padded_ptr):
-        return
-    slot = tl.load(block_slot_ptr + pid_m).to(tl.int64)
-    if slot < 0:
+    slot, _rows, live = _route_block(pid_m, num_padded_ptr, block_slot_ptr, sorted_ptr, BLOCK_M)
+    if not live:
         return
     split = tl.program_id(1)
     kb0 = split * k_steps
@@ -360,11 +356,9 @@ def split_k_sum_kernel(
     num_pid_n = tl.cdiv(N, BLOCK_N)
     pid = tl.program_id(0)
     pid_m, pid_n = pid // num_pid_n, pid % num_pid_n
-    if pid_m * BLOCK_M >= tl.load(num_padded_ptr):
+    _slot, flat, live = _route_block(pid_m, num_padded_ptr, block_slot_ptr, sorted_ptr, BLOCK_M)
+    if not live:
         return
-    if tl.load(block_slot_ptr + pid_m) < 0:
-        return
-    flat = tl.load(sorted_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M))
     row_ok = flat < T
     rows = flat.to(tl.int64)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)

@@ -407,6 +407,7 @@ def tune_one(
         return time_graph(launches), err, hs, aligns
 
     best_up, best_t, up_out = None, float("inf"), None
+    up_kinds: dict[str, float] = {}
     for cfg in candidates(M, dtype):
         if ("gate_up", _compile_key(cfg), _in_gemm(cfg)) in failed:
             continue
@@ -414,6 +415,7 @@ def tune_one(
         if ms is None:
             print(f"    gate_up {cfg} rejected: rel err {err:.2e} vs torch", flush=True)
             continue
+        up_kinds[_kind(cfg)] = min(ms, up_kinds.get(_kind(cfg), float("inf")))
         if ms < best_t:
             best_up, best_t, up_out = cfg, ms, (hs, aligns)
     if best_up is None:
@@ -421,6 +423,7 @@ def tune_one(
     hs, aligns = up_out
     _, ref_y = _reference_rows(sets[0][0], experts, sets[0][1], sets[0][2], dtype, check_tokens, h_in=hs[0])
     best_down, best_dt = None, float("inf")
+    down_kinds: dict[str, float] = {}
     for cfg in down_candidates(M, dtype, best_up["BLOCK_SIZE_M"]):
         if ("down", _compile_key(cfg), _in_gemm(cfg)) in failed:
             continue
@@ -435,11 +438,29 @@ def tune_one(
             print(f"    down {cfg} rejected: rel err {err:.2e} vs torch", flush=True)
             continue
         ms = time_graph(launches)
+        down_kinds[_kind(cfg)] = min(ms, down_kinds.get(_kind(cfg), float("inf")))
         if ms < best_dt:
             best_down, best_dt = cfg, ms
     if best_down is None:
         raise RuntimeError(f"tune-moe: no down candidate passed the check at M={M} ({dtype}, E={E}, N={N})")
+    for name, kinds in (("gate_up", up_kinds), ("down", down_kinds)):
+        if len(kinds) > 1:  # what each option is worth at this M, not only which won
+            best = sorted(kinds.items(), key=lambda kv: kv[1])
+            print(f"    {name} best of each kind: " + ", ".join(f"{k} {v * 1e3:.1f} us" for k, v in best), flush=True)
     return best_up, best_down, best_t, best_dt
+
+
+def _kind(cfg: dict) -> str:
+    """A candidate's kind for the tuner's per-kind summary: its tile family and the options that change its loop."""
+    family = "gemv" if cfg.get("GEMV_ROWS") else "a8" if cfg.get("A8") else "bf16" if cfg.get("UNPACK_BF16") else "mma"
+    if cfg.get("A_QUANT_IN_GEMM") is not None:
+        family += " quant-in-gemm" if cfg["A_QUANT_IN_GEMM"] else ""
+    return (
+        family
+        + (" words" if cfg.get("GEMV_WORDS") else "")
+        + (" pairs" if cfg.get("PAIRS") else "")
+        + (" split" if cfg.get("SPLIT_K", 1) > 1 else "")
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

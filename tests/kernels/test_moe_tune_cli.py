@@ -129,3 +129,13 @@ def test_moe_tune_int4_tries_cuda_core_tiles_for_decode_and_logs_them(tmp_path):
         path.write_text(json.dumps({"1": bad}))
         with pytest.raises(lookup.ConfigFileError, match=rf"table.json: entry '1' has {why}"):
             lookup.load_table(path)
+
+
+def test_moe_tune_kinds_name_the_options_that_change_the_loop():
+    # the tuner's per-kind summary is how a run says what PAIRS or a K split was worth at each M
+    from moed.kernels.fused_moe_tuner import _kind, candidates
+
+    kinds = {_kind(c) for c in candidates(1, "int4_w4a16")}
+    assert {"a8", "a8 pairs", "a8 split", "a8 pairs split", "bf16", "mma", "gemv", "gemv words"} <= kinds
+    assert _kind({"A8": True, "PAIRS": True, "SPLIT_K": 1}) == "a8 pairs"
+    assert _kind({"A_QUANT_IN_GEMM": True}) == "mma quant-in-gemm"

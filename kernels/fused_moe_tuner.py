@@ -453,14 +453,13 @@ def tune_one(
 def _kind(cfg: dict) -> str:
     """A candidate's kind for the tuner's per-kind summary: its tile family and the options that change its loop."""
     family = "gemv" if cfg.get("GEMV_ROWS") else "a8" if cfg.get("A8") else "bf16" if cfg.get("UNPACK_BF16") else "mma"
-    if cfg.get("A_QUANT_IN_GEMM") is not None:
-        family += " quant-in-gemm" if cfg["A_QUANT_IN_GEMM"] else ""
-    return (
-        family
-        + (" words" if cfg.get("GEMV_WORDS") else "")
-        + (" pairs" if cfg.get("PAIRS") else "")
-        + (" split" if cfg.get("SPLIT_K", 1) > 1 else "")
+    options = (
+        ("quant-in-gemm", cfg.get("A_QUANT_IN_GEMM")),
+        ("words", cfg.get("GEMV_WORDS")),
+        ("pairs", cfg.get("PAIRS")),
+        ("split", cfg.get("SPLIT_K", 1) > 1),
     )
+    return family + "".join(f" {name}" for name, on in options if on)
 
 
 def main(argv: list[str] | None = None) -> int:

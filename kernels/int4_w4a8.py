@@ -69,13 +69,46 @@ def _w_tile(ptrs, offs_kh, n_ok, k_left, live):
 
 
 @triton.jit
-def _a_step(a_ptrs, as_ptrs, aq_ptrs, kb, row_ok, k_ok, live, KH):
-    """One K step's int8 activations of a block's rows: (even k, odd k, scale, sum of q), zeros unless `live`."""
-    rows = row_ok & (tl.arange(0, row_ok.shape[0]) < row_ok.shape[0] * live)
+def _a_tiles(a_ptrs, rows, k_ok, KH):
+    """One K step's int8 activations of a block's rows (even k, odd k), zeros where `rows` is False. Loaded in the
+    step that uses them: the compiler's pipelining stages them (and the weight tiles) ahead through shared memory."""
     a_mask = rows[:, None] & k_ok[None, :]
-    a_even = tl.load(a_ptrs, mask=a_mask, other=0)
-    a_odd = tl.load(a_ptrs + KH, mask=a_mask, other=0)
-    return a_even, a_odd, tl.load(as_ptrs + kb, mask=rows, other=0.0), tl.load(aq_ptrs + kb, mask=rows, other=0)
+    return tl.load(a_ptrs, mask=a_mask, other=0), tl.load(a_ptrs + KH, mask=a_mask, other=0)
+
+
+@triton.jit
+def _live_rows(row_ok, live):
+    """The block's rows, none unless `live` (folded into a bound: the interpreter takes no mask of a Python bool and
+    a tensor)."""
+    return row_ok & (tl.arange(0, row_ok.shape[0]) < row_ok.shape[0] * live)
+
+
+# A K step's small operands (`_gate_up_side`, `_down_side`): the activations' scale and sum of q per row (0 where the
+# row or the step is dead) and the weights' zero points and scales per column (group g in bounds even for a dead
+# step: the callers take the live step's group there). Too small for the compiler's
+# pipelining, which stages the weight and activation tiles ahead through shared memory (LDGSTS); loaded in their own
+# step they are a global round trip every K step, waited out after the MMAs (sm_90 SASS: 12 LDG a gate-up step,
+# consumed at its end). The decode tiles load them a step ahead (AHEAD, `_ahead`).
+@triton.jit
+def _gate_up_side(
+    as_ptrs, aq_ptrs, kb, rows, zg_ptrs, zu_ptrs, sg_ptrs, su_ptrs, offs_n, offs_up, n_ok, g, stride_zk, stride_sk,
+    HAS_ZP: tl.constexpr,
+):  # fmt: skip
+    sa = tl.load(as_ptrs + kb, mask=rows, other=0.0)
+    qsum = tl.load(aq_ptrs + kb, mask=rows, other=0)
+    zg = zero_points(zg_ptrs + g * stride_zk, offs_n, n_ok, HAS_ZP)
+    zu = zero_points(zu_ptrs + g * stride_zk, offs_up, n_ok, HAS_ZP)
+    sg = tl.load(sg_ptrs + g * stride_sk, mask=n_ok, other=0.0).to(tl.float32)
+    su = tl.load(su_ptrs + g * stride_sk, mask=n_ok, other=0.0).to(tl.float32)
+    return sa, qsum, zg, zu, sg, su
+
+
+@triton.jit
+def _down_side(as_ptrs, aq_ptrs, kb, rows, z_ptrs, s_ptrs, offs_n, n_ok, g, stride_zk, stride_sk, HAS_ZP: tl.constexpr):
+    sa = tl.load(as_ptrs + kb, mask=rows, other=0.0)
+    qsum = tl.load(aq_ptrs + kb, mask=rows, other=0)
+    z = zero_points(z_ptrs + g * stride_zk, offs_n, n_ok, HAS_ZP)
+    return sa, qsum, z, tl.load(s_ptrs + g * stride_sk, mask=n_ok, other=0.0).to(tl.float32)
 
 
 @triton.jit
@@ -89,31 +122,16 @@ def _k_range(KH, HALF_K: tl.constexpr, steps, SPLIT: tl.constexpr):
 
 
 @triton.jit
-def _gate_up_step(
-    acc_g, acc_u, wg, wu, a_ptrs, as_ptrs, aq_ptrs, kb, row_ok, k_ok, live, KH, zg_ptrs, zu_ptrs, sg_ptrs, su_ptrs,
-    offs_n, offs_up, n_ok, g, stride_zk, stride_sk, HAS_ZP: tl.constexpr, INTERPRET: tl.constexpr,
-):  # fmt: skip
-    """Gate-up's K step `kb` (weight group g) added into (acc_g, acc_u); adds zeros unless `live` (its activation
-    scale is then 0, and g an in-bounds group)."""
-    a_even, a_odd, sa, qsum = _a_step(a_ptrs, as_ptrs, aq_ptrs, kb, row_ok, k_ok, live, KH)
-    zg = zero_points(zg_ptrs + g * stride_zk, offs_n, n_ok, HAS_ZP)
-    zu = zero_points(zu_ptrs + g * stride_zk, offs_up, n_ok, HAS_ZP)
-    sg = tl.load(sg_ptrs + g * stride_sk, mask=n_ok, other=0.0).to(tl.float32)
-    su = tl.load(su_ptrs + g * stride_sk, mask=n_ok, other=0.0).to(tl.float32)
+def _gate_up_step(acc_g, acc_u, wg, wu, a_even, a_odd, sa, qsum, zg, zu, sg, su, INTERPRET: tl.constexpr):
+    """One gate-up K step added into (acc_g, acc_u), given its activations and small operands (`_gate_up_side`)."""
     dg = _int8_step(a_even, a_odd, wg, qsum, zg, INTERPRET).to(tl.float32)
     du = _int8_step(a_even, a_odd, wu, qsum, zu, INTERPRET).to(tl.float32)
     return acc_g + dg * sa[:, None] * sg[None, :], acc_u + du * sa[:, None] * su[None, :]
 
 
 @triton.jit
-def _down_step(
-    acc, w, a_ptrs, as_ptrs, aq_ptrs, kb, row_ok, k_ok, live, NH, z_ptrs, s_ptrs, offs_n, n_ok, g, stride_zk,
-    stride_sk, HAS_ZP: tl.constexpr, INTERPRET: tl.constexpr,
-):  # fmt: skip
-    """Down's K step `kb` (weight group g) added into acc; adds zeros unless `live`, as in `_gate_up_step`."""
-    a_even, a_odd, sa, qsum = _a_step(a_ptrs, as_ptrs, aq_ptrs, kb, row_ok, k_ok, live, NH)
-    z = zero_points(z_ptrs + g * stride_zk, offs_n, n_ok, HAS_ZP)
-    s = tl.load(s_ptrs + g * stride_sk, mask=n_ok, other=0.0).to(tl.float32)
+def _down_step(acc, w, a_even, a_odd, sa, qsum, z, s, INTERPRET: tl.constexpr):
+    """One down K step added into acc, as `_gate_up_step`."""
     d = _int8_step(a_even, a_odd, w, qsum, z, INTERPRET).to(tl.float32)
     return acc + d * sa[:, None] * s[None, :]
 
@@ -158,15 +176,16 @@ def _gate_up_int4_a8_kernel(
     HAS_ZP: tl.constexpr,
     SPLIT: tl.constexpr,
     PAIRS: tl.constexpr,
+    AHEAD: tl.constexpr,
     INTERPRET: tl.constexpr,
 ):
     """h[f, n] = silu(x_t . gate_slot[n]) * (x_t . up_slot[n]) for the rows f of one block, t = f // top_k, from
     the int8 activations a [M, 2, KH] (scale and sum of q per token and K step: as, aq [M, steps]). SPLIT: this
     program takes `steps` K steps from program_id(1) * steps and writes its fp32 gate | up sums to ws instead.
-    PAIRS: a loop pass loads two K steps' weight tiles before the first one's math, so a warp keeps twice the bytes
-    in flight (the compiler's pipelining stages the activations only: the weights pass through the nibble split
-    before their MMA). Carrying a prefetched tile across passes instead costs ~70% more instructions (byte
-    permutes repacking the loop-carried bytes, sm_90 SASS)."""
+    PAIRS: a loop pass takes two K steps, both steps' weight tiles loaded before the first one's math. AHEAD
+    (`_ahead`: the 16-row tiles without PAIRS): each step's scales, zero points and activation sums load a step
+    ahead. The weight and activation tiles themselves the compiler stages `num_stages - 1` steps ahead through
+    shared memory (LDGSTS in the sm_90 SASS of Triton 3.6 and 3.9)."""
     HALF_N: tl.constexpr = BLOCK_N // 2
     HALF_K: tl.constexpr = BLOCK_K // 2
     num_pid_n = tl.cdiv(N, HALF_N)
@@ -192,6 +211,14 @@ def _gate_up_int4_a8_kernel(
     zu_ptrs = z_ptr + slot * stride_zs + (offs_up // 8) * stride_zn
     acc_g = tl.zeros((BLOCK_M, HALF_N), dtype=tl.float32)
     acc_u = tl.zeros((BLOCK_M, HALF_N), dtype=tl.float32)
+    side = (as_ptrs, aq_ptrs)
+    cols = (zg_ptrs, zu_ptrs, sg_ptrs, su_ptrs, offs_n, offs_up, n_ok)
+    if AHEAD:  # the first step's small operands (`_gate_up_side`); the loop loads each next step's a step ahead
+        p = _gate_up_side(
+            *side, kb0, _live_rows(row_ok, kb0 < kb1), *cols,
+            (tl.minimum(kb0, tl.cdiv(KH, HALF_K) - 1) * BLOCK_K) // group,  # in bounds for an empty split too
+            stride_zk, stride_sk, HAS_ZP,
+        )  # fmt: skip
     for kb in range(kb0, kb1, 2 if PAIRS else 1):
         k_left = KH - kb * HALF_K
         wg = _w_tile(wg_ptrs + kb * HALF_K, offs_kh, n_ok, k_left, kb < kb1)
@@ -200,17 +227,24 @@ def _gate_up_int4_a8_kernel(
             live = kb + 1 < kb1
             wg2 = _w_tile(wg_ptrs + (kb + 1) * HALF_K, offs_kh, n_ok, k_left - HALF_K, live)
             wu2 = _w_tile(wu_ptrs + (kb + 1) * HALF_K, offs_kh, n_ok, k_left - HALF_K, live)
-        acc_g, acc_u = _gate_up_step(
-            acc_g, acc_u, wg, wu, a_ptrs + kb * HALF_K, as_ptrs, aq_ptrs, kb, row_ok, offs_kh < k_left, kb < kb1, KH,
-            zg_ptrs, zu_ptrs, sg_ptrs, su_ptrs, offs_n, offs_up, n_ok, (kb * BLOCK_K) // group, stride_zk, stride_sk,
-            HAS_ZP, INTERPRET,
+        a_even, a_odd = _a_tiles(a_ptrs + kb * HALF_K, _live_rows(row_ok, kb < kb1), offs_kh < k_left, KH)
+        # this step's small operands: loaded a step ago (AHEAD; the next step's go out now), else now
+        this = p if AHEAD else _gate_up_side(
+            *side, kb, _live_rows(row_ok, kb < kb1), *cols, (kb * BLOCK_K) // group, stride_zk, stride_sk, HAS_ZP
         )  # fmt: skip
-        if PAIRS:
-            acc_g, acc_u = _gate_up_step(
-                acc_g, acc_u, wg2, wu2, a_ptrs + (kb + 1) * HALF_K, as_ptrs, aq_ptrs, kb + 1, row_ok,
-                offs_kh < k_left - HALF_K, live, KH, zg_ptrs, zu_ptrs, sg_ptrs, su_ptrs, offs_n, offs_up, n_ok,
-                ((kb + live) * BLOCK_K) // group, stride_zk, stride_sk, HAS_ZP, INTERPRET,
+        if AHEAD:
+            p = _gate_up_side(
+                *side, kb + 1, _live_rows(row_ok, kb + 1 < kb1), *cols, ((kb + (kb + 1 < kb1)) * BLOCK_K) // group,
+                stride_zk, stride_sk, HAS_ZP,
             )  # fmt: skip
+        acc_g, acc_u = _gate_up_step(acc_g, acc_u, wg, wu, a_even, a_odd, *this, INTERPRET)
+        if PAIRS:
+            rows2 = _live_rows(row_ok, live)
+            a_even, a_odd = _a_tiles(a_ptrs + (kb + 1) * HALF_K, rows2, offs_kh < k_left - HALF_K, KH)
+            q = _gate_up_side(
+                *side, kb + 1, rows2, *cols, ((kb + live) * BLOCK_K) // group, stride_zk, stride_sk, HAS_ZP
+            )  # fmt: skip
+            acc_g, acc_u = _gate_up_step(acc_g, acc_u, wg2, wu2, a_even, a_odd, *q, INTERPRET)
     mask = row_ok[:, None] & n_ok[None, :]
     if SPLIT:
         ws = ws_ptr + tl.program_id(1) * stride_wsk + flat[:, None].to(tl.int64) * stride_wsm + offs_n[None, :]
@@ -262,6 +296,7 @@ def _down_int4_a8_kernel(
     HAS_ZP: tl.constexpr,
     SPLIT: tl.constexpr,
     PAIRS: tl.constexpr,
+    AHEAD: tl.constexpr,
     INTERPRET: tl.constexpr,
 ):
     """partial[f, :] = topk_weight[f] * (h[f] . down_slot) for the rows f of one block, h as int8 [T, 2, NH].
@@ -285,22 +320,37 @@ def _down_int4_a8_kernel(
     s_ptrs = s_ptr + slot * stride_ss + offs_n * stride_sn
     z_ptrs = z_ptr + slot * stride_zs + (offs_n // 8) * stride_zn
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    side = (as_ptrs, aq_ptrs)
+    cols = (z_ptrs, s_ptrs, offs_n, n_ok)
+    if AHEAD:  # as in the gate-up kernel
+        p = _down_side(
+            *side, kb0, _live_rows(row_ok, kb0 < kb1), *cols,
+            (tl.minimum(kb0, tl.cdiv(NH, HALF_K) - 1) * BLOCK_K) // group,  # in bounds for an empty split too
+            stride_zk, stride_sk, HAS_ZP,
+        )  # fmt: skip
     for kb in range(kb0, kb1, 2 if PAIRS else 1):
         k_left = NH - kb * HALF_K
         w = _w_tile(w_ptrs + kb * HALF_K, offs_kh, n_ok, k_left, kb < kb1)
         if PAIRS:
             live = kb + 1 < kb1
             w2 = _w_tile(w_ptrs + (kb + 1) * HALF_K, offs_kh, n_ok, k_left - HALF_K, live)
-        acc = _down_step(
-            acc, w, a_ptrs + kb * HALF_K, as_ptrs, aq_ptrs, kb, row_ok, offs_kh < k_left, kb < kb1, NH, z_ptrs, s_ptrs,
-            offs_n, n_ok, (kb * BLOCK_K) // group, stride_zk, stride_sk, HAS_ZP, INTERPRET,
+        a_even, a_odd = _a_tiles(a_ptrs + kb * HALF_K, _live_rows(row_ok, kb < kb1), offs_kh < k_left, NH)
+        this = p if AHEAD else _down_side(
+            *side, kb, _live_rows(row_ok, kb < kb1), *cols, (kb * BLOCK_K) // group, stride_zk, stride_sk, HAS_ZP
         )  # fmt: skip
-        if PAIRS:
-            acc = _down_step(
-                acc, w2, a_ptrs + (kb + 1) * HALF_K, as_ptrs, aq_ptrs, kb + 1, row_ok, offs_kh < k_left - HALF_K,
-                live, NH, z_ptrs, s_ptrs, offs_n, n_ok, ((kb + live) * BLOCK_K) // group, stride_zk, stride_sk, HAS_ZP,
-                INTERPRET,
+        if AHEAD:
+            p = _down_side(
+                *side, kb + 1, _live_rows(row_ok, kb + 1 < kb1), *cols, ((kb + (kb + 1 < kb1)) * BLOCK_K) // group,
+                stride_zk, stride_sk, HAS_ZP,
             )  # fmt: skip
+        acc = _down_step(acc, w, a_even, a_odd, *this, INTERPRET)
+        if PAIRS:
+            rows2 = _live_rows(row_ok, live)
+            a_even, a_odd = _a_tiles(a_ptrs + (kb + 1) * HALF_K, rows2, offs_kh < k_left - HALF_K, NH)
+            q = _down_side(
+                *side, kb + 1, rows2, *cols, ((kb + live) * BLOCK_K) // group, stride_zk, stride_sk, HAS_ZP
+            )  # fmt: skip
+            acc = _down_step(acc, w2, a_even, a_odd, *q, INTERPRET)
     mask = row_ok[:, None] & n_ok[None, :]
     if SPLIT:
         tl.store(ws_ptr + tl.program_id(1) * stride_wsk + rows[:, None] * stride_wsm + offs_n[None, :], acc, mask=mask)
@@ -308,6 +358,14 @@ def _down_int4_a8_kernel(
         acc *= tl.load(topk_w_ptr + rows, mask=row_ok, other=0.0)[:, None]
         out_ptrs = out_ptr + rows[:, None] * stride_om + offs_n[None, :]
         tl.store(out_ptrs, _to_bf16(acc, INTERPRET), mask=mask)
+
+
+def _ahead(config: dict) -> bool:
+    """Whether a tile loads each K step's small operands a step ahead (`_gate_up_side`): the decode tiles (16 rows),
+    whose few programs each wait out every step's round trip. Not with PAIRS, whose pass issues both steps' loads
+    together, nor the 64-row prefill tiles, whose MMAs cover the wait: there the carried operands spill 8-104 bytes
+    (sm_90 compile, Triton 3.6 and 3.9)."""
+    return config["BLOCK_SIZE_M"] <= 16 and not config.get("PAIRS", False)
 
 
 def _weight_strides(w: Int4Weight) -> tuple[torch.Tensor, tuple[int, ...]]:
@@ -333,7 +391,8 @@ def launch_gate_up_a8(
     _gate_up_int4_a8_kernel[grid](
         q, sa, qsum, w13.qweight, w13.scales, z, h, align.sorted_ids, align.block_slot, align.num_padded,
         N, K // 2, T, top_k, num_blocks_m, config["GROUP_SIZE_M"], w13.group, q.stride(0), sa.stride(0), *strides,
-        h.stride(0), ws, steps, *ws.stride()[:2], SPLIT=splits > 1, PAIRS=config.get("PAIRS", False), **meta,
+        h.stride(0), ws, steps, *ws.stride()[:2], SPLIT=splits > 1, PAIRS=config.get("PAIRS", False),
+        AHEAD=_ahead(config), **meta,
     )  # fmt: skip
     if splits > 1:
         split_k_sum(ws, h, h, align, meta["BLOCK_M"], splits, gated=True)
@@ -363,7 +422,7 @@ def launch_down_a8(
         q, sa, qsum, w2.qweight, w2.scales, z, partial, topk_weights, align.sorted_ids, align.block_slot,
         align.num_padded, H, N // 2, T, num_blocks_m, config["GROUP_SIZE_M"], w2.group, q.stride(0), sa.stride(0),
         *strides, partial.stride(0), ws, steps, *ws.stride()[:2], SPLIT=splits > 1,
-        PAIRS=config.get("PAIRS", False), **meta,
+        PAIRS=config.get("PAIRS", False), AHEAD=_ahead(config), **meta,
     )  # fmt: skip
     if splits > 1 and token_sum is not None:
         split_k_topk_sum(ws, token_sum.out, topk_weights, token_sum.topk_ids, token_sum.expert_to_slot, splits)

@@ -210,7 +210,8 @@ def test_moe_int4_a8_tiles_match_reference(M):
     """A8: int8 activations (per token and K step) against the int4 nibbles on the int8 tensor cores, asymmetric and
     symmetric, a partial last K step (K = 320 at BLOCK_K 64; N = 96), finer weight groups than the K step's scale
     (group 64 at BLOCK_K 64 and 128-wide steps over 128 groups), routes without a slot, a poisoned output, K split
-    among programs and two K steps a pass (PAIRS); within the outputs' bf16 rounding of the reference that quantises
+    among programs, two K steps a pass (PAIRS) and each step's scales loaded a step ahead or in the step (16- and
+    32-row tiles); within the outputs' bf16 rounding of the reference that quantises
     the activations alike. Refused with the CUDA-core tiles, with UNPACK_BF16, below a 64-wide K step and PAIRS
     without A8; dropped from a table's entry for 32-wide groups."""
     gen = torch.Generator().manual_seed(900 + M)
@@ -231,6 +232,9 @@ def test_moe_int4_a8_tiles_match_reference(M):
             # two K steps a pass: 5 steps end on a lone one, and the split programs' 2, 2, 1 too
             for pairs, same in (({**a8, "PAIRS": True}, out), ({**split, "PAIRS": True}, cut)):
                 assert rel(_run_poisoned(ex, x, ids, w, table, pairs, pairs), same) < 2e-3, pairs
+            # the 16-row tiles above load each step's scales and sums a step ahead (AHEAD); 32-row tiles in the step
+            tall = {**a8, "BLOCK_SIZE_M": 32}
+            assert rel(_run_poisoned(ex, x, ids, w, table, tall, tall), out) < 2e-3
             w4a16 = {**SMALL, "BLOCK_SIZE_K": bk}
             assert rel(out, _run(ex, x, ids, w, table, config=w4a16, down_config=w4a16)) < 2e-2
             mixed = _run(ex, x, ids, w, table, config=w4a16, down_config=a8)

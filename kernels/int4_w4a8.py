@@ -85,10 +85,10 @@ def _live_rows(row_ok, live):
 
 # A K step's small operands (`_gate_up_side`, `_down_side`): the activations' scale and sum of q per row (0 where the
 # row or the step is dead) and the weights' zero points and scales per column (group g in bounds even for a dead
-# step: the callers take the live step's group there). Too small for the compiler's
-# pipelining, which stages the weight and activation tiles ahead through shared memory (LDGSTS); loaded in their own
-# step they are a global round trip every K step, waited out after the MMAs (sm_90 SASS: 12 LDG a gate-up step,
-# consumed at its end). The decode tiles load them a step ahead (AHEAD, `_ahead`).
+# step: the callers take the live step's group there). Too small for the compiler's pipelining, which stages the
+# weight and activation tiles ahead through shared memory (LDGSTS); loaded in their own step they are a global round
+# trip every K step, waited out after the MMAs (sm_90 SASS: 12 LDG a gate-up step, consumed at its end). The decode
+# tiles load them a step ahead (AHEAD, `_ahead`).
 @triton.jit
 def _gate_up_side(
     as_ptrs, aq_ptrs, kb, rows, zg_ptrs, zu_ptrs, sg_ptrs, su_ptrs, offs_n, offs_up, n_ok, g, stride_zk, stride_sk,

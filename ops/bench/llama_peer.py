@@ -124,6 +124,48 @@ def q4_0_tensor(gguf_name: str, n_dims: int) -> bool:
     )
 
 
+def import_converter(llama_dir: Path, ckpt: Path):
+    """(gguf, conversion.base, the converter's model class for `ckpt`) from llama.cpp's source tree, the class set to
+    leave out the MTP block (llama-bench and llama-perplexity do not use it)."""
+    for sub in ("gguf-py", ""):
+        if str(llama_dir / sub) not in sys.path:
+            sys.path.insert(0, str(llama_dir / sub))
+    import gguf
+    from conversion import base, get_model_class
+
+    model_class = get_model_class(base.ModelBase.load_hparams(ckpt, False)["architectures"][0])
+    model_class.no_mtp = True
+    return gguf, base, model_class
+
+
+def glm4_pre_tokenizer(base):
+    """Map a tokenizer without a registered pre-tokenizer hash (the locally trained one) to "glm4", what GLM's real
+    one maps to; returns the original method, for the caller to put back."""
+    orig_pre = base.TextModel.get_vocab_base_pre
+
+    def pre(self, tokenizer):
+        try:
+            return orig_pre(self, tokenizer)
+        except NotImplementedError:
+            return "glm4"
+
+    base.TextModel.get_vocab_base_pre = pre
+    return orig_pre
+
+
+def convert_plain(ckpt: Path, out: Path, llama_dir: Path) -> dict:
+    """HF-layout checkpoint -> an F32 GGUF by llama.cpp's stock converter path (CPU, numpy): the unquantised file
+    llama-quantize makes every other type from. For small checkpoints; `convert` is the fast path for GLM widths."""
+    gguf, base, model_class = import_converter(llama_dir, ckpt)
+    t0 = time.perf_counter()
+    orig_pre = glm4_pre_tokenizer(base)
+    try:
+        model_class(ckpt, gguf.LlamaFileType.ALL_F32, out, eager=True).write()
+    finally:
+        base.TextModel.get_vocab_base_pre = orig_pre
+    return {"gguf": str(out), "qtype": "f32", "bytes": out.stat().st_size, "seconds": time.perf_counter() - t0}
+
+
 def convert(ckpt: Path, out: Path, llama_dir: Path, qtype: QType = "q8_0") -> dict:
     """FP8 (or bf16) HF-layout checkpoint -> GGUF through llama.cpp's converter, tensors on the GPU.
 
@@ -136,26 +178,11 @@ def convert(ckpt: Path, out: Path, llama_dir: Path, qtype: QType = "q8_0") -> di
     import torch
     from safetensors import safe_open
 
-    sys.path.insert(0, str(llama_dir / "gguf-py"))
-    sys.path.insert(0, str(llama_dir))
-    import gguf
-    import gguf.quants
-    from conversion import base, get_model_class
+    gguf, base, model_class = import_converter(llama_dir, ckpt)  # gguf.quants: imported by the package
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     t0 = time.perf_counter()
-    orig_pre = base.TextModel.get_vocab_base_pre
-
-    def pre(self, tokenizer):
-        try:
-            return orig_pre(self, tokenizer)
-        except NotImplementedError:
-            return "glm4"
-
-    base.TextModel.get_vocab_base_pre = pre
-    hparams = base.ModelBase.load_hparams(ckpt, False)
-    model_class = get_model_class(hparams["architectures"][0])
-    model_class.no_mtp = True  # llama-bench does not use the MTP block
+    orig_pre = glm4_pre_tokenizer(base)
     if qtype not in QTYPES:
         raise ValueError(f"qtype {qtype!r}: expected one of {', '.join(QTYPES)}")
     model = model_class(ckpt, gguf.LlamaFileType.MOSTLY_Q8_0, out, eager=True)

@@ -5,7 +5,8 @@ distributions (Gaussian as moed's random checkpoints and GLM-like init draw them
 freedom; Gaussian with 1% of input channels 8x larger, the outlier-channel pattern of trained LLM weights), each
 quantised by every candidate rule. Printed per rule: bits per weight, relative RMS error of the weights, relative
 error of one expert's SwiGLU output on random inputs, and the quantiser's CPU time per expert.
-Rules: `asym` (moed's: min/max scale and a 4-bit zero point per group, compressed-tensors' asymmetric rule),
+Rules: `asym` (moed's: min/max scale and a 4-bit zero point per group, compressed-tensors' asymmetric rule;
+`asym-g64`, `asym-g32` the same at finer groups),
 `sym` (the group's extreme maps to -8 with a signed bf16 scale), `sym-ct` (compressed-tensors' symmetric rule:
 absmax / 7.5, clamp to [-8, 7]), `sym-mse` / `asym-mse` (the same with the scale shrunk by the factor in
 [0.70, 1] that minimises each group's squared error, as AWQ's clip search does), and `Q4_0` (llama.cpp's rule:
@@ -15,7 +16,7 @@ Part 2 (`model`): a checkpoint (default: the built-in tiny one) run by the torch
 and with the experts quantised to int4 at load (`expert_dtype="int4"`), on the same tokens: per MoE layer, the
 routed-expert output error on that layer's real inputs (captured from the reference run), then the logits drift
 (relative error, top-1 agreement, mean KL divergence).
-Run: `python -m moed.ops.bench.int4_error [--model tiny|DIR] [--tokens 64] [--parts format,model]`.
+Run: `python -m moed.ops.bench.int4_error [--model tiny|DIR] [--tokens 64] [--parts format,model] [--rules ...]`.
 """
 
 from __future__ import annotations
@@ -115,6 +116,8 @@ def _asym_mse(w: torch.Tensor, g: int = 128) -> torch.Tensor:
 # name -> (rule, bits per weight: 4 + scale bits / group (+ 4-bit zero point / group))
 RULES: dict[str, tuple[Callable[[torch.Tensor], torch.Tensor], float]] = {
     "asym": (rule_asym, 4 + 20 / 128),
+    "asym-g64": (lambda w: rule_asym(w, 64), 4 + 20 / 64),  # moed's rule at finer groups: the bytes accuracy costs
+    "asym-g32": (lambda w: rule_asym(w, 32), 4 + 20 / 32),
     "sym": (rule_sym, 4 + 16 / 128),
     "sym-ct": (rule_sym_ct, 4 + 16 / 128),
     "sym-mse": (_sym_mse, 4 + 16 / 128),
@@ -148,7 +151,7 @@ def _swiglu(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: torch.T
     return (F.silu(x @ gate.T) * (x @ up.T)) @ down.T
 
 
-def format_part(tokens: int, seed: int, kinds: list[str]) -> list[dict]:
+def format_part(tokens: int, seed: int, kinds: list[str], rules: list[str] | None = None) -> list[dict]:
     rows = []
     for kind in kinds:
         gen = torch.Generator().manual_seed(seed)
@@ -157,6 +160,8 @@ def format_part(tokens: int, seed: int, kinds: list[str]) -> list[dict]:
         x = torch.randn((tokens, GLM_H), generator=gen)
         ref = _swiglu(x, gate, up, down)
         for name, (rule, bits) in RULES.items():
+            if rules and name not in rules:
+                continue
             t0 = time.perf_counter()
             q = [rule(m) for m in (gate, up, down)]
             dt = time.perf_counter() - t0
@@ -251,13 +256,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", default="tiny", help="checkpoint directory, or 'tiny' / 'small' (built in)")
     p.add_argument("--tokens", type=int, default=64)
     p.add_argument("--dists", default="gaussian,student-t3,outlier-channels")
+    p.add_argument("--rules", default=None, help=f"format rules to run (default: all of {', '.join(RULES)})")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     parts = args.parts.split(",")
     torch.set_grad_enabled(False)
     if "format" in parts:
         print(f"[format] GLM-5.1 expert widths ({GLM_I} x {GLM_H}), {args.tokens} random tokens", flush=True)
-        rows = format_part(args.tokens, args.seed, args.dists.split(","))
+        rows = format_part(args.tokens, args.seed, args.dists.split(","), args.rules.split(",") if args.rules else None)
         print(
             "\n| distribution | rule | bits/weight | weight rel RMS err | expert output rel err | quantise s/expert |"
         )

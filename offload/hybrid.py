@@ -2,10 +2,11 @@
 
 Owns the CPU expert server (cpu_experts.ExpertServer) and its mailbox, the stream signals that hand a job over
 (stream_signals.py), the table of CPU counts the split kernel reads (kernels/miss_split.py), and the rates that
-table comes from: the copy rate measured at start-up by the path misses take, the CPU's measured at start-up and
-re-measured per step size from every job (under load). Rates are bytes/s of the store's format, so int4 experts
-(about half an FP8 expert's bytes, and the CPU kernel's int8 dot products) are split by their own measured rates.
-The host takes no part in a hand-over, so a hybrid step needs no host sync and can be captured in a CUDA graph.
+table comes from: the copy rate measured at start-up by the path misses take while the CPU kernel computes beside it
+(as in a step), the CPU's measured at start-up and re-measured per step size from every job (under load). Rates are
+bytes/s of the store's format, so int4 experts (about half an FP8 expert's bytes, and the CPU kernel's int8 dot
+products) are split by their own measured rates. The host takes no part in a hand-over, so a hybrid step needs no
+host sync and can be captured in a CUDA graph.
 
 Whole experts leave one side idle at the end of a step with few misses (one miss: all of it on one side). With
 `column_split` the boundary expert is split by intermediate columns (the down projection is linear in them): the
@@ -134,7 +135,11 @@ class HybridMissService:
         self.split_log: collections.deque[dict] = collections.deque(maxlen=1024)  # the last splits (tests, bench)
         self._cpu_rates = np.zeros(T + 1)  # bytes/s per step size, re-measured under load
         self._cpu_rates[:] = cfg.cpu_rate or self._measure_cpu_rate(store)
-        self.copy_rate = cfg.copy_rate or _measure_copy_rate(cache[self.layers[0]])
+        self.copy_rate = self.copy_rate_alone = cfg.copy_rate or _measure_copy_rate(cache[self.layers[0]])
+        if cfg.copy_rate is None and cfg.policy == "hybrid":
+            # the copies' rate beside a busy CPU, as steps run them (measured before the server takes the cores)
+            loaded = _measure_copy_rate_under_load(cache[self.layers[0]], kernel, store, self.layers[0], self.copy_rate)
+            self.copy_rate = loaded or self.copy_rate
         self._table_rates: np.ndarray | None = None  # the rates the counts table was built from
         self._errors_seen = 0
         self.server = kernel.serve([store.sections(layer) for layer in self.layers], T, k, pin=cuda, spin_s=cfg.spin_s)
@@ -159,11 +164,12 @@ class HybridMissService:
             self._init_column_split(moe_fn, use_kernels, cuda, T, k)
         self._build_counts()
         log.info(
-            "%s: miss service %s, rates measured at start-up: CPU experts %.1f GB/s, copies %.1f GB/s -> "
-            "%.0f%% of missed bytes on the CPU in steps of %d to %d tokens (other steps copy)",
+            "%s: miss service %s, rates measured at start-up: CPU experts %.1f GB/s, copies %.1f GB/s (%.1f beside "
+            "the CPU) -> %.0f%% of missed bytes on the CPU in steps of %d to %d tokens (other steps copy)",
             name,
             cfg.policy,
             self.cpu_rate / 1e9,
+            self.copy_rate_alone / 1e9,
             self.copy_rate / 1e9,
             100 * (1.0 if cfg.policy == "cpu" else self.cpu_share),
             cfg.min_tokens,
@@ -405,13 +411,10 @@ class HybridMissService:
         self.server.close()
 
 
-def _measure_copy_rate(lc: LayerCache) -> float:
-    """Bytes/s from host slab to device by the path a step's misses take (the UVA copy kernel for copy path "sm",
-    the copy engine for "ce"), over a few experts of one layer: the int4 layout's six sections, some of them small,
+def _copier(lc: LayerCache, n: int) -> Callable[[], None]:
+    """Moves experts 0..n-1 of the layer from the host slab to device scratch by the path a step's misses take (the
+    UVA copy kernel for copy path "sm", the copy engine for "ce"): the int4 layout's six sections, some of them small,
     cost the copy engine a launch each, which the kernel's one launch does not pay."""
-    if lc.device.type != "cuda":
-        return 1e9  # no copies to measure without a GPU; the CPU tests pass rates explicitly
-    n = min(4, lc.layout.num_experts)
     scratch = [torch.empty(n, d.shape[1], dtype=torch.uint8, device=lc.device) for d in lc.dst]
     if lc.cfg.copy_path == "sm":
         tables = SlotTables.allocate(lc.layout.num_experts, n, lc.device)
@@ -428,6 +431,15 @@ def _measure_copy_rate(lc: LayerCache) -> float:
                 for a, b in zip(lc.src, scratch):
                     b[e].copy_(a[e], non_blocking=True)
 
+    return copy
+
+
+def _measure_copy_rate(lc: LayerCache) -> float:
+    """Bytes/s of the copies alone, over a few experts of one layer."""
+    if lc.device.type != "cuda":
+        return 1e9  # no copies to measure without a GPU; the CPU tests pass rates explicitly
+    n = min(4, lc.layout.num_experts)
+    copy = _copier(lc, n)
     copy()  # the kernel's first launch compiles it
     torch.cuda.synchronize()
     best = float("inf")
@@ -437,3 +449,35 @@ def _measure_copy_rate(lc: LayerCache) -> float:
         torch.cuda.synchronize()
         best = min(best, time.perf_counter() - t0)
     return n * lc.layout.expert_bytes / best
+
+
+def _measure_copy_rate_under_load(
+    lc: LayerCache, kernel: CpuExpertKernel, store: HostExpertStore, layer: int, alone: float, seconds: float = 0.1
+) -> float | None:
+    """Bytes/s of the copies while the CPU kernel computes other experts of the layer flat out, which is how the copy
+    side of a hybrid step runs (the CPU takes the larger share and computes for as long as the copies last). Host
+    memory serves both; what each loses to the other is not in the two rates measured apart (on 2026-12-07 19:40, H100
+    host: CPU 145.9 + copies 34.3 GB/s apart, 165.6 together), and a split built from the copies' rate alone gives
+    them more experts than they finish in time. None when the layer has too few experts to keep both sides busy."""
+    if lc.device.type != "cuda" or lc.layout.num_experts < 2:
+        return None
+    E, eb = lc.layout.num_experts, lc.layout.expert_bytes
+    n = min(4, E // 2)
+    views = [store.expert(layer, e) for e in range(n, min(E, n + 8))]  # not the copied ones
+    xs = [torch.randn(1, lc.layout.hidden) for _ in views]
+    copy = _copier(lc, n)
+    copy()
+    kernel.forward_many(views, xs)
+    torch.cuda.synchronize()
+    reps = min(1000, max(2, int(seconds * alone / (n * eb))))  # small experts: launches, not bytes, would fill it
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(reps):
+        copy()
+    end.record()
+    passes = 0
+    while passes == 0 or not end.query():  # the CPU computes until the last copy is done
+        kernel.forward_many(views, xs)
+        passes += 1
+    end.synchronize()
+    return reps * n * eb / (start.elapsed_time(end) / 1e3)

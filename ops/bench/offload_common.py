@@ -112,7 +112,8 @@ def runner_rates(r: OffloadMoERunner) -> dict:
     return {
         "cpu_share": h.cpu_share if h else 0.0,
         "runner_cpu_GBps": h.cpu_rate / 1e9 if h else 0.0,
-        "runner_copy_GBps": h.copy_rate / 1e9 if h else 0.0,
+        "runner_copy_GBps": h.copy_rate / 1e9 if h else 0.0,  # what the split uses: beside the CPU, unless fixed
+        "runner_copy_alone_GBps": h.copy_rate_alone / 1e9 if h else 0.0,
     }
 
 

@@ -26,7 +26,7 @@ from moed.model.moe import ExpertWeights
 
 log = logging.getLogger(__name__)
 
-QUANTISER = "moed-int4-asym-minmax-v1"  # bump when quantize_int4's output changes
+QUANTISER = "moed-int4-asym-clip16-v2"  # bump when quantize_expert's output changes
 PROJS = ("gate_proj", "up_proj", "down_proj")
 
 

@@ -278,7 +278,8 @@ def load_model(
 
 
 def quantize_expert(weights: ExpertWeights, cfg: GlmMoeDsaConfig, device: torch.device) -> ExpertWeights:
-    """A bf16 or FP8 expert -> moed's int4 format (asymmetric, group 128), quantised on `device`, returned on CPU."""
+    """A bf16 or FP8 expert -> moed's int4 format (asymmetric, group 128, each group's range fitted by the clip
+    search: `moed.formats.int4`), quantised on `device`, returned on CPU."""
     q = cfg.quantization
     block = (q.block_n, q.block_k) if q is not None else None
     parts = []
@@ -289,7 +290,7 @@ def quantize_expert(weights: ExpertWeights, cfg: GlmMoeDsaConfig, device: torch.
     ):
         w = w.to(device)
         full = dequantize_block_fp8(w, s.to(device), *block) if w.dtype == torch.float8_e4m3fn else w.float()
-        qw = int4.quantize_int4(full)
+        qw = int4.quantize_int4(full, clip_search=True)
         parts.append(qw._replace(qweight=qw.qweight.cpu(), scales=qw.scales.cpu(), zeros=qw.zeros.cpu()))
     return ExpertWeights.from_int4(*parts)
 

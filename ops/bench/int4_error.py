@@ -5,12 +5,12 @@ distributions (Gaussian as moed's random checkpoints and GLM-like init draw them
 freedom; Gaussian with 1% of input channels 8x larger, the outlier-channel pattern of trained LLM weights), each
 quantised by every candidate rule. Printed per rule: bits per weight, relative RMS error of the weights, relative
 error of one expert's SwiGLU output on random inputs, and the quantiser's CPU time per expert.
-Rules: `asym` (moed's: min/max scale and a 4-bit zero point per group, compressed-tensors' asymmetric rule;
-`asym-g64`, `asym-g32` the same at finer groups),
-`sym` (the group's extreme maps to -8 with a signed bf16 scale), `sym-ct` (compressed-tensors' symmetric rule:
-absmax / 7.5, clamp to [-8, 7]), `sym-mse` / `asym-mse` (the same with the scale shrunk by the factor in
-[0.70, 1] that minimises each group's squared error, as AWQ's clip search does), and `Q4_0` (llama.cpp's rule:
-group 32, fp16 scale).
+Rules: `asym` (min/max scale and a 4-bit zero point per group, compressed-tensors' asymmetric rule, what
+`moed checkpoint make --dtype int4` writes; `asym-g64`, `asym-g32` the same at finer groups), `sym` (the group's
+extreme maps to -8 with a signed bf16 scale), `sym-ct` (compressed-tensors' symmetric rule: absmax / 7.5, clamp to
+[-8, 7]), `sym-mse` / `asym-mse` (the same with the range shrunk by the factor in [0.70, 1] that minimises each
+group's squared error, as AWQ's clip search does; `asym-mse` is moed's load-time quantiser, `quantize_int4(...,
+clip_search=True)`), and `Q4_0` (llama.cpp's rule: group 32, fp16 scale).
 
 Part 2 (`model`): a checkpoint (default: the built-in tiny one) run by the torch reference with its own experts
 and with the experts quantised to int4 at load (`expert_dtype="int4"`), on the same tokens: per MoE layer, the
@@ -87,30 +87,9 @@ def _sym_mse(w: torch.Tensor, g: int = 128) -> torch.Tensor:
     return best.view_as(w)
 
 
-def _fake_asym(w: torch.Tensor, g: int, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
-    b = _groups(w, g)
-    lo, hi = torch.minimum(lo, torch.zeros_like(lo)), torch.maximum(hi, torch.zeros_like(hi))
-    s = ((hi - lo) / 15).to(torch.bfloat16).float()
-    safe = s.masked_fill(s == 0, 1.0)
-    zp = torch.round(-8 - lo / safe).clamp(-8, 7)
-    q = (torch.round(b / safe[..., None]) + zp[..., None]).clamp(-8, 7)
-    return ((q - zp[..., None]) * s[..., None]).view_as(w)
-
-
 def _asym_mse(w: torch.Tensor, g: int = 128) -> torch.Tensor:
-    b = _groups(w, g)
-    lo0, hi0 = b.amin(-1), b.amax(-1)
-    best, best_err = None, None
-    for f in SHRINK.tolist():
-        d = _groups(_fake_asym(w, g, lo0 * f, hi0 * f), g)
-        err = ((d - b) ** 2).sum(-1)
-        if best is None:
-            best, best_err = d.clone(), err
-        else:
-            better = err < best_err
-            best[better] = d[better]
-            best_err = torch.minimum(err, best_err)
-    return best.view_as(w)
+    """moed's load-time quantiser: the asym rule with each group's range fitted (`quantize_int4(clip_search=True)`)."""
+    return int4.dequantize_int4(int4.quantize_int4(w, g, clip_search=True))
 
 
 # name -> (rule, bits per weight: 4 + scale bits / group (+ 4-bit zero point / group))

@@ -13,10 +13,10 @@ llama.cpp's unquantised log-probabilities (chunks of n_ctx tokens, the second ha
 writes moed's own unquantised answer on exactly those tokens in the same file format (`write_base`: the project's
 torch reference in fp32, HF's GlmMoeDsaForCausalLM's arithmetic). Every variant is then scored against both bases
 with llama.cpp's statistics: llama.cpp's by `llama-perplexity --kl-divergence`, moed's (`expert_dtype="int4"`:
-asymmetric int4, group 128; exact arithmetic, and with int8 activations in 128-wide steps as the GPU's A8 tiles and
-the CPU expert kernel compute) by `kld_stats`, which mirrors perplexity.cpp's formulas on the same decoded base
-log-probabilities. The F32 GGUF against moed's base says how closely the two implementations agree before anything
-is quantised.
+asymmetric int4, group 128, quantised at load with the clip search; exact arithmetic, and with int8 activations in
+128-wide steps as the GPU's A8 tiles and the CPU expert kernel compute) by `kld_stats`, which mirrors
+perplexity.cpp's formulas on the same decoded base log-probabilities. The F32 GGUF against moed's base says how
+closely the two implementations agree before anything is quantised.
 
 llama.cpp: the vendor/llama.cpp tree of the `llama-cpp-python` 0.3.36 sdist (`pip download --no-deps --no-binary
 :all: llama-cpp-python==0.3.36`; ops/bench/device_prep.sh packs the same tree into .peers/), built for the CPU with
@@ -283,7 +283,7 @@ def moed_logits(ckpt: Path, variants: list[str], tokens: np.ndarray, add_bos: bo
 
 MOED_NAMES = {
     "ref": "moed reference (the checkpoint's experts, fp32 math)",
-    "int4": "moed int4 experts (exact arithmetic)",
+    "int4": "moed int4 experts, quantised at load (exact arithmetic)",
     "int4_a8": "moed int4 experts, int8 activations (A8 tiles, CPU kernel)",
 }
 

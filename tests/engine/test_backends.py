@@ -122,9 +122,14 @@ def test_engine_offload_on_a_cpu_without_the_triton_interpreter(tiny_checkpoint,
 
 
 @pytest.fixture(scope="module")
-def int4_reference(tiny_int4_checkpoint) -> list[list[int]]:
-    e = LLMEngine(EngineConfig(model=tiny_int4_checkpoint, **BASE))  # the torch runner, experts held as int4
-    return [e.generate([p], SP)[0] for p in _prompts()]
+def int4_reference(tiny_int4_checkpoint, tiny_checkpoint) -> dict[str, list[list[int]]]:
+    """The torch runner's tokens, experts held as int4: from the pack-quantized checkpoint, and from the bf16 one
+    quantised at load (whose quantiser fits each group's range: other experts than the checkpoint writer's)."""
+    out = {}
+    for source, path, kw in (("int4", tiny_int4_checkpoint, {}), ("bf16", tiny_checkpoint, {"expert_dtype": "int4"})):
+        e = LLMEngine(EngineConfig(model=path, **kw, **BASE))
+        out[source] = [e.generate([p], SP)[0] for p in _prompts()]
+    return out
 
 
 @pytest.mark.parametrize(("source", "miss_service"), [("int4", "copy"), ("int4", "hybrid"), ("bf16", "copy")])
@@ -132,8 +137,8 @@ def test_engine_offload_int4_matches_the_torch_runner(
     tiny_int4_checkpoint, tiny_checkpoint, int4_reference, source, miss_service
 ):
     """int4 experts through the offload runner (host store, slot pools, copies; the CPU kernel with hybrid), from a
-    pack-quantized checkpoint or quantised at load from bf16 (the same quantiser: the same experts), target and MTP
-    draft each with a cache smaller than their experts."""
+    pack-quantized checkpoint or quantised at load from bf16, against the torch runner on the same experts, target
+    and MTP draft each with a cache smaller than their experts."""
     from moed.model.config import GlmMoeDsaConfig
     from moed.offload.cpu_experts import CpuKernelUnavailable
     from moed.offload.host_store import ExpertLayout
@@ -160,7 +165,7 @@ def test_engine_offload_int4_matches_the_torch_runner(
     assert target.layout.is_int4 and e.drafter.moe.layout.is_int4 and target.cache[1].num_slots == 8
     if miss_service == "hybrid":
         target.hybrid.cpu_rate = target.hybrid.copy_rate  # a CPU share here too (see the test above)
-    assert e.generate(_prompts(), SP) == int4_reference
+    assert e.generate(_prompts(), SP) == int4_reference[source]
     stats = e.stats()
     assert sum(s.misses for s in stats.experts) > 0
     assert miss_service == "copy" or sum(s.cpu_experts for s in stats.experts) > 0

@@ -94,3 +94,28 @@ def test_int4_bytes_of_a_glm51_expert():
     per_expert = 2 * int4.nbytes(2048, 6144) + int4.nbytes(6144, 2048)
     assert per_expert == 3 * 2048 * 6144 // 2 + 3 * 2 * 2048 * 48 + 2 * 4 * 256 * 48 + 4 * 768 * 16
     assert 256 * 75 * per_expert < 400e9  # the issue's host-memory target for GLM-5.1's routed experts
+
+
+@pytest.mark.parametrize("shape,group", [((32, 512), 128), ((16, 200), 64)])
+def test_int4_clip_search_fits_every_group_at_least_as_well_as_min_max(shape, group):
+    gen = torch.Generator().manual_seed(7)
+    # heavy tails: a group's extreme is far from the rest, where shrinking the range pays
+    w = torch.randn(shape, generator=gen) / torch.sqrt((torch.randn((3, *shape), generator=gen) ** 2).mean(0))
+    plain, fitted = int4.quantize_int4(w, group), int4.quantize_int4(w, group, clip_search=True)
+    G = -(-shape[1] // group)
+
+    def group_err(q):
+        e = (int4.dequantize_int4(q) - w).square()
+        e = torch.cat([e, e.new_zeros(shape[0], G * group - shape[1])], dim=1)  # the partial group: its own values
+        return e.view(shape[0], G, group).sum(-1)
+
+    assert (group_err(fitted) <= group_err(plain) * (1 + 1e-6) + 1e-12).all()
+    assert float(group_err(fitted).sum()) < 0.97 * float(group_err(plain).sum())  # and clearly better overall
+    assert fitted.qweight.shape == plain.qweight.shape and fitted.scales.dtype == torch.bfloat16
+    assert (fitted.scales.float() <= plain.scales.float() * (1 + 1e-2)).all()  # ranges only shrink
+    # a group min/max already fits exactly (its values on the grid) keeps min/max: factor 1 wins ties
+    grid = (torch.arange(16.0) - 8).repeat(2, 8) * 0.5
+    exact = int4.quantize_int4(grid, clip_search=True)
+    assert torch.equal(int4.dequantize_int4(exact), grid)
+    zero_in = torch.zeros((1, shape[1]))
+    assert torch.equal(int4.dequantize_int4(int4.quantize_int4(zero_in, group, clip_search=True)), zero_in)

@@ -109,17 +109,36 @@ def test_int4_checkpoint_matches_transformers_on_dequantised_copy(tiny_int4, tmp
     assert _rel(_logits(model, runner, cfg, ids), ref) <= TOL
 
 
-def test_expert_dtype_int4_equals_the_int4_checkpoint_and_stays_close_to_bf16(tiny_checkpoint, tiny_int4):
+def _expert_sq_errors(int4_runner, bf16_runner) -> torch.Tensor:
+    """Squared error of every int4 expert matrix against the bf16 one, [layers, experts, 2] (w13, w2)."""
+    out = []
+    for layer, w in sorted(int4_runner.weights.items()):
+        ref = bf16_runner.weights[layer]
+        per = []
+        for e in range(w["w13"].shape[0]):
+            errs = []
+            for name, full in (("w13", ref["w13"][e]), ("w2", ref["w2"][e])):
+                q = int4.Int4Weight(w[name][e], w[f"{name}_scale"][e], w[f"{name}_zeros"][e], int4.GROUP_SIZE)
+                errs.append(float((int4.dequantize_int4(q) - full.float()).square().sum()))
+            per.append(errs)
+        out.append(per)
+    return torch.tensor(out, dtype=torch.float64)
+
+
+def test_expert_dtype_int4_fits_closer_than_the_int4_checkpoint_and_stays_close_to_bf16(tiny_checkpoint, tiny_int4):
+    """Quantised at load, each group's range is fitted (clip search); `moed checkpoint make --dtype int4` writes
+    llm-compressor's min/max rule. Every expert matrix of the first is at least as close to the bf16 weights."""
     q_model, q_runner, cfg = _load(tiny_checkpoint, expert_dtype="int4")
     c_model, c_runner, _ = _load(tiny_int4)
     b_model, b_runner, _ = _load(tiny_checkpoint)
+    fitted, plain = _expert_sq_errors(q_runner, b_runner), _expert_sq_errors(c_runner, b_runner)
+    assert (fitted <= plain * (1 + 1e-6)).all() and fitted.sum() < 0.98 * plain.sum()
     ids = _ids(cfg)
     quantised = _logits(q_model, q_runner, cfg, ids)
-    # The same quantiser on the same bf16 weights: bit-identical experts, so identical logits.
-    assert torch.equal(quantised, _logits(c_model, c_runner, cfg, ids))
     bf16 = _logits(b_model, b_runner, cfg, ids)
     drift = _rel(quantised, bf16)
     assert 1e-4 < drift < 0.5  # quantised for real, and not broken (docs/benchmarks.md has the measured drift)
+    assert 1e-4 < _rel(_logits(c_model, c_runner, cfg, ids), bf16) < 0.5
 
 
 def test_expert_dtype_int4_from_fp8(tiny_fp8_checkpoint):

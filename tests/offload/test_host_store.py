@@ -7,7 +7,7 @@ import torch
 
 from moed.formats.fp8 import dequantize_block_fp8
 from moed.model.config import GlmMoeDsaConfig
-from moed.model.weights import Checkpoint, read_expert
+from moed.model.weights import Checkpoint, quantize_expert, read_expert
 from moed.offload import host_store
 from moed.offload.host_store import ExpertLayout, HostExpertStore, HostStoreError
 
@@ -84,12 +84,22 @@ def test_offload_store_int4_sections_from_pack_quantized_checkpoint(tiny_int4_ch
     assert layout.slab_bytes == store.slabs[1].numel() == offs["w2_zeros"] + 16 * nb["w2_zeros"]
     with pytest.raises(HostStoreError, match="multiples of 8"):
         ExpertLayout(4, 128, 60, 60, torch.uint8, None, 128)
-    # The same layout filled from the bf16 checkpoint, quantised as read: the same quantiser, the same bytes.
+    # The same layout filled from the bf16 checkpoint, quantised as read: the load-time quantiser's bytes (which fits
+    # each group's range, where the checkpoint writer keeps min/max), in the same sections.
     bf16_cfg = GlmMoeDsaConfig.from_file(tiny_checkpoint)
     quantised = HostExpertStore(layout, [1, 3], pin=False)
     quantised.fill_from_checkpoint(tiny_checkpoint, bf16_cfg)
+    bf16_ckpt = Checkpoint(tiny_checkpoint)
     for layer in (1, 3):
-        assert all(torch.equal(quantised.sections(layer)[n], t) for n, t in store.sections(layer).items())
+        assert {n: t.shape for n, t in quantised.sections(layer).items()} == {
+            n: t.shape for n, t in store.sections(layer).items()
+        }
+        for e in (0, 7):
+            gate, up, down = quantize_expert(read_expert(bf16_ckpt, bf16_cfg, layer, e)[0], bf16_cfg, "cpu").int4()
+            ex = quantised.expert(layer, e)
+            assert torch.equal(ex["w13"], torch.cat([gate.qweight, up.qweight])) and torch.equal(ex["w2"], down.qweight)
+            assert torch.equal(ex["w13_scale"], torch.cat([gate.scales, up.scales]))
+            assert torch.equal(ex["w13_zeros"][: I // 8], gate.zeros) and torch.equal(ex["w2_zeros"], down.zeros)
 
 
 def test_offload_store_pinning_failure_names_size_limit_and_setting(monkeypatch):

@@ -324,6 +324,8 @@ def test_moed_serve_exits_1_when_a_serving_task_keeps_failing(tiny_checkpoint):
         f"ipc://{d}/c.sock",
         "--metrics-address",
         "",
+        "--http-address",
+        "",  # no fixed ports: a daemon the developer runs (README) holds the default ones
         "--runtime-dir",
         d,
         "--worker-command",

@@ -64,6 +64,7 @@ def served(tiny_checkpoint, request):
             model=tiny_checkpoint,
             listen=[f"ipc://{d}/c.sock"],
             metrics_address="",
+            http_address="",  # no fixed ports: a daemon the developer runs (README) holds the default ones
             runtime_dir=d,
             worker_command=[*DOUBLE, "--double-step-s", "0.02"],
             stats_interval_s=0.2,

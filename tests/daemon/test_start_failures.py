@@ -46,7 +46,13 @@ def test_different_failures_before_ready_fail_the_daemon_at_the_crash_loop_limit
 
 def _serve(args: list[str], timeout: float) -> tuple[int, str, float]:
     d = short_dir()
-    env = {**os.environ, "MOED_RUNTIME_DIR": d, "MOED_METRICS_ADDRESS": "", "MOED_LISTEN": f"ipc://{d}/c.sock"}
+    env = {  # no fixed ports: a daemon the developer runs (README) holds the default ones
+        **os.environ,
+        "MOED_RUNTIME_DIR": d,
+        "MOED_METRICS_ADDRESS": "",
+        "MOED_HTTP_ADDRESS": "",
+        "MOED_LISTEN": f"ipc://{d}/c.sock",
+    }
     t0 = time.monotonic()
     done = subprocess.run(
         [sys.executable, "-m", "moed.daemon.cli", "serve", *args],

@@ -561,6 +561,15 @@ def check_int4_config(config: dict, group: int, name: str) -> None:
             f"fused_moe_int4: {name}['PAIRS'] = {pairs!r}; a bool, for the int8 tiles only (A8: two K steps' weights "
             "loaded a pass)"
         )
+    ahead = config.get("AHEAD")
+    if ahead is not None and (
+        not isinstance(ahead, bool) or not a8 or (ahead and (pairs or config["BLOCK_SIZE_M"] > 16))
+    ):
+        raise ValueError(
+            f"fused_moe_int4: {name}['AHEAD'] = {ahead!r}; a bool, for the int8 tiles only (A8), and True only for "
+            f"16-row tiles without PAIRS (got BLOCK_SIZE_M {config['BLOCK_SIZE_M']}, PAIRS {pairs}): each K step's "
+            "scales and sums loaded a step ahead, the default there"
+        )
 
 
 def _check(hidden, w13, w2, s13, s2, z13, z2, group, topk_ids, topk_weights, expert_to_slot, out) -> None:

@@ -199,6 +199,9 @@ def candidates(M: int, dtype: str) -> list[dict]:
             # and two K steps' weights loaded a pass (PAIRS: more bytes in flight a warp)
             out += [{**c, "SPLIT_K": split} for split in A8_SPLITS]
             out += [{**c, "PAIRS": True, **({"SPLIT_K": split} if split > 1 else {})} for split in (1, *A8_SPLITS)]
+            if bm <= 16:  # the 16-row tiles load each step's scales a step ahead; also timed with them in the step
+                splits = ({"SPLIT_K": split} if split > 1 else {} for split in (1, *A8_SPLITS))
+                out += [{**c, "AHEAD": False, **sk} for sk in splits]
     return out
 
 
@@ -457,6 +460,7 @@ def _kind(cfg: dict) -> str:
         ("quant-in-gemm", cfg.get("A_QUANT_IN_GEMM")),
         ("words", cfg.get("GEMV_WORDS")),
         ("pairs", cfg.get("PAIRS")),
+        ("in-step", cfg.get("AHEAD") is False),
         ("split", cfg.get("SPLIT_K", 1) > 1),
     )
     return family + "".join(f" {name}" for name, on in options if on)
@@ -613,12 +617,13 @@ def _short(cfg: dict) -> str:
         + (" words" if cfg.get("GEMV_WORDS") else "")
         + (" a8" if cfg.get("A8") else "")
         + (" pairs" if cfg.get("PAIRS") else "")
+        + (" instep" if cfg.get("AHEAD") is False else "")
     )
 
 
 _SHORT = re.compile(
     r"M(\d+) N(\d+) K(\d+) G(\d+) w(\d+) s(\d+)( qGEMM| qPass)?( gemv(\d+))?( split(\d+))?( bf16unpack)?( words)?( a8)?"
-    r"( pairs)?"
+    r"( pairs)?( instep)?"
 )
 _HEADER = re.compile(r"^\[(\w+) E=(\d+) N=(\d+) K=(\d+)\]")
 _ROW = re.compile(r"^\s+M=\s*(\d+): gate_up\s+[\d.]+ us (.+?) \| down\s+[\d.]+ us (.+?)\s+\(")
@@ -644,6 +649,8 @@ def _parse_short(text: str) -> dict:
         cfg["A8"] = True
     if m.group(15):
         cfg["PAIRS"] = True
+    if m.group(16):
+        cfg["AHEAD"] = False
     return cfg
 
 

@@ -361,11 +361,12 @@ def _down_int4_a8_kernel(
 
 
 def _ahead(config: dict) -> bool:
-    """Whether a tile loads each K step's small operands a step ahead (`_gate_up_side`): the decode tiles (16 rows),
-    whose few programs each wait out every step's round trip. Not with PAIRS, whose pass issues both steps' loads
-    together, nor the 64-row prefill tiles, whose MMAs cover the wait: there the carried operands spill 8-104 bytes
-    (sm_90 compile, Triton 3.6 and 3.9)."""
-    return config["BLOCK_SIZE_M"] <= 16 and not config.get("PAIRS", False)
+    """Whether a tile loads each K step's small operands a step ahead (`_gate_up_side`): by default the decode tiles
+    (16 rows), whose few programs each wait out every step's round trip; config key AHEAD False keeps them in the step
+    (the tuner times both). Never with PAIRS, whose pass issues both steps' loads together, nor the 32- and 64-row
+    tiles, whose MMAs cover the wait: there the carried operands spill 8-104 bytes (sm_90 compile, Triton 3.6 and
+    3.9; `fused_moe_int4.check_config` refuses them)."""
+    return config.get("AHEAD", config["BLOCK_SIZE_M"] <= 16 and not config.get("PAIRS", False))
 
 
 def _weight_strides(w: Int4Weight) -> tuple[torch.Tensor, tuple[int, ...]]:

@@ -210,10 +210,10 @@ def test_moe_int4_a8_tiles_match_reference(M):
     """A8: int8 activations (per token and K step) against the int4 nibbles on the int8 tensor cores, asymmetric and
     symmetric, a partial last K step (K = 320 at BLOCK_K 64; N = 96), finer weight groups than the K step's scale
     (group 64 at BLOCK_K 64 and 128-wide steps over 128 groups), routes without a slot, a poisoned output, K split
-    among programs, two K steps a pass (PAIRS) and each step's scales loaded a step ahead or in the step (16- and
-    32-row tiles); within the outputs' bf16 rounding of the reference that quantises
-    the activations alike. Refused with the CUDA-core tiles, with UNPACK_BF16, below a 64-wide K step and PAIRS
-    without A8; dropped from a table's entry for 32-wide groups."""
+    among programs, two K steps a pass (PAIRS) and each step's scales loaded a step ahead or in the step (16-row
+    tiles either way by AHEAD, 32-row tiles in the step); within the outputs' bf16 rounding of the reference that
+    quantises the activations alike. Refused with the CUDA-core tiles, with UNPACK_BF16, below a 64-wide K step, PAIRS
+    or AHEAD without A8, AHEAD with PAIRS or past 16 rows; dropped from a table's entry for 32-wide groups."""
     gen = torch.Generator().manual_seed(900 + M)
     for N, K, group, bk in ((96, 320, 64, 64), (128, 256, 128, 128)):
         for symmetric in (False, True):
@@ -232,9 +232,12 @@ def test_moe_int4_a8_tiles_match_reference(M):
             # two K steps a pass: 5 steps end on a lone one, and the split programs' 2, 2, 1 too
             for pairs, same in (({**a8, "PAIRS": True}, out), ({**split, "PAIRS": True}, cut)):
                 assert rel(_run_poisoned(ex, x, ids, w, table, pairs, pairs), same) < 2e-3, pairs
-            # the 16-row tiles above load each step's scales and sums a step ahead (AHEAD); 32-row tiles in the step
+            # the 16-row tiles above load each step's scales and sums a step ahead (AHEAD); 32-row tiles in the step,
+            # and the 16-row ones too with AHEAD False: the same sums in the same order
             tall = {**a8, "BLOCK_SIZE_M": 32}
             assert rel(_run_poisoned(ex, x, ids, w, table, tall, tall), out) < 2e-3
+            for in_step, same in (({**a8, "AHEAD": False}, out), ({**split, "AHEAD": False}, cut)):
+                assert torch.equal(_run_poisoned(ex, x, ids, w, table, in_step, in_step), same), in_step
             w4a16 = {**SMALL, "BLOCK_SIZE_K": bk}
             assert rel(out, _run(ex, x, ids, w, table, config=w4a16, down_config=w4a16)) < 2e-2
             mixed = _run(ex, x, ids, w, table, config=w4a16, down_config=a8)
@@ -245,6 +248,11 @@ def test_moe_int4_a8_tiles_match_reference(M):
     for bad in ({"A8": False}, {"PAIRS": 1}):
         with pytest.raises(ValueError, match="PAIRS"):
             _run(ex, x, ids, w, table, config={**SMALL, "A8": True, "PAIRS": True, **bad})
+    for bad in ({"A8": False}, {"AHEAD": 1}, {"PAIRS": True}, {"BLOCK_SIZE_M": 32}):
+        with pytest.raises(ValueError, match="AHEAD"):
+            _run(ex, x, ids, w, table, config={**SMALL, "A8": True, "AHEAD": True, **bad})
+    with pytest.raises(ValueError, match="AHEAD"):  # nothing to keep in the step without the int8 tiles
+        _run(ex, x, ids, w, table, config={**SMALL, "AHEAD": False})
     assert "A8" not in fi._for_group({**SMALL, "BLOCK_SIZE_K": 128, "A8": True}, 32)
     assert fi._for_group({**SMALL, "BLOCK_SIZE_K": 128, "A8": True}, 64)["A8"]
 

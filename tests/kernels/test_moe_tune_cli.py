@@ -137,5 +137,7 @@ def test_moe_tune_kinds_name_the_options_that_change_the_loop():
 
     kinds = {_kind(c) for c in candidates(1, "int4_w4a16")}
     assert {"a8", "a8 pairs", "a8 split", "a8 pairs split", "bf16", "mma", "gemv", "gemv words"} <= kinds
+    assert {"a8 in-step", "a8 in-step split"} <= kinds  # the 16-row tiles' small loads kept in the step, timed too
+    assert _kind({"A8": True, "AHEAD": False, "SPLIT_K": 2}) == "a8 in-step split"
     assert _kind({"A8": True, "PAIRS": True, "SPLIT_K": 1}) == "a8 pairs"
     assert _kind({"A_QUANT_IN_GEMM": True}) == "mma quant-in-gemm"

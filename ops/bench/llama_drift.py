@@ -222,12 +222,18 @@ def _run(cmd: list[str], timeout: float) -> str:
     return done.stdout + done.stderr
 
 
-def gguf_summary(path: Path, llama_dir: Path) -> dict:
-    """File bytes, and the routed experts' tensor types and bits per weight."""
+def _gguf(llama_dir: Path):
+    """gguf-py from llama.cpp's tree (the version that knows its file types)."""
     if str(llama_dir / "gguf-py") not in sys.path:
         sys.path.insert(0, str(llama_dir / "gguf-py"))
     import gguf
 
+    return gguf
+
+
+def gguf_summary(path: Path, llama_dir: Path) -> dict:
+    """File bytes, and the routed experts' tensor types and bits per weight."""
+    gguf = _gguf(llama_dir)
     r = gguf.GGUFReader(str(path))
     exps = [t for t in r.tensors if "_exps." in t.name]
     types = sorted({t.tensor_type.name for t in exps})
@@ -375,10 +381,7 @@ def run(args) -> dict:
 
 
 def _gguf_int(path: Path, llama_dir: Path, key: str) -> int | None:
-    if str(llama_dir / "gguf-py") not in sys.path:
-        sys.path.insert(0, str(llama_dir / "gguf-py"))
-    import gguf
-
+    gguf = _gguf(llama_dir)
     f = gguf.GGUFReader(str(path)).fields.get(key)
     return int(f.parts[f.data[0]][0]) if f is not None and f.data else None
 
